@@ -1,0 +1,3 @@
+"""CSML: collaborative and secure machine learning."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from csml.cli.main import main
+
+main()

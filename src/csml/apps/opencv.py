@@ -1,0 +1,188 @@
+"""`opencv`: classic computer vision with OpenCV (opencv-python-headless<5).
+
+OpenCV is imported inside the operations, so the coordinator can list this
+app without the library; workers preload it once before forking jobs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field, field_validator
+
+from csml.apps.base import App, Input, JobContext, JobError, OperationParams, Output
+
+if TYPE_CHECKING:
+    import numpy as np
+
+app = App(
+    "opencv",
+    version="1.0",
+    description="Computer vision with OpenCV: face detection, edges, resizing, filters.",
+    preload=("cv2", "numpy"),
+)
+
+IMAGE_IN = Input("image", "An image (PNG, JPEG, BMP, TIFF, WebP, ...).", media_type="image/*")
+
+
+def read_image(path: Path, name: str = "image") -> np.ndarray:
+    """Decode an image, or fail the job saying the file is not one."""
+    import cv2
+    import numpy as np
+
+    data = np.fromfile(path, dtype=np.uint8)
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is None:
+        raise JobError(
+            f"input {name!r} is not a decodable image ({data.size} bytes); "
+            "send a PNG, JPEG, BMP, TIFF or WebP file"
+        )
+    return image
+
+
+def write_png(path: Path, image: np.ndarray) -> None:
+    import cv2
+
+    ok, encoded = cv2.imencode(".png", image)
+    if not ok:
+        raise JobError("could not encode the output image")
+    path.write_bytes(encoded.tobytes())
+
+
+def _shape(image: np.ndarray) -> dict[str, int]:
+    return {"width": int(image.shape[1]), "height": int(image.shape[0])}
+
+
+class DetectFacesParams(OperationParams):
+    scale_factor: float = Field(1.1, gt=1.0, le=2.0, description="Image pyramid step.")
+    min_neighbors: int = Field(5, ge=0, le=50, description="Higher: fewer, surer detections.")
+    min_size: int = Field(30, ge=1, le=10_000, description="Smallest face side, in pixels.")
+
+
+@app.operation(
+    inputs=[IMAGE_IN],
+    outputs=[Output("annotated", "The image with a box around each face.", "image/png")],
+)
+def detect_faces(ctx: JobContext, params: DetectFacesParams) -> dict[str, Any]:
+    """Find frontal faces with the Haar cascade that ships with OpenCV."""
+    import cv2
+
+    image = read_image(ctx.input("image"))
+    cascade = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
+    gray = cv2.equalizeHist(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY))
+    found = cascade.detectMultiScale(
+        gray,
+        scaleFactor=params.scale_factor,
+        minNeighbors=params.min_neighbors,
+        minSize=(params.min_size, params.min_size),
+    )
+    faces = [{"x": int(x), "y": int(y), "w": int(w), "h": int(h)} for (x, y, w, h) in found]
+    for f in faces:
+        cv2.rectangle(image, (f["x"], f["y"]), (f["x"] + f["w"], f["y"] + f["h"]), (0, 255, 0), 2)
+    write_png(ctx.output("annotated"), image)
+    return {"count": len(faces), "faces": faces, **_shape(image)}
+
+
+class EdgesParams(OperationParams):
+    threshold1: float = Field(100.0, ge=0, le=10_000, description="Lower hysteresis threshold.")
+    threshold2: float = Field(200.0, ge=0, le=10_000, description="Upper hysteresis threshold.")
+    aperture_size: Literal[3, 5, 7] = Field(3, description="Sobel aperture.")
+
+
+@app.operation(inputs=[IMAGE_IN], outputs=[Output("edges", "Edge map.", "image/png")])
+def edges(ctx: JobContext, params: EdgesParams) -> dict[str, Any]:
+    """Canny edge detection."""
+    import cv2
+    import numpy as np
+
+    image = read_image(ctx.input("image"))
+    gray = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    result = cv2.Canny(
+        gray, params.threshold1, params.threshold2, apertureSize=params.aperture_size
+    )
+    write_png(ctx.output("edges"), result)
+    return {"edge_pixels": int(np.count_nonzero(result)), **_shape(result)}
+
+
+Interpolation = Literal["nearest", "linear", "cubic", "area", "lanczos"]
+
+
+class ResizeParams(OperationParams):
+    width: int | None = Field(None, ge=1, le=20_000, description="Target width in pixels.")
+    height: int | None = Field(None, ge=1, le=20_000, description="Target height in pixels.")
+    scale: float | None = Field(None, gt=0, le=16, description="Scale both sides by this.")
+    interpolation: Interpolation = "area"
+
+
+@app.operation(inputs=[IMAGE_IN], outputs=[Output("resized", "Resized image.", "image/png")])
+def resize(ctx: JobContext, params: ResizeParams) -> dict[str, Any]:
+    """Resize to a width and/or height (keeping the aspect ratio when one is given) or by a scale."""
+    import cv2
+
+    image = read_image(ctx.input("image"))
+    h, w = image.shape[:2]
+    if params.scale is not None:
+        size = (max(1, round(w * params.scale)), max(1, round(h * params.scale)))
+    elif params.width and params.height:
+        size = (params.width, params.height)
+    elif params.width:
+        size = (params.width, max(1, round(h * params.width / w)))
+    elif params.height:
+        size = (max(1, round(w * params.height / h)), params.height)
+    else:
+        raise JobError("give `width`, `height` or `scale`")
+    flag = {
+        "nearest": cv2.INTER_NEAREST,
+        "linear": cv2.INTER_LINEAR,
+        "cubic": cv2.INTER_CUBIC,
+        "area": cv2.INTER_AREA,
+        "lanczos": cv2.INTER_LANCZOS4,
+    }[params.interpolation]
+    result = cv2.resize(image, size, interpolation=flag)
+    write_png(ctx.output("resized"), result)
+    return _shape(result)
+
+
+class GrayscaleParams(OperationParams):
+    pass
+
+
+@app.operation(inputs=[IMAGE_IN], outputs=[Output("gray", "Grayscale image.", "image/png")])
+def grayscale(ctx: JobContext, params: GrayscaleParams) -> dict[str, Any]:
+    """Convert to one grey channel."""
+    import cv2
+
+    result = cv2.cvtColor(read_image(ctx.input("image")), cv2.COLOR_BGR2GRAY)
+    write_png(ctx.output("gray"), result)
+    return _shape(result)
+
+
+class BlurParams(OperationParams):
+    @field_validator("kernel_size")
+    @classmethod
+    def _odd(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError(f"kernel_size must be odd, got {value}")
+        return value
+
+    kernel_size: int = Field(
+        5,
+        ge=1,
+        le=255,
+        description="Odd kernel side in pixels.",
+        json_schema_extra={"not": {"multipleOf": 2}},
+    )
+    sigma: float = Field(0.0, ge=0, le=1000, description="Gaussian sigma; 0 derives it.")
+
+
+@app.operation(inputs=[IMAGE_IN], outputs=[Output("blurred", "Blurred image.", "image/png")])
+def blur(ctx: JobContext, params: BlurParams) -> dict[str, Any]:
+    """Gaussian blur."""
+    import cv2
+
+    image = read_image(ctx.input("image"))
+    k = params.kernel_size
+    result = cv2.GaussianBlur(image, (k, k), params.sigma)
+    write_png(ctx.output("blurred"), result)
+    return _shape(result)

@@ -1,0 +1,1 @@
+"""The `csml` command line (Typer + Rich)."""

@@ -1,0 +1,201 @@
+"""`csml`: run the platform, join it, submit jobs and fetch results."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from csml.cli import operator
+from csml.cli.output import console, fail, jobs_table, json_text, show_job
+from csml.cli.params import find_operation, map_files, parse_params
+from csml.client import Client, CsmlError
+from csml.client.config import UserConfig, config_path
+
+app = typer.Typer(
+    help="CSML: collaborative and secure machine learning.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+id_app = typer.Typer(help="Your anonymous identity.", no_args_is_help=True)
+app.add_typer(id_app, name="id")
+app.add_typer(operator.join_token_app, name="join-token")
+app.command("up")(operator.up)
+app.command("server")(operator.server)
+app.command("worker")(operator.worker)
+
+UrlOpt = Annotated[
+    str | None,
+    typer.Option("--url", envvar="CSML_URL", help="Coordinator URL.", show_default=False),
+]
+
+
+def client(url: str | None = None) -> Client:
+    saved = UserConfig.load()
+    return Client(url or saved.url, saved.token)
+
+
+@id_app.command("new")
+def id_new(url: UrlOpt = None) -> None:
+    """Create an anonymous identity and save it (mode 0600) for later commands."""
+    saved = UserConfig.load()
+    with Client(url or saved.url, token="") as c:
+        created = c.create_identity()
+    path = UserConfig(url=c.url, id=created.id, token=created.token).save()
+    console.print(f"identity  {created.id}")
+    console.print(f"saved to  {path} (keep it: the token cannot be recovered)")
+
+
+@id_app.command("show")
+def id_show() -> None:
+    """Show the saved identity (never the token)."""
+    saved = UserConfig.load()
+    if not saved.id:
+        raise CsmlError(f"no identity saved in {config_path()}; run `csml id new`")
+    console.print(f"identity  {saved.id}\ncoordinator {saved.url}")
+
+
+@app.command("apps")
+def apps(url: UrlOpt = None) -> None:
+    """List applications, their operations, workers and queues."""
+    with client(url) as c:
+        infos = c.apps()
+    for a in infos:
+        q = a.queue
+        console.print(
+            f"[bold]{a.name}[/] {a.version}  workers {a.workers} (slots {a.slots})  "
+            f"queue {q.depth}/{q.capacity}, running {q.running}"
+        )
+        for op in a.operations:
+            ins = ", ".join(i.name for i in op.inputs) or "-"
+            outs = ", ".join(o.name for o in op.outputs) or "-"
+            first = op.description.splitlines()[0] if op.description else ""
+            console.print(
+                f"  {op.name.replace('_', '-'):<16} in: {ins:<10} out: {outs:<10} {first}"
+            )
+
+
+@app.command("submit")
+def submit(
+    app_name: Annotated[str, typer.Argument(metavar="APP")],
+    operation: Annotated[str, typer.Argument(help="e.g. detect-faces")],
+    files: Annotated[
+        list[str] | None, typer.Argument(help="Input files: PATH or NAME=PATH.", show_default=False)
+    ] = None,
+    param: Annotated[
+        list[str] | None, typer.Option("--param", "-p", help="Parameter KEY=VALUE (repeatable).")
+    ] = None,
+    params_json: Annotated[str | None, typer.Option(help="Parameters as a JSON object.")] = None,
+    wait: Annotated[bool, typer.Option("--wait", "-w", help="Wait for the result.")] = False,
+    timeout: Annotated[float, typer.Option(help="Most seconds to wait.")] = 3600,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Download outputs to this folder.")
+    ] = None,
+    url: UrlOpt = None,
+) -> None:
+    """Submit a job; with --wait, show its progress and print the result."""
+    with client(url) as c:
+        op = find_operation(c.app(app_name), operation)
+        inputs = map_files(op, files or [])
+        params = parse_params(param or [], params_json)
+        job = c.submit(app_name, op.name, files=dict(inputs), params=params)  # type: ignore[arg-type]
+        console.print(f"submitted {job.id}")
+        if not (wait or output):
+            return
+        with Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.percentage:>3.0f}%"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        ) as bar:
+            task = bar.add_task(job.state.value, total=1.0)
+
+            def update(j: object) -> None:
+                fraction, message = job.progress
+                bar.update(
+                    task, completed=fraction, description=f"{job.state.value} {message}"[:60]
+                )
+
+            job.wait(timeout=timeout, on_progress=update)
+        show_job(job.data)
+        if output is not None and job.state.value == "succeeded":
+            output.mkdir(parents=True, exist_ok=True)
+            for name in job.data.outputs:
+                console.print(f"saved     {job.download(name, output)}")
+        if job.state.value != "succeeded":
+            raise typer.Exit(1)
+
+
+@app.command("jobs")
+def jobs(
+    state: Annotated[str | None, typer.Option(help="Only jobs in this state.")] = None,
+    app_name: Annotated[str | None, typer.Option("--app", help="Only this app's jobs.")] = None,
+    limit: int = 50,
+    url: UrlOpt = None,
+) -> None:
+    """List your jobs, newest first."""
+    with client(url) as c:
+        found = c.jobs(state=state, app=app_name, limit=limit)
+    console.print(jobs_table([j.data for j in found]))
+
+
+@app.command("status")
+def status(
+    job_id: Annotated[str, typer.Argument(metavar="ID")],
+    wait: Annotated[float, typer.Option(help="Long-poll up to this many seconds.")] = 0,
+    url: UrlOpt = None,
+) -> None:
+    """Show one job."""
+    with client(url) as c:
+        job = c.job(job_id)
+        if wait:
+            job.refresh(wait=wait)
+    show_job(job.data)
+
+
+@app.command("result")
+def result(
+    job_id: Annotated[str, typer.Argument(metavar="ID")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the outputs.")] = Path(
+        "."
+    ),
+    url: UrlOpt = None,
+) -> None:
+    """Print a finished job's result and download its outputs."""
+    with client(url) as c:
+        job = c.job(job_id)
+        if job.state.value != "succeeded":
+            raise CsmlError(
+                f"job {job.id[:12]} is {job.state.value}"
+                + (f": {job.error}" if job.error else "; try again when it has succeeded")
+            )
+        console.print(json_text(job.result))
+        output.mkdir(parents=True, exist_ok=True)
+        for name in job.data.outputs:
+            console.print(f"saved {job.download(name, output)}")
+
+
+@app.command("cancel")
+def cancel(job_id: Annotated[str, typer.Argument(metavar="ID")], url: UrlOpt = None) -> None:
+    """Cancel a queued or running job."""
+    with client(url) as c:
+        job = c.job(job_id).cancel()
+    console.print(f"{job.id[:12]} {job.state.value}")
+
+
+def main() -> None:
+    try:
+        app()
+    except CsmlError as exc:
+        fail(exc.message)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        fail("interrupted")
+        sys.exit(130)

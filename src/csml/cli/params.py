@@ -1,0 +1,67 @@
+"""Turning `key=value` words into job parameters and input files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from csml.client import CsmlError
+from csml.schemas import AppInfo, OperationInfo
+
+
+def parse_params(pairs: list[str], params_json: str | None) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    if params_json:
+        try:
+            loaded = json.loads(params_json)
+        except json.JSONDecodeError as exc:
+            raise CsmlError(f"--params-json is not valid JSON: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise CsmlError("--params-json must be a JSON object")
+        params.update(loaded)
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise CsmlError(f"parameter {pair!r} is not of the form key=value")
+        try:
+            params[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            params[key] = raw
+    return params
+
+
+def find_operation(app: AppInfo, operation: str) -> OperationInfo:
+    wanted = operation.replace("-", "_")
+    for op in app.operations:
+        if op.name == wanted:
+            return op
+    names = ", ".join(o.name.replace("_", "-") for o in app.operations)
+    raise CsmlError(f"application {app.name!r} has no operation {operation!r}; it has: {names}")
+
+
+def map_files(op: OperationInfo, words: list[str]) -> dict[str, Path]:
+    """`name=path` words go to that input; bare paths fill the inputs in declared order."""
+    files: dict[str, Path] = {}
+    free = [i.name for i in op.inputs]
+    for word in words:
+        name, sep, path = word.partition("=")
+        if sep and name in free:
+            files[name] = Path(path)
+            free.remove(name)
+    for word in words:
+        name, sep, _ = word.partition("=")
+        if sep and name in files:
+            continue
+        if not free:
+            raise CsmlError(
+                f"too many files: {op.name} takes {', '.join(i.name for i in op.inputs) or 'none'}"
+            )
+        files[free.pop(0)] = Path(word)
+    for spec in op.inputs:
+        if spec.required and spec.name not in files:
+            raise CsmlError(f"{op.name} needs the input file {spec.name!r}")
+    for name, path in files.items():
+        if not path.is_file():
+            raise CsmlError(f"input {name!r}: no such file {str(path)!r}")
+    return files

@@ -1,0 +1,1 @@
+"""The coordinator: the HTTP API, the only owner of the store."""

@@ -1,0 +1,243 @@
+"""Routes for anonymous users: identities, apps, jobs and their outputs."""
+
+from __future__ import annotations
+
+import mimetypes
+import time
+from datetime import timedelta
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import ValidationError
+from sqlalchemy import func, select
+from starlette.concurrency import run_in_threadpool
+
+from csml import ids
+from csml.coordinator.auth import current_identity
+from csml.coordinator.errors import ApiError, not_found
+from csml.coordinator.queue import job_key
+from csml.coordinator.state import Core, core
+from csml.coordinator.uploads import parse_submission
+from csml.coordinator.views import job_view
+from csml.schemas import (
+    AppInfo,
+    ErrorBody,
+    IdentityCreated,
+    IdentityInfo,
+    Job,
+    JobList,
+    JobSpec,
+    JobState,
+    QueueInfo,
+)
+from csml.store.models import Identity, Worker, utcnow
+
+router = APIRouter(prefix="/v1")
+Me = Annotated[Identity, Depends(current_identity)]
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 422, 429)
+}
+
+
+@router.post("/identities", status_code=201, response_model=IdentityCreated, tags=["identities"])
+def create_identity(request: Request) -> IdentityCreated:
+    """Create an anonymous identity. The token is shown once; the service keeps only its hash."""
+    c = core(request)
+    token = ids.new_secret("csml")
+    identity = Identity(id=ids.new_id(), token_hash=ids.hash_secret(token), created_at=utcnow())
+    with c.sessions() as session, session.begin():
+        session.add(identity)
+    return IdentityCreated(id=identity.id, token=token)
+
+
+@router.get("/identities/me", response_model=IdentityInfo, tags=["identities"], responses=ERRORS)
+def whoami(me: Me) -> IdentityInfo:
+    return IdentityInfo(id=me.id, created_at=me.created_at)
+
+
+def app_infos(c: Core) -> list[AppInfo]:
+    cutoff = utcnow() - timedelta(seconds=c.settings.worker_live_seconds)
+    with c.sessions() as session:
+        workers = session.execute(
+            select(Worker.app, func.count(), func.sum(Worker.slots))
+            .where(Worker.stopped_at.is_(None), Worker.last_heartbeat >= cutoff)
+            .group_by(Worker.app)
+        ).all()
+    live = {app: (int(n), int(slots or 0)) for app, n, slots in workers}
+    stats = c.queue.queue_stats()
+    infos = []
+    for name, entry in sorted(c.catalog.entries().items()):
+        n, slots = live.get(name, (0, 0))
+        st = stats.get(name, {})
+        infos.append(
+            AppInfo(
+                **entry.manifest.model_dump(),
+                workers=n,
+                slots=slots,
+                queue=QueueInfo(
+                    depth=st.get(JobState.queued.value, 0),
+                    running=st.get(JobState.running.value, 0),
+                    capacity=c.settings.capacity(name),
+                ),
+            )
+        )
+    return infos
+
+
+@router.get("/apps", response_model=list[AppInfo], tags=["apps"])
+def list_apps(request: Request) -> list[AppInfo]:
+    """Every application with its operations, live workers and queue."""
+    return app_infos(core(request))
+
+
+@router.get("/apps/{name}", response_model=AppInfo, tags=["apps"], responses=ERRORS)
+def get_app(name: str, request: Request) -> AppInfo:
+    for info in app_infos(core(request)):
+        if info.name == name:
+            return info
+    raise not_found("application", name)
+
+
+def parse_spec(raw: bytes) -> JobSpec:
+    try:
+        return JobSpec.model_validate_json(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        field = f"spec.{loc}" if loc else "spec"
+        if err["type"] == "json_invalid":
+            raise ApiError(
+                422, "invalid_spec", f"spec is not valid JSON: {err['msg']}", field="spec"
+            ) from None
+        raise ApiError(422, "invalid_spec", f"{field}: {err['msg']}", field=field) from None
+
+
+SUBMIT_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["spec"],
+                    "properties": {
+                        "spec": {
+                            "type": "string",
+                            "description": 'JSON: {"app": ..., "operation": ..., "params": {...}}.'
+                            " Send it first.",
+                        }
+                    },
+                    "additionalProperties": {"type": "string", "format": "binary"},
+                }
+            },
+            "application/json": {"schema": {"$ref": "#/components/schemas/JobSpec"}},
+        },
+    }
+}
+
+
+@router.post(
+    "/jobs",
+    status_code=202,
+    response_model=Job,
+    tags=["jobs"],
+    responses=ERRORS,
+    openapi_extra=SUBMIT_BODY,
+)
+async def submit_job(request: Request, me: Me) -> JSONResponse:
+    """Submit a job: multipart with a `spec` part and one part per input file (or JSON if none)."""
+    c = core(request)
+    if request.headers.get("content-type", "").startswith("application/json"):
+        spec = parse_spec(await request.body())
+        job = await run_in_threadpool(c.queue.submit, me.id, spec, None, {})
+    else:
+        staging = await run_in_threadpool(c.blobs.new_staging)
+        holder: dict[str, JobSpec] = {}
+
+        async def on_spec(raw: bytes) -> None:
+            holder["spec"] = parse_spec(raw)
+            await run_in_threadpool(c.queue.check_spec, holder["spec"])
+
+        try:
+            parsed = await parse_submission(request, staging, c.settings.max_upload_bytes, on_spec)
+            job = await run_in_threadpool(
+                c.queue.submit, me.id, holder["spec"], staging, parsed.files
+            )
+        finally:
+            await run_in_threadpool(c.blobs.discard, staging)
+    return JSONResponse(
+        job_view(job).model_dump(mode="json"),
+        status_code=202,
+        headers={"Location": f"/v1/jobs/{job.id}"},
+    )
+
+
+@router.get("/jobs", response_model=JobList, tags=["jobs"], responses=ERRORS)
+def list_jobs(
+    request: Request,
+    me: Me,
+    state: JobState | None = None,
+    app: str | None = Query(None, max_length=40),
+    limit: int = Query(100, ge=1, le=1000),
+) -> JobList:
+    """Your jobs, newest first."""
+    jobs = core(request).queue.list(
+        me.id, state=state.value if state else None, app=app, limit=limit
+    )
+    return JobList(jobs=[job_view(j) for j in jobs])
+
+
+@router.get("/jobs/{job_id}", response_model=Job, tags=["jobs"], responses=ERRORS)
+async def get_job(
+    job_id: str,
+    request: Request,
+    me: Me,
+    wait: float = Query(0.0, ge=0, le=300, description="Long-poll up to this many seconds."),
+) -> Job:
+    """A job; with `wait`, answers as soon as it reaches a final state (or the wait ends)."""
+    c = core(request)
+    job = await run_in_threadpool(c.queue.get, me.id, job_id)
+    if JobState(job.state).terminal or wait <= 0:
+        return job_view(job)
+    deadline = time.monotonic() + min(wait, c.settings.max_wait_seconds)
+    with c.notifier.subscribe(job_key(job.id)) as event:
+        while True:
+            job = await run_in_threadpool(c.queue.get, me.id, job.id)
+            remaining = deadline - time.monotonic()
+            if JobState(job.state).terminal or remaining <= 0:
+                return job_view(job)
+            await c.notifier.wait(event, min(remaining, 1.0))
+
+
+@router.delete("/jobs/{job_id}", response_model=Job, tags=["jobs"], responses=ERRORS)
+def cancel_job(job_id: str, request: Request, me: Me) -> Job:
+    """Cancel a queued or running job (a running one is stopped on its worker)."""
+    return job_view(core(request).queue.cancel(me.id, job_id))
+
+
+@router.get(
+    "/jobs/{job_id}/outputs/{name}",
+    tags=["jobs"],
+    responses={200: {"content": {"application/octet-stream": {}}}, **ERRORS},
+    response_class=FileResponse,
+)
+def download_output(job_id: str, name: str, request: Request, me: Me) -> FileResponse:
+    """Stream one output file of a job."""
+    c = core(request)
+    job = c.queue.get(me.id, job_id)
+    for f in job.files:
+        if f.kind == "output" and f.name == name:
+            ext = mimetypes.guess_extension(f.media_type) or ""
+            return FileResponse(
+                c.blobs.path(f.blob),
+                media_type=f.media_type,
+                filename=f"{ids.short(job.id)}-{f.name}{ext}",
+                headers={"X-Content-SHA256": f.sha256},
+            )
+    names = ", ".join(f.name for f in job.files if f.kind == "output") or "none"
+    raise ApiError(
+        404,
+        "not_found",
+        f"job {ids.short(job.id)} has no output {name!r} (state {job.state}; outputs: {names})",
+    )

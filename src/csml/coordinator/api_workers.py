@@ -1,0 +1,174 @@
+"""Routes for workers: join, claim jobs under a lease, heartbeat, move files, complete.
+
+Workers reach the store only through these routes, so they can run anywhere
+that reaches the coordinator over HTTP.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import FileResponse
+from pydantic import BaseModel, Field
+from sqlalchemy import update
+from starlette.concurrency import run_in_threadpool
+
+from csml import ids
+from csml.coordinator.auth import current_join_token, current_worker
+from csml.coordinator.errors import ApiError, not_found
+from csml.coordinator.queue import app_key
+from csml.coordinator.state import core
+from csml.coordinator.uploads import safe_media_type
+from csml.schemas import (
+    ClaimResponse,
+    FileInfo,
+    Heartbeat,
+    HeartbeatResponse,
+    JobCompletion,
+    WorkerRegistered,
+    WorkerRegistration,
+)
+from csml.store.blobs import HashingWriter, TooLarge, check_name, fsync_paths
+from csml.store.models import JoinToken, Worker, utcnow
+
+router = APIRouter(prefix="/v1/workers", tags=["workers"])
+Joiner = Annotated[JoinToken, Depends(current_join_token)]
+Me = Annotated[Worker, Depends(current_worker)]
+
+
+def _same(worker: Worker, worker_id: str) -> None:
+    if worker.id != worker_id:
+        raise not_found("worker", worker_id)
+
+
+@router.post("", status_code=201, response_model=WorkerRegistered)
+def register(body: WorkerRegistration, request: Request, join: Joiner) -> WorkerRegistered:
+    """Join the cluster with a join token; announces the app this worker serves."""
+    c = core(request)
+    token = ids.new_secret("csmlw")
+    now = utcnow()
+    worker = Worker(
+        id=ids.new_id(),
+        token_hash=ids.hash_secret(token),
+        join_token_id=join.id,
+        app=body.app.name,
+        slots=body.slots,
+        sandbox=body.sandbox,
+        registered_at=now,
+        last_heartbeat=now,
+    )
+    with c.sessions() as session, session.begin():
+        c.catalog.upsert(session, body.app)
+        session.add(worker)
+    return WorkerRegistered(
+        worker_id=worker.id,
+        worker_token=token,
+        lease_seconds=c.settings.lease_seconds,
+        heartbeat_seconds=c.settings.heartbeat_seconds,
+    )
+
+
+@router.delete("/{worker_id}", status_code=204)
+def leave(worker_id: str, request: Request, me: Me) -> Response:
+    """Leave the cluster (graceful shutdown); running jobs come back when their lease ends."""
+    _same(me, worker_id)
+    with core(request).sessions() as session, session.begin():
+        session.execute(update(Worker).where(Worker.id == me.id).values(stopped_at=utcnow()))
+    return Response(status_code=204)
+
+
+class ClaimRequest(BaseModel):
+    max_jobs: int = Field(1, ge=1, le=256)
+    wait: float = Field(20.0, ge=0, le=60, description="Long-poll up to this many seconds.")
+
+
+@router.post("/{worker_id}/claim", response_model=ClaimResponse)
+async def claim(worker_id: str, body: ClaimRequest, request: Request, me: Me) -> ClaimResponse:
+    """Take up to `max_jobs` queued jobs of this worker's app, each under a lease."""
+    _same(me, worker_id)
+    c = core(request)
+    deadline = time.monotonic() + body.wait
+    with c.notifier.subscribe(app_key(me.app)) as event:
+        while True:
+            jobs = await run_in_threadpool(c.queue.claim, me, body.max_jobs)
+            remaining = deadline - time.monotonic()
+            if jobs or remaining <= 0 or await request.is_disconnected():
+                return ClaimResponse(jobs=jobs)
+            await c.notifier.wait(event, min(remaining, 0.5))
+
+
+@router.post("/{worker_id}/heartbeat", response_model=HeartbeatResponse)
+def heartbeat(worker_id: str, body: Heartbeat, request: Request, me: Me) -> HeartbeatResponse:
+    """Extend the leases of running jobs, report their progress, learn which to abort."""
+    _same(me, worker_id)
+    return core(request).queue.heartbeat(me, body)
+
+
+@router.get("/{worker_id}/jobs/{job_id}/inputs/{name}", response_class=FileResponse)
+def download_input(
+    worker_id: str, job_id: str, name: str, request: Request, me: Me, lease_id: str = Query()
+) -> FileResponse:
+    _same(me, worker_id)
+    c = core(request)
+    with c.sessions() as session:
+        job = c.queue.running_job(session, me, job_id, lease_id)
+        for f in job.files:
+            if f.kind == "input" and f.name == name:
+                return FileResponse(c.blobs.path(f.blob), media_type=f.media_type)
+    raise not_found("input", name)
+
+
+@router.put("/{worker_id}/jobs/{job_id}/outputs/{name}", status_code=204)
+async def upload_output(
+    worker_id: str, job_id: str, name: str, request: Request, me: Me, lease_id: str = Query()
+) -> Response:
+    """Stream one output file of a running job; kept only if the job then succeeds."""
+    _same(me, worker_id)
+    c = core(request)
+
+    def check() -> None:
+        with c.sessions() as session:
+            job = c.queue.running_job(session, me, job_id, lease_id)
+        _, op = c.catalog.operation(job.app, job.operation)
+        if name not in {o.name for o in op.outputs}:
+            raise ApiError(422, "unknown_output", f"{op.name!r} declares no output {name!r}")
+        check_name(name)
+        c.queue.attempt_dir(job_id, lease_id).mkdir(parents=True, exist_ok=True)
+
+    await run_in_threadpool(check)
+    path = c.queue.attempt_dir(job_id, lease_id) / name
+    writer = HashingWriter(path, c.settings.max_output_bytes)
+    try:
+        async for chunk in request.stream():
+            writer.write(chunk)
+    except TooLarge as exc:
+        writer.abort()
+        raise ApiError(
+            413, "file_too_large", f"output {name!r} is over {exc.limit} bytes"
+        ) from None
+    except BaseException:
+        writer.abort()
+        raise
+    digest = writer.finish(sync=False)
+    info = FileInfo(
+        name=name,
+        size=writer.size,
+        sha256=digest,
+        media_type=safe_media_type(request.headers.get("content-type", "")),
+    )
+    meta = c.queue.output_meta_path(job_id, lease_id, name)
+    await run_in_threadpool(c.queue.write_meta, meta, info)
+    await run_in_threadpool(fsync_paths, [path, meta])
+    return Response(status_code=204)
+
+
+@router.post("/{worker_id}/jobs/{job_id}/complete", status_code=204)
+def complete(
+    worker_id: str, job_id: str, body: JobCompletion, request: Request, me: Me
+) -> Response:
+    """Report a job's end. Refused (409) if the lease was lost: exactly one result is kept."""
+    _same(me, worker_id)
+    core(request).queue.complete(me, job_id, body)
+    return Response(status_code=204)

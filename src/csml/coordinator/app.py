@@ -1,0 +1,114 @@
+"""The FastAPI application and its background tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+from starlette.concurrency import run_in_threadpool
+
+import csml
+from csml.apps.registry import installed_apps
+from csml.coordinator import api_users, api_workers
+from csml.coordinator.catalog import Catalog
+from csml.coordinator.config import Settings
+from csml.coordinator.errors import ApiError, install_handlers
+from csml.coordinator.metrics import make_registry
+from csml.coordinator.notify import Notifier
+from csml.coordinator.queue import JobQueue
+from csml.coordinator.state import Core
+from csml.store.blobs import BlobStore
+from csml.store.db import make_engine, make_sessionmaker, migrate, transaction
+
+log = logging.getLogger("csml.coordinator")
+
+
+def build_core(settings: Settings) -> Core:
+    """Open (and migrate) the store, and register the apps installed here."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.resolved_database_url())
+    migrate(engine)
+    sessions = make_sessionmaker(engine)
+    blobs = BlobStore(settings.data_dir / "blobs")
+    catalog = Catalog(sessions)
+    with transaction(sessions) as session:
+        for app in installed_apps().values():
+            catalog.upsert(session, app.manifest())
+    notifier = Notifier()
+    queue = JobQueue(settings, sessions, blobs, catalog, notifier)
+    return Core(settings, engine, sessions, blobs, catalog, notifier, queue)
+
+
+async def _reaper(core: Core) -> None:
+    while True:
+        await asyncio.sleep(core.settings.reap_interval_seconds)
+        try:
+            await run_in_threadpool(core.queue.reap)
+        except Exception:
+            log.exception("lease reaper failed; retrying")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    core = build_core(settings)
+    registry, latency = make_registry(core)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        core.notifier.bind(asyncio.get_running_loop())
+        task = asyncio.create_task(_reaper(core))
+        log.info("coordinator ready", extra={"fields": {"version": csml.__version__}})
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            core.engine.dispose()
+
+    app = FastAPI(
+        title="CSML",
+        version=csml.__version__,
+        description="Collaborative and secure machine learning: anonymous identities submit "
+        "jobs to per-application worker pools.",
+        lifespan=lifespan,
+    )
+    app.state.core = core
+    install_handlers(app)
+    app.include_router(api_users.router)
+    app.include_router(api_workers.router)
+
+    @app.middleware("http")
+    async def observe(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        template = getattr(route, "path", "unmatched")
+        latency.labels(request.method, template, str(response.status_code)).observe(
+            time.perf_counter() - start
+        )
+        return response
+
+    @app.get("/healthz", tags=["operations"])
+    def healthz() -> dict[str, str]:
+        """Liveness and store reachability."""
+        try:
+            with core.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except Exception as exc:
+            raise ApiError(503, "store_unavailable", "the database is not reachable") from exc
+        return {"status": "ok", "version": csml.__version__}
+
+    @app.get("/metrics", tags=["operations"], include_in_schema=False)
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

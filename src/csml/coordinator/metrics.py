@@ -1,0 +1,72 @@
+"""Prometheus metrics: request latency, and job/queue/worker gauges read from the store."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+
+from csml.coordinator.state import Core
+from csml.store.models import Job, Worker, utcnow
+
+
+class StoreCollector(Collector):
+    """Reads counts at scrape time, so every coordinator reports the shared truth."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        c = self.core
+        jobs = GaugeMetricFamily(
+            "csml_jobs", "Jobs by application and state.", labels=["app", "state"]
+        )
+        depth = GaugeMetricFamily(
+            "csml_queue_depth", "Queued jobs per application.", labels=["app"]
+        )
+        capacity = GaugeMetricFamily(
+            "csml_queue_capacity", "Queue bound per application.", labels=["app"]
+        )
+        workers = GaugeMetricFamily("csml_workers", "Live workers per application.", labels=["app"])
+        slots = GaugeMetricFamily(
+            "csml_worker_slots", "Live job slots per application.", labels=["app"]
+        )
+        cutoff = utcnow() - timedelta(seconds=c.settings.worker_live_seconds)
+        with c.sessions() as session:
+            by_state = session.execute(
+                select(Job.app, Job.state, func.count()).group_by(Job.app, Job.state)
+            ).all()
+            live = session.execute(
+                select(Worker.app, func.count(), func.sum(Worker.slots))
+                .where(Worker.stopped_at.is_(None), Worker.last_heartbeat >= cutoff)
+                .group_by(Worker.app)
+            ).all()
+        queued: dict[str, int] = {}
+        for app, state, n in by_state:
+            jobs.add_metric([app, state], n)
+            if state == "queued":
+                queued[app] = n
+        for app in c.catalog.entries():
+            depth.add_metric([app], queued.get(app, 0))
+            capacity.add_metric([app], c.settings.capacity(app))
+        for app, n, s in live:
+            workers.add_metric([app], n)
+            slots.add_metric([app], s or 0)
+        yield from (jobs, depth, capacity, workers, slots)
+
+
+def make_registry(core: Core) -> tuple[CollectorRegistry, Histogram]:
+    registry = CollectorRegistry()
+    registry.register(StoreCollector(core))
+    latency = Histogram(
+        "csml_http_request_duration_seconds",
+        "HTTP request latency by route template and status.",
+        ["method", "route", "status"],
+        registry=registry,
+        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    )
+    return registry, latency

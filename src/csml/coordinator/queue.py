@@ -1,0 +1,440 @@
+"""The job lifecycle: submit, claim under a lease, heartbeat, complete, cancel, reap.
+
+Every state change is one short transaction. Claims lock rows with
+`FOR UPDATE SKIP LOCKED` on PostgreSQL; on SQLite every write transaction
+holds the database lock (BEGIN IMMEDIATE), which serialises them.
+
+Fairness: each queued job gets a `fair_rank` one past the larger of its
+owner's last queued rank in that app and the rank the app last served. Claims
+take the lowest rank first, so identities are served round-robin and a user
+with 1,000 queued jobs delays a newcomer by about one job per other user.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import case, func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from csml import ids
+from csml.coordinator.catalog import Catalog
+from csml.coordinator.config import Settings
+from csml.coordinator.errors import ApiError, not_found
+from csml.coordinator.notify import Notifier
+from csml.schemas import (
+    ClaimedJob,
+    FileInfo,
+    Heartbeat,
+    HeartbeatResponse,
+    JobCompletion,
+    JobLimits,
+    JobSpec,
+    JobState,
+)
+from csml.store.blobs import BlobStore
+from csml.store.db import transaction
+from csml.store.models import AppRecord, Job, JobFile, Worker, utcnow
+
+log = logging.getLogger("csml.coordinator.queue")
+
+QUEUED, RUNNING = JobState.queued.value, JobState.running.value
+TERMINAL = (JobState.succeeded.value, JobState.failed.value, JobState.cancelled.value)
+
+
+@dataclass
+class StagedFile:
+    name: str
+    path: Path
+    size: int
+    sha256: str
+    media_type: str
+
+
+def app_key(app: str) -> str:
+    return f"app:{app}"
+
+
+def job_key(job_id: str) -> str:
+    return f"job:{job_id}"
+
+
+class JobQueue:
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        blobs: BlobStore,
+        catalog: Catalog,
+        notifier: Notifier,
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.blobs = blobs
+        self.catalog = catalog
+        self.notifier = notifier
+
+    # -- submission ---------------------------------------------------------
+
+    def limits_for(self, spec: JobSpec) -> JobLimits:
+        s = self.settings
+        req = spec.limits
+        maxima = {
+            "timeout_seconds": s.job_timeout_seconds,
+            "memory_mb": s.job_memory_mb,
+            "cpu_seconds": s.job_cpu_seconds,
+        }
+        chosen: dict[str, Any] = dict(maxima)
+        if req is not None:
+            for name, limit in maxima.items():
+                value = getattr(req, name)
+                if value is None:
+                    continue
+                if value > limit:
+                    raise ApiError(
+                        422,
+                        "limit_too_high",
+                        f"limits.{name}: {value} is above this coordinator's maximum of {limit}",
+                        field=f"spec.limits.{name}",
+                    )
+                chosen[name] = value
+        return JobLimits.model_validate(chosen)
+
+    def check_spec(self, spec: JobSpec) -> None:
+        """Everything about a submission that can be refused before its files arrive."""
+        self.catalog.check_params(spec.app, spec.operation, spec.params)
+        self.limits_for(spec)
+        with self.sessions() as session:
+            self._check_capacity(session, spec.app)
+
+    def check_files(self, spec: JobSpec, names: set[str]) -> None:
+        _, op = self.catalog.operation(spec.app, spec.operation)
+        declared = {f.name for f in op.inputs}
+        for extra in sorted(names - declared):
+            raise ApiError(
+                422,
+                "unknown_input",
+                f"operation {op.name!r} takes no input file {extra!r}; "
+                f"it takes: {', '.join(sorted(declared)) or 'none'}",
+                field=extra,
+            )
+        for f in op.inputs:
+            if f.required and f.name not in names:
+                raise ApiError(
+                    422,
+                    "missing_input",
+                    f"operation {op.name!r} needs the input file {f.name!r}",
+                    field=f.name,
+                )
+
+    def _check_capacity(self, session: Session, app: str) -> None:
+        capacity = self.settings.capacity(app)
+        depth = session.scalar(
+            select(func.count()).select_from(Job).where(Job.app == app, Job.state == QUEUED)
+        )
+        if depth is not None and depth >= capacity:
+            retry = self.settings.retry_after_seconds
+            raise ApiError(
+                429,
+                "queue_full",
+                f"the {app} queue is full ({depth} of {capacity}); retry in {retry} s",
+                headers={"Retry-After": str(retry)},
+            )
+
+    def submit(
+        self,
+        owner_id: str,
+        spec: JobSpec,
+        staging: Path | None,
+        files: dict[str, StagedFile],
+    ) -> Job:
+        _, op = self.catalog.operation(spec.app, spec.operation)
+        self.catalog.check_params(spec.app, spec.operation, spec.params)
+        self.check_files(spec, set(files))
+        limits = self.limits_for(spec)
+        job_id = ids.new_id()
+        moved: Path | None = None
+        try:
+            with transaction(self.sessions) as session:
+                app_row = session.get(AppRecord, spec.app, with_for_update=True)
+                if app_row is None:
+                    raise ApiError(404, "unknown_app", f"no application {spec.app!r}")
+                self._check_capacity(session, spec.app)
+                owner_rank = session.scalar(
+                    select(func.max(Job.fair_rank)).where(
+                        Job.owner_id == owner_id, Job.app == spec.app, Job.state == QUEUED
+                    )
+                )
+                job = Job(
+                    id=job_id,
+                    owner_id=owner_id,
+                    app=spec.app,
+                    operation=op.name,
+                    params=spec.params,
+                    limits=limits.model_dump(),
+                    state=QUEUED,
+                    fair_rank=max(owner_rank or 0, app_row.served_rank) + 1,
+                    created_at=utcnow(),
+                    attempts=0,
+                    max_attempts=self.settings.max_attempts,
+                    progress_fraction=0.0,
+                    progress_message="",
+                    files=[],
+                )
+                if staging is not None and files:
+                    moved = self.blobs.adopt(staging, job_id, "inputs")
+                    for f in files.values():
+                        job.files.append(
+                            JobFile(
+                                kind="input",
+                                name=f.name,
+                                size=f.size,
+                                sha256=f.sha256,
+                                media_type=f.media_type,
+                                blob=self.blobs.relative(moved / f.name),
+                            )
+                        )
+                session.add(job)
+        except BaseException:
+            if moved is not None:
+                self.blobs.remove_job(job_id)
+            raise
+        self.notifier.notify(app_key(spec.app))
+        return job
+
+    # -- owner's view -------------------------------------------------------
+
+    def find(self, session: Session, owner_id: str, ident: str, *, lock: bool = False) -> Job:
+        if not ids.is_id_prefix(ident):
+            raise not_found("job", ident)
+        stmt = select(Job).where(Job.owner_id == owner_id)
+        if len(ident) == ids.ID_LENGTH:
+            stmt = stmt.where(Job.id == ident)
+        else:
+            stmt = stmt.where(Job.id.startswith(ident, autoescape=True))
+        if lock:
+            stmt = stmt.with_for_update()
+        found = session.scalars(stmt.limit(2)).all()
+        if not found:
+            raise not_found("job", ident)
+        if len(found) > 1:
+            raise ApiError(400, "ambiguous_id", f"{ident!r} matches several jobs; give more of it")
+        return found[0]
+
+    def get(self, owner_id: str, ident: str) -> Job:
+        with self.sessions() as session:
+            return self.find(session, owner_id, ident)
+
+    def list(self, owner_id: str, *, state: str | None, app: str | None, limit: int) -> list[Job]:
+        stmt = select(Job).where(Job.owner_id == owner_id)
+        if state:
+            stmt = stmt.where(Job.state == state)
+        if app:
+            stmt = stmt.where(Job.app == app)
+        with self.sessions() as session:
+            return list(session.scalars(stmt.order_by(Job.seq.desc()).limit(limit)).all())
+
+    def cancel(self, owner_id: str, ident: str) -> Job:
+        with transaction(self.sessions) as session:
+            job = self.find(session, owner_id, ident, lock=True)
+            if job.state in TERMINAL:
+                raise ApiError(
+                    409, "already_finished", f"job {ids.short(job.id)} already {job.state}"
+                )
+            job.state = JobState.cancelled.value
+            job.finished_at = utcnow()
+            job.error = "cancelled by its owner"
+            job.lease_id = None
+            job.lease_expires_at = None
+        self.notifier.notify(job_key(job.id))
+        return job
+
+    # -- workers ------------------------------------------------------------
+
+    def claim(self, worker: Worker, max_jobs: int) -> list[ClaimedJob]:
+        now = utcnow()
+        lease_id = ids.new_id()
+        with transaction(self.sessions) as session:
+            seqs = session.scalars(
+                select(Job.seq)
+                .where(Job.app == worker.app, Job.state == QUEUED)
+                .order_by(Job.fair_rank, Job.seq)
+                .limit(max_jobs)
+                .with_for_update(skip_locked=True)
+            ).all()
+            session.execute(update(Worker).where(Worker.id == worker.id).values(last_heartbeat=now))
+            if not seqs:
+                return []
+            session.execute(
+                update(Job)
+                .where(Job.seq.in_(seqs))
+                .values(
+                    state=RUNNING,
+                    worker_id=worker.id,
+                    lease_id=lease_id,
+                    lease_expires_at=now + timedelta(seconds=self.settings.lease_seconds),
+                    started_at=now,
+                    attempts=Job.attempts + 1,
+                    error=None,
+                )
+            )
+            jobs = session.scalars(select(Job).where(Job.seq.in_(seqs))).all()
+            top = max(j.fair_rank for j in jobs)
+            session.execute(
+                update(AppRecord)
+                .where(AppRecord.name == worker.app)
+                .values(
+                    served_rank=case(
+                        (AppRecord.served_rank < top, top), else_=AppRecord.served_rank
+                    )
+                )
+            )
+            return [
+                ClaimedJob(
+                    id=j.id,
+                    operation=j.operation,
+                    params=j.params,
+                    inputs=[file_info(f) for f in j.files if f.kind == "input"],
+                    lease_id=lease_id,
+                    attempt=j.attempts,
+                    limits=JobLimits.model_validate(j.limits),
+                )
+                for j in sorted(jobs, key=lambda j: (j.fair_rank, j.seq))
+            ]
+
+    def heartbeat(self, worker: Worker, beat: Heartbeat) -> HeartbeatResponse:
+        now = utcnow()
+        leases = {r.job_id: r for r in beat.running}
+        abort: list[str] = []
+        with transaction(self.sessions) as session:
+            session.execute(update(Worker).where(Worker.id == worker.id).values(last_heartbeat=now))
+            if not leases:
+                return HeartbeatResponse()
+            rows = {
+                j.id: j
+                for j in session.scalars(
+                    select(Job).where(Job.id.in_(list(leases))).with_for_update()
+                ).all()
+            }
+            expires = now + timedelta(seconds=self.settings.lease_seconds)
+            for job_id, running in leases.items():
+                job = rows.get(job_id)
+                if (
+                    job is None
+                    or job.state != RUNNING
+                    or job.worker_id != worker.id
+                    or job.lease_id != running.lease_id
+                ):
+                    abort.append(job_id)
+                    continue
+                job.lease_expires_at = expires
+                job.progress_fraction = running.progress.fraction
+                job.progress_message = running.progress.message
+        return HeartbeatResponse(abort=abort)
+
+    def running_job(self, session: Session, worker: Worker, job_id: str, lease_id: str) -> Job:
+        job = session.scalars(select(Job).where(Job.id == job_id)).first()
+        if job is None or job.worker_id != worker.id:
+            raise not_found("job", job_id)
+        if job.state != RUNNING or job.lease_id != lease_id:
+            raise ApiError(
+                409,
+                "lease_lost",
+                f"job {ids.short(job_id)} is no longer yours to run ({job.state})",
+            )
+        return job
+
+    def attempt_dir(self, job_id: str, lease_id: str) -> Path:
+        return self.blobs.job_dir(job_id) / f"attempt-{lease_id[:16]}"
+
+    def complete(self, worker: Worker, job_id: str, done: JobCompletion) -> None:
+        outputs_dir = self.attempt_dir(job_id, done.lease_id)
+        with transaction(self.sessions) as session:
+            job = self.running_job(session, worker, job_id, done.lease_id)
+            session.refresh(job, with_for_update=True)
+            if job.state != RUNNING or job.lease_id != done.lease_id:
+                raise ApiError(409, "lease_lost", f"job {ids.short(job_id)} is no longer yours")
+            job.state = done.state
+            job.finished_at = utcnow()
+            job.result = done.result
+            job.error = done.error
+            job.lease_id = None
+            job.lease_expires_at = None
+            if done.state == JobState.succeeded.value:
+                job.progress_fraction = 1.0
+                for meta in sorted(outputs_dir.glob("*.meta.json")):
+                    info = FileInfo.model_validate_json(meta.read_text())
+                    job.files.append(
+                        JobFile(
+                            kind="output",
+                            name=info.name,
+                            size=info.size,
+                            sha256=info.sha256,
+                            media_type=info.media_type,
+                            blob=self.blobs.relative(outputs_dir / info.name),
+                        )
+                    )
+        self.notifier.notify(job_key(job_id))
+
+    def output_meta_path(self, job_id: str, lease_id: str, name: str) -> Path:
+        return self.attempt_dir(job_id, lease_id) / f"{name}.meta.json"
+
+    @staticmethod
+    def write_meta(path: Path, info: FileInfo) -> None:
+        path.write_text(json.dumps(info.model_dump()))
+
+    def reap(self) -> int:
+        """Requeue (or fail, past max attempts) running jobs whose lease expired."""
+        now = utcnow()
+        changed: list[tuple[str, str]] = []
+        with transaction(self.sessions) as session:
+            expired = session.scalars(
+                select(Job)
+                .where(Job.state == RUNNING, Job.lease_expires_at < now)
+                .with_for_update(skip_locked=True)
+                .limit(500)
+            ).all()
+            for job in expired:
+                job.worker_id = None
+                job.lease_id = None
+                job.lease_expires_at = None
+                if job.attempts >= job.max_attempts:
+                    job.state = JobState.failed.value
+                    job.finished_at = now
+                    job.error = (
+                        f"the worker running it was lost {job.attempts} times "
+                        "(its lease expired); giving up"
+                    )
+                else:
+                    job.state = QUEUED
+                    job.progress_fraction = 0.0
+                    job.progress_message = "requeued: the worker running it was lost"
+                changed.append((job.id, job.app))
+        for job_id, app in changed:
+            self.notifier.notify(job_key(job_id))
+            self.notifier.notify(app_key(app))
+        if changed:
+            log.info("requeued or failed %d jobs whose lease expired", len(changed))
+        return len(changed)
+
+    def queue_stats(self) -> dict[str, dict[str, int]]:
+        """Jobs per app and state (queued and running only)."""
+        stats: dict[str, dict[str, int]] = {}
+        with self.sessions() as session:
+            rows = session.execute(
+                select(Job.app, Job.state, func.count())
+                .where(Job.state.in_([QUEUED, RUNNING]))
+                .group_by(Job.app, Job.state)
+            ).all()
+        for app, state, count in rows:
+            stats.setdefault(app, {})[state] = count
+        return stats
+
+
+def file_info(f: JobFile) -> FileInfo:
+    return FileInfo(name=f.name, size=f.size, sha256=f.sha256, media_type=f.media_type)

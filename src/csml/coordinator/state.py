@@ -1,0 +1,31 @@
+"""The coordinator's long-lived objects, reachable from every request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Request
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from csml.coordinator.catalog import Catalog
+from csml.coordinator.config import Settings
+from csml.coordinator.notify import Notifier
+from csml.coordinator.queue import JobQueue
+from csml.store.blobs import BlobStore
+
+
+@dataclass
+class Core:
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    blobs: BlobStore
+    catalog: Catalog
+    notifier: Notifier
+    queue: JobQueue
+
+
+def core(request: Request) -> Core:
+    c: Core = request.app.state.core
+    return c

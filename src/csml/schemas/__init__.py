@@ -1,0 +1,57 @@
+"""Wire schemas shared by the coordinator, workers and clients (pydantic v2)."""
+
+from csml.schemas.apps import AppInfo, AppManifest, FileSpec, OperationInfo, QueueInfo
+from csml.schemas.errors import ErrorBody, ErrorDetail
+from csml.schemas.identities import IdentityCreated, IdentityInfo, JoinTokenCreated, JoinTokenInfo
+from csml.schemas.jobs import (
+    FileInfo,
+    Job,
+    JobList,
+    JobSpec,
+    JobState,
+    LimitsRequest,
+    Progress,
+)
+from csml.schemas.workers import (
+    ClaimedJob,
+    ClaimResponse,
+    Heartbeat,
+    HeartbeatResponse,
+    JobCompletion,
+    JobLimits,
+    RunningJob,
+    WorkerInfo,
+    WorkerRegistered,
+    WorkerRegistration,
+)
+
+__all__ = [
+    "AppInfo",
+    "AppManifest",
+    "ClaimResponse",
+    "ClaimedJob",
+    "ErrorBody",
+    "ErrorDetail",
+    "FileInfo",
+    "FileSpec",
+    "Heartbeat",
+    "HeartbeatResponse",
+    "IdentityCreated",
+    "IdentityInfo",
+    "Job",
+    "JobCompletion",
+    "JobLimits",
+    "JobList",
+    "JobSpec",
+    "JobState",
+    "JoinTokenCreated",
+    "JoinTokenInfo",
+    "LimitsRequest",
+    "OperationInfo",
+    "Progress",
+    "QueueInfo",
+    "RunningJob",
+    "WorkerInfo",
+    "WorkerRegistered",
+    "WorkerRegistration",
+]

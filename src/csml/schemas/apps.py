@@ -1,0 +1,43 @@
+"""How applications describe themselves: operations, parameters, files."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class FileSpec(BaseModel):
+    name: str
+    description: str = ""
+    media_type: str = Field("application/octet-stream", description="Expected media type.")
+    required: bool = True
+
+
+class OperationInfo(BaseModel):
+    name: str
+    description: str = ""
+    params_schema: dict[str, Any] = Field(description="JSON schema of the parameters.")
+    inputs: list[FileSpec] = []
+    outputs: list[FileSpec] = []
+
+
+class AppManifest(BaseModel):
+    """What a worker announces about the app it serves."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,39}$")
+    version: str
+    description: str = ""
+    operations: list[OperationInfo]
+
+
+class QueueInfo(BaseModel):
+    depth: int = Field(description="Jobs waiting.")
+    running: int
+    capacity: int = Field(description="Most jobs that may wait; more get 429.")
+
+
+class AppInfo(AppManifest):
+    workers: int = Field(description="Live workers serving this app.")
+    slots: int = Field(description="Jobs the live workers can run at once.")
+    queue: QueueInfo

@@ -1,0 +1,75 @@
+"""Jobs as clients see them."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class JobState(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.succeeded, JobState.failed, JobState.cancelled)
+
+
+class LimitsRequest(BaseModel):
+    """Tighter limits than the coordinator's maxima, if a job wants them."""
+
+    model_config = ConfigDict(extra="forbid")
+    timeout_seconds: float | None = Field(None, gt=0, description="Wall-clock limit.")
+    memory_mb: int | None = Field(None, ge=16, description="Memory the job may allocate.")
+    cpu_seconds: float | None = Field(None, gt=0, description="CPU-time limit.")
+
+
+class JobSpec(BaseModel):
+    """The `spec` part of a submission."""
+
+    model_config = ConfigDict(extra="forbid")
+    app: str = Field(min_length=1, max_length=40)
+    operation: str = Field(min_length=1, max_length=64)
+    params: dict[str, Any] = {}
+    limits: LimitsRequest | None = None
+
+
+class FileInfo(BaseModel):
+    name: str
+    size: int
+    sha256: str
+    media_type: str
+
+
+class Progress(BaseModel):
+    fraction: float = Field(0.0, ge=0.0, le=1.0)
+    message: str = Field("", max_length=500)
+
+
+class Job(BaseModel):
+    id: str
+    app: str
+    operation: str
+    params: dict[str, Any]
+    state: JobState
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    attempts: int = 0
+    max_attempts: int
+    progress: Progress = Progress()
+    error: str | None = None
+    result: dict[str, Any] | None = None
+    limits: dict[str, float] = {}
+    inputs: dict[str, FileInfo] = {}
+    outputs: dict[str, FileInfo] = {}
+
+
+class JobList(BaseModel):
+    jobs: list[Job]

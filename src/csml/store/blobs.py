@@ -1,0 +1,114 @@
+"""Job files on disk under the data directory.
+
+Files are written to a staging folder while they stream in, then renamed into
+place, so a half-written upload is never visible as a job's file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import BinaryIO
+
+_SAFE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+CHUNK = 1 << 20
+
+
+class TooLarge(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"larger than the limit of {limit} bytes")
+        self.limit = limit
+
+
+def check_name(name: str) -> str:
+    """File names are the declared names of an operation: never a path."""
+    if not _SAFE_NAME.match(name):
+        raise ValueError(f"invalid file name {name!r}")
+    return name
+
+
+class BlobStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        (root / "staging").mkdir(parents=True, exist_ok=True)
+        (root / "jobs").mkdir(parents=True, exist_ok=True)
+
+    def new_staging(self) -> Path:
+        path = self.root / "staging" / uuid.uuid4().hex
+        path.mkdir()
+        return path
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.root / "jobs" / job_id[:2] / job_id
+
+    def relative(self, path: Path) -> str:
+        return str(path.relative_to(self.root))
+
+    def path(self, relative: str) -> Path:
+        full = (self.root / relative).resolve()
+        if not full.is_relative_to(self.root.resolve()):
+            raise ValueError("blob path escapes the data directory")
+        return full
+
+    def adopt(self, staging: Path, job_id: str, kind: str) -> Path:
+        """Move a staging folder to be the job's `kind` folder (atomic rename)."""
+        target = self.job_dir(job_id) / kind
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, target)
+        return target
+
+    def remove_job(self, job_id: str) -> None:
+        shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+
+    def discard(self, staging: Path) -> None:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+class HashingWriter:
+    """Writes chunks to a file, hashing and counting them, enforcing a size limit."""
+
+    def __init__(self, path: Path, limit: int) -> None:
+        self.path = path
+        self.limit = limit
+        self.size = 0
+        self._hash = hashlib.sha256()
+        self._file: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in finish()/abort()
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.limit:
+            raise TooLarge(self.limit)
+        self._hash.update(chunk)
+        self._file.write(chunk)
+
+    def finish(self, *, sync: bool = True) -> str:
+        """Close (flushing to stable storage unless `sync` is off) and return the sha256."""
+        self._file.flush()
+        if sync:
+            os.fsync(self._file.fileno())
+        self._file.close()
+        return self._hash.hexdigest()
+
+    def abort(self) -> None:
+        self._file.close()
+        self.path.unlink(missing_ok=True)
+
+
+def fsync_paths(paths: list[Path]) -> None:
+    """Flush files, then their folders, to stable storage."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    for folder in {p.parent for p in paths}:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

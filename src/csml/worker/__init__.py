@@ -1,0 +1,1 @@
+"""The worker: serves one application, pulling jobs from the coordinator over HTTP."""

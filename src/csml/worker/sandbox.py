@@ -1,0 +1,229 @@
+"""Run each job in its own child process, with limits, killable at any time.
+
+Children are forked by a zygote process (see `zygote.py`) that has already
+imported the app's libraries, so a job starts in about a millisecond while
+still getting a fresh process: whatever it does (crash, leak, overrun) dies
+with it and the worker goes on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any
+
+from csml.worker import zygote
+
+ProgressFn = Callable[[float, str], None]
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    cancelled: bool = False
+
+
+@dataclass
+class SandboxJob:
+    operation: str
+    params: dict[str, Any]
+    inputs: dict[str, Path]
+    output_dir: Path
+    timeout_seconds: float
+    memory_mb: int
+    cpu_seconds: float
+    max_file_bytes: int = 1 << 30
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class _Child:
+    started: threading.Event = field(default_factory=threading.Event)
+    exited: threading.Event = field(default_factory=threading.Event)
+    pid: int = 0
+    status: int | None = None
+
+
+class ZygoteDied(RuntimeError):
+    pass
+
+
+class Sandbox:
+    description = "process per job (forked from a warm zygote); rlimits on memory, CPU, file size"
+
+    def __init__(self, app_name: str) -> None:
+        self.app_name = app_name
+        self._lock = threading.Lock()
+        self._children: dict[int, _Child] = {}
+        self._tokens = itertools.count(1)
+        self._start_zygote()
+
+    def _start_zygote(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._ctrl = ours
+        self._zygote = subprocess.Popen(
+            [sys.executable, "-m", "csml.worker.zygote", self.app_name, str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
+        )
+        theirs.close()
+        self._reader = threading.Thread(target=self._read_control, daemon=True, name="zygote")
+        self._reader.start()
+
+    def _read_control(self) -> None:
+        ctrl = self._ctrl
+        while True:
+            try:
+                message, _ = zygote.recv(ctrl)
+            except OSError:
+                message = None
+            if message is None:
+                with self._lock:
+                    for child in self._children.values():
+                        child.started.set()
+                        child.exited.set()
+                return
+            kind, token, value = message
+            with self._lock:
+                child = self._children.get(int(token)) if token is not None else None
+            if child is None:
+                continue
+            if kind == "started":
+                child.pid = int(value)  # type: ignore[call-overload]
+                child.started.set()
+            elif kind == "exited":
+                child.status = int(value)  # type: ignore[call-overload]
+                child.exited.set()
+
+    def _ensure_zygote(self) -> None:
+        with self._lock:
+            if self._zygote.poll() is None:
+                return
+            self._ctrl.close()
+            self._start_zygote()
+
+    def close(self) -> None:
+        self._ctrl.close()
+        try:
+            self._zygote.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._zygote.kill()
+
+    def run(self, job: SandboxJob, on_progress: ProgressFn | None = None) -> Outcome:
+        self._ensure_zygote()
+        token = next(self._tokens)
+        child = _Child()
+        with self._lock:
+            self._children[token] = child
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn = Connection(os.dup(ours.fileno()))
+        ours.close()
+        try:
+            try:
+                zygote.send(self._ctrl, ("run", token), [theirs.fileno()])
+            finally:
+                theirs.close()
+            conn.send(
+                {
+                    "operation": job.operation,
+                    "params": job.params,
+                    "inputs": {k: str(v) for k, v in job.inputs.items()},
+                    "output_dir": str(job.output_dir),
+                    "limits": {
+                        "memory_mb": job.memory_mb,
+                        "cpu_seconds": job.cpu_seconds,
+                        "max_file_bytes": job.max_file_bytes,
+                    },
+                }
+            )
+            final = self._supervise(conn, child, job, on_progress)
+        except OSError:
+            final = None
+        finally:
+            conn.close()
+        if isinstance(final, Outcome):
+            self._kill(child)
+        elif final is not None:
+            # The child answered; it exits by itself. Reaping happens in the zygote.
+            with self._lock:
+                self._children.pop(token, None)
+            if final[0] == "ok":
+                return Outcome(ok=True, result=final[1])
+            return Outcome(ok=False, error=str(final[1]))
+        child.exited.wait(timeout=10)
+        with self._lock:
+            self._children.pop(token, None)
+        if isinstance(final, Outcome):
+            return final
+        return Outcome(ok=False, error=self._death(child.status, job))
+
+    def _kill(self, child: _Child) -> None:
+        child.started.wait(timeout=10)
+        if child.pid and not child.exited.is_set():
+            try:
+                os.killpg(child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    @staticmethod
+    def _supervise(
+        conn: Connection, child: _Child, job: SandboxJob, on_progress: ProgressFn | None
+    ) -> tuple[Any, ...] | Outcome | None:
+        """Relay progress until the child answers, dies, overruns or is cancelled."""
+        deadline = time.monotonic() + job.timeout_seconds
+        while True:
+            if job.cancel.is_set():
+                return Outcome(ok=False, error="cancelled", cancelled=True)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return Outcome(
+                    ok=False, error=f"exceeded its time limit of {job.timeout_seconds:g} s"
+                )
+            if not wait([conn], timeout=min(remaining, 0.2)):
+                continue
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                return None  # died without answering
+            if message[0] == "progress":
+                if on_progress is not None:
+                    on_progress(float(message[1]), str(message[2]))
+                continue
+            return tuple(message)
+
+    @staticmethod
+    def _death(status: int | None, job: SandboxJob) -> str:
+        """Why a child ended without answering."""
+        if status is None:
+            return "the job process ended without a result (sandbox restarted)"
+        if os.WIFEXITED(status):
+            return f"the job process exited with status {os.WEXITSTATUS(status)} without a result"
+        sig = os.WTERMSIG(status)
+        if sig == signal.SIGXCPU:
+            return f"exceeded its CPU-time limit of {job.cpu_seconds:g} s"
+        if sig == signal.SIGXFSZ:
+            return f"wrote a file over the limit of {job.max_file_bytes} bytes"
+        if sig == signal.SIGKILL:
+            return (
+                "the job process was killed (SIGKILL), most likely for memory "
+                f"(limit {job.memory_mb} MB)"
+            )
+        if sig == signal.SIGSEGV:
+            return "the job process crashed (SIGSEGV, segmentation fault)"
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        return f"the job process died from {name}"
