@@ -8,7 +8,7 @@
 # stderr, so `whl="$(bash .ci/build-dynet-wheel.sh)"` works.
 #
 # Fast path: a cached dynet-2.1.2-<pytag>-<pytag>-*.whl exists -> print it, exit 0.
-# Slow path (~15-20 min on 2 cores):
+# Slow path (~7 min on 2 idle cores, ~20 min when the machine is busy):
 #   1. apt: libeigen3-dev, cmake, build-essential (only if missing). DyNet's own Eigen
 #      download cannot work here (no network besides package registries).
 #   2. temporary build venv made with ${PYTHON:-python3}:
@@ -101,7 +101,8 @@ import dynet as dy
 
 # The C++ library must come from inside this venv (grafted by auditwheel), not a build dir.
 with open("/proc/self/maps") as fh:
-    libs = sorted({line.split()[-1] for line in fh if "dynet" in line and ".so" in line})
+    libs = sorted({p for p in (line.split()[-1] for line in fh)
+                   if "dynet" in os.path.basename(p).lower() and ".so" in p})
 print("dynet native libs:", *libs, sep="\n  ")
 assert libs and all(p.startswith(sys.prefix) for p in libs), libs
 
@@ -146,6 +147,7 @@ PY
 }
 
 # ---------------------------------------------------------------------------- fast path
+if [[ -d "$CACHE_DIR" ]]; then CACHE_DIR="$(cd -- "$CACHE_DIR" && pwd -P)"; fi
 if whl="$(find_cached)" && cached_usable "$whl"; then
     if [[ "${DYNET_VERIFY:-0}" == "1" ]]; then
         vdir="$(mktemp -d "${TMPDIR:-/tmp}/dynet-verify.XXXXXX")"
@@ -240,7 +242,7 @@ if [[ "$DYNET_MARCH" == "native" ]]; then CC_BIN="$(command -v gcc)"; CXX_BIN="$
 else CC_BIN="$WORK/bin/gcc"; CXX_BIN="$WORK/bin/g++"; fi
 
 JOBS="${DYNET_BUILD_JOBS:-$(nproc 2>/dev/null || echo 2)}"
-log "compiling dynet==$DYNET_VERSION (-march=$DYNET_MARCH, make -j$JOBS); takes ~15-20 min on 2 cores"
+log "compiling dynet==$DYNET_VERSION (-march=$DYNET_MARCH, make -j$JOBS); ~7 min on 2 idle cores, ~20 min on a busy machine"
 (
     export EIGEN3_INCLUDE_DIR CC="$CC_BIN" CXX="$CXX_BIN" MAKE_FLAGS="-j$JOBS" TMPDIR="$WORK/tmp"
     export PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -255,14 +257,22 @@ while kill -0 "$BUILD_PID" 2>/dev/null; do
     sleep 5
     if ((SECONDS - last_report >= 60)); then
         last_report=$SECONDS
-        pct="$(grep -o '^ *\[ *[0-9]*%\]' "$BUILD_LOG" 2>/dev/null | tail -n 1 | tr -d ' []' || true)"
-        log "  building... ${pct:-configuring} ($(((SECONDS - START) / 60))m elapsed)"
+        stage="$(grep -oE "^ *\[ *[0-9]+%\]|building '_dynet' extension|Created wheel" "$BUILD_LOG" 2>/dev/null |
+            tail -n 1 | tr -d ' []' || true)"
+        case "$stage" in
+            *%) stage="libdynet $stage" ;;
+            building*) stage="Python extension _dynet" ;;
+            Created*) stage="packing wheel" ;;
+            *) stage="configuring" ;;
+        esac
+        log "  building... $stage ($(((SECONDS - START) / 60))m elapsed)"
     fi
 done
 if wait "$BUILD_PID"; then BUILD_PID=""; else BUILD_PID=""; die "pip wheel dynet==$DYNET_VERSION failed"; fi
-shopt -s nullglob
+# setup.py names the project "dyNET": the wheel is dyNET-2.1.2-*.whl (renamed below).
+shopt -s nullglob nocaseglob
 raw=("$WORK/dist/dynet-$DYNET_VERSION-"*.whl)
-shopt -u nullglob
+shopt -u nullglob nocaseglob
 ((${#raw[@]} == 1)) || die "expected one built wheel in $WORK/dist, found ${#raw[@]}"
 log "compiled in $(((SECONDS - START) / 60))m$(((SECONDS - START) % 60))s: $(basename -- "${raw[0]}")"
 
@@ -280,14 +290,17 @@ fi
 log "auditwheel repair --plat $plat"
 auditwheel repair --plat "$plat" -w "$WORK/repaired" "${raw[0]}" >>"$BUILD_LOG" 2>&1 ||
     die "auditwheel repair --plat $plat failed"
-shopt -s nullglob
+shopt -s nullglob nocaseglob
 fixed=("$WORK/repaired/dynet-$DYNET_VERSION-"*.whl)
-shopt -u nullglob
+shopt -u nullglob nocaseglob
 ((${#fixed[@]} == 1)) || die "expected one repaired wheel, found ${#fixed[@]}"
 grafted="$("$PYTHON_BIN" -c 'import sys, zipfile; print(" ".join(n for n in zipfile.ZipFile(sys.argv[1]).namelist() if ".libs/" in n))' "${fixed[0]}")"
 [[ "$grafted" == *libdynet* ]] || die "libdynet.so was not grafted into the wheel (got: ${grafted:-nothing})"
 log "grafted: $grafted"
+# Normalised (PEP 427) lower-case name so `dynet-2.1.2-*.whl` globs match; pip compares
+# project names canonically, so the dyNET-2.1.2.dist-info inside stays valid.
 name="$(basename -- "${fixed[0]}")"
+name="dynet-${name#*-}"
 cp -- "${fixed[0]}" "$STAGE/$name"
 printf '%s\n' "$DYNET_MARCH" >"$STAGE/$name.march"
 unset LD_LIBRARY_PATH

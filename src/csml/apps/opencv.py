@@ -69,7 +69,9 @@ def detect_faces(ctx: JobContext, params: DetectFacesParams) -> dict[str, Any]:
     import cv2
 
     image = read_image(ctx.input("image"))
-    cascade = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
+    cascade = cv2.CascadeClassifier(
+        cv2.data.haarcascades + "haarcascade_frontalface_default.xml"  # type: ignore[attr-defined]
+    )
     gray = cv2.equalizeHist(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY))
     found = cascade.detectMultiScale(
         gray,
@@ -117,7 +119,7 @@ class ResizeParams(OperationParams):
 
 @app.operation(inputs=[IMAGE_IN], outputs=[Output("resized", "Resized image.", "image/png")])
 def resize(ctx: JobContext, params: ResizeParams) -> dict[str, Any]:
-    """Resize to a width and/or height (keeping the aspect ratio when one is given) or by a scale."""
+    """Resize to a width and/or height (one keeps the aspect ratio), or by a scale."""
     import cv2
 
     image = read_image(ctx.input("image"))

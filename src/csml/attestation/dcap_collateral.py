@@ -236,6 +236,8 @@ class TcbInfo:
         version = doc.uint("version")
         if version not in (2, 3):
             raise CollateralFormatError(f"tcbInfo.version {version} is not supported (2 or 3)")
+        if (tcb_type := doc.uint("tcbType")) != 0:
+            raise CollateralFormatError(f"tcbInfo.tcbType {tcb_type} is not supported (0)")
         tcb_id = doc.text("id") if version >= 3 else "SGX"
         tdx = tcb_id == "TDX"
         levels = [_tcb_level(n, version, tdx) for n in doc.nodes("tcbLevels")]

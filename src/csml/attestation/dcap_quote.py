@@ -170,11 +170,6 @@ class QeReportCertData:
     @property
     def pck_chain_pem(self) -> bytes:
         """The PEM PCK certificate chain (certification data type 5)."""
-        if self.cert_type != CERT_PCK_CHAIN:
-            raise QuoteParseError(
-                f"certification data type {self.cert_type} is not supported "
-                f"(only {CERT_PCK_CHAIN}, a PEM PCK certificate chain)"
-            )
         return self.cert_data.rstrip(b"\x00")
 
 
@@ -269,7 +264,8 @@ def parse_quote(raw: bytes) -> Quote:
     s = _Reader(raw, r.pos, r.pos + sig_len)
     if s.end > len(raw):
         raise QuoteParseError(
-            f"signature data size {sig_len} exceeds the {len(raw) - r.pos} bytes left"
+            f"quote truncated: signature data size {sig_len} exceeds "
+            f"the {len(raw) - r.pos} bytes left"
         )
     signature = s.take(64, "quote signature")
     att_key = s.take(64, "attestation key")
@@ -290,4 +286,9 @@ def parse_quote(raw: bytes) -> Quote:
             raise QuoteParseError(
                 f"QE report certification data has {inner.end - inner.pos} unparsed bytes"
             )
+    if qe.cert_type != CERT_PCK_CHAIN:
+        raise QuoteParseError(
+            f"certification data type {qe.cert_type} is not supported "
+            f"(only {CERT_PCK_CHAIN}, a PEM PCK certificate chain)"
+        )
     return Quote(raw, header, body_type, body, signed, signature, att_key, qe)

@@ -8,7 +8,6 @@ from collections.abc import Callable, Collection
 from datetime import datetime
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
 
 from csml.attestation.dcap_checks import CheckFailed, Checklist
 from csml.attestation.dcap_collateral import (
@@ -70,18 +69,19 @@ class Verification:
         accepted_statuses: Collection[TcbStatus] | None,
     ) -> None:
         self.raw, self.col, self.now = raw, collateral, now
-        self.root_ca_pem, self.allow_debug, self.accepted = (
-            root_ca_pem,
-            allow_debug,
-            accepted_statuses,
-        )
+        self.root_ca_pem = root_ca_pem
+        self.allow_debug = allow_debug
+        self.accepted = accepted_statuses
         self.checks = Checklist()
+        self.signing_chains: list[list[x509.Certificate]] = []
 
     def step(self, name: str, fn: Callable[[], str]) -> None:
         try:
             detail = fn()
-        except (CheckFailed, ValueError, TypeError, UnsupportedAlgorithm) as e:
+        except (CheckFailed, ValueError) as e:
             raise self.checks.failed(name, str(e)) from None
+        except Exception as e:  # malformed input may surface as any error: fail closed
+            raise self.checks.failed(name, f"{type(e).__name__}: {e}") from None
         self.checks.passed(name, detail)
 
     def run(self) -> None:
@@ -168,7 +168,7 @@ class Verification:
                 f"{what} signature does not verify over the {what} JSON text with the key of "
                 f"{describe(chain[0])}"
             )
-        self.signing_chains = [*getattr(self, "signing_chains", []), chain]
+        self.signing_chains.append(chain)
         return f"signed by {describe(chain[0])}"
 
     def tcb_info_signature(self) -> str:

@@ -13,21 +13,21 @@ from csml.attestation.dcap_collateral import (
     TdxModuleIdentity,
 )
 
-S = TcbStatus
+_S = TcbStatus
 _CONFIG = frozenset(
     {
-        S.CONFIGURATION_NEEDED,
-        S.OUT_OF_DATE_CONFIGURATION_NEEDED,
-        S.CONFIGURATION_AND_SW_HARDENING_NEEDED,
-        S.TD_RELAUNCH_ADVISED_CONFIGURATION_NEEDED,
+        _S.CONFIGURATION_NEEDED,
+        _S.OUT_OF_DATE_CONFIGURATION_NEEDED,
+        _S.CONFIGURATION_AND_SW_HARDENING_NEEDED,
+        _S.TD_RELAUNCH_ADVISED_CONFIGURATION_NEEDED,
     }
 )
 _SGX_RELAUNCHABLE = frozenset(
     {
-        S.UP_TO_DATE,
-        S.SW_HARDENING_NEEDED,
-        S.CONFIGURATION_NEEDED,
-        S.CONFIGURATION_AND_SW_HARDENING_NEEDED,
+        _S.UP_TO_DATE,
+        _S.SW_HARDENING_NEEDED,
+        _S.CONFIGURATION_NEEDED,
+        _S.CONFIGURATION_AND_SW_HARDENING_NEEDED,
     }
 )
 
@@ -87,7 +87,7 @@ def _explain_no_match(
             ]
         return out
 
-    nearest = min(info.levels, key=lambda lv: len(gaps(lv)))
+    nearest = min(reversed(info.levels), key=lambda lv: len(gaps(lv)))  # ties: the lowest
     tdx = f", TEE_TCB_SVN {tee_tcb_svn.hex()}" if tee_tcb_svn is not None else ""
     return (
         f"TCB not supported: the platform (SGX TCB components {list(components)}, "
@@ -139,13 +139,13 @@ def match_qe(identity: QeIdentity, isv_svn: int) -> IdentityLevel:
 
 def _degrade(status: TcbStatus, other: TcbStatus) -> TcbStatus:
     """Fold an identity status (UpToDate, OutOfDate or Revoked) into a TCB level status."""
-    if other == S.OUT_OF_DATE:
-        if status in (S.UP_TO_DATE, S.SW_HARDENING_NEEDED):
-            return S.OUT_OF_DATE
-        if status in (S.CONFIGURATION_NEEDED, S.CONFIGURATION_AND_SW_HARDENING_NEEDED):
-            return S.OUT_OF_DATE_CONFIGURATION_NEEDED
-    if other == S.REVOKED:
-        return S.REVOKED
+    if other == _S.OUT_OF_DATE:
+        if status in (_S.UP_TO_DATE, _S.SW_HARDENING_NEEDED):
+            return _S.OUT_OF_DATE
+        if status in (_S.CONFIGURATION_NEEDED, _S.CONFIGURATION_AND_SW_HARDENING_NEEDED):
+            return _S.OUT_OF_DATE_CONFIGURATION_NEEDED
+    if other == _S.REVOKED:
+        return _S.REVOKED
     return status
 
 
@@ -167,10 +167,10 @@ def check_relaunch(
 ) -> TcbStatus:
     """TDX 1.5: advise a TD relaunch when a TD-preserving update already fixed the TCB."""
     if (
-        qe_status != S.UP_TO_DATE
+        qe_status != _S.UP_TO_DATE
         or sgx_status not in _SGX_RELAUNCHABLE
-        or tdx_status not in (S.OUT_OF_DATE, S.OUT_OF_DATE_CONFIGURATION_NEEDED)
-        or module_status != S.OUT_OF_DATE
+        or tdx_status not in (_S.OUT_OF_DATE, _S.OUT_OF_DATE_CONFIGURATION_NEEDED)
+        or module_status != _S.OUT_OF_DATE
     ):
         return tdx_status
     latest = info.levels[0]
@@ -181,8 +181,8 @@ def check_relaunch(
     if not (module_ok and tee_tcb_svn2[2] >= latest.tdx_svns[2]):
         return tdx_status
     if sgx_status in _CONFIG or tdx_status in _CONFIG:
-        return S.TD_RELAUNCH_ADVISED_CONFIGURATION_NEEDED
-    return S.TD_RELAUNCH_ADVISED
+        return _S.TD_RELAUNCH_ADVISED_CONFIGURATION_NEEDED
+    return _S.TD_RELAUNCH_ADVISED
 
 
 def merge_advisories(*groups: tuple[str, ...]) -> tuple[str, ...]:

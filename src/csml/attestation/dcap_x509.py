@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from importlib import resources
 from itertools import pairwise
 
@@ -30,7 +31,10 @@ def fingerprint(cert: x509.Certificate) -> str:
 
 def describe(cert: x509.Certificate) -> str:
     """Short, human-readable identity of a certificate."""
-    return f"'{cert.subject.rfc4514_string()}' (sha256 {fingerprint(cert)[:16]}…)"
+    with warnings.catch_warnings():  # malformed names warn; the text is only for messages
+        warnings.simplefilter("ignore")
+        name = cert.subject.rfc4514_string()
+    return f"'{name}' (sha256 {fingerprint(cert)[:16]}…)"
 
 
 def load_trusted_root(root_ca_pem: bytes | None) -> tuple[x509.Certificate, str]:
@@ -145,11 +149,14 @@ def verify_raw_ecdsa(key: ec.EllipticCurvePublicKey, signature: bytes, data: byt
     return True
 
 
-def load_crl(der_hex: str, what: str) -> x509.CertificateRevocationList:
+def load_crl(text: str, what: str) -> x509.CertificateRevocationList:
+    """A CRL given as hex DER (PCS/PCCS style) or PEM."""
     try:
-        return x509.load_der_x509_crl(bytes.fromhex(der_hex))
+        if text.lstrip().startswith("-----BEGIN"):
+            return x509.load_pem_x509_crl(text.encode())
+        return x509.load_der_x509_crl(bytes.fromhex(text))
     except ValueError as e:
-        raise ChainError(f"{what} is not a hex DER CRL: {e}") from None
+        raise ChainError(f"{what} is not a hex DER or PEM CRL: {e}") from None
 
 
 def verify_crl(crl: x509.CertificateRevocationList, issuer: x509.Certificate, what: str) -> None:

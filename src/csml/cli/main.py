@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -9,8 +10,8 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from csml.cli import operator
-from csml.cli.output import console, fail, jobs_table, json_text, show_job
+from csml.cli import demo, operator
+from csml.cli.output import console, fail, jobs_table, show_job
 from csml.cli.params import find_operation, map_files, parse_params
 from csml.client import Client, CsmlError
 from csml.client.config import UserConfig, config_path
@@ -27,6 +28,7 @@ app.add_typer(operator.join_token_app, name="join-token")
 app.command("up")(operator.up)
 app.command("server")(operator.server)
 app.command("worker")(operator.worker)
+app.command("demo")(demo.demo)
 
 UrlOpt = Annotated[
     str | None,
@@ -102,7 +104,7 @@ def submit(
         op = find_operation(c.app(app_name), operation)
         inputs = map_files(op, files or [])
         params = parse_params(param or [], params_json)
-        job = c.submit(app_name, op.name, files=dict(inputs), params=params)  # type: ignore[arg-type]
+        job = c.submit(app_name, op.name, files=dict(inputs), params=params)
         console.print(f"submitted {job.id}")
         if not (wait or output):
             return
@@ -176,7 +178,7 @@ def result(
                 f"job {job.id[:12]} is {job.state.value}"
                 + (f": {job.error}" if job.error else "; try again when it has succeeded")
             )
-        console.print(json_text(job.result))
+        typer.echo(json.dumps(job.result))
         output.mkdir(parents=True, exist_ok=True)
         for name in job.data.outputs:
             console.print(f"saved {job.download(name, output)}")

@@ -8,12 +8,15 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from csml.cli.output import console
 from csml.client import CsmlError
+
+if TYPE_CHECKING:
+    from csml.coordinator.config import Settings
 
 join_token_app = typer.Typer(help="Tokens that let workers join the cluster.", no_args_is_help=True)
 
@@ -21,7 +24,7 @@ HostOpt = Annotated[str, typer.Option(help="Address to listen on.")]
 PortOpt = Annotated[int, typer.Option(help="Port to listen on.")]
 
 
-def _settings():  # type: ignore[no-untyped-def]
+def _settings() -> Settings:
     try:
         from csml.coordinator.config import Settings
     except ImportError:
@@ -57,6 +60,10 @@ def worker(
     ],
     slots: Annotated[int, typer.Option(min=1, max=256, help="Jobs run at once.")] = 1,
     workdir: Annotated[Path | None, typer.Option(help="Scratch folder for jobs.")] = None,
+    claim_wait: Annotated[
+        float,
+        typer.Option(envvar="CSML_CLAIM_WAIT", help="Seconds each idle claim long-polls."),
+    ] = 5.0,
 ) -> None:
     """Serve one application for a coordinator, from any machine that reaches it."""
     from csml.apps.registry import available_app_names, load_app
@@ -74,7 +81,7 @@ def worker(
         raise CsmlError(
             f"application {app_name!r} needs {', '.join(missing)}: pip install 'csml[{app_name}]'"
         )
-    agent = WorkerAgent(WorkerConfig(coordinator, join_token, app_name, slots, workdir))
+    agent = WorkerAgent(WorkerConfig(coordinator, join_token, app_name, slots, workdir, claim_wait))
 
     def stop(*_: object) -> None:
         agent.stop()

@@ -10,8 +10,8 @@ from rich.table import Table
 
 from csml.schemas import Job
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 STATE_STYLE = {
     "queued": "yellow",

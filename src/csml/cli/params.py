@@ -61,7 +61,7 @@ def map_files(op: OperationInfo, words: list[str]) -> dict[str, Path]:
     for spec in op.inputs:
         if spec.required and spec.name not in files:
             raise CsmlError(f"{op.name} needs the input file {spec.name!r}")
-    for name, path in files.items():
-        if not path.is_file():
-            raise CsmlError(f"input {name!r}: no such file {str(path)!r}")
+    for name, file in files.items():
+        if not file.is_file():
+            raise CsmlError(f"input {name!r}: no such file {str(file)!r}")
     return files

@@ -182,7 +182,7 @@ def list_jobs(
     limit: int = Query(100, ge=1, le=1000),
 ) -> JobList:
     """Your jobs, newest first."""
-    jobs = core(request).queue.list(
+    jobs = core(request).queue.list_jobs(
         me.id, state=state.value if state else None, app=app, limit=limit
     )
     return JobList(jobs=[job_view(j) for j in jobs])

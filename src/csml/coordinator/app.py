@@ -46,6 +46,9 @@ def build_core(settings: Settings) -> Core:
 
 
 async def _reaper(core: Core) -> None:
+    # Grace after start: workers that rode out a coordinator restart get one lease
+    # period to heartbeat again before their jobs count as lost.
+    await asyncio.sleep(core.settings.lease_seconds)
     while True:
         await asyncio.sleep(core.settings.reap_interval_seconds)
         try:

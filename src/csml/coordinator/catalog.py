@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from csml.coordinator.errors import ApiError
 from csml.schemas.apps import AppManifest, OperationInfo
+from csml.store.db import insert_ignore
 from csml.store.models import AppRecord, utcnow
 
 REFRESH_SECONDS = 5.0
@@ -42,19 +43,20 @@ class Catalog:
         self._lock = threading.Lock()
 
     def upsert(self, session: Session, manifest: AppManifest) -> None:
-        record = session.get(AppRecord, manifest.name, with_for_update=True)
+        """Record an app's manifest; safe when several coordinators register it at once."""
         data = manifest.model_dump(mode="json")
-        if record is None:
-            session.add(
-                AppRecord(
-                    name=manifest.name,
-                    version=manifest.version,
-                    manifest=data,
-                    served_rank=0,
-                    updated_at=utcnow(),
-                )
-            )
-        elif record.manifest != data:
+        insert_ignore(
+            session,
+            AppRecord,
+            name=manifest.name,
+            version=manifest.version,
+            manifest=data,
+            served_rank=0,
+            updated_at=utcnow(),
+        )
+        record = session.get(AppRecord, manifest.name, with_for_update=True)
+        assert record is not None
+        if record.manifest != data:
             record.manifest = data
             record.version = manifest.version
             record.updated_at = utcnow()

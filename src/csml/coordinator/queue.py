@@ -230,7 +230,9 @@ class JobQueue:
         with self.sessions() as session:
             return self.find(session, owner_id, ident)
 
-    def list(self, owner_id: str, *, state: str | None, app: str | None, limit: int) -> list[Job]:
+    def list_jobs(
+        self, owner_id: str, *, state: str | None, app: str | None, limit: int
+    ) -> list[Job]:
         stmt = select(Job).where(Job.owner_id == owner_id)
         if state:
             stmt = stmt.where(Job.state == state)
@@ -260,6 +262,8 @@ class JobQueue:
         now = utcnow()
         lease_id = ids.new_id()
         with transaction(self.sessions) as session:
+            # Lock order everywhere: the worker row, then job rows (no deadlock with heartbeat).
+            session.execute(update(Worker).where(Worker.id == worker.id).values(last_heartbeat=now))
             seqs = session.scalars(
                 select(Job.seq)
                 .where(Job.app == worker.app, Job.state == QUEUED)
@@ -267,7 +271,6 @@ class JobQueue:
                 .limit(max_jobs)
                 .with_for_update(skip_locked=True)
             ).all()
-            session.execute(update(Worker).where(Worker.id == worker.id).values(last_heartbeat=now))
             if not seqs:
                 return []
             session.execute(
@@ -339,9 +342,9 @@ class JobQueue:
 
     def running_job(self, session: Session, worker: Worker, job_id: str, lease_id: str) -> Job:
         job = session.scalars(select(Job).where(Job.id == job_id)).first()
-        if job is None or job.worker_id != worker.id:
+        if job is None:
             raise not_found("job", job_id)
-        if job.state != RUNNING or job.lease_id != lease_id:
+        if job.state != RUNNING or job.worker_id != worker.id or job.lease_id != lease_id:
             raise ApiError(
                 409,
                 "lease_lost",

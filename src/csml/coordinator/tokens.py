@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 
 from csml import ids
 from csml.coordinator.config import Settings
@@ -10,7 +11,7 @@ from csml.store.db import make_engine, make_sessionmaker, migrate, transaction
 from csml.store.models import JoinToken, utcnow
 
 
-def _sessions(settings: Settings):  # type: ignore[no-untyped-def]
+def _sessions(settings: Settings) -> sessionmaker[Session]:
     engine = make_engine(settings.resolved_database_url())
     migrate(engine)
     return make_sessionmaker(engine)

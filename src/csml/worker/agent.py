@@ -8,6 +8,7 @@ call retries with backoff, and the leases say what is still ours.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
@@ -49,7 +50,7 @@ class WorkerConfig:
     app: str
     slots: int = 1
     workdir: Path | None = None
-    claim_wait: float = 20.0
+    claim_wait: float = 5.0
 
 
 @dataclass
@@ -65,7 +66,8 @@ class WorkerAgent:
         self.config = config
         self.app = load_app(config.app)
         self.sandbox = Sandbox(config.app)  # before any thread: see zygote.py
-        self.stopping = threading.Event()
+        self.stopping = threading.Event()  # no new claims
+        self.finished = threading.Event()  # running jobs are done: stop talking
         self._running: dict[str, _Running] = {}
         self._lock = threading.Lock()
         self._slots = threading.Semaphore(config.slots)
@@ -75,13 +77,25 @@ class WorkerAgent:
             timeout=httpx.Timeout(30.0, read=config.claim_wait + 30),
             limits=httpx.Limits(max_connections=config.slots + 4),
         )
+        # Claims long-poll on a client of their own, closed by stop() to end the wait.
+        self.claims = httpx.Client(
+            base_url=config.coordinator.rstrip("/"),
+            timeout=httpx.Timeout(30.0, read=config.claim_wait + 30),
+        )
         self.registration: WorkerRegistered | None = None
 
     # -- HTTP with retries --------------------------------------------------
 
-    def _call(self, what: str, fn: Callable[[], httpx.Response]) -> httpx.Response:
+    def _call(
+        self,
+        what: str,
+        fn: Callable[[], httpx.Response],
+        until: threading.Event | None = None,
+    ) -> httpx.Response:
+        """Call, retrying transport errors and 5xx until `until` (default: shutdown) is set."""
+        until = until or self.finished
         delay = 0.2
-        while not self.stopping.is_set():
+        while not until.is_set():
             try:
                 response = fn()
             except httpx.TransportError as exc:
@@ -92,8 +106,8 @@ class WorkerAgent:
                 if response.status_code < 500:
                     return response
                 log.warning("coordinator error %s on %s; retrying", response.status_code, what)
-            self.stopping.wait(delay)
-            delay = min(delay * 2, 5.0)
+            until.wait(delay)
+            delay = min(delay * 2, 2.0)
         raise Revoked("worker stopping")
 
     def _auth(self) -> dict[str, str]:
@@ -112,7 +126,8 @@ class WorkerAgent:
         )
         response = self._call(
             "register",
-            lambda: self.http.post(
+            until=self.stopping,
+            fn=lambda: self.http.post(
                 "/v1/workers",
                 json=body.model_dump(mode="json"),
                 headers={"Authorization": f"Bearer {self.config.join_token}"},
@@ -144,20 +159,20 @@ class WorkerAgent:
                 if not self.stopping.is_set():
                     log.error("the coordinator refused this worker: %s", exc)
                 self.stopping.set()
+        self.finished.set()
         self._leave()
         self.sandbox.close()
         shutil.rmtree(self._workdir, ignore_errors=True)
 
     def stop(self) -> None:
         self.stopping.set()
+        self.claims.close()
 
     def _leave(self) -> None:
         if self.registration is None:
             return
-        try:
+        with contextlib.suppress(httpx.HTTPError):
             self.http.delete(self._path(""), headers=self._auth(), timeout=5)
-        except httpx.HTTPError:
-            pass
 
     def _claim_loop(self, pool: ThreadPoolExecutor) -> None:
         while not self.stopping.is_set():
@@ -169,16 +184,19 @@ class WorkerAgent:
             try:
                 response = self._call(
                     "claim",
-                    lambda n=free: self.http.post(  # type: ignore[misc]
+                    lambda n=free: self.claims.post(  # type: ignore[misc]
                         self._path("/claim"),
                         json={"max_jobs": n, "wait": self.config.claim_wait},
                         headers=self._auth(),
                     ),
+                    until=self.stopping,
                 )
                 jobs = ClaimResponse.model_validate(response.json()).jobs
             except Exception:
                 for _ in range(free):
                     self._slots.release()
+                if self.stopping.is_set():
+                    return
                 raise
             for _ in range(free - len(jobs)):
                 self._slots.release()
@@ -190,7 +208,7 @@ class WorkerAgent:
     def _heartbeat_loop(self) -> None:
         assert self.registration is not None
         interval = self.registration.heartbeat_seconds
-        while not self.stopping.wait(interval):
+        while not self.finished.wait(interval):
             with self._lock:
                 running = [
                     RunningJob(
@@ -201,16 +219,16 @@ class WorkerAgent:
             try:
                 response = self._call(
                     "heartbeat",
-                    lambda: self.http.post(
+                    lambda beat=Heartbeat(running=running): self.http.post(  # type: ignore[misc]
                         self._path("/heartbeat"),
-                        json=Heartbeat(running=running).model_dump(mode="json"),
+                        json=beat.model_dump(mode="json"),
                         headers=self._auth(),
                     ),
                 )
             except Revoked as exc:
-                if not self.stopping.is_set():
+                if not self.finished.is_set():
                     log.error("heartbeat refused: %s; stopping", exc)
-                self.stopping.set()
+                self.stop()
                 self._abort_all()
                 return
             for job_id in HeartbeatResponse.model_validate(response.json()).abort:

@@ -8,6 +8,7 @@ with it and the worker goes on.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
@@ -96,16 +97,18 @@ class Sandbox:
                         child.exited.set()
                 return
             kind, token, value = message
+            if not isinstance(token, int) or not isinstance(value, int):
+                continue
             with self._lock:
-                child = self._children.get(int(token)) if token is not None else None
-            if child is None:
+                found = self._children.get(token)
+            if found is None:
                 continue
             if kind == "started":
-                child.pid = int(value)  # type: ignore[call-overload]
-                child.started.set()
+                found.pid = value
+                found.started.set()
             elif kind == "exited":
-                child.status = int(value)  # type: ignore[call-overload]
-                child.exited.set()
+                found.status = value
+                found.exited.set()
 
     def _ensure_zygote(self) -> None:
         with self._lock:
@@ -172,10 +175,8 @@ class Sandbox:
     def _kill(self, child: _Child) -> None:
         child.started.wait(timeout=10)
         if child.pid and not child.exited.is_set():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(child.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
     @staticmethod
     def _supervise(

@@ -1,0 +1,344 @@
+"""A real CSML cluster on loopback for benchmarks: coordinator and worker processes.
+
+Everything runs as separate `python -m csml ...` processes, exactly as an operator
+would start them; the data directory lives in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+import httpx
+
+from csml.client import Client
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- CPU accounting from /proc ---------------------------------------------------
+
+
+def proc_cpu_seconds(pid: int, *, reaped_children: bool = True) -> float:
+    """User+system CPU of a process (all its threads), plus its reaped children's."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # fields[0] is field 3 (state): utime=14, stime=15, cutime=16, cstime=17 (1-based).
+    ticks = int(fields[11]) + int(fields[12])
+    if reaped_children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / CLK_TCK
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of `pid` (Linux >= 3.5 exposes them per thread)."""
+    kids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            kids.extend(int(p) for p in (task / "children").read_text().split())
+        except OSError:
+            continue
+    return kids
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU of a process and its live descendants, plus whatever they reaped."""
+    total = 0.0
+    stack = [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            total += proc_cpu_seconds(p)
+            stack.extend(child_pids(p))
+        except OSError:
+            continue  # exited meanwhile: its CPU shows up in its parent's cutime
+    return total
+
+
+def machine_busy_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies over all CPUs, from /proc/stat."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+@dataclass
+class CpuWindow:
+    """CPU seconds used by named processes (and the whole machine) over a window."""
+
+    pids: dict[str, int]
+    start: dict[str, float] = field(default_factory=dict)
+    busy0: tuple[int, int] = (0, 0)
+    t0: float = 0.0
+    own0: float = 0.0
+
+    def __enter__(self) -> CpuWindow:
+        self.start = {name: tree_cpu_seconds(pid) for name, pid in self.pids.items()}
+        self.busy0 = machine_busy_ticks()
+        self.own0 = _own_cpu()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.perf_counter() - self.t0
+        self.used = {
+            name: tree_cpu_seconds(pid) - self.start[name] for name, pid in self.pids.items()
+        }
+        self.used["bench client (this process)"] = _own_cpu() - self.own0
+        busy1 = machine_busy_ticks()
+        self.machine_busy = (busy1[0] - self.busy0[0]) / max(1, busy1[1] - self.busy0[1])
+
+    def report(self) -> dict[str, object]:
+        """CPU seconds and share of one core per process over the window.
+
+        "everything else" is what other processes on the machine (other users,
+        the kernel) took meanwhile: the benchmark shares the CPU with them.
+        """
+        busy = self.machine_busy * self.wall * (os.cpu_count() or 1)
+        others = max(0.0, busy - sum(self.used.values()))
+        return {
+            "wall_s": round(self.wall, 3),
+            "machine_busy_pct_all_cores": round(100 * self.machine_busy, 1),
+            "everything_else_cpu_s": round(others, 3),
+            "processes": {
+                name: {
+                    "cpu_s": round(sec, 3),
+                    "pct_of_one_core": round(100 * sec / self.wall, 1),
+                }
+                for name, sec in self.used.items()
+            },
+        }
+
+
+def _own_cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+# -- the cluster -----------------------------------------------------------------
+
+
+class Cluster:
+    """Coordinator plus workers, as subprocesses, in a throwaway data directory."""
+
+    def __init__(self, root: Path, settings: dict[str, str] | None = None) -> None:
+        self.root = root
+        self.data_dir = root / "data"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            **(settings or {}),
+            "CSML_DATA_DIR": str(self.data_dir),
+            "CSML_CONFIG": str(root / "user-config.toml"),
+        }
+        self.log_dir = root / "logs"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.coordinator: subprocess.Popen[bytes] | None = None
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self._logs: list[IO[bytes]] = []
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "csml.db"
+
+    def _log(self, name: str) -> IO[bytes]:
+        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
+        self._logs.append(log)
+        return log
+
+    def csml(self, *args: str) -> str:
+        out = subprocess.run(
+            [sys.executable, "-m", "csml", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        return out.stdout.strip()
+
+    def start_coordinator(self) -> None:
+        self.coordinator = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "csml",
+                "server",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+            ],
+            env=self.env,
+            stdout=self._log("coordinator"),
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        wait_healthy(self.url, self.coordinator)
+
+    def start_workers(self, app: str, count: int, slots: int) -> None:
+        token = self.csml("join-token", "create", "--label", "bench")
+        for _ in range(count):
+            n = len(self.workers)
+            self.workers.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "csml",
+                        "worker",
+                        "--app",
+                        app,
+                        "--coordinator",
+                        self.url,
+                        "--join-token",
+                        token,
+                        "--slots",
+                        str(slots),
+                    ],
+                    env=self.env,
+                    stdout=self._log(f"worker-{app}-{n}"),
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                )
+            )
+        self.wait_workers(app, count)
+
+    def wait_workers(self, app: str, count: int, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            apps = {a["name"]: a for a in httpx.get(f"{self.url}/v1/apps").json()}
+            if app in apps and apps[app]["workers"] >= count:
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"{count} {app} workers did not join in {timeout} s:\n{self.logs()}")
+
+    def new_user(self, timeout: float = 120.0) -> Client:
+        client = Client(self.url, "", timeout=timeout)
+        client.create_identity()
+        return client
+
+    def pids(self) -> dict[str, int]:
+        assert self.coordinator is not None
+        named = {"coordinator": self.coordinator.pid}
+        for i, w in enumerate(self.workers):
+            named[f"worker {i} (+zygote, jobs)"] = w.pid
+        return named
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace")[-4000:] for p in self.log_dir.glob("*.log"))
+
+    def stop_workers(self) -> None:
+        for w in self.workers:
+            _terminate(w, signal.SIGTERM)
+        for w in self.workers:
+            _reap(w)
+
+    def kill_coordinator(self) -> None:
+        """SIGKILL: nothing the coordinator held only in memory survives."""
+        if self.coordinator is not None:
+            _terminate(self.coordinator, signal.SIGKILL)
+            _reap(self.coordinator)
+
+    def stop(self) -> None:
+        self.stop_workers()
+        if self.coordinator is not None:
+            _terminate(self.coordinator, signal.SIGTERM)
+            _reap(self.coordinator)
+        for log in self._logs:
+            log.close()
+        self._logs.clear()
+
+
+def _terminate(proc: subprocess.Popen[bytes], sig: int) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+
+
+def _reap(proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the coordinator exited with status {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"coordinator at {url} did not become healthy in {timeout} s")
+
+
+# -- request counts from the coordinator's own metrics -----------------------------
+
+_METRIC = "csml_http_request_duration_seconds"
+
+
+def scrape_requests(url: str) -> dict[str, tuple[float, float]]:
+    """{"METHOD route": (count, total seconds)} from the coordinator's /metrics."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    out: dict[str, tuple[float, float]] = {}
+    for line in text.splitlines():
+        if not line.startswith((f"{_METRIC}_count{{", f"{_METRIC}_sum{{")):
+            continue
+        name, _, value = line.rpartition(" ")
+        labels = dict(
+            part.split("=", 1) for part in name[name.index("{") + 1 : -1].split(",") if part
+        )
+        key = f"{labels['method'].strip(chr(34))} {labels['route'].strip(chr(34))}"
+        count, total = out.get(key, (0.0, 0.0))
+        if name.startswith(f"{_METRIC}_count"):
+            count += float(value)
+        else:
+            total += float(value)
+        out[key] = (count, total)
+    return out
+
+
+def request_deltas(
+    before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]], jobs: int
+) -> dict[str, dict[str, float]]:
+    """Per route: requests per job and mean server-side time (middleware to response)."""
+    rows = {}
+    for key, (count, total) in after.items():
+        c0, t0 = before.get(key, (0.0, 0.0))
+        n = count - c0
+        if n <= 0 or key.endswith("/metrics"):
+            continue
+        rows[key] = {
+            "per_job": round(n / max(1, jobs), 2),
+            "mean_ms": round(1000 * (total - t0) / n, 2),
+        }
+    return dict(sorted(rows.items(), key=lambda kv: -kv[1]["per_job"]))

@@ -1,0 +1,605 @@
+"""CSML core benchmarks on a real loopback cluster.
+
+    /work/venv/bin/python bench/core.py            # full run (a few minutes)
+    /work/venv/bin/python bench/core.py --quick    # smaller counts, for a smoke test
+
+(a) end-to-end throughput of `echo` jobs (submit -> result read back) from many
+    client threads against 2 worker processes, with the CPU each process used;
+(b) round-trip latency of one `echo` job at a time;
+(c) `opencv detect_faces` over real images through CSML versus a plain
+    `multiprocessing.Pool(2)` running the same OpenCV code.
+
+See bench/README.md. Results go to stdout and bench/results/core-<timestamp>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sqlite3
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cluster import Cluster, CpuWindow, request_deltas, scrape_requests
+from csml.client import Client, Job
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+TARGET_JOBS_PER_S = 800.0
+TARGET_P50_MS = 5.0
+TARGET_OPENCV_RATIO = 1.15
+
+
+# -- configuration ---------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    quick: bool
+    throughput_jobs: int
+    threads: int
+    echo_workers: int
+    echo_slots: int
+    latency_jobs: int
+    latency_warmup: int
+    images: int
+    opencv_workers: int
+    opencv_slots: int
+    opencv_threads: int
+    only: list[str]
+    profile: str | None
+    base_dir: str | None
+    keep: bool
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small counts (smoke test)")
+    p.add_argument("--jobs", type=int, help="echo jobs for (a) [2000; quick 300]")
+    p.add_argument("--threads", type=int, default=32, help="client threads for (a)")
+    p.add_argument("--echo-workers", type=int, default=2, help="echo worker processes")
+    p.add_argument("--echo-slots", type=int, default=8, help="slots per echo worker")
+    p.add_argument("--latency-jobs", type=int, help="sequential jobs for (b) [300; quick 60]")
+    p.add_argument("--images", type=int, help="images for (c) [200; quick 40]")
+    p.add_argument("--opencv-workers", type=int, default=1, help="opencv worker processes")
+    p.add_argument("--opencv-slots", type=int, default=2, help="slots per opencv worker")
+    p.add_argument("--opencv-threads", type=int, default=8, help="client threads for (c)")
+    p.add_argument("--only", default="a,b,c", help="comma-separated subset of a,b,c")
+    p.add_argument(
+        "--profile",
+        choices=["gil", "active"],
+        help="sample the coordinator with py-spy during (a): `gil` = where its Python CPU goes "
+        "(thread holding the GIL), `active` = every non-idle thread, incl. lock waits "
+        "(perturbs the figures)",
+    )
+    p.add_argument(
+        "--base-dir",
+        help="parent folder of the temporary data directory "
+        "(e.g. /dev/shm to see what fsync costs; not durable)",
+    )
+    p.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, db)")
+    a = p.parse_args(argv)
+    return Config(
+        quick=a.quick,
+        throughput_jobs=a.jobs or (300 if a.quick else 2000),
+        threads=a.threads,
+        echo_workers=a.echo_workers,
+        echo_slots=a.echo_slots,
+        latency_jobs=a.latency_jobs or (60 if a.quick else 300),
+        latency_warmup=10 if a.quick else 30,
+        images=a.images or (40 if a.quick else 200),
+        opencv_workers=a.opencv_workers,
+        opencv_slots=a.opencv_slots,
+        opencv_threads=a.opencv_threads,
+        only=[s.strip() for s in a.only.split(",") if s.strip()],
+        profile=a.profile,
+        base_dir=a.base_dir,
+        keep=a.keep,
+    )
+
+
+# -- machine ---------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    import os
+
+    import cv2
+
+    import csml
+
+    return {
+        "cpu_model": cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "csml": csml.__version__,
+        "opencv": cv2.__version__,
+        "fsync_ms_median": round(fsync_ms(), 2),
+    }
+
+
+def fsync_ms(rounds: int = 50) -> float:
+    """Median cost of write+fsync of 4 KiB in the temp folder: the floor of one commit."""
+    import os
+
+    times = []
+    with tempfile.NamedTemporaryFile(dir=tempfile.gettempdir()) as f:
+        for _ in range(rounds):
+            start = time.perf_counter()
+            os.write(f.fileno(), b"x" * 4096)
+            os.fsync(f.fileno())
+            times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+# -- statistics ------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+def ms_summary(seconds: list[float]) -> dict[str, float]:
+    ms = [1000 * s for s in seconds]
+    return {
+        "n": len(ms),
+        "p50_ms": round(percentile(ms, 50), 2),
+        "p90_ms": round(percentile(ms, 90), 2),
+        "p99_ms": round(percentile(ms, 99), 2),
+        "mean_ms": round(statistics.fmean(ms), 2),
+        "max_ms": round(max(ms), 2),
+    }
+
+
+# -- echo jobs -------------------------------------------------------------------
+
+
+@dataclass
+class EchoRecord:
+    index: int
+    job_id: str
+    ok: bool
+    submit_s: float
+    total_s: float
+    phases_ms: dict[str, float] = field(default_factory=dict)
+
+
+def drain(clients: list[Client], items: list[T], fn: Callable[[Client, T], R]) -> list[R]:
+    """One thread per client; each takes the next item until none are left."""
+    lock = threading.Lock()
+    pending = iter(items)
+    done = object()
+
+    def take() -> Any:
+        with lock:
+            return next(pending, done)
+
+    def loop(client: Client) -> list[R]:
+        return [fn(client, item) for item in iter(take, done)]
+
+    with ThreadPoolExecutor(len(clients)) as pool:
+        futures = [pool.submit(loop, c) for c in clients]
+        return [r for f in futures for r in f.result()]
+
+
+def echo_once(client: Client, index: int) -> EchoRecord:
+    """Submit one echo job, wait for it, check its result."""
+    wall0, t0 = time.time(), time.perf_counter()
+    job = client.submit("echo", "echo", params={"i": index, "tag": "bench"})
+    t1 = time.perf_counter()
+    job.wait(timeout=120)
+    t2, wall2 = time.perf_counter(), time.time()
+    result = job.result or {}
+    ok = job.state.value == "succeeded" and result.get("params", {}).get("i") == index
+    return EchoRecord(index, job.id, ok, t1 - t0, t2 - t0, _phases(job, wall0, wall2))
+
+
+def _phases(job: Job, wall0: float, wall2: float) -> dict[str, float]:
+    """Where one job's round trip went, from the coordinator's timestamps (same host clock)."""
+    d = job.data
+    if d.started_at is None or d.finished_at is None:
+        return {}
+    created, started, finished = (
+        d.created_at.timestamp(),
+        d.started_at.timestamp(),
+        d.finished_at.timestamp(),
+    )
+    return {
+        "client_to_created": 1000 * (created - wall0),
+        "queued_until_claimed": 1000 * (started - created),
+        "claimed_until_finished": 1000 * (finished - started),
+        "finished_until_client_sees": 1000 * (wall2 - finished),
+    }
+
+
+def phase_medians(records: list[EchoRecord]) -> dict[str, float]:
+    names = records[0].phases_ms.keys() if records else []
+    return {
+        n: round(statistics.median(r.phases_ms[n] for r in records if r.phases_ms), 2)
+        for n in names
+    }
+
+
+def start_echo_cluster(cfg: Config, root: Path) -> Cluster:
+    cluster = Cluster(root / "echo")
+    cluster.start_coordinator()
+    cluster.start_workers("echo", cfg.echo_workers, cfg.echo_slots)
+    return cluster
+
+
+def run_throughput(cluster: Cluster, cfg: Config, root: Path) -> dict[str, Any]:
+    """(a): `cfg.threads` clients each loop submit+wait until `cfg.throughput_jobs` are done."""
+    clients = [cluster.new_user() for _ in range(cfg.threads)]
+    drain(clients, [-1] * 2 * len(clients), echo_once)  # warm-up: connections, forks, caches
+    requests0 = scrape_requests(cluster.url)
+    with _maybe_profile(cluster, cfg, root) as profile, CpuWindow(cluster.pids()) as cpu:
+        records = drain(clients, list(range(cfg.throughput_jobs)), echo_once)
+    requests = request_deltas(requests0, scrape_requests(cluster.url), len(records))
+    for c in clients:
+        c.close()
+    ok = sum(r.ok for r in records)
+    return {
+        "jobs": len(records),
+        "ok": ok,
+        "client_threads": cfg.threads,
+        "workers": f"{cfg.echo_workers} x {cfg.echo_slots} slots",
+        "wall_s": round(cpu.wall, 3),
+        "jobs_per_s": round(len(records) / cpu.wall, 1),
+        "round_trip_under_load": ms_summary([r.total_s for r in records]),
+        "submit_under_load": ms_summary([r.submit_s for r in records]),
+        "phase_medians_ms": phase_medians(records),
+        "cpu": cpu.report(),
+        "http_requests_by_route": requests,
+        "coordinator_cpu_ms_per_job": round(
+            1000 * cpu.used["coordinator"] / max(1, len(records)), 2
+        ),
+        "profile": profile.get("summary"),
+        "_expected": {r.job_id: r.index for r in records},
+    }
+
+
+@contextmanager
+def _maybe_profile(cluster: Cluster, cfg: Config, root: Path) -> Iterator[dict[str, Any]]:
+    out: dict[str, Any] = {}
+    if not cfg.profile or cluster.coordinator is None:
+        yield out
+        return
+    from pyspy import Recorder, summarise
+
+    raw = root / "coordinator.pyspy.txt"
+    recorder = Recorder(cluster.coordinator.pid, raw, gil_only=cfg.profile == "gil")
+    time.sleep(0.5)  # let py-spy attach
+    try:
+        yield out
+    finally:
+        recorder.stop()
+        if raw.exists():
+            out["summary"] = {"mode": cfg.profile, "raw_stacks": str(raw), **summarise(raw)}
+
+
+def run_latency(cluster: Cluster, cfg: Config) -> dict[str, Any]:
+    """(b): one client, one job at a time."""
+    client = cluster.new_user()
+    for _ in range(cfg.latency_warmup):
+        echo_once(client, -1)
+    requests0 = scrape_requests(cluster.url)
+    with CpuWindow(cluster.pids()) as cpu:
+        records = [echo_once(client, i) for i in range(cfg.latency_jobs)]
+    requests = request_deltas(requests0, scrape_requests(cluster.url), len(records))
+    client.close()
+    return {
+        "jobs": len(records),
+        "ok": sum(r.ok for r in records),
+        "warmup_jobs": cfg.latency_warmup,
+        "round_trip": ms_summary([r.total_s for r in records]),
+        "submit_only": ms_summary([r.submit_s for r in records]),
+        "phase_medians_ms": phase_medians(records),
+        "http_requests_by_route": requests,
+        "cpu_ms_per_job": {
+            name: round(1000 * sec / len(records), 2) for name, sec in cpu.used.items()
+        },
+        "_expected": {r.job_id: r.index for r in records},
+    }
+
+
+# -- durability ------------------------------------------------------------------
+
+
+def check_durable(db_path: Path, expected: dict[str, int]) -> dict[str, Any]:
+    """After the coordinator was SIGKILLed: is every result in the store, intact?"""
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        found: dict[str, tuple[str, str | None]] = {}
+        ids = list(expected)
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for job_id, state, result in conn.execute(
+                f"SELECT id, state, result FROM jobs WHERE id IN ({marks})", chunk
+            ):
+                found[job_id] = (state, result)
+        journal = conn.execute("PRAGMA journal_mode").fetchone()[0]
+    finally:
+        conn.close()
+    good = sum(
+        1
+        for job_id, index in expected.items()
+        if job_id in found
+        and found[job_id][0] == "succeeded"
+        and json.loads(found[job_id][1] or "{}").get("params", {}).get("i") == index
+    )
+    return {
+        "expected": len(expected),
+        "durable_and_intact": good,
+        "journal_mode": journal,
+        "store_synchronous": store_synchronous(db_path),
+    }
+
+
+def store_synchronous(db_path: Path) -> str:
+    """PRAGMA synchronous on a connection made by csml's own engine factory."""
+    from sqlalchemy import text
+
+    from csml.store.db import make_engine
+
+    engine = make_engine(f"sqlite:///{db_path}")
+    try:
+        with engine.connect() as conn:
+            value = conn.execute(text("PRAGMA synchronous")).scalar()
+    finally:
+        engine.dispose()
+    return {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}.get(int(value or 0), str(value))
+
+
+def echo_benchmarks(cfg: Config, root: Path) -> dict[str, Any]:
+    """(a) and (b) on one echo cluster, then a crash-kill and a durability check."""
+    out: dict[str, Any] = {}
+    cluster = start_echo_cluster(cfg, root)
+    try:
+        if "a" in cfg.only:
+            _say(f"(a) throughput: {cfg.throughput_jobs} echo jobs, {cfg.threads} threads ...")
+            out["throughput"] = run_throughput(cluster, cfg, root)
+        if "b" in cfg.only:
+            _say(f"(b) latency: {cfg.latency_jobs} sequential echo jobs ...")
+            out["latency"] = run_latency(cluster, cfg)
+        expected: dict[str, int] = {}
+        for part in ("throughput", "latency"):
+            expected.update(out.get(part, {}).pop("_expected", {}))
+        cluster.stop_workers()
+        cluster.kill_coordinator()
+        out["durability"] = check_durable(cluster.db_path, expected)
+    finally:
+        cluster.stop()
+    return out
+
+
+# -- opencv ----------------------------------------------------------------------
+
+
+def run_opencv(cfg: Config, root: Path) -> dict[str, Any]:
+    """(c): detect_faces over the same files through CSML and through a plain Pool(2)."""
+    from faces import cascade_load_seconds, make_images, run_baseline
+
+    images = make_images(root / "images", cfg.images)
+    _say(f"(c) opencv: {len(images)} images; baseline Pool(2), before ...")
+    before = run_baseline(images, root / "baseline-out", processes=2)
+    cluster = Cluster(root / "opencv")
+    try:
+        cluster.start_coordinator()
+        cluster.start_workers("opencv", cfg.opencv_workers, cfg.opencv_slots)
+        _say("(c) opencv: through CSML ...")
+        csml_run = _csml_faces(cluster, images, root / "csml-out", cfg.opencv_threads)
+    finally:
+        cluster.stop()
+    _say("(c) opencv: baseline Pool(2), after ...")
+    after = run_baseline(images, root / "baseline-out", processes=2)
+    baseline_s = (before.wall_s + after.wall_s) / 2
+    baseline_cpu = (before.cpu_s + after.cpu_s) / 2
+    csml_cpu = sum(p["cpu_s"] for p in csml_run["cpu"]["processes"].values())
+    mismatched = sorted(n for n, c in csml_run["faces"].items() if before.faces.get(n) != c)
+    return {
+        "images": len(images),
+        "image_bytes_total": sum(p.stat().st_size for p in images),
+        "slots_total": cfg.opencv_workers * cfg.opencv_slots,
+        "baseline_wall_s_before_after": [round(before.wall_s, 3), round(after.wall_s, 3)],
+        "baseline_wall_s": round(baseline_s, 3),
+        "baseline_pool_startup_s_untimed": round(before.startup_s, 3),
+        "baseline_per_image_ms": ms_summary(before.per_image_s + after.per_image_s),
+        "csml_wall_s": round(csml_run["wall_s"], 3),
+        "csml_worker_time_per_job_ms": csml_run["run_ms"],
+        "ratio_csml_over_baseline": round(csml_run["wall_s"] / baseline_s, 3),
+        "baseline_cpu_s_before_after": [round(before.cpu_s, 3), round(after.cpu_s, 3)],
+        "csml_cpu_s_all_processes": round(csml_cpu, 3),
+        "cpu_ratio_csml_over_baseline": round(csml_cpu / baseline_cpu, 3),
+        "csml_extra_cpu_ms_per_image": round(1000 * (csml_cpu - baseline_cpu) / len(images), 1),
+        "failed_jobs": csml_run["failed"],
+        "face_count_mismatches": mismatched,
+        "faces_found_total": sum(before.faces.values()),
+        "cascade_load_ms_per_job_in_app": round(1000 * cascade_load_seconds(), 2),
+        "cpu": csml_run["cpu"],
+    }
+
+
+def _csml_faces(
+    cluster: Cluster, images: list[Path], out_dir: Path, threads: int
+) -> dict[str, Any]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clients = [cluster.new_user(timeout=300) for _ in range(threads)]
+
+    def one(client: Client, path: Path) -> tuple[str, int | None, float | None]:
+        job = client.submit("opencv", "detect_faces", files={"image": path})
+        job.wait(timeout=600)
+        if job.state.value != "succeeded":
+            return path.name, None, None
+        job.download("annotated", out_dir / f"{path.stem}.png")
+        d = job.data
+        run = (
+            (d.finished_at - d.started_at).total_seconds()
+            if d.finished_at and d.started_at
+            else None
+        )
+        return path.name, int((job.result or {}).get("count", -1)), run
+
+    with CpuWindow(cluster.pids()) as cpu:
+        rows = drain(clients, images, one)
+    for c in clients:
+        c.close()
+    runs = [r for _, _, r in rows if r is not None]
+    return {
+        "wall_s": cpu.wall,
+        "faces": {n: c for n, c, _ in rows if c is not None},
+        "failed": sum(1 for _, c, _ in rows if c is None),
+        "run_ms": ms_summary(runs) if runs else {},
+        "cpu": cpu.report(),
+    }
+
+
+# -- report ----------------------------------------------------------------------
+
+
+def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    tp, lat, cv = results.get("throughput"), results.get("latency"), results.get("opencv")
+    dur = results.get("durability")
+    if tp:
+        durable = dur is not None and dur["durable_and_intact"] == dur["expected"]
+        rows.append(
+            _row(
+                "(a) echo throughput, jobs/s",
+                f">= {TARGET_JOBS_PER_S:g}",
+                tp["jobs_per_s"],
+                tp["jobs_per_s"] >= TARGET_JOBS_PER_S and durable,
+            )
+        )
+    if dur:
+        rows.append(
+            _row(
+                "(a,b) results durable after kill -9",
+                "all",
+                f"{dur['durable_and_intact']}/{dur['expected']}",
+                dur["durable_and_intact"] == dur["expected"],
+            )
+        )
+    if lat:
+        p50 = lat["round_trip"]["p50_ms"]
+        rows.append(
+            _row("(b) echo round trip p50, ms", f"<= {TARGET_P50_MS:g}", p50, p50 <= TARGET_P50_MS)
+        )
+        rows.append(_row("(b) echo round trip p99, ms", "-", lat["round_trip"]["p99_ms"], None))
+    if cv:
+        ratio = cv["ratio_csml_over_baseline"]
+        ok = ratio <= TARGET_OPENCV_RATIO and not cv["failed_jobs"]
+        rows.append(_row("(c) opencv wall CSML/Pool(2)", f"<= {TARGET_OPENCV_RATIO:g}", ratio, ok))
+    return rows
+
+
+def _row(metric: str, target: str, reached: Any, ok: bool | None) -> dict[str, Any]:
+    status = "-" if ok is None else ("PASS" if ok else "MISS")
+    return {"metric": metric, "target": target, "reached": reached, "status": status}
+
+
+def print_report(machine: dict[str, Any], results: dict[str, Any]) -> None:
+    print()
+    print(
+        f"machine: {machine['cpu_model']}, {machine['logical_cores']} cores, "
+        f"Python {machine['python']}, fsync {machine['fsync_ms_median']} ms, "
+        f"load {machine['load_avg_at_start']}"
+    )
+    for name in ("throughput", "latency", "opencv"):
+        if name in results:
+            _print_details(name, results[name])
+    print()
+    rows = results["summary"]
+    width = max(len(r["metric"]) for r in rows)
+    print(f"{'metric':<{width}}  {'target':>8}  {'reached':>10}  status")
+    print("-" * (width + 32))
+    for r in rows:
+        print(f"{r['metric']:<{width}}  {r['target']:>8}  {r['reached']!s:>10}  {r['status']}")
+
+
+def _print_details(name: str, data: dict[str, Any]) -> None:
+    print(f"\n[{name}]")
+    for key, value in data.items():
+        if key in ("profile",) and value:
+            print(f"  profile (py-spy, % of samples): {json.dumps(value['by_bucket_pct'])}")
+            continue
+        if isinstance(value, dict):
+            print(f"  {key}: {json.dumps(value)}")
+        elif not isinstance(value, list) or len(value) < 20:
+            print(f"  {key}: {value}")
+
+
+def write_json(machine: dict[str, Any], cfg: Config, results: dict[str, Any]) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"core-{datetime.now():%Y%m%d-%H%M%S}.json"
+    doc = {"machine": machine, "config": asdict(cfg), **results}
+    path.write_text(json.dumps(doc, indent=2, default=str))
+    return path
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _timed(label: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    start = time.perf_counter()
+    out = fn()
+    _say(f"{label} done in {time.perf_counter() - start:.1f} s")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    machine = machine_info()
+    results: dict[str, Any] = {}
+    tmp = tempfile.mkdtemp(prefix="csml-bench-", dir=cfg.base_dir)
+    root = Path(tmp)
+    _say(f"working in {root}")
+    if {"a", "b"} & set(cfg.only):
+        results.update(_timed("echo benchmarks", lambda: echo_benchmarks(cfg, root)))
+    if "c" in cfg.only:
+        results["opencv"] = _timed("opencv benchmark", lambda: run_opencv(cfg, root))
+    results["summary"] = summary_rows(results)
+    print_report(machine, results)
+    print(f"\nwritten {write_json(machine, cfg, results)}")
+    if not cfg.keep:
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+    else:
+        print(f"kept {root}")
+    return 0 if all(r["status"] != "MISS" for r in results["summary"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Remote attestation: verification of TEE quotes."""

@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.cluster import Cluster, running_cluster
+
+SKIMAGE_DATA = Path(__import__("skimage").__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def photo() -> Path:
+    """A real photo with one face, shipped with scikit-image (NASA's astronaut portrait)."""
+    return SKIMAGE_DATA / "astronaut.png"
+
+
+@pytest.fixture(scope="session")
+def faceless_photo() -> Path:
+    return SKIMAGE_DATA / "coffee.png"
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """One shared cluster: coordinator, an echo worker (2 slots), an opencv worker (2 slots)."""
+    root = tmp_path_factory.mktemp("cluster")
+    settings = {"CSML_MAX_UPLOAD_BYTES": str(4 * 1024 * 1024)}
+    with running_cluster(root, settings, {"echo": 2, "opencv": 2}) as c:
+        yield c

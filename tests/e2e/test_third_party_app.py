@@ -1,0 +1,70 @@
+"""The README's "Adding an application" example, installed with pip, serves a real job."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.cluster import running_cluster
+
+README = Path(__file__).parents[2] / "README.md"
+
+
+def readme_blocks() -> tuple[str, str]:
+    section = README.read_text().split("## Adding an application", 1)[1].split("\n## ", 1)[0]
+    python = re.search(r"```python\n(# mypkg/app.py\n.*?)```", section, re.S)
+    toml = re.search(r"```toml\n# mypkg/pyproject.toml\n(.*?)```", section, re.S)
+    assert python and toml, "README example blocks not found"
+    return python.group(1), toml.group(1)
+
+
+def test_readme_app_installs_and_serves_a_job(tmp_path: Path) -> None:
+    code, entry_points = readme_blocks()
+    pkg = tmp_path / "mypkg"
+    (pkg / "mypkg").mkdir(parents=True)
+    (pkg / "mypkg" / "__init__.py").write_text("")
+    (pkg / "mypkg" / "app.py").write_text(code)
+    (pkg / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n'
+        '[project]\nname = "mypkg"\nversion = "1.0"\n' + entry_points
+    )
+    site = tmp_path / "site"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(site),
+            str(pkg),
+        ],
+        check=True,
+    )
+    with running_cluster(tmp_path / "cluster") as cluster:
+        cluster.env["PYTHONPATH"] = str(site)
+        cluster.start_worker("textstats")
+        cluster.wait_workers("textstats", 1)
+        client = cluster.new_user()
+        job = client.submit(
+            "textstats", "count_words", files={"text": b"to be or not to be"}, params={"top": 3}
+        ).wait(30)
+        assert job.state.value == "succeeded", job.error
+        assert job.result == {"count": 6}
+        assert job.download("words", tmp_path / "w").read_text().split() == [
+            "to",
+            "be",
+            "or",
+            "not",
+            "to",
+            "be",
+        ]
+        bad = client.submit("textstats", "count_words", files={"text": b"\xff\xfe\x00"}).wait(30)
+        assert bad.state.value == "failed" and "not UTF-8" in (bad.error or "")
+        app = client.app("textstats")
+        assert app.operations[0].params_schema["properties"]["top"]["maximum"] == 100
