@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sqlite3
 import statistics
@@ -83,7 +84,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument(
         "--profile",
         choices=["gil", "active"],
-        help="sample the coordinator with py-spy during (a): `gil` = where its Python CPU goes "
+        help="sample the coordinator with py-spy during (a) and (c): "
+        "`gil` = where its Python CPU goes "
         "(thread holding the GIL), `active` = every non-idle thread, incl. lock waits "
         "(perturbs the figures)",
     )
@@ -126,9 +128,7 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def machine_info() -> dict[str, Any]:
-    import os
-
+def machine_info(data_parent: str) -> dict[str, Any]:
     import cv2
 
     import csml
@@ -141,16 +141,15 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "csml": csml.__version__,
         "opencv": cv2.__version__,
-        "fsync_ms_median": round(fsync_ms(), 2),
+        "fsync_ms_median": round(fsync_ms(data_parent), 2),
+        "data_dir_parent": data_parent,
     }
 
 
-def fsync_ms(rounds: int = 50) -> float:
-    """Median cost of write+fsync of 4 KiB in the temp folder: the floor of one commit."""
-    import os
-
+def fsync_ms(folder: str, rounds: int = 50) -> float:
+    """Median cost of write+fsync of 4 KiB where the store lives: the floor of one commit."""
     times = []
-    with tempfile.NamedTemporaryFile(dir=tempfile.gettempdir()) as f:
+    with tempfile.NamedTemporaryFile(dir=folder) as f:
         for _ in range(rounds):
             start = time.perf_counter()
             os.write(f.fileno(), b"x" * 4096)
@@ -262,7 +261,7 @@ def run_throughput(cluster: Cluster, cfg: Config, root: Path) -> dict[str, Any]:
     clients = [cluster.new_user() for _ in range(cfg.threads)]
     drain(clients, [-1] * 2 * len(clients), echo_once)  # warm-up: connections, forks, caches
     requests0 = scrape_requests(cluster.url)
-    with _maybe_profile(cluster, cfg, root) as profile, CpuWindow(cluster.pids()) as cpu:
+    with _maybe_profile(cluster, cfg, root, "a") as profile, CpuWindow(cluster.pids()) as cpu:
         records = drain(clients, list(range(cfg.throughput_jobs)), echo_once)
     requests = request_deltas(requests0, scrape_requests(cluster.url), len(records))
     for c in clients:
@@ -288,15 +287,56 @@ def run_throughput(cluster: Cluster, cfg: Config, root: Path) -> dict[str, Any]:
     }
 
 
+WRITE_ROUTES = (
+    "POST /v1/jobs",
+    "POST /v1/workers/{worker_id}/claim",
+    "POST /v1/workers/{worker_id}/jobs/{job_id}/complete",
+)
+
+
+def throughput_limits(tp: dict[str, Any], fsync_ms: float) -> dict[str, Any]:
+    """Ceilings implied by the measured costs, and what most likely limited the run."""
+    procs: dict[str, dict[str, float]] = tp["cpu"]["processes"]
+    cores = os.cpu_count() or 1
+    cpu_ms = 1000 * sum(p["cpu_s"] for p in procs.values()) / max(1, tp["jobs"])
+    coord_ms = tp["coordinator_cpu_ms_per_job"]
+    routes = tp["http_requests_by_route"]
+    # Each of these requests commits at least one write transaction (one fsync each,
+    # serialised by SQLite's single writer); idle claim re-polls add more.
+    commits = sum(routes.get(r, {}).get("per_job", 0.0) for r in WRITE_ROUTES)
+    ceilings = {
+        "coordinator_on_one_core": 1000 / max(coord_ms, 1e-9),
+        "all_csml_cpu_on_all_cores": 1000 * cores / max(cpu_ms, 1e-9),
+        "serialised_fsyncs": 1000 / max(commits * fsync_ms, 1e-9),
+    }
+    coord_pct = procs["coordinator"]["pct_of_one_core"]
+    busy = tp["cpu"]["machine_busy_pct_all_cores"]
+    if coord_pct >= 85:
+        limiter = f"coordinator CPU: {coord_pct}% of one core (its Python runs under one GIL)"
+    elif busy >= 90:
+        limiter = (
+            f"machine CPU saturated ({busy}% of {cores} cores; coordinator {coord_pct}% of a "
+            f"core, other users {tp['cpu']['everything_else_cpu_s']} CPU-s)"
+        )
+    else:
+        limiter = "waits, not CPU: SQLite's single write lock held across fsyncs, long-polls"
+    return {
+        "limited_by": limiter,
+        "csml_cpu_ms_per_job_all_processes": round(cpu_ms, 2),
+        "write_commits_per_job_at_least": round(commits, 2),
+        "ceilings_jobs_per_s": {k: round(v, 1) for k, v in ceilings.items()},
+    }
+
+
 @contextmanager
-def _maybe_profile(cluster: Cluster, cfg: Config, root: Path) -> Iterator[dict[str, Any]]:
+def _maybe_profile(cluster: Cluster, cfg: Config, root: Path, tag: str) -> Iterator[dict[str, Any]]:
     out: dict[str, Any] = {}
     if not cfg.profile or cluster.coordinator is None:
         yield out
         return
     from pyspy import Recorder, summarise
 
-    raw = root / "coordinator.pyspy.txt"
+    raw = root / f"coordinator-{tag}.pyspy.txt"
     recorder = Recorder(cluster.coordinator.pid, raw, gil_only=cfg.profile == "gil")
     time.sleep(0.5)  # let py-spy attach
     try:
@@ -418,7 +458,8 @@ def run_opencv(cfg: Config, root: Path) -> dict[str, Any]:
         cluster.start_coordinator()
         cluster.start_workers("opencv", cfg.opencv_workers, cfg.opencv_slots)
         _say("(c) opencv: through CSML ...")
-        csml_run = _csml_faces(cluster, images, root / "csml-out", cfg.opencv_threads)
+        with _maybe_profile(cluster, cfg, root, "c") as profile:
+            csml_run = _csml_faces(cluster, images, root / "csml-out", cfg.opencv_threads)
     finally:
         cluster.stop()
     _say("(c) opencv: baseline Pool(2), after ...")
@@ -447,6 +488,8 @@ def run_opencv(cfg: Config, root: Path) -> dict[str, Any]:
         "faces_found_total": sum(before.faces.values()),
         "cascade_load_ms_per_job_in_app": round(1000 * cascade_load_seconds(), 2),
         "cpu": csml_run["cpu"],
+        "http_requests_by_route": csml_run["requests"],
+        "profile": profile.get("summary"),
     }
 
 
@@ -470,8 +513,10 @@ def _csml_faces(
         )
         return path.name, int((job.result or {}).get("count", -1)), run
 
+    requests0 = scrape_requests(cluster.url)
     with CpuWindow(cluster.pids()) as cpu:
         rows = drain(clients, images, one)
+    requests = request_deltas(requests0, scrape_requests(cluster.url), len(images))
     for c in clients:
         c.close()
     runs = [r for _, _, r in rows if r is not None]
@@ -481,6 +526,7 @@ def _csml_faces(
         "failed": sum(1 for _, c, _ in rows if c is None),
         "run_ms": ms_summary(runs) if runs else {},
         "cpu": cpu.report(),
+        "requests": requests,
     }
 
 
@@ -501,6 +547,10 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                 tp["jobs_per_s"] >= TARGET_JOBS_PER_S and durable,
             )
         )
+    if tp:
+        rows.append(
+            _row("(a) coordinator CPU per job, ms", "-", tp["coordinator_cpu_ms_per_job"], None)
+        )
     if dur:
         rows.append(
             _row(
@@ -520,6 +570,9 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         ratio = cv["ratio_csml_over_baseline"]
         ok = ratio <= TARGET_OPENCV_RATIO and not cv["failed_jobs"]
         rows.append(_row("(c) opencv wall CSML/Pool(2)", f"<= {TARGET_OPENCV_RATIO:g}", ratio, ok))
+        rows.append(
+            _row("(c) opencv CPU CSML/Pool(2)", "-", cv["cpu_ratio_csml_over_baseline"], None)
+        )
     return rows
 
 
@@ -545,6 +598,8 @@ def print_report(machine: dict[str, Any], results: dict[str, Any]) -> None:
     print("-" * (width + 32))
     for r in rows:
         print(f"{r['metric']:<{width}}  {r['target']:>8}  {r['reached']!s:>10}  {r['status']}")
+    if "throughput" in results:
+        print(f"(a) limited by: {results['throughput']['analysis']['limited_by']}")
 
 
 def _print_details(name: str, data: dict[str, Any]) -> None:
@@ -580,7 +635,7 @@ def _timed(label: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
-    machine = machine_info()
+    machine = machine_info(cfg.base_dir or tempfile.gettempdir())
     results: dict[str, Any] = {}
     tmp = tempfile.mkdtemp(prefix="csml-bench-", dir=cfg.base_dir)
     root = Path(tmp)
@@ -589,6 +644,10 @@ def main(argv: list[str] | None = None) -> int:
         results.update(_timed("echo benchmarks", lambda: echo_benchmarks(cfg, root)))
     if "c" in cfg.only:
         results["opencv"] = _timed("opencv benchmark", lambda: run_opencv(cfg, root))
+    if "throughput" in results:
+        results["throughput"]["analysis"] = throughput_limits(
+            results["throughput"], machine["fsync_ms_median"]
+        )
     results["summary"] = summary_rows(results)
     print_report(machine, results)
     print(f"\nwritten {write_json(machine, cfg, results)}")
