@@ -7,6 +7,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -15,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 import csml
 from csml.apps.registry import installed_apps
-from csml.coordinator import api_users, api_workers
+from csml.coordinator import api_attestation, api_users, api_workers
 from csml.coordinator.catalog import Catalog
 from csml.coordinator.config import Settings
 from csml.coordinator.errors import ApiError, install_handlers
@@ -23,6 +24,7 @@ from csml.coordinator.metrics import make_registry
 from csml.coordinator.notify import Notifier
 from csml.coordinator.queue import JobQueue
 from csml.coordinator.state import Core
+from csml.schemas import JobSpec
 from csml.store.blobs import BlobStore
 from csml.store.db import make_engine, make_sessionmaker, migrate, transaction
 
@@ -57,6 +59,28 @@ async def _reaper(core: Core) -> None:
             log.exception("lease reaper failed; retrying")
 
 
+def _document_job_spec(app: FastAPI) -> None:
+    """The submission body is parsed by hand (streaming), so add its schema to the document."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                description=app.description,
+                routes=app.routes,
+            )
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            spec = JobSpec.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(spec.pop("$defs", {}))
+            components["JobSpec"] = spec
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     core = build_core(settings)
@@ -84,8 +108,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.core = core
     install_handlers(app)
+    _document_job_spec(app)
     app.include_router(api_users.router)
     app.include_router(api_workers.router)
+    app.include_router(api_attestation.router)
 
     @app.middleware("http")
     async def observe(

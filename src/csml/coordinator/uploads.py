@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from fastapi import Request
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 
@@ -65,12 +66,18 @@ class SubmissionParser:
         )
 
     def write(self, chunk: bytes) -> None:
-        self._parser.write(chunk)
+        try:
+            self._parser.write(chunk)
+        except FormParserError as exc:
+            raise malformed(exc) from None
         if self.error is not None:
             raise self.error
 
     def finalize(self) -> None:
-        self._parser.finalize()
+        try:
+            self._parser.finalize()
+        except FormParserError as exc:
+            raise malformed(exc) from None
         if self.error is not None:
             raise self.error
 
@@ -165,6 +172,15 @@ class SubmissionParser:
         if self._part is not None and self._part.writer is not None:
             self._part.writer.abort()
             self._part.writer = None
+
+
+def malformed(exc: Exception) -> ApiError:
+    return ApiError(
+        400,
+        "invalid_multipart",
+        f"the multipart body is malformed ({exc}); send a `spec` part and one part per file",
+        field="body",
+    )
 
 
 def boundary_of(request: Request) -> bytes:
