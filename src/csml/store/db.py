@@ -14,7 +14,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-_MIGRATION_LOCK = 7301  # pg advisory lock key: one coordinator migrates at a time
+_MIGRATION_LOCK = 7301
+WRITE_OPTION = "csml_write"  # pg advisory lock key: one coordinator migrates at a time
 
 
 def sqlite_url(data_dir: Path) -> str:
@@ -35,7 +36,8 @@ def _tune_sqlite(engine: Engine) -> None:
     """WAL with full fsync, and write transactions that take the lock up front.
 
     pysqlite begins transactions lazily, so two connections may both read and
-    then race to write; BEGIN IMMEDIATE makes each transaction serialisable.
+    then race to write; BEGIN IMMEDIATE makes each write transaction
+    serialisable. Read-only sessions begin plainly and never wait for writers.
     """
 
     @event.listens_for(engine, "connect")
@@ -50,7 +52,9 @@ def _tune_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Reads take no lock (WAL gives them a snapshot); writes lock up front.
+        write = conn.get_execution_options().get(WRITE_OPTION, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
@@ -61,6 +65,7 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
 def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     """One unit of work: commits on success, rolls back on any error."""
     with factory() as session, session.begin():
+        session.connection(execution_options={WRITE_OPTION: True})
         yield session
 
 
