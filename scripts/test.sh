@@ -23,7 +23,10 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q -e '.[dev]'
+# DyNet builds from source only: build once, cache a self-contained wheel outside the clone.
+whl="$(PYTHON="$VENV/bin/python" bash .ci/build-dynet-wheel.sh | tail -n 1)"
+"$VENV/bin/python" -m pip install -q "$whl"
+"$VENV/bin/python" -m pip install -q -e '.[dev,dynet]'
 
 echo "== ruff"
 "$VENV/bin/ruff" check src tests bench

@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.cluster import Cluster, running_cluster
+
+# The echo app's misbehaving operations (allocate, crash, connect, ...) exist only with this.
+os.environ.setdefault("CSML_ECHO_DIAGNOSTICS", "1")
 
 SKIMAGE_DATA = Path(__import__("skimage").__file__).parent / "data"
 

@@ -21,10 +21,28 @@ def run_schemathesis(url: str, token: str, report: Path, *extra: str) -> collect
     """Run `st run` and count the HTTP status of every request it made."""
     subprocess.run(
         [
-            str(ST), "run", f"{url}/openapi.json", "--checks", "not_a_server_error",
-            "-n", "60", "--seed", "20261126", "--no-shrink", "--workers", "2", "--no-color",
-            "--report", "ndjson", "--report-ndjson-path", str(report),
-            "-H", f"Authorization: Bearer {token}", "--request-timeout", "30", *extra,
+            str(ST),
+            "run",
+            f"{url}/openapi.json",
+            "--checks",
+            "not_a_server_error",
+            "-n",
+            "60",
+            "--seed",
+            "20261126",
+            "--no-shrink",
+            "--workers",
+            "2",
+            "--no-color",
+            "--report",
+            "ndjson",
+            "--report-ndjson-path",
+            str(report),
+            "-H",
+            f"Authorization: Bearer {token}",
+            "--request-timeout",
+            "30",
+            *extra,
         ],
         capture_output=True,
         text=True,
@@ -48,8 +66,11 @@ def test_schemathesis_finds_no_server_error(tmp_path: Path) -> None:
     with running_cluster(tmp_path / "c", workers={"echo": 1}) as cluster:
         user = cluster.new_user()
         as_user = run_schemathesis(
-            cluster.url, user.token or "", tmp_path / "user.ndjson",
-            "--exclude-path-regex", "^/v1/workers",
+            cluster.url,
+            user.token or "",
+            tmp_path / "user.ndjson",
+            "--exclude-path-regex",
+            "^/v1/workers",
         )
         worker = httpx.post(
             f"{cluster.url}/v1/workers",
@@ -57,8 +78,11 @@ def test_schemathesis_finds_no_server_error(tmp_path: Path) -> None:
             json={"app": load_app("echo").manifest().model_dump(mode="json"), "slots": 1},
         ).json()
         as_worker = run_schemathesis(
-            cluster.url, worker["worker_token"], tmp_path / "worker.ndjson",
-            "--include-path-regex", "^/v1/workers/",
+            cluster.url,
+            worker["worker_token"],
+            tmp_path / "worker.ndjson",
+            "--include-path-regex",
+            "^/v1/workers/",
         )
         total = as_user + as_worker
         print(f"schemathesis requests by status: {dict(sorted(total.items()))}")

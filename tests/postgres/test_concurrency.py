@@ -205,6 +205,9 @@ def coordinators(
         "CSML_DATABASE_URL": db_url,
         "CSML_DATA_DIR": str(shared),
         "CSML_QUEUE_CAPACITY": "100000",
+        "CSML_POW_DIFFICULTY": "0",  # raw POST /v1/identities
+        "CSML_SUBMISSION_RATE_LIMIT": "0",  # ~100 HTTP submissions per identity in seconds
+        "CSML_MAX_ACTIVE_JOBS": "0",  # ~400 bulk-queued jobs per identity
         "CSML_LEASE_SECONDS": "3600",  # no lease may end during the test
         "CSML_REAP_INTERVAL_SECONDS": "0.5",
     }

@@ -31,6 +31,9 @@ def read_image(path: Path, name: str = "image") -> np.ndarray:
     import cv2
     import numpy as np
 
+    from csml.apps.imagesafety import check_image_size
+
+    check_image_size(path, name)  # a decompression bomb is refused before decoding
     data = np.fromfile(path, dtype=np.uint8)
     image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if image is None:

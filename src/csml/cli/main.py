@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from csml.cli import demo, operator
+from csml.cli import attest, demo, operator
 from csml.cli.output import console, fail, jobs_table, show_job
 from csml.cli.params import find_operation, map_files, parse_params
 from csml.client import Client, CsmlError
@@ -29,6 +29,7 @@ app.command("up")(operator.up)
 app.command("server")(operator.server)
 app.command("worker")(operator.worker)
 app.command("demo")(demo.demo)
+app.command("attest")(attest.attest)
 
 UrlOpt = Annotated[
     str | None,
@@ -38,18 +39,45 @@ UrlOpt = Annotated[
 
 def client(url: str | None = None) -> Client:
     saved = UserConfig.load()
-    return Client(url or saved.url, saved.token)
+    # Result keys of confidential jobs are kept next to the user config (0600, per job).
+    return Client(url or saved.url, saved.token, key_store=attest.key_store())
 
 
 @id_app.command("new")
 def id_new(url: UrlOpt = None) -> None:
     """Create an anonymous identity and save it (mode 0600) for later commands."""
     saved = UserConfig.load()
-    with Client(url or saved.url, token="") as c:
+    with (
+        Client(url or saved.url, token="") as c,
+        console.status("solving the proof-of-work challenge for a new identity…"),
+    ):
         created = c.create_identity()
     path = UserConfig(url=c.url, id=created.id, token=created.token).save()
     console.print(f"identity  {created.id}")
     console.print(f"saved to  {path} (keep it: the token cannot be recovered)")
+
+
+@id_app.command("delete")
+def id_delete(
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    url: UrlOpt = None,
+) -> None:
+    """Erase your identity with all its jobs and files, then the saved config."""
+    saved = UserConfig.load()
+    path = config_path()
+    if not saved.token:
+        raise CsmlError(f"no identity saved in {path}; nothing to delete")
+    if not yes:
+        typer.confirm(
+            f"Erase identity {(saved.id or '?')[:12]} with all its jobs and files? "
+            "This cannot be undone.",
+            abort=True,
+        )
+    with Client(url or saved.url, saved.token) as c:
+        c.delete_identity()
+    path.unlink(missing_ok=True)
+    console.print(f"erased    {saved.id or 'the saved identity'}")
+    console.print(f"removed   {path}")
 
 
 @id_app.command("show")
@@ -97,14 +125,34 @@ def submit(
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Download outputs to this folder.")
     ] = None,
+    confidential: Annotated[
+        bool,
+        typer.Option(
+            "--confidential",
+            help="Encrypt the job end to end to the workers whose attestation passes --policy.",
+        ),
+    ] = False,
+    policy: attest.PolicyOpt = None,
+    insecure: attest.InsecureOpt = False,
     url: UrlOpt = None,
 ) -> None:
     """Submit a job; with --wait, show its progress and print the result."""
+    if (policy is not None or insecure) and not confidential:
+        raise CsmlError("--policy and --insecure-allow-unattested go with --confidential")
     with client(url) as c:
         op = find_operation(c.app(app_name), operation)
         inputs = map_files(op, files or [])
         params = parse_params(param or [], params_json)
-        job = c.submit(app_name, op.name, files=dict(inputs), params=params)
+        job = c.submit(
+            app_name,
+            op.name,
+            files=dict(inputs),
+            params=params,
+            confidential=confidential,
+            policy=policy,
+            allow_unattested=insecure,
+        )
+        attest.warn_insecure(job.recipients)
         console.print(f"submitted {job.id}")
         if not (wait or output):
             return
@@ -126,7 +174,7 @@ def submit(
                 )
 
             job.wait(timeout=timeout, on_progress=update)
-        show_job(job.data)
+        show_job(attest.plain_view(job))
         if output is not None and job.state.value == "succeeded":
             output.mkdir(parents=True, exist_ok=True)
             for name in job.data.outputs:
@@ -159,7 +207,7 @@ def status(
         job = c.job(job_id)
         if wait:
             job.refresh(wait=wait)
-    show_job(job.data)
+    show_job(attest.plain_view(job))
 
 
 @app.command("result")

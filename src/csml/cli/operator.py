@@ -32,7 +32,23 @@ def _settings() -> Settings:
     return Settings()
 
 
-def _serve(host: str, port: int, log_level: str) -> None:
+PinOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--pin-sha256", envvar="CSML_PIN_SHA256", help="Trust exactly this TLS certificate."
+    ),
+]
+InsecureHttpOpt = Annotated[
+    bool,
+    typer.Option(
+        "--insecure-http",
+        envvar="CSML_INSECURE_HTTP",
+        help="Allow plain HTTP to a non-loopback coordinator (tokens travel in clear).",
+    ),
+]
+
+
+def _serve(host: str, port: int, log_level: str, tls: tuple[Path, Path] | None = None) -> None:
     import uvicorn
 
     from csml.coordinator.app import create_app
@@ -40,16 +56,37 @@ def _serve(host: str, port: int, log_level: str) -> None:
 
     setup_logging(log_level.upper())
     app = create_app(_settings())
-    uvicorn.run(app, host=host, port=port, access_log=False, log_config=None, log_level=log_level)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        access_log=False,
+        log_config=None,
+        log_level=log_level,
+        ssl_certfile=str(tls[0]) if tls else None,
+        ssl_keyfile=str(tls[1]) if tls else None,
+    )
 
 
 def server(
     host: HostOpt = "127.0.0.1",
     port: PortOpt = 8600,
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
+    tls_cert: Annotated[
+        Path | None, typer.Option(envvar="CSML_TLS_CERT", help="Serve HTTPS: certificate (PEM).")
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option(envvar="CSML_TLS_KEY", help="Serve HTTPS: private key (PEM).")
+    ] = None,
 ) -> None:
     """Run the coordinator only (store from CSML_DATABASE_URL or the data directory)."""
-    _serve(host, port, log_level)
+    if (tls_cert is None) != (tls_key is None):
+        raise CsmlError("give both --tls-cert and --tls-key, or neither")
+    for path in (tls_cert, tls_key):
+        if path is not None and not path.is_file():
+            raise CsmlError(f"no such file {str(path)!r}")
+    tls = (tls_cert, tls_key) if tls_cert and tls_key else None
+    _serve(host, port, log_level, tls)
 
 
 def worker(
@@ -64,13 +101,32 @@ def worker(
         float,
         typer.Option(envvar="CSML_CLAIM_WAIT", help="Seconds each idle claim long-polls."),
     ] = 5.0,
+    attestation: Annotated[
+        str,
+        typer.Option(
+            envvar="CSML_ATTESTATION",
+            help="Evidence for this worker's key: none (INSECURE, development), sgx-dcap "
+            "(in a Gramine SGX enclave), tdx-dcap (in a TDX guest), or a plug-in.",
+        ),
+    ] = "none",
+    attestation_collateral: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="CSML_ATTESTATION_COLLATERAL",
+            help="DCAP collateral (JSON) sent with the evidence for clients to verify it.",
+        ),
+    ] = None,
+    pin_sha256: PinOpt = None,
+    insecure_http: InsecureHttpOpt = False,
 ) -> None:
     """Serve one application for a coordinator, from any machine that reaches it."""
     from csml.apps.registry import available_app_names, load_app
+    from csml.attestation.evidence import EvidenceUnavailable
     from csml.coordinator.logs import setup_logging
     from csml.worker.agent import WorkerAgent, WorkerConfig
 
     setup_logging()
+    collateral = _read_collateral(attestation_collateral) if attestation_collateral else None
     if app_name not in available_app_names():
         raise CsmlError(
             f"no application {app_name!r} is installed here; installed: "
@@ -81,7 +137,22 @@ def worker(
         raise CsmlError(
             f"application {app_name!r} needs {', '.join(missing)}: pip install 'csml[{app_name}]'"
         )
-    agent = WorkerAgent(WorkerConfig(coordinator, join_token, app_name, slots, workdir, claim_wait))
+    config = WorkerConfig(
+        coordinator,
+        join_token,
+        app_name,
+        slots,
+        workdir,
+        claim_wait,
+        attestation,
+        collateral,
+        pin_sha256=pin_sha256,
+        insecure_http=insecure_http,
+    )
+    try:
+        agent = WorkerAgent(config)
+    except (LookupError, EvidenceUnavailable) as exc:
+        raise CsmlError(f"attestation {attestation!r}: {exc}") from None
 
     def stop(*_: object) -> None:
         agent.stop()
@@ -91,6 +162,21 @@ def worker(
     agent.run()
 
 
+def _read_collateral(path: Path) -> dict[str, str]:
+    """The operator's DCAP collateral file, checked before the worker joins."""
+    import json
+
+    from csml.attestation.dcap import Collateral, CollateralFormatError
+
+    try:
+        data = json.loads(path.read_text())
+        return Collateral.from_json(data).to_json()
+    except OSError as exc:
+        raise CsmlError(f"--attestation-collateral: cannot read {path}: {exc.strerror}") from None
+    except (ValueError, CollateralFormatError) as exc:
+        raise CsmlError(f"--attestation-collateral: {path}: {exc}") from None
+
+
 def up(
     host: HostOpt = "127.0.0.1",
     port: PortOpt = 8600,
@@ -98,6 +184,9 @@ def up(
     apps: Annotated[
         list[str] | None, typer.Option("--app", help="Apps to start workers for (default: all).")
     ] = None,
+    tls: Annotated[
+        bool, typer.Option("--tls", help="Serve HTTPS with a self-signed certificate.")
+    ] = False,
 ) -> None:
     """Run everything on this machine: the coordinator (SQLite) and one worker per app."""
     from csml.apps.registry import installed_apps
@@ -109,8 +198,19 @@ def up(
     names = [n for n, a in installed_apps().items() if not a.missing_modules()]
     if apps:
         names = [n for n in names if n in apps]
-    url = f"http://{host}:{port}"
+    url = f"{'https' if tls else 'http'}://{host}:{port}"
     env = {**os.environ, "CSML_JOIN_TOKEN": token, "CSML_COORDINATOR": url}
+    cert: tuple[Path, Path] | None = None
+    if tls:
+        from csml.coordinator.tls import ensure_self_signed
+
+        cert_path, key_path, pin = ensure_self_signed(
+            settings.data_dir / "tls", sorted({host, "127.0.0.1", "localhost"})
+        )
+        cert = (cert_path, key_path)
+        env["CSML_PIN_SHA256"] = pin
+        console.print(f"TLS certificate SHA-256: [bold]{pin}[/]")
+        console.print(f"clients: --pin-sha256 {pin}  (or CSML_PIN_SHA256)")
     procs: list[subprocess.Popen[bytes]] = []
 
     def start_workers() -> None:
@@ -127,7 +227,7 @@ def up(
     console.print(f"workers: {', '.join(names) or 'none'}; Ctrl-C stops everything")
     threading.Timer(0.5, start_workers).start()
     try:
-        _serve(host, port, "warning")
+        _serve(host, port, "warning", cert)
     finally:
         for p in procs:
             p.terminate()

@@ -43,12 +43,22 @@ class TooLarge(CsmlError):
     status = 413
 
 
-class QueueFull(CsmlError):
+class TooManyRequests(CsmlError):
+    """429: come back after `retry_after` seconds."""
+
     status = 429
 
     def __init__(self, message: str, *, retry_after: float, **kw: object) -> None:
         super().__init__(message, **kw)  # type: ignore[arg-type]
         self.retry_after = retry_after
+
+
+class QueueFull(TooManyRequests):
+    """The application's queue is at capacity."""
+
+
+class RateLimited(TooManyRequests):
+    """A per-identity rate limit or quota was hit; the message says which."""
 
 
 class ServerError(CsmlError):
@@ -86,5 +96,6 @@ def raise_for(response: httpx.Response) -> None:
     kw = {"status": response.status_code, "code": error.get("code"), "field": error.get("field")}
     if response.status_code == 429:
         retry = float(response.headers.get("retry-after", "1") or 1)
-        raise QueueFull(message, retry_after=retry, **kw)
+        kind = QueueFull if error.get("code") == "queue_full" else RateLimited
+        raise kind(message, retry_after=retry, **kw)
     raise _BY_STATUS.get(response.status_code, ServerError)(message, **kw)

@@ -17,20 +17,29 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import httpx
 
 from csml.client.config import UserConfig
 from csml.client.errors import CsmlError, QueueFull, Unreachable, WaitTimeout, raise_for
-from csml.schemas import AppInfo, IdentityCreated, JobState
+from csml.client.transport import check_url, verify_option
+from csml.schemas import AppInfo, IdentityCreated, JobState, WorkerKeyInfo
 from csml.schemas import Job as JobData
+
+if TYPE_CHECKING:
+    from csml.attestation.policy import Policy
+    from csml.client.confidential import JobKeys, KeyStore, WorkerAssessment
+    from csml.crypto.envelope import ResultPayload
 
 FileArg = str | os.PathLike[str] | bytes | IO[bytes]
 ProgressCallback = Callable[["Job"], None]
 
 
 class Client:
+    recipients_ttl = 30.0
+    """Seconds a confidential submission may reuse the verdict on an app's workers."""
+
     def __init__(
         self,
         url: str | None = None,
@@ -38,11 +47,25 @@ class Client:
         *,
         timeout: float = 60.0,
         transport: httpx.BaseTransport | None = None,
+        key_store: KeyStore | None = None,
+        pin_sha256: str | None = None,
+        insecure_http: bool = False,
     ) -> None:
+        """`pin_sha256`: trust exactly this server certificate (e.g. `csml up --tls`).
+        Plain `http://` to a non-loopback host is refused unless `insecure_http`."""
+        # Result keys of the confidential jobs submitted here (and, with a key store, saved).
+        self._job_keys: dict[str, JobKeys] = {}
+        self.key_store = key_store
+        self._accepted: dict[tuple[str, str], tuple[float, list[WorkerAssessment]]] = {}
         saved = UserConfig.load() if url is None or token is None else None
         self.url = (url or os.environ.get("CSML_URL") or (saved.url if saved else "")).rstrip("/")
         self.token = token or os.environ.get("CSML_TOKEN") or (saved.token if saved else None)
-        self._http = httpx.Client(base_url=self.url, timeout=timeout, transport=transport)
+        pin = pin_sha256 or os.environ.get("CSML_PIN_SHA256") or None
+        insecure_http = insecure_http or os.environ.get("CSML_INSECURE_HTTP", "") == "1"
+        check_url(self.url, insecure_http=insecure_http)
+        self._http = httpx.Client(
+            base_url=self.url, timeout=timeout, transport=transport, verify=verify_option(pin)
+        )
 
     def __enter__(self) -> Client:
         return self
@@ -73,10 +96,36 @@ class Client:
     # -- identities and apps ------------------------------------------------
 
     def create_identity(self) -> IdentityCreated:
-        """Create an anonymous identity and use its token from now on."""
-        created = IdentityCreated.model_validate(self.request("POST", "/v1/identities").json())
-        self.token = created.token
-        return created
+        """Create an anonymous identity and use its token from now on.
+
+        Solves the service's proof-of-work challenge first (`csml.client.pow`); a
+        challenge that expired or was spent meanwhile is replaced, twice at most.
+        """
+        from csml.client import pow
+        from csml.client.errors import Conflict, InvalidRequest
+        from csml.schemas.identities import IdentityChallenge
+
+        for attempt in range(3):
+            issued = self.request("POST", "/v1/identities/challenge")
+            challenge = IdentityChallenge.model_validate(issued.json())
+            nonce = pow.solve(challenge.challenge, challenge.difficulty)
+            body = {"challenge": challenge.challenge, "nonce": nonce}
+            try:
+                response = self.request("POST", "/v1/identities", json=body)
+            except (InvalidRequest, Conflict) as exc:
+                stale = exc.code in ("challenge_expired", "challenge_used", "challenge_too_easy")
+                if stale and attempt < 2:
+                    continue
+                raise
+            created = IdentityCreated.model_validate(response.json())
+            self.token = created.token
+            return created
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def delete_identity(self) -> None:
+        """Erase this identity with all its jobs, files and records; the token stops working."""
+        self.request("DELETE", "/v1/identities/me")
+        self.token = None
 
     def apps(self) -> list[AppInfo]:
         return [AppInfo.model_validate(a) for a in self.request("GET", "/v1/apps").json()]
@@ -95,29 +144,126 @@ class Client:
         params: dict[str, Any] | None = None,
         limits: dict[str, float] | None = None,
         retry_queue_full: float = 0.0,
+        confidential: bool = False,
+        policy: Policy | str | os.PathLike[str] | None = None,
+        allow_unattested: bool = False,
     ) -> Job:
         """Submit a job; files stream from disk. With `retry_queue_full`, wait up to that
-        many seconds for room in a full queue."""
+        many seconds for room in a full queue.
+
+        With `confidential`, the job is end-to-end encrypted to the app's workers whose
+        attestation passes `policy` (a `Policy`, a TOML path, or by default the app's file
+        under the user config); it refuses, naming the failed checks, if none does.
+        Unattested (`none`) workers are refused unless `allow_unattested` (INSECURE)."""
         spec: dict[str, Any] = {"app": app, "operation": operation, "params": params or {}}
         if limits:
             spec["limits"] = limits
-        deadline = time.monotonic() + retry_queue_full
-        while True:
-            try:
-                return self._submit_once(spec, files or {})
-            except QueueFull as exc:
-                if time.monotonic() + exc.retry_after > deadline:
-                    raise
-                time.sleep(exc.retry_after)
+        keys: JobKeys | None = None
+        accepted: list[WorkerAssessment] = []
 
-    def _submit_once(self, spec: dict[str, Any], files: dict[str, FileArg]) -> Job:
+        def encrypt(cached: bool) -> JobKeys:
+            from csml.client.confidential import encrypt_job
+
+            nonlocal accepted
+            accepted = self.accepted_workers(app, policy, allow_unattested, cached=cached)
+            new_keys, spec["confidential"] = encrypt_job(
+                app, operation, params or {}, sorted(files or {}), [a.worker for a in accepted]
+            )
+            spec["params"] = {}
+            return new_keys
+
+        if confidential:
+            keys = encrypt(cached=True)
+        deadline = time.monotonic() + retry_queue_full
+        rechecked = False
+        try:
+            while True:
+                try:
+                    job = self._submit_once(spec, files or {}, keys)
+                    break
+                except QueueFull as exc:
+                    if time.monotonic() + exc.retry_after > deadline:
+                        raise
+                    time.sleep(exc.retry_after)
+                except CsmlError as exc:
+                    if keys is None or exc.code != "unknown_recipient" or rechecked:
+                        raise
+                    # A worker judged a moment ago has left: judge the live ones again.
+                    rechecked = True
+                    keys = encrypt(cached=False)
+        finally:
+            if keys is not None:
+                keys.data_key = b""  # only the workers need it from now on
+        if keys is not None:
+            self._job_keys[job.id] = keys
+            if self.key_store is not None:
+                self.key_store.save(job.id, keys)
+            job.recipients = accepted
+        return job
+
+    def workers(self, app: str) -> list[WorkerKeyInfo]:
+        """The app's live workers with their public keys and attestation evidence."""
+        data = self.request("GET", f"/v1/apps/{app}/workers").json()
+        return [WorkerKeyInfo.model_validate(w) for w in data]
+
+    def attest(
+        self,
+        app: str,
+        policy: Policy | str | os.PathLike[str] | None = None,
+        allow_unattested: bool = False,
+    ) -> list[WorkerAssessment]:
+        """Verify every live worker of `app` under `policy`: each check and its outcome."""
+        from csml.client.confidential import assess_workers, resolve_policy
+
+        chosen = resolve_policy(app, policy).unattested(allow_unattested)
+        return assess_workers(self.workers(app), chosen)
+
+    def accepted_workers(
+        self,
+        app: str,
+        policy: Policy | str | os.PathLike[str] | None = None,
+        allow_unattested: bool = False,
+        *,
+        cached: bool = False,
+    ) -> list[WorkerAssessment]:
+        """The workers a confidential job would be encrypted to; raises if there are none.
+
+        With `cached`, a verdict on the same app and policy from the last
+        `recipients_ttl` seconds is reused (submitting many jobs need not list and
+        verify the workers each time)."""
+        from csml.client.confidential import assess_workers, choose_recipients, resolve_policy
+
+        chosen = resolve_policy(app, policy).unattested(allow_unattested)
+        key = (app, repr(chosen))
+        hit = self._accepted.get(key)
+        if cached and hit is not None and time.monotonic() - hit[0] < self.recipients_ttl:
+            return hit[1]
+        accepted = choose_recipients(assess_workers(self.workers(app), chosen), app, chosen)
+        self._accepted[key] = (time.monotonic(), accepted)
+        return accepted
+
+    def job_keys(self, job_id: str) -> JobKeys | None:
+        """The client-side keys of a confidential job submitted here (or in the key store)."""
+        found = self._job_keys.get(job_id)
+        if found is None and self.key_store is not None:
+            found = self.key_store.load(job_id)
+            if found is not None:
+                self._job_keys[job_id] = found
+        return found
+
+    def _submit_once(
+        self, spec: dict[str, Any], files: dict[str, FileArg], keys: JobKeys | None = None
+    ) -> Job:
         if not files:
             response = self.request("POST", "/v1/jobs", json=spec)
             return Job(self, JobData.model_validate(response.json()))
         with ExitStack() as stack:
             parts: list[tuple[str, Any]] = [("spec", (None, json.dumps(spec), "application/json"))]
             for name, value in files.items():
-                parts.append((name, _file_part(name, value, stack)))
+                part = _file_part(name, value, stack)
+                if keys is not None:
+                    part = _encrypted_part(name, part[1], keys)
+                parts.append((name, part))
             response = self.request("POST", "/v1/jobs", files=parts)
         return Job(self, JobData.model_validate(response.json()))
 
@@ -148,12 +294,27 @@ def _file_part(name: str, value: FileArg, stack: ExitStack) -> tuple[str, Any, s
     return (name, value, "application/octet-stream")
 
 
+def _encrypted_part(name: str, body: Any, keys: JobKeys) -> tuple[str, Any, str]:
+    """The input streamed through secretstream; neither its file name nor its type is sent."""
+    import io
+
+    from csml.crypto import EncryptingReader, associated_data
+
+    source = io.BytesIO(body) if isinstance(body, bytes) else body
+    ad = associated_data("input", keys.job_nonce, name)
+    return (name, EncryptingReader(source, keys.data_key, ad), "application/octet-stream")
+
+
 class Job:
     """A submitted job; `refresh`, `wait`, `download` and `cancel` talk to the coordinator."""
 
     def __init__(self, client: Client, data: JobData) -> None:
         self._client = client
         self.data = data
+        # Confidential jobs: the workers it was encrypted to (set by `submit`) and the
+        # decrypted result, with the key of its outputs, for the current encrypted result.
+        self.recipients: list[WorkerAssessment] = []
+        self._opened: tuple[Any, ResultPayload, bytes] | None = None
 
     def __repr__(self) -> str:
         return f"Job({self.id[:12]} {self.data.app}.{self.data.operation} {self.state.value})"
@@ -172,11 +333,47 @@ class Job:
 
     @property
     def result(self) -> dict[str, Any] | None:
+        """The result (a confidential job's is decrypted here, with its client-side key)."""
+        if self.data.confidential:
+            opened = self._open()
+            return opened[0].result if opened is not None else None
         return self.data.result
 
     @property
     def error(self) -> str | None:
+        if self.data.confidential:
+            opened = self._open()
+            if opened is not None and opened[0].error:
+                return opened[0].error
         return self.data.error
+
+    @property
+    def confidential(self) -> bool:
+        return self.data.confidential
+
+    def _open(self) -> tuple[ResultPayload, bytes] | None:
+        """Decrypt the encrypted result (cached): the payload and the outputs' key."""
+        encrypted = self.data.encrypted_result
+        if encrypted is None:
+            return None
+        if self._opened is not None and self._opened[0] == encrypted:
+            return self._opened[1], self._opened[2]
+        from csml.client.confidential import open_job_result
+
+        keys = self._client.job_keys(self.id)
+        if keys is None:
+            where = (
+                f" (looked in {self._client.key_store.folder})"
+                if self._client.key_store is not None
+                else ""
+            )
+            raise CsmlError(
+                f"job {self.id[:12]} is confidential and this client does not hold its "
+                f"result key{where}: only the client that submitted it can read its result"
+            )
+        payload, key = open_job_result(self.id, keys, encrypted)
+        self._opened = (encrypted, payload, key)
+        return payload, key
 
     @property
     def outputs(self) -> dict[str, Any]:
@@ -218,6 +415,14 @@ class Job:
         return self
 
     def iter_output(self, name: str) -> Iterator[bytes]:
+        """The bytes of output `name`; a confidential job's are decrypted as they stream
+        (an altered or truncated output raises `CsmlError` at the chunk at fault)."""
+        if self.data.confidential:
+            yield from self._iter_decrypted(name)
+            return
+        yield from self._iter_stored(name)
+
+    def _iter_stored(self, name: str) -> Iterator[bytes]:
         path = f"/v1/jobs/{self.id}/outputs/{name}"
         with self._client._http.stream("GET", path, headers=self._client._headers()) as r:
             if r.status_code >= 400:
@@ -225,15 +430,42 @@ class Job:
                 raise_for(r)
             yield from r.iter_bytes(1 << 20)
 
+    def _iter_decrypted(self, name: str) -> Iterator[bytes]:
+        from csml.crypto import DecryptionError, StreamDecryptor, associated_data
+
+        opened = self._open()
+        keys = self._client.job_keys(self.id)
+        if opened is None or keys is None:
+            raise CsmlError(f"job {self.id[:12]} has no encrypted result yet ({self.state.value})")
+        ad = associated_data("output", keys.job_nonce, name)
+        decryptor = StreamDecryptor(opened[1], ad, f"output {name!r} of job {self.id[:12]}")
+        try:
+            for chunk in self._iter_stored(name):
+                plain = decryptor.feed(chunk)
+                if plain:
+                    yield plain
+            last = decryptor.finish()
+        except DecryptionError as exc:
+            raise CsmlError(f"cannot decrypt: {exc}") from None
+        if last:
+            yield last
+
     def download(self, name: str, path: str | os.PathLike[str]) -> Path:
-        """Stream output `name` to `path` (a folder gets a file named after the output)."""
+        """Stream output `name` to `path` (a folder gets a file named after the output).
+
+        Written to `path.part` and renamed at the end, so a failed download (or a
+        confidential output that fails decryption) leaves no file behind."""
         target = Path(path)
         if target.is_dir():
             ext = mimetypes.guess_extension(self.data.outputs[name].media_type) or ""
             target = target / f"{name}{ext}"
         tmp = target.with_name(target.name + ".part")
-        with open(tmp, "wb") as out:
-            for chunk in self.iter_output(name):
-                out.write(chunk)
+        try:
+            with open(tmp, "wb") as out:
+                for chunk in self.iter_output(name):
+                    out.write(chunk)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         tmp.replace(target)
         return target

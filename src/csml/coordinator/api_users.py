@@ -7,13 +7,14 @@ import time
 from datetime import timedelta
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import ValidationError
 from sqlalchemy import func, select
 from starlette.concurrency import run_in_threadpool
 
 from csml import ids
+from csml.coordinator import abuse
 from csml.coordinator.auth import current_identity
 from csml.coordinator.errors import ApiError, not_found
 from csml.coordinator.queue import job_key
@@ -31,6 +32,7 @@ from csml.schemas import (
     JobState,
     QueueInfo,
 )
+from csml.schemas.identities import IdentityChallenge, IdentityProof
 from csml.store.models import Identity, Worker, utcnow
 
 router = APIRouter(prefix="/v1")
@@ -40,20 +42,39 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.post("/identities", status_code=201, response_model=IdentityCreated, tags=["identities"])
-def create_identity(request: Request) -> IdentityCreated:
-    """Create an anonymous identity. The token is shown once; the service keeps only its hash."""
-    c = core(request)
-    token = ids.new_secret("csml")
-    identity = Identity(id=ids.new_id(), token_hash=ids.hash_secret(token), created_at=utcnow())
-    with c.sessions() as session, session.begin():
-        session.add(identity)
-    return IdentityCreated(id=identity.id, token=token)
+@router.post("/identities/challenge", response_model=IdentityChallenge, tags=["identities"])
+def identity_challenge(request: Request) -> IdentityChallenge:
+    """A proof-of-work challenge for `POST /v1/identities`: find a `nonce` such that
+    SHA-256(challenge || nonce) starts with `difficulty` zero bits. Usable once, until
+    `expires_at`."""
+    return abuse.issue_challenge(core(request))
+
+
+@router.post(
+    "/identities",
+    status_code=201,
+    response_model=IdentityCreated,
+    tags=["identities"],
+    responses=ERRORS,
+)
+def create_identity(request: Request, proof: IdentityProof | None = None) -> IdentityCreated:
+    """Create an anonymous identity with a solved challenge (`{"challenge", "nonce"}`; no body
+    when the service needs no proof of work). The token is shown once; the service keeps only
+    its hash. New identities are rate-limited service-wide (429 with `Retry-After`)."""
+    return abuse.create_identity(core(request), proof)
 
 
 @router.get("/identities/me", response_model=IdentityInfo, tags=["identities"], responses=ERRORS)
 def whoami(me: Me) -> IdentityInfo:
     return IdentityInfo(id=me.id, created_at=me.created_at)
+
+
+@router.delete("/identities/me", status_code=204, tags=["identities"], responses=ERRORS)
+def delete_me(request: Request, me: Me) -> Response:
+    """Erase your identity with all its jobs (running ones are stopped), files and records.
+    The token stops working at once; this cannot be undone."""
+    abuse.delete_identity(core(request), me.id)
+    return Response(status_code=204)
 
 
 def app_infos(c: Core) -> list[AppInfo]:
@@ -148,6 +169,8 @@ SUBMIT_BODY: dict[str, Any] = {
 async def submit_job(request: Request, me: Me) -> JSONResponse:
     """Submit a job: multipart with a `spec` part and one part per input file (or JSON if none)."""
     c = core(request)
+    upload = abuse.announced_upload(request.headers)
+    await run_in_threadpool(abuse.check_submission, c, me.id, upload)  # 429 past a limit
     if request.headers.get("content-type", "").startswith("application/json"):
         spec = parse_spec(await request.body())
         job = await run_in_threadpool(c.queue.submit, me.id, spec, None, {})

@@ -16,6 +16,7 @@ from sqlalchemy import update
 from starlette.concurrency import run_in_threadpool
 
 from csml import ids
+from csml.coordinator.api_attestation import add_worker_key
 from csml.coordinator.auth import current_join_token, current_worker
 from csml.coordinator.errors import ApiError, not_found
 from csml.coordinator.queue import app_key
@@ -31,6 +32,7 @@ from csml.schemas import (
     WorkerRegistration,
 )
 from csml.store.blobs import HashingWriter, TooLarge, check_name, fsync_paths
+from csml.store.db import transaction
 from csml.store.models import JoinToken, Worker, utcnow
 
 router = APIRouter(prefix="/v1/workers", tags=["workers"])
@@ -59,9 +61,11 @@ def register(body: WorkerRegistration, request: Request, join: Joiner) -> Worker
         registered_at=now,
         last_heartbeat=now,
     )
-    with c.sessions() as session, session.begin():
+    with transaction(c.sessions) as session:
         c.catalog.upsert(session, body.app)
         session.add(worker)
+        if body.attestation is not None:
+            add_worker_key(session, worker.id, body.attestation)
     return WorkerRegistered(
         worker_id=worker.id,
         worker_token=token,
@@ -74,7 +78,7 @@ def register(body: WorkerRegistration, request: Request, join: Joiner) -> Worker
 def leave(worker_id: str, request: Request, me: Me) -> Response:
     """Leave the cluster (graceful shutdown); running jobs come back when their lease ends."""
     _same(me, worker_id)
-    with core(request).sessions() as session, session.begin():
+    with transaction(core(request).sessions) as session:
         session.execute(update(Worker).where(Worker.id == me.id).values(stopped_at=utcnow()))
     return Response(status_code=204)
 

@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 import csml
 from csml.apps.registry import installed_apps
-from csml.coordinator import api_attestation, api_users, api_workers
+from csml.coordinator import api_attestation, api_users, api_workers, retention
 from csml.coordinator.catalog import Catalog
 from csml.coordinator.config import Settings
 from csml.coordinator.errors import ApiError, install_handlers
@@ -25,6 +25,7 @@ from csml.coordinator.notify import Notifier
 from csml.coordinator.queue import JobQueue
 from csml.coordinator.state import Core
 from csml.schemas import JobSpec
+from csml.store import models_abuse  # noqa: F401 - registers the abuse-control tables
 from csml.store.blobs import BlobStore
 from csml.store.db import make_engine, make_sessionmaker, migrate, transaction
 
@@ -90,13 +91,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         core.notifier.bind(asyncio.get_running_loop())
         task = asyncio.create_task(_reaper(core))
+        purge = asyncio.create_task(retention.purge_loop(core))
         log.info("coordinator ready", extra={"fields": {"version": csml.__version__}})
         try:
             yield
         finally:
             task.cancel()
+            purge.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            with contextlib.suppress(asyncio.CancelledError):
+                await purge
             core.engine.dispose()
 
     app = FastAPI(

@@ -35,6 +35,29 @@ class Settings(BaseSettings):
     max_output_bytes: int = Field(1 << 30, ge=1, description="Per output file.")
     max_wait_seconds: float = 60.0
 
+    # Abuse control without identity (see csml.coordinator.abuse): 0 disables a limit.
+    pow_difficulty: int = Field(
+        16, ge=0, le=64, description="Leading zero bits a new identity's proof of work needs."
+    )
+    pow_challenge_seconds: float = Field(300.0, gt=0, description="How long a challenge lasts.")
+    identity_rate_limit: int = Field(
+        60, ge=0, description="New identities per window, across the whole service."
+    )
+    identity_rate_window_seconds: float = Field(60.0, gt=0)
+    submission_rate_limit: int = Field(
+        60, ge=0, description="Submissions per window, per identity."
+    )
+    submission_rate_window_seconds: float = Field(60.0, gt=0)
+    max_active_jobs: int = Field(100, ge=0, description="Queued + running jobs per identity.")
+    max_stored_bytes: int = Field(
+        10 << 30, ge=0, description="Bytes of job inputs and outputs kept per identity."
+    )
+    max_models: int = Field(20, ge=0, description="Model artifacts kept per identity.")
+    retention_hours: float = Field(
+        168.0, gt=0, description="Finished jobs and their files are erased this long after."
+    )
+    retention_interval_seconds: float = Field(60.0, gt=0, description="How often to purge.")
+
     def resolved_database_url(self) -> str:
         return self.database_url or sqlite_url(self.data_dir)
 

@@ -19,7 +19,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import case, func, select, update
+from sqlalchemy import case, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from csml import ids
@@ -28,6 +28,7 @@ from csml.coordinator.config import Settings
 from csml.coordinator.errors import ApiError, not_found
 from csml.coordinator.notify import Notifier
 from csml.schemas import (
+    ClaimedConfidential,
     ClaimedJob,
     FileInfo,
     Heartbeat,
@@ -40,6 +41,13 @@ from csml.schemas import (
 from csml.store.blobs import BlobStore
 from csml.store.db import transaction
 from csml.store.models import AppRecord, Job, JobFile, Worker, utcnow
+from csml.store.models_confidential import (
+    JobConfidential,
+    JobRecipient,
+    WorkerKey,
+    confidential_of,
+    mark_not_confidential,
+)
 
 log = logging.getLogger("csml.coordinator.queue")
 
@@ -107,10 +115,48 @@ class JobQueue:
 
     def check_spec(self, spec: JobSpec) -> None:
         """Everything about a submission that can be refused before its files arrive."""
-        self.catalog.check_params(spec.app, spec.operation, spec.params)
+        self._check_params(spec)
         self.limits_for(spec)
         with self.sessions() as session:
             self._check_capacity(session, spec.app)
+            self._check_recipients(session, spec)
+
+    def _check_params(self, spec: JobSpec) -> None:
+        if spec.confidential is None:
+            self.catalog.check_params(spec.app, spec.operation, spec.params)
+            return
+        # Encrypted params are validated by the worker; the error comes back encrypted.
+        self.catalog.operation(spec.app, spec.operation)
+        if spec.params:
+            raise ApiError(
+                422,
+                "invalid_params",
+                "a confidential job's params must be {}: they travel encrypted in "
+                "spec.confidential.encrypted_params",
+                field="spec.params",
+            )
+
+    def _check_recipients(self, session: Session, spec: JobSpec) -> None:
+        """Every recipient must be a running worker of the app that registered a key."""
+        if spec.confidential is None:
+            return
+        wanted = [r.worker_id for r in spec.confidential.recipients]
+        found = set(
+            session.scalars(
+                select(Worker.id)
+                .join(WorkerKey, WorkerKey.worker_id == Worker.id)
+                .where(Worker.id.in_(wanted), Worker.app == spec.app, Worker.stopped_at.is_(None))
+            ).all()
+        )
+        for i, worker_id in enumerate(wanted):
+            if worker_id not in found:
+                raise ApiError(
+                    422,
+                    "unknown_recipient",
+                    f"spec.confidential.recipients[{i}]: {ids.short(worker_id)} is not a "
+                    f"running {spec.app} worker with a key (see GET /v1/apps/{spec.app}/workers)",
+                    field=f"spec.confidential.recipients.{i}.worker_id",
+                )
 
     def check_files(self, spec: JobSpec, names: set[str]) -> None:
         _, op = self.catalog.operation(spec.app, spec.operation)
@@ -154,7 +200,7 @@ class JobQueue:
         files: dict[str, StagedFile],
     ) -> Job:
         _, op = self.catalog.operation(spec.app, spec.operation)
-        self.catalog.check_params(spec.app, spec.operation, spec.params)
+        self._check_params(spec)
         self.check_files(spec, set(files))
         limits = self.limits_for(spec)
         job_id = ids.new_id()
@@ -165,6 +211,7 @@ class JobQueue:
                 if app_row is None:
                     raise ApiError(404, "unknown_app", f"no application {spec.app!r}")
                 self._check_capacity(session, spec.app)
+                self._check_recipients(session, spec)
                 owner_rank = session.scalar(
                     select(func.max(Job.fair_rank)).where(
                         Job.owner_id == owner_id, Job.app == spec.app, Job.state == QUEUED
@@ -200,12 +247,36 @@ class JobQueue:
                             )
                         )
                 session.add(job)
+                if spec.confidential is not None:
+                    self._add_confidential(session, job, spec)
+                else:
+                    mark_not_confidential(job)
         except BaseException:
             if moved is not None:
                 self.blobs.remove_job(job_id)
             raise
         self.notifier.notify(app_key(spec.app))
         return job
+
+    @staticmethod
+    def _add_confidential(session: Session, job: Job, spec: JobSpec) -> None:
+        conf = spec.confidential
+        assert conf is not None
+        session.flush()  # assigns job.seq
+        session.add(
+            JobConfidential(
+                job=job,
+                version=conf.version,
+                job_nonce=conf.job_nonce,
+                result_public_key=conf.result_public_key,
+                encrypted_params=conf.encrypted_params,
+                encrypted_result=None,
+            )
+        )
+        for r in conf.recipients:
+            session.add(
+                JobRecipient(job_seq=job.seq, worker_id=r.worker_id, wrapped_key=r.wrapped_key)
+            )
 
     # -- owner's view -------------------------------------------------------
 
@@ -264,9 +335,16 @@ class JobQueue:
         with transaction(self.sessions) as session:
             # Lock order everywhere: the worker row, then job rows (no deadlock with heartbeat).
             session.execute(update(Worker).where(Worker.id == worker.id).values(last_heartbeat=now))
+            # A confidential job goes only to the workers its data key was sealed to.
+            has_recipients = select(JobRecipient.job_seq).where(JobRecipient.job_seq == Job.seq)
+            for_me = has_recipients.where(JobRecipient.worker_id == worker.id)
             seqs = session.scalars(
                 select(Job.seq)
-                .where(Job.app == worker.app, Job.state == QUEUED)
+                .where(
+                    Job.app == worker.app,
+                    Job.state == QUEUED,
+                    or_(~has_recipients.exists(), for_me.exists()),
+                )
                 .order_by(Job.fair_rank, Job.seq)
                 .limit(max_jobs)
                 .with_for_update(skip_locked=True)
@@ -297,6 +375,16 @@ class JobQueue:
                     )
                 )
             )
+            wrapped: dict[int, str] = {}
+            if any(confidential_of(j) is not None for j in jobs):
+                wrapped = {
+                    seq: key
+                    for seq, key in session.execute(
+                        select(JobRecipient.job_seq, JobRecipient.wrapped_key).where(
+                            JobRecipient.job_seq.in_(seqs), JobRecipient.worker_id == worker.id
+                        )
+                    ).all()
+                }
             return [
                 ClaimedJob(
                     id=j.id,
@@ -306,6 +394,7 @@ class JobQueue:
                     lease_id=lease_id,
                     attempt=j.attempts,
                     limits=JobLimits.model_validate(j.limits),
+                    confidential=_claimed_confidential(j, wrapped),
                 )
                 for j in sorted(jobs, key=lambda j: (j.fair_rank, j.seq))
             ]
@@ -362,6 +451,26 @@ class JobQueue:
             session.refresh(job, with_for_update=True)
             if job.state != RUNNING or job.lease_id != done.lease_id:
                 raise ApiError(409, "lease_lost", f"job {ids.short(job_id)} is no longer yours")
+            conf = confidential_of(job)
+            if conf is not None:
+                if done.result is not None:
+                    raise ApiError(
+                        422,
+                        "plaintext_result",
+                        f"job {ids.short(job_id)} is confidential: its result travels only "
+                        "encrypted (encrypted_result)",
+                    )
+                conf.encrypted_result = (
+                    done.encrypted_result.model_dump(mode="json")
+                    if done.encrypted_result is not None
+                    else None
+                )
+            elif done.encrypted_result is not None:
+                raise ApiError(
+                    422,
+                    "not_confidential",
+                    f"job {ids.short(job_id)} is not confidential: send its result in the clear",
+                )
             job.state = done.state
             job.finished_at = utcnow()
             job.result = done.result
@@ -441,3 +550,15 @@ class JobQueue:
 
 def file_info(f: JobFile) -> FileInfo:
     return FileInfo(name=f.name, size=f.size, sha256=f.sha256, media_type=f.media_type)
+
+
+def _claimed_confidential(job: Job, wrapped: dict[int, str]) -> ClaimedConfidential | None:
+    conf = confidential_of(job)
+    if conf is None:
+        return None
+    return ClaimedConfidential(
+        job_nonce=conf.job_nonce,
+        wrapped_key=wrapped[job.seq],
+        result_public_key=conf.result_public_key,
+        encrypted_params=conf.encrypted_params,
+    )

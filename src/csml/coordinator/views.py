@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 from csml.coordinator.queue import file_info
+from csml.schemas import EncryptedResult, JobState, Progress
 from csml.schemas import Job as JobView
-from csml.schemas import JobState, Progress
 from csml.store.models import Job
+from csml.store.models_confidential import confidential_of
 
 
 def job_view(job: Job) -> JobView:
+    conf = confidential_of(job)
+    encrypted = (
+        EncryptedResult.model_validate(conf.encrypted_result)
+        if conf is not None and conf.encrypted_result is not None
+        else None
+    )
     return JobView(
+        confidential=conf is not None,
+        encrypted_result=encrypted,
         id=job.id,
         app=job.app,
         operation=job.operation,

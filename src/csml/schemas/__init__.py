@@ -1,6 +1,14 @@
 """Wire schemas shared by the coordinator, workers and clients (pydantic v2)."""
 
 from csml.schemas.apps import AppInfo, AppManifest, FileSpec, OperationInfo, QueueInfo
+from csml.schemas.confidential import (
+    ClaimedConfidential,
+    ConfidentialSpec,
+    EncryptedResult,
+    Recipient,
+    WorkerAttestation,
+    WorkerKeyInfo,
+)
 from csml.schemas.errors import ErrorBody, ErrorDetail
 from csml.schemas.identities import IdentityCreated, IdentityInfo, JoinTokenCreated, JoinTokenInfo
 from csml.schemas.jobs import (
@@ -29,7 +37,10 @@ __all__ = [
     "AppInfo",
     "AppManifest",
     "ClaimResponse",
+    "ClaimedConfidential",
     "ClaimedJob",
+    "ConfidentialSpec",
+    "EncryptedResult",
     "ErrorBody",
     "ErrorDetail",
     "FileInfo",
@@ -50,8 +61,11 @@ __all__ = [
     "OperationInfo",
     "Progress",
     "QueueInfo",
+    "Recipient",
     "RunningJob",
+    "WorkerAttestation",
     "WorkerInfo",
+    "WorkerKeyInfo",
     "WorkerRegistered",
     "WorkerRegistration",
 ]

@@ -8,6 +8,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from csml.schemas.confidential import ConfidentialSpec, EncryptedResult
+
 
 class JobState(StrEnum):
     queued = "queued"
@@ -38,6 +40,10 @@ class JobSpec(BaseModel):
     operation: str = Field(min_length=1, max_length=64)
     params: dict[str, Any] = {}
     limits: LimitsRequest | None = None
+    confidential: ConfidentialSpec | None = Field(
+        None,
+        description="End-to-end encrypted job: `params` must be {}, the inputs are ciphertext.",
+    )
 
 
 class FileInfo(BaseModel):
@@ -69,6 +75,10 @@ class Job(BaseModel):
     limits: dict[str, float] = {}
     inputs: dict[str, FileInfo] = {}
     outputs: dict[str, FileInfo] = {}
+    confidential: bool = False
+    encrypted_result: EncryptedResult | None = Field(
+        None, description="A confidential job's result (or error), for its client only."
+    )
 
 
 class JobList(BaseModel):

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from csml.schemas.apps import AppManifest
+from csml.schemas.confidential import ClaimedConfidential, EncryptedResult, WorkerAttestation
 from csml.schemas.jobs import FileInfo, Progress
 
 
@@ -15,6 +16,9 @@ class WorkerRegistration(BaseModel):
     app: AppManifest
     slots: int = Field(ge=1, le=256)
     sandbox: str = Field("", max_length=200, description="How jobs are isolated on this worker.")
+    attestation: WorkerAttestation | None = Field(
+        None, description="The worker's key for confidential jobs, and evidence binding it."
+    )
 
 
 class WorkerRegistered(BaseModel):
@@ -38,6 +42,7 @@ class ClaimedJob(BaseModel):
     lease_id: str = Field(description="Fences this attempt: only its holder may report.")
     attempt: int
     limits: JobLimits
+    confidential: ClaimedConfidential | None = None
 
 
 class ClaimResponse(BaseModel):
@@ -63,6 +68,7 @@ class JobCompletion(BaseModel):
     state: Literal["succeeded", "failed"]
     result: dict[str, Any] | None = None
     error: str | None = Field(None, max_length=4000)
+    encrypted_result: EncryptedResult | None = None
 
 
 class WorkerInfo(BaseModel):

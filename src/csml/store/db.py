@@ -47,6 +47,7 @@ def _tune_sqlite(engine: Engine) -> None:
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=FULL")
         cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA secure_delete=ON")  # erased rows do not linger in free pages
         cur.execute("PRAGMA busy_timeout=30000")
         cur.close()
 

@@ -20,8 +20,24 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+from nacl.public import PrivateKey
+from pydantic import ValidationError
 
 from csml.apps.registry import load_app
+from csml.attestation.evidence import INSECURE_KIND, load_provider
+from csml.client.transport import check_url, verify_option
+from csml.crypto import (
+    DecryptionError,
+    StreamDecryptor,
+    associated_data,
+    b64d,
+    b64e,
+    encrypt_iter,
+    new_data_key,
+    unwrap_key,
+    worker_key_report_data,
+)
+from csml.crypto.envelope import JobManifest, ResultPayload, open_manifest, seal_result
 from csml.schemas import (
     ClaimedJob,
     ClaimResponse,
@@ -30,13 +46,15 @@ from csml.schemas import (
     JobCompletion,
     Progress,
     RunningJob,
+    WorkerAttestation,
     WorkerRegistered,
     WorkerRegistration,
 )
-from csml.worker.sandbox import Sandbox, SandboxJob
+from csml.worker.sandbox import Outcome, Sandbox, SandboxJob
 
 log = logging.getLogger("csml.worker")
 T = TypeVar("T")
+ENCRYPTED_ERROR = "the job failed; the reason is encrypted for its owner"
 
 
 class Revoked(Exception):
@@ -51,6 +69,10 @@ class WorkerConfig:
     slots: int = 1
     workdir: Path | None = None
     claim_wait: float = 5.0
+    attestation: str = INSECURE_KIND
+    attestation_collateral: dict[str, str] | None = None
+    pin_sha256: str | None = None
+    insecure_http: bool = False
 
 
 @dataclass
@@ -61,26 +83,46 @@ class _Running:
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
+@dataclass
+class _Secret:
+    """A confidential job as this worker opened it."""
+
+    data_key: bytes
+    nonce: bytes
+    manifest: JobManifest
+
+
+class Refused(Exception):
+    """A confidential job this worker will not run; the message says why (no secrets)."""
+
+
 class WorkerAgent:
     def __init__(self, config: WorkerConfig) -> None:
+        check_url(config.coordinator, insecure_http=config.insecure_http)
         self.config = config
         self.app = load_app(config.app)
-        self.sandbox = Sandbox(config.app)  # before any thread: see zygote.py
+        # The key of confidential jobs: made here, kept only in this process's memory
+        # (the zygote and job processes are fresh interpreters that never see it).
+        self._key = PrivateKey.generate()
+        self.attestation = self._attest()
+        self._workdir = Path(tempfile.mkdtemp(prefix="csml-worker-", dir=config.workdir))
+        self.sandbox = Sandbox(config.app, workdir=self._workdir)  # before any thread
         self.stopping = threading.Event()  # no new claims
         self.finished = threading.Event()  # running jobs are done: stop talking
         self._running: dict[str, _Running] = {}
         self._lock = threading.Lock()
         self._slots = threading.Semaphore(config.slots)
-        self._workdir = Path(tempfile.mkdtemp(prefix="csml-worker-", dir=config.workdir))
         self.http = httpx.Client(
             base_url=config.coordinator.rstrip("/"),
             timeout=httpx.Timeout(30.0, read=config.claim_wait + 30),
             limits=httpx.Limits(max_connections=config.slots + 4),
+            verify=verify_option(config.pin_sha256),
         )
         # Claims long-poll on a client of their own, closed by stop() to end the wait.
         self.claims = httpx.Client(
             base_url=config.coordinator.rstrip("/"),
             timeout=httpx.Timeout(30.0, read=config.claim_wait + 30),
+            verify=verify_option(config.pin_sha256),
         )
         self.registration: WorkerRegistered | None = None
 
@@ -120,9 +162,35 @@ class WorkerAgent:
 
     # -- lifecycle ----------------------------------------------------------
 
+    def _attest(self) -> WorkerAttestation:
+        """Evidence binding this worker's public key (and app) from the configured provider."""
+        provider = load_provider(self.config.attestation)
+        public_key = bytes(self._key.public_key)
+        evidence = provider.produce(worker_key_report_data(public_key, self.config.app))
+        if provider.kind == INSECURE_KIND:
+            log.warning(
+                "attestation: none. INSECURE: whoever runs this worker can read the "
+                "confidential jobs sent to it; clients refuse it unless told "
+                "--insecure-allow-unattested"
+            )
+        else:
+            log.info(
+                "attestation evidence ready",
+                extra={"fields": {"kind": provider.kind, "evidence_bytes": len(evidence)}},
+            )
+        return WorkerAttestation(
+            kind=provider.kind,
+            public_key=b64e(public_key),
+            evidence=b64e(evidence),
+            collateral=self.config.attestation_collateral,
+        )
+
     def register(self) -> WorkerRegistered:
         body = WorkerRegistration(
-            app=self.app.manifest(), slots=self.config.slots, sandbox=self.sandbox.description
+            app=self.app.manifest(),
+            slots=self.config.slots,
+            sandbox=self.sandbox.description,
+            attestation=self.attestation,
         )
         response = self._call(
             "register",
@@ -264,10 +332,35 @@ class WorkerAgent:
         inputs_dir, outputs_dir = workdir / "inputs", workdir / "outputs"
         inputs_dir.mkdir()
         outputs_dir.mkdir()
+        if job.confidential is not None:
+            self._execute_confidential(job, state, inputs_dir, outputs_dir)
+            return
         inputs = {f.name: self._download(job, f.name, inputs_dir / f.name) for f in job.inputs}
+        outcome = self._run(job, state, job.params, inputs, outputs_dir)
+        if outcome.cancelled:
+            return
+        completion = JobCompletion(lease_id=job.lease_id, state="failed", error=outcome.error)
+        if outcome.ok:
+            for path in self._outputs(job, outputs_dir):
+                self._upload(job, path)
+            completion = JobCompletion(
+                lease_id=job.lease_id, state="succeeded", result=outcome.result
+            )
+        self._complete(job, completion)
+
+    def _run(
+        self,
+        job: ClaimedJob,
+        state: _Running,
+        params: dict[str, Any],
+        inputs: dict[str, Path],
+        outputs_dir: Path,
+        *,
+        confidential: bool = False,
+    ) -> Outcome:
         sandbox_job = SandboxJob(
             operation=job.operation,
-            params=job.params,
+            params=params,
             inputs=inputs,
             output_dir=outputs_dir,
             timeout_seconds=job.limits.timeout_seconds,
@@ -277,20 +370,112 @@ class WorkerAgent:
         )
 
         def progress(fraction: float, message: str) -> None:
-            state.progress = Progress(fraction=fraction, message=message)
+            # A confidential job's progress messages could tell about its data: only the
+            # fraction goes to the coordinator.
+            state.progress = Progress(fraction=fraction, message="" if confidential else message)
 
-        outcome = self.sandbox.run(sandbox_job, progress)
+        return self.sandbox.run(sandbox_job, progress)
+
+    def _outputs(self, job: ClaimedJob, outputs_dir: Path) -> list[Path]:
+        declared = {o.name for o in self.app.operations[job.operation].outputs}
+        return [p for p in sorted(outputs_dir.iterdir()) if p.name in declared and p.is_file()]
+
+    # -- confidential jobs --------------------------------------------------
+
+    def _open_job(self, job: ClaimedJob) -> _Secret:
+        """Unwrap the job key and open the params; check they are what the client sent."""
+        conf = job.confidential
+        assert conf is not None
+        try:
+            nonce = b64d(conf.job_nonce, "job_nonce", 32)
+            data_key = unwrap_key(b64d(conf.wrapped_key, "wrapped_key"), self._key)
+            manifest = open_manifest(data_key, nonce, b64d(conf.encrypted_params, "params"))
+            forwarded_key = b64d(conf.result_public_key, "result_public_key", 32)
+        except (DecryptionError, ValueError) as exc:
+            raise Refused(str(exc)) from None
+        if (manifest.app, manifest.operation) != (self.config.app, job.operation):
+            raise Refused(
+                f"the client encrypted this job for {manifest.app}.{manifest.operation}, "
+                f"not {self.config.app}.{job.operation}"
+            )
+        if forwarded_key != manifest.result_public_key:
+            raise Refused("the result key forwarded with the job is not the client's")
+        names = sorted(f.name for f in job.inputs)
+        if names != sorted(manifest.inputs):
+            raise Refused(
+                f"the inputs forwarded ({', '.join(names) or 'none'}) are not those the client "
+                f"encrypted ({', '.join(manifest.inputs) or 'none'})"
+            )
+        return _Secret(data_key, nonce, manifest)
+
+    def _execute_confidential(
+        self, job: ClaimedJob, state: _Running, inputs_dir: Path, outputs_dir: Path
+    ) -> None:
+        try:
+            secret = self._open_job(job)
+        except Refused as exc:
+            log.warning("job %s: confidential job refused: %s", job.id[:12], exc)
+            self._complete(
+                job,
+                JobCompletion(
+                    lease_id=job.lease_id, state="failed", error=f"refused by the worker: {exc}"
+                ),
+            )
+            return
+        assert self.registration is not None
+        result_key = new_data_key()
+        worker_id = self.registration.worker_id
+
+        def finish(payload: ResultPayload) -> None:
+            sealed = seal_result(
+                payload,
+                result_key=result_key,
+                worker_id=worker_id,
+                worker_key=self._key,
+                client_public_key=secret.manifest.result_public_key,
+                job_nonce=secret.nonce,
+            )
+            failed = payload.state != "succeeded"
+            self._complete(
+                job,
+                JobCompletion(
+                    lease_id=job.lease_id,
+                    state="failed" if failed else "succeeded",
+                    error=ENCRYPTED_ERROR if failed else None,
+                    encrypted_result=sealed,
+                ),
+            )
+
+        try:
+            self.app.operations[job.operation].params_model.model_validate(secret.manifest.params)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            finish(ResultPayload("failed", error=f"params.{where}: {err['msg']}"))
+            return
+        try:
+            inputs = {
+                f.name: self._download(job, f.name, inputs_dir / f.name, secret) for f in job.inputs
+            }
+        except DecryptionError as exc:
+            log.warning("job %s: an input failed to decrypt", job.id[:12])
+            finish(ResultPayload("failed", error=f"refused by the worker: {exc}"))
+            return
+        outcome = self._run(
+            job, state, secret.manifest.params, inputs, outputs_dir, confidential=True
+        )
         if outcome.cancelled:
             return
-        completion = JobCompletion(lease_id=job.lease_id, state="failed", error=outcome.error)
-        if outcome.ok:
-            declared = {o.name for o in self.app.operations[job.operation].outputs}
-            for path in sorted(outputs_dir.iterdir()):
-                if path.name in declared and path.is_file():
-                    self._upload(job, path)
-            completion = JobCompletion(
-                lease_id=job.lease_id, state="succeeded", result=outcome.result
-            )
+        if not outcome.ok:
+            finish(ResultPayload("failed", error=(outcome.error or "failed")[:4000]))
+            return
+        outputs: dict[str, dict[str, Any]] = {}
+        for path in self._outputs(job, outputs_dir):
+            outputs[path.name] = {"size": path.stat().st_size}
+            self._upload(job, path, result_key, secret.nonce)
+        finish(ResultPayload("succeeded", result=outcome.result, outputs=outputs))
+
+    def _complete(self, job: ClaimedJob, completion: JobCompletion) -> None:
         response = self._call(
             "complete",
             lambda: self.http.post(
@@ -304,7 +489,11 @@ class WorkerAgent:
         elif response.is_error:
             log.error("job %s: completion refused: %s", job.id[:12], response.text[:200])
 
-    def _download(self, job: ClaimedJob, name: str, target: Path) -> Path:
+    def _download(
+        self, job: ClaimedJob, name: str, target: Path, secret: _Secret | None = None
+    ) -> Path:
+        """Fetch an input; a confidential job's is decrypted (and authenticated) as it comes."""
+
         def fetch() -> httpx.Response:
             with self.http.stream(
                 "GET",
@@ -313,9 +502,20 @@ class WorkerAgent:
                 headers=self._auth(),
             ) as response:
                 if response.status_code == 200:
+                    decryptor = (
+                        StreamDecryptor(
+                            secret.data_key,
+                            associated_data("input", secret.nonce, name),
+                            f"input {name!r}",
+                        )
+                        if secret is not None
+                        else None
+                    )
                     with open(target, "wb") as out:
                         for chunk in response.iter_bytes(1 << 20):
-                            out.write(chunk)
+                            out.write(chunk if decryptor is None else decryptor.feed(chunk))
+                        if decryptor is not None:
+                            out.write(decryptor.finish())
                 else:
                     response.read()
                 return response
@@ -324,17 +524,29 @@ class WorkerAgent:
         response.raise_for_status()
         return target
 
-    def _upload(self, job: ClaimedJob, path: Path) -> None:
+    def _upload(
+        self,
+        job: ClaimedJob,
+        path: Path,
+        result_key: bytes | None = None,
+        nonce: bytes = b"",
+    ) -> None:
+        """Stream an output up; with `result_key`, encrypted to the client as it goes."""
         media = next(
             o.media_type for o in self.app.operations[job.operation].outputs if o.name == path.name
         )
 
         def put() -> httpx.Response:
             with open(path, "rb") as body:
+                content = (
+                    _chunks(body)
+                    if result_key is None
+                    else encrypt_iter(body, result_key, associated_data("output", nonce, path.name))
+                )
                 return self.http.put(
                     self._path(f"/jobs/{job.id}/outputs/{path.name}"),
                     params={"lease_id": job.lease_id},
-                    content=_chunks(body),
+                    content=content,
                     headers={**self._auth(), "Content-Type": media},
                 )
 

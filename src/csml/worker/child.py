@@ -1,4 +1,8 @@
-"""What runs inside a job's child process: limits first, then the operation.
+"""What runs inside a job's child process: limits and isolation first, then the operation.
+
+Isolation (see `isolation.enter_job`): the job's own uid, no_new_privs, no
+capabilities, a clean environment; its private tmp dir is HOME, TMPDIR and the
+context's scratch folder. If isolation fails the operation does not run.
 
 Messages to the parent over the pipe: ("progress", fraction, message),
 then exactly one of ("ok", result) or ("error", message).
@@ -45,20 +49,28 @@ def run_job(
     inputs: dict[str, str],
     output_dir: str,
     limits: dict[str, Any],
+    sandbox: dict[str, Any],
 ) -> None:
     from csml.apps.base import JobContext, JobError
     from csml.apps.registry import load_app
+    from csml.worker.isolation import IsolationError, enter_job
 
     try:
         os.chdir(output_dir)
         apply_limits(
             int(limits["memory_mb"]), float(limits["cpu_seconds"]), int(limits["max_file_bytes"])
         )
+        try:
+            enter_job(sandbox["uid"], sandbox["gid"], sandbox["env"])
+        except IsolationError as exc:
+            conn.send(("error", f"the sandbox could not isolate the job: {exc}"))
+            return
         op = load_app(app_name).operations[operation]
         ctx = JobContext(
             {k: Path(v) for k, v in inputs.items()},
             Path(output_dir),
             progress=lambda f, m: conn.send(("progress", f, m)),
+            scratch=Path(sandbox["tmp"]),
         )
         result = op.run(ctx, params)
         json.dumps(result)  # must travel as JSON

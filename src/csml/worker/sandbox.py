@@ -1,9 +1,14 @@
-"""Run each job in its own child process, with limits, killable at any time.
+"""Run each job in its own child process, with limits, isolated, killable at any time.
 
 Children are forked by a zygote process (see `zygote.py`) that has already
 imported the app's libraries, so a job starts in about a millisecond while
 still getting a fresh process: whatever it does (crash, leak, overrun) dies
 with it and the worker goes on.
+
+Isolation (see `isolation.py`, `isolation_files.py`, `isolation_procs.py`): no
+network, a random uid of its own per job when the worker is root, a private tmp
+dir, a clean environment, nothing left running after it; `description` says what
+is active on this machine.
 """
 
 from __future__ import annotations
@@ -11,10 +16,13 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import queue
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from csml.worker import zygote
+from csml.worker.isolation import describe, zygote_env
+from csml.worker.isolation_files import Grant, hand_over, remove_tmp, take_back
 
 ProgressFn = Callable[[float, str], None]
 
@@ -55,29 +65,56 @@ class _Child:
     exited: threading.Event = field(default_factory=threading.Event)
     pid: int = 0
     status: int | None = None
+    uid: int | None = None
+    sent: bool = False  # the zygote was asked to start it
 
 
 class ZygoteDied(RuntimeError):
     pass
 
 
-class Sandbox:
-    description = "process per job (forked from a warm zygote); rlimits on memory, CPU, file size"
+READY_TIMEOUT = 120.0  # the zygote imports the app's libraries first
+EXIT_GRACE = 5.0  # a child that answered yet lives on this long is killed
 
-    def __init__(self, app_name: str) -> None:
+
+class Sandbox:
+    """`workdir`: the worker's folder for job files, if not in the temp dir: the
+    sandbox may then let job uids traverse it (and what lies below it)."""
+
+    def __init__(self, app_name: str, workdir: Path | None = None) -> None:
         self.app_name = app_name
+        self.own_uid = os.geteuid() == 0  # root: each job gets a uid of its own
         self._lock = threading.Lock()
         self._children: dict[int, _Child] = {}
         self._tokens = itertools.count(1)
+        self._tmp_root = Path(tempfile.mkdtemp(prefix="csml-sandbox-"))
+        if self.own_uid:
+            os.chmod(self._tmp_root, 0o711)  # noqa: S103 - traverse only, for job uids
+        self._roots = [self._tmp_root.parent, *([workdir.parent] if workdir else [])]
+        self._ready = threading.Event()
+        self._features: list[str] | None = None
         self._start_zygote()
+        self._finished: queue.Queue[tuple[int, _Child, Grant] | None] = queue.Queue()
+        self._cleaner = threading.Thread(target=self._clean, daemon=True, name="sandbox-clean")
+        self._cleaner.start()
+
+    @property
+    def description(self) -> str:
+        """What isolation is active (known once the zygote is ready)."""
+        self._ready.wait(READY_TIMEOUT)
+        return describe(self._features, self.own_uid)
 
     def _start_zygote(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._ctrl = ours
         self._zygote = subprocess.Popen(
-            [sys.executable, "-m", "csml.worker.zygote", self.app_name, str(theirs.fileno())],
+            [
+                *(sys.executable, "-m", "csml.worker.zygote"),
+                *(self.app_name, str(theirs.fileno()), *map(str, self._roots)),
+            ],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
+            env=zygote_env(),  # never the worker's: it holds CSML_JOIN_TOKEN
         )
         theirs.close()
         self._reader = threading.Thread(target=self._read_control, daemon=True, name="zygote")
@@ -95,8 +132,13 @@ class Sandbox:
                     for child in self._children.values():
                         child.started.set()
                         child.exited.set()
+                self._ready.set()
                 return
             kind, token, value = message
+            if kind == "ready" and isinstance(value, list):
+                self._features = [str(f) for f in value]
+                self._ready.set()
+                continue
             if not isinstance(token, int) or not isinstance(value, int):
                 continue
             with self._lock:
@@ -118,24 +160,70 @@ class Sandbox:
             self._start_zygote()
 
     def close(self) -> None:
-        self._ctrl.close()
+        self._ctrl.close()  # the zygote kills any job left, then exits
         try:
             self._zygote.wait(timeout=5)
         except subprocess.TimeoutExpired:
             self._zygote.kill()
+        self._finished.put(None)
+        self._cleaner.join(timeout=10)
+        shutil.rmtree(self._tmp_root, ignore_errors=True)
 
     def run(self, job: SandboxJob, on_progress: ProgressFn | None = None) -> Outcome:
         self._ensure_zygote()
         token = next(self._tokens)
         child = _Child()
         with self._lock:
+            in_use = {c.uid for c in self._children.values() if c.uid is not None}
             self._children[token] = child
+        try:
+            grant = hand_over(
+                job.inputs.values(),
+                job.output_dir,
+                self._tmp_root,
+                self.own_uid,
+                in_use,
+                name=f"job-{token}",
+                roots=self._roots,
+            )
+        except OSError as exc:
+            with self._lock:
+                self._children.pop(token, None)
+            return Outcome(ok=False, error=f"the sandbox could not prepare the job: {exc}")
+        child.uid = grant.uid
+        try:
+            return self._run(token, child, job, grant, on_progress)
+        finally:
+            take_back(grant)  # now: the worker uploads the outputs next
+            self._finished.put((token, child, grant))
+
+    def _clean(self) -> None:
+        """Remove each job's tmp dir once its child and all it started are gone."""
+        while (item := self._finished.get()) is not None:
+            token, child, grant = item
+            if child.sent and not child.exited.wait(EXIT_GRACE):
+                self._kill(child)
+                child.exited.wait(10)
+            remove_tmp(grant)
+            with self._lock:
+                self._children.pop(token, None)
+
+    def _run(
+        self,
+        token: int,
+        child: _Child,
+        job: SandboxJob,
+        grant: Grant,
+        on_progress: ProgressFn | None,
+    ) -> Outcome:
+        """Start the child and supervise it until it answers, or dies and is reaped."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         conn = Connection(os.dup(ours.fileno()))
         ours.close()
         try:
             try:
                 zygote.send(self._ctrl, ("run", token), [theirs.fileno()])
+                child.sent = True
             finally:
                 theirs.close()
             conn.send(
@@ -149,6 +237,7 @@ class Sandbox:
                         "cpu_seconds": job.cpu_seconds,
                         "max_file_bytes": job.max_file_bytes,
                     },
+                    "sandbox": grant.payload(),
                 }
             )
             final = self._supervise(conn, child, job, on_progress)
@@ -156,18 +245,13 @@ class Sandbox:
             final = None
         finally:
             conn.close()
-        if isinstance(final, Outcome):
-            self._kill(child)
-        elif final is not None:
-            # The child answered; it exits by itself. Reaping happens in the zygote.
-            with self._lock:
-                self._children.pop(token, None)
+        if isinstance(final, tuple):  # it answered, and exits by itself (see `_clean`)
             if final[0] == "ok":
                 return Outcome(ok=True, result=final[1])
             return Outcome(ok=False, error=str(final[1]))
+        if isinstance(final, Outcome):
+            self._kill(child)
         child.exited.wait(timeout=10)
-        with self._lock:
-            self._children.pop(token, None)
         if isinstance(final, Outcome):
             return final
         return Outcome(ok=False, error=self._death(child.status, job))

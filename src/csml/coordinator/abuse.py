@@ -1,0 +1,439 @@
+"""Abuse control without identity.
+
+The service knows no one (no names, no addresses, no IPs), so abuse is made
+expensive or bounded instead:
+
+- **Proof of work for new identities.** `issue_challenge` signs a random challenge
+  with a key kept in the store (so every coordinator of the store accepts it) and
+  writes nothing; `create_identity` needs a nonce such that SHA-256(challenge ||
+  nonce) has `pow_difficulty` leading zero bits, and spends the challenge (kept in
+  `used_challenges` until it expires, so it is refused everywhere afterwards).
+- **A service-wide rate of new identities**, a fixed-window counter in the store.
+- **Per-identity limits**, counted from the store so they hold across coordinators:
+  submissions per window, queued + running jobs, stored bytes, model artifacts.
+
+Every refusal is a 429 with `Retry-After` that names the limit, its value and when
+it resets. `delete_identity` erases an identity with all its jobs and files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import secrets
+import threading
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import delete, exists, func, select, update
+from sqlalchemy.orm import Session
+
+from csml import ids
+from csml.coordinator.errors import ApiError
+from csml.coordinator.queue import QUEUED, RUNNING, TERMINAL, job_key
+from csml.coordinator.retention import delete_job_rows, remove_job_files
+from csml.coordinator.state import Core
+from csml.schemas import JobState
+from csml.schemas.identities import IdentityChallenge, IdentityCreated, IdentityProof
+from csml.store.db import insert_ignore, transaction
+from csml.store.models import Identity, Job, JobFile, utcnow
+from csml.store.models_abuse import RateWindow, ServerSecret, UsedChallenge
+
+CHALLENGE_VERSION = "v1"
+SIGNING_ROW = "pow-challenge-hmac"
+IDENTITIES_KEY = "identities"
+GET_CHALLENGE = "get one from POST /v1/identities/challenge"
+
+_keys: dict[str, bytes] = {}
+_keys_lock = threading.Lock()
+
+
+# -- proof of work ------------------------------------------------------------
+
+
+def leading_zero_bits(digest: bytes) -> int:
+    return len(digest) * 8 - int.from_bytes(digest, "big").bit_length()
+
+
+def challenge_key(core: Core) -> bytes:
+    """The store's challenge-signing key, made by whichever coordinator needs it first."""
+    store = core.engine.url.render_as_string(hide_password=True)
+    with _keys_lock:
+        key = _keys.get(store)
+    if key is not None:
+        return key
+    with core.sessions() as session:
+        value = session.scalar(select(ServerSecret.value).where(ServerSecret.name == SIGNING_ROW))
+    if value is None:
+        with transaction(core.sessions) as session:
+            insert_ignore(
+                session,
+                ServerSecret,
+                name=SIGNING_ROW,
+                value=secrets.token_hex(32),
+                created_at=utcnow(),
+            )
+            value = session.scalars(
+                select(ServerSecret.value).where(ServerSecret.name == SIGNING_ROW)
+            ).one()
+    key = bytes.fromhex(value)
+    with _keys_lock:
+        _keys[store] = key
+    return key
+
+
+def _sign(key: bytes, body: str) -> str:
+    return hmac.new(key, body.encode(), hashlib.sha256).hexdigest()
+
+
+def issue_challenge(core: Core) -> IdentityChallenge:
+    """A fresh signed challenge; nothing is written."""
+    s = core.settings
+    expires = math.ceil(utcnow().timestamp() + s.pow_challenge_seconds)
+    body = f"{CHALLENGE_VERSION}.{s.pow_difficulty}.{expires}.{secrets.token_hex(16)}"
+    return IdentityChallenge(
+        challenge=f"{body}.{_sign(challenge_key(core), body)}",
+        difficulty=s.pow_difficulty,
+        expires_at=datetime.fromtimestamp(expires, UTC),
+    )
+
+
+def _bad_challenge(code: str, message: str) -> ApiError:
+    return ApiError(422, code, message, field="challenge")
+
+
+def check_proof(core: Core, proof: IdentityProof | None) -> datetime | None:
+    """Check a solution; returns when its challenge expires (None when no work is needed)."""
+    needed = core.settings.pow_difficulty
+    if needed == 0:
+        return None
+    if proof is None:
+        raise _bad_challenge(
+            "proof_of_work_required",
+            "challenge: a new identity needs a solved proof-of-work challenge "
+            f'{{"challenge": ..., "nonce": ...}}; {GET_CHALLENGE}',
+        )
+    parts = proof.challenge.split(".")
+    body, _, mac = proof.challenge.rpartition(".")
+    valid = (
+        len(parts) == 5
+        and parts[0] == CHALLENGE_VERSION
+        and parts[1].isdigit()
+        and parts[2].isdigit()
+        and hmac.compare_digest(_sign(challenge_key(core), body).encode(), mac.encode())
+    )
+    if not valid:
+        raise _bad_challenge(
+            "invalid_challenge",
+            f"challenge: not one this service issued, or altered; {GET_CHALLENGE}",
+        )
+    difficulty, expires = int(parts[1]), datetime.fromtimestamp(int(parts[2]), UTC)
+    late = (utcnow() - expires).total_seconds()
+    if late >= 0:
+        raise _bad_challenge(
+            "challenge_expired", f"challenge: expired {late:.0f} s ago; {GET_CHALLENGE}"
+        )
+    if difficulty < needed:
+        raise _bad_challenge(
+            "challenge_too_easy",
+            f"challenge: asks for {difficulty} bits but this service now needs {needed}; "
+            + GET_CHALLENGE,
+        )
+    digest = hashlib.sha256(proof.challenge.encode() + proof.nonce.encode()).digest()
+    zeros = leading_zero_bits(digest)
+    if zeros < difficulty:
+        raise ApiError(
+            422,
+            "invalid_nonce",
+            f"nonce: SHA-256(challenge || nonce) starts with {zeros} zero bits; "
+            f"the challenge needs {difficulty}",
+            field="nonce",
+        )
+    return expires
+
+
+def create_identity(core: Core, proof: IdentityProof | None) -> IdentityCreated:
+    """Check the proof of work, count the identity against the service-wide rate,
+    spend the challenge and store the identity: one transaction, so a refusal
+    spends nothing."""
+    expires = check_proof(core, proof)
+    s = core.settings
+    token = ids.new_secret("csml")
+    identity = Identity(id=ids.new_id(), token_hash=ids.hash_secret(token), created_at=utcnow())
+    with transaction(core.sessions) as session:
+        if s.identity_rate_limit:
+            wait = count_in_window(
+                session, IDENTITIES_KEY, s.identity_rate_limit, s.identity_rate_window_seconds
+            )
+            if wait is not None:
+                raise rate_limited(
+                    "identity creation rate limit",
+                    s.identity_rate_limit,
+                    s.identity_rate_window_seconds,
+                    wait,
+                    "identity_rate_limited",
+                )
+        if proof is not None and expires is not None:
+            digest = hashlib.sha256(proof.challenge.encode()).hexdigest()
+            if not _spend(session, digest, expires):
+                raise ApiError(
+                    409,
+                    "challenge_used",
+                    f"challenge: already used; each challenge creates one identity; "
+                    f"{GET_CHALLENGE}",
+                    field="challenge",
+                )
+        session.add(identity)
+    return IdentityCreated(id=identity.id, token=token)
+
+
+def _spend(session: Session, digest: str, expires: datetime) -> bool:
+    """Record a challenge as used; False if it already was (also by a concurrent
+    transaction, which this one waits for on PostgreSQL)."""
+    insert: Any
+    if session.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    stmt = (
+        insert(UsedChallenge)
+        .values(digest=digest, expires_at=expires)
+        .on_conflict_do_nothing()
+        .returning(UsedChallenge.digest)
+    )
+    return session.execute(stmt).first() is not None
+
+
+# -- rate windows and quotas --------------------------------------------------
+
+
+def count_in_window(session: Session, key: str, limit: int, window: float) -> float | None:
+    """Count one event in `key`'s fixed window, unless `limit` is reached: then return
+    the seconds until the window resets (and count nothing). The row is locked, so
+    counts are exact across coordinators; the caller's transaction commits it."""
+    now = utcnow()
+    row = session.get(RateWindow, key, with_for_update=True)
+    if row is None:
+        insert_ignore(session, RateWindow, key=key, window_start=now, count=0)
+        row = session.get(RateWindow, key, with_for_update=True, populate_existing=True)
+        assert row is not None
+    ends = row.window_start + timedelta(seconds=window)
+    if ends <= now:
+        row.window_start, row.count = now, 0
+        ends = now + timedelta(seconds=window)
+    if row.count >= limit:
+        return (ends - now).total_seconds()
+    row.count += 1
+    return None
+
+
+def submit_key(identity_id: str) -> str:
+    return f"submit:{identity_id}"
+
+
+def _duration(seconds: float) -> str:
+    s = max(1, math.ceil(seconds))
+    if s < 120:
+        return f"{s} s"
+    if s < 7200:
+        return f"{s // 60} min {s % 60} s" if s % 60 else f"{s // 60} min"
+    return f"{s // 3600} h {s % 3600 // 60} min"
+
+
+def _per(window: float) -> str:
+    return {60.0: "minute", 3600.0: "hour", 86400.0: "day"}.get(window, f"{window:g} s")
+
+
+def too_many(code: str, message: str, retry_after: float, **detail: Any) -> ApiError:
+    retry = max(1, math.ceil(retry_after))
+    return ApiError(
+        429,
+        code,
+        message,
+        headers={"Retry-After": str(retry)},
+        details=[{**detail, "retry_after": retry}],
+    )
+
+
+def rate_limited(what: str, limit: int, window: float, wait: float, code: str) -> ApiError:
+    return too_many(
+        code,
+        f"{what}: {limit} per {_per(window)} reached; resets in {_duration(wait)}",
+        wait,
+        limit=what,
+        value=limit,
+        window_seconds=window,
+    )
+
+
+def check_submission(core: Core, identity_id: str, upload_bytes: int = 0) -> None:
+    """Refuse (429) a submission past any per-identity limit; else count it.
+
+    Checks, in the store: queued + running jobs, stored bytes (inputs and outputs
+    of the identity's jobs still kept, plus `upload_bytes` announced by the request),
+    and submissions in the current window. The identity's window row is locked
+    first, so one identity's checks run one at a time across coordinators. A
+    refused submission is not counted.
+    """
+    s = core.settings
+    if not (s.submission_rate_limit or s.max_active_jobs or s.max_stored_bytes):
+        return
+    with transaction(core.sessions) as session:
+        if s.submission_rate_limit:
+            wait = count_in_window(
+                session,
+                submit_key(identity_id),
+                s.submission_rate_limit,
+                s.submission_rate_window_seconds,
+            )
+            if wait is not None:
+                raise rate_limited(
+                    "submission rate limit",
+                    s.submission_rate_limit,
+                    s.submission_rate_window_seconds,
+                    wait,
+                    "submission_rate_limited",
+                )
+        if s.max_active_jobs:
+            active = session.scalar(
+                select(func.count())
+                .select_from(Job)
+                .where(Job.owner_id == identity_id, Job.state.in_([QUEUED, RUNNING]))
+            )
+            if (active or 0) >= s.max_active_jobs:
+                retry = s.retry_after_seconds
+                raise too_many(
+                    "active_jobs_limit",
+                    f"concurrent job limit: {s.max_active_jobs} queued or running jobs reached; "
+                    f"resets when one of them ends (retry in {_duration(retry)})",
+                    retry,
+                    limit="concurrent job limit",
+                    value=s.max_active_jobs,
+                )
+        if s.max_stored_bytes:
+            check_storage(core, session, identity_id, upload_bytes)
+
+
+def announced_upload(headers: Mapping[str, str]) -> int:
+    """Bytes a multipart submission announces (Content-Length); 0 for JSON or unknown."""
+    if not headers.get("content-type", "").startswith("multipart/"):
+        return 0
+    length = headers.get("content-length", "")
+    return int(length) if length.isdigit() else 0
+
+
+def stored_bytes(session: Session, identity_id: str) -> int:
+    """Bytes of the identity's job files still kept (inputs and outputs)."""
+    total = session.scalar(
+        select(func.coalesce(func.sum(JobFile.size), 0))
+        .join(Job, Job.seq == JobFile.job_seq)
+        .where(Job.owner_id == identity_id)
+    )
+    return int(total or 0)
+
+
+def check_storage(core: Core, session: Session, identity_id: str, upload_bytes: int) -> None:
+    limit = core.settings.max_stored_bytes
+    used = stored_bytes(session, identity_id)
+    if used < limit and used + upload_bytes <= limit:
+        return
+    retention = timedelta(hours=core.settings.retention_hours)
+    oldest = session.scalar(
+        select(func.min(Job.finished_at)).where(
+            Job.owner_id == identity_id,
+            Job.state.in_(TERMINAL),
+            exists().where(JobFile.job_seq == Job.seq),
+        )
+    )
+    if oldest is not None:
+        wait = max(1.0, (oldest + retention - utcnow()).total_seconds())
+        when = f"resets in {_duration(wait)}, when your oldest finished job expires"
+    else:
+        wait = retention.total_seconds()
+        when = (
+            f"resets as your jobs end and expire ({_duration(wait)} after they end); "
+            "or erase your identity"
+        )
+    incoming = f" and this upload is {upload_bytes} bytes" if used < limit else ""
+    raise too_many(
+        "storage_quota",
+        f"storage quota: {limit} bytes per identity reached ({used} stored{incoming}); {when}",
+        wait,
+        limit="storage quota",
+        value=limit,
+        stored=used,
+    )
+
+
+def model_count(session: Session, identity_id: str) -> int:
+    """How many model artifacts `identity_id` keeps in the store.
+
+    Each stored model artifact of the identity counts once. The store keeps no
+    model artifacts yet (they arrive with models), so every identity has none.
+    """
+    del session, identity_id
+    return 0
+
+
+def check_models(core: Core, count: int, adding: int = 1) -> None:
+    """Refuse (429) keeping `adding` more model artifacts on top of `count` (from
+    `model_count`) past `max_models`. A slot comes back when an artifact is deleted
+    or expires, so the refusal carries the retry interval, not a fixed reset time."""
+    limit = core.settings.max_models
+    if not limit or count + adding <= limit:
+        return
+    retry = core.settings.retry_after_seconds
+    raise too_many(
+        "model_quota",
+        f"model quota: {limit} models per identity reached ({count} kept); "
+        f"resets when one of them is deleted or expires (retry in {_duration(retry)})",
+        retry,
+        limit="model quota",
+        value=limit,
+    )
+
+
+# -- erasure ------------------------------------------------------------------
+
+
+def delete_identity(core: Core, identity_id: str) -> int:
+    """Erase an identity: cancel its live jobs (their workers are told to stop on their
+    next heartbeat), then delete its jobs, files and every row that names it.
+    Returns how many jobs were erased."""
+    now = utcnow()
+    with transaction(core.sessions) as session:
+        live = list(
+            session.scalars(
+                select(Job.id)
+                .where(Job.owner_id == identity_id, Job.state.in_([QUEUED, RUNNING]))
+                .with_for_update()
+            )
+        )
+        if live:
+            session.execute(
+                update(Job)
+                .where(Job.id.in_(live))
+                .values(
+                    state=JobState.cancelled.value,
+                    finished_at=now,
+                    error="cancelled: its owner erased their identity",
+                    lease_id=None,
+                    lease_expires_at=None,
+                )
+            )
+    for job_id in live:
+        core.notifier.notify(job_key(job_id))
+    with transaction(core.sessions) as session:
+        jobs = [
+            (seq, job_id)
+            for seq, job_id in session.execute(
+                select(Job.seq, Job.id).where(Job.owner_id == identity_id).with_for_update()
+            )
+        ]
+        delete_job_rows(session, jobs, now)
+        session.execute(delete(RateWindow).where(RateWindow.key == submit_key(identity_id)))
+        session.execute(delete(Identity).where(Identity.id == identity_id))
+    remove_job_files(core, [job_id for _, job_id in jobs])
+    return len(jobs)

@@ -1,0 +1,78 @@
+"""Worker keys for confidential jobs: stored at registration, listed for clients.
+
+A client lists an app's live workers with their X25519 public keys and attestation
+evidence, verifies the evidence itself (the coordinator is not trusted with that), and
+encrypts the job only to the workers it accepts.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from fastapi import APIRouter, Request
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from csml.attestation.evidence import INSECURE_KIND
+from csml.coordinator.state import core
+from csml.schemas import ErrorBody, WorkerAttestation, WorkerKeyInfo
+from csml.store.models import Worker, utcnow
+from csml.store.models_confidential import WorkerKey
+
+router = APIRouter(prefix="/v1", tags=["confidential"])
+
+
+def add_worker_key(session: Session, worker_id: str, attestation: WorkerAttestation) -> None:
+    """Record a joining worker's public key, evidence and collateral (as sent)."""
+    session.flush()  # the worker row first: the key refers to it
+    session.add(
+        WorkerKey(
+            worker_id=worker_id,
+            kind=attestation.kind,
+            public_key=attestation.public_key,
+            evidence=attestation.evidence,
+            collateral=attestation.collateral,
+            created_at=utcnow(),
+        )
+    )
+
+
+@router.get(
+    "/apps/{name}/workers",
+    response_model=list[WorkerKeyInfo],
+    responses={404: {"model": ErrorBody}},
+)
+def app_workers(name: str, request: Request) -> list[WorkerKeyInfo]:
+    """Live workers of an app with their public keys and attestation evidence.
+
+    `insecure: true` marks a worker without attestation (`none`): its operator can read
+    the jobs sent to it. Verify the evidence yourself before encrypting to a key.
+    """
+    c = core(request)
+    c.catalog.get(name)  # 404 for an unknown app
+    cutoff = utcnow() - timedelta(seconds=c.settings.worker_live_seconds)
+    with c.sessions() as session:
+        rows = session.execute(
+            select(Worker, WorkerKey)
+            .join(WorkerKey, WorkerKey.worker_id == Worker.id)
+            .where(
+                Worker.app == name,
+                Worker.stopped_at.is_(None),
+                Worker.last_heartbeat >= cutoff,
+            )
+            .order_by(Worker.registered_at, Worker.id)
+        ).all()
+    return [
+        WorkerKeyInfo(
+            worker_id=w.id,
+            app=w.app,
+            kind=k.kind,
+            public_key=k.public_key,
+            evidence=k.evidence,
+            collateral=k.collateral,
+            insecure=k.kind == INSECURE_KIND,
+            registered_at=w.registered_at,
+            last_heartbeat=w.last_heartbeat,
+        )
+        for w, k in rows
+    ]

@@ -1,0 +1,73 @@
+"""Killing what a job leaves behind (zygote side).
+
+The zygote is a child subreaper (see `isolation.isolate_zygote`): a process a
+job started and detached (`setsid`, double fork) becomes the zygote's child when
+its parent dies, instead of init's. When a job ends, `sweep()` kills every such
+orphan and its descendants, so nothing of a job outlives it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Collection
+
+
+def _read_status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.split(":\t", 1) for line in f if ":\t" in line)
+
+
+def children(pid: int, threads: bool = True) -> list[int]:
+    """Children of all of `pid`'s threads (or of its main thread only)."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task") if threads else [str(pid)]
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found.extend(int(p) for p in f.read().split())
+        except OSError:
+            continue
+    return found
+
+
+def _kill(pid: int, parent: int) -> bool:
+    """SIGKILL `pid` if it is still a live child of `parent` (pidfd: no pid-reuse race)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return False
+    try:
+        status = _read_status(pid)
+        if status.get("State", "Z")[0] in "ZX" or int(status.get("PPid", "0")) != parent:
+            return False
+        signal.pidfd_send_signal(fd, signal.SIGKILL)
+        return True
+    except (OSError, ValueError):
+        return False
+    finally:
+        os.close(fd)
+
+
+def sweep(keep: Collection[int], rounds: int = 200) -> bool:
+    """Kill every descendant of this process outside the subtrees of `keep`.
+
+    Used by the zygote (a subreaper: orphans of jobs are its children, and those of
+    its main thread, which forks the jobs) when a job ends. True when nothing is left.
+    """
+    me = os.getpid()
+    for _ in range(rounds):
+        stack = [(pid, me) for pid in children(me, threads=False) if pid not in keep]
+        killed = 0
+        while stack:
+            pid, parent = stack.pop()
+            killed += _kill(pid, parent)
+            stack.extend((c, pid) for c in children(pid))
+        if not killed:
+            return True
+        time.sleep(0.001)
+    return False

@@ -1,0 +1,147 @@
+"""Every route x every kind of caller: owner, other identity, no token, bad token, revoked worker.
+
+The route list comes from the OpenAPI document, so a new route without a row
+here fails this test until someone decides who may call it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from csml.apps.registry import load_app
+from tests.cluster import Cluster, running_cluster, wait_for
+
+PUBLIC = {
+    ("post", "/v1/identities/challenge"),
+    ("post", "/v1/identities"),
+    ("get", "/v1/apps"),
+    ("get", "/v1/apps/{name}"),
+    ("get", "/v1/apps/{name}/workers"),
+    ("get", "/healthz"),
+}
+IDENTITY = {
+    ("get", "/v1/identities/me"),
+    ("delete", "/v1/identities/me"),
+    ("post", "/v1/jobs"),
+    ("get", "/v1/jobs"),
+    ("get", "/v1/jobs/{job_id}"),
+    ("delete", "/v1/jobs/{job_id}"),
+    ("get", "/v1/jobs/{job_id}/outputs/{name}"),
+}
+JOB_SCOPED = {r for r in IDENTITY if "{job_id}" in r[1]}
+JOIN_TOKEN = {("post", "/v1/workers")}
+WORKER = {
+    ("delete", "/v1/workers/{worker_id}"),
+    ("post", "/v1/workers/{worker_id}/claim"),
+    ("post", "/v1/workers/{worker_id}/heartbeat"),
+    ("get", "/v1/workers/{worker_id}/jobs/{job_id}/inputs/{name}"),
+    ("put", "/v1/workers/{worker_id}/jobs/{job_id}/outputs/{name}"),
+    ("post", "/v1/workers/{worker_id}/jobs/{job_id}/complete"),
+}
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def call(
+    cluster: Cluster, method: str, template: str, headers: dict[str, str], **values: str
+) -> httpx.Response:
+    path = template.format(**values)
+    body: dict[str, Any] = {}
+    if template.endswith("/complete"):
+        body = {"json": {"lease_id": "0" * 64, "state": "failed", "error": "x"}}
+    elif method in ("post", "put"):
+        body = {"json": {}}
+    return httpx.request(
+        method.upper(),
+        f"{cluster.url}{path}",
+        headers=headers,
+        timeout=30,
+        params={"lease_id": "0" * 64} if "{worker_id}/jobs" in template else None,
+        **body,
+    )
+
+
+def register_worker(cluster: Cluster, token: str) -> dict[str, Any]:
+    manifest = load_app("echo").manifest().model_dump(mode="json")
+    r = httpx.post(
+        f"{cluster.url}/v1/workers", headers=bearer(token), json={"app": manifest, "slots": 1}
+    )
+    assert r.status_code == 201, r.text
+    return dict(r.json())
+
+
+def test_every_route_is_classified(cluster: Cluster) -> None:
+    routes = {
+        (method, path)
+        for path, ops in httpx.get(f"{cluster.url}/openapi.json").json()["paths"].items()
+        for method in ops
+    }
+    assert routes == PUBLIC | IDENTITY | JOIN_TOKEN | WORKER
+
+
+def test_identity_routes(cluster: Cluster) -> None:
+    owner, other = cluster.new_user(), cluster.new_user()
+    job = owner.submit("echo", "echo", files={"data": b"secret"}).wait(30)
+    values = {"job_id": job.id, "name": "data"}
+    for method, template in sorted(IDENTITY):
+        for headers in ({}, bearer("csml_not-a-token"), {"Authorization": "Basic eA=="}):
+            r = call(cluster, method, template, headers, **values)
+            assert r.status_code == 401, (method, template, headers, r.status_code)
+        if (method, template) in JOB_SCOPED:
+            r = call(cluster, method, template, bearer(other.token or ""), **values)
+            assert r.status_code == 404, (method, template, r.status_code)
+            assert b"secret" not in r.content
+    assert other.jobs() == []
+    # The owner still has everything, untouched by the others' attempts.
+    assert owner.job(job.id).state.value == "succeeded"
+    r = call(
+        cluster, "get", "/v1/jobs/{job_id}/outputs/{name}", bearer(owner.token or ""), **values
+    )
+    assert r.status_code == 200 and r.content == b"secret"
+
+
+def test_worker_routes(tmp_path: Any) -> None:
+    with running_cluster(tmp_path / "c") as cluster:
+        user = cluster.new_user()
+        job = user.submit("echo", "echo", files={"data": b"worker-secret"})
+        mine = register_worker(cluster, cluster.join_token)
+        theirs = register_worker(cluster, cluster.join_token)
+        values = {"worker_id": mine["worker_id"], "job_id": job.id, "name": "data"}
+        for headers in (
+            {},
+            bearer("csmlw_wrong"),
+            bearer(user.token or ""),
+            bearer(theirs["worker_token"] + "x"),
+        ):
+            for method, template in sorted(WORKER | JOIN_TOKEN):
+                r = call(cluster, method, template, headers, **values)
+                assert r.status_code == 401, (method, template, headers, r.status_code)
+        # Another worker's token on my worker id: not found, never my jobs.
+        for method, template in sorted(WORKER):
+            r = call(cluster, method, template, bearer(theirs["worker_token"]), **values)
+            assert r.status_code == 404, (method, template, r.status_code)
+        # My own token works (claim gets the job).
+        r = httpx.post(
+            f"{cluster.url}/v1/workers/{mine['worker_id']}/claim",
+            headers=bearer(mine["worker_token"]),
+            json={"max_jobs": 1, "wait": 0},
+        )
+        assert [j["id"] for j in r.json()["jobs"]] == [job.id]
+        # Revoking the join token locks out every worker that joined with it.
+        token_id = cluster.csml("join-token", "list").stdout.split()[0]
+        cluster.csml("join-token", "revoke", token_id)
+        for method, template in sorted(WORKER):
+            r = call(cluster, method, template, bearer(mine["worker_token"]), **values)
+            assert r.status_code == 401, (method, template, r.status_code)
+        r = httpx.post(
+            f"{cluster.url}/v1/workers",
+            headers=bearer(cluster.join_token),
+            json={"app": load_app("echo").manifest().model_dump(mode="json"), "slots": 1},
+        )
+        assert r.status_code == 401
+        # The job comes back to the queue when the revoked worker's lease ends.
+        wait_for(lambda: user.job(job.id).state.value == "queued", timeout=30)
