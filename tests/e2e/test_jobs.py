@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -191,6 +192,7 @@ def test_identity_ids_follow_the_container_id_rule(cluster: Cluster) -> None:
 
 
 def test_operations_endpoints(cluster: Cluster) -> None:
+    cluster.new_user().submit("echo", "echo").wait(30)  # so that job gauges have samples
     assert httpx.get(f"{cluster.url}/healthz").json()["status"] == "ok"
     spec = httpx.get(f"{cluster.url}/openapi.json").json()
     assert "/v1/jobs" in spec["paths"] and "/v1/identities" in spec["paths"]
@@ -204,6 +206,10 @@ def test_operations_endpoints(cluster: Cluster) -> None:
         assert name in metrics
     apps = {a["name"]: a for a in httpx.get(f"{cluster.url}/v1/apps").json()}
     assert apps["opencv"]["workers"] == 1 and apps["opencv"]["slots"] == 2
+    (sandbox,) = apps["opencv"]["sandboxes"]
+    assert "process per job" in sandbox
+    if os.geteuid() == 0:
+        assert "no network (netns)" in sandbox
     ops = {o["name"]: o for o in apps["opencv"]["operations"]}
     assert ops["detect_faces"]["params_schema"]["properties"]["scale_factor"]["default"] == 1.1
     assert ops["detect_faces"]["outputs"][0]["name"] == "annotated"

@@ -85,7 +85,15 @@ def app_infos(c: Core) -> list[AppInfo]:
             .where(Worker.stopped_at.is_(None), Worker.last_heartbeat >= cutoff)
             .group_by(Worker.app)
         ).all()
+        sandboxes = session.execute(
+            select(Worker.app, Worker.sandbox)
+            .where(Worker.stopped_at.is_(None), Worker.last_heartbeat >= cutoff)
+            .distinct()
+        ).all()
     live = {app: (int(n), int(slots or 0)) for app, n, slots in workers}
+    isolation: dict[str, list[str]] = {}
+    for app, sandbox in sandboxes:
+        isolation.setdefault(app, []).append(sandbox)
     stats = c.queue.queue_stats()
     infos = []
     for name, entry in sorted(c.catalog.entries().items()):
@@ -96,6 +104,7 @@ def app_infos(c: Core) -> list[AppInfo]:
                 **entry.manifest.model_dump(),
                 workers=n,
                 slots=slots,
+                sandboxes=sorted(isolation.get(name, [])),
                 queue=QueueInfo(
                     depth=st.get(JobState.queued.value, 0),
                     running=st.get(JobState.running.value, 0),

@@ -40,4 +40,7 @@ class QueueInfo(BaseModel):
 class AppInfo(AppManifest):
     workers: int = Field(description="Live workers serving this app.")
     slots: int = Field(description="Jobs the live workers can run at once.")
+    sandboxes: list[str] = Field(
+        [], description="How the live workers isolate jobs (one entry per distinct set-up)."
+    )
     queue: QueueInfo
