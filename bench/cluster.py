@@ -145,6 +145,10 @@ class Cluster:
             **os.environ,
             **(settings or {}),
             "CSML_DATA_DIR": str(self.data_dir),
+            # A benchmark is one heavy user: per-identity abuse limits would throttle it.
+            "CSML_SUBMISSION_RATE_LIMIT": "0",
+            "CSML_MAX_ACTIVE_JOBS": "0",
+            "CSML_IDENTITY_RATE_LIMIT": "0",
             "CSML_CONFIG": str(root / "user-config.toml"),
         }
         self.log_dir = root / "logs"

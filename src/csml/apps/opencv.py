@@ -20,7 +20,7 @@ app = App(
     "opencv",
     version="1.0",
     description="Computer vision with OpenCV: face detection, edges, resizing, filters.",
-    preload=("cv2", "numpy"),
+    preload=("cv2", "numpy", "csml.apps._opencv_init"),
 )
 
 IMAGE_IN = Input("image", "An image (PNG, JPEG, BMP, TIFF, WebP, ...).", media_type="image/*")
@@ -71,12 +71,11 @@ def detect_faces(ctx: JobContext, params: DetectFacesParams) -> dict[str, Any]:
     """Find frontal faces with the Haar cascade that ships with OpenCV."""
     import cv2
 
+    from csml.apps._opencv_init import face_cascade
+
     image = read_image(ctx.input("image"))
-    cascade = cv2.CascadeClassifier(
-        cv2.data.haarcascades + "haarcascade_frontalface_default.xml"  # type: ignore[attr-defined]
-    )
     gray = cv2.equalizeHist(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY))
-    found = cascade.detectMultiScale(
+    found = face_cascade().detectMultiScale(
         gray,
         scaleFactor=params.scale_factor,
         minNeighbors=params.min_neighbors,
