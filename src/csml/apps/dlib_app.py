@@ -479,22 +479,15 @@ def train_svm(ctx: JobContext, params: TrainSvmParams) -> dict[str, Any]:
     import dlib
     import numpy as np
 
-    table = tabular.read_table(ctx.input("data"), "data")
-    features = tabular.feature_columns(table, params.label, params.id_column, params.features)
-    x_raw = table.numeric(features)
-    labels = table.labels(params.label)
-    classes = tabular.sorted_labels(labels)
-    if len(classes) < 2:
-        raise JobError(
-            f"column {params.label!r} has a single class ({classes[0]!r}); need two or more"
-        )
-    if len(classes) > MAX_CLASSES:
-        raise JobError(
-            f"column {params.label!r} has {len(classes)} classes (limit {MAX_CLASSES}: one "
-            "binary SVM per pair of classes)"
-        )
-    index = {c: i for i, c in enumerate(classes)}
-    y = np.array([index[v] for v in labels])
+    data = tabular.labelled_table(
+        ctx.input("data"),
+        params.label,
+        params.id_column,
+        params.features,
+        MAX_CLASSES,
+        "one binary SVM per pair of classes",
+    )
+    features, x_raw, classes, y = data.features, data.x, data.classes, data.y
     gamma = params.gamma if params.gamma is not None else 1.0 / len(features)
 
     def make_trainer() -> Any:

@@ -259,19 +259,10 @@ def train_mlp(ctx: JobContext, params: TrainMlpParams) -> dict[str, Any]:
     import numpy as np
 
     dy = _dynet()
-    table = tabular.read_table(ctx.input("data"), "data")
-    features = tabular.feature_columns(table, params.label, params.id_column, params.features)
-    x_raw = table.numeric(features)
-    labels = table.labels(params.label)
-    classes = tabular.sorted_labels(labels)
-    if len(classes) < 2:
-        raise JobError(
-            f"column {params.label!r} has a single class ({classes[0]!r}); need two or more"
-        )
-    if len(classes) > MAX_LAYER:
-        raise JobError(f"column {params.label!r} has {len(classes)} classes (limit {MAX_LAYER})")
-    index = {c: i for i, c in enumerate(classes)}
-    y = np.array([index[v] for v in labels], dtype=np.int64)
+    data = tabular.labelled_table(
+        ctx.input("data"), params.label, params.id_column, params.features, MAX_LAYER
+    )
+    features, x_raw, classes, y = data.features, data.x, data.classes, data.y
     sizes = [len(features), *params.hidden, len(classes)]
     n_params = sum((a + 1) * b for a, b in itertools.pairwise(sizes))
     if n_params > MAX_PARAMETERS:

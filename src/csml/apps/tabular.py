@@ -198,6 +198,42 @@ def sorted_labels(values: Iterable[str]) -> list[str]:
 
 
 @dataclass
+class Labelled:
+    """A training table: feature names, the feature matrix, class names, class indices."""
+
+    features: list[str]
+    x: np.ndarray
+    classes: list[str]
+    y: np.ndarray
+
+
+def labelled_table(
+    path: Path,
+    label: str,
+    id_column: str | None,
+    features: Sequence[str] | None,
+    max_classes: int,
+    limit_reason: str = "",
+) -> Labelled:
+    """Read input `data` for training: at least two classes, at most `max_classes`."""
+    import numpy as np
+
+    table = read_table(path, "data")
+    names = feature_columns(table, label, id_column, features)
+    x = table.numeric(names)
+    labels = table.labels(label)
+    classes = sorted_labels(labels)
+    if len(classes) < 2:
+        raise JobError(f"column {label!r} has a single class ({classes[0]!r}); need two or more")
+    if len(classes) > max_classes:
+        why = f": {limit_reason}" if limit_reason else ""
+        raise JobError(f"column {label!r} has {len(classes)} classes (limit {max_classes}{why})")
+    index = {c: i for i, c in enumerate(classes)}
+    y = np.array([index[v] for v in labels], dtype=np.int64)
+    return Labelled(names, x, classes, y)
+
+
+@dataclass
 class Standardizer:
     """Per-feature mean and standard deviation learnt on training data (a constant: std 1)."""
 
