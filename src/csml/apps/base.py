@@ -11,7 +11,10 @@ from typing import Any, get_type_hints
 
 from pydantic import BaseModel, ConfigDict
 
-from csml.schemas.apps import AppManifest, FileSpec, OperationInfo
+from csml.schemas.apps import AppManifest, FileSpec, ModelFormat, OperationInfo
+
+MODEL_PARAM = "model"
+"""The parameter naming a stored model, on operations with a model input."""
 
 
 class OperationParams(BaseModel):
@@ -25,11 +28,26 @@ class JobError(Exception):
 
 
 @dataclass(frozen=True)
+class ModelSpec:
+    """A model file format. On an output: the job's file is kept as a model artifact of
+    its owner. On an input: the input takes a stored model (by id) of this format, of
+    any `version` from 1 up to this one."""
+
+    kind: str
+    format: str
+    version: int = 1
+
+    def wire(self) -> ModelFormat:
+        return ModelFormat(kind=self.kind, format=self.format, version=self.version)
+
+
+@dataclass(frozen=True)
 class Input:
     name: str
     description: str = ""
     media_type: str = "application/octet-stream"
     required: bool = True
+    model: ModelSpec | None = None
 
     def spec(self) -> FileSpec:
         return FileSpec(
@@ -37,6 +55,7 @@ class Input:
             description=self.description,
             media_type=self.media_type,
             required=self.required,
+            model=self.model.wire() if self.model else None,
         )
 
 
@@ -45,10 +64,15 @@ class Output:
     name: str
     description: str = ""
     media_type: str = "application/octet-stream"
+    model: ModelSpec | None = None
 
     def spec(self) -> FileSpec:
         return FileSpec(
-            name=self.name, description=self.description, media_type=self.media_type, required=False
+            name=self.name,
+            description=self.description,
+            media_type=self.media_type,
+            required=False,
+            model=self.model.wire() if self.model else None,
         )
 
 
@@ -100,16 +124,32 @@ class Operation:
     outputs: list[Output]
     func: OperationFn
 
+    def model_input(self) -> Input | None:
+        return next((i for i in self.inputs if i.model is not None), None)
+
     def info(self) -> OperationInfo:
+        schema = self.params_model.model_json_schema()
+        model_input = self.model_input()
+        if model_input is not None and model_input.model is not None:
+            # The coordinator resolves `model` to a stored model and sends it as the input.
+            schema.setdefault("properties", {})[MODEL_PARAM] = {
+                "type": "string",
+                "title": "Model",
+                "pattern": "^[0-9a-f]{12,64}$",
+                "description": f"The id of one of your {model_input.model.format} models, "
+                f"used as the input {model_input.name!r} (see GET /v1/models).",
+            }
         return OperationInfo(
             name=self.name,
             description=self.description,
-            params_schema=self.params_model.model_json_schema(),
+            params_schema=schema,
             inputs=[i.spec() for i in self.inputs],
             outputs=[o.spec() for o in self.outputs],
         )
 
     def run(self, ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
+        if self.model_input() is not None:
+            params = {k: v for k, v in params.items() if k != MODEL_PARAM}
         parsed = self.params_model.model_validate(params)
         result = self.func(ctx, parsed)
         return result if result is not None else {}

@@ -61,13 +61,22 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field
 
 from csml.apps import tabular
-from csml.apps.base import App, Input, JobContext, JobError, OperationParams, Output
+from csml.apps.base import (
+    App,
+    Input,
+    JobContext,
+    JobError,
+    ModelSpec,
+    OperationParams,
+    Output,
+)
 
 if TYPE_CHECKING:
     import numpy as np
 
 MODEL_FORMAT = "csml-dlib-svm"
 MODEL_FORMAT_VERSION = 1
+SVM_MODEL = ModelSpec("svm", MODEL_FORMAT, MODEL_FORMAT_VERSION)
 MAX_MODEL_BYTES = 1 << 30
 MAX_CLASSES = 100
 
@@ -469,8 +478,10 @@ class TrainSvmParams(OperationParams):
     outputs=[
         Output(
             "model",
-            f"The trained model: JSON, format {MODEL_FORMAT!r} version {MODEL_FORMAT_VERSION}.",
+            f"The trained model: JSON, format {MODEL_FORMAT!r} version {MODEL_FORMAT_VERSION}; "
+            "kept as one of your models.",
             "application/json",
+            model=SVM_MODEL,
         )
     ],
 )
@@ -582,7 +593,9 @@ class PredictSvmParams(OperationParams):
 
 @app.operation(
     inputs=[
-        Input("model", "A model from dlib.train_svm.", media_type="application/json"),
+        Input(
+            "model", "A model from dlib.train_svm.", media_type="application/json", model=SVM_MODEL
+        ),
         Input(
             "data",
             "CSV with the model's feature columns (and optionally its label column).",

@@ -59,7 +59,15 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import Field
 
 from csml.apps import tabular
-from csml.apps.base import App, Input, JobContext, JobError, OperationParams, Output
+from csml.apps.base import (
+    App,
+    Input,
+    JobContext,
+    JobError,
+    ModelSpec,
+    OperationParams,
+    Output,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -245,15 +253,17 @@ class TrainMlpParams(OperationParams):
 TABLE_IN = Input(
     "data", "CSV with a header row: numeric feature columns and a label column.", "text/csv"
 )
-MODEL_OUT = Output(
-    "model",
+MLP_MODEL = ModelSpec("mlp", MODEL_FORMAT, MODEL_FORMAT_VERSION)
+RNN_MODEL = ModelSpec("char-rnn", MODEL_FORMAT, MODEL_FORMAT_VERSION)
+MODEL_DOC = (
     f"Zip archive, format {MODEL_FORMAT!r} version {MODEL_FORMAT_VERSION} (header.json + "
-    "DyNet weights).",
-    "application/zip",
+    "DyNet weights); kept as one of your models."
 )
 
 
-@app.operation(inputs=[TABLE_IN], outputs=[MODEL_OUT])
+@app.operation(
+    inputs=[TABLE_IN], outputs=[Output("model", MODEL_DOC, "application/zip", model=MLP_MODEL)]
+)
 def train_mlp(ctx: JobContext, params: TrainMlpParams) -> dict[str, Any]:
     """Train an MLP classifier on a CSV table; loss per epoch is reported as progress."""
     import numpy as np
@@ -374,7 +384,7 @@ class PredictParams(OperationParams):
 
 @app.operation(
     inputs=[
-        Input("model", "A model from dynet.train_mlp.", "application/zip"),
+        Input("model", "A model from dynet.train_mlp.", "application/zip", model=MLP_MODEL),
         Input(
             "data",
             "CSV with the model's feature columns (and optionally its label column).",
@@ -469,7 +479,8 @@ class TrainCharRnnParams(OperationParams):
 
 
 @app.operation(
-    inputs=[Input("text", "UTF-8 text to learn from.", "text/plain")], outputs=[MODEL_OUT]
+    inputs=[Input("text", "UTF-8 text to learn from.", "text/plain")],
+    outputs=[Output("model", MODEL_DOC, "application/zip", model=RNN_MODEL)],
 )
 def train_char_rnn(ctx: JobContext, params: TrainCharRnnParams) -> dict[str, Any]:
     """Train a character-level LSTM language model; perplexity per epoch is the progress."""
@@ -574,7 +585,11 @@ class GenerateTextParams(OperationParams):
     seed: int = Field(0, ge=0, le=2**31 - 1, description="The same seed gives the same text.")
 
 
-@app.operation(inputs=[Input("model", "A model from dynet.train_char_rnn.", "application/zip")])
+@app.operation(
+    inputs=[
+        Input("model", "A model from dynet.train_char_rnn.", "application/zip", model=RNN_MODEL)
+    ]
+)
 def generate_text(ctx: JobContext, params: GenerateTextParams) -> dict[str, Any]:
     """Continue a prompt with text sampled from a char-RNN model."""
     import numpy as np

@@ -40,10 +40,15 @@ def find_operation(app: AppInfo, operation: str) -> OperationInfo:
     raise CsmlError(f"application {app.name!r} has no operation {operation!r}; it has: {names}")
 
 
-def map_files(op: OperationInfo, words: list[str]) -> dict[str, Path]:
-    """`name=path` words go to that input; bare paths fill the inputs in declared order."""
+def map_files(
+    op: OperationInfo, words: list[str], by_id: dict[str, Any] | None = None
+) -> dict[str, Path]:
+    """`name=path` words go to that input; bare paths fill the inputs in declared order.
+    A model input is left out when `by_id` (the params) names a stored model."""
     files: dict[str, Path] = {}
-    free = [i.name for i in op.inputs]
+    named = bool(by_id and "model" in by_id)
+    from_store = {i.name for i in op.inputs if i.model is not None and named}
+    free = [i.name for i in op.inputs if i.name not in from_store]
     for word in words:
         name, sep, path = word.partition("=")
         if sep and name in free:
@@ -59,7 +64,7 @@ def map_files(op: OperationInfo, words: list[str]) -> dict[str, Path]:
             )
         files[free.pop(0)] = Path(word)
     for spec in op.inputs:
-        if spec.required and spec.name not in files:
+        if spec.required and spec.name not in files and spec.name not in from_store:
             raise CsmlError(f"{op.name} needs the input file {spec.name!r}")
     for name, file in files.items():
         if not file.is_file():

@@ -27,10 +27,11 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, exists, func, select, update
+from sqlalchemy import delete, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from csml import ids
+from csml.coordinator.artifacts import remove_files as remove_model_files
 from csml.coordinator.errors import ApiError
 from csml.coordinator.queue import QUEUED, RUNNING, TERMINAL, job_key
 from csml.coordinator.retention import delete_job_rows, remove_job_files
@@ -40,6 +41,7 @@ from csml.schemas.identities import IdentityChallenge, IdentityCreated, Identity
 from csml.store.db import insert_ignore, transaction
 from csml.store.models import Identity, Job, JobFile, utcnow
 from csml.store.models_abuse import RateWindow, ServerSecret, UsedChallenge
+from csml.store.models_artifacts import ModelArtifact
 
 CHALLENGE_VERSION = "v1"
 SIGNING_ROW = "pow-challenge-hmac"
@@ -300,7 +302,11 @@ def check_submission(core: Core, identity_id: str, upload_bytes: int = 0) -> Non
             active = session.scalar(
                 select(func.count())
                 .select_from(Job)
-                .where(Job.owner_id == identity_id, Job.state.in_([QUEUED, RUNNING]))
+                .where(
+                    Job.owner_id == identity_id,
+                    Job.state.in_([QUEUED, RUNNING]),
+                    Job.parent_seq.is_(None),  # a pipeline counts once, not once per step
+                )
             )
             if (active or 0) >= s.max_active_jobs:
                 retry = s.retry_after_seconds
@@ -325,13 +331,33 @@ def announced_upload(headers: Mapping[str, str]) -> int:
 
 
 def stored_bytes(session: Session, identity_id: str) -> int:
-    """Bytes of the identity's job files still kept (inputs and outputs)."""
-    total = session.scalar(
-        select(func.coalesce(func.sum(JobFile.size), 0))
+    """Bytes of the identity's job files still kept (inputs and outputs), plus its models
+    whose job is gone (while the job is kept, the model shares its output's bytes)."""
+    # Each blob once: a pipeline's steps and the pipeline itself share their files' blobs.
+    blobs = (
+        select(JobFile.blob, JobFile.size)
         .join(Job, Job.seq == JobFile.job_seq)
         .where(Job.owner_id == identity_id)
+        .distinct()
+        .subquery()
     )
-    return int(total or 0)
+    total = session.scalar(select(func.coalesce(func.sum(blobs.c.size), 0)))
+    kept_jobs = select(Job.id).where(Job.owner_id == identity_id)
+    models = session.scalar(
+        select(func.coalesce(func.sum(ModelArtifact.size), 0)).where(
+            ModelArtifact.owner_id == identity_id,
+            or_(ModelArtifact.job_id.is_(None), ModelArtifact.job_id.not_in(kept_jobs)),
+        )
+    )
+    return int(total or 0) + int(models or 0)
+
+
+def check_model_quota(core: Core, identity_id: str, makes_models: bool) -> None:
+    """Refuse (429) a job that would keep a model past the identity's model quota."""
+    if not makes_models or not core.settings.max_models:
+        return
+    with core.sessions() as session:
+        check_models(core, model_count(session, identity_id))
 
 
 def check_storage(core: Core, session: Session, identity_id: str, upload_bytes: int) -> None:
@@ -368,13 +394,15 @@ def check_storage(core: Core, session: Session, identity_id: str, upload_bytes: 
 
 
 def model_count(session: Session, identity_id: str) -> int:
-    """How many model artifacts `identity_id` keeps in the store.
-
-    Each stored model artifact of the identity counts once. The store keeps no
-    model artifacts yet (they arrive with models), so every identity has none.
-    """
-    del session, identity_id
-    return 0
+    """How many model artifacts `identity_id` keeps in the store."""
+    return int(
+        session.scalar(
+            select(func.count())
+            .select_from(ModelArtifact)
+            .where(ModelArtifact.owner_id == identity_id)
+        )
+        or 0
+    )
 
 
 def check_models(core: Core, count: int, adding: int = 1) -> None:
@@ -433,7 +461,12 @@ def delete_identity(core: Core, identity_id: str) -> int:
             )
         ]
         delete_job_rows(session, jobs, now)
+        models = list(
+            session.scalars(select(ModelArtifact.id).where(ModelArtifact.owner_id == identity_id))
+        )
+        session.execute(delete(ModelArtifact).where(ModelArtifact.owner_id == identity_id))
         session.execute(delete(RateWindow).where(RateWindow.key == submit_key(identity_id)))
         session.execute(delete(Identity).where(Identity.id == identity_id))
     remove_job_files(core, [job_id for _, job_id in jobs])
+    remove_model_files(core.blobs, models)
     return len(jobs)

@@ -7,11 +7,24 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 
+class ModelFormat(BaseModel):
+    """A model file format an operation writes (output) or reads (input)."""
+
+    kind: str = Field(description="What the model is, e.g. `svm`, `mlp`, `char-rnn`, `dnn`.")
+    format: str = Field(description="The file format's name, e.g. `csml-dlib-svm`.")
+    version: int = Field(
+        ge=1, description="Output: the version written. Input: the newest version read."
+    )
+
+
 class FileSpec(BaseModel):
     name: str
     description: str = ""
     media_type: str = Field("application/octet-stream", description="Expected media type.")
     required: bool = True
+    model: ModelFormat | None = Field(
+        None, description="Set when the file is a model (kept as an artifact, or usable by id)."
+    )
 
 
 class OperationInfo(BaseModel):

@@ -1,0 +1,221 @@
+"""Model artifacts: kept when a job writes a model output, usable by id in later jobs.
+
+A model file is hard-linked (not copied) from the job's output into
+`blobs/models/`, so it outlives the job's retention at no extra disk cost;
+a job that uses a model gets its own link, so deleting the model cannot pull
+the file from under a queued job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from csml import ids
+from csml.apps.base import MODEL_PARAM
+from csml.coordinator.catalog import Catalog
+from csml.coordinator.errors import ApiError, not_found
+from csml.schemas import FileSpec, JobSpec, OperationInfo
+from csml.schemas.models import ModelInfo
+from csml.store.blobs import BlobStore
+from csml.store.models import Job, JobFile, utcnow
+from csml.store.models_artifacts import ModelArtifact
+
+MAX_METRICS_BYTES = 64 * 1024
+
+
+def model_input(op: OperationInfo) -> FileSpec | None:
+    return next((f for f in op.inputs if f.model is not None), None)
+
+
+def makes_models(op: OperationInfo) -> bool:
+    return any(f.model is not None for f in op.outputs)
+
+
+def model_dir(blobs: BlobStore, model_id: str) -> Path:
+    return blobs.root / "models" / model_id[:2] / model_id
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def find(session: Session, owner_id: str, ident: str) -> ModelArtifact:
+    """The caller's model by id or unique prefix; another identity's is not found."""
+    if not ids.is_id_prefix(ident):
+        raise not_found("model", ident)
+    stmt = select(ModelArtifact).where(ModelArtifact.owner_id == owner_id)
+    if len(ident) == ids.ID_LENGTH:
+        stmt = stmt.where(ModelArtifact.id == ident)
+    else:
+        stmt = stmt.where(ModelArtifact.id.startswith(ident, autoescape=True))
+    found = session.scalars(stmt.limit(2)).all()
+    if not found:
+        raise not_found("model", ident)
+    if len(found) > 1:
+        raise ApiError(400, "ambiguous_id", f"{ident!r} matches several models; give more of it")
+    return found[0]
+
+
+def requested_model(spec: JobSpec) -> str | None:
+    value = spec.params.get(MODEL_PARAM)
+    return value if isinstance(value, str) else None
+
+
+def check_compatible(model: ModelArtifact, want: FileSpec, app: str, operation: str) -> None:
+    fmt = want.model
+    assert fmt is not None
+    short = ids.short(model.id)
+    if model.format != fmt.format or model.kind != fmt.kind:
+        raise ApiError(
+            422,
+            "wrong_model",
+            f"params.model: model {short} is a {model.app} {model.kind} model "
+            f"({model.format}); {app}.{operation} needs a {fmt.kind} model ({fmt.format})",
+            field="spec.params.model",
+        )
+    if model.format_version > fmt.version:
+        raise ApiError(
+            422,
+            "model_version_unsupported",
+            f"params.model: model {short} is {model.format} version {model.format_version}; "
+            f"the {app} workers here read versions 1 to {fmt.version}. Upgrade the {app} "
+            "workers, or retrain the model with them",
+            field="spec.params.model",
+        )
+
+
+def attach(
+    session: Session,
+    blobs: BlobStore,
+    catalog: Catalog,
+    owner_id: str,
+    spec: JobSpec,
+    job: Job,
+    uploaded: set[str],
+) -> None:
+    """Resolve `params.model` to the caller's model and link it in as the model input."""
+    model_ref = requested_model(spec)
+    if model_ref is None:
+        return
+    _, op = catalog.operation(spec.app, spec.operation)
+    want = model_input(op)
+    if want is None:  # the params schema already refuses this; keep the check local too
+        raise ApiError(422, "invalid_params", f"{op.name} takes no model", field="spec.params")
+    if want.name in uploaded:
+        raise ApiError(
+            422,
+            "model_given_twice",
+            f"give the model either as params.model or as the file {want.name!r}, not both",
+            field="spec.params.model",
+        )
+    model = find(session, owner_id, model_ref)
+    check_compatible(model, want, spec.app, op.name)
+    target = blobs.job_dir(job.id) / "inputs" / want.name
+    link_or_copy(blobs.path(model.blob), target)
+    job.params = {**job.params, MODEL_PARAM: model.id}
+    job.files.append(
+        JobFile(
+            kind="input",
+            name=want.name,
+            size=model.size,
+            sha256=model.sha256,
+            media_type=model.media_type,
+            blob=blobs.relative(target),
+            model_id=model.id,
+        )
+    )
+
+
+def _metrics(result: dict[str, Any] | None) -> dict[str, Any]:
+    if not result or len(json.dumps(result)) > MAX_METRICS_BYTES:
+        return {}
+    return result
+
+
+def keep_outputs(session: Session, blobs: BlobStore, catalog: Catalog, job: Job) -> None:
+    """Make each model output of a succeeded job a model artifact of its owner."""
+    try:
+        _, op = catalog.operation(job.app, job.operation)
+    except ApiError:
+        return
+    declared = {f.name: f.model for f in op.outputs if f.model is not None}
+    for f in job.files:
+        fmt = declared.get(f.name)
+        if f.kind != "output" or fmt is None:
+            continue
+        model_id = ids.new_id()
+        target = model_dir(blobs, model_id) / f.name
+        link_or_copy(blobs.path(f.blob), target)
+        f.model_id = model_id
+        session.add(
+            ModelArtifact(
+                id=model_id,
+                owner_id=job.owner_id,
+                app=job.app,
+                kind=fmt.kind,
+                format=fmt.format,
+                format_version=fmt.version,
+                name=f.name,
+                operation=job.operation,
+                job_id=job.id,
+                size=f.size,
+                sha256=f.sha256,
+                media_type=f.media_type,
+                blob=blobs.relative(target),
+                metrics=_metrics(job.result),
+                created_at=utcnow(),
+            )
+        )
+
+
+def importable(catalog: Catalog, app: str, fmt: str) -> FileSpec:
+    """The model input of `app` that reads format `fmt` (for `POST /v1/models`)."""
+    entry = catalog.get(app)
+    formats: list[str] = []
+    for op in entry.manifest.operations:
+        want = model_input(op)
+        if want is not None and want.model is not None:
+            if want.model.format == fmt:
+                return want
+            formats.append(want.model.format)
+    known = ", ".join(sorted(set(formats))) or "none"
+    raise ApiError(
+        422,
+        "unknown_model_format",
+        f"spec.format: the {app} app reads no {fmt!r} models; it reads: {known}",
+        field="spec.format",
+    )
+
+
+def view(model: ModelArtifact) -> ModelInfo:
+    return ModelInfo(
+        id=model.id,
+        app=model.app,
+        kind=model.kind,
+        format=model.format,
+        format_version=model.format_version,
+        name=model.name,
+        operation=model.operation,
+        job_id=model.job_id,
+        size=model.size,
+        sha256=model.sha256,
+        media_type=model.media_type,
+        created_at=model.created_at,
+        metrics=model.metrics,
+    )
+
+
+def remove_files(blobs: BlobStore, model_ids: list[str]) -> None:
+    for model_id in model_ids:
+        shutil.rmtree(model_dir(blobs, model_id), ignore_errors=True)
