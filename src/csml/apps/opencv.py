@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 app = App(
     "opencv",
     version="1.0",
-    description="Computer vision with OpenCV: face detection, edges, resizing, filters.",
+    description="Computer vision with OpenCV: face detection, edges, resizing, filters, and "
+    "your own ONNX, Caffe or TensorFlow networks (dnn_infer).",
     preload=("cv2", "numpy", "csml.apps._opencv_init"),
 )
 
@@ -190,3 +191,6 @@ def blur(ctx: JobContext, params: BlurParams) -> dict[str, Any]:
     result = cv2.GaussianBlur(image, (k, k), params.sigma)
     write_png(ctx.output("blurred"), result)
     return _shape(result)
+
+
+from csml.apps import opencv_dnn as _opencv_dnn  # noqa: E402, F401 (registers dnn_infer)
