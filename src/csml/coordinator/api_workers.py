@@ -19,6 +19,7 @@ from csml import ids
 from csml.coordinator.api_attestation import add_worker_key
 from csml.coordinator.auth import current_join_token, current_worker
 from csml.coordinator.errors import ApiError, not_found
+from csml.coordinator.pipelines import PIPELINE_APP
 from csml.coordinator.queue import app_key
 from csml.coordinator.state import core
 from csml.coordinator.uploads import safe_media_type
@@ -49,6 +50,13 @@ def _same(worker: Worker, worker_id: str) -> None:
 def register(body: WorkerRegistration, request: Request, join: Joiner) -> WorkerRegistered:
     """Join the cluster with a join token; announces the app this worker serves."""
     c = core(request)
+    if body.app.name == PIPELINE_APP:
+        raise ApiError(
+            422,
+            "reserved_app_name",
+            f"app.name: {PIPELINE_APP!r} is reserved for pipeline jobs; rename the app",
+            field="app.name",
+        )
     token = ids.new_secret("csmlw")
     now = utcnow()
     worker = Worker(
@@ -100,7 +108,7 @@ async def claim(worker_id: str, body: ClaimRequest, request: Request, me: Me) ->
             remaining = deadline - time.monotonic()
             if jobs or remaining <= 0 or await request.is_disconnected():
                 return ClaimResponse(jobs=jobs)
-            await c.notifier.wait(event, min(remaining, 0.5))
+            await c.notifier.wait(event, min(remaining, c.notifier.recheck_seconds))
 
 
 @router.post("/{worker_id}/heartbeat", response_model=HeartbeatResponse)

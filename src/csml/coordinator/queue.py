@@ -23,6 +23,7 @@ from sqlalchemy import case, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from csml import ids
+from csml.coordinator import artifacts, pipelines
 from csml.coordinator.catalog import Catalog
 from csml.coordinator.config import Settings
 from csml.coordinator.errors import ApiError, not_found
@@ -161,6 +162,9 @@ class JobQueue:
     def check_files(self, spec: JobSpec, names: set[str]) -> None:
         _, op = self.catalog.operation(spec.app, spec.operation)
         declared = {f.name for f in op.inputs}
+        by_id = artifacts.model_input(op)
+        if by_id is not None and artifacts.requested_model(spec) is not None:
+            names = names | {by_id.name}  # attached from the store at submission
         for extra in sorted(names - declared):
             raise ApiError(
                 422,
@@ -204,7 +208,6 @@ class JobQueue:
         self.check_files(spec, set(files))
         limits = self.limits_for(spec)
         job_id = ids.new_id()
-        moved: Path | None = None
         try:
             with transaction(self.sessions) as session:
                 app_row = session.get(AppRecord, spec.app, with_for_update=True)
@@ -246,14 +249,16 @@ class JobQueue:
                                 blob=self.blobs.relative(moved / f.name),
                             )
                         )
+                artifacts.attach(
+                    session, self.blobs, self.catalog, owner_id, spec, job, set(files)
+                )
                 session.add(job)
                 if spec.confidential is not None:
                     self._add_confidential(session, job, spec)
                 else:
                     mark_not_confidential(job)
         except BaseException:
-            if moved is not None:
-                self.blobs.remove_job(job_id)
+            self.blobs.remove_job(job_id)  # adopted inputs and linked models
             raise
         self.notifier.notify(app_key(spec.app))
         return job
@@ -304,7 +309,7 @@ class JobQueue:
     def list_jobs(
         self, owner_id: str, *, state: str | None, app: str | None, limit: int
     ) -> list[Job]:
-        stmt = select(Job).where(Job.owner_id == owner_id)
+        stmt = select(Job).where(Job.owner_id == owner_id, Job.parent_seq.is_(None))  # no steps
         if state:
             stmt = stmt.where(Job.state == state)
         if app:
@@ -319,12 +324,15 @@ class JobQueue:
                 raise ApiError(
                     409, "already_finished", f"job {ids.short(job.id)} already {job.state}"
                 )
+            pipelines.refuse_step_cancel(session, job)
             job.state = JobState.cancelled.value
             job.finished_at = utcnow()
             job.error = "cancelled by its owner"
             job.lease_id = None
             job.lease_expires_at = None
-        self.notifier.notify(job_key(job.id))
+            woken = pipelines.cancel_steps(session, job)
+        for key in [job_key(job.id), *woken]:
+            self.notifier.notify(key)
         return job
 
     # -- workers ------------------------------------------------------------
@@ -448,6 +456,7 @@ class JobQueue:
         outputs_dir = self.attempt_dir(job_id, done.lease_id)
         with transaction(self.sessions) as session:
             job = self.running_job(session, worker, job_id, done.lease_id)
+            pipelines.lock_parent(session, job)
             session.refresh(job, with_for_update=True)
             if job.state != RUNNING or job.lease_id != done.lease_id:
                 raise ApiError(409, "lease_lost", f"job {ids.short(job_id)} is no longer yours")
@@ -491,7 +500,10 @@ class JobQueue:
                             blob=self.blobs.relative(outputs_dir / info.name),
                         )
                     )
-        self.notifier.notify(job_key(job_id))
+                artifacts.keep_outputs(session, self.blobs, self.catalog, job)
+            woken = pipelines.step_finished(self, session, job)
+        for key in [job_key(job_id), *woken]:
+            self.notifier.notify(key)
 
     def output_meta_path(self, job_id: str, lease_id: str, name: str) -> Path:
         return self.attempt_dir(job_id, lease_id) / f"{name}.meta.json"
@@ -504,6 +516,7 @@ class JobQueue:
         """Requeue (or fail, past max attempts) running jobs whose lease expired."""
         now = utcnow()
         changed: list[tuple[str, str]] = []
+        woken: list[str] = []
         with transaction(self.sessions) as session:
             expired = session.scalars(
                 select(Job)
@@ -512,6 +525,8 @@ class JobQueue:
                 .limit(500)
             ).all()
             for job in expired:
+                if job.attempts >= job.max_attempts and not pipelines.try_lock_parent(session, job):
+                    continue  # its pipeline is busy (being cancelled): next round
                 job.worker_id = None
                 job.lease_id = None
                 job.lease_expires_at = None
@@ -522,6 +537,7 @@ class JobQueue:
                         f"the worker running it was lost {job.attempts} times "
                         "(its lease expired); giving up"
                     )
+                    woken += pipelines.step_finished(self, session, job)
                 else:
                     job.state = QUEUED
                     job.progress_fraction = 0.0
@@ -530,6 +546,8 @@ class JobQueue:
         for job_id, app in changed:
             self.notifier.notify(job_key(job_id))
             self.notifier.notify(app_key(app))
+        for key in woken:
+            self.notifier.notify(key)
         if changed:
             log.info("requeued or failed %d jobs whose lease expired", len(changed))
         return len(changed)

@@ -21,6 +21,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from csml.coordinator import pipelines
 from csml.coordinator.queue import TERMINAL
 from csml.coordinator.state import Core
 from csml.store.db import transaction
@@ -42,11 +43,15 @@ def _chunks(items: Sequence[T], size: int = BATCH) -> list[list[T]]:
     return [list(items[i : i + size]) for i in range(0, len(items), size)]
 
 
-def delete_job_rows(session: Session, jobs: Sequence[tuple[int, str]], now: datetime) -> None:
-    """Delete jobs (by (seq, id)) and their file rows; remember their folders for removal.
+def delete_job_rows(
+    session: Session, jobs: Sequence[tuple[int, str]], now: datetime
+) -> list[tuple[int, str]]:
+    """Delete jobs (by (seq, id)), the steps of those that are pipelines, and their file
+    rows; remember their folders for removal. Returns every job deleted.
 
     Rows of other tables that reference a job go with it (ON DELETE CASCADE).
     """
+    jobs = pipelines.with_steps(session, jobs)
     for chunk in _chunks(jobs):
         seqs = [seq for seq, _ in chunk]
         for _, job_id in chunk:
@@ -54,6 +59,7 @@ def delete_job_rows(session: Session, jobs: Sequence[tuple[int, str]], now: date
         session.flush()
         session.execute(delete(JobFile).where(JobFile.job_seq.in_(seqs)))
         session.execute(delete(Job).where(Job.seq.in_(seqs)))
+    return jobs
 
 
 def remove_job_files(core: Core, job_ids: Sequence[str] | None = None) -> int:
@@ -85,14 +91,17 @@ def purge_expired(core: Core) -> int:
                 (seq, job_id)
                 for seq, job_id in session.execute(
                     select(Job.seq, Job.id)
-                    .where(Job.state.in_(TERMINAL), Job.finished_at < cutoff)
+                    # A pipeline's steps go with it.
+                    .where(
+                        Job.state.in_(TERMINAL), Job.finished_at < cutoff, Job.parent_seq.is_(None)
+                    )
                     .order_by(Job.finished_at)
                     .limit(BATCH)
                     .with_for_update(skip_locked=True)
                 )
             ]
-            delete_job_rows(session, rows, now)
-        remove_job_files(core, [job_id for _, job_id in rows])
+            deleted = delete_job_rows(session, rows, now)
+        remove_job_files(core, [job_id for _, job_id in deleted])
         total += len(rows)
         if len(rows) < BATCH:
             return total

@@ -1,6 +1,13 @@
 """Wire schemas shared by the coordinator, workers and clients (pydantic v2)."""
 
-from csml.schemas.apps import AppInfo, AppManifest, FileSpec, OperationInfo, QueueInfo
+from csml.schemas.apps import (
+    AppInfo,
+    AppManifest,
+    FileSpec,
+    ModelFormat,
+    OperationInfo,
+    QueueInfo,
+)
 from csml.schemas.confidential import (
     ClaimedConfidential,
     ConfidentialSpec,
@@ -19,7 +26,9 @@ from csml.schemas.jobs import (
     JobState,
     LimitsRequest,
     Progress,
+    StepStatus,
 )
+from csml.schemas.pipelines import PipelineSpec, StepSpec
 from csml.schemas.workers import (
     ClaimedJob,
     ClaimResponse,
@@ -58,11 +67,15 @@ __all__ = [
     "JoinTokenCreated",
     "JoinTokenInfo",
     "LimitsRequest",
+    "ModelFormat",
     "OperationInfo",
+    "PipelineSpec",
     "Progress",
     "QueueInfo",
     "Recipient",
     "RunningJob",
+    "StepSpec",
+    "StepStatus",
     "WorkerAttestation",
     "WorkerInfo",
     "WorkerKeyInfo",

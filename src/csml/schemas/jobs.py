@@ -58,6 +58,17 @@ class Progress(BaseModel):
     message: str = Field("", max_length=500)
 
 
+class StepStatus(BaseModel):
+    """One step of a pipeline, as its parent job shows it."""
+
+    name: str
+    app: str
+    operation: str
+    state: str = Field(description="`pending` (not created yet) or the step job's state.")
+    job_id: str | None = Field(None, description="The step's own job (GET /v1/jobs/{id}).")
+    error: str | None = None
+
+
 class Job(BaseModel):
     id: str
     app: str
@@ -70,11 +81,20 @@ class Job(BaseModel):
     attempts: int = 0
     max_attempts: int
     progress: Progress = Progress()
+    queue_position: int | None = Field(
+        None, description="Queued jobs: place in the app's queue (1 = claimed next)."
+    )
     error: str | None = None
     result: dict[str, Any] | None = None
     limits: dict[str, float] = {}
     inputs: dict[str, FileInfo] = {}
     outputs: dict[str, FileInfo] = {}
+    models: dict[str, str] = Field(
+        {}, description="Outputs kept as model artifacts: output name -> model id."
+    )
+    steps: list[StepStatus] | None = Field(
+        None, description="Pipelines only: each step with its state and job id."
+    )
     confidential: bool = False
     encrypted_result: EncryptedResult | None = Field(
         None, description="A confidential job's result (or error), for its client only."

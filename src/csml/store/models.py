@@ -119,6 +119,11 @@ class Job(Base):
     worker_id: Mapped[str | None] = mapped_column(String(64))
     lease_id: Mapped[str | None] = mapped_column(String(64))
     lease_expires_at: Mapped[datetime | None]
+    # Pipelines: a step's parent job; on a parent, the index of its current step.
+    parent_seq: Mapped[int | None] = mapped_column(
+        ForeignKey("jobs.seq", ondelete="CASCADE"), default=None
+    )
+    step_index: Mapped[int | None] = mapped_column(Integer, default=None)
 
     files: Mapped[list[JobFile]] = relationship(
         back_populates="job", cascade="all, delete-orphan", lazy="selectin"
@@ -128,6 +133,7 @@ class Job(Base):
         Index("ix_jobs_claim", "app", "state", "fair_rank", "seq"),
         Index("ix_jobs_owner", "owner_id", "seq"),
         Index("ix_jobs_lease", "state", "lease_expires_at"),
+        Index("ix_jobs_parent", "parent_seq", "step_index"),
     )
 
 
@@ -145,5 +151,7 @@ class JobFile(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     media_type: Mapped[str] = mapped_column(String(100))
     blob: Mapped[str] = mapped_column(String(300))
+    # Input: the stored model it came from. Output: the model artifact it became.
+    model_id: Mapped[str | None] = mapped_column(String(64), default=None)
 
     job: Mapped[Job] = relationship(back_populates="files")

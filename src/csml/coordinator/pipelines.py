@@ -1,0 +1,376 @@
+"""Pipelines: one job that runs a short chain of steps across applications.
+
+The parent row (app `pipeline`) is what its owner sees and lists; it is never
+claimed (its stored state is `running` until it ends, and it holds no lease).
+Each step is an ordinary job of its own app, linked by `parent_seq` and
+`step_index`, created when it becomes ready (the first at submission), so
+workers claim it like any other. A step's inputs are rows pointing at the blobs
+of the parent's uploads or of earlier steps' outputs (no copy); each step's
+outputs are mirrored on the parent as `<step>.<output>`, which is also how
+later steps name them.
+
+Lock order: the parent row, then its step rows (cancel, complete); the reaper,
+which holds a step's lock first, only tries the parent's (SKIP LOCKED) and
+leaves the step for its next round when it is busy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from csml import ids
+from csml.coordinator import artifacts, pipeline_spec
+from csml.coordinator import queue as q
+from csml.coordinator.errors import ApiError
+from csml.schemas import Job as JobView
+from csml.schemas import JobSpec, JobState, PipelineSpec, StepSpec, StepStatus
+from csml.schemas.pipelines import UPLOAD_PREFIX
+from csml.store.db import transaction
+from csml.store.models import AppRecord, Job, JobFile, utcnow
+from csml.store.models_confidential import mark_not_confidential
+
+if TYPE_CHECKING:
+    from csml.coordinator.state import Core
+
+PIPELINE_APP = "pipeline"
+PIPELINE_OPERATION = "run"
+PENDING = "pending"
+
+
+def is_parent(job: Job) -> bool:
+    return job.parent_seq is None and job.step_index is not None
+
+
+def step_specs(parent: Job) -> list[StepSpec]:
+    return [StepSpec.model_validate(s) for s in parent.params.get("steps", [])]
+
+
+def _label(index: int, step: StepSpec) -> str:
+    return f"step {index + 1} {step.name!r} ({step.app}.{step.operation})"
+
+
+# -- running ------------------------------------------------------------------------
+
+
+def submit(
+    core: Core,
+    owner_id: str,
+    spec: PipelineSpec,
+    staging: Path | None,
+    files: dict[str, q.StagedFile],
+) -> Job:
+    """Create the parent job and its first step, in one transaction."""
+    ops = pipeline_spec.validate(core.catalog, spec)
+    pipeline_spec.check_files(spec, set(files))
+    limits = core.queue.limits_for(pipeline_spec.first_spec(spec))
+    steps = [
+        s.model_copy(update={"operation": op.name}).model_dump(mode="json")
+        for s, op in zip(spec.steps, ops, strict=True)
+    ]
+    parent_id = ids.new_id()
+    first = spec.steps[0]
+    made: Job | str | None = None
+    try:
+        with transaction(core.sessions) as session:
+            pipeline_spec.check_models(session, core, owner_id, spec)
+            parent = Job(
+                id=parent_id,
+                owner_id=owner_id,
+                app=PIPELINE_APP,
+                operation=PIPELINE_OPERATION,
+                params={"steps": steps},
+                limits=limits.model_dump(),
+                state=q.RUNNING,
+                fair_rank=0,
+                created_at=utcnow(),
+                attempts=0,
+                max_attempts=core.settings.max_attempts,
+                progress_fraction=0.0,
+                progress_message=f"step 1/{len(steps)} {first.name}: queued",
+                step_index=0,
+                files=[],
+            )
+            if staging is not None and files:
+                moved = core.blobs.adopt(staging, parent_id, "inputs")
+                for f in files.values():
+                    parent.files.append(
+                        JobFile(
+                            kind="input",
+                            name=f.name,
+                            size=f.size,
+                            sha256=f.sha256,
+                            media_type=f.media_type,
+                            blob=core.blobs.relative(moved / f.name),
+                        )
+                    )
+            mark_not_confidential(parent)
+            session.add(parent)
+            session.flush()
+            session.get(AppRecord, first.app, with_for_update=True)  # as JobQueue.submit
+            core.queue._check_capacity(session, first.app)
+            made = create_step(core.queue, session, parent, 0)
+            if isinstance(made, str):
+                raise ApiError(422, "invalid_spec", made, field="spec.steps.0")
+    except BaseException:
+        core.blobs.remove_job(parent_id)
+        if isinstance(made, Job):
+            core.blobs.remove_job(made.id)  # a model linked in for it
+        raise
+    core.notifier.notify(q.app_key(first.app))
+    return parent
+
+
+def create_step(queue: q.JobQueue, session: Session, parent: Job, index: int) -> Job | str:
+    """Queue step `index` of `parent`; a string says why it cannot run."""
+    step = step_specs(parent)[index]
+    label = _label(index, step)
+    try:
+        _, op = queue.catalog.operation(step.app, step.operation)
+    except ApiError as exc:
+        return f"{label} cannot start: {exc.message}"
+    app_row = session.get(AppRecord, step.app, with_for_update=True)
+    if app_row is None:
+        return f"{label} cannot start: no application {step.app!r}"
+    required = {f.name for f in op.inputs if f.required}
+    job_id = ids.new_id()
+    inputs: list[JobFile] = []
+    for name, source in step.inputs.items():
+        key = source[len(UPLOAD_PREFIX) :] if source.startswith(UPLOAD_PREFIX) else source
+        kind = "input" if source.startswith(UPLOAD_PREFIX) else "output"
+        found = next((f for f in parent.files if f.kind == kind and f.name == key), None)
+        if found is None:
+            if name in required:
+                return (
+                    f"{label} cannot start: its input {name!r} was to come from {source}, "
+                    "which was not written"
+                )
+            continue
+        inputs.append(
+            JobFile(
+                kind="input",
+                name=name,
+                size=found.size,
+                sha256=found.sha256,
+                media_type=found.media_type,
+                blob=found.blob,
+                model_id=found.model_id,
+            )
+        )
+    owner_rank = session.scalar(
+        select(func.max(Job.fair_rank)).where(
+            Job.owner_id == parent.owner_id, Job.app == step.app, Job.state == q.QUEUED
+        )
+    )
+    job = Job(
+        id=job_id,
+        owner_id=parent.owner_id,
+        app=step.app,
+        operation=op.name,
+        params=dict(step.params),
+        limits=dict(parent.limits),
+        state=q.QUEUED,
+        fair_rank=max(owner_rank or 0, app_row.served_rank) + 1,
+        created_at=utcnow(),
+        attempts=0,
+        max_attempts=parent.max_attempts,
+        progress_fraction=0.0,
+        progress_message="",
+        files=inputs,
+        parent_seq=parent.seq,
+        step_index=index,
+    )
+    spec = JobSpec(app=step.app, operation=op.name, params=step.params)
+    try:
+        artifacts.attach(
+            session, queue.blobs, queue.catalog, parent.owner_id, spec, job, set(step.inputs)
+        )
+    except ApiError as exc:
+        queue.blobs.remove_job(job_id)
+        return f"{label} cannot start: {exc.message}"
+    mark_not_confidential(job)
+    session.add(job)
+    parent.step_index = index
+    return job
+
+
+def lock_parent(session: Session, step: Job) -> None:
+    """Take the parent's row lock before the step's (the pipelines' lock order)."""
+    if step.parent_seq is not None:
+        session.scalars(select(Job.seq).where(Job.seq == step.parent_seq).with_for_update()).all()
+
+
+def try_lock_parent(session: Session, step: Job) -> bool:
+    """For the reaper, which already holds the step: the parent's lock, or False if busy."""
+    if step.parent_seq is None:
+        return True
+    got = session.scalars(
+        select(Job.seq).where(Job.seq == step.parent_seq).with_for_update(skip_locked=True)
+    ).first()
+    return got is not None
+
+
+def step_finished(queue: q.JobQueue, session: Session, step: Job) -> list[str]:
+    """After a step ended (parent locked): start the next one or end the pipeline.
+
+    Returns the notifier keys to wake once the transaction commits."""
+    if step.parent_seq is None or step.step_index is None:
+        return []
+    parent = session.get(Job, step.parent_seq)
+    if parent is None or parent.state in q.TERMINAL:
+        return []
+    specs = step_specs(parent)
+    i, n = step.step_index, len(specs)
+    spec = specs[i]
+    keys = [q.job_key(parent.id)]
+    if step.state != JobState.succeeded.value:
+        what = "was cancelled" if step.state == JobState.cancelled.value else "failed"
+        _end(
+            parent, JobState.failed, f"{_label(i, spec)} {what}: {step.error or 'no reason given'}"
+        )
+        parent.progress_message = f"step {i + 1}/{n} {spec.name}: {step.state}"
+        return keys
+    for f in step.files:
+        if f.kind == "output":
+            parent.files.append(
+                JobFile(
+                    kind="output",
+                    name=f"{spec.name}.{f.name}",
+                    size=f.size,
+                    sha256=f.sha256,
+                    media_type=f.media_type,
+                    blob=f.blob,
+                    model_id=f.model_id,
+                )
+            )
+    session.flush()
+    if i + 1 == n:
+        rows = session.scalars(select(Job).where(Job.parent_seq == parent.seq)).all()
+        results = {specs[r.step_index].name: r.result for r in rows if r.step_index is not None}
+        _end(parent, JobState.succeeded, None)
+        parent.result = {"steps": {s.name: results.get(s.name) for s in specs}}
+        parent.progress_fraction = 1.0
+        parent.progress_message = f"done: {n} steps"
+        return keys
+    made = create_step(queue, session, parent, i + 1)
+    if isinstance(made, str):
+        _end(parent, JobState.failed, made)
+        return keys
+    parent.progress_fraction = (i + 1) / n
+    parent.progress_message = f"step {i + 2}/{n} {specs[i + 1].name}: queued"
+    return [*keys, q.app_key(made.app)]
+
+
+def _end(parent: Job, state: JobState, error: str | None) -> None:
+    parent.state = state.value
+    parent.error = error
+    parent.finished_at = utcnow()
+
+
+def refuse_step_cancel(session: Session, job: Job) -> None:
+    """A step is cancelled through its pipeline (which keeps the lock order)."""
+    if job.parent_seq is None or job.step_index is None:
+        return
+    parent_id = session.scalar(select(Job.id).where(Job.seq == job.parent_seq))
+    raise ApiError(
+        409,
+        "pipeline_step",
+        f"job {ids.short(job.id)} is step {job.step_index + 1} of pipeline "
+        f"{ids.short(parent_id or '')}: cancel the pipeline instead",
+    )
+
+
+def cancel_steps(session: Session, parent: Job) -> list[str]:
+    """The parent was just cancelled: cancel its live step (its worker stops it)."""
+    if not is_parent(parent):
+        return []
+    live = session.scalars(
+        select(Job)
+        .where(Job.parent_seq == parent.seq, Job.state.in_([q.QUEUED, q.RUNNING]))
+        .with_for_update()
+    ).all()
+    now = utcnow()
+    for step in live:
+        step.state = JobState.cancelled.value
+        step.finished_at = now
+        step.error = "cancelled with its pipeline"
+        step.lease_id = None
+        step.lease_expires_at = None
+    return [q.job_key(s.id) for s in live]
+
+
+def with_steps(session: Session, jobs: Sequence[tuple[int, str]]) -> list[tuple[int, str]]:
+    """`jobs` (seq, id) plus the steps of the pipelines among them, each once."""
+    out = list(dict.fromkeys(jobs))
+    seqs = [seq for seq, _ in out]
+    for i in range(0, len(seqs), 500):
+        found = session.execute(
+            select(Job.seq, Job.id).where(Job.parent_seq.in_(seqs[i : i + 500]))
+        )
+        out.extend((seq, job_id) for seq, job_id in found)
+    return list(dict.fromkeys(out))
+
+
+# -- the owner's view -----------------------------------------------------------------
+
+
+def load_steps(sessions: sessionmaker[Session], jobs: Sequence[Job]) -> dict[int, list[Job]]:
+    """The step jobs of the pipelines among `jobs`, by parent seq (one query)."""
+    parents = [j.seq for j in jobs if is_parent(j)]
+    found: dict[int, list[Job]] = {seq: [] for seq in parents}
+    if not parents:
+        return found
+    with sessions() as session:
+        for step in session.scalars(select(Job).where(Job.parent_seq.in_(parents))).all():
+            assert step.parent_seq is not None
+            found[step.parent_seq].append(step)
+    return found
+
+
+def view(base: JobView, job: Job, steps: Sequence[Job], places: dict[str, int]) -> JobView:
+    """A pipeline as one job: live state and progress come from its current step."""
+    specs = step_specs(job)
+    rows = {s.step_index: s for s in steps}
+    statuses = []
+    for i, spec in enumerate(specs):
+        row = rows.get(i)
+        statuses.append(
+            StepStatus(
+                name=spec.name,
+                app=spec.app,
+                operation=spec.operation,
+                state=row.state if row is not None else PENDING,
+                job_id=row.id if row is not None else None,
+                error=row.error if row is not None else None,
+            )
+        )
+    update: dict[str, Any] = {"steps": statuses}
+    first = rows.get(0)
+    if first is not None:
+        update["started_at"] = first.started_at
+    current = rows.get(job.step_index or 0)
+    if current is not None:
+        update["attempts"] = current.attempts
+    if job.state not in q.TERMINAL and current is not None:
+        i, n = current.step_index or 0, len(specs)
+        running = current.state == q.RUNNING
+        state = JobState.running if running or i > 0 else JobState.queued
+        fraction = (i + (current.progress_fraction if running else 0.0)) / n
+        message = (
+            current.progress_message if running and current.progress_message else current.state
+        )
+        update.update(
+            state=state,
+            queue_position=places.get(current.id) if state == JobState.queued else None,
+            progress=base.progress.model_copy(
+                update={
+                    "fraction": min(1.0, fraction),
+                    "message": f"step {i + 1}/{n} {specs[i].name}: {message}"[:500],
+                }
+            ),
+        )
+    return base.model_copy(update=update)
