@@ -7,7 +7,6 @@ import codecs
 import contextlib
 import csv
 import io
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from csml.apps.base import App, JobContext
+from csml.apps.base import App
+from csml.apps.testing import run_operation
 
 SKIMAGE_DATA = Path(__import__("skimage").__file__).parent / "data"
 
@@ -104,7 +104,7 @@ class Ran:
 
 
 class Runner:
-    """Calls an operation in this process through a JobContext, as a job child would."""
+    """Calls an operation in this process as a worker would (`csml.apps.testing`)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -118,17 +118,8 @@ class Runner:
         params: dict[str, Any] | None = None,
     ) -> Ran:
         self.n += 1
-        out = self.root / f"job{self.n}" / "out"
-        scratch = self.root / f"job{self.n}" / "tmp"
-        out.mkdir(parents=True)
-        scratch.mkdir()
-        progress: list[tuple[float, str]] = []
-        ctx = JobContext(
-            inputs, out, progress=lambda f, m: progress.append((f, m)), scratch=scratch
-        )
-        result = app.operations[operation].run(ctx, params or {})
-        json.dumps(result)  # a result must travel as JSON
-        return Ran(result, out, progress)
+        run = run_operation(app, operation, params, inputs, self.root / f"job{self.n}")
+        return Ran(run.result, run.workdir / "outputs", run.progress)
 
 
 def accuracy_from_predictions(predictions: Path, truth: list[str]) -> float:
