@@ -1,0 +1,163 @@
+"""Relay wake-ups between coordinators sharing a PostgreSQL database (LISTEN/NOTIFY).
+
+Two daemon threads, each on a connection of its own taken out of the engine's
+pool (so it uses the same URL and connect arguments): one LISTENs on
+`csml_wake` and hands each key to the local notifier; one sends the keys this
+coordinator publishes, batched, with `pg_notify`. A payload is
+`<origin> <key> <count>` (a key can be published several times per batch: one
+wake per queued job); a coordinator ignores its own. If the LISTEN connection
+drops, it reconnects with backoff and then wakes every local waiter, since
+notifications sent meanwhile are lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import secrets
+import threading
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+from sqlalchemy.engine import Engine
+
+log = logging.getLogger("csml.coordinator.notify")
+
+CHANNEL = "csml_wake"
+MAX_BATCH = 500
+POLL_SECONDS = 1.0  # how often the threads check whether to stop
+
+
+class PgRelay:
+    def __init__(
+        self,
+        engine: Engine,
+        deliver: Callable[[str | None, int], None],
+        alive: Callable[[], bool] = lambda: True,
+    ) -> None:
+        """`deliver(key, times)` wakes local waiters as for `times` notifications of `key`
+        (None: every waiter); the threads end once `alive()` is false or `close()` is called."""
+        self.origin = secrets.token_hex(8)
+        self.listening = threading.Event()  # LISTEN is active: other coordinators reach us
+        self.received = 0  # notifications from other coordinators, for metrics and tests
+        self._engine = engine
+        self._deliver = deliver
+        self._alive = alive
+        self._stop = threading.Event()
+        self._outbox: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._listen_loop, name="csml-pg-listen", daemon=True),
+            threading.Thread(target=self._publish_loop, name="csml-pg-notify", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    def publish(self, key: str) -> None:
+        """Queue `key` for the other coordinators (never blocks)."""
+        self._outbox.put(key)
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(timeout)
+
+    def _running(self) -> bool:
+        return not self._stop.is_set() and self._alive()
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        """A connection of the engine's, detached from its pool, in autocommit mode."""
+        fairy = self._engine.raw_connection()
+        fairy.detach()
+        conn = fairy.dbapi_connection
+        if not isinstance(conn, psycopg.Connection):
+            fairy.close()
+            raise TypeError("LISTEN/NOTIFY needs the psycopg (3) driver: postgresql+psycopg://")
+        conn.rollback()  # the pool's ping may have begun a transaction
+        conn.autocommit = True
+        return conn
+
+    # -- receiving ------------------------------------------------------------
+
+    def _listen_loop(self) -> None:
+        delay = 0.2
+        while self._running():
+            conn: psycopg.Connection[Any] | None = None
+            try:
+                conn = self._connect()
+                conn.execute("LISTEN " + CHANNEL)  # a constant identifier
+                self.listening.set()
+                delay = 0.2
+                self._deliver(None, 1)  # anything sent while we were not listening
+                while self._running():
+                    for note in conn.notifies(timeout=POLL_SECONDS):
+                        self._received(note.payload)
+            except TypeError as exc:
+                log.warning("coordinators will not wake each other: %s", exc)
+                return
+            except (psycopg.Error, OSError) as exc:
+                if self._running():
+                    log.warning(
+                        "LISTEN connection lost (%s); reconnecting in %.1f s",
+                        type(exc).__name__,
+                        delay,
+                    )
+            finally:
+                self.listening.clear()
+                if conn is not None:
+                    _close(conn)
+            self._stop.wait(delay)
+            delay = min(delay * 2, 5.0)
+
+    def _received(self, payload: str) -> None:
+        parts = payload.split(" ")
+        if len(parts) != 3 or parts[0] == self.origin or not parts[2].isdigit():
+            return
+        self.received += 1
+        self._deliver(parts[1], int(parts[2]))
+
+    # -- sending --------------------------------------------------------------
+
+    def _publish_loop(self) -> None:
+        conn: psycopg.Connection[Any] | None = None
+        try:
+            while self._running():
+                try:
+                    first = self._outbox.get(timeout=POLL_SECONDS)
+                except queue.Empty:
+                    continue
+                keys = Counter([first])
+                while len(keys) < MAX_BATCH:
+                    try:
+                        keys[self._outbox.get_nowait()] += 1
+                    except queue.Empty:
+                        break
+                # PostgreSQL folds identical payloads of one transaction: count repeats.
+                payloads = [f"{self.origin} {k} {n}" for k, n in sorted(keys.items())]
+                try:
+                    if conn is None:
+                        conn = self._connect()
+                    conn.execute(
+                        "SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p",
+                        (CHANNEL, payloads),
+                    )
+                except TypeError:
+                    return  # said once by the listener
+                except (psycopg.Error, OSError) as exc:
+                    # Dropped: the other coordinators' long-polls re-check the store anyway.
+                    log.warning("could not relay %d wake-ups (%s)", len(keys), type(exc).__name__)
+                    if conn is not None:
+                        _close(conn)
+                    conn = None
+                    self._stop.wait(0.5)
+        finally:
+            if conn is not None:
+                _close(conn)
+
+
+def _close(conn: psycopg.Connection[Any]) -> None:
+    with contextlib.suppress(psycopg.Error, OSError):
+        conn.close()
