@@ -29,9 +29,23 @@ IDENTITY = {
     ("get", "/v1/jobs/{job_id}"),
     ("delete", "/v1/jobs/{job_id}"),
     ("get", "/v1/jobs/{job_id}/outputs/{name}"),
+    ("get", "/v1/models"),
+    ("post", "/v1/models"),
+    ("get", "/v1/models/{model_id}"),
+    ("get", "/v1/models/{model_id}/info"),
+    ("delete", "/v1/models/{model_id}"),
+    ("get", "/v1/jobs/events"),
 }
-JOB_SCOPED = {r for r in IDENTITY if "{job_id}" in r[1]}
+JOB_SCOPED = {r for r in IDENTITY if "{job_id}" in r[1] or "{model_id}" in r[1]}
 JOIN_TOKEN = {("post", "/v1/workers")}
+OPERATOR = {
+    ("get", "/v1/operator/overview"),
+    ("get", "/v1/operator/stats"),
+    ("get", "/v1/operator/join-tokens"),
+    ("post", "/v1/operator/join-tokens"),
+    ("delete", "/v1/operator/join-tokens/{token_id}"),
+}
+OPERATOR_TOKEN = "csmlop_matrix-operator-token"
 WORKER = {
     ("delete", "/v1/workers/{worker_id}"),
     ("post", "/v1/workers/{worker_id}/claim"),
@@ -80,13 +94,14 @@ def test_every_route_is_classified(cluster: Cluster) -> None:
         for path, ops in httpx.get(f"{cluster.url}/openapi.json").json()["paths"].items()
         for method in ops
     }
-    assert routes == PUBLIC | IDENTITY | JOIN_TOKEN | WORKER
+    assert routes == PUBLIC | IDENTITY | JOIN_TOKEN | WORKER | OPERATOR
 
 
 def test_identity_routes(cluster: Cluster) -> None:
     owner, other = cluster.new_user(), cluster.new_user()
     job = owner.submit("echo", "echo", files={"data": b"secret"}).wait(30)
-    values = {"job_id": job.id, "name": "data"}
+    model = owner.import_model("dlib", "csml-dlib-svm", b'{"secret": 1}')
+    values = {"job_id": job.id, "name": "data", "model_id": model.id}
     for method, template in sorted(IDENTITY):
         for headers in ({}, bearer("csml_not-a-token"), {"Authorization": "Basic eA=="}):
             r = call(cluster, method, template, headers, **values)
@@ -95,9 +110,10 @@ def test_identity_routes(cluster: Cluster) -> None:
             r = call(cluster, method, template, bearer(other.token or ""), **values)
             assert r.status_code == 404, (method, template, r.status_code)
             assert b"secret" not in r.content
-    assert other.jobs() == []
+    assert other.jobs() == [] and other.models() == []
     # The owner still has everything, untouched by the others' attempts.
     assert owner.job(job.id).state.value == "succeeded"
+    assert [m.id for m in owner.models()] == [model.id]
     r = call(
         cluster, "get", "/v1/jobs/{job_id}/outputs/{name}", bearer(owner.token or ""), **values
     )
@@ -145,3 +161,38 @@ def test_worker_routes(tmp_path: Any) -> None:
         assert r.status_code == 401
         # The job comes back to the queue when the revoked worker's lease ends.
         wait_for(lambda: user.job(job.id).state.value == "queued", timeout=30)
+
+
+def test_operator_routes(cluster: Cluster, tmp_path: Any) -> None:
+    # Without CSML_OPERATOR_TOKEN the operator view is off for everyone.
+    user = cluster.new_user()
+    for method, template in sorted(OPERATOR):
+        for headers in ({}, bearer(OPERATOR_TOKEN), bearer(user.token or "")):
+            r = call(cluster, method, template, headers, token_id="0" * 64)
+            assert r.status_code == 403, (method, template, r.status_code)
+    with running_cluster(tmp_path / "c", {"CSML_OPERATOR_TOKEN": OPERATOR_TOKEN}) as op_cluster:
+        user = op_cluster.new_user()
+        worker = register_worker(op_cluster, op_cluster.join_token)
+        token_id = op_cluster.csml("join-token", "list").stdout.split()[0]
+        callers = (
+            {},
+            bearer(OPERATOR_TOKEN + "x"),
+            bearer(OPERATOR_TOKEN[:-1]),
+            bearer(user.token or ""),
+            bearer(op_cluster.join_token),
+            bearer(worker["worker_token"]),
+        )
+        for method, template in sorted(OPERATOR):
+            for headers in callers:
+                r = call(op_cluster, method, template, headers, token_id=token_id)
+                assert r.status_code == 401, (method, template, headers, r.status_code)
+                assert r.json()["error"]["code"] == "unauthorized"
+        # The operator token works, and the user and worker tokens were not spent on it.
+        ok = bearer(OPERATOR_TOKEN)
+        revoke = ("delete", "/v1/operator/join-tokens/{token_id}")
+        for method, template in sorted(OPERATOR - {revoke}):
+            r = call(op_cluster, method, template, ok, token_id=token_id)
+            assert r.status_code in (200, 201), (method, template, r.status_code, r.text)
+        r = call(op_cluster, "delete", "/v1/operator/join-tokens/{token_id}", ok, token_id=token_id)
+        assert r.status_code == 204
+        assert user.jobs() == []

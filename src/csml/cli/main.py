@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from csml.cli import attest, demo, operator
+from csml.cli import attest, demo, models, operator, pipeline, scaffold
+from csml.cli.follow import follow
 from csml.cli.output import console, fail, jobs_table, show_job
 from csml.cli.params import find_operation, map_files, parse_params
 from csml.client import Client, CsmlError
@@ -30,6 +30,11 @@ app.command("server")(operator.server)
 app.command("worker")(operator.worker)
 app.command("demo")(demo.demo)
 app.command("attest")(attest.attest)
+app.add_typer(scaffold.app_cli, name="app")
+app.add_typer(models.models_app, name="models")
+app.command("train")(models.train)
+app.command("predict")(models.predict)
+app.add_typer(pipeline.pipeline_app, name="pipeline")
 
 UrlOpt = Annotated[
     str | None,
@@ -141,8 +146,8 @@ def submit(
         raise CsmlError("--policy and --insecure-allow-unattested go with --confidential")
     with client(url) as c:
         op = find_operation(c.app(app_name), operation)
-        inputs = map_files(op, files or [])
         params = parse_params(param or [], params_json)
+        inputs = map_files(op, files or [], by_id=params)
         job = c.submit(
             app_name,
             op.name,
@@ -154,33 +159,8 @@ def submit(
         )
         attest.warn_insecure(job.recipients)
         console.print(f"submitted {job.id}")
-        if not (wait or output):
-            return
-        with Progress(
-            SpinnerColumn(),
-            TextColumn("{task.description}"),
-            BarColumn(),
-            TextColumn("{task.percentage:>3.0f}%"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-        ) as bar:
-            task = bar.add_task(job.state.value, total=1.0)
-
-            def update(j: object) -> None:
-                fraction, message = job.progress
-                bar.update(
-                    task, completed=fraction, description=f"{job.state.value} {message}"[:60]
-                )
-
-            job.wait(timeout=timeout, on_progress=update)
-        show_job(attest.plain_view(job))
-        if output is not None and job.state.value == "succeeded":
-            output.mkdir(parents=True, exist_ok=True)
-            for name in job.data.outputs:
-                console.print(f"saved     {job.download(name, output)}")
-        if job.state.value != "succeeded":
-            raise typer.Exit(1)
+        if wait or output:
+            follow(job, timeout, output)
 
 
 @app.command("jobs")

@@ -29,7 +29,15 @@ def _settings() -> Settings:
         from csml.coordinator.config import Settings
     except ImportError:
         raise CsmlError("the coordinator is not installed: pip install 'csml[server]'") from None
-    return Settings()
+    from pydantic import ValidationError
+
+    try:
+        return Settings()
+    except ValidationError as exc:  # e.g. an unreadable CSML_DATABASE_URL_FILE
+        first = exc.errors()[0]
+        msg = str(first["msg"]).removeprefix("Value error, ")
+        where = "_".join(str(p) for p in first["loc"]).upper()
+        raise CsmlError(f"CSML_{where}: {msg}" if where else msg) from None
 
 
 PinOpt = Annotated[
@@ -62,6 +70,8 @@ def _serve(host: str, port: int, log_level: str, tls: tuple[Path, Path] | None =
         port=port,
         access_log=False,
         log_config=None,
+        # Open event streams (the web page) must not hold a shutdown for long.
+        timeout_graceful_shutdown=5,
         log_level=log_level,
         ssl_certfile=str(tls[0]) if tls else None,
         ssl_keyfile=str(tls[1]) if tls else None,
@@ -90,13 +100,24 @@ def server(
 
 
 def worker(
-    app_name: Annotated[str, typer.Option("--app", help="The application to serve.")],
+    app_name: Annotated[
+        str, typer.Option("--app", envvar="CSML_APP", help="The application to serve.")
+    ],
     coordinator: Annotated[str, typer.Option(envvar="CSML_COORDINATOR", help="Coordinator URL.")],
     join_token: Annotated[
-        str, typer.Option(envvar="CSML_JOIN_TOKEN", help="From `csml join-token create`.")
-    ],
+        str | None, typer.Option(envvar="CSML_JOIN_TOKEN", help="From `csml join-token create`.")
+    ] = None,
+    join_token_file: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="CSML_JOIN_TOKEN_FILE",
+            help="A file holding the join token (e.g. a Docker or Kubernetes secret).",
+        ),
+    ] = None,
     slots: Annotated[int, typer.Option(min=1, max=256, help="Jobs run at once.")] = 1,
-    workdir: Annotated[Path | None, typer.Option(help="Scratch folder for jobs.")] = None,
+    workdir: Annotated[
+        Path | None, typer.Option(envvar="CSML_WORKDIR", help="Scratch folder for jobs.")
+    ] = None,
     claim_wait: Annotated[
         float,
         typer.Option(envvar="CSML_CLAIM_WAIT", help="Seconds each idle claim long-polls."),
@@ -126,6 +147,7 @@ def worker(
     from csml.worker.agent import WorkerAgent, WorkerConfig
 
     setup_logging()
+    join_token = _join_token(join_token, join_token_file)
     collateral = _read_collateral(attestation_collateral) if attestation_collateral else None
     if app_name not in available_app_names():
         raise CsmlError(
@@ -160,6 +182,22 @@ def worker(
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     agent.run()
+
+
+def _join_token(token: str | None, path: Path | None) -> str:
+    """The join token, given directly or in a file (a secret mount); exactly one source."""
+    if token and path:
+        raise CsmlError("give --join-token or --join-token-file (CSML_JOIN_TOKEN[_FILE]), not both")
+    if path is not None:
+        try:
+            token = path.read_text().strip()
+        except OSError as exc:
+            raise CsmlError(f"--join-token-file: cannot read {path}: {exc.strerror}") from None
+        if not token:
+            raise CsmlError(f"--join-token-file: {path} is empty")
+    if not token:
+        raise CsmlError("a join token is needed: --join-token, --join-token-file, CSML_JOIN_TOKEN")
+    return token
 
 
 def _read_collateral(path: Path) -> dict[str, str]:

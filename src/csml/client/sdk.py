@@ -14,7 +14,7 @@ import json
 import mimetypes
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -24,8 +24,9 @@ import httpx
 from csml.client.config import UserConfig
 from csml.client.errors import CsmlError, QueueFull, Unreachable, WaitTimeout, raise_for
 from csml.client.transport import check_url, verify_option
-from csml.schemas import AppInfo, IdentityCreated, JobState, WorkerKeyInfo
+from csml.schemas import AppInfo, IdentityCreated, JobState, StepSpec, WorkerKeyInfo
 from csml.schemas import Job as JobData
+from csml.schemas.models import ModelInfo
 
 if TYPE_CHECKING:
     from csml.attestation.policy import Policy
@@ -201,6 +202,34 @@ class Client:
             job.recipients = accepted
         return job
 
+    def submit_pipeline(
+        self,
+        steps: Sequence[StepSpec | Mapping[str, Any]],
+        *,
+        files: dict[str, FileArg] | None = None,
+        limits: dict[str, float] | None = None,
+        retry_queue_full: float = 0.0,
+    ) -> Job:
+        """Submit a chain of steps as one job. Each step is `{"name", "app", "operation",
+        "params", "inputs"}`, its inputs wired to `"upload:<key of files>"` or to
+        `"<earlier step>.<output>"`. The job's outputs are `<step>.<output>`; its result
+        is `{"steps": {name: result}}`; `job.data.steps` shows each step's state."""
+        spec: dict[str, Any] = {
+            "steps": [
+                s.model_dump(mode="json") if isinstance(s, StepSpec) else dict(s) for s in steps
+            ]
+        }  # checked by the coordinator: errors name the field (spec.steps.1.inputs.image)
+        if limits:
+            spec["limits"] = limits
+        deadline = time.monotonic() + retry_queue_full
+        while True:
+            try:
+                return self._submit_once(spec, files or {})
+            except QueueFull as exc:
+                if time.monotonic() + exc.retry_after > deadline:
+                    raise
+                time.sleep(exc.retry_after)
+
     def workers(self, app: str) -> list[WorkerKeyInfo]:
         """The app's live workers with their public keys and attestation evidence."""
         data = self.request("GET", f"/v1/apps/{app}/workers").json()
@@ -280,6 +309,56 @@ class Client:
             params["app"] = app
         data = self.request("GET", "/v1/jobs", params=params).json()
         return [Job(self, JobData.model_validate(j)) for j in data["jobs"]]
+
+    # -- models -------------------------------------------------------------
+
+    def models(self) -> list[ModelInfo]:
+        """Your models (trained by your jobs or imported), newest first."""
+        data = self.request("GET", "/v1/models").json()
+        return [ModelInfo.model_validate(m) for m in data["models"]]
+
+    def model(self, model_id: str) -> ModelInfo:
+        return ModelInfo.model_validate(self.request("GET", f"/v1/models/{model_id}/info").json())
+
+    def download_model(self, model_id: str, path: str | os.PathLike[str]) -> Path:
+        """Save a model's file to `path` (a folder gets a file named after the model)."""
+        target = Path(path)
+        if target.is_dir():
+            info = self.model(model_id)
+            ext = mimetypes.guess_extension(info.media_type) or ""
+            target = target / f"{info.app}-{info.kind}-{info.id[:12]}{ext}"
+        return _save_stream(self._stream(f"/v1/models/{model_id}"), target)
+
+    def delete_model(self, model_id: str) -> None:
+        self.request("DELETE", f"/v1/models/{model_id}")
+
+    def import_model(
+        self,
+        app: str,
+        format: str,
+        file: FileArg,
+        *,
+        format_version: int | None = None,
+        name: str = "model",
+    ) -> ModelInfo:
+        """Keep a model file (e.g. one downloaded earlier) as one of your models."""
+        spec: dict[str, Any] = {"app": app, "format": format, "name": name}
+        if format_version is not None:
+            spec["format_version"] = format_version
+        with ExitStack() as stack:
+            parts: list[tuple[str, Any]] = [
+                ("spec", (None, json.dumps(spec), "application/json")),
+                ("model", _file_part("model", file, stack)),
+            ]
+            response = self.request("POST", "/v1/models", files=parts)
+        return ModelInfo.model_validate(response.json())
+
+    def _stream(self, path: str) -> Iterator[bytes]:
+        with self._http.stream("GET", path, headers=self._headers()) as r:
+            if r.status_code >= 400:
+                r.read()
+                raise_for(r)
+            yield from r.iter_bytes(1 << 20)
 
 
 def _file_part(name: str, value: FileArg, stack: ExitStack) -> tuple[str, Any, str]:
@@ -380,6 +459,11 @@ class Job:
         return {name: f.model_dump() for name, f in self.data.outputs.items()}
 
     @property
+    def models(self) -> dict[str, str]:
+        """Outputs kept as your models: output name -> model id (use as params.model)."""
+        return dict(self.data.models)
+
+    @property
     def progress(self) -> tuple[float, str]:
         return self.data.progress.fraction, self.data.progress.message
 
@@ -423,12 +507,7 @@ class Job:
         yield from self._iter_stored(name)
 
     def _iter_stored(self, name: str) -> Iterator[bytes]:
-        path = f"/v1/jobs/{self.id}/outputs/{name}"
-        with self._client._http.stream("GET", path, headers=self._client._headers()) as r:
-            if r.status_code >= 400:
-                r.read()
-                raise_for(r)
-            yield from r.iter_bytes(1 << 20)
+        yield from self._client._stream(f"/v1/jobs/{self.id}/outputs/{name}")
 
     def _iter_decrypted(self, name: str) -> Iterator[bytes]:
         from csml.crypto import DecryptionError, StreamDecryptor, associated_data
@@ -459,13 +538,18 @@ class Job:
         if target.is_dir():
             ext = mimetypes.guess_extension(self.data.outputs[name].media_type) or ""
             target = target / f"{name}{ext}"
-        tmp = target.with_name(target.name + ".part")
-        try:
-            with open(tmp, "wb") as out:
-                for chunk in self.iter_output(name):
-                    out.write(chunk)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        tmp.replace(target)
-        return target
+        return _save_stream(self.iter_output(name), target)
+
+
+def _save_stream(chunks: Iterator[bytes], target: Path) -> Path:
+    """Write to `target.part`, renamed at the end, so a failed download leaves no file."""
+    tmp = target.with_name(target.name + ".part")
+    try:
+        with open(tmp, "wb") as out:
+            for chunk in chunks:
+                out.write(chunk)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(target)
+    return target

@@ -14,13 +14,13 @@ from sqlalchemy import func, select
 from starlette.concurrency import run_in_threadpool
 
 from csml import ids
-from csml.coordinator import abuse
+from csml.coordinator import abuse, artifacts, pipeline_spec, pipelines
 from csml.coordinator.auth import current_identity
 from csml.coordinator.errors import ApiError, not_found
 from csml.coordinator.queue import job_key
 from csml.coordinator.state import Core, core
 from csml.coordinator.uploads import parse_submission
-from csml.coordinator.views import job_view
+from csml.coordinator.views import job_views
 from csml.schemas import (
     AppInfo,
     ErrorBody,
@@ -30,6 +30,7 @@ from csml.schemas import (
     JobList,
     JobSpec,
     JobState,
+    PipelineSpec,
     QueueInfo,
 )
 from csml.schemas.identities import IdentityChallenge, IdentityProof
@@ -154,8 +155,9 @@ SUBMIT_BODY: dict[str, Any] = {
                     "properties": {
                         "spec": {
                             "type": "string",
-                            "description": 'JSON: {"app": ..., "operation": ..., "params": {...}}.'
-                            " Send it first.",
+                            "description": 'JSON: {"app": ..., "operation": ..., "params": {...}}'
+                            ' or a pipeline {"steps": [{"name", "app", "operation", "params",'
+                            ' "inputs": {"image": "upload:photo"}}, ...]}. Send it first.',
                         }
                     },
                     "additionalProperties": {"type": "string", "format": "binary"},
@@ -165,6 +167,11 @@ SUBMIT_BODY: dict[str, Any] = {
         },
     }
 }
+
+
+def check_model_quota(c: Core, owner_id: str, spec: JobSpec) -> None:
+    _, op = c.catalog.operation(spec.app, spec.operation)
+    abuse.check_model_quota(c, owner_id, artifacts.makes_models(op))
 
 
 @router.post(
@@ -181,25 +188,44 @@ async def submit_job(request: Request, me: Me) -> JSONResponse:
     upload = abuse.announced_upload(request.headers)
     await run_in_threadpool(abuse.check_submission, c, me.id, upload)  # 429 past a limit
     if request.headers.get("content-type", "").startswith("application/json"):
-        spec = parse_spec(await request.body())
-        job = await run_in_threadpool(c.queue.submit, me.id, spec, None, {})
+        raw = await request.body()
+        if pipeline_spec.is_pipeline(raw):  # {"steps": [...]}: see csml.coordinator.pipelines
+            pipeline = pipeline_spec.parse(raw)
+            await run_in_threadpool(pipeline_spec.check, c, me.id, pipeline)
+            job = await run_in_threadpool(pipelines.submit, c, me.id, pipeline, None, {})
+        else:
+            spec = parse_spec(raw)
+            await run_in_threadpool(check_model_quota, c, me.id, spec)
+            job = await run_in_threadpool(c.queue.submit, me.id, spec, None, {})
     else:
         staging = await run_in_threadpool(c.blobs.new_staging)
         holder: dict[str, JobSpec] = {}
+        piped: dict[str, PipelineSpec] = {}
 
         async def on_spec(raw: bytes) -> None:
+            if pipeline_spec.is_pipeline(raw):
+                piped["spec"] = pipeline_spec.parse(raw)
+                await run_in_threadpool(pipeline_spec.check, c, me.id, piped["spec"])
+                return
             holder["spec"] = parse_spec(raw)
             await run_in_threadpool(c.queue.check_spec, holder["spec"])
+            await run_in_threadpool(check_model_quota, c, me.id, holder["spec"])
 
         try:
             parsed = await parse_submission(request, staging, c.settings.max_upload_bytes, on_spec)
-            job = await run_in_threadpool(
-                c.queue.submit, me.id, holder["spec"], staging, parsed.files
-            )
+            if piped:
+                job = await run_in_threadpool(
+                    pipelines.submit, c, me.id, piped["spec"], staging, parsed.files
+                )
+            else:
+                job = await run_in_threadpool(
+                    c.queue.submit, me.id, holder["spec"], staging, parsed.files
+                )
         finally:
             await run_in_threadpool(c.blobs.discard, staging)
+    view = (await run_in_threadpool(job_views, c.sessions, [job]))[0]
     return JSONResponse(
-        job_view(job).model_dump(mode="json"),
+        view.model_dump(mode="json"),
         status_code=202,
         headers={"Location": f"/v1/jobs/{job.id}"},
     )
@@ -214,10 +240,9 @@ def list_jobs(
     limit: int = Query(100, ge=1, le=1000),
 ) -> JobList:
     """Your jobs, newest first."""
-    jobs = core(request).queue.list_jobs(
-        me.id, state=state.value if state else None, app=app, limit=limit
-    )
-    return JobList(jobs=[job_view(j) for j in jobs])
+    c = core(request)
+    jobs = c.queue.list_jobs(me.id, state=state.value if state else None, app=app, limit=limit)
+    return JobList(jobs=job_views(c.sessions, jobs))
 
 
 @router.get("/jobs/{job_id}", response_model=Job, tags=["jobs"], responses=ERRORS)
@@ -231,21 +256,22 @@ async def get_job(
     c = core(request)
     job = await run_in_threadpool(c.queue.get, me.id, job_id)
     if JobState(job.state).terminal or wait <= 0:
-        return job_view(job)
+        return (await run_in_threadpool(job_views, c.sessions, [job]))[0]
     deadline = time.monotonic() + min(wait, c.settings.max_wait_seconds)
     with c.notifier.subscribe(job_key(job.id)) as event:
         while True:
             job = await run_in_threadpool(c.queue.get, me.id, job.id)
             remaining = deadline - time.monotonic()
             if JobState(job.state).terminal or remaining <= 0:
-                return job_view(job)
+                return (await run_in_threadpool(job_views, c.sessions, [job]))[0]
             await c.notifier.wait(event, min(remaining, 1.0))
 
 
 @router.delete("/jobs/{job_id}", response_model=Job, tags=["jobs"], responses=ERRORS)
 def cancel_job(job_id: str, request: Request, me: Me) -> Job:
     """Cancel a queued or running job (a running one is stopped on its worker)."""
-    return job_view(core(request).queue.cancel(me.id, job_id))
+    c = core(request)
+    return job_views(c.sessions, [c.queue.cancel(me.id, job_id)])[0]
 
 
 @router.get(

@@ -7,27 +7,43 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 import csml
+from csml import ids
 from csml.apps.registry import installed_apps
-from csml.coordinator import api_attestation, api_users, api_workers, retention
+from csml.coordinator import (
+    api_attestation,
+    api_events,
+    api_models,
+    api_operator,
+    api_users,
+    api_workers,
+    retention,
+)
 from csml.coordinator.catalog import Catalog
-from csml.coordinator.config import Settings
+from csml.coordinator.config import Settings, read_secret_file
 from csml.coordinator.errors import ApiError, install_handlers
 from csml.coordinator.metrics import make_registry
 from csml.coordinator.notify import Notifier
 from csml.coordinator.queue import JobQueue
 from csml.coordinator.state import Core
 from csml.schemas import JobSpec
-from csml.store import models_abuse  # noqa: F401 - registers the abuse-control tables
+from csml.store import (
+    models_abuse,  # noqa: F401 - registers the abuse-control tables
+    models_artifacts,  # noqa: F401 - registers the models table
+)
 from csml.store.blobs import BlobStore
-from csml.store.db import make_engine, make_sessionmaker, migrate, transaction
+from csml.store.db import insert_ignore, make_engine, make_sessionmaker, migrate, transaction
+from csml.store.models import JoinToken, utcnow
+from csml.web import routes as web_routes
 
 log = logging.getLogger("csml.coordinator")
 
@@ -43,9 +59,28 @@ def build_core(settings: Settings) -> Core:
     with transaction(sessions) as session:
         for app in installed_apps().values():
             catalog.upsert(session, app.manifest())
-    notifier = Notifier()
+        if settings.bootstrap_join_token_file is not None:
+            register_join_token(session, settings.bootstrap_join_token_file)
+    notifier = Notifier(engine)  # on PostgreSQL, relays wake-ups between coordinators
     queue = JobQueue(settings, sessions, blobs, catalog, notifier)
     return Core(settings, engine, sessions, blobs, catalog, notifier, queue)
+
+
+def register_join_token(session: Session, path: Path) -> None:
+    """Store the hash of the join token in `path` unless it is there already.
+
+    Idempotent, so every replica of the coordinator may do it at start (a Swarm or
+    Kubernetes secret); a token revoked since stays revoked.
+    """
+    token = read_secret_file(path, "bootstrap_join_token_file")
+    insert_ignore(
+        session,
+        JoinToken,
+        id=ids.new_id(),
+        token_hash=ids.hash_secret(token),
+        label="bootstrap (CSML_BOOTSTRAP_JOIN_TOKEN_FILE)",
+        created_at=utcnow(),
+    )
 
 
 async def _reaper(core: Core) -> None:
@@ -114,9 +149,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.core = core
     install_handlers(app)
     _document_job_spec(app)
+    app.include_router(api_events.router)  # before api_users: /v1/jobs/events is no job id
     app.include_router(api_users.router)
     app.include_router(api_workers.router)
     app.include_router(api_attestation.router)
+    app.include_router(api_models.router)
+    app.include_router(api_operator.router)
+    web_routes.mount(app)
 
     @app.middleware("http")
     async def observe(

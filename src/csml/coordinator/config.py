@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from platformdirs import user_data_dir
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from csml.store.db import sqlite_url
@@ -16,6 +16,12 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(default_factory=lambda: Path(user_data_dir("csml")))
     database_url: str | None = Field(None, description="Default: SQLite in the data directory.")
+    database_url_file: Path | None = Field(
+        None, description="A file holding the database URL (a secret mount); not with the URL."
+    )
+    bootstrap_join_token_file: Path | None = Field(
+        None, description="A file holding a join token to register (hashed) at start."
+    )
 
     queue_capacity: int = Field(1000, ge=1, description="Default queued-job bound per app.")
     queue_capacities: dict[str, int] = Field(default_factory=dict, description="Per-app bounds.")
@@ -58,8 +64,41 @@ class Settings(BaseSettings):
     )
     retention_interval_seconds: float = Field(60.0, gt=0, description="How often to purge.")
 
+    # The operator view (/operator, /v1/operator/...): off unless a token is set.
+    operator_token: SecretStr | None = Field(
+        None, description="Bearer token of the operator view; distinct from user tokens."
+    )
+    operator_token_file: Path | None = Field(None, description="A file holding it instead.")
+
+    @model_validator(mode="after")
+    def _read_database_url_file(self) -> Settings:
+        if self.database_url_file is not None:
+            if self.database_url:
+                raise ValueError("set CSML_DATABASE_URL or CSML_DATABASE_URL_FILE, not both")
+            self.database_url = read_secret_file(self.database_url_file, "database_url_file")
+        return self
+
     def resolved_database_url(self) -> str:
         return self.database_url or sqlite_url(self.data_dir)
 
+    def operator_secret(self) -> str | None:
+        """The operator token, from the setting or its file; None when the view is off."""
+        if self.operator_token is not None:
+            return self.operator_token.get_secret_value().strip() or None
+        if self.operator_token_file is not None:
+            return read_secret_file(self.operator_token_file, "operator_token_file")
+        return None
+
     def capacity(self, app: str) -> int:
         return self.queue_capacities.get(app, self.queue_capacity)
+
+
+def read_secret_file(path: Path, what: str) -> str:
+    """The stripped text of a secret file; a clear error when missing or empty."""
+    try:
+        value = path.read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"{what}: cannot read {path}: {exc.strerror}") from None
+    if not value:
+        raise ValueError(f"{what}: {path} is empty")
+    return value

@@ -1,0 +1,131 @@
+"""The operator's API (`/v1/operator/...`), behind `CSML_OPERATOR_TOKEN`.
+
+The operator token is a setting of the coordinator, not a row of the store, and
+is never an identity's or a worker's token. With no token configured the routes
+answer 403 (the view is off).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from sqlalchemy import func, select
+from starlette.concurrency import run_in_threadpool
+
+from csml import ids
+from csml.coordinator import opstats
+from csml.coordinator.auth import bearer
+from csml.coordinator.errors import ApiError, not_found, unauthorized
+from csml.coordinator.state import core
+from csml.schemas import ErrorBody, JoinTokenCreated
+from csml.schemas.operator import (
+    JoinTokenList,
+    JoinTokenRequest,
+    JoinTokenRow,
+    OperatorOverview,
+    OperatorStats,
+)
+from csml.store.db import transaction
+from csml.store.models import JoinToken, Worker, utcnow
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (401, 403, 404, 422)
+}
+
+
+def current_operator(request: Request) -> None:
+    secret = core(request).settings.operator_secret()
+    if secret is None:
+        raise ApiError(
+            403,
+            "operator_view_off",
+            "the operator view is off on this coordinator; set CSML_OPERATOR_TOKEN "
+            "(or CSML_OPERATOR_TOKEN_FILE) to turn it on",
+        )
+    token = bearer(request)
+    # Compare digests: constant time whatever the lengths.
+    given = hashlib.sha256(token.encode()).digest()
+    if not hmac.compare_digest(given, hashlib.sha256(secret.encode()).digest()):
+        raise unauthorized("this is not the operator token")
+
+
+router = APIRouter(
+    prefix="/v1/operator",
+    tags=["operator"],
+    dependencies=[Depends(current_operator)],
+    responses=ERRORS,
+)
+
+
+@router.get("/overview", response_model=OperatorOverview)
+async def overview(request: Request) -> OperatorOverview:
+    """Apps with their live workers and queues; every worker with its state and heartbeat."""
+    return await run_in_threadpool(opstats.overview, core(request))
+
+
+@router.get("/stats", response_model=OperatorStats)
+async def stats(
+    request: Request,
+    minutes: Annotated[int, Query(ge=1, le=24 * 60, description="Window, in minutes.")] = 60,
+) -> OperatorStats:
+    """Per minute: jobs submitted and finished (and per second), latency; failures by reason."""
+    return await run_in_threadpool(opstats.stats, core(request), minutes)
+
+
+@router.get("/join-tokens", response_model=JoinTokenList)
+def list_join_tokens(request: Request) -> JoinTokenList:
+    c = core(request)
+    with c.sessions() as session:
+        tokens = session.scalars(select(JoinToken).order_by(JoinToken.created_at)).all()
+        counts = dict(
+            session.execute(
+                select(Worker.join_token_id, func.count())
+                .where(Worker.stopped_at.is_(None))
+                .group_by(Worker.join_token_id)
+            ).all()
+        )
+    return JoinTokenList(
+        tokens=[
+            JoinTokenRow(
+                id=t.id,
+                label=t.label,
+                created_at=t.created_at,
+                revoked_at=t.revoked_at,
+                workers=int(counts.get(t.id, 0)),
+            )
+            for t in tokens
+        ]
+    )
+
+
+@router.post("/join-tokens", status_code=201, response_model=JoinTokenCreated)
+def create_join_token(request: Request, body: JoinTokenRequest) -> JoinTokenCreated:
+    """A new join token for `csml worker --join-token`; shown once, only its hash is kept."""
+    token = ids.new_secret("csmljoin")
+    row = JoinToken(
+        id=ids.new_id(), token_hash=ids.hash_secret(token), label=body.label, created_at=utcnow()
+    )
+    with transaction(core(request).sessions) as session:
+        session.add(row)
+    return JoinTokenCreated(id=row.id, token=token)
+
+
+@router.delete("/join-tokens/{token_id}", status_code=204)
+def revoke_join_token(token_id: str, request: Request) -> Response:
+    """Revoke a join token: workers that joined with it are refused from their next call."""
+    if not ids.is_id_prefix(token_id):
+        raise not_found("join token", token_id)
+    with transaction(core(request).sessions) as session:
+        found = session.scalars(
+            select(JoinToken).where(JoinToken.id.startswith(token_id, autoescape=True)).limit(2)
+        ).all()
+        if not found:
+            raise not_found("join token", token_id)
+        if len(found) > 1:
+            raise ApiError(400, "ambiguous_id", f"{token_id!r} matches several join tokens")
+        if found[0].revoked_at is None:
+            found[0].revoked_at = utcnow()
+    return Response(status_code=204)

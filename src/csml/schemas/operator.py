@@ -1,0 +1,82 @@
+"""The operator view: workers, queues, recent throughput and failures, join tokens."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from csml.schemas.apps import QueueInfo
+
+
+class OperatorWorker(BaseModel):
+    id: str
+    app: str
+    state: Literal["live", "silent", "left"] = Field(
+        description="live: heartbeat recent; silent: no recent heartbeat; left: deregistered."
+    )
+    slots: int
+    running: int = Field(description="Jobs it holds now.")
+    sandbox: str
+    registered_at: datetime
+    last_heartbeat: datetime
+    heartbeat_age_seconds: float
+
+
+class OperatorApp(BaseModel):
+    name: str
+    workers: int = Field(description="Live workers.")
+    slots: int = Field(description="Live slots.")
+    queue: QueueInfo
+
+
+class OperatorOverview(BaseModel):
+    generated_at: datetime
+    apps: list[OperatorApp]
+    workers: list[OperatorWorker] = Field(
+        description="Workers not deregistered, and those that left in the last hour."
+    )
+
+
+class MinuteStats(BaseModel):
+    start: datetime
+    submitted: int
+    finished: int = Field(description="Jobs that reached a final state in this minute.")
+    succeeded: int
+    failed: int
+    cancelled: int
+    jobs_per_second: float = Field(description="finished / 60.")
+    latency_mean_seconds: float | None = Field(
+        None, description="Submission to end, jobs that succeeded or failed."
+    )
+    latency_p95_seconds: float | None = None
+    wait_mean_seconds: float | None = Field(None, description="Submission to start.")
+
+
+class FailureReason(BaseModel):
+    reason: str = Field(description="The error's first line, ids and numbers folded.")
+    count: int
+    apps: list[str]
+
+
+class OperatorStats(BaseModel):
+    window_minutes: int
+    minutes: list[MinuteStats] = Field(description="Oldest first, one per minute.")
+    failures: list[FailureReason] = Field(description="Failed jobs in the window, most first.")
+
+
+class JoinTokenRow(BaseModel):
+    id: str
+    label: str
+    created_at: datetime
+    revoked_at: datetime | None
+    workers: int = Field(description="Live workers that joined with it.")
+
+
+class JoinTokenList(BaseModel):
+    tokens: list[JoinTokenRow]
+
+
+class JoinTokenRequest(BaseModel):
+    label: str = Field("", max_length=200, description="A note for you, e.g. the machine.")

@@ -1,0 +1,252 @@
+// Submit: pick an app and an operation, drop input files, fill the generated form.
+
+import { ApiError, api } from "./api.js";
+import { announce, clear, formatBytes, h, newId, shortId } from "./dom.js";
+import { buildParams } from "./form.js";
+import { jobs } from "./jobs.js";
+
+let preset = null;
+
+/** Open the submit form with these choices (e.g. "use this model for prediction"). */
+export function presetSubmit(choice) {
+  preset = choice;
+}
+
+function dropZone(spec) {
+  const id = newId(`file-${spec.name}`);
+  const chosen = h("span", { class: "file-chosen", "aria-live": "polite" }, "No file chosen");
+  const input = h("input", {
+    type: "file",
+    id,
+    name: spec.name,
+    class: "visually-hidden",
+    accept: spec.media_type && spec.media_type !== "application/octet-stream" ? spec.media_type : undefined,
+  });
+  if (spec.required) input.setAttribute("aria-required", "true");
+  const error = h("p", { class: "field-error", hidden: true, id: `${id}-error` });
+  const help = h("p", { class: "help", id: `${id}-help` }, spec.description || "", spec.media_type ? ` (${spec.media_type})` : "");
+  input.setAttribute("aria-describedby", `${id}-help ${id}-error`);
+  const show = () => {
+    const f = input.files[0];
+    chosen.textContent = f ? `${f.name} — ${formatBytes(f.size)}` : "No file chosen";
+    zone.classList.toggle("has-file", Boolean(f));
+    if (f) error.hidden = true;
+  };
+  input.addEventListener("change", show);
+  const zone = h(
+    "div",
+    { class: "drop", "data-input": spec.name },
+    input,
+    h("label", { for: id, class: "drop-label" },
+      h("span", { class: "drop-title" }, spec.name, spec.required ? "" : " (optional)"),
+      h("span", { class: "drop-hint" }, "Drop a file here, or ", h("span", { class: "link" }, "choose one")),
+      chosen,
+    ),
+  );
+  zone.addEventListener("dragover", (e) => {
+    e.preventDefault();
+    zone.classList.add("dragging");
+  });
+  zone.addEventListener("dragleave", () => zone.classList.remove("dragging"));
+  zone.addEventListener("drop", (e) => {
+    e.preventDefault();
+    zone.classList.remove("dragging");
+    if (e.dataTransfer && e.dataTransfer.files.length) {
+      input.files = e.dataTransfer.files;
+      show();
+    }
+  });
+  return {
+    spec,
+    element: h("div", { class: "field" }, zone, help, error),
+    input,
+    validate(skip) {
+      const missing = spec.required && !skip && !input.files[0];
+      error.hidden = !missing;
+      error.textContent = missing ? `Choose a file for "${spec.name}".` : "";
+      return !missing;
+    },
+    setDisabled(off) {
+      zone.hidden = off;
+    },
+  };
+}
+
+async function attestationWords(app) {
+  let workers;
+  try {
+    workers = await api(`/v1/apps/${encodeURIComponent(app)}/workers`);
+  } catch (e) {
+    return e.message;
+  }
+  if (!workers.length) return `No ${app} worker is running, so none can be checked.`;
+  const insecure = workers.filter((w) => w.insecure).length;
+  const kinds = [...new Set(workers.filter((w) => !w.insecure).map((w) => w.kind))];
+  const parts = [];
+  if (insecure) {
+    parts.push(
+      `${insecure} of ${workers.length} ${app} workers ${insecure === 1 ? "has" : "have"} no attestation: the operator could read a job sent to ${insecure === 1 ? "it" : "them"}.`,
+    );
+  }
+  if (kinds.length) {
+    parts.push(`${workers.length - insecure} present${workers.length - insecure === 1 ? "s" : ""} enclave evidence (${kinds.join(", ")}), which your own client must verify.`);
+  }
+  parts.push(
+    "This page comes from the coordinator, which a confidential job must not have to trust, so it cannot encrypt for you: send confidential jobs with the csml command (csml submit … --confidential), which checks each worker's attestation itself.",
+  );
+  return parts.join(" ");
+}
+
+export async function renderSubmit(root) {
+  const chosen = preset;
+  preset = null;
+  const apps = await api("/v1/apps");
+  const usable = apps.filter((a) => a.operations.length);
+  const appSel = h("select", { id: "app", name: "app" },
+    usable.map((a) => h("option", { value: a.name }, a.workers ? `${a.name} — ${a.workers} worker${a.workers === 1 ? "" : "s"}` : `${a.name} — no worker yet (jobs wait)`)),
+  );
+  const served = usable.find((a) => a.workers > 0);
+  if (served) appSel.value = served.name;
+  const opSel = h("select", { id: "operation", name: "operation" });
+  const opHelp = h("p", { class: "help", id: "operation-help" });
+  opSel.setAttribute("aria-describedby", "operation-help");
+  const filesBox = h("div", { class: "files" });
+  const paramsBox = h("fieldset", { class: "params" });
+  const confidential = h("input", { type: "checkbox", id: "confidential", name: "confidential" });
+  const confWords = h("p", { class: "help", id: "confidential-words", "aria-live": "polite" });
+  confidential.setAttribute("aria-describedby", "confidential-words");
+  const submit = h("button", { type: "submit", class: "button primary" }, "Submit job");
+  const formError = h("p", { class: "field-error", role: "alert", hidden: true });
+  let current = { files: [], params: null, op: null, app: null };
+
+  const models = api("/v1/models").then((r) => r.models).catch(() => []);
+
+  function modelPicker(op, files) {
+    return ({ id, required }) => {
+      const spec = op.inputs.find((f) => f.model);
+      const select = h("select", { id, name: "model" }, h("option", { value: "" }, spec && !spec.required ? "— none —" : "— upload a model file instead —"));
+      models.then((list) => {
+        for (const m of list) {
+          if (spec && m.format !== spec.model.format) continue;
+          select.append(h("option", { value: m.id }, `${m.name} · ${m.kind} · ${shortId(m.id)}`));
+        }
+        if (chosen && chosen.model) select.value = chosen.model;
+        sync();
+      });
+      const sync = () => {
+        const file = files.find((f) => f.spec.model);
+        if (file) file.setDisabled(Boolean(select.value));
+      };
+      select.addEventListener("change", sync);
+      return select;
+    };
+  }
+
+  function showOperation() {
+    const app = usable.find((a) => a.name === appSel.value);
+    const op = app.operations.find((o) => o.name === opSel.value) || app.operations[0];
+    opHelp.textContent = op.description || "";
+    clear(filesBox);
+    clear(paramsBox, h("legend", {}, "Parameters"));
+    const files = op.inputs.map(dropZone);
+    for (const f of files) filesBox.append(f.element);
+    if (!files.length) filesBox.append(h("p", { class: "muted" }, "This operation takes no files."));
+    const special = op.params_schema.properties && op.params_schema.properties.model ? { model: modelPicker(op, files) } : {};
+    const params = buildParams(paramsBox, op.params_schema, special);
+    current = { app, op, files, params };
+    confidential.checked = false;
+    confWords.textContent = "";
+    submit.disabled = false;
+  }
+
+  function showOperations() {
+    const app = usable.find((a) => a.name === appSel.value);
+    clear(opSel, app.operations.map((o) => h("option", { value: o.name }, o.name.replaceAll("_", " "))));
+    if (chosen && chosen.app === app.name && chosen.operation) opSel.value = chosen.operation;
+    showOperation();
+  }
+
+  appSel.addEventListener("change", showOperations);
+  opSel.addEventListener("change", showOperation);
+  confidential.addEventListener("change", async () => {
+    submit.disabled = confidential.checked;
+    if (!confidential.checked) {
+      confWords.textContent = "";
+      return;
+    }
+    confWords.textContent = "Checking the workers…";
+    confWords.textContent = await attestationWords(current.app.name);
+  });
+
+  const form = h(
+    "form",
+    { class: "submit-form", novalidate: true, "aria-labelledby": "submit-title" },
+    h("div", { class: "row" },
+      h("div", { class: "field" }, h("label", { for: "app" }, "App"), appSel),
+      h("div", { class: "field" }, h("label", { for: "operation" }, "Operation"), opSel),
+    ),
+    opHelp,
+    filesBox,
+    paramsBox,
+    h("div", { class: "check" }, confidential, h("label", { for: "confidential" }, "Confidential (end-to-end encrypted)")),
+    confWords,
+    formError,
+    h("div", { class: "actions" }, submit),
+  );
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    formError.hidden = true;
+    const { params, firstInvalid } = current.params.collect();
+    const modelChosen = Boolean(params.model);
+    let filesOk = true;
+    let firstMissing = null;
+    for (const f of current.files) {
+      const ok = f.validate(Boolean(f.spec.model && modelChosen));
+      if (!ok) {
+        filesOk = false;
+        firstMissing = firstMissing || f.input;
+      }
+    }
+    if (firstInvalid || !filesOk) {
+      formError.textContent = "Please correct the fields marked below.";
+      formError.hidden = false;
+      (firstInvalid || firstMissing).focus();
+      return;
+    }
+    const spec = { app: current.app.name, operation: current.op.name, params };
+    const data = new FormData();
+    data.append("spec", JSON.stringify(spec));
+    for (const f of current.files) {
+      const file = f.input.files[0];
+      if (file && !(f.spec.model && modelChosen)) data.append(f.spec.name, file, file.name);
+    }
+    submit.disabled = true;
+    submit.textContent = "Sending…";
+    try {
+      const job = await api("/v1/jobs", { method: "POST", form: data });
+      jobs.upsert(job);
+      announce(`Job ${shortId(job.id)} submitted (${job.operation.replaceAll("_", " ")}).`, "success");
+      for (const f of current.files) {
+        f.input.value = "";
+        f.input.dispatchEvent(new Event("change"));
+      }
+    } catch (err) {
+      const where = err instanceof ApiError && err.field ? ` (${err.field})` : "";
+      formError.textContent = `${err.message}${where}`;
+      formError.hidden = false;
+      if (err.retryAfter) formError.textContent += ` Try again in ${err.retryAfter} s.`;
+    } finally {
+      submit.disabled = confidential.checked;
+      submit.textContent = "Submit job";
+    }
+  });
+
+  clear(root, h("h2", { id: "submit-title" }, "New job"));
+  if (!usable.length) {
+    root.append(h("p", {}, "No app is available yet: no worker has joined the service."));
+    return;
+  }
+  root.append(form);
+  if (chosen && usable.some((a) => a.name === chosen.app)) appSel.value = chosen.app;
+  showOperations();
+}
