@@ -7,14 +7,17 @@ cd "$(dirname "$0")/.."
 VENV="${CSML_VENV:-.venv}"
 PY="${PYTHON:-python3}"
 
-# PostgreSQL server binaries: the tests start their own server on loopback.
-if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
+# System packages: PostgreSQL (tests start their own server) and Chromium (tests/web, headless).
+need=()
+ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
+command -v chromium >/dev/null 2>&1 || need+=(chromium chromium-driver)
+if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq postgresql >/dev/null
+    apt-get install -y -qq "${need[@]}" >/dev/null
   else
-    echo "PostgreSQL is missing: sudo apt-get install postgresql" >&2
+    echo "missing system packages: sudo apt-get install ${need[*]}" >&2
     exit 1
   fi
 fi
