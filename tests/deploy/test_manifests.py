@@ -566,7 +566,8 @@ def dockerfiles() -> list[Path]:
         "deploy/**/*.Dockerfile",
         "src/csml/cli/templates/**/Dockerfile*",
     )
-    return sorted({p for pattern in patterns for p in REPO.glob(pattern) if p.is_file()})
+    found = {p for pattern in patterns for p in REPO.glob(pattern) if p.is_file()}
+    return sorted(p for p in found if not p.name.endswith(".dockerignore"))
 
 
 def test_there_are_dockerfiles_to_lint() -> None:
