@@ -13,37 +13,20 @@ from starlette.concurrency import run_in_threadpool
 from csml import ids
 from csml.coordinator import abuse, artifacts
 from csml.coordinator.api_users import ERRORS, Me
-from csml.coordinator.errors import ApiError
+from csml.coordinator.errors import ApiError, spec_error
 from csml.coordinator.queue import StagedFile
 from csml.coordinator.state import Core, core
-from csml.coordinator.uploads import parse_submission
+from csml.coordinator.uploads import BINARY, multipart_body, parse_submission
 from csml.schemas.models import ModelImport, ModelInfo, ModelList
 from csml.store.db import transaction
 from csml.store.models import utcnow
 from csml.store.models_artifacts import ModelArtifact
 
 router = APIRouter(prefix="/v1", tags=["models"])
-IMPORT_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["spec", "model"],
-                    "properties": {
-                        "spec": {
-                            "type": "string",
-                            "description": 'JSON: {"app": ..., "format": ..., "format_version"?: '
-                            '..., "name"?: ...}. Send it first.',
-                        },
-                        "model": {"type": "string", "format": "binary"},
-                    },
-                }
-            }
-        },
-    }
-}
+IMPORT_BODY = multipart_body(
+    'JSON: {"app": ..., "format": ..., "format_version"?: ..., "name"?: ...}. Send it first.',
+    files={"model": BINARY},
+)
 
 
 @router.get("/models", response_model=ModelList, responses=ERRORS)
@@ -99,10 +82,7 @@ def _parse_import(raw: bytes) -> ModelImport:
     try:
         return ModelImport.model_validate_json(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"]) or ""
-        field = f"spec.{loc}" if loc else "spec"
-        raise ApiError(422, "invalid_spec", f"{field}: {err['msg']}", field=field) from None
+        raise spec_error(exc) from None
 
 
 def _check_import(c: Core, owner_id: str, spec: ModelImport) -> int:

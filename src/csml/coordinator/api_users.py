@@ -16,10 +16,10 @@ from starlette.concurrency import run_in_threadpool
 from csml import ids
 from csml.coordinator import abuse, artifacts, pipeline_spec, pipelines
 from csml.coordinator.auth import current_identity
-from csml.coordinator.errors import ApiError, not_found
+from csml.coordinator.errors import ApiError, not_found, spec_error
 from csml.coordinator.queue import job_key
 from csml.coordinator.state import Core, core
-from csml.coordinator.uploads import parse_submission
+from csml.coordinator.uploads import multipart_body, parse_submission
 from csml.coordinator.views import job_views
 from csml.schemas import (
     AppInfo,
@@ -134,39 +134,14 @@ def parse_spec(raw: bytes) -> JobSpec:
     try:
         return JobSpec.model_validate_json(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        field = f"spec.{loc}" if loc else "spec"
-        if err["type"] == "json_invalid":
-            raise ApiError(
-                422, "invalid_spec", f"spec is not valid JSON: {err['msg']}", field="spec"
-            ) from None
-        raise ApiError(422, "invalid_spec", f"{field}: {err['msg']}", field=field) from None
+        raise spec_error(exc) from None
 
 
-SUBMIT_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["spec"],
-                    "properties": {
-                        "spec": {
-                            "type": "string",
-                            "description": 'JSON: {"app": ..., "operation": ..., "params": {...}}'
-                            ' or a pipeline {"steps": [{"name", "app", "operation", "params",'
-                            ' "inputs": {"image": "upload:photo"}}, ...]}. Send it first.',
-                        }
-                    },
-                    "additionalProperties": {"type": "string", "format": "binary"},
-                }
-            },
-            "application/json": {"schema": {"$ref": "#/components/schemas/JobSpec"}},
-        },
-    }
-}
+SUBMIT_BODY = multipart_body(
+    'JSON: {"app": ..., "operation": ..., "params": {...}} or a pipeline {"steps": [{"name", '
+    '"app", "operation", "params", "inputs": {"image": "upload:photo"}}, ...]}. Send it first.',
+    json_ref="#/components/schemas/JobSpec",
+)
 
 
 def check_model_quota(c: Core, owner_id: str, spec: JobSpec) -> None:

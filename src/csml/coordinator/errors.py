@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from csml.schemas.errors import ErrorBody, ErrorDetail
@@ -89,3 +90,13 @@ def install_handlers(app: FastAPI) -> None:
         return ApiError(
             500, "internal_error", "the coordinator failed to handle this request; it was logged"
         ).response()
+
+
+def spec_error(exc: ValidationError) -> ApiError:
+    """A submitted `spec` that does not validate: 422 naming its first bad field."""
+    err = exc.errors()[0]
+    if err["type"] == "json_invalid":
+        return ApiError(422, "invalid_spec", f"spec is not valid JSON: {err['msg']}", field="spec")
+    loc = ".".join(str(p) for p in err["loc"])
+    field = f"spec.{loc}" if loc else "spec"
+    return ApiError(422, "invalid_spec", f"{field}: {err['msg']}", field=field)

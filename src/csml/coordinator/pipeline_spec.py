@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from csml.apps.base import MODEL_PARAM
 from csml.coordinator import artifacts
-from csml.coordinator.errors import ApiError
+from csml.coordinator.errors import ApiError, spec_error
 from csml.schemas import JobSpec, OperationInfo, PipelineSpec, StepSpec
 from csml.schemas.pipelines import UPLOAD_PREFIX
 from csml.store.blobs import check_name
@@ -53,10 +53,7 @@ def parse(raw: bytes) -> PipelineSpec:
     try:
         return PipelineSpec.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        field = f"spec.{loc}" if loc else "spec"
-        raise ApiError(422, "invalid_spec", f"{field}: {err['msg']}", field=field) from None
+        raise spec_error(exc) from None
 
 
 def _step_error(exc: ApiError, base: str, field: str, status: int = 422) -> ApiError:

@@ -95,19 +95,7 @@ def submit(
                 step_index=0,
                 files=[],
             )
-            if staging is not None and files:
-                moved = core.blobs.adopt(staging, parent_id, "inputs")
-                for f in files.values():
-                    parent.files.append(
-                        JobFile(
-                            kind="input",
-                            name=f.name,
-                            size=f.size,
-                            sha256=f.sha256,
-                            media_type=f.media_type,
-                            blob=core.blobs.relative(moved / f.name),
-                        )
-                    )
+            parent.files.extend(q.adopt_inputs(core.blobs, staging, parent_id, files))
             mark_not_confidential(parent)
             session.add(parent)
             session.flush()

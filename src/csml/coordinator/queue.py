@@ -236,19 +236,7 @@ class JobQueue:
                     progress_message="",
                     files=[],
                 )
-                if staging is not None and files:
-                    moved = self.blobs.adopt(staging, job_id, "inputs")
-                    for f in files.values():
-                        job.files.append(
-                            JobFile(
-                                kind="input",
-                                name=f.name,
-                                size=f.size,
-                                sha256=f.sha256,
-                                media_type=f.media_type,
-                                blob=self.blobs.relative(moved / f.name),
-                            )
-                        )
+                job.files.extend(adopt_inputs(self.blobs, staging, job_id, files))
                 artifacts.attach(
                     session, self.blobs, self.catalog, owner_id, spec, job, set(files)
                 )
@@ -564,6 +552,26 @@ class JobQueue:
         for app, state, count in rows:
             stats.setdefault(app, {})[state] = count
         return stats
+
+
+def adopt_inputs(
+    blobs: BlobStore, staging: Path | None, job_id: str, files: dict[str, StagedFile]
+) -> list[JobFile]:
+    """Move the staged uploads to be job `job_id`'s inputs; their rows."""
+    if staging is None or not files:
+        return []
+    moved = blobs.adopt(staging, job_id, "inputs")
+    return [
+        JobFile(
+            kind="input",
+            name=f.name,
+            size=f.size,
+            sha256=f.sha256,
+            media_type=f.media_type,
+            blob=blobs.relative(moved / f.name),
+        )
+        for f in files.values()
+    ]
 
 
 def file_info(f: JobFile) -> FileInfo:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from fastapi import Request
 from python_multipart.exceptions import FormParserError
@@ -22,6 +23,28 @@ from csml.coordinator.queue import StagedFile
 from csml.store.blobs import HashingWriter, TooLarge, check_name, fsync_paths
 
 MAX_SPEC_BYTES = 256 * 1024
+BINARY = {"type": "string", "format": "binary"}
+
+
+def multipart_body(
+    spec_description: str, files: dict[str, Any] | None = None, json_ref: str | None = None
+) -> dict[str, Any]:
+    """OpenAPI `requestBody` of a streamed form: a JSON `spec` part first, then files
+    (`files` names them; otherwise any part name is a file)."""
+    schema: dict[str, Any] = {
+        "type": "object",
+        "required": ["spec", *(files or {})],
+        "properties": {
+            "spec": {"type": "string", "description": spec_description},
+            **(files or {}),
+        },
+    }
+    if files is None:
+        schema["additionalProperties"] = BINARY
+    content: dict[str, Any] = {"multipart/form-data": {"schema": schema}}
+    if json_ref is not None:
+        content["application/json"] = {"schema": {"$ref": json_ref}}
+    return {"requestBody": {"required": True, "content": content}}
 _MEDIA_TYPE = re.compile(r"^[\w.+-]+/[\w.+-]+$")
 
 
