@@ -172,3 +172,24 @@ def wait_for(predicate: Any, timeout: float = 30, interval: float = 0.1) -> Any:
             return value
         time.sleep(interval)
     raise AssertionError("condition not met in time")
+
+
+def install_to_folder(package: Path, site: Path) -> Path:
+    """pip-install `package` (no deps) into `site`, for PYTHONPATH; the venv stays as it was."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(site),
+            str(package),
+        ],
+        check=True,
+        timeout=300,
+    )
+    return site

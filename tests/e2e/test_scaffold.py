@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from csml.client import InvalidRequest
-from tests.cluster import running_cluster
+from tests.cluster import install_to_folder, running_cluster
 from tests.deploy.podman_cluster import UID, podman, podman_available
 
 NAME = "word-stats"
@@ -35,24 +35,7 @@ def scaffold_and_install(tmp_path: Path) -> tuple[Path, Path]:
     made = csml_app_new(NAME, "--dir", str(tmp_path), "--description", "Word & table stats")
     assert made.returncode == 0, made.stderr
     pkg = tmp_path / f"csml-app-{NAME}"
-    # Installed into a folder of its own, put on PYTHONPATH: the test venv stays as it was.
-    site = tmp_path / "site"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-            str(site),
-            str(pkg),
-        ],
-        check=True,
-        timeout=300,
-    )
+    site = install_to_folder(pkg, tmp_path / "site")
     return pkg, site
 
 

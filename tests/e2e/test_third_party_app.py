@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
-from tests.cluster import running_cluster
+from tests.cluster import install_to_folder, running_cluster
 
 README = Path(__file__).parents[2] / "README.md"
 
@@ -30,22 +28,7 @@ def test_readme_app_installs_and_serves_a_job(tmp_path: Path) -> None:
         '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n'
         '[project]\nname = "mypkg"\nversion = "1.0"\n' + entry_points
     )
-    site = tmp_path / "site"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-            str(site),
-            str(pkg),
-        ],
-        check=True,
-    )
+    site = install_to_folder(pkg, tmp_path / "site")
     with running_cluster(tmp_path / "cluster") as cluster:
         cluster.env["PYTHONPATH"] = str(site)
         cluster.start_worker("textstats")
