@@ -31,9 +31,12 @@ fi
 whl="$(PYTHON="$VENV/bin/python" bash .ci/build-dynet-wheel.sh | tail -n 1)"
 "$VENV/bin/python" -m pip install -q "$whl"
 "$VENV/bin/python" -m pip install -q -e '.[dev,dynet]'
+# Container images (Podman; installs podman, runc, debootstrap if missing): tests/deploy uses them.
+PYTHON="$VENV/bin/python" bash scripts/build-images.sh
+export CSML_USE_BUILT_IMAGES=1
 
 echo "== ruff"
-"$VENV/bin/ruff" check src tests bench
+"$VENV/bin/ruff" check src tests bench deploy
 echo "== mypy"
 "$VENV/bin/mypy"
 # In CI, tests needing root facilities (namespaces, containers, a browser) fail rather than skip.
