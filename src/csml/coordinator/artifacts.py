@@ -108,7 +108,7 @@ def attach(
     model_ref = requested_model(spec)
     if model_ref is None:
         return
-    _, op = catalog.operation(spec.app, spec.operation)
+    _, op = catalog.operation(spec.app, spec.operation, session)
     want = model_input(op)
     if want is None:  # the params schema already refuses this; keep the check local too
         raise ApiError(422, "invalid_params", f"{op.name} takes no model", field="spec.params")
@@ -146,7 +146,7 @@ def _metrics(result: dict[str, Any] | None) -> dict[str, Any]:
 def keep_outputs(session: Session, blobs: BlobStore, catalog: Catalog, job: Job) -> None:
     """Make each model output of a succeeded job a model artifact of its owner."""
     try:
-        _, op = catalog.operation(job.app, job.operation)
+        _, op = catalog.operation(job.app, job.operation, session)
     except ApiError:
         return
     declared = {f.name: f.model for f in op.outputs if f.model is not None}

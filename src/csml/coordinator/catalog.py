@@ -72,28 +72,34 @@ class Catalog:
             validators={n: Draft202012Validator(op.params_schema) for n, op in ops.items()},
         )
 
-    def _refresh(self, force: bool = False) -> None:
+    def _refresh(self, force: bool = False, session: Session | None = None) -> None:
         if not force and time.monotonic() - self._loaded_at < REFRESH_SECONDS:
             return
-        with self._sessions() as session:
+        if session is not None:
             records = session.scalars(select(AppRecord)).all()
+        else:
+            with self._sessions() as own:
+                records = own.scalars(select(AppRecord)).all()
         entries = {r.name: self._entry(AppManifest.model_validate(r.manifest)) for r in records}
         with self._lock:
             self._entries = entries
             self._loaded_at = time.monotonic()
 
-    def entries(self) -> dict[str, CatalogEntry]:
-        self._refresh()
+    def entries(self, session: Session | None = None) -> dict[str, CatalogEntry]:
+        """The apps. Inside a transaction pass its `session`: a refresh must not take a
+        second pooled connection while this one holds the (SQLite) write lock, or
+        writers waiting for that lock can exhaust the pool and deadlock with it."""
+        self._refresh(session=session)
         with self._lock:
             return dict(self._entries)
 
-    def get(self, app: str) -> CatalogEntry:
-        entry = self.entries().get(app)
+    def get(self, app: str, session: Session | None = None) -> CatalogEntry:
+        entry = self.entries(session).get(app)
         if entry is None:
-            self._refresh(force=True)
-            entry = self.entries().get(app)
+            self._refresh(force=True, session=session)
+            entry = self.entries(session).get(app)
         if entry is None:
-            known = ", ".join(sorted(self.entries())) or "none yet"
+            known = ", ".join(sorted(self.entries(session))) or "none yet"
             raise ApiError(
                 404,
                 "unknown_app",
@@ -102,8 +108,10 @@ class Catalog:
             )
         return entry
 
-    def operation(self, app: str, operation: str) -> tuple[CatalogEntry, OperationInfo]:
-        entry = self.get(app)
+    def operation(
+        self, app: str, operation: str, session: Session | None = None
+    ) -> tuple[CatalogEntry, OperationInfo]:
+        entry = self.get(app, session)
         op = entry.operations.get(normalise_operation(operation))
         if op is None:
             known = ", ".join(sorted(entry.operations))

@@ -118,7 +118,7 @@ def create_step(queue: q.JobQueue, session: Session, parent: Job, index: int) ->
     step = step_specs(parent)[index]
     label = _label(index, step)
     try:
-        _, op = queue.catalog.operation(step.app, step.operation)
+        _, op = queue.catalog.operation(step.app, step.operation, session)
     except ApiError as exc:
         return f"{label} cannot start: {exc.message}"
     app_row = session.get(AppRecord, step.app, with_for_update=True)
