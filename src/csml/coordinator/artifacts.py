@@ -14,13 +14,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from csml import ids
 from csml.apps.base import MODEL_PARAM
 from csml.coordinator.catalog import Catalog
-from csml.coordinator.errors import ApiError, not_found
+from csml.coordinator.errors import ApiError
+from csml.coordinator.lookup import find_owned
 from csml.schemas import FileSpec, JobSpec, OperationInfo
 from csml.schemas.models import ModelInfo
 from csml.store.blobs import BlobStore
@@ -52,19 +52,7 @@ def link_or_copy(src: Path, dst: Path) -> None:
 
 def find(session: Session, owner_id: str, ident: str) -> ModelArtifact:
     """The caller's model by id or unique prefix; another identity's is not found."""
-    if not ids.is_id_prefix(ident):
-        raise not_found("model", ident)
-    stmt = select(ModelArtifact).where(ModelArtifact.owner_id == owner_id)
-    if len(ident) == ids.ID_LENGTH:
-        stmt = stmt.where(ModelArtifact.id == ident)
-    else:
-        stmt = stmt.where(ModelArtifact.id.startswith(ident, autoescape=True))
-    found = session.scalars(stmt.limit(2)).all()
-    if not found:
-        raise not_found("model", ident)
-    if len(found) > 1:
-        raise ApiError(400, "ambiguous_id", f"{ident!r} matches several models; give more of it")
-    return found[0]
+    return find_owned(session, ModelArtifact, owner_id, ident, "model")
 
 
 def requested_model(spec: JobSpec) -> str | None:

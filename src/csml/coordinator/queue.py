@@ -27,6 +27,7 @@ from csml.coordinator import artifacts, pipelines
 from csml.coordinator.catalog import Catalog
 from csml.coordinator.config import Settings
 from csml.coordinator.errors import ApiError, not_found
+from csml.coordinator.lookup import find_owned
 from csml.coordinator.notify import Notifier
 from csml.schemas import (
     ClaimedConfidential,
@@ -274,21 +275,7 @@ class JobQueue:
     # -- owner's view -------------------------------------------------------
 
     def find(self, session: Session, owner_id: str, ident: str, *, lock: bool = False) -> Job:
-        if not ids.is_id_prefix(ident):
-            raise not_found("job", ident)
-        stmt = select(Job).where(Job.owner_id == owner_id)
-        if len(ident) == ids.ID_LENGTH:
-            stmt = stmt.where(Job.id == ident)
-        else:
-            stmt = stmt.where(Job.id.startswith(ident, autoescape=True))
-        if lock:
-            stmt = stmt.with_for_update()
-        found = session.scalars(stmt.limit(2)).all()
-        if not found:
-            raise not_found("job", ident)
-        if len(found) > 1:
-            raise ApiError(400, "ambiguous_id", f"{ident!r} matches several jobs; give more of it")
-        return found[0]
+        return find_owned(session, Job, owner_id, ident, "job", lock=lock)
 
     def get(self, owner_id: str, ident: str) -> Job:
         with self.sessions() as session:
