@@ -41,9 +41,14 @@ pm() { podman --runtime runc "$@"; }
 START=$SECONDS
 
 # ---------------------------------------------------------------- 1. tools and settings
+# Podman's network backend comes only as a recommend: netavark resolves container names
+# through aardvark-dns. Without them Debian's Podman 4.3 falls back to CNI with no DNS
+# plugin and containers cannot reach each other by name (tests/deploy needs that).
 need=()
 command -v podman >/dev/null || need+=(podman)
 command -v runc >/dev/null || need+=(runc)
+[[ -x /usr/lib/podman/netavark ]] || need+=(netavark)
+[[ -x /usr/lib/podman/aardvark-dns ]] || need+=(aardvark-dns)
 [[ "$BASE_IMAGE" != localhost/debian-base:* ]] || command -v debootstrap >/dev/null || need+=(debootstrap)
 if ((${#need[@]} && !WHEELHOUSE_ONLY)); then
     ((EUID == 0)) || die "missing ${need[*]}: sudo apt-get install ${need[*]}"
@@ -68,6 +73,7 @@ conf_set() {  # conf_set SECTION KEY VALUE: add `KEY = VALUE` under [SECTION] un
 if ((!WHEELHOUSE_ONLY && EUID == 0)); then
     conf_set containers default_ulimits '[]'
     conf_set engine cgroup_manager '"cgroupfs"'
+    conf_set network network_backend '"netavark"'
 fi
 
 # ---------------------------------------------------------------- 2. base image
@@ -89,6 +95,30 @@ if ((!WHEELHOUSE_ONLY)) && [[ "$BASE_IMAGE" == localhost/debian-base:* ]] &&
     fi
     log "podman import $BASE_TAR as $BASE_IMAGE"
     pm import --quiet "$BASE_TAR" "$BASE_IMAGE" >/dev/null
+fi
+
+# ---------------------------------------------------------------- 2b. name resolution
+# Prove that one container resolves another by name on a user network before building
+# anything: the container tests depend on it, and without it they fail much later.
+if ((!WHEELHOUSE_ONLY)); then
+    backend="$(pm info --format '{{.Host.NetworkBackend}}' 2>/dev/null || true)"
+    [[ "$backend" == netavark ]] ||
+        die "podman uses the '$backend' network backend, not netavark: container names will not resolve (apt-get install netavark aardvark-dns; set network_backend = \"netavark\" in /etc/containers/containers.conf; podman system reset)"
+    net="csml-dns-check-$$"
+    cleanup_dns_check() {
+        pm rm -f -t 0 "$net-a" >/dev/null 2>&1 || true
+        pm network rm -f "$net" >/dev/null 2>&1 || true
+    }
+    cleanup_dns_check
+    pm network create "$net" >/dev/null || die "podman network create failed"
+    pm run -d --name "$net-a" --network "$net" "$BASE_IMAGE" sleep 60 >/dev/null ||
+        { cleanup_dns_check; die "podman run on a user network failed"; }
+    if ! pm run --rm --network "$net" "$BASE_IMAGE" getent hosts "$net-a" >/dev/null; then
+        cleanup_dns_check
+        die "containers on a podman network cannot resolve each other's names (is aardvark-dns installed? podman info: backend $backend)"
+    fi
+    cleanup_dns_check
+    log "podman network DNS works (backend $backend)"
 fi
 
 # ---------------------------------------------------------------- 3. wheelhouse
