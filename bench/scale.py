@@ -63,7 +63,7 @@ from csml.coordinator.app import build_core  # noqa: E402
 from csml.coordinator.config import Settings  # noqa: E402
 from csml.coordinator.state import Core  # noqa: E402
 from csml.coordinator.tokens import create_join_token  # noqa: E402
-from csml.store.models import Worker  # noqa: E402
+from csml.store.tables import Worker  # noqa: E402
 
 DEPTHS = (100, 100_000)
 TARGET_RATIO = 1.5

@@ -25,7 +25,7 @@ from csml.coordinator.auth import identity_from
 from csml.coordinator.config import Settings
 from csml.coordinator.state import Core
 from csml.schemas import ClaimedJob, JobCompletion, JobSpec
-from csml.store.models import Identity, JoinToken, Worker, utcnow
+from csml.store.tables import Identity, JoinToken, Worker, utcnow
 
 SPEC = JobSpec(app="echo", operation="echo", params={"i": 1})
 

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import event, select, text
 
 from csml.store.db import make_engine, make_sessionmaker, migrate, sqlite_url, transaction
-from csml.store.models import Identity, utcnow
+from csml.store.tables import Identity, utcnow
 
 
 def test_reads_begin_plainly_and_writes_take_the_lock_up_front(tmp_path: Path) -> None:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 def _get_ok(url: str) -> bool:
     import httpx
-
     from csml.client.transport import check_url, verify_option
 
     insecure = os.environ.get("CSML_INSECURE_HTTP", "").lower() in ("1", "true", "yes")

@@ -23,8 +23,8 @@ from csml.coordinator.views import job_view
 from csml.crypto import b64e, unwrap_key
 from csml.schemas import JobCompletion, JobSpec, WorkerAttestation, WorkerKeyInfo
 from csml.store.db import transaction
-from csml.store.models import Identity, Job, JoinToken, Worker, utcnow
-from csml.store.models_confidential import JobConfidential, JobRecipient, WorkerKey
+from csml.store.tables import Identity, Job, JoinToken, Worker, utcnow
+from csml.store.tables_confidential import JobConfidential, JobRecipient, WorkerKey
 from tests.pg_server import (
     PostgresServer,
     create_database,

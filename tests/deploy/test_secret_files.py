@@ -17,7 +17,7 @@ from csml.coordinator.app import build_core
 from csml.coordinator.config import Settings
 from csml.coordinator.tokens import list_join_tokens, revoke_join_token
 from csml.store.db import sqlite_url, transaction
-from csml.store.models import JoinToken
+from csml.store.tables import JoinToken
 from tests.cluster import running_cluster
 
 

@@ -87,9 +87,9 @@ def test_a_trained_model_is_kept_listed_and_used_by_id(
     assert by_id.state.value == "succeeded", by_id.error
     assert by_id.data.params["model"] == model_id  # the prefix is resolved once, at submission
     assert by_id.data.inputs["model"].sha256 == info.sha256
-    by_file = user.submit(
-        "dlib", "predict_svm", files={"model": saved, "data": data[1]}
-    ).wait(timeout=120)
+    by_file = user.submit("dlib", "predict_svm", files={"model": saved, "data": data[1]}).wait(
+        timeout=120
+    )
     a = predictions(by_id.download("predictions", tmp_path / "a.csv"))
     b = predictions(by_file.download("predictions", tmp_path / "b.csv"))
     assert a == b and len(a) > 10
@@ -154,9 +154,7 @@ def test_delete_import_and_quota(mc: Cluster, data: tuple[Path, Path], tmp_path:
     user = mc.new_user()
     model_id = train(user, data[0])
     saved = user.download_model(model_id, tmp_path)
-    queued = user.submit(
-        "dlib", "predict_svm", files={"data": data[1]}, params={"model": model_id}
-    )
+    queued = user.submit("dlib", "predict_svm", files={"data": data[1]}, params={"model": model_id})
     user.delete_model(model_id)
     assert user.models() == []
     with pytest.raises(CsmlError) as err:
@@ -188,9 +186,12 @@ def test_delete_import_and_quota(mc: Cluster, data: tuple[Path, Path], tmp_path:
         other.submit("dlib", "train_svm", files={"data": data[0]})
     assert err.value.status == 429
     # Inference with a kept model is not limited by the model quota.
-    assert other.submit(
-        "dlib", "predict_svm", files={"data": data[1]}, params={"model": imported.id}
-    ).wait(timeout=120).state.value == "succeeded"
+    assert (
+        other.submit("dlib", "predict_svm", files={"data": data[1]}, params={"model": imported.id})
+        .wait(timeout=120)
+        .state.value
+        == "succeeded"
+    )
 
     other.delete_identity()
     gone = list((mc.data_dir / "blobs" / "models").rglob(f"{imported.id}*"))

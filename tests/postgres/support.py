@@ -11,7 +11,7 @@ from csml import ids
 from csml.coordinator.state import Core
 from csml.schemas import JobSpec
 from csml.store.db import transaction
-from csml.store.models import Identity, Job, JoinToken, Worker, utcnow
+from csml.store.tables import Identity, Job, JoinToken, Worker, utcnow
 
 MakeCore = Callable[..., Core]  # the `make_core` fixture: build_core on this test's database
 

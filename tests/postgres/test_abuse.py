@@ -20,8 +20,8 @@ from csml.coordinator.state import Core
 from csml.schemas import Heartbeat, JobCompletion, RunningJob
 from csml.schemas.identities import IdentityProof
 from csml.store.db import MIGRATIONS, transaction
-from csml.store.models import Identity, Job, JobFile, utcnow
-from csml.store.models_abuse import PendingPurge, RateWindow, ServerSecret
+from csml.store.tables import Identity, Job, JobFile, utcnow
+from csml.store.tables_abuse import PendingPurge, RateWindow, ServerSecret
 from tests.postgres.support import MakeCore, new_identity, new_worker, submit
 
 pytestmark = pytest.mark.postgresql

@@ -26,7 +26,7 @@ from csml.coordinator.config import Settings
 from csml.coordinator.state import Core
 from csml.coordinator.tokens import create_join_token
 from csml.schemas import JobCompletion, WorkerRegistration
-from csml.store.models import Job
+from csml.store.tables import Job
 from tests.cluster import free_port, wait_healthy
 from tests.postgres.support import MakeCore, bulk_queue, new_identity, new_worker, submit
 

@@ -15,7 +15,7 @@ from csml.coordinator import pipelines
 from csml.coordinator.errors import ApiError
 from csml.coordinator.state import Core
 from csml.schemas import JobCompletion, PipelineSpec
-from csml.store.models import Job
+from csml.store.tables import Job
 from tests.postgres.support import MakeCore, expire_leases, new_identity, new_worker
 
 pytestmark = pytest.mark.postgresql

@@ -12,7 +12,7 @@ from sqlalchemy import event, select
 from csml.coordinator.errors import ApiError
 from csml.coordinator.state import Core
 from csml.schemas import Heartbeat, JobCompletion, Progress, RunningJob
-from csml.store.models import AppRecord, Job
+from csml.store.tables import AppRecord, Job
 from tests.postgres.support import (
     MakeCore,
     echo,

@@ -35,7 +35,7 @@ from csml.coordinator.notify_pg import CHANNEL
 from csml.coordinator.state import Core
 from csml.coordinator.tokens import create_join_token
 from csml.schemas import WorkerRegistration
-from csml.store.models import Job
+from csml.store.tables import Job
 from tests.cluster import wait_for, wait_healthy
 from tests.postgres.support import MakeCore, bulk_queue, new_identity
 from tests.postgres.test_concurrency import Coordinator, run_all, stop_all

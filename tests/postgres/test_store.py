@@ -14,7 +14,7 @@ from sqlalchemy import Connection, inspect, text
 from csml.apps.registry import installed_apps
 from csml.coordinator.state import Core
 from csml.store.db import make_engine, migrate, transaction
-from csml.store.models import AppRecord, Base
+from csml.store.tables import AppRecord, Base
 from tests.pg_server import PostgresServer
 from tests.postgres.support import MakeCore, job_row, new_identity, submit
 

@@ -15,6 +15,7 @@ from csml.cli.output import console, fail, jobs_table, show_job
 from csml.cli.params import find_operation, map_files, parse_params
 from csml.client import Client, CsmlError
 from csml.client.config import UserConfig, config_path
+from csml.transport import TransportError
 
 app = typer.Typer(
     help="CSML: collaborative and secure machine learning.",
@@ -225,6 +226,9 @@ def main() -> None:
         app()
     except CsmlError as exc:
         fail(exc.message)
+        sys.exit(1)
+    except TransportError as exc:
+        fail(str(exc))
         sys.exit(1)
     except KeyboardInterrupt:
         fail("interrupted")

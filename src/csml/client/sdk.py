@@ -23,10 +23,10 @@ import httpx
 
 from csml.client.config import UserConfig
 from csml.client.errors import CsmlError, QueueFull, Unreachable, WaitTimeout, raise_for
-from csml.client.transport import check_url, verify_option
 from csml.schemas import AppInfo, IdentityCreated, JobState, StepSpec, WorkerKeyInfo
 from csml.schemas import Job as JobData
 from csml.schemas.models import ModelInfo
+from csml.transport import TransportError, check_url, verify_option
 
 if TYPE_CHECKING:
     from csml.attestation.policy import Policy
@@ -63,9 +63,13 @@ class Client:
         self.token = token or os.environ.get("CSML_TOKEN") or (saved.token if saved else None)
         pin = pin_sha256 or os.environ.get("CSML_PIN_SHA256") or None
         insecure_http = insecure_http or os.environ.get("CSML_INSECURE_HTTP", "") == "1"
-        check_url(self.url, insecure_http=insecure_http)
+        try:
+            check_url(self.url, insecure_http=insecure_http)
+            verify = verify_option(pin)
+        except TransportError as exc:
+            raise CsmlError(str(exc)) from None
         self._http = httpx.Client(
-            base_url=self.url, timeout=timeout, transport=transport, verify=verify_option(pin)
+            base_url=self.url, timeout=timeout, transport=transport, verify=verify
         )
 
     def __enter__(self) -> Client:

@@ -39,9 +39,9 @@ from csml.coordinator.state import Core
 from csml.schemas import JobState
 from csml.schemas.identities import IdentityChallenge, IdentityCreated, IdentityProof
 from csml.store.db import insert_ignore, transaction
-from csml.store.models import Identity, Job, JobFile, utcnow
-from csml.store.models_abuse import RateWindow, ServerSecret, UsedChallenge
-from csml.store.models_artifacts import ModelArtifact
+from csml.store.tables import Identity, Job, JobFile, utcnow
+from csml.store.tables_abuse import RateWindow, ServerSecret, UsedChallenge
+from csml.store.tables_artifacts import ModelArtifact
 
 CHALLENGE_VERSION = "v1"
 SIGNING_ROW = "pow-challenge-hmac"

@@ -16,8 +16,8 @@ from sqlalchemy.orm import Session
 from csml.attestation.evidence import INSECURE_KIND
 from csml.coordinator.state import core
 from csml.schemas import ErrorBody, WorkerAttestation, WorkerKeyInfo
-from csml.store.models import Worker, utcnow
-from csml.store.models_confidential import WorkerKey
+from csml.store.tables import Worker, utcnow
+from csml.store.tables_confidential import WorkerKey
 
 router = APIRouter(prefix="/v1", tags=["confidential"])
 

@@ -28,7 +28,7 @@ from csml.coordinator.errors import ApiError
 from csml.coordinator.state import Core, core
 from csml.coordinator.views import job_views
 from csml.schemas import ErrorBody, JobState
-from csml.store.models import Identity
+from csml.store.tables import Identity
 
 router = APIRouter(prefix="/v1")
 Me = Annotated[Identity, Depends(current_identity)]

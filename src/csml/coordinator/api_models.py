@@ -19,8 +19,8 @@ from csml.coordinator.state import Core, core
 from csml.coordinator.uploads import BINARY, multipart_body, parse_submission
 from csml.schemas.models import ModelImport, ModelInfo, ModelList
 from csml.store.db import transaction
-from csml.store.models import utcnow
-from csml.store.models_artifacts import ModelArtifact
+from csml.store.tables import utcnow
+from csml.store.tables_artifacts import ModelArtifact
 
 router = APIRouter(prefix="/v1", tags=["models"])
 IMPORT_BODY = multipart_body(

@@ -29,7 +29,7 @@ from csml.schemas.operator import (
     OperatorStats,
 )
 from csml.store.db import transaction
-from csml.store.models import JoinToken, Worker, utcnow
+from csml.store.tables import JoinToken, Worker, utcnow
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (401, 403, 404, 422)

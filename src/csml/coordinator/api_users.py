@@ -34,7 +34,7 @@ from csml.schemas import (
     QueueInfo,
 )
 from csml.schemas.identities import IdentityChallenge, IdentityProof
-from csml.store.models import Identity, Worker, utcnow
+from csml.store.tables import Identity, Worker, utcnow
 
 router = APIRouter(prefix="/v1")
 Me = Annotated[Identity, Depends(current_identity)]

@@ -34,7 +34,7 @@ from csml.schemas import (
 )
 from csml.store.blobs import HashingWriter, TooLarge, check_name, fsync_paths
 from csml.store.db import transaction
-from csml.store.models import JoinToken, Worker, utcnow
+from csml.store.tables import JoinToken, Worker, utcnow
 
 router = APIRouter(prefix="/v1/workers", tags=["workers"])
 Joiner = Annotated[JoinToken, Depends(current_join_token)]

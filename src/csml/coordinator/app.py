@@ -37,12 +37,12 @@ from csml.coordinator.queue import JobQueue
 from csml.coordinator.state import Core
 from csml.schemas import JobSpec
 from csml.store import (
-    models_abuse,  # noqa: F401 - registers the abuse-control tables
-    models_artifacts,  # noqa: F401 - registers the models table
+    tables_abuse,  # noqa: F401 - registers the abuse-control tables
+    tables_artifacts,  # noqa: F401 - registers the ML models table
 )
 from csml.store.blobs import BlobStore
 from csml.store.db import insert_ignore, make_engine, make_sessionmaker, migrate, transaction
-from csml.store.models import JoinToken, utcnow
+from csml.store.tables import JoinToken, utcnow
 from csml.web import routes as web_routes
 
 log = logging.getLogger("csml.coordinator")

@@ -24,8 +24,8 @@ from csml.coordinator.lookup import find_owned
 from csml.schemas import FileSpec, JobSpec, OperationInfo
 from csml.schemas.models import ModelInfo
 from csml.store.blobs import BlobStore
-from csml.store.models import Job, JobFile, utcnow
-from csml.store.models_artifacts import ModelArtifact
+from csml.store.tables import Job, JobFile, utcnow
+from csml.store.tables_artifacts import ModelArtifact
 
 MAX_METRICS_BYTES = 64 * 1024
 

@@ -11,7 +11,7 @@ from sqlalchemy import select
 from csml import ids
 from csml.coordinator.errors import unauthorized
 from csml.coordinator.state import Core, core
-from csml.store.models import Identity, JoinToken, Worker
+from csml.store.tables import Identity, JoinToken, Worker
 
 
 def bearer(request: Request) -> str:

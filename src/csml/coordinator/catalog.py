@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from csml.coordinator.errors import ApiError
 from csml.schemas.apps import AppManifest, OperationInfo
 from csml.store.db import insert_ignore
-from csml.store.models import AppRecord, utcnow
+from csml.store.tables import AppRecord, utcnow
 
 REFRESH_SECONDS = 5.0
 

@@ -9,8 +9,8 @@ from sqlalchemy.orm import Session
 
 from csml import ids
 from csml.coordinator.errors import ApiError, not_found
-from csml.store.models import Job
-from csml.store.models_artifacts import ModelArtifact
+from csml.store.tables import Job
+from csml.store.tables_artifacts import ModelArtifact
 
 Owned = TypeVar("Owned", Job, ModelArtifact)
 

@@ -11,7 +11,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from csml.coordinator.state import Core
-from csml.store.models import Job, Worker, utcnow
+from csml.store.tables import Job, Worker, utcnow
 
 
 class StoreCollector(Collector):

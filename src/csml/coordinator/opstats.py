@@ -19,7 +19,7 @@ from csml.schemas.operator import (
     OperatorStats,
     OperatorWorker,
 )
-from csml.store.models import Job, Worker, utcnow
+from csml.store.tables import Job, Worker, utcnow
 
 _IDS = re.compile(r"\b[0-9a-f]{12,64}\b")
 _NUMBERS = re.compile(r"\d+(?:\.\d+)?")

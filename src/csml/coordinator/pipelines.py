@@ -31,8 +31,8 @@ from csml.schemas import Job as JobView
 from csml.schemas import JobSpec, JobState, PipelineSpec, StepSpec, StepStatus
 from csml.schemas.pipelines import UPLOAD_PREFIX
 from csml.store.db import transaction
-from csml.store.models import AppRecord, Job, JobFile, utcnow
-from csml.store.models_confidential import mark_not_confidential
+from csml.store.tables import AppRecord, Job, JobFile, utcnow
+from csml.store.tables_confidential import mark_not_confidential
 
 if TYPE_CHECKING:
     from csml.coordinator.state import Core

@@ -42,8 +42,8 @@ from csml.schemas import (
 )
 from csml.store.blobs import BlobStore
 from csml.store.db import transaction
-from csml.store.models import AppRecord, Job, JobFile, Worker, utcnow
-from csml.store.models_confidential import (
+from csml.store.tables import AppRecord, Job, JobFile, Worker, utcnow
+from csml.store.tables_confidential import (
     JobConfidential,
     JobRecipient,
     WorkerKey,
@@ -238,9 +238,7 @@ class JobQueue:
                     files=[],
                 )
                 job.files.extend(adopt_inputs(self.blobs, staging, job_id, files))
-                artifacts.attach(
-                    session, self.blobs, self.catalog, owner_id, spec, job, set(files)
-                )
+                artifacts.attach(session, self.blobs, self.catalog, owner_id, spec, job, set(files))
                 session.add(job)
                 if spec.confidential is not None:
                     self._add_confidential(session, job, spec)

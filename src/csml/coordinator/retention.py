@@ -25,8 +25,8 @@ from csml.coordinator import pipelines
 from csml.coordinator.queue import TERMINAL
 from csml.coordinator.state import Core
 from csml.store.db import transaction
-from csml.store.models import Job, JobFile, utcnow
-from csml.store.models_abuse import PendingPurge, RateWindow, UsedChallenge
+from csml.store.tables import Job, JobFile, utcnow
+from csml.store.tables_abuse import PendingPurge, RateWindow, UsedChallenge
 
 log = logging.getLogger("csml.coordinator.retention")
 

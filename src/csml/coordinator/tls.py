@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from csml.client.transport import fingerprint
+from csml.transport import fingerprint
 
 
 def ensure_self_signed(folder: Path, hosts: list[str]) -> tuple[Path, Path, str]:

@@ -8,7 +8,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from csml import ids
 from csml.coordinator.config import Settings
 from csml.store.db import make_engine, make_sessionmaker, migrate, transaction
-from csml.store.models import JoinToken, utcnow
+from csml.store.tables import JoinToken, utcnow
 
 
 def _sessions(settings: Settings) -> sessionmaker[Session]:

@@ -45,6 +45,8 @@ def multipart_body(
     if json_ref is not None:
         content["application/json"] = {"schema": {"$ref": json_ref}}
     return {"requestBody": {"required": True, "content": content}}
+
+
 _MEDIA_TYPE = re.compile(r"^[\w.+-]+/[\w.+-]+$")
 
 

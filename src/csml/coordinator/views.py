@@ -12,8 +12,8 @@ from csml.coordinator import pipelines
 from csml.coordinator.queue import QUEUED, file_info
 from csml.schemas import EncryptedResult, JobState, Progress
 from csml.schemas import Job as JobView
-from csml.store.models import Job
-from csml.store.models_confidential import confidential_of
+from csml.store.tables import Job
+from csml.store.tables_confidential import confidential_of
 
 
 def queue_positions(sessions: sessionmaker[Session], jobs: Sequence[Job]) -> dict[str, int]:

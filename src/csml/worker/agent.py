@@ -25,7 +25,6 @@ from pydantic import ValidationError
 
 from csml.apps.registry import load_app
 from csml.attestation.evidence import INSECURE_KIND, load_provider
-from csml.client.transport import check_url, verify_option
 from csml.crypto import (
     DecryptionError,
     StreamDecryptor,
@@ -50,6 +49,7 @@ from csml.schemas import (
     WorkerRegistered,
     WorkerRegistration,
 )
+from csml.transport import check_url, verify_option
 from csml.worker.sandbox import Outcome, Sandbox, SandboxJob
 
 log = logging.getLogger("csml.worker")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from csml.store.models import Base
+from csml.store.tables import Base
 
 connection = context.config.attributes.get("connection")
 if connection is None:  # pragma: no cover - only through csml.store.db.migrate

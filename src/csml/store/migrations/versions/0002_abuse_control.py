@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from csml.store.models import UTCDateTime
+from csml.store.tables import UTCDateTime
 
 revision = "0002_abuse"
 down_revision = "0001"

@@ -14,7 +14,7 @@ from sqlalchemy import JSON, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import Mapped, backref, mapped_column, relationship
 from sqlalchemy.orm.attributes import set_committed_value
 
-from csml.store.models import Base, Job
+from csml.store.tables import Base, Job
 
 
 class WorkerKey(Base):

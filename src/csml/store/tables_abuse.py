@@ -16,7 +16,7 @@ from datetime import datetime
 from sqlalchemy import Index, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from csml.store.models import Base, Job
+from csml.store.tables import Base, Job
 
 
 class ServerSecret(Base):

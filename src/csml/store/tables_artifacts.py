@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import BigInteger, ForeignKey, Index, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from csml.store.models import Base, SerialId
+from csml.store.tables import Base, SerialId
 
 
 class ModelArtifact(Base):

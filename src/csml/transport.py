@@ -1,4 +1,8 @@
-"""Transport safety shared by clients and workers: TLS pinning, no plain HTTP off-host.
+"""Transport safety shared by clients, workers and the coordinator: TLS pins, no plain HTTP.
+
+A neutral module: it imports no layer of CSML, so the SDK, the worker and the coordinator
+use it without importing each other. Its errors are `TransportError` (a `ValueError`);
+the SDK turns them into its own `CsmlError`.
 
 A coordinator started with `csml up --tls` has a self-signed certificate; its
 SHA-256 fingerprint, printed at start, is what clients pin. Plain HTTP is
@@ -14,7 +18,10 @@ import ssl
 from typing import Any
 from urllib.parse import urlsplit
 
-from csml.client.errors import CsmlError
+
+class TransportError(ValueError):
+    """A URL or pin that would make the connection unsafe, with what to do instead."""
+
 
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
 
@@ -23,7 +30,9 @@ def normalise_fingerprint(value: str) -> str:
     """Accept `AB:CD:…`, `abcd…` or `sha256:abcd…`; return 64 lowercase hex characters."""
     text = value.strip().lower().removeprefix("sha256:").replace(":", "")
     if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
-        raise CsmlError(f"{value!r} is not a SHA-256 certificate fingerprint (64 hex characters)")
+        raise TransportError(
+            f"{value!r} is not a SHA-256 certificate fingerprint (64 hex characters)"
+        )
     return text
 
 
@@ -45,9 +54,9 @@ def check_url(url: str, *, insecure_http: bool = False) -> None:
     """Refuse `http://` to a non-loopback host unless `insecure_http`."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
-        raise CsmlError(f"{url!r}: the coordinator URL must start with https:// or http://")
+        raise TransportError(f"{url!r}: the coordinator URL must start with https:// or http://")
     if parts.scheme == "http" and not insecure_http and not is_loopback(parts.hostname or ""):
-        raise CsmlError(
+        raise TransportError(
             f"refusing plain HTTP to {parts.hostname}: tokens and data would cross the network "
             "unencrypted. Use https://, or pass --insecure-http (SDK: insecure_http=True) on a "
             "network you trust"
