@@ -14,7 +14,7 @@ wheelhouse:
 
 # The container-cluster test: builds the images, runs jobs for every app through them.
 test-containers: images
-	CSML_USE_BUILT_IMAGES=1 $(PYTEST) -q tests/deploy/test_container_cluster.py
+	CSML_USE_BUILT_IMAGES=1 $(PYTEST) -q tests/e2e/containers/test_container_cluster.py
 
 # Throughput through containers vs the same processes run natively.
 bench-containers: images

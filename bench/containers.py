@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.cluster import free_port, wait_healthy  # noqa: E402
-from tests.deploy.podman_cluster import FAST, ContainerCluster, ensure_images  # noqa: E402
+from tests.e2e.containers.podman_cluster import FAST, ContainerCluster, ensure_images  # noqa: E402
 from tests.pg_server import running_postgres  # noqa: E402
 
 from csml.client import Client  # noqa: E402

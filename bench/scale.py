@@ -11,7 +11,7 @@ A throwaway PostgreSQL server is started (`tests/pg_server.py`, as the tests do)
     clients and workers are spread round-robin over the coordinators, and their
     number stays the same, so only the coordinators vary. jobs/s = jobs / wall
     time from the first submission to the last completion; each job must run
-    exactly once (the harness of tests/postgres/test_scale.py). The workers are
+    exactly once (the harness of tests/integration/postgres/test_scale.py). The workers are
     threads speaking the real worker protocol, not worker processes: this
     measures the coordinators and the store, not sandboxes.
 (b) Claim latency (`JobQueue.claim`, one transaction: the store's part of
@@ -49,14 +49,14 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.pg_server import PostgresServer, create_database, running_postgres  # noqa: E402
-from tests.postgres.support import bulk_queue, new_identity, new_worker  # noqa: E402
-from tests.postgres.test_scale import (  # noqa: E402
+from tests.integration.postgres.support import bulk_queue, new_identity, new_worker  # noqa: E402
+from tests.integration.postgres.test_scale import (  # noqa: E402
     check_exactly_once,
     drive,
     fleet,
     join_workers,
 )
+from tests.pg_server import PostgresServer, create_database, running_postgres  # noqa: E402
 
 from cluster import CpuWindow, request_deltas, scrape_requests  # noqa: E402
 from csml.coordinator.app import build_core  # noqa: E402

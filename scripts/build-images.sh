@@ -43,7 +43,7 @@ START=$SECONDS
 # ---------------------------------------------------------------- 1. tools and settings
 # Podman's network backend comes only as a recommend: netavark resolves container names
 # through aardvark-dns. Without them Debian's Podman 4.3 falls back to CNI with no DNS
-# plugin and containers cannot reach each other by name (tests/deploy needs that).
+# plugin and containers cannot reach each other by name (tests/e2e/containers needs that).
 need=()
 command -v podman >/dev/null || need+=(podman)
 command -v runc >/dev/null || need+=(runc)

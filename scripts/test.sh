@@ -7,11 +7,11 @@ cd "$(dirname "$0")/.."
 VENV="${CSML_VENV:-.venv}"
 PY="${PYTHON:-python3}"
 
-# System packages: PostgreSQL (tests start their own server) and Chromium (tests/web, headless).
+# System packages: PostgreSQL (tests start their own server) and Chromium (tests/e2e/web, headless).
 need=()
 ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
 command -v chromium >/dev/null 2>&1 || need+=(chromium chromium-driver)
-command -v ip >/dev/null 2>&1 || need+=(iproute2)  # tests/multihost: network namespaces
+command -v ip >/dev/null 2>&1 || need+=(iproute2)  # tests/e2e/multihost: network namespaces
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
@@ -31,7 +31,7 @@ fi
 whl="$(PYTHON="$VENV/bin/python" bash .ci/build-dynet-wheel.sh | tail -n 1)"
 "$VENV/bin/python" -m pip install -q "$whl"
 "$VENV/bin/python" -m pip install -q -e '.[dev,dynet]'
-# Container images (Podman; installs podman, runc, debootstrap if missing): tests/deploy uses them.
+# Container images (Podman; installs podman, runc, debootstrap if missing): tests/e2e/containers uses them.
 PYTHON="$VENV/bin/python" bash scripts/build-images.sh
 export CSML_USE_BUILT_IMAGES=1
 

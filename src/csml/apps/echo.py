@@ -87,7 +87,7 @@ def crash(ctx: JobContext, params: CrashParams) -> dict[str, Any]:
     return {}
 
 
-# -- diagnostics of the sandbox's isolation (see tests/e2e/test_sandbox.py) --
+# -- diagnostics of the sandbox's isolation (see tests/integration/test_sandbox.py) --
 
 
 class ConnectParams(OperationParams):
