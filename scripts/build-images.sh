@@ -44,11 +44,14 @@ START=$SECONDS
 # Podman's network backend comes only as a recommend: netavark resolves container names
 # through aardvark-dns. Without them Debian's Podman 4.3 falls back to CNI with no DNS
 # plugin and containers cannot reach each other by name (tests/e2e/containers needs that).
+# netavark sets up NAT with iptables, which nothing depends on ("netavark: No such file
+# or directory" at `podman run` without it).
 need=()
 command -v podman >/dev/null || need+=(podman)
 command -v runc >/dev/null || need+=(runc)
 [[ -x /usr/lib/podman/netavark ]] || need+=(netavark)
 [[ -x /usr/lib/podman/aardvark-dns ]] || need+=(aardvark-dns)
+[[ -x /usr/sbin/iptables ]] || need+=(iptables)
 [[ "$BASE_IMAGE" != localhost/debian-base:* ]] || command -v debootstrap >/dev/null || need+=(debootstrap)
 if ((${#need[@]} && !WHEELHOUSE_ONLY)); then
     ((EUID == 0)) || die "missing ${need[*]}: sudo apt-get install ${need[*]}"
