@@ -1,4 +1,5 @@
-"""Prometheus metrics: request latency, and job/queue/worker gauges read from the store."""
+"""Prometheus metrics: request latency, job/queue/worker gauges read from the store, and
+this coordinator's own store traffic (statements and write commits, from `StoreCounters`)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ from collections.abc import Iterator
 from datetime import timedelta
 
 from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from csml.coordinator.state import Core
+from csml.store.db import counters
 from csml.store.tables import Job, Worker, utcnow
 
 
@@ -59,9 +61,28 @@ class StoreCollector(Collector):
         yield from (jobs, depth, capacity, workers, slots)
 
 
+class StoreTrafficCollector(Collector):
+    """This process's statements and write commits (the scrape's own queries included)."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        tally = counters(self.core.engine)
+        yield CounterMetricFamily(
+            "csml_store_statements", "SQL statements this coordinator sent.", tally.statements
+        )
+        yield CounterMetricFamily(
+            "csml_store_write_commits",
+            "Write transactions this coordinator committed (one WAL fsync each on SQLite).",
+            tally.write_commits,
+        )
+
+
 def make_registry(core: Core) -> tuple[CollectorRegistry, Histogram]:
     registry = CollectorRegistry()
     registry.register(StoreCollector(core))
+    registry.register(StoreTrafficCollector(core))
     latency = Histogram(
         "csml_http_request_duration_seconds",
         "HTTP request latency by route template and status.",

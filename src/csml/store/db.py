@@ -1,9 +1,16 @@
-"""Engine and sessions for SQLite (embedded default) and PostgreSQL."""
+"""Engine and sessions for SQLite (embedded default) and PostgreSQL.
+
+Every engine made here counts what it sends (`StoreCounters`: statements, write
+commits), so the coordinator's /metrics and the benchmarks can say what a job costs
+the store. Counting is a pair of integer increments per statement and per commit.
+"""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +29,45 @@ def sqlite_url(data_dir: Path) -> str:
     return f"sqlite:///{data_dir / 'csml.db'}"
 
 
+@dataclass
+class StoreCounters:
+    """What one engine has sent since it was made (monotonic; read without a lock)."""
+
+    statements: int = 0
+    write_commits: int = 0  # on SQLite in WAL with synchronous=FULL: one fsync each
+
+
+_COUNTERS: weakref.WeakKeyDictionary[Engine, StoreCounters] = weakref.WeakKeyDictionary()
+
+
+def counters(engine: Engine) -> StoreCounters:
+    """The counters of an engine made by `make_engine` (zeros for any other)."""
+    return _COUNTERS.get(engine) or StoreCounters()
+
+
+def _count(engine: Engine) -> None:
+    tally = _COUNTERS.setdefault(engine, StoreCounters())
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _on_statement(*_args: Any) -> None:
+        tally.statements += 1
+
+    @event.listens_for(engine, "commit")
+    def _on_commit(conn: Any) -> None:
+        if conn.get_execution_options().get(WRITE_OPTION, False):
+            tally.write_commits += 1
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(
             url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=8
         )
         _tune_sqlite(engine)
-        return engine
-    return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    else:
+        engine = create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    _count(engine)
+    return engine
 
 
 def _tune_sqlite(engine: Engine) -> None:
