@@ -331,6 +331,26 @@ def scrape_requests(url: str) -> dict[str, tuple[float, float]]:
     return out
 
 
+def scrape_store(url: str) -> dict[str, float]:
+    """The coordinator's store traffic so far: SQL statements and write commits."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    out = {}
+    for name in ("statements", "write_commits"):
+        prefix = f"csml_store_{name}_total "
+        out[name] = next(
+            (float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix)),
+            float("nan"),
+        )
+    return out
+
+
+def store_deltas(before: dict[str, float], after: dict[str, float], jobs: int) -> dict[str, float]:
+    """Per job: SQL statements and write commits (one fsync each on SQLite) the store saw."""
+    return {
+        f"{name}_per_job": round((after[name] - before[name]) / max(1, jobs), 2) for name in before
+    }
+
+
 def request_deltas(
     before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]], jobs: int
 ) -> dict[str, dict[str, float]]:

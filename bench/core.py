@@ -7,7 +7,10 @@
     client threads against 2 worker processes, with the CPU each process used;
 (b) round-trip latency of one `echo` job at a time;
 (c) `opencv detect_faces` over real images through CSML versus a plain
-    `multiprocessing.Pool(2)` running the same OpenCV code.
+    `multiprocessing.Pool(2)` running the same OpenCV code;
+(d) what a job costs: coordinator CPU, HTTP requests, SQL statements and write commits.
+(a) and (b) are also run on Celery + Redis in the same run (bench/celery_anchor.py;
+    --no-anchor skips it) and the ratios printed.
 
 See bench/README.md. Results go to stdout and bench/results/core-<timestamp>.json.
 """
@@ -32,7 +35,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cluster import Cluster, CpuWindow, request_deltas, scrape_requests
+from cluster import (
+    Cluster,
+    CpuWindow,
+    request_deltas,
+    scrape_requests,
+    scrape_store,
+    store_deltas,
+)
 from csml.client import Client, Job
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -66,6 +76,7 @@ class Config:
     profile: str | None
     base_dir: str | None
     keep: bool
+    anchor: bool
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -95,6 +106,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
         "(e.g. /dev/shm to see what fsync costs; not durable)",
     )
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, db)")
+    p.add_argument(
+        "--no-anchor", action="store_true", help="skip Celery + Redis (bench/celery_anchor.py)"
+    )
     a = p.parse_args(argv)
     return Config(
         quick=a.quick,
@@ -112,6 +126,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         profile=a.profile,
         base_dir=a.base_dir,
         keep=a.keep,
+        anchor=not a.no_anchor,
     )
 
 
@@ -260,9 +275,10 @@ def run_throughput(cluster: Cluster, cfg: Config, root: Path) -> dict[str, Any]:
     """(a): `cfg.threads` clients each loop submit+wait until `cfg.throughput_jobs` are done."""
     clients = [cluster.new_user() for _ in range(cfg.threads)]
     drain(clients, [-1] * 2 * len(clients), echo_once)  # warm-up: connections, forks, caches
-    requests0 = scrape_requests(cluster.url)
+    requests0, store0 = scrape_requests(cluster.url), scrape_store(cluster.url)
     with _maybe_profile(cluster, cfg, root, "a") as profile, CpuWindow(cluster.pids()) as cpu:
         records = drain(clients, list(range(cfg.throughput_jobs)), echo_once)
+    store = store_deltas(store0, scrape_store(cluster.url), len(records))
     requests = request_deltas(requests0, scrape_requests(cluster.url), len(records))
     for c in clients:
         c.close()
@@ -279,6 +295,8 @@ def run_throughput(cluster: Cluster, cfg: Config, root: Path) -> dict[str, Any]:
         "phase_medians_ms": phase_medians(records),
         "cpu": cpu.report(),
         "http_requests_by_route": requests,
+        "http_requests_per_job": round(sum(r["per_job"] for r in requests.values()), 2),
+        "store_per_job": store,
         "coordinator_cpu_ms_per_job": round(
             1000 * cpu.used["coordinator"] / max(1, len(records)), 2
         ),
@@ -352,9 +370,10 @@ def run_latency(cluster: Cluster, cfg: Config) -> dict[str, Any]:
     client = cluster.new_user()
     for _ in range(cfg.latency_warmup):
         echo_once(client, -1)
-    requests0 = scrape_requests(cluster.url)
+    requests0, store0 = scrape_requests(cluster.url), scrape_store(cluster.url)
     with CpuWindow(cluster.pids()) as cpu:
         records = [echo_once(client, i) for i in range(cfg.latency_jobs)]
+    store = store_deltas(store0, scrape_store(cluster.url), len(records))
     requests = request_deltas(requests0, scrape_requests(cluster.url), len(records))
     client.close()
     return {
@@ -365,6 +384,7 @@ def run_latency(cluster: Cluster, cfg: Config) -> dict[str, Any]:
         "submit_only": ms_summary([r.submit_s for r in records]),
         "phase_medians_ms": phase_medians(records),
         "http_requests_by_route": requests,
+        "store_per_job": store,
         "cpu_ms_per_job": {
             name: round(1000 * sec / len(records), 2) for name, sec in cpu.used.items()
         },
@@ -548,8 +568,19 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
             )
         )
     if tp:
+        coord_ms = tp["coordinator_cpu_ms_per_job"]
+        rows.append(_row("(d) coordinator CPU per job, ms", "<= 1", coord_ms, coord_ms <= 1.0))
+        rows.append(_row("(d) HTTP requests per job", "-", tp["http_requests_per_job"], None))
         rows.append(
-            _row("(a) coordinator CPU per job, ms", "-", tp["coordinator_cpu_ms_per_job"], None)
+            _row("(d) SQL statements per job", "-", tp["store_per_job"]["statements_per_job"], None)
+        )
+        rows.append(
+            _row(
+                "(d) write commits (fsyncs) per job",
+                "-",
+                tp["store_per_job"]["write_commits_per_job"],
+                None,
+            )
         )
     if dur:
         rows.append(
@@ -565,7 +596,24 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append(
             _row("(b) echo round trip p50, ms", f"<= {TARGET_P50_MS:g}", p50, p50 <= TARGET_P50_MS)
         )
-        rows.append(_row("(b) echo round trip p99, ms", "-", lat["round_trip"]["p99_ms"], None))
+        p99 = lat["round_trip"]["p99_ms"]
+        rows.append(_row("(b) echo round trip p99, ms", "<= 15", p99, p99 <= 15.0))
+    celery = results.get("celery")
+    if celery and tp:
+        ratio = round(tp["jobs_per_s"] / celery["throughput"]["jobs_per_s"], 3)
+        rows.append(
+            _row(
+                "(a) Celery+Redis throughput, jobs/s", "-", celery["throughput"]["jobs_per_s"], None
+            )
+        )
+        rows.append(_row("(a) CSML / Celery throughput", ">= 1", ratio, ratio >= 1.0))
+    if celery and lat:
+        rows.append(
+            _row("(b) Celery+Redis round trip p50, ms", "-", celery["latency"]["p50_ms"], None)
+        )
+        rows.append(
+            _row("(b) Celery+Redis round trip p99, ms", "-", celery["latency"]["p99_ms"], None)
+        )
     if cv:
         ratio = cv["ratio_csml_over_baseline"]
         ok = ratio <= TARGET_OPENCV_RATIO and not cv["failed_jobs"]
@@ -588,7 +636,7 @@ def print_report(machine: dict[str, Any], results: dict[str, Any]) -> None:
         f"Python {machine['python']}, fsync {machine['fsync_ms_median']} ms, "
         f"load {machine['load_avg_at_start']}"
     )
-    for name in ("throughput", "latency", "opencv"):
+    for name in ("throughput", "latency", "celery", "opencv"):
         if name in results:
             _print_details(name, results[name])
     print()
@@ -642,6 +690,13 @@ def main(argv: list[str] | None = None) -> int:
     _say(f"working in {root}")
     if {"a", "b"} & set(cfg.only):
         results.update(_timed("echo benchmarks", lambda: echo_benchmarks(cfg, root)))
+    if cfg.anchor and {"a", "b"} & set(cfg.only):
+        from celery_anchor import run as run_celery
+
+        results["celery"] = _timed(
+            "Celery + Redis anchor",
+            lambda: run_celery(cfg.throughput_jobs, cfg.latency_jobs, cfg.latency_warmup),
+        )
     if "c" in cfg.only:
         results["opencv"] = _timed("opencv benchmark", lambda: run_opencv(cfg, root))
     if "throughput" in results:
