@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from csml.cli import attest, demo, models, operator, pipeline, scaffold
+from csml.cli import attest, batch, demo, models, operator, pipeline, scaffold
 from csml.cli.follow import follow
 from csml.cli.output import console, fail, jobs_table, show_job
 from csml.cli.params import find_operation, map_files, parse_params
@@ -36,6 +36,7 @@ app.add_typer(models.models_app, name="models")
 app.command("train")(models.train)
 app.command("predict")(models.predict)
 app.add_typer(pipeline.pipeline_app, name="pipeline")
+app.command("batch")(batch.batch)
 
 UrlOpt = Annotated[
     str | None,

@@ -30,6 +30,7 @@ from csml.transport import TransportError, check_url, verify_option
 
 if TYPE_CHECKING:
     from csml.attestation.policy import Policy
+    from csml.client.batch import Batch, BatchItem
     from csml.client.confidential import JobKeys, KeyStore, WorkerAssessment
     from csml.crypto.envelope import ResultPayload
 
@@ -234,6 +235,45 @@ class Client:
                     raise
                 time.sleep(exc.retry_after)
 
+    def map(
+        self,
+        app: str,
+        operation: str,
+        files: Sequence[FileArg],
+        *,
+        input: str | None = None,
+        labels: Sequence[str] | None = None,
+        params: dict[str, Any] | None = None,
+        concurrency: int = 4,
+        timeout: float = 3600.0,
+        on_done: Callable[[BatchItem], None] | None = None,
+    ) -> Batch:
+        """Run `operation` once per file (a batch; each item an ordinary job) and return
+        the items in input order. Failed items are recorded, never raised; `on_done` sees
+        each item as it ends. `input` names the operation's file input (default: its only
+        required one)."""
+        from csml.client.batch import run_batch, single_file_input
+
+        if input is None:
+            op = next((o for o in self.app(app).operations if o.name == operation), None)
+            if op is None:
+                raise CsmlError(f"application {app!r} has no operation {operation!r}")
+            input = single_file_input(((i.name, i.required) for i in op.inputs), None)
+        names = list(labels) if labels is not None else [_label(f, n) for n, f in enumerate(files)]
+        if len(names) != len(files):
+            raise CsmlError("labels must name every file")
+        return run_batch(
+            self,
+            app,
+            operation,
+            list(zip(names, files, strict=True)),
+            input_name=input,
+            params=params,
+            concurrency=concurrency,
+            timeout=timeout,
+            on_done=on_done,
+        )
+
     def workers(self, app: str) -> list[WorkerKeyInfo]:
         """The app's live workers with their public keys and attestation evidence."""
         data = self.request("GET", f"/v1/apps/{app}/workers").json()
@@ -363,6 +403,10 @@ class Client:
                 r.read()
                 raise_for(r)
             yield from r.iter_bytes(1 << 20)
+
+
+def _label(value: FileArg, index: int) -> str:
+    return str(value) if isinstance(value, str | os.PathLike) else f"item-{index}"
 
 
 def _file_part(name: str, value: FileArg, stack: ExitStack) -> tuple[str, Any, str]:

@@ -1,0 +1,88 @@
+"""Batches end to end: `Client.map` and `csml batch` on a real cluster with real photos."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import cv2
+
+from csml.client.batch import BatchItem
+from tests.cluster import Cluster
+
+# Shared cluster: coordinator + echo + opencv workers; several minutes under load.
+
+
+def photos(folder: Path, photo: Path, faceless: Path, n: int) -> list[Path]:
+    """`n` real photos (alternating one face / none) and one file that is not an image."""
+    folder.mkdir(parents=True)
+    out = []
+    for i in range(n):
+        target = folder / f"p{i:02d}.png"
+        shutil.copy(photo if i % 2 == 0 else faceless, target)
+        out.append(target)
+    broken = folder / "broken.png"
+    broken.write_bytes(b"not an image at all")
+    out.append(broken)
+    return out
+
+
+def test_map_runs_every_item_and_reports_the_failing_one(
+    cluster: Cluster, photo: Path, faceless_photo: Path, tmp_path: Path
+) -> None:
+    files = photos(tmp_path / "in", photo, faceless_photo, 6)
+    seen: list[BatchItem] = []
+    with cluster.new_user() as c:
+        batch = c.map("opencv", "detect_faces", files, concurrency=3, on_done=seen.append)
+        assert [i.source for i in batch.items] == [str(f) for f in files]
+        assert sorted(i.index for i in seen) == list(range(len(files)))
+        counts = [i.job.result["count"] for i in batch.items[:6] if i.job and i.job.result]
+        assert counts == [1, 0, 1, 0, 1, 0]
+        assert len(batch.succeeded) == 6 and len(batch.failed) == 1
+        bad = batch.failed[0]
+        assert bad.source.endswith("broken.png") and bad.state in ("failed", "refused")
+        assert bad.error and "image" in bad.error.lower()
+        manifest = batch.write_manifest(tmp_path / "manifest.jsonl")
+    lines = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert [line["index"] for line in lines] == list(range(7))
+    assert lines[0]["state"] == "succeeded" and lines[0]["result"]["count"] == 1
+    assert lines[6]["state"] != "succeeded" and lines[6]["error"]
+
+
+def test_cli_batch_from_a_zip_and_a_folder(
+    cluster: Cluster, photo: Path, faceless_photo: Path, tmp_path: Path
+) -> None:
+    env = {**cluster.env, "CSML_CONFIG": str(tmp_path / "cfg" / "config.toml")}
+    cluster.csml("id", "new", "--url", cluster.url, env=env)
+    files = photos(tmp_path / "in", photo, faceless_photo, 4)
+    archive = tmp_path / "photos.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(files[0], "nested/one.png")
+        zf.write(files[1], "../../escape.png")  # a hostile member name stays inside out/
+    out = tmp_path / "out"
+
+    r = cluster.csml(
+        "batch", "opencv", "detect-faces", str(archive), "-o", str(out), env=env, check=False
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 of 2 items succeeded" in r.stdout
+    lines = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [line["state"] for line in lines] == ["succeeded", "succeeded"]
+    for line in lines:
+        for saved in line["outputs"].values():
+            assert Path(saved).resolve().is_relative_to(out.resolve())
+            assert cv2.imread(saved) is not None
+    assert not (tmp_path / "escape.png").exists()
+
+    r = cluster.csml(
+        "batch", "opencv", "detect-faces", str(tmp_path / "in"), "-o", str(out / "f"),
+        env=env, check=False,
+    )  # fmt: skip
+    assert r.returncode == 1  # one item failed: reported, the others kept
+    assert "4 of 5 items succeeded" in r.stdout and "1 failed" in r.stdout
+    assert "broken.png" in r.stdout + r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
+    kept = sorted(p.name for p in (out / "f").iterdir() if p.is_dir())
+    assert kept == ["p00", "p01", "p02", "p03"]
