@@ -85,6 +85,25 @@ def cli_page() -> str:
     )
 
 
+# What the settings without a `description` in `Settings` mean (read from where they are
+# used). A description given in `Settings` wins over these.
+FALLBACK_DESCRIPTIONS = {
+    "data_dir": "SQLite database (unless `CSML_DATABASE_URL`) and job files.",
+    "retry_after_seconds": "`Retry-After` of a full queue, and of the active-jobs and model "
+    "limits, which have no fixed reset time.",
+    "lease_seconds": "How long a claimed job stays a worker's without a heartbeat.",
+    "heartbeat_seconds": "How often workers are told to heartbeat.",
+    "reap_interval_seconds": "How often expired leases are looked for.",
+    "max_attempts": "Runs of a job (first one included) before a lost lease fails it.",
+    "job_timeout_seconds": "Wall-clock limit of one job (the largest a submission may ask).",
+    "job_memory_mb": "Memory a job may allocate beyond the runtime (`RLIMIT_AS`).",
+    "job_cpu_seconds": "CPU time of one job (`RLIMIT_CPU`).",
+    "max_wait_seconds": "Longest long-poll of `GET /v1/jobs/{id}?wait=`.",
+    "identity_rate_window_seconds": "The window of `CSML_IDENTITY_RATE_LIMIT`.",
+    "submission_rate_window_seconds": "The window of `CSML_SUBMISSION_RATE_LIMIT`.",
+}
+
+
 def _default(field: Any) -> str:
     if field.default_factory is not None:
         value = field.default_factory()
@@ -99,7 +118,7 @@ def settings_table() -> str:
 
     rows = ["| variable | default | what |", "|---|---|---|"]
     for name, field in Settings.model_fields.items():
-        what = (field.description or "").replace("|", "\\|")
+        what = (field.description or FALLBACK_DESCRIPTIONS.get(name, "")).replace("|", "\\|")
         rows.append(f"| `CSML_{name.upper()}` | {_default(field)} | {what} |")
     return "\n".join(rows) + "\n"
 
