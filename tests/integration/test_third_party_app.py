@@ -1,4 +1,5 @@
-"""The README's "Adding an application" example, installed with pip, serves a real job."""
+"""The documented "Adding an application" example (docs/user-guide/adding-an-application.md),
+installed with pip, serves a real job."""
 
 from __future__ import annotations
 
@@ -7,19 +8,19 @@ from pathlib import Path
 
 from tests.cluster import install_to_folder, running_cluster
 
-README = Path(__file__).parents[2] / "README.md"
+PAGE = Path(__file__).parents[2] / "docs" / "user-guide" / "adding-an-application.md"
 
 
-def readme_blocks() -> tuple[str, str]:
-    section = README.read_text().split("## Adding an application", 1)[1].split("\n## ", 1)[0]
-    python = re.search(r"```python\n(# mypkg/app.py\n.*?)```", section, re.S)
-    toml = re.search(r"```toml\n# mypkg/pyproject.toml\n(.*?)```", section, re.S)
-    assert python and toml, "README example blocks not found"
+def example_blocks() -> tuple[str, str]:
+    page = PAGE.read_text()
+    python = re.search(r"```python\n(# mypkg/app.py\n.*?)```", page, re.S)
+    toml = re.search(r"```toml\n# mypkg/pyproject.toml\n(.*?)```", page, re.S)
+    assert python and toml, f"example blocks not found in {PAGE}"
     return python.group(1), toml.group(1)
 
 
-def test_readme_app_installs_and_serves_a_job(tmp_path: Path) -> None:
-    code, entry_points = readme_blocks()
+def test_documented_app_installs_and_serves_a_job(tmp_path: Path) -> None:
+    code, entry_points = example_blocks()
     pkg = tmp_path / "mypkg"
     (pkg / "mypkg").mkdir(parents=True)
     (pkg / "mypkg" / "__init__.py").write_text("")
