@@ -1,8 +1,40 @@
-# Convenience targets; each is one script, so CI and people run the same thing.
+# Convenience targets; each is one script or tool, so CI and people run the same thing.
+# Tools come from ./.venv when it exists (scripts/test.sh makes it), else from PATH;
+# override any of them, e.g. `make lint RUFF=/path/to/venv/bin/ruff`.
+tool = $(if $(wildcard .venv/bin/$(1)),.venv/bin/$(1),$(1))
 PYTHON ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
-PYTEST ?= $(if $(wildcard .venv/bin/pytest),.venv/bin/pytest,pytest)
+PYTEST ?= $(call tool,pytest)
+RUFF ?= $(call tool,ruff)
+MYPY ?= $(call tool,mypy)
+MKDOCS ?= $(call tool,mkdocs)
+LINTED = src tests bench deploy
 
-.PHONY: images wheelhouse test-containers bench-containers
+.PHONY: lint typecheck test-fast test bench docs images wheelhouse test-containers bench-containers
+
+# Lint and formatting (ruff), as scripts/test.sh and pre-commit check them.
+lint:
+	$(RUFF) check $(LINTED)
+	$(RUFF) format --check $(LINTED)
+
+# mypy --strict over src/ and tests/ (configured in pyproject.toml).
+typecheck:
+	$(MYPY)
+
+# The fast tier: no root, processes, servers or PostgreSQL.
+test-fast:
+	$(PYTEST) -q tests/unit
+
+# Everything, from a fresh machine: system packages, venv, images, lint, types, all tiers.
+test:
+	bash scripts/test.sh
+
+# The core benchmark (throughput, latency, OpenCV overhead); see bench/README.md for the others.
+bench:
+	$(PYTHON) bench/core.py
+
+# The documentation site, failing on any warning or broken link.
+docs:
+	$(MKDOCS) build --strict
 
 # Every container image (Podman, as root): localhost/csml-*:dev. See deploy/images/.
 images:

@@ -37,7 +37,8 @@ export CSML_USE_BUILT_IMAGES=1
 
 echo "== ruff"
 "$VENV/bin/ruff" check src tests bench deploy
-echo "== mypy"
+"$VENV/bin/ruff" format --check src tests bench deploy
+echo "== mypy (src and tests)"
 "$VENV/bin/mypy"
 # In CI, tests needing root facilities (namespaces, containers, a browser) fail rather than skip.
 if [ "${CI:-}" = true ]; then export CSML_REQUIRE_NETNS=1; fi

@@ -11,7 +11,7 @@ from tests.cluster import Cluster, running_cluster
 # The echo app's misbehaving operations (allocate, crash, connect, ...) exist only with this.
 os.environ.setdefault("CSML_ECHO_DIAGNOSTICS", "1")
 
-SKIMAGE_DATA = Path(__import__("skimage").__file__).parent / "data"
+SKIMAGE_DATA = Path(str(__import__("skimage").__file__)).parent / "data"
 
 
 @pytest.fixture(scope="session")

@@ -174,7 +174,7 @@ def test_operator_routes(cluster: Cluster, tmp_path: Any) -> None:
         user = op_cluster.new_user()
         worker = register_worker(op_cluster, op_cluster.join_token)
         token_id = op_cluster.csml("join-token", "list").stdout.split()[0]
-        callers = (
+        callers: tuple[dict[str, str], ...] = (
             {},
             bearer(OPERATOR_TOKEN + "x"),
             bearer(OPERATOR_TOKEN[:-1]),

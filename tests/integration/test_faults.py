@@ -6,6 +6,7 @@ import os
 import signal
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -24,7 +25,11 @@ from tests.cluster import Cluster, running_cluster, wait_for
     ],
 )
 def test_a_misbehaving_job_fails_with_the_reason_and_the_worker_goes_on(
-    cluster: Cluster, operation: str, params: dict, limits: dict | None, reason: str
+    cluster: Cluster,
+    operation: str,
+    params: dict[str, Any],
+    limits: dict[str, Any] | None,
+    reason: str,
 ) -> None:
     client = cluster.new_user()
     worker_pids = [w.pid for w in cluster.workers if w.poll() is None]
@@ -119,7 +124,7 @@ def test_fairness_across_identities(tmp_path: Path) -> None:
         assert light_positions == [1, 3], order[:6]
 
 
-def _job_rows(data_dir: Path, job_id: str) -> list[tuple]:
+def _job_rows(data_dir: Path, job_id: str) -> list[tuple[Any, ...]]:
     with sqlite3.connect(data_dir / "csml.db") as db:
         return db.execute(
             "SELECT state, attempts, result FROM jobs WHERE id = ?", (job_id,)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -40,7 +41,7 @@ def test_hostile_strings_in_params_names_and_paths(cluster: Cluster, tmp_path: P
 
     for evil in HOSTILE:
         # As an uploaded file's name (the client-side filename is never used as a path).
-        files = {
+        files: dict[str, Any] = {
             "spec": (None, json.dumps({"app": "echo", "operation": "echo"}), "application/json"),
             "data": (evil, b"payload", "application/octet-stream"),
         }
@@ -81,5 +82,5 @@ def test_hostile_strings_in_params_names_and_paths(cluster: Cluster, tmp_path: P
     assert not [p for p in os.listdir("/tmp") if "pwned" in p]
     assert _snapshot(tmp_path) | {p for p in os.listdir("/tmp") if "pwned" in p} == outside_before
     # Every stored file is inside the data directory, under a job folder or staging.
-    for path in (cluster.data_dir / "blobs").rglob("*"):
-        assert path.resolve().is_relative_to(cluster.data_dir.resolve())
+    for stored in (cluster.data_dir / "blobs").rglob("*"):
+        assert stored.resolve().is_relative_to(cluster.data_dir.resolve())

@@ -378,7 +378,10 @@ def test_files_are_handed_to_the_job_and_taken_back(tmp_path: Path) -> None:
     grant = hand_over([data], work / "outputs", tmp_root, own_uid=True)
     uid = grant.uid
     assert uid is not None and grant.gid == uid
-    mode = lambda p: (p.stat().st_uid, stat.S_IMODE(p.stat().st_mode))  # noqa: E731
+    mode: Callable[[Path], tuple[int, int]] = lambda p: (  # noqa: E731
+        p.stat().st_uid,
+        stat.S_IMODE(p.stat().st_mode),
+    )
     assert mode(data) == (uid, 0o400)
     assert mode(work / "outputs") == (uid, 0o700)
     assert mode(grant.tmp) == (uid, 0o700)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import cv2
 import httpx
@@ -27,6 +28,7 @@ def test_face_detection_end_to_end(cluster: Cluster, photo: Path, tmp_path: Path
     out = job.download("annotated", tmp_path / "annotated.png")
     annotated = cv2.imread(str(out))
     original = cv2.imread(str(photo))
+    assert annotated is not None and original is not None
     assert annotated.shape == original.shape
     assert (annotated != original).any()  # the box was drawn
     info = job.outputs["annotated"]
@@ -49,13 +51,18 @@ def test_a_face_free_photo_has_zero_faces(cluster: Cluster, faceless_photo: Path
     ],
 )
 def test_other_opencv_operations(
-    cluster: Cluster, photo: Path, tmp_path: Path, operation: str, params: dict, output: str
+    cluster: Cluster,
+    photo: Path,
+    tmp_path: Path,
+    operation: str,
+    params: dict[str, Any],
+    output: str,
 ) -> None:
     job = cluster.new_user().submit("opencv", operation, files={"image": photo}, params=params)
     job.wait(timeout=60)
     assert job.state.value == "succeeded", job.error
     image = cv2.imread(str(job.download(output, tmp_path)), cv2.IMREAD_UNCHANGED)
-    assert image is not None
+    assert image is not None and job.result is not None
     assert image.shape[1] == job.result["width"]
     if operation == "resize":
         assert image.shape[:2] == (128, 128)

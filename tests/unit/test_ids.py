@@ -18,7 +18,7 @@ def test_new_id_draws_again_while_the_short_form_is_numeric(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     draws = iter(["123456789012" + "a" * 52, "0" * 64, "abc" + "1" * 61])
-    monkeypatch.setattr(ids.secrets, "token_hex", lambda n: next(draws))
+    monkeypatch.setattr("csml.ids.secrets.token_hex", lambda n: next(draws))
     assert ids.new_id() == "abc" + "1" * 61
 
 

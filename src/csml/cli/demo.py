@@ -1,4 +1,11 @@
-"""`csml demo`: the main job, end to end, on the embedded default."""
+"""`csml demo`: the main job, end to end, on the embedded default.
+
+It runs `csml up` (coordinator and an OpenCV worker) as a child in its own
+process group, with logs at error level in the demo's format (human on a
+terminal), and stops it however the demo ends (done, failed, Ctrl-C): `csml up`
+stops its worker, then its coordinator, and revokes its join token; if the demo
+is killed outright, `csml up` notices (`--parent-pid`) and stops the same way.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +23,8 @@ import typer
 
 from csml.cli.output import console
 from csml.client import Client, CsmlError
+
+STOP_TIMEOUT = 90.0  # `csml up` gives its worker 30 s to finish its jobs
 
 
 def sample_photo() -> Path:
@@ -55,19 +64,33 @@ def demo(
     data_dir: Annotated[
         Path | None, typer.Option(help="Platform data folder (default: a temporary one).")
     ] = None,
+    log_format: Annotated[
+        str,
+        typer.Option(
+            envvar="CSML_LOG_FORMAT",
+            help="The platform's logs: auto (human on a terminal, JSON otherwise), json, human.",
+        ),
+    ] = "auto",
 ) -> None:
     """Start CSML on this machine, detect faces on a sample photo, print the result, stop."""
+    from csml.cli.operator import checked_log_format
+
     photo = sample_photo()
+    fmt = checked_log_format(log_format)
     data = data_dir or Path(tempfile.mkdtemp(prefix="csml-demo-"))
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "CSML_DATA_DIR": str(data)}
     console.print(f"starting CSML at {url} (SQLite and workers in {data})")
     platform = subprocess.Popen(
-        [sys.executable, "-m", "csml", "up", "--port", str(port), "--app", "opencv"],
+        [
+            *(sys.executable, "-m", "csml", "up", "--port", str(port), "--app", "opencv"),
+            *("--log-level", "error", "--log-format", fmt, "--parent-pid", str(os.getpid())),
+        ],
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
+        process_group=0,  # a terminal's Ctrl-C reaches the demo, which stops it in order
     )
     try:
         _wait_healthy(url, platform)
@@ -90,8 +113,10 @@ def demo(
             console.print(f"faces found: {job.result['count']} {job.result['faces']}")
             console.print(f"annotated image: [bold]{saved.resolve()}[/]")
     finally:
-        platform.terminate()
+        console.print("stopping CSML")
+        platform.terminate()  # its worker first, then the coordinator
         try:
-            platform.wait(timeout=30)
+            platform.wait(timeout=STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
-            platform.kill()
+            platform.kill()  # its worker notices its parent is gone and stops too
+            platform.wait()

@@ -1,7 +1,17 @@
-"""Operator commands: run the coordinator, workers, everything (`up`), join tokens."""
+"""Operator commands: run the coordinator, workers, everything (`up`), join tokens.
+
+`csml up` runs the coordinator in its own process (a thread serves HTTP) and one
+worker process per app. It owns them: SIGINT or SIGTERM stops the workers first
+(each finishes or hands back its jobs and leaves), then the coordinator, then
+revokes the join token it made for them; a worker whose `csml up` dies anyhow
+stops too (see `children.py`). The operator token and every other coordinator
+setting stay in the coordinator's process: a worker gets its URL, its app and,
+over stdin, its join token.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -12,16 +22,40 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from csml.cli.children import exit_with_parent, orphaned, stop_processes, worker_env
 from csml.cli.output import console
 from csml.client import CsmlError
 
 if TYPE_CHECKING:
+    import uvicorn
+
     from csml.coordinator.config import Settings
 
 join_token_app = typer.Typer(help="Tokens that let workers join the cluster.", no_args_is_help=True)
 
 HostOpt = Annotated[str, typer.Option(help="Address to listen on.")]
 PortOpt = Annotated[int, typer.Option(help="Port to listen on.")]
+LogFormatOpt = Annotated[
+    str,
+    typer.Option(
+        envvar="CSML_LOG_FORMAT",
+        help="auto (human lines on a terminal, JSON otherwise), json or human.",
+    ),
+]
+# Set by the `csml` command that starts this one: stop when that process dies.
+ParentPidOpt = Annotated[int | None, typer.Option(hidden=True)]
+UP_LABEL = "csml up (local workers)"
+WORKER_STOP_GRACE = 30.0  # seconds a worker of `csml up` gets to finish its jobs
+
+
+def checked_log_format(requested: str) -> str:
+    """The resolved log format ("json" or "human"); a CLI error for an unknown one."""
+    from csml.coordinator.logs import resolve_log_format
+
+    try:
+        return resolve_log_format(requested.lower())
+    except ValueError as exc:
+        raise CsmlError(f"--log-format: {exc}") from None
 
 
 def _settings() -> Settings:
@@ -56,16 +90,15 @@ InsecureHttpOpt = Annotated[
 ]
 
 
-def _serve(host: str, port: int, log_level: str, tls: tuple[Path, Path] | None = None) -> None:
+def _server_config(
+    settings: Settings, host: str, port: int, log_level: str, tls: tuple[Path, Path] | None
+) -> uvicorn.Config:
     import uvicorn
 
     from csml.coordinator.app import create_app
-    from csml.coordinator.logs import setup_logging
 
-    setup_logging(log_level.upper())
-    app = create_app(_settings())
-    uvicorn.run(
-        app,
+    return uvicorn.Config(
+        create_app(settings),
         host=host,
         port=port,
         access_log=False,
@@ -78,6 +111,17 @@ def _serve(host: str, port: int, log_level: str, tls: tuple[Path, Path] | None =
     )
 
 
+def _serve(
+    host: str, port: int, log_level: str, log_format: str, tls: tuple[Path, Path] | None = None
+) -> None:
+    import uvicorn
+
+    from csml.coordinator.logs import setup_logging
+
+    setup_logging(log_level.upper(), log_format)
+    uvicorn.Server(_server_config(_settings(), host, port, log_level, tls)).run()
+
+
 def server(
     host: HostOpt = "127.0.0.1",
     port: PortOpt = 8600,
@@ -88,6 +132,7 @@ def server(
     tls_key: Annotated[
         Path | None, typer.Option(envvar="CSML_TLS_KEY", help="Serve HTTPS: private key (PEM).")
     ] = None,
+    log_format: LogFormatOpt = "auto",
 ) -> None:
     """Run the coordinator only (store from CSML_DATABASE_URL or the data directory)."""
     if (tls_cert is None) != (tls_key is None):
@@ -96,7 +141,7 @@ def server(
         if path is not None and not path.is_file():
             raise CsmlError(f"no such file {str(path)!r}")
     tls = (tls_cert, tls_key) if tls_cert and tls_key else None
-    _serve(host, port, log_level, tls)
+    _serve(host, port, log_level, checked_log_format(log_format), tls)
 
 
 def worker(
@@ -139,6 +184,9 @@ def worker(
     ] = None,
     pin_sha256: PinOpt = None,
     insecure_http: InsecureHttpOpt = False,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
+    log_format: LogFormatOpt = "auto",
+    parent_pid: ParentPidOpt = None,
 ) -> None:
     """Serve one application for a coordinator, from any machine that reaches it."""
     from csml.apps.registry import available_app_names, load_app
@@ -146,7 +194,9 @@ def worker(
     from csml.coordinator.logs import setup_logging
     from csml.worker.agent import WorkerAgent, WorkerConfig
 
-    setup_logging()
+    setup_logging(log_level.upper(), checked_log_format(log_format))
+    if parent_pid is not None:
+        exit_with_parent(parent_pid)
     join_token = _join_token(join_token, join_token_file)
     collateral = _read_collateral(attestation_collateral) if attestation_collateral else None
     if app_name not in available_app_names():
@@ -177,7 +227,9 @@ def worker(
         raise CsmlError(f"attestation {attestation!r}: {exc}") from None
 
     def stop(*_: object) -> None:
-        agent.stop()
+        # Not in the handler itself: it may interrupt the main thread holding a lock
+        # stop() takes. A worker whose `csml up` is gone also gives up its coordinator.
+        threading.Thread(target=agent.stop, args=(orphaned(parent_pid),), daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -190,7 +242,8 @@ def _join_token(token: str | None, path: Path | None) -> str:
         raise CsmlError("give --join-token or --join-token-file (CSML_JOIN_TOKEN[_FILE]), not both")
     if path is not None:
         try:
-            token = path.read_text().strip()
+            # "-": from stdin, as `csml up` hands it over (never in the environment).
+            token = (sys.stdin.read() if str(path) == "-" else path.read_text()).strip()
         except OSError as exc:
             raise CsmlError(f"--join-token-file: cannot read {path}: {exc.strerror}") from None
         if not token:
@@ -225,20 +278,38 @@ def up(
     tls: Annotated[
         bool, typer.Option("--tls", help="Serve HTTPS with a self-signed certificate.")
     ] = False,
+    log_level: Annotated[
+        str, typer.Option(help="debug, info, warning, error (coordinator and workers)")
+    ] = "warning",
+    log_format: LogFormatOpt = "auto",
+    parent_pid: ParentPidOpt = None,
 ) -> None:
     """Run everything on this machine: the coordinator (SQLite) and one worker per app."""
-    from csml.apps.registry import installed_apps
-    from csml.coordinator.tokens import create_join_token
+    import uvicorn
 
+    from csml.apps.registry import installed_apps
+    from csml.coordinator.logs import setup_logging
+    from csml.coordinator.tokens import create_join_token, revoke_join_token_secret
+
+    fmt = checked_log_format(log_format)
+    setup_logging(log_level.upper(), fmt)
+    if parent_pid is not None:
+        exit_with_parent(parent_pid)
+    stop = threading.Event()
+
+    def on_signal(*_: object) -> None:
+        stop.set()  # the main thread does the stopping, in order
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     settings = _settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    token = create_join_token(settings, label="csml up (local workers)")
     names = [n for n, a in installed_apps().items() if not a.missing_modules()]
     if apps:
         names = [n for n in names if n in apps]
     url = f"{'https' if tls else 'http'}://{host}:{port}"
-    env = {**os.environ, "CSML_JOIN_TOKEN": token, "CSML_COORDINATOR": url}
     cert: tuple[Path, Path] | None = None
+    pin: str | None = None
     if tls:
         from csml.coordinator.tls import ensure_self_signed
 
@@ -246,34 +317,58 @@ def up(
             settings.data_dir / "tls", sorted({host, "127.0.0.1", "localhost"})
         )
         cert = (cert_path, key_path)
-        env["CSML_PIN_SHA256"] = pin
         console.print(f"TLS certificate SHA-256: [bold]{pin}[/]")
         console.print(f"clients: --pin-sha256 {pin}  (or CSML_PIN_SHA256)")
+    server = uvicorn.Server(_server_config(settings, host, port, log_level, cert))
+    # Not the main thread: uvicorn then leaves signals to us (it would re-raise
+    # SIGTERM once served, killing this process before its workers are stopped).
+    coordinator = threading.Thread(target=server.run, name="coordinator", daemon=True)
+    token = create_join_token(settings, label=UP_LABEL)
     procs: list[subprocess.Popen[bytes]] = []
-
-    def start_workers() -> None:
-        for name in names:
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "csml", "worker", "--app", name, "--slots", str(slots)],
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                )
-            )
-
-    console.print(f"CSML coordinator on [bold]{url}[/]  (data in {settings.data_dir})")
-    console.print(f"workers: {', '.join(names) or 'none'}; Ctrl-C stops everything")
-    threading.Timer(0.5, start_workers).start()
     try:
-        _serve(host, port, "warning", cert)
+        coordinator.start()
+        while not server.started and not stop.wait(0.1):
+            if not coordinator.is_alive():
+                raise CsmlError(f"the coordinator did not start on {url}; see the log above")
+        if stop.is_set():
+            return
+        env = worker_env(os.environ, url, pin)
+        worker_args = ["--slots", str(slots), "--log-level", log_level, "--log-format", fmt]
+        for name in names:  # from this (main) thread: the parent-death signal follows it
+            procs.append(_start_worker(name, token, env, worker_args))
+        console.print(f"CSML coordinator on [bold]{url}[/]  (data in {settings.data_dir})")
+        console.print(f"workers: {', '.join(names) or 'none'}; Ctrl-C stops everything")
+        while not stop.wait(0.5):
+            if not coordinator.is_alive():
+                raise CsmlError("the coordinator stopped; see the log above")
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        if procs:
+            console.print("stopping the workers, then the coordinator…")
+        stop_processes(procs, WORKER_STOP_GRACE)
+        revoke_join_token_secret(settings, token)
+        server.should_exit = True
+        coordinator.join(timeout=30)
+    console.print("stopped")
+
+
+def _start_worker(
+    app_name: str, join_token: str, env: dict[str, str], args: list[str]
+) -> subprocess.Popen[bytes]:
+    """`csml worker` for one app: the join token over stdin, its own process group
+    (a terminal's Ctrl-C reaches `csml up` only, which stops the workers first)."""
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "csml", "worker", "--app", app_name, *args),
+            *("--join-token-file", "-", "--parent-pid", str(os.getpid())),
+        ],
+        env=env,
+        stdin=subprocess.PIPE,
+        process_group=0,
+    )
+    assert proc.stdin is not None
+    with contextlib.suppress(BrokenPipeError), proc.stdin:  # a worker that died: seen later
+        proc.stdin.write(join_token.encode())
+    return proc
 
 
 @join_token_app.command("create")

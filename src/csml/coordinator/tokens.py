@@ -38,6 +38,19 @@ def list_join_tokens(settings: Settings) -> list[JoinToken]:
         return list(session.scalars(select(JoinToken).order_by(JoinToken.created_at)).all())
 
 
+def revoke_join_token_secret(settings: Settings, token: str) -> bool:
+    """Revoke the join token `token` (as its creator holds it); False if unknown."""
+    with transaction(_sessions(settings)) as session:
+        found = session.scalars(
+            select(JoinToken).where(JoinToken.token_hash == ids.hash_secret(token))
+        ).first()
+        if found is None:
+            return False
+        if found.revoked_at is None:
+            found.revoked_at = utcnow()
+        return True
+
+
 def revoke_join_token(settings: Settings, prefix: str) -> None:
     from csml.client import CsmlError
 

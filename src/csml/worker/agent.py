@@ -3,7 +3,9 @@
 Threads: one claims jobs (long-poll) while slots are free, one heartbeats
 (extending leases, relaying progress, aborting cancelled jobs), and one per
 slot runs a job. The coordinator may restart or be briefly unreachable: every
-call retries with backoff, and the leases say what is still ours.
+call retries with backoff, and the leases say what is still ours. Retrying ends
+with `stop()`: a stopping worker finishes its jobs (or, abandoning a coordinator
+gone for good, ends them) and says nothing about connections it closed itself.
 """
 
 from __future__ import annotations
@@ -141,7 +143,10 @@ class WorkerAgent:
             try:
                 response = fn()
             except httpx.TransportError as exc:
-                log.warning("coordinator unreachable (%s: %s); retrying", what, type(exc).__name__)
+                if not until.is_set():  # else: stop() closed the connection, not a fault
+                    log.warning(
+                        "coordinator unreachable (%s: %s); retrying", what, type(exc).__name__
+                    )
             else:
                 if response.status_code == 401:
                     raise Revoked(response.json().get("error", {}).get("message", "refused"))
@@ -232,9 +237,15 @@ class WorkerAgent:
         self.sandbox.close()
         shutil.rmtree(self._workdir, ignore_errors=True)
 
-    def stop(self) -> None:
+    def stop(self, abandon: bool = False) -> None:
+        """No new claims; `run()` returns once running jobs are done. `abandon`: the
+        coordinator is gone for good (its `csml up` died), so also end the running
+        jobs and stop calling it, instead of retrying forever."""
         self.stopping.set()
         self.claims.close()
+        if abandon:
+            self._abort_all()
+            self.finished.set()
 
     def _leave(self) -> None:
         if self.registration is None:

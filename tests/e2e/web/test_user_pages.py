@@ -88,7 +88,7 @@ def test_face_detection_from_a_dropped_photo(
     shift = page.evaluate("() => window.__shift")
     assert shift < 0.05, f"layout shifted by {shift} while the jobs updated"
     job = client.job(job_id)
-    assert job.state.value == "succeeded"
+    assert job.state.value == "succeeded" and job.result is not None
     count = job.result["count"]
     assert count >= 1
 
@@ -132,7 +132,7 @@ def test_queue_position_and_cancel(joined: Any, web_cluster: Cluster) -> None:
     page = joined()
     choose(page, "echo", "echo")
     page.fill("#" + page.get_by_label("Sleep").get_attribute("id"), "60")
-    ids = []
+    ids: list[str] = []
     for _ in range(2):  # the echo worker has one slot: the second one waits in line
         page.get_by_role("button", name="Submit job").click()
         wait_for(lambda n=len(ids): page.locator("li.job").count() > n)
@@ -307,7 +307,9 @@ def test_training_metrics_are_plotted_per_epoch(
     job_row(page, job_id).get_by_role("link", name=re.compile("^Results of job")).click()
     chart = page.locator("figure", has_text="Loss per epoch")
     chart.wait_for()
-    history = Client(web_cluster.url, token_of(page)).job(job_id).result["history"]
+    result = Client(web_cluster.url, token_of(page)).job(job_id).result
+    assert result is not None
+    history = result["history"]
     assert len(history) == 5
     assert chart.locator("svg path.line").count() == 1
     last = history[-1]["loss"]

@@ -67,8 +67,8 @@ def test_event_streams_per_identity_are_bounded(web_cluster: Cluster) -> None:
             assert r.status_code == 429
             assert "at most 4 event streams" in r.json()["error"]["message"]
         finally:
-            for s in streams:
-                s.__exit__(None, None, None)
+            for stream in streams:
+                stream.__exit__(None, None, None)
     # Closed streams free their places.
     wait_for(lambda: _opens(web_cluster, headers), timeout=10)
 

@@ -8,6 +8,7 @@ caffemodels are protobuf messages too: without TensorFlow or Caffe installed,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -17,22 +18,24 @@ def conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray, pad: int = 0) -> np.ndar
     """NCHW convolution, stride 1 (cross-correlation, as every framework does)."""
     x = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
     win = sliding_window_view(x, w.shape[2:], axis=(2, 3))  # n c h w kh kw
-    return np.einsum("nchwij,ocij->nohw", win, w) + b[None, :, None, None]
+    return cast(np.ndarray, np.einsum("nchwij,ocij->nohw", win, w) + b[None, :, None, None])
 
 
 def max_pool(x: np.ndarray, k: int) -> np.ndarray:
     n, c, h, w = x.shape
-    return x[:, :, : h - h % k, : w - w % k].reshape(n, c, h // k, k, w // k, k).max(axis=(3, 5))
+    pooled = x[:, :, : h - h % k, : w - w % k].reshape(n, c, h // k, k, w // k, k).max(axis=(3, 5))
+    return cast(np.ndarray, pooled)
 
 
 def ave_pool(x: np.ndarray, k: int) -> np.ndarray:
     n, c, h, w = x.shape
-    return x[:, :, : h - h % k, : w - w % k].reshape(n, c, h // k, k, w // k, k).mean(axis=(3, 5))
+    pooled = x[:, :, : h - h % k, : w - w % k].reshape(n, c, h // k, k, w // k, k).mean(axis=(3, 5))
+    return cast(np.ndarray, pooled)
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
     e = np.exp(z - z.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+    return cast(np.ndarray, e / e.sum(axis=-1, keepdims=True))
 
 
 @dataclass
@@ -91,7 +94,8 @@ def onnx_identity(shape: list[int | str]) -> bytes:
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]).SerializeToString()
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    return cast(bytes, model.SerializeToString())
 
 
 def onnx_external_data(location: str) -> bytes:
@@ -112,7 +116,8 @@ def onnx_external_data(location: str) -> bytes:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
         initializer=[w],
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]).SerializeToString()
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    return cast(bytes, model.SerializeToString())
 
 
 CAFFE_WEIGHT_FREE = """name: "weight-free"
@@ -254,7 +259,7 @@ class CaffeNet:
 
     def reference(self, x: np.ndarray) -> np.ndarray:
         h = np.maximum(conv2d(x, self.conv_w, self.conv_b), 0)
-        return h.reshape(len(x), -1) @ self.fc_w.T + self.fc_b
+        return cast(np.ndarray, h.reshape(len(x), -1) @ self.fc_w.T + self.fc_b)
 
 
 def caffe_conv_fc(seed: int = 0) -> CaffeNet:

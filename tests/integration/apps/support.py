@@ -17,7 +17,7 @@ import numpy as np
 from csml.apps.base import App
 from csml.apps.testing import run_operation
 
-SKIMAGE_DATA = Path(__import__("skimage").__file__).parent / "data"
+SKIMAGE_DATA = Path(str(__import__("skimage").__file__)).parent / "data"
 
 
 def write_csv(

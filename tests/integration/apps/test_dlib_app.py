@@ -282,7 +282,7 @@ def test_dlib_through_a_real_cluster(
 ) -> None:
     client = dlib_cluster.new_user()
     faces = client.submit("dlib", "detect_faces", files={"image": astronaut}).wait(60)
-    assert faces.state.value == "succeeded", faces.error
+    assert faces.state.value == "succeeded" and faces.result is not None, faces.error
     top = faces.result["faces"][0]
     assert iou((top["x"], top["y"], top["w"], top["h"]), ASTRONAUT_FACE) > 0.8
     assert faces.download("annotated", tmp_path / "a.png").stat().st_size > 0
@@ -291,14 +291,14 @@ def test_dlib_through_a_real_cluster(
     train = client.submit(
         "dlib", "train_svm", files={"data": split.train}, params={"cv_folds": 5}
     ).wait(120)
-    assert train.state.value == "succeeded", train.error
+    assert train.state.value == "succeeded" and train.result is not None, train.error
     assert train.result["classes"] == ["class_0", "class_1", "class_2"]
     assert train.result["cv_accuracy"] > 0.93
     model = train.download("model", tmp_path / "model.json")
     predict = client.submit("dlib", "predict_svm", files={"model": model, "data": split.test}).wait(
         60
     )
-    assert predict.state.value == "succeeded", predict.error
+    assert predict.state.value == "succeeded" and predict.result is not None, predict.error
     independent = accuracy_from_predictions(
         predict.download("predictions", tmp_path / "pred.csv"), split.test_labels
     )

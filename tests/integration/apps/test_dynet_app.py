@@ -211,14 +211,14 @@ def test_dynet_through_a_real_cluster(
     )
     seen: list[str] = []
     train.wait(120, on_progress=lambda j: seen.append(str(j.progress)))
-    assert train.state.value == "succeeded", train.error
+    assert train.state.value == "succeeded" and train.result is not None, train.error
     assert_goes_down([h["loss"] for h in train.result["history"]])
     assert train.result["held_out_accuracy"] > 0.9
     model = train.download("model", tmp_path / "mlp.zip")
     predict = client.submit(
         "dynet", "predict_mlp", files={"model": model, "data": split.test}
     ).wait(60)
-    assert predict.state.value == "succeeded", predict.error
+    assert predict.state.value == "succeeded" and predict.result is not None, predict.error
     independent = accuracy_from_predictions(
         predict.download("predictions", tmp_path / "pred.csv"), split.test_labels
     )
@@ -227,7 +227,7 @@ def test_dynet_through_a_real_cluster(
     rnn = client.submit(
         "dynet", "train_char_rnn", files={"text": zen}, params={"epochs": 8, "seed": 5}
     ).wait(120)
-    assert rnn.state.value == "succeeded", rnn.error
+    assert rnn.state.value == "succeeded" and rnn.result is not None, rnn.error
     assert rnn.result["autobatch"] is True  # configured before the zygote imported dynet
     assert_goes_down([h["perplexity"] for h in rnn.result["history"]])
     lm = rnn.download("model", tmp_path / "lm.zip")
@@ -235,6 +235,6 @@ def test_dynet_through_a_real_cluster(
     texts = []
     for _ in range(2):  # two separate jobs: two separate processes
         job = client.submit("dynet", "generate_text", files={"model": lm}, params=params).wait(60)
-        assert job.state.value == "succeeded", job.error
+        assert job.state.value == "succeeded" and job.result is not None, job.error
         texts.append(job.result["text"])
     assert texts[0] == texts[1] and len(texts[0]) == len("Errors") + 60

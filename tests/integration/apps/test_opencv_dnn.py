@@ -7,7 +7,7 @@ import json
 import re
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import cv2
 import numpy as np
@@ -167,7 +167,7 @@ def numpy_blob(
         pixels = pixels[..., ::-1]
     channels = pixels.shape[2]
     m = np.array((mean * channels)[:channels] if len(mean) == 1 else mean[:channels] or [0.0])
-    return ((pixels - m) * scale).transpose(2, 0, 1)[None]
+    return cast(np.ndarray, ((pixels - m) * scale).transpose(2, 0, 1)[None])
 
 
 @pytest.mark.parametrize(

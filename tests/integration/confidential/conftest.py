@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -18,7 +19,7 @@ from synthetic_provider import MRENCLAVE, make_test_pki  # noqa: E402
 @pytest.fixture(scope="session")
 def test_pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A test root PKI valid now: folder (keys for the worker), root.pem, collateral.json."""
-    return make_test_pki(tmp_path_factory.mktemp("pki"))
+    return cast(dict[str, Path], make_test_pki(tmp_path_factory.mktemp("pki")))
 
 
 def write_policy(path: Path, root: Path | None, **values: object) -> Path:

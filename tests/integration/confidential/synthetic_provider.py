@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import dcap_factory
 from cryptography import x509
@@ -93,4 +93,7 @@ class SyntheticSgxProvider:
 
     def produce(self, report_data: bytes) -> bytes:
         with factory_clock():
-            return build_quote(QuoteSpec(tee="SGX", report_data=report_data, **self.spec), self.pki)
+            quote = build_quote(
+                QuoteSpec(tee="SGX", report_data=report_data, **self.spec), self.pki
+            )
+        return cast(bytes, quote)

@@ -17,7 +17,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import cv2
 import httpx
@@ -103,7 +103,7 @@ def _blob(cluster: Cluster, job_id: str, kind: str, name: str) -> Path:
             "WHERE j.id = ? AND f.kind = ? AND f.name = ?",
             (job_id, kind, name),
         ).fetchone()
-    return cluster.data_dir / "blobs" / blob
+    return cast(Path, cluster.data_dir / "blobs" / blob)
 
 
 def _check_face_result(job: Any, photo: Path, out: Path) -> bytes:
@@ -111,8 +111,9 @@ def _check_face_result(job: Any, photo: Path, out: Path) -> bytes:
     assert job.result["count"] == 1 and {"x", "y", "w", "h"} <= set(job.result["faces"][0])
     path = job.download("annotated", out)
     annotated, original = cv2.imread(str(path)), cv2.imread(str(photo))
+    assert annotated is not None and original is not None
     assert annotated.shape == original.shape and (annotated != original).any()
-    return path.read_bytes()
+    return cast(bytes, path.read_bytes())
 
 
 def test_workers_publish_keys_and_evidence(env: dict[str, Any]) -> None:
@@ -475,7 +476,7 @@ def test_cli_confidential_session(
     run_env = {**cluster.env, "CSML_CONFIG": str(cfg / "config.toml")}
 
     def csml(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return cluster.csml(*args, env=run_env, check=check)
+        return cast(subprocess.CompletedProcess[str], cluster.csml(*args, env=run_env, check=check))
 
     csml("id", "new", "--url", cluster.url)
     r = csml("attest", "opencv", "--policy", str(sgx_policy))
