@@ -84,10 +84,13 @@ def register(body: WorkerRegistration, request: Request, join: Joiner) -> Worker
 
 @router.delete("/{worker_id}", status_code=204)
 def leave(worker_id: str, request: Request, me: Me) -> Response:
-    """Leave the cluster (graceful shutdown); running jobs come back when their lease ends."""
+    """Leave the cluster (graceful shutdown); running jobs come back when their lease ends.
+    Queued confidential jobs sealed only to workers that are gone fail now ("resubmit")."""
     _same(me, worker_id)
-    with transaction(core(request).sessions) as session:
+    c = core(request)
+    with transaction(c.sessions) as session:
         session.execute(update(Worker).where(Worker.id == me.id).values(stopped_at=utcnow()))
+    c.queue.fail_unclaimable()
     return Response(status_code=204)
 
 
