@@ -8,9 +8,9 @@ Who may change the catalog (the rules the README states):
 - A join token names the apps its workers may serve (tokens made before apps
   were bound serve any app); registering for another app is refused (403).
 - Each (app, version) is pinned by the first manifest announced for it: by the
-  coordinator for its installed apps (the operator's copy, which wins at start),
-  else by the first worker. Another manifest under a pinned version is refused
-  (409) and the catalog is unchanged.
+  coordinator for its installed apps (the operator's copy, which wins at start
+  and is current unless a newer version was published), else by the first worker.
+  Another manifest under a pinned version is refused (409); the catalog is unchanged.
 - A new version of an app already in the catalog is announced only by a worker
   whose join token was made with `--publish` (`may_publish`); it becomes current.
   Without it, 409 names the version and the flag. Workers of an older pinned
@@ -249,7 +249,8 @@ class Catalog:
 
     def install(self, session: Session, manifest: AppManifest) -> None:
         """The coordinator's own (installed) app: the operator's copy pins its version,
-        replacing another manifest pinned under it, and becomes current."""
+        replacing another manifest pinned under it, and becomes current unless the current
+        version was published since by a worker whose token may publish."""
         data = manifest.model_dump(mode="json")
         now = utcnow()
         name, version = manifest.name, manifest.version
@@ -277,7 +278,9 @@ class Catalog:
                     "installed app %s %s replaces the manifest pinned for it", name, version
                 )
             pinned.manifest, pinned.join_token_id, pinned.registered_at = data, None, now
-        if record.manifest != data:
+        current = session.get(AppVersion, (name, record.version))
+        published = current is not None and current.join_token_id is not None
+        if record.manifest != data and not published:
             record.manifest, record.version, record.updated_at = data, version, now
         self._remember(record)
 
