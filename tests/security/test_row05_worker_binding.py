@@ -167,9 +167,8 @@ def test_a_remote_ref_is_refused_and_never_fetched(cluster: Cluster, scheme: str
         assert "$ref" in r.json()["error"]["message"]
         assert httpx.get(f"{cluster.url}/v1/apps/{app}").status_code == 404
         # A $ref inside the document is fine.
-        local = hostile(
-            base, properties={"n": {"$ref": "#/$defs/n"}}, **{"$defs": {"n": {"type": "integer"}}}
-        )
+        local = hostile(base, properties={"n": {"$ref": "#/$defs/n"}})
+        local["operations"][0]["params_schema"]["$defs"] = {"n": {"type": "integer"}}
         HttpWorker.join(cluster.url, token, local)
         user = cluster.new_user()
         r = httpx.post(
