@@ -205,7 +205,7 @@ class Cluster:
         wait_healthy(self.url, self.coordinator)
 
     def start_workers(self, app: str, count: int, slots: int) -> None:
-        token = self.csml("join-token", "create", "--label", "bench")
+        token = self.csml("join-token", "create", "--any-app", "--label", "bench")
         for _ in range(count):
             n = len(self.workers)
             self.workers.append(

@@ -117,7 +117,7 @@ def native(root: Path) -> Iterator[str]:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         token = subprocess.run(
-            [sys.executable, "-m", "csml", "join-token", "create"],
+            [sys.executable, "-m", "csml", "join-token", "create", "--any-app"],
             env=env, capture_output=True, text=True, check=True,
         ).stdout.strip()  # fmt: skip
         log = open(root / "native.log", "ab")  # noqa: SIM115

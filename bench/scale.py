@@ -82,7 +82,7 @@ def fresh_core(pg: PostgresServer, root: Path) -> tuple[Core, str, str]:
         submission_rate_limit=0,
     )
     core = build_core(settings)
-    return core, url, create_join_token(settings, "bench")
+    return core, url, create_join_token(settings, "bench", apps=["echo"])
 
 
 def pct(values: list[float], q: float) -> float:

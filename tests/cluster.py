@@ -49,7 +49,9 @@ class Cluster:
         self.workers: list[subprocess.Popen[bytes]] = []
         self.log_dir = root / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.join_token = self.csml("join-token", "create", "--label", "tests").stdout.strip()
+        self.join_token = self.csml(
+            "join-token", "create", "--any-app", "--label", "tests"
+        ).stdout.strip()
 
     def csml(self, *args: str, check: bool = True, **kw: Any) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(

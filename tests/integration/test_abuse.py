@@ -210,26 +210,19 @@ def test_difficulty_zero_disables_the_proof_of_work(tmp_path: Path) -> None:
 # -- rate limits and quotas ---------------------------------------------------------
 
 
-def test_identity_creation_is_rate_limited_service_wide(tmp_path: Path) -> None:
-    settings = {"CSML_IDENTITY_RATE_LIMIT": "2", "CSML_IDENTITY_RATE_WINDOW_SECONDS": "4"}
+def test_the_identity_rate_raises_the_difficulty_service_wide(tmp_path: Path) -> None:
+    """No refusal: past the target rate, challenges (of every coordinator) ask for more."""
+    settings = {"CSML_IDENTITY_RATE_LIMIT": "2", "CSML_POW_DIFFICULTY": "8"}
     with running_cluster(tmp_path, settings) as cluster, second_coordinator(cluster) as other:
+        assert challenge(other.url)["difficulty"] == 8
+        early = solved(other.url)
         assert post_identity(cluster.url, solved(cluster.url)).status_code == 201
         assert post_identity(other.url, solved(other.url)).status_code == 201
-        body = solved(cluster.url)
-        r = post_identity(cluster.url, body)
-        retry = check_429(
-            r,
-            "identity_rate_limited",
-            "identity creation rate limit: 2 per 4 s reached; resets in ",
-            most_wait=4,
-        )
-        assert error(r)["details"][0]["value"] == 2
-        with pytest.raises(RateLimited, match="identity creation rate limit") as err:
-            other.client().create_identity()
-        assert err.value.code == "identity_rate_limited" and 1 <= err.value.retry_after <= 4
-        # The refusal did not spend the challenge: it works once the window resets.
-        time.sleep(retry + 0.2)
-        assert post_identity(other.url, body).status_code == 201
+        assert challenge(other.url)["difficulty"] == 9  # 2 made: one bit more
+        assert post_identity(cluster.url, early).status_code == 201  # within one bit
+        for _ in range(5):
+            assert post_identity(cluster.url, solved(cluster.url)).status_code == 201
+        assert challenge(other.url)["difficulty"] == 11  # 8 made: 4x the target
         assert other.client().create_identity().token
 
 

@@ -67,6 +67,8 @@ def call(
     body: dict[str, Any] = {}
     if template.endswith("/complete"):
         body = {"json": {"lease_id": "0" * 64, "state": "failed", "error": "x"}}
+    elif template.endswith("/join-tokens") and method == "post":
+        body = {"json": {"apps": ["echo"]}}  # a token names its apps
     elif method in ("post", "put"):
         body = {"json": {}}
     return httpx.request(

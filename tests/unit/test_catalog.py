@@ -23,7 +23,7 @@ def test_a_refresh_inside_a_transaction_reuses_its_connection(tmp_path: Path) ->
     sessions = make_sessionmaker(engine)
     catalog = Catalog(sessions)
     with transaction(sessions) as session:
-        catalog.upsert(session, load_app("echo").manifest())
+        catalog.install(session, load_app("echo").manifest())
     checkouts: list[Any] = []
     event.listen(engine, "checkout", lambda *a: checkouts.append(a))
 

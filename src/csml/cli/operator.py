@@ -233,7 +233,16 @@ def worker(
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    agent.run()
+    import httpx
+
+    try:
+        agent.run()
+    except httpx.HTTPStatusError as exc:  # registration refused: the app or manifest (403, 409)
+        try:
+            reason = str(exc.response.json()["error"]["message"])
+        except (ValueError, KeyError, TypeError):
+            reason = f"HTTP {exc.response.status_code}"
+        raise CsmlError(f"the coordinator refused this worker: {reason}") from None
 
 
 def _join_token(token: str | None, path: Path | None) -> str:
@@ -323,7 +332,8 @@ def up(
     # Not the main thread: uvicorn then leaves signals to us (it would re-raise
     # SIGTERM once served, killing this process before its workers are stopped).
     coordinator = threading.Thread(target=server.run, name="coordinator", daemon=True)
-    token = create_join_token(settings, label=UP_LABEL)
+    # Bound to the apps it starts workers for (no workers: no token).
+    token = create_join_token(settings, label=UP_LABEL, apps=names) if names else ""
     procs: list[subprocess.Popen[bytes]] = []
     try:
         coordinator.start()
@@ -373,12 +383,30 @@ def _start_worker(
 
 @join_token_app.command("create")
 def join_token_create(
+    apps: Annotated[
+        list[str] | None,
+        typer.Option("--app", help="An app its workers may serve (repeat for several)."),
+    ] = None,
+    any_app: Annotated[
+        bool, typer.Option("--any-app", help="Let its workers serve any app (not recommended).")
+    ] = False,
+    publish: Annotated[
+        bool,
+        typer.Option(
+            "--publish", help="Let its workers announce a new version of their apps' manifests."
+        ),
+    ] = False,
     label: Annotated[str, typer.Option(help="A note on where it is used.")] = "",
 ) -> None:
-    """Create a join token (shown once) on the coordinator's store."""
+    """Create a join token (shown once) for the apps named with --app."""
     from csml.coordinator.tokens import create_join_token
 
-    console.print(create_join_token(_settings(), label=label), highlight=False)
+    if bool(apps) == any_app:
+        raise CsmlError("name the apps the token may serve (--app NAME, repeatable), or --any-app")
+    token = create_join_token(
+        _settings(), label=label, apps=None if any_app else apps, may_publish=publish
+    )
+    console.print(token, highlight=False)
 
 
 @join_token_app.command("list")
@@ -388,12 +416,18 @@ def join_token_list() -> None:
 
     for t in list_join_tokens(_settings()):
         state = f"revoked {t.revoked_at:%Y-%m-%d %H:%M}" if t.revoked_at else "active"
-        console.print(f"{t.id[:12]}  {t.created_at:%Y-%m-%d %H:%M}  {state:<24} {t.label}")
+        apps = ",".join(t.apps) if t.apps is not None else "ANY APP (unbound: replace it)"
+        apps += " +publish" if t.may_publish else ""
+        console.print(
+            f"{t.id[:12]}  {t.created_at:%Y-%m-%d %H:%M}  {state:<24} {apps}  {t.label}",
+            highlight=False,
+        )
 
 
 @join_token_app.command("revoke")
 def join_token_revoke(token_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
-    """Revoke a join token: workers that joined with it are refused from now on."""
+    """Revoke a join token: its workers stop, and app versions only it registered leave the
+    catalog."""
     from csml.coordinator.tokens import revoke_join_token
 
     revoke_join_token(_settings(), token_id)

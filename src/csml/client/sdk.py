@@ -105,13 +105,16 @@ class Client:
         """Create an anonymous identity and use its token from now on.
 
         Solves the service's proof-of-work challenge first (`csml.client.pow`); a
-        challenge that expired or was spent meanwhile is replaced, twice at most.
+        challenge that expired, was spent, or became too easy while the service was
+        flooded (its difficulty rises with the rate of new identities, up to a cap)
+        is replaced, four times at most.
         """
         from csml.client import pow
         from csml.client.errors import Conflict, InvalidRequest
         from csml.schemas.identities import IdentityChallenge
 
-        for attempt in range(3):
+        attempts = 5
+        for attempt in range(attempts):
             issued = self.request("POST", "/v1/identities/challenge")
             challenge = IdentityChallenge.model_validate(issued.json())
             nonce = pow.solve(challenge.challenge, challenge.difficulty)
@@ -120,7 +123,7 @@ class Client:
                 response = self.request("POST", "/v1/identities", json=body)
             except (InvalidRequest, Conflict) as exc:
                 stale = exc.code in ("challenge_expired", "challenge_used", "challenge_too_easy")
-                if stale and attempt < 2:
+                if stale and attempt < attempts - 1:
                     continue
                 raise
             created = IdentityCreated.model_validate(response.json())

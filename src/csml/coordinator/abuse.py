@@ -8,7 +8,17 @@ expensive or bounded instead:
   writes nothing; `create_identity` needs a nonce such that SHA-256(challenge ||
   nonce) has `pow_difficulty` leading zero bits, and spends the challenge (kept in
   `used_challenges` until it expires, so it is refused everywhere afterwards).
-- **A service-wide rate of new identities**, a fixed-window counter in the store.
+- **Difficulty that rises with the recent rate of new identities** (never a refusal):
+  with `n` new identities in the last window (a sliding estimate over two fixed
+  windows kept in the store, so it holds across coordinators), the target `T`
+  (`identity_rate_limit` per `identity_rate_window_seconds`), the base `b`
+  (`pow_difficulty`) and the cap `M` (`pow_max_extra_bits`), a challenge asks for
+  `b` bits while `n < T`, else `b + min(M, floor(log2(n / T)) + 1)`: each doubling
+  of the rate doubles the work per identity. A solved challenge is accepted while
+  its difficulty is at most `SLACK_BITS` below what the service needs now, so a
+  newcomer's puzzle survives the usual drift, and once the difficulty is at the
+  cap any challenge issued at the cap is accepted: a patient newcomer always gets
+  in after at most about 2**(b+M) hashes, whatever a flood does.
 - **Per-identity limits**, counted from the store so they hold across coordinators:
   submissions per window, queued + running jobs, stored bytes, model artifacts.
 
@@ -46,6 +56,8 @@ from csml.store.tables_artifacts import ModelArtifact
 CHALLENGE_VERSION = "v1"
 SIGNING_ROW = "pow-challenge-hmac"
 IDENTITIES_KEY = "identities"
+PREVIOUS_IDENTITIES_KEY = "identities:previous"
+SLACK_BITS = 1
 GET_CHALLENGE = "get one from POST /v1/identities/challenge"
 
 _keys: dict[str, bytes] = {}
@@ -90,14 +102,68 @@ def _sign(key: bytes, body: str) -> str:
     return hmac.new(key, body.encode(), hashlib.sha256).hexdigest()
 
 
-def issue_challenge(core: Core) -> IdentityChallenge:
-    """A fresh signed challenge; nothing is written."""
+def difficulty_for(core: Core, recent: float) -> int:
+    """Bits of work a new identity needs when `recent` identities were made in the
+    last window: the base while under the target rate, then one more bit per
+    doubling of the rate past it, at most `pow_max_extra_bits` more."""
     s = core.settings
+    if s.pow_difficulty == 0:
+        return 0
+    target = s.identity_rate_limit
+    if not target or recent < target:
+        return s.pow_difficulty
+    extra = math.floor(math.log2(recent / target)) + 1
+    return min(s.pow_difficulty + min(extra, s.pow_max_extra_bits), 256)
+
+
+def _recent_identities(
+    session: Session, core: Core, *, lock: bool
+) -> tuple[float, RateWindow | None]:
+    """New identities in the last window (sliding estimate from the current and the
+    previous fixed window) and the current window's row (locked with `lock`, rolled
+    over when its window ended)."""
+    window = core.settings.identity_rate_window_seconds
+    now = utcnow()
+    if lock:
+        for key in (IDENTITIES_KEY, PREVIOUS_IDENTITIES_KEY):
+            insert_ignore(session, RateWindow, key=key, window_start=now, count=0)
+    current = session.get(RateWindow, IDENTITIES_KEY, with_for_update=lock, populate_existing=lock)
+    previous = session.get(
+        RateWindow, PREVIOUS_IDENTITIES_KEY, with_for_update=lock, populate_existing=lock
+    )
+    cur_start, cur_count = (current.window_start, current.count) if current else (now, 0)
+    prev_start, prev_count = (previous.window_start, previous.count) if previous else (now, 0)
+    span = timedelta(seconds=window)
+    if cur_start + span <= now:  # the current window ended: it becomes the previous one
+        prev_start, prev_count = cur_start, cur_count if now < cur_start + 2 * span else 0
+        cur_start, cur_count = now, 0
+        if lock and current is not None and previous is not None:
+            previous.window_start, previous.count = prev_start, prev_count
+            current.window_start, current.count = cur_start, cur_count
+    # The part of the previous window that lies in the last `window` seconds.
+    overlap = (prev_start + 2 * span - now).total_seconds() / window
+    recent = cur_count + prev_count * min(1.0, max(0.0, overlap))
+    return recent, current
+
+
+def current_difficulty(core: Core) -> int:
+    """The difficulty a challenge issued now asks for (read only; nothing is locked)."""
+    if core.settings.pow_difficulty == 0:
+        return 0
+    with core.sessions() as session:
+        recent, _ = _recent_identities(session, core, lock=False)
+    return difficulty_for(core, recent)
+
+
+def issue_challenge(core: Core) -> IdentityChallenge:
+    """A fresh signed challenge at the current difficulty; nothing is written."""
+    s = core.settings
+    difficulty = current_difficulty(core)
     expires = math.ceil(utcnow().timestamp() + s.pow_challenge_seconds)
-    body = f"{CHALLENGE_VERSION}.{s.pow_difficulty}.{expires}.{secrets.token_hex(16)}"
+    body = f"{CHALLENGE_VERSION}.{difficulty}.{expires}.{secrets.token_hex(16)}"
     return IdentityChallenge(
         challenge=f"{body}.{_sign(challenge_key(core), body)}",
-        difficulty=s.pow_difficulty,
+        difficulty=difficulty,
         expires_at=datetime.fromtimestamp(expires, UTC),
     )
 
@@ -106,11 +172,15 @@ def _bad_challenge(code: str, message: str) -> ApiError:
     return ApiError(422, code, message, field="challenge")
 
 
-def check_proof(core: Core, proof: IdentityProof | None) -> datetime | None:
-    """Check a solution; returns when its challenge expires (None when no work is needed)."""
-    needed = core.settings.pow_difficulty
-    if needed == 0:
+def check_proof(
+    core: Core, proof: IdentityProof | None, needed: int | None = None
+) -> datetime | None:
+    """Check a solution against `needed` bits (default: the base difficulty); returns
+    when its challenge expires (None when no work is needed)."""
+    if core.settings.pow_difficulty == 0:
         return None
+    if needed is None:
+        needed = core.settings.pow_difficulty
     if proof is None:
         raise _bad_challenge(
             "proof_of_work_required",
@@ -137,11 +207,11 @@ def check_proof(core: Core, proof: IdentityProof | None) -> datetime | None:
         raise _bad_challenge(
             "challenge_expired", f"challenge: expired {late:.0f} s ago; {GET_CHALLENGE}"
         )
-    if difficulty < needed:
+    if difficulty < needed - SLACK_BITS:
         raise _bad_challenge(
             "challenge_too_easy",
-            f"challenge: asks for {difficulty} bits but this service now needs {needed}; "
-            + GET_CHALLENGE,
+            f"challenge: asks for {difficulty} bits but this service now needs {needed} "
+            f"(many identities were made lately); {GET_CHALLENGE}",
         )
     digest = hashlib.sha256(proof.challenge.encode() + proof.nonce.encode()).digest()
     zeros = leading_zero_bits(digest)
@@ -157,26 +227,18 @@ def check_proof(core: Core, proof: IdentityProof | None) -> datetime | None:
 
 
 def create_identity(core: Core, proof: IdentityProof | None) -> IdentityCreated:
-    """Check the proof of work, count the identity against the service-wide rate,
-    spend the challenge and store the identity: one transaction, so a refusal
-    spends nothing."""
+    """Check the proof of work (cheap checks first, then against the difficulty the
+    recent rate asks for, under the rate row's lock), count the identity, spend the
+    challenge and store the identity: one transaction, so a refusal spends nothing.
+    There is no rate refusal: a flood only raises the difficulty."""
     expires = check_proof(core, proof)
-    s = core.settings
     token = ids.new_secret("csml")
     identity = Identity(id=ids.new_id(), token_hash=ids.hash_secret(token), created_at=utcnow())
     with transaction(core.sessions) as session:
-        if s.identity_rate_limit:
-            wait = count_in_window(
-                session, IDENTITIES_KEY, s.identity_rate_limit, s.identity_rate_window_seconds
-            )
-            if wait is not None:
-                raise rate_limited(
-                    "identity creation rate limit",
-                    s.identity_rate_limit,
-                    s.identity_rate_window_seconds,
-                    wait,
-                    "identity_rate_limited",
-                )
+        recent, current = _recent_identities(session, core, lock=True)
+        assert current is not None
+        expires = check_proof(core, proof, difficulty_for(core, recent))
+        current.count += 1
         if proof is not None and expires is not None:
             digest = hashlib.sha256(proof.challenge.encode()).hexdigest()
             if not _spend(session, digest, expires):

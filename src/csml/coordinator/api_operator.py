@@ -20,6 +20,7 @@ from csml.coordinator import opstats
 from csml.coordinator.auth import bearer
 from csml.coordinator.errors import ApiError, not_found, unauthorized
 from csml.coordinator.state import core
+from csml.coordinator.tokens import new_join_token, revoke
 from csml.schemas import ErrorBody, JoinTokenCreated
 from csml.schemas.operator import (
     JoinTokenList,
@@ -29,7 +30,7 @@ from csml.schemas.operator import (
     OperatorStats,
 )
 from csml.store.db import transaction
-from csml.store.tables import JoinToken, Worker, utcnow
+from csml.store.tables import JoinToken, Worker
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (401, 403, 404, 422)
@@ -94,6 +95,8 @@ def list_join_tokens(request: Request) -> JoinTokenList:
                 label=t.label,
                 created_at=t.created_at,
                 revoked_at=t.revoked_at,
+                apps=t.apps,
+                may_publish=t.may_publish,
                 workers=int(counts.get(t.id, 0)),
             )
             for t in tokens
@@ -103,11 +106,10 @@ def list_join_tokens(request: Request) -> JoinTokenList:
 
 @router.post("/join-tokens", status_code=201, response_model=JoinTokenCreated)
 def create_join_token(request: Request, body: JoinTokenRequest) -> JoinTokenCreated:
-    """A new join token for `csml worker --join-token`; shown once, only its hash is kept."""
-    token = ids.new_secret("csmljoin")
-    row = JoinToken(
-        id=ids.new_id(), token_hash=ids.hash_secret(token), label=body.label, created_at=utcnow()
-    )
+    """A new join token for `csml worker --join-token`, for the `apps` named (or `any_app`);
+    shown once, only its hash is kept. With `publish`, its workers may announce a new
+    version of their apps (see the catalog rules)."""
+    row, token = new_join_token(body.label, None if body.any_app else body.apps, body.publish)
     with transaction(core(request).sessions) as session:
         session.add(row)
     return JoinTokenCreated(id=row.id, token=token)
@@ -115,7 +117,8 @@ def create_join_token(request: Request, body: JoinTokenRequest) -> JoinTokenCrea
 
 @router.delete("/join-tokens/{token_id}", status_code=204)
 def revoke_join_token(token_id: str, request: Request) -> Response:
-    """Revoke a join token: workers that joined with it are refused from their next call."""
+    """Revoke a join token: workers that joined with it are stopped (refused from their next
+    call), and catalog versions only it registered are withdrawn."""
     if not ids.is_id_prefix(token_id):
         raise not_found("join token", token_id)
     with transaction(core(request).sessions) as session:
@@ -126,6 +129,6 @@ def revoke_join_token(token_id: str, request: Request) -> Response:
             raise not_found("join token", token_id)
         if len(found) > 1:
             raise ApiError(400, "ambiguous_id", f"{token_id!r} matches several join tokens")
-        if found[0].revoked_at is None:
-            found[0].revoked_at = utcnow()
+        revoke(session, found[0])
+    core(request).catalog.reload()
     return Response(status_code=204)

@@ -47,7 +47,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 def identity_challenge(request: Request) -> IdentityChallenge:
     """A proof-of-work challenge for `POST /v1/identities`: find a `nonce` such that
     SHA-256(challenge || nonce) starts with `difficulty` zero bits. Usable once, until
-    `expires_at`."""
+    `expires_at`. The difficulty rises (one bit per doubling, up to a cap) with the recent
+    rate of new identities, so a flood makes itself expensive but locks no one out."""
     return abuse.issue_challenge(core(request))
 
 
@@ -61,7 +62,8 @@ def identity_challenge(request: Request) -> IdentityChallenge:
 def create_identity(request: Request, proof: IdentityProof | None = None) -> IdentityCreated:
     """Create an anonymous identity with a solved challenge (`{"challenge", "nonce"}`; no body
     when the service needs no proof of work). The token is shown once; the service keeps only
-    its hash. New identities are rate-limited service-wide (429 with `Retry-After`)."""
+    its hash. A challenge made too easy by a flood since it was issued is refused with
+    `challenge_too_easy` (422): get a new one."""
     return abuse.create_identity(core(request), proof)
 
 

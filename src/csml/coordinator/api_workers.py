@@ -1,7 +1,9 @@
 """Routes for workers: join, claim jobs under a lease, heartbeat, move files, complete.
 
 Workers reach the store only through these routes, so they can run anywhere
-that reaches the coordinator over HTTP.
+that reaches the coordinator over HTTP. A worker serves one app, which its join
+token must allow (403 otherwise); it claims only jobs of that app. What it may
+change in the catalog is decided by `csml.coordinator.catalog` (pinned versions).
 """
 
 from __future__ import annotations
@@ -48,8 +50,18 @@ def _same(worker: Worker, worker_id: str) -> None:
 
 @router.post("", status_code=201, response_model=WorkerRegistered)
 def register(body: WorkerRegistration, request: Request, join: Joiner) -> WorkerRegistered:
-    """Join the cluster with a join token; announces the app this worker serves."""
+    """Join the cluster with a join token; announces the app this worker serves (one the
+    token allows: 403 otherwise) and its manifest (pinned per version: 409 if it differs)."""
     c = core(request)
+    if not join.allows(body.app.name):
+        allowed = ", ".join(join.apps or []) or "none"
+        raise ApiError(
+            403,
+            "app_not_allowed",
+            f"app.name: this join token may serve only {allowed}, not {body.app.name!r}; "
+            f"ask the operator for one made with --app {body.app.name}",
+            field="app.name",
+        )
     if body.app.name == PIPELINE_APP:
         raise ApiError(
             422,
@@ -64,13 +76,14 @@ def register(body: WorkerRegistration, request: Request, join: Joiner) -> Worker
         token_hash=ids.hash_secret(token),
         join_token_id=join.id,
         app=body.app.name,
+        app_version=body.app.version,
         slots=body.slots,
         sandbox=body.sandbox,
         registered_at=now,
         last_heartbeat=now,
     )
     with transaction(c.sessions) as session:
-        c.catalog.upsert(session, body.app)
+        c.catalog.register(session, body.app, join)
         session.add(worker)
         if body.attestation is not None:
             add_worker_key(session, worker.id, body.attestation)
@@ -84,10 +97,13 @@ def register(body: WorkerRegistration, request: Request, join: Joiner) -> Worker
 
 @router.delete("/{worker_id}", status_code=204)
 def leave(worker_id: str, request: Request, me: Me) -> Response:
-    """Leave the cluster (graceful shutdown); running jobs come back when their lease ends."""
+    """Leave the cluster (graceful shutdown); running jobs come back when their lease ends.
+    Queued confidential jobs sealed only to workers that are gone fail now ("resubmit")."""
     _same(me, worker_id)
-    with transaction(core(request).sessions) as session:
+    c = core(request)
+    with transaction(c.sessions) as session:
         session.execute(update(Worker).where(Worker.id == me.id).values(stopped_at=utcnow()))
+    c.queue.fail_unclaimable()
     return Response(status_code=204)
 
 

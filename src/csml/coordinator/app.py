@@ -58,7 +58,7 @@ def build_core(settings: Settings) -> Core:
     catalog = Catalog(sessions)
     with transaction(sessions) as session:
         for app in installed_apps().values():
-            catalog.upsert(session, app.manifest())
+            catalog.install(session, app.manifest())
         if settings.bootstrap_join_token_file is not None:
             register_join_token(session, settings.bootstrap_join_token_file)
     notifier = Notifier(engine)  # on PostgreSQL, relays wake-ups between coordinators

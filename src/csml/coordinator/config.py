@@ -47,7 +47,13 @@ class Settings(BaseSettings):
     )
     pow_challenge_seconds: float = Field(300.0, gt=0, description="How long a challenge lasts.")
     identity_rate_limit: int = Field(
-        60, ge=0, description="New identities per window, across the whole service."
+        60,
+        ge=0,
+        description="Target rate of new identities per window, service-wide: past it the "
+        "proof of work gets one bit harder per doubling of the rate (0: never harder).",
+    )
+    pow_max_extra_bits: int = Field(
+        6, ge=0, le=32, description="At most this many bits above pow_difficulty under a flood."
     )
     identity_rate_window_seconds: float = Field(60.0, gt=0)
     submission_rate_limit: int = Field(
@@ -61,6 +67,11 @@ class Settings(BaseSettings):
     max_models: int = Field(20, ge=0, description="Model artifacts kept per identity.")
     retention_hours: float = Field(
         168.0, gt=0, description="Finished jobs and their files are erased this long after."
+    )
+    queue_timeout_seconds: float = Field(
+        3600.0,
+        gt=0,
+        description="A queued job no live worker could claim for this long fails.",
     )
     retention_interval_seconds: float = Field(60.0, gt=0, description="How often to purge.")
 

@@ -4,6 +4,11 @@ Every state change is one short transaction. Claims lock rows with
 `FOR UPDATE SKIP LOCKED` on PostgreSQL; on SQLite every write transaction
 holds the database lock (BEGIN IMMEDIATE), which serialises them.
 
+No job waits forever: the reaper fails a queued confidential job as soon as none
+of the workers it was sealed to is live (a restarted worker has a new key, so it
+could never be claimed: the owner must resubmit), and any queued job that waited
+`queue_timeout_seconds` during which no worker of its app was live.
+
 Fairness: each queued job gets a `fair_rank` one past the larger of its
 owner's last queued rank in that app and the rank the app last served. Claims
 take the lowest rank first, so identities are served round-robin and a user
@@ -19,7 +24,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import case, func, or_, select, update
+from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from csml import ids
@@ -523,7 +528,86 @@ class JobQueue:
             self.notifier.notify(key)
         if changed:
             log.info("requeued or failed %d jobs whose lease expired", len(changed))
-        return len(changed)
+        return len(changed) + self.fail_unclaimable()
+
+    def fail_unclaimable(self) -> int:
+        """Fail queued jobs no worker can claim: confidential ones whose recipients all
+        left (at once), and any that waited `queue_timeout_seconds` with no live worker
+        of its app in that time."""
+        s = self.settings
+        now = utcnow()
+        cutoff = now - timedelta(seconds=s.queue_timeout_seconds)
+        live = and_(
+            Worker.stopped_at.is_(None),
+            Worker.last_heartbeat >= now - timedelta(seconds=s.worker_live_seconds),
+        )
+        failed: list[tuple[Job, str]] = []
+        woken: list[str] = []
+        with transaction(self.sessions) as session:
+            has_recipients = select(JobRecipient.job_seq).where(JobRecipient.job_seq == Job.seq)
+            live_recipient = (
+                select(JobRecipient.job_seq)
+                .join(Worker, Worker.id == JobRecipient.worker_id)
+                .where(JobRecipient.job_seq == Job.seq, live)
+            )
+            orphans = session.scalars(
+                select(Job)
+                .where(Job.state == QUEUED, has_recipients.exists(), ~live_recipient.exists())
+                .with_for_update(skip_locked=True)
+                .limit(500)
+            ).all()
+            for job in orphans:
+                failed.append(
+                    (
+                        job,
+                        "every worker this confidential job was sealed to has left (a worker "
+                        "that comes back has a new key and cannot open it); resubmit it to "
+                        f"running {job.app} workers",
+                    )
+                )
+            stale_apps = session.scalars(
+                select(Job.app).where(Job.state == QUEUED, Job.created_at < cutoff).distinct()
+            ).all()
+            for app in stale_apps:
+                last_seen = session.scalar(
+                    select(func.max(func.coalesce(Worker.stopped_at, Worker.last_heartbeat))).where(
+                        Worker.app == app
+                    )
+                )
+                if last_seen is not None and last_seen >= cutoff:
+                    continue  # a worker of the app was live in the last timeout
+                waiting = session.scalars(
+                    select(Job)
+                    .where(Job.state == QUEUED, Job.app == app, Job.created_at < cutoff)
+                    .with_for_update(skip_locked=True)
+                    .limit(500)
+                ).all()
+                for job in waiting:
+                    if job not in orphans:
+                        failed.append(
+                            (
+                                job,
+                                f"no {app} worker was live to run it for "
+                                f"{s.queue_timeout_seconds:g} s (the queue timeout); resubmit "
+                                f"it when {app} workers are running",
+                            )
+                        )
+            ended: list[tuple[str, str]] = []
+            for job, why in failed:
+                if not pipelines.try_lock_parent(session, job):
+                    continue  # its pipeline is busy (being cancelled): next round
+                job.state = JobState.failed.value
+                job.finished_at = now
+                job.error = why
+                job.progress_message = ""
+                woken += pipelines.step_finished(self, session, job)
+                ended.append((job.id, why))
+        for job_id, why in ended:
+            log.info("job %s failed unclaimed: %s", ids.short(job_id), why)
+            self.notifier.notify(job_key(job_id))
+        for key in woken:
+            self.notifier.notify(key)
+        return len(ended)
 
     def queue_stats(self) -> dict[str, dict[str, int]]:
         """Jobs per app and state (queued and running only)."""

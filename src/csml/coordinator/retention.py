@@ -108,7 +108,8 @@ def purge_expired(core: Core) -> int:
 
 
 def forget_spent(core: Core) -> None:
-    """Drop spent challenges past their expiry and rate windows that have ended."""
+    """Drop spent challenges past their expiry and rate windows that ended a window ago
+    (the identity rate reads the previous window too)."""
     s = core.settings
     now = utcnow()
     longest = max(s.identity_rate_window_seconds, s.submission_rate_window_seconds)
@@ -117,7 +118,7 @@ def forget_spent(core: Core) -> None:
             delete(UsedChallenge).where(UsedChallenge.expires_at < now - CHALLENGE_CLOCK_MARGIN)
         )
         session.execute(
-            delete(RateWindow).where(RateWindow.window_start < now - timedelta(seconds=longest))
+            delete(RateWindow).where(RateWindow.window_start < now - timedelta(seconds=2 * longest))
         )
 
 

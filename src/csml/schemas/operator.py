@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from csml.schemas.apps import QueueInfo
 
@@ -71,6 +71,11 @@ class JoinTokenRow(BaseModel):
     label: str
     created_at: datetime
     revoked_at: datetime | None
+    apps: list[str] | None = Field(
+        description="Apps its workers may serve; null: any app (a token made before tokens "
+        "named their apps, or with any_app; replace it with a bound one)."
+    )
+    may_publish: bool = Field(description="Its workers may announce a new app version.")
     workers: int = Field(description="Live workers that joined with it.")
 
 
@@ -80,3 +85,16 @@ class JoinTokenList(BaseModel):
 
 class JoinTokenRequest(BaseModel):
     label: str = Field("", max_length=200, description="A note for you, e.g. the machine.")
+    apps: list[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,39}$")]] = Field(
+        [], max_length=64, description="The apps its workers may serve (registering another: 403)."
+    )
+    any_app: bool = Field(False, description="Serve any app instead (not recommended).")
+    publish: bool = Field(
+        False, description="Its workers may announce a new version of their apps' manifests."
+    )
+
+    @model_validator(mode="after")
+    def _apps_or_any(self) -> JoinTokenRequest:
+        if bool(self.apps) == self.any_app:
+            raise ValueError("name the apps the token may serve (apps), or set any_app: true")
+        return self

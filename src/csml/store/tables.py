@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -16,6 +17,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    false,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -67,6 +69,13 @@ class JoinToken(Base):
     label: Mapped[str] = mapped_column(String(200), default="")
     created_at: Mapped[datetime]
     revoked_at: Mapped[datetime | None]
+    # The apps its workers may serve; None (tokens made before apps were bound): any app.
+    apps: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    # Its workers may announce a new version of their app (which becomes current).
+    may_publish: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+
+    def allows(self, app: str) -> bool:
+        return self.apps is None or app in self.apps
 
 
 class Worker(Base):
@@ -76,6 +85,7 @@ class Worker(Base):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     join_token_id: Mapped[str] = mapped_column(ForeignKey("join_tokens.id", ondelete="CASCADE"))
     app: Mapped[str] = mapped_column(String(40), index=True)
+    app_version: Mapped[str | None] = mapped_column(String(40))
     slots: Mapped[int]
     sandbox: Mapped[str] = mapped_column(String(200), default="")
     registered_at: Mapped[datetime]
@@ -93,6 +103,19 @@ class AppRecord(Base):
     manifest: Mapped[dict[str, Any]]
     served_rank: Mapped[int] = mapped_column(BigInteger, default=0)
     updated_at: Mapped[datetime]
+
+
+class AppVersion(Base):
+    """A version of an app with its manifest, pinned by the first to announce it: the
+    coordinator (its installed apps; `join_token_id` None) or a worker's join token."""
+
+    __tablename__ = "app_versions"
+
+    app: Mapped[str] = mapped_column(String(40), primary_key=True)
+    version: Mapped[str] = mapped_column(String(40), primary_key=True)
+    manifest: Mapped[dict[str, Any]]
+    join_token_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    registered_at: Mapped[datetime]
 
 
 class Job(Base):

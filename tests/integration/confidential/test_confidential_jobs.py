@@ -272,6 +272,12 @@ def test_only_recipient_workers_can_claim(env: dict[str, Any], photo: Path) -> N
             {"image": photo},
             job_keys,
         )
+        # Stay live (the reaper fails a confidential job whose recipients all expired).
+        httpx.post(
+            f"{cluster.url}/v1/workers/{creds['chosen']['worker_id']}/heartbeat",
+            headers={"Authorization": f"Bearer {creds['chosen']['worker_token']}"},
+            json={"running": []},
+        ).raise_for_status()
 
         def claim(name: str) -> list[dict[str, Any]]:
             c = creds[name]

@@ -101,10 +101,21 @@ def test_one_challenge_makes_one_identity_under_a_race(
         assert session.scalar(select(func.count()).select_from(Identity)) == (before or 0) + 1
 
 
-def test_identity_creation_window_is_exact_across_coordinators(make_core: MakeCore) -> None:
-    cores = [make_core(pow_difficulty=0, identity_rate_limit=5) for _ in range(2)]
+def test_identity_rate_is_counted_exactly_across_coordinators(make_core: MakeCore) -> None:
+    # A fixed difficulty (no target rate), so concurrent solutions stay valid.
+    settings = {"pow_difficulty": 8, "identity_rate_limit": 0, "identity_rate_window_seconds": 3600}
+    cores = [make_core(**settings) for _ in range(2)]
+    with cores[0].sessions() as session:
+        row = session.get(RateWindow, abuse.IDENTITIES_KEY)
+        before = row.count if row is not None else 0
     results = run_threads(16, lambda i: abuse.create_identity(cores[i % 2], None))
-    assert Counter(outcome(r) for r in results) == {"ok": 5, "429": 11}
+    # No proof: each is refused, and a refusal counts nothing.
+    assert Counter(outcome(r) for r in results) == {"422": 16}
+    results = run_threads(16, lambda i: abuse.create_identity(cores[i % 2], proof(cores[i % 2])))
+    assert Counter(outcome(r) for r in results) == {"ok": 16}  # never a rate refusal
+    with cores[0].sessions() as session:
+        row = session.get(RateWindow, abuse.IDENTITIES_KEY)
+        assert row is not None and row.count == before + 16
 
 
 def test_submission_window_is_exact_across_coordinators(make_core: MakeCore) -> None:

@@ -205,7 +205,9 @@ def coordinators(
     shared = tmp_path / "shared-data"
     # Migrate and register the installed apps first (see the start-up race in test_store).
     core = make_core(queue_capacity=100_000)
-    join_token = create_join_token(Settings(database_url=db_url, data_dir=shared), "tests")
+    join_token = create_join_token(
+        Settings(database_url=db_url, data_dir=shared), "tests", apps=["echo"]
+    )
     env = {
         **os.environ,
         "CSML_DATABASE_URL": db_url,

@@ -231,7 +231,9 @@ def check_exactly_once(core: Core, run: Run) -> None:
 def setup_store(make_core: MakeCore, db_url: str, root: Path) -> tuple[Core, str]:
     """Migrate and register the apps once, before coordinators race to do it."""
     core = make_core(queue_capacity=1_000_000)
-    token = create_join_token(Settings(database_url=db_url, data_dir=root / "shared-data"), "t")
+    token = create_join_token(
+        Settings(database_url=db_url, data_dir=root / "shared-data"), "t", apps=["echo"]
+    )
     return core, token
 
 

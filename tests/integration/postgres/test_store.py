@@ -118,12 +118,12 @@ def test_first_registration_of_an_app_from_two_coordinators(make_core: MakeCore)
     def second() -> None:
         try:
             with transaction(two.sessions) as session:
-                two.catalog.upsert(session, manifest)
+                two.catalog.install(session, manifest)
         except BaseException as exc:
             errors.append(exc)
 
     with one.sessions() as first, first.begin():
-        one.catalog.upsert(first, manifest)
+        one.catalog.install(first, manifest)
         first.flush()  # the first coordinator's row exists, not yet committed
         thread = threading.Thread(target=second)
         thread.start()

@@ -115,16 +115,21 @@ function failuresTable(failures) {
 
 function tokensSection(tokens, onChange) {
   const label = h("input", { type: "text", id: "jt-label", name: "label", maxLength: 200, autocomplete: "off" });
+  const appsInput = h("input", { type: "text", id: "jt-apps", name: "apps", maxLength: 400, autocomplete: "off", placeholder: "opencv, echo" });
   const shown = h("div", { "aria-live": "polite" });
   const form = h("form", { class: "actions token-form", novalidate: true },
     h("div", { class: "field" }, h("label", { for: "jt-label" }, "Label for a new join token"), label),
+    h("div", { class: "field" }, h("label", { for: "jt-apps" }, "Apps it may serve (comma-separated; blank: any app)"), appsInput),
     h("button", { type: "submit", class: "button primary" }, "Create join token"),
   );
   form.addEventListener("submit", async (e) => {
     e.preventDefault();
     try {
-      const created = await api("/v1/operator/join-tokens", { method: "POST", token: token(), body: { label: label.value } });
+      const apps = appsInput.value.split(",").map((a) => a.trim()).filter(Boolean);
+      const body = apps.length ? { label: label.value, apps } : { label: label.value, any_app: true };
+      const created = await api("/v1/operator/join-tokens", { method: "POST", token: token(), body });
       label.value = "";
+      appsInput.value = "";
       clear(shown, h("div", { class: "token-once" },
         h("p", {}, "Copy this join token now; it is not shown again:"),
         h("code", { class: "break", "data-testid": "new-join-token" }, created.token),
@@ -138,6 +143,7 @@ function tokensSection(tokens, onChange) {
   const rows = tokens.map((t) => h("tr", { dataset: { token: t.id } },
     h("th", { scope: "row" }, h("code", {}, shortId(t.id))),
     h("td", {}, t.label || "—"),
+    h("td", {}, t.apps ? t.apps.join(", ") + (t.may_publish ? " (may publish)" : "") : "any app"),
     h("td", {}, formatTime(t.created_at)),
     h("td", {}, t.revoked_at ? `revoked ${formatTime(t.revoked_at)}` : "active"),
     h("td", {}, String(t.workers)),
@@ -157,7 +163,7 @@ function tokensSection(tokens, onChange) {
     }, "Revoke")),
   ));
   return [form, shown, h("div", { class: "table-wrap", tabindex: "0", role: "region", "aria-label": "Table; scrolls sideways on narrow screens" }, h("table", { class: "wide", "aria-labelledby": "tokens-title" },
-    h("thead", {}, h("tr", {}, ["Token", "Label", "Created", "State", "Workers", "Action"].map((c) => h("th", { scope: "col" }, c)))),
+    h("thead", {}, h("tr", {}, ["Token", "Label", "Apps", "Created", "State", "Workers", "Action"].map((c) => h("th", { scope: "col" }, c)))),
     h("tbody", {}, rows),
   ))];
 }
