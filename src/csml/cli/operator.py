@@ -61,7 +61,9 @@ def _serve(host: str, port: int, log_level: str, tls: tuple[Path, Path] | None =
 
     from csml.coordinator.app import create_app
     from csml.coordinator.logs import setup_logging
+    from csml.store.private import UMASK
 
+    os.umask(UMASK)  # whatever the coordinator writes (store, models, TLS) is owner-only
     setup_logging(log_level.upper())
     app = create_app(_settings())
     uvicorn.run(

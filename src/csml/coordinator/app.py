@@ -42,6 +42,7 @@ from csml.store import (
 )
 from csml.store.blobs import BlobStore
 from csml.store.db import insert_ignore, make_engine, make_sessionmaker, migrate, transaction
+from csml.store.private import private_dir
 from csml.store.tables import JoinToken, utcnow
 from csml.web import routes as web_routes
 
@@ -49,8 +50,11 @@ log = logging.getLogger("csml.coordinator")
 
 
 def build_core(settings: Settings) -> Core:
-    """Open (and migrate) the store, and register the apps installed here."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    """Open (and migrate) the store, and register the apps installed here.
+
+    The data folder is made owner-only (0700), or tightened if an older run left it wider.
+    """
+    private_dir(settings.data_dir)
     engine = make_engine(settings.resolved_database_url())
     migrate(engine)
     sessions = make_sessionmaker(engine)

@@ -8,6 +8,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from csml import ids
 from csml.coordinator.config import Settings
 from csml.store.db import make_engine, make_sessionmaker, migrate, transaction
+from csml.store.private import private_dir
 from csml.store.tables import JoinToken, utcnow
 
 
@@ -19,7 +20,7 @@ def _sessions(settings: Settings) -> sessionmaker[Session]:
 
 def create_join_token(settings: Settings, label: str = "") -> str:
     """A new join token; only its hash is stored, so it is returned once."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.data_dir)
     token = ids.new_secret("csmljoin")
     with transaction(_sessions(settings)) as session:
         session.add(
