@@ -44,6 +44,7 @@ from csml.store.blobs import BlobStore
 from csml.store.db import insert_ignore, make_engine, make_sessionmaker, migrate, transaction
 from csml.store.private import private_dir
 from csml.store.tables import JoinToken, utcnow
+from csml.web import api_docs
 from csml.web import routes as web_routes
 
 log = logging.getLogger("csml.coordinator")
@@ -149,6 +150,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Collaborative and secure machine learning: anonymous identities submit "
         "jobs to per-application worker pools.",
         lifespan=lifespan,
+        # No CDN pages: see csml.web.api_docs (off unless CSML_API_DOCS=1).
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.core = core
     install_handlers(app)
@@ -160,6 +164,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api_models.router)
     app.include_router(api_operator.router)
     web_routes.mount(app)
+    if settings.api_docs:
+        api_docs.mount(app)
 
     @app.middleware("http")
     async def observe(
