@@ -2,16 +2,23 @@
 
 OpenCV is imported inside the operations, so the coordinator can list this
 app without the library; workers preload it once before forking jobs.
+
+An OpenCV error never reaches a user as it is: its message names the library's
+build paths and source lines (`/io/opencv/modules/...cpp:103`). Every operation
+here turns `cv2.error` into a `JobError` with `opencv_message`, which keeps only
+OpenCV's own sentence.
 """
 
 from __future__ import annotations
 
+import functools
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
 
-from csml.apps.base import App, Input, JobContext, JobError, OperationParams, Output
+from csml.apps.base import App, Input, JobContext, JobError, OperationFn, OperationParams, Output
 
 if TYPE_CHECKING:
     import numpy as np
@@ -27,6 +34,28 @@ app = App(
 IMAGE_IN = Input("image", "An image (PNG, JPEG, BMP, TIFF, WebP, ...).", media_type="image/*")
 
 
+_CV_SENTENCE = re.compile(r"error: \(-?\d+:[^)]*\) ([^\n]*)")
+_LINE_SUFFIX = re.compile(r"(?::\d+|\(\d+\))$")
+_BANNER = re.compile(r"OpenCV\([^)]*\)\s*")
+_SOURCE_EXTENSIONS = (".cpp", ".cc", ".cxx", ".c", ".hpp", ".hxx", ".h", ".inl", ".cu")
+
+
+def _is_source_path(token: str) -> bool:
+    """`/io/opencv/modules/x/src/y.cpp:103:` or `C:\\build\\y.cpp(103)`: a build path."""
+    core = _LINE_SUFFIX.sub("", token.rstrip(":,;"))
+    return ("/" in core or "\\" in core) and core.lower().endswith(_SOURCE_EXTENSIONS)
+
+
+def opencv_message(exc: Exception) -> str:
+    """OpenCV's own sentence from a `cv2.error`, without build paths, source lines or
+    version banner (the last `error: (code:kind) text` part, else the last line)."""
+    text = str(exc)[-4000:]
+    found = _CV_SENTENCE.findall(text)
+    message = found[-1] if found else text.strip().splitlines()[-1] if text.strip() else ""
+    words = _BANNER.sub("", message).split()
+    return " ".join(w for w in words if not _is_source_path(w))[:300] or type(exc).__name__
+
+
 def read_image(path: Path, name: str = "image") -> np.ndarray:
     """Decode an image, or fail the job saying the file is not one."""
     import cv2
@@ -36,7 +65,13 @@ def read_image(path: Path, name: str = "image") -> np.ndarray:
 
     check_image_size(path, name)  # a decompression bomb is refused before decoding
     data = np.fromfile(path, dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    try:
+        image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    except cv2.error as exc:
+        raise JobError(
+            f"input {name!r} is not an image this worker decodes ({opencv_message(exc)}); "
+            "send a PNG, JPEG, BMP, TIFF or WebP file"
+        ) from None
     if image is None:
         raise JobError(
             f"input {name!r} is not a decodable image ({data.size} bytes); "
@@ -194,3 +229,20 @@ def blur(ctx: JobContext, params: BlurParams) -> dict[str, Any]:
 
 
 from csml.apps import opencv_dnn as _opencv_dnn  # noqa: E402, F401 (registers dnn_infer)
+
+
+def _without_opencv_paths(func: OperationFn) -> OperationFn:
+    @functools.wraps(func)
+    def run(ctx: JobContext, params: Any) -> dict[str, Any]:
+        import cv2
+
+        try:
+            return func(ctx, params)
+        except cv2.error as exc:
+            raise JobError(f"OpenCV failed: {opencv_message(exc)}") from None
+
+    return run
+
+
+for _operation in app.operations.values():
+    _operation.func = _without_opencv_paths(_operation.func)

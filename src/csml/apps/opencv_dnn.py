@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import Field, ValidationError, model_validator
 
 from csml.apps.base import Input, JobContext, JobError, ModelSpec, OperationParams, Output
-from csml.apps.opencv import app, read_image
+from csml.apps.opencv import app, opencv_message, read_image
 
 if TYPE_CHECKING:
     import numpy as np
@@ -237,11 +237,8 @@ def _effective(params: DnnInferParams, stored: dict[str, Any]) -> DnnInferParams
 
 
 def _cv_message(exc: Exception) -> str:
-    """OpenCV's message without its source paths: the last `error: (...) text` part."""
-    text = str(exc)
-    found = re.findall(r"error: \(-?\d+:[^)]*\) ([^\n]*)", text)
-    message = found[-1] if found else text.strip().splitlines()[-1] if text.strip() else ""
-    return message.strip()[:300] or type(exc).__name__
+    """OpenCV's message without its source paths (see `opencv_message`)."""
+    return opencv_message(exc)
 
 
 @contextmanager

@@ -8,7 +8,7 @@ import typer
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from csml.cli import attest
-from csml.cli.output import console, show_job
+from csml.cli.output import console, plain, show_job
 from csml.client import Job
 
 
@@ -36,7 +36,7 @@ def follow(job: Job, timeout: float, output: Path | None) -> None:
         console.print(f"model     {name} kept as model {model_id} (see `csml models`)")
     if output is not None and job.state.value == "succeeded":
         output.mkdir(parents=True, exist_ok=True)
-        for name in job.data.outputs:
-            console.print(f"saved     {job.download(name, output)}")
+        for path in job.download_all(output):  # every name checked before any is written
+            console.print(f"saved     {plain(path)}")
     if job.state.value != "succeeded":
         raise typer.Exit(1)

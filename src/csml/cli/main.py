@@ -11,7 +11,7 @@ import typer
 
 from csml.cli import attest, batch, demo, models, operator, pipeline, scaffold
 from csml.cli.follow import follow
-from csml.cli.output import console, fail, jobs_table, show_job
+from csml.cli.output import console, fail, jobs_table, plain, show_job
 from csml.cli.params import find_operation, map_files, parse_params
 from csml.client import Client, CsmlError
 from csml.client.config import UserConfig, config_path
@@ -210,8 +210,8 @@ def result(
             )
         typer.echo(json.dumps(job.result))
         output.mkdir(parents=True, exist_ok=True)
-        for name in job.data.outputs:
-            console.print(f"saved {job.download(name, output)}")
+        for path in job.download_all(output):  # every name checked before any is written
+            console.print(f"saved {plain(path)}")
 
 
 @app.command("cancel")

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from csml.cli.follow import follow
-from csml.cli.output import console, json_text
+from csml.cli.output import console, json_text, plain
 from csml.cli.params import map_files, parse_params
 from csml.client import Client, CsmlError
 from csml.client.config import UserConfig
@@ -96,7 +96,7 @@ def download(
 ) -> None:
     """Save a model's file (to import elsewhere, or to keep)."""
     with client(url) as c:
-        console.print(f"saved {c.download_model(model_id, output)}")
+        console.print(f"saved {plain(c.download_model(model_id, output))}")
 
 
 @models_app.command("delete")

@@ -96,7 +96,9 @@ def _server_config(
     import uvicorn
 
     from csml.coordinator.app import create_app
+    from csml.store.private import UMASK
 
+    os.umask(UMASK)  # whatever the coordinator writes (store, models, TLS) is owner-only
     return uvicorn.Config(
         create_app(settings),
         host=host,

@@ -6,6 +6,11 @@ job = client.submit("opencv", "detect_faces", files={"image": "photo.jpg"})
 job.wait(timeout=60)
 print(job.result)
 job.download("annotated", "faces.png")
+
+Names from the coordinator (outputs, models) become local file names only through
+`csml.client.filenames.check_file_name`: never a path, a hidden file or control
+characters, so a hostile coordinator cannot make the client write outside the folder
+the user chose.
 """
 
 from __future__ import annotations
@@ -18,11 +23,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import httpx
 
 from csml.client.config import UserConfig
 from csml.client.errors import CsmlError, QueueFull, Unreachable, WaitTimeout, raise_for
+from csml.client.filenames import check_file_name
 from csml.schemas import AppInfo, IdentityCreated, JobState, StepSpec, WorkerKeyInfo
 from csml.schemas import Job as JobData
 from csml.schemas.models import ModelInfo
@@ -368,13 +375,15 @@ class Client:
         return ModelInfo.model_validate(self.request("GET", f"/v1/models/{model_id}/info").json())
 
     def download_model(self, model_id: str, path: str | os.PathLike[str]) -> Path:
-        """Save a model's file to `path` (a folder gets a file named after the model)."""
+        """Save a model's file to `path` (a folder gets a file named after the model; a name
+        that is not a plain file name is refused)."""
         target = Path(path)
         if target.is_dir():
             info = self.model(model_id)
             ext = mimetypes.guess_extension(info.media_type) or ""
-            target = target / f"{info.app}-{info.kind}-{info.id[:12]}{ext}"
-        return _save_stream(self._stream(f"/v1/models/{model_id}"), target)
+            name = f"{info.app}-{info.kind}-{info.id[:12]}{ext}"
+            target = target / check_file_name(name, "model file")
+        return _save_stream(self._stream(f"/v1/models/{quote(model_id, safe='')}"), target)
 
     def delete_model(self, model_id: str) -> None:
         self.request("DELETE", f"/v1/models/{model_id}")
@@ -558,7 +567,9 @@ class Job:
         yield from self._iter_stored(name)
 
     def _iter_stored(self, name: str) -> Iterator[bytes]:
-        yield from self._client._stream(f"/v1/jobs/{self.id}/outputs/{name}")
+        check_file_name(name)
+        path = f"/v1/jobs/{quote(self.id, safe='')}/outputs/{quote(name, safe='')}"
+        yield from self._client._stream(path)
 
     def _iter_decrypted(self, name: str) -> Iterator[bytes]:
         from csml.crypto import DecryptionError, StreamDecryptor, associated_data
@@ -584,12 +595,25 @@ class Job:
         """Stream output `name` to `path` (a folder gets a file named after the output).
 
         Written to `path.part` and renamed at the end, so a failed download (or a
-        confidential output that fails decryption) leaves no file behind."""
+        confidential output that fails decryption) leaves no file behind. A name that is
+        not a plain file name (a path, `..`, a hidden file, control characters) is
+        refused with `CsmlError` before anything is written."""
+        check_file_name(name)
         target = Path(path)
         if target.is_dir():
-            ext = mimetypes.guess_extension(self.data.outputs[name].media_type) or ""
-            target = target / f"{name}{ext}"
+            info = self.data.outputs.get(name)
+            ext = (mimetypes.guess_extension(info.media_type) if info else None) or ""
+            target = target / check_file_name(f"{name}{ext}")
         return _save_stream(self.iter_output(name), target)
+
+    def download_all(self, folder: str | os.PathLike[str]) -> list[Path]:
+        """Save every output into `folder` (made if missing). Every name is checked first,
+        so a coordinator that sends one unsafe name gets nothing written."""
+        names = [check_file_name(name) for name in self.data.outputs]
+        target = Path(folder)
+        if names:
+            target.mkdir(parents=True, exist_ok=True)
+        return [self.download(name, target) for name in names]
 
 
 def _save_stream(chunks: Iterator[bytes], target: Path) -> Path:

@@ -23,13 +23,16 @@ expensive or bounded instead:
   submissions per window, queued + running jobs, stored bytes, model artifacts.
 
 Every refusal is a 429 with `Retry-After` that names the limit, its value and when
-it resets. `delete_identity` erases an identity with all its jobs and files.
+it resets. `delete_identity` erases an identity with all its jobs and files, and on
+SQLite then empties the write-ahead log (`csml.store.db.scrub_wal`), so no file under
+the data folder keeps a trace of it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import math
 import secrets
 import threading
@@ -48,7 +51,7 @@ from csml.coordinator.retention import delete_job_rows, remove_job_files
 from csml.coordinator.state import Core
 from csml.schemas import JobState
 from csml.schemas.identities import IdentityChallenge, IdentityCreated, IdentityProof
-from csml.store.db import insert_ignore, transaction
+from csml.store.db import insert_ignore, scrub_wal, transaction
 from csml.store.tables import Identity, Job, JobFile, utcnow
 from csml.store.tables_abuse import RateWindow, ServerSecret, UsedChallenge
 from csml.store.tables_artifacts import ModelArtifact
@@ -490,7 +493,8 @@ def check_models(core: Core, count: int, adding: int = 1) -> None:
 
 def delete_identity(core: Core, identity_id: str) -> int:
     """Erase an identity: cancel its live jobs (their workers are told to stop on their
-    next heartbeat), then delete its jobs, files and every row that names it.
+    next heartbeat), then delete its jobs, files and every row that names it, and (SQLite)
+    checkpoint and truncate the write-ahead log that still held those rows.
     Returns how many jobs were erased."""
     now = utcnow()
     with transaction(core.sessions) as session:
@@ -531,4 +535,8 @@ def delete_identity(core: Core, identity_id: str) -> int:
         session.execute(delete(Identity).where(Identity.id == identity_id))
     remove_job_files(core, [job_id for _, job_id in jobs])
     remove_model_files(core.blobs, models)
+    if core.engine.dialect.name == "sqlite" and not scrub_wal(core.engine):
+        logging.getLogger("csml.coordinator.abuse").warning(
+            "erasure: a long reader kept the write-ahead log; it empties at a later checkpoint"
+        )
     return len(jobs)

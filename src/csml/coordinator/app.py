@@ -42,15 +42,20 @@ from csml.store import (
 )
 from csml.store.blobs import BlobStore
 from csml.store.db import insert_ignore, make_engine, make_sessionmaker, migrate, transaction
+from csml.store.private import private_dir
 from csml.store.tables import JoinToken, utcnow
+from csml.web import api_docs
 from csml.web import routes as web_routes
 
 log = logging.getLogger("csml.coordinator")
 
 
 def build_core(settings: Settings) -> Core:
-    """Open (and migrate) the store, and register the apps installed here."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    """Open (and migrate) the store, and register the apps installed here.
+
+    The data folder is made owner-only (0700), or tightened if an older run left it wider.
+    """
+    private_dir(settings.data_dir)
     engine = make_engine(settings.resolved_database_url())
     migrate(engine)
     sessions = make_sessionmaker(engine)
@@ -145,6 +150,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Collaborative and secure machine learning: anonymous identities submit "
         "jobs to per-application worker pools.",
         lifespan=lifespan,
+        # No CDN pages: see csml.web.api_docs (off unless CSML_API_DOCS=1).
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.core = core
     install_handlers(app)
@@ -156,6 +164,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api_models.router)
     app.include_router(api_operator.router)
     web_routes.mount(app)
+    if settings.api_docs:
+        api_docs.mount(app)
 
     @app.middleware("http")
     async def observe(

@@ -75,6 +75,12 @@ class Settings(BaseSettings):
     )
     retention_interval_seconds: float = Field(60.0, gt=0, description="How often to purge.")
 
+    api_docs: bool = Field(
+        False,
+        description="Serve /docs (Swagger UI) and /redoc (ReDoc) from the package's copies "
+        "(never a CDN); off, the OpenAPI document is still at /openapi.json.",
+    )
+
     # The operator view (/operator, /v1/operator/...): off unless a token is set.
     operator_token: SecretStr | None = Field(
         None, description="Bearer token of the operator view; distinct from user tokens."

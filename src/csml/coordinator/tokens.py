@@ -17,6 +17,7 @@ from csml import ids
 from csml.coordinator.catalog import forget_token
 from csml.coordinator.config import Settings
 from csml.store.db import make_engine, make_sessionmaker, migrate, transaction
+from csml.store.private import private_dir
 from csml.store.tables import JoinToken, Worker, utcnow
 
 APP_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
@@ -57,7 +58,7 @@ def create_join_token(
     settings: Settings, label: str = "", *, apps: list[str] | None, may_publish: bool = False
 ) -> str:
     """A new join token for `apps` (None: any app); only its hash is stored."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.data_dir)
     row, token = new_join_token(label, apps, may_publish)
     with transaction(_sessions(settings)) as session:
         session.add(row)

@@ -2,6 +2,9 @@
 
 Files are written to a staging folder while they stream in, then renamed into
 place, so a half-written upload is never visible as a job's file.
+
+Every folder here is 0700 and every file 0600 (see `csml.store.private`), whatever
+the umask: no other uid on the host reads a user's files.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import shutil
 import uuid
 from pathlib import Path
 from typing import BinaryIO
+
+from csml.store.private import DIR_MODE, create_private_file, private_dir
 
 _SAFE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 CHUNK = 1 << 20
@@ -34,13 +39,18 @@ def check_name(name: str) -> str:
 class BlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
-        (root / "staging").mkdir(parents=True, exist_ok=True)
-        (root / "jobs").mkdir(parents=True, exist_ok=True)
+        private_dir(root)
+        private_dir(root / "staging")
+        private_dir(root / "jobs")
 
     def new_staging(self) -> Path:
         path = self.root / "staging" / uuid.uuid4().hex
-        path.mkdir()
+        path.mkdir(mode=DIR_MODE)
         return path
+
+    def make_dirs(self, path: Path) -> Path:
+        """`path` (below the root) and its missing parents, each 0700."""
+        return private_dir(path, stop=self.root)
 
     def job_dir(self, job_id: str) -> Path:
         return self.root / "jobs" / job_id[:2] / job_id
@@ -57,7 +67,7 @@ class BlobStore:
     def adopt(self, staging: Path, job_id: str, kind: str) -> Path:
         """Move a staging folder to be the job's `kind` folder (atomic rename)."""
         target = self.job_dir(job_id) / kind
-        target.parent.mkdir(parents=True, exist_ok=True)
+        self.make_dirs(target.parent)
         os.replace(staging, target)
         return target
 
@@ -76,7 +86,8 @@ class HashingWriter:
         self.limit = limit
         self.size = 0
         self._hash = hashlib.sha256()
-        self._file: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in finish()/abort()
+        # 0600 whatever the umask; closed in finish()/abort()
+        self._file: BinaryIO = os.fdopen(create_private_file(path), "wb")
 
     def write(self, chunk: bytes) -> None:
         self.size += len(chunk)

@@ -1,5 +1,11 @@
 """Engine and sessions for SQLite (embedded default) and PostgreSQL.
 
+Invariants: a SQLite database is owner-only (0600, and so its -wal and -shm; see
+`csml.store.private`), deletes overwrite what they free (`secure_delete`), and
+`scrub_wal` moves the write-ahead log into the database and truncates it, so that
+erased rows survive in no file (PostgreSQL's WAL, VACUUM and backups are its
+operator's: see `scrub_wal`).
+
 Every engine made here counts what it sends (`StoreCounters`: statements, write
 commits), so the coordinator's /metrics and the benchmarks can say what a job costs
 the store. Counting is a pair of integer increments per statement and per commit.
@@ -17,8 +23,10 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import create_engine, event, text
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+from csml.store.private import private_sqlite
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 _MIGRATION_LOCK = 7301
@@ -60,6 +68,9 @@ def _count(engine: Engine) -> None:
 
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
+        database = make_url(url).database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            private_sqlite(Path(database))
         engine = create_engine(
             url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=8
         )
@@ -94,6 +105,26 @@ def _tune_sqlite(engine: Engine) -> None:
         # Reads take no lock (WAL gives them a snapshot); writes lock up front.
         write = conn.get_execution_options().get(WRITE_OPTION, False)
         conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def scrub_wal(engine: Engine) -> bool:
+    """On SQLite, copy every committed page from the write-ahead log into the database and
+    truncate the log to zero bytes (`wal_checkpoint(TRUNCATE)`), so that rows deleted
+    before this call survive in no file: the database overwrote them (`secure_delete`) and
+    the log that held their earlier versions is empty. Waits (busy timeout) for readers
+    of older snapshots; False if one still held the log, or on PostgreSQL, where the WAL,
+    VACUUM, replicas and backups are the operator's to manage.
+    """
+    if engine.dialect.name != "sqlite":
+        return False
+    raw = engine.raw_connection()
+    try:
+        cur = raw.cursor()
+        busy, _, _ = cur.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        cur.close()
+    finally:
+        raw.close()
+    return int(busy) == 0
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
