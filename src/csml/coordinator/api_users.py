@@ -14,12 +14,17 @@ from sqlalchemy import func, select
 from starlette.concurrency import run_in_threadpool
 
 from csml import ids
-from csml.coordinator import abuse, artifacts, pipeline_spec, pipelines
-from csml.coordinator.auth import current_identity
+from csml.coordinator import abuse, artifacts, pipeline_spec, pipelines, spec_limits
+from csml.coordinator.auth import AuthFirstRoute, current_identity
 from csml.coordinator.errors import ApiError, not_found, spec_error
 from csml.coordinator.queue import job_key
 from csml.coordinator.state import Core, core
-from csml.coordinator.uploads import multipart_body, parse_submission
+from csml.coordinator.uploads import (
+    FormLimits,
+    StorageBudget,
+    multipart_body,
+    parse_submission,
+)
 from csml.coordinator.views import job_views
 from csml.schemas import (
     AppInfo,
@@ -36,7 +41,7 @@ from csml.schemas import (
 from csml.schemas.identities import IdentityChallenge, IdentityProof
 from csml.store.tables import Identity, Worker, utcnow
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(route_class=AuthFirstRoute, prefix="/v1")
 Me = Annotated[Identity, Depends(current_identity)]
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 422, 429)
@@ -160,10 +165,10 @@ def check_model_quota(c: Core, owner_id: str, spec: JobSpec) -> None:
 async def submit_job(request: Request, me: Me) -> JSONResponse:
     """Submit a job: multipart with a `spec` part and one part per input file (or JSON if none)."""
     c = core(request)
-    upload = abuse.announced_upload(request.headers)
-    await run_in_threadpool(abuse.check_submission, c, me.id, upload)  # 429 past a limit
     if request.headers.get("content-type", "").startswith("application/json"):
-        raw = await request.body()
+        raw = await request.body()  # at most max_spec_bytes (csml.coordinator.middleware)
+        kept = spec_limits.kept_bytes(spec_limits.load(raw, c.settings))
+        await run_in_threadpool(abuse.check_submission, c, me.id, kept)  # 429 past a limit
         if pipeline_spec.is_pipeline(raw):  # {"steps": [...]}: see csml.coordinator.pipelines
             pipeline = pipeline_spec.parse(raw)
             await run_in_threadpool(pipeline_spec.check, c, me.id, pipeline)
@@ -173,21 +178,30 @@ async def submit_job(request: Request, me: Me) -> JSONResponse:
             await run_in_threadpool(check_model_quota, c, me.id, spec)
             job = await run_in_threadpool(c.queue.submit, me.id, spec, None, {})
     else:
+        upload = abuse.announced_upload(request.headers)
+        await run_in_threadpool(abuse.check_submission, c, me.id, upload)  # 429 past a limit
         staging = await run_in_threadpool(c.blobs.new_staging)
         holder: dict[str, JobSpec] = {}
         piped: dict[str, PipelineSpec] = {}
+        budget = StorageBudget(c, me.id)
 
-        async def on_spec(raw: bytes) -> None:
+        def on_spec(raw: bytes) -> set[str]:
+            """Check the spec (off the event loop); the file parts it takes."""
+            budget.extra = spec_limits.kept_bytes(spec_limits.load(raw, c.settings))
             if pipeline_spec.is_pipeline(raw):
                 piped["spec"] = pipeline_spec.parse(raw)
-                await run_in_threadpool(pipeline_spec.check, c, me.id, piped["spec"])
-                return
+                pipeline_spec.check(c, me.id, piped["spec"])
+                return pipeline_spec.uploads(piped["spec"])
             holder["spec"] = parse_spec(raw)
-            await run_in_threadpool(c.queue.check_spec, holder["spec"])
-            await run_in_threadpool(check_model_quota, c, me.id, holder["spec"])
+            c.queue.check_spec(holder["spec"])
+            check_model_quota(c, me.id, holder["spec"])
+            _, op = c.catalog.operation(holder["spec"].app, holder["spec"].operation)
+            return {f.name for f in op.inputs}
 
         try:
-            parsed = await parse_submission(request, staging, c.settings.max_upload_bytes, on_spec)
+            parsed = await parse_submission(
+                request, staging, FormLimits.of(c.settings), on_spec, budget
+            )
             if piped:
                 job = await run_in_threadpool(
                     pipelines.submit, c, me.id, piped["spec"], staging, parsed.files
