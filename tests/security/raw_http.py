@@ -9,6 +9,7 @@ import socket
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -129,3 +130,64 @@ class PeakRss:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, self.process.memory_info().rss)
+
+
+BOUNDARY = "csml-hostile-boundary"
+FORM = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+
+
+def form(parts: Iterable[tuple[str, Iterable[bytes]]]) -> Iterator[bytes]:
+    """A multipart/form-data body made as it is sent: (part name, its chunks) each."""
+    for name, chunks in parts:
+        yield (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"; '
+            f'filename="{name}.bin"\r\nContent-Type: application/octet-stream\r\n\r\n'
+        ).encode()
+        yield from chunks
+        yield b"\r\n"
+    yield f"--{BOUNDARY}--\r\n".encode()
+
+
+def zeros(total: int, chunk: int = MiB) -> Iterator[bytes]:
+    block = bytes(chunk)
+    while total > 0:
+        yield block[: min(chunk, total)]
+        total -= chunk
+
+
+class FolderWatch:
+    """Samples a folder in a thread: the most bytes and files it held at once."""
+
+    def __init__(self, folder: Path, interval: float = 0.002) -> None:
+        self.folder = folder
+        self.interval = interval
+        self.peak_bytes = 0
+        self.peak_files = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        size = files = 0
+        for path in self.folder.rglob("*"):
+            try:
+                if path.is_file():
+                    files += 1
+                    size += path.stat().st_size
+            except OSError:
+                continue
+        self.peak_bytes = max(self.peak_bytes, size)
+        self.peak_files = max(self.peak_files, files)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> FolderWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()

@@ -19,6 +19,7 @@ from csml.coordinator.queue import StagedFile
 from csml.coordinator.state import Core, core
 from csml.coordinator.uploads import (
     BINARY,
+    Accepts,
     FormLimits,
     StorageBudget,
     multipart_body,
@@ -124,10 +125,10 @@ async def import_model(request: Request, me: Me) -> ModelInfo:
     staging = await run_in_threadpool(c.blobs.new_staging)
     holder: dict[str, tuple[ModelImport, int]] = {}
 
-    def on_spec(raw: bytes) -> set[str]:
+    def on_spec(raw: bytes) -> Accepts:
         spec = _parse_import(raw)
         holder["spec"] = (spec, _check_import(c, me.id, spec))
-        return {"model"}
+        return Accepts({"model"}, _only_model)
 
     try:
         parsed = await parse_submission(
@@ -151,6 +152,15 @@ async def import_model(request: Request, me: Me) -> ModelInfo:
         )
     finally:
         await run_in_threadpool(c.blobs.discard, staging)
+
+
+def _only_model(name: str) -> ApiError:
+    return ApiError(
+        422,
+        "invalid_files",
+        f"send exactly one file, as the part named 'model' (also got: {name})",
+        field="model",
+    )
 
 
 def _keep_import(

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import mimetypes
 import time
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
@@ -20,6 +21,7 @@ from csml.coordinator.errors import ApiError, not_found, spec_error
 from csml.coordinator.queue import job_key
 from csml.coordinator.state import Core, core
 from csml.coordinator.uploads import (
+    Accepts,
     FormLimits,
     StorageBudget,
     multipart_body,
@@ -41,6 +43,7 @@ from csml.schemas import (
 from csml.schemas.identities import IdentityChallenge, IdentityProof
 from csml.store.tables import Identity, Worker, utcnow
 
+T = TypeVar("T")
 router = APIRouter(route_class=AuthFirstRoute, prefix="/v1")
 Me = Annotated[Identity, Depends(current_identity)]
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -149,6 +152,15 @@ SUBMIT_BODY = multipart_body(
 )
 
 
+def refusal(check: Callable[[T, set[str]], None], spec: T, names: set[str]) -> ApiError:
+    """The error `check` gives for these file names (the one refusing an unknown part)."""
+    try:
+        check(spec, names)
+    except ApiError as exc:
+        return exc
+    raise AssertionError(f"{check.__qualname__} accepted {sorted(names)}")
+
+
 def check_model_quota(c: Core, owner_id: str, spec: JobSpec) -> None:
     _, op = c.catalog.operation(spec.app, spec.operation)
     abuse.check_model_quota(c, owner_id, artifacts.makes_models(op))
@@ -185,18 +197,23 @@ async def submit_job(request: Request, me: Me) -> JSONResponse:
         piped: dict[str, PipelineSpec] = {}
         budget = StorageBudget(c, me.id)
 
-        def on_spec(raw: bytes) -> set[str]:
+        def on_spec(raw: bytes) -> Accepts:
             """Check the spec (off the event loop); the file parts it takes."""
             budget.extra = spec_limits.kept_bytes(spec_limits.load(raw, c.settings))
             if pipeline_spec.is_pipeline(raw):
-                piped["spec"] = pipeline_spec.parse(raw)
-                pipeline_spec.check(c, me.id, piped["spec"])
-                return pipeline_spec.uploads(piped["spec"])
-            holder["spec"] = parse_spec(raw)
-            c.queue.check_spec(holder["spec"])
-            check_model_quota(c, me.id, holder["spec"])
-            _, op = c.catalog.operation(holder["spec"].app, holder["spec"].operation)
-            return {f.name for f in op.inputs}
+                pipeline = piped["spec"] = pipeline_spec.parse(raw)
+                pipeline_spec.check(c, me.id, pipeline)
+                wanted = pipeline_spec.uploads(pipeline)
+                return Accepts(
+                    wanted,
+                    lambda name: refusal(pipeline_spec.check_files, pipeline, wanted | {name}),
+                )
+            spec = holder["spec"] = parse_spec(raw)
+            c.queue.check_spec(spec)
+            check_model_quota(c, me.id, spec)
+            _, op = c.catalog.operation(spec.app, spec.operation)
+            names = {f.name for f in op.inputs}
+            return Accepts(names, lambda name: refusal(c.queue.check_files, spec, names | {name}))
 
         try:
             parsed = await parse_submission(

@@ -86,8 +86,16 @@ class FormLimits:
         )
 
 
-# Checks the spec (raising ApiError) and answers the names of the file parts it takes.
-SpecCheck = Callable[[bytes], Collection[str]]
+@dataclass(frozen=True)
+class Accepts:
+    """The file parts a checked spec takes, and the refusal of any other part name."""
+
+    names: Collection[str]
+    refusal: Callable[[str], ApiError]
+
+
+# Checks the spec (raising ApiError) and answers the file parts it takes.
+SpecCheck = Callable[[bytes], Accepts]
 # Charged with the bytes of files received so far; raises ApiError past a quota.
 Charge = Callable[[int], None]
 
@@ -140,7 +148,7 @@ class SubmissionParser:
         self.on_spec = on_spec
         self.charge = charge
         self.spec: bytes | None = None
-        self.accepted: frozenset[str] | None = None  # file parts the spec takes
+        self.accepted: Accepts | None = None  # file parts the spec takes
         self.files: dict[str, StagedFile] = {}
         self.parts = 0
         self.received = 0  # bytes of files, all parts together
@@ -236,15 +244,8 @@ class SubmissionParser:
                 f"form part {part.name[:64]!r} came before the `spec` part; send the spec first",
                 "spec",
             )
-        elif part.name not in self.accepted:
-            takes = ", ".join(sorted(self.accepted)) or "none"
-            self._fail(
-                422,
-                "unknown_input",
-                f"form part {part.name[:64]!r} is neither `spec` nor an input file of this "
-                f"submission (it takes: {takes})",
-                part.name[:64],
-            )
+        elif part.name not in self.accepted.names:
+            self._fail_with(self.accepted.refusal(part.name[:64]))
         elif part.name in self.files:
             self._fail(422, "duplicate_input", f"input {part.name!r} sent twice", part.name)
         else:
@@ -315,7 +316,7 @@ class SubmissionParser:
         elif not part.is_file:
             self.spec = bytes(part.buffer)
             try:
-                self.accepted = frozenset(self.on_spec(self.spec))
+                self.accepted = self.on_spec(self.spec)
             except ApiError as exc:
                 self._fail_with(exc)
 
