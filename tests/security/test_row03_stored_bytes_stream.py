@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.cluster import Cluster, running_cluster
-from tests.security.raw_http import FORM, MiB, FolderWatch, form, send, zeros
+from tests.security.raw_http import FORM, FolderWatch, MiB, form, send, zeros
 
 QUOTA = 300_000
 SPEC = json.dumps({"app": "echo", "operation": "echo", "params": {}}).encode()
