@@ -350,10 +350,12 @@ def stored_bytes(session: Session, identity_id: str) -> int:
             or_(ModelArtifact.job_id.is_(None), ModelArtifact.job_id.not_in(kept_jobs)),
         )
     )
-    # Params are kept in the job's row (and come back in results): count them too.
+    # Params are kept in the job's row (and come back in results): count them too
+    # (as their JSON text; empty params, `{}`, count nothing).
+    params_text = func.length(cast(Job.params, Text))
     params = session.scalar(
-        select(func.coalesce(func.sum(func.length(cast(Job.params, Text))), 0)).where(
-            Job.owner_id == identity_id
+        select(func.coalesce(func.sum(params_text), 0)).where(
+            Job.owner_id == identity_id, params_text > 2
         )
     )
     return int(total or 0) + int(models or 0) + int(params or 0)

@@ -11,7 +11,8 @@ Invariants:
   they never reach the params' numeric bounds (every comparison with NaN is false).
 - Params (every step's, for a pipeline) are at most `max_params_bytes` as
   compact JSON (413 `params_too_large`); `kept_bytes` is what the job keeps of
-  them, counted toward the identity's stored bytes.
+  them (empty params: nothing), charged to the identity's stored bytes at
+  submission, as `abuse.stored_bytes` counts the params of kept jobs.
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ def kept_bytes(data: Any) -> int:
     size = sum(
         len(json.dumps(p, separators=(",", ":"), ensure_ascii=False).encode())
         for _, p in params_of(data)
+        if p  # empty params keep nothing
     )
     if isinstance(data, dict) and isinstance(data.get("confidential"), dict):
         sealed = data["confidential"].get("encrypted_params")
