@@ -66,20 +66,6 @@ def test_3000_parts_make_no_files(cluster: Cluster) -> None:
     assert user.jobs() == []
 
 
-def test_too_many_parts_is_413(cluster: Cluster) -> None:
-    user = cluster.new_user()
-    headers = {**FORM, "Authorization": f"Bearer {user.token}"}
-    # Parts with no name fail one by one only after their headers; the count comes first.
-    body = b"".join(
-        [
-            *(f"--csml-hostile-boundary\r\nX-Filler: {i}\r\n\r\nx\r\n".encode() for i in range(40)),
-            b"--csml-hostile-boundary--\r\n",
-        ]
-    )
-    answer = send(cluster.url, "POST", "/v1/jobs", [body], length=len(body), headers=headers)
-    assert answer.status in (413, 422), answer.body
-
-
 def test_file_before_spec_refused(cluster: Cluster) -> None:
     user = cluster.new_user()
     headers = {**FORM, "Authorization": f"Bearer {user.token}"}
