@@ -40,7 +40,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, exists, func, or_, select, update
+from sqlalchemy import Text, cast, delete, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from csml import ids
@@ -397,7 +397,8 @@ def announced_upload(headers: Mapping[str, str]) -> int:
 
 def stored_bytes(session: Session, identity_id: str) -> int:
     """Bytes of the identity's job files still kept (inputs and outputs), plus its models
-    whose job is gone (while the job is kept, the model shares its output's bytes)."""
+    whose job is gone (while the job is kept, the model shares its output's bytes), plus
+    the params its kept jobs hold."""
     # Each blob once: a pipeline's steps and the pipeline itself share their files' blobs.
     blobs = (
         select(JobFile.blob, JobFile.size)
@@ -414,7 +415,15 @@ def stored_bytes(session: Session, identity_id: str) -> int:
             or_(ModelArtifact.job_id.is_(None), ModelArtifact.job_id.not_in(kept_jobs)),
         )
     )
-    return int(total or 0) + int(models or 0)
+    # Params are kept in the job's row (and come back in results): count them too
+    # (as their JSON text; empty params, `{}`, count nothing).
+    params_text = func.length(cast(Job.params, Text))
+    params = session.scalar(
+        select(func.coalesce(func.sum(params_text), 0)).where(
+            Job.owner_id == identity_id, params_text > 2
+        )
+    )
+    return int(total or 0) + int(models or 0) + int(params or 0)
 
 
 def check_model_quota(core: Core, identity_id: str, makes_models: bool) -> None:

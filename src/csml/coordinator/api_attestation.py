@@ -14,12 +14,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from csml.attestation.evidence import INSECURE_KIND
+from csml.coordinator.auth import AuthFirstRoute
 from csml.coordinator.state import core
 from csml.schemas import ErrorBody, WorkerAttestation, WorkerKeyInfo
 from csml.store.tables import Worker, utcnow
 from csml.store.tables_confidential import WorkerKey
 
-router = APIRouter(prefix="/v1", tags=["confidential"])
+router = APIRouter(route_class=AuthFirstRoute, prefix="/v1", tags=["confidential"])
 
 
 def add_worker_key(session: Session, worker_id: str, attestation: WorkerAttestation) -> None:

@@ -13,16 +13,24 @@ from starlette.concurrency import run_in_threadpool
 from csml import ids
 from csml.coordinator import abuse, artifacts
 from csml.coordinator.api_users import ERRORS, Me
+from csml.coordinator.auth import AuthFirstRoute
 from csml.coordinator.errors import ApiError, spec_error
 from csml.coordinator.queue import StagedFile
 from csml.coordinator.state import Core, core
-from csml.coordinator.uploads import BINARY, multipart_body, parse_submission
+from csml.coordinator.uploads import (
+    BINARY,
+    Accepts,
+    FormLimits,
+    StorageBudget,
+    multipart_body,
+    parse_submission,
+)
 from csml.schemas.models import ModelImport, ModelInfo, ModelList
 from csml.store.db import transaction
 from csml.store.tables import utcnow
 from csml.store.tables_artifacts import ModelArtifact
 
-router = APIRouter(prefix="/v1", tags=["models"])
+router = APIRouter(route_class=AuthFirstRoute, prefix="/v1", tags=["models"])
 IMPORT_BODY = multipart_body(
     'JSON: {"app": ..., "format": ..., "format_version"?: ..., "name"?: ...}. Send it first.',
     files={"model": BINARY},
@@ -117,12 +125,15 @@ async def import_model(request: Request, me: Me) -> ModelInfo:
     staging = await run_in_threadpool(c.blobs.new_staging)
     holder: dict[str, tuple[ModelImport, int]] = {}
 
-    async def on_spec(raw: bytes) -> None:
+    def on_spec(raw: bytes) -> Accepts:
         spec = _parse_import(raw)
-        holder["spec"] = (spec, await run_in_threadpool(_check_import, c, me.id, spec))
+        holder["spec"] = (spec, _check_import(c, me.id, spec))
+        return Accepts({"model"}, _only_model)
 
     try:
-        parsed = await parse_submission(request, staging, c.settings.max_upload_bytes, on_spec)
+        parsed = await parse_submission(
+            request, staging, FormLimits.of(c.settings), on_spec, StorageBudget(c, me.id)
+        )
         spec, version = holder["spec"]
         extra = sorted(set(parsed.files) - {"model"})
         if extra or "model" not in parsed.files:
@@ -141,6 +152,15 @@ async def import_model(request: Request, me: Me) -> ModelInfo:
         )
     finally:
         await run_in_threadpool(c.blobs.discard, staging)
+
+
+def _only_model(name: str) -> ApiError:
+    return ApiError(
+        422,
+        "invalid_files",
+        f"send exactly one file, as the part named 'model' (also got: {name})",
+        field="model",
+    )
 
 
 def _keep_import(

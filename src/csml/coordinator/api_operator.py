@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from csml import ids
 from csml.coordinator import opstats
-from csml.coordinator.auth import bearer
+from csml.coordinator.auth import AuthFirstRoute, bearer, from_headers
 from csml.coordinator.errors import ApiError, not_found, unauthorized
 from csml.coordinator.state import core
 from csml.coordinator.tokens import new_join_token, revoke
@@ -37,6 +37,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+@from_headers
 def current_operator(request: Request) -> None:
     secret = core(request).settings.operator_secret()
     if secret is None:
@@ -54,6 +55,7 @@ def current_operator(request: Request) -> None:
 
 
 router = APIRouter(
+    route_class=AuthFirstRoute,
     prefix="/v1/operator",
     tags=["operator"],
     dependencies=[Depends(current_operator)],

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import mimetypes
 import time
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
@@ -14,12 +15,18 @@ from sqlalchemy import func, select
 from starlette.concurrency import run_in_threadpool
 
 from csml import ids
-from csml.coordinator import abuse, artifacts, pipeline_spec, pipelines
-from csml.coordinator.auth import current_identity
+from csml.coordinator import abuse, artifacts, pipeline_spec, pipelines, spec_limits
+from csml.coordinator.auth import AuthFirstRoute, current_identity
 from csml.coordinator.errors import ApiError, not_found, spec_error
 from csml.coordinator.queue import job_key
 from csml.coordinator.state import Core, core
-from csml.coordinator.uploads import multipart_body, parse_submission
+from csml.coordinator.uploads import (
+    Accepts,
+    FormLimits,
+    StorageBudget,
+    multipart_body,
+    parse_submission,
+)
 from csml.coordinator.views import job_views
 from csml.schemas import (
     AppInfo,
@@ -36,7 +43,8 @@ from csml.schemas import (
 from csml.schemas.identities import IdentityChallenge, IdentityProof
 from csml.store.tables import Identity, Worker, utcnow
 
-router = APIRouter(prefix="/v1")
+T = TypeVar("T")
+router = APIRouter(route_class=AuthFirstRoute, prefix="/v1")
 Me = Annotated[Identity, Depends(current_identity)]
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 422, 429)
@@ -146,6 +154,15 @@ SUBMIT_BODY = multipart_body(
 )
 
 
+def refusal(check: Callable[[T, set[str]], None], spec: T, names: set[str]) -> ApiError:
+    """The error `check` gives for these file names (the one refusing an unknown part)."""
+    try:
+        check(spec, names)
+    except ApiError as exc:
+        return exc
+    raise AssertionError(f"{check.__qualname__} accepted {sorted(names)}")
+
+
 def check_model_quota(c: Core, owner_id: str, spec: JobSpec) -> None:
     _, op = c.catalog.operation(spec.app, spec.operation)
     abuse.check_model_quota(c, owner_id, artifacts.makes_models(op))
@@ -162,10 +179,10 @@ def check_model_quota(c: Core, owner_id: str, spec: JobSpec) -> None:
 async def submit_job(request: Request, me: Me) -> JSONResponse:
     """Submit a job: multipart with a `spec` part and one part per input file (or JSON if none)."""
     c = core(request)
-    upload = abuse.announced_upload(request.headers)
-    await run_in_threadpool(abuse.check_submission, c, me.id, upload)  # 429 past a limit
     if request.headers.get("content-type", "").startswith("application/json"):
-        raw = await request.body()
+        raw = await request.body()  # at most max_spec_bytes (csml.coordinator.middleware)
+        kept = spec_limits.kept_bytes(spec_limits.load(raw, c.settings))
+        await run_in_threadpool(abuse.check_submission, c, me.id, kept)  # 429 past a limit
         if pipeline_spec.is_pipeline(raw):  # {"steps": [...]}: see csml.coordinator.pipelines
             pipeline = pipeline_spec.parse(raw)
             await run_in_threadpool(pipeline_spec.check, c, me.id, pipeline)
@@ -175,21 +192,35 @@ async def submit_job(request: Request, me: Me) -> JSONResponse:
             await run_in_threadpool(check_model_quota, c, me.id, spec)
             job = await run_in_threadpool(c.queue.submit, me.id, spec, None, {})
     else:
+        upload = abuse.announced_upload(request.headers)
+        await run_in_threadpool(abuse.check_submission, c, me.id, upload)  # 429 past a limit
         staging = await run_in_threadpool(c.blobs.new_staging)
         holder: dict[str, JobSpec] = {}
         piped: dict[str, PipelineSpec] = {}
+        budget = StorageBudget(c, me.id)
 
-        async def on_spec(raw: bytes) -> None:
+        def on_spec(raw: bytes) -> Accepts:
+            """Check the spec (off the event loop); the file parts it takes."""
+            budget.extra = spec_limits.kept_bytes(spec_limits.load(raw, c.settings))
             if pipeline_spec.is_pipeline(raw):
-                piped["spec"] = pipeline_spec.parse(raw)
-                await run_in_threadpool(pipeline_spec.check, c, me.id, piped["spec"])
-                return
-            holder["spec"] = parse_spec(raw)
-            await run_in_threadpool(c.queue.check_spec, holder["spec"])
-            await run_in_threadpool(check_model_quota, c, me.id, holder["spec"])
+                pipeline = piped["spec"] = pipeline_spec.parse(raw)
+                pipeline_spec.check(c, me.id, pipeline)
+                wanted = pipeline_spec.uploads(pipeline)
+                return Accepts(
+                    wanted,
+                    lambda name: refusal(pipeline_spec.check_files, pipeline, wanted | {name}),
+                )
+            spec = holder["spec"] = parse_spec(raw)
+            c.queue.check_spec(spec)
+            check_model_quota(c, me.id, spec)
+            _, op = c.catalog.operation(spec.app, spec.operation)
+            names = {f.name for f in op.inputs}
+            return Accepts(names, lambda name: refusal(c.queue.check_files, spec, names | {name}))
 
         try:
-            parsed = await parse_submission(request, staging, c.settings.max_upload_bytes, on_spec)
+            parsed = await parse_submission(
+                request, staging, FormLimits.of(c.settings), on_spec, budget
+            )
             if piped:
                 job = await run_in_threadpool(
                     pipelines.submit, c, me.id, piped["spec"], staging, parsed.files

@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from csml import ids
 from csml.coordinator.api_attestation import add_worker_key
-from csml.coordinator.auth import current_join_token, current_worker
+from csml.coordinator.auth import AuthFirstRoute, current_join_token, current_worker
 from csml.coordinator.errors import ApiError, not_found
 from csml.coordinator.pipelines import PIPELINE_APP
 from csml.coordinator.queue import app_key
@@ -38,7 +38,7 @@ from csml.store.blobs import HashingWriter, TooLarge, check_name, fsync_paths
 from csml.store.db import transaction
 from csml.store.tables import JoinToken, Worker, utcnow
 
-router = APIRouter(prefix="/v1/workers", tags=["workers"])
+router = APIRouter(route_class=AuthFirstRoute, prefix="/v1/workers", tags=["workers"])
 Joiner = Annotated[JoinToken, Depends(current_join_token)]
 Me = Annotated[Worker, Depends(current_worker)]
 

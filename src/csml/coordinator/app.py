@@ -1,16 +1,21 @@
-"""The FastAPI application and its background tasks."""
+"""The FastAPI application and its background tasks.
+
+Every request passes through pure-ASGI middleware only (csml.coordinator.middleware):
+latency observation outermost, then the body limits; routes with a body
+parameter authenticate before reading it (csml.coordinator.auth). Staging
+folders left by uploads that never finished are swept at start-up.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from sqlalchemy.orm import Session
@@ -32,6 +37,7 @@ from csml.coordinator.catalog import Catalog
 from csml.coordinator.config import Settings, read_secret_file
 from csml.coordinator.errors import ApiError, install_handlers
 from csml.coordinator.metrics import make_registry
+from csml.coordinator.middleware import BodyLimits, ObserveLatency
 from csml.coordinator.notify import Notifier
 from csml.coordinator.queue import JobQueue
 from csml.coordinator.state import Core
@@ -48,6 +54,7 @@ from csml.web import api_docs
 from csml.web import routes as web_routes
 
 log = logging.getLogger("csml.coordinator")
+STAGING_GRACE_SECONDS = 6 * 3600.0
 
 
 def build_core(settings: Settings) -> Core:
@@ -60,6 +67,13 @@ def build_core(settings: Settings) -> Core:
     migrate(engine)
     sessions = make_sessionmaker(engine)
     blobs = BlobStore(settings.data_dir / "blobs")
+    # SQLite: this coordinator is the only one on the data folder, so every staging
+    # folder is a leftover. Others may share it (PostgreSQL): sweep only old ones.
+    swept = blobs.sweep_staging(
+        older_than=0.0 if engine.dialect.name == "sqlite" else STAGING_GRACE_SECONDS
+    )
+    if swept:
+        log.info("swept unfinished uploads", extra={"fields": {"folders": swept}})
     catalog = Catalog(sessions)
     with transaction(sessions) as session:
         for app in installed_apps().values():
@@ -166,19 +180,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     web_routes.mount(app)
     if settings.api_docs:
         api_docs.mount(app)
-
-    @app.middleware("http")
-    async def observe(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        template = getattr(route, "path", "unmatched")
-        latency.labels(request.method, template, str(response.status_code)).observe(
-            time.perf_counter() - start
-        )
-        return response
+    app.add_middleware(BodyLimits, settings=settings)
+    app.add_middleware(ObserveLatency, latency=latency)  # outermost: sees the 413s too
 
     @app.get("/healthz", tags=["operations"])
     def healthz() -> dict[str, str]:

@@ -1,17 +1,79 @@
 """Bearer-token authentication for identities and workers.
 
 Tokens are looked up by their SHA-256; the store never holds a token itself.
+
+Authentication comes before the body: FastAPI reads and parses a route's body
+parameter before it runs the route's dependencies, so `AuthFirstRoute` (the
+route class of every API router) runs a route's header checks (`from_headers`)
+first, and refuses a missing or invalid token before a byte of the body is
+read. Each check's answer is kept for the request, so the dependency that asks
+again gets it without a second look-up.
 """
 
 from __future__ import annotations
 
-from fastapi import Request
+import functools
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any, TypeVar
+
+from fastapi import Request, Response
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
 from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
 
 from csml import ids
 from csml.coordinator.errors import unauthorized
 from csml.coordinator.state import Core, core
 from csml.store.tables import Identity, JoinToken, Worker
+
+T = TypeVar("T")
+_SCOPE_KEY = "csml.auth"
+# The checks marked by `from_headers`: they read headers only, never the body.
+HEADER_CHECKS: set[Callable[..., Any]] = set()
+
+
+def from_headers(check: Callable[[Request], T]) -> Callable[[Request], T]:
+    """Mark `check` as authentication from headers alone, answered once per request."""
+
+    @functools.wraps(check)
+    def once(request: Request) -> T:
+        answers: dict[str, Any] = request.scope.setdefault(_SCOPE_KEY, {})
+        key = check.__qualname__
+        if key not in answers:
+            answers[key] = check(request)
+        return answers[key]  # type: ignore[no-any-return]
+
+    HEADER_CHECKS.add(once)
+    return once
+
+
+def _header_checks(dependant: Dependant) -> Iterator[Callable[..., Any]]:
+    for sub in dependant.dependencies:
+        if sub.call in HEADER_CHECKS:
+            yield sub.call
+        yield from _header_checks(sub)
+
+
+class AuthFirstRoute(APIRoute):
+    """A route that runs its header checks before FastAPI reads its body parameter.
+
+    Routers use it as their `route_class`; FastAPI builds every included copy of a
+    route from `get_route_handler`, so the order holds however the router is included.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        checks = list(dict.fromkeys(_header_checks(self.dependant)))
+        if self.body_field is None or not checks:
+            return handler  # without a body parameter, dependencies already come first
+
+        async def authenticated(request: Request) -> Response:
+            for check in checks:
+                await run_in_threadpool(check, request)
+            return await handler(request)
+
+        return authenticated
 
 
 def bearer(request: Request) -> str:
@@ -35,10 +97,12 @@ def identity_from(c: Core, token: str) -> Identity:
     return found
 
 
+@from_headers
 def current_identity(request: Request) -> Identity:
     return identity_from(core(request), bearer(request))
 
 
+@from_headers
 def current_join_token(request: Request) -> JoinToken:
     c = core(request)
     token = bearer(request)
@@ -51,6 +115,7 @@ def current_join_token(request: Request) -> JoinToken:
     return found
 
 
+@from_headers
 def current_worker(request: Request) -> Worker:
     """The calling worker; refused once its join token is revoked."""
     c = core(request)

@@ -39,6 +39,28 @@ class Settings(BaseSettings):
 
     max_upload_bytes: int = Field(1 << 30, ge=1, description="Per input file.")
     max_output_bytes: int = Field(1 << 30, ge=1, description="Per output file.")
+    # Request bodies (see csml.coordinator.middleware): refused with 413 once passed.
+    max_json_bytes: int = Field(
+        64 << 10, ge=1024, description="A JSON request body, unless a limit below says otherwise."
+    )
+    max_worker_json_bytes: int = Field(
+        4 << 20, ge=1024, description="A worker's JSON body (registration evidence, results)."
+    )
+    max_spec_bytes: int = Field(
+        256 << 10, ge=1024, description="A job spec: a JSON submission or the `spec` form part."
+    )
+    max_params_bytes: int = Field(
+        64 << 10, ge=2, description="A job's params (all steps of a pipeline), as JSON."
+    )
+    max_params_depth: int = Field(
+        16, ge=1, le=64, description="Nesting of lists and objects inside params."
+    )
+    max_request_bytes: int = Field(
+        2 << 30, ge=1024, description="A whole multipart submission (every file together)."
+    )
+    max_form_parts: int = Field(
+        32, ge=2, description="Parts of a multipart submission (the spec and its files)."
+    )
     max_wait_seconds: float = 60.0
 
     # Abuse control without identity (see csml.coordinator.abuse): 0 disables a limit.

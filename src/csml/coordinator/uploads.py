@@ -1,28 +1,42 @@
-"""Streaming multipart parsing for job submissions.
+"""Streaming multipart parsing for job submissions (and model imports).
 
-Each file part goes straight to disk through a hashing writer, so memory use
-does not grow with the upload, and the size limit answers 413 as soon as it is
-crossed. The `spec` part is checked as soon as it has arrived (send it first),
-so a refused job costs no upload.
+Invariants:
+- Each file part goes straight to disk through a hashing writer, so memory use
+  does not grow with the upload; nothing is kept in memory but the `spec` part
+  (at most `max_spec_bytes`).
+- The `spec` part comes first, and is checked as soon as it has arrived, before
+  any file part: a refused job costs no upload. The check names the file parts
+  the spec takes; a part with any other name (or a second `spec`, or a file
+  before the spec) is refused at its headers, before a byte of it is stored.
+- Limits answer as soon as they are passed, without reading the rest: the
+  per-file limit and the per-request total (413), the number of parts (413),
+  and the identity's stored-bytes quota (429), charged with the bytes actually
+  received, chunked or not (`Content-Length` is never trusted).
+- Parsing (and so the checks and file writes it makes) runs off the event loop.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 
+from csml.coordinator import abuse
 from csml.coordinator.errors import ApiError
 from csml.coordinator.queue import StagedFile
 from csml.store.blobs import HashingWriter, TooLarge, check_name, fsync_paths
 
-MAX_SPEC_BYTES = 256 * 1024
+if TYPE_CHECKING:
+    from csml.coordinator.config import Settings
+    from csml.coordinator.state import Core
+
 BINARY = {"type": "string", "format": "binary"}
 
 
@@ -55,6 +69,59 @@ def safe_media_type(value: str) -> str:
     return value if _MEDIA_TYPE.match(value) and len(value) <= 100 else "application/octet-stream"
 
 
+@dataclass(frozen=True)
+class FormLimits:
+    file_bytes: int
+    request_bytes: int
+    parts: int
+    spec_bytes: int
+
+    @classmethod
+    def of(cls, settings: Settings) -> FormLimits:
+        return cls(
+            file_bytes=settings.max_upload_bytes,
+            request_bytes=settings.max_request_bytes,
+            parts=settings.max_form_parts,
+            spec_bytes=settings.max_spec_bytes,
+        )
+
+
+@dataclass(frozen=True)
+class Accepts:
+    """The file parts a checked spec takes, and the refusal of any other part name."""
+
+    names: Collection[str]
+    refusal: Callable[[str], ApiError]
+
+
+# Checks the spec (raising ApiError) and answers the file parts it takes.
+SpecCheck = Callable[[bytes], Accepts]
+# Charged with the bytes of files received so far; raises ApiError past a quota.
+Charge = Callable[[int], None]
+
+
+class StorageBudget:
+    """An identity's stored-bytes quota, charged as an upload streams.
+
+    Looks at the store only when the bytes received pass what was left at the
+    last look (so once per upload that fits); `extra` is what the submission keeps
+    besides its files (its params)."""
+
+    def __init__(self, core: Core, owner_id: str, extra: int = 0) -> None:
+        self.core = core
+        self.owner_id = owner_id
+        self.extra = extra
+        self.left: int | None = None
+
+    def __call__(self, received: int) -> None:
+        limit = self.core.settings.max_stored_bytes
+        if not limit or (self.left is not None and received <= self.left):
+            return
+        with self.core.sessions() as session:
+            abuse.check_storage(self.core, session, self.owner_id, received + self.extra)
+            self.left = limit - abuse.stored_bytes(session, self.owner_id) - self.extra
+
+
 class _Part:
     def __init__(self) -> None:
         self.headers: dict[str, str] = {}
@@ -68,11 +135,23 @@ class _Part:
 class SubmissionParser:
     """Feeds request chunks to python-multipart, keeping the `spec` and streaming files."""
 
-    def __init__(self, boundary: bytes, staging: Path, file_limit: int) -> None:
+    def __init__(
+        self,
+        boundary: bytes,
+        staging: Path,
+        limits: FormLimits,
+        on_spec: SpecCheck,
+        charge: Charge | None = None,
+    ) -> None:
         self.staging = staging
-        self.file_limit = file_limit
+        self.limits = limits
+        self.on_spec = on_spec
+        self.charge = charge
         self.spec: bytes | None = None
+        self.accepted: Accepts | None = None  # file parts the spec takes
         self.files: dict[str, StagedFile] = {}
+        self.parts = 0
+        self.received = 0  # bytes of files, all parts together
         self._part: _Part | None = None
         self._field = b""
         self._value = b""
@@ -109,26 +188,45 @@ class SubmissionParser:
     def abort(self) -> None:
         if self._part is not None and self._part.writer is not None:
             self._part.writer.abort()
+            self._part.writer = None
 
     # python-multipart callbacks -------------------------------------------
 
     def _begin(self) -> None:
         self._part = _Part()
+        self.parts += 1
+        if self.parts > self.limits.parts:
+            self._fail(
+                413,
+                "too_many_parts",
+                f"the form has more than {self.limits.parts} parts (CSML_MAX_FORM_PARTS): "
+                "send a `spec` part and one part per input file",
+                "body",
+            )
 
     def _hfield(self, data: bytes, start: int, end: int) -> None:
+        if len(self._field) + end - start > 1024:
+            self._fail(400, "invalid_multipart", "a form part's header is too long", "body")
+            return
         self._field += data[start:end]
 
     def _hvalue(self, data: bytes, start: int, end: int) -> None:
+        if len(self._value) + end - start > 4096:
+            self._fail(400, "invalid_multipart", "a form part's header is too long", "body")
+            return
         self._value += data[start:end]
 
     def _hend(self) -> None:
-        assert self._part is not None
-        self._part.headers[self._field.decode("latin-1").lower()] = self._value.decode("latin-1")
+        part = self._part
+        assert part is not None
+        if len(part.headers) < 16:
+            part.headers[self._field.decode("latin-1").lower()] = self._value.decode("latin-1")
         self._field = self._value = b""
 
     def _headers_done(self) -> None:
         part = self._part
-        assert part is not None
+        if part is None or self.error is not None:
+            return
         _, options = parse_options_header(part.headers.get("content-disposition", ""))
         raw_name = options.get(b"name")
         part.name = raw_name.decode("utf-8", "replace") if raw_name else None
@@ -136,21 +234,29 @@ class SubmissionParser:
         part.media_type = safe_media_type(part.headers.get("content-type", ""))
         if part.name is None:
             self._fail(422, "invalid_multipart", "a form part has no name", "body")
-        elif part.is_file:
+        elif not part.is_file:
+            if self.spec is not None:
+                self._fail(422, "duplicate_spec", "the form has two `spec` parts", "spec")
+        elif self.accepted is None:
+            self._fail(
+                422,
+                "spec_not_first",
+                f"form part {part.name[:64]!r} came before the `spec` part; send the spec first",
+                "spec",
+            )
+        elif part.name not in self.accepted.names:
+            self._fail_with(self.accepted.refusal(part.name[:64]))
+        elif part.name in self.files:
+            self._fail(422, "duplicate_input", f"input {part.name!r} sent twice", part.name)
+        else:
             try:
                 check_name(part.name)
             except ValueError:
                 self._fail(
-                    422,
-                    "unknown_input",
-                    f"form part {part.name[:64]!r} is neither `spec` nor an input file name",
-                    part.name[:64],
+                    422, "unknown_input", f"{part.name[:64]!r} is not a file name", part.name[:64]
                 )
                 return
-            if part.name in self.files:
-                self._fail(422, "duplicate_input", f"input {part.name!r} sent twice", part.name)
-                return
-            part.writer = HashingWriter(self.staging / part.name, self.file_limit)
+            part.writer = HashingWriter(self.staging / part.name, self.limits.file_bytes)
 
     def _data(self, data: bytes, start: int, end: int) -> None:
         part = self._part
@@ -158,7 +264,19 @@ class SubmissionParser:
             return
         chunk = data[start:end]
         if part.writer is not None:
+            self.received += len(chunk)
+            if self.received > self.limits.request_bytes:
+                self._fail(
+                    413,
+                    "request_too_large",
+                    f"the files of this request are over {self.limits.request_bytes} bytes "
+                    "together (CSML_MAX_REQUEST_BYTES)",
+                    part.name,
+                )
+                return
             try:
+                if self.charge is not None:
+                    self.charge(self.received)
                 part.writer.write(chunk)
             except TooLarge as exc:
                 self._fail(
@@ -167,10 +285,17 @@ class SubmissionParser:
                     f"input {part.name!r} is larger than the limit of {exc.limit} bytes",
                     part.name,
                 )
+            except ApiError as exc:
+                self._fail_with(exc)
         elif not part.is_file:
             part.buffer += chunk
-            if len(part.buffer) > MAX_SPEC_BYTES:
-                self._fail(413, "spec_too_large", "the spec part is over 256 KiB", "spec")
+            if len(part.buffer) > self.limits.spec_bytes:
+                self._fail(
+                    413,
+                    "spec_too_large",
+                    f"the spec part is over {self.limits.spec_bytes} bytes (CSML_MAX_SPEC_BYTES)",
+                    "spec",
+                )
 
     def _end(self) -> None:
         part = self._part
@@ -190,10 +315,17 @@ class SubmissionParser:
             )
         elif not part.is_file:
             self.spec = bytes(part.buffer)
+            try:
+                self.accepted = self.on_spec(self.spec)
+            except ApiError as exc:
+                self._fail_with(exc)
 
     def _fail(self, status: int, code: str, message: str, field: str | None) -> None:
+        self._fail_with(ApiError(status, code, message, field=field))
+
+    def _fail_with(self, error: ApiError) -> None:
         if self.error is None:
-            self.error = ApiError(status, code, message, field=field)
+            self.error = error
         if self._part is not None and self._part.writer is not None:
             self._part.writer.abort()
             self._part.writer = None
@@ -224,25 +356,22 @@ def boundary_of(request: Request) -> bytes:
 async def parse_submission(
     request: Request,
     staging: Path,
-    file_limit: int,
-    on_spec: Callable[[bytes], Awaitable[None]],
+    limits: FormLimits,
+    on_spec: SpecCheck,
+    charge: Charge | None = None,
 ) -> SubmissionParser:
-    """Stream the request into `staging`; `on_spec` may refuse as soon as the spec is in."""
-    parser = SubmissionParser(boundary_of(request), staging, file_limit)
-    checked = False
+    """Stream the request into `staging`. `on_spec` (run off the event loop, as soon as
+    the spec part is in) checks the spec and names the file parts it takes; `charge`
+    may refuse as the files' bytes arrive."""
+    parser = SubmissionParser(boundary_of(request), staging, limits, on_spec, charge)
     try:
         async for chunk in request.stream():
-            parser.write(chunk)
-            if not checked and parser.spec is not None:
-                checked = True
-                await on_spec(parser.spec)
+            await run_in_threadpool(parser.write, chunk)
         await run_in_threadpool(parser.finalize)
     except BaseException:
         parser.abort()
         raise
     if parser.spec is None:
         raise ApiError(422, "missing_spec", "the form has no `spec` part", field="spec")
-    if not checked:
-        await on_spec(parser.spec)
     await run_in_threadpool(fsync_paths, [f.path for f in parser.files.values()])
     return parser

@@ -1,7 +1,8 @@
 """Job files on disk under the data directory.
 
 Files are written to a staging folder while they stream in, then renamed into
-place, so a half-written upload is never visible as a job's file.
+place, so a half-written upload is never visible as a job's file. Staging folders
+of uploads that never finished are swept when the coordinator starts.
 
 Every folder here is 0700 and every file 0600 (see `csml.store.private`), whatever
 the umask: no other uid on the host reads a user's files.
@@ -13,6 +14,7 @@ import hashlib
 import os
 import re
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import BinaryIO
@@ -51,6 +53,28 @@ class BlobStore:
     def make_dirs(self, path: Path) -> Path:
         """`path` (below the root) and its missing parents, each 0700."""
         return private_dir(path, stop=self.root)
+
+    def sweep_staging(self, older_than: float = 0.0) -> int:
+        """Remove staging folders untouched for `older_than` seconds (uploads that never
+        finished: a crash or a kill mid-request); how many were removed."""
+        cutoff = time.time() - older_than
+        swept = 0
+        for entry in (self.root / "staging").iterdir():
+            try:
+                touched = max(
+                    [entry.lstat().st_mtime] + [f.lstat().st_mtime for f in entry.iterdir()]
+                    if entry.is_dir() and not entry.is_symlink()
+                    else [entry.lstat().st_mtime]
+                )
+            except OSError:
+                continue
+            if older_than <= 0 or touched < cutoff:
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                swept += 1
+        return swept
 
     def job_dir(self, job_id: str) -> Path:
         return self.root / "jobs" / job_id[:2] / job_id
