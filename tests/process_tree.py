@@ -212,4 +212,6 @@ def up_join_token_state(env: dict[str, str]) -> str:
     ).stdout
     lines = [line for line in listed.splitlines() if line.rstrip().endswith(UP_LABEL)]
     assert len(lines) == 1, listed
-    return lines[0].removesuffix(UP_LABEL).split(None, 3)[3].strip()
+    # ID  DATE TIME  active|revoked DATE TIME  APPS  LABEL
+    rest = lines[0].removesuffix(UP_LABEL).split(None, 3)[3]
+    return " ".join(rest.split()[:3]) if rest.startswith("revoked") else rest.split()[0]

@@ -99,7 +99,7 @@ def test_small_bodies_still_work(cluster: Cluster) -> None:
     created = httpx.post(
         f"{cluster.url}/v1/operator/join-tokens",
         headers={"Authorization": f"Bearer {OPERATOR}"},
-        json={"label": "x"},
+        json={"label": "x", "apps": ["echo"]},
     )
     assert created.status_code == 201, created.text
     assert cluster.new_user().token
