@@ -1,3 +1,6 @@
+"""Shared fixtures, and the tier markers: each test is marked `unit`, `integration` or `e2e`
+after the folder it lives in (tests/unit, tests/integration, tests/e2e)."""
+
 from __future__ import annotations
 
 import os
@@ -12,6 +15,15 @@ from tests.cluster import Cluster, running_cluster
 os.environ.setdefault("CSML_ECHO_DIAGNOSTICS", "1")
 
 SKIMAGE_DATA = Path(__import__("skimage").__file__).parent / "data"
+TESTS = Path(__file__).resolve().parent
+TIERS = ("unit", "integration", "e2e")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        folder = item.path.resolve().relative_to(TESTS).parts[0]
+        if folder in TIERS:
+            item.add_marker(folder)
 
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,9 @@ from csml.coordinator.config import Settings
 from csml.coordinator.errors import ApiError
 from tests.cluster import Cluster, running_cluster, wait_for
 
+# Each test starts its own cluster, some a second coordinator.
+pytestmark = pytest.mark.timeout(300)
+
 # -- helpers ----------------------------------------------------------------------
 
 

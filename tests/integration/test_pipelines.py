@@ -21,6 +21,10 @@ from csml.store.db import make_engine, make_sessionmaker, sqlite_url
 from tests.cluster import Cluster, running_cluster, wait_for
 from tests.integration.apps.support import load_dataset
 
+# Starts a coordinator and worker processes (30-200 s under load); multi-step pipelines of
+# real jobs.
+pytestmark = pytest.mark.timeout(300)
+
 pytest.importorskip("dlib")
 pytest.importorskip("cv2")
 

@@ -31,6 +31,9 @@ from csml.crypto import b64e
 from tests.cluster import Cluster, running_cluster, wait_for
 from tests.integration.confidential.conftest import HERE, write_policy
 
+# Starts a coordinator and worker processes (30-200 s under load) with attested workers.
+pytestmark = pytest.mark.timeout(300)
+
 ATTESTATION_TESTS = HERE.parents[1] / "unit" / "attestation"
 GENERIC_ERROR = "the job failed; the reason is encrypted for its owner"
 

@@ -24,7 +24,8 @@ from tests.integration.postgres.support import (
     submit,
 )
 
-pytestmark = pytest.mark.postgresql
+# Starts a private PostgreSQL server (initdb) for the session's first test.
+pytestmark = [pytest.mark.postgresql, pytest.mark.timeout(180)]
 
 
 def done(lease_id: str, **result: object) -> JobCompletion:

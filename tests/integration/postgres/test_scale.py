@@ -40,7 +40,8 @@ from tests.cluster import wait_for, wait_healthy
 from tests.integration.postgres.support import MakeCore, bulk_queue, new_identity
 from tests.integration.postgres.test_concurrency import Coordinator, run_all, stop_all
 
-pytestmark = pytest.mark.postgresql
+# PostgreSQL at scale: many jobs, several coordinator processes.
+pytestmark = [pytest.mark.postgresql, pytest.mark.timeout(600)]
 
 
 def fleet_env(db_url: str, data_dir: Path) -> dict[str, str]:
