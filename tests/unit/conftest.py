@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from csml.apps.echo import app as echo_app
-from tests.unit.inproc import HttpWorker, InProcessCoordinator, SetClock
+from tests.clock import SetClock
+from tests.unit.inproc import HttpWorker, InProcessCoordinator
 
 MakeCoordinator = Callable[..., InProcessCoordinator]
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 from contextlib import ExitStack
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -36,22 +35,9 @@ from csml.coordinator.tokens import create_join_token
 from csml.schemas import ClaimedJob, ClaimResponse, HeartbeatResponse, WorkerRegistered
 from csml.store.db import sqlite_url
 from csml.store.tables import set_clock
+from tests.clock import SetClock
 
 BASE_URL = "http://127.0.0.1:8600"  # a loopback name: the requests never leave the process
-
-
-class SetClock:
-    """A clock that moves only when told to; starts at the real time."""
-
-    def __init__(self) -> None:
-        self.now = datetime.now(UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> datetime:
-        self.now += timedelta(seconds=seconds)
-        return self.now
 
 
 class PortalTransport(httpx.BaseTransport):

@@ -331,7 +331,11 @@ def test_relay_wakes_one_idle_claimer_per_job_and_every_job_waiter(make_core: Ma
                 for key in ("app:echo", "app:echo", "job:x"):
                     a.notifier.notify(key)
                 await asyncio.wait_for(clients[0].wait(), 10)
-                await asyncio.sleep(0.5)  # time for any extra wake-up to arrive
+                # Keys are relayed in the order published: once a later key has arrived,
+                # so has any extra wake-up the first ones would have caused.
+                last = stack.enter_context(b.notifier.subscribe("job:last"))
+                a.notifier.notify("job:last")
+                await asyncio.wait_for(last.wait(), 10)
                 return sum(e.is_set() for e in claimers), sum(e.is_set() for e in clients)
         finally:
             a.notifier.close()
