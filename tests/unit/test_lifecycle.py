@@ -143,3 +143,16 @@ def test_an_operation_that_raises_fails_its_job_only(
     assert worker.run(claimed, tmp_path).status_code == 204
     job.wait(timeout=10)
     assert job.state.value == "failed" and "sleep" in (job.error or "")
+
+
+def test_a_worker_gets_only_jobs_of_its_app(
+    coordinator: InProcessCoordinator, echo_worker: HttpWorker
+) -> None:
+    from csml.apps.opencv import app as opencv_app
+
+    user = coordinator.new_user()
+    photo_job = user.submit("opencv", "detect_faces", files={"image": b"not read here"})
+    assert echo_worker.claim(8) == []
+    echo_job = user.submit("echo", "echo")
+    assert echo_worker.claim_ids(8) == [echo_job.id]
+    assert coordinator.worker(opencv_app).claim_ids(8) == [photo_job.id]
