@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from csml.apps.echo import app as echo_app
 from tests.unit.inproc import HttpWorker, InProcessCoordinator, error_of
 
 
@@ -133,16 +132,20 @@ def test_a_failing_job_keeps_its_error(
 def test_an_operation_that_raises_fails_its_job_only(
     coordinator: InProcessCoordinator, tmp_path: Path
 ) -> None:
-    """The real operation raises (a bad parameter reaches it only through a stale
-    manifest): the worker reports the failure and goes on."""
-    worker = coordinator.worker(echo_app)
+    """The real OpenCV operation refuses a file that is no image: the worker reports the
+    app's error as the job's, and takes the next job."""
+    from csml.apps.opencv import app as opencv_app
+
+    worker = coordinator.worker(opencv_app)
     user = coordinator.new_user()
-    job = user.submit("echo", "echo", params={"sleep": 0})
+    job = user.submit("opencv", "detect_faces", files={"image": b"plain text, not a photo"})
     [claimed] = worker.claim()
-    claimed.params["sleep"] = -1  # what the operation's own model refuses
     assert worker.run(claimed, tmp_path).status_code == 204
     job.wait(timeout=10)
-    assert job.state.value == "failed" and "sleep" in (job.error or "")
+    assert job.state.value == "failed" and job.result is None
+    assert job.error and job.error.startswith("JobError: "), job.error
+    user.submit("opencv", "detect_faces", files={"image": b"next"})
+    assert len(worker.claim()) == 1
 
 
 def test_a_worker_gets_only_jobs_of_its_app(
