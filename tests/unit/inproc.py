@@ -31,12 +31,12 @@ from csml.coordinator import retention
 from csml.coordinator.app import create_app
 from csml.coordinator.config import Settings
 from csml.coordinator.state import Core
-from csml.coordinator.tokens import create_join_token
 from csml.schemas import ClaimedJob, ClaimResponse, HeartbeatResponse, WorkerRegistered
 from csml.store.db import sqlite_url
 from csml.store.tables import set_clock
 from tests.clock import SetClock
 
+OPERATOR_TOKEN = "csml-unit-tests-operator"
 BASE_URL = "http://127.0.0.1:8600"  # a loopback name: the requests never leave the process
 
 
@@ -67,6 +67,7 @@ class InProcessCoordinator:
             "data_dir": data_dir,
             "database_url": sqlite_url(data_dir),
             "pow_difficulty": 0,
+            "operator_token": OPERATOR_TOKEN,
         }
         self.clock = clock
         stack.callback(set_clock, set_clock(clock))
@@ -97,15 +98,24 @@ class InProcessCoordinator:
         client.create_identity()
         return client
 
-    def join_token(self) -> str:
-        return create_join_token(self.settings, "unit tests")
+    def join_token(self, app: str) -> str:
+        """A join token for workers of `app` (that may announce its manifest), made by the
+        operator through the operator API."""
+        r = self.http.post(
+            "/v1/operator/join-tokens",
+            json={"label": "unit tests", "apps": [app], "publish": True},
+            headers={"Authorization": f"Bearer {OPERATOR_TOKEN}"},
+        )
+        assert r.status_code == 201, r.text
+        token: str = r.json()["token"]
+        return token
 
     def worker(self, app: App, slots: int = 4) -> HttpWorker:
         """A worker of `app` that joined through the worker API."""
         r = self.http.post(
             "/v1/workers",
             json={"app": app.manifest().model_dump(mode="json"), "slots": slots, "sandbox": "none"},
-            headers={"Authorization": f"Bearer {self.join_token()}"},
+            headers={"Authorization": f"Bearer {self.join_token(app.name)}"},
         )
         assert r.status_code == 201, r.text
         return HttpWorker(self.http, app, WorkerRegistered.model_validate(r.json()))

@@ -99,7 +99,7 @@ def test_bad_worker_requests_name_the_field(
             "app": {"name": "pipeline", "version": "1", "operations": []},
             "slots": 1,
         },
-        headers={"Authorization": f"Bearer {coordinator.join_token()}"},
+        headers={"Authorization": f"Bearer {coordinator.join_token('pipeline')}"},
     )
     assert reserved.status_code == 422 and error_of(reserved)["field"] == "app.name"
     no_join = coordinator.http.post(
