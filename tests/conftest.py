@@ -15,15 +15,6 @@ from tests.cluster import Cluster, running_cluster
 os.environ.setdefault("CSML_ECHO_DIAGNOSTICS", "1")
 
 SKIMAGE_DATA = Path(__import__("skimage").__file__).parent / "data"
-TESTS = Path(__file__).resolve().parent
-TIERS = ("unit", "integration", "e2e")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        folder = item.path.resolve().relative_to(TESTS).parts[0]
-        if folder in TIERS:
-            item.add_marker(folder)
 
 
 @pytest.fixture(scope="session")
@@ -44,3 +35,15 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     settings = {"CSML_MAX_UPLOAD_BYTES": str(4 * 1024 * 1024)}
     with running_cluster(root, settings, {"echo": 2, "opencv": 2}) as c:
         yield c
+
+
+# The tier of a test is the folder it lives in.
+TESTS = Path(__file__).resolve().parent
+TIERS = ("unit", "integration", "e2e")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        folder = item.path.resolve().relative_to(TESTS).parts[0]
+        if folder in TIERS:
+            item.add_marker(folder)
