@@ -1,3 +1,6 @@
+"""Shared fixtures, and the tier markers: each test is marked `unit`, `integration` or `e2e`
+after the folder it lives in (tests/unit, tests/integration, tests/e2e)."""
+
 from __future__ import annotations
 
 import os
@@ -32,3 +35,21 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     settings = {"CSML_MAX_UPLOAD_BYTES": str(4 * 1024 * 1024)}
     with running_cluster(root, settings, {"echo": 2, "opencv": 2}) as c:
         yield c
+
+
+# The tier of a test is the folder it lives in; tests/security reproduces attacks against
+# real coordinator and worker processes, so it is of the integration tier.
+TESTS = Path(__file__).resolve().parent
+TIERS = {"unit": "unit", "integration": "integration", "e2e": "e2e", "security": "integration"}
+# Security tests start clusters of processes (tens of seconds under load) unless their
+# module says otherwise.
+SECURITY_TIMEOUT = 600
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        folder = item.path.resolve().relative_to(TESTS).parts[0]
+        if folder in TIERS:
+            item.add_marker(TIERS[folder])
+        if folder == "security" and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(SECURITY_TIMEOUT))

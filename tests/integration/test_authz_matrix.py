@@ -9,9 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+import pytest
 
 from csml.apps.registry import load_app
 from tests.cluster import Cluster, running_cluster, wait_for
+
+# Starts a coordinator and worker processes (30-200 s under load).
+pytestmark = pytest.mark.timeout(300)
 
 PUBLIC = {
     ("post", "/v1/identities/challenge"),

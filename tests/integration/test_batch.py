@@ -8,11 +8,13 @@ import zipfile
 from pathlib import Path
 
 import cv2
+import pytest
 
 from csml.client.batch import BatchItem
 from tests.cluster import Cluster
 
-# Shared cluster: coordinator + echo + opencv workers; several minutes under load.
+# The shared cluster (coordinator, echo and opencv workers) starts in the first test.
+pytestmark = pytest.mark.timeout(600)
 
 
 def photos(folder: Path, photo: Path, faceless: Path, n: int) -> list[Path]:

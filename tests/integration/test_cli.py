@@ -8,8 +8,13 @@ import stat
 from pathlib import Path
 
 import cv2
+import pytest
 
 from tests.cluster import Cluster
+
+# Starts a coordinator and worker processes (30-200 s under load); each CLI call is a new
+# interpreter.
+pytestmark = pytest.mark.timeout(300)
 
 
 def test_cli_session(cluster: Cluster, photo: Path, tmp_path: Path) -> None:

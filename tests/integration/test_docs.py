@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("mkdocs", reason="MkDocs is not installed: pip install -e '.[docs]'")
+# Building the site imports the coordinator and renders every page: 10-100 s here.
+pytestmark = pytest.mark.timeout(300)
 
 ROOT = Path(__file__).parents[2]
 

@@ -14,6 +14,9 @@ import pytest
 from csml.client import Conflict
 from tests.cluster import Cluster, running_cluster, wait_for
 
+# Clusters that crash, restart and lose workers; waits of up to 60 s each.
+pytestmark = pytest.mark.timeout(600)
+
 
 @pytest.mark.parametrize(
     ("operation", "params", "limits", "reason"),

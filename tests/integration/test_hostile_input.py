@@ -9,8 +9,12 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
+import pytest
 
 from tests.cluster import Cluster
+
+# Starts a coordinator and worker processes (30-200 s under load).
+pytestmark = pytest.mark.timeout(300)
 
 HOSTILE = [
     "../../../../etc/passwd",

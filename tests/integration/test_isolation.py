@@ -24,6 +24,9 @@ from csml.apps.imagesafety import MAX_IMAGE_PIXELS, check_image_size, declared_s
 from csml.worker import isolation, isolation_procs
 from csml.worker.isolation_files import hand_over, remove_tmp, take_back
 
+# Forks sandboxed job processes and waits for the kernel to reap them.
+pytestmark = pytest.mark.timeout(120)
+
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="needs root")
 

@@ -14,6 +14,9 @@ import pytest
 from csml.client import InvalidRequest, NotFound, TooLarge, Unauthorized
 from tests.cluster import Cluster
 
+# Starts a coordinator and worker processes (30-200 s under load); real OpenCV jobs.
+pytestmark = pytest.mark.timeout(300)
+
 
 def test_face_detection_end_to_end(cluster: Cluster, photo: Path, tmp_path: Path) -> None:
     client = cluster.new_user()

@@ -5,7 +5,12 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import pytest
+
 from tests.cluster import running_cluster
+
+# Writes and streams 500 MB through a cluster.
+pytestmark = pytest.mark.timeout(600)
 
 MB = 1024 * 1024
 

@@ -16,6 +16,9 @@ from csml.client import Client, CsmlError
 from tests.cluster import Cluster, running_cluster
 from tests.integration.apps.support import Dataset, load_dataset, zen_text
 
+# Real dlib and DyNet workers train models (waits of up to 300 s).
+pytestmark = pytest.mark.timeout(900)
+
 # find_spec, not import: DyNet must first be imported by csml.apps._dynet_init (autobatching).
 if importlib.util.find_spec("dlib") is None or importlib.util.find_spec("dynet") is None:
     pytest.skip("needs the dlib and dynet extras", allow_module_level=True)

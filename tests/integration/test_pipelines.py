@@ -6,8 +6,8 @@ import json
 import os
 import signal
 import sqlite3
-import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,10 @@ from csml.coordinator.abuse import stored_bytes
 from csml.store.db import make_engine, make_sessionmaker, sqlite_url
 from tests.cluster import Cluster, running_cluster, wait_for
 from tests.integration.apps.support import load_dataset
+
+# Starts a coordinator and worker processes (30-200 s under load); multi-step pipelines of
+# real jobs.
+pytestmark = pytest.mark.timeout(300)
 
 pytest.importorskip("dlib")
 pytest.importorskip("cv2")
@@ -344,7 +348,16 @@ def test_retention_keeps_finished_steps_while_their_pipeline_runs(retention: Clu
     wait_for(lambda: job.refresh().progress[1].startswith("step 2/2 slow: sleeping"), 30)
     first = (job.data.steps or [])[0].job_id or ""
     first_folder = retention.data_dir / "blobs" / "jobs" / first[:2] / first
-    time.sleep(4)  # step 1 ended more than the retention period ago
+    retention_period = timedelta(hours=float(retention.env["CSML_RETENTION_HOURS"]))
+    sweep = float(retention.env["CSML_RETENTION_INTERVAL_SECONDS"])
+
+    def step_one_expired_and_swept() -> bool:
+        [(finished,)] = rows(retention, "SELECT finished_at FROM jobs WHERE id = ?", first)
+        ended = datetime.fromisoformat(finished).replace(tzinfo=UTC)
+        return datetime.now(UTC) - ended > retention_period + timedelta(seconds=3 * sweep)
+
+    # Step 1 ended more than the retention period ago, and sweeps ran since.
+    wait_for(step_one_expired_and_swept, timeout=30)
     assert rows(retention, "SELECT state FROM jobs WHERE id = ?", first) == [("succeeded",)]
     assert first_folder.is_dir()
     assert job.wait(30).state.value == "succeeded", job.error

@@ -25,6 +25,9 @@ from csml.worker.isolation import UID_RANGE
 from tests.cluster import Cluster, wait_for
 from tests.integration.test_isolation import png_bomb
 
+# Starts a coordinator and worker processes (30-200 s under load) with the sandbox.
+pytestmark = pytest.mark.timeout(300)
+
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="per-job uids need a root worker")
 
 

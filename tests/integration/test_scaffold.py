@@ -16,6 +16,9 @@ from csml.client import InvalidRequest
 from tests.cluster import install_to_folder, running_cluster
 from tests.e2e.containers.podman_cluster import UID, podman, podman_available
 
+# Pip-installs scaffolded apps into folders and runs them on a cluster.
+pytestmark = pytest.mark.timeout(1200)
+
 NAME = "word-stats"
 MODULE = "csml_app_word_stats"
 TEXT = "It was the best of times, it was the worst of times.\nIt was the age of wisdom.\n"

@@ -11,9 +11,13 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from csml.apps.registry import load_app
 from tests.cluster import running_cluster
+
+# Fuzzes every route of a running cluster (waits of up to 900 s).
+pytestmark = pytest.mark.timeout(1200)
 
 ST = Path(sys.executable).parent / "st"
 ROOT = Path(__file__).resolve().parents[2]

@@ -6,7 +6,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from tests.cluster import install_to_folder, running_cluster
+
+# Pip-installs a third-party app and runs it on a cluster.
+pytestmark = pytest.mark.timeout(600)
 
 PAGE = Path(__file__).parents[2] / "docs" / "user-guide" / "adding-an-application.md"
 

@@ -14,6 +14,9 @@ import pytest
 from csml.client import Client, CsmlError, Unreachable
 from tests.cluster import FAST_SETTINGS, free_port, wait_for
 
+# `csml up --tls` starts a coordinator and workers, then waits for them.
+pytestmark = pytest.mark.timeout(300)
+
 
 def test_up_tls_serves_https_to_pinned_clients_and_workers(tmp_path: Path, photo: Path) -> None:
     port = free_port()

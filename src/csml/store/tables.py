@@ -1,7 +1,13 @@
-"""Table definitions. Migrations under `migrations/` must match these."""
+"""Table definitions. Migrations under `migrations/` must match these.
+
+`utcnow` is where the coordinator reads the time (leases, heartbeats, rate windows,
+challenge expiry, retention): one clock, which tests may set (`set_clock`) instead
+of sleeping.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -45,8 +51,28 @@ class UTCDateTime(TypeDecorator[datetime]):
 SerialId = BigInteger().with_variant(Integer(), "sqlite")
 
 
-def utcnow() -> datetime:
+Clock = Callable[[], datetime]
+"""Gives the current time, timezone-aware UTC."""
+
+
+def real_clock() -> datetime:
     return datetime.now(UTC)
+
+
+_clock: Clock = real_clock
+
+
+def utcnow() -> datetime:
+    """The coordinator's current time (UTC), from the clock `set_clock` chose."""
+    return _clock()
+
+
+def set_clock(clock: Clock | None) -> Clock:
+    """Read the time from `clock` from now on, process-wide (None: the real clock again);
+    returns the clock it replaces. For tests that set the time rather than sleep."""
+    global _clock
+    previous, _clock = _clock, clock or real_clock
+    return previous
 
 
 class Base(DeclarativeBase):

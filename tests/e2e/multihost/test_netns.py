@@ -28,6 +28,9 @@ import pytest
 from csml.coordinator.tls import ensure_self_signed
 from tests.e2e.multihost.netns import Host, NetnsUnavailable, Network, network
 
+# Coordinator, workers and client in network namespaces (root).
+pytestmark = pytest.mark.timeout(600)
+
 REPO = Path(__file__).resolve().parents[3]
 PORT = 8600
 LEASE_SECONDS = 4.0

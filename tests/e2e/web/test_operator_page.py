@@ -5,11 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+import pytest
 
 from csml.client import Client
 from tests.cluster import Cluster, wait_for
 from tests.e2e.web.browser import DESKTOP, PHONE, axe_violations, no_horizontal_scroll, screenshot
 from tests.e2e.web.conftest import OPERATOR_TOKEN, Pages
+
+# A cluster and a headless browser.
+pytestmark = pytest.mark.timeout(300)
 
 OP = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
 

@@ -22,6 +22,9 @@ from tests.e2e.web.browser import (
 )
 from tests.e2e.web.conftest import Pages, token_of
 
+# A cluster and a headless browser; jobs waited for up to 120 s.
+pytestmark = pytest.mark.timeout(600)
+
 LAYOUT_SHIFTS = """() => {
     window.__shift = 0;
     new PerformanceObserver((list) => {

@@ -8,9 +8,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.cluster import Cluster, wait_for
 from tests.e2e.web.conftest import OPERATOR_TOKEN
+
+# A cluster and a headless browser.
+pytestmark = pytest.mark.timeout(300)
 
 
 def events(response: httpx.Response) -> Iterator[tuple[str, Any]]:

@@ -26,6 +26,9 @@ from tests.integration.apps.support import (  # noqa: E402
     read_csv,
 )
 
+# Trains dlib models, in process and on a cluster.
+pytestmark = pytest.mark.timeout(600)
+
 # The astronaut's face in scikit-image's astronaut.png (x, y, w, h), as dlib's detector and
 # OpenCV's Haar cascade both find it.
 ASTRONAUT_FACE = (175, 76, 91, 91)

@@ -18,6 +18,9 @@ from csml.apps.dynet_app import app
 from tests.cluster import Cluster, running_cluster
 from tests.integration.apps.support import Dataset, Runner, accuracy_from_predictions
 
+# Trains DyNet networks, in process and on a cluster.
+pytestmark = pytest.mark.timeout(600)
+
 EPOCH_MESSAGE = re.compile(r"^epoch (\d+)/(\d+), loss (\d+\.\d+)")
 
 

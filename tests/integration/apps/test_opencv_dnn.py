@@ -21,6 +21,9 @@ from tests.cluster import Cluster
 from tests.integration.apps import dnn_builders as nets
 from tests.integration.apps.support import Runner
 
+# Runs OpenCV DNN networks, in process and on a cluster.
+pytestmark = pytest.mark.timeout(600)
+
 
 def close(actual: Any, expected: np.ndarray) -> None:
     np.testing.assert_allclose(np.asarray(actual), expected, rtol=1e-4, atol=1e-5)

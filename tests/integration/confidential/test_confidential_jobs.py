@@ -14,7 +14,6 @@ import os
 import sqlite3
 import stat
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -30,6 +29,9 @@ from csml.client.confidential import AttestationRefused, encrypt_job
 from csml.crypto import b64e
 from tests.cluster import Cluster, running_cluster, wait_for
 from tests.integration.confidential.conftest import HERE, write_policy
+
+# Starts a coordinator and worker processes (30-200 s under load) with attested workers.
+pytestmark = pytest.mark.timeout(300)
 
 ATTESTATION_TESTS = HERE.parents[1] / "unit" / "attestation"
 GENERIC_ERROR = "the job failed; the reason is encrypted for its owner"
@@ -289,7 +291,10 @@ def test_only_recipient_workers_can_claim(env: dict[str, Any], photo: Path) -> N
             r.raise_for_status()
             return list(r.json()["jobs"])
 
-        time.sleep(3)  # the two real OpenCV workers long-poll all along
+        # The real OpenCV workers long-poll all along; a plain job submitted after it, ranked
+        # behind it, is served by them: so they have looked past the sealed job.
+        probe = client.submit("opencv", "detect_faces", files={"image": photo})
+        assert probe.wait(60).state.value == "succeeded"
         assert client.job(job.id).state.value == "queued"
         assert claim("other") == []
         (got,) = claim("chosen")

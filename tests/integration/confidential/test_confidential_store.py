@@ -33,6 +33,9 @@ from tests.pg_server import (
     running_postgres,
 )
 
+# Starts a private PostgreSQL server (initdb) for the session's first test.
+pytestmark = pytest.mark.timeout(180)
+
 
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[PostgresServer]:

@@ -31,6 +31,9 @@ import jsonschema
 import pytest
 import yaml
 
+# Renders and validates manifests with kubectl, compose and hadolint.
+pytestmark = pytest.mark.timeout(300)
+
 REPO = Path(__file__).resolve().parents[3]
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "kubernetes"

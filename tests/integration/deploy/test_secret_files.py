@@ -20,6 +20,9 @@ from csml.store.db import sqlite_url, transaction
 from csml.store.tables import JoinToken
 from tests.cluster import running_cluster
 
+# Starts a coordinator and worker processes (30-200 s under load).
+pytestmark = pytest.mark.timeout(300)
+
 
 def secret(path: Path, text: str) -> Path:
     path.write_text(text)

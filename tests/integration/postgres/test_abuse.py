@@ -24,7 +24,8 @@ from csml.store.tables import Identity, Job, JobFile, utcnow
 from csml.store.tables_abuse import PendingPurge, RateWindow, ServerSecret
 from tests.integration.postgres.support import MakeCore, new_identity, new_worker, submit
 
-pytestmark = pytest.mark.postgresql
+# Starts a private PostgreSQL server (initdb) for the session's first test.
+pytestmark = [pytest.mark.postgresql, pytest.mark.timeout(180)]
 
 
 def run_threads(n: int, target: object) -> list[object]:

@@ -36,7 +36,9 @@ from tests.integration.postgres.support import (
     submit,
 )
 
-pytestmark = pytest.mark.postgresql
+# Starts a private PostgreSQL server (initdb) for the session's first test; concurrent
+# coordinators, waits of up to 150 s.
+pytestmark = [pytest.mark.postgresql, pytest.mark.timeout(300)]
 
 
 class Claims:

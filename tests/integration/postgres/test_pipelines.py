@@ -18,7 +18,9 @@ from csml.schemas import JobCompletion, PipelineSpec
 from csml.store.tables import Job
 from tests.integration.postgres.support import MakeCore, expire_leases, new_identity, new_worker
 
-pytestmark = pytest.mark.postgresql
+# Starts a private PostgreSQL server (initdb) for the session's first test; races
+# pipelines for up to 120 s.
+pytestmark = [pytest.mark.postgresql, pytest.mark.timeout(300)]
 
 THREE_ECHOES = PipelineSpec.model_validate(
     {

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -13,6 +13,7 @@ from csml.coordinator.errors import ApiError
 from csml.coordinator.state import Core
 from csml.schemas import Heartbeat, JobCompletion, Progress, RunningJob
 from csml.store.tables import AppRecord, Job
+from tests.clock import SetClock, clock_set
 from tests.integration.postgres.support import (
     MakeCore,
     echo,
@@ -24,7 +25,15 @@ from tests.integration.postgres.support import (
     submit,
 )
 
-pytestmark = pytest.mark.postgresql
+# Starts a private PostgreSQL server (initdb) for the session's first test.
+pytestmark = [pytest.mark.postgresql, pytest.mark.timeout(180)]
+
+
+@pytest.fixture
+def clock() -> Iterator[SetClock]:
+    """The coordinator's time, set by the test (leases end without sleeping)."""
+    with clock_set() as clock:
+        yield clock
 
 
 def done(lease_id: str, **result: object) -> JobCompletion:
@@ -40,7 +49,7 @@ def beat(*pairs: tuple[str, str], fraction: float = 0.5) -> Heartbeat:
     )
 
 
-def test_submit_claim_heartbeat_complete(core: Core) -> None:
+def test_submit_claim_heartbeat_complete(core: Core, clock: SetClock) -> None:
     owner = new_identity(core)
     worker = new_worker(core)
     job_id = submit(core, owner, word="hello")
@@ -59,7 +68,7 @@ def test_submit_claim_heartbeat_complete(core: Core) -> None:
     assert running.lease_expires_at is not None and running.started_at is not None
     assert core.queue.claim(worker, 4) == []  # nothing else queued
 
-    time.sleep(0.01)
+    clock.advance(1)
     answer = core.queue.heartbeat(worker, beat((job_id, claimed.lease_id), fraction=0.25))
     assert answer.abort == []
     beaten = job_row(core, job_id)
@@ -174,14 +183,17 @@ def test_capacity_holds_under_concurrent_submissions(make_core: MakeCore) -> Non
     assert list(states(cores[0]).values()) == ["queued"] * 5
 
 
-def test_lease_expiry_requeues_then_fails_after_max_attempts(make_core: MakeCore) -> None:
-    core = make_core(lease_seconds=0.3, max_attempts=2)
+def test_lease_expiry_requeues_then_fails_after_max_attempts(
+    make_core: MakeCore, clock: SetClock
+) -> None:
+    core = make_core(lease_seconds=30, max_attempts=2)
     owner, worker = new_identity(core), new_worker(core)
     job_id = submit(core, owner)
 
     [first] = core.queue.claim(worker, 1)
+    clock.advance(29)
     assert core.queue.reap() == 0  # the lease still runs
-    time.sleep(0.45)  # the worker goes silent: the lease ends
+    clock.advance(2)  # the worker goes silent: the lease ends
     assert core.queue.reap() == 1
     requeued = job_row(core, job_id)
     assert requeued.state == "queued" and requeued.attempts == 1
@@ -201,13 +213,13 @@ def test_lease_expiry_requeues_then_fails_after_max_attempts(make_core: MakeCore
     assert core.queue.reap() == 0
 
 
-def test_heartbeat_keeps_the_lease(make_core: MakeCore) -> None:
-    core = make_core(lease_seconds=0.4)
+def test_heartbeat_keeps_the_lease(make_core: MakeCore, clock: SetClock) -> None:
+    core = make_core(lease_seconds=30)
     owner, worker = new_identity(core), new_worker(core)
     job_id = submit(core, owner)
     [claimed] = core.queue.claim(worker, 1)
     for _ in range(4):
-        time.sleep(0.2)
+        clock.advance(20)  # 80 s in all: past the first lease, kept by the heartbeats
         assert core.queue.heartbeat(worker, beat((job_id, claimed.lease_id))).abort == []
         assert core.queue.reap() == 0
     assert job_row(core, job_id).state == "running"

@@ -40,7 +40,8 @@ from tests.cluster import wait_for, wait_healthy
 from tests.integration.postgres.support import MakeCore, bulk_queue, new_identity
 from tests.integration.postgres.test_concurrency import Coordinator, run_all, stop_all
 
-pytestmark = pytest.mark.postgresql
+# PostgreSQL at scale: many jobs, several coordinator processes.
+pytestmark = [pytest.mark.postgresql, pytest.mark.timeout(600)]
 
 
 def fleet_env(db_url: str, data_dir: Path) -> dict[str, str]:
@@ -332,7 +333,11 @@ def test_relay_wakes_one_idle_claimer_per_job_and_every_job_waiter(make_core: Ma
                 for key in ("app:echo", "app:echo", "job:x"):
                     a.notifier.notify(key)
                 await asyncio.wait_for(clients[0].wait(), 10)
-                await asyncio.sleep(0.5)  # time for any extra wake-up to arrive
+                # Keys are relayed in the order published: once a later key has arrived,
+                # so has any extra wake-up the first ones would have caused.
+                last = stack.enter_context(b.notifier.subscribe("job:last"))
+                a.notifier.notify("job:last")
+                await asyncio.wait_for(last.wait(), 10)
                 return sum(e.is_set() for e in claimers), sum(e.is_set() for e in clients)
         finally:
             a.notifier.close()

@@ -18,7 +18,8 @@ from csml.store.tables import AppRecord, Base
 from tests.integration.postgres.support import MakeCore, job_row, new_identity, submit
 from tests.pg_server import PostgresServer
 
-pytestmark = pytest.mark.postgresql
+# Starts a private PostgreSQL server (initdb) for the session's first test.
+pytestmark = [pytest.mark.postgresql, pytest.mark.timeout(180)]
 
 TABLES = {"alembic_version", "apps", "identities", "join_tokens", "jobs", "job_files", "workers"}
 
