@@ -188,3 +188,30 @@ def sandbox_info(ctx: JobContext, params: SandboxInfoParams) -> dict[str, Any]:
         ctx.progress(0.0, json.dumps({"inputs": info["inputs"], "tmp": tmp}))
         time.sleep(params.sleep)
     return info
+
+
+class WriteChannelParams(OperationParams):
+    data: str = Field(max_length=1 << 20, description="Base64 of the raw bytes to write.")
+
+
+@diagnostic()
+def write_channel(ctx: JobContext, params: WriteChannelParams) -> dict[str, Any]:
+    """Write raw bytes into the job's channel to its worker (to test that the worker
+    refuses anything outside the protocol: see tests/security/test_row02_job_channel.py)."""
+    import base64
+    import socket
+    import stat
+
+    data = base64.b64decode(params.data)
+    for fd in range(3, 1024):
+        try:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                if sock.type != socket.SOCK_STREAM:
+                    continue
+                sock.sendall(data)
+                return {"fd": fd, "written": len(data)}
+        except OSError:
+            continue
+    return {"fd": None, "written": 0}

@@ -9,6 +9,11 @@ Isolation (see `isolation.py`, `isolation_files.py`, `isolation_procs.py`): no
 network, a random uid of its own per job when the worker is root, a private tmp
 dir, a clean environment, nothing left running after it; `description` says what
 is active on this machine.
+
+The worker talks to the zygote and to each child only through `channel` frames
+(validated, size-bounded, never pickle): a child that sends anything outside
+the protocol fails its job as a protocol violation and is killed; a zygote
+that does is killed and restarted. Either way the worker goes on.
 """
 
 from __future__ import annotations
@@ -27,11 +32,26 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
 from csml.worker import zygote
+from csml.worker.channel import (
+    FROM_ZYGOTE,
+    ChannelClosed,
+    ErrorMsg,
+    ExitedMsg,
+    JobChannel,
+    JobLimitsMsg,
+    JobSandboxMsg,
+    ProgressMsg,
+    ProtocolViolation,
+    ReadyMsg,
+    ResultMsg,
+    RunMsg,
+    StartedMsg,
+    StartMsg,
+)
 from csml.worker.isolation import describe, zygote_env
 from csml.worker.isolation_files import Grant, hand_over, remove_tmp, take_back
 
@@ -44,6 +64,7 @@ class Outcome:
     result: dict[str, Any] | None = None
     error: str | None = None
     cancelled: bool = False
+    answered: bool = False  # the child answered (and exits by itself)
 
 
 @dataclass
@@ -124,9 +145,16 @@ class Sandbox:
         ctrl = self._ctrl
         while True:
             try:
-                message, _ = zygote.recv(ctrl)
+                message, fds = zygote.recv(ctrl, FROM_ZYGOTE)
+            except ProtocolViolation as exc:
+                print(f"csml worker: the zygote broke the protocol ({exc}); restarting it",
+                      file=sys.stderr)  # fmt: skip
+                self._zygote.kill()
+                message, fds = None, []
             except OSError:
-                message = None
+                message, fds = None, []
+            for fd in fds:  # the zygote sends none
+                os.close(fd)
             if message is None:
                 with self._lock:
                     for child in self._children.values():
@@ -134,22 +162,20 @@ class Sandbox:
                         child.exited.set()
                 self._ready.set()
                 return
-            kind, token, value = message
-            if kind == "ready" and isinstance(value, list):
-                self._features = [str(f) for f in value]
+            if isinstance(message, ReadyMsg):
+                self._features = list(message.features)
                 self._ready.set()
                 continue
-            if not isinstance(token, int) or not isinstance(value, int):
-                continue
+            assert isinstance(message, StartedMsg | ExitedMsg)
             with self._lock:
-                found = self._children.get(token)
+                found = self._children.get(message.token)
             if found is None:
                 continue
-            if kind == "started":
-                found.pid = value
+            if isinstance(message, StartedMsg):
+                found.pid = message.pid
                 found.started.set()
-            elif kind == "exited":
-                found.status = value
+            else:
+                found.status = message.status
                 found.exited.set()
 
     def _ensure_zygote(self) -> None:
@@ -218,37 +244,41 @@ class Sandbox:
     ) -> Outcome:
         """Start the child and supervise it until it answers, or dies and is reaped."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        conn = Connection(os.dup(ours.fileno()))
-        ours.close()
+        channel = JobChannel(ours)
+        final: Outcome | None
         try:
             try:
-                zygote.send(self._ctrl, ("run", token), [theirs.fileno()])
+                zygote.send(self._ctrl, RunMsg(token=token), [theirs.fileno()])
                 child.sent = True
             finally:
                 theirs.close()
-            conn.send(
-                {
-                    "operation": job.operation,
-                    "params": job.params,
-                    "inputs": {k: str(v) for k, v in job.inputs.items()},
-                    "output_dir": str(job.output_dir),
-                    "limits": {
-                        "memory_mb": job.memory_mb,
-                        "cpu_seconds": job.cpu_seconds,
-                        "max_file_bytes": job.max_file_bytes,
-                    },
-                    "sandbox": grant.payload(),
-                }
+            payload = grant.payload()
+            channel.start(
+                StartMsg(
+                    operation=job.operation,
+                    params=job.params,
+                    inputs={k: str(v) for k, v in job.inputs.items()},
+                    output_dir=str(job.output_dir),
+                    limits=JobLimitsMsg(
+                        memory_mb=job.memory_mb,
+                        cpu_seconds=job.cpu_seconds,
+                        max_file_bytes=job.max_file_bytes,
+                    ),
+                    sandbox=JobSandboxMsg(**payload),
+                )
             )
-            final = self._supervise(conn, child, job, on_progress)
+        except ProtocolViolation as exc:
+            final = Outcome(ok=False, error=f"protocol violation by the job process: {exc}")
+        except ValueError as exc:  # over the start message's cap
+            final = Outcome(ok=False, error=f"the job could not be sent to its process: {exc}")
         except OSError:
             final = None
+        else:
+            final = supervise(channel, job, on_progress)
         finally:
-            conn.close()
-        if isinstance(final, tuple):  # it answered, and exits by itself (see `_clean`)
-            if final[0] == "ok":
-                return Outcome(ok=True, result=final[1])
-            return Outcome(ok=False, error=str(final[1]))
+            channel.close()
+        if final is not None and final.answered:  # it exits by itself (see `_clean`)
+            return final
         if isinstance(final, Outcome):
             self._kill(child)
         child.exited.wait(timeout=10)
@@ -261,32 +291,6 @@ class Sandbox:
         if child.pid and not child.exited.is_set():
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(child.pid, signal.SIGKILL)
-
-    @staticmethod
-    def _supervise(
-        conn: Connection, child: _Child, job: SandboxJob, on_progress: ProgressFn | None
-    ) -> tuple[Any, ...] | Outcome | None:
-        """Relay progress until the child answers, dies, overruns or is cancelled."""
-        deadline = time.monotonic() + job.timeout_seconds
-        while True:
-            if job.cancel.is_set():
-                return Outcome(ok=False, error="cancelled", cancelled=True)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return Outcome(
-                    ok=False, error=f"exceeded its time limit of {job.timeout_seconds:g} s"
-                )
-            if not wait([conn], timeout=min(remaining, 0.2)):
-                continue
-            try:
-                message = conn.recv()
-            except (EOFError, OSError):
-                return None  # died without answering
-            if message[0] == "progress":
-                if on_progress is not None:
-                    on_progress(float(message[1]), str(message[2]))
-                continue
-            return tuple(message)
 
     @staticmethod
     def _death(status: int | None, job: SandboxJob) -> str:
@@ -312,3 +316,45 @@ class Sandbox:
         except ValueError:
             name = f"signal {sig}"
         return f"the job process died from {name}"
+
+
+def supervise(
+    channel: JobChannel, job: SandboxJob, on_progress: ProgressFn | None = None
+) -> Outcome | None:
+    """The job's outcome as its channel tells it: its answer, or a protocol violation,
+    timeout or cancellation (the child must then be killed); None if the child ended
+    without answering (its wait status says why)."""
+    try:
+        final = _supervise(channel, job, on_progress)
+    except ProtocolViolation as exc:
+        return Outcome(ok=False, error=f"protocol violation by the job process: {exc}")
+    except (OSError, ChannelClosed):
+        return None
+    if isinstance(final, ResultMsg):
+        return Outcome(ok=True, result=dict(final.result), answered=True)
+    if isinstance(final, ErrorMsg):
+        return Outcome(ok=False, error=final.message, answered=True)
+    return final
+
+
+def _supervise(
+    channel: JobChannel, job: SandboxJob, on_progress: ProgressFn | None
+) -> ResultMsg | ErrorMsg | Outcome:
+    """Relay progress until the child answers, overruns or is cancelled.
+
+    Raises ChannelClosed (it died without answering), ProtocolViolation."""
+    deadline = time.monotonic() + job.timeout_seconds
+    while True:
+        if job.cancel.is_set():
+            return Outcome(ok=False, error="cancelled", cancelled=True)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return Outcome(ok=False, error=f"exceeded its time limit of {job.timeout_seconds:g} s")
+        message = channel.next(min(remaining, 0.2))
+        if message is None:
+            continue
+        if isinstance(message, ProgressMsg):
+            if on_progress is not None:
+                on_progress(message.fraction, message.message)
+            continue
+        return message
