@@ -102,3 +102,13 @@ def test_job_writing_outside_the_protocol_fails_and_the_worker_goes_on(
     assert os.path.basename(str(marker)) not in final.error
     assert psutil.pid_exists(pid) and worker_pid(echo_cluster) == pid
     run_echo(user)  # the same worker serves the next job
+
+
+def test_the_worker_no_longer_holds_its_join_token_in_its_environment(
+    echo_cluster: Cluster, user: Client
+) -> None:
+    """What a process with the worker's uid could read of it: /proc/PID/environ."""
+    run_echo(user)  # registered and serving
+    environ = Path(f"/proc/{worker_pid(echo_cluster)}/environ").read_bytes()
+    assert b"CSML_COORDINATOR" in environ or b"CSML_DATA_DIR" in environ  # it is readable
+    assert echo_cluster.join_token.encode() not in environ

@@ -4,12 +4,20 @@ Threads: one claims jobs (long-poll) while slots are free, one heartbeats
 (extending leases, relaying progress, aborting cancelled jobs), and one per
 slot runs a job. The coordinator may restart or be briefly unreachable: every
 call retries with backoff, and the leases say what is still ours.
+
+Secrets: the join token is taken from the configuration once, wiped from the
+process environment at start (`CSML_JOIN_TOKEN`, including the copy the kernel
+shows in /proc/PID/environ) and dropped once the worker is registered; after
+that the worker holds only its worker token and its X25519 key. Job processes
+never receive either (they talk to the worker through `channel` frames only).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -57,6 +65,22 @@ T = TypeVar("T")
 ENCRYPTED_ERROR = "the job failed; the reason is encrypted for its owner"
 
 
+JOIN_TOKEN_ENV = "CSML_JOIN_TOKEN"  # noqa: S105 - a variable name
+
+
+def scrub_environment(name: str) -> None:
+    """Remove `name` from the environment, overwriting its value in place first: the
+    process's initial environment block (what /proc/PID/environ shows) keeps a value
+    that is only unset."""
+    libc = ctypes.CDLL(None)
+    libc.getenv.restype = ctypes.c_void_p
+    libc.getenv.argtypes = [ctypes.c_char_p]
+    value = libc.getenv(name.encode())
+    if value:
+        ctypes.memset(value, 0, len(ctypes.string_at(value)))
+    os.environ.pop(name, None)
+
+
 class Revoked(Exception):
     """The coordinator no longer accepts this worker."""
 
@@ -99,6 +123,9 @@ class Refused(Exception):
 class WorkerAgent:
     def __init__(self, config: WorkerConfig) -> None:
         check_url(config.coordinator, insecure_http=config.insecure_http)
+        scrub_environment(JOIN_TOKEN_ENV)  # read once (into `config`), before any thread
+        self._join_token = config.join_token
+        config.join_token = ""  # only this agent, until registered
         self.config = config
         self.app = load_app(config.app)
         # The key of confidential jobs: made here, kept only in this process's memory
@@ -198,11 +225,12 @@ class WorkerAgent:
             fn=lambda: self.http.post(
                 "/v1/workers",
                 json=body.model_dump(mode="json"),
-                headers={"Authorization": f"Bearer {self.config.join_token}"},
+                headers={"Authorization": f"Bearer {self._join_token}"},
             ),
         )
         response.raise_for_status()
         self.registration = WorkerRegistered.model_validate(response.json())
+        self._join_token = ""  # registered: the worker token is all it needs from now on
         log.info(
             "joined the cluster",
             extra={
