@@ -28,7 +28,9 @@ START = StartMsg(
     params={"x": 1},
     inputs={},
     output_dir="/nonexistent",
-    limits=JobLimitsMsg(memory_mb=100, cpu_seconds=10, max_file_bytes=1 << 20),
+    limits=JobLimitsMsg(
+        memory_mb=100, cpu_seconds=10, cpu_lifetime_seconds=10, max_file_bytes=1 << 20
+    ),
     sandbox=JobSandboxMsg(uid=None, gid=None, tmp="/nonexistent", env={}),
 )
 JOB = SandboxJob(

@@ -128,6 +128,7 @@ def read_file(ctx: JobContext, params: ReadFileParams) -> dict[str, Any]:
 class SandboxInfoParams(OperationParams):
     sleep: float = Field(0.0, ge=0, le=600, description="Seconds to wait before answering.")
     leave_process: bool = Field(False, description="Start a detached process that outlives it.")
+    leave_file: bool = Field(False, description="Leave a file in its tmp dir.")
 
 
 def _leave_process() -> int:
@@ -184,6 +185,9 @@ def sandbox_info(ctx: JobContext, params: SandboxInfoParams) -> dict[str, Any]:
     }
     if params.leave_process:
         info["left_pid"] = _leave_process()
+    if params.leave_file:
+        with open(os.path.join(tmp, "left-by-the-job"), "w") as f:
+            f.write("data of the job")
     if params.sleep:
         ctx.progress(0.0, json.dumps({"inputs": info["inputs"], "tmp": tmp}))
         time.sleep(params.sleep)

@@ -402,7 +402,10 @@ class WorkerAgent:
             # fraction goes to the coordinator.
             state.progress = Progress(fraction=fraction, message="" if confidential else message)
 
-        return self.sandbox.run(sandbox_job, progress)
+        # One owner's consecutive jobs share a sandboxed process; a confidential job gets
+        # one of its own (nothing of it stays in memory for a later job to find).
+        owner = "" if confidential else job.owner_key
+        return self.sandbox.run(sandbox_job, progress, owner=owner)
 
     def _outputs(self, job: ClaimedJob, outputs_dir: Path) -> list[Path]:
         declared = {o.name for o in self.app.operations[job.operation].outputs}

@@ -92,14 +92,20 @@ class ErrorMsg(WireMessage):
     kind = 3
     cap = 4 * MAX_ERROR_MESSAGE + 64  # JSON escapes
     message: Annotated[str, Field(max_length=MAX_ERROR_MESSAGE)]
+    retire: bool = False  # the child asks not to be given another job (e.g. out of memory)
 
 
 # -- worker -> child ---------------------------------------------------------
 
 
 class JobLimitsMsg(WireMessage):
+    """Per process, set at its first job (a reused process gets jobs of the same limits):
+    memory beyond the runtime, file size, and CPU time over the process's whole life
+    (`cpu_lifetime_seconds`; the worker enforces `cpu_seconds` per job)."""
+
     memory_mb: Annotated[int, Field(ge=1)]
     cpu_seconds: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    cpu_lifetime_seconds: Annotated[float, Field(gt=0, allow_inf_nan=False)]
     max_file_bytes: Annotated[int, Field(ge=0)]
 
 
@@ -295,7 +301,8 @@ class JobChannel:
     """The worker's end of a job child's channel: starts jobs, reads their messages in order.
 
     Per job: `start()`, then `next()` until it returns an answer (`ResultMsg` or
-    `ErrorMsg`); progress before it is passed on. Anything else is a violation.
+    `ErrorMsg`); progress before it is passed on. Anything else is a violation,
+    including a message between an answer and the next `start()` (a reused child).
     """
 
     def __init__(self, sock: socket.socket) -> None:
@@ -310,6 +317,10 @@ class JobChannel:
             raise ProtocolViolation("the child sent a message while no job was running")
         send(self.sock, job)
         self._running = True
+
+    def pending(self) -> bool:
+        """Whether the child has sent anything not yet read."""
+        return self._reader.pending()
 
     def next(self, timeout: float | None) -> ProgressMsg | Answer | None:
         """The running job's next message (None: nothing within `timeout`).

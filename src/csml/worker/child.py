@@ -1,8 +1,11 @@
-"""What runs inside a job's child process: limits and isolation first, then the operation.
+"""What runs inside a job's child process: limits and isolation first, then the operations.
 
-Isolation (see `isolation.enter_job`): the job's own uid, no_new_privs, no
-capabilities, a clean environment; its private tmp dir is HOME, TMPDIR and the
-context's scratch folder. If isolation fails the operation does not run.
+A child serves one owner's jobs, one at a time, until the worker closes its
+channel (`serve`). At its first job it applies the limits and isolation (see
+`isolation.enter_job`): the owner's own uid, no_new_privs, no capabilities, a
+clean environment; its private tmp dir is HOME, TMPDIR and the context's
+scratch folder. If isolation fails no operation runs. Every later job must
+come with the same sandbox and limits, or the child refuses it and stops.
 
 Messages to the worker over the job's channel (frames of `channel`, never
 pickle): `ProgressMsg`*, then exactly one `ResultMsg` or `ErrorMsg`. A result
@@ -25,7 +28,10 @@ from csml.worker.channel import (
     MAX_ERROR_MESSAGE,
     MAX_PROGRESS_MESSAGE,
     MAX_RESULT_BYTES,
+    TO_CHILD,
+    ChannelClosed,
     ErrorMsg,
+    FrameReader,
     ProgressMsg,
     ResultMsg,
     StartMsg,
@@ -45,7 +51,8 @@ def _vm_size() -> int:
 
 
 def apply_limits(memory_mb: int, cpu_seconds: float, max_file_bytes: int) -> None:
-    """Memory is what the job may allocate beyond the runtime already mapped."""
+    """Memory is what the process may allocate beyond the runtime already mapped;
+    `cpu_seconds` is the process's CPU time over its life."""
     cpu = max(1, int(cpu_seconds + 0.999))
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -59,8 +66,8 @@ def _progress(sock: socket.socket, fraction: float, message: str) -> None:
     sock.sendall(encode(ProgressMsg(fraction=fraction, message=message[:MAX_PROGRESS_MESSAGE])))
 
 
-def _error(sock: socket.socket, message: str) -> None:
-    sock.sendall(encode(ErrorMsg(message=message[:MAX_ERROR_MESSAGE])))
+def _error(sock: socket.socket, message: str, retire: bool = False) -> None:
+    sock.sendall(encode(ErrorMsg(message=message[:MAX_ERROR_MESSAGE], retire=retire)))
 
 
 def _answer(sock: socket.socket, result: object) -> None:
@@ -78,26 +85,52 @@ def _answer(sock: socket.socket, result: object) -> None:
     sock.sendall(encode(ResultMsg(result=result)))
 
 
-def run_job(sock: socket.socket, app_name: str, job: StartMsg) -> None:
-    from csml.apps.base import JobContext, JobError
-    from csml.apps.registry import load_app
+def serve(sock: socket.socket, app_name: str) -> None:
+    """Run the jobs the worker sends, one at a time, until it closes the channel."""
     from csml.worker.isolation import IsolationError, enter_job
 
-    limits, sandbox = job.limits, job.sandbox
+    reader = FrameReader(sock, TO_CHILD)
+    first: StartMsg | None = None
+    try:
+        while True:
+            try:
+                job = reader.read(None)
+            except ChannelClosed:
+                return
+            if not isinstance(job, StartMsg):
+                return
+            if first is None:
+                first = job
+                limits, sandbox = job.limits, job.sandbox
+                os.chdir(job.output_dir)
+                apply_limits(limits.memory_mb, limits.cpu_lifetime_seconds, limits.max_file_bytes)
+                try:
+                    enter_job(sandbox.uid, sandbox.gid, dict(sandbox.env))
+                except IsolationError as exc:
+                    _error(sock, f"the sandbox could not isolate the job: {exc}", retire=True)
+                    return
+            elif (job.sandbox, job.limits) != (first.sandbox, first.limits):
+                _error(sock, "the job's sandbox is not this process's", retire=True)
+                return
+            if not run_job(sock, app_name, job):
+                return
+    finally:
+        sock.close()
+
+
+def run_job(sock: socket.socket, app_name: str, job: StartMsg) -> bool:
+    """Run one job and answer; False if this process should serve no other job."""
+    from csml.apps.base import JobContext, JobError
+    from csml.apps.registry import load_app
+
     try:
         os.chdir(job.output_dir)
-        apply_limits(limits.memory_mb, limits.cpu_seconds, limits.max_file_bytes)
-        try:
-            enter_job(sandbox.uid, sandbox.gid, dict(sandbox.env))
-        except IsolationError as exc:
-            _error(sock, f"the sandbox could not isolate the job: {exc}")
-            return
         op = load_app(app_name).operations[job.operation]
         ctx = JobContext(
             {k: Path(v) for k, v in job.inputs.items()},
             Path(job.output_dir),
             progress=lambda f, m: _progress(sock, f, m),
-            scratch=Path(sandbox.tmp),
+            scratch=Path(job.sandbox.tmp),
         )
         result = op.run(ctx, dict(job.params))
         _answer(sock, result)
@@ -108,10 +141,10 @@ def run_job(sock: socket.socket, app_name: str, job: StartMsg) -> None:
         field = ".".join(str(p) for p in err["loc"])
         _error(sock, f"invalid parameter {field}: {err['msg']}")
     except MemoryError:
-        _error(sock, f"exceeded its memory limit of {limits.memory_mb} MB")
+        _error(sock, f"exceeded its memory limit of {job.limits.memory_mb} MB", retire=True)
+        return False
     except (TypeError, ValueError) as exc:
         _error(sock, f"{type(exc).__name__}: {exc}")
     except Exception as exc:
         _error(sock, f"the operation failed: {type(exc).__name__}: {exc}")
-    finally:
-        sock.close()
+    return True

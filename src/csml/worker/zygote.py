@@ -29,16 +29,13 @@ from collections.abc import Collection
 from csml.worker.channel import (
     HEADER,
     MAX_CONTROL_BYTES,
-    TO_CHILD,
     TO_ZYGOTE,
     ExitedMsg,
-    FrameReader,
     Message,
     ProtocolViolation,
     ReadyMsg,
     RunMsg,
     StartedMsg,
-    StartMsg,
     WireMessage,
     decode_datagram,
     encode,
@@ -74,14 +71,10 @@ def recv(ctrl: socket.socket, accept: Collection[int]) -> tuple[Message | None, 
 
 
 def _run_child(job_fd: int, app_name: str) -> None:
-    from csml.worker.child import run_job
+    from csml.worker.child import serve
 
-    os.setsid()  # own process group: killing it kills anything the job started
-    sock = socket.socket(fileno=job_fd)
-    job = FrameReader(sock, TO_CHILD).read(None)
-    if not isinstance(job, StartMsg):
-        raise ProtocolViolation("no start message")
-    run_job(sock, app_name, job)
+    os.setsid()  # own process group: killing it kills anything its jobs started
+    serve(socket.socket(fileno=job_fd), app_name)
 
 
 def main(app_name: str, ctrl_fd: int, reachable: list[str]) -> None:
