@@ -124,6 +124,13 @@ def test_a_process_that_left_one_behind_is_not_reused(alice: Client) -> None:
     assert third["pid"] == second["pid"]  # and the fresh one is reused again
 
 
+def test_a_process_working_while_idle_is_ended(alice: Client) -> None:
+    """A job that answered but left a thread burning CPU: its process is retired."""
+    first = info(alice, leave_thread=True)
+    wait_for(lambda: not os.path.exists(f"/proc/{first['pid']}"), timeout=20)
+    assert info(alice)["pid"] != first["pid"]
+
+
 def test_files_of_a_previous_job_are_gone_for_the_next(alice: Client) -> None:
     first = info(alice, leave_file=True)
     second = info(alice)

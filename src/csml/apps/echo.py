@@ -129,6 +129,7 @@ class SandboxInfoParams(OperationParams):
     sleep: float = Field(0.0, ge=0, le=600, description="Seconds to wait before answering.")
     leave_process: bool = Field(False, description="Start a detached process that outlives it.")
     leave_file: bool = Field(False, description="Leave a file in its tmp dir.")
+    leave_thread: bool = Field(False, description="Leave a thread burning CPU.")
 
 
 def _leave_process() -> int:
@@ -185,6 +186,14 @@ def sandbox_info(ctx: JobContext, params: SandboxInfoParams) -> dict[str, Any]:
     }
     if params.leave_process:
         info["left_pid"] = _leave_process()
+    if params.leave_thread:
+        import threading
+
+        def burn() -> None:
+            while True:
+                pass
+
+        threading.Thread(target=burn, daemon=True).start()
     if params.leave_file:
         with open(os.path.join(tmp, "left-by-the-job"), "w") as f:
             f.write("data of the job")

@@ -121,6 +121,7 @@ class _Resident:
     limits: JobLimitsMsg
     jobs: int = 0
     idle_since: float = 0.0
+    idle_cpu: float = 0.0  # its CPU time when it went idle
 
 
 class ZygoteDied(RuntimeError):
@@ -132,6 +133,7 @@ EXIT_GRACE = 5.0  # a child told to stop that lives on this long is killed
 IDLE_TTL = 60.0  # seconds a child may wait for its owner's next job
 MAX_IDLE = 8  # children kept waiting, over all owners
 CPU_LIFETIME_FACTOR = 8  # a reused child's CPU rlimit, in per-job budgets (a backstop)
+IDLE_CPU_ALLOWANCE = 0.5  # CPU seconds an idle child may use (e.g. a thread a job left)
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -311,13 +313,18 @@ class Sandbox:
                     break
             else:
                 return None
-        if r.child.exited.is_set() or r.channel.pending():
-            self._retire(r)  # died, or spoke out of turn, while idle
+        if r.child.exited.is_set() or r.channel.pending() or self._busy_while_idle(r):
+            self._retire(r)  # died, spoke out of turn, or worked while idle
             return None
         return r
 
+    @staticmethod
+    def _busy_while_idle(resident: _Resident) -> bool:
+        return cpu_seconds_of(resident.child.pid) - resident.idle_cpu > IDLE_CPU_ALLOWANCE
+
     def _checkin(self, resident: _Resident) -> None:
         resident.idle_since = time.monotonic()
+        resident.idle_cpu = cpu_seconds_of(resident.child.pid)
         with self._lock:
             self._idle[resident.token] = resident
             evicted = list(self._idle.values())[: max(0, len(self._idle) - self.max_idle)]
@@ -327,9 +334,13 @@ class Sandbox:
             self._retire(r)
 
     def _expire_idle(self) -> None:
+        """Retire children idle too long, or that use CPU while idle."""
         cutoff = time.monotonic() - self.idle_ttl
         with self._lock:
-            expired = [r for r in self._idle.values() if r.idle_since < cutoff]
+            idle = list(self._idle.values())
+        busy = {r.token for r in idle if self._busy_while_idle(r)}
+        with self._lock:
+            expired = [r for r in self._idle.values() if r.idle_since < cutoff or r.token in busy]
             for r in expired:
                 del self._idle[r.token]
         for r in expired:
@@ -369,11 +380,18 @@ class Sandbox:
     def _clean(self) -> None:
         """Remove each retired child's tmp dir once it and all it started are gone;
         retire children idle too long."""
+        checked = time.monotonic()
         while True:
+            item: _Resident | None = None
             try:
                 item = self._finished.get(timeout=1.0)
+                got = True
             except queue.Empty:
+                got = False
+            if time.monotonic() - checked >= 1.0:
+                checked = time.monotonic()
                 self._expire_idle()
+            if not got:
                 continue
             if item is None:
                 return
