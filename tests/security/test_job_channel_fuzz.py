@@ -5,11 +5,14 @@ socket as the zygote would hand it: it reads its start message and writes one
 case of garbage. The worker's own code reads each (`sandbox.supervise` over a
 `channel.JobChannel`): nothing but the documented outcomes may come out (no
 exception, no hang), every malformed case is a protocol violation naming what
-was wrong, and well-formed cases are answered as sent.
+was wrong, and well-formed cases are answered as sent. Then a batch of the
+malformed cases goes through real jobs on a real worker (echo's `write_channel`):
+each job fails as a protocol violation and the worker serves the next one.
 """
 
 from __future__ import annotations
 
+import base64
 import collections
 import socket
 import struct
@@ -17,8 +20,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from csml.client import Client
 from csml.worker.channel import JobChannel, JobLimitsMsg, JobSandboxMsg, StartMsg
 from csml.worker.sandbox import SandboxJob, supervise
+from tests.cluster import running_cluster
 from tests.security.channel_fuzz_child import KINDS, case
 
 SESSIONS = 10_000
@@ -98,3 +103,39 @@ def test_ten_thousand_garbage_sessions_each_end_with_a_reason() -> None:
         assert seen[kind, "violation"] == sum(v for (k, _), v in seen.items() if k == kind)
     assert seen["valid", "answered"] == SESSIONS // len(KINDS) + (SESSIONS % len(KINDS) > 1)
     assert seen["truncated", "violation"] > 0 and seen["bitflip", "violation"] > 0
+
+
+MALFORMED_WHATEVER_FOLLOWS = (
+    "oversized", "unknown_kind", "bad_json", "bad_utf8", "wrong_fields",
+    "out_of_order", "nested", "non_finite", "pickle",
+)  # fmt: skip
+
+
+def test_malformed_frames_from_real_jobs_fail_them_and_the_worker_goes_on(
+    tmp_path: Path,
+) -> None:
+    cases = [
+        n for n in range(3 * len(KINDS)) if KINDS[n % len(KINDS)] in MALFORMED_WHATEVER_FOLLOWS
+    ]
+    with running_cluster(tmp_path, {"CSML_ECHO_DIAGNOSTICS": "1"}, {"echo": 2}) as cluster:
+        user: Client = cluster.new_user()
+        (worker,) = cluster.workers
+        jobs = [
+            (n, user.submit(
+                "echo",
+                "write_channel",
+                params={"data": base64.b64encode(case(SEED, n)[1]).decode()},
+                limits={"timeout_seconds": 30},
+            ))
+            for n in cases
+        ]  # fmt: skip
+        for n, job in jobs:
+            job.wait(120)
+            assert job.state.value == "failed", (n, KINDS[n % len(KINDS)], job.result)
+            assert (job.error or "").startswith("protocol violation by the job process: "), (
+                n,
+                job.error,
+            )
+        assert worker.poll() is None
+        last = user.submit("echo", "echo", params={"after": True}).wait(60)
+        assert last.state.value == "succeeded", last.error
