@@ -58,7 +58,7 @@ from csml.schemas import (
     WorkerRegistration,
 )
 from csml.transport import check_url, verify_option
-from csml.worker.sandbox import Outcome, Sandbox, SandboxJob
+from csml.worker.sandbox import MAX_IDLE, Outcome, Sandbox, SandboxJob
 
 log = logging.getLogger("csml.worker")
 T = TypeVar("T")
@@ -133,7 +133,9 @@ class WorkerAgent:
         self._key = PrivateKey.generate()
         self.attestation = self._attest()
         self._workdir = Path(tempfile.mkdtemp(prefix="csml-worker-", dir=config.workdir))
-        self.sandbox = Sandbox(config.app, workdir=self._workdir)  # before any thread
+        self.sandbox = Sandbox(  # before any thread
+            config.app, workdir=self._workdir, max_idle=max(MAX_IDLE, 2 * config.slots)
+        )
         self.stopping = threading.Event()  # no new claims
         self.finished = threading.Event()  # running jobs are done: stop talking
         self._running: dict[str, _Running] = {}

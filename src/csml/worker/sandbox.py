@@ -6,9 +6,10 @@ coordinator's opaque `owner_key`): it runs that owner's consecutive jobs, one
 at a time, and is never given another owner's job. Between jobs it waits idle;
 it is killed on a timeout, cancellation, protocol violation, crash, CPU overrun
 (measured per job by the worker from /proc), an out-of-memory error, processes
-left behind after a job, a job that fails to answer, after `idle_ttl` seconds
-idle, or when more than `max_idle` children are idle (least recently used
-first). Jobs without an owner (and confidential jobs: the agent passes no
+left behind after a job, a job that fails to answer, more than
+`IDLE_RSS_ALLOWANCE` of memory kept after a job, CPU used while idle, after
+`idle_ttl` seconds idle, or when more than `max_idle` children are idle (least
+recently used first). Jobs without an owner (and confidential jobs: the agent passes no
 owner) get a child of their own that ends with the job. Whatever a job does
 (crash, leak, overrun) dies with its child and the worker goes on.
 
@@ -134,7 +135,18 @@ IDLE_TTL = 60.0  # seconds a child may wait for its owner's next job
 MAX_IDLE = 8  # children kept waiting, over all owners
 CPU_LIFETIME_FACTOR = 8  # a reused child's CPU rlimit, in per-job budgets (a backstop)
 IDLE_CPU_ALLOWANCE = 0.5  # CPU seconds an idle child may use (e.g. a thread a job left)
+IDLE_RSS_ALLOWANCE = 64 << 20  # memory an idle child may hold beyond the zygote's
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def resident_bytes(pid: int) -> int:
+    """Resident memory of a process (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * PAGE_SIZE
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def cpu_seconds_of(pid: int) -> float:
@@ -293,6 +305,7 @@ class Sandbox:
                 and not resident.child.exited.is_set()
                 and self._cpu_left(resident, job)
                 and not self._left_behind(resident)
+                and not self._too_big(resident)
             )
             return outcome
         finally:
@@ -407,6 +420,12 @@ class Sandbox:
         """Whether the child may take another job of full CPU budget under its rlimit."""
         used = cpu_seconds_of(resident.child.pid)
         return used + job.cpu_seconds + 1 < resident.limits.cpu_lifetime_seconds
+
+    def _too_big(self, resident: _Resident) -> bool:
+        """Whether the child holds too much memory to be kept idle (what a job allocated
+        stays with its process; the idle cap times this bounds what idle children hold)."""
+        extra = resident_bytes(resident.child.pid) - resident_bytes(self._zygote.pid)
+        return extra > IDLE_RSS_ALLOWANCE
 
     def _left_behind(self, resident: _Resident) -> bool:
         """Processes the job left: children of its child, or orphans the zygote adopted."""
