@@ -84,7 +84,7 @@ def case(seed: int, n: int) -> tuple[str, bytes]:
     if kind == "bad_utf8":
         return kind, _frame(3, b'{"message": "\xff\xfe"}')
     if kind == "wrong_fields":
-        body = rng.choice(
+        fields: dict[str, object] = rng.choice(
             [
                 {"fraction": "0.5"},
                 {"fraction": 2.0},
@@ -93,7 +93,7 @@ def case(seed: int, n: int) -> tuple[str, bytes]:
                 {"message": "x" * 501, "fraction": 0.1},
             ]
         )
-        return kind, _frame(1, json.dumps(body).encode())
+        return kind, _frame(1, json.dumps(fields).encode())
     if kind == "out_of_order":  # messages a child may never send
         body = rng.choice([b'{"token": 1}', b'{"token": 1, "pid": 2}', b'{"features": []}'])
         first = encode(ProgressMsg(fraction=0.5)) if rng.random() < 0.5 else b""
@@ -105,10 +105,10 @@ def case(seed: int, n: int) -> tuple[str, bytes]:
         body = rng.choice([b'{"fraction": NaN}', b'{"result": {"x": Infinity}}'])
         return kind, _frame(1 if b"fraction" in body else 2, body)
     if kind == "bitflip":
-        data = bytearray(_valid(rng))
+        flipped = bytearray(_valid(rng))
         for _ in range(rng.randrange(1, 4)):
-            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
-        return kind, bytes(data)
+            flipped[rng.randrange(len(flipped))] ^= 1 << rng.randrange(8)
+        return kind, bytes(flipped)
     body = b"\x80\x04\x95" + rng.randbytes(40) + b"."  # a pickle, framed as a result
     return kind, rng.choice([_frame(2, body), struct.pack("!i", len(body)) + body])
 
