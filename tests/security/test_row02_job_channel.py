@@ -60,7 +60,7 @@ def oversized_header() -> bytes:
 
 def oversized_progress() -> bytes:
     """A well-formed progress frame, far over the size of a progress message."""
-    body = json.dumps({"fraction": 0.5, "message": "x" * 100_000}).encode()
+    body = json.dumps({"fraction": 0.5, "message": "x" * 40_000}).encode()  # < params cap
     return struct.pack(">IB", len(body), 1) + body
 
 
