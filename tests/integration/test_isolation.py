@@ -187,7 +187,7 @@ def test_the_zygote_and_jobs_get_no_secret() -> None:
 @pytest.mark.parametrize(
     ("features", "own_uid", "says"),
     [
-        (["netns", "mountns", "hidepid"], True, "no network (netns); own random uid per job"),
+        (["netns", "mountns", "hidepid"], True, "no network (netns); own random uid per owner"),
         (["userns-netns"], False, "no network (user+net namespace); worker's uid"),
         ([], False, "NO network isolation available"),
         (None, True, "sandbox not started"),

@@ -217,7 +217,7 @@ def test_operations_endpoints(cluster: Cluster) -> None:
     apps = {a["name"]: a for a in httpx.get(f"{cluster.url}/v1/apps").json()}
     assert apps["opencv"]["workers"] == 1 and apps["opencv"]["slots"] == 2
     (sandbox,) = apps["opencv"]["sandboxes"]
-    assert "process per job" in sandbox
+    assert "process per owner" in sandbox
     if os.geteuid() == 0:
         assert "no network (netns)" in sandbox
     ops = {o["name"]: o for o in apps["opencv"]["operations"]}

@@ -68,7 +68,7 @@ def test_the_worker_says_which_isolation_is_active(cluster: Cluster) -> None:
     logs = cluster.logs()
     assert "no network (" in logs
     if os.geteuid() == 0:
-        assert "own random uid per job" in logs
+        assert "own random uid per owner" in logs
 
 
 def test_a_job_cannot_open_a_network_connection(cluster: Cluster, users: Any) -> None:
@@ -81,16 +81,18 @@ def test_a_job_cannot_open_a_network_connection(cluster: Cluster, users: Any) ->
 
 
 @root_only
-def test_a_job_runs_as_an_unprivileged_uid_of_its_own(users: Any) -> None:
+def test_a_job_runs_as_an_unprivileged_uid_of_its_owner(users: Any) -> None:
     first, second = (run(users[0], "sandbox_info", {}) for _ in range(2))
-    for info in (first, second):
+    other = run(users[1], "sandbox_info", {})
+    for info in (first, second, other):
         assert info["uid"] in UID_RANGE
         assert info["euid"] == info["gid"] == info["uid"]
         assert info["groups"] == []
         assert info["no_new_privs"] == "1"
         assert int(info["cap_eff"], 16) == 0
         assert info["visible_pids"] == [info["pid"]]  # no other process, worker's included
-    assert first["uid"] != second["uid"]
+    assert first["uid"] == second["uid"]  # one owner's process, reused
+    assert other["uid"] != first["uid"]
 
 
 def test_a_job_environment_holds_no_secret(cluster: Cluster, users: Any) -> None:
@@ -104,20 +106,24 @@ def test_a_job_environment_holds_no_secret(cluster: Cluster, users: Any) -> None
     }
     assert env["PATH"] == "/usr/bin:/bin"
     assert env["HOME"] == env["TMPDIR"] == info["tmp"] == info["scratch"]
-    # Nor does the zygote's (a forked job's /proc/self/environ is the zygote's first one).
-    assert (
-        cluster.join_token.encode()
-        in Path(f"/proc/{worker(cluster, 'echo').pid}/environ").read_bytes()
-    )
+    # Nor does the zygote's (a forked job's /proc/self/environ is the zygote's first one),
+    # nor the worker's own since it started (wiped, see agent.scrub_environment).
+    worker_env = Path(f"/proc/{worker(cluster, 'echo').pid}/environ").read_bytes()
+    assert b"CSML_DATA_DIR" in worker_env and cluster.join_token.encode() not in worker_env
     zygote_env = Path(f"/proc/{zygote(cluster, 'echo').pid}/environ").read_bytes()
     assert b"CSML_JOIN_TOKEN" not in zygote_env
     assert cluster.join_token.encode() not in zygote_env
 
 
-def test_a_job_tmp_dir_is_private_and_removed_afterwards(users: Any) -> None:
-    info = run(users[0], "sandbox_info", {})
+def test_a_job_tmp_dir_is_private_emptied_after_each_job_and_removed_with_its_process(
+    users: Any,
+) -> None:
+    info = run(users[0], "sandbox_info", {"leave_file": True})
     assert info["tmp_mode"] == "0o700"
     assert info["tmp_owner"] == info["uid"]
+    assert not os.path.exists(os.path.join(info["tmp"], "left-by-the-job"))
+    crashed = users[0].submit("echo", "crash").wait(60)  # ends the owner's process
+    assert crashed.state.value == "failed"
     wait_for(lambda: not os.path.exists(info["tmp"]), timeout=10)
 
 

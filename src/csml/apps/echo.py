@@ -128,6 +128,8 @@ def read_file(ctx: JobContext, params: ReadFileParams) -> dict[str, Any]:
 class SandboxInfoParams(OperationParams):
     sleep: float = Field(0.0, ge=0, le=600, description="Seconds to wait before answering.")
     leave_process: bool = Field(False, description="Start a detached process that outlives it.")
+    leave_file: bool = Field(False, description="Leave a file in its tmp dir.")
+    leave_thread: bool = Field(False, description="Leave a thread burning CPU.")
 
 
 def _leave_process() -> int:
@@ -184,7 +186,45 @@ def sandbox_info(ctx: JobContext, params: SandboxInfoParams) -> dict[str, Any]:
     }
     if params.leave_process:
         info["left_pid"] = _leave_process()
+    if params.leave_thread:
+        import threading
+
+        def burn() -> None:
+            while True:
+                pass
+
+        threading.Thread(target=burn, daemon=True).start()
+    if params.leave_file:
+        with open(os.path.join(tmp, "left-by-the-job"), "w") as f:
+            f.write("data of the job")
     if params.sleep:
         ctx.progress(0.0, json.dumps({"inputs": info["inputs"], "tmp": tmp}))
         time.sleep(params.sleep)
     return info
+
+
+class WriteChannelParams(OperationParams):
+    data: str = Field(max_length=1 << 20, description="Base64 of the raw bytes to write.")
+
+
+@diagnostic()
+def write_channel(ctx: JobContext, params: WriteChannelParams) -> dict[str, Any]:
+    """Write raw bytes into the job's channel to its worker (to test that the worker
+    refuses anything outside the protocol: see tests/security/test_row02_job_channel.py)."""
+    import base64
+    import socket
+    import stat
+
+    data = base64.b64decode(params.data)
+    for fd in range(3, 1024):
+        try:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                if sock.type != socket.SOCK_STREAM:
+                    continue
+                sock.sendall(data)
+                return {"fd": fd, "written": len(data)}
+        except OSError:
+            continue
+    return {"fd": None, "written": 0}

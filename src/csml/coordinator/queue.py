@@ -17,6 +17,7 @@ with 1,000 queued jobs delays a newcomer by about one job per other user.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -381,6 +382,7 @@ class JobQueue:
                     attempt=j.attempts,
                     limits=JobLimits.model_validate(j.limits),
                     confidential=_claimed_confidential(j, wrapped),
+                    owner_key=owner_key(j.owner_id),
                 )
                 for j in sorted(jobs, key=lambda j: (j.fair_rank, j.seq))
             ]
@@ -645,6 +647,12 @@ def adopt_inputs(
 
 def file_info(f: JobFile) -> FileInfo:
     return FileInfo(name=f.name, size=f.size, sha256=f.sha256, media_type=f.media_type)
+
+
+def owner_key(owner_id: str) -> str:
+    """What a worker learns of a job's owner: enough to keep one sandboxed process per
+    owner (see `ClaimedJob.owner_key`), not the identity id itself."""
+    return hashlib.sha256(b"csml owner key\0" + owner_id.encode()).hexdigest()[:32]
 
 
 def _claimed_confidential(job: Job, wrapped: dict[int, str]) -> ClaimedConfidential | None:

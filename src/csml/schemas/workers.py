@@ -43,6 +43,13 @@ class ClaimedJob(BaseModel):
     attempt: int
     limits: JobLimits
     confidential: ClaimedConfidential | None = None
+    owner_key: str = Field(
+        "",
+        max_length=64,
+        description="Stable and opaque per owner (not the identity id): the worker runs "
+        "consecutive jobs of one owner in the same sandboxed process, never another's. "
+        "Empty: a fresh process.",
+    )
 
 
 class ClaimResponse(BaseModel):

@@ -6,12 +6,20 @@ slot runs a job. The coordinator may restart or be briefly unreachable: every
 call retries with backoff, and the leases say what is still ours. Retrying ends
 with `stop()`: a stopping worker finishes its jobs (or, abandoning a coordinator
 gone for good, ends them) and says nothing about connections it closed itself.
+
+Secrets: the join token is taken from the configuration once, wiped from the
+process environment at start (`CSML_JOIN_TOKEN`, including the copy the kernel
+shows in /proc/PID/environ) and dropped once the worker is registered; after
+that the worker holds only its worker token and its X25519 key. Job processes
+never receive either (they talk to the worker through `channel` frames only).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -52,11 +60,27 @@ from csml.schemas import (
     WorkerRegistration,
 )
 from csml.transport import check_url, verify_option
-from csml.worker.sandbox import Outcome, Sandbox, SandboxJob
+from csml.worker.sandbox import MAX_IDLE, Outcome, Sandbox, SandboxJob
 
 log = logging.getLogger("csml.worker")
 T = TypeVar("T")
 ENCRYPTED_ERROR = "the job failed; the reason is encrypted for its owner"
+
+
+JOIN_TOKEN_ENV = "CSML_JOIN_TOKEN"  # noqa: S105 - a variable name
+
+
+def scrub_environment(name: str) -> None:
+    """Remove `name` from the environment, overwriting its value in place first: the
+    process's initial environment block (what /proc/PID/environ shows) keeps a value
+    that is only unset."""
+    libc = ctypes.CDLL(None)
+    libc.getenv.restype = ctypes.c_void_p
+    libc.getenv.argtypes = [ctypes.c_char_p]
+    value = libc.getenv(name.encode())
+    if value:
+        ctypes.memset(value, 0, len(ctypes.string_at(value)))
+    os.environ.pop(name, None)
 
 
 class Revoked(Exception):
@@ -101,6 +125,9 @@ class Refused(Exception):
 class WorkerAgent:
     def __init__(self, config: WorkerConfig) -> None:
         check_url(config.coordinator, insecure_http=config.insecure_http)
+        scrub_environment(JOIN_TOKEN_ENV)  # read once (into `config`), before any thread
+        self._join_token = config.join_token
+        config.join_token = ""  # only this agent, until registered
         self.config = config
         self.app = load_app(config.app)
         # The key of confidential jobs: made here, kept only in this process's memory
@@ -108,7 +135,9 @@ class WorkerAgent:
         self._key = PrivateKey.generate()
         self.attestation = self._attest()
         self._workdir = Path(tempfile.mkdtemp(prefix="csml-worker-", dir=config.workdir))
-        self.sandbox = Sandbox(config.app, workdir=self._workdir)  # before any thread
+        self.sandbox = Sandbox(  # before any thread
+            config.app, workdir=self._workdir, max_idle=max(MAX_IDLE, 2 * config.slots)
+        )
         self.stopping = threading.Event()  # no new claims
         self.finished = threading.Event()  # running jobs are done: stop talking
         self._running: dict[str, _Running] = {}
@@ -203,11 +232,12 @@ class WorkerAgent:
             fn=lambda: self.http.post(
                 "/v1/workers",
                 json=body.model_dump(mode="json"),
-                headers={"Authorization": f"Bearer {self.config.join_token}"},
+                headers={"Authorization": f"Bearer {self._join_token}"},
             ),
         )
         response.raise_for_status()
         self.registration = WorkerRegistered.model_validate(response.json())
+        self._join_token = ""  # registered: the worker token is all it needs from now on
         log.info(
             "joined the cluster",
             extra={
@@ -385,7 +415,10 @@ class WorkerAgent:
             # fraction goes to the coordinator.
             state.progress = Progress(fraction=fraction, message="" if confidential else message)
 
-        return self.sandbox.run(sandbox_job, progress)
+        # One owner's consecutive jobs share a sandboxed process; a confidential job gets
+        # one of its own (nothing of it stays in memory for a later job to find).
+        owner = "" if confidential else job.owner_key
+        return self.sandbox.run(sandbox_job, progress, owner=owner)
 
     def _outputs(self, job: ClaimedJob, outputs_dir: Path) -> list[Path]:
         declared = {o.name for o in self.app.operations[job.operation].outputs}

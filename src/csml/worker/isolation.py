@@ -8,9 +8,10 @@
   tries a user + network namespace (its uid mapped to itself). Every job forked
   afterwards inherits these at no per-job cost. If neither works the job keeps
   the worker's network, and `describe()` says so.
-- Each job child calls `enter_job()` after fork: as root it becomes a fresh
-  random uid/gid from `UID_RANGE` (no supplementary groups, so no job can read
-  another job's files nor the worker's), then no_new_privs, no capabilities,
+- Each job child calls `enter_job()` after fork (once: a child serves one
+  owner's jobs): as root it becomes a fresh random uid/gid from `UID_RANGE` (no
+  supplementary groups, so no job can read another owner's files nor the
+  worker's), then no_new_privs, no capabilities,
   not dumpable, umask 077, and an environment replaced by `job_env()`.
 - As root, after the imports, `expose()` lets job uids reach the Python tree
   even if it lies in a directory they may not enter (e.g. /root/.pyenv), inside
@@ -168,7 +169,7 @@ def python_paths() -> list[str]:
 def describe(features: Collection[str] | None, own_uid: bool) -> str:
     """The worker's `sandbox` string (at most 200 characters)."""
     if features is None:
-        return "process per job; sandbox not started"
+        return "process per owner; sandbox not started"
     if "netns" in features:
         net = "no network (netns)"
     elif "userns-netns" in features:
@@ -176,9 +177,9 @@ def describe(features: Collection[str] | None, own_uid: bool) -> str:
     else:
         net = "NO network isolation available (namespaces refused)"
     parts = [
-        "process per job (forked from a warm zygote)",
+        "process per owner (warm zygote fork, reused)",
         net,
-        "own random uid per job" if own_uid else "worker's uid",
+        "own random uid per owner" if own_uid else "worker's uid",
         "no_new_privs, private tmp, clean env",
     ]
     if "hidepid" in features:

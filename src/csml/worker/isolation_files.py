@@ -9,6 +9,11 @@ root and the output directory keeps only regular files the job itself wrote: a
 symlink or hard link to a file of the worker's (e.g. `outputs/annotated ->
 /etc/shadow`) is dropped, never uploaded. The tmp dir is removed once no process
 of the job is left.
+
+A process reused for one owner's consecutive jobs (see `sandbox`) keeps one uid
+and one tmp dir (`new_grant`); each job's files are handed to that uid
+(`grant_files`) and taken back after it, and the tmp dir is emptied between jobs
+(`clear_tmp`).
 """
 
 from __future__ import annotations
@@ -43,6 +48,53 @@ class Grant:
         }
 
 
+def new_grant(
+    tmp_root: Path,
+    own_uid: bool,
+    in_use: Collection[int] = (),
+    name: str | None = None,
+) -> Grant:
+    """A private tmp dir in `tmp_root` (named `name`: only we write there) and, if
+    `own_uid`, a fresh uid that owns it; no files yet."""
+    if name is None:
+        tmp = Path(tempfile.mkdtemp(prefix="job-", dir=tmp_root))
+    else:
+        tmp = tmp_root / name
+        tmp.mkdir(mode=0o700)
+    grant = Grant(tmp, [], tmp)
+    if own_uid:
+        try:
+            grant.uid = grant.gid = uid = draw_uid(in_use)
+            os.chown(grant.tmp, uid, uid)
+        except OSError:
+            remove_tmp(grant)
+            raise
+    return grant
+
+
+def grant_files(
+    base: Grant, inputs: Collection[Path], output_dir: Path, roots: Collection[Path] = ()
+) -> Grant:
+    """`base` with one job's files handed to its uid (if any). Directories are loosened
+    (o+x) only below `roots` (default: the temp dir holding the tmp dir)."""
+    grant = Grant(base.tmp, list(inputs), output_dir, base.uid, base.gid)
+    if grant.uid is None:
+        return grant
+    uid = grant.uid
+    try:
+        for path in grant.inputs:
+            os.chown(path, uid, uid)
+            os.chmod(path, 0o400)
+        os.chown(output_dir, uid, uid, follow_symlinks=False)
+        os.chmod(output_dir, 0o700)
+        dirs = {p.parent for p in grant.inputs} | {output_dir.parent}
+        _grant_traverse(dirs, roots or (base.tmp.parent.parent,))
+    except OSError:
+        take_back(grant)
+        raise
+    return grant
+
+
 def hand_over(
     inputs: Collection[Path],
     output_dir: Path,
@@ -52,32 +104,13 @@ def hand_over(
     name: str | None = None,
     roots: Collection[Path] = (),
 ) -> Grant:
-    """A private tmp dir in `tmp_root` (named `name`: only we write there), and (if
-    `own_uid`) the job's files handed to a fresh uid. Directories are loosened (o+x)
-    only below `roots` (default: the temp dir holding `tmp_root`)."""
-    if name is None:
-        tmp = Path(tempfile.mkdtemp(prefix="job-", dir=tmp_root))
-    else:
-        tmp = tmp_root / name
-        tmp.mkdir(mode=0o700)
-    grant = Grant(tmp, list(inputs), output_dir)
-    if not own_uid:
-        return grant
+    """`new_grant` and `grant_files` in one, for a process that runs one job."""
+    base = new_grant(tmp_root, own_uid, in_use, name)
     try:
-        grant.uid = grant.gid = uid = draw_uid(in_use)
-        os.chown(grant.tmp, uid, uid)
-        for path in grant.inputs:
-            os.chown(path, uid, uid)
-            os.chmod(path, 0o400)
-        os.chown(output_dir, uid, uid, follow_symlinks=False)
-        os.chmod(output_dir, 0o700)
-        dirs = {p.parent for p in grant.inputs} | {output_dir.parent}
-        _grant_traverse(dirs, roots or (tmp_root.parent,))
+        return grant_files(base, inputs, output_dir, roots or (tmp_root.parent,))
     except OSError:
-        take_back(grant)
-        remove_tmp(grant)
+        remove_tmp(base)
         raise
-    return grant
 
 
 def take_back(grant: Grant) -> None:
@@ -94,6 +127,17 @@ def take_back(grant: Grant) -> None:
                 os.chmod(path, 0o400)
     with contextlib.suppress(FileNotFoundError):
         _take_back_outputs(grant.output_dir, grant.uid)
+
+
+def clear_tmp(grant: Grant) -> None:
+    """Empty the tmp dir (between two jobs of one process; entries are not followed)."""
+    with contextlib.suppress(FileNotFoundError), os.scandir(grant.tmp) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
 
 
 def remove_tmp(grant: Grant) -> None:

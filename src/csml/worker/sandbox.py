@@ -1,14 +1,30 @@
-"""Run each job in its own child process, with limits, isolated, killable at any time.
+"""Run jobs in sandboxed child processes, one owner per process, killable at any time.
 
 Children are forked by a zygote process (see `zygote.py`) that has already
-imported the app's libraries, so a job starts in about a millisecond while
-still getting a fresh process: whatever it does (crash, leak, overrun) dies
-with it and the worker goes on.
+imported the app's libraries. A child serves one owner (`owner` of `run`, the
+coordinator's opaque `owner_key`): it runs that owner's consecutive jobs, one
+at a time, and is never given another owner's job. Between jobs it waits idle;
+it is killed on a timeout, cancellation, protocol violation, crash, CPU overrun
+(measured per job by the worker from /proc), an out-of-memory error, processes
+left behind after a job, a job that fails to answer, more than
+`IDLE_RSS_ALLOWANCE` of memory kept after a job, CPU used while idle, after
+`idle_ttl` seconds idle, or when more than `max_idle` children are idle (least
+recently used first). Jobs without an owner (and confidential jobs: the agent passes no
+owner) get a child of their own that ends with the job. Whatever a job does
+(crash, leak, overrun) dies with its child and the worker goes on.
 
 Isolation (see `isolation.py`, `isolation_files.py`, `isolation_procs.py`): no
-network, a random uid of its own per job when the worker is root, a private tmp
-dir, a clean environment, nothing left running after it; `description` says what
-is active on this machine.
+network, a random uid of its own per child when the worker is root (so per
+owner: no job reads another owner's files, nor the worker's), a private tmp dir
+(emptied between jobs), a clean environment, nothing left running after a job;
+`description` says what is active on this machine. Within one owner, a job can
+see what the owner's earlier jobs in the same child left in its memory (and
+the libraries' caches); files of earlier jobs are taken back from its uid.
+
+The worker talks to the zygote and to each child only through `channel` frames
+(validated, size-bounded, never pickle): a child that sends anything outside
+the protocol fails its job as a protocol violation and is killed; a zygote
+that does is killed and restarted. Either way the worker goes on.
 """
 
 from __future__ import annotations
@@ -27,13 +43,36 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
 from csml.worker import zygote
+from csml.worker.channel import (
+    FROM_ZYGOTE,
+    ChannelClosed,
+    ErrorMsg,
+    ExitedMsg,
+    JobChannel,
+    JobLimitsMsg,
+    JobSandboxMsg,
+    ProgressMsg,
+    ProtocolViolation,
+    ReadyMsg,
+    ResultMsg,
+    RunMsg,
+    StartedMsg,
+    StartMsg,
+)
 from csml.worker.isolation import describe, zygote_env
-from csml.worker.isolation_files import Grant, hand_over, remove_tmp, take_back
+from csml.worker.isolation_files import (
+    Grant,
+    clear_tmp,
+    grant_files,
+    new_grant,
+    remove_tmp,
+    take_back,
+)
+from csml.worker.isolation_procs import children
 
 ProgressFn = Callable[[float, str], None]
 
@@ -44,6 +83,8 @@ class Outcome:
     result: dict[str, Any] | None = None
     error: str | None = None
     cancelled: bool = False
+    answered: bool = False  # the child answered (and may serve another job)
+    retire: bool = False  # the child asked not to be given another job
 
 
 @dataclass
@@ -69,20 +110,71 @@ class _Child:
     sent: bool = False  # the zygote was asked to start it
 
 
+@dataclass
+class _Resident:
+    """A child and what it keeps from job to job: its channel, uid and tmp dir."""
+
+    token: int
+    child: _Child
+    channel: JobChannel
+    base: Grant
+    owner: str
+    limits: JobLimitsMsg
+    jobs: int = 0
+    idle_since: float = 0.0
+    idle_cpu: float = 0.0  # its CPU time when it went idle
+
+
 class ZygoteDied(RuntimeError):
     pass
 
 
 READY_TIMEOUT = 120.0  # the zygote imports the app's libraries first
-EXIT_GRACE = 5.0  # a child that answered yet lives on this long is killed
+EXIT_GRACE = 5.0  # a child told to stop that lives on this long is killed
+IDLE_TTL = 60.0  # seconds a child may wait for its owner's next job
+MAX_IDLE = 8  # children kept waiting, over all owners
+CPU_LIFETIME_FACTOR = 8  # a reused child's CPU rlimit, in per-job budgets (a backstop)
+IDLE_CPU_ALLOWANCE = 0.5  # CPU seconds an idle child may use (e.g. a thread a job left)
+IDLE_RSS_ALLOWANCE = 64 << 20  # memory an idle child may hold beyond the zygote's
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def resident_bytes(pid: int) -> int:
+    """Resident memory of a process (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * PAGE_SIZE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def cpu_seconds_of(pid: int) -> float:
+    """CPU time of a process (all its threads, and its children it has reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return sum(int(v) for v in fields[11:15]) / CLOCK_TICKS
 
 
 class Sandbox:
     """`workdir`: the worker's folder for job files, if not in the temp dir: the
     sandbox may then let job uids traverse it (and what lies below it)."""
 
-    def __init__(self, app_name: str, workdir: Path | None = None) -> None:
+    def __init__(
+        self,
+        app_name: str,
+        workdir: Path | None = None,
+        *,
+        idle_ttl: float = IDLE_TTL,
+        max_idle: int = MAX_IDLE,
+    ) -> None:
         self.app_name = app_name
+        self.idle_ttl = idle_ttl
+        self.max_idle = max_idle
+        self._idle: dict[int, _Resident] = {}  # by token, least recently used first
         self.own_uid = os.geteuid() == 0  # root: each job gets a uid of its own
         self._lock = threading.Lock()
         self._children: dict[int, _Child] = {}
@@ -94,7 +186,7 @@ class Sandbox:
         self._ready = threading.Event()
         self._features: list[str] | None = None
         self._start_zygote()
-        self._finished: queue.Queue[tuple[int, _Child, Grant] | None] = queue.Queue()
+        self._finished: queue.Queue[_Resident | None] = queue.Queue()
         self._cleaner = threading.Thread(target=self._clean, daemon=True, name="sandbox-clean")
         self._cleaner.start()
 
@@ -124,9 +216,16 @@ class Sandbox:
         ctrl = self._ctrl
         while True:
             try:
-                message, _ = zygote.recv(ctrl)
+                message, fds = zygote.recv(ctrl, FROM_ZYGOTE)
+            except ProtocolViolation as exc:
+                print(f"csml worker: the zygote broke the protocol ({exc}); restarting it",
+                      file=sys.stderr)  # fmt: skip
+                self._zygote.kill()
+                message, fds = None, []
             except OSError:
-                message = None
+                message, fds = None, []
+            for fd in fds:  # the zygote sends none
+                os.close(fd)
             if message is None:
                 with self._lock:
                     for child in self._children.values():
@@ -134,22 +233,20 @@ class Sandbox:
                         child.exited.set()
                 self._ready.set()
                 return
-            kind, token, value = message
-            if kind == "ready" and isinstance(value, list):
-                self._features = [str(f) for f in value]
+            if isinstance(message, ReadyMsg):
+                self._features = list(message.features)
                 self._ready.set()
                 continue
-            if not isinstance(token, int) or not isinstance(value, int):
-                continue
+            assert isinstance(message, StartedMsg | ExitedMsg)
             with self._lock:
-                found = self._children.get(token)
+                found = self._children.get(message.token)
             if found is None:
                 continue
-            if kind == "started":
-                found.pid = value
+            if isinstance(message, StartedMsg):
+                found.pid = message.pid
                 found.started.set()
-            elif kind == "exited":
-                found.status = value
+            else:
+                found.status = message.status
                 found.exited.set()
 
     def _ensure_zygote(self) -> None:
@@ -160,6 +257,10 @@ class Sandbox:
             self._start_zygote()
 
     def close(self) -> None:
+        with self._lock:
+            idle, self._idle = list(self._idle.values()), {}
+        for r in idle:
+            r.channel.close()
         self._ctrl.close()  # the zygote kills any job left, then exits
         try:
             self._zygote.wait(timeout=5)
@@ -169,86 +270,213 @@ class Sandbox:
         self._cleaner.join(timeout=10)
         shutil.rmtree(self._tmp_root, ignore_errors=True)
 
-    def run(self, job: SandboxJob, on_progress: ProgressFn | None = None) -> Outcome:
+    def run(
+        self, job: SandboxJob, on_progress: ProgressFn | None = None, owner: str = ""
+    ) -> Outcome:
+        """Run `job` in a child of `owner` (reused if one waits idle; "" for a child of
+        its own)."""
         self._ensure_zygote()
+        limits = JobLimitsMsg(
+            memory_mb=job.memory_mb,
+            cpu_seconds=job.cpu_seconds,
+            cpu_lifetime_seconds=job.cpu_seconds * (CPU_LIFETIME_FACTOR if owner else 1),
+            max_file_bytes=job.max_file_bytes,
+        )
+        resident = self._checkout(owner, limits)
+        if resident is None:
+            try:
+                resident = self._spawn(owner, limits)
+            except OSError as exc:
+                return Outcome(ok=False, error=f"the sandbox could not prepare the job: {exc}")
+        reuse = False
+        try:
+            try:
+                grant = grant_files(resident.base, job.inputs.values(), job.output_dir, self._roots)
+            except OSError as exc:
+                return Outcome(ok=False, error=f"the sandbox could not prepare the job: {exc}")
+            try:
+                outcome = self._run(resident, job, grant, on_progress)
+            finally:
+                take_back(grant)  # now: the worker uploads the outputs next
+            reuse = (
+                bool(owner)
+                and outcome.answered
+                and not outcome.retire
+                and not resident.child.exited.is_set()
+                and self._cpu_left(resident, job)
+                and not self._left_behind(resident)
+                and not self._too_big(resident)
+            )
+            return outcome
+        finally:
+            if reuse:
+                clear_tmp(resident.base)
+                self._checkin(resident)
+            else:
+                self._retire(resident)
+
+    def _checkout(self, owner: str, limits: JobLimitsMsg) -> _Resident | None:
+        """An idle child of `owner` made for the same limits, if any."""
+        if not owner:
+            return None
+        with self._lock:
+            for token, r in reversed(self._idle.items()):  # most recently used first
+                if r.owner == owner and r.limits == limits:
+                    del self._idle[token]
+                    break
+            else:
+                return None
+        if r.child.exited.is_set() or r.channel.pending() or self._busy_while_idle(r):
+            self._retire(r)  # died, spoke out of turn, or worked while idle
+            return None
+        return r
+
+    @staticmethod
+    def _busy_while_idle(resident: _Resident) -> bool:
+        return cpu_seconds_of(resident.child.pid) - resident.idle_cpu > IDLE_CPU_ALLOWANCE
+
+    def _checkin(self, resident: _Resident) -> None:
+        resident.idle_since = time.monotonic()
+        resident.idle_cpu = cpu_seconds_of(resident.child.pid)
+        with self._lock:
+            self._idle[resident.token] = resident
+            evicted = list(self._idle.values())[: max(0, len(self._idle) - self.max_idle)]
+            for r in evicted:
+                del self._idle[r.token]
+        for r in evicted:
+            self._retire(r)
+
+    def _expire_idle(self) -> None:
+        """Retire children idle too long, or that use CPU while idle."""
+        cutoff = time.monotonic() - self.idle_ttl
+        with self._lock:
+            idle = list(self._idle.values())
+        busy = {r.token for r in idle if self._busy_while_idle(r)}
+        with self._lock:
+            expired = [r for r in self._idle.values() if r.idle_since < cutoff or r.token in busy]
+            for r in expired:
+                del self._idle[r.token]
+        for r in expired:
+            self._retire(r)
+
+    def _spawn(self, owner: str, limits: JobLimitsMsg) -> _Resident:
+        """Ask the zygote for a new child: a uid and tmp dir of its own."""
         token = next(self._tokens)
         child = _Child()
         with self._lock:
             in_use = {c.uid for c in self._children.values() if c.uid is not None}
             self._children[token] = child
         try:
-            grant = hand_over(
-                job.inputs.values(),
-                job.output_dir,
-                self._tmp_root,
-                self.own_uid,
-                in_use,
-                name=f"job-{token}",
-                roots=self._roots,
-            )
-        except OSError as exc:
+            base = new_grant(self._tmp_root, self.own_uid, in_use, name=f"child-{token}")
+        except OSError:
             with self._lock:
                 self._children.pop(token, None)
-            return Outcome(ok=False, error=f"the sandbox could not prepare the job: {exc}")
-        child.uid = grant.uid
+            raise
+        child.uid = base.uid
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        resident = _Resident(token, child, JobChannel(ours), base, owner, limits)
         try:
-            return self._run(token, child, job, grant, on_progress)
+            zygote.send(self._ctrl, RunMsg(token=token), [theirs.fileno()])
+            child.sent = True
+        except OSError:
+            self._retire(resident)
+            raise
         finally:
-            take_back(grant)  # now: the worker uploads the outputs next
-            self._finished.put((token, child, grant))
+            theirs.close()
+        return resident
+
+    def _retire(self, resident: _Resident) -> None:
+        """End a child: its channel closes (it exits), the cleaner makes sure of it."""
+        resident.channel.close()
+        self._finished.put(resident)
 
     def _clean(self) -> None:
-        """Remove each job's tmp dir once its child and all it started are gone."""
-        while (item := self._finished.get()) is not None:
-            token, child, grant = item
+        """Remove each retired child's tmp dir once it and all it started are gone;
+        retire children idle too long."""
+        checked = time.monotonic()
+        while True:
+            item: _Resident | None = None
+            try:
+                item = self._finished.get(timeout=1.0)
+                got = True
+            except queue.Empty:
+                got = False
+            if time.monotonic() - checked >= 1.0:
+                checked = time.monotonic()
+                self._expire_idle()
+            if not got:
+                continue
+            if item is None:
+                return
+            child = item.child
             if child.sent and not child.exited.wait(EXIT_GRACE):
                 self._kill(child)
                 child.exited.wait(10)
-            remove_tmp(grant)
+            remove_tmp(item.base)
             with self._lock:
-                self._children.pop(token, None)
+                self._children.pop(item.token, None)
+
+    def _cpu_left(self, resident: _Resident, job: SandboxJob) -> bool:
+        """Whether the child may take another job of full CPU budget under its rlimit."""
+        used = cpu_seconds_of(resident.child.pid)
+        return used + job.cpu_seconds + 1 < resident.limits.cpu_lifetime_seconds
+
+    def _too_big(self, resident: _Resident) -> bool:
+        """Whether the child holds too much memory to be kept idle (what a job allocated
+        stays with its process; the idle cap times this bounds what idle children hold)."""
+        extra = resident_bytes(resident.child.pid) - resident_bytes(self._zygote.pid)
+        return extra > IDLE_RSS_ALLOWANCE
+
+    def _left_behind(self, resident: _Resident) -> bool:
+        """Processes the job left: children of its child, or orphans the zygote adopted."""
+        if children(resident.child.pid):
+            return True
+        with self._lock:
+            known = {c.pid for c in self._children.values()}
+        return any(pid not in known for pid in children(self._zygote.pid, threads=False))
 
     def _run(
         self,
-        token: int,
-        child: _Child,
+        resident: _Resident,
         job: SandboxJob,
         grant: Grant,
         on_progress: ProgressFn | None,
     ) -> Outcome:
-        """Start the child and supervise it until it answers, or dies and is reaped."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        conn = Connection(os.dup(ours.fileno()))
-        ours.close()
+        """Start the job and supervise it until it answers, or dies and is reaped."""
+        child = resident.child
+        final: Outcome | None
         try:
-            try:
-                zygote.send(self._ctrl, ("run", token), [theirs.fileno()])
-                child.sent = True
-            finally:
-                theirs.close()
-            conn.send(
-                {
-                    "operation": job.operation,
-                    "params": job.params,
-                    "inputs": {k: str(v) for k, v in job.inputs.items()},
-                    "output_dir": str(job.output_dir),
-                    "limits": {
-                        "memory_mb": job.memory_mb,
-                        "cpu_seconds": job.cpu_seconds,
-                        "max_file_bytes": job.max_file_bytes,
-                    },
-                    "sandbox": grant.payload(),
-                }
+            if not child.started.wait(timeout=READY_TIMEOUT):
+                raise OSError("the zygote did not start the job's process")
+            cpu_before = cpu_seconds_of(child.pid)
+
+            def overrun() -> str | None:
+                if cpu_seconds_of(child.pid) - cpu_before > job.cpu_seconds:
+                    return f"exceeded its CPU-time limit of {job.cpu_seconds:g} s"
+                return None
+
+            resident.channel.start(
+                StartMsg(
+                    operation=job.operation,
+                    params=job.params,
+                    inputs={k: str(v) for k, v in job.inputs.items()},
+                    output_dir=str(job.output_dir),
+                    limits=resident.limits,
+                    sandbox=JobSandboxMsg(**grant.payload()),
+                )
             )
-            final = self._supervise(conn, child, job, on_progress)
+            resident.jobs += 1
+        except ProtocolViolation as exc:
+            final = Outcome(ok=False, error=f"protocol violation by the job process: {exc}")
+        except ValueError as exc:  # over the start message's cap
+            final = Outcome(ok=False, error=f"the job could not be sent to its process: {exc}")
         except OSError:
             final = None
-        finally:
-            conn.close()
-        if isinstance(final, tuple):  # it answered, and exits by itself (see `_clean`)
-            if final[0] == "ok":
-                return Outcome(ok=True, result=final[1])
-            return Outcome(ok=False, error=str(final[1]))
+        else:
+            final = supervise(resident.channel, job, on_progress, overrun)
+        if final is not None and final.answered:
+            return final
+        resident.channel.close()
         if isinstance(final, Outcome):
             self._kill(child)
         child.exited.wait(timeout=10)
@@ -261,32 +489,6 @@ class Sandbox:
         if child.pid and not child.exited.is_set():
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(child.pid, signal.SIGKILL)
-
-    @staticmethod
-    def _supervise(
-        conn: Connection, child: _Child, job: SandboxJob, on_progress: ProgressFn | None
-    ) -> tuple[Any, ...] | Outcome | None:
-        """Relay progress until the child answers, dies, overruns or is cancelled."""
-        deadline = time.monotonic() + job.timeout_seconds
-        while True:
-            if job.cancel.is_set():
-                return Outcome(ok=False, error="cancelled", cancelled=True)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return Outcome(
-                    ok=False, error=f"exceeded its time limit of {job.timeout_seconds:g} s"
-                )
-            if not wait([conn], timeout=min(remaining, 0.2)):
-                continue
-            try:
-                message = conn.recv()
-            except (EOFError, OSError):
-                return None  # died without answering
-            if message[0] == "progress":
-                if on_progress is not None:
-                    on_progress(float(message[1]), str(message[2]))
-                continue
-            return tuple(message)
 
     @staticmethod
     def _death(status: int | None, job: SandboxJob) -> str:
@@ -312,3 +514,56 @@ class Sandbox:
         except ValueError:
             name = f"signal {sig}"
         return f"the job process died from {name}"
+
+
+def supervise(
+    channel: JobChannel,
+    job: SandboxJob,
+    on_progress: ProgressFn | None = None,
+    overrun: Callable[[], str | None] | None = None,
+) -> Outcome | None:
+    """The job's outcome as its channel tells it: its answer, or a protocol violation,
+    timeout, cancellation or overrun (`overrun()` names one; checked while the job
+    runs and once it answered): the child must then be killed. None if the child
+    ended without answering (its wait status says why)."""
+    try:
+        final = _supervise(channel, job, on_progress, overrun)
+    except ProtocolViolation as exc:
+        return Outcome(ok=False, error=f"protocol violation by the job process: {exc}")
+    except (OSError, ChannelClosed):
+        return None
+    if isinstance(final, ResultMsg | ErrorMsg) and overrun is not None and (why := overrun()):
+        return Outcome(ok=False, error=why)
+    if isinstance(final, ResultMsg):
+        return Outcome(ok=True, result=dict(final.result), answered=True)
+    if isinstance(final, ErrorMsg):
+        return Outcome(ok=False, error=final.message, answered=True, retire=final.retire)
+    return final
+
+
+def _supervise(
+    channel: JobChannel,
+    job: SandboxJob,
+    on_progress: ProgressFn | None,
+    overrun: Callable[[], str | None] | None,
+) -> ResultMsg | ErrorMsg | Outcome:
+    """Relay progress until the child answers, overruns or is cancelled.
+
+    Raises ChannelClosed (it died without answering), ProtocolViolation."""
+    deadline = time.monotonic() + job.timeout_seconds
+    while True:
+        if job.cancel.is_set():
+            return Outcome(ok=False, error="cancelled", cancelled=True)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return Outcome(ok=False, error=f"exceeded its time limit of {job.timeout_seconds:g} s")
+        message = channel.next(min(remaining, 0.2))
+        if message is None:
+            if overrun is not None and (why := overrun()):
+                return Outcome(ok=False, error=why)
+            continue
+        if isinstance(message, ProgressMsg):
+            if on_progress is not None:
+                on_progress(message.fraction, message.message)
+            continue
+        return message
