@@ -51,9 +51,20 @@ def files_under(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
 
 
+# (route, spec part, file part): a job's input, and a model being imported.
+UPLOADS = {
+    "job": ("/v1/jobs", {"app": "echo", "operation": "echo", "params": {}}, "data"),
+    "model": ("/v1/models", {"app": "dlib", "format": "csml-dlib-svm"}, "model"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(UPLOADS))
 def test_erasure_during_an_upload_is_a_clean_refusal_and_leaves_nothing(
-    tmp_path: Path, store: dict[str, str]
+    tmp_path: Path, store: dict[str, str], kind: str
 ) -> None:
+    route, spec_data, part = UPLOADS[kind]
+    if kind == "model" and importlib.util.find_spec("dlib") is None:
+        pytest.skip("needs the dlib extra (an app that imports models)")
     with running_cluster(tmp_path, {**BASE, **store}) as c:  # no worker: the job would queue
         user = c.new_user()
         token = user.token
@@ -61,7 +72,7 @@ def test_erasure_during_an_upload_is_a_clean_refusal_and_leaves_nothing(
             f"{c.url}/v1/identities/me", headers={"Authorization": f"Bearer {token}"}
         ).json()["id"]
         erased = threading.Event()
-        spec = json.dumps({"app": "echo", "operation": "echo", "params": {}}).encode()
+        spec = json.dumps(spec_data).encode()
 
         def body() -> Iterator[bytes]:
             yield (
@@ -73,7 +84,7 @@ def test_erasure_during_an_upload_is_a_clean_refusal_and_leaves_nothing(
                 + b"\r\n"
             )
             yield (
-                f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="data"; filename="d"\r\n'
+                f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{part}"; filename="d"\r\n'
                 "Content-Type: application/octet-stream\r\n\r\n"
             ).encode()
             yield b"x" * (1 << 20)
@@ -86,7 +97,7 @@ def test_erasure_during_an_upload_is_a_clean_refusal_and_leaves_nothing(
         def upload() -> None:
             answer.append(
                 httpx.post(
-                    f"{c.url}/v1/jobs",
+                    f"{c.url}{route}",
                     content=body(),
                     headers={
                         "Authorization": f"Bearer {token}",
@@ -125,6 +136,7 @@ def test_erasure_during_an_upload_is_a_clean_refusal_and_leaves_nothing(
         finally:
             engine.dispose()
         assert files_under(c.data_dir / "blobs" / "jobs") == []
+        assert files_under(c.data_dir / "blobs" / "models") == []
         assert files_under(c.data_dir / "blobs" / "staging") == []
 
 
