@@ -90,7 +90,8 @@ def submit(
                 session,
                 core.catalog,
                 owner_id,
-                upload_bytes=sum(f.size for f in files.values()),
+                upload_bytes=sum(f.size for f in files.values())
+                + sum(quotas.params_bytes(s.params) for s in spec.steps),
                 adding_models=sum(quotas.models_made(op) for op in ops),
             )
             pipeline_spec.check_models(session, core, owner_id, spec)

@@ -219,7 +219,9 @@ class JobQueue:
                     session,
                     self.catalog,
                     owner_id,
-                    upload_bytes=sum(f.size for f in files.values()),
+                    upload_bytes=sum(f.size for f in files.values())
+                    + quotas.params_bytes(spec.params)
+                    + (len(spec.confidential.encrypted_params) if spec.confidential else 0),
                     adding_models=quotas.models_made(op),
                 )
                 app_row = session.get(AppRecord, spec.app, with_for_update=True)

@@ -13,8 +13,8 @@ Invariants:
 - **Queued + running jobs** (`max_active_jobs`): jobs that are not pipeline steps
   (a pipeline counts once, for as long as it runs).
 - **Stored bytes** (`max_stored_bytes`): inputs and outputs of the identity's kept
-  jobs (each blob once) plus its models that outlived their job; a new job's
-  uploaded files count before it lands.
+  jobs (each blob once), the params they hold, and its models that outlived their
+  job; a new job's uploaded files and params count before it lands.
 - **Models** (`max_models`): models kept plus the models the identity's queued and
   running jobs will keep (each model output of a job; for a pipeline, the model
   outputs of its current and later steps). A submission whose models would not fit
@@ -30,11 +30,12 @@ Every refusal is a 429 with `Retry-After` that names the limit and its value.
 
 from __future__ import annotations
 
+import json
 import math
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sqlalchemy import exists, func, or_, select
+from sqlalchemy import Text, cast, exists, func, or_, select
 from sqlalchemy.orm import Session
 
 from csml.coordinator.errors import ApiError, unauthorized
@@ -130,9 +131,17 @@ def check_active_jobs(owner: HasSettings, session: Session, identity_id: str) ->
 # -- stored bytes ---------------------------------------------------------------
 
 
+def params_bytes(params: dict[str, Any] | None) -> int:
+    """Bytes a new job's params will keep in the store (compact JSON; `{}` keeps nothing)."""
+    if not params:
+        return 0
+    return len(json.dumps(params, separators=(",", ":"), ensure_ascii=False).encode())
+
+
 def stored_bytes(session: Session, identity_id: str) -> int:
     """Bytes of the identity's job files still kept (inputs and outputs), plus its models
-    whose job is gone (while the job is kept, the model shares its output's bytes)."""
+    whose job is gone (while the job is kept, the model shares its output's bytes), plus
+    the params its kept jobs hold."""
     # Each blob once: a pipeline's steps and the pipeline itself share their files' blobs.
     blobs = (
         select(JobFile.blob, JobFile.size)
@@ -149,7 +158,15 @@ def stored_bytes(session: Session, identity_id: str) -> int:
             or_(ModelArtifact.job_id.is_(None), ModelArtifact.job_id.not_in(kept_jobs)),
         )
     )
-    return int(total or 0) + int(models or 0)
+    # Params are kept in the job's row (and come back in results): count them too
+    # (as their JSON text; empty params, `{}`, count nothing).
+    params_text = func.length(cast(Job.params, Text))
+    params = session.scalar(
+        select(func.coalesce(func.sum(params_text), 0)).where(
+            Job.owner_id == identity_id, params_text > 2
+        )
+    )
+    return int(total or 0) + int(models or 0) + int(params or 0)
 
 
 def check_storage(
