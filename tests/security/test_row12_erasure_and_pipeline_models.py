@@ -178,5 +178,6 @@ def test_a_later_step_runs_with_a_model_deleted_after_submission(tmp_path: Path)
         c.start_worker("dlib")
         done = pipeline.wait(timeout=180)
         assert done.state.value == "succeeded", done.data.error
+        assert done.data.steps is not None
         assert [s.state for s in done.data.steps] == ["succeeded", "succeeded"]
         assert any(name.startswith("later.") for name in done.data.outputs)

@@ -18,7 +18,7 @@ from csml.coordinator.catalog import Catalog
 from csml.coordinator.config import Settings
 from csml.coordinator.errors import ApiError
 from csml.store.db import make_engine, make_sessionmaker, migrate, sqlite_url, transaction
-from csml.store.tables import Identity, Job, utcnow
+from csml.store.tables import AppRecord, Identity, Job, utcnow
 
 maker = App("maker", version="1.0", description="Operations that keep models, for tests.")
 SPEC = ModelSpec("thing", "csml-test-thing", 1)
@@ -71,7 +71,8 @@ def test_reserved_models_count_active_jobs_and_the_rest_of_each_pipeline(tmp_pat
     me, other = ids.new_id(), ids.new_id()
     steps = [{"app": "maker", "operation": op} for op in ("make_two", "plain", "make_two")]
     with transaction(sessions) as session:
-        catalog.upsert(session, maker.manifest())
+        manifest = maker.manifest().model_dump(mode="json")  # as a catalogued app's row
+        session.add(AppRecord(name="maker", version="1.0", manifest=manifest, updated_at=utcnow()))
         for who in (me, other):
             session.add(Identity(id=who, token_hash=ids.new_id(), created_at=utcnow()))
         session.flush()
