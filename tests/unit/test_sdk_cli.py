@@ -71,7 +71,8 @@ def cli(
     def client(*args: Any, **kw: Any) -> Client:
         return Client(*args, **kw, transport=coordinator.transport)
 
-    monkeypatch.setattr(cli_main, "Client", client)
+    monkeypatch.setattr(cli_main, "Client", client)  # `csml id new` makes its own
+    monkeypatch.setattr("csml.cli.connection.Client", client)  # every other command
     monkeypatch.setenv("CSML_CONFIG", str(tmp_path / "config" / "config.toml"))
     for name in ("CSML_URL", "CSML_TOKEN", "CSML_PIN_SHA256"):
         monkeypatch.delenv(name, raising=False)

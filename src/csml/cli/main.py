@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from csml.cli import attest, batch, demo, models, operator, pipeline, scaffold
+from csml.cli.connection import UrlOpt, client
 from csml.cli.follow import follow
 from csml.cli.output import console, fail, jobs_table, plain, show_job
 from csml.cli.params import find_operation, map_files, parse_params
@@ -37,17 +38,6 @@ app.command("train")(models.train)
 app.command("predict")(models.predict)
 app.add_typer(pipeline.pipeline_app, name="pipeline")
 app.command("batch")(batch.batch)
-
-UrlOpt = Annotated[
-    str | None,
-    typer.Option("--url", envvar="CSML_URL", help="Coordinator URL.", show_default=False),
-]
-
-
-def client(url: str | None = None) -> Client:
-    saved = UserConfig.load()
-    # Result keys of confidential jobs are kept next to the user config (0600, per job).
-    return Client(url or saved.url, saved.token, key_store=attest.key_store())
 
 
 @id_app.command("new")

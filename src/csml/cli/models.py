@@ -9,21 +9,17 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from csml.cli.connection import UrlOpt, client
 from csml.cli.follow import follow
 from csml.cli.output import console, json_text, plain
 from csml.cli.params import map_files, parse_params
 from csml.client import Client, CsmlError
-from csml.client.config import UserConfig
 from csml.schemas import OperationInfo
 from csml.schemas.models import ModelInfo
 
 models_app = typer.Typer(
     help="Your models: trained by your jobs, or imported.", invoke_without_command=True
 )
-UrlOpt = Annotated[
-    str | None,
-    typer.Option("--url", envvar="CSML_URL", help="Coordinator URL.", show_default=False),
-]
 ParamOpt = Annotated[
     list[str] | None, typer.Option("--param", "-p", help="Parameter KEY=VALUE (repeatable).")
 ]
@@ -32,11 +28,6 @@ TimeoutOpt = Annotated[float, typer.Option(help="Most seconds to wait.")]
 OutputOpt = Annotated[
     Path | None, typer.Option("--output", "-o", help="Download outputs to this folder.")
 ]
-
-
-def client(url: str | None) -> Client:
-    saved = UserConfig.load()
-    return Client(url or saved.url, saved.token)
 
 
 def _headline(metrics: dict[str, object]) -> str:

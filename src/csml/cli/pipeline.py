@@ -9,31 +9,22 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from csml.cli.connection import UrlOpt, client
 from csml.cli.follow import follow
 from csml.cli.output import STATE_STYLE, console, show_job
-from csml.client import Client, CsmlError
-from csml.client.config import UserConfig
+from csml.client import CsmlError
 from csml.schemas import Job
 
 pipeline_app = typer.Typer(
     help="Pipelines: steps across apps, each step's outputs feeding the next, as one job.",
     no_args_is_help=True,
 )
-UrlOpt = Annotated[
-    str | None,
-    typer.Option("--url", envvar="CSML_URL", help="Coordinator URL.", show_default=False),
-]
 
 EXAMPLE = """{"steps": [
   {"name": "gray", "app": "opencv", "operation": "grayscale",
    "inputs": {"image": "upload:photo"}},
   {"name": "faces", "app": "dlib", "operation": "detect_faces",
    "inputs": {"image": "gray.gray"}}]}"""
-
-
-def client(url: str | None) -> Client:
-    saved = UserConfig.load()
-    return Client(url or saved.url, saved.token)
 
 
 def load_spec(path: Path) -> dict[str, Any]:
