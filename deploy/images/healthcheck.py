@@ -16,7 +16,8 @@ from pathlib import Path
 
 def _get_ok(url: str) -> bool:
     import httpx
-    from csml.client.transport import check_url, verify_option
+
+    from csml.transport import check_url, verify_option
 
     insecure = os.environ.get("CSML_INSECURE_HTTP", "").lower() in ("1", "true", "yes")
     check_url(url, insecure_http=insecure)

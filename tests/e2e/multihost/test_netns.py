@@ -169,7 +169,12 @@ def test_workers_on_other_hosts_survive_a_cut_link(net: Network, tmp_path: Path)
     tokens = {}
     for label in ("host-a", "host-b"):
         made = subprocess.run(
-            coord.cmd([sys.executable, "-m", "csml", "join-token", "create", "--label", label]),
+            coord.cmd(
+                [
+                    *(sys.executable, "-m", "csml", "join-token", "create", "--app", "echo"),
+                    *("--label", label),
+                ]
+            ),  # fmt: skip
             env=coord_env,
             cwd=REPO,
             capture_output=True,
