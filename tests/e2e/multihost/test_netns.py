@@ -168,13 +168,9 @@ def test_workers_on_other_hosts_survive_a_cut_link(net: Network, tmp_path: Path)
     # The operator on the coordinator host: one join token per worker host.
     tokens = {}
     for label in ("host-a", "host-b"):
+        create = [sys.executable, "-m", "csml", "join-token", "create", "--app", "echo"]
         made = subprocess.run(
-            coord.cmd(
-                [
-                    *(sys.executable, "-m", "csml", "join-token", "create", "--app", "echo"),
-                    *("--label", label),
-                ]
-            ),  # fmt: skip
+            coord.cmd([*create, "--label", label]),
             env=coord_env,
             cwd=REPO,
             capture_output=True,
