@@ -12,9 +12,21 @@ could never be claimed: the owner must resubmit), and any queued job that waited
 `queue_timeout_seconds` during which no worker of its app was live.
 
 Fairness: each queued job gets a `fair_rank` one past the larger of its
-owner's last queued rank in that app and the rank the app last served. Claims
-take the lowest rank first, so identities are served round-robin and a user
-with 1,000 queued jobs delays a newcomer by about one job per other user.
+owner's last rank in that app (a counter row per (app, identity)) and the rank
+the app last served. Claims take the lowest rank first (the head of
+`ix_jobs_claim`), so identities are served round-robin and a user with 1,000
+queued jobs delays a newcomer by about one job per other user. An owner whose
+queued jobs were cancelled keeps their counter: their next job ranks behind the
+ones they cancelled (never ahead of anyone else's place).
+
+No per-app lock on the hot path (PostgreSQL): a submission upserts its owner's
+counter row and reads the served rank without locking; a claim is one
+`UPDATE … WHERE seq IN (SELECT … FOR UPDATE SKIP LOCKED) RETURNING` and moves the
+served rank only if no other transaction holds the app's row (SKIP LOCKED again),
+so it never waits. The queue bound is soft far from full (a depth counted at most
+`DEPTH_CACHE_SECONDS` ago by this coordinator, plus what it accepted since) and
+exact near it (counted under the app's row lock), so concurrent submissions
+cannot overshoot a bound they are close to.
 """
 
 from __future__ import annotations
@@ -29,7 +41,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, func, or_, select, tuple_, update
+from sqlalchemy import ColumnElement, and_, case, func, or_, select, tuple_, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from csml import ids
@@ -60,7 +72,7 @@ from csml.schemas.workers import (
 )
 from csml.store.blobs import BlobStore, fsync_paths
 from csml.store.db import transaction
-from csml.store.tables import AppRecord, Job, JobFile, Worker, utcnow
+from csml.store.tables import AppRecord, FairCounter, Job, JobFile, Worker, utcnow
 from csml.store.tables_confidential import (
     JobConfidential,
     JobRecipient,
@@ -76,6 +88,8 @@ TERMINAL = (JobState.succeeded.value, JobState.failed.value, JobState.cancelled.
 
 
 INLINE_CLAIM_BYTES = 1 << 20  # inline inputs per claim answer, in all
+DEPTH_CACHE_SECONDS = 1.0  # how long a coordinator trusts its count of an app's queue
+DEPTH_MARGIN = 64  # below capacity by more than max(this, capacity / 10): no exact count
 
 
 @dataclass
@@ -118,6 +132,7 @@ class JobQueue:
         self.catalog = catalog
         self.notifier = notifier
         self._stamped: dict[str, float] = {}  # worker id -> when its liveness was written
+        self._depths: dict[str, tuple[int, float]] = {}  # app -> (queued, when counted)
 
     # -- submission ---------------------------------------------------------
 
@@ -150,7 +165,8 @@ class JobQueue:
         self._check_params(spec)
         self.limits_for(spec)
         with self.sessions() as session:
-            self._check_capacity(session, spec.app)
+            if not self._far_from_full(session, spec.app):
+                self._check_capacity(session, spec.app)
             self._check_recipients(session, spec)
 
     def _check_params(self, spec: JobSpec) -> None:
@@ -227,6 +243,51 @@ class JobQueue:
                 headers={"Retry-After": str(retry)},
             )
 
+    def _far_from_full(self, session: Session, app: str) -> bool:
+        """Whether `app`'s queue is well below its bound, from a depth this coordinator
+        counted less than `DEPTH_CACHE_SECONDS` ago plus the jobs it accepted since (a soft
+        view: other coordinators' submissions show at the next count). Near the bound,
+        submissions count exactly under the app's lock."""
+        capacity = self.settings.capacity(app)
+        margin = max(DEPTH_MARGIN, capacity // 10)
+        now = time.monotonic()
+        cached = self._depths.get(app)
+        if cached is None or now - cached[1] >= DEPTH_CACHE_SECONDS:
+            depth = session.scalar(
+                select(func.count()).select_from(Job).where(Job.app == app, Job.state == QUEUED)
+            )
+            cached = (depth or 0, now)
+        far = cached[0] + margin < capacity
+        self._depths[app] = (cached[0] + 1, cached[1])
+        return far
+
+    @staticmethod
+    def _next_rank(session: Session, app: str, owner_id: str, served: int) -> int:
+        """One past the larger of the owner's last rank in `app` and the rank served: an
+        upsert of the owner's counter row (no app lock; one owner's submissions queue on
+        their own row only)."""
+        values = {"app": app, "owner_id": owner_id, "last_rank": served + 1}
+        bumped = {
+            "last_rank": case((FairCounter.last_rank > served, FairCounter.last_rank), else_=served)
+            + 1
+        }
+        if session.get_bind().dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            pg = pg_insert(FairCounter).values(**values)
+            stmt = pg.on_conflict_do_update(
+                index_elements=[FairCounter.app, FairCounter.owner_id], set_=bumped
+            ).returning(FairCounter.last_rank)
+        else:
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+            lite = sqlite_insert(FairCounter).values(**values)
+            stmt = lite.on_conflict_do_update(
+                index_elements=[FairCounter.app, FairCounter.owner_id], set_=bumped
+            ).returning(FairCounter.last_rank)
+        rank: int = session.execute(stmt).scalar_one()
+        return rank
+
     def submit(
         self,
         owner_id: str,
@@ -252,16 +313,19 @@ class JobQueue:
                     + (len(spec.confidential.encrypted_params) if spec.confidential else 0),
                     adding_models=quotas.models_made(op),
                 )
-                app_row = session.get(AppRecord, spec.app, with_for_update=True)
-                if app_row is None:
-                    raise ApiError(404, "unknown_app", f"no application {spec.app!r}")
-                self._check_capacity(session, spec.app)
-                self._check_recipients(session, spec)
-                owner_rank = session.scalar(
-                    select(func.max(Job.fair_rank)).where(
-                        Job.owner_id == owner_id, Job.app == spec.app, Job.state == QUEUED
-                    )
+                served = session.scalar(
+                    select(AppRecord.served_rank).where(AppRecord.name == spec.app)
                 )
+                if served is None:
+                    raise ApiError(404, "unknown_app", f"no application {spec.app!r}")
+                if not self._far_from_full(session, spec.app):
+                    # Near the bound: exact, under the app's lock (far from it: no lock).
+                    session.execute(
+                        select(AppRecord.name).where(AppRecord.name == spec.app).with_for_update()
+                    )
+                    self._check_capacity(session, spec.app)
+                self._check_recipients(session, spec)
+                rank = self._next_rank(session, spec.app, owner_id, served)
                 job = Job(
                     id=job_id,
                     owner_id=owner_id,
@@ -270,7 +334,7 @@ class JobQueue:
                     params=spec.params,
                     limits=limits.model_dump(),
                     state=QUEUED,
-                    fair_rank=max(owner_rank or 0, app_row.served_rank) + 1,
+                    fair_rank=rank,
                     created_at=utcnow(),
                     attempts=0,
                     max_attempts=self.settings.max_attempts,
@@ -438,9 +502,17 @@ class JobQueue:
             return []
         seqs = [r.seq for r in rows]
         top = max(r.fair_rank for r in rows)
+        # The served rank moves up unless another transaction holds the app's row (then
+        # that one moves it, or the next claim does): a claim never waits on it.
+        behind = (
+            select(AppRecord.name)
+            .where(AppRecord.name == worker.app, AppRecord.served_rank < top)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
         session.execute(
             update(AppRecord)
-            .where(AppRecord.name == worker.app, AppRecord.served_rank < top)
+            .where(AppRecord.name.in_(behind))
             .values(served_rank=top)
             .execution_options(synchronize_session=False)
         )
