@@ -675,11 +675,8 @@ class JobQueue:
             for done in batch:
                 job = jobs.get(done.job_id)
                 try:
-                    if raise_one or len(batch) == 1:
-                        woken += self._finish(session, worker, job, done)
-                    else:
-                        with session.begin_nested():
-                            woken += self._finish(session, worker, job, done)
+                    # Refusals (ApiError) come before `_finish` changes a row: no savepoint.
+                    woken += self._finish(session, worker, job, done)
                 except ApiError as exc:
                     if raise_one:
                         raise
@@ -695,6 +692,8 @@ class JobQueue:
     def _finish(
         self, session: Session, worker: Worker, job: Job | None, done: BatchedCompletion
     ) -> list[str]:
+        """End one job. Every refusal is raised before a row changes (only inline output
+        files may be written, inside the attempt's folder, kept only on success)."""
         job_id = done.job_id
         if job is None:
             raise not_found("job", job_id)
