@@ -121,7 +121,9 @@ class WorkerConfig:
     attestation_collateral: dict[str, str] | None = None
     pin_sha256: str | None = None
     insecure_http: bool = False
-    prefetch: int = 1  # jobs claimed beyond the free slots, to start at once when one frees
+    # Jobs claimed beyond the free slots, to start at once when one frees (0: a job stays
+    # queued, claimable by any worker, until a slot here is free).
+    prefetch: int = 0
 
 
 @dataclass
