@@ -437,6 +437,8 @@ class JobQueue:
             abort = self._beat(session, worker, running or [], now)
             taken = self._take(session, worker, max_jobs, now)
         if stamp:
+            if len(self._stamped) > 10_000:  # workers that left long ago: forget them
+                self._stamped.clear()
             self._stamped[worker.id] = time.monotonic()
         return ClaimResponse(jobs=self._inline(taken), abort=abort)
 
