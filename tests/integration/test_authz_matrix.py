@@ -57,6 +57,7 @@ WORKER = {
     ("get", "/v1/workers/{worker_id}/jobs/{job_id}/inputs/{name}"),
     ("put", "/v1/workers/{worker_id}/jobs/{job_id}/outputs/{name}"),
     ("post", "/v1/workers/{worker_id}/jobs/{job_id}/complete"),
+    ("post", "/v1/workers/{worker_id}/complete"),
 }
 
 
@@ -69,7 +70,10 @@ def call(
 ) -> httpx.Response:
     path = template.format(**values)
     body: dict[str, Any] = {}
-    if template.endswith("/complete"):
+    if template.endswith("{worker_id}/complete"):
+        done = {"job_id": values["job_id"], "lease_id": "0" * 64, "state": "failed"}
+        body = {"json": {"completions": [done]}}
+    elif template.endswith("/complete"):
         body = {"json": {"lease_id": "0" * 64, "state": "failed", "error": "x"}}
     elif template.endswith("/join-tokens") and method == "post":
         body = {"json": {"apps": ["echo"]}}  # a token names its apps
@@ -156,6 +160,21 @@ def test_worker_routes(tmp_path: Any) -> None:
         # Revoking the join token locks out every worker that joined with it.
         token_id = cluster.csml("join-token", "list").stdout.split()[0]
         cluster.csml("join-token", "revoke", token_id)
+        # Revoked outside the coordinator (the CLI writes the store): refused once the
+        # coordinator's worker-token cache entry ends (csml.coordinator.worker_tokens).
+        wait_for(
+            lambda: (
+                call(
+                    cluster,
+                    "post",
+                    "/v1/workers/{worker_id}/claim",
+                    bearer(mine["worker_token"]),
+                    **values,
+                ).status_code
+                == 401
+            ),
+            timeout=10,
+        )
         for method, template in sorted(WORKER):
             r = call(cluster, method, template, bearer(mine["worker_token"]), **values)
             assert r.status_code == 401, (method, template, r.status_code)

@@ -162,6 +162,16 @@ def worker(
         ),
     ] = None,
     slots: Annotated[int, typer.Option(min=1, max=256, help="Jobs run at once.")] = 1,
+    prefetch: Annotated[
+        int,
+        typer.Option(
+            envvar="CSML_PREFETCH",
+            min=0,
+            max=256,
+            help="Jobs claimed beyond the free slots, to start at once when a slot frees "
+            "(they show as running, held under lease, while they wait).",
+        ),
+    ] = 0,
     workdir: Annotated[
         Path | None, typer.Option(envvar="CSML_WORKDIR", help="Scratch folder for jobs.")
     ] = None,
@@ -222,6 +232,7 @@ def worker(
         collateral,
         pin_sha256=pin_sha256,
         insecure_http=insecure_http,
+        prefetch=prefetch,
     )
     try:
         agent = WorkerAgent(config)

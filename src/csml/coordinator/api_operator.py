@@ -21,6 +21,7 @@ from csml.coordinator.auth import AuthFirstRoute, bearer, from_headers
 from csml.coordinator.errors import ApiError, not_found, unauthorized
 from csml.coordinator.state import core
 from csml.coordinator.tokens import new_join_token, revoke
+from csml.coordinator.worker_tokens import CACHE as WORKER_TOKENS
 from csml.schemas import ErrorBody, JoinTokenCreated
 from csml.schemas.operator import (
     JoinTokenList,
@@ -132,5 +133,6 @@ def revoke_join_token(token_id: str, request: Request) -> Response:
         if len(found) > 1:
             raise ApiError(400, "ambiguous_id", f"{token_id!r} matches several join tokens")
         revoke(session, found[0])
+    WORKER_TOKENS.forget_join_token(found[0].id)  # committed: its workers are refused now
     core(request).catalog.reload()
     return Response(status_code=204)

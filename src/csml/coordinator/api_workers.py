@@ -4,6 +4,12 @@ Workers reach the store only through these routes, so they can run anywhere
 that reaches the coordinator over HTTP. A worker serves one app, which its join
 token must allow (403 otherwise); it claims only jobs of that app. What it may
 change in the catalog is decided by `csml.coordinator.catalog` (pinned versions).
+
+Protocol 2 (batched, see `csml.schemas.workers`): a claim carries the heartbeats of
+the worker's running jobs and small inputs inline; `POST …/complete` ends several
+jobs in one transaction with small outputs inline. The single-job heartbeat, file and
+complete routes stay for older workers. A claim that finds nothing writes nothing
+(the worker's liveness is written at most once per heartbeat interval).
 """
 
 from __future__ import annotations
@@ -13,7 +19,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, Field
 from sqlalchemy import update
 from starlette.concurrency import run_in_threadpool
 
@@ -25,6 +30,7 @@ from csml.coordinator.pipelines import PIPELINE_APP
 from csml.coordinator.queue import app_key
 from csml.coordinator.state import core
 from csml.coordinator.uploads import safe_media_type
+from csml.coordinator.worker_tokens import CACHE as WORKER_TOKENS
 from csml.schemas import (
     ClaimResponse,
     FileInfo,
@@ -34,6 +40,7 @@ from csml.schemas import (
     WorkerRegistered,
     WorkerRegistration,
 )
+from csml.schemas.workers import ClaimRequest, CompletionBatch, CompletionResults
 from csml.store.blobs import HashingWriter, TooLarge, check_name, fsync_paths
 from csml.store.db import transaction
 from csml.store.tables import JoinToken, Worker, utcnow
@@ -103,27 +110,26 @@ def leave(worker_id: str, request: Request, me: Me) -> Response:
     c = core(request)
     with transaction(c.sessions) as session:
         session.execute(update(Worker).where(Worker.id == me.id).values(stopped_at=utcnow()))
+    WORKER_TOKENS.forget_worker(me.id)
     c.queue.fail_unclaimable()
     return Response(status_code=204)
 
 
-class ClaimRequest(BaseModel):
-    max_jobs: int = Field(1, ge=1, le=256)
-    wait: float = Field(20.0, ge=0, le=60, description="Long-poll up to this many seconds.")
-
-
 @router.post("/{worker_id}/claim", response_model=ClaimResponse)
 async def claim(worker_id: str, body: ClaimRequest, request: Request, me: Me) -> ClaimResponse:
-    """Take up to `max_jobs` queued jobs of this worker's app, each under a lease."""
+    """Take up to `max_jobs` queued jobs of this worker's app, each under a lease; with
+    `running`, also a heartbeat of those jobs (the answer's `abort` says which to stop)."""
     _same(me, worker_id)
     c = core(request)
     deadline = time.monotonic() + body.wait
+    running = body.running
     with c.notifier.subscribe(app_key(me.app)) as event:
         while True:
-            jobs = await run_in_threadpool(c.queue.claim, me, body.max_jobs)
+            answer = await run_in_threadpool(c.queue.claim_and_beat, me, body.max_jobs, running)
+            running = None  # the heartbeat is done; re-checks only claim
             remaining = deadline - time.monotonic()
-            if jobs or remaining <= 0 or await request.is_disconnected():
-                return ClaimResponse(jobs=jobs)
+            if answer.jobs or answer.abort or remaining <= 0 or await request.is_disconnected():
+                return answer
             await c.notifier.wait(event, min(remaining, c.notifier.recheck_seconds))
 
 
@@ -190,6 +196,16 @@ async def upload_output(
     await run_in_threadpool(c.queue.write_meta, meta, info)
     await run_in_threadpool(fsync_paths, [path, meta])
     return Response(status_code=204)
+
+
+@router.post("/{worker_id}/complete", response_model=CompletionResults)
+def complete_batch(
+    worker_id: str, body: CompletionBatch, request: Request, me: Me
+) -> CompletionResults:
+    """Report several jobs' ends at once; each result says what the single-job route would
+    have answered (204, or 409 when its lease was lost: exactly one result is kept)."""
+    _same(me, worker_id)
+    return CompletionResults(results=core(request).queue.complete_many(me, body.completions))
 
 
 @router.post("/{worker_id}/jobs/{job_id}/complete", status_code=204)

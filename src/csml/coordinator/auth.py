@@ -7,7 +7,9 @@ parameter before it runs the route's dependencies, so `AuthFirstRoute` (the
 route class of every API router) runs a route's header checks (`from_headers`)
 first, and refuses a missing or invalid token before a byte of the body is
 read. Each check's answer is kept for the request, so the dependency that asks
-again gets it without a second look-up.
+again gets it without a second look-up. A worker token's answer is also kept
+across requests for a short while (`csml.coordinator.worker_tokens`: at most
+its TTL stale, forgotten at once on leave and revoke through this coordinator).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from csml import ids
 from csml.coordinator.errors import unauthorized
 from csml.coordinator.state import Core, core
+from csml.coordinator.worker_tokens import CACHE as WORKER_TOKENS
 from csml.store.tables import Identity, JoinToken, Worker
 
 T = TypeVar("T")
@@ -118,13 +121,16 @@ def current_join_token(request: Request) -> JoinToken:
 @from_headers
 def current_worker(request: Request) -> Worker:
     """The calling worker; refused once its join token is revoked."""
+    token_hash = ids.hash_secret(bearer(request))
+    cached = WORKER_TOKENS.get(token_hash)
+    if cached is not None:
+        return cached
     c = core(request)
-    token = bearer(request)
     with c.sessions() as session:
         row = session.execute(
             select(Worker, JoinToken.revoked_at)
             .join(JoinToken, JoinToken.id == Worker.join_token_id)
-            .where(Worker.token_hash == ids.hash_secret(token))
+            .where(Worker.token_hash == token_hash)
         ).first()
     if row is None:
         raise unauthorized("unknown worker token; register again with a join token")
@@ -133,4 +139,5 @@ def current_worker(request: Request) -> Worker:
         raise unauthorized("this worker's join token was revoked")
     if worker.stopped_at is not None:
         raise unauthorized("this worker has left; register again")
+    WORKER_TOKENS.put(token_hash, worker)
     return worker

@@ -12,22 +12,36 @@ could never be claimed: the owner must resubmit), and any queued job that waited
 `queue_timeout_seconds` during which no worker of its app was live.
 
 Fairness: each queued job gets a `fair_rank` one past the larger of its
-owner's last queued rank in that app and the rank the app last served. Claims
-take the lowest rank first, so identities are served round-robin and a user
-with 1,000 queued jobs delays a newcomer by about one job per other user.
+owner's last rank in that app (a counter row per (app, identity)) and the rank
+the app last served. Claims take the lowest rank first (the head of
+`ix_jobs_claim`), so identities are served round-robin and a user with 1,000
+queued jobs delays a newcomer by about one job per other user. An owner whose
+queued jobs were cancelled keeps their counter: their next job ranks behind the
+ones they cancelled (never ahead of anyone else's place).
+
+No per-app lock on the hot path (PostgreSQL): a submission upserts its owner's
+counter row and reads the served rank without locking; a claim is one
+`UPDATE … WHERE seq IN (SELECT … FOR UPDATE SKIP LOCKED) RETURNING` and moves the
+served rank only if no other transaction holds the app's row (SKIP LOCKED again),
+so it never waits. The queue bound is soft far from full (a depth counted at most
+`DEPTH_CACHE_SECONDS` ago by this coordinator, plus what it accepted since) and
+exact near it (counted under the app's row lock), so concurrent submissions
+cannot overshoot a bound they are close to.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
+import time
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, case, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, case, func, or_, select, tuple_, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from csml import ids
@@ -47,10 +61,18 @@ from csml.schemas import (
     JobLimits,
     JobSpec,
     JobState,
+    RunningJob,
 )
-from csml.store.blobs import BlobStore
+from csml.schemas.workers import (
+    INLINE_MAX_BYTES,
+    BatchedCompletion,
+    ClaimResponse,
+    CompletionOutcome,
+    InlineOutput,
+)
+from csml.store.blobs import BlobStore, fsync_paths
 from csml.store.db import transaction
-from csml.store.tables import AppRecord, Job, JobFile, Worker, utcnow
+from csml.store.tables import AppRecord, FairCounter, Job, JobFile, Worker, utcnow
 from csml.store.tables_confidential import (
     JobConfidential,
     JobRecipient,
@@ -63,6 +85,19 @@ log = logging.getLogger("csml.coordinator.queue")
 
 QUEUED, RUNNING = JobState.queued.value, JobState.running.value
 TERMINAL = (JobState.succeeded.value, JobState.failed.value, JobState.cancelled.value)
+
+
+INLINE_CLAIM_BYTES = 1 << 20  # inline inputs per claim answer, in all
+DEPTH_CACHE_SECONDS = 1.0  # how long a coordinator trusts its count of an app's queue
+DEPTH_MARGIN = 64  # below capacity by more than max(this, capacity / 10): no exact count
+
+
+@dataclass
+class _Taken:
+    """A job just claimed and where its inputs' bytes are."""
+
+    job: ClaimedJob
+    blobs: list[str]
 
 
 @dataclass
@@ -96,6 +131,8 @@ class JobQueue:
         self.blobs = blobs
         self.catalog = catalog
         self.notifier = notifier
+        self._stamped: dict[str, float] = {}  # worker id -> when its liveness was written
+        self._depths: dict[str, tuple[int, float]] = {}  # app -> (queued, when counted)
 
     # -- submission ---------------------------------------------------------
 
@@ -128,7 +165,8 @@ class JobQueue:
         self._check_params(spec)
         self.limits_for(spec)
         with self.sessions() as session:
-            self._check_capacity(session, spec.app)
+            if not self._far_from_full(session, spec.app):
+                self._check_capacity(session, spec.app)
             self._check_recipients(session, spec)
 
     def _check_params(self, spec: JobSpec) -> None:
@@ -205,6 +243,51 @@ class JobQueue:
                 headers={"Retry-After": str(retry)},
             )
 
+    def _far_from_full(self, session: Session, app: str) -> bool:
+        """Whether `app`'s queue is well below its bound, from a depth this coordinator
+        counted less than `DEPTH_CACHE_SECONDS` ago plus the jobs it accepted since (a soft
+        view: other coordinators' submissions show at the next count). Near the bound,
+        submissions count exactly under the app's lock."""
+        capacity = self.settings.capacity(app)
+        margin = max(DEPTH_MARGIN, capacity // 10)
+        now = time.monotonic()
+        cached = self._depths.get(app)
+        if cached is None or now - cached[1] >= DEPTH_CACHE_SECONDS:
+            depth = session.scalar(
+                select(func.count()).select_from(Job).where(Job.app == app, Job.state == QUEUED)
+            )
+            cached = (depth or 0, now)
+        far = cached[0] + margin < capacity
+        self._depths[app] = (cached[0] + 1, cached[1])
+        return far
+
+    @staticmethod
+    def _next_rank(session: Session, app: str, owner_id: str, served: int) -> int:
+        """One past the larger of the owner's last rank in `app` and the rank served: an
+        upsert of the owner's counter row (no app lock; one owner's submissions queue on
+        their own row only)."""
+        values = {"app": app, "owner_id": owner_id, "last_rank": served + 1}
+        bumped = {
+            "last_rank": case((FairCounter.last_rank > served, FairCounter.last_rank), else_=served)
+            + 1
+        }
+        if session.get_bind().dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            pg = pg_insert(FairCounter).values(**values)
+            stmt = pg.on_conflict_do_update(
+                index_elements=[FairCounter.app, FairCounter.owner_id], set_=bumped
+            ).returning(FairCounter.last_rank)
+        else:
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+            lite = sqlite_insert(FairCounter).values(**values)
+            stmt = lite.on_conflict_do_update(
+                index_elements=[FairCounter.app, FairCounter.owner_id], set_=bumped
+            ).returning(FairCounter.last_rank)
+        rank: int = session.execute(stmt).scalar_one()
+        return rank
+
     def submit(
         self,
         owner_id: str,
@@ -230,16 +313,19 @@ class JobQueue:
                     + (len(spec.confidential.encrypted_params) if spec.confidential else 0),
                     adding_models=quotas.models_made(op),
                 )
-                app_row = session.get(AppRecord, spec.app, with_for_update=True)
-                if app_row is None:
-                    raise ApiError(404, "unknown_app", f"no application {spec.app!r}")
-                self._check_capacity(session, spec.app)
-                self._check_recipients(session, spec)
-                owner_rank = session.scalar(
-                    select(func.max(Job.fair_rank)).where(
-                        Job.owner_id == owner_id, Job.app == spec.app, Job.state == QUEUED
-                    )
+                served = session.scalar(
+                    select(AppRecord.served_rank).where(AppRecord.name == spec.app)
                 )
+                if served is None:
+                    raise ApiError(404, "unknown_app", f"no application {spec.app!r}")
+                if not self._far_from_full(session, spec.app):
+                    # Near the bound: exact, under the app's lock (far from it: no lock).
+                    session.execute(
+                        select(AppRecord.name).where(AppRecord.name == spec.app).with_for_update()
+                    )
+                    self._check_capacity(session, spec.app)
+                self._check_recipients(session, spec)
+                rank = self._next_rank(session, spec.app, owner_id, served)
                 job = Job(
                     id=job_id,
                     owner_id=owner_id,
@@ -248,7 +334,7 @@ class JobQueue:
                     params=spec.params,
                     limits=limits.model_dump(),
                     state=QUEUED,
-                    fair_rank=max(owner_rank or 0, app_row.served_rank) + 1,
+                    fair_rank=rank,
                     created_at=utcnow(),
                     attempts=0,
                     max_attempts=self.settings.max_attempts,
@@ -330,105 +416,216 @@ class JobQueue:
     # -- workers ------------------------------------------------------------
 
     def claim(self, worker: Worker, max_jobs: int) -> list[ClaimedJob]:
+        """Take up to `max_jobs` jobs (see `claim_and_beat`)."""
+        return self.claim_and_beat(worker, max_jobs).jobs
+
+    def claim_and_beat(
+        self, worker: Worker, max_jobs: int, running: list[RunningJob] | None = None
+    ) -> ClaimResponse:
+        """Take up to `max_jobs` jobs (one statement), extending the leases of `running`
+        (a heartbeat riding along). Writes nothing when nothing is queued and no
+        heartbeat or liveness stamp is due."""
         now = utcnow()
-        lease_id = ids.new_id()
+        stamp = self._stamp_due(worker.id)
+        if not running and not stamp and not self._has_queued(worker):
+            return ClaimResponse(jobs=[])
         with transaction(self.sessions) as session:
-            # Lock order everywhere: the worker row, then job rows (no deadlock with heartbeat).
-            session.execute(update(Worker).where(Worker.id == worker.id).values(last_heartbeat=now))
-            # A confidential job goes only to the workers its data key was sealed to.
-            has_recipients = select(JobRecipient.job_seq).where(JobRecipient.job_seq == Job.seq)
-            for_me = has_recipients.where(JobRecipient.worker_id == worker.id)
-            seqs = session.scalars(
-                select(Job.seq)
-                .where(
-                    Job.app == worker.app,
-                    Job.state == QUEUED,
-                    or_(~has_recipients.exists(), for_me.exists()),
+            if stamp:
+                session.execute(
+                    update(Worker).where(Worker.id == worker.id).values(last_heartbeat=now)
                 )
-                .order_by(Job.fair_rank, Job.seq)
-                .limit(max_jobs)
-                .with_for_update(skip_locked=True)
-            ).all()
-            if not seqs:
-                return []
-            session.execute(
-                update(Job)
-                .where(Job.seq.in_(seqs))
-                .values(
-                    state=RUNNING,
-                    worker_id=worker.id,
-                    lease_id=lease_id,
-                    lease_expires_at=now + timedelta(seconds=self.settings.lease_seconds),
-                    started_at=now,
-                    attempts=Job.attempts + 1,
-                    error=None,
-                )
+            abort = self._beat(session, worker, running or [], now)
+            taken = self._take(session, worker, max_jobs, now)
+        if stamp:
+            if len(self._stamped) > 10_000:  # workers that left long ago: forget them
+                self._stamped.clear()
+            self._stamped[worker.id] = time.monotonic()
+        return ClaimResponse(jobs=self._inline(taken), abort=abort)
+
+    def _stamp_due(self, worker_id: str) -> bool:
+        """Whether this worker's liveness (`last_heartbeat`) needs writing: at most once per
+        heartbeat interval (and a third of the live window) from this coordinator."""
+        every = min(self.settings.heartbeat_seconds, self.settings.worker_live_seconds / 3)
+        last = self._stamped.get(worker_id)
+        return last is None or time.monotonic() - last >= every
+
+    def _claimable(self, worker: Worker) -> ColumnElement[bool]:
+        # A confidential job goes only to the workers its data key was sealed to.
+        has_recipients = select(JobRecipient.job_seq).where(JobRecipient.job_seq == Job.seq)
+        for_me = has_recipients.where(JobRecipient.worker_id == worker.id)
+        return and_(
+            Job.app == worker.app,
+            Job.state == QUEUED,
+            or_(~has_recipients.exists(), for_me.exists()),
+        )
+
+    def _has_queued(self, worker: Worker) -> bool:
+        with self.sessions() as session:
+            found = session.execute(select(Job.seq).where(self._claimable(worker)).limit(1)).first()
+        return found is not None
+
+    def _take(self, session: Session, worker: Worker, max_jobs: int, now: datetime) -> list[_Taken]:
+        """Claim the queue head in one `UPDATE … WHERE seq IN (SELECT … FOR UPDATE SKIP
+        LOCKED) RETURNING` (SQLite: the write lock taken at BEGIN stands for the row locks)."""
+        lease_id = ids.new_id()
+        head = (
+            select(Job.seq)
+            .where(self._claimable(worker))
+            .order_by(Job.fair_rank, Job.seq)
+            .limit(max_jobs)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+        rows = session.execute(
+            update(Job)
+            .where(Job.seq.in_(head))
+            .values(
+                state=RUNNING,
+                worker_id=worker.id,
+                lease_id=lease_id,
+                lease_expires_at=now + timedelta(seconds=self.settings.lease_seconds),
+                started_at=now,
+                attempts=Job.attempts + 1,
+                error=None,
             )
-            jobs = session.scalars(select(Job).where(Job.seq.in_(seqs))).all()
-            top = max(j.fair_rank for j in jobs)
-            session.execute(
-                update(AppRecord)
-                .where(AppRecord.name == worker.app)
-                .values(
-                    served_rank=case(
-                        (AppRecord.served_rank < top, top), else_=AppRecord.served_rank
-                    )
-                )
+            .returning(
+                Job.seq,
+                Job.id,
+                Job.owner_id,
+                Job.operation,
+                Job.params,
+                Job.limits,
+                Job.attempts,
+                Job.fair_rank,
             )
-            wrapped: dict[int, str] = {}
-            if any(confidential_of(j) is not None for j in jobs):
-                wrapped = {
-                    seq: key
-                    for seq, key in session.execute(
-                        select(JobRecipient.job_seq, JobRecipient.wrapped_key).where(
-                            JobRecipient.job_seq.in_(seqs), JobRecipient.worker_id == worker.id
-                        )
-                    ).all()
-                }
-            return [
+            .execution_options(synchronize_session=False)
+        ).all()
+        if not rows:
+            return []
+        seqs = [r.seq for r in rows]
+        top = max(r.fair_rank for r in rows)
+        # The served rank moves up unless another transaction holds the app's row (then
+        # that one moves it, or the next claim does): a claim never waits on it.
+        behind = (
+            select(AppRecord.name)
+            .where(AppRecord.name == worker.app, AppRecord.served_rank < top)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+        session.execute(
+            update(AppRecord)
+            .where(AppRecord.name.in_(behind))
+            .values(served_rank=top)
+            .execution_options(synchronize_session=False)
+        )
+        inputs: dict[int, list[tuple[FileInfo, str]]] = {}
+        for seq, name, size, sha256, media_type, blob in session.execute(
+            select(
+                JobFile.job_seq,
+                JobFile.name,
+                JobFile.size,
+                JobFile.sha256,
+                JobFile.media_type,
+                JobFile.blob,
+            ).where(JobFile.job_seq.in_(seqs), JobFile.kind == "input")
+        ):
+            info = FileInfo(name=name, size=size, sha256=sha256, media_type=media_type)
+            inputs.setdefault(seq, []).append((info, blob))
+        sealed = {
+            seq: ClaimedConfidential(
+                job_nonce=nonce,
+                wrapped_key=wrapped,
+                result_public_key=result_key,
+                encrypted_params=params,
+            )
+            for seq, nonce, result_key, params, wrapped in session.execute(
+                select(
+                    JobConfidential.job_seq,
+                    JobConfidential.job_nonce,
+                    JobConfidential.result_public_key,
+                    JobConfidential.encrypted_params,
+                    JobRecipient.wrapped_key,
+                )
+                .join(JobRecipient, JobRecipient.job_seq == JobConfidential.job_seq)
+                .where(JobConfidential.job_seq.in_(seqs), JobRecipient.worker_id == worker.id)
+            )
+        }
+        return [
+            _Taken(
                 ClaimedJob(
-                    id=j.id,
-                    operation=j.operation,
-                    params=j.params,
-                    inputs=[file_info(f) for f in j.files if f.kind == "input"],
+                    id=r.id,
+                    operation=r.operation,
+                    params=r.params,
+                    inputs=[info for info, _ in inputs.get(r.seq, [])],
                     lease_id=lease_id,
-                    attempt=j.attempts,
-                    limits=JobLimits.model_validate(j.limits),
-                    confidential=_claimed_confidential(j, wrapped),
-                    owner_key=owner_key(j.owner_id),
-                )
-                for j in sorted(jobs, key=lambda j: (j.fair_rank, j.seq))
-            ]
+                    attempt=r.attempts,
+                    limits=JobLimits.model_validate(r.limits),
+                    confidential=sealed.get(r.seq),
+                    owner_key=owner_key(r.owner_id),
+                ),
+                [blob for _, blob in inputs.get(r.seq, [])],
+            )
+            for r in sorted(rows, key=lambda r: (r.fair_rank, r.seq))
+        ]
+
+    def _inline(self, taken: list[_Taken]) -> list[ClaimedJob]:
+        """Put small inputs of plain jobs into the claim (base64), up to a total per claim;
+        the worker downloads the others."""
+        budget = INLINE_CLAIM_BYTES
+        for t in taken:
+            if t.job.confidential is not None:
+                continue
+            for info, blob in zip(t.job.inputs, t.blobs, strict=True):
+                if info.size > INLINE_MAX_BYTES or info.size > budget:
+                    continue
+                try:
+                    data = self.blobs.path(blob).read_bytes()
+                except OSError:
+                    continue  # the worker's download will say what is wrong
+                budget -= len(data)
+                t.job.inline_inputs[info.name] = base64.b64encode(data).decode()
+        return [t.job for t in taken]
 
     def heartbeat(self, worker: Worker, beat: Heartbeat) -> HeartbeatResponse:
         now = utcnow()
-        leases = {r.job_id: r for r in beat.running}
-        abort: list[str] = []
         with transaction(self.sessions) as session:
             session.execute(update(Worker).where(Worker.id == worker.id).values(last_heartbeat=now))
-            if not leases:
-                return HeartbeatResponse()
-            rows = {
-                j.id: j
-                for j in session.scalars(
-                    select(Job).where(Job.id.in_(list(leases))).with_for_update()
-                ).all()
-            }
-            expires = now + timedelta(seconds=self.settings.lease_seconds)
-            for job_id, running in leases.items():
-                job = rows.get(job_id)
-                if (
-                    job is None
-                    or job.state != RUNNING
-                    or job.worker_id != worker.id
-                    or job.lease_id != running.lease_id
-                ):
-                    abort.append(job_id)
-                    continue
-                job.lease_expires_at = expires
-                job.progress_fraction = running.progress.fraction
-                job.progress_message = running.progress.message
+            abort = self._beat(session, worker, beat.running, now)
+        self._stamped[worker.id] = time.monotonic()
         return HeartbeatResponse(abort=abort)
+
+    def _beat(
+        self, session: Session, worker: Worker, running: list[RunningJob], now: datetime
+    ) -> list[str]:
+        """Extend the leases still held (one UPDATE … RETURNING), record changed progress;
+        the jobs to abort: cancelled, finished or lease lost."""
+        if not running:
+            return []
+        held = {
+            r.id: (r.progress_fraction, r.progress_message)
+            for r in session.execute(
+                update(Job)
+                .where(
+                    tuple_(Job.id, Job.lease_id).in_([(r.job_id, r.lease_id) for r in running]),
+                    Job.state == RUNNING,
+                    Job.worker_id == worker.id,
+                )
+                .values(lease_expires_at=now + timedelta(seconds=self.settings.lease_seconds))
+                .returning(Job.id, Job.progress_fraction, Job.progress_message)
+                .execution_options(synchronize_session=False)
+            )
+        }
+        for r in running:
+            if r.job_id in held and held[r.job_id] != (r.progress.fraction, r.progress.message):
+                session.execute(
+                    update(Job)
+                    .where(Job.id == r.job_id, Job.lease_id == r.lease_id)
+                    .values(
+                        progress_fraction=r.progress.fraction, progress_message=r.progress.message
+                    )
+                    .execution_options(synchronize_session=False)
+                )
+        return [r.job_id for r in running if r.job_id not in held]
 
     def running_job(self, session: Session, worker: Worker, job_id: str, lease_id: str) -> Job:
         job = session.scalars(select(Job).where(Job.id == job_id)).first()
@@ -446,57 +643,149 @@ class JobQueue:
         return self.blobs.job_dir(job_id) / f"attempt-{lease_id[:16]}"
 
     def complete(self, worker: Worker, job_id: str, done: JobCompletion) -> None:
-        outputs_dir = self.attempt_dir(job_id, done.lease_id)
+        """One job's end; ApiError (409 lease lost, 422 …) if refused."""
+        outcome = self.complete_many(
+            worker, [BatchedCompletion(job_id=job_id, **done.model_dump())], raise_one=True
+        )
+        assert outcome[0].status == 204
+
+    def complete_many(
+        self, worker: Worker, batch: list[BatchedCompletion], *, raise_one: bool = False
+    ) -> list[CompletionOutcome]:
+        """Several jobs' ends in one transaction: each job loaded once (with its files and
+        envelope), each checked against its lease; a refused one (lease lost: exactly one
+        result is kept) does not stop the others. `raise_one`: raise the first refusal."""
+        wanted = list(dict.fromkeys(d.job_id for d in batch))
+        outcomes: list[CompletionOutcome] = []
+        woken: list[str] = []
         with transaction(self.sessions) as session:
-            job = self.running_job(session, worker, job_id, done.lease_id)
-            pipelines.lock_parent(session, job)
-            session.refresh(job, with_for_update=True)
-            if job.state != RUNNING or job.lease_id != done.lease_id:
-                raise ApiError(409, "lease_lost", f"job {ids.short(job_id)} is no longer yours")
-            conf = confidential_of(job)
-            if conf is not None:
-                if done.result is not None:
-                    raise ApiError(
-                        422,
-                        "plaintext_result",
-                        f"job {ids.short(job_id)} is confidential: its result travels only "
-                        "encrypted (encrypted_result)",
+            if session.get_bind().dialect.name != "sqlite":
+                # The pipelines' lock order: parents before their steps.
+                parents = session.scalars(
+                    select(Job.parent_seq)
+                    .where(Job.id.in_(wanted), Job.parent_seq.is_not(None))
+                    .order_by(Job.parent_seq)
+                ).all()
+                if parents:
+                    session.execute(select(Job.seq).where(Job.seq.in_(parents)).with_for_update())
+            jobs = {
+                j.id: j
+                for j in session.scalars(
+                    select(Job).where(Job.id.in_(wanted)).with_for_update()
+                ).all()
+            }
+            for done in batch:
+                job = jobs.get(done.job_id)
+                try:
+                    # Refusals (ApiError) come before `_finish` changes a row: no savepoint.
+                    woken += self._finish(session, worker, job, done)
+                except ApiError as exc:
+                    if raise_one:
+                        raise
+                    outcomes.append(
+                        CompletionOutcome(job_id=done.job_id, status=exc.status, error=exc.message)
                     )
-                conf.encrypted_result = (
-                    done.encrypted_result.model_dump(mode="json")
-                    if done.encrypted_result is not None
-                    else None
-                )
-            elif done.encrypted_result is not None:
+                else:
+                    outcomes.append(CompletionOutcome(job_id=done.job_id, status=204))
+        for key in [*(job_key(o.job_id) for o in outcomes if o.status == 204), *woken]:
+            self.notifier.notify(key)
+        return outcomes
+
+    def _finish(
+        self, session: Session, worker: Worker, job: Job | None, done: BatchedCompletion
+    ) -> list[str]:
+        """End one job. Every refusal is raised before a row changes (only inline output
+        files may be written, inside the attempt's folder, kept only on success)."""
+        job_id = done.job_id
+        if job is None:
+            raise not_found("job", job_id)
+        if job.state != RUNNING or job.worker_id != worker.id or job.lease_id != done.lease_id:
+            raise ApiError(
+                409,
+                "lease_lost",
+                f"job {ids.short(job_id)} is no longer yours to run ({job.state})",
+            )
+        conf = confidential_of(job)
+        if conf is not None:
+            if done.result is not None or done.inline_outputs:
                 raise ApiError(
                     422,
-                    "not_confidential",
-                    f"job {ids.short(job_id)} is not confidential: send its result in the clear",
+                    "plaintext_result",
+                    f"job {ids.short(job_id)} is confidential: its result travels only "
+                    "encrypted (encrypted_result, outputs uploaded encrypted)",
                 )
-            job.state = done.state
-            job.finished_at = utcnow()
-            job.result = done.result
-            job.error = done.error
-            job.lease_id = None
-            job.lease_expires_at = None
-            if done.state == JobState.succeeded.value:
-                job.progress_fraction = 1.0
-                for meta in sorted(outputs_dir.glob("*.meta.json")):
-                    info = FileInfo.model_validate_json(meta.read_text())
-                    job.files.append(
-                        JobFile(
-                            kind="output",
-                            name=info.name,
-                            size=info.size,
-                            sha256=info.sha256,
-                            media_type=info.media_type,
-                            blob=self.blobs.relative(outputs_dir / info.name),
-                        )
+            conf.encrypted_result = (
+                done.encrypted_result.model_dump(mode="json")
+                if done.encrypted_result is not None
+                else None
+            )
+        elif done.encrypted_result is not None:
+            raise ApiError(
+                422,
+                "not_confidential",
+                f"job {ids.short(job_id)} is not confidential: send its result in the clear",
+            )
+        outputs_dir = self.attempt_dir(job_id, done.lease_id)
+        if done.state == JobState.succeeded.value and done.inline_outputs:
+            self._write_inline(job, outputs_dir, done.inline_outputs)
+        job.state = done.state
+        job.finished_at = utcnow()
+        job.result = done.result
+        job.error = done.error
+        job.lease_id = None
+        job.lease_expires_at = None
+        if done.state == JobState.succeeded.value:
+            job.progress_fraction = 1.0
+            for meta in sorted(outputs_dir.glob("*.meta.json")):
+                info = FileInfo.model_validate_json(meta.read_text())
+                job.files.append(
+                    JobFile(
+                        kind="output",
+                        name=info.name,
+                        size=info.size,
+                        sha256=info.sha256,
+                        media_type=info.media_type,
+                        blob=self.blobs.relative(outputs_dir / info.name),
                     )
-                artifacts.keep_outputs(session, self, self.blobs, self.catalog, job)
-            woken = pipelines.step_finished(self, session, job)
-        for key in [job_key(job_id), *woken]:
-            self.notifier.notify(key)
+                )
+            artifacts.keep_outputs(session, self, self.blobs, self.catalog, job)
+        pipelines.lock_parent(session, job)  # held already (PostgreSQL) or the write lock
+        return pipelines.step_finished(self, session, job)
+
+    def _write_inline(self, job: Job, outputs_dir: Path, outputs: list[InlineOutput]) -> None:
+        """Write a completion's inline outputs (declared names only, each bounded) as an
+        upload would, on disk before the transaction commits."""
+        _, op = self.catalog.operation(job.app, job.operation)
+        declared = {o.name: o.media_type for o in op.outputs}
+        written: list[Path] = []
+        outputs_dir.mkdir(parents=True, exist_ok=True)
+        for out in outputs:
+            if out.name not in declared:
+                raise ApiError(
+                    422, "unknown_output", f"{op.name!r} declares no output {out.name!r}"
+                )
+            try:
+                data = base64.b64decode(out.content, validate=True)
+            except ValueError:
+                raise ApiError(
+                    422, "invalid_output", f"inline_outputs: {out.name!r} is not valid base64"
+                ) from None
+            if len(data) > INLINE_MAX_BYTES:
+                raise ApiError(
+                    413, "file_too_large", f"inline output {out.name!r} is over {INLINE_MAX_BYTES}"
+                )
+            path = outputs_dir / out.name
+            path.write_bytes(data)
+            info = FileInfo(
+                name=out.name,
+                size=len(data),
+                sha256=hashlib.sha256(data).hexdigest(),
+                media_type=declared[out.name],
+            )
+            meta = outputs_dir / f"{out.name}.meta.json"
+            self.write_meta(meta, info)
+            written += [path, meta]
+        fsync_paths(written)
 
     def output_meta_path(self, job_id: str, lease_id: str, name: str) -> Path:
         return self.attempt_dir(job_id, lease_id) / f"{name}.meta.json"

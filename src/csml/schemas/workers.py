@@ -1,4 +1,12 @@
-"""The worker protocol: register, claim under a lease, heartbeat, complete."""
+"""The worker protocol: register, claim under a lease, heartbeat, complete.
+
+Batched (protocol 2): a claim carries the heartbeats of the worker's running jobs
+(`ClaimRequest.running`; the answer says which to abort), takes up to `max_jobs`
+jobs at once and carries small inputs inline (`ClaimedJob.inline_inputs`, base64,
+each at most `INLINE_MAX_BYTES`); completions go in batches (`CompletionBatch`), each
+with its small outputs inline (`JobCompletion.inline_outputs`). The single-job
+heartbeat, download, upload and complete routes stay for older workers.
+"""
 
 from __future__ import annotations
 
@@ -43,6 +51,10 @@ class ClaimedJob(BaseModel):
     attempt: int
     limits: JobLimits
     confidential: ClaimedConfidential | None = None
+    inline_inputs: dict[str, str] = Field(
+        {},
+        description="Small inputs' bytes (base64) by name: the worker need not download them.",
+    )
     owner_key: str = Field(
         "",
         max_length=64,
@@ -54,6 +66,7 @@ class ClaimedJob(BaseModel):
 
 class ClaimResponse(BaseModel):
     jobs: list[ClaimedJob]
+    abort: list[str] = Field([], description="Running jobs to stop now (see Heartbeat).")
 
 
 class RunningJob(BaseModel):
@@ -63,11 +76,32 @@ class RunningJob(BaseModel):
 
 
 class Heartbeat(BaseModel):
-    running: list[RunningJob] = []
+    running: list[RunningJob] = Field([], max_length=1024)
+
+
+class ClaimRequest(BaseModel):
+    max_jobs: int = Field(1, ge=1, le=256)
+    wait: float = Field(20.0, ge=0, le=60, description="Long-poll up to this many seconds.")
+    running: list[RunningJob] | None = Field(
+        None,
+        max_length=1024,
+        description="The worker's running jobs: a heartbeat riding along (None: no heartbeat).",
+    )
 
 
 class HeartbeatResponse(BaseModel):
     abort: list[str] = Field([], description="Jobs to stop now: cancelled or lease lost.")
+
+
+INLINE_MAX_BYTES = 64 * 1024
+"""The largest input a claim or output a completion carries inline (decoded bytes)."""
+
+
+class InlineOutput(BaseModel):
+    name: str = Field(max_length=64, description="A declared output (its declared media type).")
+    content: str = Field(
+        max_length=(INLINE_MAX_BYTES + 2) // 3 * 4, description="The bytes, base64."
+    )
 
 
 class JobCompletion(BaseModel):
@@ -76,6 +110,25 @@ class JobCompletion(BaseModel):
     result: dict[str, Any] | None = None
     error: str | None = Field(None, max_length=4000)
     encrypted_result: EncryptedResult | None = None
+    inline_outputs: list[InlineOutput] = Field([], max_length=16)
+
+
+class BatchedCompletion(JobCompletion):
+    job_id: str = Field(max_length=64)
+
+
+class CompletionBatch(BaseModel):
+    completions: list[BatchedCompletion] = Field(min_length=1, max_length=64)
+
+
+class CompletionOutcome(BaseModel):
+    job_id: str
+    status: int = Field(description="What the single-job route would answer: 204, 409, 422...")
+    error: str = ""
+
+
+class CompletionResults(BaseModel):
+    results: list[CompletionOutcome]
 
 
 class WorkerInfo(BaseModel):

@@ -131,6 +131,19 @@ class AppRecord(Base):
     updated_at: Mapped[datetime]
 
 
+class FairCounter(Base):
+    """The last fair rank given to an identity's job in an app: submissions of different
+    identities update different rows, so none waits on a per-app lock."""
+
+    __tablename__ = "fair_counters"
+
+    app: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner_id: Mapped[str] = mapped_column(
+        ForeignKey("identities.id", ondelete="CASCADE"), primary_key=True
+    )
+    last_rank: Mapped[int] = mapped_column(BigInteger)
+
+
 class AppVersion(Base):
     """A version of an app with its manifest, pinned by the first to announce it: the
     coordinator (its installed apps; `join_token_id` None) or a worker's join token."""

@@ -1,8 +1,18 @@
 """The worker agent: join, claim jobs, run them in the sandbox, report back.
 
 Threads: one claims jobs (long-poll) while slots are free, one heartbeats
-(extending leases, relaying progress, aborting cancelled jobs), and one per
-slot runs a job. The coordinator may restart or be briefly unreachable: every
+(extending leases, relaying progress, aborting cancelled jobs), one sends
+completions, and one per slot runs a job.
+
+Batched protocol: a claim asks for up to `free slots + prefetch` jobs (prefetched
+ones wait for a slot under their lease) and carries the heartbeat of every job
+held, so the heartbeat thread speaks only when no claim did for 3/4 of an interval
+(all slots and the prefetch busy; checked every half interval); small inputs
+come inline in the claim; each completion carries its small outputs inline
+(larger ones are uploaded first) and the completions that end while one is in
+flight go together in one request.
+
+The coordinator may restart or be briefly unreachable: every
 call retries with backoff, and the leases say what is still ours. Retrying ends
 with `stop()`: a stopping worker finishes its jobs (or, abandoning a coordinator
 gone for good, ends them) and says nothing about connections it closed itself.
@@ -16,13 +26,17 @@ never receive either (they talk to the worker through `channel` frames only).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ctypes
+import hashlib
 import logging
 import os
+import queue
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -50,6 +64,7 @@ from csml.crypto.envelope import JobManifest, ResultPayload, open_manifest, seal
 from csml.schemas import (
     ClaimedJob,
     ClaimResponse,
+    FileInfo,
     Heartbeat,
     HeartbeatResponse,
     JobCompletion,
@@ -58,6 +73,13 @@ from csml.schemas import (
     WorkerAttestation,
     WorkerRegistered,
     WorkerRegistration,
+)
+from csml.schemas.workers import (
+    INLINE_MAX_BYTES,
+    BatchedCompletion,
+    CompletionBatch,
+    CompletionResults,
+    InlineOutput,
 )
 from csml.transport import check_url, verify_option
 from csml.worker.sandbox import MAX_IDLE, Outcome, Sandbox, SandboxJob
@@ -99,6 +121,9 @@ class WorkerConfig:
     attestation_collateral: dict[str, str] | None = None
     pin_sha256: str | None = None
     insecure_http: bool = False
+    # Jobs claimed beyond the free slots, to start at once when one frees (0: a job stays
+    # queued, claimable by any worker, until a slot here is free).
+    prefetch: int = 0
 
 
 @dataclass
@@ -116,6 +141,19 @@ class _Secret:
     data_key: bytes
     nonce: bytes
     manifest: JobManifest
+
+
+@dataclass
+class _Completion:
+    """A completion waiting for the sender thread."""
+
+    completion: BatchedCompletion
+    done: threading.Event = field(default_factory=threading.Event)
+    failure: BaseException | None = None
+
+
+MAX_COMPLETION_BATCH = 64
+MAX_INLINE_OUTPUTS = 16
 
 
 class Refused(Exception):
@@ -142,7 +180,11 @@ class WorkerAgent:
         self.finished = threading.Event()  # running jobs are done: stop talking
         self._running: dict[str, _Running] = {}
         self._lock = threading.Lock()
-        self._slots = threading.Semaphore(config.slots)
+        # Capacity: the slots plus the prefetch; a claim takes what is free of it.
+        self._capacity = config.slots + max(0, config.prefetch)
+        self._slots = threading.Semaphore(self._capacity)
+        self._last_beat = 0.0  # monotonic time a claim last carried the heartbeat
+        self._completions: queue.SimpleQueue[_Completion] = queue.SimpleQueue()
         self.http = httpx.Client(
             base_url=config.coordinator.rstrip("/"),
             timeout=httpx.Timeout(30.0, read=config.claim_wait + 30),
@@ -255,6 +297,8 @@ class WorkerAgent:
         self.register()
         beat = threading.Thread(target=self._heartbeat_loop, daemon=True, name="heartbeat")
         beat.start()
+        sender = threading.Thread(target=self._completion_loop, daemon=True, name="complete")
+        sender.start()
         with ThreadPoolExecutor(self.config.slots, thread_name_prefix="slot") as pool:
             try:
                 self._claim_loop(pool)
@@ -288,19 +332,23 @@ class WorkerAgent:
             if not self._slots.acquire(timeout=0.5):
                 continue
             free = 1
-            while free < self.config.slots and self._slots.acquire(blocking=False):
+            while free < self._capacity and self._slots.acquire(blocking=False):
                 free += 1
             try:
-                response = self._call(
-                    "claim",
-                    lambda n=free: self.claims.post(  # type: ignore[misc]
-                        self._path("/claim"),
-                        json={"max_jobs": n, "wait": self.config.claim_wait},
-                        headers=self._auth(),
-                    ),
-                    until=self.stopping,
-                )
-                jobs = ClaimResponse.model_validate(response.json()).jobs
+
+                def post(n: int = free) -> httpx.Response:
+                    self._last_beat = time.monotonic()
+                    body = {
+                        "max_jobs": n,
+                        "wait": self.config.claim_wait,
+                        "running": [r.model_dump(mode="json") for r in self._held()],
+                    }
+                    return self.claims.post(self._path("/claim"), json=body, headers=self._auth())
+
+                response = self._call("claim", post, until=self.stopping)
+                answer = ClaimResponse.model_validate(response.json())
+                jobs = answer.jobs
+                self._abort(answer.abort)
             except Exception:
                 for _ in range(free):
                     self._slots.release()
@@ -314,17 +362,32 @@ class WorkerAgent:
                     self._running[job.id] = _Running(job)
                 pool.submit(self._execute, job)
 
+    def _held(self) -> list[RunningJob]:
+        """The heartbeat: every job this worker holds (running or prefetched)."""
+        with self._lock:
+            return [
+                RunningJob(job_id=r.claimed.id, lease_id=r.claimed.lease_id, progress=r.progress)
+                for r in self._running.values()
+            ]
+
+    def _abort(self, job_ids: list[str]) -> None:
+        for job_id in job_ids:
+            with self._lock:
+                r = self._running.get(job_id)
+            if r is not None:
+                log.info("stopping job %s: cancelled or lease lost", job_id[:12])
+                r.cancel.set()
+
     def _heartbeat_loop(self) -> None:
         assert self.registration is not None
         interval = self.registration.heartbeat_seconds
-        while not self.finished.wait(interval):
-            with self._lock:
-                running = [
-                    RunningJob(
-                        job_id=r.claimed.id, lease_id=r.claimed.lease_id, progress=r.progress
-                    )
-                    for r in self._running.values()
-                ]
+        while not self.finished.wait(interval / 2):
+            if time.monotonic() - self._last_beat < interval * 0.75:
+                continue  # a claim carried it (or this thread did, half an interval ago)
+            running = self._held()
+            if not running and not self.stopping.is_set():
+                continue  # idle: the long-polling claims keep this worker live
+            self._last_beat = time.monotonic()
             try:
                 response = self._call(
                     "heartbeat",
@@ -340,12 +403,7 @@ class WorkerAgent:
                 self.stop()
                 self._abort_all()
                 return
-            for job_id in HeartbeatResponse.model_validate(response.json()).abort:
-                with self._lock:
-                    r = self._running.get(job_id)
-                if r is not None:
-                    log.info("stopping job %s: cancelled or lease lost", job_id[:12])
-                    r.cancel.set()
+            self._abort(HeartbeatResponse.model_validate(response.json()).abort)
 
     def _abort_all(self) -> None:
         with self._lock:
@@ -376,18 +434,38 @@ class WorkerAgent:
         if job.confidential is not None:
             self._execute_confidential(job, state, inputs_dir, outputs_dir)
             return
-        inputs = {f.name: self._download(job, f.name, inputs_dir / f.name) for f in job.inputs}
+        inputs = {f.name: self._input(job, f, inputs_dir / f.name) for f in job.inputs}
         outcome = self._run(job, state, job.params, inputs, outputs_dir)
         if outcome.cancelled:
             return
         completion = JobCompletion(lease_id=job.lease_id, state="failed", error=outcome.error)
         if outcome.ok:
+            inline: list[InlineOutput] = []
             for path in self._outputs(job, outputs_dir):
-                self._upload(job, path)
+                size = path.stat().st_size
+                if size <= INLINE_MAX_BYTES and len(inline) < MAX_INLINE_OUTPUTS:
+                    inline.append(InlineOutput(name=path.name, content=b64e(path.read_bytes())))
+                else:
+                    self._upload(job, path)
             completion = JobCompletion(
-                lease_id=job.lease_id, state="succeeded", result=outcome.result
+                lease_id=job.lease_id,
+                state="succeeded",
+                result=outcome.result,
+                inline_outputs=inline,
             )
         self._complete(job, completion)
+
+    def _input(self, job: ClaimedJob, info: FileInfo, target: Path) -> Path:
+        """An input: from the claim when it came inline (checked against its digest),
+        else downloaded."""
+        inline = job.inline_inputs.get(info.name)
+        if inline is not None:
+            data = base64.b64decode(inline, validate=True)
+            if len(data) == info.size and hashlib.sha256(data).hexdigest() == info.sha256:
+                target.write_bytes(data)
+                return target
+            log.warning("job %s: inline input %r does not match its digest", job.id[:12], info.name)
+        return self._download(job, info.name, target)
 
     def _run(
         self,
@@ -520,18 +598,56 @@ class WorkerAgent:
         finish(ResultPayload("succeeded", result=outcome.result, outputs=outputs))
 
     def _complete(self, job: ClaimedJob, completion: JobCompletion) -> None:
+        """Hand the completion to the sender and wait until the coordinator answered."""
+        pending = _Completion(BatchedCompletion(job_id=job.id, **completion.model_dump()))
+        self._completions.put(pending)
+        while not pending.done.wait(0.5):
+            if self.finished.is_set():
+                raise Revoked("worker stopping")
+        if pending.failure is not None:
+            raise pending.failure
+
+    def _completion_loop(self) -> None:
+        """Send completions: those that end while a request is in flight go in the next one."""
+        while not self.finished.is_set():
+            try:
+                first = self._completions.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            batch = [first]
+            while len(batch) < MAX_COMPLETION_BATCH:
+                try:
+                    batch.append(self._completions.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self._send_completions(batch)
+            except Exception as exc:  # Revoked, or a bug: each job's thread learns of it
+                for c in batch:
+                    c.failure = exc
+            for c in batch:
+                c.done.set()
+
+    def _send_completions(self, batch: list[_Completion]) -> None:
+        body = CompletionBatch(completions=[c.completion for c in batch])
         response = self._call(
             "complete",
             lambda: self.http.post(
-                self._path(f"/jobs/{job.id}/complete"),
-                json=completion.model_dump(mode="json"),
-                headers=self._auth(),
+                self._path("/complete"), json=body.model_dump(mode="json"), headers=self._auth()
             ),
         )
-        if response.status_code == 409:
-            log.info("job %s: lease lost before completion; result dropped", job.id[:12])
-        elif response.is_error:
-            log.error("job %s: completion refused: %s", job.id[:12], response.text[:200])
+        if response.is_error:
+            log.error("completions refused: %s", response.text[:200])
+            return
+        for outcome in CompletionResults.model_validate(response.json()).results:
+            if outcome.status == 409:
+                log.info(
+                    "job %s: lease lost before completion; result dropped", outcome.job_id[:12]
+                )
+            elif outcome.status >= 300:
+                log.error(
+                    "job %s: completion refused: %s", outcome.job_id[:12], outcome.error[:200]
+                )
 
     def _download(
         self, job: ClaimedJob, name: str, target: Path, secret: _Secret | None = None
