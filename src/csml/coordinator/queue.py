@@ -33,8 +33,8 @@ from csml.coordinator import artifacts, pipelines
 from csml.coordinator.catalog import Catalog
 from csml.coordinator.config import Settings
 from csml.coordinator.errors import ApiError, not_found
-from csml.coordinator.lookup import find_owned
-from csml.coordinator.notify import Notifier
+from csml.coordinator.lookup import find_owned, owned_job_state
+from csml.coordinator.notify import Notifier, feed_key
 from csml.schemas import (
     ClaimedConfidential,
     ClaimedJob,
@@ -78,6 +78,16 @@ def app_key(app: str) -> str:
 
 def job_key(job_id: str) -> str:
     return f"job:{job_id}"
+
+
+def owner_feed(owner_id: str) -> str:
+    """The notifier topic on which an identity's job changes are announced (item: job id)."""
+    return f"owner:{owner_id}"
+
+
+def changed(owner_id: str, job_id: str) -> str:
+    """The key announcing that this job of this owner changed (state, progress, result)."""
+    return feed_key(owner_feed(owner_id), job_id)
 
 
 class JobQueue:
@@ -284,6 +294,11 @@ class JobQueue:
     def get(self, owner_id: str, ident: str) -> Job:
         with self.sessions() as session:
             return self.find(session, owner_id, ident)
+
+    def state_of(self, owner_id: str, ident: str) -> tuple[str, str]:
+        """(id, state) of the owner's job, without loading it (one query)."""
+        with self.sessions() as session:
+            return owned_job_state(session, owner_id, ident)
 
     def list_jobs(
         self, owner_id: str, *, state: str | None, app: str | None, limit: int
