@@ -18,7 +18,7 @@ from csml import ids
 from csml.coordinator import abuse, artifacts, pipeline_spec, pipelines, spec_limits
 from csml.coordinator.auth import AuthFirstRoute, current_identity
 from csml.coordinator.errors import ApiError, not_found, spec_error
-from csml.coordinator.queue import changed, job_key
+from csml.coordinator.queue import job_key
 from csml.coordinator.state import Core, core
 from csml.coordinator.uploads import (
     Accepts,
@@ -311,7 +311,6 @@ def cancel_job(job_id: str, request: Request, me: Me) -> Job:
     """Cancel a queued or running job (a running one is stopped on its worker)."""
     c = core(request)
     job = c.queue.cancel(me.id, job_id)
-    c.notifier.notify(changed(me.id, job.id))  # to the caller's event streams
     return job_views(c.sessions, [job], positions=False)[0]
 
 

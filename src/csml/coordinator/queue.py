@@ -13,6 +13,11 @@ Fairness: each queued job gets a `fair_rank` one past the larger of its
 owner's last queued rank in that app and the rank the app last served. Claims
 take the lowest rank first, so identities are served round-robin and a user
 with 1,000 queued jobs delays a newcomer by about one job per other user.
+
+Every change of a job its owner can see (submitted, running, progress, ended,
+requeued, cancelled) is announced after its commit with `owner_change(owner, job)`,
+a notifier feed key that reaches the owner's event streams here and, through the
+PostgreSQL relay, on the other coordinators (see `api_events`).
 """
 
 from __future__ import annotations
@@ -85,7 +90,7 @@ def owner_feed(owner_id: str) -> str:
     return f"owner:{owner_id}"
 
 
-def changed(owner_id: str, job_id: str) -> str:
+def owner_change(owner_id: str, job_id: str) -> str:
     """The key announcing that this job of this owner changed (state, progress, result)."""
     return feed_key(owner_feed(owner_id), job_id)
 
@@ -312,6 +317,7 @@ class JobQueue:
             return list(session.scalars(stmt.order_by(Job.seq.desc()).limit(limit)).all())
 
     def cancel(self, owner_id: str, ident: str) -> Job:
+        """Cancel the owner's job; announced to its long-polls and the owner's streams."""
         with transaction(self.sessions) as session:
             job = self.find(session, owner_id, ident, lock=True)
             if job.state in TERMINAL:
@@ -325,7 +331,7 @@ class JobQueue:
             job.lease_id = None
             job.lease_expires_at = None
             woken = pipelines.cancel_steps(session, job)
-        for key in [job_key(job.id), *woken]:
+        for key in [job_key(job.id), owner_change(owner_id, job.id), *woken]:
             self.notifier.notify(key)
         return job
 
@@ -387,7 +393,7 @@ class JobQueue:
                         )
                     ).all()
                 }
-            return [
+            claimed = [
                 ClaimedJob(
                     id=j.id,
                     operation=j.operation,
@@ -401,11 +407,16 @@ class JobQueue:
                 )
                 for j in sorted(jobs, key=lambda j: (j.fair_rank, j.seq))
             ]
+            started = [owner_change(j.owner_id, j.id) for j in jobs]
+        for key in started:  # running now: to the owners' event streams
+            self.notifier.notify(key)
+        return claimed
 
     def heartbeat(self, worker: Worker, beat: Heartbeat) -> HeartbeatResponse:
         now = utcnow()
         leases = {r.job_id: r for r in beat.running}
         abort: list[str] = []
+        progressed: list[str] = []
         with transaction(self.sessions) as session:
             session.execute(update(Worker).where(Worker.id == worker.id).values(last_heartbeat=now))
             if not leases:
@@ -428,8 +439,15 @@ class JobQueue:
                     abort.append(job_id)
                     continue
                 job.lease_expires_at = expires
+                if (job.progress_fraction, job.progress_message) != (
+                    running.progress.fraction,
+                    running.progress.message,
+                ):
+                    progressed.append(owner_change(job.owner_id, job.id))
                 job.progress_fraction = running.progress.fraction
                 job.progress_message = running.progress.message
+        for key in progressed:  # to the owners' event streams
+            self.notifier.notify(key)
         return HeartbeatResponse(abort=abort)
 
     def running_job(self, session: Session, worker: Worker, job_id: str, lease_id: str) -> Job:
@@ -497,7 +515,7 @@ class JobQueue:
                     )
                 artifacts.keep_outputs(session, self.blobs, self.catalog, job)
             woken = pipelines.step_finished(self, session, job)
-        for key in [job_key(job_id), *woken]:
+        for key in [job_key(job_id), owner_change(job.owner_id, job_id), *woken]:
             self.notifier.notify(key)
 
     def output_meta_path(self, job_id: str, lease_id: str, name: str) -> Path:
@@ -538,6 +556,7 @@ class JobQueue:
                     job.progress_fraction = 0.0
                     job.progress_message = "requeued: the worker running it was lost"
                 changed.append((job.id, job.app))
+                woken.append(owner_change(job.owner_id, job.id))
         for job_id, app in changed:
             self.notifier.notify(job_key(job_id))
             self.notifier.notify(app_key(app))
@@ -619,6 +638,7 @@ class JobQueue:
                 job.progress_message = ""
                 woken += pipelines.step_finished(self, session, job)
                 ended.append((job.id, why))
+                woken.append(owner_change(job.owner_id, job.id))
         for job_id, why in ended:
             log.info("job %s failed unclaimed: %s", ids.short(job_id), why)
             self.notifier.notify(job_key(job_id))
