@@ -13,11 +13,13 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import Text, cast, func, select
 
 from csml.client import Client, InvalidRequest, NotFound
 from csml.client.errors import Conflict, TooManyRequests
 from csml.coordinator.abuse import stored_bytes
 from csml.store.db import make_engine, make_sessionmaker, sqlite_url
+from csml.store.tables import Job
 from tests.cluster import Cluster, running_cluster, wait_for
 from tests.integration.apps.support import load_dataset
 
@@ -99,13 +101,21 @@ def test_two_apps_chained_end_to_end(pc: Cluster, photo: Path, tmp_path: Path) -
     fractions = [f for _, f, _ in seen]
     assert fractions == sorted(fractions)
 
-    # Steps read the uploads and earlier outputs in place: each file counts once in the quota.
+    # Steps read the uploads and earlier outputs in place: each file counts once in the quota
+    # (besides the params kept in the job rows, which count as their JSON text).
     me = user.request("GET", "/v1/identities/me").json()["id"]
+    params_text = func.length(cast(Job.params, Text))
     with make_sessionmaker(make_engine(sqlite_url(pc.data_dir)))() as session:
         stored = stored_bytes(session, me)
+        params = session.scalar(
+            select(func.coalesce(func.sum(params_text), 0)).where(
+                Job.owner_id == me, params_text > 2
+            )
+        )
     files = {**job.data.inputs, **job.data.outputs}.values()
+    assert params
     assert (
-        stored
+        stored - params
         == sum(f.size for f in files)
         == photo.stat().st_size + sum(f.size for f in job.data.outputs.values())
     )

@@ -181,7 +181,7 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 def test_scaffolded_image_builds_offline_and_serves_a_job(tmp_path: Path) -> None:
     """The generated Dockerfile, built from a wheelhouse with no network, runs as uid 10001
     and joins a coordinator with a join-token file, as README.md says."""
-    root = Path(__file__).resolve().parents[3]
+    root = Path(__file__).resolve().parents[2]
     base = os.environ.get("CSML_BASE_IMAGE", "localhost/debian-base:bookworm")
     script_env = {**os.environ, "PYTHON": sys.executable}
     if podman("image", "exists", base, check=False).returncode:  # built by the script, once

@@ -20,7 +20,10 @@ expensive or bounded instead:
   cap any challenge issued at the cap is accepted: a patient newcomer always gets
   in after at most about 2**(b+M) hashes, whatever a flood does.
 - **Per-identity limits**, counted from the store so they hold across coordinators:
-  submissions per window, queued + running jobs, stored bytes, model artifacts.
+  submissions per window, queued + running jobs, stored bytes, model artifacts. The
+  last three are checked here early (before a body is read) and again, race-free,
+  in the transaction that lands the rows (`csml.coordinator.quotas`, whose helpers
+  this module re-exports).
 
 Every refusal is a 429 with `Retry-After` that names the limit, its value and when
 it resets. `delete_identity` erases an identity with all its jobs and files, and on
@@ -40,19 +43,26 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Text, cast, delete, exists, func, or_, select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from csml import ids
+from csml.coordinator import quotas
 from csml.coordinator.artifacts import remove_files as remove_model_files
 from csml.coordinator.errors import ApiError
-from csml.coordinator.queue import QUEUED, RUNNING, TERMINAL, job_key
+from csml.coordinator.queue import QUEUED, RUNNING, job_key
+from csml.coordinator.quotas import check_models as check_models
+from csml.coordinator.quotas import check_storage as check_storage
+from csml.coordinator.quotas import duration as _duration
+from csml.coordinator.quotas import model_count as model_count
+from csml.coordinator.quotas import stored_bytes as stored_bytes
+from csml.coordinator.quotas import too_many as too_many
 from csml.coordinator.retention import delete_job_rows, remove_job_files
 from csml.coordinator.state import Core
 from csml.schemas import JobState
 from csml.schemas.identities import IdentityChallenge, IdentityCreated, IdentityProof
 from csml.store.db import insert_ignore, scrub_wal, transaction
-from csml.store.tables import Identity, Job, JobFile, utcnow
+from csml.store.tables import Identity, Job, utcnow
 from csml.store.tables_abuse import RateWindow, ServerSecret, UsedChallenge
 from csml.store.tables_artifacts import ModelArtifact
 
@@ -300,28 +310,8 @@ def submit_key(identity_id: str) -> str:
     return f"submit:{identity_id}"
 
 
-def _duration(seconds: float) -> str:
-    s = max(1, math.ceil(seconds))
-    if s < 120:
-        return f"{s} s"
-    if s < 7200:
-        return f"{s // 60} min {s % 60} s" if s % 60 else f"{s // 60} min"
-    return f"{s // 3600} h {s % 3600 // 60} min"
-
-
 def _per(window: float) -> str:
     return {60.0: "minute", 3600.0: "hour", 86400.0: "day"}.get(window, f"{window:g} s")
-
-
-def too_many(code: str, message: str, retry_after: float, **detail: Any) -> ApiError:
-    retry = max(1, math.ceil(retry_after))
-    return ApiError(
-        429,
-        code,
-        message,
-        headers={"Retry-After": str(retry)},
-        details=[{**detail, "retry_after": retry}],
-    )
 
 
 def rate_limited(what: str, limit: int, window: float, wait: float, code: str) -> ApiError:
@@ -336,18 +326,20 @@ def rate_limited(what: str, limit: int, window: float, wait: float, code: str) -
 
 
 def check_submission(core: Core, identity_id: str, upload_bytes: int = 0) -> None:
-    """Refuse (429) a submission past any per-identity limit; else count it.
+    """Refuse (429) a submission past any per-identity limit, before its body is read;
+    else count it in the identity's submission window.
 
-    Checks, in the store: queued + running jobs, stored bytes (inputs and outputs
-    of the identity's jobs still kept, plus `upload_bytes` announced by the request),
-    and submissions in the current window. The identity's window row is locked
-    first, so one identity's checks run one at a time across coordinators. A
-    refused submission is not counted.
+    An early refusal only: the limits are checked again, race-free, in the transaction
+    that creates the job (`csml.coordinator.quotas`). Checks queued + running jobs,
+    stored bytes (plus `upload_bytes` announced by the request) and submissions in the
+    current window. The identity is locked first (and must still exist, so an erased
+    identity leaves no window row behind). A refused submission is not counted.
     """
     s = core.settings
     if not (s.submission_rate_limit or s.max_active_jobs or s.max_stored_bytes):
         return
     with transaction(core.sessions) as session:
+        quotas.require_identity(session, identity_id)
         if s.submission_rate_limit:
             wait = count_in_window(
                 session,
@@ -363,26 +355,7 @@ def check_submission(core: Core, identity_id: str, upload_bytes: int = 0) -> Non
                     wait,
                     "submission_rate_limited",
                 )
-        if s.max_active_jobs:
-            active = session.scalar(
-                select(func.count())
-                .select_from(Job)
-                .where(
-                    Job.owner_id == identity_id,
-                    Job.state.in_([QUEUED, RUNNING]),
-                    Job.parent_seq.is_(None),  # a pipeline counts once, not once per step
-                )
-            )
-            if (active or 0) >= s.max_active_jobs:
-                retry = s.retry_after_seconds
-                raise too_many(
-                    "active_jobs_limit",
-                    f"concurrent job limit: {s.max_active_jobs} queued or running jobs reached; "
-                    f"resets when one of them ends (retry in {_duration(retry)})",
-                    retry,
-                    limit="concurrent job limit",
-                    value=s.max_active_jobs,
-                )
+        quotas.check_active_jobs(core, session, identity_id)
         if s.max_stored_bytes:
             check_storage(core, session, identity_id, upload_bytes)
 
@@ -395,106 +368,15 @@ def announced_upload(headers: Mapping[str, str]) -> int:
     return int(length) if length.isdigit() else 0
 
 
-def stored_bytes(session: Session, identity_id: str) -> int:
-    """Bytes of the identity's job files still kept (inputs and outputs), plus its models
-    whose job is gone (while the job is kept, the model shares its output's bytes), plus
-    the params its kept jobs hold."""
-    # Each blob once: a pipeline's steps and the pipeline itself share their files' blobs.
-    blobs = (
-        select(JobFile.blob, JobFile.size)
-        .join(Job, Job.seq == JobFile.job_seq)
-        .where(Job.owner_id == identity_id)
-        .distinct()
-        .subquery()
-    )
-    total = session.scalar(select(func.coalesce(func.sum(blobs.c.size), 0)))
-    kept_jobs = select(Job.id).where(Job.owner_id == identity_id)
-    models = session.scalar(
-        select(func.coalesce(func.sum(ModelArtifact.size), 0)).where(
-            ModelArtifact.owner_id == identity_id,
-            or_(ModelArtifact.job_id.is_(None), ModelArtifact.job_id.not_in(kept_jobs)),
-        )
-    )
-    # Params are kept in the job's row (and come back in results): count them too
-    # (as their JSON text; empty params, `{}`, count nothing).
-    params_text = func.length(cast(Job.params, Text))
-    params = session.scalar(
-        select(func.coalesce(func.sum(params_text), 0)).where(
-            Job.owner_id == identity_id, params_text > 2
-        )
-    )
-    return int(total or 0) + int(models or 0) + int(params or 0)
-
-
-def check_model_quota(core: Core, identity_id: str, makes_models: bool) -> None:
-    """Refuse (429) a job that would keep a model past the identity's model quota."""
+def check_model_quota(core: Core, identity_id: str, makes_models: int) -> None:
+    """Refuse (429, or 422 if it could never fit) a job that would keep `makes_models`
+    models (a bool counts as 0 or 1) past the identity's model quota, counting the
+    models kept and those its queued and running jobs will keep. An early refusal:
+    the transaction that creates the job checks again."""
     if not makes_models or not core.settings.max_models:
         return
     with core.sessions() as session:
-        check_models(core, model_count(session, identity_id))
-
-
-def check_storage(core: Core, session: Session, identity_id: str, upload_bytes: int) -> None:
-    limit = core.settings.max_stored_bytes
-    used = stored_bytes(session, identity_id)
-    if used < limit and used + upload_bytes <= limit:
-        return
-    retention = timedelta(hours=core.settings.retention_hours)
-    oldest = session.scalar(
-        select(func.min(Job.finished_at)).where(
-            Job.owner_id == identity_id,
-            Job.state.in_(TERMINAL),
-            exists().where(JobFile.job_seq == Job.seq),
-        )
-    )
-    if oldest is not None:
-        wait = max(1.0, (oldest + retention - utcnow()).total_seconds())
-        when = f"resets in {_duration(wait)}, when your oldest finished job expires"
-    else:
-        wait = retention.total_seconds()
-        when = (
-            f"resets as your jobs end and expire ({_duration(wait)} after they end); "
-            "or erase your identity"
-        )
-    incoming = f" and this upload is {upload_bytes} bytes" if used < limit else ""
-    raise too_many(
-        "storage_quota",
-        f"storage quota: {limit} bytes per identity reached ({used} stored{incoming}); {when}",
-        wait,
-        limit="storage quota",
-        value=limit,
-        stored=used,
-    )
-
-
-def model_count(session: Session, identity_id: str) -> int:
-    """How many model artifacts `identity_id` keeps in the store."""
-    return int(
-        session.scalar(
-            select(func.count())
-            .select_from(ModelArtifact)
-            .where(ModelArtifact.owner_id == identity_id)
-        )
-        or 0
-    )
-
-
-def check_models(core: Core, count: int, adding: int = 1) -> None:
-    """Refuse (429) keeping `adding` more model artifacts on top of `count` (from
-    `model_count`) past `max_models`. A slot comes back when an artifact is deleted
-    or expires, so the refusal carries the retry interval, not a fixed reset time."""
-    limit = core.settings.max_models
-    if not limit or count + adding <= limit:
-        return
-    retry = core.settings.retry_after_seconds
-    raise too_many(
-        "model_quota",
-        f"model quota: {limit} models per identity reached ({count} kept); "
-        f"resets when one of them is deleted or expires (retry in {_duration(retry)})",
-        retry,
-        limit="model quota",
-        value=limit,
-    )
+        quotas.check_new_models(core, session, core.catalog, identity_id, int(makes_models))
 
 
 # -- erasure ------------------------------------------------------------------
@@ -504,7 +386,12 @@ def delete_identity(core: Core, identity_id: str) -> int:
     """Erase an identity: cancel its live jobs (their workers are told to stop on their
     next heartbeat), then delete its jobs, files and every row that names it, and (SQLite)
     checkpoint and truncate the write-ahead log that still held those rows.
-    Returns how many jobs were erased."""
+    Returns how many jobs were erased.
+
+    A submission or model import still streaming meanwhile finds the identity gone
+    in the transaction that would create its rows (`quotas.require_identity`): it
+    is refused with 401 and removes its own files; one that got there first is
+    erased here with the rest."""
     now = utcnow()
     with transaction(core.sessions) as session:
         live = list(
@@ -529,12 +416,12 @@ def delete_identity(core: Core, identity_id: str) -> int:
     for job_id in live:
         core.notifier.notify(job_key(job_id))
     with transaction(core.sessions) as session:
-        jobs = [
-            (seq, job_id)
-            for seq, job_id in session.execute(
-                select(Job.seq, Job.id).where(Job.owner_id == identity_id).with_for_update()
-            )
-        ]
+        jobs = _jobs_of(session, identity_id)
+        # Then the identity's row: a submission or model keep in flight (which holds it,
+        # or a key-share lock on it) commits first, and what it wrote is listed below.
+        if session.get_bind().dialect.name == "postgresql":
+            session.scalar(select(Identity.id).where(Identity.id == identity_id).with_for_update())
+            jobs = list(dict.fromkeys([*jobs, *_jobs_of(session, identity_id)]))
         delete_job_rows(session, jobs, now)
         models = list(
             session.scalars(select(ModelArtifact.id).where(ModelArtifact.owner_id == identity_id))
@@ -549,3 +436,13 @@ def delete_identity(core: Core, identity_id: str) -> int:
             "erasure: a long reader kept the write-ahead log; it empties at a later checkpoint"
         )
     return len(jobs)
+
+
+def _jobs_of(session: Session, identity_id: str) -> list[tuple[int, str]]:
+    """The identity's jobs (seq, id), locked."""
+    return [
+        (seq, job_id)
+        for seq, job_id in session.execute(
+            select(Job.seq, Job.id).where(Job.owner_id == identity_id).with_for_update()
+        )
+    ]

@@ -11,7 +11,7 @@ from sqlalchemy import delete, select
 from starlette.concurrency import run_in_threadpool
 
 from csml import ids
-from csml.coordinator import abuse, artifacts
+from csml.coordinator import artifacts, quotas
 from csml.coordinator.api_users import ERRORS, Me
 from csml.coordinator.auth import AuthFirstRoute
 from csml.coordinator.errors import ApiError, spec_error
@@ -106,7 +106,7 @@ def _check_import(c: Core, owner_id: str, spec: ModelImport) -> int:
             field="spec.format_version",
         )
     with c.sessions() as session:
-        abuse.check_models(c, abuse.model_count(session, owner_id))
+        quotas.check_new_models(c, session, c.catalog, owner_id, 1)
     return version
 
 
@@ -176,7 +176,8 @@ def _keep_import(
     artifacts.link_or_copy(staged.path, target)
     try:
         with transaction(c.sessions) as session:
-            abuse.check_models(c, abuse.model_count(session, owner_id))
+            quotas.require_identity(session, owner_id)  # 401 if erased meanwhile
+            quotas.check_new_models(c, session, c.catalog, owner_id, 1)
             model = ModelArtifact(
                 id=model_id,
                 owner_id=owner_id,

@@ -3,7 +3,15 @@
 A model file is hard-linked (not copied) from the job's output into
 `blobs/models/`, so it outlives the job's retention at no extra disk cost;
 a job that uses a model gets its own link, so deleting the model cannot pull
-the file from under a queued job.
+the file from under a queued job. A pipeline gets its own link at submission
+for each step that names a model by id (a file row of kind `PINNED` on the
+pipeline, which its views do not show), so a later step runs even when the model
+was deleted meanwhile.
+
+Models do not expire: one stays until its owner deletes it or erases their
+identity. How many an identity keeps is bounded by the model quota, checked
+when a job that makes models is submitted (`csml.coordinator.quotas`) and again
+in the transaction that keeps them (`keep_outputs`).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from sqlalchemy.orm import Session
 
 from csml import ids
 from csml.apps.base import MODEL_PARAM
+from csml.coordinator import quotas
 from csml.coordinator.catalog import Catalog
 from csml.coordinator.errors import ApiError
 from csml.coordinator.lookup import find_owned
@@ -28,6 +37,7 @@ from csml.store.tables import Job, JobFile, utcnow
 from csml.store.tables_artifacts import ModelArtifact
 
 MAX_METRICS_BYTES = 64 * 1024
+PINNED = "model"  # JobFile.kind of a pipeline's own link to a model a step names by id
 
 
 def model_input(op: OperationInfo) -> FileSpec | None:
@@ -125,23 +135,57 @@ def attach(
     )
 
 
+def pin(
+    session: Session, blobs: BlobStore, owner_id: str, model_ref: str, job: Job, key: str
+) -> ModelArtifact:
+    """Give `job` its own link to the caller's model `model_ref`, as its file `key` of
+    kind `PINNED` (a pipeline pins the model of each step that names one at
+    submission, so deleting the model later cannot fail that step)."""
+    model = find(session, owner_id, model_ref)
+    target = blobs.job_dir(job.id) / PINNED / key / model.name
+    link_or_copy(blobs.path(model.blob), target)
+    job.files.append(
+        JobFile(
+            kind=PINNED,
+            name=key,
+            size=model.size,
+            sha256=model.sha256,
+            media_type=model.media_type,
+            blob=blobs.relative(target),
+            model_id=model.id,
+        )
+    )
+    return model
+
+
 def _metrics(result: dict[str, Any] | None) -> dict[str, Any]:
     if not result or len(json.dumps(result)) > MAX_METRICS_BYTES:
         return {}
     return result
 
 
-def keep_outputs(session: Session, blobs: BlobStore, catalog: Catalog, job: Job) -> None:
-    """Make each model output of a succeeded job a model artifact of its owner."""
+def keep_outputs(
+    session: Session, owner: quotas.HasSettings, blobs: BlobStore, catalog: Catalog, job: Job
+) -> None:
+    """Make each model output of a succeeded job a model artifact of its owner, as far
+    as the model quota allows now (checked here, in the transaction that keeps them);
+    an output past it stays an ordinary output and the job's message says so."""
     try:
         _, op = catalog.operation(job.app, job.operation, session)
     except ApiError:
         return
     declared = {f.name: f.model for f in op.outputs if f.model is not None}
-    for f in job.files:
-        fmt = declared.get(f.name)
-        if f.kind != "output" or fmt is None:
-            continue
+    made = [f for f in job.files if f.kind == "output" and declared.get(f.name) is not None]
+    room = quotas.may_keep_models(owner, session, job.owner_id, len(made))
+    for f in made[room:]:
+        job.progress_message = (
+            f"output {f.name!r} was not kept as a model: model quota of "
+            f"{owner.settings.max_models} models reached (download it, delete a model "
+            "and import it with POST /v1/models to keep it)"
+        )
+    for f in made[:room]:
+        fmt = declared[f.name]
+        assert fmt is not None
         model_id = ids.new_id()
         target = model_dir(blobs, model_id) / f.name
         link_or_copy(blobs.path(f.blob), target)

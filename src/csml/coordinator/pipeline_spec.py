@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from csml.apps.base import MODEL_PARAM
-from csml.coordinator import artifacts
+from csml.coordinator import artifacts, quotas
 from csml.coordinator.errors import ApiError, spec_error
 from csml.schemas import JobSpec, OperationInfo, PipelineSpec, StepSpec
 from csml.schemas.pipelines import UPLOAD_PREFIX
@@ -230,12 +230,11 @@ def first_spec(spec: PipelineSpec) -> JobSpec:
 
 def check(core: Core, owner_id: str, spec: PipelineSpec) -> None:
     """Everything that can be refused before the files arrive."""
-    from csml.coordinator import abuse  # abuse -> retention -> queue -> pipelines -> here
-
     ops = validate(core.catalog, spec)
     core.queue.limits_for(first_spec(spec))
-    abuse.check_model_quota(core, owner_id, any(artifacts.makes_models(op) for op in ops))
+    making = sum(quotas.models_made(op) for op in ops)  # every step's, up front
     with core.sessions() as session:
+        quotas.check_new_models(core, session, core.catalog, owner_id, making)
         check_models(session, core, owner_id, spec)
         core.queue._check_capacity(session, spec.steps[0].app)
 

@@ -7,7 +7,13 @@ Each step is an ordinary job of its own app, linked by `parent_seq` and
 workers claim it like any other. A step's inputs are rows pointing at the blobs
 of the parent's uploads or of earlier steps' outputs (no copy); each step's
 outputs are mirrored on the parent as `<step>.<output>`, which is also how
-later steps name them.
+later steps name them. A model a step names by id (`params.model`) is pinned on
+the parent at submission (`artifacts.pin`), and the step reads that link, so the
+step runs even if the model is deleted meanwhile.
+
+Quotas: a pipeline counts once against the owner's queued + running jobs, and
+all the models its steps would keep are counted at submission, in the
+transaction that creates it (`csml.coordinator.quotas`).
 
 Lock order: the parent row, then its step rows (cancel, complete); the reaper,
 which holds a step's lock first, only tries the parent's (SKIP LOCKED) and
@@ -24,7 +30,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from csml import ids
-from csml.coordinator import artifacts, pipeline_spec
+from csml.apps.base import MODEL_PARAM
+from csml.coordinator import artifacts, pipeline_spec, quotas
 from csml.coordinator import queue as q
 from csml.coordinator.errors import ApiError
 from csml.schemas import Job as JobView
@@ -77,6 +84,16 @@ def submit(
     made: Job | str | None = None
     try:
         with transaction(core.sessions) as session:
+            # Lock order: the owner's identity row, then the apps' rows (as JobQueue.submit).
+            quotas.check_new_job(
+                core,
+                session,
+                core.catalog,
+                owner_id,
+                upload_bytes=sum(f.size for f in files.values())
+                + sum(quotas.params_bytes(s.params) for s in spec.steps),
+                adding_models=sum(quotas.models_made(op) for op in ops),
+            )
             pipeline_spec.check_models(session, core, owner_id, spec)
             parent = Job(
                 id=parent_id,
@@ -96,6 +113,10 @@ def submit(
                 files=[],
             )
             parent.files.extend(q.adopt_inputs(core.blobs, staging, parent_id, files))
+            for step in spec.steps:  # its own copy of each model named by id
+                ref = step.params.get(MODEL_PARAM)
+                if isinstance(ref, str):
+                    artifacts.pin(session, core.blobs, owner_id, ref, parent, step.name)
             mark_not_confidential(parent)
             session.add(parent)
             session.flush()
@@ -172,14 +193,32 @@ def create_step(queue: q.JobQueue, session: Session, parent: Job, index: int) ->
         parent_seq=parent.seq,
         step_index=index,
     )
-    spec = JobSpec(app=step.app, operation=op.name, params=step.params)
-    try:
-        artifacts.attach(
-            session, queue.blobs, queue.catalog, parent.owner_id, spec, job, set(step.inputs)
+    pinned = next(
+        (f for f in parent.files if f.kind == artifacts.PINNED and f.name == step.name), None
+    )
+    want = artifacts.model_input(op)
+    if pinned is not None and want is not None and want.name not in step.inputs:
+        job.params = {**job.params, MODEL_PARAM: pinned.model_id}
+        job.files.append(
+            JobFile(
+                kind="input",
+                name=want.name,
+                size=pinned.size,
+                sha256=pinned.sha256,
+                media_type=pinned.media_type,
+                blob=pinned.blob,
+                model_id=pinned.model_id,
+            )
         )
-    except ApiError as exc:
-        queue.blobs.remove_job(job_id)
-        return f"{label} cannot start: {exc.message}"
+    else:  # no model named, or a pipeline submitted before models were pinned
+        spec = JobSpec(app=step.app, operation=op.name, params=step.params)
+        try:
+            artifacts.attach(
+                session, queue.blobs, queue.catalog, parent.owner_id, spec, job, set(step.inputs)
+            )
+        except ApiError as exc:
+            queue.blobs.remove_job(job_id)
+            return f"{label} cannot start: {exc.message}"
     mark_not_confidential(job)
     session.add(job)
     parent.step_index = index

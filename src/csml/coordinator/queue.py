@@ -1,6 +1,8 @@
 """The job lifecycle: submit, claim under a lease, heartbeat, complete, cancel, reap.
 
-Every state change is one short transaction. Claims lock rows with
+Every state change is one short transaction. A submission checks the owner's
+quotas in the transaction that creates the job (`csml.coordinator.quotas`), so
+concurrent submissions cannot overshoot them. Claims lock rows with
 `FOR UPDATE SKIP LOCKED` on PostgreSQL; on SQLite every write transaction
 holds the database lock (BEGIN IMMEDIATE), which serialises them.
 
@@ -34,7 +36,7 @@ from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from csml import ids
-from csml.coordinator import artifacts, pipelines
+from csml.coordinator import artifacts, pipelines, quotas
 from csml.coordinator.catalog import Catalog
 from csml.coordinator.config import Settings
 from csml.coordinator.errors import ApiError, not_found
@@ -232,6 +234,17 @@ class JobQueue:
         job_id = ids.new_id()
         try:
             with transaction(self.sessions) as session:
+                # Lock order: the owner's identity row, then the app's row.
+                quotas.check_new_job(
+                    self,
+                    session,
+                    self.catalog,
+                    owner_id,
+                    upload_bytes=sum(f.size for f in files.values())
+                    + quotas.params_bytes(spec.params)
+                    + (len(spec.confidential.encrypted_params) if spec.confidential else 0),
+                    adding_models=quotas.models_made(op),
+                )
                 app_row = session.get(AppRecord, spec.app, with_for_update=True)
                 if app_row is None:
                     raise ApiError(404, "unknown_app", f"no application {spec.app!r}")
@@ -513,7 +526,7 @@ class JobQueue:
                             blob=self.blobs.relative(outputs_dir / info.name),
                         )
                     )
-                artifacts.keep_outputs(session, self.blobs, self.catalog, job)
+                artifacts.keep_outputs(session, self, self.blobs, self.catalog, job)
             woken = pipelines.step_finished(self, session, job)
         for key in [job_key(job_id), owner_change(job.owner_id, job_id), *woken]:
             self.notifier.notify(key)

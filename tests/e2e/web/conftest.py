@@ -14,7 +14,9 @@ from tests.e2e.web.browser import ARGS, DESKTOP, chromium_path, screenshot
 OPERATOR_TOKEN = "csmlop_test-operator-token-0123456789"
 
 
-@pytest.fixture(scope="session")
+# Package scope: the cluster and Playwright (whose sync API keeps an event loop running in
+# the main thread) stop when the web tests are done, not at the end of the whole session.
+@pytest.fixture(scope="package")
 def web_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """A real coordinator (operator view on) with real echo, opencv and dlib workers."""
     root = tmp_path_factory.mktemp("web")
@@ -26,7 +28,7 @@ def web_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield c
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser() -> Iterator[Any]:
     sync_api = pytest.importorskip("playwright.sync_api")
     path = chromium_path()

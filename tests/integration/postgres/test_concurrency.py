@@ -94,7 +94,8 @@ def check_claimed_once(core: Core, submitted: set[str], claims: Claims) -> None:
 
 def test_two_coordinators_in_one_process(make_core: MakeCore) -> None:
     """Two engines on one database: 16 claimers drain a queue that is still being filled."""
-    cores = [make_core(queue_capacity=100_000) for _ in range(2)]
+    # ~200 queued jobs per identity: past the default limit, which submit checks.
+    cores = [make_core(queue_capacity=100_000, max_active_jobs=0) for _ in range(2)]
     owners = [new_identity(cores[0]) for _ in range(4)]
     workers = [new_worker(cores[0]) for _ in range(8)]
     queued_up_front, per_submitter, submitters_per_core, claimers_per_core = 600, 50, 2, 8
