@@ -18,7 +18,7 @@ from csml import ids
 from csml.coordinator import abuse, artifacts, pipeline_spec, pipelines, spec_limits
 from csml.coordinator.auth import AuthFirstRoute, current_identity
 from csml.coordinator.errors import ApiError, not_found, spec_error
-from csml.coordinator.queue import job_key
+from csml.coordinator.queue import job_key, owner_change
 from csml.coordinator.state import Core, core
 from csml.coordinator.uploads import (
     Accepts,
@@ -42,6 +42,7 @@ from csml.schemas import (
 )
 from csml.schemas.identities import IdentityChallenge, IdentityProof
 from csml.store.tables import Identity, Worker, utcnow
+from csml.store.tables import Job as JobRow
 
 T = TypeVar("T")
 router = APIRouter(route_class=AuthFirstRoute, prefix="/v1")
@@ -183,16 +184,8 @@ async def submit_job(request: Request, me: Me) -> JSONResponse:
     c = core(request)
     if request.headers.get("content-type", "").startswith("application/json"):
         raw = await request.body()  # at most max_spec_bytes (csml.coordinator.middleware)
-        kept = spec_limits.kept_bytes(spec_limits.load(raw, c.settings))
-        await run_in_threadpool(abuse.check_submission, c, me.id, kept)  # 429 past a limit
-        if pipeline_spec.is_pipeline(raw):  # {"steps": [...]}: see csml.coordinator.pipelines
-            pipeline = pipeline_spec.parse(raw)
-            await run_in_threadpool(pipeline_spec.check, c, me.id, pipeline)
-            job = await run_in_threadpool(pipelines.submit, c, me.id, pipeline, None, {})
-        else:
-            spec = parse_spec(raw)
-            await run_in_threadpool(check_model_quota, c, me.id, spec)
-            job = await run_in_threadpool(c.queue.submit, me.id, spec, None, {})
+        # Checks, submission and view in one trip off the event loop.
+        return await run_in_threadpool(_submit_json, c, me.id, raw)
     else:
         upload = abuse.announced_upload(request.headers)
         await run_in_threadpool(abuse.check_submission, c, me.id, upload)  # 429 past a limit
@@ -223,17 +216,39 @@ async def submit_job(request: Request, me: Me) -> JSONResponse:
             parsed = await parse_submission(
                 request, staging, FormLimits.of(c.settings), on_spec, budget
             )
-            if piped:
-                job = await run_in_threadpool(
-                    pipelines.submit, c, me.id, piped["spec"], staging, parsed.files
-                )
-            else:
-                job = await run_in_threadpool(
-                    c.queue.submit, me.id, holder["spec"], staging, parsed.files
-                )
+
+            def submit_parsed() -> JSONResponse:
+                if piped:
+                    job = pipelines.submit(c, me.id, piped["spec"], staging, parsed.files)
+                else:
+                    job = c.queue.submit(me.id, holder["spec"], staging, parsed.files)
+                return _submitted(c, me.id, job)
+
+            return await run_in_threadpool(submit_parsed)
         finally:
             await run_in_threadpool(c.blobs.discard, staging)
-    view = (await run_in_threadpool(job_views, c.sessions, [job]))[0]
+
+
+def _submit_json(c: Core, owner_id: str, raw: bytes) -> JSONResponse:
+    """Check and submit a JSON job or pipeline spec (no files)."""
+    kept = spec_limits.kept_bytes(spec_limits.load(raw, c.settings))
+    abuse.check_submission(c, owner_id, kept)  # 429 past a limit
+    if pipeline_spec.is_pipeline(raw):  # {"steps": [...]}: see csml.coordinator.pipelines
+        pipeline = pipeline_spec.parse(raw)
+        pipeline_spec.check(c, owner_id, pipeline)
+        job = pipelines.submit(c, owner_id, pipeline, None, {})
+    else:
+        spec = parse_spec(raw)
+        check_model_quota(c, owner_id, spec)
+        job = c.queue.submit(owner_id, spec, None, {})
+    return _submitted(c, owner_id, job)
+
+
+def _submitted(c: Core, owner_id: str, job: JobRow) -> JSONResponse:
+    """The 202 for a new job (no queue position: the event stream and `?positions=true`
+    GETs carry it); announced to the owner's event streams."""
+    c.notifier.notify(owner_change(owner_id, job.id))
+    view = job_views(c.sessions, [job], positions=False)[0]
     return JSONResponse(
         view.model_dump(mode="json"),
         status_code=202,

@@ -329,6 +329,29 @@ class JobQueue:
         with self.sessions() as session:
             return list(session.scalars(stmt.order_by(Job.seq.desc()).limit(limit)).all())
 
+    def changed_jobs(self, owner_id: str, job_ids: set[str]) -> list[Job]:
+        """The owner's jobs among `job_ids` as the owner lists them: a pipeline step
+        stands for its pipeline; another identity's or an erased job is left out."""
+        found: dict[int, Job] = {}
+        wanted = sorted(job_ids)
+        with self.sessions() as session:
+            for i in range(0, len(wanted), 500):
+                rows = session.scalars(
+                    select(Job).where(Job.owner_id == owner_id, Job.id.in_(wanted[i : i + 500]))
+                ).all()
+                parents = {r.parent_seq for r in rows if r.parent_seq is not None}
+                found.update((r.seq, r) for r in rows if r.parent_seq is None)
+                if parents - found.keys():
+                    found.update(
+                        (r.seq, r)
+                        for r in session.scalars(
+                            select(Job).where(
+                                Job.owner_id == owner_id, Job.seq.in_(parents - found.keys())
+                            )
+                        ).all()
+                    )
+        return sorted(found.values(), key=lambda j: j.seq)
+
     def cancel(self, owner_id: str, ident: str) -> Job:
         """Cancel the owner's job; announced to its long-polls and the owner's streams."""
         with transaction(self.sessions) as session:
