@@ -144,6 +144,7 @@ class Client:
                 raise
             created = IdentityCreated.model_validate(response.json())
             self.token = created.token
+            self._new_result_stream()  # a stream follows one identity
             return created
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -151,6 +152,12 @@ class Client:
         """Erase this identity with all its jobs, files and records; the token stops working."""
         self.request("DELETE", "/v1/identities/me")
         self.token = None
+        self._new_result_stream()
+
+    def _new_result_stream(self) -> None:
+        if self._results is not None:
+            self._results.close()
+            self._results = ResultStream(self)
 
     def apps(self) -> list[AppInfo]:
         return [AppInfo.model_validate(a) for a in self.request("GET", "/v1/apps").json()]
