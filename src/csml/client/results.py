@@ -13,6 +13,8 @@ Invariants:
   re-reads the job once (GET) unless the stream has covered it without a gap: the
   same connection was up before the job was submitted (`mark` before the POST) and
   no kept view was dropped since. After each reconnection every waiter re-reads once.
+- A waiter that hears nothing for `SAFETY_SECONDS` re-reads its job: a bug or a lost
+  frame delays a result, never hangs a wait.
 - When the stream cannot be opened (429: too many streams for the identity, an
   error, a coordinator without it) or drops, waiters go back to long-polling; it is
   not tried again for `RETRY_SECONDS`.
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("csml.client.results")
 
 RECENT = 4096
+SAFETY_SECONDS = 30.0  # a waiter that heard nothing for this long re-reads its job
 RETRY_SECONDS = 30.0
 OPEN_TIMEOUT = 10.0
 READ_TIMEOUT = 60.0  # the coordinator sends a keep-alive comment more often than this

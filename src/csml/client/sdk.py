@@ -31,7 +31,7 @@ import httpx
 from csml.client.config import UserConfig
 from csml.client.errors import CsmlError, QueueFull, Unreachable, WaitTimeout, raise_for
 from csml.client.filenames import check_file_name
-from csml.client.results import LOST, RECHECK, Mark, ResultStream
+from csml.client.results import LOST, RECHECK, SAFETY_SECONDS, Mark, ResultStream
 from csml.schemas import AppInfo, IdentityCreated, JobState, StepSpec, WorkerKeyInfo
 from csml.schemas import Job as JobData
 from csml.schemas.models import ModelInfo
@@ -579,9 +579,9 @@ class Job:
                         f"job {self.id[:12]} still {self.state.value} after {timeout:g} s"
                     )
                 try:
-                    item = inbox.get(timeout=remaining)
+                    item = inbox.get(timeout=min(remaining or SAFETY_SECONDS, SAFETY_SECONDS))
                 except queue.Empty:
-                    continue
+                    item = RECHECK  # heard nothing for a while: look
                 if item == LOST:
                     return self._long_poll(deadline, timeout, poll, on_progress)
                 if item == RECHECK:
