@@ -89,7 +89,8 @@ class InProcessCoordinator:
 
     def client(self, token: str | None = None) -> Client:
         """An SDK client of this coordinator (no identity unless `token`)."""
-        client = Client(BASE_URL, token or "", transport=self.transport)
+        # The transport buffers whole responses: no event stream, long-polls instead.
+        client = Client(BASE_URL, token or "", transport=self.transport, result_stream=False)
         self._stack.callback(client.close)
         return client
 

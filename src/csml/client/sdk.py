@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import mimetypes
 import os
+import queue
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
@@ -30,6 +31,7 @@ import httpx
 from csml.client.config import UserConfig
 from csml.client.errors import CsmlError, QueueFull, Unreachable, WaitTimeout, raise_for
 from csml.client.filenames import check_file_name
+from csml.client.results import LOST, RECHECK, SAFETY_SECONDS, Mark, ResultStream
 from csml.schemas import AppInfo, IdentityCreated, JobState, StepSpec, WorkerKeyInfo
 from csml.schemas import Job as JobData
 from csml.schemas.models import ModelInfo
@@ -59,9 +61,13 @@ class Client:
         key_store: KeyStore | None = None,
         pin_sha256: str | None = None,
         insecure_http: bool = False,
+        result_stream: bool = True,
     ) -> None:
         """`pin_sha256`: trust exactly this server certificate (e.g. `csml up --tls`).
-        Plain `http://` to a non-loopback host is refused unless `insecure_http`."""
+        Plain `http://` to a non-loopback host is refused unless `insecure_http`.
+        `result_stream`: `Job.wait` follows one shared event stream of this identity's
+        jobs (see `csml.client.results`) instead of a long-poll per job; off, it
+        long-polls (a transport that buffers whole responses needs it off)."""
         # Result keys of the confidential jobs submitted here (and, with a key store, saved).
         self._job_keys: dict[str, JobKeys] = {}
         self.key_store = key_store
@@ -79,6 +85,7 @@ class Client:
         self._http = httpx.Client(
             base_url=self.url, timeout=timeout, transport=transport, verify=verify
         )
+        self._results = ResultStream(self) if result_stream else None
 
     def __enter__(self) -> Client:
         return self
@@ -87,6 +94,8 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        if self._results is not None:
+            self._results.close()
         self._http.close()
 
     # -- plumbing -----------------------------------------------------------
@@ -135,6 +144,7 @@ class Client:
                 raise
             created = IdentityCreated.model_validate(response.json())
             self.token = created.token
+            self._new_result_stream()  # a stream follows one identity
             return created
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -142,6 +152,12 @@ class Client:
         """Erase this identity with all its jobs, files and records; the token stops working."""
         self.request("DELETE", "/v1/identities/me")
         self.token = None
+        self._new_result_stream()
+
+    def _new_result_stream(self) -> None:
+        if self._results is not None:
+            self._results.close()
+            self._results = ResultStream(self)
 
     def apps(self) -> list[AppInfo]:
         return [AppInfo.model_validate(a) for a in self.request("GET", "/v1/apps").json()]
@@ -337,9 +353,10 @@ class Client:
     def _submit_once(
         self, spec: dict[str, Any], files: dict[str, FileArg], keys: JobKeys | None = None
     ) -> Job:
+        mark = self._results.mark() if self._results is not None else None  # before the POST
         if not files:
             response = self.request("POST", "/v1/jobs", json=spec)
-            return Job(self, JobData.model_validate(response.json()))
+            return Job(self, JobData.model_validate(response.json()), mark)
         with ExitStack() as stack:
             parts: list[tuple[str, Any]] = [("spec", (None, json.dumps(spec), "application/json"))]
             for name, value in files.items():
@@ -348,7 +365,7 @@ class Client:
                     part = _encrypted_part(name, part[1], keys)
                 parts.append((name, part))
             response = self.request("POST", "/v1/jobs", files=parts)
-        return Job(self, JobData.model_validate(response.json()))
+        return Job(self, JobData.model_validate(response.json()), mark)
 
     def job(self, job_id: str) -> Job:
         return Job(self, JobData.model_validate(self.request("GET", f"/v1/jobs/{job_id}").json()))
@@ -447,9 +464,10 @@ def _encrypted_part(name: str, body: Any, keys: JobKeys) -> tuple[str, Any, str]
 class Job:
     """A submitted job; `refresh`, `wait`, `download` and `cancel` talk to the coordinator."""
 
-    def __init__(self, client: Client, data: JobData) -> None:
+    def __init__(self, client: Client, data: JobData, mark: Mark | None = None) -> None:
         self._client = client
         self.data = data
+        self._mark = mark  # where the client's result stream was when it was submitted
         # Confidential jobs: the workers it was encrypted to (set by `submit`) and the
         # decrypted result, with the key of its outputs, for the current encrypted result.
         self.recipients: list[WorkerAssessment] = []
@@ -540,8 +558,49 @@ class Job:
         poll: float = 1.0,
         on_progress: ProgressCallback | None = None,
     ) -> Job:
-        """Block until the job ends (long-polling); `on_progress` sees each update."""
+        """Block until the job ends; `on_progress` sees each update.
+
+        Follows the client's shared result stream (opened by the first wait); long-polls
+        when there is none or it drops."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        stream = self._client._results
+        if self.done or stream is None or not stream.open():
+            return self._long_poll(deadline, timeout, poll, on_progress)
+        inbox, latest, covered = stream.register(self.id, self._mark)
+        try:
+            if latest is not None:
+                self.data = JobData.model_validate(latest)
+            elif not covered:
+                self.refresh()  # what the stream may have missed before we registered
+            while not self.done:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise WaitTimeout(
+                        f"job {self.id[:12]} still {self.state.value} after {timeout:g} s"
+                    )
+                try:
+                    item = inbox.get(timeout=min(remaining or SAFETY_SECONDS, SAFETY_SECONDS))
+                except queue.Empty:
+                    item = RECHECK  # heard nothing for a while: look
+                if item == LOST:
+                    return self._long_poll(deadline, timeout, poll, on_progress)
+                if item == RECHECK:
+                    self.refresh()
+                elif isinstance(item, dict):
+                    self.data = JobData.model_validate(item)
+                if on_progress is not None:
+                    on_progress(self)
+        finally:
+            stream.unregister(self.id, inbox)
+        return self
+
+    def _long_poll(
+        self,
+        deadline: float | None,
+        timeout: float | None,
+        poll: float,
+        on_progress: ProgressCallback | None,
+    ) -> Job:
         while not self.done:
             remaining = poll if deadline is None else min(poll, deadline - time.monotonic())
             if remaining <= 0:

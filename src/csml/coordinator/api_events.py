@@ -1,7 +1,16 @@
 """Live updates of the caller's jobs as server-sent events (`GET /v1/jobs/events`).
 
-The stream re-reads the caller's jobs from the store (so changes made through any
-coordinator of the store show up) and sends only what changed. Browsers read it
+Pushed, not polled: every change of a job (submitted, running, progress, ended,
+cancelled, requeued) is announced on its owner's notifier feed after its commit
+(`queue.owner_change`), here at once and from the other coordinators through the
+PostgreSQL relay. The stream follows that feed from before its first snapshot (so
+nothing is missed), loads only the jobs announced (one query per wake-up, however
+many changed) and sends those that differ from what it sent. It re-reads the whole
+snapshot only when the feed may have lost announcements (relay reconnect, overflow)
+and, with queue positions asked (the page's default), every
+`POSITIONS_RECHECK_SECONDS` while one of the caller's jobs waits in a queue (other
+identities' claims move it up without announcing it to this caller); otherwise an
+idle stream only sends a keep-alive comment every `KEEPALIVE_SECONDS`. Browsers read it
 with `fetch()`, which can send the token in the Authorization header; EventSource
 cannot, and the token never goes into a URL.
 
@@ -19,6 +28,7 @@ with several coordinators serving one store, an identity can hold up to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -34,6 +44,7 @@ from starlette.types import Receive, Scope, Send
 
 from csml.coordinator.auth import current_identity
 from csml.coordinator.errors import ApiError
+from csml.coordinator.queue import owner_feed
 from csml.coordinator.state import Core, core
 from csml.coordinator.views import job_views
 from csml.schemas import ErrorBody, JobState
@@ -43,8 +54,9 @@ router = APIRouter(prefix="/v1")
 Me = Annotated[Identity, Depends(current_identity)]
 
 STREAM_SECONDS = 20.0
-ACTIVE_INTERVAL = 0.5
-IDLE_INTERVAL = 1.5
+KEEPALIVE_SECONDS = 10.0
+POSITIONS_RECHECK_SECONDS = 2.0
+MAX_SENT = 2000  # views remembered per stream to send only changes (older: sent again)
 MAX_STREAMS_PER_IDENTITY = 4
 
 
@@ -98,30 +110,58 @@ def _event(name: str, data: Any) -> bytes:
     return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-def _snapshot(c: Core, owner_id: str, limit: int) -> dict[str, dict[str, Any]]:
+def _snapshot(c: Core, owner_id: str, limit: int, positions: bool) -> dict[str, dict[str, Any]]:
     jobs = c.queue.list_jobs(owner_id, state=None, app=None, limit=limit)
-    return {v.id: v.model_dump(mode="json") for v in job_views(c.sessions, jobs)}
+    views = job_views(c.sessions, jobs, positions=positions)
+    return {v.id: v.model_dump(mode="json") for v in views}
 
 
-async def _stream(request: Request, c: Core, owner_id: str, limit: int) -> AsyncIterator[bytes]:
-    sent = await run_in_threadpool(_snapshot, c, owner_id, limit)
-    yield _event("snapshot", {"jobs": list(sent.values())})
-    deadline = time.monotonic() + STREAM_SECONDS
-    while time.monotonic() < deadline:
-        active = any(not JobState(j["state"]).terminal for j in sent.values())
-        await asyncio.sleep(ACTIVE_INTERVAL if active else IDLE_INTERVAL)
-        if await request.is_disconnected():
-            return
-        now = await run_in_threadpool(_snapshot, c, owner_id, limit)
-        changed = [j for i, j in now.items() if sent.get(i) != j]
-        for job in reversed(changed):  # oldest first, so the newest ends on top
-            yield _event("job", job)
-        for gone in sent.keys() - now.keys():
-            yield _event("gone", {"id": gone})
-        if not changed and now.keys() == sent.keys():
-            yield b": idle\n\n"
-        sent = now
-    yield _event("reconnect", {"after_ms": 0})
+def _changed(
+    c: Core, owner_id: str, job_ids: set[str], positions: bool
+) -> dict[str, dict[str, Any]]:
+    jobs = c.queue.changed_jobs(owner_id, job_ids)
+    views = job_views(c.sessions, jobs, positions=positions)
+    return {v.id: v.model_dump(mode="json") for v in views}
+
+
+async def _stream(
+    request: Request, c: Core, owner_id: str, limit: int, positions: bool
+) -> AsyncIterator[bytes]:
+    with c.notifier.follow(owner_feed(owner_id)) as feed:  # before the snapshot: miss nothing
+        sent = await run_in_threadpool(_snapshot, c, owner_id, limit, positions)
+        yield _event("snapshot", {"jobs": list(sent.values())})
+        deadline = time.monotonic() + STREAM_SECONDS
+        while (remaining := deadline - time.monotonic()) > 0:
+            queued = positions and any(j["state"] == JobState.queued.value for j in sent.values())
+            pause = min(remaining, POSITIONS_RECHECK_SECONDS if queued else KEEPALIVE_SECONDS)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(feed.event.wait(), pause)
+            if await request.is_disconnected():
+                return
+            items, resync = feed.take()
+            if resync or (queued and not items):
+                now = await run_in_threadpool(_snapshot, c, owner_id, limit, positions)
+                changed = [j for i, j in now.items() if sent.get(i) != j]
+                gone = sent.keys() - now.keys()
+                sent = now
+            elif items:
+                now = await run_in_threadpool(_changed, c, owner_id, items, positions)
+                changed = [j for i, j in now.items() if sent.get(i) != j]
+                gone = {i for i in items if i in sent and i not in now}
+                for i in gone:
+                    del sent[i]
+                sent.update(now)
+                while len(sent) > max(MAX_SENT, limit):
+                    del sent[next(iter(sent))]
+            else:
+                changed, gone = [], set()
+            for job in reversed(changed):  # oldest first, so the newest ends on top
+                yield _event("job", job)
+            for i in gone:
+                yield _event("gone", {"id": i})
+            if not changed and not gone:
+                yield b": idle\n\n"
+        yield _event("reconnect", {"after_ms": 0})
 
 
 @router.get(
@@ -136,11 +176,14 @@ async def _stream(request: Request, c: Core, owner_id: str, limit: int) -> Async
 def job_events(
     request: Request,
     me: Me,
-    limit: int = Query(100, ge=1, le=500, description="Newest jobs to follow."),
+    limit: int = Query(100, ge=1, le=500, description="Newest jobs in the snapshot."),
+    positions: bool = Query(
+        True, description="Include queue positions (the SDK, which shows none, says false)."
+    ),
 ) -> StreamingResponse:
     """Server-sent events of your jobs: `snapshot` (`{"jobs": [...]}`, newest first) at once,
-    then `job` (a job) whenever one changes or appears, `gone` (`{"id"}`) when one is erased,
-    and `reconnect` when the stream ends (after about 20 s; open it again)."""
+    then `job` (a job) as soon as one changes or appears (pushed), `gone` (`{"id"}`) when one
+    is erased, and `reconnect` when the stream ends (after about 20 s; open it again)."""
     release = _slots.take(me.id)  # counted as it is checked: no two opens see one slot
     if release is None:
         raise ApiError(
@@ -152,7 +195,7 @@ def job_events(
         )
     return _SlotResponse(
         release,
-        _stream(request, core(request), me.id, limit),
+        _stream(request, core(request), me.id, limit, positions),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )

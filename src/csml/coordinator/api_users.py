@@ -18,7 +18,7 @@ from csml import ids
 from csml.coordinator import abuse, artifacts, pipeline_spec, pipelines, spec_limits
 from csml.coordinator.auth import AuthFirstRoute, current_identity
 from csml.coordinator.errors import ApiError, not_found, spec_error
-from csml.coordinator.queue import job_key
+from csml.coordinator.queue import job_key, owner_change
 from csml.coordinator.state import Core, core
 from csml.coordinator.uploads import (
     Accepts,
@@ -42,6 +42,7 @@ from csml.schemas import (
 )
 from csml.schemas.identities import IdentityChallenge, IdentityProof
 from csml.store.tables import Identity, Worker, utcnow
+from csml.store.tables import Job as JobRow
 
 T = TypeVar("T")
 router = APIRouter(route_class=AuthFirstRoute, prefix="/v1")
@@ -84,7 +85,9 @@ def whoami(me: Me) -> IdentityInfo:
 def delete_me(request: Request, me: Me) -> Response:
     """Erase your identity with all its jobs (running ones are stopped), files and records.
     The token stops working at once; this cannot be undone."""
-    abuse.delete_identity(core(request), me.id)
+    c = core(request)
+    abuse.delete_identity(c, me.id)
+    c.identities.erased(me.id)  # here at once; other coordinators through the relay
     return Response(status_code=204)
 
 
@@ -181,16 +184,8 @@ async def submit_job(request: Request, me: Me) -> JSONResponse:
     c = core(request)
     if request.headers.get("content-type", "").startswith("application/json"):
         raw = await request.body()  # at most max_spec_bytes (csml.coordinator.middleware)
-        kept = spec_limits.kept_bytes(spec_limits.load(raw, c.settings))
-        await run_in_threadpool(abuse.check_submission, c, me.id, kept)  # 429 past a limit
-        if pipeline_spec.is_pipeline(raw):  # {"steps": [...]}: see csml.coordinator.pipelines
-            pipeline = pipeline_spec.parse(raw)
-            await run_in_threadpool(pipeline_spec.check, c, me.id, pipeline)
-            job = await run_in_threadpool(pipelines.submit, c, me.id, pipeline, None, {})
-        else:
-            spec = parse_spec(raw)
-            await run_in_threadpool(check_model_quota, c, me.id, spec)
-            job = await run_in_threadpool(c.queue.submit, me.id, spec, None, {})
+        # Checks, submission and view in one trip off the event loop.
+        return await run_in_threadpool(_submit_json, c, me.id, raw)
     else:
         upload = abuse.announced_upload(request.headers)
         await run_in_threadpool(abuse.check_submission, c, me.id, upload)  # 429 past a limit
@@ -221,22 +216,57 @@ async def submit_job(request: Request, me: Me) -> JSONResponse:
             parsed = await parse_submission(
                 request, staging, FormLimits.of(c.settings), on_spec, budget
             )
-            if piped:
-                job = await run_in_threadpool(
-                    pipelines.submit, c, me.id, piped["spec"], staging, parsed.files
-                )
-            else:
-                job = await run_in_threadpool(
-                    c.queue.submit, me.id, holder["spec"], staging, parsed.files
-                )
+
+            def submit_parsed() -> JSONResponse:
+                if piped:
+                    job = pipelines.submit(c, me.id, piped["spec"], staging, parsed.files)
+                else:
+                    job = c.queue.submit(me.id, holder["spec"], staging, parsed.files)
+                return _submitted(c, me.id, job)
+
+            return await run_in_threadpool(submit_parsed)
         finally:
             await run_in_threadpool(c.blobs.discard, staging)
-    view = (await run_in_threadpool(job_views, c.sessions, [job]))[0]
+
+
+def _submit_json(c: Core, owner_id: str, raw: bytes) -> JSONResponse:
+    """Check and submit a JSON job or pipeline spec (no files)."""
+    kept = spec_limits.kept_bytes(spec_limits.load(raw, c.settings))
+    abuse.check_submission(c, owner_id, kept)  # 429 past a limit
+    if pipeline_spec.is_pipeline(raw):  # {"steps": [...]}: see csml.coordinator.pipelines
+        pipeline = pipeline_spec.parse(raw)
+        pipeline_spec.check(c, owner_id, pipeline)
+        job = pipelines.submit(c, owner_id, pipeline, None, {})
+    else:
+        spec = parse_spec(raw)
+        check_model_quota(c, owner_id, spec)
+        job = c.queue.submit(owner_id, spec, None, {})
+    return _submitted(c, owner_id, job)
+
+
+def _submitted(c: Core, owner_id: str, job: JobRow) -> JSONResponse:
+    """The 202 for a new job (no queue position: the event stream and `?positions=true`
+    GETs carry it); announced to the owner's event streams."""
+    c.notifier.notify(owner_change(owner_id, job.id))
+    view = job_views(c.sessions, [job], positions=False)[0]
     return JSONResponse(
         view.model_dump(mode="json"),
         status_code=202,
         headers={"Location": f"/v1/jobs/{job.id}"},
     )
+
+
+POSITIONS = Query(
+    False, description="Include each queued job's `queue_position` (costs a query per app)."
+)
+
+
+def _view_response(
+    c: Core, owner_id: str, job_id: str, positions: bool
+) -> tuple[str, JSONResponse]:
+    """The job's state and wire view as a response: one load (row, files, envelope)."""
+    view = job_views(c.sessions, [c.queue.get(owner_id, job_id)], positions=positions)[0]
+    return view.state.value, JSONResponse(view.model_dump(mode="json"))
 
 
 @router.get("/jobs", response_model=JobList, tags=["jobs"], responses=ERRORS)
@@ -246,11 +276,12 @@ def list_jobs(
     state: JobState | None = None,
     app: str | None = Query(None, max_length=40),
     limit: int = Query(100, ge=1, le=1000),
+    positions: bool = POSITIONS,
 ) -> JobList:
     """Your jobs, newest first."""
     c = core(request)
     jobs = c.queue.list_jobs(me.id, state=state.value if state else None, app=app, limit=limit)
-    return JobList(jobs=job_views(c.sessions, jobs))
+    return JobList(jobs=job_views(c.sessions, jobs, positions=positions))
 
 
 @router.get("/jobs/{job_id}", response_model=Job, tags=["jobs"], responses=ERRORS)
@@ -259,27 +290,43 @@ async def get_job(
     request: Request,
     me: Me,
     wait: float = Query(0.0, ge=0, le=300, description="Long-poll up to this many seconds."),
-) -> Job:
-    """A job; with `wait`, answers as soon as it reaches a final state (or the wait ends)."""
+    positions: bool = POSITIONS,
+) -> JSONResponse:
+    """A job; with `wait`, answers as soon as it reaches a final state (or the wait ends).
+
+    The job is loaded once, when answering; while waiting, only its state is re-read
+    (after a wake-up for it, or every few seconds as a safety net)."""
     c = core(request)
-    job = await run_in_threadpool(c.queue.get, me.id, job_id)
-    if JobState(job.state).terminal or wait <= 0:
-        return (await run_in_threadpool(job_views, c.sessions, [job]))[0]
+    if wait <= 0:
+        return (await run_in_threadpool(_view_response, c, me.id, job_id, positions))[1]
     deadline = time.monotonic() + min(wait, c.settings.max_wait_seconds)
-    with c.notifier.subscribe(job_key(job.id)) as event:
-        while True:
-            job = await run_in_threadpool(c.queue.get, me.id, job.id)
-            remaining = deadline - time.monotonic()
-            if JobState(job.state).terminal or remaining <= 0:
-                return (await run_in_threadpool(job_views, c.sessions, [job]))[0]
-            await c.notifier.wait(event, min(remaining, 1.0))
+    full_id, state = await run_in_threadpool(c.queue.state_of, me.id, job_id)
+    if not JobState(state).terminal:
+        with c.notifier.subscribe(job_key(full_id)) as event:
+            # Subscribed: re-read once, so a change just before subscribing is not missed.
+            _, state = await run_in_threadpool(c.queue.state_of, me.id, full_id)
+            while not JobState(state).terminal:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                if await c.notifier.wait(event, min(remaining, c.notifier.recheck_seconds)):
+                    # Mostly its end (or a requeue): load it, and answer if it ended.
+                    state, response = await run_in_threadpool(
+                        _view_response, c, me.id, full_id, positions
+                    )
+                    if JobState(state).terminal:
+                        return response
+                else:
+                    _, state = await run_in_threadpool(c.queue.state_of, me.id, full_id)
+    return (await run_in_threadpool(_view_response, c, me.id, full_id, positions))[1]
 
 
 @router.delete("/jobs/{job_id}", response_model=Job, tags=["jobs"], responses=ERRORS)
 def cancel_job(job_id: str, request: Request, me: Me) -> Job:
     """Cancel a queued or running job (a running one is stopped on its worker)."""
     c = core(request)
-    return job_views(c.sessions, [c.queue.cancel(me.id, job_id)])[0]
+    job = c.queue.cancel(me.id, job_id)
+    return job_views(c.sessions, [job], positions=False)[0]
 
 
 @router.get(

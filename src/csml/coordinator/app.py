@@ -36,6 +36,7 @@ from csml.coordinator import (
 from csml.coordinator.catalog import Catalog
 from csml.coordinator.config import Settings, read_secret_file
 from csml.coordinator.errors import ApiError, install_handlers
+from csml.coordinator.identity_cache import IdentityCache
 from csml.coordinator.metrics import make_registry
 from csml.coordinator.middleware import BodyLimits, ObserveLatency
 from csml.coordinator.notify import Notifier
@@ -82,7 +83,8 @@ def build_core(settings: Settings) -> Core:
             register_join_token(session, settings.bootstrap_join_token_file)
     notifier = Notifier(engine)  # on PostgreSQL, relays wake-ups between coordinators
     queue = JobQueue(settings, sessions, blobs, catalog, notifier)
-    return Core(settings, engine, sessions, blobs, catalog, notifier, queue)
+    identities = IdentityCache(notifier)  # erasures relayed like wake-ups
+    return Core(settings, engine, sessions, blobs, catalog, notifier, queue, identities)
 
 
 def register_join_token(session: Session, path: Path) -> None:

@@ -10,11 +10,16 @@ read. Each check's answer is kept for the request, so the dependency that asks
 again gets it without a second look-up. A worker token's answer is also kept
 across requests for a short while (`csml.coordinator.worker_tokens`: at most
 its TTL stale, forgotten at once on leave and revoke through this coordinator).
+A check may be a coroutine function: it
+then runs on the event loop (no thread-pool hop), e.g. the identity check, which
+answers from `Core.identities` (see `identity_cache`) and queries the store only
+on a miss.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
@@ -38,6 +43,8 @@ HEADER_CHECKS: set[Callable[..., Any]] = set()
 
 def from_headers(check: Callable[[Request], T]) -> Callable[[Request], T]:
     """Mark `check` as authentication from headers alone, answered once per request."""
+    if inspect.iscoroutinefunction(check):
+        return _from_headers_async(check)
 
     @functools.wraps(check)
     def once(request: Request) -> T:
@@ -46,6 +53,19 @@ def from_headers(check: Callable[[Request], T]) -> Callable[[Request], T]:
         if key not in answers:
             answers[key] = check(request)
         return answers[key]  # type: ignore[no-any-return]
+
+    HEADER_CHECKS.add(once)
+    return once
+
+
+def _from_headers_async(check: Callable[[Request], Any]) -> Callable[[Request], Any]:
+    @functools.wraps(check)
+    async def once(request: Request) -> Any:
+        answers: dict[str, Any] = request.scope.setdefault(_SCOPE_KEY, {})
+        key = check.__qualname__
+        if key not in answers:
+            answers[key] = await check(request)
+        return answers[key]
 
     HEADER_CHECKS.add(once)
     return once
@@ -73,7 +93,10 @@ class AuthFirstRoute(APIRoute):
 
         async def authenticated(request: Request) -> Response:
             for check in checks:
-                await run_in_threadpool(check, request)
+                if inspect.iscoroutinefunction(check):
+                    await check(request)
+                else:
+                    await run_in_threadpool(check, request)
             return await handler(request)
 
         return authenticated
@@ -91,18 +114,28 @@ def bearer(request: Request) -> str:
 
 
 def identity_from(c: Core, token: str) -> Identity:
+    """The token's identity: remembered (`c.identities`) or looked up, then remembered."""
+    token_hash = ids.hash_secret(token)
+    found = c.identities.get(token_hash)
+    if found is not None:
+        return found
     with c.sessions() as session:
-        found = session.scalars(
-            select(Identity).where(Identity.token_hash == ids.hash_secret(token))
-        ).first()
+        found = session.scalars(select(Identity).where(Identity.token_hash == token_hash)).first()
     if found is None:
         raise unauthorized("the token is not valid (unknown or erased identity)")
+    c.identities.put(found)
     return found
 
 
 @from_headers
-def current_identity(request: Request) -> Identity:
-    return identity_from(core(request), bearer(request))
+async def current_identity(request: Request) -> Identity:
+    """The caller's identity; on the event loop when remembered, else one query off it."""
+    c = core(request)
+    token = bearer(request)
+    found = c.identities.get(ids.hash_secret(token))
+    if found is not None:
+        return found
+    return await run_in_threadpool(identity_from, c, token)
 
 
 @from_headers

@@ -11,6 +11,14 @@ An `app:` key means one more job to claim, so it wakes one idle claimer (the
 longest waiting), not all of them: with 16 idle workers, waking all made 16
 claim transactions per job, 15 of them for nothing. A woken claimer that finds
 nothing lost no job: someone else claimed it.
+
+Feeds: a key `<topic>/<item>` (see `feed_key`) also adds `item` to the pending set
+of every `Feed` following `topic` (e.g. `owner:<identity>/<job id>`: that job of
+that identity changed). A feed coalesces (an item pending twice is read once) and
+is bounded: past `FEED_MAX_PENDING` items, or when the relay may have lost
+notifications, it is marked `resync` (its reader re-reads everything) instead of
+growing. Listeners (`listen(prefix, callback)`) see every key with that prefix
+delivered here, local or relayed, and None when notifications may have been lost.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING
 
@@ -32,6 +40,37 @@ log = logging.getLogger("csml.coordinator.notify")
 WAKE_ONE_PREFIX = "app:"  # one job queued: one claimer to wake
 LOCAL_RECHECK_SECONDS = 0.5
 RELAYED_RECHECK_SECONDS = 5.0
+FEED_SEPARATOR = "/"
+FEED_MAX_PENDING = 10_000
+
+
+def feed_key(topic: str, item: str) -> str:
+    """The key that tells `topic`'s feeds about `item` (neither may hold the separator)."""
+    return f"{topic}{FEED_SEPARATOR}{item}"
+
+
+class Feed:
+    """Items announced on a topic since the reader last took them (read on the loop)."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.pending: set[str] = set()
+        self.resync = False
+
+    def add(self, item: str | None) -> None:
+        if item is None or len(self.pending) >= FEED_MAX_PENDING:
+            self.resync = True
+            self.pending.clear()
+        elif not self.resync:
+            self.pending.add(item)
+        self.event.set()
+
+    def take(self) -> tuple[set[str], bool]:
+        """The pending items and whether to re-read everything; empties the feed."""
+        items, resync = self.pending, self.resync
+        self.pending, self.resync = set(), False
+        self.event.clear()
+        return items, resync
 
 
 class Notifier:
@@ -42,6 +81,8 @@ class Notifier:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._engine = engine
         self._relay: PgRelay | None = None
+        self._feeds: defaultdict[str, dict[Feed, None]] = defaultdict(dict)
+        self._listeners: list[tuple[str, Callable[[str | None], None]]] = []
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Attach to the event loop; on PostgreSQL, start relaying (until the loop closes)."""
@@ -87,6 +128,25 @@ class Notifier:
                 if not waiters:
                     del self._waiters[key]
 
+    @contextmanager
+    def follow(self, topic: str) -> Iterator[Feed]:
+        """A feed of the items announced on `topic` (keys `feed_key(topic, item)`)."""
+        feed = Feed()
+        self._feeds[topic][feed] = None
+        try:
+            yield feed
+        finally:
+            feeds = self._feeds.get(topic)
+            if feeds is not None:
+                feeds.pop(feed, None)
+                if not feeds:
+                    del self._feeds[topic]
+
+    def listen(self, prefix: str, callback: Callable[[str | None], None]) -> None:
+        """Call `callback(key)` on the event loop for every key starting with `prefix`
+        delivered here (local or relayed), and `callback(None)` when some may be lost."""
+        self._listeners.append((prefix, callback))
+
     @staticmethod
     async def wait(event: asyncio.Event, timeout: float) -> bool:
         """Wait up to `timeout` seconds for `event`, then clear it; True if it was set."""
@@ -121,11 +181,24 @@ class Notifier:
                 loop.call_soon_threadsafe(self._wake, key, times)
 
     def _wake(self, key: str | None, times: int = 1) -> None:
+        for prefix, callback in self._listeners:
+            if key is None or key.startswith(prefix):
+                try:
+                    callback(key)
+                except Exception:  # a listener's bug must not stop wake-ups
+                    log.exception("notification listener failed on %r", key)
         if key is None:
             for group in self._waiters.values():
                 for event in group:
                     event.set()
+            for feeds in self._feeds.values():
+                for feed in feeds:
+                    feed.add(None)
             return
+        topic, sep, item = key.rpartition(FEED_SEPARATOR)
+        if sep and topic in self._feeds:
+            for feed in self._feeds[topic]:
+                feed.add(item)
         waiters = self._waiters.get(key)
         if not waiters:
             return

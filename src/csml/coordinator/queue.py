@@ -27,6 +27,11 @@ so it never waits. The queue bound is soft far from full (a depth counted at mos
 `DEPTH_CACHE_SECONDS` ago by this coordinator, plus what it accepted since) and
 exact near it (counted under the app's row lock), so concurrent submissions
 cannot overshoot a bound they are close to.
+
+Every change of a job its owner can see (submitted, running, progress, ended,
+requeued, cancelled) is announced after its commit with `owner_change(owner, job)`,
+a notifier feed key that reaches the owner's event streams here and, through the
+PostgreSQL relay, on the other coordinators (see `api_events`).
 """
 
 from __future__ import annotations
@@ -49,8 +54,8 @@ from csml.coordinator import artifacts, pipelines, quotas
 from csml.coordinator.catalog import Catalog
 from csml.coordinator.config import Settings
 from csml.coordinator.errors import ApiError, not_found
-from csml.coordinator.lookup import find_owned
-from csml.coordinator.notify import Notifier
+from csml.coordinator.lookup import find_owned, owned_job_state
+from csml.coordinator.notify import Notifier, feed_key
 from csml.schemas import (
     ClaimedConfidential,
     ClaimedJob,
@@ -98,6 +103,7 @@ class _Taken:
 
     job: ClaimedJob
     blobs: list[str]
+    owner_id: str
 
 
 @dataclass
@@ -115,6 +121,16 @@ def app_key(app: str) -> str:
 
 def job_key(job_id: str) -> str:
     return f"job:{job_id}"
+
+
+def owner_feed(owner_id: str) -> str:
+    """The notifier topic on which an identity's job changes are announced (item: job id)."""
+    return f"owner:{owner_id}"
+
+
+def owner_change(owner_id: str, job_id: str) -> str:
+    """The key announcing that this job of this owner changed (state, progress, result)."""
+    return feed_key(owner_feed(owner_id), job_id)
 
 
 class JobQueue:
@@ -384,6 +400,11 @@ class JobQueue:
         with self.sessions() as session:
             return self.find(session, owner_id, ident)
 
+    def state_of(self, owner_id: str, ident: str) -> tuple[str, str]:
+        """(id, state) of the owner's job, without loading it (one query)."""
+        with self.sessions() as session:
+            return owned_job_state(session, owner_id, ident)
+
     def list_jobs(
         self, owner_id: str, *, state: str | None, app: str | None, limit: int
     ) -> list[Job]:
@@ -395,7 +416,31 @@ class JobQueue:
         with self.sessions() as session:
             return list(session.scalars(stmt.order_by(Job.seq.desc()).limit(limit)).all())
 
+    def changed_jobs(self, owner_id: str, job_ids: set[str]) -> list[Job]:
+        """The owner's jobs among `job_ids` as the owner lists them: a pipeline step
+        stands for its pipeline; another identity's or an erased job is left out."""
+        found: dict[int, Job] = {}
+        wanted = sorted(job_ids)
+        with self.sessions() as session:
+            for i in range(0, len(wanted), 500):
+                rows = session.scalars(
+                    select(Job).where(Job.owner_id == owner_id, Job.id.in_(wanted[i : i + 500]))
+                ).all()
+                parents = {r.parent_seq for r in rows if r.parent_seq is not None}
+                found.update((r.seq, r) for r in rows if r.parent_seq is None)
+                if parents - found.keys():
+                    found.update(
+                        (r.seq, r)
+                        for r in session.scalars(
+                            select(Job).where(
+                                Job.owner_id == owner_id, Job.seq.in_(parents - found.keys())
+                            )
+                        ).all()
+                    )
+        return sorted(found.values(), key=lambda j: j.seq)
+
     def cancel(self, owner_id: str, ident: str) -> Job:
+        """Cancel the owner's job; announced to its long-polls and the owner's streams."""
         with transaction(self.sessions) as session:
             job = self.find(session, owner_id, ident, lock=True)
             if job.state in TERMINAL:
@@ -409,7 +454,7 @@ class JobQueue:
             job.lease_id = None
             job.lease_expires_at = None
             woken = pipelines.cancel_steps(session, job)
-        for key in [job_key(job.id), *woken]:
+        for key in [job_key(job.id), owner_change(owner_id, job.id), *woken]:
             self.notifier.notify(key)
         return job
 
@@ -434,8 +479,11 @@ class JobQueue:
                 session.execute(
                     update(Worker).where(Worker.id == worker.id).values(last_heartbeat=now)
                 )
-            abort = self._beat(session, worker, running or [], now)
+            abort, progressed = self._beat(session, worker, running or [], now)
             taken = self._take(session, worker, max_jobs, now)
+        # Running now, or progressed: to the owners' event streams.
+        for key in [*(owner_change(t.owner_id, t.job.id) for t in taken), *progressed]:
+            self.notifier.notify(key)
         if stamp:
             if len(self._stamped) > 10_000:  # workers that left long ago: forget them
                 self._stamped.clear()
@@ -564,6 +612,7 @@ class JobQueue:
                     owner_key=owner_key(r.owner_id),
                 ),
                 [blob for _, blob in inputs.get(r.seq, [])],
+                r.owner_id,
             )
             for r in sorted(rows, key=lambda r: (r.fair_rank, r.seq))
         ]
@@ -590,33 +639,37 @@ class JobQueue:
         now = utcnow()
         with transaction(self.sessions) as session:
             session.execute(update(Worker).where(Worker.id == worker.id).values(last_heartbeat=now))
-            abort = self._beat(session, worker, beat.running, now)
+            abort, progressed = self._beat(session, worker, beat.running, now)
         self._stamped[worker.id] = time.monotonic()
+        for key in progressed:  # to the owners' event streams
+            self.notifier.notify(key)
         return HeartbeatResponse(abort=abort)
 
     def _beat(
         self, session: Session, worker: Worker, running: list[RunningJob], now: datetime
-    ) -> list[str]:
-        """Extend the leases still held (one UPDATE … RETURNING), record changed progress;
-        the jobs to abort: cancelled, finished or lease lost."""
+    ) -> tuple[list[str], list[str]]:
+        """Extend the leases still held (one UPDATE … RETURNING), record changed progress.
+        Returns the jobs to abort (cancelled, finished or lease lost) and the owner-change
+        keys of the jobs whose progress changed (to announce after the commit)."""
         if not running:
-            return []
-        held = {
-            r.id: (r.progress_fraction, r.progress_message)
-            for r in session.execute(
-                update(Job)
-                .where(
-                    tuple_(Job.id, Job.lease_id).in_([(r.job_id, r.lease_id) for r in running]),
-                    Job.state == RUNNING,
-                    Job.worker_id == worker.id,
-                )
-                .values(lease_expires_at=now + timedelta(seconds=self.settings.lease_seconds))
-                .returning(Job.id, Job.progress_fraction, Job.progress_message)
-                .execution_options(synchronize_session=False)
+            return [], []
+        extended = session.execute(
+            update(Job)
+            .where(
+                tuple_(Job.id, Job.lease_id).in_([(r.job_id, r.lease_id) for r in running]),
+                Job.state == RUNNING,
+                Job.worker_id == worker.id,
             )
-        }
+            .values(lease_expires_at=now + timedelta(seconds=self.settings.lease_seconds))
+            .returning(Job.id, Job.progress_fraction, Job.progress_message, Job.owner_id)
+            .execution_options(synchronize_session=False)
+        ).all()
+        held = {r.id: (r.progress_fraction, r.progress_message) for r in extended}
+        owners = {r.id: r.owner_id for r in extended}
+        progressed: list[str] = []
         for r in running:
             if r.job_id in held and held[r.job_id] != (r.progress.fraction, r.progress.message):
+                progressed.append(owner_change(owners[r.job_id], r.job_id))
                 session.execute(
                     update(Job)
                     .where(Job.id == r.job_id, Job.lease_id == r.lease_id)
@@ -625,7 +678,7 @@ class JobQueue:
                     )
                     .execution_options(synchronize_session=False)
                 )
-        return [r.job_id for r in running if r.job_id not in held]
+        return [r.job_id for r in running if r.job_id not in held], progressed
 
     def running_job(self, session: Session, worker: Worker, job_id: str, lease_id: str) -> Job:
         job = session.scalars(select(Job).where(Job.id == job_id)).first()
@@ -750,7 +803,7 @@ class JobQueue:
                 )
             artifacts.keep_outputs(session, self, self.blobs, self.catalog, job)
         pipelines.lock_parent(session, job)  # held already (PostgreSQL) or the write lock
-        return pipelines.step_finished(self, session, job)
+        return [owner_change(job.owner_id, job_id), *pipelines.step_finished(self, session, job)]
 
     def _write_inline(self, job: Job, outputs_dir: Path, outputs: list[InlineOutput]) -> None:
         """Write a completion's inline outputs (declared names only, each bounded) as an
@@ -825,6 +878,7 @@ class JobQueue:
                     job.progress_fraction = 0.0
                     job.progress_message = "requeued: the worker running it was lost"
                 changed.append((job.id, job.app))
+                woken.append(owner_change(job.owner_id, job.id))
         for job_id, app in changed:
             self.notifier.notify(job_key(job_id))
             self.notifier.notify(app_key(app))
@@ -906,6 +960,7 @@ class JobQueue:
                 job.progress_message = ""
                 woken += pipelines.step_finished(self, session, job)
                 ended.append((job.id, why))
+                woken.append(owner_change(job.owner_id, job.id))
         for job_id, why in ended:
             log.info("job %s failed unclaimed: %s", ids.short(job_id), why)
             self.notifier.notify(job_key(job_id))

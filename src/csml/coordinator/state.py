@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from csml.coordinator.catalog import Catalog
 from csml.coordinator.config import Settings
+from csml.coordinator.identity_cache import IdentityCache
 from csml.coordinator.notify import Notifier
 from csml.coordinator.queue import JobQueue
 from csml.store.blobs import BlobStore
@@ -24,6 +25,7 @@ class Core:
     catalog: Catalog
     notifier: Notifier
     queue: JobQueue
+    identities: IdentityCache  # token -> identity, briefly (see identity_cache)
 
 
 def core(request: Request) -> Core:

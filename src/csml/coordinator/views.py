@@ -1,4 +1,7 @@
-"""Store rows to wire schemas."""
+"""Store rows to wire schemas.
+
+Queue positions cost a query per app, so views carry them only when asked
+(`positions=True`: the routes' `positions` query parameter, the event stream)."""
 
 from __future__ import annotations
 
@@ -75,10 +78,16 @@ def job_view(job: Job, queue_position: int | None = None) -> JobView:
     )
 
 
-def job_views(sessions: sessionmaker[Session], jobs: Sequence[Job]) -> list[JobView]:
-    """Wire views of `jobs`, with queue positions for the queued ones."""
+def job_views(
+    sessions: sessionmaker[Session], jobs: Sequence[Job], *, positions: bool = True
+) -> list[JobView]:
+    """Wire views of `jobs`; with `positions`, queue positions for the queued ones."""
     steps = pipelines.load_steps(sessions, jobs)  # a pipeline shows its current step
-    places = queue_positions(sessions, [*jobs, *(s for ss in steps.values() for s in ss)])
+    places = (
+        queue_positions(sessions, [*jobs, *(s for ss in steps.values() for s in ss)])
+        if positions
+        else {}
+    )
     return [
         pipelines.view(job_view(j), j, steps[j.seq], places)
         if j.seq in steps

@@ -146,6 +146,7 @@ def test_queue_position_and_cancel(joined: Any, web_cluster: Cluster) -> None:
     client = Client(web_cluster.url, token_of(page))
     api_place = httpx.get(
         f"{web_cluster.url}/v1/jobs/{second}",
+        params={"positions": "true"},
         headers={"Authorization": f"Bearer {token_of(page)}"},
     ).json()["queue_position"]
     assert api_place >= 1

@@ -88,17 +88,23 @@ def test_queue_positions(web_cluster: Cluster) -> None:
     headers = {"Authorization": f"Bearer {me.token}"}
     try:
         wait_for(lambda: me.job(jobs[0].id).state.value == "running", timeout=30)
-        listed = httpx.get(f"{web_cluster.url}/v1/jobs", headers=headers).json()["jobs"]
+        asked = {"positions": "true"}  # positions are computed only when asked
+        listed = httpx.get(f"{web_cluster.url}/v1/jobs", params=asked, headers=headers).json()[
+            "jobs"
+        ]
         places = {j["id"]: j["queue_position"] for j in listed}
         assert places[jobs[0].id] is None
         assert [places[jobs[1].id], places[jobs[2].id]] == [1, 2]
-        one = httpx.get(f"{web_cluster.url}/v1/jobs/{jobs[2].id}", headers=headers).json()
+        one = httpx.get(
+            f"{web_cluster.url}/v1/jobs/{jobs[2].id}", params=asked, headers=headers
+        ).json()
         assert one["queue_position"] == 2
         # A newcomer's job is served before the first user's second queued job (fair queue).
         newcomer = web_cluster.new_user()
         theirs = newcomer.submit("echo", "echo", params={"sleep": 60})
         r = httpx.get(
             f"{web_cluster.url}/v1/jobs/{theirs.id}",
+            params=asked,
             headers={"Authorization": f"Bearer {newcomer.token}"},
         ).json()
         assert r["queue_position"] == 2

@@ -119,7 +119,7 @@ async function outputView(job, name, info) {
 export async function renderJob(root, jobId) {
   let job = jobs.get(jobId);
   try {
-    job = await api(`/v1/jobs/${encodeURIComponent(jobId)}`);
+    job = await api(`/v1/jobs/${encodeURIComponent(jobId)}?positions=true`);
   } catch (e) {
     clear(root, h("h1", {}, "Job"), h("p", { class: "error-text" }, e.message), h("p", {}, h("a", { href: "#/work" }, "Back to your jobs")));
     return () => {};

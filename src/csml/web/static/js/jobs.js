@@ -135,7 +135,7 @@ class JobStore {
     if (gen !== this.generation) return;
     this.setMode("poll");
     try {
-      const { jobs } = await api("/v1/jobs");
+      const { jobs } = await api("/v1/jobs?positions=true");
       if (gen === this.generation) this.replace(jobs);
     } catch (e) {
       if (e.status === 401) {

@@ -1,0 +1,204 @@
+"""One result stream per `Client`, shared by every `Job.wait()`.
+
+The coordinator pushes each change of the caller's jobs on `GET /v1/jobs/events`
+(server-sent events). A `ResultStream` reads it in one daemon thread, opened by
+the first `Job.wait`, and hands each job's newest view to the threads waiting for
+it; waiting a thousand jobs costs one connection, not a thousand long-polls.
+
+Invariants:
+- At most one connection per stream; reconnects at once when the server ends it
+  (`reconnect`, about every 20 s). Every (re)connection starts a new *generation*.
+- A waiter never misses its job's end. It registers before looking, then takes the
+  newest view the stream holds for its job (the last `RECENT` job ids are kept), and
+  re-reads the job once (GET) unless the stream has covered it without a gap: the
+  same connection was up before the job was submitted (`mark` before the POST) and
+  no kept view was dropped since. After each reconnection every waiter re-reads once.
+- A waiter that hears nothing for `SAFETY_SECONDS` re-reads its job: a bug or a lost
+  frame delays a result, never hangs a wait.
+- When the stream cannot be opened (429: too many streams for the identity, an
+  error, a coordinator without it) or drops, waiters go back to long-polling; it is
+  not tried again for `RETRY_SECONDS`.
+- Only views are kept, never the token; the views of at most `RECENT` jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+if TYPE_CHECKING:
+    from csml.client.sdk import Client
+
+log = logging.getLogger("csml.client.results")
+
+RECENT = 4096
+SAFETY_SECONDS = 30.0  # a waiter that heard nothing for this long re-reads its job
+RETRY_SECONDS = 30.0
+OPEN_TIMEOUT = 10.0
+READ_TIMEOUT = 60.0  # the coordinator sends a keep-alive comment more often than this
+LOST = "lost"  # to a waiter: the stream is gone, long-poll
+RECHECK = "recheck"  # to a waiter: events may have been missed, re-read once
+
+Mark = tuple[int, int]
+Item = dict[str, Any] | str
+
+
+class ResultStream:
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self._cond = threading.Condition()
+        self._state = "idle"  # idle -> connecting -> connected -> (connecting | failed)
+        self._generation = 0
+        self._dropped = 0  # kept views dropped from `_recent` so far
+        self._recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._waiters: dict[str, list[queue.SimpleQueue[Item]]] = {}
+        self._retry_at = 0.0
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._response: httpx.Response | None = None
+
+    # -- used by Job --------------------------------------------------------
+
+    def mark(self) -> Mark | None:
+        """Where the stream is now (take it before submitting); None if not connected."""
+        with self._cond:
+            return (self._generation, self._dropped) if self._state == "connected" else None
+
+    def open(self) -> bool:
+        """Start the reader if needed and wait until it is connected; False if it cannot be
+        (the caller long-polls)."""
+        with self._cond:
+            if self._closed:
+                return False
+            if self._state == "failed" and time.monotonic() >= self._retry_at:
+                self._state = "idle"
+            if self._state == "idle":
+                self._state = "connecting"
+                self._thread = threading.Thread(target=self._run, name="csml-results", daemon=True)
+                self._thread.start()
+            self._cond.wait_for(lambda: self._state != "connecting", OPEN_TIMEOUT)
+            return self._state == "connected"
+
+    def register(
+        self, job_id: str, mark: Mark | None
+    ) -> tuple[queue.SimpleQueue[Item], dict[str, Any] | None, bool]:
+        """A queue of `job_id`'s views (and LOST/RECHECK), the newest view kept, and
+        whether the stream has seen every change of the job since `mark`."""
+        inbox: queue.SimpleQueue[Item] = queue.SimpleQueue()
+        with self._cond:
+            self._waiters.setdefault(job_id, []).append(inbox)
+            covered = self._state == "connected" and mark == (self._generation, self._dropped)
+            return inbox, self._recent.get(job_id), covered
+
+    def unregister(self, job_id: str, inbox: queue.SimpleQueue[Item]) -> None:
+        with self._cond:
+            inboxes = self._waiters.get(job_id, [])
+            if inbox in inboxes:
+                inboxes.remove(inbox)
+            if not inboxes:
+                self._waiters.pop(job_id, None)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            response = self._response
+        if response is not None:
+            response.close()
+
+    # -- the reader thread --------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._closed:
+                self._read_once()  # returns when the server ends the stream
+        except Exception as exc:  # refused, dropped, or a bad frame: long-poll instead
+            if not self._closed:
+                log.info("result stream unavailable, long-polling instead: %s", exc)
+            with self._cond:
+                self._state = "failed"
+                self._retry_at = time.monotonic() + RETRY_SECONDS
+                self._generation += 1
+                self._response = None
+                self._cond.notify_all()
+                self._broadcast(LOST)
+
+    def _read_once(self) -> None:
+        client = self._client
+        timeout = httpx.Timeout(OPEN_TIMEOUT, read=READ_TIMEOUT)
+        with client._http.stream(
+            "GET",
+            "/v1/jobs/events",
+            params={"limit": 1, "positions": "false"},
+            headers=client._headers(),
+            timeout=timeout,
+        ) as response:
+            if response.status_code != 200:
+                response.read()
+                raise RuntimeError(f"HTTP {response.status_code}: {response.text[:200]}")
+            with self._cond:
+                self._response = response
+            for name, data in _events(response.iter_lines()):
+                if name == "snapshot":
+                    with self._cond:
+                        self._state = "connected"
+                        self._generation += 1
+                        self._cond.notify_all()
+                        self._broadcast(RECHECK)  # whatever happened while we were away
+                    for job in data.get("jobs", []):
+                        self._deliver(job)
+                elif name == "job":
+                    self._deliver(data)
+                elif name == "gone":
+                    with self._cond:
+                        for inbox in self._waiters.get(str(data.get("id")), []):
+                            inbox.put(RECHECK)  # its GET says what happened
+                elif name == "reconnect":
+                    break
+        with self._cond:
+            self._response = None
+            if self._state == "connected":
+                self._state = "connecting"
+                self._generation += 1  # a gap starts: marks taken before it are stale
+
+    def _deliver(self, job: dict[str, Any]) -> None:
+        job_id = job.get("id")
+        if not isinstance(job_id, str):
+            return
+        with self._cond:
+            self._recent[job_id] = job
+            self._recent.move_to_end(job_id)
+            while len(self._recent) > RECENT:
+                self._recent.popitem(last=False)
+                self._dropped += 1
+            for inbox in self._waiters.get(job_id, []):
+                inbox.put(job)
+
+    def _broadcast(self, item: str) -> None:
+        """(caller holds the lock)"""
+        for inboxes in self._waiters.values():
+            for inbox in inboxes:
+                inbox.put(item)
+
+
+def _events(lines: Iterator[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Server-sent events as (name, JSON data); comments (keep-alives) are skipped."""
+    name, data = "message", ""
+    for line in lines:
+        if not line:
+            if data:
+                yield name, json.loads(data)
+            name, data = "message", ""
+        elif line.startswith(":"):
+            continue
+        elif line.startswith("event:"):
+            name = line[6:].strip()
+        elif line.startswith("data:"):
+            data += line[5:].strip()

@@ -1,0 +1,107 @@
+"""The result stream: one event stream per SDK `Client` delivers the results of 1,000
+jobs, shared by every `Job.wait()`, with long-poll as the fallback.
+
+A real coordinator and echo workers (SQLite); the SDK talks HTTP over loopback. The
+client's requests are counted by a transport around httpx's own: with the stream, a
+wait costs no request of its own (the stream pushes the result); without it, each
+wait long-polls `GET /v1/jobs/{id}`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from csml.client import Client
+from tests.cluster import Cluster, running_cluster
+
+pytestmark = pytest.mark.timeout(900)
+
+JOBS = 1000
+
+
+class CountingTransport(httpx.HTTPTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: Counter[str] = Counter()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path.startswith("/v1/jobs/") and path != "/v1/jobs/events":
+            path = "/v1/jobs/{id}"
+        self.seen[f"{request.method} {path}"] += 1
+        return super().handle_request(request)
+
+
+@pytest.fixture(scope="module")
+def roomy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A cluster whose quotas admit 1,000 jobs from one identity."""
+    settings = {
+        "CSML_MAX_ACTIVE_JOBS": str(JOBS),
+        "CSML_SUBMISSION_RATE_LIMIT": str(10 * JOBS),
+        "CSML_QUEUE_CAPACITY": str(2 * JOBS),
+    }
+    root: Path = tmp_path_factory.mktemp("result-stream")
+    with running_cluster(root, settings, {"echo": 8}) as c:
+        yield c
+
+
+def test_one_stream_delivers_a_thousand_results_to_one_client(roomy: Cluster) -> None:
+    transport = CountingTransport()
+    user = roomy.new_user()
+    with Client(roomy.url, user.token, transport=transport) as client:
+        first = client.submit("echo", "echo", params={"word": "first"})
+        first.wait(timeout=60)  # opens the stream
+        jobs = [client.submit("echo", "echo", params={"word": str(i)}) for i in range(JOBS)]
+        for job in jobs:
+            job.wait(timeout=300)
+        assert [j.state.value for j in jobs] == ["succeeded"] * JOBS
+        assert [(j.result or {})["params"]["word"] for j in jobs] == [str(i) for i in range(JOBS)]
+    seen = transport.seen
+    assert seen["GET /v1/jobs/events"] >= 1
+    # Jobs submitted while the stream was up need no request to wait: at most a re-read
+    # per waiter after each reconnection (one waiter at a time here), and the first job.
+    assert seen["GET /v1/jobs/{id}"] <= seen["GET /v1/jobs/events"] + 1, seen
+    assert seen["POST /v1/jobs"] == JOBS + 1
+
+
+def test_without_the_stream_each_wait_long_polls(roomy: Cluster) -> None:
+    transport = CountingTransport()
+    user = roomy.new_user()
+    with Client(roomy.url, user.token, transport=transport, result_stream=False) as client:
+        jobs = [client.submit("echo", "echo", params={"word": str(i)}) for i in range(20)]
+        for job in jobs:
+            job.wait(timeout=120)
+        assert all(j.state.value == "succeeded" for j in jobs)
+    assert transport.seen["GET /v1/jobs/events"] == 0
+    assert transport.seen["GET /v1/jobs/{id}"] >= 20
+
+
+def test_refused_stream_falls_back_to_long_poll(roomy: Cluster) -> None:
+    """With the identity's streams all taken (429), waits long-poll and still finish."""
+    user = roomy.new_user()
+    headers = {"Authorization": f"Bearer {user.token}"}
+    with httpx.Client(base_url=roomy.url, headers=headers, timeout=30) as raw:
+        holders = []
+        try:
+            while True:  # take every stream slot of this identity
+                r = raw.send(raw.build_request("GET", "/v1/jobs/events"), stream=True)
+                if r.status_code == 429:
+                    r.close()
+                    break
+                holders.append(r)
+            transport = CountingTransport()
+            with Client(roomy.url, user.token, transport=transport) as client:
+                jobs = [client.submit("echo", "echo", params={"word": str(i)}) for i in range(5)]
+                for job in jobs:
+                    job.wait(timeout=120)
+                assert all(j.state.value == "succeeded" for j in jobs)
+            assert transport.seen["GET /v1/jobs/events"] == 1  # tried once, then long-polled
+            assert transport.seen["GET /v1/jobs/{id}"] >= 5
+        finally:
+            for r in holders:
+                r.close()
