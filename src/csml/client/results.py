@@ -23,9 +23,11 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -107,10 +109,18 @@ class ResultStream:
                 self._waiters.pop(job_id, None)
 
     def close(self) -> None:
+        """Stop following. The connection is shut down, not just closed: the reader thread
+        blocked in `recv` wakes at once and the coordinator sees the stream end now (a
+        stream left open would hold the coordinator's graceful shutdown)."""
         with self._cond:
             self._closed = True
             response = self._response
         if response is not None:
+            stream = response.extensions.get("network_stream")
+            sock = stream.get_extra_info("socket") if stream is not None else None
+            if isinstance(sock, socket.socket):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
             response.close()
 
     # -- the reader thread --------------------------------------------------
