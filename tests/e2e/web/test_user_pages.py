@@ -43,6 +43,20 @@ def newest_job_id(page: Any) -> str:
     return str(page.locator("li.job").first.get_attribute("data-job-id"))
 
 
+def listed_job_ids(page: Any) -> list[str]:
+    ids: list[str] = page.locator("li.job").evaluate_all("els => els.map(e => e.dataset.jobId)")
+    return ids
+
+
+def submit_job(page: Any) -> str:
+    """Click "Submit job" and return the id of the job that then joins the list: not the
+    first row, which may still be an earlier job (pushed there by the event stream)."""
+    before = set(listed_job_ids(page))
+    page.get_by_role("button", name="Submit job").click()
+    new = wait_for(lambda: [i for i in listed_job_ids(page) if i not in before], timeout=60)
+    return str(new[0])
+
+
 def choose(page: Any, app: str, operation: str) -> None:
     page.select_option("#app", app)
     page.select_option("#operation", operation)
@@ -70,8 +84,7 @@ def test_face_detection_from_a_dropped_photo(
     choose(page, "opencv", "detect_faces")
     drop_file(page, '.drop[data-input="image"]', photo, "image/png")
     assert photo.name in page.inner_text('.drop[data-input="image"]')
-    page.get_by_role("button", name="Submit job").click()
-    job_id = newest_job_id(page)
+    job_id = submit_job(page)
     row = job_row(page, job_id)
     # The row shows a progress bar and the job's state while it is in flight, then "Done".
     assert row.get_by_role("progressbar").count() == 1
@@ -265,8 +278,7 @@ def test_models_page_and_use_for_prediction(
     wait_for(lambda: page.input_value('select[name="model"]') == model_id)
     assert page.locator('.drop[data-input="model"]').is_hidden()
     drop_file(page, '.drop[data-input="data"]', data, "text/csv")
-    page.get_by_role("button", name="Submit job").click()
-    job_id = newest_job_id(page)
+    job_id = submit_job(page)
     job_row(page, job_id).locator(".badge-succeeded").wait_for(timeout=60_000)
     job_row(page, job_id).get_by_role("link", name=re.compile("^Results of job")).click()
     try:
@@ -309,8 +321,7 @@ def test_training_metrics_are_plotted_per_epoch(
     page.get_by_label("Epochs").fill("5")
     page.get_by_label("Hidden").fill("8, 4")
     drop_file(page, '.drop[data-input="data"]', data, "text/csv")
-    page.get_by_role("button", name="Submit job").click()
-    job_id = newest_job_id(page)
+    job_id = submit_job(page)
     job_row(page, job_id).locator(".badge-succeeded").wait_for(timeout=120_000)
     job_row(page, job_id).get_by_role("link", name=re.compile("^Results of job")).click()
     chart = page.locator("figure", has_text="Loss per epoch")
