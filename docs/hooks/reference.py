@@ -99,7 +99,10 @@ FALLBACK_DESCRIPTIONS = {
     "job_memory_mb": "Memory a job may allocate beyond the runtime (`RLIMIT_AS`).",
     "job_cpu_seconds": "CPU time of one job (`RLIMIT_CPU`).",
     "max_wait_seconds": "Longest long-poll of `GET /v1/jobs/{id}?wait=`.",
-    "identity_rate_window_seconds": "The window of `CSML_IDENTITY_RATE_LIMIT`.",
+    "identity_rate_window_seconds": (
+        "The window over which the rate of new identities is estimated "
+        "(`CSML_IDENTITY_RATE_LIMIT` per window: past it, the proof of work gets harder)."
+    ),
     "submission_rate_window_seconds": "The window of `CSML_SUBMISSION_RATE_LIMIT`.",
 }
 
