@@ -37,6 +37,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 from urllib.parse import unquote
 
@@ -254,17 +255,7 @@ class Catalog:
         data = manifest.model_dump(mode="json")
         now = utcnow()
         name, version = manifest.name, manifest.version
-        insert_ignore(
-            session,
-            AppRecord,
-            name=name,
-            version=version,
-            manifest=data,
-            served_rank=0,
-            updated_at=now,
-        )
-        record = session.get(AppRecord, name, with_for_update=True, populate_existing=True)
-        assert record is not None
+        record = _locked_record(session, name, version, data, now)
         insert_ignore(
             session, AppVersion, app=name, version=version, manifest=data, registered_at=now
         )
@@ -294,17 +285,7 @@ class Catalog:
         now = utcnow()
         name, version = manifest.name, manifest.version
         # Lock order: the app's row, then its versions.
-        insert_ignore(
-            session,
-            AppRecord,
-            name=name,
-            version=version,
-            manifest=data,
-            served_rank=0,
-            updated_at=now,
-        )
-        record = session.get(AppRecord, name, with_for_update=True, populate_existing=True)
-        assert record is not None
+        record = _locked_record(session, name, version, data, now)
         pinned = session.get(
             AppVersion, (name, version), with_for_update=True, populate_existing=True
         )
@@ -508,3 +489,22 @@ def forget_token(session: Session, token_id: str) -> None:
                 fallback.version,
                 utcnow(),
             )
+
+
+def _locked_record(
+    session: Session, name: str, version: str, data: dict[str, Any], now: datetime
+) -> AppRecord:
+    """The app's catalog row, made from this manifest if it is new, locked for the
+    transaction (the first lock taken: the app's row, then its versions)."""
+    insert_ignore(
+        session,
+        AppRecord,
+        name=name,
+        version=version,
+        manifest=data,
+        served_rank=0,
+        updated_at=now,
+    )
+    record = session.get(AppRecord, name, with_for_update=True, populate_existing=True)
+    assert record is not None
+    return record
