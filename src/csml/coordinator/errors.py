@@ -1,4 +1,11 @@
-"""API errors: every refusal names what was wrong and what to do."""
+"""API errors: every refusal names what was wrong and what to do.
+
+The one place where domain refusals (`csml.refusals`) become HTTP: `STATUS` maps each
+kind to a status code, and `install_handlers` renders every refusal, validation
+error, unknown route and unexpected failure as the same JSON body (`ErrorBody`).
+`ApiError` is for the API modules themselves (routes, auth, middleware); services
+and the store raise refusals and never name a status.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,23 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from csml import refusals
 from csml.schemas.errors import ErrorBody, ErrorDetail
+
+STATUS: dict[type[refusals.Refusal], int] = {
+    refusals.Malformed: 400,
+    refusals.Unauthenticated: 401,
+    refusals.Forbidden: 403,
+    refusals.NotFound: 404,
+    refusals.Conflict: 409,
+    refusals.TooLarge: 413,
+    refusals.UnsupportedMedia: 415,
+    refusals.Invalid: 422,
+    refusals.RateLimited: 429,
+    refusals.QuotaExceeded: 429,
+    refusals.QueueFull: 429,
+    refusals.Unavailable: 503,
+}
 
 
 class ApiError(Exception):
@@ -43,6 +66,29 @@ class ApiError(Exception):
         )
 
 
+def status_of(refusal: refusals.Refusal) -> int:
+    """The HTTP status of a refusal: its kind's, or its nearest mapped base's."""
+    for kind in type(refusal).__mro__:
+        if kind in STATUS:
+            return STATUS[kind]
+    return 400
+
+
+def from_refusal(refusal: refusals.Refusal) -> ApiError:
+    """The HTTP form of a domain refusal (Retry-After when it passes with time)."""
+    headers = {"Retry-After": str(refusal.retry_after)} if refusal.retry_after else None
+    if isinstance(refusal, refusals.Unauthenticated):
+        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
+    return ApiError(
+        status_of(refusal),
+        refusal.code,
+        refusal.message,
+        field=refusal.field,
+        headers=headers,
+        details=refusal.details,
+    )
+
+
 def not_found(what: str, ident: str) -> ApiError:
     return ApiError(404, "not_found", f"no {what} {ident!r} is visible to you")
 
@@ -60,6 +106,10 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return exc.response()
+
+    @app.exception_handler(refusals.Refusal)
+    async def _refusal(_: Request, exc: refusals.Refusal) -> JSONResponse:
+        return from_refusal(exc).response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
