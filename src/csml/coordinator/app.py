@@ -51,6 +51,7 @@ from csml.store.blobs import BlobStore
 from csml.store.db import insert_ignore, make_engine, make_sessionmaker, migrate, transaction
 from csml.store.private import private_dir
 from csml.store.tables import JoinToken, utcnow
+from csml.store.writer import Writer
 from csml.web import api_docs
 from csml.web import routes as web_routes
 
@@ -82,9 +83,10 @@ def build_core(settings: Settings) -> Core:
         if settings.bootstrap_join_token_file is not None:
             register_join_token(session, settings.bootstrap_join_token_file)
     notifier = Notifier(engine)  # on PostgreSQL, relays wake-ups between coordinators
+    writer = Writer(engine)  # the hot path's writes (group commit: csml.store.writer)
     queue = JobQueue(settings, sessions, blobs, catalog, notifier)
     identities = IdentityCache(notifier)  # erasures relayed like wake-ups
-    return Core(settings, engine, sessions, blobs, catalog, notifier, queue, identities)
+    return Core(settings, engine, sessions, blobs, catalog, notifier, queue, identities, writer)
 
 
 def register_join_token(session: Session, path: Path) -> None:
@@ -158,6 +160,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await task
             with contextlib.suppress(asyncio.CancelledError):
                 await purge
+            core.writer.close()
             core.engine.dispose()
 
     app = FastAPI(

@@ -14,6 +14,7 @@ from csml.coordinator.identity_cache import IdentityCache
 from csml.coordinator.notify import Notifier
 from csml.coordinator.queue import JobQueue
 from csml.store.blobs import BlobStore
+from csml.store.writer import Writer
 
 
 @dataclass
@@ -26,6 +27,7 @@ class Core:
     notifier: Notifier
     queue: JobQueue
     identities: IdentityCache  # token -> identity, briefly (see identity_cache)
+    writer: Writer  # every hot-path write, committed durably (see csml.store.writer)
 
 
 def core(request: Request) -> Core:
