@@ -3,6 +3,7 @@ Chromium against a real coordinator and real workers (the package's `web_cluster
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import re
@@ -24,6 +25,26 @@ pytestmark = pytest.mark.timeout(600)
 
 PHOTOS = ["astronaut.png", "camera.png", "coins.png", "horse.png", "moon.png"]
 JOB_GET = re.compile(r"/v1/jobs/[^/?]+(\?|$)")
+
+
+def drop_files(page: Any, selector: str, paths: list[Path]) -> None:
+    """Drag several real files from outside the browser and drop them on `selector`."""
+    files = [[base64.b64encode(p.read_bytes()).decode(), p.name] for p in paths]
+    transfer = page.evaluate_handle(
+        """(files) => {
+            const dt = new DataTransfer();
+            for (const [b64, name] of files) {
+                const bin = atob(b64);
+                const bytes = new Uint8Array(bin.length);
+                for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
+                dt.items.add(new File([bytes], name, { type: "text/plain" }));
+            }
+            return dt;
+        }""",
+        files,
+    )
+    for event in ("dragenter", "dragover", "drop"):
+        page.dispatch_event(selector, event, {"dataTransfer": transfer})
 
 
 def batch_files(tmp: Path) -> list[Path]:
@@ -165,3 +186,69 @@ def test_several_inputs_with_several_files_are_refused_before_sending(
     page.get_by_role("button", name="Submit job").click()
     assert page.get_by_text("Several files can go in one input only").is_visible()
     assert Client(web_cluster.url, token_of(page)).jobs() == []
+
+
+def test_a_folder_past_the_submission_rate_waits_and_finishes(
+    joined: Any, web_cluster: Cluster, tmp_path: Path
+) -> None:
+    """A folder of 62 files against the identity's submission rate (60 per minute, the
+    default): the items past it are refused with 429 and Retry-After, wait that long,
+    are sent again, and the whole batch ends done."""
+    page = joined()
+    folder = tmp_path / "many"
+    (folder / "sub").mkdir(parents=True)
+    for i in range(62):
+        where = folder / "sub" if i % 10 == 0 else folder
+        (where / f"item-{i:02d}.txt").write_text(f"item {i}\n")
+    (folder / ".hidden").write_text("skipped\n")
+    page.select_option("#app", "echo")
+    page.select_option("#operation", "echo")
+    page.locator('.field:has(.drop[data-input="data"]) input[webkitdirectory]').set_input_files(
+        str(folder)
+    )
+    page.get_by_role("button", name="Submit 62 jobs").click()
+    panel = page.locator("section.batch")
+    waiting = panel.locator("li.batch-item[data-state=retrying]").first
+    waiting.wait_for(timeout=60_000)
+    assert "sending again in" in waiting.inner_text()
+    assert "submission rate limit" in waiting.inner_text()
+    counts = panel.get_by_test_id("batch-counts")
+    wait_for(lambda: counts.inner_text().startswith("62/62 finished"), timeout=240)
+    assert counts.inner_text() == "62/62 finished · 62 done · 0 failed"
+    with page.expect_download() as info:
+        panel.get_by_role("button", name="Download manifest").click()
+    saved = tmp_path / "manifest.jsonl"
+    info.value.save_as(saved)
+    lines = [json.loads(line) for line in saved.read_text().splitlines()]
+    assert len(lines) == 62 and {line["state"] for line in lines} == {"succeeded"}
+    assert {line["input"] for line in lines} == {
+        str(p.relative_to(tmp_path)) for p in folder.rglob("item-*.txt")
+    }
+    assert len({line["job_id"] for line in lines}) == 62
+    assert len(Client(web_cluster.url, token_of(page)).jobs(limit=500)) == 62
+
+
+def test_cancel_batch_cancels_its_jobs(joined: Any, web_cluster: Cluster, tmp_path: Path) -> None:
+    page = joined()
+    files = []
+    for i in range(6):
+        files.append(tmp_path / f"slow-{i}.txt")
+        files[-1].write_text(f"{i}\n")
+    page.select_option("#app", "echo")
+    page.select_option("#operation", "echo")
+    page.get_by_label("Sleep").fill("30")
+    drop_files(page, '.drop[data-input="data"]', files)
+    assert "6 files" in page.inner_text('.drop[data-input="data"]')
+    page.get_by_role("button", name="Submit 6 jobs").click()
+    panel = page.locator("section.batch")
+    panel.locator("li.batch-item[data-state=running]").first.wait_for(timeout=60_000)
+    wait_for(lambda: panel.locator("li.batch-item[data-state=queued]").count() == 5)
+    panel.get_by_role("button", name="Cancel batch").click()
+    counts = panel.get_by_test_id("batch-counts")
+    wait_for(lambda: counts.inner_text().startswith("6/6 finished"), timeout=60)
+    assert counts.inner_text() == "6/6 finished · 0 done · 0 failed · 6 cancelled"
+    jobs = Client(web_cluster.url, token_of(page)).jobs()
+    assert len(jobs) == 6 and {j.state.value for j in jobs} == {"cancelled"}
+    panel.get_by_role("button", name="Download manifest").wait_for()
+    panel.get_by_role("button", name="Remove from page").click()
+    assert page.locator("section.batch").count() == 0

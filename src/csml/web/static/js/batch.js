@@ -151,6 +151,8 @@ class Batch {
         const known = jobs.get(job.id); // the stream may have told more already
         if (!known || !TERMINAL.has(known.state)) jobs.upsert(job);
         this.take(item, jobs.get(job.id) || job);
+        if (this.stopped && !TERMINAL.has(item.state)) await this.cancelItems([item]); // sent while cancelling
+        else this.update();
         return;
       } catch (err) {
         const wait = retryDelay(err);
@@ -232,7 +234,10 @@ class Batch {
   async cancel() {
     this.stopped = true;
     for (const wake of [...this.wakers]) wake();
-    const active = this.items.filter((i) => i.jobId && !TERMINAL.has(i.state));
+    await this.cancelItems(this.items.filter((i) => i.jobId && !TERMINAL.has(i.state)));
+  }
+
+  async cancelItems(active) {
     let next = 0;
     const lane = async () => {
       while (next < active.length) {

@@ -338,7 +338,7 @@ export async function renderSubmit(root) {
     }
   });
 
-  clear(root, h("h2", { id: "submit-title" }, "New job"));
+  clear(root, h("h2", { id: "submit-title", tabindex: "-1" }, "New job"));
   if (!usable.length) {
     root.append(h("p", {}, "No app is available yet: no worker has joined the service."));
     return;
