@@ -162,6 +162,7 @@ def test_a_dropped_batch_with_a_failing_item(
     page.set_viewport_size(PHONE)
     page.wait_for_timeout(200)
     assert no_horizontal_scroll(page)
+    screenshot(page, "batch-phone")
     assert axe_violations(page) == []
 
 

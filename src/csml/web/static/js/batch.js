@@ -9,7 +9,8 @@
 //   message and the batch goes on.
 // - Items are followed through the page's job store (`jobs`, fed by the event stream,
 //   or by its polling fallback): nothing is polled per item. A job that falls out of the
-//   store's snapshot (it keeps the newest jobs) while still active is read once.
+//   store's snapshot (it keeps the newest jobs) while running, or while the batch has
+//   heard nothing for STALL_MS, is read once (see `checkStall`).
 // - A batch ends when every item has ended (done, failed, cancelled or never sent); then
 //   it offers a JSONL manifest (one line per item) and a zip of the outputs, both
 //   built in the page as Blobs.
@@ -21,6 +22,7 @@ import { jobs, summary } from "./jobs.js";
 import { zipBlob } from "./zip.js";
 
 const IN_FLIGHT = 4;
+const STALL_MS = 30000;
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 const WORDS = {
   pending: "Waiting to be sent",
@@ -85,7 +87,13 @@ class Batch {
     this.ended = false;
     this.wakers = new Set();
     this.reading = new Set();
-    this.unsubscribe = jobs.subscribe((ids) => this.onJobs(ids));
+    this.lastChange = Date.now();
+    const unsubscribe = jobs.subscribe((ids) => this.onJobs(ids));
+    const stall = setInterval(() => this.checkStall(), STALL_MS / 2);
+    this.unsubscribe = () => {
+      unsubscribe();
+      clearInterval(stall);
+    };
   }
 
   counts() {
@@ -188,10 +196,22 @@ class Batch {
           this.take(item, job);
           any = true;
         }
-      } else if (!TERMINAL.has(item.state)) missing.push(item);
+      } else if (item.state === "running") missing.push(item);
     }
     if (missing.length) this.readMissing(missing);
     if (any) this.update();
+  }
+
+  /**
+   * The store keeps the newest jobs of a snapshot; events still come for every job. A
+   * running job out of the snapshot may have ended between two streams: read at once
+   * (`onJobs`). A queued one ending in that gap is rarer: read only if the batch has
+   * heard nothing for STALL_MS.
+   */
+  checkStall() {
+    if (this.ended || Date.now() - this.lastChange < STALL_MS) return;
+    const missing = this.items.filter((i) => i.jobId && !TERMINAL.has(i.state) && !jobs.get(i.jobId));
+    if (missing.length) this.readMissing(missing);
   }
 
   /** Jobs of this batch the store no longer holds (older than its snapshot): read once. */
@@ -205,7 +225,7 @@ class Batch {
         try {
           this.take(item, await api(`/v1/jobs/${encodeURIComponent(item.jobId)}`));
         } catch (e) {
-          if (e.status === 404) {
+          if (e.status === 404 || e.status === 401) {
             item.state = "failed";
             item.error = e.message;
           }
@@ -219,6 +239,7 @@ class Batch {
   }
 
   update() {
+    this.lastChange = Date.now();
     if (!this.ended && this.sent && this.items.every((i) => TERMINAL.has(i.state))) {
       this.ended = true;
       this.unsubscribe();
@@ -361,7 +382,9 @@ function countsText(c) {
 
 function panel(batch, onDismiss) {
   const titleId = `${batch.id}-title`;
-  const bar = h("div", { class: "bar", role: "progressbar", "aria-valuemin": "0", "aria-labelledby": titleId }, h("div", { class: "bar-fill" }));
+  const okFill = h("div", { class: "bar-fill ok" });
+  const badFill = h("div", { class: "bar-fill bad" });
+  const bar = h("div", { class: "bar", role: "progressbar", "aria-valuemin": "0", "aria-labelledby": titleId }, okFill, badFill);
   const counts = h("p", { class: "batch-counts", dataset: { testid: "batch-counts" } });
   const actions = h("div", { class: "actions" });
   const list = h("ol", { class: "batch-items" });
@@ -380,8 +403,9 @@ function panel(batch, onDismiss) {
     bar.setAttribute("aria-valuemax", String(c.total));
     bar.setAttribute("aria-valuenow", String(c.finished));
     bar.setAttribute("aria-valuetext", countsText(c));
-    bar.firstChild.style.width = `${c.total ? Math.round((c.finished / c.total) * 100) : 100}%`;
-    bar.classList.toggle("has-failures", c.failed > 0);
+    const pct = (n) => `${c.total ? (n / c.total) * 100 : 0}%`;
+    okFill.style.width = pct(c.succeeded); // done in green, failed or cancelled in red
+    badFill.style.width = pct(c.failed + c.cancelled);
     counts.textContent = countsText(c);
     if (ended !== batch.ended) {
       ended = batch.ended;
