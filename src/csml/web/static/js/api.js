@@ -96,6 +96,35 @@ export async function apiBlob(path) {
   return response.blob();
 }
 
+const EXT = { "image/png": ".png", "image/jpeg": ".jpg", "text/csv": ".csv", "application/json": ".json", "application/zip": ".zip", "text/plain": ".txt" };
+
+/** The file name extension for an output's media type ("" when unknown). */
+export function extensionFor(mediaType) {
+  return EXT[(mediaType || "").split(";")[0].trim()] || "";
+}
+
+/**
+ * Seconds to wait before sending again a request the server refused for now: a 429
+ * (a rate or quota that frees up) after its Retry-After (5 s without one), a 503 only
+ * with a Retry-After; null for a refusal that waiting does not cure.
+ */
+export function retryDelay(error) {
+  if (!(error instanceof ApiError)) return null;
+  const header = error.retryAfter;
+  let seconds = null;
+  if (header) {
+    const n = Number(header);
+    if (Number.isFinite(n)) seconds = n;
+    else {
+      const at = Date.parse(header);
+      if (!Number.isNaN(at)) seconds = (at - serverNow()) / 1000;
+    }
+  }
+  if (error.status === 429) return Math.max(1, seconds ?? 5);
+  if (error.status === 503 && seconds !== null) return Math.max(1, seconds);
+  return null;
+}
+
 /** Save a Blob under a file name (the browser's download). */
 export function saveBlob(blob, name) {
   const url = URL.createObjectURL(blob);

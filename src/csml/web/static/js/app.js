@@ -1,6 +1,7 @@
 // The user page: a small hash router over the views.
 
 import { identity } from "./api.js";
+import { mountBatches } from "./batch.js";
 import { announce, clear, h, shortId } from "./dom.js";
 import { renderIdentity } from "./identity.js";
 import { renderJob } from "./job.js";
@@ -53,8 +54,14 @@ async function route() {
     else if (name === "work") {
       const form = h("section", { class: "panel", "aria-labelledby": "submit-title" });
       const list = h("section", { class: "panel", "aria-labelledby": "jobs-title" });
-      clear(main, h("h1", { class: "visually-hidden" }, "Submit and follow jobs"), h("div", { class: "work" }, form, list));
-      cleanup = mountJobList(list);
+      const batchArea = h("div", { class: "batches" });
+      clear(main, h("h1", { class: "visually-hidden" }, "Submit and follow jobs"), h("div", { class: "work" }, h("div", { class: "work-side" }, form, batchArea), list));
+      const unmountList = mountJobList(list);
+      const unmountBatches = mountBatches(batchArea);
+      cleanup = () => {
+        unmountList();
+        unmountBatches();
+      };
       list.querySelector("h2").id = "jobs-title";
       await renderSubmit(form);
     } else if (name === "jobs") {

@@ -1,13 +1,11 @@
 // One job: its state, its result in readable form, its outputs (images shown, every file
 // downloadable), training metrics plotted per epoch, and the models it made.
 
-import { api, apiBlob, saveBlob } from "./api.js";
+import { api, apiBlob, extensionFor, saveBlob } from "./api.js";
 import { lineChart } from "./charts.js";
 import { announce, clear, formatBytes, formatTime, go, h, shortId } from "./dom.js";
 import { cancelJob, elapsed, jobs, opName, progressBar, stateLine } from "./jobs.js";
 import { presetSubmit } from "./submit.js";
-
-const EXT = { "image/png": ".png", "image/jpeg": ".jpg", "text/csv": ".csv", "application/json": ".json", "application/zip": ".zip", "text/plain": ".txt" };
 
 function isScalar(v) {
   return v === null || ["string", "number", "boolean"].includes(typeof v);
@@ -75,7 +73,7 @@ function headline(job) {
 }
 
 async function outputView(job, name, info) {
-  const fileName = `${shortId(job.id)}-${name}${EXT[info.media_type] || ""}`;
+  const fileName = `${shortId(job.id)}-${name}${extensionFor(info.media_type)}`;
   const download = h("button", {
     type: "button",
     class: "button secondary small",

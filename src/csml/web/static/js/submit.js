@@ -2,6 +2,7 @@
 
 import { ApiError, api } from "./api.js";
 import { announce, clear, formatBytes, h, newId, shortId } from "./dom.js";
+import { startBatch } from "./batch.js";
 import { buildParams } from "./form.js";
 import { jobs } from "./jobs.js";
 
@@ -12,7 +13,29 @@ export function presetSubmit(choice) {
   preset = choice;
 }
 
-function dropZone(spec) {
+/** Files of a dropped folder (and its sub-folders), with their paths inside it; hidden files skipped. */
+async function walk(entry, out) {
+  if (entry.name.startsWith(".")) return;
+  if (entry.isFile) {
+    const file = await new Promise((resolve, reject) => entry.file(resolve, reject));
+    out.push({ file, path: entry.fullPath.replace(/^\//, "") });
+  } else if (entry.isDirectory) {
+    const reader = entry.createReader();
+    for (;;) {
+      const batch = await new Promise((resolve, reject) => reader.readEntries(resolve, reject));
+      if (!batch.length) break;
+      for (const child of batch) await walk(child, out);
+    }
+  }
+}
+
+function picked(fileList) {
+  return [...fileList]
+    .filter((f) => !f.name.startsWith("."))
+    .map((file) => ({ file, path: file.webkitRelativePath || file.name }));
+}
+
+function dropZone(spec, onChange) {
   const id = newId(`file-${spec.name}`);
   const chosen = h("span", { class: "file-chosen", "aria-live": "polite" }, "No file chosen");
   const input = h("input", {
@@ -20,26 +43,47 @@ function dropZone(spec) {
     id,
     name: spec.name,
     class: "visually-hidden",
+    multiple: true,
     accept: spec.media_type && spec.media_type !== "application/octet-stream" ? spec.media_type : undefined,
   });
+  const folder = h("input", { type: "file", id: `${id}-folder`, class: "visually-hidden", webkitdirectory: true, multiple: true });
   if (spec.required) input.setAttribute("aria-required", "true");
   const error = h("p", { class: "field-error", hidden: true, id: `${id}-error` });
-  const help = h("p", { class: "help", id: `${id}-help` }, spec.description || "", spec.media_type ? ` (${spec.media_type})` : "");
+  const help = h("p", { class: "help", id: `${id}-help` }, spec.description || "", spec.media_type ? ` (${spec.media_type})` : "",
+    " Several files, or a folder, make a batch: one job per file.");
   input.setAttribute("aria-describedby", `${id}-help ${id}-error`);
+  let files = []; // [{file, path}]
   const show = () => {
-    const f = input.files[0];
-    chosen.textContent = f ? `${f.name} — ${formatBytes(f.size)}` : "No file chosen";
-    zone.classList.toggle("has-file", Boolean(f));
-    if (f) error.hidden = true;
+    const first = files[0];
+    const total = files.reduce((n, f) => n + f.file.size, 0);
+    if (!first) chosen.textContent = "No file chosen";
+    else if (files.length === 1) chosen.textContent = `${first.path} — ${formatBytes(first.file.size)}`;
+    else {
+      const names = files.slice(0, 3).map((f) => f.path).join(", ");
+      chosen.textContent = `${files.length} files — ${formatBytes(total)}: ${names}${files.length > 3 ? ", …" : ""}`;
+    }
+    zone.classList.toggle("has-file", Boolean(first));
+    if (first) error.hidden = true;
+    onChange();
   };
-  input.addEventListener("change", show);
+  input.addEventListener("change", () => {
+    files = picked(input.files);
+    show();
+  });
+  folder.addEventListener("change", () => {
+    if (!folder.files.length) return;
+    input.value = "";
+    files = picked(folder.files);
+    folder.value = "";
+    show();
+  });
   const zone = h(
     "div",
     { class: "drop", "data-input": spec.name },
     input,
     h("label", { for: id, class: "drop-label" },
       h("span", { class: "drop-title" }, spec.name, spec.required ? "" : " (optional)"),
-      h("span", { class: "drop-hint" }, "Drop a file here, or ", h("span", { class: "link" }, "choose one")),
+      h("span", { class: "drop-hint" }, "Drop files or a folder here, or ", h("span", { class: "link" }, "choose files")),
       chosen,
     ),
   );
@@ -48,26 +92,51 @@ function dropZone(spec) {
     zone.classList.add("dragging");
   });
   zone.addEventListener("dragleave", () => zone.classList.remove("dragging"));
-  zone.addEventListener("drop", (e) => {
+  zone.addEventListener("drop", async (e) => {
     e.preventDefault();
     zone.classList.remove("dragging");
-    if (e.dataTransfer && e.dataTransfer.files.length) {
-      input.files = e.dataTransfer.files;
-      show();
+    const dt = e.dataTransfer;
+    if (!dt || !dt.files.length) return;
+    // Entries must be taken while the event runs; a folder is read afterwards.
+    const entries = [...(dt.items || [])].map((i) => (i.kind === "file" && i.webkitGetAsEntry ? i.webkitGetAsEntry() : null));
+    if (entries.some((en) => en && en.isDirectory)) {
+      input.value = "";
+      chosen.textContent = "Reading the folder…";
+      const out = [];
+      try {
+        for (const en of entries) if (en) await walk(en, out);
+      } catch (err) {
+        error.textContent = `The folder could not be read: ${err.message || err}`;
+        error.hidden = false;
+      }
+      files = out;
+    } else {
+      input.files = dt.files;
+      files = picked(input.files);
     }
+    show();
   });
   return {
     spec,
-    element: h("div", { class: "field" }, zone, help, error),
+    element: h("div", { class: "field" }, zone,
+      h("div", { class: "folder-pick" }, folder, h("label", { for: folder.id, class: "link" }, `Or choose a folder for "${spec.name}"`)),
+      help, error),
     input,
+    files: () => files,
     validate(skip) {
-      const missing = spec.required && !skip && !input.files[0];
+      const missing = spec.required && !skip && !files.length;
       error.hidden = !missing;
       error.textContent = missing ? `Choose a file for "${spec.name}".` : "";
       return !missing;
     },
     setDisabled(off) {
       zone.hidden = off;
+    },
+    reset() {
+      input.value = "";
+      folder.value = "";
+      files = [];
+      show();
     },
   };
 }
@@ -119,6 +188,13 @@ export async function renderSubmit(root) {
   const formError = h("p", { class: "field-error", role: "alert", hidden: true });
   let current = { files: [], params: null, op: null, app: null };
 
+  /** The zones given several files (a batch over that input when there is exactly one). */
+  const several = () => current.files.filter((f) => f.files().length > 1 && !f.input.closest(".drop[hidden]"));
+  function label() {
+    const many = several();
+    submit.textContent = many.length === 1 ? `Submit ${many[0].files().length} jobs` : "Submit job";
+  }
+
   const models = api("/v1/models").then((r) => r.models).catch(() => []);
 
   function modelPicker(op, files) {
@@ -148,12 +224,13 @@ export async function renderSubmit(root) {
     opHelp.textContent = op.description || "";
     clear(filesBox);
     clear(paramsBox, h("legend", {}, "Parameters"));
-    const files = op.inputs.map(dropZone);
+    const files = op.inputs.map((spec) => dropZone(spec, label));
     for (const f of files) filesBox.append(f.element);
     if (!files.length) filesBox.append(h("p", { class: "muted" }, "This operation takes no files."));
     const special = op.params_schema.properties && op.params_schema.properties.model ? { model: modelPicker(op, files) } : {};
     const params = buildParams(paramsBox, op.params_schema, special);
     current = { app, op, files, params };
+    label();
     confidential.checked = false;
     confWords.textContent = "";
     submit.disabled = false;
@@ -213,12 +290,32 @@ export async function renderSubmit(root) {
       (firstInvalid || firstMissing).focus();
       return;
     }
+    const sent = current.files.filter((f) => !(f.spec.model && modelChosen));
+    const many = sent.filter((f) => f.files().length > 1);
+    if (many.length > 1) {
+      formError.textContent = `Several files can go in one input only (here: ${many.map((f) => f.spec.name).join(", ")}); keep one file in the others.`;
+      formError.hidden = false;
+      many[1].input.focus();
+      return;
+    }
+    if (many.length === 1) {
+      const batch = startBatch({
+        app: current.app.name,
+        operation: current.op.name,
+        params,
+        parts: sent.map((f) => (f === many[0] ? { name: f.spec.name, batch: true } : { name: f.spec.name, file: f.files()[0]?.file || null })),
+        files: many[0].files(),
+      });
+      announce(`Batch of ${batch.items.length} jobs started (${current.op.name.replaceAll("_", " ")}).`, "success");
+      for (const f of current.files) f.reset();
+      return;
+    }
     const spec = { app: current.app.name, operation: current.op.name, params };
     const data = new FormData();
     data.append("spec", JSON.stringify(spec));
-    for (const f of current.files) {
-      const file = f.input.files[0];
-      if (file && !(f.spec.model && modelChosen)) data.append(f.spec.name, file, file.name);
+    for (const f of sent) {
+      const file = f.files()[0]?.file;
+      if (file) data.append(f.spec.name, file, file.name);
     }
     submit.disabled = true;
     submit.textContent = "Sending…";
@@ -237,11 +334,11 @@ export async function renderSubmit(root) {
       if (err.retryAfter) formError.textContent += ` Try again in ${err.retryAfter} s.`;
     } finally {
       submit.disabled = confidential.checked;
-      submit.textContent = "Submit job";
+      label();
     }
   });
 
-  clear(root, h("h2", { id: "submit-title" }, "New job"));
+  clear(root, h("h2", { id: "submit-title", tabindex: "-1" }, "New job"));
   if (!usable.length) {
     root.append(h("p", {}, "No app is available yet: no worker has joined the service."));
     return;
