@@ -33,7 +33,9 @@ from csml import ids
 from csml.coordinator.errors import unauthorized
 from csml.coordinator.state import Core, core
 from csml.coordinator.worker_tokens import CACHE as WORKER_TOKENS
-from csml.store.tables import Identity, JoinToken, Worker
+from csml.store import workers
+from csml.store.tables import Identity
+from csml.store.workers import JoinTokenRow, WorkerRow
 
 T = TypeVar("T")
 _SCOPE_KEY = "csml.auth"
@@ -139,38 +141,30 @@ async def current_identity(request: Request) -> Identity:
 
 
 @from_headers
-def current_join_token(request: Request) -> JoinToken:
+def current_join_token(request: Request) -> JoinTokenRow:
     c = core(request)
     token = bearer(request)
-    with c.sessions() as session:
-        found = session.scalars(
-            select(JoinToken).where(JoinToken.token_hash == ids.hash_secret(token))
-        ).first()
+    with c.engine.connect() as conn:
+        found = workers.join_token_by_hash(conn, ids.hash_secret(token))
     if found is None or found.revoked_at is not None:
         raise unauthorized("the join token is not valid or was revoked; ask the operator for one")
     return found
 
 
 @from_headers
-def current_worker(request: Request) -> Worker:
+def current_worker(request: Request) -> WorkerRow:
     """The calling worker; refused once its join token is revoked."""
     token_hash = ids.hash_secret(bearer(request))
     cached = WORKER_TOKENS.get(token_hash)
     if cached is not None:
         return cached
-    c = core(request)
-    with c.sessions() as session:
-        row = session.execute(
-            select(Worker, JoinToken.revoked_at)
-            .join(JoinToken, JoinToken.id == Worker.join_token_id)
-            .where(Worker.token_hash == token_hash)
-        ).first()
-    if row is None:
+    with core(request).engine.connect() as conn:
+        found = workers.worker_by_token(conn, token_hash)
+    if found is None:
         raise unauthorized("unknown worker token; register again with a join token")
-    worker, revoked_at = row
-    if revoked_at is not None:
+    if found.revoked_at is not None:
         raise unauthorized("this worker's join token was revoked")
-    if worker.stopped_at is not None:
+    if found.worker.stopped_at is not None:
         raise unauthorized("this worker has left; register again")
-    WORKER_TOKENS.put(token_hash, worker)
-    return worker
+    WORKER_TOKENS.put(token_hash, found.worker)
+    return found.worker
