@@ -13,7 +13,8 @@ its TTL stale, forgotten at once on leave and revoke through this coordinator).
 A check may be a coroutine function: it
 then runs on the event loop (no thread-pool hop), e.g. the identity check, which
 answers from `Core.identities` (see `identity_cache`) and queries the store only
-on a miss.
+on a miss. Every look-up is one statement of `csml.store.identities` or
+`csml.store.workers` on a plain connection (no ORM session on this path).
 """
 
 from __future__ import annotations
@@ -26,15 +27,14 @@ from typing import Any, TypeVar
 from fastapi import Request, Response
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
-from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from csml import ids
 from csml.coordinator.errors import unauthorized
 from csml.coordinator.state import Core, core
 from csml.coordinator.worker_tokens import CACHE as WORKER_TOKENS
-from csml.store import workers
-from csml.store.tables import Identity
+from csml.store import identities, workers
+from csml.store.identities import IdentityRow
 from csml.store.workers import JoinTokenRow, WorkerRow
 
 T = TypeVar("T")
@@ -115,14 +115,14 @@ def bearer(request: Request) -> str:
     return token.strip()
 
 
-def identity_from(c: Core, token: str) -> Identity:
+def identity_from(c: Core, token: str) -> IdentityRow:
     """The token's identity: remembered (`c.identities`) or looked up, then remembered."""
     token_hash = ids.hash_secret(token)
     found = c.identities.get(token_hash)
     if found is not None:
         return found
-    with c.sessions() as session:
-        found = session.scalars(select(Identity).where(Identity.token_hash == token_hash)).first()
+    with c.engine.connect() as conn:
+        found = identities.identity_by_token(conn, token_hash)
     if found is None:
         raise unauthorized("the token is not valid (unknown or erased identity)")
     c.identities.put(found)
@@ -130,7 +130,7 @@ def identity_from(c: Core, token: str) -> Identity:
 
 
 @from_headers
-async def current_identity(request: Request) -> Identity:
+async def current_identity(request: Request) -> IdentityRow:
     """The caller's identity; on the event loop when remembered, else one query off it."""
     c = core(request)
     token = bearer(request)
