@@ -17,7 +17,6 @@ from typing import Any
 
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import text
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -44,6 +43,7 @@ from csml.coordinator.queue import JobQueue
 from csml.coordinator.state import Core
 from csml.schemas import JobSpec
 from csml.store import (
+    stats,
     tables_abuse,  # noqa: F401 - registers the abuse-control tables
     tables_artifacts,  # noqa: F401 - registers the ML models table
     workers,
@@ -192,8 +192,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def healthz() -> dict[str, str]:
         """Liveness and store reachability."""
         try:
-            with core.engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
+            stats.ping(core.engine)
         except Exception as exc:
             raise ApiError(503, "store_unavailable", "the database is not reachable") from exc
         return {"status": "ok", "version": csml.__version__}
