@@ -25,10 +25,13 @@ expensive or bounded instead:
   in the transaction that lands the rows (`csml.coordinator.quotas`, whose helpers
   this module re-exports).
 
-Every refusal is a 429 with `Retry-After` that names the limit, its value and when
-it resets. `delete_identity` erases an identity with all its jobs and files, and on
-SQLite then empties the write-ahead log (`csml.store.db.scrub_wal`), so no file under
-the data folder keeps a trace of it.
+Every refusal of a limit is a `csml.refusals` kind that passes with time (429 with
+`Retry-After` over HTTP) and names the limit, its value and when it resets; the rows
+are `csml.store.abuse`'s and `csml.store.identities`'.
+
+`delete_identity` erases an identity with all its jobs and files, and on SQLite then
+empties the write-ahead log (`csml.store.db.scrub_wal`), so no file under the data
+folder keeps a trace of it.
 """
 
 from __future__ import annotations
@@ -41,15 +44,12 @@ import secrets
 import threading
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
-from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from csml import ids
 from csml.coordinator import quotas
 from csml.coordinator.artifacts import remove_files as remove_model_files
-from csml.coordinator.errors import ApiError
 from csml.coordinator.queue import QUEUED, RUNNING, job_key
 from csml.coordinator.quotas import check_models as check_models
 from csml.coordinator.quotas import check_storage as check_storage
@@ -59,12 +59,13 @@ from csml.coordinator.quotas import stored_bytes as stored_bytes
 from csml.coordinator.quotas import too_many as too_many
 from csml.coordinator.retention import delete_job_rows, remove_job_files
 from csml.coordinator.state import Core
+from csml.refusals import Conflict, Invalid, RateLimited
 from csml.schemas import JobState
 from csml.schemas.identities import IdentityChallenge, IdentityCreated, IdentityProof
-from csml.store.db import insert_ignore, scrub_wal, transaction
-from csml.store.tables import Identity, Job, utcnow
-from csml.store.tables_abuse import RateWindow, ServerSecret, UsedChallenge
-from csml.store.tables_artifacts import ModelArtifact
+from csml.store import abuse as store
+from csml.store import identities
+from csml.store.db import scrub_wal, transaction
+from csml.store.tables import utcnow
 
 CHALLENGE_VERSION = "v1"
 SIGNING_ROW = "pow-challenge-hmac"
@@ -86,28 +87,19 @@ def leading_zero_bits(digest: bytes) -> int:
 
 def challenge_key(core: Core) -> bytes:
     """The store's challenge-signing key, made by whichever coordinator needs it first."""
-    store = core.engine.url.render_as_string(hide_password=True)
+    url = core.engine.url.render_as_string(hide_password=True)
     with _keys_lock:
-        key = _keys.get(store)
+        key = _keys.get(url)
     if key is not None:
         return key
     with core.sessions() as session:
-        value = session.scalar(select(ServerSecret.value).where(ServerSecret.name == SIGNING_ROW))
+        value = store.server_secret(session, SIGNING_ROW)
     if value is None:
         with transaction(core.sessions) as session:
-            insert_ignore(
-                session,
-                ServerSecret,
-                name=SIGNING_ROW,
-                value=secrets.token_hex(32),
-                created_at=utcnow(),
-            )
-            value = session.scalars(
-                select(ServerSecret.value).where(ServerSecret.name == SIGNING_ROW)
-            ).one()
+            value = store.make_server_secret(session, SIGNING_ROW, secrets.token_hex(32), utcnow())
     key = bytes.fromhex(value)
     with _keys_lock:
-        _keys[store] = key
+        _keys[url] = key
     return key
 
 
@@ -129,34 +121,28 @@ def difficulty_for(core: Core, recent: float) -> int:
     return min(s.pow_difficulty + min(extra, s.pow_max_extra_bits), 256)
 
 
-def _recent_identities(
-    session: Session, core: Core, *, lock: bool
-) -> tuple[float, RateWindow | None]:
+def _recent_identities(session: Session, core: Core, *, lock: bool) -> float:
     """New identities in the last window (sliding estimate from the current and the
-    previous fixed window) and the current window's row (locked with `lock`, rolled
-    over when its window ended)."""
+    previous fixed window); with `lock`, both windows' rows are made if missing, locked
+    (current, then previous), and rolled over when the current window ended."""
     window = core.settings.identity_rate_window_seconds
     now = utcnow()
     if lock:
-        for key in (IDENTITIES_KEY, PREVIOUS_IDENTITIES_KEY):
-            insert_ignore(session, RateWindow, key=key, window_start=now, count=0)
-    current = session.get(RateWindow, IDENTITIES_KEY, with_for_update=lock, populate_existing=lock)
-    previous = session.get(
-        RateWindow, PREVIOUS_IDENTITIES_KEY, with_for_update=lock, populate_existing=lock
-    )
-    cur_start, cur_count = (current.window_start, current.count) if current else (now, 0)
-    prev_start, prev_count = (previous.window_start, previous.count) if previous else (now, 0)
+        store.make_windows(session, [IDENTITIES_KEY, PREVIOUS_IDENTITIES_KEY], now)
+    current = store.window(session, IDENTITIES_KEY, lock=lock)
+    previous = store.window(session, PREVIOUS_IDENTITIES_KEY, lock=lock)
+    cur_start, cur_count = (current.start, current.count) if current else (now, 0)
+    prev_start, prev_count = (previous.start, previous.count) if previous else (now, 0)
     span = timedelta(seconds=window)
     if cur_start + span <= now:  # the current window ended: it becomes the previous one
         prev_start, prev_count = cur_start, cur_count if now < cur_start + 2 * span else 0
         cur_start, cur_count = now, 0
-        if lock and current is not None and previous is not None:
-            previous.window_start, previous.count = prev_start, prev_count
-            current.window_start, current.count = cur_start, cur_count
+        if lock:
+            store.set_window(session, PREVIOUS_IDENTITIES_KEY, prev_start, prev_count)
+            store.set_window(session, IDENTITIES_KEY, cur_start, cur_count)
     # The part of the previous window that lies in the last `window` seconds.
     overlap = (prev_start + 2 * span - now).total_seconds() / window
-    recent = cur_count + prev_count * min(1.0, max(0.0, overlap))
-    return recent, current
+    return cur_count + prev_count * min(1.0, max(0.0, overlap))
 
 
 def current_difficulty(core: Core) -> int:
@@ -164,7 +150,7 @@ def current_difficulty(core: Core) -> int:
     if core.settings.pow_difficulty == 0:
         return 0
     with core.sessions() as session:
-        recent, _ = _recent_identities(session, core, lock=False)
+        recent = _recent_identities(session, core, lock=False)
     return difficulty_for(core, recent)
 
 
@@ -181,8 +167,8 @@ def issue_challenge(core: Core) -> IdentityChallenge:
     )
 
 
-def _bad_challenge(code: str, message: str) -> ApiError:
-    return ApiError(422, code, message, field="challenge")
+def _bad_challenge(code: str, message: str) -> Invalid:
+    return Invalid(code, message, field="challenge")
 
 
 def check_proof(
@@ -229,8 +215,7 @@ def check_proof(
     digest = hashlib.sha256(proof.challenge.encode() + proof.nonce.encode()).digest()
     zeros = leading_zero_bits(digest)
     if zeros < difficulty:
-        raise ApiError(
-            422,
+        raise Invalid(
             "invalid_nonce",
             f"nonce: SHA-256(challenge || nonce) starts with {zeros} zero bits; "
             f"the challenge needs {difficulty}",
@@ -246,41 +231,22 @@ def create_identity(core: Core, proof: IdentityProof | None) -> IdentityCreated:
     There is no rate refusal: a flood only raises the difficulty."""
     expires = check_proof(core, proof)
     token = ids.new_secret("csml")
-    identity = Identity(id=ids.new_id(), token_hash=ids.hash_secret(token), created_at=utcnow())
+    identity_id, created_at = ids.new_id(), utcnow()
     with transaction(core.sessions) as session:
-        recent, current = _recent_identities(session, core, lock=True)
-        assert current is not None
+        recent = _recent_identities(session, core, lock=True)
         expires = check_proof(core, proof, difficulty_for(core, recent))
-        current.count += 1
+        store.add_to_window(session, IDENTITIES_KEY)
         if proof is not None and expires is not None:
             digest = hashlib.sha256(proof.challenge.encode()).hexdigest()
-            if not _spend(session, digest, expires):
-                raise ApiError(
-                    409,
+            if not store.spend_challenge(session, digest, expires):
+                raise Conflict(
                     "challenge_used",
                     f"challenge: already used; each challenge creates one identity; "
                     f"{GET_CHALLENGE}",
                     field="challenge",
                 )
-        session.add(identity)
-    return IdentityCreated(id=identity.id, token=token)
-
-
-def _spend(session: Session, digest: str, expires: datetime) -> bool:
-    """Record a challenge as used; False if it already was (also by a concurrent
-    transaction, which this one waits for on PostgreSQL)."""
-    insert: Any
-    if session.get_bind().dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    stmt = (
-        insert(UsedChallenge)
-        .values(digest=digest, expires_at=expires)
-        .on_conflict_do_nothing()
-        .returning(UsedChallenge.digest)
-    )
-    return session.execute(stmt).first() is not None
+        identities.add_identity(session, identity_id, ids.hash_secret(token), created_at)
+    return IdentityCreated(id=identity_id, token=token)
 
 
 # -- rate windows and quotas --------------------------------------------------
@@ -290,20 +256,7 @@ def count_in_window(session: Session, key: str, limit: int, window: float) -> fl
     """Count one event in `key`'s fixed window, unless `limit` is reached: then return
     the seconds until the window resets (and count nothing). The row is locked, so
     counts are exact across coordinators; the caller's transaction commits it."""
-    now = utcnow()
-    row = session.get(RateWindow, key, with_for_update=True)
-    if row is None:
-        insert_ignore(session, RateWindow, key=key, window_start=now, count=0)
-        row = session.get(RateWindow, key, with_for_update=True, populate_existing=True)
-        assert row is not None
-    ends = row.window_start + timedelta(seconds=window)
-    if ends <= now:
-        row.window_start, row.count = now, 0
-        ends = now + timedelta(seconds=window)
-    if row.count >= limit:
-        return (ends - now).total_seconds()
-    row.count += 1
-    return None
+    return store.count_in_window(session, key, limit, window, utcnow())
 
 
 def submit_key(identity_id: str) -> str:
@@ -314,20 +267,19 @@ def _per(window: float) -> str:
     return {60.0: "minute", 3600.0: "hour", 86400.0: "day"}.get(window, f"{window:g} s")
 
 
-def rate_limited(what: str, limit: int, window: float, wait: float, code: str) -> ApiError:
-    return too_many(
+def rate_limited(what: str, limit: int, window: float, wait: float, code: str) -> RateLimited:
+    retry = max(1, math.ceil(wait))
+    return RateLimited(
         code,
         f"{what}: {limit} per {_per(window)} reached; resets in {_duration(wait)}",
-        wait,
-        limit=what,
-        value=limit,
-        window_seconds=window,
+        details=[{"limit": what, "value": limit, "window_seconds": window, "retry_after": retry}],
+        retry_after=retry,
     )
 
 
 def check_submission(core: Core, identity_id: str, upload_bytes: int = 0) -> None:
-    """Refuse (429) a submission past any per-identity limit, before its body is read;
-    else count it in the identity's submission window.
+    """Refuse (`RateLimited`, or the quota's refusal) a submission past any per-identity
+    limit, before its body is read; else count it in the identity's submission window.
 
     An early refusal only: the limits are checked again, race-free, in the transaction
     that creates the job (`csml.coordinator.quotas`). Checks queued + running jobs,
@@ -390,45 +342,19 @@ def delete_identity(core: Core, identity_id: str) -> int:
 
     A submission or model import still streaming meanwhile finds the identity gone
     in the transaction that would create its rows (`quotas.require_identity`): it
-    is refused with 401 and removes its own files; one that got there first is
-    erased here with the rest."""
+    is refused as unauthenticated and removes its own files; one that got there first is
+    erased here with the rest (`csml.store.identities.lock_for_erasure`)."""
     now = utcnow()
     with transaction(core.sessions) as session:
-        live = list(
-            session.scalars(
-                select(Job.id)
-                .where(Job.owner_id == identity_id, Job.state.in_([QUEUED, RUNNING]))
-                .with_for_update()
-            )
+        live = identities.cancel_live_jobs(
+            session, identity_id, [QUEUED, RUNNING], JobState.cancelled.value, now
         )
-        if live:
-            session.execute(
-                update(Job)
-                .where(Job.id.in_(live))
-                .values(
-                    state=JobState.cancelled.value,
-                    finished_at=now,
-                    error="cancelled: its owner erased their identity",
-                    lease_id=None,
-                    lease_expires_at=None,
-                )
-            )
     for job_id in live:
         core.notifier.notify(job_key(job_id))
     with transaction(core.sessions) as session:
-        jobs = _jobs_of(session, identity_id)
-        # Then the identity's row: a submission or model keep in flight (which holds it,
-        # or a key-share lock on it) commits first, and what it wrote is listed below.
-        if session.get_bind().dialect.name == "postgresql":
-            session.scalar(select(Identity.id).where(Identity.id == identity_id).with_for_update())
-            jobs = list(dict.fromkeys([*jobs, *_jobs_of(session, identity_id)]))
+        jobs = identities.lock_for_erasure(session, identity_id)
         delete_job_rows(session, jobs, now)
-        models = list(
-            session.scalars(select(ModelArtifact.id).where(ModelArtifact.owner_id == identity_id))
-        )
-        session.execute(delete(ModelArtifact).where(ModelArtifact.owner_id == identity_id))
-        session.execute(delete(RateWindow).where(RateWindow.key == submit_key(identity_id)))
-        session.execute(delete(Identity).where(Identity.id == identity_id))
+        models = identities.delete_identity(session, identity_id, submit_key(identity_id))
     remove_job_files(core, [job_id for _, job_id in jobs])
     remove_model_files(core.blobs, models)
     if core.engine.dialect.name == "sqlite" and not scrub_wal(core.engine):
@@ -436,13 +362,3 @@ def delete_identity(core: Core, identity_id: str) -> int:
             "erasure: a long reader kept the write-ahead log; it empties at a later checkpoint"
         )
     return len(jobs)
-
-
-def _jobs_of(session: Session, identity_id: str) -> list[tuple[int, str]]:
-    """The identity's jobs (seq, id), locked."""
-    return [
-        (seq, job_id)
-        for seq, job_id in session.execute(
-            select(Job.seq, Job.id).where(Job.owner_id == identity_id).with_for_update()
-        )
-    ]

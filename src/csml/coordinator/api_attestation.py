@@ -10,31 +10,28 @@ from __future__ import annotations
 from datetime import timedelta
 
 from fastapi import APIRouter, Request
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from csml.attestation.evidence import INSECURE_KIND
 from csml.coordinator.auth import AuthFirstRoute
 from csml.coordinator.state import core
 from csml.schemas import ErrorBody, WorkerAttestation, WorkerKeyInfo
-from csml.store.tables import Worker, utcnow
-from csml.store.tables_confidential import WorkerKey
+from csml.store import workers
+from csml.store.tables import utcnow
 
 router = APIRouter(route_class=AuthFirstRoute, prefix="/v1", tags=["confidential"])
 
 
 def add_worker_key(session: Session, worker_id: str, attestation: WorkerAttestation) -> None:
     """Record a joining worker's public key, evidence and collateral (as sent)."""
-    session.flush()  # the worker row first: the key refers to it
-    session.add(
-        WorkerKey(
-            worker_id=worker_id,
-            kind=attestation.kind,
-            public_key=attestation.public_key,
-            evidence=attestation.evidence,
-            collateral=attestation.collateral,
-            created_at=utcnow(),
-        )
+    workers.add_worker_key(
+        session,
+        worker_id,
+        kind=attestation.kind,
+        public_key=attestation.public_key,
+        evidence=attestation.evidence,
+        collateral=attestation.collateral,
+        now=utcnow(),
     )
 
 
@@ -53,27 +50,18 @@ def app_workers(name: str, request: Request) -> list[WorkerKeyInfo]:
     c.catalog.get(name)  # 404 for an unknown app
     cutoff = utcnow() - timedelta(seconds=c.settings.worker_live_seconds)
     with c.sessions() as session:
-        rows = session.execute(
-            select(Worker, WorkerKey)
-            .join(WorkerKey, WorkerKey.worker_id == Worker.id)
-            .where(
-                Worker.app == name,
-                Worker.stopped_at.is_(None),
-                Worker.last_heartbeat >= cutoff,
-            )
-            .order_by(Worker.registered_at, Worker.id)
-        ).all()
+        rows = workers.live_worker_keys(session, name, cutoff)
     return [
         WorkerKeyInfo(
-            worker_id=w.id,
-            app=w.app,
+            worker_id=k.worker.id,
+            app=k.worker.app,
             kind=k.kind,
             public_key=k.public_key,
             evidence=k.evidence,
             collateral=k.collateral,
             insecure=k.kind == INSECURE_KIND,
-            registered_at=w.registered_at,
-            last_heartbeat=w.last_heartbeat,
+            registered_at=k.worker.registered_at,
+            last_heartbeat=k.worker.last_heartbeat,
         )
-        for w, k in rows
+        for k in rows
     ]

@@ -12,7 +12,6 @@ import hmac
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
-from sqlalchemy import func, select
 from starlette.concurrency import run_in_threadpool
 
 from csml import ids
@@ -30,8 +29,8 @@ from csml.schemas.operator import (
     OperatorOverview,
     OperatorStats,
 )
+from csml.store import workers
 from csml.store.db import transaction
-from csml.store.tables import JoinToken, Worker
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (401, 403, 404, 422)
@@ -81,16 +80,8 @@ async def stats(
 
 @router.get("/join-tokens", response_model=JoinTokenList)
 def list_join_tokens(request: Request) -> JoinTokenList:
-    c = core(request)
-    with c.sessions() as session:
-        tokens = session.scalars(select(JoinToken).order_by(JoinToken.created_at)).all()
-        counts = dict(
-            session.execute(
-                select(Worker.join_token_id, func.count())
-                .where(Worker.stopped_at.is_(None))
-                .group_by(Worker.join_token_id)
-            ).all()
-        )
+    with core(request).sessions() as session:
+        tokens = workers.join_tokens(session)
     return JoinTokenList(
         tokens=[
             JoinTokenRow(
@@ -100,9 +91,9 @@ def list_join_tokens(request: Request) -> JoinTokenList:
                 revoked_at=t.revoked_at,
                 apps=t.apps,
                 may_publish=t.may_publish,
-                workers=int(counts.get(t.id, 0)),
+                workers=count,
             )
-            for t in tokens
+            for t, count in tokens
         ]
     )
 
@@ -112,10 +103,10 @@ def create_join_token(request: Request, body: JoinTokenRequest) -> JoinTokenCrea
     """A new join token for `csml worker --join-token`, for the `apps` named (or `any_app`);
     shown once, only its hash is kept. With `publish`, its workers may announce a new
     version of their apps (see the catalog rules)."""
-    row, token = new_join_token(body.label, None if body.any_app else body.apps, body.publish)
+    new = new_join_token(body.label, None if body.any_app else body.apps, body.publish)
     with transaction(core(request).sessions) as session:
-        session.add(row)
-    return JoinTokenCreated(id=row.id, token=token)
+        new.store(session)
+    return JoinTokenCreated(id=new.id, token=new.token)
 
 
 @router.delete("/join-tokens/{token_id}", status_code=204)
@@ -125,14 +116,12 @@ def revoke_join_token(token_id: str, request: Request) -> Response:
     if not ids.is_id_prefix(token_id):
         raise not_found("join token", token_id)
     with transaction(core(request).sessions) as session:
-        found = session.scalars(
-            select(JoinToken).where(JoinToken.id.startswith(token_id, autoescape=True)).limit(2)
-        ).all()
+        found = workers.join_tokens_by_prefix(session, token_id, limit=2)
         if not found:
             raise not_found("join token", token_id)
         if len(found) > 1:
             raise ApiError(400, "ambiguous_id", f"{token_id!r} matches several join tokens")
-        revoke(session, found[0])
+        revoke(session, found[0].id)
     WORKER_TOKENS.forget_join_token(found[0].id)  # committed: its workers are refused now
     core(request).catalog.reload()
     return Response(status_code=204)

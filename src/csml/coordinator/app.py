@@ -17,7 +17,6 @@ from typing import Any
 
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import text
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -44,13 +43,15 @@ from csml.coordinator.queue import JobQueue
 from csml.coordinator.state import Core
 from csml.schemas import JobSpec
 from csml.store import (
+    stats,
     tables_abuse,  # noqa: F401 - registers the abuse-control tables
     tables_artifacts,  # noqa: F401 - registers the ML models table
+    workers,
 )
 from csml.store.blobs import BlobStore
-from csml.store.db import insert_ignore, make_engine, make_sessionmaker, migrate, transaction
+from csml.store.db import make_engine, make_sessionmaker, migrate, transaction
 from csml.store.private import private_dir
-from csml.store.tables import JoinToken, utcnow
+from csml.store.tables import utcnow
 from csml.store.writer import Writer
 from csml.web import api_docs
 from csml.web import routes as web_routes
@@ -96,9 +97,8 @@ def register_join_token(session: Session, path: Path) -> None:
     Kubernetes secret); a token revoked since stays revoked.
     """
     token = read_secret_file(path, "bootstrap_join_token_file")
-    insert_ignore(
+    workers.add_join_token_if_new(
         session,
-        JoinToken,
         id=ids.new_id(),
         token_hash=ids.hash_secret(token),
         label="bootstrap (CSML_BOOTSTRAP_JOIN_TOKEN_FILE)",
@@ -192,8 +192,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def healthz() -> dict[str, str]:
         """Liveness and store reachability."""
         try:
-            with core.engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
+            stats.ping(core.engine)
         except Exception as exc:
             raise ApiError(503, "store_unavailable", "the database is not reachable") from exc
         return {"status": "ok", "version": csml.__version__}

@@ -13,7 +13,8 @@ its TTL stale, forgotten at once on leave and revoke through this coordinator).
 A check may be a coroutine function: it
 then runs on the event loop (no thread-pool hop), e.g. the identity check, which
 answers from `Core.identities` (see `identity_cache`) and queries the store only
-on a miss.
+on a miss. Every look-up is one statement of `csml.store.identities` or
+`csml.store.workers` on a plain connection (no ORM session on this path).
 """
 
 from __future__ import annotations
@@ -26,14 +27,15 @@ from typing import Any, TypeVar
 from fastapi import Request, Response
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
-from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from csml import ids
 from csml.coordinator.errors import unauthorized
 from csml.coordinator.state import Core, core
 from csml.coordinator.worker_tokens import CACHE as WORKER_TOKENS
-from csml.store.tables import Identity, JoinToken, Worker
+from csml.store import identities, workers
+from csml.store.identities import IdentityRow
+from csml.store.workers import JoinTokenRow, WorkerRow
 
 T = TypeVar("T")
 _SCOPE_KEY = "csml.auth"
@@ -113,14 +115,14 @@ def bearer(request: Request) -> str:
     return token.strip()
 
 
-def identity_from(c: Core, token: str) -> Identity:
+def identity_from(c: Core, token: str) -> IdentityRow:
     """The token's identity: remembered (`c.identities`) or looked up, then remembered."""
     token_hash = ids.hash_secret(token)
     found = c.identities.get(token_hash)
     if found is not None:
         return found
-    with c.sessions() as session:
-        found = session.scalars(select(Identity).where(Identity.token_hash == token_hash)).first()
+    with c.engine.connect() as conn:
+        found = identities.identity_by_token(conn, token_hash)
     if found is None:
         raise unauthorized("the token is not valid (unknown or erased identity)")
     c.identities.put(found)
@@ -128,7 +130,7 @@ def identity_from(c: Core, token: str) -> Identity:
 
 
 @from_headers
-async def current_identity(request: Request) -> Identity:
+async def current_identity(request: Request) -> IdentityRow:
     """The caller's identity; on the event loop when remembered, else one query off it."""
     c = core(request)
     token = bearer(request)
@@ -139,38 +141,30 @@ async def current_identity(request: Request) -> Identity:
 
 
 @from_headers
-def current_join_token(request: Request) -> JoinToken:
+def current_join_token(request: Request) -> JoinTokenRow:
     c = core(request)
     token = bearer(request)
-    with c.sessions() as session:
-        found = session.scalars(
-            select(JoinToken).where(JoinToken.token_hash == ids.hash_secret(token))
-        ).first()
+    with c.engine.connect() as conn:
+        found = workers.join_token_by_hash(conn, ids.hash_secret(token))
     if found is None or found.revoked_at is not None:
         raise unauthorized("the join token is not valid or was revoked; ask the operator for one")
     return found
 
 
 @from_headers
-def current_worker(request: Request) -> Worker:
+def current_worker(request: Request) -> WorkerRow:
     """The calling worker; refused once its join token is revoked."""
     token_hash = ids.hash_secret(bearer(request))
     cached = WORKER_TOKENS.get(token_hash)
     if cached is not None:
         return cached
-    c = core(request)
-    with c.sessions() as session:
-        row = session.execute(
-            select(Worker, JoinToken.revoked_at)
-            .join(JoinToken, JoinToken.id == Worker.join_token_id)
-            .where(Worker.token_hash == token_hash)
-        ).first()
-    if row is None:
+    with core(request).engine.connect() as conn:
+        found = workers.worker_by_token(conn, token_hash)
+    if found is None:
         raise unauthorized("unknown worker token; register again with a join token")
-    worker, revoked_at = row
-    if revoked_at is not None:
+    if found.revoked_at is not None:
         raise unauthorized("this worker's join token was revoked")
-    if worker.stopped_at is not None:
+    if found.worker.stopped_at is not None:
         raise unauthorized("this worker has left; register again")
-    WORKER_TOKENS.put(token_hash, worker)
-    return worker
+    WORKER_TOKENS.put(token_hash, found.worker)
+    return found.worker

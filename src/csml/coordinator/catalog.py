@@ -6,14 +6,14 @@ it needs no app library installed; the worker validates again with pydantic.
 Who may change the catalog (the rules the README states):
 
 - A join token names the apps its workers may serve (tokens made before apps
-  were bound serve any app); registering for another app is refused (403).
+  were bound serve any app); registering for another app is refused (`Forbidden`, 403).
 - Each (app, version) is pinned by the first manifest announced for it: by the
   coordinator for its installed apps (the operator's copy, which wins at start
   and is current unless a newer version was published), else by the first worker.
-  Another manifest under a pinned version is refused (409); the catalog is unchanged.
+  Another manifest under a pinned version is refused (`Conflict`, 409); the catalog is unchanged.
 - A new version of an app already in the catalog is announced only by a worker
   whose join token was made with `--publish` (`may_publish`); it becomes current.
-  Without it, 409 names the version and the flag. Workers of an older pinned
+  Without it, the `Conflict` names the version and the flag. Workers of an older pinned
   version may still join (the current version stays).
 - Revoking a join token stops its workers and withdraws the versions only it
   vouched for: a version some live worker of another valid token also serves is
@@ -27,6 +27,9 @@ of `patternProperties`) must compile under RE2, which matches in linear time, so
 one validation costs time linear in the parameters' size. Validation never
 retrieves anything: the reference registry refuses every URI, and patterns are
 matched with RE2, never with backtracking `re`.
+
+The rows live in `csml.store.apps` (every query and lock is there; this module decides
+who may pin what); refusals are `csml.refusals` kinds, never HTTP statuses.
 """
 
 from __future__ import annotations
@@ -37,8 +40,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import unquote
 
 import re2
@@ -46,13 +48,12 @@ import referencing
 import referencing.exceptions
 from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import SchemaError, ValidationError
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from csml.coordinator.errors import ApiError
+from csml.refusals import Conflict, Invalid, NotFound
 from csml.schemas.apps import AppManifest, OperationInfo
-from csml.store.db import insert_ignore
-from csml.store.tables import AppRecord, AppVersion, JoinToken, Worker, utcnow
+from csml.store import apps
+from csml.store.tables import utcnow
 
 log = logging.getLogger("csml.coordinator.catalog")
 
@@ -214,12 +215,11 @@ def schema_problem(schema: dict[str, Any]) -> str | None:
 
 
 def check_manifest(manifest: AppManifest) -> None:
-    """Refuse (422) a manifest with an operation schema the coordinator will not use."""
+    """Refuse (Invalid) a manifest with an operation schema the coordinator will not use."""
     for i, op in enumerate(manifest.operations):
         problem = schema_problem(op.params_schema)
         if problem is not None:
-            raise ApiError(
-                422,
+            raise Invalid(
                 "invalid_manifest",
                 f"app.operations[{i}].params_schema ({op.name}): {problem}",
                 field=f"app.operations.{i}.params_schema",
@@ -227,6 +227,16 @@ def check_manifest(manifest: AppManifest) -> None:
 
 
 # -- the catalog --------------------------------------------------------------
+
+
+class Voucher(Protocol):
+    """What the catalog needs of the join token a worker registers with."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def may_publish(self) -> bool: ...
 
 
 @dataclass
@@ -255,44 +265,30 @@ class Catalog:
         data = manifest.model_dump(mode="json")
         now = utcnow()
         name, version = manifest.name, manifest.version
-        record = _locked_record(session, name, version, data, now)
-        insert_ignore(
-            session, AppVersion, app=name, version=version, manifest=data, registered_at=now
-        )
-        pinned = session.get(
-            AppVersion, (name, version), with_for_update=True, populate_existing=True
-        )
-        assert pinned is not None
-        if pinned.manifest != data or pinned.join_token_id is not None:
-            if pinned.manifest != data:
-                log.warning(
-                    "installed app %s %s replaces the manifest pinned for it", name, version
-                )
-            pinned.manifest, pinned.join_token_id, pinned.registered_at = data, None, now
-        current = session.get(AppVersion, (name, record.version))
+        record = apps.lock_app(session, name, version, data, now)
+        if apps.pin_installed(session, name, version, data, now):
+            log.warning("installed app %s %s replaces the manifest pinned for it", name, version)
+        current = apps.version(session, name, record.version)
         published = current is not None and current.join_token_id is not None
         if record.manifest != data and not published:
-            record.manifest, record.version, record.updated_at = data, version, now
+            record = apps.set_current(session, name, version, data, now)
         self._remember(record)
 
-    def register(self, session: Session, manifest: AppManifest, token: JoinToken) -> None:
+    def register(self, session: Session, manifest: AppManifest, token: Voucher) -> None:
         """A worker announces `manifest` with `token` (already checked to allow the app).
 
-        Pins a first version; refuses (409) another manifest under a pinned version and,
-        unless the token may publish, a new version of a catalogued app."""
+        Pins a first version; refuses (Conflict) another manifest under a pinned version
+        and, unless the token may publish, a new version of a catalogued app."""
         check_manifest(manifest)
         data = manifest.model_dump(mode="json")
         now = utcnow()
         name, version = manifest.name, manifest.version
         # Lock order: the app's row, then its versions.
-        record = _locked_record(session, name, version, data, now)
-        pinned = session.get(
-            AppVersion, (name, version), with_for_update=True, populate_existing=True
-        )
+        record = apps.lock_app(session, name, version, data, now)
+        pinned = apps.lock_version(session, name, version)
         if pinned is not None:
             if pinned.manifest != data:
-                raise ApiError(
-                    409,
+                raise Conflict(
                     "manifest_conflict",
                     f"app: {name} {version} is pinned to another manifest; a changed app needs "
                     "a new version (announced by a worker whose join token may publish)",
@@ -300,29 +296,21 @@ class Catalog:
                 )
             self._remember(record)
             return
-        known = session.scalar(
-            select(func.count()).select_from(AppVersion).where(AppVersion.app == name)
-        )
+        known = apps.count_versions(session, name)
         if known and not token.may_publish:
-            raise ApiError(
-                409,
+            raise Conflict(
                 "version_not_approved",
                 f"app.version: {name} {version} is not in the catalog (current: "
                 f"{record.version}); a new version is announced only with a join token made "
                 f"with --publish (csml join-token create --app {name} --publish)",
                 field="app.version",
             )
-        session.add(
-            AppVersion(
-                app=name, version=version, manifest=data, join_token_id=token.id, registered_at=now
-            )
-        )
+        apps.add_version(session, name, version, data, token.id, now)
         if known:
             log.info("app %s: version %s published (was %s)", name, version, record.version)
-        record.manifest, record.version, record.updated_at = data, version, now
-        self._remember(record)
+        self._remember(apps.set_current(session, name, version, data, now))
 
-    def _remember(self, record: AppRecord) -> None:
+    def _remember(self, record: apps.AppRow) -> None:
         entry = self._entry(AppManifest.model_validate(record.manifest))
         with self._lock:
             self._entries[record.name] = entry
@@ -344,11 +332,11 @@ class Catalog:
         if not force and time.monotonic() - self._loaded_at < REFRESH_SECONDS:
             return
         if session is not None:
-            records = session.scalars(select(AppRecord)).all()
+            manifests = apps.manifests(session)
         else:
             with self._sessions() as own:
-                records = own.scalars(select(AppRecord)).all()
-        entries = {r.name: self._entry(AppManifest.model_validate(r.manifest)) for r in records}
+                manifests = apps.manifests(own)
+        entries = {name: self._entry(AppManifest.model_validate(m)) for name, m in manifests}
         with self._lock:
             self._entries = entries
             self._loaded_at = time.monotonic()
@@ -368,8 +356,7 @@ class Catalog:
             entry = self.entries(session).get(app)
         if entry is None:
             known = ", ".join(sorted(self.entries(session))) or "none yet"
-            raise ApiError(
-                404,
+            raise NotFound(
                 "unknown_app",
                 f"no application {app!r}; known applications: {known}",
                 field="spec.app",
@@ -383,8 +370,7 @@ class Catalog:
         op = entry.operations.get(normalise_operation(operation))
         if op is None:
             known = ", ".join(sorted(entry.operations))
-            raise ApiError(
-                404,
+            raise NotFound(
                 "unknown_operation",
                 f"application {app!r} has no operation {operation!r}; it has: {known}",
                 field="spec.operation",
@@ -399,8 +385,7 @@ class Catalog:
             )
         except (referencing.exceptions.Unresolvable, SchemaError, ValueError) as exc:
             # A schema stored before manifests were checked: refused, never fetched.
-            raise ApiError(
-                422,
+            raise Invalid(
                 "unusable_app_schema",
                 f"spec.operation: the {app} app's parameter schema for {op.name!r} cannot be "
                 f"used ({type(exc).__name__}); ask the operator to re-register the app",
@@ -418,8 +403,7 @@ class Catalog:
                 {"field": f"params.{path}" if path else "params", "message": err.message}
             )
         first = details[0]
-        raise ApiError(
-            422,
+        raise Invalid(
             "invalid_params",
             f"{first['field']}: {first['message']}",
             field=str(first["field"]),
@@ -430,81 +414,5 @@ class Catalog:
 def forget_token(session: Session, token_id: str) -> None:
     """After revoking `token_id` (its workers already stopped): withdraw the versions only
     it vouched for, and move each app whose current version went to one still served."""
-    apps = sorted(
-        set(session.scalars(select(AppVersion.app).where(AppVersion.join_token_id == token_id)))
-    )
-    valid = JoinToken.revoked_at.is_(None)
-    for app in apps:
-        record = session.get(AppRecord, app, with_for_update=True)  # lock order: app, versions
-        versions = session.scalars(
-            select(AppVersion)
-            .where(AppVersion.app == app, AppVersion.join_token_id == token_id)
-            .with_for_update()
-        ).all()
-        for v in versions:
-            voucher = session.scalars(
-                select(Worker.join_token_id)
-                .join(JoinToken, JoinToken.id == Worker.join_token_id)
-                .where(
-                    Worker.app == app,
-                    Worker.app_version == v.version,
-                    Worker.stopped_at.is_(None),
-                    Worker.join_token_id != token_id,
-                    valid,
-                )
-                .limit(1)
-            ).first()
-            if voucher is not None:
-                v.join_token_id = voucher
-            else:
-                log.warning("app %s %s withdrawn: its join token was revoked", app, v.version)
-                session.delete(v)
-        session.flush()
-        if record is None or session.get(AppVersion, (app, record.version)) is not None:
-            continue
-        served = session.scalars(
-            select(AppVersion)
-            .join(
-                Worker, (Worker.app == AppVersion.app) & (Worker.app_version == AppVersion.version)
-            )
-            .join(JoinToken, JoinToken.id == Worker.join_token_id)
-            .where(AppVersion.app == app, Worker.stopped_at.is_(None), valid)
-            .order_by(Worker.registered_at.desc())
-            .limit(1)
-        ).first()
-        fallback = (
-            served
-            or session.scalars(
-                select(AppVersion)
-                .where(AppVersion.app == app)
-                .order_by(AppVersion.registered_at.desc())
-                .limit(1)
-            ).first()
-        )
-        if fallback is None:
-            session.delete(record)
-        else:
-            record.manifest, record.version, record.updated_at = (
-                fallback.manifest,
-                fallback.version,
-                utcnow(),
-            )
-
-
-def _locked_record(
-    session: Session, name: str, version: str, data: dict[str, Any], now: datetime
-) -> AppRecord:
-    """The app's catalog row, made from this manifest if it is new, locked for the
-    transaction (the first lock taken: the app's row, then its versions)."""
-    insert_ignore(
-        session,
-        AppRecord,
-        name=name,
-        version=version,
-        manifest=data,
-        served_rank=0,
-        updated_at=now,
-    )
-    record = session.get(AppRecord, name, with_for_update=True, populate_existing=True)
-    assert record is not None
-    return record
+    for app, version in apps.withdraw_token(session, token_id):
+        log.warning("app %s %s withdrawn: its join token was revoked", app, version)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from csml.coordinator.notify import Notifier
-from csml.store.tables import Identity
+from csml.store.identities import IdentityRow
 
 TTL_SECONDS = 5.0
 MAX_ENTRIES = 10_000
@@ -46,8 +46,8 @@ class IdentityCache:
         if notifier is not None:
             notifier.listen(ERASED_PREFIX, self._on_key)
 
-    def get(self, token_hash: str) -> Identity | None:
-        """The identity of this token hash if remembered and live (a fresh, detached row)."""
+    def get(self, token_hash: str) -> IdentityRow | None:
+        """The identity of this token hash if remembered and live (a frozen row)."""
         now = time.monotonic()
         with self._lock:
             entry = self._by_hash.get(token_hash)
@@ -56,9 +56,9 @@ class IdentityCache:
             if entry.expires <= now or entry.identity_id in self._tombstones:
                 del self._by_hash[token_hash]
                 return None
-        return Identity(id=entry.identity_id, token_hash=token_hash, created_at=entry.created_at)
+        return IdentityRow(id=entry.identity_id, token_hash=token_hash, created_at=entry.created_at)
 
-    def put(self, identity: Identity) -> None:
+    def put(self, identity: IdentityRow) -> None:
         now = time.monotonic()
         with self._lock:
             until = self._tombstones.get(identity.id)

@@ -1,5 +1,6 @@
 """Prometheus metrics: request latency, job/queue/worker gauges read from the store, and
-this coordinator's own store traffic (statements and write commits, from `StoreCounters`)."""
+this coordinator's own store traffic (statements and write commits, from `StoreCounters`).
+The counts are read through `csml.store.stats`."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ from datetime import timedelta
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
 
 from csml.coordinator.state import Core
+from csml.store import stats as store
 from csml.store.db import counters
-from csml.store.tables import Job, Worker, utcnow
+from csml.store.tables import utcnow
 
 
 class StoreCollector(Collector):
@@ -39,14 +40,8 @@ class StoreCollector(Collector):
         )
         cutoff = utcnow() - timedelta(seconds=c.settings.worker_live_seconds)
         with c.sessions() as session:
-            by_state = session.execute(
-                select(Job.app, Job.state, func.count()).group_by(Job.app, Job.state)
-            ).all()
-            live = session.execute(
-                select(Worker.app, func.count(), func.sum(Worker.slots))
-                .where(Worker.stopped_at.is_(None), Worker.last_heartbeat >= cutoff)
-                .group_by(Worker.app)
-            ).all()
+            by_state = store.jobs_by_app_and_state(session)
+            live = store.live_workers_by_app(session, cutoff)
         queued: dict[str, int] = {}
         for app, state, n in by_state:
             jobs.add_metric([app, state], n)
@@ -57,7 +52,7 @@ class StoreCollector(Collector):
             capacity.add_metric([app], c.settings.capacity(app))
         for app, n, s in live:
             workers.add_metric([app], n)
-            slots.add_metric([app], s or 0)
+            slots.add_metric([app], s)
         yield from (jobs, depth, capacity, workers, slots)
 
 

@@ -2,7 +2,7 @@
 
 Waiters subscribe to a key (`app:<name>` for claims, `job:<id>` for clients).
 `notify(key)` wakes this process's waiters at once; on PostgreSQL it also
-relays the key with NOTIFY (see `notify_pg`), so coordinators sharing the
+relays the key with NOTIFY (see `csml.store.relay`), so coordinators sharing the
 database wake theirs within milliseconds. On SQLite everything stays in this
 process. Long-polls still re-check the store every `recheck_seconds`, a
 safety net for a lost notification (e.g. while the LISTEN connection was down).
@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
-    from csml.coordinator.notify_pg import PgRelay
+    from csml.store.relay import PgRelay
 
 log = logging.getLogger("csml.coordinator.notify")
 
@@ -92,7 +92,7 @@ class Notifier:
             self._relay = None
         if self._engine is not None and self._engine.dialect.name == "postgresql":
             try:
-                from csml.coordinator.notify_pg import PgRelay
+                from csml.store.relay import PgRelay
             except ImportError as exc:  # another driver than psycopg 3
                 log.warning("coordinators will not wake each other: %s", exc)
                 return

@@ -1,12 +1,12 @@
-"""What the operator view shows, read from the store (so it is the same on every coordinator)."""
+"""What the operator view shows, read from the store (so it is the same on every coordinator).
+
+The reads are `csml.store.stats`'; this module only shapes them."""
 
 from __future__ import annotations
 
 import re
 from collections import Counter, defaultdict
 from datetime import datetime, timedelta
-
-from sqlalchemy import func, or_, select
 
 from csml.coordinator.queue import QUEUED, RUNNING
 from csml.coordinator.state import Core
@@ -19,7 +19,8 @@ from csml.schemas.operator import (
     OperatorStats,
     OperatorWorker,
 )
-from csml.store.tables import Job, Worker, utcnow
+from csml.store import stats as store
+from csml.store.tables import utcnow
 
 _IDS = re.compile(r"\b[0-9a-f]{12,64}\b")
 _NUMBERS = re.compile(r"\d+(?:\.\d+)?")
@@ -29,18 +30,8 @@ def overview(c: Core) -> OperatorOverview:
     now = utcnow()
     live_after = now - timedelta(seconds=c.settings.worker_live_seconds)
     with c.sessions() as session:
-        workers = session.scalars(
-            select(Worker)
-            .where(or_(Worker.stopped_at.is_(None), Worker.stopped_at >= now - timedelta(hours=1)))
-            .order_by(Worker.app, Worker.registered_at)
-        ).all()
-        holding = dict(
-            session.execute(
-                select(Job.worker_id, func.count())
-                .where(Job.state == RUNNING)
-                .group_by(Job.worker_id)
-            ).all()
-        )
+        workers = store.workers_since(session, now - timedelta(hours=1))
+        holding = store.jobs_held(session, RUNNING)
     rows = []
     for w in workers:
         state = "left" if w.stopped_at else "live" if w.last_heartbeat >= live_after else "silent"
@@ -50,7 +41,7 @@ def overview(c: Core) -> OperatorOverview:
                 app=w.app,
                 state=state,
                 slots=w.slots,
-                running=int(holding.get(w.id, 0)),
+                running=holding.get(w.id, 0),
                 sandbox=w.sandbox,
                 registered_at=w.registered_at,
                 last_heartbeat=w.last_heartbeat,
@@ -92,12 +83,8 @@ def stats(c: Core, minutes: int) -> OperatorStats:
     now = utcnow()
     first = now.replace(second=0, microsecond=0) - timedelta(minutes=minutes - 1)
     with c.sessions() as session:
-        finished = session.execute(
-            select(
-                Job.app, Job.state, Job.created_at, Job.started_at, Job.finished_at, Job.error
-            ).where(Job.finished_at >= first)
-        ).all()
-        created = session.scalars(select(Job.created_at).where(Job.created_at >= first)).all()
+        finished = store.finished_since(session, first)
+        created = store.created_since(session, first)
 
     def bucket(t: datetime) -> int:
         return int((t - first).total_seconds() // 60)
@@ -108,19 +95,19 @@ def stats(c: Core, minutes: int) -> OperatorStats:
     waits: defaultdict[int, list[float]] = defaultdict(list)
     failures: Counter[str] = Counter()
     failure_apps: defaultdict[str, set[str]] = defaultdict(set)
-    for app, state, created_at, started_at, finished_at, error in finished:
-        if finished_at is None:
+    for job in finished:
+        if job.finished_at is None:
             continue
-        b = bucket(finished_at)
-        states[b][state] += 1
-        if state != JobState.cancelled.value:
-            latency[b].append((finished_at - created_at).total_seconds())
-            if started_at is not None:
-                waits[b].append((started_at - created_at).total_seconds())
-        if state == JobState.failed.value:
-            reason = _reason(error)
+        b = bucket(job.finished_at)
+        states[b][job.state] += 1
+        if job.state != JobState.cancelled.value:
+            latency[b].append((job.finished_at - job.created_at).total_seconds())
+            if job.started_at is not None:
+                waits[b].append((job.started_at - job.created_at).total_seconds())
+        if job.state == JobState.failed.value:
+            reason = _reason(job.error)
             failures[reason] += 1
-            failure_apps[reason].add(app)
+            failure_apps[reason].add(job.app)
     rows = []
     for i in range(minutes):
         done = sum(states[i].values())

@@ -2,7 +2,8 @@
 
 Every worker request is authenticated; looking the token up (a join of workers and
 join tokens) was one of the larger costs of a claim. The answer is kept for
-`TTL_SECONDS`. Invariants:
+`TTL_SECONDS`. The look-up itself is one statement (`csml.store.workers.worker_by_token`)
+and the entries are frozen rows, safe to share between threads. Invariants:
 
 - Only a valid answer is kept (a live worker whose join token was not revoked);
   refusals are never cached, so a new worker is accepted at once.
@@ -20,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from csml.store.tables import Worker
+from csml.store.workers import WorkerRow
 
 TTL_SECONDS = 2.0
 MAX_ENTRIES = 10_000
@@ -33,9 +34,9 @@ class WorkerTokenCache:
         self.ttl = ttl
         self._clock = clock
         self._lock = threading.Lock()
-        self._entries: dict[str, tuple[Worker, float]] = {}
+        self._entries: dict[str, tuple[WorkerRow, float]] = {}
 
-    def get(self, token_hash: str) -> Worker | None:
+    def get(self, token_hash: str) -> WorkerRow | None:
         with self._lock:
             entry = self._entries.get(token_hash)
             if entry is None:
@@ -45,7 +46,7 @@ class WorkerTokenCache:
                 return None
             return entry[0]
 
-    def put(self, token_hash: str, worker: Worker) -> None:
+    def put(self, token_hash: str, worker: WorkerRow) -> None:
         with self._lock:
             if len(self._entries) >= MAX_ENTRIES:
                 now = self._clock()

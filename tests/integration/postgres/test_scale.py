@@ -31,10 +31,10 @@ from sqlalchemy import select, text
 from csml.apps.registry import installed_apps
 from csml.coordinator.config import Settings
 from csml.coordinator.notify import RELAYED_RECHECK_SECONDS
-from csml.coordinator.notify_pg import CHANNEL
 from csml.coordinator.state import Core
 from csml.coordinator.tokens import create_join_token
 from csml.schemas import WorkerRegistration
+from csml.store.relay import CHANNEL
 from csml.store.tables import Job
 from tests.cluster import wait_for, wait_healthy
 from tests.integration.postgres.support import MakeCore, bulk_queue, new_identity

@@ -8,6 +8,9 @@ coordinator publishes, batched, with `pg_notify`. A payload is
 wake per queued job); a coordinator ignores its own. If the LISTEN connection
 drops, it reconnects with backoff and then wakes every local waiter, since
 notifications sent meanwhile are lost.
+
+It lives in the store because it is SQL on the store's own connections (LISTEN and
+`pg_notify`); `csml.coordinator.notify` decides what to wake and when.
 """
 
 from __future__ import annotations
