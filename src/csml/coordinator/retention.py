@@ -18,8 +18,8 @@ import logging
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
+import anyio.to_thread
 from sqlalchemy.orm import Session
-from starlette.concurrency import run_in_threadpool
 
 from csml.coordinator import pipelines
 from csml.coordinator.queue import TERMINAL
@@ -109,7 +109,7 @@ def sweep(core: Core) -> int:
 async def purge_loop(core: Core) -> None:
     while True:
         try:
-            await run_in_threadpool(sweep, core)
+            await anyio.to_thread.run_sync(sweep, core)
         except Exception:
             log.exception("retention sweep failed; retrying")
         await asyncio.sleep(core.settings.retention_interval_seconds)

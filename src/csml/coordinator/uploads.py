@@ -13,6 +13,8 @@ Invariants:
   (`TooLarge`), and the identity's stored-bytes quota (`QuotaExceeded`, 429), charged
   with the bytes actually received, chunked or not (`Content-Length` is never trusted).
 - Parsing (and so the checks and file writes it makes) runs off the event loop.
+- No web framework here: a request is anything with headers and a streamed body
+  (`StreamedBody`).
 - Refusals are `csml.refusals` kinds; a refusal raised by the spec check or the
   charge is kept and raised once the parser returns (the part being written is
   discarded first), any other error propagates as it is.
@@ -21,15 +23,14 @@ Invariants:
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from fastapi import Request
+import anyio.to_thread
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
-from starlette.concurrency import run_in_threadpool
 
 from csml import refusals
 from csml.coordinator import abuse
@@ -346,7 +347,17 @@ def malformed(exc: Exception) -> Malformed:
     )
 
 
-def boundary_of(request: Request) -> bytes:
+class StreamedBody(Protocol):
+    """What parsing reads of a request: its headers and its body as it streams (an
+    ASGI framework's request, e.g. Starlette's, is one)."""
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    def stream(self) -> AsyncIterator[bytes]: ...
+
+
+def boundary_of(request: StreamedBody) -> bytes:
     ctype, options = parse_options_header(request.headers.get("content-type", ""))
     boundary = options.get(b"boundary")
     if ctype != b"multipart/form-data" or not boundary:
@@ -359,7 +370,7 @@ def boundary_of(request: Request) -> bytes:
 
 
 async def parse_submission(
-    request: Request,
+    request: StreamedBody,
     staging: Path,
     limits: FormLimits,
     on_spec: SpecCheck,
@@ -371,12 +382,12 @@ async def parse_submission(
     parser = SubmissionParser(boundary_of(request), staging, limits, on_spec, charge)
     try:
         async for chunk in request.stream():
-            await run_in_threadpool(parser.write, chunk)
-        await run_in_threadpool(parser.finalize)
+            await anyio.to_thread.run_sync(parser.write, chunk)
+        await anyio.to_thread.run_sync(parser.finalize)
     except BaseException:
         parser.abort()
         raise
     if parser.spec is None:
         raise Invalid("missing_spec", "the form has no `spec` part", field="spec")
-    await run_in_threadpool(fsync_paths, [f.path for f in parser.files.values()])
+    await anyio.to_thread.run_sync(fsync_paths, [f.path for f in parser.files.values()])
     return parser
