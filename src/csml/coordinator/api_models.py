@@ -1,4 +1,9 @@
-"""Routes for model artifacts: list, inspect, download, delete, import."""
+"""Routes for model artifacts: list, inspect, download, delete, import.
+
+Thin: each route reads its request and calls `csml.coordinator.artifacts`, which
+keeps the rules, and through it the store (`csml.store.models`). Refusals raised
+below (`csml.refusals`) become HTTP in `csml.coordinator.errors`.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +12,12 @@ import mimetypes
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse
 from pydantic import ValidationError
-from sqlalchemy import delete, select
 from starlette.concurrency import run_in_threadpool
 
 from csml import ids
-from csml.coordinator import artifacts, quotas
+from csml.coordinator import artifacts, spec_limits
 from csml.coordinator.api_users import ERRORS, Me
 from csml.coordinator.auth import AuthFirstRoute
-from csml.coordinator.errors import ApiError, spec_error
 from csml.coordinator.queue import StagedFile
 from csml.coordinator.state import Core, core
 from csml.coordinator.uploads import (
@@ -25,10 +28,10 @@ from csml.coordinator.uploads import (
     multipart_body,
     parse_submission,
 )
+from csml.refusals import Invalid
 from csml.schemas.models import ModelImport, ModelInfo, ModelList
-from csml.store.db import transaction
+from csml.store.models import StoredModel
 from csml.store.tables import utcnow
-from csml.store.tables_artifacts import ModelArtifact
 
 router = APIRouter(route_class=AuthFirstRoute, prefix="/v1", tags=["models"])
 IMPORT_BODY = multipart_body(
@@ -40,20 +43,13 @@ IMPORT_BODY = multipart_body(
 @router.get("/models", response_model=ModelList, responses=ERRORS)
 def list_models(request: Request, me: Me) -> ModelList:
     """Your models, newest first: trained by your jobs or imported."""
-    with core(request).sessions() as session:
-        rows = session.scalars(
-            select(ModelArtifact)
-            .where(ModelArtifact.owner_id == me.id)
-            .order_by(ModelArtifact.seq.desc())
-        ).all()
-        return ModelList(models=[artifacts.view(m) for m in rows])
+    return ModelList(models=artifacts.list_models(core(request).sessions, me.id))
 
 
 @router.get("/models/{model_id}/info", response_model=ModelInfo, responses=ERRORS)
 def model_info(model_id: str, request: Request, me: Me) -> ModelInfo:
     """One of your models: what made it, its format and its metrics."""
-    with core(request).sessions() as session:
-        return artifacts.view(artifacts.find(session, me.id, model_id))
+    return artifacts.view(artifacts.info(core(request).sessions, me.id, model_id))
 
 
 @router.get(
@@ -64,8 +60,7 @@ def model_info(model_id: str, request: Request, me: Me) -> ModelInfo:
 def download_model(model_id: str, request: Request, me: Me) -> FileResponse:
     """Download one of your models (the file its app reads)."""
     c = core(request)
-    with c.sessions() as session:
-        model = artifacts.find(session, me.id, model_id)
+    model = artifacts.info(c.sessions, me.id, model_id)
     ext = mimetypes.guess_extension(model.media_type) or ""
     return FileResponse(
         c.blobs.path(model.blob),
@@ -79,10 +74,7 @@ def download_model(model_id: str, request: Request, me: Me) -> FileResponse:
 def delete_model(model_id: str, request: Request, me: Me) -> Response:
     """Delete one of your models. Jobs already submitted with it keep their copy."""
     c = core(request)
-    with transaction(c.sessions) as session:
-        model = artifacts.find(session, me.id, model_id)
-        session.execute(delete(ModelArtifact).where(ModelArtifact.seq == model.seq))
-    artifacts.remove_files(c.blobs, [model.id])
+    artifacts.delete(c.sessions, c.blobs, me.id, model_id)
     return Response(status_code=204)
 
 
@@ -90,7 +82,7 @@ def _parse_import(raw: bytes) -> ModelImport:
     try:
         return ModelImport.model_validate_json(raw)
     except ValidationError as exc:
-        raise spec_error(exc) from None
+        raise spec_limits.invalid_spec(exc) from None
 
 
 def _check_import(c: Core, owner_id: str, spec: ModelImport) -> int:
@@ -98,15 +90,13 @@ def _check_import(c: Core, owner_id: str, spec: ModelImport) -> int:
     assert want.model is not None
     version = spec.format_version or want.model.version
     if version > want.model.version:
-        raise ApiError(
-            422,
+        raise Invalid(
             "model_version_unsupported",
             f"spec.format_version: the {spec.app} workers here read {spec.format} versions "
             f"1 to {want.model.version}, not {version}",
             field="spec.format_version",
         )
-    with c.sessions() as session:
-        quotas.check_new_models(c, session, c.catalog, owner_id, 1)
+    artifacts.check_import_room(c, c.sessions, c.catalog, owner_id)
     return version
 
 
@@ -137,8 +127,7 @@ async def import_model(request: Request, me: Me) -> ModelInfo:
         spec, version = holder["spec"]
         extra = sorted(set(parsed.files) - {"model"})
         if extra or "model" not in parsed.files:
-            raise ApiError(
-                422,
+            raise Invalid(
                 "invalid_files",
                 "send exactly one file, as the part named 'model'"
                 + (f" (also got: {', '.join(extra)})" if extra else ""),
@@ -154,9 +143,8 @@ async def import_model(request: Request, me: Me) -> ModelInfo:
         await run_in_threadpool(c.blobs.discard, staging)
 
 
-def _only_model(name: str) -> ApiError:
-    return ApiError(
-        422,
+def _only_model(name: str) -> Invalid:
+    return Invalid(
         "invalid_files",
         f"send exactly one file, as the part named 'model' (also got: {name})",
         field="model",
@@ -171,33 +159,21 @@ def _keep_import(
     kind: str,
     staged: StagedFile,
 ) -> ModelInfo:
-    model_id = ids.new_id()
-    target = artifacts.model_dir(c.blobs, model_id) / spec.name
-    artifacts.link_or_copy(staged.path, target)
-    try:
-        with transaction(c.sessions) as session:
-            quotas.require_identity(session, owner_id)  # 401 if erased meanwhile
-            quotas.check_new_models(c, session, c.catalog, owner_id, 1)
-            model = ModelArtifact(
-                id=model_id,
-                owner_id=owner_id,
-                app=spec.app,
-                kind=kind,
-                format=spec.format,
-                format_version=version,
-                name=spec.name,
-                operation=None,
-                job_id=None,
-                size=staged.size,
-                sha256=staged.sha256,
-                media_type=staged.media_type,
-                blob=c.blobs.relative(target),
-                metrics={},
-                created_at=utcnow(),
-            )
-            session.add(model)
-            session.flush()
-            return artifacts.view(model)
-    except BaseException:
-        artifacts.remove_files(c.blobs, [model_id])
-        raise
+    model = StoredModel(
+        id=ids.new_id(),
+        owner_id=owner_id,
+        app=spec.app,
+        kind=kind,
+        format=spec.format,
+        format_version=version,
+        name=spec.name,
+        operation=None,
+        job_id=None,
+        size=staged.size,
+        sha256=staged.sha256,
+        media_type=staged.media_type,
+        blob="",  # set where the file is linked
+        metrics={},
+        created_at=utcnow(),
+    )
+    return artifacts.import_model(c, c.sessions, c.blobs, c.catalog, model, staged.path)

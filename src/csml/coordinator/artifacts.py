@@ -11,7 +11,11 @@ was deleted meanwhile.
 Models do not expire: one stays until its owner deletes it or erases their
 identity. How many an identity keeps is bounded by the model quota, checked
 when a job that makes models is submitted (`csml.coordinator.quotas`) and again
-in the transaction that keeps them (`keep_outputs`).
+in the transaction that keeps them (`keep_outputs`, `import_model`).
+
+Rows are the store's (`csml.store.models`, `StoredModel` values); this module links
+files and decides. Refusals are `csml.refusals` kinds: another identity's model is
+`NotFound`, as is a name that cannot be an id.
 """
 
 from __future__ import annotations
@@ -19,22 +23,24 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from csml import ids
 from csml.apps.base import MODEL_PARAM
-from csml.coordinator import quotas
+from csml.coordinator import catalog_calls, quotas
 from csml.coordinator.catalog import Catalog
-from csml.coordinator.errors import ApiError
-from csml.coordinator.lookup import find_owned
+from csml.refusals import Invalid, Refusal
 from csml.schemas import FileSpec, JobSpec, OperationInfo
 from csml.schemas.models import ModelInfo
+from csml.store import models as store
 from csml.store.blobs import BlobStore
+from csml.store.db import transaction
+from csml.store.models import StoredModel
 from csml.store.tables import Job, JobFile, utcnow
-from csml.store.tables_artifacts import ModelArtifact
 
 MAX_METRICS_BYTES = 64 * 1024
 PINNED = "model"  # JobFile.kind of a pipeline's own link to a model a step names by id
@@ -60,9 +66,9 @@ def link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def find(session: Session, owner_id: str, ident: str) -> ModelArtifact:
+def find(session: Session, owner_id: str, ident: str) -> StoredModel:
     """The caller's model by id or unique prefix; another identity's is not found."""
-    return find_owned(session, ModelArtifact, owner_id, ident, "model")
+    return store.find_owned(session, owner_id, ident)
 
 
 def requested_model(spec: JobSpec) -> str | None:
@@ -70,21 +76,19 @@ def requested_model(spec: JobSpec) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def check_compatible(model: ModelArtifact, want: FileSpec, app: str, operation: str) -> None:
+def check_compatible(model: StoredModel, want: FileSpec, app: str, operation: str) -> None:
     fmt = want.model
     assert fmt is not None
     short = ids.short(model.id)
     if model.format != fmt.format or model.kind != fmt.kind:
-        raise ApiError(
-            422,
+        raise Invalid(
             "wrong_model",
             f"params.model: model {short} is a {model.app} {model.kind} model "
             f"({model.format}); {app}.{operation} needs a {fmt.kind} model ({fmt.format})",
             field="spec.params.model",
         )
     if model.format_version > fmt.version:
-        raise ApiError(
-            422,
+        raise Invalid(
             "model_version_unsupported",
             f"params.model: model {short} is {model.format} version {model.format_version}; "
             f"the {app} workers here read versions 1 to {fmt.version}. Upgrade the {app} "
@@ -106,13 +110,12 @@ def attach(
     model_ref = requested_model(spec)
     if model_ref is None:
         return
-    _, op = catalog.operation(spec.app, spec.operation, session)
+    _, op = catalog_calls.operation(catalog, spec.app, spec.operation, session)
     want = model_input(op)
     if want is None:  # the params schema already refuses this; keep the check local too
-        raise ApiError(422, "invalid_params", f"{op.name} takes no model", field="spec.params")
+        raise Invalid("invalid_params", f"{op.name} takes no model", field="spec.params")
     if want.name in uploaded:
-        raise ApiError(
-            422,
+        raise Invalid(
             "model_given_twice",
             f"give the model either as params.model or as the file {want.name!r}, not both",
             field="spec.params.model",
@@ -137,7 +140,7 @@ def attach(
 
 def pin(
     session: Session, blobs: BlobStore, owner_id: str, model_ref: str, job: Job, key: str
-) -> ModelArtifact:
+) -> StoredModel:
     """Give `job` its own link to the caller's model `model_ref`, as its file `key` of
     kind `PINNED` (a pipeline pins the model of each step that names one at
     submission, so deleting the model later cannot fail that step)."""
@@ -171,8 +174,8 @@ def keep_outputs(
     as the model quota allows now (checked here, in the transaction that keeps them);
     an output past it stays an ordinary output and the job's message says so."""
     try:
-        _, op = catalog.operation(job.app, job.operation, session)
-    except ApiError:
+        _, op = catalog_calls.operation(catalog, job.app, job.operation, session)
+    except Refusal:
         return
     declared = {f.name: f.model for f in op.outputs if f.model is not None}
     made = [f for f in job.files if f.kind == "output" and declared.get(f.name) is not None]
@@ -190,8 +193,9 @@ def keep_outputs(
         target = model_dir(blobs, model_id) / f.name
         link_or_copy(blobs.path(f.blob), target)
         f.model_id = model_id
-        session.add(
-            ModelArtifact(
+        store.add(
+            session,
+            StoredModel(
                 id=model_id,
                 owner_id=job.owner_id,
                 app=job.app,
@@ -207,13 +211,13 @@ def keep_outputs(
                 blob=blobs.relative(target),
                 metrics=_metrics(job.result),
                 created_at=utcnow(),
-            )
+            ),
         )
 
 
 def importable(catalog: Catalog, app: str, fmt: str) -> FileSpec:
     """The model input of `app` that reads format `fmt` (for `POST /v1/models`)."""
-    entry = catalog.get(app)
+    entry = catalog_calls.entry(catalog, app)
     formats: list[str] = []
     for op in entry.manifest.operations:
         want = model_input(op)
@@ -222,15 +226,14 @@ def importable(catalog: Catalog, app: str, fmt: str) -> FileSpec:
                 return want
             formats.append(want.model.format)
     known = ", ".join(sorted(set(formats))) or "none"
-    raise ApiError(
-        422,
+    raise Invalid(
         "unknown_model_format",
         f"spec.format: the {app} app reads no {fmt!r} models; it reads: {known}",
         field="spec.format",
     )
 
 
-def view(model: ModelArtifact) -> ModelInfo:
+def view(model: StoredModel) -> ModelInfo:
     return ModelInfo(
         id=model.id,
         app=model.app,
@@ -251,3 +254,59 @@ def view(model: ModelArtifact) -> ModelInfo:
 def remove_files(blobs: BlobStore, model_ids: list[str]) -> None:
     for model_id in model_ids:
         shutil.rmtree(model_dir(blobs, model_id), ignore_errors=True)
+
+
+# -- the owner's models (for the routes) --------------------------------------------
+
+
+def list_models(sessions: sessionmaker[Session], owner_id: str) -> list[ModelInfo]:
+    """The owner's models, newest first."""
+    with sessions() as session:
+        return [view(m) for m in store.list_owned(session, owner_id)]
+
+
+def info(sessions: sessionmaker[Session], owner_id: str, ident: str) -> StoredModel:
+    """The owner's model `ident` (id or unique prefix)."""
+    with sessions() as session:
+        return find(session, owner_id, ident)
+
+
+def delete(sessions: sessionmaker[Session], blobs: BlobStore, owner_id: str, ident: str) -> None:
+    """Delete the owner's model `ident`: its row, then its files (jobs already
+    submitted with it keep their own link)."""
+    with transaction(sessions) as session:
+        model = store.delete_owned(session, owner_id, ident)
+    remove_files(blobs, [model.id])
+
+
+def check_import_room(
+    owner: quotas.HasSettings, sessions: sessionmaker[Session], catalog: Catalog, owner_id: str
+) -> None:
+    """Refuse an import early when the model quota has no room for one more."""
+    with sessions() as session:
+        quotas.check_new_models(owner, session, catalog, owner_id, 1)
+
+
+def import_model(
+    owner: quotas.HasSettings,
+    sessions: sessionmaker[Session],
+    blobs: BlobStore,
+    catalog: Catalog,
+    model: StoredModel,
+    source: Path,
+) -> ModelInfo:
+    """Keep the file `source` as `model` (its `blob` is set here): linked under the
+    models' folder, then its row, in a transaction that checks the owner still exists
+    and the model quota again; the link is removed if the row is not kept."""
+    target = model_dir(blobs, model.id) / model.name
+    link_or_copy(source, target)
+    try:
+        with transaction(sessions) as session:
+            quotas.require_identity(session, model.owner_id)  # refused if erased meanwhile
+            quotas.check_new_models(owner, session, catalog, model.owner_id, 1)
+            kept = replace(model, blob=blobs.relative(target))
+            store.add(session, kept)
+        return view(kept)
+    except BaseException:
+        remove_files(blobs, [model.id])
+        raise

@@ -1,7 +1,9 @@
 """Pipelines, before anything runs: parse a pipeline spec and check every step.
 
-Unknown apps, operations, params, wiring and missing inputs are all 422 naming
-the field (`spec.steps.1.inputs.image`), refused before the files are uploaded.
+Unknown apps, operations, params, wiring and missing inputs are all refused as
+`Invalid` (422) naming the field (`spec.steps.1.inputs.image`), before the files are
+uploaded; a model named by id that is not the caller's stays `NotFound` (404), as for
+one job. Refusals are `csml.refusals` kinds; nothing here knows a status code.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from csml.apps.base import MODEL_PARAM
-from csml.coordinator import artifacts, quotas
-from csml.coordinator.errors import ApiError, spec_error
+from csml.coordinator import artifacts, catalog_calls, quotas, spec_limits
+from csml.refusals import Invalid, NotFound, Refusal
 from csml.schemas import JobSpec, OperationInfo, PipelineSpec, StepSpec
 from csml.schemas.pipelines import UPLOAD_PREFIX
 from csml.store.blobs import check_name
@@ -47,19 +49,16 @@ def parse(raw: bytes) -> PipelineSpec:
         isinstance(steps, list) and any(isinstance(s, dict) and "confidential" in s for s in steps)
     )
     if confidential:
-        raise ApiError(
-            422, "confidential_pipeline", CONFIDENTIAL_REFUSED, field="spec.confidential"
-        )
+        raise Invalid("confidential_pipeline", CONFIDENTIAL_REFUSED, field="spec.confidential")
     try:
         return PipelineSpec.model_validate(data)
     except ValidationError as exc:
-        raise spec_error(exc) from None
+        raise spec_limits.invalid_spec(exc) from None
 
 
-def _step_error(exc: ApiError, base: str, field: str, status: int = 422) -> ApiError:
-    """An error about one step's app, operation or params, naming that step (422)."""
-    return ApiError(
-        status,
+def _step_error(exc: Refusal, base: str, field: str, kind: type[Refusal] = Invalid) -> Refusal:
+    """A refusal about one step's app, operation or params, naming that step."""
+    return kind(
         exc.code,
         f"{base}: {exc.message}",
         field=field,
@@ -75,26 +74,24 @@ def validate(catalog: Catalog, spec: PipelineSpec) -> list[OperationInfo]:
     for i, step in enumerate(spec.steps):
         base = f"spec.steps.{i}"
         if step.name in seen:
-            raise ApiError(
-                422,
+            raise Invalid(
                 "duplicate_step",
                 f"{base}.name: two steps are named {step.name!r}; step names must be unique",
                 field=f"{base}.name",
             )
         try:
-            _, op = catalog.operation(step.app, step.operation)
-        except ApiError as exc:
+            _, op = catalog_calls.operation(catalog, step.app, step.operation)
+        except Refusal as exc:
             where = "app" if exc.code == "unknown_app" else "operation"
             raise _step_error(exc, base, f"{base}.{where}") from None
         try:
-            catalog.check_params(step.app, op.name, step.params)
-        except ApiError as exc:
+            catalog_calls.check_params(catalog, step.app, op.name, step.params)
+        except Refusal as exc:
             raise _step_error(exc, base, f"{base}.{exc.field or 'params'}") from None
         _check_wiring(step, op, base, seen, names)
         for out in op.outputs:
             if len(f"{step.name}.{out.name}") > 64:
-                raise ApiError(
-                    422,
+                raise Invalid(
                     "invalid_spec",
                     f"{base}.name: {step.name}.{out.name} is over 64 characters; "
                     "use a shorter step name",
@@ -115,16 +112,14 @@ def _check_wiring(
         field = f"{base}.inputs.{name}"
         want = declared.get(name)
         if want is None:
-            raise ApiError(
-                422,
+            raise Invalid(
                 "unknown_input",
                 f"{field}: {who} takes no input {name!r}; it takes: "
                 f"{', '.join(declared) or 'none'}",
                 field=field,
             )
         if by_id is not None and by_id.name == name:
-            raise ApiError(
-                422,
+            raise Invalid(
                 "model_given_twice",
                 f"{field}: give the model either as params.model or wired as {name!r}, not both",
                 field=field,
@@ -133,8 +128,7 @@ def _check_wiring(
             try:
                 check_name(source[len(UPLOAD_PREFIX) :])
             except ValueError:
-                raise ApiError(
-                    422,
+                raise Invalid(
                     "invalid_wiring",
                     f"{field}: {source!r} names no valid file part (lowercase letters, digits, "
                     "_; starting with a letter)",
@@ -143,8 +137,7 @@ def _check_wiring(
             continue
         from_step, dot, output = source.partition(".")
         if not dot:
-            raise ApiError(
-                422,
+            raise Invalid(
                 "invalid_wiring",
                 f"{field}: {source!r} is neither 'upload:<file part>' nor "
                 "'<earlier step>.<output>'",
@@ -158,12 +151,11 @@ def _check_wiring(
                 if from_step in names
                 else f"there is no step {from_step!r} (steps: {', '.join(names)})"
             )
-            raise ApiError(422, "invalid_wiring", f"{field}: {why}", field=field)
+            raise Invalid("invalid_wiring", f"{field}: {why}", field=field)
         outputs = {o.name: o for o in source_op.outputs}
         made = outputs.get(output)
         if made is None:
-            raise ApiError(
-                422,
+            raise Invalid(
                 "invalid_wiring",
                 f"{field}: step {from_step!r} ({source_op.name}) writes no output {output!r}; "
                 f"it writes: {', '.join(outputs) or 'none'}",
@@ -175,8 +167,7 @@ def _check_wiring(
             or made.model.version > want.model.version
         ):
             got = f"a {made.model.format} v{made.model.version} model" if made.model else "no model"
-            raise ApiError(
-                422,
+            raise Invalid(
                 "wrong_model",
                 f"{field}: {who} needs a {want.model.format} model (versions 1 to "
                 f"{want.model.version}); {source} is {got}",
@@ -184,8 +175,7 @@ def _check_wiring(
             )
     for f in op.inputs:
         if f.required and f.name not in step.inputs and (by_id is None or by_id.name != f.name):
-            raise ApiError(
-                422,
+            raise Invalid(
                 "missing_input",
                 f"{base}.inputs.{f.name}: {who} needs the input {f.name!r}; wire it to "
                 "'upload:<file part>' or '<earlier step>.<output>'",
@@ -210,17 +200,17 @@ def check_models(session: Session, core: Core, owner_id: str, spec: PipelineSpec
         if not isinstance(ref, str):
             continue
         base = f"spec.steps.{i}"
-        _, op = core.catalog.operation(step.app, step.operation)
+        _, op = catalog_calls.operation(core.catalog, step.app, step.operation)
         want = artifacts.model_input(op)
         try:
             if want is None:
-                raise ApiError(422, "invalid_params", f"{op.name} takes no model")
+                raise Invalid("invalid_params", f"{op.name} takes no model")
             artifacts.check_compatible(
                 artifacts.find(session, owner_id, ref), want, step.app, op.name
             )
-        except ApiError as exc:  # another identity's model stays a 404, as for one job
-            status = 404 if exc.status == 404 else 422
-            raise _step_error(exc, base, f"{base}.params.model", status) from None
+        except Refusal as exc:  # another identity's model stays NotFound, as for one job
+            kind = NotFound if isinstance(exc, NotFound) else Invalid
+            raise _step_error(exc, base, f"{base}.params.model", kind) from None
 
 
 def first_spec(spec: PipelineSpec) -> JobSpec:
@@ -242,15 +232,13 @@ def check(core: Core, owner_id: str, spec: PipelineSpec) -> None:
 def check_files(spec: PipelineSpec, sent: set[str]) -> None:
     wanted = uploads(spec)
     for extra in sorted(sent - wanted):
-        raise ApiError(
-            422,
+        raise Invalid(
             "unknown_input",
             f"no step reads the file part {extra!r}; wire it to a step input as 'upload:{extra}'",
             field=extra,
         )
     for missing in sorted(wanted - sent):
-        raise ApiError(
-            422,
+        raise Invalid(
             "missing_input",
             f"a step reads 'upload:{missing}' but no file part {missing!r} was sent",
             field=missing,

@@ -18,6 +18,10 @@ transaction that creates it (`csml.coordinator.quotas`).
 Lock order: the parent row, then its step rows (cancel, complete); the reaper,
 which holds a step's lock first, only tries the parent's (SKIP LOCKED) and
 leaves the step for its next round when it is busy.
+
+The queries are the store's (`csml.store.pipelines`); this module decides. Refusals
+are `csml.refusals` kinds (`Invalid` for a first step that cannot start, `Conflict`
+for cancelling a step).
 """
 
 from __future__ import annotations
@@ -26,19 +30,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from csml import ids
 from csml.apps.base import MODEL_PARAM
-from csml.coordinator import artifacts, pipeline_spec, quotas
+from csml.coordinator import artifacts, catalog_calls, pipeline_spec, quotas
 from csml.coordinator import queue as q
-from csml.coordinator.errors import ApiError
+from csml.refusals import Conflict, Invalid, Refusal
 from csml.schemas import Job as JobView
 from csml.schemas import JobSpec, JobState, PipelineSpec, StepSpec, StepStatus
 from csml.schemas.pipelines import UPLOAD_PREFIX
+from csml.store import pipelines as store
 from csml.store.db import transaction
-from csml.store.tables import AppRecord, Job, JobFile, utcnow
+from csml.store.tables import Job, JobFile, utcnow
 from csml.store.tables_confidential import mark_not_confidential
 
 if TYPE_CHECKING:
@@ -118,13 +122,12 @@ def submit(
                 if isinstance(ref, str):
                     artifacts.pin(session, core.blobs, owner_id, ref, parent, step.name)
             mark_not_confidential(parent)
-            session.add(parent)
-            session.flush()
-            session.get(AppRecord, first.app, with_for_update=True)  # as JobQueue.submit
+            store.add(session, parent, flush=True)
+            store.lock_app(session, first.app)  # as JobQueue.submit
             core.queue._check_capacity(session, first.app)
             made = create_step(core.queue, session, parent, 0)
             if isinstance(made, str):
-                raise ApiError(422, "invalid_spec", made, field="spec.steps.0")
+                raise Invalid("invalid_spec", made, field="spec.steps.0")
     except BaseException:
         core.blobs.remove_job(parent_id)
         if isinstance(made, Job):
@@ -139,11 +142,11 @@ def create_step(queue: q.JobQueue, session: Session, parent: Job, index: int) ->
     step = step_specs(parent)[index]
     label = _label(index, step)
     try:
-        _, op = queue.catalog.operation(step.app, step.operation, session)
-    except ApiError as exc:
+        _, op = catalog_calls.operation(queue.catalog, step.app, step.operation, session)
+    except Refusal as exc:
         return f"{label} cannot start: {exc.message}"
-    app_row = session.get(AppRecord, step.app, with_for_update=True)
-    if app_row is None:
+    served_rank = store.lock_app(session, step.app)
+    if served_rank is None:
         return f"{label} cannot start: no application {step.app!r}"
     required = {f.name for f in op.inputs if f.required}
     job_id = ids.new_id()
@@ -170,11 +173,7 @@ def create_step(queue: q.JobQueue, session: Session, parent: Job, index: int) ->
                 model_id=found.model_id,
             )
         )
-    owner_rank = session.scalar(
-        select(func.max(Job.fair_rank)).where(
-            Job.owner_id == parent.owner_id, Job.app == step.app, Job.state == q.QUEUED
-        )
-    )
+    owner_rank = store.owner_queued_rank(session, parent.owner_id, step.app, q.QUEUED)
     job = Job(
         id=job_id,
         owner_id=parent.owner_id,
@@ -183,7 +182,7 @@ def create_step(queue: q.JobQueue, session: Session, parent: Job, index: int) ->
         params=dict(step.params),
         limits=dict(parent.limits),
         state=q.QUEUED,
-        fair_rank=max(owner_rank or 0, app_row.served_rank) + 1,
+        fair_rank=max(owner_rank, served_rank) + 1,
         created_at=utcnow(),
         attempts=0,
         max_attempts=parent.max_attempts,
@@ -216,11 +215,11 @@ def create_step(queue: q.JobQueue, session: Session, parent: Job, index: int) ->
             artifacts.attach(
                 session, queue.blobs, queue.catalog, parent.owner_id, spec, job, set(step.inputs)
             )
-        except ApiError as exc:
+        except Refusal as exc:
             queue.blobs.remove_job(job_id)
             return f"{label} cannot start: {exc.message}"
     mark_not_confidential(job)
-    session.add(job)
+    store.add(session, job)
     parent.step_index = index
     return job
 
@@ -228,17 +227,14 @@ def create_step(queue: q.JobQueue, session: Session, parent: Job, index: int) ->
 def lock_parent(session: Session, step: Job) -> None:
     """Take the parent's row lock before the step's (the pipelines' lock order)."""
     if step.parent_seq is not None:
-        session.scalars(select(Job.seq).where(Job.seq == step.parent_seq).with_for_update()).all()
+        store.lock_parent(session, step.parent_seq)
 
 
 def try_lock_parent(session: Session, step: Job) -> bool:
     """For the reaper, which already holds the step: the parent's lock, or False if busy."""
     if step.parent_seq is None:
         return True
-    got = session.scalars(
-        select(Job.seq).where(Job.seq == step.parent_seq).with_for_update(skip_locked=True)
-    ).first()
-    return got is not None
+    return store.try_lock_parent(session, step.parent_seq)
 
 
 def step_finished(queue: q.JobQueue, session: Session, step: Job) -> list[str]:
@@ -247,7 +243,7 @@ def step_finished(queue: q.JobQueue, session: Session, step: Job) -> list[str]:
     Returns the notifier keys to wake once the transaction commits."""
     if step.parent_seq is None or step.step_index is None:
         return []
-    parent = session.get(Job, step.parent_seq)
+    parent = store.get(session, step.parent_seq)
     if parent is None or parent.state in q.TERMINAL:
         return []
     specs = step_specs(parent)
@@ -274,9 +270,9 @@ def step_finished(queue: q.JobQueue, session: Session, step: Job) -> list[str]:
                     model_id=f.model_id,
                 )
             )
-    session.flush()
+    store.flush(session)
     if i + 1 == n:
-        rows = session.scalars(select(Job).where(Job.parent_seq == parent.seq)).all()
+        rows = store.steps_of(session, parent.seq)
         results = {specs[r.step_index].name: r.result for r in rows if r.step_index is not None}
         _end(parent, JobState.succeeded, None)
         parent.result = {"steps": {s.name: results.get(s.name) for s in specs}}
@@ -302,9 +298,8 @@ def refuse_step_cancel(session: Session, job: Job) -> None:
     """A step is cancelled through its pipeline (which keeps the lock order)."""
     if job.parent_seq is None or job.step_index is None:
         return
-    parent_id = session.scalar(select(Job.id).where(Job.seq == job.parent_seq))
-    raise ApiError(
-        409,
+    parent_id = store.id_of(session, job.parent_seq)
+    raise Conflict(
         "pipeline_step",
         f"job {ids.short(job.id)} is step {job.step_index + 1} of pipeline "
         f"{ids.short(parent_id or '')}: cancel the pipeline instead",
@@ -315,11 +310,7 @@ def cancel_steps(session: Session, parent: Job) -> list[str]:
     """The parent was just cancelled: cancel its live step (its worker stops it)."""
     if not is_parent(parent):
         return []
-    live = session.scalars(
-        select(Job)
-        .where(Job.parent_seq == parent.seq, Job.state.in_([q.QUEUED, q.RUNNING]))
-        .with_for_update()
-    ).all()
+    live = store.lock_live_steps(session, parent.seq, [q.QUEUED, q.RUNNING])
     now = utcnow()
     for step in live:
         step.state = JobState.cancelled.value
@@ -333,12 +324,7 @@ def cancel_steps(session: Session, parent: Job) -> list[str]:
 def with_steps(session: Session, jobs: Sequence[tuple[int, str]]) -> list[tuple[int, str]]:
     """`jobs` (seq, id) plus the steps of the pipelines among them, each once."""
     out = list(dict.fromkeys(jobs))
-    seqs = [seq for seq, _ in out]
-    for i in range(0, len(seqs), 500):
-        found = session.execute(
-            select(Job.seq, Job.id).where(Job.parent_seq.in_(seqs[i : i + 500]))
-        )
-        out.extend((seq, job_id) for seq, job_id in found)
+    out.extend(store.step_keys(session, [seq for seq, _ in out]))
     return list(dict.fromkeys(out))
 
 
@@ -352,7 +338,7 @@ def load_steps(sessions: sessionmaker[Session], jobs: Sequence[Job]) -> dict[int
     if not parents:
         return found
     with sessions() as session:
-        for step in session.scalars(select(Job).where(Job.parent_seq.in_(parents))).all():
+        for step in store.steps_of_many(session, parents):
             assert step.parent_seq is not None
             found[step.parent_seq].append(step)
     return found

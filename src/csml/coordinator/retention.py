@@ -7,6 +7,8 @@ A job is erased in two steps: its rows go in one transaction that also records
 it in `pending_purges`; then its folder is removed and the record dropped. A
 coordinator that dies in between leaves the record, and the next sweep (of any
 coordinator) removes the folder. The same steps erase an identity's jobs.
+
+The queries are the store's (`csml.store.retention`); this module orders the steps.
 """
 
 from __future__ import annotations
@@ -15,32 +17,23 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import TypeVar
 
-from sqlalchemy import delete, select
+import anyio.to_thread
 from sqlalchemy.orm import Session
-from starlette.concurrency import run_in_threadpool
 
 from csml.coordinator import pipelines
 from csml.coordinator.queue import TERMINAL
 from csml.coordinator.state import Core
+from csml.store import retention as store
 from csml.store.db import transaction
-from csml.store.tables import Job, JobFile, utcnow
-from csml.store.tables_abuse import PendingPurge, RateWindow, UsedChallenge
+from csml.store.tables import utcnow
 
 log = logging.getLogger("csml.coordinator.retention")
 
-BATCH = 500
+BATCH = store.BATCH
 # Spent challenges are remembered this long past their expiry, so that a coordinator
 # whose clock lags a little still finds them.
 CHALLENGE_CLOCK_MARGIN = timedelta(minutes=5)
-
-
-T = TypeVar("T")
-
-
-def _chunks(items: Sequence[T], size: int = BATCH) -> list[list[T]]:
-    return [list(items[i : i + size]) for i in range(0, len(items), size)]
 
 
 def delete_job_rows(
@@ -52,13 +45,7 @@ def delete_job_rows(
     Rows of other tables that reference a job go with it (ON DELETE CASCADE).
     """
     jobs = pipelines.with_steps(session, jobs)
-    for chunk in _chunks(jobs):
-        seqs = [seq for seq, _ in chunk]
-        for _, job_id in chunk:
-            session.add(PendingPurge(job_id=job_id, created_at=now))
-        session.flush()
-        session.execute(delete(JobFile).where(JobFile.job_seq.in_(seqs)))
-        session.execute(delete(Job).where(Job.seq.in_(seqs)))
+    store.delete_jobs(session, jobs, now)
     return jobs
 
 
@@ -66,7 +53,7 @@ def remove_job_files(core: Core, job_ids: Sequence[str] | None = None) -> int:
     """Remove the folders of purged jobs (`job_ids`, or every pending one) and their records."""
     if job_ids is None:
         with core.sessions() as session:
-            job_ids = list(session.scalars(select(PendingPurge.job_id).limit(10 * BATCH)))
+            job_ids = store.pending(session, 10 * BATCH)
     removed: list[str] = []
     for job_id in job_ids:
         core.blobs.remove_job(job_id)
@@ -74,9 +61,9 @@ def remove_job_files(core: Core, job_ids: Sequence[str] | None = None) -> int:
             removed.append(job_id)
         else:
             log.warning("could not remove the files of a purged job; will retry")
-    for chunk in _chunks(removed):
+    for chunk in store.chunks(removed):
         with transaction(core.sessions) as session:
-            session.execute(delete(PendingPurge).where(PendingPurge.job_id.in_(chunk)))
+            store.drop_pending(session, chunk)
     return len(removed)
 
 
@@ -87,19 +74,7 @@ def purge_expired(core: Core) -> int:
     total = 0
     while True:
         with transaction(core.sessions) as session:
-            rows = [
-                (seq, job_id)
-                for seq, job_id in session.execute(
-                    select(Job.seq, Job.id)
-                    # A pipeline's steps go with it.
-                    .where(
-                        Job.state.in_(TERMINAL), Job.finished_at < cutoff, Job.parent_seq.is_(None)
-                    )
-                    .order_by(Job.finished_at)
-                    .limit(BATCH)
-                    .with_for_update(skip_locked=True)
-                )
-            ]
+            rows = store.expired(session, TERMINAL, cutoff, BATCH)
             deleted = delete_job_rows(session, rows, now)
         remove_job_files(core, [job_id for _, job_id in deleted])
         total += len(rows)
@@ -114,11 +89,10 @@ def forget_spent(core: Core) -> None:
     now = utcnow()
     longest = max(s.identity_rate_window_seconds, s.submission_rate_window_seconds)
     with transaction(core.sessions) as session:
-        session.execute(
-            delete(UsedChallenge).where(UsedChallenge.expires_at < now - CHALLENGE_CLOCK_MARGIN)
-        )
-        session.execute(
-            delete(RateWindow).where(RateWindow.window_start < now - timedelta(seconds=2 * longest))
+        store.forget_spent(
+            session,
+            challenges_before=now - CHALLENGE_CLOCK_MARGIN,
+            windows_before=now - timedelta(seconds=2 * longest),
         )
 
 
@@ -135,7 +109,7 @@ def sweep(core: Core) -> int:
 async def purge_loop(core: Core) -> None:
     while True:
         try:
-            await run_in_threadpool(sweep, core)
+            await anyio.to_thread.run_sync(sweep, core)
         except Exception:
             log.exception("retention sweep failed; retrying")
         await asyncio.sleep(core.settings.retention_interval_seconds)

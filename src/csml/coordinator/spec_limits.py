@@ -1,18 +1,19 @@
 """Limits on a submitted job spec, checked before anything else parses it.
 
 Invariants:
-- A spec is at most `max_spec_bytes` (413 `spec_too_large`).
+- A spec is at most `max_spec_bytes` (`TooLarge` `spec_too_large`).
 - It is parsed once here by a parser with a fixed recursion limit, so no
   nesting reaches Python's recursion limit later: nesting past that limit, or
   past `max_params_depth` inside params (a few levels more elsewhere), is a
-  400 `too_deeply_nested` naming where.
+  `Malformed` `too_deeply_nested` naming where.
 - Numbers are finite: `NaN` and `Infinity` (which JSON does not have, but
-  Python's parsers accept) are a 422 `invalid_number` naming the field, so
+  Python's parsers accept) are `Invalid` `invalid_number` naming the field, so
   they never reach the params' numeric bounds (every comparison with NaN is false).
 - Params (every step's, for a pipeline) are at most `max_params_bytes` as
-  compact JSON (413 `params_too_large`); `kept_bytes` is what the job keeps of
+  compact JSON (`TooLarge` `params_too_large`); `kept_bytes` is what the job keeps of
   them (empty params: nothing), charged to the identity's stored bytes at
   submission, as `abuse.stored_bytes` counts the params of kept jobs.
+- Refusals are `csml.refusals` kinds (the API maps them to 413, 400, 422).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import math
 from typing import TYPE_CHECKING, Any
 
 import pydantic_core
+from pydantic import ValidationError
 
-from csml.coordinator.errors import ApiError
+from csml.refusals import Invalid, Malformed, TooLarge
 
 if TYPE_CHECKING:
     from csml.coordinator.config import Settings
@@ -35,8 +37,7 @@ SPEC_LEVELS = 3
 def load(raw: bytes, settings: Settings) -> Any:
     """The parsed spec, within its limits (see the module docstring)."""
     if len(raw) > settings.max_spec_bytes:
-        raise ApiError(
-            413,
+        raise TooLarge(
             "spec_too_large",
             f"the spec is over {settings.max_spec_bytes} bytes (CSML_MAX_SPEC_BYTES); "
             "send files as form parts, not inside params",
@@ -47,16 +48,13 @@ def load(raw: bytes, settings: Settings) -> Any:
     except ValueError as exc:
         if "recursion limit" in str(exc):
             raise too_deep("spec", settings.max_params_depth) from None
-        raise ApiError(
-            422, "invalid_spec", f"spec is not valid JSON: {exc}", field="spec"
-        ) from None
+        raise Invalid("invalid_spec", f"spec is not valid JSON: {exc}", field="spec") from None
     check_tree(data, "spec", settings.max_params_depth + SPEC_LEVELS, settings.max_params_depth)
     for where, params in params_of(data):
         check_tree(params, where, settings.max_params_depth, settings.max_params_depth)
     size = kept_bytes(data)
     if size > settings.max_params_bytes:
-        raise ApiError(
-            413,
+        raise TooLarge(
             "params_too_large",
             f"spec.params: {size} bytes of params, over the limit of {settings.max_params_bytes} "
             "(CSML_MAX_PARAMS_BYTES); send data as input files",
@@ -95,9 +93,8 @@ def kept_bytes(data: Any) -> int:
     return size
 
 
-def too_deep(where: str, limit: int) -> ApiError:
-    return ApiError(
-        400,
+def too_deep(where: str, limit: int) -> Malformed:
+    return Malformed(
         "too_deeply_nested",
         f"{where}: lists and objects are nested too deeply (params may nest "
         f"{limit} levels, CSML_MAX_PARAMS_DEPTH)",
@@ -111,8 +108,7 @@ def check_tree(value: Any, where: str, depth_limit: int, params_limit: int) -> N
     while stack:
         node, path, depth = stack.pop()
         if isinstance(node, float) and not math.isfinite(node):
-            raise ApiError(
-                422,
+            raise Invalid(
                 "invalid_number",
                 f"{path}: {node} is not a number this service accepts; send a finite number",
                 field=path,
@@ -126,3 +122,13 @@ def check_tree(value: Any, where: str, depth_limit: int, params_limit: int) -> N
         if depth > depth_limit:
             raise too_deep(path, params_limit)
         stack.extend((child, f"{path}.{key}", depth + 1) for key, child in children)
+
+
+def invalid_spec(exc: ValidationError) -> Invalid:
+    """A submitted `spec` that does not validate: `invalid_spec` naming its first bad field."""
+    err = exc.errors()[0]
+    if err["type"] == "json_invalid":
+        return Invalid("invalid_spec", f"spec is not valid JSON: {err['msg']}", field="spec")
+    loc = ".".join(str(p) for p in err["loc"])
+    field = f"spec.{loc}" if loc else "spec"
+    return Invalid("invalid_spec", f"{field}: {err['msg']}", field=field)

@@ -9,28 +9,33 @@ Invariants:
   the spec takes; a part with any other name (or a second `spec`, or a file
   before the spec) is refused at its headers, before a byte of it is stored.
 - Limits answer as soon as they are passed, without reading the rest: the
-  per-file limit and the per-request total (413), the number of parts (413),
-  and the identity's stored-bytes quota (429), charged with the bytes actually
-  received, chunked or not (`Content-Length` is never trusted).
+  per-file limit and the per-request total (`TooLarge`, 413), the number of parts
+  (`TooLarge`), and the identity's stored-bytes quota (`QuotaExceeded`, 429), charged
+  with the bytes actually received, chunked or not (`Content-Length` is never trusted).
 - Parsing (and so the checks and file writes it makes) runs off the event loop.
+- No web framework here: a request is anything with headers and a streamed body
+  (`StreamedBody`).
+- Refusals are `csml.refusals` kinds; a refusal raised by the spec check or the
+  charge is kept and raised once the parser returns (the part being written is
+  discarded first), any other error propagates as it is.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from fastapi import Request
+import anyio.to_thread
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
-from starlette.concurrency import run_in_threadpool
 
+from csml import refusals
 from csml.coordinator import abuse
-from csml.coordinator.errors import ApiError
 from csml.coordinator.queue import StagedFile
+from csml.refusals import Invalid, Malformed, Refusal, UnsupportedMedia
 from csml.store.blobs import HashingWriter, TooLarge, check_name, fsync_paths
 
 if TYPE_CHECKING:
@@ -91,12 +96,12 @@ class Accepts:
     """The file parts a checked spec takes, and the refusal of any other part name."""
 
     names: Collection[str]
-    refusal: Callable[[str], ApiError]
+    refusal: Callable[[str], Exception]
 
 
-# Checks the spec (raising ApiError) and answers the file parts it takes.
+# Checks the spec (raising a Refusal) and answers the file parts it takes.
 SpecCheck = Callable[[bytes], Accepts]
-# Charged with the bytes of files received so far; raises ApiError past a quota.
+# Charged with the bytes of files received so far; raises a Refusal past a quota.
 Charge = Callable[[int], None]
 
 
@@ -155,7 +160,7 @@ class SubmissionParser:
         self._part: _Part | None = None
         self._field = b""
         self._value = b""
-        self.error: ApiError | None = None
+        self.error: Exception | None = None
         self._parser = MultipartParser(
             boundary,
             callbacks={
@@ -197,7 +202,7 @@ class SubmissionParser:
         self.parts += 1
         if self.parts > self.limits.parts:
             self._fail(
-                413,
+                refusals.TooLarge,
                 "too_many_parts",
                 f"the form has more than {self.limits.parts} parts (CSML_MAX_FORM_PARTS): "
                 "send a `spec` part and one part per input file",
@@ -206,13 +211,13 @@ class SubmissionParser:
 
     def _hfield(self, data: bytes, start: int, end: int) -> None:
         if len(self._field) + end - start > 1024:
-            self._fail(400, "invalid_multipart", "a form part's header is too long", "body")
+            self._fail(Malformed, "invalid_multipart", "a form part's header is too long", "body")
             return
         self._field += data[start:end]
 
     def _hvalue(self, data: bytes, start: int, end: int) -> None:
         if len(self._value) + end - start > 4096:
-            self._fail(400, "invalid_multipart", "a form part's header is too long", "body")
+            self._fail(Malformed, "invalid_multipart", "a form part's header is too long", "body")
             return
         self._value += data[start:end]
 
@@ -233,13 +238,13 @@ class SubmissionParser:
         part.is_file = part.name != "spec"
         part.media_type = safe_media_type(part.headers.get("content-type", ""))
         if part.name is None:
-            self._fail(422, "invalid_multipart", "a form part has no name", "body")
+            self._fail(Invalid, "invalid_multipart", "a form part has no name", "body")
         elif not part.is_file:
             if self.spec is not None:
-                self._fail(422, "duplicate_spec", "the form has two `spec` parts", "spec")
+                self._fail(Invalid, "duplicate_spec", "the form has two `spec` parts", "spec")
         elif self.accepted is None:
             self._fail(
-                422,
+                Invalid,
                 "spec_not_first",
                 f"form part {part.name[:64]!r} came before the `spec` part; send the spec first",
                 "spec",
@@ -247,13 +252,16 @@ class SubmissionParser:
         elif part.name not in self.accepted.names:
             self._fail_with(self.accepted.refusal(part.name[:64]))
         elif part.name in self.files:
-            self._fail(422, "duplicate_input", f"input {part.name!r} sent twice", part.name)
+            self._fail(Invalid, "duplicate_input", f"input {part.name!r} sent twice", part.name)
         else:
             try:
                 check_name(part.name)
             except ValueError:
                 self._fail(
-                    422, "unknown_input", f"{part.name[:64]!r} is not a file name", part.name[:64]
+                    Invalid,
+                    "unknown_input",
+                    f"{part.name[:64]!r} is not a file name",
+                    part.name[:64],
                 )
                 return
             part.writer = HashingWriter(self.staging / part.name, self.limits.file_bytes)
@@ -267,7 +275,7 @@ class SubmissionParser:
             self.received += len(chunk)
             if self.received > self.limits.request_bytes:
                 self._fail(
-                    413,
+                    refusals.TooLarge,
                     "request_too_large",
                     f"the files of this request are over {self.limits.request_bytes} bytes "
                     "together (CSML_MAX_REQUEST_BYTES)",
@@ -280,18 +288,18 @@ class SubmissionParser:
                 part.writer.write(chunk)
             except TooLarge as exc:
                 self._fail(
-                    413,
+                    refusals.TooLarge,
                     "file_too_large",
                     f"input {part.name!r} is larger than the limit of {exc.limit} bytes",
                     part.name,
                 )
-            except ApiError as exc:
+            except Refusal as exc:
                 self._fail_with(exc)
         elif not part.is_file:
             part.buffer += chunk
             if len(part.buffer) > self.limits.spec_bytes:
                 self._fail(
-                    413,
+                    refusals.TooLarge,
                     "spec_too_large",
                     f"the spec part is over {self.limits.spec_bytes} bytes (CSML_MAX_SPEC_BYTES)",
                     "spec",
@@ -317,13 +325,13 @@ class SubmissionParser:
             self.spec = bytes(part.buffer)
             try:
                 self.accepted = self.on_spec(self.spec)
-            except ApiError as exc:
+            except Refusal as exc:
                 self._fail_with(exc)
 
-    def _fail(self, status: int, code: str, message: str, field: str | None) -> None:
-        self._fail_with(ApiError(status, code, message, field=field))
+    def _fail(self, kind: type[Refusal], code: str, message: str, field: str | None) -> None:
+        self._fail_with(kind(code, message, field=field))
 
-    def _fail_with(self, error: ApiError) -> None:
+    def _fail_with(self, error: Exception) -> None:
         if self.error is None:
             self.error = error
         if self._part is not None and self._part.writer is not None:
@@ -331,21 +339,29 @@ class SubmissionParser:
             self._part.writer = None
 
 
-def malformed(exc: Exception) -> ApiError:
-    return ApiError(
-        400,
+def malformed(exc: Exception) -> Malformed:
+    return Malformed(
         "invalid_multipart",
         f"the multipart body is malformed ({exc}); send a `spec` part and one part per file",
         field="body",
     )
 
 
-def boundary_of(request: Request) -> bytes:
+class StreamedBody(Protocol):
+    """What parsing reads of a request: its headers and its body as it streams (an
+    ASGI framework's request, e.g. Starlette's, is one)."""
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    def stream(self) -> AsyncIterator[bytes]: ...
+
+
+def boundary_of(request: StreamedBody) -> bytes:
     ctype, options = parse_options_header(request.headers.get("content-type", ""))
     boundary = options.get(b"boundary")
     if ctype != b"multipart/form-data" or not boundary:
-        raise ApiError(
-            415,
+        raise UnsupportedMedia(
             "unsupported_media_type",
             "send the job as multipart/form-data: a `spec` JSON part, then one part per input file",
             field="content-type",
@@ -354,7 +370,7 @@ def boundary_of(request: Request) -> bytes:
 
 
 async def parse_submission(
-    request: Request,
+    request: StreamedBody,
     staging: Path,
     limits: FormLimits,
     on_spec: SpecCheck,
@@ -366,12 +382,12 @@ async def parse_submission(
     parser = SubmissionParser(boundary_of(request), staging, limits, on_spec, charge)
     try:
         async for chunk in request.stream():
-            await run_in_threadpool(parser.write, chunk)
-        await run_in_threadpool(parser.finalize)
+            await anyio.to_thread.run_sync(parser.write, chunk)
+        await anyio.to_thread.run_sync(parser.finalize)
     except BaseException:
         parser.abort()
         raise
     if parser.spec is None:
-        raise ApiError(422, "missing_spec", "the form has no `spec` part", field="spec")
-    await run_in_threadpool(fsync_paths, [f.path for f in parser.files.values()])
+        raise Invalid("missing_spec", "the form has no `spec` part", field="spec")
+    await anyio.to_thread.run_sync(fsync_paths, [f.path for f in parser.files.values()])
     return parser
