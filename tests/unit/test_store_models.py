@@ -1,6 +1,5 @@
 """The store of user models: found only by their owner, by id or unique prefix, as
-refusals (no status codes); and the catalog shim that turns the catalog's errors into
-refusals of the same kind."""
+refusals (no status codes); and the catalog's refusals mapped to their statuses."""
 
 from __future__ import annotations
 
@@ -9,8 +8,7 @@ from dataclasses import replace
 import pytest
 
 from csml import ids
-from csml.coordinator import catalog_calls
-from csml.coordinator.errors import ApiError, status_of
+from csml.coordinator.errors import status_of
 from csml.refusals import Invalid, Malformed, NotFound
 from csml.store import models
 from csml.store.db import transaction
@@ -76,16 +74,14 @@ def test_models_are_found_by_their_owner_only(make_coordinator: MakeCoordinator)
         assert replace(models.find_owned(session, alice, second), blob="x").blob == "x"
 
 
-def test_catalog_errors_become_refusals_of_their_kind() -> None:
-    unknown = catalog_calls.as_refusal(
-        ApiError(404, "unknown_app", "no application 'x'", field="spec.app")
-    )
-    assert isinstance(unknown, NotFound)
-    assert (unknown.code, unknown.message, unknown.field) == (
-        "unknown_app",
-        "no application 'x'",
-        "spec.app",
-    )
-    details = [{"field": "params.a", "message": "bad"}]
-    bad = catalog_calls.as_refusal(ApiError(422, "invalid_params", "bad", details=details))
-    assert isinstance(bad, Invalid) and bad.details == details
+def test_the_catalog_refuses_with_refusals_of_their_kind(
+    make_coordinator: MakeCoordinator,
+) -> None:
+    catalog = make_coordinator().core.catalog
+    with pytest.raises(NotFound) as unknown:
+        catalog.get("no-such-app")
+    assert unknown.value.code == "unknown_app" and status_of(unknown.value) == 404
+    with pytest.raises(Invalid) as bad:
+        catalog.check_params("echo", "spin", {"seconds": "not a number"})
+    assert bad.value.code == "invalid_params" and status_of(bad.value) == 422
+    assert bad.value.details

@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from csml import ids
 from csml.apps.base import MODEL_PARAM
-from csml.coordinator import catalog_calls, quotas
+from csml.coordinator import quotas
 from csml.coordinator.catalog import Catalog
 from csml.refusals import Invalid, Refusal
 from csml.schemas import FileSpec, JobSpec, OperationInfo
@@ -110,7 +110,7 @@ def attach(
     model_ref = requested_model(spec)
     if model_ref is None:
         return
-    _, op = catalog_calls.operation(catalog, spec.app, spec.operation, session)
+    _, op = catalog.operation(spec.app, spec.operation, session)
     want = model_input(op)
     if want is None:  # the params schema already refuses this; keep the check local too
         raise Invalid("invalid_params", f"{op.name} takes no model", field="spec.params")
@@ -174,7 +174,7 @@ def keep_outputs(
     as the model quota allows now (checked here, in the transaction that keeps them);
     an output past it stays an ordinary output and the job's message says so."""
     try:
-        _, op = catalog_calls.operation(catalog, job.app, job.operation, session)
+        _, op = catalog.operation(job.app, job.operation, session)
     except Refusal:
         return
     declared = {f.name: f.model for f in op.outputs if f.model is not None}
@@ -217,7 +217,7 @@ def keep_outputs(
 
 def importable(catalog: Catalog, app: str, fmt: str) -> FileSpec:
     """The model input of `app` that reads format `fmt` (for `POST /v1/models`)."""
-    entry = catalog_calls.entry(catalog, app)
+    entry = catalog.get(app)
     formats: list[str] = []
     for op in entry.manifest.operations:
         want = model_input(op)

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from csml.apps.base import MODEL_PARAM
-from csml.coordinator import artifacts, catalog_calls, quotas, spec_limits
+from csml.coordinator import artifacts, quotas, spec_limits
 from csml.refusals import Invalid, NotFound, Refusal
 from csml.schemas import JobSpec, OperationInfo, PipelineSpec, StepSpec
 from csml.schemas.pipelines import UPLOAD_PREFIX
@@ -80,12 +80,12 @@ def validate(catalog: Catalog, spec: PipelineSpec) -> list[OperationInfo]:
                 field=f"{base}.name",
             )
         try:
-            _, op = catalog_calls.operation(catalog, step.app, step.operation)
+            _, op = catalog.operation(step.app, step.operation)
         except Refusal as exc:
             where = "app" if exc.code == "unknown_app" else "operation"
             raise _step_error(exc, base, f"{base}.{where}") from None
         try:
-            catalog_calls.check_params(catalog, step.app, op.name, step.params)
+            catalog.check_params(step.app, op.name, step.params)
         except Refusal as exc:
             raise _step_error(exc, base, f"{base}.{exc.field or 'params'}") from None
         _check_wiring(step, op, base, seen, names)
@@ -200,7 +200,7 @@ def check_models(session: Session, core: Core, owner_id: str, spec: PipelineSpec
         if not isinstance(ref, str):
             continue
         base = f"spec.steps.{i}"
-        _, op = catalog_calls.operation(core.catalog, step.app, step.operation)
+        _, op = core.catalog.operation(step.app, step.operation)
         want = artifacts.model_input(op)
         try:
             if want is None:

@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from csml import ids
 from csml.apps.base import MODEL_PARAM
-from csml.coordinator import artifacts, catalog_calls, pipeline_spec, quotas
+from csml.coordinator import artifacts, pipeline_spec, quotas
 from csml.coordinator import queue as q
 from csml.refusals import Conflict, Invalid, Refusal
 from csml.schemas import Job as JobView
@@ -142,7 +142,7 @@ def create_step(queue: q.JobQueue, session: Session, parent: Job, index: int) ->
     step = step_specs(parent)[index]
     label = _label(index, step)
     try:
-        _, op = catalog_calls.operation(queue.catalog, step.app, step.operation, session)
+        _, op = queue.catalog.operation(step.app, step.operation, session)
     except Refusal as exc:
         return f"{label} cannot start: {exc.message}"
     served_rank = store.lock_app(session, step.app)
