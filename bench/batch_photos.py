@@ -51,6 +51,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 TARGET_RATIO = 1.10
 SIDES = (160, 320)
 WARMUP_PHOTOS = 4
+NOISY_SHARE = 0.25  # others above this share of the machine: the wall ratio is noise
 
 
 def uptime() -> str:
@@ -62,6 +63,12 @@ def uptime() -> str:
 
 def load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
+
+
+def others_share(window: dict[str, Any]) -> float:
+    """The share of the machine's CPU other processes took during a window."""
+    capacity = (os.cpu_count() or 1) * window["wall_s"]
+    return round(window["everything_else_cpu_s"] / max(1e-9, capacity), 3)
 
 
 def run_cli(cluster: Cluster, photos: Path, out: Path, concurrency: int | None) -> dict[str, Any]:
@@ -189,6 +196,12 @@ def main(argv: list[str] | None = None) -> int:
         and manifest["succeeded"] == count
         and not mismatched
     )
+    shares = {
+        "pool before": others_share(first.window),
+        "csml batch": others_share(cpu),
+        "pool after": others_share(second.window),
+    }
+    noisy = max(shares.values()) > NOISY_SHARE
     result: dict[str, Any] = {
         "machine": machine,
         "photos": count,
@@ -224,6 +237,13 @@ def main(argv: list[str] | None = None) -> int:
         "faces_found_total": sum(first.faces.values()),
         "target_ratio": TARGET_RATIO,
         "status": "PASS" if ok else "MISS",
+        "others_share_of_machine": shares,
+        "note": (
+            f"unreliable wall ratio: other processes took up to {max(shares.values()):.0%} of "
+            "the machine during a window (the CPU ratio is the load-robust figure)"
+            if noisy
+            else ""
+        ),
         "uptime_at_end": uptime(),
     }
     print_report(result)
@@ -271,6 +291,8 @@ def print_report(r: dict[str, Any]) -> None:
         f"{r['ratio_wall_warm']}, CPU {r['ratio_cpu']} ({r['extra_cpu_ms_per_photo']} ms extra "
         f"CPU per photo); target <= {r['target_ratio']}: {r['status']}"
     )
+    if r["note"]:
+        print(f"NOTE: {r['note']}; others' share per window {r['others_share_of_machine']}")
     if r["face_count_mismatches"]:
         print(f"face count mismatches: {r['face_count_mismatches']}")
     print(r["uptime_at_end"])
