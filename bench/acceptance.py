@@ -89,7 +89,7 @@ def others_share(cpu: dict[str, Any] | None) -> float:
 def noise_note(share: float) -> str:
     if share <= NOISY_SHARE:
         return ""
-    return f"other processes took {share:.0%} of the machine during this window"
+    return f"other processes took {share:.0%} of the machine during the window(s)"
 
 
 def rows_core(part: dict[str, Any], wanted: set[str]) -> list[dict[str, Any]]:
@@ -99,7 +99,9 @@ def rows_core(part: dict[str, Any], wanted: set[str]) -> list[dict[str, Any]]:
         tag = r["metric"][1 : r["metric"].index(")")] if r["metric"].startswith("(") else ""
         if set(tag.split(",")) & wanted:
             window = (res.get(WINDOWS.get(tag, ""), {}) or {}).get("cpu")
-            rows.append({**r, "note": noise_note(others_share(window))})
+            counts = any(w in r["metric"] for w in ("requests per", "statements", "commits"))
+            note = "" if counts else noise_note(others_share(window))
+            rows.append({**r, "note": note})
     return rows
 
 
@@ -134,9 +136,16 @@ def rows_coordinators(part: dict[str, Any]) -> list[dict[str, Any]]:
     res = part.get("result", {})
     rows = []
     for r in res.get("summary", []):
-        mode = "capped" if " capped " in r["metric"] else "uncapped"
+        words = r["metric"].split()
+        mode = "capped" if words[1] == "capped" else "uncapped"
+        n = words[2] if mode == "capped" else words[1]
         runs = res.get(mode) or {}
-        shares = [others_share(x.get("cpu")) for x in runs.values() if isinstance(x, dict)]
+        involved = (
+            [runs.get(n), runs.get("1")]
+            if mode == "capped" or "vs one" in r["metric"]
+            else [runs.get(n)]
+        )
+        shares = [others_share(x.get("cpu")) for x in involved if isinstance(x, dict)]
         rows.append({**r, "note": noise_note(max(shares, default=0.0))})
     return rows
 
