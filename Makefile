@@ -9,7 +9,7 @@ MYPY ?= $(call tool,mypy)
 MKDOCS ?= $(call tool,mkdocs)
 LINTED = src tests bench deploy
 
-.PHONY: lint typecheck test-fast test bench docs images wheelhouse test-containers bench-containers
+.PHONY: lint typecheck test-fast test bench bench-full bench-full-quick docs images wheelhouse test-containers bench-containers
 
 # Lint and formatting (ruff), as scripts/test.sh and pre-commit check them.
 lint:
@@ -31,6 +31,16 @@ test:
 # The core benchmark (throughput, latency, OpenCV overhead); see bench/README.md for the others.
 bench:
 	$(PYTHON) bench/core.py
+
+# Every acceptance benchmark of the performance issue (a-e, the 1,000-photo batch and
+# 1 -> 2 -> 4 coordinators on PostgreSQL included), one table, bench/results/acceptance-*.json.
+# Extra options: make bench-full BENCH_ARGS="--only batch,e"
+bench-full:
+	$(PYTHON) bench/acceptance.py $(BENCH_ARGS)
+
+# The same at smoke-test sizes (a few minutes).
+bench-full-quick:
+	$(PYTHON) bench/acceptance.py --quick $(BENCH_ARGS)
 
 # The documentation site, failing on any warning or broken link.
 docs:

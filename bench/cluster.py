@@ -69,6 +69,32 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
+def tree_cpu_by_depth(pid: int) -> list[float]:
+    """CPU of a process tree split by depth: [0] the process itself, [1] its children,
+    [2] their children, ... What a process reaped is counted one level below it (a
+    worker's zygote reaps its job children: their CPU lands at depth 2)."""
+    depths: list[float] = []
+
+    def add(depth: int, seconds: float) -> None:
+        while len(depths) <= depth:
+            depths.append(0.0)
+        depths[depth] += seconds
+
+    stack = [(pid, 0)]
+    while stack:
+        p, depth = stack.pop()
+        try:
+            own = proc_cpu_seconds(p, reaped_children=False)
+            reaped = proc_cpu_seconds(p) - own
+            kids = child_pids(p)
+        except OSError:
+            continue
+        add(depth, own)
+        add(depth + 1, reaped)
+        stack.extend((k, depth + 1) for k in kids)
+    return depths
+
+
 def machine_busy_ticks() -> tuple[int, int]:
     """(busy, total) jiffies over all CPUs, from /proc/stat."""
     with open("/proc/stat") as f:
@@ -83,12 +109,14 @@ class CpuWindow:
 
     pids: dict[str, int]
     start: dict[str, float] = field(default_factory=dict)
+    depths0: dict[str, list[float]] = field(default_factory=dict)
     busy0: tuple[int, int] = (0, 0)
     t0: float = 0.0
     own0: float = 0.0
 
     def __enter__(self) -> CpuWindow:
         self.start = {name: tree_cpu_seconds(pid) for name, pid in self.pids.items()}
+        self.depths0 = {name: tree_cpu_by_depth(pid) for name, pid in self.pids.items()}
         self.busy0 = machine_busy_ticks()
         self.own0 = _own_cpu()
         self.t0 = time.perf_counter()
@@ -102,6 +130,20 @@ class CpuWindow:
         self.used["bench client (this process)"] = _own_cpu() - self.own0
         busy1 = machine_busy_ticks()
         self.machine_busy = (busy1[0] - self.busy0[0]) / max(1, busy1[1] - self.busy0[1])
+        self.depths: dict[str, list[float]] = {}
+        for name, pid in self.pids.items():
+            now, before = tree_cpu_by_depth(pid), self.depths0[name]
+            before = before + [0.0] * (len(now) - len(before))
+            self.depths[name] = [max(0.0, a - b) for a, b in zip(now, before, strict=False)]
+
+    def add(self, name: str, seconds: float) -> None:
+        """Count a process measured some other way (e.g. a command's rusage) as ours,
+        not as "everything else"."""
+        self.used[name] = self.used.get(name, 0.0) + seconds
+
+    def by_depth(self, name: str) -> list[float]:
+        """CPU seconds of one named tree over the window, per depth (see tree_cpu_by_depth)."""
+        return [round(s, 3) for s in self.depths.get(name, [])]
 
     def report(self) -> dict[str, object]:
         """CPU seconds and share of one core per process over the window.
@@ -204,9 +246,20 @@ class Cluster:
         )
         wait_healthy(self.url, self.coordinator)
 
-    def start_workers(self, app: str, count: int, slots: int) -> None:
-        token = self.csml("join-token", "create", "--any-app", "--label", "bench")
-        for _ in range(count):
+    def start_workers(
+        self,
+        app: str,
+        count: int,
+        slots: int,
+        *,
+        urls: list[str] | None = None,
+        join_token: str | None = None,
+    ) -> None:
+        """`count` worker processes; with `urls`, spread round-robin over those
+        coordinators (all on one store) instead of this cluster's own."""
+        token = join_token or self.csml("join-token", "create", "--any-app", "--label", "bench")
+        targets = urls or [self.url]
+        for i in range(count):
             n = len(self.workers)
             self.workers.append(
                 subprocess.Popen(
@@ -218,7 +271,7 @@ class Cluster:
                         "--app",
                         app,
                         "--coordinator",
-                        self.url,
+                        targets[i % len(targets)],
                         "--join-token",
                         token,
                         "--slots",
@@ -230,12 +283,14 @@ class Cluster:
                     stdin=subprocess.DEVNULL,
                 )
             )
-        self.wait_workers(app, count)
+        self.wait_workers(app, count, url=targets[0])
 
-    def wait_workers(self, app: str, count: int, timeout: float = 60) -> None:
+    def wait_workers(
+        self, app: str, count: int, timeout: float = 60, url: str | None = None
+    ) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            apps = {a["name"]: a for a in httpx.get(f"{self.url}/v1/apps").json()}
+            apps = {a["name"]: a for a in httpx.get(f"{url or self.url}/v1/apps").json()}
             if app in apps and apps[app]["workers"] >= count:
                 return
             time.sleep(0.1)
@@ -247,8 +302,7 @@ class Cluster:
         return client
 
     def pids(self) -> dict[str, int]:
-        assert self.coordinator is not None
-        named = {"coordinator": self.coordinator.pid}
+        named = {} if self.coordinator is None else {"coordinator": self.coordinator.pid}
         for i, w in enumerate(self.workers):
             named[f"worker {i} (+zygote, jobs)"] = w.pid
         return named

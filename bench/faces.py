@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import multiprocessing
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -62,26 +63,32 @@ def load_sources() -> list[np.ndarray]:
     return images
 
 
-def _variant(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A random crop (60-100 % of each side), resized to a 300-600 px long side, maybe flipped."""
+def _variant(
+    image: np.ndarray, rng: np.random.Generator, sides: tuple[int, int] = (300, 600)
+) -> np.ndarray:
+    """A random crop (60-100 % of each side), resized to a long side in `sides` px
+    (300-600 by default), maybe flipped."""
     h, w = image.shape[:2]
     ch, cw = int(h * rng.uniform(0.6, 1.0)), int(w * rng.uniform(0.6, 1.0))
     y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
     crop = image[y : y + ch, x : x + cw]
-    scale = rng.uniform(300, 600) / max(ch, cw)
+    scale = rng.uniform(*sides) / max(ch, cw)
     size = (max(1, round(cw * scale)), max(1, round(ch * scale)))
     out = cv2.resize(crop, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
     return cv2.flip(out, 1) if rng.random() < 0.5 else out
 
 
-def make_images(folder: Path, count: int, seed: int = 7) -> list[Path]:
-    """Write `count` distinct images (alternately JPEG and PNG) and return their paths."""
+def make_images(
+    folder: Path, count: int, seed: int = 7, sides: tuple[int, int] = (300, 600)
+) -> list[Path]:
+    """Write `count` distinct images (alternately JPEG and PNG), each a random crop of a
+    scikit-image photo with a long side in `sides` px, and return their paths."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     sources = load_sources()
     paths = []
     for i in range(count):
-        image = _variant(sources[i % len(sources)], rng)
+        image = _variant(sources[i % len(sources)], rng, sides)
         path = folder / f"img{i:04d}.{'jpg' if i % 2 else 'png'}"
         if not cv2.imwrite(str(path), image):
             raise RuntimeError(f"could not write {path}")
@@ -124,7 +131,10 @@ class BaselineRun:
     startup_s: float
     faces: dict[str, int]
     per_image_s: list[float]
-    cpu_s: float
+    cpu_s: float  # CPU of the detections alone (inside the pool's processes)
+    # The timed window seen from outside: CPU of each pool process and of this process,
+    # machine busy %, everything else (bench.cluster.CpuWindow.report()).
+    window: dict[str, Any] = field(default_factory=dict)
 
 
 def _ready(_: int) -> bool:
@@ -138,14 +148,18 @@ def run_baseline(images: list[Path], out_dir: Path, processes: int = 2) -> Basel
     OpenCV's thread pool, which a fork would inherit half-initialised) and is started
     and warmed before the clock starts, as CSML's workers are.
     """
+    from cluster import CpuWindow
+
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(str(p), str(out_dir / f"{p.stem}.png")) for p in images]
     t0 = time.perf_counter()
     with multiprocessing.get_context("spawn").Pool(processes, initializer=_init_worker) as pool:
         if not all(pool.map(_ready, range(processes), chunksize=1)):
             raise RuntimeError("baseline pool did not load the cascade")
+        pids = {f"pool process {i}": p.pid for i, p in enumerate(pool._pool)}  # type: ignore[attr-defined]
         start = time.perf_counter()
-        rows = pool.map(detect_file, jobs, chunksize=1)
+        with CpuWindow(pids) as cpu:
+            rows = pool.map(detect_file, jobs, chunksize=1)
         wall = time.perf_counter() - start
     return BaselineRun(
         wall_s=wall,
@@ -153,6 +167,7 @@ def run_baseline(images: list[Path], out_dir: Path, processes: int = 2) -> Basel
         faces={row[0]: row[1] for row in rows},
         per_image_s=[row[2] for row in rows],
         cpu_s=sum(row[3] for row in rows),
+        window=cpu.report(),
     )
 
 
