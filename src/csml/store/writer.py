@@ -1,4 +1,4 @@
-"""The writer: every write of the hot path goes through one `Writer`.
+"""The writer: every write of the hot path goes through one `Writer`, by group commit.
 
 A write is an operation `op(conn) -> T` over a SQLAlchemy Core `Connection` that is
 already inside a write transaction. `Writer.run(op)` (from any thread) and
@@ -8,42 +8,364 @@ caller that answers 2xx after `run` returns never acknowledges a row that is not
 on disk. If `op` raises, nothing it wrote is kept and the caller gets the error.
 
 Operations must be short, touch only the store (no network, no file I/O that can
-block for long), and must not call the writer themselves.
+block for long), return plain values (not a `Result` to read later), must not
+commit or roll back the connection themselves, and must not call the writer (that
+raises `RuntimeError` instead of deadlocking). Whatever should happen once a write is
+durable (wake a long-poll, notify another coordinator, answer the client) the caller
+does after `run` returns: there is no callback inside the writer.
 
-This first implementation gives each operation its own transaction (one commit, one
-fsync on SQLite). Group commit replaces the inside of this class without changing
-its contract: see the invariants it must keep in `GroupCommit` once it exists.
+How (group commit): one thread owns one write connection (on SQLite a connection
+whose transactions begin with BEGIN IMMEDIATE, see `csml.store.db`). Callers put
+their operation on a queue and wait on a future. The thread takes the first pending
+operation, BEGINs, and runs it and every operation that is pending by the time it is
+done, each inside its own SAVEPOINT (`conn.begin_nested()`), until the queue is empty
+or the batch reaches `max_batch_ops` operations or `max_batch_seconds` of work; then
+it COMMITs once (one fsync on SQLite in WAL with synchronous=FULL; one WAL flush on
+PostgreSQL) and resolves every caller: threads through a `concurrent.futures.Future`,
+coroutines through an asyncio future settled with one `call_soon_threadsafe` per event
+loop per batch. There is no waiting for company: a lone operation commits at once,
+and while one COMMIT runs the next batch gathers in the queue by itself.
+
+Invariants:
+- No result, and no error, is delivered before the COMMIT of its batch has returned.
+  An operation that raised is rolled back to its savepoint alone; the others of its
+  batch commit; its caller gets its exception (after the COMMIT, so a refusal is never
+  seen before the state it was decided on is durable).
+- If BEGIN or COMMIT fails, or an operation leaves the transaction unusable (a lost
+  connection; SQLite rolling the whole transaction back on SQLITE_FULL or IOERR),
+  every operation of the batch fails with `CommitFailed` (an `Unavailable` refusal,
+  code `store_unavailable`: 503) and none is acknowledged; the writer throws the
+  connection away and the next batch opens a fresh one.
+- Operations run one at a time, in the order they were queued, each seeing the
+  writes of the operations before it in its batch (serial execution, one transaction).
+- `close()` accepts nothing more (`WriterClosed`), runs everything already accepted,
+  then stops the thread. If the thread dies of something unexpected (an operation
+  raising a BaseException such as SystemExit, a bug here), every operation it held
+  and every queued one fails with `WriterCrashed`, so no caller hangs, and the next
+  `run` starts a fresh thread.
+- A caller that stops waiting (a cancelled coroutine, an interrupted thread) does not
+  cancel its operation: once accepted it runs, and commits or not like the others.
+
+Crash analysis (SIGKILL or power loss of the coordinator at each point; durability is
+that of the database: SQLite WAL with synchronous=FULL, PostgreSQL with fsync on):
+1. Before BEGIN (operations queued, or the thread idle): the queue is in memory and
+   lost, but none of its callers has been answered (a reply needs `run` to return,
+   which needs a COMMIT after the operation was queued), so nothing acknowledged is
+   lost; clients see a broken connection and retry.
+2. Mid-batch (after BEGIN, some operations run): the transaction never committed.
+   SQLite's WAL holds no commit frame for it (readers and recovery ignore frames
+   without one); PostgreSQL aborts it. Nothing of the batch survives, and nothing of
+   it was acknowledged: results are delivered only after COMMIT.
+3. During COMMIT: the transaction is either durable (the commit record reached disk
+   before the kill: the fsync, or PostgreSQL's WAL flush, completed) or absent, never
+   half there (atomic commit). Either way no caller was answered yet: the outcome of
+   a possibly-durable batch is unknown to its callers, as with any database that dies
+   after the commit record is written and before the reply; clients retry with their
+   own request ids where that matters.
+4. After COMMIT, before or while the replies go out: the batch is durable; some
+   callers may not have been answered. Rows may exist that nobody acknowledged, never
+   the reverse.
+Hence: every acknowledged write was committed by a COMMIT that returned before the
+acknowledgement, and a returned COMMIT is on disk. `tests/integration/
+test_writer_durability.py` checks it by SIGKILLing a process mid-stream.
+
+The writer holds one connection of the engine's pool for its life (opened with the
+first operation). It is not fork-safe: make it after forking.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import queue
+import sqlite3
+import threading
+import time
 from collections.abc import Callable
-from typing import TypeVar
+from concurrent.futures import Future
+from typing import Any, TypeVar, cast
 
-import anyio.to_thread
 from sqlalchemy.engine import Connection, Engine
 
+from csml.refusals import Unavailable
 from csml.store.db import WRITE_OPTION
+
+log = logging.getLogger("csml.store")
 
 T = TypeVar("T")
 WriteOp = Callable[[Connection], T]
+
+MAX_BATCH_OPS = 256
+MAX_BATCH_SECONDS = 0.005  # of work in one transaction before it commits
+
+
+class CommitFailed(Unavailable):
+    """The batch holding this write did not commit (BEGIN, COMMIT or the connection
+    failed): nothing of it was acknowledged. `__cause__` is the database's error."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(
+            "store_unavailable", f"the store could not commit this write ({why}); retry"
+        )
+
+
+class WriterClosed(Unavailable):
+    """The writer was closed (the coordinator is stopping): the write was not accepted."""
+
+    def __init__(self) -> None:
+        super().__init__("store_unavailable", "the store is shutting down; retry")
+
+
+class WriterCrashed(Unavailable):
+    """The writer thread died while it held this write: its outcome is unknown."""
+
+    def __init__(self) -> None:
+        super().__init__("store_unavailable", "the store's writer stopped unexpectedly; retry")
+
+
+class _BatchBroken(Exception):
+    """An operation left the transaction unusable: the whole batch is lost."""
+
+
+class _Op:
+    """One accepted operation and how to answer its caller."""
+
+    __slots__ = ("error", "loop", "op", "sent", "value", "waiter")
+
+    def __init__(
+        self,
+        op: WriteOp[Any],
+        waiter: Future[Any] | asyncio.Future[Any],
+        loop: asyncio.AbstractEventLoop | None,
+    ) -> None:
+        self.op = op
+        self.waiter = waiter
+        self.loop = loop  # None: a thread waits on a concurrent.futures.Future
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.sent = False
+
+
+_STOP = object()  # queued by close(): everything before it runs, then the thread ends
 
 
 class Writer:
     """Runs write operations durably against one engine (see the module docstring)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_batch_ops: int = MAX_BATCH_OPS,
+        max_batch_seconds: float = MAX_BATCH_SECONDS,
+    ) -> None:
+        if max_batch_ops < 1:
+            raise ValueError("max_batch_ops must be at least 1")
         self.engine = engine
+        self.max_batch_ops = max_batch_ops
+        self.max_batch_seconds = max_batch_seconds
+        self._queue: queue.SimpleQueue[_Op | object] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # guards _closed, _thread and enqueueing
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._ident: int | None = None  # the writer thread's, for the reentrancy guard
+        self._conn: Connection | None = None  # touched only by the writer thread
+
+    # -- callers ---------------------------------------------------------------------
 
     def run(self, op: WriteOp[T]) -> T:
         """Run `op` in a write transaction; return its result once committed."""
-        with self.engine.connect().execution_options(**{WRITE_OPTION: True}) as conn:
-            with conn.begin():
-                return op(conn)
+        waiter: Future[Any] = Future()
+        self._accept(_Op(op, waiter, None))
+        return cast(T, waiter.result())
 
     async def run_async(self, op: WriteOp[T]) -> T:
         """`run` for coroutines: the event loop keeps serving while `op` commits."""
-        return await anyio.to_thread.run_sync(self.run, op)
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Any] = loop.create_future()
+        self._accept(_Op(op, waiter, loop))
+        return cast(T, await waiter)
 
     def close(self) -> None:
         """Stop accepting operations (those already accepted finish first)."""
+        self._refuse_inside("close")
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                if self._thread is not None:
+                    self._queue.put(_STOP)
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+
+    @property
+    def pending(self) -> int:
+        """Operations accepted and not yet taken into a batch (approximate)."""
+        return self._queue.qsize()
+
+    def _refuse_inside(self, what: str) -> None:
+        if self._ident is not None and threading.get_ident() == self._ident:
+            raise RuntimeError(
+                f"Writer.{what} called from inside a write operation: it would wait for "
+                "itself; do the write in the same operation, or after run() returns"
+            )
+
+    def _accept(self, item: _Op) -> None:
+        self._refuse_inside("run")
+        with self._lock:
+            if self._closed:
+                raise WriterClosed()
+            if self._thread is None:
+                thread = threading.Thread(target=self._main, name="csml-writer", daemon=True)
+                thread.start()
+                self._thread = thread
+            self._queue.put(item)
+
+    # -- the writer thread -------------------------------------------------------------
+
+    def _main(self) -> None:
+        self._ident = threading.get_ident()
+        batch: list[_Op] = []
+        clean = False
+        try:
+            stopping = False
+            while not stopping:
+                first = self._queue.get()
+                if first is _STOP:
+                    break
+                batch = [cast(_Op, first)]
+                stopping = self._run_batch(batch)
+                _deliver(batch)
+                batch = []
+            clean = True
+        except BaseException:
+            log.exception("the store's writer thread crashed; failing its operations")
+        finally:
+            self._discard_connection()
+            with self._lock:
+                self._thread = None
+                self._ident = None
+                leftovers: list[_Op] = []
+                while True:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is not _STOP:
+                        leftovers.append(cast(_Op, item))
+            if not clean:
+                stranded = [item for item in batch if not item.sent] + leftovers
+                for item in stranded:
+                    item.error = WriterCrashed()
+                _deliver(stranded)
+
+    def _run_batch(self, batch: list[_Op]) -> bool:
+        """Run `batch` (growing it from the queue) in one transaction and commit.
+
+        Sets each operation's value or error; returns True if close() was seen."""
+        deadline = time.monotonic() + self.max_batch_seconds
+        stop = False
+        try:
+            conn = self._connection()
+            trans = conn.begin()
+            done = 0
+            while True:
+                _apply(conn, batch[done])
+                done += 1
+                if len(batch) >= self.max_batch_ops or time.monotonic() >= deadline:
+                    break
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is _STOP:
+                    stop = True
+                    break
+                batch.append(cast(_Op, more))
+            trans.commit()
+        except Exception as exc:
+            why = "the transaction broke" if isinstance(exc, _BatchBroken) else type(exc).__name__
+            cause = exc.__cause__ if isinstance(exc, _BatchBroken) else exc
+            log.warning("a write batch of %d failed: %s", len(batch), cause)
+            for item in batch:
+                failed = CommitFailed(why)
+                failed.__cause__ = cause
+                item.error = failed
+            self._discard_connection()
+        return stop
+
+    def _connection(self) -> Connection:
+        if self._conn is None:
+            self._conn = self.engine.connect().execution_options(**{WRITE_OPTION: True})
+        return self._conn
+
+    def _discard_connection(self) -> None:
+        """Drop the connection (rolling back whatever it holds); the next batch opens one."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        # Already broken: closing is all that is left, so errors here are only logged.
+        try:
+            conn.invalidate()  # the pool closes the DB-API connection instead of reusing it
+            conn.close()
+        except Exception as exc:
+            log.debug("closing the writer's broken connection: %s", exc)
+
+
+def _apply(conn: Connection, item: _Op) -> None:
+    """Run one operation in its own savepoint; raise _BatchBroken if the batch is lost."""
+    try:
+        with conn.begin_nested():
+            item.value = item.op(conn)
+    except Exception as exc:
+        item.error = exc
+        if not _usable(conn):
+            raise _BatchBroken() from exc
+
+
+def _usable(conn: Connection) -> bool:
+    """Whether the batch's transaction is still open and healthy after an error."""
+    if conn.invalidated or not conn.in_transaction():
+        return False
+    dbapi = conn.connection.dbapi_connection
+    if isinstance(dbapi, sqlite3.Connection):
+        # SQLite rolls the whole transaction back by itself on some errors (FULL, IOERR,
+        # NOMEM, BUSY); the statements after would run outside any transaction.
+        return dbapi.in_transaction
+    status = getattr(getattr(dbapi, "info", None), "transaction_status", None)
+    if status is not None:  # psycopg 3: INERROR after a failed ROLLBACK TO SAVEPOINT
+        return getattr(status, "name", "") == "INTRANS"
+    return True
+
+
+def _deliver(batch: list[_Op]) -> None:
+    """Answer every caller of `batch` (threads now; each event loop with one call)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[_Op]] = {}
+    for item in batch:
+        if item.loop is None:
+            waiter = cast(Future[Any], item.waiter)
+            if item.error is None:
+                waiter.set_result(item.value)
+            else:
+                waiter.set_exception(item.error)
+            item.sent = True
+        else:
+            by_loop.setdefault(item.loop, []).append(item)
+    for loop, items in by_loop.items():
+        for item in items:
+            item.sent = True
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+            loop.call_soon_threadsafe(_settle, items)
+
+
+def _settle(items: list[_Op]) -> None:
+    """In the caller's event loop: resolve the futures still waited on."""
+    for item in items:
+        waiter = cast(asyncio.Future[Any], item.waiter)
+        if waiter.done():  # its coroutine was cancelled
+            continue
+        if item.error is None:
+            waiter.set_result(item.value)
+        else:
+            waiter.set_exception(item.error)
