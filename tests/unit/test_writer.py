@@ -4,6 +4,7 @@ failures of a whole batch, close, the reentrancy guard and a crashed writer thre
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -233,18 +234,50 @@ def test_a_failing_op_is_rolled_back_alone(engine: Engine, writer: Writer) -> No
 
 
 def test_no_result_before_commit_even_for_a_failing_op(engine: Engine, writer: Writer) -> None:
-    seen: list[str] = []
-
-    @event.listens_for(engine, "commit")
-    def _commit(_conn: Any) -> None:
-        seen.append("commit")
+    gate = Gate(writer)
+    seen_on_error: list[set[str]] = []
 
     def fails(conn: Connection) -> None:
+        conn.execute(insert(ITEMS).values(tag="never"))
         raise LookupError("nope")
 
-    with pytest.raises(LookupError):
-        writer.run(fails)
-    assert seen == ["commit"]  # the error came back only after its batch's COMMIT
+    def caller() -> None:
+        try:
+            writer.run(fails)
+        except LookupError:
+            seen_on_error.append(tags(engine))  # what a fresh reader sees at that moment
+
+    with ThreadPoolExecutor(2) as pool:
+        held = pool.submit(writer.run, gate.op(add("batch-mate")))
+        assert gate.entered.wait(10)
+        failing = pool.submit(caller)
+        gate.open_when_pending(1)
+        held.result(10)
+        failing.result(10)
+    # the refusal came back only once the batch it ran in (with its mate) had committed
+    assert seen_on_error == [{"batch-mate"}]
+
+
+def test_a_failing_first_op_is_rolled_back_and_the_rest_commit(
+    engine: Engine, writer: Writer
+) -> None:
+    gate = Gate(writer)
+    before = commits(engine)
+
+    def then_fail(conn: Connection) -> None:
+        conn.execute(insert(ITEMS).values(tag="first-fails"))
+        raise ValueError("first op refused")
+
+    with ThreadPoolExecutor(4) as pool:
+        held = pool.submit(writer.run, gate.op(then_fail))  # first of its transaction
+        assert gate.entered.wait(10)
+        rest = [pool.submit(writer.run, add(f"r{i}")) for i in range(3)]
+        gate.open_when_pending(3)
+        with pytest.raises(ValueError, match="first op refused"):
+            held.result(10)
+        assert sorted(f.result(10) for f in rest) == [1, 2, 3]
+    assert tags(engine) == {"r0", "r1", "r2"}
+    assert commits(engine) - before == 1
 
 
 def test_batches_are_bounded_by_count(engine: Engine) -> None:
@@ -401,7 +434,7 @@ def test_a_cancelled_coroutine_does_not_cancel_its_write(engine: Engine, writer:
 
 def test_savepoints_on_pysqlite_keep_the_transaction_open(engine: Engine) -> None:
     """pysqlite with isolation_level None (csml.store.db): SAVEPOINT, ROLLBACK TO and
-    RELEASE run as sent, inside the BEGIN IMMEDIATE transaction."""
+    RELEASE run as sent, inside the BEGIN IMMEDIATE transaction, which stays open."""
     sent: list[str] = []
 
     @event.listens_for(engine, "before_cursor_execute")
@@ -409,18 +442,48 @@ def test_savepoints_on_pysqlite_keep_the_transaction_open(engine: Engine) -> Non
         if statement.split()[0] in ("BEGIN", "SAVEPOINT", "RELEASE", "ROLLBACK"):
             sent.append(" ".join(w for w in statement.split() if "sa_savepoint" not in w))
 
-    writer = Writer(engine)
+    writer = Writer(engine, max_batch_seconds=10.0)
+    gate = Gate(writer)
+    still_open: list[bool] = []
+
+    def after_rollback_to(conn: Connection) -> int:
+        dbapi = conn.connection.dbapi_connection
+        assert isinstance(dbapi, sqlite3.Connection)
+        still_open.append(dbapi.in_transaction)
+        return add("third")(conn)
+
     try:
-        writer.run(add("sp"))
-        with pytest.raises(ZeroDivisionError):
-            writer.run(lambda conn: 1 // 0)
+        with ThreadPoolExecutor(4) as pool:
+            held = pool.submit(writer.run, gate.op(add("first")))
+            assert gate.entered.wait(10)
+            ops: list[Callable[[Connection], Any]] = [
+                add("second"),
+                lambda conn: 1 // 0,
+                after_rollback_to,
+            ]
+            futures = []
+            for op in ops:
+                futures.append(pool.submit(writer.run, op))
+                while writer.pending < len(futures):
+                    threading.Event().wait(0.002)
+            gate.open_when_pending(3)
+            assert held.result(10) == 1
+            assert futures[0].result(10) == 2
+            with pytest.raises(ZeroDivisionError):
+                futures[1].result(10)
+            assert futures[2].result(10) == 3
+        assert writer.run(add("alone")) == 4
     finally:
         writer.close()
+    assert still_open == [True]
     assert sent == [
-        "BEGIN IMMEDIATE",
+        "BEGIN IMMEDIATE",  # the first op: no savepoint
         "SAVEPOINT",
         "RELEASE SAVEPOINT",
-        "BEGIN IMMEDIATE",
         "SAVEPOINT",
         "ROLLBACK TO SAVEPOINT",
+        "SAVEPOINT",
+        "RELEASE SAVEPOINT",
+        "BEGIN IMMEDIATE",  # a lone op: BEGIN, its statements, COMMIT
     ]
+    assert tags(engine) == {"first", "second", "third", "alone"}

@@ -18,7 +18,9 @@ How (group commit): one thread owns one write connection (on SQLite a connection
 whose transactions begin with BEGIN IMMEDIATE, see `csml.store.db`). Callers put
 their operation on a queue and wait on a future. The thread takes the first pending
 operation, BEGINs, and runs it and every operation that is pending by the time it is
-done, each inside its own SAVEPOINT (`conn.begin_nested()`), until the queue is empty
+done, each after the first inside its own SAVEPOINT (`conn.begin_nested()`; the first
+needs none: if it fails, the transaction holds nothing else and is rolled back whole,
+and the next operation BEGINs afresh), until the queue is empty
 or the batch reaches `max_batch_ops` operations or `max_batch_seconds` of work; then
 it COMMITs once (one fsync on SQLite in WAL with synchronous=FULL; one WAL flush on
 PostgreSQL) and resolves every caller: threads through a `concurrent.futures.Future`,
@@ -86,7 +88,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar, cast
 
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Engine, RootTransaction
 
 from csml.refusals import Unavailable
 from csml.store.db import WRITE_OPTION
@@ -263,15 +265,30 @@ class Writer:
     def _run_batch(self, batch: list[_Op]) -> bool:
         """Run `batch` (growing it from the queue) in one transaction and commit.
 
-        Sets each operation's value or error; returns True if close() was seen."""
+        Sets each operation's value or error; returns True if close() was seen. The
+        first operation of a transaction runs without a savepoint (two statements
+        fewer for a lone write): if it fails, the transaction, which holds nothing
+        else, is rolled back and the next operation begins a new one."""
         deadline = time.monotonic() + self.max_batch_seconds
         stop = False
+        trans: RootTransaction | None = None
+        start = 0  # batch[start:] are in the open transaction
         try:
             conn = self._connection()
-            trans = conn.begin()
             done = 0
             while True:
-                _apply(conn, batch[done])
+                item = batch[done]
+                if trans is None:
+                    start = done
+                    trans = conn.begin()
+                    try:
+                        item.value = item.op(conn)
+                    except Exception as exc:
+                        item.error = exc
+                        trans.rollback()
+                        trans = None
+                else:
+                    _apply(conn, item)
                 done += 1
                 if len(batch) >= self.max_batch_ops or time.monotonic() >= deadline:
                     break
@@ -283,12 +300,13 @@ class Writer:
                     stop = True
                     break
                 batch.append(cast(_Op, more))
-            trans.commit()
+            if trans is not None:
+                trans.commit()
         except Exception as exc:
             why = "the transaction broke" if isinstance(exc, _BatchBroken) else type(exc).__name__
             cause = exc.__cause__ if isinstance(exc, _BatchBroken) else exc
-            log.warning("a write batch of %d failed: %s", len(batch), cause)
-            for item in batch:
+            log.warning("a write batch of %d failed: %s", len(batch) - start, cause)
+            for item in batch[start:]:
                 failed = CommitFailed(why)
                 failed.__cause__ = cause
                 item.error = failed
