@@ -432,15 +432,17 @@ def test_a_cancelled_coroutine_does_not_cancel_its_write(engine: Engine, writer:
     assert tags(engine) == {"cancelled-caller", "next"}
 
 
-def test_savepoints_on_pysqlite_keep_the_transaction_open(engine: Engine) -> None:
+def test_savepoints_on_pysqlite_keep_the_transaction_open(tmp_path: Path, engine: Engine) -> None:
     """pysqlite with isolation_level None (csml.store.db): SAVEPOINT, ROLLBACK TO and
     RELEASE run as sent, inside the BEGIN IMMEDIATE transaction, which stays open."""
+    engine = make_engine(sqlite_url(tmp_path))  # a second engine: its connections are new
     sent: list[str] = []
 
-    @event.listens_for(engine, "before_cursor_execute")
-    def _record(_c: Any, _cur: Any, statement: str, *_: Any) -> None:
-        if statement.split()[0] in ("BEGIN", "SAVEPOINT", "RELEASE", "ROLLBACK"):
-            sent.append(" ".join(w for w in statement.split() if "sa_savepoint" not in w))
+    @event.listens_for(engine, "connect")
+    def _trace(dbapi: Any, _record: Any) -> None:  # what SQLite itself runs
+        dbapi.set_trace_callback(
+            lambda sql: sent.append(sql.split("(")[0].split(" INTO")[0].split(" SET")[0].strip())
+        )
 
     writer = Writer(engine, max_batch_seconds=10.0)
     gate = Gate(writer)
@@ -475,15 +477,24 @@ def test_savepoints_on_pysqlite_keep_the_transaction_open(engine: Engine) -> Non
         assert writer.run(add("alone")) == 4
     finally:
         writer.close()
+    engine.dispose()
     assert still_open == [True]
-    assert sent == [
-        "BEGIN IMMEDIATE",  # the first op: no savepoint
-        "SAVEPOINT",
-        "RELEASE SAVEPOINT",
-        "SAVEPOINT",
-        "ROLLBACK TO SAVEPOINT",
-        "SAVEPOINT",
-        "RELEASE SAVEPOINT",
-        "BEGIN IMMEDIATE",  # a lone op: BEGIN, its statements, COMMIT
+    one_op = ["INSERT", "UPDATE w_counter"]
+    assert [q for q in sent if not q.startswith("PRAGMA")] == [
+        "BEGIN IMMEDIATE",
+        *one_op,  # the first op: no savepoint
+        "SAVEPOINT csml_op",
+        *one_op,
+        "RELEASE SAVEPOINT csml_op",
+        "SAVEPOINT csml_op",
+        "ROLLBACK TO SAVEPOINT csml_op",  # 1 // 0
+        "RELEASE SAVEPOINT csml_op",
+        "SAVEPOINT csml_op",
+        *one_op,
+        "RELEASE SAVEPOINT csml_op",
+        "COMMIT",
+        "BEGIN IMMEDIATE",
+        *one_op,  # a lone op: BEGIN, its statements, COMMIT
+        "COMMIT",
     ]
     assert tags(engine) == {"first", "second", "third", "alone"}

@@ -18,7 +18,7 @@ How (group commit): one thread owns one write connection (on SQLite a connection
 whose transactions begin with BEGIN IMMEDIATE, see `csml.store.db`). Callers put
 their operation on a queue and wait on a future. The thread takes the first pending
 operation, BEGINs, and runs it and every operation that is pending by the time it is
-done, each after the first inside its own SAVEPOINT (`conn.begin_nested()`; the first
+done, each after the first inside its own SAVEPOINT (sent on the DB-API cursor; the first
 needs none: if it fails, the transaction holds nothing else and is rolled back whole,
 and the next operation BEGINs afresh), until the queue is empty
 or the batch reaches `max_batch_ops` operations or `max_batch_seconds` of work; then
@@ -91,7 +91,7 @@ from typing import Any, TypeVar, cast
 from sqlalchemy.engine import Connection, Engine, RootTransaction
 
 from csml.refusals import Unavailable
-from csml.store.db import WRITE_OPTION
+from csml.store.db import WRITE_OPTION, StoreCounters, counters
 
 log = logging.getLogger("csml.store")
 
@@ -173,6 +173,7 @@ class Writer:
         self._thread: threading.Thread | None = None
         self._ident: int | None = None  # the writer thread's, for the reentrancy guard
         self._conn: Connection | None = None  # touched only by the writer thread
+        self._tally = counters(engine)
 
     # -- callers ---------------------------------------------------------------------
 
@@ -272,6 +273,7 @@ class Writer:
         deadline = time.monotonic() + self.max_batch_seconds
         stop = False
         trans: RootTransaction | None = None
+        cursor: Any = None  # the DB-API cursor for savepoints, made when first needed
         start = 0  # batch[start:] are in the open transaction
         try:
             conn = self._connection()
@@ -288,7 +290,11 @@ class Writer:
                         trans.rollback()
                         trans = None
                 else:
-                    _apply(conn, item)
+                    if cursor is None:
+                        dbapi = conn.connection.dbapi_connection
+                        assert dbapi is not None
+                        cursor = dbapi.cursor()
+                    _apply(conn, cursor, self._tally, item)
                 done += 1
                 if len(batch) >= self.max_batch_ops or time.monotonic() >= deadline:
                     break
@@ -300,6 +306,8 @@ class Writer:
                     stop = True
                     break
                 batch.append(cast(_Op, more))
+            if cursor is not None:
+                cursor.close()
             if trans is not None:
                 trans.commit()
         except Exception as exc:
@@ -331,15 +339,33 @@ class Writer:
             log.debug("closing the writer's broken connection: %s", exc)
 
 
-def _apply(conn: Connection, item: _Op) -> None:
-    """Run one operation in its own savepoint; raise _BatchBroken if the batch is lost."""
+_SAVEPOINT = "SAVEPOINT csml_op"
+_RELEASE = "RELEASE SAVEPOINT csml_op"
+_ROLLBACK_TO = "ROLLBACK TO SAVEPOINT csml_op"
+
+
+def _apply(conn: Connection, cursor: Any, tally: StoreCounters, item: _Op) -> None:
+    """Run one operation in its own savepoint; raise _BatchBroken if the batch is lost.
+
+    The savepoint statements go straight to the DB-API cursor (same connection, same
+    transaction): `conn.begin_nested()` costs ~80 µs of CPU per op, this ~5 µs. They
+    are counted in the engine's `StoreCounters` like every other statement."""
+    cursor.execute(_SAVEPOINT)
     try:
-        with conn.begin_nested():
-            item.value = item.op(conn)
+        item.value = item.op(conn)
     except Exception as exc:
         item.error = exc
+        try:
+            cursor.execute(_ROLLBACK_TO)
+            cursor.execute(_RELEASE)  # no savepoint left behind (PostgreSQL subtransactions)
+        except Exception as broken:
+            raise _BatchBroken() from broken
+        tally.statements += 3
         if not _usable(conn):
             raise _BatchBroken() from exc
+    else:
+        cursor.execute(_RELEASE)
+        tally.statements += 2
 
 
 def _usable(conn: Connection) -> bool:
