@@ -21,7 +21,9 @@ operation, BEGINs, and runs it and every operation that is pending by the time i
 done, each after the first inside its own SAVEPOINT (sent on the DB-API cursor; the first
 needs none: if it fails, the transaction holds nothing else and is rolled back whole,
 and the next operation BEGINs afresh), until the queue is empty
-or the batch reaches `max_batch_ops` operations or `max_batch_seconds` of work; then
+or the batch reaches `max_batch_ops` operations or `max_batch_seconds` of the writer
+thread's CPU time (work, not wall time: on a busy machine a starved thread would
+otherwise cut its batches short and pay one fsync per few operations); then
 it COMMITs once (one fsync on SQLite in WAL with synchronous=FULL; one WAL flush on
 PostgreSQL) and resolves every caller: threads through a `concurrent.futures.Future`,
 coroutines through an asyncio future settled with one `call_soon_threadsafe` per event
@@ -99,7 +101,7 @@ T = TypeVar("T")
 WriteOp = Callable[[Connection], T]
 
 MAX_BATCH_OPS = 256
-MAX_BATCH_SECONDS = 0.005  # of work in one transaction before it commits
+MAX_BATCH_SECONDS = 0.005  # of the writer thread's CPU in one transaction, then it commits
 
 
 class CommitFailed(Unavailable):
@@ -270,7 +272,7 @@ class Writer:
         first operation of a transaction runs without a savepoint (two statements
         fewer for a lone write): if it fails, the transaction, which holds nothing
         else, is rolled back and the next operation begins a new one."""
-        deadline = time.monotonic() + self.max_batch_seconds
+        deadline = time.thread_time() + self.max_batch_seconds
         stop = False
         trans: RootTransaction | None = None
         cursor: Any = None  # the DB-API cursor for savepoints, made when first needed
@@ -296,7 +298,7 @@ class Writer:
                         cursor = dbapi.cursor()
                     _apply(conn, cursor, self._tally, item)
                 done += 1
-                if len(batch) >= self.max_batch_ops or time.monotonic() >= deadline:
+                if len(batch) >= self.max_batch_ops or time.thread_time() >= deadline:
                     break
                 try:
                     more = self._queue.get_nowait()
