@@ -485,14 +485,13 @@ def test_savepoints_on_pysqlite_keep_the_transaction_open(tmp_path: Path, engine
         *one_op,  # the first op: no savepoint
         "SAVEPOINT csml_op",
         *one_op,
-        "RELEASE SAVEPOINT csml_op",
+        "RELEASE SAVEPOINT csml_op",  # released when the next op sets its own
         "SAVEPOINT csml_op",
         "ROLLBACK TO SAVEPOINT csml_op",  # 1 // 0
         "RELEASE SAVEPOINT csml_op",
         "SAVEPOINT csml_op",
         *one_op,
-        "RELEASE SAVEPOINT csml_op",
-        "COMMIT",
+        "COMMIT",  # releases the last savepoint
         "BEGIN IMMEDIATE",
         *one_op,  # a lone op: BEGIN, its statements, COMMIT
         "COMMIT",
