@@ -356,6 +356,12 @@ def test_close_runs_what_was_accepted_then_refuses(engine: Engine) -> None:
     )
 
 
+def test_sqlite_has_one_lane(engine: Engine) -> None:
+    assert Writer(engine).lanes == 1
+    with pytest.raises(ValueError, match="one write lock"):
+        Writer(engine, lanes=2)
+
+
 def test_close_of_an_unused_writer_starts_nothing(engine: Engine) -> None:
     names = {t.name for t in threading.enumerate()}
     writer = Writer(engine)
@@ -372,6 +378,12 @@ def test_an_op_calling_the_writer_fails_loudly(engine: Engine, writer: Writer) -
 
     with pytest.raises(RuntimeError, match="inside a write operation"):
         writer.run(nested)
+
+    def nested_async(conn: Connection) -> int:
+        return asyncio.run(writer.run_async(add("inner-async")))
+
+    with pytest.raises(RuntimeError, match="inside a write operation"):
+        writer.run(nested_async)
 
     def closes(conn: Connection) -> None:
         writer.close()

@@ -14,21 +14,30 @@ raises `RuntimeError` instead of deadlocking). Whatever should happen once a wri
 durable (wake a long-poll, notify another coordinator, answer the client) the caller
 does after `run` returns: there is no callback inside the writer.
 
-How (group commit): one thread owns one write connection (on SQLite a connection
+How (group commit): a writer thread owns a write connection (on SQLite a connection
 whose transactions begin with BEGIN IMMEDIATE, see `csml.store.db`). Callers put
 their operation on a queue and wait on a future. The thread takes the first pending
 operation, BEGINs, and runs it and every operation that is pending by the time it is
-done, each after the first inside its own SAVEPOINT (sent on the DB-API cursor; the first
-needs none: if it fails, the transaction holds nothing else and is rolled back whole,
-and the next operation BEGINs afresh), until the queue is empty
-or the batch reaches `max_batch_ops` operations or `max_batch_seconds` of the writer
-thread's CPU time (work, not wall time: on a busy machine a starved thread would
-otherwise cut its batches short and pay one fsync per few operations); then
-it COMMITs once (one fsync on SQLite in WAL with synchronous=FULL; one WAL flush on
-PostgreSQL) and resolves every caller: threads through a `concurrent.futures.Future`,
-coroutines through an asyncio future settled with one `call_soon_threadsafe` per event
-loop per batch. There is no waiting for company: a lone operation commits at once,
-and while one COMMIT runs the next batch gathers in the queue by itself.
+done, each after the first inside its own SAVEPOINT (sent on the DB-API cursor; the
+first needs none: if it fails, the transaction holds nothing else and is rolled back
+whole, and the next operation BEGINs afresh), until the queue is empty or the batch
+reaches `max_batch_ops` operations or `max_batch_seconds` of the writer thread's CPU
+time (work, not wall time: on a busy machine a starved thread would otherwise cut
+its batches short and pay one fsync per few operations); then it COMMITs once (one
+fsync on SQLite in WAL with synchronous=FULL; one WAL flush on PostgreSQL) and
+resolves every caller: threads through a `concurrent.futures.Future`, coroutines
+through an asyncio future settled with one `call_soon_threadsafe` per event loop per
+batch. There is no waiting for company: a lone operation commits at once, and while
+one COMMIT runs the next batch gathers in the queue by itself.
+
+Lanes: SQLite has one write lock, so it gets exactly one writer thread. On PostgreSQL
+every statement is a network round trip and one connection would make the writer
+round-trip bound, so `lanes` threads (default `PG_LANES`), each with its own
+connection, take batches from the same queue; while one waits for the server, the
+others run and commit theirs. Their transactions are independent, like those of
+several coordinators: an op may wait for a row another lane's open batch has locked
+(at most that batch's length), and may fail alone with PostgreSQL's deadlock or
+serialization error (its savepoint is rolled back, releasing what it locked).
 
 Invariants:
 - No result, and no error, is delivered before the COMMIT of its batch has returned.
@@ -40,13 +49,15 @@ Invariants:
   every operation of the batch fails with `CommitFailed` (an `Unavailable` refusal,
   code `store_unavailable`: 503) and none is acknowledged; the writer throws the
   connection away and the next batch opens a fresh one.
-- Operations run one at a time, in the order they were queued, each seeing the
-  writes of the operations before it in its batch (serial execution, one transaction).
+- On one lane (SQLite), operations run one at a time in the order they were queued,
+  each seeing the writes of those before it in its batch (serial execution). An
+  operation whose caller waits for it always runs after that caller's earlier ones
+  committed, on any number of lanes.
 - `close()` accepts nothing more (`WriterClosed`), runs everything already accepted,
-  then stops the thread. If the thread dies of something unexpected (an operation
+  then stops the threads. If a thread dies of something unexpected (an operation
   raising a BaseException such as SystemExit, a bug here), every operation it held
-  and every queued one fails with `WriterCrashed`, so no caller hangs, and the next
-  `run` starts a fresh thread.
+  fails with `WriterCrashed` and, if it was the last thread, every queued one too, so
+  no caller hangs; the next `run` starts fresh threads.
 - A caller that stops waiting (a cancelled coroutine, an interrupted thread) does not
   cancel its operation: once accepted it runs, and commits or not like the others.
 
@@ -73,8 +84,8 @@ Hence: every acknowledged write was committed by a COMMIT that returned before t
 acknowledgement, and a returned COMMIT is on disk. `tests/integration/
 test_writer_durability.py` checks it by SIGKILLing a process mid-stream.
 
-The writer holds one connection of the engine's pool for its life (opened with the
-first operation). It is not fork-safe: make it after forking.
+The writer holds one connection of the engine's pool per lane for its life (opened by
+each lane's first batch). It is not fork-safe: make it after forking.
 """
 
 from __future__ import annotations
@@ -101,6 +112,7 @@ T = TypeVar("T")
 WriteOp = Callable[[Connection], T]
 
 MAX_BATCH_OPS = 256
+PG_LANES = 4  # writer threads (connections) on PostgreSQL; SQLite has one write lock: 1
 MAX_BATCH_SECONDS = 0.005  # of the writer thread's CPU in one transaction, then it commits
 
 
@@ -163,18 +175,23 @@ class Writer:
         *,
         max_batch_ops: int = MAX_BATCH_OPS,
         max_batch_seconds: float = MAX_BATCH_SECONDS,
+        lanes: int | None = None,
     ) -> None:
         if max_batch_ops < 1:
             raise ValueError("max_batch_ops must be at least 1")
+        sqlite = engine.dialect.name == "sqlite"
+        lanes = (1 if sqlite else PG_LANES) if lanes is None else lanes
+        if lanes < 1 or (sqlite and lanes != 1):
+            raise ValueError("lanes must be at least 1, and 1 on SQLite (one write lock)")
         self.engine = engine
         self.max_batch_ops = max_batch_ops
         self.max_batch_seconds = max_batch_seconds
+        self.lanes = lanes
         self._queue: queue.SimpleQueue[_Op | object] = queue.SimpleQueue()
-        self._lock = threading.Lock()  # guards _closed, _thread and enqueueing
+        self._lock = threading.Lock()  # guards _closed, _threads and enqueueing
         self._closed = False
-        self._thread: threading.Thread | None = None
-        self._ident: int | None = None  # the writer thread's, for the reentrancy guard
-        self._conn: Connection | None = None  # touched only by the writer thread
+        self._threads: set[threading.Thread] = set()
+        self._idents: set[int] = set()  # the writer threads', for the reentrancy guard
         self._tally = counters(engine)
 
     # -- callers ---------------------------------------------------------------------
@@ -187,6 +204,7 @@ class Writer:
 
     async def run_async(self, op: WriteOp[T]) -> T:
         """`run` for coroutines: the event loop keeps serving while `op` commits."""
+        self._refuse_inside("run_async")
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Any] = loop.create_future()
         self._accept(_Op(op, waiter, loop))
@@ -198,10 +216,10 @@ class Writer:
         with self._lock:
             if not self._closed:
                 self._closed = True
-                if self._thread is not None:
+                for _ in self._threads:  # behind every accepted op: one per thread
                     self._queue.put(_STOP)
-            thread = self._thread
-        if thread is not None:
+            threads = list(self._threads)
+        for thread in threads:
             thread.join()
 
     @property
@@ -210,7 +228,7 @@ class Writer:
         return self._queue.qsize()
 
     def _refuse_inside(self, what: str) -> None:
-        if self._ident is not None and threading.get_ident() == self._ident:
+        if threading.get_ident() in self._idents:
             raise RuntimeError(
                 f"Writer.{what} called from inside a write operation: it would wait for "
                 "itself; do the write in the same operation, or after run() returns"
@@ -221,16 +239,18 @@ class Writer:
         with self._lock:
             if self._closed:
                 raise WriterClosed()
-            if self._thread is None:
+            while len(self._threads) < self.lanes:  # the first op, or after a crash
                 thread = threading.Thread(target=self._main, name="csml-writer", daemon=True)
+                self._threads.add(thread)
                 thread.start()
-                self._thread = thread
             self._queue.put(item)
 
-    # -- the writer thread -------------------------------------------------------------
+    # -- the writer threads ------------------------------------------------------------
 
     def _main(self) -> None:
-        self._ident = threading.get_ident()
+        ident = threading.get_ident()
+        self._idents.add(ident)
+        lane = _Lane(self.engine)
         batch: list[_Op] = []
         clean = False
         try:
@@ -240,32 +260,33 @@ class Writer:
                 if first is _STOP:
                     break
                 batch = [cast(_Op, first)]
-                stopping = self._run_batch(batch)
+                stopping = self._run_batch(lane, batch)
                 _deliver(batch)
                 batch = []
             clean = True
         except BaseException:
-            log.exception("the store's writer thread crashed; failing its operations")
+            log.exception("a writer thread of the store crashed; failing its operations")
         finally:
-            self._discard_connection()
+            lane.discard(broken=not clean)
+            leftovers: list[_Op] = []
             with self._lock:
-                self._thread = None
-                self._ident = None
-                leftovers: list[_Op] = []
-                while True:
-                    try:
-                        item = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is not _STOP:
-                        leftovers.append(cast(_Op, item))
-            if not clean:
-                stranded = [item for item in batch if not item.sent] + leftovers
+                self._threads.discard(threading.current_thread())
+                self._idents.discard(ident)
+                if not self._threads:  # the last one: nobody would take what is queued
+                    while True:
+                        try:
+                            item = self._queue.get_nowait()
+                        except queue.Empty:
+                            break
+                        if item is not _STOP:
+                            leftovers.append(cast(_Op, item))
+            stranded = [item for item in batch if not item.sent] + leftovers
+            if stranded:
                 for item in stranded:
                     item.error = WriterCrashed()
                 _deliver(stranded)
 
-    def _run_batch(self, batch: list[_Op]) -> bool:
+    def _run_batch(self, lane: _Lane, batch: list[_Op]) -> bool:
         """Run `batch` (growing it from the queue) in one transaction and commit.
 
         Sets each operation's value or error; returns True if close() was seen. The
@@ -278,7 +299,7 @@ class Writer:
         savepoints: _Savepoints | None = None  # made when a transaction gets a second op
         start = 0  # batch[start:] are in the open transaction
         try:
-            conn = self._connection()
+            conn = lane.connection()
             done = 0
             while True:
                 item = batch[done]
@@ -315,27 +336,39 @@ class Writer:
         except Exception as exc:
             why = "the transaction broke" if isinstance(exc, _BatchBroken) else type(exc).__name__
             cause = exc.__cause__ if isinstance(exc, _BatchBroken) else exc
-            log.warning("a write batch of %d failed: %s", len(batch) - start, cause)
+            # The type only: a driver's message may quote the rows' values (user data).
+            log.warning("a write batch of %d failed: %s", len(batch) - start, type(cause).__name__)
             for item in batch[start:]:
                 failed = CommitFailed(why)
                 failed.__cause__ = cause
                 item.error = failed
-            self._discard_connection()
+            lane.discard()
         return stop
 
-    def _connection(self) -> Connection:
-        if self._conn is None:
-            self._conn = self.engine.connect().execution_options(**{WRITE_OPTION: True})
-        return self._conn
 
-    def _discard_connection(self) -> None:
-        """Drop the connection (rolling back whatever it holds); the next batch opens one."""
-        conn, self._conn = self._conn, None
+class _Lane:
+    """A writer thread's connection: opened for its first batch, thrown away when broken."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.conn: Connection | None = None
+
+    def connection(self) -> Connection:
+        if self.conn is None:
+            self.conn = self.engine.connect().execution_options(**{WRITE_OPTION: True})
+        return self.conn
+
+    def discard(self, broken: bool = True) -> None:
+        """Drop the connection (rolling back whatever it holds); the next batch opens one.
+
+        A broken one is closed for good (`invalidate`), a sound one goes back to the pool."""
+        conn, self.conn = self.conn, None
         if conn is None:
             return
-        # Already broken: closing is all that is left, so errors here are only logged.
+        # Closing is all that is left to do, so errors here are only logged.
         try:
-            conn.invalidate()  # the pool closes the DB-API connection instead of reusing it
+            if broken:
+                conn.invalidate()  # the pool closes the DB-API connection, never reuses it
             conn.close()
         except Exception as exc:
             log.debug("closing the writer's broken connection: %s", exc)

@@ -14,7 +14,7 @@ from sqlalchemy import Connection, Engine, insert, text
 from sqlalchemy.exc import IntegrityError
 
 from csml.store.db import make_engine
-from csml.store.writer import CommitFailed, Writer
+from csml.store.writer import CommitFailed, Writer, WriterCrashed
 from tests.unit.test_writer import CHILDREN, ITEMS, Gate, add, commits, prepare, tags
 
 pytestmark = [pytest.mark.postgresql, pytest.mark.timeout(180)]
@@ -30,12 +30,24 @@ def engine(db_url: str) -> Iterator[Engine]:
 
 @pytest.fixture
 def writer(engine: Engine) -> Iterator[Writer]:
-    writer = Writer(engine, max_batch_seconds=10.0)
+    """One lane, so that a `Gate` holding it makes the next ops one batch."""
+    writer = Writer(engine, max_batch_seconds=10.0, lanes=1)
     yield writer
     writer.close()
 
 
-def test_threads_and_coroutines_share_commits(engine: Engine, writer: Writer) -> None:
+@pytest.fixture
+def lanes(engine: Engine) -> Iterator[Writer]:
+    """The default on PostgreSQL: several writer threads, one connection each."""
+    writer = Writer(engine)
+    assert writer.lanes > 1
+    yield writer
+    writer.close()
+
+
+@pytest.mark.parametrize("lane_count", [1, 4])
+def test_threads_and_coroutines_share_commits(engine: Engine, lane_count: int) -> None:
+    writer = Writer(engine, lanes=lane_count)
     assert engine.dialect.name == "postgresql"
     before = commits(engine)
     n_coroutines, n_threads, per = 150, 6, 30
@@ -48,10 +60,13 @@ def test_threads_and_coroutines_share_commits(engine: Engine, writer: Writer) ->
     def thread_client(t: int) -> list[int]:
         return [writer.run(add(f"t{t}-{i}")) for i in range(per)]
 
-    with ThreadPoolExecutor(n_threads) as pool:
-        futures = [pool.submit(thread_client, t) for t in range(n_threads)]
-        from_coroutines = asyncio.run(main())
-        from_threads = [v for f in futures for v in f.result()]
+    try:
+        with ThreadPoolExecutor(n_threads) as pool:
+            futures = [pool.submit(thread_client, t) for t in range(n_threads)]
+            from_coroutines = asyncio.run(main())
+            from_threads = [v for f in futures for v in f.result()]
+    finally:
+        writer.close()
     total = n_coroutines + n_threads * per
     assert sorted(from_coroutines + from_threads) == list(range(1, total + 1))
     assert len(tags(engine)) == total
@@ -129,3 +144,39 @@ def test_two_writers_on_one_database(db_url: str, engine: Engine) -> None:
         other_engine.dispose()
     assert sorted(values) == list(range(1, 201))
     assert len(tags(engine)) == 200
+
+
+def test_lanes_commit_side_by_side(engine: Engine, lanes: Writer) -> None:
+    """One lane held inside an op does not stop the others: ops keep committing."""
+    gate = Gate(lanes)
+    with ThreadPoolExecutor(4) as pool:
+        held = pool.submit(lanes.run, gate.op(add("held")))
+        assert gate.entered.wait(10)
+        assert [lanes.run(add(f"free{i}")) for i in range(20)] == list(range(1, 21))
+        gate.release.set()
+        assert held.result(10) == 21  # it waited for the counter row the others updated
+    assert len(tags(engine)) == 21
+
+
+class Boom(BaseException):
+    """Kills the lane it runs in."""
+
+
+def test_a_crashed_lane_fails_its_batch_only(engine: Engine, lanes: Writer) -> None:
+    def explode(conn: Connection) -> None:
+        conn.execute(insert(ITEMS).values(tag="exploded"))
+        raise Boom()
+
+    with pytest.raises(WriterCrashed):
+        lanes.run(explode)
+    assert [lanes.run(add(f"after{i}")) for i in range(10)] == list(range(1, 11))
+    assert tags(engine) == {f"after{i}" for i in range(10)}
+
+
+def test_an_op_calling_the_writer_from_any_lane_fails_loudly(lanes: Writer) -> None:
+    def nested(conn: Connection) -> int:
+        return lanes.run(add("inner"))
+
+    for _ in range(8):  # whichever lane takes it
+        with pytest.raises(RuntimeError, match="inside a write operation"):
+            lanes.run(nested)
