@@ -10,9 +10,10 @@ the submitter's `fair_counters` row (UPDATE ... RETURNING) and INSERT a `jobs` r
 it, on a fresh database migrated to csml's schema (SQLite in WAL with synchronous=FULL
 made by csml's own `make_engine`, in a temporary folder under `--base-dir`, by default
 the system's temporary folder: put it on the disk of the data folder). Each
-configuration runs the group-committing `Writer` and the per-op transaction it
-replaced (`PerOpWriter`: the first implementation, `run_async` through anyio's thread
-pool) and prints ops/s, commits per op (csml's `StoreCounters`), per-op latency
+configuration runs the group-committing `Writer` (`group`: its default lanes, 1 on
+SQLite and `PG_LANES` on PostgreSQL, where `group-1` is one lane) and the per-op
+transaction it replaced (`PerOpWriter`: the first implementation, `run_async` through
+anyio's thread pool) and prints ops/s, commits per op (csml's `StoreCounters`), per-op latency
 p50/p99 and the process's CPU per op, with the load average, the fsync cost of the
 disk and the CPU other processes took during each run (the machine may be shared).
 Every returned value is checked (the counter values each writer got are distinct and
@@ -81,7 +82,11 @@ class PerOpWriter:
         pass
 
 
-IMPLS: dict[str, Callable[[Engine], AnyWriter]] = {"per-op": PerOpWriter, "group": Writer}
+IMPLS: dict[str, Callable[[Engine], AnyWriter]] = {
+    "per-op": PerOpWriter,
+    "group": Writer,  # its default lanes: 1 on SQLite, PG_LANES on PostgreSQL
+    "group-1": lambda engine: Writer(engine, lanes=1),
+}
 
 
 # -- the op ------------------------------------------------------------------------
@@ -256,7 +261,8 @@ def bench_backend(
     )
     for mode in modes:
         for n in writer_counts:
-            for impl in ("per-op", "group"):
+            impls = ["per-op", "group"] + (["group-1"] if engine.dialect.name != "sqlite" else [])
+            for impl in impls:
                 row = measure(engine, impl, mode, n, ops)
                 row["backend"] = name
                 rows.append(row)
@@ -267,7 +273,7 @@ def bench_backend(
                     f"{row['cpu_ms_per_op']:9.3f} {row['everything_else_cpu_s']:12.2f}",
                     flush=True,
                 )
-            per_op, group = rows[-2], rows[-1]
+            per_op, group = rows[-len(impls)], rows[-len(impls) + 1]
             ratio = group["ops_per_s"] / per_op["ops_per_s"]
             print(f"  {'':21s} group / per-op: {ratio:.2f}x ops/s")
     return rows
@@ -288,7 +294,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base-dir", help="parent folder of the SQLite store (same disk as data)")
     p.add_argument("--postgres", action="store_true", help="also on a private PostgreSQL, fsync on")
     p.add_argument("--pg-url", help="also on this PostgreSQL database (tables are created)")
+    p.add_argument(
+        "--switch-interval",
+        type=float,
+        help="sys.setswitchinterval (s; Python's default 0.005): how long a busy thread "
+        "keeps the GIL from the writer thread, which gives it up at every statement",
+    )
     a = p.parse_args(argv)
+    if a.switch_interval is not None:
+        sys.setswitchinterval(a.switch_interval)
     writer_counts = [int(x) for x in a.writers.split(",")]
     modes = [m.strip() for m in a.modes.split(",")]
 
@@ -300,11 +314,12 @@ def main(argv: list[str] | None = None) -> int:
         "fsync_ms_median": round(fsync_ms(folder), 3),
         "sqlite_folder": folder,
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "switch_interval_s": sys.getswitchinterval(),
     }
     print(
         f"machine: {machine['cores']} cores, Python {machine['python']}, "
         f"load {machine['load_avg_at_start']}, fsync {machine['fsync_ms_median']} ms "
-        f"(4 KiB, in {folder})"
+        f"(4 KiB, in {folder}), GIL switch interval {sys.getswitchinterval() * 1000:g} ms"
     )
     rows = bench_backend("sqlite", engine, modes, writer_counts, a.ops)
     engine.dispose()
