@@ -1,0 +1,182 @@
+"""Group commit (csml.store.writer) on a real PostgreSQL server: concurrent threads and
+coroutines, an op whose error aborts its savepoint (not the batch), a failing COMMIT,
+and two writers (two coordinators) on the same rows."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from sqlalchemy import Connection, Engine, insert, text
+from sqlalchemy.exc import IntegrityError
+
+from csml.store.db import make_engine
+from csml.store.writer import CommitFailed, Writer, WriterCrashed
+from tests.unit.test_writer import CHILDREN, ITEMS, Gate, add, commits, prepare, tags
+
+pytestmark = [pytest.mark.postgresql, pytest.mark.timeout(180)]
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    engine = make_engine(db_url)
+    prepare(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def writer(engine: Engine) -> Iterator[Writer]:
+    """One lane, so that a `Gate` holding it makes the next ops one batch."""
+    writer = Writer(engine, max_batch_seconds=10.0, lanes=1)
+    yield writer
+    writer.close()
+
+
+@pytest.fixture
+def lanes(engine: Engine) -> Iterator[Writer]:
+    """The default on PostgreSQL: several writer threads, one connection each."""
+    writer = Writer(engine)
+    assert writer.lanes > 1
+    yield writer
+    writer.close()
+
+
+@pytest.mark.parametrize("lane_count", [1, 4])
+def test_threads_and_coroutines_share_commits(engine: Engine, lane_count: int) -> None:
+    writer = Writer(engine, lanes=lane_count)
+    assert engine.dialect.name == "postgresql"
+    before = commits(engine)
+    n_coroutines, n_threads, per = 150, 6, 30
+
+    async def main() -> list[int]:
+        return list(
+            await asyncio.gather(*(writer.run_async(add(f"c{i}")) for i in range(n_coroutines)))
+        )
+
+    def thread_client(t: int) -> list[int]:
+        return [writer.run(add(f"t{t}-{i}")) for i in range(per)]
+
+    try:
+        with ThreadPoolExecutor(n_threads) as pool:
+            futures = [pool.submit(thread_client, t) for t in range(n_threads)]
+            from_coroutines = asyncio.run(main())
+            from_threads = [v for f in futures for v in f.result()]
+    finally:
+        writer.close()
+    total = n_coroutines + n_threads * per
+    assert sorted(from_coroutines + from_threads) == list(range(1, total + 1))
+    assert len(tags(engine)) == total
+    assert commits(engine) - before < total / 2
+
+
+def test_an_error_aborts_only_its_savepoint(engine: Engine, writer: Writer) -> None:
+    """On PostgreSQL an error aborts the whole transaction unless rolled back to a
+    savepoint: the ops after it in the batch must still commit."""
+    gate = Gate(writer)
+    before = commits(engine)
+
+    def duplicate(conn: Connection) -> None:
+        conn.execute(insert(ITEMS).values(tag="a"))  # "a" is inserted earlier in the batch
+
+    def bad_sql(conn: Connection) -> None:
+        conn.execute(text("SELECT no_such_column FROM w_items"))
+
+    with ThreadPoolExecutor(6) as pool:
+        held = pool.submit(writer.run, gate.op(add("a")))
+        assert gate.entered.wait(10)
+        futures = []
+        for op in (duplicate, bad_sql, add("b")):
+            futures.append(pool.submit(writer.run, op))
+            while writer.pending < len(futures):
+                threading.Event().wait(0.002)
+        gate.open_when_pending(3)
+        assert held.result(10) == 1
+        with pytest.raises(IntegrityError):
+            futures[0].result(10)
+        with pytest.raises(Exception, match="no_such_column"):
+            futures[1].result(10)
+        assert futures[2].result(10) == 2
+    assert tags(engine) == {"a", "b"}
+    assert commits(engine) - before == 1
+
+
+def test_a_failing_commit_fails_the_batch_and_the_writer_goes_on(
+    engine: Engine, writer: Writer
+) -> None:
+    gate = Gate(writer)
+
+    def orphan(conn: Connection) -> None:
+        conn.execute(insert(CHILDREN).values(id=1, parent_id=999))  # deferred: at COMMIT
+
+    with ThreadPoolExecutor(3) as pool:
+        held = pool.submit(writer.run, gate.op(add("x")))
+        assert gate.entered.wait(10)
+        bad = pool.submit(writer.run, orphan)
+        gate.open_when_pending(1)
+        for future in (held, bad):
+            with pytest.raises(CommitFailed) as caught:
+                future.result(10)
+            assert isinstance(caught.value.__cause__, IntegrityError)
+    assert tags(engine) == set()
+    assert writer.run(add("y")) == 1
+    assert tags(engine) == {"y"}
+
+
+def test_two_writers_on_one_database(db_url: str, engine: Engine) -> None:
+    """Two coordinators, each with its own writer, bump the same counter row."""
+    other_engine = make_engine(db_url)
+    first, second = Writer(engine), Writer(other_engine)
+    try:
+
+        def client(n: int) -> list[int]:
+            writer = first if n % 2 else second
+            return [writer.run(add(f"w{n}-{i}")) for i in range(25)]
+
+        with ThreadPoolExecutor(8) as pool:
+            values = [v for r in pool.map(client, range(8)) for v in r]
+    finally:
+        first.close()
+        second.close()
+        other_engine.dispose()
+    assert sorted(values) == list(range(1, 201))
+    assert len(tags(engine)) == 200
+
+
+def test_lanes_commit_side_by_side(engine: Engine, lanes: Writer) -> None:
+    """One lane held inside an op does not stop the others: ops keep committing."""
+    gate = Gate(lanes)
+    with ThreadPoolExecutor(4) as pool:
+        held = pool.submit(lanes.run, gate.op(add("held")))
+        assert gate.entered.wait(10)
+        assert [lanes.run(add(f"free{i}")) for i in range(20)] == list(range(1, 21))
+        gate.release.set()
+        assert held.result(10) == 21  # it waited for the counter row the others updated
+    assert len(tags(engine)) == 21
+
+
+class Boom(BaseException):
+    """Kills the lane it runs in."""
+
+
+def test_a_crashed_lane_fails_its_batch_only(engine: Engine, lanes: Writer) -> None:
+    def explode(conn: Connection) -> None:
+        conn.execute(insert(ITEMS).values(tag="exploded"))
+        raise Boom()
+
+    with pytest.raises(WriterCrashed):
+        lanes.run(explode)
+    assert [lanes.run(add(f"after{i}")) for i in range(10)] == list(range(1, 11))
+    assert tags(engine) == {f"after{i}" for i in range(10)}
+
+
+def test_an_op_calling_the_writer_from_any_lane_fails_loudly(lanes: Writer) -> None:
+    def nested(conn: Connection) -> int:
+        return lanes.run(add("inner"))
+
+    for _ in range(8):  # whichever lane takes it
+        with pytest.raises(RuntimeError, match="inside a write operation"):
+            lanes.run(nested)
