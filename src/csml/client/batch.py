@@ -61,8 +61,9 @@ BATCH_ITEMS = 200
 """Most items per batch request."""
 BATCH_BYTES = 8 << 20
 """About the most bytes of inline inputs (base64) per batch request."""
-LINGER_SECONDS = 0.02
-"""How long a batch request waits for more places to free up (see `_Run.drive`)."""
+LINGER_SECONDS = 1.0
+"""How long a batch request waits at most for a quarter of the places to be free (while
+three quarters of the items are still in flight, so the workers stay busy)."""
 MAX_WAITERS = 64
 """Threads that wait for items' jobs (and submit the large ones) at most."""
 # A whole batch request refused with one of these: the coordinator does not take
@@ -253,10 +254,12 @@ def run_batch(
 
     `on_done` is called (from a pool thread, one call at a time) as each item ends;
     it may download the item's outputs into `item.saved`. Small files go in batch
-    requests of at most `batch_items` items (see the module docstring)."""
+    requests of at most `batch_items` items (see the module docstring); with
+    `batch_items=0` every item is submitted alone."""
     if concurrency < 1:
         raise CsmlError("concurrency must be at least 1")
     run = _Run(client, app, operation, input_name, params, concurrency, timeout, patience, on_done)
+    run.batching = batch_items > 0
     items = [BatchItem(i, label) for i, (label, _) in enumerate(sources)]
     start = time.perf_counter()
     run.drive(
@@ -318,9 +321,10 @@ class _Run:
                 chunk = [self.pending.popleft()]
                 # Places free up one at a time as jobs end: wait a moment for a few more,
                 # so that a request carries several items, not one per ended job.
-                want = min(batch_items, max(1, self.concurrency // 4))
+                most = batch_items if self.batching else 1  # alone: no reason to wait
+                want = min(most, max(1, self.concurrency // 4), len(self.pending) + 1)
                 linger = time.monotonic() + LINGER_SECONDS
-                while self.pending and len(chunk) < batch_items:
+                while self.pending and len(chunk) < most:
                     if self.slots.acquire(blocking=False):
                         chunk.append(self.pending.popleft())
                         continue

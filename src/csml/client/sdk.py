@@ -273,14 +273,15 @@ class Client:
         concurrency: int = 4,
         timeout: float = 3600.0,
         on_done: Callable[[BatchItem], None] | None = None,
+        batch_items: int | None = None,
     ) -> Batch:
         """Run `operation` once per file (a batch; each item an ordinary job) and return
         the items in input order. Failed items are recorded, never raised; `on_done` sees
         each item as it ends. `input` names the operation's file input (default: its only
-        required one). At most `concurrency` items are in flight; small files go many
-        per request (`POST /v1/jobs/batch`), larger ones one per request (see
-        `csml.client.batch`)."""
-        from csml.client.batch import run_batch, single_file_input
+        required one). At most `concurrency` items are in flight; small files go up to
+        `batch_items` per request (`POST /v1/jobs/batch`; default `BATCH_ITEMS`, 0: one
+        request per item), larger ones one per request (see `csml.client.batch`)."""
+        from csml.client.batch import BATCH_ITEMS, run_batch, single_file_input
 
         if input is None:
             op = next((o for o in self.app(app).operations if o.name == operation), None)
@@ -300,6 +301,7 @@ class Client:
             concurrency=concurrency,
             timeout=timeout,
             on_done=on_done,
+            batch_items=BATCH_ITEMS if batch_items is None else batch_items,
         )
 
     def submit_many(
