@@ -105,9 +105,16 @@ def main(argv: list[str] | None = None) -> int:
             for mode in modes:
                 size = a.batch_items if mode == "batch" else 0
                 print(f"-- {mode}: {a.items} items, load {load()}", file=sys.stderr)
-                results.append(run_mode(cluster, files, size, a.concurrency))
+                try:
+                    results.append(run_mode(cluster, files, size, a.concurrency))
+                except Exception as exc:
+                    print(f"{mode} failed: {exc}\n{cluster.logs()[-3000:]}", file=sys.stderr)
+                    results.append({"mode": mode, "error": str(exc)})
     print(f"\n{'mode':<44} {'jobs/s':>8} {'submit req/job':>15} {'req/job':>8}  load")
     for r in results:
+        if "error" in r:
+            print(f"{r['mode']:<44} failed: {r['error']}")
+            continue
         print(
             f"{r['mode']:<44} {r['jobs_per_s']:>8} {r['submit_requests_per_job']:>15} "
             f"{r['http_requests_per_job']:>8}  {r['load_before']} -> {r['load_after']}"
