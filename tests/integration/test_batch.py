@@ -8,8 +8,10 @@ import zipfile
 from pathlib import Path
 
 import cv2
+import httpx
 import pytest
 
+from csml.client import Client
 from csml.client.batch import BatchItem
 from tests.cluster import Cluster
 
@@ -88,3 +90,63 @@ def test_cli_batch_from_a_zip_and_a_folder(
     assert "Traceback" not in r.stdout + r.stderr
     kept = sorted(p.name for p in (out / "f").iterdir() if p.is_dir())
     assert kept == ["p00", "p01", "p02", "p03"]
+
+
+def _posts(url: str) -> dict[str, float]:
+    """POST requests the coordinator has answered so far, by route (from /metrics)."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("csml_http_request_duration_seconds_count{") and 'method="POST"' in line:
+            route = line.split('route="', 1)[1].split('"', 1)[0]
+            out[route] = out.get(route, 0.0) + float(line.rpartition(" ")[2])
+    return out
+
+
+class _Counting(httpx.HTTPTransport):
+    """Counts the items of each batch request and the single submissions a client sends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+        self.singles = 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "POST" and request.url.path == "/v1/jobs/batch":
+            self.batches.append(len(json.loads(request.content)["items"]))
+        elif request.method == "POST" and request.url.path == "/v1/jobs":
+            self.singles += 1
+        return super().handle_request(request)
+
+
+def test_map_over_many_small_files_goes_through_the_batch_route(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """50 small files go in one batch request (no single submission), and every result
+    comes back. Counted on the client and, the same, in the coordinator's metrics. (50:
+    under this cluster's submission rate limit, 60 a minute per identity, which counts
+    every item of a batch as a submission.)"""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    files = []
+    for i in range(50):
+        path = folder / f"f{i:03d}.txt"
+        path.write_bytes(f"small input {i}\n".encode())
+        files.append(path)
+    counting = _Counting()
+    token = cluster.new_user().token
+    before = _posts(cluster.url)
+    with Client(cluster.url, token, transport=counting) as c:
+        batch = c.map("echo", "echo", files, concurrency=100, timeout=300, params={"tag": "b"})
+        assert [i.state for i in batch.items] == ["succeeded"] * 50, batch.failed[:3]
+        first = batch.items[0].job
+        assert first is not None and first.result == {"params": {"sleep": 0.0, "tag": "b"}}
+        assert b"".join(first.iter_output("data")) == b"small input 0\n"
+        assert [i.job.data.inputs["data"].size for i in batch.items if i.job] == [
+            f.stat().st_size for f in files
+        ]
+    after = _posts(cluster.url)
+    sent = {route: after.get(route, 0.0) - before.get(route, 0.0) for route in after}
+    assert counting.singles == 0 and sent.get("/v1/jobs", 0.0) == 0, sent
+    assert sent["/v1/jobs/batch"] == len(counting.batches)
+    assert counting.batches == [50]

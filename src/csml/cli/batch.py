@@ -4,7 +4,8 @@
     csml batch opencv detect-faces 'photos/*.jpg' -o out/   # a glob (quoted or expanded)
     csml batch opencv detect-faces photos.zip -o out/       # the files inside a zip
 
-Each input becomes an ordinary job (see `csml.client.batch`); `out/<item>/` receives the
+Each input becomes an ordinary job (see `csml.client.batch`: small files are submitted
+many per request through the batch route, larger ones alone); `out/<item>/` receives the
 item's outputs and `out/manifest.jsonl` one line per item (input, job, state, error,
 result, saved outputs), in input order. Failed items are listed, and the batch goes on;
 the exit status is 0 when every item succeeded and 1 otherwise.

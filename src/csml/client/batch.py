@@ -1,38 +1,84 @@
 """Batches: one operation over many input files, each item an ordinary job.
 
 `Client.map(app, operation, files)` runs them; `csml batch` is the CLI over it.
+Items whose inputs are small (each at most `INLINE_MAX_BYTES`) are submitted many at a
+time, inline, through `POST /v1/jobs/batch` (`Client.submit_many`), up to
+`BATCH_ITEMS` items and about `BATCH_BYTES` bytes per request; larger files are
+submitted one per request (multipart, streamed from disk), as is every item when the
+coordinator does not have the batch route (404/405) or refuses the batch form itself.
 
 Invariants:
 - Every item is a job of its own, so it counts against the identity's quotas and takes
   its turn in the fair queue like any other job; at most `concurrency` items are in
-  flight (submitted and not finished) at a time.
+  flight (submitted and not finished) at a time: a batch request carries at most as
+  many items as there are free places.
 - An item that fails (refused at submission with a 4xx, failed or cancelled on a worker,
   or not finished within `timeout`) is recorded with its reason; it never fails the batch
   or the items after it. Only errors that concern every item (no such app, unreachable
   coordinator, bad credentials) stop the batch, and they raise.
-- A refusal that says "come back later" (429: queue full, too many active jobs) is
-  retried after the server's Retry-After, for at most `patience` seconds per item.
+- A refusal that says "come back later" (429: queue full, too many active jobs), of one
+  item or of a whole batch request, is retried after the server's Retry-After, for at
+  most `patience` seconds per item.
 - Items keep the order of the inputs; `Batch.items[i]` is input `i`.
 """
 
 from __future__ import annotations
 
+import base64
+import collections
 import json
+import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from csml.client.errors import CsmlError, InvalidRequest, NotFound, TooManyRequests, WaitTimeout
+from csml.client.errors import (
+    Conflict,
+    CsmlError,
+    InvalidRequest,
+    NotFound,
+    QueueFull,
+    RateLimited,
+    ServerError,
+    TooLarge,
+    TooManyRequests,
+    Unauthorized,
+    WaitTimeout,
+)
+from csml.schemas.batches import BatchSubmitted
+from csml.schemas.workers import INLINE_MAX_BYTES
 
 if TYPE_CHECKING:
-    from csml.client.sdk import Client, Job
+    from csml.client.sdk import Client, FileArg, Job
 
 # Errors about one item's input or params: the item fails, the batch goes on.
 ITEM_ERRORS = (InvalidRequest, WaitTimeout)
+BATCH_ITEMS = 200
+"""Most items per batch request."""
+BATCH_BYTES = 8 << 20
+"""About the most bytes of inline inputs (base64) per batch request."""
+LINGER_SECONDS = 1.0
+"""How long a batch request waits at most for a quarter of the places to be free (while
+three quarters of the items are still in flight, so the workers stay busy)."""
+MAX_WAITERS = 64
+"""Threads that wait for items' jobs (and submit the large ones) at most."""
+# A whole batch request refused with one of these: the coordinator does not take
+# batches (no route: 404/405) or not this form of it; submit each item alone.
+NO_BATCH_STATUSES = (400, 404, 405, 413, 415, 422)
+_BY_STATUS: dict[int, type[CsmlError]] = {
+    400: InvalidRequest,
+    401: Unauthorized,
+    403: Unauthorized,
+    404: NotFound,
+    409: Conflict,
+    413: TooLarge,
+    415: InvalidRequest,
+    422: InvalidRequest,
+}
 
 
 @dataclass
@@ -95,6 +141,101 @@ class Batch:
 ItemCallback = Callable[[BatchItem], None]
 
 
+# -- one batch request ---------------------------------------------------------------
+
+
+def inline_bytes(file: FileArg) -> bytes | None:
+    """The file's bytes if it may travel inline (at most `INLINE_MAX_BYTES`); None if it
+    is larger, or a stream that cannot be rewound (it is then submitted alone)."""
+    if isinstance(file, bytes):
+        return file if len(file) <= INLINE_MAX_BYTES else None
+    if isinstance(file, str | os.PathLike):
+        path = Path(file)
+        try:
+            if path.stat().st_size > INLINE_MAX_BYTES:
+                return None
+            with open(path, "rb") as f:
+                data = f.read(INLINE_MAX_BYTES + 1)
+        except OSError:
+            return None  # submitted alone, which names the problem
+        return data if len(data) <= INLINE_MAX_BYTES else None
+    if not (hasattr(file, "seek") and hasattr(file, "read")):
+        return None
+    try:
+        file.seek(0)
+        data = file.read(INLINE_MAX_BYTES + 1)
+        file.seek(0)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, bytes) and len(data) <= INLINE_MAX_BYTES else None
+
+
+def batch_entry(
+    app: str,
+    operation: str,
+    params: Mapping[str, Any] | None,
+    inputs: Mapping[str, bytes],
+    limits: Mapping[str, float] | None = None,
+) -> dict[str, Any]:
+    """One item of a batch request: its spec and its inputs in base64."""
+    spec: dict[str, Any] = {"app": app, "operation": operation, "params": dict(params or {})}
+    if limits:
+        spec["limits"] = dict(limits)
+    encoded = {name: base64.b64encode(data).decode("ascii") for name, data in inputs.items()}
+    return {"spec": spec, "inputs": encoded}
+
+
+def entry_size(entry: Mapping[str, Any]) -> int:
+    """About what an entry adds to the request body."""
+    return 256 + sum(len(v) for v in entry["inputs"].values()) + len(json.dumps(entry["spec"]))
+
+
+def post_batch(client: Client, entries: Sequence[Mapping[str, Any]]) -> list[Job | CsmlError]:
+    """Send one batch request; per entry, in order, its job or the error that refused it.
+
+    A refusal of the whole request raises (`CsmlError`, with the status)."""
+    from csml.client.sdk import Job
+    from csml.schemas import Job as JobData
+
+    stream = client._results
+    mark = stream.mark() if stream is not None else None  # before the POST
+    response = client.request("POST", "/v1/jobs/batch", json={"items": list(entries)})
+    answer = BatchSubmitted.model_validate(response.json())
+    if len(answer.items) != len(entries):
+        raise ServerError(
+            f"the coordinator answered {len(answer.items)} results for {len(entries)} items"
+        )
+    out: list[Job | CsmlError] = []
+    for result in sorted(answer.items, key=lambda r: r.index):
+        if result.job is not None:
+            out.append(Job(client, JobData.model_validate(result.job), mark))
+        else:
+            out.append(item_error(result.status, result.error, result.retry_after))
+    return out
+
+
+def item_error(status: int, error: Any, retry_after: float | None) -> CsmlError:
+    """The error a single submission would have raised for this refusal."""
+    code = getattr(error, "code", None)
+    message = getattr(error, "message", None) or f"HTTP {status}"
+    kw: dict[str, Any] = {"status": status, "code": code, "field": getattr(error, "field", None)}
+    if status == 429:
+        kind = QueueFull if code == "queue_full" else RateLimited
+        return kind(message, retry_after=float(retry_after or 1), **kw)
+    return _BY_STATUS.get(status, ServerError)(message, **kw)
+
+
+# -- Client.map ----------------------------------------------------------------------
+
+
+@dataclass
+class _Pending:
+    item: BatchItem
+    file: Any
+    refused_since: float | None = None  # first "come back later", for `patience`
+    not_before: float = 0.0
+
+
 def run_batch(
     client: Client,
     app: str,
@@ -107,54 +248,247 @@ def run_batch(
     timeout: float = 3600.0,
     patience: float = 600.0,
     on_done: ItemCallback | None = None,
+    batch_items: int = BATCH_ITEMS,
 ) -> Batch:
     """Run `operation` once per `(label, file)` in `sources`, the file as `input_name`.
 
     `on_done` is called (from a pool thread, one call at a time) as each item ends;
-    it may download the item's outputs into `item.saved`."""
+    it may download the item's outputs into `item.saved`. Small files go in batch
+    requests of at most `batch_items` items (see the module docstring); with
+    `batch_items=0` every item is submitted alone."""
     if concurrency < 1:
         raise CsmlError("concurrency must be at least 1")
+    run = _Run(client, app, operation, input_name, params, concurrency, timeout, patience, on_done)
+    run.batching = batch_items > 0
     items = [BatchItem(i, label) for i, (label, _) in enumerate(sources)]
-    done_lock = threading.Lock()
-    fatal: list[BaseException] = []
+    start = time.perf_counter()
+    run.drive(
+        [_Pending(item, file) for item, (_, file) in zip(items, sources, strict=True)],
+        max(1, batch_items),
+    )
+    if run.fatal:
+        raise run.fatal[0]
+    return Batch(app, operation, items, time.perf_counter() - start)
 
-    def one(item: BatchItem, file: Any) -> None:
-        if fatal:
+
+class _Run:
+    """One `run_batch`: the submitting loop (the caller's thread) and the pool that waits."""
+
+    def __init__(
+        self,
+        client: Client,
+        app: str,
+        operation: str,
+        input_name: str,
+        params: dict[str, Any] | None,
+        concurrency: int,
+        timeout: float,
+        patience: float,
+        on_done: ItemCallback | None,
+    ) -> None:
+        self.client = client
+        self.app = app
+        self.operation = operation
+        self.input_name = input_name
+        self.params = params
+        self.timeout = timeout
+        self.patience = patience
+        self.on_done = on_done
+        self.concurrency = concurrency
+        self.slots = threading.BoundedSemaphore(concurrency)  # items in flight
+        self.pool = ThreadPoolExecutor(
+            max_workers=min(concurrency, MAX_WAITERS), thread_name_prefix="csml-batch"
+        )
+        self.done_lock = threading.Lock()
+        self.fatal: list[BaseException] = []
+        self.batching = True
+        self.pending: collections.deque[_Pending] = collections.deque()
+        self.later: list[_Pending] = []  # refused for now: retried after Retry-After
+
+    # -- the submitting loop --------------------------------------------------
+
+    def drive(self, todo: list[_Pending], batch_items: int) -> None:
+        self.pending.extend(todo)
+        try:
+            while not self.fatal:
+                self._requeue_due()
+                if not self.pending:
+                    if not self.later:
+                        break
+                    time.sleep(max(0.0, min(p.not_before for p in self.later) - time.monotonic()))
+                    continue
+                self.slots.acquire()  # a place for the first item (waits for one to end)
+                chunk = [self.pending.popleft()]
+                # Places free up one at a time as jobs end: wait a moment for a few more,
+                # so that a request carries several items, not one per ended job.
+                most = batch_items if self.batching else 1  # alone: no reason to wait
+                want = min(most, max(1, self.concurrency // 4), len(self.pending) + 1)
+                linger = time.monotonic() + LINGER_SECONDS
+                while self.pending and len(chunk) < most:
+                    if self.slots.acquire(blocking=False):
+                        chunk.append(self.pending.popleft())
+                        continue
+                    left = linger - time.monotonic()
+                    if len(chunk) >= want or left <= 0 or not self.slots.acquire(timeout=left):
+                        break
+                    chunk.append(self.pending.popleft())
+                self._send(chunk)
+        finally:
+            self.pool.shutdown(wait=True)
+        if self.fatal:
+            for p in [*self.pending, *self.later]:
+                p.item.state, p.item.error = "failed", "not run: the batch stopped"
+
+    def _requeue_due(self) -> None:
+        now = time.monotonic()
+        due = [p for p in self.later if p.not_before <= now]
+        if due:
+            self.later = [p for p in self.later if p.not_before > now]
+            self.pending.extendleft(reversed(due))
+
+    def _send(self, chunk: list[_Pending]) -> None:
+        """Submit `chunk` (each item holds a place): small ones in batch requests, the
+        others alone in the pool."""
+        inline: list[tuple[_Pending, dict[str, Any]]] = []
+        for p in chunk:
+            data = inline_bytes(p.file) if self.batching else None
+            if data is None:
+                self.pool.submit(self._alone, p)
+            else:
+                entry = batch_entry(self.app, self.operation, self.params, {self.input_name: data})
+                inline.append((p, entry))
+        group: list[tuple[_Pending, dict[str, Any]]] = []
+        size = 0
+        for p, entry in inline:
+            grows = entry_size(entry)
+            if group and size + grows > BATCH_BYTES:
+                self._post(group)
+                group, size = [], 0
+            group.append((p, entry))
+            size += grows
+        if group:
+            self._post(group)
+
+    def _post(self, group: list[tuple[_Pending, dict[str, Any]]]) -> None:
+        try:
+            answers = post_batch(self.client, [entry for _, entry in group])
+        except TooManyRequests as exc:
+            for p, _ in group:
+                self._retry_or_refuse(p, exc)
+            return
+        except CsmlError as exc:
+            if exc.status in NO_BATCH_STATUSES:
+                self.batching = False  # every item alone from now on (each gets its verdict)
+                for p, _ in group:
+                    self.pool.submit(self._alone, p)
+                return
+            for p, _ in group:
+                self._failed(p.item, exc)
+                self._finish(p.item)
+            return
+        now = time.monotonic()
+        for (p, _), answer in zip(group, answers, strict=True):
+            if isinstance(answer, TooManyRequests):
+                self._retry_or_refuse(p, answer)
+            elif isinstance(answer, CsmlError):
+                self._failed(p.item, answer)
+                self._finish(p.item)
+            else:
+                p.item.job = answer
+                self.pool.submit(self._wait, p.item, answer, now + self.timeout)
+
+    def _retry_or_refuse(self, p: _Pending, exc: TooManyRequests) -> None:
+        """A "come back later": again after Retry-After, within `patience` of the first."""
+        self.slots.release()  # not in flight while it waits
+        now = time.monotonic()
+        if p.refused_since is None:
+            p.refused_since = now
+        wait = min(float(exc.retry_after or 1.0), 5.0)
+        if now + wait > p.refused_since + self.patience:
+            p.item.state = "refused"
+            p.item.error = f"still refused after {self.patience:g} s: {exc}"
+            self._report(p.item)
+            return
+        p.not_before = now + wait
+        self.later.append(p)
+
+    # -- pool threads -----------------------------------------------------------
+
+    def _wait(self, item: BatchItem, job: Job, deadline: float) -> None:
+        try:
+            job.wait(timeout=max(0.0, deadline - time.monotonic()))
+            item.state = job.state.value
+            if not item.ok:
+                item.error = job.error or f"job ended {item.state}"
+        except CsmlError as exc:
+            self._failed(item, exc)
+        except Exception as exc:  # a bug here must stop the batch, not hang it
+            item.state, item.error = "failed", f"{type(exc).__name__}: {exc}"
+            self.fatal.append(exc)
+        self._finish(item)
+
+    def _alone(self, p: _Pending) -> None:
+        """Submit one item by itself (multipart, streamed), then wait for it."""
+        item = p.item
+        if self.fatal:
             item.state, item.error = "failed", "not run: the batch stopped"
+            self.slots.release()
             return
         try:
-            job = _submit_with_patience(client, app, operation, input_name, file, params, patience)
+            job = _submit_with_patience(
+                self.client,
+                self.app,
+                self.operation,
+                self.input_name,
+                p.file,
+                self.params,
+                self.patience,
+            )
             item.job = job
-            job.wait(timeout=timeout)
+            job.wait(timeout=self.timeout)
             item.state = job.state.value
             if not item.ok:
                 item.error = job.error or f"job ended {item.state}"
         except TooManyRequests as exc:
-            item.state, item.error = "refused", f"still refused after {patience:g} s: {exc}"
-        except WaitTimeout as exc:
-            item.state, item.error = "timed_out", str(exc)
-        except ITEM_ERRORS as exc:
-            item.state, item.error = "refused", str(exc)
-        except NotFound as exc:  # the app or operation is gone: no item can run
-            item.state, item.error = "failed", str(exc)
-            fatal.append(exc)
+            item.state, item.error = "refused", f"still refused after {self.patience:g} s: {exc}"
         except CsmlError as exc:
+            self._failed(item, exc)
+        except Exception as exc:  # a bug here must stop the batch, not hang it
+            item.state, item.error = "failed", f"{type(exc).__name__}: {exc}"
+            self.fatal.append(exc)
+        self._finish(item)
+
+    # -- outcomes -------------------------------------------------------------------
+
+    def _failed(self, item: BatchItem, exc: CsmlError) -> None:
+        """Record why `item` did not succeed; an error that concerns every item stops
+        the batch."""
+        if isinstance(exc, WaitTimeout):
+            item.state, item.error = "timed_out", str(exc)
+        elif isinstance(exc, ITEM_ERRORS):
+            item.state, item.error = "refused", str(exc)
+        elif isinstance(exc, NotFound):  # the app or operation is gone: no item can run
+            item.state, item.error = "failed", str(exc)
+            self.fatal.append(exc)
+        else:
             item.state, item.error = "failed", str(exc)
             if exc.status is None or exc.status in (401, 403):
-                fatal.append(exc)
-        with done_lock:
-            if on_done is not None:
-                on_done(item)
+                self.fatal.append(exc)
 
-    start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="csml-batch") as pool:
-        pairs = zip(items, sources, strict=True)
-        futures = [pool.submit(one, item, file) for item, (_, file) in pairs]
-        for f in futures:
-            f.result()
-    if fatal:
-        raise fatal[0]
-    return Batch(app, operation, items, time.perf_counter() - start)
+    def _finish(self, item: BatchItem) -> None:
+        try:
+            self._report(item)
+        finally:
+            self.slots.release()
+
+    def _report(self, item: BatchItem) -> None:
+        """`on_done`, one call at a time; what it raises stops the batch and is raised."""
+        with self.done_lock:
+            if self.on_done is not None:
+                try:
+                    self.on_done(item)
+                except Exception as exc:
+                    self.fatal.append(exc)
 
 
 def _submit_with_patience(

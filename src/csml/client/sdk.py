@@ -273,12 +273,15 @@ class Client:
         concurrency: int = 4,
         timeout: float = 3600.0,
         on_done: Callable[[BatchItem], None] | None = None,
+        batch_items: int | None = None,
     ) -> Batch:
         """Run `operation` once per file (a batch; each item an ordinary job) and return
         the items in input order. Failed items are recorded, never raised; `on_done` sees
         each item as it ends. `input` names the operation's file input (default: its only
-        required one)."""
-        from csml.client.batch import run_batch, single_file_input
+        required one). At most `concurrency` items are in flight; small files go up to
+        `batch_items` per request (`POST /v1/jobs/batch`; default `BATCH_ITEMS`, 0: one
+        request per item), larger ones one per request (see `csml.client.batch`)."""
+        from csml.client.batch import BATCH_ITEMS, run_batch, single_file_input
 
         if input is None:
             op = next((o for o in self.app(app).operations if o.name == operation), None)
@@ -298,7 +301,82 @@ class Client:
             concurrency=concurrency,
             timeout=timeout,
             on_done=on_done,
+            batch_items=BATCH_ITEMS if batch_items is None else batch_items,
         )
+
+    def submit_many(
+        self,
+        app: str,
+        operation: str,
+        items: Sequence[Mapping[str, Any]],
+    ) -> list[Job | CsmlError]:
+        """Submit many jobs of one operation in few requests; per item, in order, its
+        `Job` or the `CsmlError` that refused it (one item's refusal never raises).
+
+        Each item is a mapping with optional `params`, `files` ({input name: file}) and
+        `limits`. Items whose files are all small (at most `INLINE_MAX_BYTES` each) travel
+        inline through `POST /v1/jobs/batch`, up to `BATCH_ITEMS` per request; an item
+        with a larger file is submitted alone (multipart, streamed), as is every item on
+        a coordinator without the batch route. Errors that concern every item (an
+        unreachable coordinator, bad credentials) raise."""
+        from csml.client.batch import (
+            BATCH_BYTES,
+            BATCH_ITEMS,
+            NO_BATCH_STATUSES,
+            batch_entry,
+            entry_size,
+            inline_bytes,
+            post_batch,
+        )
+        from csml.client.errors import TooManyRequests
+
+        results: list[Job | CsmlError | None] = [None] * len(items)
+        alone: list[int] = []
+        groups: list[list[tuple[int, dict[str, Any]]]] = [[]]
+        size = 0
+        for i, item in enumerate(items):
+            files: Mapping[str, FileArg] = item.get("files") or {}
+            data = {name: inline_bytes(f) for name, f in files.items()}
+            small = {name: b for name, b in data.items() if b is not None}
+            if len(small) != len(data):
+                alone.append(i)
+                continue
+            entry = batch_entry(app, operation, item.get("params"), small, item.get("limits"))
+            grows = entry_size(entry)
+            if groups[-1] and (len(groups[-1]) >= BATCH_ITEMS or size + grows > BATCH_BYTES):
+                groups.append([])
+                size = 0
+            groups[-1].append((i, entry))
+            size += grows
+        for group in groups:
+            if not group:
+                continue
+            try:
+                answers: list[Job | CsmlError] = post_batch(self, [e for _, e in group])
+            except TooManyRequests as exc:
+                answers = [exc] * len(group)
+            except CsmlError as exc:
+                if exc.status not in NO_BATCH_STATUSES:
+                    raise
+                alone.extend(i for i, _ in group)
+                continue
+            for (i, _), answer in zip(group, answers, strict=True):
+                results[i] = answer
+        for i in sorted(alone):
+            item = items[i]
+            try:
+                results[i] = self.submit(
+                    app,
+                    operation,
+                    files=dict(item.get("files") or {}),
+                    params=item.get("params"),
+                    limits=item.get("limits"),
+                )
+            except CsmlError as exc:
+                if exc.status is None or exc.status in (401, 403):
+                    raise
+                results[i] = exc
+        return [r for r in results if r is not None]
 
     def workers(self, app: str) -> list[WorkerKeyInfo]:
         """The app's live workers with their public keys and attestation evidence."""

@@ -25,6 +25,7 @@ from csml import ids
 from csml.apps.registry import installed_apps
 from csml.coordinator import (
     api_attestation,
+    api_batches,
     api_events,
     api_models,
     api_operator,
@@ -178,6 +179,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _document_job_spec(app)
     app.include_router(api_events.router)  # before api_users: /v1/jobs/events is no job id
     app.include_router(api_users.router)
+    app.include_router(api_batches.router)
     app.include_router(api_workers.router)
     app.include_router(api_attestation.router)
     app.include_router(api_models.router)

@@ -11,7 +11,9 @@ Invariants of `BodyLimits`:
   `Connection: close`, so the server never reads the rest (a 401 from
   authentication before the body, a 413, a 422 on a form part's headers).
 - The limit is that of the route, chosen when the route first reads its body
-  (routing has happened by then): uploads have their own (`UPLOAD_ROUTES`),
+  (routing has happened by then): uploads have their own (`UPLOAD_ROUTES`), a
+  batch submission its own (`MAX_BATCH_BODY_BYTES`, or less with a smaller
+  `max_request_bytes`),
   a job spec sent as JSON its own, a worker's JSON its own; every other body
   gets `max_json_bytes`. Routes never read a body before authenticating (see
   `csml.coordinator.auth.authenticate_before_body`).
@@ -31,6 +33,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from csml.coordinator.errors import ApiError
+from csml.schemas.batches import MAX_BATCH_BODY_BYTES
 
 if TYPE_CHECKING:
     from prometheus_client import Histogram
@@ -39,10 +42,12 @@ if TYPE_CHECKING:
 
 SUBMISSION = "submission"
 OUTPUT = "output"
+BATCH = "batch"
 # Routes whose body is a stream of files: (method, route template) -> kind.
 UPLOAD_ROUTES: dict[tuple[str, str], str] = {
     ("POST", "/v1/jobs"): SUBMISSION,
     ("POST", "/v1/models"): SUBMISSION,
+    ("POST", "/v1/jobs/batch"): BATCH,
     ("PUT", "/v1/workers/{worker_id}/jobs/{job_id}/outputs/{name}"): OUTPUT,
 }
 WORKER_PREFIX = "/v1/workers"
@@ -62,6 +67,12 @@ def limit_for(settings: Settings, method: str, template: str, content_type: str)
     kind = UPLOAD_ROUTES.get((method, template))
     if kind == OUTPUT:
         return BodyLimit(settings.max_output_bytes, "an output file", "CSML_MAX_OUTPUT_BYTES")
+    if kind == BATCH:
+        return BodyLimit(
+            min(settings.max_request_bytes, MAX_BATCH_BODY_BYTES),
+            "a batch submission",
+            "CSML_MAX_REQUEST_BYTES",
+        )
     if kind == SUBMISSION:
         if content_type.startswith("multipart/"):
             return BodyLimit(

@@ -1,0 +1,261 @@
+"""Batch submission: many jobs in one request, each checked and queued as a single one.
+
+`read` turns the body of `POST /v1/jobs/batch` into items, refusing the whole request
+(a refusal from `csml.refusals`) only for what concerns the body: not JSON, not an
+object with `items`, no items or more than `MAX_BATCH_ITEMS`, an inline input over
+`INLINE_MAX_BYTES`. Nothing has been submitted when it refuses.
+
+`submit` then takes each item in order through what a single submission goes through
+(`api_users.submit_job` with the inputs as form parts): the spec's limits
+(`spec_limits.load`), its schema (`JobSpec`), the identity's early limits
+(`abuse.check_submission`, charged with the item's kept params and input bytes, so each
+item counts in the submission window), the model quota, the operation's declared
+inputs (`JobQueue.check_files`), and finally `JobQueue.submit`, which checks params,
+limits, quotas (active jobs, stored bytes), the queue bound and recipients in the
+transaction that creates the job and gives it its fair rank. Items are jobs: they
+count against quotas and take their turns like any other job.
+
+Invariants:
+- One item's refusal never refuses another; each `Outcome` holds the item's job or
+  the exception that refused it (a refusal, or an API error of a service not yet
+  converted to refusals; anything else is a failure of the coordinator the API logs).
+- Items are submitted in request order, so their fair ranks follow it.
+- Inputs are staged per item and made durable (one `fsync_paths` over every staged
+  file of the request) before any of them is submitted; a refused item's staging is
+  removed, an accepted one's became its job's inputs (`JobQueue.submit` adopts it).
+
+The JobQueue methods used are `check_files` and `submit` (public, stable names).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pydantic_core
+from pydantic import ValidationError
+
+from csml.coordinator import abuse, artifacts, spec_limits
+from csml.coordinator.queue import StagedFile
+from csml.refusals import Invalid, TooLarge
+from csml.schemas.batches import INLINE_MAX_CHARS, MAX_BATCH_ITEMS, BatchItemIn
+from csml.schemas.jobs import JobSpec
+from csml.schemas.workers import INLINE_MAX_BYTES
+from csml.store.blobs import HashingWriter, check_name, fsync_paths
+from csml.store.tables import Job
+
+if TYPE_CHECKING:
+    from csml.coordinator.state import Core
+
+INLINE_MEDIA_TYPE = "application/octet-stream"
+INPUT_CODES = ("unknown_input", "missing_input")  # `check_files` refusals naming an input
+
+
+@dataclass
+class Item:
+    """One item as read from the body: its raw spec and decoded inputs, or why it
+    could not be read (`error`, the item's own refusal)."""
+
+    index: int
+    spec: dict[str, Any] = field(default_factory=dict)
+    inputs: dict[str, bytes] = field(default_factory=dict)
+    error: Exception | None = None
+
+
+@dataclass
+class Outcome:
+    """What became of one item: its job, or the exception that refused it."""
+
+    index: int
+    job: Job | None = None
+    error: Exception | None = None
+
+
+def _invalid_body(message: str, where: str = "body") -> Invalid:
+    return Invalid("invalid_request", f"{where}: {message}", field=where)
+
+
+def read(raw: bytes, max_params_depth: int) -> list[Item]:
+    """The items of a batch body; refuses (whole request) what concerns the body."""
+    try:
+        data = pydantic_core.from_json(raw, allow_inf_nan=True)
+    except ValueError as exc:
+        if "recursion limit" in str(exc):
+            raise spec_limits.too_deep("body", max_params_depth) from None
+        raise _invalid_body(f"not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise _invalid_body('send an object: {"items": [{"spec": {...}, "inputs": {...}}]}')
+    for key in data:
+        if key != "items":
+            raise _invalid_body("unknown field; a batch has only `items`", str(key)[:64])
+    items = data.get("items")
+    if not isinstance(items, list):
+        raise _invalid_body("a list of items is required", "items")
+    if not items:
+        raise _invalid_body("a batch needs at least one item", "items")
+    if len(items) > MAX_BATCH_ITEMS:
+        raise TooLarge(
+            "too_many_items",
+            f"items: {len(items)} items, over the limit of {MAX_BATCH_ITEMS} per batch; "
+            "send them in several requests",
+            field="items",
+        )
+    out = [_item(i, value) for i, value in enumerate(items)]
+    for item in out:  # the body's bound before any item is submitted
+        for name, content in item.inputs.items():
+            if len(content) > INLINE_MAX_BYTES:
+                raise _inline_too_large(item.index, name)
+    return out
+
+
+def _inline_too_large(index: int, name: str) -> TooLarge:
+    return TooLarge(
+        "inline_input_too_large",
+        f"items.{index}.inputs.{name}: over {INLINE_MAX_BYTES} bytes, the most an input "
+        "may carry inline; submit this item alone as multipart (POST /v1/jobs)",
+        field=f"items.{index}.inputs.{name}",
+    )
+
+
+def _item(index: int, value: Any) -> Item:
+    try:
+        parsed = BatchItemIn.model_validate(value)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        where = loc or "item"
+        return Item(
+            index, error=Invalid("invalid_item", f"{where}: {err['msg']}", field=loc or None)
+        )
+    item = Item(index, spec=parsed.spec)
+    for name, text in parsed.inputs.items():
+        if len(text) > INLINE_MAX_CHARS:
+            raise _inline_too_large(index, name[:64])
+        try:
+            item.inputs[name] = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            item.error = Invalid(
+                "invalid_input",
+                f"inputs.{name[:64]}: not base64; send the file's bytes in standard base64",
+                field=f"inputs.{name[:64]}",
+            )
+    return item
+
+
+def submit(core: Core, owner_id: str, items: list[Item]) -> list[Outcome]:
+    """Check and submit each item in order (see the module docstring)."""
+    outcomes = [Outcome(item.index) for item in items]
+    specs: dict[int, tuple[JobSpec, int]] = {}
+    staged: dict[int, tuple[Path, dict[str, StagedFile]]] = {}
+    try:
+        for item, outcome in zip(items, outcomes, strict=True):
+            try:
+                if item.error is not None:
+                    raise item.error
+                specs[item.index] = _checked_spec(core, item)
+                if item.inputs:
+                    staged[item.index] = _stage(core, item)
+            except Exception as exc:
+                outcome.error = exc
+        fsync_paths([f.path for _, files in staged.values() for f in files.values()])
+        for item, outcome in zip(items, outcomes, strict=True):
+            if outcome.error is not None:
+                continue
+            spec, kept = specs[item.index]
+            staging, files = staged.get(item.index, (None, {}))
+            try:
+                uploaded = sum(f.size for f in files.values())
+                abuse.check_submission(core, owner_id, kept + uploaded)
+                _, op = core.catalog.operation(spec.app, spec.operation)
+                abuse.check_model_quota(core, owner_id, artifacts.makes_models(op))
+                outcome.job = core.queue.submit(owner_id, spec, staging, files)
+            except Exception as exc:
+                outcome.error = exc
+    finally:
+        for staging, _ in staged.values():
+            core.blobs.discard(staging)  # an accepted item's folder was moved: nothing left
+    return outcomes
+
+
+def _checked_spec(core: Core, item: Item) -> tuple[JobSpec, int]:
+    """The item's spec, checked as a single JSON submission's, and its kept bytes."""
+    raw = json.dumps(item.spec, separators=(",", ":"), ensure_ascii=False).encode()
+    data = spec_limits.load(raw, core.settings)
+    if "steps" in item.spec:
+        raise Invalid(
+            "invalid_spec",
+            "spec.steps: a batch item is one job, not a pipeline; submit pipelines to "
+            "POST /v1/jobs",
+            field="spec.steps",
+        )
+    try:
+        spec = JobSpec.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        where = f"spec.{loc}" if loc else "spec"
+        raise Invalid("invalid_spec", f"{where}: {err['msg']}", field=where) from None
+    names = set(item.inputs)
+    for name in sorted(names):
+        try:
+            check_name(name)
+        except ValueError:
+            raise Invalid(
+                "unknown_input", f"{name[:64]!r} is not a file name", field=f"inputs.{name[:64]}"
+            ) from None
+    core.catalog.operation(spec.app, spec.operation)  # no such app or operation
+    try:
+        core.queue.check_files(spec, names)
+    except Exception as exc:  # its field is the input's name: name it as the item's input
+        named = getattr(exc, "field", None)
+        if getattr(exc, "code", None) in INPUT_CODES and isinstance(named, str) and named:
+            exc.field = f"inputs.{named}"  # type: ignore[attr-defined]
+        raise
+    return spec, spec_limits.kept_bytes(data)
+
+
+def _stage(core: Core, item: Item) -> tuple[Path, dict[str, StagedFile]]:
+    """The item's inputs written to a staging folder of their own (not yet synced)."""
+    limit = core.settings.max_upload_bytes
+    staging = core.blobs.new_staging()
+    files: dict[str, StagedFile] = {}
+    try:
+        for name, content in item.inputs.items():
+            if len(content) > limit:
+                raise TooLarge(
+                    "file_too_large",
+                    f"input {name!r} is larger than the limit of {limit} bytes",
+                    field=f"inputs.{name}",
+                )
+            writer = HashingWriter(staging / name, limit)
+            writer.write(content)
+            digest = writer.finish(sync=False)
+            files[name] = StagedFile(
+                name=name,
+                path=writer.path,
+                size=writer.size,
+                sha256=digest,
+                media_type=INLINE_MEDIA_TYPE,
+            )
+    except BaseException:
+        core.blobs.discard(staging)
+        raise
+    return staging, files
+
+
+SPEC_FIELDS = ("app", "operation", "params", "limits", "confidential")
+
+
+def item_field(index: int, field_name: str | None) -> str:
+    """The field of an item's refusal, named from the batch: `items.3.spec.params.scale`,
+    `items.3.inputs.image`, or `items.3` when the refusal names no field. (A single
+    submission's refusal may name a spec's field without `spec.`, e.g. `params.scale`.)"""
+    if not field_name:
+        return f"items.{index}"
+    if field_name.split(".", 1)[0] in SPEC_FIELDS:
+        field_name = f"spec.{field_name}"
+    return f"items.{index}.{field_name}"
