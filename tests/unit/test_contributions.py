@@ -11,13 +11,24 @@ from typing import Any
 
 import httpx
 import pytest
+from typer.testing import CliRunner
 
+import csml.cli.main as cli_main
 from csml.apps.echo import app as echo_app
 from csml.client import CsmlError
 from csml.coordinator import contributions
 from csml.schemas import WorkerRegistered
 from tests.unit.conftest import MakeCoordinator
-from tests.unit.inproc import OPERATOR_TOKEN, HttpWorker, InProcessCoordinator, error_of
+from tests.unit.inproc import (
+    BASE_URL,
+    OPERATOR_TOKEN,
+    HttpWorker,
+    InProcessCoordinator,
+    error_of,
+)
+from tests.unit.test_sdk_cli import cli, run
+
+__all__ = ["cli"]  # the CLI fixture, shared with test_sdk_cli
 
 OPERATOR = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
 
@@ -303,3 +314,42 @@ def test_a_contributed_worker_without_a_key_gets_no_confidential_job(
     accepted = confidential(keyed)
     assert accepted.status_code == 202, accepted.text
     assert contributed.claim(4) == []
+
+
+def test_the_cli_contributes_lists_revokes_and_the_operator_rules(
+    cli: CliRunner,
+    coordinator: InProcessCoordinator,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    run(cli, "id", "new", "--url", BASE_URL)
+    refused = cli.invoke(cli_main.app, ["contribute", "echo"])
+    assert isinstance(refused.exception, CsmlError)
+    assert "does not take contributed workers for 'echo'" in refused.exception.message
+
+    # The operator's command works on the coordinator's store, from its settings.
+    monkeypatch.setenv("CSML_DATA_DIR", str(coordinator.settings.data_dir))
+    monkeypatch.setenv("CSML_DATABASE_URL", str(coordinator.settings.database_url))
+    out = run(cli, "apps", "contribution", "echo", "--allow", "--max-workers", "1")
+    assert out.strip() == "echo: contributed workers allowed, at most 1; 0 live"
+
+    out = run(cli, "contribute", "echo", "--label", "attic")
+    token = out.split("join token")[1].split()[0]
+    assert f"csml worker --coordinator {BASE_URL} --app echo --join-token-file -" in out
+    contributed_worker(coordinator, token)
+    assert "podman run" in run(cli, "contribute", "echo", "--container")
+    listed = run(cli, "contribute", "list")
+    assert token not in listed and "attic" in listed and "workers 1 live / 1" in listed
+
+    first = listed.split()[0]
+    assert "revoked" in run(cli, "contribute", "revoke", first)
+    assert register(coordinator, token).status_code == 401
+
+    out = run(cli, "apps", "contribution", "echo", "--deny")
+    assert out.strip() == "echo: contributed workers denied, at most 1; 0 live"
+    monkeypatch.setattr("sys.argv", ["csml", "contribute", "revoke", "0" * 12])
+    with pytest.raises(SystemExit) as exit_:
+        cli_main.main()
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: no contribution '000000000000'") and "Traceback" not in err

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from csml import ids
 from csml.coordinator import tokens
+from csml.coordinator.config import Settings
 from csml.coordinator.state import Core
 from csml.coordinator.worker_tokens import CACHE as WORKER_TOKENS
 from csml.refusals import Forbidden, Invalid, Malformed, NotFound, QuotaExceeded
@@ -182,14 +183,22 @@ def worker_counts(c: Core) -> dict[str, tuple[int, int]]:
 # -- the operator's settings ----------------------------------------------------
 
 
-def setting_info(c: Core, session: Session, app: str) -> ContributionSettingInfo:
+def _rule(session: Session, default: bool, app: str) -> tuple[bool, int | None]:
     found = contributions.setting(session, app)
-    allowed, cap = c.catalog.contributions_allowed(session, app)
+    return (default, None) if found is None else (found.allowed, found.max_workers)
+
+
+def _setting_info(session: Session, settings: Settings, app: str) -> ContributionSettingInfo:
+    allowed, cap = _rule(session, settings.contributions, app)
     live = contributions.live_contributed_workers(
-        session, app, utcnow() - timedelta(seconds=c.settings.worker_live_seconds)
+        session, app, utcnow() - timedelta(seconds=settings.worker_live_seconds)
     )
     return ContributionSettingInfo(
-        app=app, allowed=allowed, max_workers=cap, default=found is None, contributed_workers=live
+        app=app,
+        allowed=allowed,
+        max_workers=cap,
+        default=contributions.setting(session, app) is None,
+        contributed_workers=live,
     )
 
 
@@ -197,25 +206,42 @@ def settings_info(c: Core) -> list[ContributionSettingInfo]:
     """Every catalogued app's rule (and any app the operator ruled on)."""
     with c.sessions() as session:
         names = set(c.catalog.entries(session)) | {s.app for s in contributions.settings(session)}
-        return [setting_info(c, session, app) for app in sorted(names)]
+        return [_setting_info(session, c.settings, app) for app in sorted(names)]
 
 
 def set_rule(c: Core, app: str, body: ContributionSettingRequest) -> ContributionSettingInfo:
     """Allow or deny contributions for `app` and/or cap them; fields left out stay as they
     are. Denying revokes every contributed token of the app (their workers stop now): off
     means off. A lower cap stops no running worker; it refuses new ones until below it."""
+    cap_given = "max_workers" in body.model_fields_set
+    info = set_rule_in(c.sessions, c.settings, app, body.allowed, cap_given, body.max_workers)
+    c.catalog.reload()
+    return info
+
+
+def set_rule_in(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    app: str,
+    allowed: bool | None,
+    cap_given: bool,
+    cap: int | None,
+) -> ContributionSettingInfo:
+    """`set_rule` on a store (also the operator's `csml apps contribution`, run where the
+    coordinator's settings are; another process's worker-token cache forgets a revoked
+    token within its TTL)."""
     if not tokens.APP_NAME.match(app):
         raise Invalid("invalid_app", f"{app!r} is not an app name (a-z, 0-9, _ and -)")
-    with transaction(c.sessions) as session:
-        allowed, cap = c.catalog.contributions_allowed(session, app)
-        if body.allowed is not None:
-            allowed = body.allowed
-        if "max_workers" in body.model_fields_set:
-            cap = body.max_workers
-        contributions.put_setting(session, app, allowed, cap, utcnow())
-        revoked = [] if allowed else contributions.live_tokens_for_app(session, app)
+    if cap is not None and cap < 0:
+        raise Invalid("invalid_cap", f"max_workers: {cap} is below 0", field="max_workers")
+    with transaction(sessions) as session:
+        now_allowed, now_cap = _rule(session, settings.contributions, app)
+        now_allowed = now_allowed if allowed is None else allowed
+        now_cap = cap if cap_given else now_cap
+        contributions.put_setting(session, app, now_allowed, now_cap, utcnow())
+        revoked = [] if now_allowed else contributions.live_tokens_for_app(session, app)
         for token_id in revoked:
             tokens.revoke(session, token_id)
-        info = setting_info(c, session, app)
+        info = _setting_info(session, settings, app)
     forget(revoked)
     return info
