@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import os
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -341,8 +342,8 @@ def test_the_cli_contributes_lists_revokes_and_the_operator_rules(
     listed = run(cli, "contribute", "list")
     assert token not in listed and "attic" in listed and "workers 1 live / 1" in listed
 
-    first = listed.split()[0]
-    assert "revoked" in run(cli, "contribute", "revoke", first)
+    [attic] = [line.split()[0] for line in listed.splitlines() if "attic" in line]
+    assert "revoked" in run(cli, "contribute", "revoke", attic)
     assert register(coordinator, token).status_code == 401
 
     out = run(cli, "apps", "contribution", "echo", "--deny")
@@ -353,3 +354,48 @@ def test_the_cli_contributes_lists_revokes_and_the_operator_rules(
     assert exit_.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith("error: no contribution '000000000000'") and "Traceback" not in err
+
+
+def test_the_migration_keeps_existing_workers_and_cascades_erasure(tmp_path: Path) -> None:
+    """0007 on SQLite adds join_tokens.contributor_id in place: a batch copy of the table
+    would drop it, and with foreign keys on that deletes every worker's row."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import text
+
+    from csml.store.db import MIGRATIONS, make_engine, migrate, sqlite_url
+
+    engine = make_engine(sqlite_url(tmp_path))
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    stamp = "'2026-01-01 00:00:00'"
+    with engine.connect() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0006_fair_counters")
+        conn.execute(
+            text(
+                "INSERT INTO join_tokens (id, token_hash, label, created_at, may_publish) "
+                f"VALUES ('t', 'th', '', {stamp}, 0)"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO workers (id, token_hash, join_token_id, app, slots, sandbox, "
+                f"registered_at, last_heartbeat) VALUES ('w', 'wh', 't', 'echo', 1, '', "
+                f"{stamp}, {stamp})"
+            )
+        )
+        conn.commit()
+    migrate(engine)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT id FROM workers")).scalars().all() == ["w"]
+        assert conn.execute(text("SELECT contributor_id FROM join_tokens")).all() == [(None,)]
+        conn.execute(
+            text(f"INSERT INTO identities (id, token_hash, created_at) VALUES ('i', 'ih', {stamp})")
+        )
+        conn.execute(text("UPDATE join_tokens SET contributor_id = 'i'"))
+        conn.commit()
+        conn.execute(text("DELETE FROM identities WHERE id = 'i'"))
+        conn.commit()
+        assert conn.execute(text("SELECT count(*) FROM workers")).scalar() == 0
+    engine.dispose()
