@@ -77,6 +77,9 @@ class JoinTokenRow(BaseModel):
     )
     may_publish: bool = Field(description="Its workers may announce a new app version.")
     workers: int = Field(description="Live workers that joined with it.")
+    contributed: bool = Field(
+        False, description="An identity's contributed token (`csml contribute`), not yours."
+    )
 
 
 class JoinTokenList(BaseModel):
