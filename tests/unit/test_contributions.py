@@ -399,3 +399,21 @@ def test_the_migration_keeps_existing_workers_and_cascades_erasure(tmp_path: Pat
         conn.commit()
         assert conn.execute(text("SELECT count(*) FROM workers")).scalar() == 0
     engine.dispose()
+
+
+def test_an_identity_holds_a_bounded_number_of_tokens(
+    open_coordinator: InProcessCoordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(contributions, "MAX_LIVE_TOKENS", 2)
+    monkeypatch.setattr(contributions, "MAX_TOKENS", 3)
+    alice = open_coordinator.new_user()
+    first, second = alice.contribute("echo"), alice.contribute("echo")
+    with pytest.raises(CsmlError, match="you hold 2 contributed join tokens already"):
+        alice.contribute("echo")
+    alice.revoke_contribution(first.id)
+    alice.contribute("echo")
+    alice.revoke_contribution(first.id)  # again: harmless
+    alice.revoke_contribution(second.id)  # one live: only the total refuses now
+    with pytest.raises(CsmlError, match="you have made 3 contributed join tokens"):
+        alice.contribute("echo")
+    open_coordinator.new_user().contribute("echo")  # another identity is not affected

@@ -41,6 +41,9 @@ from csml.store.tables import utcnow
 
 MAX_LIVE_TOKENS = 20
 """Contributed tokens one identity may hold unrevoked at once."""
+MAX_TOKENS = 200
+"""Contributed tokens one identity may have made, revoked ones included (their rows stay
+for its list until the identity is erased)."""
 
 IMAGE = "ghcr.io/csml/csml-worker-{app}:{version}"
 
@@ -106,6 +109,12 @@ def create(c: Core, identity_id: str, app: str, label: str, url: str) -> Contrib
                 "too_many_contributions",
                 f"you hold {MAX_LIVE_TOKENS} contributed join tokens already; revoke one "
                 "(csml contribute revoke ID)",
+            )
+        if contributions.count_tokens_of(session, identity_id) >= MAX_TOKENS:
+            raise QuotaExceeded(
+                "too_many_contributions",
+                f"you have made {MAX_TOKENS} contributed join tokens; that is the most one "
+                "identity may make",
             )
         new = tokens.new_join_token(label, [app], False)
         tokens.NewJoinToken(

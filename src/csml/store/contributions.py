@@ -115,6 +115,18 @@ def token_ids_by_prefix(
     return list(session.scalars(query.order_by(JoinToken.id).limit(limit)))
 
 
+def count_tokens_of(session: Session, contributor_id: str) -> int:
+    """How many contributed tokens the identity holds, revoked ones included."""
+    return int(
+        session.scalar(
+            select(func.count())
+            .select_from(JoinToken)
+            .where(JoinToken.contributor_id == contributor_id)
+        )
+        or 0
+    )
+
+
 def live_tokens_of(session: Session, contributor_id: str) -> list[str]:
     """Ids of the identity's contributed tokens not yet revoked."""
     return list(
