@@ -114,6 +114,10 @@ def test_the_worker_counts_split_operator_run_and_contributed(
     contributed_worker(open_coordinator, alice.contribute("echo").token)
     counts = contributions.worker_counts(open_coordinator.core)
     assert counts["echo"] == (1, 2)
+    r = open_coordinator.http.get("/v1/operator/overview", headers=OPERATOR)
+    assert r.status_code == 200, r.text
+    flags = sorted(w["contributed"] for w in r.json()["workers"])
+    assert flags == [False, True, True]
 
 
 def test_a_contributed_token_serves_only_its_app_and_never_publishes(

@@ -22,6 +22,7 @@ class OperatorWorker(BaseModel):
     registered_at: datetime
     last_heartbeat: datetime
     heartbeat_age_seconds: float
+    contributed: bool = Field(False, description="Joined with an identity's contributed token.")
 
 
 class OperatorApp(BaseModel):

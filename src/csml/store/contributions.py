@@ -138,6 +138,19 @@ def live_tokens_of(session: Session, contributor_id: str) -> list[str]:
     )
 
 
+def contributed_among(session: Session, token_ids: set[str]) -> set[str]:
+    """Which of these join tokens are contributed ones."""
+    if not token_ids:
+        return set()
+    return set(
+        session.scalars(
+            select(JoinToken.id).where(
+                JoinToken.id.in_(sorted(token_ids)), JoinToken.contributor_id.is_not(None)
+            )
+        )
+    )
+
+
 def live_tokens_for_app(session: Session, app: str) -> list[str]:
     """Ids of contributed tokens for `app` not yet revoked."""
     rows = session.execute(
