@@ -39,6 +39,9 @@ IDENTITY = {
     ("get", "/v1/models/{model_id}/info"),
     ("delete", "/v1/models/{model_id}"),
     ("get", "/v1/jobs/events"),
+    ("post", "/v1/contributions"),
+    ("get", "/v1/contributions"),
+    ("delete", "/v1/contributions/{token_id}"),
 }
 JOB_SCOPED = {r for r in IDENTITY if "{job_id}" in r[1] or "{model_id}" in r[1]}
 JOIN_TOKEN = {("post", "/v1/workers")}
@@ -48,6 +51,9 @@ OPERATOR = {
     ("get", "/v1/operator/join-tokens"),
     ("post", "/v1/operator/join-tokens"),
     ("delete", "/v1/operator/join-tokens/{token_id}"),
+    ("get", "/v1/operator/contributions"),
+    ("put", "/v1/operator/contributions/{app}"),
+    ("delete", "/v1/operator/contributions/tokens/{token_id}"),
 }
 OPERATOR_TOKEN = "csmlop_matrix-operator-token"
 WORKER = {
@@ -111,7 +117,7 @@ def test_identity_routes(cluster: Cluster) -> None:
     owner, other = cluster.new_user(), cluster.new_user()
     job = owner.submit("echo", "echo", files={"data": b"secret"}).wait(30)
     model = owner.import_model("dlib", "csml-dlib-svm", b'{"secret": 1}')
-    values = {"job_id": job.id, "name": "data", "model_id": model.id}
+    values = {"job_id": job.id, "name": "data", "model_id": model.id, "token_id": "0" * 64}
     for method, template in sorted(IDENTITY):
         for headers in ({}, bearer("csml_not-a-token"), {"Authorization": "Basic eA=="}):
             r = call(cluster, method, template, headers, **values)
@@ -193,7 +199,7 @@ def test_operator_routes(cluster: Cluster, tmp_path: Any) -> None:
     user = cluster.new_user()
     for method, template in sorted(OPERATOR):
         for headers in ({}, bearer(OPERATOR_TOKEN), bearer(user.token or "")):
-            r = call(cluster, method, template, headers, token_id="0" * 64)
+            r = call(cluster, method, template, headers, token_id="0" * 64, app="echo")
             assert r.status_code == 403, (method, template, r.status_code)
     with running_cluster(tmp_path / "c", {"CSML_OPERATOR_TOKEN": OPERATOR_TOKEN}) as op_cluster:
         user = op_cluster.new_user()
@@ -209,15 +215,19 @@ def test_operator_routes(cluster: Cluster, tmp_path: Any) -> None:
         )
         for method, template in sorted(OPERATOR):
             for headers in callers:
-                r = call(op_cluster, method, template, headers, token_id=token_id)
+                r = call(op_cluster, method, template, headers, token_id=token_id, app="echo")
                 assert r.status_code == 401, (method, template, headers, r.status_code)
                 assert r.json()["error"]["code"] == "unauthorized"
         # The operator token works, and the user and worker tokens were not spent on it.
         ok = bearer(OPERATOR_TOKEN)
         revoke = ("delete", "/v1/operator/join-tokens/{token_id}")
-        for method, template in sorted(OPERATOR - {revoke}):
-            r = call(op_cluster, method, template, ok, token_id=token_id)
+        contributed = ("delete", "/v1/operator/contributions/tokens/{token_id}")
+        for method, template in sorted(OPERATOR - {revoke, contributed}):
+            r = call(op_cluster, method, template, ok, token_id=token_id, app="echo")
             assert r.status_code in (200, 201), (method, template, r.status_code, r.text)
+        # The operator's own token is no contribution: that route revokes only those.
+        r = call(op_cluster, *contributed, ok, token_id=token_id)
+        assert r.status_code == 404
         r = call(op_cluster, "delete", "/v1/operator/join-tokens/{token_id}", ok, token_id=token_id)
         assert r.status_code == 204
         assert user.jobs() == []

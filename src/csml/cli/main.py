@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from csml.cli import attest, batch, demo, models, operator, pipeline, scaffold
+from csml.cli import attest, batch, contribute, demo, models, operator, pipeline, scaffold
 from csml.cli.connection import UrlOpt, client
 from csml.cli.follow import follow
 from csml.cli.output import console, fail, jobs_table, plain, show_job
@@ -38,6 +38,13 @@ app.command("train")(models.train)
 app.command("predict")(models.predict)
 app.add_typer(pipeline.pipeline_app, name="pipeline")
 app.command("batch")(batch.batch)
+app.command("contribute")(contribute.contribute)
+apps_app = typer.Typer(
+    help="Applications: list them (no command), or set an app's rules.",
+    invoke_without_command=True,
+)
+app.add_typer(apps_app, name="apps")
+apps_app.command("contribution")(contribute.apps_contribution)
 
 
 @id_app.command("new")
@@ -86,15 +93,19 @@ def id_show() -> None:
     console.print(f"identity  {saved.id}\ncoordinator {saved.url}")
 
 
-@app.command("apps")
-def apps(url: UrlOpt = None) -> None:
+@apps_app.callback()
+def apps(ctx: typer.Context, url: UrlOpt = None) -> None:
     """List applications, their operations, workers and queues."""
+    if ctx.invoked_subcommand is not None:
+        return
     with client(url) as c:
         infos = c.apps()
     for a in infos:
         q = a.queue
         console.print(
-            f"[bold]{a.name}[/] {a.version}  workers {a.workers} (slots {a.slots})  "
+            f"[bold]{a.name}[/] {a.version}  workers {a.workers} (slots {a.slots}"
+            + (f", {a.contributed_workers} contributed" if a.contributed_workers else "")
+            + ")  "
             f"queue {q.depth}/{q.capacity}, running {q.running}"
         )
         for op in a.operations:

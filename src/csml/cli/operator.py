@@ -431,6 +431,7 @@ def join_token_list() -> None:
         state = f"revoked {t.revoked_at:%Y-%m-%d %H:%M}" if t.revoked_at else "active"
         apps = ",".join(t.apps) if t.apps is not None else "ANY APP (unbound: replace it)"
         apps += " +publish" if t.may_publish else ""
+        apps += " (contributed)" if t.contributor_id is not None else ""
         console.print(
             f"{t.id[:12]}  {t.created_at:%Y-%m-%d %H:%M}  {state:<24} {apps}  {t.label}",
             highlight=False,

@@ -34,6 +34,7 @@ from csml.client.filenames import check_file_name
 from csml.client.results import LOST, RECHECK, SAFETY_SECONDS, Mark, ResultStream
 from csml.schemas import AppInfo, IdentityCreated, JobState, StepSpec, WorkerKeyInfo
 from csml.schemas import Job as JobData
+from csml.schemas.contributions import ContributionCreated, ContributionInfo, ContributionList
 from csml.schemas.models import ModelInfo
 from csml.transport import TransportError, check_url, verify_option
 
@@ -153,6 +154,20 @@ class Client:
         self.request("DELETE", "/v1/identities/me")
         self.token = None
         self._new_result_stream()
+
+    def contribute(self, app: str, label: str = "") -> ContributionCreated:
+        """A join token for your own worker of `app` (shown once), with its commands."""
+        r = self.request("POST", "/v1/contributions", json={"app": app, "label": label})
+        return ContributionCreated.model_validate(r.json())
+
+    def contributions(self) -> list[ContributionInfo]:
+        """Your contributed join tokens with their workers (never the tokens)."""
+        r = self.request("GET", "/v1/contributions")
+        return ContributionList.model_validate(r.json()).contributions
+
+    def revoke_contribution(self, token_id: str) -> None:
+        """Revoke one of your contributed join tokens: its workers stop getting jobs."""
+        self.request("DELETE", f"/v1/contributions/{quote(token_id, safe='')}")
 
     def _new_result_stream(self) -> None:
         if self._results is not None:

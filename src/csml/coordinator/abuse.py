@@ -48,7 +48,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy.orm import Session
 
 from csml import ids
-from csml.coordinator import quotas
+from csml.coordinator import contributions, quotas
 from csml.coordinator.artifacts import remove_files as remove_model_files
 from csml.coordinator.queue import QUEUED, RUNNING, job_key
 from csml.coordinator.quotas import check_models as check_models
@@ -338,7 +338,8 @@ def delete_identity(core: Core, identity_id: str) -> int:
     """Erase an identity: cancel its live jobs (their workers are told to stop on their
     next heartbeat), then delete its jobs, files and every row that names it, and (SQLite)
     checkpoint and truncate the write-ahead log that still held those rows.
-    Returns how many jobs were erased.
+    Its contributed join tokens are revoked and deleted with their workers' rows
+    (`csml.coordinator.contributions.erase`). Returns how many jobs were erased.
 
     A submission or model import still streaming meanwhile finds the identity gone
     in the transaction that would create its rows (`quotas.require_identity`): it
@@ -354,7 +355,9 @@ def delete_identity(core: Core, identity_id: str) -> int:
     with transaction(core.sessions) as session:
         jobs = identities.lock_for_erasure(session, identity_id)
         delete_job_rows(session, jobs, now)
+        contributed = contributions.erase(session, identity_id)
         models = identities.delete_identity(session, identity_id, submit_key(identity_id))
+    contributions.forget(contributed)  # its contributed workers are refused now
     remove_job_files(core, [job_id for _, job_id in jobs])
     remove_model_files(core.blobs, models)
     if core.engine.dialect.name == "sqlite" and not scrub_wal(core.engine):

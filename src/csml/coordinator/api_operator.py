@@ -92,6 +92,7 @@ def list_join_tokens(request: Request) -> JoinTokenList:
                 apps=t.apps,
                 may_publish=t.may_publish,
                 workers=count,
+                contributed=t.contributor_id is not None,
             )
             for t, count in tokens
         ]

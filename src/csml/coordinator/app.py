@@ -26,6 +26,7 @@ from csml.apps.registry import installed_apps
 from csml.coordinator import (
     api_attestation,
     api_batches,
+    api_contributions,
     api_events,
     api_models,
     api_operator,
@@ -78,7 +79,11 @@ def build_core(settings: Settings) -> Core:
     )
     if swept:
         log.info("swept unfinished uploads", extra={"fields": {"folders": swept}})
-    catalog = Catalog(sessions)
+    catalog = Catalog(
+        sessions,
+        contributions=settings.contributions,
+        worker_live_seconds=settings.worker_live_seconds,
+    )
     with transaction(sessions) as session:
         for app in installed_apps().values():
             catalog.install(session, app.manifest())
@@ -184,6 +189,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api_attestation.router)
     app.include_router(api_models.router)
     app.include_router(api_operator.router)
+    app.include_router(api_contributions.router)
+    app.include_router(api_contributions.operator)
     web_routes.mount(app)
     if settings.api_docs:
         api_docs.mount(app)

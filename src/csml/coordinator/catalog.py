@@ -15,6 +15,12 @@ Who may change the catalog (the rules the README states):
   whose join token was made with `--publish` (`may_publish`); it becomes current.
   Without it, the `Conflict` names the version and the flag. Workers of an older pinned
   version may still join (the current version stays).
+- A contributed join token (an identity's, `contributor_id` set) registers a worker only
+  for an app whose contributions are allowed (the operator's per-app setting, else the
+  `CSML_CONTRIBUTIONS` default; `Forbidden` otherwise), below the app's cap of live
+  contributed workers (`Conflict` naming the cap; counted under the app's row lock, so
+  concurrent registrations cannot both pass), and only for a version already pinned: it
+  never pins or publishes one (`Conflict`).
 - Revoking a join token stops its workers and withdraws the versions only it
   vouched for: a version some live worker of another valid token also serves is
   kept; otherwise it is unpinned, and an app whose current version went falls
@@ -40,6 +46,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 from urllib.parse import unquote
 
@@ -50,9 +57,9 @@ from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import SchemaError, ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
-from csml.refusals import Conflict, Invalid, NotFound
+from csml.refusals import Conflict, Forbidden, Invalid, NotFound
 from csml.schemas.apps import AppManifest, OperationInfo
-from csml.store import apps
+from csml.store import apps, contributions
 from csml.store.tables import utcnow
 
 log = logging.getLogger("csml.coordinator.catalog")
@@ -238,6 +245,9 @@ class Voucher(Protocol):
     @property
     def may_publish(self) -> bool: ...
 
+    @property
+    def contributor_id(self) -> str | None: ...
+
 
 @dataclass
 class CatalogEntry:
@@ -252,8 +262,16 @@ def normalise_operation(name: str) -> str:
 
 
 class Catalog:
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        *,
+        contributions: bool = False,
+        worker_live_seconds: float = 45.0,
+    ) -> None:
         self._sessions = sessions
+        self.contributions = contributions  # the default where the operator set nothing
+        self._live = timedelta(seconds=worker_live_seconds)
         self._entries: dict[str, CatalogEntry] = {}
         self._loaded_at = 0.0
         self._lock = threading.Lock()
@@ -283,9 +301,21 @@ class Catalog:
         data = manifest.model_dump(mode="json")
         now = utcnow()
         name, version = manifest.name, manifest.version
+        contributed = token.contributor_id is not None
+        if contributed:
+            self._admit_contributed(session, name)
         # Lock order: the app's row, then its versions.
         record = apps.lock_app(session, name, version, data, now)
+        if contributed:
+            self._check_cap(session, name, now)
         pinned = apps.lock_version(session, name, version)
+        if pinned is None and contributed:
+            raise Conflict(
+                "version_not_approved",
+                f"app.version: {name} {version} is not in the catalog; a contributed worker "
+                "serves only a version the operator's workers announced (see GET /v1/apps)",
+                field="app.version",
+            )
         if pinned is not None:
             if pinned.manifest != data:
                 raise Conflict(
@@ -309,6 +339,35 @@ class Catalog:
         if known:
             log.info("app %s: version %s published (was %s)", name, version, record.version)
         self._remember(apps.set_current(session, name, version, data, now))
+
+    def contributions_allowed(self, session: Session, app: str) -> tuple[bool, int | None]:
+        """Whether `app` takes contributed workers, and its cap (None: none)."""
+        found = contributions.setting(session, app)
+        if found is None:
+            return self.contributions, None
+        return found.allowed, found.max_workers
+
+    def _admit_contributed(self, session: Session, app: str) -> None:
+        allowed, _ = self.contributions_allowed(session, app)
+        if not allowed:
+            raise Forbidden(
+                "contributions_off",
+                f"app.name: the operator does not take contributed workers for {app!r}",
+                field="app.name",
+            )
+
+    def _check_cap(self, session: Session, app: str, now: datetime) -> None:
+        _, cap = self.contributions_allowed(session, app)
+        if cap is None:
+            return
+        live = contributions.live_contributed_workers(session, app, now - self._live)
+        if live >= cap:
+            raise Conflict(
+                "contributed_workers_full",
+                f"app.name: {app!r} has its cap of {cap} contributed workers already "
+                f"({live} live); try again when one leaves, or ask the operator to raise it",
+                field="app.name",
+            )
 
     def _remember(self, record: apps.AppRow) -> None:
         entry = self._entry(AppManifest.model_validate(record.manifest))

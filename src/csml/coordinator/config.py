@@ -30,6 +30,12 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(30.0, gt=0)
     heartbeat_seconds: float = Field(10.0, gt=0)
     worker_live_seconds: float = Field(45.0, gt=0, description="Heartbeat age that counts as live.")
+    contributions: bool = Field(
+        False,
+        description="Whether identities may contribute workers to an app the operator has not "
+        "ruled on (`csml apps contribution APP --allow/--deny` overrides it per app). Off by "
+        "default: users' public jobs go to strangers' machines only where the operator said so.",
+    )
     reap_interval_seconds: float = Field(1.0, gt=0)
     max_attempts: int = Field(3, ge=1)
 

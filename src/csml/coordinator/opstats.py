@@ -19,6 +19,7 @@ from csml.schemas.operator import (
     OperatorStats,
     OperatorWorker,
 )
+from csml.store import contributions
 from csml.store import stats as store
 from csml.store.tables import utcnow
 
@@ -32,6 +33,7 @@ def overview(c: Core) -> OperatorOverview:
     with c.sessions() as session:
         workers = store.workers_since(session, now - timedelta(hours=1))
         holding = store.jobs_held(session, RUNNING)
+        contributed = contributions.contributed_among(session, {w.join_token_id for w in workers})
     rows = []
     for w in workers:
         state = "left" if w.stopped_at else "live" if w.last_heartbeat >= live_after else "silent"
@@ -46,6 +48,7 @@ def overview(c: Core) -> OperatorOverview:
                 registered_at=w.registered_at,
                 last_heartbeat=w.last_heartbeat,
                 heartbeat_age_seconds=round((now - w.last_heartbeat).total_seconds(), 1),
+                contributed=w.join_token_id in contributed,
             )
         )
     stats = c.queue.queue_stats()

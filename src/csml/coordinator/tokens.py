@@ -35,6 +35,7 @@ class NewJoinToken:
     label: str
     apps: list[str] | None
     may_publish: bool
+    contributor_id: str | None = None  # a contributed token: the identity that made it
 
     def store(self, session: Session) -> None:
         workers.add_join_token(
@@ -45,6 +46,7 @@ class NewJoinToken:
             created_at=utcnow(),
             apps=self.apps,
             may_publish=self.may_publish,
+            contributor_id=self.contributor_id,
         )
 
 

@@ -52,6 +52,12 @@ class QueueInfo(BaseModel):
 
 class AppInfo(AppManifest):
     workers: int = Field(description="Live workers serving this app.")
+    operator_workers: int = Field(
+        0, description="Of those, run by the operator (joined with the operator's tokens)."
+    )
+    contributed_workers: int = Field(
+        0, description="Of those, contributed by identities (`csml contribute`)."
+    )
     slots: int = Field(description="Jobs the live workers can run at once.")
     sandboxes: list[str] = Field(
         [], description="How the live workers isolate jobs (one entry per distinct set-up)."

@@ -22,6 +22,7 @@ class OperatorWorker(BaseModel):
     registered_at: datetime
     last_heartbeat: datetime
     heartbeat_age_seconds: float
+    contributed: bool = Field(False, description="Joined with an identity's contributed token.")
 
 
 class OperatorApp(BaseModel):
@@ -77,6 +78,9 @@ class JoinTokenRow(BaseModel):
     )
     may_publish: bool = Field(description="Its workers may announce a new app version.")
     workers: int = Field(description="Live workers that joined with it.")
+    contributed: bool = Field(
+        False, description="An identity's contributed token (`csml contribute`), not yours."
+    )
 
 
 class JoinTokenList(BaseModel):

@@ -99,6 +99,11 @@ class JoinToken(Base):
     apps: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
     # Its workers may announce a new version of their app (which becomes current).
     may_publish: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # A contributed token: the identity that made it (None: the operator's). Erasing the
+    # identity deletes its tokens (and, through them, their workers' rows).
+    contributor_id: Mapped[str | None] = mapped_column(
+        ForeignKey("identities.id", ondelete="CASCADE"), index=True, default=None
+    )
 
     def allows(self, app: str) -> bool:
         return self.apps is None or app in self.apps
@@ -142,6 +147,18 @@ class FairCounter(Base):
         ForeignKey("identities.id", ondelete="CASCADE"), primary_key=True
     )
     last_rank: Mapped[int] = mapped_column(BigInteger)
+
+
+class ContributionSetting(Base):
+    """The operator's word on contributed workers for one app: allowed or not (no row: the
+    `CSML_CONTRIBUTIONS` default) and at most how many live ones (None: no cap)."""
+
+    __tablename__ = "contribution_settings"
+
+    app: Mapped[str] = mapped_column(String(40), primary_key=True)
+    allowed: Mapped[bool] = mapped_column(Boolean)
+    max_workers: Mapped[int | None] = mapped_column(Integer, default=None)
+    updated_at: Mapped[datetime]
 
 
 class AppVersion(Base):

@@ -38,6 +38,7 @@ class JoinTokenRow:
     revoked_at: datetime | None
     apps: list[str] | None  # None: any app (tokens made before apps were bound)
     may_publish: bool
+    contributor_id: str | None = None  # a contributed token: the identity that made it
 
     def allows(self, app: str) -> bool:
         return self.apps is None or app in self.apps
@@ -84,6 +85,7 @@ _JOIN_COLUMNS = (
     JoinToken.revoked_at,
     JoinToken.apps,
     JoinToken.may_publish,
+    JoinToken.contributor_id,
 )
 _WORKER_COLUMNS = (
     Worker.id,
@@ -111,6 +113,7 @@ def _join_row(row: Any) -> JoinTokenRow:
         revoked_at=row.revoked_at,
         apps=row.apps,
         may_publish=bool(row.may_publish),
+        contributor_id=row.contributor_id,
     )
 
 
@@ -130,6 +133,7 @@ def add_join_token(
     created_at: datetime,
     apps: list[str] | None,
     may_publish: bool,
+    contributor_id: str | None = None,
 ) -> None:
     session.add(
         JoinToken(
@@ -139,6 +143,7 @@ def add_join_token(
             created_at=created_at,
             apps=apps,
             may_publish=may_publish,
+            contributor_id=contributor_id,
         )
     )
 

@@ -1,0 +1,69 @@
+"""Contributed workers: what an identity asks for and sees, and the operator's settings."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, Field
+
+APP_PATTERN = r"^[a-z][a-z0-9_-]{0,39}$"
+
+
+class ContributionRequest(BaseModel):
+    app: str = Field(pattern=APP_PATTERN, description="The one app your worker will serve.")
+    label: str = Field("", max_length=200, description="A note for yourself (e.g. the host).")
+
+
+class ContributionCreated(BaseModel):
+    id: str
+    app: str
+    token: str = Field(description="The join token for your worker. Shown once.")
+    worker_command: list[str] = Field(
+        description="Starts the worker (argv); it reads the token on its standard input."
+    )
+    container_command: list[str] = Field(
+        description="The same worker in the app's hardened image (argv, podman or docker); "
+        "the token goes in the file ./csml-join-token."
+    )
+
+
+class ContributedWorkerInfo(BaseModel):
+    id: str
+    app_version: str | None
+    slots: int
+    sandbox: str
+    registered_at: datetime
+    last_heartbeat: datetime
+    stopped_at: datetime | None
+
+
+class ContributionInfo(BaseModel):
+    id: str
+    app: str
+    label: str
+    created_at: datetime
+    revoked_at: datetime | None
+    workers: list[ContributedWorkerInfo]
+
+
+class ContributionList(BaseModel):
+    contributions: list[ContributionInfo]
+
+
+class ContributionSettingRequest(BaseModel):
+    allowed: bool | None = Field(
+        None, description="Take contributed workers for the app (absent: leave as is)."
+    )
+    max_workers: int | None = Field(
+        None,
+        ge=0,
+        description="At most this many live contributed workers (null: no cap; absent: leave).",
+    )
+
+
+class ContributionSettingInfo(BaseModel):
+    app: str
+    allowed: bool
+    max_workers: int | None
+    default: bool = Field(description="True when the operator set nothing (CSML_CONTRIBUTIONS).")
+    contributed_workers: int = Field(description="Live contributed workers of the app now.")
