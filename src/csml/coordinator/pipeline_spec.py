@@ -14,7 +14,8 @@ from sqlalchemy.orm import Session
 
 from csml.apps.base import MODEL_PARAM
 from csml.coordinator import artifacts, quotas
-from csml.coordinator.errors import ApiError, spec_error
+from csml.coordinator.errors import ApiError, from_refusal, spec_error
+from csml.refusals import Refusal
 from csml.schemas import JobSpec, OperationInfo, PipelineSpec, StepSpec
 from csml.schemas.pipelines import UPLOAD_PREFIX
 from csml.store.blobs import check_name
@@ -215,9 +216,11 @@ def check_models(session: Session, core: Core, owner_id: str, spec: PipelineSpec
         try:
             if want is None:
                 raise ApiError(422, "invalid_params", f"{op.name} takes no model")
-            artifacts.check_compatible(
-                artifacts.find(session, owner_id, ref), want, step.app, op.name
-            )
+            try:
+                model = artifacts.find(session, owner_id, ref)
+            except Refusal as refused:  # the model lookup raises refusals
+                raise from_refusal(refused) from None
+            artifacts.check_compatible(model, want, step.app, op.name)
         except ApiError as exc:  # another identity's model stays a 404, as for one job
             status = 404 if exc.status == 404 else 422
             raise _step_error(exc, base, f"{base}.params.model", status) from None

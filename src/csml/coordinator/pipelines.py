@@ -34,6 +34,7 @@ from csml.apps.base import MODEL_PARAM
 from csml.coordinator import artifacts, pipeline_spec, quotas
 from csml.coordinator import queue as q
 from csml.coordinator.errors import ApiError
+from csml.refusals import Refusal
 from csml.schemas import Job as JobView
 from csml.schemas import JobSpec, JobState, PipelineSpec, StepSpec, StepStatus
 from csml.schemas.pipelines import UPLOAD_PREFIX
@@ -216,7 +217,7 @@ def create_step(queue: q.JobQueue, session: Session, parent: Job, index: int) ->
             artifacts.attach(
                 session, queue.blobs, queue.catalog, parent.owner_id, spec, job, set(step.inputs)
             )
-        except ApiError as exc:
+        except (ApiError, Refusal) as exc:  # the model lookup raises refusals
             queue.blobs.remove_job(job_id)
             return f"{label} cannot start: {exc.message}"
     mark_not_confidential(job)
