@@ -5,14 +5,12 @@ from __future__ import annotations
 import mimetypes
 import time
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import ValidationError
-from sqlalchemy import func, select
 from starlette.concurrency import run_in_threadpool
 
 from csml import ids
@@ -44,7 +42,7 @@ from csml.schemas import (
 )
 from csml.schemas.identities import IdentityChallenge, IdentityProof
 from csml.store.jobs import JobRow
-from csml.store.tables import Identity, Worker, utcnow
+from csml.store.tables import Identity
 
 T = TypeVar("T")
 router = APIRouter(route_class=AuthFirstRoute, prefix="/v1")
@@ -94,33 +92,18 @@ def delete_me(request: Request, me: Me) -> Response:
 
 
 def app_infos(c: Core) -> list[AppInfo]:
-    cutoff = utcnow() - timedelta(seconds=c.settings.worker_live_seconds)
-    with c.sessions() as session:
-        workers = session.execute(
-            select(Worker.app, func.count(), func.sum(Worker.slots))
-            .where(Worker.stopped_at.is_(None), Worker.last_heartbeat >= cutoff)
-            .group_by(Worker.app)
-        ).all()
-        sandboxes = session.execute(
-            select(Worker.app, Worker.sandbox)
-            .where(Worker.stopped_at.is_(None), Worker.last_heartbeat >= cutoff)
-            .distinct()
-        ).all()
-    live = {app: (int(n), int(slots or 0)) for app, n, slots in workers}
-    isolation: dict[str, list[str]] = {}
-    for app, sandbox in sandboxes:
-        isolation.setdefault(app, []).append(sandbox)
+    live = c.queue.live_workers()
     stats = c.queue.queue_stats()
     infos = []
     for name, entry in sorted(c.catalog.entries().items()):
-        n, slots = live.get(name, (0, 0))
+        workers = live.get(name)
         st = stats.get(name, {})
         infos.append(
             AppInfo(
                 **entry.manifest.model_dump(),
-                workers=n,
-                slots=slots,
-                sandboxes=sorted(isolation.get(name, [])),
+                workers=workers.workers if workers else 0,
+                slots=workers.slots if workers else 0,
+                sandboxes=list(workers.sandboxes) if workers else [],
                 queue=QueueInfo(
                     depth=st.get(JobState.queued.value, 0),
                     running=st.get(JobState.running.value, 0),

@@ -19,7 +19,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import FileResponse
-from sqlalchemy import update
 from starlette.concurrency import run_in_threadpool
 
 from csml import ids
@@ -143,10 +142,8 @@ def leave(worker_id: str, request: Request, me: Me) -> Response:
     Queued confidential jobs sealed only to workers that are gone fail now ("resubmit")."""
     _same(me, worker_id)
     c = core(request)
-    with transaction(c.sessions) as session:
-        session.execute(update(Worker).where(Worker.id == me.id).values(stopped_at=utcnow()))
+    c.queue.leave(me)
     WORKER_TOKENS.forget_worker(me.id)
-    c.queue.fail_unclaimable()
     return Response(status_code=204)
 
 

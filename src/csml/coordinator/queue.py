@@ -1021,6 +1021,19 @@ class JobQueue:
             self.notifier.notify(key)
         return len(ended)
 
+    def leave(self, worker: Worker) -> None:
+        """The worker left: it is stopped now (its running jobs come back when their lease
+        ends); queued jobs sealed only to workers that are gone fail at once."""
+        worker_id = worker.id
+        self.writer.run(lambda conn: writes.stop_worker(conn, worker_id, utcnow()))
+        self.fail_unclaimable()
+
+    def live_workers(self) -> dict[str, store.LiveWorkers]:
+        """Per app, its live workers (count, slots, sandboxes)."""
+        cutoff = utcnow() - timedelta(seconds=self.settings.worker_live_seconds)
+        with self.read() as conn:
+            return store.live_workers(conn, cutoff)
+
     def queue_stats(self) -> dict[str, dict[str, int]]:
         """Jobs per app and state (queued and running only)."""
         with self.read() as conn:

@@ -264,6 +264,34 @@ def queue_stats(conn: Connection) -> dict[str, dict[str, int]]:
     return stats
 
 
+@dataclass(frozen=True, slots=True)
+class LiveWorkers:
+    """An app's live workers: how many, their slots in all, their sandboxes."""
+
+    workers: int
+    slots: int
+    sandboxes: tuple[str, ...]
+
+
+def live_workers(conn: Connection, live_since: datetime) -> dict[str, LiveWorkers]:
+    """Per app, the workers not stopped that were heard from at or after `live_since`."""
+    live = and_(WORKERS.c.stopped_at.is_(None), WORKERS.c.last_heartbeat >= live_since)
+    counts = conn.execute(
+        select(WORKERS.c.app, func.count(), func.sum(WORKERS.c.slots))
+        .where(live)
+        .group_by(WORKERS.c.app)
+    ).all()
+    sandboxes: dict[str, list[str]] = {}
+    for app, sandbox in conn.execute(
+        select(WORKERS.c.app, WORKERS.c.sandbox).where(live).distinct()
+    ):
+        sandboxes.setdefault(app, []).append(sandbox)
+    return {
+        app: LiveWorkers(int(n), int(slots or 0), tuple(sorted(sandboxes.get(app, []))))
+        for app, n, slots in counts
+    }
+
+
 # -- submission's reads (also inside the submit transaction) ----------------------
 
 

@@ -228,6 +228,11 @@ class Claimed:
     sealed: Sealed | None
 
 
+def stop_worker(conn: Connection, worker_id: str, now: datetime) -> None:
+    """Mark the worker as gone (it left the cluster)."""
+    conn.execute(update(WORKERS).where(WORKERS.c.id == worker_id).values(stopped_at=now))
+
+
 def stamp_worker(conn: Connection, worker_id: str, now: datetime) -> None:
     """Write the worker's liveness."""
     conn.execute(update(WORKERS).where(WORKERS.c.id == worker_id).values(last_heartbeat=now))
