@@ -674,10 +674,9 @@ class JobQueue:
     def running_job(self, worker: Worker, job_id: str, lease_id: str) -> JobRow:
         """A job this worker runs under `lease_id` (NotFound, or Conflict: lease lost)."""
         with self.read() as conn:
-            found = store.load(conn, store.JOBS.c.id == job_id)
-        if not found:
+            job = store.by_id(conn, job_id)
+        if job is None:
             raise NotFound.of("job", job_id)
-        job = found[0]
         if job.state != RUNNING or job.worker_id != worker.id or job.lease_id != lease_id:
             raise _lease_lost(job_id, job.state)
         return job

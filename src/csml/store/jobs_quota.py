@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, Text, exists, func, or_, select
+from sqlalchemy import Table, Text, bindparam, exists, func, or_, select
 from sqlalchemy import cast as sql_cast
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
@@ -32,54 +32,65 @@ def _dialect(conn: Conn) -> str:
     return conn.dialect.name
 
 
+_IDENTITY = select(IDENTITIES.c.id).where(IDENTITIES.c.id == bindparam("identity_id"))
+_LOCK_IDENTITY = {
+    "postgresql": _IDENTITY.with_for_update(key_share=True),  # FOR NO KEY UPDATE
+    "sqlite": _IDENTITY,  # the write transaction holds the database
+}
+_ACTIVE_JOBS = (
+    select(func.count())
+    .select_from(JOBS)
+    .where(
+        JOBS.c.owner_id == bindparam("identity_id"),
+        JOBS.c.state.in_(ACTIVE),
+        JOBS.c.parent_seq.is_(None),
+    )
+)
+# Each blob once: a pipeline's steps and the pipeline itself share their files' blobs.
+_BLOBS = (
+    select(FILES.c.blob, FILES.c.size)
+    .join(JOBS, JOBS.c.seq == FILES.c.job_seq)
+    .where(JOBS.c.owner_id == bindparam("identity_id"))
+    .distinct()
+    .subquery()
+)
+_BLOB_BYTES = select(func.coalesce(func.sum(_BLOBS.c.size), 0))
+_ORPHAN_MODEL_BYTES = select(func.coalesce(func.sum(MODELS.c.size), 0)).where(
+    MODELS.c.owner_id == bindparam("identity_id"),
+    or_(
+        MODELS.c.job_id.is_(None),
+        MODELS.c.job_id.not_in(
+            select(JOBS.c.id).where(JOBS.c.owner_id == bindparam("identity_id"))
+        ),
+    ),
+)
+_PARAMS_TEXT = func.length(sql_cast(JOBS.c.params, Text))
+_PARAMS_BYTES = select(func.coalesce(func.sum(_PARAMS_TEXT), 0)).where(
+    JOBS.c.owner_id == bindparam("identity_id"), _PARAMS_TEXT > 2
+)
+
+
 def lock_identity(conn: Conn, identity_id: str) -> bool:
     """Hold the identity's row (PostgreSQL: FOR NO KEY UPDATE, so inserts that reference
     it proceed); False when the identity is gone."""
-    stmt = select(IDENTITIES.c.id).where(IDENTITIES.c.id == identity_id)
-    if _dialect(conn) == "postgresql":
-        stmt = stmt.with_for_update(key_share=True)
-    return conn.scalar(stmt) is not None
+    stmt = _LOCK_IDENTITY.get(_dialect(conn), _IDENTITY)
+    return conn.scalar(stmt, {"identity_id": identity_id}) is not None
 
 
 def active_jobs(conn: Conn, identity_id: str) -> int:
     """Queued and running jobs of the identity; a pipeline counts once, not per step."""
-    stmt = (
-        select(func.count())
-        .select_from(JOBS)
-        .where(
-            JOBS.c.owner_id == identity_id,
-            JOBS.c.state.in_(ACTIVE),
-            JOBS.c.parent_seq.is_(None),
-        )
-    )
-    return int(conn.scalar(stmt) or 0)
+    return int(conn.scalar(_ACTIVE_JOBS, {"identity_id": identity_id}) or 0)
 
 
 def stored_bytes(conn: Conn, identity_id: str) -> int:
     """Bytes of the identity's kept job files (each blob once), its models whose job is
     gone, and the params its kept jobs hold (as JSON text; `{}` counts nothing)."""
-    blobs = (
-        select(FILES.c.blob, FILES.c.size)
-        .join(JOBS, JOBS.c.seq == FILES.c.job_seq)
-        .where(JOBS.c.owner_id == identity_id)
-        .distinct()
-        .subquery()
+    params = {"identity_id": identity_id}
+    total = sum(
+        int(conn.scalar(stmt, params) or 0)
+        for stmt in (_BLOB_BYTES, _ORPHAN_MODEL_BYTES, _PARAMS_BYTES)
     )
-    total = conn.scalar(select(func.coalesce(func.sum(blobs.c.size), 0)))
-    kept_jobs = select(JOBS.c.id).where(JOBS.c.owner_id == identity_id)
-    models = conn.scalar(
-        select(func.coalesce(func.sum(MODELS.c.size), 0)).where(
-            MODELS.c.owner_id == identity_id,
-            or_(MODELS.c.job_id.is_(None), MODELS.c.job_id.not_in(kept_jobs)),
-        )
-    )
-    params_text = func.length(sql_cast(JOBS.c.params, Text))
-    params = conn.scalar(
-        select(func.coalesce(func.sum(params_text), 0)).where(
-            JOBS.c.owner_id == identity_id, params_text > 2
-        )
-    )
-    return int(total or 0) + int(models or 0) + int(params or 0)
+    return total
 
 
 def oldest_finished_with_files(conn: Conn, identity_id: str) -> datetime | None:

@@ -24,6 +24,7 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,8 +32,10 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     ColumnElement,
     Select,
+    bindparam,
     case,
     exists,
     func,
@@ -43,6 +46,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import BindParameter
 
 from csml.store.jobs import (
     APPS,
@@ -113,28 +117,35 @@ def lock_app(conn: Connection, app: str) -> None:
     conn.execute(select(APPS.c.name).where(APPS.c.name == app).with_for_update())
 
 
+def _rank_upsert(dialect: str) -> Any:
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    upsert: Any = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    served = bindparam("served", type_=BigInteger())
+    stmt = upsert(COUNTERS).values(
+        app=bindparam("b_app"), owner_id=bindparam("b_owner"), last_rank=served + 1
+    )
+    return stmt.on_conflict_do_update(
+        index_elements=[COUNTERS.c.app, COUNTERS.c.owner_id],
+        set_={
+            "last_rank": case((COUNTERS.c.last_rank > served, COUNTERS.c.last_rank), else_=served)
+            + 1
+        },
+    ).returning(COUNTERS.c.last_rank)
+
+
+_RANK_UPSERT = {dialect: _rank_upsert(dialect) for dialect in ("postgresql", "sqlite")}
+
+
 def next_rank(conn: Connection, app: str, owner_id: str, served: int) -> int:
     """One past the larger of the owner's last rank in `app` and `served` (an upsert of
     the owner's counter row: one owner's submissions queue on their own row only)."""
-    values = {"app": app, "owner_id": owner_id, "last_rank": served + 1}
-    bumped = {
-        "last_rank": case((COUNTERS.c.last_rank > served, COUNTERS.c.last_rank), else_=served) + 1
-    }
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
+    params = {"b_app": app, "b_owner": owner_id, "served": served}
+    return int(conn.execute(_RANK_UPSERT[conn.dialect.name], params).scalar_one())
 
-        pg = pg_insert(COUNTERS).values(**values)
-        stmt = pg.on_conflict_do_update(
-            index_elements=[COUNTERS.c.app, COUNTERS.c.owner_id], set_=bumped
-        ).returning(COUNTERS.c.last_rank)
-    else:
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-        lite = sqlite_insert(COUNTERS).values(**values)
-        stmt = lite.on_conflict_do_update(
-            index_elements=[COUNTERS.c.app, COUNTERS.c.owner_id], set_=bumped
-        ).returning(COUNTERS.c.last_rank)
-    return int(conn.execute(stmt).scalar_one())
+_INSERT_JOB = insert(JOBS).returning(JOBS.c.seq)
+_INSERT_FILES = insert(FILES)
 
 
 def insert_job(
@@ -142,23 +153,22 @@ def insert_job(
 ) -> int:
     """Insert a queued job with its files (and envelope); its seq."""
     seq = conn.execute(
-        insert(JOBS)
-        .values(
-            id=job.id,
-            owner_id=job.owner_id,
-            app=job.app,
-            operation=job.operation,
-            params=job.params,
-            limits=job.limits,
-            state=QUEUED,
-            fair_rank=job.fair_rank,
-            created_at=job.created_at,
-            attempts=0,
-            max_attempts=job.max_attempts,
-            progress_fraction=0.0,
-            progress_message="",
-        )
-        .returning(JOBS.c.seq)
+        _INSERT_JOB,
+        {
+            "id": job.id,
+            "owner_id": job.owner_id,
+            "app": job.app,
+            "operation": job.operation,
+            "params": job.params,
+            "limits": job.limits,
+            "state": QUEUED,
+            "fair_rank": job.fair_rank,
+            "created_at": job.created_at,
+            "attempts": 0,
+            "max_attempts": job.max_attempts,
+            "progress_fraction": 0.0,
+            "progress_message": "",
+        },
     ).scalar_one()
     add_files(conn, seq, files)
     if sealing is not None:
@@ -182,7 +192,7 @@ def insert_job(
 def add_files(conn: Connection, seq: int, files: Sequence[FileRow]) -> None:
     if files:
         conn.execute(
-            insert(FILES),
+            _INSERT_FILES,
             [
                 {
                     "job_seq": seq,
@@ -228,14 +238,87 @@ class Claimed:
     sealed: Sealed | None
 
 
+_STOP_WORKER = (
+    update(WORKERS)
+    .where(WORKERS.c.id == bindparam("worker_id"))
+    .values(stopped_at=bindparam("b_now"))
+)
+_STAMP_WORKER = (
+    update(WORKERS)
+    .where(WORKERS.c.id == bindparam("worker_id"))
+    .values(last_heartbeat=bindparam("b_now"))
+)
+
+
 def stop_worker(conn: Connection, worker_id: str, now: datetime) -> None:
     """Mark the worker as gone (it left the cluster)."""
-    conn.execute(update(WORKERS).where(WORKERS.c.id == worker_id).values(stopped_at=now))
+    conn.execute(_STOP_WORKER, {"worker_id": worker_id, "b_now": now})
 
 
 def stamp_worker(conn: Connection, worker_id: str, now: datetime) -> None:
     """Write the worker's liveness."""
-    conn.execute(update(WORKERS).where(WORKERS.c.id == worker_id).values(last_heartbeat=now))
+    conn.execute(_STAMP_WORKER, {"worker_id": worker_id, "b_now": now})
+
+
+_HEAD = (
+    select(JOBS.c.seq)
+    .where(claimable(bindparam("b_worker"), bindparam("b_app")))
+    .order_by(JOBS.c.fair_rank, JOBS.c.seq)
+    .limit(bindparam("max_jobs"))
+    .with_for_update(skip_locked=True)
+    .scalar_subquery()
+)
+_TAKE = (
+    update(JOBS)
+    .where(JOBS.c.seq.in_(_HEAD))
+    .values(
+        state=RUNNING,
+        worker_id=bindparam("b_worker"),
+        lease_id=bindparam("b_lease"),
+        lease_expires_at=bindparam("b_until"),
+        started_at=bindparam("b_now"),
+        attempts=JOBS.c.attempts + 1,
+        error=None,
+    )
+    .returning(
+        JOBS.c.seq,
+        JOBS.c.id,
+        JOBS.c.owner_id,
+        JOBS.c.operation,
+        JOBS.c.params,
+        JOBS.c.limits,
+        JOBS.c.attempts,
+        JOBS.c.fair_rank,
+    )
+)
+# The served rank moves up unless another transaction holds the app's row (then that
+# one moves it, or the next claim does): a claim never waits on it.
+_SERVE = (
+    update(APPS)
+    .where(
+        APPS.c.name.in_(
+            select(APPS.c.name)
+            .where(APPS.c.name == bindparam("b_app"), APPS.c.served_rank < bindparam("b_top"))
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+    )
+    .values(served_rank=bindparam("b_top"))
+)
+_SEQS: BindParameter[Any] = bindparam("seqs", expanding=True)
+_INPUTS = select(FILES).where(FILES.c.job_seq.in_(_SEQS), FILES.c.kind == "input")
+_ANY_SEALED = select(exists().where(ENVELOPES.c.job_seq.in_(_SEQS)))
+_SEALED = (
+    select(
+        ENVELOPES.c.job_seq,
+        ENVELOPES.c.job_nonce,
+        ENVELOPES.c.result_public_key,
+        ENVELOPES.c.encrypted_params,
+        RECIPIENTS.c.wrapped_key,
+    )
+    .join(RECIPIENTS, RECIPIENTS.c.job_seq == ENVELOPES.c.job_seq)
+    .where(ENVELOPES.c.job_seq.in_(_SEQS), RECIPIENTS.c.worker_id == bindparam("worker_id"))
+)
 
 
 def take(
@@ -249,65 +332,30 @@ def take(
 ) -> list[Claimed]:
     """Claim up to `max_jobs` of the queue head for this worker (see the invariants), in
     claim order."""
-    head = (
-        select(JOBS.c.seq)
-        .where(claimable(worker_id, app))
-        .order_by(JOBS.c.fair_rank, JOBS.c.seq)
-        .limit(max_jobs)
-        .with_for_update(skip_locked=True)
-        .scalar_subquery()
-    )
     rows = conn.execute(
-        update(JOBS)
-        .where(JOBS.c.seq.in_(head))
-        .values(
-            state=RUNNING,
-            worker_id=worker_id,
-            lease_id=lease_id,
-            lease_expires_at=lease_until,
-            started_at=now,
-            attempts=JOBS.c.attempts + 1,
-            error=None,
-        )
-        .returning(
-            JOBS.c.seq,
-            JOBS.c.id,
-            JOBS.c.owner_id,
-            JOBS.c.operation,
-            JOBS.c.params,
-            JOBS.c.limits,
-            JOBS.c.attempts,
-            JOBS.c.fair_rank,
-        )
+        _TAKE,
+        {
+            "b_worker": worker_id,
+            "b_app": app,
+            "max_jobs": max_jobs,
+            "b_lease": lease_id,
+            "b_until": lease_until,
+            "b_now": now,
+        },
     ).all()
     if not rows:
         return []
     seqs = [r.seq for r in rows]
-    top = max(r.fair_rank for r in rows)
-    behind = (
-        select(APPS.c.name)
-        .where(APPS.c.name == app, APPS.c.served_rank < top)
-        .with_for_update(skip_locked=True)
-        .scalar_subquery()
-    )
-    conn.execute(update(APPS).where(APPS.c.name.in_(behind)).values(served_rank=top))
+    conn.execute(_SERVE, {"b_app": app, "b_top": max(r.fair_rank for r in rows)})
     inputs: dict[int, list[FileRow]] = {}
-    for f in conn.execute(select(FILES).where(FILES.c.job_seq.in_(seqs), FILES.c.kind == "input")):
+    for f in conn.execute(_INPUTS, {"seqs": seqs}):
         inputs.setdefault(f.job_seq, []).append(
             FileRow(f.kind, f.name, f.size, f.sha256, f.media_type, f.blob, f.model_id)
         )
     sealed: dict[int, Sealed] = {}
-    if conn.execute(select(exists().where(ENVELOPES.c.job_seq.in_(seqs)))).scalar():
+    if conn.execute(_ANY_SEALED, {"seqs": seqs}).scalar():
         for seq, nonce, result_key, params, wrapped in conn.execute(
-            select(
-                ENVELOPES.c.job_seq,
-                ENVELOPES.c.job_nonce,
-                ENVELOPES.c.result_public_key,
-                ENVELOPES.c.encrypted_params,
-                RECIPIENTS.c.wrapped_key,
-            )
-            .join(RECIPIENTS, RECIPIENTS.c.job_seq == ENVELOPES.c.job_seq)
-            .where(ENVELOPES.c.job_seq.in_(seqs), RECIPIENTS.c.worker_id == worker_id)
+            _SEALED, {"seqs": seqs, "worker_id": worker_id}
         ):
             sealed[seq] = Sealed(nonce, wrapped, result_key, params)
     return [
@@ -336,33 +384,39 @@ class Held:
     progress_message: str
 
 
+_EXTEND = (
+    update(JOBS)
+    .where(
+        tuple_(JOBS.c.id, JOBS.c.lease_id).in_(bindparam("leases", expanding=True)),
+        JOBS.c.state == RUNNING,
+        JOBS.c.worker_id == bindparam("b_worker"),
+    )
+    .values(lease_expires_at=bindparam("b_until"))
+    .returning(JOBS.c.id, JOBS.c.owner_id, JOBS.c.progress_fraction, JOBS.c.progress_message)
+)
+_PROGRESS = (
+    update(JOBS)
+    .where(JOBS.c.id == bindparam("b_job"), JOBS.c.lease_id == bindparam("b_lease"))
+    .values(progress_fraction=bindparam("b_fraction"), progress_message=bindparam("b_message"))
+)
+
+
 def extend_leases(
     conn: Connection, worker_id: str, leases: Sequence[tuple[str, str]], until: datetime
 ) -> dict[str, Held]:
     """Extend the leases (job id, lease id) this worker still holds; those held, by id."""
     if not leases:
         return {}
-    rows = conn.execute(
-        update(JOBS)
-        .where(
-            tuple_(JOBS.c.id, JOBS.c.lease_id).in_(list(leases)),
-            JOBS.c.state == RUNNING,
-            JOBS.c.worker_id == worker_id,
-        )
-        .values(lease_expires_at=until)
-        .returning(JOBS.c.id, JOBS.c.owner_id, JOBS.c.progress_fraction, JOBS.c.progress_message)
-    ).all()
+    params = {"leases": list(leases), "b_worker": worker_id, "b_until": until}
+    rows = conn.execute(_EXTEND, params).all()
     return {r.id: Held(r.owner_id, r.progress_fraction, r.progress_message) for r in rows}
 
 
 def set_progress(
     conn: Connection, job_id: str, lease_id: str, fraction: float, message: str
 ) -> None:
-    conn.execute(
-        update(JOBS)
-        .where(JOBS.c.id == job_id, JOBS.c.lease_id == lease_id)
-        .values(progress_fraction=fraction, progress_message=message)
-    )
+    params = {"b_job": job_id, "b_lease": lease_id, "b_fraction": fraction, "b_message": message}
+    conn.execute(_PROGRESS, params)
 
 
 # -- ends: completion, cancel, reaping ------------------------------------------------
@@ -406,25 +460,45 @@ def _select_locked() -> Select[Any]:
     )
 
 
-def _locked(conn: Connection, stmt: Select[Any]) -> list[Locked]:
+def _locked(
+    conn: Connection, stmt: Select[Any], params: dict[str, Any] | None = None
+) -> list[Locked]:
     return [
         Locked(**{**r._mapping, "confidential": bool(r.confidential)})
-        for r in conn.execute(stmt).all()
+        for r in conn.execute(stmt, params).all()
     ]
+
+
+_IDS: BindParameter[Any] = bindparam("ids", expanding=True)
+_PARENTS_OF = (
+    select(JOBS.c.parent_seq)
+    .where(JOBS.c.id.in_(_IDS), JOBS.c.parent_seq.is_not(None))
+    .order_by(JOBS.c.parent_seq)
+)
+_LOCK_SEQS = (
+    select(JOBS.c.seq).where(JOBS.c.seq.in_(bindparam("seqs", expanding=True))).with_for_update()
+)
+_LOCK_TO_COMPLETE = _select_locked().where(JOBS.c.id.in_(_IDS)).with_for_update(of=JOBS)
 
 
 def lock_to_complete(conn: Connection, job_ids: Sequence[str]) -> dict[str, Locked]:
     """Lock these jobs to end them (PostgreSQL: their pipelines' parents first)."""
+    params = {"ids": list(job_ids)}
     if conn.dialect.name != "sqlite":
-        parents = conn.scalars(
-            select(JOBS.c.parent_seq)
-            .where(JOBS.c.id.in_(list(job_ids)), JOBS.c.parent_seq.is_not(None))
-            .order_by(JOBS.c.parent_seq)
-        ).all()
+        parents = conn.scalars(_PARENTS_OF, params).all()
         if parents:
-            conn.execute(select(JOBS.c.seq).where(JOBS.c.seq.in_(parents)).with_for_update())
-    stmt = _select_locked().where(JOBS.c.id.in_(list(job_ids))).with_for_update(of=JOBS)
-    return {j.id: j for j in _locked(conn, stmt)}
+            conn.execute(_LOCK_SEQS, {"seqs": list(parents)})
+    return {j.id: j for j in _locked(conn, _LOCK_TO_COMPLETE, params)}
+
+
+@functools.cache
+def _end_statement(columns: tuple[str, ...]) -> Any:
+    """UPDATE of one job's `columns` (bound by their names): built once per set."""
+    return (
+        update(JOBS)
+        .where(JOBS.c.seq == bindparam("job_seq"))
+        .values({c: bindparam(f"b_{c}", type_=JOBS.c[c].type) for c in columns})
+    )
 
 
 _KEEP: Any = object()  # `end`: leave the job's result as it is
@@ -455,7 +529,8 @@ def end(
         values["progress_fraction"] = fraction
     if message is not None:
         values["progress_message"] = message
-    conn.execute(update(JOBS).where(JOBS.c.seq == seq).values(**values))
+    params = {f"b_{c}": v for c, v in values.items()}
+    conn.execute(_end_statement(tuple(sorted(values))), {**params, "job_seq": seq})
 
 
 def set_encrypted_result(conn: Connection, seq: int, value: dict[str, Any] | None) -> None:
