@@ -85,10 +85,12 @@ from csml.schemas.workers import (
     InlineOutput,
 )
 from csml.store import jobs as store
+from csml.store import jobs_end as ends
 from csml.store import jobs_write as writes
 from csml.store.blobs import BlobStore, fsync_paths
 from csml.store.jobs import Envelope, FileRow, JobRow
-from csml.store.jobs_write import Claimed, Locked, NewJob, Sealing, orm_job, orm_session
+from csml.store.jobs_end import Locked
+from csml.store.jobs_write import Claimed, NewJob, Sealing, orm_job, orm_session
 from csml.store.tables import Job, JobFile, Worker, utcnow
 from csml.store.writer import Writer
 
@@ -490,10 +492,10 @@ class JobQueue:
             if job.parent_seq is not None or job.step_index is not None:
                 with orm_session(conn) as session:  # a pipeline or one of its steps
                     pipelines.refuse_step_cancel(session, orm_job(session, job.seq))
-                    writes.end(conn, job.seq, state=JobState.cancelled.value, now=now, error=error)
+                    ends.end(conn, job.seq, state=JobState.cancelled.value, now=now, error=error)
                     woken = pipelines.cancel_steps(session, orm_job(session, job.seq))
             else:
-                writes.end(conn, job.seq, state=JobState.cancelled.value, now=now, error=error)
+                ends.end(conn, job.seq, state=JobState.cancelled.value, now=now, error=error)
             ended = replace(
                 job,
                 state=JobState.cancelled.value,
@@ -764,7 +766,7 @@ class JobQueue:
         models = self._model_operations(worker.app)
 
         def op(conn: Connection) -> tuple[list[Outcome], list[str]]:
-            locked = writes.lock_to_complete(conn, wanted)
+            locked = ends.lock_to_complete(conn, wanted)
             now = utcnow()
             outcomes: list[Outcome] = []
             woken: list[str] = []
@@ -829,7 +831,7 @@ class JobQueue:
         if prep.refusal is not None:
             raise prep.refusal
         if job.confidential:
-            writes.set_encrypted_result(
+            ends.set_encrypted_result(
                 conn,
                 job.seq,
                 done.encrypted_result.model_dump(mode="json")
@@ -838,7 +840,7 @@ class JobQueue:
             )
         succeeded = done.state == JobState.succeeded.value
         outputs_dir = self.attempt_dir(job_id, done.lease_id)
-        writes.end(
+        ends.end(
             conn,
             job.seq,
             state=done.state,
@@ -922,12 +924,12 @@ class JobQueue:
         """Fail `job`; for a pipeline step, also move its pipeline on. None (nothing done)
         when the step's pipeline is busy (being cancelled): the next round takes it."""
         if job.parent_seq is None:
-            writes.fail(conn, job.seq, now, why, unclaimed=unclaimed)
+            ends.fail(conn, job.seq, now, why, unclaimed=unclaimed)
             return []
         with orm_session(conn) as session:
             if not pipelines.try_lock_parent(session, orm_job(session, job.seq)):
                 return None
-            writes.fail(conn, job.seq, now, why, unclaimed=unclaimed)
+            ends.fail(conn, job.seq, now, why, unclaimed=unclaimed)
             return pipelines.step_finished(self, session, orm_job(session, job.seq))
 
     def reap(self) -> int:
@@ -938,7 +940,7 @@ class JobQueue:
             changed: list[tuple[str, str]] = []
             woken: list[str] = []
             requeued: list[int] = []
-            for job in writes.expired_leases(conn, now):
+            for job in ends.expired_leases(conn, now):
                 if job.attempts >= job.max_attempts:
                     why = (
                         f"the worker running it was lost {job.attempts} times "
@@ -952,7 +954,7 @@ class JobQueue:
                     requeued.append(job.seq)
                 changed.append((job.id, job.app))
                 woken.append(owner_change(job.owner_id, job.id))
-            writes.requeue(conn, requeued, "requeued: the worker running it was lost")
+            ends.requeue(conn, requeued, "requeued: the worker running it was lost")
             return changed, woken
 
         changed, woken = self.writer.run(op)
@@ -974,9 +976,9 @@ class JobQueue:
         def op(conn: Connection) -> tuple[list[tuple[str, str]], list[str]]:
             now = utcnow()
             cutoff = now - timedelta(seconds=s.queue_timeout_seconds)
-            live = writes.worker_live(now - timedelta(seconds=s.worker_live_seconds))
+            live = ends.worker_live(now - timedelta(seconds=s.worker_live_seconds))
             failed: list[tuple[Locked, str]] = []
-            orphans = writes.orphaned(conn, live)
+            orphans = ends.orphaned(conn, live)
             for job in orphans:
                 failed.append(
                     (
@@ -987,11 +989,11 @@ class JobQueue:
                     )
                 )
             seen = {j.seq for j in orphans}
-            for app in writes.apps_waiting_since(conn, cutoff):
-                last_seen = writes.last_worker_seen(conn, app)
+            for app in ends.apps_waiting_since(conn, cutoff):
+                last_seen = ends.last_worker_seen(conn, app)
                 if last_seen is not None and last_seen >= cutoff:
                     continue  # a worker of the app was live in the last timeout
-                for job in writes.queued_before(conn, app, cutoff):
+                for job in ends.queued_before(conn, app, cutoff):
                     if job.seq not in seen:
                         failed.append(
                             (

@@ -3,8 +3,8 @@
 Everything here takes a Core `Connection` (a pooled read connection, or the one a
 `Writer` operation runs in) and returns small frozen rows (`JobRow`, `FileRow`,
 `Envelope`), never ORM objects, so a request loads a job once and nothing is lazily
-loaded later. The writes of the lifecycle are in `csml.store.jobs_write`; the
-quota counts in `csml.store.jobs_quota`.
+loaded later. The lifecycle's writes are in `csml.store.jobs_write` (how jobs end:
+`csml.store.jobs_end`), the quota counts in `csml.store.jobs_quota`.
 
 Invariants:
 
