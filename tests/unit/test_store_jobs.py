@@ -16,7 +16,9 @@ from csml.apps.echo import app as echo_app
 from csml.refusals import Malformed, NotFound
 from csml.store import jobs as store
 from csml.store import jobs_write
+from csml.store.db import counters
 from csml.store.tables import utcnow
+from tests.unit.conftest import MakeCoordinator
 from tests.unit.inproc import HttpWorker, InProcessCoordinator
 
 
@@ -110,3 +112,37 @@ def test_one_job_twice_in_a_completion_batch_keeps_one_result(
     assert second["status"] == 409 and "no longer yours" in second["error"]
     job.refresh()
     assert job.state.value == "succeeded" and job.result == {"n": 1}
+
+
+def test_a_claim_writes_a_riding_heartbeat_only_when_the_lease_needs_it(
+    make_coordinator: MakeCoordinator,
+) -> None:
+    coordinator = make_coordinator(lease_seconds=30.0, heartbeat_seconds=10.0)
+    worker = coordinator.worker(echo_app)
+    job = coordinator.new_user().submit("echo", "echo")
+    [claimed] = worker.claim()
+    engine = coordinator.core.engine
+    beat = {"job_id": job.id, "lease_id": claimed.lease_id, "progress": {"fraction": 0.0}}
+
+    def lease_end() -> object:
+        with coordinator.core.queue.read() as conn:
+            return store.leases(conn, [job.id])[job.id].lease_expires_at
+
+    def claim_with_beat(**progress: object) -> dict[str, object]:
+        body = {"max_jobs": 1, "wait": 0, "running": [{**beat, "progress": progress}]}
+        r = worker.post("/claim", body)
+        assert r.status_code == 200, r.text
+        answer: dict[str, object] = r.json()
+        return answer
+
+    first_end, commits = lease_end(), counters(engine).write_commits
+    assert claim_with_beat(fraction=0.0) == {"jobs": [], "abort": []}
+    assert counters(engine).write_commits == commits  # lease fresh: nothing written
+    assert lease_end() == first_end
+    coordinator.clock.advance(6)  # more than half a heartbeat interval: extended
+    assert claim_with_beat(fraction=0.0)["abort"] == []
+    assert counters(engine).write_commits == commits + 1 and lease_end() != first_end
+    claim_with_beat(fraction=0.5, message="half")  # progress is always written
+    assert counters(engine).write_commits == commits + 2
+    coordinator.core.queue.cancel(owner_of(coordinator, job.id), job.id)
+    assert claim_with_beat(fraction=0.5, message="half")["abort"] == [job.id]

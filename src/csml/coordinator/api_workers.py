@@ -157,7 +157,9 @@ async def claim(worker_id: str, body: ClaimRequest, request: Request, me: Me) ->
     running = body.running
     with c.notifier.subscribe(app_key(me.app)) as event:
         while True:
-            answer = await c.queue.claim_and_beat_async(me, body.max_jobs, running)
+            answer = await c.queue.claim_and_beat_async(
+                me, body.max_jobs, running, wait=max(0.0, deadline - time.monotonic())
+            )
             running = None  # the heartbeat is done; re-checks only claim
             remaining = deadline - time.monotonic()
             if answer.jobs or answer.abort or remaining <= 0 or await request.is_disconnected():

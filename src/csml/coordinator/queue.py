@@ -518,29 +518,41 @@ class JobQueue:
         return self.claim_and_beat(worker, max_jobs).jobs
 
     def claim_and_beat(
-        self, worker: Worker, max_jobs: int, running: list[RunningJob] | None = None
+        self,
+        worker: Worker,
+        max_jobs: int,
+        running: list[RunningJob] | None = None,
+        *,
+        wait: float = 0.0,
     ) -> ClaimResponse:
         """Take up to `max_jobs` jobs (one statement), extending the leases of `running`
         (a heartbeat riding along). Writes nothing when nothing is queued and no
         heartbeat or liveness stamp is due."""
-        op = self._claim_op(worker, max_jobs, running or [])
+        op = self._claim_op(worker, max_jobs, running or [], wait)
         if op is None:
             return ClaimResponse(jobs=[])
         return self._claimed(worker, self.writer.run(op))
 
     async def claim_and_beat_async(
-        self, worker: Worker, max_jobs: int, running: list[RunningJob] | None = None
+        self,
+        worker: Worker,
+        max_jobs: int,
+        running: list[RunningJob] | None = None,
+        *,
+        wait: float = 0.0,
     ) -> ClaimResponse:
         """`claim_and_beat` from the event loop."""
-        op = self._claim_op(worker, max_jobs, running or [])
+        op = self._claim_op(worker, max_jobs, running or [], wait)
         if op is None:
             return ClaimResponse(jobs=[])
         return self._claimed(worker, await self.writer.run_async(op))
 
     def _claim_op(
-        self, worker: Worker, max_jobs: int, running: list[RunningJob]
+        self, worker: Worker, max_jobs: int, running: list[RunningJob], wait: float
     ) -> Callable[[Connection], _Claim] | None:
         stamp = self._stamp_due(worker.id)
+        if running and self._beat_not_due(worker, running, wait):
+            running = []  # every lease was extended within a heartbeat interval: no write
         if not running and not stamp and not self._has_queued(worker):
             return None
         worker_id, app = worker.id, worker.app
@@ -573,6 +585,34 @@ class JobQueue:
         every = min(self.settings.heartbeat_seconds, self.settings.worker_live_seconds / 3)
         last = self._stamped.get(worker_id)
         return last is None or time.monotonic() - last >= every
+
+    def _beat_not_due(self, worker: Worker, running: list[RunningJob], wait: float) -> bool:
+        """Whether a heartbeat riding on a claim (that may long-poll `wait` seconds) would
+        change nothing that matters: every job still this worker's under the same lease,
+        its progress unchanged, and its lease extended less than half a heartbeat interval
+        ago and lasting past this claim's wait plus a heartbeat interval. Then the claim
+        writes no heartbeat (the next one, at most a heartbeat interval later, finds the
+        lease at least `lease_seconds - 1.5 heartbeat_seconds` from its end); one that
+        finds its lease older, or a job lost, cancelled or progressed, does."""
+        s = self.settings
+        left = max(s.lease_seconds - s.heartbeat_seconds / 2, wait + s.heartbeat_seconds)
+        fresh_until = utcnow() + timedelta(seconds=left)
+        with self.read() as conn:
+            held = store.leases(conn, [r.job_id for r in running])
+        for r in running:
+            lease = held.get(r.job_id)
+            if (
+                lease is None
+                or lease.state != RUNNING
+                or lease.worker_id != worker.id
+                or lease.lease_id != r.lease_id
+                or lease.lease_expires_at is None
+                or lease.lease_expires_at < fresh_until
+                or (lease.progress_fraction, lease.progress_message)
+                != (r.progress.fraction, r.progress.message)
+            ):
+                return False
+        return True
 
     def _has_queued(self, worker: Worker) -> bool:
         with self.read() as conn:

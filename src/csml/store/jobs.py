@@ -376,6 +376,44 @@ def claimable(worker_id: Any, app: Any) -> ColumnElement[bool]:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A job's lease and progress as stored (what a heartbeat would change)."""
+
+    state: str
+    worker_id: str | None
+    lease_id: str | None
+    lease_expires_at: datetime | None
+    progress_fraction: float
+    progress_message: str
+
+
+_LEASES = select(
+    JOBS.c.id,
+    JOBS.c.state,
+    JOBS.c.worker_id,
+    JOBS.c.lease_id,
+    JOBS.c.lease_expires_at,
+    JOBS.c.progress_fraction,
+    JOBS.c.progress_message,
+).where(JOBS.c.id.in_(bindparam("ids", expanding=True)))
+
+
+def leases(conn: Connection, job_ids: Sequence[str]) -> dict[str, Lease]:
+    """The leases of these jobs, by id (a read: whether a heartbeat needs a write)."""
+    return {
+        r.id: Lease(
+            r.state,
+            r.worker_id,
+            r.lease_id,
+            r.lease_expires_at,
+            r.progress_fraction,
+            r.progress_message,
+        )
+        for r in conn.execute(_LEASES, {"ids": list(job_ids)})
+    }
+
+
 _HAS_CLAIMABLE = (
     select(JOBS.c.seq).where(claimable(bindparam("worker_id"), bindparam("app"))).limit(1)
 )
