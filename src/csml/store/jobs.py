@@ -247,20 +247,28 @@ def list_owned(
     return load(conn, *where, newest_first=True, limit=limit)
 
 
+_OWNED_IN = {
+    by: _select_jobs()
+    .where(JOBS.c.owner_id == bindparam("owner_id"), col.in_(bindparam("keys", expanding=True)))
+    .order_by(JOBS.c.seq)
+    for by, col in (("id", JOBS.c.id), ("seq", JOBS.c.seq))
+}
+
+
 def changed(conn: Connection, owner_id: str, job_ids: Iterable[str]) -> list[JobRow]:
     """The owner's jobs among `job_ids` as the owner lists them: a pipeline step stands
     for its pipeline; another identity's or an erased job is left out. Oldest first."""
     found: dict[int, JobRow] = {}
     wanted = sorted(job_ids)
     for i in range(0, len(wanted), CHUNK):
-        rows = load(conn, JOBS.c.owner_id == owner_id, JOBS.c.id.in_(wanted[i : i + CHUNK]))
+        params = {"owner_id": owner_id, "keys": wanted[i : i + CHUNK]}
+        rows = _rows(conn, _OWNED_IN["id"], params)
         parents = {r.parent_seq for r in rows if r.parent_seq is not None}
         found.update((r.seq, r) for r in rows if r.parent_seq is None)
         missing = sorted(parents - found.keys())
         if missing:
-            found.update(
-                (r.seq, r) for r in load(conn, JOBS.c.owner_id == owner_id, JOBS.c.seq.in_(missing))
-            )
+            by_seq: dict[str, Any] = {"owner_id": owner_id, "keys": missing}
+            found.update((r.seq, r) for r in _rows(conn, _OWNED_IN["seq"], by_seq))
     return sorted(found.values(), key=lambda j: j.seq)
 
 
