@@ -17,6 +17,7 @@ from csml.client import pow
 from csml.coordinator import abuse, retention
 from csml.coordinator.errors import ApiError
 from csml.coordinator.state import Core
+from csml.refusals import Refusal
 from csml.schemas import Heartbeat, JobCompletion, RunningJob
 from csml.schemas.identities import IdentityProof
 from csml.store.db import MIGRATIONS, transaction
@@ -138,7 +139,7 @@ def test_active_jobs_and_storage_are_counted_from_the_store(make_core: MakeCore)
     submit(one, owner)
     abuse.check_submission(two, owner)
     submit(two, owner)
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(Refusal) as err:  # quotas raise refusals
         abuse.check_submission(one, owner)
     assert err.value.code == "active_jobs_limit"
     other = new_identity(one)
@@ -159,7 +160,7 @@ def test_active_jobs_and_storage_are_counted_from_the_store(make_core: MakeCore)
         session.execute(
             update(Job).where(Job.id == job_id).values(state="succeeded", finished_at=utcnow())
         )
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(Refusal) as err:
         abuse.check_submission(two, other)
     assert err.value.code == "storage_quota"
     assert "150 stored" in err.value.message and "oldest finished job expires" in err.value.message
