@@ -29,8 +29,9 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 
 from csml.coordinator import abuse
-from csml.coordinator.errors import ApiError
+from csml.coordinator.errors import ApiError, from_refusal
 from csml.coordinator.queue import StagedFile
+from csml.refusals import Refusal
 from csml.store.blobs import HashingWriter, TooLarge, check_name, fsync_paths
 
 if TYPE_CHECKING:
@@ -287,6 +288,8 @@ class SubmissionParser:
                 )
             except ApiError as exc:
                 self._fail_with(exc)
+            except Refusal as exc:  # the quota and queue checks raise refusals
+                self._fail_with(from_refusal(exc))
         elif not part.is_file:
             part.buffer += chunk
             if len(part.buffer) > self.limits.spec_bytes:
@@ -319,6 +322,8 @@ class SubmissionParser:
                 self.accepted = self.on_spec(self.spec)
             except ApiError as exc:
                 self._fail_with(exc)
+            except Refusal as exc:  # the quota and queue checks raise refusals
+                self._fail_with(from_refusal(exc))
 
     def _fail(self, status: int, code: str, message: str, field: str | None) -> None:
         self._fail_with(ApiError(status, code, message, field=field))
