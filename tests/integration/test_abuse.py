@@ -25,7 +25,8 @@ from csml.client import pow as client_pow
 from csml.coordinator import abuse
 from csml.coordinator.app import build_core
 from csml.coordinator.config import Settings
-from csml.coordinator.errors import ApiError
+from csml.coordinator.errors import status_of
+from csml.refusals import Refusal
 from tests.cluster import Cluster, running_cluster, wait_for
 
 # Each test starts its own cluster, some a second coordinator.
@@ -309,11 +310,11 @@ def test_model_quota(tmp_path: Path) -> None:
         assert count == 0  # no model artifacts exist yet
         abuse.check_models(core, count)
         abuse.check_models(core, 1)
-        with pytest.raises(ApiError) as err:
+        with pytest.raises(Refusal) as err:  # quotas raise refusals (429 with Retry-After)
             abuse.check_models(core, 2)  # a third would pass the limit of 2
-        assert err.value.status == 429 and err.value.code == "model_quota"
+        assert status_of(err.value) == 429 and err.value.code == "model_quota"
         assert err.value.message.startswith("model quota: 2 models per identity reached")
-        assert err.value.headers and int(err.value.headers["Retry-After"]) >= 1
+        assert err.value.retry_after is not None and err.value.retry_after >= 1
         abuse.check_models(core, 1)  # one deleted: room again
     finally:
         core.engine.dispose()

@@ -75,6 +75,7 @@ class InProcessCoordinator:
         self.app = create_app(self.settings)
         self.core: Core = self.app.state.core
         stack.callback(self.core.engine.dispose)
+        stack.callback(self.core.writer.close)  # before the engine goes (LIFO)
         self.portal = stack.enter_context(anyio.from_thread.start_blocking_portal())
         self.portal.call(self._bind_notifier)
         stack.callback(self.core.notifier.close)

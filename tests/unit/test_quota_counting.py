@@ -16,7 +16,8 @@ from csml.coordinator import quotas
 from csml.coordinator.api_events import StreamSlots
 from csml.coordinator.catalog import Catalog
 from csml.coordinator.config import Settings
-from csml.coordinator.errors import ApiError
+from csml.coordinator.errors import status_of
+from csml.refusals import Refusal
 from csml.store.db import make_engine, make_sessionmaker, migrate, sqlite_url, transaction
 from csml.store.tables import AppRecord, Identity, Job, utcnow
 
@@ -110,16 +111,16 @@ def test_reserved_models_count_active_jobs_and_the_rest_of_each_pipeline(tmp_pat
 def test_model_refusals_name_the_limit_and_what_counts() -> None:
     owner = Owner(max_models=3)
     quotas.check_models(owner, count=1, adding=1, reserved=1)  # 3 of 3: fits
-    with pytest.raises(ApiError) as full:
+    with pytest.raises(Refusal) as full:
         quotas.check_models(owner, count=1, adding=2, reserved=1)
-    assert full.value.status == 429 and full.value.code == "model_quota"
+    assert status_of(full.value) == 429 and full.value.code == "model_quota"
     assert (
         "3 models per identity" in full.value.message and "1 more to be kept" in full.value.message
     )
-    assert full.value.headers and "Retry-After" in full.value.headers
-    with pytest.raises(ApiError) as never:
+    assert full.value.retry_after  # sent as Retry-After
+    with pytest.raises(Refusal) as never:
         quotas.check_models(owner, count=0, adding=8)
-    assert never.value.status == 422 and "would keep 8 models" in never.value.message
+    assert status_of(never.value) == 422 and "would keep 8 models" in never.value.message
     quotas.check_models(Owner(max_models=0), count=100, adding=100)  # 0: no limit
 
 

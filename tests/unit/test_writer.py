@@ -327,6 +327,7 @@ def test_a_failing_commit_fails_its_whole_batch_and_the_writer_goes_on(
 
 
 def test_close_runs_what_was_accepted_then_refuses(engine: Engine) -> None:
+    before = set(threading.enumerate())  # other tests' writers are not this test's
     writer = Writer(engine, max_batch_ops=3)
     gate = Gate(writer)
     with ThreadPoolExecutor(12) as pool:
@@ -342,8 +343,8 @@ def test_close_runs_what_was_accepted_then_refuses(engine: Engine) -> None:
             writer.run(add("too-late"))
         gate.release.set()
         closer.result(10)
-        assert held.result(0) == "gate"
-        assert sorted(f.result(0) for f in futures) == list(range(1, 11))
+        assert held.result(10) == "gate"  # its pool thread may still be returning
+        assert sorted(f.result(10) for f in futures) == list(range(1, 11))
     assert tags(engine) == {f"k{i}" for i in range(10)}
     with pytest.raises(WriterClosed) as caught:
         writer.run(add("after-close"))
@@ -351,8 +352,8 @@ def test_close_runs_what_was_accepted_then_refuses(engine: Engine) -> None:
     with pytest.raises(WriterClosed):
         asyncio.run(writer.run_async(add("after-close-async")))
     writer.close()  # idempotent
-    assert threading.active_count() < 50 and not any(
-        t.name == "csml-writer" and t.is_alive() for t in threading.enumerate()
+    assert not any(
+        t.name == "csml-writer" and t.is_alive() for t in set(threading.enumerate()) - before
     )
 
 

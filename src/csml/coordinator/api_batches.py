@@ -118,7 +118,7 @@ def _submit(c: Core, owner_id: str, raw: bytes) -> JSONResponse:
     jobs = [o.job for o in outcomes if o.job is not None]
     for job in jobs:
         c.notifier.notify(owner_change(owner_id, job.id))
-    views = iter(job_views(c.sessions, jobs, positions=False))
+    views = iter(job_views(c.queue, jobs, positions=False))
     results: list[BatchItemResult] = []
     for outcome in outcomes:
         if outcome.job is not None:

@@ -5,7 +5,8 @@ cancelled, requeued) is announced on its owner's notifier feed after its commit
 (`queue.owner_change`), here at once and from the other coordinators through the
 PostgreSQL relay. The stream follows that feed from before its first snapshot (so
 nothing is missed), loads only the jobs announced (one query per wake-up, however
-many changed) and sends those that differ from what it sent. It re-reads the whole
+many changed) and sends those that differ from what it sent. Its reads are short
+indexed statements run on the event loop (no thread-pool hop). It re-reads the whole
 snapshot only when the feed may have lost announcements (relay reconnect, overflow)
 and, with queue positions asked (the page's default), every
 `POSITIONS_RECHECK_SECONDS` while one of the caller's jobs waits in a queue (other
@@ -39,14 +40,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
 from csml.coordinator.auth import current_identity
-from csml.coordinator.errors import ApiError
 from csml.coordinator.queue import owner_feed
 from csml.coordinator.state import Core, core
 from csml.coordinator.views import job_views
+from csml.refusals import RateLimited
 from csml.schemas import ErrorBody, JobState
 from csml.store.tables import Identity
 
@@ -112,7 +112,7 @@ def _event(name: str, data: Any) -> bytes:
 
 def _snapshot(c: Core, owner_id: str, limit: int, positions: bool) -> dict[str, dict[str, Any]]:
     jobs = c.queue.list_jobs(owner_id, state=None, app=None, limit=limit)
-    views = job_views(c.sessions, jobs, positions=positions)
+    views = job_views(c.queue, jobs, positions=positions)
     return {v.id: v.model_dump(mode="json") for v in views}
 
 
@@ -120,7 +120,7 @@ def _changed(
     c: Core, owner_id: str, job_ids: set[str], positions: bool
 ) -> dict[str, dict[str, Any]]:
     jobs = c.queue.changed_jobs(owner_id, job_ids)
-    views = job_views(c.sessions, jobs, positions=positions)
+    views = job_views(c.queue, jobs, positions=positions)
     return {v.id: v.model_dump(mode="json") for v in views}
 
 
@@ -128,7 +128,7 @@ async def _stream(
     request: Request, c: Core, owner_id: str, limit: int, positions: bool
 ) -> AsyncIterator[bytes]:
     with c.notifier.follow(owner_feed(owner_id)) as feed:  # before the snapshot: miss nothing
-        sent = await run_in_threadpool(_snapshot, c, owner_id, limit, positions)
+        sent = _snapshot(c, owner_id, limit, positions)
         yield _event("snapshot", {"jobs": list(sent.values())})
         deadline = time.monotonic() + STREAM_SECONDS
         while (remaining := deadline - time.monotonic()) > 0:
@@ -140,12 +140,12 @@ async def _stream(
                 return
             items, resync = feed.take()
             if resync or (queued and not items):
-                now = await run_in_threadpool(_snapshot, c, owner_id, limit, positions)
+                now = _snapshot(c, owner_id, limit, positions)
                 changed = [j for i, j in now.items() if sent.get(i) != j]
                 gone = sent.keys() - now.keys()
                 sent = now
             elif items:
-                now = await run_in_threadpool(_changed, c, owner_id, items, positions)
+                now = _changed(c, owner_id, items, positions)
                 changed = [j for i, j in now.items() if sent.get(i) != j]
                 gone = {i for i in items if i in sent and i not in now}
                 for i in gone:
@@ -173,7 +173,7 @@ async def _stream(
         **{code: {"model": ErrorBody} for code in (401, 429)},
     },
 )
-def job_events(
+async def job_events(
     request: Request,
     me: Me,
     limit: int = Query(100, ge=1, le=500, description="Newest jobs in the snapshot."),
@@ -186,12 +186,11 @@ def job_events(
     is erased, and `reconnect` when the stream ends (after about 20 s; open it again)."""
     release = _slots.take(me.id)  # counted as it is checked: no two opens see one slot
     if release is None:
-        raise ApiError(
-            429,
+        raise RateLimited(
             "too_many_streams",
             f"at most {MAX_STREAMS_PER_IDENTITY} event streams per identity are open at once "
             "(on this coordinator); close one, or retry when one ends",
-            headers={"Retry-After": str(int(STREAM_SECONDS))},
+            retry_after=int(STREAM_SECONDS),
         )
     return _SlotResponse(
         release,

@@ -5,20 +5,19 @@ from __future__ import annotations
 import mimetypes
 import time
 from collections.abc import Callable
-from datetime import timedelta
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import ValidationError
-from sqlalchemy import func, select
 from starlette.concurrency import run_in_threadpool
 
 from csml import ids
 from csml.coordinator import abuse, artifacts, pipeline_spec, pipelines, spec_limits
 from csml.coordinator.auth import AuthFirstRoute, current_identity
-from csml.coordinator.errors import ApiError, not_found, spec_error
-from csml.coordinator.queue import job_key, owner_change
+from csml.coordinator.errors import ApiError, from_refusal, not_found, spec_error
+from csml.coordinator.queue import StagedFile, job_key, owner_change
 from csml.coordinator.state import Core, core
 from csml.coordinator.uploads import (
     Accepts,
@@ -28,6 +27,7 @@ from csml.coordinator.uploads import (
     parse_submission,
 )
 from csml.coordinator.views import job_views
+from csml.refusals import Refusal
 from csml.schemas import (
     AppInfo,
     ErrorBody,
@@ -41,8 +41,8 @@ from csml.schemas import (
     QueueInfo,
 )
 from csml.schemas.identities import IdentityChallenge, IdentityProof
-from csml.store.tables import Identity, Worker, utcnow
-from csml.store.tables import Job as JobRow
+from csml.store.jobs import JobRow
+from csml.store.tables import Identity
 
 T = TypeVar("T")
 router = APIRouter(route_class=AuthFirstRoute, prefix="/v1")
@@ -92,33 +92,18 @@ def delete_me(request: Request, me: Me) -> Response:
 
 
 def app_infos(c: Core) -> list[AppInfo]:
-    cutoff = utcnow() - timedelta(seconds=c.settings.worker_live_seconds)
-    with c.sessions() as session:
-        workers = session.execute(
-            select(Worker.app, func.count(), func.sum(Worker.slots))
-            .where(Worker.stopped_at.is_(None), Worker.last_heartbeat >= cutoff)
-            .group_by(Worker.app)
-        ).all()
-        sandboxes = session.execute(
-            select(Worker.app, Worker.sandbox)
-            .where(Worker.stopped_at.is_(None), Worker.last_heartbeat >= cutoff)
-            .distinct()
-        ).all()
-    live = {app: (int(n), int(slots or 0)) for app, n, slots in workers}
-    isolation: dict[str, list[str]] = {}
-    for app, sandbox in sandboxes:
-        isolation.setdefault(app, []).append(sandbox)
+    live = c.queue.live_workers()
     stats = c.queue.queue_stats()
     infos = []
     for name, entry in sorted(c.catalog.entries().items()):
-        n, slots = live.get(name, (0, 0))
+        workers = live.get(name)
         st = stats.get(name, {})
         infos.append(
             AppInfo(
                 **entry.manifest.model_dump(),
-                workers=n,
-                slots=slots,
-                sandboxes=sorted(isolation.get(name, [])),
+                workers=workers.workers if workers else 0,
+                slots=workers.slots if workers else 0,
+                sandboxes=list(workers.sandboxes) if workers else [],
                 queue=QueueInfo(
                     depth=st.get(JobState.queued.value, 0),
                     running=st.get(JobState.running.value, 0),
@@ -163,7 +148,19 @@ def refusal(check: Callable[[T, set[str]], None], spec: T, names: set[str]) -> A
         check(spec, names)
     except ApiError as exc:
         return exc
+    except Refusal as exc:
+        return from_refusal(exc)
     raise AssertionError(f"{check.__qualname__} accepted {sorted(names)}")
+
+
+class _Budget(StorageBudget):
+    """The upload's storage budget, refusing as the multipart parser expects (ApiError)."""
+
+    def __call__(self, received: int) -> None:
+        try:
+            super().__call__(received)
+        except Refusal as exc:
+            raise from_refusal(exc) from None
 
 
 def check_model_quota(c: Core, owner_id: str, spec: JobSpec) -> None:
@@ -184,18 +181,23 @@ async def submit_job(request: Request, me: Me) -> JSONResponse:
     c = core(request)
     if request.headers.get("content-type", "").startswith("application/json"):
         raw = await request.body()  # at most max_spec_bytes (csml.coordinator.middleware)
-        # Checks, submission and view in one trip off the event loop.
-        return await run_in_threadpool(_submit_json, c, me.id, raw)
+        return await _submit_json(c, me.id, raw)
     else:
         upload = abuse.announced_upload(request.headers)
         await run_in_threadpool(abuse.check_submission, c, me.id, upload)  # 429 past a limit
         staging = await run_in_threadpool(c.blobs.new_staging)
         holder: dict[str, JobSpec] = {}
         piped: dict[str, PipelineSpec] = {}
-        budget = StorageBudget(c, me.id)
+        budget = _Budget(c, me.id)
 
         def on_spec(raw: bytes) -> Accepts:
             """Check the spec (off the event loop); the file parts it takes."""
+            try:
+                return check_spec(raw)
+            except Refusal as exc:  # the multipart parser reports ApiErrors
+                raise from_refusal(exc) from None
+
+        def check_spec(raw: bytes) -> Accepts:
             budget.extra = spec_limits.kept_bytes(spec_limits.load(raw, c.settings))
             if pipeline_spec.is_pipeline(raw):
                 pipeline = piped["spec"] = pipeline_spec.parse(raw)
@@ -217,38 +219,57 @@ async def submit_job(request: Request, me: Me) -> JSONResponse:
                 request, staging, FormLimits.of(c.settings), on_spec, budget
             )
 
-            def submit_parsed() -> JSONResponse:
-                if piped:
-                    job = pipelines.submit(c, me.id, piped["spec"], staging, parsed.files)
-                else:
-                    job = c.queue.submit(me.id, holder["spec"], staging, parsed.files)
-                return _submitted(c, me.id, job)
-
-            return await run_in_threadpool(submit_parsed)
+            if piped:
+                return await run_in_threadpool(
+                    _submit_pipeline, c, me.id, piped["spec"], staging, parsed.files
+                )
+            job = await c.queue.submit_async(me.id, holder["spec"], staging, parsed.files)
+            return _submitted(c, me.id, job)
         finally:
             await run_in_threadpool(c.blobs.discard, staging)
 
 
-def _submit_json(c: Core, owner_id: str, raw: bytes) -> JSONResponse:
-    """Check and submit a JSON job or pipeline spec (no files)."""
+async def _submit_json(c: Core, owner_id: str, raw: bytes) -> JSONResponse:
+    """Check and submit a JSON job or pipeline spec (no files). A single job goes through
+    the writer from the event loop; its quotas are checked in its own transaction, so the
+    early check (`abuse.check_submission`) runs only for the submission rate window."""
     kept = spec_limits.kept_bytes(spec_limits.load(raw, c.settings))
-    abuse.check_submission(c, owner_id, kept)  # 429 past a limit
     if pipeline_spec.is_pipeline(raw):  # {"steps": [...]}: see csml.coordinator.pipelines
-        pipeline = pipeline_spec.parse(raw)
-        pipeline_spec.check(c, owner_id, pipeline)
-        job = pipelines.submit(c, owner_id, pipeline, None, {})
-    else:
-        spec = parse_spec(raw)
-        check_model_quota(c, owner_id, spec)
-        job = c.queue.submit(owner_id, spec, None, {})
+        return await run_in_threadpool(_submit_pipeline_json, c, owner_id, raw, kept)
+    if c.settings.submission_rate_limit:
+        await run_in_threadpool(abuse.check_submission, c, owner_id, kept)  # 429 past a limit
+    spec = parse_spec(raw)
+    _, op = c.catalog.operation(spec.app, spec.operation)
+    if c.settings.max_models and artifacts.makes_models(op):
+        await run_in_threadpool(check_model_quota, c, owner_id, spec)
+    job = await c.queue.submit_async(owner_id, spec, None, {})
     return _submitted(c, owner_id, job)
+
+
+def _submit_pipeline_json(c: Core, owner_id: str, raw: bytes, kept: int) -> JSONResponse:
+    abuse.check_submission(c, owner_id, kept)  # 429 past a limit
+    pipeline = pipeline_spec.parse(raw)
+    pipeline_spec.check(c, owner_id, pipeline)
+    return _submit_pipeline(c, owner_id, pipeline, None, {})
+
+
+def _submit_pipeline(
+    c: Core,
+    owner_id: str,
+    spec: PipelineSpec,
+    staging: Path | None,
+    files: dict[str, StagedFile],
+) -> JSONResponse:
+    """Submit a pipeline (its parent is read back as the store row views are made of)."""
+    parent = pipelines.submit(c, owner_id, spec, staging, files)
+    return _submitted(c, owner_id, c.queue.get(owner_id, parent.id))
 
 
 def _submitted(c: Core, owner_id: str, job: JobRow) -> JSONResponse:
     """The 202 for a new job (no queue position: the event stream and `?positions=true`
     GETs carry it); announced to the owner's event streams."""
     c.notifier.notify(owner_change(owner_id, job.id))
-    view = job_views(c.sessions, [job], positions=False)[0]
+    view = job_views(c.queue, [job], positions=False)[0]
     return JSONResponse(
         view.model_dump(mode="json"),
         status_code=202,
@@ -265,7 +286,7 @@ def _view_response(
     c: Core, owner_id: str, job_id: str, positions: bool
 ) -> tuple[str, JSONResponse]:
     """The job's state and wire view as a response: one load (row, files, envelope)."""
-    view = job_views(c.sessions, [c.queue.get(owner_id, job_id)], positions=positions)[0]
+    view = job_views(c.queue, [c.queue.get(owner_id, job_id)], positions=positions)[0]
     return view.state.value, JSONResponse(view.model_dump(mode="json"))
 
 
@@ -281,7 +302,7 @@ def list_jobs(
     """Your jobs, newest first."""
     c = core(request)
     jobs = c.queue.list_jobs(me.id, state=state.value if state else None, app=app, limit=limit)
-    return JobList(jobs=job_views(c.sessions, jobs, positions=positions))
+    return JobList(jobs=job_views(c.queue, jobs, positions=positions))
 
 
 @router.get("/jobs/{job_id}", response_model=Job, tags=["jobs"], responses=ERRORS)
@@ -295,30 +316,29 @@ async def get_job(
     """A job; with `wait`, answers as soon as it reaches a final state (or the wait ends).
 
     The job is loaded once, when answering; while waiting, only its state is re-read
-    (after a wake-up for it, or every few seconds as a safety net)."""
+    (after a wake-up for it, or every few seconds as a safety net). Reads run on the
+    event loop (short indexed statements; no thread-pool hop)."""
     c = core(request)
     if wait <= 0:
-        return (await run_in_threadpool(_view_response, c, me.id, job_id, positions))[1]
+        return _view_response(c, me.id, job_id, positions)[1]
     deadline = time.monotonic() + min(wait, c.settings.max_wait_seconds)
-    full_id, state = await run_in_threadpool(c.queue.state_of, me.id, job_id)
+    full_id, state = c.queue.state_of(me.id, job_id)
     if not JobState(state).terminal:
         with c.notifier.subscribe(job_key(full_id)) as event:
             # Subscribed: re-read once, so a change just before subscribing is not missed.
-            _, state = await run_in_threadpool(c.queue.state_of, me.id, full_id)
+            _, state = c.queue.state_of(me.id, full_id)
             while not JobState(state).terminal:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 if await c.notifier.wait(event, min(remaining, c.notifier.recheck_seconds)):
                     # Mostly its end (or a requeue): load it, and answer if it ended.
-                    state, response = await run_in_threadpool(
-                        _view_response, c, me.id, full_id, positions
-                    )
+                    state, response = _view_response(c, me.id, full_id, positions)
                     if JobState(state).terminal:
                         return response
                 else:
-                    _, state = await run_in_threadpool(c.queue.state_of, me.id, full_id)
-    return (await run_in_threadpool(_view_response, c, me.id, full_id, positions))[1]
+                    _, state = c.queue.state_of(me.id, full_id)
+    return _view_response(c, me.id, full_id, positions)[1]
 
 
 @router.delete("/jobs/{job_id}", response_model=Job, tags=["jobs"], responses=ERRORS)
@@ -326,7 +346,7 @@ def cancel_job(job_id: str, request: Request, me: Me) -> Job:
     """Cancel a queued or running job (a running one is stopped on its worker)."""
     c = core(request)
     job = c.queue.cancel(me.id, job_id)
-    return job_views(c.sessions, [job], positions=False)[0]
+    return job_views(c.queue, [job], positions=False)[0]
 
 
 @router.get(

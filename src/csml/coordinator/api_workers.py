@@ -19,15 +19,20 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import FileResponse
-from sqlalchemy import update
 from starlette.concurrency import run_in_threadpool
 
 from csml import ids
 from csml.coordinator.api_attestation import add_worker_key
-from csml.coordinator.auth import AuthFirstRoute, current_join_token, current_worker
-from csml.coordinator.errors import ApiError, not_found
+from csml.coordinator.auth import (
+    AuthFirstRoute,
+    bearer,
+    current_join_token,
+    current_worker,
+    from_headers,
+)
+from csml.coordinator.errors import ApiError, not_found, status_of
 from csml.coordinator.pipelines import PIPELINE_APP
-from csml.coordinator.queue import app_key
+from csml.coordinator.queue import Outcome, app_key
 from csml.coordinator.state import core
 from csml.coordinator.uploads import safe_media_type
 from csml.coordinator.worker_tokens import CACHE as WORKER_TOKENS
@@ -40,17 +45,47 @@ from csml.schemas import (
     WorkerRegistered,
     WorkerRegistration,
 )
-from csml.schemas.workers import ClaimRequest, CompletionBatch, CompletionResults
+from csml.schemas.workers import (
+    ClaimRequest,
+    CompletionBatch,
+    CompletionOutcome,
+    CompletionResults,
+)
 from csml.store.blobs import HashingWriter, TooLarge, check_name, fsync_paths
 from csml.store.db import transaction
 from csml.store.tables import JoinToken, Worker, utcnow
+from csml.store.workers import WorkerRow
 
 router = APIRouter(route_class=AuthFirstRoute, prefix="/v1/workers", tags=["workers"])
 Joiner = Annotated[JoinToken, Depends(current_join_token)]
-Me = Annotated[Worker, Depends(current_worker)]
 
 
-def _same(worker: Worker, worker_id: str) -> None:
+@from_headers
+async def calling_worker(request: Request) -> WorkerRow:
+    """The calling worker: on the event loop when remembered (`WORKER_TOKENS`), else
+    looked up (`auth.current_worker`) off it."""
+    cached = WORKER_TOKENS.get(ids.hash_secret(bearer(request)))
+    if cached is not None:
+        return cached
+    return await run_in_threadpool(current_worker, request)
+
+
+Me = Annotated[WorkerRow, Depends(calling_worker)]
+
+
+def _outcomes(outcomes: list[Outcome]) -> list[CompletionOutcome]:
+    """Each completion as the single-job route would have answered it."""
+    return [
+        CompletionOutcome(job_id=o.job_id, status=204)
+        if o.refusal is None
+        else CompletionOutcome(
+            job_id=o.job_id, status=status_of(o.refusal), error=o.refusal.message
+        )
+        for o in outcomes
+    ]
+
+
+def _same(worker: WorkerRow, worker_id: str) -> None:
     if worker.id != worker_id:
         raise not_found("worker", worker_id)
 
@@ -108,10 +143,8 @@ def leave(worker_id: str, request: Request, me: Me) -> Response:
     Queued confidential jobs sealed only to workers that are gone fail now ("resubmit")."""
     _same(me, worker_id)
     c = core(request)
-    with transaction(c.sessions) as session:
-        session.execute(update(Worker).where(Worker.id == me.id).values(stopped_at=utcnow()))
+    c.queue.leave(me)
     WORKER_TOKENS.forget_worker(me.id)
-    c.queue.fail_unclaimable()
     return Response(status_code=204)
 
 
@@ -125,7 +158,9 @@ async def claim(worker_id: str, body: ClaimRequest, request: Request, me: Me) ->
     running = body.running
     with c.notifier.subscribe(app_key(me.app)) as event:
         while True:
-            answer = await run_in_threadpool(c.queue.claim_and_beat, me, body.max_jobs, running)
+            answer = await c.queue.claim_and_beat_async(
+                me, body.max_jobs, running, wait=max(0.0, deadline - time.monotonic())
+            )
             running = None  # the heartbeat is done; re-checks only claim
             remaining = deadline - time.monotonic()
             if answer.jobs or answer.abort or remaining <= 0 or await request.is_disconnected():
@@ -134,10 +169,10 @@ async def claim(worker_id: str, body: ClaimRequest, request: Request, me: Me) ->
 
 
 @router.post("/{worker_id}/heartbeat", response_model=HeartbeatResponse)
-def heartbeat(worker_id: str, body: Heartbeat, request: Request, me: Me) -> HeartbeatResponse:
+async def heartbeat(worker_id: str, body: Heartbeat, request: Request, me: Me) -> HeartbeatResponse:
     """Extend the leases of running jobs, report their progress, learn which to abort."""
     _same(me, worker_id)
-    return core(request).queue.heartbeat(me, body)
+    return await core(request).queue.heartbeat_async(me, body)
 
 
 @router.get("/{worker_id}/jobs/{job_id}/inputs/{name}", response_class=FileResponse)
@@ -146,11 +181,10 @@ def download_input(
 ) -> FileResponse:
     _same(me, worker_id)
     c = core(request)
-    with c.sessions() as session:
-        job = c.queue.running_job(session, me, job_id, lease_id)
-        for f in job.files:
-            if f.kind == "input" and f.name == name:
-                return FileResponse(c.blobs.path(f.blob), media_type=f.media_type)
+    job = c.queue.running_job(me, job_id, lease_id)
+    for f in job.files:
+        if f.kind == "input" and f.name == name:
+            return FileResponse(c.blobs.path(f.blob), media_type=f.media_type)
     raise not_found("input", name)
 
 
@@ -163,8 +197,7 @@ async def upload_output(
     c = core(request)
 
     def check() -> None:
-        with c.sessions() as session:
-            job = c.queue.running_job(session, me, job_id, lease_id)
+        job = c.queue.running_job(me, job_id, lease_id)
         _, op = c.catalog.operation(job.app, job.operation)
         if name not in {o.name for o in op.outputs}:
             raise ApiError(422, "unknown_output", f"{op.name!r} declares no output {name!r}")
@@ -199,13 +232,14 @@ async def upload_output(
 
 
 @router.post("/{worker_id}/complete", response_model=CompletionResults)
-def complete_batch(
+async def complete_batch(
     worker_id: str, body: CompletionBatch, request: Request, me: Me
 ) -> CompletionResults:
     """Report several jobs' ends at once; each result says what the single-job route would
     have answered (204, or 409 when its lease was lost: exactly one result is kept)."""
     _same(me, worker_id)
-    return CompletionResults(results=core(request).queue.complete_many(me, body.completions))
+    outcomes = await core(request).queue.complete_many_async(me, body.completions)
+    return CompletionResults(results=_outcomes(outcomes))
 
 
 @router.post("/{worker_id}/jobs/{job_id}/complete", status_code=204)

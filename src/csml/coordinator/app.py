@@ -91,7 +91,7 @@ def build_core(settings: Settings) -> Core:
             register_join_token(session, settings.bootstrap_join_token_file)
     notifier = Notifier(engine)  # on PostgreSQL, relays wake-ups between coordinators
     writer = Writer(engine)  # the hot path's writes (group commit: csml.store.writer)
-    queue = JobQueue(settings, sessions, blobs, catalog, notifier)
+    queue = JobQueue(settings, sessions, blobs, catalog, notifier, writer)
     identities = IdentityCache(notifier)  # erasures relayed like wake-ups
     return Core(settings, engine, sessions, blobs, catalog, notifier, queue, identities, writer)
 

@@ -46,7 +46,7 @@ from csml.schemas.batches import INLINE_MAX_CHARS, MAX_BATCH_ITEMS, BatchItemIn
 from csml.schemas.jobs import JobSpec
 from csml.schemas.workers import INLINE_MAX_BYTES
 from csml.store.blobs import HashingWriter, check_name, fsync_paths
-from csml.store.tables import Job
+from csml.store.jobs import JobRow
 
 if TYPE_CHECKING:
     from csml.coordinator.state import Core
@@ -71,7 +71,7 @@ class Outcome:
     """What became of one item: its job, or the exception that refused it."""
 
     index: int
-    job: Job | None = None
+    job: JobRow | None = None
     error: Exception | None = None
 
 

@@ -28,6 +28,14 @@ so it never waits. The queue bound is soft far from full (a depth counted at mos
 exact near it (counted under the app's row lock), so concurrent submissions
 cannot overshoot a bound they are close to.
 
+Storage: every query is the store's (`csml.store.jobs` for reads, `jobs_write` for the
+lifecycle's writes, `jobs_quota` for the quota counts); every write goes through the
+`Writer` (`run` from threads, `await run_async` from the event loop), whose result
+comes back only once committed. A request loads a job once, as a frozen `JobRow`.
+File work (adopting uploads, writing inline outputs, reading output metadata) happens
+before the write operation, which stays short and store-only; pipeline steps and model
+artifacts still use ORM rows, on the operation's own connection (`orm_session`).
+
 Every change of a job its owner can see (submitted, running, progress, ended,
 requeued, cancelled) is announced after its commit with `owner_change(owner, job)`,
 a notifier feed key that reaches the owner's event streams here and, through the
@@ -41,21 +49,23 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from sqlalchemy import ColumnElement, and_, case, func, or_, select, tuple_, update
+import anyio.to_thread
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from csml import ids
 from csml.coordinator import artifacts, pipelines, quotas
 from csml.coordinator.catalog import Catalog
 from csml.coordinator.config import Settings
-from csml.coordinator.errors import ApiError, not_found
-from csml.coordinator.lookup import find_owned, owned_job_state
 from csml.coordinator.notify import Notifier, feed_key
+from csml.refusals import Conflict, Invalid, NotFound, QueueFull, Refusal, TooLarge
 from csml.schemas import (
     ClaimedConfidential,
     ClaimedJob,
@@ -72,19 +82,17 @@ from csml.schemas.workers import (
     INLINE_MAX_BYTES,
     BatchedCompletion,
     ClaimResponse,
-    CompletionOutcome,
     InlineOutput,
 )
+from csml.store import jobs as store
+from csml.store import jobs_end as ends
+from csml.store import jobs_write as writes
 from csml.store.blobs import BlobStore, fsync_paths
-from csml.store.db import transaction
-from csml.store.tables import AppRecord, FairCounter, Job, JobFile, Worker, utcnow
-from csml.store.tables_confidential import (
-    JobConfidential,
-    JobRecipient,
-    WorkerKey,
-    confidential_of,
-    mark_not_confidential,
-)
+from csml.store.jobs import Envelope, FileRow, JobRow
+from csml.store.jobs_end import Locked
+from csml.store.jobs_write import Claimed, NewJob, Sealing, orm_job, orm_session
+from csml.store.tables import Job, JobFile, utcnow
+from csml.store.writer import Writer
 
 log = logging.getLogger("csml.coordinator.queue")
 
@@ -97,13 +105,15 @@ DEPTH_CACHE_SECONDS = 1.0  # how long a coordinator trusts its count of an app's
 DEPTH_MARGIN = 64  # below capacity by more than max(this, capacity / 10): no exact count
 
 
-@dataclass
-class _Taken:
-    """A job just claimed and where its inputs' bytes are."""
+class WorkerRef(Protocol):
+    """What the queue needs of the calling worker: its id and its app (an ORM `Worker`
+    or the store's `WorkerRow` both qualify)."""
 
-    job: ClaimedJob
-    blobs: list[str]
-    owner_id: str
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def app(self) -> str: ...
 
 
 @dataclass
@@ -113,6 +123,32 @@ class StagedFile:
     size: int
     sha256: str
     media_type: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One completion of a batch: None if kept, else the refusal that says why not."""
+
+    job_id: str
+    refusal: Refusal | None
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """What a completion brings from disk before its transaction: the outputs' metadata
+    (succeeded jobs) and a refusal of its inline outputs, if any."""
+
+    outputs: tuple[FileInfo, ...]
+    refusal: Refusal | None
+
+
+@dataclass(frozen=True)
+class _Claim:
+    stamped: bool
+    abort: list[str]
+    progressed: list[str]
+    taken: list[Claimed]
+    lease_id: str
 
 
 def app_key(app: str) -> str:
@@ -133,6 +169,10 @@ def owner_change(owner_id: str, job_id: str) -> str:
     return feed_key(owner_feed(owner_id), job_id)
 
 
+def _lease_lost(job_id: str, state: str) -> Conflict:
+    return Conflict("lease_lost", f"job {ids.short(job_id)} is no longer yours to run ({state})")
+
+
 class JobQueue:
     def __init__(
         self,
@@ -141,14 +181,23 @@ class JobQueue:
         blobs: BlobStore,
         catalog: Catalog,
         notifier: Notifier,
+        writer: Writer,
     ) -> None:
         self.settings = settings
         self.sessions = sessions
+        self.engine: Engine = sessions.kw["bind"]
         self.blobs = blobs
         self.catalog = catalog
         self.notifier = notifier
+        self.writer = writer
         self._stamped: dict[str, float] = {}  # worker id -> when its liveness was written
         self._depths: dict[str, tuple[int, float]] = {}  # app -> (queued, when counted)
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A pooled connection for reads (a snapshot; never a write lock)."""
+        with self.engine.connect() as conn:
+            yield conn
 
     # -- submission ---------------------------------------------------------
 
@@ -167,8 +216,7 @@ class JobQueue:
                 if value is None:
                     continue
                 if value > limit:
-                    raise ApiError(
-                        422,
+                    raise Invalid(
                         "limit_too_high",
                         f"limits.{name}: {value} is above this coordinator's maximum of {limit}",
                         field=f"spec.limits.{name}",
@@ -180,10 +228,10 @@ class JobQueue:
         """Everything about a submission that can be refused before its files arrive."""
         self._check_params(spec)
         self.limits_for(spec)
-        with self.sessions() as session:
-            if not self._far_from_full(session, spec.app):
-                self._check_capacity(session, spec.app)
-            self._check_recipients(session, spec)
+        with self.read() as conn:
+            if not self._far_from_full(conn, spec.app):
+                self._check_capacity(conn, spec.app)
+            self._check_recipients(conn, spec)
 
     def _check_params(self, spec: JobSpec) -> None:
         if spec.confidential is None:
@@ -192,30 +240,22 @@ class JobQueue:
         # Encrypted params are validated by the worker; the error comes back encrypted.
         self.catalog.operation(spec.app, spec.operation)
         if spec.params:
-            raise ApiError(
-                422,
+            raise Invalid(
                 "invalid_params",
                 "a confidential job's params must be {}: they travel encrypted in "
                 "spec.confidential.encrypted_params",
                 field="spec.params",
             )
 
-    def _check_recipients(self, session: Session, spec: JobSpec) -> None:
+    def _check_recipients(self, conn: Connection, spec: JobSpec) -> None:
         """Every recipient must be a running worker of the app that registered a key."""
         if spec.confidential is None:
             return
         wanted = [r.worker_id for r in spec.confidential.recipients]
-        found = set(
-            session.scalars(
-                select(Worker.id)
-                .join(WorkerKey, WorkerKey.worker_id == Worker.id)
-                .where(Worker.id.in_(wanted), Worker.app == spec.app, Worker.stopped_at.is_(None))
-            ).all()
-        )
+        found = store.keyed_live_workers(conn, wanted, spec.app)
         for i, worker_id in enumerate(wanted):
             if worker_id not in found:
-                raise ApiError(
-                    422,
+                raise Invalid(
                     "unknown_recipient",
                     f"spec.confidential.recipients[{i}]: {ids.short(worker_id)} is not a "
                     f"running {spec.app} worker with a key (see GET /v1/apps/{spec.app}/workers)",
@@ -229,8 +269,7 @@ class JobQueue:
         if by_id is not None and artifacts.requested_model(spec) is not None:
             names = names | {by_id.name}  # attached from the store at submission
         for extra in sorted(names - declared):
-            raise ApiError(
-                422,
+            raise Invalid(
                 "unknown_input",
                 f"operation {op.name!r} takes no input file {extra!r}; "
                 f"it takes: {', '.join(sorted(declared)) or 'none'}",
@@ -238,28 +277,24 @@ class JobQueue:
             )
         for f in op.inputs:
             if f.required and f.name not in names:
-                raise ApiError(
-                    422,
+                raise Invalid(
                     "missing_input",
                     f"operation {op.name!r} needs the input file {f.name!r}",
                     field=f.name,
                 )
 
-    def _check_capacity(self, session: Session, app: str) -> None:
+    def _check_capacity(self, conn: Connection | Session, app: str) -> None:
         capacity = self.settings.capacity(app)
-        depth = session.scalar(
-            select(func.count()).select_from(Job).where(Job.app == app, Job.state == QUEUED)
-        )
-        if depth is not None and depth >= capacity:
+        depth = store.queued_depth(conn, app)
+        if depth >= capacity:
             retry = self.settings.retry_after_seconds
-            raise ApiError(
-                429,
+            raise QueueFull(
                 "queue_full",
                 f"the {app} queue is full ({depth} of {capacity}); retry in {retry} s",
-                headers={"Retry-After": str(retry)},
+                retry_after=retry,
             )
 
-    def _far_from_full(self, session: Session, app: str) -> bool:
+    def _far_from_full(self, conn: Connection, app: str) -> bool:
         """Whether `app`'s queue is well below its bound, from a depth this coordinator
         counted less than `DEPTH_CACHE_SECONDS` ago plus the jobs it accepted since (a soft
         view: other coordinators' submissions show at the next count). Near the bound,
@@ -269,40 +304,10 @@ class JobQueue:
         now = time.monotonic()
         cached = self._depths.get(app)
         if cached is None or now - cached[1] >= DEPTH_CACHE_SECONDS:
-            depth = session.scalar(
-                select(func.count()).select_from(Job).where(Job.app == app, Job.state == QUEUED)
-            )
-            cached = (depth or 0, now)
+            cached = (store.queued_depth(conn, app), now)
         far = cached[0] + margin < capacity
         self._depths[app] = (cached[0] + 1, cached[1])
         return far
-
-    @staticmethod
-    def _next_rank(session: Session, app: str, owner_id: str, served: int) -> int:
-        """One past the larger of the owner's last rank in `app` and the rank served: an
-        upsert of the owner's counter row (no app lock; one owner's submissions queue on
-        their own row only)."""
-        values = {"app": app, "owner_id": owner_id, "last_rank": served + 1}
-        bumped = {
-            "last_rank": case((FairCounter.last_rank > served, FairCounter.last_rank), else_=served)
-            + 1
-        }
-        if session.get_bind().dialect.name == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-            pg = pg_insert(FairCounter).values(**values)
-            stmt = pg.on_conflict_do_update(
-                index_elements=[FairCounter.app, FairCounter.owner_id], set_=bumped
-            ).returning(FairCounter.last_rank)
-        else:
-            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-            lite = sqlite_insert(FairCounter).values(**values)
-            stmt = lite.on_conflict_do_update(
-                index_elements=[FairCounter.app, FairCounter.owner_id], set_=bumped
-            ).returning(FairCounter.last_rank)
-        rank: int = session.execute(stmt).scalar_one()
-        return rank
 
     def submit(
         self,
@@ -310,185 +315,280 @@ class JobQueue:
         spec: JobSpec,
         staging: Path | None,
         files: dict[str, StagedFile],
-    ) -> Job:
-        _, op = self.catalog.operation(spec.app, spec.operation)
-        self._check_params(spec)
-        self.check_files(spec, set(files))
-        limits = self.limits_for(spec)
-        job_id = ids.new_id()
+    ) -> JobRow:
+        """Create a queued job (quotas checked in its transaction); durable on return."""
+        job_id, op = self._prepare_submit(spec, files)
         try:
-            with transaction(self.sessions) as session:
-                # Lock order: the owner's identity row, then the app's row.
-                quotas.check_new_job(
-                    self,
-                    session,
-                    self.catalog,
-                    owner_id,
-                    upload_bytes=sum(f.size for f in files.values())
-                    + quotas.params_bytes(spec.params)
-                    + (len(spec.confidential.encrypted_params) if spec.confidential else 0),
-                    adding_models=quotas.models_made(op),
-                )
-                served = session.scalar(
-                    select(AppRecord.served_rank).where(AppRecord.name == spec.app)
-                )
-                if served is None:
-                    raise ApiError(404, "unknown_app", f"no application {spec.app!r}")
-                if not self._far_from_full(session, spec.app):
-                    # Near the bound: exact, under the app's lock (far from it: no lock).
-                    session.execute(
-                        select(AppRecord.name).where(AppRecord.name == spec.app).with_for_update()
-                    )
-                    self._check_capacity(session, spec.app)
-                self._check_recipients(session, spec)
-                rank = self._next_rank(session, spec.app, owner_id, served)
-                job = Job(
-                    id=job_id,
-                    owner_id=owner_id,
-                    app=spec.app,
-                    operation=op.name,
-                    params=spec.params,
-                    limits=limits.model_dump(),
-                    state=QUEUED,
-                    fair_rank=rank,
-                    created_at=utcnow(),
-                    attempts=0,
-                    max_attempts=self.settings.max_attempts,
-                    progress_fraction=0.0,
-                    progress_message="",
-                    files=[],
-                )
-                job.files.extend(adopt_inputs(self.blobs, staging, job_id, files))
-                artifacts.attach(session, self.blobs, self.catalog, owner_id, spec, job, set(files))
-                session.add(job)
-                if spec.confidential is not None:
-                    self._add_confidential(session, job, spec)
-                else:
-                    mark_not_confidential(job)
+            inputs = adopt_input_rows(self.blobs, staging, job_id, files)
+            job = self.writer.run(self._submit_op(owner_id, spec, op, job_id, inputs, files))
         except BaseException:
             self.blobs.remove_job(job_id)  # adopted inputs and linked models
             raise
         self.notifier.notify(app_key(spec.app))
         return job
 
-    @staticmethod
-    def _add_confidential(session: Session, job: Job, spec: JobSpec) -> None:
+    async def submit_async(
+        self,
+        owner_id: str,
+        spec: JobSpec,
+        staging: Path | None,
+        files: dict[str, StagedFile],
+    ) -> JobRow:
+        """`submit` from the event loop (the write is the writer's, without a thread hop)."""
+        job_id, op = self._prepare_submit(spec, files)
+        try:
+            inputs = adopt_input_rows(self.blobs, staging, job_id, files)
+            job = await self.writer.run_async(
+                self._submit_op(owner_id, spec, op, job_id, inputs, files)
+            )
+        except BaseException:
+            self.blobs.remove_job(job_id)
+            raise
+        self.notifier.notify(app_key(spec.app))
+        return job
+
+    def _prepare_submit(self, spec: JobSpec, files: dict[str, StagedFile]) -> tuple[str, Any]:
+        _, op = self.catalog.operation(spec.app, spec.operation)
+        self._check_params(spec)
+        self.check_files(spec, set(files))
+        return ids.new_id(), op
+
+    def _submit_op(
+        self,
+        owner_id: str,
+        spec: JobSpec,
+        op: Any,
+        job_id: str,
+        inputs: list[FileRow],
+        files: dict[str, StagedFile],
+    ) -> Callable[[Connection], JobRow]:
+        limits = self.limits_for(spec).model_dump()
         conf = spec.confidential
-        assert conf is not None
-        session.flush()  # assigns job.seq
-        session.add(
-            JobConfidential(
-                job=job,
+        upload = (
+            sum(f.size for f in files.values())
+            + quotas.params_bytes(spec.params)
+            + (len(conf.encrypted_params) if conf else 0)
+        )
+        adding = quotas.models_made(op)
+        sealing = (
+            Sealing(
                 version=conf.version,
                 job_nonce=conf.job_nonce,
                 result_public_key=conf.result_public_key,
                 encrypted_params=conf.encrypted_params,
-                encrypted_result=None,
+                wrapped_keys=tuple((r.worker_id, r.wrapped_key) for r in conf.recipients),
             )
+            if conf is not None
+            else None
         )
-        for r in conf.recipients:
-            session.add(
-                JobRecipient(job_seq=job.seq, worker_id=r.worker_id, wrapped_key=r.wrapped_key)
+
+        def op_(conn: Connection) -> JobRow:
+            # Lock order: the owner's identity row, then the app's row.
+            quotas.check_new_job(
+                self, conn, self.catalog, owner_id, upload_bytes=upload, adding_models=adding
             )
+            served = store.served_rank(conn, spec.app)
+            if served is None:
+                raise NotFound("unknown_app", f"no application {spec.app!r}")
+            if not self._far_from_full(conn, spec.app):
+                # Near the bound: exact, under the app's lock (far from it: no lock).
+                writes.lock_app(conn, spec.app)
+                self._check_capacity(conn, spec.app)
+            self._check_recipients(conn, spec)
+            rank = writes.next_rank(conn, spec.app, owner_id, served)
+            params, rows = dict(spec.params), list(inputs)
+            if artifacts.requested_model(spec) is not None:
+                params, linked = self._attach_model(conn, owner_id, spec, job_id, set(files))
+                rows += linked
+            new = NewJob(
+                id=job_id,
+                owner_id=owner_id,
+                app=spec.app,
+                operation=op.name,
+                params=params,
+                limits=limits,
+                fair_rank=rank,
+                created_at=utcnow(),
+                max_attempts=self.settings.max_attempts,
+            )
+            seq = writes.insert_job(conn, new, rows, sealing)
+            return JobRow(
+                seq=seq,
+                id=job_id,
+                owner_id=owner_id,
+                app=spec.app,
+                operation=op.name,
+                params=params,
+                limits=limits,
+                state=QUEUED,
+                fair_rank=rank,
+                created_at=new.created_at,
+                started_at=None,
+                finished_at=None,
+                attempts=0,
+                max_attempts=new.max_attempts,
+                progress_fraction=0.0,
+                progress_message="",
+                error=None,
+                result=None,
+                worker_id=None,
+                lease_id=None,
+                lease_expires_at=None,
+                parent_seq=None,
+                step_index=None,
+                files=tuple(rows),
+                confidential=(
+                    Envelope(
+                        sealing.version,
+                        sealing.job_nonce,
+                        sealing.result_public_key,
+                        sealing.encrypted_params,
+                        None,
+                    )
+                    if sealing is not None
+                    else None
+                ),
+            )
+
+        return op_
+
+    def _attach_model(
+        self, conn: Connection, owner_id: str, spec: JobSpec, job_id: str, uploaded: set[str]
+    ) -> tuple[dict[str, Any], list[FileRow]]:
+        """Link the caller's model named by `params.model` in as the model input (the
+        model rows are still read with the ORM: `csml.coordinator.artifacts`)."""
+        shell = Job(id=job_id, params=dict(spec.params), files=[])
+        with orm_session(conn) as session:
+            artifacts.attach(session, self.blobs, self.catalog, owner_id, spec, shell, uploaded)
+        linked = [
+            FileRow(f.kind, f.name, f.size, f.sha256, f.media_type, f.blob, f.model_id)
+            for f in shell.files
+        ]
+        return dict(shell.params), linked
 
     # -- owner's view -------------------------------------------------------
 
-    def find(self, session: Session, owner_id: str, ident: str, *, lock: bool = False) -> Job:
-        return find_owned(session, Job, owner_id, ident, "job", lock=lock)
-
-    def get(self, owner_id: str, ident: str) -> Job:
-        with self.sessions() as session:
-            return self.find(session, owner_id, ident)
+    def get(self, owner_id: str, ident: str) -> JobRow:
+        """The owner's job by id or unique prefix, with its files and envelope."""
+        with self.read() as conn:
+            return store.owned(conn, owner_id, ident)
 
     def state_of(self, owner_id: str, ident: str) -> tuple[str, str]:
         """(id, state) of the owner's job, without loading it (one query)."""
-        with self.sessions() as session:
-            return owned_job_state(session, owner_id, ident)
+        with self.read() as conn:
+            return store.owned_state(conn, owner_id, ident)
 
     def list_jobs(
         self, owner_id: str, *, state: str | None, app: str | None, limit: int
-    ) -> list[Job]:
-        stmt = select(Job).where(Job.owner_id == owner_id, Job.parent_seq.is_(None))  # no steps
-        if state:
-            stmt = stmt.where(Job.state == state)
-        if app:
-            stmt = stmt.where(Job.app == app)
-        with self.sessions() as session:
-            return list(session.scalars(stmt.order_by(Job.seq.desc()).limit(limit)).all())
+    ) -> list[JobRow]:
+        with self.read() as conn:
+            return store.list_owned(conn, owner_id, state=state, app=app, limit=limit)
 
-    def changed_jobs(self, owner_id: str, job_ids: set[str]) -> list[Job]:
+    def changed_jobs(self, owner_id: str, job_ids: set[str]) -> list[JobRow]:
         """The owner's jobs among `job_ids` as the owner lists them: a pipeline step
         stands for its pipeline; another identity's or an erased job is left out."""
-        found: dict[int, Job] = {}
-        wanted = sorted(job_ids)
-        with self.sessions() as session:
-            for i in range(0, len(wanted), 500):
-                rows = session.scalars(
-                    select(Job).where(Job.owner_id == owner_id, Job.id.in_(wanted[i : i + 500]))
-                ).all()
-                parents = {r.parent_seq for r in rows if r.parent_seq is not None}
-                found.update((r.seq, r) for r in rows if r.parent_seq is None)
-                if parents - found.keys():
-                    found.update(
-                        (r.seq, r)
-                        for r in session.scalars(
-                            select(Job).where(
-                                Job.owner_id == owner_id, Job.seq.in_(parents - found.keys())
-                            )
-                        ).all()
-                    )
-        return sorted(found.values(), key=lambda j: j.seq)
+        with self.read() as conn:
+            return store.changed(conn, owner_id, job_ids)
 
-    def cancel(self, owner_id: str, ident: str) -> Job:
+    def cancel(self, owner_id: str, ident: str) -> JobRow:
         """Cancel the owner's job; announced to its long-polls and the owner's streams."""
-        with transaction(self.sessions) as session:
-            job = self.find(session, owner_id, ident, lock=True)
+
+        def op(conn: Connection) -> tuple[JobRow, list[str]]:
+            job = store.owned(conn, owner_id, ident, lock=True)
             if job.state in TERMINAL:
-                raise ApiError(
-                    409, "already_finished", f"job {ids.short(job.id)} already {job.state}"
-                )
-            pipelines.refuse_step_cancel(session, job)
-            job.state = JobState.cancelled.value
-            job.finished_at = utcnow()
-            job.error = "cancelled by its owner"
-            job.lease_id = None
-            job.lease_expires_at = None
-            woken = pipelines.cancel_steps(session, job)
+                raise Conflict("already_finished", f"job {ids.short(job.id)} already {job.state}")
+            now = utcnow()
+            error = "cancelled by its owner"
+            woken: list[str] = []
+            if job.parent_seq is not None or job.step_index is not None:
+                with orm_session(conn) as session:  # a pipeline or one of its steps
+                    pipelines.refuse_step_cancel(session, orm_job(session, job.seq))
+                    ends.end(conn, job.seq, state=JobState.cancelled.value, now=now, error=error)
+                    woken = pipelines.cancel_steps(session, orm_job(session, job.seq))
+            else:
+                ends.end(conn, job.seq, state=JobState.cancelled.value, now=now, error=error)
+            ended = replace(
+                job,
+                state=JobState.cancelled.value,
+                finished_at=now,
+                error=error,
+                lease_id=None,
+                lease_expires_at=None,
+            )
+            return ended, woken
+
+        job, woken = self.writer.run(op)
         for key in [job_key(job.id), owner_change(owner_id, job.id), *woken]:
             self.notifier.notify(key)
         return job
 
     # -- workers ------------------------------------------------------------
 
-    def claim(self, worker: Worker, max_jobs: int) -> list[ClaimedJob]:
+    def claim(self, worker: WorkerRef, max_jobs: int) -> list[ClaimedJob]:
         """Take up to `max_jobs` jobs (see `claim_and_beat`)."""
         return self.claim_and_beat(worker, max_jobs).jobs
 
     def claim_and_beat(
-        self, worker: Worker, max_jobs: int, running: list[RunningJob] | None = None
+        self,
+        worker: WorkerRef,
+        max_jobs: int,
+        running: list[RunningJob] | None = None,
+        *,
+        wait: float = 0.0,
     ) -> ClaimResponse:
         """Take up to `max_jobs` jobs (one statement), extending the leases of `running`
         (a heartbeat riding along). Writes nothing when nothing is queued and no
         heartbeat or liveness stamp is due."""
-        now = utcnow()
-        stamp = self._stamp_due(worker.id)
-        if not running and not stamp and not self._has_queued(worker):
+        op = self._claim_op(worker, max_jobs, running or [], wait)
+        if op is None:
             return ClaimResponse(jobs=[])
-        with transaction(self.sessions) as session:
+        return self._claimed(worker, self.writer.run(op))
+
+    async def claim_and_beat_async(
+        self,
+        worker: WorkerRef,
+        max_jobs: int,
+        running: list[RunningJob] | None = None,
+        *,
+        wait: float = 0.0,
+    ) -> ClaimResponse:
+        """`claim_and_beat` from the event loop."""
+        op = self._claim_op(worker, max_jobs, running or [], wait)
+        if op is None:
+            return ClaimResponse(jobs=[])
+        return self._claimed(worker, await self.writer.run_async(op))
+
+    def _claim_op(
+        self, worker: WorkerRef, max_jobs: int, running: list[RunningJob], wait: float
+    ) -> Callable[[Connection], _Claim] | None:
+        stamp = self._stamp_due(worker.id)
+        if running and self._beat_not_due(worker, running, wait):
+            running = []  # every lease was extended within a heartbeat interval: no write
+        if not running and not stamp and not self._has_queued(worker):
+            return None
+        worker_id, app = worker.id, worker.app
+        lease_id = ids.new_id()
+
+        def op(conn: Connection) -> _Claim:
+            now = utcnow()
             if stamp:
-                session.execute(
-                    update(Worker).where(Worker.id == worker.id).values(last_heartbeat=now)
-                )
-            abort, progressed = self._beat(session, worker, running or [], now)
-            taken = self._take(session, worker, max_jobs, now)
+                writes.stamp_worker(conn, worker_id, now)
+            abort, progressed = self._beat(conn, worker_id, running, now)
+            until = now + timedelta(seconds=self.settings.lease_seconds)
+            taken = writes.take(conn, worker_id, app, max_jobs, lease_id, now, until)
+            return _Claim(stamp, abort, progressed, taken, lease_id)
+
+        return op
+
+    def _claimed(self, worker: WorkerRef, claim: _Claim) -> ClaimResponse:
         # Running now, or progressed: to the owners' event streams.
-        for key in [*(owner_change(t.owner_id, t.job.id) for t in taken), *progressed]:
+        for key in [*(owner_change(t.owner_id, t.id) for t in claim.taken), *claim.progressed]:
             self.notifier.notify(key)
-        if stamp:
+        if claim.stamped:
             if len(self._stamped) > 10_000:  # workers that left long ago: forget them
                 self._stamped.clear()
             self._stamped[worker.id] = time.monotonic()
-        return ClaimResponse(jobs=self._inline(taken), abort=abort)
+        return ClaimResponse(jobs=self._inline(claim.taken, claim.lease_id), abort=claim.abort)
 
     def _stamp_due(self, worker_id: str) -> bool:
         """Whether this worker's liveness (`last_heartbeat`) needs writing: at most once per
@@ -497,315 +597,337 @@ class JobQueue:
         last = self._stamped.get(worker_id)
         return last is None or time.monotonic() - last >= every
 
-    def _claimable(self, worker: Worker) -> ColumnElement[bool]:
-        # A confidential job goes only to the workers its data key was sealed to.
-        has_recipients = select(JobRecipient.job_seq).where(JobRecipient.job_seq == Job.seq)
-        for_me = has_recipients.where(JobRecipient.worker_id == worker.id)
-        return and_(
-            Job.app == worker.app,
-            Job.state == QUEUED,
-            or_(~has_recipients.exists(), for_me.exists()),
-        )
+    def _beat_not_due(self, worker: WorkerRef, running: list[RunningJob], wait: float) -> bool:
+        """Whether a heartbeat riding on a claim (that may long-poll `wait` seconds) would
+        change nothing that matters: every job still this worker's under the same lease,
+        its progress unchanged, and its lease extended less than half a heartbeat interval
+        ago and lasting past this claim's wait plus a heartbeat interval. Then the claim
+        writes no heartbeat (the next one, at most a heartbeat interval later, finds the
+        lease at least `lease_seconds - 1.5 heartbeat_seconds` from its end); one that
+        finds its lease older, or a job lost, cancelled or progressed, does."""
+        s = self.settings
+        left = max(s.lease_seconds - s.heartbeat_seconds / 2, wait + s.heartbeat_seconds)
+        fresh_until = utcnow() + timedelta(seconds=left)
+        with self.read() as conn:
+            held = store.leases(conn, [r.job_id for r in running])
+        for r in running:
+            lease = held.get(r.job_id)
+            if (
+                lease is None
+                or lease.state != RUNNING
+                or lease.worker_id != worker.id
+                or lease.lease_id != r.lease_id
+                or lease.lease_expires_at is None
+                or lease.lease_expires_at < fresh_until
+                or (lease.progress_fraction, lease.progress_message)
+                != (r.progress.fraction, r.progress.message)
+            ):
+                return False
+        return True
 
-    def _has_queued(self, worker: Worker) -> bool:
-        with self.sessions() as session:
-            found = session.execute(select(Job.seq).where(self._claimable(worker)).limit(1)).first()
-        return found is not None
+    def _has_queued(self, worker: WorkerRef) -> bool:
+        with self.read() as conn:
+            return store.has_claimable(conn, worker.id, worker.app)
 
-    def _take(self, session: Session, worker: Worker, max_jobs: int, now: datetime) -> list[_Taken]:
-        """Claim the queue head in one `UPDATE … WHERE seq IN (SELECT … FOR UPDATE SKIP
-        LOCKED) RETURNING` (SQLite: the write lock taken at BEGIN stands for the row locks)."""
-        lease_id = ids.new_id()
-        head = (
-            select(Job.seq)
-            .where(self._claimable(worker))
-            .order_by(Job.fair_rank, Job.seq)
-            .limit(max_jobs)
-            .with_for_update(skip_locked=True)
-            .scalar_subquery()
-        )
-        rows = session.execute(
-            update(Job)
-            .where(Job.seq.in_(head))
-            .values(
-                state=RUNNING,
-                worker_id=worker.id,
-                lease_id=lease_id,
-                lease_expires_at=now + timedelta(seconds=self.settings.lease_seconds),
-                started_at=now,
-                attempts=Job.attempts + 1,
-                error=None,
-            )
-            .returning(
-                Job.seq,
-                Job.id,
-                Job.owner_id,
-                Job.operation,
-                Job.params,
-                Job.limits,
-                Job.attempts,
-                Job.fair_rank,
-            )
-            .execution_options(synchronize_session=False)
-        ).all()
-        if not rows:
-            return []
-        seqs = [r.seq for r in rows]
-        top = max(r.fair_rank for r in rows)
-        # The served rank moves up unless another transaction holds the app's row (then
-        # that one moves it, or the next claim does): a claim never waits on it.
-        behind = (
-            select(AppRecord.name)
-            .where(AppRecord.name == worker.app, AppRecord.served_rank < top)
-            .with_for_update(skip_locked=True)
-            .scalar_subquery()
-        )
-        session.execute(
-            update(AppRecord)
-            .where(AppRecord.name.in_(behind))
-            .values(served_rank=top)
-            .execution_options(synchronize_session=False)
-        )
-        inputs: dict[int, list[tuple[FileInfo, str]]] = {}
-        for seq, name, size, sha256, media_type, blob in session.execute(
-            select(
-                JobFile.job_seq,
-                JobFile.name,
-                JobFile.size,
-                JobFile.sha256,
-                JobFile.media_type,
-                JobFile.blob,
-            ).where(JobFile.job_seq.in_(seqs), JobFile.kind == "input")
-        ):
-            info = FileInfo(name=name, size=size, sha256=sha256, media_type=media_type)
-            inputs.setdefault(seq, []).append((info, blob))
-        sealed = {
-            seq: ClaimedConfidential(
-                job_nonce=nonce,
-                wrapped_key=wrapped,
-                result_public_key=result_key,
-                encrypted_params=params,
-            )
-            for seq, nonce, result_key, params, wrapped in session.execute(
-                select(
-                    JobConfidential.job_seq,
-                    JobConfidential.job_nonce,
-                    JobConfidential.result_public_key,
-                    JobConfidential.encrypted_params,
-                    JobRecipient.wrapped_key,
-                )
-                .join(JobRecipient, JobRecipient.job_seq == JobConfidential.job_seq)
-                .where(JobConfidential.job_seq.in_(seqs), JobRecipient.worker_id == worker.id)
-            )
-        }
-        return [
-            _Taken(
-                ClaimedJob(
-                    id=r.id,
-                    operation=r.operation,
-                    params=r.params,
-                    inputs=[info for info, _ in inputs.get(r.seq, [])],
-                    lease_id=lease_id,
-                    attempt=r.attempts,
-                    limits=JobLimits.model_validate(r.limits),
-                    confidential=sealed.get(r.seq),
-                    owner_key=owner_key(r.owner_id),
-                ),
-                [blob for _, blob in inputs.get(r.seq, [])],
-                r.owner_id,
-            )
-            for r in sorted(rows, key=lambda r: (r.fair_rank, r.seq))
-        ]
-
-    def _inline(self, taken: list[_Taken]) -> list[ClaimedJob]:
-        """Put small inputs of plain jobs into the claim (base64), up to a total per claim;
-        the worker downloads the others."""
+    def _inline(self, taken: list[Claimed], lease_id: str) -> list[ClaimedJob]:
+        """The claimed jobs for the worker, with small inputs of plain jobs inline (base64)
+        up to a total per claim; the worker downloads the others."""
         budget = INLINE_CLAIM_BYTES
+        out: list[ClaimedJob] = []
         for t in taken:
-            if t.job.confidential is not None:
+            job = ClaimedJob(
+                id=t.id,
+                operation=t.operation,
+                params=t.params,
+                inputs=[file_info(f) for f in t.inputs],
+                lease_id=lease_id,
+                attempt=t.attempts,
+                limits=JobLimits.model_validate(t.limits),
+                confidential=(
+                    ClaimedConfidential(
+                        job_nonce=t.sealed.job_nonce,
+                        wrapped_key=t.sealed.wrapped_key,
+                        result_public_key=t.sealed.result_public_key,
+                        encrypted_params=t.sealed.encrypted_params,
+                    )
+                    if t.sealed is not None
+                    else None
+                ),
+                owner_key=owner_key(t.owner_id),
+            )
+            out.append(job)
+            if t.sealed is not None:
                 continue
-            for info, blob in zip(t.job.inputs, t.blobs, strict=True):
-                if info.size > INLINE_MAX_BYTES or info.size > budget:
+            for f in t.inputs:
+                if f.size > INLINE_MAX_BYTES or f.size > budget:
                     continue
                 try:
-                    data = self.blobs.path(blob).read_bytes()
+                    data = self.blobs.path(f.blob).read_bytes()
                 except OSError:
                     continue  # the worker's download will say what is wrong
                 budget -= len(data)
-                t.job.inline_inputs[info.name] = base64.b64encode(data).decode()
-        return [t.job for t in taken]
+                job.inline_inputs[f.name] = base64.b64encode(data).decode()
+        return out
 
-    def heartbeat(self, worker: Worker, beat: Heartbeat) -> HeartbeatResponse:
-        now = utcnow()
-        with transaction(self.sessions) as session:
-            session.execute(update(Worker).where(Worker.id == worker.id).values(last_heartbeat=now))
-            abort, progressed = self._beat(session, worker, beat.running, now)
+    def heartbeat(self, worker: WorkerRef, beat: Heartbeat) -> HeartbeatResponse:
+        """Write the worker's liveness, extend its leases, record progress; which to abort."""
+        return self._heartbeat_done(worker, self.writer.run(self._heartbeat_op(worker, beat)))
+
+    async def heartbeat_async(self, worker: WorkerRef, beat: Heartbeat) -> HeartbeatResponse:
+        """`heartbeat` from the event loop."""
+        done = await self.writer.run_async(self._heartbeat_op(worker, beat))
+        return self._heartbeat_done(worker, done)
+
+    def _heartbeat_op(
+        self, worker: WorkerRef, beat: Heartbeat
+    ) -> Callable[[Connection], tuple[list[str], list[str]]]:
+        worker_id = worker.id
+
+        def op(conn: Connection) -> tuple[list[str], list[str]]:
+            now = utcnow()
+            writes.stamp_worker(conn, worker_id, now)
+            return self._beat(conn, worker_id, beat.running, now)
+
+        return op
+
+    def _heartbeat_done(
+        self, worker: WorkerRef, done: tuple[list[str], list[str]]
+    ) -> HeartbeatResponse:
+        abort, progressed = done
         self._stamped[worker.id] = time.monotonic()
         for key in progressed:  # to the owners' event streams
             self.notifier.notify(key)
         return HeartbeatResponse(abort=abort)
 
     def _beat(
-        self, session: Session, worker: Worker, running: list[RunningJob], now: datetime
+        self, conn: Connection, worker_id: str, running: list[RunningJob], now: datetime
     ) -> tuple[list[str], list[str]]:
-        """Extend the leases still held (one UPDATE … RETURNING), record changed progress.
-        Returns the jobs to abort (cancelled, finished or lease lost) and the owner-change
-        keys of the jobs whose progress changed (to announce after the commit)."""
+        """Extend the leases still held, record changed progress. Returns the jobs to abort
+        (cancelled, finished or lease lost) and the owner-change keys of the jobs whose
+        progress changed (to announce after the commit)."""
         if not running:
             return [], []
-        extended = session.execute(
-            update(Job)
-            .where(
-                tuple_(Job.id, Job.lease_id).in_([(r.job_id, r.lease_id) for r in running]),
-                Job.state == RUNNING,
-                Job.worker_id == worker.id,
-            )
-            .values(lease_expires_at=now + timedelta(seconds=self.settings.lease_seconds))
-            .returning(Job.id, Job.progress_fraction, Job.progress_message, Job.owner_id)
-            .execution_options(synchronize_session=False)
-        ).all()
-        held = {r.id: (r.progress_fraction, r.progress_message) for r in extended}
-        owners = {r.id: r.owner_id for r in extended}
+        until = now + timedelta(seconds=self.settings.lease_seconds)
+        held = writes.extend_leases(
+            conn, worker_id, [(r.job_id, r.lease_id) for r in running], until
+        )
         progressed: list[str] = []
         for r in running:
-            if r.job_id in held and held[r.job_id] != (r.progress.fraction, r.progress.message):
-                progressed.append(owner_change(owners[r.job_id], r.job_id))
-                session.execute(
-                    update(Job)
-                    .where(Job.id == r.job_id, Job.lease_id == r.lease_id)
-                    .values(
-                        progress_fraction=r.progress.fraction, progress_message=r.progress.message
-                    )
-                    .execution_options(synchronize_session=False)
+            h = held.get(r.job_id)
+            if h is not None and (h.progress_fraction, h.progress_message) != (
+                r.progress.fraction,
+                r.progress.message,
+            ):
+                progressed.append(owner_change(h.owner_id, r.job_id))
+                writes.set_progress(
+                    conn, r.job_id, r.lease_id, r.progress.fraction, r.progress.message
                 )
         return [r.job_id for r in running if r.job_id not in held], progressed
 
-    def running_job(self, session: Session, worker: Worker, job_id: str, lease_id: str) -> Job:
-        job = session.scalars(select(Job).where(Job.id == job_id)).first()
+    def running_job(self, worker: WorkerRef, job_id: str, lease_id: str) -> JobRow:
+        """A job this worker runs under `lease_id` (NotFound, or Conflict: lease lost)."""
+        with self.read() as conn:
+            job = store.by_id(conn, job_id)
         if job is None:
-            raise not_found("job", job_id)
+            raise NotFound.of("job", job_id)
         if job.state != RUNNING or job.worker_id != worker.id or job.lease_id != lease_id:
-            raise ApiError(
-                409,
-                "lease_lost",
-                f"job {ids.short(job_id)} is no longer yours to run ({job.state})",
-            )
+            raise _lease_lost(job_id, job.state)
         return job
 
     def attempt_dir(self, job_id: str, lease_id: str) -> Path:
         return self.blobs.job_dir(job_id) / f"attempt-{lease_id[:16]}"
 
-    def complete(self, worker: Worker, job_id: str, done: JobCompletion) -> None:
-        """One job's end; ApiError (409 lease lost, 422 …) if refused."""
-        outcome = self.complete_many(
+    def complete(self, worker: WorkerRef, job_id: str, done: JobCompletion) -> None:
+        """One job's end; a refusal (Conflict: lease lost, Invalid …) if refused."""
+        self.complete_many(
             worker, [BatchedCompletion(job_id=job_id, **done.model_dump())], raise_one=True
         )
-        assert outcome[0].status == 204
 
     def complete_many(
-        self, worker: Worker, batch: list[BatchedCompletion], *, raise_one: bool = False
-    ) -> list[CompletionOutcome]:
-        """Several jobs' ends in one transaction: each job loaded once (with its files and
-        envelope), each checked against its lease; a refused one (lease lost: exactly one
-        result is kept) does not stop the others. `raise_one`: raise the first refusal."""
-        wanted = list(dict.fromkeys(d.job_id for d in batch))
-        outcomes: list[CompletionOutcome] = []
-        woken: list[str] = []
-        with transaction(self.sessions) as session:
-            if session.get_bind().dialect.name != "sqlite":
-                # The pipelines' lock order: parents before their steps.
-                parents = session.scalars(
-                    select(Job.parent_seq)
-                    .where(Job.id.in_(wanted), Job.parent_seq.is_not(None))
-                    .order_by(Job.parent_seq)
-                ).all()
-                if parents:
-                    session.execute(select(Job.seq).where(Job.seq.in_(parents)).with_for_update())
-            jobs = {
-                j.id: j
-                for j in session.scalars(
-                    select(Job).where(Job.id.in_(wanted)).with_for_update()
-                ).all()
-            }
-            for done in batch:
-                job = jobs.get(done.job_id)
-                try:
-                    # Refusals (ApiError) come before `_finish` changes a row: no savepoint.
-                    woken += self._finish(session, worker, job, done)
-                except ApiError as exc:
-                    if raise_one:
-                        raise
-                    outcomes.append(
-                        CompletionOutcome(job_id=done.job_id, status=exc.status, error=exc.message)
-                    )
-                else:
-                    outcomes.append(CompletionOutcome(job_id=done.job_id, status=204))
-        for key in [*(job_key(o.job_id) for o in outcomes if o.status == 204), *woken]:
+        self, worker: WorkerRef, batch: list[BatchedCompletion], *, raise_one: bool = False
+    ) -> list[Outcome]:
+        """Several jobs' ends in one transaction: each job locked and checked against its
+        lease; a refused one (lease lost: exactly one result is kept) does not stop the
+        others. `raise_one`: raise the first refusal."""
+        op = self._complete_op(worker, batch, self._prepare(worker, batch), raise_one)
+        return self._completed(self.writer.run(op))
+
+    async def complete_many_async(
+        self, worker: WorkerRef, batch: list[BatchedCompletion]
+    ) -> list[Outcome]:
+        """`complete_many` from the event loop (inline outputs are written off it)."""
+        if any(d.inline_outputs for d in batch):
+            prepared = await anyio.to_thread.run_sync(self._prepare, worker, batch)
+        else:
+            prepared = self._prepare(worker, batch)  # a glob per job, no writes
+        op = self._complete_op(worker, batch, prepared, False)
+        return self._completed(await self.writer.run_async(op))
+
+    def _completed(self, done: tuple[list[Outcome], list[str]]) -> list[Outcome]:
+        outcomes, woken = done
+        for key in [*(job_key(o.job_id) for o in outcomes if o.refusal is None), *woken]:
             self.notifier.notify(key)
         return outcomes
 
+    def _prepare(self, worker: WorkerRef, batch: list[BatchedCompletion]) -> list[_Prepared]:
+        """The file work of a batch, before its transaction: inline outputs written (and
+        fsync'd) into each attempt's folder, every output's metadata read. Files of an
+        attempt are kept only if its completion is (a lost lease leaves them unlisted)."""
+        inline = [
+            d.job_id for d in batch if d.inline_outputs and d.state == JobState.succeeded.value
+        ]
+        known: dict[str, JobRow] = {}
+        if inline:
+            with self.read() as conn:
+                known = {j.id: j for j in store.load(conn, store.JOBS.c.id.in_(inline))}
+        out: list[_Prepared] = []
+        for done in batch:
+            outputs_dir = self.attempt_dir(done.job_id, done.lease_id)
+            refusal: Refusal | None = None
+            job = known.get(done.job_id)
+            if (
+                job is not None
+                and done.inline_outputs
+                and done.state == JobState.succeeded.value
+                and job.confidential is None
+                and job.lease_id == done.lease_id
+                and job.worker_id == worker.id
+            ):
+                try:
+                    self._write_inline(job, outputs_dir, done.inline_outputs)
+                except Refusal as exc:
+                    refusal = exc
+            metas: tuple[FileInfo, ...] = ()
+            if done.state == JobState.succeeded.value:
+                metas = tuple(
+                    FileInfo.model_validate_json(meta.read_text())
+                    for meta in sorted(outputs_dir.glob("*.meta.json"))
+                )
+            out.append(_Prepared(metas, refusal))
+        return out
+
+    def _complete_op(
+        self,
+        worker: WorkerRef,
+        batch: list[BatchedCompletion],
+        prepared: list[_Prepared],
+        raise_one: bool,
+    ) -> Callable[[Connection], tuple[list[Outcome], list[str]]]:
+        wanted = list(dict.fromkeys(d.job_id for d in batch))
+        models = self._model_operations(worker.app)
+
+        def op(conn: Connection) -> tuple[list[Outcome], list[str]]:
+            locked = ends.lock_to_complete(conn, wanted)
+            now = utcnow()
+            outcomes: list[Outcome] = []
+            woken: list[str] = []
+            for done, prep in zip(batch, prepared, strict=True):
+                try:
+                    # Refusals come before `_finish` changes a row: no savepoint.
+                    woken += self._finish(
+                        conn, worker, locked.get(done.job_id), done, prep, models, now
+                    )
+                except Refusal as exc:
+                    if raise_one:
+                        raise
+                    outcomes.append(Outcome(done.job_id, exc))
+                else:
+                    outcomes.append(Outcome(done.job_id, None))
+                    ended = locked[done.job_id]  # a repeat in the batch finds it ended
+                    locked[done.job_id] = replace(ended, state=done.state, lease_id=None)
+            return outcomes, woken
+
+        return op
+
+    def _model_operations(self, app: str) -> set[str] | None:
+        """Operations of `app` whose outputs become models (None: the app is unknown)."""
+        try:
+            entry = self.catalog.get(app)
+        except Exception:  # an app no longer catalogued: decided per job, in the ORM path
+            return None
+        return {
+            name
+            for name, op in entry.operations.items()
+            if any(f.model is not None for f in op.outputs)
+        }
+
     def _finish(
-        self, session: Session, worker: Worker, job: Job | None, done: BatchedCompletion
+        self,
+        conn: Connection,
+        worker: WorkerRef,
+        job: Locked | None,
+        done: BatchedCompletion,
+        prep: _Prepared,
+        models: set[str] | None,
+        now: datetime,
     ) -> list[str]:
-        """End one job. Every refusal is raised before a row changes (only inline output
-        files may be written, inside the attempt's folder, kept only on success)."""
+        """End one job. Every refusal is raised before a row changes."""
         job_id = done.job_id
         if job is None:
-            raise not_found("job", job_id)
+            raise NotFound.of("job", job_id)
         if job.state != RUNNING or job.worker_id != worker.id or job.lease_id != done.lease_id:
-            raise ApiError(
-                409,
-                "lease_lost",
-                f"job {ids.short(job_id)} is no longer yours to run ({job.state})",
-            )
-        conf = confidential_of(job)
-        if conf is not None:
+            raise _lease_lost(job_id, job.state)
+        if job.confidential:
             if done.result is not None or done.inline_outputs:
-                raise ApiError(
-                    422,
+                raise Invalid(
                     "plaintext_result",
                     f"job {ids.short(job_id)} is confidential: its result travels only "
                     "encrypted (encrypted_result, outputs uploaded encrypted)",
                 )
-            conf.encrypted_result = (
-                done.encrypted_result.model_dump(mode="json")
-                if done.encrypted_result is not None
-                else None
-            )
         elif done.encrypted_result is not None:
-            raise ApiError(
-                422,
+            raise Invalid(
                 "not_confidential",
                 f"job {ids.short(job_id)} is not confidential: send its result in the clear",
             )
+        if prep.refusal is not None:
+            raise prep.refusal
+        if job.confidential:
+            ends.set_encrypted_result(
+                conn,
+                job.seq,
+                done.encrypted_result.model_dump(mode="json")
+                if done.encrypted_result is not None
+                else None,
+            )
+        succeeded = done.state == JobState.succeeded.value
         outputs_dir = self.attempt_dir(job_id, done.lease_id)
-        if done.state == JobState.succeeded.value and done.inline_outputs:
-            self._write_inline(job, outputs_dir, done.inline_outputs)
-        job.state = done.state
-        job.finished_at = utcnow()
-        job.result = done.result
-        job.error = done.error
-        job.lease_id = None
-        job.lease_expires_at = None
-        if done.state == JobState.succeeded.value:
-            job.progress_fraction = 1.0
-            for meta in sorted(outputs_dir.glob("*.meta.json")):
-                info = FileInfo.model_validate_json(meta.read_text())
-                job.files.append(
-                    JobFile(
-                        kind="output",
-                        name=info.name,
-                        size=info.size,
-                        sha256=info.sha256,
-                        media_type=info.media_type,
-                        blob=self.blobs.relative(outputs_dir / info.name),
+        ends.end(
+            conn,
+            job.seq,
+            state=done.state,
+            now=now,
+            error=done.error,
+            result=done.result,
+            fraction=1.0 if succeeded else None,
+        )
+        if succeeded:
+            writes.add_files(
+                conn,
+                job.seq,
+                [
+                    FileRow(
+                        "output",
+                        info.name,
+                        info.size,
+                        info.sha256,
+                        info.media_type,
+                        self.blobs.relative(outputs_dir / info.name),
                     )
-                )
-            artifacts.keep_outputs(session, self, self.blobs, self.catalog, job)
-        pipelines.lock_parent(session, job)  # held already (PostgreSQL) or the write lock
-        return [owner_change(job.owner_id, job_id), *pipelines.step_finished(self, session, job)]
+                    for info in prep.outputs
+                ],
+            )
+        woken = [owner_change(job.owner_id, job_id)]
+        keeps_models = succeeded and (models is None or job.operation in models)
+        if keeps_models or job.parent_seq is not None:
+            with orm_session(conn) as session:  # model artifacts, pipelines: ORM rows
+                row = orm_job(session, job.seq)
+                if keeps_models:
+                    artifacts.keep_outputs(session, self, self.blobs, self.catalog, row)
+                pipelines.lock_parent(session, row)  # held already (PostgreSQL) or the db
+                woken += pipelines.step_finished(self, session, row)
+        return woken
 
-    def _write_inline(self, job: Job, outputs_dir: Path, outputs: list[InlineOutput]) -> None:
+    def _write_inline(self, job: JobRow, outputs_dir: Path, outputs: list[InlineOutput]) -> None:
         """Write a completion's inline outputs (declared names only, each bounded) as an
         upload would, on disk before the transaction commits."""
         _, op = self.catalog.operation(job.app, job.operation)
@@ -814,18 +936,16 @@ class JobQueue:
         outputs_dir.mkdir(parents=True, exist_ok=True)
         for out in outputs:
             if out.name not in declared:
-                raise ApiError(
-                    422, "unknown_output", f"{op.name!r} declares no output {out.name!r}"
-                )
+                raise Invalid("unknown_output", f"{op.name!r} declares no output {out.name!r}")
             try:
                 data = base64.b64decode(out.content, validate=True)
             except ValueError:
-                raise ApiError(
-                    422, "invalid_output", f"inline_outputs: {out.name!r} is not valid base64"
+                raise Invalid(
+                    "invalid_output", f"inline_outputs: {out.name!r} is not valid base64"
                 ) from None
             if len(data) > INLINE_MAX_BYTES:
-                raise ApiError(
-                    413, "file_too_large", f"inline output {out.name!r} is over {INLINE_MAX_BYTES}"
+                raise TooLarge(
+                    "file_too_large", f"inline output {out.name!r} is over {INLINE_MAX_BYTES}"
                 )
             path = outputs_dir / out.name
             path.write_bytes(data)
@@ -847,38 +967,48 @@ class JobQueue:
     def write_meta(path: Path, info: FileInfo) -> None:
         path.write_text(json.dumps(info.model_dump()))
 
+    # -- the reaper ---------------------------------------------------------
+
+    def _fail_step_aware(
+        self, conn: Connection, job: Locked, now: datetime, why: str, *, unclaimed: bool
+    ) -> list[str] | None:
+        """Fail `job`; for a pipeline step, also move its pipeline on. None (nothing done)
+        when the step's pipeline is busy (being cancelled): the next round takes it."""
+        if job.parent_seq is None:
+            ends.fail(conn, job.seq, now, why, unclaimed=unclaimed)
+            return []
+        with orm_session(conn) as session:
+            if not pipelines.try_lock_parent(session, orm_job(session, job.seq)):
+                return None
+            ends.fail(conn, job.seq, now, why, unclaimed=unclaimed)
+            return pipelines.step_finished(self, session, orm_job(session, job.seq))
+
     def reap(self) -> int:
         """Requeue (or fail, past max attempts) running jobs whose lease expired."""
-        now = utcnow()
-        changed: list[tuple[str, str]] = []
-        woken: list[str] = []
-        with transaction(self.sessions) as session:
-            expired = session.scalars(
-                select(Job)
-                .where(Job.state == RUNNING, Job.lease_expires_at < now)
-                .with_for_update(skip_locked=True)
-                .limit(500)
-            ).all()
-            for job in expired:
-                if job.attempts >= job.max_attempts and not pipelines.try_lock_parent(session, job):
-                    continue  # its pipeline is busy (being cancelled): next round
-                job.worker_id = None
-                job.lease_id = None
-                job.lease_expires_at = None
+
+        def op(conn: Connection) -> tuple[list[tuple[str, str]], list[str]]:
+            now = utcnow()
+            changed: list[tuple[str, str]] = []
+            woken: list[str] = []
+            requeued: list[int] = []
+            for job in ends.expired_leases(conn, now):
                 if job.attempts >= job.max_attempts:
-                    job.state = JobState.failed.value
-                    job.finished_at = now
-                    job.error = (
+                    why = (
                         f"the worker running it was lost {job.attempts} times "
                         "(its lease expired); giving up"
                     )
-                    woken += pipelines.step_finished(self, session, job)
+                    keys = self._fail_step_aware(conn, job, now, why, unclaimed=False)
+                    if keys is None:
+                        continue
+                    woken += keys
                 else:
-                    job.state = QUEUED
-                    job.progress_fraction = 0.0
-                    job.progress_message = "requeued: the worker running it was lost"
+                    requeued.append(job.seq)
                 changed.append((job.id, job.app))
                 woken.append(owner_change(job.owner_id, job.id))
+            ends.requeue(conn, requeued, "requeued: the worker running it was lost")
+            return changed, woken
+
+        changed, woken = self.writer.run(op)
         for job_id, app in changed:
             self.notifier.notify(job_key(job_id))
             self.notifier.notify(app_key(app))
@@ -893,27 +1023,13 @@ class JobQueue:
         left (at once), and any that waited `queue_timeout_seconds` with no live worker
         of its app in that time."""
         s = self.settings
-        now = utcnow()
-        cutoff = now - timedelta(seconds=s.queue_timeout_seconds)
-        live = and_(
-            Worker.stopped_at.is_(None),
-            Worker.last_heartbeat >= now - timedelta(seconds=s.worker_live_seconds),
-        )
-        failed: list[tuple[Job, str]] = []
-        woken: list[str] = []
-        with transaction(self.sessions) as session:
-            has_recipients = select(JobRecipient.job_seq).where(JobRecipient.job_seq == Job.seq)
-            live_recipient = (
-                select(JobRecipient.job_seq)
-                .join(Worker, Worker.id == JobRecipient.worker_id)
-                .where(JobRecipient.job_seq == Job.seq, live)
-            )
-            orphans = session.scalars(
-                select(Job)
-                .where(Job.state == QUEUED, has_recipients.exists(), ~live_recipient.exists())
-                .with_for_update(skip_locked=True)
-                .limit(500)
-            ).all()
+
+        def op(conn: Connection) -> tuple[list[tuple[str, str]], list[str]]:
+            now = utcnow()
+            cutoff = now - timedelta(seconds=s.queue_timeout_seconds)
+            live = ends.worker_live(now - timedelta(seconds=s.worker_live_seconds))
+            failed: list[tuple[Locked, str]] = []
+            orphans = ends.orphaned(conn, live)
             for job in orphans:
                 failed.append(
                     (
@@ -923,25 +1039,13 @@ class JobQueue:
                         f"running {job.app} workers",
                     )
                 )
-            stale_apps = session.scalars(
-                select(Job.app).where(Job.state == QUEUED, Job.created_at < cutoff).distinct()
-            ).all()
-            for app in stale_apps:
-                last_seen = session.scalar(
-                    select(func.max(func.coalesce(Worker.stopped_at, Worker.last_heartbeat))).where(
-                        Worker.app == app
-                    )
-                )
+            seen = {j.seq for j in orphans}
+            for app in ends.apps_waiting_since(conn, cutoff):
+                last_seen = ends.last_worker_seen(conn, app)
                 if last_seen is not None and last_seen >= cutoff:
                     continue  # a worker of the app was live in the last timeout
-                waiting = session.scalars(
-                    select(Job)
-                    .where(Job.state == QUEUED, Job.app == app, Job.created_at < cutoff)
-                    .with_for_update(skip_locked=True)
-                    .limit(500)
-                ).all()
-                for job in waiting:
-                    if job not in orphans:
+                for job in ends.queued_before(conn, app, cutoff):
+                    if job.seq not in seen:
                         failed.append(
                             (
                                 job,
@@ -951,16 +1055,17 @@ class JobQueue:
                             )
                         )
             ended: list[tuple[str, str]] = []
+            woken: list[str] = []
             for job, why in failed:
-                if not pipelines.try_lock_parent(session, job):
+                keys = self._fail_step_aware(conn, job, now, why, unclaimed=True)
+                if keys is None:
                     continue  # its pipeline is busy (being cancelled): next round
-                job.state = JobState.failed.value
-                job.finished_at = now
-                job.error = why
-                job.progress_message = ""
-                woken += pipelines.step_finished(self, session, job)
+                woken += keys
                 ended.append((job.id, why))
                 woken.append(owner_change(job.owner_id, job.id))
+            return ended, woken
+
+        ended, woken = self.writer.run(op)
         for job_id, why in ended:
             log.info("job %s failed unclaimed: %s", ids.short(job_id), why)
             self.notifier.notify(job_key(job_id))
@@ -968,41 +1073,56 @@ class JobQueue:
             self.notifier.notify(key)
         return len(ended)
 
+    def leave(self, worker: WorkerRef) -> None:
+        """The worker left: it is stopped now (its running jobs come back when their lease
+        ends); queued jobs sealed only to workers that are gone fail at once."""
+        worker_id = worker.id
+        self.writer.run(lambda conn: writes.stop_worker(conn, worker_id, utcnow()))
+        self.fail_unclaimable()
+
+    def live_workers(self) -> dict[str, store.LiveWorkers]:
+        """Per app, its live workers (count, slots, sandboxes)."""
+        cutoff = utcnow() - timedelta(seconds=self.settings.worker_live_seconds)
+        with self.read() as conn:
+            return store.live_workers(conn, cutoff)
+
     def queue_stats(self) -> dict[str, dict[str, int]]:
         """Jobs per app and state (queued and running only)."""
-        stats: dict[str, dict[str, int]] = {}
-        with self.sessions() as session:
-            rows = session.execute(
-                select(Job.app, Job.state, func.count())
-                .where(Job.state.in_([QUEUED, RUNNING]))
-                .group_by(Job.app, Job.state)
-            ).all()
-        for app, state, count in rows:
-            stats.setdefault(app, {})[state] = count
-        return stats
+        with self.read() as conn:
+            return store.queue_stats(conn)
 
 
-def adopt_inputs(
+def adopt_input_rows(
     blobs: BlobStore, staging: Path | None, job_id: str, files: dict[str, StagedFile]
-) -> list[JobFile]:
+) -> list[FileRow]:
     """Move the staged uploads to be job `job_id`'s inputs; their rows."""
     if staging is None or not files:
         return []
     moved = blobs.adopt(staging, job_id, "inputs")
     return [
-        JobFile(
-            kind="input",
-            name=f.name,
-            size=f.size,
-            sha256=f.sha256,
-            media_type=f.media_type,
-            blob=blobs.relative(moved / f.name),
-        )
+        FileRow("input", f.name, f.size, f.sha256, f.media_type, blobs.relative(moved / f.name))
         for f in files.values()
     ]
 
 
-def file_info(f: JobFile) -> FileInfo:
+def adopt_inputs(
+    blobs: BlobStore, staging: Path | None, job_id: str, files: dict[str, StagedFile]
+) -> list[JobFile]:
+    """`adopt_input_rows` as ORM rows, for jobs still made with the ORM (pipelines)."""
+    return [
+        JobFile(
+            kind=f.kind,
+            name=f.name,
+            size=f.size,
+            sha256=f.sha256,
+            media_type=f.media_type,
+            blob=f.blob,
+        )
+        for f in adopt_input_rows(blobs, staging, job_id, files)
+    ]
+
+
+def file_info(f: FileRow) -> FileInfo:
     return FileInfo(name=f.name, size=f.size, sha256=f.sha256, media_type=f.media_type)
 
 
@@ -1010,15 +1130,3 @@ def owner_key(owner_id: str) -> str:
     """What a worker learns of a job's owner: enough to keep one sandboxed process per
     owner (see `ClaimedJob.owner_key`), not the identity id itself."""
     return hashlib.sha256(b"csml owner key\0" + owner_id.encode()).hexdigest()[:32]
-
-
-def _claimed_confidential(job: Job, wrapped: dict[int, str]) -> ClaimedConfidential | None:
-    conf = confidential_of(job)
-    if conf is None:
-        return None
-    return ClaimedConfidential(
-        job_nonce=conf.job_nonce,
-        wrapped_key=wrapped[job.seq],
-        result_public_key=conf.result_public_key,
-        encrypted_params=conf.encrypted_params,
-    )

@@ -25,7 +25,10 @@ Invariants:
 - Models do not expire: they stay until their owner deletes them or erases their
   identity (a job's files expire with the job; a model outlives it).
 
-Every refusal is a 429 with `Retry-After` that names the limit and its value.
+Every refusal is a `QuotaExceeded` (429 with `Retry-After`) that names the limit and its
+value (`Invalid` when a submission could never fit). The counting SQL is the store's
+(`csml.store.jobs_quota`); the checks take a Core `Connection` (the submit's writer
+operation) or, for callers still on the ORM, a `Session`.
 """
 
 from __future__ import annotations
@@ -35,20 +38,18 @@ import math
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sqlalchemy import Text, cast, exists, func, or_, select
 from sqlalchemy.orm import Session
 
-from csml.coordinator.errors import ApiError, unauthorized
-from csml.schemas import JobState, OperationInfo
-from csml.store.tables import Identity, Job, JobFile, utcnow
-from csml.store.tables_artifacts import ModelArtifact
+from csml.refusals import Invalid, QuotaExceeded, Refusal, Unauthenticated
+from csml.schemas import OperationInfo
+from csml.store import jobs_quota as counts
+from csml.store.jobs_quota import Conn
+from csml.store.tables import utcnow
 
 if TYPE_CHECKING:
     from csml.coordinator.catalog import Catalog
     from csml.coordinator.config import Settings
-
-ACTIVE = (JobState.queued.value, JobState.running.value)
-TERMINAL = (JobState.succeeded.value, JobState.failed.value, JobState.cancelled.value)
+    from csml.coordinator.errors import ApiError
 
 
 class HasSettings(Protocol):
@@ -67,58 +68,53 @@ def duration(seconds: float) -> str:
     return f"{s // 3600} h {s % 3600 // 60} min"
 
 
-def too_many(code: str, message: str, retry_after: float, **detail: Any) -> ApiError:
+def exceeded(code: str, message: str, retry_after: float, **detail: Any) -> QuotaExceeded:
+    """A quota refusal that passes with time (429 with Retry-After)."""
     retry = max(1, math.ceil(retry_after))
-    return ApiError(
-        429,
-        code,
-        message,
-        headers={"Retry-After": str(retry)},
-        details=[{**detail, "retry_after": retry}],
+    return QuotaExceeded(
+        code, message, retry_after=retry, details=[{**detail, "retry_after": retry}]
     )
+
+
+def too_many(code: str, message: str, retry_after: float, **detail: Any) -> ApiError:
+    """`exceeded` in its HTTP form, for callers not yet on refusals (`abuse`)."""
+    from csml.coordinator.errors import from_refusal
+
+    return from_refusal(exceeded(code, message, retry_after, **detail))
 
 
 # -- the identity's lock --------------------------------------------------------
 
 
-def lock_identity(session: Session, identity_id: str) -> bool:
+def lock_identity(session: Conn, identity_id: str) -> bool:
     """Serialise this identity's quota checks (see the module's invariants); False
     when the identity is gone (erased while the request was in flight)."""
-    stmt = select(Identity.id).where(Identity.id == identity_id)
-    if session.get_bind().dialect.name == "postgresql":
-        stmt = stmt.with_for_update(key_share=True)  # FOR NO KEY UPDATE
-    return session.scalar(stmt) is not None
+    return counts.lock_identity(session, identity_id)
 
 
-def require_identity(session: Session, identity_id: str) -> None:
+def require_identity(session: Conn, identity_id: str) -> None:
     """`lock_identity`, refusing (401) when the identity was erased meanwhile."""
     if not lock_identity(session, identity_id):
-        raise unauthorized(
-            "this identity was erased while the request was in flight; nothing was kept"
+        raise Unauthenticated(
+            "unauthorized",
+            "this identity was erased while the request was in flight; nothing was kept",
         )
 
 
 # -- queued + running jobs ----------------------------------------------------------
 
 
-def active_jobs(session: Session, identity_id: str) -> int:
+def active_jobs(session: Conn, identity_id: str) -> int:
     """Queued and running jobs of the identity; a pipeline counts once, not once per step."""
-    return int(
-        session.scalar(
-            select(func.count())
-            .select_from(Job)
-            .where(Job.owner_id == identity_id, Job.state.in_(ACTIVE), Job.parent_seq.is_(None))
-        )
-        or 0
-    )
+    return counts.active_jobs(session, identity_id)
 
 
-def check_active_jobs(owner: HasSettings, session: Session, identity_id: str) -> None:
+def check_active_jobs(owner: HasSettings, session: Conn, identity_id: str) -> None:
     s = owner.settings
     if not s.max_active_jobs or active_jobs(session, identity_id) < s.max_active_jobs:
         return
     retry = s.retry_after_seconds
-    raise too_many(
+    raise exceeded(
         "active_jobs_limit",
         f"concurrent job limit: {s.max_active_jobs} queued or running jobs reached; "
         f"resets when one of them ends (retry in {duration(retry)})",
@@ -138,40 +134,14 @@ def params_bytes(params: dict[str, Any] | None) -> int:
     return len(json.dumps(params, separators=(",", ":"), ensure_ascii=False).encode())
 
 
-def stored_bytes(session: Session, identity_id: str) -> int:
+def stored_bytes(session: Conn, identity_id: str) -> int:
     """Bytes of the identity's job files still kept (inputs and outputs), plus its models
     whose job is gone (while the job is kept, the model shares its output's bytes), plus
     the params its kept jobs hold."""
-    # Each blob once: a pipeline's steps and the pipeline itself share their files' blobs.
-    blobs = (
-        select(JobFile.blob, JobFile.size)
-        .join(Job, Job.seq == JobFile.job_seq)
-        .where(Job.owner_id == identity_id)
-        .distinct()
-        .subquery()
-    )
-    total = session.scalar(select(func.coalesce(func.sum(blobs.c.size), 0)))
-    kept_jobs = select(Job.id).where(Job.owner_id == identity_id)
-    models = session.scalar(
-        select(func.coalesce(func.sum(ModelArtifact.size), 0)).where(
-            ModelArtifact.owner_id == identity_id,
-            or_(ModelArtifact.job_id.is_(None), ModelArtifact.job_id.not_in(kept_jobs)),
-        )
-    )
-    # Params are kept in the job's row (and come back in results): count them too
-    # (as their JSON text; empty params, `{}`, count nothing).
-    params_text = func.length(cast(Job.params, Text))
-    params = session.scalar(
-        select(func.coalesce(func.sum(params_text), 0)).where(
-            Job.owner_id == identity_id, params_text > 2
-        )
-    )
-    return int(total or 0) + int(models or 0) + int(params or 0)
+    return counts.stored_bytes(session, identity_id)
 
 
-def check_storage(
-    owner: HasSettings, session: Session, identity_id: str, upload_bytes: int
-) -> None:
+def check_storage(owner: HasSettings, session: Conn, identity_id: str, upload_bytes: int) -> None:
     """Refuse (429) when the identity's stored bytes, plus `upload_bytes` coming in,
     pass `max_stored_bytes`."""
     limit = owner.settings.max_stored_bytes
@@ -179,13 +149,7 @@ def check_storage(
     if used < limit and used + upload_bytes <= limit:
         return
     retention = timedelta(hours=owner.settings.retention_hours)
-    oldest = session.scalar(
-        select(func.min(Job.finished_at)).where(
-            Job.owner_id == identity_id,
-            Job.state.in_(TERMINAL),
-            exists().where(JobFile.job_seq == Job.seq),
-        )
-    )
+    oldest = counts.oldest_finished_with_files(session, identity_id)
     if oldest is not None:
         wait = max(1.0, (oldest + retention - utcnow()).total_seconds())
         when = f"resets in {duration(wait)}, when your oldest finished job expires"
@@ -196,7 +160,7 @@ def check_storage(
             "or erase your identity"
         )
     incoming = f" and this upload is {upload_bytes} bytes" if used < limit else ""
-    raise too_many(
+    raise exceeded(
         "storage_quota",
         f"storage quota: {limit} bytes per identity reached ({used} stored{incoming}); {when}",
         wait,
@@ -214,42 +178,28 @@ def models_made(op: OperationInfo) -> int:
     return sum(1 for f in op.outputs if f.model is not None)
 
 
-def model_count(session: Session, identity_id: str) -> int:
+def model_count(session: Conn, identity_id: str) -> int:
     """How many model artifacts `identity_id` keeps in the store."""
-    return int(
-        session.scalar(
-            select(func.count())
-            .select_from(ModelArtifact)
-            .where(ModelArtifact.owner_id == identity_id)
-        )
-        or 0
-    )
+    return counts.model_count(session, identity_id)
 
 
-def _made_by(catalog: Catalog, session: Session, app: str, operation: str) -> int:
+def _made_by(catalog: Catalog, session: Conn, app: str, operation: str) -> int:
+    from csml.coordinator.errors import ApiError  # the catalog may still raise it
+
     try:
-        _, op = catalog.operation(app, operation, session)
-    except ApiError:  # an app no longer catalogued keeps nothing
+        _, op = catalog.operation(app, operation, session if isinstance(session, Session) else None)
+    except (ApiError, Refusal):  # an app no longer catalogued keeps nothing
         return 0
     return models_made(op)
 
 
-def reserved_models(session: Session, catalog: Catalog, identity_id: str) -> int:
+def reserved_models(session: Conn, catalog: Catalog, identity_id: str) -> int:
     """Models the identity's queued and running jobs will keep if they succeed."""
-    owned = (Job.owner_id == identity_id, Job.state.in_(ACTIVE), Job.parent_seq.is_(None))
     total = 0
-    singles = session.execute(
-        select(Job.app, Job.operation, func.count())
-        .where(*owned, Job.step_index.is_(None))
-        .group_by(Job.app, Job.operation)
-    ).all()
-    for app, operation, n in singles:
+    for app, operation, n in counts.active_operations(session, identity_id):
         total += n * _made_by(catalog, session, app, operation)
-    pipelines = session.execute(
-        select(Job.params, Job.step_index).where(*owned, Job.step_index.is_not(None))
-    ).all()
-    for params, current in pipelines:  # the current step and those after it
-        for step in (params or {}).get("steps", [])[current or 0 :]:
+    for params, current in counts.active_pipelines(session, identity_id):
+        for step in params.get("steps", [])[current:]:  # the current step and those after
             total += _made_by(catalog, session, str(step.get("app")), str(step.get("operation")))
     return total
 
@@ -263,8 +213,7 @@ def check_models(owner: HasSettings, count: int, adding: int = 1, reserved: int 
     if not limit or count + reserved + adding <= limit:
         return
     if adding > limit:
-        raise ApiError(
-            422,
+        raise Invalid(
             "model_quota",
             f"model quota: this submission would keep {adding} models, more than the "
             f"{limit} models per identity allowed here; split it into smaller submissions",
@@ -273,7 +222,7 @@ def check_models(owner: HasSettings, count: int, adding: int = 1, reserved: int 
         )
     pending = f", {reserved} more to be kept by your queued or running jobs" if reserved else ""
     retry = owner.settings.retry_after_seconds
-    raise too_many(
+    raise exceeded(
         "model_quota",
         f"model quota: {limit} models per identity reached ({count} kept{pending}"
         f"{f'; this submission would keep {adding}' if adding > 1 else ''}); "
@@ -285,7 +234,7 @@ def check_models(owner: HasSettings, count: int, adding: int = 1, reserved: int 
 
 
 def check_new_models(
-    owner: HasSettings, session: Session, catalog: Catalog, identity_id: str, adding: int
+    owner: HasSettings, session: Conn, catalog: Catalog, identity_id: str, adding: int
 ) -> None:
     """Refuse (see `check_models`) `adding` more models on top of those kept and reserved."""
     if not adding or not owner.settings.max_models:
@@ -298,7 +247,7 @@ def check_new_models(
     )
 
 
-def may_keep_models(owner: HasSettings, session: Session, identity_id: str, adding: int) -> int:
+def may_keep_models(owner: HasSettings, session: Conn, identity_id: str, adding: int) -> int:
     """In the transaction that keeps `adding` models: how many of them fit under the
     quota now (models kept so far only: those reserved were counted at submission)."""
     limit = owner.settings.max_models
@@ -313,7 +262,7 @@ def may_keep_models(owner: HasSettings, session: Session, identity_id: str, addi
 
 def check_new_job(
     owner: HasSettings,
-    session: Session,
+    session: Conn,
     catalog: Catalog,
     identity_id: str,
     *,

@@ -1,54 +1,45 @@
-"""Store rows to wire schemas.
+"""Store rows (`csml.store.jobs.JobRow`) to wire schemas.
 
-Queue positions cost a query per app, so views carry them only when asked
-(`positions=True`: the routes' `positions` query parameter, the event stream)."""
+A job's view needs nothing beyond its row (files and envelope come with it); a
+pipeline's also needs its steps (one query for all the pipelines in a list). Queue
+positions cost a query per app, so views carry them only when asked (`positions=True`:
+the routes' `positions` query parameter, the event stream)."""
 
 from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Sequence
+from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.engine import Connection
 
 from csml.coordinator import pipelines
-from csml.coordinator.queue import QUEUED, file_info
-from csml.schemas import EncryptedResult, JobState, Progress
+from csml.coordinator.queue import QUEUED, TERMINAL, JobQueue, file_info
+from csml.schemas import EncryptedResult, JobState, Progress, StepSpec, StepStatus
 from csml.schemas import Job as JobView
-from csml.store.tables import Job
-from csml.store.tables_confidential import confidential_of
+from csml.store import jobs as store
+from csml.store.jobs import JobRow
 
 
-def queue_positions(sessions: sessionmaker[Session], jobs: Sequence[Job]) -> dict[str, int]:
+def queue_positions(conn: Connection, jobs: Sequence[JobRow]) -> dict[str, int]:
     """Each queued job's 1-based place in its app's queue, in claim order (fair_rank, seq).
 
     One query per app, reading only the ranks ahead of the caller's last queued job
     (a queue holds at most its capacity)."""
-    mine: dict[str, list[Job]] = {}
+    mine: dict[str, list[JobRow]] = {}
     for job in jobs:
         if job.state == QUEUED:
             mine.setdefault(job.app, []).append(job)
     places: dict[str, int] = {}
-    if not mine:
-        return places
-    with sessions() as session:
-        for app, queued in mine.items():
-            last = max(j.fair_rank for j in queued)
-            ahead = [
-                (rank, seq)
-                for rank, seq in session.execute(
-                    select(Job.fair_rank, Job.seq)
-                    .where(Job.app == app, Job.state == QUEUED, Job.fair_rank <= last)
-                    .order_by(Job.fair_rank, Job.seq)
-                ).all()
-            ]
-            for j in queued:
-                places[j.id] = bisect_left(ahead, (j.fair_rank, j.seq)) + 1
+    for app, queued in mine.items():
+        ahead = store.ranks_ahead(conn, app, max(j.fair_rank for j in queued))
+        for j in queued:
+            places[j.id] = bisect_left(ahead, (j.fair_rank, j.seq)) + 1
     return places
 
 
-def job_view(job: Job, queue_position: int | None = None) -> JobView:
-    conf = confidential_of(job)
+def job_view(job: JobRow, queue_position: int | None = None) -> JobView:
+    conf = job.confidential
     encrypted = (
         EncryptedResult.model_validate(conf.encrypted_result)
         if conf is not None and conf.encrypted_result is not None
@@ -78,18 +69,72 @@ def job_view(job: Job, queue_position: int | None = None) -> JobView:
     )
 
 
-def job_views(
-    sessions: sessionmaker[Session], jobs: Sequence[Job], *, positions: bool = True
-) -> list[JobView]:
-    """Wire views of `jobs`; with `positions`, queue positions for the queued ones."""
-    steps = pipelines.load_steps(sessions, jobs)  # a pipeline shows its current step
-    places = (
-        queue_positions(sessions, [*jobs, *(s for ss in steps.values() for s in ss)])
-        if positions
-        else {}
-    )
+def _is_parent(job: JobRow) -> bool:
+    return job.parent_seq is None and job.step_index is not None
+
+
+def pipeline_view(
+    base: JobView, job: JobRow, steps: Sequence[JobRow], places: dict[str, int]
+) -> JobView:
+    """A pipeline as one job: live state and progress come from its current step."""
+    specs = [StepSpec.model_validate(s) for s in job.params.get("steps", [])]
+    rows = {s.step_index: s for s in steps}
+    statuses = []
+    for i, spec in enumerate(specs):
+        row = rows.get(i)
+        statuses.append(
+            StepStatus(
+                name=spec.name,
+                app=spec.app,
+                operation=spec.operation,
+                state=row.state if row is not None else pipelines.PENDING,
+                job_id=row.id if row is not None else None,
+                error=row.error if row is not None else None,
+            )
+        )
+    update: dict[str, Any] = {"steps": statuses}
+    first = rows.get(0)
+    if first is not None:
+        update["started_at"] = first.started_at
+    current = rows.get(job.step_index or 0)
+    if current is not None:
+        update["attempts"] = current.attempts
+    if job.state not in TERMINAL and current is not None:
+        i, n = current.step_index or 0, len(specs)
+        running = current.state == JobState.running.value
+        state = JobState.running if running or i > 0 else JobState.queued
+        fraction = (i + (current.progress_fraction if running else 0.0)) / n
+        message = (
+            current.progress_message if running and current.progress_message else current.state
+        )
+        update.update(
+            state=state,
+            queue_position=places.get(current.id) if state == JobState.queued else None,
+            progress=base.progress.model_copy(
+                update={
+                    "fraction": min(1.0, fraction),
+                    "message": f"step {i + 1}/{n} {specs[i].name}: {message}"[:500],
+                }
+            ),
+        )
+    return base.model_copy(update=update)
+
+
+def job_views(queue: JobQueue, jobs: Sequence[JobRow], *, positions: bool = True) -> list[JobView]:
+    """Wire views of `jobs`; with `positions`, queue positions for the queued ones. Reads
+    only for pipelines (their steps) and positions."""
+    parents = [j.seq for j in jobs if _is_parent(j)]
+    if not parents and not positions:
+        return [job_view(j) for j in jobs]
+    with queue.read() as conn:
+        steps = store.steps_of(conn, parents)  # a pipeline shows its current step
+        places = (
+            queue_positions(conn, [*jobs, *(s for ss in steps.values() for s in ss)])
+            if positions
+            else {}
+        )
     return [
-        pipelines.view(job_view(j), j, steps[j.seq], places)
+        pipeline_view(job_view(j), j, steps[j.seq], places)
         if j.seq in steps
         else job_view(j, places.get(j.id))
         for j in jobs

@@ -17,10 +17,10 @@ from csml.client.confidential import encrypt_job
 from csml.coordinator.api_attestation import add_worker_key
 from csml.coordinator.app import build_core
 from csml.coordinator.config import Settings
-from csml.coordinator.errors import ApiError
 from csml.coordinator.state import Core
 from csml.coordinator.views import job_view
 from csml.crypto import b64e, unwrap_key
+from csml.refusals import Refusal
 from csml.schemas import JobCompletion, JobSpec, WorkerAttestation, WorkerKeyInfo
 from csml.store.db import transaction
 from csml.store.tables import Identity, Job, JoinToken, Worker, utcnow
@@ -126,7 +126,7 @@ def test_only_a_recipient_claims_and_gets_only_its_key(core: Core) -> None:
     assert got.id == secret.id and got.confidential is not None and got.params == {}
     assert unwrap_key(base64.b64decode(got.confidential.wrapped_key), keys[1]) == job_keys.data_key
 
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(Refusal) as err:
         core.queue.complete(
             b, secret.id, JobCompletion(lease_id=got.lease_id, state="succeeded", result={"n": 1})
         )
@@ -152,7 +152,7 @@ def test_unknown_or_foreign_recipients_are_refused(core: Core) -> None:
         session.add(owner)
         session.get(Worker, worker.id).stopped_at = utcnow()  # type: ignore[union-attr]
     _, spec = encrypt_job("echo", "echo", {}, [], [_info(worker, key)])
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(Refusal) as err:
         core.queue.check_spec(JobSpec(app="echo", operation="echo", confidential=spec))
     assert err.value.code == "unknown_recipient" and "is not a running echo worker" in str(
         err.value

@@ -9,8 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from sqlalchemy import event, select
 
-from csml.coordinator.errors import ApiError
+from csml.coordinator.errors import from_refusal, status_of
 from csml.coordinator.state import Core
+from csml.refusals import Refusal
 from csml.schemas import Heartbeat, JobCompletion, Progress, RunningJob
 from csml.store.tables import AppRecord, Job
 from tests.clock import SetClock, clock_set
@@ -83,9 +84,9 @@ def test_submit_claim_heartbeat_complete(core: Core, clock: SetClock) -> None:
     assert finished.lease_id is None and finished.finished_at is not None
     # The owner sees it; a stranger does not.
     assert core.queue.get(owner, job_id[:12]).state == "succeeded"
-    with pytest.raises(ApiError) as exc:
+    with pytest.raises(Refusal) as exc:
         core.queue.get(new_identity(core), job_id)
-    assert exc.value.status == 404
+    assert status_of(exc.value) == 404
     # A heartbeat for a finished job tells the worker to stop it.
     assert core.queue.heartbeat(worker, beat((job_id, claimed.lease_id))).abort == [job_id]
 
@@ -135,16 +136,16 @@ def test_queue_full_is_429_with_retry_after(make_core: MakeCore) -> None:
     owner, worker = new_identity(core), new_worker(core)
     for i in range(3):
         submit(core, owner, n=i)
-    with pytest.raises(ApiError) as exc:
+    with pytest.raises(Refusal) as exc:
         submit(core, owner, n=3)
-    assert exc.value.status == 429
+    assert status_of(exc.value) == 429
     assert exc.value.code == "queue_full"
-    assert exc.value.headers == {"Retry-After": "7"}
-    response = exc.value.response()
+    assert exc.value.retry_after == 7
+    response = from_refusal(exc.value).response()
     assert response.status_code == 429 and response.headers["retry-after"] == "7"
-    with pytest.raises(ApiError) as early:
+    with pytest.raises(Refusal) as early:
         core.queue.check_spec(echo())  # the early check (before files arrive) agrees
-    assert early.value.status == 429
+    assert status_of(early.value) == 429
     assert len(states(core)) == 3
     # Running jobs do not count: a claim makes room again.
     core.queue.claim(worker, 1)
@@ -155,9 +156,9 @@ def test_per_app_capacity(make_core: MakeCore) -> None:
     core = make_core(queue_capacity=100, queue_capacities={"echo": 1})
     owner = new_identity(core)
     submit(core, owner)
-    with pytest.raises(ApiError) as exc:
+    with pytest.raises(Refusal) as exc:
         submit(core, owner)
-    assert exc.value.status == 429
+    assert status_of(exc.value) == 429
 
 
 def test_capacity_holds_under_concurrent_submissions(make_core: MakeCore) -> None:
@@ -173,8 +174,8 @@ def test_capacity_holds_under_concurrent_submissions(make_core: MakeCore) -> Non
             try:
                 submit(cores[i % 2], owner, n=n)
                 accepted += 1
-            except ApiError as exc:
-                assert exc.status == 429
+            except Refusal as exc:
+                assert status_of(exc) == 429
         return accepted
 
     with ThreadPoolExecutor(8) as pool:
@@ -259,16 +260,16 @@ def test_stale_lease_completion_is_refused(make_core: MakeCore) -> None:
     assert core.queue.reap() == 1
     [second] = core.queue.claim(worker, 1)
 
-    with pytest.raises(ApiError) as stale:
+    with pytest.raises(Refusal) as stale:
         core.queue.complete(worker, job_id, done(first.lease_id, which="first"))
-    assert stale.value.status == 409 and stale.value.code == "lease_lost"
+    assert status_of(stale.value) == 409 and stale.value.code == "lease_lost"
     core.queue.complete(worker, job_id, done(second.lease_id, which="second"))
-    with pytest.raises(ApiError) as again:
+    with pytest.raises(Refusal) as again:
         core.queue.complete(worker, job_id, done(first.lease_id, which="first"))
-    assert again.value.status == 409
-    with pytest.raises(ApiError) as twice:
+    assert status_of(again.value) == 409
+    with pytest.raises(Refusal) as twice:
         core.queue.complete(worker, job_id, done(second.lease_id, which="second-again"))
-    assert twice.value.status == 409
+    assert status_of(twice.value) == 409
     row = job_row(core, job_id)
     assert (row.state, row.result, row.attempts) == ("succeeded", {"which": "second"}, 2)
 
@@ -281,13 +282,13 @@ def test_completion_by_a_worker_that_lost_the_job_is_refused(make_core: MakeCore
     expire_leases(core, job_id)
     core.queue.reap()
     # Not yet claimed again: the old holder cannot complete it either.
-    with pytest.raises(ApiError) as queued:
+    with pytest.raises(Refusal) as queued:
         core.queue.complete(slow, job_id, done(lost.lease_id, by="slow"))
-    assert queued.value.status in (404, 409)
+    assert status_of(queued.value) in (404, 409)
     [taken] = core.queue.claim(fast, 1)
-    with pytest.raises(ApiError) as refused:
+    with pytest.raises(Refusal) as refused:
         core.queue.complete(slow, job_id, done(lost.lease_id, by="slow"))
-    assert refused.value.status in (404, 409)
+    assert status_of(refused.value) in (404, 409)
     core.queue.complete(fast, job_id, done(taken.lease_id, by="fast"))
     row = job_row(core, job_id)
     assert (row.state, row.result, row.worker_id) == ("succeeded", {"by": "fast"}, fast.id)
@@ -301,9 +302,9 @@ def test_lost_lease_is_409_even_when_another_worker_holds_the_job(make_core: Mak
     expire_leases(core, job_id)
     core.queue.reap()
     core.queue.claim(fast, 1)
-    with pytest.raises(ApiError) as refused:
+    with pytest.raises(Refusal) as refused:
         core.queue.complete(slow, job_id, done(lost.lease_id))
-    assert (refused.value.status, refused.value.code) == (409, "lease_lost")
+    assert (status_of(refused.value), refused.value.code) == (409, "lease_lost")
 
 
 def test_duplicate_completions_race_one_wins(make_core: MakeCore) -> None:
@@ -319,8 +320,8 @@ def test_duplicate_completions_race_one_wins(make_core: MakeCore) -> None:
         try:
             core.queue.complete(worker, job_id, done(lease, tag=tag))
             outcomes[job_id].append(tag)
-        except ApiError as exc:
-            outcomes[job_id].append(exc.status)
+        except Refusal as exc:
+            outcomes[job_id].append(status_of(exc))
 
     for job in claimed:
         barrier = threading.Barrier(2)
@@ -354,8 +355,8 @@ def test_completion_racing_the_reaper(make_core: MakeCore) -> None:
             try:
                 one.queue.complete(worker, job_id, done(leases[job_id]))
                 accepted.add(job_id)
-            except ApiError as exc:
-                assert exc.status in (404, 409)
+            except Refusal as exc:
+                assert status_of(exc) in (404, 409)
                 refused.add(job_id)
 
     def reaper() -> None:
@@ -378,9 +379,9 @@ def test_cancel(core: Core) -> None:
     waiting = submit(core, owner, n=1)
     running = submit(core, owner, n=2)
 
-    with pytest.raises(ApiError) as hidden:
+    with pytest.raises(Refusal) as hidden:
         core.queue.cancel(stranger, waiting)
-    assert hidden.value.status == 404
+    assert status_of(hidden.value) == 404
 
     cancelled = core.queue.cancel(owner, waiting[:16])  # a unique prefix names it
     assert cancelled.state == "cancelled" and cancelled.error == "cancelled by its owner"
@@ -393,14 +394,14 @@ def test_cancel(core: Core) -> None:
     assert (row.state, row.lease_id, row.lease_expires_at) == ("cancelled", None, None)
     # Its worker learns to stop, and cannot report a result any more.
     assert core.queue.heartbeat(worker, beat((running, claimed.lease_id))).abort == [running]
-    with pytest.raises(ApiError) as late:
+    with pytest.raises(Refusal) as late:
         core.queue.complete(worker, running, done(claimed.lease_id))
-    assert late.value.status == 409
+    assert status_of(late.value) == 409
     assert job_row(core, running).state == "cancelled"
     # Finished jobs cannot be cancelled again, nor reaped.
-    with pytest.raises(ApiError) as again:
+    with pytest.raises(Refusal) as again:
         core.queue.cancel(owner, waiting)
-    assert (again.value.status, again.value.code) == (409, "already_finished")
+    assert (status_of(again.value), again.value.code) == (409, "already_finished")
     expire_leases(core, running)
     assert core.queue.reap() == 0
     assert set(states(core).values()) == {"cancelled"}

@@ -1,0 +1,433 @@
+"""Jobs in the store: named statements on SQLAlchemy Core for the job lifecycle's reads.
+
+Everything here takes a Core `Connection` (a pooled read connection, or the one a
+`Writer` operation runs in) and returns small frozen rows (`JobRow`, `FileRow`,
+`Envelope`), never ORM objects, so a request loads a job once and nothing is lazily
+loaded later. The lifecycle's writes are in `csml.store.jobs_write` (how jobs end:
+`csml.store.jobs_end`), the quota counts in `csml.store.jobs_quota`.
+
+Invariants:
+
+- A job is found only by its owner (`owned`): another identity's job is `NotFound`,
+  never `Forbidden`; an id prefix matching several jobs is `Malformed`.
+- A load is two statements however many jobs it returns: the rows (with their
+  confidential envelope, a left join) and their files (one `IN`).
+- The hot statements are built once, at import, with bound parameters (`bindparam`):
+  named statements that SQLAlchemy compiles once and then only executes (building and
+  cache-keying a statement per call costs ~5x executing a prepared one).
+- Locks (`lock=True`) are row locks on PostgreSQL (`FOR UPDATE` of the jobs rows
+  only); on SQLite the write transaction's database lock stands for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, cast
+
+from sqlalchemy import ColumnElement, Row, Select, Table, and_, bindparam, func, or_, select
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session
+
+from csml import ids
+from csml.refusals import Malformed, NotFound
+from csml.store.tables import AppRecord, FairCounter, Job, JobFile, Worker
+from csml.store.tables_confidential import JobConfidential, JobRecipient, WorkerKey
+
+JOBS = cast(Table, Job.__table__)
+FILES = cast(Table, JobFile.__table__)
+ENVELOPES = cast(Table, JobConfidential.__table__)
+RECIPIENTS = cast(Table, JobRecipient.__table__)
+APPS = cast(Table, AppRecord.__table__)
+COUNTERS = cast(Table, FairCounter.__table__)
+WORKERS = cast(Table, Worker.__table__)
+WORKER_KEYS = cast(Table, WorkerKey.__table__)
+
+QUEUED, RUNNING = "queued", "running"
+TERMINAL = ("succeeded", "failed", "cancelled")
+CHUNK = 500  # ids per IN list
+
+
+@dataclass(frozen=True, slots=True)
+class FileRow:
+    """An input, output or pinned-model file of a job (the bytes are at `blob`)."""
+
+    kind: str
+    name: str
+    size: int
+    sha256: str
+    media_type: str
+    blob: str
+    model_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A confidential job's envelope (the coordinator holds no key that opens it)."""
+
+    version: int
+    job_nonce: str
+    result_public_key: str
+    encrypted_params: str
+    encrypted_result: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class JobRow:
+    """A job as stored, with its files and envelope (attribute names as `Job`'s)."""
+
+    seq: int
+    id: str
+    owner_id: str
+    app: str
+    operation: str
+    params: dict[str, Any]
+    limits: dict[str, Any]
+    state: str
+    fair_rank: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    attempts: int
+    max_attempts: int
+    progress_fraction: float
+    progress_message: str
+    error: str | None
+    result: dict[str, Any] | None
+    worker_id: str | None
+    lease_id: str | None
+    lease_expires_at: datetime | None
+    parent_seq: int | None
+    step_index: int | None
+    files: tuple[FileRow, ...] = ()
+    confidential: Envelope | None = None
+
+
+_ENVELOPE_COLS = (
+    ENVELOPES.c.job_seq.label("env_seq"),
+    ENVELOPES.c.version.label("env_version"),
+    ENVELOPES.c.job_nonce.label("env_nonce"),
+    ENVELOPES.c.result_public_key.label("env_result_key"),
+    ENVELOPES.c.encrypted_params.label("env_params"),
+    ENVELOPES.c.encrypted_result.label("env_result"),
+)
+_JOB_FIELDS = [c.name for c in JOBS.columns]
+
+
+def _select_jobs() -> Select[Any]:
+    return select(JOBS, *_ENVELOPE_COLS).select_from(
+        JOBS.outerjoin(ENVELOPES, ENVELOPES.c.job_seq == JOBS.c.seq)
+    )
+
+
+def _rows(
+    conn: Connection, stmt: Select[Any], params: dict[str, Any] | None = None
+) -> list[JobRow]:
+    """Run a `_select_jobs` statement; the rows with their files (one more query)."""
+    found = conn.execute(stmt, params).all()
+    if not found:
+        return []
+    files = files_of(conn, [r.seq for r in found])
+    return [_job(r, tuple(files.get(r.seq, ()))) for r in found]
+
+
+def _job(r: Row[Any], files: tuple[FileRow, ...]) -> JobRow:
+    m = r._mapping
+    env = (
+        Envelope(
+            version=m["env_version"],
+            job_nonce=m["env_nonce"],
+            result_public_key=m["env_result_key"],
+            encrypted_params=m["env_params"],
+            encrypted_result=m["env_result"],
+        )
+        if m["env_seq"] is not None
+        else None
+    )
+    return JobRow(**{k: m[k] for k in _JOB_FIELDS}, files=files, confidential=env)
+
+
+_FILES = select(FILES).where(FILES.c.job_seq.in_(bindparam("seqs", expanding=True)))
+
+
+def files_of(conn: Connection, seqs: Sequence[int]) -> dict[int, list[FileRow]]:
+    """The files of these jobs, by job seq (in the order they were stored)."""
+    out: dict[int, list[FileRow]] = {}
+    for i in range(0, len(seqs), CHUNK):
+        for f in conn.execute(_FILES, {"seqs": list(seqs[i : i + CHUNK])}):
+            out.setdefault(f.job_seq, []).append(
+                FileRow(f.kind, f.name, f.size, f.sha256, f.media_type, f.blob, f.model_id)
+            )
+    return out
+
+
+def load(
+    conn: Connection,
+    *where: ColumnElement[bool],
+    lock: bool = False,
+    newest_first: bool = False,
+    limit: int | None = None,
+) -> list[JobRow]:
+    """The jobs matching `where`, oldest first (or newest first), with files and envelope."""
+    stmt = _select_jobs().where(*where)
+    stmt = stmt.order_by(JOBS.c.seq.desc() if newest_first else JOBS.c.seq)
+    if limit is not None:
+        stmt = stmt.limit(limit)
+    if lock:
+        stmt = stmt.with_for_update(of=JOBS)
+    return _rows(conn, stmt)
+
+
+# -- the owner's view -------------------------------------------------------------
+
+
+# An id or a prefix of one: ids are lowercase hex (`ids.is_id_prefix`), so a prefix is
+# a LIKE pattern with nothing to escape.
+_BY_OWNER_ID = (JOBS.c.owner_id == bindparam("owner_id"), JOBS.c.id == bindparam("ident"))
+_BY_OWNER_PREFIX = (JOBS.c.owner_id == bindparam("owner_id"), JOBS.c.id.like(bindparam("ident")))
+_OWNED = {
+    full: _select_jobs().where(*(_BY_OWNER_ID if full else _BY_OWNER_PREFIX)).limit(2)
+    for full in (True, False)
+}
+_OWNED_LOCKED = {full: stmt.with_for_update(of=JOBS) for full, stmt in _OWNED.items()}
+_OWNED_STATE = {
+    full: select(JOBS.c.id, JOBS.c.state)
+    .where(*(_BY_OWNER_ID if full else _BY_OWNER_PREFIX))
+    .limit(2)
+    for full in (True, False)
+}
+_BY_ID = _select_jobs().where(JOBS.c.id == bindparam("job_id"))
+
+
+def _owned_params(owner_id: str, ident: str) -> tuple[bool, dict[str, Any]]:
+    if not ids.is_id_prefix(ident):
+        raise NotFound.of("job", ident)
+    full = len(ident) == ids.ID_LENGTH
+    return full, {"owner_id": owner_id, "ident": ident if full else f"{ident}%"}
+
+
+def _one(found: Sequence[Any], ident: str) -> Any:
+    if not found:
+        raise NotFound.of("job", ident)
+    if len(found) > 1:
+        raise Malformed("ambiguous_id", f"{ident!r} matches several jobs; give more of it")
+    return found[0]
+
+
+def owned(conn: Connection, owner_id: str, ident: str, *, lock: bool = False) -> JobRow:
+    """The owner's job whose id is `ident` or starts with it (see the invariants)."""
+    full, params = _owned_params(owner_id, ident)
+    stmt = (_OWNED_LOCKED if lock else _OWNED)[full]
+    return cast(JobRow, _one(_rows(conn, stmt, params), ident))
+
+
+def by_id(conn: Connection, job_id: str) -> JobRow | None:
+    """The job with this id, whoever owns it (for its worker), or None."""
+    found = _rows(conn, _BY_ID, {"job_id": job_id})
+    return found[0] if found else None
+
+
+def owned_state(conn: Connection, owner_id: str, ident: str) -> tuple[str, str]:
+    """(id, state) of the owner's job `ident`; one query, no files."""
+    full, params = _owned_params(owner_id, ident)
+    row = _one(conn.execute(_OWNED_STATE[full], params).all(), ident)
+    return str(row[0]), str(row[1])
+
+
+def list_owned(
+    conn: Connection, owner_id: str, *, state: str | None, app: str | None, limit: int
+) -> list[JobRow]:
+    """The owner's jobs (pipeline steps left out), newest first."""
+    where = [JOBS.c.owner_id == owner_id, JOBS.c.parent_seq.is_(None)]
+    if state:
+        where.append(JOBS.c.state == state)
+    if app:
+        where.append(JOBS.c.app == app)
+    return load(conn, *where, newest_first=True, limit=limit)
+
+
+_OWNED_IN = {
+    by: _select_jobs()
+    .where(JOBS.c.owner_id == bindparam("owner_id"), col.in_(bindparam("keys", expanding=True)))
+    .order_by(JOBS.c.seq)
+    for by, col in (("id", JOBS.c.id), ("seq", JOBS.c.seq))
+}
+
+
+def changed(conn: Connection, owner_id: str, job_ids: Iterable[str]) -> list[JobRow]:
+    """The owner's jobs among `job_ids` as the owner lists them: a pipeline step stands
+    for its pipeline; another identity's or an erased job is left out. Oldest first."""
+    found: dict[int, JobRow] = {}
+    wanted = sorted(job_ids)
+    for i in range(0, len(wanted), CHUNK):
+        params = {"owner_id": owner_id, "keys": wanted[i : i + CHUNK]}
+        rows = _rows(conn, _OWNED_IN["id"], params)
+        parents = {r.parent_seq for r in rows if r.parent_seq is not None}
+        found.update((r.seq, r) for r in rows if r.parent_seq is None)
+        missing = sorted(parents - found.keys())
+        if missing:
+            by_seq: dict[str, Any] = {"owner_id": owner_id, "keys": missing}
+            found.update((r.seq, r) for r in _rows(conn, _OWNED_IN["seq"], by_seq))
+    return sorted(found.values(), key=lambda j: j.seq)
+
+
+def steps_of(conn: Connection, parent_seqs: Sequence[int]) -> dict[int, list[JobRow]]:
+    """The step jobs of these pipelines, by parent seq (every parent has an entry)."""
+    out: dict[int, list[JobRow]] = {seq: [] for seq in parent_seqs}
+    if parent_seqs:
+        for step in load(conn, JOBS.c.parent_seq.in_(list(parent_seqs))):
+            assert step.parent_seq is not None
+            out[step.parent_seq].append(step)
+    return out
+
+
+def ranks_ahead(conn: Connection, app: str, last_rank: int) -> list[tuple[int, int]]:
+    """(fair_rank, seq) of `app`'s queued jobs up to `last_rank`, in claim order."""
+    stmt = (
+        select(JOBS.c.fair_rank, JOBS.c.seq)
+        .where(JOBS.c.app == app, JOBS.c.state == QUEUED, JOBS.c.fair_rank <= last_rank)
+        .order_by(JOBS.c.fair_rank, JOBS.c.seq)
+    )
+    return [(int(rank), int(seq)) for rank, seq in conn.execute(stmt)]
+
+
+def queue_stats(conn: Connection) -> dict[str, dict[str, int]]:
+    """Jobs per app and state (queued and running only)."""
+    stats: dict[str, dict[str, int]] = {}
+    stmt = (
+        select(JOBS.c.app, JOBS.c.state, func.count())
+        .where(JOBS.c.state.in_([QUEUED, RUNNING]))
+        .group_by(JOBS.c.app, JOBS.c.state)
+    )
+    for app, state, count in conn.execute(stmt):
+        stats.setdefault(app, {})[state] = int(count)
+    return stats
+
+
+@dataclass(frozen=True, slots=True)
+class LiveWorkers:
+    """An app's live workers: how many, their slots in all, their sandboxes."""
+
+    workers: int
+    slots: int
+    sandboxes: tuple[str, ...]
+
+
+def live_workers(conn: Connection, live_since: datetime) -> dict[str, LiveWorkers]:
+    """Per app, the workers not stopped that were heard from at or after `live_since`."""
+    live = and_(WORKERS.c.stopped_at.is_(None), WORKERS.c.last_heartbeat >= live_since)
+    counts = conn.execute(
+        select(WORKERS.c.app, func.count(), func.sum(WORKERS.c.slots))
+        .where(live)
+        .group_by(WORKERS.c.app)
+    ).all()
+    sandboxes: dict[str, list[str]] = {}
+    for app, sandbox in conn.execute(
+        select(WORKERS.c.app, WORKERS.c.sandbox).where(live).distinct()
+    ):
+        sandboxes.setdefault(app, []).append(sandbox)
+    return {
+        app: LiveWorkers(int(n), int(slots or 0), tuple(sorted(sandboxes.get(app, []))))
+        for app, n, slots in counts
+    }
+
+
+# -- submission's reads (also inside the submit transaction) ----------------------
+
+
+_DEPTH = (
+    select(func.count())
+    .select_from(JOBS)
+    .where(JOBS.c.app == bindparam("app"), JOBS.c.state == QUEUED)
+)
+_SERVED = select(APPS.c.served_rank).where(APPS.c.name == bindparam("app"))
+
+
+def queued_depth(conn: Connection | Session, app: str) -> int:
+    """How many of `app`'s jobs are queued (an exact count)."""
+    return int(conn.scalar(_DEPTH, {"app": app}) or 0)
+
+
+def served_rank(conn: Connection, app: str) -> int | None:
+    """The rank `app` last served (None: no such app)."""
+    value = conn.scalar(_SERVED, {"app": app})
+    return None if value is None else int(value)
+
+
+def keyed_live_workers(conn: Connection, worker_ids: Sequence[str], app: str) -> set[str]:
+    """Those of `worker_ids` that are running workers of `app` with a registered key."""
+    stmt = (
+        select(WORKERS.c.id)
+        .join(WORKER_KEYS, WORKER_KEYS.c.worker_id == WORKERS.c.id)
+        .where(
+            WORKERS.c.id.in_(list(worker_ids)),
+            WORKERS.c.app == app,
+            WORKERS.c.stopped_at.is_(None),
+        )
+    )
+    return {str(w) for w in conn.scalars(stmt)}
+
+
+# -- claims -----------------------------------------------------------------------------
+
+
+def claimable(worker_id: Any, app: Any) -> ColumnElement[bool]:
+    """Queued jobs of `app` this worker may take: a confidential job only by the
+    workers its data key was sealed to."""
+    sealed = select(RECIPIENTS.c.job_seq).where(RECIPIENTS.c.job_seq == JOBS.c.seq)
+    to_me = sealed.where(RECIPIENTS.c.worker_id == worker_id)
+    return and_(
+        JOBS.c.app == app,
+        JOBS.c.state == QUEUED,
+        or_(~sealed.exists(), to_me.exists()),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A job's lease and progress as stored (what a heartbeat would change)."""
+
+    state: str
+    worker_id: str | None
+    lease_id: str | None
+    lease_expires_at: datetime | None
+    progress_fraction: float
+    progress_message: str
+
+
+_LEASES = select(
+    JOBS.c.id,
+    JOBS.c.state,
+    JOBS.c.worker_id,
+    JOBS.c.lease_id,
+    JOBS.c.lease_expires_at,
+    JOBS.c.progress_fraction,
+    JOBS.c.progress_message,
+).where(JOBS.c.id.in_(bindparam("ids", expanding=True)))
+
+
+def leases(conn: Connection, job_ids: Sequence[str]) -> dict[str, Lease]:
+    """The leases of these jobs, by id (a read: whether a heartbeat needs a write)."""
+    return {
+        r.id: Lease(
+            r.state,
+            r.worker_id,
+            r.lease_id,
+            r.lease_expires_at,
+            r.progress_fraction,
+            r.progress_message,
+        )
+        for r in conn.execute(_LEASES, {"ids": list(job_ids)})
+    }
+
+
+_HAS_CLAIMABLE = (
+    select(JOBS.c.seq).where(claimable(bindparam("worker_id"), bindparam("app"))).limit(1)
+)
+
+
+def has_claimable(conn: Connection, worker_id: str, app: str) -> bool:
+    """Whether a job is waiting for this worker (a read: an empty claim writes nothing)."""
+    params = {"worker_id": worker_id, "app": app}
+    return conn.execute(_HAS_CLAIMABLE, params).first() is not None

@@ -1,0 +1,232 @@
+"""Jobs in the store: how jobs end (completion, cancel, reaping), on a Core `Connection`.
+
+Like `csml.store.jobs_write`, every function runs inside a `Writer` operation's
+transaction and returns small frozen rows (`Locked`), never ORM objects.
+
+Invariants:
+
+- Completion locks the jobs it ends (and, on PostgreSQL, their pipelines' parents
+  first: the pipelines' lock order) and reads their lease under that lock, so of two
+  completions of one job exactly one is kept.
+- The reaper's and `fail_unclaimable`'s selects skip locked rows (SKIP LOCKED): a job
+  being completed or cancelled is left for the next round, and no reaper waits.
+- `end` drops the lease; it leaves the result as it is unless given one.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, Select, bindparam, exists, func, select, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.sql.elements import BindParameter
+
+from csml.store.jobs import ENVELOPES, JOBS, QUEUED, RECIPIENTS, RUNNING, WORKERS
+
+
+@dataclass(frozen=True, slots=True)
+class Locked:
+    """A job locked to be ended, with what deciding its end needs."""
+
+    seq: int
+    id: str
+    owner_id: str
+    app: str
+    operation: str
+    state: str
+    worker_id: str | None
+    lease_id: str | None
+    attempts: int
+    max_attempts: int
+    parent_seq: int | None
+    step_index: int | None
+    confidential: bool
+
+
+def _select_locked() -> Select[Any]:
+    sealed = exists().where(ENVELOPES.c.job_seq == JOBS.c.seq)
+    return select(
+        JOBS.c.seq,
+        JOBS.c.id,
+        JOBS.c.owner_id,
+        JOBS.c.app,
+        JOBS.c.operation,
+        JOBS.c.state,
+        JOBS.c.worker_id,
+        JOBS.c.lease_id,
+        JOBS.c.attempts,
+        JOBS.c.max_attempts,
+        JOBS.c.parent_seq,
+        JOBS.c.step_index,
+        sealed.label("confidential"),
+    )
+
+
+def _locked(
+    conn: Connection, stmt: Select[Any], params: dict[str, Any] | None = None
+) -> list[Locked]:
+    return [
+        Locked(**{**r._mapping, "confidential": bool(r.confidential)})
+        for r in conn.execute(stmt, params).all()
+    ]
+
+
+_IDS: BindParameter[Any] = bindparam("ids", expanding=True)
+_PARENTS_OF = (
+    select(JOBS.c.parent_seq)
+    .where(JOBS.c.id.in_(_IDS), JOBS.c.parent_seq.is_not(None))
+    .order_by(JOBS.c.parent_seq)
+)
+_LOCK_SEQS = (
+    select(JOBS.c.seq).where(JOBS.c.seq.in_(bindparam("seqs", expanding=True))).with_for_update()
+)
+_LOCK_TO_COMPLETE = _select_locked().where(JOBS.c.id.in_(_IDS)).with_for_update(of=JOBS)
+
+
+def lock_to_complete(conn: Connection, job_ids: Sequence[str]) -> dict[str, Locked]:
+    """Lock these jobs to end them (PostgreSQL: their pipelines' parents first)."""
+    params = {"ids": list(job_ids)}
+    if conn.dialect.name != "sqlite":
+        parents = conn.scalars(_PARENTS_OF, params).all()
+        if parents:
+            conn.execute(_LOCK_SEQS, {"seqs": list(parents)})
+    return {j.id: j for j in _locked(conn, _LOCK_TO_COMPLETE, params)}
+
+
+@functools.cache
+def _end_statement(columns: tuple[str, ...]) -> Any:
+    """UPDATE of one job's `columns` (bound by their names): built once per set."""
+    return (
+        update(JOBS)
+        .where(JOBS.c.seq == bindparam("job_seq"))
+        .values({c: bindparam(f"b_{c}", type_=JOBS.c[c].type) for c in columns})
+    )
+
+
+_KEEP: Any = object()  # `end`: leave the job's result as it is
+
+
+def end(
+    conn: Connection,
+    seq: int,
+    *,
+    state: str,
+    now: datetime,
+    error: str | None,
+    result: dict[str, Any] | None = _KEEP,
+    fraction: float | None = None,
+    message: str | None = None,
+) -> None:
+    """End a job (succeeded, failed or cancelled): its lease is dropped."""
+    values: dict[str, Any] = {
+        "state": state,
+        "finished_at": now,
+        "error": error,
+        "lease_id": None,
+        "lease_expires_at": None,
+    }
+    if result is not _KEEP:
+        values["result"] = result
+    if fraction is not None:
+        values["progress_fraction"] = fraction
+    if message is not None:
+        values["progress_message"] = message
+    params = {f"b_{c}": v for c, v in values.items()}
+    conn.execute(_end_statement(tuple(sorted(values))), {**params, "job_seq": seq})
+
+
+def set_encrypted_result(conn: Connection, seq: int, value: dict[str, Any] | None) -> None:
+    conn.execute(update(ENVELOPES).where(ENVELOPES.c.job_seq == seq).values(encrypted_result=value))
+
+
+def requeue(conn: Connection, seqs: Sequence[int], message: str) -> None:
+    """Put running jobs back in the queue (their lease is gone)."""
+    if seqs:
+        conn.execute(
+            update(JOBS)
+            .where(JOBS.c.seq.in_(list(seqs)))
+            .values(
+                state=QUEUED,
+                worker_id=None,
+                lease_id=None,
+                lease_expires_at=None,
+                progress_fraction=0.0,
+                progress_message=message,
+            )
+        )
+
+
+def fail(conn: Connection, seq: int, now: datetime, error: str, *, unclaimed: bool) -> None:
+    """Fail a job that lost its worker too often (`unclaimed`: one that waited in vain)."""
+    values: dict[str, Any] = {"state": "failed", "finished_at": now, "error": error}
+    if unclaimed:
+        values["progress_message"] = ""
+    else:
+        values.update(worker_id=None, lease_id=None, lease_expires_at=None)
+    conn.execute(update(JOBS).where(JOBS.c.seq == seq).values(**values))
+
+
+def expired_leases(conn: Connection, now: datetime, limit: int = 500) -> list[Locked]:
+    """Running jobs whose lease ended, locked (skipping those another transaction holds)."""
+    stmt = (
+        _select_locked()
+        .where(JOBS.c.state == RUNNING, JOBS.c.lease_expires_at < now)
+        .order_by(JOBS.c.seq)
+        .limit(limit)
+        .with_for_update(skip_locked=True, of=JOBS)
+    )
+    return _locked(conn, stmt)
+
+
+def orphaned(conn: Connection, live: ColumnElement[bool], limit: int = 500) -> list[Locked]:
+    """Queued confidential jobs none of whose recipients is `live`, locked (skip locked)."""
+    has_recipients = select(RECIPIENTS.c.job_seq).where(RECIPIENTS.c.job_seq == JOBS.c.seq)
+    live_recipient = (
+        select(RECIPIENTS.c.job_seq)
+        .join(WORKERS, WORKERS.c.id == RECIPIENTS.c.worker_id)
+        .where(RECIPIENTS.c.job_seq == JOBS.c.seq, live)
+    )
+    stmt = (
+        _select_locked()
+        .where(JOBS.c.state == QUEUED, has_recipients.exists(), ~live_recipient.exists())
+        .order_by(JOBS.c.seq)
+        .limit(limit)
+        .with_for_update(skip_locked=True, of=JOBS)
+    )
+    return _locked(conn, stmt)
+
+
+def apps_waiting_since(conn: Connection, cutoff: datetime) -> list[str]:
+    """Apps with a job queued before `cutoff`."""
+    stmt = select(JOBS.c.app).where(JOBS.c.state == QUEUED, JOBS.c.created_at < cutoff).distinct()
+    return [str(a) for a in conn.scalars(stmt)]
+
+
+def last_worker_seen(conn: Connection, app: str) -> datetime | None:
+    """When a worker of `app` was last live (its last heartbeat, or when it stopped)."""
+    stmt = select(func.max(func.coalesce(WORKERS.c.stopped_at, WORKERS.c.last_heartbeat))).where(
+        WORKERS.c.app == app
+    )
+    found: datetime | None = conn.scalar(stmt)
+    return found
+
+
+def queued_before(conn: Connection, app: str, cutoff: datetime, limit: int = 500) -> list[Locked]:
+    """`app`'s jobs queued before `cutoff`, locked (skipping those another transaction holds)."""
+    stmt = (
+        _select_locked()
+        .where(JOBS.c.state == QUEUED, JOBS.c.app == app, JOBS.c.created_at < cutoff)
+        .order_by(JOBS.c.seq)
+        .limit(limit)
+        .with_for_update(skip_locked=True, of=JOBS)
+    )
+    return _locked(conn, stmt)
+
+
+def worker_live(now_minus_live: datetime) -> ColumnElement[bool]:
+    """Workers not stopped whose last heartbeat is at or after `now_minus_live`."""
+    return WORKERS.c.stopped_at.is_(None) & (WORKERS.c.last_heartbeat >= now_minus_live)

@@ -1,0 +1,412 @@
+"""Jobs in the store: the lifecycle's writes, as plain functions on a Core `Connection`.
+
+Each function here runs inside the write transaction of a `Writer` operation
+(`csml.store.writer`): it never commits, and whatever it returns describes rows
+that are durable once that operation's `run` returns. Rows come back as small frozen
+dataclasses, never ORM objects. `orm_session(conn)` lends an ORM session on the same
+connection and transaction to the few steps still written with the ORM (pipeline
+steps, model artifacts): they cost nothing on the path of a plain job.
+
+Invariants:
+
+- Claim is one `UPDATE … WHERE seq IN (SELECT … FOR UPDATE SKIP LOCKED) RETURNING`
+  on the head of `ix_jobs_claim` (lowest fair rank first); the served rank moves up
+  only if no other transaction holds the app's row (SKIP LOCKED), so a claim never
+  waits on another. On SQLite the write lock taken at BEGIN stands for the row locks.
+- A fair rank is one past the larger of its owner's last rank in the app (an upsert of
+  the owner's `fair_counters` row, no app lock) and the app's served rank.
+
+Ends (completion, cancel, reaping) are in `csml.store.jobs_end`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    bindparam,
+    case,
+    exists,
+    insert,
+    select,
+    tuple_,
+    update,
+)
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import BindParameter
+
+from csml.store.jobs import (
+    APPS,
+    COUNTERS,
+    ENVELOPES,
+    FILES,
+    JOBS,
+    QUEUED,
+    RECIPIENTS,
+    RUNNING,
+    WORKERS,
+    FileRow,
+    claimable,
+)
+from csml.store.tables import Job
+
+
+@contextmanager
+def orm_session(conn: Connection) -> Iterator[Session]:
+    """An ORM session inside `conn`'s transaction (it neither commits nor rolls it back):
+    for the pipeline and model steps that still work on ORM rows. Flushed on exit."""
+    session = Session(bind=conn, expire_on_commit=False, autoflush=True)
+    try:
+        yield session
+        session.flush()
+    finally:
+        session.close()
+
+
+def orm_job(session: Session, seq: int) -> Job:
+    """The job's ORM row in `session`, read afresh (it sees this transaction's writes)."""
+    job = session.get(Job, seq, populate_existing=True)
+    assert job is not None, seq
+    return job
+
+
+# -- submission ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """What a new job's row holds (the state is queued; the rank comes from `next_rank`)."""
+
+    id: str
+    owner_id: str
+    app: str
+    operation: str
+    params: dict[str, Any]
+    limits: dict[str, Any]
+    fair_rank: int
+    created_at: datetime
+    max_attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Sealing:
+    """A confidential job's envelope and its data key sealed to each recipient worker."""
+
+    version: int
+    job_nonce: str
+    result_public_key: str
+    encrypted_params: str
+    wrapped_keys: tuple[tuple[str, str], ...]  # (worker id, wrapped key)
+
+
+def lock_app(conn: Connection, app: str) -> None:
+    """Hold `app`'s row until the transaction ends (PostgreSQL; SQLite holds the db)."""
+    conn.execute(select(APPS.c.name).where(APPS.c.name == app).with_for_update())
+
+
+def _rank_upsert(dialect: str) -> Any:
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    upsert: Any = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    served = bindparam("served", type_=BigInteger())
+    stmt = upsert(COUNTERS).values(
+        app=bindparam("b_app"), owner_id=bindparam("b_owner"), last_rank=served + 1
+    )
+    return stmt.on_conflict_do_update(
+        index_elements=[COUNTERS.c.app, COUNTERS.c.owner_id],
+        set_={
+            "last_rank": case((COUNTERS.c.last_rank > served, COUNTERS.c.last_rank), else_=served)
+            + 1
+        },
+    ).returning(COUNTERS.c.last_rank)
+
+
+_RANK_UPSERT = {dialect: _rank_upsert(dialect) for dialect in ("postgresql", "sqlite")}
+
+
+def next_rank(conn: Connection, app: str, owner_id: str, served: int) -> int:
+    """One past the larger of the owner's last rank in `app` and `served` (an upsert of
+    the owner's counter row: one owner's submissions queue on their own row only)."""
+    params = {"b_app": app, "b_owner": owner_id, "served": served}
+    return int(conn.execute(_RANK_UPSERT[conn.dialect.name], params).scalar_one())
+
+
+_INSERT_JOB = insert(JOBS).returning(JOBS.c.seq)
+_INSERT_FILES = insert(FILES)
+
+
+def insert_job(
+    conn: Connection, job: NewJob, files: Sequence[FileRow], sealing: Sealing | None
+) -> int:
+    """Insert a queued job with its files (and envelope); its seq."""
+    seq = conn.execute(
+        _INSERT_JOB,
+        {
+            "id": job.id,
+            "owner_id": job.owner_id,
+            "app": job.app,
+            "operation": job.operation,
+            "params": job.params,
+            "limits": job.limits,
+            "state": QUEUED,
+            "fair_rank": job.fair_rank,
+            "created_at": job.created_at,
+            "attempts": 0,
+            "max_attempts": job.max_attempts,
+            "progress_fraction": 0.0,
+            "progress_message": "",
+        },
+    ).scalar_one()
+    add_files(conn, seq, files)
+    if sealing is not None:
+        conn.execute(
+            insert(ENVELOPES).values(
+                job_seq=seq,
+                version=sealing.version,
+                job_nonce=sealing.job_nonce,
+                result_public_key=sealing.result_public_key,
+                encrypted_params=sealing.encrypted_params,
+                encrypted_result=None,
+            )
+        )
+        conn.execute(
+            insert(RECIPIENTS),
+            [{"job_seq": seq, "worker_id": w, "wrapped_key": k} for w, k in sealing.wrapped_keys],
+        )
+    return int(seq)
+
+
+def add_files(conn: Connection, seq: int, files: Sequence[FileRow]) -> None:
+    if files:
+        conn.execute(
+            _INSERT_FILES,
+            [
+                {
+                    "job_seq": seq,
+                    "kind": f.kind,
+                    "name": f.name,
+                    "size": f.size,
+                    "sha256": f.sha256,
+                    "media_type": f.media_type,
+                    "blob": f.blob,
+                    "model_id": f.model_id,
+                }
+                for f in files
+            ],
+        )
+
+
+# -- claims and heartbeats ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Sealed:
+    """What a recipient worker gets of a confidential job it claimed."""
+
+    job_nonce: str
+    wrapped_key: str
+    result_public_key: str
+    encrypted_params: str
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A job just claimed, with its input files and (confidential) envelope."""
+
+    seq: int
+    id: str
+    owner_id: str
+    operation: str
+    params: dict[str, Any]
+    limits: dict[str, Any]
+    attempts: int
+    fair_rank: int
+    inputs: tuple[FileRow, ...]
+    sealed: Sealed | None
+
+
+_STOP_WORKER = (
+    update(WORKERS)
+    .where(WORKERS.c.id == bindparam("worker_id"))
+    .values(stopped_at=bindparam("b_now"))
+)
+_STAMP_WORKER = (
+    update(WORKERS)
+    .where(WORKERS.c.id == bindparam("worker_id"))
+    .values(last_heartbeat=bindparam("b_now"))
+)
+
+
+def stop_worker(conn: Connection, worker_id: str, now: datetime) -> None:
+    """Mark the worker as gone (it left the cluster)."""
+    conn.execute(_STOP_WORKER, {"worker_id": worker_id, "b_now": now})
+
+
+def stamp_worker(conn: Connection, worker_id: str, now: datetime) -> None:
+    """Write the worker's liveness."""
+    conn.execute(_STAMP_WORKER, {"worker_id": worker_id, "b_now": now})
+
+
+_HEAD = (
+    select(JOBS.c.seq)
+    .where(claimable(bindparam("b_worker"), bindparam("b_app")))
+    .order_by(JOBS.c.fair_rank, JOBS.c.seq)
+    .limit(bindparam("max_jobs"))
+    .with_for_update(skip_locked=True)
+    .scalar_subquery()
+)
+_TAKE = (
+    update(JOBS)
+    .where(JOBS.c.seq.in_(_HEAD))
+    .values(
+        state=RUNNING,
+        worker_id=bindparam("b_worker"),
+        lease_id=bindparam("b_lease"),
+        lease_expires_at=bindparam("b_until"),
+        started_at=bindparam("b_now"),
+        attempts=JOBS.c.attempts + 1,
+        error=None,
+    )
+    .returning(
+        JOBS.c.seq,
+        JOBS.c.id,
+        JOBS.c.owner_id,
+        JOBS.c.operation,
+        JOBS.c.params,
+        JOBS.c.limits,
+        JOBS.c.attempts,
+        JOBS.c.fair_rank,
+    )
+)
+# The served rank moves up unless another transaction holds the app's row (then that
+# one moves it, or the next claim does): a claim never waits on it.
+_SERVE = (
+    update(APPS)
+    .where(
+        APPS.c.name.in_(
+            select(APPS.c.name)
+            .where(APPS.c.name == bindparam("b_app"), APPS.c.served_rank < bindparam("b_top"))
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+    )
+    .values(served_rank=bindparam("b_top"))
+)
+_SEQS: BindParameter[Any] = bindparam("seqs", expanding=True)
+_INPUTS = select(FILES).where(FILES.c.job_seq.in_(_SEQS), FILES.c.kind == "input")
+_ANY_SEALED = select(exists().where(ENVELOPES.c.job_seq.in_(_SEQS)))
+_SEALED = (
+    select(
+        ENVELOPES.c.job_seq,
+        ENVELOPES.c.job_nonce,
+        ENVELOPES.c.result_public_key,
+        ENVELOPES.c.encrypted_params,
+        RECIPIENTS.c.wrapped_key,
+    )
+    .join(RECIPIENTS, RECIPIENTS.c.job_seq == ENVELOPES.c.job_seq)
+    .where(ENVELOPES.c.job_seq.in_(_SEQS), RECIPIENTS.c.worker_id == bindparam("worker_id"))
+)
+
+
+def take(
+    conn: Connection,
+    worker_id: str,
+    app: str,
+    max_jobs: int,
+    lease_id: str,
+    now: datetime,
+    lease_until: datetime,
+) -> list[Claimed]:
+    """Claim up to `max_jobs` of the queue head for this worker (see the invariants), in
+    claim order."""
+    rows = conn.execute(
+        _TAKE,
+        {
+            "b_worker": worker_id,
+            "b_app": app,
+            "max_jobs": max_jobs,
+            "b_lease": lease_id,
+            "b_until": lease_until,
+            "b_now": now,
+        },
+    ).all()
+    if not rows:
+        return []
+    seqs = [r.seq for r in rows]
+    conn.execute(_SERVE, {"b_app": app, "b_top": max(r.fair_rank for r in rows)})
+    inputs: dict[int, list[FileRow]] = {}
+    for f in conn.execute(_INPUTS, {"seqs": seqs}):
+        inputs.setdefault(f.job_seq, []).append(
+            FileRow(f.kind, f.name, f.size, f.sha256, f.media_type, f.blob, f.model_id)
+        )
+    sealed: dict[int, Sealed] = {}
+    if conn.execute(_ANY_SEALED, {"seqs": seqs}).scalar():
+        for seq, nonce, result_key, params, wrapped in conn.execute(
+            _SEALED, {"seqs": seqs, "worker_id": worker_id}
+        ):
+            sealed[seq] = Sealed(nonce, wrapped, result_key, params)
+    return [
+        Claimed(
+            seq=r.seq,
+            id=r.id,
+            owner_id=r.owner_id,
+            operation=r.operation,
+            params=r.params,
+            limits=r.limits,
+            attempts=r.attempts,
+            fair_rank=r.fair_rank,
+            inputs=tuple(inputs.get(r.seq, ())),
+            sealed=sealed.get(r.seq),
+        )
+        for r in sorted(rows, key=lambda r: (r.fair_rank, r.seq))
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """A running job whose lease a heartbeat extended: its progress as stored."""
+
+    owner_id: str
+    progress_fraction: float
+    progress_message: str
+
+
+_EXTEND = (
+    update(JOBS)
+    .where(
+        tuple_(JOBS.c.id, JOBS.c.lease_id).in_(bindparam("leases", expanding=True)),
+        JOBS.c.state == RUNNING,
+        JOBS.c.worker_id == bindparam("b_worker"),
+    )
+    .values(lease_expires_at=bindparam("b_until"))
+    .returning(JOBS.c.id, JOBS.c.owner_id, JOBS.c.progress_fraction, JOBS.c.progress_message)
+)
+_PROGRESS = (
+    update(JOBS)
+    .where(JOBS.c.id == bindparam("b_job"), JOBS.c.lease_id == bindparam("b_lease"))
+    .values(progress_fraction=bindparam("b_fraction"), progress_message=bindparam("b_message"))
+)
+
+
+def extend_leases(
+    conn: Connection, worker_id: str, leases: Sequence[tuple[str, str]], until: datetime
+) -> dict[str, Held]:
+    """Extend the leases (job id, lease id) this worker still holds; those held, by id."""
+    if not leases:
+        return {}
+    params = {"leases": list(leases), "b_worker": worker_id, "b_until": until}
+    rows = conn.execute(_EXTEND, params).all()
+    return {r.id: Held(r.owner_id, r.progress_fraction, r.progress_message) for r in rows}
+
+
+def set_progress(
+    conn: Connection, job_id: str, lease_id: str, fraction: float, message: str
+) -> None:
+    params = {"b_job": job_id, "b_lease": lease_id, "b_fraction": fraction, "b_message": message}
+    conn.execute(_PROGRESS, params)

@@ -1,0 +1,148 @@
+"""The job store (`csml.store.jobs*`) behind the queue: frozen rows, the owner's lookups by
+id or prefix (never another owner's; an ambiguous prefix refused), a job loaded with
+its files in two statements, and a batch completion that names one job twice keeping
+exactly one result."""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import pytest
+from sqlalchemy import event
+
+from csml import ids
+from csml.apps.echo import app as echo_app
+from csml.refusals import Malformed, NotFound
+from csml.store import jobs as store
+from csml.store import jobs_write
+from csml.store.db import counters
+from csml.store.tables import utcnow
+from tests.unit.conftest import MakeCoordinator
+from tests.unit.inproc import HttpWorker, InProcessCoordinator
+
+
+def owner_of(coordinator: InProcessCoordinator, job_id: str) -> str:
+    with coordinator.core.queue.read() as conn:
+        row = store.by_id(conn, job_id)
+    assert row is not None
+    return row.owner_id
+
+
+def test_a_job_is_found_by_its_owner_only_by_id_or_unique_prefix(
+    coordinator: InProcessCoordinator,
+) -> None:
+    alice, bob = coordinator.new_user(), coordinator.new_user()
+    job = alice.submit("echo", "echo", params={"n": 1})
+    intruder = owner_of(coordinator, bob.submit("echo", "echo").id)
+    owner = owner_of(coordinator, job.id)
+    queue = coordinator.core.queue
+    row = queue.get(owner, job.id)
+    assert (row.id, row.app, row.state, row.params) == (job.id, "echo", "queued", {"n": 1})
+    assert row.confidential is None and row.files == ()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        row.state = "running"  # type: ignore[misc]
+    assert queue.get(owner, job.id[:12]).id == job.id
+    assert queue.state_of(owner, job.id[:16]) == (job.id, "queued")
+    for ident in (job.id, job.id[:12]):
+        with pytest.raises(NotFound):
+            queue.get(intruder, ident)  # another owner's: not found, never forbidden
+    with pytest.raises(NotFound):
+        queue.get(owner, "%" * 12)  # not an id: no LIKE pattern reaches the SQL
+
+
+def test_an_ambiguous_prefix_is_refused(coordinator: InProcessCoordinator) -> None:
+    job = coordinator.new_user().submit("echo", "echo")
+    owner = owner_of(coordinator, job.id)
+    prefix = "abcdef012345"
+    for _ in range(2):  # two jobs whose ids share a 12-digit prefix
+        new = jobs_write.NewJob(
+            id=prefix + ids.new_id()[12:],
+            owner_id=owner,
+            app="echo",
+            operation="echo",
+            params={},
+            limits={},
+            fair_rank=1,
+            created_at=utcnow(),
+            max_attempts=1,
+        )
+        coordinator.core.writer.run(partial(jobs_write.insert_job, job=new, files=[], sealing=None))
+    with pytest.raises(Malformed) as err:
+        coordinator.core.queue.get(owner, prefix)
+    assert err.value.code == "ambiguous_id"
+    assert coordinator.core.queue.get(owner, prefix + new.id[12:20]).id == new.id
+
+
+def test_a_load_is_two_statements_with_files(
+    coordinator: InProcessCoordinator, echo_worker: HttpWorker
+) -> None:
+    job = coordinator.new_user().submit("echo", "echo", params={"text": "hi"})
+    [claimed] = echo_worker.claim()
+    assert echo_worker.complete(claimed, result={"echo": "hi"}).status_code == 204
+    owner = owner_of(coordinator, job.id)
+    sent: list[str] = []
+    engine = coordinator.core.engine
+
+    def count(_conn: object, _cur: object, statement: str, *_: object) -> None:
+        sent.append(statement)
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        row = coordinator.core.queue.get(owner, job.id)
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert row.state == "succeeded" and row.result == {"echo": "hi"}
+    assert len([s for s in sent if s.lstrip().upper().startswith("SELECT")]) == 2
+
+
+def test_one_job_twice_in_a_completion_batch_keeps_one_result(
+    coordinator: InProcessCoordinator,
+) -> None:
+    worker = coordinator.worker(echo_app)
+    job = coordinator.new_user().submit("echo", "echo")
+    [claimed] = worker.claim()
+    done = {"job_id": job.id, "lease_id": claimed.lease_id, "state": "succeeded"}
+    r = worker.post(
+        "/complete", {"completions": [{**done, "result": {"n": 1}}, {**done, "result": {"n": 2}}]}
+    )
+    assert r.status_code == 200, r.text
+    first, second = r.json()["results"]
+    assert first["status"] == 204
+    assert second["status"] == 409 and "no longer yours" in second["error"]
+    job.refresh()
+    assert job.state.value == "succeeded" and job.result == {"n": 1}
+
+
+def test_a_claim_writes_a_riding_heartbeat_only_when_the_lease_needs_it(
+    make_coordinator: MakeCoordinator,
+) -> None:
+    coordinator = make_coordinator(lease_seconds=30.0, heartbeat_seconds=10.0)
+    worker = coordinator.worker(echo_app)
+    job = coordinator.new_user().submit("echo", "echo")
+    [claimed] = worker.claim()
+    engine = coordinator.core.engine
+    beat = {"job_id": job.id, "lease_id": claimed.lease_id, "progress": {"fraction": 0.0}}
+
+    def lease_end() -> object:
+        with coordinator.core.queue.read() as conn:
+            return store.leases(conn, [job.id])[job.id].lease_expires_at
+
+    def claim_with_beat(**progress: object) -> dict[str, object]:
+        body = {"max_jobs": 1, "wait": 0, "running": [{**beat, "progress": progress}]}
+        r = worker.post("/claim", body)
+        assert r.status_code == 200, r.text
+        answer: dict[str, object] = r.json()
+        return answer
+
+    first_end, commits = lease_end(), counters(engine).write_commits
+    assert claim_with_beat(fraction=0.0) == {"jobs": [], "abort": []}
+    assert counters(engine).write_commits == commits  # lease fresh: nothing written
+    assert lease_end() == first_end
+    coordinator.clock.advance(6)  # more than half a heartbeat interval: extended
+    assert claim_with_beat(fraction=0.0)["abort"] == []
+    assert counters(engine).write_commits == commits + 1 and lease_end() != first_end
+    claim_with_beat(fraction=0.5, message="half")  # progress is always written
+    assert counters(engine).write_commits == commits + 2
+    coordinator.core.queue.cancel(owner_of(coordinator, job.id), job.id)
+    assert claim_with_beat(fraction=0.5, message="half")["abort"] == [job.id]
