@@ -50,7 +50,8 @@ from sqlalchemy.orm import Session
 from csml import ids
 from csml.coordinator import contributions, quotas
 from csml.coordinator.artifacts import remove_files as remove_model_files
-from csml.coordinator.queue import QUEUED, RUNNING, job_key
+from csml.coordinator.notify import job_key
+from csml.coordinator.queue import QUEUED, RUNNING
 from csml.coordinator.quotas import check_models as check_models
 from csml.coordinator.quotas import check_storage as check_storage
 from csml.coordinator.quotas import duration as _duration

@@ -26,7 +26,7 @@ from csml.coordinator import batches
 from csml.coordinator.api_users import ERRORS
 from csml.coordinator.auth import AuthFirstRoute, current_identity
 from csml.coordinator.errors import ApiError, from_refusal
-from csml.coordinator.queue import owner_change
+from csml.coordinator.notify import owner_change
 from csml.coordinator.state import Core, core
 from csml.coordinator.views import job_views
 from csml.schemas import ErrorDetail

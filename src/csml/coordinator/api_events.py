@@ -2,7 +2,7 @@
 
 Pushed, not polled: every change of a job (submitted, running, progress, ended,
 cancelled, requeued) is announced on its owner's notifier feed after its commit
-(`queue.owner_change`), here at once and from the other coordinators through the
+(`notify.owner_change`), here at once and from the other coordinators through the
 PostgreSQL relay. The stream follows that feed from before its first snapshot (so
 nothing is missed), loads only the jobs announced (one query per wake-up, however
 many changed) and sends those that differ from what it sent. Its reads are short
@@ -43,7 +43,7 @@ from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from csml.coordinator.auth import current_identity
-from csml.coordinator.queue import owner_feed
+from csml.coordinator.notify import owner_feed
 from csml.coordinator.state import Core, core
 from csml.coordinator.views import job_views
 from csml.refusals import RateLimited

@@ -18,7 +18,7 @@ from csml import ids
 from csml.coordinator import artifacts, spec_limits
 from csml.coordinator.api_users import ERRORS, Me
 from csml.coordinator.auth import AuthFirstRoute
-from csml.coordinator.queue import StagedFile
+from csml.coordinator.staged_inputs import StagedFile
 from csml.coordinator.state import Core, core
 from csml.coordinator.uploads import (
     BINARY,

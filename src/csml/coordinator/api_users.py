@@ -17,7 +17,8 @@ from csml import ids
 from csml.coordinator import abuse, artifacts, pipeline_spec, pipelines, spec_limits
 from csml.coordinator.auth import AuthFirstRoute, current_identity
 from csml.coordinator.errors import ApiError, from_refusal, not_found, spec_error
-from csml.coordinator.queue import StagedFile, job_key, owner_change
+from csml.coordinator.notify import job_key, owner_change
+from csml.coordinator.staged_inputs import StagedFile
 from csml.coordinator.state import Core, core
 from csml.coordinator.uploads import (
     Accepts,

@@ -31,8 +31,9 @@ from csml.coordinator.auth import (
     from_headers,
 )
 from csml.coordinator.errors import ApiError, not_found, status_of
+from csml.coordinator.notify import app_key
 from csml.coordinator.pipelines import PIPELINE_APP
-from csml.coordinator.queue import Outcome, app_key
+from csml.coordinator.queue import Outcome
 from csml.coordinator.state import core
 from csml.coordinator.uploads import safe_media_type
 from csml.coordinator.worker_tokens import CACHE as WORKER_TOKENS

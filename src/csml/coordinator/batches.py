@@ -40,7 +40,7 @@ import pydantic_core
 from pydantic import ValidationError
 
 from csml.coordinator import abuse, artifacts, spec_limits
-from csml.coordinator.queue import StagedFile
+from csml.coordinator.staged_inputs import StagedFile
 from csml.refusals import Invalid, TooLarge
 from csml.schemas.batches import INLINE_MAX_CHARS, MAX_BATCH_ITEMS, BatchItemIn
 from csml.schemas.jobs import JobSpec

@@ -49,6 +49,26 @@ def feed_key(topic: str, item: str) -> str:
     return f"{topic}{FEED_SEPARATOR}{item}"
 
 
+def app_key(app: str) -> str:
+    """The key that wakes workers waiting for jobs of `app`."""
+    return f"app:{app}"
+
+
+def job_key(job_id: str) -> str:
+    """The key that wakes long-polls waiting on one job."""
+    return f"job:{job_id}"
+
+
+def owner_feed(owner_id: str) -> str:
+    """The notifier topic on which an identity's job changes are announced (item: job id)."""
+    return f"owner:{owner_id}"
+
+
+def owner_change(owner_id: str, job_id: str) -> str:
+    """The key announcing that this job of this owner changed (state, progress, result)."""
+    return feed_key(owner_feed(owner_id), job_id)
+
+
 class Feed:
     """Items announced on a topic since the reader last took them (read on the loop)."""
 

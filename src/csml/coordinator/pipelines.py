@@ -35,17 +35,20 @@ from sqlalchemy.orm import Session, sessionmaker
 from csml import ids
 from csml.apps.base import MODEL_PARAM
 from csml.coordinator import artifacts, pipeline_spec, quotas
-from csml.coordinator import queue as q
+from csml.coordinator.notify import app_key, job_key
+from csml.coordinator.staged_inputs import StagedFile, adopt_inputs
 from csml.refusals import Conflict, Invalid, Refusal
 from csml.schemas import Job as JobView
 from csml.schemas import JobSpec, JobState, PipelineSpec, StepSpec, StepStatus
 from csml.schemas.pipelines import UPLOAD_PREFIX
 from csml.store import pipelines as store
 from csml.store.db import transaction
+from csml.store.jobs import QUEUED, RUNNING, TERMINAL
 from csml.store.tables import Job, JobFile, utcnow
 from csml.store.tables_confidential import mark_not_confidential
 
 if TYPE_CHECKING:
+    from csml.coordinator.queue import JobQueue
     from csml.coordinator.state import Core
 
 PIPELINE_APP = "pipeline"
@@ -73,7 +76,7 @@ def submit(
     owner_id: str,
     spec: PipelineSpec,
     staging: Path | None,
-    files: dict[str, q.StagedFile],
+    files: dict[str, StagedFile],
 ) -> Job:
     """Create the parent job and its first step, in one transaction."""
     ops = pipeline_spec.validate(core.catalog, spec)
@@ -106,7 +109,7 @@ def submit(
                 operation=PIPELINE_OPERATION,
                 params={"steps": steps},
                 limits=limits.model_dump(),
-                state=q.RUNNING,
+                state=RUNNING,
                 fair_rank=0,
                 created_at=utcnow(),
                 attempts=0,
@@ -116,7 +119,7 @@ def submit(
                 step_index=0,
                 files=[],
             )
-            parent.files.extend(q.adopt_inputs(core.blobs, staging, parent_id, files))
+            parent.files.extend(adopt_inputs(core.blobs, staging, parent_id, files))
             for step in spec.steps:  # its own copy of each model named by id
                 ref = step.params.get(MODEL_PARAM)
                 if isinstance(ref, str):
@@ -133,11 +136,11 @@ def submit(
         if isinstance(made, Job):
             core.blobs.remove_job(made.id)  # a model linked in for it
         raise
-    core.notifier.notify(q.app_key(first.app))
+    core.notifier.notify(app_key(first.app))
     return parent
 
 
-def create_step(queue: q.JobQueue, session: Session, parent: Job, index: int) -> Job | str:
+def create_step(queue: JobQueue, session: Session, parent: Job, index: int) -> Job | str:
     """Queue step `index` of `parent`; a string says why it cannot run."""
     step = step_specs(parent)[index]
     label = _label(index, step)
@@ -173,7 +176,7 @@ def create_step(queue: q.JobQueue, session: Session, parent: Job, index: int) ->
                 model_id=found.model_id,
             )
         )
-    owner_rank = store.owner_queued_rank(session, parent.owner_id, step.app, q.QUEUED)
+    owner_rank = store.owner_queued_rank(session, parent.owner_id, step.app, QUEUED)
     job = Job(
         id=job_id,
         owner_id=parent.owner_id,
@@ -181,7 +184,7 @@ def create_step(queue: q.JobQueue, session: Session, parent: Job, index: int) ->
         operation=op.name,
         params=dict(step.params),
         limits=dict(parent.limits),
-        state=q.QUEUED,
+        state=QUEUED,
         fair_rank=max(owner_rank, served_rank) + 1,
         created_at=utcnow(),
         attempts=0,
@@ -237,19 +240,19 @@ def try_lock_parent(session: Session, step: Job) -> bool:
     return store.try_lock_parent(session, step.parent_seq)
 
 
-def step_finished(queue: q.JobQueue, session: Session, step: Job) -> list[str]:
+def step_finished(queue: JobQueue, session: Session, step: Job) -> list[str]:
     """After a step ended (parent locked): start the next one or end the pipeline.
 
     Returns the notifier keys to wake once the transaction commits."""
     if step.parent_seq is None or step.step_index is None:
         return []
     parent = store.get(session, step.parent_seq)
-    if parent is None or parent.state in q.TERMINAL:
+    if parent is None or parent.state in TERMINAL:
         return []
     specs = step_specs(parent)
     i, n = step.step_index, len(specs)
     spec = specs[i]
-    keys = [q.job_key(parent.id)]
+    keys = [job_key(parent.id)]
     if step.state != JobState.succeeded.value:
         what = "was cancelled" if step.state == JobState.cancelled.value else "failed"
         _end(
@@ -285,7 +288,7 @@ def step_finished(queue: q.JobQueue, session: Session, step: Job) -> list[str]:
         return keys
     parent.progress_fraction = (i + 1) / n
     parent.progress_message = f"step {i + 2}/{n} {specs[i + 1].name}: queued"
-    return [*keys, q.app_key(made.app)]
+    return [*keys, app_key(made.app)]
 
 
 def _end(parent: Job, state: JobState, error: str | None) -> None:
@@ -310,7 +313,7 @@ def cancel_steps(session: Session, parent: Job) -> list[str]:
     """The parent was just cancelled: cancel its live step (its worker stops it)."""
     if not is_parent(parent):
         return []
-    live = store.lock_live_steps(session, parent.seq, [q.QUEUED, q.RUNNING])
+    live = store.lock_live_steps(session, parent.seq, [QUEUED, RUNNING])
     now = utcnow()
     for step in live:
         step.state = JobState.cancelled.value
@@ -318,7 +321,7 @@ def cancel_steps(session: Session, parent: Job) -> list[str]:
         step.error = "cancelled with its pipeline"
         step.lease_id = None
         step.lease_expires_at = None
-    return [q.job_key(s.id) for s in live]
+    return [job_key(s.id) for s in live]
 
 
 def with_steps(session: Session, jobs: Sequence[tuple[int, str]]) -> list[tuple[int, str]]:
@@ -368,9 +371,9 @@ def view(base: JobView, job: Job, steps: Sequence[Job], places: dict[str, int]) 
     current = rows.get(job.step_index or 0)
     if current is not None:
         update["attempts"] = current.attempts
-    if job.state not in q.TERMINAL and current is not None:
+    if job.state not in TERMINAL and current is not None:
         i, n = current.step_index or 0, len(specs)
-        running = current.state == q.RUNNING
+        running = current.state == RUNNING
         state = JobState.running if running or i > 0 else JobState.queued
         fraction = (i + (current.progress_fraction if running else 0.0)) / n
         message = (

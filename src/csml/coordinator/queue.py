@@ -64,7 +64,8 @@ from csml import ids
 from csml.coordinator import artifacts, pipelines, quotas
 from csml.coordinator.catalog import Catalog
 from csml.coordinator.config import Settings
-from csml.coordinator.notify import Notifier, feed_key
+from csml.coordinator.notify import Notifier, app_key, job_key, owner_change
+from csml.coordinator.staged_inputs import StagedFile, adopt_input_rows
 from csml.refusals import Conflict, Invalid, NotFound, QueueFull, Refusal, TooLarge
 from csml.schemas import (
     ClaimedConfidential,
@@ -91,7 +92,7 @@ from csml.store.blobs import BlobStore, fsync_paths
 from csml.store.jobs import Envelope, FileRow, JobRow
 from csml.store.jobs_end import Locked
 from csml.store.jobs_write import Claimed, NewJob, Sealing, orm_job, orm_session
-from csml.store.tables import Job, JobFile, utcnow
+from csml.store.tables import Job, utcnow
 from csml.store.writer import Writer
 
 log = logging.getLogger("csml.coordinator.queue")
@@ -114,15 +115,6 @@ class WorkerRef(Protocol):
 
     @property
     def app(self) -> str: ...
-
-
-@dataclass
-class StagedFile:
-    name: str
-    path: Path
-    size: int
-    sha256: str
-    media_type: str
 
 
 @dataclass(frozen=True)
@@ -149,24 +141,6 @@ class _Claim:
     progressed: list[str]
     taken: list[Claimed]
     lease_id: str
-
-
-def app_key(app: str) -> str:
-    return f"app:{app}"
-
-
-def job_key(job_id: str) -> str:
-    return f"job:{job_id}"
-
-
-def owner_feed(owner_id: str) -> str:
-    """The notifier topic on which an identity's job changes are announced (item: job id)."""
-    return f"owner:{owner_id}"
-
-
-def owner_change(owner_id: str, job_id: str) -> str:
-    """The key announcing that this job of this owner changed (state, progress, result)."""
-    return feed_key(owner_feed(owner_id), job_id)
 
 
 def _lease_lost(job_id: str, state: str) -> Conflict:
@@ -1090,36 +1064,6 @@ class JobQueue:
         """Jobs per app and state (queued and running only)."""
         with self.read() as conn:
             return store.queue_stats(conn)
-
-
-def adopt_input_rows(
-    blobs: BlobStore, staging: Path | None, job_id: str, files: dict[str, StagedFile]
-) -> list[FileRow]:
-    """Move the staged uploads to be job `job_id`'s inputs; their rows."""
-    if staging is None or not files:
-        return []
-    moved = blobs.adopt(staging, job_id, "inputs")
-    return [
-        FileRow("input", f.name, f.size, f.sha256, f.media_type, blobs.relative(moved / f.name))
-        for f in files.values()
-    ]
-
-
-def adopt_inputs(
-    blobs: BlobStore, staging: Path | None, job_id: str, files: dict[str, StagedFile]
-) -> list[JobFile]:
-    """`adopt_input_rows` as ORM rows, for jobs still made with the ORM (pipelines)."""
-    return [
-        JobFile(
-            kind=f.kind,
-            name=f.name,
-            size=f.size,
-            sha256=f.sha256,
-            media_type=f.media_type,
-            blob=f.blob,
-        )
-        for f in adopt_input_rows(blobs, staging, job_id, files)
-    ]
 
 
 def file_info(f: FileRow) -> FileInfo:

@@ -34,7 +34,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from csml import refusals
 from csml.coordinator import abuse
-from csml.coordinator.queue import StagedFile
+from csml.coordinator.staged_inputs import StagedFile
 from csml.refusals import Invalid, Malformed, Refusal, UnsupportedMedia
 from csml.store.blobs import HashingWriter, TooLarge, check_name, fsync_paths
 

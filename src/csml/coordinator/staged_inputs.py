@@ -1,0 +1,59 @@
+"""Staged inputs: uploaded files waiting in a staging folder to become a job's inputs.
+
+A submission (single, batch, multipart or pipeline) stages each input in a private
+staging folder (`BlobStore.new_staging`), hashed and size-checked as it arrives, and
+fsyncs them before the job's row is written. `adopt_input_rows` then moves the folder
+under the job (`BlobStore.adopt`) and gives the rows that describe its inputs. A
+staging folder whose job was never written is discarded by its caller, or swept at
+the next start (`BlobStore.sweep_staging`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from csml.store.blobs import BlobStore
+from csml.store.jobs import FileRow
+from csml.store.tables import JobFile
+
+
+@dataclass
+class StagedFile:
+    """One input as staged: its name, where it is, and what it holds."""
+
+    name: str
+    path: Path
+    size: int
+    sha256: str
+    media_type: str
+
+
+def adopt_input_rows(
+    blobs: BlobStore, staging: Path | None, job_id: str, files: dict[str, StagedFile]
+) -> list[FileRow]:
+    """Move the staged uploads to be job `job_id`'s inputs; their rows."""
+    if staging is None or not files:
+        return []
+    moved = blobs.adopt(staging, job_id, "inputs")
+    return [
+        FileRow("input", f.name, f.size, f.sha256, f.media_type, blobs.relative(moved / f.name))
+        for f in files.values()
+    ]
+
+
+def adopt_inputs(
+    blobs: BlobStore, staging: Path | None, job_id: str, files: dict[str, StagedFile]
+) -> list[JobFile]:
+    """`adopt_input_rows` as ORM rows, for jobs still made with the ORM (pipelines)."""
+    return [
+        JobFile(
+            kind=f.kind,
+            name=f.name,
+            size=f.size,
+            sha256=f.sha256,
+            media_type=f.media_type,
+            blob=f.blob,
+        )
+        for f in adopt_input_rows(blobs, staging, job_id, files)
+    ]
