@@ -220,6 +220,8 @@ def test_the_cap_refuses_a_worker_beyond_it_by_name(
     info = rule(open_coordinator, "echo", max_workers=None)
     assert info["max_workers"] is None and info["contributed_workers"] == 2
     assert info["allowed"] is True  # left as it was
+    apps = {a["name"]: a for a in open_coordinator.http.get("/v1/apps").json()}
+    assert (apps["echo"]["operator_workers"], apps["echo"]["contributed_workers"]) == (1, 2)
 
 
 def test_revoking_stops_claims_and_only_the_owner_or_operator_may(

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from csml import ids
-from csml.coordinator import abuse, artifacts, pipeline_spec, pipelines, spec_limits
+from csml.coordinator import abuse, artifacts, contributions, pipeline_spec, pipelines, spec_limits
 from csml.coordinator.auth import AuthFirstRoute, current_identity
 from csml.coordinator.errors import ApiError, from_refusal, not_found, spec_error
 from csml.coordinator.notify import job_key, owner_change
@@ -95,6 +95,7 @@ def delete_me(request: Request, me: Me) -> Response:
 def app_infos(c: Core) -> list[AppInfo]:
     live = c.queue.live_workers()
     stats = c.queue.queue_stats()
+    by_kind = contributions.worker_counts(c)  # (operator-run, contributed) per app
     infos = []
     for name, entry in sorted(c.catalog.entries().items()):
         workers = live.get(name)
@@ -105,6 +106,8 @@ def app_infos(c: Core) -> list[AppInfo]:
                 workers=workers.workers if workers else 0,
                 slots=workers.slots if workers else 0,
                 sandboxes=list(workers.sandboxes) if workers else [],
+                operator_workers=by_kind.get(name, (0, 0))[0],
+                contributed_workers=by_kind.get(name, (0, 0))[1],
                 queue=QueueInfo(
                     depth=st.get(JobState.queued.value, 0),
                     running=st.get(JobState.running.value, 0),
