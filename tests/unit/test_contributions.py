@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,14 @@ def register(
         **kw,
     }
     return coordinator.http.post("/v1/workers", json=body, headers=bearer(token))
+
+
+@dataclass(frozen=True)
+class Caller:
+    """A worker as the queue sees one whose request was already authenticated."""
+
+    id: str
+    app: str
 
 
 def contributed_worker(coordinator: InProcessCoordinator, token: str) -> HttpWorker:
@@ -248,6 +257,9 @@ def test_revoking_stops_claims_and_only_the_owner_or_operator_may(
     alice.revoke_contribution(made.id[:12])
     submit(open_coordinator, bob.token, word="after")
     assert worker.post("/claim", {"max_jobs": 1, "wait": 0}).status_code == 401
+    # A claim that authenticated before the revocation (a long-poll still waiting) takes
+    # nothing either: the claim itself checks that its worker is not stopped.
+    assert open_coordinator.core.queue.claim(Caller(worker.id, "echo"), 1) == []
     [listed] = alice.contributions()
     assert listed.revoked_at is not None and listed.workers[0].stopped_at is not None
 

@@ -253,6 +253,9 @@ def stamp_worker(conn: Connection, worker_id: str, now: datetime) -> None:
     conn.execute(_STAMP_WORKER, {"worker_id": worker_id, "b_now": now})
 
 
+_LIVE_WORKER = select(WORKERS.c.id).where(
+    WORKERS.c.id == bindparam("b_worker"), WORKERS.c.stopped_at.is_(None)
+)
 _HEAD = (
     select(JOBS.c.seq)
     .where(claimable(bindparam("b_worker"), bindparam("b_app")))
@@ -324,7 +327,10 @@ def take(
     lease_until: datetime,
 ) -> list[Claimed]:
     """Claim up to `max_jobs` of the queue head for this worker (see the invariants), in
-    claim order."""
+    claim order. A worker that has left or whose join token was revoked (`stopped_at`)
+    takes nothing, even in a claim that was already waiting when it was stopped."""
+    if conn.execute(_LIVE_WORKER, {"b_worker": worker_id}).first() is None:
+        return []
     rows = conn.execute(
         _TAKE,
         {
