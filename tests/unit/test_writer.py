@@ -510,3 +510,22 @@ def test_savepoints_on_pysqlite_keep_the_transaction_open(tmp_path: Path, engine
         "COMMIT",
     ]
     assert tags(engine) == {"first", "second", "third", "alone"}
+
+
+def test_run_many_keeps_order_isolates_failures_and_shares_a_commit(engine: Engine) -> None:
+    writer = Writer(engine)
+    try:
+        writer.run(add("warm"))  # the thread and its connection exist
+        before = commits(engine)
+
+        def refuse(conn: Connection) -> int:
+            add("refused")(conn)
+            raise ValueError("no")
+
+        answers = writer.run_many([add("m0"), add("m1"), refuse, add("m2")])
+        assert answers[:2] == [2, 3] and answers[3] == 4  # in order, each after the last
+        assert isinstance(answers[2], ValueError)
+        assert commits(engine) - before <= 2  # the thread may start on the first alone
+        assert tags(engine) == {"warm", "m0", "m1", "m2"}
+    finally:
+        writer.close()

@@ -7,13 +7,15 @@ object with `items`, no items or more than `MAX_BATCH_ITEMS`, an inline input ov
 
 `submit` then takes each item in order through what a single submission goes through
 (`api_users.submit_job` with the inputs as form parts): the spec's limits
-(`spec_limits.load`), its schema (`JobSpec`), the identity's early limits
-(`abuse.check_submission`, charged with the item's kept params and input bytes, so each
-item counts in the submission window), the model quota, the operation's declared
-inputs (`JobQueue.check_files`), and finally `JobQueue.submit`, which checks params,
-limits, quotas (active jobs, stored bytes), the queue bound and recipients in the
-transaction that creates the job and gives it its fair rank. Items are jobs: they
-count against quotas and take their turns like any other job.
+(`spec_limits.load`), its schema (`JobSpec`), the submission rate window when one is
+set (`abuse.check_submission`, charged with the item's kept params and input bytes, so
+each item counts in it), the model quota, and finally `JobQueue.submit_many`, which
+takes every remaining item through `submit`'s checks (the operation's declared inputs,
+params, limits, quotas on active jobs and stored bytes, the queue bound, recipients)
+in the write that creates its job and gives it its fair rank. Those writes are queued
+together and in order, so a batch costs about one commit (group commit, see
+`csml.store.writer`), and each item's quota check sees the items before it. Items
+are jobs: they count against quotas and take their turns like any other job.
 
 Invariants:
 - One item's refusal never refuses another; each `Outcome` holds the item's job or
@@ -24,7 +26,7 @@ Invariants:
   file of the request) before any of them is submitted; a refused item's staging is
   removed, an accepted one's became its job's inputs (`JobQueue.submit` adopts it).
 
-The JobQueue methods used are `check_files` and `submit` (public, stable names).
+The JobQueue methods used are `check_files` and `submit_many` (public, stable names).
 """
 
 from __future__ import annotations
@@ -162,19 +164,30 @@ def submit(core: Core, owner_id: str, items: list[Item]) -> list[Outcome]:
             except Exception as exc:
                 outcome.error = exc
         fsync_paths([f.path for _, files in staged.values() for f in files.values()])
+        ready: list[Outcome] = []
+        jobs: list[tuple[JobSpec, Path | None, dict[str, StagedFile]]] = []
         for item, outcome in zip(items, outcomes, strict=True):
             if outcome.error is not None:
                 continue
             spec, kept = specs[item.index]
             staging, files = staged.get(item.index, (None, {}))
             try:
-                uploaded = sum(f.size for f in files.values())
-                abuse.check_submission(core, owner_id, kept + uploaded)
+                if core.settings.submission_rate_limit:  # each item counts in the window
+                    uploaded = sum(f.size for f in files.values())
+                    abuse.check_submission(core, owner_id, kept + uploaded)
                 _, op = core.catalog.operation(spec.app, spec.operation)
                 abuse.check_model_quota(core, owner_id, artifacts.makes_models(op))
-                outcome.job = core.queue.submit(owner_id, spec, staging, files)
             except Exception as exc:
                 outcome.error = exc
+                continue
+            ready.append(outcome)
+            jobs.append((spec, staging, files))
+        # Quotas are checked again, race-free and item after item, in the writes.
+        for outcome, answer in zip(ready, core.queue.submit_many(owner_id, jobs), strict=True):
+            if isinstance(answer, Exception):
+                outcome.error = answer
+            else:
+                outcome.job = answer
     finally:
         for staging, _ in staged.values():
             core.blobs.discard(staging)  # an accepted item's folder was moved: nothing left

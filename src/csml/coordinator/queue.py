@@ -301,6 +301,38 @@ class JobQueue:
         self.notifier.notify(app_key(spec.app))
         return job
 
+    def submit_many(
+        self,
+        owner_id: str,
+        items: list[tuple[JobSpec, Path | None, dict[str, StagedFile]]],
+    ) -> list[JobRow | Exception]:
+        """`submit` for many jobs of one owner at once: their writes are queued together,
+        in order, so they share the writer's batches (one COMMIT for many jobs); each
+        item is checked and quota-counted as a single submission, after the items
+        before it. Per item, in order: its job, or the exception that refused it."""
+        answers: list[JobRow | Exception | None] = [None] * len(items)
+        ops: list[Callable[[Connection], JobRow]] = []
+        placed: list[tuple[int, str]] = []  # (item index, job id) of each queued op
+        for index, (spec, staging, files) in enumerate(items):
+            try:
+                job_id, op = self._prepare_submit(spec, files)
+                inputs = adopt_input_rows(self.blobs, staging, job_id, files)
+            except Exception as exc:
+                answers[index] = exc
+                continue
+            ops.append(self._submit_op(owner_id, spec, op, job_id, inputs, files))
+            placed.append((index, job_id))
+        apps: set[str] = set()
+        for (index, job_id), answer in zip(placed, self.writer.run_many(ops), strict=True):
+            answers[index] = answer
+            if isinstance(answer, Exception):
+                self.blobs.remove_job(job_id)  # adopted inputs and linked models
+            else:
+                apps.add(answer.app)
+        for app in apps:
+            self.notifier.notify(app_key(app))
+        return [a if a is not None else RuntimeError("not submitted") for a in answers]
+
     async def submit_async(
         self,
         owner_id: str,

@@ -97,7 +97,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar, cast
 
@@ -201,6 +201,25 @@ class Writer:
         waiter: Future[Any] = Future()
         self._accept(_Op(op, waiter, None))
         return cast(T, waiter.result())
+
+    def run_many(self, ops: Sequence[WriteOp[T]]) -> list[T | Exception]:
+        """Run `ops` as if each were `run`, but queued together, in order, so that they
+        share a batch (one COMMIT when they fit in one); each answer, in `ops`' order, is
+        its result or the `Exception` it raised (rolled back alone). Returns once every
+        op's batch has committed."""
+        waiters: list[Future[Any]] = []
+        self._refuse_inside("run_many")
+        for op in ops:
+            waiter: Future[Any] = Future()
+            self._accept(_Op(op, waiter, None))
+            waiters.append(waiter)
+        answers: list[T | Exception] = []
+        for waiter in waiters:
+            try:
+                answers.append(cast(T, waiter.result()))
+            except Exception as exc:
+                answers.append(exc)
+        return answers
 
     async def run_async(self, op: WriteOp[T]) -> T:
         """`run` for coroutines: the event loop keeps serving while `op` commits."""
