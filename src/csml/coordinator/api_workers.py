@@ -52,9 +52,10 @@ from csml.schemas.workers import (
     CompletionOutcome,
     CompletionResults,
 )
+from csml.store import workers
 from csml.store.blobs import HashingWriter, TooLarge, check_name, fsync_paths
 from csml.store.db import transaction
-from csml.store.tables import JoinToken, Worker, utcnow
+from csml.store.tables import JoinToken, utcnow
 from csml.store.workers import WorkerRow
 
 router = APIRouter(route_class=AuthFirstRoute, prefix="/v1/workers", tags=["workers"])
@@ -113,25 +114,22 @@ def register(body: WorkerRegistration, request: Request, join: Joiner) -> Worker
             field="app.name",
         )
     token = ids.new_secret("csmlw")
-    now = utcnow()
-    worker = Worker(
-        id=ids.new_id(),
-        token_hash=ids.hash_secret(token),
-        join_token_id=join.id,
-        app=body.app.name,
-        app_version=body.app.version,
-        slots=body.slots,
-        sandbox=body.sandbox,
-        registered_at=now,
-        last_heartbeat=now,
-    )
     with transaction(c.sessions) as session:
         c.catalog.register(session, body.app, join)
-        session.add(worker)
+        worker_id = workers.add_worker(
+            session,
+            token_hash=ids.hash_secret(token),
+            join_token_id=join.id,
+            app=body.app.name,
+            app_version=body.app.version,
+            slots=body.slots,
+            sandbox=body.sandbox,
+            now=utcnow(),
+        )
         if body.attestation is not None:
-            add_worker_key(session, worker.id, body.attestation)
+            add_worker_key(session, worker_id, body.attestation)
     return WorkerRegistered(
-        worker_id=worker.id,
+        worker_id=worker_id,
         worker_token=token,
         lease_seconds=c.settings.lease_seconds,
         heartbeat_seconds=c.settings.heartbeat_seconds,

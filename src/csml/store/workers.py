@@ -23,6 +23,7 @@ from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
+from csml import ids
 from csml.store.db import insert_ignore
 from csml.store.tables import JoinToken, Worker
 from csml.store.tables_confidential import WorkerKey
@@ -211,6 +212,33 @@ def worker_by_token(conn: Connection, token_hash: str) -> WorkerAuth | None:
     if row is None:
         return None
     return WorkerAuth(worker=_worker_row(row), revoked_at=row[len(_WORKER_COLUMNS)])
+
+
+def add_worker(
+    session: Session,
+    *,
+    token_hash: str,
+    join_token_id: str,
+    app: str,
+    app_version: str,
+    slots: int,
+    sandbox: str,
+    now: datetime,
+) -> str:
+    """Add a joining worker's row (live from `now`); its id."""
+    worker = Worker(
+        id=ids.new_id(),
+        token_hash=token_hash,
+        join_token_id=join_token_id,
+        app=app,
+        app_version=app_version,
+        slots=slots,
+        sandbox=sandbox,
+        registered_at=now,
+        last_heartbeat=now,
+    )
+    session.add(worker)
+    return worker.id
 
 
 def add_worker_key(
