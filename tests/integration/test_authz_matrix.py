@@ -29,6 +29,7 @@ IDENTITY = {
     ("get", "/v1/identities/me"),
     ("delete", "/v1/identities/me"),
     ("post", "/v1/jobs"),
+    ("post", "/v1/jobs/batch"),
     ("get", "/v1/jobs"),
     ("get", "/v1/jobs/{job_id}"),
     ("delete", "/v1/jobs/{job_id}"),

@@ -40,6 +40,7 @@ ROUTES = [
     ("/v1/workers", "join"),
     ("/v1/operator/join-tokens", "operator"),
     ("/v1/jobs", "identity"),
+    ("/v1/jobs/batch", "identity"),
 ]
 
 

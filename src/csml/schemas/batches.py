@@ -31,8 +31,10 @@ from csml.schemas.workers import INLINE_MAX_BYTES
 MAX_BATCH_ITEMS = 500
 """Items per batch request."""
 
-MAX_BATCH_BODY_BYTES = 32 << 20
-"""Bytes of one batch request's body (JSON, inputs in base64)."""
+MAX_BATCH_BODY_BYTES = 12 << 20
+"""Bytes of one batch request's body (JSON, inputs in base64). The route reads the body
+whole before parsing it, so this bounds what one request can make the coordinator hold
+(the SDK sends at most `csml.client.batch.BATCH_BYTES`, 8 MiB, per request)."""
 
 INLINE_MAX_CHARS = (INLINE_MAX_BYTES + 2) // 3 * 4
 """The longest base64 text of one inline input."""
