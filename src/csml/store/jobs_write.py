@@ -253,12 +253,16 @@ def stamp_worker(conn: Connection, worker_id: str, now: datetime) -> None:
     conn.execute(_STAMP_WORKER, {"worker_id": worker_id, "b_now": now})
 
 
-_LIVE_WORKER = select(WORKERS.c.id).where(
-    WORKERS.c.id == bindparam("b_worker"), WORKERS.c.stopped_at.is_(None)
+# The claim takes nothing for a stopped worker (left, or its join token revoked), even
+# in a long-poll that authenticated before it was stopped: part of the claim statement.
+_WORKER_LIVE = (
+    select(WORKERS.c.id)
+    .where(WORKERS.c.id == bindparam("b_worker"), WORKERS.c.stopped_at.is_(None))
+    .exists()
 )
 _HEAD = (
     select(JOBS.c.seq)
-    .where(claimable(bindparam("b_worker"), bindparam("b_app")))
+    .where(claimable(bindparam("b_worker"), bindparam("b_app")), _WORKER_LIVE)
     .order_by(JOBS.c.fair_rank, JOBS.c.seq)
     .limit(bindparam("max_jobs"))
     .with_for_update(skip_locked=True)
@@ -329,8 +333,6 @@ def take(
     """Claim up to `max_jobs` of the queue head for this worker (see the invariants), in
     claim order. A worker that has left or whose join token was revoked (`stopped_at`)
     takes nothing, even in a claim that was already waiting when it was stopped."""
-    if conn.execute(_LIVE_WORKER, {"b_worker": worker_id}).first() is None:
-        return []
     rows = conn.execute(
         _TAKE,
         {
