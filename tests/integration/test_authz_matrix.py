@@ -169,14 +169,14 @@ def test_worker_routes(tmp_path: Any) -> None:
         cluster.csml("join-token", "revoke", token_id)
         # Revoked outside the coordinator (the CLI writes the store): refused once the
         # coordinator's worker-token cache entry ends (csml.coordinator.worker_tokens).
+        # (wait 0: within the cache entry the claim is still accepted and would otherwise
+        # long-poll its default 20 s, taking nothing: a stopped worker takes no job.)
         wait_for(
             lambda: (
-                call(
-                    cluster,
-                    "post",
-                    "/v1/workers/{worker_id}/claim",
-                    bearer(mine["worker_token"]),
-                    **values,
+                httpx.post(
+                    f"{cluster.url}/v1/workers/{mine['worker_id']}/claim",
+                    headers=bearer(mine["worker_token"]),
+                    json={"max_jobs": 1, "wait": 0},
                 ).status_code
                 == 401
             ),
