@@ -28,9 +28,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from csml import ids
 from csml.apps.base import MODEL_PARAM
@@ -38,8 +38,7 @@ from csml.coordinator import artifacts, pipeline_spec, quotas
 from csml.coordinator.notify import app_key, job_key
 from csml.coordinator.staged_inputs import StagedFile, adopt_inputs
 from csml.refusals import Conflict, Invalid, Refusal
-from csml.schemas import Job as JobView
-from csml.schemas import JobSpec, JobState, PipelineSpec, StepSpec, StepStatus
+from csml.schemas import JobSpec, JobState, PipelineSpec, StepSpec
 from csml.schemas.pipelines import UPLOAD_PREFIX
 from csml.store import pipelines as store
 from csml.store.db import transaction
@@ -329,64 +328,3 @@ def with_steps(session: Session, jobs: Sequence[tuple[int, str]]) -> list[tuple[
     out = list(dict.fromkeys(jobs))
     out.extend(store.step_keys(session, [seq for seq, _ in out]))
     return list(dict.fromkeys(out))
-
-
-# -- the owner's view -----------------------------------------------------------------
-
-
-def load_steps(sessions: sessionmaker[Session], jobs: Sequence[Job]) -> dict[int, list[Job]]:
-    """The step jobs of the pipelines among `jobs`, by parent seq (one query)."""
-    parents = [j.seq for j in jobs if is_parent(j)]
-    found: dict[int, list[Job]] = {seq: [] for seq in parents}
-    if not parents:
-        return found
-    with sessions() as session:
-        for step in store.steps_of_many(session, parents):
-            assert step.parent_seq is not None
-            found[step.parent_seq].append(step)
-    return found
-
-
-def view(base: JobView, job: Job, steps: Sequence[Job], places: dict[str, int]) -> JobView:
-    """A pipeline as one job: live state and progress come from its current step."""
-    specs = step_specs(job)
-    rows = {s.step_index: s for s in steps}
-    statuses = []
-    for i, spec in enumerate(specs):
-        row = rows.get(i)
-        statuses.append(
-            StepStatus(
-                name=spec.name,
-                app=spec.app,
-                operation=spec.operation,
-                state=row.state if row is not None else PENDING,
-                job_id=row.id if row is not None else None,
-                error=row.error if row is not None else None,
-            )
-        )
-    update: dict[str, Any] = {"steps": statuses}
-    first = rows.get(0)
-    if first is not None:
-        update["started_at"] = first.started_at
-    current = rows.get(job.step_index or 0)
-    if current is not None:
-        update["attempts"] = current.attempts
-    if job.state not in TERMINAL and current is not None:
-        i, n = current.step_index or 0, len(specs)
-        running = current.state == RUNNING
-        state = JobState.running if running or i > 0 else JobState.queued
-        fraction = (i + (current.progress_fraction if running else 0.0)) / n
-        message = (
-            current.progress_message if running and current.progress_message else current.state
-        )
-        update.update(
-            state=state,
-            queue_position=places.get(current.id) if state == JobState.queued else None,
-            progress=base.progress.model_copy(
-                update={
-                    "fraction": min(1.0, fraction),
-                    "message": f"step {i + 1}/{n} {specs[i].name}: {message}"[:500],
-                }
-            ),
-        )
-    return base.model_copy(update=update)
