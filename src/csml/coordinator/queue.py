@@ -291,15 +291,10 @@ class JobQueue:
         files: dict[str, StagedFile],
     ) -> JobRow:
         """Create a queued job (quotas checked in its transaction); durable on return."""
-        job_id, op = self._prepare_submit(spec, files)
-        try:
-            inputs = adopt_input_rows(self.blobs, staging, job_id, files)
-            job = self.writer.run(self._submit_op(owner_id, spec, op, job_id, inputs, files))
-        except BaseException:
-            self.blobs.remove_job(job_id)  # adopted inputs and linked models
-            raise
-        self.notifier.notify(app_key(spec.app))
-        return job
+        [answer] = self.submit_many(owner_id, [(spec, staging, files)])
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
 
     def submit_many(
         self,
@@ -316,8 +311,13 @@ class JobQueue:
         for index, (spec, staging, files) in enumerate(items):
             try:
                 job_id, op = self._prepare_submit(spec, files)
+            except Exception as exc:
+                answers[index] = exc
+                continue
+            try:
                 inputs = adopt_input_rows(self.blobs, staging, job_id, files)
             except Exception as exc:
+                self.blobs.remove_job(job_id)  # whatever was moved before it failed
                 answers[index] = exc
                 continue
             ops.append(self._submit_op(owner_id, spec, op, job_id, inputs, files))
