@@ -20,7 +20,8 @@ Invariants:
 - **Cheap when unused.** Whether any identity has a positive balance is read at most
   once per `GATE_SECONDS` per coordinator, outside the claim's transaction; with none, a
   claim is exactly the plain claim (no lock, no window, no statement more). An app whose
-  credited take found nothing is left to plain claims until the next read.
+  credited take found nothing is left to plain claims until the next read. An earning
+  that lifts a balance above zero on this coordinator makes the next claim read again.
 - A claim through credit holds its app's lock (a `threading.Lock`) across its takes,
   so concurrent claims (PostgreSQL's writer lanes) see one window. The takes skip
   locked rows and never wait in the store, so the lock is never held across a wait.
@@ -79,14 +80,19 @@ def realize(planned: Sequence[bool], credited: int, jumped: int) -> list[bool]:
     """What a claim handed out, in the plan's order: of its credit positions, the first
     `jumped` were taken out of order, the next `credited - jumped` in order (plain), the
     rest unused (dropped); its plain positions stay plain."""
-    out: list[bool] = []
+    return [p for p, _ in _positions(planned, credited, jumped)]
+
+
+def _positions(planned: Sequence[bool], credited: int, jumped: int) -> list[tuple[bool, bool]]:
+    """(out of order, from the credited take) per handed-out position of the plan."""
+    out: list[tuple[bool, bool]] = []
     used = 0
     for position in planned:
         if not position:
-            out.append(False)
+            out.append((False, False))
             continue
         if used < credited:
-            out.append(used < jumped)
+            out.append((used < jumped, True))
         used += 1
     return out
 
@@ -122,6 +128,11 @@ class Priority:
             self._idle.clear()
         return self._credited and app not in self._idle
 
+    def touch(self) -> None:
+        """A balance went above zero here: read the gate again at the next claim (other
+        coordinators see it within `GATE_SECONDS`)."""
+        self._gate_until = float("-inf")
+
     def window(self, app: str) -> tuple[threading.Lock, deque[bool]]:
         with self._lock:
             found = self._apps.get(app)
@@ -133,7 +144,8 @@ class Priority:
     def claim(self, app: str, size: int, take: Take) -> list[Claimed]:
         """Claim up to `size` jobs of `app` within the bound: the plan's plain positions
         first (the plain head), then its credit positions (the credited head), then plain
-        again for what credit did not fill. Records what was handed out."""
+        again for what credit did not fill. Returns them in the plan's order, which is
+        the order recorded in the window."""
         lock, history = self.window(app)
         with lock:
             first = plan(history, self.k, self.n, size)
@@ -147,13 +159,16 @@ class Priority:
             credited = take(wanted, True) if wanted else []
             if wanted and not credited:
                 self._idle.add(app)
-            jumped = sum(1 for t in credited if t.by_credit)
-            handed = realize(planned, len(credited), jumped)
-            rest: list[Claimed] = []
-            if len(credited) < wanted and len(plain) + len(credited) < size:
-                rest = take(size - len(plain) - len(credited), False)
-            history.extend([*handed, *([False] * len(rest))])
-            return [*plain, *credited, *rest]
+            jumped = [t for t in credited if t.by_credit]
+            in_order = [t for t in credited if not t.by_credit]
+            handed: list[Claimed] = []
+            for out_of_order, from_credit in _positions(planned, len(credited), len(jumped)):
+                source = (jumped if out_of_order else in_order) if from_credit else plain
+                handed.append(source.pop(0))
+            if len(credited) < wanted and len(handed) < size:
+                handed += take(size - len(handed), False)
+            history.extend(t.by_credit for t in handed)
+            return handed
 
 
 # -- what the routes show -------------------------------------------------------------

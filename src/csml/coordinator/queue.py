@@ -978,7 +978,7 @@ class JobQueue:
             )
         if succeeded:
             # Accepted (no verification yet: a succeeded run is the accepted one).
-            ledger.earn(
+            earned = ledger.earn(
                 conn,
                 contributor_id=contributor_of(worker),
                 owner_id=job.owner_id,
@@ -989,6 +989,8 @@ class JobQueue:
                 now=now,
                 max_seconds=cap,
             )
+            if earned is not None and earned.balance > 0:
+                self.credit.touch()
 
     def _write_inline(self, job: JobRow, outputs_dir: Path, outputs: list[InlineOutput]) -> None:
         """Write a completion's inline outputs (declared names only, each bounded) as an
