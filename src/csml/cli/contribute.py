@@ -137,8 +137,8 @@ def apps_contribution(
         engine.dispose()
     cap = "no cap" if info.max_workers is None else f"at most {info.max_workers}"
     state = "allowed" if info.allowed else "denied"
+    weight = "" if info.credit_weight == 1.0 else f"; credit weight {info.credit_weight:g}"
     console.print(
-        f"{info.app}: contributed workers {state}, {cap}; {info.contributed_workers} live; "
-        f"credit weight {info.credit_weight:g}",
+        f"{info.app}: contributed workers {state}, {cap}; {info.contributed_workers} live" + weight,
         highlight=False,
     )
