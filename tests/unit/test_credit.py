@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -328,3 +329,52 @@ def test_csml_credit_prints_the_balance_and_ledger(
     assert "balance  1.500 credits (served by priority" in out and "+1.500" in out
     data = json.loads(run(cli, "credit", "--json"))
     assert data["balance_milli"] == 1500 and data["entries"][0]["kind"] == "earned"
+
+
+def test_the_migration_goes_up_and_down_on_sqlite_keeping_rows(tmp_path: Path) -> None:
+    """0008 adds columns in place (no table copy: see 0007) and its tables; down and up
+    again leave the other rows as they were."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import text
+
+    from csml.store.db import MIGRATIONS, make_engine, migrate, sqlite_url
+
+    engine = make_engine(sqlite_url(tmp_path))
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    stamp = "'2026-01-01 00:00:00'"
+    with engine.connect() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0007_contributions")
+        conn.execute(
+            text(f"INSERT INTO identities (id, token_hash, created_at) VALUES ('i', 'ih', {stamp})")
+        )
+        conn.execute(
+            text(
+                "INSERT INTO contribution_settings (app, allowed, max_workers, updated_at) "
+                f"VALUES ('echo', 1, 2, {stamp})"
+            )
+        )
+        conn.commit()
+    migrate(engine)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT credit_weight FROM contribution_settings")).all() == [
+            (1.0,)
+        ]
+        conn.execute(
+            text(
+                "INSERT INTO credit_ledger (identity_id, at, kind, amount, app) "
+                f"VALUES ('i', {stamp}, 'earned', 5, 'echo')"
+            )
+        )
+        conn.commit()
+        conn.execute(text("DELETE FROM identities WHERE id = 'i'"))  # cascades
+        conn.commit()
+        assert conn.execute(text("SELECT count(*) FROM credit_ledger")).scalar() == 0
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0007_contributions")
+        conn.commit()
+        assert conn.execute(text("SELECT max_workers FROM contribution_settings")).all() == [(2,)]
+    migrate(engine)
+    engine.dispose()
