@@ -67,7 +67,9 @@ async def mine(
     request: Request,
     me: Me,
     limit: Annotated[int, Query(ge=1, le=credit.MAX_HISTORY)] = 50,
-    before: Annotated[int | None, Query(ge=1, description="Entries older than this id.")] = None,
+    before: Annotated[
+        int | None, Query(ge=1, le=2**63 - 1, description="Entries older than this id.")
+    ] = None,
 ) -> CreditInfo:
     """Your credit balance and ledger, newest first (earned by your contributed workers'
     accepted runs of others' jobs, spent when your jobs are served by priority)."""
