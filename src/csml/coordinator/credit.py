@@ -25,8 +25,9 @@ Invariants:
 - A claim through credit holds its app's lock (a `threading.Lock`) across its takes,
   so concurrent claims (PostgreSQL's writer lanes) see one window. The takes skip
   locked rows and never wait in the store, so the lock is never held across a wait.
-- Per coordinator: several coordinators each keep the bound for what they hand out
-  (together too: every window of theirs holds at most k of n).
+- Per coordinator: several coordinators each keep the bound for what they hand out, so
+  over all of them credit takes at most about k/n of an app's jobs too, but two
+  coordinators' credited claims may come back to back.
 """
 
 from __future__ import annotations
