@@ -235,6 +235,31 @@ def test_a_debit_may_take_the_balance_below_zero_then_priority_stops(
     assert mine.balance_milli == -50 and not mine.credited
 
 
+def test_a_failed_priority_run_is_paid_a_lost_one_is_not(
+    make_coordinator: MakeCoordinator,
+) -> None:
+    coordinator = make_coordinator(contributions=True, lease_seconds=10)
+    alice, carol = coordinator.new_user(), coordinator.new_user()
+    earn(coordinator, alice, 5.0)
+    submit(carol, 3)
+    a = submit(alice, 3)
+    operator = coordinator.worker(echo_app, slots=1)
+    run_one(coordinator, operator, 0.1)  # a0, in her round: free
+    [jumped] = operator.claim()
+    assert jumped.id == a[1]
+    coordinator.clock.advance(0.4)
+    assert operator.complete(jumped, "failed", error="it broke").status_code == 204
+    run_one(coordinator, operator, 0.1)  # Carol's turn
+    [lost] = operator.claim()
+    assert lost.id == a[2]
+    coordinator.clock.advance(11)  # its worker goes silent: the lease ends
+    assert coordinator.reap() == 1
+    late = operator.complete(lost, result={})
+    assert late.status_code == 409  # the lost run's report is refused, and costs nothing
+    spent = [(e.job_id, e.amount_milli) for e in alice.credit().entries if e.kind == "spent"]
+    assert spent == [(a[1], 400)]
+
+
 def test_a_claim_takes_several_credited_jobs_within_the_bound(
     open_coordinator: InProcessCoordinator,
 ) -> None:
