@@ -43,6 +43,7 @@ IDENTITY = {
     ("post", "/v1/contributions"),
     ("get", "/v1/contributions"),
     ("delete", "/v1/contributions/{token_id}"),
+    ("get", "/v1/credit"),
 }
 JOB_SCOPED = {r for r in IDENTITY if "{job_id}" in r[1] or "{model_id}" in r[1]}
 JOIN_TOKEN = {("post", "/v1/workers")}
@@ -55,6 +56,7 @@ OPERATOR = {
     ("get", "/v1/operator/contributions"),
     ("put", "/v1/operator/contributions/{app}"),
     ("delete", "/v1/operator/contributions/tokens/{token_id}"),
+    ("get", "/v1/operator/credit"),
 }
 OPERATOR_TOKEN = "csmlop_matrix-operator-token"
 WORKER = {

@@ -180,6 +180,7 @@ def test_contributions_are_off_unless_the_operator_allows_them(
         "max_workers": None,
         "default": False,
         "contributed_workers": 0,
+        "credit_weight": 1.0,
     }
     contributed_worker(coordinator, alice.contribute("echo").token)
 

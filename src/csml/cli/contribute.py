@@ -102,6 +102,12 @@ def apps_contribution(
         int | None, typer.Option(min=0, help="At most this many live contributed workers.")
     ] = None,
     no_cap: Annotated[bool, typer.Option("--no-cap", help="Remove the cap.")] = False,
+    credit_weight: Annotated[
+        float | None,
+        typer.Option(
+            min=0, max=1000, help="Credit per wall second of a run of APP (default 1.0; 0: none)."
+        ),
+    ] = None,
 ) -> None:
     """(Operator, run where the coordinator's settings are.) Allow or deny contributed
     workers for APP and/or cap them; --deny revokes APP's contributed tokens."""
@@ -116,14 +122,23 @@ def apps_contribution(
     try:
         migrate(engine)
         cap_given = no_cap or max_workers is not None
-        info = set_rule_in(make_sessionmaker(engine), settings, app, allow, cap_given, max_workers)
+        info = set_rule_in(
+            make_sessionmaker(engine),
+            settings,
+            app,
+            allow,
+            cap_given,
+            max_workers,
+            credit_weight=credit_weight,
+        )
     except Refusal as exc:
         raise CsmlError(exc.message) from None
     finally:
         engine.dispose()
     cap = "no cap" if info.max_workers is None else f"at most {info.max_workers}"
     state = "allowed" if info.allowed else "denied"
+    weight = "" if info.credit_weight == 1.0 else f"; credit weight {info.credit_weight:g}"
     console.print(
-        f"{info.app}: contributed workers {state}, {cap}; {info.contributed_workers} live",
+        f"{info.app}: contributed workers {state}, {cap}; {info.contributed_workers} live" + weight,
         highlight=False,
     )

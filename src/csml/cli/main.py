@@ -9,7 +9,17 @@ from typing import Annotated
 
 import typer
 
-from csml.cli import attest, batch, contribute, demo, models, operator, pipeline, scaffold
+from csml.cli import (
+    attest,
+    batch,
+    contribute,
+    credit,
+    demo,
+    models,
+    operator,
+    pipeline,
+    scaffold,
+)
 from csml.cli.connection import UrlOpt, client
 from csml.cli.follow import follow
 from csml.cli.output import console, fail, jobs_table, plain, show_job
@@ -39,6 +49,7 @@ app.command("predict")(models.predict)
 app.add_typer(pipeline.pipeline_app, name="pipeline")
 app.command("batch")(batch.batch)
 app.command("contribute")(contribute.contribute)
+app.command("credit")(credit.credit)
 apps_app = typer.Typer(
     help="Applications: list them (no command), or set an app's rules.",
     invoke_without_command=True,

@@ -35,6 +35,7 @@ from csml.client.results import LOST, RECHECK, SAFETY_SECONDS, Mark, ResultStrea
 from csml.schemas import AppInfo, IdentityCreated, JobState, StepSpec, WorkerKeyInfo
 from csml.schemas import Job as JobData
 from csml.schemas.contributions import ContributionCreated, ContributionInfo, ContributionList
+from csml.schemas.credit import CreditInfo
 from csml.schemas.models import ModelInfo
 from csml.transport import TransportError, check_url, verify_option
 
@@ -168,6 +169,15 @@ class Client:
     def revoke_contribution(self, token_id: str) -> None:
         """Revoke one of your contributed join tokens: its workers stop getting jobs."""
         self.request("DELETE", f"/v1/contributions/{quote(token_id, safe='')}")
+
+    def credit(self, limit: int = 50, before: int | None = None) -> CreditInfo:
+        """Your credit: the balance (milli-credits; above zero, your queued jobs may be served
+        ahead of round-robin within the coordinator's bound) and up to `limit` ledger
+        entries, newest first; `before=info.next_before` gives the next (older) page."""
+        params: dict[str, int] = {"limit": limit}
+        if before is not None:
+            params["before"] = before
+        return CreditInfo.model_validate(self.request("GET", "/v1/credit", params=params).json())
 
     def _new_result_stream(self) -> None:
         if self._results is not None:

@@ -64,6 +64,7 @@ from csml.refusals import Conflict, Invalid, RateLimited
 from csml.schemas import JobState
 from csml.schemas.identities import IdentityChallenge, IdentityCreated, IdentityProof
 from csml.store import abuse as store
+from csml.store import credit as ledger
 from csml.store import identities
 from csml.store.db import scrub_wal, transaction
 from csml.store.tables import utcnow
@@ -340,7 +341,8 @@ def delete_identity(core: Core, identity_id: str) -> int:
     next heartbeat), then delete its jobs, files and every row that names it, and (SQLite)
     checkpoint and truncate the write-ahead log that still held those rows.
     Its contributed join tokens are revoked and deleted with their workers' rows
-    (`csml.coordinator.contributions.erase`). Returns how many jobs were erased.
+    (`csml.coordinator.contributions.erase`), its credit ledger and balance with them.
+    Returns how many jobs were erased.
 
     A submission or model import still streaming meanwhile finds the identity gone
     in the transaction that would create its rows (`quotas.require_identity`): it
@@ -357,6 +359,7 @@ def delete_identity(core: Core, identity_id: str) -> int:
         jobs = identities.lock_for_erasure(session, identity_id)
         delete_job_rows(session, jobs, now)
         contributed = contributions.erase(session, identity_id)
+        ledger.erase(session, identity_id)  # its credit ledger and balance
         models = identities.delete_identity(session, identity_id, submit_key(identity_id))
     contributions.forget(contributed)  # its contributed workers are refused now
     remove_job_files(core, [job_id for _, job_id in jobs])

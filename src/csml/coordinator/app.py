@@ -27,6 +27,7 @@ from csml.coordinator import (
     api_attestation,
     api_batches,
     api_contributions,
+    api_credit,
     api_events,
     api_models,
     api_operator,
@@ -191,6 +192,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api_operator.router)
     app.include_router(api_contributions.router)
     app.include_router(api_contributions.operator)
+    app.include_router(api_credit.router)
+    app.include_router(api_credit.operator)
     web_routes.mount(app)
     if settings.api_docs:
         api_docs.mount(app)

@@ -36,6 +36,14 @@ class Settings(BaseSettings):
         "ruled on (`csml apps contribution APP --allow/--deny` overrides it per app). Off by "
         "default: users' public jobs go to strangers' machines only where the operator said so.",
     )
+    credit_priority_k: int = Field(
+        1,
+        ge=0,
+        description="Credit priority: of every CSML_CREDIT_PRIORITY_N consecutive jobs a "
+        "coordinator hands out for an app, at most this many go to identities with credit "
+        "ahead of round-robin (0: no priority). Must be below N.",
+    )
+    credit_priority_n: int = Field(2, ge=1, description="See CSML_CREDIT_PRIORITY_K.")
     reap_interval_seconds: float = Field(1.0, gt=0)
     max_attempts: int = Field(3, ge=1)
 
@@ -114,6 +122,16 @@ class Settings(BaseSettings):
         None, description="Bearer token of the operator view; distinct from user tokens."
     )
     operator_token_file: Path | None = Field(None, description="A file holding it instead.")
+
+    @model_validator(mode="after")
+    def _credit_bound(self) -> Settings:
+        if self.credit_priority_k >= self.credit_priority_n:
+            raise ValueError(
+                f"CSML_CREDIT_PRIORITY_K ({self.credit_priority_k}) must be below "
+                f"CSML_CREDIT_PRIORITY_N ({self.credit_priority_n}): otherwise identities "
+                "without credit could starve"
+            )
+        return self
 
     @model_validator(mode="after")
     def _read_database_url_file(self) -> Settings:

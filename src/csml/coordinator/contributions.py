@@ -192,6 +192,11 @@ def worker_counts(c: Core) -> dict[str, tuple[int, int]]:
 # -- the operator's settings ----------------------------------------------------
 
 
+def _weight(session: Session, app: str) -> float:
+    found = contributions.setting(session, app)
+    return 1.0 if found is None else found.credit_weight
+
+
 def _rule(session: Session, default: bool, app: str) -> tuple[bool, int | None]:
     found = contributions.setting(session, app)
     return (default, None) if found is None else (found.allowed, found.max_workers)
@@ -208,6 +213,7 @@ def _setting_info(session: Session, settings: Settings, app: str) -> Contributio
         max_workers=cap,
         default=contributions.setting(session, app) is None,
         contributed_workers=live,
+        credit_weight=_weight(session, app),
     )
 
 
@@ -220,10 +226,19 @@ def settings_info(c: Core) -> list[ContributionSettingInfo]:
 
 def set_rule(c: Core, app: str, body: ContributionSettingRequest) -> ContributionSettingInfo:
     """Allow or deny contributions for `app` and/or cap them; fields left out stay as they
-    are. Denying revokes every contributed token of the app (their workers stop now): off
+    are (`credit_weight`: credit per wall second of a run of the app). Denying revokes every
+    contributed token of the app (their workers stop now): off
     means off. A lower cap stops no running worker; it refuses new ones until below it."""
     cap_given = "max_workers" in body.model_fields_set
-    info = set_rule_in(c.sessions, c.settings, app, body.allowed, cap_given, body.max_workers)
+    info = set_rule_in(
+        c.sessions,
+        c.settings,
+        app,
+        body.allowed,
+        cap_given,
+        body.max_workers,
+        credit_weight=body.credit_weight,
+    )
     c.catalog.reload()
     return info
 
@@ -235,6 +250,8 @@ def set_rule_in(
     allowed: bool | None,
     cap_given: bool,
     cap: int | None,
+    *,
+    credit_weight: float | None = None,
 ) -> ContributionSettingInfo:
     """`set_rule` on a store (also the operator's `csml apps contribution`, run where the
     coordinator's settings are; another process's worker-token cache forgets a revoked
@@ -247,7 +264,9 @@ def set_rule_in(
         now_allowed, now_cap = _rule(session, settings.contributions, app)
         now_allowed = now_allowed if allowed is None else allowed
         now_cap = cap if cap_given else now_cap
-        contributions.put_setting(session, app, now_allowed, now_cap, utcnow())
+        contributions.put_setting(
+            session, app, now_allowed, now_cap, utcnow(), credit_weight=credit_weight
+        )
         revoked = [] if now_allowed else contributions.live_tokens_for_app(session, app)
         for token_id in revoked:
             tokens.revoke(session, token_id)

@@ -64,6 +64,7 @@ from csml import ids
 from csml.coordinator import artifacts, pipelines, quotas
 from csml.coordinator.catalog import Catalog
 from csml.coordinator.config import Settings
+from csml.coordinator.credit import Priority
 from csml.coordinator.notify import Notifier, app_key, job_key, owner_change
 from csml.coordinator.staged_inputs import StagedFile, adopt_input_rows
 from csml.refusals import Conflict, Invalid, NotFound, QueueFull, Refusal, TooLarge
@@ -85,6 +86,7 @@ from csml.schemas.workers import (
     ClaimResponse,
     InlineOutput,
 )
+from csml.store import credit as ledger
 from csml.store import jobs as store
 from csml.store import jobs_end as ends
 from csml.store import jobs_write as writes
@@ -166,6 +168,8 @@ class JobQueue:
         self.writer = writer
         self._stamped: dict[str, float] = {}  # worker id -> when its liveness was written
         self._depths: dict[str, tuple[int, float]] = {}  # app -> (queued, when counted)
+        # credit: which claims may take a credited job ahead of round-robin (the bound).
+        self.credit = Priority(settings.credit_priority_k, settings.credit_priority_n)
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
@@ -574,6 +578,7 @@ class JobQueue:
             return None
         worker_id, app = worker.id, worker.app
         lease_id = ids.new_id()
+        credit = self.credit if self.credit.active(app, self._any_credited) else None
 
         def op(conn: Connection) -> _Claim:
             now = utcnow()
@@ -581,7 +586,16 @@ class JobQueue:
                 writes.stamp_worker(conn, worker_id, now)
             abort, progressed = self._beat(conn, worker_id, running, now)
             until = now + timedelta(seconds=self.settings.lease_seconds)
-            taken = writes.take(conn, worker_id, app, max_jobs, lease_id, now, until)
+            if credit is None:
+                taken = writes.take(conn, worker_id, app, max_jobs, lease_id, now, until)
+            else:
+                taken = credit.claim(
+                    app,
+                    max_jobs,
+                    lambda limit, credited: writes.take(
+                        conn, worker_id, app, limit, lease_id, now, until, credited=credited
+                    ),
+                )
             return _Claim(stamp, abort, progressed, taken, lease_id)
 
         return op
@@ -634,6 +648,10 @@ class JobQueue:
     def _has_queued(self, worker: WorkerRef) -> bool:
         with self.read() as conn:
             return store.has_claimable(conn, worker.id, worker.app)
+
+    def _any_credited(self) -> bool:
+        with self.read() as conn:
+            return ledger.any_credited(conn)
 
     def _inline(self, taken: list[Claimed], lease_id: str) -> list[ClaimedJob]:
         """The claimed jobs for the worker, with small inputs of plain jobs inline (base64)
@@ -906,6 +924,7 @@ class JobQueue:
             result=done.result,
             fraction=1.0 if succeeded else None,
         )
+        self._settle_credit(conn, worker, job, done, succeeded, now)
         if succeeded:
             writes.add_files(
                 conn,
@@ -932,6 +951,46 @@ class JobQueue:
                 pipelines.lock_parent(session, row)  # held already (PostgreSQL) or the db
                 woken += pipelines.step_finished(self, session, row)
         return woken
+
+    def _settle_credit(
+        self,
+        conn: Connection,
+        worker: WorkerRef,
+        job: Locked,
+        done: BatchedCompletion,
+        succeeded: bool,
+        now: datetime,
+    ) -> None:
+        """The credit of a run its worker reported (`csml.store.credit`'s rule): its owner
+        pays for a run taken by credit priority (under this lease), succeeded or failed;
+        a succeeded run is accepted, so a contributed worker's contributor earns."""
+        cap = self.settings.job_timeout_seconds
+        if job.credit_lease is not None and job.credit_lease == done.lease_id:
+            ledger.spend(
+                conn,
+                owner_id=job.owner_id,
+                job_id=job.id,
+                app=job.app,
+                worker_id=worker.id,
+                started_at=job.started_at,
+                now=now,
+                max_seconds=cap,
+            )
+        if succeeded:
+            # Accepted (no verification yet: a succeeded run is the accepted one).
+            earned = ledger.earn(
+                conn,
+                contributor_id=contributor_of(worker),
+                owner_id=job.owner_id,
+                job_id=job.id,
+                app=job.app,
+                worker_id=worker.id,
+                started_at=job.started_at,
+                now=now,
+                max_seconds=cap,
+            )
+            if earned is not None and earned.balance > 0:
+                self.credit.touch()
 
     def _write_inline(self, job: JobRow, outputs_dir: Path, outputs: list[InlineOutput]) -> None:
         """Write a completion's inline outputs (declared names only, each bounded) as an
@@ -1096,6 +1155,13 @@ class JobQueue:
         """Jobs per app and state (queued and running only)."""
         with self.read() as conn:
             return store.queue_stats(conn)
+
+
+def contributor_of(worker: WorkerRef) -> str | None:
+    """The identity that contributed `worker` (a `WorkerRow` as its token authenticated
+    it carries it); None for the operator's workers and for other `WorkerRef`s."""
+    found = getattr(worker, "contributor_id", None)
+    return found if isinstance(found, str) else None
 
 
 def file_info(f: FileRow) -> FileInfo:

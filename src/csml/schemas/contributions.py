@@ -59,6 +59,13 @@ class ContributionSettingRequest(BaseModel):
         ge=0,
         description="At most this many live contributed workers (null: no cap; absent: leave).",
     )
+    credit_weight: float | None = Field(
+        None,
+        ge=0,
+        le=1000,
+        description="Credit per wall second of a run of the app, earned by contributors and "
+        "spent by priority (0: no credit for the app; absent: leave; default 1.0).",
+    )
 
 
 class ContributionSettingInfo(BaseModel):
@@ -67,3 +74,4 @@ class ContributionSettingInfo(BaseModel):
     max_workers: int | None
     default: bool = Field(description="True when the operator set nothing (CSML_CONTRIBUTIONS).")
     contributed_workers: int = Field(description="Live contributed workers of the app now.")
+    credit_weight: float = Field(1.0, description="Credit per wall second of a run of the app.")

@@ -112,7 +112,9 @@ _ENVELOPE_COLS = (
     ENVELOPES.c.encrypted_params.label("env_params"),
     ENVELOPES.c.encrypted_result.label("env_result"),
 )
-_JOB_FIELDS = [c.name for c in JOBS.columns]
+# The columns a JobRow carries: a column read for one purpose only (credit's
+# `credit_lease`, read by completion in `jobs_end`) stays out of it.
+_JOB_FIELDS = [c.name for c in JOBS.columns if c.name in JobRow.__dataclass_fields__]
 
 
 def _select_jobs() -> Select[Any]:

@@ -45,6 +45,9 @@ class Locked:
     parent_seq: int | None
     step_index: int | None
     confidential: bool
+    # credit: when its run started, and the lease of a run taken by credit priority.
+    started_at: datetime | None = None
+    credit_lease: str | None = None
 
 
 def _select_locked() -> Select[Any]:
@@ -63,6 +66,8 @@ def _select_locked() -> Select[Any]:
         JOBS.c.parent_seq,
         JOBS.c.step_index,
         sealed.label("confidential"),
+        JOBS.c.started_at,
+        JOBS.c.credit_lease,
     )
 
 

@@ -15,6 +15,10 @@ Invariants:
   waits on another. On SQLite the write lock taken at BEGIN stands for the row locks.
 - A fair rank is one past the larger of its owner's last rank in the app (an upsert of
   the owner's `fair_counters` row, no app lock) and the app's served rank.
+- Credit priority (`take(credited=True)`, chosen by `csml.coordinator.credit`) is the
+  same one statement on the head of the jobs of identities with a positive balance; a
+  job it takes out of order keeps the lease in `credit_lease` (its completion debits the
+  owner) and does not move the served rank. The plain claim is unchanged by it.
 
 Ends (completion, cancel, reaping) are in `csml.store.jobs_end`.
 """
@@ -41,6 +45,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import BindParameter
 
+from csml.store.credit import credited_owner
 from csml.store.jobs import (
     APPS,
     COUNTERS,
@@ -229,6 +234,8 @@ class Claimed:
     fair_rank: int
     inputs: tuple[FileRow, ...]
     sealed: Sealed | None
+    # credit: taken by credit priority out of order (see `take(credited=True)`).
+    by_credit: bool = False
 
 
 _STOP_WORKER = (
@@ -291,6 +298,58 @@ _TAKE = (
         JOBS.c.fair_rank,
     )
 )
+# credit: the head among jobs of identities with a positive balance (fair rank order). A
+# job taken so is out of order when a job of an identity without credit waits in an
+# earlier round (a lower fair rank) of the app: that run remembers its lease.
+_AHEAD = JOBS.alias("ahead")
+_JUMPS = (
+    select(_AHEAD.c.seq)
+    .where(
+        _AHEAD.c.app == bindparam("b_app"),
+        _AHEAD.c.state == QUEUED,
+        _AHEAD.c.fair_rank < JOBS.c.fair_rank,
+        _AHEAD.c.owner_id.not_in(credited_owner()),
+    )
+    .correlate(JOBS)
+    .exists()
+)
+_CREDITED_HEAD = (
+    select(JOBS.c.seq)
+    .where(
+        claimable(bindparam("b_worker"), bindparam("b_app")),
+        _WORKER_LIVE,
+        JOBS.c.owner_id.in_(credited_owner()),
+    )
+    .order_by(JOBS.c.fair_rank, JOBS.c.seq)
+    .limit(bindparam("max_jobs"))
+    .with_for_update(skip_locked=True)
+    .scalar_subquery()
+)
+_TAKE_CREDITED = (
+    update(JOBS)
+    .where(JOBS.c.seq.in_(_CREDITED_HEAD))
+    .values(
+        state=RUNNING,
+        worker_id=bindparam("b_worker"),
+        lease_id=bindparam("b_lease"),
+        lease_expires_at=bindparam("b_until"),
+        started_at=bindparam("b_now"),
+        attempts=JOBS.c.attempts + 1,
+        error=None,
+        credit_lease=case((_JUMPS, bindparam("b_lease")), else_=None),
+    )
+    .returning(
+        JOBS.c.seq,
+        JOBS.c.id,
+        JOBS.c.owner_id,
+        JOBS.c.operation,
+        JOBS.c.params,
+        JOBS.c.limits,
+        JOBS.c.attempts,
+        JOBS.c.fair_rank,
+        JOBS.c.credit_lease,
+    )
+)
 # The served rank moves up unless another transaction holds the app's row (then that
 # one moves it, or the next claim does): a claim never waits on it.
 _SERVE = (
@@ -329,12 +388,19 @@ def take(
     lease_id: str,
     now: datetime,
     lease_until: datetime,
+    *,
+    credited: bool = False,
 ) -> list[Claimed]:
     """Claim up to `max_jobs` of the queue head for this worker (see the invariants), in
     claim order. A worker that has left or whose join token was revoked (`stopped_at`)
-    takes nothing, even in a claim that was already waiting when it was stopped."""
+    takes nothing, even in a claim that was already waiting when it was stopped.
+
+    `credited` (credit priority, `csml.coordinator.credit`): only jobs of identities
+    with a positive balance, lowest fair rank first; one taken out of order (see
+    `_JUMPS`) comes back with `by_credit` and its job keeps this lease in
+    `credit_lease`; the served rank moves only for those taken in order."""
     rows = conn.execute(
-        _TAKE,
+        _TAKE_CREDITED if credited else _TAKE,
         {
             "b_worker": worker_id,
             "b_app": app,
@@ -347,7 +413,10 @@ def take(
     if not rows:
         return []
     seqs = [r.seq for r in rows]
-    conn.execute(_SERVE, {"b_app": app, "b_top": max(r.fair_rank for r in rows)})
+    jumped = {r.seq for r in rows if credited and r.credit_lease is not None}
+    in_order = [r.fair_rank for r in rows if r.seq not in jumped]
+    if in_order:
+        conn.execute(_SERVE, {"b_app": app, "b_top": max(in_order)})
     inputs: dict[int, list[FileRow]] = {}
     for f in conn.execute(_INPUTS, {"seqs": seqs}):
         inputs.setdefault(f.job_seq, []).append(
@@ -371,6 +440,7 @@ def take(
             fair_rank=r.fair_rank,
             inputs=tuple(inputs.get(r.seq, ())),
             sealed=sealed.get(r.seq),
+            by_credit=r.seq in jumped,
         )
         for r in sorted(rows, key=lambda r: (r.fair_rank, r.seq))
     ]

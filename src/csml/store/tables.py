@@ -159,6 +159,9 @@ class ContributionSetting(Base):
     allowed: Mapped[bool] = mapped_column(Boolean)
     max_workers: Mapped[int | None] = mapped_column(Integer, default=None)
     updated_at: Mapped[datetime]
+    # credit (issue 13 item 2): credit per wall second of a run of this app (earned by a
+    # contributor, spent by a job served by priority). No row: 1.0.
+    credit_weight: Mapped[float] = mapped_column(Float, default=1.0, server_default="1.0")
 
 
 class AppVersion(Base):
@@ -203,6 +206,9 @@ class Job(Base):
         ForeignKey("jobs.seq", ondelete="CASCADE"), default=None
     )
     step_index: Mapped[int | None] = mapped_column(Integer, default=None)
+    # credit (issue 13 item 2): the lease of the run that took it by credit priority, ahead
+    # of plain round-robin (its completion under that lease debits its owner); else None.
+    credit_lease: Mapped[str | None] = mapped_column(String(64), default=None)
 
     files: Mapped[list[JobFile]] = relationship(
         back_populates="job", cascade="all, delete-orphan", lazy="selectin"

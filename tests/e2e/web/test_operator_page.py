@@ -81,6 +81,12 @@ def test_operator_view(pages: Pages, web_cluster: Cluster) -> None:
         shown = [failures.nth(i).locator("td").first.inner_text() for i in range(failures.count())]
         assert shown == reasons
 
+        # The credit ledger's totals, as the API gives them.
+        totals = httpx.get(f"{web_cluster.url}/v1/operator/credit", headers=OP).json()
+        credit = page.locator("#credit-totals").inner_text()
+        assert f"Earned {totals['earned_milli'] / 1000:.3f}" in credit
+        assert f"at most {totals['priority']['k']} of every {totals['priority']['n']}" in credit
+
         screenshot(page, "operator-desktop")
         assert axe_violations(page) == []
 

@@ -368,3 +368,47 @@ def test_keyboard_alone_joins_and_submits(pages: Pages, photo: Path) -> None:
     page.keyboard.press("Enter")
     page.wait_for_url(f"**#/jobs/{job_id}")
     page.locator(".output img").wait_for()
+
+
+def test_credit_page_shows_balance_and_ledger(joined: Any, web_cluster: Cluster) -> None:
+    """The page shows what the ledger holds: two earnings written by the store's own
+    `earn` (the acceptance test earns for real: tests/integration/test_credit.py)."""
+    from datetime import timedelta
+
+    from csml.store import credit as ledger
+    from csml.store.db import make_engine, sqlite_url, transaction
+    from csml.store.db import make_sessionmaker as sessions_of
+    from csml.store.tables import utcnow
+
+    page = joined(DESKTOP)
+    me = str(page.evaluate("() => JSON.parse(localStorage.getItem('csml.identity')).id"))
+    page.goto("/#/credit")
+    page.locator("#credit-balance").wait_for()
+    assert page.locator("#credit-balance").inner_text() == "0.000 credits"
+    engine = make_engine(sqlite_url(web_cluster.data_dir))
+    try:
+        for seconds in (1.25, 2.5):
+            now = utcnow()
+            with transaction(sessions_of(engine)) as session:
+                ledger.earn(
+                    session.connection(),
+                    contributor_id=me,
+                    owner_id="another identity",
+                    job_id="a" * 64,
+                    app="echo",
+                    worker_id="b" * 64,
+                    started_at=now - timedelta(seconds=seconds),
+                    now=now,
+                    max_seconds=600,
+                )
+    finally:
+        engine.dispose()
+    page.reload()
+    page.locator('tr[data-kind="earned"]').nth(1).wait_for()
+    assert page.locator("#credit-balance").inner_text() == "3.750 credits"
+    assert page.locator('tr[data-kind="earned"] td.credit-earned').all_inner_texts() == [
+        "+2.500",
+        "+1.250",
+    ]
+    screenshot(page, "credit-desktop")
+    assert axe_violations(page) == []

@@ -2,6 +2,7 @@
 
 import { identity } from "./api.js";
 import { mountBatches } from "./batch.js";
+import { renderCredit } from "./credit.js";
 import { announce, clear, h, shortId } from "./dom.js";
 import { renderIdentity } from "./identity.js";
 import { renderJob } from "./job.js";
@@ -47,7 +48,7 @@ async function route() {
   let name = hash.replace(/^#\/?/, "").split("/")[0] || (me ? "work" : "identity");
   if (!me && name !== "identity") name = "identity";
   markNav(name === "jobs" ? "work" : name);
-  const titles = { identity: "Your identity", work: "Submit and follow jobs", jobs: "Job", models: "Your models" };
+  const titles = { identity: "Your identity", work: "Submit and follow jobs", jobs: "Job", models: "Your models", credit: "Your credit" };
   document.title = `${titles[name] || "CSML"} — CSML`;
   try {
     if (name === "identity") renderIdentity(main);
@@ -68,6 +69,7 @@ async function route() {
       const id = hash.split("/")[2] || "";
       cleanup = await renderJob(main, id);
     } else if (name === "models") await renderModels(main);
+    else if (name === "credit") await renderCredit(main);
     else clear(main, h("h1", {}, "Not found"), h("p", {}, h("a", { href: "#/work" }, "Go to your jobs")));
   } catch (e) {
     clear(main, h("h1", {}, "Something went wrong"), h("p", { class: "error-text" }, e.message));

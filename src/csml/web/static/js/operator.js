@@ -1,5 +1,5 @@
 // The operator view: workers, queues, the last hour's throughput and latency, failures,
-// and join tokens. The operator token is kept for this browser tab only (sessionStorage).
+// the credit ledger's totals, and join tokens. The operator token is kept for this browser tab only (sessionStorage).
 
 import { api } from "./api.js";
 import { lineChart } from "./charts.js";
@@ -113,6 +113,21 @@ function failuresTable(failures) {
   ));
 }
 
+const credits = (milli) => (milli / 1000).toFixed(3);
+
+/** The credit ledger's totals (never whose). */
+function creditSection(t) {
+  const summary = h("p", { id: "credit-totals" },
+    `Earned ${credits(t.earned_milli)} · spent ${credits(t.spent_milli)} credits in ${t.entries} entries; `,
+    `${t.credited_identities} of ${t.identities} identities with a ledger hold credit (${credits(t.outstanding_milli)} in all). `,
+    `Priority: at most ${t.priority.k} of every ${t.priority.n} jobs per app.`);
+  if (!t.apps.length) return [summary];
+  return [summary, h("div", { class: "table-wrap", tabindex: "0", role: "region", "aria-label": "Table; scrolls sideways on narrow screens" }, h("table", { "aria-labelledby": "credit-title" },
+    h("thead", {}, h("tr", {}, ["App", "Earned", "Spent", "Entries"].map((c) => h("th", { scope: "col" }, c)))),
+    h("tbody", {}, t.apps.map((a) => h("tr", {}, h("td", {}, a.app), h("td", {}, credits(a.earned_milli)), h("td", {}, credits(a.spent_milli)), h("td", {}, String(a.entries))))),
+  ))];
+}
+
 function tokensSection(tokens, onChange) {
   const label = h("input", { type: "text", id: "jt-label", name: "label", maxLength: 200, autocomplete: "off" });
   const appsInput = h("input", { type: "text", id: "jt-apps", name: "apps", maxLength: 400, autocomplete: "off", placeholder: "opencv, echo" });
@@ -180,11 +195,13 @@ async function load() {
   let overview;
   let stats;
   let tokens;
+  let credit;
   try {
-    [overview, stats, tokens] = await Promise.all([
+    [overview, stats, tokens, credit] = await Promise.all([
       api("/v1/operator/overview", { token: t }),
       api("/v1/operator/stats?minutes=60", { token: t }),
       api("/v1/operator/join-tokens", { token: t }),
+      api("/v1/operator/credit", { token: t }),
     ]);
   } catch (e) {
     if (e.status === 401 || e.status === 403) {
@@ -213,6 +230,7 @@ async function load() {
     h("section", { class: "card", "aria-labelledby": "workers-title" }, h("h2", { id: "workers-title" }, "Workers"), workersTable(overview.workers)),
     h("section", { class: "card", "aria-labelledby": "charts-title" }, h("h2", { id: "charts-title" }, "The last hour"), charts(stats)),
     h("section", { class: "card", "aria-labelledby": "failures-title" }, h("h2", { id: "failures-title" }, "Failures by reason"), failuresTable(stats.failures)),
+    h("section", { class: "card", "aria-labelledby": "credit-title" }, h("h2", { id: "credit-title" }, "Credit"), ...creditSection(credit)),
     tokensBox,
   );
   if (keep) tokensBox.querySelector("[aria-live]").append(keep);
