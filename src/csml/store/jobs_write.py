@@ -28,6 +28,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     bindparam,
     case,
@@ -47,6 +48,7 @@ from csml.store.jobs import (
     ENVELOPES,
     FILES,
     JOBS,
+    PLACEMENT_KEYS,
     QUEUED,
     RECIPIENTS,
     RUNNING,
@@ -92,6 +94,8 @@ class NewJob:
     fair_rank: int
     created_at: datetime
     max_attempts: int
+    requires_key: str | None = None  # placement: see `add_requirement_key`
+    warm_key: str | None = None  # placement: `csml.placement.warm_key` of its model input
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +165,8 @@ def insert_job(
             "max_attempts": job.max_attempts,
             "progress_fraction": 0.0,
             "progress_message": "",
+            "requires_key": job.requires_key,
+            "warm_key": job.warm_key,
         },
     ).scalar_one()
     add_files(conn, seq, files)
@@ -180,6 +186,34 @@ def insert_job(
             [{"job_seq": seq, "worker_id": w, "wrapped_key": k} for w, k in sealing.wrapped_keys],
         )
     return int(seq)
+
+
+def _key_insert(dialect: str) -> Any:
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    upsert: Any = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return (
+        upsert(PLACEMENT_KEYS)
+        .values(
+            app=bindparam("b_app"),
+            key=bindparam("b_key"),
+            requires=bindparam("b_requires", type_=JSON()),
+            created_at=bindparam("b_now"),
+        )
+        .on_conflict_do_nothing(index_elements=[PLACEMENT_KEYS.c.app, PLACEMENT_KEYS.c.key])
+    )
+
+
+_KEY_INSERT = {dialect: _key_insert(dialect) for dialect in ("postgresql", "sqlite")}
+
+
+def add_requirement_key(
+    conn: Connection, app: str, key: str, requires: dict[str, Any], now: datetime
+) -> None:
+    """Make `key` (of `requires`) known to `app`'s claims, unless it is already: only a
+    submission with a requirement calls this, before inserting its job."""
+    params = {"b_app": app, "b_key": key, "b_requires": requires, "b_now": now}
+    conn.execute(_KEY_INSERT[conn.dialect.name], params)
 
 
 def add_files(conn: Connection, seq: int, files: Sequence[FileRow]) -> None:
@@ -260,37 +294,68 @@ _WORKER_LIVE = (
     .where(WORKERS.c.id == bindparam("b_worker"), WORKERS.c.stopped_at.is_(None))
     .exists()
 )
+_MET: BindParameter[Any] = bindparam("b_met", expanding=True)
+_CLAIMABLE = claimable(bindparam("b_worker"), bindparam("b_app"), _MET)
 _HEAD = (
     select(JOBS.c.seq)
-    .where(claimable(bindparam("b_worker"), bindparam("b_app")), _WORKER_LIVE)
+    .where(_CLAIMABLE, _WORKER_LIVE)
     .order_by(JOBS.c.fair_rank, JOBS.c.seq)
     .limit(bindparam("max_jobs"))
     .with_for_update(skip_locked=True)
     .scalar_subquery()
 )
-_TAKE = (
-    update(JOBS)
-    .where(JOBS.c.seq.in_(_HEAD))
-    .values(
-        state=RUNNING,
-        worker_id=bindparam("b_worker"),
-        lease_id=bindparam("b_lease"),
-        lease_expires_at=bindparam("b_until"),
-        started_at=bindparam("b_now"),
-        attempts=JOBS.c.attempts + 1,
-        error=None,
-    )
-    .returning(
-        JOBS.c.seq,
-        JOBS.c.id,
-        JOBS.c.owner_id,
-        JOBS.c.operation,
-        JOBS.c.params,
-        JOBS.c.limits,
-        JOBS.c.attempts,
-        JOBS.c.fair_rank,
-    )
+# A worker holding models warm: of the first `window` claimable jobs (fair order, not
+# locked), those with a warm model first, then fair order; only the rows taken are
+# locked (SKIP LOCKED), each checked again to be queued.
+_WINDOW = (
+    select(JOBS.c.seq)
+    .where(_CLAIMABLE, _WORKER_LIVE)
+    .order_by(JOBS.c.fair_rank, JOBS.c.seq)
+    .limit(bindparam("b_window"))
+    .scalar_subquery()
 )
+_WARM_HEAD = (
+    select(JOBS.c.seq)
+    .where(JOBS.c.seq.in_(_WINDOW), JOBS.c.state == QUEUED)
+    .order_by(
+        case((JOBS.c.warm_key.in_(bindparam("b_warm", expanding=True)), 0), else_=1),
+        JOBS.c.fair_rank,
+        JOBS.c.seq,
+    )
+    .limit(bindparam("max_jobs"))
+    .with_for_update(skip_locked=True)
+    .scalar_subquery()
+)
+
+
+def _take(head: Any) -> Any:
+    return (
+        update(JOBS)
+        .where(JOBS.c.seq.in_(head))
+        .values(
+            state=RUNNING,
+            worker_id=bindparam("b_worker"),
+            lease_id=bindparam("b_lease"),
+            lease_expires_at=bindparam("b_until"),
+            started_at=bindparam("b_now"),
+            attempts=JOBS.c.attempts + 1,
+            error=None,
+        )
+        .returning(
+            JOBS.c.seq,
+            JOBS.c.id,
+            JOBS.c.owner_id,
+            JOBS.c.operation,
+            JOBS.c.params,
+            JOBS.c.limits,
+            JOBS.c.attempts,
+            JOBS.c.fair_rank,
+        )
+    )
+
+
+_TAKE = _take(_HEAD)
+_TAKE_WARM = _take(_WARM_HEAD)
 # The served rank moves up unless another transaction holds the app's row (then that
 # one moves it, or the next claim does): a claim never waits on it.
 _SERVE = (
@@ -329,21 +394,32 @@ def take(
     lease_id: str,
     now: datetime,
     lease_until: datetime,
+    *,
+    met: Sequence[str] = (),
+    warm: Sequence[str] = (),
+    window: int = 0,
 ) -> list[Claimed]:
     """Claim up to `max_jobs` of the queue head for this worker (see the invariants), in
     claim order. A worker that has left or whose join token was revoked (`stopped_at`)
-    takes nothing, even in a claim that was already waiting when it was stopped."""
-    rows = conn.execute(
-        _TAKE,
-        {
-            "b_worker": worker_id,
-            "b_app": app,
-            "max_jobs": max_jobs,
-            "b_lease": lease_id,
-            "b_until": lease_until,
-            "b_now": now,
-        },
-    ).all()
+    takes nothing, even in a claim that was already waiting when it was stopped.
+
+    Placement: a job with a requirement is taken only if its key is in `met` (the keys
+    whose requirement this worker's labels meet); with `warm` keys and a `window`, jobs
+    whose `warm_key` is among them go first among the first `window` claimable jobs."""
+    params = {
+        "b_worker": worker_id,
+        "b_app": app,
+        "max_jobs": max_jobs,
+        "b_lease": lease_id,
+        "b_until": lease_until,
+        "b_now": now,
+        "b_met": list(met),
+    }
+    if warm and window > 0:
+        params.update(b_warm=list(warm), b_window=max(window, max_jobs))
+        rows = conn.execute(_TAKE_WARM, params).all()
+    else:
+        rows = conn.execute(_TAKE, params).all()
     if not rows:
         return []
     seqs = [r.seq for r in rows]

@@ -122,6 +122,8 @@ class Worker(Base):
     registered_at: Mapped[datetime]
     last_heartbeat: Mapped[datetime]
     stopped_at: Mapped[datetime | None]
+    # placement: the labels the worker announced at registration (None: none).
+    labels: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
 
 
 class AppRecord(Base):
@@ -203,6 +205,11 @@ class Job(Base):
         ForeignKey("jobs.seq", ondelete="CASCADE"), default=None
     )
     step_index: Mapped[int | None] = mapped_column(Integer, default=None)
+    # placement: the key of the job's requirement (`placement.key_of`, a row of
+    # `placement_keys`; None: any worker) and of its model input for its owner
+    # (`placement.warm_key`; None: no model input).
+    requires_key: Mapped[str | None] = mapped_column(String(64), default=None)
+    warm_key: Mapped[str | None] = mapped_column(String(64), default=None)
 
     files: Mapped[list[JobFile]] = relationship(
         back_populates="job", cascade="all, delete-orphan", lazy="selectin"
