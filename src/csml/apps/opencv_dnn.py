@@ -422,6 +422,7 @@ def _outputs(net: Any, params: DnnInferParams) -> list[str]:
         Output("tensors", "Every output tensor, in a NumPy .npz archive (see outputs[].key).",
                "application/x-npz"),
     ],
+    keeps_model=True,
 )  # fmt: skip
 def dnn_infer(ctx: JobContext, params: DnnInferParams) -> dict[str, Any]:
     """Run an uploaded ONNX, Caffe or TensorFlow network on an image or a tensor."""

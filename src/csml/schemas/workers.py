@@ -167,4 +167,3 @@ class WorkerInfo(BaseModel):
     registered_at: datetime
     last_heartbeat: datetime
     live: bool
-    labels: dict[str, bool | int | float | str] = {}

@@ -355,11 +355,14 @@ class WorkerAgent:
 
                 def post(n: int = free) -> httpx.Response:
                     self._last_beat = time.monotonic()
+                    warm = self.sandbox.warm_models()[: placement.MAX_WARM]
+                    if warm:
+                        log.debug("claiming with %d warm models", len(warm))
                     body = {
                         "max_jobs": n,
                         "wait": self.config.claim_wait,
                         "running": [r.model_dump(mode="json") for r in self._held()],
-                        "warm_models": self.sandbox.warm_models()[: placement.MAX_WARM],
+                        "warm_models": warm,
                     }
                     return self.claims.post(self._path("/claim"), json=body, headers=self._auth())
 
