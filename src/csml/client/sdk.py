@@ -199,7 +199,7 @@ class Client:
         """Submit a job; files stream from disk. With `retry_queue_full`, wait up to that
         many seconds for room in a full queue. `requires`: labels the worker must have
         besides the operation's own (`{"gpu": True, "gpu_memory_gb": {"min": 16}}`: a
-        value is equality, `{"min": n}` a numeric minimum; see docs/placement.md).
+        value is equality, `{"min": n}` a numeric minimum; see docs/user-guide/placement.md).
 
         With `confidential`, the job is end-to-end encrypted to the app's workers whose
         attestation passes `policy` (a `Policy`, a TOML path, or by default the app's file

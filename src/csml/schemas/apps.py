@@ -38,7 +38,7 @@ class OperationInfo(BaseModel):
     requires: dict[str, Any] = Field(
         {},
         description='Labels a worker must have to run this operation, e.g. {"gpu": true} '
-        'or {"gpu_memory_gb": {"min": 16}} (see docs/placement.md).',
+        'or {"gpu_memory_gb": {"min": 16}} (see docs/user-guide/placement.md).',
     )
 
     @field_validator("requires")

@@ -48,7 +48,7 @@ class JobSpec(BaseModel):
     requires: dict[str, Any] = Field(
         {},
         description="Labels the worker must have, besides the operation's own: a value "
-        'means equality, {"min": n} a numeric minimum (see docs/placement.md).',
+        'means equality, {"min": n} a numeric minimum (see docs/user-guide/placement.md).',
     )
 
     @field_validator("requires")

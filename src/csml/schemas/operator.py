@@ -24,7 +24,7 @@ class OperatorWorker(BaseModel):
     heartbeat_age_seconds: float
     contributed: bool = Field(False, description="Joined with an identity's contributed token.")
     labels: dict[str, bool | int | float | str] = Field(
-        {}, description="The placement labels it announced (see docs/placement.md)."
+        {}, description="The placement labels it announced (see docs/user-guide/placement.md)."
     )
 
 

@@ -33,7 +33,7 @@ class WorkerRegistration(BaseModel):
         {},
         max_length=placement.MAX_LABELS,
         description='What this worker offers, e.g. {"gpu": true, "gpu_memory_gb": 24}: '
-        "jobs' requirements are matched against them (see docs/placement.md).",
+        "jobs' requirements are matched against them (see docs/user-guide/placement.md).",
     )
 
     @field_validator("labels")

@@ -15,6 +15,9 @@ Invariants:
 - The hot statements are built once, at import, with bound parameters (`bindparam`):
   named statements that SQLAlchemy compiles once and then only executes (building and
   cache-keying a statement per call costs ~5x executing a prepared one).
+- The claim's probe (`probe`) is one read: whether a job waits for the worker and the
+  app's newest requirement key id (`placement_keys`), so a caller reloads keys only
+  when they changed.
 - Locks (`lock=True`) are row locks on PostgreSQL (`FOR UPDATE` of the jobs rows
   only); on SQLite the write transaction's database lock stands for them.
 """
@@ -447,11 +450,6 @@ def probe(conn: Connection, worker_id: str, app: str, met: Sequence[str]) -> tup
     params = {"worker_id": worker_id, "app": app, "met": list(met)}
     head, newest = conn.execute(_PROBE, params).one()
     return head is not None, int(newest or 0)
-
-
-def has_claimable(conn: Connection, worker_id: str, app: str) -> bool:
-    """Whether a job without a requirement waits for this worker."""
-    return probe(conn, worker_id, app, [])[0]
 
 
 _KEYS = (

@@ -15,6 +15,10 @@ Invariants:
   waits on another. On SQLite the write lock taken at BEGIN stands for the row locks.
 - A fair rank is one past the larger of its owner's last rank in the app (an upsert of
   the owner's `fair_counters` row, no app lock) and the app's served rank.
+- Placement: a claim takes a job with a `requires_key` only if the key is among those
+  the caller says the worker meets (`met`); with warm keys, it takes the jobs whose
+  `warm_key` is among them first, but only among the first `window` claimable jobs in
+  fair order (locking only the rows it takes). Still one statement either way.
 
 Ends (completion, cancel, reaping) are in `csml.store.jobs_end`.
 """
