@@ -640,9 +640,12 @@ class JobQueue:
         stamp = self._stamp_due(worker.id)
         if running and self._beat_not_due(worker, running, wait):
             running = []  # every lease was extended within a heartbeat interval: no write
-        queued, met = self._has_queued(worker)
-        if not running and not stamp and not queued:
-            return None
+        if running or stamp:
+            met = self._known_met(worker)  # a write is due anyway: no probe (as before)
+        else:
+            queued, met = self._has_queued(worker)
+            if not queued:
+                return None
         worker_id, app = worker.id, worker.app
         lease_id = ids.new_id()
         window = self.settings.placement_window if warm else 0
@@ -729,6 +732,15 @@ class JobQueue:
                 if not queued:
                     queued, _ = store.probe(conn, worker.id, app, met)
         return queued, met
+
+    def _known_met(self, worker: WorkerRef) -> tuple[str, ...]:
+        """The requirement keys this worker meets among those this coordinator knows (read
+        once per app; a key added since is learned at the next probe)."""
+        keys = self._keys.get(worker.app)
+        if keys is None:
+            with self.read() as conn:
+                keys = self._reload_keys(conn, worker.app, _AppKeys())
+        return self._met(keys, _labels_of(worker))
 
     def _reload_keys(self, conn: Connection, app: str, keys: _AppKeys) -> _AppKeys:
         found = store.requirement_keys(conn, app, keys.newest)
