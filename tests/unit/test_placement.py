@@ -4,18 +4,20 @@ takes only jobs whose requirement the worker's labels meet, preferring warm mode
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from typer.testing import CliRunner
 
 from csml import placement
 from csml.apps.base import App, Input, JobContext, ModelSpec, OperationParams, Output
 from csml.apps.echo import app as echo_app
-from csml.client import Client
+from csml.client import Client, CsmlError
 from csml.schemas import ClaimedJob, ClaimResponse, WorkerRegistered
 from tests.unit.conftest import MakeCoordinator
-from tests.unit.inproc import HttpWorker, InProcessCoordinator, error_of
+from tests.unit.inproc import BASE_URL, HttpWorker, InProcessCoordinator, error_of
 
 # -- the language -------------------------------------------------------------------
 
@@ -331,3 +333,40 @@ def test_a_job_no_live_worker_can_meet_says_why_and_fails_after_the_queue_timeou
     assert failed.error is not None
     assert "no echo worker that meets its requirement (gpu=true)" in failed.error
     assert "no live worker has gpu=true" in failed.error
+
+
+# -- the command line -----------------------------------------------------------------
+
+
+def test_csml_submit_require_reaches_only_a_worker_that_meets_it(
+    coordinator: InProcessCoordinator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import csml.cli.main as cli_main
+
+    def client(*args: Any, **kw: Any) -> Client:
+        return Client(*args, **kw, transport=coordinator.transport)
+
+    monkeypatch.setattr(cli_main, "Client", client)
+    monkeypatch.setattr("csml.cli.connection.Client", client)
+    monkeypatch.setenv("CSML_CONFIG", str(tmp_path / "config.toml"))
+    for name in ("CSML_URL", "CSML_TOKEN", "CSML_PIN_SHA256"):
+        monkeypatch.delenv(name, raising=False)
+    cli = CliRunner()
+
+    def run(*args: str) -> Any:
+        return cli.invoke(cli_main.app, list(args))
+
+    assert run("id", "new", "--url", BASE_URL).exit_code == 0
+    small = labelled(coordinator, echo_app, gpu=True, gpu_memory_gb=8)
+    big = labelled(coordinator, echo_app, gpu=True, gpu_memory_gb=24)
+    out = run("submit", "echo", "echo", "--require", "gpu=true", "-r", "gpu_memory_gb>=16")
+    assert out.exit_code == 0, out.output
+    job_id = out.output.split("submitted ", 1)[1].split()[0]
+    assert claim(small) == []
+    assert [j.id for j in claim(big)] == [job_id]
+    bad = run("submit", "echo", "echo", "--require", "gpu_memory_gb>=lots")
+    assert isinstance(bad.exception, CsmlError)
+    assert "--require: 'gpu_memory_gb>=lots': a minimum needs a number" in bad.exception.message
+    labelled(coordinator, toy, gpu=True)
+    listed = " ".join(run("apps").output.split())
+    assert "render" in listed and "Needs a GPU. (needs gpu=true)" in listed

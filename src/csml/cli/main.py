@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from csml import placement
 from csml.cli import attest, batch, contribute, demo, models, operator, pipeline, scaffold
 from csml.cli.connection import UrlOpt, client
 from csml.cli.follow import follow
@@ -112,8 +113,9 @@ def apps(ctx: typer.Context, url: UrlOpt = None) -> None:
             ins = ", ".join(i.name for i in op.inputs) or "-"
             outs = ", ".join(o.name for o in op.outputs) or "-"
             first = op.description.splitlines()[0] if op.description else ""
+            needs = f" (needs {plain(placement.describe(op.requires))})" if op.requires else ""
             console.print(
-                f"  {op.name.replace('_', '-'):<16} in: {ins:<10} out: {outs:<10} {first}"
+                f"  {op.name.replace('_', '-'):<16} in: {ins:<10} out: {outs:<10} {first}{needs}"
             )
 
 
