@@ -16,6 +16,7 @@ from csml.apps.base import App, Input, JobContext, ModelSpec, OperationParams, O
 from csml.apps.echo import app as echo_app
 from csml.client import Client, CsmlError
 from csml.schemas import ClaimedJob, ClaimResponse, WorkerRegistered
+from csml.store import jobs as store
 from tests.unit.conftest import MakeCoordinator
 from tests.unit.inproc import BASE_URL, HttpWorker, InProcessCoordinator, error_of
 
@@ -370,3 +371,30 @@ def test_csml_submit_require_reaches_only_a_worker_that_meets_it(
     labelled(coordinator, toy, gpu=True)
     listed = " ".join(run("apps").output.split())
     assert "render" in listed and "Needs a GPU. (needs gpu=true)" in listed
+
+
+def test_unused_requirement_keys_are_forgotten_and_relearned(
+    make_coordinator: MakeCoordinator,
+) -> None:
+    coordinator = make_coordinator(retention_hours=1)
+    gpu = labelled(coordinator, echo_app, gpu=True)
+    user = coordinator.new_user()
+    waiting = echo(user, 0, gpu=True)  # queued (no claim) for the first part
+
+    def keys() -> int:
+        with coordinator.core.queue.read() as conn:
+            return len(store.requirement_keys(conn, "echo"))
+
+    coordinator.clock.advance(2 * 3600)
+    coordinator.sweep()
+    assert keys() == 1  # unused for 2 h, but a job refers to it
+    user.job(waiting).cancel()
+    coordinator.clock.advance(1800)
+    coordinator.sweep()
+    assert keys() == 1  # the cancelled job is kept for an hour: it still refers
+    coordinator.clock.advance(3700)
+    coordinator.sweep()  # the job is erased (retention), then its key
+    assert keys() == 0
+    again = echo(user, 1, gpu=True)  # the same requirement: a new row, learned again
+    assert keys() == 1
+    assert [j.id for j in claim(gpu)] == [again]

@@ -202,9 +202,12 @@ def _key_insert(dialect: str) -> Any:
             app=bindparam("b_app"),
             key=bindparam("b_key"),
             requires=bindparam("b_requires", type_=JSON()),
-            created_at=bindparam("b_now"),
+            used_at=bindparam("b_now"),
         )
-        .on_conflict_do_nothing(index_elements=[PLACEMENT_KEYS.c.app, PLACEMENT_KEYS.c.key])
+        .on_conflict_do_update(
+            index_elements=[PLACEMENT_KEYS.c.app, PLACEMENT_KEYS.c.key],
+            set_={"used_at": bindparam("b_now")},
+        )
     )
 
 
@@ -214,8 +217,9 @@ _KEY_INSERT = {dialect: _key_insert(dialect) for dialect in ("postgresql", "sqli
 def add_requirement_key(
     conn: Connection, app: str, key: str, requires: dict[str, Any], now: datetime
 ) -> None:
-    """Make `key` (of `requires`) known to `app`'s claims, unless it is already: only a
-    submission with a requirement calls this, before inserting its job."""
+    """Make `key` (of `requires`) known to `app`'s claims, or stamp it used: only a
+    submission with a requirement calls this, before inserting its job (the row stays
+    locked until the submission commits, so the sweep never drops it under the job)."""
     params = {"b_app": app, "b_key": key, "b_requires": requires, "b_now": now}
     conn.execute(_KEY_INSERT[conn.dialect.name], params)
 

@@ -24,6 +24,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     false,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -220,6 +221,14 @@ class Job(Base):
         Index("ix_jobs_owner", "owner_id", "seq"),
         Index("ix_jobs_lease", "state", "lease_expires_at"),
         Index("ix_jobs_parent", "parent_seq", "step_index"),
+        # placement: which jobs refer to a requirement key (only those with one).
+        Index(
+            "ix_jobs_requires_key",
+            "app",
+            "requires_key",
+            postgresql_where=text("requires_key IS NOT NULL"),
+            sqlite_where=text("requires_key IS NOT NULL"),
+        ),
     )
 
 

@@ -24,13 +24,21 @@ def upgrade() -> None:
     op.add_column("workers", sa.Column("labels", sa.JSON(), nullable=True))
     op.add_column("jobs", sa.Column("requires_key", sa.String(64), nullable=True))
     op.add_column("jobs", sa.Column("warm_key", sa.String(64), nullable=True))
+    op.create_index(
+        "ix_jobs_requires_key",
+        "jobs",
+        ["app", "requires_key"],
+        unique=False,
+        postgresql_where=sa.text("requires_key IS NOT NULL"),
+        sqlite_where=sa.text("requires_key IS NOT NULL"),
+    )
     op.create_table(
         "placement_keys",
         sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
         sa.Column("app", sa.String(length=40), nullable=False),
         sa.Column("key", sa.String(length=64), nullable=False),
         sa.Column("requires", sa.JSON(), nullable=False),
-        sa.Column("created_at", UTCDateTime(timezone=True), nullable=False),
+        sa.Column("used_at", UTCDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("app", "key", name="uq_placement_keys_app_key"),
     )
@@ -40,6 +48,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_index("ix_placement_keys_app_id", table_name="placement_keys")
     op.drop_table("placement_keys")
+    op.drop_index("ix_jobs_requires_key", table_name="jobs")
     if op.get_bind().dialect.name == "sqlite":
         op.execute("ALTER TABLE jobs DROP COLUMN warm_key")
         op.execute("ALTER TABLE jobs DROP COLUMN requires_key")
