@@ -5,8 +5,8 @@ Pure functions (no I/O), shared by the schemas, the coordinator and the worker.
 Labels. A worker announces at registration a dict of labels, name -> value:
   - at most `MAX_LABELS` of them; a name matches `NAME_PATTERN` (lowercase letter,
     then lowercase letters, digits, `_`; at most 40 characters);
-  - a value is a boolean, a finite number (int or float) or a string of at most
-    `MAX_TEXT` characters.
+  - a value is a boolean, a finite number (int or float, at most 2**53 in magnitude)
+    or a string of at most `MAX_TEXT` characters.
 
 Requirements (`OperationInfo.requires`, `JobSpec.requires`). A dict of label name ->
 condition, at most `MAX_REQUIRES` conditions, names as for labels. A condition is:
@@ -65,11 +65,22 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+MAX_NUMBER = 2**53
+"""Numbers are at most this in magnitude (exact as JSON numbers everywhere)."""
+
+
 def _number(value: Any, where: str, name: str) -> int | float:
-    if not _is_number(value) or not math.isfinite(value):
+    if not _is_number(value):
         raise PlacementError(f"{where}: must be a finite number", name)
-    as_int = int(value)
-    return as_int if as_int == value and abs(value) < 2**53 else float(value)
+    if isinstance(value, int):
+        if abs(value) > MAX_NUMBER:
+            raise PlacementError(f"{where}: at most 2**53 in magnitude", name)
+        return value
+    if not math.isfinite(value):
+        raise PlacementError(f"{where}: must be a finite number", name)
+    if abs(value) > MAX_NUMBER:
+        raise PlacementError(f"{where}: at most 2**53 in magnitude", name)
+    return int(value) if value.is_integer() else float(value)
 
 
 def _scalar(value: Any, where: str, name: str) -> Scalar:

@@ -58,6 +58,8 @@ def test_a_minimum_needs_a_number_at_least_it() -> None:
         ({"mem": {"min": "3"}}, "finite number"),
         ({"mem": {"min": float("inf")}}, "finite number"),
         ({"mem": {"min": True}}, "finite number"),
+        ({"mem": {"min": 10**400}}, "at most 2**53"),
+        ({"mem": 1e300}, "at most 2**53"),
         ({"os": "x" * 101}, "at most 100 characters"),
         ({f"k{i}": True for i in range(17)}, "at most 16 conditions"),
     ],
