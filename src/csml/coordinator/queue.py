@@ -1190,9 +1190,10 @@ class JobQueue:
                                 f"it when {app} workers are running",
                             )
                         )
-            failed += self._unmet(conn, now, cutoff, {j.seq for j, _ in failed})
+            waiting: list[str] = []
+            failed += self._unmet(conn, now, cutoff, {j.seq for j, _ in failed}, waiting)
             ended: list[tuple[str, str]] = []
-            woken: list[str] = []
+            woken: list[str] = waiting
             for job, why in failed:
                 keys = self._fail_step_aware(conn, job, now, why, unclaimed=True)
                 if keys is None:
@@ -1211,11 +1212,17 @@ class JobQueue:
         return len(ended)
 
     def _unmet(
-        self, conn: Connection, now: datetime, cutoff: datetime, seen: set[int]
+        self,
+        conn: Connection,
+        now: datetime,
+        cutoff: datetime,
+        seen: set[int],
+        woken: list[str],
     ) -> list[tuple[Locked, str]]:
         """Placement: on queued jobs whose requirement no live worker meets, a message
-        naming what none has (cleared once one does); those of them queued before
-        `cutoff` whose requirement no worker heard from since `cutoff` met: to fail."""
+        naming what none has (cleared once one does; their owners' feeds are added to
+        `woken`); those of them queued before `cutoff` whose requirement no worker
+        heard from since `cutoff` met: to fail."""
         s = self.settings
         live_since = now - timedelta(seconds=s.worker_live_seconds)
         failed: list[tuple[Locked, str]] = []
@@ -1228,7 +1235,8 @@ class JobQueue:
                 live[app] = store.labels_since(conn, app, live_since)
             why = placement.unmet(requires, live[app])
             message = f"{WAITING}{why} ({placement.describe(requires)})" if why else ""
-            ends.set_waiting(conn, app, key, message[:500], WAITING)
+            for job_id, owner_id in ends.set_waiting(conn, app, key, message[:500], WAITING):
+                woken += [job_key(job_id), owner_change(owner_id, job_id)]
             if not why:
                 continue
             heard = store.labels_since(conn, app, cutoff, stopped=True)

@@ -245,13 +245,16 @@ def waiting_requirements(conn: Connection) -> list[tuple[str, str]]:
     return [(str(a), str(k)) for a, k in conn.execute(stmt)]
 
 
-def set_waiting(conn: Connection, app: str, key: str, message: str, prefix: str) -> None:
+def set_waiting(
+    conn: Connection, app: str, key: str, message: str, prefix: str
+) -> list[tuple[str, str]]:
     """On `app`'s queued jobs of requirement `key`: show `message` (it starts with
     `prefix`) where the message is empty or an older one of `prefix`; with `message`
-    "", clear the messages of `prefix` (others, e.g. "requeued: ...", stay)."""
+    "", clear the messages of `prefix` (others, e.g. "requeued: ...", stay). The
+    (id, owner id) of the jobs changed."""
     mine = JOBS.c.progress_message.startswith(prefix, autoescape=True)
     shown = (JOBS.c.progress_message == "") | mine if message else mine
-    conn.execute(
+    changed = conn.execute(
         update(JOBS)
         .where(
             JOBS.c.state == QUEUED,
@@ -261,7 +264,9 @@ def set_waiting(conn: Connection, app: str, key: str, message: str, prefix: str)
             shown,
         )
         .values(progress_message=message)
+        .returning(JOBS.c.id, JOBS.c.owner_id)
     )
+    return [(str(i), str(o)) for i, o in changed]
 
 
 def queued_requiring_before(
