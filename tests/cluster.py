@@ -82,7 +82,10 @@ class Cluster:
         self.coordinator.wait(timeout=30)
         self.coordinator = None
 
-    def start_worker(self, app: str, slots: int = 1) -> subprocess.Popen[bytes]:
+    def start_worker(
+        self, app: str, slots: int = 1, extra: tuple[str, ...] = ()
+    ) -> subprocess.Popen[bytes]:
+        """Start `csml worker` for `app`; `extra`: more of its options (e.g. --label)."""
         n = len(self.workers)
         log = open(self.log_dir / f"worker-{app}-{n}.log", "ab")  # noqa: SIM115
         proc = subprocess.Popen(
@@ -97,6 +100,7 @@ class Cluster:
                 str(slots),
                 "--coordinator",
                 self.url,
+                *extra,
             ],
             env={**self.env, "CSML_JOIN_TOKEN": self.join_token},
             stdout=log,

@@ -123,6 +123,8 @@ class Operation:
     inputs: list[Input]
     outputs: list[Output]
     func: OperationFn
+    requires: dict[str, Any] = field(default_factory=dict)
+    keeps_model: bool = False  # worker side: keeps its model input loaded between jobs
 
     def model_input(self) -> Input | None:
         return next((i for i in self.inputs if i.model is not None), None)
@@ -145,6 +147,7 @@ class Operation:
             params_schema=schema,
             inputs=[i.spec() for i in self.inputs],
             outputs=[o.spec() for o in self.outputs],
+            requires=self.requires,
         )
 
     def run(self, ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
@@ -170,8 +173,13 @@ class App:
         inputs: list[Input] | None = None,
         outputs: list[Output] | None = None,
         name: str | None = None,
+        requires: dict[str, Any] | None = None,
+        keeps_model: bool = False,
     ) -> Callable[[OperationFn], OperationFn]:
-        """Register a function `(ctx, params) -> result dict` as an operation."""
+        """Register a function `(ctx, params) -> result dict` as an operation.
+        `requires`: labels a worker must have to run it (see `csml.placement`);
+        `keeps_model`: the operation keeps its model input loaded in its (per owner)
+        process between jobs, and the worker announces it warm."""
 
         def register(func: OperationFn) -> OperationFn:
             hints = get_type_hints(func)
@@ -187,6 +195,8 @@ class App:
                 inputs=list(inputs or []),
                 outputs=list(outputs or []),
                 func=func,
+                requires=dict(requires or {}),
+                keeps_model=keeps_model,
             )
             return func
 

@@ -6,6 +6,13 @@ memory and parsed only by OpenCV's own readers, in the job's sandbox. OpenCV
 ignores ONNX external-data references, so a network cannot make the job read a
 file of the worker (a test checks it).
 
+Warm networks: the job's process keeps the last network it loaded (`_WARM`, one, by
+the SHA-256 of its files) once a job on it succeeded, and reuses it for the next job
+on the same network. A process serves one owner only (`csml.worker.sandbox`), so a
+network loaded for one owner never serves another's job; the worker announces what
+its idle processes hold (`keeps_model`, see `csml.placement`). The result is the same
+whether the network was warm or not (nothing in it says which).
+
 An uploaded network is written back as a model bundle (output `model`, format
 `csml-opencv-dnn`): a zip holding the network files and a JSON header naming the
 framework and the preprocessing the job used. The coordinator keeps it as a model
@@ -48,6 +55,8 @@ CONFIGS = {"caffe": "network.prototxt", "tensorflow": "network.pbtxt"}
 IMAGE_ONLY = {"size", "mean", "scale", "swap_rb", "crop", "color"}
 STORED = (*sorted(IMAGE_ONLY), "layout", "input_name", "output_names")
 """The parameters a model bundle remembers: how to feed the network."""
+_WARM: dict[str, Any] = {}
+"""The network this process loaded last for a job that succeeded: digest -> cv2.dnn.Net."""
 
 Framework = Literal["onnx", "caffe", "tensorflow"]
 Side = Annotated[int, Field(ge=1, le=MAX_SIDE)]
@@ -413,6 +422,7 @@ def _outputs(net: Any, params: DnnInferParams) -> list[str]:
         Output("tensors", "Every output tensor, in a NumPy .npz archive (see outputs[].key).",
                "application/x-npz"),
     ],
+    keeps_model=True,
 )  # fmt: skip
 def dnn_infer(ctx: JobContext, params: DnnInferParams) -> dict[str, Any]:
     """Run an uploaded ONNX, Caffe or TensorFlow network on an image or a tensor."""
@@ -446,8 +456,12 @@ def dnn_infer(ctx: JobContext, params: DnnInferParams) -> dict[str, Any]:
     if blob.size > MAX_INPUT_VALUES:
         raise JobError(f"the input is {blob.size} values, over the limit of {MAX_INPUT_VALUES}")
     with _quiet_opencv():
-        ctx.progress(0.15, "loading the network")
-        loaded = _load(net)
+        loaded = _WARM.get(digest)
+        if loaded is None:
+            ctx.progress(0.15, "loading the network")
+            loaded = _load(net)
+        else:
+            ctx.progress(0.15, "network already loaded")
         names = _outputs(loaded, params)
         ctx.progress(0.3, "running the network")
         try:
@@ -458,6 +472,8 @@ def dnn_infer(ctx: JobContext, params: DnnInferParams) -> dict[str, Any]:
             values = loaded.forward(names)
         except cv2.error as exc:
             raise JobError(f"the network failed on this input: {_cv_message(exc)}") from None
+    _WARM.clear()  # one network at a time: the last one that ran
+    _WARM[digest] = loaded
     ctx.progress(0.9, "writing the outputs")
     arrays = [np.asarray(v) for v in values]
     keys = _npz_keys(names)

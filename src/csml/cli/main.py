@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from csml import placement
 from csml.cli import (
     attest,
     batch,
@@ -23,7 +24,7 @@ from csml.cli import (
 from csml.cli.connection import UrlOpt, client
 from csml.cli.follow import follow
 from csml.cli.output import console, fail, jobs_table, plain, show_job
-from csml.cli.params import find_operation, map_files, parse_params
+from csml.cli.params import find_operation, map_files, parse_params, parse_requires
 from csml.client import Client, CsmlError
 from csml.client.config import UserConfig, config_path
 from csml.transport import TransportError
@@ -123,8 +124,9 @@ def apps(ctx: typer.Context, url: UrlOpt = None) -> None:
             ins = ", ".join(i.name for i in op.inputs) or "-"
             outs = ", ".join(o.name for o in op.outputs) or "-"
             first = op.description.splitlines()[0] if op.description else ""
+            needs = f" (needs {plain(placement.describe(op.requires))})" if op.requires else ""
             console.print(
-                f"  {op.name.replace('_', '-'):<16} in: {ins:<10} out: {outs:<10} {first}"
+                f"  {op.name.replace('_', '-'):<16} in: {ins:<10} out: {outs:<10} {first}{needs}"
             )
 
 
@@ -153,11 +155,21 @@ def submit(
     ] = False,
     policy: attest.PolicyOpt = None,
     insecure: attest.InsecureOpt = False,
+    require: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--require",
+            "-r",
+            help="Run only on a worker with this label: NAME=VALUE (equal) or NAME>=NUMBER "
+            "(at least), e.g. gpu=true, gpu_memory_gb>=16 (repeatable).",
+        ),
+    ] = None,
     url: UrlOpt = None,
 ) -> None:
     """Submit a job; with --wait, show its progress and print the result."""
     if (policy is not None or insecure) and not confidential:
         raise CsmlError("--policy and --insecure-allow-unattested go with --confidential")
+    requires = parse_requires(require or [])
     with client(url) as c:
         op = find_operation(c.app(app_name), operation)
         params = parse_params(param or [], params_json)
@@ -170,6 +182,7 @@ def submit(
             confidential=confidential,
             policy=policy,
             allow_unattested=insecure,
+            requires=requires,
         )
         attest.warn_insecure(job.recipients)
         console.print(f"submitted {job.id}")

@@ -24,6 +24,7 @@ import typer
 
 from csml.cli.children import exit_with_parent, orphaned, stop_processes, worker_env
 from csml.cli.output import console
+from csml.cli.params import parse_labels
 from csml.client import CsmlError
 
 if TYPE_CHECKING:
@@ -199,6 +200,16 @@ def worker(
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
     log_format: LogFormatOpt = "auto",
     parent_pid: ParentPidOpt = None,
+    label: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--label",
+            "-l",
+            help="Announce a label NAME=VALUE for jobs' requirements, e.g. gpu=true, "
+            "gpu_memory_gb=24 (repeatable; true/false and numbers are typed). arch and cpus "
+            "are announced by default.",
+        ),
+    ] = None,
 ) -> None:
     """Serve one application for a coordinator, from any machine that reaches it."""
     from csml.apps.registry import available_app_names, load_app
@@ -209,6 +220,7 @@ def worker(
     setup_logging(log_level.upper(), checked_log_format(log_format))
     if parent_pid is not None:
         exit_with_parent(parent_pid)
+    labels = parse_labels(label or [])
     join_token = _join_token(join_token, join_token_file)
     collateral = _read_collateral(attestation_collateral) if attestation_collateral else None
     if app_name not in available_app_names():
@@ -233,6 +245,7 @@ def worker(
         pin_sha256=pin_sha256,
         insecure_http=insecure_http,
         prefetch=prefetch,
+        labels=labels,
     )
     try:
         agent = WorkerAgent(config)

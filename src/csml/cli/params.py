@@ -70,3 +70,27 @@ def map_files(
         if not file.is_file():
             raise CsmlError(f"input {name!r}: no such file {str(file)!r}")
     return files
+
+
+def parse_requires(items: list[str]) -> dict[str, Any]:
+    """`--require` options (NAME=VALUE, NAME>=NUMBER) as a requirement (checked)."""
+    from csml import placement
+
+    try:
+        pairs = [placement.parse_assignment(item, minimum=True) for item in items]
+        found: dict[str, Any] = {}
+        for name, cond in pairs:
+            found = placement.merge(found, {name: cond})
+        return placement.check_requires(found)
+    except placement.PlacementError as exc:
+        raise CsmlError(f"--require: {exc}") from None
+
+
+def parse_labels(items: list[str]) -> dict[str, Any]:
+    """`--label` options (NAME=VALUE; true/false and numbers are typed) as labels."""
+    from csml import placement
+
+    try:
+        return placement.check_labels(dict(placement.parse_assignment(i) for i in items))
+    except placement.PlacementError as exc:
+        raise CsmlError(f"--label: {exc}") from None

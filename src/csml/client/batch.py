@@ -176,11 +176,14 @@ def batch_entry(
     params: Mapping[str, Any] | None,
     inputs: Mapping[str, bytes],
     limits: Mapping[str, float] | None = None,
+    requires: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One item of a batch request: its spec and its inputs in base64."""
     spec: dict[str, Any] = {"app": app, "operation": operation, "params": dict(params or {})}
     if limits:
         spec["limits"] = dict(limits)
+    if requires:
+        spec["requires"] = dict(requires)
     encoded = {name: base64.b64encode(data).decode("ascii") for name, data in inputs.items()}
     return {"spec": spec, "inputs": encoded}
 

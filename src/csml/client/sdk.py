@@ -204,9 +204,12 @@ class Client:
         confidential: bool = False,
         policy: Policy | str | os.PathLike[str] | None = None,
         allow_unattested: bool = False,
+        requires: Mapping[str, Any] | None = None,
     ) -> Job:
         """Submit a job; files stream from disk. With `retry_queue_full`, wait up to that
-        many seconds for room in a full queue.
+        many seconds for room in a full queue. `requires`: labels the worker must have
+        besides the operation's own (`{"gpu": True, "gpu_memory_gb": {"min": 16}}`: a
+        value is equality, `{"min": n}` a numeric minimum; see docs/user-guide/placement.md).
 
         With `confidential`, the job is end-to-end encrypted to the app's workers whose
         attestation passes `policy` (a `Policy`, a TOML path, or by default the app's file
@@ -215,6 +218,8 @@ class Client:
         spec: dict[str, Any] = {"app": app, "operation": operation, "params": params or {}}
         if limits:
             spec["limits"] = limits
+        if requires:
+            spec["requires"] = dict(requires)
         keys: JobKeys | None = None
         accepted: list[WorkerAssessment] = []
 
@@ -338,12 +343,13 @@ class Client:
         """Submit many jobs of one operation in few requests; per item, in order, its
         `Job` or the `CsmlError` that refused it (one item's refusal never raises).
 
-        Each item is a mapping with optional `params`, `files` ({input name: file}) and
-        `limits`. Items whose files are all small (at most `INLINE_MAX_BYTES` each) travel
-        inline through `POST /v1/jobs/batch`, up to `BATCH_ITEMS` per request; an item
-        with a larger file is submitted alone (multipart, streamed), as is every item on
-        a coordinator without the batch route. Errors that concern every item (an
-        unreachable coordinator, bad credentials) raise."""
+        Each item is a mapping with optional `params`, `files` ({input name: file}),
+        `limits` and `requires`. Items whose files are all small (at most
+        `INLINE_MAX_BYTES` each) travel inline through `POST /v1/jobs/batch`, up to
+        `BATCH_ITEMS` per request; an item with a larger file is submitted alone
+        (multipart, streamed), as is every item on a coordinator without the batch
+        route. Errors that concern every item (an unreachable coordinator, bad
+        credentials) raise."""
         from csml.client.batch import (
             BATCH_BYTES,
             BATCH_ITEMS,
@@ -366,7 +372,14 @@ class Client:
             if len(small) != len(data):
                 alone.append(i)
                 continue
-            entry = batch_entry(app, operation, item.get("params"), small, item.get("limits"))
+            entry = batch_entry(
+                app,
+                operation,
+                item.get("params"),
+                small,
+                item.get("limits"),
+                item.get("requires"),
+            )
             grows = entry_size(entry)
             if groups[-1] and (len(groups[-1]) >= BATCH_ITEMS or size + grows > BATCH_BYTES):
                 groups.append([])
@@ -396,6 +409,7 @@ class Client:
                     files=dict(item.get("files") or {}),
                     params=item.get("params"),
                     limits=item.get("limits"),
+                    requires=item.get("requires"),
                 )
             except CsmlError as exc:
                 if exc.status is None or exc.status in (401, 403):

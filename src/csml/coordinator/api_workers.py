@@ -125,6 +125,7 @@ def register(body: WorkerRegistration, request: Request, join: Joiner) -> Worker
             slots=body.slots,
             sandbox=body.sandbox,
             now=utcnow(),
+            labels=body.labels,
         )
         if body.attestation is not None:
             add_worker_key(session, worker_id, body.attestation)
@@ -158,7 +159,11 @@ async def claim(worker_id: str, body: ClaimRequest, request: Request, me: Me) ->
     with c.notifier.subscribe(app_key(me.app)) as event:
         while True:
             answer = await c.queue.claim_and_beat_async(
-                me, body.max_jobs, running, wait=max(0.0, deadline - time.monotonic())
+                me,
+                body.max_jobs,
+                running,
+                wait=max(0.0, deadline - time.monotonic()),
+                warm=body.warm_models,
             )
             running = None  # the heartbeat is done; re-checks only claim
             remaining = deadline - time.monotonic()

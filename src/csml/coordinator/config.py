@@ -110,6 +110,13 @@ class Settings(BaseSettings):
         description="A queued job no live worker could claim for this long fails.",
     )
     retention_interval_seconds: float = Field(60.0, gt=0, description="How often to purge.")
+    placement_window: int = Field(
+        16,
+        ge=0,
+        le=1024,
+        description="A claim prefers jobs whose model the worker holds warm among this many "
+        "jobs at the head of the fair queue (0: strict fair order).",
+    )
 
     api_docs: bool = Field(
         False,

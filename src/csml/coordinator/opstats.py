@@ -49,6 +49,7 @@ def overview(c: Core) -> OperatorOverview:
                 last_heartbeat=w.last_heartbeat,
                 heartbeat_age_seconds=round((now - w.last_heartbeat).total_seconds(), 1),
                 contributed=w.join_token_id in contributed,
+                labels=w.labels or {},
             )
         )
     stats = c.queue.queue_stats()

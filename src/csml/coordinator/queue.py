@@ -36,6 +36,16 @@ File work (adopting uploads, writing inline outputs, reading output metadata) ha
 before the write operation, which stays short and store-only; pipeline steps and model
 artifacts still use ORM rows, on the operation's own connection (`orm_session`).
 
+Placement (`csml.placement`): a job's requirement (its operation's and its own) is
+stored as a key (`jobs.requires_key`, the requirement in `placement_keys`); a claim's
+probe reads, in the same statement, the app's newest key id, and this coordinator
+reloads the app's keys only when it grew, then computes which keys the worker's
+labels meet (cached per labels): the claim takes jobs without a requirement or with
+one of those keys, still one statement. A claim with warm models prefers, among the
+first `placement_window` jobs, those whose `warm_key` it holds. A job whose
+requirement no worker heard from within the queue timeout meets fails then; until
+then the reaper keeps a message naming what no live worker has on it.
+
 Every change of a job its owner can see (submitted, running, progress, ended,
 requeued, cancelled) is announced after its commit with `owner_change(owner, job)`,
 a notifier feed key that reaches the owner's event streams here and, through the
@@ -51,7 +61,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
@@ -60,7 +70,7 @@ import anyio.to_thread
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from csml import ids
+from csml import ids, placement
 from csml.coordinator import artifacts, pipelines, quotas
 from csml.coordinator.catalog import Catalog
 from csml.coordinator.config import Settings
@@ -110,13 +120,32 @@ DEPTH_MARGIN = 64  # below capacity by more than max(this, capacity / 10): no ex
 
 class WorkerRef(Protocol):
     """What the queue needs of the calling worker: its id and its app (an ORM `Worker`
-    or the store's `WorkerRow` both qualify)."""
+    or the store's `WorkerRow` both qualify). Its placement labels are read as
+    `labels` when it has them (`WorkerRow.labels`; none: it meets no requirement)."""
 
     @property
     def id(self) -> str: ...
 
     @property
     def app(self) -> str: ...
+
+
+def _labels_of(worker: WorkerRef) -> dict[str, Any]:
+    labels = getattr(worker, "labels", None)
+    return dict(labels) if labels else {}
+
+
+WAITING = "waiting: "
+"""How the reaper's message on a job whose requirement no live worker meets starts."""
+
+
+@dataclass
+class _AppKeys:
+    """An app's requirement keys as this coordinator last read them."""
+
+    newest: int = 0
+    requires: dict[str, dict[str, Any]] = field(default_factory=dict)  # key -> requirement
+    met: dict[str, tuple[str, ...]] = field(default_factory=dict)  # labels (canonical) -> keys
 
 
 @dataclass(frozen=True)
@@ -170,6 +199,7 @@ class JobQueue:
         self._depths: dict[str, tuple[int, float]] = {}  # app -> (queued, when counted)
         # credit: which claims may take a credited job ahead of round-robin (the bound).
         self.credit = Priority(settings.credit_priority_k, settings.credit_priority_n)
+        self._keys: dict[str, _AppKeys] = {}  # app -> its requirement keys (placement)
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
@@ -360,8 +390,22 @@ class JobQueue:
     def _prepare_submit(self, spec: JobSpec, files: dict[str, StagedFile]) -> tuple[str, Any]:
         _, op = self.catalog.operation(spec.app, spec.operation)
         self._check_params(spec)
+        self.requirement(spec)
         self.check_files(spec, set(files))
         return ids.new_id(), op
+
+    def requirement(self, spec: JobSpec) -> dict[str, Any]:
+        """The job's requirement: its operation's and its own (`placement.merge`);
+        Invalid naming the condition when no worker could ever meet both."""
+        _, op = self.catalog.operation(spec.app, spec.operation)
+        try:
+            return placement.merge(op.requires, spec.requires)
+        except placement.PlacementError as exc:
+            raise Invalid(
+                "unsatisfiable_requirement",
+                f"spec.requires: {exc}",
+                field=f"spec.requires.{exc.name}" if exc.name else "spec.requires",
+            ) from None
 
     def _submit_op(
         self,
@@ -380,6 +424,9 @@ class JobQueue:
             + (len(conf.encrypted_params) if conf else 0)
         )
         adding = quotas.models_made(op)
+        requires = self.requirement(spec)
+        requires_key = placement.key_of(requires)
+        model_input = artifacts.model_input(op)
         sealing = (
             Sealing(
                 version=conf.version,
@@ -410,6 +457,13 @@ class JobQueue:
             if artifacts.requested_model(spec) is not None:
                 params, linked = self._attach_model(conn, owner_id, spec, job_id, set(files))
                 rows += linked
+            if requires_key is not None:
+                writes.add_requirement_key(conn, spec.app, requires_key, requires, utcnow())
+            model = (
+                next((f for f in rows if f.name == model_input.name), None)
+                if model_input is not None and sealing is None
+                else None
+            )
             new = NewJob(
                 id=job_id,
                 owner_id=owner_id,
@@ -420,6 +474,12 @@ class JobQueue:
                 fair_rank=rank,
                 created_at=utcnow(),
                 max_attempts=self.settings.max_attempts,
+                requires_key=requires_key,
+                warm_key=(
+                    placement.warm_key(owner_key(owner_id), model.sha256)
+                    if model is not None
+                    else None
+                ),
             )
             seq = writes.insert_job(conn, new, rows, sealing)
             return JobRow(
@@ -446,6 +506,8 @@ class JobQueue:
                 lease_expires_at=None,
                 parent_seq=None,
                 step_index=None,
+                requires_key=new.requires_key,
+                warm_key=new.warm_key,
                 files=tuple(rows),
                 confidential=(
                     Envelope(
@@ -545,11 +607,13 @@ class JobQueue:
         running: list[RunningJob] | None = None,
         *,
         wait: float = 0.0,
+        warm: list[str] | None = None,
     ) -> ClaimResponse:
         """Take up to `max_jobs` jobs (one statement), extending the leases of `running`
         (a heartbeat riding along). Writes nothing when nothing is queued and no
-        heartbeat or liveness stamp is due."""
-        op = self._claim_op(worker, max_jobs, running or [], wait)
+        heartbeat or liveness stamp is due. Only jobs whose requirement the worker's
+        labels meet; with `warm` (its warm keys), those jobs first near the head."""
+        op = self._claim_op(worker, max_jobs, running or [], wait, warm or [])
         if op is None:
             return ClaimResponse(jobs=[])
         return self._claimed(worker, self.writer.run(op))
@@ -561,24 +625,35 @@ class JobQueue:
         running: list[RunningJob] | None = None,
         *,
         wait: float = 0.0,
+        warm: list[str] | None = None,
     ) -> ClaimResponse:
         """`claim_and_beat` from the event loop."""
-        op = self._claim_op(worker, max_jobs, running or [], wait)
+        op = self._claim_op(worker, max_jobs, running or [], wait, warm or [])
         if op is None:
             return ClaimResponse(jobs=[])
         return self._claimed(worker, await self.writer.run_async(op))
 
     def _claim_op(
-        self, worker: WorkerRef, max_jobs: int, running: list[RunningJob], wait: float
+        self,
+        worker: WorkerRef,
+        max_jobs: int,
+        running: list[RunningJob],
+        wait: float,
+        warm: list[str],
     ) -> Callable[[Connection], _Claim] | None:
         stamp = self._stamp_due(worker.id)
         if running and self._beat_not_due(worker, running, wait):
             running = []  # every lease was extended within a heartbeat interval: no write
-        if not running and not stamp and not self._has_queued(worker):
-            return None
+        if running or stamp:
+            met = self._known_met(worker)  # a write is due anyway: no probe (as before)
+        else:
+            queued, met = self._has_queued(worker)
+            if not queued:
+                return None
         worker_id, app = worker.id, worker.app
         lease_id = ids.new_id()
         credit = self.credit if self.credit.active(app, self._any_credited) else None
+        window = self.settings.placement_window if warm else 0
 
         def op(conn: Connection) -> _Claim:
             now = utcnow()
@@ -587,13 +662,34 @@ class JobQueue:
             abort, progressed = self._beat(conn, worker_id, running, now)
             until = now + timedelta(seconds=self.settings.lease_seconds)
             if credit is None:
-                taken = writes.take(conn, worker_id, app, max_jobs, lease_id, now, until)
+                taken = writes.take(
+                    conn,
+                    worker_id,
+                    app,
+                    max_jobs,
+                    lease_id,
+                    now,
+                    until,
+                    met=met,
+                    warm=warm,
+                    window=window,
+                )
             else:
                 taken = credit.claim(
                     app,
                     max_jobs,
                     lambda limit, credited: writes.take(
-                        conn, worker_id, app, limit, lease_id, now, until, credited=credited
+                        conn,
+                        worker_id,
+                        app,
+                        limit,
+                        lease_id,
+                        now,
+                        until,
+                        met=met,
+                        warm=warm,
+                        window=window,
+                        credited=credited,
                     ),
                 )
             return _Claim(stamp, abort, progressed, taken, lease_id)
@@ -645,9 +741,53 @@ class JobQueue:
                 return False
         return True
 
-    def _has_queued(self, worker: WorkerRef) -> bool:
+    def _has_queued(self, worker: WorkerRef) -> tuple[bool, tuple[str, ...]]:
+        """Whether a job waits for this worker, and the requirement keys it meets: one
+        read, and one more only when the app's requirement keys changed since this
+        coordinator last read them (then the probe runs again with the new keys)."""
+        app, labels = worker.app, _labels_of(worker)
+        keys = self._keys.setdefault(app, _AppKeys())
+        met = self._met(keys, labels)
         with self.read() as conn:
-            return store.has_claimable(conn, worker.id, worker.app)
+            queued, newest = store.probe(conn, worker.id, app, met)
+            if newest > keys.newest:
+                keys = self._reload_keys(conn, app, keys)
+                met = self._met(keys, labels)
+                if not queued:
+                    queued, _ = store.probe(conn, worker.id, app, met)
+        return queued, met
+
+    def _known_met(self, worker: WorkerRef) -> tuple[str, ...]:
+        """The requirement keys this worker meets among those this coordinator knows (read
+        once per app; a key added since is learned at the next probe)."""
+        keys = self._keys.get(worker.app)
+        if keys is None:
+            with self.read() as conn:
+                keys = self._reload_keys(conn, worker.app, _AppKeys())
+        return self._met(keys, _labels_of(worker))
+
+    def _reload_keys(self, conn: Connection, app: str, keys: _AppKeys) -> _AppKeys:
+        found = store.requirement_keys(conn, app, keys.newest)
+        requires = {**keys.requires, **{key: dict(req) for _, key, req in found}}
+        fresh = _AppKeys(max([keys.newest, *(i for i, _, _ in found)]), requires)
+        if len(self._keys) > 10_000:
+            self._keys.clear()
+        self._keys[app] = fresh
+        return fresh
+
+    @staticmethod
+    def _met(keys: _AppKeys, labels: dict[str, Any]) -> tuple[str, ...]:
+        """The keys of `keys` whose requirement `labels` meet (cached per labels)."""
+        if not keys.requires:
+            return ()
+        by = placement.canonical(labels)
+        met = keys.met.get(by)
+        if met is None:
+            met = tuple(k for k, req in keys.requires.items() if placement.meets(labels, req))
+            if len(keys.met) > 1000:
+                keys.met.clear()
+            keys.met[by] = met
+        return met
 
     def _any_credited(self) -> bool:
         with self.read() as conn:
@@ -1119,8 +1259,10 @@ class JobQueue:
                                 f"it when {app} workers are running",
                             )
                         )
+            waiting: list[str] = []
+            failed += self._unmet(conn, now, cutoff, {j.seq for j, _ in failed}, waiting)
             ended: list[tuple[str, str]] = []
-            woken: list[str] = []
+            woken: list[str] = waiting
             for job, why in failed:
                 keys = self._fail_step_aware(conn, job, now, why, unclaimed=True)
                 if keys is None:
@@ -1137,6 +1279,49 @@ class JobQueue:
         for key in woken:
             self.notifier.notify(key)
         return len(ended)
+
+    def _unmet(
+        self,
+        conn: Connection,
+        now: datetime,
+        cutoff: datetime,
+        seen: set[int],
+        woken: list[str],
+    ) -> list[tuple[Locked, str]]:
+        """Placement: on queued jobs whose requirement no live worker meets, a message
+        naming what none has (cleared once one does; their owners' feeds are added to
+        `woken`); those of them queued before `cutoff` whose requirement no worker
+        heard from since `cutoff` met: to fail."""
+        s = self.settings
+        live_since = now - timedelta(seconds=s.worker_live_seconds)
+        failed: list[tuple[Locked, str]] = []
+        live: dict[str, list[dict[str, Any]]] = {}
+        for app, key in ends.waiting_requirements(conn):
+            requires = store.requirement_of(conn, app, key)
+            if requires is None:
+                continue
+            if app not in live:
+                live[app] = store.labels_since(conn, app, live_since)
+            why = placement.unmet(requires, live[app])
+            message = f"{WAITING}{why} ({placement.describe(requires)})" if why else ""
+            for job_id, owner_id in ends.set_waiting(conn, app, key, message[:500], WAITING):
+                woken += [job_key(job_id), owner_change(owner_id, job_id)]
+            if not why:
+                continue
+            heard = store.labels_since(conn, app, cutoff, stopped=True)
+            if not heard or placement.unmet(requires, heard) == "":
+                continue  # no worker at all: the app's own timeout says so; or one met it
+            for job in ends.queued_requiring_before(conn, app, key, cutoff):
+                if job.seq not in seen:
+                    failed.append(
+                        (
+                            job,
+                            f"no {app} worker that meets its requirement "
+                            f"({placement.describe(requires)}) was live to run it for "
+                            f"{s.queue_timeout_seconds:g} s (the queue timeout): {why}",
+                        )
+                    )
+        return failed
 
     def leave(self, worker: WorkerRef) -> None:
         """The worker left: it is stopped now (its running jobs come back when their lease

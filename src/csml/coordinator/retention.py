@@ -34,6 +34,8 @@ BATCH = store.BATCH
 # Spent challenges are remembered this long past their expiry, so that a coordinator
 # whose clock lags a little still finds them.
 CHALLENGE_CLOCK_MARGIN = timedelta(minutes=5)
+# Placement: a requirement key no job refers to is dropped once unused this long.
+REQUIREMENT_KEY_TTL = timedelta(hours=1)
 
 
 def delete_job_rows(
@@ -84,7 +86,8 @@ def purge_expired(core: Core) -> int:
 
 def forget_spent(core: Core) -> None:
     """Drop spent challenges past their expiry and rate windows that ended a window ago
-    (the identity rate reads the previous window too)."""
+    (the identity rate reads the previous window too); requirement keys no job refers
+    to, unused for `REQUIREMENT_KEY_TTL`."""
     s = core.settings
     now = utcnow()
     longest = max(s.identity_rate_window_seconds, s.submission_rate_window_seconds)
@@ -94,6 +97,7 @@ def forget_spent(core: Core) -> None:
             challenges_before=now - CHALLENGE_CLOCK_MARGIN,
             windows_before=now - timedelta(seconds=2 * longest),
         )
+        store.forget_requirement_keys(session, now - REQUIREMENT_KEY_TTL)
 
 
 def sweep(core: Core) -> int:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
+
+from csml import placement
 
 
 class ModelFormat(BaseModel):
@@ -33,6 +35,16 @@ class OperationInfo(BaseModel):
     params_schema: dict[str, Any] = Field(description="JSON schema of the parameters.")
     inputs: list[FileSpec] = []
     outputs: list[FileSpec] = []
+    requires: dict[str, Any] = Field(
+        {},
+        description='Labels a worker must have to run this operation, e.g. {"gpu": true} '
+        'or {"gpu_memory_gb": {"min": 16}} (see docs/user-guide/placement.md).',
+    )
+
+    @field_validator("requires")
+    @classmethod
+    def _requires(cls, requires: dict[str, Any]) -> dict[str, Any]:
+        return placement.check_requires(requires)
 
 
 class AppManifest(BaseModel):

@@ -23,6 +23,9 @@ class OperatorWorker(BaseModel):
     last_heartbeat: datetime
     heartbeat_age_seconds: float
     contributed: bool = Field(False, description="Joined with an identity's contributed token.")
+    labels: dict[str, bool | int | float | str] = Field(
+        {}, description="The placement labels it announced (see docs/user-guide/placement.md)."
+    )
 
 
 class OperatorApp(BaseModel):

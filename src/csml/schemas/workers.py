@@ -10,11 +10,13 @@ heartbeat, download, upload and complete routes stay for older workers.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
+from csml import placement
 from csml.schemas.apps import AppManifest
 from csml.schemas.confidential import ClaimedConfidential, EncryptedResult, WorkerAttestation
 from csml.schemas.jobs import FileInfo, Progress
@@ -27,6 +29,17 @@ class WorkerRegistration(BaseModel):
     attestation: WorkerAttestation | None = Field(
         None, description="The worker's key for confidential jobs, and evidence binding it."
     )
+    labels: dict[str, bool | int | float | str] = Field(
+        {},
+        max_length=placement.MAX_LABELS,
+        description='What this worker offers, e.g. {"gpu": true, "gpu_memory_gb": 24}: '
+        "jobs' requirements are matched against them (see docs/user-guide/placement.md).",
+    )
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, labels: dict[str, bool | int | float | str]) -> dict[str, Any]:
+        return placement.check_labels(labels)
 
 
 class WorkerRegistered(BaseModel):
@@ -87,6 +100,20 @@ class ClaimRequest(BaseModel):
         max_length=1024,
         description="The worker's running jobs: a heartbeat riding along (None: no heartbeat).",
     )
+    warm_models: list[str] = Field(
+        [],
+        max_length=placement.MAX_WARM,
+        description="Models this worker holds loaded, each `placement.warm_key(owner_key, "
+        "model sha256)`: the claim prefers jobs among them near the queue head.",
+    )
+
+    @field_validator("warm_models")
+    @classmethod
+    def _warm(cls, keys: list[str]) -> list[str]:
+        for key in keys:
+            if not re.match(placement.SHA256_PATTERN, key):
+                raise ValueError("each warm model is a SHA-256 in lowercase hex")
+        return keys
 
 
 class HeartbeatResponse(BaseModel):

@@ -15,6 +15,9 @@ Invariants:
 - The hot statements are built once, at import, with bound parameters (`bindparam`):
   named statements that SQLAlchemy compiles once and then only executes (building and
   cache-keying a statement per call costs ~5x executing a prepared one).
+- The claim's probe (`probe`) is one read: whether a job waits for the worker and the
+  app's newest requirement key id (`placement_keys`), so a caller reloads keys only
+  when they changed.
 - Locks (`lock=True`) are row locks on PostgreSQL (`FOR UPDATE` of the jobs rows
   only); on SQLite the write transaction's database lock stands for them.
 """
@@ -29,11 +32,13 @@ from typing import Any, cast
 from sqlalchemy import ColumnElement, Row, Select, Table, and_, bindparam, func, or_, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import BindParameter
 
 from csml import ids
 from csml.refusals import Malformed, NotFound
 from csml.store.tables import AppRecord, FairCounter, Job, JobFile, Worker
 from csml.store.tables_confidential import JobConfidential, JobRecipient, WorkerKey
+from csml.store.tables_placement import PlacementKey
 
 JOBS = cast(Table, Job.__table__)
 FILES = cast(Table, JobFile.__table__)
@@ -43,6 +48,7 @@ APPS = cast(Table, AppRecord.__table__)
 COUNTERS = cast(Table, FairCounter.__table__)
 WORKERS = cast(Table, Worker.__table__)
 WORKER_KEYS = cast(Table, WorkerKey.__table__)
+PLACEMENT_KEYS = cast(Table, PlacementKey.__table__)
 
 QUEUED, RUNNING = "queued", "running"
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -100,6 +106,8 @@ class JobRow:
     lease_expires_at: datetime | None
     parent_seq: int | None
     step_index: int | None
+    requires_key: str | None
+    warm_key: str | None
     files: tuple[FileRow, ...] = ()
     confidential: Envelope | None = None
 
@@ -374,16 +382,16 @@ def keyed_live_workers(conn: Connection, worker_ids: Sequence[str], app: str) ->
 # -- claims -----------------------------------------------------------------------------
 
 
-def claimable(worker_id: Any, app: Any) -> ColumnElement[bool]:
+def claimable(worker_id: Any, app: Any, met: Any = None) -> ColumnElement[bool]:
     """Queued jobs of `app` this worker may take: a confidential job only by the
-    workers its data key was sealed to."""
+    workers its data key was sealed to; with `met` (the requirement keys this worker
+    meets, see `csml.placement`), a job with a requirement only if its key is in it."""
     sealed = select(RECIPIENTS.c.job_seq).where(RECIPIENTS.c.job_seq == JOBS.c.seq)
     to_me = sealed.where(RECIPIENTS.c.worker_id == worker_id)
-    return and_(
-        JOBS.c.app == app,
-        JOBS.c.state == QUEUED,
-        or_(~sealed.exists(), to_me.exists()),
-    )
+    where = [JOBS.c.app == app, JOBS.c.state == QUEUED, or_(~sealed.exists(), to_me.exists())]
+    if met is not None:
+        where.append(or_(JOBS.c.requires_key.is_(None), JOBS.c.requires_key.in_(met)))
+    return and_(*where)
 
 
 @dataclass(frozen=True, slots=True)
@@ -424,12 +432,57 @@ def leases(conn: Connection, job_ids: Sequence[str]) -> dict[str, Lease]:
     }
 
 
-_HAS_CLAIMABLE = (
-    select(JOBS.c.seq).where(claimable(bindparam("worker_id"), bindparam("app"))).limit(1)
+_MET: BindParameter[Any] = bindparam("met", expanding=True)
+# One statement: whether a job waits for this worker, and the app's newest requirement
+# key (the caller reloads its keys when that grew: `requirement_keys`).
+_PROBE = select(
+    select(JOBS.c.seq)
+    .where(claimable(bindparam("worker_id"), bindparam("app"), _MET))
+    .limit(1)
+    .scalar_subquery(),
+    select(func.max(PLACEMENT_KEYS.c.id))
+    .where(PLACEMENT_KEYS.c.app == bindparam("app"))
+    .scalar_subquery(),
 )
 
 
-def has_claimable(conn: Connection, worker_id: str, app: str) -> bool:
-    """Whether a job is waiting for this worker (a read: an empty claim writes nothing)."""
-    params = {"worker_id": worker_id, "app": app}
-    return conn.execute(_HAS_CLAIMABLE, params).first() is not None
+def probe(conn: Connection, worker_id: str, app: str, met: Sequence[str]) -> tuple[bool, int]:
+    """(whether a job waits for this worker, given the requirement keys it meets; the
+    largest `placement_keys.id` of the app, 0 if none): a read, one statement."""
+    params = {"worker_id": worker_id, "app": app, "met": list(met)}
+    head, newest = conn.execute(_PROBE, params).one()
+    return head is not None, int(newest or 0)
+
+
+_KEYS = (
+    select(PLACEMENT_KEYS.c.id, PLACEMENT_KEYS.c.key, PLACEMENT_KEYS.c.requires)
+    .where(PLACEMENT_KEYS.c.app == bindparam("app"), PLACEMENT_KEYS.c.id > bindparam("after"))
+    .order_by(PLACEMENT_KEYS.c.id)
+)
+
+
+def requirement_keys(conn: Connection, app: str, after: int = 0) -> list[tuple[int, str, Any]]:
+    """(id, key, requirement) of the app's requirement keys with an id above `after`."""
+    return [(int(i), str(k), r) for i, k, r in conn.execute(_KEYS, {"app": app, "after": after})]
+
+
+def requirement_of(conn: Connection, app: str, key: str) -> dict[str, Any] | None:
+    row = conn.execute(
+        select(PLACEMENT_KEYS.c.requires).where(
+            PLACEMENT_KEYS.c.app == app, PLACEMENT_KEYS.c.key == key
+        )
+    ).first()
+    return None if row is None else dict(row[0])
+
+
+def labels_since(
+    conn: Connection, app: str, since: datetime, *, stopped: bool = False
+) -> list[dict[str, Any]]:
+    """The labels of `app`'s workers not stopped and heard from at or after `since`;
+    with `stopped`, also of those that stopped at or after it (live within the window)."""
+    if stopped:
+        heard = func.coalesce(WORKERS.c.stopped_at, WORKERS.c.last_heartbeat) >= since
+    else:
+        heard = and_(WORKERS.c.stopped_at.is_(None), WORKERS.c.last_heartbeat >= since)
+    stmt = select(WORKERS.c.labels).where(WORKERS.c.app == app, heard)
+    return [dict(labels or {}) for (labels,) in conn.execute(stmt)]

@@ -235,3 +235,59 @@ def queued_before(conn: Connection, app: str, cutoff: datetime, limit: int = 500
 def worker_live(now_minus_live: datetime) -> ColumnElement[bool]:
     """Workers not stopped whose last heartbeat is at or after `now_minus_live`."""
     return WORKERS.c.stopped_at.is_(None) & (WORKERS.c.last_heartbeat >= now_minus_live)
+
+
+# -- placement: jobs waiting for a worker that meets their requirement ------------------
+
+
+def waiting_requirements(conn: Connection) -> list[tuple[str, str]]:
+    """(app, requires_key) of every queued job with a requirement, each pair once."""
+    stmt = (
+        select(JOBS.c.app, JOBS.c.requires_key)
+        .where(JOBS.c.state == QUEUED, JOBS.c.requires_key.is_not(None))
+        .distinct()
+    )
+    return [(str(a), str(k)) for a, k in conn.execute(stmt)]
+
+
+def set_waiting(
+    conn: Connection, app: str, key: str, message: str, prefix: str
+) -> list[tuple[str, str]]:
+    """On `app`'s queued jobs of requirement `key`: show `message` (it starts with
+    `prefix`) where the message is empty or an older one of `prefix`; with `message`
+    "", clear the messages of `prefix` (others, e.g. "requeued: ...", stay). The
+    (id, owner id) of the jobs changed."""
+    mine = JOBS.c.progress_message.startswith(prefix, autoescape=True)
+    shown = (JOBS.c.progress_message == "") | mine if message else mine
+    changed = conn.execute(
+        update(JOBS)
+        .where(
+            JOBS.c.state == QUEUED,
+            JOBS.c.app == app,
+            JOBS.c.requires_key == key,
+            JOBS.c.progress_message != message,
+            shown,
+        )
+        .values(progress_message=message)
+        .returning(JOBS.c.id, JOBS.c.owner_id)
+    )
+    return [(str(i), str(o)) for i, o in changed]
+
+
+def queued_requiring_before(
+    conn: Connection, app: str, key: str, cutoff: datetime, limit: int = 500
+) -> list[Locked]:
+    """`app`'s jobs of requirement `key` queued before `cutoff`, locked (skip locked)."""
+    stmt = (
+        _select_locked()
+        .where(
+            JOBS.c.state == QUEUED,
+            JOBS.c.app == app,
+            JOBS.c.requires_key == key,
+            JOBS.c.created_at < cutoff,
+        )
+        .order_by(JOBS.c.seq)
+        .limit(limit)
+        .with_for_update(skip_locked=True, of=JOBS)
+    )
+    return _locked(conn, stmt)

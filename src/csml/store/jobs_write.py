@@ -19,6 +19,10 @@ Invariants:
   same one statement on the head of the jobs of identities with a positive balance; a
   job it takes out of order keeps the lease in `credit_lease` (its completion debits the
   owner) and does not move the served rank. The plain claim is unchanged by it.
+- Placement: a claim takes a job with a `requires_key` only if the key is among those
+  the caller says the worker meets (`met`); with warm keys, it takes the jobs whose
+  `warm_key` is among them first, but only among the first `window` claimable jobs in
+  fair order (locking only the rows it takes). Still one statement either way.
 
 Ends (completion, cancel, reaping) are in `csml.store.jobs_end`.
 """
@@ -32,6 +36,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     bindparam,
     case,
@@ -52,6 +57,7 @@ from csml.store.jobs import (
     ENVELOPES,
     FILES,
     JOBS,
+    PLACEMENT_KEYS,
     QUEUED,
     RECIPIENTS,
     RUNNING,
@@ -97,6 +103,8 @@ class NewJob:
     fair_rank: int
     created_at: datetime
     max_attempts: int
+    requires_key: str | None = None  # placement: see `add_requirement_key`
+    warm_key: str | None = None  # placement: `csml.placement.warm_key` of its model input
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +174,8 @@ def insert_job(
             "max_attempts": job.max_attempts,
             "progress_fraction": 0.0,
             "progress_message": "",
+            "requires_key": job.requires_key,
+            "warm_key": job.warm_key,
         },
     ).scalar_one()
     add_files(conn, seq, files)
@@ -185,6 +195,38 @@ def insert_job(
             [{"job_seq": seq, "worker_id": w, "wrapped_key": k} for w, k in sealing.wrapped_keys],
         )
     return int(seq)
+
+
+def _key_insert(dialect: str) -> Any:
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    upsert: Any = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return (
+        upsert(PLACEMENT_KEYS)
+        .values(
+            app=bindparam("b_app"),
+            key=bindparam("b_key"),
+            requires=bindparam("b_requires", type_=JSON()),
+            used_at=bindparam("b_now"),
+        )
+        .on_conflict_do_update(
+            index_elements=[PLACEMENT_KEYS.c.app, PLACEMENT_KEYS.c.key],
+            set_={"used_at": bindparam("b_now")},
+        )
+    )
+
+
+_KEY_INSERT = {dialect: _key_insert(dialect) for dialect in ("postgresql", "sqlite")}
+
+
+def add_requirement_key(
+    conn: Connection, app: str, key: str, requires: dict[str, Any], now: datetime
+) -> None:
+    """Make `key` (of `requires`) known to `app`'s claims, or stamp it used: only a
+    submission with a requirement calls this, before inserting its job (the row stays
+    locked until the submission commits, so the sweep never drops it under the job)."""
+    params = {"b_app": app, "b_key": key, "b_requires": requires, "b_now": now}
+    conn.execute(_KEY_INSERT[conn.dialect.name], params)
 
 
 def add_files(conn: Connection, seq: int, files: Sequence[FileRow]) -> None:
@@ -267,37 +309,40 @@ _WORKER_LIVE = (
     .where(WORKERS.c.id == bindparam("b_worker"), WORKERS.c.stopped_at.is_(None))
     .exists()
 )
+_MET: BindParameter[Any] = bindparam("b_met", expanding=True)
+_CLAIMABLE = claimable(bindparam("b_worker"), bindparam("b_app"), _MET)
 _HEAD = (
     select(JOBS.c.seq)
-    .where(claimable(bindparam("b_worker"), bindparam("b_app")), _WORKER_LIVE)
+    .where(_CLAIMABLE, _WORKER_LIVE)
     .order_by(JOBS.c.fair_rank, JOBS.c.seq)
     .limit(bindparam("max_jobs"))
     .with_for_update(skip_locked=True)
     .scalar_subquery()
 )
-_TAKE = (
-    update(JOBS)
-    .where(JOBS.c.seq.in_(_HEAD))
-    .values(
-        state=RUNNING,
-        worker_id=bindparam("b_worker"),
-        lease_id=bindparam("b_lease"),
-        lease_expires_at=bindparam("b_until"),
-        started_at=bindparam("b_now"),
-        attempts=JOBS.c.attempts + 1,
-        error=None,
-    )
-    .returning(
-        JOBS.c.seq,
-        JOBS.c.id,
-        JOBS.c.owner_id,
-        JOBS.c.operation,
-        JOBS.c.params,
-        JOBS.c.limits,
-        JOBS.c.attempts,
-        JOBS.c.fair_rank,
-    )
+# A worker holding models warm: of the first `window` claimable jobs (fair order, not
+# locked), those with a warm model first, then fair order; only the rows taken are
+# locked (SKIP LOCKED), each checked again to be queued.
+_WINDOW = (
+    select(JOBS.c.seq)
+    .where(_CLAIMABLE, _WORKER_LIVE)
+    .order_by(JOBS.c.fair_rank, JOBS.c.seq)
+    .limit(bindparam("b_window"))
+    .scalar_subquery()
 )
+_WARM_HEAD = (
+    select(JOBS.c.seq)
+    .where(JOBS.c.seq.in_(_WINDOW), JOBS.c.state == QUEUED)
+    .order_by(
+        case((JOBS.c.warm_key.in_(bindparam("b_warm", expanding=True)), 0), else_=1),
+        JOBS.c.fair_rank,
+        JOBS.c.seq,
+    )
+    .limit(bindparam("max_jobs"))
+    .with_for_update(skip_locked=True)
+    .scalar_subquery()
+)
+
+
 # credit: the head among jobs of identities with a positive balance (fair rank order). A
 # job taken so is out of order when a job of an identity without credit waits in an
 # earlier round (a lower fair rank) of the app: that run remembers its lease.
@@ -315,30 +360,25 @@ _JUMPS = (
 )
 _CREDITED_HEAD = (
     select(JOBS.c.seq)
-    .where(
-        claimable(bindparam("b_worker"), bindparam("b_app")),
-        _WORKER_LIVE,
-        JOBS.c.owner_id.in_(credited_owner()),
-    )
+    .where(_CLAIMABLE, _WORKER_LIVE, JOBS.c.owner_id.in_(credited_owner()))
     .order_by(JOBS.c.fair_rank, JOBS.c.seq)
     .limit(bindparam("max_jobs"))
     .with_for_update(skip_locked=True)
     .scalar_subquery()
 )
-_TAKE_CREDITED = (
-    update(JOBS)
-    .where(JOBS.c.seq.in_(_CREDITED_HEAD))
-    .values(
-        state=RUNNING,
-        worker_id=bindparam("b_worker"),
-        lease_id=bindparam("b_lease"),
-        lease_expires_at=bindparam("b_until"),
-        started_at=bindparam("b_now"),
-        attempts=JOBS.c.attempts + 1,
-        error=None,
-        credit_lease=case((_JUMPS, bindparam("b_lease")), else_=None),
-    )
-    .returning(
+
+
+def _take(head: Any, *, credited: bool = False) -> Any:
+    values: dict[str, Any] = {
+        "state": RUNNING,
+        "worker_id": bindparam("b_worker"),
+        "lease_id": bindparam("b_lease"),
+        "lease_expires_at": bindparam("b_until"),
+        "started_at": bindparam("b_now"),
+        "attempts": JOBS.c.attempts + 1,
+        "error": None,
+    }
+    returned = [
         JOBS.c.seq,
         JOBS.c.id,
         JOBS.c.owner_id,
@@ -347,9 +387,16 @@ _TAKE_CREDITED = (
         JOBS.c.limits,
         JOBS.c.attempts,
         JOBS.c.fair_rank,
-        JOBS.c.credit_lease,
-    )
-)
+    ]
+    if credited:
+        values["credit_lease"] = case((_JUMPS, bindparam("b_lease")), else_=None)
+        returned.append(JOBS.c.credit_lease)
+    return update(JOBS).where(JOBS.c.seq.in_(head)).values(**values).returning(*returned)
+
+
+_TAKE = _take(_HEAD)
+_TAKE_WARM = _take(_WARM_HEAD)
+_TAKE_CREDITED = _take(_CREDITED_HEAD, credited=True)
 # The served rank moves up unless another transaction holds the app's row (then that
 # one moves it, or the next claim does): a claim never waits on it.
 _SERVE = (
@@ -389,27 +436,39 @@ def take(
     now: datetime,
     lease_until: datetime,
     *,
+    met: Sequence[str] = (),
+    warm: Sequence[str] = (),
+    window: int = 0,
     credited: bool = False,
 ) -> list[Claimed]:
     """Claim up to `max_jobs` of the queue head for this worker (see the invariants), in
     claim order. A worker that has left or whose join token was revoked (`stopped_at`)
     takes nothing, even in a claim that was already waiting when it was stopped.
 
+    Placement: a job with a requirement is taken only if its key is in `met` (the keys
+    whose requirement this worker's labels meet); with `warm` keys and a `window`, jobs
+    whose `warm_key` is among them go first among the first `window` claimable jobs.
+
     `credited` (credit priority, `csml.coordinator.credit`): only jobs of identities
-    with a positive balance, lowest fair rank first; one taken out of order (see
-    `_JUMPS`) comes back with `by_credit` and its job keeps this lease in
-    `credit_lease`; the served rank moves only for those taken in order."""
-    rows = conn.execute(
-        _TAKE_CREDITED if credited else _TAKE,
-        {
-            "b_worker": worker_id,
-            "b_app": app,
-            "max_jobs": max_jobs,
-            "b_lease": lease_id,
-            "b_until": lease_until,
-            "b_now": now,
-        },
-    ).all()
+    with a positive balance, lowest fair rank first (warm keys play no part then); one
+    taken out of order (see `_JUMPS`) comes back with `by_credit` and its job keeps this
+    lease in `credit_lease`; the served rank moves only for those taken in order."""
+    params = {
+        "b_worker": worker_id,
+        "b_app": app,
+        "max_jobs": max_jobs,
+        "b_lease": lease_id,
+        "b_until": lease_until,
+        "b_now": now,
+        "b_met": list(met),
+    }
+    if credited:
+        rows = conn.execute(_TAKE_CREDITED, params).all()
+    elif warm and window > 0:
+        params.update(b_warm=list(warm), b_window=max(window, max_jobs))
+        rows = conn.execute(_TAKE_WARM, params).all()
+    else:
+        rows = conn.execute(_TAKE, params).all()
     if not rows:
         return []
     seqs = [r.seq for r in rows]

@@ -18,11 +18,12 @@ from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import TypeVar
 
-from sqlalchemy import delete, select
+from sqlalchemy import and_, delete, exists, select
 from sqlalchemy.orm import Session
 
 from csml.store.tables import Job, JobFile
 from csml.store.tables_abuse import PendingPurge, RateWindow, UsedChallenge
+from csml.store.tables_placement import PlacementKey
 
 BATCH = 500  # rows per statement (and per IN (...) list)
 
@@ -78,3 +79,12 @@ def forget_spent(session: Session, challenges_before: datetime, windows_before: 
     that started before `windows_before`."""
     session.execute(delete(UsedChallenge).where(UsedChallenge.expires_at < challenges_before))
     session.execute(delete(RateWindow).where(RateWindow.window_start < windows_before))
+
+
+def forget_requirement_keys(session: Session, unused_before: datetime) -> None:
+    """Drop requirement keys (placement) that no job refers to and no submission used
+    since `unused_before` (well before any submission still in flight)."""
+    referred = exists().where(
+        and_(Job.app == PlacementKey.app, Job.requires_key == PlacementKey.key)
+    )
+    session.execute(delete(PlacementKey).where(PlacementKey.used_at < unused_before, ~referred))

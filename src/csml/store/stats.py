@@ -51,6 +51,7 @@ def workers_since(session: Session, left_after: datetime) -> list[WorkerRow]:
             registered_at=w.registered_at,
             last_heartbeat=w.last_heartbeat,
             stopped_at=w.stopped_at,
+            labels=w.labels,
         )
         for w in rows
     ]

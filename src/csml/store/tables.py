@@ -24,6 +24,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     false,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -122,6 +123,8 @@ class Worker(Base):
     registered_at: Mapped[datetime]
     last_heartbeat: Mapped[datetime]
     stopped_at: Mapped[datetime | None]
+    # placement: the labels the worker announced at registration (None: none).
+    labels: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
 
 
 class AppRecord(Base):
@@ -209,6 +212,11 @@ class Job(Base):
     # credit (issue 13 item 2): the lease of the run that took it by credit priority, ahead
     # of plain round-robin (its completion under that lease debits its owner); else None.
     credit_lease: Mapped[str | None] = mapped_column(String(64), default=None)
+    # placement: the key of the job's requirement (`placement.key_of`, a row of
+    # `placement_keys`; None: any worker) and of its model input for its owner
+    # (`placement.warm_key`; None: no model input).
+    requires_key: Mapped[str | None] = mapped_column(String(64), default=None)
+    warm_key: Mapped[str | None] = mapped_column(String(64), default=None)
 
     files: Mapped[list[JobFile]] = relationship(
         back_populates="job", cascade="all, delete-orphan", lazy="selectin"
@@ -219,6 +227,14 @@ class Job(Base):
         Index("ix_jobs_owner", "owner_id", "seq"),
         Index("ix_jobs_lease", "state", "lease_expires_at"),
         Index("ix_jobs_parent", "parent_seq", "step_index"),
+        # placement: which jobs refer to a requirement key (only those with one).
+        Index(
+            "ix_jobs_requires_key",
+            "app",
+            "requires_key",
+            postgresql_where=text("requires_key IS NOT NULL"),
+            sqlite_where=text("requires_key IS NOT NULL"),
+        ),
     )
 
 

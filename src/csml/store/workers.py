@@ -58,6 +58,7 @@ class WorkerRow:
     registered_at: datetime
     last_heartbeat: datetime
     stopped_at: datetime | None
+    labels: dict[str, Any] | None = None  # placement: announced at registration
     # credit: the identity that contributed it (its join token's), None for the operator's;
     # read only by `worker_by_token` (the worker a request authenticates as).
     contributor_id: str | None = None
@@ -101,6 +102,7 @@ _WORKER_COLUMNS = (
     Worker.registered_at,
     Worker.last_heartbeat,
     Worker.stopped_at,
+    Worker.labels,
 )
 _by_token = (
     select(*_WORKER_COLUMNS, JoinToken.revoked_at, JoinToken.contributor_id)
@@ -229,6 +231,7 @@ def add_worker(
     slots: int,
     sandbox: str,
     now: datetime,
+    labels: dict[str, Any] | None = None,
 ) -> str:
     """Add a joining worker's row (live from `now`); its id."""
     worker = Worker(
@@ -241,6 +244,7 @@ def add_worker(
         sandbox=sandbox,
         registered_at=now,
         last_heartbeat=now,
+        labels=labels or None,
     )
     session.add(worker)
     return worker.id

@@ -32,6 +32,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import platform
 import queue
 import shutil
 import tempfile
@@ -47,6 +48,7 @@ import httpx
 from nacl.public import PrivateKey
 from pydantic import ValidationError
 
+from csml import placement
 from csml.apps.registry import load_app
 from csml.attestation.evidence import INSECURE_KIND, load_provider
 from csml.crypto import (
@@ -124,6 +126,19 @@ class WorkerConfig:
     # Jobs claimed beyond the free slots, to start at once when one frees (0: a job stays
     # queued, claimable by any worker, until a slot here is free).
     prefetch: int = 0
+    # Placement labels announced at registration (with `automatic_labels` added under
+    # them: given ones win), e.g. {"gpu": True, "gpu_memory_gb": 24}.
+    labels: dict[str, Any] = field(default_factory=dict)
+
+
+def automatic_labels() -> dict[str, Any]:
+    """Labels every worker announces unless told otherwise: `arch` (the machine, e.g.
+    x86_64), `cpus` (how many the worker's process may use)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return {"arch": platform.machine() or "unknown", "cpus": cpus}
 
 
 @dataclass
@@ -267,6 +282,7 @@ class WorkerAgent:
             slots=self.config.slots,
             sandbox=self.sandbox.description,
             attestation=self.attestation,
+            labels={**automatic_labels(), **self.config.labels},
         )
         response = self._call(
             "register",
@@ -287,6 +303,7 @@ class WorkerAgent:
                     "app": self.config.app,
                     "slots": self.config.slots,
                     "sandbox": self.sandbox.description,
+                    "labels": body.labels,
                 }
             },
         )
@@ -338,10 +355,14 @@ class WorkerAgent:
 
                 def post(n: int = free) -> httpx.Response:
                     self._last_beat = time.monotonic()
+                    warm = self.sandbox.warm_models()[: placement.MAX_WARM]
+                    if warm:
+                        log.debug("claiming with %d warm models", len(warm))
                     body = {
                         "max_jobs": n,
                         "wait": self.config.claim_wait,
                         "running": [r.model_dump(mode="json") for r in self._held()],
+                        "warm_models": warm,
                     }
                     return self.claims.post(self._path("/claim"), json=body, headers=self._auth())
 
@@ -496,7 +517,17 @@ class WorkerAgent:
         # One owner's consecutive jobs share a sandboxed process; a confidential job gets
         # one of its own (nothing of it stays in memory for a later job to find).
         owner = "" if confidential else job.owner_key
-        return self.sandbox.run(sandbox_job, progress, owner=owner)
+        return self.sandbox.run(sandbox_job, progress, owner=owner, warm=self._warm_key(job, owner))
+
+    def _warm_key(self, job: ClaimedJob, owner: str) -> str:
+        """What the job leaves warm in its owner's process: its model input, if its
+        operation keeps models loaded (`keeps_model`)."""
+        op = self.app.operations.get(job.operation)
+        if not owner or op is None or not op.keeps_model:
+            return ""
+        spec = op.model_input()
+        model = next((f for f in job.inputs if spec is not None and f.name == spec.name), None)
+        return placement.warm_key(owner, model.sha256) if model is not None else ""
 
     def _outputs(self, job: ClaimedJob, outputs_dir: Path) -> list[Path]:
         declared = {o.name for o in self.app.operations[job.operation].outputs}

@@ -123,6 +123,7 @@ class _Resident:
     jobs: int = 0
     idle_since: float = 0.0
     idle_cpu: float = 0.0  # its CPU time when it went idle
+    warm: str = ""  # the model it holds loaded (a `placement.warm_key`), if any
 
 
 class ZygoteDied(RuntimeError):
@@ -271,10 +272,15 @@ class Sandbox:
         shutil.rmtree(self._tmp_root, ignore_errors=True)
 
     def run(
-        self, job: SandboxJob, on_progress: ProgressFn | None = None, owner: str = ""
+        self,
+        job: SandboxJob,
+        on_progress: ProgressFn | None = None,
+        owner: str = "",
+        warm: str = "",
     ) -> Outcome:
         """Run `job` in a child of `owner` (reused if one waits idle; "" for a child of
-        its own)."""
+        its own). `warm`: the job's model stays loaded in its child if it succeeds (see
+        `warm_models`)."""
         self._ensure_zygote()
         limits = JobLimitsMsg(
             memory_mb=job.memory_mb,
@@ -310,10 +316,17 @@ class Sandbox:
             return outcome
         finally:
             if reuse:
+                if warm and outcome.ok:
+                    resident.warm = warm
                 clear_tmp(resident.base)
                 self._checkin(resident)
             else:
                 self._retire(resident)
+
+    def warm_models(self) -> list[str]:
+        """The warm keys of the models idle children hold loaded (most recent first)."""
+        with self._lock:
+            return list(dict.fromkeys(r.warm for r in reversed(self._idle.values()) if r.warm))
 
     def _checkout(self, owner: str, limits: JobLimitsMsg) -> _Resident | None:
         """An idle child of `owner` made for the same limits, if any."""

@@ -84,6 +84,34 @@ def onnx_cnn(seed: int = 0, side: int = 8, classes: int = 10) -> OnnxNet:
     return OnnxNet(model.SerializeToString(), cw, cb, fw, fb)
 
 
+def onnx_deep(layers: int = 400, width: int = 64, seed: int = 0) -> bytes:
+    """A chain of `layers` fully connected layers (MatMul -> Add -> Relu) on 1x`width`:
+    small to run, slow to load (OpenCV builds every layer), for warm-network tests."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes, inits, x = [], [], "x"
+    for i in range(layers):
+        w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+        b = (rng.standard_normal(width) * 0.01).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
+        nodes += [
+            helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"]),
+            helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"]),
+            helper.make_node("Relu", [f"a{i}"], [f"r{i}"]),
+        ]
+        x = f"r{i}"
+    graph = helper.make_graph(
+        nodes,
+        "deep-mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, width])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, width])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    return cast(bytes, model.SerializeToString())
+
+
 def onnx_identity(shape: list[int | str]) -> bytes:
     """y = x: shows exactly what preprocessing fed the network."""
     from onnx import TensorProto, helper

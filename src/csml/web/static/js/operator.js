@@ -65,13 +65,14 @@ function appsTable(apps) {
 function workersTable(workers) {
   if (!workers.length) return h("p", { class: "muted" }, "No worker has joined.");
   return h("div", { class: "table-wrap", tabindex: "0", role: "region", "aria-label": "Table; scrolls sideways on narrow screens" }, h("table", { class: "wide", "aria-labelledby": "workers-title" },
-    h("thead", {}, h("tr", {}, ["Worker", "App", "State", "Slots in use", "Last heartbeat", "Sandbox"].map((c) => h("th", { scope: "col" }, c)))),
+    h("thead", {}, h("tr", {}, ["Worker", "App", "State", "Slots in use", "Last heartbeat", "Labels", "Sandbox"].map((c) => h("th", { scope: "col" }, c)))),
     h("tbody", {}, workers.map((w) => h("tr", { dataset: { worker: w.id } },
       h("th", { scope: "row" }, h("code", {}, shortId(w.id))),
       h("td", {}, w.app),
       h("td", {}, h("span", { class: `state-${w.state}` }, { live: "Live", silent: "Silent", left: "Left" }[w.state])),
       h("td", {}, `${w.running} / ${w.slots}`),
       h("td", {}, `${formatDuration(w.heartbeat_age_seconds)} ago`),
+      h("td", { class: "help" }, Object.entries(w.labels || {}).map(([k, v]) => `${k}=${v}`).join(", ") || "—"),
       h("td", { class: "help sandbox" }, w.sandbox || "—"),
     ))),
   ));

@@ -184,6 +184,9 @@ export async function renderSubmit(root) {
   const confidential = h("input", { type: "checkbox", id: "confidential", name: "confidential" });
   const confWords = h("p", { class: "help", id: "confidential-words", "aria-live": "polite" });
   confidential.setAttribute("aria-describedby", "confidential-words");
+  const requires = h("input", { type: "text", id: "requires", name: "requires", placeholder: "e.g. gpu=true, gpu_memory_gb>=16", autocomplete: "off" });
+  const requiresHelp = h("p", { class: "help", id: "requires-help" });
+  requires.setAttribute("aria-describedby", "requires-help");
   const submit = h("button", { type: "submit", class: "button primary" }, "Submit job");
   const formError = h("p", { class: "field-error", role: "alert", hidden: true });
   let current = { files: [], params: null, op: null, app: null };
@@ -222,6 +225,9 @@ export async function renderSubmit(root) {
     const app = usable.find((a) => a.name === appSel.value);
     const op = app.operations.find((o) => o.name === opSel.value) || app.operations[0];
     opHelp.textContent = op.description || "";
+    const needs = describeRequires(op.requires || {});
+    requiresHelp.textContent = "Labels the worker must have: NAME=VALUE (equal) or NAME>=NUMBER (at least), separated by commas."
+      + (needs ? ` This operation already needs ${needs}.` : "");
     clear(filesBox);
     clear(paramsBox, h("legend", {}, "Parameters"));
     const files = op.inputs.map((spec) => dropZone(spec, label));
@@ -265,6 +271,7 @@ export async function renderSubmit(root) {
     opHelp,
     filesBox,
     paramsBox,
+    h("div", { class: "field" }, h("label", { for: "requires" }, "Worker requirements (optional)"), requires, requiresHelp),
     h("div", { class: "check" }, confidential, h("label", { for: "confidential" }, "Confidential (end-to-end encrypted)")),
     confWords,
     formError,
@@ -311,6 +318,16 @@ export async function renderSubmit(root) {
       return;
     }
     const spec = { app: current.app.name, operation: current.op.name, params };
+    let needs;
+    try {
+      needs = parseRequires(requires.value);
+    } catch (err) {
+      formError.textContent = err.message;
+      formError.hidden = false;
+      requires.focus();
+      return;
+    }
+    if (Object.keys(needs).length) spec.requires = needs;
     const data = new FormData();
     data.append("spec", JSON.stringify(spec));
     for (const f of sent) {
@@ -346,4 +363,30 @@ export async function renderSubmit(root) {
   root.append(form);
   if (chosen && usable.some((a) => a.name === chosen.app)) appSel.value = chosen.app;
   showOperations();
+}
+
+/** `gpu=true, mem>=16` -> {gpu: true, mem: {min: 16}} (see docs/user-guide/placement.md). */
+export function parseRequires(text) {
+  const out = {};
+  for (const part of text.split(",").map((p) => p.trim()).filter(Boolean)) {
+    const min = part.indexOf(">=");
+    if (min > 0) {
+      const value = Number(part.slice(min + 2).trim());
+      if (part.slice(min + 2).trim() === "" || !Number.isFinite(value)) throw new Error(`"${part}": a minimum needs a number`);
+      out[part.slice(0, min).trim()] = { min: value };
+      continue;
+    }
+    const eq = part.indexOf("=");
+    if (eq <= 0) throw new Error(`"${part}": write NAME=VALUE or NAME>=NUMBER`);
+    const raw = part.slice(eq + 1).trim();
+    const number = Number(raw);
+    out[part.slice(0, eq).trim()] = raw === "true" ? true : raw === "false" ? false : raw !== "" && Number.isFinite(number) ? number : raw;
+  }
+  return out;
+}
+
+function describeRequires(requires) {
+  return Object.entries(requires)
+    .map(([name, cond]) => (cond !== null && typeof cond === "object" ? `${name}>=${cond.min}` : `${name}=${cond}`))
+    .join(", ");
 }
