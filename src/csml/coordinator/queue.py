@@ -45,6 +45,7 @@ PostgreSQL relay, on the other coordinators (see `api_events`).
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import json
 import logging
@@ -782,10 +783,10 @@ class JobQueue:
         inline = [
             d.job_id for d in batch if d.inline_outputs and d.state == JobState.succeeded.value
         ]
-        known: dict[str, JobRow] = {}
-        if inline:
+        known: dict[str, Locked] = {}
+        if inline:  # who holds the lease (one statement; no files loaded)
             with self.read() as conn:
-                known = {j.id: j for j in store.load(conn, store.JOBS.c.id.in_(inline))}
+                known = ends.to_complete(conn, inline)
         out: list[_Prepared] = []
         for done in batch:
             outputs_dir = self.attempt_dir(done.job_id, done.lease_id)
@@ -795,7 +796,7 @@ class JobQueue:
                 job is not None
                 and done.inline_outputs
                 and done.state == JobState.succeeded.value
-                and job.confidential is None
+                and not job.confidential
                 and job.lease_id == done.lease_id
                 and job.worker_id == worker.id
             ):
@@ -933,7 +934,7 @@ class JobQueue:
                 woken += pipelines.step_finished(self, session, row)
         return woken
 
-    def _write_inline(self, job: JobRow, outputs_dir: Path, outputs: list[InlineOutput]) -> None:
+    def _write_inline(self, job: Locked, outputs_dir: Path, outputs: list[InlineOutput]) -> None:
         """Write a completion's inline outputs (declared names only, each bounded) as an
         upload would, on disk before the transaction commits."""
         _, op = self.catalog.operation(job.app, job.operation)
@@ -943,8 +944,8 @@ class JobQueue:
         for out in outputs:
             if out.name not in declared:
                 raise Invalid("unknown_output", f"{op.name!r} declares no output {out.name!r}")
-            try:
-                data = base64.b64decode(out.content, validate=True)
+            try:  # strict: only the alphabet and correct padding (as b64decode(validate=True))
+                data = binascii.a2b_base64(out.content, strict_mode=True)
             except ValueError:
                 raise Invalid(
                     "invalid_output", f"inline_outputs: {out.name!r} is not valid base64"
