@@ -77,3 +77,32 @@ def test_only_a_small_file_is_sent_in_one_piece(tmp_path: Path) -> None:
         assert b"".join(m["body"] for m in body) == path.read_bytes()
         start = dict(sent[0]["headers"])
         assert start[b"content-length"] == str(path.stat().st_size).encode()
+
+
+def test_an_inline_output_is_listed_once_and_replaces_an_upload_of_its_name(
+    coordinator: InProcessCoordinator, echo_worker: HttpWorker, tmp_path: Path
+) -> None:
+    """Inline outputs are described from memory (no meta file); an upload of the same
+    name made before the completion is replaced by the inline one, as before."""
+    user = coordinator.new_user()
+    job = user.submit("echo", "echo", files={"data": b"in"})
+    (taken,) = claim(echo_worker, 1).jobs
+    assert echo_worker.upload(taken, "data", b"uploaded first").status_code < 300
+    inline = base64.b64encode(b"inline wins").decode()
+    done = complete_batch(
+        echo_worker,
+        {
+            "job_id": job.id,
+            "lease_id": taken.lease_id,
+            "state": "succeeded",
+            "result": {},
+            "inline_outputs": [{"name": "data", "content": inline}],
+        },
+    )
+    assert [o.status for o in done.results] == [204]
+    job.wait(timeout=10)
+    assert list(job.data.outputs) == ["data"]
+    info = job.data.outputs["data"]
+    assert info.size == len(b"inline wins")
+    assert info.sha256 == hashlib.sha256(b"inline wins").hexdigest()
+    assert job.download("data", tmp_path / "out").read_bytes() == b"inline wins"

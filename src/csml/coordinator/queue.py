@@ -791,6 +791,7 @@ class JobQueue:
         for done in batch:
             outputs_dir = self.attempt_dir(done.job_id, done.lease_id)
             refusal: Refusal | None = None
+            written: list[FileInfo] = []
             job = known.get(done.job_id)
             if (
                 job is not None
@@ -801,15 +802,19 @@ class JobQueue:
                 and job.worker_id == worker.id
             ):
                 try:
-                    self._write_inline(job, outputs_dir, done.inline_outputs)
+                    written = self._write_inline(job, outputs_dir, done.inline_outputs)
                 except Refusal as exc:
                     refusal = exc
             metas: tuple[FileInfo, ...] = ()
             if done.state == JobState.succeeded.value:
-                metas = tuple(
-                    FileInfo.model_validate_json(meta.read_text())
-                    for meta in sorted(outputs_dir.glob("*.meta.json"))
-                )
+                # Inline outputs are described from memory; uploaded ones by the meta file
+                # their upload wrote (an inline output replaces an upload of the same name).
+                found = {i.name: i for i in written}
+                for meta in outputs_dir.glob("*.meta.json"):
+                    name = meta.name.removesuffix(".meta.json")
+                    if name not in found:
+                        found[name] = FileInfo.model_validate_json(meta.read_text())
+                metas = tuple(found[n] for n in sorted(found, key=lambda n: f"{n}.meta.json"))
             out.append(_Prepared(metas, refusal))
         return out
 
@@ -934,12 +939,19 @@ class JobQueue:
                 woken += pipelines.step_finished(self, session, row)
         return woken
 
-    def _write_inline(self, job: Locked, outputs_dir: Path, outputs: list[InlineOutput]) -> None:
-        """Write a completion's inline outputs (declared names only, each bounded) as an
-        upload would, on disk before the transaction commits."""
+    def _write_inline(
+        self, job: Locked, outputs_dir: Path, outputs: list[InlineOutput]
+    ) -> list[FileInfo]:
+        """Write a completion's inline outputs (declared names only, each bounded), on disk
+        (fsync'd with their folder) before the transaction commits; their descriptions.
+
+        Unlike an upload, no meta file is written: the description goes from here to the
+        completion's rows in memory (an upload's meta file is only that hand-off between
+        its request and the completion's)."""
         _, op = self.catalog.operation(job.app, job.operation)
         declared = {o.name: o.media_type for o in op.outputs}
         written: list[Path] = []
+        infos: list[FileInfo] = []
         outputs_dir.mkdir(parents=True, exist_ok=True)
         for out in outputs:
             if out.name not in declared:
@@ -962,10 +974,10 @@ class JobQueue:
                 sha256=hashlib.sha256(data).hexdigest(),
                 media_type=declared[out.name],
             )
-            meta = outputs_dir / f"{out.name}.meta.json"
-            self.write_meta(meta, info)
-            written += [path, meta]
+            infos.append(info)
+            written.append(path)
         fsync_paths(written)
+        return infos
 
     def output_meta_path(self, job_id: str, lease_id: str, name: str) -> Path:
         return self.attempt_dir(job_id, lease_id) / f"{name}.meta.json"
