@@ -44,7 +44,14 @@ from typing import Any
 
 from faces import BaselineRun, make_images, run_baseline
 
-from cluster import Cluster, CpuWindow
+from cluster import (
+    Cluster,
+    CpuWindow,
+    request_deltas,
+    scrape_requests,
+    scrape_store,
+    store_deltas,
+)
 from csml.client.config import UserConfig
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -71,17 +78,33 @@ def others_share(window: dict[str, Any]) -> float:
     return round(window["everything_else_cpu_s"] / max(1e-9, capacity), 3)
 
 
-def run_cli(cluster: Cluster, photos: Path, out: Path, concurrency: int | None) -> dict[str, Any]:
-    """`csml batch` in its own process; wall from exec to exit and its CPU (rusage)."""
+def run_cli(
+    cluster: Cluster,
+    photos: Path,
+    out: Path,
+    concurrency: int | None,
+    profile_to: Path | None = None,
+    gil: bool = False,
+) -> dict[str, Any]:
+    """`csml batch` in its own process; wall from exec to exit and its CPU (rusage).
+
+    With `profile_to`, the CLI runs under `py-spy record` (raw stacks written there)."""
     cmd = [sys.executable, "-m", "csml", "batch", "opencv", "detect-faces", str(photos)]
     cmd += ["-o", str(out), "--url", cluster.url]
     if concurrency:
         cmd += ["--concurrency", str(concurrency)]
     env = {**cluster.env, "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
     log = cluster.log_dir / f"cli-{out.name}.log"
+    argv = cmd
+    if profile_to is not None:
+        from pyspy import py_spy_path
+
+        spy = py_spy_path() or "py-spy"
+        argv = [spy, "record", "--rate", "250", "--format", "raw", "-o", str(profile_to)]
+        argv += [*(["--gil"] if gil else []), "--", *cmd]
     with open(log, "wb") as sink:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(argv, env=env, stdout=sink, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -113,15 +136,57 @@ def read_manifest(path: Path) -> dict[str, Any]:
     }
 
 
-def csml_run(cluster: Cluster, images: list[Path], root: Path, concurrency: int | None) -> Any:
-    """The timed `csml batch` window, with per-process CPU."""
+def csml_run(
+    cluster: Cluster,
+    images: list[Path],
+    root: Path,
+    concurrency: int | None,
+    profile: str | None,
+) -> Any:
+    """The timed `csml batch` window, with per-process CPU, and the coordinator's
+    requests per route, SQL statements and write commits per photo (from /metrics).
+
+    With `profile`, py-spy samples the coordinator, the worker agent and the CLI
+    (perturbs the figures: use it in a separate run)."""
     names = cluster.pids()
     worker = next(n for n in names if n.startswith("worker"))
     before = load()
+    requests0, store0 = scrape_requests(cluster.url), scrape_store(cluster.url)
+    recorders: dict[str, Any] = {}
+    if profile:
+        from pyspy import Recorder
+
+        assert cluster.coordinator is not None
+        gil = profile == "gil"
+        coordinator, agent = cluster.coordinator.pid, cluster.workers[0].pid
+        recorders["coordinator"] = Recorder(coordinator, root / "spy-coord.txt", gil_only=gil)
+        recorders["worker agent"] = Recorder(agent, root / "spy-agent.txt", gil_only=gil)
     with CpuWindow(names) as cpu:
-        cli = run_cli(cluster, images[0].parent, root / "csml-out", concurrency)
+        cli = run_cli(
+            cluster,
+            images[0].parent,
+            root / "csml-out",
+            concurrency,
+            profile_to=root / "spy-cli.txt" if profile else None,
+            gil=profile == "gil",
+        )
+    for r in recorders.values():
+        r.stop()
+    counts = {
+        "requests_per_photo": request_deltas(requests0, scrape_requests(cluster.url), len(images)),
+        **store_deltas(store0, scrape_store(cluster.url), len(images)),
+    }
+    if profile:
+        from pyspy import summarise
+
+        counts["profiles"] = {
+            name: summarise(root / f"spy-{tag}.txt", top=25)
+            for name, tag in (("coordinator", "coord"), ("worker agent", "agent"), ("CLI", "cli"))
+            if (root / f"spy-{tag}.txt").exists()
+        }
     cpu.add("csml batch CLI", cli["cpu_s"])
     report = cpu.report()
+    report["counts"] = counts
     depths = [*cpu.by_depth(worker), 0.0, 0.0, 0.0]
     split = {
         "worker agent": depths[0],
@@ -150,6 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, help="`csml batch --concurrency` [its default]")
     p.add_argument("--base-dir", help="parent of the temporary folder")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    p.add_argument(
+        "--profile",
+        choices=("gil", "active"),
+        help="py-spy the coordinator, worker agent and CLI: `gil` samples the thread "
+        "holding the GIL (CPU in Python), `active` every running thread (perturbs the figures)",
+    )
     p.add_argument("--json-out", type=Path, help="write the JSON here")
     a = p.parse_args(argv)
     count = a.photos or (100 if a.quick else 1000)
@@ -177,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             raise RuntimeError(f"warm-up batch failed:\n{warmed['output_tail']}\n{cluster.logs()}")
         _say("csml batch, timed ...")
         cli, cpu, worker_split, manifest, load_before, load_after = csml_run(
-            cluster, images, root, a.concurrency
+            cluster, images, root, a.concurrency, a.profile
         )
     finally:
         cluster.stop()
@@ -281,6 +352,21 @@ def print_report(r: dict[str, Any]) -> None:
         + ", ".join(f"{k} {v['cpu_s']}" for k, v in cb["cpu"]["processes"].items())
         + f"; worker split {cb['worker_cpu_split_s']}"
     )
+    per_photo = {
+        k: round(1000 * v["cpu_s"] / r["photos"], 2) for k, v in cb["cpu"]["processes"].items()
+    }
+    split = cb["worker_cpu_split_s"]
+    per_photo["worker agent"] = round(1000 * split["worker agent"] / r["photos"], 2)
+    per_photo["job children"] = round(1000 * split["job children"] / r["photos"], 2)
+    print(f"  CPU ms per photo: {per_photo}")
+    counts = cb["cpu"].get("counts", {})
+    print(
+        f"  per photo: statements {counts.get('statements_per_job')}, write commits "
+        f"{counts.get('write_commits_per_job')}, requests "
+        + ", ".join(f"{k} {v['per_job']}" for k, v in counts.get("requests_per_photo", {}).items())
+    )
+    for name, summary in counts.get("profiles", {}).items():
+        print(f"  py-spy {name}: {json.dumps(summary['by_bucket_pct'])}")
     print(
         f"  everything else {cb['cpu']['everything_else_cpu_s']} CPU-s, machine busy "
         f"{cb['cpu']['machine_busy_pct_all_cores']}%, load {cb['load_before']} -> "

@@ -260,7 +260,8 @@ def test_map_goes_through_the_batch_route(
         files = []
         for i in range(30):
             path = tmp_path / f"in{i:02d}.bin"
-            path.write_bytes(f"item {i}".encode() * (20_000 if i == 7 else 1))
+            big = INLINE_MAX_BYTES // 6 + 1  # "item 7" x big: over the inline bound
+            path.write_bytes(f"item {i}".encode() * (big if i == 7 else 1))
             files.append(path)
         counted.clear()
         with serving(echo_worker, tmp_path):
@@ -273,7 +274,7 @@ def test_map_goes_through_the_batch_route(
         assert item.job is not None and item.job.data.inputs["data"].size == files[i].stat().st_size
     batches = counted.count(ROUTE)
     alone = counted.count("/v1/jobs")
-    assert alone == 1, counted  # the 140 KB file (over the inline bound)
+    assert alone == 1, counted  # the file over the inline bound
     assert batches == 1, counted  # the 29 small files in one request (40 may be in flight)
     assert BATCH_ITEMS >= 100
 

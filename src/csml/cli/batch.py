@@ -36,6 +36,10 @@ from csml.client.batch import BatchItem, single_file_input
 GLOB_CHARS = re.compile(r"[*?\[]")
 UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 MAX_ZIP_BYTES = 8 << 30  # uncompressed total a zip may expand to
+CONCURRENCY = 32
+"""Items in flight by default: a batch request carries up to a quarter of them (8) as
+places free up, so small photos cost ~0.1 submit requests each, not ~0.5 (measured at
+8: 0.48 batch requests per photo); well under the default 100 active jobs per identity."""
 
 
 def safe_stem(name: str) -> str:
@@ -102,7 +106,7 @@ def batch(
     input_name: Annotated[
         str | None, typer.Option("--input", help="The operation's input each file feeds.")
     ] = None,
-    concurrency: Annotated[int, typer.Option(help="Items in flight at once.", min=1)] = 8,
+    concurrency: Annotated[int, typer.Option(help="Items in flight at once.", min=1)] = CONCURRENCY,
     timeout: Annotated[float, typer.Option(help="Most seconds one item may take.")] = 3600,
     url: UrlOpt = None,
 ) -> None:

@@ -265,6 +265,11 @@ def run_batch(
     run.batching = batch_items > 0
     items = [BatchItem(i, label) for i, (label, _) in enumerate(sources)]
     start = time.perf_counter()
+    if client._results is not None:
+        # Connected before the first submission, so the stream covers every item's job
+        # from its start: no item re-reads its job (a GET) when its wait begins. If it
+        # cannot be opened, the waits long-poll as they would anyway.
+        client._results.open()
     run.drive(
         [_Pending(item, file) for item, (_, file) in zip(items, sources, strict=True)],
         max(1, batch_items),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mimetypes
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.types import Send
 
 from csml import ids
 from csml.coordinator import abuse, artifacts, contributions, pipeline_spec, pipelines, spec_limits
@@ -353,24 +355,59 @@ def cancel_job(job_id: str, request: Request, me: Me) -> Job:
     return job_views(c.queue, [job], positions=False)[0]
 
 
+SMALL_OUTPUT_BYTES = 1 << 20
+"""An output at most this large is read and sent in one piece by `OutputFile`."""
+
+
+class OutputFile(FileResponse):
+    """A `FileResponse` (same headers and ranges) whose plain answer of a small file
+    (at most `SMALL_OUTPUT_BYTES`) is read at once on the event loop and sent as one
+    body, instead of opened, read in 64 KiB chunks and closed in the thread pool (four
+    hops for a 100 KB annotated photo). Larger files stream as before."""
+
+    async def _handle_simple(self, send: Send, send_header_only: bool, send_pathsend: bool) -> None:
+        size = self.stat_result.st_size if self.stat_result is not None else None
+        if send_header_only or send_pathsend or size is None or size > SMALL_OUTPUT_BYTES:
+            await super()._handle_simple(send, send_header_only, send_pathsend)
+            return
+        with open(self.path, "rb") as file:
+            body = file.read(size + 1)
+        if len(body) != size:  # not what was stat'ed: stream it as FileResponse would
+            await super()._handle_simple(send, send_header_only, send_pathsend)
+            return
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
 @router.get(
     "/jobs/{job_id}/outputs/{name}",
     tags=["jobs"],
     responses={200: {"content": {"application/octet-stream": {}}}, **ERRORS},
     response_class=FileResponse,
 )
-def download_output(job_id: str, name: str, request: Request, me: Me) -> FileResponse:
-    """Stream one output file of a job."""
+async def download_output(job_id: str, name: str, request: Request, me: Me) -> FileResponse:
+    """Stream one output file of a job.
+
+    The job is read on the event loop (one short indexed read, as `get_job`), and the
+    file's stat too, so a small output costs no thread-pool hop (see `OutputFile`)."""
     c = core(request)
     job = c.queue.get(me.id, job_id)
     for f in job.files:
         if f.kind == "output" and f.name == name:
             ext = mimetypes.guess_extension(f.media_type) or ""
-            return FileResponse(
-                c.blobs.path(f.blob),
+            path = c.blobs.path(f.blob)
+            try:
+                stat_result: os.stat_result | None = os.stat(path)
+            except OSError:
+                stat_result = None  # FileResponse says what is wrong, as before
+            return OutputFile(
+                path,
                 media_type=f.media_type,
                 filename=f"{ids.short(job.id)}-{f.name}{ext}",
                 headers={"X-Content-SHA256": f.sha256},
+                stat_result=stat_result,
             )
     names = ", ".join(f.name for f in job.files if f.kind == "output") or "none"
     raise ApiError(

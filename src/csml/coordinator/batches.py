@@ -31,7 +31,6 @@ The JobQueue methods used are `check_files` and `submit_many` (public, stable na
 
 from __future__ import annotations
 
-import base64
 import binascii
 import json
 from dataclasses import dataclass, field
@@ -138,8 +137,9 @@ def _item(index: int, value: Any) -> Item:
         if len(text) > INLINE_MAX_CHARS:
             raise _inline_too_large(index, name[:64])
         try:
-            item.inputs[name] = base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError):
+            # strict: the alphabet and correct padding only, as b64decode(validate=True)
+            item.inputs[name] = binascii.a2b_base64(text, strict_mode=True)
+        except ValueError:
             item.error = Invalid(
                 "invalid_input",
                 f"inputs.{name[:64]}: not base64; send the file's bytes in standard base64",

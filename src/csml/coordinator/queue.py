@@ -55,6 +55,7 @@ PostgreSQL relay, on the other coordinators (see `api_events`).
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import json
 import logging
@@ -940,33 +941,38 @@ class JobQueue:
         inline = [
             d.job_id for d in batch if d.inline_outputs and d.state == JobState.succeeded.value
         ]
-        known: dict[str, JobRow] = {}
-        if inline:
+        known: dict[str, Locked] = {}
+        if inline:  # who holds the lease (one statement; no files loaded)
             with self.read() as conn:
-                known = {j.id: j for j in store.load(conn, store.JOBS.c.id.in_(inline))}
+                known = ends.to_complete(conn, inline)
         out: list[_Prepared] = []
         for done in batch:
             outputs_dir = self.attempt_dir(done.job_id, done.lease_id)
             refusal: Refusal | None = None
+            written: list[FileInfo] = []
             job = known.get(done.job_id)
             if (
                 job is not None
                 and done.inline_outputs
                 and done.state == JobState.succeeded.value
-                and job.confidential is None
+                and not job.confidential
                 and job.lease_id == done.lease_id
                 and job.worker_id == worker.id
             ):
                 try:
-                    self._write_inline(job, outputs_dir, done.inline_outputs)
+                    written = self._write_inline(job, outputs_dir, done.inline_outputs)
                 except Refusal as exc:
                     refusal = exc
             metas: tuple[FileInfo, ...] = ()
             if done.state == JobState.succeeded.value:
-                metas = tuple(
-                    FileInfo.model_validate_json(meta.read_text())
-                    for meta in sorted(outputs_dir.glob("*.meta.json"))
-                )
+                # Inline outputs are described from memory; uploaded ones by the meta file
+                # their upload wrote (an inline output replaces an upload of the same name).
+                found = {i.name: i for i in written}
+                for meta in outputs_dir.glob("*.meta.json"):
+                    name = meta.name.removesuffix(".meta.json")
+                    if name not in found:
+                        found[name] = FileInfo.model_validate_json(meta.read_text())
+                metas = tuple(found[n] for n in sorted(found, key=lambda n: f"{n}.meta.json"))
             out.append(_Prepared(metas, refusal))
         return out
 
@@ -1132,18 +1138,25 @@ class JobQueue:
             if earned is not None and earned.balance > 0:
                 self.credit.touch()
 
-    def _write_inline(self, job: JobRow, outputs_dir: Path, outputs: list[InlineOutput]) -> None:
-        """Write a completion's inline outputs (declared names only, each bounded) as an
-        upload would, on disk before the transaction commits."""
+    def _write_inline(
+        self, job: Locked, outputs_dir: Path, outputs: list[InlineOutput]
+    ) -> list[FileInfo]:
+        """Write a completion's inline outputs (declared names only, each bounded), on disk
+        (fsync'd with their folder) before the transaction commits; their descriptions.
+
+        Unlike an upload, no meta file is written: the description goes from here to the
+        completion's rows in memory (an upload's meta file is only that hand-off between
+        its request and the completion's)."""
         _, op = self.catalog.operation(job.app, job.operation)
         declared = {o.name: o.media_type for o in op.outputs}
         written: list[Path] = []
+        infos: list[FileInfo] = []
         outputs_dir.mkdir(parents=True, exist_ok=True)
         for out in outputs:
             if out.name not in declared:
                 raise Invalid("unknown_output", f"{op.name!r} declares no output {out.name!r}")
-            try:
-                data = base64.b64decode(out.content, validate=True)
+            try:  # strict: only the alphabet and correct padding (as b64decode(validate=True))
+                data = binascii.a2b_base64(out.content, strict_mode=True)
             except ValueError:
                 raise Invalid(
                     "invalid_output", f"inline_outputs: {out.name!r} is not valid base64"
@@ -1160,10 +1173,10 @@ class JobQueue:
                 sha256=hashlib.sha256(data).hexdigest(),
                 media_type=declared[out.name],
             )
-            meta = outputs_dir / f"{out.name}.meta.json"
-            self.write_meta(meta, info)
-            written += [path, meta]
+            infos.append(info)
+            written.append(path)
         fsync_paths(written)
+        return infos
 
     def output_meta_path(self, job_id: str, lease_id: str, name: str) -> Path:
         return self.attempt_dir(job_id, lease_id) / f"{name}.meta.json"

@@ -90,6 +90,13 @@ _LOCK_SEQS = (
     select(JOBS.c.seq).where(JOBS.c.seq.in_(bindparam("seqs", expanding=True))).with_for_update()
 )
 _LOCK_TO_COMPLETE = _select_locked().where(JOBS.c.id.in_(_IDS)).with_for_update(of=JOBS)
+_TO_COMPLETE = _select_locked().where(JOBS.c.id.in_(_IDS))
+
+
+def to_complete(conn: Connection, job_ids: Sequence[str]) -> dict[str, Locked]:
+    """What `lock_to_complete` reads, without the lock (one statement, no files): a read
+    before the write, e.g. whose inline outputs may be written; the write decides again."""
+    return {j.id: j for j in _locked(conn, _TO_COMPLETE, {"ids": list(job_ids)})}
 
 
 def lock_to_complete(conn: Connection, job_ids: Sequence[str]) -> dict[str, Locked]:

@@ -169,6 +169,17 @@ class _Completion:
 
 MAX_COMPLETION_BATCH = 64
 MAX_INLINE_OUTPUTS = 16
+INLINE_OUTPUT_BYTES = 1 << 20
+"""Inline outputs of one completion at most, decoded; the others are uploaded."""
+COMPLETION_BATCH_BYTES = 2 << 20
+"""A completion batch takes no more completions once its inline outputs reach this
+(base64): with one job's at most 4/3 of `INLINE_OUTPUT_BYTES`, a request stays well under
+the coordinator's default 4 MiB bound on a worker's JSON body."""
+
+
+def _inline_size(pending: _Completion) -> int:
+    """Base64 characters of a completion's inline outputs."""
+    return sum(len(o.content) for o in pending.completion.inline_outputs)
 
 
 class Refused(Exception):
@@ -462,10 +473,12 @@ class WorkerAgent:
         completion = JobCompletion(lease_id=job.lease_id, state="failed", error=outcome.error)
         if outcome.ok:
             inline: list[InlineOutput] = []
+            room = INLINE_OUTPUT_BYTES
             for path in self._outputs(job, outputs_dir):
                 size = path.stat().st_size
-                if size <= INLINE_MAX_BYTES and len(inline) < MAX_INLINE_OUTPUTS:
+                if size <= min(INLINE_MAX_BYTES, room) and len(inline) < MAX_INLINE_OUTPUTS:
                     inline.append(InlineOutput(name=path.name, content=b64e(path.read_bytes())))
+                    room -= size
                 else:
                     self._upload(job, path)
             completion = JobCompletion(
@@ -646,11 +659,13 @@ class WorkerAgent:
             except queue.Empty:
                 continue
             batch = [first]
-            while len(batch) < MAX_COMPLETION_BATCH:
+            size = _inline_size(first)
+            while len(batch) < MAX_COMPLETION_BATCH and size < COMPLETION_BATCH_BYTES:
                 try:
                     batch.append(self._completions.get_nowait())
                 except queue.Empty:
                     break
+                size += _inline_size(batch[-1])
             try:
                 self._send_completions(batch)
             except Exception as exc:  # Revoked, or a bug: each job's thread learns of it
