@@ -50,3 +50,20 @@ def test_listeners_see_their_prefix_and_losses() -> None:
         assert seen == ["erased:x", None]
 
     asyncio.run(run())
+
+
+def test_a_change_that_may_end_a_job_is_urgent_and_coalesces_with_the_others() -> None:
+    async def run() -> None:
+        n = Notifier()
+        n.bind(asyncio.get_running_loop())
+        with n.follow(notify.owner_feed("a")) as feed:
+            n.notify(notify.owner_change("a", "j1"))  # submitted, running, progress
+            assert feed.event.is_set() and not feed.urgent.is_set()
+            n.notify(notify.owner_change("a", "j1", ending=True))  # completed, cancelled
+            assert feed.urgent.is_set()
+            assert feed.take() == ({"j1"}, False)  # one item, without the mark
+            assert not feed.urgent.is_set()
+            n._deliver(None)  # a resync is urgent too
+            assert feed.urgent.is_set() and feed.take() == (set(), True)
+
+    asyncio.run(run())

@@ -5,7 +5,11 @@ cancelled, requeued) is announced on its owner's notifier feed after its commit
 (`notify.owner_change`), here at once and from the other coordinators through the
 PostgreSQL relay. The stream follows that feed from before its first snapshot (so
 nothing is missed), loads only the jobs announced (one query per wake-up, however
-many changed) and sends those that differ from what it sent. Its reads are short
+many changed) and sends those that differ from what it sent. A change that may have
+ended a job (completed, cancelled, reaped: `Feed.urgent`) is answered at once; others
+(submitted, running, progress) wait up to `SETTLE_SECONDS` for more, so that a job
+that ends meanwhile costs one load and one event instead of three (its intermediate
+states coalesce, as any changes pending together do). Its reads are short
 indexed statements run on the event loop (no thread-pool hop). It re-reads the whole
 snapshot only when the feed may have lost announcements (relay reconnect, overflow)
 and, with queue positions asked (the page's default), every
@@ -56,6 +60,7 @@ Me = Annotated[Identity, Depends(current_identity)]
 STREAM_SECONDS = 20.0
 KEEPALIVE_SECONDS = 10.0
 POSITIONS_RECHECK_SECONDS = 2.0
+SETTLE_SECONDS = 0.25  # how long changes that end no job may wait for more
 MAX_SENT = 2000  # views remembered per stream to send only changes (older: sent again)
 MAX_STREAMS_PER_IDENTITY = 4
 
@@ -136,6 +141,10 @@ async def _stream(
             pause = min(remaining, POSITIONS_RECHECK_SECONDS if queued else KEEPALIVE_SECONDS)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(feed.event.wait(), pause)
+            settle = min(SETTLE_SECONDS, deadline - time.monotonic())
+            if feed.event.is_set() and not feed.urgent.is_set() and settle > 0:
+                with contextlib.suppress(TimeoutError):  # no job ended: let changes settle
+                    await asyncio.wait_for(feed.urgent.wait(), settle)
             if await request.is_disconnected():
                 return
             items, resync = feed.take()

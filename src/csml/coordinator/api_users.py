@@ -17,7 +17,7 @@ from starlette.types import Send
 
 from csml import ids
 from csml.coordinator import abuse, artifacts, contributions, pipeline_spec, pipelines, spec_limits
-from csml.coordinator.auth import AuthFirstRoute, current_identity
+from csml.coordinator.auth import AuthFirstRoute, current_identity, lean
 from csml.coordinator.errors import ApiError, from_refusal, not_found, spec_error
 from csml.coordinator.notify import job_key, owner_change
 from csml.coordinator.staged_inputs import StagedFile
@@ -182,6 +182,7 @@ def check_model_quota(c: Core, owner_id: str, spec: JobSpec) -> None:
     responses=ERRORS,
     openapi_extra=SUBMIT_BODY,
 )
+@lean
 async def submit_job(request: Request, me: Me) -> JSONResponse:
     """Submit a job: multipart with a `spec` part and one part per input file (or JSON if none)."""
     c = core(request)

@@ -29,6 +29,7 @@ from csml.coordinator.auth import (
     current_join_token,
     current_worker,
     from_headers,
+    lean,
 )
 from csml.coordinator.errors import ApiError, not_found, status_of
 from csml.coordinator.notify import app_key
@@ -149,6 +150,7 @@ def leave(worker_id: str, request: Request, me: Me) -> Response:
 
 
 @router.post("/{worker_id}/claim", response_model=ClaimResponse)
+@lean
 async def claim(worker_id: str, body: ClaimRequest, request: Request, me: Me) -> ClaimResponse:
     """Take up to `max_jobs` queued jobs of this worker's app, each under a lease; with
     `running`, also a heartbeat of those jobs (the answer's `abort` says which to stop)."""
@@ -173,6 +175,7 @@ async def claim(worker_id: str, body: ClaimRequest, request: Request, me: Me) ->
 
 
 @router.post("/{worker_id}/heartbeat", response_model=HeartbeatResponse)
+@lean
 async def heartbeat(worker_id: str, body: Heartbeat, request: Request, me: Me) -> HeartbeatResponse:
     """Extend the leases of running jobs, report their progress, learn which to abort."""
     _same(me, worker_id)
@@ -236,6 +239,7 @@ async def upload_output(
 
 
 @router.post("/{worker_id}/complete", response_model=CompletionResults)
+@lean
 async def complete_batch(
     worker_id: str, body: CompletionBatch, request: Request, me: Me
 ) -> CompletionResults:

@@ -17,8 +17,12 @@ of every `Feed` following `topic` (e.g. `owner:<identity>/<job id>`: that job of
 that identity changed). A feed coalesces (an item pending twice is read once) and
 is bounded: past `FEED_MAX_PENDING` items, or when the relay may have lost
 notifications, it is marked `resync` (its reader re-reads everything) instead of
-growing. Listeners (`listen(prefix, callback)`) see every key with that prefix
-delivered here, local or relayed, and None when notifications may have been lost.
+growing. An item announced with `ENDING_MARK` (`owner_change(..., ending=True)`: a
+completion, cancel or reap, which may have ended the job) also sets the feed's
+`urgent` event, as a resync does; its reader answers those at once and may let the
+other changes (submitted, running, progress) settle first.
+Listeners (`listen(prefix, callback)`) see every key with that prefix delivered
+here, local or relayed, and None when notifications may have been lost.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ LOCAL_RECHECK_SECONDS = 0.5
 RELAYED_RECHECK_SECONDS = 5.0
 FEED_SEPARATOR = "/"
 FEED_MAX_PENDING = 10_000
+ENDING_MARK = "!"  # after a feed item: a change that may have ended the job (never in an id)
 
 
 def feed_key(topic: str, item: str) -> str:
@@ -64,16 +69,18 @@ def owner_feed(owner_id: str) -> str:
     return f"owner:{owner_id}"
 
 
-def owner_change(owner_id: str, job_id: str) -> str:
-    """The key announcing that this job of this owner changed (state, progress, result)."""
-    return feed_key(owner_feed(owner_id), job_id)
+def owner_change(owner_id: str, job_id: str, *, ending: bool = False) -> str:
+    """The key announcing that this job of this owner changed (state, progress, result);
+    `ending`: the change may have ended it (followers' `Feed.urgent`)."""
+    return feed_key(owner_feed(owner_id), job_id + ENDING_MARK if ending else job_id)
 
 
 class Feed:
     """Items announced on a topic since the reader last took them (read on the loop)."""
 
     def __init__(self) -> None:
-        self.event = asyncio.Event()
+        self.event = asyncio.Event()  # something is pending
+        self.urgent = asyncio.Event()  # an item that may have ended its job, or a resync
         self.pending: set[str] = set()
         self.resync = False
 
@@ -81,7 +88,11 @@ class Feed:
         if item is None or len(self.pending) >= FEED_MAX_PENDING:
             self.resync = True
             self.pending.clear()
+            self.urgent.set()
         elif not self.resync:
+            if item.endswith(ENDING_MARK):
+                item = item[: -len(ENDING_MARK)]
+                self.urgent.set()
             self.pending.add(item)
         self.event.set()
 
@@ -90,6 +101,7 @@ class Feed:
         items, resync = self.pending, self.resync
         self.pending, self.resync = set(), False
         self.event.clear()
+        self.urgent.clear()
         return items, resync
 
 

@@ -47,8 +47,9 @@ requirement no worker heard from within the queue timeout meets fails then; unti
 then the reaper keeps a message naming what no live worker has on it.
 
 Every change of a job its owner can see (submitted, running, progress, ended,
-requeued, cancelled) is announced after its commit with `owner_change(owner, job)`,
-a notifier feed key that reaches the owner's event streams here and, through the
+requeued, cancelled) is announced after its commit with `owner_change(owner, job)`
+(`ending=True` from completion, cancel and the reapers: those may end it), a notifier
+feed key that reaches the owner's event streams here and, through the
 PostgreSQL relay, on the other coordinators (see `api_events`).
 """
 
@@ -591,7 +592,7 @@ class JobQueue:
             return ended, woken
 
         job, woken = self.writer.run(op)
-        for key in [job_key(job.id), owner_change(owner_id, job.id), *woken]:
+        for key in [job_key(job.id), owner_change(owner_id, job.id, ending=True), *woken]:
             self.notifier.notify(key)
         return job
 
@@ -1087,7 +1088,7 @@ class JobQueue:
                     for info in prep.outputs
                 ],
             )
-        woken = [owner_change(job.owner_id, job_id)]
+        woken = [owner_change(job.owner_id, job_id, ending=True)]
         keeps_models = succeeded and (models is None or job.operation in models)
         if keeps_models or job.parent_seq is not None:
             with orm_session(conn) as session:  # model artifacts, pipelines: ORM rows
@@ -1222,7 +1223,7 @@ class JobQueue:
                 else:
                     requeued.append(job.seq)
                 changed.append((job.id, job.app))
-                woken.append(owner_change(job.owner_id, job.id))
+                woken.append(owner_change(job.owner_id, job.id, ending=True))
             ends.requeue(conn, requeued, "requeued: the worker running it was lost")
             return changed, woken
 
@@ -1282,7 +1283,7 @@ class JobQueue:
                     continue  # its pipeline is busy (being cancelled): next round
                 woken += keys
                 ended.append((job.id, why))
-                woken.append(owner_change(job.owner_id, job.id))
+                woken.append(owner_change(job.owner_id, job.id, ending=True))
             return ended, woken
 
         ended, woken = self.writer.run(op)

@@ -1,0 +1,277 @@
+"""What the web framework costs per request on the coordinator's hot routes.
+
+In one process and one event loop, without sockets or uvicorn: the real app
+(`create_app`, SQLite in a temporary folder) is called as an ASGI app for each hot
+request of a no-op job (submit, claim, batched complete, GET, an empty claim), and the
+same work is then done by calling the services those routes call (the same queue
+methods, views and JSON encoding; the same writer and store). The difference per
+request is the framework's own share: routing, dependencies and authentication
+plumbing, body parsing and validation, response models, the middleware. CPU time is
+the event loop thread's, per request (the writer thread's commits are the same either
+way and left out), median over every request of every round: a busy machine delays a
+request but charges few others' CPU to it.
+
+    /work/venv/bin/python bench/request_cost.py [--jobs 300] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from csml import ids
+from csml.apps.echo import app as echo_app
+from csml.client import pow
+from csml.coordinator.app import create_app
+from csml.coordinator.config import Settings
+from csml.coordinator.views import job_views
+from csml.schemas import JobSpec
+from csml.schemas.workers import BatchedCompletion, ClaimResponse
+from csml.store import workers as worker_store
+from csml.store.db import counters, sqlite_url
+
+OPERATOR = "bench-operator-token"
+Headers = dict[str, str]
+
+
+async def call(
+    app: Any, method: str, path: str, headers: Headers, body: bytes = b"", query: str = ""
+) -> tuple[int, bytes]:
+    """One request through the ASGI app; (status, body)."""
+    raw_headers = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    if body:
+        raw_headers += [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query.encode(),
+        "root_path": "",
+        "headers": raw_headers,
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 8600),
+        "state": {},
+    }
+    sent = False
+    status = 0
+    chunks: list[bytes] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            await asyncio.sleep(3600)
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    await app(scope, receive, send)
+    return status, b"".join(chunks)
+
+
+async def measure(n: int, step: Callable[[int], Awaitable[None]]) -> list[float]:
+    """CPU microseconds of this thread (the event loop's) for each call of `step`."""
+    spent = []
+    for i in range(n):
+        start = time.thread_time_ns()
+        await step(i)
+        spent.append((time.thread_time_ns() - start) / 1000)
+    return spent
+
+
+async def run(jobs: int, rounds: int) -> dict[str, Any]:
+    root = Path(tempfile.mkdtemp(prefix="csml-request-cost-"))
+    settings = Settings(
+        data_dir=root / "data",
+        database_url=sqlite_url(root / "data"),
+        pow_difficulty=0,
+        operator_token=OPERATOR,
+        submission_rate_limit=0,
+        max_active_jobs=0,
+        identity_rate_limit=0,
+    )
+    app = create_app(settings)
+    c = app.state.core
+    c.notifier.bind(asyncio.get_running_loop())
+    op = {"Authorization": f"Bearer {OPERATOR}"}
+    status, body = await call(app, "POST", "/v1/identities/challenge", {})
+    issued = json.loads(body)
+    nonce = pow.solve(issued["challenge"], issued["difficulty"])
+    proof = json.dumps({"challenge": issued["challenge"], "nonce": nonce}).encode()
+    status, body = await call(app, "POST", "/v1/identities", {}, proof)
+    assert status == 201, body
+    user = {"Authorization": f"Bearer {json.loads(body)['token']}"}
+    owner = json.loads(body)["id"]
+    status, body = await call(
+        app,
+        "POST",
+        "/v1/operator/join-tokens",
+        op,
+        json.dumps({"label": "bench", "apps": ["echo"], "publish": True}).encode(),
+    )
+    assert status == 201, body
+    join = {"Authorization": f"Bearer {json.loads(body)['token']}"}
+    manifest = echo_app.manifest().model_dump(mode="json")
+    reg = json.dumps({"app": manifest, "slots": 8, "sandbox": "none"}).encode()
+    status, body = await call(app, "POST", "/v1/workers", join, reg)
+    assert status == 201, body
+    registered = json.loads(body)
+    wid = registered["worker_id"]
+    worker = {"Authorization": f"Bearer {registered['worker_token']}"}
+    with c.engine.connect() as conn:
+        found = worker_store.worker_by_token(conn, ids.hash_secret(registered["worker_token"]))
+    assert found is not None
+    me = found.worker
+    spec_body = json.dumps({"app": "echo", "operation": "echo", "params": {"i": 1}}).encode()
+    claim_body = json.dumps({"max_jobs": 1, "wait": 0}).encode()
+
+    results: dict[str, dict[str, list[float]]] = {}
+
+    def note(route: str, how: str, us: list[float]) -> None:
+        results.setdefault(route, {}).setdefault(how, []).extend(us)
+
+    async def one_round() -> None:
+        # -- through the app ------------------------------------------------------
+        made: list[str] = []
+        claimed: list[dict[str, Any]] = []
+
+        async def submit(_: int) -> None:
+            s, b = await call(app, "POST", "/v1/jobs", user, spec_body)
+            assert s == 202, b
+            made.append(json.loads(b)["id"])
+
+        async def claim(_: int) -> None:
+            s, b = await call(app, "POST", f"/v1/workers/{wid}/claim", worker, claim_body)
+            assert s == 200, b
+            claimed.extend(json.loads(b)["jobs"])
+
+        async def complete(i: int) -> None:
+            j = claimed[i]
+            done = {"job_id": j["id"], "lease_id": j["lease_id"], "state": "succeeded"}
+            payload = json.dumps({"completions": [{**done, "result": {"ok": True}}]}).encode()
+            s, b = await call(app, "POST", f"/v1/workers/{wid}/complete", worker, payload)
+            assert s == 200 and b'"status":204' in b, b
+
+        async def get(i: int) -> None:
+            s, b = await call(app, "GET", f"/v1/jobs/{made[i]}", user)
+            assert s == 200, b
+
+        async def empty(_: int) -> None:
+            s, b = await call(app, "POST", f"/v1/workers/{wid}/claim", worker, claim_body)
+            assert s == 200 and b'"jobs":[]' in b, b
+
+        for route, step in [
+            ("submit", submit),
+            ("claim (1 job)", claim),
+            ("complete (batch of 1)", complete),
+            ("get", get),
+            ("claim (empty)", empty),
+        ]:
+            note(route, "app", await measure(jobs, step))
+
+        # -- the same services, called directly -----------------------------------
+        made.clear()
+        taken: list[Any] = []
+
+        async def submit_d(_: int) -> None:
+            spec = JobSpec.model_validate_json(spec_body)
+            job = await c.queue.submit_async(owner, spec, None, {})
+            view = job_views(c.queue, [job], positions=False)[0]
+            json.dumps(view.model_dump(mode="json"))
+            made.append(job.id)
+
+        async def claim_d(_: int) -> None:
+            answer = await c.queue.claim_and_beat_async(me, 1, None, wait=0.0)
+            ClaimResponse.model_validate(answer).model_dump_json()
+            taken.extend(answer.jobs)
+
+        async def complete_d(i: int) -> None:
+            j = taken[i]
+            done = BatchedCompletion(
+                job_id=j.id, lease_id=j.lease_id, state="succeeded", result={"ok": True}
+            )
+            outcomes = await c.queue.complete_many_async(me, [done])
+            assert outcomes[0].refusal is None
+
+        async def get_d(i: int) -> None:
+            view = job_views(c.queue, [c.queue.get(owner, made[i])], positions=False)[0]
+            json.dumps(view.model_dump(mode="json"))
+
+        async def empty_d(_: int) -> None:
+            answer = await c.queue.claim_and_beat_async(me, 1, None, wait=0.0)
+            assert not answer.jobs
+
+        for route, step in [
+            ("submit", submit_d),
+            ("claim (1 job)", claim_d),
+            ("complete (batch of 1)", complete_d),
+            ("get", get_d),
+            ("claim (empty)", empty_d),
+        ]:
+            note(route, "services", await measure(jobs, step))
+
+    for _ in range(rounds):
+        await one_round()
+    tally = counters(c.engine)
+    c.writer.close()
+    c.engine.dispose()
+    table = {}
+    for route, hows in results.items():
+        a, s = statistics.median(hows["app"]), statistics.median(hows["services"])
+        table[route] = {
+            "app_us": round(a),
+            "services_us": round(s),
+            "framework_us": round(a - s),
+            "framework_share": round((a - s) / a, 2),
+        }
+    return {
+        "jobs": jobs,
+        "rounds": rounds,
+        "load": list(os.getloadavg()),
+        "statements": tally.statements,
+        "routes": table,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    started = time.monotonic()
+    out = asyncio.run(run(args.jobs, args.rounds))
+    print(f"load {out['load']}, {args.jobs} jobs x {args.rounds} rounds")
+    print(f"{'route':24} {'app µs':>8} {'services µs':>12} {'framework µs':>13} {'share':>6}")
+    for route, r in out["routes"].items():
+        print(
+            f"{route:24} {r['app_us']:8d} {r['services_us']:12d} "
+            f"{r['framework_us']:13d} {r['framework_share']:6.2f}"
+        )
+    print(f"({time.monotonic() - started:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
