@@ -82,7 +82,7 @@ from csml.schemas.workers import (
     InlineOutput,
 )
 from csml.transport import check_url, verify_option
-from csml.worker.sandbox import MAX_IDLE, Outcome, Sandbox, SandboxJob
+from csml.worker.sandbox import IDLE_RSS_ALLOWANCE, MAX_IDLE, Outcome, Sandbox, SandboxJob
 
 log = logging.getLogger("csml.worker")
 T = TypeVar("T")
@@ -153,6 +153,7 @@ class _Completion:
 
 
 MAX_COMPLETION_BATCH = 64
+IDLE_PER_PLACE = 4  # idle children per place of the idle memory budget, at most
 MAX_INLINE_OUTPUTS = 16
 
 
@@ -173,8 +174,16 @@ class WorkerAgent:
         self._key = PrivateKey.generate()
         self.attestation = self._attest()
         self._workdir = Path(tempfile.mkdtemp(prefix="csml-worker-", dir=config.workdir))
+        # Idle children (one per owner, see `sandbox`): the memory they may keep is what
+        # max(MAX_IDLE, 2 x slots) children may each keep; within it, up to
+        # IDLE_PER_PLACE times as many small ones (many owners sharing a worker would
+        # otherwise get a fresh process for most of their jobs).
+        places = max(MAX_IDLE, 2 * config.slots)
         self.sandbox = Sandbox(  # before any thread
-            config.app, workdir=self._workdir, max_idle=max(MAX_IDLE, 2 * config.slots)
+            config.app,
+            workdir=self._workdir,
+            max_idle=IDLE_PER_PLACE * places,
+            idle_bytes=places * IDLE_RSS_ALLOWANCE,
         )
         self.stopping = threading.Event()  # no new claims
         self.finished = threading.Event()  # running jobs are done: stop talking

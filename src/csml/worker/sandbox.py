@@ -8,10 +8,13 @@ it is killed on a timeout, cancellation, protocol violation, crash, CPU overrun
 (measured per job by the worker from /proc), an out-of-memory error, processes
 left behind after a job, a job that fails to answer, more than
 `IDLE_RSS_ALLOWANCE` of memory kept after a job, CPU used while idle, after
-`idle_ttl` seconds idle, or when more than `max_idle` children are idle (least
-recently used first). Jobs without an owner (and confidential jobs: the agent passes no
-owner) get a child of their own that ends with the job. Whatever a job does
-(crash, leak, overrun) dies with its child and the worker goes on.
+`idle_ttl` seconds idle, or when more than `max_idle` children are idle or the
+memory the idle children hold beyond the zygote's (each measured when it went
+idle) is over `idle_bytes` (least recently used first: the memory they may keep
+is bounded, and so is their number). Jobs without an owner (and confidential
+jobs: the agent passes no owner) get a child of their own that ends with the job.
+Whatever a job does (crash, leak, overrun) dies with its child and the worker
+goes on.
 
 Isolation (see `isolation.py`, `isolation_files.py`, `isolation_procs.py`): no
 network, a random uid of its own per child when the worker is root (so per
@@ -123,6 +126,7 @@ class _Resident:
     jobs: int = 0
     idle_since: float = 0.0
     idle_cpu: float = 0.0  # its CPU time when it went idle
+    extra_bytes: int = 0  # resident memory beyond the zygote's, after its last job
 
 
 class ZygoteDied(RuntimeError):
@@ -132,7 +136,7 @@ class ZygoteDied(RuntimeError):
 READY_TIMEOUT = 120.0  # the zygote imports the app's libraries first
 EXIT_GRACE = 5.0  # a child told to stop that lives on this long is killed
 IDLE_TTL = 60.0  # seconds a child may wait for its owner's next job
-MAX_IDLE = 8  # children kept waiting, over all owners
+MAX_IDLE = 8  # children kept waiting, over all owners (by default; see Sandbox)
 CPU_LIFETIME_FACTOR = 8  # a reused child's CPU rlimit, in per-job budgets (a backstop)
 IDLE_CPU_ALLOWANCE = 0.5  # CPU seconds an idle child may use (e.g. a thread a job left)
 IDLE_RSS_ALLOWANCE = 64 << 20  # memory an idle child may hold beyond the zygote's
@@ -159,9 +163,27 @@ def cpu_seconds_of(pid: int) -> float:
     return sum(int(v) for v in fields[11:15]) / CLOCK_TICKS
 
 
+def evictions(idle: list[tuple[int, int]], max_idle: int, idle_bytes: int) -> list[int]:
+    """The idle children to end, least recently used first, so that at most `max_idle`
+    remain holding at most `idle_bytes` beyond the zygote in all. `idle`: (token, bytes
+    held beyond the zygote) of each idle child, least recently used first."""
+    left, held = len(idle), sum(extra for _, extra in idle)
+    out: list[int] = []
+    for token, extra in idle:
+        if left <= max_idle and held <= idle_bytes:
+            break
+        out.append(token)
+        left, held = left - 1, held - extra
+    return out
+
+
 class Sandbox:
     """`workdir`: the worker's folder for job files, if not in the temp dir: the
-    sandbox may then let job uids traverse it (and what lies below it)."""
+    sandbox may then let job uids traverse it (and what lies below it).
+
+    Idle children: at most `max_idle`, holding at most `idle_bytes` of memory beyond the
+    zygote's in all (default: `max_idle` times `IDLE_RSS_ALLOWANCE`, what `max_idle`
+    children may each keep)."""
 
     def __init__(
         self,
@@ -170,10 +192,12 @@ class Sandbox:
         *,
         idle_ttl: float = IDLE_TTL,
         max_idle: int = MAX_IDLE,
+        idle_bytes: int | None = None,
     ) -> None:
         self.app_name = app_name
         self.idle_ttl = idle_ttl
         self.max_idle = max_idle
+        self.idle_bytes = max_idle * IDLE_RSS_ALLOWANCE if idle_bytes is None else idle_bytes
         self._idle: dict[int, _Resident] = {}  # by token, least recently used first
         self.own_uid = os.geteuid() == 0  # root: each job gets a uid of its own
         self._lock = threading.Lock()
@@ -340,9 +364,12 @@ class Sandbox:
         resident.idle_cpu = cpu_seconds_of(resident.child.pid)
         with self._lock:
             self._idle[resident.token] = resident
-            evicted = list(self._idle.values())[: max(0, len(self._idle) - self.max_idle)]
-            for r in evicted:
-                del self._idle[r.token]
+            over = evictions(
+                [(r.token, r.extra_bytes) for r in self._idle.values()],
+                self.max_idle,
+                self.idle_bytes,
+            )
+            evicted = [self._idle.pop(token) for token in over]
         for r in evicted:
             self._retire(r)
 
@@ -425,6 +452,7 @@ class Sandbox:
         """Whether the child holds too much memory to be kept idle (what a job allocated
         stays with its process; the idle cap times this bounds what idle children hold)."""
         extra = resident_bytes(resident.child.pid) - resident_bytes(self._zygote.pid)
+        resident.extra_bytes = max(0, extra)
         return extra > IDLE_RSS_ALLOWANCE
 
     def _left_behind(self, resident: _Resident) -> bool:
