@@ -75,7 +75,7 @@ from csml.worker.isolation_files import (
     remove_tmp,
     take_back,
 )
-from csml.worker.isolation_procs import children
+from csml.worker.isolation_procs import children, read_proc
 
 ProgressFn = Callable[[float, str], None]
 
@@ -126,6 +126,7 @@ class _Resident:
     jobs: int = 0
     idle_since: float = 0.0
     idle_cpu: float = 0.0  # its CPU time when it went idle
+    cpu: float = -1.0  # its CPU time as last read (-1: not read yet)
     extra_bytes: int = 0  # resident memory beyond the zygote's, after its last job
 
 
@@ -147,8 +148,7 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 def resident_bytes(pid: int) -> int:
     """Resident memory of a process (0 if it is gone)."""
     try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * PAGE_SIZE
+        return int(read_proc(f"/proc/{pid}/statm").split()[1]) * PAGE_SIZE
     except (OSError, IndexError, ValueError):
         return 0
 
@@ -156,8 +156,7 @@ def resident_bytes(pid: int) -> int:
 def cpu_seconds_of(pid: int) -> float:
     """CPU time of a process (all its threads, and its children it has reaped)."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
+        fields = read_proc(f"/proc/{pid}/stat").rsplit(b")", 1)[1].split()
     except (OSError, IndexError):
         return 0.0
     return sum(int(v) for v in fields[11:15]) / CLOCK_TICKS
@@ -357,11 +356,13 @@ class Sandbox:
 
     @staticmethod
     def _busy_while_idle(resident: _Resident) -> bool:
-        return cpu_seconds_of(resident.child.pid) - resident.idle_cpu > IDLE_CPU_ALLOWANCE
+        resident.cpu = cpu_seconds_of(resident.child.pid)  # read at checkout: the job's start
+        return resident.cpu - resident.idle_cpu > IDLE_CPU_ALLOWANCE
 
     def _checkin(self, resident: _Resident) -> None:
+        """(After a job answered: `resident.cpu` was read then, by the overrun check.)"""
         resident.idle_since = time.monotonic()
-        resident.idle_cpu = cpu_seconds_of(resident.child.pid)
+        resident.idle_cpu = resident.cpu
         with self._lock:
             self._idle[resident.token] = resident
             over = evictions(
@@ -444,8 +445,9 @@ class Sandbox:
                 self._children.pop(item.token, None)
 
     def _cpu_left(self, resident: _Resident, job: SandboxJob) -> bool:
-        """Whether the child may take another job of full CPU budget under its rlimit."""
-        used = cpu_seconds_of(resident.child.pid)
+        """Whether the child may take another job of full CPU budget under its rlimit
+        (`resident.cpu`: read by the overrun check once the job answered)."""
+        used = resident.cpu
         return used + job.cpu_seconds + 1 < resident.limits.cpu_lifetime_seconds
 
     def _too_big(self, resident: _Resident) -> bool:
@@ -476,10 +478,12 @@ class Sandbox:
         try:
             if not child.started.wait(timeout=READY_TIMEOUT):
                 raise OSError("the zygote did not start the job's process")
-            cpu_before = cpu_seconds_of(child.pid)
+            # A reused child's CPU was read at checkout, right before this job.
+            cpu_before = resident.cpu if resident.cpu >= 0 else cpu_seconds_of(child.pid)
 
             def overrun() -> str | None:
-                if cpu_seconds_of(child.pid) - cpu_before > job.cpu_seconds:
+                resident.cpu = cpu_seconds_of(child.pid)
+                if resident.cpu - cpu_before > job.cpu_seconds:
                     return f"exceeded its CPU-time limit of {job.cpu_seconds:g} s"
                 return None
 
