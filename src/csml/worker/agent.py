@@ -10,7 +10,10 @@ held, so the heartbeat thread speaks only when no claim did for 3/4 of an interv
 (all slots and the prefetch busy; checked every half interval); small inputs
 come inline in the claim; each completion carries its small outputs inline
 (larger ones are uploaded first) and the completions that end while one is in
-flight go together in one request.
+flight go together in one request. A job's thread hands its completion to the
+sender and is free at once; the sender ends the job (its folder removed, its slot
+freed, it leaves the heartbeat) once the coordinator answered, as the job's
+thread did after waiting for the answer.
 
 The coordinator may restart or be briefly unreachable: every
 call retries with backoff, and the leases say what is still ours. Retrying ends
@@ -132,6 +135,8 @@ class _Running:
     sandbox_job: SandboxJob | None = None
     progress: Progress = field(default_factory=Progress)
     cancel: threading.Event = field(default_factory=threading.Event)
+    workdir: Path | None = None
+    handed: bool = False  # its completion is with the sender, which ends the job
 
 
 @dataclass
@@ -145,11 +150,10 @@ class _Secret:
 
 @dataclass
 class _Completion:
-    """A completion waiting for the sender thread."""
+    """A completion waiting for the sender thread, which ends its job once sent."""
 
     completion: BatchedCompletion
-    done: threading.Event = field(default_factory=threading.Event)
-    failure: BaseException | None = None
+    workdir: Path
 
 
 MAX_COMPLETION_BATCH = 64
@@ -189,6 +193,7 @@ class WorkerAgent:
         self.finished = threading.Event()  # running jobs are done: stop talking
         self._running: dict[str, _Running] = {}
         self._lock = threading.Lock()
+        self._ended = threading.Condition(self._lock)  # a job left `_running`
         # Capacity: the slots plus the prefetch; a claim takes what is free of it.
         self._capacity = config.slots + max(0, config.prefetch)
         self._slots = threading.Semaphore(self._capacity)
@@ -315,6 +320,7 @@ class WorkerAgent:
                 if not self.stopping.is_set():
                     log.error("the coordinator refused this worker: %s", exc)
                 self.stopping.set()
+        self._wait_sent()
         self.finished.set()
         self._leave()
         self.sandbox.close()
@@ -423,6 +429,8 @@ class WorkerAgent:
 
     def _execute(self, job: ClaimedJob) -> None:
         workdir = Path(tempfile.mkdtemp(prefix="job-", dir=self._workdir))
+        state = self._running[job.id]
+        state.workdir = workdir
         try:
             self._execute_in(job, workdir)
         except Revoked:
@@ -430,10 +438,23 @@ class WorkerAgent:
         except Exception:
             log.exception("job %s: worker-side failure; its lease will expire", job.id[:12])
         finally:
-            shutil.rmtree(workdir, ignore_errors=True)
-            with self._lock:
-                self._running.pop(job.id, None)
-            self._slots.release()
+            if not state.handed:  # else the sender ends it once the completion is sent
+                self._end(job.id, workdir)
+
+    def _end(self, job_id: str, workdir: Path) -> None:
+        """The job is over here: its folder goes, its slot is free, it leaves the heartbeat."""
+        shutil.rmtree(workdir, ignore_errors=True)
+        with self._lock:
+            self._running.pop(job_id, None)
+            self._ended.notify_all()
+        self._slots.release()
+
+    def _wait_sent(self) -> None:
+        """(Once no job thread is left.) Until the sender has sent every completion handed
+        to it, or the worker stops talking (`finished`: abandoned)."""
+        with self._lock:
+            while self._running and not self.finished.is_set():
+                self._ended.wait(0.5)
 
     def _execute_in(self, job: ClaimedJob, workdir: Path) -> None:
         state = self._running[job.id]
@@ -607,14 +628,16 @@ class WorkerAgent:
         finish(ResultPayload("succeeded", result=outcome.result, outputs=outputs))
 
     def _complete(self, job: ClaimedJob, completion: JobCompletion) -> None:
-        """Hand the completion to the sender and wait until the coordinator answered."""
-        pending = _Completion(BatchedCompletion(job_id=job.id, **completion.model_dump()))
+        """Hand the completion to the sender, which ends the job once the coordinator
+        answered (nothing of the job's folder is read after this: outputs are inline in
+        the completion or already uploaded)."""
+        state = self._running[job.id]
+        assert state.workdir is not None
+        pending = _Completion(
+            BatchedCompletion(job_id=job.id, **completion.model_dump()), state.workdir
+        )
+        state.handed = True
         self._completions.put(pending)
-        while not pending.done.wait(0.5):
-            if self.finished.is_set():
-                raise Revoked("worker stopping")
-        if pending.failure is not None:
-            raise pending.failure
 
     def _completion_loop(self) -> None:
         """Send completions: those that end while a request is in flight go in the next one."""
@@ -631,11 +654,16 @@ class WorkerAgent:
                     break
             try:
                 self._send_completions(batch)
-            except Exception as exc:  # Revoked, or a bug: each job's thread learns of it
+            except Revoked:
+                pass  # stopping, or refused: the leases say what becomes of these jobs
+            except Exception:
                 for c in batch:
-                    c.failure = exc
+                    log.exception(
+                        "job %s: worker-side failure; its lease will expire",
+                        c.completion.job_id[:12],
+                    )
             for c in batch:
-                c.done.set()
+                self._end(c.completion.job_id, c.workdir)
 
     def _send_completions(self, batch: list[_Completion]) -> None:
         body = CompletionBatch(completions=[c.completion for c in batch])
