@@ -33,6 +33,7 @@ import base64
 import contextlib
 import ctypes
 import hashlib
+import json
 import logging
 import os
 import queue
@@ -64,6 +65,7 @@ from csml.crypto import (
     worker_key_report_data,
 )
 from csml.crypto.envelope import JobManifest, ResultPayload, open_manifest, seal_result
+from csml.link import LinkError, LinkResponse, open_link
 from csml.schemas import (
     ClaimedJob,
     ClaimResponse,
@@ -89,6 +91,7 @@ from csml.worker.sandbox import IDLE_RSS_ALLOWANCE, MAX_IDLE, Outcome, Sandbox, 
 
 log = logging.getLogger("csml.worker")
 T = TypeVar("T")
+R = TypeVar("R", bound=httpx.Response | LinkResponse)
 ENCRYPTED_ERROR = "the job failed; the reason is encrypted for its owner"
 
 
@@ -205,12 +208,13 @@ class WorkerAgent:
             limits=httpx.Limits(max_connections=config.slots + 4),
             verify=verify_option(config.pin_sha256),
         )
-        # Claims long-poll on a client of their own, closed by stop() to end the wait.
-        self.claims = httpx.Client(
-            base_url=config.coordinator.rstrip("/"),
-            timeout=httpx.Timeout(30.0, read=config.claim_wait + 30),
-            verify=verify_option(config.pin_sha256),
-        )
+        # The per-job calls go over links (`link`: a keep-alive connection each, far
+        # cheaper per call than httpx): claims long-poll on one of their own, closed by
+        # stop() to end the wait; completions go on the sender thread's.
+        verify = verify_option(config.pin_sha256)
+        base = config.coordinator.rstrip("/")
+        self.claims = open_link(base, verify, timeout=config.claim_wait + 30)
+        self._sender = open_link(base, verify, timeout=30.0)
         self.registration: WorkerRegistered | None = None
 
     # -- HTTP with retries --------------------------------------------------
@@ -218,16 +222,16 @@ class WorkerAgent:
     def _call(
         self,
         what: str,
-        fn: Callable[[], httpx.Response],
+        fn: Callable[[], R],
         until: threading.Event | None = None,
-    ) -> httpx.Response:
+    ) -> R:
         """Call, retrying transport errors and 5xx until `until` (default: shutdown) is set."""
         until = until or self.finished
         delay = 0.2
         while not until.is_set():
             try:
                 response = fn()
-            except httpx.TransportError as exc:
+            except (httpx.TransportError, LinkError) as exc:
                 if not until.is_set():  # else: stop() closed the connection, not a fault
                     log.warning(
                         "coordinator unreachable (%s: %s); retrying", what, type(exc).__name__
@@ -322,6 +326,7 @@ class WorkerAgent:
                 self.stopping.set()
         self._wait_sent()
         self.finished.set()
+        self._sender.close()
         self._leave()
         self.sandbox.close()
         shutil.rmtree(self._workdir, ignore_errors=True)
@@ -351,17 +356,18 @@ class WorkerAgent:
                 free += 1
             try:
 
-                def post(n: int = free) -> httpx.Response:
+                def post(n: int = free) -> LinkResponse | httpx.Response:
                     self._last_beat = time.monotonic()
                     body = {
                         "max_jobs": n,
                         "wait": self.config.claim_wait,
                         "running": [r.model_dump(mode="json") for r in self._held()],
                     }
-                    return self.claims.post(self._path("/claim"), json=body, headers=self._auth())
+                    content = json.dumps(body, separators=(",", ":")).encode()
+                    return self.claims.post(self._path("/claim"), content, self._auth())
 
                 response = self._call("claim", post, until=self.stopping)
-                answer = ClaimResponse.model_validate(response.json())
+                answer = ClaimResponse.model_validate_json(response.content)
                 jobs = answer.jobs
                 self._abort(answer.abort)
             except Exception:
@@ -666,17 +672,15 @@ class WorkerAgent:
                 self._end(c.completion.job_id, c.workdir)
 
     def _send_completions(self, batch: list[_Completion]) -> None:
-        body = CompletionBatch(completions=[c.completion for c in batch])
+        content = CompletionBatch(completions=[c.completion for c in batch]).model_dump_json()
         response = self._call(
             "complete",
-            lambda: self.http.post(
-                self._path("/complete"), json=body.model_dump(mode="json"), headers=self._auth()
-            ),
+            lambda: self._sender.post(self._path("/complete"), content.encode(), self._auth()),
         )
         if response.is_error:
             log.error("completions refused: %s", response.text[:200])
             return
-        for outcome in CompletionResults.model_validate(response.json()).results:
+        for outcome in CompletionResults.model_validate_json(response.content).results:
             if outcome.status == 409:
                 log.info(
                     "job %s: lease lost before completion; result dropped", outcome.job_id[:12]
