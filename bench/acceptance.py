@@ -7,9 +7,11 @@
 
 Parts, each its own script run as a subprocess (its own output streams through):
 
-- core.py: (a) 2,000 no-op jobs through the SDK with the Celery + Redis anchor in the
-  same run and the SIGKILL durability check, (b) one job at a time, (c) face detection
-  over 200 photos vs Pool(2), (d) coordinator CPU, SQL statements and fsyncs per job;
+- core.py: (a) 2,000 no-op jobs through the SDK, both ways (one `submit` per job, and
+  `submit_many` over the batch route), with the Celery + Redis anchor in the same run,
+  the SIGKILL durability check and CPU-ms per job of each process role, (b) one job at
+  a time, (c) face detection over 200 photos vs Pool(2), (d) coordinator CPU, SQL
+  statements and fsyncs per job;
 - batch_photos.py: (c) 1,000 small photos through `csml batch` vs Pool(2);
 - coordinators.py: (e) PostgreSQL with 1, 2, 4 coordinators, free and CPU-capped.
 
@@ -98,8 +100,10 @@ def rows_core(part: dict[str, Any], wanted: set[str]) -> list[dict[str, Any]]:
     for r in res.get("summary", []):
         tag = r["metric"][1 : r["metric"].index(")")] if r["metric"].startswith("(") else ""
         if set(tag.split(",")) & wanted:
-            window = (res.get(WINDOWS.get(tag, ""), {}) or {}).get("cpu")
-            counts = any(w in r["metric"] for w in ("requests per", "statements", "commits"))
+            window = (res.get(r.get("window") or WINDOWS.get(tag, ""), {}) or {}).get("cpu")
+            counts = any(
+                w in r["metric"] for w in ("requests per", "statements", "commits", "CPU-ms per")
+            )
             note = "" if counts else noise_note(others_share(window))
             rows.append({**r, "note": note})
     return rows
@@ -233,7 +237,7 @@ def _everything_else(name: str, res: dict[str, Any]) -> dict[str, float]:
     """CPU seconds other processes took during each measured window of a part."""
     out: dict[str, float] = {}
     if name == "core":
-        for key in ("throughput", "latency", "opencv"):
+        for key in ("throughput", "throughput_batch", "latency", "opencv"):
             cpu = (res.get(key) or {}).get("cpu")
             if cpu:
                 out[key] = cpu["everything_else_cpu_s"]

@@ -19,6 +19,7 @@ import json
 import mimetypes
 import os
 import queue
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
@@ -32,6 +33,7 @@ from csml.client.config import UserConfig
 from csml.client.errors import CsmlError, QueueFull, Unreachable, WaitTimeout, raise_for
 from csml.client.filenames import check_file_name
 from csml.client.results import LOST, RECHECK, SAFETY_SECONDS, Mark, ResultStream
+from csml.link import LinkError, Poster, open_link
 from csml.schemas import AppInfo, IdentityCreated, JobState, StepSpec, WorkerKeyInfo
 from csml.schemas import Job as JobData
 from csml.schemas.contributions import ContributionCreated, ContributionInfo, ContributionList
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
 
 FileArg = str | os.PathLike[str] | bytes | IO[bytes]
 ProgressCallback = Callable[["Job"], None]
+IDLE_LINKS = 16  # keep-alive links a Client keeps for its JSON submissions, at most
 
 
 class Client:
@@ -87,6 +90,13 @@ class Client:
         self._http = httpx.Client(
             base_url=self.url, timeout=timeout, transport=transport, verify=verify
         )
+        # JSON job submissions go over keep-alive links (`csml.link`: far less CPU per
+        # call than httpx), one borrowed per call from a small pool; not with a custom
+        # transport (in-process tests and apps); through a proxy, over httpx (open_link).
+        self._link_options = None if transport is not None else (verify, timeout)
+        self._idle_links: list[Poster] = []
+        self._links_lock = threading.Lock()
+        self._closed = False
         self._results = ResultStream(self) if result_stream else None
 
     def __enter__(self) -> Client:
@@ -98,6 +108,11 @@ class Client:
     def close(self) -> None:
         if self._results is not None:
             self._results.close()
+        with self._links_lock:
+            self._closed = True
+            links, self._idle_links = self._idle_links, []
+        for link in links:
+            link.close()
         self._http.close()
 
     # -- plumbing -----------------------------------------------------------
@@ -110,12 +125,55 @@ class Client:
         try:
             response = self._http.request(method, path, headers=headers, **kw)
         except httpx.TransportError as exc:
-            raise Unreachable(
-                f"cannot reach the coordinator at {self.url} ({type(exc).__name__}); "
-                "is it running? (`csml up`)"
-            ) from exc
+            raise self._unreachable(exc) from exc
         raise_for(response)
         return response
+
+    def _unreachable(self, exc: Exception) -> Unreachable:
+        return Unreachable(
+            f"cannot reach the coordinator at {self.url} ({type(exc).__name__}); "
+            "is it running? (`csml up`)"
+        )
+
+    def _post_json(self, path: str, body: dict[str, Any]) -> httpx.Response:
+        """POST a JSON body, as `request` does (same errors), over a pooled link."""
+        if self._link_options is None:
+            return self.request("POST", path, json=body)
+        # As httpx encodes `json=` (NaN refused with ValueError, UTF-8 kept).
+        content = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        link = self._borrow_link()
+        kept = False
+        try:
+            answer = link.post(path, content.encode(), self._headers())
+            kept = True
+        except (LinkError, httpx.TransportError) as exc:
+            raise self._unreachable(exc) from exc
+        finally:
+            self._return_link(link, kept)
+        response = (
+            answer
+            if isinstance(answer, httpx.Response)
+            else httpx.Response(answer.status_code, headers=answer.headers, content=answer.content)
+        )
+        raise_for(response)
+        return response
+
+    def _borrow_link(self) -> Poster:
+        assert self._link_options is not None
+        with self._links_lock:
+            if self._closed:
+                raise RuntimeError("the client is closed")
+            if self._idle_links:
+                return self._idle_links.pop()
+        verify, timeout = self._link_options
+        return open_link(self.url, verify, timeout)
+
+    def _return_link(self, link: Poster, usable: bool) -> None:
+        with self._links_lock:
+            if usable and not self._closed and len(self._idle_links) < IDLE_LINKS:
+                self._idle_links.append(link)
+                return
+        link.close()
 
     # -- identities and apps ------------------------------------------------
 
@@ -472,8 +530,8 @@ class Client:
     ) -> Job:
         mark = self._results.mark() if self._results is not None else None  # before the POST
         if not files:
-            response = self.request("POST", "/v1/jobs", json=spec)
-            return Job(self, JobData.model_validate(response.json()), mark)
+            response = self._post_json("/v1/jobs", spec)
+            return Job(self, JobData.model_validate_json(response.content), mark)
         with ExitStack() as stack:
             parts: list[tuple[str, Any]] = [("spec", (None, json.dumps(spec), "application/json"))]
             for name, value in files.items():

@@ -10,7 +10,10 @@ held, so the heartbeat thread speaks only when no claim did for 3/4 of an interv
 (all slots and the prefetch busy; checked every half interval); small inputs
 come inline in the claim; each completion carries its small outputs inline
 (larger ones are uploaded first) and the completions that end while one is in
-flight go together in one request.
+flight go together in one request. A job's thread hands its completion to the
+sender and is free at once; the sender ends the job (its folder removed, its slot
+freed, it leaves the heartbeat) once the coordinator answered, as the job's
+thread did after waiting for the answer.
 
 The coordinator may restart or be briefly unreachable: every
 call retries with backoff, and the leases say what is still ours. Retrying ends
@@ -30,6 +33,7 @@ import base64
 import contextlib
 import ctypes
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -63,6 +67,7 @@ from csml.crypto import (
     worker_key_report_data,
 )
 from csml.crypto.envelope import JobManifest, ResultPayload, open_manifest, seal_result
+from csml.link import LinkError, LinkResponse, open_link
 from csml.schemas import (
     ClaimedJob,
     ClaimResponse,
@@ -84,10 +89,11 @@ from csml.schemas.workers import (
     InlineOutput,
 )
 from csml.transport import check_url, verify_option
-from csml.worker.sandbox import MAX_IDLE, Outcome, Sandbox, SandboxJob
+from csml.worker.sandbox import IDLE_RSS_ALLOWANCE, MAX_IDLE, Outcome, Sandbox, SandboxJob
 
 log = logging.getLogger("csml.worker")
 T = TypeVar("T")
+R = TypeVar("R", bound=httpx.Response | LinkResponse)
 ENCRYPTED_ERROR = "the job failed; the reason is encrypted for its owner"
 
 
@@ -147,6 +153,8 @@ class _Running:
     sandbox_job: SandboxJob | None = None
     progress: Progress = field(default_factory=Progress)
     cancel: threading.Event = field(default_factory=threading.Event)
+    workdir: Path | None = None
+    handed: bool = False  # its completion is with the sender, which ends the job
 
 
 @dataclass
@@ -160,14 +168,14 @@ class _Secret:
 
 @dataclass
 class _Completion:
-    """A completion waiting for the sender thread."""
+    """A completion waiting for the sender thread, which ends its job once sent."""
 
     completion: BatchedCompletion
-    done: threading.Event = field(default_factory=threading.Event)
-    failure: BaseException | None = None
+    workdir: Path
 
 
 MAX_COMPLETION_BATCH = 64
+IDLE_PER_PLACE = 4  # idle children per place of the idle memory budget, at most
 MAX_INLINE_OUTPUTS = 16
 INLINE_OUTPUT_BYTES = 1 << 20
 """Inline outputs of one completion at most, decoded; the others are uploaded."""
@@ -199,13 +207,22 @@ class WorkerAgent:
         self._key = PrivateKey.generate()
         self.attestation = self._attest()
         self._workdir = Path(tempfile.mkdtemp(prefix="csml-worker-", dir=config.workdir))
+        # Idle children (one per owner, see `sandbox`): the memory they may keep is what
+        # max(MAX_IDLE, 2 x slots) children may each keep; within it, up to
+        # IDLE_PER_PLACE times as many small ones (many owners sharing a worker would
+        # otherwise get a fresh process for most of their jobs).
+        places = max(MAX_IDLE, 2 * config.slots)
         self.sandbox = Sandbox(  # before any thread
-            config.app, workdir=self._workdir, max_idle=max(MAX_IDLE, 2 * config.slots)
+            config.app,
+            workdir=self._workdir,
+            max_idle=IDLE_PER_PLACE * places,
+            idle_bytes=places * IDLE_RSS_ALLOWANCE,
         )
         self.stopping = threading.Event()  # no new claims
         self.finished = threading.Event()  # running jobs are done: stop talking
         self._running: dict[str, _Running] = {}
         self._lock = threading.Lock()
+        self._ended = threading.Condition(self._lock)  # a job left `_running`
         # Capacity: the slots plus the prefetch; a claim takes what is free of it.
         self._capacity = config.slots + max(0, config.prefetch)
         self._slots = threading.Semaphore(self._capacity)
@@ -217,12 +234,13 @@ class WorkerAgent:
             limits=httpx.Limits(max_connections=config.slots + 4),
             verify=verify_option(config.pin_sha256),
         )
-        # Claims long-poll on a client of their own, closed by stop() to end the wait.
-        self.claims = httpx.Client(
-            base_url=config.coordinator.rstrip("/"),
-            timeout=httpx.Timeout(30.0, read=config.claim_wait + 30),
-            verify=verify_option(config.pin_sha256),
-        )
+        # The per-job calls go over links (`link`: a keep-alive connection each, far
+        # cheaper per call than httpx): claims long-poll on one of their own, closed by
+        # stop() to end the wait; completions go on the sender thread's.
+        verify = verify_option(config.pin_sha256)
+        base = config.coordinator.rstrip("/")
+        self.claims = open_link(base, verify, timeout=config.claim_wait + 30)
+        self._sender = open_link(base, verify, timeout=30.0)
         self.registration: WorkerRegistered | None = None
 
     # -- HTTP with retries --------------------------------------------------
@@ -230,16 +248,16 @@ class WorkerAgent:
     def _call(
         self,
         what: str,
-        fn: Callable[[], httpx.Response],
+        fn: Callable[[], R],
         until: threading.Event | None = None,
-    ) -> httpx.Response:
+    ) -> R:
         """Call, retrying transport errors and 5xx until `until` (default: shutdown) is set."""
         until = until or self.finished
         delay = 0.2
         while not until.is_set():
             try:
                 response = fn()
-            except httpx.TransportError as exc:
+            except (httpx.TransportError, LinkError) as exc:
                 if not until.is_set():  # else: stop() closed the connection, not a fault
                     log.warning(
                         "coordinator unreachable (%s: %s); retrying", what, type(exc).__name__
@@ -334,7 +352,9 @@ class WorkerAgent:
                 if not self.stopping.is_set():
                     log.error("the coordinator refused this worker: %s", exc)
                 self.stopping.set()
+        self._wait_sent()
         self.finished.set()
+        self._sender.close()
         self._leave()
         self.sandbox.close()
         shutil.rmtree(self._workdir, ignore_errors=True)
@@ -364,7 +384,7 @@ class WorkerAgent:
                 free += 1
             try:
 
-                def post(n: int = free) -> httpx.Response:
+                def post(n: int = free) -> LinkResponse | httpx.Response:
                     self._last_beat = time.monotonic()
                     warm = self.sandbox.warm_models()[: placement.MAX_WARM]
                     if warm:
@@ -375,10 +395,11 @@ class WorkerAgent:
                         "running": [r.model_dump(mode="json") for r in self._held()],
                         "warm_models": warm,
                     }
-                    return self.claims.post(self._path("/claim"), json=body, headers=self._auth())
+                    content = json.dumps(body, separators=(",", ":")).encode()
+                    return self.claims.post(self._path("/claim"), content, self._auth())
 
                 response = self._call("claim", post, until=self.stopping)
-                answer = ClaimResponse.model_validate(response.json())
+                answer = ClaimResponse.model_validate_json(response.content)
                 jobs = answer.jobs
                 self._abort(answer.abort)
             except Exception:
@@ -446,6 +467,8 @@ class WorkerAgent:
 
     def _execute(self, job: ClaimedJob) -> None:
         workdir = Path(tempfile.mkdtemp(prefix="job-", dir=self._workdir))
+        state = self._running[job.id]
+        state.workdir = workdir
         try:
             self._execute_in(job, workdir)
         except Revoked:
@@ -453,10 +476,23 @@ class WorkerAgent:
         except Exception:
             log.exception("job %s: worker-side failure; its lease will expire", job.id[:12])
         finally:
-            shutil.rmtree(workdir, ignore_errors=True)
-            with self._lock:
-                self._running.pop(job.id, None)
-            self._slots.release()
+            if not state.handed:  # else the sender ends it once the completion is sent
+                self._end(job.id, workdir)
+
+    def _end(self, job_id: str, workdir: Path) -> None:
+        """The job is over here: its folder goes, its slot is free, it leaves the heartbeat."""
+        shutil.rmtree(workdir, ignore_errors=True)
+        with self._lock:
+            self._running.pop(job_id, None)
+            self._ended.notify_all()
+        self._slots.release()
+
+    def _wait_sent(self) -> None:
+        """(Once no job thread is left.) Until the sender has sent every completion handed
+        to it, or the worker stops talking (`finished`: abandoned)."""
+        with self._lock:
+            while self._running and not self.finished.is_set():
+                self._ended.wait(0.5)
 
     def _execute_in(self, job: ClaimedJob, workdir: Path) -> None:
         state = self._running[job.id]
@@ -642,14 +678,16 @@ class WorkerAgent:
         finish(ResultPayload("succeeded", result=outcome.result, outputs=outputs))
 
     def _complete(self, job: ClaimedJob, completion: JobCompletion) -> None:
-        """Hand the completion to the sender and wait until the coordinator answered."""
-        pending = _Completion(BatchedCompletion(job_id=job.id, **completion.model_dump()))
+        """Hand the completion to the sender, which ends the job once the coordinator
+        answered (nothing of the job's folder is read after this: outputs are inline in
+        the completion or already uploaded)."""
+        state = self._running[job.id]
+        assert state.workdir is not None
+        pending = _Completion(
+            BatchedCompletion(job_id=job.id, **completion.model_dump()), state.workdir
+        )
+        state.handed = True
         self._completions.put(pending)
-        while not pending.done.wait(0.5):
-            if self.finished.is_set():
-                raise Revoked("worker stopping")
-        if pending.failure is not None:
-            raise pending.failure
 
     def _completion_loop(self) -> None:
         """Send completions: those that end while a request is in flight go in the next one."""
@@ -668,24 +706,27 @@ class WorkerAgent:
                 size += _inline_size(batch[-1])
             try:
                 self._send_completions(batch)
-            except Exception as exc:  # Revoked, or a bug: each job's thread learns of it
+            except Revoked:
+                pass  # stopping, or refused: the leases say what becomes of these jobs
+            except Exception:
                 for c in batch:
-                    c.failure = exc
+                    log.exception(
+                        "job %s: worker-side failure; its lease will expire",
+                        c.completion.job_id[:12],
+                    )
             for c in batch:
-                c.done.set()
+                self._end(c.completion.job_id, c.workdir)
 
     def _send_completions(self, batch: list[_Completion]) -> None:
-        body = CompletionBatch(completions=[c.completion for c in batch])
+        content = CompletionBatch(completions=[c.completion for c in batch]).model_dump_json()
         response = self._call(
             "complete",
-            lambda: self.http.post(
-                self._path("/complete"), json=body.model_dump(mode="json"), headers=self._auth()
-            ),
+            lambda: self._sender.post(self._path("/complete"), content.encode(), self._auth()),
         )
         if response.is_error:
             log.error("completions refused: %s", response.text[:200])
             return
-        for outcome in CompletionResults.model_validate(response.json()).results:
+        for outcome in CompletionResults.model_validate_json(response.content).results:
             if outcome.status == 409:
                 log.info(
                     "job %s: lease lost before completion; result dropped", outcome.job_id[:12]

@@ -14,6 +14,19 @@ import time
 from collections.abc import Collection
 
 
+def read_proc(path: str) -> bytes:
+    """A whole /proc file, with plain system calls (open, read until the end, close:
+    no buffered file object, no seek, no terminal check). OSError if it is gone."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def _read_status(pid: int) -> dict[str, str]:
     with open(f"/proc/{pid}/status") as f:
         return dict(line.split(":\t", 1) for line in f if ":\t" in line)
@@ -28,8 +41,7 @@ def children(pid: int, threads: bool = True) -> list[int]:
         return found
     for task in tasks:
         try:
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                found.extend(int(p) for p in f.read().split())
+            found.extend(int(p) for p in read_proc(f"/proc/{pid}/task/{task}/children").split())
         except OSError:
             continue
     return found

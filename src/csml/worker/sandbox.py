@@ -8,10 +8,13 @@ it is killed on a timeout, cancellation, protocol violation, crash, CPU overrun
 (measured per job by the worker from /proc), an out-of-memory error, processes
 left behind after a job, a job that fails to answer, more than
 `IDLE_RSS_ALLOWANCE` of memory kept after a job, CPU used while idle, after
-`idle_ttl` seconds idle, or when more than `max_idle` children are idle (least
-recently used first). Jobs without an owner (and confidential jobs: the agent passes no
-owner) get a child of their own that ends with the job. Whatever a job does
-(crash, leak, overrun) dies with its child and the worker goes on.
+`idle_ttl` seconds idle, or when more than `max_idle` children are idle or the
+memory the idle children hold beyond the zygote's (each measured when it went
+idle) is over `idle_bytes` (least recently used first: the memory they may keep
+is bounded, and so is their number). Jobs without an owner (and confidential
+jobs: the agent passes no owner) get a child of their own that ends with the job.
+Whatever a job does (crash, leak, overrun) dies with its child and the worker
+goes on.
 
 Isolation (see `isolation.py`, `isolation_files.py`, `isolation_procs.py`): no
 network, a random uid of its own per child when the worker is root (so per
@@ -72,7 +75,7 @@ from csml.worker.isolation_files import (
     remove_tmp,
     take_back,
 )
-from csml.worker.isolation_procs import children
+from csml.worker.isolation_procs import children, read_proc
 
 ProgressFn = Callable[[float, str], None]
 
@@ -124,6 +127,8 @@ class _Resident:
     idle_since: float = 0.0
     idle_cpu: float = 0.0  # its CPU time when it went idle
     warm: str = ""  # the model it holds loaded (a `placement.warm_key`), if any
+    cpu: float = -1.0  # its CPU time as last read (-1: not read yet)
+    extra_bytes: int = 0  # resident memory beyond the zygote's, after its last job
 
 
 class ZygoteDied(RuntimeError):
@@ -133,7 +138,7 @@ class ZygoteDied(RuntimeError):
 READY_TIMEOUT = 120.0  # the zygote imports the app's libraries first
 EXIT_GRACE = 5.0  # a child told to stop that lives on this long is killed
 IDLE_TTL = 60.0  # seconds a child may wait for its owner's next job
-MAX_IDLE = 8  # children kept waiting, over all owners
+MAX_IDLE = 8  # children kept waiting, over all owners (by default; see Sandbox)
 CPU_LIFETIME_FACTOR = 8  # a reused child's CPU rlimit, in per-job budgets (a backstop)
 IDLE_CPU_ALLOWANCE = 0.5  # CPU seconds an idle child may use (e.g. a thread a job left)
 IDLE_RSS_ALLOWANCE = 64 << 20  # memory an idle child may hold beyond the zygote's
@@ -144,8 +149,7 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 def resident_bytes(pid: int) -> int:
     """Resident memory of a process (0 if it is gone)."""
     try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * PAGE_SIZE
+        return int(read_proc(f"/proc/{pid}/statm").split()[1]) * PAGE_SIZE
     except (OSError, IndexError, ValueError):
         return 0
 
@@ -153,16 +157,33 @@ def resident_bytes(pid: int) -> int:
 def cpu_seconds_of(pid: int) -> float:
     """CPU time of a process (all its threads, and its children it has reaped)."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
+        fields = read_proc(f"/proc/{pid}/stat").rsplit(b")", 1)[1].split()
     except (OSError, IndexError):
         return 0.0
     return sum(int(v) for v in fields[11:15]) / CLOCK_TICKS
 
 
+def evictions(idle: list[tuple[int, int]], max_idle: int, idle_bytes: int) -> list[int]:
+    """The idle children to end, least recently used first, so that at most `max_idle`
+    remain holding at most `idle_bytes` beyond the zygote in all. `idle`: (token, bytes
+    held beyond the zygote) of each idle child, least recently used first."""
+    left, held = len(idle), sum(extra for _, extra in idle)
+    out: list[int] = []
+    for token, extra in idle:
+        if left <= max_idle and held <= idle_bytes:
+            break
+        out.append(token)
+        left, held = left - 1, held - extra
+    return out
+
+
 class Sandbox:
     """`workdir`: the worker's folder for job files, if not in the temp dir: the
-    sandbox may then let job uids traverse it (and what lies below it)."""
+    sandbox may then let job uids traverse it (and what lies below it).
+
+    Idle children: at most `max_idle`, holding at most `idle_bytes` of memory beyond the
+    zygote's in all (default: `max_idle` times `IDLE_RSS_ALLOWANCE`, what `max_idle`
+    children may each keep)."""
 
     def __init__(
         self,
@@ -171,10 +192,12 @@ class Sandbox:
         *,
         idle_ttl: float = IDLE_TTL,
         max_idle: int = MAX_IDLE,
+        idle_bytes: int | None = None,
     ) -> None:
         self.app_name = app_name
         self.idle_ttl = idle_ttl
         self.max_idle = max_idle
+        self.idle_bytes = max_idle * IDLE_RSS_ALLOWANCE if idle_bytes is None else idle_bytes
         self._idle: dict[int, _Resident] = {}  # by token, least recently used first
         self.own_uid = os.geteuid() == 0  # root: each job gets a uid of its own
         self._lock = threading.Lock()
@@ -346,16 +369,21 @@ class Sandbox:
 
     @staticmethod
     def _busy_while_idle(resident: _Resident) -> bool:
-        return cpu_seconds_of(resident.child.pid) - resident.idle_cpu > IDLE_CPU_ALLOWANCE
+        resident.cpu = cpu_seconds_of(resident.child.pid)  # read at checkout: the job's start
+        return resident.cpu - resident.idle_cpu > IDLE_CPU_ALLOWANCE
 
     def _checkin(self, resident: _Resident) -> None:
+        """(After a job answered: `resident.cpu` was read then, by the overrun check.)"""
         resident.idle_since = time.monotonic()
-        resident.idle_cpu = cpu_seconds_of(resident.child.pid)
+        resident.idle_cpu = resident.cpu
         with self._lock:
             self._idle[resident.token] = resident
-            evicted = list(self._idle.values())[: max(0, len(self._idle) - self.max_idle)]
-            for r in evicted:
-                del self._idle[r.token]
+            over = evictions(
+                [(r.token, r.extra_bytes) for r in self._idle.values()],
+                self.max_idle,
+                self.idle_bytes,
+            )
+            evicted = [self._idle.pop(token) for token in over]
         for r in evicted:
             self._retire(r)
 
@@ -430,14 +458,16 @@ class Sandbox:
                 self._children.pop(item.token, None)
 
     def _cpu_left(self, resident: _Resident, job: SandboxJob) -> bool:
-        """Whether the child may take another job of full CPU budget under its rlimit."""
-        used = cpu_seconds_of(resident.child.pid)
+        """Whether the child may take another job of full CPU budget under its rlimit
+        (`resident.cpu`: read by the overrun check once the job answered)."""
+        used = resident.cpu
         return used + job.cpu_seconds + 1 < resident.limits.cpu_lifetime_seconds
 
     def _too_big(self, resident: _Resident) -> bool:
         """Whether the child holds too much memory to be kept idle (what a job allocated
         stays with its process; the idle cap times this bounds what idle children hold)."""
         extra = resident_bytes(resident.child.pid) - resident_bytes(self._zygote.pid)
+        resident.extra_bytes = max(0, extra)
         return extra > IDLE_RSS_ALLOWANCE
 
     def _left_behind(self, resident: _Resident) -> bool:
@@ -461,10 +491,12 @@ class Sandbox:
         try:
             if not child.started.wait(timeout=READY_TIMEOUT):
                 raise OSError("the zygote did not start the job's process")
-            cpu_before = cpu_seconds_of(child.pid)
+            # A reused child's CPU was read at checkout, right before this job.
+            cpu_before = resident.cpu if resident.cpu >= 0 else cpu_seconds_of(child.pid)
 
             def overrun() -> str | None:
-                if cpu_seconds_of(child.pid) - cpu_before > job.cpu_seconds:
+                resident.cpu = cpu_seconds_of(child.pid)
+                if resident.cpu - cpu_before > job.cpu_seconds:
                     return f"exceeded its CPU-time limit of {job.cpu_seconds:g} s"
                 return None
 

@@ -1,0 +1,153 @@
+"""The keep-alive link (csml.link): round trips, a connection the server dropped while idle,
+close() from another thread, bounded bodies."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from csml import link as link_module
+from csml.link import HttpxLink, Link, LinkError, open_link
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.connections += 1
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.server.seen.append((self.path, self.headers["Authorization"], body))
+        if self.path.endswith("/slow"):
+            self.server.release.wait(10)
+        answer = json.dumps({"echo": json.loads(body), "peer": self.client_address[1]}).encode()
+        self.send_response(201)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+        if self.path.endswith("/bye"):
+            self.close_connection = True
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.seen: list[tuple[str, str, bytes]] = []
+        self.connections = 0
+        self.release = threading.Event()
+
+
+@pytest.fixture
+def server() -> Iterator[_Server]:
+    srv = _Server()
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.release.set()
+    srv.shutdown()
+    srv.server_close()
+
+
+def _url(srv: _Server) -> str:
+    return f"http://127.0.0.1:{srv.server_address[1]}/prefix"
+
+
+def test_a_round_trip_keeps_its_connection(server: _Server) -> None:
+    link = Link(_url(server), None, timeout=5)
+    first = link.post("/a", b'{"n":1}', {"Authorization": "Bearer t"})
+    second = link.post("/b", b'{"n":2}', {"Authorization": "Bearer t"})
+    assert (first.status_code, first.is_error) == (201, False)
+    assert first.headers["content-type"] == "application/json"
+    assert first.json()["echo"] == {"n": 1} and second.json()["echo"] == {"n": 2}
+    assert server.connections == 1  # kept alive
+    assert [(p, a) for p, a, _ in server.seen] == [
+        ("/prefix/a", "Bearer t"),
+        ("/prefix/b", "Bearer t"),
+    ]
+    link.close()
+
+
+def test_a_connection_the_server_closed_is_replaced_before_it_is_used(server: _Server) -> None:
+    link = Link(_url(server), None, timeout=5)
+    assert link.post("/bye", b"{}", {}).status_code == 201
+    time.sleep(0.2)  # the server has closed its end
+    assert link.post("/a", b"{}", {}).status_code == 201
+    assert server.connections == 2
+    assert [p for p, _, _ in server.seen] == ["/prefix/bye", "/prefix/a"]  # each sent once
+    link.close()
+
+
+def test_close_ends_a_call_blocked_in_a_read_and_every_later_call(server: _Server) -> None:
+    link = Link(_url(server), None, timeout=30)
+    failures: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            link.post("/slow", b"{}", {})
+        except LinkError as exc:
+            failures.append(exc)
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    while not server.seen:
+        time.sleep(0.01)
+    start = time.monotonic()
+    link.close()
+    thread.join(5)
+    assert not thread.is_alive() and len(failures) == 1
+    assert time.monotonic() - start < 5
+    with pytest.raises(LinkError, match="closed"):
+        link.post("/a", b"{}", {})
+
+
+def test_nothing_listening_is_a_link_error() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(LinkError):
+        Link(f"http://127.0.0.1:{port}", None, timeout=2).post("/a", b"{}", {})
+
+
+def test_an_answer_over_the_bound_is_refused(
+    server: _Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(link_module, "MAX_BODY", 10)
+    link = Link(_url(server), None, timeout=5)
+    with pytest.raises(LinkError, match="over 10"):
+        link.post("/a", b'{"n":1}', {})
+    monkeypatch.setattr(link_module, "MAX_BODY", 1 << 20)
+    assert link.post("/a", b"{}", {}).status_code == 201  # usable again, a new connection
+    assert server.connections == 2
+
+
+def test_https_needs_its_tls_context() -> None:
+    with pytest.raises(ValueError, match="TLS context"):
+        Link("https://127.0.0.1:1", None, timeout=1)
+
+
+def test_a_coordinator_behind_a_proxy_is_reached_through_httpx(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    assert isinstance(open_link("http://coordinator:8600", True, 5), Link)
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy:3128")
+    assert isinstance(open_link("http://coordinator:8600", True, 5), HttpxLink)
+    monkeypatch.setenv("NO_PROXY", "coordinator")
+    assert isinstance(open_link("http://coordinator:8600", True, 5), Link)
