@@ -291,3 +291,36 @@ def test_cancel_batch_cancels_its_jobs(joined: Any, web_cluster: Cluster, tmp_pa
     panel.get_by_role("button", name="Download manifest").wait_for()
     panel.get_by_role("button", name="Remove from page").click()
     assert page.locator("section.batch").count() == 0
+
+
+def test_without_the_batch_route_each_file_goes_alone(
+    joined: Any, web_cluster: Cluster, tmp_path: Path
+) -> None:
+    """A coordinator without `POST /v1/jobs/batch` (an older one: 404, played here by the
+    browser's routing) still gets the batch, one multipart submission per file."""
+    page = joined()
+    sent = Submissions(page)
+    page.route(
+        "**/v1/jobs/batch",
+        lambda route: route.fulfill(
+            status=404,
+            content_type="application/json",
+            body=json.dumps({"error": {"code": "not_found", "message": "Not Found"}}),
+        ),
+    )
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"old-{i}.txt")
+        files[-1].write_text(f"{i}\n")
+    page.select_option("#app", "echo")
+    page.select_option("#operation", "echo")
+    drop_files(page, '.drop[data-input="data"]', files)
+    page.get_by_role("button", name="Submit 3 jobs").click()
+    counts = page.locator("section.batch").get_by_test_id("batch-counts")
+    counts.wait_for()
+    wait_for(lambda: counts.inner_text().startswith("3/3 finished"), timeout=120)
+    assert counts.inner_text() == "3/3 finished · 3 done · 0 failed"
+    assert len(sent.batches) == 1 and len(sent.batches[0]) == 3
+    assert sent.singles == 3
+    jobs = Client(web_cluster.url, token_of(page)).jobs()
+    assert len(jobs) == 3 and {j.state.value for j in jobs} == {"succeeded"}
