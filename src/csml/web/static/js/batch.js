@@ -172,7 +172,8 @@ class Batch {
   async run() {
     const shared = await this.sharedInline();
     const inline = shared ? this.items.filter((i) => i.file.size <= INLINE_MAX_BYTES) : [];
-    const alone = this.items.filter((i) => !inline.includes(i));
+    const inlineSet = new Set(inline);
+    const alone = this.items.filter((i) => !inlineSet.has(i));
     await Promise.all([this.runBatches(inline, shared), this.sendAlone(alone)]);
     this.sent = true;
     this.update();
@@ -231,7 +232,8 @@ class Batch {
         chunk.push(item);
         chars += size;
       }
-      waiting = waiting.filter((i) => !chunk.includes(i));
+      const taken = new Set(chunk);
+      waiting = waiting.filter((i) => !taken.has(i));
       const later = await this.sendBatch(chunk, shared);
       waiting = [...waiting, ...later].sort((a, b) => a.index - b.index);
     }
