@@ -1,5 +1,6 @@
 """Batches from the page: several files on one input, one ordinary job each, in headless
-Chromium against a real coordinator and real workers (the package's `web_cluster`)."""
+Chromium against a real coordinator and real workers (the package's `web_cluster`).
+Small files go inline through the batch route; larger ones one by one (multipart)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
 from csml.client import Client
+from csml.schemas.workers import INLINE_MAX_BYTES
 from tests.cluster import Cluster, wait_for
 from tests.conftest import SKIMAGE_DATA
 from tests.e2e.web.browser import PHONE, axe_violations, no_horizontal_scroll, screenshot
@@ -47,6 +50,25 @@ def drop_files(page: Any, selector: str, paths: list[Path]) -> None:
         page.dispatch_event(selector, event, {"dataTransfer": transfer})
 
 
+class Submissions:
+    """The page's submissions as the browser sent them, by route: each batch request's
+    inputs (one dict per item) and each single (multipart) submission."""
+
+    def __init__(self, page: Any) -> None:
+        self.batches: list[list[dict[str, str]]] = []
+        self.singles = 0
+        page.on("request", self._seen)
+
+    def _seen(self, request: Any) -> None:
+        if request.method != "POST":
+            return
+        path = urlsplit(request.url).path
+        if path == "/v1/jobs/batch":
+            self.batches.append([item["inputs"] for item in request.post_data_json["items"]])
+        elif path == "/v1/jobs":
+            self.singles += 1
+
+
 def batch_files(tmp: Path) -> list[Path]:
     """Five real images and, third, a text file named like an image (the job fails)."""
     paths = []
@@ -64,6 +86,7 @@ def test_a_dropped_batch_with_a_failing_item(
 ) -> None:
     page = joined()
     client = Client(web_cluster.url, token_of(page))
+    sent = Submissions(page)
     gets: list[str] = []
     page.on(
         "request",
@@ -94,6 +117,15 @@ def test_a_dropped_batch_with_a_failing_item(
     assert panel.locator("li.batch-item[data-state=succeeded]").count() == 5
     # The results arrived through the page's event stream, not by asking for each job.
     assert len(gets) < len(files), gets
+    # The small files went together, inline, in one request to the batch route, in order;
+    # only the file over the inline bound (astronaut.png) was sent on its own.
+    small = [p for p in files if p.stat().st_size <= INLINE_MAX_BYTES]
+    assert 0 < len(small) < len(files)
+    assert len(sent.batches) == 1
+    assert [base64.b64decode(item["image"]) for item in sent.batches[0]] == [
+        p.read_bytes() for p in small
+    ]
+    assert sent.singles == len(files) - len(small)
     # Every item is an ordinary job of this identity, with the form's parameters.
     mine = {j.id: j for j in client.jobs()}
     assert len(mine) == 6
@@ -196,6 +228,7 @@ def test_a_folder_past_the_submission_rate_waits_and_finishes(
     default): the items past it are refused with 429 and Retry-After, wait that long,
     are sent again, and the whole batch ends done."""
     page = joined()
+    sent = Submissions(page)
     folder = tmp_path / "many"
     (folder / "sub").mkdir(parents=True)
     for i in range(62):
@@ -227,6 +260,11 @@ def test_a_folder_past_the_submission_rate_waits_and_finishes(
     }
     assert len({line["job_id"] for line in lines}) == 62
     assert len(Client(web_cluster.url, token_of(page)).jobs(limit=500)) == 62
+    # All through the batch route: the first request carried every file, the items it
+    # refused for now (429, per item) went again in later requests, nothing one by one.
+    assert sent.singles == 0
+    assert len(sent.batches) >= 2 and len(sent.batches[0]) == 62
+    assert all(len(b) < 62 for b in sent.batches[1:])
 
 
 def test_cancel_batch_cancels_its_jobs(joined: Any, web_cluster: Cluster, tmp_path: Path) -> None:
@@ -253,3 +291,36 @@ def test_cancel_batch_cancels_its_jobs(joined: Any, web_cluster: Cluster, tmp_pa
     panel.get_by_role("button", name="Download manifest").wait_for()
     panel.get_by_role("button", name="Remove from page").click()
     assert page.locator("section.batch").count() == 0
+
+
+def test_without_the_batch_route_each_file_goes_alone(
+    joined: Any, web_cluster: Cluster, tmp_path: Path
+) -> None:
+    """A coordinator without `POST /v1/jobs/batch` (an older one: 404, played here by the
+    browser's routing) still gets the batch, one multipart submission per file."""
+    page = joined()
+    sent = Submissions(page)
+    page.route(
+        "**/v1/jobs/batch",
+        lambda route: route.fulfill(
+            status=404,
+            content_type="application/json",
+            body=json.dumps({"error": {"code": "not_found", "message": "Not Found"}}),
+        ),
+    )
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"old-{i}.txt")
+        files[-1].write_text(f"{i}\n")
+    page.select_option("#app", "echo")
+    page.select_option("#operation", "echo")
+    drop_files(page, '.drop[data-input="data"]', files)
+    page.get_by_role("button", name="Submit 3 jobs").click()
+    counts = page.locator("section.batch").get_by_test_id("batch-counts")
+    counts.wait_for()
+    wait_for(lambda: counts.inner_text().startswith("3/3 finished"), timeout=120)
+    assert counts.inner_text() == "3/3 finished · 3 done · 0 failed"
+    assert len(sent.batches) == 1 and len(sent.batches[0]) == 3
+    assert sent.singles == 3
+    jobs = Client(web_cluster.url, token_of(page)).jobs()
+    assert len(jobs) == 3 and {j.state.value for j in jobs} == {"succeeded"}

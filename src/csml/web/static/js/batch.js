@@ -2,11 +2,18 @@
 // the submit form become one ordinary job per file, with the same app, operation,
 // parameters and other inputs.
 //
-// - Sent through the single-job API (POST /v1/jobs), at most IN_FLIGHT at a time: each
-//   item counts against the identity's quotas and the queue's fairness like any job.
-// - A refusal that passes with time (429, or 503 with Retry-After) is sent again after
-//   the server's Retry-After; any other refusal fails that item with the server's
-//   message and the batch goes on.
+// - Files of at most INLINE_MAX_BYTES (and the form's other files, when they are all that
+//   small) are sent inline, in base64, through the batch route (POST /v1/jobs/batch), up
+//   to BATCH_ITEMS items and about BATCH_BYTES of base64 per request, one request at a
+//   time. Larger files go one per request through the single-job route (POST /v1/jobs,
+//   multipart), at most IN_FLIGHT at a time; so does every item of a batch request the
+//   coordinator refused as a whole for its form (400, 404, 405, 413, 415, 422: no batch
+//   route, or a smaller bound than this page assumes). Either way each item is a job: it
+//   counts against the identity's quotas and the queue's fairness like any job.
+// - The batch route answers per item: a job, or the refusal a single submission would
+//   have got. A refusal that passes with time (429, or 503 with Retry-After; of one item
+//   or of a whole request) is sent again after the server's Retry-After; any other
+//   refusal fails that item with the server's message and the batch goes on.
 // - Items are followed through the page's job store (`jobs`, fed by the event stream,
 //   or by its polling fallback): nothing is polled per item. A job that falls out of the
 //   store's snapshot (it keeps the newest jobs) while running, or while the batch has
@@ -22,6 +29,13 @@ import { jobs, summary } from "./jobs.js";
 import { zipBlob } from "./zip.js";
 
 const IN_FLIGHT = 4;
+/** The most bytes an input may carry inline (`csml.schemas.workers.INLINE_MAX_BYTES`). A
+ * coordinator with a smaller bound refuses the request (413): its items go one by one. */
+export const INLINE_MAX_BYTES = 256 * 1024;
+const BATCH_ITEMS = 200; // per request (the route takes up to 500)
+const BATCH_BYTES = 8 << 20; // about the most base64 per request (the route takes 12 MiB)
+// A whole batch request refused with one of these: send its items one by one.
+const NOT_AS_BATCH = new Set([400, 404, 405, 413, 415, 422]);
 const STALL_MS = 30000;
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 const WORDS = {
@@ -51,6 +65,32 @@ function stemOf(path) {
 function errorText(err) {
   const where = err instanceof ApiError && err.field ? ` (${err.field})` : "";
   return `${err.message}${where}`;
+}
+
+/** An item's refusal from the batch route, in the words a single submission has: its
+ * field without the request's `items.N.` (and the spec's `spec.`). */
+function itemErrorText(error) {
+  const field = String(error?.field || "").replace(/^items\.\d+\.?/, "").replace(/^spec\./, "");
+  return `${error?.message || "refused"}${field ? ` (${field})` : ""}`;
+}
+
+/** A file's bytes in base64 (standard alphabet, padded). */
+function base64Of(blob) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => {
+      const url = String(reader.result);
+      const comma = url.indexOf(",");
+      resolve(comma < 0 ? "" : url.slice(comma + 1));
+    };
+    reader.onerror = () => reject(reader.error || new Error("the file could not be read"));
+    reader.readAsDataURL(blob);
+  });
+}
+
+/** About the length of a file's base64. */
+function base64Length(size) {
+  return Math.ceil(size / 3) * 4;
 }
 
 class Batch {
@@ -130,23 +170,176 @@ class Batch {
   }
 
   async run() {
+    const shared = await this.sharedInline();
+    const inline = shared ? this.items.filter((i) => i.file.size <= INLINE_MAX_BYTES) : [];
+    const inlineSet = new Set(inline);
+    const alone = this.items.filter((i) => !inlineSet.has(i));
+    await Promise.all([this.runBatches(inline, shared), this.sendAlone(alone)]);
+    this.sent = true;
+    this.update();
+  }
+
+  /** The form's other files in base64 (input name -> text), to go with every item of a
+   * batch request; null when one of them is too large to travel inline. */
+  async sharedInline() {
+    const out = {};
+    for (const part of this.parts) {
+      if (part.batch || !part.file) continue;
+      if (part.file.size > INLINE_MAX_BYTES) return null;
+      try {
+        out[part.name] = await base64Of(part.file);
+      } catch {
+        return null; // sent as multipart, which names the problem per item
+      }
+    }
+    return out;
+  }
+
+  /** Items sent one per request (multipart), at most IN_FLIGHT at a time. */
+  async sendAlone(items) {
     let next = 0;
     const lane = async () => {
-      while (next < this.items.length) {
-        const item = this.items[next++];
+      while (next < items.length) {
+        const item = items[next++];
         await this.send(item);
       }
     };
-    await Promise.all(Array.from({ length: Math.min(IN_FLIGHT, this.items.length) }, lane));
-    this.sent = true;
+    await Promise.all(Array.from({ length: Math.min(IN_FLIGHT, items.length) }, lane));
+  }
+
+  /** Items sent inline through the batch route, one request at a time, in order; those
+   * refused for now wait for their Retry-After and go in a later request. */
+  async runBatches(items, shared) {
+    let waiting = [...items];
+    const sharedChars = Object.values(shared || {}).reduce((n, text) => n + text.length, 0);
+    while (waiting.length) {
+      if (this.stopped) {
+        for (const item of waiting) this.notSent(item);
+        this.update();
+        return;
+      }
+      const now = Date.now();
+      const due = waiting.filter((i) => !i.retryAt || i.retryAt <= now);
+      if (!due.length) {
+        await this.sleep(Math.min(...waiting.map((i) => i.retryAt)) - now);
+        continue;
+      }
+      const chunk = [];
+      let chars = 0;
+      for (const item of due) {
+        const size = 256 + sharedChars + base64Length(item.file.size);
+        if (chunk.length && (chunk.length >= BATCH_ITEMS || chars + size > BATCH_BYTES)) break;
+        chunk.push(item);
+        chars += size;
+      }
+      const taken = new Set(chunk);
+      waiting = waiting.filter((i) => !taken.has(i));
+      const later = await this.sendBatch(chunk, shared);
+      waiting = [...waiting, ...later].sort((a, b) => a.index - b.index);
+    }
+  }
+
+  /** One batch request; returns the items refused for now (to send again later). */
+  async sendBatch(chunk, shared) {
+    for (const item of chunk) {
+      item.state = "sending";
+      item.retryAt = null;
+    }
     this.update();
+    const spec = { app: this.app, operation: this.operation, params: this.params };
+    const sent = [];
+    const entries = [];
+    for (const item of chunk) {
+      try {
+        entries.push({ spec, inputs: { ...shared, [this.input]: await base64Of(item.file) } });
+        sent.push(item);
+      } catch (err) {
+        item.state = "failed";
+        item.error = `The file could not be read: ${err.message}`;
+      }
+    }
+    if (!sent.length) {
+      this.update();
+      return [];
+    }
+    let answer;
+    try {
+      answer = await api("/v1/jobs/batch", { method: "POST", body: { items: entries } });
+    } catch (err) {
+      const wait = retryDelay(err);
+      if (wait !== null) {
+        for (const item of sent) this.refusedForNow(item, errorText(err), wait);
+        this.update();
+        return sent;
+      }
+      if (err instanceof ApiError && NOT_AS_BATCH.has(err.status)) {
+        await this.sendAlone(sent); // not as a batch here: each item on its own
+        return [];
+      }
+      for (const item of sent) {
+        item.state = "failed";
+        item.error = errorText(err);
+      }
+      this.update();
+      return [];
+    }
+    const later = [];
+    const accepted = [];
+    for (const result of answer.items || []) {
+      const item = sent[result.index];
+      if (!item) continue;
+      if (result.job) {
+        this.accept(item, result.job);
+        accepted.push(item);
+        continue;
+      }
+      const wait = retryDelay(Object.assign(new ApiError(result.status, { error: result.error }), {
+        retryAfter: result.retry_after == null ? null : String(result.retry_after),
+      }));
+      if (wait !== null) {
+        this.refusedForNow(item, itemErrorText(result.error), wait);
+        later.push(item);
+      } else {
+        item.state = "failed";
+        item.error = itemErrorText(result.error);
+      }
+    }
+    for (const item of sent) {
+      if (item.state === "sending") { // the coordinator said nothing of it
+        item.state = "failed";
+        item.error = "The coordinator's answer did not include this file.";
+      }
+    }
+    const cancelled = accepted.filter((i) => this.stopped && !TERMINAL.has(i.state));
+    if (cancelled.length) await this.cancelItems(cancelled); // sent while cancelling
+    this.update();
+    return later;
+  }
+
+  notSent(item) {
+    item.state = "cancelled";
+    item.error = "Not sent: the batch was cancelled.";
+    item.retryAt = null;
+  }
+
+  refusedForNow(item, text, wait) {
+    item.state = "retrying";
+    item.error = text;
+    item.retryAt = Date.now() + wait * 1000;
+  }
+
+  /** An item's job, as the submission answered it (the stream may have told more). */
+  accept(item, job) {
+    item.jobId = job.id;
+    const known = jobs.get(job.id);
+    if (!known || !TERMINAL.has(known.state)) jobs.upsert(job);
+    this.take(item, jobs.get(job.id) || job);
   }
 
   async send(item) {
     for (;;) {
       if (this.stopped) {
-        item.state = "cancelled";
-        item.error = "Not sent: the batch was cancelled.";
+        this.notSent(item);
         this.update();
         return;
       }
@@ -155,10 +348,7 @@ class Batch {
       this.update();
       try {
         const job = await api("/v1/jobs", { method: "POST", form: this.form(item) });
-        item.jobId = job.id;
-        const known = jobs.get(job.id); // the stream may have told more already
-        if (!known || !TERMINAL.has(known.state)) jobs.upsert(job);
-        this.take(item, jobs.get(job.id) || job);
+        this.accept(item, job);
         if (this.stopped && !TERMINAL.has(item.state)) await this.cancelItems([item]); // sent while cancelling
         else this.update();
         return;
@@ -170,9 +360,7 @@ class Batch {
           this.update();
           return;
         }
-        item.state = "retrying";
-        item.error = errorText(err);
-        item.retryAt = Date.now() + wait * 1000;
+        this.refusedForNow(item, errorText(err), wait);
         this.update();
         await this.sleep(wait * 1000);
       }
@@ -390,7 +578,7 @@ function panel(batch, onDismiss) {
   const list = h("ol", { class: "batch-items" });
   const section = h("section", { class: "panel batch", "aria-labelledby": titleId, dataset: { batch: batch.id } },
     h("h2", { id: titleId }, `Batch: ${batch.app} · ${batch.operation.replaceAll("_", " ")}`),
-    h("p", { class: "help" }, `${batch.items.length} files on "${batch.input}", one job each, sent ${IN_FLIGHT} at a time.`),
+    h("p", { class: "help" }, `${batch.items.length} files on "${batch.input}", one job each, sent together in batch requests (files over ${INLINE_MAX_BYTES / 1024} KiB one by one).`),
     bar,
     counts,
     actions,

@@ -114,11 +114,16 @@ async function outputView(job, name, info) {
   return box;
 }
 
-export async function renderJob(root, jobId) {
+/**
+ * Render job `jobId` into `root`; returns the clean-up (its subscription). `signal`: the
+ * view's, aborted when the user leaves it: nothing more is drawn nor subscribed then.
+ */
+export async function renderJob(root, jobId, signal) {
   let job = jobs.get(jobId);
   try {
-    job = await api(`/v1/jobs/${encodeURIComponent(jobId)}?positions=true`);
+    job = await api(`/v1/jobs/${encodeURIComponent(jobId)}?positions=true`, { signal });
   } catch (e) {
+    if (signal?.aborted) return () => {};
     clear(root, h("h1", {}, "Job"), h("p", { class: "error-text" }, e.message), h("p", {}, h("a", { href: "#/work" }, "Back to your jobs")));
     return () => {};
   }
@@ -178,6 +183,7 @@ export async function renderJob(root, jobId) {
     body,
   );
   await draw(job);
+  if (signal?.aborted) return () => {};
   const unsubscribe = jobs.subscribe((changed) => {
     if (changed && !changed.includes(jobId)) return;
     const j = jobs.get(jobId);
