@@ -123,6 +123,8 @@ class Operation:
     inputs: list[Input]
     outputs: list[Output]
     func: OperationFn
+    deterministic: bool = False
+    """Same inputs and params give byte-identical outputs and result in any process."""
 
     def model_input(self) -> Input | None:
         return next((i for i in self.inputs if i.model is not None), None)
@@ -145,6 +147,7 @@ class Operation:
             params_schema=schema,
             inputs=[i.spec() for i in self.inputs],
             outputs=[o.spec() for o in self.outputs],
+            deterministic=self.deterministic,
         )
 
     def run(self, ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
@@ -170,8 +173,12 @@ class App:
         inputs: list[Input] | None = None,
         outputs: list[Output] | None = None,
         name: str | None = None,
+        deterministic: bool = False,
     ) -> Callable[[OperationFn], OperationFn]:
-        """Register a function `(ctx, params) -> result dict` as an operation."""
+        """Register a function `(ctx, params) -> result dict` as an operation.
+        `deterministic`: same inputs and params give byte-identical outputs and result in
+        any process (declare it only when it is so: results of contributed workers are
+        verified by comparing them)."""
 
         def register(func: OperationFn) -> OperationFn:
             hints = get_type_hints(func)
@@ -187,6 +194,7 @@ class App:
                 inputs=list(inputs or []),
                 outputs=list(outputs or []),
                 func=func,
+                deterministic=deterministic,
             )
             return func
 

@@ -36,6 +36,12 @@ class Settings(BaseSettings):
         "ruled on (`csml apps contribution APP --allow/--deny` overrides it per app). Off by "
         "default: users' public jobs go to strangers' machines only where the operator said so.",
     )
+    verify_probation: int = Field(
+        5,
+        ge=0,
+        description="Agreements a new contributed worker needs before it leaves probation "
+        "(until then every result of its is verified, whatever the app's policy).",
+    )
     reap_interval_seconds: float = Field(1.0, gt=0)
     max_attempts: int = Field(3, ge=1)
 

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from csml import ids
 from csml.coordinator import tokens
+from csml.coordinator import verification as verifying
 from csml.coordinator.config import Settings
 from csml.coordinator.state import Core
 from csml.coordinator.worker_tokens import CACHE as WORKER_TOKENS
@@ -202,12 +203,16 @@ def _setting_info(session: Session, settings: Settings, app: str) -> Contributio
     live = contributions.live_contributed_workers(
         session, app, utcnow() - timedelta(seconds=settings.worker_live_seconds)
     )
+    found = contributions.setting(session, app)
+    policy = found.verification if found is not None else None
     return ContributionSettingInfo(
         app=app,
         allowed=allowed,
         max_workers=cap,
-        default=contributions.setting(session, app) is None,
+        default=found is None,
         contributed_workers=live,
+        verification=policy or verifying.DEFAULT,
+        verification_default=policy is None,
     )
 
 
@@ -223,7 +228,16 @@ def set_rule(c: Core, app: str, body: ContributionSettingRequest) -> Contributio
     are. Denying revokes every contributed token of the app (their workers stop now): off
     means off. A lower cap stops no running worker; it refuses new ones until below it."""
     cap_given = "max_workers" in body.model_fields_set
-    info = set_rule_in(c.sessions, c.settings, app, body.allowed, cap_given, body.max_workers)
+    info = set_rule_in(
+        c.sessions,
+        c.settings,
+        app,
+        body.allowed,
+        cap_given,
+        body.max_workers,
+        verification=body.verification,
+    )
+    c.queue.verifier.forget_policies()  # here at once; other coordinators within 2 s
     c.catalog.reload()
     return info
 
@@ -235,19 +249,30 @@ def set_rule_in(
     allowed: bool | None,
     cap_given: bool,
     cap: int | None,
+    *,
+    verification: str | None = None,
 ) -> ContributionSettingInfo:
     """`set_rule` on a store (also the operator's `csml apps contribution`, run where the
     coordinator's settings are; another process's worker-token cache forgets a revoked
-    token within its TTL)."""
+    token within its TTL). `verification`: the app's policy (`default`: back to the
+    default; None: leave it), effective for claims within the policy cache's 2 s and for
+    completions at once."""
     if not tokens.APP_NAME.match(app):
         raise Invalid("invalid_app", f"{app!r} is not an app name (a-z, 0-9, _ and -)")
     if cap is not None and cap < 0:
         raise Invalid("invalid_cap", f"max_workers: {cap} is below 0", field="max_workers")
+    policy_given = verification is not None
+    policy: str | None = None
+    if verification is not None and verification.strip() != "default":
+        policy = str(verifying.parse(verification, "verification"))
     with transaction(sessions) as session:
         now_allowed, now_cap = _rule(session, settings.contributions, app)
         now_allowed = now_allowed if allowed is None else allowed
         now_cap = cap if cap_given else now_cap
-        contributions.put_setting(session, app, now_allowed, now_cap, utcnow())
+        found = contributions.setting(session, app)
+        if not policy_given:
+            policy = found.verification if found is not None else None
+        contributions.put_setting(session, app, now_allowed, now_cap, utcnow(), policy)
         revoked = [] if now_allowed else contributions.live_tokens_for_app(session, app)
         for token_id in revoked:
             tokens.revoke(session, token_id)

@@ -66,6 +66,8 @@ from csml.coordinator.catalog import Catalog
 from csml.coordinator.config import Settings
 from csml.coordinator.notify import Notifier, app_key, job_key, owner_change
 from csml.coordinator.staged_inputs import StagedFile, adopt_input_rows
+from csml.coordinator.verification import Batch, Decision, Verifier, contributor_of
+from csml.coordinator.verification import digest as run_digest
 from csml.refusals import Conflict, Invalid, NotFound, QueueFull, Refusal, TooLarge
 from csml.schemas import (
     ClaimedConfidential,
@@ -88,11 +90,13 @@ from csml.schemas.workers import (
 from csml.store import jobs as store
 from csml.store import jobs_end as ends
 from csml.store import jobs_write as writes
+from csml.store import verification as verified
 from csml.store.blobs import BlobStore, fsync_paths
-from csml.store.jobs import Envelope, FileRow, JobRow
+from csml.store.jobs import Claimant, Envelope, FileRow, JobRow
 from csml.store.jobs_end import Locked
 from csml.store.jobs_write import Claimed, NewJob, Sealing, orm_job, orm_session
 from csml.store.tables import Job, utcnow
+from csml.store.verification import Run, Standing
 from csml.store.writer import Writer
 
 log = logging.getLogger("csml.coordinator.queue")
@@ -166,6 +170,7 @@ class JobQueue:
         self.writer = writer
         self._stamped: dict[str, float] = {}  # worker id -> when its liveness was written
         self._depths: dict[str, tuple[int, float]] = {}  # app -> (queued, when counted)
+        self.verifier = Verifier(self.engine, settings.verify_probation)
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
@@ -416,6 +421,8 @@ class JobQueue:
                 fair_rank=rank,
                 created_at=utcnow(),
                 max_attempts=self.settings.max_attempts,
+                trusted_only=spec.trusted_only,
+                min_reputation=spec.min_reputation,
             )
             seq = writes.insert_job(conn, new, rows, sealing)
             return JobRow(
@@ -454,6 +461,8 @@ class JobQueue:
                     if sealing is not None
                     else None
                 ),
+                trusted_only=spec.trusted_only,
+                min_reputation=spec.min_reputation,
             )
 
         return op_
@@ -570,7 +579,8 @@ class JobQueue:
         stamp = self._stamp_due(worker.id)
         if running and self._beat_not_due(worker, running, wait):
             running = []  # every lease was extended within a heartbeat interval: no write
-        if not running and not stamp and not self._has_queued(worker):
+        claimant = self._claimant(worker)
+        if not running and not stamp and not self._has_queued(worker, claimant):
             return None
         worker_id, app = worker.id, worker.app
         lease_id = ids.new_id()
@@ -581,10 +591,26 @@ class JobQueue:
                 writes.stamp_worker(conn, worker_id, now)
             abort, progressed = self._beat(conn, worker_id, running, now)
             until = now + timedelta(seconds=self.settings.lease_seconds)
-            taken = writes.take(conn, worker_id, app, max_jobs, lease_id, now, until)
+            taken = writes.take(
+                conn, worker_id, app, max_jobs, lease_id, now, until, claimant=claimant
+            )
             return _Claim(stamp, abort, progressed, taken, lease_id)
 
         return op
+
+    def _claimant(self, worker: WorkerRef) -> Claimant | None:
+        """A contributed worker's claim filters (None for an operator worker: no cost)."""
+        if contributor_of(worker) is None:
+            return None
+        return self.verifier.claimant(worker, lambda: self._deterministic(worker.app))
+
+    def _deterministic(self, app: str) -> tuple[str, ...]:
+        """`app`'s deterministic operations (those a result can be compared for)."""
+        try:
+            entry = self.catalog.get(app)
+        except Exception:  # not catalogued (any more): nothing to compare
+            return ()
+        return tuple(sorted(n for n, op in entry.operations.items() if op.deterministic))
 
     def _claimed(self, worker: WorkerRef, claim: _Claim) -> ClaimResponse:
         # Running now, or progressed: to the owners' event streams.
@@ -631,9 +657,9 @@ class JobQueue:
                 return False
         return True
 
-    def _has_queued(self, worker: WorkerRef) -> bool:
+    def _has_queued(self, worker: WorkerRef, claimant: Claimant | None = None) -> bool:
         with self.read() as conn:
-            return store.has_claimable(conn, worker.id, worker.app)
+            return store.has_claimable(conn, worker.id, worker.app, claimant)
 
     def _inline(self, taken: list[Claimed], lease_id: str) -> list[ClaimedJob]:
         """The claimed jobs for the worker, with small inputs of plain jobs inline (base64)
@@ -821,17 +847,29 @@ class JobQueue:
     ) -> Callable[[Connection], tuple[list[Outcome], list[str]]]:
         wanted = list(dict.fromkeys(d.job_id for d in batch))
         models = self._model_operations(worker.app)
+        contributed = contributor_of(worker) is not None
 
         def op(conn: Connection) -> tuple[list[Outcome], list[str]]:
             locked = ends.lock_to_complete(conn, wanted)
             now = utcnow()
             outcomes: list[Outcome] = []
             woken: list[str] = []
+            # Verification: a contributed worker's record, read afresh under this
+            # transaction (an operator worker's completion reads nothing more).
+            standing = verified.standing(conn, worker.id) if contributed else None
+            checks = Batch()
             for done, prep in zip(batch, prepared, strict=True):
                 try:
                     # Refusals come before `_finish` changes a row: no savepoint.
                     woken += self._finish(
-                        conn, worker, locked.get(done.job_id), done, prep, models, now
+                        conn,
+                        worker,
+                        locked.get(done.job_id),
+                        done,
+                        prep,
+                        models,
+                        now,
+                        verify=(contributed, standing, checks),
                     )
                 except Refusal as exc:
                     if raise_one:
@@ -841,6 +879,8 @@ class JobQueue:
                     outcomes.append(Outcome(done.job_id, None))
                     ended = locked[done.job_id]  # a repeat in the batch finds it ended
                     locked[done.job_id] = replace(ended, state=done.state, lease_id=None)
+            if checks.deltas or checks.earnings:
+                self.verifier.close_batch(conn, checks, now)
             return outcomes, woken
 
         return op
@@ -866,8 +906,10 @@ class JobQueue:
         prep: _Prepared,
         models: set[str] | None,
         now: datetime,
+        verify: tuple[bool, Standing | None, Batch] | None = None,
     ) -> list[str]:
-        """End one job. Every refusal is raised before a row changes."""
+        """End one job. Every refusal is raised before a row changes. `verify`: (whether
+        the worker is contributed, its record, the batch's verification bookkeeping)."""
         job_id = done.job_id
         if job is None:
             raise NotFound.of("job", job_id)
@@ -887,6 +929,10 @@ class JobQueue:
             )
         if prep.refusal is not None:
             raise prep.refusal
+        if verify is not None and not job.confidential:
+            held = self._verify(conn, worker, job, done, prep, now, *verify)
+            if held is not None:
+                return held  # not accepted (yet): no result is written on the job
         if job.confidential:
             ends.set_encrypted_result(
                 conn,
@@ -932,6 +978,72 @@ class JobQueue:
                 pipelines.lock_parent(session, row)  # held already (PostgreSQL) or the db
                 woken += pipelines.step_finished(self, session, row)
         return woken
+
+    def _verify(
+        self,
+        conn: Connection,
+        worker: WorkerRef,
+        job: Locked,
+        done: BatchedCompletion,
+        prep: _Prepared,
+        now: datetime,
+        contributed: bool,
+        standing: Standing | None,
+        checks: Batch,
+    ) -> list[str] | None:
+        """The verification step of a completion (`csml.coordinator.verification`): None
+        when the run is accepted (the caller then ends the job with it, as for any job),
+        else the wake-up keys of a job held for another run (nothing of the run's result
+        is written on the job). An operator worker's run of a job nobody else ran costs
+        nothing here."""
+        if not contributed and job.verify_runs == 0:
+            return None
+        if contributed and (standing is None or standing.contributor_id is None):
+            raise _lease_lost(job.id, "its worker is gone")  # before any row changes
+        succeeded = done.state == JobState.succeeded.value
+        wall = (now - job.started_at).total_seconds() if job.started_at is not None else 0.0
+        digest = run_digest(
+            done.state, done.result, done.error, [(o.name, o.sha256) for o in prep.outputs]
+        )
+        if standing is None:  # an operator run decides: trusted
+            mine = Run(0, worker.id, None, digest, True, wall)
+            pending = verified.pending_runs(conn, job.seq)
+            self.verifier.accept(
+                conn,
+                job.seq,
+                pending,
+                mine,
+                succeeded=succeeded,
+                quarantined=False,
+                now=now,
+                batch=checks,
+            )
+            return None
+        deterministic = job.operation in self._deterministic(job.app)
+        decision, runs = self.verifier.judge(
+            conn, job.seq, standing, digest, wall, deterministic=deterministic, now=now
+        )
+        if decision is Decision.ACCEPT:
+            mine = (
+                runs[-1] if runs else Run(0, worker.id, standing.contributor_id, digest, True, wall)
+            )
+            self.verifier.accept(
+                conn,
+                job.seq,
+                runs,
+                mine,
+                succeeded=succeeded,
+                quarantined=standing.quarantined,
+                now=now,
+                batch=checks,
+            )
+            return None
+        if decision is Decision.TRUSTED:
+            message = "verifying: waiting for a run on one of the operator's workers"
+        else:
+            message = "verifying: waiting for a run on another party's worker to compare"
+        verified.hold(conn, job.seq, message, trusted_only=decision is Decision.TRUSTED)
+        return [owner_change(job.owner_id, job.id), app_key(job.app)]
 
     def _write_inline(self, job: JobRow, outputs_dir: Path, outputs: list[InlineOutput]) -> None:
         """Write a completion's inline outputs (declared names only, each bounded) as an

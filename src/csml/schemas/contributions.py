@@ -59,6 +59,13 @@ class ContributionSettingRequest(BaseModel):
         ge=0,
         description="At most this many live contributed workers (null: no cap; absent: leave).",
     )
+    verification: str | None = Field(
+        None,
+        max_length=32,
+        description="How contributed workers' results are checked: `none`, `replicate:K` "
+        "(2..5) or `spot-check:P` (0 < P <= 1); `default` for the coordinator's default "
+        "(absent: leave as is). See docs/operator-guide/verification.md.",
+    )
 
 
 class ContributionSettingInfo(BaseModel):
@@ -67,3 +74,26 @@ class ContributionSettingInfo(BaseModel):
     max_workers: int | None
     default: bool = Field(description="True when the operator set nothing (CSML_CONTRIBUTIONS).")
     contributed_workers: int = Field(description="Live contributed workers of the app now.")
+    verification: str = Field(
+        "replicate:2", description="The app's verification policy in force (see the request)."
+    )
+    verification_default: bool = Field(
+        True, description="True when the operator set no policy for the app (the default)."
+    )
+
+
+class ContributedWorkerRecord(BaseModel):
+    """A contributed worker's record against accepted results (the operator's view)."""
+
+    id: str
+    app: str
+    agreements: int
+    disagreements: int
+    reputation: int = Field(description="agreements - 10 x disagreements.")
+    probation: bool
+    quarantined_at: datetime | None
+    stopped_at: datetime | None
+
+
+class ContributedWorkerRecords(BaseModel):
+    workers: list[ContributedWorkerRecord]

@@ -44,6 +44,18 @@ class JobSpec(BaseModel):
         None,
         description="End-to-end encrypted job: `params` must be {}, the inputs are ciphertext.",
     )
+    trusted_only: bool = Field(
+        False,
+        description="Run only on the operator's workers (never a contributed one). A "
+        "confidential job already runs only on the workers it was sealed to.",
+    )
+    min_reputation: int | None = Field(
+        None,
+        ge=0,
+        le=1_000_000,
+        description="Run only on operator workers or contributed workers whose reputation "
+        "(agreements minus a penalty per disagreement) is at least this.",
+    )
 
 
 class FileInfo(BaseModel):

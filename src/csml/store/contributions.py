@@ -56,6 +56,7 @@ class Setting:
     app: str
     allowed: bool
     max_workers: int | None
+    verification: str | None = None  # verify: the app's policy (None: the default)
 
 
 def tokens_of(session: Session, contributor_id: str) -> list[ContributedToken]:
@@ -205,21 +206,36 @@ def worker_counts(session: Session, heard_after: datetime) -> dict[str, tuple[in
 
 def setting(session: Session, app: str) -> Setting | None:
     row = session.get(ContributionSetting, app)
-    return None if row is None else Setting(row.app, bool(row.allowed), row.max_workers)
+    if row is None:
+        return None
+    return Setting(row.app, bool(row.allowed), row.max_workers, row.verification)
 
 
 def settings(session: Session) -> list[Setting]:
     rows = session.scalars(select(ContributionSetting).order_by(ContributionSetting.app))
-    return [Setting(r.app, bool(r.allowed), r.max_workers) for r in rows]
+    return [Setting(r.app, bool(r.allowed), r.max_workers, r.verification) for r in rows]
 
 
 def put_setting(
-    session: Session, app: str, allowed: bool, max_workers: int | None, now: datetime
+    session: Session,
+    app: str,
+    allowed: bool,
+    max_workers: int | None,
+    now: datetime,
+    verification: str | None = None,
 ) -> None:
+    """Write `app`'s settings (`verification`: its policy, None for the default)."""
     row = session.get(ContributionSetting, app)
     if row is None:
         session.add(
-            ContributionSetting(app=app, allowed=allowed, max_workers=max_workers, updated_at=now)
+            ContributionSetting(
+                app=app,
+                allowed=allowed,
+                max_workers=max_workers,
+                updated_at=now,
+                verification=verification,
+            )
         )
     else:
         row.allowed, row.max_workers, row.updated_at = allowed, max_workers, now
+        row.verification = verification

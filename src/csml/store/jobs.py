@@ -21,6 +21,7 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,6 +35,7 @@ from csml import ids
 from csml.refusals import Malformed, NotFound
 from csml.store.tables import AppRecord, FairCounter, Job, JobFile, Worker
 from csml.store.tables_confidential import JobConfidential, JobRecipient, WorkerKey
+from csml.store.tables_verification import JobRun
 
 JOBS = cast(Table, Job.__table__)
 FILES = cast(Table, JobFile.__table__)
@@ -43,6 +45,7 @@ APPS = cast(Table, AppRecord.__table__)
 COUNTERS = cast(Table, FairCounter.__table__)
 WORKERS = cast(Table, Worker.__table__)
 WORKER_KEYS = cast(Table, WorkerKey.__table__)
+RUNS = cast(Table, JobRun.__table__)
 
 QUEUED, RUNNING = "queued", "running"
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -102,6 +105,10 @@ class JobRow:
     step_index: int | None
     files: tuple[FileRow, ...] = ()
     confidential: Envelope | None = None
+    # verify (issue 13): see `csml.coordinator.verification`
+    trusted_only: bool = False
+    min_reputation: int | None = None
+    verify_runs: int = 0
 
 
 _ENVELOPE_COLS = (
@@ -372,16 +379,58 @@ def keyed_live_workers(conn: Connection, worker_ids: Sequence[str], app: str) ->
 # -- claims -----------------------------------------------------------------------------
 
 
-def claimable(worker_id: Any, app: Any) -> ColumnElement[bool]:
+@dataclass(frozen=True, slots=True)
+class Claimant:
+    """What a contributed worker's claim is filtered by (`claimable`), from the cached
+    view of the worker (`csml.coordinator.verification.Verifier.claimant`)."""
+
+    contributor_id: str
+    reputation: int
+    quarantined: bool
+    operations: tuple[str, ...] | None  # None: any operation
+
+
+def claimable(
+    worker_id: Any,
+    app: Any,
+    *,
+    contributed: bool = False,
+    quarantined: bool = False,
+    operations: bool = False,
+) -> ColumnElement[bool]:
     """Queued jobs of `app` this worker may take: a confidential job only by the
-    workers its data key was sealed to."""
+    workers its data key was sealed to. An operator worker's claim stops there (today's
+    predicate, whatever the verification policies).
+
+    A contributed worker's (`contributed`; bound parameters `b_party`, its contributor,
+    and `b_reputation`; see `csml.coordinator.verification`) takes no `trusted_only` job,
+    none whose `min_reputation` is above its reputation, and no job being checked that
+    its party already ran; a `quarantined` one only jobs being checked; with
+    `operations`, only the operations bound as `b_ops` (the deterministic ones)."""
     sealed = select(RECIPIENTS.c.job_seq).where(RECIPIENTS.c.job_seq == JOBS.c.seq)
     to_me = sealed.where(RECIPIENTS.c.worker_id == worker_id)
-    return and_(
+    where: list[ColumnElement[bool]] = [
         JOBS.c.app == app,
         JOBS.c.state == QUEUED,
         or_(~sealed.exists(), to_me.exists()),
-    )
+    ]
+    if contributed:
+        ran = select(RUNS.c.id).where(
+            RUNS.c.job_seq == JOBS.c.seq, RUNS.c.contributor_id == bindparam("b_party")
+        )
+        where += [
+            JOBS.c.trusted_only.is_(False),
+            or_(
+                JOBS.c.min_reputation.is_(None),
+                JOBS.c.min_reputation <= bindparam("b_reputation"),
+            ),
+            or_(JOBS.c.verify_runs == 0, ~ran.exists()),
+        ]
+        if quarantined:
+            where.append(JOBS.c.verify_runs > 0)
+        if operations:
+            where.append(JOBS.c.operation.in_(bindparam("b_ops", expanding=True)))
+    return and_(*where)
 
 
 @dataclass(frozen=True, slots=True)
@@ -422,12 +471,44 @@ def leases(conn: Connection, job_ids: Sequence[str]) -> dict[str, Lease]:
     }
 
 
-_HAS_CLAIMABLE = (
-    select(JOBS.c.seq).where(claimable(bindparam("worker_id"), bindparam("app"))).limit(1)
-)
+@functools.cache
+def _has_claimable(contributed: bool, quarantined: bool, operations: bool) -> Any:
+    where = claimable(
+        bindparam("worker_id"),
+        bindparam("app"),
+        contributed=contributed,
+        quarantined=quarantined,
+        operations=operations,
+    )
+    return select(JOBS.c.seq).where(where).limit(1)
 
 
-def has_claimable(conn: Connection, worker_id: str, app: str) -> bool:
-    """Whether a job is waiting for this worker (a read: an empty claim writes nothing)."""
-    params = {"worker_id": worker_id, "app": app}
-    return conn.execute(_HAS_CLAIMABLE, params).first() is not None
+def has_claimable(
+    conn: Connection, worker_id: str, app: str, claimant: Claimant | None = None
+) -> bool:
+    """Whether a job is waiting for this worker (a read: an empty claim writes nothing).
+    `claimant`: a contributed worker's filter (`verification.Claimant`)."""
+    params: dict[str, Any] = {"worker_id": worker_id, "app": app}
+    params.update(claimant_params(claimant))
+    stmt = _has_claimable(*claimant_key(claimant))
+    return conn.execute(stmt, params).first() is not None
+
+
+def claimant_key(claimant: Claimant | None) -> tuple[bool, bool, bool]:
+    """Which variant of the claim predicate a claimant needs (see `claimable`)."""
+    if claimant is None:
+        return (False, False, False)
+    return (True, claimant.quarantined, claimant.operations is not None)
+
+
+def claimant_params(claimant: Claimant | None) -> dict[str, Any]:
+    """The bound parameters of a contributed worker's claim predicate."""
+    if claimant is None:
+        return {}
+    params: dict[str, Any] = {
+        "b_party": claimant.contributor_id,
+        "b_reputation": claimant.reputation,
+    }
+    if claimant.operations is not None:
+        params["b_ops"] = list(claimant.operations)
+    return params

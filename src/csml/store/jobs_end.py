@@ -45,6 +45,8 @@ class Locked:
     parent_seq: int | None
     step_index: int | None
     confidential: bool
+    started_at: datetime | None = None  # verify: a run's wall seconds
+    verify_runs: int = 0  # verify: pending runs (`csml.coordinator.verification`)
 
 
 def _select_locked() -> Select[Any]:
@@ -63,6 +65,8 @@ def _select_locked() -> Select[Any]:
         JOBS.c.parent_seq,
         JOBS.c.step_index,
         sealed.label("confidential"),
+        JOBS.c.started_at,
+        JOBS.c.verify_runs,
     )
 
 

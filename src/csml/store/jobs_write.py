@@ -21,6 +21,7 @@ Ends (completion, cancel, reaping) are in `csml.store.jobs_end`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,8 +52,11 @@ from csml.store.jobs import (
     RECIPIENTS,
     RUNNING,
     WORKERS,
+    Claimant,
     FileRow,
     claimable,
+    claimant_key,
+    claimant_params,
 )
 from csml.store.tables import Job
 
@@ -92,6 +96,8 @@ class NewJob:
     fair_rank: int
     created_at: datetime
     max_attempts: int
+    trusted_only: bool = False  # verify: operator workers only
+    min_reputation: int | None = None  # verify: the least reputation of a contributed worker
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +167,9 @@ def insert_job(
             "max_attempts": job.max_attempts,
             "progress_fraction": 0.0,
             "progress_message": "",
+            "trusted_only": job.trusted_only,
+            "min_reputation": job.min_reputation,
+            "verify_runs": 0,
         },
     ).scalar_one()
     add_files(conn, seq, files)
@@ -260,37 +269,53 @@ _WORKER_LIVE = (
     .where(WORKERS.c.id == bindparam("b_worker"), WORKERS.c.stopped_at.is_(None))
     .exists()
 )
-_HEAD = (
-    select(JOBS.c.seq)
-    .where(claimable(bindparam("b_worker"), bindparam("b_app")), _WORKER_LIVE)
-    .order_by(JOBS.c.fair_rank, JOBS.c.seq)
-    .limit(bindparam("max_jobs"))
-    .with_for_update(skip_locked=True)
-    .scalar_subquery()
-)
-_TAKE = (
-    update(JOBS)
-    .where(JOBS.c.seq.in_(_HEAD))
-    .values(
-        state=RUNNING,
-        worker_id=bindparam("b_worker"),
-        lease_id=bindparam("b_lease"),
-        lease_expires_at=bindparam("b_until"),
-        started_at=bindparam("b_now"),
-        attempts=JOBS.c.attempts + 1,
-        error=None,
+
+
+@functools.cache
+def _take_statement(contributed: bool, quarantined: bool, operations: bool) -> Any:
+    """The claim statement; an operator worker's (all False) is today's, a contributed
+    worker's adds its filters (`claimable`). Built once per variant."""
+    where = claimable(
+        bindparam("b_worker"),
+        bindparam("b_app"),
+        contributed=contributed,
+        quarantined=quarantined,
+        operations=operations,
     )
-    .returning(
-        JOBS.c.seq,
-        JOBS.c.id,
-        JOBS.c.owner_id,
-        JOBS.c.operation,
-        JOBS.c.params,
-        JOBS.c.limits,
-        JOBS.c.attempts,
-        JOBS.c.fair_rank,
+    head = (
+        select(JOBS.c.seq)
+        .where(where, _WORKER_LIVE)
+        .order_by(JOBS.c.fair_rank, JOBS.c.seq)
+        .limit(bindparam("max_jobs"))
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
     )
-)
+    return (
+        update(JOBS)
+        .where(JOBS.c.seq.in_(head))
+        .values(
+            state=RUNNING,
+            worker_id=bindparam("b_worker"),
+            lease_id=bindparam("b_lease"),
+            lease_expires_at=bindparam("b_until"),
+            started_at=bindparam("b_now"),
+            attempts=JOBS.c.attempts + 1,
+            error=None,
+        )
+        .returning(
+            JOBS.c.seq,
+            JOBS.c.id,
+            JOBS.c.owner_id,
+            JOBS.c.operation,
+            JOBS.c.params,
+            JOBS.c.limits,
+            JOBS.c.attempts,
+            JOBS.c.fair_rank,
+        )
+    )
+
+
+_TAKE = _take_statement(False, False, False)
 # The served rank moves up unless another transaction holds the app's row (then that
 # one moves it, or the next claim does): a claim never waits on it.
 _SERVE = (
@@ -329,12 +354,16 @@ def take(
     lease_id: str,
     now: datetime,
     lease_until: datetime,
+    *,
+    claimant: Claimant | None = None,
 ) -> list[Claimed]:
     """Claim up to `max_jobs` of the queue head for this worker (see the invariants), in
     claim order. A worker that has left or whose join token was revoked (`stopped_at`)
-    takes nothing, even in a claim that was already waiting when it was stopped."""
+    takes nothing, even in a claim that was already waiting when it was stopped.
+    `claimant`: a contributed worker's filters (None: an operator worker, today's claim)."""
+    stmt = _TAKE if claimant is None else _take_statement(*claimant_key(claimant))
     rows = conn.execute(
-        _TAKE,
+        stmt,
         {
             "b_worker": worker_id,
             "b_app": app,
@@ -342,6 +371,7 @@ def take(
             "b_lease": lease_id,
             "b_until": lease_until,
             "b_now": now,
+            **claimant_params(claimant),
         },
     ).all()
     if not rows:

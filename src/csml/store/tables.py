@@ -122,6 +122,11 @@ class Worker(Base):
     registered_at: Mapped[datetime]
     last_heartbeat: Mapped[datetime]
     stopped_at: Mapped[datetime | None]
+    # verify: the worker's record against accepted results (`csml.coordinator.verification`)
+    # and when it was quarantined (None: it is not).
+    agreements: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    disagreements: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    quarantined_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class AppRecord(Base):
@@ -159,6 +164,9 @@ class ContributionSetting(Base):
     allowed: Mapped[bool] = mapped_column(Boolean)
     max_workers: Mapped[int | None] = mapped_column(Integer, default=None)
     updated_at: Mapped[datetime]
+    # verify: how contributed workers' results are checked (`none`, `replicate:k`,
+    # `spot-check:p`); None: the default (`csml.coordinator.verification.DEFAULT`).
+    verification: Mapped[str | None] = mapped_column(String(32), default=None)
 
 
 class AppVersion(Base):
@@ -203,6 +211,12 @@ class Job(Base):
         ForeignKey("jobs.seq", ondelete="CASCADE"), default=None
     )
     step_index: Mapped[int | None] = mapped_column(Integer, default=None)
+    # verify: operator workers only (asked by the user, or a check that needs a trusted
+    # run); the least reputation of a contributed worker that may take it; how many runs
+    # of it wait for agreement (`job_runs`; 0: none, a plain job).
+    trusted_only: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    min_reputation: Mapped[int | None] = mapped_column(Integer, default=None)
+    verify_runs: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     files: Mapped[list[JobFile]] = relationship(
         back_populates="job", cascade="all, delete-orphan", lazy="selectin"

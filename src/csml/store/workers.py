@@ -15,7 +15,7 @@ Invariants:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -58,6 +58,12 @@ class WorkerRow:
     registered_at: datetime
     last_heartbeat: datetime
     stopped_at: datetime | None
+    # verify: its record (`csml.coordinator.verification`) and who contributed it (None:
+    # the operator's; read through its join token where the row is made by `worker_by_token`)
+    agreements: int = 0
+    disagreements: int = 0
+    quarantined_at: datetime | None = None
+    contributor_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -98,9 +104,12 @@ _WORKER_COLUMNS = (
     Worker.registered_at,
     Worker.last_heartbeat,
     Worker.stopped_at,
+    Worker.agreements,
+    Worker.disagreements,
+    Worker.quarantined_at,
 )
 _by_token = (
-    select(*_WORKER_COLUMNS, JoinToken.revoked_at)
+    select(*_WORKER_COLUMNS, JoinToken.revoked_at, JoinToken.contributor_id)
     .join(JoinToken, JoinToken.id == Worker.join_token_id)
     .where(Worker.token_hash == bindparam("token_hash"))
 )
@@ -211,7 +220,9 @@ def worker_by_token(conn: Connection, token_hash: str) -> WorkerAuth | None:
     row: Any = conn.execute(_by_token, {"token_hash": token_hash}).first()
     if row is None:
         return None
-    return WorkerAuth(worker=_worker_row(row), revoked_at=row[len(_WORKER_COLUMNS)])
+    n = len(_WORKER_COLUMNS)
+    worker = replace(_worker_row(row), contributor_id=row[n + 1])
+    return WorkerAuth(worker=worker, revoked_at=row[n])
 
 
 def add_worker(
