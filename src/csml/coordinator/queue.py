@@ -68,6 +68,7 @@ from csml.coordinator.notify import Notifier, app_key, job_key, owner_change
 from csml.coordinator.staged_inputs import StagedFile, adopt_input_rows
 from csml.coordinator.verification import Batch, Decision, Verifier, contributor_of
 from csml.coordinator.verification import digest as run_digest
+from csml.coordinator.worker_tokens import CACHE as WORKER_TOKENS
 from csml.refusals import Conflict, Invalid, NotFound, QueueFull, Refusal, TooLarge
 from csml.schemas import (
     ClaimedConfidential,
@@ -795,8 +796,10 @@ class JobQueue:
         op = self._complete_op(worker, batch, prepared, False)
         return self._completed(await self.writer.run_async(op))
 
-    def _completed(self, done: tuple[list[Outcome], list[str]]) -> list[Outcome]:
-        outcomes, woken = done
+    def _completed(self, done: tuple[list[Outcome], list[str], list[str]]) -> list[Outcome]:
+        outcomes, woken, quarantined = done
+        for worker_id in quarantined:  # committed: its next claim is filtered as quarantined
+            WORKER_TOKENS.forget_worker(worker_id)
         for key in [*(job_key(o.job_id) for o in outcomes if o.refusal is None), *woken]:
             self.notifier.notify(key)
         return outcomes
@@ -844,12 +847,12 @@ class JobQueue:
         batch: list[BatchedCompletion],
         prepared: list[_Prepared],
         raise_one: bool,
-    ) -> Callable[[Connection], tuple[list[Outcome], list[str]]]:
+    ) -> Callable[[Connection], tuple[list[Outcome], list[str], list[str]]]:
         wanted = list(dict.fromkeys(d.job_id for d in batch))
         models = self._model_operations(worker.app)
         contributed = contributor_of(worker) is not None
 
-        def op(conn: Connection) -> tuple[list[Outcome], list[str]]:
+        def op(conn: Connection) -> tuple[list[Outcome], list[str], list[str]]:
             locked = ends.lock_to_complete(conn, wanted)
             now = utcnow()
             outcomes: list[Outcome] = []
@@ -879,9 +882,10 @@ class JobQueue:
                     outcomes.append(Outcome(done.job_id, None))
                     ended = locked[done.job_id]  # a repeat in the batch finds it ended
                     locked[done.job_id] = replace(ended, state=done.state, lease_id=None)
+            quarantined: list[str] = []
             if checks.deltas or checks.earnings:
-                self.verifier.close_batch(conn, checks, now)
-            return outcomes, woken
+                quarantined = self.verifier.close_batch(conn, checks, now)
+            return outcomes, woken, quarantined
 
         return op
 

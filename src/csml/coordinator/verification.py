@@ -85,6 +85,7 @@ from typing import Any
 from sqlalchemy.engine import Connection, Engine
 
 from csml import ids
+from csml.coordinator.worker_tokens import CACHE as WORKER_TOKENS
 from csml.refusals import Invalid, Malformed, NotFound
 from csml.schemas.contributions import ContributedWorkerRecord as WorkerStanding
 from csml.store import verification as store
@@ -424,6 +425,7 @@ def lift(engine: Engine, writer: Writer, worker_id: str) -> str:
     full = found[0]
     if not writer.run(lambda conn: store.lift_quarantine(conn, full)):
         raise NotFound("not_quarantined", f"worker {ids.short(full)} is not quarantined")
+    WORKER_TOKENS.forget_worker(full)  # its next claim here sees it lifted
     return full
 
 
