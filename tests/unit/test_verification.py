@@ -5,12 +5,16 @@ held until accepted, reputation, quarantine, the operator's views)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 from sqlalchemy import select
+from typer.testing import CliRunner
 
+import csml.cli.main as cli_main
 from csml.apps.echo import app as echo_app
+from csml.client import CsmlError
 from csml.coordinator.verification import (
     PENALTY,
     Decision,
@@ -27,6 +31,10 @@ from csml.store.jobs import JOBS
 from csml.store.verification import Run
 from tests.unit.conftest import MakeCoordinator
 from tests.unit.inproc import OPERATOR_TOKEN, HttpWorker, InProcessCoordinator
+from tests.unit.test_sdk_cli import cli
+from tests.unit.test_sdk_cli import run as run_cli
+
+__all__ = ["cli"]  # the CLI fixture, shared with test_sdk_cli
 
 OPERATOR = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
 
@@ -348,3 +356,35 @@ def test_an_operator_claim_on_a_plain_job_is_todays_statement(
     assert c.core.queue._claimant(rows[0].worker) is None
     claimant = c.core.queue._claimant(rows[1].worker)
     assert claimant is not None and claimant.operations == ("echo",)  # on probation
+
+
+def test_the_operator_cli_sets_the_policy_lists_records_and_lifts(
+    cli: CliRunner, coordinator: InProcessCoordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    c = coordinator
+    monkeypatch.setenv("CSML_DATA_DIR", str(c.settings.data_dir))
+    monkeypatch.setenv("CSML_DATABASE_URL", str(c.settings.database_url))
+    assert run_cli(cli, "operator", "contributions", "policy", "echo", "replicate:3").strip() == (
+        "echo: verification replicate:3"
+    )
+    refused = cli.invoke(cli_main.app, ["operator", "contributions", "policy", "echo", "twice"])
+    assert isinstance(refused.exception, CsmlError) and "not a policy" in refused.exception.message
+    run_cli(cli, "apps", "contribution", "echo", "--allow")
+    assert run_cli(cli, "operator", "contributions", "policy", "echo", "default").strip() == (
+        "echo: verification replicate:2 (the default)"
+    )
+    bob = c.new_user()
+    liar, operator = contributed(c), c.worker(echo_app)
+    job_id = submit(c, bob.token)
+    [j] = liar.claim()
+    done(liar, j, {"n": 3})
+    [j] = operator.claim()
+    done(operator, j, {"n": 1})
+    assert job_of(c, bob.token, job_id)["result"] == {"n": 1}
+    lines = run_cli(cli, "operator", "contributions", "workers", "--quarantined", "--json")
+    [caught] = [json.loads(line) for line in lines.splitlines()]
+    assert caught["id"] == liar.id and caught["disagreements"] == 1
+    assert "quarantined" in run_cli(cli, "operator", "contributions", "workers")
+    out = run_cli(cli, "operator", "contributions", "lift", liar.id[:12])
+    assert out.startswith(f"lifted the quarantine of {liar.id[:12]}")
+    assert run_cli(cli, "operator", "contributions", "workers", "--quarantined", "--json") == ""

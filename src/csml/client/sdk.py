@@ -194,9 +194,13 @@ class Client:
         confidential: bool = False,
         policy: Policy | str | os.PathLike[str] | None = None,
         allow_unattested: bool = False,
+        trusted_only: bool = False,
+        min_reputation: int | None = None,
     ) -> Job:
         """Submit a job; files stream from disk. With `retry_queue_full`, wait up to that
-        many seconds for room in a full queue.
+        many seconds for room in a full queue. `trusted_only`: run it only on the
+        operator's workers; `min_reputation`: only on operator workers or contributed
+        workers with at least this reputation (see docs/operator-guide/verification.md).
 
         With `confidential`, the job is end-to-end encrypted to the app's workers whose
         attestation passes `policy` (a `Policy`, a TOML path, or by default the app's file
@@ -205,6 +209,10 @@ class Client:
         spec: dict[str, Any] = {"app": app, "operation": operation, "params": params or {}}
         if limits:
             spec["limits"] = limits
+        if trusted_only:
+            spec["trusted_only"] = True
+        if min_reputation is not None:
+            spec["min_reputation"] = min_reputation
         keys: JobKeys | None = None
         accepted: list[WorkerAssessment] = []
 

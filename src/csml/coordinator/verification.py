@@ -80,7 +80,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy.engine import Connection, Engine
 
@@ -92,6 +92,13 @@ from csml.store import verification as store
 from csml.store.jobs import Claimant
 from csml.store.verification import Run, Standing, TrustCounts
 from csml.store.writer import Writer
+
+
+class WriteRunner(Protocol):
+    """Runs a write operation in a transaction (the `Writer`, or the CLI's own)."""
+
+    def run(self, op: Callable[[Connection], bool]) -> bool: ...
+
 
 DEFAULT = "replicate:2"
 """The policy of an app whose operator set none: contributions are off by default, and
@@ -411,7 +418,7 @@ def records(engine: Engine, probation: int, *, quarantined_only: bool) -> list[W
     ]
 
 
-def lift(engine: Engine, writer: Writer, worker_id: str) -> str:
+def lift(engine: Engine, writer: Writer | WriteRunner, worker_id: str) -> str:
     """Lift a contributed worker's quarantine (by id or unique prefix); its full id. Its
     record starts afresh, on probation. NotFound: no such quarantined worker."""
     if not ids.is_id_prefix(worker_id):
