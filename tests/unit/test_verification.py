@@ -202,9 +202,20 @@ def test_replicate_2_holds_a_result_until_another_party_agrees(
     done(b, second, {"n": 1})
     accepted = job_of(c, bob.token, job_id)
     assert accepted["state"] == "succeeded" and accepted["result"] == {"n": 1}
-    assert [r["outcome"] for r in runs_of(c, a.id)] == ["agreed"]
-    assert [(r["outcome"], r["earns"]) for r in runs_of(c, b.id)] == [("accepted", True)]
+    # Both on probation (2 agreements needed here): their credit is held.
+    assert [(r["outcome"], r["credit"]) for r in runs_of(c, a.id)] == [("agreed", "held")]
+    assert [(r["outcome"], r["credit"]) for r in runs_of(c, b.id)] == [("accepted", "held")]
     assert record(c, a.id)["agreements"] == 1 and record(c, b.id)["agreements"] == 1
+    # A second agreement each: out of probation, the held credit is earned.
+    other = submit(c, bob.token, params={"n": 5})
+    [j] = b.claim()
+    done(b, j, {"n": 5})
+    [j] = a.claim()
+    done(a, j, {"n": 5})
+    assert job_of(c, bob.token, other)["result"] == {"n": 5}
+    for w in (a, b):
+        assert [r["credit"] for r in runs_of(c, w.id)] == ["earned", "earned"]
+        assert not record(c, w.id)["probation"]
 
 
 def test_a_liar_is_outvoted_quarantined_and_then_only_rechecks(
@@ -226,8 +237,8 @@ def test_a_liar_is_outvoted_quarantined_and_then_only_rechecks(
     caught = record(c, liar.id)
     assert caught["disagreements"] == 1 and caught["quarantined_at"] is not None
     assert caught["reputation"] == -PENALTY
-    assert [(r["outcome"], r["earns"]) for r in runs_of(c, liar.id)] == [("disagreed", False)]
-    assert [(r["outcome"], r["earns"]) for r in runs_of(c, honest.id)] == [("agreed", True)]
+    assert [(r["outcome"], r["credit"]) for r in runs_of(c, liar.id)] == [("disagreed", None)]
+    assert [(r["outcome"], r["credit"]) for r in runs_of(c, honest.id)] == [("agreed", "held")]
 
     # Quarantined: a plain job is not its to take; a job being checked is, and its run
     # is compared but never decides.
@@ -244,7 +255,9 @@ def test_a_liar_is_outvoted_quarantined_and_then_only_rechecks(
     done(operator, j, {"n": 2})
     assert job_of(c, bob.token, plain)["result"] == {"n": 2}
     assert [r["counts"] for r in runs_of(c, liar.id)] == [True, False]
-    assert not any(r["earns"] for r in runs_of(c, liar.id))
+    assert not any(r["credit"] for r in runs_of(c, liar.id))
+    # The honest one's second agreement ends its probation: both runs earned.
+    assert [r["credit"] for r in runs_of(c, honest.id)] == ["earned", "earned"]
 
     listed = c.http.get("/v1/operator/contributions/workers?quarantined=true", headers=OPERATOR)
     assert [w["id"] for w in listed.json()["workers"]] == [liar.id]

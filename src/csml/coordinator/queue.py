@@ -1018,7 +1018,7 @@ class JobQueue:
                 pending,
                 mine,
                 succeeded=succeeded,
-                quarantined=False,
+                standing=None,
                 now=now,
                 batch=checks,
             )
@@ -1037,7 +1037,7 @@ class JobQueue:
                 runs,
                 mine,
                 succeeded=succeeded,
-                quarantined=standing.quarantined,
+                standing=standing,
                 now=now,
                 batch=checks,
             )

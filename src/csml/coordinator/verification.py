@@ -220,12 +220,13 @@ def decide(
 
 @dataclass(frozen=True)
 class Earning:
-    """A run whose contributor earns credit (see `accept`)."""
+    """A run whose contributor earns credit now (see `accept` and `close_batch`)."""
 
     job_seq: int
     worker_id: str
     contributor_id: str
     wall_seconds: float
+    run_id: int | None = None  # None: a run taken as it is (not recorded)
 
 
 @dataclass
@@ -234,7 +235,8 @@ class Batch:
     worker-id order, once) and the earnings decided."""
 
     deltas: dict[str, tuple[int, int]] = field(default_factory=dict)
-    earnings: list[Earning] = field(default_factory=list)
+    earnings: list[Earning] = field(default_factory=list)  # earned now, before quarantines
+    credited: list[Earning] = field(default_factory=list)  # what `close_batch` credited
 
     def count(self, worker_id: str, agreed: bool) -> None:
         a, d = self.deltas.get(worker_id, (0, 0))
@@ -340,6 +342,14 @@ class Verifier:
         store.add_run(conn, seq, run, now)
         return decision, pending
 
+    def credit_of(self, agreements: int, quarantined: bool) -> str | None:
+        """What an agreeing run of a succeeded job earns for its contributor: nothing from
+        a quarantined worker; held while the worker is on probation (earned when it
+        leaves probation, forfeit if it is quarantined first); else earned now."""
+        if quarantined:
+            return None
+        return "held" if self.on_probation(agreements) else "earned"
+
     def accept(
         self,
         conn: Connection,
@@ -348,52 +358,79 @@ class Verifier:
         accepted: Run,
         *,
         succeeded: bool,
-        quarantined: bool,
+        standing: Standing | None,
         now: datetime,
         batch: Batch,
     ) -> None:
         """THE acceptance point: job `seq` ends with `accepted`'s result (the caller writes
-        it). Every pending run of `runs` is settled against it; `accepted` is recorded
-        when the job was verified; reputations move (applied at the batch's end); and each
-        agreeing run of a contributed, non-quarantined worker of a succeeded job earns."""
-        outcomes: list[tuple[int, str, bool]] = []
-        for r in runs:
-            if r is accepted:
-                continue
+        it; `standing`: its worker's record, None for an operator worker). Every pending
+        run of `runs` is settled against it; `accepted` is recorded when the job was
+        verified; reputations move (applied once, at the batch's end, `close_batch`); and
+        each agreeing run of a contributed, non-quarantined worker of a succeeded job
+        earns (`credit_of`; credited in `close_batch`)."""
+        others = [r for r in runs if r is not accepted]
+        contributed = sorted({r.worker_id for r in others if r.contributor_id is not None})
+        records = store.records_of(conn, contributed) if contributed else {}
+        outcomes: list[tuple[int, str, str | None]] = []
+        for r in others:
             agreed = r.digest == accepted.digest
-            earns = succeeded and agreed and r.counts and r.contributor_id is not None
-            outcomes.append((r.id, "agreed" if agreed else "disagreed", earns))
-            batch.count(r.worker_id, agreed)
-            if earns:
-                assert r.contributor_id is not None
-                batch.earnings.append(Earning(seq, r.worker_id, r.contributor_id, r.wall_seconds))
+            credit: str | None = None
+            if succeeded and agreed and r.counts and r.contributor_id is not None:
+                agreements, quarantined = records.get(r.worker_id, (0, True))
+                credit = self.credit_of(agreements, quarantined)
+                if credit == "earned":
+                    batch.earnings.append(
+                        Earning(seq, r.worker_id, r.contributor_id, r.wall_seconds, r.id)
+                    )
+            outcomes.append((r.id, "agreed" if agreed else "disagreed", credit))
+            if r.contributor_id is not None:
+                batch.count(r.worker_id, agreed)
         store.settle(conn, outcomes)
-        mine = succeeded and accepted.contributor_id is not None and not quarantined
+        mine: str | None = None
+        if succeeded and accepted.contributor_id is not None and standing is not None:
+            mine = self.credit_of(standing.agreements, standing.quarantined)
+        run_id: int | None = None
         if runs:  # a verified job: its accepting run is on record too
-            store.add_run(conn, seq, accepted, now, outcome="accepted", earns=mine)
+            run_id = store.add_run(conn, seq, accepted, now, outcome="accepted", credit=mine)
             if accepted.contributor_id is not None:
                 batch.count(accepted.worker_id, True)
-        if mine:
+        if mine == "earned":
             assert accepted.contributor_id is not None
             batch.earnings.append(
-                Earning(seq, accepted.worker_id, accepted.contributor_id, accepted.wall_seconds)
+                Earning(
+                    seq, accepted.worker_id, accepted.contributor_id, accepted.wall_seconds, run_id
+                )
             )
 
     def close_batch(self, conn: Connection, batch: Batch, now: datetime) -> list[str]:
         """End of a completion batch's transaction: apply the reputation deltas (workers
-        quarantined now stop counting) and credit the earnings. Returns the quarantined."""
-        quarantined = (
-            store.apply_reputation(conn, batch.deltas, now, PENALTY) if batch.deltas else []
-        )
-        for earning in batch.earnings:
-            if earning.worker_id in quarantined:
-                continue  # caught in this very batch: its contributor earns nothing from it
+        quarantined now stop counting and forfeit their held and this batch's credit;
+        workers leaving probation now have their held credit released) and credit what
+        was earned. Returns the workers quarantined now."""
+        after = store.apply_reputation(conn, batch.deltas, now, PENALTY) if batch.deltas else {}
+        caught = [w for w, r in after.items() if r.quarantined_now]
+        if caught:
+            store.forfeit(conn, caught, [e.run_id for e in batch.earnings if e.run_id is not None])
+        earned = [
+            e
+            for e in batch.earnings
+            if not (e.worker_id in after and after[e.worker_id].quarantined)
+        ]
+        for worker_id, rep in after.items():
+            before = rep.agreements - batch.deltas[worker_id][0]
+            if not rep.quarantined and before < self.probation <= rep.agreements:
+                earned += [
+                    Earning(h.job_seq, h.worker_id, h.contributor_id, h.wall_seconds, h.run_id)
+                    for h in store.release_held(conn, worker_id)
+                ]
+        for earning in earned:
             # credit: earn here -- csml.store.credit.earn(conn, identity=earning.contributor_id,
             # job_seq=earning.job_seq, worker_id=earning.worker_id,
-            # wall_seconds=earning.wall_seconds, ...) for each accepted, agreeing run of a
-            # contributed, non-quarantined worker (the credit piece adds the call).
-            pass
-        return quarantined
+            # wall_seconds=earning.wall_seconds, ...): once for each accepted, agreeing run
+            # of a contributed, non-quarantined worker out of probation (the credit piece
+            # adds the call; `Earning` carries what it needs, the app via the job).
+            batch.credited.append(earning)
+        return caught
 
 
 # -- the operator's views ---------------------------------------------------------------

@@ -35,7 +35,9 @@ class JobRun(Base):
     at: Mapped[datetime]
     # None while pending; then "accepted" (its result is the job's), "agreed", "disagreed".
     outcome: Mapped[str | None] = mapped_column(String(16), default=None)
-    # Whether its contributor earns credit for it (decided at acceptance).
-    earns: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Credit for its contributor: None (none: not agreeing, failed job, quarantined),
+    # "held" (agreed while its worker was on probation: earned when it leaves probation),
+    # "earned", "forfeit" (held, or earned in the batch that quarantined its worker).
+    credit: Mapped[str | None] = mapped_column(String(8), default=None)
 
     __table_args__ = (Index("ix_job_runs_job", "job_seq", "contributor_id"),)

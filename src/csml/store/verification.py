@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, and_, bindparam, case, func, insert, select, update
+from sqlalchemy import Table, and_, bindparam, case, func, insert, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
@@ -127,7 +127,7 @@ def add_run(
     now: datetime,
     *,
     outcome: str | None = None,
-    earns: bool = False,
+    credit: str | None = None,
 ) -> int:
     """Record a run (pending unless `outcome`); its id."""
     return int(
@@ -142,7 +142,7 @@ def add_run(
                 "wall_seconds": run.wall_seconds,
                 "at": now,
                 "outcome": outcome,
-                "earns": earns,
+                "credit": credit,
             },
         ).scalar_one()
     )
@@ -151,14 +151,70 @@ def add_run(
 _SETTLE = (
     update(RUNS)
     .where(RUNS.c.id == bindparam("run_id"))
-    .values(outcome=bindparam("b_outcome"), earns=bindparam("b_earns"))
+    .values(outcome=bindparam("b_outcome"), credit=bindparam("b_credit"))
 )
 
 
-def settle(conn: Connection, outcomes: Sequence[tuple[int, str, bool]]) -> None:
-    """Give pending runs their outcome: (run id, "agreed"|"disagreed", earns)."""
+def settle(conn: Connection, outcomes: Sequence[tuple[int, str, str | None]]) -> None:
+    """Give pending runs their outcome: (run id, "agreed"|"disagreed", credit)."""
     if outcomes:
-        conn.execute(_SETTLE, [{"run_id": i, "b_outcome": o, "b_earns": e} for i, o, e in outcomes])
+        conn.execute(
+            _SETTLE, [{"run_id": i, "b_outcome": o, "b_credit": c} for i, o, c in outcomes]
+        )
+
+
+_RECORDS = select(WORKERS.c.id, WORKERS.c.agreements, WORKERS.c.quarantined_at).where(
+    WORKERS.c.id.in_(bindparam("ids", expanding=True))
+)
+
+
+def records_of(conn: Connection, worker_ids: Sequence[str]) -> dict[str, tuple[int, bool]]:
+    """(agreements, quarantined) of these workers, by id (gone ones are left out)."""
+    rows = conn.execute(_RECORDS, {"ids": list(worker_ids)})
+    return {r.id: (int(r.agreements), r.quarantined_at is not None) for r in rows}
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """A run whose credit was held while its worker was on probation, now released."""
+
+    run_id: int
+    job_seq: int
+    worker_id: str
+    contributor_id: str
+    wall_seconds: float
+
+
+_RELEASE = (
+    update(RUNS)
+    .where(RUNS.c.worker_id == bindparam("b_worker"), RUNS.c.credit == "held")
+    .values(credit="earned")
+    .returning(
+        RUNS.c.id, RUNS.c.job_seq, RUNS.c.worker_id, RUNS.c.contributor_id, RUNS.c.wall_seconds
+    )
+)
+
+
+def release_held(conn: Connection, worker_id: str) -> list[Held]:
+    """The worker left probation: its held credit is earned now."""
+    return [
+        Held(int(r.id), int(r.job_seq), r.worker_id, r.contributor_id, float(r.wall_seconds))
+        for r in conn.execute(_RELEASE, {"b_worker": worker_id})
+        if r.contributor_id is not None
+    ]
+
+
+def forfeit(conn: Connection, worker_ids: Sequence[str], run_ids: Sequence[int]) -> None:
+    """Workers quarantined now: their held credit, and what `run_ids` (this batch) would
+    have earned, is forfeit."""
+    conn.execute(
+        update(RUNS)
+        .where(
+            RUNS.c.worker_id.in_(list(worker_ids)),
+            or_(RUNS.c.credit == "held", RUNS.c.id.in_(list(run_ids) or [-1])),
+        )
+        .values(credit="forfeit")
+    )
 
 
 _HOLD = (
@@ -200,7 +256,7 @@ def _reputation_update(penalty: int) -> Any:
             disagreements=disagreements,
             quarantined_at=case((caught, bindparam("b_now")), else_=WORKERS.c.quarantined_at),
         )
-        .returning(WORKERS.c.id, WORKERS.c.quarantined_at)
+        .returning(WORKERS.c.id, WORKERS.c.agreements, WORKERS.c.quarantined_at)
     )
 
 
@@ -211,25 +267,38 @@ _VOID = (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class Reputation:
+    """A worker's record after a batch's changes."""
+
+    agreements: int
+    quarantined: bool
+    quarantined_now: bool
+
+
 def apply_reputation(
     conn: Connection, deltas: Mapping[str, tuple[int, int]], now: datetime, penalty: int
-) -> list[str]:
+) -> dict[str, Reputation]:
     """Add (agreements, disagreements) to each worker, in worker-id order; a worker whose
     reputation (agreements - penalty x disagreements) falls below 0 by a disagreement is
-    quarantined now, and its pending runs stop counting. Returns the quarantined ones."""
+    quarantined now, and its pending runs stop counting. Each worker's record after."""
     stmt = _reputation_update(penalty)
-    quarantined: list[str] = []
+    after: dict[str, Reputation] = {}
     for worker_id in sorted(deltas):
         agree, disagree = deltas[worker_id]
         row = conn.execute(
             stmt,
             {"worker_id": worker_id, "b_agree": agree, "b_disagree": disagree, "b_now": now},
         ).first()
-        if row is not None and disagree and row.quarantined_at is not None:
-            quarantined.append(worker_id)
-    if quarantined:
-        conn.execute(_VOID, {"workers": quarantined})
-    return quarantined
+        if row is None:
+            continue  # gone (its identity erased)
+        quarantined = row.quarantined_at is not None
+        now_caught = quarantined and disagree > 0 and row.quarantined_at == now
+        after[worker_id] = Reputation(int(row.agreements), quarantined, now_caught)
+    caught = [w for w, r in after.items() if r.quarantined_now]
+    if caught:
+        conn.execute(_VOID, {"workers": caught})
+    return after
 
 
 # -- the operator's policy, lists and counts ---------------------------------------------
@@ -368,7 +437,7 @@ def runs_of_worker(conn: Connection, worker_id: str) -> list[dict[str, Any]]:
     """Every run a worker made, oldest first (for the operator and the tests)."""
     rows = conn.execute(
         select(
-            RUNS.c.job_seq, RUNS.c.digest, RUNS.c.counts, RUNS.c.outcome, RUNS.c.earns, RUNS.c.at
+            RUNS.c.job_seq, RUNS.c.digest, RUNS.c.counts, RUNS.c.outcome, RUNS.c.credit, RUNS.c.at
         )
         .where(RUNS.c.worker_id == worker_id)
         .order_by(RUNS.c.id)

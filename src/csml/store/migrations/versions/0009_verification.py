@@ -48,7 +48,7 @@ def upgrade() -> None:
         sa.Column("wall_seconds", sa.Float(), nullable=False),
         sa.Column("at", UTCDateTime(timezone=True), nullable=False),
         sa.Column("outcome", sa.String(16), nullable=True),
-        sa.Column("earns", sa.Boolean(), nullable=False),
+        sa.Column("credit", sa.String(8), nullable=True),
         sa.ForeignKeyConstraint(["job_seq"], ["jobs.seq"], ondelete="CASCADE"),
         sa.ForeignKeyConstraint(["contributor_id"], ["identities.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("id"),
