@@ -93,6 +93,7 @@ from csml.store import jobs_end as ends
 from csml.store import jobs_write as writes
 from csml.store import verification as verified
 from csml.store.blobs import BlobStore, fsync_paths
+from csml.store.db import is_conflict
 from csml.store.jobs import Claimant, Envelope, FileRow, JobRow
 from csml.store.jobs_end import Locked
 from csml.store.jobs_write import Claimed, NewJob, Sealing, orm_job, orm_session
@@ -109,6 +110,10 @@ TERMINAL = (JobState.succeeded.value, JobState.failed.value, JobState.cancelled.
 INLINE_CLAIM_BYTES = 1 << 20  # inline inputs per claim answer, in all
 DEPTH_CACHE_SECONDS = 1.0  # how long a coordinator trusts its count of an app's queue
 DEPTH_MARGIN = 64  # below capacity by more than max(this, capacity / 10): no exact count
+# A completion batch now also updates workers' records (verification): on PostgreSQL two
+# lanes' open batches may deadlock on those rows; the victim op was rolled back alone
+# (its savepoint) and runs again, at most this many times in all.
+CONFLICT_RETRIES = 3
 
 
 class WorkerRef(Protocol):
@@ -783,7 +788,14 @@ class JobQueue:
         lease; a refused one (lease lost: exactly one result is kept) does not stop the
         others. `raise_one`: raise the first refusal."""
         op = self._complete_op(worker, batch, self._prepare(worker, batch), raise_one)
-        return self._completed(self.writer.run(op))
+        for attempt in range(1, CONFLICT_RETRIES + 1):
+            try:
+                return self._completed(self.writer.run(op))
+            except Exception as exc:
+                if attempt == CONFLICT_RETRIES or not is_conflict(exc):
+                    raise
+                log.info("a completion batch met a deadlock; running it again")
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def complete_many_async(
         self, worker: WorkerRef, batch: list[BatchedCompletion]
@@ -794,7 +806,14 @@ class JobQueue:
         else:
             prepared = self._prepare(worker, batch)  # a glob per job, no writes
         op = self._complete_op(worker, batch, prepared, False)
-        return self._completed(await self.writer.run_async(op))
+        for attempt in range(1, CONFLICT_RETRIES + 1):
+            try:
+                return self._completed(await self.writer.run_async(op))
+            except Exception as exc:
+                if attempt == CONFLICT_RETRIES or not is_conflict(exc):
+                    raise
+                log.info("a completion batch met a deadlock; running it again")
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _completed(self, done: tuple[list[Outcome], list[str], list[str]]) -> list[Outcome]:
         outcomes, woken, quarantined = done
