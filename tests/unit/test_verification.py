@@ -290,8 +290,13 @@ def test_trusted_only_and_min_reputation_keep_jobs_from_contributed_workers(
     trusted = submit(c, bob.token, trusted_only=True)
     picky = submit(c, bob.token, min_reputation=1)
     assert w.claim() == []
+    assert job_of(c, bob.token, trusted)["trusted_only"] is True
+    assert job_of(c, bob.token, picky)["min_reputation"] == 1
+    by_sdk = bob.submit("echo", "echo", params={"n": 2}, trusted_only=True, min_reputation=3)
+    assert (by_sdk.data.trusted_only, by_sdk.data.min_reputation) == (True, 3)
+    assert w.claim() == []
     operator = c.worker(echo_app)
-    assert sorted(operator.claim_ids(2)) == sorted([trusted, picky])
+    assert sorted(operator.claim_ids(3)) == sorted([trusted, picky, by_sdk.id])
     bad = c.http.post(
         "/v1/jobs",
         json={"app": "echo", "operation": "echo", "min_reputation": -1},

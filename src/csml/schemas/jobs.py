@@ -107,6 +107,14 @@ class Job(BaseModel):
     steps: list[StepStatus] | None = Field(
         None, description="Pipelines only: each step with its state and job id."
     )
+    trusted_only: bool = Field(
+        False,
+        description="Runs only on the operator's workers (asked at submission, or while a "
+        "contributed worker's result waits for a trusted run to check it).",
+    )
+    min_reputation: int | None = Field(
+        None, description="The least reputation of a contributed worker that may run it."
+    )
     confidential: bool = False
     encrypted_result: EncryptedResult | None = Field(
         None, description="A confidential job's result (or error), for its client only."
