@@ -304,6 +304,17 @@ def test_confidential_toggle_says_what_the_workers_prove(joined: Any) -> None:
     assert page.get_by_role("button", name="Submit job").is_enabled()
 
 
+def test_operator_workers_only_is_sent_with_the_job(joined: Any, web_cluster: Cluster) -> None:
+    page = joined()
+    choose(page, "echo", "echo")
+    words = page.locator("#trusted-words").inner_text()
+    assert "no contributed worker serves this app now" in words
+    page.get_by_label("Operator's workers only").check()
+    job_id = submit_job(page)
+    job = Client(web_cluster.url, token_of(page)).job(job_id)
+    assert job.data.trusted_only is True
+
+
 def test_training_metrics_are_plotted_per_epoch(
     joined: Any, web_cluster: Cluster, tmp_path: Path
 ) -> None:
