@@ -406,3 +406,82 @@ def test_the_operator_cli_sets_the_policy_lists_records_and_lifts(
     out = run_cli(cli, "operator", "contributions", "lift", liar.id[:12])
     assert out.startswith(f"lifted the quarantine of {liar.id[:12]}")
     assert run_cli(cli, "operator", "contributions", "workers", "--quarantined", "--json") == ""
+
+
+def test_erasing_an_owner_or_a_contributor_takes_their_runs(
+    open_coordinator: InProcessCoordinator,
+) -> None:
+    c = open_coordinator
+    bob = c.new_user()
+    a = contributed(c)
+    held = submit(c, bob.token)
+    [j] = a.claim()
+    done(a, j, {"n": 1})
+    assert len(runs_of(c, a.id)) == 1
+    bob.delete_identity()  # the owner: the job and its runs go
+    assert runs_of(c, a.id) == []
+    carol, dave = c.new_user(), c.new_user()
+    r = c.http.post(
+        "/v1/workers",
+        json={"app": echo_app.manifest().model_dump(mode="json"), "slots": 2, "sandbox": "none"},
+        headers={"Authorization": f"Bearer {dave.contribute('echo').token}"},
+    )
+    assert r.status_code == 201, r.text
+    b = HttpWorker(c.http, echo_app, WorkerRegistered.model_validate(r.json()))
+    other = submit(c, carol.token)
+    [j] = b.claim()
+    done(b, j, {"n": 1})
+    assert len(runs_of(c, b.id)) == 1
+    dave.delete_identity()  # the contributor: its worker and runs go, the job waits on
+    assert runs_of(c, b.id) == []
+    assert job_of(c, carol.token, other)["state"] == "queued"
+    operator = c.worker(echo_app)
+    [j] = operator.claim()
+    done(operator, j, {"n": 1})
+    assert job_of(c, carol.token, other)["result"] == {"n": 1}
+    assert held != other
+
+
+def test_the_migration_adds_its_columns_in_place_and_goes_back(tmp_path: Any) -> None:
+    """0009 on SQLite adds columns to workers, jobs and contribution_settings in place (no
+    batch copy: rows referencing them stay), and its downgrade drops them again."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import inspect, text
+
+    from csml.store.db import MIGRATIONS, make_engine, sqlite_url
+
+    engine = make_engine(sqlite_url(tmp_path))
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    stamp = "'2026-01-01 00:00:00'"
+    with engine.connect() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0007_contributions")
+        conn.execute(
+            text(
+                "INSERT INTO join_tokens (id, token_hash, label, created_at, may_publish) "
+                f"VALUES ('t', 'th', '', {stamp}, 0)"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO workers (id, token_hash, join_token_id, app, slots, sandbox, "
+                f"registered_at, last_heartbeat) VALUES ('w', 'wh', 't', 'echo', 1, '', "
+                f"{stamp}, {stamp})"
+            )
+        )
+        conn.commit()
+        command.upgrade(cfg, "0009_verification")
+        conn.commit()
+        row = conn.execute(
+            text("SELECT agreements, disagreements, quarantined_at FROM workers")
+        ).one()
+        assert tuple(row) == (0, 0, None)
+        assert "job_runs" in inspect(conn).get_table_names()
+        command.downgrade(cfg, "0007_contributions")
+        conn.commit()
+        columns = {c["name"] for c in inspect(conn).get_columns("workers")}
+        assert "agreements" not in columns and "job_runs" not in inspect(conn).get_table_names()
+        assert conn.execute(text("SELECT id FROM workers")).scalars().all() == ["w"]
+    engine.dispose()
