@@ -485,3 +485,22 @@ def test_the_migration_adds_its_columns_in_place_and_goes_back(tmp_path: Any) ->
         assert "agreements" not in columns and "job_runs" not in inspect(conn).get_table_names()
         assert conn.execute(text("SELECT id FROM workers")).scalars().all() == ["w"]
     engine.dispose()
+
+
+def test_a_failure_is_compared_but_costs_no_reputation(
+    open_coordinator: InProcessCoordinator,
+) -> None:
+    c = open_coordinator
+    bob = c.new_user()
+    flaky, operator = contributed(c), c.worker(echo_app)
+    job_id = submit(c, bob.token)
+    [j] = flaky.claim()
+    assert flaky.complete(j, state="failed", error="out of memory").status_code == 204
+    assert job_of(c, bob.token, job_id)["state"] == "queued"  # a failure is checked too
+    [j] = operator.claim()
+    done(operator, j, {"n": 1})
+    assert job_of(c, bob.token, job_id)["result"] == {"n": 1}
+    mine = record(c, flaky.id)
+    assert (mine["disagreements"], mine["quarantined_at"]) == (0, None)
+    assert [(r["outcome"], r["credit"]) for r in runs_of(c, flaky.id)] == [("disagreed", None)]
+    assert digest("failed", None, "x", []).startswith("failed:")

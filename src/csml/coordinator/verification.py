@@ -23,7 +23,8 @@ Digest of a run: sha256 of the canonical JSON (sorted keys, no spaces) of {state
 error, outputs: sorted [name, sha256]}; the outputs' sha256 are the coordinator's own (it
 hashes what it stores). Two runs agree when their digests are equal.
 
-Reputation (per worker): agreements and disagreements with accepted results;
+Reputation (per worker): agreements and disagreements with accepted results (of
+succeeded runs only: a failed run, or an accepted failure, moves no reputation);
 `reputation = agreements - PENALTY x disagreements`. A contributed worker is on
 probation while it has fewer than `probation` agreements: every result of its is
 verified whatever the policy (at least two parties agree, or an operator run; under
@@ -159,7 +160,8 @@ def parse(text: str, field_name: str = "policy") -> Policy:
 def digest(
     state: str, result: dict[str, Any] | None, error: str | None, outputs: Sequence[tuple[str, str]]
 ) -> str:
-    """What two runs must share to agree (see the module docstring)."""
+    """What two runs must share to agree (see the module docstring). A failed run's digest
+    is marked `failed:` (failures are compared, never held against a worker)."""
     body = {
         "state": state,
         "result": result,
@@ -167,7 +169,20 @@ def digest(
         "outputs": sorted([name, sha] for name, sha in outputs),
     }
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode()).hexdigest()
+    hexdigest = hashlib.sha256(text.encode()).hexdigest()
+    return hexdigest if state == "succeeded" else f"{FAILED}{hexdigest}"
+
+
+FAILED = "failed:"
+"""Prefix of a failed run's digest."""
+
+
+def judged(accepted: str, run: str) -> bool:
+    """Whether `run` counts for or against its worker's reputation, given the accepted
+    digest: only when both succeeded. A failure (a time or memory limit on a smaller
+    machine, a lost worker) is no lie: it never costs reputation, and an accepted failure
+    judges nobody; it never earns either."""
+    return not accepted.startswith(FAILED) and not run.startswith(FAILED)
 
 
 class Decision(Enum):
@@ -383,7 +398,7 @@ class Verifier:
                         Earning(seq, r.worker_id, r.contributor_id, r.wall_seconds, r.id)
                     )
             outcomes.append((r.id, "agreed" if agreed else "disagreed", credit))
-            if r.contributor_id is not None:
+            if r.contributor_id is not None and judged(accepted.digest, r.digest):
                 batch.count(r.worker_id, agreed)
         store.settle(conn, outcomes)
         mine: str | None = None
@@ -392,7 +407,7 @@ class Verifier:
         run_id: int | None = None
         if runs:  # a verified job: its accepting run is on record too
             run_id = store.add_run(conn, seq, accepted, now, outcome="accepted", credit=mine)
-            if accepted.contributor_id is not None:
+            if accepted.contributor_id is not None and judged(accepted.digest, accepted.digest):
                 batch.count(accepted.worker_id, True)
         if mine == "earned":
             assert accepted.contributor_id is not None
