@@ -504,3 +504,34 @@ def test_a_failure_is_compared_but_costs_no_reputation(
     assert (mine["disagreements"], mine["quarantined_at"]) == (0, None)
     assert [(r["outcome"], r["credit"]) for r in runs_of(c, flaky.id)] == [("disagreed", None)]
     assert digest("failed", None, "x", []).startswith("failed:")
+
+
+def test_a_caught_workers_token_joins_quarantined(open_coordinator: InProcessCoordinator) -> None:
+    """Restarting a quarantined worker (same join token) does not clear its record."""
+    c = open_coordinator
+    bob, mallory = c.new_user(), c.new_user()
+    token = mallory.contribute("echo").token
+
+    def join() -> HttpWorker:
+        r = c.http.post(
+            "/v1/workers",
+            json={"app": echo_app.manifest().model_dump(mode="json"), "slots": 1, "sandbox": ""},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        assert r.status_code == 201, r.text
+        return HttpWorker(c.http, echo_app, WorkerRegistered.model_validate(r.json()))
+
+    liar, operator = join(), c.worker(echo_app)
+    fresh = join()  # joined before it was caught: not quarantined
+    job_id = submit(c, bob.token)
+    [j] = liar.claim()
+    done(liar, j, {"n": 13})
+    [j] = operator.claim()
+    done(operator, j, {"n": 1})
+    assert record(c, liar.id)["quarantined_at"] is not None
+    assert record(c, fresh.id)["quarantined_at"] is None
+    again = join()
+    assert record(c, again.id)["quarantined_at"] is not None
+    submit(c, bob.token, params={"n": 2})
+    assert again.claim() == []  # a plain job is not a quarantined worker's
+    assert job_of(c, bob.token, job_id)["result"] == {"n": 1}

@@ -235,8 +235,10 @@ def add_worker(
     slots: int,
     sandbox: str,
     now: datetime,
+    quarantined_at: datetime | None = None,
 ) -> str:
-    """Add a joining worker's row (live from `now`); its id."""
+    """Add a joining worker's row (live from `now`; `quarantined_at`: quarantined from the
+    start, see `quarantined_under`); its id."""
     worker = Worker(
         id=ids.new_id(),
         token_hash=token_hash,
@@ -247,9 +249,22 @@ def add_worker(
         sandbox=sandbox,
         registered_at=now,
         last_heartbeat=now,
+        quarantined_at=quarantined_at,
     )
     session.add(worker)
     return worker.id
+
+
+def quarantined_under(session: Session, join_token_id: str) -> bool:
+    """Whether a worker that joined with this token is quarantined (verification): a
+    contributed worker registering again with it starts quarantined, so restarting a
+    caught worker does not clear its record (the operator lifts quarantines)."""
+    found = session.scalar(
+        select(Worker.id)
+        .where(Worker.join_token_id == join_token_id, Worker.quarantined_at.is_not(None))
+        .limit(1)
+    )
+    return found is not None
 
 
 def add_worker_key(
