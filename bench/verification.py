@@ -137,7 +137,9 @@ def part_catch(root: Path, work: float, max_jobs: int = 600) -> dict[str, Any]:
             "seconds": round((caught_at - started).total_seconds(), 2),
             "jobs_submitted_before": sum(1 for when, _ in sent if when < caught_at),
             "liar_runs_before": len(runs),
-            "liar_first_lie_at_run": next(
+            # Of its runs by then, the first one found wrong (a lie still waiting for its
+            # comparison when the quarantine came shows no outcome yet).
+            "liar_first_disagreement_at_run": next(
                 (i + 1 for i, r in enumerate(runs) if r["outcome"] == "disagreed"), None
             ),
             "load": before,
@@ -145,7 +147,8 @@ def part_catch(root: Path, work: float, max_jobs: int = 600) -> dict[str, Any]:
         print(
             f"  caught {out['seconds']} s after the stream began, "
             f"{out['jobs_submitted_before']} jobs submitted by then; the liar's runs by then "
-            f"{out['liar_runs_before']}, its first lie at run {out['liar_first_lie_at_run']}"
+            f"{out['liar_runs_before']}, the first found wrong: run "
+            f"{out['liar_first_disagreement_at_run']}"
             f"   (load {before})",
             flush=True,
         )
