@@ -57,6 +57,8 @@ OPERATOR = {
     ("put", "/v1/operator/contributions/{app}"),
     ("delete", "/v1/operator/contributions/tokens/{token_id}"),
     ("get", "/v1/operator/credit"),
+    ("get", "/v1/operator/contributions/workers"),
+    ("delete", "/v1/operator/contributions/workers/{worker_id}/quarantine"),
 }
 OPERATOR_TOKEN = "csmlop_matrix-operator-token"
 WORKER = {
@@ -202,7 +204,9 @@ def test_operator_routes(cluster: Cluster, tmp_path: Any) -> None:
     user = cluster.new_user()
     for method, template in sorted(OPERATOR):
         for headers in ({}, bearer(OPERATOR_TOKEN), bearer(user.token or "")):
-            r = call(cluster, method, template, headers, token_id="0" * 64, app="echo")
+            r = call(
+                cluster, method, template, headers, token_id="0" * 64, app="echo", worker_id="0"
+            )
             assert r.status_code == 403, (method, template, r.status_code)
     with running_cluster(tmp_path / "c", {"CSML_OPERATOR_TOKEN": OPERATOR_TOKEN}) as op_cluster:
         user = op_cluster.new_user()
@@ -218,18 +222,30 @@ def test_operator_routes(cluster: Cluster, tmp_path: Any) -> None:
         )
         for method, template in sorted(OPERATOR):
             for headers in callers:
-                r = call(op_cluster, method, template, headers, token_id=token_id, app="echo")
+                r = call(
+                    op_cluster,
+                    method,
+                    template,
+                    headers,
+                    token_id=token_id,
+                    app="echo",
+                    worker_id=worker["worker_id"],
+                )
                 assert r.status_code == 401, (method, template, headers, r.status_code)
                 assert r.json()["error"]["code"] == "unauthorized"
         # The operator token works, and the user and worker tokens were not spent on it.
         ok = bearer(OPERATOR_TOKEN)
         revoke = ("delete", "/v1/operator/join-tokens/{token_id}")
         contributed = ("delete", "/v1/operator/contributions/tokens/{token_id}")
-        for method, template in sorted(OPERATOR - {revoke, contributed}):
+        lift = ("delete", "/v1/operator/contributions/workers/{worker_id}/quarantine")
+        for method, template in sorted(OPERATOR - {revoke, contributed, lift}):
             r = call(op_cluster, method, template, ok, token_id=token_id, app="echo")
             assert r.status_code in (200, 201), (method, template, r.status_code, r.text)
         # The operator's own token is no contribution: that route revokes only those.
         r = call(op_cluster, *contributed, ok, token_id=token_id)
+        assert r.status_code == 404
+        # Nor is the operator's worker contributed (or quarantined): nothing to lift.
+        r = call(op_cluster, *lift, ok, worker_id=worker["worker_id"])
         assert r.status_code == 404
         r = call(op_cluster, "delete", "/v1/operator/join-tokens/{token_id}", ok, token_id=token_id)
         assert r.status_code == 204

@@ -75,11 +75,13 @@ def finished(user: Client, ids: list[str]) -> dict[str, JobData]:
 
 
 def allow_contributions(cluster: Cluster) -> None:
-    """The operator's rules for echo: contributed workers allowed, credit weight 1.0.
-    (Verification, issue 13 item 3: the app's policy is set here too, in this request.)"""
+    """The operator's rules for echo: contributed workers allowed, credit weight 1.0, and
+    results taken as they come (policy `none`; with CSML_VERIFY_PROBATION=0, no probation
+    either): this test is about credit's rule and bound; verified runs earning are tested
+    in tests/integration/test_verification.py."""
     r = httpx.put(
         f"{cluster.url}/v1/operator/contributions/echo",
-        json={"allowed": True, "credit_weight": 1.0},
+        json={"allowed": True, "credit_weight": 1.0, "verification": "none"},
         headers={"Authorization": f"Bearer {OPERATOR_TOKEN}"},
         timeout=30,
     )
@@ -95,6 +97,7 @@ def test_credit_earned_by_a_contributed_worker_buys_priority_within_the_bound(
         "CSML_SUBMISSION_RATE_LIMIT": "0",
         "CSML_CREDIT_PRIORITY_K": str(K),
         "CSML_CREDIT_PRIORITY_N": str(N),
+        "CSML_VERIFY_PROBATION": "0",
     }
     with running_cluster(tmp_path, settings) as cluster:
         allow_contributions(cluster)

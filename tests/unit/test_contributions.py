@@ -104,6 +104,15 @@ def test_a_contributed_worker_serves_another_identitys_job(
     [claimed] = worker.claim()
     assert claimed.id == job_id
     assert worker.complete(claimed, result={"word": "hi"}).status_code == 204
+    # Verified (the default policy, replicate:2): held, with no result, until another
+    # party's run agrees; an operator worker's run decides.
+    held = bob.job(job_id)
+    assert held.state.value == "queued" and held.result is None
+    assert held.progress[1].startswith("verifying")
+    operator = open_coordinator.worker(echo_app)
+    [again] = operator.claim()
+    assert again.id == job_id
+    assert operator.complete(again, result={"word": "hi"}).status_code == 204
     assert bob.job(job_id).state.value == "succeeded"
 
     [mine] = alice.contributions()
@@ -181,6 +190,8 @@ def test_contributions_are_off_unless_the_operator_allows_them(
         "default": False,
         "contributed_workers": 0,
         "credit_weight": 1.0,
+        "verification": "replicate:2",
+        "verification_default": True,
     }
     contributed_worker(coordinator, alice.contribute("echo").token)
 

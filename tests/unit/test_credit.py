@@ -123,9 +123,25 @@ def test_the_settings_refuse_a_bound_that_lets_credit_starve_others(
 # -- earning and spending through the coordinator ---------------------------------------
 
 
+def unverified(coordinator: InProcessCoordinator) -> InProcessCoordinator:
+    """Credit's rule on its own: echo's results taken as they come (policy `none`, and no
+    probation: `verify_probation=0` in the coordinator's settings), as an operator who
+    trusts contributors sets it. Verified runs earning: tests/unit/test_verification.py."""
+    r = coordinator.http.put(
+        "/v1/operator/contributions/echo", json={"verification": "none"}, headers=OPERATOR
+    )
+    assert r.status_code == 200, r.text
+    return coordinator
+
+
 @pytest.fixture
 def open_coordinator(make_coordinator: MakeCoordinator) -> InProcessCoordinator:
-    return make_coordinator(contributions=True)
+    return unverified(make_coordinator(contributions=True, verify_probation=0))
+
+
+@pytest.fixture
+def coordinator(make_coordinator: MakeCoordinator) -> InProcessCoordinator:
+    return make_coordinator(verify_probation=0)
 
 
 def submit(user: Client, count: int, **params: Any) -> list[str]:
@@ -238,7 +254,9 @@ def test_a_debit_may_take_the_balance_below_zero_then_priority_stops(
 def test_a_failed_priority_run_is_paid_a_lost_one_is_not(
     make_coordinator: MakeCoordinator,
 ) -> None:
-    coordinator = make_coordinator(contributions=True, lease_seconds=10)
+    coordinator = unverified(
+        make_coordinator(contributions=True, lease_seconds=10, verify_probation=0)
+    )
     alice, carol = coordinator.new_user(), coordinator.new_user()
     earn(coordinator, alice, 5.0)
     submit(carol, 3)
@@ -342,7 +360,9 @@ def test_csml_credit_prints_the_balance_and_ledger(
     run(cli, "id", "new", "--url", BASE_URL)
     assert "balance  0.000 credits (round-robin only" in run(cli, "credit")
     r = coordinator.http.put(
-        "/v1/operator/contributions/echo", json={"allowed": True}, headers=OPERATOR
+        "/v1/operator/contributions/echo",
+        json={"allowed": True, "verification": "none"},
+        headers=OPERATOR,
     )
     assert r.status_code == 200, r.text
     from csml.client.config import UserConfig

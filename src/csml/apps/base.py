@@ -125,6 +125,8 @@ class Operation:
     func: OperationFn
     requires: dict[str, Any] = field(default_factory=dict)
     keeps_model: bool = False  # worker side: keeps its model input loaded between jobs
+    deterministic: bool = False
+    """Same inputs and params give byte-identical outputs and result in any process."""
 
     def model_input(self) -> Input | None:
         return next((i for i in self.inputs if i.model is not None), None)
@@ -148,6 +150,7 @@ class Operation:
             inputs=[i.spec() for i in self.inputs],
             outputs=[o.spec() for o in self.outputs],
             requires=self.requires,
+            deterministic=self.deterministic,
         )
 
     def run(self, ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
@@ -175,11 +178,15 @@ class App:
         name: str | None = None,
         requires: dict[str, Any] | None = None,
         keeps_model: bool = False,
+        deterministic: bool = False,
     ) -> Callable[[OperationFn], OperationFn]:
         """Register a function `(ctx, params) -> result dict` as an operation.
         `requires`: labels a worker must have to run it (see `csml.placement`);
         `keeps_model`: the operation keeps its model input loaded in its (per owner)
-        process between jobs, and the worker announces it warm."""
+        process between jobs, and the worker announces it warm;
+        `deterministic`: same inputs and params give byte-identical outputs and result in
+        any process (declare it only when it is so: results of contributed workers are
+        verified by comparing them)."""
 
         def register(func: OperationFn) -> OperationFn:
             hints = get_type_hints(func)
@@ -197,6 +204,7 @@ class App:
                 func=func,
                 requires=dict(requires or {}),
                 keeps_model=keeps_model,
+                deterministic=deterministic,
             )
             return func
 

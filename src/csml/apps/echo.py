@@ -36,6 +36,7 @@ class EchoParams(OperationParams):
 @app.operation(
     inputs=[Input("data", "Any file; copied back as output `data`.", required=False)],
     outputs=[Output("data", "The input file, unchanged.")],
+    deterministic=True,
 )
 def echo(ctx: JobContext, params: EchoParams) -> dict[str, Any]:
     """Return the parameters; optionally sleep first, reporting progress."""

@@ -102,6 +102,7 @@ class DetectFacesParams(OperationParams):
 @app.operation(
     inputs=[IMAGE_IN],
     outputs=[Output("annotated", "The image with a box around each face.", "image/png")],
+    deterministic=True,
 )
 def detect_faces(ctx: JobContext, params: DetectFacesParams) -> dict[str, Any]:
     """Find frontal faces with the Haar cascade that ships with OpenCV."""
@@ -130,7 +131,9 @@ class EdgesParams(OperationParams):
     aperture_size: Literal[3, 5, 7] = Field(3, description="Sobel aperture.")
 
 
-@app.operation(inputs=[IMAGE_IN], outputs=[Output("edges", "Edge map.", "image/png")])
+@app.operation(
+    inputs=[IMAGE_IN], outputs=[Output("edges", "Edge map.", "image/png")], deterministic=True
+)
 def edges(ctx: JobContext, params: EdgesParams) -> dict[str, Any]:
     """Canny edge detection."""
     import cv2
@@ -155,7 +158,11 @@ class ResizeParams(OperationParams):
     interpolation: Interpolation = "area"
 
 
-@app.operation(inputs=[IMAGE_IN], outputs=[Output("resized", "Resized image.", "image/png")])
+@app.operation(
+    inputs=[IMAGE_IN],
+    outputs=[Output("resized", "Resized image.", "image/png")],
+    deterministic=True,
+)
 def resize(ctx: JobContext, params: ResizeParams) -> dict[str, Any]:
     """Resize to a width and/or height (one keeps the aspect ratio), or by a scale."""
     import cv2
@@ -188,7 +195,9 @@ class GrayscaleParams(OperationParams):
     pass
 
 
-@app.operation(inputs=[IMAGE_IN], outputs=[Output("gray", "Grayscale image.", "image/png")])
+@app.operation(
+    inputs=[IMAGE_IN], outputs=[Output("gray", "Grayscale image.", "image/png")], deterministic=True
+)
 def grayscale(ctx: JobContext, params: GrayscaleParams) -> dict[str, Any]:
     """Convert to one grey channel."""
     import cv2
@@ -216,7 +225,11 @@ class BlurParams(OperationParams):
     sigma: float = Field(0.0, ge=0, le=1000, description="Gaussian sigma; 0 derives it.")
 
 
-@app.operation(inputs=[IMAGE_IN], outputs=[Output("blurred", "Blurred image.", "image/png")])
+@app.operation(
+    inputs=[IMAGE_IN],
+    outputs=[Output("blurred", "Blurred image.", "image/png")],
+    deterministic=True,
+)
 def blur(ctx: JobContext, params: BlurParams) -> dict[str, Any]:
     """Gaussian blur."""
     import cv2

@@ -164,6 +164,10 @@ def _uploaded(ctx: JobContext, params: DnnInferParams) -> Network:
     return Network(framework, network, config, explicit)
 
 
+def _member_info(name: str) -> zipfile.ZipInfo:
+    return zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+
+
 def write_bundle(path: Path, net: Network) -> str:
     """Write the model bundle; return the network's SHA-256."""
     digest = hashlib.sha256(net.network + (net.config or b"")).hexdigest()
@@ -176,12 +180,14 @@ def write_bundle(path: Path, net: Network) -> str:
         "preprocessing": net.preprocessing,
         "sha256": digest,
     }
+    # Members dated 1980-01-01 (not now): the same network gives the same bundle bytes, so
+    # dnn_infer is deterministic (its outputs are compared when a result is verified).
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
-        zf.writestr(HEADER, json.dumps(header, indent=1))
+        zf.writestr(_member_info(HEADER), json.dumps(header, indent=1))
         if net.network:
-            zf.writestr(FILES[net.framework], net.network)
+            zf.writestr(_member_info(FILES[net.framework]), net.network)
         if net.config is not None:
-            zf.writestr(CONFIGS[net.framework], net.config)
+            zf.writestr(_member_info(CONFIGS[net.framework]), net.config)
     return digest
 
 
@@ -423,6 +429,7 @@ def _outputs(net: Any, params: DnnInferParams) -> list[str]:
                "application/x-npz"),
     ],
     keeps_model=True,
+    deterministic=True,
 )  # fmt: skip
 def dnn_infer(ctx: JobContext, params: DnnInferParams) -> dict[str, Any]:
     """Run an uploaded ONNX, Caffe or TensorFlow network on an image or a tensor."""

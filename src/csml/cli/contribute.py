@@ -5,19 +5,31 @@
 to APP, and prints it once with the command that starts the worker; `list` and
 `revoke ID` manage them. (An app named `list` or `revoke` is reached as
 `csml contribute --app NAME`.)
+
+`csml operator contributions policy|workers|lift` (the operator, where the coordinator's
+settings are) sets an app's verification policy, lists contributed workers' records and
+lifts a quarantine (`csml.coordinator.verification`).
 """
 
 from __future__ import annotations
 
 import shlex
-from typing import Annotated
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.table import Table
 
 from csml.cli.connection import UrlOpt, client
 from csml.cli.output import console
 from csml.client import CsmlError
 from csml.refusals import Refusal
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection, Engine
+
+    from csml.coordinator.config import Settings
 
 ACTIONS = ("list", "revoke")
 
@@ -142,3 +154,104 @@ def apps_contribution(
         f"{info.app}: contributed workers {state}, {cap}; {info.contributed_workers} live" + weight,
         highlight=False,
     )
+
+
+# -- `csml operator contributions ...`: verification (run where the coordinator's settings are)
+
+operator_app = typer.Typer(help="Operator commands on the store.", no_args_is_help=True)
+contributions_app = typer.Typer(
+    help="Contributed workers: verification policy, records, quarantine.", no_args_is_help=True
+)
+operator_app.add_typer(contributions_app, name="contributions")
+
+
+class _Transaction:
+    """`verification.lift`'s writer for the CLI: one transaction per operation."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def run(self, op: Callable[[Connection], bool]) -> bool:
+        with self.engine.begin() as conn:
+            return op(conn)
+
+
+@contextmanager
+def _store() -> Iterator[tuple[Settings, Engine]]:
+    from csml.cli.operator import _settings
+    from csml.store.db import make_engine, migrate
+
+    settings = _settings()
+    engine = make_engine(settings.resolved_database_url())
+    try:
+        migrate(engine)
+        yield settings, engine
+    except Refusal as exc:
+        raise CsmlError(exc.message) from None
+    finally:
+        engine.dispose()
+
+
+@contributions_app.command("policy")
+def policy(
+    app: Annotated[str, typer.Argument(metavar="APP")],
+    verification: Annotated[
+        str,
+        typer.Argument(
+            metavar="POLICY", help="none, replicate:K (2..5), spot-check:P (0 < P <= 1), default."
+        ),
+    ],
+) -> None:
+    """Set how contributed workers' results for APP are checked (running coordinators
+    apply it to completions at once, to claims within 2 s)."""
+    from csml.coordinator.contributions import set_rule_in
+    from csml.store.db import make_sessionmaker
+
+    with _store() as (settings, engine):
+        info = set_rule_in(
+            make_sessionmaker(engine), settings, app, None, False, None, verification=verification
+        )
+    default = " (the default)" if info.verification_default else ""
+    console.print(f"{info.app}: verification {info.verification}{default}", highlight=False)
+
+
+@contributions_app.command("workers")
+def workers(
+    quarantined: Annotated[
+        bool, typer.Option("--quarantined", help="Only quarantined workers.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines.")] = False,
+) -> None:
+    """Contributed workers with their record: agreements, disagreements, reputation,
+    probation, quarantine (live ones, or every quarantined one)."""
+    from csml.coordinator import verification
+
+    with _store() as (settings, engine):
+        found = verification.records(
+            engine, settings.verify_probation, quarantined_only=quarantined
+        )
+    if as_json:
+        for w in found:
+            typer.echo(w.model_dump_json())
+        return
+    table = Table("worker", "app", "agree", "disagree", "reputation", "state")
+    for w in found:
+        state = (
+            f"quarantined {w.quarantined_at:%Y-%m-%d %H:%M}"
+            if w.quarantined_at
+            else ("probation" if w.probation else "trusted by record")
+        )
+        table.add_row(
+            w.id[:12], w.app, str(w.agreements), str(w.disagreements), str(w.reputation), state
+        )
+    console.print(table)
+
+
+@contributions_app.command("lift")
+def lift(worker_id: Annotated[str, typer.Argument(metavar="WORKER")]) -> None:
+    """Lift a worker's quarantine: its record starts afresh, on probation."""
+    from csml.coordinator import verification
+
+    with _store() as (_, engine):
+        full = verification.lift(engine, _Transaction(engine), worker_id)
+    console.print(f"lifted the quarantine of {full[:12]}: on probation again", highlight=False)

@@ -51,6 +51,7 @@ app.add_typer(pipeline.pipeline_app, name="pipeline")
 app.command("batch")(batch.batch)
 app.command("contribute")(contribute.contribute)
 app.command("credit")(credit.credit)
+app.add_typer(contribute.operator_app, name="operator")
 apps_app = typer.Typer(
     help="Applications: list them (no command), or set an app's rules.",
     invoke_without_command=True,
@@ -117,6 +118,8 @@ def apps(ctx: typer.Context, url: UrlOpt = None) -> None:
         console.print(
             f"[bold]{a.name}[/] {a.version}  workers {a.workers} (slots {a.slots}"
             + (f", {a.contributed_workers} contributed" if a.contributed_workers else "")
+            + (f", {a.probation_workers} on probation" if a.probation_workers else "")
+            + (f", {a.quarantined_workers} quarantined" if a.quarantined_workers else "")
             + ")  "
             f"queue {q.depth}/{q.capacity}, running {q.running}"
         )
@@ -164,6 +167,16 @@ def submit(
             "(at least), e.g. gpu=true, gpu_memory_gb>=16 (repeatable).",
         ),
     ] = None,
+    trusted_only: Annotated[
+        bool,
+        typer.Option("--trusted-only", help="Run it only on the operator's workers."),
+    ] = False,
+    min_reputation: Annotated[
+        int | None,
+        typer.Option(
+            min=0, help="Only on operator workers or contributed ones with this reputation."
+        ),
+    ] = None,
     url: UrlOpt = None,
 ) -> None:
     """Submit a job; with --wait, show its progress and print the result."""
@@ -183,6 +196,8 @@ def submit(
             policy=policy,
             allow_unattested=insecure,
             requires=requires,
+            trusted_only=trusted_only,
+            min_reputation=min_reputation,
         )
         attest.warn_insecure(job.recipients)
         console.print(f"submitted {job.id}")

@@ -263,11 +263,16 @@ class Client:
         policy: Policy | str | os.PathLike[str] | None = None,
         allow_unattested: bool = False,
         requires: Mapping[str, Any] | None = None,
+        trusted_only: bool = False,
+        min_reputation: int | None = None,
     ) -> Job:
         """Submit a job; files stream from disk. With `retry_queue_full`, wait up to that
         many seconds for room in a full queue. `requires`: labels the worker must have
         besides the operation's own (`{"gpu": True, "gpu_memory_gb": {"min": 16}}`: a
         value is equality, `{"min": n}` a numeric minimum; see docs/user-guide/placement.md).
+        `trusted_only`: run it only on the operator's workers; `min_reputation`: only on
+        operator workers or contributed workers with at least this reputation (see
+        docs/operator-guide/verification.md).
 
         With `confidential`, the job is end-to-end encrypted to the app's workers whose
         attestation passes `policy` (a `Policy`, a TOML path, or by default the app's file
@@ -278,6 +283,10 @@ class Client:
             spec["limits"] = limits
         if requires:
             spec["requires"] = dict(requires)
+        if trusted_only:
+            spec["trusted_only"] = True
+        if min_reputation is not None:
+            spec["min_reputation"] = min_reputation
         keys: JobKeys | None = None
         accepted: list[WorkerAssessment] = []
 

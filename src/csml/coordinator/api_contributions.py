@@ -9,16 +9,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from csml.coordinator import contributions
+from csml.coordinator import contributions, verification
 from csml.coordinator.api_operator import ERRORS as OPERATOR_ERRORS
 from csml.coordinator.api_operator import current_operator
 from csml.coordinator.auth import AuthFirstRoute, current_identity
 from csml.coordinator.state import core
 from csml.schemas import ErrorBody
 from csml.schemas.contributions import (
+    ContributedWorkerRecords,
     ContributionCreated,
     ContributionList,
     ContributionRequest,
@@ -83,6 +84,30 @@ async def set_rule(
     """Allow or deny contributed workers for `app`, and/or cap them (`max_workers`, null for
     no cap). Denying revokes the app's contributed tokens: their workers stop now."""
     return await run_in_threadpool(contributions.set_rule, core(request), app, body)
+
+
+@operator.get("/workers", response_model=ContributedWorkerRecords)
+async def worker_records(
+    request: Request,
+    quarantined: Annotated[
+        bool, Query(description="Only quarantined workers (else every live contributed one).")
+    ] = False,
+) -> ContributedWorkerRecords:
+    """Contributed workers with their record against accepted results: agreements,
+    disagreements, reputation, probation, quarantine."""
+    c = core(request)
+    found = await run_in_threadpool(
+        verification.records, c.engine, c.settings.verify_probation, quarantined_only=quarantined
+    )
+    return ContributedWorkerRecords(workers=found)
+
+
+@operator.delete("/workers/{worker_id}/quarantine", status_code=204)
+async def lift_quarantine(worker_id: str, request: Request) -> Response:
+    """Lift a contributed worker's quarantine: it starts afresh, on probation."""
+    c = core(request)
+    await run_in_threadpool(verification.lift, c.engine, c.writer, worker_id)
+    return Response(status_code=204)
 
 
 @operator.delete("/tokens/{token_id}", status_code=204)

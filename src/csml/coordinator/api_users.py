@@ -6,6 +6,7 @@ import mimetypes
 import os
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -16,7 +17,15 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import Send
 
 from csml import ids
-from csml.coordinator import abuse, artifacts, contributions, pipeline_spec, pipelines, spec_limits
+from csml.coordinator import (
+    abuse,
+    artifacts,
+    contributions,
+    pipeline_spec,
+    pipelines,
+    spec_limits,
+    verification,
+)
 from csml.coordinator.auth import AuthFirstRoute, current_identity, lean
 from csml.coordinator.errors import ApiError, from_refusal, not_found, spec_error
 from csml.coordinator.notify import job_key, owner_change
@@ -45,7 +54,8 @@ from csml.schemas import (
 )
 from csml.schemas.identities import IdentityChallenge, IdentityProof
 from csml.store.jobs import JobRow
-from csml.store.tables import Identity
+from csml.store.tables import Identity, utcnow
+from csml.store.verification import TrustCounts
 
 T = TypeVar("T")
 router = APIRouter(route_class=AuthFirstRoute, prefix="/v1")
@@ -98,6 +108,8 @@ def app_infos(c: Core) -> list[AppInfo]:
     live = c.queue.live_workers()
     stats = c.queue.queue_stats()
     by_kind = contributions.worker_counts(c)  # (operator-run, contributed) per app
+    cutoff = utcnow() - timedelta(seconds=c.settings.worker_live_seconds)
+    trust = verification.trust_counts(c.engine, cutoff, c.settings.verify_probation)
     infos = []
     for name, entry in sorted(c.catalog.entries().items()):
         workers = live.get(name)
@@ -110,6 +122,9 @@ def app_infos(c: Core) -> list[AppInfo]:
                 sandboxes=list(workers.sandboxes) if workers else [],
                 operator_workers=by_kind.get(name, (0, 0))[0],
                 contributed_workers=by_kind.get(name, (0, 0))[1],
+                attested_workers=trust.get(name, TrustCounts()).attested,
+                probation_workers=trust.get(name, TrustCounts()).probation,
+                quarantined_workers=trust.get(name, TrustCounts()).quarantined,
                 queue=QueueInfo(
                     depth=st.get(JobState.queued.value, 0),
                     running=st.get(JobState.running.value, 0),

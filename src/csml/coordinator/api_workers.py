@@ -117,6 +117,9 @@ def register(body: WorkerRegistration, request: Request, join: Joiner) -> Worker
     token = ids.new_secret("csmlw")
     with transaction(c.sessions) as session:
         c.catalog.register(session, body.app, join)
+        now = utcnow()
+        # Verification: a contributed token whose worker was quarantined joins quarantined.
+        caught = join.contributor_id is not None and workers.quarantined_under(session, join.id)
         worker_id = workers.add_worker(
             session,
             token_hash=ids.hash_secret(token),
@@ -125,8 +128,9 @@ def register(body: WorkerRegistration, request: Request, join: Joiner) -> Worker
             app_version=body.app.version,
             slots=body.slots,
             sandbox=body.sandbox,
-            now=utcnow(),
+            now=now,
             labels=body.labels,
+            quarantined_at=now if caught else None,
         )
         if body.attestation is not None:
             add_worker_key(session, worker_id, body.attestation)

@@ -44,6 +44,12 @@ class Settings(BaseSettings):
         "ahead of round-robin (0: no priority). Must be below N.",
     )
     credit_priority_n: int = Field(2, ge=1, description="See CSML_CREDIT_PRIORITY_K.")
+    verify_probation: int = Field(
+        5,
+        ge=0,
+        description="Agreements a new contributed worker needs before it leaves probation "
+        "(until then every result of its is verified, whatever the app's policy).",
+    )
     reap_interval_seconds: float = Field(1.0, gt=0)
     max_attempts: int = Field(3, ge=1)
 

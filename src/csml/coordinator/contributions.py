@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from csml import ids
 from csml.coordinator import tokens
+from csml.coordinator import verification as verifying
 from csml.coordinator.config import Settings
 from csml.coordinator.state import Core
 from csml.coordinator.worker_tokens import CACHE as WORKER_TOKENS
@@ -192,11 +193,6 @@ def worker_counts(c: Core) -> dict[str, tuple[int, int]]:
 # -- the operator's settings ----------------------------------------------------
 
 
-def _weight(session: Session, app: str) -> float:
-    found = contributions.setting(session, app)
-    return 1.0 if found is None else found.credit_weight
-
-
 def _rule(session: Session, default: bool, app: str) -> tuple[bool, int | None]:
     found = contributions.setting(session, app)
     return (default, None) if found is None else (found.allowed, found.max_workers)
@@ -207,13 +203,17 @@ def _setting_info(session: Session, settings: Settings, app: str) -> Contributio
     live = contributions.live_contributed_workers(
         session, app, utcnow() - timedelta(seconds=settings.worker_live_seconds)
     )
+    found = contributions.setting(session, app)
+    policy = found.verification if found is not None else None
     return ContributionSettingInfo(
         app=app,
         allowed=allowed,
         max_workers=cap,
-        default=contributions.setting(session, app) is None,
+        default=found is None,
         contributed_workers=live,
-        credit_weight=_weight(session, app),
+        credit_weight=found.credit_weight if found is not None else 1.0,
+        verification=policy or verifying.DEFAULT,
+        verification_default=policy is None,
     )
 
 
@@ -238,7 +238,9 @@ def set_rule(c: Core, app: str, body: ContributionSettingRequest) -> Contributio
         cap_given,
         body.max_workers,
         credit_weight=body.credit_weight,
+        verification=body.verification,
     )
+    c.queue.verifier.forget_policies()  # here at once; other coordinators within 2 s
     c.catalog.reload()
     return info
 
@@ -252,20 +254,30 @@ def set_rule_in(
     cap: int | None,
     *,
     credit_weight: float | None = None,
+    verification: str | None = None,
 ) -> ContributionSettingInfo:
     """`set_rule` on a store (also the operator's `csml apps contribution`, run where the
     coordinator's settings are; another process's worker-token cache forgets a revoked
-    token within its TTL)."""
+    token within its TTL). `verification`: the app's policy (`default`: back to the
+    default; None: leave it), effective for claims within the policy cache's 2 s and for
+    completions at once."""
     if not tokens.APP_NAME.match(app):
         raise Invalid("invalid_app", f"{app!r} is not an app name (a-z, 0-9, _ and -)")
     if cap is not None and cap < 0:
         raise Invalid("invalid_cap", f"max_workers: {cap} is below 0", field="max_workers")
+    policy_given = verification is not None
+    policy: str | None = None
+    if verification is not None and verification.strip() != "default":
+        policy = str(verifying.parse(verification, "verification"))
     with transaction(sessions) as session:
         now_allowed, now_cap = _rule(session, settings.contributions, app)
         now_allowed = now_allowed if allowed is None else allowed
         now_cap = cap if cap_given else now_cap
+        found = contributions.setting(session, app)
+        if not policy_given:
+            policy = found.verification if found is not None else None
         contributions.put_setting(
-            session, app, now_allowed, now_cap, utcnow(), credit_weight=credit_weight
+            session, app, now_allowed, now_cap, utcnow(), policy, credit_weight=credit_weight
         )
         revoked = [] if now_allowed else contributions.live_tokens_for_app(session, app)
         for token_id in revoked:

@@ -79,6 +79,9 @@ from csml.coordinator.config import Settings
 from csml.coordinator.credit import Priority
 from csml.coordinator.notify import Notifier, app_key, job_key, owner_change
 from csml.coordinator.staged_inputs import StagedFile, adopt_input_rows
+from csml.coordinator.verification import Batch, Decision, Verifier, contributor_of
+from csml.coordinator.verification import digest as run_digest
+from csml.coordinator.worker_tokens import CACHE as WORKER_TOKENS
 from csml.refusals import Conflict, Invalid, NotFound, QueueFull, Refusal, TooLarge
 from csml.schemas import (
     ClaimedConfidential,
@@ -102,11 +105,14 @@ from csml.store import credit as ledger
 from csml.store import jobs as store
 from csml.store import jobs_end as ends
 from csml.store import jobs_write as writes
+from csml.store import verification as verified
 from csml.store.blobs import BlobStore, fsync_paths
-from csml.store.jobs import Envelope, FileRow, JobRow
+from csml.store.db import is_conflict
+from csml.store.jobs import Claimant, Envelope, FileRow, JobRow
 from csml.store.jobs_end import Locked
 from csml.store.jobs_write import Claimed, NewJob, Sealing, orm_job, orm_session
 from csml.store.tables import Job, utcnow
+from csml.store.verification import Run, Standing
 from csml.store.writer import Writer
 
 log = logging.getLogger("csml.coordinator.queue")
@@ -118,6 +124,10 @@ TERMINAL = (JobState.succeeded.value, JobState.failed.value, JobState.cancelled.
 INLINE_CLAIM_BYTES = 1 << 20  # inline inputs per claim answer, in all
 DEPTH_CACHE_SECONDS = 1.0  # how long a coordinator trusts its count of an app's queue
 DEPTH_MARGIN = 64  # below capacity by more than max(this, capacity / 10): no exact count
+# A completion batch now also updates workers' records (verification): on PostgreSQL two
+# lanes' open batches may deadlock on those rows; the victim op was rolled back alone
+# (its savepoint) and runs again, at most this many times in all.
+CONFLICT_RETRIES = 3
 
 
 class WorkerRef(Protocol):
@@ -202,6 +212,7 @@ class JobQueue:
         # credit: which claims may take a credited job ahead of round-robin (the bound).
         self.credit = Priority(settings.credit_priority_k, settings.credit_priority_n)
         self._keys: dict[str, _AppKeys] = {}  # app -> its requirement keys (placement)
+        self.verifier = Verifier(self.engine, settings.verify_probation)
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
@@ -482,6 +493,8 @@ class JobQueue:
                     if model is not None
                     else None
                 ),
+                trusted_only=spec.trusted_only,
+                min_reputation=spec.min_reputation,
             )
             seq = writes.insert_job(conn, new, rows, sealing)
             return JobRow(
@@ -522,6 +535,8 @@ class JobQueue:
                     if sealing is not None
                     else None
                 ),
+                trusted_only=spec.trusted_only,
+                min_reputation=spec.min_reputation,
             )
 
         return op_
@@ -646,10 +661,11 @@ class JobQueue:
         stamp = self._stamp_due(worker.id)
         if running and self._beat_not_due(worker, running, wait):
             running = []  # every lease was extended within a heartbeat interval: no write
+        claimant = self._claimant(worker)
         if running or stamp:
             met = self._known_met(worker)  # a write is due anyway: no probe (as before)
         else:
-            queued, met = self._has_queued(worker)
+            queued, met = self._has_queued(worker, claimant)
             if not queued:
                 return None
         worker_id, app = worker.id, worker.app
@@ -675,6 +691,7 @@ class JobQueue:
                     met=met,
                     warm=warm,
                     window=window,
+                    claimant=claimant,
                 )
             else:
                 taken = credit.claim(
@@ -692,11 +709,26 @@ class JobQueue:
                         warm=warm,
                         window=window,
                         credited=credited,
+                        claimant=claimant,
                     ),
                 )
             return _Claim(stamp, abort, progressed, taken, lease_id)
 
         return op
+
+    def _claimant(self, worker: WorkerRef) -> Claimant | None:
+        """A contributed worker's claim filters (None for an operator worker: no cost)."""
+        if contributor_of(worker) is None:
+            return None
+        return self.verifier.claimant(worker, lambda: self._deterministic(worker.app))
+
+    def _deterministic(self, app: str) -> tuple[str, ...]:
+        """`app`'s deterministic operations (those a result can be compared for)."""
+        try:
+            entry = self.catalog.get(app)
+        except Exception:  # not catalogued (any more): nothing to compare
+            return ()
+        return tuple(sorted(n for n, op in entry.operations.items() if op.deterministic))
 
     def _claimed(self, worker: WorkerRef, claim: _Claim) -> ClaimResponse:
         # Running now, or progressed: to the owners' event streams.
@@ -743,20 +775,23 @@ class JobQueue:
                 return False
         return True
 
-    def _has_queued(self, worker: WorkerRef) -> tuple[bool, tuple[str, ...]]:
-        """Whether a job waits for this worker, and the requirement keys it meets: one
-        read, and one more only when the app's requirement keys changed since this
-        coordinator last read them (then the probe runs again with the new keys)."""
+    def _has_queued(
+        self, worker: WorkerRef, claimant: Claimant | None = None
+    ) -> tuple[bool, tuple[str, ...]]:
+        """Whether a job waits for this worker (a contributed one: within its `claimant`
+        filter), and the requirement keys it meets: one read, and one more only when the
+        app's requirement keys changed since this coordinator last read them (then the
+        probe runs again with the new keys)."""
         app, labels = worker.app, _labels_of(worker)
         keys = self._keys.setdefault(app, _AppKeys())
         met = self._met(keys, labels)
         with self.read() as conn:
-            queued, newest = store.probe(conn, worker.id, app, met)
+            queued, newest = store.probe(conn, worker.id, app, met, claimant)
             if newest > keys.newest:
                 keys = self._reload_keys(conn, app, keys)
                 met = self._met(keys, labels)
                 if not queued:
-                    queued, _ = store.probe(conn, worker.id, app, met)
+                    queued, _ = store.probe(conn, worker.id, app, met, claimant)
         return queued, met
 
     def _known_met(self, worker: WorkerRef) -> tuple[str, ...]:
@@ -916,7 +951,14 @@ class JobQueue:
         lease; a refused one (lease lost: exactly one result is kept) does not stop the
         others. `raise_one`: raise the first refusal."""
         op = self._complete_op(worker, batch, self._prepare(worker, batch), raise_one)
-        return self._completed(self.writer.run(op))
+        for attempt in range(1, CONFLICT_RETRIES + 1):
+            try:
+                return self._completed(self.writer.run(op))
+            except Exception as exc:
+                if attempt == CONFLICT_RETRIES or not is_conflict(exc):
+                    raise
+                log.info("a completion batch met a deadlock; running it again")
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def complete_many_async(
         self, worker: WorkerRef, batch: list[BatchedCompletion]
@@ -927,10 +969,19 @@ class JobQueue:
         else:
             prepared = self._prepare(worker, batch)  # a glob per job, no writes
         op = self._complete_op(worker, batch, prepared, False)
-        return self._completed(await self.writer.run_async(op))
+        for attempt in range(1, CONFLICT_RETRIES + 1):
+            try:
+                return self._completed(await self.writer.run_async(op))
+            except Exception as exc:
+                if attempt == CONFLICT_RETRIES or not is_conflict(exc):
+                    raise
+                log.info("a completion batch met a deadlock; running it again")
+        raise AssertionError("unreachable")  # pragma: no cover
 
-    def _completed(self, done: tuple[list[Outcome], list[str]]) -> list[Outcome]:
-        outcomes, woken = done
+    def _completed(self, done: tuple[list[Outcome], list[str], list[str]]) -> list[Outcome]:
+        outcomes, woken, quarantined = done
+        for worker_id in quarantined:  # committed: its next claim is filtered as quarantined
+            WORKER_TOKENS.forget_worker(worker_id)
         for key in [*(job_key(o.job_id) for o in outcomes if o.refusal is None), *woken]:
             self.notifier.notify(key)
         return outcomes
@@ -983,20 +1034,32 @@ class JobQueue:
         batch: list[BatchedCompletion],
         prepared: list[_Prepared],
         raise_one: bool,
-    ) -> Callable[[Connection], tuple[list[Outcome], list[str]]]:
+    ) -> Callable[[Connection], tuple[list[Outcome], list[str], list[str]]]:
         wanted = list(dict.fromkeys(d.job_id for d in batch))
         models = self._model_operations(worker.app)
+        contributed = contributor_of(worker) is not None
 
-        def op(conn: Connection) -> tuple[list[Outcome], list[str]]:
+        def op(conn: Connection) -> tuple[list[Outcome], list[str], list[str]]:
             locked = ends.lock_to_complete(conn, wanted)
             now = utcnow()
             outcomes: list[Outcome] = []
             woken: list[str] = []
+            # Verification: a contributed worker's record, read afresh under this
+            # transaction (an operator worker's completion reads nothing more).
+            standing = verified.standing(conn, worker.id) if contributed else None
+            checks = Batch()
             for done, prep in zip(batch, prepared, strict=True):
                 try:
                     # Refusals come before `_finish` changes a row: no savepoint.
                     woken += self._finish(
-                        conn, worker, locked.get(done.job_id), done, prep, models, now
+                        conn,
+                        worker,
+                        locked.get(done.job_id),
+                        done,
+                        prep,
+                        models,
+                        now,
+                        verify=(contributed, standing, checks),
                     )
                 except Refusal as exc:
                     if raise_one:
@@ -1006,7 +1069,18 @@ class JobQueue:
                     outcomes.append(Outcome(done.job_id, None))
                     ended = locked[done.job_id]  # a repeat in the batch finds it ended
                     locked[done.job_id] = replace(ended, state=done.state, lease_id=None)
-            return outcomes, woken
+            quarantined: list[str] = []
+            if checks.deltas or checks.earnings:
+                quarantined = self.verifier.close_batch(conn, checks, now)
+            if checks.credited:  # credit: what accepted runs of contributed workers earn
+                accepted = [
+                    ledger.Accepted(e.job_seq, e.worker_id, e.contributor_id, e.wall_seconds)
+                    for e in checks.credited
+                ]
+                cap = self.settings.job_timeout_seconds
+                if any(p.balance > 0 for p in ledger.earn_runs(conn, accepted, now, cap)):
+                    self.credit.touch()
+            return outcomes, woken, quarantined
 
         return op
 
@@ -1031,8 +1105,10 @@ class JobQueue:
         prep: _Prepared,
         models: set[str] | None,
         now: datetime,
+        verify: tuple[bool, Standing | None, Batch] | None = None,
     ) -> list[str]:
-        """End one job. Every refusal is raised before a row changes."""
+        """End one job. Every refusal is raised before a row changes. `verify`: (whether
+        the worker is contributed, its record, the batch's verification bookkeeping)."""
         job_id = done.job_id
         if job is None:
             raise NotFound.of("job", job_id)
@@ -1052,6 +1128,11 @@ class JobQueue:
             )
         if prep.refusal is not None:
             raise prep.refusal
+        self._spend_credit(conn, worker, job, done, now)
+        if verify is not None and not job.confidential:
+            held = self._verify(conn, worker, job, done, prep, now, *verify)
+            if held is not None:
+                return held  # not accepted (yet): no result is written on the job
         if job.confidential:
             ends.set_encrypted_result(
                 conn,
@@ -1071,7 +1152,6 @@ class JobQueue:
             result=done.result,
             fraction=1.0 if succeeded else None,
         )
-        self._settle_credit(conn, worker, job, done, succeeded, now)
         if succeeded:
             writes.add_files(
                 conn,
@@ -1099,45 +1179,94 @@ class JobQueue:
                 woken += pipelines.step_finished(self, session, row)
         return woken
 
-    def _settle_credit(
+    def _spend_credit(
         self,
         conn: Connection,
         worker: WorkerRef,
         job: Locked,
         done: BatchedCompletion,
-        succeeded: bool,
         now: datetime,
     ) -> None:
-        """The credit of a run its worker reported (`csml.store.credit`'s rule): its owner
-        pays for a run taken by credit priority (under this lease), succeeded or failed;
-        a succeeded run is accepted, so a contributed worker's contributor earns."""
-        cap = self.settings.job_timeout_seconds
-        if job.credit_lease is not None and job.credit_lease == done.lease_id:
-            ledger.spend(
+        """Its owner pays for a run taken by credit priority (under this lease) when its
+        worker reports it, succeeded or failed, accepted or held for verification
+        (`csml.store.credit`'s rule). Earnings are written where runs are accepted (the
+        batch's end: `_complete_op`)."""
+        if job.credit_lease is None or job.credit_lease != done.lease_id:
+            return
+        wall = ledger.wall_seconds(job.started_at, now)
+        ledger.spend(
+            conn,
+            ledger.Run(job.id, job.app, worker.id, wall),
+            owner_id=job.owner_id,
+            now=now,
+            max_seconds=self.settings.job_timeout_seconds,
+        )
+
+    def _verify(
+        self,
+        conn: Connection,
+        worker: WorkerRef,
+        job: Locked,
+        done: BatchedCompletion,
+        prep: _Prepared,
+        now: datetime,
+        contributed: bool,
+        standing: Standing | None,
+        checks: Batch,
+    ) -> list[str] | None:
+        """The verification step of a completion (`csml.coordinator.verification`): None
+        when the run is accepted (the caller then ends the job with it, as for any job),
+        else the wake-up keys of a job held for another run (nothing of the run's result
+        is written on the job). An operator worker's run of a job nobody else ran costs
+        nothing here."""
+        if not contributed and job.verify_runs == 0:
+            return None
+        if contributed and (standing is None or standing.contributor_id is None):
+            raise _lease_lost(job.id, "its worker is gone")  # before any row changes
+        succeeded = done.state == JobState.succeeded.value
+        wall = (now - job.started_at).total_seconds() if job.started_at is not None else 0.0
+        digest = run_digest(
+            done.state, done.result, done.error, [(o.name, o.sha256) for o in prep.outputs]
+        )
+        if standing is None:  # an operator run decides: trusted
+            mine = Run(0, worker.id, None, digest, True, wall)
+            pending = verified.pending_runs(conn, job.seq)
+            self.verifier.accept(
                 conn,
-                owner_id=job.owner_id,
-                job_id=job.id,
-                app=job.app,
-                worker_id=worker.id,
-                started_at=job.started_at,
+                job.seq,
+                pending,
+                mine,
+                succeeded=succeeded,
+                standing=None,
                 now=now,
-                max_seconds=cap,
+                batch=checks,
             )
-        if succeeded:
-            # Accepted (no verification yet: a succeeded run is the accepted one).
-            earned = ledger.earn(
+            return None
+        deterministic = job.operation in self._deterministic(job.app)
+        decision, runs = self.verifier.judge(
+            conn, job.seq, standing, digest, wall, deterministic=deterministic, now=now
+        )
+        if decision is Decision.ACCEPT:
+            mine = (
+                runs[-1] if runs else Run(0, worker.id, standing.contributor_id, digest, True, wall)
+            )
+            self.verifier.accept(
                 conn,
-                contributor_id=contributor_of(worker),
-                owner_id=job.owner_id,
-                job_id=job.id,
-                app=job.app,
-                worker_id=worker.id,
-                started_at=job.started_at,
+                job.seq,
+                runs,
+                mine,
+                succeeded=succeeded,
+                standing=standing,
                 now=now,
-                max_seconds=cap,
+                batch=checks,
             )
-            if earned is not None and earned.balance > 0:
-                self.credit.touch()
+            return None
+        if decision is Decision.TRUSTED:
+            message = "verifying: waiting for a run on one of the operator's workers"
+        else:
+            message = "verifying: waiting for a run on another party's worker to compare"
+        verified.hold(conn, job.seq, message, trusted_only=decision is Decision.TRUSTED)
+        return [owner_change(job.owner_id, job.id), app_key(job.app)]
 
     def _write_inline(
         self, job: Locked, outputs_dir: Path, outputs: list[InlineOutput]
@@ -1354,13 +1483,6 @@ class JobQueue:
         """Jobs per app and state (queued and running only)."""
         with self.read() as conn:
             return store.queue_stats(conn)
-
-
-def contributor_of(worker: WorkerRef) -> str | None:
-    """The identity that contributed `worker` (a `WorkerRow` as its token authenticated
-    it carries it); None for the operator's workers and for other `WorkerRef`s."""
-    found = getattr(worker, "contributor_id", None)
-    return found if isinstance(found, str) else None
 
 
 def file_info(f: FileRow) -> FileInfo:

@@ -46,6 +46,8 @@ def job_view(job: JobRow, queue_position: int | None = None) -> JobView:
         else None
     )
     return JobView(
+        trusted_only=job.trusted_only,
+        min_reputation=job.min_reputation,
         confidential=conf is not None,
         encrypted_result=encrypted,
         id=job.id,

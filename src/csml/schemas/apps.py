@@ -46,6 +46,12 @@ class OperationInfo(BaseModel):
     def _requires(cls, requires: dict[str, Any]) -> dict[str, Any]:
         return placement.check_requires(requires)
 
+    deterministic: bool = Field(
+        False,
+        description="Same inputs and params give byte-identical outputs and result on any "
+        "worker: results of contributed workers can be verified by comparing them (issue 13).",
+    )
+
 
 class AppManifest(BaseModel):
     """What a worker announces about the app it serves."""
@@ -69,6 +75,17 @@ class AppInfo(AppManifest):
     )
     contributed_workers: int = Field(
         0, description="Of those, contributed by identities (`csml contribute`)."
+    )
+    attested_workers: int = Field(
+        0,
+        description="Of those, registered with an attestation (announced: the coordinator "
+        "does not check it; clients of confidential jobs do).",
+    )
+    probation_workers: int = Field(
+        0, description="Contributed workers on probation: every result of theirs is verified."
+    )
+    quarantined_workers: int = Field(
+        0, description="Contributed workers in quarantine: they only re-run jobs being checked."
     )
     slots: int = Field(description="Jobs the live workers can run at once.")
     sandboxes: list[str] = Field(

@@ -66,6 +66,13 @@ class ContributionSettingRequest(BaseModel):
         description="Credit per wall second of a run of the app, earned by contributors and "
         "spent by priority (0: no credit for the app; absent: leave; default 1.0).",
     )
+    verification: str | None = Field(
+        None,
+        max_length=32,
+        description="How contributed workers' results are checked: `none`, `replicate:K` "
+        "(2..5) or `spot-check:P` (0 < P <= 1); `default` for the coordinator's default "
+        "(absent: leave as is). See docs/operator-guide/verification.md.",
+    )
 
 
 class ContributionSettingInfo(BaseModel):
@@ -75,3 +82,26 @@ class ContributionSettingInfo(BaseModel):
     default: bool = Field(description="True when the operator set nothing (CSML_CONTRIBUTIONS).")
     contributed_workers: int = Field(description="Live contributed workers of the app now.")
     credit_weight: float = Field(1.0, description="Credit per wall second of a run of the app.")
+    verification: str = Field(
+        "replicate:2", description="The app's verification policy in force (see the request)."
+    )
+    verification_default: bool = Field(
+        True, description="True when the operator set no policy for the app (the default)."
+    )
+
+
+class ContributedWorkerRecord(BaseModel):
+    """A contributed worker's record against accepted results (the operator's view)."""
+
+    id: str
+    app: str
+    agreements: int
+    disagreements: int
+    reputation: int = Field(description="agreements - 10 x disagreements.")
+    probation: bool
+    quarantined_at: datetime | None
+    stopped_at: datetime | None
+
+
+class ContributedWorkerRecords(BaseModel):
+    workers: list[ContributedWorkerRecord]

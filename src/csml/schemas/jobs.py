@@ -56,6 +56,19 @@ class JobSpec(BaseModel):
     def _requires(cls, requires: dict[str, Any]) -> dict[str, Any]:
         return placement.check_requires(requires)
 
+    trusted_only: bool = Field(
+        False,
+        description="Run only on the operator's workers (never a contributed one). A "
+        "confidential job already runs only on the workers it was sealed to.",
+    )
+    min_reputation: int | None = Field(
+        None,
+        ge=0,
+        le=1_000_000,
+        description="Run only on operator workers or contributed workers whose reputation "
+        "(agreements minus a penalty per disagreement) is at least this.",
+    )
+
 
 class FileInfo(BaseModel):
     name: str
@@ -105,6 +118,14 @@ class Job(BaseModel):
     )
     steps: list[StepStatus] | None = Field(
         None, description="Pipelines only: each step with its state and job id."
+    )
+    trusted_only: bool = Field(
+        False,
+        description="Runs only on the operator's workers (asked at submission, or while a "
+        "contributed worker's result waits for a trusted run to check it).",
+    )
+    min_reputation: int | None = Field(
+        None, description="The least reputation of a contributed worker that may run it."
     )
     confidential: bool = False
     encrypted_result: EncryptedResult | None = Field(

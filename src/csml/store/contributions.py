@@ -57,6 +57,7 @@ class Setting:
     allowed: bool
     max_workers: int | None
     credit_weight: float = 1.0  # credit: per wall second of a run (see csml.store.credit)
+    verification: str | None = None  # verify: the app's policy (None: the default)
 
 
 def tokens_of(session: Session, contributor_id: str) -> list[ContributedToken]:
@@ -206,16 +207,19 @@ def worker_counts(session: Session, heard_after: datetime) -> dict[str, tuple[in
 
 def setting(session: Session, app: str) -> Setting | None:
     row = session.get(ContributionSetting, app)
-    return (
-        None
-        if row is None
-        else Setting(row.app, bool(row.allowed), row.max_workers, float(row.credit_weight))
+    if row is None:
+        return None
+    return Setting(
+        row.app, bool(row.allowed), row.max_workers, float(row.credit_weight), row.verification
     )
 
 
 def settings(session: Session) -> list[Setting]:
     rows = session.scalars(select(ContributionSetting).order_by(ContributionSetting.app))
-    return [Setting(r.app, bool(r.allowed), r.max_workers, float(r.credit_weight)) for r in rows]
+    return [
+        Setting(r.app, bool(r.allowed), r.max_workers, float(r.credit_weight), r.verification)
+        for r in rows
+    ]
 
 
 def put_setting(
@@ -224,16 +228,25 @@ def put_setting(
     allowed: bool,
     max_workers: int | None,
     now: datetime,
+    verification: str | None = None,
     *,
     credit_weight: float | None = None,
 ) -> None:
-    """Write the app's setting (`credit_weight` None: leave it, 1.0 for a new row)."""
+    """Write `app`'s settings (`verification`: its policy, None for the default;
+    `credit_weight` None: leave it, 1.0 for a new row)."""
     row = session.get(ContributionSetting, app)
     if row is None:
-        row = ContributionSetting(app=app, allowed=allowed, max_workers=max_workers, updated_at=now)
+        row = ContributionSetting(
+            app=app,
+            allowed=allowed,
+            max_workers=max_workers,
+            updated_at=now,
+            verification=verification,
+        )
         row.credit_weight = 1.0
         session.add(row)
     else:
         row.allowed, row.max_workers, row.updated_at = allowed, max_workers, now
+        row.verification = verification
     if credit_weight is not None:
         row.credit_weight = credit_weight

@@ -32,6 +32,7 @@ Invariants:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
@@ -40,12 +41,13 @@ from sqlalchemy import Table, bindparam, delete, func, insert, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
-from csml.store.tables import ContributionSetting
+from csml.store.tables import ContributionSetting, Job
 from csml.store.tables_credit import CreditBalance, CreditEntry
 
 LEDGER = cast(Table, CreditEntry.__table__)
 BALANCES = cast(Table, CreditBalance.__table__)
 SETTINGS = cast(Table, ContributionSetting.__table__)
+JOBS = cast(Table, Job.__table__)
 
 EARNED, SPENT = "earned", "spent"
 MILLI = 1000
@@ -143,49 +145,102 @@ def _post(
     return Posted(milli, int(balance))
 
 
-def earn(
-    conn: Connection,
-    *,
-    contributor_id: str | None,
-    owner_id: str,
-    job_id: str,
-    app: str,
-    worker_id: str,
-    started_at: datetime | None,
-    now: datetime,
-    max_seconds: float,
+@dataclass(frozen=True, slots=True)
+class Run:
+    """A run that earns or spends: its job, the job's app, the worker that ran it and
+    its wall seconds as the coordinator saw it."""
+
+    job_id: str
+    app: str
+    worker_id: str
+    wall_seconds: float
+
+
+def _charge(
+    conn: Connection, kind: str, identity_id: str, run: Run, max_seconds: float, now: datetime
 ) -> Posted | None:
-    """Credit the contributor of the worker that ran an accepted run of `job_id` (the
-    rule above); None, and nothing written, for an operator's worker (`contributor_id`
-    None), a contributor's own job, or an app whose weight is 0. The one place earnings
-    are written: call it where a run is accepted."""
-    if contributor_id is None or contributor_id == owner_id:
-        return None
-    milli = amount(wall_seconds(started_at, now), weight(conn, app), max_seconds)
+    milli = amount(run.wall_seconds, weight(conn, run.app), max_seconds)
     if milli <= 0:
         return None
     return _post(
-        conn, EARNED, contributor_id, milli, job_id=job_id, app=app, worker_id=worker_id, now=now
+        conn,
+        kind,
+        identity_id,
+        milli,
+        job_id=run.job_id,
+        app=run.app,
+        worker_id=run.worker_id,
+        now=now,
     )
 
 
-def spend(
+def earn(
     conn: Connection,
+    run: Run,
     *,
+    contributor_id: str | None,
     owner_id: str,
-    job_id: str,
-    app: str,
-    worker_id: str,
-    started_at: datetime | None,
     now: datetime,
     max_seconds: float,
 ) -> Posted | None:
+    """Credit the contributor of the worker that made an accepted run (the rule above);
+    None, and nothing written, for an operator's worker (`contributor_id` None), a
+    contributor's own job, or an app whose weight is 0. The one place earnings are
+    written: `earn_runs` calls it where runs are accepted."""
+    if contributor_id is None or contributor_id == owner_id:
+        return None
+    return _charge(conn, EARNED, contributor_id, run, max_seconds, now)
+
+
+def spend(
+    conn: Connection, run: Run, *, owner_id: str, now: datetime, max_seconds: float
+) -> Posted | None:
     """Debit the owner of a run that was taken by credit priority (the rule above; the
     balance may go below zero); None for an app whose weight is 0."""
-    milli = amount(wall_seconds(started_at, now), weight(conn, app), max_seconds)
-    if milli <= 0:
-        return None
-    return _post(conn, SPENT, owner_id, milli, job_id=job_id, app=app, worker_id=worker_id, now=now)
+    return _charge(conn, SPENT, owner_id, run, max_seconds, now)
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """An accepted run of a contributed worker, by the seq of its job."""
+
+    job_seq: int
+    worker_id: str
+    contributor_id: str
+    wall_seconds: float
+
+
+_JOBS_OF = select(JOBS.c.seq, JOBS.c.id, JOBS.c.owner_id, JOBS.c.app).where(
+    JOBS.c.seq.in_(bindparam("seqs", expanding=True))
+)
+
+
+def earn_runs(
+    conn: Connection, runs: Sequence[Accepted], now: datetime, max_seconds: float
+) -> list[Posted]:
+    """`earn` for each accepted run (its job read once per batch; a job erased since
+    earns nothing), in the order of their contributors. What was posted."""
+    if not runs:
+        return []
+    jobs = {r.seq: r for r in conn.execute(_JOBS_OF, {"seqs": sorted({a.job_seq for a in runs})})}
+    posted: list[Posted] = []
+    # In one order of identities in every transaction: fewer deadlocks between writer
+    # lanes (PostgreSQL) on the balance rows.
+    for a in sorted(runs, key=lambda a: (a.contributor_id, a.job_seq)):
+        job = jobs.get(a.job_seq)
+        if job is None:
+            continue
+        done = earn(
+            conn,
+            Run(job.id, job.app, a.worker_id, a.wall_seconds),
+            contributor_id=a.contributor_id,
+            owner_id=job.owner_id,
+            now=now,
+            max_seconds=max_seconds,
+        )
+        if done is not None:
+            posted.append(done)
+    return posted
 
 
 # -- reads ----------------------------------------------------------------------------

@@ -168,3 +168,14 @@ def migrate(engine: Engine) -> None:
             if is_pg:
                 conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _MIGRATION_LOCK})
                 conn.commit()
+
+
+CONFLICT_SQLSTATES = ("40P01", "40001")  # deadlock detected, serialization failure
+
+
+def is_conflict(exc: BaseException) -> bool:
+    """Whether `exc` is PostgreSQL aborting a statement to break a deadlock (or a
+    serialization failure): the operation's savepoint was rolled back, and running the
+    operation again is safe and usually succeeds."""
+    orig = getattr(exc, "orig", None)
+    return getattr(orig, "sqlstate", None) in CONFLICT_SQLSTATES

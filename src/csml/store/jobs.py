@@ -24,6 +24,7 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -39,6 +40,7 @@ from csml.refusals import Malformed, NotFound
 from csml.store.tables import AppRecord, FairCounter, Job, JobFile, Worker
 from csml.store.tables_confidential import JobConfidential, JobRecipient, WorkerKey
 from csml.store.tables_placement import PlacementKey
+from csml.store.tables_verification import JobRun
 
 JOBS = cast(Table, Job.__table__)
 FILES = cast(Table, JobFile.__table__)
@@ -49,6 +51,7 @@ COUNTERS = cast(Table, FairCounter.__table__)
 WORKERS = cast(Table, Worker.__table__)
 WORKER_KEYS = cast(Table, WorkerKey.__table__)
 PLACEMENT_KEYS = cast(Table, PlacementKey.__table__)
+RUNS = cast(Table, JobRun.__table__)
 
 QUEUED, RUNNING = "queued", "running"
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -110,6 +113,10 @@ class JobRow:
     warm_key: str | None
     files: tuple[FileRow, ...] = ()
     confidential: Envelope | None = None
+    # verify (issue 13): see `csml.coordinator.verification`
+    trusted_only: bool = False
+    min_reputation: int | None = None
+    verify_runs: int = 0
 
 
 _ENVELOPE_COLS = (
@@ -382,15 +389,61 @@ def keyed_live_workers(conn: Connection, worker_ids: Sequence[str], app: str) ->
 # -- claims -----------------------------------------------------------------------------
 
 
-def claimable(worker_id: Any, app: Any, met: Any = None) -> ColumnElement[bool]:
+@dataclass(frozen=True, slots=True)
+class Claimant:
+    """What a contributed worker's claim is filtered by (`claimable`), from the cached
+    view of the worker (`csml.coordinator.verification.Verifier.claimant`)."""
+
+    contributor_id: str
+    reputation: int
+    quarantined: bool
+    operations: tuple[str, ...] | None  # None: any operation
+
+
+def claimable(
+    worker_id: Any,
+    app: Any,
+    met: Any = None,
+    *,
+    contributed: bool = False,
+    quarantined: bool = False,
+    operations: bool = False,
+) -> ColumnElement[bool]:
     """Queued jobs of `app` this worker may take: a confidential job only by the
     workers its data key was sealed to; with `met` (the requirement keys this worker
-    meets, see `csml.placement`), a job with a requirement only if its key is in it."""
+    meets, see `csml.placement`), a job with a requirement only if its key is in it. An
+    operator worker's claim stops there (whatever the verification policies).
+
+    A contributed worker's (`contributed`; bound parameters `b_party`, its contributor,
+    and `b_reputation`; see `csml.coordinator.verification`) takes no `trusted_only` job,
+    none whose `min_reputation` is above its reputation, and no job being checked that
+    its party already ran; a `quarantined` one only jobs being checked; with
+    `operations`, only the operations bound as `b_ops` (the deterministic ones)."""
     sealed = select(RECIPIENTS.c.job_seq).where(RECIPIENTS.c.job_seq == JOBS.c.seq)
     to_me = sealed.where(RECIPIENTS.c.worker_id == worker_id)
-    where = [JOBS.c.app == app, JOBS.c.state == QUEUED, or_(~sealed.exists(), to_me.exists())]
+    where: list[ColumnElement[bool]] = [
+        JOBS.c.app == app,
+        JOBS.c.state == QUEUED,
+        or_(~sealed.exists(), to_me.exists()),
+    ]
     if met is not None:
         where.append(or_(JOBS.c.requires_key.is_(None), JOBS.c.requires_key.in_(met)))
+    if contributed:
+        ran = select(RUNS.c.id).where(
+            RUNS.c.job_seq == JOBS.c.seq, RUNS.c.contributor_id == bindparam("b_party")
+        )
+        where += [
+            JOBS.c.trusted_only.is_(False),
+            or_(
+                JOBS.c.min_reputation.is_(None),
+                JOBS.c.min_reputation <= bindparam("b_reputation"),
+            ),
+            or_(JOBS.c.verify_runs == 0, ~ran.exists()),
+        ]
+        if quarantined:
+            where.append(JOBS.c.verify_runs > 0)
+        if operations:
+            where.append(JOBS.c.operation.in_(bindparam("b_ops", expanding=True)))
     return and_(*where)
 
 
@@ -433,24 +486,41 @@ def leases(conn: Connection, job_ids: Sequence[str]) -> dict[str, Lease]:
 
 
 _MET: BindParameter[Any] = bindparam("met", expanding=True)
-# One statement: whether a job waits for this worker, and the app's newest requirement
-# key (the caller reloads its keys when that grew: `requirement_keys`).
-_PROBE = select(
-    select(JOBS.c.seq)
-    .where(claimable(bindparam("worker_id"), bindparam("app"), _MET))
-    .limit(1)
-    .scalar_subquery(),
-    select(func.max(PLACEMENT_KEYS.c.id))
-    .where(PLACEMENT_KEYS.c.app == bindparam("app"))
-    .scalar_subquery(),
-)
 
 
-def probe(conn: Connection, worker_id: str, app: str, met: Sequence[str]) -> tuple[bool, int]:
-    """(whether a job waits for this worker, given the requirement keys it meets; the
-    largest `placement_keys.id` of the app, 0 if none): a read, one statement."""
-    params = {"worker_id": worker_id, "app": app, "met": list(met)}
-    head, newest = conn.execute(_PROBE, params).one()
+@functools.cache
+def _probe(contributed: bool, quarantined: bool, operations: bool) -> Any:
+    """One statement: whether a job waits for this worker, and the app's newest
+    requirement key (the caller reloads its keys when that grew: `requirement_keys`)."""
+    where = claimable(
+        bindparam("worker_id"),
+        bindparam("app"),
+        _MET,
+        contributed=contributed,
+        quarantined=quarantined,
+        operations=operations,
+    )
+    return select(
+        select(JOBS.c.seq).where(where).limit(1).scalar_subquery(),
+        select(func.max(PLACEMENT_KEYS.c.id))
+        .where(PLACEMENT_KEYS.c.app == bindparam("app"))
+        .scalar_subquery(),
+    )
+
+
+def probe(
+    conn: Connection,
+    worker_id: str,
+    app: str,
+    met: Sequence[str],
+    claimant: Claimant | None = None,
+) -> tuple[bool, int]:
+    """(whether a job waits for this worker, given the requirement keys it meets and, for
+    a contributed worker, its `claimant` filter; the largest `placement_keys.id` of the
+    app, 0 if none): a read, one statement."""
+    params: dict[str, Any] = {"worker_id": worker_id, "app": app, "met": list(met)}
+    params.update(claimant_params(claimant))
+    head, newest = conn.execute(_probe(*claimant_key(claimant)), params).one()
     return head is not None, int(newest or 0)
 
 
@@ -486,3 +556,23 @@ def labels_since(
         heard = and_(WORKERS.c.stopped_at.is_(None), WORKERS.c.last_heartbeat >= since)
     stmt = select(WORKERS.c.labels).where(WORKERS.c.app == app, heard)
     return [dict(labels or {}) for (labels,) in conn.execute(stmt)]
+
+
+def claimant_key(claimant: Claimant | None) -> tuple[bool, bool, bool]:
+    """Which variant of the claim predicate a claimant needs (see `claimable`)."""
+    if claimant is None:
+        return (False, False, False)
+    return (True, claimant.quarantined, claimant.operations is not None)
+
+
+def claimant_params(claimant: Claimant | None) -> dict[str, Any]:
+    """The bound parameters of a contributed worker's claim predicate."""
+    if claimant is None:
+        return {}
+    params: dict[str, Any] = {
+        "b_party": claimant.contributor_id,
+        "b_reputation": claimant.reputation,
+    }
+    if claimant.operations is not None:
+        params["b_ops"] = list(claimant.operations)
+    return params

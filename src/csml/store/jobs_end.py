@@ -45,9 +45,11 @@ class Locked:
     parent_seq: int | None
     step_index: int | None
     confidential: bool
-    # credit: when its run started, and the lease of a run taken by credit priority.
+    # credit, verify: when its run started (a run's wall seconds); the lease of a run
+    # taken by credit priority; pending runs (`csml.coordinator.verification`).
     started_at: datetime | None = None
     credit_lease: str | None = None
+    verify_runs: int = 0
 
 
 def _select_locked() -> Select[Any]:
@@ -68,6 +70,7 @@ def _select_locked() -> Select[Any]:
         sealed.label("confidential"),
         JOBS.c.started_at,
         JOBS.c.credit_lease,
+        JOBS.c.verify_runs,
     )
 
 

@@ -29,6 +29,7 @@ Ends (completion, cancel, reaping) are in `csml.store.jobs_end`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    and_,
     bindparam,
     case,
     exists,
@@ -62,8 +64,11 @@ from csml.store.jobs import (
     RECIPIENTS,
     RUNNING,
     WORKERS,
+    Claimant,
     FileRow,
     claimable,
+    claimant_key,
+    claimant_params,
 )
 from csml.store.tables import Job
 
@@ -105,6 +110,8 @@ class NewJob:
     max_attempts: int
     requires_key: str | None = None  # placement: see `add_requirement_key`
     warm_key: str | None = None  # placement: `csml.placement.warm_key` of its model input
+    trusted_only: bool = False  # verify: operator workers only
+    min_reputation: int | None = None  # verify: the least reputation of a contributed worker
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +183,9 @@ def insert_job(
             "progress_message": "",
             "requires_key": job.requires_key,
             "warm_key": job.warm_key,
+            "trusted_only": job.trusted_only,
+            "min_reputation": job.min_reputation,
+            "verify_runs": 0,
         },
     ).scalar_one()
     add_files(conn, seq, files)
@@ -310,42 +320,9 @@ _WORKER_LIVE = (
     .exists()
 )
 _MET: BindParameter[Any] = bindparam("b_met", expanding=True)
-_CLAIMABLE = claimable(bindparam("b_worker"), bindparam("b_app"), _MET)
-_HEAD = (
-    select(JOBS.c.seq)
-    .where(_CLAIMABLE, _WORKER_LIVE)
-    .order_by(JOBS.c.fair_rank, JOBS.c.seq)
-    .limit(bindparam("max_jobs"))
-    .with_for_update(skip_locked=True)
-    .scalar_subquery()
-)
-# A worker holding models warm: of the first `window` claimable jobs (fair order, not
-# locked), those with a warm model first, then fair order; only the rows taken are
-# locked (SKIP LOCKED), each checked again to be queued.
-_WINDOW = (
-    select(JOBS.c.seq)
-    .where(_CLAIMABLE, _WORKER_LIVE)
-    .order_by(JOBS.c.fair_rank, JOBS.c.seq)
-    .limit(bindparam("b_window"))
-    .scalar_subquery()
-)
-_WARM_HEAD = (
-    select(JOBS.c.seq)
-    .where(JOBS.c.seq.in_(_WINDOW), JOBS.c.state == QUEUED)
-    .order_by(
-        case((JOBS.c.warm_key.in_(bindparam("b_warm", expanding=True)), 0), else_=1),
-        JOBS.c.fair_rank,
-        JOBS.c.seq,
-    )
-    .limit(bindparam("max_jobs"))
-    .with_for_update(skip_locked=True)
-    .scalar_subquery()
-)
-
-
-# credit: the head among jobs of identities with a positive balance (fair rank order). A
-# job taken so is out of order when a job of an identity without credit waits in an
-# earlier round (a lower fair rank) of the app: that run remembers its lease.
+# credit: a job taken by credit priority is out of order when a job of an identity
+# without credit waits in an earlier round (a lower fair rank) of the app: that run
+# remembers its lease.
 _AHEAD = JOBS.alias("ahead")
 _JUMPS = (
     select(_AHEAD.c.seq)
@@ -358,17 +335,54 @@ _JUMPS = (
     .correlate(JOBS)
     .exists()
 )
-_CREDITED_HEAD = (
-    select(JOBS.c.seq)
-    .where(_CLAIMABLE, _WORKER_LIVE, JOBS.c.owner_id.in_(credited_owner()))
-    .order_by(JOBS.c.fair_rank, JOBS.c.seq)
-    .limit(bindparam("max_jobs"))
-    .with_for_update(skip_locked=True)
-    .scalar_subquery()
-)
+PLAIN, WARM, CREDITED = "plain", "warm", "credited"
 
 
-def _take(head: Any, *, credited: bool = False) -> Any:
+@functools.cache
+def _take_statement(head: str, contributed: bool, quarantined: bool, operations: bool) -> Any:
+    """The claim statement, built once per variant. `head`: `PLAIN`, the claimable jobs
+    in fair order; `WARM`, of the first `b_window` of those (not locked), the ones whose
+    `warm_key` is in `b_warm` first, then fair order (only the rows taken are locked,
+    each checked again to be queued); `CREDITED`, only jobs of identities with a positive
+    balance, in fair order. The worker flags are a contributed worker's filters
+    (`claimable`); an operator worker's plain claim (all False) is the one of before."""
+    where = and_(
+        claimable(
+            bindparam("b_worker"),
+            bindparam("b_app"),
+            _MET,
+            contributed=contributed,
+            quarantined=quarantined,
+            operations=operations,
+        ),
+        _WORKER_LIVE,
+    )
+    if head == WARM:
+        window = (
+            select(JOBS.c.seq)
+            .where(where)
+            .order_by(JOBS.c.fair_rank, JOBS.c.seq)
+            .limit(bindparam("b_window"))
+            .scalar_subquery()
+        )
+        order: tuple[Any, ...] = (
+            case((JOBS.c.warm_key.in_(bindparam("b_warm", expanding=True)), 0), else_=1),
+            JOBS.c.fair_rank,
+            JOBS.c.seq,
+        )
+        where = and_(JOBS.c.seq.in_(window), JOBS.c.state == QUEUED)
+    else:
+        order = (JOBS.c.fair_rank, JOBS.c.seq)
+        if head == CREDITED:
+            where = and_(where, JOBS.c.owner_id.in_(credited_owner()))
+    heads = (
+        select(JOBS.c.seq)
+        .where(where)
+        .order_by(*order)
+        .limit(bindparam("max_jobs"))
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
     values: dict[str, Any] = {
         "state": RUNNING,
         "worker_id": bindparam("b_worker"),
@@ -388,15 +402,13 @@ def _take(head: Any, *, credited: bool = False) -> Any:
         JOBS.c.attempts,
         JOBS.c.fair_rank,
     ]
-    if credited:
+    if head == CREDITED:
         values["credit_lease"] = case((_JUMPS, bindparam("b_lease")), else_=None)
         returned.append(JOBS.c.credit_lease)
-    return update(JOBS).where(JOBS.c.seq.in_(head)).values(**values).returning(*returned)
+    return update(JOBS).where(JOBS.c.seq.in_(heads)).values(**values).returning(*returned)
 
 
-_TAKE = _take(_HEAD)
-_TAKE_WARM = _take(_WARM_HEAD)
-_TAKE_CREDITED = _take(_CREDITED_HEAD, credited=True)
+_TAKE = _take_statement(PLAIN, False, False, False)
 # The served rank moves up unless another transaction holds the app's row (then that
 # one moves it, or the next claim does): a claim never waits on it.
 _SERVE = (
@@ -440,6 +452,7 @@ def take(
     warm: Sequence[str] = (),
     window: int = 0,
     credited: bool = False,
+    claimant: Claimant | None = None,
 ) -> list[Claimed]:
     """Claim up to `max_jobs` of the queue head for this worker (see the invariants), in
     claim order. A worker that has left or whose join token was revoked (`stopped_at`)
@@ -452,7 +465,9 @@ def take(
     `credited` (credit priority, `csml.coordinator.credit`): only jobs of identities
     with a positive balance, lowest fair rank first (warm keys play no part then); one
     taken out of order (see `_JUMPS`) comes back with `by_credit` and its job keeps this
-    lease in `credit_lease`; the served rank moves only for those taken in order."""
+    lease in `credit_lease`; the served rank moves only for those taken in order.
+
+    `claimant`: a contributed worker's filters (None: an operator worker)."""
     params = {
         "b_worker": worker_id,
         "b_app": app,
@@ -461,14 +476,17 @@ def take(
         "b_until": lease_until,
         "b_now": now,
         "b_met": list(met),
+        **claimant_params(claimant),
     }
     if credited:
-        rows = conn.execute(_TAKE_CREDITED, params).all()
+        head = CREDITED
     elif warm and window > 0:
+        head = WARM
         params.update(b_warm=list(warm), b_window=max(window, max_jobs))
-        rows = conn.execute(_TAKE_WARM, params).all()
     else:
-        rows = conn.execute(_TAKE, params).all()
+        head = PLAIN
+    stmt = _take_statement(head, *claimant_key(claimant))
+    rows = conn.execute(stmt, params).all()
     if not rows:
         return []
     seqs = [r.seq for r in rows]

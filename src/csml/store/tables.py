@@ -125,6 +125,11 @@ class Worker(Base):
     stopped_at: Mapped[datetime | None]
     # placement: the labels the worker announced at registration (None: none).
     labels: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    # verify: the worker's record against accepted results (`csml.coordinator.verification`)
+    # and when it was quarantined (None: it is not).
+    agreements: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    disagreements: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    quarantined_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class AppRecord(Base):
@@ -165,6 +170,9 @@ class ContributionSetting(Base):
     # credit (issue 13 item 2): credit per wall second of a run of this app (earned by a
     # contributor, spent by a job served by priority). No row: 1.0.
     credit_weight: Mapped[float] = mapped_column(Float, default=1.0, server_default="1.0")
+    # verify: how contributed workers' results are checked (`none`, `replicate:k`,
+    # `spot-check:p`); None: the default (`csml.coordinator.verification.DEFAULT`).
+    verification: Mapped[str | None] = mapped_column(String(32), default=None)
 
 
 class AppVersion(Base):
@@ -217,6 +225,12 @@ class Job(Base):
     # (`placement.warm_key`; None: no model input).
     requires_key: Mapped[str | None] = mapped_column(String(64), default=None)
     warm_key: Mapped[str | None] = mapped_column(String(64), default=None)
+    # verify: operator workers only (asked by the user, or a check that needs a trusted
+    # run); the least reputation of a contributed worker that may take it; how many runs
+    # of it wait for agreement (`job_runs`; 0: none, a plain job).
+    trusted_only: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    min_reputation: Mapped[int | None] = mapped_column(Integer, default=None)
+    verify_runs: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     files: Mapped[list[JobFile]] = relationship(
         back_populates="job", cascade="all, delete-orphan", lazy="selectin"

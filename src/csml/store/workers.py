@@ -59,8 +59,12 @@ class WorkerRow:
     last_heartbeat: datetime
     stopped_at: datetime | None
     labels: dict[str, Any] | None = None  # placement: announced at registration
-    # credit: the identity that contributed it (its join token's), None for the operator's;
-    # read only by `worker_by_token` (the worker a request authenticates as).
+    # verify: its record (`csml.coordinator.verification`).
+    agreements: int = 0
+    disagreements: int = 0
+    quarantined_at: datetime | None = None
+    # credit, verify: the identity that contributed it (its join token's), None for the
+    # operator's; read only by `worker_by_token` (the worker a request authenticates as).
     contributor_id: str | None = None
 
 
@@ -103,6 +107,9 @@ _WORKER_COLUMNS = (
     Worker.last_heartbeat,
     Worker.stopped_at,
     Worker.labels,
+    Worker.agreements,
+    Worker.disagreements,
+    Worker.quarantined_at,
 )
 _by_token = (
     select(*_WORKER_COLUMNS, JoinToken.revoked_at, JoinToken.contributor_id)
@@ -232,8 +239,10 @@ def add_worker(
     sandbox: str,
     now: datetime,
     labels: dict[str, Any] | None = None,
+    quarantined_at: datetime | None = None,
 ) -> str:
-    """Add a joining worker's row (live from `now`); its id."""
+    """Add a joining worker's row (live from `now`; `quarantined_at`: quarantined from the
+    start, see `quarantined_under`); its id."""
     worker = Worker(
         id=ids.new_id(),
         token_hash=token_hash,
@@ -245,9 +254,22 @@ def add_worker(
         registered_at=now,
         last_heartbeat=now,
         labels=labels or None,
+        quarantined_at=quarantined_at,
     )
     session.add(worker)
     return worker.id
+
+
+def quarantined_under(session: Session, join_token_id: str) -> bool:
+    """Whether a worker that joined with this token is quarantined (verification): a
+    contributed worker registering again with it starts quarantined, so restarting a
+    caught worker does not clear its record (the operator lifts quarantines)."""
+    found = session.scalar(
+        select(Worker.id)
+        .where(Worker.join_token_id == join_token_id, Worker.quarantined_at.is_not(None))
+        .limit(1)
+    )
+    return found is not None
 
 
 def add_worker_key(

@@ -304,6 +304,17 @@ def test_confidential_toggle_says_what_the_workers_prove(joined: Any) -> None:
     assert page.get_by_role("button", name="Submit job").is_enabled()
 
 
+def test_operator_workers_only_is_sent_with_the_job(joined: Any, web_cluster: Cluster) -> None:
+    page = joined()
+    choose(page, "echo", "echo")
+    words = page.locator("#trusted-words").inner_text()
+    assert "no contributed worker serves this app now" in words
+    page.get_by_label("Operator's workers only").check()
+    job_id = submit_job(page)
+    job = Client(web_cluster.url, token_of(page)).job(job_id)
+    assert job.data.trusted_only is True
+
+
 def test_training_metrics_are_plotted_per_epoch(
     joined: Any, web_cluster: Cluster, tmp_path: Path
 ) -> None:
@@ -373,7 +384,6 @@ def test_keyboard_alone_joins_and_submits(pages: Pages, photo: Path) -> None:
 def test_credit_page_shows_balance_and_ledger(joined: Any, web_cluster: Cluster) -> None:
     """The page shows what the ledger holds: two earnings written by the store's own
     `earn` (the acceptance test earns for real: tests/integration/test_credit.py)."""
-    from datetime import timedelta
 
     from csml.store import credit as ledger
     from csml.store.db import make_engine, sqlite_url, transaction
@@ -392,12 +402,9 @@ def test_credit_page_shows_balance_and_ledger(joined: Any, web_cluster: Cluster)
             with transaction(sessions_of(engine)) as session:
                 ledger.earn(
                     session.connection(),
+                    ledger.Run("a" * 64, "echo", "b" * 64, seconds),
                     contributor_id=me,
                     owner_id="another identity",
-                    job_id="a" * 64,
-                    app="echo",
-                    worker_id="b" * 64,
-                    started_at=now - timedelta(seconds=seconds),
                     now=now,
                     max_seconds=600,
                 )

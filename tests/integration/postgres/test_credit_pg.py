@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
 
 import pytest
 
@@ -34,12 +33,9 @@ def give(core: Core, identity: str, seconds: float) -> None:
     core.writer.run(
         lambda conn: ledger.earn(
             conn,
+            ledger.Run("0" * 64, "echo", "w", seconds),
             contributor_id=identity,
             owner_id="someone else",
-            job_id="0" * 64,
-            app="echo",
-            worker_id="w",
-            started_at=now - timedelta(seconds=seconds),
             now=now,
             max_seconds=600,
         )
@@ -76,11 +72,8 @@ def test_claim_statements_with_and_without_credit(core: Core) -> None:
     core.writer.run(
         lambda conn: ledger.spend(
             conn,
+            ledger.Run("1" * 64, "echo", "w", 1.0),
             owner_id=alice,
-            job_id="1" * 64,
-            app="echo",
-            worker_id="w",
-            started_at=utcnow() - timedelta(seconds=1),
             now=utcnow(),
             max_seconds=600,
         )

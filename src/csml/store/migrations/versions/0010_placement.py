@@ -1,7 +1,7 @@
 """placement: worker labels, job requirement and warm-model keys, the requirement keys
 
 Revision ID: 0010_placement
-Revises: 0008_credit
+Revises: 0009_verification
 Create Date: 2026-12-06
 """
 
@@ -13,7 +13,7 @@ from alembic import op
 from csml.store.tables import UTCDateTime
 
 revision = "0010_placement"
-down_revision = "0008_credit"
+down_revision = "0009_verification"
 branch_labels = None
 depends_on = None
 

@@ -98,11 +98,12 @@ class Batch {
    * `parts`: the operation's file inputs in order, `{name, file}` (file null when none is
    * sent) with exactly one `{name, batch: true}`; `files`: `[{file, path}]` for that one.
    */
-  constructor({ app, operation, params, parts, files }) {
+  constructor({ app, operation, params, parts, files, trustedOnly = false }) {
     this.id = newId("batch");
     this.app = app;
     this.operation = operation;
     this.params = params;
+    this.trustedOnly = trustedOnly;
     this.parts = parts;
     this.input = parts.find((p) => p.batch).name;
     this.items = files.map(({ file, path }, index) => ({
@@ -149,7 +150,9 @@ class Batch {
 
   form(item) {
     const data = new FormData();
-    data.append("spec", JSON.stringify({ app: this.app, operation: this.operation, params: this.params }));
+    const spec = { app: this.app, operation: this.operation, params: this.params };
+    if (this.trustedOnly) spec.trusted_only = true;
+    data.append("spec", JSON.stringify(spec));
     for (const part of this.parts) {
       const file = part.batch ? item.file : part.file;
       if (file) data.append(part.name, file, file.name);

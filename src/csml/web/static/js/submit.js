@@ -187,6 +187,17 @@ export async function renderSubmit(root) {
   const requires = h("input", { type: "text", id: "requires", name: "requires", placeholder: "e.g. gpu=true, gpu_memory_gb>=16", autocomplete: "off" });
   const requiresHelp = h("p", { class: "help", id: "requires-help" });
   requires.setAttribute("aria-describedby", "requires-help");
+  // Verification (issue 13): only the operator's workers, never a contributed one.
+  const trusted = h("input", { type: "checkbox", id: "trusted-only", name: "trusted_only" });
+  const trustedWords = h("p", { class: "help", id: "trusted-words", "aria-live": "polite" });
+  trusted.setAttribute("aria-describedby", "trusted-words");
+  const trustedBox = h("div", { class: "check" }, trusted, h("label", { for: "trusted-only" }, "Operator's workers only"));
+  function trustWords(app) {
+    const n = app ? app.contributed_workers || 0 : 0;
+    trustedWords.textContent = n
+      ? `${n} of this app's workers ${n === 1 ? "is" : "are"} contributed by other users: they can read the jobs they run, and their results are checked before you see them. Tick to keep your job on the operator's workers.`
+      : "Run it only on the operator's workers (no contributed worker serves this app now).";
+  }
   const submit = h("button", { type: "submit", class: "button primary" }, "Submit job");
   const formError = h("p", { class: "field-error", role: "alert", hidden: true });
   let current = { files: [], params: null, op: null, app: null };
@@ -237,6 +248,7 @@ export async function renderSubmit(root) {
     const params = buildParams(paramsBox, op.params_schema, special);
     current = { app, op, files, params };
     label();
+    trustWords(app);
     confidential.checked = false;
     confWords.textContent = "";
     submit.disabled = false;
@@ -274,6 +286,8 @@ export async function renderSubmit(root) {
     h("div", { class: "field" }, h("label", { for: "requires" }, "Worker requirements (optional)"), requires, requiresHelp),
     h("div", { class: "check" }, confidential, h("label", { for: "confidential" }, "Confidential (end-to-end encrypted)")),
     confWords,
+    trustedBox,
+    trustedWords,
     formError,
     h("div", { class: "actions" }, submit),
   );
@@ -312,6 +326,7 @@ export async function renderSubmit(root) {
         params,
         parts: sent.map((f) => (f === many[0] ? { name: f.spec.name, batch: true } : { name: f.spec.name, file: f.files()[0]?.file || null })),
         files: many[0].files(),
+        trustedOnly: trusted.checked,
       });
       announce(`Batch of ${batch.items.length} jobs started (${current.op.name.replaceAll("_", " ")}).`, "success");
       for (const f of current.files) f.reset();
@@ -328,6 +343,7 @@ export async function renderSubmit(root) {
       return;
     }
     if (Object.keys(needs).length) spec.requires = needs;
+    if (trusted.checked) spec.trusted_only = true;
     const data = new FormData();
     data.append("spec", JSON.stringify(spec));
     for (const f of sent) {
