@@ -179,6 +179,18 @@ def record(c: InProcessCoordinator, worker_id: str) -> dict[str, Any]:
     return dict(found)
 
 
+def earned_by(c: InProcessCoordinator, w: HttpWorker) -> int:
+    """Milli-credits the ledger (`csml.store.credit`) holds as earned by `w`'s contributor."""
+    from csml import ids
+    from csml.store import credit as ledger
+    from csml.store.workers import worker_by_token
+
+    with c.core.engine.connect() as conn:
+        auth = worker_by_token(conn, ids.hash_secret(w.registered.worker_token))
+        assert auth is not None and auth.worker.contributor_id is not None
+        return ledger.balance_of(conn, auth.worker.contributor_id).earned
+
+
 def runs_of(c: InProcessCoordinator, worker_id: str) -> list[dict[str, Any]]:
     with c.core.engine.connect() as conn:
         return store.runs_of_worker(conn, worker_id)
@@ -206,6 +218,7 @@ def test_replicate_2_holds_a_result_until_another_party_agrees(
     assert [(r["outcome"], r["credit"]) for r in runs_of(c, a.id)] == [("agreed", "held")]
     assert [(r["outcome"], r["credit"]) for r in runs_of(c, b.id)] == [("accepted", "held")]
     assert record(c, a.id)["agreements"] == 1 and record(c, b.id)["agreements"] == 1
+    assert earned_by(c, a) == earned_by(c, b) == 0  # held: nothing in the ledger yet
     # A second agreement each: out of probation, the held credit is earned.
     other = submit(c, bob.token, params={"n": 5})
     [j] = b.claim()
@@ -216,6 +229,7 @@ def test_replicate_2_holds_a_result_until_another_party_agrees(
     for w in (a, b):
         assert [r["credit"] for r in runs_of(c, w.id)] == ["earned", "earned"]
         assert not record(c, w.id)["probation"]
+        assert earned_by(c, w) > 0  # the ledger holds what the two runs earned
 
 
 def test_a_liar_is_outvoted_quarantined_and_then_only_rechecks(
@@ -258,6 +272,7 @@ def test_a_liar_is_outvoted_quarantined_and_then_only_rechecks(
     assert not any(r["credit"] for r in runs_of(c, liar.id))
     # The honest one's second agreement ends its probation: both runs earned.
     assert [r["credit"] for r in runs_of(c, honest.id)] == ["earned", "earned"]
+    assert earned_by(c, liar) == 0 and earned_by(c, honest) > 0
 
     listed = c.http.get("/v1/operator/contributions/workers?quarantined=true", headers=OPERATOR)
     assert [w["id"] for w in listed.json()["workers"]] == [liar.id]
