@@ -679,39 +679,24 @@ class JobQueue:
                 writes.stamp_worker(conn, worker_id, now)
             abort, progressed = self._beat(conn, worker_id, running, now)
             until = now + timedelta(seconds=self.settings.lease_seconds)
-            if credit is None:
-                taken = writes.take(
+
+            def take(limit: int, credited: bool = False) -> list[Claimed]:
+                return writes.take(
                     conn,
                     worker_id,
                     app,
-                    max_jobs,
+                    limit,
                     lease_id,
                     now,
                     until,
                     met=met,
                     warm=warm,
                     window=window,
+                    credited=credited,
                     claimant=claimant,
                 )
-            else:
-                taken = credit.claim(
-                    app,
-                    max_jobs,
-                    lambda limit, credited: writes.take(
-                        conn,
-                        worker_id,
-                        app,
-                        limit,
-                        lease_id,
-                        now,
-                        until,
-                        met=met,
-                        warm=warm,
-                        window=window,
-                        credited=credited,
-                        claimant=claimant,
-                    ),
-                )
+
+            taken = take(max_jobs) if credit is None else credit.claim(app, max_jobs, take)
             return _Claim(stamp, abort, progressed, taken, lease_id)
 
         return op

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import AfterValidator, BaseModel, Field
 
 from csml import placement
+
+Requirement = Annotated[dict[str, Any], AfterValidator(placement.check_requires)]
+"""Labels a worker must have (`csml.placement`'s language), checked: an operation's or a
+job's `requires`."""
 
 
 class ModelFormat(BaseModel):
@@ -35,16 +39,11 @@ class OperationInfo(BaseModel):
     params_schema: dict[str, Any] = Field(description="JSON schema of the parameters.")
     inputs: list[FileSpec] = []
     outputs: list[FileSpec] = []
-    requires: dict[str, Any] = Field(
+    requires: Requirement = Field(
         {},
         description='Labels a worker must have to run this operation, e.g. {"gpu": true} '
         'or {"gpu_memory_gb": {"min": 16}} (see docs/user-guide/placement.md).',
     )
-
-    @field_validator("requires")
-    @classmethod
-    def _requires(cls, requires: dict[str, Any]) -> dict[str, Any]:
-        return placement.check_requires(requires)
 
     deterministic: bool = Field(
         False,

@@ -6,9 +6,9 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from csml import placement
+from csml.schemas.apps import Requirement
 from csml.schemas.confidential import ConfidentialSpec, EncryptedResult
 
 
@@ -45,16 +45,11 @@ class JobSpec(BaseModel):
         None,
         description="End-to-end encrypted job: `params` must be {}, the inputs are ciphertext.",
     )
-    requires: dict[str, Any] = Field(
+    requires: Requirement = Field(
         {},
         description="Labels the worker must have, besides the operation's own: a value "
         'means equality, {"min": n} a numeric minimum (see docs/user-guide/placement.md).',
     )
-
-    @field_validator("requires")
-    @classmethod
-    def _requires(cls, requires: dict[str, Any]) -> dict[str, Any]:
-        return placement.check_requires(requires)
 
     trusted_only: bool = Field(
         False,
