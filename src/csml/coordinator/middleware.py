@@ -32,13 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from fastapi.middleware.asyncexitstack import AsyncExitStackMiddleware
-from fastapi.routing import (
-    _FASTAPI_EFFECTIVE_ROUTE_CONTEXT_KEY,
-    _FASTAPI_SCOPE_KEY,
-    APIRoute,
-    _EffectiveRouteContext,
-    _iter_routes_with_context,
-)
+from fastapi.routing import APIRoute
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import Request
@@ -47,6 +41,18 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from csml.coordinator.errors import ApiError
 from csml.schemas.batches import MAX_BATCH_BODY_BYTES
+
+try:  # FastAPI's included-router contexts (0.165): without them, no hot dispatch
+    from fastapi.routing import (
+        _FASTAPI_EFFECTIVE_ROUTE_CONTEXT_KEY,
+        _FASTAPI_SCOPE_KEY,
+        _EffectiveRouteContext,
+        _iter_routes_with_context,
+    )
+
+    ROUTE_CONTEXTS = True
+except ImportError:  # pragma: no cover - another FastAPI: every request takes the full stack
+    ROUTE_CONTEXTS = False
 
 if TYPE_CHECKING:
     from prometheus_client import Histogram
@@ -250,7 +256,9 @@ class HotRoutes:
     own ASGI app (its `lean` handler), with the scope the router would have given
     (`router`, `route`, `endpoint`, `path_params`, FastAPI's effective route).
     Everything else goes to the full stack: another method or path, a `root_path`,
-    a non-HTTP scope, FastAPI's telemetry, an application-wide body limit. The
+    a non-HTTP scope, FastAPI's telemetry, an application-wide body limit, and
+    every request under a FastAPI without included-router contexts (it reads
+    FastAPI 0.165's `_EffectiveRouteContext`; `test_lean_routes` then fails). The
     routes stay in the app, so OpenAPI is unchanged.
     """
 
@@ -260,7 +268,8 @@ class HotRoutes:
         marked = set(map(id, lean))
         self.routes: list[tuple[_EffectiveRouteContext, list[Any]]] = []
         earlier: list[Any] = []
-        for route, context in _iter_routes_with_context(application.router.routes):
+        routes = _iter_routes_with_context(application.router.routes) if ROUTE_CONTEXTS else []
+        for route, context in routes:
             if (
                 context is not None
                 and isinstance(route, APIRoute)
