@@ -11,15 +11,21 @@ the event loop thread's, per request (the writer thread's commits are the same e
 way and left out), median over every request of every round: a busy machine delays a
 request but charges few others' CPU to it.
 
-    /work/venv/bin/python bench/request_cost.py [--jobs 300] [--rounds 3]
+    /work/venv/bin/python bench/request_cost.py [--jobs 300] [--rounds 3] [--calls]
+
+With `--calls`, the steps also run under cProfile and the table adds the Python
+function calls per request, app and framework (app minus services): a count, not a
+time, so it compares two trees on a busy machine (the times do not profile).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import json
 import os
+import pstats
 import statistics
 import sys
 import tempfile
@@ -102,7 +108,21 @@ async def measure(n: int, step: Callable[[int], Awaitable[None]]) -> list[float]
     return spent
 
 
-async def run(jobs: int, rounds: int) -> dict[str, Any]:
+async def counted(
+    n: int, step: Callable[[int], Awaitable[None]], calls: list[float]
+) -> list[float]:
+    """`measure` under cProfile; appends the Python calls per step to `calls`."""
+    profile = cProfile.Profile()
+    profile.enable()
+    try:
+        spent = await measure(n, step)
+    finally:
+        profile.disable()
+    calls.append(pstats.Stats(profile).total_calls / n)  # type: ignore[attr-defined]
+    return spent
+
+
+async def run(jobs: int, rounds: int, calls: bool = False) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="csml-request-cost-"))
     settings = Settings(
         data_dir=root / "data",
@@ -150,8 +170,18 @@ async def run(jobs: int, rounds: int) -> dict[str, Any]:
 
     results: dict[str, dict[str, list[float]]] = {}
 
+    counts: dict[str, dict[str, list[float]]] = {}
+
     def note(route: str, how: str, us: list[float]) -> None:
         results.setdefault(route, {}).setdefault(how, []).extend(us)
+
+    async def timed(route: str, how: str, step: Callable[[int], Awaitable[None]]) -> None:
+        if calls and rounds_done == 0:  # an extra first round, counted and not timed
+            await counted(jobs, step, counts.setdefault(route, {}).setdefault(how, []))
+        else:
+            note(route, how, await measure(jobs, step))
+
+    rounds_done = 0
 
     async def one_round() -> None:
         # -- through the app ------------------------------------------------------
@@ -190,7 +220,7 @@ async def run(jobs: int, rounds: int) -> dict[str, Any]:
             ("get", get),
             ("claim (empty)", empty),
         ]:
-            note(route, "app", await measure(jobs, step))
+            await timed(route, "app", step)
 
         # -- the same services, called directly -----------------------------------
         made.clear()
@@ -231,9 +261,10 @@ async def run(jobs: int, rounds: int) -> dict[str, Any]:
             ("get", get_d),
             ("claim (empty)", empty_d),
         ]:
-            note(route, "services", await measure(jobs, step))
+            await timed(route, "services", step)
 
-    for _ in range(rounds):
+    for done in range(rounds + (1 if calls else 0)):
+        rounds_done = done
         await one_round()
     tally = counters(c.engine)
     c.writer.close()
@@ -247,6 +278,10 @@ async def run(jobs: int, rounds: int) -> dict[str, Any]:
             "framework_us": round(a - s),
             "framework_share": round((a - s) / a, 2),
         }
+        if route in counts:
+            app_calls, services_calls = counts[route]["app"][0], counts[route]["services"][0]
+            table[route]["app_calls"] = round(app_calls)
+            table[route]["framework_calls"] = round(app_calls - services_calls)
     return {
         "jobs": jobs,
         "rounds": rounds,
@@ -260,15 +295,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--calls", action="store_true", help="also count Python calls")
     args = parser.parse_args()
     started = time.monotonic()
-    out = asyncio.run(run(args.jobs, args.rounds))
+    out = asyncio.run(run(args.jobs, args.rounds, args.calls))
     print(f"load {out['load']}, {args.jobs} jobs x {args.rounds} rounds")
-    print(f"{'route':24} {'app µs':>8} {'services µs':>12} {'framework µs':>13} {'share':>6}")
+    extra = f" {'app calls':>10} {'framework calls':>16}" if args.calls else ""
+    print(
+        f"{'route':24} {'app µs':>8} {'services µs':>12} {'framework µs':>13} {'share':>6}{extra}"
+    )
     for route, r in out["routes"].items():
+        more = f" {r['app_calls']:10d} {r['framework_calls']:16d}" if args.calls else ""
         print(
             f"{route:24} {r['app_us']:8d} {r['services_us']:12d} "
-            f"{r['framework_us']:13d} {r['framework_share']:6.2f}"
+            f"{r['framework_us']:13d} {r['framework_share']:6.2f}{more}"
         )
     print(f"({time.monotonic() - started:.1f} s)")
 

@@ -146,3 +146,24 @@ def test_a_claim_writes_a_riding_heartbeat_only_when_the_lease_needs_it(
     assert counters(engine).write_commits == commits + 2
     coordinator.core.queue.cancel(owner_of(coordinator, job.id), job.id)
     assert claim_with_beat(fraction=0.5, message="half")["abort"] == [job.id]
+
+
+def test_the_rank_upsert_reads_the_served_rank_itself(coordinator: InProcessCoordinator) -> None:
+    """One statement: one past the larger of the owner's last rank and the app's served
+    rank, and no row at all (None) for an app that does not exist."""
+    from sqlalchemy import update
+
+    a = owner_of(coordinator, coordinator.new_user().submit("echo", "echo").id)  # rank 1
+    b = owner_of(coordinator, coordinator.new_user().submit("echo", "echo").id)  # rank 1
+    with coordinator.core.engine.begin() as conn:
+        assert jobs_write.next_rank(conn, "echo", a) == 2  # its own last rank + 1
+        conn.execute(update(store.APPS).where(store.APPS.c.name == "echo").values(served_rank=9))
+        assert jobs_write.next_rank(conn, "echo", a) == 10  # behind: joins at served + 1
+        assert jobs_write.next_rank(conn, "echo", b) == 10
+        assert jobs_write.next_rank(conn, "echo", a) == 11  # ahead: its own last rank + 1
+        assert jobs_write.next_rank(conn, "no-such-app", a) is None
+        rows = conn.execute(
+            store.COUNTERS.select().where(store.COUNTERS.c.app == "no-such-app")
+        ).all()
+        assert rows == []
+        conn.rollback()

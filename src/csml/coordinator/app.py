@@ -1,7 +1,9 @@
 """The FastAPI application and its background tasks.
 
 Every request passes through pure-ASGI middleware only (csml.coordinator.middleware):
-latency observation outermost, then the body limits; routes with a body
+latency observation outermost, then the body limits; the `lean` hot routes are
+dispatched in front of the generic stack (`HotRoutes`), through the same middleware
+and exception handlers; routes with a body
 parameter authenticate before reading it (csml.coordinator.auth). Staging
 folders left by uploads that never finished are swept at start-up.
 """
@@ -19,6 +21,7 @@ from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp
 
 import csml
 from csml import ids
@@ -35,12 +38,13 @@ from csml.coordinator import (
     api_workers,
     retention,
 )
+from csml.coordinator.auth import LEAN
 from csml.coordinator.catalog import Catalog
 from csml.coordinator.config import Settings, read_secret_file
 from csml.coordinator.errors import ApiError, install_handlers
 from csml.coordinator.identity_cache import IdentityCache
 from csml.coordinator.metrics import make_registry
-from csml.coordinator.middleware import BodyLimits, ObserveLatency
+from csml.coordinator.middleware import BodyLimits, HotRoutes, ObserveLatency
 from csml.coordinator.notify import Notifier
 from csml.coordinator.queue import JobQueue
 from csml.coordinator.state import Core
@@ -147,6 +151,13 @@ def _document_job_spec(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+class Coordinator(FastAPI):
+    """The application, with `HotRoutes` in front of its stack for the `lean` routes."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return HotRoutes(super().build_middleware_stack(), self, LEAN)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     core = build_core(settings)
@@ -170,7 +181,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             core.writer.close()
             core.engine.dispose()
 
-    app = FastAPI(
+    app = Coordinator(
         title="CSML",
         version=csml.__version__,
         description="Collaborative and secure machine learning: anonymous identities submit "

@@ -26,14 +26,33 @@ method, route template and status (`csml_http_request_seconds`), as the former
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from fastapi import FastAPI
+from fastapi.middleware.asyncexitstack import AsyncExitStackMiddleware
+from fastapi.routing import APIRoute
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.middleware.exceptions import ExceptionMiddleware
+from starlette.requests import Request
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from csml.coordinator.errors import ApiError
 from csml.schemas.batches import MAX_BATCH_BODY_BYTES
+
+try:  # FastAPI's included-router contexts (0.165): without them, no hot dispatch
+    from fastapi.routing import (
+        _FASTAPI_EFFECTIVE_ROUTE_CONTEXT_KEY,
+        _FASTAPI_SCOPE_KEY,
+        _EffectiveRouteContext,
+        _iter_routes_with_context,
+    )
+
+    ROUTE_CONTEXTS = True
+except ImportError:  # pragma: no cover - another FastAPI: every request takes the full stack
+    ROUTE_CONTEXTS = False
 
 if TYPE_CHECKING:
     from prometheus_client import Histogram
@@ -220,3 +239,135 @@ class ObserveLatency:
             await send(message)
 
         await self.app(scope, receive, observed)
+
+
+class HotRoutes:
+    """Serves the `lean` routes (`csml.coordinator.auth.lean`) without the router's walk.
+
+    In front of the application's stack: a request whose method and path are those
+    of a lean route (and of no route the router tries before it) does not walk the
+    router (FastAPI's included routers try every route of every router in order,
+    the largest share of the framework's cost on these routes). It runs through
+    the same layers otherwise: an answer for an unhandled exception as
+    `ServerErrorMiddleware` gives (then raised again), the application's user
+    middleware (`ObserveLatency`, `BodyLimits`: same metrics labels, same body
+    bounds), Starlette's `ExceptionMiddleware` with the application's handlers
+    (`csml.coordinator.errors`), FastAPI's exit-stack middleware, and the route's
+    own ASGI app (its `lean` handler), with the scope the router would have given
+    (`router`, `route`, `endpoint`, `path_params`, FastAPI's effective route).
+    Everything else goes to the full stack: another method or path, a `root_path`,
+    a non-HTTP scope, FastAPI's telemetry, an application-wide body limit, and
+    every request under a FastAPI without included-router contexts (it reads
+    FastAPI 0.165's `_EffectiveRouteContext`; `test_lean_routes` then fails). The
+    routes stay in the app, so OpenAPI is unchanged.
+    """
+
+    def __init__(self, app: ASGIApp, application: FastAPI, lean: Iterable[object]) -> None:
+        self.app = app
+        self.router = application.router
+        marked = set(map(id, lean))
+        self.routes: list[tuple[_EffectiveRouteContext, list[Any]]] = []
+        earlier: list[Any] = []
+        routes = _iter_routes_with_context(application.router.routes) if ROUTE_CONTEXTS else []
+        for route, context in routes:
+            if (
+                context is not None
+                and isinstance(route, APIRoute)
+                and id(route.endpoint) in marked
+                and context.app is not None
+                and context.path_regex is not None
+            ):
+                shadows = [r for r in earlier if _may_shadow(r, context)]
+                self.routes.append((context, shadows))
+            earlier.append(context if context is not None else route)
+        handlers: dict[Any, Any] = {}
+        self.error_handler: Any = None
+        for key, value in application.exception_handlers.items():
+            if key in (500, Exception):
+                self.error_handler = value
+            else:
+                handlers[key] = value
+        inner: ASGIApp = AsyncExitStackMiddleware(self._dispatch)
+        inner = ExceptionMiddleware(inner, handlers=handlers, debug=application.debug)
+        for cls, args, kwargs in reversed(application.user_middleware):
+            inner = cls(inner, *args, **kwargs)
+        self.inner = inner
+        self.enabled = bool(self.routes) and getattr(application, "max_body_size", None) is None
+
+    def _match(self, scope: Scope) -> tuple[_EffectiveRouteContext, dict[str, Any]] | None:
+        if (
+            not self.enabled
+            or scope["type"] != "http"
+            or scope.get("root_path")
+            or "fastapi.telemetry" in scope
+        ):
+            return None
+        method = scope["method"]
+        path = scope["path"]
+        for context, shadows in self.routes:
+            if method not in context.methods:
+                continue
+            found = context.path_regex.match(path)
+            if found is None:
+                continue
+            for shadow in shadows:
+                if shadow.matches(scope)[0] is Match.FULL:
+                    return None
+            params = found.groupdict()
+            for key, value in params.items():
+                params[key] = context.param_convertors[key].convert(value)
+            return context, params
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        matched = self._match(scope)
+        if matched is None:
+            await self.app(scope, receive, send)
+            return
+        context, params = matched
+        scope["router"] = self.router
+        scope["endpoint"] = context.endpoint
+        scope["path_params"] = {**scope.get("path_params", {}), **params}
+        scope.setdefault(_FASTAPI_SCOPE_KEY, {})[_FASTAPI_EFFECTIVE_ROUTE_CONTEXT_KEY] = context
+        scope["route"] = context.original_route
+        started = False
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.inner(scope, receive, watched)
+        except Exception as exc:
+            if self.error_handler is not None and not started:
+                response = await self.error_handler(Request(scope), exc)
+                await response(scope, receive, send)
+            raise
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
+        context = scope[_FASTAPI_SCOPE_KEY][_FASTAPI_EFFECTIVE_ROUTE_CONTEXT_KEY]
+        await context.app(scope, receive, send)
+
+
+def _segments(path: str) -> list[str]:
+    return path.strip("/").split("/")
+
+
+def _may_shadow(earlier: Any, lean: _EffectiveRouteContext) -> bool:
+    """Whether `earlier` (tried first by the router) might match a path that `lean` matches."""
+    if not isinstance(earlier, _EffectiveRouteContext | Route) or not isinstance(
+        getattr(earlier, "original_route", earlier), Route
+    ):
+        return True  # a mount, a websocket route, anything else: checked per request
+    if earlier.methods and not (set(earlier.methods) & set(lean.methods)):
+        return False
+    if any(c.regex != "[^/]+" for c in earlier.param_convertors.values()):
+        return True
+    mine, theirs = _segments(lean.path_format), _segments(earlier.path_format)
+    if len(mine) != len(theirs):
+        return False
+    return all(
+        a == b or a.startswith("{") or b.startswith("{") for a, b in zip(mine, theirs, strict=True)
+    )

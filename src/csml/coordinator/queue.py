@@ -457,15 +457,14 @@ class JobQueue:
             quotas.check_new_job(
                 self, conn, self.catalog, owner_id, upload_bytes=upload, adding_models=adding
             )
-            served = store.served_rank(conn, spec.app)
-            if served is None:
-                raise NotFound("unknown_app", f"no application {spec.app!r}")
             if not self._far_from_full(conn, spec.app):
                 # Near the bound: exact, under the app's lock (far from it: no lock).
                 writes.lock_app(conn, spec.app)
                 self._check_capacity(conn, spec.app)
             self._check_recipients(conn, spec)
-            rank = writes.next_rank(conn, spec.app, owner_id, served)
+            rank = writes.next_rank(conn, spec.app, owner_id)  # reads the app's served rank
+            if rank is None:
+                raise NotFound("unknown_app", f"no application {spec.app!r}")
             params, rows = dict(spec.params), list(inputs)
             if artifacts.requested_model(spec) is not None:
                 params, linked = self._attach_model(conn, owner_id, spec, job_id, set(files))

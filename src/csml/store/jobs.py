@@ -358,18 +358,11 @@ _DEPTH = (
     .select_from(JOBS)
     .where(JOBS.c.app == bindparam("app"), JOBS.c.state == QUEUED)
 )
-_SERVED = select(APPS.c.served_rank).where(APPS.c.name == bindparam("app"))
 
 
 def queued_depth(conn: Connection | Session, app: str) -> int:
     """How many of `app`'s jobs are queued (an exact count)."""
     return int(conn.scalar(_DEPTH, {"app": app}) or 0)
-
-
-def served_rank(conn: Connection, app: str) -> int | None:
-    """The rank `app` last served (None: no such app)."""
-    value = conn.scalar(_SERVED, {"app": app})
-    return None if value is None else int(value)
 
 
 def keyed_live_workers(conn: Connection, worker_ids: Sequence[str], app: str) -> set[str]:

@@ -38,7 +38,6 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
-    BigInteger,
     and_,
     bindparam,
     case,
@@ -131,18 +130,26 @@ def lock_app(conn: Connection, app: str) -> None:
 
 
 def _rank_upsert(dialect: str) -> Any:
+    """INSERT ... SELECT from the app's row (so no row at all for an unknown app) ...
+    ON CONFLICT DO UPDATE: the app's served rank is read by the upsert itself."""
     from sqlalchemy.dialects import postgresql, sqlite
 
     upsert: Any = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    served = bindparam("served", type_=BigInteger())
-    stmt = upsert(COUNTERS).values(
-        app=bindparam("b_app"), owner_id=bindparam("b_owner"), last_rank=served + 1
+    first = select(
+        APPS.c.name, bindparam("b_owner", type_=COUNTERS.c.owner_id.type), APPS.c.served_rank + 1
+    ).where(APPS.c.name == bindparam("b_app"))
+    stmt = upsert(COUNTERS).from_select(
+        [COUNTERS.c.app, COUNTERS.c.owner_id, COUNTERS.c.last_rank], first
     )
+    # The new row's last_rank is served + 1: one past the larger of last_rank and served.
+    served_next = stmt.excluded.last_rank
     return stmt.on_conflict_do_update(
         index_elements=[COUNTERS.c.app, COUNTERS.c.owner_id],
         set_={
-            "last_rank": case((COUNTERS.c.last_rank > served, COUNTERS.c.last_rank), else_=served)
-            + 1
+            "last_rank": case(
+                (COUNTERS.c.last_rank >= served_next, COUNTERS.c.last_rank + 1),
+                else_=served_next,
+            )
         },
     ).returning(COUNTERS.c.last_rank)
 
@@ -150,11 +157,13 @@ def _rank_upsert(dialect: str) -> Any:
 _RANK_UPSERT = {dialect: _rank_upsert(dialect) for dialect in ("postgresql", "sqlite")}
 
 
-def next_rank(conn: Connection, app: str, owner_id: str, served: int) -> int:
-    """One past the larger of the owner's last rank in `app` and `served` (an upsert of
-    the owner's counter row: one owner's submissions queue on their own row only)."""
-    params = {"b_app": app, "b_owner": owner_id, "served": served}
-    return int(conn.execute(_RANK_UPSERT[conn.dialect.name], params).scalar_one())
+def next_rank(conn: Connection, app: str, owner_id: str) -> int | None:
+    """One past the larger of the owner's last rank in `app` and the rank `app` last
+    served, in one upsert of the owner's counter row that reads the app's row itself
+    (one owner's submissions queue on their own row only); None if there is no such app."""
+    params = {"b_app": app, "b_owner": owner_id}
+    rank = conn.execute(_RANK_UPSERT[conn.dialect.name], params).scalar_one_or_none()
+    return None if rank is None else int(rank)
 
 
 _INSERT_JOB = insert(JOBS).returning(JOBS.c.seq)
