@@ -304,9 +304,20 @@ _STOP_WORKER = (
     .where(WORKERS.c.id == bindparam("worker_id"))
     .values(stopped_at=bindparam("b_now"))
 )
+# A liveness stamp never waits: if another transaction holds the worker's row (a stamp
+# of the same worker from another writer lane or coordinator, or a reputation update), it
+# is skipped; the other one writes the worker as live too, or the next stamp does. (Two
+# lanes' batches stamping the same workers in different orders deadlocked on PostgreSQL.)
 _STAMP_WORKER = (
     update(WORKERS)
-    .where(WORKERS.c.id == bindparam("worker_id"))
+    .where(
+        WORKERS.c.id.in_(
+            select(WORKERS.c.id)
+            .where(WORKERS.c.id == bindparam("worker_id"))
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+    )
     .values(last_heartbeat=bindparam("b_now"))
 )
 
@@ -317,7 +328,7 @@ def stop_worker(conn: Connection, worker_id: str, now: datetime) -> None:
 
 
 def stamp_worker(conn: Connection, worker_id: str, now: datetime) -> None:
-    """Write the worker's liveness."""
+    """Write the worker's liveness (skipped if its row is held elsewhere: see above)."""
     conn.execute(_STAMP_WORKER, {"worker_id": worker_id, "b_now": now})
 
 
