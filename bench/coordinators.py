@@ -210,7 +210,10 @@ def _v1_cpu_mount() -> Path | None:
 # -- lock waits, sampled -------------------------------------------------------------
 
 LOCK_SAMPLE = """
-SELECT a.wait_event, left(regexp_replace(a.query, '\\s+', ' ', 'g'), 90)
+SELECT a.wait_event, left(regexp_replace(a.query, '\\s+', ' ', 'g'), 90),
+       (SELECT string_agg(b.state || ': ' || left(regexp_replace(b.query, '\\s+', ' ', 'g'), 90),
+                          ' | ')
+        FROM pg_stat_activity b WHERE b.pid = ANY (pg_blocking_pids(a.pid)))
 FROM pg_stat_activity a
 WHERE a.datname = current_database() AND a.wait_event_type = 'Lock'
 """
@@ -230,6 +233,7 @@ class LockSampler:
     not_granted_samples: int = 0
     events: Counter[str] = field(default_factory=Counter)
     queries: Counter[str] = field(default_factory=Counter)
+    blockers: Counter[str] = field(default_factory=Counter)  # the holders' last statements
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -254,8 +258,9 @@ class LockSampler:
                     self.with_waits += 1
                     self.waiter_samples += len(waiting)
                     self.max_waiters = max(self.max_waiters, len(waiting))
-                    self.events.update(str(e) for e, _ in waiting)
-                    self.queries.update(str(q) for _, q in waiting)
+                    self.events.update(str(e) for e, _, _ in waiting)
+                    self.queries.update(str(q) for _, q, _ in waiting)
+                    self.blockers.update(str(b) for _, _, b in waiting)
                 if not_granted and not_granted[0]:
                     self.not_granted_samples += 1
                 self._stop.wait(max(0.0, self.interval - (time.monotonic() - t)))
@@ -270,6 +275,7 @@ class LockSampler:
             "samples_with_pg_locks_not_granted": self.not_granted_samples,
             "wait_events": dict(self.events.most_common(5)),
             "waiting_statements": dict(self.queries.most_common(3)),
+            "blocking_statements": dict(self.blockers.most_common(3)),
         }
 
 
