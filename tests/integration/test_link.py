@@ -8,66 +8,32 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from csml import link as link_module
 from csml.link import HttpxLink, Link, LinkError, open_link
+from tests.integration.keepalive import Answer, KeepAliveServer, serving
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: _Server
-
-    def setup(self) -> None:
-        super().setup()
-        self.server.connections += 1
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        self.server.seen.append((self.path, self.headers["Authorization"], body))
-        if self.path.endswith("/slow"):
-            self.server.release.wait(10)
-        answer = json.dumps({"echo": json.loads(body), "peer": self.client_address[1]}).encode()
-        self.send_response(201)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(answer)))
-        self.end_headers()
-        self.wfile.write(answer)
-        if self.path.endswith("/bye"):
-            self.close_connection = True
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.seen: list[tuple[str, str, bytes]] = []
-        self.connections = 0
-        self.release = threading.Event()
+def _answer(srv: KeepAliveServer, path: str, body: bytes, port: int) -> Answer:
+    """Echo the body and the client's port; `/slow` waits for the server's release."""
+    if path.endswith("/slow"):
+        srv.release.wait(10)
+    return 201, {}, json.dumps({"echo": json.loads(body), "peer": port}).encode()
 
 
 @pytest.fixture
-def server() -> Iterator[_Server]:
-    srv = _Server()
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.release.set()
-    srv.shutdown()
-    srv.server_close()
+def server() -> Iterator[KeepAliveServer]:
+    with serving(_answer) as srv:
+        yield srv
 
 
-def _url(srv: _Server) -> str:
-    return f"http://127.0.0.1:{srv.server_address[1]}/prefix"
+def _url(srv: KeepAliveServer) -> str:
+    return f"{srv.url}/prefix"
 
 
-def test_a_round_trip_keeps_its_connection(server: _Server) -> None:
+def test_a_round_trip_keeps_its_connection(server: KeepAliveServer) -> None:
     link = Link(_url(server), None, timeout=5)
     first = link.post("/a", b'{"n":1}', {"Authorization": "Bearer t"})
     second = link.post("/b", b'{"n":2}', {"Authorization": "Bearer t"})
@@ -82,7 +48,9 @@ def test_a_round_trip_keeps_its_connection(server: _Server) -> None:
     link.close()
 
 
-def test_a_connection_the_server_closed_is_replaced_before_it_is_used(server: _Server) -> None:
+def test_a_connection_the_server_closed_is_replaced_before_it_is_used(
+    server: KeepAliveServer,
+) -> None:
     link = Link(_url(server), None, timeout=5)
     assert link.post("/bye", b"{}", {}).status_code == 201
     time.sleep(0.2)  # the server has closed its end
@@ -92,7 +60,7 @@ def test_a_connection_the_server_closed_is_replaced_before_it_is_used(server: _S
     link.close()
 
 
-def test_close_ends_a_call_blocked_in_a_read_and_every_later_call(server: _Server) -> None:
+def test_close_ends_a_call_blocked_in_a_read_and_every_later_call(server: KeepAliveServer) -> None:
     link = Link(_url(server), None, timeout=30)
     failures: list[BaseException] = []
 
@@ -124,7 +92,7 @@ def test_nothing_listening_is_a_link_error() -> None:
 
 
 def test_an_answer_over_the_bound_is_refused(
-    server: _Server, monkeypatch: pytest.MonkeyPatch
+    server: KeepAliveServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(link_module, "MAX_BODY", 10)
     link = Link(_url(server), None, timeout=5)
