@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import select, update
 
@@ -25,13 +26,24 @@ def new_identity(core: Core) -> str:
     return identity.id
 
 
-def new_worker(core: Core, app: str = "echo", slots: int = 4) -> Worker:
+def new_worker(
+    core: Core,
+    app: str = "echo",
+    slots: int = 4,
+    *,
+    labels: dict[str, Any] | None = None,
+    contributor_id: str | None = None,
+) -> Worker:
+    """A registered worker of `app` (with placement `labels`; contributed by
+    `contributor_id`, else the operator's), written straight to the store."""
     now = utcnow()
     join = JoinToken(
         id=ids.new_id(),
         token_hash=ids.hash_secret(ids.new_secret("csmljoin")),
         label="tests",
         created_at=now,
+        apps=[app] if contributor_id is not None else None,
+        contributor_id=contributor_id,
     )
     worker = Worker(
         id=ids.new_id(),
@@ -42,6 +54,7 @@ def new_worker(core: Core, app: str = "echo", slots: int = 4) -> Worker:
         sandbox="none",
         registered_at=now,
         last_heartbeat=now,
+        labels=labels,
     )
     with transaction(core.sessions) as session:
         session.add(join)

@@ -9,37 +9,17 @@ from typing import Any
 
 import pytest
 
-from csml import ids
 from csml.coordinator.state import Core
 from csml.schemas import JobSpec
-from csml.store.db import counters, transaction
-from csml.store.tables import JoinToken, Worker, utcnow
-from tests.integration.postgres.support import new_identity, submit
+from csml.store.db import counters
+from csml.store.tables import Worker
+from tests.integration.postgres.support import new_identity, new_worker, submit
 
 pytestmark = [pytest.mark.postgresql, pytest.mark.timeout(180)]
 
 
 def labelled(core: Core, **labels: Any) -> Worker:
-    now = utcnow()
-    join = JoinToken(
-        id=ids.new_id(), token_hash=ids.hash_secret(ids.new_secret("j")), label="t", created_at=now
-    )
-    worker = Worker(
-        id=ids.new_id(),
-        token_hash=ids.hash_secret(ids.new_secret("w")),
-        join_token_id=join.id,
-        app="echo",
-        slots=4,
-        sandbox="none",
-        registered_at=now,
-        last_heartbeat=now,
-        labels=labels or None,
-    )
-    with transaction(core.sessions) as session:
-        session.add(join)
-        session.flush()
-        session.add(worker)
-    return worker
+    return new_worker(core, labels=labels or None)
 
 
 def needing(core: Core, owner: str, n: int, **requires: Any) -> str:

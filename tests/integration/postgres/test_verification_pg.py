@@ -12,11 +12,10 @@ from dataclasses import replace
 import pytest
 from sqlalchemy import select
 
-from csml import ids
 from csml.coordinator.state import Core
 from csml.schemas import JobCompletion
-from csml.store.db import counters, transaction
-from csml.store.tables import Job, JoinToken, Worker, utcnow
+from csml.store.db import counters
+from csml.store.tables import Job, Worker
 from csml.store.workers import WorkerRow
 from tests.integration.postgres.support import new_identity, new_worker, states, submit
 
@@ -27,38 +26,16 @@ def contributed_worker(core: Core, contributor: str | None = None) -> WorkerRow:
     """A contributed echo worker (of a new identity unless `contributor`), as the
     worker-token cache holds it."""
     contributor = contributor or new_identity(core)
-    now = utcnow()
-    join = JoinToken(
-        id=ids.new_id(),
-        token_hash=ids.hash_secret(ids.new_secret("csmljoin")),
-        label="contributed",
-        created_at=now,
-        apps=["echo"],
-        contributor_id=contributor,
-    )
-    worker = Worker(
-        id=ids.new_id(),
-        token_hash=ids.hash_secret(ids.new_secret("csmlw")),
-        join_token_id=join.id,
-        app="echo",
-        slots=4,
-        sandbox="none",
-        registered_at=now,
-        last_heartbeat=now,
-    )
-    with transaction(core.sessions) as session:
-        session.add(join)
-        session.flush()
-        session.add(worker)
+    w = new_worker(core, contributor_id=contributor)
     return WorkerRow(
-        id=worker.id,
-        join_token_id=join.id,
-        app="echo",
+        id=w.id,
+        join_token_id=w.join_token_id,
+        app=w.app,
         app_version=None,
-        slots=4,
-        sandbox="none",
-        registered_at=now,
-        last_heartbeat=now,
+        slots=w.slots,
+        sandbox=w.sandbox,
+        registered_at=w.registered_at,
+        last_heartbeat=w.last_heartbeat,
         stopped_at=None,
         contributor_id=contributor,
     )
