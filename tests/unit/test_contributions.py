@@ -389,46 +389,29 @@ def test_the_cli_contributes_lists_revokes_and_the_operator_rules(
 def test_the_migration_keeps_existing_workers_and_cascades_erasure(tmp_path: Path) -> None:
     """0007 on SQLite adds join_tokens.contributor_id in place: a batch copy of the table
     would drop it, and with foreign keys on that deletes every worker's row."""
-    from alembic import command
-    from alembic.config import Config
     from sqlalchemy import text
 
-    from csml.store.db import MIGRATIONS, make_engine, migrate, sqlite_url
+    from csml.store.db import migrate
+    from tests.unit.migrations import STAMP, add_worker_rows, store_at
 
-    engine = make_engine(sqlite_url(tmp_path))
-    cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS))
-    stamp = "'2026-01-01 00:00:00'"
-    with engine.connect() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "0006_fair_counters")
-        conn.execute(
-            text(
-                "INSERT INTO join_tokens (id, token_hash, label, created_at, may_publish) "
-                f"VALUES ('t', 'th', '', {stamp}, 0)"
+    with store_at(tmp_path, "0006_fair_counters") as store:
+        with store.engine.connect() as conn:
+            add_worker_rows(conn)
+        migrate(store.engine)
+        with store.engine.connect() as conn:
+            assert conn.execute(text("SELECT id FROM workers")).scalars().all() == ["w"]
+            assert conn.execute(text("SELECT contributor_id FROM join_tokens")).all() == [(None,)]
+            conn.execute(
+                text(
+                    "INSERT INTO identities (id, token_hash, created_at) "
+                    f"VALUES ('i', 'ih', {STAMP})"
+                )
             )
-        )
-        conn.execute(
-            text(
-                "INSERT INTO workers (id, token_hash, join_token_id, app, slots, sandbox, "
-                f"registered_at, last_heartbeat) VALUES ('w', 'wh', 't', 'echo', 1, '', "
-                f"{stamp}, {stamp})"
-            )
-        )
-        conn.commit()
-    migrate(engine)
-    with engine.connect() as conn:
-        assert conn.execute(text("SELECT id FROM workers")).scalars().all() == ["w"]
-        assert conn.execute(text("SELECT contributor_id FROM join_tokens")).all() == [(None,)]
-        conn.execute(
-            text(f"INSERT INTO identities (id, token_hash, created_at) VALUES ('i', 'ih', {stamp})")
-        )
-        conn.execute(text("UPDATE join_tokens SET contributor_id = 'i'"))
-        conn.commit()
-        conn.execute(text("DELETE FROM identities WHERE id = 'i'"))
-        conn.commit()
-        assert conn.execute(text("SELECT count(*) FROM workers")).scalar() == 0
-    engine.dispose()
+            conn.execute(text("UPDATE join_tokens SET contributor_id = 'i'"))
+            conn.commit()
+            conn.execute(text("DELETE FROM identities WHERE id = 'i'"))
+            conn.commit()
+            assert conn.execute(text("SELECT count(*) FROM workers")).scalar() == 0
 
 
 def test_an_identity_holds_a_bounded_number_of_tokens(

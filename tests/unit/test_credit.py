@@ -379,47 +379,41 @@ def test_csml_credit_prints_the_balance_and_ledger(
 def test_the_migration_goes_up_and_down_on_sqlite_keeping_rows(tmp_path: Path) -> None:
     """0008 adds columns in place (no table copy: see 0007) and its tables; down and up
     again leave the other rows as they were."""
-    from alembic import command
-    from alembic.config import Config
     from sqlalchemy import text
 
-    from csml.store.db import MIGRATIONS, make_engine, migrate, sqlite_url
+    from csml.store.db import migrate
+    from tests.unit.migrations import STAMP, store_at
 
-    engine = make_engine(sqlite_url(tmp_path))
-    cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS))
-    stamp = "'2026-01-01 00:00:00'"
-    with engine.connect() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "0007_contributions")
-        conn.execute(
-            text(f"INSERT INTO identities (id, token_hash, created_at) VALUES ('i', 'ih', {stamp})")
-        )
-        conn.execute(
-            text(
-                "INSERT INTO contribution_settings (app, allowed, max_workers, updated_at) "
-                f"VALUES ('echo', 1, 2, {stamp})"
+    with store_at(tmp_path, "0007_contributions") as store:
+        with store.engine.connect() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO identities (id, token_hash, created_at) "
+                    f"VALUES ('i', 'ih', {STAMP})"
+                )
             )
-        )
-        conn.commit()
-    migrate(engine)
-    with engine.connect() as conn:
-        assert conn.execute(text("SELECT credit_weight FROM contribution_settings")).all() == [
-            (1.0,)
-        ]
-        conn.execute(
-            text(
-                "INSERT INTO credit_ledger (identity_id, at, kind, amount, app) "
-                f"VALUES ('i', {stamp}, 'earned', 5, 'echo')"
+            conn.execute(
+                text(
+                    "INSERT INTO contribution_settings (app, allowed, max_workers, updated_at) "
+                    f"VALUES ('echo', 1, 2, {STAMP})"
+                )
             )
-        )
-        conn.commit()
-        conn.execute(text("DELETE FROM identities WHERE id = 'i'"))  # cascades
-        conn.commit()
-        assert conn.execute(text("SELECT count(*) FROM credit_ledger")).scalar() == 0
-        cfg.attributes["connection"] = conn
-        command.downgrade(cfg, "0007_contributions")
-        conn.commit()
-        assert conn.execute(text("SELECT max_workers FROM contribution_settings")).all() == [(2,)]
-    migrate(engine)
-    engine.dispose()
+            conn.commit()
+        migrate(store.engine)
+        with store.engine.connect() as conn:
+            weights = conn.execute(text("SELECT credit_weight FROM contribution_settings"))
+            assert weights.all() == [(1.0,)]
+            conn.execute(
+                text(
+                    "INSERT INTO credit_ledger (identity_id, at, kind, amount, app) "
+                    f"VALUES ('i', {STAMP}, 'earned', 5, 'echo')"
+                )
+            )
+            conn.commit()
+            conn.execute(text("DELETE FROM identities WHERE id = 'i'"))  # cascades
+            conn.commit()
+            assert conn.execute(text("SELECT count(*) FROM credit_ledger")).scalar() == 0
+            store.to(conn, "0007_contributions", down=True)
+            settings = conn.execute(text("SELECT max_workers FROM contribution_settings"))
+            assert settings.all() == [(2,)]
+        migrate(store.engine)

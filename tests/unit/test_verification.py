@@ -460,46 +460,22 @@ def test_erasing_an_owner_or_a_contributor_takes_their_runs(
 def test_the_migration_adds_its_columns_in_place_and_goes_back(tmp_path: Any) -> None:
     """0009 on SQLite adds columns to workers, jobs and contribution_settings in place (no
     batch copy: rows referencing them stay), and its downgrade drops them again."""
-    from alembic import command
-    from alembic.config import Config
     from sqlalchemy import inspect, text
 
-    from csml.store.db import MIGRATIONS, make_engine, sqlite_url
+    from tests.unit.migrations import add_worker_rows, store_at
 
-    engine = make_engine(sqlite_url(tmp_path))
-    cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS))
-    stamp = "'2026-01-01 00:00:00'"
-    with engine.connect() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "0007_contributions")
-        conn.execute(
-            text(
-                "INSERT INTO join_tokens (id, token_hash, label, created_at, may_publish) "
-                f"VALUES ('t', 'th', '', {stamp}, 0)"
-            )
-        )
-        conn.execute(
-            text(
-                "INSERT INTO workers (id, token_hash, join_token_id, app, slots, sandbox, "
-                f"registered_at, last_heartbeat) VALUES ('w', 'wh', 't', 'echo', 1, '', "
-                f"{stamp}, {stamp})"
-            )
-        )
-        conn.commit()
-        command.upgrade(cfg, "0009_verification")
-        conn.commit()
+    with store_at(tmp_path, "0007_contributions") as store, store.engine.connect() as conn:
+        add_worker_rows(conn)
+        store.to(conn, "0009_verification")
         row = conn.execute(
             text("SELECT agreements, disagreements, quarantined_at FROM workers")
         ).one()
         assert tuple(row) == (0, 0, None)
         assert "job_runs" in inspect(conn).get_table_names()
-        command.downgrade(cfg, "0007_contributions")
-        conn.commit()
+        store.to(conn, "0007_contributions", down=True)
         columns = {c["name"] for c in inspect(conn).get_columns("workers")}
         assert "agreements" not in columns and "job_runs" not in inspect(conn).get_table_names()
         assert conn.execute(text("SELECT id FROM workers")).scalars().all() == ["w"]
-    engine.dispose()
 
 
 def test_a_failure_is_compared_but_costs_no_reputation(
