@@ -365,6 +365,9 @@ def print_report(r: dict[str, Any]) -> None:
         f"{counts.get('write_commits_per_job')}, requests "
         + ", ".join(f"{k} {v['per_job']}" for k, v in counts.get("requests_per_photo", {}).items())
     )
+    kinds = counts.get("statements_by_kind_per_job", {})
+    if kinds:
+        print("  statements by kind per photo: " + ", ".join(f"{k} {v}" for k, v in kinds.items()))
     for name, summary in counts.get("profiles", {}).items():
         print(f"  py-spy {name}: {json.dumps(summary['by_bucket_pct'])}")
     print(

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Any
 
 import httpx
 
@@ -385,8 +385,12 @@ def scrape_requests(url: str) -> dict[str, tuple[float, float]]:
     return out
 
 
+_BY_KIND = 'csml_store_statements_by_kind_total{kind="'
+
+
 def scrape_store(url: str) -> dict[str, float]:
-    """The coordinator's store traffic so far: SQL statements and write commits."""
+    """The coordinator's store traffic so far: SQL statements, write commits, and
+    statements by kind (keys "kind:SELECT jobs", ...)."""
     text = httpx.get(f"{url}/metrics", timeout=30).text
     out = {}
     for name in ("statements", "write_commits"):
@@ -395,13 +399,28 @@ def scrape_store(url: str) -> dict[str, float]:
             (float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix)),
             float("nan"),
         )
+    for line in text.splitlines():
+        if line.startswith(_BY_KIND):
+            labels, _, value = line.rpartition(" ")
+            out["kind:" + labels[len(_BY_KIND) : -2]] = float(value)
     return out
 
 
-def store_deltas(before: dict[str, float], after: dict[str, float], jobs: int) -> dict[str, float]:
-    """Per job: SQL statements and write commits (one fsync each on SQLite) the store saw."""
+def store_deltas(before: dict[str, float], after: dict[str, float], jobs: int) -> dict[str, Any]:
+    """Per job: SQL statements and write commits (one fsync each on SQLite) the store saw,
+    and statements by kind (those of at least 0.01 per job, most first)."""
+    n = max(1, jobs)
+    kinds = {
+        key[5:]: round((after[key] - before.get(key, 0.0)) / n, 2)
+        for key in after
+        if key.startswith("kind:")
+    }
     return {
-        f"{name}_per_job": round((after[name] - before[name]) / max(1, jobs), 2) for name in before
+        "statements_per_job": round((after["statements"] - before["statements"]) / n, 2),
+        "write_commits_per_job": round((after["write_commits"] - before["write_commits"]) / n, 2),
+        "statements_by_kind_per_job": dict(
+            sorted(((k, v) for k, v in kinds.items() if v >= 0.01), key=lambda kv: -kv[1])
+        ),
     }
 
 

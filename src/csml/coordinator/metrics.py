@@ -57,7 +57,8 @@ class StoreCollector(Collector):
 
 
 class StoreTrafficCollector(Collector):
-    """This process's statements and write commits (the scrape's own queries included)."""
+    """This process's statements (all, and by kind) and write commits (the scrape's own
+    queries included)."""
 
     def __init__(self, core: Core) -> None:
         self.core = core
@@ -67,6 +68,14 @@ class StoreTrafficCollector(Collector):
         yield CounterMetricFamily(
             "csml_store_statements", "SQL statements this coordinator sent.", tally.statements
         )
+        by_kind = CounterMetricFamily(
+            "csml_store_statements_by_kind",
+            "SQL statements this coordinator sent, by verb and first table.",
+            labels=["kind"],
+        )
+        for kind, count in sorted(dict(tally.by_kind).items()):  # a copy: atomic under the GIL
+            by_kind.add_metric([kind], count)
+        yield by_kind
         yield CounterMetricFamily(
             "csml_store_write_commits",
             "Write transactions this coordinator committed (one WAL fsync each on SQLite).",

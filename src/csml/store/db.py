@@ -6,17 +6,21 @@ Invariants: a SQLite database is owner-only (0600, and so its -wal and -shm; see
 erased rows survive in no file (PostgreSQL's WAL, VACUUM and backups are its
 operator's: see `scrub_wal`).
 
-Every engine made here counts what it sends (`StoreCounters`: statements, write
-commits), so the coordinator's /metrics and the benchmarks can say what a job costs
-the store. Counting is a pair of integer increments per statement and per commit.
+Every engine made here counts what it sends (`StoreCounters`: statements, statements
+by kind, write commits), so the coordinator's /metrics and the benchmarks can say what a
+job costs the store. Counting is a few dictionary and integer increments per statement
+and per commit; a statement's kind (`statement_kind`: its verb and first table, e.g.
+"UPDATE jobs") is worked out once per distinct SQL string, and the kinds are few
+(bounded by the statements in the code, not by the parameters).
 """
 
 from __future__ import annotations
 
+import re
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +43,35 @@ def sqlite_url(data_dir: Path) -> str:
 
 @dataclass
 class StoreCounters:
-    """What one engine has sent since it was made (monotonic; read without a lock)."""
+    """What one engine has sent since it was made (monotonic; read without a lock, so a
+    reader may see a count one statement behind)."""
 
     statements: int = 0
     write_commits: int = 0  # on SQLite in WAL with synchronous=FULL: one fsync each
+    by_kind: dict[str, int] = field(default_factory=dict)
+
+
+_VERB = re.compile(r"\s*(BEGIN(?: IMMEDIATE)?|SELECT|INSERT INTO|UPDATE|DELETE FROM|[A-Z]+)")
+_TABLE = re.compile(r'(?:FROM|INTO|UPDATE)\s+"?([A-Za-z_][A-Za-z0-9_]*)')
+_KINDS: dict[str, str] = {}
+_KINDS_MAX = 4096  # distinct SQL strings remembered (IN-lists of many lengths are distinct)
+
+
+def statement_kind(sql: str) -> str:
+    """A statement's verb and the first table it names: "SELECT job_files",
+    "INSERT jobs", "BEGIN IMMEDIATE". Computed once per distinct string."""
+    kind = _KINDS.get(sql)
+    if kind is None:
+        verb = _VERB.match(sql)
+        name = verb.group(1).split()[0] if verb else "?"
+        if verb and verb.group(1).startswith("BEGIN"):
+            name = verb.group(1)
+        table = _TABLE.search(sql)
+        kind = f"{name} {table.group(1)}" if table and not name.startswith("BEGIN") else name
+        if len(_KINDS) >= _KINDS_MAX:
+            _KINDS.clear()
+        _KINDS[sql] = kind
+    return kind
 
 
 _COUNTERS: weakref.WeakKeyDictionary[Engine, StoreCounters] = weakref.WeakKeyDictionary()
@@ -57,8 +86,10 @@ def _count(engine: Engine) -> None:
     tally = _COUNTERS.setdefault(engine, StoreCounters())
 
     @event.listens_for(engine, "before_cursor_execute")
-    def _on_statement(*_args: Any) -> None:
+    def _on_statement(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         tally.statements += 1
+        kind = statement_kind(statement)
+        tally.by_kind[kind] = tally.by_kind.get(kind, 0) + 1
 
     @event.listens_for(engine, "commit")
     def _on_commit(conn: Any) -> None:
