@@ -107,7 +107,7 @@ from csml.store import jobs_end as ends
 from csml.store import jobs_write as writes
 from csml.store import verification as verified
 from csml.store.blobs import BlobStore, fsync_paths
-from csml.store.db import is_conflict
+from csml.store.db import is_conflict, read_each, snapshot
 from csml.store.jobs import Claimant, Envelope, FileRow, JobRow
 from csml.store.jobs_end import Locked
 from csml.store.jobs_write import Claimed, NewJob, Sealing, orm_job, orm_session
@@ -215,9 +215,11 @@ class JobQueue:
         self.verifier = Verifier(self.engine, settings.verify_probation)
 
     @contextmanager
-    def read(self) -> Iterator[Connection]:
-        """A pooled connection for reads (a snapshot; never a write lock)."""
-        with self.engine.connect() as conn:
+    def read(self, *, each: bool = False) -> Iterator[Connection]:
+        """A pooled connection for reads (never a write lock): one snapshot for all its
+        statements; with `each`, every statement is its own snapshot and no transaction
+        is begun (no BEGIN: for a read of one statement; see `csml.store.db`)."""
+        with (read_each if each else snapshot)(self.engine) as conn:
             yield conn
 
     # -- submission ---------------------------------------------------------
@@ -558,24 +560,24 @@ class JobQueue:
 
     def get(self, owner_id: str, ident: str) -> JobRow:
         """The owner's job by id or unique prefix, with its files and envelope."""
-        with self.read() as conn:
+        with self.read(each=True) as conn:
             return store.owned(conn, owner_id, ident)
 
     def state_of(self, owner_id: str, ident: str) -> tuple[str, str]:
         """(id, state) of the owner's job, without loading it (one query)."""
-        with self.read() as conn:
+        with self.read(each=True) as conn:
             return store.owned_state(conn, owner_id, ident)
 
     def list_jobs(
         self, owner_id: str, *, state: str | None, app: str | None, limit: int
     ) -> list[JobRow]:
-        with self.read() as conn:
+        with self.read(each=True) as conn:
             return store.list_owned(conn, owner_id, state=state, app=app, limit=limit)
 
     def changed_jobs(self, owner_id: str, job_ids: set[str]) -> list[JobRow]:
         """The owner's jobs among `job_ids` as the owner lists them: a pipeline step
         stands for its pipeline; another identity's or an erased job is left out."""
-        with self.read() as conn:
+        with self.read(each=True) as conn:
             return store.changed(conn, owner_id, job_ids)
 
     def cancel(self, owner_id: str, ident: str) -> JobRow:
