@@ -744,7 +744,7 @@ class JobQueue:
         s = self.settings
         left = max(s.lease_seconds - s.heartbeat_seconds / 2, wait + s.heartbeat_seconds)
         fresh_until = utcnow() + timedelta(seconds=left)
-        with self.read() as conn:
+        with self.read(each=True) as conn:
             held = store.leases(conn, [r.job_id for r in running])
         for r in running:
             lease = held.get(r.job_id)
@@ -771,7 +771,7 @@ class JobQueue:
         app, labels = worker.app, _labels_of(worker)
         keys = self._keys.setdefault(app, _AppKeys())
         met = self._met(keys, labels)
-        with self.read() as conn:
+        with self.read(each=True) as conn:
             queued, newest = store.probe(conn, worker.id, app, met, claimant)
             if newest > keys.newest:
                 keys = self._reload_keys(conn, app, keys)
@@ -785,7 +785,7 @@ class JobQueue:
         once per app; a key added since is learned at the next probe)."""
         keys = self._keys.get(worker.app)
         if keys is None:
-            with self.read() as conn:
+            with self.read(each=True) as conn:
                 keys = self._reload_keys(conn, worker.app, _AppKeys())
         return self._met(keys, _labels_of(worker))
 
@@ -813,7 +813,7 @@ class JobQueue:
         return met
 
     def _any_credited(self) -> bool:
-        with self.read() as conn:
+        with self.read(each=True) as conn:
             return ledger.any_credited(conn)
 
     def _inline(self, taken: list[Claimed], lease_id: str) -> list[ClaimedJob]:
@@ -913,7 +913,7 @@ class JobQueue:
 
     def running_job(self, worker: WorkerRef, job_id: str, lease_id: str) -> JobRow:
         """A job this worker runs under `lease_id` (NotFound, or Conflict: lease lost)."""
-        with self.read() as conn:
+        with self.read(each=True) as conn:
             job = store.by_id(conn, job_id)
         if job is None:
             raise NotFound.of("job", job_id)
@@ -981,7 +981,7 @@ class JobQueue:
         ]
         known: dict[str, Locked] = {}
         if inline:  # who holds the lease (one statement; no files loaded)
-            with self.read() as conn:
+            with self.read(each=True) as conn:
                 known = ends.to_complete(conn, inline)
         out: list[_Prepared] = []
         for done in batch:
