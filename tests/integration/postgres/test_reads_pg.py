@@ -1,26 +1,34 @@
 """The owner's reads on a real PostgreSQL server: a job load is one statement (row,
 envelope and files), sent outside any transaction (`read_each`: the driver sends no
 BEGIN), and a job ended through one coordinator is read, whole, by another's event
-stream and long-poll answer."""
+stream and long-poll answer (woken through the relay)."""
 
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from functools import partial
+from pathlib import Path
 
 import pytest
 from psycopg.pq import TransactionStatus
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from csml import ids
+from csml.apps.echo import app as echo_app
 from csml.coordinator.api_events import _changed
+from csml.coordinator.notify import job_key
 from csml.coordinator.state import Core
 from csml.schemas import JobCompletion
 from csml.store import jobs as store
 from csml.store import jobs_write
 from csml.store.db import counters, read_each, snapshot
 from csml.store.tables import utcnow
+from tests.clock import SetClock
+from tests.cluster import wait_for
 from tests.integration.postgres.support import MakeCore, new_identity, new_worker, submit
+from tests.unit.inproc import InProcessCoordinator
 
 pytestmark = [pytest.mark.postgresql, pytest.mark.timeout(180)]
 
@@ -89,3 +97,42 @@ def test_a_job_ended_on_one_coordinator_is_read_whole_on_another(make_core: Make
     assert (view["id"], view["state"], view["result"]) == (job_id, "succeeded", {"w": 1})
     assert b.queue.state_of(owner, job_id) == (job_id, "succeeded")
     assert _changed(b, new_identity(b), {job_id}, positions=False) == {}  # not the owner's
+
+
+def test_a_long_poll_on_one_coordinator_is_answered_by_an_end_on_another(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Two coordinator apps on one database: a long-poll by whole id on B (subscribed
+    before its one state read) is woken by the job's end on A through the relay, and
+    answers with the job whole: B reads the state once and the job once (a wake-up by
+    B's own re-check, every 5 s, would have read the state a second time)."""
+    clock = SetClock()
+    with ExitStack() as stack:
+        a = InProcessCoordinator(tmp_path / "a", stack, clock, database_url=db_url)
+        b = InProcessCoordinator(tmp_path / "b", stack, clock, database_url=db_url)
+        for c in (a, b):
+            relay = c.core.notifier.relay
+            assert relay is not None and relay.listening.wait(30)
+        user = a.new_user()
+        on_b = b.client(user.token)
+        worker = a.worker(echo_app)
+        job = user.submit("echo", "echo", params={"far": True})
+        [claimed] = worker.claim()
+        reads: list[str] = []
+
+        def count(_conn: object, _cur: object, statement: str, *_: object) -> None:
+            if "WHERE jobs.owner_id = " in statement:
+                reads.append(" ".join(statement.split()))
+
+        event.listen(b.core.engine, "before_cursor_execute", count)
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                polling = pool.submit(on_b.request, "GET", f"/v1/jobs/{job.id}?wait=60")
+                waiters = b.core.notifier._waiters
+                wait_for(lambda: job_key(job.id) in waiters, timeout=30, interval=0.01)
+                assert worker.complete(claimed, result={"far": True}).status_code == 204
+                view = polling.result(timeout=60).json()
+        finally:
+            event.remove(b.core.engine, "before_cursor_execute", count)
+    assert (view["id"], view["state"], view["result"]) == (job.id, "succeeded", {"far": True})
+    assert len(reads) == 2 and "files_json" in reads[1], reads
