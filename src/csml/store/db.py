@@ -66,6 +66,24 @@ _KINDS: dict[str, str] = {}
 _KINDS_MAX = 4096  # distinct SQL strings remembered (IN-lists of many lengths are distinct)
 
 
+def _outer_table(sql: str) -> str | None:
+    """The first table the statement itself names (outside parentheses: a job load's
+    files subquery in its select list is not what it reads), else the first named in a
+    subquery (a statement of scalar subqueries only)."""
+    found = list(_TABLE.finditer(sql))
+    if not found:
+        return None
+    depth, at = 0, 0
+    for match in found:
+        for ch in sql[at : match.start()]:
+            depth += ch == "("
+            depth -= ch == ")"
+        at = match.start()
+        if depth == 0:
+            return match.group(1)
+    return found[0].group(1)
+
+
 def statement_kind(sql: str) -> str:
     """A statement's verb and the first table it names: "SELECT job_files",
     "INSERT jobs", "BEGIN IMMEDIATE". Computed once per distinct string."""
@@ -75,8 +93,8 @@ def statement_kind(sql: str) -> str:
         name = verb.group(1).split()[0] if verb else "?"
         if verb and verb.group(1).startswith("BEGIN"):
             name = verb.group(1)
-        table = _TABLE.search(sql)
-        kind = f"{name} {table.group(1)}" if table and not name.startswith("BEGIN") else name
+        table = _outer_table(sql)
+        kind = f"{name} {table}" if table and not name.startswith("BEGIN") else name
         if len(_KINDS) >= _KINDS_MAX:
             _KINDS.clear()
         _KINDS[sql] = kind
