@@ -31,6 +31,11 @@ def test_statement_kinds_are_verb_and_first_table() -> None:
     assert statement_kind('DELETE FROM "rate_windows" WHERE 1') == "DELETE rate_windows"
     nested = "SELECT (SELECT coalesce(sum(f.size), ?) FROM (SELECT DISTINCT x FROM job_files"
     assert statement_kind(nested) == "SELECT job_files"
+    # A job load: its files subquery comes first in the text, the table it reads is jobs.
+    load = "SELECT jobs.seq, (SELECT json_group_array(x) FROM job_files WHERE a) AS f FROM jobs"
+    assert statement_kind(load) == "SELECT jobs"
+    update = "UPDATE jobs SET s=? WHERE jobs.seq IN (SELECT jobs.seq FROM jobs WHERE x)"
+    assert statement_kind(update) == "UPDATE jobs"
 
 
 def test_metrics_count_statements_by_kind_and_they_sum_to_the_total(

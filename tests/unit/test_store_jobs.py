@@ -1,15 +1,18 @@
 """The job store (`csml.store.jobs*`) behind the queue: frozen rows, the owner's lookups by
 id or prefix (never another owner's; an ambiguous prefix refused), a job loaded with
-its files in two statements, and a batch completion that names one job twice keeping
-exactly one result."""
+its files and envelope in one statement and no read transaction (no BEGIN), and a batch
+completion that names one job twice keeping exactly one result."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 
 import pytest
-from sqlalchemy import event
+from sqlalchemy import event, select
 
 from csml import ids
 from csml.apps.echo import app as echo_app
@@ -74,26 +77,66 @@ def test_an_ambiguous_prefix_is_refused(coordinator: InProcessCoordinator) -> No
     assert coordinator.core.queue.get(owner, prefix + new.id[12:20]).id == new.id
 
 
-def test_a_load_is_two_statements_with_files(
-    coordinator: InProcessCoordinator, echo_worker: HttpWorker
-) -> None:
-    job = coordinator.new_user().submit("echo", "echo", params={"text": "hi"})
-    [claimed] = echo_worker.claim()
-    assert echo_worker.complete(claimed, result={"echo": "hi"}).status_code == 204
-    owner = owner_of(coordinator, job.id)
+@contextmanager
+def sent_statements(coordinator: InProcessCoordinator) -> Iterator[list[str]]:
+    """Every statement the coordinator's engine sends meanwhile (BEGIN included)."""
     sent: list[str] = []
     engine = coordinator.core.engine
 
     def count(_conn: object, _cur: object, statement: str, *_: object) -> None:
-        sent.append(statement)
+        sent.append(" ".join(statement.split()))
 
     event.listen(engine, "before_cursor_execute", count)
     try:
-        row = coordinator.core.queue.get(owner, job.id)
+        yield sent
     finally:
         event.remove(engine, "before_cursor_execute", count)
+
+
+def test_a_load_is_one_statement_with_its_files_and_no_begin(
+    coordinator: InProcessCoordinator, echo_worker: HttpWorker
+) -> None:
+    user = coordinator.new_user()
+    job = user.submit("echo", "echo", files={"data": b"some bytes"}, params={"text": "hi"})
+    bare = user.submit("echo", "echo")
+    [claimed] = echo_worker.claim()
+    assert claimed.id == job.id
+    assert echo_worker.upload(claimed, "data", b"more bytes").status_code < 300
+    assert echo_worker.complete(claimed, result={"echo": "hi"}).status_code == 204
+    owner = owner_of(coordinator, job.id)
+    queue = coordinator.core.queue
+    with sent_statements(coordinator) as sent:
+        row = queue.get(owner, job.id)
     assert row.state == "succeeded" and row.result == {"echo": "hi"}
-    assert len([s for s in sent if s.lstrip().upper().startswith("SELECT")]) == 2
+    assert len(sent) == 1 and sent[0].startswith("SELECT jobs.seq")  # no BEGIN, no 2nd read
+    files = {(f.kind, f.name): f for f in row.files}
+    assert set(files) == {("input", "data"), ("output", "data")}
+    data = files["input", "data"]
+    assert (data.size, data.sha256) == (10, hashlib.sha256(b"some bytes").hexdigest())
+    assert data.model_id is None and data.media_type and data.blob
+    assert files["output", "data"].size == len(b"more bytes")
+    # The files and the row are read together: the same as the files' own table holds.
+    with queue.read() as conn:
+        stored = conn.execute(select(store.FILES).where(store.FILES.c.job_seq == row.seq)).all()
+    assert list(row.files) == [
+        store.FileRow(f.kind, f.name, f.size, f.sha256, f.media_type, f.blob, f.model_id)
+        for f in stored
+    ]
+    with sent_statements(coordinator) as sent:
+        assert queue.get(owner, bare.id).files == ()  # no files: an empty tuple
+        assert queue.state_of(owner, bare.id) == (bare.id, "queued")
+        listed = queue.list_jobs(owner, state=None, app=None, limit=10)
+        changed = queue.changed_jobs(owner, {job.id, bare.id})
+    assert [j.id for j in listed] == [bare.id, job.id] and listed[1] == row
+    assert [j.id for j in changed] == [job.id, bare.id] and changed[0] == row
+    assert len(sent) == 4 and not any(s.startswith("BEGIN") for s in sent)
+
+
+def test_a_snapshot_read_still_begins_a_transaction(coordinator: InProcessCoordinator) -> None:
+    """`read()` (several statements that must agree) is a read transaction on SQLite."""
+    with sent_statements(coordinator) as sent, coordinator.core.queue.read() as conn:
+        store.queued_depth(conn, "echo")
+    assert sent[0] == "BEGIN" and len(sent) == 2
 
 
 def test_one_job_twice_in_a_completion_batch_keeps_one_result(

@@ -4,8 +4,9 @@ Pushed, not polled: every change of a job (submitted, running, progress, ended,
 cancelled, requeued) is announced on its owner's notifier feed after its commit
 (`notify.owner_change`), here at once and from the other coordinators through the
 PostgreSQL relay. The stream follows that feed from before its first snapshot (so
-nothing is missed), loads only the jobs announced (one query per wake-up, however
-many changed) and sends those that differ from what it sent. A change that may have
+nothing is missed), loads only the jobs announced (one statement per wake-up, however
+many changed, outside any read transaction) and sends those that differ from what it
+sent, all of a wake-up's events in one write. A change that may have
 ended a job (completed, cancelled, reaped: `Feed.urgent`) is answered at once; others
 (submitted, running, progress) wait up to `SETTLE_SECONDS` for more, so that a job
 that ends meanwhile costs one load and one event instead of three (its intermediate
@@ -164,12 +165,11 @@ async def _stream(
                     del sent[next(iter(sent))]
             else:
                 changed, gone = [], set()
-            for job in reversed(changed):  # oldest first, so the newest ends on top
-                yield _event("job", job)
-            for i in gone:
-                yield _event("gone", {"id": i})
-            if not changed and not gone:
-                yield b": idle\n\n"
+            # One write for all of a wake-up's events (the same bytes as one write each:
+            # a reader parses events out of the byte stream, never out of writes).
+            events = [_event("job", job) for job in reversed(changed)]  # oldest first
+            events += [_event("gone", {"id": i}) for i in gone]
+            yield b"".join(events) if events else b": idle\n\n"
         yield _event("reconnect", {"after_ms": 0})
 
 

@@ -339,15 +339,19 @@ async def get_job(
 
     The job is loaded once, when answering; while waiting, only its state is re-read
     (after a wake-up for it, or every few seconds as a safety net). Reads run on the
-    event loop (short indexed statements; no thread-pool hop)."""
+    event loop (short indexed statements; no thread-pool hop). Given a whole id, the
+    wait subscribes before its first read (one state read); given a prefix, it reads
+    the id first and its state again once subscribed. Either way no change between the
+    read and the subscription is missed."""
     c = core(request)
     if wait <= 0:
         return _view_response(c, me.id, job_id, positions)[1]
     deadline = time.monotonic() + min(wait, c.settings.max_wait_seconds)
-    full_id, state = c.queue.state_of(me.id, job_id)
-    if not JobState(state).terminal:
+    whole = len(job_id) == ids.ID_LENGTH and ids.is_id_prefix(job_id)
+    full_id, state = (job_id, None) if whole else c.queue.state_of(me.id, job_id)
+    if state is None or not JobState(state).terminal:
         with c.notifier.subscribe(job_key(full_id)) as event:
-            # Subscribed: re-read once, so a change just before subscribing is not missed.
+            # Subscribed: (re-)read, so a change just before subscribing is not missed.
             _, state = c.queue.state_of(me.id, full_id)
             while not JobState(state).terminal:
                 remaining = deadline - time.monotonic()

@@ -107,7 +107,7 @@ from csml.store import jobs_end as ends
 from csml.store import jobs_write as writes
 from csml.store import verification as verified
 from csml.store.blobs import BlobStore, fsync_paths
-from csml.store.db import is_conflict
+from csml.store.db import is_conflict, read_each, snapshot
 from csml.store.jobs import Claimant, Envelope, FileRow, JobRow
 from csml.store.jobs_end import Locked
 from csml.store.jobs_write import Claimed, NewJob, Sealing, orm_job, orm_session
@@ -215,9 +215,11 @@ class JobQueue:
         self.verifier = Verifier(self.engine, settings.verify_probation)
 
     @contextmanager
-    def read(self) -> Iterator[Connection]:
-        """A pooled connection for reads (a snapshot; never a write lock)."""
-        with self.engine.connect() as conn:
+    def read(self, *, each: bool = False) -> Iterator[Connection]:
+        """A pooled connection for reads (never a write lock): one snapshot for all its
+        statements; with `each`, every statement is its own snapshot and no transaction
+        is begun (no BEGIN: for a read of one statement; see `csml.store.db`)."""
+        with (read_each if each else snapshot)(self.engine) as conn:
             yield conn
 
     # -- submission ---------------------------------------------------------
@@ -558,24 +560,24 @@ class JobQueue:
 
     def get(self, owner_id: str, ident: str) -> JobRow:
         """The owner's job by id or unique prefix, with its files and envelope."""
-        with self.read() as conn:
+        with self.read(each=True) as conn:
             return store.owned(conn, owner_id, ident)
 
     def state_of(self, owner_id: str, ident: str) -> tuple[str, str]:
         """(id, state) of the owner's job, without loading it (one query)."""
-        with self.read() as conn:
+        with self.read(each=True) as conn:
             return store.owned_state(conn, owner_id, ident)
 
     def list_jobs(
         self, owner_id: str, *, state: str | None, app: str | None, limit: int
     ) -> list[JobRow]:
-        with self.read() as conn:
+        with self.read(each=True) as conn:
             return store.list_owned(conn, owner_id, state=state, app=app, limit=limit)
 
     def changed_jobs(self, owner_id: str, job_ids: set[str]) -> list[JobRow]:
         """The owner's jobs among `job_ids` as the owner lists them: a pipeline step
         stands for its pipeline; another identity's or an erased job is left out."""
-        with self.read() as conn:
+        with self.read(each=True) as conn:
             return store.changed(conn, owner_id, job_ids)
 
     def cancel(self, owner_id: str, ident: str) -> JobRow:
@@ -742,7 +744,7 @@ class JobQueue:
         s = self.settings
         left = max(s.lease_seconds - s.heartbeat_seconds / 2, wait + s.heartbeat_seconds)
         fresh_until = utcnow() + timedelta(seconds=left)
-        with self.read() as conn:
+        with self.read(each=True) as conn:
             held = store.leases(conn, [r.job_id for r in running])
         for r in running:
             lease = held.get(r.job_id)
@@ -769,7 +771,7 @@ class JobQueue:
         app, labels = worker.app, _labels_of(worker)
         keys = self._keys.setdefault(app, _AppKeys())
         met = self._met(keys, labels)
-        with self.read() as conn:
+        with self.read(each=True) as conn:
             queued, newest = store.probe(conn, worker.id, app, met, claimant)
             if newest > keys.newest:
                 keys = self._reload_keys(conn, app, keys)
@@ -783,7 +785,7 @@ class JobQueue:
         once per app; a key added since is learned at the next probe)."""
         keys = self._keys.get(worker.app)
         if keys is None:
-            with self.read() as conn:
+            with self.read(each=True) as conn:
                 keys = self._reload_keys(conn, worker.app, _AppKeys())
         return self._met(keys, _labels_of(worker))
 
@@ -811,7 +813,7 @@ class JobQueue:
         return met
 
     def _any_credited(self) -> bool:
-        with self.read() as conn:
+        with self.read(each=True) as conn:
             return ledger.any_credited(conn)
 
     def _inline(self, taken: list[Claimed], lease_id: str) -> list[ClaimedJob]:
@@ -911,7 +913,7 @@ class JobQueue:
 
     def running_job(self, worker: WorkerRef, job_id: str, lease_id: str) -> JobRow:
         """A job this worker runs under `lease_id` (NotFound, or Conflict: lease lost)."""
-        with self.read() as conn:
+        with self.read(each=True) as conn:
             job = store.by_id(conn, job_id)
         if job is None:
             raise NotFound.of("job", job_id)
@@ -979,7 +981,7 @@ class JobQueue:
         ]
         known: dict[str, Locked] = {}
         if inline:  # who holds the lease (one statement; no files loaded)
-            with self.read() as conn:
+            with self.read(each=True) as conn:
                 known = ends.to_complete(conn, inline)
         out: list[_Prepared] = []
         for done in batch:

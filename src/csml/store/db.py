@@ -12,6 +12,14 @@ job costs the store. Counting is a few dictionary and integer increments per sta
 and per commit; a statement's kind (`statement_kind`: its verb and first table, e.g.
 "UPDATE jobs") is worked out once per distinct SQL string, and the kinds are few
 (bounded by the statements in the code, not by the parameters).
+
+Reads: `snapshot(engine)` is a read transaction (SQLite: a plain `BEGIN`, a WAL
+snapshot that never waits for writers; PostgreSQL: the driver's `BEGIN`), for a read of
+several statements that must agree. `read_each(engine)` runs every statement in its own
+implicit transaction (SQLite autocommit, PostgreSQL `AUTOCOMMIT`): no `BEGIN`, no
+`ROLLBACK`, no round trip for them; each statement is atomic and sees one committed
+state, but two statements may see two. Use it for a read of one statement (or of
+statements that need not agree); it never writes.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import create_engine, event, text
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from csml.store.private import private_sqlite
@@ -35,6 +43,7 @@ from csml.store.private import private_sqlite
 MIGRATIONS = Path(__file__).parent / "migrations"
 _MIGRATION_LOCK = 7301
 WRITE_OPTION = "csml_write"  # pg advisory lock key: one coordinator migrates at a time
+EACH_OPTION = "csml_read_each"  # a read connection whose statements each commit alone
 
 
 def sqlite_url(data_dir: Path) -> str:
@@ -57,6 +66,24 @@ _KINDS: dict[str, str] = {}
 _KINDS_MAX = 4096  # distinct SQL strings remembered (IN-lists of many lengths are distinct)
 
 
+def _outer_table(sql: str) -> str | None:
+    """The first table the statement itself names (outside parentheses: a job load's
+    files subquery in its select list is not what it reads), else the first named in a
+    subquery (a statement of scalar subqueries only)."""
+    found = list(_TABLE.finditer(sql))
+    if not found:
+        return None
+    depth, at = 0, 0
+    for match in found:
+        for ch in sql[at : match.start()]:
+            depth += ch == "("
+            depth -= ch == ")"
+        at = match.start()
+        if depth == 0:
+            return match.group(1)
+    return found[0].group(1)
+
+
 def statement_kind(sql: str) -> str:
     """A statement's verb and the first table it names: "SELECT job_files",
     "INSERT jobs", "BEGIN IMMEDIATE". Computed once per distinct string."""
@@ -66,8 +93,8 @@ def statement_kind(sql: str) -> str:
         name = verb.group(1).split()[0] if verb else "?"
         if verb and verb.group(1).startswith("BEGIN"):
             name = verb.group(1)
-        table = _TABLE.search(sql)
-        kind = f"{name} {table.group(1)}" if table and not name.startswith("BEGIN") else name
+        table = _outer_table(sql)
+        kind = f"{name} {table}" if table and not name.startswith("BEGIN") else name
         if len(_KINDS) >= _KINDS_MAX:
             _KINDS.clear()
         _KINDS[sql] = kind
@@ -133,9 +160,13 @@ def _tune_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        # Reads take no lock (WAL gives them a snapshot); writes lock up front.
-        write = conn.get_execution_options().get(WRITE_OPTION, False)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+        # Reads take no lock (WAL gives them a snapshot); writes lock up front; a
+        # `read_each` connection stays in autocommit (the connection's
+        # isolation_level is None: each statement is its own transaction).
+        options = conn.get_execution_options()
+        if options.get(EACH_OPTION, False):
+            return
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if options.get(WRITE_OPTION, False) else "BEGIN")
 
 
 def scrub_wal(engine: Engine) -> bool:
@@ -156,6 +187,29 @@ def scrub_wal(engine: Engine) -> bool:
     finally:
         raw.close()
     return int(busy) == 0
+
+
+@contextmanager
+def snapshot(engine: Engine) -> Iterator[Connection]:
+    """A pooled connection for a read whose statements see one committed state (a read
+    transaction, begun at its first statement; never a write lock)."""
+    with engine.connect() as conn:
+        yield conn
+
+
+@contextmanager
+def read_each(engine: Engine) -> Iterator[Connection]:
+    """A pooled connection for reads outside any explicit transaction: each statement
+    is atomic and sees a committed state of its own (see the module docstring). No
+    `BEGIN`/`ROLLBACK` is sent: on SQLite the connection is already in autocommit
+    (`_tune_sqlite`) and its `begin` event sends nothing; on PostgreSQL the connection
+    is switched to `AUTOCOMMIT` (a driver flag, reset when it goes back to the pool)."""
+    with engine.connect() as conn:
+        if engine.dialect.name == "sqlite":
+            conn.execution_options(**{EACH_OPTION: True})
+        else:
+            conn.execution_options(isolation_level="AUTOCOMMIT")
+        yield conn
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

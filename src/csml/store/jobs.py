@@ -10,8 +10,12 @@ Invariants:
 
 - A job is found only by its owner (`owned`): another identity's job is `NotFound`,
   never `Forbidden`; an id prefix matching several jobs is `Malformed`.
-- A load is two statements however many jobs it returns: the rows (with their
-  confidential envelope, a left join) and their files (one `IN`).
+- A load is one statement however many jobs it returns: the rows, their confidential
+  envelope (a left join) and their files (a correlated subquery aggregating them into
+  one JSON array per job, `_FilesAgg`: `json_group_array` on SQLite, `json_agg` on
+  PostgreSQL). One statement is its own snapshot, so a load needs no explicit read
+  transaction (`csml.store.db.read_each`) and a job's files are always those of the
+  row read with them.
 - The hot statements are built once, at import, with bound parameters (`bindparam`):
   named statements that SQLAlchemy compiles once and then only executes (building and
   cache-keying a statement per call costs ~5x executing a prepared one).
@@ -25,6 +29,7 @@ Invariants:
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -32,8 +37,11 @@ from typing import Any, cast
 
 from sqlalchemy import ColumnElement, Row, Select, Table, and_, bindparam, func, or_, select
 from sqlalchemy.engine import Connection
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import BindParameter
+from sqlalchemy.sql.functions import FunctionElement
 
 from csml import ids
 from csml.refusals import Malformed, NotFound
@@ -132,8 +140,45 @@ _ENVELOPE_COLS = (
 _JOB_FIELDS = [c.name for c in JOBS.columns if c.name in JobRow.__dataclass_fields__]
 
 
+# A job's files, in the order of `FileRow`'s fields, as one JSON array per job.
+_FILE_COLS = (
+    FILES.c.kind,
+    FILES.c.name,
+    FILES.c.size,
+    FILES.c.sha256,
+    FILES.c.media_type,
+    FILES.c.blob,
+    FILES.c.model_id,
+)
+
+
+class _FilesAgg(FunctionElement[Any]):
+    """An aggregate of its arguments' rows into one JSON array of arrays (per dialect)."""
+
+    name = "files_agg"
+    inherit_cache = True
+
+
+@compiles(_FilesAgg, "sqlite")
+def _files_agg_sqlite(element: _FilesAgg, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"json_group_array(json_array({compiler.process(element.clauses, **kw)}))"
+
+
+@compiles(_FilesAgg, "postgresql")
+def _files_agg_pg(element: _FilesAgg, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"json_agg(json_build_array({compiler.process(element.clauses, **kw)}))"
+
+
+_FILES_OF_JOB = (
+    select(_FilesAgg(*_FILE_COLS))
+    .where(FILES.c.job_seq == JOBS.c.seq)
+    .scalar_subquery()
+    .label("files_json")
+)
+
+
 def _select_jobs() -> Select[Any]:
-    return select(JOBS, *_ENVELOPE_COLS).select_from(
+    return select(JOBS, *_ENVELOPE_COLS, _FILES_OF_JOB).select_from(
         JOBS.outerjoin(ENVELOPES, ENVELOPES.c.job_seq == JOBS.c.seq)
     )
 
@@ -141,15 +186,22 @@ def _select_jobs() -> Select[Any]:
 def _rows(
     conn: Connection, stmt: Select[Any], params: dict[str, Any] | None = None
 ) -> list[JobRow]:
-    """Run a `_select_jobs` statement; the rows with their files (one more query)."""
-    found = conn.execute(stmt, params).all()
-    if not found:
-        return []
-    files = files_of(conn, [r.seq for r in found])
-    return [_job(r, tuple(files.get(r.seq, ()))) for r in found]
+    """Run a `_select_jobs` statement: the rows with their files and envelopes (one
+    statement)."""
+    return [_job(r) for r in conn.execute(stmt, params)]
 
 
-def _job(r: Row[Any], files: tuple[FileRow, ...]) -> JobRow:
+def _files(found: Any) -> tuple[FileRow, ...]:
+    """The `files_json` of a row: text on SQLite, decoded by the driver on PostgreSQL,
+    NULL there for a job without files."""
+    if found is None:
+        return ()
+    if isinstance(found, str | bytes):
+        found = json.loads(found)
+    return tuple(FileRow(*f) for f in found)
+
+
+def _job(r: Row[Any]) -> JobRow:
     m = r._mapping
     env = (
         Envelope(
@@ -162,21 +214,7 @@ def _job(r: Row[Any], files: tuple[FileRow, ...]) -> JobRow:
         if m["env_seq"] is not None
         else None
     )
-    return JobRow(**{k: m[k] for k in _JOB_FIELDS}, files=files, confidential=env)
-
-
-_FILES = select(FILES).where(FILES.c.job_seq.in_(bindparam("seqs", expanding=True)))
-
-
-def files_of(conn: Connection, seqs: Sequence[int]) -> dict[int, list[FileRow]]:
-    """The files of these jobs, by job seq (in the order they were stored)."""
-    out: dict[int, list[FileRow]] = {}
-    for i in range(0, len(seqs), CHUNK):
-        for f in conn.execute(_FILES, {"seqs": list(seqs[i : i + CHUNK])}):
-            out.setdefault(f.job_seq, []).append(
-                FileRow(f.kind, f.name, f.size, f.sha256, f.media_type, f.blob, f.model_id)
-            )
-    return out
+    return JobRow(**{k: m[k] for k in _JOB_FIELDS}, files=_files(m["files_json"]), confidential=env)
 
 
 def load(

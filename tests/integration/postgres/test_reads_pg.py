@@ -1,0 +1,138 @@
+"""The owner's reads on a real PostgreSQL server: a job load is one statement (row,
+envelope and files), sent outside any transaction (`read_each`: the driver sends no
+BEGIN), and a job ended through one coordinator is read, whole, by another's event
+stream and long-poll answer (woken through the relay)."""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from functools import partial
+from pathlib import Path
+
+import pytest
+from psycopg.pq import TransactionStatus
+from sqlalchemy import event, text
+
+from csml import ids
+from csml.apps.echo import app as echo_app
+from csml.coordinator.api_events import _changed
+from csml.coordinator.notify import job_key
+from csml.coordinator.state import Core
+from csml.schemas import JobCompletion
+from csml.store import jobs as store
+from csml.store import jobs_write
+from csml.store.db import counters, read_each, snapshot
+from csml.store.tables import utcnow
+from tests.clock import SetClock
+from tests.cluster import wait_for
+from tests.integration.postgres.support import MakeCore, new_identity, new_worker, submit
+from tests.unit.inproc import InProcessCoordinator
+
+pytestmark = [pytest.mark.postgresql, pytest.mark.timeout(180)]
+
+
+def _file(kind: str, name: str, data: bytes, model_id: str | None = None) -> store.FileRow:
+    digest = hashlib.sha256(data).hexdigest()
+    return store.FileRow(kind, name, len(data), digest, "text/plain", f"blobs/{digest}", model_id)
+
+
+def test_a_load_is_one_statement_with_its_files(core: Core) -> None:
+    owner = new_identity(core)
+    files = [
+        _file("input", "a", b"first"),
+        _file("input", "b", b"second input"),
+        _file("output", "out", b"made", model_id="m" * 64),
+    ]
+    new = jobs_write.NewJob(
+        id=ids.new_id(),
+        owner_id=owner,
+        app="echo",
+        operation="echo",
+        params={"k": [1, "two"]},
+        limits={},
+        fair_rank=1,
+        created_at=utcnow(),
+        max_attempts=1,
+    )
+    core.writer.run(partial(jobs_write.insert_job, job=new, files=files, sealing=None))
+    bare = submit(core, owner, word="none")
+    tally = counters(core.engine)
+    before = tally.statements
+    row = core.queue.get(owner, new.id)
+    assert tally.statements - before == 1
+    assert sorted(row.files, key=lambda f: (f.kind, f.name)) == files
+    assert row.params == {"k": [1, "two"]} and row.confidential is None
+    assert core.queue.get(owner, bare).files == ()  # json_agg of no rows: NULL, read as ()
+    listed = core.queue.list_jobs(owner, state=None, app=None, limit=5)
+    assert [j.id for j in listed] == [bare, new.id] and listed[1] == row
+
+
+def test_read_each_sends_no_begin_and_a_snapshot_does(core: Core) -> None:
+    with read_each(core.engine) as conn:
+        assert conn.execute(text("SELECT 1")).scalar() == 1
+        raw = conn.connection.dbapi_connection
+        assert raw is not None and raw.info.transaction_status == TransactionStatus.IDLE
+    with snapshot(core.engine) as conn:
+        assert conn.execute(text("SELECT 1")).scalar() == 1
+        raw = conn.connection.dbapi_connection
+        assert raw is not None and raw.info.transaction_status == TransactionStatus.INTRANS
+    with core.engine.connect() as conn:  # the pool gave back a transactional connection
+        conn.execute(text("SELECT 1"))
+        raw = conn.connection.dbapi_connection
+        assert raw is not None and raw.info.transaction_status == TransactionStatus.INTRANS
+
+
+def test_a_job_ended_on_one_coordinator_is_read_whole_on_another(make_core: MakeCore) -> None:
+    a, b = make_core(), make_core()
+    owner = new_identity(a)
+    job_id = submit(a, owner, word="hi")
+    worker = new_worker(a)
+    [claimed] = a.queue.claim(worker, 1)
+    a.queue.complete(
+        worker, job_id, JobCompletion(lease_id=claimed.lease_id, state="succeeded", result={"w": 1})
+    )
+    [view] = _changed(b, owner, {job_id}, positions=False).values()
+    assert (view["id"], view["state"], view["result"]) == (job_id, "succeeded", {"w": 1})
+    assert b.queue.state_of(owner, job_id) == (job_id, "succeeded")
+    assert _changed(b, new_identity(b), {job_id}, positions=False) == {}  # not the owner's
+
+
+def test_a_long_poll_on_one_coordinator_is_answered_by_an_end_on_another(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Two coordinator apps on one database: a long-poll by whole id on B (subscribed
+    before its one state read) is woken by the job's end on A through the relay, and
+    answers with the job whole: B reads the state once and the job once (a wake-up by
+    B's own re-check, every 5 s, would have read the state a second time)."""
+    clock = SetClock()
+    with ExitStack() as stack:
+        a = InProcessCoordinator(tmp_path / "a", stack, clock, database_url=db_url)
+        b = InProcessCoordinator(tmp_path / "b", stack, clock, database_url=db_url)
+        for c in (a, b):
+            relay = c.core.notifier.relay
+            assert relay is not None and relay.listening.wait(30)
+        user = a.new_user()
+        on_b = b.client(user.token)
+        worker = a.worker(echo_app)
+        job = user.submit("echo", "echo", params={"far": True})
+        [claimed] = worker.claim()
+        reads: list[str] = []
+
+        def count(_conn: object, _cur: object, statement: str, *_: object) -> None:
+            if "WHERE jobs.owner_id = " in statement:
+                reads.append(" ".join(statement.split()))
+
+        event.listen(b.core.engine, "before_cursor_execute", count)
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                polling = pool.submit(on_b.request, "GET", f"/v1/jobs/{job.id}?wait=60")
+                waiters = b.core.notifier._waiters
+                wait_for(lambda: job_key(job.id) in waiters, timeout=30, interval=0.01)
+                assert worker.complete(claimed, result={"far": True}).status_code == 204
+                view = polling.result(timeout=60).json()
+        finally:
+            event.remove(b.core.engine, "before_cursor_execute", count)
+    assert (view["id"], view["state"], view["result"]) == (job.id, "succeeded", {"far": True})
+    assert len(reads) == 2 and "files_json" in reads[1], reads

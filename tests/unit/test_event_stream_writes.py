@@ -1,0 +1,113 @@
+"""The event stream (`GET /v1/jobs/events`) on the real in-process coordinator: the jobs
+of one wake-up go out in one write, each a whole event as before, loaded in one
+statement without a read transaction; the last event of each job is its ended view,
+the same as a GET of it."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, cast
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import event
+from starlette.types import Message, Receive, Scope, Send
+
+from csml.coordinator import api_events
+from csml.coordinator.notify import owner_feed
+from tests.cluster import wait_for
+from tests.unit.inproc import BASE_URL, HttpWorker, InProcessCoordinator, PortalTransport
+
+
+def parse(body: bytes) -> list[tuple[str, Any]]:
+    """The server-sent events in `body` as (name, JSON data); comments skipped."""
+    out = []
+    for block in body.decode().split("\n\n"):
+        lines = [ln for ln in block.split("\n") if ln and not ln.startswith(":")]
+        if lines:
+            name = next(ln[6:].strip() for ln in lines if ln.startswith("event:"))
+            data = "".join(ln[5:].strip() for ln in lines if ln.startswith("data:"))
+            out.append((name, json.loads(data)))
+    return out
+
+
+def test_a_wake_up_sends_its_jobs_in_one_write(
+    coordinator: InProcessCoordinator, echo_worker: HttpWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(api_events, "STREAM_SECONDS", 1.5)  # the response ends, then is read
+    user = coordinator.new_user()
+    jobs = [user.submit("echo", "echo", params={"i": i}) for i in range(3)]
+    ids = {j.id for j in jobs}
+    writes: list[bytes] = []
+
+    async def counted(scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_body(message: Message) -> None:
+            if message["type"] == "http.response.body" and message.get("body"):
+                writes.append(message["body"])
+            await send(message)
+
+        await coordinator.app(scope, receive, send_body)
+
+    transport = PortalTransport(cast(FastAPI, counted), coordinator.portal)
+    statements: list[str] = []
+
+    def count(_conn: object, _cur: object, statement: str, *_: object) -> None:
+        statements.append(" ".join(statement.split()))
+
+    with (
+        httpx.Client(base_url=BASE_URL, transport=transport, timeout=30) as http,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        streaming = pool.submit(
+            http.get, "/v1/jobs/events?positions=false", headers=user._headers()
+        )
+        feeds = coordinator.core.notifier._feeds
+        # Followed, and its snapshot read (the read happens right after following).
+        wait_for(lambda: owner_feed(user_id(coordinator, jobs[0].id)) in feeds, 10, 0.01)
+        wait_for(lambda: writes, 10, 0.01)
+        claimed = echo_worker.claim(max_jobs=3)
+        assert {c.id for c in claimed} == ids
+        event.listen(coordinator.core.engine, "before_cursor_execute", count)
+        try:
+            done = [
+                {
+                    "job_id": c.id,
+                    "lease_id": c.lease_id,
+                    "state": "succeeded",
+                    "result": {"i": c.params["i"]},
+                }
+                for c in claimed
+            ]
+            r = echo_worker.post("/complete", {"completions": done})
+            assert r.status_code == 200, r.text
+            response = streaming.result(timeout=30)
+        finally:
+            event.remove(coordinator.core.engine, "before_cursor_execute", count)
+    assert response.status_code == 200
+    assert b"".join(writes) == response.content
+    events = parse(response.content)
+    assert events[0][0] == "snapshot" and events[-1][0] == "reconnect"
+    with_jobs = [parse(w) for w in writes[1:] if b"event: job" in w]
+    assert with_jobs and all(sorted(d["id"] for _, d in w) == sorted(ids) for w in with_jobs)
+    last = {d["id"]: d for name, d in events if name == "job"}
+    for job in jobs:
+        job.refresh()
+        assert last[job.id] == job.data.model_dump(mode="json")
+        assert last[job.id]["state"] == "succeeded" and last[job.id]["result"] == {
+            "i": job.data.params["i"]
+        }
+    loads = [s for s in statements if "files_json" in s and "jobs.id IN" in s]
+    # The wake-up with the ends (and one with the running views if it came apart from it
+    # on a slow machine): one statement each, no BEGIN.
+    assert 1 <= len(loads) <= 2 and "BEGIN" not in statements
+
+
+def user_id(coordinator: InProcessCoordinator, job_id: str) -> str:
+    from csml.store import jobs as store
+
+    with coordinator.core.queue.read() as conn:
+        row = store.by_id(conn, job_id)
+    assert row is not None
+    return row.owner_id
