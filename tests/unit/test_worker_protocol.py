@@ -6,8 +6,11 @@ forgets a worker that left."""
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from sqlalchemy import event
 
 from csml.schemas import ClaimResponse
 from csml.schemas.workers import CompletionResults
@@ -120,3 +123,42 @@ def test_a_worker_that_left_is_refused_at_once(
     assert r.status_code == 204
     r = echo_worker.post("/claim", {"max_jobs": 1, "wait": 0})
     assert r.status_code == 401
+
+
+def statements_of(coordinator: InProcessCoordinator, call: Callable[[], Any]) -> list[str]:
+    """The SQL statements `call` sent, each on one line."""
+    sent: list[str] = []
+    engine = coordinator.core.engine
+
+    def count(_conn: object, _cur: object, statement: str, *_: object) -> None:
+        sent.append(" ".join(statement.split()))
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        call()
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    return sent
+
+
+def test_a_claim_of_plain_jobs_reads_neither_files_nor_envelopes(
+    coordinator: InProcessCoordinator, echo_worker: HttpWorker
+) -> None:
+    """Pinned count: the claim's RETURNING says whether a job has inputs or an envelope,
+    so a claim of plain jobs without inputs is its probe, the claim and the served rank
+    (there were a `SELECT job_files` and a `SELECT EXISTS job_confidential` more)."""
+    user = coordinator.new_user()
+    jobs = [user.submit("echo", "echo") for _ in range(2)]
+    with_input = user.submit("echo", "echo", files={"data": b"bytes"})
+    claim(echo_worker, 1)  # also stamps this worker's liveness (a write of its own)
+    taken: list[ClaimResponse] = []
+    sent = statements_of(coordinator, lambda: taken.append(claim(echo_worker, 1)))
+    assert [j.id for j in taken[0].jobs] == [jobs[1].id]
+    assert [s.split(" ")[0] for s in sent] == ["BEGIN", "SELECT", "BEGIN", "UPDATE", "UPDATE"]
+    assert sent[3].startswith("UPDATE jobs") and sent[4].startswith("UPDATE apps"), sent
+    # A job with an input: its files are read (one statement), its envelope is not.
+    sent = statements_of(coordinator, lambda: taken.append(claim(echo_worker, 1)))
+    assert [j.id for j in taken[1].jobs] == [with_input.id]
+    assert [i.name for i in taken[1].jobs[0].inputs] == ["data"]
+    assert len([s for s in sent if s.startswith("SELECT job_files")]) == 1
+    assert not any(s.startswith("SELECT EXISTS") for s in sent), sent
