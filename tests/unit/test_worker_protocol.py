@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import event
 
 from csml.schemas import ClaimResponse
-from csml.schemas.workers import CompletionResults
+from csml.schemas.workers import COMPLETIONS_RIDE_CLAIMS, PROTOCOL, CompletionResults
 from csml.store.db import counters
 from tests.unit.inproc import HttpWorker, InProcessCoordinator
 
@@ -123,6 +123,58 @@ def test_a_worker_that_left_is_refused_at_once(
     assert r.status_code == 204
     r = echo_worker.post("/claim", {"max_jobs": 1, "wait": 0})
     assert r.status_code == 401
+
+
+def test_registration_says_completions_may_ride_claims(echo_worker: HttpWorker) -> None:
+    assert echo_worker.registered.protocol == PROTOCOL >= COMPLETIONS_RIDE_CLAIMS
+
+
+def test_completions_riding_a_claim_are_kept_before_it_takes_jobs(
+    coordinator: InProcessCoordinator, echo_worker: HttpWorker
+) -> None:
+    user = coordinator.new_user()
+    jobs = [user.submit("echo", "echo", params={"i": i}) for i in range(4)]
+    first, second = claim(echo_worker, 2).jobs
+    done = [
+        {"job_id": first.id, "lease_id": first.lease_id, "state": "succeeded", "result": {"i": 0}},
+        {"job_id": second.id, "lease_id": "not-the-lease", "state": "succeeded", "result": {}},
+    ]
+    tally = counters(coordinator.core.engine)
+    before = tally.write_commits
+    r = echo_worker.post("/claim", {"max_jobs": 2, "wait": 0, "completions": done})
+    assert r.status_code == 200, r.text
+    answer = ClaimResponse.model_validate(r.json())
+    assert tally.write_commits == before + 1  # the completions and the claim: one commit
+    assert [(o.job_id, o.status) for o in answer.results] == [(first.id, 204), (second.id, 409)]
+    assert "no longer yours" in answer.results[1].error
+    assert [j.id for j in answer.jobs] == [jobs[2].id, jobs[3].id]
+    jobs[0].wait(timeout=10)
+    assert jobs[0].state.value == "succeeded" and jobs[0].result == {"i": 0}
+    # Exactly one result: the same completion again (riding the next claim) is refused,
+    # and the job refused above is still running under its lease.
+    again = [done[0], {**done[1], "lease_id": second.lease_id, "state": "failed"}]
+    r = echo_worker.post("/claim", {"max_jobs": 1, "wait": 0, "completions": again})
+    assert r.status_code == 200, r.text
+    answer = ClaimResponse.model_validate(r.json())
+    assert [o.status for o in answer.results] == [409, 204] and answer.jobs == []
+    jobs[1].wait(timeout=10)
+    assert jobs[1].state.value == "failed"
+    jobs[0].refresh()
+    assert jobs[0].result == {"i": 0}
+
+
+def test_a_claim_carrying_completions_answers_even_when_nothing_is_queued(
+    coordinator: InProcessCoordinator, echo_worker: HttpWorker
+) -> None:
+    job = coordinator.new_user().submit("echo", "echo")
+    [taken] = claim(echo_worker, 1).jobs
+    done = {"job_id": job.id, "lease_id": taken.lease_id, "state": "succeeded", "result": {}}
+    r = echo_worker.post("/claim", {"max_jobs": 4, "wait": 0, "completions": [done]})
+    assert r.status_code == 200, r.text
+    answer = ClaimResponse.model_validate(r.json())
+    assert answer.jobs == [] and [o.status for o in answer.results] == [204]
+    job.wait(timeout=10)
+    assert job.state.value == "succeeded"
 
 
 def statements_of(coordinator: InProcessCoordinator, call: Callable[[], Any]) -> list[str]:

@@ -66,7 +66,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import anyio.to_thread
 from sqlalchemy.engine import Connection, Engine
@@ -116,6 +116,7 @@ from csml.store.verification import Run, Standing
 from csml.store.writer import Writer
 
 log = logging.getLogger("csml.coordinator.queue")
+T = TypeVar("T")
 
 QUEUED, RUNNING = JobState.queued.value, JobState.running.value
 TERMINAL = (JobState.succeeded.value, JobState.failed.value, JobState.cancelled.value)
@@ -184,6 +185,10 @@ class _Claim:
     progressed: list[str]
     taken: list[Claimed]
     lease_id: str
+
+
+_Done = tuple[list[Outcome], list[str], list[str]]
+"""A completion batch's outcomes, wake-up keys and quarantined workers."""
 
 
 def _lease_lost(job_id: str, state: str) -> Conflict:
@@ -948,14 +953,51 @@ class JobQueue:
         self, worker: WorkerRef, batch: list[BatchedCompletion]
     ) -> list[Outcome]:
         """`complete_many` from the event loop (inline outputs are written off it)."""
+        op = self._complete_op(worker, batch, await self._prepare_async(worker, batch), False)
+        return self._completed(await self._run_retrying(op))
+
+    async def complete_and_claim_async(
+        self,
+        worker: WorkerRef,
+        batch: list[BatchedCompletion],
+        max_jobs: int,
+        running: list[RunningJob] | None = None,
+        *,
+        wait: float = 0.0,
+        warm: list[str] | None = None,
+    ) -> tuple[list[Outcome], ClaimResponse]:
+        """Completions riding a claim (protocol 3): `complete_many`'s batch, then
+        `claim_and_beat`'s claim, in one write operation (one transaction, one commit);
+        the claim takes jobs only after the batch ended its jobs. Both come back only once
+        committed. A deadlock (PostgreSQL) runs the whole operation again, as for a batch."""
+        done_op = self._complete_op(worker, batch, await self._prepare_async(worker, batch), False)
+        claim_op = self._claim_op(worker, max_jobs, running or [], wait, warm or [])
+
+        def op(
+            conn: Connection,
+        ) -> tuple[tuple[list[Outcome], list[str], list[str]], _Claim | None]:
+            done = done_op(conn)
+            return done, (claim_op(conn) if claim_op is not None else None)
+
+        done, claim = await self._run_retrying(op)
+        outcomes = self._completed(done)
+        if claim is None:
+            return outcomes, ClaimResponse(jobs=[])
+        return outcomes, self._claimed(worker, claim)
+
+    async def _prepare_async(
+        self, worker: WorkerRef, batch: list[BatchedCompletion]
+    ) -> list[_Prepared]:
         if any(d.inline_outputs for d in batch):
-            prepared = await anyio.to_thread.run_sync(self._prepare, worker, batch)
-        else:
-            prepared = self._prepare(worker, batch)  # a glob per job, no writes
-        op = self._complete_op(worker, batch, prepared, False)
+            return await anyio.to_thread.run_sync(self._prepare, worker, batch)
+        return self._prepare(worker, batch)  # a glob per job, no writes
+
+    async def _run_retrying(self, op: Callable[[Connection], T]) -> T:
+        """`writer.run_async(op)`, run again (up to `CONFLICT_RETRIES` in all) when it met a
+        deadlock: completions touch other workers' rows (reputation, credit)."""
         for attempt in range(1, CONFLICT_RETRIES + 1):
             try:
-                return self._completed(await self.writer.run_async(op))
+                return await self.writer.run_async(op)
             except Exception as exc:
                 if attempt == CONFLICT_RETRIES or not is_conflict(exc):
                     raise
