@@ -214,3 +214,34 @@ def test_a_claim_of_plain_jobs_reads_neither_files_nor_envelopes(
     assert [i.name for i in taken[1].jobs[0].inputs] == ["data"]
     assert len([s for s in sent if s.startswith("SELECT job_files")]) == 1
     assert not any(s.startswith("SELECT EXISTS") for s in sent), sent
+
+
+def test_a_plain_jobs_completion_riding_a_claim_is_one_statement(
+    coordinator: InProcessCoordinator, echo_worker: HttpWorker
+) -> None:
+    """Pinned count: a plain job's completion riding a claim adds one statement to the
+    claim's transaction, its end: an `UPDATE … RETURNING` that checks the lease (there
+    were a `SELECT … jobs` of the lease under lock and an `UPDATE` of the job, and a
+    request and a transaction of their own)."""
+    user = coordinator.new_user()
+    jobs = [user.submit("echo", "echo") for _ in range(2)]
+    [first] = claim(echo_worker, 1).jobs  # also stamps this worker's liveness
+    done = {"job_id": first.id, "lease_id": first.lease_id, "state": "succeeded", "result": {}}
+    answers: list[Any] = []
+    tally = counters(coordinator.core.engine)
+    before = tally.write_commits
+    sent = statements_of(
+        coordinator,
+        lambda: answers.append(
+            echo_worker.post("/claim", {"max_jobs": 1, "wait": 0, "completions": [done]})
+        ),
+    )
+    answer = ClaimResponse.model_validate(answers[0].json())
+    assert [o.status for o in answer.results] == [204]
+    assert [j.id for j in answer.jobs] == [jobs[1].id]
+    assert tally.write_commits == before + 1
+    kinds = [s.split(" ")[0] for s in sent]
+    assert kinds == ["BEGIN", "SELECT", "BEGIN", "UPDATE", "UPDATE", "UPDATE"], sent
+    assert sent[3].startswith("UPDATE jobs SET state=?, finished_at=?") and "RETURNING" in sent[3]
+    jobs[0].wait(timeout=10)
+    assert jobs[0].state.value == "succeeded" and jobs[0].result == {}

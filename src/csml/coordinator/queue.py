@@ -1061,20 +1061,53 @@ class JobQueue:
         prepared: list[_Prepared],
         raise_one: bool,
     ) -> Callable[[Connection], tuple[list[Outcome], list[str], list[str]]]:
-        wanted = list(dict.fromkeys(d.job_id for d in batch))
         models = self._model_operations(worker.app)
         contributed = contributor_of(worker) is not None
+        worker_id = worker.id
+        # A plain job's end is tried as one UPDATE … RETURNING (`ends.end_held`): the
+        # first completion of each job, from an operator worker, that carries no
+        # encrypted result and whose inline outputs were accepted. What that statement
+        # does not match (a job of a pipeline, confidential, verified, credited, keeping
+        # models; a lease lost; a repeat) takes the locking path, which decides as before.
+        fast: dict[int, ends.HeldEnd] = {}
+        if not contributed and models is not None:
+            seen: set[str] = set()
+            for i, (done, prep) in enumerate(zip(batch, prepared, strict=True)):
+                if done.job_id in seen:
+                    continue
+                seen.add(done.job_id)
+                if done.encrypted_result is None and prep.refusal is None:
+                    fast[i] = ends.HeldEnd(
+                        done.job_id, done.lease_id, done.state, done.result, done.error
+                    )
+        model_ops = sorted(models or ())
 
         def op(conn: Connection) -> tuple[list[Outcome], list[str], list[str]]:
-            locked = ends.lock_to_complete(conn, wanted)
             now = utcnow()
-            outcomes: list[Outcome] = []
+            ended: dict[int, Outcome] = {}
             woken: list[str] = []
+            for i, held in fast.items():
+                got = ends.end_held(conn, worker_id, held, now, model_ops)
+                if got is None:
+                    continue
+                seq, owner_id = got
+                if held.state == JobState.succeeded.value:
+                    writes.add_files(
+                        conn, seq, self._output_rows(held.job_id, held.lease_id, prepared[i])
+                    )
+                woken.append(owner_change(owner_id, held.job_id, ending=True))
+                ended[i] = Outcome(held.job_id, None)
+            wanted = list(dict.fromkeys(d.job_id for i, d in enumerate(batch) if i not in ended))
+            locked = ends.lock_to_complete(conn, wanted) if wanted else {}
+            outcomes: list[Outcome] = []
             # Verification: a contributed worker's record, read afresh under this
             # transaction (an operator worker's completion reads nothing more).
             standing = verified.standing(conn, worker.id) if contributed else None
             checks = Batch()
-            for done, prep in zip(batch, prepared, strict=True):
+            for i, (done, prep) in enumerate(zip(batch, prepared, strict=True)):
+                if i in ended:
+                    outcomes.append(ended[i])
+                    continue
                 try:
                     # Refusals come before `_finish` changes a row: no savepoint.
                     woken += self._finish(
@@ -1093,8 +1126,8 @@ class JobQueue:
                     outcomes.append(Outcome(done.job_id, exc))
                 else:
                     outcomes.append(Outcome(done.job_id, None))
-                    ended = locked[done.job_id]  # a repeat in the batch finds it ended
-                    locked[done.job_id] = replace(ended, state=done.state, lease_id=None)
+                    ended_job = locked[done.job_id]  # a repeat in the batch finds it ended
+                    locked[done.job_id] = replace(ended_job, state=done.state, lease_id=None)
             quarantined: list[str] = []
             if checks.deltas or checks.earnings:
                 quarantined = self.verifier.close_batch(conn, checks, now)
@@ -1109,6 +1142,21 @@ class JobQueue:
             return outcomes, woken, quarantined
 
         return op
+
+    def _output_rows(self, job_id: str, lease_id: str, prep: _Prepared) -> list[FileRow]:
+        """The output rows of a succeeded completion (its files are in its attempt's folder)."""
+        outputs_dir = self.attempt_dir(job_id, lease_id)
+        return [
+            FileRow(
+                "output",
+                info.name,
+                info.size,
+                info.sha256,
+                info.media_type,
+                self.blobs.relative(outputs_dir / info.name),
+            )
+            for info in prep.outputs
+        ]
 
     def _model_operations(self, app: str) -> set[str] | None:
         """Operations of `app` whose outputs become models (None: the app is unknown)."""
@@ -1168,7 +1216,6 @@ class JobQueue:
                 else None,
             )
         succeeded = done.state == JobState.succeeded.value
-        outputs_dir = self.attempt_dir(job_id, done.lease_id)
         ends.end(
             conn,
             job.seq,
@@ -1179,21 +1226,7 @@ class JobQueue:
             fraction=1.0 if succeeded else None,
         )
         if succeeded:
-            writes.add_files(
-                conn,
-                job.seq,
-                [
-                    FileRow(
-                        "output",
-                        info.name,
-                        info.size,
-                        info.sha256,
-                        info.media_type,
-                        self.blobs.relative(outputs_dir / info.name),
-                    )
-                    for info in prep.outputs
-                ],
-            )
+            writes.add_files(conn, job.seq, self._output_rows(job_id, done.lease_id, prep))
         woken = [owner_change(job.owner_id, job_id, ending=True)]
         keeps_models = succeeded and (models is None or job.operation in models)
         if keeps_models or job.parent_seq is not None:
