@@ -245,3 +245,20 @@ def test_a_plain_jobs_completion_riding_a_claim_is_one_statement(
     assert sent[3].startswith("UPDATE jobs SET state=?, finished_at=?") and "RETURNING" in sent[3]
     jobs[0].wait(timeout=10)
     assert jobs[0].state.value == "succeeded" and jobs[0].result == {}
+
+
+def test_a_claims_lease_check_and_probe_share_one_read(
+    coordinator: InProcessCoordinator, echo_worker: HttpWorker
+) -> None:
+    """Pinned count: a claim carrying a heartbeat that is not due reads the leases and
+    probes the queue in one read transaction (one BEGIN; there were two), then claims."""
+    user = coordinator.new_user()
+    jobs = [user.submit("echo", "echo") for _ in range(2)]
+    [first] = claim(echo_worker, 1).jobs  # also stamps this worker's liveness
+    taken: list[ClaimResponse] = []
+    sent = statements_of(coordinator, lambda: taken.append(claim(echo_worker, 1, first)))
+    assert [j.id for j in taken[0].jobs] == [jobs[1].id] and taken[0].abort == []
+    kinds = [s.split(" ")[0] for s in sent]
+    assert kinds == ["BEGIN", "SELECT", "SELECT", "BEGIN", "UPDATE", "UPDATE"], sent
+    assert sent[1].startswith("SELECT jobs.id, jobs.state, jobs.worker_id, jobs.lease_id")
+    assert not any(s.startswith("UPDATE jobs SET lease_expires_at") for s in sent), sent

@@ -663,15 +663,18 @@ class JobQueue:
         warm: list[str],
     ) -> Callable[[Connection], _Claim] | None:
         stamp = self._stamp_due(worker.id)
-        if running and self._beat_not_due(worker, running, wait):
-            running = []  # every lease was extended within a heartbeat interval: no write
         claimant = self._claimant(worker)
-        if running or stamp:
-            met = self._known_met(worker)  # a write is due anyway: no probe (as before)
-        else:
-            queued, met = self._has_queued(worker, claimant)
-            if not queued:
-                return None
+        # The riding heartbeat's lease check and the probe share one read transaction
+        # (a read emits its BEGIN only once it runs a statement).
+        with self.read() as conn:
+            if running and self._beat_not_due(conn, worker, running, wait):
+                running = []  # every lease was extended within a heartbeat interval: no write
+            if running or stamp:
+                met = self._known_met(conn, worker)  # a write is due anyway: no probe
+            else:
+                queued, met = self._has_queued(conn, worker, claimant)
+                if not queued:
+                    return None
         worker_id, app = worker.id, worker.app
         lease_id = ids.new_id()
         credit = self.credit if self.credit.active(app, self._any_credited) else None
@@ -736,7 +739,9 @@ class JobQueue:
         last = self._stamped.get(worker_id)
         return last is None or time.monotonic() - last >= every
 
-    def _beat_not_due(self, worker: WorkerRef, running: list[RunningJob], wait: float) -> bool:
+    def _beat_not_due(
+        self, conn: Connection, worker: WorkerRef, running: list[RunningJob], wait: float
+    ) -> bool:
         """Whether a heartbeat riding on a claim (that may long-poll `wait` seconds) would
         change nothing that matters: every job still this worker's under the same lease,
         its progress unchanged, and its lease extended less than half a heartbeat interval
@@ -747,8 +752,7 @@ class JobQueue:
         s = self.settings
         left = max(s.lease_seconds - s.heartbeat_seconds / 2, wait + s.heartbeat_seconds)
         fresh_until = utcnow() + timedelta(seconds=left)
-        with self.read() as conn:
-            held = store.leases(conn, [r.job_id for r in running])
+        held = store.leases(conn, [r.job_id for r in running])
         for r in running:
             lease = held.get(r.job_id)
             if (
@@ -765,7 +769,7 @@ class JobQueue:
         return True
 
     def _has_queued(
-        self, worker: WorkerRef, claimant: Claimant | None = None
+        self, conn: Connection, worker: WorkerRef, claimant: Claimant | None = None
     ) -> tuple[bool, tuple[str, ...]]:
         """Whether a job waits for this worker (a contributed one: within its `claimant`
         filter), and the requirement keys it meets: one read, and one more only when the
@@ -774,22 +778,20 @@ class JobQueue:
         app, labels = worker.app, _labels_of(worker)
         keys = self._keys.setdefault(app, _AppKeys())
         met = self._met(keys, labels)
-        with self.read() as conn:
-            queued, newest = store.probe(conn, worker.id, app, met, claimant)
-            if newest > keys.newest:
-                keys = self._reload_keys(conn, app, keys)
-                met = self._met(keys, labels)
-                if not queued:
-                    queued, _ = store.probe(conn, worker.id, app, met, claimant)
+        queued, newest = store.probe(conn, worker.id, app, met, claimant)
+        if newest > keys.newest:
+            keys = self._reload_keys(conn, app, keys)
+            met = self._met(keys, labels)
+            if not queued:
+                queued, _ = store.probe(conn, worker.id, app, met, claimant)
         return queued, met
 
-    def _known_met(self, worker: WorkerRef) -> tuple[str, ...]:
+    def _known_met(self, conn: Connection, worker: WorkerRef) -> tuple[str, ...]:
         """The requirement keys this worker meets among those this coordinator knows (read
         once per app; a key added since is learned at the next probe)."""
         keys = self._keys.get(worker.app)
         if keys is None:
-            with self.read() as conn:
-                keys = self._reload_keys(conn, worker.app, _AppKeys())
+            keys = self._reload_keys(conn, worker.app, _AppKeys())
         return self._met(keys, _labels_of(worker))
 
     def _reload_keys(self, conn: Connection, app: str, keys: _AppKeys) -> _AppKeys:
