@@ -179,7 +179,7 @@ def test_a_claim_writes_a_riding_heartbeat_only_when_the_lease_needs_it(
         return answer
 
     first_end, commits = lease_end(), counters(engine).write_commits
-    assert claim_with_beat(fraction=0.0) == {"jobs": [], "abort": []}
+    assert claim_with_beat(fraction=0.0) == {"jobs": [], "abort": [], "results": []}
     assert counters(engine).write_commits == commits  # lease fresh: nothing written
     assert lease_end() == first_end
     coordinator.clock.advance(6)  # more than half a heartbeat interval: extended

@@ -6,11 +6,14 @@ forgets a worker that left."""
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import event
+
 from csml.schemas import ClaimResponse
-from csml.schemas.workers import CompletionResults
+from csml.schemas.workers import COMPLETIONS_RIDE_CLAIMS, PROTOCOL, CompletionResults
 from csml.store.db import counters
 from tests.unit.inproc import HttpWorker, InProcessCoordinator
 
@@ -120,3 +123,143 @@ def test_a_worker_that_left_is_refused_at_once(
     assert r.status_code == 204
     r = echo_worker.post("/claim", {"max_jobs": 1, "wait": 0})
     assert r.status_code == 401
+
+
+def test_registration_says_completions_may_ride_claims(echo_worker: HttpWorker) -> None:
+    assert echo_worker.registered.protocol == PROTOCOL >= COMPLETIONS_RIDE_CLAIMS
+
+
+def test_completions_riding_a_claim_are_kept_before_it_takes_jobs(
+    coordinator: InProcessCoordinator, echo_worker: HttpWorker
+) -> None:
+    user = coordinator.new_user()
+    jobs = [user.submit("echo", "echo", params={"i": i}) for i in range(4)]
+    first, second = claim(echo_worker, 2).jobs
+    done = [
+        {"job_id": first.id, "lease_id": first.lease_id, "state": "succeeded", "result": {"i": 0}},
+        {"job_id": second.id, "lease_id": "not-the-lease", "state": "succeeded", "result": {}},
+    ]
+    tally = counters(coordinator.core.engine)
+    before = tally.write_commits
+    r = echo_worker.post("/claim", {"max_jobs": 2, "wait": 0, "completions": done})
+    assert r.status_code == 200, r.text
+    answer = ClaimResponse.model_validate(r.json())
+    assert tally.write_commits == before + 1  # the completions and the claim: one commit
+    assert [(o.job_id, o.status) for o in answer.results] == [(first.id, 204), (second.id, 409)]
+    assert "no longer yours" in answer.results[1].error
+    assert [j.id for j in answer.jobs] == [jobs[2].id, jobs[3].id]
+    jobs[0].wait(timeout=10)
+    assert jobs[0].state.value == "succeeded" and jobs[0].result == {"i": 0}
+    # Exactly one result: the same completion again (riding the next claim) is refused,
+    # and the job refused above is still running under its lease.
+    again = [done[0], {**done[1], "lease_id": second.lease_id, "state": "failed"}]
+    r = echo_worker.post("/claim", {"max_jobs": 1, "wait": 0, "completions": again})
+    assert r.status_code == 200, r.text
+    answer = ClaimResponse.model_validate(r.json())
+    assert [o.status for o in answer.results] == [409, 204] and answer.jobs == []
+    jobs[1].wait(timeout=10)
+    assert jobs[1].state.value == "failed"
+    jobs[0].refresh()
+    assert jobs[0].result == {"i": 0}
+
+
+def test_a_claim_carrying_completions_answers_even_when_nothing_is_queued(
+    coordinator: InProcessCoordinator, echo_worker: HttpWorker
+) -> None:
+    job = coordinator.new_user().submit("echo", "echo")
+    [taken] = claim(echo_worker, 1).jobs
+    done = {"job_id": job.id, "lease_id": taken.lease_id, "state": "succeeded", "result": {}}
+    r = echo_worker.post("/claim", {"max_jobs": 4, "wait": 0, "completions": [done]})
+    assert r.status_code == 200, r.text
+    answer = ClaimResponse.model_validate(r.json())
+    assert answer.jobs == [] and [o.status for o in answer.results] == [204]
+    job.wait(timeout=10)
+    assert job.state.value == "succeeded"
+
+
+def statements_of(coordinator: InProcessCoordinator, call: Callable[[], Any]) -> list[str]:
+    """The SQL statements `call` sent, each on one line."""
+    sent: list[str] = []
+    engine = coordinator.core.engine
+
+    def count(_conn: object, _cur: object, statement: str, *_: object) -> None:
+        sent.append(" ".join(statement.split()))
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        call()
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    return sent
+
+
+def test_a_claim_of_plain_jobs_reads_neither_files_nor_envelopes(
+    coordinator: InProcessCoordinator, echo_worker: HttpWorker
+) -> None:
+    """Pinned count: the claim's RETURNING says whether a job has inputs or an envelope,
+    so a claim of plain jobs without inputs is its probe, the claim and the served rank
+    (there were a `SELECT job_files` and a `SELECT EXISTS job_confidential` more)."""
+    user = coordinator.new_user()
+    jobs = [user.submit("echo", "echo") for _ in range(2)]
+    with_input = user.submit("echo", "echo", files={"data": b"bytes"})
+    claim(echo_worker, 1)  # also stamps this worker's liveness (a write of its own)
+    taken: list[ClaimResponse] = []
+    sent = statements_of(coordinator, lambda: taken.append(claim(echo_worker, 1)))
+    assert [j.id for j in taken[0].jobs] == [jobs[1].id]
+    assert [s.split(" ")[0] for s in sent] == ["SELECT", "BEGIN", "UPDATE", "UPDATE"]
+    assert sent[2].startswith("UPDATE jobs") and sent[3].startswith("UPDATE apps"), sent
+    # A job with an input: its files are read (one statement), its envelope is not.
+    sent = statements_of(coordinator, lambda: taken.append(claim(echo_worker, 1)))
+    assert [j.id for j in taken[1].jobs] == [with_input.id]
+    assert [i.name for i in taken[1].jobs[0].inputs] == ["data"]
+    assert len([s for s in sent if s.startswith("SELECT job_files")]) == 1
+    assert not any(s.startswith("SELECT EXISTS") for s in sent), sent
+
+
+def test_a_plain_jobs_completion_riding_a_claim_is_one_statement(
+    coordinator: InProcessCoordinator, echo_worker: HttpWorker
+) -> None:
+    """Pinned count: a plain job's completion riding a claim adds one statement to the
+    claim's transaction, its end: an `UPDATE … RETURNING` that checks the lease (there
+    were a `SELECT … jobs` of the lease under lock and an `UPDATE` of the job, and a
+    request and a transaction of their own)."""
+    user = coordinator.new_user()
+    jobs = [user.submit("echo", "echo") for _ in range(2)]
+    [first] = claim(echo_worker, 1).jobs  # also stamps this worker's liveness
+    done = {"job_id": first.id, "lease_id": first.lease_id, "state": "succeeded", "result": {}}
+    answers: list[Any] = []
+    tally = counters(coordinator.core.engine)
+    before = tally.write_commits
+    sent = statements_of(
+        coordinator,
+        lambda: answers.append(
+            echo_worker.post("/claim", {"max_jobs": 1, "wait": 0, "completions": [done]})
+        ),
+    )
+    answer = ClaimResponse.model_validate(answers[0].json())
+    assert [o.status for o in answer.results] == [204]
+    assert [j.id for j in answer.jobs] == [jobs[1].id]
+    assert tally.write_commits == before + 1
+    kinds = [s.split(" ")[0] for s in sent]
+    assert kinds == ["SELECT", "BEGIN", "UPDATE", "UPDATE", "UPDATE"], sent
+    assert sent[2].startswith("UPDATE jobs SET state=?, finished_at=?") and "RETURNING" in sent[2]
+    jobs[0].wait(timeout=10)
+    assert jobs[0].state.value == "succeeded" and jobs[0].result == {}
+
+
+def test_a_claims_lease_check_and_probe_run_without_a_read_transaction(
+    coordinator: InProcessCoordinator, echo_worker: HttpWorker
+) -> None:
+    """Pinned count: a claim carrying a heartbeat that is not due reads the leases and
+    probes the queue each in its own implicit transaction (no BEGIN; there were two: the
+    two are hints that the claim's write checks again), then claims."""
+    user = coordinator.new_user()
+    jobs = [user.submit("echo", "echo") for _ in range(2)]
+    [first] = claim(echo_worker, 1).jobs  # also stamps this worker's liveness
+    taken: list[ClaimResponse] = []
+    sent = statements_of(coordinator, lambda: taken.append(claim(echo_worker, 1, first)))
+    assert [j.id for j in taken[0].jobs] == [jobs[1].id] and taken[0].abort == []
+    kinds = [s.split(" ")[0] for s in sent]
+    assert kinds == ["SELECT", "SELECT", "BEGIN", "UPDATE", "UPDATE"], sent
+    assert sent[0].startswith("SELECT jobs.id, jobs.state, jobs.worker_id, jobs.lease_id")
+    assert not any(s.startswith("UPDATE jobs SET lease_expires_at") for s in sent), sent

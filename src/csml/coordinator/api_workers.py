@@ -48,6 +48,7 @@ from csml.schemas import (
     WorkerRegistration,
 )
 from csml.schemas.workers import (
+    PROTOCOL,
     ClaimRequest,
     CompletionBatch,
     CompletionOutcome,
@@ -139,6 +140,7 @@ def register(body: WorkerRegistration, request: Request, join: Joiner) -> Worker
         worker_token=token,
         lease_seconds=c.settings.lease_seconds,
         heartbeat_seconds=c.settings.heartbeat_seconds,
+        protocol=PROTOCOL,
     )
 
 
@@ -157,24 +159,43 @@ def leave(worker_id: str, request: Request, me: Me) -> Response:
 @lean
 async def claim(worker_id: str, body: ClaimRequest, request: Request, me: Me) -> ClaimResponse:
     """Take up to `max_jobs` queued jobs of this worker's app, each under a lease; with
-    `running`, also a heartbeat of those jobs (the answer's `abort` says which to stop)."""
+    `running`, also a heartbeat of those jobs (the answer's `abort` says which to stop);
+    with `completions` (protocol 3), first end those jobs, in the claim's transaction
+    (the answer's `results` say what `POST …/complete` would have answered)."""
     _same(me, worker_id)
     c = core(request)
     deadline = time.monotonic() + body.wait
     running = body.running
+    results: list[CompletionOutcome] = []
     with c.notifier.subscribe(app_key(me.app)) as event:
-        while True:
-            answer = await c.queue.claim_and_beat_async(
+        if body.completions:  # committed before any wait: a long-poll holds only the answer
+            outcomes, answer = await c.queue.complete_and_claim_async(
                 me,
+                body.completions,
                 body.max_jobs,
                 running,
-                wait=max(0.0, deadline - time.monotonic()),
+                wait=body.wait,
                 warm=body.warm_models,
             )
-            running = None  # the heartbeat is done; re-checks only claim
+            results = _outcomes(outcomes)
+            running = None
+        else:
+            answer = None
+        while True:
+            if answer is None:
+                answer = await c.queue.claim_and_beat_async(
+                    me,
+                    body.max_jobs,
+                    running,
+                    wait=max(0.0, deadline - time.monotonic()),
+                    warm=body.warm_models,
+                )
+                running = None  # the heartbeat is done; re-checks only claim
             remaining = deadline - time.monotonic()
             if answer.jobs or answer.abort or remaining <= 0 or await request.is_disconnected():
+                answer.results = results
                 return answer
+            answer = None
             await c.notifier.wait(event, min(remaining, c.notifier.recheck_seconds))
 
 

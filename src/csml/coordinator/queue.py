@@ -66,7 +66,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import anyio.to_thread
 from sqlalchemy.engine import Connection, Engine
@@ -116,6 +116,7 @@ from csml.store.verification import Run, Standing
 from csml.store.writer import Writer
 
 log = logging.getLogger("csml.coordinator.queue")
+T = TypeVar("T")
 
 QUEUED, RUNNING = JobState.queued.value, JobState.running.value
 TERMINAL = (JobState.succeeded.value, JobState.failed.value, JobState.cancelled.value)
@@ -184,6 +185,10 @@ class _Claim:
     progressed: list[str]
     taken: list[Claimed]
     lease_id: str
+
+
+_Done = tuple[list[Outcome], list[str], list[str]]
+"""A completion batch's outcomes, wake-up keys and quarantined workers."""
 
 
 def _lease_lost(job_id: str, state: str) -> Conflict:
@@ -660,15 +665,18 @@ class JobQueue:
         warm: list[str],
     ) -> Callable[[Connection], _Claim] | None:
         stamp = self._stamp_due(worker.id)
-        if running and self._beat_not_due(worker, running, wait):
-            running = []  # every lease was extended within a heartbeat interval: no write
         claimant = self._claimant(worker)
-        if running or stamp:
-            met = self._known_met(worker)  # a write is due anyway: no probe (as before)
-        else:
-            queued, met = self._has_queued(worker, claimant)
-            if not queued:
-                return None
+        # The riding heartbeat's lease check and the probe are hints (the write re-checks
+        # both), so they need not agree: each runs on its own, without a BEGIN.
+        with self.read(each=True) as conn:
+            if running and self._beat_not_due(conn, worker, running, wait):
+                running = []  # every lease was extended within a heartbeat interval: no write
+            if running or stamp:
+                met = self._known_met(conn, worker)  # a write is due anyway: no probe
+            else:
+                queued, met = self._has_queued(conn, worker, claimant)
+                if not queued:
+                    return None
         worker_id, app = worker.id, worker.app
         lease_id = ids.new_id()
         credit = self.credit if self.credit.active(app, self._any_credited) else None
@@ -733,7 +741,9 @@ class JobQueue:
         last = self._stamped.get(worker_id)
         return last is None or time.monotonic() - last >= every
 
-    def _beat_not_due(self, worker: WorkerRef, running: list[RunningJob], wait: float) -> bool:
+    def _beat_not_due(
+        self, conn: Connection, worker: WorkerRef, running: list[RunningJob], wait: float
+    ) -> bool:
         """Whether a heartbeat riding on a claim (that may long-poll `wait` seconds) would
         change nothing that matters: every job still this worker's under the same lease,
         its progress unchanged, and its lease extended less than half a heartbeat interval
@@ -744,8 +754,7 @@ class JobQueue:
         s = self.settings
         left = max(s.lease_seconds - s.heartbeat_seconds / 2, wait + s.heartbeat_seconds)
         fresh_until = utcnow() + timedelta(seconds=left)
-        with self.read(each=True) as conn:
-            held = store.leases(conn, [r.job_id for r in running])
+        held = store.leases(conn, [r.job_id for r in running])
         for r in running:
             lease = held.get(r.job_id)
             if (
@@ -762,7 +771,7 @@ class JobQueue:
         return True
 
     def _has_queued(
-        self, worker: WorkerRef, claimant: Claimant | None = None
+        self, conn: Connection, worker: WorkerRef, claimant: Claimant | None = None
     ) -> tuple[bool, tuple[str, ...]]:
         """Whether a job waits for this worker (a contributed one: within its `claimant`
         filter), and the requirement keys it meets: one read, and one more only when the
@@ -771,22 +780,20 @@ class JobQueue:
         app, labels = worker.app, _labels_of(worker)
         keys = self._keys.setdefault(app, _AppKeys())
         met = self._met(keys, labels)
-        with self.read(each=True) as conn:
-            queued, newest = store.probe(conn, worker.id, app, met, claimant)
-            if newest > keys.newest:
-                keys = self._reload_keys(conn, app, keys)
-                met = self._met(keys, labels)
-                if not queued:
-                    queued, _ = store.probe(conn, worker.id, app, met, claimant)
+        queued, newest = store.probe(conn, worker.id, app, met, claimant)
+        if newest > keys.newest:
+            keys = self._reload_keys(conn, app, keys)
+            met = self._met(keys, labels)
+            if not queued:
+                queued, _ = store.probe(conn, worker.id, app, met, claimant)
         return queued, met
 
-    def _known_met(self, worker: WorkerRef) -> tuple[str, ...]:
+    def _known_met(self, conn: Connection, worker: WorkerRef) -> tuple[str, ...]:
         """The requirement keys this worker meets among those this coordinator knows (read
         once per app; a key added since is learned at the next probe)."""
         keys = self._keys.get(worker.app)
         if keys is None:
-            with self.read(each=True) as conn:
-                keys = self._reload_keys(conn, worker.app, _AppKeys())
+            keys = self._reload_keys(conn, worker.app, _AppKeys())
         return self._met(keys, _labels_of(worker))
 
     def _reload_keys(self, conn: Connection, app: str, keys: _AppKeys) -> _AppKeys:
@@ -950,14 +957,51 @@ class JobQueue:
         self, worker: WorkerRef, batch: list[BatchedCompletion]
     ) -> list[Outcome]:
         """`complete_many` from the event loop (inline outputs are written off it)."""
+        op = self._complete_op(worker, batch, await self._prepare_async(worker, batch), False)
+        return self._completed(await self._run_retrying(op))
+
+    async def complete_and_claim_async(
+        self,
+        worker: WorkerRef,
+        batch: list[BatchedCompletion],
+        max_jobs: int,
+        running: list[RunningJob] | None = None,
+        *,
+        wait: float = 0.0,
+        warm: list[str] | None = None,
+    ) -> tuple[list[Outcome], ClaimResponse]:
+        """Completions riding a claim (protocol 3): `complete_many`'s batch, then
+        `claim_and_beat`'s claim, in one write operation (one transaction, one commit);
+        the claim takes jobs only after the batch ended its jobs. Both come back only once
+        committed. A deadlock (PostgreSQL) runs the whole operation again, as for a batch."""
+        done_op = self._complete_op(worker, batch, await self._prepare_async(worker, batch), False)
+        claim_op = self._claim_op(worker, max_jobs, running or [], wait, warm or [])
+
+        def op(
+            conn: Connection,
+        ) -> tuple[tuple[list[Outcome], list[str], list[str]], _Claim | None]:
+            done = done_op(conn)
+            return done, (claim_op(conn) if claim_op is not None else None)
+
+        done, claim = await self._run_retrying(op)
+        outcomes = self._completed(done)
+        if claim is None:
+            return outcomes, ClaimResponse(jobs=[])
+        return outcomes, self._claimed(worker, claim)
+
+    async def _prepare_async(
+        self, worker: WorkerRef, batch: list[BatchedCompletion]
+    ) -> list[_Prepared]:
         if any(d.inline_outputs for d in batch):
-            prepared = await anyio.to_thread.run_sync(self._prepare, worker, batch)
-        else:
-            prepared = self._prepare(worker, batch)  # a glob per job, no writes
-        op = self._complete_op(worker, batch, prepared, False)
+            return await anyio.to_thread.run_sync(self._prepare, worker, batch)
+        return self._prepare(worker, batch)  # a glob per job, no writes
+
+    async def _run_retrying(self, op: Callable[[Connection], T]) -> T:
+        """`writer.run_async(op)`, run again (up to `CONFLICT_RETRIES` in all) when it met a
+        deadlock: completions touch other workers' rows (reputation, credit)."""
         for attempt in range(1, CONFLICT_RETRIES + 1):
             try:
-                return self._completed(await self.writer.run_async(op))
+                return await self.writer.run_async(op)
             except Exception as exc:
                 if attempt == CONFLICT_RETRIES or not is_conflict(exc):
                     raise
@@ -1021,20 +1065,53 @@ class JobQueue:
         prepared: list[_Prepared],
         raise_one: bool,
     ) -> Callable[[Connection], tuple[list[Outcome], list[str], list[str]]]:
-        wanted = list(dict.fromkeys(d.job_id for d in batch))
         models = self._model_operations(worker.app)
         contributed = contributor_of(worker) is not None
+        worker_id = worker.id
+        # A plain job's end is tried as one UPDATE … RETURNING (`ends.end_held`): the
+        # first completion of each job, from an operator worker, that carries no
+        # encrypted result and whose inline outputs were accepted. What that statement
+        # does not match (a job of a pipeline, confidential, verified, credited, keeping
+        # models; a lease lost; a repeat) takes the locking path, which decides as before.
+        fast: dict[int, ends.HeldEnd] = {}
+        if not contributed and models is not None:
+            seen: set[str] = set()
+            for i, (done, prep) in enumerate(zip(batch, prepared, strict=True)):
+                if done.job_id in seen:
+                    continue
+                seen.add(done.job_id)
+                if done.encrypted_result is None and prep.refusal is None:
+                    fast[i] = ends.HeldEnd(
+                        done.job_id, done.lease_id, done.state, done.result, done.error
+                    )
+        model_ops = sorted(models or ())
 
         def op(conn: Connection) -> tuple[list[Outcome], list[str], list[str]]:
-            locked = ends.lock_to_complete(conn, wanted)
             now = utcnow()
-            outcomes: list[Outcome] = []
+            ended: dict[int, Outcome] = {}
             woken: list[str] = []
+            for i, held in fast.items():
+                got = ends.end_held(conn, worker_id, held, now, model_ops)
+                if got is None:
+                    continue
+                seq, owner_id = got
+                if held.state == JobState.succeeded.value:
+                    writes.add_files(
+                        conn, seq, self._output_rows(held.job_id, held.lease_id, prepared[i])
+                    )
+                woken.append(owner_change(owner_id, held.job_id, ending=True))
+                ended[i] = Outcome(held.job_id, None)
+            wanted = list(dict.fromkeys(d.job_id for i, d in enumerate(batch) if i not in ended))
+            locked = ends.lock_to_complete(conn, wanted) if wanted else {}
+            outcomes: list[Outcome] = []
             # Verification: a contributed worker's record, read afresh under this
             # transaction (an operator worker's completion reads nothing more).
             standing = verified.standing(conn, worker.id) if contributed else None
             checks = Batch()
-            for done, prep in zip(batch, prepared, strict=True):
+            for i, (done, prep) in enumerate(zip(batch, prepared, strict=True)):
+                if i in ended:
+                    outcomes.append(ended[i])
+                    continue
                 try:
                     # Refusals come before `_finish` changes a row: no savepoint.
                     woken += self._finish(
@@ -1053,8 +1130,8 @@ class JobQueue:
                     outcomes.append(Outcome(done.job_id, exc))
                 else:
                     outcomes.append(Outcome(done.job_id, None))
-                    ended = locked[done.job_id]  # a repeat in the batch finds it ended
-                    locked[done.job_id] = replace(ended, state=done.state, lease_id=None)
+                    ended_job = locked[done.job_id]  # a repeat in the batch finds it ended
+                    locked[done.job_id] = replace(ended_job, state=done.state, lease_id=None)
             quarantined: list[str] = []
             if checks.deltas or checks.earnings:
                 quarantined = self.verifier.close_batch(conn, checks, now)
@@ -1069,6 +1146,21 @@ class JobQueue:
             return outcomes, woken, quarantined
 
         return op
+
+    def _output_rows(self, job_id: str, lease_id: str, prep: _Prepared) -> list[FileRow]:
+        """The output rows of a succeeded completion (its files are in its attempt's folder)."""
+        outputs_dir = self.attempt_dir(job_id, lease_id)
+        return [
+            FileRow(
+                "output",
+                info.name,
+                info.size,
+                info.sha256,
+                info.media_type,
+                self.blobs.relative(outputs_dir / info.name),
+            )
+            for info in prep.outputs
+        ]
 
     def _model_operations(self, app: str) -> set[str] | None:
         """Operations of `app` whose outputs become models (None: the app is unknown)."""
@@ -1128,7 +1220,6 @@ class JobQueue:
                 else None,
             )
         succeeded = done.state == JobState.succeeded.value
-        outputs_dir = self.attempt_dir(job_id, done.lease_id)
         ends.end(
             conn,
             job.seq,
@@ -1139,21 +1230,7 @@ class JobQueue:
             fraction=1.0 if succeeded else None,
         )
         if succeeded:
-            writes.add_files(
-                conn,
-                job.seq,
-                [
-                    FileRow(
-                        "output",
-                        info.name,
-                        info.size,
-                        info.sha256,
-                        info.media_type,
-                        self.blobs.relative(outputs_dir / info.name),
-                    )
-                    for info in prep.outputs
-                ],
-            )
+            writes.add_files(conn, job.seq, self._output_rows(job_id, done.lease_id, prep))
         woken = [owner_change(job.owner_id, job_id, ending=True)]
         keeps_models = succeeded and (models is None or job.operation in models)
         if keeps_models or job.parent_seq is not None:

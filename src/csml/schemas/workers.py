@@ -6,6 +6,14 @@ jobs at once and carries small inputs inline (`ClaimedJob.inline_inputs`, base64
 each at most `INLINE_MAX_BYTES`); completions go in batches (`CompletionBatch`), each
 with its small outputs inline (`JobCompletion.inline_outputs`). The single-job
 heartbeat, download, upload and complete routes stay for older workers.
+
+Protocol 3: completions may also ride a claim (`ClaimRequest.completions`): the
+coordinator ends them first, in the claim's transaction, and the answer's `results`
+say what `POST …/complete` would have (one per completion, in order; committed before
+the answer, and before any long-poll wait). A coordinator says it speaks protocol 3 in
+`WorkerRegistered.protocol`; a worker folds completions into claims only then (an
+older coordinator would ignore the field), and resends them alone if an answer
+carries no `results` for them. Older workers, which send none, are served as before.
 """
 
 from __future__ import annotations
@@ -42,11 +50,24 @@ class WorkerRegistration(BaseModel):
         return placement.check_labels(labels)
 
 
+PROTOCOL = 3
+"""The newest worker protocol this code speaks (see the module docstring)."""
+COMPLETIONS_RIDE_CLAIMS = 3
+"""The first protocol in which completions may ride a claim."""
+MAX_COMPLETIONS = 64
+"""Completions in one request at most (a batch, or riding a claim)."""
+
+
 class WorkerRegistered(BaseModel):
     worker_id: str
     worker_token: str
     lease_seconds: float
     heartbeat_seconds: float
+    protocol: int = Field(
+        2,
+        description="The newest worker protocol the coordinator speaks (absent: 2). From 3, "
+        "completions may ride a claim (`ClaimRequest.completions`).",
+    )
 
 
 class JobLimits(BaseModel):
@@ -77,9 +98,20 @@ class ClaimedJob(BaseModel):
     )
 
 
+class CompletionOutcome(BaseModel):
+    job_id: str
+    status: int = Field(description="What the single-job route would answer: 204, 409, 422...")
+    error: str = ""
+
+
 class ClaimResponse(BaseModel):
     jobs: list[ClaimedJob]
     abort: list[str] = Field([], description="Running jobs to stop now (see Heartbeat).")
+    results: list[CompletionOutcome] = Field(
+        [],
+        description="Protocol 3: one per completion that rode the claim, in order, as "
+        "`POST …/complete` answers them.",
+    )
 
 
 class RunningJob(BaseModel):
@@ -90,30 +122,6 @@ class RunningJob(BaseModel):
 
 class Heartbeat(BaseModel):
     running: list[RunningJob] = Field([], max_length=1024)
-
-
-class ClaimRequest(BaseModel):
-    max_jobs: int = Field(1, ge=1, le=256)
-    wait: float = Field(20.0, ge=0, le=60, description="Long-poll up to this many seconds.")
-    running: list[RunningJob] | None = Field(
-        None,
-        max_length=1024,
-        description="The worker's running jobs: a heartbeat riding along (None: no heartbeat).",
-    )
-    warm_models: list[str] = Field(
-        [],
-        max_length=placement.MAX_WARM,
-        description="Models this worker holds loaded, each `placement.warm_key(owner_key, "
-        "model sha256)`: the claim prefers jobs among them near the queue head.",
-    )
-
-    @field_validator("warm_models")
-    @classmethod
-    def _warm(cls, keys: list[str]) -> list[str]:
-        for key in keys:
-            if not re.match(placement.SHA256_PATTERN, key):
-                raise ValueError("each warm model is a SHA-256 in lowercase hex")
-        return keys
 
 
 class HeartbeatResponse(BaseModel):
@@ -150,14 +158,38 @@ class BatchedCompletion(JobCompletion):
     job_id: str = Field(max_length=64)
 
 
+class ClaimRequest(BaseModel):
+    max_jobs: int = Field(1, ge=1, le=256)
+    wait: float = Field(20.0, ge=0, le=60, description="Long-poll up to this many seconds.")
+    running: list[RunningJob] | None = Field(
+        None,
+        max_length=1024,
+        description="The worker's running jobs: a heartbeat riding along (None: no heartbeat).",
+    )
+    completions: list[BatchedCompletion] = Field(
+        [],
+        max_length=MAX_COMPLETIONS,
+        description="Protocol 3: jobs' ends riding the claim, ended before it takes any "
+        "(see `CompletionBatch`); their outcomes are the answer's `results`.",
+    )
+    warm_models: list[str] = Field(
+        [],
+        max_length=placement.MAX_WARM,
+        description="Models this worker holds loaded, each `placement.warm_key(owner_key, "
+        "model sha256)`: the claim prefers jobs among them near the queue head.",
+    )
+
+    @field_validator("warm_models")
+    @classmethod
+    def _warm(cls, keys: list[str]) -> list[str]:
+        for key in keys:
+            if not re.match(placement.SHA256_PATTERN, key):
+                raise ValueError("each warm model is a SHA-256 in lowercase hex")
+        return keys
+
+
 class CompletionBatch(BaseModel):
-    completions: list[BatchedCompletion] = Field(min_length=1, max_length=64)
-
-
-class CompletionOutcome(BaseModel):
-    job_id: str
-    status: int = Field(description="What the single-job route would answer: 204, 409, 422...")
-    error: str = ""
+    completions: list[BatchedCompletion] = Field(min_length=1, max_length=MAX_COMPLETIONS)
 
 
 class CompletionResults(BaseModel):

@@ -8,6 +8,13 @@ Invariants:
 - Completion locks the jobs it ends (and, on PostgreSQL, their pipelines' parents
   first: the pipelines' lock order) and reads their lease under that lock, so of two
   completions of one job exactly one is kept.
+- A plain job's completion (`end_held`) is one `UPDATE … WHERE` its lease is still the
+  completing worker's `… RETURNING`: the lease check and the end are one statement,
+  atomic (the row is locked by the UPDATE itself), so exactly one of two completions
+  of a job matches. It matches only a job that needs nothing more than its end (no
+  pipeline parent, not confidential, no verification run pending, not a run taken
+  by credit priority, not an operation keeping models); any other job, or a lease
+  lost, is left unchanged for the locking path to decide and explain.
 - The reaper's and `fail_unclaimable`'s selects skip locked rows (SKIP LOCKED): a job
   being completed or cancelled is left for the next round, and no reaper waits.
 - `end` drops the lease; it leaves the result as it is unless given one.
@@ -123,6 +130,73 @@ def _end_statement(columns: tuple[str, ...]) -> Any:
 
 
 _KEEP: Any = object()  # `end`: leave the job's result as it is
+
+
+@dataclass(frozen=True, slots=True)
+class HeldEnd:
+    """A completion to try as a plain job's end (`end_held`)."""
+
+    job_id: str
+    lease_id: str
+    state: str
+    result: dict[str, Any] | None
+    error: str | None
+
+
+_SEALED_JOB = exists().where(ENVELOPES.c.job_seq == JOBS.c.seq)
+
+
+@functools.cache
+def _end_held_statement(succeeded: bool) -> Any:
+    values: dict[str, Any] = {
+        "state": bindparam("b_state"),
+        "finished_at": bindparam("b_now"),
+        "error": bindparam("b_error", type_=JOBS.c.error.type),
+        "result": bindparam("b_result", type_=JOBS.c.result.type),
+        "lease_id": None,
+        "lease_expires_at": None,
+    }
+    if succeeded:
+        values["progress_fraction"] = 1.0
+    lease: BindParameter[Any] = bindparam("b_lease")
+    return (
+        update(JOBS)
+        .where(
+            JOBS.c.id == bindparam("b_job"),
+            JOBS.c.state == RUNNING,
+            JOBS.c.worker_id == bindparam("b_worker"),
+            JOBS.c.lease_id == lease,
+            JOBS.c.parent_seq.is_(None),
+            JOBS.c.verify_runs == 0,
+            JOBS.c.credit_lease.is_(None) | (JOBS.c.credit_lease != lease),
+            JOBS.c.operation.not_in(bindparam("b_models", expanding=True)),
+            ~_SEALED_JOB,
+        )
+        .values(values)
+        .returning(JOBS.c.seq, JOBS.c.owner_id)
+    )
+
+
+def end_held(
+    conn: Connection, worker_id: str, done: HeldEnd, now: datetime, models: Sequence[str]
+) -> tuple[int, str] | None:
+    """End a plain job whose lease `worker_id` still holds under `done.lease_id`, in one
+    statement (see the invariants); its (seq, owner id), or None when it is not such a
+    job (or not any more): then nothing changed. `models`: the app's operations whose
+    outputs become models (their jobs are left to the locking path)."""
+    stmt = _end_held_statement(done.state == "succeeded")
+    params = {
+        "b_job": done.job_id,
+        "b_lease": done.lease_id,
+        "b_worker": worker_id,
+        "b_state": done.state,
+        "b_now": now,
+        "b_error": done.error,
+        "b_result": done.result,
+        "b_models": list(models),
+    }
+    row = conn.execute(stmt, params).first()
+    return None if row is None else (int(row.seq), str(row.owner_id))
 
 
 def end(

@@ -23,6 +23,9 @@ Invariants:
   the caller says the worker meets (`met`); with warm keys, it takes the jobs whose
   `warm_key` is among them first, but only among the first `window` claimable jobs in
   fair order (locking only the rows it takes). Still one statement either way.
+- The claim's RETURNING says per job whether it is sealed and has inputs: its input
+  files and envelopes are read only for jobs that have them (a claim of plain jobs
+  without inputs is the claim statement and the served-rank update, nothing more).
 
 Ends (completion, cancel, reaping) are in `csml.store.jobs_end`.
 """
@@ -356,6 +359,16 @@ _JUMPS = (
     .exists()
 )
 PLAIN, WARM, CREDITED = "plain", "warm", "credited"
+# Returned by the claim for each job taken: whether it is sealed (confidential) and
+# whether it has inputs, so a claim of plain jobs without inputs reads nothing more
+# (these were a `SELECT EXISTS job_confidential` and a `SELECT job_files` per claim).
+# SQLite renders RETURNING's columns unqualified (`WHERE job_seq = seq`): `seq` is the
+# claimed job's only because neither inner table has a column of that name.
+assert "seq" not in ENVELOPES.c and "seq" not in FILES.c
+_HAS_ENVELOPE = exists().where(ENVELOPES.c.job_seq == JOBS.c.seq).label("sealed")
+_HAS_INPUTS = (
+    exists().where(FILES.c.job_seq == JOBS.c.seq, FILES.c.kind == "input").label("has_inputs")
+)
 
 
 @functools.cache
@@ -421,6 +434,8 @@ def _take_statement(head: str, contributed: bool, quarantined: bool, operations:
         JOBS.c.limits,
         JOBS.c.attempts,
         JOBS.c.fair_rank,
+        _HAS_ENVELOPE,
+        _HAS_INPUTS,
     ]
     if head == CREDITED:
         values["credit_lease"] = case((_JUMPS, bindparam("b_lease")), else_=None)
@@ -445,7 +460,6 @@ _SERVE = (
 )
 _SEQS: BindParameter[Any] = bindparam("seqs", expanding=True)
 _INPUTS = select(FILES).where(FILES.c.job_seq.in_(_SEQS), FILES.c.kind == "input")
-_ANY_SEALED = select(exists().where(ENVELOPES.c.job_seq.in_(_SEQS)))
 _SEALED = (
     select(
         ENVELOPES.c.job_seq,
@@ -509,20 +523,22 @@ def take(
     rows = conn.execute(stmt, params).all()
     if not rows:
         return []
-    seqs = [r.seq for r in rows]
     jumped = {r.seq for r in rows if credited and r.credit_lease is not None}
     in_order = [r.fair_rank for r in rows if r.seq not in jumped]
     if in_order:
         conn.execute(_SERVE, {"b_app": app, "b_top": max(in_order)})
     inputs: dict[int, list[FileRow]] = {}
-    for f in conn.execute(_INPUTS, {"seqs": seqs}):
-        inputs.setdefault(f.job_seq, []).append(
-            FileRow(f.kind, f.name, f.size, f.sha256, f.media_type, f.blob, f.model_id)
-        )
+    with_inputs = [r.seq for r in rows if r.has_inputs]
+    if with_inputs:
+        for f in conn.execute(_INPUTS, {"seqs": with_inputs}):
+            inputs.setdefault(f.job_seq, []).append(
+                FileRow(f.kind, f.name, f.size, f.sha256, f.media_type, f.blob, f.model_id)
+            )
     sealed: dict[int, Sealed] = {}
-    if conn.execute(_ANY_SEALED, {"seqs": seqs}).scalar():
+    with_envelope = [r.seq for r in rows if r.sealed]
+    if with_envelope:
         for seq, nonce, result_key, params, wrapped in conn.execute(
-            _SEALED, {"seqs": seqs, "worker_id": worker_id}
+            _SEALED, {"seqs": with_envelope, "worker_id": worker_id}
         ):
             sealed[seq] = Sealed(nonce, wrapped, result_key, params)
     return [

@@ -15,6 +15,17 @@ sender and is free at once; the sender ends the job (its folder removed, its slo
 freed, it leaves the heartbeat) once the coordinator answered, as the job's
 thread did after waiting for the answer.
 
+Completions ride claims (protocol 3, when the coordinator says at registration that
+it speaks it): a handed completion frees its job's slot at once, so the claim
+thread wakes and sends the pending completions in its claim (which then does not
+long-poll: its answer is their receipt), ending their jobs once answered. A
+completion never waits for a claim that is not coming: while a claim is in flight
+(long-polling for work, or retrying), or once the worker stops claiming, the sender
+sends the pending ones alone at once, as before. Completions of a claim that failed,
+or whose answer has no `results` for them (a coordinator that ignored them), go
+alone through the sender (a repeat of one already kept is refused, 409: exactly one
+result is kept).
+
 The coordinator may restart or be briefly unreachable: every
 call retries with backoff, and the leases say what is still ours. Retrying ends
 with `stop()`: a stopping worker finishes its jobs (or, abandoning a coordinator
@@ -37,7 +48,6 @@ import json
 import logging
 import os
 import platform
-import queue
 import shutil
 import tempfile
 import threading
@@ -82,9 +92,11 @@ from csml.schemas import (
     WorkerRegistration,
 )
 from csml.schemas.workers import (
+    COMPLETIONS_RIDE_CLAIMS,
     INLINE_MAX_BYTES,
     BatchedCompletion,
     CompletionBatch,
+    CompletionOutcome,
     CompletionResults,
     InlineOutput,
 )
@@ -155,6 +167,7 @@ class _Running:
     cancel: threading.Event = field(default_factory=threading.Event)
     workdir: Path | None = None
     handed: bool = False  # its completion is with the sender, which ends the job
+    freed: bool = False  # its slot was given back when its completion was handed
 
 
 @dataclass
@@ -227,7 +240,12 @@ class WorkerAgent:
         self._capacity = config.slots + max(0, config.prefetch)
         self._slots = threading.Semaphore(self._capacity)
         self._last_beat = 0.0  # monotonic time a claim last carried the heartbeat
-        self._completions: queue.SimpleQueue[_Completion] = queue.SimpleQueue()
+        # Completions handed and not yet sent, in order; the sender sends them alone when
+        # no claim will carry them (see the module docstring).
+        self._pending: list[_Completion] = []
+        self._sendable = threading.Condition(self._lock)
+        self._claiming = False  # a claim request is in flight (it carries no more)
+        self._fold = False  # completions ride claims (the coordinator speaks protocol 3)
         self.http = httpx.Client(
             base_url=config.coordinator.rstrip("/"),
             timeout=httpx.Timeout(30.0, read=config.claim_wait + 30),
@@ -324,6 +342,7 @@ class WorkerAgent:
         )
         response.raise_for_status()
         self.registration = WorkerRegistered.model_validate(response.json())
+        self._fold = self.registration.protocol >= COMPLETIONS_RIDE_CLAIMS
         self._join_token = ""  # registered: the worker token is all it needs from now on
         log.info(
             "joined the cluster",
@@ -382,38 +401,78 @@ class WorkerAgent:
             free = 1
             while free < self._capacity and self._slots.acquire(blocking=False):
                 free += 1
+            with self._lock:
+                riding = self._take_batch() if self._fold else []
+                self._claiming = True
+                self._sendable.notify_all()  # any left behind go alone now
             try:
-
-                def post(n: int = free) -> LinkResponse | httpx.Response:
-                    self._last_beat = time.monotonic()
-                    warm = self.sandbox.warm_models()[: placement.MAX_WARM]
-                    if warm:
-                        log.debug("claiming with %d warm models", len(warm))
-                    body = {
-                        "max_jobs": n,
-                        "wait": self.config.claim_wait,
-                        "running": [r.model_dump(mode="json") for r in self._held()],
-                        "warm_models": warm,
-                    }
-                    content = json.dumps(body, separators=(",", ":")).encode()
-                    return self.claims.post(self._path("/claim"), content, self._auth())
-
-                response = self._call("claim", post, until=self.stopping)
-                answer = ClaimResponse.model_validate_json(response.content)
+                answer = self._claim(free, riding)
                 jobs = answer.jobs
                 self._abort(answer.abort)
             except Exception:
+                self._unsent(riding)
                 for _ in range(free):
                     self._slots.release()
                 if self.stopping.is_set():
                     return
                 raise
+            finally:
+                with self._lock:
+                    self._claiming = False
+            if riding:
+                self._receipts(riding, answer)
             for _ in range(free - len(jobs)):
                 self._slots.release()
             for job in jobs:
                 with self._lock:
                     self._running[job.id] = _Running(job)
                 pool.submit(self._execute, job)
+
+    def _claim(self, n: int, riding: list[_Completion]) -> ClaimResponse:
+        """One claim of up to `n` jobs, carrying the heartbeat and `riding` completions
+        (then it does not long-poll: its answer is their receipt)."""
+        done = [c.completion.model_dump(mode="json") for c in riding]
+        ending = {c.completion.job_id for c in riding}
+
+        def post() -> LinkResponse | httpx.Response:
+            self._last_beat = time.monotonic()
+            warm = self.sandbox.warm_models()[: placement.MAX_WARM]
+            if warm:
+                log.debug("claiming with %d warm models", len(warm))
+            body: dict[str, Any] = {
+                "max_jobs": n,
+                "wait": 0 if done else self.config.claim_wait,
+                "running": [
+                    r.model_dump(mode="json") for r in self._held() if r.job_id not in ending
+                ],
+                "warm_models": warm,
+            }
+            if done:
+                body["completions"] = done
+            content = json.dumps(body, separators=(",", ":")).encode()
+            return self.claims.post(self._path("/claim"), content, self._auth())
+
+        response = self._call("claim", post, until=self.stopping)
+        return ClaimResponse.model_validate_json(response.content)
+
+    def _receipts(self, riding: list[_Completion], answer: ClaimResponse) -> None:
+        """The answer to completions that rode a claim: their jobs end here, unless the
+        coordinator did not take them (no `results`): then they go alone."""
+        if [r.job_id for r in answer.results] != [c.completion.job_id for c in riding]:
+            log.warning("the coordinator did not take completions with a claim; sending alone")
+            self._fold = False
+            self._unsent(riding)
+            return
+        self._report(answer.results)
+        for c in riding:
+            self._end(c.completion.job_id, c.workdir)
+
+    def _unsent(self, riding: list[_Completion]) -> None:
+        """Completions a claim did not deliver: back to the front, for the sender."""
+        if riding:
+            with self._lock:
+                self._pending[:0] = riding
+                self._sendable.notify_all()
 
     def _held(self) -> list[RunningJob]:
         """The heartbeat: every job this worker holds (running or prefetched)."""
@@ -483,9 +542,10 @@ class WorkerAgent:
         """The job is over here: its folder goes, its slot is free, it leaves the heartbeat."""
         shutil.rmtree(workdir, ignore_errors=True)
         with self._lock:
-            self._running.pop(job_id, None)
+            state = self._running.pop(job_id, None)
             self._ended.notify_all()
-        self._slots.release()
+        if state is None or not state.freed:
+            self._slots.release()
 
     def _wait_sent(self) -> None:
         """(Once no job thread is left.) Until the sender has sent every completion handed
@@ -678,32 +738,50 @@ class WorkerAgent:
         finish(ResultPayload("succeeded", result=outcome.result, outputs=outputs))
 
     def _complete(self, job: ClaimedJob, completion: JobCompletion) -> None:
-        """Hand the completion to the sender, which ends the job once the coordinator
-        answered (nothing of the job's folder is read after this: outputs are inline in
-        the completion or already uploaded)."""
+        """Hand the completion to the sender (or the next claim), which ends the job once
+        the coordinator answered (nothing of the job's folder is read after this: outputs
+        are inline in the completion or already uploaded). Folding, its slot is free at
+        once: the claim that wakes for it carries the completion."""
         state = self._running[job.id]
         assert state.workdir is not None
         pending = _Completion(
             BatchedCompletion(job_id=job.id, **completion.model_dump()), state.workdir
         )
         state.handed = True
-        self._completions.put(pending)
+        with self._lock:
+            self._pending.append(pending)
+            self._sendable.notify_all()
+            state.freed = self._fold
+        if state.freed:
+            self._slots.release()
+
+    def _take_batch(self) -> list[_Completion]:
+        """(Under `_lock`.) The first pending completions, up to a batch's count and bytes."""
+        batch: list[_Completion] = []
+        size = 0
+        while (
+            self._pending
+            and len(batch) < MAX_COMPLETION_BATCH
+            and (not batch or size < COMPLETION_BATCH_BYTES)
+        ):
+            batch.append(self._pending.pop(0))
+            size += _inline_size(batch[-1])
+        return batch
+
+    def _alone(self) -> bool:
+        """(Under `_lock`.) Whether pending completions must go alone now: no claim will
+        carry them soon (one is in flight, the worker stops claiming, or it does not fold)."""
+        return bool(self._pending) and (not self._fold or self._claiming or self.stopping.is_set())
 
     def _completion_loop(self) -> None:
-        """Send completions: those that end while a request is in flight go in the next one."""
+        """Send completions alone when no claim will carry them: those that end while a
+        request is in flight go in the next one."""
         while not self.finished.is_set():
-            try:
-                first = self._completions.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            batch = [first]
-            size = _inline_size(first)
-            while len(batch) < MAX_COMPLETION_BATCH and size < COMPLETION_BATCH_BYTES:
-                try:
-                    batch.append(self._completions.get_nowait())
-                except queue.Empty:
-                    break
-                size += _inline_size(batch[-1])
+            with self._lock:
+                if not self._alone():
+                    self._sendable.wait(0.5)
+                    continue
+                batch = self._take_batch()
             try:
                 self._send_completions(batch)
             except Revoked:
@@ -726,7 +804,11 @@ class WorkerAgent:
         if response.is_error:
             log.error("completions refused: %s", response.text[:200])
             return
-        for outcome in CompletionResults.model_validate_json(response.content).results:
+        self._report(CompletionResults.model_validate_json(response.content).results)
+
+    @staticmethod
+    def _report(results: list[CompletionOutcome]) -> None:
+        for outcome in results:
             if outcome.status == 409:
                 log.info(
                     "job %s: lease lost before completion; result dropped", outcome.job_id[:12]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +14,7 @@ from csml.coordinator.errors import from_refusal, status_of
 from csml.coordinator.state import Core
 from csml.refusals import Refusal
 from csml.schemas import Heartbeat, JobCompletion, Progress, RunningJob
+from csml.schemas.workers import BatchedCompletion
 from csml.store.tables import AppRecord, Job
 from tests.clock import SetClock, clock_set
 from tests.integration.postgres.support import (
@@ -459,3 +461,49 @@ def test_heartbeat_and_claim_of_one_worker_do_not_deadlock(make_core: MakeCore) 
     if errors:
         raise errors[0]
     assert job_row(claiming, job_id).state == "running"
+
+
+def test_a_completion_riding_a_claim_races_the_same_completion_alone(
+    make_core: MakeCore,
+) -> None:
+    """Protocol 3 on PostgreSQL: each job's completion rides a claim on one coordinator
+    while the same completion goes alone to another (a retry): exactly one result is
+    kept, and the riding claim takes its job either way, each job exactly once."""
+    cores = [make_core(), make_core()]
+    owner, worker = new_identity(cores[0]), new_worker(cores[0])
+    ids_ = [submit(cores[0], owner, n=i) for i in range(10)]
+    claimed = cores[0].queue.claim(worker, 5)
+    outcomes: dict[str, list[object]] = {j.id: [] for j in claimed}
+    taken: list[str] = []
+
+    def ride(job_id: str, lease: str, barrier: threading.Barrier) -> None:
+        batch = [BatchedCompletion(job_id=job_id, **done(lease, tag="ride").model_dump())]
+        barrier.wait()
+        results, answer = asyncio.run(cores[0].queue.complete_and_claim_async(worker, batch, 1))
+        [result] = results
+        outcomes[job_id].append("ride" if result.refusal is None else status_of(result.refusal))
+        taken.extend(j.id for j in answer.jobs)
+
+    def alone(job_id: str, lease: str, barrier: threading.Barrier) -> None:
+        barrier.wait()
+        try:
+            cores[1].queue.complete(worker, job_id, done(lease, tag="alone"))
+            outcomes[job_id].append("alone")
+        except Refusal as exc:
+            outcomes[job_id].append(status_of(exc))
+
+    for job in claimed:
+        barrier = threading.Barrier(2)
+        threads = [
+            threading.Thread(target=fn, args=(job.id, job.lease_id, barrier))
+            for fn in (ride, alone)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    for job_id, seen in outcomes.items():
+        kept = job_row(cores[0], job_id).result["tag"]  # type: ignore[index]
+        assert sorted(seen, key=str) == sorted([409, kept], key=str), seen
+    # Each riding claim took the next queued job, once.
+    assert sorted(taken) == sorted(set(ids_) - set(outcomes))
