@@ -7,7 +7,10 @@ Invariants:
 
 - Completion locks the jobs it ends (and, on PostgreSQL, their pipelines' parents
   first: the pipelines' lock order) and reads their lease under that lock, so of two
-  completions of one job exactly one is kept.
+  completions of one job exactly one is kept. It locks them in `seq` order, as a
+  heartbeat's lease extension does (`jobs_write.extend_leases`): on PostgreSQL the
+  two, in different writer lanes or coordinators, would otherwise deadlock (each
+  holding a row the other waits for, until the deadlock check a second later).
 - The reaper's and `fail_unclaimable`'s selects skip locked rows (SKIP LOCKED): a job
   being completed or cancelled is left for the next round, and no reaper waits.
 - `end` drops the lease; it leaves the result as it is unless given one.
@@ -92,7 +95,12 @@ _PARENTS_OF = (
 _LOCK_SEQS = (
     select(JOBS.c.seq).where(JOBS.c.seq.in_(bindparam("seqs", expanding=True))).with_for_update()
 )
-_LOCK_TO_COMPLETE = _select_locked().where(JOBS.c.id.in_(_IDS)).with_for_update(of=JOBS)
+# In seq order (the sort is below the row locking on PostgreSQL): every statement that
+# locks several running jobs (this, `jobs_write.extend_leases`) takes them in one order,
+# so a completion and a heartbeat of one worker's jobs never deadlock.
+_LOCK_TO_COMPLETE = (
+    _select_locked().where(JOBS.c.id.in_(_IDS)).order_by(JOBS.c.seq).with_for_update(of=JOBS)
+)
 _TO_COMPLETE = _select_locked().where(JOBS.c.id.in_(_IDS))
 
 

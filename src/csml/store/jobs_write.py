@@ -23,6 +23,9 @@ Invariants:
   the caller says the worker meets (`met`); with warm keys, it takes the jobs whose
   `warm_key` is among them first, but only among the first `window` claimable jobs in
   fair order (locking only the rows it takes). Still one statement either way.
+- A heartbeat's lease extension locks the worker's running jobs in `seq` order, the
+  order a completion locks them in (`jobs_end.lock_to_complete`): on PostgreSQL the
+  two, in different writer lanes or coordinators, never deadlock.
 
 Ends (completion, cancel, reaping) are in `csml.store.jobs_end`.
 """
@@ -552,12 +555,18 @@ class Held:
     progress_message: str
 
 
+_HELD_BY = (
+    tuple_(JOBS.c.id, JOBS.c.lease_id).in_(bindparam("leases", expanding=True)),
+    JOBS.c.state == RUNNING,
+    JOBS.c.worker_id == bindparam("b_worker"),
+)
+# The rows are locked in seq order by the subquery (PostgreSQL; SQLite has no row
+# locks), the order a completion locks them in (`jobs_end.lock_to_complete`): an
+# UPDATE's own scan would lock them in whatever order its plan visits them.
 _EXTEND = (
     update(JOBS)
     .where(
-        tuple_(JOBS.c.id, JOBS.c.lease_id).in_(bindparam("leases", expanding=True)),
-        JOBS.c.state == RUNNING,
-        JOBS.c.worker_id == bindparam("b_worker"),
+        JOBS.c.seq.in_(select(JOBS.c.seq).where(*_HELD_BY).order_by(JOBS.c.seq).with_for_update())
     )
     .values(lease_expires_at=bindparam("b_until"))
     .returning(JOBS.c.id, JOBS.c.owner_id, JOBS.c.progress_fraction, JOBS.c.progress_message)
