@@ -68,7 +68,14 @@ sys.path.insert(0, str(ROOT))
 from tests.integration.postgres.test_scale import fleet  # noqa: E402
 from tests.pg_server import PostgresServer, create_database, running_postgres  # noqa: E402
 
-from cluster import Cluster, CpuWindow, scrape_store, store_deltas  # noqa: E402
+from cluster import (  # noqa: E402
+    Cluster,
+    CpuWindow,
+    request_deltas,
+    scrape_requests,
+    scrape_store,
+    store_deltas,
+)
 from csml.client import Client  # noqa: E402
 from csml.coordinator.config import Settings  # noqa: E402
 from csml.coordinator.tokens import create_join_token  # noqa: E402
@@ -235,6 +242,7 @@ class LockSampler:
     blockers: Counter[str] = field(default_factory=Counter)  # the holders' last statements
     roots: Counter[str] = field(default_factory=Counter)  # the chains' first holders
     root_ages: list[float] = field(default_factory=list)  # their transactions' ages, s
+    in_transaction: Counter[str] = field(default_factory=Counter)  # open ones: whose turn
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -260,6 +268,9 @@ class LockSampler:
                 ]
                 not_granted = conn.execute(NOT_GRANTED).fetchone()
                 self.samples += 1
+                self.in_transaction.update(
+                    str(r[1]) for r in backends.values() if r[5] is not None and r[1] != "idle"
+                )
                 if waiting:
                     self.with_waits += 1
                     self.waiter_samples += len(waiting)
@@ -310,6 +321,10 @@ class LockSampler:
             "waiting_statements": dict(self.queries.most_common(3)),
             "blocking_statements": dict(self.blockers.most_common(3)),
             "root_holders": dict(self.roots.most_common(4)),
+            # Backends in an open transaction, by state, over all samples: "idle in
+            # transaction" is the client's turn (its Python, the GIL, the CPU), "active"
+            # the server's (a statement running or its result on the way).
+            "open_transactions_by_state": dict(self.in_transaction.most_common()),
             "root_transaction_age_ms_p50_max": [
                 round(1000 * ages[len(ages) // 2], 1) if ages else None,
                 round(1000 * ages[-1], 1) if ages else None,
@@ -407,12 +422,14 @@ def one_run(
             throttle0 = [caps.throttling(g) for g in groups] if caps else []
             load0 = load()
             store0 = [scrape_store(u) for u in urls]
+            requests0 = [scrape_requests(u) for u in urls]
             with (
                 LockSampler(pg.conninfo(dbname), args.sample_ms / 1000) as locks,
                 CpuWindow(pids) as cpu,
             ):
                 tally = run_clients(clients, args.jobs, args.seconds)
             store1 = [scrape_store(u) for u in urls]
+            requests1 = [scrape_requests(u) for u in urls]
             throttle1 = [caps.throttling(g) for g in groups] if caps else []
             for c in clients:
                 c.close()
@@ -429,6 +446,9 @@ def one_run(
         "coordinator_cpu_ms_per_job": round(1000 * sum(coord_cpu) / max(1, tally.done), 2),
         "jobs_per_coordinator_cpu_s": round(tally.done / max(1e-9, sum(coord_cpu)), 1),
         "store": store_deltas(_summed(store0), _summed(store1), tally.done),
+        "requests": request_deltas(
+            _summed_requests(requests0), _summed_requests(requests1), tally.done
+        ),
         "lock_waits": locks.report(),
         "cpu": cpu.report(),
         "load_before": load0,
@@ -446,7 +466,9 @@ def one_run(
         f"{out['jobs_per_coordinator_cpu_s']} jobs per coordinator CPU-s; lock waits in "
         f"{lw['samples_with_lock_waits']}/{lw['samples']} samples; "
         f"{out['store']['statements_per_job']} statements, "
-        f"{out['store']['write_commits_per_job']} write commits per job; everything else "
+        f"{out['store']['write_commits_per_job']} write commits, "
+        f"{sum(r['per_job'] for r in out['requests'].values()):.2f} requests per job; "
+        "everything else "
         f"{out['cpu']['everything_else_cpu_s']} CPU-s; load {out['load_before']} -> "
         f"{out['load_after']}",
         flush=True,
@@ -454,6 +476,9 @@ def one_run(
     for what in ("waiting_statements", "root_holders"):
         for statement, times in lw[what].items():
             print(f"    {what.split('_')[0]} {times}x: {statement}", flush=True)
+    print(f"    open transactions sampled, by state: {lw['open_transactions_by_state']}")
+    routes = ", ".join(f"{k} {r['per_job']}" for k, r in out["requests"].items())
+    print(f"    requests per job: {routes}", flush=True)
     print(
         f"    root holders' transaction age, ms (p50, max): {lw['root_transaction_age_ms_p50_max']}"
     )
@@ -463,6 +488,18 @@ def one_run(
 def _summed(scrapes: list[dict[str, float]]) -> dict[str, float]:
     """Every coordinator's store counters added up."""
     return {k: sum(s[k] for s in scrapes) for k in scrapes[0]}
+
+
+def _summed_requests(
+    scrapes: list[dict[str, tuple[float, float]]],
+) -> dict[str, tuple[float, float]]:
+    """Every coordinator's requests by route added up: (count, total seconds)."""
+    out: dict[str, tuple[float, float]] = {}
+    for scrape in scrapes:
+        for key, (count, total) in scrape.items():
+            c, t = out.get(key, (0.0, 0.0))
+            out[key] = (c + count, t + total)
+    return out
 
 
 def series(
