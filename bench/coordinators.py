@@ -243,6 +243,7 @@ class LockSampler:
     roots: Counter[str] = field(default_factory=Counter)  # the chains' first holders
     root_ages: list[float] = field(default_factory=list)  # their transactions' ages, s
     in_transaction: Counter[str] = field(default_factory=Counter)  # open ones: whose turn
+    cycles: int = 0  # samples with a chain of waits that has no root: a deadlock
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -278,6 +279,7 @@ class LockSampler:
                     self.events.update(str(e) for e, _, _, _ in waiting)
                     self.queries.update(str(q) for _, q, _, _ in waiting)
                     self.blockers.update(b for _, _, b, _ in waiting)
+                    self.cycles += any(root is None for _, _, _, root in waiting)
                     for root in {root for _, _, _, root in waiting if root is not None}:
                         row = backends[root]
                         self.roots[f"{row[1]}: {row[4]}"] += 1
@@ -321,6 +323,7 @@ class LockSampler:
             "waiting_statements": dict(self.queries.most_common(3)),
             "blocking_statements": dict(self.blockers.most_common(3)),
             "root_holders": dict(self.roots.most_common(4)),
+            "samples_with_a_deadlock": self.cycles,
             # Backends in an open transaction, by state, over all samples: "idle in
             # transaction" is the client's turn (its Python, the GIL, the CPU), "active"
             # the server's (a statement running or its result on the way).
@@ -464,7 +467,8 @@ def one_run(
         f"  {n} coordinator(s){' capped' if caps else ''}: {out['jobs']} jobs "
         f"({out['ok']} ok) in {out['wall_s']} s = {out['jobs_per_s']} jobs/s; "
         f"{out['jobs_per_coordinator_cpu_s']} jobs per coordinator CPU-s; lock waits in "
-        f"{lw['samples_with_lock_waits']}/{lw['samples']} samples; "
+        f"{lw['samples_with_lock_waits']}/{lw['samples']} samples "
+        f"({lw['samples_with_a_deadlock']} in a deadlock); "
         f"{out['store']['statements_per_job']} statements, "
         f"{out['store']['write_commits_per_job']} write commits, "
         f"{sum(r['per_job'] for r in out['requests'].values()):.2f} requests per job; "
