@@ -68,7 +68,14 @@ sys.path.insert(0, str(ROOT))
 from tests.integration.postgres.test_scale import fleet  # noqa: E402
 from tests.pg_server import PostgresServer, create_database, running_postgres  # noqa: E402
 
-from cluster import Cluster, CpuWindow  # noqa: E402
+from cluster import (  # noqa: E402
+    Cluster,
+    CpuWindow,
+    request_deltas,
+    scrape_requests,
+    scrape_store,
+    store_deltas,
+)
 from csml.client import Client  # noqa: E402
 from csml.coordinator.config import Settings  # noqa: E402
 from csml.coordinator.tokens import create_join_token  # noqa: E402
@@ -210,12 +217,11 @@ def _v1_cpu_mount() -> Path | None:
 # -- lock waits, sampled -------------------------------------------------------------
 
 LOCK_SAMPLE = """
-SELECT a.wait_event, left(regexp_replace(a.query, '\\s+', ' ', 'g'), 90),
-       (SELECT string_agg(b.state || ': ' || left(regexp_replace(b.query, '\\s+', ' ', 'g'), 90),
-                          ' | ')
-        FROM pg_stat_activity b WHERE b.pid = ANY (pg_blocking_pids(a.pid)))
-FROM pg_stat_activity a
-WHERE a.datname = current_database() AND a.wait_event_type = 'Lock'
+SELECT pid, state, wait_event_type, wait_event,
+       left(regexp_replace(query, '\\s+', ' ', 'g'), 90),
+       extract(epoch FROM now() - xact_start), pg_blocking_pids(pid)
+FROM pg_stat_activity
+WHERE datname = current_database() AND pid <> pg_backend_pid()
 """
 NOT_GRANTED = "SELECT count(*) FROM pg_locks WHERE NOT granted"
 
@@ -234,6 +240,10 @@ class LockSampler:
     events: Counter[str] = field(default_factory=Counter)
     queries: Counter[str] = field(default_factory=Counter)
     blockers: Counter[str] = field(default_factory=Counter)  # the holders' last statements
+    roots: Counter[str] = field(default_factory=Counter)  # the chains' first holders
+    root_ages: list[float] = field(default_factory=list)  # their transactions' ages, s
+    in_transaction: Counter[str] = field(default_factory=Counter)  # open ones: whose turn
+    cycles: int = 0  # samples with a chain of waits that has no root: a deadlock
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -251,21 +261,57 @@ class LockSampler:
         with psycopg.connect(self.conninfo, autocommit=True) as conn:
             while not self._stop.is_set():
                 t = time.monotonic()
-                waiting = conn.execute(LOCK_SAMPLE).fetchall()
+                backends = {r[0]: r for r in conn.execute(LOCK_SAMPLE).fetchall()}
+                waiting = [
+                    (r[3], r[4], self._holders(backends, r[6]), self._root(backends, r[0]))
+                    for r in backends.values()
+                    if r[2] == "Lock"
+                ]
                 not_granted = conn.execute(NOT_GRANTED).fetchone()
                 self.samples += 1
+                self.in_transaction.update(
+                    str(r[1]) for r in backends.values() if r[5] is not None and r[1] != "idle"
+                )
                 if waiting:
                     self.with_waits += 1
                     self.waiter_samples += len(waiting)
                     self.max_waiters = max(self.max_waiters, len(waiting))
-                    self.events.update(str(e) for e, _, _ in waiting)
-                    self.queries.update(str(q) for _, q, _ in waiting)
-                    self.blockers.update(str(b) for _, _, b in waiting)
+                    self.events.update(str(e) for e, _, _, _ in waiting)
+                    self.queries.update(str(q) for _, q, _, _ in waiting)
+                    self.blockers.update(b for _, _, b, _ in waiting)
+                    self.cycles += any(root is None for _, _, _, root in waiting)
+                    for root in {root for _, _, _, root in waiting if root is not None}:
+                        row = backends[root]
+                        self.roots[f"{row[1]}: {row[4]}"] += 1
+                        self.root_ages.append(float(row[5] or 0.0))
                 if not_granted and not_granted[0]:
                     self.not_granted_samples += 1
                 self._stop.wait(max(0.0, self.interval - (time.monotonic() - t)))
 
+    @staticmethod
+    def _holders(backends: dict[int, Any], pids: list[int]) -> str:
+        """What the backends holding a waiter up are doing: state and last statement."""
+        return " | ".join(
+            f"{backends[p][1]}: {backends[p][4]}" if p in backends else "(other database)"
+            for p in pids
+        )
+
+    @staticmethod
+    def _root(backends: dict[int, Any], pid: int) -> int | None:
+        """The first backend of `pid`'s chain of lock waits that waits on no lock itself
+        (the holder the others queue behind), or None (a cycle: a deadlock)."""
+        seen = {pid}
+        while True:
+            row = backends.get(pid)
+            if row is None or row[2] != "Lock" or not row[6]:
+                return pid if row is not None else None
+            pid = row[6][0]
+            if pid in seen:
+                return None
+            seen.add(pid)
+
     def report(self) -> dict[str, Any]:
+        ages = sorted(self.root_ages)
         return {
             "samples": self.samples,
             "samples_with_lock_waits": self.with_waits,
@@ -276,6 +322,16 @@ class LockSampler:
             "wait_events": dict(self.events.most_common(5)),
             "waiting_statements": dict(self.queries.most_common(3)),
             "blocking_statements": dict(self.blockers.most_common(3)),
+            "root_holders": dict(self.roots.most_common(4)),
+            "samples_with_a_deadlock": self.cycles,
+            # Backends in an open transaction, by state, over all samples: "idle in
+            # transaction" is the client's turn (its Python, the GIL, the CPU), "active"
+            # the server's (a statement running or its result on the way).
+            "open_transactions_by_state": dict(self.in_transaction.most_common()),
+            "root_transaction_age_ms_p50_max": [
+                round(1000 * ages[len(ages) // 2], 1) if ages else None,
+                round(1000 * ages[-1], 1) if ages else None,
+            ],
         }
 
 
@@ -368,11 +424,15 @@ def one_run(
             pids.update(workers.pids())
             throttle0 = [caps.throttling(g) for g in groups] if caps else []
             load0 = load()
+            store0 = [scrape_store(u) for u in urls]
+            requests0 = [scrape_requests(u) for u in urls]
             with (
                 LockSampler(pg.conninfo(dbname), args.sample_ms / 1000) as locks,
                 CpuWindow(pids) as cpu,
             ):
                 tally = run_clients(clients, args.jobs, args.seconds)
+            store1 = [scrape_store(u) for u in urls]
+            requests1 = [scrape_requests(u) for u in urls]
             throttle1 = [caps.throttling(g) for g in groups] if caps else []
             for c in clients:
                 c.close()
@@ -388,6 +448,10 @@ def one_run(
         "coordinator_cpu_s": [round(s, 3) for s in coord_cpu],
         "coordinator_cpu_ms_per_job": round(1000 * sum(coord_cpu) / max(1, tally.done), 2),
         "jobs_per_coordinator_cpu_s": round(tally.done / max(1e-9, sum(coord_cpu)), 1),
+        "store": store_deltas(_summed(store0), _summed(store1), tally.done),
+        "requests": request_deltas(
+            _summed_requests(requests0), _summed_requests(requests1), tally.done
+        ),
         "lock_waits": locks.report(),
         "cpu": cpu.report(),
         "load_before": load0,
@@ -403,11 +467,42 @@ def one_run(
         f"  {n} coordinator(s){' capped' if caps else ''}: {out['jobs']} jobs "
         f"({out['ok']} ok) in {out['wall_s']} s = {out['jobs_per_s']} jobs/s; "
         f"{out['jobs_per_coordinator_cpu_s']} jobs per coordinator CPU-s; lock waits in "
-        f"{lw['samples_with_lock_waits']}/{lw['samples']} samples; everything else "
+        f"{lw['samples_with_lock_waits']}/{lw['samples']} samples "
+        f"({lw['samples_with_a_deadlock']} in a deadlock); "
+        f"{out['store']['statements_per_job']} statements, "
+        f"{out['store']['write_commits_per_job']} write commits, "
+        f"{sum(r['per_job'] for r in out['requests'].values()):.2f} requests per job; "
+        "everything else "
         f"{out['cpu']['everything_else_cpu_s']} CPU-s; load {out['load_before']} -> "
         f"{out['load_after']}",
         flush=True,
     )
+    for what in ("waiting_statements", "root_holders"):
+        for statement, times in lw[what].items():
+            print(f"    {what.split('_')[0]} {times}x: {statement}", flush=True)
+    print(f"    open transactions sampled, by state: {lw['open_transactions_by_state']}")
+    routes = ", ".join(f"{k} {r['per_job']}" for k, r in out["requests"].items())
+    print(f"    requests per job: {routes}", flush=True)
+    print(
+        f"    root holders' transaction age, ms (p50, max): {lw['root_transaction_age_ms_p50_max']}"
+    )
+    return out
+
+
+def _summed(scrapes: list[dict[str, float]]) -> dict[str, float]:
+    """Every coordinator's store counters added up."""
+    return {k: sum(s[k] for s in scrapes) for k in scrapes[0]}
+
+
+def _summed_requests(
+    scrapes: list[dict[str, tuple[float, float]]],
+) -> dict[str, tuple[float, float]]:
+    """Every coordinator's requests by route added up: (count, total seconds)."""
+    out: dict[str, tuple[float, float]] = {}
+    for scrape in scrapes:
+        for key, (count, total) in scrape.items():
+            c, t = out.get(key, (0.0, 0.0))
+            out[key] = (c + count, t + total)
     return out
 
 

@@ -188,7 +188,44 @@ def test_a_claim_writes_a_riding_heartbeat_only_when_the_lease_needs_it(
     claim_with_beat(fraction=0.5, message="half")  # progress is always written
     assert counters(engine).write_commits == commits + 2
     coordinator.core.queue.cancel(owner_of(coordinator, job.id), job.id)
+    commits = counters(engine).write_commits
     assert claim_with_beat(fraction=0.5, message="half")["abort"] == [job.id]
+    # A job that ended is aborted from the read: nothing written (on PostgreSQL a write
+    # would lock the worker's other running jobs, whose completions may be on their way).
+    assert counters(engine).write_commits == commits
+
+
+def test_an_ended_job_in_a_claim_does_not_extend_the_others_leases(
+    make_coordinator: MakeCoordinator,
+) -> None:
+    coordinator = make_coordinator(lease_seconds=30.0, heartbeat_seconds=10.0)
+    worker = coordinator.worker(echo_app)
+    user = coordinator.new_user()
+    jobs = [user.submit("echo", "echo", params={"i": i}) for i in range(2)]
+    claimed = worker.claim(2)
+    engine = coordinator.core.engine
+    done = {"job_id": claimed[0].id, "lease_id": claimed[0].lease_id, "state": "succeeded"}
+    assert worker.post("/complete", {"completions": [{**done, "result": {}}]}).status_code == 200
+    running = [
+        {"job_id": c.id, "lease_id": c.lease_id, "progress": {"fraction": 0.0}} for c in claimed
+    ]
+    commits = counters(engine).write_commits
+    sent: list[str] = []
+
+    def record(_c: object, _cur: object, statement: str, *_rest: object) -> None:
+        sent.append(statement.split(None, 1)[0].upper())
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        r = worker.post("/claim", {"max_jobs": 1, "wait": 0, "running": running})
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"jobs": [], "abort": [claimed[0].id]}
+    # Two reads (the leases, the queue probe): no lease extension, no transaction.
+    assert counters(engine).write_commits == commits
+    assert sent.count("SELECT") == 2 and not {"UPDATE", "INSERT", "DELETE"} & set(sent)
+    assert {j.id for j in jobs} == {c.id for c in claimed}
 
 
 def test_the_rank_upsert_reads_the_served_rank_itself(coordinator: InProcessCoordinator) -> None:

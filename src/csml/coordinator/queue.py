@@ -636,10 +636,10 @@ class JobQueue:
         (a heartbeat riding along). Writes nothing when nothing is queued and no
         heartbeat or liveness stamp is due. Only jobs whose requirement the worker's
         labels meet; with `warm` (its warm keys), those jobs first near the head."""
-        op = self._claim_op(worker, max_jobs, running or [], wait, warm or [])
+        op, gone = self._claim_op(worker, max_jobs, running or [], wait, warm or [])
         if op is None:
-            return ClaimResponse(jobs=[])
-        return self._claimed(worker, self.writer.run(op))
+            return ClaimResponse(jobs=[], abort=gone)
+        return self._claimed(worker, self.writer.run(op), gone)
 
     async def claim_and_beat_async(
         self,
@@ -651,10 +651,10 @@ class JobQueue:
         warm: list[str] | None = None,
     ) -> ClaimResponse:
         """`claim_and_beat` from the event loop."""
-        op = self._claim_op(worker, max_jobs, running or [], wait, warm or [])
+        op, gone = self._claim_op(worker, max_jobs, running or [], wait, warm or [])
         if op is None:
-            return ClaimResponse(jobs=[])
-        return self._claimed(worker, await self.writer.run_async(op))
+            return ClaimResponse(jobs=[], abort=gone)
+        return self._claimed(worker, await self.writer.run_async(op), gone)
 
     def _claim_op(
         self,
@@ -663,20 +663,23 @@ class JobQueue:
         running: list[RunningJob],
         wait: float,
         warm: list[str],
-    ) -> Callable[[Connection], _Claim] | None:
+    ) -> tuple[Callable[[Connection], _Claim] | None, list[str]]:
+        """The claim's write (None: nothing to write) and the jobs of `running` already
+        ended or lost (to abort: read, not written)."""
         stamp = self._stamp_due(worker.id)
         claimant = self._claimant(worker)
+        gone: list[str] = []
         # The riding heartbeat's lease check and the probe are hints (the write re-checks
         # both), so they need not agree: each runs on its own, without a BEGIN.
         with self.read(each=True) as conn:
-            if running and self._beat_not_due(conn, worker, running, wait):
-                running = []  # every lease was extended within a heartbeat interval: no write
+            if running:
+                running, gone = self._beat_due(conn, worker, running, wait)
             if running or stamp:
                 met = self._known_met(conn, worker)  # a write is due anyway: no probe
             else:
                 queued, met = self._has_queued(conn, worker, claimant)
                 if not queued:
-                    return None
+                    return None, gone
         worker_id, app = worker.id, worker.app
         lease_id = ids.new_id()
         credit = self.credit if self.credit.active(app, self._any_credited) else None
@@ -708,7 +711,7 @@ class JobQueue:
             taken = take(max_jobs) if credit is None else credit.claim(app, max_jobs, take)
             return _Claim(stamp, abort, progressed, taken, lease_id)
 
-        return op
+        return op, gone
 
     def _claimant(self, worker: WorkerRef) -> Claimant | None:
         """A contributed worker's claim filters (None for an operator worker: no cost)."""
@@ -724,7 +727,7 @@ class JobQueue:
             return ()
         return tuple(sorted(n for n, op in entry.operations.items() if op.deterministic))
 
-    def _claimed(self, worker: WorkerRef, claim: _Claim) -> ClaimResponse:
+    def _claimed(self, worker: WorkerRef, claim: _Claim, gone: list[str]) -> ClaimResponse:
         # Running now, or progressed: to the owners' event streams.
         for key in [*(owner_change(t.owner_id, t.id) for t in claim.taken), *claim.progressed]:
             self.notifier.notify(key)
@@ -732,7 +735,8 @@ class JobQueue:
             if len(self._stamped) > 10_000:  # workers that left long ago: forget them
                 self._stamped.clear()
             self._stamped[worker.id] = time.monotonic()
-        return ClaimResponse(jobs=self._inline(claim.taken, claim.lease_id), abort=claim.abort)
+        abort = [*gone, *claim.abort]
+        return ClaimResponse(jobs=self._inline(claim.taken, claim.lease_id), abort=abort)
 
     def _stamp_due(self, worker_id: str) -> bool:
         """Whether this worker's liveness (`last_heartbeat`) needs writing: at most once per
@@ -741,20 +745,27 @@ class JobQueue:
         last = self._stamped.get(worker_id)
         return last is None or time.monotonic() - last >= every
 
-    def _beat_not_due(
+    def _beat_due(
         self, conn: Connection, worker: WorkerRef, running: list[RunningJob], wait: float
-    ) -> bool:
-        """Whether a heartbeat riding on a claim (that may long-poll `wait` seconds) would
-        change nothing that matters: every job still this worker's under the same lease,
-        its progress unchanged, and its lease extended less than half a heartbeat interval
-        ago and lasting past this claim's wait plus a heartbeat interval. Then the claim
-        writes no heartbeat (the next one, at most a heartbeat interval later, finds the
-        lease at least `lease_seconds - 1.5 heartbeat_seconds` from its end); one that
-        finds its lease older, or a job lost, cancelled or progressed, does."""
+    ) -> tuple[list[RunningJob], list[str]]:
+        """The heartbeat riding on a claim (that may long-poll `wait` seconds), from one
+        read of the leases: the jobs whose leases to extend (all still held, or none) and
+        the jobs no longer this worker's under their lease (ended, cancelled, lost: to
+        abort; a lease never comes back, so the read is as good as the write's answer).
+
+        None is extended when every job still held has its progress unchanged and its
+        lease extended less than half a heartbeat interval ago and lasting past this
+        claim's wait plus a heartbeat interval (the next heartbeat, at most an interval
+        later, finds the lease at least `lease_seconds - 1.5 heartbeat_seconds` from its
+        end). A job that ended is no reason to write: on PostgreSQL the write would lock
+        the worker's other running jobs, whose completions are on their way."""
         s = self.settings
         left = max(s.lease_seconds - s.heartbeat_seconds / 2, wait + s.heartbeat_seconds)
         fresh_until = utcnow() + timedelta(seconds=left)
         held = store.leases(conn, [r.job_id for r in running])
+        kept: list[RunningJob] = []
+        gone: list[str] = []
+        due = False
         for r in running:
             lease = held.get(r.job_id)
             if (
@@ -762,13 +773,18 @@ class JobQueue:
                 or lease.state != RUNNING
                 or lease.worker_id != worker.id
                 or lease.lease_id != r.lease_id
-                or lease.lease_expires_at is None
+            ):
+                gone.append(r.job_id)
+                continue
+            kept.append(r)
+            if (
+                lease.lease_expires_at is None
                 or lease.lease_expires_at < fresh_until
                 or (lease.progress_fraction, lease.progress_message)
                 != (r.progress.fraction, r.progress.message)
             ):
-                return False
-        return True
+                due = True
+        return (kept if due else []), gone
 
     def _has_queued(
         self, conn: Connection, worker: WorkerRef, claimant: Claimant | None = None
@@ -975,7 +991,7 @@ class JobQueue:
         the claim takes jobs only after the batch ended its jobs. Both come back only once
         committed. A deadlock (PostgreSQL) runs the whole operation again, as for a batch."""
         done_op = self._complete_op(worker, batch, await self._prepare_async(worker, batch), False)
-        claim_op = self._claim_op(worker, max_jobs, running or [], wait, warm or [])
+        claim_op, gone = self._claim_op(worker, max_jobs, running or [], wait, warm or [])
 
         def op(
             conn: Connection,
@@ -986,8 +1002,8 @@ class JobQueue:
         done, claim = await self._run_retrying(op)
         outcomes = self._completed(done)
         if claim is None:
-            return outcomes, ClaimResponse(jobs=[])
-        return outcomes, self._claimed(worker, claim)
+            return outcomes, ClaimResponse(jobs=[], abort=gone)
+        return outcomes, self._claimed(worker, claim, gone)
 
     async def _prepare_async(
         self, worker: WorkerRef, batch: list[BatchedCompletion]

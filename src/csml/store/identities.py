@@ -9,7 +9,8 @@ Invariants:
   + the job rows + `delete_identity` (its models, its submission window and its row).
   On PostgreSQL `lock_for_erasure` locks the identity's row before the jobs are listed
   again, so a submission or model keep that holds it (or a key-share lock on it)
-  commits first and what it wrote is erased too.
+  commits first and what it wrote is erased too. Both lock the jobs in `seq` order, the
+  order completions and lease extensions lock running jobs in (`csml.store.jobs_end`).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def cancel_live_jobs(
         session.scalars(
             select(Job.id)
             .where(Job.owner_id == identity_id, Job.state.in_(live_states))
+            .order_by(Job.seq)
             .with_for_update()
         )
     )
@@ -80,7 +82,10 @@ def jobs_of(session: Session, identity_id: str) -> list[tuple[int, str]]:
     return [
         (seq, job_id)
         for seq, job_id in session.execute(
-            select(Job.seq, Job.id).where(Job.owner_id == identity_id).with_for_update()
+            select(Job.seq, Job.id)
+            .where(Job.owner_id == identity_id)
+            .order_by(Job.seq)
+            .with_for_update()
         )
     ]
 

@@ -15,6 +15,13 @@ Invariants:
   pipeline parent, not confidential, no verification run pending, not a run taken
   by credit priority, not an operation keeping models); any other job, or a lease
   lost, is left unchanged for the locking path to decide and explain.
+- The locking path locks its jobs in `seq` order, as a heartbeat's lease extension
+  does (`jobs_write.extend_leases`): on PostgreSQL the two, in different writer lanes
+  or coordinators, would otherwise deadlock (each holding a row the other waits for,
+  until the deadlock check a second later). `end_held` locks one job per statement,
+  in the batch's order; a deadlock with an extension (a heartbeat racing its own
+  worker's completion of the same jobs) is detected by PostgreSQL and the batch runs
+  again (`CONFLICT_RETRIES`).
 - The reaper's and `fail_unclaimable`'s selects skip locked rows (SKIP LOCKED): a job
   being completed or cancelled is left for the next round, and no reaper waits.
 - `end` drops the lease; it leaves the result as it is unless given one.
@@ -99,7 +106,12 @@ _PARENTS_OF = (
 _LOCK_SEQS = (
     select(JOBS.c.seq).where(JOBS.c.seq.in_(bindparam("seqs", expanding=True))).with_for_update()
 )
-_LOCK_TO_COMPLETE = _select_locked().where(JOBS.c.id.in_(_IDS)).with_for_update(of=JOBS)
+# In seq order (the sort is below the row locking on PostgreSQL): every statement that
+# locks several running jobs (this, `jobs_write.extend_leases`) takes them in one order,
+# so a completion and a heartbeat of one worker's jobs never deadlock.
+_LOCK_TO_COMPLETE = (
+    _select_locked().where(JOBS.c.id.in_(_IDS)).order_by(JOBS.c.seq).with_for_update(of=JOBS)
+)
 _TO_COMPLETE = _select_locked().where(JOBS.c.id.in_(_IDS))
 
 

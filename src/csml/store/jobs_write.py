@@ -26,6 +26,11 @@ Invariants:
 - The claim's RETURNING says per job whether it is sealed and has inputs: its input
   files and envelopes are read only for jobs that have them (a claim of plain jobs
   without inputs is the claim statement and the served-rank update, nothing more).
+- A heartbeat's lease extension locks the worker's running jobs in `seq` order, the
+  order a completion's locking path locks them in (`jobs_end.lock_to_complete`): on
+  PostgreSQL the two, in different writer lanes or coordinators, never deadlock. A
+  plain job's one-statement end (`jobs_end.end_held`) locks one row per statement; if
+  one ever meets an extension in a cycle, PostgreSQL breaks it and the batch reruns.
 
 Ends (completion, cancel, reaping) are in `csml.store.jobs_end`.
 """
@@ -568,12 +573,18 @@ class Held:
     progress_message: str
 
 
+_HELD_BY = (
+    tuple_(JOBS.c.id, JOBS.c.lease_id).in_(bindparam("leases", expanding=True)),
+    JOBS.c.state == RUNNING,
+    JOBS.c.worker_id == bindparam("b_worker"),
+)
+# The rows are locked in seq order by the subquery (PostgreSQL; SQLite has no row
+# locks), the order a completion locks them in (`jobs_end.lock_to_complete`): an
+# UPDATE's own scan would lock them in whatever order its plan visits them.
 _EXTEND = (
     update(JOBS)
     .where(
-        tuple_(JOBS.c.id, JOBS.c.lease_id).in_(bindparam("leases", expanding=True)),
-        JOBS.c.state == RUNNING,
-        JOBS.c.worker_id == bindparam("b_worker"),
+        JOBS.c.seq.in_(select(JOBS.c.seq).where(*_HELD_BY).order_by(JOBS.c.seq).with_for_update())
     )
     .values(lease_expires_at=bindparam("b_until"))
     .returning(JOBS.c.id, JOBS.c.owner_id, JOBS.c.progress_fraction, JOBS.c.progress_message)

@@ -37,7 +37,13 @@ connection, take batches from the same queue; while one waits for the server, th
 others run and commit theirs. Their transactions are independent, like those of
 several coordinators: an op may wait for a row another lane's open batch has locked
 (at most that batch's length), and may fail alone with PostgreSQL's deadlock or
-serialization error (its savepoint is rolled back, releasing what it locked).
+serialization error (its savepoint is rolled back, releasing what it locked). So ops
+that lock several rows of a table lock them in one order (jobs by `seq`: a completion's
+lock and a heartbeat's lease extension, see `csml.store.jobs_end`), and write no row
+they need not (a deadlock waits for PostgreSQL's check, a second, with every op queued
+behind either row). A batch is not held open for company: it is open as long as its
+lane runs its operations, which on a busy machine is mostly the lane's turn for the GIL
+and a CPU between statements (`bench/coordinators.py` samples it).
 
 Invariants:
 - No result, and no error, is delivered before the COMMIT of its batch has returned.
