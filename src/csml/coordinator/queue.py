@@ -398,6 +398,7 @@ class JobQueue:
             self.blobs.remove_job(job_id)
             raise
         self.notifier.notify(app_key(spec.app))
+        await self.notifier.hand_over()  # the woken claimer takes the job before we answer
         return job
 
     def _prepare_submit(self, spec: JobSpec, files: dict[str, StagedFile]) -> tuple[str, Any]:
@@ -955,7 +956,9 @@ class JobQueue:
         op = self._complete_op(worker, batch, prepared, False)
         for attempt in range(1, CONFLICT_RETRIES + 1):
             try:
-                return self._completed(await self.writer.run_async(op))
+                outcomes = self._completed(await self.writer.run_async(op))
+                await self.notifier.hand_over()  # results pushed before the worker's answer
+                return outcomes
             except Exception as exc:
                 if attempt == CONFLICT_RETRIES or not is_conflict(exc):
                     raise
