@@ -40,7 +40,7 @@ _spec.loader.exec_module(importlib.util.module_from_spec(_spec))  # the hooks, h
 
 from core import echo_once, percentile  # noqa: E402
 
-from cluster import Cluster, child_pids  # noqa: E402
+from cluster import Cluster, schedstat_ms_per_job, schedstat_window  # noqa: E402
 
 # The events of one job's path, in order: (label, event name, job-field test).
 # A `job` value of "ID" must equal the job's id; "*" matches anything; other text must
@@ -51,8 +51,6 @@ PATH: list[tuple[str, str, str]] = [
     ("coord: writer batch begins", "w.batch.0", "*"),
     ("coord: COMMIT starts", "db.commit.0", "*"),
     ("coord: writer committed", "w.deliver", "*"),
-    ("coord: submit returns (committed)", "c.submit.1", "ID"),
-    ("coord: app wake-up sent", "c.notify.0", "app:"),
     ("coord: claim re-check starts", "c.claim.0", "*"),
     ("coord: claim op COMMIT starts", "db.commit.0", "*"),
     ("coord: claim op committed", "db.commit.1", "*"),
@@ -81,7 +79,6 @@ PATH: list[tuple[str, str, str]] = [
     ("coord: complete starts", "c.complete.0", "*"),
     ("coord: complete COMMIT starts", "db.commit.0", "*"),
     ("coord: complete committed", "db.commit.1", "*"),
-    ("coord: complete returns (committed)", "c.complete.1", "*"),
     ("coord: event stream loads the job", "c.changed.0", "ID"),
     ("coord: event stream loaded it", "c.changed.1", "ID"),
     ("sdk: result event delivered", "sdk.deliver.0", "succeeded"),
@@ -93,9 +90,11 @@ PATH: list[tuple[str, str, str]] = [
 SIDE: list[tuple[str, str, str, str]] = [
     ("agent: next claim sent", "agent: claim answered", "link.0", "claim"),
     ("coord: next claim checked", "agent: claim answered", "c.claim.1", "-"),
-    ("sdk: POST /v1/jobs answered", "coord: submit returns (committed)", "link.1", "jobs"),
-    ("agent: complete answered", "coord: complete returns (committed)", "link.1", "complete"),
-    ("agent: job ended", "coord: complete returns (committed)", "a.end.0", "ID"),
+    ("coord: submit returns (after hand-over)", "coord: writer committed", "c.submit.1", "ID"),
+    ("sdk: POST /v1/jobs answered", "coord: writer committed", "link.1", "jobs"),
+    ("coord: complete returns (after hand-over)", "coord: complete committed", "c.complete.1", "*"),
+    ("agent: complete answered", "coord: complete committed", "link.1", "complete"),
+    ("agent: job ended", "coord: complete committed", "a.end.0", "ID"),
 ]
 
 
@@ -118,30 +117,23 @@ def side(
     return out
 
 
-def schedstat(pid: int) -> tuple[float, float]:
-    """(seconds on a CPU, seconds runnable but waiting for one) of a process's threads,
-    and of its descendants' (live ones)."""
-    run = wait = 0.0
-    stack = [pid]
-    while stack:
-        p = stack.pop()
-        try:
-            for task in Path(f"/proc/{p}/task").iterdir():
-                fields = (task / "schedstat").read_text().split()
-                run += int(fields[0]) / 1e9
-                wait += int(fields[1]) / 1e9
-            stack.extend(child_pids(p))
-        except OSError:
+def gc_pauses(events: list[tuple[float, str, str, str]], t0: float, t1: float) -> list[str]:
+    """Per process, the collections of generations 1 and 2 within [t0, t1]: count, total
+    and longest ms (each pauses that process)."""
+    start: dict[tuple[str, str], float] = {}
+    by: dict[str, list[float]] = {}
+    for t, pid, ev, _ in events:
+        if not (t0 <= t <= t1) or not ev.startswith("gc"):
             continue
-    return run, wait
-
-
-def sched_all(cluster: Cluster) -> dict[str, tuple[float, float]]:
-    out = {name: schedstat(pid) for name, pid in cluster.pids().items()}
-    run, wait = schedstat(os.getpid())  # minus the cluster (its children)
-    for r, w in out.values():
-        run, wait = run - r, wait - w
-    return {"SDK (this process)": (run, wait), **out}
+        gen, phase = ev[:3], ev[4:]
+        if phase == "0":
+            start[(pid, gen)] = t
+        elif (pid, gen) in start:
+            by.setdefault(f"{pid} {gen}", []).append(1000 * (t - start.pop((pid, gen))))
+    return [
+        f"  pid {k}: {len(v)} collections, {sum(v):.1f} ms in all, longest {max(v):.1f} ms"
+        for k, v in sorted(by.items())
+    ]
 
 
 def read_events() -> list[tuple[float, str, str, str]]:
@@ -198,12 +190,12 @@ def main() -> int:
         for _ in range(a.warmup):
             echo_once(client, -1)
         runs = []
-        sched0 = sched_all(cluster)
+        sched0 = schedstat_window(cluster.pids())
         for i in range(a.jobs):
             t0 = time.time()
             r = echo_once(client, i)
             runs.append((r, t0, time.time()))
-        sched1 = sched_all(cluster)
+        sched1 = schedstat_window(cluster.pids())
         client.close()
     events = read_events()
     total = [1000 * r.total_s for r, _, _ in runs]
@@ -227,10 +219,10 @@ def main() -> int:
         prev = med
     print(f"{'round trip':45} {statistics.median(total):14.2f}")
     print("per job, ms: on a CPU / runnable but waiting for a CPU (schedstat, all threads)")
-    for name, (run1, wait1) in sched1.items():
-        run0, wait0 = sched0.get(name, (0.0, 0.0))
-        n = len(runs)
-        print(f"  {name:40} {1000 * (run1 - run0) / n:6.2f} / {1000 * (wait1 - wait0) / n:6.2f}")
+    for name, v in schedstat_ms_per_job(sched0, sched1, len(runs)).items():
+        print(f"  {name:40} {v['on_cpu']:6.2f} / {v['runnable_waiting']:6.2f}")
+    print("garbage collections (generations 1 and 2) during the timed jobs:")
+    print("\n".join(gc_pauses(events, runs[0][1], runs[-1][2])) or "  none")
     sides = [
         side(events, r.job_id, t0, t1, line) for (r, t0, t1), line in zip(runs, lines, strict=True)
     ]

@@ -25,13 +25,19 @@ _out: Any = None
 _lock = threading.Lock()
 
 
-def rec(event: str, job: str = "") -> None:
+def rec(event: str, job: str = "", blocking: bool = True) -> None:
+    """Append one line; with `blocking` False (from a GC callback, which may run inside
+    this very function), drop it rather than wait for the lock."""
     global _out
     line = f"{time.time():.6f} {os.getpid()} {threading.current_thread().name} {event} {job}\n"
-    with _lock:
+    if not _lock.acquire(blocking):
+        return
+    try:
         if _out is None:
             _out = open(os.path.join(DIR, f"{os.getpid()}.trace"), "a", buffering=1)  # noqa: SIM115
         _out.write(line)
+    finally:
+        _lock.release()
 
 
 def _wrap(
@@ -178,9 +184,17 @@ class _Finder(importlib.abc.MetaPathFinder):
         return spec
 
 
+def _gc(phase: str, info: dict[str, int]) -> None:
+    if info.get("generation", 0) >= 1:  # young collections are many and short
+        rec(f"gc{info['generation']}.{0 if phase == 'start' else 1}", blocking=False)
+
+
 def install() -> None:
     if DIR and not any(isinstance(f, _Finder) for f in sys.meta_path):
+        import gc
+
         sys.meta_path.insert(0, _Finder())
+        gc.callbacks.append(_gc)
 
 
 install()
