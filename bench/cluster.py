@@ -95,6 +95,48 @@ def tree_cpu_by_depth(pid: int) -> list[float]:
     return depths
 
 
+def tree_schedstat(pid: int, *, descendants: bool = True) -> tuple[float, float]:
+    """(seconds on a CPU, seconds runnable but waiting for one) summed over the threads of
+    a process and (with `descendants`) of its live descendants, from
+    /proc/PID/task/TID/schedstat. The second says how long the machine's load held the
+    process back."""
+    run = wait = 0.0
+    stack = [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                fields = (task / "schedstat").read_text().split()
+                run += int(fields[0]) / 1e9
+                wait += int(fields[1]) / 1e9
+            if descendants:
+                stack.extend(child_pids(p))
+        except OSError:
+            continue  # exited meanwhile
+    return run, wait
+
+
+def schedstat_window(pids: dict[str, int]) -> dict[str, tuple[float, float]]:
+    """`tree_schedstat` of each named process, and of this one alone (its threads)."""
+    out = {name: tree_schedstat(pid) for name, pid in pids.items()}
+    out["this process"] = tree_schedstat(os.getpid(), descendants=False)
+    return out
+
+
+def schedstat_ms_per_job(
+    before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]], jobs: int
+) -> dict[str, dict[str, float]]:
+    """Per process: CPU and run-queue wait, ms per job, between two `schedstat_window`s."""
+    return {
+        name: {
+            "on_cpu": round(1000 * (run - before[name][0]) / max(1, jobs), 2),
+            "runnable_waiting": round(1000 * (wait - before[name][1]) / max(1, jobs), 2),
+        }
+        for name, (run, wait) in after.items()
+        if name in before
+    }
+
+
 def machine_busy_ticks() -> tuple[int, int]:
     """(busy, total) jiffies over all CPUs, from /proc/stat."""
     with open("/proc/stat") as f:

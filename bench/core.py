@@ -41,6 +41,8 @@ from cluster import (
     Cluster,
     CpuWindow,
     request_deltas,
+    schedstat_ms_per_job,
+    schedstat_window,
     scrape_requests,
     scrape_store,
     store_deltas,
@@ -450,8 +452,11 @@ def run_latency(cluster: Cluster, cfg: Config) -> dict[str, Any]:
     for _ in range(cfg.latency_warmup):
         echo_once(client, -1)
     requests0, store0 = scrape_requests(cluster.url), scrape_store(cluster.url)
+    load0, sched0 = os.getloadavg(), schedstat_window(cluster.pids())
     with CpuWindow(cluster.pids()) as cpu:
         records = [echo_once(client, i) for i in range(cfg.latency_jobs)]
+    sched = schedstat_ms_per_job(sched0, schedstat_window(cluster.pids()), len(records))
+    load1 = os.getloadavg()
     store = store_deltas(store0, scrape_store(cluster.url), len(records))
     requests = request_deltas(requests0, scrape_requests(cluster.url), len(records))
     client.close()
@@ -467,6 +472,10 @@ def run_latency(cluster: Cluster, cfg: Config) -> dict[str, Any]:
         "cpu_ms_per_job": {
             name: round(1000 * sec / len(records), 2) for name, sec in cpu.used.items()
         },
+        # How much of the round trip the machine's load took: per process, time runnable
+        # but waiting for a CPU (schedstat; "this process" is the SDK), ms per job.
+        "load_avg_before_after": [round(load0[0], 2), round(load1[0], 2)],
+        "sched_ms_per_job": sched,
         "_expected": {r.job_id: r.index for r in records},
     }
 

@@ -23,6 +23,17 @@ completion, cancel or reap, which may have ended the job) also sets the feed's
 other changes (submitted, running, progress) settle first.
 Listeners (`listen(prefix, callback)`) see every key with that prefix delivered
 here, local or relayed, and None when notifications may have been lost.
+
+Hand-over: a request that woke someone (a claimer for the job it queued, a client's
+stream or long-poll for the job it ended) calls `await hand_over()` before answering,
+so the woken coroutines run their next step (take the job, push the result) before
+this request's own response is built and written: the response goes to a caller that
+is not waiting on the job's path (the SDK that just submitted, the worker that just
+completed). The notifier keeps the waiters and urgent feeds it woke that have not run
+yet (a waiter runs when its `wait()` returns, a feed when it is taken; leaving forgets
+either); `hand_over` yields to the loop until none is left, at most
+`HAND_OVER_YIELDS` times, so a woken one that does not run soon (a stream stalled on a
+slow client) costs a request a few loop turns, never a wait.
 """
 
 from __future__ import annotations
@@ -47,6 +58,7 @@ RELAYED_RECHECK_SECONDS = 5.0
 FEED_SEPARATOR = "/"
 FEED_MAX_PENDING = 10_000
 ENDING_MARK = "!"  # after a feed item: a change that may have ended the job (never in an id)
+HAND_OVER_YIELDS = 8  # loop turns a request gives the coroutines it woke, at most
 
 
 def feed_key(topic: str, item: str) -> str:
@@ -78,11 +90,12 @@ def owner_change(owner_id: str, job_id: str, *, ending: bool = False) -> str:
 class Feed:
     """Items announced on a topic since the reader last took them (read on the loop)."""
 
-    def __init__(self) -> None:
+    def __init__(self, unrun: dict[object, None] | None = None) -> None:
         self.event = asyncio.Event()  # something is pending
         self.urgent = asyncio.Event()  # an item that may have ended its job, or a resync
         self.pending: set[str] = set()
         self.resync = False
+        self._unrun = unrun  # the notifier's woken-and-not-run set (see `hand_over`)
 
     def add(self, item: str | None) -> None:
         if item is None or len(self.pending) >= FEED_MAX_PENDING:
@@ -100,6 +113,8 @@ class Feed:
         """The pending items and whether to re-read everything; empties the feed."""
         items, resync = self.pending, self.resync
         self.pending, self.resync = set(), False
+        if self._unrun is not None:
+            self._unrun.pop(self, None)
         self.event.clear()
         self.urgent.clear()
         return items, resync
@@ -115,6 +130,8 @@ class Notifier:
         self._relay: PgRelay | None = None
         self._feeds: defaultdict[str, dict[Feed, None]] = defaultdict(dict)
         self._listeners: list[tuple[str, Callable[[str | None], None]]] = []
+        # Waiters (events) and urgent feeds woken here that have not run yet (on the loop).
+        self._unrun: dict[object, None] = {}
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Attach to the event loop; on PostgreSQL, start relaying (until the loop closes)."""
@@ -154,6 +171,7 @@ class Notifier:
         try:
             yield event
         finally:
+            self._unrun.pop(event, None)
             waiters = self._waiters.get(key)
             if waiters is not None:
                 waiters.pop(event, None)
@@ -163,11 +181,12 @@ class Notifier:
     @contextmanager
     def follow(self, topic: str) -> Iterator[Feed]:
         """A feed of the items announced on `topic` (keys `feed_key(topic, item)`)."""
-        feed = Feed()
+        feed = Feed(self._unrun)
         self._feeds[topic][feed] = None
         try:
             yield feed
         finally:
+            self._unrun.pop(feed, None)
             feeds = self._feeds.get(topic)
             if feeds is not None:
                 feeds.pop(feed, None)
@@ -179,8 +198,7 @@ class Notifier:
         delivered here (local or relayed), and `callback(None)` when some may be lost."""
         self._listeners.append((prefix, callback))
 
-    @staticmethod
-    async def wait(event: asyncio.Event, timeout: float) -> bool:
+    async def wait(self, event: asyncio.Event, timeout: float) -> bool:
         """Wait up to `timeout` seconds for `event`, then clear it; True if it was set."""
         try:
             await asyncio.wait_for(event.wait(), timeout)
@@ -189,6 +207,16 @@ class Notifier:
             return False
         finally:
             event.clear()
+            self._unrun.pop(event, None)  # it runs now
+
+    async def hand_over(self) -> None:
+        """(On the loop.) Let the waiters and urgent feeds this process woke run first:
+        yield until each has run, at most `HAND_OVER_YIELDS` loop turns. Call it after a
+        notification, before answering a caller that is not waiting for it."""
+        for _ in range(HAND_OVER_YIELDS):
+            if not self._unrun:
+                return
+            await asyncio.sleep(0)
 
     def notify(self, key: str) -> None:
         """Wake `key`'s waiters here and on the other coordinators. Safe from any thread."""
@@ -231,6 +259,8 @@ class Notifier:
         if sep and topic in self._feeds:
             for feed in self._feeds[topic]:
                 feed.add(item)
+                if feed.urgent.is_set():
+                    self._unrun[feed] = None
         waiters = self._waiters.get(key)
         if not waiters:
             return
@@ -239,4 +269,6 @@ class Notifier:
         else:
             idle = list(waiters)
         for event in idle:
+            if not event.is_set():
+                self._unrun[event] = None
             event.set()

@@ -405,6 +405,7 @@ class JobQueue:
             self.blobs.remove_job(job_id)
             raise
         self.notifier.notify(app_key(spec.app))
+        await self.notifier.hand_over()  # the woken claimer takes the job before we answer
         return job
 
     def _prepare_submit(self, spec: JobSpec, files: dict[str, StagedFile]) -> tuple[str, Any]:
@@ -974,7 +975,9 @@ class JobQueue:
     ) -> list[Outcome]:
         """`complete_many` from the event loop (inline outputs are written off it)."""
         op = self._complete_op(worker, batch, await self._prepare_async(worker, batch), False)
-        return self._completed(await self._run_retrying(op))
+        outcomes = self._completed(await self._run_retrying(op))
+        await self.notifier.hand_over()  # results pushed before the worker's answer
+        return outcomes
 
     async def complete_and_claim_async(
         self,
@@ -1001,6 +1004,7 @@ class JobQueue:
 
         done, claim = await self._run_retrying(op)
         outcomes = self._completed(done)
+        await self.notifier.hand_over()  # results pushed before the worker's answer
         if claim is None:
             return outcomes, ClaimResponse(jobs=[], abort=gone)
         return outcomes, self._claimed(worker, claim, gone)

@@ -1,0 +1,105 @@
+"""Hand-over: a request that woke someone lets the woken coroutines run their next step
+before it answers (a claimer takes the job, a stream pushes the result), and never waits
+on one that does not run."""
+
+from __future__ import annotations
+
+import asyncio
+
+from csml.coordinator import notify
+from csml.coordinator.notify import Notifier, app_key, job_key
+
+
+async def _answer_after_notify(n: Notifier, key: str, order: list[str]) -> None:
+    n.notify(key)
+    await n.hand_over()
+    order.append("answered")
+
+
+def test_a_woken_claimer_runs_before_the_notifying_request_answers() -> None:
+    async def run() -> None:
+        n = Notifier()
+        n.bind(asyncio.get_running_loop())
+        order: list[str] = []
+        with n.subscribe(app_key("echo")) as event:
+
+            async def claimer() -> None:
+                if await n.wait(event, 5):
+                    order.append("claimed")
+
+            task = asyncio.create_task(claimer())
+            await asyncio.sleep(0)  # it waits now
+            await _answer_after_notify(n, app_key("echo"), order)
+            await task
+        assert order == ["claimed", "answered"]
+
+    asyncio.run(run())
+
+
+def test_a_stream_pushes_an_ending_change_before_the_notifying_request_answers() -> None:
+    async def run() -> None:
+        n = Notifier()
+        n.bind(asyncio.get_running_loop())
+        order: list[str] = []
+        with n.follow(notify.owner_feed("a")) as feed:
+
+            async def stream() -> None:
+                await feed.urgent.wait()
+                items, _ = feed.take()
+                order.append(f"pushed {sorted(items)}")
+
+            task = asyncio.create_task(stream())
+            await asyncio.sleep(0)
+            await _answer_after_notify(n, notify.owner_change("a", "j1", ending=True), order)
+            await task
+        assert order == ["pushed ['j1']", "answered"]
+
+    asyncio.run(run())
+
+
+def test_hand_over_is_bounded_when_the_woken_does_not_run() -> None:
+    async def run() -> None:
+        n = Notifier()
+        n.bind(asyncio.get_running_loop())
+        turns = 0
+
+        async def count() -> None:
+            nonlocal turns
+            while True:
+                turns += 1
+                await asyncio.sleep(0)
+
+        counter = asyncio.create_task(count())
+        # Subscribed but not waiting (e.g. busy elsewhere), and a stream never taking.
+        with n.subscribe(job_key("j")), n.follow(notify.owner_feed("a")):
+            n.notify(job_key("j"))
+            n.notify(notify.owner_change("a", "j", ending=True))
+            await asyncio.sleep(0)
+            before = turns
+            await n.hand_over()
+            assert turns - before <= notify.HAND_OVER_YIELDS + 1
+            await n.hand_over()  # still not run: bounded again, never a wait
+        await n.hand_over()  # both left: nothing to hand over, no turn given
+        counter.cancel()
+
+    asyncio.run(run())
+
+
+def test_nothing_woken_means_no_turn_given() -> None:
+    async def run() -> None:
+        n = Notifier()
+        n.bind(asyncio.get_running_loop())
+        ran = False
+
+        async def other() -> None:
+            nonlocal ran
+            ran = True
+
+        task = asyncio.create_task(other())
+        n.notify(app_key("nobody-waits"))
+        n.notify(notify.owner_change("a", "j", ending=True))  # no stream follows it
+        await n.hand_over()
+        assert not ran  # hand_over returned without yielding to the loop
+        await task
+
+    asyncio.run(run())
