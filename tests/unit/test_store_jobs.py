@@ -221,7 +221,7 @@ def test_an_ended_job_in_a_claim_does_not_extend_the_others_leases(
     finally:
         event.remove(engine, "before_cursor_execute", record)
     assert r.status_code == 200, r.text
-    assert r.json() == {"jobs": [], "abort": [claimed[0].id]}
+    assert r.json() == {"jobs": [], "abort": [claimed[0].id], "results": []}
     # Two reads (the leases, the queue probe): no lease extension, no transaction.
     assert counters(engine).write_commits == commits
     assert sent.count("SELECT") == 2 and not {"UPDATE", "INSERT", "DELETE"} & set(sent)
