@@ -452,19 +452,32 @@ class JobQueue:
             else None
         )
 
+        admit = quotas.admission(self, owner_id, upload)
+
         def op_(conn: Connection) -> JobRow:
-            # Lock order: the owner's identity row, then the app's row.
-            quotas.check_new_job(
-                self, conn, self.catalog, owner_id, upload_bytes=upload, adding_models=adding
-            )
+            # Lock order: the owner's identity row, its counter row, then the app's row.
+            if conn.dialect.name != "sqlite":
+                quotas.require_identity(conn, owner_id)  # PostgreSQL: the owner's lock
+            # One statement: the rank (it reads the app's served rank), written only if
+            # the identity still exists and the job fits its active-jobs and stored-bytes
+            # quotas (`quotas.admission`; race-free: see `csml.store.jobs_quota`).
+            rank = writes.next_rank(conn, spec.app, owner_id, admit)
+            if rank is None:
+                # Refused, or no such app: the checks of before say which (and raise
+                # their refusal); if they pass (the counts moved since: an expiry), the
+                # job is admitted by them, under the same lock.
+                quotas.check_new_job(
+                    self, conn, self.catalog, owner_id, upload_bytes=upload, adding_models=0
+                )
+                rank = writes.next_rank(conn, spec.app, owner_id)
+                if rank is None:
+                    raise NotFound("unknown_app", f"no application {spec.app!r}")
+            quotas.check_new_models(self, conn, self.catalog, owner_id, adding)
             if not self._far_from_full(conn, spec.app):
                 # Near the bound: exact, under the app's lock (far from it: no lock).
                 writes.lock_app(conn, spec.app)
                 self._check_capacity(conn, spec.app)
             self._check_recipients(conn, spec)
-            rank = writes.next_rank(conn, spec.app, owner_id)  # reads the app's served rank
-            if rank is None:
-                raise NotFound("unknown_app", f"no application {spec.app!r}")
             params, rows = dict(spec.params), list(inputs)
             if artifacts.requested_model(spec) is not None:
                 params, linked = self._attach_model(conn, owner_id, spec, job_id, set(files))

@@ -3,7 +3,9 @@
 Invariants:
 
 - **Race-free.** Every check that admits a job or keeps a model runs in the write
-  transaction that creates the job (or keeps the model), after `lock_identity`. On
+  transaction that creates the job (or keeps the model), after `lock_identity` (on
+  SQLite a single job's identity, active-jobs and stored-bytes checks are instead the
+  condition of the statement that writes its rank, `admission`: the database is held). On
   SQLite that transaction began with BEGIN IMMEDIATE, so all writers are serialised;
   on PostgreSQL the identity's row is locked (FOR NO KEY UPDATE: inserts that
   reference the identity still proceed), so one identity's submissions, model
@@ -258,6 +260,14 @@ def may_keep_models(owner: HasSettings, session: Conn, identity_id: str, adding:
 
 
 # -- a new job --------------------------------------------------------------------
+
+
+def admission(owner: HasSettings, identity_id: str, upload_bytes: int) -> counts.Admission:
+    """`check_new_job`'s checks but the models' as a condition for the statement that
+    writes the job's rank (`csml.store.jobs_write.next_rank`): a job it refuses writes
+    nothing, and `check_new_job` then says why (same refusals, same order)."""
+    s = owner.settings
+    return counts.Admission(identity_id, s.max_active_jobs, s.max_stored_bytes, upload_bytes)
 
 
 def check_new_job(

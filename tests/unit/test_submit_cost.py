@@ -1,0 +1,164 @@
+"""What a submission costs the store (real SQLite store, no mocks): a job without inputs
+is admitted (identity, queued + running jobs, stored bytes) by the statement that writes
+its fair rank, so its write is two statements; a refused one writes nothing and is
+refused as before."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from sqlalchemy import event, func, select
+
+from csml.refusals import QuotaExceeded, Unauthenticated
+from csml.schemas import JobSpec
+from csml.store import jobs as store
+from csml.store.db import transaction
+from csml.store.tables import Identity
+from tests.unit.conftest import MakeCoordinator
+from tests.unit.inproc import InProcessCoordinator
+
+
+@contextmanager
+def statements(coordinator: InProcessCoordinator) -> Iterator[list[str]]:
+    """The SQL statements the coordinator's engine sends meanwhile (one line each)."""
+    sent: list[str] = []
+
+    def count(_conn: object, _cur: object, statement: str, *_: object) -> None:
+        sent.append(" ".join(statement.split()))
+
+    engine = coordinator.core.engine
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        yield sent
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+
+
+def owner_id(coordinator: InProcessCoordinator) -> str:
+    user = coordinator.new_user()
+    job = user.submit("echo", "echo")  # also warms the queue-depth view of the app
+    with coordinator.core.queue.read() as conn:
+        row = store.by_id(conn, job.id)
+    assert row is not None
+    return row.owner_id
+
+
+def submit(coordinator: InProcessCoordinator, owner: str, **params: Any) -> str:
+    spec = JobSpec(app="echo", operation="echo", params=params)
+    return coordinator.core.queue.submit(owner, spec, None, {}).id
+
+
+def writes(sent: list[str]) -> list[str]:
+    """The statements of a submission's write but BEGIN and the queue-depth recount
+    (`JobQueue._far_from_full` refreshes it once a second: wall time, not this test's)."""
+    return [
+        s
+        for s in sent
+        if not s.startswith("BEGIN") and not s.startswith("SELECT count(*) AS count_1 FROM jobs")
+    ]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"max_active_jobs": 0},
+        {"max_stored_bytes": 0},
+        {"max_active_jobs": 0, "max_stored_bytes": 0},
+    ],
+)
+def test_a_submit_without_inputs_is_two_statements(
+    make_coordinator: MakeCoordinator, settings: dict[str, int]
+) -> None:
+    coordinator = make_coordinator(**settings)
+    owner = owner_id(coordinator)
+    with statements(coordinator) as sent:
+        submit(coordinator, owner, text="hi")
+    done = writes(sent)
+    assert [s.split(" (")[0] for s in done] == ["INSERT INTO fair_counters", "INSERT INTO jobs"]
+    # The quotas are part of the rank's statement: no statement of their own.
+    upsert = done[0]
+    assert ("FROM identities" in upsert) is True
+    assert ("count(*)" in upsert) is bool(coordinator.settings.max_active_jobs)
+    assert ("job_files" in upsert) is bool(coordinator.settings.max_stored_bytes)
+
+
+def test_a_json_submit_request_is_few_statements(make_coordinator: MakeCoordinator) -> None:
+    """POST /v1/jobs (JSON, no submission window): the job's write (rank with its quotas,
+    job row) and no other write; reads are the identity's (cached after the first)."""
+    coordinator = make_coordinator(submission_rate_limit=0)
+    user = coordinator.new_user()
+    headers = {"Authorization": f"Bearer {user.token}"}
+    body = {"app": "echo", "operation": "echo", "params": {"text": "hi"}}
+    assert coordinator.http.post("/v1/jobs", json=body, headers=headers).status_code == 202
+    with statements(coordinator) as sent:
+        r = coordinator.http.post("/v1/jobs", json=body, headers=headers)
+    assert r.status_code == 202, r.text
+    assert [s.split(" (")[0] for s in writes(sent)] == [
+        "INSERT INTO fair_counters",
+        "INSERT INTO jobs",
+    ]
+
+
+def test_a_refused_submit_writes_nothing_and_says_why(make_coordinator: MakeCoordinator) -> None:
+    coordinator = make_coordinator(max_active_jobs=2, max_stored_bytes=60)
+    owner = owner_id(coordinator)  # one active job
+
+    def counters() -> list[Any]:
+        with coordinator.core.queue.read() as conn:
+            return list(conn.execute(select(store.COUNTERS)).all())
+
+    before = counters()
+    big = "x" * 100
+    with pytest.raises(QuotaExceeded) as err:
+        submit(coordinator, owner, text=big)  # its params alone pass the stored bytes
+    assert err.value.code == "storage_quota"
+    assert counters() == before  # the rank's upsert wrote nothing
+    submit(coordinator, owner, text="hi")  # fits: two active now
+    with pytest.raises(QuotaExceeded) as err:
+        submit(coordinator, owner, text="hi")
+    assert err.value.code == "active_jobs_limit"
+    with pytest.raises(QuotaExceeded) as err:  # both past: the active jobs are said first
+        submit(coordinator, owner, text=big)
+    assert err.value.code == "active_jobs_limit"
+    with coordinator.core.queue.read() as conn:
+        active = conn.scalar(
+            select(func.count()).select_from(store.JOBS).where(store.JOBS.c.owner_id == owner)
+        )
+    assert active == 2
+
+
+def test_a_submit_of_an_erased_identity_is_refused(make_coordinator: MakeCoordinator) -> None:
+    coordinator = make_coordinator()
+    owner = owner_id(coordinator)
+    with transaction(coordinator.core.sessions) as session:  # erased while in flight
+        session.execute(Identity.__table__.delete().where(Identity.id == owner))  # type: ignore[attr-defined]
+    with pytest.raises(Unauthenticated):
+        submit(coordinator, owner, text="hi")
+
+
+def test_a_stored_bytes_limit_admits_exactly_up_to_it(make_coordinator: MakeCoordinator) -> None:
+    """Stored bytes plus a new job's params may reach the limit, not pass it; once it is
+    reached, a job that would store nothing more is refused too (as before)."""
+    coordinator = make_coordinator(max_stored_bytes=10_000)
+    owner = owner_id(coordinator)
+    room = 10_000 - _stored(coordinator, owner)
+    fill = room - len('{"text":""}')  # params of exactly `room` bytes (compact JSON)
+    with pytest.raises(QuotaExceeded) as err:
+        submit(coordinator, owner, text="y" * (fill + 1))
+    assert err.value.code == "storage_quota"
+    submit(coordinator, owner, text="y" * fill)
+    assert _stored(coordinator, owner) >= 10_000
+    with pytest.raises(QuotaExceeded) as err:
+        submit(coordinator, owner)  # stores nothing, but the quota is reached
+    assert err.value.code == "storage_quota"
+
+
+def _stored(coordinator: InProcessCoordinator, owner: str) -> int:
+    from csml.store import jobs_quota
+
+    with coordinator.core.queue.read() as conn:
+        return jobs_quota.stored_bytes(conn, owner)
