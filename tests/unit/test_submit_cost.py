@@ -9,16 +9,22 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import event, func, select
 
+from csml import ids
+from csml.client import Client
+from csml.client import pow as client_pow
+from csml.coordinator import quotas
 from csml.refusals import QuotaExceeded, Unauthenticated
 from csml.schemas import JobSpec
 from csml.store import jobs as store
-from csml.store.db import transaction
+from csml.store.db import counters, transaction
 from csml.store.tables import Identity
+from csml.store.tables_abuse import RateWindow
 from tests.unit.conftest import MakeCoordinator
-from tests.unit.inproc import InProcessCoordinator
+from tests.unit.inproc import InProcessCoordinator, error_of
 
 
 @contextmanager
@@ -162,3 +168,106 @@ def _stored(coordinator: InProcessCoordinator, owner: str) -> int:
 
     with coordinator.core.queue.read() as conn:
         return jobs_quota.stored_bytes(conn, owner)
+
+
+def test_a_json_submit_counts_its_window_in_its_own_write(
+    make_coordinator: MakeCoordinator,
+) -> None:
+    """With a submission window, POST /v1/jobs counts the job in the window's upsert
+    inside the job's write: three statements and one commit, no transaction of its own."""
+    coordinator = make_coordinator(submission_rate_limit=5)
+    user = coordinator.new_user()
+    headers = {"Authorization": f"Bearer {user.token}"}
+    body = {"app": "echo", "operation": "echo", "params": {"text": "hi"}}
+    assert coordinator.http.post("/v1/jobs", json=body, headers=headers).status_code == 202
+    tally = counters(coordinator.core.engine)
+    commits = tally.write_commits
+    with statements(coordinator) as sent:
+        r = coordinator.http.post("/v1/jobs", json=body, headers=headers)
+    assert r.status_code == 202, r.text
+    assert [s.split(" (")[0] for s in writes(sent)] == [
+        "INSERT INTO rate_windows",
+        "INSERT INTO fair_counters",
+        "INSERT INTO jobs",
+    ]
+    assert tally.write_commits == commits + 1
+    assert window_count(coordinator, user) == 2
+
+
+def window_count(coordinator: InProcessCoordinator, user: Client) -> int:
+    with coordinator.core.queue.read() as conn:
+        owner = conn.scalar(
+            select(Identity.id).where(Identity.token_hash == ids.hash_secret(user.token or ""))
+        )
+        assert owner is not None
+        count = conn.scalar(
+            select(RateWindow.count).where(RateWindow.key == quotas.submit_key(owner))
+        )
+    return int(count or 0)
+
+
+def test_the_window_counts_what_it_counted_before(make_coordinator: MakeCoordinator) -> None:
+    """A spec refused before its write is counted (or refused past the window) as
+    before; a job refused in its write (here by the queue's bound) is not counted."""
+    coordinator = make_coordinator(submission_rate_limit=3, queue_capacity=1)
+    user = coordinator.new_user()
+    headers = {"Authorization": f"Bearer {user.token}"}
+
+    def post(body: dict[str, Any]) -> httpx.Response:
+        return coordinator.http.post("/v1/jobs", json=body, headers=headers)
+
+    ok = {"app": "echo", "operation": "echo", "params": {"text": "hi"}}
+    bad = {"app": "echo", "operation": "no-such-operation", "params": {}}
+    assert post(ok).status_code == 202
+    assert window_count(coordinator, user) == 1
+    r = post(ok)  # refused by the queue's bound in its write: not counted
+    assert (r.status_code, error_of(r)["code"]) == (429, "queue_full")
+    assert window_count(coordinator, user) == 1
+    assert post(bad).status_code in (404, 422)  # refused before its write: counted
+    assert window_count(coordinator, user) == 2
+    assert post(bad).status_code in (404, 422)
+    assert window_count(coordinator, user) == 3
+    r = post(bad)  # past the window: the window's refusal comes first, as before
+    assert (r.status_code, error_of(r)["code"]) == (429, "submission_rate_limited")
+    r = post(ok)
+    assert (r.status_code, error_of(r)["code"]) == (429, "submission_rate_limited")
+    assert window_count(coordinator, user) == 3
+
+
+def test_a_batch_counts_each_item_in_the_window(make_coordinator: MakeCoordinator) -> None:
+    coordinator = make_coordinator(submission_rate_limit=3)
+    user = coordinator.new_user()
+    items = [{"spec": {"app": "echo", "operation": "echo", "params": {"i": i}}} for i in range(5)]
+    r = coordinator.http.post(
+        "/v1/jobs/batch", json={"items": items}, headers={"Authorization": f"Bearer {user.token}"}
+    )
+    assert r.status_code == 200, r.text
+    statuses = [item["status"] for item in r.json()["items"]]
+    assert statuses == [202, 202, 202, 429, 429]
+    assert r.json()["items"][3]["error"]["code"] == "submission_rate_limited"
+    assert window_count(coordinator, user) == 3
+
+
+def test_the_identity_windows_cost_one_statement_each(make_coordinator: MakeCoordinator) -> None:
+    """A challenge reads both identity windows in one statement; an identity holds each
+    with one upsert (made if missing, locked) and counts itself with one update."""
+    coordinator = make_coordinator(pow_difficulty=2, identity_rate_limit=1)
+    for made in (1, 2):  # the windows are made by the first, found by the second
+        with statements(coordinator) as sent:
+            issued = coordinator.http.post("/v1/identities/challenge").json()
+        reads = [s for s in sent if "rate_windows" in s]
+        assert len(reads) == 1 and reads[0].startswith("SELECT")
+        body = {
+            "challenge": issued["challenge"],
+            "nonce": client_pow.solve(issued["challenge"], issued["difficulty"]),
+        }
+        with statements(coordinator) as sent:
+            assert coordinator.http.post("/v1/identities", json=body).status_code == 201
+        assert [s.split(" (")[0].split(" SET")[0] for s in sent if "rate_windows" in s] == [
+            "INSERT INTO rate_windows",
+            "INSERT INTO rate_windows",
+            "UPDATE rate_windows",
+        ]
+        with coordinator.core.queue.read() as conn:
+            count = conn.scalar(select(RateWindow.count).where(RateWindow.key == "identities"))
+        assert count == made

@@ -42,8 +42,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy.orm import Session
 
-from csml.refusals import Invalid, QuotaExceeded, Refusal, Unauthenticated
+from csml.refusals import Invalid, QuotaExceeded, RateLimited, Refusal, Unauthenticated
 from csml.schemas import OperationInfo
+from csml.store import abuse as windows
 from csml.store import jobs_quota as counts
 from csml.store.jobs_quota import Conn
 from csml.store.tables import utcnow
@@ -101,6 +102,43 @@ def require_identity(session: Conn, identity_id: str) -> None:
             "unauthorized",
             "this identity was erased while the request was in flight; nothing was kept",
         )
+
+
+# -- submissions per window ---------------------------------------------------------
+
+
+def submit_key(identity_id: str) -> str:
+    """The identity's submission window (a `rate_windows` row)."""
+    return f"submit:{identity_id}"
+
+
+def _per(window: float) -> str:
+    return {60.0: "minute", 3600.0: "hour", 86400.0: "day"}.get(window, f"{window:g} s")
+
+
+def rate_limited(what: str, limit: int, window: float, wait: float, code: str) -> RateLimited:
+    retry = max(1, math.ceil(wait))
+    return RateLimited(
+        code,
+        f"{what}: {limit} per {_per(window)} reached; resets in {duration(wait)}",
+        details=[{"limit": what, "value": limit, "window_seconds": window, "retry_after": retry}],
+        retry_after=retry,
+    )
+
+
+def count_submission(owner: HasSettings, session: Conn, identity_id: str) -> None:
+    """Count one submission in the identity's window (`submission_rate_limit` per
+    `submission_rate_window_seconds`; nothing when it is 0), or refuse it
+    (`RateLimited`, counting nothing) past the limit. One statement (the window's
+    upsert, `csml.store.abuse.count_in_window`), in the caller's write transaction:
+    whatever refuses the submission later in it rolls the count back too."""
+    s = owner.settings
+    if not s.submission_rate_limit:
+        return
+    limit, window = s.submission_rate_limit, s.submission_rate_window_seconds
+    wait = windows.count_in_window(session, submit_key(identity_id), limit, window, utcnow())
+    if wait is not None:
+        raise rate_limited("submission rate limit", limit, window, wait, "submission_rate_limited")
 
 
 # -- queued + running jobs ----------------------------------------------------------
