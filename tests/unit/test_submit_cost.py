@@ -271,3 +271,56 @@ def test_the_identity_windows_cost_one_statement_each(make_coordinator: MakeCoor
         with coordinator.core.queue.read() as conn:
             count = conn.scalar(select(RateWindow.count).where(RateWindow.key == "identities"))
         assert count == made
+
+
+def test_a_multipart_submit_is_one_commit_and_counts_its_window(
+    make_coordinator: MakeCoordinator,
+) -> None:
+    """The early check before a multipart body is read is a read (it refuses, never
+    counts); the job's own write counts the window: one commit per submission."""
+    coordinator = make_coordinator(submission_rate_limit=3)
+    user = coordinator.new_user()
+    headers = {"Authorization": f"Bearer {user.token}"}
+
+    def post() -> httpx.Response:
+        spec = '{"app": "echo", "operation": "echo", "params": {}}'
+        files: dict[str, Any] = {
+            "spec": (None, spec, "application/json"),
+            "data": ("d", b"x" * 10),
+        }
+        return coordinator.http.post("/v1/jobs", files=files, headers=headers)
+
+    tally = counters(coordinator.core.engine)
+    for n in (1, 2, 3):
+        commits = tally.write_commits
+        assert post().status_code == 202
+        assert tally.write_commits == commits + 1
+        assert window_count(coordinator, user) == n
+    commits = tally.write_commits
+    r = post()
+    assert (r.status_code, error_of(r)["code"]) == (429, "submission_rate_limited")
+    assert tally.write_commits == commits and window_count(coordinator, user) == 3
+
+
+def test_a_multipart_submit_is_few_statements(make_coordinator: MakeCoordinator) -> None:
+    """Without a window: the early read (identity, stored bytes), the upload's storage
+    budget (stored bytes, counted once), then the write (rank with the quotas, job row,
+    its input's row)."""
+    coordinator = make_coordinator(submission_rate_limit=0, max_active_jobs=0)
+    user = coordinator.new_user()
+    headers = {"Authorization": f"Bearer {user.token}"}
+    spec = '{"app": "echo", "operation": "echo", "params": {}}'
+    files: dict[str, Any] = {"spec": (None, spec, "application/json"), "data": ("d", b"x" * 10)}
+    assert coordinator.http.post("/v1/jobs", files=files, headers=headers).status_code == 202
+    with statements(coordinator) as sent:
+        r = coordinator.http.post("/v1/jobs", files=files, headers=headers)
+    assert r.status_code == 202, r.text
+    stored = "SELECT (SELECT coalesce(sum("
+    assert [stored if s.startswith(stored) else s.split(" (")[0] for s in writes(sent)] == [
+        "SELECT identities.id FROM identities WHERE identities.id = ?",
+        stored,
+        stored,
+        "INSERT INTO fair_counters",
+        "INSERT INTO jobs",
+        "INSERT INTO job_files",
+    ]

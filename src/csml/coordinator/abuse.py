@@ -20,10 +20,12 @@ expensive or bounded instead:
   cap any challenge issued at the cap is accepted: a patient newcomer always gets
   in after at most about 2**(b+M) hashes, whatever a flood does.
 - **Per-identity limits**, counted from the store so they hold across coordinators:
-  submissions per window, queued + running jobs, stored bytes, model artifacts. The
-  last three are checked here early (before a body is read) and again, race-free,
-  in the transaction that lands the rows (`csml.coordinator.quotas`, whose helpers
-  this module re-exports).
+  submissions per window, queued + running jobs, stored bytes, model artifacts. They
+  are checked here early (before a body is read) and again, race-free, in the
+  transaction that lands the rows (`csml.coordinator.quotas`, whose helpers this module
+  re-exports). A single job's submission is counted in its window by its own write
+  (`precheck_submission` early, a read); a pipeline's, or a submission refused before
+  its write, by `check_submission` (its own transaction), as all were before.
 
 Every refusal of a limit is a `csml.refusals` kind that passes with time (429 with
 `Retry-After` over HTTP) and names the limit, its value and when it resets; the rows
@@ -282,6 +284,34 @@ def check_submission(core: Core, identity_id: str, upload_bytes: int = 0) -> Non
     with transaction(core.sessions) as session:
         quotas.require_identity(session, identity_id)
         quotas.count_submission(core, session, identity_id)
+        quotas.check_active_jobs(core, session, identity_id)
+        if s.max_stored_bytes:
+            check_storage(core, session, identity_id, upload_bytes)
+
+
+def precheck_submission(core: Core, identity_id: str, upload_bytes: int = 0) -> None:
+    """`check_submission`'s refusals, in its order, from a read: writes and counts
+    nothing, takes no write lock and no commit. For a submission whose own write counts
+    it in the window (`JobQueue.submit_async(count_window=True)`, which keeps the count
+    exact and race-free): this only refuses early (before a body is read) what that
+    write would refuse, so a submission racing others to the window's last place may
+    still be refused there, after its body."""
+    s = core.settings
+    if not (s.submission_rate_limit or s.max_active_jobs or s.max_stored_bytes):
+        return
+    with core.sessions() as session:
+        quotas.require_identity(session, identity_id, lock=False)
+        if s.submission_rate_limit:
+            limit, window = s.submission_rate_limit, s.submission_rate_window_seconds
+            key = submit_key(identity_id)
+            held = store.windows(session, [key]).get(key)
+            now = utcnow()
+            ends = held.start + timedelta(seconds=window) if held is not None else now
+            if held is not None and ends > now and held.count >= limit:
+                wait = (ends - now).total_seconds()
+                raise rate_limited(
+                    "submission rate limit", limit, window, wait, "submission_rate_limited"
+                )
         quotas.check_active_jobs(core, session, identity_id)
         if s.max_stored_bytes:
             check_storage(core, session, identity_id, upload_bytes)

@@ -206,7 +206,9 @@ async def submit_job(request: Request, me: Me) -> JSONResponse:
         return await _submit_json(c, me.id, raw)
     else:
         upload = abuse.announced_upload(request.headers)
-        await run_in_threadpool(abuse.check_submission, c, me.id, upload)  # 429 past a limit
+        windowed = bool(c.settings.submission_rate_limit)
+        # 429 past a limit before the body is read: a read; the job's write counts it.
+        await run_in_threadpool(abuse.precheck_submission, c, me.id, upload)
         staging = await run_in_threadpool(c.blobs.new_staging)
         holder: dict[str, JobSpec] = {}
         piped: dict[str, PipelineSpec] = {}
@@ -237,15 +239,23 @@ async def submit_job(request: Request, me: Me) -> JSONResponse:
             return Accepts(names, lambda name: refusal(c.queue.check_files, spec, names | {name}))
 
         try:
-            parsed = await parse_submission(
-                request, staging, FormLimits.of(c.settings), on_spec, budget
-            )
-
+            try:
+                parsed = await parse_submission(
+                    request, staging, FormLimits.of(c.settings), on_spec, budget
+                )
+            except (ApiError, Refusal):
+                if windowed:  # refused before its write: counted (or 429) first, as before
+                    await run_in_threadpool(abuse.check_submission, c, me.id, upload)
+                raise
             if piped:
+                if windowed:  # a pipeline's write does not count it: counted here
+                    await run_in_threadpool(abuse.check_submission, c, me.id, upload)
                 return await run_in_threadpool(
                     _submit_pipeline, c, me.id, piped["spec"], staging, parsed.files
                 )
-            job = await c.queue.submit_async(me.id, holder["spec"], staging, parsed.files)
+            job = await c.queue.submit_async(
+                me.id, holder["spec"], staging, parsed.files, count_window=windowed
+            )
             return _submitted(c, me.id, job)
         finally:
             await run_in_threadpool(c.blobs.discard, staging)

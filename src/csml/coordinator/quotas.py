@@ -95,9 +95,15 @@ def lock_identity(session: Conn, identity_id: str) -> bool:
     return counts.lock_identity(session, identity_id)
 
 
-def require_identity(session: Conn, identity_id: str) -> None:
-    """`lock_identity`, refusing (401) when the identity was erased meanwhile."""
-    if not lock_identity(session, identity_id):
+def require_identity(session: Conn, identity_id: str, *, lock: bool = True) -> None:
+    """`lock_identity`, refusing (401) when the identity was erased meanwhile (without
+    `lock`: only whether it exists, from a plain read)."""
+    found = (
+        lock_identity(session, identity_id)
+        if lock
+        else counts.identity_exists(session, identity_id)
+    )
+    if not found:
         raise Unauthenticated(
             "unauthorized",
             "this identity was erased while the request was in flight; nothing was kept",
@@ -181,11 +187,18 @@ def stored_bytes(session: Conn, identity_id: str) -> int:
     return counts.stored_bytes(session, identity_id)
 
 
-def check_storage(owner: HasSettings, session: Conn, identity_id: str, upload_bytes: int) -> None:
-    """Refuse (429) when the identity's stored bytes, plus `upload_bytes` coming in,
-    pass `max_stored_bytes`."""
+def check_storage(
+    owner: HasSettings,
+    session: Conn,
+    identity_id: str,
+    upload_bytes: int,
+    used: int | None = None,
+) -> None:
+    """Refuse (429) when the identity's stored bytes (`used` if the caller just counted
+    them with `stored_bytes`), plus `upload_bytes` coming in, pass `max_stored_bytes`."""
     limit = owner.settings.max_stored_bytes
-    used = stored_bytes(session, identity_id)
+    if used is None:
+        used = stored_bytes(session, identity_id)
     if used < limit and used + upload_bytes <= limit:
         return
     retention = timedelta(hours=owner.settings.retention_hours)

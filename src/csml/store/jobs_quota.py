@@ -140,6 +140,11 @@ def lock_identity(conn: Conn, identity_id: str) -> bool:
     return conn.scalar(stmt, {"identity_id": identity_id}) is not None
 
 
+def identity_exists(conn: Conn, identity_id: str) -> bool:
+    """Whether the identity exists (a plain read: nothing is locked)."""
+    return conn.scalar(_IDENTITY, {"identity_id": identity_id}) is not None
+
+
 def active_jobs(conn: Conn, identity_id: str) -> int:
     """Queued and running jobs of the identity; a pipeline counts once, not per step."""
     return int(conn.scalar(_ACTIVE_JOBS, {"identity_id": identity_id}) or 0)

@@ -10,11 +10,13 @@ from collections import Counter
 import pytest
 from sqlalchemy import event, func, select
 
+from csml.coordinator import quotas
 from csml.coordinator.state import Core
 from csml.refusals import Refusal
 from csml.store import jobs as store
 from csml.store.db import counters
-from tests.integration.postgres.support import MakeCore, new_identity, submit
+from csml.store.tables_abuse import RateWindow
+from tests.integration.postgres.support import MakeCore, echo, new_identity, submit
 
 pytestmark = [pytest.mark.postgresql, pytest.mark.timeout(180)]
 
@@ -105,3 +107,25 @@ def test_concurrent_submits_land_exactly_the_quota(
     results = run_threads(16, lambda i: submit(cores[i % 2], owner, n=10 + i))
     assert Counter(outcome(r) for r in results) == {"ok": landed, code: 16 - landed}
     assert jobs_of(cores[0], owner) == landed
+
+
+def test_the_window_counted_in_the_job_write_is_exact(make_core: MakeCore) -> None:
+    """`count_window=True` (JSON, batch and multipart submissions): the window's upsert
+    in the job's own write lets exactly `limit` of N concurrent submissions through, on
+    two coordinators, and counts exactly those."""
+    cores = [
+        make_core(queue_capacity=100_000, submission_rate_limit=5, max_active_jobs=0)
+        for _ in range(2)
+    ]
+    owner = new_identity(cores[0])
+
+    def one(i: int) -> str:
+        spec = echo(n=10 + i)
+        return cores[i % 2].queue.submit(owner, spec, None, {}, count_window=True).id
+
+    results = run_threads(16, one)
+    assert Counter(outcome(r) for r in results) == {"ok": 5, "submission_rate_limited": 11}
+    assert jobs_of(cores[0], owner) == 5
+    with cores[0].sessions() as session:
+        row = session.get(RateWindow, quotas.submit_key(owner))
+        assert row is not None and row.count == 5
