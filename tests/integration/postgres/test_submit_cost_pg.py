@@ -21,6 +21,11 @@ from tests.integration.postgres.support import MakeCore, echo, new_identity, sub
 pytestmark = [pytest.mark.postgresql, pytest.mark.timeout(180)]
 
 
+# The queue-depth recount (`JobQueue._far_from_full` refreshes it once a second of wall
+# time, not of this test's clock): left out of the counts; any other count is counted.
+DEPTH = "SELECT count(*) AS count_1 FROM jobs WHERE jobs.app ="
+
+
 def run_threads(n: int, target: object) -> list[object]:
     """Run `target(i)` in `n` threads started together; the results (or exceptions)."""
     results: list[object] = [None] * n
@@ -70,7 +75,7 @@ def test_a_submit_is_three_statements(core: Core) -> None:
         submit(core, owner, n=1)
     finally:
         event.remove(core.engine, "before_cursor_execute", count)
-    done = [s for s in sent if not s.startswith("SELECT count(*) AS count_1 FROM jobs")]
+    done = [s for s in sent if not s.startswith(DEPTH)]
     assert [s.split(" (")[0].split(" FROM")[0] for s in done] == [
         "SELECT identities.id",  # FOR NO KEY UPDATE: the owner's quotas serialise on it
         "INSERT INTO fair_counters",
