@@ -20,10 +20,12 @@ expensive or bounded instead:
   cap any challenge issued at the cap is accepted: a patient newcomer always gets
   in after at most about 2**(b+M) hashes, whatever a flood does.
 - **Per-identity limits**, counted from the store so they hold across coordinators:
-  submissions per window, queued + running jobs, stored bytes, model artifacts. The
-  last three are checked here early (before a body is read) and again, race-free,
-  in the transaction that lands the rows (`csml.coordinator.quotas`, whose helpers
-  this module re-exports).
+  submissions per window, queued + running jobs, stored bytes, model artifacts. They
+  are checked here early (before a body is read) and again, race-free, in the
+  transaction that lands the rows (`csml.coordinator.quotas`, whose helpers this module
+  re-exports). A single job's submission is counted in its window by its own write
+  (`precheck_submission` early, a read); a pipeline's, or a submission refused before
+  its write, by `check_submission` (its own transaction), as all were before.
 
 Every refusal of a limit is a `csml.refusals` kind that passes with time (429 with
 `Retry-After` over HTTP) and names the limit, its value and when it resets; the rows
@@ -54,13 +56,14 @@ from csml.coordinator.notify import job_key
 from csml.coordinator.queue import QUEUED, RUNNING
 from csml.coordinator.quotas import check_models as check_models
 from csml.coordinator.quotas import check_storage as check_storage
-from csml.coordinator.quotas import duration as _duration
 from csml.coordinator.quotas import model_count as model_count
+from csml.coordinator.quotas import rate_limited as rate_limited
 from csml.coordinator.quotas import stored_bytes as stored_bytes
+from csml.coordinator.quotas import submit_key as submit_key
 from csml.coordinator.quotas import too_many as too_many
 from csml.coordinator.retention import delete_job_rows, remove_job_files
 from csml.coordinator.state import Core
-from csml.refusals import Conflict, Invalid, RateLimited
+from csml.refusals import Conflict, Invalid
 from csml.schemas import JobState
 from csml.schemas.identities import IdentityChallenge, IdentityCreated, IdentityProof
 from csml.store import abuse as store
@@ -129,10 +132,14 @@ def _recent_identities(session: Session, core: Core, *, lock: bool) -> float:
     (current, then previous), and rolled over when the current window ended."""
     window = core.settings.identity_rate_window_seconds
     now = utcnow()
-    if lock:
-        store.make_windows(session, [IDENTITIES_KEY, PREVIOUS_IDENTITIES_KEY], now)
-    current = store.window(session, IDENTITIES_KEY, lock=lock)
-    previous = store.window(session, PREVIOUS_IDENTITIES_KEY, lock=lock)
+    current: store.Window | None
+    previous: store.Window | None
+    if lock:  # one upsert each (made if missing, and locked), current first
+        current = store.hold_window(session, IDENTITIES_KEY, now)
+        previous = store.hold_window(session, PREVIOUS_IDENTITIES_KEY, now)
+    else:  # one read of both
+        found = store.windows(session, [IDENTITIES_KEY, PREVIOUS_IDENTITIES_KEY])
+        current, previous = found.get(IDENTITIES_KEY), found.get(PREVIOUS_IDENTITIES_KEY)
     cur_start, cur_count = (current.start, current.count) if current else (now, 0)
     prev_start, prev_count = (previous.start, previous.count) if previous else (now, 0)
     span = timedelta(seconds=window)
@@ -261,24 +268,6 @@ def count_in_window(session: Session, key: str, limit: int, window: float) -> fl
     return store.count_in_window(session, key, limit, window, utcnow())
 
 
-def submit_key(identity_id: str) -> str:
-    return f"submit:{identity_id}"
-
-
-def _per(window: float) -> str:
-    return {60.0: "minute", 3600.0: "hour", 86400.0: "day"}.get(window, f"{window:g} s")
-
-
-def rate_limited(what: str, limit: int, window: float, wait: float, code: str) -> RateLimited:
-    retry = max(1, math.ceil(wait))
-    return RateLimited(
-        code,
-        f"{what}: {limit} per {_per(window)} reached; resets in {_duration(wait)}",
-        details=[{"limit": what, "value": limit, "window_seconds": window, "retry_after": retry}],
-        retry_after=retry,
-    )
-
-
 def check_submission(core: Core, identity_id: str, upload_bytes: int = 0) -> None:
     """Refuse (`RateLimited`, or the quota's refusal) a submission past any per-identity
     limit, before its body is read; else count it in the identity's submission window.
@@ -294,20 +283,34 @@ def check_submission(core: Core, identity_id: str, upload_bytes: int = 0) -> Non
         return
     with transaction(core.sessions) as session:
         quotas.require_identity(session, identity_id)
+        quotas.count_submission(core, session, identity_id)
+        quotas.check_active_jobs(core, session, identity_id)
+        if s.max_stored_bytes:
+            check_storage(core, session, identity_id, upload_bytes)
+
+
+def precheck_submission(core: Core, identity_id: str, upload_bytes: int = 0) -> None:
+    """`check_submission`'s refusals, in its order, from a read: writes and counts
+    nothing, takes no write lock and no commit. For a submission whose own write counts
+    it in the window (`JobQueue.submit_async(count_window=True)`, which keeps the count
+    exact and race-free): this only refuses early (before a body is read) what that
+    write would refuse, so a submission racing others to the window's last place may
+    still be refused there, after its body."""
+    s = core.settings
+    if not (s.submission_rate_limit or s.max_active_jobs or s.max_stored_bytes):
+        return
+    with core.sessions() as session:
+        quotas.require_identity(session, identity_id, lock=False)
         if s.submission_rate_limit:
-            wait = count_in_window(
-                session,
-                submit_key(identity_id),
-                s.submission_rate_limit,
-                s.submission_rate_window_seconds,
-            )
-            if wait is not None:
+            limit, window = s.submission_rate_limit, s.submission_rate_window_seconds
+            key = submit_key(identity_id)
+            held = store.windows(session, [key]).get(key)
+            now = utcnow()
+            ends = held.start + timedelta(seconds=window) if held is not None else now
+            if held is not None and ends > now and held.count >= limit:
+                wait = (ends - now).total_seconds()
                 raise rate_limited(
-                    "submission rate limit",
-                    s.submission_rate_limit,
-                    s.submission_rate_window_seconds,
-                    wait,
-                    "submission_rate_limited",
+                    "submission rate limit", limit, window, wait, "submission_rate_limited"
                 )
         quotas.check_active_jobs(core, session, identity_id)
         if s.max_stored_bytes:

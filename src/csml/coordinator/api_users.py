@@ -206,7 +206,9 @@ async def submit_job(request: Request, me: Me) -> JSONResponse:
         return await _submit_json(c, me.id, raw)
     else:
         upload = abuse.announced_upload(request.headers)
-        await run_in_threadpool(abuse.check_submission, c, me.id, upload)  # 429 past a limit
+        windowed = bool(c.settings.submission_rate_limit)
+        # 429 past a limit before the body is read: a read; the job's write counts it.
+        await run_in_threadpool(abuse.precheck_submission, c, me.id, upload)
         staging = await run_in_threadpool(c.blobs.new_staging)
         holder: dict[str, JobSpec] = {}
         piped: dict[str, PipelineSpec] = {}
@@ -237,15 +239,23 @@ async def submit_job(request: Request, me: Me) -> JSONResponse:
             return Accepts(names, lambda name: refusal(c.queue.check_files, spec, names | {name}))
 
         try:
-            parsed = await parse_submission(
-                request, staging, FormLimits.of(c.settings), on_spec, budget
-            )
-
+            try:
+                parsed = await parse_submission(
+                    request, staging, FormLimits.of(c.settings), on_spec, budget
+                )
+            except (ApiError, Refusal):
+                if windowed:  # refused before its write: counted (or 429) first, as before
+                    await run_in_threadpool(abuse.check_submission, c, me.id, upload)
+                raise
             if piped:
+                if windowed:  # a pipeline's write does not count it: counted here
+                    await run_in_threadpool(abuse.check_submission, c, me.id, upload)
                 return await run_in_threadpool(
                     _submit_pipeline, c, me.id, piped["spec"], staging, parsed.files
                 )
-            job = await c.queue.submit_async(me.id, holder["spec"], staging, parsed.files)
+            job = await c.queue.submit_async(
+                me.id, holder["spec"], staging, parsed.files, count_window=windowed
+            )
             return _submitted(c, me.id, job)
         finally:
             await run_in_threadpool(c.blobs.discard, staging)
@@ -253,18 +263,24 @@ async def submit_job(request: Request, me: Me) -> JSONResponse:
 
 async def _submit_json(c: Core, owner_id: str, raw: bytes) -> JSONResponse:
     """Check and submit a JSON job or pipeline spec (no files). A single job goes through
-    the writer from the event loop; its quotas are checked in its own transaction, so the
-    early check (`abuse.check_submission`) runs only for the submission rate window."""
+    the writer from the event loop; its quotas and its count in the submission window
+    are checked in its own transaction (`count_window`: one statement, no transaction of
+    their own). A spec refused before that transaction is counted (or refused past the
+    window) by the early check (`abuse.check_submission`) first, as all were before."""
     kept = spec_limits.kept_bytes(spec_limits.load(raw, c.settings))
     if pipeline_spec.is_pipeline(raw):  # {"steps": [...]}: see csml.coordinator.pipelines
         return await run_in_threadpool(_submit_pipeline_json, c, owner_id, raw, kept)
-    if c.settings.submission_rate_limit:
-        await run_in_threadpool(abuse.check_submission, c, owner_id, kept)  # 429 past a limit
-    spec = parse_spec(raw)
-    _, op = c.catalog.operation(spec.app, spec.operation)
-    if c.settings.max_models and artifacts.makes_models(op):
-        await run_in_threadpool(check_model_quota, c, owner_id, spec)
-    job = await c.queue.submit_async(owner_id, spec, None, {})
+    windowed = bool(c.settings.submission_rate_limit)
+    try:
+        spec = parse_spec(raw)
+        _, op = c.catalog.operation(spec.app, spec.operation)
+        if c.settings.max_models and artifacts.makes_models(op):
+            await run_in_threadpool(check_model_quota, c, owner_id, spec)
+    except (ApiError, Refusal):
+        if windowed:  # 429 past a limit, else counted; then this refusal
+            await run_in_threadpool(abuse.check_submission, c, owner_id, kept)
+        raise
+    job = await c.queue.submit_async(owner_id, spec, None, {}, count_window=windowed)
     return _submitted(c, owner_id, job)
 
 

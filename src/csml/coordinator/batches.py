@@ -7,15 +7,17 @@ object with `items`, no items or more than `MAX_BATCH_ITEMS`, an inline input ov
 
 `submit` then takes each item in order through what a single submission goes through
 (`api_users.submit_job` with the inputs as form parts): the spec's limits
-(`spec_limits.load`), its schema (`JobSpec`), the submission rate window when one is
-set (`abuse.check_submission`, charged with the item's kept params and input bytes, so
-each item counts in it), the model quota, and finally `JobQueue.submit_many`, which
-takes every remaining item through `submit`'s checks (the operation's declared inputs,
-params, limits, quotas on active jobs and stored bytes, the queue bound, recipients)
-in the write that creates its job and gives it its fair rank. Those writes are queued
-together and in order, so a batch costs about one commit (group commit, see
-`csml.store.writer`), and each item's quota check sees the items before it. Items
-are jobs: they count against quotas and take their turns like any other job.
+(`spec_limits.load`), its schema (`JobSpec`), the model quota, and finally
+`JobQueue.submit_many`, which takes every remaining item through `submit`'s checks
+(the operation's declared inputs, params, limits, the submission rate window when one
+is set, so each item counts in it, quotas on active jobs and stored bytes, the queue
+bound, recipients) in the write that creates its job and gives it its fair rank. An
+item refused before that write is still counted in the window (or refused past it) by
+`abuse.check_submission`, as every item was before the window moved into the write.
+Those writes are queued together and in order, so a batch costs about one commit
+(group commit, see `csml.store.writer`), and each item's quota check sees the items
+before it. Items are jobs: they count against quotas and take their turns like any
+other job.
 
 Invariants:
 - One item's refusal never refuses another; each `Outcome` holds the item's job or
@@ -151,6 +153,7 @@ def _item(index: int, value: Any) -> Item:
 def submit(core: Core, owner_id: str, items: list[Item]) -> list[Outcome]:
     """Check and submit each item in order (see the module docstring)."""
     outcomes = [Outcome(item.index) for item in items]
+    windowed = bool(core.settings.submission_rate_limit)
     specs: dict[int, tuple[JobSpec, int]] = {}
     staged: dict[int, tuple[Path, dict[str, StagedFile]]] = {}
     try:
@@ -172,18 +175,20 @@ def submit(core: Core, owner_id: str, items: list[Item]) -> list[Outcome]:
             spec, kept = specs[item.index]
             staging, files = staged.get(item.index, (None, {}))
             try:
-                if core.settings.submission_rate_limit:  # each item counts in the window
-                    uploaded = sum(f.size for f in files.values())
-                    abuse.check_submission(core, owner_id, kept + uploaded)
                 _, op = core.catalog.operation(spec.app, spec.operation)
                 abuse.check_model_quota(core, owner_id, artifacts.makes_models(op))
             except Exception as exc:
                 outcome.error = exc
+                if windowed:  # counted (or refused past the window) first, as before
+                    uploaded = sum(f.size for f in files.values())
+                    outcome.error = _early_check(core, owner_id, kept + uploaded) or exc
                 continue
             ready.append(outcome)
             jobs.append((spec, staging, files))
-        # Quotas are checked again, race-free and item after item, in the writes.
-        for outcome, answer in zip(ready, core.queue.submit_many(owner_id, jobs), strict=True):
+        # Quotas are checked again, race-free and item after item, in the writes, which
+        # also count each item in the submission window (one statement each).
+        answers = core.queue.submit_many(owner_id, jobs, count_window=windowed)
+        for outcome, answer in zip(ready, answers, strict=True):
             if isinstance(answer, Exception):
                 outcome.error = answer
             else:
@@ -192,6 +197,16 @@ def submit(core: Core, owner_id: str, items: list[Item]) -> list[Outcome]:
         for staging, _ in staged.values():
             core.blobs.discard(staging)  # an accepted item's folder was moved: nothing left
     return outcomes
+
+
+def _early_check(core: Core, owner_id: str, kept: int) -> Exception | None:
+    """`abuse.check_submission` for an item refused before its write: its refusal, or
+    None once the item is counted in the window."""
+    try:
+        abuse.check_submission(core, owner_id, kept)
+    except Exception as exc:
+        return exc
+    return None
 
 
 def _checked_spec(core: Core, item: Item) -> tuple[JobSpec, int]:

@@ -82,7 +82,7 @@ from csml.coordinator.staged_inputs import StagedFile, adopt_input_rows
 from csml.coordinator.verification import Batch, Decision, Verifier, contributor_of
 from csml.coordinator.verification import digest as run_digest
 from csml.coordinator.worker_tokens import CACHE as WORKER_TOKENS
-from csml.refusals import Conflict, Invalid, NotFound, QueueFull, Refusal, TooLarge
+from csml.refusals import Conflict, Invalid, NotFound, QueueFull, RateLimited, Refusal, TooLarge
 from csml.schemas import (
     ClaimedConfidential,
     ClaimedJob,
@@ -343,9 +343,13 @@ class JobQueue:
         spec: JobSpec,
         staging: Path | None,
         files: dict[str, StagedFile],
+        *,
+        count_window: bool = False,
     ) -> JobRow:
-        """Create a queued job (quotas checked in its transaction); durable on return."""
-        [answer] = self.submit_many(owner_id, [(spec, staging, files)])
+        """Create a queued job (quotas checked in its transaction); durable on return.
+        `count_window`: also count it in the owner's submission window, in the same
+        transaction (`quotas.count_submission`: a refused job is not counted)."""
+        [answer] = self.submit_many(owner_id, [(spec, staging, files)], count_window=count_window)
         if isinstance(answer, Exception):
             raise answer
         return answer
@@ -354,11 +358,14 @@ class JobQueue:
         self,
         owner_id: str,
         items: list[tuple[JobSpec, Path | None, dict[str, StagedFile]]],
+        *,
+        count_window: bool = False,
     ) -> list[JobRow | Exception]:
         """`submit` for many jobs of one owner at once: their writes are queued together,
         in order, so they share the writer's batches (one COMMIT for many jobs); each
         item is checked and quota-counted as a single submission, after the items
-        before it. Per item, in order: its job, or the exception that refused it."""
+        before it (with `count_window`, each counts in the submission window as a
+        single one). Per item, in order: its job, or the exception that refused it."""
         answers: list[JobRow | Exception | None] = [None] * len(items)
         ops: list[Callable[[Connection], JobRow]] = []
         placed: list[tuple[int, str]] = []  # (item index, job id) of each queued op
@@ -374,7 +381,7 @@ class JobQueue:
                 self.blobs.remove_job(job_id)  # whatever was moved before it failed
                 answers[index] = exc
                 continue
-            ops.append(self._submit_op(owner_id, spec, op, job_id, inputs, files))
+            ops.append(self._submit_op(owner_id, spec, op, job_id, inputs, files, count_window))
             placed.append((index, job_id))
         apps: set[str] = set()
         for (index, job_id), answer in zip(placed, self.writer.run_many(ops), strict=True):
@@ -393,13 +400,15 @@ class JobQueue:
         spec: JobSpec,
         staging: Path | None,
         files: dict[str, StagedFile],
+        *,
+        count_window: bool = False,
     ) -> JobRow:
         """`submit` from the event loop (the write is the writer's, without a thread hop)."""
         job_id, op = self._prepare_submit(spec, files)
         try:
             inputs = adopt_input_rows(self.blobs, staging, job_id, files)
             job = await self.writer.run_async(
-                self._submit_op(owner_id, spec, op, job_id, inputs, files)
+                self._submit_op(owner_id, spec, op, job_id, inputs, files, count_window)
             )
         except BaseException:
             self.blobs.remove_job(job_id)
@@ -436,6 +445,7 @@ class JobQueue:
         job_id: str,
         inputs: list[FileRow],
         files: dict[str, StagedFile],
+        count_window: bool = False,
     ) -> Callable[[Connection], JobRow]:
         limits = self.limits_for(spec).model_dump()
         conf = spec.confidential
@@ -460,19 +470,38 @@ class JobQueue:
             else None
         )
 
+        admit = quotas.admission(self, owner_id, upload)
+
         def op_(conn: Connection) -> JobRow:
-            # Lock order: the owner's identity row, then the app's row.
-            quotas.check_new_job(
-                self, conn, self.catalog, owner_id, upload_bytes=upload, adding_models=adding
-            )
+            # Lock order: the owner's identity row, its counter row, then the app's row.
+            if conn.dialect.name != "sqlite":
+                quotas.require_identity(conn, owner_id)  # PostgreSQL: the owner's lock
+            if count_window:  # as `abuse.check_submission` would: identity, window, quotas
+                try:
+                    quotas.count_submission(self, conn, owner_id)
+                except RateLimited:
+                    quotas.require_identity(conn, owner_id)  # an erased identity: 401 first
+                    raise
+            # One statement: the rank (it reads the app's served rank), written only if
+            # the identity still exists and the job fits its active-jobs and stored-bytes
+            # quotas (`quotas.admission`; race-free: see `csml.store.jobs_quota`).
+            rank = writes.next_rank(conn, spec.app, owner_id, admit)
+            if rank is None:
+                # Refused, or no such app: the checks of before say which (and raise
+                # their refusal); if they pass (the counts moved since: an expiry), the
+                # job is admitted by them, under the same lock.
+                quotas.check_new_job(
+                    self, conn, self.catalog, owner_id, upload_bytes=upload, adding_models=0
+                )
+                rank = writes.next_rank(conn, spec.app, owner_id)
+                if rank is None:
+                    raise NotFound("unknown_app", f"no application {spec.app!r}")
+            quotas.check_new_models(self, conn, self.catalog, owner_id, adding)
             if not self._far_from_full(conn, spec.app):
                 # Near the bound: exact, under the app's lock (far from it: no lock).
                 writes.lock_app(conn, spec.app)
                 self._check_capacity(conn, spec.app)
             self._check_recipients(conn, spec)
-            rank = writes.next_rank(conn, spec.app, owner_id)  # reads the app's served rank
-            if rank is None:
-                raise NotFound("unknown_app", f"no application {spec.app!r}")
             params, rows = dict(spec.params), list(inputs)
             if artifacts.requested_model(spec) is not None:
                 params, linked = self._attach_model(conn, owner_id, spec, job_id, set(files))

@@ -3,7 +3,9 @@
 Invariants:
 
 - **Race-free.** Every check that admits a job or keeps a model runs in the write
-  transaction that creates the job (or keeps the model), after `lock_identity`. On
+  transaction that creates the job (or keeps the model), after `lock_identity` (on
+  SQLite a single job's identity, active-jobs and stored-bytes checks are instead the
+  condition of the statement that writes its rank, `admission`: the database is held). On
   SQLite that transaction began with BEGIN IMMEDIATE, so all writers are serialised;
   on PostgreSQL the identity's row is locked (FOR NO KEY UPDATE: inserts that
   reference the identity still proceed), so one identity's submissions, model
@@ -40,8 +42,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy.orm import Session
 
-from csml.refusals import Invalid, QuotaExceeded, Refusal, Unauthenticated
+from csml.refusals import Invalid, QuotaExceeded, RateLimited, Refusal, Unauthenticated
 from csml.schemas import OperationInfo
+from csml.store import abuse as windows
 from csml.store import jobs_quota as counts
 from csml.store.jobs_quota import Conn
 from csml.store.tables import utcnow
@@ -92,13 +95,56 @@ def lock_identity(session: Conn, identity_id: str) -> bool:
     return counts.lock_identity(session, identity_id)
 
 
-def require_identity(session: Conn, identity_id: str) -> None:
-    """`lock_identity`, refusing (401) when the identity was erased meanwhile."""
-    if not lock_identity(session, identity_id):
+def require_identity(session: Conn, identity_id: str, *, lock: bool = True) -> None:
+    """`lock_identity`, refusing (401) when the identity was erased meanwhile (without
+    `lock`: only whether it exists, from a plain read)."""
+    found = (
+        lock_identity(session, identity_id)
+        if lock
+        else counts.identity_exists(session, identity_id)
+    )
+    if not found:
         raise Unauthenticated(
             "unauthorized",
             "this identity was erased while the request was in flight; nothing was kept",
         )
+
+
+# -- submissions per window ---------------------------------------------------------
+
+
+def submit_key(identity_id: str) -> str:
+    """The identity's submission window (a `rate_windows` row)."""
+    return f"submit:{identity_id}"
+
+
+def _per(window: float) -> str:
+    return {60.0: "minute", 3600.0: "hour", 86400.0: "day"}.get(window, f"{window:g} s")
+
+
+def rate_limited(what: str, limit: int, window: float, wait: float, code: str) -> RateLimited:
+    retry = max(1, math.ceil(wait))
+    return RateLimited(
+        code,
+        f"{what}: {limit} per {_per(window)} reached; resets in {duration(wait)}",
+        details=[{"limit": what, "value": limit, "window_seconds": window, "retry_after": retry}],
+        retry_after=retry,
+    )
+
+
+def count_submission(owner: HasSettings, session: Conn, identity_id: str) -> None:
+    """Count one submission in the identity's window (`submission_rate_limit` per
+    `submission_rate_window_seconds`; nothing when it is 0), or refuse it
+    (`RateLimited`, counting nothing) past the limit. One statement (the window's
+    upsert, `csml.store.abuse.count_in_window`), in the caller's write transaction:
+    whatever refuses the submission later in it rolls the count back too."""
+    s = owner.settings
+    if not s.submission_rate_limit:
+        return
+    limit, window = s.submission_rate_limit, s.submission_rate_window_seconds
+    wait = windows.count_in_window(session, submit_key(identity_id), limit, window, utcnow())
+    if wait is not None:
+        raise rate_limited("submission rate limit", limit, window, wait, "submission_rate_limited")
 
 
 # -- queued + running jobs ----------------------------------------------------------
@@ -141,11 +187,18 @@ def stored_bytes(session: Conn, identity_id: str) -> int:
     return counts.stored_bytes(session, identity_id)
 
 
-def check_storage(owner: HasSettings, session: Conn, identity_id: str, upload_bytes: int) -> None:
-    """Refuse (429) when the identity's stored bytes, plus `upload_bytes` coming in,
-    pass `max_stored_bytes`."""
+def check_storage(
+    owner: HasSettings,
+    session: Conn,
+    identity_id: str,
+    upload_bytes: int,
+    used: int | None = None,
+) -> None:
+    """Refuse (429) when the identity's stored bytes (`used` if the caller just counted
+    them with `stored_bytes`), plus `upload_bytes` coming in, pass `max_stored_bytes`."""
     limit = owner.settings.max_stored_bytes
-    used = stored_bytes(session, identity_id)
+    if used is None:
+        used = stored_bytes(session, identity_id)
     if used < limit and used + upload_bytes <= limit:
         return
     retention = timedelta(hours=owner.settings.retention_hours)
@@ -258,6 +311,14 @@ def may_keep_models(owner: HasSettings, session: Conn, identity_id: str, adding:
 
 
 # -- a new job --------------------------------------------------------------------
+
+
+def admission(owner: HasSettings, identity_id: str, upload_bytes: int) -> counts.Admission:
+    """`check_new_job`'s checks but the models' as a condition for the statement that
+    writes the job's rank (`csml.store.jobs_write.next_rank`): a job it refuses writes
+    nothing, and `check_new_job` then says why (same refusals, same order)."""
+    s = owner.settings
+    return counts.Admission(identity_id, s.max_active_jobs, s.max_stored_bytes, upload_bytes)
 
 
 def check_new_job(

@@ -123,8 +123,9 @@ class StorageBudget:
         if not limit or (self.left is not None and received <= self.left):
             return
         with self.core.sessions() as session:
-            abuse.check_storage(self.core, session, self.owner_id, received + self.extra)
-            self.left = limit - abuse.stored_bytes(session, self.owner_id) - self.extra
+            used = abuse.stored_bytes(session, self.owner_id)  # counted once, used twice
+            abuse.check_storage(self.core, session, self.owner_id, received + self.extra, used)
+            self.left = limit - used - self.extra
 
 
 class _Part:

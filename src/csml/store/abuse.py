@@ -5,8 +5,10 @@ rate counters (`csml.store.tables_abuse`). The rules (difficulty, limits, refusa
 Invariants:
 - A server secret is made once per store: concurrent makers insert-or-ignore, and all
   read back the one that won.
-- A window read with `lock=True` is locked (FOR UPDATE) for the rest of the transaction,
-  so counts are exact across coordinators; `count_in_window` makes its window first.
+- A window taken with `hold_window` (one upsert: made if missing) is locked for the rest
+  of the transaction, so counts are exact across coordinators; `count_in_window` is one
+  upsert that makes, restarts or counts its window and holds its row likewise (a second
+  statement only to take back an event past the limit). `windows` reads without a lock.
 - A spent challenge is recorded once: `spend_challenge` is False for a second spend,
   also by a concurrent transaction (which this one waits for on PostgreSQL).
 """
@@ -15,9 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import Table, bindparam, case, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from csml.store.db import insert_ignore
@@ -42,16 +45,32 @@ def make_server_secret(session: Session, name: str, value: str, now: datetime) -
     return session.scalars(select(ServerSecret.value).where(ServerSecret.name == name)).one()
 
 
-def make_windows(session: Session, keys: list[str], now: datetime) -> None:
-    """Make the windows `keys` (empty, starting `now`) where missing; none is locked."""
-    for key in keys:
-        insert_ignore(session, RateWindow, key=key, window_start=now, count=0)
+def windows(session: Session, keys: list[str]) -> dict[str, Window]:
+    """The windows `keys` as stored (those that exist), in one statement; none locked."""
+    stmt = select(RateWindow.key, RateWindow.window_start, RateWindow.count).where(
+        RateWindow.key.in_(keys)
+    )
+    return {key: Window(start, count) for key, start, count in session.execute(stmt)}
 
 
-def window(session: Session, key: str, *, lock: bool) -> Window | None:
-    """The window `key` as stored, or None; with `lock`, locked for the transaction."""
-    row = session.get(RateWindow, key, with_for_update=lock, populate_existing=lock)
-    return None if row is None else Window(row.window_start, row.count)
+def _hold_upsert(dialect: str) -> Any:
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    upsert: Any = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    table = RATE_WINDOWS
+    stmt = upsert(table).values(key=bindparam("b_key"), window_start=bindparam("b_now"), count=0)
+    return stmt.on_conflict_do_update(
+        index_elements=[table.c.key], set_={"count": table.c.count}
+    ).returning(table.c.window_start, table.c.count)
+
+
+def hold_window(session: Session, key: str, now: datetime) -> Window:
+    """The window `key`, made (empty, starting `now`) if missing, and locked for the
+    rest of the transaction (ON CONFLICT DO UPDATE locks the row on PostgreSQL; the
+    write transaction holds SQLite), in one statement."""
+    stmt = _HOLD_UPSERT[session.get_bind().dialect.name]
+    start, count = session.execute(stmt, {"b_key": key, "b_now": now}).one()
+    return Window(start, int(count))
 
 
 def set_window(session: Session, key: str, start: datetime, count: int) -> None:
@@ -68,25 +87,54 @@ def add_to_window(session: Session, key: str, n: int = 1) -> None:
     )
 
 
+def _window_upsert(dialect: str) -> Any:
+    """Count one event in a window: made if missing (starting now, count 1), restarted if
+    it ended by now (start now, count 1), else count + 1; returns the window as counted.
+    (Both SET expressions read the row as it was: SQL assigns simultaneously.)"""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    upsert: Any = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    table = RATE_WINDOWS
+    now = bindparam("b_now", type_=table.c.window_start.type)
+    ended = table.c.window_start <= bindparam("b_cutoff", type_=table.c.window_start.type)
+    stmt = upsert(table).values(key=bindparam("b_key"), window_start=now, count=1)
+    return stmt.on_conflict_do_update(
+        index_elements=[table.c.key],
+        set_={
+            "window_start": case((ended, now), else_=table.c.window_start),
+            "count": case((ended, 1), else_=table.c.count + 1),
+        },
+    ).returning(table.c.window_start, table.c.count)
+
+
+RATE_WINDOWS = cast(Table, RateWindow.__table__)
+_WINDOW_UPSERT = {dialect: _window_upsert(dialect) for dialect in ("postgresql", "sqlite")}
+_HOLD_UPSERT = {dialect: _hold_upsert(dialect) for dialect in ("postgresql", "sqlite")}
+_UNCOUNT = (
+    update(RATE_WINDOWS)
+    .where(RATE_WINDOWS.c.key == bindparam("b_key"))
+    .values(count=RATE_WINDOWS.c.count - 1)
+)
+
+
 def count_in_window(
-    session: Session, key: str, limit: int, seconds: float, now: datetime
+    session: Session | Connection, key: str, limit: int, seconds: float, now: datetime
 ) -> float | None:
     """Count one event in `key`'s fixed window of `seconds`, unless `limit` is reached:
-    then return the seconds until the window resets (and count nothing). The row is
-    locked (made if missing); the caller's transaction commits it."""
-    row = session.get(RateWindow, key, with_for_update=True)
-    if row is None:
-        insert_ignore(session, RateWindow, key=key, window_start=now, count=0)
-        row = session.get(RateWindow, key, with_for_update=True, populate_existing=True)
-        assert row is not None
-    ends = row.window_start + timedelta(seconds=seconds)
-    if ends <= now:
-        row.window_start, row.count = now, 0
-        ends = now + timedelta(seconds=seconds)
-    if row.count >= limit:
-        return (ends - now).total_seconds()
-    row.count += 1
-    return None
+    then return the seconds until the window resets (and count nothing). One upsert
+    (made if missing, restarted if it ended, counted), which holds the row until the
+    caller's transaction ends (PostgreSQL: ON CONFLICT DO UPDATE locks it; SQLite: the
+    write transaction holds the database), so counts are exact across coordinators; past
+    the limit a second statement takes the count back. The caller's transaction commits."""
+    dialect = session.get_bind().dialect.name if isinstance(session, Session) else None
+    dialect = dialect or cast(Connection, session).dialect.name
+    params = {"b_key": key, "b_now": now, "b_cutoff": now - timedelta(seconds=seconds)}
+    start, count = session.execute(_WINDOW_UPSERT[dialect], params).one()
+    if int(count) <= limit:
+        return None
+    session.execute(_UNCOUNT, {"b_key": key})
+    ends: datetime = start + timedelta(seconds=seconds)
+    return (ends - now).total_seconds()
 
 
 def spend_challenge(session: Session, digest: str, expires: datetime) -> bool:

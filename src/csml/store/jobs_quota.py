@@ -4,14 +4,26 @@ Each function takes a Core `Connection` (or, for callers still on the ORM, a
 `Session`: both run the same statements) and is meant to run inside the write
 transaction that lands the rows it admits, after `lock_identity`, so the counts
 cannot change under the check (see `csml.coordinator.quotas`).
+
+`admits(...)` is the same checks (the identity exists, queued + running jobs, stored
+bytes) as one SQL condition, for a statement that writes only when they pass: a
+single job's submission puts it in the `WHERE` of its fair-rank upsert
+(`csml.store.jobs_write.next_rank`), so admitting it costs no statement of its own.
+It is race-free where the counts cannot change between the statement's snapshot and
+its write: on SQLite (the write transaction holds the database), and on PostgreSQL
+after `lock_identity` in an earlier statement of the transaction (READ COMMITTED
+takes each statement's snapshot when it starts, so it sees every transaction that
+held the identity's row before).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
+from functools import cache
 from typing import Any, cast
 
-from sqlalchemy import Table, Text, bindparam, exists, func, or_, select
+from sqlalchemy import ColumnElement, Table, Text, and_, bindparam, exists, func, or_, select
 from sqlalchemy import cast as sql_cast
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
@@ -76,11 +88,61 @@ _STORED_BYTES = select(
 )
 
 
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What a new job must fit, for `admits`: `identity_id` exists, has fewer than
+    `max_active_jobs` queued + running jobs (0: no limit), and its stored bytes are
+    below `max_stored_bytes` with `upload_bytes` more at most that (0: no limit)."""
+
+    identity_id: str
+    max_active_jobs: int
+    max_stored_bytes: int
+    upload_bytes: int
+
+    @property
+    def key(self) -> tuple[bool, bool]:
+        """Which limits the condition checks (`admits` builds one per key)."""
+        return bool(self.max_active_jobs), bool(self.max_stored_bytes)
+
+    def params(self) -> dict[str, Any]:
+        """The bound values of `admits(*self.key)`."""
+        return {
+            "identity_id": self.identity_id,
+            "b_max_active": self.max_active_jobs,
+            "b_max_bytes": self.max_stored_bytes,
+            # stored < limit and stored + upload <= limit, in one comparison (integers):
+            # with no upload, stored + 1 <= limit is stored < limit; with one, the second
+            # implies the first. So the sum is computed once.
+            "b_upload": max(1, self.upload_bytes),
+        }
+
+
+@cache
+def admits(active: bool, stored: bool) -> ColumnElement[bool]:
+    """The identity (`identity_id`) exists and, when `active`, has fewer than
+    `b_max_active` queued + running jobs and, when `stored`, its stored bytes plus
+    `b_upload` are at most `b_max_bytes` (see `Admission.params`): `check_new_job`'s
+    checks but the models' as one condition, built once per variant."""
+    terms: list[ColumnElement[bool]] = [exists().where(IDENTITIES.c.id == bindparam("identity_id"))]
+    if active:
+        terms.append(_ACTIVE_JOBS.scalar_subquery() < bindparam("b_max_active"))
+    if stored:
+        terms.append(
+            _STORED_BYTES.scalar_subquery() + bindparam("b_upload") <= bindparam("b_max_bytes")
+        )
+    return and_(*terms)
+
+
 def lock_identity(conn: Conn, identity_id: str) -> bool:
     """Hold the identity's row (PostgreSQL: FOR NO KEY UPDATE, so inserts that reference
     it proceed); False when the identity is gone."""
     stmt = _LOCK_IDENTITY.get(_dialect(conn), _IDENTITY)
     return conn.scalar(stmt, {"identity_id": identity_id}) is not None
+
+
+def identity_exists(conn: Conn, identity_id: str) -> bool:
+    """Whether the identity exists (a plain read: nothing is locked)."""
+    return conn.scalar(_IDENTITY, {"identity_id": identity_id}) is not None
 
 
 def active_jobs(conn: Conn, identity_id: str) -> int:

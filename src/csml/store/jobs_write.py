@@ -14,7 +14,11 @@ Invariants:
   only if no other transaction holds the app's row (SKIP LOCKED), so a claim never
   waits on another. On SQLite the write lock taken at BEGIN stands for the row locks.
 - A fair rank is one past the larger of its owner's last rank in the app (an upsert of
-  the owner's `fair_counters` row, no app lock) and the app's served rank.
+  the owner's `fair_counters` row, no app lock) and the app's served rank. A single
+  job's submission admits the job (identity, queued + running jobs, stored bytes) in
+  that same upsert's condition (`next_rank(admission=...)`): submitting a job without
+  a requirement, model or envelope is two statements (rank, job row) on SQLite, three
+  on PostgreSQL (the identity's lock first).
 - Credit priority (`take(credited=True)`, chosen by `csml.coordinator.credit`) is the
   same one statement on the head of the jobs of identities with a positive balance; a
   job it takes out of order keeps the lease in `credit_lease` (its completion debits the
@@ -77,6 +81,7 @@ from csml.store.jobs import (
     claimant_key,
     claimant_params,
 )
+from csml.store.jobs_quota import Admission, admits
 from csml.store.tables import Job
 
 
@@ -137,15 +142,19 @@ def lock_app(conn: Connection, app: str) -> None:
     conn.execute(select(APPS.c.name).where(APPS.c.name == app).with_for_update())
 
 
-def _rank_upsert(dialect: str) -> Any:
+def _rank_upsert(dialect: str, admission: tuple[bool, bool] | None = None) -> Any:
     """INSERT ... SELECT from the app's row (so no row at all for an unknown app) ...
-    ON CONFLICT DO UPDATE: the app's served rank is read by the upsert itself."""
+    ON CONFLICT DO UPDATE: the app's served rank is read by the upsert itself. With an
+    `admission` key, the SELECT also has the new job's quotas as its condition
+    (`csml.store.jobs_quota.admits`): no row either when they refuse it."""
     from sqlalchemy.dialects import postgresql, sqlite
 
     upsert: Any = postgresql.insert if dialect == "postgresql" else sqlite.insert
     first = select(
         APPS.c.name, bindparam("b_owner", type_=COUNTERS.c.owner_id.type), APPS.c.served_rank + 1
     ).where(APPS.c.name == bindparam("b_app"))
+    if admission is not None:
+        first = first.where(admits(*admission))
     stmt = upsert(COUNTERS).from_select(
         [COUNTERS.c.app, COUNTERS.c.owner_id, COUNTERS.c.last_rank], first
     )
@@ -165,12 +174,29 @@ def _rank_upsert(dialect: str) -> Any:
 _RANK_UPSERT = {dialect: _rank_upsert(dialect) for dialect in ("postgresql", "sqlite")}
 
 
-def next_rank(conn: Connection, app: str, owner_id: str) -> int | None:
+@functools.cache
+def _admitting_rank_upsert(dialect: str, active: bool, stored: bool) -> Any:
+    return _rank_upsert(dialect, (active, stored))
+
+
+def next_rank(
+    conn: Connection, app: str, owner_id: str, admission: Admission | None = None
+) -> int | None:
     """One past the larger of the owner's last rank in `app` and the rank `app` last
     served, in one upsert of the owner's counter row that reads the app's row itself
-    (one owner's submissions queue on their own row only); None if there is no such app."""
-    params = {"b_app": app, "b_owner": owner_id}
-    rank = conn.execute(_RANK_UPSERT[conn.dialect.name], params).scalar_one_or_none()
+    (one owner's submissions queue on their own row only); None if there is no such app.
+
+    With an `admission` (of `owner_id`), the same statement admits the new job: None
+    also when the owner is gone or past a quota (`jobs_quota.admits`; race-free under
+    the conditions said there), and then nothing is written. The caller tells which."""
+    if admission is None:
+        stmt = _RANK_UPSERT[conn.dialect.name]
+        params: dict[str, Any] = {"b_app": app, "b_owner": owner_id}
+    else:
+        assert admission.identity_id == owner_id, "a job is admitted for its owner"
+        stmt = _admitting_rank_upsert(conn.dialect.name, *admission.key)
+        params = {"b_app": app, "b_owner": owner_id, **admission.params()}
+    rank = conn.execute(stmt, params).scalar_one_or_none()
     return None if rank is None else int(rank)
 
 

@@ -1,0 +1,136 @@
+"""A submission on PostgreSQL: three statements (the identity's lock, the fair rank with
+the job's quotas as its condition, the job row), and the quotas folded into the rank's
+statement still land exactly k of N concurrent submissions from two coordinators."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+
+import pytest
+from sqlalchemy import event, func, select
+
+from csml.coordinator import quotas
+from csml.coordinator.state import Core
+from csml.refusals import Refusal
+from csml.store import jobs as store
+from csml.store.db import counters
+from csml.store.tables_abuse import RateWindow
+from tests.integration.postgres.support import MakeCore, echo, new_identity, submit
+
+pytestmark = [pytest.mark.postgresql, pytest.mark.timeout(180)]
+
+
+# The queue-depth recount (`JobQueue._far_from_full` refreshes it once a second of wall
+# time, not of this test's clock): left out of the counts; any other count is counted.
+DEPTH = "SELECT count(*) AS count_1 FROM jobs WHERE jobs.app ="
+
+
+def run_threads(n: int, target: object) -> list[object]:
+    """Run `target(i)` in `n` threads started together; the results (or exceptions)."""
+    results: list[object] = [None] * n
+    barrier = threading.Barrier(n)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = target(i)  # type: ignore[operator]
+        except Exception as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def outcome(result: object) -> str:
+    if isinstance(result, Refusal):
+        return result.code
+    if isinstance(result, Exception):
+        return repr(result)
+    return "ok"
+
+
+def jobs_of(core: Core, owner: str) -> int:
+    with core.queue.read() as conn:
+        stmt = select(func.count()).select_from(store.JOBS).where(store.JOBS.c.owner_id == owner)
+        return int(conn.scalar(stmt) or 0)
+
+
+def test_a_submit_is_three_statements(core: Core) -> None:
+    owner = new_identity(core)
+    submit(core, owner, n=0)  # warms the queue-depth view of the app
+    sent: list[str] = []
+
+    def count(_conn: object, _cur: object, statement: str, *_: object) -> None:
+        sent.append(" ".join(statement.split()))
+
+    event.listen(core.engine, "before_cursor_execute", count)
+    tally = counters(core.engine)
+    before = tally.statements
+    try:
+        submit(core, owner, n=1)
+    finally:
+        event.remove(core.engine, "before_cursor_execute", count)
+    done = [s for s in sent if not s.startswith(DEPTH)]
+    assert [s.split(" (")[0].split(" FROM")[0] for s in done] == [
+        "SELECT identities.id",  # FOR NO KEY UPDATE: the owner's quotas serialise on it
+        "INSERT INTO fair_counters",
+        "INSERT INTO jobs",
+    ], done
+    assert tally.statements - before == len(sent)
+
+
+def serially(core: Core, owner: str) -> int:
+    """How many same-sized jobs one owner lands one after the other before a refusal."""
+    for i in range(100):
+        try:
+            submit(core, owner, n=10 + i % 16)
+        except Refusal:
+            return i
+    raise AssertionError("never refused")
+
+
+@pytest.mark.parametrize(
+    ("settings", "code"),
+    [
+        ({"max_active_jobs": 3, "max_stored_bytes": 0}, "active_jobs_limit"),
+        # Each job's params `{"n": <2 digits>}` keep about 8 bytes: a few fit in 40.
+        ({"max_active_jobs": 0, "max_stored_bytes": 40}, "storage_quota"),
+    ],
+)
+def test_concurrent_submits_land_exactly_the_quota(
+    make_core: MakeCore, settings: dict[str, int], code: str
+) -> None:
+    cores = [make_core(queue_capacity=100_000, **settings) for _ in range(2)]
+    landed = serially(cores[0], new_identity(cores[0]))
+    assert 3 <= landed < 16
+    owner = new_identity(cores[0])
+    results = run_threads(16, lambda i: submit(cores[i % 2], owner, n=10 + i))
+    assert Counter(outcome(r) for r in results) == {"ok": landed, code: 16 - landed}
+    assert jobs_of(cores[0], owner) == landed
+
+
+def test_the_window_counted_in_the_job_write_is_exact(make_core: MakeCore) -> None:
+    """`count_window=True` (JSON, batch and multipart submissions): the window's upsert
+    in the job's own write lets exactly `limit` of N concurrent submissions through, on
+    two coordinators, and counts exactly those."""
+    cores = [
+        make_core(queue_capacity=100_000, submission_rate_limit=5, max_active_jobs=0)
+        for _ in range(2)
+    ]
+    owner = new_identity(cores[0])
+
+    def one(i: int) -> str:
+        spec = echo(n=10 + i)
+        return cores[i % 2].queue.submit(owner, spec, None, {}, count_window=True).id
+
+    results = run_threads(16, one)
+    assert Counter(outcome(r) for r in results) == {"ok": 5, "submission_rate_limited": 11}
+    assert jobs_of(cores[0], owner) == 5
+    with cores[0].sessions() as session:
+        row = session.get(RateWindow, quotas.submit_key(owner))
+        assert row is not None and row.count == 5
