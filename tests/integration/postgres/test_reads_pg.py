@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from psycopg.pq import TransactionStatus
 from sqlalchemy import event, text
+from sqlalchemy.engine import Connection
 
 from csml import ids
 from csml.apps.echo import app as echo_app
@@ -136,3 +137,49 @@ def test_a_long_poll_on_one_coordinator_is_answered_by_an_end_on_another(
             event.remove(b.core.engine, "before_cursor_execute", count)
     assert (view["id"], view["state"], view["result"]) == (job.id, "succeeded", {"far": True})
     assert len(reads) == 2 and "files_json" in reads[1], reads
+
+
+def test_a_plain_end_returns_the_row_a_load_gives(core: Core) -> None:
+    """`end_held`'s RETURNING (columns and files subquery, on PostgreSQL's json_agg) plus
+    the outputs it adds is the job a load reads afterwards: the view the finishing
+    coordinator hands its streams is the view they would have loaded."""
+    from dataclasses import replace
+
+    from csml.coordinator.views import job_view
+    from csml.store import jobs_end
+
+    owner = new_identity(core)
+    worker = new_worker(core)
+    inputs = [_file("input", "a", b"first"), _file("input", "b", b"second input")]
+    new = jobs_write.NewJob(
+        id=ids.new_id(),
+        owner_id=owner,
+        app="echo",
+        operation="echo",
+        params={"k": 1},
+        limits={"timeout_seconds": 60, "memory_mb": 256, "cpu_seconds": 60},
+        fair_rank=1,
+        created_at=utcnow(),
+        max_attempts=1,
+    )
+    core.writer.run(partial(jobs_write.insert_job, job=new, files=inputs, sealing=None))
+    [claimed] = core.queue.claim(worker, 1)
+    assert claimed.id == new.id
+    outputs = [_file("output", "out", b"made"), _file("output", "z", b"more")]
+    held = jobs_end.HeldEnd(new.id, claimed.lease_id, "succeeded", {"w": 1}, None)
+
+    def end(conn: Connection) -> store.JobRow | None:
+        row = jobs_end.end_held(conn, worker.id, held, utcnow(), [])
+        if row is not None:
+            jobs_write.add_files(conn, row.seq, outputs)
+        return row
+
+    row = core.writer.run(end)
+    assert row is not None and row.state == "succeeded" and row.lease_id is None
+    handed = replace(row, files=(*row.files, *outputs))
+    loaded = core.queue.get(owner, new.id)
+    assert job_view(handed).model_dump(mode="json") == job_view(loaded).model_dump(mode="json")
+    assert sorted(handed.files, key=lambda f: (f.kind, f.name)) == sorted(
+        loaded.files, key=lambda f: (f.kind, f.name)
+    )
+    assert core.writer.run(end) is None  # a second completion matches nothing
