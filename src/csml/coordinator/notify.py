@@ -21,12 +21,14 @@ growing. An item announced with `ENDING_MARK` (`owner_change(..., ending=True)`:
 completion, cancel or reap, which may have ended the job) also sets the feed's
 `urgent` event, as a resync does; its reader answers those at once and may let the
 other changes (submitted, running, progress) settle first.
-A key may be notified with a view (`notify(key, view)`: e.g. the ended job its
-coordinator just committed), delivered to this process's feeds only (the relay carries
-keys): the feed keeps it with its item (`take_views`), so the reader need not read the
-item again. A view is kept only while it is the item's newest news here: an item
-announced again without one, or pending from an announcement without one (which may be
-newer), or a resync, drops it (the reader then reads the item as it would have).
+A key may be notified with a view of its item's final state (`notify(key, view)`: the
+ended job its coordinator just committed, which changes no more), delivered to this
+process's feeds only (the relay carries keys): the feed keeps it with its item
+(`take_views`), so the reader need not read the item again. News of the item pending
+before it is older (the item had not reached its final state), so the view stands for
+it; news without a view arriving after it (e.g. a progress whose notification was
+delivered late), or a resync, drops it: the reader then reads the item, as it would
+have without a view.
 Listeners (`listen(prefix, callback)`) see every key with that prefix delivered
 here, local or relayed, and None when notifications may have been lost.
 
@@ -114,9 +116,9 @@ class Feed:
             if item.endswith(ENDING_MARK):
                 item = item[: -len(ENDING_MARK)]
                 self.urgent.set()
-            if view is not None and (item not in self.pending or item in self.views):
+            if view is not None:  # a final state: newer than anything pending
                 self.views[item] = view
-            else:  # no view, or pending from news without one (maybe newer): read it
+            else:  # maybe older than a view pending, but then the reader reads the item
                 self.views.pop(item, None)
             self.pending.add(item)
         self.event.set()
@@ -237,7 +239,8 @@ class Notifier:
 
     def notify(self, key: str, view: object | None = None) -> None:
         """Wake `key`'s waiters here and on the other coordinators; `view` (of a feed
-        key's item) goes to this process's feeds only. Safe from any thread."""
+        key's item, in its final state: see the module) goes to this process's feeds
+        only. Safe from any thread."""
         self._deliver(key, view=view)
         if self._relay is not None:
             self._relay.publish(key)
