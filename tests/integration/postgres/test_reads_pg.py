@@ -183,3 +183,66 @@ def test_a_plain_end_returns_the_row_a_load_gives(core: Core) -> None:
         loaded.files, key=lambda f: (f.kind, f.name)
     )
     assert core.writer.run(end) is None  # a second completion matches nothing
+
+
+def _kill_backends(url: str) -> None:
+    """Terminate every other session of this database (as a server restart, an
+    idle-session timeout or a proxy would drop them, unseen by the pool)."""
+    from csml.store.db import make_engine
+
+    admin = make_engine(url)
+    try:
+        with admin.connect() as conn:
+            conn.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE pid <> pg_backend_pid() AND datname = current_database()"
+                )
+            )
+            conn.commit()
+    finally:
+        admin.dispose()
+
+
+def test_pooled_connections_are_pinged_only_after_idling(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No ping for a connection used a moment ago (`pool_pre_ping` pinged at every
+    checkout); one idle `PING_IDLE_SECONDS` is pinged, so a dropped one is replaced
+    unseen; a dropped one used a moment ago fails its read once, and the pool (every
+    older connection) is renewed for the next."""
+    from sqlalchemy.exc import DBAPIError
+
+    from csml.store import db
+
+    engine = db.make_engine(db_url)
+    pings: list[object] = []
+    real_ping = engine.dialect.do_ping
+
+    def counted_ping(dbapi_conn: object) -> bool:
+        pings.append(dbapi_conn)
+        return real_ping(dbapi_conn)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine.dialect, "do_ping", counted_ping)
+    stmt = text("SELECT 1")
+    try:
+        for _ in range(20):  # hot: used a moment ago, never pinged
+            with read_each(engine) as conn:
+                conn.execute(stmt).scalar()
+        assert pings == []
+        monkeypatch.setattr(db, "PING_IDLE_SECONDS", 0.0)  # every pooled one counts as idle
+        _kill_backends(db_url)
+        for _ in range(3):
+            with read_each(engine) as conn:  # pinged, found dead, replaced: no error
+                assert conn.execute(stmt).scalar() == 1
+        assert len(pings) >= 1
+        monkeypatch.setattr(db, "PING_IDLE_SECONDS", 3600.0)  # hot again: not pinged
+        _kill_backends(db_url)
+        with pytest.raises(DBAPIError) as failed, read_each(engine) as conn:
+            conn.execute(stmt).scalar()
+        assert failed.value.connection_invalidated
+        for _ in range(3):  # the pool was renewed: the next reads work
+            with read_each(engine) as conn:
+                assert conn.execute(stmt).scalar() == 1
+    finally:
+        engine.dispose()
