@@ -1,11 +1,14 @@
 """The owner's reads on a real PostgreSQL server: a job load is one statement (row,
 envelope and files), sent outside any transaction (`read_each`: the driver sends no
 BEGIN), and a job ended through one coordinator is read, whole, by another's event
-stream and long-poll answer (woken through the relay)."""
+stream and long-poll answer (woken through the relay), while the coordinator that ends
+a job hands its own streams the ended view (no read); pooled connections are pinged
+only after idling."""
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from functools import partial
@@ -246,3 +249,71 @@ def test_pooled_connections_are_pinged_only_after_idling(
                 assert conn.execute(stmt).scalar() == 1
     finally:
         engine.dispose()
+
+
+def test_an_end_reaches_streams_on_both_coordinators_read_only_through_the_relay(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The owner's event streams on coordinator A (which commits the job's end) and on B:
+    A's sends the view the end handed over and reads nothing; B's learns of it through
+    the relay and loads it once; both send the same ended view."""
+    import json
+
+    from csml.coordinator import api_events
+    from csml.coordinator.notify import owner_feed
+
+    monkeypatch.setattr(api_events, "STREAM_SECONDS", 3.0)
+    clock = SetClock()
+    with ExitStack() as stack:
+        a = InProcessCoordinator(tmp_path / "a", stack, clock, database_url=db_url)
+        b = InProcessCoordinator(tmp_path / "b", stack, clock, database_url=db_url)
+        for c in (a, b):
+            relay = c.core.notifier.relay
+            assert relay is not None and relay.listening.wait(30)
+        user = a.new_user()
+        on_b = b.client(user.token)
+        worker = a.worker(echo_app)
+        job = user.submit("echo", "echo", params={"both": True})
+        [claimed] = worker.claim()
+        with a.core.queue.read(each=True) as conn:
+            row = store.by_id(conn, job.id)
+        assert row is not None
+        loads: dict[str, list[str]] = {"a": [], "b": []}
+
+        def counter(name: str) -> Callable[..., None]:
+            def count(_conn: object, _cur: object, statement: str, *_: object) -> None:
+                if "files_json" in statement and "jobs.id IN" in statement:
+                    loads[name].append(statement)
+
+            return count
+
+        counters_ = {"a": counter("a"), "b": counter("b")}
+        path = "/v1/jobs/events?positions=false"
+        for name, c in (("a", a), ("b", b)):
+            event.listen(c.core.engine, "before_cursor_execute", counters_[name])
+        try:
+            with ThreadPoolExecutor(2) as pool:
+                on_a_stream = pool.submit(user._http.get, path, headers=user._headers())
+                on_b_stream = pool.submit(on_b._http.get, path, headers=on_b._headers())
+                for c in (a, b):
+                    feeds = c.core.notifier._feeds
+                    wait_for(lambda f=feeds: owner_feed(row.owner_id) in f, 30, 0.01)
+                assert worker.complete(claimed, result={"both": True}).status_code == 204
+                streams = {"a": on_a_stream.result(timeout=60), "b": on_b_stream.result(60)}
+        finally:
+            for name, c in (("a", a), ("b", b)):
+                event.remove(c.core.engine, "before_cursor_execute", counters_[name])
+    last = {}
+    for name, response in streams.items():
+        assert response.status_code == 200
+        events = [
+            json.loads(line[5:])
+            for block in response.text.split("\n\n")
+            if "event: job" in block
+            for line in block.split("\n")
+            if line.startswith("data:")
+        ]
+        last[name] = [e for e in events if e["id"] == job.id][-1]
+    assert last["a"] == last["b"] and last["a"]["state"] == "succeeded"
+    assert last["a"]["result"] == {"both": True}
+    assert (len(loads["a"]), len(loads["b"])) == (0, 1), loads
