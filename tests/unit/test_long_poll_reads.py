@@ -72,3 +72,27 @@ def test_a_long_poll_of_an_ended_job_answers_at_once_in_two_reads(
         assert (
             other._http.get(f"/v1/jobs/{ident}?wait=1", headers=other._headers()).status_code == 404
         )
+
+
+def test_a_view_with_queue_positions_reads_without_a_transaction(
+    coordinator: InProcessCoordinator,
+) -> None:
+    """A GET with `positions=true` of a queued job: its load, then its app's ranks ahead
+    of it (one statement each), and no BEGIN."""
+    user = coordinator.new_user()
+    first = user.submit("echo", "echo", params={"n": 1})
+    second = user.submit("echo", "echo", params={"n": 2})
+    sent: list[str] = []
+
+    def record(_conn: object, _cur: object, statement: str, *_: object) -> None:
+        sent.append(" ".join(statement.split()))
+
+    engine = coordinator.core.engine
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        view = user.request("GET", f"/v1/jobs/{second.id}?positions=true").json()
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert first.id != second.id and view["queue_position"] == 2
+    assert "BEGIN" not in sent and "ROLLBACK" not in sent
+    assert len([s for s in sent if s.startswith("SELECT jobs.fair_rank, jobs.seq")]) == 1

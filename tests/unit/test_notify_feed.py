@@ -67,3 +67,29 @@ def test_a_change_that_may_end_a_job_is_urgent_and_coalesces_with_the_others() -
             assert feed.urgent.is_set() and feed.take() == (set(), True)
 
     asyncio.run(run())
+
+
+def test_a_view_stays_with_its_item_unless_news_without_one_follows() -> None:
+    async def run() -> None:
+        n = Notifier()
+        n.bind(asyncio.get_running_loop())
+        with n.follow("t") as feed, n.follow("u") as other:
+            n.notify(feed_key("t", "a") + notify.ENDING_MARK, "view-a")  # an end, with its view
+            n.notify(feed_key("t", "b"))  # news without a view
+            n.notify(feed_key("t", "b"), "view-b")  # a final state: newer than b's news
+            n.notify(feed_key("t", "c"), "view-c1")
+            n.notify(feed_key("t", "c"), "view-c2")  # a newer view replaces it
+            n.notify(feed_key("t", "d"), "view-d")
+            n.notify(feed_key("t", "d"))  # newer news without a view: read d
+            n.notify(feed_key("u", "x"), "view-x")
+            assert feed.urgent.is_set()
+            items, resync, views = feed.take_views()
+            assert (items, resync) == ({"a", "b", "c", "d"}, False)
+            assert views == {"a": "view-a", "b": "view-b", "c": "view-c2"}
+            assert feed.take_views() == (set(), False, {})
+            n.notify(feed_key("t", "a"), "again")
+            n._deliver(None)  # a resync drops the views with the items
+            assert feed.take_views() == (set(), True, {})
+            assert other.take_views() == (set(), True, {})  # the resync reached it after x
+
+    asyncio.run(run())

@@ -16,6 +16,7 @@ from sqlalchemy.engine import Engine
 from csml.store import identities, workers
 from csml.store.db import make_engine, make_sessionmaker, migrate, sqlite_url, transaction
 from csml.store.tables import utcnow
+from tests.unit.inproc import HttpWorker, InProcessCoordinator
 
 
 @pytest.fixture
@@ -85,3 +86,32 @@ def test_join_token_by_hash(engine: Engine) -> None:
     found, seen = selects(engine, lambda c: workers.join_token_by_hash(c, "t" * 64))
     assert len(seen) == 1
     assert found is not None and found.allows("echo") and not found.allows("opencv")
+
+
+def test_a_cache_miss_on_the_coordinator_is_one_statement_without_begin(
+    coordinator: InProcessCoordinator, echo_worker: HttpWorker
+) -> None:
+    """An identity's and a worker's token not remembered: each look-up is its one SELECT,
+    outside any read transaction (no plain BEGIN, no ROLLBACK)."""
+    from csml.coordinator.worker_tokens import CACHE
+
+    user = coordinator.new_user()
+    job = user.submit("echo", "echo", params={"n": 1})
+    sent: list[str] = []
+
+    def record(_conn: object, _cur: object, statement: str, *_: object) -> None:
+        sent.append(" ".join(statement.split()))
+
+    engine = coordinator.core.engine
+    coordinator.core.identities.clear()
+    CACHE.forget_worker(echo_worker.id)
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        assert user.request("GET", f"/v1/jobs/{job.id}").json()["id"] == job.id
+        [claimed] = echo_worker.claim()
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert claimed.id == job.id
+    assert "BEGIN" not in sent and "ROLLBACK" not in sent
+    assert len([s for s in sent if s.startswith("SELECT identities.")]) == 1
+    assert len([s for s in sent if "FROM workers JOIN join_tokens" in s]) == 1

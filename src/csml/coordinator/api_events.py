@@ -6,7 +6,11 @@ cancelled, requeued) is announced on its owner's notifier feed after its commit
 PostgreSQL relay. The stream follows that feed from before its first snapshot (so
 nothing is missed), loads only the jobs announced (one statement per wake-up, however
 many changed, outside any read transaction) and sends those that differ from what it
-sent, all of a wake-up's events in one write. A change that may have
+sent, all of a wake-up's events in one write. A job whose end this coordinator
+committed comes with its ended view (a plain job's one-statement end returns it, the
+same row a load gives: `Notifier.notify(key, view)`): the stream sends that without
+loading it; an end committed on another coordinator arrives as a key through the relay
+and is loaded as before. A change that may have
 ended a job (completed, cancelled, reaped: `Feed.urgent`) is answered at once; others
 (submitted, running, progress) wait up to `SETTLE_SECONDS` for more, so that a job
 that ends meanwhile costs one load and one event instead of three (its intermediate
@@ -53,6 +57,7 @@ from csml.coordinator.state import Core, core
 from csml.coordinator.views import job_views
 from csml.refusals import RateLimited
 from csml.schemas import ErrorBody, JobState
+from csml.store.jobs import JobRow
 from csml.store.tables import Identity
 
 router = APIRouter(prefix="/v1")
@@ -123,11 +128,36 @@ def _snapshot(c: Core, owner_id: str, limit: int, positions: bool) -> dict[str, 
 
 
 def _changed(
-    c: Core, owner_id: str, job_ids: set[str], positions: bool
+    c: Core,
+    owner_id: str,
+    job_ids: set[str],
+    positions: bool,
+    known: dict[str, JobRow] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    jobs = c.queue.changed_jobs(owner_id, job_ids)
+    """The views of the changed jobs: those `known` as they are (handed over with their
+    announcement), the others loaded (one statement for all of them)."""
+    known = known or {}
+    unknown = job_ids - known.keys()
+    jobs = c.queue.changed_jobs(owner_id, unknown) if unknown else []
+    jobs = sorted([*jobs, *known.values()], key=lambda j: j.seq)
     views = job_views(c.queue, jobs, positions=positions)
     return {v.id: v.model_dump(mode="json") for v in views}
+
+
+def _known(views: dict[str, object], owner_id: str, gone: set[str]) -> dict[str, JobRow]:
+    """The announced views this stream may send as they are: the owner's own plain jobs
+    (a pipeline's step stands for its pipeline, which must be loaded), none it already
+    announced gone (an ended job changes no more, but may be erased: that news may have
+    come first)."""
+    return {
+        i: v
+        for i, v in views.items()
+        if isinstance(v, JobRow)
+        and v.owner_id == owner_id
+        and v.parent_seq is None
+        and i == v.id
+        and i not in gone
+    }
 
 
 async def _stream(
@@ -135,6 +165,7 @@ async def _stream(
 ) -> AsyncIterator[bytes]:
     with c.notifier.follow(owner_feed(owner_id)) as feed:  # before the snapshot: miss nothing
         sent = _snapshot(c, owner_id, limit, positions)
+        erased: set[str] = set()  # announced gone by this stream
         yield _event("snapshot", {"jobs": list(sent.values())})
         deadline = time.monotonic() + STREAM_SECONDS
         while (remaining := deadline - time.monotonic()) > 0:
@@ -148,14 +179,14 @@ async def _stream(
                     await asyncio.wait_for(feed.urgent.wait(), settle)
             if await request.is_disconnected():
                 return
-            items, resync = feed.take()
+            items, resync, views = feed.take_views()
             if resync or (queued and not items):
                 now = _snapshot(c, owner_id, limit, positions)
                 changed = [j for i, j in now.items() if sent.get(i) != j]
                 gone = sent.keys() - now.keys()
                 sent = now
             elif items:
-                now = _changed(c, owner_id, items, positions)
+                now = _changed(c, owner_id, items, positions, _known(views, owner_id, erased))
                 changed = [j for i, j in now.items() if sent.get(i) != j]
                 gone = {i for i in items if i in sent and i not in now}
                 for i in gone:
@@ -165,6 +196,7 @@ async def _stream(
                     del sent[next(iter(sent))]
             else:
                 changed, gone = [], set()
+            erased |= gone
             # One write for all of a wake-up's events (the same bytes as one write each:
             # a reader parses events out of the byte stream, never out of writes).
             events = [_event("job", job) for job in reversed(changed)]  # oldest first

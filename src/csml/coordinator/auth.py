@@ -14,7 +14,8 @@ A check may be a coroutine function: it
 then runs on the event loop (no thread-pool hop), e.g. the identity check, which
 answers from `Core.identities` (see `identity_cache`) and queries the store only
 on a miss. Every look-up is one statement of `csml.store.identities` or
-`csml.store.workers` on a plain connection (no ORM session on this path).
+`csml.store.workers` on a `read_each` connection: no ORM session, no read transaction
+(no `BEGIN`/`ROLLBACK` around the one statement).
 
 The hot routes are marked `lean`: `AuthFirstRoute` then calls them through a handler
 of its own that does only what their shape needs (same checks, same validation and
@@ -40,6 +41,7 @@ from csml.coordinator.errors import unauthorized
 from csml.coordinator.state import Core, core
 from csml.coordinator.worker_tokens import CACHE as WORKER_TOKENS
 from csml.store import identities, workers
+from csml.store.db import read_each
 from csml.store.identities import IdentityRow
 from csml.store.workers import JoinTokenRow, WorkerRow
 
@@ -219,7 +221,7 @@ def identity_from(c: Core, token: str) -> IdentityRow:
     found = c.identities.get(token_hash)
     if found is not None:
         return found
-    with c.engine.connect() as conn:
+    with read_each(c.engine) as conn:
         found = identities.identity_by_token(conn, token_hash)
     if found is None:
         raise unauthorized("the token is not valid (unknown or erased identity)")
@@ -242,7 +244,7 @@ async def current_identity(request: Request) -> IdentityRow:
 def current_join_token(request: Request) -> JoinTokenRow:
     c = core(request)
     token = bearer(request)
-    with c.engine.connect() as conn:
+    with read_each(c.engine) as conn:
         found = workers.join_token_by_hash(conn, ids.hash_secret(token))
     if found is None or found.revoked_at is not None:
         raise unauthorized("the join token is not valid or was revoked; ask the operator for one")
@@ -256,7 +258,7 @@ def current_worker(request: Request) -> WorkerRow:
     cached = WORKER_TOKENS.get(token_hash)
     if cached is not None:
         return cached
-    with core(request).engine.connect() as conn:
+    with read_each(core(request).engine) as conn:
         found = workers.worker_by_token(conn, token_hash)
     if found is None:
         raise unauthorized("unknown worker token; register again with a join token")

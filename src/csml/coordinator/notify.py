@@ -21,6 +21,14 @@ growing. An item announced with `ENDING_MARK` (`owner_change(..., ending=True)`:
 completion, cancel or reap, which may have ended the job) also sets the feed's
 `urgent` event, as a resync does; its reader answers those at once and may let the
 other changes (submitted, running, progress) settle first.
+A key may be notified with a view of its item's final state (`notify(key, view)`: the
+ended job its coordinator just committed, which changes no more), delivered to this
+process's feeds only (the relay carries keys): the feed keeps it with its item
+(`take_views`), so the reader need not read the item again. News of the item pending
+before it is older (the item had not reached its final state), so the view stands for
+it; news without a view arriving after it (e.g. a progress whose notification was
+delivered late), or a resync, drops it: the reader then reads the item, as it would
+have without a view.
 Listeners (`listen(prefix, callback)`) see every key with that prefix delivered
 here, local or relayed, and None when notifications may have been lost.
 
@@ -94,30 +102,41 @@ class Feed:
         self.event = asyncio.Event()  # something is pending
         self.urgent = asyncio.Event()  # an item that may have ended its job, or a resync
         self.pending: set[str] = set()
+        self.views: dict[str, object] = {}  # pending items whose newest news came with one
         self.resync = False
         self._unrun = unrun  # the notifier's woken-and-not-run set (see `hand_over`)
 
-    def add(self, item: str | None) -> None:
+    def add(self, item: str | None, view: object | None = None) -> None:
         if item is None or len(self.pending) >= FEED_MAX_PENDING:
             self.resync = True
             self.pending.clear()
+            self.views.clear()
             self.urgent.set()
         elif not self.resync:
             if item.endswith(ENDING_MARK):
                 item = item[: -len(ENDING_MARK)]
                 self.urgent.set()
+            if view is not None:  # a final state: newer than anything pending
+                self.views[item] = view
+            else:  # maybe older than a view pending, but then the reader reads the item
+                self.views.pop(item, None)
             self.pending.add(item)
         self.event.set()
 
     def take(self) -> tuple[set[str], bool]:
         """The pending items and whether to re-read everything; empties the feed."""
-        items, resync = self.pending, self.resync
-        self.pending, self.resync = set(), False
+        items, resync, _ = self.take_views()
+        return items, resync
+
+    def take_views(self) -> tuple[set[str], bool, dict[str, object]]:
+        """`take`, and the views that came with some of the items (see the module)."""
+        items, resync, views = self.pending, self.resync, self.views
+        self.pending, self.resync, self.views = set(), False, {}
         if self._unrun is not None:
             self._unrun.pop(self, None)
         self.event.clear()
         self.urgent.clear()
-        return items, resync
+        return items, resync, views
 
 
 class Notifier:
@@ -218,13 +237,15 @@ class Notifier:
                 return
             await asyncio.sleep(0)
 
-    def notify(self, key: str) -> None:
-        """Wake `key`'s waiters here and on the other coordinators. Safe from any thread."""
-        self._deliver(key)
+    def notify(self, key: str, view: object | None = None) -> None:
+        """Wake `key`'s waiters here and on the other coordinators; `view` (of a feed
+        key's item, in its final state: see the module) goes to this process's feeds
+        only. Safe from any thread."""
+        self._deliver(key, view=view)
         if self._relay is not None:
             self._relay.publish(key)
 
-    def _deliver(self, key: str | None, times: int = 1) -> None:
+    def _deliver(self, key: str | None, times: int = 1, view: object | None = None) -> None:
         """Wake local waiters of `key` (None: every waiter), as for `times` notifications.
         Safe from any thread."""
         loop = self._loop
@@ -235,12 +256,12 @@ class Notifier:
         except RuntimeError:
             running = None
         if running is loop:
-            self._wake(key, times)
+            self._wake(key, times, view)
         else:
             with suppress(RuntimeError):  # closed meanwhile
-                loop.call_soon_threadsafe(self._wake, key, times)
+                loop.call_soon_threadsafe(self._wake, key, times, view)
 
-    def _wake(self, key: str | None, times: int = 1) -> None:
+    def _wake(self, key: str | None, times: int = 1, view: object | None = None) -> None:
         for prefix, callback in self._listeners:
             if key is None or key.startswith(prefix):
                 try:
@@ -258,7 +279,7 @@ class Notifier:
         topic, sep, item = key.rpartition(FEED_SEPARATOR)
         if sep and topic in self._feeds:
             for feed in self._feeds[topic]:
-                feed.add(item)
+                feed.add(item, view)
                 if feed.urgent.is_set():
                     self._unrun[feed] = None
         waiters = self._waiters.get(key)

@@ -50,7 +50,10 @@ Every change of a job its owner can see (submitted, running, progress, ended,
 requeued, cancelled) is announced after its commit with `owner_change(owner, job)`
 (`ending=True` from completion, cancel and the reapers: those may end it), a notifier
 feed key that reaches the owner's event streams here and, through the
-PostgreSQL relay, on the other coordinators (see `api_events`).
+PostgreSQL relay, on the other coordinators (see `api_events`). A plain job's
+one-statement end returns the ended job, which is announced with its key here
+(`Notifier.notify(key, view)`): this coordinator's streams send it without loading the
+job; the relay carries only the key, and the other coordinators' streams load it.
 """
 
 from __future__ import annotations
@@ -187,8 +190,9 @@ class _Claim:
     lease_id: str
 
 
-_Done = tuple[list[Outcome], list[str], list[str]]
-"""A completion batch's outcomes, wake-up keys and quarantined workers."""
+_Done = tuple[list[Outcome], list[str], list[str], dict[str, JobRow]]
+"""A completion batch's outcomes, wake-up keys, quarantined workers, and the views it
+ended jobs with, by their `owner_change` key (handed to this coordinator's streams)."""
 
 
 def _lease_lost(job_id: str, state: str) -> Conflict:
@@ -1027,7 +1031,7 @@ class JobQueue:
 
         def op(
             conn: Connection,
-        ) -> tuple[tuple[list[Outcome], list[str], list[str]], _Claim | None]:
+        ) -> tuple[_Done, _Claim | None]:
             done = done_op(conn)
             return done, (claim_op(conn) if claim_op is not None else None)
 
@@ -1057,12 +1061,12 @@ class JobQueue:
                 log.info("a completion batch met a deadlock; running it again")
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _completed(self, done: tuple[list[Outcome], list[str], list[str]]) -> list[Outcome]:
-        outcomes, woken, quarantined = done
+    def _completed(self, done: _Done) -> list[Outcome]:
+        outcomes, woken, quarantined, views = done
         for worker_id in quarantined:  # committed: its next claim is filtered as quarantined
             WORKER_TOKENS.forget_worker(worker_id)
         for key in [*(job_key(o.job_id) for o in outcomes if o.refusal is None), *woken]:
-            self.notifier.notify(key)
+            self.notifier.notify(key, views.get(key))  # the view: for this process's streams
         return outcomes
 
     def _prepare(self, worker: WorkerRef, batch: list[BatchedCompletion]) -> list[_Prepared]:
@@ -1113,7 +1117,7 @@ class JobQueue:
         batch: list[BatchedCompletion],
         prepared: list[_Prepared],
         raise_one: bool,
-    ) -> Callable[[Connection], tuple[list[Outcome], list[str], list[str]]]:
+    ) -> Callable[[Connection], _Done]:
         models = self._model_operations(worker.app)
         contributed = contributor_of(worker) is not None
         worker_id = worker.id
@@ -1135,20 +1139,22 @@ class JobQueue:
                     )
         model_ops = sorted(models or ())
 
-        def op(conn: Connection) -> tuple[list[Outcome], list[str], list[str]]:
+        def op(conn: Connection) -> _Done:
             now = utcnow()
             ended: dict[int, Outcome] = {}
             woken: list[str] = []
+            views: dict[str, JobRow] = {}
             for i, held in fast.items():
-                got = ends.end_held(conn, worker_id, held, now, model_ops)
-                if got is None:
+                row = ends.end_held(conn, worker_id, held, now, model_ops)
+                if row is None:
                     continue
-                seq, owner_id = got
                 if held.state == JobState.succeeded.value:
-                    writes.add_files(
-                        conn, seq, self._output_rows(held.job_id, held.lease_id, prepared[i])
-                    )
-                woken.append(owner_change(owner_id, held.job_id, ending=True))
+                    outputs = self._output_rows(held.job_id, held.lease_id, prepared[i])
+                    writes.add_files(conn, row.seq, outputs)
+                    row = replace(row, files=(*row.files, *outputs))  # as a load lists them
+                key = owner_change(row.owner_id, held.job_id, ending=True)
+                woken.append(key)
+                views[key] = row
                 ended[i] = Outcome(held.job_id, None)
             wanted = list(dict.fromkeys(d.job_id for i, d in enumerate(batch) if i not in ended))
             locked = ends.lock_to_complete(conn, wanted) if wanted else {}
@@ -1192,7 +1198,7 @@ class JobQueue:
                 cap = self.settings.job_timeout_seconds
                 if any(p.balance > 0 for p in ledger.earn_runs(conn, accepted, now, cap)):
                     self.credit.touch()
-            return outcomes, woken, quarantined
+            return outcomes, woken, quarantined, views
 
         return op
 

@@ -3,7 +3,8 @@
 A job's view needs nothing beyond its row (files and envelope come with it); a
 pipeline's also needs its steps (one query for all the pipelines in a list). Queue
 positions cost a query per app, so views carry them only when asked (`positions=True`:
-the routes' `positions` query parameter, the event stream)."""
+the routes' `positions` query parameter, the event stream). These reads run outside a
+read transaction (`read_each`: no BEGIN), each statement its own snapshot."""
 
 from __future__ import annotations
 
@@ -128,7 +129,9 @@ def job_views(queue: JobQueue, jobs: Sequence[JobRow], *, positions: bool = True
     parents = [j.seq for j in jobs if _is_parent(j)]
     if not parents and not positions:
         return [job_view(j) for j in jobs]
-    with queue.read() as conn:
+    # Each statement on its own (no read transaction): places change with every claim
+    # anyway, and a step's place read a moment after the step is as good as any.
+    with queue.read(each=True) as conn:
         steps = store.steps_of(conn, parents)  # a pipeline shows its current step
         places = (
             queue_positions(conn, [*jobs, *(s for ss in steps.values() for s in ss)])

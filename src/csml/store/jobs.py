@@ -177,6 +177,11 @@ _FILES_OF_JOB = (
 )
 
 
+# What a statement returning whole jobs that have no envelope selects (e.g. a plain
+# job's end, `jobs_end.end_held`): `plain_row` makes each a `JobRow`, as a load would.
+PLAIN_JOB_COLUMNS = (*(JOBS.c[name] for name in _JOB_FIELDS), _FILES_OF_JOB)
+
+
 def _select_jobs() -> Select[Any]:
     return select(JOBS, *_ENVELOPE_COLS, _FILES_OF_JOB).select_from(
         JOBS.outerjoin(ENVELOPES, ENVELOPES.c.job_seq == JOBS.c.seq)
@@ -215,6 +220,12 @@ def _job(r: Row[Any]) -> JobRow:
         else None
     )
     return JobRow(**{k: m[k] for k in _JOB_FIELDS}, files=_files(m["files_json"]), confidential=env)
+
+
+def plain_row(r: Row[Any]) -> JobRow:
+    """A row of `PLAIN_JOB_COLUMNS` as the `JobRow` a load gives (no envelope)."""
+    m = r._mapping
+    return JobRow(**{k: m[k] for k in _JOB_FIELDS}, files=_files(m["files_json"]))
 
 
 def load(

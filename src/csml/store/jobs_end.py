@@ -9,9 +9,11 @@ Invariants:
   first: the pipelines' lock order) and reads their lease under that lock, so of two
   completions of one job exactly one is kept.
 - A plain job's completion (`end_held`) is one `UPDATE … WHERE` its lease is still the
-  completing worker's `… RETURNING`: the lease check and the end are one statement,
-  atomic (the row is locked by the UPDATE itself), so exactly one of two completions
-  of a job matches. It matches only a job that needs nothing more than its end (no
+  completing worker's `… RETURNING` the ended job (its columns and, in a subquery, its
+  files: what a load of it returns, so the coordinator can hand its owner's event
+  streams the ended view without reading it again): the lease check and the end are
+  one statement, atomic (the row is locked by the UPDATE itself), so exactly one of two
+  completions of a job matches. It matches only a job that needs nothing more than its end (no
   pipeline parent, not confidential, no verification run pending, not a run taken
   by credit priority, not an operation keeping models); any other job, or a lease
   lost, is left unchanged for the locking path to decide and explain.
@@ -39,7 +41,17 @@ from sqlalchemy import ColumnElement, Select, bindparam, exists, func, select, u
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import BindParameter
 
-from csml.store.jobs import ENVELOPES, JOBS, QUEUED, RECIPIENTS, RUNNING, WORKERS
+from csml.store.jobs import (
+    ENVELOPES,
+    JOBS,
+    PLAIN_JOB_COLUMNS,
+    QUEUED,
+    RECIPIENTS,
+    RUNNING,
+    WORKERS,
+    JobRow,
+    plain_row,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,17 +197,18 @@ def _end_held_statement(succeeded: bool) -> Any:
             ~_SEALED_JOB,
         )
         .values(values)
-        .returning(JOBS.c.seq, JOBS.c.owner_id)
+        .returning(*PLAIN_JOB_COLUMNS)
     )
 
 
 def end_held(
     conn: Connection, worker_id: str, done: HeldEnd, now: datetime, models: Sequence[str]
-) -> tuple[int, str] | None:
+) -> JobRow | None:
     """End a plain job whose lease `worker_id` still holds under `done.lease_id`, in one
-    statement (see the invariants); its (seq, owner id), or None when it is not such a
-    job (or not any more): then nothing changed. `models`: the app's operations whose
-    outputs become models (their jobs are left to the locking path)."""
+    statement (see the invariants); the job as it is now (its columns after the end and
+    the files it had: a caller adding outputs adds them to the row too), or None when it
+    is not such a job (or not any more): then nothing changed. `models`: the app's
+    operations whose outputs become models (their jobs are left to the locking path)."""
     stmt = _end_held_statement(done.state == "succeeded")
     params = {
         "b_job": done.job_id,
@@ -208,7 +221,7 @@ def end_held(
         "b_models": list(models),
     }
     row = conn.execute(stmt, params).first()
-    return None if row is None else (int(row.seq), str(row.owner_id))
+    return None if row is None else plain_row(row)
 
 
 def end(
