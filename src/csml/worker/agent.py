@@ -13,7 +13,10 @@ come inline in the claim; each completion carries its small outputs inline
 flight go together in one request. A job's thread hands its completion to the
 sender and is free at once; the sender ends the job (its folder removed, its slot
 freed, it leaves the heartbeat) once the coordinator answered, as the job's
-thread did after waiting for the answer.
+thread did after waiting for the answer. A completion that must go alone (below)
+while no other is being sent and no claimed job waits for a thread is sent by its
+job's own thread, which is then the sender: one thread hand-over fewer on a job's
+path (the sender link is used by one thread at a time, `_sending`).
 
 Completions ride claims (protocol 3, when the coordinator says at registration that
 it speaks it): a handed completion frees its job's slot at once, so the claim
@@ -245,6 +248,8 @@ class WorkerAgent:
         self._pending: list[_Completion] = []
         self._sendable = threading.Condition(self._lock)
         self._claiming = False  # a claim request is in flight (it carries no more)
+        self._sending = False  # a thread sends on the sender link (one at a time)
+        self._queued = 0  # jobs handed to the slot pool whose thread has not started
         self._fold = False  # completions ride claims (the coordinator speaks protocol 3)
         self.http = httpx.Client(
             base_url=config.coordinator.rstrip("/"),
@@ -426,6 +431,7 @@ class WorkerAgent:
             for job in jobs:
                 with self._lock:
                     self._running[job.id] = _Running(job)
+                    self._queued += 1
                 pool.submit(self._execute, job)
 
     def _claim(self, n: int, riding: list[_Completion]) -> ClaimResponse:
@@ -525,6 +531,8 @@ class WorkerAgent:
     # -- one job ------------------------------------------------------------
 
     def _execute(self, job: ClaimedJob) -> None:
+        with self._lock:
+            self._queued -= 1
         workdir = Path(tempfile.mkdtemp(prefix="job-", dir=self._workdir))
         state = self._running[job.id]
         state.workdir = workdir
@@ -750,10 +758,16 @@ class WorkerAgent:
         state.handed = True
         with self._lock:
             self._pending.append(pending)
-            self._sendable.notify_all()
             state.freed = self._fold
+            # Alone, and nobody else is sending nor waiting for this thread: it sends
+            # itself (no hand-over to the sender thread to wait for).
+            batch = self._take_alone() if self._queued == 0 else []
+            if not batch:
+                self._sendable.notify_all()
         if state.freed:
             self._slots.release()
+        if batch:
+            self._send_alone(batch)
 
     def _take_batch(self) -> list[_Completion]:
         """(Under `_lock`.) The first pending completions, up to a batch's count and bytes."""
@@ -773,27 +787,44 @@ class WorkerAgent:
         carry them soon (one is in flight, the worker stops claiming, or it does not fold)."""
         return bool(self._pending) and (not self._fold or self._claiming or self.stopping.is_set())
 
+    def _take_alone(self) -> list[_Completion]:
+        """(Under `_lock`.) The batch to send alone now, if some must go and the sender
+        link is free; the caller then owns the link and must `_send_alone` it."""
+        if self._sending or not self._alone():
+            return []
+        self._sending = True
+        return self._take_batch()
+
+    def _send_alone(self, batch: list[_Completion]) -> None:
+        """Send a batch taken by `_take_alone`, end its jobs, give the link back."""
+        try:
+            self._send_completions(batch)
+        except Revoked:
+            pass  # stopping, or refused: the leases say what becomes of these jobs
+        except Exception:
+            for c in batch:
+                log.exception(
+                    "job %s: worker-side failure; its lease will expire",
+                    c.completion.job_id[:12],
+                )
+        finally:
+            with self._lock:
+                self._sending = False
+                self._sendable.notify_all()  # any that ended meanwhile go next
+        for c in batch:
+            self._end(c.completion.job_id, c.workdir)
+
     def _completion_loop(self) -> None:
-        """Send completions alone when no claim will carry them: those that end while a
-        request is in flight go in the next one."""
+        """Send completions alone when no claim will carry them and no job's thread is
+        sending them itself: those that end while a request is in flight go in the next
+        one."""
         while not self.finished.is_set():
             with self._lock:
-                if not self._alone():
+                batch = self._take_alone()
+                if not batch:
                     self._sendable.wait(0.5)
                     continue
-                batch = self._take_batch()
-            try:
-                self._send_completions(batch)
-            except Revoked:
-                pass  # stopping, or refused: the leases say what becomes of these jobs
-            except Exception:
-                for c in batch:
-                    log.exception(
-                        "job %s: worker-side failure; its lease will expire",
-                        c.completion.job_id[:12],
-                    )
-            for c in batch:
-                self._end(c.completion.job_id, c.workdir)
+            self._send_alone(batch)
 
     def _send_completions(self, batch: list[_Completion]) -> None:
         content = CompletionBatch(completions=[c.completion for c in batch]).model_dump_json()
