@@ -14,9 +14,13 @@ flight go together in one request. A job's thread hands its completion to the
 sender and is free at once; the sender ends the job (its folder removed, its slot
 freed, it leaves the heartbeat) once the coordinator answered, as the job's
 thread did after waiting for the answer. A completion that must go alone (below)
-while no other is being sent and no claimed job waits for a thread is sent by its
-job's own thread, which is then the sender: one thread hand-over fewer on a job's
-path (the sender link is used by one thread at a time, `_sending`).
+from a worker running no other job, while none is being sent, is sent by its job's
+own thread, which is then the sender: one thread hand-over fewer on a lone job's
+path (the sender link is used by one thread at a time, `_sending`). A claim's
+answer to a worker running nothing waits (briefly) for its first job's thread to
+start before the next claim is built, so that job does not wait for the interpreter
+lock meanwhile. A busy worker does neither: its sender batches completions ending
+together, and its next claim is not delayed.
 
 Completions ride claims (protocol 3, when the coordinator says at registration that
 it speaks it): a handed completion frees its job's slot at once, so the claim
@@ -171,6 +175,7 @@ class _Running:
     workdir: Path | None = None
     handed: bool = False  # its completion is with the sender, which ends the job
     freed: bool = False  # its slot was given back when its completion was handed
+    started: threading.Event = field(default_factory=threading.Event)  # its thread runs it
 
 
 @dataclass
@@ -249,7 +254,7 @@ class WorkerAgent:
         self._sendable = threading.Condition(self._lock)
         self._claiming = False  # a claim request is in flight (it carries no more)
         self._sending = False  # a thread sends on the sender link (one at a time)
-        self._queued = 0  # jobs handed to the slot pool whose thread has not started
+        self._busy = 0  # jobs handed to the slot pool whose thread has not returned
         self._fold = False  # completions ride claims (the coordinator speaks protocol 3)
         self.http = httpx.Client(
             base_url=config.coordinator.rstrip("/"),
@@ -428,11 +433,19 @@ class WorkerAgent:
                 self._receipts(riding, answer)
             for _ in range(free - len(jobs)):
                 self._slots.release()
+            first: threading.Event | None = None
             for job in jobs:
+                state = _Running(job)
                 with self._lock:
-                    self._running[job.id] = _Running(job)
-                    self._queued += 1
+                    self._running[job.id] = state
+                    if first is None and self._busy == 0:
+                        first = state.started  # an idle worker's: a thread takes it at once
+                    self._busy += 1
                 pool.submit(self._execute, job)
+            if first is not None:
+                # The job's thread starts before this one builds the next claim (else
+                # it waits for the interpreter lock while this one does).
+                first.wait(0.01)
 
     def _claim(self, n: int, riding: list[_Completion]) -> ClaimResponse:
         """One claim of up to `n` jobs, carrying the heartbeat and `riding` completions
@@ -531,20 +544,23 @@ class WorkerAgent:
     # -- one job ------------------------------------------------------------
 
     def _execute(self, job: ClaimedJob) -> None:
-        with self._lock:
-            self._queued -= 1
-        workdir = Path(tempfile.mkdtemp(prefix="job-", dir=self._workdir))
         state = self._running[job.id]
-        state.workdir = workdir
+        state.started.set()
         try:
-            self._execute_in(job, workdir)
-        except Revoked:
-            pass
-        except Exception:
-            log.exception("job %s: worker-side failure; its lease will expire", job.id[:12])
+            workdir = Path(tempfile.mkdtemp(prefix="job-", dir=self._workdir))
+            state.workdir = workdir
+            try:
+                self._execute_in(job, workdir)
+            except Revoked:
+                pass
+            except Exception:
+                log.exception("job %s: worker-side failure; its lease will expire", job.id[:12])
+            finally:
+                if not state.handed:  # else the sender ends it once the completion is sent
+                    self._end(job.id, workdir)
         finally:
-            if not state.handed:  # else the sender ends it once the completion is sent
-                self._end(job.id, workdir)
+            with self._lock:
+                self._busy -= 1
 
     def _end(self, job_id: str, workdir: Path) -> None:
         """The job is over here: its folder goes, its slot is free, it leaves the heartbeat."""
@@ -759,9 +775,10 @@ class WorkerAgent:
         with self._lock:
             self._pending.append(pending)
             state.freed = self._fold
-            # Alone, and nobody else is sending nor waiting for this thread: it sends
-            # itself (no hand-over to the sender thread to wait for).
-            batch = self._take_alone() if self._queued == 0 else []
+            # Alone, with no other job running or waiting for a thread, and nobody else
+            # sending: it sends itself (no hand-over to the sender thread to wait for).
+            # A busy worker's go through the sender, which batches those ending together.
+            batch = self._take_alone() if self._busy == 1 else []
             if not batch:
                 self._sendable.notify_all()
         if state.freed:
