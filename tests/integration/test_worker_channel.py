@@ -64,3 +64,19 @@ def test_a_completion_does_not_wait_for_a_claim(tmp_path: Path) -> None:
         counts = posts(cluster.url)
         assert counts.get(COMPLETE, 0) == 1, counts
         assert attempts(cluster)[job.id] == ("succeeded", 1)
+
+
+def test_completions_ending_together_each_keep_one_result(tmp_path: Path) -> None:
+    """A worker with 4 slots and a long-polling claim: completions end together, some
+    sent alone by their job's own thread, others by the sender or riding claims while
+    one is being sent; every job ran once and kept its own result."""
+    with running_cluster(tmp_path, {"CSML_CLAIM_WAIT": "60"}, {"echo": 4}) as cluster:
+        user = cluster.new_user()
+        jobs = [user.submit("echo", "echo", params={"i": i, "sleep": 0.05}) for i in range(40)]
+        for i, job in enumerate(jobs):
+            job.wait(timeout=120)
+            assert job.state.value == "succeeded"
+            assert job.result == {"params": {"i": i, "sleep": 0.05}}
+        assert set(attempts(cluster).values()) == {("succeeded", 1)}
+        counts = posts(cluster.url)
+        assert counts.get(CLAIM, 0) + counts.get(COMPLETE, 0) <= 2 * len(jobs), counts

@@ -13,7 +13,14 @@ come inline in the claim; each completion carries its small outputs inline
 flight go together in one request. A job's thread hands its completion to the
 sender and is free at once; the sender ends the job (its folder removed, its slot
 freed, it leaves the heartbeat) once the coordinator answered, as the job's
-thread did after waiting for the answer.
+thread did after waiting for the answer. A completion that must go alone (below)
+from a worker running no other job, while none is being sent, is sent by its job's
+own thread, which is then the sender: one thread hand-over fewer on a lone job's
+path (the sender link is used by one thread at a time, `_sending`). A claim's
+answer to a worker running nothing waits (briefly) for its first job's thread to
+start before the next claim is built, so that job does not wait for the interpreter
+lock meanwhile. A busy worker does neither: its sender batches completions ending
+together, and its next claim is not delayed.
 
 Completions ride claims (protocol 3, when the coordinator says at registration that
 it speaks it): a handed completion frees its job's slot at once, so the claim
@@ -168,6 +175,7 @@ class _Running:
     workdir: Path | None = None
     handed: bool = False  # its completion is with the sender, which ends the job
     freed: bool = False  # its slot was given back when its completion was handed
+    started: threading.Event = field(default_factory=threading.Event)  # its thread runs it
 
 
 @dataclass
@@ -245,6 +253,8 @@ class WorkerAgent:
         self._pending: list[_Completion] = []
         self._sendable = threading.Condition(self._lock)
         self._claiming = False  # a claim request is in flight (it carries no more)
+        self._sending = False  # a thread sends on the sender link (one at a time)
+        self._busy = 0  # jobs handed to the slot pool whose thread has not returned
         self._fold = False  # completions ride claims (the coordinator speaks protocol 3)
         self.http = httpx.Client(
             base_url=config.coordinator.rstrip("/"),
@@ -423,10 +433,19 @@ class WorkerAgent:
                 self._receipts(riding, answer)
             for _ in range(free - len(jobs)):
                 self._slots.release()
+            first: threading.Event | None = None
             for job in jobs:
+                state = _Running(job)
                 with self._lock:
-                    self._running[job.id] = _Running(job)
+                    self._running[job.id] = state
+                    if first is None and self._busy == 0:
+                        first = state.started  # an idle worker's: a thread takes it at once
+                    self._busy += 1
                 pool.submit(self._execute, job)
+            if first is not None:
+                # The job's thread starts before this one builds the next claim (else
+                # it waits for the interpreter lock while this one does).
+                first.wait(0.01)
 
     def _claim(self, n: int, riding: list[_Completion]) -> ClaimResponse:
         """One claim of up to `n` jobs, carrying the heartbeat and `riding` completions
@@ -525,18 +544,23 @@ class WorkerAgent:
     # -- one job ------------------------------------------------------------
 
     def _execute(self, job: ClaimedJob) -> None:
-        workdir = Path(tempfile.mkdtemp(prefix="job-", dir=self._workdir))
         state = self._running[job.id]
-        state.workdir = workdir
+        state.started.set()
         try:
-            self._execute_in(job, workdir)
-        except Revoked:
-            pass
-        except Exception:
-            log.exception("job %s: worker-side failure; its lease will expire", job.id[:12])
+            workdir = Path(tempfile.mkdtemp(prefix="job-", dir=self._workdir))
+            state.workdir = workdir
+            try:
+                self._execute_in(job, workdir)
+            except Revoked:
+                pass
+            except Exception:
+                log.exception("job %s: worker-side failure; its lease will expire", job.id[:12])
+            finally:
+                if not state.handed:  # else the sender ends it once the completion is sent
+                    self._end(job.id, workdir)
         finally:
-            if not state.handed:  # else the sender ends it once the completion is sent
-                self._end(job.id, workdir)
+            with self._lock:
+                self._busy -= 1
 
     def _end(self, job_id: str, workdir: Path) -> None:
         """The job is over here: its folder goes, its slot is free, it leaves the heartbeat."""
@@ -750,10 +774,17 @@ class WorkerAgent:
         state.handed = True
         with self._lock:
             self._pending.append(pending)
-            self._sendable.notify_all()
             state.freed = self._fold
+            # Alone, with no other job running or waiting for a thread, and nobody else
+            # sending: it sends itself (no hand-over to the sender thread to wait for).
+            # A busy worker's go through the sender, which batches those ending together.
+            batch = self._take_alone() if self._busy == 1 else []
+            if not batch:
+                self._sendable.notify_all()
         if state.freed:
             self._slots.release()
+        if batch:
+            self._send_alone(batch)
 
     def _take_batch(self) -> list[_Completion]:
         """(Under `_lock`.) The first pending completions, up to a batch's count and bytes."""
@@ -773,27 +804,44 @@ class WorkerAgent:
         carry them soon (one is in flight, the worker stops claiming, or it does not fold)."""
         return bool(self._pending) and (not self._fold or self._claiming or self.stopping.is_set())
 
+    def _take_alone(self) -> list[_Completion]:
+        """(Under `_lock`.) The batch to send alone now, if some must go and the sender
+        link is free; the caller then owns the link and must `_send_alone` it."""
+        if self._sending or not self._alone():
+            return []
+        self._sending = True
+        return self._take_batch()
+
+    def _send_alone(self, batch: list[_Completion]) -> None:
+        """Send a batch taken by `_take_alone`, end its jobs, give the link back."""
+        try:
+            self._send_completions(batch)
+        except Revoked:
+            pass  # stopping, or refused: the leases say what becomes of these jobs
+        except Exception:
+            for c in batch:
+                log.exception(
+                    "job %s: worker-side failure; its lease will expire",
+                    c.completion.job_id[:12],
+                )
+        finally:
+            with self._lock:
+                self._sending = False
+                self._sendable.notify_all()  # any that ended meanwhile go next
+        for c in batch:
+            self._end(c.completion.job_id, c.workdir)
+
     def _completion_loop(self) -> None:
-        """Send completions alone when no claim will carry them: those that end while a
-        request is in flight go in the next one."""
+        """Send completions alone when no claim will carry them and no job's thread is
+        sending them itself: those that end while a request is in flight go in the next
+        one."""
         while not self.finished.is_set():
             with self._lock:
-                if not self._alone():
+                batch = self._take_alone()
+                if not batch:
                     self._sendable.wait(0.5)
                     continue
-                batch = self._take_batch()
-            try:
-                self._send_completions(batch)
-            except Revoked:
-                pass  # stopping, or refused: the leases say what becomes of these jobs
-            except Exception:
-                for c in batch:
-                    log.exception(
-                        "job %s: worker-side failure; its lease will expire",
-                        c.completion.job_id[:12],
-                    )
-            for c in batch:
-                self._end(c.completion.job_id, c.workdir)
+            self._send_alone(batch)
 
     def _send_completions(self, batch: list[_Completion]) -> None:
         content = CompletionBatch(completions=[c.completion for c in batch]).model_dump_json()
