@@ -1,12 +1,15 @@
 """Small outputs with the result (`GET /v1/jobs/events?inline_outputs=N`): the `job`
 event of a job that succeeded carries its outputs of at most N bytes in base64, only to
-its owner's streams and only when asked."""
+its owner's streams and only when asked; the SDK's `Job.download` then writes them
+without a request, after checking their size and sha256 against the view."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -133,3 +136,39 @@ def test_outputs_of_reads_only_what_the_row_says(
     (out,) = [f for f in second.files if f.kind == "output"]
     blobs.path(out.blob).write_bytes(SMALL + b"more")  # no longer what its row says
     assert outputs_of(blobs, second, 100, Budget()) == {}
+
+
+def test_download_uses_the_inline_bytes_once_and_checks_them(
+    coordinator: InProcessCoordinator,
+    echo_worker: HttpWorker,
+    short_streams: None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    owner = coordinator.new_user()
+    jobs, (events,) = _streams(
+        coordinator, echo_worker, [(owner, "&inline_outputs=100")], owner, [SMALL, SMALL]
+    )
+    views = _last(events)
+    good, tampered = jobs
+    good._take_view(views[good.id])
+    bad_view = dict(views[tampered.id])
+    bad_view["inline_outputs"] = {"data": base64.b64encode(b"t" * 50).decode()}  # same size
+    tampered._take_view(bad_view)
+    assert good.data.outputs["data"].sha256 == hashlib.sha256(SMALL).hexdigest()
+
+    fetched: list[str] = []
+    real_stream = owner._stream
+
+    def counted(path: str) -> Iterator[bytes]:
+        fetched.append(path)
+        return real_stream(path)
+
+    monkeypatch.setattr(owner, "_stream", counted)
+    assert good.download("data", tmp_path / "good").read_bytes() == SMALL
+    assert fetched == []  # no request: the bytes came with the result
+    assert good.download("data", tmp_path / "again").read_bytes() == SMALL
+    assert len(fetched) == 1  # used once, then let go: downloaded
+    # Bytes that are not the view's sha256 are not written: the output is downloaded.
+    assert tampered.download("data", tmp_path / "tampered").read_bytes() == SMALL
+    assert len(fetched) == 2
