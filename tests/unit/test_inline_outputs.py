@@ -9,6 +9,7 @@ import base64
 import hashlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from csml.coordinator import api_events
 from csml.coordinator.inline_outputs import Budget, outputs_of
 from csml.coordinator.notify import owner_feed
 from csml.store import jobs as store
+from csml.store.jobs import Envelope
 from tests.cluster import wait_for
 from tests.unit.inproc import BASE_URL, HttpWorker, InProcessCoordinator
 from tests.unit.test_event_stream_writes import parse
@@ -130,6 +132,9 @@ def test_outputs_of_reads_only_what_the_row_says(
     wanted = {"data": base64.b64encode(SMALL).decode()}
     assert outputs_of(blobs, first, 100, Budget()) == wanted
     assert outputs_of(blobs, first, 49, Budget()) == {}  # over the asked bound
+    sealed = Envelope(1, "nonce", "key", "params", {"ciphertext": "x"})
+    assert outputs_of(blobs, replace(first, confidential=sealed), 100, Budget()) == {}
+    assert outputs_of(blobs, replace(first, state="running"), 100, Budget()) == {}
     budget = Budget(60)
     assert outputs_of(blobs, first, 100, budget) == wanted
     assert outputs_of(blobs, second, 100, budget) == {}  # the budget is spent
