@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -18,7 +19,7 @@ import pytest
 
 from csml.client import Client
 from csml.coordinator import api_events
-from csml.coordinator.inline_outputs import Budget, outputs_of
+from csml.coordinator.inline_outputs import Budget, outputs_of, with_view
 from csml.coordinator.notify import owner_feed
 from csml.store import jobs as store
 from csml.store.jobs import Envelope
@@ -177,3 +178,11 @@ def test_download_uses_the_inline_bytes_once_and_checks_them(
     # Bytes that are not the view's sha256 are not written: the output is downloaded.
     assert tampered.download("data", tmp_path / "tampered").read_bytes() == SMALL
     assert len(fetched) == 2
+
+
+def test_with_view_writes_the_json_the_encoder_would() -> None:
+    inline = {"a": base64.b64encode(b"\x00\xff" * 9).decode(), 'odd "name"\n': ""}
+    for view in ({"id": "j", "outputs": {"a": {"size": 18}}, "state": "succeeded"}, {}):
+        text = with_view(view, inline)
+        assert json.loads(text) == {**view, "inline_outputs": inline}
+        assert text == json.dumps({**view, "inline_outputs": inline}, separators=(",", ":"))

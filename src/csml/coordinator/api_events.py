@@ -53,7 +53,7 @@ from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from csml.coordinator.auth import current_identity
-from csml.coordinator.inline_outputs import Budget, outputs_of
+from csml.coordinator.inline_outputs import Budget, outputs_of, with_view
 from csml.coordinator.notify import owner_feed
 from csml.coordinator.state import Core, core
 from csml.coordinator.views import job_views
@@ -184,7 +184,7 @@ async def _stream(
             # One write for all of a wake-up's events (the same bytes as one write each:
             # a reader parses events out of the byte stream, never out of writes).
             events = [  # oldest first
-                _event("job", {**job, "inline_outputs": extra[job["id"]]})
+                f"event: job\ndata: {with_view(job, extra[job['id']])}\n\n".encode()
                 if job["id"] in extra
                 else _event("job", job)
                 for job in reversed(changed)

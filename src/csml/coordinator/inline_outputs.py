@@ -18,11 +18,15 @@ Invariants:
   the view before writing.
 - Nothing is kept: the bytes go into the one event and are not remembered with the
   stream's views.
+- The base64 text is spliced into the event's JSON as it is (`with_view`): its alphabet
+  needs no escaping, and passing 100 KiB through the JSON encoder cost ~0.5 ms a photo.
 """
 
 from __future__ import annotations
 
 import base64
+import json
+from typing import Any
 
 from csml.schemas import JobState
 from csml.schemas.workers import INLINE_MAX_BYTES
@@ -60,3 +64,14 @@ def outputs_of(blobs: BlobStore, job: JobRow, most: int, budget: Budget) -> dict
         budget.left -= f.size
         out[f.name] = base64.b64encode(data).decode("ascii")
     return out
+
+
+def with_view(view: dict[str, Any], inline: dict[str, str]) -> str:
+    """The JSON of `view` with `"inline_outputs": inline` added (as `json.dumps` with
+    compact separators would write it). The values must be `outputs_of`'s: standard
+    base64, which is JSON string content as it is."""
+    head = json.dumps(view, separators=(",", ":"))
+    assert head.endswith("}")
+    names = ",".join(f'{json.dumps(name)}:"{data}"' for name, data in inline.items())
+    body = f'"inline_outputs":{{{names}}}}}'
+    return f"{head[:-1]},{body}" if len(head) > 2 else f"{{{body}"
