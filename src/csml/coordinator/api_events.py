@@ -130,19 +130,23 @@ def _snapshot(c: Core, owner_id: str, limit: int, positions: bool) -> dict[str, 
 
 
 def _changed(
-    c: Core, owner_id: str, job_ids: set[str], positions: bool, inline: int
-) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, str]]]:
-    """The changed jobs' views, and small outputs of those that succeeded when asked
-    (`inline` bytes at most each; `csml.coordinator.inline_outputs`)."""
+    c: Core,
+    owner_id: str,
+    job_ids: set[str],
+    positions: bool,
+    inline: int = 0,
+    extra: dict[str, dict[str, str]] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """The changed jobs' views; with `inline` (and `extra` to fill), the small outputs of
+    those that succeeded, by job id (`csml.coordinator.inline_outputs`)."""
     jobs = c.queue.changed_jobs(owner_id, job_ids)
     views = job_views(c.queue, jobs, positions=positions)
-    extra: dict[str, dict[str, str]] = {}
-    if inline:
+    if inline and extra is not None:
         budget = Budget()
         for job in jobs:
             if got := outputs_of(c.blobs, job, inline, budget):
                 extra[job.id] = got
-    return {v.id: v.model_dump(mode="json") for v in views}, extra
+    return {v.id: v.model_dump(mode="json") for v in views}
 
 
 async def _stream(
@@ -171,7 +175,7 @@ async def _stream(
                 gone = sent.keys() - now.keys()
                 sent = now
             elif items:
-                now, extra = _changed(c, owner_id, items, positions, inline)
+                now = _changed(c, owner_id, items, positions, inline, extra)
                 changed = [j for i, j in now.items() if sent.get(i) != j]
                 gone = {i for i in items if i in sent and i not in now}
                 for i in gone:
