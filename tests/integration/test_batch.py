@@ -13,6 +13,7 @@ import pytest
 
 from csml.client import Client
 from csml.client.batch import BatchItem
+from csml.schemas.workers import INLINE_MAX_BYTES
 from tests.cluster import Cluster
 
 # The shared cluster (coordinator, echo and opencv workers) starts in the first test.
@@ -150,3 +151,43 @@ def test_map_over_many_small_files_goes_through_the_batch_route(
     assert counting.singles == 0 and sent.get("/v1/jobs", 0.0) == 0, sent
     assert sent["/v1/jobs/batch"] == len(counting.batches)
     assert counting.batches == [50]
+
+
+def test_map_with_inline_outputs_downloads_them_without_a_request(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Asked for (as `csml batch` does), each item's small outputs come with its result
+    on the result stream: saving them costs no `GET …/outputs/…`, and the bytes are the
+    outputs' (checked against the views' sha256 before they are written)."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    files = []
+    for i in range(20):
+        path = folder / f"f{i:03d}.txt"
+        path.write_bytes(f"inline input {i}\n".encode())
+        files.append(path)
+    downloads: list[str] = []
+
+    class Downloads(httpx.HTTPTransport):
+        def handle_request(self, request: httpx.Request) -> httpx.Response:
+            if "/outputs/" in request.url.path:
+                downloads.append(request.url.path)
+            return super().handle_request(request)
+
+    saved: dict[int, bytes] = {}
+
+    def save(item: BatchItem) -> None:
+        if item.ok and item.job is not None:
+            target = item.job.download("data", tmp_path / f"out{item.index}")
+            saved[item.index] = target.read_bytes()
+
+    with Client(cluster.url, cluster.new_user().token, transport=Downloads()) as c:
+        batch = c.map(
+            "echo", "echo", files, concurrency=8, timeout=300, on_done=save,
+            inline_outputs=INLINE_MAX_BYTES,
+        )  # fmt: skip
+    assert [i.state for i in batch.items] == ["succeeded"] * 20, batch.failed[:3]
+    assert saved == {i: f.read_bytes() for i, f in enumerate(files)}
+    # Every item's result came on the stream, its output with it; one that ended while
+    # the stream reconnected (about every 20 s) would be downloaded: a few at most.
+    assert len(downloads) <= 2, downloads

@@ -32,6 +32,7 @@ from csml.cli.output import console
 from csml.cli.params import find_operation, parse_params
 from csml.client import CsmlError
 from csml.client.batch import BatchItem, single_file_input
+from csml.schemas.workers import INLINE_MAX_BYTES
 
 GLOB_CHARS = re.compile(r"[*?\[]")
 UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -149,6 +150,7 @@ def batch(
                 concurrency=concurrency,
                 timeout=timeout,
                 on_done=done,
+                inline_outputs=INLINE_MAX_BYTES,  # each item's outputs come with its result
             )
         manifest = result.write_manifest(output / "manifest.jsonl")
     ok, bad = len(result.succeeded), len(result.failed)

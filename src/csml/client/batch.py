@@ -252,13 +252,16 @@ def run_batch(
     patience: float = 600.0,
     on_done: ItemCallback | None = None,
     batch_items: int = BATCH_ITEMS,
+    inline_outputs: int = 0,
 ) -> Batch:
     """Run `operation` once per `(label, file)` in `sources`, the file as `input_name`.
 
     `on_done` is called (from a pool thread, one call at a time) as each item ends;
     it may download the item's outputs into `item.saved`. Small files go in batch
     requests of at most `batch_items` items (see the module docstring); with
-    `batch_items=0` every item is submitted alone."""
+    `batch_items=0` every item is submitted alone. With `inline_outputs`, outputs up to
+    that many bytes come with each item's result on the result stream (its
+    `Job.download` then needs no request)."""
     if concurrency < 1:
         raise CsmlError("concurrency must be at least 1")
     run = _Run(client, app, operation, input_name, params, concurrency, timeout, patience, on_done)
@@ -266,6 +269,8 @@ def run_batch(
     items = [BatchItem(i, label) for i, (label, _) in enumerate(sources)]
     start = time.perf_counter()
     if client._results is not None:
+        if inline_outputs:
+            client._results.want_inline(min(inline_outputs, INLINE_MAX_BYTES))
         # Connected before the first submission, so the stream covers every item's job
         # from its start: no item re-reads its job (a GET) when its wait begins. If it
         # cannot be opened, the waits long-poll as they would anyway.

@@ -18,7 +18,9 @@ Invariants:
 - When the stream cannot be opened (429: too many streams for the identity, an
   error, a coordinator without it) or drops, waiters go back to long-polling; it is
   not tried again for `RETRY_SECONDS`.
-- Only views are kept, never the token; the views of at most `RECENT` jobs.
+- Only views are kept, never the token; the views of at most `RECENT` jobs. Outputs
+  that came inline with a view (asked with `want_inline`) are kept apart, for at most
+  `RECENT_INLINE_BYTES` in all (the oldest go first: their jobs download them).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("csml.client.results")
 
 RECENT = 4096
+RECENT_INLINE_BYTES = 32 << 20  # base64 of inline outputs kept for waiters not yet registered
 SAFETY_SECONDS = 30.0  # a waiter that heard nothing for this long re-reads its job
 RETRY_SECONDS = 30.0
 OPEN_TIMEOUT = 10.0
@@ -61,6 +64,9 @@ class ResultStream:
         self._generation = 0
         self._dropped = 0  # kept views dropped from `_recent` so far
         self._recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._recent_inline: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+        self._inline_kept = 0  # bytes in `_recent_inline`
+        self.inline_outputs = 0  # asked of the coordinator: outputs up to this size inline
         self._waiters: dict[str, list[queue.SimpleQueue[Item]]] = {}
         self._retry_at = 0.0
         self._closed = False
@@ -89,6 +95,13 @@ class ResultStream:
             self._cond.wait_for(lambda: self._state != "connecting", OPEN_TIMEOUT)
             return self._state == "connected"
 
+    def want_inline(self, most: int) -> None:
+        """Ask for outputs of at most `most` bytes inline with the `job` events of jobs that
+        succeed (`Job.download` then needs no request). From the next connection on: a
+        stream already connected gets them after its next reconnect (about 20 s)."""
+        with self._cond:
+            self.inline_outputs = max(self.inline_outputs, most)
+
     def register(
         self, job_id: str, mark: Mark | None
     ) -> tuple[queue.SimpleQueue[Item], dict[str, Any] | None, bool]:
@@ -98,7 +111,11 @@ class ResultStream:
         with self._cond:
             self._waiters.setdefault(job_id, []).append(inbox)
             covered = self._state == "connected" and mark == (self._generation, self._dropped)
-            return inbox, self._recent.get(job_id), covered
+            latest = self._recent.get(job_id)
+            kept = self._recent_inline.get(job_id)
+            if latest is not None and kept is not None:
+                latest = {**latest, "inline_outputs": kept[0]}
+            return inbox, latest, covered
 
     def unregister(self, job_id: str, inbox: queue.SimpleQueue[Item]) -> None:
         with self._cond:
@@ -143,10 +160,13 @@ class ResultStream:
     def _read_once(self) -> None:
         client = self._client
         timeout = httpx.Timeout(OPEN_TIMEOUT, read=READ_TIMEOUT)
+        params: dict[str, str | int] = {"limit": 1, "positions": "false"}
+        if self.inline_outputs:
+            params["inline_outputs"] = self.inline_outputs
         with client._http.stream(
             "GET",
             "/v1/jobs/events",
-            params={"limit": 1, "positions": "false"},
+            params=params,
             headers=client._headers(),
             timeout=timeout,
         ) as response:
@@ -182,14 +202,29 @@ class ResultStream:
         job_id = job.get("id")
         if not isinstance(job_id, str):
             return
+        inline = job.pop("inline_outputs", None)
         with self._cond:
             self._recent[job_id] = job
             self._recent.move_to_end(job_id)
+            if isinstance(inline, dict):
+                self._keep_inline(job_id, inline)
+                job = {**job, "inline_outputs": inline}
             while len(self._recent) > RECENT:
                 self._recent.popitem(last=False)
                 self._dropped += 1
             for inbox in self._waiters.get(job_id, []):
                 inbox.put(job)
+
+    def _keep_inline(self, job_id: str, inline: dict[str, Any]) -> None:
+        """(caller holds the lock)"""
+        size = sum(len(v) for v in inline.values() if isinstance(v, str))
+        old = self._recent_inline.pop(job_id, None)
+        if old is not None:
+            self._inline_kept -= old[1]
+        self._recent_inline[job_id] = (inline, size)
+        self._inline_kept += size
+        while self._inline_kept > RECENT_INLINE_BYTES and self._recent_inline:
+            self._inline_kept -= self._recent_inline.popitem(last=False)[1][1]
 
     def _broadcast(self, item: str) -> None:
         """(caller holds the lock)"""

@@ -15,6 +15,8 @@ the user chose.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import mimetypes
 import os
@@ -371,13 +373,17 @@ class Client:
         timeout: float = 3600.0,
         on_done: Callable[[BatchItem], None] | None = None,
         batch_items: int | None = None,
+        inline_outputs: int = 0,
     ) -> Batch:
         """Run `operation` once per file (a batch; each item an ordinary job) and return
         the items in input order. Failed items are recorded, never raised; `on_done` sees
         each item as it ends. `input` names the operation's file input (default: its only
         required one). At most `concurrency` items are in flight; small files go up to
         `batch_items` per request (`POST /v1/jobs/batch`; default `BATCH_ITEMS`, 0: one
-        request per item), larger ones one per request (see `csml.client.batch`)."""
+        request per item), larger ones one per request (see `csml.client.batch`).
+        `inline_outputs` (bytes, at most `INLINE_MAX_BYTES`): outputs up to this size come
+        with each item's result on the result stream, and its `Job.download` needs no
+        request (they are held with the job until downloaded); 0: none."""
         from csml.client.batch import BATCH_ITEMS, run_batch, single_file_input
 
         if input is None:
@@ -399,6 +405,7 @@ class Client:
             timeout=timeout,
             on_done=on_done,
             batch_items=BATCH_ITEMS if batch_items is None else batch_items,
+            inline_outputs=inline_outputs,
         )
 
     def submit_many(
@@ -656,6 +663,8 @@ class Job:
         # decrypted result, with the key of its outputs, for the current encrypted result.
         self.recipients: list[WorkerAssessment] = []
         self._opened: tuple[Any, ResultPayload, bytes] | None = None
+        # Outputs that came with the result stream's view (base64 by name), until used.
+        self._inline: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"Job({self.id[:12]} {self.data.app}.{self.data.operation} {self.state.value})"
@@ -753,7 +762,7 @@ class Job:
         inbox, latest, covered = stream.register(self.id, self._mark)
         try:
             if latest is not None:
-                self.data = JobData.model_validate(latest)
+                self._take_view(latest)
             elif not covered:
                 self.refresh()  # what the stream may have missed before we registered
             while not self.done:
@@ -771,12 +780,34 @@ class Job:
                 if item == RECHECK:
                     self.refresh()
                 elif isinstance(item, dict):
-                    self.data = JobData.model_validate(item)
+                    self._take_view(item)
                 if on_progress is not None:
                     on_progress(self)
         finally:
             stream.unregister(self.id, inbox)
         return self
+
+    def _take_view(self, view: dict[str, Any]) -> None:
+        """A view from the result stream, with the outputs it carries inline, if any."""
+        self.data = JobData.model_validate(view)
+        inline = view.get("inline_outputs")
+        if isinstance(inline, dict) and not self.data.confidential:
+            self._inline = {k: v for k, v in inline.items() if isinstance(v, str)}
+
+    def _inline_output(self, name: str) -> bytes | None:
+        """Output `name` as it came inline (once: the bytes are then let go), if its size
+        and sha256 are those of the job's view; None otherwise (it is downloaded)."""
+        encoded = self._inline.pop(name, None)
+        info = self.data.outputs.get(name)
+        if encoded is None or info is None or self.data.confidential:
+            return None
+        try:
+            data = base64.b64decode(encoded, validate=True)
+        except ValueError:
+            return None
+        if len(data) != info.size or hashlib.sha256(data).hexdigest() != info.sha256:
+            return None
+        return data
 
     def _long_poll(
         self,
@@ -847,6 +878,9 @@ class Job:
             info = self.data.outputs.get(name)
             ext = (mimetypes.guess_extension(info.media_type) if info else None) or ""
             target = target / check_file_name(f"{name}{ext}")
+        data = self._inline_output(name)
+        if data is not None:
+            return _save_stream(iter((data,)), target)
         return _save_stream(self.iter_output(name), target)
 
     def download_all(self, folder: str | os.PathLike[str]) -> list[Path]:

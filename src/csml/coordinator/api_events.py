@@ -24,6 +24,11 @@ idle stream only sends a keep-alive comment every `KEEPALIVE_SECONDS`. Browsers 
 with `fetch()`, which can send the token in the Authorization header; EventSource
 cannot, and the token never goes into a URL.
 
+Asked with `inline_outputs=N` (as `csml batch` does), a `job` event of a job that
+succeeded carries its outputs of at most N bytes in base64, so the client needs no
+download request for them (`csml.coordinator.inline_outputs`: bounds, what is left out);
+they go out once with that event and are never kept with the stream's views.
+
 Each stream ends after `STREAM_SECONDS`; clients reconnect (and get a fresh
 snapshot). This bounds how long a coordinator waits for streams when it stops.
 
@@ -52,11 +57,13 @@ from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from csml.coordinator.auth import current_identity
+from csml.coordinator.inline_outputs import Budget, outputs_of, with_view
 from csml.coordinator.notify import owner_feed
 from csml.coordinator.state import Core, core
 from csml.coordinator.views import job_views
 from csml.refusals import RateLimited
 from csml.schemas import ErrorBody, JobState
+from csml.schemas.workers import INLINE_MAX_BYTES
 from csml.store.jobs import JobRow
 from csml.store.tables import Identity
 
@@ -133,14 +140,23 @@ def _changed(
     job_ids: set[str],
     positions: bool,
     known: dict[str, JobRow] | None = None,
+    inline: int = 0,
+    extra: dict[str, dict[str, str]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The views of the changed jobs: those `known` as they are (handed over with their
-    announcement), the others loaded (one statement for all of them)."""
+    announcement), the others loaded (one statement for all of them); with `inline` (and
+    `extra` to fill), the small outputs of those that succeeded, by job id
+    (`csml.coordinator.inline_outputs`)."""
     known = known or {}
     unknown = job_ids - known.keys()
     jobs = c.queue.changed_jobs(owner_id, unknown) if unknown else []
     jobs = sorted([*jobs, *known.values()], key=lambda j: j.seq)
     views = job_views(c.queue, jobs, positions=positions)
+    if inline and extra is not None:
+        budget = Budget()
+        for job in jobs:
+            if got := outputs_of(c.blobs, job, inline, budget):
+                extra[job.id] = got
     return {v.id: v.model_dump(mode="json") for v in views}
 
 
@@ -161,7 +177,7 @@ def _known(views: dict[str, object], owner_id: str, gone: set[str]) -> dict[str,
 
 
 async def _stream(
-    request: Request, c: Core, owner_id: str, limit: int, positions: bool
+    request: Request, c: Core, owner_id: str, limit: int, positions: bool, inline: int
 ) -> AsyncIterator[bytes]:
     with c.notifier.follow(owner_feed(owner_id)) as feed:  # before the snapshot: miss nothing
         sent = _snapshot(c, owner_id, limit, positions)
@@ -180,13 +196,22 @@ async def _stream(
             if await request.is_disconnected():
                 return
             items, resync, views = feed.take_views()
+            extra: dict[str, dict[str, str]] = {}  # sent once, never kept in `sent`
             if resync or (queued and not items):
                 now = _snapshot(c, owner_id, limit, positions)
                 changed = [j for i, j in now.items() if sent.get(i) != j]
                 gone = sent.keys() - now.keys()
                 sent = now
             elif items:
-                now = _changed(c, owner_id, items, positions, _known(views, owner_id, erased))
+                now = _changed(
+                    c,
+                    owner_id,
+                    items,
+                    positions,
+                    _known(views, owner_id, erased),
+                    inline=inline,
+                    extra=extra,
+                )
                 changed = [j for i, j in now.items() if sent.get(i) != j]
                 gone = {i for i in items if i in sent and i not in now}
                 for i in gone:
@@ -199,7 +224,12 @@ async def _stream(
             erased |= gone
             # One write for all of a wake-up's events (the same bytes as one write each:
             # a reader parses events out of the byte stream, never out of writes).
-            events = [_event("job", job) for job in reversed(changed)]  # oldest first
+            events = [  # oldest first
+                f"event: job\ndata: {with_view(job, extra[job['id']])}\n\n".encode()
+                if job["id"] in extra
+                else _event("job", job)
+                for job in reversed(changed)
+            ]
             events += [_event("gone", {"id": i}) for i in gone]
             yield b"".join(events) if events else b": idle\n\n"
         yield _event("reconnect", {"after_ms": 0})
@@ -221,6 +251,13 @@ async def job_events(
     positions: bool = Query(
         True, description="Include queue positions (the SDK, which shows none, says false)."
     ),
+    inline_outputs: int = Query(
+        0,
+        ge=0,
+        le=INLINE_MAX_BYTES,
+        description="With a `job` event of a job that succeeded, its outputs of at most "
+        'this many bytes in base64 (`"inline_outputs": {name: base64}`); 0: none.',
+    ),
 ) -> StreamingResponse:
     """Server-sent events of your jobs: `snapshot` (`{"jobs": [...]}`, newest first) at once,
     then `job` (a job) as soon as one changes or appears (pushed), `gone` (`{"id"}`) when one
@@ -235,7 +272,7 @@ async def job_events(
         )
     return _SlotResponse(
         release,
-        _stream(request, core(request), me.id, limit, positions),
+        _stream(request, core(request), me.id, limit, positions, inline_outputs),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
