@@ -490,8 +490,10 @@ def one_run(
 
 
 def _summed(scrapes: list[dict[str, float]]) -> dict[str, float]:
-    """Every coordinator's store counters added up."""
-    return {k: sum(s[k] for s in scrapes) for k in scrapes[0]}
+    """Every coordinator's store counters added up (a statement kind one coordinator never
+    sent counts 0 there)."""
+    keys = {k for s in scrapes for k in s}
+    return {k: sum(s.get(k, 0.0) for s in scrapes) for k in keys}
 
 
 def _summed_requests(
