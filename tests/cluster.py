@@ -199,3 +199,15 @@ def install_to_folder(package: Path, site: Path) -> Path:
         timeout=300,
     )
     return site
+
+
+def post_counts(url: str) -> dict[str, float]:
+    """POST requests the coordinator at `url` has answered so far, by route template
+    (from its /metrics)."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("csml_http_request_duration_seconds_count{") and 'method="POST"' in line:
+            route = line.split('route="', 1)[1].split('"', 1)[0]
+            out[route] = out.get(route, 0.0) + float(line.rpartition(" ")[2])
+    return out

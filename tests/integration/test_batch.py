@@ -14,7 +14,7 @@ import pytest
 from csml.client import Client
 from csml.client.batch import BatchItem
 from csml.schemas.workers import INLINE_MAX_BYTES
-from tests.cluster import Cluster
+from tests.cluster import Cluster, post_counts
 
 # The shared cluster (coordinator, echo and opencv workers) starts in the first test.
 pytestmark = pytest.mark.timeout(600)
@@ -93,17 +93,6 @@ def test_cli_batch_from_a_zip_and_a_folder(
     assert kept == ["p00", "p01", "p02", "p03"]
 
 
-def _posts(url: str) -> dict[str, float]:
-    """POST requests the coordinator has answered so far, by route (from /metrics)."""
-    text = httpx.get(f"{url}/metrics", timeout=30).text
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("csml_http_request_duration_seconds_count{") and 'method="POST"' in line:
-            route = line.split('route="', 1)[1].split('"', 1)[0]
-            out[route] = out.get(route, 0.0) + float(line.rpartition(" ")[2])
-    return out
-
-
 class _Counting(httpx.HTTPTransport):
     """Counts the items of each batch request and the single submissions a client sends."""
 
@@ -136,7 +125,7 @@ def test_map_over_many_small_files_goes_through_the_batch_route(
         files.append(path)
     counting = _Counting()
     token = cluster.new_user().token
-    before = _posts(cluster.url)
+    before = post_counts(cluster.url)
     with Client(cluster.url, token, transport=counting) as c:
         batch = c.map("echo", "echo", files, concurrency=100, timeout=300, params={"tag": "b"})
         assert [i.state for i in batch.items] == ["succeeded"] * 50, batch.failed[:3]
@@ -146,7 +135,7 @@ def test_map_over_many_small_files_goes_through_the_batch_route(
         assert [i.job.data.inputs["data"].size for i in batch.items if i.job] == [
             f.stat().st_size for f in files
         ]
-    after = _posts(cluster.url)
+    after = post_counts(cluster.url)
     sent = {route: after.get(route, 0.0) - before.get(route, 0.0) for route in after}
     assert counting.singles == 0 and sent.get("/v1/jobs", 0.0) == 0, sent
     assert sent["/v1/jobs/batch"] == len(counting.batches)

@@ -7,26 +7,14 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.cluster import Cluster, running_cluster
+from tests.cluster import Cluster, post_counts, running_cluster
 
 pytestmark = pytest.mark.timeout(300)
 
 CLAIM = "/v1/workers/{worker_id}/claim"
 COMPLETE = "/v1/workers/{worker_id}/complete"
-
-
-def posts(url: str) -> dict[str, float]:
-    """POST requests the coordinator has answered so far, by route (from /metrics)."""
-    text = httpx.get(f"{url}/metrics", timeout=30).text
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("csml_http_request_duration_seconds_count{") and 'method="POST"' in line:
-            route = line.split('route="', 1)[1].split('"', 1)[0]
-            out[route] = out.get(route, 0.0) + float(line.rpartition(" ")[2])
-    return out
 
 
 def attempts(cluster: Cluster) -> dict[str, tuple[str, int]]:
@@ -47,7 +35,7 @@ def test_a_busy_workers_completions_ride_its_claims(tmp_path: Path) -> None:
             job.wait(timeout=120)
             assert job.state.value == "succeeded"
             assert job.result == {"params": {"i": i, "sleep": 0.0}}
-        counts = posts(cluster.url)
+        counts = post_counts(cluster.url)
         assert counts.get(COMPLETE, 0) == 0, counts
         assert counts.get(CLAIM, 0) >= 20, counts  # the last completion rode one too
         assert set(attempts(cluster).values()) == {("succeeded", 1)}
@@ -61,7 +49,7 @@ def test_a_completion_does_not_wait_for_a_claim(tmp_path: Path) -> None:
         job = user.submit("echo", "echo", params={"sleep": 0.5})
         job.wait(timeout=50)  # well before the long-poll would have ended
         assert job.state.value == "succeeded"
-        counts = posts(cluster.url)
+        counts = post_counts(cluster.url)
         assert counts.get(COMPLETE, 0) == 1, counts
         assert attempts(cluster)[job.id] == ("succeeded", 1)
 
@@ -78,5 +66,5 @@ def test_completions_ending_together_each_keep_one_result(tmp_path: Path) -> Non
             assert job.state.value == "succeeded"
             assert job.result == {"params": {"i": i, "sleep": 0.05}}
         assert set(attempts(cluster).values()) == {("succeeded", 1)}
-        counts = posts(cluster.url)
+        counts = post_counts(cluster.url)
         assert counts.get(CLAIM, 0) + counts.get(COMPLETE, 0) <= 2 * len(jobs), counts

@@ -15,7 +15,8 @@ claim, heartbeat, move files, complete) and runs operations with
 from __future__ import annotations
 
 import asyncio
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 import anyio.from_thread
 import httpx
 from fastapi import FastAPI
+from sqlalchemy import event
 
 from csml.apps.base import App
 from csml.apps.testing import run_operation
@@ -217,3 +219,24 @@ def error_of(response: httpx.Response) -> dict[str, Any]:
     """The JSON error body of a refused request."""
     body: dict[str, Any] = response.json()["error"]
     return body
+
+
+@contextmanager
+def sent_statements(
+    coordinator: InProcessCoordinator, keep: Callable[[str], bool] = lambda _s: True
+) -> Iterator[list[str]]:
+    """The SQL statements the coordinator's engine sends meanwhile (one line each, white
+    space folded), those `keep` accepts."""
+    sent: list[str] = []
+
+    def record(_conn: object, _cur: object, statement: str, *_: object) -> None:
+        flat = " ".join(statement.split())
+        if keep(flat):
+            sent.append(flat)
+
+    engine = coordinator.core.engine
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield sent
+    finally:
+        event.remove(engine, "before_cursor_execute", record)

@@ -5,34 +5,21 @@ No read of it begins a transaction (each is one statement)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 
 import pytest
-from sqlalchemy import event
 
 from csml.coordinator.notify import job_key
 from tests.cluster import wait_for
-from tests.unit.inproc import HttpWorker, InProcessCoordinator
+from tests.unit.inproc import HttpWorker, InProcessCoordinator, sent_statements
 
 
-@contextmanager
-def owner_reads(coordinator: InProcessCoordinator) -> Iterator[list[str]]:
+def owner_reads(coordinator: InProcessCoordinator) -> AbstractContextManager[list[str]]:
     """The owner's reads of jobs sent meanwhile (by owner and id), and every plain BEGIN."""
-    sent: list[str] = []
-
-    def count(_conn: object, _cur: object, statement: str, *_: object) -> None:
-        flat = " ".join(statement.split())
-        if flat == "BEGIN" or "WHERE jobs.owner_id = ? AND jobs.id" in flat:
-            sent.append(flat)
-
-    engine = coordinator.core.engine
-    event.listen(engine, "before_cursor_execute", count)
-    try:
-        yield sent
-    finally:
-        event.remove(engine, "before_cursor_execute", count)
+    return sent_statements(
+        coordinator, lambda flat: flat == "BEGIN" or "WHERE jobs.owner_id = ? AND jobs.id" in flat
+    )
 
 
 @pytest.mark.parametrize(("length", "state_reads"), [(64, 1), (16, 2)])
@@ -82,17 +69,8 @@ def test_a_view_with_queue_positions_reads_without_a_transaction(
     user = coordinator.new_user()
     first = user.submit("echo", "echo", params={"n": 1})
     second = user.submit("echo", "echo", params={"n": 2})
-    sent: list[str] = []
-
-    def record(_conn: object, _cur: object, statement: str, *_: object) -> None:
-        sent.append(" ".join(statement.split()))
-
-    engine = coordinator.core.engine
-    event.listen(engine, "before_cursor_execute", record)
-    try:
+    with sent_statements(coordinator) as sent:
         view = user.request("GET", f"/v1/jobs/{second.id}?positions=true").json()
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
     assert first.id != second.id and view["queue_position"] == 2
     assert "BEGIN" not in sent and "ROLLBACK" not in sent
     assert len([s for s in sent if s.startswith("SELECT jobs.fair_rank, jobs.seq")]) == 1

@@ -5,13 +5,11 @@ refused as before."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import event, func, select
+from sqlalchemy import func, select
 
 from csml import ids
 from csml.client import Client
@@ -24,24 +22,7 @@ from csml.store.db import counters, transaction
 from csml.store.tables import Identity
 from csml.store.tables_abuse import RateWindow
 from tests.unit.conftest import MakeCoordinator
-from tests.unit.inproc import InProcessCoordinator, error_of
-
-
-@contextmanager
-def statements(coordinator: InProcessCoordinator) -> Iterator[list[str]]:
-    """The SQL statements the coordinator's engine sends meanwhile (one line each)."""
-    sent: list[str] = []
-
-    def count(_conn: object, _cur: object, statement: str, *_: object) -> None:
-        sent.append(" ".join(statement.split()))
-
-    engine = coordinator.core.engine
-    event.listen(engine, "before_cursor_execute", count)
-    try:
-        yield sent
-    finally:
-        event.remove(engine, "before_cursor_execute", count)
-
+from tests.unit.inproc import InProcessCoordinator, error_of, sent_statements
 
 # The queue-depth recount (`JobQueue._far_from_full` refreshes it once a second of wall
 # time, not of this test's clock): left out of the counts; any other count is counted.
@@ -81,7 +62,7 @@ def test_a_submit_without_inputs_is_two_statements(
 ) -> None:
     coordinator = make_coordinator(**settings)
     owner = owner_id(coordinator)
-    with statements(coordinator) as sent:
+    with sent_statements(coordinator) as sent:
         submit(coordinator, owner, text="hi")
     done = writes(sent)
     assert [s.split(" (")[0] for s in done] == ["INSERT INTO fair_counters", "INSERT INTO jobs"]
@@ -100,7 +81,7 @@ def test_a_json_submit_request_is_few_statements(make_coordinator: MakeCoordinat
     headers = {"Authorization": f"Bearer {user.token}"}
     body = {"app": "echo", "operation": "echo", "params": {"text": "hi"}}
     assert coordinator.http.post("/v1/jobs", json=body, headers=headers).status_code == 202
-    with statements(coordinator) as sent:
+    with sent_statements(coordinator) as sent:
         r = coordinator.http.post("/v1/jobs", json=body, headers=headers)
     assert r.status_code == 202, r.text
     assert [s.split(" (")[0] for s in writes(sent)] == [
@@ -182,7 +163,7 @@ def test_a_json_submit_counts_its_window_in_its_own_write(
     assert coordinator.http.post("/v1/jobs", json=body, headers=headers).status_code == 202
     tally = counters(coordinator.core.engine)
     commits = tally.write_commits
-    with statements(coordinator) as sent:
+    with sent_statements(coordinator) as sent:
         r = coordinator.http.post("/v1/jobs", json=body, headers=headers)
     assert r.status_code == 202, r.text
     assert [s.split(" (")[0] for s in writes(sent)] == [
@@ -253,7 +234,7 @@ def test_the_identity_windows_cost_one_statement_each(make_coordinator: MakeCoor
     with one upsert (made if missing, locked) and counts itself with one update."""
     coordinator = make_coordinator(pow_difficulty=2, identity_rate_limit=1)
     for made in (1, 2):  # the windows are made by the first, found by the second
-        with statements(coordinator) as sent:
+        with sent_statements(coordinator) as sent:
             issued = coordinator.http.post("/v1/identities/challenge").json()
         reads = [s for s in sent if "rate_windows" in s]
         assert len(reads) == 1 and reads[0].startswith("SELECT")
@@ -261,7 +242,7 @@ def test_the_identity_windows_cost_one_statement_each(make_coordinator: MakeCoor
             "challenge": issued["challenge"],
             "nonce": client_pow.solve(issued["challenge"], issued["difficulty"]),
         }
-        with statements(coordinator) as sent:
+        with sent_statements(coordinator) as sent:
             assert coordinator.http.post("/v1/identities", json=body).status_code == 201
         assert [s.split(" (")[0].split(" SET")[0] for s in sent if "rate_windows" in s] == [
             "INSERT INTO rate_windows",
@@ -312,7 +293,7 @@ def test_a_multipart_submit_is_few_statements(make_coordinator: MakeCoordinator)
     spec = '{"app": "echo", "operation": "echo", "params": {}}'
     files: dict[str, Any] = {"spec": (None, spec, "application/json"), "data": ("d", b"x" * 10)}
     assert coordinator.http.post("/v1/jobs", files=files, headers=headers).status_code == 202
-    with statements(coordinator) as sent:
+    with sent_statements(coordinator) as sent:
         r = coordinator.http.post("/v1/jobs", files=files, headers=headers)
     assert r.status_code == 202, r.text
     stored = "SELECT (SELECT coalesce(sum("
