@@ -12,13 +12,19 @@ from typing import Any, cast
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import event
 from starlette.types import Message, Receive, Scope, Send
 
+from csml.client import Client, Job
 from csml.coordinator import api_events
 from csml.coordinator.notify import owner_feed
 from tests.cluster import wait_for
-from tests.unit.inproc import BASE_URL, HttpWorker, InProcessCoordinator, PortalTransport
+from tests.unit.inproc import (
+    BASE_URL,
+    HttpWorker,
+    InProcessCoordinator,
+    PortalTransport,
+    sent_statements,
+)
 
 
 def parse(body: bytes) -> list[tuple[str, Any]]:
@@ -33,12 +39,18 @@ def parse(body: bytes) -> list[tuple[str, Any]]:
     return out
 
 
-def test_a_wake_up_sends_its_jobs_in_one_write(
-    coordinator: InProcessCoordinator, echo_worker: HttpWorker, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(api_events, "STREAM_SECONDS", 1.5)  # the response ends, then is read
-    user = coordinator.new_user()
-    jobs = [user.submit("echo", "echo", params={"i": i}) for i in range(3)]
+def stream_through_ends(
+    coordinator: InProcessCoordinator,
+    worker: HttpWorker,
+    user: Client,
+    jobs: list[Job],
+    *,
+    running_first: bool = False,
+) -> tuple[httpx.Response, list[bytes], list[str]]:
+    """Follow `user`'s event stream (`STREAM_SECONDS` patched short by the caller), let
+    `worker` claim `jobs` and complete them in one batch; the stream's response, each of
+    its writes, and the statements sent from the completion on. `running_first`: the
+    claim's news has gone out before the completion is sent."""
     ids = {j.id for j in jobs}
     writes: list[bytes] = []
 
@@ -50,12 +62,11 @@ def test_a_wake_up_sends_its_jobs_in_one_write(
 
         await coordinator.app(scope, receive, send_body)
 
+    def running_sent() -> bool:
+        seen = {d["id"]: d["state"] for w in writes[1:] for n, d in parse(w) if n == "job"}
+        return all(seen.get(i) == "running" for i in ids)
+
     transport = PortalTransport(cast(FastAPI, counted), coordinator.portal)
-    statements: list[str] = []
-
-    def count(_conn: object, _cur: object, statement: str, *_: object) -> None:
-        statements.append(" ".join(statement.split()))
-
     with (
         httpx.Client(base_url=BASE_URL, transport=transport, timeout=30) as http,
         ThreadPoolExecutor(1) as pool,
@@ -67,10 +78,11 @@ def test_a_wake_up_sends_its_jobs_in_one_write(
         # Followed, and its snapshot read (the read happens right after following).
         wait_for(lambda: owner_feed(user_id(coordinator, jobs[0].id)) in feeds, 10, 0.01)
         wait_for(lambda: writes, 10, 0.01)
-        claimed = echo_worker.claim(max_jobs=3)
+        claimed = worker.claim(max_jobs=len(jobs))
         assert {c.id for c in claimed} == ids
-        event.listen(coordinator.core.engine, "before_cursor_execute", count)
-        try:
+        if running_first:
+            wait_for(running_sent, 10, 0.01)  # the claim's news is out: what follows is the end
+        with sent_statements(coordinator) as statements:
             done = [
                 {
                     "job_id": c.id,
@@ -80,11 +92,20 @@ def test_a_wake_up_sends_its_jobs_in_one_write(
                 }
                 for c in claimed
             ]
-            r = echo_worker.post("/complete", {"completions": done})
+            r = worker.post("/complete", {"completions": done})
             assert r.status_code == 200, r.text
             response = streaming.result(timeout=30)
-        finally:
-            event.remove(coordinator.core.engine, "before_cursor_execute", count)
+    return response, writes, statements
+
+
+def test_a_wake_up_sends_its_jobs_in_one_write(
+    coordinator: InProcessCoordinator, echo_worker: HttpWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(api_events, "STREAM_SECONDS", 1.5)  # the response ends, then is read
+    user = coordinator.new_user()
+    jobs = [user.submit("echo", "echo", params={"i": i}) for i in range(3)]
+    ids = {j.id for j in jobs}
+    response, writes, statements = stream_through_ends(coordinator, echo_worker, user, jobs)
     assert response.status_code == 200
     assert b"".join(writes) == response.content
     events = parse(response.content)
@@ -123,56 +144,9 @@ def test_an_end_committed_here_reaches_the_stream_without_a_read(
     monkeypatch.setattr(api_events, "STREAM_SECONDS", 1.5)
     user = coordinator.new_user()
     jobs = [user.submit("echo", "echo", params={"i": i}) for i in range(2)]
-    ids = {j.id for j in jobs}
-    writes: list[bytes] = []
-
-    async def counted(scope: Scope, receive: Receive, send: Send) -> None:
-        async def send_body(message: Message) -> None:
-            if message["type"] == "http.response.body" and message.get("body"):
-                writes.append(message["body"])
-            await send(message)
-
-        await coordinator.app(scope, receive, send_body)
-
-    transport = PortalTransport(cast(FastAPI, counted), coordinator.portal)
-    statements: list[str] = []
-
-    def count(_conn: object, _cur: object, statement: str, *_: object) -> None:
-        statements.append(" ".join(statement.split()))
-
-    def running_sent() -> bool:
-        seen = {d["id"]: d["state"] for w in writes[1:] for n, d in parse(w) if n == "job"}
-        return all(seen.get(i) == "running" for i in ids)
-
-    with (
-        httpx.Client(base_url=BASE_URL, transport=transport, timeout=30) as http,
-        ThreadPoolExecutor(1) as pool,
-    ):
-        streaming = pool.submit(
-            http.get, "/v1/jobs/events?positions=false", headers=user._headers()
-        )
-        feeds = coordinator.core.notifier._feeds
-        wait_for(lambda: owner_feed(user_id(coordinator, jobs[0].id)) in feeds, 10, 0.01)
-        wait_for(lambda: writes, 10, 0.01)
-        claimed = echo_worker.claim(max_jobs=2)
-        assert {c.id for c in claimed} == ids
-        wait_for(running_sent, 10, 0.01)  # the claim's news is out: what follows is the end
-        event.listen(coordinator.core.engine, "before_cursor_execute", count)
-        try:
-            done = [
-                {
-                    "job_id": c.id,
-                    "lease_id": c.lease_id,
-                    "state": "succeeded",
-                    "result": {"i": c.params["i"]},
-                }
-                for c in claimed
-            ]
-            r = echo_worker.post("/complete", {"completions": done})
-            assert r.status_code == 200, r.text
-            response = streaming.result(timeout=30)
-        finally:
-            event.remove(coordinator.core.engine, "before_cursor_execute", count)
+    response, _writes, statements = stream_through_ends(
+        coordinator, echo_worker, user, jobs, running_first=True
+    )
     assert response.status_code == 200
     events = parse(response.content)
     last = {d["id"]: d for name, d in events if name == "job"}
