@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -127,3 +128,24 @@ def bulk_queue(core: Core, owners: list[str], count: int, app: str = "echo") -> 
     with transaction(core.sessions) as session:
         session.add_all(jobs)
     return [j.id for j in jobs]
+
+
+def run_threads(n: int, target: object) -> list[object]:
+    """Run `target(i)` in `n` threads started together (a barrier); their results, or
+    the exceptions they raised, in order."""
+    results: list[object] = [None] * n
+    barrier = threading.Barrier(n)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = target(i)  # type: ignore[operator]
+        except Exception as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results

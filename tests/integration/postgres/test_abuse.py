@@ -4,7 +4,6 @@ retention leave nothing behind."""
 
 from __future__ import annotations
 
-import threading
 from collections import Counter
 from datetime import timedelta
 
@@ -23,30 +22,16 @@ from csml.schemas.identities import IdentityProof
 from csml.store.db import MIGRATIONS, transaction
 from csml.store.tables import Identity, Job, JobFile, utcnow
 from csml.store.tables_abuse import PendingPurge, RateWindow, ServerSecret
-from tests.integration.postgres.support import MakeCore, new_identity, new_worker, submit
+from tests.integration.postgres.support import (
+    MakeCore,
+    new_identity,
+    new_worker,
+    run_threads,
+    submit,
+)
 
 # Starts a private PostgreSQL server (initdb) for the session's first test.
 pytestmark = [pytest.mark.postgresql, pytest.mark.timeout(180)]
-
-
-def run_threads(n: int, target: object) -> list[object]:
-    """Run `target(i)` in `n` threads started together; the results (or exceptions)."""
-    results: list[object] = [None] * n
-    barrier = threading.Barrier(n)
-
-    def run(i: int) -> None:
-        barrier.wait()
-        try:
-            results[i] = target(i)  # type: ignore[operator]
-        except Exception as exc:
-            results[i] = exc
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    return results
 
 
 def outcome(result: object) -> str:

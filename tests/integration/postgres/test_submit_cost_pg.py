@@ -4,7 +4,6 @@ statement still land exactly k of N concurrent submissions from two coordinators
 
 from __future__ import annotations
 
-import threading
 from collections import Counter
 
 import pytest
@@ -16,7 +15,7 @@ from csml.refusals import Refusal
 from csml.store import jobs as store
 from csml.store.db import counters
 from csml.store.tables_abuse import RateWindow
-from tests.integration.postgres.support import MakeCore, echo, new_identity, submit
+from tests.integration.postgres.support import MakeCore, echo, new_identity, run_threads, submit
 
 pytestmark = [pytest.mark.postgresql, pytest.mark.timeout(180)]
 
@@ -24,26 +23,6 @@ pytestmark = [pytest.mark.postgresql, pytest.mark.timeout(180)]
 # The queue-depth recount (`JobQueue._far_from_full` refreshes it once a second of wall
 # time, not of this test's clock): left out of the counts; any other count is counted.
 DEPTH = "SELECT count(*) AS count_1 FROM jobs WHERE jobs.app ="
-
-
-def run_threads(n: int, target: object) -> list[object]:
-    """Run `target(i)` in `n` threads started together; the results (or exceptions)."""
-    results: list[object] = [None] * n
-    barrier = threading.Barrier(n)
-
-    def run(i: int) -> None:
-        barrier.wait()
-        try:
-            results[i] = target(i)  # type: ignore[operator]
-        except Exception as exc:
-            results[i] = exc
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results
 
 
 def outcome(result: object) -> str:
