@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import partial
 
 import pytest
@@ -22,7 +20,7 @@ from csml.store import jobs_write
 from csml.store.db import counters
 from csml.store.tables import utcnow
 from tests.unit.conftest import MakeCoordinator
-from tests.unit.inproc import HttpWorker, InProcessCoordinator
+from tests.unit.inproc import HttpWorker, InProcessCoordinator, sent_statements
 
 
 def owner_of(coordinator: InProcessCoordinator, job_id: str) -> str:
@@ -75,22 +73,6 @@ def test_an_ambiguous_prefix_is_refused(coordinator: InProcessCoordinator) -> No
         coordinator.core.queue.get(owner, prefix)
     assert err.value.code == "ambiguous_id"
     assert coordinator.core.queue.get(owner, prefix + new.id[12:20]).id == new.id
-
-
-@contextmanager
-def sent_statements(coordinator: InProcessCoordinator) -> Iterator[list[str]]:
-    """Every statement the coordinator's engine sends meanwhile (BEGIN included)."""
-    sent: list[str] = []
-    engine = coordinator.core.engine
-
-    def count(_conn: object, _cur: object, statement: str, *_: object) -> None:
-        sent.append(" ".join(statement.split()))
-
-    event.listen(engine, "before_cursor_execute", count)
-    try:
-        yield sent
-    finally:
-        event.remove(engine, "before_cursor_execute", count)
 
 
 def test_a_load_is_one_statement_with_its_files_and_no_begin(

@@ -10,12 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
-
 from csml.schemas import ClaimResponse
 from csml.schemas.workers import COMPLETIONS_RIDE_CLAIMS, PROTOCOL, CompletionResults
 from csml.store.db import counters
-from tests.unit.inproc import HttpWorker, InProcessCoordinator
+from tests.unit.inproc import HttpWorker, InProcessCoordinator, sent_statements
 
 
 def claim(worker: HttpWorker, max_jobs: int, *running: Any) -> ClaimResponse:
@@ -179,17 +177,8 @@ def test_a_claim_carrying_completions_answers_even_when_nothing_is_queued(
 
 def statements_of(coordinator: InProcessCoordinator, call: Callable[[], Any]) -> list[str]:
     """The SQL statements `call` sent, each on one line."""
-    sent: list[str] = []
-    engine = coordinator.core.engine
-
-    def count(_conn: object, _cur: object, statement: str, *_: object) -> None:
-        sent.append(" ".join(statement.split()))
-
-    event.listen(engine, "before_cursor_execute", count)
-    try:
+    with sent_statements(coordinator) as sent:
         call()
-    finally:
-        event.remove(engine, "before_cursor_execute", count)
     return sent
 
 

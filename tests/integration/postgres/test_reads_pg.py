@@ -32,7 +32,7 @@ from csml.store.tables import utcnow
 from tests.clock import SetClock
 from tests.cluster import wait_for
 from tests.integration.postgres.support import MakeCore, new_identity, new_worker, submit
-from tests.unit.inproc import InProcessCoordinator
+from tests.unit.inproc import InProcessCoordinator, sent_statements
 
 pytestmark = [pytest.mark.postgresql, pytest.mark.timeout(180)]
 
@@ -40,6 +40,20 @@ pytestmark = [pytest.mark.postgresql, pytest.mark.timeout(180)]
 def _file(kind: str, name: str, data: bytes, model_id: str | None = None) -> store.FileRow:
     digest = hashlib.sha256(data).hexdigest()
     return store.FileRow(kind, name, len(data), digest, "text/plain", f"blobs/{digest}", model_id)
+
+
+def two_coordinators(
+    stack: ExitStack, tmp_path: Path, db_url: str
+) -> tuple[InProcessCoordinator, InProcessCoordinator]:
+    """Two in-process coordinators on one PostgreSQL database, each listening on the
+    relay (so each learns of the other's job ends), closed with `stack`."""
+    clock = SetClock()
+    a = InProcessCoordinator(tmp_path / "a", stack, clock, database_url=db_url)
+    b = InProcessCoordinator(tmp_path / "b", stack, clock, database_url=db_url)
+    for c in (a, b):
+        relay = c.core.notifier.relay
+        assert relay is not None and relay.listening.wait(30)
+    return a, b
 
 
 def test_a_load_is_one_statement_with_its_files(core: Core) -> None:
@@ -110,34 +124,20 @@ def test_a_long_poll_on_one_coordinator_is_answered_by_an_end_on_another(
     before its one state read) is woken by the job's end on A through the relay, and
     answers with the job whole: B reads the state once and the job once (a wake-up by
     B's own re-check, every 5 s, would have read the state a second time)."""
-    clock = SetClock()
     with ExitStack() as stack:
-        a = InProcessCoordinator(tmp_path / "a", stack, clock, database_url=db_url)
-        b = InProcessCoordinator(tmp_path / "b", stack, clock, database_url=db_url)
-        for c in (a, b):
-            relay = c.core.notifier.relay
-            assert relay is not None and relay.listening.wait(30)
+        a, b = two_coordinators(stack, tmp_path, db_url)
         user = a.new_user()
         on_b = b.client(user.token)
         worker = a.worker(echo_app)
         job = user.submit("echo", "echo", params={"far": True})
         [claimed] = worker.claim()
-        reads: list[str] = []
-
-        def count(_conn: object, _cur: object, statement: str, *_: object) -> None:
-            if "WHERE jobs.owner_id = " in statement:
-                reads.append(" ".join(statement.split()))
-
-        event.listen(b.core.engine, "before_cursor_execute", count)
-        try:
-            with ThreadPoolExecutor(1) as pool:
-                polling = pool.submit(on_b.request, "GET", f"/v1/jobs/{job.id}?wait=60")
-                waiters = b.core.notifier._waiters
-                wait_for(lambda: job_key(job.id) in waiters, timeout=30, interval=0.01)
-                assert worker.complete(claimed, result={"far": True}).status_code == 204
-                view = polling.result(timeout=60).json()
-        finally:
-            event.remove(b.core.engine, "before_cursor_execute", count)
+        owners = sent_statements(b, lambda flat: "WHERE jobs.owner_id = " in flat)
+        with owners as reads, ThreadPoolExecutor(1) as pool:
+            polling = pool.submit(on_b.request, "GET", f"/v1/jobs/{job.id}?wait=60")
+            waiters = b.core.notifier._waiters
+            wait_for(lambda: job_key(job.id) in waiters, timeout=30, interval=0.01)
+            assert worker.complete(claimed, result={"far": True}).status_code == 204
+            view = polling.result(timeout=60).json()
     assert (view["id"], view["state"], view["result"]) == (job.id, "succeeded", {"far": True})
     assert len(reads) == 2 and "files_json" in reads[1], reads
 
@@ -263,13 +263,8 @@ def test_an_end_reaches_streams_on_both_coordinators_read_only_through_the_relay
     from csml.coordinator.notify import owner_feed
 
     monkeypatch.setattr(api_events, "STREAM_SECONDS", 3.0)
-    clock = SetClock()
     with ExitStack() as stack:
-        a = InProcessCoordinator(tmp_path / "a", stack, clock, database_url=db_url)
-        b = InProcessCoordinator(tmp_path / "b", stack, clock, database_url=db_url)
-        for c in (a, b):
-            relay = c.core.notifier.relay
-            assert relay is not None and relay.listening.wait(30)
+        a, b = two_coordinators(stack, tmp_path, db_url)
         user = a.new_user()
         on_b = b.client(user.token)
         worker = a.worker(echo_app)
