@@ -31,7 +31,9 @@ SPEC = JobSpec(app="echo", operation="echo", params={"i": 1})
 
 
 def make_core(base_dir: str | None) -> Core:
-    return build_core(Settings(data_dir=Path(tempfile.mkdtemp(prefix="csml-ops-", dir=base_dir))))
+    data_dir = Path(tempfile.mkdtemp(prefix="csml-ops-", dir=base_dir))
+    # No submission quotas (0: none), as bench/request_cost.py: --n submits per identity.
+    return build_core(Settings(data_dir=data_dir, submission_rate_limit=0, max_active_jobs=0))
 
 
 def seed(core: Core) -> tuple[str, Identity, Worker]:
