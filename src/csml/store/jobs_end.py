@@ -52,6 +52,7 @@ from csml.store.jobs import (
     JobRow,
     plain_row,
 )
+from csml.store.prepared import Prepared
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +172,7 @@ _SEALED_JOB = exists().where(ENVELOPES.c.job_seq == JOBS.c.seq)
 
 
 @functools.cache
-def _end_held_statement(succeeded: bool) -> Any:
+def _end_held_statement(succeeded: bool) -> Prepared:
     values: dict[str, Any] = {
         "state": bindparam("b_state"),
         "finished_at": bindparam("b_now"),
@@ -183,7 +184,7 @@ def _end_held_statement(succeeded: bool) -> Any:
     if succeeded:
         values["progress_fraction"] = 1.0
     lease: BindParameter[Any] = bindparam("b_lease")
-    return (
+    return Prepared(
         update(JOBS)
         .where(
             JOBS.c.id == bindparam("b_job"),
@@ -220,7 +221,7 @@ def end_held(
         "b_result": done.result,
         "b_models": list(models),
     }
-    row = conn.execute(stmt, params).first()
+    row = stmt.first(conn, params)
     return None if row is None else plain_row(row)
 
 

@@ -1,0 +1,239 @@
+"""Prepared statements: the hot path's Core statements sent on the DB-API cursor.
+
+SQLAlchemy Core's per-execution machinery (compile-cache lookup, `_init_compiled`,
+parameter processing, `CursorResult` and `Row` wrapping) costs ~3x what SQLite itself
+spends on a short statement. A `Prepared` keeps the existing Core construct and asks
+SQLAlchemy to render it once per dialect (and per set of parameter names and lengths of
+the expanding IN-lists: a "plan"); each call then only orders the caller's values,
+applies the bind processors SQLAlchemy chose for their types, sends the SQL with
+`Connection._cursor_execute` (the path SQLAlchemy itself uses for raw statements) and
+applies the result processors to plain tuples.
+
+Invariants:
+
+- The SQL is SQLAlchemy's rendering of the construct for the connection's dialect,
+  with bound parameters only (`construct_expanded_state`, as an execution renders it);
+  nothing of a caller's values is ever put into the SQL text.
+- Values are processed by the same processors SQLAlchemy uses for the statement's
+  types (bind: `construct_expanded_state().processors`; result: each returned column's
+  type's `result_processor` for the driver's column type code), so JSON, timestamps,
+  booleans and bytes go in and come back exactly as through `Connection.execute`
+  (`tests/unit/test_prepared.py` compares the two on SQLite, and
+  `tests/integration/postgres/test_prepared_pg.py` on PostgreSQL).
+- Every statement goes through the engine's `before_cursor_execute` listeners (so the
+  `StoreCounters` of `csml.store.db`, `/metrics`' `csml_store_statements_*`, count it
+  with its kind) and its errors through SQLAlchemy's handling (wrapped as
+  `sqlalchemy.exc.DBAPIError` with `.orig`, the connection invalidated on a
+  disconnect), like any other.
+- A statement runs in the connection's transaction; on a connection in none it begins
+  one as `Connection.execute` would (autobegin: the dialect's `begin` event decides
+  what that sends, e.g. nothing on a `read_each` connection).
+- Python-side column defaults are supported only when scalar (a constant), which is
+  what SQLAlchemy computes for them at execution; anything else is refused at the
+  plan's making (`TypeError`), never silently different.
+- Plans are few (bounded by the call sites, and the IN-list lengths in use): at most
+  `PLANS_MAX` per statement, then forgotten and made again.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, cast
+
+from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.sql import ClauseElement, Executable
+from sqlalchemy.sql.compiler import SQLCompiler
+
+PLANS_MAX = 64
+
+_Processor = Callable[[Any], Any]
+
+
+class _Mark:
+    """Stands for a caller's value while a plan is made: where it comes from."""
+
+    __slots__ = ("index", "key", "sub")
+
+    def __init__(self, key: str, index: int | None, sub: int | None) -> None:
+        self.key, self.index, self.sub = key, index, sub
+
+
+class _Plan:
+    """One rendering: the SQL, where each bound value comes from, the result processors."""
+
+    __slots__ = ("args", "named", "results", "sql")
+
+    def __init__(
+        self, sql: str, named: tuple[str, ...] | None, args: list[tuple[Any, ...]]
+    ) -> None:
+        self.sql = sql
+        self.named = named  # the parameter names (named paramstyle), None: positional
+        # per bound value: (key, index, sub, processor) or (None, constant)
+        self.args = args
+        self.results: list[tuple[int, _Processor]] | None = None  # made at first rows
+
+
+class Prepared:
+    """A Core statement executed on the DB-API cursor (see the module docstring)."""
+
+    __slots__ = ("_expanding", "_lock", "_plans", "stmt")
+
+    def __init__(self, stmt: Executable) -> None:
+        self.stmt = stmt
+        self._plans: dict[tuple[Any, ...], _Plan] = {}
+        self._expanding: dict[str, tuple[str, ...]] = {}  # per dialect: expanding names
+        self._lock = threading.Lock()
+
+    # -- calls -------------------------------------------------------------------------
+
+    def rows(self, conn: Connection, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        """Execute; the rows it returns, as tuples of processed values."""
+        cursor, plan = self._send(conn, params)
+        try:
+            try:
+                raw = cursor.fetchall()
+            except BaseException as exc:
+                conn._handle_dbapi_exception(exc, plan.sql, None, cursor, None)
+                raise  # unreachable: the handler raises
+            results = plan.results
+            if results is None:
+                results = plan.results = self._result_processors(conn.dialect, cursor)
+            if not results:
+                return [tuple(r) for r in raw]
+            out = []
+            for r in raw:
+                row = list(r)
+                for i, proc in results:
+                    row[i] = proc(row[i])
+                out.append(tuple(row))
+            return out
+        finally:
+            cursor.close()
+
+    def first(self, conn: Connection, params: Mapping[str, Any]) -> tuple[Any, ...] | None:
+        found = self.rows(conn, params)
+        return found[0] if found else None
+
+    def scalar(self, conn: Connection, params: Mapping[str, Any]) -> Any:
+        """The first column of the first row, or None when there is no row."""
+        found = self.rows(conn, params)
+        return found[0][0] if found else None
+
+    def run(self, conn: Connection, params: Mapping[str, Any]) -> int:
+        """Execute a statement that returns no rows; the rows it changed."""
+        cursor, _plan = self._send(conn, params)
+        try:
+            return int(cursor.rowcount)
+        finally:
+            cursor.close()
+
+    # -- execution ---------------------------------------------------------------------
+
+    def _send(self, conn: Connection, params: Mapping[str, Any]) -> tuple[Any, _Plan]:
+        dialect = conn.dialect
+        expanding = self._expanding.get(dialect.name, ())
+        key = (dialect, tuple(params), *[len(params[k]) for k in expanding])
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plan(dialect, params)
+        values: list[Any] = []
+        for source in plan.args:
+            if source[0] is None:
+                values.append(source[1])
+                continue
+            name, index, sub, proc = source
+            value = params[name]
+            if index is not None:
+                value = value[index]
+                if sub is not None:
+                    value = value[sub]
+            values.append(value if proc is None else proc(value))
+        args: Any = (
+            dialect.execute_sequence_format(values)
+            if plan.named is None
+            else dict(zip(plan.named, values, strict=True))
+        )
+        if not conn.in_transaction():
+            conn.begin()  # as Connection.execute's autobegin
+        cursor = conn.connection.cursor()
+        try:
+            conn._cursor_execute(cursor, plan.sql, args)
+        except BaseException:
+            cursor.close()
+            raise
+        return cursor, plan
+
+    # -- plans -------------------------------------------------------------------------
+
+    def _compile(self, dialect: Dialect, params: Mapping[str, Any]) -> SQLCompiler:
+        # As an execution compiles it: the parameters' names as column keys (an INSERT
+        # or UPDATE sets the columns named so).
+        compiled = cast(ClauseElement, self.stmt).compile(
+            dialect=dialect, column_keys=sorted(params)
+        )
+        assert isinstance(compiled, SQLCompiler)
+        return compiled
+
+    def _plan(self, dialect: Dialect, params: Mapping[str, Any]) -> _Plan:
+        compiled = self._compile(dialect, params)
+        expanding = tuple(
+            name for name, bind in compiled.binds.items() if bind.expanding and name in params
+        )
+        with self._lock:
+            self._expanding[dialect.name] = expanding
+        key = (dialect, tuple(params), *[len(params[k]) for k in expanding])
+        marked: dict[str, Any] = {}
+        for name, value in params.items():
+            if name in expanding:
+                width = len(value[0]) if value and isinstance(value[0], tuple | list) else None
+                marked[name] = [
+                    _Mark(name, i, None)
+                    if width is None
+                    else tuple(_Mark(name, i, j) for j in range(width))
+                    for i in range(len(value))
+                ]
+            else:
+                marked[name] = _Mark(name, None, None)
+        for column in (*compiled.insert_prefetch, *compiled.update_prefetch):
+            if column.key in params:
+                continue
+            default = column.default
+            if default is None or not getattr(default, "is_scalar", False):
+                raise TypeError(f"{column.key}: only scalar column defaults are prepared")
+            marked[column.key] = cast(Any, default).arg  # the constant an execution binds
+        # As an execution does (`DefaultExecutionContext._init_compiled`): parameters by
+        # their unescaped names, the statement's processors and the expanded ones'.
+        state = compiled.construct_expanded_state(marked, escape_names=False)
+        processors = cast(dict[str, Any], {**compiled._bind_processors, **state.processors})
+        names = state.positiontup if compiled.positional else list(state.parameters)
+        assert names is not None
+        args: list[tuple[Any, ...]] = []
+        for name in names:
+            value = state.parameters[name]
+            proc = processors.get(name)
+            if isinstance(value, _Mark):
+                args.append((value.key, value.index, value.sub, proc))
+            else:
+                args.append((None, value if proc is None else proc(value)))
+        if not compiled.positional:
+            escaped = compiled.escaped_bind_names
+            names = [escaped.get(name, name) for name in names]
+        plan = _Plan(state.statement, None if compiled.positional else tuple(names), args)
+        with self._lock:
+            if len(self._plans) >= PLANS_MAX:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
+
+    def _result_processors(self, dialect: Dialect, cursor: Any) -> list[tuple[int, _Processor]]:
+        """(column index, processor) of the returned columns that have one, for the
+        driver's type codes in `cursor.description` (as SQLAlchemy's result does)."""
+        columns: Sequence[Any] = list(self.stmt.exported_columns)  # type: ignore[attr-defined]
+        description = cursor.description or ()
+        procs: list[tuple[int, _Processor]] = []
+        for i, (column, described) in enumerate(zip(columns, description, strict=True)):
+            proc = column.type.dialect_impl(dialect).result_processor(dialect, described[1])
+            if proc is not None:
+                procs.append((i, proc))
+        return procs
