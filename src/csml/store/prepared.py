@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from operator import itemgetter
 from typing import Any, cast
 
 from sqlalchemy.engine import Connection, Dialect
@@ -62,7 +63,7 @@ class _Mark:
 class _Plan:
     """One rendering: the SQL, where each bound value comes from, the result processors."""
 
-    __slots__ = ("args", "named", "results", "sql")
+    __slots__ = ("args", "constants", "getter", "named", "processors", "results", "sql")
 
     def __init__(
         self, sql: str, named: tuple[str, ...] | None, args: list[tuple[Any, ...]]
@@ -72,6 +73,49 @@ class _Plan:
         # per bound value: (key, index, sub, processor) or (None, constant)
         self.args = args
         self.results: list[tuple[int, _Processor]] | None = None  # made at first rows
+        # Without IN-lists, the values are picked in one C call (`itemgetter`) from the
+        # caller's mapping merged over the constants, then the processors applied.
+        self.getter: Callable[[Mapping[str, Any]], Any] | None = None
+        self.constants: dict[str, Any] = {}
+        self.processors: list[tuple[int, _Processor]] = []
+        if all(source[0] is None or source[1] is None for source in args):
+            keys: list[str] = []
+            for i, source in enumerate(args):
+                if source[0] is None:
+                    keys.append(f" constant {i}")  # no parameter has a space in its name
+                    self.constants[keys[-1]] = source[1]
+                else:
+                    keys.append(source[0])
+                    if source[3] is not None:
+                        self.processors.append((i, source[3]))
+            if len(keys) >= 2:
+                self.getter = itemgetter(*keys)
+            elif keys:
+                only = keys[0]
+                self.getter = lambda values: (values[only],)
+            else:
+                self.getter = lambda _values: ()
+
+    def values(self, params: Mapping[str, Any]) -> list[Any]:
+        """The values to send, in the SQL's order, processed."""
+        if self.getter is not None:
+            values = list(self.getter({**self.constants, **params} if self.constants else params))
+            for i, proc in self.processors:
+                values[i] = proc(values[i])
+            return values
+        values = []
+        for source in self.args:
+            if source[0] is None:
+                values.append(source[1])
+                continue
+            name, index, sub, proc = source
+            value = params[name]
+            if index is not None:
+                value = value[index]
+                if sub is not None:
+                    value = value[sub]
+            values.append(value if proc is None else proc(value))
+        return values
 
 
 class Prepared:
@@ -137,18 +181,7 @@ class Prepared:
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plan(dialect, params)
-        values: list[Any] = []
-        for source in plan.args:
-            if source[0] is None:
-                values.append(source[1])
-                continue
-            name, index, sub, proc = source
-            value = params[name]
-            if index is not None:
-                value = value[index]
-                if sub is not None:
-                    value = value[sub]
-            values.append(value if proc is None else proc(value))
+        values = plan.values(params)
         args: Any = (
             dialect.execute_sequence_format(values)
             if plan.named is None
