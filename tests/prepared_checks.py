@@ -149,10 +149,12 @@ def same_as_core(
     """Run `stmt` once by `Connection.execute` and once as a `Prepared`, each in a
     transaction rolled back afterwards (after `setup`, which may write), and assert they
     sent the same SQL and driver parameters, returned the same rows (and row count), and
-    counted the same statements and kinds. The rows. `differ`: columns left out of the
-    rows' comparison (values drawn from a sequence)."""
+    counted the same statements and kinds. Core is given the IN-lists as the `Prepared`
+    pads them (`Prepared.padded`); that padding changes no row is checked too. The rows.
+    `differ`: columns left out of the rows' comparison (values drawn from a sequence)."""
     outcomes = []
-    for way in ("core", "prepared"):
+    fast = Prepared(stmt)
+    for way in ("core", "prepared", "unpadded"):
         with engine.connect() as conn:
             conn.begin()
             if setup is not None:
@@ -160,12 +162,12 @@ def same_as_core(
             tally = counters(engine)
             statements, kinds = tally.statements, dict(tally.by_kind)
             with recorded(engine) as sent:
-                if way == "core":
-                    result = conn.execute(stmt, dict(params))
+                if way != "prepared":
+                    given = dict(params if way == "unpadded" else fast.padded(params))
+                    result = conn.execute(stmt, given)
                     rows = [tuple(r) for r in result] if returns else []
                     count = None if returns else result.rowcount
                 else:
-                    fast = Prepared(stmt)
                     if returns:
                         rows, count = fast.rows(conn, params), None
                     else:
@@ -175,7 +177,8 @@ def same_as_core(
             conn.rollback()
         kept = [[v for i, v in enumerate(row) if i not in differ] for row in rows]
         outcomes.append((sent, typed(kept), count, counted, grown))
-    core, prepared = outcomes
+    core, prepared, unpadded = outcomes
+    assert unpadded[1:] == core[1:], "padded IN-lists changed the rows"
     assert prepared[0] == core[0], f"SQL or driver parameters differ: {core[0]} != {prepared[0]}"
     assert prepared[1] == core[1], f"rows differ: {core[1]} != {prepared[1]}"
     assert prepared[2] == core[2], "row counts differ"

@@ -67,7 +67,7 @@ def test_a_statement_begins_as_execute_would(engine: Any) -> None:
             assert [s for s, _p in sent] == [*opened, str(THINGS.select().compile(engine))]
 
 
-def test_plans_are_made_per_parameter_names_and_list_lengths(engine: Any) -> None:
+def test_plans_are_made_per_parameter_names_and_padded_list_lengths(engine: Any) -> None:
     from tests.prepared_checks import BY_NAMES
 
     by_names = Prepared(BY_NAMES)
@@ -79,8 +79,13 @@ def test_plans_are_made_per_parameter_names_and_list_lengths(engine: Any) -> Non
         assert [r[1] for r in by_names.rows(conn, {"names": ["c"]})] == ["c"]
         assert by_names.rows(conn, {"names": []}) == []
         assert [r[1] for r in by_names.rows(conn, {"names": ["b", "a"]})] == ["a", "b"]
+        for n in range(3, 40):  # lengths 4, 8, 16, 32 and 64: five plans more
+            names = ["c", "a", *[f"x{i}" for i in range(n - 2)]]
+            assert [r[1] for r in by_names.rows(conn, {"names": names})] == ["a", "c"]
         conn.rollback()
-    assert len(by_names._plans) == 3  # lengths 2, 1, 0: one plan each
+    assert len(by_names._plans) == 3 + 5
+    assert by_names.padded({"names": ["a", "b", "c"]}) == {"names": ["a", "b", "c", "c"]}
+    assert by_names.padded({"names": ["a", "b"]}) == {"names": ["a", "b"]}
 
 
 # -- the store's hot statements, each against Core on a store with jobs ----------------

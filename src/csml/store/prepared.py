@@ -31,8 +31,9 @@ Invariants:
 - Python-side column defaults are supported only when scalar (a constant), which is
   what SQLAlchemy computes for them at execution; anything else is refused at the
   plan's making (`TypeError`), never silently different.
-- Plans are few (bounded by the call sites, and the IN-list lengths in use): at most
-  `PLANS_MAX` per statement, then forgotten and made again.
+- Plans are few: one per call site's parameter names and IN-list length, and IN-lists
+  are padded to a power of two (`padded`: the same rows); at most `PLANS_MAX` per
+  statement, then forgotten and made again.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ from operator import itemgetter
 from typing import Any, cast
 
 from sqlalchemy.engine import Connection, Dialect
-from sqlalchemy.sql import ClauseElement, Executable
+from sqlalchemy.sql import ClauseElement, Executable, visitors
 from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.elements import BindParameter
 
 PLANS_MAX = 64
 
@@ -126,7 +128,17 @@ class Prepared:
     def __init__(self, stmt: Executable) -> None:
         self.stmt = stmt
         self._plans: dict[tuple[Any, ...], _Plan] = {}
-        self._expanding: dict[str, tuple[str, ...]] = {}  # per dialect: expanding names
+        # The names of the IN-lists a caller gives (named expanding parameters, wherever
+        # they are in it; a literal list, `col.in_([...])`, is an anonymous constant).
+        self._expanding = tuple(
+            sorted(
+                {
+                    bind.key
+                    for bind in visitors.iterate(cast(ClauseElement, stmt))
+                    if isinstance(bind, BindParameter) and bind.expanding and not bind.unique
+                }
+            )
+        )
         self._lock = threading.Lock()
 
     # -- calls -------------------------------------------------------------------------
@@ -176,7 +188,9 @@ class Prepared:
 
     def _send(self, conn: Connection, params: Mapping[str, Any]) -> tuple[Any, _Plan]:
         dialect = conn.dialect
-        expanding = self._expanding.get(dialect.name, ())
+        expanding = self._expanding
+        if expanding:
+            params = padded(params, expanding)
         key = (dialect, tuple(params), *[len(params[k]) for k in expanding])
         plan = self._plans.get(key)
         if plan is None:
@@ -210,11 +224,7 @@ class Prepared:
 
     def _plan(self, dialect: Dialect, params: Mapping[str, Any]) -> _Plan:
         compiled = self._compile(dialect, params)
-        expanding = tuple(
-            name for name, bind in compiled.binds.items() if bind.expanding and name in params
-        )
-        with self._lock:
-            self._expanding[dialect.name] = expanding
+        expanding = self._expanding
         key = (dialect, tuple(params), *[len(params[k]) for k in expanding])
         marked: dict[str, Any] = {}
         for name, value in params.items():
@@ -259,6 +269,10 @@ class Prepared:
             self._plans[key] = plan
         return plan
 
+    def padded(self, params: Mapping[str, Any]) -> Mapping[str, Any]:
+        """`params` with their IN-lists as this statement sends them (see `padded`)."""
+        return padded(params, self._expanding)
+
     def _result_processors(self, dialect: Dialect, cursor: Any) -> list[tuple[int, _Processor]]:
         """(column index, processor) of the returned columns that have one, for the
         driver's type codes in `cursor.description` (as SQLAlchemy's result does)."""
@@ -270,3 +284,21 @@ class Prepared:
             if proc is not None:
                 procs.append((i, proc))
         return procs
+
+
+def padded(params: Mapping[str, Any], expanding: Sequence[str]) -> Mapping[str, Any]:
+    """`params` with each IN-list (the `expanding` ones) of more than one element grown
+    to the next power of two by repeating its last element: `x IN (a, b, c, c)` is
+    `x IN (a, b, c)` (and NOT IN likewise: expanding parameters exist only in IN and
+    NOT IN), and a statement then has a few plans (rendered SQL strings, and prepared
+    statements on PostgreSQL) instead of one per length, e.g. up to 10 for the 500 ids
+    of an event stream's `changed` instead of 500."""
+    grown: dict[str, Any] | None = None
+    for name in expanding:
+        values = params[name]
+        n = len(values)
+        if n > 2 and n & (n - 1):
+            if grown is None:
+                grown = dict(params)
+            grown[name] = [*values, *[values[-1]] * ((1 << n.bit_length()) - n)]
+    return params if grown is None else grown
