@@ -315,6 +315,19 @@ def check_store_statements(engine: Engine, owner: str, worker: str, job_id: str)
         statement = jobs_end._end_held_statement(ended == "succeeded").stmt
         [back] = same_as_core(engine, statement, end, setup=taken)
         assert store.plain_row(back).state == ended
+    for locking in (jobs_end._TO_COMPLETE, jobs_end._LOCK_TO_COMPLETE):
+        ids_ = {"ids": [job_id, "nope", *[r[1] for r in rows]]}  # 4 ids: padded to 4
+        locked = same_as_core(engine, locking.stmt, ids_, setup=taken)
+        assert len(locked) == 3 and all(r[5] == "running" for r in locked)
+    ending = jobs_end._end_statement(("error", "finished_at", "result", "state"))
+    finish = {
+        "b_error": None,
+        "b_finished_at": later,
+        "b_result": {"r": [True, None]},
+        "b_state": "succeeded",
+        "job_seq": rows[0][0],
+    }
+    same_as_core(engine, ending.stmt, finish, setup=taken, returns=False)
     probe = store._probe(False, False, False).stmt
     for met in ([], ["k1", "k2"]):
         [(head_seq, _newest)] = same_as_core(
