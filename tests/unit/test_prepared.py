@@ -117,3 +117,27 @@ def test_rows_read_by_position_are_the_rows_read_by_name(
     assert fast == store.JobRow(
         **{k: m[k] for k in store._JOB_FIELDS}, files=store._files(m["files_json"])
     )
+
+
+def test_what_it_cannot_send_as_core_would_is_refused(engine: Any) -> None:
+    """A parameter SQLAlchemy renders into the SQL (`literal_execute`), or a column
+    default it computes per row (a callable), is refused, never sent differently."""
+    from sqlalchemy import Column, Integer, MetaData, String, Table, bindparam, select
+
+    table = Table(
+        "prepared_defaults",
+        MetaData(),
+        Column("seq", Integer, primary_key=True),
+        Column("name", String(20), default=lambda: "computed"),
+    )
+    table.create(engine)
+    literal = select(THINGS.c.seq).where(
+        THINGS.c.name.in_(bindparam("names", expanding=True, literal_execute=True))
+    )
+    with engine.connect() as conn:
+        with pytest.raises(TypeError, match="literal_execute"):
+            Prepared(literal).rows(conn, {"names": ["a"]})
+        with pytest.raises(TypeError, match="scalar column defaults"):
+            Prepared(insert(table)).run(conn, {"seq": 1})
+        assert Prepared(insert(table)).run(conn, {"seq": 1, "name": "given"}) == 1
+        conn.rollback()

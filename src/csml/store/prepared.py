@@ -29,8 +29,10 @@ Invariants:
   one as `Connection.execute` would (autobegin: the dialect's `begin` event decides
   what that sends, e.g. nothing on a `read_each` connection).
 - Python-side column defaults are supported only when scalar (a constant), which is
-  what SQLAlchemy computes for them at execution; anything else is refused at the
-  plan's making (`TypeError`), never silently different.
+  what SQLAlchemy computes for them at execution; anything else (and `literal_execute`
+  parameters, which SQLAlchemy renders into the SQL) is refused when the plan is made
+  (`TypeError`), never silently different. One row of parameters per call: there is
+  no executemany.
 - Plans are few: one per call site's parameter names and IN-list length, and IN-lists
   are padded to a power of two (`padded`: the same rows); at most `PLANS_MAX` per
   statement, then forgotten and made again.
@@ -224,6 +226,8 @@ class Prepared:
 
     def _plan(self, dialect: Dialect, params: Mapping[str, Any]) -> _Plan:
         compiled = self._compile(dialect, params)
+        if compiled.literal_execute_params:  # rendered into the SQL from the values
+            raise TypeError("statements with literal_execute parameters are not prepared")
         expanding = self._expanding
         key = (dialect, tuple(params), *[len(params[k]) for k in expanding])
         marked: dict[str, Any] = {}
