@@ -297,6 +297,28 @@ def test_batches_are_bounded_by_count(engine: Engine) -> None:
     assert commits(engine) - before == 5  # 20 ops in batches of at most 4
 
 
+def test_savepoints_are_counted_by_kind_too(engine: Engine) -> None:
+    """A batch's savepoints count in the statements and by kind: the kinds (what /metrics
+    sends as csml_store_statements_by_kind_total) sum to the statements."""
+    writer = Writer(engine, max_batch_ops=8, max_batch_seconds=10.0)
+    gate = Gate(writer)
+    tally = counters(engine)
+    statements, kinds = tally.statements, dict(tally.by_kind)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            held = pool.submit(writer.run, gate.op())
+            assert gate.entered.wait(10)
+            futures = [pool.submit(writer.run, add(f"k{i}")) for i in range(4)]
+            gate.open_when_pending(4)
+            held.result(10)
+            assert sorted(f.result(10) for f in futures) == [1, 2, 3, 4]
+    finally:
+        writer.close()
+    grown = {k: v - kinds.get(k, 0) for k, v in tally.by_kind.items() if v != kinds.get(k, 0)}
+    assert grown["SAVEPOINT"] >= 1 and grown["RELEASE"] >= 1, grown
+    assert sum(grown.values()) == tally.statements - statements, grown
+
+
 def test_a_failing_commit_fails_its_whole_batch_and_the_writer_goes_on(
     engine: Engine, writer: Writer
 ) -> None:

@@ -52,6 +52,7 @@ from csml.store.jobs import (
     JobRow,
     plain_row,
 )
+from csml.store.prepared import Prepared
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,13 +101,24 @@ def _select_locked() -> Select[Any]:
     )
 
 
+_CONFIDENTIAL_AT = 12  # `_select_locked`'s columns are `Locked`'s fields, in order
+assert list(Locked.__dataclass_fields__)[_CONFIDENTIAL_AT] == "confidential"
+
+
 def _locked(
-    conn: Connection, stmt: Select[Any], params: dict[str, Any] | None = None
+    conn: Connection, stmt: Select[Any] | Prepared, params: dict[str, Any] | None = None
 ) -> list[Locked]:
-    return [
-        Locked(**{**r._mapping, "confidential": bool(r.confidential)})
-        for r in conn.execute(stmt, params).all()
-    ]
+    rows = (
+        stmt.rows(conn, params or {})
+        if isinstance(stmt, Prepared)
+        else conn.execute(stmt, params).all()
+    )
+    found = []
+    for r in rows:
+        values = list(r)
+        values[_CONFIDENTIAL_AT] = bool(values[_CONFIDENTIAL_AT])
+        found.append(Locked(*values))
+    return found
 
 
 _IDS: BindParameter[Any] = bindparam("ids", expanding=True)
@@ -121,10 +133,10 @@ _LOCK_SEQS = (
 # In seq order (the sort is below the row locking on PostgreSQL): every statement that
 # locks several running jobs (this, `jobs_write.extend_leases`) takes them in one order,
 # so a completion and a heartbeat of one worker's jobs never deadlock.
-_LOCK_TO_COMPLETE = (
+_LOCK_TO_COMPLETE = Prepared(
     _select_locked().where(JOBS.c.id.in_(_IDS)).order_by(JOBS.c.seq).with_for_update(of=JOBS)
 )
-_TO_COMPLETE = _select_locked().where(JOBS.c.id.in_(_IDS))
+_TO_COMPLETE = Prepared(_select_locked().where(JOBS.c.id.in_(_IDS)))
 
 
 def to_complete(conn: Connection, job_ids: Sequence[str]) -> dict[str, Locked]:
@@ -144,9 +156,9 @@ def lock_to_complete(conn: Connection, job_ids: Sequence[str]) -> dict[str, Lock
 
 
 @functools.cache
-def _end_statement(columns: tuple[str, ...]) -> Any:
+def _end_statement(columns: tuple[str, ...]) -> Prepared:
     """UPDATE of one job's `columns` (bound by their names): built once per set."""
-    return (
+    return Prepared(
         update(JOBS)
         .where(JOBS.c.seq == bindparam("job_seq"))
         .values({c: bindparam(f"b_{c}", type_=JOBS.c[c].type) for c in columns})
@@ -171,7 +183,7 @@ _SEALED_JOB = exists().where(ENVELOPES.c.job_seq == JOBS.c.seq)
 
 
 @functools.cache
-def _end_held_statement(succeeded: bool) -> Any:
+def _end_held_statement(succeeded: bool) -> Prepared:
     values: dict[str, Any] = {
         "state": bindparam("b_state"),
         "finished_at": bindparam("b_now"),
@@ -183,7 +195,7 @@ def _end_held_statement(succeeded: bool) -> Any:
     if succeeded:
         values["progress_fraction"] = 1.0
     lease: BindParameter[Any] = bindparam("b_lease")
-    return (
+    return Prepared(
         update(JOBS)
         .where(
             JOBS.c.id == bindparam("b_job"),
@@ -220,7 +232,7 @@ def end_held(
         "b_result": done.result,
         "b_models": list(models),
     }
-    row = conn.execute(stmt, params).first()
+    row = stmt.first(conn, params)
     return None if row is None else plain_row(row)
 
 
@@ -250,7 +262,7 @@ def end(
     if message is not None:
         values["progress_message"] = message
     params = {f"b_{c}": v for c, v in values.items()}
-    conn.execute(_end_statement(tuple(sorted(values))), {**params, "job_seq": seq})
+    _end_statement(tuple(sorted(values))).run(conn, {**params, "job_seq": seq})
 
 
 def set_encrypted_result(conn: Connection, seq: int, value: dict[str, Any] | None) -> None:

@@ -82,6 +82,7 @@ from csml.store.jobs import (
     claimant_params,
 )
 from csml.store.jobs_quota import Admission, admits
+from csml.store.prepared import Prepared
 from csml.store.tables import Job
 
 
@@ -142,7 +143,7 @@ def lock_app(conn: Connection, app: str) -> None:
     conn.execute(select(APPS.c.name).where(APPS.c.name == app).with_for_update())
 
 
-def _rank_upsert(dialect: str, admission: tuple[bool, bool] | None = None) -> Any:
+def _rank_upsert(dialect: str, admission: tuple[bool, bool] | None = None) -> Prepared:
     """INSERT ... SELECT from the app's row (so no row at all for an unknown app) ...
     ON CONFLICT DO UPDATE: the app's served rank is read by the upsert itself. With an
     `admission` key, the SELECT also has the new job's quotas as its condition
@@ -160,22 +161,24 @@ def _rank_upsert(dialect: str, admission: tuple[bool, bool] | None = None) -> An
     )
     # The new row's last_rank is served + 1: one past the larger of last_rank and served.
     served_next = stmt.excluded.last_rank
-    return stmt.on_conflict_do_update(
-        index_elements=[COUNTERS.c.app, COUNTERS.c.owner_id],
-        set_={
-            "last_rank": case(
-                (COUNTERS.c.last_rank >= served_next, COUNTERS.c.last_rank + 1),
-                else_=served_next,
-            )
-        },
-    ).returning(COUNTERS.c.last_rank)
+    return Prepared(
+        stmt.on_conflict_do_update(
+            index_elements=[COUNTERS.c.app, COUNTERS.c.owner_id],
+            set_={
+                "last_rank": case(
+                    (COUNTERS.c.last_rank >= served_next, COUNTERS.c.last_rank + 1),
+                    else_=served_next,
+                )
+            },
+        ).returning(COUNTERS.c.last_rank)
+    )
 
 
 _RANK_UPSERT = {dialect: _rank_upsert(dialect) for dialect in ("postgresql", "sqlite")}
 
 
 @functools.cache
-def _admitting_rank_upsert(dialect: str, active: bool, stored: bool) -> Any:
+def _admitting_rank_upsert(dialect: str, active: bool, stored: bool) -> Prepared:
     return _rank_upsert(dialect, (active, stored))
 
 
@@ -196,11 +199,11 @@ def next_rank(
         assert admission.identity_id == owner_id, "a job is admitted for its owner"
         stmt = _admitting_rank_upsert(conn.dialect.name, *admission.key)
         params = {"b_app": app, "b_owner": owner_id, **admission.params()}
-    rank = conn.execute(stmt, params).scalar_one_or_none()
+    rank = stmt.scalar(conn, params)
     return None if rank is None else int(rank)
 
 
-_INSERT_JOB = insert(JOBS).returning(JOBS.c.seq)
+_INSERT_JOB = Prepared(insert(JOBS).returning(JOBS.c.seq))
 _INSERT_FILES = insert(FILES)
 
 
@@ -208,8 +211,8 @@ def insert_job(
     conn: Connection, job: NewJob, files: Sequence[FileRow], sealing: Sealing | None
 ) -> int:
     """Insert a queued job with its files (and envelope); its seq."""
-    seq = conn.execute(
-        _INSERT_JOB,
+    seq = _INSERT_JOB.scalar(
+        conn,
         {
             "id": job.id,
             "owner_id": job.owner_id,
@@ -230,7 +233,7 @@ def insert_job(
             "min_reputation": job.min_reputation,
             "verify_runs": 0,
         },
-    ).scalar_one()
+    )
     add_files(conn, seq, files)
     if sealing is not None:
         conn.execute(
@@ -342,7 +345,7 @@ _STOP_WORKER = (
 # of the same worker from another writer lane or coordinator, or a reputation update), it
 # is skipped; the other one writes the worker as live too, or the next stamp does. (Two
 # lanes' batches stamping the same workers in different orders deadlocked on PostgreSQL.)
-_STAMP_WORKER = (
+_STAMP_WORKER = Prepared(
     update(WORKERS)
     .where(
         WORKERS.c.id.in_(
@@ -363,7 +366,7 @@ def stop_worker(conn: Connection, worker_id: str, now: datetime) -> None:
 
 def stamp_worker(conn: Connection, worker_id: str, now: datetime) -> None:
     """Write the worker's liveness (skipped if its row is held elsewhere: see above)."""
-    conn.execute(_STAMP_WORKER, {"worker_id": worker_id, "b_now": now})
+    _STAMP_WORKER.run(conn, {"worker_id": worker_id, "b_now": now})
 
 
 # The claim takes nothing for a stopped worker (left, or its join token revoked), even
@@ -403,7 +406,7 @@ _HAS_INPUTS = (
 
 
 @functools.cache
-def _take_statement(head: str, contributed: bool, quarantined: bool, operations: bool) -> Any:
+def _take_statement(head: str, contributed: bool, quarantined: bool, operations: bool) -> Prepared:
     """The claim statement, built once per variant. `head`: `PLAIN`, the claimable jobs
     in fair order; `WARM`, of the first `b_window` of those (not locked), the ones whose
     `warm_key` is in `b_warm` first, then fair order (only the rows taken are locked,
@@ -471,13 +474,13 @@ def _take_statement(head: str, contributed: bool, quarantined: bool, operations:
     if head == CREDITED:
         values["credit_lease"] = case((_JUMPS, bindparam("b_lease")), else_=None)
         returned.append(JOBS.c.credit_lease)
-    return update(JOBS).where(JOBS.c.seq.in_(heads)).values(**values).returning(*returned)
+    return Prepared(update(JOBS).where(JOBS.c.seq.in_(heads)).values(**values).returning(*returned))
 
 
 _TAKE = _take_statement(PLAIN, False, False, False)
 # The served rank moves up unless another transaction holds the app's row (then that
 # one moves it, or the next claim does): a claim never waits on it.
-_SERVE = (
+_SERVE = Prepared(
     update(APPS)
     .where(
         APPS.c.name.in_(
@@ -490,7 +493,18 @@ _SERVE = (
     .values(served_rank=bindparam("b_top"))
 )
 _SEQS: BindParameter[Any] = bindparam("seqs", expanding=True)
-_INPUTS = select(FILES).where(FILES.c.job_seq.in_(_SEQS), FILES.c.kind == "input")
+_INPUTS = Prepared(
+    select(
+        FILES.c.job_seq,
+        FILES.c.kind,
+        FILES.c.name,
+        FILES.c.size,
+        FILES.c.sha256,
+        FILES.c.media_type,
+        FILES.c.blob,
+        FILES.c.model_id,
+    ).where(FILES.c.job_seq.in_(_SEQS), FILES.c.kind == "input")
+)
 _SEALED = (
     select(
         ENVELOPES.c.job_seq,
@@ -550,23 +564,22 @@ def take(
         params.update(b_warm=list(warm), b_window=max(window, max_jobs))
     else:
         head = PLAIN
-    stmt = _take_statement(head, *claimant_key(claimant))
-    rows = conn.execute(stmt, params).all()
+    # Rows as `_take_statement` returns them: seq, id, owner_id, operation, params,
+    # limits, attempts, fair_rank, sealed, has_inputs (and credit_lease when credited).
+    rows = _take_statement(head, *claimant_key(claimant)).rows(conn, params)
     if not rows:
         return []
-    jumped = {r.seq for r in rows if credited and r.credit_lease is not None}
-    in_order = [r.fair_rank for r in rows if r.seq not in jumped]
+    jumped = {r[0] for r in rows if credited and r[10] is not None}
+    in_order = [r[7] for r in rows if r[0] not in jumped]
     if in_order:
-        conn.execute(_SERVE, {"b_app": app, "b_top": max(in_order)})
+        _SERVE.run(conn, {"b_app": app, "b_top": max(in_order)})
     inputs: dict[int, list[FileRow]] = {}
-    with_inputs = [r.seq for r in rows if r.has_inputs]
+    with_inputs = [r[0] for r in rows if r[9]]
     if with_inputs:
-        for f in conn.execute(_INPUTS, {"seqs": with_inputs}):
-            inputs.setdefault(f.job_seq, []).append(
-                FileRow(f.kind, f.name, f.size, f.sha256, f.media_type, f.blob, f.model_id)
-            )
+        for job_seq, *f in _INPUTS.rows(conn, {"seqs": with_inputs}):
+            inputs.setdefault(job_seq, []).append(FileRow(*f))
     sealed: dict[int, Sealed] = {}
-    with_envelope = [r.seq for r in rows if r.sealed]
+    with_envelope = [r[0] for r in rows if r[8]]
     if with_envelope:
         for seq, nonce, result_key, params, wrapped in conn.execute(
             _SEALED, {"seqs": with_envelope, "worker_id": worker_id}
@@ -574,19 +587,19 @@ def take(
             sealed[seq] = Sealed(nonce, wrapped, result_key, params)
     return [
         Claimed(
-            seq=r.seq,
-            id=r.id,
-            owner_id=r.owner_id,
-            operation=r.operation,
-            params=r.params,
-            limits=r.limits,
-            attempts=r.attempts,
-            fair_rank=r.fair_rank,
-            inputs=tuple(inputs.get(r.seq, ())),
-            sealed=sealed.get(r.seq),
-            by_credit=r.seq in jumped,
+            seq=r[0],
+            id=r[1],
+            owner_id=r[2],
+            operation=r[3],
+            params=r[4],
+            limits=r[5],
+            attempts=r[6],
+            fair_rank=r[7],
+            inputs=tuple(inputs.get(r[0], ())),
+            sealed=sealed.get(r[0]),
+            by_credit=r[0] in jumped,
         )
-        for r in sorted(rows, key=lambda r: (r.fair_rank, r.seq))
+        for r in sorted(rows, key=lambda r: (r[7], r[0]))
     ]
 
 
@@ -607,7 +620,7 @@ _HELD_BY = (
 # The rows are locked in seq order by the subquery (PostgreSQL; SQLite has no row
 # locks), the order a completion locks them in (`jobs_end.lock_to_complete`): an
 # UPDATE's own scan would lock them in whatever order its plan visits them.
-_EXTEND = (
+_EXTEND = Prepared(
     update(JOBS)
     .where(
         JOBS.c.seq.in_(select(JOBS.c.seq).where(*_HELD_BY).order_by(JOBS.c.seq).with_for_update())
@@ -629,8 +642,7 @@ def extend_leases(
     if not leases:
         return {}
     params = {"leases": list(leases), "b_worker": worker_id, "b_until": until}
-    rows = conn.execute(_EXTEND, params).all()
-    return {r.id: Held(r.owner_id, r.progress_fraction, r.progress_message) for r in rows}
+    return {r[0]: Held(*r[1:]) for r in _EXTEND.rows(conn, params)}
 
 
 def set_progress(

@@ -110,7 +110,7 @@ from typing import Any, TypeVar, cast
 from sqlalchemy.engine import Connection, Engine, RootTransaction
 
 from csml.refusals import Unavailable
-from csml.store.db import WRITE_OPTION, StoreCounters, counters
+from csml.store.db import WRITE_OPTION, StoreCounters, counters, statement_kind
 
 log = logging.getLogger("csml.store")
 
@@ -402,7 +402,8 @@ class _Lane:
 class _Savepoints:
     """One savepoint per operation, its statements sent straight to the DB-API cursor
     (same connection, same transaction): `conn.begin_nested()` costs ~80 µs of CPU per
-    op, this ~5 µs. They are counted in the engine's `StoreCounters` like the others.
+    op, this ~5 µs. They are counted in the engine's `StoreCounters` like the others
+    (in all, and by kind: "SAVEPOINT", "RELEASE", "ROLLBACK").
 
     An operation's savepoint is released only when the next one is set (or by the
     COMMIT): on PostgreSQL "RELEASE; SAVEPOINT" then go in one round trip, so an op
@@ -422,7 +423,11 @@ class _Savepoints:
         else:
             for statement in statements:
                 self.cursor.execute(statement)
-        self.tally.statements += len(statements)
+        tally = self.tally
+        tally.statements += len(statements)
+        for statement in statements:  # by kind too: the kinds sum to the statements
+            kind = statement_kind(statement)
+            tally.by_kind[kind] = tally.by_kind.get(kind, 0) + 1
 
     def run(self, conn: Connection, item: _Op) -> None:
         """Run one operation in its own savepoint; raise _BatchBroken if the batch is lost."""
