@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import delete, func, select, text, update
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from csml import ids
@@ -63,6 +63,24 @@ PARAMS: tuple[dict[str, Any], ...] = (
     {"text": "ééé", "n": [1, 2, 3]},
     {"model": "x" * 40, "nested": {"k": None}},
 )
+
+
+# Sequences worth naming (each also one the property tests may draw).
+NAMED: list[list[Op]] = [
+    # A pipeline and its step share blobs: counted once, until both are gone.
+    [("submit", 0, 0, 2), ("step", 0, 0, 0), ("step", 0, 1, 1), ("expire", 0, 0, 0)],
+    # A step dropped alone, then its parent by cascade.
+    [("submit", 0, 0, 2), ("step", 0, 0, 1), ("drop", 1, 0, 0), ("drop", 0, 0, 0)],
+    # A model of a job counts once its job is gone (retention), until deleted.
+    [("submit", 0, 1, 1), ("model", 0, 1, 0), ("expire", 0, 0, 0), ("unmodel", 0, 0, 0)],
+    # A model naming another identity's job counts from the start.
+    [("submit", 1, 0, 1), ("model", 0, 2, 0), ("drop", 0, 0, 0)],
+    # Erasure, and a plain delete of an identity with everything it holds.
+    [("submit", 0, 2, 2), ("output", 0, 1, 2), ("model", 0, 1, 0), ("erase", 0, 0, 0)],
+    [("submit", 0, 2, 2), ("step", 0, 1, 1), ("model", 0, 0, 1), ("drop_identity", 0, 0, 0)],
+    # Rows changed in place.
+    [("submit", 0, 0, 2), ("reblob", 0, 3, 1), ("params", 0, 2, 0), ("repoint", 0, 0, 1)],
+]
 
 
 @dataclass
@@ -318,3 +336,52 @@ class Store:
         elif kind == "drop":
             with self.engine.begin() as conn:
                 conn.execute(text("DELETE FROM jobs WHERE seq = :seq"), {"seq": seq})
+
+
+# Rows of every counted kind, seeded at revision 0010 (before the counter) by
+# `seed_at_0010`, and the stored bytes of each identity they make: a: the blob "shared"
+# once + "own" + m2 (its job is gone; m1's job is kept) + len('{"x": 1}'); b: 7 + the
+# params' 15 characters; c: m3 (no job).
+SEEDED = {"a": 100 + 30 + 20000 + 8, "b": 7 + 15, "c": 5}
+STAMP = "'2026-01-01 00:00:00'"
+
+
+def seed_at_0010(conn: Connection) -> None:
+    """Insert `SEEDED`'s rows (columns every revision since 0010 has) and commit."""
+    for owner in ("a", "b", "c"):
+        conn.execute(
+            text(f"INSERT INTO identities (id, token_hash, created_at) VALUES (:o, :h, {STAMP})"),
+            {"o": owner, "h": "h" + owner},
+        )
+    jobs = [("j1", "a", '{"x": 1}'), ("j2", "a", "{}"), ("j3", "b", '{"text": "ééé"}')]
+    for seq, (job_id, owner, params) in enumerate(jobs, start=1):
+        conn.execute(
+            text(
+                "INSERT INTO jobs (seq, id, owner_id, app, operation, params, limits, "
+                "state, fair_rank, created_at, attempts, max_attempts, progress_fraction, "
+                "progress_message, trusted_only, verify_runs) VALUES (:seq, :id, :o, "
+                f"'echo', 'echo', :p, '{{}}', 'succeeded', 1, {STAMP}, 1, 1, 1.0, '', false, 0)"
+            ),
+            {"seq": seq, "id": job_id, "o": owner, "p": params},
+        )
+    files = [(1, "in", "shared", 100), (2, "in", "shared", 100), (2, "out", "own", 30)]
+    files += [(3, "in", "b-file", 7)]
+    for seq, name, blob, size in files:
+        conn.execute(
+            text(
+                "INSERT INTO job_files (job_seq, kind, name, size, sha256, media_type, "
+                "blob) VALUES (:seq, 'input', :name, :size, '', '', :blob)"
+            ),
+            {"seq": seq, "name": name, "size": size, "blob": blob},
+        )
+    models = [("m1", "a", "j1", 1000), ("m2", "a", "gone", 20000), ("m3", "c", None, 5)]
+    for model_id, keeper, made_by, size in models:
+        conn.execute(
+            text(
+                "INSERT INTO models (id, owner_id, app, kind, format, format_version, name, "
+                "job_id, size, sha256, media_type, blob, metrics, created_at) VALUES "
+                f"(:id, :o, 'echo', 'k', 'f', 1, 'm', :j, :s, '', '', :id, '{{}}', {STAMP})"
+            ),
+            {"id": model_id, "o": keeper, "j": made_by, "s": size},
+        )
+    conn.commit()

@@ -21,10 +21,10 @@ from csml.apps.echo import app as echo_app
 from csml.store import jobs_quota
 from csml.store.db import make_engine, migrate, sqlite_url
 from csml.store.tables import Identity
-from tests.stored_bytes_ops import KINDS, Op, Store
+from tests.stored_bytes_ops import KINDS, NAMED, SEEDED, Op, Store, seed_at_0010
 from tests.unit.conftest import MakeCoordinator
 from tests.unit.inproc import error_of
-from tests.unit.migrations import STAMP, store_at
+from tests.unit.migrations import store_at
 
 OPS = st.lists(
     st.tuples(
@@ -61,22 +61,7 @@ def test_the_counter_equals_the_sum_after_any_sequence(store: Store) -> None:
 
 def test_named_sequences(store: Store) -> None:
     """Cases worth naming (each also a sequence the property test may draw)."""
-    runs: list[list[Op]] = [
-        # A pipeline and its step share blobs: counted once, until both are gone.
-        [("submit", 0, 0, 2), ("step", 0, 0, 0), ("step", 0, 1, 1), ("expire", 0, 0, 0)],
-        # A step dropped alone, then its parent by cascade.
-        [("submit", 0, 0, 2), ("step", 0, 0, 1), ("drop", 1, 0, 0), ("drop", 0, 0, 0)],
-        # A model of a job counts once its job is gone (retention), until deleted.
-        [("submit", 0, 1, 1), ("model", 0, 1, 0), ("expire", 0, 0, 0), ("unmodel", 0, 0, 0)],
-        # A model naming another identity's job counts from the start.
-        [("submit", 1, 0, 1), ("model", 0, 2, 0), ("drop", 0, 0, 0)],
-        # Erasure, and a plain delete of an identity with everything it holds.
-        [("submit", 0, 2, 2), ("output", 0, 1, 2), ("model", 0, 1, 0), ("erase", 0, 0, 0)],
-        [("submit", 0, 2, 2), ("step", 0, 1, 1), ("model", 0, 0, 1), ("drop_identity", 0, 0, 0)],
-        # Rows changed in place.
-        [("submit", 0, 0, 2), ("reblob", 0, 3, 1), ("params", 0, 2, 0), ("repoint", 0, 0, 1)],
-    ]
-    for ops in runs:
+    for ops in NAMED:
         store.play(ops)
 
 
@@ -96,51 +81,12 @@ def test_the_migration_counts_what_is_already_stored(tmp_path: Path) -> None:
     (the blob two jobs share once, the model whose job is gone, params), and new rows
     count from there; the downgrade drops it all."""
     with store_at(tmp_path, "0010_placement") as old, old.engine.connect() as conn:
-        for owner in ("a", "b", "c"):
-            conn.execute(
-                text(
-                    f"INSERT INTO identities (id, token_hash, created_at) VALUES (:o, :h, {STAMP})"
-                ),
-                {"o": owner, "h": "h" + owner},
-            )
-        jobs = [("j1", "a", '{"x": 1}'), ("j2", "a", "{}"), ("j3", "b", '{"text": "ééé"}')]
-        for seq, (job_id, owner, params) in enumerate(jobs, start=1):
-            conn.execute(
-                text(
-                    "INSERT INTO jobs (seq, id, owner_id, app, operation, params, limits, "
-                    "state, fair_rank, created_at, attempts, max_attempts, progress_fraction, "
-                    "progress_message, trusted_only, verify_runs) VALUES (:seq, :id, :o, "
-                    f"'echo', 'echo', :p, '{{}}', 'succeeded', 1, {STAMP}, 1, 1, 1.0, '', 0, 0)"
-                ),
-                {"seq": seq, "id": job_id, "o": owner, "p": params},
-            )
-        files = [(1, "in", "shared", 100), (2, "in", "shared", 100), (2, "out", "own", 30)]
-        files += [(3, "in", "b-file", 7)]
-        for seq, name, blob, size in files:
-            conn.execute(
-                text(
-                    "INSERT INTO job_files (job_seq, kind, name, size, sha256, media_type, "
-                    "blob) VALUES (:seq, 'input', :name, :size, '', '', :blob)"
-                ),
-                {"seq": seq, "name": name, "size": size, "blob": blob},
-            )
-        models = [("m1", "a", "j1", 1000), ("m2", "a", "gone", 20000), ("m3", "c", None, 5)]
-        for model_id, keeper, made_by, size in models:
-            conn.execute(
-                text(
-                    "INSERT INTO models (id, owner_id, app, kind, format, format_version, name, "
-                    "job_id, size, sha256, media_type, blob, metrics, created_at) VALUES "
-                    f"(:id, :o, 'echo', 'k', 'f', 1, 'm', :j, :s, '', '', :id, '{{}}', {STAMP})"
-                ),
-                {"id": model_id, "o": keeper, "j": made_by, "s": size},
-            )
+        seed_at_0010(conn)
+        summed = {o: jobs_quota.summed_stored_bytes(conn, o) for o in SEEDED}
         conn.commit()
-        summed = {o: jobs_quota.summed_stored_bytes(conn, o) for o in ("a", "b", "c")}
-        conn.commit()
-        # a: "shared" once + "own" + m2 (its job is gone) + len('{"x": 1}'); b: 7 + 15; c: 5
-        assert summed == {"a": 100 + 30 + 20000 + 8, "b": 7 + 15, "c": 5}
+        assert summed == SEEDED
         old.to(conn, "0011_stored_bytes")
-        for owner, total in summed.items():
+        for owner, total in SEEDED.items():
             assert jobs_quota.stored_bytes(conn, owner) == total
         conn.execute(text("DELETE FROM jobs WHERE id = 'j1'"))  # m1 is the job's no longer
         conn.commit()

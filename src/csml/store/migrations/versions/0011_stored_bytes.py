@@ -21,9 +21,10 @@ triggers still find the job's owner; a cascade from the job does the same. A job
 owner and id never change (a trigger refuses it: the counts are keyed by them).
 
 PostgreSQL: each change is an atomic increment of the identity's row (held to the end
-of the transaction), `stored_blobs` rows change by upsert or UPDATE ... RETURNING (one
-writer per row), and a model's trigger key-share-locks its job's row, so a model and
-its job removed by concurrent transactions count exactly once. The upgrade locks the
+of the transaction); a file's trigger locks that row before its `stored_blobs` row
+(the order a submission takes them in: identity, then what it inserts), which changes
+by upsert or UPDATE ... RETURNING; a model's trigger key-share-locks its job's row, so
+a model and its job removed by concurrent transactions count exactly once. The upgrade locks the
 four tables before it backfills, so no write lands between the triggers and the sums.
 """
 
@@ -212,7 +213,9 @@ DECLARE
 BEGIN
   IF TG_OP <> 'INSERT' THEN
     SELECT j.owner_id INTO owner FROM jobs j WHERE j.seq = OLD.job_seq;
-    IF owner IS NOT NULL THEN
+    -- The identity's row first; none: it is being deleted, its counts go with it.
+    PERFORM 1 FROM identities WHERE id = owner FOR NO KEY UPDATE;
+    IF FOUND THEN
       UPDATE stored_blobs b SET refs = b.refs - 1
         WHERE b.owner_id = owner AND b.blob = OLD.blob AND b.size = OLD.size
         RETURNING b.refs INTO n;
@@ -225,7 +228,8 @@ BEGIN
   END IF;
   IF TG_OP <> 'DELETE' THEN
     SELECT j.owner_id INTO owner FROM jobs j WHERE j.seq = NEW.job_seq;
-    IF owner IS NOT NULL THEN
+    PERFORM 1 FROM identities WHERE id = owner FOR NO KEY UPDATE;
+    IF FOUND THEN
       INSERT INTO stored_blobs AS b (owner_id, blob, size, refs)
         VALUES (owner, NEW.blob, NEW.size, 1)
         ON CONFLICT (owner_id, blob, size) DO UPDATE SET refs = b.refs + 1
