@@ -169,6 +169,13 @@ def stored_bytes(conn: Conn, identity_id: str) -> int:
     return int(conn.scalar(_STORED_BYTES, {"identity_id": identity_id}) or 0)
 
 
+def stored_bytes_if_exists(conn: Conn, identity_id: str) -> int | None:
+    """`stored_bytes`, or None when the identity is gone: whether it exists and what it
+    stores, in one read (nothing is locked)."""
+    value = conn.scalar(_STORED_BYTES, {"identity_id": identity_id})
+    return None if value is None else int(value)
+
+
 def summed_stored_bytes(conn: Conn, identity_id: str) -> int:
     """`stored_bytes` summed from the rows, O(kept jobs): what the counter must equal."""
     return int(conn.scalar(_SUMMED_STORED_BYTES, {"identity_id": identity_id}) or 0)
