@@ -70,7 +70,9 @@ def test_a_submit_without_inputs_is_two_statements(
     upsert = done[0]
     assert ("FROM identities" in upsert) is True
     assert ("count(*)" in upsert) is bool(coordinator.settings.max_active_jobs)
-    assert ("job_files" in upsert) is bool(coordinator.settings.max_stored_bytes)
+    # Stored bytes: the identity's counter, never a sum over its jobs' files.
+    assert ("identities.stored_bytes" in upsert) is bool(coordinator.settings.max_stored_bytes)
+    assert "job_files" not in upsert and "models" not in upsert
 
 
 def test_a_json_submit_request_is_few_statements(make_coordinator: MakeCoordinator) -> None:
@@ -284,9 +286,9 @@ def test_a_multipart_submit_is_one_commit_and_counts_its_window(
 
 
 def test_a_multipart_submit_is_few_statements(make_coordinator: MakeCoordinator) -> None:
-    """Without a window: the early read (identity, stored bytes), the upload's storage
-    budget (stored bytes, counted once), then the write (rank with the quotas, job row,
-    its input's row)."""
+    """Without a window: the early read (the identity's stored bytes, which also says it
+    exists), the upload's storage budget (stored bytes, counted once), then the write
+    (rank with the quotas, job row, its input's row)."""
     coordinator = make_coordinator(submission_rate_limit=0, max_active_jobs=0)
     user = coordinator.new_user()
     headers = {"Authorization": f"Bearer {user.token}"}
@@ -296,10 +298,9 @@ def test_a_multipart_submit_is_few_statements(make_coordinator: MakeCoordinator)
     with sent_statements(coordinator) as sent:
         r = coordinator.http.post("/v1/jobs", files=files, headers=headers)
     assert r.status_code == 202, r.text
-    stored = "SELECT (SELECT coalesce(sum("
+    stored = "SELECT identities.stored_bytes FROM identities WHERE identities.id = ?"  # counter
     assert [stored if s.startswith(stored) else s.split(" (")[0] for s in writes(sent)] == [
-        "SELECT identities.id FROM identities WHERE identities.id = ?",
-        stored,
+        stored,  # the early read: the identity exists, and what it stores
         stored,
         "INSERT INTO fair_counters",
         "INSERT INTO jobs",

@@ -300,7 +300,11 @@ def precheck_submission(core: Core, identity_id: str, upload_bytes: int = 0) -> 
     if not (s.submission_rate_limit or s.max_active_jobs or s.max_stored_bytes):
         return
     with core.sessions() as session:
-        quotas.require_identity(session, identity_id, lock=False)
+        used: int | None = None
+        if s.max_stored_bytes:  # whether it exists and what it stores: one read
+            used = quotas.require_identity_stored(session, identity_id)
+        else:
+            quotas.require_identity(session, identity_id, lock=False)
         if s.submission_rate_limit:
             limit, window = s.submission_rate_limit, s.submission_rate_window_seconds
             key = submit_key(identity_id)
@@ -314,7 +318,7 @@ def precheck_submission(core: Core, identity_id: str, upload_bytes: int = 0) -> 
                 )
         quotas.check_active_jobs(core, session, identity_id)
         if s.max_stored_bytes:
-            check_storage(core, session, identity_id, upload_bytes)
+            check_storage(core, session, identity_id, upload_bytes, used)
 
 
 def announced_upload(headers: Mapping[str, str]) -> int:

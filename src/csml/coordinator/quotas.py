@@ -16,7 +16,9 @@ Invariants:
   (a pipeline counts once, for as long as it runs).
 - **Stored bytes** (`max_stored_bytes`): inputs and outputs of the identity's kept
   jobs (each blob once), the params they hold, and its models that outlived their
-  job; a new job's uploaded files and params count before it lands.
+  job; a new job's uploaded files and params count before it lands. The store keeps
+  them as a counter on the identity's row, changed in the statement that changes the
+  rows (`csml.store.jobs_quota`): reading them costs the same whatever is kept.
 - **Models** (`max_models`): models kept plus the models the identity's queued and
   running jobs will keep (each model output of a job; for a pipeline, the model
   outputs of its current and later steps). A submission whose models would not fit
@@ -104,10 +106,23 @@ def require_identity(session: Conn, identity_id: str, *, lock: bool = True) -> N
         else counts.identity_exists(session, identity_id)
     )
     if not found:
-        raise Unauthenticated(
-            "unauthorized",
-            "this identity was erased while the request was in flight; nothing was kept",
-        )
+        raise _erased()
+
+
+def require_identity_stored(session: Conn, identity_id: str) -> int:
+    """`require_identity` without the lock, answering the identity's stored bytes (for
+    `check_storage`'s `used`) from the same read."""
+    stored = counts.stored_bytes_if_exists(session, identity_id)
+    if stored is None:
+        raise _erased()
+    return stored
+
+
+def _erased() -> Unauthenticated:
+    return Unauthenticated(
+        "unauthorized",
+        "this identity was erased while the request was in flight; nothing was kept",
+    )
 
 
 # -- submissions per window ---------------------------------------------------------

@@ -14,6 +14,16 @@ its write: on SQLite (the write transaction holds the database), and on PostgreS
 after `lock_identity` in an earlier statement of the transaction (READ COMMITTED
 takes each statement's snapshot when it starts, so it sees every transaction that
 held the identity's row before).
+
+Stored bytes are a counter, `identities.stored_bytes`, kept by triggers (migration
+0011_stored_bytes) in the statement that inserts, updates or deletes a counted row: a
+job (its params), a job file, a model, whoever sends it (the hot path, the ORM, a
+cascade, a retention or erasure delete). Reading them is one primary-key look-up,
+whatever the identity keeps; `summed_stored_bytes` is the definition the counter
+equals, summed from the rows (O(kept jobs): for checks and tests). On PostgreSQL every
+change is an atomic increment of the identity's row, which it holds until its
+transaction ends, so the counter read after `lock_identity` sees every change committed
+before and none can commit under the check.
 """
 
 from __future__ import annotations
@@ -58,7 +68,8 @@ _ACTIVE_JOBS = (
         JOBS.c.parent_seq.is_(None),
     )
 )
-# Each blob once: a pipeline's steps and the pipeline itself share their files' blobs.
+# The definition (`summed_stored_bytes`): each blob once (a pipeline's steps and the
+# pipeline itself share their files' blobs), models whose job is gone, params.
 _BLOBS = (
     select(FILES.c.blob, FILES.c.size)
     .join(JOBS, JOBS.c.seq == FILES.c.job_seq)
@@ -80,12 +91,13 @@ _PARAMS_TEXT = func.length(sql_cast(JOBS.c.params, Text))
 _PARAMS_BYTES = select(func.coalesce(func.sum(_PARAMS_TEXT), 0)).where(
     JOBS.c.owner_id == bindparam("identity_id"), _PARAMS_TEXT > 2
 )
-# The three in one statement (one round trip, one statement per submission, not three).
-_STORED_BYTES = select(
+_SUMMED_STORED_BYTES = select(
     _BLOB_BYTES.scalar_subquery()
     + _ORPHAN_MODEL_BYTES.scalar_subquery()
     + _PARAMS_BYTES.scalar_subquery()
 )
+# What the triggers keep equal to it.
+_STORED_BYTES = select(IDENTITIES.c.stored_bytes).where(IDENTITIES.c.id == bindparam("identity_id"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,9 +164,21 @@ def active_jobs(conn: Conn, identity_id: str) -> int:
 
 def stored_bytes(conn: Conn, identity_id: str) -> int:
     """Bytes of the identity's kept job files (each blob once), its models whose job is
-    gone, and the params its kept jobs hold (as JSON text; `{}` counts nothing): one
-    statement."""
+    gone, and the params its kept jobs hold (as JSON text; `{}` counts nothing): its
+    counter, one primary-key look-up (0 for an identity that is gone)."""
     return int(conn.scalar(_STORED_BYTES, {"identity_id": identity_id}) or 0)
+
+
+def stored_bytes_if_exists(conn: Conn, identity_id: str) -> int | None:
+    """`stored_bytes`, or None when the identity is gone: whether it exists and what it
+    stores, in one read (nothing is locked)."""
+    value = conn.scalar(_STORED_BYTES, {"identity_id": identity_id})
+    return None if value is None else int(value)
+
+
+def summed_stored_bytes(conn: Conn, identity_id: str) -> int:
+    """`stored_bytes` summed from the rows, O(kept jobs): what the counter must equal."""
+    return int(conn.scalar(_SUMMED_STORED_BYTES, {"identity_id": identity_id}) or 0)
 
 
 def oldest_finished_with_files(conn: Conn, identity_id: str) -> datetime | None:

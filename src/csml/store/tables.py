@@ -86,6 +86,9 @@ class Identity(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime]
+    # What `max_stored_bytes` limits, kept by the store's triggers in the statement that
+    # changes a counted row (`csml.store.jobs_quota`; migration 0011_stored_bytes).
+    stored_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class JoinToken(Base):
@@ -270,3 +273,18 @@ class JobFile(Base):
     model_id: Mapped[str | None] = mapped_column(String(64), default=None)
 
     job: Mapped[Job] = relationship(back_populates="files")
+
+
+class StoredBlob(Base):
+    """A (blob, size) that files of an identity's jobs hold, and how many file rows hold
+    it: its size counts once in the identity's `stored_bytes` while `refs` > 0. Kept by
+    the store's triggers (`csml.store.jobs_quota`), never written by the code."""
+
+    __tablename__ = "stored_blobs"
+
+    owner_id: Mapped[str] = mapped_column(
+        ForeignKey("identities.id", ondelete="CASCADE"), primary_key=True
+    )
+    blob: Mapped[str] = mapped_column(String(300), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    refs: Mapped[int] = mapped_column(Integer)

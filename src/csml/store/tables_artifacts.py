@@ -32,4 +32,8 @@ class ModelArtifact(Base):
     metrics: Mapped[dict[str, Any]]
     created_at: Mapped[datetime]
 
-    __table_args__ = (Index("ix_models_owner", "owner_id", "seq"),)
+    __table_args__ = (
+        Index("ix_models_owner", "owner_id", "seq"),
+        # The stored-bytes triggers find a job's models by its id.
+        Index("ix_models_job_id", "job_id"),
+    )
