@@ -14,7 +14,9 @@ complete routes stay for older workers. A claim that finds nothing writes nothin
 
 from __future__ import annotations
 
+import asyncio
 import time
+from contextlib import suppress
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -167,7 +169,8 @@ async def claim(worker_id: str, body: ClaimRequest, request: Request, me: Me) ->
     deadline = time.monotonic() + body.wait
     running = body.running
     results: list[CompletionOutcome] = []
-    with c.notifier.subscribe(app_key(me.app)) as event:
+    key = app_key(me.app)
+    with c.notifier.subscribe(key) as event:
         if body.completions:  # committed before any wait: a long-poll holds only the answer
             outcomes, answer = await c.queue.complete_and_claim_async(
                 me,
@@ -181,22 +184,55 @@ async def claim(worker_id: str, body: ClaimRequest, request: Request, me: Me) ->
             running = None
         else:
             answer = None
-        while True:
-            if answer is None:
-                answer = await c.queue.claim_and_beat_async(
-                    me,
-                    body.max_jobs,
-                    running,
-                    wait=max(0.0, deadline - time.monotonic()),
-                    warm=body.warm_models,
-                )
-                running = None  # the heartbeat is done; re-checks only claim
-            remaining = deadline - time.monotonic()
-            if answer.jobs or answer.abort or remaining <= 0 or await request.is_disconnected():
-                answer.results = results
-                return answer
-            answer = None
-            await c.notifier.wait(event, min(remaining, c.notifier.recheck_seconds))
+        woken = False  # by a job queued meanwhile (then the claim takes without a probe)
+        gone: asyncio.Task[None] | None = None  # ends when the worker hangs up
+        try:
+            while True:
+                if answer is None:
+                    answer = await c.queue.claim_and_beat_async(
+                        me,
+                        body.max_jobs,
+                        running,
+                        wait=max(0.0, deadline - time.monotonic()),
+                        warm=body.warm_models,
+                        woken=woken,
+                    )
+                    running = None  # the heartbeat is done; re-checks only claim
+                if woken and not answer.jobs:
+                    c.notifier.pass_on(key, event)  # nothing for it: the next idle claimer's turn
+                remaining = deadline - time.monotonic()
+                if answer.jobs or answer.abort or remaining <= 0:
+                    answer.results = results
+                    return answer
+                if gone is None:
+                    gone = _hang_up(request, event)
+                if gone.done():  # the worker went away: wait no more, take nothing for it
+                    answer.results = results
+                    return answer
+                answer = None
+                woken = await c.notifier.wait(event, min(remaining, c.notifier.recheck_seconds))
+                if gone.done():
+                    if woken:
+                        c.notifier.pass_on(key, event)
+                    return ClaimResponse(jobs=[], abort=[], results=results)
+        finally:
+            if gone is not None:
+                gone.cancel()
+
+
+def _hang_up(request: Request, event: asyncio.Event) -> asyncio.Task[None]:
+    """A task that ends when the client of this long-poll hangs up (its body was read:
+    the next ASGI message is the disconnect), then sets `event` to end the wait. One
+    task per long-poll instead of a `Request.is_disconnected` poll per re-check; a
+    waiter that hung up leaves the wake-one order at once, so no job's wake goes to it."""
+
+    async def hung_up() -> None:
+        with suppress(Exception):  # the connection's receive failed: gone as well
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+        event.set()
+
+    return asyncio.ensure_future(hung_up())
 
 
 @router.post("/{worker_id}/heartbeat", response_model=HeartbeatResponse)

@@ -9,8 +9,12 @@ safety net for a lost notification (e.g. while the LISTEN connection was down).
 
 An `app:` key means one more job to claim, so it wakes one idle claimer (the
 longest waiting), not all of them: with 16 idle workers, waking all made 16
-claim transactions per job, 15 of them for nothing. A woken claimer that finds
-nothing lost no job: someone else claimed it.
+claim transactions per job, 15 of them for nothing. The woken claimer takes
+at once, without first probing the queue: it was woken for a job. One that then finds
+nothing for it (someone else claimed the job, or the job is not for it: a placement
+requirement, a contributed worker's filters) probes, and if nothing waits for it,
+`pass_on` wakes the next idle claimer after it, so a job never sits queued while a
+claimer that could take it waits (each idle claimer is tried at most once per wake).
 
 Feeds: a key `<topic>/<item>` (see `feed_key`) also adds `item` to the pending set
 of every `Feed` following `topic` (e.g. `owner:<identity>/<job id>`: that job of
@@ -29,6 +33,10 @@ before it is older (the item had not reached its final state), so the view stand
 it; news without a view arriving after it (e.g. a progress whose notification was
 delivered late), or a resync, drops it: the reader then reads the item, as it would
 have without a view.
+Watchers (`watch(prefix, callback)`) are called at once, in the thread that delivers
+(the notifying one, or the relay's), for every key with that prefix, and with None when
+notifications may have been lost: for caches that a change must invalidate before
+anyone can read them again (the queue's lease memo).
 Listeners (`listen(prefix, callback)`) see every key with that prefix delivered
 here, local or relayed, and None when notifications may have been lost.
 
@@ -149,6 +157,7 @@ class Notifier:
         self._relay: PgRelay | None = None
         self._feeds: defaultdict[str, dict[Feed, None]] = defaultdict(dict)
         self._listeners: list[tuple[str, Callable[[str | None], None]]] = []
+        self._watchers: list[tuple[str, Callable[[str | None], None]]] = []
         # Waiters (events) and urgent feeds woken here that have not run yet (on the loop).
         self._unrun: dict[object, None] = {}
 
@@ -217,6 +226,21 @@ class Notifier:
         delivered here (local or relayed), and `callback(None)` when some may be lost."""
         self._listeners.append((prefix, callback))
 
+    def watch(self, prefix: str, callback: Callable[[str | None], None]) -> None:
+        """Call `callback(key)` at once, in the delivering thread (any), for every key
+        starting with `prefix` delivered here (local or relayed), and `callback(None)`
+        when some may be lost. The callback must be quick and thread-safe."""
+        self._watchers.append((prefix, callback))
+
+    @property
+    def reliable(self) -> bool:
+        """Whether every key notified by any coordinator reaches this one (None is
+        delivered when that stops being so): on SQLite (one coordinator per database),
+        and on PostgreSQL while the relay LISTENs (never before `bind`)."""
+        if self._relay is not None:
+            return self._relay.listening.is_set()
+        return self._engine is None or self._engine.dialect.name == "sqlite"
+
     async def wait(self, event: asyncio.Event, timeout: float) -> bool:
         """Wait up to `timeout` seconds for `event`, then clear it; True if it was set."""
         try:
@@ -237,6 +261,24 @@ class Notifier:
                 return
             await asyncio.sleep(0)
 
+    def pass_on(self, key: str, event: asyncio.Event) -> bool:
+        """(On the loop.) The waiter `event` of a wake-one `key` was woken and found
+        nothing for it: wake the first idle waiter subscribed after it (those before it
+        were busy when it was chosen, so they look at the queue after the job was
+        queued). True if one was woken."""
+        waiters = self._waiters.get(key)
+        if not waiters:
+            return False
+        after = False
+        for other in waiters:
+            if other is event:
+                after = True
+            elif after and not other.is_set():
+                self._unrun[other] = None
+                other.set()
+                return True
+        return False
+
     def notify(self, key: str, view: object | None = None) -> None:
         """Wake `key`'s waiters here and on the other coordinators; `view` (of a feed
         key's item, in its final state: see the module) goes to this process's feeds
@@ -248,6 +290,12 @@ class Notifier:
     def _deliver(self, key: str | None, times: int = 1, view: object | None = None) -> None:
         """Wake local waiters of `key` (None: every waiter), as for `times` notifications.
         Safe from any thread."""
+        for prefix, callback in self._watchers:
+            if key is None or key.startswith(prefix):
+                try:
+                    callback(key)
+                except Exception:  # a watcher's bug must not stop wake-ups
+                    log.exception("notification watcher failed on %r", key)
         loop = self._loop
         if loop is None or loop.is_closed():
             return

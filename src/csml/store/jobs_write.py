@@ -331,6 +331,10 @@ class Claimed:
     sealed: Sealed | None
     # credit: taken by credit priority out of order (see `take(credited=True)`).
     by_credit: bool = False
+    # Its progress as stored (a claim does not reset it): what the next heartbeat
+    # compares with (`csml.coordinator.lease_memo`).
+    progress_fraction: float = 0.0
+    progress_message: str = ""
 
 
 _STOP_WORKER = (
@@ -465,6 +469,8 @@ def _take_statement(head: str, contributed: bool, quarantined: bool, operations:
         JOBS.c.limits,
         JOBS.c.attempts,
         JOBS.c.fair_rank,
+        JOBS.c.progress_fraction,
+        JOBS.c.progress_message,
         _HAS_ENVELOPE,
         _HAS_INPUTS,
     ]
@@ -585,6 +591,8 @@ def take(
             inputs=tuple(inputs.get(r.seq, ())),
             sealed=sealed.get(r.seq),
             by_credit=r.seq in jumped,
+            progress_fraction=r.progress_fraction,
+            progress_message=r.progress_message,
         )
         for r in sorted(rows, key=lambda r: (r.fair_rank, r.seq))
     ]

@@ -1,0 +1,114 @@
+"""Wake-ups of long-polling claims: a submitted job wakes one waiting claimer (the
+longest waiting), which takes it without probing the queue first; the others keep
+waiting, and one of them gets the next job. A woken claimer that cannot take the job
+(here: a placement requirement it does not meet) hands the wake to the next idle one.
+
+The re-check that long-polls make while no wake-up comes is pushed out of the way
+(`LOCAL_RECHECK_SECONDS`), so every job here reaches its claimer by a wake-up alone and
+the probes counted are those of the wake-up rules, not of the clock."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Any
+
+import pytest
+
+from csml.apps.echo import app as echo_app
+from csml.coordinator import notify
+from csml.schemas import ClaimResponse
+from tests.cluster import wait_for
+from tests.unit.inproc import HttpWorker, InProcessCoordinator, sent_statements
+from tests.unit.test_placement import labelled
+
+PROBE = "SELECT (SELECT jobs.seq FROM jobs"
+
+
+@pytest.fixture(autouse=True)
+def no_recheck(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(notify, "LOCAL_RECHECK_SECONDS", 120.0)
+
+
+@pytest.fixture
+def pool() -> Iterator[ThreadPoolExecutor]:
+    with ThreadPoolExecutor(4) as threads:
+        yield threads
+
+
+def long_poll(pool: ThreadPoolExecutor, worker: HttpWorker, sent: list[str]) -> Future[Any]:
+    """A claim that waits up to 60 s, started once it has probed the queue and waits."""
+    probes = sum(s.startswith(PROBE) for s in sent)
+    polling = pool.submit(worker.post, "/claim", {"max_jobs": 4, "wait": 60})
+    # Its probe found nothing; from then on, a job queued wakes it (see the module).
+    wait_for(lambda: sum(s.startswith(PROBE) for s in sent) > probes, timeout=30, interval=0.01)
+    return polling
+
+
+def answer(polling: Future[Any]) -> ClaimResponse:
+    r = polling.result(timeout=30)
+    assert r.status_code == 200, r.text
+    return ClaimResponse.model_validate(r.json())
+
+
+def test_a_submitted_job_reaches_the_waiting_claimer_which_takes_it_without_a_probe(
+    coordinator: InProcessCoordinator, echo_worker: HttpWorker, pool: ThreadPoolExecutor
+) -> None:
+    """Pinned count: the woken claim's only statements are its write (BEGIN, the take,
+    the served rank); its probe ran once, before it waited."""
+    user = coordinator.new_user()
+    assert echo_worker.claim() == []  # stamps the worker's liveness (a write of its own)
+    with sent_statements(coordinator) as sent:
+        polling = long_poll(pool, echo_worker, sent)
+        job = user.submit("echo", "echo", params={"n": 1})
+        taken = answer(polling)
+    assert [j.id for j in taken.jobs] == [job.id]
+    assert sum(s.startswith(PROBE) for s in sent) == 1, sent
+    after = sent[sent.index(next(s for s in sent if s.startswith("INSERT INTO jobs"))) :]
+    assert [s.split(" ")[0] for s in after[1:]] == ["BEGIN", "UPDATE", "UPDATE"], after
+
+
+def test_two_claimers_and_one_job_one_gets_it_the_other_waits_for_the_next(
+    coordinator: InProcessCoordinator, pool: ThreadPoolExecutor
+) -> None:
+    """One wake per job: the claimer that waited longest takes it, the other is not
+    woken (no probe of its own) and takes the next job."""
+    first, second = coordinator.worker(echo_app), coordinator.worker(echo_app)
+    for w in (first, second):
+        assert w.claim() == []  # their liveness stamps
+    user = coordinator.new_user()
+    with sent_statements(coordinator) as sent:
+        polls = {long_poll(pool, first, sent): first, long_poll(pool, second, sent): second}
+        one = user.submit("echo", "echo", params={"n": 1})
+        done, waiting = wait(polls, timeout=30, return_when=FIRST_COMPLETED)
+        assert len(done) == 1 and len(waiting) == 1
+        [got] = done
+        assert polls[got] is first  # the longest waiting
+        assert [j.id for j in answer(got).jobs] == [one.id]
+        assert sum(s.startswith(PROBE) for s in sent) == 2  # the two before waiting
+        [other] = waiting
+        assert not other.done()
+        two = user.submit("echo", "echo", params={"n": 2})
+        assert [j.id for j in answer(other).jobs] == [two.id]
+        assert sum(s.startswith(PROBE) for s in sent) == 2, sent
+
+
+def test_a_woken_claimer_that_cannot_take_the_job_hands_the_wake_on(
+    coordinator: InProcessCoordinator, pool: ThreadPoolExecutor
+) -> None:
+    """The job needs a label the longest-waiting claimer lacks: it takes nothing, probes
+    (learning the new requirement), and wakes the next idle claimer, which takes it; the
+    first keeps waiting. (Without the hand-over the job would wait for a re-check.)"""
+    cpu = labelled(coordinator, echo_app, gpu=False)
+    gpu = labelled(coordinator, echo_app, gpu=True)
+    for w in (cpu, gpu):
+        assert w.claim() == []
+    user = coordinator.new_user()
+    with sent_statements(coordinator) as sent:
+        on_cpu = long_poll(pool, cpu, sent)
+        on_gpu = long_poll(pool, gpu, sent)
+        job = user.submit("echo", "echo", params={"n": 1}, requires={"gpu": True})
+        assert [j.id for j in answer(on_gpu).jobs] == [job.id]
+        assert not on_cpu.done()
+        plain = user.submit("echo", "echo", params={"n": 2})
+        assert [j.id for j in answer(on_cpu).jobs] == [plain.id]
