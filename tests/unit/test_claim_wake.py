@@ -9,6 +9,8 @@ the probes counted are those of the wake-up rules, not of the clock."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
@@ -112,3 +114,69 @@ def test_a_woken_claimer_that_cannot_take_the_job_hands_the_wake_on(
         assert not on_cpu.done()
         plain = user.submit("echo", "echo", params={"n": 2})
         assert [j.id for j in answer(on_cpu).jobs] == [plain.id]
+
+
+def test_a_claimer_that_hung_up_leaves_the_wake_order(
+    coordinator: InProcessCoordinator, pool: ThreadPoolExecutor
+) -> None:
+    """A long-polling claim whose worker hangs up ends its wait at once and is no longer
+    woken: the next job goes to a claimer still there (it would have been taken for the
+    one that left, and waited for its lease to end)."""
+    left, staying = coordinator.worker(echo_app), coordinator.worker(echo_app)
+    for w in (left, staying):
+        assert w.claim() == []
+    user = coordinator.new_user()
+    body = json.dumps({"max_jobs": 1, "wait": 60}).encode()
+    hang_up = coordinator.portal.call(_new_event)
+    sent_back: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if not sent_back and not hang_up.is_set() and body_unread:
+            body_unread.clear()
+            return {"type": "http.request", "body": body, "more_body": False}
+        await hang_up.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent_back.append(message)
+
+    body_unread = [True]
+    path = f"/v1/workers/{left.id}/claim"
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [
+            (b"host", b"127.0.0.1"),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"authorization", f"Bearer {left.registered.worker_token}".encode()),
+        ],
+        "client": ("127.0.0.1", 40000),
+        "server": ("127.0.0.1", 8600),
+    }
+    waiters = coordinator.core.notifier._waiters
+    key = notify.app_key("echo")
+    with sent_statements(coordinator) as sent:
+        gone = coordinator.portal.start_task_soon(coordinator.app, scope, receive, send)
+        wait_for(lambda: sum(s.startswith(PROBE) for s in sent) == 1, timeout=30, interval=0.01)
+        on_staying = long_poll(pool, staying, sent)
+        assert len(waiters[key]) == 2
+        coordinator.portal.call(hang_up.set)
+        gone.result(timeout=30)
+        assert len(waiters[key]) == 1
+        job = user.submit("echo", "echo", params={"n": 1})
+        assert [j.id for j in answer(on_staying).jobs] == [job.id]
+    start = next(m for m in sent_back if m["type"] == "http.response.start")
+    assert start["status"] == 200
+    assert b"".join(m.get("body", b"") for m in sent_back if m["type"] == "http.response.body")
+
+
+async def _new_event() -> asyncio.Event:
+    return asyncio.Event()

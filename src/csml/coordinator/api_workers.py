@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from contextlib import suppress
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -34,7 +33,7 @@ from csml.coordinator.auth import (
     lean,
 )
 from csml.coordinator.errors import ApiError, not_found, status_of
-from csml.coordinator.notify import app_key
+from csml.coordinator.notify import app_key, watch_hang_up
 from csml.coordinator.pipelines import PIPELINE_APP
 from csml.coordinator.queue import Outcome
 from csml.coordinator.state import core
@@ -205,7 +204,7 @@ async def claim(worker_id: str, body: ClaimRequest, request: Request, me: Me) ->
                     answer.results = results
                     return answer
                 if gone is None:
-                    gone = _hang_up(request, event)
+                    gone = watch_hang_up(request.receive, event)
                 if gone.done():  # the worker went away: wait no more, take nothing for it
                     answer.results = results
                     return answer
@@ -218,21 +217,6 @@ async def claim(worker_id: str, body: ClaimRequest, request: Request, me: Me) ->
         finally:
             if gone is not None:
                 gone.cancel()
-
-
-def _hang_up(request: Request, event: asyncio.Event) -> asyncio.Task[None]:
-    """A task that ends when the client of this long-poll hangs up (its body was read:
-    the next ASGI message is the disconnect), then sets `event` to end the wait. One
-    task per long-poll instead of a `Request.is_disconnected` poll per re-check; a
-    waiter that hung up leaves the wake-one order at once, so no job's wake goes to it."""
-
-    async def hung_up() -> None:
-        with suppress(Exception):  # the connection's receive failed: gone as well
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-        event.set()
-
-    return asyncio.ensure_future(hung_up())
 
 
 @router.post("/{worker_id}/heartbeat", response_model=HeartbeatResponse)

@@ -57,9 +57,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -75,6 +75,36 @@ FEED_SEPARATOR = "/"
 FEED_MAX_PENDING = 10_000
 ENDING_MARK = "!"  # after a feed item: a change that may have ended the job (never in an id)
 HAND_OVER_YIELDS = 8  # loop turns a request gives the coroutines it woke, at most
+
+
+def watch_hang_up(
+    receive: Callable[[], Awaitable[Mapping[str, Any]]], event: asyncio.Event
+) -> asyncio.Task[None]:
+    """(On the loop.) A task that ends when the client of a long request (a long-poll,
+    an event stream) hangs up, and then sets `event`, the one its handler waits on.
+    `receive` is the request's ASGI receive, its body already read: the next message is
+    the disconnect. One task per request instead of a `Request.is_disconnected` poll per
+    wake-up (each a cancel scope and a loop turn); the caller cancels it when done."""
+
+    async def hung_up() -> None:
+        with suppress(Exception):  # the connection's receive failed: gone as well
+            while (await receive())["type"] != "http.disconnect":
+                pass
+        event.set()
+
+    return asyncio.ensure_future(hung_up())
+
+
+@contextmanager
+def watching_hang_up(
+    receive: Callable[[], Awaitable[Mapping[str, Any]]], event: asyncio.Event
+) -> Iterator[asyncio.Task[None]]:
+    """`watch_hang_up` for the duration of a block (the task is cancelled after it)."""
+    task = watch_hang_up(receive, event)
+    try:
+        yield task
+    finally:
+        task.cancel()
 
 
 def feed_key(topic: str, item: str) -> str:
