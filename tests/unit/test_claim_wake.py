@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
@@ -130,19 +130,19 @@ def test_a_claimer_that_hung_up_leaves_the_wake_order(
     hang_up = coordinator.portal.call(_new_event)
     sent_back: list[dict[str, Any]] = []
 
-    async def receive() -> dict[str, Any]:
+    async def receive() -> MutableMapping[str, Any]:
         if not sent_back and not hang_up.is_set() and body_unread:
             body_unread.clear()
             return {"type": "http.request", "body": body, "more_body": False}
         await hang_up.wait()
         return {"type": "http.disconnect"}
 
-    async def send(message: dict[str, Any]) -> None:
-        sent_back.append(message)
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent_back.append(dict(message))
 
     body_unread = [True]
     path = f"/v1/workers/{left.id}/claim"
-    scope = {
+    scope: dict[str, Any] = {
         "type": "http",
         "asgi": {"version": "3.0", "spec_version": "2.3"},
         "http_version": "1.1",
@@ -161,10 +161,14 @@ def test_a_claimer_that_hung_up_leaves_the_wake_order(
         "client": ("127.0.0.1", 40000),
         "server": ("127.0.0.1", 8600),
     }
+
+    async def serve() -> None:
+        await coordinator.app(scope, receive, send)
+
     waiters = coordinator.core.notifier._waiters
     key = notify.app_key("echo")
     with sent_statements(coordinator) as sent:
-        gone = coordinator.portal.start_task_soon(coordinator.app, scope, receive, send)
+        gone = coordinator.portal.start_task_soon(serve)
         wait_for(lambda: sum(s.startswith(PROBE) for s in sent) == 1, timeout=30, interval=0.01)
         on_staying = long_poll(pool, staying, sent)
         assert len(waiters[key]) == 2
