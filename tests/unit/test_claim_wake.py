@@ -38,12 +38,16 @@ def pool() -> Iterator[ThreadPoolExecutor]:
         yield threads
 
 
-def long_poll(pool: ThreadPoolExecutor, worker: HttpWorker, sent: list[str]) -> Future[Any]:
-    """A claim that waits up to 60 s, started once it has probed the queue and waits."""
-    probes = sum(s.startswith(PROBE) for s in sent)
+def long_poll(
+    coordinator: InProcessCoordinator, pool: ThreadPoolExecutor, worker: HttpWorker
+) -> Future[Any]:
+    """A claim that waits up to 60 s, returned once it waits for a wake-up (subscribed:
+    its first look at the queue runs on the event loop before the next request's)."""
+    waiters = coordinator.core.notifier._waiters
+    key = notify.app_key(worker.app.name)
+    before = len(waiters.get(key, ()))
     polling = pool.submit(worker.post, "/claim", {"max_jobs": 4, "wait": 60})
-    # Its probe found nothing; from then on, a job queued wakes it (see the module).
-    wait_for(lambda: sum(s.startswith(PROBE) for s in sent) > probes, timeout=30, interval=0.01)
+    wait_for(lambda: len(waiters.get(key, ())) > before, timeout=30, interval=0.01)
     return polling
 
 
@@ -57,15 +61,17 @@ def test_a_submitted_job_reaches_the_waiting_claimer_which_takes_it_without_a_pr
     coordinator: InProcessCoordinator, echo_worker: HttpWorker, pool: ThreadPoolExecutor
 ) -> None:
     """Pinned count: the woken claim's only statements are its write (BEGIN, the take,
-    the served rank); its probe ran once, before it waited."""
+    the served rank). It did not probe before waiting either: the worker's previous claim
+    found the queue empty and nothing was queued since."""
     user = coordinator.new_user()
     assert echo_worker.claim() == []  # stamps the worker's liveness (a write of its own)
     with sent_statements(coordinator) as sent:
-        polling = long_poll(pool, echo_worker, sent)
+        polling = long_poll(coordinator, pool, echo_worker)
+        assert sent == []
         job = user.submit("echo", "echo", params={"n": 1})
         taken = answer(polling)
     assert [j.id for j in taken.jobs] == [job.id]
-    assert sum(s.startswith(PROBE) for s in sent) == 1, sent
+    assert sum(s.startswith(PROBE) for s in sent) == 0, sent
     after = sent[sent.index(next(s for s in sent if s.startswith("INSERT INTO jobs"))) :]
     assert [s.split(" ")[0] for s in after[1:]] == ["BEGIN", "UPDATE", "UPDATE"], after
 
@@ -80,19 +86,22 @@ def test_two_claimers_and_one_job_one_gets_it_the_other_waits_for_the_next(
         assert w.claim() == []  # their liveness stamps
     user = coordinator.new_user()
     with sent_statements(coordinator) as sent:
-        polls = {long_poll(pool, first, sent): first, long_poll(pool, second, sent): second}
+        polls = {
+            long_poll(coordinator, pool, first): first,
+            long_poll(coordinator, pool, second): second,
+        }
         one = user.submit("echo", "echo", params={"n": 1})
         done, waiting = wait(polls, timeout=30, return_when=FIRST_COMPLETED)
         assert len(done) == 1 and len(waiting) == 1
         [got] = done
         assert polls[got] is first  # the longest waiting
         assert [j.id for j in answer(got).jobs] == [one.id]
-        assert sum(s.startswith(PROBE) for s in sent) == 2  # the two before waiting
+        assert sum(s.startswith(PROBE) for s in sent) == 0  # nor the other
         [other] = waiting
         assert not other.done()
         two = user.submit("echo", "echo", params={"n": 2})
         assert [j.id for j in answer(other).jobs] == [two.id]
-        assert sum(s.startswith(PROBE) for s in sent) == 2, sent
+        assert sum(s.startswith(PROBE) for s in sent) == 0, sent
 
 
 def test_a_woken_claimer_that_cannot_take_the_job_hands_the_wake_on(
@@ -106,14 +115,13 @@ def test_a_woken_claimer_that_cannot_take_the_job_hands_the_wake_on(
     for w in (cpu, gpu):
         assert w.claim() == []
     user = coordinator.new_user()
-    with sent_statements(coordinator) as sent:
-        on_cpu = long_poll(pool, cpu, sent)
-        on_gpu = long_poll(pool, gpu, sent)
-        job = user.submit("echo", "echo", params={"n": 1}, requires={"gpu": True})
-        assert [j.id for j in answer(on_gpu).jobs] == [job.id]
-        assert not on_cpu.done()
-        plain = user.submit("echo", "echo", params={"n": 2})
-        assert [j.id for j in answer(on_cpu).jobs] == [plain.id]
+    on_cpu = long_poll(coordinator, pool, cpu)
+    on_gpu = long_poll(coordinator, pool, gpu)
+    job = user.submit("echo", "echo", params={"n": 1}, requires={"gpu": True})
+    assert [j.id for j in answer(on_gpu).jobs] == [job.id]
+    assert not on_cpu.done()
+    plain = user.submit("echo", "echo", params={"n": 2})
+    assert [j.id for j in answer(on_cpu).jobs] == [plain.id]
 
 
 def test_a_claimer_that_hung_up_leaves_the_wake_order(
@@ -167,16 +175,15 @@ def test_a_claimer_that_hung_up_leaves_the_wake_order(
 
     waiters = coordinator.core.notifier._waiters
     key = notify.app_key("echo")
-    with sent_statements(coordinator) as sent:
-        gone = coordinator.portal.start_task_soon(serve)
-        wait_for(lambda: sum(s.startswith(PROBE) for s in sent) == 1, timeout=30, interval=0.01)
-        on_staying = long_poll(pool, staying, sent)
-        assert len(waiters[key]) == 2
-        coordinator.portal.call(hang_up.set)
-        gone.result(timeout=30)
-        assert len(waiters[key]) == 1
-        job = user.submit("echo", "echo", params={"n": 1})
-        assert [j.id for j in answer(on_staying).jobs] == [job.id]
+    gone = coordinator.portal.start_task_soon(serve)
+    wait_for(lambda: len(waiters.get(key, ())) == 1, timeout=30, interval=0.01)
+    on_staying = long_poll(coordinator, pool, staying)
+    assert len(waiters[key]) == 2
+    coordinator.portal.call(hang_up.set)
+    gone.result(timeout=30)
+    assert len(waiters[key]) == 1
+    job = user.submit("echo", "echo", params={"n": 1})
+    assert [j.id for j in answer(on_staying).jobs] == [job.id]
     start = next(m for m in sent_back if m["type"] == "http.response.start")
     assert start["status"] == 200
     assert b"".join(m.get("body", b"") for m in sent_back if m["type"] == "http.response.body")
@@ -184,3 +191,28 @@ def test_a_claimer_that_hung_up_leaves_the_wake_order(
 
 async def _new_event() -> asyncio.Event:
     return asyncio.Event()
+
+
+def test_a_long_poll_probes_first_only_when_a_job_may_wait_for_it(
+    coordinator: InProcessCoordinator,
+) -> None:
+    """Pinned count: a long-poll begins with a probe unless this worker's last look at
+    the queue found nothing for it and no job was announced since. A job with a
+    placement requirement announced since (its key may be new to the coordinator) makes
+    the next long-poll probe again. Each short long-poll here also re-checks once, at
+    its end."""
+    cpu = labelled(coordinator, echo_app, gpu=False)
+    assert cpu.claim() == []  # stamps its liveness; finds nothing
+
+    def probes() -> int:
+        with sent_statements(coordinator) as sent:
+            r = cpu.post("/claim", {"max_jobs": 1, "wait": 0.05})
+        assert r.status_code == 200 and r.json()["jobs"] == [], r.text
+        return sum(s.startswith(PROBE) for s in sent)
+
+    assert probes() == 1  # only the re-check
+    user = coordinator.new_user()
+    user.submit("echo", "echo", params={"n": 1}, requires={"gpu": True})
+    # A job was announced since: it looks first (and again with the job's new key).
+    assert probes() == 3
+    assert probes() == 1

@@ -184,6 +184,7 @@ async def claim(worker_id: str, body: ClaimRequest, request: Request, me: Me) ->
         else:
             answer = None
         woken = False  # by a job queued meanwhile (then the claim takes without a probe)
+        waited = False  # a wait ended (a re-check probes, whatever the claim knew)
         gone: asyncio.Task[None] | None = None  # ends when the worker hangs up
         try:
             while True:
@@ -195,6 +196,7 @@ async def claim(worker_id: str, body: ClaimRequest, request: Request, me: Me) ->
                         wait=max(0.0, deadline - time.monotonic()),
                         warm=body.warm_models,
                         woken=woken,
+                        recheck=waited,
                     )
                     running = None  # the heartbeat is done; re-checks only claim
                 if woken and not answer.jobs:
@@ -210,6 +212,7 @@ async def claim(worker_id: str, body: ClaimRequest, request: Request, me: Me) ->
                     return answer
                 answer = None
                 woken = await c.notifier.wait(event, min(remaining, c.notifier.recheck_seconds))
+                waited = True
                 if gone.done():
                     if woken:
                         c.notifier.pass_on(key, event)

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
@@ -69,6 +70,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("csml.coordinator.notify")
 
 WAKE_ONE_PREFIX = "app:"  # one job queued: one claimer to wake
+MARKED_PREFIXES = ("app:", "keys:")  # keys whose deliveries are counted (`Notifier.mark`)
 LOCAL_RECHECK_SECONDS = 0.5
 RELAYED_RECHECK_SECONDS = 5.0
 FEED_SEPARATOR = "/"
@@ -115,6 +117,12 @@ def feed_key(topic: str, item: str) -> str:
 def app_key(app: str) -> str:
     """The key that wakes workers waiting for jobs of `app`."""
     return f"app:{app}"
+
+
+def keys_key(app: str) -> str:
+    """The key announcing a job of `app` with a placement requirement (no one waits on it:
+    it moves `mark(keys_key(app))`, see `Notifier.mark`)."""
+    return f"keys:{app}"
 
 
 def job_key(job_id: str) -> str:
@@ -190,6 +198,10 @@ class Notifier:
         self._watchers: list[tuple[str, Callable[[str | None], None]]] = []
         # Waiters (events) and urgent feeds woken here that have not run yet (on the loop).
         self._unrun: dict[object, None] = {}
+        # Deliveries of marked keys, and of None (see `mark`).
+        self._marks: dict[str, int] = {}
+        self._lost = 0
+        self._marks_lock = threading.Lock()
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Attach to the event loop; on PostgreSQL, start relaying (until the loop closes)."""
@@ -271,6 +283,15 @@ class Notifier:
             return self._relay.listening.is_set()
         return self._engine is None or self._engine.dialect.name == "sqlite"
 
+    def mark(self, key: str) -> tuple[int, int]:
+        """How many times a key of `MARKED_PREFIXES` was delivered here (local or relayed),
+        and how many times notifications may have been lost. Taken before a read or
+        write of the queue: equal marks later mean no such key was announced since, so
+        nothing it announces was committed after that read or write began (a key is
+        announced after its commit) unless its announcement is still on its way (and a
+        waiter subscribed meanwhile gets it)."""
+        return self._marks.get(key, 0), self._lost
+
     async def wait(self, event: asyncio.Event, timeout: float) -> bool:
         """Wait up to `timeout` seconds for `event`, then clear it; True if it was set."""
         try:
@@ -309,17 +330,25 @@ class Notifier:
                 return True
         return False
 
-    def notify(self, key: str, view: object | None = None) -> None:
-        """Wake `key`'s waiters here and on the other coordinators; `view` (of a feed
-        key's item, in its final state: see the module) goes to this process's feeds
-        only. Safe from any thread."""
-        self._deliver(key, view=view)
+    def notify(self, key: str, view: object | None = None, *, times: int = 1) -> None:
+        """Wake `key`'s waiters here and on the other coordinators, as for `times`
+        notifications (a wake-one key: `times` waiters); `view` (of a feed key's item, in
+        its final state: see the module) goes to this process's feeds only. Safe from
+        any thread."""
+        self._deliver(key, times, view=view)
         if self._relay is not None:
-            self._relay.publish(key)
+            for _ in range(times):
+                self._relay.publish(key)
 
     def _deliver(self, key: str | None, times: int = 1, view: object | None = None) -> None:
         """Wake local waiters of `key` (None: every waiter), as for `times` notifications.
         Safe from any thread."""
+        if key is None or key.startswith(MARKED_PREFIXES):
+            with self._marks_lock:
+                if key is None:
+                    self._lost += 1
+                else:
+                    self._marks[key] = self._marks.get(key, 0) + times
         for prefix, callback in self._watchers:
             if key is None or key.startswith(prefix):
                 try:

@@ -64,6 +64,7 @@ import hashlib
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -81,7 +82,7 @@ from csml.coordinator.catalog import Catalog
 from csml.coordinator.config import Settings
 from csml.coordinator.credit import Priority
 from csml.coordinator.lease_memo import Known, LeaseMemo
-from csml.coordinator.notify import Notifier, app_key, job_key, owner_change
+from csml.coordinator.notify import Notifier, app_key, job_key, keys_key, owner_change
 from csml.coordinator.staged_inputs import StagedFile, adopt_input_rows
 from csml.coordinator.verification import Batch, Decision, Verifier, contributor_of
 from csml.coordinator.verification import digest as run_digest
@@ -192,7 +193,12 @@ class _Claim:
     until: datetime  # the leases' end (taken and extended)
     extended: list[RunningJob]  # the riding heartbeat's jobs still held (leases extended)
     since: int  # the lease memo's epoch before the write (`LeaseMemo.record`)
+    asked: int  # jobs asked for
+    marks: _Marks | None  # before the write, if taking fewer says the queue is empty for it
 
+
+_Marks = tuple[tuple[int, int], tuple[int, int]]
+"""The notifier's marks of an app's `app_key` and `keys_key` (see `JobQueue._exhausted`)."""
 
 _Beaten = tuple[list[str], list[str], list[RunningJob], datetime]
 """A heartbeat's jobs to abort, owner-change keys, jobs still held, and their leases' end."""
@@ -229,6 +235,10 @@ class JobQueue:
         self.credit = Priority(settings.credit_priority_k, settings.credit_priority_n)
         self._keys: dict[str, _AppKeys] = {}  # app -> its requirement keys (placement)
         self.leases = LeaseMemo(notifier)  # leases known without a read (see lease_memo)
+        # worker id -> the marks before its last claim or probe that found the queue empty
+        # for it; app -> the `keys_key` mark before this coordinator last read its keys.
+        self._exhausted: dict[str, _Marks] = {}
+        self._keys_read: dict[str, tuple[int, int]] = {}
         self.verifier = Verifier(self.engine, settings.verify_probation)
 
     @contextmanager
@@ -395,16 +405,27 @@ class JobQueue:
                 continue
             ops.append(self._submit_op(owner_id, spec, op, job_id, inputs, files, count_window))
             placed.append((index, job_id))
-        apps: set[str] = set()
+        queued: list[JobRow] = []
         for (index, job_id), answer in zip(placed, self.writer.run_many(ops), strict=True):
             answers[index] = answer
             if isinstance(answer, Exception):
                 self.blobs.remove_job(job_id)  # adopted inputs and linked models
             else:
-                apps.add(answer.app)
-        for app in apps:
-            self.notifier.notify(app_key(app))
+                queued.append(answer)
+        self._announce(queued)
         return [a if a is not None else RuntimeError("not submitted") for a in answers]
+
+    def _announce(self, queued: list[JobRow]) -> None:
+        """Wake one claimer per job queued (a claim may take fewer than were queued: the
+        others are for other claimers), and announce the jobs with a placement
+        requirement (`keys_key`: the claimers' knowledge of the app's requirement keys
+        may be behind; see `_exhausted`)."""
+        jobs = Counter(job.app for job in queued)
+        keyed = {job.app for job in queued if job.requires_key is not None}
+        for app in keyed:
+            self.notifier.notify(keys_key(app))
+        for app, count in jobs.items():
+            self.notifier.notify(app_key(app), times=count)
 
     async def submit_async(
         self,
@@ -425,7 +446,7 @@ class JobQueue:
         except BaseException:
             self.blobs.remove_job(job_id)
             raise
-        self.notifier.notify(app_key(spec.app))
+        self._announce([job])
         await self.notifier.hand_over()  # the woken claimer takes the job before we answer
         return job
 
@@ -692,18 +713,26 @@ class JobQueue:
         wait: float = 0.0,
         warm: list[str] | None = None,
         woken: bool = False,
+        recheck: bool = False,
     ) -> ClaimResponse:
         """`claim_and_beat` from the event loop. `woken`: the claim was woken for a job
         queued meanwhile, so it takes without probing first; if it took nothing (the job
         went to another claim, or is not for this worker, or needs a requirement key
-        this coordinator did not know yet), it claims as an unwoken one would (probe,
-        learning new keys, then take if something waits for it)."""
-        op, gone = self._claim_op(worker, max_jobs, running or [], wait, warm or [], woken)
+        this coordinator did not know yet), it claims as a re-check would (probe,
+        learning new keys, then take if something waits for it). A long-poll (`wait`)
+        that is not a `recheck` does not probe when this worker's last claim or probe
+        here found the queue empty for it and nothing was queued since
+        (`_known_empty`): it waits for the wake-up."""
+        op, gone = self._claim_op(
+            worker, max_jobs, running or [], wait, warm or [], woken, known=not recheck
+        )
         if op is None:
             return ClaimResponse(jobs=[], abort=gone)
         answer = self._claimed(worker, await self.writer.run_async(op), gone)
         if woken and not answer.jobs:
-            again = await self.claim_and_beat_async(worker, max_jobs, wait=wait, warm=warm)
+            again = await self.claim_and_beat_async(
+                worker, max_jobs, wait=wait, warm=warm, recheck=True
+            )
             again.abort = [*answer.abort, *again.abort]
             return again
         return answer
@@ -716,12 +745,24 @@ class JobQueue:
         wait: float,
         warm: list[str],
         woken: bool = False,
+        *,
+        known: bool = False,
     ) -> tuple[Callable[[Connection], _Claim] | None, list[str]]:
         """The claim's write (None: nothing to write) and the jobs of `running` already
-        ended or lost (to abort: read, not written). `woken`: take without probing."""
+        ended or lost (to abort: read, not written). `woken`: take without probing;
+        `known`: a long-poll may trust `_known_empty` instead of probing."""
         stamp = self._stamp_due(worker.id)
         claimant = self._claimant(worker)
         since = self.leases.epoch()
+        app = worker.app
+        credit = self.credit if self.credit.active(app, self._any_credited) else None
+        window = self.settings.placement_window if warm else 0
+        # Whether taking fewer than asked means nothing more waits for this worker: not
+        # with a contributed worker's filters (they change without an announcement), nor
+        # credit priority (it may take fewer on purpose), nor a warm window shorter
+        # than the claim.
+        exhaustive = claimant is None and credit is None and (not window or max_jobs <= window)
+        marks = self._marks(app) if exhaustive else None
         gone: list[str] = []
         # The riding heartbeat's lease check and the probe are hints (the write re-checks
         # both), so they need not agree: each runs on its own, without a BEGIN; the lease
@@ -741,14 +782,16 @@ class JobQueue:
                     running, gone = beat
                 if running or stamp or woken:
                     met = self._known_met(conn, worker)  # a write is due anyway: no probe
+                elif known and wait > 0 and self._known_empty(worker, marks):
+                    return None, gone
                 else:
                     queued, met = self._has_queued(conn, worker, claimant)
                     if not queued:
+                        if marks is not None:
+                            self._empty_for(worker, marks)
                         return None, gone
-        worker_id, app = worker.id, worker.app
+        worker_id = worker.id
         lease_id = ids.new_id()
-        credit = self.credit if self.credit.active(app, self._any_credited) else None
-        window = self.settings.placement_window if warm else 0
         beating = running
 
         def op(conn: Connection) -> _Claim:
@@ -775,7 +818,9 @@ class JobQueue:
                 )
 
             taken = take(max_jobs) if credit is None else credit.claim(app, max_jobs, take)
-            return _Claim(stamp, abort, progressed, taken, lease_id, until, extended, since)
+            return _Claim(
+                stamp, abort, progressed, taken, lease_id, until, extended, since, max_jobs, marks
+            )
 
         return op, gone
 
@@ -793,7 +838,38 @@ class JobQueue:
             return ()
         return tuple(sorted(n for n, op in entry.operations.items() if op.deterministic))
 
+    def _marks(self, app: str) -> _Marks:
+        return self.notifier.mark(app_key(app)), self.notifier.mark(keys_key(app))
+
+    def _empty_for(self, worker: WorkerRef, marks: _Marks) -> None:
+        """A claim or probe that began at `marks` found nothing (more) for `worker`."""
+        if self._keys_read.get(worker.app) != marks[1]:
+            # A job with a placement requirement was announced since this coordinator
+            # last read the app's keys: that claim or probe may not have met it.
+            self._exhausted.pop(worker.id, None)
+            return
+        if len(self._exhausted) > 10_000:
+            self._exhausted.clear()
+        self._exhausted[worker.id] = marks
+
+    def _known_empty(self, worker: WorkerRef, marks: _Marks | None) -> bool:
+        """Whether the queue is known to hold nothing for `worker`: its last claim or
+        probe here found it empty, began after this coordinator last read the app's
+        requirement keys, and no job of the app was announced since (nor may an
+        announcement have been lost: `Notifier.mark`), by any coordinator (on PostgreSQL
+        only while the relay listens). A job announced later wakes a waiter; one whose
+        announcement is on its way wakes the waiter this claim becomes. A mistake would
+        cost a long-poll one re-check (`Notifier.recheck_seconds`), as a lost
+        notification does."""
+        return (
+            marks is not None and self.notifier.reliable and self._exhausted.get(worker.id) == marks
+        )
+
     def _claimed(self, worker: WorkerRef, claim: _Claim, gone: list[str]) -> ClaimResponse:
+        if claim.marks is not None and len(claim.taken) < claim.asked:
+            self._empty_for(worker, claim.marks)
+        else:
+            self._exhausted.pop(worker.id, None)
         for t in claim.taken:  # before the announcements below (they drop nothing of it)
             self.leases.record(
                 t.id,
@@ -921,7 +997,9 @@ class JobQueue:
         app, labels = worker.app, _labels_of(worker)
         keys = self._keys.setdefault(app, _AppKeys())
         met = self._met(keys, labels)
+        before = self.notifier.mark(keys_key(app))
         queued, newest = store.probe(conn, worker.id, app, met, claimant)
+        self._keys_read[app] = before  # the keys known now are all those of `newest`
         if newest > keys.newest:
             keys = self._reload_keys(conn, app, keys)
             met = self._met(keys, labels)
@@ -934,7 +1012,9 @@ class JobQueue:
         once per app; a key added since is learned at the next probe)."""
         keys = self._keys.get(worker.app)
         if keys is None:
+            before = self.notifier.mark(keys_key(worker.app))
             keys = self._reload_keys(conn, worker.app, _AppKeys())
+            self._keys_read[worker.app] = before
         return self._met(keys, _labels_of(worker))
 
     def _reload_keys(self, conn: Connection, app: str, keys: _AppKeys) -> _AppKeys:
@@ -1122,7 +1202,8 @@ class JobQueue:
         the claim takes jobs only after the batch ended its jobs. Both come back only once
         committed. A deadlock (PostgreSQL) runs the whole operation again, as for a batch."""
         done_op = self._complete_op(worker, batch, await self._prepare_async(worker, batch), False)
-        claim_op, gone = self._claim_op(worker, max_jobs, running or [], wait, warm or [])
+        # The completions are a write: the claim takes in it without probing first.
+        claim_op, gone = self._claim_op(worker, max_jobs, running or [], wait, warm or [], True)
 
         def op(
             conn: Connection,
