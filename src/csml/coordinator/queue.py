@@ -771,9 +771,12 @@ class JobQueue:
         # job (then the write takes what there is).
         beat = self._beat_known(worker, running, wait) if running else ([], [])
         keys = self._keys.get(worker.app)
-        if beat is not None and keys is not None and (beat[0] or stamp or woken):
+        writing = beat is not None and bool(beat[0] or stamp or woken)
+        if beat is not None and keys is not None and writing:
             running, gone = beat
             met = self._met(keys, _labels_of(worker))
+        elif beat is not None and not writing and known and self._known_empty(worker, marks, wait):
+            return None, beat[1]
         else:
             with self.read(each=True) as conn:
                 if beat is None:
@@ -782,7 +785,7 @@ class JobQueue:
                     running, gone = beat
                 if running or stamp or woken:
                     met = self._known_met(conn, worker)  # a write is due anyway: no probe
-                elif known and wait > 0 and self._known_empty(worker, marks):
+                elif known and self._known_empty(worker, marks, wait):
                     return None, gone
                 else:
                     queued, met = self._has_queued(conn, worker, claimant)
@@ -852,8 +855,9 @@ class JobQueue:
             self._exhausted.clear()
         self._exhausted[worker.id] = marks
 
-    def _known_empty(self, worker: WorkerRef, marks: _Marks | None) -> bool:
-        """Whether the queue is known to hold nothing for `worker`: its last claim or
+    def _known_empty(self, worker: WorkerRef, marks: _Marks | None, wait: float) -> bool:
+        """Whether a long-poll (`wait`) may wait at once, the queue being known to hold
+        nothing for `worker`: its last claim or
         probe here found it empty, began after this coordinator last read the app's
         requirement keys, and no job of the app was announced since (nor may an
         announcement have been lost: `Notifier.mark`), by any coordinator (on PostgreSQL
@@ -862,7 +866,10 @@ class JobQueue:
         cost a long-poll one re-check (`Notifier.recheck_seconds`), as a lost
         notification does."""
         return (
-            marks is not None and self.notifier.reliable and self._exhausted.get(worker.id) == marks
+            wait > 0
+            and marks is not None
+            and self.notifier.reliable
+            and self._exhausted.get(worker.id) == marks
         )
 
     def _claimed(self, worker: WorkerRef, claim: _Claim, gone: list[str]) -> ClaimResponse:
