@@ -33,6 +33,12 @@ before it is older (the item had not reached its final state), so the view stand
 it; news without a view arriving after it (e.g. a progress whose notification was
 delivered late), or a resync, drops it: the reader then reads the item, as it would
 have without a view.
+Marks (`mark(key)`): how many times an `app:` or `keys:` key was delivered here, and
+how many times notifications may have been lost; equal marks before and after tell a
+claim that no job was announced meanwhile (see `csml.coordinator.queue`). A batch of
+jobs is announced with `notify(key, times=n)`: n wake-ups, n marks.
+Hang-ups: a long request's handler waits on an event that `watch_hang_up` also sets
+when its client disconnects (one task per request, no polling).
 Watchers (`watch(prefix, callback)`) are called at once, in the thread that delivers
 (the notifying one, or the relay's), for every key with that prefix, and with None when
 notifications may have been lost: for caches that a change must invalidate before

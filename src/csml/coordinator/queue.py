@@ -46,6 +46,20 @@ first `placement_window` jobs, those whose `warm_key` it holds. A job whose
 requirement no worker heard from within the queue timeout meets fails then; until
 then the reaper keeps a message naming what no live worker has on it.
 
+What a claim reads before its write (each read a hint: the write checks again):
+- the riding heartbeat's leases, only those this coordinator does not know
+  (`csml.coordinator.lease_memo`: granted, extended or read here, forgotten when the
+  job's `job:<id>` change is announced);
+- the probe (is a job waiting for this worker?), only when no write is due anyway (a
+  heartbeat, a liveness stamp, completions riding the claim), the claim was not woken
+  for a job (a woken claim takes at once; if it took nothing it probes as a re-check
+  does, and the API hands the wake to the next idle claimer), and, for the first look
+  of a long-poll, the queue is not known to be empty for it (`_known_empty`: its last
+  claim or probe found nothing and no job of the app was announced since, per the
+  notifier's marks). Every job queued is announced once with `app_key` (one claimer
+  woken per job) after its commit, and a job with a placement requirement also with
+  `keys_key` (this coordinator's keys of the app may be behind).
+
 Every change of a job its owner can see (submitted, running, progress, ended,
 requeued, cancelled) is announced after its commit with `owner_change(owner, job)`
 (`ending=True` from completion, cancel and the reapers: those may end it), a notifier
