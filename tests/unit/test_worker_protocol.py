@@ -211,7 +211,8 @@ def test_a_plain_jobs_completion_riding_a_claim_is_one_statement(
     """Pinned count: a plain job's completion riding a claim adds one statement to the
     claim's transaction, its end: an `UPDATE … RETURNING` that checks the lease (there
     were a `SELECT … jobs` of the lease under lock and an `UPDATE` of the job, and a
-    request and a transaction of their own)."""
+    request and a transaction of their own). The claim does not probe the queue first:
+    the completions are a write, and it takes in it (there was a `SELECT` before)."""
     user = coordinator.new_user()
     jobs = [user.submit("echo", "echo") for _ in range(2)]
     [first] = claim(echo_worker, 1).jobs  # also stamps this worker's liveness
@@ -230,8 +231,8 @@ def test_a_plain_jobs_completion_riding_a_claim_is_one_statement(
     assert [j.id for j in answer.jobs] == [jobs[1].id]
     assert tally.write_commits == before + 1
     kinds = [s.split(" ")[0] for s in sent]
-    assert kinds == ["SELECT", "BEGIN", "UPDATE", "UPDATE", "UPDATE"], sent
-    assert sent[2].startswith("UPDATE jobs SET state=?, finished_at=?") and "RETURNING" in sent[2]
+    assert kinds == ["BEGIN", "UPDATE", "UPDATE", "UPDATE"], sent
+    assert sent[1].startswith("UPDATE jobs SET state=?, finished_at=?") and "RETURNING" in sent[1]
     jobs[0].wait(timeout=10)
     assert jobs[0].state.value == "succeeded" and jobs[0].result == {}
 
@@ -239,12 +240,15 @@ def test_a_plain_jobs_completion_riding_a_claim_is_one_statement(
 def test_a_claims_lease_check_and_probe_run_without_a_read_transaction(
     coordinator: InProcessCoordinator, echo_worker: HttpWorker
 ) -> None:
-    """Pinned count: a claim carrying a heartbeat that is not due reads the leases and
-    probes the queue each in its own implicit transaction (no BEGIN; there were two: the
-    two are hints that the claim's write checks again), then claims."""
+    """Pinned count: a claim carrying a heartbeat that is not due, of a lease this
+    coordinator does not know (here: forgotten, as when notifications may have been
+    lost), reads the leases and probes the queue each in its own implicit transaction (no
+    BEGIN; there were two: the two are hints that the claim's write checks again), then
+    claims."""
     user = coordinator.new_user()
     jobs = [user.submit("echo", "echo") for _ in range(2)]
     [first] = claim(echo_worker, 1).jobs  # also stamps this worker's liveness
+    coordinator.core.queue.leases._drop(None)  # forget every lease
     taken: list[ClaimResponse] = []
     sent = statements_of(coordinator, lambda: taken.append(claim(echo_worker, 1, first)))
     assert [j.id for j in taken[0].jobs] == [jobs[1].id] and taken[0].abort == []
@@ -252,3 +256,42 @@ def test_a_claims_lease_check_and_probe_run_without_a_read_transaction(
     assert kinds == ["SELECT", "SELECT", "BEGIN", "UPDATE", "UPDATE"], sent
     assert sent[0].startswith("SELECT jobs.id, jobs.state, jobs.worker_id, jobs.lease_id")
     assert not any(s.startswith("UPDATE jobs SET lease_expires_at") for s in sent), sent
+
+
+def test_a_heartbeat_not_due_of_a_lease_this_coordinator_granted_reads_no_lease(
+    coordinator: InProcessCoordinator, echo_worker: HttpWorker
+) -> None:
+    """Pinned count: the coordinator remembers the leases it granted (`lease_memo`), so a
+    claim carrying the heartbeat of a job it just handed out reads no lease: its probe,
+    then the claim (there was a `SELECT` of the leases first). A lease read once is
+    remembered too: the next claim's heartbeat reads nothing either."""
+    user = coordinator.new_user()
+    jobs = [user.submit("echo", "echo") for _ in range(2)]
+    [first] = claim(echo_worker, 1).jobs  # also stamps this worker's liveness
+    taken: list[ClaimResponse] = []
+    sent = statements_of(coordinator, lambda: taken.append(claim(echo_worker, 1, first)))
+    assert [j.id for j in taken[0].jobs] == [jobs[1].id] and taken[0].abort == []
+    assert [s.split(" ")[0] for s in sent] == ["SELECT", "BEGIN", "UPDATE", "UPDATE"], sent
+    assert sent[0].startswith("SELECT (SELECT jobs.seq FROM jobs"), sent  # the probe
+    second = taken[0].jobs[0]
+    coordinator.core.queue.leases._drop(None)
+    sent = statements_of(coordinator, lambda: taken.append(claim(echo_worker, 1, first, second)))
+    assert len([s for s in sent if s.startswith("SELECT jobs.id, jobs.state")]) == 1, sent
+    jobs.append(user.submit("echo", "echo"))
+    sent = statements_of(coordinator, lambda: taken.append(claim(echo_worker, 1, first, second)))
+    assert [j.id for j in taken[-1].jobs] == [jobs[2].id]
+    assert not any(s.startswith("SELECT jobs.id, jobs.state") for s in sent), sent
+
+
+def test_a_cancel_reaches_the_next_claims_heartbeat_though_the_lease_was_known(
+    coordinator: InProcessCoordinator, echo_worker: HttpWorker
+) -> None:
+    """The lease memo forgets a job as soon as its change is announced: a job cancelled
+    after this coordinator granted its lease is in the next claim's `abort`."""
+    user = coordinator.new_user()
+    job = user.submit("echo", "echo")
+    [held] = claim(echo_worker, 1).jobs
+    assert coordinator.core.queue.leases.get(job.id) is not None
+    job.cancel()
+    assert coordinator.core.queue.leases.get(job.id) is None
+    assert claim(echo_worker, 1, held).abort == [job.id]

@@ -58,7 +58,7 @@ from starlette.types import Receive, Scope, Send
 
 from csml.coordinator.auth import current_identity
 from csml.coordinator.inline_outputs import Budget, outputs_of, with_view
-from csml.coordinator.notify import owner_feed
+from csml.coordinator.notify import owner_feed, watching_hang_up
 from csml.coordinator.state import Core, core
 from csml.coordinator.views import job_views
 from csml.refusals import RateLimited
@@ -179,7 +179,10 @@ def _known(views: dict[str, object], owner_id: str, gone: set[str]) -> dict[str,
 async def _stream(
     request: Request, c: Core, owner_id: str, limit: int, positions: bool, inline: int
 ) -> AsyncIterator[bytes]:
-    with c.notifier.follow(owner_feed(owner_id)) as feed:  # before the snapshot: miss nothing
+    with (
+        c.notifier.follow(owner_feed(owner_id)) as feed,  # before the snapshot: miss nothing
+        watching_hang_up(request.receive, feed.event) as hung_up,  # ends the wait below
+    ):
         sent = _snapshot(c, owner_id, limit, positions)
         erased: set[str] = set()  # announced gone by this stream
         yield _event("snapshot", {"jobs": list(sent.values())})
@@ -193,7 +196,7 @@ async def _stream(
             if feed.event.is_set() and not feed.urgent.is_set() and settle > 0:
                 with contextlib.suppress(TimeoutError):  # no job ended: let changes settle
                     await asyncio.wait_for(feed.urgent.wait(), settle)
-            if await request.is_disconnected():
+            if hung_up.done():
                 return
             items, resync, views = feed.take_views()
             extra: dict[str, dict[str, str]] = {}  # sent once, never kept in `sent`

@@ -14,6 +14,7 @@ complete routes stay for older workers. A claim that finds nothing writes nothin
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Annotated
 
@@ -32,7 +33,7 @@ from csml.coordinator.auth import (
     lean,
 )
 from csml.coordinator.errors import ApiError, not_found, status_of
-from csml.coordinator.notify import app_key
+from csml.coordinator.notify import app_key, watch_hang_up
 from csml.coordinator.pipelines import PIPELINE_APP
 from csml.coordinator.queue import Outcome
 from csml.coordinator.state import core
@@ -167,7 +168,8 @@ async def claim(worker_id: str, body: ClaimRequest, request: Request, me: Me) ->
     deadline = time.monotonic() + body.wait
     running = body.running
     results: list[CompletionOutcome] = []
-    with c.notifier.subscribe(app_key(me.app)) as event:
+    key = app_key(me.app)
+    with c.notifier.subscribe(key) as event:
         if body.completions:  # committed before any wait: a long-poll holds only the answer
             outcomes, answer = await c.queue.complete_and_claim_async(
                 me,
@@ -181,22 +183,43 @@ async def claim(worker_id: str, body: ClaimRequest, request: Request, me: Me) ->
             running = None
         else:
             answer = None
-        while True:
-            if answer is None:
-                answer = await c.queue.claim_and_beat_async(
-                    me,
-                    body.max_jobs,
-                    running,
-                    wait=max(0.0, deadline - time.monotonic()),
-                    warm=body.warm_models,
-                )
-                running = None  # the heartbeat is done; re-checks only claim
-            remaining = deadline - time.monotonic()
-            if answer.jobs or answer.abort or remaining <= 0 or await request.is_disconnected():
-                answer.results = results
-                return answer
-            answer = None
-            await c.notifier.wait(event, min(remaining, c.notifier.recheck_seconds))
+        woken = False  # by a job queued meanwhile (then the claim takes without a probe)
+        waited = False  # a wait ended (a re-check probes, whatever the claim knew)
+        gone: asyncio.Task[None] | None = None  # ends when the worker hangs up
+        try:
+            while True:
+                if answer is None:
+                    answer = await c.queue.claim_and_beat_async(
+                        me,
+                        body.max_jobs,
+                        running,
+                        wait=max(0.0, deadline - time.monotonic()),
+                        warm=body.warm_models,
+                        woken=woken,
+                        recheck=waited,
+                    )
+                    running = None  # the heartbeat is done; re-checks only claim
+                if woken and not answer.jobs:
+                    c.notifier.pass_on(key, event)  # nothing for it: the next idle claimer's turn
+                remaining = deadline - time.monotonic()
+                if answer.jobs or answer.abort or remaining <= 0:
+                    answer.results = results
+                    return answer
+                if gone is None:
+                    gone = watch_hang_up(request.receive, event)
+                if gone.done():  # the worker went away: wait no more, take nothing for it
+                    answer.results = results
+                    return answer
+                answer = None
+                woken = await c.notifier.wait(event, min(remaining, c.notifier.recheck_seconds))
+                waited = True
+                if gone.done():
+                    if woken:
+                        c.notifier.pass_on(key, event)
+                    return ClaimResponse(jobs=[], abort=[], results=results)
+        finally:
+            if gone is not None:
+                gone.cancel()
 
 
 @router.post("/{worker_id}/heartbeat", response_model=HeartbeatResponse)

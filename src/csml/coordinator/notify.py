@@ -9,8 +9,12 @@ safety net for a lost notification (e.g. while the LISTEN connection was down).
 
 An `app:` key means one more job to claim, so it wakes one idle claimer (the
 longest waiting), not all of them: with 16 idle workers, waking all made 16
-claim transactions per job, 15 of them for nothing. A woken claimer that finds
-nothing lost no job: someone else claimed it.
+claim transactions per job, 15 of them for nothing. The woken claimer takes
+at once, without first probing the queue: it was woken for a job. One that then finds
+nothing for it (someone else claimed the job, or the job is not for it: a placement
+requirement, a contributed worker's filters) probes, and if nothing waits for it,
+`pass_on` wakes the next idle claimer after it, so a job never sits queued while a
+claimer that could take it waits (each idle claimer is tried at most once per wake).
 
 Feeds: a key `<topic>/<item>` (see `feed_key`) also adds `item` to the pending set
 of every `Feed` following `topic` (e.g. `owner:<identity>/<job id>`: that job of
@@ -29,6 +33,16 @@ before it is older (the item had not reached its final state), so the view stand
 it; news without a view arriving after it (e.g. a progress whose notification was
 delivered late), or a resync, drops it: the reader then reads the item, as it would
 have without a view.
+Marks (`mark(key)`): how many times an `app:` or `keys:` key was delivered here, and
+how many times notifications may have been lost; equal marks before and after tell a
+claim that no job was announced meanwhile (see `csml.coordinator.queue`). A batch of
+jobs is announced with `notify(key, times=n)`: n wake-ups, n marks.
+Hang-ups: a long request's handler waits on an event that `watch_hang_up` also sets
+when its client disconnects (one task per request, no polling).
+Watchers (`watch(prefix, callback)`) are called at once, in the thread that delivers
+(the notifying one, or the relay's), for every key with that prefix, and with None when
+notifications may have been lost: for caches that a change must invalidate before
+anyone can read them again (the queue's lease memo).
 Listeners (`listen(prefix, callback)`) see every key with that prefix delivered
 here, local or relayed, and None when notifications may have been lost.
 
@@ -48,10 +62,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -61,12 +76,43 @@ if TYPE_CHECKING:
 log = logging.getLogger("csml.coordinator.notify")
 
 WAKE_ONE_PREFIX = "app:"  # one job queued: one claimer to wake
+MARKED_PREFIXES = ("app:", "keys:")  # keys whose deliveries are counted (`Notifier.mark`)
 LOCAL_RECHECK_SECONDS = 0.5
 RELAYED_RECHECK_SECONDS = 5.0
 FEED_SEPARATOR = "/"
 FEED_MAX_PENDING = 10_000
 ENDING_MARK = "!"  # after a feed item: a change that may have ended the job (never in an id)
 HAND_OVER_YIELDS = 8  # loop turns a request gives the coroutines it woke, at most
+
+
+def watch_hang_up(
+    receive: Callable[[], Awaitable[Mapping[str, Any]]], event: asyncio.Event
+) -> asyncio.Task[None]:
+    """(On the loop.) A task that ends when the client of a long request (a long-poll,
+    an event stream) hangs up, and then sets `event`, the one its handler waits on.
+    `receive` is the request's ASGI receive, its body already read: the next message is
+    the disconnect. One task per request instead of a `Request.is_disconnected` poll per
+    wake-up (each a cancel scope and a loop turn); the caller cancels it when done."""
+
+    async def hung_up() -> None:
+        with suppress(Exception):  # the connection's receive failed: gone as well
+            while (await receive())["type"] != "http.disconnect":
+                pass
+        event.set()
+
+    return asyncio.ensure_future(hung_up())
+
+
+@contextmanager
+def watching_hang_up(
+    receive: Callable[[], Awaitable[Mapping[str, Any]]], event: asyncio.Event
+) -> Iterator[asyncio.Task[None]]:
+    """`watch_hang_up` for the duration of a block (the task is cancelled after it)."""
+    task = watch_hang_up(receive, event)
+    try:
+        yield task
+    finally:
+        task.cancel()
 
 
 def feed_key(topic: str, item: str) -> str:
@@ -77,6 +123,12 @@ def feed_key(topic: str, item: str) -> str:
 def app_key(app: str) -> str:
     """The key that wakes workers waiting for jobs of `app`."""
     return f"app:{app}"
+
+
+def keys_key(app: str) -> str:
+    """The key announcing a job of `app` with a placement requirement (no one waits on it:
+    it moves `mark(keys_key(app))`, see `Notifier.mark`)."""
+    return f"keys:{app}"
 
 
 def job_key(job_id: str) -> str:
@@ -149,8 +201,13 @@ class Notifier:
         self._relay: PgRelay | None = None
         self._feeds: defaultdict[str, dict[Feed, None]] = defaultdict(dict)
         self._listeners: list[tuple[str, Callable[[str | None], None]]] = []
+        self._watchers: list[tuple[str, Callable[[str | None], None]]] = []
         # Waiters (events) and urgent feeds woken here that have not run yet (on the loop).
         self._unrun: dict[object, None] = {}
+        # Deliveries of marked keys, and of None (see `mark`).
+        self._marks: dict[str, int] = {}
+        self._lost = 0
+        self._marks_lock = threading.Lock()
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Attach to the event loop; on PostgreSQL, start relaying (until the loop closes)."""
@@ -217,6 +274,30 @@ class Notifier:
         delivered here (local or relayed), and `callback(None)` when some may be lost."""
         self._listeners.append((prefix, callback))
 
+    def watch(self, prefix: str, callback: Callable[[str | None], None]) -> None:
+        """Call `callback(key)` at once, in the delivering thread (any), for every key
+        starting with `prefix` delivered here (local or relayed), and `callback(None)`
+        when some may be lost. The callback must be quick and thread-safe."""
+        self._watchers.append((prefix, callback))
+
+    @property
+    def reliable(self) -> bool:
+        """Whether every key notified by any coordinator reaches this one (None is
+        delivered when that stops being so): on SQLite (one coordinator per database),
+        and on PostgreSQL while the relay LISTENs (never before `bind`)."""
+        if self._relay is not None:
+            return self._relay.listening.is_set()
+        return self._engine is None or self._engine.dialect.name == "sqlite"
+
+    def mark(self, key: str) -> tuple[int, int]:
+        """How many times a key of `MARKED_PREFIXES` was delivered here (local or relayed),
+        and how many times notifications may have been lost. Taken before a read or
+        write of the queue: equal marks later mean no such key was announced since, so
+        nothing it announces was committed after that read or write began (a key is
+        announced after its commit) unless its announcement is still on its way (and a
+        waiter subscribed meanwhile gets it)."""
+        return self._marks.get(key, 0), self._lost
+
     async def wait(self, event: asyncio.Event, timeout: float) -> bool:
         """Wait up to `timeout` seconds for `event`, then clear it; True if it was set."""
         try:
@@ -237,17 +318,49 @@ class Notifier:
                 return
             await asyncio.sleep(0)
 
-    def notify(self, key: str, view: object | None = None) -> None:
-        """Wake `key`'s waiters here and on the other coordinators; `view` (of a feed
-        key's item, in its final state: see the module) goes to this process's feeds
-        only. Safe from any thread."""
-        self._deliver(key, view=view)
+    def pass_on(self, key: str, event: asyncio.Event) -> bool:
+        """(On the loop.) The waiter `event` of a wake-one `key` was woken and found
+        nothing for it: wake the first idle waiter subscribed after it (those before it
+        were busy when it was chosen, so they look at the queue after the job was
+        queued). True if one was woken."""
+        waiters = self._waiters.get(key)
+        if not waiters:
+            return False
+        after = False
+        for other in waiters:
+            if other is event:
+                after = True
+            elif after and not other.is_set():
+                self._unrun[other] = None
+                other.set()
+                return True
+        return False
+
+    def notify(self, key: str, view: object | None = None, *, times: int = 1) -> None:
+        """Wake `key`'s waiters here and on the other coordinators, as for `times`
+        notifications (a wake-one key: `times` waiters); `view` (of a feed key's item, in
+        its final state: see the module) goes to this process's feeds only. Safe from
+        any thread."""
+        self._deliver(key, times, view=view)
         if self._relay is not None:
-            self._relay.publish(key)
+            for _ in range(times):
+                self._relay.publish(key)
 
     def _deliver(self, key: str | None, times: int = 1, view: object | None = None) -> None:
         """Wake local waiters of `key` (None: every waiter), as for `times` notifications.
         Safe from any thread."""
+        if key is None or key.startswith(MARKED_PREFIXES):
+            with self._marks_lock:
+                if key is None:
+                    self._lost += 1
+                else:
+                    self._marks[key] = self._marks.get(key, 0) + times
+        for prefix, callback in self._watchers:
+            if key is None or key.startswith(prefix):
+                try:
+                    callback(key)
+                except Exception:  # a watcher's bug must not stop wake-ups
+                    log.exception("notification watcher failed on %r", key)
         loop = self._loop
         if loop is None or loop.is_closed():
             return

@@ -46,6 +46,20 @@ first `placement_window` jobs, those whose `warm_key` it holds. A job whose
 requirement no worker heard from within the queue timeout meets fails then; until
 then the reaper keeps a message naming what no live worker has on it.
 
+What a claim reads before its write (each read a hint: the write checks again):
+- the riding heartbeat's leases, only those this coordinator does not know
+  (`csml.coordinator.lease_memo`: granted, extended or read here, forgotten when the
+  job's `job:<id>` change is announced);
+- the probe (is a job waiting for this worker?), only when no write is due anyway (a
+  heartbeat, a liveness stamp, completions riding the claim), the claim was not woken
+  for a job (a woken claim takes at once; if it took nothing it probes as a re-check
+  does, and the API hands the wake to the next idle claimer), and, for the first look
+  of a long-poll, the queue is not known to be empty for it (`_known_empty`: its last
+  claim or probe found nothing and no job of the app was announced since, per the
+  notifier's marks). Every job queued is announced once with `app_key` (one claimer
+  woken per job) after its commit, and a job with a placement requirement also with
+  `keys_key` (this coordinator's keys of the app may be behind).
+
 Every change of a job its owner can see (submitted, running, progress, ended,
 requeued, cancelled) is announced after its commit with `owner_change(owner, job)`
 (`ending=True` from completion, cancel and the reapers: those may end it), a notifier
@@ -64,6 +78,7 @@ import hashlib
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -80,7 +95,8 @@ from csml.coordinator import artifacts, pipelines, quotas
 from csml.coordinator.catalog import Catalog
 from csml.coordinator.config import Settings
 from csml.coordinator.credit import Priority
-from csml.coordinator.notify import Notifier, app_key, job_key, owner_change
+from csml.coordinator.lease_memo import Known, LeaseMemo
+from csml.coordinator.notify import Notifier, app_key, job_key, keys_key, owner_change
 from csml.coordinator.staged_inputs import StagedFile, adopt_input_rows
 from csml.coordinator.verification import Batch, Decision, Verifier, contributor_of
 from csml.coordinator.verification import digest as run_digest
@@ -188,7 +204,18 @@ class _Claim:
     progressed: list[str]
     taken: list[Claimed]
     lease_id: str
+    until: datetime  # the leases' end (taken and extended)
+    extended: list[RunningJob]  # the riding heartbeat's jobs still held (leases extended)
+    since: int  # the lease memo's epoch before the write (`LeaseMemo.record`)
+    asked: int  # jobs asked for
+    marks: _Marks | None  # before the write, if taking fewer says the queue is empty for it
 
+
+_Marks = tuple[tuple[int, int], tuple[int, int]]
+"""The notifier's marks of an app's `app_key` and `keys_key` (see `JobQueue._exhausted`)."""
+
+_Beaten = tuple[list[str], list[str], list[RunningJob], datetime]
+"""A heartbeat's jobs to abort, owner-change keys, jobs still held, and their leases' end."""
 
 _Done = tuple[list[Outcome], list[str], list[str], dict[str, JobRow]]
 """A completion batch's outcomes, wake-up keys, quarantined workers, and the views it
@@ -221,6 +248,11 @@ class JobQueue:
         # credit: which claims may take a credited job ahead of round-robin (the bound).
         self.credit = Priority(settings.credit_priority_k, settings.credit_priority_n)
         self._keys: dict[str, _AppKeys] = {}  # app -> its requirement keys (placement)
+        self.leases = LeaseMemo(notifier)  # leases known without a read (see lease_memo)
+        # worker id -> the marks before its last claim or probe that found the queue empty
+        # for it; app -> the `keys_key` mark before this coordinator last read its keys.
+        self._exhausted: dict[str, _Marks] = {}
+        self._keys_read: dict[str, tuple[int, int]] = {}
         self.verifier = Verifier(self.engine, settings.verify_probation)
 
     @contextmanager
@@ -387,16 +419,27 @@ class JobQueue:
                 continue
             ops.append(self._submit_op(owner_id, spec, op, job_id, inputs, files, count_window))
             placed.append((index, job_id))
-        apps: set[str] = set()
+        queued: list[JobRow] = []
         for (index, job_id), answer in zip(placed, self.writer.run_many(ops), strict=True):
             answers[index] = answer
             if isinstance(answer, Exception):
                 self.blobs.remove_job(job_id)  # adopted inputs and linked models
             else:
-                apps.add(answer.app)
-        for app in apps:
-            self.notifier.notify(app_key(app))
+                queued.append(answer)
+        self._announce(queued)
         return [a if a is not None else RuntimeError("not submitted") for a in answers]
+
+    def _announce(self, queued: list[JobRow]) -> None:
+        """Wake one claimer per job queued (a claim may take fewer than were queued: the
+        others are for other claimers), and announce the jobs with a placement
+        requirement (`keys_key`: the claimers' knowledge of the app's requirement keys
+        may be behind; see `_exhausted`)."""
+        jobs = Counter(job.app for job in queued)
+        keyed = {job.app for job in queued if job.requires_key is not None}
+        for app in keyed:
+            self.notifier.notify(keys_key(app))
+        for app, count in jobs.items():
+            self.notifier.notify(app_key(app), times=count)
 
     async def submit_async(
         self,
@@ -417,7 +460,7 @@ class JobQueue:
         except BaseException:
             self.blobs.remove_job(job_id)
             raise
-        self.notifier.notify(app_key(spec.app))
+        self._announce([job])
         await self.notifier.hand_over()  # the woken claimer takes the job before we answer
         return job
 
@@ -683,12 +726,30 @@ class JobQueue:
         *,
         wait: float = 0.0,
         warm: list[str] | None = None,
+        woken: bool = False,
+        recheck: bool = False,
     ) -> ClaimResponse:
-        """`claim_and_beat` from the event loop."""
-        op, gone = self._claim_op(worker, max_jobs, running or [], wait, warm or [])
+        """`claim_and_beat` from the event loop. `woken`: the claim was woken for a job
+        queued meanwhile, so it takes without probing first; if it took nothing (the job
+        went to another claim, or is not for this worker, or needs a requirement key
+        this coordinator did not know yet), it claims as a re-check would (probe,
+        learning new keys, then take if something waits for it). A long-poll (`wait`)
+        that is not a `recheck` does not probe when this worker's last claim or probe
+        here found the queue empty for it and nothing was queued since
+        (`_known_empty`): it waits for the wake-up."""
+        op, gone = self._claim_op(
+            worker, max_jobs, running or [], wait, warm or [], woken, known=not recheck
+        )
         if op is None:
             return ClaimResponse(jobs=[], abort=gone)
-        return self._claimed(worker, await self.writer.run_async(op), gone)
+        answer = self._claimed(worker, await self.writer.run_async(op), gone)
+        if woken and not answer.jobs:
+            again = await self.claim_and_beat_async(
+                worker, max_jobs, wait=wait, warm=warm, recheck=True
+            )
+            again.abort = [*answer.abort, *again.abort]
+            return again
+        return answer
 
     def _claim_op(
         self,
@@ -697,33 +758,64 @@ class JobQueue:
         running: list[RunningJob],
         wait: float,
         warm: list[str],
+        woken: bool = False,
+        *,
+        known: bool = False,
     ) -> tuple[Callable[[Connection], _Claim] | None, list[str]]:
         """The claim's write (None: nothing to write) and the jobs of `running` already
-        ended or lost (to abort: read, not written)."""
+        ended or lost (to abort: read, not written). `woken`: take without probing;
+        `known`: a long-poll may trust `_known_empty` instead of probing."""
         stamp = self._stamp_due(worker.id)
         claimant = self._claimant(worker)
-        gone: list[str] = []
-        # The riding heartbeat's lease check and the probe are hints (the write re-checks
-        # both), so they need not agree: each runs on its own, without a BEGIN.
-        with self.read(each=True) as conn:
-            if running:
-                running, gone = self._beat_due(conn, worker, running, wait)
-            if running or stamp:
-                met = self._known_met(conn, worker)  # a write is due anyway: no probe
-            else:
-                queued, met = self._has_queued(conn, worker, claimant)
-                if not queued:
-                    return None, gone
-        worker_id, app = worker.id, worker.app
-        lease_id = ids.new_id()
+        since = self.leases.epoch()
+        app = worker.app
         credit = self.credit if self.credit.active(app, self._any_credited) else None
         window = self.settings.placement_window if warm else 0
+        # Whether taking fewer than asked means nothing more waits for this worker: not
+        # with a contributed worker's filters (they change without an announcement), nor
+        # credit priority (it may take fewer on purpose), nor a warm window shorter
+        # than the claim.
+        exhaustive = claimant is None and credit is None and (not window or max_jobs <= window)
+        marks = self._marks(app) if exhaustive else None
+        gone: list[str] = []
+        # The riding heartbeat's lease check and the probe are hints (the write re-checks
+        # both), so they need not agree: each runs on its own, without a BEGIN; the lease
+        # check reads only leases this coordinator does not know (`lease_memo`), and the
+        # probe runs only when no write is due anyway and the claim was not woken for a
+        # job (then the write takes what there is).
+        beat = self._beat_known(worker, running, wait) if running else ([], [])
+        keys = self._keys.get(worker.app)
+        writing = beat is not None and bool(beat[0] or stamp or woken)
+        if beat is not None and keys is not None and writing:
+            running, gone = beat
+            met = self._met(keys, _labels_of(worker))
+        elif beat is not None and not writing and known and self._known_empty(worker, marks, wait):
+            return None, beat[1]
+        else:
+            with self.read(each=True) as conn:
+                if beat is None:
+                    running, gone = self._beat_due(conn, worker, running, wait)
+                else:
+                    running, gone = beat
+                if running or stamp or woken:
+                    met = self._known_met(conn, worker)  # a write is due anyway: no probe
+                elif known and self._known_empty(worker, marks, wait):
+                    return None, gone
+                else:
+                    queued, met = self._has_queued(conn, worker, claimant)
+                    if not queued:
+                        if marks is not None:
+                            self._empty_for(worker, marks)
+                        return None, gone
+        worker_id = worker.id
+        lease_id = ids.new_id()
+        beating = running
 
         def op(conn: Connection) -> _Claim:
             now = utcnow()
             if stamp:
                 writes.stamp_worker(conn, worker_id, now)
-            abort, progressed = self._beat(conn, worker_id, running, now)
+            abort, progressed, extended = self._beat(conn, worker_id, beating, now)
             until = now + timedelta(seconds=self.settings.lease_seconds)
 
             def take(limit: int, credited: bool = False) -> list[Claimed]:
@@ -743,7 +835,9 @@ class JobQueue:
                 )
 
             taken = take(max_jobs) if credit is None else credit.claim(app, max_jobs, take)
-            return _Claim(stamp, abort, progressed, taken, lease_id)
+            return _Claim(
+                stamp, abort, progressed, taken, lease_id, until, extended, since, max_jobs, marks
+            )
 
         return op, gone
 
@@ -761,7 +855,55 @@ class JobQueue:
             return ()
         return tuple(sorted(n for n, op in entry.operations.items() if op.deterministic))
 
+    def _marks(self, app: str) -> _Marks:
+        return self.notifier.mark(app_key(app)), self.notifier.mark(keys_key(app))
+
+    def _empty_for(self, worker: WorkerRef, marks: _Marks) -> None:
+        """A claim or probe that began at `marks` found nothing (more) for `worker`."""
+        if self._keys_read.get(worker.app) != marks[1]:
+            # A job with a placement requirement was announced since this coordinator
+            # last read the app's keys: that claim or probe may not have met it.
+            self._exhausted.pop(worker.id, None)
+            return
+        if len(self._exhausted) > 10_000:
+            self._exhausted.clear()
+        self._exhausted[worker.id] = marks
+
+    def _known_empty(self, worker: WorkerRef, marks: _Marks | None, wait: float) -> bool:
+        """Whether a long-poll (`wait`) may wait at once, the queue being known to hold
+        nothing for `worker`: its last claim or
+        probe here found it empty, began after this coordinator last read the app's
+        requirement keys, and no job of the app was announced since (nor may an
+        announcement have been lost: `Notifier.mark`), by any coordinator (on PostgreSQL
+        only while the relay listens). A job announced later wakes a waiter; one whose
+        announcement is on its way wakes the waiter this claim becomes. A mistake would
+        cost a long-poll one re-check (`Notifier.recheck_seconds`), as a lost
+        notification does."""
+        return (
+            wait > 0
+            and marks is not None
+            and self.notifier.reliable
+            and self._exhausted.get(worker.id) == marks
+        )
+
     def _claimed(self, worker: WorkerRef, claim: _Claim, gone: list[str]) -> ClaimResponse:
+        if claim.marks is not None and len(claim.taken) < claim.asked:
+            self._empty_for(worker, claim.marks)
+        else:
+            self._exhausted.pop(worker.id, None)
+        for t in claim.taken:  # before the announcements below (they drop nothing of it)
+            self.leases.record(
+                t.id,
+                Known(
+                    worker.id,
+                    claim.lease_id,
+                    claim.until,
+                    t.progress_fraction,
+                    t.progress_message,
+                ),
+                claim.since,
+            )
+        self._remember_extended(worker, claim.extended, claim.until, claim.since)
         # Running now, or progressed: to the owners' event streams.
         for key in [*(owner_change(t.owner_id, t.id) for t in claim.taken), *claim.progressed]:
             self.notifier.notify(key)
@@ -772,12 +914,48 @@ class JobQueue:
         abort = [*gone, *claim.abort]
         return ClaimResponse(jobs=self._inline(claim.taken, claim.lease_id), abort=abort)
 
+    def _remember_extended(
+        self, worker: WorkerRef, extended: list[RunningJob], until: datetime, since: int
+    ) -> None:
+        """The leases a heartbeat extended (their progress now the reported one)."""
+        for r in extended:
+            known = Known(worker.id, r.lease_id, until, r.progress.fraction, r.progress.message)
+            self.leases.record(r.job_id, known, since)
+
     def _stamp_due(self, worker_id: str) -> bool:
         """Whether this worker's liveness (`last_heartbeat`) needs writing: at most once per
         heartbeat interval (and a third of the live window) from this coordinator."""
         every = min(self.settings.heartbeat_seconds, self.settings.worker_live_seconds / 3)
         last = self._stamped.get(worker_id)
         return last is None or time.monotonic() - last >= every
+
+    def _fresh_until(self, wait: float) -> datetime:
+        """A lease ending after this needs no extension by a heartbeat riding on a claim
+        that may long-poll `wait` seconds (see `_beat_due`)."""
+        s = self.settings
+        left = max(s.lease_seconds - s.heartbeat_seconds / 2, wait + s.heartbeat_seconds)
+        return utcnow() + timedelta(seconds=left)
+
+    def _beat_known(
+        self, worker: WorkerRef, running: list[RunningJob], wait: float
+    ) -> tuple[list[RunningJob], list[str]] | None:
+        """`_beat_due` answered from the lease memo without a read, when it knows every
+        job's lease as this worker's current one (else None: read). Never says a job is
+        gone: only a read does."""
+        fresh_until: datetime | None = None
+        due = False
+        for r in running:
+            known = self.leases.get(r.job_id)
+            if known is None or known.worker_id != worker.id or known.lease_id != r.lease_id:
+                return None
+            if not due:
+                if fresh_until is None:
+                    fresh_until = self._fresh_until(wait)
+                due = known.expires_at < fresh_until or (
+                    known.progress_fraction,
+                    known.progress_message,
+                ) != (r.progress.fraction, r.progress.message)
+        return (running if due else []), []
 
     def _beat_due(
         self, conn: Connection, worker: WorkerRef, running: list[RunningJob], wait: float
@@ -786,6 +964,8 @@ class JobQueue:
         read of the leases: the jobs whose leases to extend (all still held, or none) and
         the jobs no longer this worker's under their lease (ended, cancelled, lost: to
         abort; a lease never comes back, so the read is as good as the write's answer).
+        The leases still held are remembered (`lease_memo`): the next claim's heartbeat
+        needs no read unless one of them changed.
 
         None is extended when every job still held has its progress unchanged and its
         lease extended less than half a heartbeat interval ago and lasting past this
@@ -793,9 +973,8 @@ class JobQueue:
         later, finds the lease at least `lease_seconds - 1.5 heartbeat_seconds` from its
         end). A job that ended is no reason to write: on PostgreSQL the write would lock
         the worker's other running jobs, whose completions are on their way."""
-        s = self.settings
-        left = max(s.lease_seconds - s.heartbeat_seconds / 2, wait + s.heartbeat_seconds)
-        fresh_until = utcnow() + timedelta(seconds=left)
+        fresh_until = self._fresh_until(wait)
+        since = self.leases.epoch()
         held = store.leases(conn, [r.job_id for r in running])
         kept: list[RunningJob] = []
         gone: list[str] = []
@@ -811,6 +990,15 @@ class JobQueue:
                 gone.append(r.job_id)
                 continue
             kept.append(r)
+            if lease.lease_expires_at is not None:
+                known = Known(
+                    worker.id,
+                    r.lease_id,
+                    lease.lease_expires_at,
+                    lease.progress_fraction,
+                    lease.progress_message,
+                )
+                self.leases.record(r.job_id, known, since)
             if (
                 lease.lease_expires_at is None
                 or lease.lease_expires_at < fresh_until
@@ -830,7 +1018,9 @@ class JobQueue:
         app, labels = worker.app, _labels_of(worker)
         keys = self._keys.setdefault(app, _AppKeys())
         met = self._met(keys, labels)
+        before = self.notifier.mark(keys_key(app))
         queued, newest = store.probe(conn, worker.id, app, met, claimant)
+        self._keys_read[app] = before  # the keys known now are all those of `newest`
         if newest > keys.newest:
             keys = self._reload_keys(conn, app, keys)
             met = self._met(keys, labels)
@@ -843,7 +1033,9 @@ class JobQueue:
         once per app; a key added since is learned at the next probe)."""
         keys = self._keys.get(worker.app)
         if keys is None:
+            before = self.notifier.mark(keys_key(worker.app))
             keys = self._reload_keys(conn, worker.app, _AppKeys())
+            self._keys_read[worker.app] = before
         return self._met(keys, _labels_of(worker))
 
     def _reload_keys(self, conn: Connection, app: str, keys: _AppKeys) -> _AppKeys:
@@ -915,42 +1107,45 @@ class JobQueue:
 
     def heartbeat(self, worker: WorkerRef, beat: Heartbeat) -> HeartbeatResponse:
         """Write the worker's liveness, extend its leases, record progress; which to abort."""
-        return self._heartbeat_done(worker, self.writer.run(self._heartbeat_op(worker, beat)))
+        op, since = self._heartbeat_op(worker, beat)
+        return self._heartbeat_done(worker, self.writer.run(op), since)
 
     async def heartbeat_async(self, worker: WorkerRef, beat: Heartbeat) -> HeartbeatResponse:
         """`heartbeat` from the event loop."""
-        done = await self.writer.run_async(self._heartbeat_op(worker, beat))
-        return self._heartbeat_done(worker, done)
+        op, since = self._heartbeat_op(worker, beat)
+        return self._heartbeat_done(worker, await self.writer.run_async(op), since)
 
     def _heartbeat_op(
         self, worker: WorkerRef, beat: Heartbeat
-    ) -> Callable[[Connection], tuple[list[str], list[str]]]:
+    ) -> tuple[Callable[[Connection], _Beaten], int]:
+        """The heartbeat's write, and the lease memo's epoch before it."""
         worker_id = worker.id
 
-        def op(conn: Connection) -> tuple[list[str], list[str]]:
+        def op(conn: Connection) -> _Beaten:
             now = utcnow()
             writes.stamp_worker(conn, worker_id, now)
-            return self._beat(conn, worker_id, beat.running, now)
+            until = now + timedelta(seconds=self.settings.lease_seconds)
+            return *self._beat(conn, worker_id, beat.running, now), until
 
-        return op
+        return op, self.leases.epoch()
 
-    def _heartbeat_done(
-        self, worker: WorkerRef, done: tuple[list[str], list[str]]
-    ) -> HeartbeatResponse:
-        abort, progressed = done
+    def _heartbeat_done(self, worker: WorkerRef, done: _Beaten, since: int) -> HeartbeatResponse:
+        abort, progressed, extended, until = done
         self._stamped[worker.id] = time.monotonic()
+        self._remember_extended(worker, extended, until, since)
         for key in progressed:  # to the owners' event streams
             self.notifier.notify(key)
         return HeartbeatResponse(abort=abort)
 
     def _beat(
         self, conn: Connection, worker_id: str, running: list[RunningJob], now: datetime
-    ) -> tuple[list[str], list[str]]:
+    ) -> tuple[list[str], list[str], list[RunningJob]]:
         """Extend the leases still held, record changed progress. Returns the jobs to abort
-        (cancelled, finished or lease lost) and the owner-change keys of the jobs whose
-        progress changed (to announce after the commit)."""
+        (cancelled, finished or lease lost), the owner-change keys of the jobs whose
+        progress changed (to announce after the commit), and the jobs still held (their
+        leases now end `lease_seconds` from `now`, their progress the reported one)."""
         if not running:
-            return [], []
+            return [], [], []
         until = now + timedelta(seconds=self.settings.lease_seconds)
         held = writes.extend_leases(
             conn, worker_id, [(r.job_id, r.lease_id) for r in running], until
@@ -966,7 +1161,8 @@ class JobQueue:
                 writes.set_progress(
                     conn, r.job_id, r.lease_id, r.progress.fraction, r.progress.message
                 )
-        return [r.job_id for r in running if r.job_id not in held], progressed
+        abort = [r.job_id for r in running if r.job_id not in held]
+        return abort, progressed, [r for r in running if r.job_id in held]
 
     def running_job(self, worker: WorkerRef, job_id: str, lease_id: str) -> JobRow:
         """A job this worker runs under `lease_id` (NotFound, or Conflict: lease lost)."""
@@ -1027,7 +1223,8 @@ class JobQueue:
         the claim takes jobs only after the batch ended its jobs. Both come back only once
         committed. A deadlock (PostgreSQL) runs the whole operation again, as for a batch."""
         done_op = self._complete_op(worker, batch, await self._prepare_async(worker, batch), False)
-        claim_op, gone = self._claim_op(worker, max_jobs, running or [], wait, warm or [])
+        # The completions are a write: the claim takes in it without probing first.
+        claim_op, gone = self._claim_op(worker, max_jobs, running or [], wait, warm or [], True)
 
         def op(
             conn: Connection,

@@ -334,6 +334,10 @@ class Claimed:
     sealed: Sealed | None
     # credit: taken by credit priority out of order (see `take(credited=True)`).
     by_credit: bool = False
+    # Its progress as stored (a claim does not reset it): what the next heartbeat
+    # compares with (`csml.coordinator.lease_memo`).
+    progress_fraction: float = 0.0
+    progress_message: str = ""
 
 
 _STOP_WORKER = (
@@ -468,6 +472,8 @@ def _take_statement(head: str, contributed: bool, quarantined: bool, operations:
         JOBS.c.limits,
         JOBS.c.attempts,
         JOBS.c.fair_rank,
+        JOBS.c.progress_fraction,
+        JOBS.c.progress_message,
         _HAS_ENVELOPE,
         _HAS_INPUTS,
     ]
@@ -565,21 +571,22 @@ def take(
     else:
         head = PLAIN
     # Rows as `_take_statement` returns them: seq, id, owner_id, operation, params,
-    # limits, attempts, fair_rank, sealed, has_inputs (and credit_lease when credited).
+    # limits, attempts, fair_rank, progress_fraction, progress_message, sealed, has_inputs
+    # (and credit_lease when credited).
     rows = _take_statement(head, *claimant_key(claimant)).rows(conn, params)
     if not rows:
         return []
-    jumped = {r[0] for r in rows if credited and r[10] is not None}
+    jumped = {r[0] for r in rows if credited and r[12] is not None}
     in_order = [r[7] for r in rows if r[0] not in jumped]
     if in_order:
         _SERVE.run(conn, {"b_app": app, "b_top": max(in_order)})
     inputs: dict[int, list[FileRow]] = {}
-    with_inputs = [r[0] for r in rows if r[9]]
+    with_inputs = [r[0] for r in rows if r[11]]
     if with_inputs:
         for job_seq, *f in _INPUTS.rows(conn, {"seqs": with_inputs}):
             inputs.setdefault(job_seq, []).append(FileRow(*f))
     sealed: dict[int, Sealed] = {}
-    with_envelope = [r[0] for r in rows if r[8]]
+    with_envelope = [r[0] for r in rows if r[10]]
     if with_envelope:
         for seq, nonce, result_key, params, wrapped in conn.execute(
             _SEALED, {"seqs": with_envelope, "worker_id": worker_id}
@@ -598,6 +605,8 @@ def take(
             inputs=tuple(inputs.get(r[0], ())),
             sealed=sealed.get(r[0]),
             by_credit=r[0] in jumped,
+            progress_fraction=r[8],
+            progress_message=r[9],
         )
         for r in sorted(rows, key=lambda r: (r[7], r[0]))
     ]
