@@ -33,6 +33,7 @@ that does is killed and restarted. Either way the worker goes on.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import queue
@@ -128,7 +129,9 @@ class _Resident:
     idle_cpu: float = 0.0  # its CPU time when it went idle
     warm: str = ""  # the model it holds loaded (a `placement.warm_key`), if any
     cpu: float = -1.0  # its CPU time as last read (-1: not read yet)
+    rss: int = -1  # its resident memory, read with `cpu` once a job answered (-1: not read)
     extra_bytes: int = 0  # resident memory beyond the zygote's, after its last job
+    sandbox: JobSandboxMsg | None = None  # what every job of it is told (its uid, tmp, env)
 
 
 class ZygoteDied(RuntimeError):
@@ -156,11 +159,30 @@ def resident_bytes(pid: int) -> int:
 
 def cpu_seconds_of(pid: int) -> float:
     """CPU time of a process (all its threads, and its children it has reaped)."""
+    return cpu_and_rss_of(pid)[0]
+
+
+def cpu_and_rss_of(pid: int) -> tuple[float, int]:
+    """CPU time (as `cpu_seconds_of`) and resident memory (as `resident_bytes`) of a
+    process, from one read of /proc/PID/stat ((0, 0) if it is gone)."""
     try:
         fields = read_proc(f"/proc/{pid}/stat").rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
-        return 0.0
-    return sum(int(v) for v in fields[11:15]) / CLOCK_TICKS
+        return sum(int(v) for v in fields[11:15]) / CLOCK_TICKS, int(fields[21]) * PAGE_SIZE
+    except (OSError, IndexError, ValueError):
+        return 0.0, 0
+
+
+@functools.lru_cache(maxsize=64)
+def _limits(
+    memory_mb: int, cpu_seconds: float, cpu_lifetime_seconds: float, max_file_bytes: int
+) -> JobLimitsMsg:
+    """(A frozen message: jobs of the same limits share one.)"""
+    return JobLimitsMsg(
+        memory_mb=memory_mb,
+        cpu_seconds=cpu_seconds,
+        cpu_lifetime_seconds=cpu_lifetime_seconds,
+        max_file_bytes=max_file_bytes,
+    )
 
 
 def evictions(idle: list[tuple[int, int]], max_idle: int, idle_bytes: int) -> list[int]:
@@ -209,6 +231,7 @@ class Sandbox:
         self._roots = [self._tmp_root.parent, *([workdir.parent] if workdir else [])]
         self._ready = threading.Event()
         self._features: list[str] | None = None
+        self._zygote_rss, self._zygote_rss_at = 0, -1e9  # see `_zygote_bytes`
         self._start_zygote()
         self._finished: queue.Queue[_Resident | None] = queue.Queue()
         self._cleaner = threading.Thread(target=self._clean, daemon=True, name="sandbox-clean")
@@ -305,11 +328,11 @@ class Sandbox:
         its own). `warm`: the job's model stays loaded in its child if it succeeds (see
         `warm_models`)."""
         self._ensure_zygote()
-        limits = JobLimitsMsg(
-            memory_mb=job.memory_mb,
-            cpu_seconds=job.cpu_seconds,
-            cpu_lifetime_seconds=job.cpu_seconds * (CPU_LIFETIME_FACTOR if owner else 1),
-            max_file_bytes=job.max_file_bytes,
+        limits = _limits(
+            job.memory_mb,
+            job.cpu_seconds,
+            job.cpu_seconds * (CPU_LIFETIME_FACTOR if owner else 1),
+            job.max_file_bytes,
         )
         resident = self._checkout(owner, limits)
         if resident is None:
@@ -466,9 +489,18 @@ class Sandbox:
     def _too_big(self, resident: _Resident) -> bool:
         """Whether the child holds too much memory to be kept idle (what a job allocated
         stays with its process; the idle cap times this bounds what idle children hold)."""
-        extra = resident_bytes(resident.child.pid) - resident_bytes(self._zygote.pid)
+        rss = resident.rss if resident.rss >= 0 else resident_bytes(resident.child.pid)
+        extra = rss - self._zygote_bytes()
         resident.extra_bytes = max(0, extra)
         return extra > IDLE_RSS_ALLOWANCE
+
+    def _zygote_bytes(self) -> int:
+        """The zygote's resident memory, read at most once a second (it changes little:
+        it only forks)."""
+        now = time.monotonic()
+        if now - self._zygote_rss_at >= 1.0:
+            self._zygote_rss, self._zygote_rss_at = resident_bytes(self._zygote.pid), now
+        return self._zygote_rss
 
     def _left_behind(self, resident: _Resident) -> bool:
         """Processes the job left: children of its child, or orphans the zygote adopted."""
@@ -487,6 +519,8 @@ class Sandbox:
     ) -> Outcome:
         """Start the job and supervise it until it answers, or dies and is reaped."""
         child = resident.child
+        if resident.sandbox is None:  # a grant's uid, gid and tmp are its base's
+            resident.sandbox = JobSandboxMsg(**grant.payload())
         final: Outcome | None
         try:
             if not child.started.wait(timeout=READY_TIMEOUT):
@@ -495,7 +529,7 @@ class Sandbox:
             cpu_before = resident.cpu if resident.cpu >= 0 else cpu_seconds_of(child.pid)
 
             def overrun() -> str | None:
-                resident.cpu = cpu_seconds_of(child.pid)
+                resident.cpu, resident.rss = cpu_and_rss_of(child.pid)
                 if resident.cpu - cpu_before > job.cpu_seconds:
                     return f"exceeded its CPU-time limit of {job.cpu_seconds:g} s"
                 return None
@@ -507,7 +541,7 @@ class Sandbox:
                     inputs={k: str(v) for k, v in job.inputs.items()},
                     output_dir=str(job.output_dir),
                     limits=resident.limits,
-                    sandbox=JobSandboxMsg(**grant.payload()),
+                    sandbox=resident.sandbox,
                 )
             )
             resident.jobs += 1
