@@ -547,9 +547,7 @@ class WorkerAgent:
             body: dict[str, Any] = {
                 "max_jobs": n,
                 "wait": 0 if done else self.config.claim_wait,
-                "running": [
-                    r.model_dump(mode="json") for r in self._held() if r.job_id not in ending
-                ],
+                "running": self._held_json(ending),
                 "warm_models": warm,
             }
             if done:
@@ -585,6 +583,20 @@ class WorkerAgent:
             return [
                 RunningJob(job_id=r.claimed.id, lease_id=r.claimed.lease_id, progress=r.progress)
                 for r in self._running.values()
+            ]
+
+    def _held_json(self, ending: set[str]) -> list[dict[str, Any]]:
+        """`_held()` as its JSON, but for the jobs `ending` (built directly: a claim
+        carries it every time)."""
+        with self._lock:
+            return [
+                {
+                    "job_id": r.claimed.id,
+                    "lease_id": r.claimed.lease_id,
+                    "progress": {"fraction": r.progress.fraction, "message": r.progress.message},
+                }
+                for r in self._running.values()
+                if r.claimed.id not in ending
             ]
 
     def _abort(self, job_ids: list[str]) -> None:
@@ -680,24 +692,37 @@ class WorkerAgent:
         outcome = self._run(job, state, job.params, inputs, outputs_dir)
         if outcome.cancelled:
             return
-        completion = JobCompletion(lease_id=job.lease_id, state="failed", error=outcome.error)
-        if outcome.ok:
-            inline: list[InlineOutput] = []
-            room = INLINE_OUTPUT_BYTES
-            for path in self._outputs(job, outputs_dir):
-                size = path.stat().st_size
-                if size <= min(INLINE_MAX_BYTES, room) and len(inline) < MAX_INLINE_OUTPUTS:
-                    inline.append(InlineOutput(name=path.name, content=b64e(path.read_bytes())))
-                    room -= size
-                else:
-                    self._upload(job, path)
-            completion = JobCompletion(
+        inline: list[InlineOutput] = []
+        if not outcome.ok:
+            self._complete(
+                job,
+                BatchedCompletion(
+                    job_id=job.id,
+                    lease_id=job.lease_id,
+                    state="failed",
+                    error=outcome.error,
+                    inline_outputs=inline,
+                ),
+            )
+            return
+        room = INLINE_OUTPUT_BYTES
+        for path in self._outputs(job, outputs_dir):
+            size = path.stat().st_size
+            if size <= min(INLINE_MAX_BYTES, room) and len(inline) < MAX_INLINE_OUTPUTS:
+                inline.append(InlineOutput(name=path.name, content=b64e(path.read_bytes())))
+                room -= size
+            else:
+                self._upload(job, path)
+        self._complete(
+            job,
+            BatchedCompletion(
+                job_id=job.id,
                 lease_id=job.lease_id,
                 state="succeeded",
                 result=outcome.result,
                 inline_outputs=inline,
-            )
-        self._complete(job, completion)
+            ),
+        )
 
     def _input(self, job: ClaimedJob, info: FileInfo, target: Path) -> Path:
         """An input: from the claim when it came inline (checked against its digest),
@@ -858,9 +883,9 @@ class WorkerAgent:
         completion or already uploaded). Folding, its slot is free at once."""
         state = self._running[job.id]
         assert state.workdir is not None
-        pending = _Completion(
-            BatchedCompletion(job_id=job.id, **completion.model_dump()), state.workdir
-        )
+        if not isinstance(completion, BatchedCompletion):
+            completion = BatchedCompletion(job_id=job.id, **completion.model_dump())
+        pending = _Completion(completion, state.workdir)
         state.handed = True
         with self._lock:
             self._pending.append(pending)
