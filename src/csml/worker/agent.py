@@ -261,6 +261,7 @@ class WorkerAgent:
         self._fold = False  # completions ride claims (the coordinator speaks protocol 3)
         self._idle: deque[threading.Lock] = deque()  # slot threads waiting for a turn
         self._waking = 0  # slot threads woken for a turn, not yet running
+        self._deferred = False  # no thread is woken to claim until the claimer's job starts
         self._failure: BaseException | None = None  # what ended the claims, unexpectedly
         self.http = httpx.Client(
             base_url=config.coordinator.rstrip("/"),
@@ -485,7 +486,12 @@ class WorkerAgent:
         claim turn, completions to send alone. (A thread that finishes a turn looks
         for its next one itself: no wake-up on its own account.)"""
         due = min(len(self._queue), self.config.slots - self._active)
-        if not self._claiming and self._free > 0 and not self.stopping.is_set():
+        if (
+            not self._claiming
+            and self._free > 0
+            and not self.stopping.is_set()
+            and not self._deferred
+        ):
             due += 1
         if not self._sending and self._alone():
             due += 1
@@ -494,6 +500,14 @@ class WorkerAgent:
             self._waking += wake
             for _ in range(wake):
                 self._idle.popleft().release()
+
+    def _undefer(self) -> None:
+        """The claimer's job is in its child (or waits for something): wake a thread to
+        claim next if that is due (see `_claim_turn`)."""
+        if self._deferred:
+            with self._lock:
+                self._deferred = False
+                self._wake_others()
 
     def _claim_turn(self, free: int, riding: list[_Completion]) -> ClaimedJob | None:
         """Claim up to `free` jobs, carrying `riding` completions; queue the jobs and
@@ -528,6 +542,9 @@ class WorkerAgent:
             if self._queue and self._active < self.config.slots:
                 self._active += 1
                 mine = self._queue.popleft()
+                # The thread to claim next is woken once this job is in its child
+                # (`_undefer`): it would take the interpreter lock from it meanwhile.
+                self._deferred = True
             self._wake_others()
         if riding:
             self._receipts(riding, answer)
@@ -644,6 +661,8 @@ class WorkerAgent:
     def _execute(self, job: ClaimedJob) -> None:
         """Run a job this thread took (`_active` counts it until this returns)."""
         state = self._running[job.id]
+        if job.confidential is not None or any(f.name not in job.inline_inputs for f in job.inputs):
+            self._undefer()  # it starts after downloads: the next claim does not wait
         try:
             # In the worker's own folder (0700, only this process writes there): a name
             # of its own is enough, no random one to look for.
@@ -660,6 +679,7 @@ class WorkerAgent:
                 if not state.handed:  # else whoever sends the completion ends it
                     self._end(job.id, workdir)
         finally:
+            self._undefer()
             with self._lock:
                 self._active -= 1
 
@@ -765,7 +785,13 @@ class WorkerAgent:
         # One owner's consecutive jobs share a sandboxed process; a confidential job gets
         # one of its own (nothing of it stays in memory for a later job to find).
         owner = "" if confidential else job.owner_key
-        return self.sandbox.run(sandbox_job, progress, owner=owner, warm=self._warm_key(job, owner))
+        return self.sandbox.run(
+            sandbox_job,
+            progress,
+            owner=owner,
+            warm=self._warm_key(job, owner),
+            on_started=self._undefer,
+        )
 
     def _warm_key(self, job: ClaimedJob, owner: str) -> str:
         """What the job leaves warm in its owner's process: its model input, if its

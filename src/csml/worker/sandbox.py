@@ -323,10 +323,12 @@ class Sandbox:
         on_progress: ProgressFn | None = None,
         owner: str = "",
         warm: str = "",
+        on_started: Callable[[], None] | None = None,
     ) -> Outcome:
         """Run `job` in a child of `owner` (reused if one waits idle; "" for a child of
         its own). `warm`: the job's model stays loaded in its child if it succeeds (see
-        `warm_models`)."""
+        `warm_models`). `on_started()` is called once the job is sent to its child, or
+        before waiting for a new child to start (it may be called again)."""
         self._ensure_zygote()
         limits = _limits(
             job.memory_mb,
@@ -347,7 +349,7 @@ class Sandbox:
             except OSError as exc:
                 return Outcome(ok=False, error=f"the sandbox could not prepare the job: {exc}")
             try:
-                outcome = self._run(resident, job, grant, on_progress)
+                outcome = self._run(resident, job, grant, on_progress, on_started)
             finally:
                 take_back(grant)  # now: the worker uploads the outputs next
             reuse = (
@@ -516,6 +518,7 @@ class Sandbox:
         job: SandboxJob,
         grant: Grant,
         on_progress: ProgressFn | None,
+        on_started: Callable[[], None] | None = None,
     ) -> Outcome:
         """Start the job and supervise it until it answers, or dies and is reaped."""
         child = resident.child
@@ -523,6 +526,8 @@ class Sandbox:
             resident.sandbox = JobSandboxMsg(**grant.payload())
         final: Outcome | None
         try:
+            if on_started is not None and not child.started.is_set():
+                on_started()  # no waiting before it
             if not child.started.wait(timeout=READY_TIMEOUT):
                 raise OSError("the zygote did not start the job's process")
             # A reused child's CPU was read at checkout, right before this job.
@@ -545,6 +550,8 @@ class Sandbox:
                 )
             )
             resident.jobs += 1
+            if on_started is not None:
+                on_started()
         except ProtocolViolation as exc:
             final = Outcome(ok=False, error=f"protocol violation by the job process: {exc}")
         except ValueError as exc:  # over the start message's cap
