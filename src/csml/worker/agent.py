@@ -726,7 +726,7 @@ class WorkerAgent:
             )
             return
         room = INLINE_OUTPUT_BYTES
-        for path in self._outputs(job, outputs_dir):
+        for path in self._outputs(job, outputs_dir, outcome):
             size = path.stat().st_size
             if size <= min(INLINE_MAX_BYTES, room) and len(inline) < MAX_INLINE_OUTPUTS:
                 inline.append(InlineOutput(name=path.name, content=b64e(path.read_bytes())))
@@ -803,8 +803,12 @@ class WorkerAgent:
         model = next((f for f in job.inputs if spec is not None and f.name == spec.name), None)
         return placement.warm_key(owner, model.sha256) if model is not None else ""
 
-    def _outputs(self, job: ClaimedJob, outputs_dir: Path) -> list[Path]:
+    def _outputs(self, job: ClaimedJob, outputs_dir: Path, outcome: Outcome) -> list[Path]:
+        """The declared outputs the job wrote: regular files, as the sandbox found them
+        when it took the folder back (else as listed now)."""
         declared = {o.name for o in self.app.operations[job.operation].outputs}
+        if outcome.outputs is not None:
+            return [outputs_dir / name for name in sorted(outcome.outputs) if name in declared]
         return [p for p in sorted(outputs_dir.iterdir()) if p.name in declared and p.is_file()]
 
     # -- confidential jobs --------------------------------------------------
@@ -897,7 +901,7 @@ class WorkerAgent:
             finish(ResultPayload("failed", error=(outcome.error or "failed")[:4000]))
             return
         outputs: dict[str, dict[str, Any]] = {}
-        for path in self._outputs(job, outputs_dir):
+        for path in self._outputs(job, outputs_dir, outcome):
             outputs[path.name] = {"size": path.stat().st_size}
             self._upload(job, path, result_key, secret.nonce)
         finish(ResultPayload("succeeded", result=outcome.result, outputs=outputs))

@@ -89,6 +89,7 @@ class Outcome:
     cancelled: bool = False
     answered: bool = False  # the child answered (and may serve another job)
     retire: bool = False  # the child asked not to be given another job
+    outputs: list[str] | None = None  # the regular files in its output dir (None: not known)
 
 
 @dataclass
@@ -348,10 +349,12 @@ class Sandbox:
                 grant = grant_files(resident.base, job.inputs.values(), job.output_dir, self._roots)
             except OSError as exc:
                 return Outcome(ok=False, error=f"the sandbox could not prepare the job: {exc}")
+            kept: list[str] = []
             try:
                 outcome = self._run(resident, job, grant, on_progress, on_started)
             finally:
-                take_back(grant)  # now: the worker uploads the outputs next
+                kept = take_back(grant)  # now: the worker uploads the outputs next
+            outcome.outputs = kept
             reuse = (
                 bool(owner)
                 and outcome.answered
