@@ -119,3 +119,82 @@ def test_a_coordinator_behind_a_proxy_is_reached_through_httpx(
     assert isinstance(open_link("http://coordinator:8600", True, 5), HttpxLink)
     monkeypatch.setenv("NO_PROXY", "coordinator")
     assert isinstance(open_link("http://coordinator:8600", True, 5), Link)
+
+
+class _Raw:
+    """A loopback server answering each request with canned bytes, sent in pieces."""
+
+    def __init__(self, answers: list[list[bytes]]) -> None:
+        self.answers = answers
+        self.requests: list[bytes] = []
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        conn, _ = self.sock.accept()
+        with conn:
+            for pieces in self.answers:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(4096)
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                while len(body) < length:
+                    body += conn.recv(4096)
+                self.requests.append(data)
+                for piece in pieces:
+                    conn.sendall(piece)
+                    time.sleep(0.01)
+
+
+def test_answers_in_pieces_chunked_and_after_an_informational_one() -> None:
+    raw = _Raw(
+        [
+            [
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Le",
+                b'ngth: 7\r\n\r\n{"a"',
+                b":1}",
+            ],
+            [
+                b"HTTP/1.1 202 Accepted\r\nTransfer-Encoding: chunked\r\nX-A: b\r\n\r\n",
+                b'3;x=y\r\n{"b\r\n4\r\n":2}\r\n0\r\nTrailer: t\r\n\r\n',
+            ],
+            [b"HTTP/1.1 204 No Content\r\n\r\n"],
+        ]
+    )
+    link = Link(raw.url, None, timeout=5)
+    first = link.post("/a", b'{"n":1}', {"Authorization": "Bearer t"})
+    assert (first.status_code, first.json()) == (200, {"a": 1})
+    second = link.post("/b", b"{}", {})
+    assert (second.status_code, second.json(), second.headers["x-a"]) == (202, {"b": 2}, "b")
+    assert link.post("/c", b"{}", {}).content == b""
+    # One connection, and each request went in one piece: head and body.
+    assert raw.requests[0].startswith(b"POST /a HTTP/1.1\r\nHost: 127.0.0.1:")
+    assert raw.requests[0].endswith(b'\r\nAuthorization: Bearer t\r\n\r\n{"n":1}')
+    link.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"SMTP/1.1 200 OK\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ],
+)
+def test_a_malformed_answer_is_a_link_error(answer: bytes) -> None:
+    link = Link(_Raw([[answer]]).url, None, timeout=5)
+    with pytest.raises(LinkError):
+        link.post("/a", b"{}", {})
+
+
+def test_a_header_that_would_split_the_request_is_refused_before_sending() -> None:
+    raw = _Raw([])
+    link = Link(raw.url, None, timeout=5)
+    with pytest.raises(LinkError, match="invalid header"):
+        link.post("/a", b"{}", {"Authorization": "Bearer t\r\nX-Evil: 1"})
+    assert raw.requests == []

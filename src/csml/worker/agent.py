@@ -1,37 +1,36 @@
 """The worker agent: join, claim jobs, run them in the sandbox, report back.
 
-Threads: one claims jobs (long-poll) while slots are free, one heartbeats
-(extending leases, relaying progress, aborting cancelled jobs), one sends
-completions, and one per slot runs a job.
+Threads: one per slot (one more with a prefetch), taking turns; one heartbeats
+(extending leases, relaying progress, aborting cancelled jobs) when no claim did.
 
 Batched protocol: a claim asks for up to `free slots + prefetch` jobs (prefetched
 ones wait for a slot under their lease) and carries the heartbeat of every job
 held, so the heartbeat thread speaks only when no claim did for 3/4 of an interval
 (all slots and the prefetch busy; checked every half interval); small inputs
 come inline in the claim; each completion carries its small outputs inline
-(larger ones are uploaded first) and the completions that end while one is in
-flight go together in one request. A job's thread hands its completion to the
-sender and is free at once; the sender ends the job (its folder removed, its slot
-freed, it leaves the heartbeat) once the coordinator answered, as the job's
-thread did after waiting for the answer. A completion that must go alone (below)
-from a worker running no other job, while none is being sent, is sent by its job's
-own thread, which is then the sender: one thread hand-over fewer on a lone job's
-path (the sender link is used by one thread at a time, `_sending`). A claim's
-answer to a worker running nothing waits (briefly) for its first job's thread to
-start before the next claim is built, so that job does not wait for the interpreter
-lock meanwhile. A busy worker does neither: its sender batches completions ending
-together, and its next claim is not delayed.
+(larger ones are uploaded first).
+
+Turns: a slot thread not running a job takes the first turn due (`_next_turn`): send
+the completions that must go alone, run a claimed job a slot is free for, or claim
+(when no claim is in flight and some capacity is free). The thread that claims runs
+the first job of the answer itself and wakes a waiting thread for each other one
+(and one to claim next, if capacity is still free); a thread whose job ended looks
+for its next turn itself, so its completion goes in the claim it then sends (or
+alone, by itself). A thread is woken only for a turn nobody else takes
+(`_wake_others`): thread hand-overs cost far more than the work they hand over. At
+most one claim is in flight (the claim link), and at most one thread sends alone
+(the sender link); completions that end while it sends go in its next batch.
 
 Completions ride claims (protocol 3, when the coordinator says at registration that
-it speaks it): a handed completion frees its job's slot at once, so the claim
-thread wakes and sends the pending completions in its claim (which then does not
-long-poll: its answer is their receipt), ending their jobs once answered. A
-completion never waits for a claim that is not coming: while a claim is in flight
-(long-polling for work, or retrying), or once the worker stops claiming, the sender
-sends the pending ones alone at once, as before. Completions of a claim that failed,
-or whose answer has no `results` for them (a coordinator that ignored them), go
-alone through the sender (a repeat of one already kept is refused, 409: exactly one
-result is kept).
+it speaks it): a handed completion frees its job's slot at once, and the next claim
+carries the pending completions (it then does not long-poll: its answer is their
+receipt), ending their jobs once answered. A completion never waits for a claim that
+is not coming: while a claim long-polls for work, or once the worker stops claiming,
+the pending ones go alone at once; while one that carries completions is in flight
+(it answers at once), they wait for the next, which follows it. Completions of a
+claim that failed, or whose answer has no `results` for them (a coordinator that
+ignored them), go alone (a repeat of one already kept is refused, 409: exactly one
+result is kept); with a coordinator older than protocol 3 every completion goes alone.
 
 The coordinator may restart or be briefly unreachable: every
 call retries with backoff, and the leases say what is still ours. Retrying ends
@@ -51,6 +50,7 @@ import base64
 import contextlib
 import ctypes
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -59,8 +59,8 @@ import shutil
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -173,9 +173,8 @@ class _Running:
     progress: Progress = field(default_factory=Progress)
     cancel: threading.Event = field(default_factory=threading.Event)
     workdir: Path | None = None
-    handed: bool = False  # its completion is with the sender, which ends the job
+    handed: bool = False  # its completion is pending: whoever sends it ends the job
     freed: bool = False  # its slot was given back when its completion was handed
-    started: threading.Event = field(default_factory=threading.Event)  # its thread runs it
 
 
 @dataclass
@@ -189,13 +188,14 @@ class _Secret:
 
 @dataclass
 class _Completion:
-    """A completion waiting for the sender thread, which ends its job once sent."""
+    """A completion waiting to be sent (riding a claim, or alone); its job ends once sent."""
 
     completion: BatchedCompletion
     workdir: Path
 
 
 MAX_COMPLETION_BATCH = 64
+IDLE_CHECK_SECONDS = 5.0  # a waiting slot thread looks again (it is woken when due)
 IDLE_PER_PLACE = 4  # idle children per place of the idle memory budget, at most
 MAX_INLINE_OUTPUTS = 16
 INLINE_OUTPUT_BYTES = 1 << 20
@@ -228,6 +228,7 @@ class WorkerAgent:
         self._key = PrivateKey.generate()
         self.attestation = self._attest()
         self._workdir = Path(tempfile.mkdtemp(prefix="csml-worker-", dir=config.workdir))
+        self._job_dirs = itertools.count(1)  # job folders' names in it
         # Idle children (one per owner, see `sandbox`): the memory they may keep is what
         # max(MAX_IDLE, 2 x slots) children may each keep; within it, up to
         # IDLE_PER_PLACE times as many small ones (many owners sharing a worker would
@@ -244,18 +245,24 @@ class WorkerAgent:
         self._running: dict[str, _Running] = {}
         self._lock = threading.Lock()
         self._ended = threading.Condition(self._lock)  # a job left `_running`
-        # Capacity: the slots plus the prefetch; a claim takes what is free of it.
+        # Capacity: the slots plus the prefetch; a claim takes what is free of it. The
+        # rest of this block is guarded by `_lock` (see the module docstring: turns).
         self._capacity = config.slots + max(0, config.prefetch)
-        self._slots = threading.Semaphore(self._capacity)
+        self._free = self._capacity  # capacity no job holds
+        self._queue: deque[ClaimedJob] = deque()  # claimed, waiting for a slot thread
+        self._active = 0  # jobs a slot thread runs (at most `slots`)
         self._last_beat = 0.0  # monotonic time a claim last carried the heartbeat
-        # Completions handed and not yet sent, in order; the sender sends them alone when
-        # no claim will carry them (see the module docstring).
+        # Completions handed and not yet sent, in order: the next claim carries them, or
+        # they go alone when no claim will soon (see the module docstring).
         self._pending: list[_Completion] = []
-        self._sendable = threading.Condition(self._lock)
-        self._claiming = False  # a claim request is in flight (it carries no more)
-        self._sending = False  # a thread sends on the sender link (one at a time)
-        self._busy = 0  # jobs handed to the slot pool whose thread has not returned
+        self._claiming = False  # a slot thread has the claim turn (a claim is in flight)
+        self._polling = False  # ... and that claim long-polls (it carries no completion)
+        self._sending = False  # a slot thread sends completions alone (one at a time)
         self._fold = False  # completions ride claims (the coordinator speaks protocol 3)
+        self._idle: deque[threading.Lock] = deque()  # slot threads waiting for a turn
+        self._waking = 0  # slot threads woken for a turn, not yet running
+        self._deferred = False  # no thread is woken to claim until the claimer's job starts
+        self._failure: BaseException | None = None  # what ended the claims, unexpectedly
         self.http = httpx.Client(
             base_url=config.coordinator.rstrip("/"),
             timeout=httpx.Timeout(30.0, read=config.claim_wait + 30),
@@ -264,7 +271,7 @@ class WorkerAgent:
         )
         # The per-job calls go over links (`link`: a keep-alive connection each, far
         # cheaper per call than httpx): claims long-poll on one of their own, closed by
-        # stop() to end the wait; completions go on the sender thread's.
+        # stop() to end the wait; completions sent alone go on the other.
         verify = verify_option(config.pin_sha256)
         base = config.coordinator.rstrip("/")
         self.claims = open_link(base, verify, timeout=config.claim_wait + 30)
@@ -372,21 +379,25 @@ class WorkerAgent:
         self.register()
         beat = threading.Thread(target=self._heartbeat_loop, daemon=True, name="heartbeat")
         beat.start()
-        sender = threading.Thread(target=self._completion_loop, daemon=True, name="complete")
-        sender.start()
-        with ThreadPoolExecutor(self.config.slots, thread_name_prefix="slot") as pool:
-            try:
-                self._claim_loop(pool)
-            except Revoked as exc:
-                if not self.stopping.is_set():
-                    log.error("the coordinator refused this worker: %s", exc)
-                self.stopping.set()
+        # One thread per slot, and one more with a prefetch (it claims while every slot
+        # runs a job).
+        count = self.config.slots + (1 if self._capacity > self.config.slots else 0)
+        threads = [
+            threading.Thread(target=self._turns, daemon=True, name=f"slot-{i}")
+            for i in range(count)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
         self._wait_sent()
         self.finished.set()
         self._sender.close()
         self._leave()
         self.sandbox.close()
         shutil.rmtree(self._workdir, ignore_errors=True)
+        if self._failure is not None:
+            raise self._failure
 
     def stop(self, abandon: bool = False) -> None:
         """No new claims; `run()` returns once running jobs are done. `abandon`: the
@@ -397,6 +408,14 @@ class WorkerAgent:
         if abandon:
             self._abort_all()
             self.finished.set()
+        self._wake_all()
+
+    def _wake_all(self) -> None:
+        """Every waiting slot thread looks again (the worker stops)."""
+        with self._lock:
+            self._waking += len(self._idle)
+            while self._idle:
+                self._idle.popleft().release()
 
     def _leave(self) -> None:
         if self.registration is None:
@@ -404,48 +423,132 @@ class WorkerAgent:
         with contextlib.suppress(httpx.HTTPError):
             self.http.delete(self._path(""), headers=self._auth(), timeout=5)
 
-    def _claim_loop(self, pool: ThreadPoolExecutor) -> None:
-        while not self.stopping.is_set():
-            if not self._slots.acquire(timeout=0.5):
-                continue
-            free = 1
-            while free < self._capacity and self._slots.acquire(blocking=False):
-                free += 1
+    # -- turns ----------------------------------------------------------------
+
+    def _turns(self) -> None:
+        """A slot thread: sends completions that must go alone, runs claimed jobs, or
+        claims, whichever is due first (see `_next_turn`), until the worker stops."""
+        waiter = threading.Lock()
+        waiter.acquire()
+        while True:
             with self._lock:
-                riding = self._take_batch() if self._fold else []
+                turn = self._next_turn(waiter)
+            if turn is None:
+                return
+            if isinstance(turn, list):
+                self._send_alone(turn)
+                continue
+            job = self._claim_turn(*turn) if isinstance(turn, tuple) else turn
+            if job is not None:
+                self._execute(job)
+
+    def _next_turn(
+        self, waiter: threading.Lock
+    ) -> list[_Completion] | ClaimedJob | tuple[int, list[_Completion]] | None:
+        """(Under `_lock`.) This thread's next turn, waiting for one: a batch of
+        completions to send alone (no claim will carry them soon), a claimed job to run
+        (a slot is free), or the claim turn (`(free capacity, riding completions)`: no
+        claim is in flight and some capacity is free); None: the worker stops and
+        nothing is left for this thread."""
+        while True:
+            turn: list[_Completion] | ClaimedJob | tuple[int, list[_Completion]] | None
+            if not self._sending and self._alone():
+                self._sending = True
+                turn = self._take_batch()
+            elif self._queue and self._active < self.config.slots:
+                self._active += 1
+                turn = self._queue.popleft()
+            elif self.stopping.is_set():
+                return None  # queued jobs left are for the threads running jobs now
+            elif not self._claiming and self._free > 0:
                 self._claiming = True
-                self._sendable.notify_all()  # any left behind go alone now
-            try:
-                answer = self._claim(free, riding)
-                jobs = answer.jobs
-                self._abort(answer.abort)
-            except Exception:
-                self._unsent(riding)
-                for _ in range(free):
-                    self._slots.release()
-                if self.stopping.is_set():
-                    return
-                raise
-            finally:
-                with self._lock:
-                    self._claiming = False
-            if riding:
-                self._receipts(riding, answer)
-            for _ in range(free - len(jobs)):
-                self._slots.release()
-            first: threading.Event | None = None
+                riding = self._take_batch() if self._fold else []
+                self._polling = not riding
+                turn, self._free = (self._free, riding), 0
+            else:
+                self._idle.append(waiter)
+                self._lock.release()
+                try:
+                    waiter.acquire(timeout=IDLE_CHECK_SECONDS)
+                finally:
+                    self._lock.acquire()
+                try:
+                    self._idle.remove(waiter)  # not woken: timed out
+                except ValueError:
+                    self._waking -= 1
+                continue
+            self._wake_others()
+            return turn
+
+    def _wake_others(self) -> None:
+        """(Under `_lock`.) Wake as many waiting slot threads as there are turns due
+        that no running or woken thread takes: queued jobs a slot is free for, the
+        claim turn, completions to send alone. (A thread that finishes a turn looks
+        for its next one itself: no wake-up on its own account.)"""
+        due = min(len(self._queue), self.config.slots - self._active)
+        if (
+            not self._claiming
+            and self._free > 0
+            and not self.stopping.is_set()
+            and not self._deferred
+        ):
+            due += 1
+        if not self._sending and self._alone():
+            due += 1
+        wake = min(due - self._waking, len(self._idle))
+        if wake > 0:
+            self._waking += wake
+            for _ in range(wake):
+                self._idle.popleft().release()
+
+    def _undefer(self) -> None:
+        """The claimer's job is in its child (or waits for something): wake a thread to
+        claim next if that is due (see `_claim_turn`)."""
+        if self._deferred:
+            with self._lock:
+                self._deferred = False
+                self._wake_others()
+
+    def _claim_turn(self, free: int, riding: list[_Completion]) -> ClaimedJob | None:
+        """Claim up to `free` jobs, carrying `riding` completions; queue the jobs and
+        return the first for this thread to run (None: none, or the claims ended)."""
+        try:
+            answer = self._claim(free, riding)
+            self._abort(answer.abort)
+        except BaseException as exc:
+            with self._lock:
+                self._claiming = self._polling = False
+                self._free += free
+            self._unsent(riding)
+            if not self.stopping.is_set():
+                if isinstance(exc, Revoked):
+                    log.error("the coordinator refused this worker: %s", exc)
+                elif isinstance(exc, Exception):
+                    log.error("claims failed; stopping", exc_info=exc)
+                    self._failure = exc
+                else:
+                    self._failure = exc
+            self.stopping.set()
+            self._wake_all()
+            return None
+        jobs = answer.jobs
+        mine: ClaimedJob | None = None
+        with self._lock:
+            self._claiming = self._polling = False
+            self._free += free - len(jobs)
             for job in jobs:
-                state = _Running(job)
-                with self._lock:
-                    self._running[job.id] = state
-                    if first is None and self._busy == 0:
-                        first = state.started  # an idle worker's: a thread takes it at once
-                    self._busy += 1
-                pool.submit(self._execute, job)
-            if first is not None:
-                # The job's thread starts before this one builds the next claim (else
-                # it waits for the interpreter lock while this one does).
-                first.wait(0.01)
+                self._running[job.id] = _Running(job)
+            self._queue.extend(jobs)
+            if self._queue and self._active < self.config.slots:
+                self._active += 1
+                mine = self._queue.popleft()
+                # The thread to claim next is woken once this job is in its child
+                # (`_undefer`): it would take the interpreter lock from it meanwhile.
+                self._deferred = True
+            self._wake_others()
+        if riding:
+            self._receipts(riding, answer)
+        return mine
 
     def _claim(self, n: int, riding: list[_Completion]) -> ClaimResponse:
         """One claim of up to `n` jobs, carrying the heartbeat and `riding` completions
@@ -461,9 +564,7 @@ class WorkerAgent:
             body: dict[str, Any] = {
                 "max_jobs": n,
                 "wait": 0 if done else self.config.claim_wait,
-                "running": [
-                    r.model_dump(mode="json") for r in self._held() if r.job_id not in ending
-                ],
+                "running": self._held_json(ending),
                 "warm_models": warm,
             }
             if done:
@@ -487,11 +588,11 @@ class WorkerAgent:
             self._end(c.completion.job_id, c.workdir)
 
     def _unsent(self, riding: list[_Completion]) -> None:
-        """Completions a claim did not deliver: back to the front, for the sender."""
+        """Completions a claim did not deliver: back to the front, to go alone."""
         if riding:
             with self._lock:
                 self._pending[:0] = riding
-                self._sendable.notify_all()
+                self._wake_others()
 
     def _held(self) -> list[RunningJob]:
         """The heartbeat: every job this worker holds (running or prefetched)."""
@@ -499,6 +600,20 @@ class WorkerAgent:
             return [
                 RunningJob(job_id=r.claimed.id, lease_id=r.claimed.lease_id, progress=r.progress)
                 for r in self._running.values()
+            ]
+
+    def _held_json(self, ending: set[str]) -> list[dict[str, Any]]:
+        """`_held()` as its JSON, but for the jobs `ending` (built directly: a claim
+        carries it every time)."""
+        with self._lock:
+            return [
+                {
+                    "job_id": r.claimed.id,
+                    "lease_id": r.claimed.lease_id,
+                    "progress": {"fraction": r.progress.fraction, "message": r.progress.message},
+                }
+                for r in self._running.values()
+                if r.claimed.id not in ending
             ]
 
     def _abort(self, job_ids: list[str]) -> None:
@@ -544,10 +659,15 @@ class WorkerAgent:
     # -- one job ------------------------------------------------------------
 
     def _execute(self, job: ClaimedJob) -> None:
+        """Run a job this thread took (`_active` counts it until this returns)."""
         state = self._running[job.id]
-        state.started.set()
+        if job.confidential is not None or any(f.name not in job.inline_inputs for f in job.inputs):
+            self._undefer()  # it starts after downloads: the next claim does not wait
         try:
-            workdir = Path(tempfile.mkdtemp(prefix="job-", dir=self._workdir))
+            # In the worker's own folder (0700, only this process writes there): a name
+            # of its own is enough, no random one to look for.
+            workdir = self._workdir / f"job-{next(self._job_dirs)}"
+            workdir.mkdir(mode=0o700)
             state.workdir = workdir
             try:
                 self._execute_in(job, workdir)
@@ -556,24 +676,25 @@ class WorkerAgent:
             except Exception:
                 log.exception("job %s: worker-side failure; its lease will expire", job.id[:12])
             finally:
-                if not state.handed:  # else the sender ends it once the completion is sent
+                if not state.handed:  # else whoever sends the completion ends it
                     self._end(job.id, workdir)
         finally:
+            self._undefer()
             with self._lock:
-                self._busy -= 1
+                self._active -= 1
 
     def _end(self, job_id: str, workdir: Path) -> None:
         """The job is over here: its folder goes, its slot is free, it leaves the heartbeat."""
-        shutil.rmtree(workdir, ignore_errors=True)
+        _remove_job_dir(workdir)
         with self._lock:
             state = self._running.pop(job_id, None)
+            if state is None or not state.freed:
+                self._free += 1
             self._ended.notify_all()
-        if state is None or not state.freed:
-            self._slots.release()
 
     def _wait_sent(self) -> None:
-        """(Once no job thread is left.) Until the sender has sent every completion handed
-        to it, or the worker stops talking (`finished`: abandoned)."""
+        """(Once no slot thread is left.) Until every job has ended here (its completion
+        sent), or the worker stops talking (`finished`: abandoned)."""
         with self._lock:
             while self._running and not self.finished.is_set():
                 self._ended.wait(0.5)
@@ -581,7 +702,8 @@ class WorkerAgent:
     def _execute_in(self, job: ClaimedJob, workdir: Path) -> None:
         state = self._running[job.id]
         inputs_dir, outputs_dir = workdir / "inputs", workdir / "outputs"
-        inputs_dir.mkdir()
+        if job.inputs:
+            inputs_dir.mkdir()
         outputs_dir.mkdir()
         if job.confidential is not None:
             self._execute_confidential(job, state, inputs_dir, outputs_dir)
@@ -590,24 +712,37 @@ class WorkerAgent:
         outcome = self._run(job, state, job.params, inputs, outputs_dir)
         if outcome.cancelled:
             return
-        completion = JobCompletion(lease_id=job.lease_id, state="failed", error=outcome.error)
-        if outcome.ok:
-            inline: list[InlineOutput] = []
-            room = INLINE_OUTPUT_BYTES
-            for path in self._outputs(job, outputs_dir):
-                size = path.stat().st_size
-                if size <= min(INLINE_MAX_BYTES, room) and len(inline) < MAX_INLINE_OUTPUTS:
-                    inline.append(InlineOutput(name=path.name, content=b64e(path.read_bytes())))
-                    room -= size
-                else:
-                    self._upload(job, path)
-            completion = JobCompletion(
+        inline: list[InlineOutput] = []
+        if not outcome.ok:
+            self._complete(
+                job,
+                BatchedCompletion(
+                    job_id=job.id,
+                    lease_id=job.lease_id,
+                    state="failed",
+                    error=outcome.error,
+                    inline_outputs=inline,
+                ),
+            )
+            return
+        room = INLINE_OUTPUT_BYTES
+        for path in self._outputs(job, outputs_dir, outcome):
+            size = path.stat().st_size
+            if size <= min(INLINE_MAX_BYTES, room) and len(inline) < MAX_INLINE_OUTPUTS:
+                inline.append(InlineOutput(name=path.name, content=b64e(path.read_bytes())))
+                room -= size
+            else:
+                self._upload(job, path)
+        self._complete(
+            job,
+            BatchedCompletion(
+                job_id=job.id,
                 lease_id=job.lease_id,
                 state="succeeded",
                 result=outcome.result,
                 inline_outputs=inline,
-            )
-        self._complete(job, completion)
+            ),
+        )
 
     def _input(self, job: ClaimedJob, info: FileInfo, target: Path) -> Path:
         """An input: from the claim when it came inline (checked against its digest),
@@ -650,7 +785,13 @@ class WorkerAgent:
         # One owner's consecutive jobs share a sandboxed process; a confidential job gets
         # one of its own (nothing of it stays in memory for a later job to find).
         owner = "" if confidential else job.owner_key
-        return self.sandbox.run(sandbox_job, progress, owner=owner, warm=self._warm_key(job, owner))
+        return self.sandbox.run(
+            sandbox_job,
+            progress,
+            owner=owner,
+            warm=self._warm_key(job, owner),
+            on_started=self._undefer,
+        )
 
     def _warm_key(self, job: ClaimedJob, owner: str) -> str:
         """What the job leaves warm in its owner's process: its model input, if its
@@ -662,8 +803,12 @@ class WorkerAgent:
         model = next((f for f in job.inputs if spec is not None and f.name == spec.name), None)
         return placement.warm_key(owner, model.sha256) if model is not None else ""
 
-    def _outputs(self, job: ClaimedJob, outputs_dir: Path) -> list[Path]:
+    def _outputs(self, job: ClaimedJob, outputs_dir: Path, outcome: Outcome) -> list[Path]:
+        """The declared outputs the job wrote: regular files, as the sandbox found them
+        when it took the folder back (else as listed now)."""
         declared = {o.name for o in self.app.operations[job.operation].outputs}
+        if outcome.outputs is not None:
+            return [outputs_dir / name for name in sorted(outcome.outputs) if name in declared]
         return [p for p in sorted(outputs_dir.iterdir()) if p.name in declared and p.is_file()]
 
     # -- confidential jobs --------------------------------------------------
@@ -756,35 +901,27 @@ class WorkerAgent:
             finish(ResultPayload("failed", error=(outcome.error or "failed")[:4000]))
             return
         outputs: dict[str, dict[str, Any]] = {}
-        for path in self._outputs(job, outputs_dir):
+        for path in self._outputs(job, outputs_dir, outcome):
             outputs[path.name] = {"size": path.stat().st_size}
             self._upload(job, path, result_key, secret.nonce)
         finish(ResultPayload("succeeded", result=outcome.result, outputs=outputs))
 
     def _complete(self, job: ClaimedJob, completion: JobCompletion) -> None:
-        """Hand the completion to the sender (or the next claim), which ends the job once
-        the coordinator answered (nothing of the job's folder is read after this: outputs
-        are inline in the completion or already uploaded). Folding, its slot is free at
-        once: the claim that wakes for it carries the completion."""
+        """Hand the completion over: the next claim carries it, or it goes alone (see
+        `_next_turn`), and whoever sends it ends the job once the coordinator answered
+        (nothing of the job's folder is read after this: outputs are inline in the
+        completion or already uploaded). Folding, its slot is free at once."""
         state = self._running[job.id]
         assert state.workdir is not None
-        pending = _Completion(
-            BatchedCompletion(job_id=job.id, **completion.model_dump()), state.workdir
-        )
+        if not isinstance(completion, BatchedCompletion):
+            completion = BatchedCompletion(job_id=job.id, **completion.model_dump())
+        pending = _Completion(completion, state.workdir)
         state.handed = True
         with self._lock:
             self._pending.append(pending)
-            state.freed = self._fold
-            # Alone, with no other job running or waiting for a thread, and nobody else
-            # sending: it sends itself (no hand-over to the sender thread to wait for).
-            # A busy worker's go through the sender, which batches those ending together.
-            batch = self._take_alone() if self._busy == 1 else []
-            if not batch:
-                self._sendable.notify_all()
-        if state.freed:
-            self._slots.release()
-        if batch:
-            self._send_alone(batch)
+            if self._fold:
+                state.freed = True
+                self._free += 1
 
     def _take_batch(self) -> list[_Completion]:
         """(Under `_lock`.) The first pending completions, up to a batch's count and bytes."""
@@ -801,19 +938,13 @@ class WorkerAgent:
 
     def _alone(self) -> bool:
         """(Under `_lock`.) Whether pending completions must go alone now: no claim will
-        carry them soon (one is in flight, the worker stops claiming, or it does not fold)."""
-        return bool(self._pending) and (not self._fold or self._claiming or self.stopping.is_set())
-
-    def _take_alone(self) -> list[_Completion]:
-        """(Under `_lock`.) The batch to send alone now, if some must go and the sender
-        link is free; the caller then owns the link and must `_send_alone` it."""
-        if self._sending or not self._alone():
-            return []
-        self._sending = True
-        return self._take_batch()
+        carry them soon (the one in flight long-polls, the worker stops claiming, or the
+        coordinator does not take completions with claims). One in flight that carries
+        completions answers at once, and the next one carries these."""
+        return bool(self._pending) and (not self._fold or self._polling or self.stopping.is_set())
 
     def _send_alone(self, batch: list[_Completion]) -> None:
-        """Send a batch taken by `_take_alone`, end its jobs, give the link back."""
+        """Send a batch taken by `_next_turn`, end its jobs, give the link back."""
         try:
             self._send_completions(batch)
         except Revoked:
@@ -827,21 +958,8 @@ class WorkerAgent:
         finally:
             with self._lock:
                 self._sending = False
-                self._sendable.notify_all()  # any that ended meanwhile go next
         for c in batch:
             self._end(c.completion.job_id, c.workdir)
-
-    def _completion_loop(self) -> None:
-        """Send completions alone when no claim will carry them and no job's thread is
-        sending them itself: those that end while a request is in flight go in the next
-        one."""
-        while not self.finished.is_set():
-            with self._lock:
-                batch = self._take_alone()
-                if not batch:
-                    self._sendable.wait(0.5)
-                    continue
-            self._send_alone(batch)
 
     def _send_completions(self, batch: list[_Completion]) -> None:
         content = CompletionBatch(completions=[c.completion for c in batch]).model_dump_json()
@@ -929,6 +1047,19 @@ class WorkerAgent:
 
         response = self._call(f"upload {path.name}", put)
         response.raise_for_status()
+
+
+def _remove_job_dir(workdir: Path) -> None:
+    """A job's folder, gone: usually its (by now empty) inputs and outputs folders and
+    itself, three `rmdir`s; anything else in it (outputs kept, symlinks) takes the full
+    walk, which never follows a link."""
+    try:
+        for sub in ("outputs", "inputs"):
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(workdir / sub)
+        os.rmdir(workdir)
+    except OSError:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _chunks(body: Any, size: int = 1 << 20) -> Any:

@@ -113,8 +113,9 @@ def hand_over(
         raise
 
 
-def take_back(grant: Grant) -> None:
-    """Inputs and outputs back to root; outputs only as regular files the job wrote.
+def take_back(grant: Grant) -> list[str]:
+    """Inputs and outputs back to root; outputs only as regular files the job wrote
+    (their names are returned; [] if the output directory is gone).
 
     Safe while a process of the job is still alive: once the output directory is
     root's (0700) the job can change no entry in it, only the content of files
@@ -125,8 +126,10 @@ def take_back(grant: Grant) -> None:
             with contextlib.suppress(OSError):
                 os.chown(path, 0, 0)  # first: the job can no longer chmod it
                 os.chmod(path, 0o400)
-    with contextlib.suppress(FileNotFoundError):
-        _take_back_outputs(grant.output_dir, grant.uid)
+    try:
+        return _take_back_outputs(grant.output_dir, grant.uid)
+    except FileNotFoundError:
+        return []
 
 
 def clear_tmp(grant: Grant) -> None:
@@ -162,7 +165,8 @@ def _grant_traverse(dirs: Collection[Path], roots: Collection[Path]) -> None:
             a = os.path.dirname(a)
 
 
-def _take_back_outputs(out: Path, uid: int | None) -> None:
+def _take_back_outputs(out: Path, uid: int | None) -> list[str]:
+    kept: list[str] = []
     if uid is not None:
         os.chown(out, 0, 0, follow_symlinks=False)  # first: the job can no longer chmod it
         os.chmod(out, 0o700)
@@ -172,7 +176,9 @@ def _take_back_outputs(out: Path, uid: int | None) -> None:
             if stat.S_ISREG(st.st_mode) and (uid is None or st.st_uid == uid):
                 if uid is not None:
                     os.chown(entry.path, 0, 0, follow_symlinks=False)
+                kept.append(entry.name)
             elif stat.S_ISDIR(st.st_mode):
                 shutil.rmtree(entry.path, ignore_errors=True)
             else:
                 os.unlink(entry.path)
+    return kept

@@ -33,6 +33,7 @@ that does is killed and restarted. Either way the worker goes on.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import queue
@@ -88,6 +89,7 @@ class Outcome:
     cancelled: bool = False
     answered: bool = False  # the child answered (and may serve another job)
     retire: bool = False  # the child asked not to be given another job
+    outputs: list[str] | None = None  # the regular files in its output dir (None: not known)
 
 
 @dataclass
@@ -128,7 +130,9 @@ class _Resident:
     idle_cpu: float = 0.0  # its CPU time when it went idle
     warm: str = ""  # the model it holds loaded (a `placement.warm_key`), if any
     cpu: float = -1.0  # its CPU time as last read (-1: not read yet)
+    rss: int = -1  # its resident memory, read with `cpu` once a job answered (-1: not read)
     extra_bytes: int = 0  # resident memory beyond the zygote's, after its last job
+    sandbox: JobSandboxMsg | None = None  # what every job of it is told (its uid, tmp, env)
 
 
 class ZygoteDied(RuntimeError):
@@ -156,11 +160,30 @@ def resident_bytes(pid: int) -> int:
 
 def cpu_seconds_of(pid: int) -> float:
     """CPU time of a process (all its threads, and its children it has reaped)."""
+    return cpu_and_rss_of(pid)[0]
+
+
+def cpu_and_rss_of(pid: int) -> tuple[float, int]:
+    """CPU time (as `cpu_seconds_of`) and resident memory (as `resident_bytes`) of a
+    process, from one read of /proc/PID/stat ((0, 0) if it is gone)."""
     try:
         fields = read_proc(f"/proc/{pid}/stat").rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
-        return 0.0
-    return sum(int(v) for v in fields[11:15]) / CLOCK_TICKS
+        return sum(int(v) for v in fields[11:15]) / CLOCK_TICKS, int(fields[21]) * PAGE_SIZE
+    except (OSError, IndexError, ValueError):
+        return 0.0, 0
+
+
+@functools.lru_cache(maxsize=64)
+def _limits(
+    memory_mb: int, cpu_seconds: float, cpu_lifetime_seconds: float, max_file_bytes: int
+) -> JobLimitsMsg:
+    """(A frozen message: jobs of the same limits share one.)"""
+    return JobLimitsMsg(
+        memory_mb=memory_mb,
+        cpu_seconds=cpu_seconds,
+        cpu_lifetime_seconds=cpu_lifetime_seconds,
+        max_file_bytes=max_file_bytes,
+    )
 
 
 def evictions(idle: list[tuple[int, int]], max_idle: int, idle_bytes: int) -> list[int]:
@@ -209,6 +232,7 @@ class Sandbox:
         self._roots = [self._tmp_root.parent, *([workdir.parent] if workdir else [])]
         self._ready = threading.Event()
         self._features: list[str] | None = None
+        self._zygote_rss, self._zygote_rss_at = 0, -1e9  # see `_zygote_bytes`
         self._start_zygote()
         self._finished: queue.Queue[_Resident | None] = queue.Queue()
         self._cleaner = threading.Thread(target=self._clean, daemon=True, name="sandbox-clean")
@@ -300,16 +324,18 @@ class Sandbox:
         on_progress: ProgressFn | None = None,
         owner: str = "",
         warm: str = "",
+        on_started: Callable[[], None] | None = None,
     ) -> Outcome:
         """Run `job` in a child of `owner` (reused if one waits idle; "" for a child of
         its own). `warm`: the job's model stays loaded in its child if it succeeds (see
-        `warm_models`)."""
+        `warm_models`). `on_started()` is called once the job is sent to its child, or
+        before waiting for a new child to start (it may be called again)."""
         self._ensure_zygote()
-        limits = JobLimitsMsg(
-            memory_mb=job.memory_mb,
-            cpu_seconds=job.cpu_seconds,
-            cpu_lifetime_seconds=job.cpu_seconds * (CPU_LIFETIME_FACTOR if owner else 1),
-            max_file_bytes=job.max_file_bytes,
+        limits = _limits(
+            job.memory_mb,
+            job.cpu_seconds,
+            job.cpu_seconds * (CPU_LIFETIME_FACTOR if owner else 1),
+            job.max_file_bytes,
         )
         resident = self._checkout(owner, limits)
         if resident is None:
@@ -323,10 +349,12 @@ class Sandbox:
                 grant = grant_files(resident.base, job.inputs.values(), job.output_dir, self._roots)
             except OSError as exc:
                 return Outcome(ok=False, error=f"the sandbox could not prepare the job: {exc}")
+            kept: list[str] = []
             try:
-                outcome = self._run(resident, job, grant, on_progress)
+                outcome = self._run(resident, job, grant, on_progress, on_started)
             finally:
-                take_back(grant)  # now: the worker uploads the outputs next
+                kept = take_back(grant)  # now: the worker uploads the outputs next
+            outcome.outputs = kept
             reuse = (
                 bool(owner)
                 and outcome.answered
@@ -466,9 +494,18 @@ class Sandbox:
     def _too_big(self, resident: _Resident) -> bool:
         """Whether the child holds too much memory to be kept idle (what a job allocated
         stays with its process; the idle cap times this bounds what idle children hold)."""
-        extra = resident_bytes(resident.child.pid) - resident_bytes(self._zygote.pid)
+        rss = resident.rss if resident.rss >= 0 else resident_bytes(resident.child.pid)
+        extra = rss - self._zygote_bytes()
         resident.extra_bytes = max(0, extra)
         return extra > IDLE_RSS_ALLOWANCE
+
+    def _zygote_bytes(self) -> int:
+        """The zygote's resident memory, read at most once a second (it changes little:
+        it only forks)."""
+        now = time.monotonic()
+        if now - self._zygote_rss_at >= 1.0:
+            self._zygote_rss, self._zygote_rss_at = resident_bytes(self._zygote.pid), now
+        return self._zygote_rss
 
     def _left_behind(self, resident: _Resident) -> bool:
         """Processes the job left: children of its child, or orphans the zygote adopted."""
@@ -484,18 +521,23 @@ class Sandbox:
         job: SandboxJob,
         grant: Grant,
         on_progress: ProgressFn | None,
+        on_started: Callable[[], None] | None = None,
     ) -> Outcome:
         """Start the job and supervise it until it answers, or dies and is reaped."""
         child = resident.child
+        if resident.sandbox is None:  # a grant's uid, gid and tmp are its base's
+            resident.sandbox = JobSandboxMsg(**grant.payload())
         final: Outcome | None
         try:
+            if on_started is not None and not child.started.is_set():
+                on_started()  # no waiting before it
             if not child.started.wait(timeout=READY_TIMEOUT):
                 raise OSError("the zygote did not start the job's process")
             # A reused child's CPU was read at checkout, right before this job.
             cpu_before = resident.cpu if resident.cpu >= 0 else cpu_seconds_of(child.pid)
 
             def overrun() -> str | None:
-                resident.cpu = cpu_seconds_of(child.pid)
+                resident.cpu, resident.rss = cpu_and_rss_of(child.pid)
                 if resident.cpu - cpu_before > job.cpu_seconds:
                     return f"exceeded its CPU-time limit of {job.cpu_seconds:g} s"
                 return None
@@ -507,10 +549,12 @@ class Sandbox:
                     inputs={k: str(v) for k, v in job.inputs.items()},
                     output_dir=str(job.output_dir),
                     limits=resident.limits,
-                    sandbox=JobSandboxMsg(**grant.payload()),
+                    sandbox=resident.sandbox,
                 )
             )
             resident.jobs += 1
+            if on_started is not None:
+                on_started()
         except ProtocolViolation as exc:
             final = Outcome(ok=False, error=f"protocol violation by the job process: {exc}")
         except ValueError as exc:  # over the start message's cap
