@@ -151,7 +151,7 @@ class AuthFirstRoute(APIRoute):
         self, fallback: Callable[[Request], Coroutine[Any, Any, Response]]
     ) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         d = self.dependant
-        shape = [d.query_params, d.header_params, d.cookie_params]
+        shape = [d.header_params, d.cookie_params]
         dependencies = [(sub.name, sub.call) for sub in d.dependencies]
         if (
             any(shape)
