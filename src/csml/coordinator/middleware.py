@@ -19,8 +19,13 @@ Invariants of `BodyLimits`:
   `csml.coordinator.auth.authenticate_before_body`).
 
 `ObserveLatency` records each HTTP request's time to its response headers by
-method, route template and status (`csml_http_request_seconds`), as the former
+method, route template and status (`csml_http_request_duration_seconds`), as the former
 `@app.middleware("http")` did, without its extra task and memory stream.
+
+`HotRoutes` serves the `lean` hot routes in front of all of that, in one layer that
+does what those layers (and Starlette's and FastAPI's own) do for such a request;
+`tests/unit/test_lean_routes.py` and `tests/unit/test_hot_front.py` pin that it
+answers as the full stack does.
 """
 
 from __future__ import annotations
@@ -316,6 +321,8 @@ class HotRoutes:
         self.status_handlers: dict[int, Any] = dict(tables._status_handlers)
         self.settings: Settings | None = None
         self.latency: Histogram | None = None
+        # The histogram's child per (method, template, status): a few dozen, kept.
+        self.observers: dict[tuple[str, str, int], Histogram] = {}
         layers: list[Any] = [m.cls for m in application.user_middleware]
         for cls, _, kwargs in application.user_middleware:
             if cls is BodyLimits:
@@ -388,9 +395,13 @@ class HotRoutes:
                     response.headers["connection"] = "close"
             if self.latency is not None:
                 template = getattr(scope.get("route"), "path", "unmatched")
-                self.latency.labels(scope["method"], template, str(response.status_code)).observe(
-                    time.perf_counter() - start
-                )
+                key = (scope["method"], template, response.status_code)
+                observer = self.observers.get(key)
+                if observer is None:
+                    observer = self.observers[key] = self.latency.labels(
+                        key[0], template, str(key[2])
+                    )
+                observer.observe(time.perf_counter() - start)
             started = True  # its headers go out first
             await response(scope, receive, send)
         except Exception as exc:
