@@ -409,3 +409,25 @@ def test_a_refusal_is_the_same_json_on_both_paths(coordinator: InProcessCoordina
     _same(fast, full)
     assert fast.status == 429 and fast.headers["retry-after"] == "3"
     assert fast.json() == {"error": {"code": "slow_down", "message": "too many heartbeats"}}
+
+
+class _Other:
+    """A middleware the hot dispatch knows nothing of."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+
+
+def test_an_unknown_middleware_sends_every_request_through_the_full_stack(
+    coordinator: InProcessCoordinator,
+) -> None:
+    """The hot dispatch does what `ObserveLatency` and `BodyLimits` do, nothing else: with
+    another middleware in the app, it serves nothing (that middleware must see them)."""
+    app = _query_app()
+    assert HotRoutes(app.build_middleware_stack(), app, [lean_query]).enabled
+    app.add_middleware(_Other)
+    assert not HotRoutes(app.build_middleware_stack(), app, [lean_query]).enabled
+    assert _hot(coordinator).enabled  # the coordinator's own two are known
