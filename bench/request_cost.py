@@ -2,9 +2,10 @@
 
 In one process and one event loop, without sockets or uvicorn: the real app
 (`create_app`, SQLite in a temporary folder) is called as an ASGI app for each hot
-request of a no-op job (submit, claim, batched complete, GET, an empty claim), and the
-same work is then done by calling the services those routes call (the same queue
-methods, views and JSON encoding; the same writer and store). The difference per
+request of a no-op job (submit, claim, batched complete, GET, an empty claim, a batch
+submission of 25 jobs), and the same work is then done by calling the services those
+routes call (the same queue methods, views and JSON encoding; the same writer and
+store; a batch's work in the thread pool, as its route does it). The difference per
 request is the framework's own share: routing, dependencies and authentication
 plumbing, body parsing and validation, response models, the middleware. CPU time is
 the event loop thread's, per request (the writer thread's commits are the same either
@@ -36,9 +37,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from starlette.concurrency import run_in_threadpool
+
 from csml import ids
 from csml.apps.echo import app as echo_app
 from csml.client import pow
+from csml.coordinator.api_batches import _submit as submit_batch
 from csml.coordinator.app import create_app
 from csml.coordinator.config import Settings
 from csml.coordinator.views import job_views
@@ -48,6 +52,8 @@ from csml.store import workers as worker_store
 from csml.store.db import counters, sqlite_url
 
 OPERATOR = "bench-operator-token"
+BATCH = 25  # jobs per batch submission, as Client.submit_many sends them
+BATCH_ROUTE = f"batch ({BATCH} jobs)"
 Headers = dict[str, str]
 
 
@@ -167,6 +173,9 @@ async def run(jobs: int, rounds: int, calls: bool = False) -> dict[str, Any]:
     me = found.worker
     spec_body = json.dumps({"app": "echo", "operation": "echo", "params": {"i": 1}}).encode()
     claim_body = json.dumps({"max_jobs": 1, "wait": 0}).encode()
+    batch_item = {"spec": {"app": "echo", "operation": "echo", "params": {"i": 1}}}
+    batch_body = json.dumps({"items": [batch_item] * BATCH}).encode()
+    batches = max(20, jobs // 10)  # requests of the batch route per round and way
 
     results: dict[str, dict[str, list[float]]] = {}
 
@@ -175,11 +184,27 @@ async def run(jobs: int, rounds: int, calls: bool = False) -> dict[str, Any]:
     def note(route: str, how: str, us: list[float]) -> None:
         results.setdefault(route, {}).setdefault(how, []).extend(us)
 
-    async def timed(route: str, how: str, step: Callable[[int], Awaitable[None]]) -> None:
+    async def timed(
+        route: str, how: str, step: Callable[[int], Awaitable[None]], n: int = jobs
+    ) -> None:
         if calls and rounds_done == 0:  # an extra first round, counted and not timed
-            await counted(jobs, step, counts.setdefault(route, {}).setdefault(how, []))
+            await counted(n, step, counts.setdefault(route, {}).setdefault(how, []))
         else:
-            note(route, how, await measure(jobs, step))
+            note(route, how, await measure(n, step))
+
+    async def drain() -> None:
+        """Run the batches' jobs to their end (untimed): the next claims find none."""
+        while True:
+            answer = await c.queue.claim_and_beat_async(me, 8, None, wait=0.0)
+            if not answer.jobs:
+                return
+            done = [
+                BatchedCompletion(
+                    job_id=j.id, lease_id=j.lease_id, state="succeeded", result={"ok": True}
+                )
+                for j in answer.jobs
+            ]
+            await c.queue.complete_many_async(me, done)
 
     rounds_done = 0
 
@@ -222,6 +247,13 @@ async def run(jobs: int, rounds: int, calls: bool = False) -> dict[str, Any]:
         ]:
             await timed(route, "app", step)
 
+        async def batch(_: int) -> None:
+            s, b = await call(app, "POST", "/v1/jobs/batch", user, batch_body)
+            assert s == 200 and json.loads(b)["accepted"] == BATCH, b
+
+        await timed(BATCH_ROUTE, "app", batch, batches)
+        await drain()
+
         # -- the same services, called directly -----------------------------------
         made.clear()
         taken: list[Any] = []
@@ -262,6 +294,13 @@ async def run(jobs: int, rounds: int, calls: bool = False) -> dict[str, Any]:
             ("claim (empty)", empty_d),
         ]:
             await timed(route, "services", step)
+
+        async def batch_d(_: int) -> None:
+            answer = await run_in_threadpool(submit_batch, c, owner, batch_body)
+            assert json.loads(bytes(answer.body))["accepted"] == BATCH
+
+        await timed(BATCH_ROUTE, "services", batch_d, batches)
+        await drain()
 
     for done in range(rounds + (1 if calls else 0)):
         rounds_done = done

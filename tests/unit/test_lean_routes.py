@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import httpx
 import pytest
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Cookie, Depends, FastAPI, Request
 from pydantic import BaseModel, Field
 
 from csml.apps.echo import app as echo_app
@@ -118,12 +118,12 @@ def test_a_valid_request_reaches_the_endpoint() -> None:
 
 def test_a_route_with_more_than_the_lean_shape_is_refused() -> None:
     @lean
-    async def with_query(request: Request, me: Caller, limit: int = Query(1)) -> Out:
+    async def with_cookie(request: Request, me: Caller, limit: int = Cookie(1)) -> Out:
         raise AssertionError("never called")
 
     router = APIRouter(route_class=AuthFirstRoute)
     with pytest.raises(TypeError, match="a lean route takes"):
-        router.get("/q", response_model=Out)(with_query)
+        router.get("/q", response_model=Out)(with_cookie)
 
 
 # -- the coordinator's own hot routes: `HotRoutes` answers as the full stack does --------
@@ -256,6 +256,9 @@ def test_every_lean_route_is_hot_and_others_are_not(coordinator: InProcessCoordi
     templates = {(m, ctx.path_format) for ctx, _ in hot.routes for m in ctx.methods}
     assert templates == {
         ("POST", "/v1/jobs"),
+        ("POST", "/v1/jobs/batch"),
+        ("GET", "/v1/jobs/{job_id}"),
+        ("GET", "/v1/jobs/events"),
         ("POST", "/v1/workers/{worker_id}/claim"),
         ("POST", "/v1/workers/{worker_id}/heartbeat"),
         ("POST", "/v1/workers/{worker_id}/complete"),
@@ -264,13 +267,22 @@ def test_every_lean_route_is_hot_and_others_are_not(coordinator: InProcessCoordi
     def scope(method: str, path: str) -> dict[str, Any]:
         return {"type": "http", "method": method, "path": path, "root_path": ""}
 
-    assert hot._match(scope("POST", "/v1/workers/w1/claim")) is not None
+    for method, path in [
+        ("POST", "/v1/workers/w1/claim"),
+        ("POST", "/v1/jobs/batch"),
+        ("GET", "/v1/jobs/events"),
+        ("GET", "/v1/jobs/j1"),
+    ]:
+        assert hot._match(scope(method, path)) is not None, (method, path)
+    events = hot._match(scope("GET", "/v1/jobs/events"))
+    assert events is not None and events[0].path_format == "/v1/jobs/events"  # no job id
     for method, path in [
         ("GET", "/v1/workers/w1/claim"),
         ("POST", "/v1/workers/w1/claim/"),
         ("POST", "/v1/workers/w1/jobs/j1/complete"),
-        ("POST", "/v1/jobs/batch"),
         ("GET", "/v1/jobs"),
+        ("GET", "/v1/jobs/j1/outputs/x"),
+        ("DELETE", "/v1/jobs/j1"),
     ]:
         assert hot._match(scope(method, path)) is None, (method, path)
 

@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from csml import refusals
 from csml.coordinator import batches
 from csml.coordinator.api_users import ERRORS
-from csml.coordinator.auth import AuthFirstRoute, current_identity
+from csml.coordinator.auth import AuthFirstRoute, current_identity, lean
 from csml.coordinator.errors import ApiError, from_refusal
 from csml.coordinator.notify import owner_change
 from csml.coordinator.state import Core, core
@@ -105,6 +105,7 @@ DESCRIPTION = (
     summary="Submit many jobs in one request",
     description=DESCRIPTION,
 )
+@lean
 async def submit_batch(request: Request, me: Me) -> JSONResponse:
     """Many jobs in one request (see DESCRIPTION)."""
     c = core(request)

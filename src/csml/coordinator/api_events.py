@@ -56,7 +56,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from csml.coordinator.auth import current_identity
+from csml.coordinator.auth import AuthFirstRoute, current_identity, lean
 from csml.coordinator.inline_outputs import Budget, outputs_of, with_view
 from csml.coordinator.notify import owner_feed, watching_hang_up
 from csml.coordinator.state import Core, core
@@ -67,7 +67,7 @@ from csml.schemas.workers import INLINE_MAX_BYTES
 from csml.store.jobs import JobRow
 from csml.store.tables import Identity
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", route_class=AuthFirstRoute)
 Me = Annotated[Identity, Depends(current_identity)]
 
 STREAM_SECONDS = 20.0
@@ -247,6 +247,7 @@ async def _stream(
         **{code: {"model": ErrorBody} for code in (401, 429)},
     },
 )
+@lean
 async def job_events(
     request: Request,
     me: Me,

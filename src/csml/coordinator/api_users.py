@@ -344,6 +344,7 @@ def list_jobs(
 
 
 @router.get("/jobs/{job_id}", response_model=Job, tags=["jobs"], responses=ERRORS)
+@lean
 async def get_job(
     job_id: str,
     request: Request,

@@ -2,8 +2,9 @@
 
 Every request passes through pure-ASGI middleware only (csml.coordinator.middleware):
 latency observation outermost, then the body limits; the `lean` hot routes are
-dispatched in front of the generic stack (`HotRoutes`), through the same middleware
-and exception handlers; routes with a body
+dispatched in front of the generic stack by one pure-ASGI layer (`HotRoutes`) that does
+what that stack's layers do for them (body limits, exception handlers, latency) and
+sends their responses with the server's own `send`; routes with a body
 parameter authenticate before reading it (csml.coordinator.auth). Staging
 folders left by uploads that never finished are swept at start-up.
 """

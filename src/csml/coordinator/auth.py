@@ -24,6 +24,7 @@ errors, same serialisation: see the class), not FastAPI's generic one.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -32,6 +33,7 @@ from typing import Any, TypeVar
 
 from fastapi import Request, Response
 from fastapi.dependencies.models import Dependant
+from fastapi.dependencies.utils import request_params_to_args
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute, serialize_response
 from starlette.concurrency import run_in_threadpool
@@ -112,16 +114,18 @@ class AuthFirstRoute(APIRoute):
     route from `get_route_handler`, so the order holds however the router is included.
 
     An endpoint marked `lean` (the hot path: a worker's claim, heartbeat and batched
-    complete, a job submission) is called by a handler built here instead of
-    FastAPI's generic one (`bench/request_cost.py` measured FastAPI's own share at
-    250-500 µs of CPU per request, most of it solving dependencies and serialising).
-    It does what FastAPI would for that route's shape and nothing else: the header
-    checks (as dependencies: same functions, same per-request answers), the path
-    parameters as strings, the JSON body validated by the route's own body field
-    (errors raised as the same `RequestValidationError`), the return value
+    complete, a job submission, a batch submission, a job's GET, the event stream) is
+    called by a handler built here instead of FastAPI's generic one
+    (`bench/request_cost.py` measured FastAPI's own share at 250-500 µs of CPU per
+    request, most of it solving dependencies and serialising). It does what FastAPI
+    would for that route's shape and nothing else: the header checks (as
+    dependencies: same functions, same per-request answers), the path parameters as
+    strings, the query parameters validated by FastAPI's own `request_params_to_args`
+    and the JSON body by the route's own body field (their errors, query first,
+    raised together as the same `RequestValidationError`), the return value
     serialised by the route's response field. Anything else (a body that is not
     JSON, or does not parse) goes to FastAPI's handler, which answers as before. A
-    route whose shape is more than that (query, header or cookie parameters, other
+    route whose shape is more than that (header or cookie parameters, other
     dependencies, a sync endpoint) is refused when the app is built.
     """
 
@@ -147,7 +151,7 @@ class AuthFirstRoute(APIRoute):
         self, fallback: Callable[[Request], Coroutine[Any, Any, Response]]
     ) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         d = self.dependant
-        shape = [d.query_params, d.header_params, d.cookie_params]
+        shape = [d.header_params, d.cookie_params]
         dependencies = [(sub.name, sub.call) for sub in d.dependencies]
         if (
             any(shape)
@@ -160,9 +164,11 @@ class AuthFirstRoute(APIRoute):
         ):
             raise TypeError(
                 f"{self.path}: a lean route takes a request, header checks, "
-                "path parameters and at most one JSON body"
+                "path and query parameters and at most one JSON body"
             )
+        fallback = _in_exit_stacks(fallback)
         endpoint = self.endpoint
+        queries = list(d.query_params)
         body_field = self.body_field
         body_name = d.body_params[0].name if d.body_params else None
         paths = [p.name for p in d.path_params]
@@ -178,6 +184,7 @@ class AuthFirstRoute(APIRoute):
                     values[name] = await call(request)
                 else:
                     values[name] = await run_in_threadpool(call, request)
+            raw: Any = None
             if body_field is not None and body_name is not None:
                 if not _is_json(request.headers.get("content-type", "")):
                     return await fallback(request)
@@ -185,10 +192,18 @@ class AuthFirstRoute(APIRoute):
                     raw = json.loads(await request.body())
                 except ValueError:
                     return await fallback(request)  # its "JSON decode error", as before
-                body, errors = body_field.validate(raw, values, loc=("body",))
-                if errors:
-                    raise RequestValidationError(errors, body=raw)
-                values[body_name] = body
+            errors: list[Any] = []
+            if queries:  # as FastAPI: the query's errors, then the body's, in one 422
+                found, errors = request_params_to_args(queries, request.query_params)
+                values.update(found)
+            if body_field is not None and body_name is not None:
+                body, wrong = body_field.validate(raw, values, loc=("body",))
+                if wrong:
+                    errors += wrong
+                else:
+                    values[body_name] = body
+            if errors:
+                raise RequestValidationError(errors, body=raw)
             for name in paths:
                 values[name] = request.path_params[name]
             if request_name is not None:
@@ -202,6 +217,28 @@ class AuthFirstRoute(APIRoute):
             return Response(content, status_code=status, media_type="application/json")
 
         return handle
+
+
+def _in_exit_stacks(
+    handler: Callable[[Request], Coroutine[Any, Any, Response]],
+) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+    """FastAPI's handler with the exit stacks it expects in the scope (`request_response`
+    and FastAPI's exit-stack middleware set them on the full stack; the coordinator's hot
+    dispatch, `csml.coordinator.middleware.HotRoutes`, does not)."""
+
+    async def handle(request: Request) -> Response:
+        scope = request.scope
+        if "fastapi_inner_astack" in scope:
+            return await handler(request)
+        async with contextlib.AsyncExitStack() as files:
+            scope["fastapi_middleware_astack"] = files
+            async with contextlib.AsyncExitStack() as request_stack:
+                scope["fastapi_inner_astack"] = request_stack
+                async with contextlib.AsyncExitStack() as function_stack:
+                    scope["fastapi_function_astack"] = function_stack
+                    return await handler(request)
+
+    return handle
 
 
 def bearer(request: Request) -> str:

@@ -19,23 +19,31 @@ Invariants of `BodyLimits`:
   `csml.coordinator.auth.authenticate_before_body`).
 
 `ObserveLatency` records each HTTP request's time to its response headers by
-method, route template and status (`csml_http_request_seconds`), as the former
+method, route template and status (`csml_http_request_duration_seconds`), as the former
 `@app.middleware("http")` did, without its extra task and memory stream.
+
+`HotRoutes` serves the `lean` hot routes in front of all of that, in one layer that
+does what those layers (and Starlette's and FastAPI's own) do for such a request;
+`tests/unit/test_lean_routes.py` and `tests/unit/test_hot_front.py` pin that it
+answers as the full stack does.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
-from fastapi.middleware.asyncexitstack import AsyncExitStackMiddleware
 from fastapi.routing import APIRoute
+from starlette._utils import is_async_callable
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException
 from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -46,6 +54,7 @@ try:  # FastAPI's included-router contexts (0.165): without them, no hot dispatc
     from fastapi.routing import (
         _FASTAPI_EFFECTIVE_ROUTE_CONTEXT_KEY,
         _FASTAPI_SCOPE_KEY,
+        _effective_route_context_var,
         _EffectiveRouteContext,
         _iter_routes_with_context,
     )
@@ -242,24 +251,41 @@ class ObserveLatency:
 
 
 class HotRoutes:
-    """Serves the `lean` routes (`csml.coordinator.auth.lean`) without the router's walk.
+    """Serves the `lean` routes (`csml.coordinator.auth.lean`) in one pure-ASGI layer.
 
     In front of the application's stack: a request whose method and path are those
     of a lean route (and of no route the router tries before it) does not walk the
-    router (FastAPI's included routers try every route of every router in order,
-    the largest share of the framework's cost on these routes). It runs through
-    the same layers otherwise: an answer for an unhandled exception as
-    `ServerErrorMiddleware` gives (then raised again), the application's user
-    middleware (`ObserveLatency`, `BodyLimits`: same metrics labels, same body
-    bounds), Starlette's `ExceptionMiddleware` with the application's handlers
-    (`csml.coordinator.errors`), FastAPI's exit-stack middleware, and the route's
-    own ASGI app (its `lean` handler), with the scope the router would have given
-    (`router`, `route`, `endpoint`, `path_params`, FastAPI's effective route).
-    Everything else goes to the full stack: another method or path, a `root_path`,
-    a non-HTTP scope, FastAPI's telemetry, an application-wide body limit, and
-    every request under a FastAPI without included-router contexts (it reads
-    FastAPI 0.165's `_EffectiveRouteContext`; `test_lean_routes` then fails). The
-    routes stay in the app, so OpenAPI is unchanged.
+    router (FastAPI's included routers try every route of every router in order)
+    nor the layers of the stack. `_serve` does here, in one frame, what those layers
+    do for such a request, in their order:
+
+    - the scope the router would have given (`router`, `route`, `endpoint`,
+      `path_params`, FastAPI's effective route);
+    - `BodyLimits`: the body is counted through the same `_Guard.receive` (the route's
+      limit, refused past it); whatever the route answers after a refusal is replaced
+      by the 413, and an answer that starts before the body was read to its end
+      carries `Connection: close`;
+    - the route's handler (its `lean` handler, built as FastAPI builds it for the
+      route) called on a `Request`, as `request_response` calls it;
+    - an exception it raises goes to the application's handler for its class (or, for
+      an `HTTPException`, its status), as `ExceptionMiddleware` and
+      `wrap_app_handling_exceptions` do (`csml.coordinator.errors`: the same JSON);
+    - `ObserveLatency`: the request's time to its response headers, by method, route
+      template and final status (observed when the response is handed to the server,
+      just before its headers go out);
+    - an exception with no handler (a crash) gets the 500 JSON of the application's
+      `Exception` handler (which logs it) if no response started, then is raised
+      again, as `ServerErrorMiddleware` does: the server logs it and goes on.
+
+    The response is sent with the server's own `send`: no wrapper per message (an
+    event stream's chunks go straight out). This holds only while the application's
+    user middleware are `ObserveLatency` and `BodyLimits` (each optional, in that
+    order); with any other middleware, a `root_path`, a non-HTTP scope, FastAPI's
+    telemetry, an application-wide body limit, or a FastAPI without included-router
+    contexts (it reads FastAPI 0.165's `_EffectiveRouteContext`; `test_lean_routes`
+    then fails) every request takes the full stack. The routes stay in the app, so
+    OpenAPI is unchanged, and the full stack serves them as before when asked
+    (`enabled`). `inner` is what serves a matched request (`_serve`).
     """
 
     def __init__(self, app: ASGIApp, application: FastAPI, lean: Iterable[object]) -> None:
@@ -267,6 +293,7 @@ class HotRoutes:
         self.router = application.router
         marked = set(map(id, lean))
         self.routes: list[tuple[_EffectiveRouteContext, list[Any]]] = []
+        self.handlers: dict[int, Callable[[Request], Awaitable[Response]]] = {}
         earlier: list[Any] = []
         routes = _iter_routes_with_context(application.router.routes) if ROUTE_CONTEXTS else []
         for route, context in routes:
@@ -279,6 +306,7 @@ class HotRoutes:
             ):
                 shadows = [r for r in earlier if _may_shadow(r, context)]
                 self.routes.append((context, shadows))
+                self.handlers[id(context)] = _handler_of(route, context)
             earlier.append(context if context is not None else route)
         handlers: dict[Any, Any] = {}
         self.error_handler: Any = None
@@ -287,12 +315,25 @@ class HotRoutes:
                 self.error_handler = value
             else:
                 handlers[key] = value
-        inner: ASGIApp = AsyncExitStackMiddleware(self._dispatch)
-        inner = ExceptionMiddleware(inner, handlers=handlers, debug=application.debug)
-        for cls, args, kwargs in reversed(application.user_middleware):
-            inner = cls(inner, *args, **kwargs)
-        self.inner = inner
-        self.enabled = bool(self.routes) and getattr(application, "max_body_size", None) is None
+        # The same tables `ExceptionMiddleware` builds (its defaults, then the app's).
+        tables = ExceptionMiddleware(app, handlers=handlers, debug=application.debug)
+        self.exception_handlers: dict[Any, Any] = dict(tables._exception_handlers)
+        self.status_handlers: dict[int, Any] = dict(tables._status_handlers)
+        self.settings: Settings | None = None
+        self.latency: Histogram | None = None
+        # The histogram's child per (method, template, status): a few dozen, kept.
+        self.observers: dict[tuple[str, str, int], Histogram] = {}
+        layers: list[Any] = [m.cls for m in application.user_middleware]
+        for cls, _, kwargs in application.user_middleware:
+            if cls is BodyLimits:
+                self.settings = kwargs["settings"]
+            elif cls is ObserveLatency:
+                self.latency = kwargs["latency"]
+        known = layers in ([], [BodyLimits], [ObserveLatency], [ObserveLatency, BodyLimits])
+        self.inner: ASGIApp = self._serve
+        self.enabled = (
+            bool(self.routes) and known and getattr(application, "max_body_size", None) is None
+        )
 
     def _match(self, scope: Scope) -> tuple[_EffectiveRouteContext, dict[str, Any]] | None:
         if (
@@ -330,25 +371,83 @@ class HotRoutes:
         scope["path_params"] = {**scope.get("path_params", {}), **params}
         scope.setdefault(_FASTAPI_SCOPE_KEY, {})[_FASTAPI_EFFECTIVE_ROUTE_CONTEXT_KEY] = context
         scope["route"] = context.original_route
+        await self.inner(scope, receive, send)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """One matched request, as the stack's layers would serve it (see the class)."""
+        start = time.perf_counter()
+        context = scope[_FASTAPI_SCOPE_KEY][_FASTAPI_EFFECTIVE_ROUTE_CONTEXT_KEY]
+        guard = None
+        if self.settings is not None:
+            guard = _Guard(self.settings, scope, receive, send)
+            receive = guard.receive
+        request = Request(scope, receive, send)
         started = False
-
-        async def watched(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
         try:
-            await self.inner(scope, receive, watched)
+            try:
+                response = await self.handlers[id(context)](request)
+            except Exception as exc:
+                response = await self._handled(request, exc)
+            if guard is not None:
+                if guard.refused is not None and response.status_code != 413:
+                    response = guard.refused.response()  # the route turned it into another
+                if guard.body_left:
+                    response.headers["connection"] = "close"
+            if self.latency is not None:
+                template = getattr(scope.get("route"), "path", "unmatched")
+                key = (scope["method"], template, response.status_code)
+                observer = self.observers.get(key)
+                if observer is None:
+                    observer = self.observers[key] = self.latency.labels(
+                        key[0], template, str(key[2])
+                    )
+                observer.observe(time.perf_counter() - start)
+            started = True  # its headers go out first
+            await response(scope, receive, send)
         except Exception as exc:
-            if self.error_handler is not None and not started:
-                response = await self.error_handler(Request(scope), exc)
-                await response(scope, receive, send)
+            if started:
+                if self._handler_for(exc) is not None:
+                    raise RuntimeError(
+                        "Caught handled exception, but response already started."
+                    ) from exc
+                raise
+            if self.error_handler is not None:
+                answer = await self.error_handler(Request(scope), exc)
+                await answer(scope, receive, send)
             raise
 
-    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
-        context = scope[_FASTAPI_SCOPE_KEY][_FASTAPI_EFFECTIVE_ROUTE_CONTEXT_KEY]
-        await context.app(scope, receive, send)
+    def _handler_for(self, exc: Exception) -> Any:
+        handler = None
+        if isinstance(exc, HTTPException):
+            handler = self.status_handlers.get(exc.status_code)
+        if handler is None:
+            for cls in type(exc).__mro__:
+                if cls in self.exception_handlers:
+                    return self.exception_handlers[cls]
+        return handler
+
+    async def _handled(self, request: Request, exc: Exception) -> Response:
+        """The application's answer to `exc` (raised again when it has no handler)."""
+        handler = self._handler_for(exc)
+        if handler is None:
+            raise exc
+        if is_async_callable(handler):
+            response = await handler(request, exc)
+        else:
+            response = await run_in_threadpool(handler, request, exc)
+        exc.__traceback__ = None  # as Starlette: a reused exception keeps no traceback
+        if not isinstance(response, Response):
+            raise exc
+        return response
+
+
+def _handler_of(route: APIRoute, context: _EffectiveRouteContext) -> Any:
+    """The route's request handler, built as FastAPI builds it for `context`."""
+    token = _effective_route_context_var.set(context)
+    try:
+        return route.get_route_handler()
+    finally:
+        _effective_route_context_var.reset(token)
 
 
 def _segments(path: str) -> list[str]:
