@@ -36,7 +36,9 @@ def test_a_stream_of_ends_neither_loads_nor_sends_a_claimed_job(
         streaming = pool.submit(coordinator.http.get, url, headers=user._headers())
         feeds = coordinator.core.notifier._feeds
         wait_for(lambda: owner_feed(user_id(coordinator, job.id)) in feeds, 10, 0.01)
-        with sent_statements(coordinator, lambda s: "files_json" in s) as loads:
+        with sent_statements(
+            coordinator, lambda s: "files_json" in s and "jobs.id IN" in s
+        ) as loads:
             [taken] = echo_worker.claim(1)
             wait_for(lambda: loads or ended_only, 5, 0.01)
             if ended_only:  # as long as the other case takes to load, and more
