@@ -211,8 +211,7 @@ def test_a_plain_jobs_completion_riding_a_claim_is_one_statement(
     """Pinned count: a plain job's completion riding a claim adds one statement to the
     claim's transaction, its end: an `UPDATE … RETURNING` that checks the lease (there
     were a `SELECT … jobs` of the lease under lock and an `UPDATE` of the job, and a
-    request and a transaction of their own); and the claim it rides does not probe the
-    queue first (the completion's write is due anyway: there was a `SELECT … jobs`)."""
+    request and a transaction of their own)."""
     user = coordinator.new_user()
     jobs = [user.submit("echo", "echo") for _ in range(2)]
     [first] = claim(echo_worker, 1).jobs  # also stamps this worker's liveness
@@ -231,8 +230,8 @@ def test_a_plain_jobs_completion_riding_a_claim_is_one_statement(
     assert [j.id for j in answer.jobs] == [jobs[1].id]
     assert tally.write_commits == before + 1
     kinds = [s.split(" ")[0] for s in sent]
-    assert kinds == ["BEGIN", "UPDATE", "UPDATE", "UPDATE"], sent
-    assert sent[1].startswith("UPDATE jobs SET state=?, finished_at=?") and "RETURNING" in sent[1]
+    assert kinds == ["SELECT", "BEGIN", "UPDATE", "UPDATE", "UPDATE"], sent
+    assert sent[2].startswith("UPDATE jobs SET state=?, finished_at=?") and "RETURNING" in sent[2]
     jobs[0].wait(timeout=10)
     assert jobs[0].state.value == "succeeded" and jobs[0].result == {}
 

@@ -716,11 +716,9 @@ class JobQueue:
         running: list[RunningJob],
         wait: float,
         warm: list[str],
-        writing: bool = False,
     ) -> tuple[Callable[[Connection], _Claim] | None, list[str]]:
         """The claim's write (None: nothing to write) and the jobs of `running` already
-        ended or lost (to abort: read, not written). `writing`: the claim's write runs in
-        a write due anyway (completions riding it), so the queue is not probed first."""
+        ended or lost (to abort: read, not written)."""
         stamp = self._stamp_due(worker.id)
         claimant = self._claimant(worker)
         gone: list[str] = []
@@ -729,7 +727,7 @@ class JobQueue:
         with self.read(each=True) as conn:
             if running:
                 running, gone = self._beat_due(conn, worker, running, wait)
-            if running or stamp or writing:
+            if running or stamp:
                 met = self._known_met(conn, worker)  # a write is due anyway: no probe
             else:
                 queued, met = self._has_queued(conn, worker, claimant)
@@ -1062,9 +1060,7 @@ class JobQueue:
         committed. A deadlock (PostgreSQL) runs the whole operation again, as for a batch."""
         prepared = await self._prepare_async(worker, batch)
         done_op = self._complete_op(worker, batch, prepared, False)
-        claim_op, gone = self._claim_op(
-            worker, max_jobs, running or [], wait, warm or [], writing=True
-        )
+        claim_op, gone = self._claim_op(worker, max_jobs, running or [], wait, warm or [])
 
         def op(
             conn: Connection,
