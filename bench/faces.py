@@ -172,7 +172,10 @@ def run_baseline(images: list[Path], out_dir: Path, processes: int = 2) -> Basel
 
 
 def cascade_load_seconds(repeat: int = 5) -> float:
-    """Median time to construct the classifier from its XML (done per job by the app)."""
+    """Median time to construct the classifier from its XML. The app does it once per
+    worker, in its zygote's preload (`csml.apps._opencv_init`), before any job child is
+    forked: no job pays it (tests/unit/test_opencv_preload.py); the baseline pays it once
+    per pool process."""
     times = []
     for _ in range(repeat):
         start = time.perf_counter()

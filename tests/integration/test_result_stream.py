@@ -105,3 +105,20 @@ def test_refused_stream_falls_back_to_long_poll(roomy: Cluster) -> None:
         finally:
             for r in holders:
                 r.close()
+
+
+def test_the_stream_sends_ends_only_unless_a_waiter_reports_progress(roomy: Cluster) -> None:
+    """The SDK's stream asks for ends only (`ended_only`: no event, and no load on the
+    coordinator, for a job submitted or running); a wait with `on_progress` still sees
+    each update: it long-polls while the stream sends ends only, and the stream's next
+    connection sends every change."""
+    user = roomy.new_user()
+    with Client(roomy.url, user.token) as client:
+        client.submit("echo", "echo").wait(timeout=60)  # opens the stream
+        stream = client._results
+        assert stream is not None and not stream._every_change
+        seen: list[tuple[str, float]] = []
+        job = client.submit("echo", "echo", params={"sleep": 1.0})
+        job.wait(timeout=60, on_progress=lambda j: seen.append((j.state.value, j.progress[0])))
+        assert stream.progress and job.state.value == "succeeded"
+        assert "running" in {state for state, _ in seen} and seen[-1][0] == "succeeded"

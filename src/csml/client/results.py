@@ -67,6 +67,8 @@ class ResultStream:
         self._recent_inline: OrderedDict[str, tuple[Any, int]] = OrderedDict()
         self._inline_kept = 0  # bytes in `_recent_inline`
         self.inline_outputs = 0  # asked of the coordinator: outputs up to this size inline
+        self.progress = False  # asked of the coordinator: every change, not only ends
+        self._every_change = False  # the current connection sends every change
         self._waiters: dict[str, list[queue.SimpleQueue[Item]]] = {}
         self._retry_at = 0.0
         self._closed = False
@@ -101,6 +103,14 @@ class ResultStream:
         stream already connected gets them after its next reconnect (about 20 s)."""
         with self._cond:
             self.inline_outputs = max(self.inline_outputs, most)
+
+    def want_progress(self) -> bool:
+        """Ask for every change of the jobs (submitted, running, progress), not only their
+        ends, from the next connection on; whether the stream (as it is connected now, or
+        will connect) sends them. A waiter that reports progress long-polls while not."""
+        with self._cond:
+            self.progress = True
+            return self._every_change or self._state not in ("connected", "connecting")
 
     def register(
         self, job_id: str, mark: Mark | None
@@ -161,6 +171,12 @@ class ResultStream:
         client = self._client
         timeout = httpx.Timeout(OPEN_TIMEOUT, read=READ_TIMEOUT)
         params: dict[str, str | int] = {"limit": 1, "positions": "false"}
+        with self._cond:
+            # Ends only, unless a waiter reports progress: a waiter needs nothing else (a
+            # coordinator without the option ignores it and sends every change).
+            self._every_change = self.progress
+        if not self._every_change:
+            params["ended_only"] = "true"
         if self.inline_outputs:
             params["inline_outputs"] = self.inline_outputs
         with client._http.stream(

@@ -757,7 +757,12 @@ class Job:
         when there is none or it drops."""
         deadline = None if timeout is None else time.monotonic() + timeout
         stream = self._client._results
-        if self.done or stream is None or not stream.open():
+        if (
+            self.done
+            or stream is None
+            or (on_progress is not None and not stream.want_progress())  # it sends ends only
+            or not stream.open()
+        ):
             return self._long_poll(deadline, timeout, poll, on_progress)
         inbox, latest, covered = stream.register(self.id, self._mark)
         try:

@@ -24,6 +24,11 @@ idle stream only sends a keep-alive comment every `KEEPALIVE_SECONDS`. Browsers 
 with `fetch()`, which can send the token in the Authorization header; EventSource
 cannot, and the token never goes into a URL.
 
+Asked with `ended_only=true` (as the SDK's result stream does: it only waits for
+ends), the stream follows only the changes that may have ended a job (`Feed.urgent`:
+completed, failed, cancelled, reaped): a submitted, running or progressed job is
+neither loaded nor sent, and does not wake the stream. The snapshot is as without it.
+
 Asked with `inline_outputs=N` (as `csml batch` does), a `job` event of a job that
 succeeded carries its outputs of at most N bytes in base64, so the client needs no
 download request for them (`csml.coordinator.inline_outputs`: bounds, what is left out);
@@ -177,7 +182,13 @@ def _known(views: dict[str, object], owner_id: str, gone: set[str]) -> dict[str,
 
 
 async def _stream(
-    request: Request, c: Core, owner_id: str, limit: int, positions: bool, inline: int
+    request: Request,
+    c: Core,
+    owner_id: str,
+    limit: int,
+    positions: bool,
+    inline: int,
+    ended_only: bool = False,
 ) -> AsyncIterator[bytes]:
     with (
         c.notifier.follow(owner_feed(owner_id)) as feed,  # before the snapshot: miss nothing
@@ -191,14 +202,14 @@ async def _stream(
             queued = positions and any(j["state"] == JobState.queued.value for j in sent.values())
             pause = min(remaining, POSITIONS_RECHECK_SECONDS if queued else KEEPALIVE_SECONDS)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(feed.event.wait(), pause)
+                await asyncio.wait_for((feed.urgent if ended_only else feed.event).wait(), pause)
             settle = min(SETTLE_SECONDS, deadline - time.monotonic())
-            if feed.event.is_set() and not feed.urgent.is_set() and settle > 0:
+            if not ended_only and feed.event.is_set() and not feed.urgent.is_set() and settle > 0:
                 with contextlib.suppress(TimeoutError):  # no job ended: let changes settle
                     await asyncio.wait_for(feed.urgent.wait(), settle)
             if hung_up.done():
                 return
-            items, resync, views = feed.take_views()
+            items, resync, views = feed.take_views(ending_only=ended_only)
             extra: dict[str, dict[str, str]] = {}  # sent once, never kept in `sent`
             if resync or (queued and not items):
                 now = _snapshot(c, owner_id, limit, positions)
@@ -262,6 +273,12 @@ async def job_events(
         description="With a `job` event of a job that succeeded, its outputs of at most "
         'this many bytes in base64 (`"inline_outputs": {name: base64}`); 0: none.',
     ),
+    ended_only: bool = Query(
+        False,
+        description="Only `job` events of changes that may have ended a job (completed, "
+        "failed, cancelled, put back by the reaper), for a client that waits for results: "
+        "none for submitted, running or progress. The snapshot is the same.",
+    ),
 ) -> StreamingResponse:
     """Server-sent events of your jobs: `snapshot` (`{"jobs": [...]}`, newest first) at once,
     then `job` (a job) as soon as one changes or appears (pushed), `gone` (`{"id"}`) when one
@@ -276,7 +293,7 @@ async def job_events(
         )
     return _SlotResponse(
         release,
-        _stream(request, core(request), me.id, limit, positions, inline_outputs),
+        _stream(request, core(request), me.id, limit, positions, inline_outputs, ended_only),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )

@@ -154,6 +154,7 @@ class Feed:
         self.event = asyncio.Event()  # something is pending
         self.urgent = asyncio.Event()  # an item that may have ended its job, or a resync
         self.pending: set[str] = set()
+        self.ending: set[str] = set()  # pending items announced with ENDING_MARK
         self.views: dict[str, object] = {}  # pending items whose newest news came with one
         self.resync = False
         self._unrun = unrun  # the notifier's woken-and-not-run set (see `hand_over`)
@@ -162,11 +163,13 @@ class Feed:
         if item is None or len(self.pending) >= FEED_MAX_PENDING:
             self.resync = True
             self.pending.clear()
+            self.ending.clear()
             self.views.clear()
             self.urgent.set()
         elif not self.resync:
             if item.endswith(ENDING_MARK):
                 item = item[: -len(ENDING_MARK)]
+                self.ending.add(item)
                 self.urgent.set()
             if view is not None:  # a final state: newer than anything pending
                 self.views[item] = view
@@ -180,10 +183,14 @@ class Feed:
         items, resync, _ = self.take_views()
         return items, resync
 
-    def take_views(self) -> tuple[set[str], bool, dict[str, object]]:
-        """`take`, and the views that came with some of the items (see the module)."""
+    def take_views(self, ending_only: bool = False) -> tuple[set[str], bool, dict[str, object]]:
+        """`take`, and the views that came with some of the items (see the module).
+        `ending_only`: only the items announced with `ENDING_MARK` since the last take
+        (the others are dropped: a reader that wants ends only never reads them)."""
         items, resync, views = self.pending, self.resync, self.views
-        self.pending, self.resync, self.views = set(), False, {}
+        if ending_only:
+            items = items & self.ending
+        self.pending, self.ending, self.resync, self.views = set(), set(), False, {}
         if self._unrun is not None:
             self._unrun.pop(self, None)
         self.event.clear()

@@ -148,6 +148,7 @@ DEPTH_MARGIN = 64  # below capacity by more than max(this, capacity / 10): no ex
 # lanes' open batches may deadlock on those rows; the victim op was rolled back alone
 # (its savepoint) and runs again, at most this many times in all.
 CONFLICT_RETRIES = 3
+MAX_GRANTED = 100_000  # leases remembered for completions' file work (then forgotten)
 
 
 class WorkerRef(Protocol):
@@ -191,10 +192,27 @@ class Outcome:
 @dataclass(frozen=True)
 class _Prepared:
     """What a completion brings from disk before its transaction: the outputs' metadata
-    (succeeded jobs) and a refusal of its inline outputs, if any."""
+    (succeeded jobs) and a refusal of its inline outputs, if any; `hinted`: the inline
+    outputs it wrote (`written`) were written on this coordinator's grant of the lease
+    (`_Granted`), not on a read, and are removed if the completion is refused."""
 
     outputs: tuple[FileInfo, ...]
     refusal: Refusal | None
+    written: tuple[Path, ...] = ()
+    hinted: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Granted:
+    """A lease this coordinator granted to a worker by a claim, for a plain job (no
+    envelope): a hint for the file work before the completion's transaction (which
+    checks the lease again), in place of reading the job. Used once, by the first
+    completion of the job that comes here."""
+
+    lease_id: str
+    worker_id: str
+    app: str
+    operation: str
 
 
 @dataclass(frozen=True)
@@ -253,6 +271,7 @@ class JobQueue:
         # for it; app -> the `keys_key` mark before this coordinator last read its keys.
         self._exhausted: dict[str, _Marks] = {}
         self._keys_read: dict[str, tuple[int, int]] = {}
+        self._granted: dict[str, _Granted] = {}  # job id -> the lease a claim here granted
         self.verifier = Verifier(self.engine, settings.verify_probation)
 
     @contextmanager
@@ -911,6 +930,11 @@ class JobQueue:
             if len(self._stamped) > 10_000:  # workers that left long ago: forget them
                 self._stamped.clear()
             self._stamped[worker.id] = time.monotonic()
+        if len(self._granted) > MAX_GRANTED:  # leases lost or never completed here
+            self._granted.clear()
+        for t in claim.taken:
+            if t.sealed is None:  # a confidential job's outputs never come inline
+                self._granted[t.id] = _Granted(claim.lease_id, worker.id, worker.app, t.operation)
         abort = [*gone, *claim.abort]
         return ClaimResponse(jobs=self._inline(claim.taken, claim.lease_id), abort=abort)
 
@@ -1189,13 +1213,19 @@ class JobQueue:
         """Several jobs' ends in one transaction: each job locked and checked against its
         lease; a refused one (lease lost: exactly one result is kept) does not stop the
         others. `raise_one`: raise the first refusal."""
-        op = self._complete_op(worker, batch, self._prepare(worker, batch), raise_one)
+        prepared = self._prepare(worker, batch)
+        op = self._complete_op(worker, batch, prepared, raise_one)
         for attempt in range(1, CONFLICT_RETRIES + 1):
             try:
-                return self._completed(self.writer.run(op))
+                outcomes = self._completed(self.writer.run(op))
             except Exception as exc:
+                if raise_one and isinstance(exc, Refusal):
+                    self._discard_refused([Outcome(d.job_id, exc) for d in batch], prepared)
                 if attempt == CONFLICT_RETRIES or not is_conflict(exc):
                     raise
+            else:
+                self._discard_refused(outcomes, prepared)
+                return outcomes
                 log.info("a completion batch met a deadlock; running it again")
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -1203,9 +1233,11 @@ class JobQueue:
         self, worker: WorkerRef, batch: list[BatchedCompletion]
     ) -> list[Outcome]:
         """`complete_many` from the event loop (inline outputs are written off it)."""
-        op = self._complete_op(worker, batch, await self._prepare_async(worker, batch), False)
+        prepared = await self._prepare_async(worker, batch)
+        op = self._complete_op(worker, batch, prepared, False)
         outcomes = self._completed(await self._run_retrying(op))
         await self.notifier.hand_over()  # results pushed before the worker's answer
+        await self._discard_refused_async(outcomes, prepared)
         return outcomes
 
     async def complete_and_claim_async(
@@ -1222,7 +1254,8 @@ class JobQueue:
         `claim_and_beat`'s claim, in one write operation (one transaction, one commit);
         the claim takes jobs only after the batch ended its jobs. Both come back only once
         committed. A deadlock (PostgreSQL) runs the whole operation again, as for a batch."""
-        done_op = self._complete_op(worker, batch, await self._prepare_async(worker, batch), False)
+        prepared = await self._prepare_async(worker, batch)
+        done_op = self._complete_op(worker, batch, prepared, False)
         # The completions are a write: the claim takes in it without probing first.
         claim_op, gone = self._claim_op(worker, max_jobs, running or [], wait, warm or [], True)
 
@@ -1235,6 +1268,7 @@ class JobQueue:
         done, claim = await self._run_retrying(op)
         outcomes = self._completed(done)
         await self.notifier.hand_over()  # results pushed before the worker's answer
+        await self._discard_refused_async(outcomes, prepared)
         if claim is None:
             return outcomes, ClaimResponse(jobs=[], abort=gone)
         return outcomes, self._claimed(worker, claim, gone)
@@ -1269,9 +1303,22 @@ class JobQueue:
     def _prepare(self, worker: WorkerRef, batch: list[BatchedCompletion]) -> list[_Prepared]:
         """The file work of a batch, before its transaction: inline outputs written (and
         fsync'd) into each attempt's folder, every output's metadata read. Files of an
-        attempt are kept only if its completion is (a lost lease leaves them unlisted)."""
+        attempt are kept only if its completion is (a lost lease leaves them unlisted).
+
+        Whose inline outputs may be written: the worker must hold the job's lease and the
+        job must be plain (not confidential). A lease this coordinator granted by a claim
+        (`_Granted`) says so without a read; the others are read (one statement). Either
+        is a hint: the transaction decides again, and files written on a grant for a
+        completion it refuses are removed (`_discard_refused`). A file is written on a
+        grant only if none of its name is there yet (a repeat of a completion kept
+        already never replaces what it listed): else the lease is read, as without one."""
+        granted = {job_id: self._granted.pop(job_id, None) for job_id in {d.job_id for d in batch}}
         inline = [
-            d.job_id for d in batch if d.inline_outputs and d.state == JobState.succeeded.value
+            d.job_id
+            for d in batch
+            if d.inline_outputs
+            and d.state == JobState.succeeded.value
+            and not _holds(granted.get(d.job_id), worker, d)
         ]
         known: dict[str, Locked] = {}
         if inline:  # who holds the lease (one statement; no files loaded)
@@ -1282,17 +1329,30 @@ class JobQueue:
             outputs_dir = self.attempt_dir(done.job_id, done.lease_id)
             refusal: Refusal | None = None
             written: list[FileInfo] = []
-            job = known.get(done.job_id)
-            if (
-                job is not None
-                and done.inline_outputs
-                and done.state == JobState.succeeded.value
-                and not job.confidential
-                and job.lease_id == done.lease_id
-                and job.worker_id == worker.id
-            ):
+            hinted = False
+            if done.inline_outputs and done.state == JobState.succeeded.value:
+                grant = granted.get(done.job_id)
                 try:
-                    written = self._write_inline(job, outputs_dir, done.inline_outputs)
+                    if grant is not None and _holds(grant, worker, done):
+                        try:
+                            written = self._write_inline(
+                                grant.app, grant.operation, outputs_dir, done.inline_outputs, True
+                            )
+                            hinted = True
+                        except FileExistsError:  # written before: read who holds it
+                            with self.read(each=True) as conn:
+                                known.update(ends.to_complete(conn, [done.job_id]))
+                    job = known.get(done.job_id)
+                    if (
+                        not hinted
+                        and job is not None
+                        and not job.confidential
+                        and job.lease_id == done.lease_id
+                        and job.worker_id == worker.id
+                    ):
+                        written = self._write_inline(
+                            job.app, job.operation, outputs_dir, done.inline_outputs
+                        )
                 except Refusal as exc:
                     refusal = exc
             metas: tuple[FileInfo, ...] = ()
@@ -1305,8 +1365,38 @@ class JobQueue:
                     if name not in found:
                         found[name] = FileInfo.model_validate_json(meta.read_text())
                 metas = tuple(found[n] for n in sorted(found, key=lambda n: f"{n}.meta.json"))
-            out.append(_Prepared(metas, refusal))
+            paths = tuple(outputs_dir / i.name for i in written)
+            out.append(_Prepared(metas, refusal, paths, hinted and bool(paths)))
         return out
+
+    async def _discard_refused_async(
+        self, outcomes: list[Outcome], prepared: list[_Prepared]
+    ) -> None:
+        """`_discard_refused` off the event loop (only when there is something to remove)."""
+        if any(o.refusal is not None and p.hinted for o, p in zip(outcomes, prepared, strict=True)):
+            await anyio.to_thread.run_sync(self._discard_refused, outcomes, prepared)
+
+    def _discard_refused(self, outcomes: list[Outcome], prepared: list[_Prepared]) -> None:
+        """Remove the inline outputs written on a grant (`_prepare`) for completions the
+        transaction refused (the lease was lost, the job cancelled or erased since the
+        claim), unless the job has succeeded since: then a repeat of the same completion
+        may have listed those very files. (Files written on a read stay unlisted, as
+        those of an upload for a lost lease do.)"""
+        refused = [
+            (o.job_id, p.written)
+            for o, p in zip(outcomes, prepared, strict=True)
+            if o.refusal is not None and p.hinted
+        ]
+        if not refused:
+            return
+        with self.read(each=True) as conn:
+            now = ends.to_complete(conn, [job_id for job_id, _ in refused])
+        for job_id, paths in refused:
+            job = now.get(job_id)
+            if job is not None and job.state == JobState.succeeded.value:
+                continue
+            for path in paths:
+                path.unlink(missing_ok=True)
 
     def _complete_op(
         self,
@@ -1584,15 +1674,21 @@ class JobQueue:
         return [owner_change(job.owner_id, job.id), app_key(job.app)]
 
     def _write_inline(
-        self, job: Locked, outputs_dir: Path, outputs: list[InlineOutput]
+        self,
+        app: str,
+        operation: str,
+        outputs_dir: Path,
+        outputs: list[InlineOutput],
+        exclusive: bool = False,
     ) -> list[FileInfo]:
         """Write a completion's inline outputs (declared names only, each bounded), on disk
         (fsync'd with their folder) before the transaction commits; their descriptions.
 
         Unlike an upload, no meta file is written: the description goes from here to the
         completion's rows in memory (an upload's meta file is only that hand-off between
-        its request and the completion's)."""
-        _, op = self.catalog.operation(job.app, job.operation)
+        its request and the completion's). `exclusive`: FileExistsError rather than
+        replace a file of the same name."""
+        _, op = self.catalog.operation(app, operation)
         declared = {o.name: o.media_type for o in op.outputs}
         written: list[Path] = []
         infos: list[FileInfo] = []
@@ -1611,7 +1707,8 @@ class JobQueue:
                     "file_too_large", f"inline output {out.name!r} is over {INLINE_MAX_BYTES}"
                 )
             path = outputs_dir / out.name
-            path.write_bytes(data)
+            with open(path, "xb" if exclusive else "wb") as f:  # x: FileExistsError if there
+                f.write(data)
             info = FileInfo(
                 name=out.name,
                 size=len(data),
@@ -1802,6 +1899,11 @@ class JobQueue:
 
 def file_info(f: FileRow) -> FileInfo:
     return FileInfo(name=f.name, size=f.size, sha256=f.sha256, media_type=f.media_type)
+
+
+def _holds(grant: _Granted | None, worker: WorkerRef, done: BatchedCompletion) -> bool:
+    """Whether this coordinator granted `done`'s lease to `worker` (a hint, see `_Granted`)."""
+    return grant is not None and grant.lease_id == done.lease_id and grant.worker_id == worker.id
 
 
 def owner_key(owner_id: str) -> str:
