@@ -5,12 +5,13 @@ client each call cost ~2.4x the CPU of the same call over the standard library's
 `http.client` (measured against a coordinator on loopback: 795 vs 331 µs of client
 CPU per claim), and `http.client` itself spends much of the rest parsing headers
 with the `email` package and writing a request in two system calls. A `Link` is one
-connection to the coordinator on a plain socket: each request is one write (head and
-body), each answer is parsed here (status line, headers, a body by Content-Length,
-chunked or up to the close; the head bounded by `MAX_HEAD`). It is used by one thread
-at a time (the agent's claimer, or the thread sending completions alone; an SDK
-submit); everything else the agent sends (registration, heartbeats, file transfers)
-stays on httpx.
+connection to the coordinator on a plain socket, spoken through `h11` (the HTTP/1.1
+state machine httpx itself uses, without httpx's layers): each request is one write
+(head and body); answers are parsed by h11 (Content-Length, chunked or up to the
+close; informational answers skipped; the head bounded by `MAX_HEAD`). It is used by
+one thread at a time (the agent's claimer, or the thread sending completions alone;
+an SDK submit); everything else the agent sends (registration, heartbeats, file
+transfers) stays on httpx.
 
 Invariants:
 - Same trust as the agent's httpx clients: `transport.check_url` already passed, and
@@ -24,9 +25,11 @@ Invariants:
   no connection behind; `close()` from another thread ends a call blocked in a read
   at once (the socket is shut down), and every later call fails.
 - Bodies are bounded: a response over `MAX_BODY` bytes is a `LinkError`; so is a
-  malformed answer (not HTTP/1, a header without a colon, a bad length or chunk).
-  A header name or value that could split the request (CR, LF, controls) is refused
-  before anything is sent.
+  malformed answer (h11's `RemoteProtocolError`: not HTTP/1, a bad header, length or
+  chunk). A header name or value h11 will not send (CR, LF, controls: it could split
+  the request) is refused before anything is sent.
+- A connection is reused only when h11 says both sides may go on (keep-alive, nothing
+  read past the answer).
 - A coordinator that httpx would reach through a proxy (HTTP(S)_PROXY / ALL_PROXY in
   the environment, the host not in NO_PROXY) is reached through httpx, proxy and all
   (`open_link` returns an `HttpxLink` then): a link never bypasses a proxy.
@@ -36,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import select
 import socket
 import ssl
@@ -45,6 +47,7 @@ import urllib.request
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+import h11
 import httpx
 
 MAX_BODY = 64 << 20
@@ -137,30 +140,30 @@ class Link:
         self._host_header = host if default else f"{host}:{self._port}"
         self._timeout = timeout
         self._context = context
-        self._conn: socket.socket | None = None
+        self._conn: _Wire | None = None
         self._lock = threading.Lock()  # guards _conn and _closed against close()
         self._closed = False
 
     def post(self, path: str, content: bytes, headers: dict[str, str]) -> LinkResponse:
         """POST `content` (JSON) to `path`; the answer, whatever its status."""
-        head = (
-            f"POST {self._prefix}{path} HTTP/1.1\r\nHost: {self._host_header}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(content)}\r\n"
-        )
-        for name, value in headers.items():
-            if not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
-                raise LinkError(f"invalid header {name!r}")
-            head += f"{name}: {value}\r\n"
-        request = (head + "\r\n").encode("latin-1") + content
-        conn = self._connection()
+        fields = [
+            ("Host", self._host_header),
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(content))),
+            *headers.items(),
+        ]
         try:
-            conn.sendall(request)  # one write: the server gets the request in one read
-            status, answer_headers, body, close = _read_response(conn)
-            if close:
-                self._drop(conn)
+            request = h11.Request(method="POST", target=self._prefix + path, headers=fields)
+        except h11.LocalProtocolError as exc:
+            raise LinkError(f"invalid header: {exc}") from None
+        wire = self._connection()
+        try:
+            status, answer_headers, body = wire.exchange(request, content)
+            if not wire.reusable():
+                self._drop(wire)
             return LinkResponse(status, body, answer_headers)
-        except (OSError, ValueError) as exc:
-            self._drop(conn)
+        except (OSError, ValueError, h11.ProtocolError) as exc:
+            self._drop(wire)
             if isinstance(exc, LinkError):
                 raise
             raise LinkError(f"{type(exc).__name__}: {exc}") from None
@@ -171,29 +174,29 @@ class Link:
             self._closed = True
             conn, self._conn = self._conn, None
         if conn is not None:
-            _shut(conn)
+            _shut(conn.sock)
 
-    def _connection(self) -> socket.socket:
+    def _connection(self) -> _Wire:
         """The open connection, or a new one, connected (so that `close()` can end it)."""
         with self._lock:
             if self._closed:
                 raise LinkError("the link is closed")
             conn, stale = self._conn, None
-            if conn is not None and _closed_at_rest(conn):
+            if conn is not None and _closed_at_rest(conn.sock):
                 self._conn, stale, conn = None, conn, None
         if stale is not None:
-            _shut(stale)
+            _shut(stale.sock)
         if conn is not None:
             return conn
         try:
-            conn = self._new()
+            conn = _Wire(self._new())
         except (OSError, ValueError) as exc:
             raise LinkError(f"{type(exc).__name__}: {exc}") from None
         with self._lock:
             if not self._closed:
                 self._conn = conn
                 return conn
-        _shut(conn)
+        _shut(conn.sock)
         raise LinkError("the link is closed")
 
     def _new(self) -> socket.socket:
@@ -208,119 +211,66 @@ class Link:
             raise
         return sock
 
-    def _drop(self, conn: socket.socket) -> None:
+    def _drop(self, conn: _Wire) -> None:
         with self._lock:
             if self._conn is conn:
                 self._conn = None
-        _shut(conn)
+        _shut(conn.sock)
 
 
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 MAX_HEAD = 64 << 10
 READ_SIZE = 1 << 16
 
 
-def _read_response(conn: socket.socket) -> tuple[int, dict[str, str], bytes, bool]:
-    """One HTTP/1.x answer: status, headers (by lower-case name), body, and whether the
-    connection cannot be reused. Bodies by Content-Length, chunked, or up to the close;
-    informational (1xx) answers are skipped. LinkError if malformed or over the bounds."""
-    buf = b""
-    while True:
-        end = buf.find(b"\r\n\r\n")
-        while end < 0:
-            if len(buf) > MAX_HEAD:
-                raise LinkError(f"a response head over {MAX_HEAD} bytes")
-            buf += _recv(conn)
-            end = buf.find(b"\r\n\r\n")
-        lines = buf[:end].decode("latin-1").split("\r\n")
-        buf = buf[end + 4 :]
-        version, _, rest = lines[0].partition(" ")
-        code = rest[:3]
-        if not version.startswith("HTTP/1.") or len(code) != 3 or not code.isdigit():
-            raise LinkError(f"not an HTTP/1 status line: {lines[0][:80]!r}")
-        status = int(code)
-        if 100 <= status < 200:
-            continue
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, colon, value = line.partition(":")
-            if not colon:
-                raise LinkError(f"a malformed response header: {line[:80]!r}")
-            headers[name.strip().lower()] = value.strip()
-        connection = headers.get("connection", "").lower()
-        close = "close" in connection or (version == "HTTP/1.0" and "keep-alive" not in connection)
-        if status in (204, 304):
-            return status, headers, b"", close or bool(buf)
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            body, buf = _read_chunked(conn, buf)
-            return status, headers, body, close or bool(buf)
-        length = headers.get("content-length")
-        if length is None:  # up to the close
-            whole = bytearray(buf)
-            while chunk := conn.recv(READ_SIZE):
-                whole += chunk
-                if len(whole) > MAX_BODY:
+class _Wire:
+    """One socket and its h11 state: one request and its answer at a time."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
+
+    def exchange(self, request: h11.Request, content: bytes) -> tuple[int, dict[str, str], bytes]:
+        """Send `request` with `content` in one write; its answer's status, headers (by
+        lower-case name) and body. Raises LinkError over the bounds, h11.ProtocolError if
+        malformed, OSError if the connection fails."""
+        if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
+            self.h11.start_next_cycle()
+        send = self.h11.send
+        wire = b"".join(
+            b for b in (send(request), send(h11.Data(data=content)), send(h11.EndOfMessage())) if b
+        )
+        self.sock.sendall(wire)  # one write: the server gets the request in one read
+        status, headers = 0, {}
+        body = bytearray()
+        while True:
+            event = self.h11.next_event()
+            if event is h11.NEED_DATA:
+                self.h11.receive_data(self.sock.recv(READ_SIZE))  # b"" is the close
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+                headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in event.headers}
+                length = headers.get("content-length")
+                if length is not None and int(length) > MAX_BODY:
+                    raise LinkError(f"a response of {length} bytes is over {MAX_BODY}")
+            elif isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > MAX_BODY:
                     raise LinkError(f"a response over {MAX_BODY} bytes")
-            return status, headers, bytes(whole), True
-        if not length.isdigit():
-            raise LinkError(f"a malformed Content-Length: {length[:20]!r}")
-        size = int(length)
-        if size > MAX_BODY:
-            raise LinkError(f"a response of {size} bytes is over {MAX_BODY}")
-        if len(buf) < size:
-            whole = bytearray(buf)
-            while len(whole) < size:
-                whole += _recv(conn)
-            buf = bytes(whole)
-        return status, headers, buf[:size], close or len(buf) > size
+            elif isinstance(event, h11.EndOfMessage):
+                return status, headers, bytes(body)
+            elif isinstance(event, h11.ConnectionClosed):
+                raise LinkError("the connection closed before the whole answer")
+            # InformationalResponse (1xx): skipped; the final answer follows.
 
-
-def _read_chunked(conn: socket.socket, buf: bytes) -> tuple[bytes, bytes]:
-    """A chunked body (trailers dropped) and the bytes read past it."""
-    body = bytearray()
-    while True:
-        end = buf.find(b"\r\n")
-        while end < 0:
-            if len(buf) > MAX_HEAD:
-                raise LinkError("a malformed chunked body")
-            buf += _recv(conn)
-            end = buf.find(b"\r\n")
-        size_text = buf[:end].split(b";", 1)[0].strip()
-        try:
-            size = int(size_text, 16)
-        except ValueError:
-            raise LinkError("a malformed chunked body") from None
-        buf = buf[end + 2 :]
-        if size == 0:
-            while True:  # trailers, up to an empty line
-                end = buf.find(b"\r\n")
-                while end < 0:
-                    if len(buf) > MAX_HEAD:
-                        raise LinkError("a malformed chunked body")
-                    buf += _recv(conn)
-                    end = buf.find(b"\r\n")
-                line, buf = buf[:end], buf[end + 2 :]
-                if not line:
-                    return bytes(body), buf
-        if len(body) + size > MAX_BODY:
-            raise LinkError(f"a response over {MAX_BODY} bytes")
-        if len(buf) < size + 2:
-            whole = bytearray(buf)
-            while len(whole) < size + 2:
-                whole += _recv(conn)
-            buf = bytes(whole)
-        if buf[size : size + 2] != b"\r\n":
-            raise LinkError("a malformed chunked body")
-        body += buf[:size]
-        buf = buf[size + 2 :]
-
-
-def _recv(conn: socket.socket) -> bytes:
-    data = conn.recv(READ_SIZE)
-    if not data:
-        raise LinkError("the connection closed before the whole answer")
-    return data
+    def reusable(self) -> bool:
+        """Both sides may go on (keep-alive) and nothing was read past the answer."""
+        data, closed = self.h11.trailing_data
+        return (
+            self.h11.our_state is h11.DONE
+            and self.h11.their_state is h11.DONE
+            and not data
+            and not closed
+        )
 
 
 def _closed_at_rest(conn: socket.socket) -> bool:
