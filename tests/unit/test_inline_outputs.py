@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import httpx
 import pytest
@@ -20,7 +21,6 @@ import pytest
 from csml.client import Client
 from csml.coordinator import api_events
 from csml.coordinator.inline_outputs import Budget, outputs_of, with_view
-from csml.coordinator.notify import owner_feed
 from csml.store import jobs as store
 from csml.store.jobs import Envelope
 from tests.cluster import wait_for
@@ -53,18 +53,26 @@ def _streams(
     """Open each reader's stream (with its query), run one job per content for `owner`
     (None: the job fails), and return the jobs and every stream's events."""
     jobs = [owner.submit("echo", "echo", params={"i": i}) for i in range(len(contents))]
-    topics = {owner_feed(c.request("GET", "/v1/identities/me").json()["id"]) for c, _ in readers}
+    snapshots: list[str] = []
+    read_snapshot = api_events._snapshot
+
+    def counted(c: Any, owner_id: str, *rest: Any) -> dict[str, dict[str, Any]]:
+        out = read_snapshot(c, owner_id, *rest)
+        snapshots.append(owner_id)
+        return out
+
     with (
         httpx.Client(base_url=BASE_URL, transport=coordinator.transport, timeout=30) as http,
         ThreadPoolExecutor(len(readers)) as pool,
+        patch.object(api_events, "_snapshot", counted),
     ):
         streaming = [
             pool.submit(http.get, f"/v1/jobs/events?positions=false{query}", headers=c._headers())
             for c, query in readers
         ]
-        feeds = coordinator.core.notifier._feeds
-        # Every stream follows its owner's feed (and has read its snapshot) before the ends.
-        wait_for(lambda: sum(len(feeds.get(t, {})) for t in topics) == len(readers), 10, 0.01)
+        # Every stream follows its owner's feed and has read its snapshot before the ends
+        # (a snapshot read after them would hold the ended views, sent without outputs).
+        wait_for(lambda: len(snapshots) >= len(readers), 10, 0.01)
         taken = {t.id: t for t in claim(worker, len(jobs)).jobs}
         done = [
             _done(taken[j.id], content, "succeeded" if content is not None else "failed")
