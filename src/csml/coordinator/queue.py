@@ -708,7 +708,7 @@ class JobQueue:
             )
             return ended, woken
 
-        job, woken = self.writer.run(op)
+        job, woken = self._run_retrying_sync(op)
         for key in [job_key(job.id), owner_change(owner_id, job.id, ending=True), *woken]:
             self.notifier.notify(key)
         return job
@@ -1226,7 +1226,7 @@ class JobQueue:
             else:
                 self._discard_refused(outcomes, prepared)
                 return outcomes
-                log.info("a completion batch met a deadlock; running it again")
+            log.info("a completion batch met a deadlock; running it again")
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def complete_many_async(
@@ -1279,6 +1279,20 @@ class JobQueue:
         if any(d.inline_outputs for d in batch):
             return await anyio.to_thread.run_sync(self._prepare, worker, batch)
         return self._prepare(worker, batch)  # a glob per job, no writes
+
+    def _run_retrying_sync(self, op: Callable[[Connection], T]) -> T:
+        """`writer.run(op)`, run again (up to `CONFLICT_RETRIES` in all) when PostgreSQL
+        broke a deadlock by aborting it (the op was rolled back alone; its effects outside
+        the database come after it returns). Cancels and the reaper lock job rows of
+        pipelines and, through the stored-bytes triggers, identity rows."""
+        for attempt in range(1, CONFLICT_RETRIES + 1):
+            try:
+                return self.writer.run(op)
+            except Exception as exc:
+                if attempt == CONFLICT_RETRIES or not is_conflict(exc):
+                    raise
+                log.info("a write met a deadlock; running it again")
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _run_retrying(self, op: Callable[[Connection], T]) -> T:
         """`writer.run_async(op)`, run again (up to `CONFLICT_RETRIES` in all) when it met a
@@ -1768,7 +1782,7 @@ class JobQueue:
             ends.requeue(conn, requeued, "requeued: the worker running it was lost")
             return changed, woken
 
-        changed, woken = self.writer.run(op)
+        changed, woken = self._run_retrying_sync(op)
         for job_id, app in changed:
             self.notifier.notify(job_key(job_id))
             self.notifier.notify(app_key(app))
