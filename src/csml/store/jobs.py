@@ -146,8 +146,9 @@ _ENVELOPE_COLS = (
 _JOB_FIELDS = [c.name for c in JOBS.columns if c.name in JobRow.__dataclass_fields__]
 
 
-# A job's files, in the order of `FileRow`'s fields, as one JSON array per job.
-_FILE_COLS = (
+# A job's file columns, in the order of `FileRow`'s fields (one JSON array per job in
+# job loads; the claim's inputs read them as columns).
+FILE_COLUMNS = (
     FILES.c.kind,
     FILES.c.name,
     FILES.c.size,
@@ -176,7 +177,7 @@ def _files_agg_pg(element: _FilesAgg, compiler: SQLCompiler, **kw: Any) -> str:
 
 
 _FILES_OF_JOB = (
-    select(_FilesAgg(*_FILE_COLS))
+    select(_FilesAgg(*FILE_COLUMNS))
     .where(FILES.c.job_seq == JOBS.c.seq)
     .scalar_subquery()
     .label("files_json")

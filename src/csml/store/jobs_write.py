@@ -68,6 +68,7 @@ from csml.store.jobs import (
     APPS,
     COUNTERS,
     ENVELOPES,
+    FILE_COLUMNS,
     FILES,
     JOBS,
     PLACEMENT_KEYS,
@@ -500,16 +501,9 @@ _SERVE = Prepared(
 )
 _SEQS: BindParameter[Any] = bindparam("seqs", expanding=True)
 _INPUTS = Prepared(
-    select(
-        FILES.c.job_seq,
-        FILES.c.kind,
-        FILES.c.name,
-        FILES.c.size,
-        FILES.c.sha256,
-        FILES.c.media_type,
-        FILES.c.blob,
-        FILES.c.model_id,
-    ).where(FILES.c.job_seq.in_(_SEQS), FILES.c.kind == "input")
+    select(FILES.c.job_seq, *FILE_COLUMNS).where(
+        FILES.c.job_seq.in_(_SEQS), FILES.c.kind == "input"
+    )
 )
 _SEALED = (
     select(
