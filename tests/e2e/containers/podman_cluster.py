@@ -96,8 +96,15 @@ class ContainerCluster:
 
     # -- plumbing
     def _secret(self, name: str, value: str) -> Path:
+        """The file holding one secret, written once: running containers bind-mount it, and
+        rewriting it in place (truncate, then write) let a worker starting meanwhile read it
+        empty ("--join-token-file: … is empty" in CI)."""
         self.secrets.mkdir(parents=True, exist_ok=True)
         path = self.secrets / name
+        if path.exists():
+            if path.read_text() != value + "\n":
+                raise ValueError(f"secret {name!r} is already written with another value")
+            return path
         path.write_text(value + "\n")
         os.chown(path, UID, UID)
         path.chmod(0o400)
