@@ -36,8 +36,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.asgi
 
 from starlette.concurrency import run_in_threadpool
+from tests.asgi import http_scope, receive_once
 
 from csml import ids
 from csml.apps.echo import app as echo_app
@@ -61,37 +63,12 @@ async def call(
     app: Any, method: str, path: str, headers: Headers, body: bytes = b"", query: str = ""
 ) -> tuple[int, bytes]:
     """One request through the ASGI app; (status, body)."""
-    raw_headers = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
     if body:
-        raw_headers += [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-        ]
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": query.encode(),
-        "root_path": "",
-        "headers": raw_headers,
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 8600),
-        "state": {},
-    }
-    sent = False
+        headers = {**headers, "content-type": "application/json"}
+    scope = http_scope(method, path, headers, body=body, query=query)
+    receive = receive_once(body)
     status = 0
     chunks: list[bytes] = []
-
-    async def receive() -> dict[str, Any]:
-        nonlocal sent
-        if sent:
-            await asyncio.sleep(3600)
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
 
     async def send(message: dict[str, Any]) -> None:
         nonlocal status

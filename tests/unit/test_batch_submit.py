@@ -20,6 +20,7 @@ from csml.client import Client, CsmlError, InvalidRequest, NotFound, RateLimited
 from csml.client.batch import BATCH_ITEMS
 from csml.schemas.batches import MAX_BATCH_ITEMS
 from csml.schemas.workers import INLINE_MAX_BYTES
+from tests.asgi import http_scope
 from tests.unit.conftest import MakeCoordinator
 from tests.unit.inproc import BASE_URL, HttpWorker, InProcessCoordinator, error_of
 
@@ -199,28 +200,16 @@ def test_authentication_comes_before_the_body(coordinator: InProcessCoordinator)
     """Without a valid token the route answers 401 without reading a byte of the body."""
     received: list[dict[str, Any]] = []
     sent: list[dict[str, Any]] = []
+    body = b"x" * 100_000
 
     async def call(token: str | None) -> None:
-        headers = [(b"content-type", b"application/json"), (b"content-length", b"100000")]
+        headers = {"content-type": "application/json"}
         if token is not None:
-            headers.append((b"authorization", f"Bearer {token}".encode()))
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": ROUTE,
-            "raw_path": ROUTE.encode(),
-            "root_path": "",
-            "query_string": b"",
-            "headers": headers,
-            "client": ("127.0.0.1", 1),
-            "server": ("127.0.0.1", 8600),
-        }
+            headers["authorization"] = f"Bearer {token}"
+        scope = http_scope("POST", ROUTE, headers, body=body)
 
         async def receive() -> dict[str, Any]:
-            message = {"type": "http.request", "body": b"x" * 100_000, "more_body": False}
+            message = {"type": "http.request", "body": body, "more_body": False}
             received.append(message)
             return message
 

@@ -20,6 +20,7 @@ import pytest
 from csml.apps.echo import app as echo_app
 from csml.coordinator import notify
 from csml.schemas import ClaimResponse
+from tests.asgi import http_scope
 from tests.cluster import wait_for
 from tests.unit.inproc import HttpWorker, InProcessCoordinator, sent_statements
 from tests.unit.test_placement import labelled
@@ -150,25 +151,12 @@ def test_a_claimer_that_hung_up_leaves_the_wake_order(
 
     body_unread = [True]
     path = f"/v1/workers/{left.id}/claim"
-    scope: dict[str, Any] = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [
-            (b"host", b"127.0.0.1"),
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"authorization", f"Bearer {left.registered.worker_token}".encode()),
-        ],
-        "client": ("127.0.0.1", 40000),
-        "server": ("127.0.0.1", 8600),
+    headers = {
+        "host": "127.0.0.1",
+        "content-type": "application/json",
+        "authorization": f"Bearer {left.registered.worker_token}",
     }
+    scope = http_scope("POST", path, headers, body=body, client=("127.0.0.1", 40000))
 
     async def serve() -> None:
         await coordinator.app(scope, receive, send)

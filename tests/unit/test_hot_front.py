@@ -28,11 +28,11 @@ from csml.coordinator import api_events
 from csml.coordinator.auth import AuthFirstRoute, bearer, from_headers, lean
 from csml.coordinator.errors import install_handlers
 from csml.coordinator.middleware import HotRoutes
+from tests.asgi import Message, http_scope, receive_once
 from tests.unit.conftest import MakeCoordinator
 from tests.unit.inproc import InProcessCoordinator
 
 Headers = dict[str, str]
-Message = dict[str, Any]
 JSON = {"content-type": "application/json"}
 
 
@@ -161,33 +161,8 @@ async def _drive(
 ) -> tuple[list[Message], list[str], BaseException | None]:
     """One request as uvicorn sends it (ASGI spec 2.3): the messages sent, the name of the
     function that called `send` for each, and the exception the app raised, if any."""
-    raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
-    if body:
-        raw.append((b"content-length", str(len(body)).encode()))
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": query.encode(),
-        "root_path": "",
-        "headers": raw,
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 8600),
-        "state": {},
-    }
-    given = False
-
-    async def receive() -> Message:
-        nonlocal given
-        if given:
-            await asyncio.Event().wait()  # no disconnect: cancelled when the app stops
-        given = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
+    scope = http_scope(method, path, headers, body=body, query=query)
+    receive = receive_once(body)
     messages: list[Message] = []
     callers: list[str] = []
 

@@ -74,6 +74,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
 import logging
@@ -84,6 +85,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
+from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
 import anyio.to_thread
@@ -149,6 +151,46 @@ DEPTH_MARGIN = 64  # below capacity by more than max(this, capacity / 10): no ex
 # (its savepoint) and runs again, at most this many times in all.
 CONFLICT_RETRIES = 3
 MAX_GRANTED = 100_000  # leases remembered for completions' file work (then forgotten)
+
+
+class _Attempt:
+    """One run of a write operation, as `with attempt:` (see `_conflict_attempts`): it
+    swallows PostgreSQL's abort of the run to break a deadlock or a serialisation failure
+    (`db.is_conflict`), so that the caller's loop runs the operation again, unless this
+    is the last run; anything else, and any exception of the last run, goes through."""
+
+    __slots__ = ("last", "what")
+
+    def __init__(self, what: str, last: bool) -> None:
+        self.what = what
+        self.last = last
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        if exc is None or self.last or not is_conflict(exc):
+            return False
+        log.info("%s met a deadlock; running it again", self.what)
+        return True
+
+
+@functools.cache
+def _conflict_attempts(what: str) -> tuple[_Attempt, ...]:
+    """The runs of a `Writer` operation (up to `CONFLICT_RETRIES` in all), for sync and
+    async callers alike::
+
+        for attempt in _conflict_attempts("a completion batch"):
+            with attempt:
+                return writer.run(op)  # or: await writer.run_async(op)
+
+    A run PostgreSQL aborted was rolled back alone (its savepoint) and its effects outside
+    the database come after the operation returns, so running it again is safe. `what`
+    names the operation in the log line of each repeated run. The attempts hold no
+    state of a run: one tuple per `what`, made once (nothing is built per operation)."""
+    return tuple(_Attempt(what, last=n == CONFLICT_RETRIES) for n in range(1, CONFLICT_RETRIES + 1))
 
 
 class WorkerRef(Protocol):
@@ -1215,19 +1257,14 @@ class JobQueue:
         others. `raise_one`: raise the first refusal."""
         prepared = self._prepare(worker, batch)
         op = self._complete_op(worker, batch, prepared, raise_one)
-        for attempt in range(1, CONFLICT_RETRIES + 1):
-            try:
-                outcomes = self._completed(self.writer.run(op))
-            except Exception as exc:
-                if raise_one and isinstance(exc, Refusal):
-                    self._discard_refused([Outcome(d.job_id, exc) for d in batch], prepared)
-                if attempt == CONFLICT_RETRIES or not is_conflict(exc):
-                    raise
-            else:
-                self._discard_refused(outcomes, prepared)
-                return outcomes
-            log.info("a completion batch met a deadlock; running it again")
-        raise AssertionError("unreachable")  # pragma: no cover
+        try:
+            outcomes = self._completed(self._run_retrying_sync(op, "a completion batch"))
+        except Refusal as exc:
+            if raise_one:
+                self._discard_refused([Outcome(d.job_id, exc) for d in batch], prepared)
+            raise
+        self._discard_refused(outcomes, prepared)
+        return outcomes
 
     async def complete_many_async(
         self, worker: WorkerRef, batch: list[BatchedCompletion]
@@ -1235,7 +1272,7 @@ class JobQueue:
         """`complete_many` from the event loop (inline outputs are written off it)."""
         prepared = await self._prepare_async(worker, batch)
         op = self._complete_op(worker, batch, prepared, False)
-        outcomes = self._completed(await self._run_retrying(op))
+        outcomes = self._completed(await self._run_retrying(op, "a completion batch"))
         await self.notifier.hand_over()  # results pushed before the worker's answer
         await self._discard_refused_async(outcomes, prepared)
         return outcomes
@@ -1265,7 +1302,7 @@ class JobQueue:
             done = done_op(conn)
             return done, (claim_op(conn) if claim_op is not None else None)
 
-        done, claim = await self._run_retrying(op)
+        done, claim = await self._run_retrying(op, "a completion batch")
         outcomes = self._completed(done)
         await self.notifier.hand_over()  # results pushed before the worker's answer
         await self._discard_refused_async(outcomes, prepared)
@@ -1280,31 +1317,22 @@ class JobQueue:
             return await anyio.to_thread.run_sync(self._prepare, worker, batch)
         return self._prepare(worker, batch)  # a glob per job, no writes
 
-    def _run_retrying_sync(self, op: Callable[[Connection], T]) -> T:
-        """`writer.run(op)`, run again (up to `CONFLICT_RETRIES` in all) when PostgreSQL
-        broke a deadlock by aborting it (the op was rolled back alone; its effects outside
-        the database come after it returns). Cancels and the reaper lock job rows of
-        pipelines and, through the stored-bytes triggers, identity rows."""
-        for attempt in range(1, CONFLICT_RETRIES + 1):
-            try:
+    def _run_retrying_sync(self, op: Callable[[Connection], T], what: str = "a write") -> T:
+        """`writer.run(op)`, run again on a deadlock (`_conflict_attempts`). Cancels and
+        the reaper lock job rows of pipelines and, through the stored-bytes triggers,
+        identity rows; completions touch other workers' rows (reputation, credit)."""
+        for attempt in _conflict_attempts(what):
+            with attempt:
                 return self.writer.run(op)
-            except Exception as exc:
-                if attempt == CONFLICT_RETRIES or not is_conflict(exc):
-                    raise
-                log.info("a write met a deadlock; running it again")
-        raise AssertionError("unreachable")  # pragma: no cover
+        raise AssertionError("unreachable")  # pragma: no cover: the last attempt raises
 
-    async def _run_retrying(self, op: Callable[[Connection], T]) -> T:
-        """`writer.run_async(op)`, run again (up to `CONFLICT_RETRIES` in all) when it met a
-        deadlock: completions touch other workers' rows (reputation, credit)."""
-        for attempt in range(1, CONFLICT_RETRIES + 1):
-            try:
+    async def _run_retrying(self, op: Callable[[Connection], T], what: str = "a write") -> T:
+        """`writer.run_async(op)` from the event loop, run again on a deadlock as
+        `_run_retrying_sync` does."""
+        for attempt in _conflict_attempts(what):
+            with attempt:
                 return await self.writer.run_async(op)
-            except Exception as exc:
-                if attempt == CONFLICT_RETRIES or not is_conflict(exc):
-                    raise
-                log.info("a completion batch met a deadlock; running it again")
-        raise AssertionError("unreachable")  # pragma: no cover
+        raise AssertionError("unreachable")  # pragma: no cover: the last attempt raises
 
     def _completed(self, done: _Done) -> list[Outcome]:
         outcomes, woken, quarantined, views = done

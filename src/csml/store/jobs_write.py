@@ -409,6 +409,40 @@ _HAS_INPUTS = (
     exists().where(FILES.c.job_seq == JOBS.c.seq, FILES.c.kind == "input").label("has_inputs")
 )
 
+# The claim's RETURNING, in this order (the last only for a credited claim), and the
+# position of each column in its rows: `take` reads the rows `Prepared` returns (plain
+# tuples, no object made per row) by these names.
+_TAKEN: tuple[Any, ...] = (
+    JOBS.c.seq,
+    JOBS.c.id,
+    JOBS.c.owner_id,
+    JOBS.c.operation,
+    JOBS.c.params,
+    JOBS.c.limits,
+    JOBS.c.attempts,
+    JOBS.c.fair_rank,
+    JOBS.c.progress_fraction,
+    JOBS.c.progress_message,
+    _HAS_ENVELOPE,
+    _HAS_INPUTS,
+    JOBS.c.credit_lease,
+)
+(
+    _T_SEQ,
+    _T_ID,
+    _T_OWNER_ID,
+    _T_OPERATION,
+    _T_PARAMS,
+    _T_LIMITS,
+    _T_ATTEMPTS,
+    _T_FAIR_RANK,
+    _T_PROGRESS_FRACTION,
+    _T_PROGRESS_MESSAGE,
+    _T_SEALED,
+    _T_HAS_INPUTS,
+    _T_CREDIT_LEASE,
+) = range(len(_TAKEN))
+
 
 @functools.cache
 def _take_statement(head: str, contributed: bool, quarantined: bool, operations: bool) -> Prepared:
@@ -464,23 +498,11 @@ def _take_statement(head: str, contributed: bool, quarantined: bool, operations:
         "attempts": JOBS.c.attempts + 1,
         "error": None,
     }
-    returned = [
-        JOBS.c.seq,
-        JOBS.c.id,
-        JOBS.c.owner_id,
-        JOBS.c.operation,
-        JOBS.c.params,
-        JOBS.c.limits,
-        JOBS.c.attempts,
-        JOBS.c.fair_rank,
-        JOBS.c.progress_fraction,
-        JOBS.c.progress_message,
-        _HAS_ENVELOPE,
-        _HAS_INPUTS,
-    ]
+    returned = _TAKEN
     if head == CREDITED:
         values["credit_lease"] = case((_JUMPS, bindparam("b_lease")), else_=None)
-        returned.append(JOBS.c.credit_lease)
+    else:
+        returned = _TAKEN[:_T_CREDIT_LEASE]
     return Prepared(update(JOBS).where(JOBS.c.seq.in_(heads)).values(**values).returning(*returned))
 
 
@@ -564,23 +586,20 @@ def take(
         params.update(b_warm=list(warm), b_window=max(window, max_jobs))
     else:
         head = PLAIN
-    # Rows as `_take_statement` returns them: seq, id, owner_id, operation, params,
-    # limits, attempts, fair_rank, progress_fraction, progress_message, sealed, has_inputs
-    # (and credit_lease when credited).
     rows = _take_statement(head, *claimant_key(claimant)).rows(conn, params)
     if not rows:
         return []
-    jumped = {r[0] for r in rows if credited and r[12] is not None}
-    in_order = [r[7] for r in rows if r[0] not in jumped]
+    jumped = {r[_T_SEQ] for r in rows if r[_T_CREDIT_LEASE] is not None} if credited else set()
+    in_order = [r[_T_FAIR_RANK] for r in rows if r[_T_SEQ] not in jumped]
     if in_order:
         _SERVE.run(conn, {"b_app": app, "b_top": max(in_order)})
     inputs: dict[int, list[FileRow]] = {}
-    with_inputs = [r[0] for r in rows if r[11]]
+    with_inputs = [r[_T_SEQ] for r in rows if r[_T_HAS_INPUTS]]
     if with_inputs:
         for job_seq, *f in _INPUTS.rows(conn, {"seqs": with_inputs}):
             inputs.setdefault(job_seq, []).append(FileRow(*f))
     sealed: dict[int, Sealed] = {}
-    with_envelope = [r[0] for r in rows if r[10]]
+    with_envelope = [r[_T_SEQ] for r in rows if r[_T_SEALED]]
     if with_envelope:
         for seq, nonce, result_key, params, wrapped in conn.execute(
             _SEALED, {"seqs": with_envelope, "worker_id": worker_id}
@@ -588,22 +607,27 @@ def take(
             sealed[seq] = Sealed(nonce, wrapped, result_key, params)
     return [
         Claimed(
-            seq=r[0],
-            id=r[1],
-            owner_id=r[2],
-            operation=r[3],
-            params=r[4],
-            limits=r[5],
-            attempts=r[6],
-            fair_rank=r[7],
-            inputs=tuple(inputs.get(r[0], ())),
-            sealed=sealed.get(r[0]),
-            by_credit=r[0] in jumped,
-            progress_fraction=r[8],
-            progress_message=r[9],
+            seq=r[_T_SEQ],
+            id=r[_T_ID],
+            owner_id=r[_T_OWNER_ID],
+            operation=r[_T_OPERATION],
+            params=r[_T_PARAMS],
+            limits=r[_T_LIMITS],
+            attempts=r[_T_ATTEMPTS],
+            fair_rank=r[_T_FAIR_RANK],
+            inputs=tuple(inputs.get(r[_T_SEQ], ())),
+            sealed=sealed.get(r[_T_SEQ]),
+            by_credit=r[_T_SEQ] in jumped,
+            progress_fraction=r[_T_PROGRESS_FRACTION],
+            progress_message=r[_T_PROGRESS_MESSAGE],
         )
-        for r in sorted(rows, key=lambda r: (r[7], r[0]))
+        for r in sorted(rows, key=_claim_order)
     ]
+
+
+def _claim_order(row: tuple[Any, ...]) -> tuple[int, int]:
+    """A taken row's place in claim order: fair rank, then seq (its `ORDER BY`)."""
+    return row[_T_FAIR_RANK], row[_T_SEQ]
 
 
 @dataclass(frozen=True, slots=True)

@@ -382,6 +382,41 @@ def test_keyboard_alone_joins_and_submits(pages: Pages, photo: Path) -> None:
     page.locator(".output img").wait_for()
 
 
+def test_a_late_answer_to_a_submission_does_not_undo_what_the_stream_told(
+    joined: Any,
+) -> None:
+    """The answer to "Submit job" and the event stream come on two connections: a fast
+    job can end, and the stream tell the page so, before the answer arrives (a loaded
+    machine; here the browser's routing holds the answer). The answer is the job's
+    first state: it must not put the row back to "Queued", where it would stay (no
+    event follows an end), with a Cancel button instead of its results."""
+    page = joined()
+    held: list[tuple[Any, Any]] = []
+
+    def hold(route: Any) -> None:  # sent to the coordinator; its answer kept from the page
+        if route.request.method != "POST":
+            route.fallback()
+            return
+        held.append((route, route.fetch()))
+
+    page.route("**/v1/jobs", hold)
+    choose(page, "echo", "echo")
+    page.get_by_role("button", name="Submit job").click()
+    wait_for(lambda: held or page.wait_for_timeout(50), timeout=30)
+    route, answer = held[0]
+    assert answer.status == 202, answer.text()
+    job_id = str(answer.json()["id"])
+    assert answer.json()["state"] == "queued"
+    row = job_row(page, job_id)
+    row.locator(".badge-succeeded").wait_for()  # told by the stream alone
+    route.fulfill(response=answer)
+    page.locator("#notice").filter(has_text=f"Job {job_id[:12]} submitted").wait_for()
+    page.unroute("**/v1/jobs", hold)
+    assert row.locator(".badge-succeeded").count() == 1
+    assert row.get_by_role("link", name=f"Results of job {job_id[:12]}").count() == 1
+    assert page.get_by_role("button", name="Submit job").is_enabled()
+
+
 def test_credit_page_shows_balance_and_ledger(joined: Any, web_cluster: Cluster) -> None:
     """The page shows what the ledger holds: two earnings written by the store's own
     `earn` (the acceptance test earns for real: tests/integration/test_credit.py)."""

@@ -334,9 +334,8 @@ class Batch {
   /** An item's job, as the submission answered it (the stream may have told more). */
   accept(item, job) {
     item.jobId = job.id;
-    const known = jobs.get(job.id);
-    if (!known || !TERMINAL.has(known.state)) jobs.upsert(job);
-    this.take(item, jobs.get(job.id) || job);
+    jobs.submitted(job);
+    this.take(item, jobs.get(job.id));
   }
 
   async send(item) {

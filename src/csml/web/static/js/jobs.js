@@ -39,6 +39,16 @@ class JobStore {
     this.emit([job.id]);
   }
 
+  /**
+   * A job as its submission answered it: its first state. The event stream may have
+   * told this page of the job before that answer arrived (it runs on another
+   * connection, and a fast job can end first): what it told is as new or newer, so
+   * it is kept, never put back to "queued".
+   */
+  submitted(job) {
+    if (!this.map.has(job.id)) this.upsert(job);
+  }
+
   replace(list) {
     this.map = new Map(list.map((j) => [j.id, j]));
     this.emit(null);

@@ -354,7 +354,7 @@ export async function renderSubmit(root) {
     submit.textContent = "Sending…";
     try {
       const job = await api("/v1/jobs", { method: "POST", form: data });
-      jobs.upsert(job);
+      jobs.submitted(job);
       announce(`Job ${shortId(job.id)} submitted (${job.operation.replaceAll("_", " ")}).`, "success");
       for (const f of current.files) {
         f.input.value = "";

@@ -1,0 +1,110 @@
+"""A write operation PostgreSQL aborts to break a deadlock runs again, from threads and
+from the event loop alike (`JobQueue._run_retrying_sync`/`_run_retrying`, one policy:
+`queue._conflict_attempts`), on the coordinator's real writer and SQLite store.
+
+The abort is the driver error SQLAlchemy wraps (`OperationalError` whose `.orig`
+carries the SQLSTATE `db.is_conflict` reads); SQLite never raises one by itself."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import pytest
+from sqlalchemy import Connection, insert, select
+from sqlalchemy.exc import OperationalError
+
+from csml.coordinator.queue import CONFLICT_RETRIES, JobQueue
+from csml.store.jobs import APPS
+from csml.store.tables import utcnow
+from tests.unit.conftest import MakeCoordinator
+
+
+class DeadlockDetected(Exception):
+    """What psycopg raises for SQLSTATE 40P01 (`psycopg.errors.DeadlockDetected`)."""
+
+    sqlstate = "40P01"
+
+
+class SerializationFailure(Exception):
+    sqlstate = "40001"
+
+
+def failing(times: int, orig: type[Exception] = DeadlockDetected) -> Callable[[Connection], str]:
+    """An op that writes an app row named after its run, then is aborted on its first
+    `times` runs (after its write, as PostgreSQL aborts a statement midway)."""
+    runs = 0
+
+    def op(conn: Connection) -> str:
+        nonlocal runs
+        runs += 1
+        name = f"run-{runs}"
+        conn.execute(
+            insert(APPS).values(
+                name=name, version="1", manifest={}, served_rank=0, updated_at=utcnow()
+            )
+        )
+        if runs <= times:
+            raise OperationalError("UPDATE jobs …", {}, orig("deadlock detected"))
+        return name
+
+    return op
+
+
+def app_names(queue: JobQueue) -> list[str]:
+    with queue.engine.connect() as conn:
+        return sorted(conn.scalars(select(APPS.c.name).where(APPS.c.name.like("run-%"))))
+
+
+@pytest.mark.parametrize("orig", [DeadlockDetected, SerializationFailure])
+def test_a_write_aborted_by_a_deadlock_runs_again_from_a_thread(
+    make_coordinator: MakeCoordinator, caplog: pytest.LogCaptureFixture, orig: type[Exception]
+) -> None:
+    queue = make_coordinator().core.queue
+    with caplog.at_level(logging.INFO, logger="csml.coordinator.queue"):
+        assert queue._run_retrying_sync(failing(CONFLICT_RETRIES - 1, orig), "a cancel") == (
+            f"run-{CONFLICT_RETRIES}"
+        )
+    assert app_names(queue) == [f"run-{CONFLICT_RETRIES}"]  # the aborted runs left nothing
+    assert caplog.messages.count("a cancel met a deadlock; running it again") == (
+        CONFLICT_RETRIES - 1
+    )
+
+
+def test_a_write_aborted_by_a_deadlock_runs_again_from_the_event_loop(
+    make_coordinator: MakeCoordinator,
+) -> None:
+    queue = make_coordinator().core.queue
+    done = asyncio.run(queue._run_retrying(failing(CONFLICT_RETRIES - 1)))
+    assert done == f"run-{CONFLICT_RETRIES}"
+    assert app_names(queue) == [f"run-{CONFLICT_RETRIES}"]
+
+
+def test_the_last_deadlock_is_raised(make_coordinator: MakeCoordinator) -> None:
+    queue = make_coordinator().core.queue
+    with pytest.raises(OperationalError) as sync_raised:
+        queue._run_retrying_sync(failing(CONFLICT_RETRIES))
+    assert isinstance(sync_raised.value.orig, DeadlockDetected)
+    with pytest.raises(OperationalError):
+        asyncio.run(queue._run_retrying(failing(CONFLICT_RETRIES)))
+    assert app_names(queue) == []
+
+
+def test_other_errors_are_not_run_again(make_coordinator: MakeCoordinator) -> None:
+    """A unique violation, a refusal …: raised from the first run, which is not repeated."""
+    queue = make_coordinator().core.queue
+    op = failing(1, orig=ValueError)
+    with pytest.raises(OperationalError):
+        queue._run_retrying_sync(op)
+    assert queue._run_retrying_sync(op) == "run-2"  # the op's second run: the first was alone
+    runs = 0
+
+    def refused(conn: Connection) -> None:
+        nonlocal runs
+        runs += 1
+        raise KeyError("not a conflict")
+
+    with pytest.raises(KeyError):
+        asyncio.run(queue._run_retrying(refused))
+    assert runs == 1
