@@ -28,6 +28,7 @@ import argparse
 import itertools
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -49,6 +50,12 @@ from csml.client import Client, Job
 def _own_cpu() -> float:
     t = os.times()
     return t.user + t.system
+
+
+def _own_usage() -> tuple[float, float, int, int]:
+    """(user s, system s, voluntary, involuntary context switches) of this process."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime, r.ru_stime, r.ru_nvcsw, r.ru_nivcsw
 
 
 def _run(clients: list[Client], n: int, way: str, chunk: int) -> int:
@@ -144,10 +151,12 @@ def main() -> None:
                     raw = root / f"client-{way}.pyspy.txt"
                     recorder = Recorder(os.getpid(), raw, gil_only=a.profile == "gil")
                     time.sleep(0.5)
+                use0 = _own_usage()
                 own0, coord0, t0 = _own_cpu(), tree_cpu_seconds(coord), time.perf_counter()
                 ok = _run(clients, a.jobs, way, a.batch_chunk)
                 wall = time.perf_counter() - t0
                 own, co = _own_cpu() - own0, tree_cpu_seconds(coord) - coord0
+                use = [b - a for a, b in zip(use0, _own_usage(), strict=True)]
                 if recorder is not None:
                     recorder.stop()
                     print(f"  raw profile: {raw}")
@@ -155,6 +164,10 @@ def main() -> None:
                     c.close()
                 row = {
                     "sdk_cpu_ms_per_job": 1000 * own / a.jobs,
+                    "sdk_user_ms_per_job": 1000 * use[0] / a.jobs,
+                    "sdk_system_ms_per_job": 1000 * use[1] / a.jobs,
+                    "sdk_voluntary_switches_per_job": use[2] / a.jobs,
+                    "sdk_involuntary_switches_per_job": use[3] / a.jobs,
                     "coordinator_cpu_ms_per_job": 1000 * co / a.jobs,
                     "jobs_per_s": a.jobs / wall,
                     "ok": ok,
@@ -172,10 +185,7 @@ def main() -> None:
                     c.close()
                 print(f"calls {way}: {calls / a.jobs:.1f} Python calls per job")
     summary = {
-        way: {
-            k: round(statistics.median(r[k] for r in rows), 3)
-            for k in ("sdk_cpu_ms_per_job", "coordinator_cpu_ms_per_job", "jobs_per_s")
-        }
+        way: {k: round(statistics.median(r[k] for r in rows), 3) for k in rows[0] if k != "ok"}
         for way, rows in results.items()
     }
     print("medians:", json.dumps(summary))
