@@ -18,8 +18,8 @@ makes per job (every thread, through `sys.setprofile`): a count, not a time, so 
 compares two trees on a busy machine.
 
 With `--profile gil|active`, py-spy samples this process during the last round of each
-way; the raw stacks are kept and summarised by `/work/briefs/summarise_pyspy.py` style
-buckets (`bench/pyspy.py`).
+way; the raw stacks are kept in the temporary folder, whose path is printed (summarise
+them with `bench/pyspy.py`'s `summarise`).
 """
 
 from __future__ import annotations
