@@ -240,6 +240,9 @@ class _Wire:
             b for b in (send(request), send(h11.Data(data=content)), send(h11.EndOfMessage())) if b
         )
         self.sock.sendall(wire)  # one write: the server gets the request in one read
+        # Nothing is buffered between answers (`reusable`), so the answer needs a read:
+        # do it before asking h11, which would only say NEED_DATA.
+        self.h11.receive_data(self.sock.recv(READ_SIZE))  # b"" is the close
         status, headers = 0, {}
         body = bytearray()
         while True:

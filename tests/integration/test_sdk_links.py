@@ -27,7 +27,22 @@ JOB = JobData(
 
 def _answer(srv: KeepAliveServer, path: str, body: bytes, port: int) -> Answer:
     """A queued job; operation `full`: 429 with Retry-After; `bad`: 422 naming a field."""
-    operation = json.loads(body)["operation"]
+    sent = json.loads(body)
+    if path == "/v1/jobs/batch":  # item 1 refused as full, the others accepted
+        results = [
+            {"index": i, "status": 202, "job": json.loads(JOB)}
+            if i != 1
+            else {
+                "index": i,
+                "status": 429,
+                "error": {"code": "queue_full", "message": "full"},
+                "retry_after": 3,
+            }
+            for i in range(len(sent["items"]))
+        ]
+        answer = {"items": results, "accepted": len(results) - 1, "refused": 1}
+        return 200, {}, json.dumps(answer).encode()
+    operation = sent["operation"]
     if operation == "full":
         return (
             429,
@@ -86,4 +101,22 @@ def test_a_coordinator_that_is_gone_is_unreachable(server: KeepAliveServer) -> N
     server.server_close()
     with pytest.raises(Unreachable, match="cannot reach the coordinator"):
         client.submit("echo", "echo")
+    client.close()
+
+
+def test_batch_submissions_share_the_links(server: KeepAliveServer) -> None:
+    """`submit_many` (and so `map`, `csml batch`) posts its batches over the pooled link
+    that single submissions use, and reads each item's answer from it."""
+    client = _client(server)
+    client.submit("echo", "echo")
+    items = [{"params": {"i": i}, "files": {"data": f"input {i}".encode()}} for i in range(3)]
+    answers = client.submit_many("echo", "echo", items)
+    assert server.connections == 1
+    assert [p for p, _, _ in server.seen] == ["/v1/jobs", "/v1/jobs/batch"]
+    sent = json.loads(server.seen[1][2])["items"]
+    assert [i["inputs"] for i in sent] == [
+        {"data": "aW5wdXQg" + t} for t in ("MA==", "MQ==", "Mg==")
+    ]
+    assert [a.id for a in answers if not isinstance(a, Exception)] == ["j1", "j1"]
+    assert isinstance(answers[1], QueueFull) and answers[1].retry_after == 3.0
     client.close()

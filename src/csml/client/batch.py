@@ -198,12 +198,11 @@ def post_batch(client: Client, entries: Sequence[Mapping[str, Any]]) -> list[Job
 
     A refusal of the whole request raises (`CsmlError`, with the status)."""
     from csml.client.sdk import Job
-    from csml.schemas import Job as JobData
 
     stream = client._results
     mark = stream.mark() if stream is not None else None  # before the POST
-    response = client.request("POST", "/v1/jobs/batch", json={"items": list(entries)})
-    answer = BatchSubmitted.model_validate(response.json())
+    response = client._post_json("/v1/jobs/batch", {"items": list(entries)})  # a pooled link
+    answer = BatchSubmitted.model_validate_json(response.content)
     if len(answer.items) != len(entries):
         raise ServerError(
             f"the coordinator answered {len(answer.items)} results for {len(entries)} items"
@@ -211,7 +210,7 @@ def post_batch(client: Client, entries: Sequence[Mapping[str, Any]]) -> list[Job
     out: list[Job | CsmlError] = []
     for result in sorted(answer.items, key=lambda r: r.index):
         if result.job is not None:
-            out.append(Job(client, JobData.model_validate(result.job), mark))
+            out.append(Job(client, result.job, mark))
         else:
             out.append(item_error(result.status, result.error, result.retry_after))
     return out

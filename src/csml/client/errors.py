@@ -2,7 +2,24 @@
 
 from __future__ import annotations
 
-import httpx
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+
+class Answer(Protocol):
+    """What `raise_for` reads of an answer: an `httpx.Response` or a `csml.link.LinkResponse`
+    (whose `headers` are by lower-case name; httpx's are case-insensitive)."""
+
+    @property
+    def status_code(self) -> int: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    @property
+    def text(self) -> str: ...
+
+    def json(self) -> Any: ...
 
 
 class CsmlError(Exception):
@@ -85,7 +102,7 @@ _BY_STATUS: dict[int, type[CsmlError]] = {
 }
 
 
-def raise_for(response: httpx.Response) -> None:
+def raise_for(response: Answer) -> None:
     if response.status_code < 400:
         return
     try:

@@ -35,7 +35,7 @@ from csml.client.config import UserConfig
 from csml.client.errors import CsmlError, QueueFull, Unreachable, WaitTimeout, raise_for
 from csml.client.filenames import check_file_name
 from csml.client.results import LOST, RECHECK, SAFETY_SECONDS, Mark, ResultStream
-from csml.link import LinkError, Poster, open_link
+from csml.link import LinkError, LinkResponse, Poster, open_link
 from csml.schemas import AppInfo, IdentityCreated, JobState, StepSpec, WorkerKeyInfo
 from csml.schemas import Job as JobData
 from csml.schemas.contributions import ContributionCreated, ContributionInfo, ContributionList
@@ -137,7 +137,7 @@ class Client:
             "is it running? (`csml up`)"
         )
 
-    def _post_json(self, path: str, body: dict[str, Any]) -> httpx.Response:
+    def _post_json(self, path: str, body: dict[str, Any]) -> httpx.Response | LinkResponse:
         """POST a JSON body, as `request` does (same errors), over a pooled link."""
         if self._link_options is None:
             return self.request("POST", path, json=body)
@@ -152,13 +152,8 @@ class Client:
             raise self._unreachable(exc) from exc
         finally:
             self._return_link(link, kept)
-        response = (
-            answer
-            if isinstance(answer, httpx.Response)
-            else httpx.Response(answer.status_code, headers=answer.headers, content=answer.content)
-        )
-        raise_for(response)
-        return response
+        raise_for(answer)
+        return answer
 
     def _borrow_link(self) -> Poster:
         assert self._link_options is not None

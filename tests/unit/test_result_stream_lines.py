@@ -1,0 +1,63 @@
+"""The result stream's reading of server-sent events from raw bytes (`csml.client.results`):
+lines end at LF, CRLF or CR wherever the chunks are cut, and events are what httpx's
+text lines gave before."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from csml.client.results import _events, _lines
+
+STREAM = (
+    b": keep-alive\n\n"
+    b'event: snapshot\ndata: {"jobs": []}\n\n'
+    b'event: job\r\ndata: {"id": "a", "state": "succeeded"}\r\n\r\n'
+    b'event: job\rdata: {"id": "b",\rdata: "s": "\\u00e9\xc3\xa9"}\r\r'
+    b'event: gone\ndata: {"id": "c"}\n\n'
+    b"event: reconnect\ndata: {}\n\n"
+)
+EXPECTED = [
+    ("snapshot", {"jobs": []}),
+    ("job", {"id": "a", "state": "succeeded"}),
+    ("job", {"id": "b", "s": "\u00e9\u00e9"}),
+    ("gone", {"id": "c"}),
+    ("reconnect", {}),
+]
+
+
+def _cut(data: bytes, size: int) -> list[bytes]:
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 7, 16, 64, 1 << 16])
+def test_events_whatever_the_chunks(size: int) -> None:
+    assert list(_events(_lines(_cut(STREAM, size)))) == EXPECTED
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 1 << 16])
+def test_lines_match_httpx_text_lines(size: int) -> None:
+    """Same lines as httpx's `iter_lines` (which the stream used), as bytes."""
+    chunks = _cut(STREAM + b"a tail without an end", size)
+    theirs = list(httpx.Response(200, content=iter(chunks)).iter_lines())
+    ours = [line.decode() for line in _lines(chunks)]
+    assert ours == theirs
+
+
+def test_a_cr_at_a_chunk_end_ends_its_line_unless_a_lf_follows() -> None:
+    assert list(_lines([b"a\r", b"b\n"])) == [b"a", b"b"]
+    assert list(_lines([b"a\r", b"\nb\n"])) == [b"a", b"b"]
+    assert list(_lines([b"a\r", b"\r\n"])) == [b"a", b""]
+    assert list(_lines([b"a\r"])) == [b"a"]
+
+
+def test_a_large_line_across_many_chunks() -> None:
+    blob = "x" * 300_000
+    data = b"event: job\ndata: " + json.dumps({"id": "a", "blob": blob}).encode() + b"\n\n"
+    assert list(_events(_lines(_cut(data, 65536)))) == [("job", {"id": "a", "blob": blob})]
+
+
+def test_an_event_without_data_is_skipped() -> None:
+    assert list(_events(_lines([b"event: job\ndata:\n\n", b"data: {}\n\n"]))) == [("message", {})]
