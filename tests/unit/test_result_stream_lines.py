@@ -61,3 +61,18 @@ def test_a_large_line_across_many_chunks() -> None:
 
 def test_an_event_without_data_is_skipped() -> None:
     assert list(_events(_lines([b"event: job\ndata:\n\n", b"data: {}\n\n"]))) == [("message", {})]
+
+
+def test_an_endless_line_or_event_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hostile coordinator cannot grow the client's memory without bound: a line or an
+    event's data over MAX_EVENT_BYTES ends the stream (the waiters then long-poll)."""
+    monkeypatch.setattr("csml.client.results.MAX_EVENT_BYTES", 1000)
+    endless = (b"data: " + b"x" * 100 for _ in range(10**6))
+    with pytest.raises(ValueError, match="line is over 1000 bytes"):
+        list(_lines(endless))
+    many = (b"data: " + b"x" * 100 + b"\n" for _ in range(10**6))
+    with pytest.raises(ValueError, match="data is over 1000 bytes"):
+        list(_events(_lines(many)))
+    blob = "x" * 880
+    fits = [b'data: {"blob": "' + blob.encode() + b'"}\n\n']
+    assert list(_events(_lines(fits))) == [("message", {"blob": blob})]

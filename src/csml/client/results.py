@@ -18,6 +18,8 @@ Invariants:
 - When the stream cannot be opened (429: too many streams for the identity, an
   error, a coordinator without it) or drops, waiters go back to long-polling; it is
   not tried again for `RETRY_SECONDS`.
+- A line or an event's data over `MAX_EVENT_BYTES` drops the stream (waiters long-poll):
+  a hostile or broken coordinator cannot grow the client's memory without bound.
 - Only views are kept, never the token; the views of at most `RECENT` jobs. Outputs
   that came inline with a view (asked with `want_inline`) are kept apart, for at most
   `RECENT_INLINE_BYTES` in all (the oldest go first: their jobs download them).
@@ -49,6 +51,7 @@ SAFETY_SECONDS = 30.0  # a waiter that heard nothing for this long re-reads its 
 RETRY_SECONDS = 30.0
 OPEN_TIMEOUT = 10.0
 READ_TIMEOUT = 60.0  # the coordinator sends a keep-alive comment more often than this
+MAX_EVENT_BYTES = 16 << 20  # one line or one event's data; a longer one drops the stream
 LOST = "lost"  # to a waiter: the stream is gone, long-poll
 RECHECK = "recheck"  # to a waiter: events may have been missed, re-read once
 
@@ -252,12 +255,15 @@ class ResultStream:
 def _lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
     """The lines of a byte stream, without their ends (LF, CRLF or CR, as server-sent
     events allow). Bytes, not text: httpx's `iter_lines` decodes and re-splits every
-    chunk as text, which costs ~8x as much on the large lines of inline outputs."""
+    chunk as text, which costs ~8x as much on the large lines of inline outputs.
+    A line over `MAX_EVENT_BYTES` raises ValueError."""
     pending: list[bytes] = []  # the start of a line not ended yet
+    held = 0  # bytes in pending
     for chunk in chunks:
         if pending and pending[-1].endswith(b"\r") and not chunk.startswith(b"\n"):
             yield b"".join(pending)[:-1]  # a CR that ended its line at the chunk's end
             pending.clear()
+            held = 0
         pieces = chunk.splitlines(keepends=True)  # split at LF, CRLF, CR only (bytes)
         last = len(pieces) - 1
         for n, piece in enumerate(pieces):
@@ -266,25 +272,33 @@ def _lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
                     pending.append(piece)
                     piece = b"".join(pending)
                     pending.clear()
+                    held = 0
                 yield piece.rstrip(b"\r\n")  # one line end: an earlier CR split the line
             else:
                 pending.append(piece)  # unended, or a CR that a LF may follow
+                held += len(piece)
+                if held > MAX_EVENT_BYTES:
+                    raise ValueError(f"an event stream line is over {MAX_EVENT_BYTES} bytes")
     if pending:
         yield b"".join(pending).rstrip(b"\r\n")
 
 
 def _events(lines: Iterable[bytes]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Server-sent events as (name, JSON data); comments (keep-alives) are skipped."""
-    name, data = "message", list[bytes]()
+    """Server-sent events as (name, JSON data); comments (keep-alives) are skipped.
+    An event whose data is over `MAX_EVENT_BYTES` raises ValueError."""
+    name, data, held = "message", list[bytes](), 0
     for line in lines:
         if not line:
             text = b"".join(data)
             if text:
                 yield name, json.loads(text)
-            name, data = "message", []
+            name, data, held = "message", [], 0
         elif line.startswith(b":"):
             continue
         elif line.startswith(b"event:"):
             name = line[6:].strip().decode("utf-8", "replace")
         elif line.startswith(b"data:"):
             data.append(line[5:].strip())
+            held += len(data[-1])
+            if held > MAX_EVENT_BYTES:
+                raise ValueError(f"an event's data is over {MAX_EVENT_BYTES} bytes")
