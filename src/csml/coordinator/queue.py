@@ -132,7 +132,7 @@ from csml.store.jobs_end import Locked
 from csml.store.jobs_write import Claimed, NewJob, Sealing, orm_job, orm_session
 from csml.store.tables import Job, utcnow
 from csml.store.verification import Run, Standing
-from csml.store.writer import Writer
+from csml.store.writer import Rerunnable, Writer
 
 log = logging.getLogger("csml.coordinator.queue")
 T = TypeVar("T")
@@ -641,6 +641,11 @@ class JobQueue:
                 min_reputation=spec.min_reputation,
             )
 
+        if artifacts.requested_model(spec) is None:
+            # Rows only (`_depths` is a soft count: a repeat counts a job twice, as a
+            # refused one counts once): the writer may run it bare, and again. A linked
+            # model is a file, written once.
+            return Rerunnable(op_)
         return op_
 
     def _attach_model(
@@ -858,7 +863,9 @@ class JobQueue:
                 stamp, abort, progressed, taken, lease_id, until, extended, since, max_jobs, marks
             )
 
-        return op, gone
+        # Without credit it writes only rows: the writer may run it bare, and again
+        # (credit's window, in memory, records each claim once).
+        return (Rerunnable(op) if credit is None else op), gone
 
     def _claimant(self, worker: WorkerRef) -> Claimant | None:
         """A contributed worker's claim filters (None for an operator worker: no cost)."""
@@ -1151,7 +1158,7 @@ class JobQueue:
             until = now + timedelta(seconds=self.settings.lease_seconds)
             return *self._beat(conn, worker_id, beat.running, now), until
 
-        return op, self.leases.epoch()
+        return Rerunnable(op), self.leases.epoch()  # rows only: it may run again
 
     def _heartbeat_done(self, worker: WorkerRef, done: _Beaten, since: int) -> HeartbeatResponse:
         abort, progressed, extended, until = done
@@ -1265,7 +1272,10 @@ class JobQueue:
             done = done_op(conn)
             return done, (claim_op(conn) if claim_op is not None else None)
 
-        done, claim = await self._run_retrying(op)
+        both = isinstance(done_op, Rerunnable) and (
+            claim_op is None or isinstance(claim_op, Rerunnable)
+        )
+        done, claim = await self._run_retrying(Rerunnable(op) if both else op)
         outcomes = self._completed(done)
         await self.notifier.hand_over()  # results pushed before the worker's answer
         await self._discard_refused_async(outcomes, prepared)
@@ -1501,7 +1511,11 @@ class JobQueue:
                     self.credit.touch()
             return outcomes, woken, quarantined, views
 
-        return op
+        # An operator worker's completions of an app that keeps no models write only
+        # rows (a pipeline's next step too): the writer may run them bare, and again. A
+        # contributed worker's also settle verification in memory (`close_batch`); a
+        # kept model is linked under a new id (a repeat would leave the first link).
+        return Rerunnable(op) if not contributed and models == set() else op
 
     def _output_rows(self, job_id: str, lease_id: str, prep: _Prepared) -> list[FileRow]:
         """The output rows of a succeeded completion (its files are in its attempt's folder)."""
