@@ -426,7 +426,7 @@ class JobQueue:
         placed: list[tuple[int, str]] = []  # (item index, job id) of each queued op
         for index, (spec, staging, files) in enumerate(items):
             try:
-                job_id, op = self._prepare_submit(spec, files)
+                job_id, op, requires = self._prepare_submit(spec, files)
             except Exception as exc:
                 answers[index] = exc
                 continue
@@ -436,7 +436,9 @@ class JobQueue:
                 self.blobs.remove_job(job_id)  # whatever was moved before it failed
                 answers[index] = exc
                 continue
-            ops.append(self._submit_op(owner_id, spec, op, job_id, inputs, files, count_window))
+            ops.append(
+                self._submit_op(owner_id, spec, op, requires, job_id, inputs, files, count_window)
+            )
             placed.append((index, job_id))
         queued: list[JobRow] = []
         for (index, job_id), answer in zip(placed, self.writer.run_many(ops), strict=True):
@@ -470,11 +472,11 @@ class JobQueue:
         count_window: bool = False,
     ) -> JobRow:
         """`submit` from the event loop (the write is the writer's, without a thread hop)."""
-        job_id, op = self._prepare_submit(spec, files)
+        job_id, op, requires = self._prepare_submit(spec, files)
         try:
             inputs = adopt_input_rows(self.blobs, staging, job_id, files)
             job = await self.writer.run_async(
-                self._submit_op(owner_id, spec, op, job_id, inputs, files, count_window)
+                self._submit_op(owner_id, spec, op, requires, job_id, inputs, files, count_window)
             )
         except BaseException:
             self.blobs.remove_job(job_id)
@@ -483,12 +485,15 @@ class JobQueue:
         await self.notifier.hand_over()  # the woken claimer takes the job before we answer
         return job
 
-    def _prepare_submit(self, spec: JobSpec, files: dict[str, StagedFile]) -> tuple[str, Any]:
+    def _prepare_submit(
+        self, spec: JobSpec, files: dict[str, StagedFile]
+    ) -> tuple[str, Any, dict[str, Any]]:
+        """The new job's id, its operation and its requirement, once its spec is checked."""
         _, op = self.catalog.operation(spec.app, spec.operation)
         self._check_params(spec)
-        self.requirement(spec)
+        requires = self.requirement(spec)
         self.check_files(spec, set(files))
-        return ids.new_id(), op
+        return ids.new_id(), op, requires
 
     def requirement(self, spec: JobSpec) -> dict[str, Any]:
         """The job's requirement: its operation's and its own (`placement.merge`);
@@ -508,6 +513,7 @@ class JobQueue:
         owner_id: str,
         spec: JobSpec,
         op: Any,
+        requires: dict[str, Any],
         job_id: str,
         inputs: list[FileRow],
         files: dict[str, StagedFile],
@@ -521,7 +527,6 @@ class JobQueue:
             + (len(conf.encrypted_params) if conf else 0)
         )
         adding = quotas.models_made(op)
-        requires = self.requirement(spec)
         requires_key = placement.key_of(requires)
         model_input = artifacts.model_input(op)
         sealing = (
