@@ -30,7 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 
 from csml.store.db import counters, make_engine, sqlite_url
-from csml.store.writer import CommitFailed, Writer, WriterClosed, WriterCrashed
+from csml.store.writer import CommitFailed, Rerunnable, Writer, WriterClosed, WriterCrashed
 
 META = MetaData()
 ITEMS = Table(
@@ -551,3 +551,164 @@ def test_run_many_keeps_order_isolates_failures_and_shares_a_commit(engine: Engi
         assert tags(engine) == {"warm", "m0", "m1", "m2"}
     finally:
         writer.close()
+
+
+# -- bare (rerunnable) operations -----------------------------------------------------
+
+
+class Runs:
+    """Counts how many times each op ran (a rerunnable op may run again)."""
+
+    def __init__(self) -> None:
+        self.count: dict[str, int] = {}
+
+    def add(self, tag: str) -> Callable[[Connection], int]:
+        inner = add(tag)
+
+        def op(conn: Connection) -> int:
+            self.count[tag] = self.count.get(tag, 0) + 1
+            return inner(conn)
+
+        return op
+
+    def fail(self, tag: str) -> Callable[[Connection], int]:
+        def op(conn: Connection) -> int:
+            self.count[tag] = self.count.get(tag, 0) + 1
+            conn.execute(insert(ITEMS).values(tag=tag))  # written, then refused
+            raise ValueError(f"{tag} refused")
+
+        return op
+
+
+def grown_kinds(engine: Engine, kinds: dict[str, int]) -> dict[str, int]:
+    tally = counters(engine)
+    return {k: v - kinds.get(k, 0) for k, v in tally.by_kind.items() if v != kinds.get(k, 0)}
+
+
+def queue_behind_gate(
+    writer: Writer, ops: list[tuple[Callable[[Connection], Any], bool]]
+) -> tuple[Any, list[Any]]:
+    """Queue (op, rerunnable) pairs in order behind a held gate op (itself rerunnable, so
+    the whole batch may run bare), release it; the futures of the gate and of `ops`."""
+    gate = Gate(writer)
+    pool = ThreadPoolExecutor(len(ops) + 1)
+    held = pool.submit(writer.run, Rerunnable(gate.op()))
+    assert gate.entered.wait(10)
+    futures = []
+    for op, rerunnable in ops:
+        futures.append(pool.submit(writer.run, Rerunnable(op) if rerunnable else op))
+        for _ in range(2000):
+            if writer.pending == len(futures):
+                break
+            threading.Event().wait(0.002)
+    gate.open_when_pending(len(ops))
+    pool.shutdown(wait=False)
+    return held, futures
+
+
+def test_rerunnable_ops_share_a_transaction_without_savepoints(engine: Engine) -> None:
+    writer = Writer(engine, max_batch_seconds=10.0)
+    runs = Runs()
+    kinds = dict(counters(engine).by_kind)
+    before = commits(engine)
+    try:
+        held, futures = queue_behind_gate(writer, [(runs.add(f"s{i}"), True) for i in range(4)])
+        assert held.result(10) == "gate"
+        assert [f.result(10) for f in futures] == [1, 2, 3, 4]
+    finally:
+        writer.close()
+    grown = grown_kinds(engine, kinds)
+    assert "SAVEPOINT" not in grown and "RELEASE" not in grown, grown
+    assert commits(engine) - before == 1
+    assert runs.count == {f"s{i}": 1 for i in range(4)}
+
+
+def test_a_failing_bare_op_is_rolled_back_alone_by_a_careful_repeat(engine: Engine) -> None:
+    """The batch of `test_a_failing_op_is_rolled_back_alone`, every op rerunnable: the
+    same answers and rows; the ops up to the failing one ran twice, the rest once; the
+    lane's next batch is careful (savepoints), and the one after a clean batch bare."""
+    writer = Writer(engine, max_batch_seconds=10.0)
+    runs = Runs()
+    before = commits(engine)
+    try:
+        ops = [runs.add("ok-0"), runs.fail("bad"), runs.add("ok-1"), runs.add("ok-2")]
+        held, futures = queue_behind_gate(writer, [(op, True) for op in ops])
+        assert held.result(10) == "gate"
+        assert futures[0].result(10) == 1
+        with pytest.raises(ValueError, match="bad refused"):
+            futures[1].result(10)
+        assert [futures[2].result(10), futures[3].result(10)] == [2, 3]
+        assert tags(engine) == {"ok-0", "ok-1", "ok-2"}
+        assert commits(engine) - before == 1
+        assert runs.count == {"ok-0": 2, "bad": 2, "ok-1": 1, "ok-2": 1}
+
+        kinds = dict(counters(engine).by_kind)
+        held, futures = queue_behind_gate(writer, [(runs.add("c0"), True), (runs.add("c1"), True)])
+        assert [f.result(10) for f in futures] == [4, 5]
+        assert grown_kinds(engine, kinds).get("SAVEPOINT") == 2  # careful: after a failure
+
+        kinds = dict(counters(engine).by_kind)
+        held, futures = queue_behind_gate(writer, [(runs.add("b0"), True), (runs.add("b1"), True)])
+        assert [f.result(10) for f in futures] == [6, 7]
+        assert "SAVEPOINT" not in grown_kinds(engine, kinds)  # a clean batch before: bare
+    finally:
+        writer.close()
+
+
+def test_an_op_not_rerunnable_runs_once_and_is_kept_when_a_later_op_fails(
+    engine: Engine,
+) -> None:
+    """A bare prefix, an op that must run once, then a failing rerunnable op: only the
+    bare prefix runs again; the once-only op keeps its single run and its row."""
+    writer = Writer(engine, max_batch_seconds=10.0)
+    runs = Runs()
+    kinds = dict(counters(engine).by_kind)
+    try:
+        ops = [
+            (runs.add("bare-0"), True),
+            (runs.add("once"), False),
+            (runs.fail("late"), True),
+            (runs.add("after"), True),
+        ]
+        held, futures = queue_behind_gate(writer, ops)
+        assert held.result(10) == "gate"
+        assert [futures[0].result(10), futures[1].result(10)] == [1, 2]
+        with pytest.raises(ValueError, match="late refused"):
+            futures[2].result(10)
+        assert futures[3].result(10) == 3
+    finally:
+        writer.close()
+    assert runs.count == {"bare-0": 1, "once": 1, "late": 1, "after": 1}
+    assert tags(engine) == {"bare-0", "once", "after"}
+    # `once` and every op after it in its transaction had a savepoint.
+    assert grown_kinds(engine, kinds).get("SAVEPOINT") == 3
+
+
+def test_a_failing_first_op_then_a_failing_bare_op(engine: Engine) -> None:
+    """The first op of the repeat fails again: it is rolled back alone, the others of
+    the undone prefix commit."""
+    writer = Writer(engine, max_batch_seconds=10.0)
+    runs = Runs()
+    try:
+        ops = [(runs.add("p0"), True), (runs.fail("f1"), True), (runs.add("p2"), True)]
+        gate = Gate(writer)
+        with ThreadPoolExecutor(4) as pool:
+            held = pool.submit(writer.run, Rerunnable(gate.op(runs.fail("first"))))
+            assert gate.entered.wait(10)
+            futures = []
+            for op, rerunnable in ops:
+                futures.append(pool.submit(writer.run, Rerunnable(op) if rerunnable else op))
+                for _ in range(2000):
+                    if writer.pending == len(futures):
+                        break
+                    threading.Event().wait(0.002)
+            gate.open_when_pending(len(ops))
+            with pytest.raises(ValueError, match="first refused"):
+                held.result(10)
+            assert futures[0].result(10) == 1
+            with pytest.raises(ValueError, match="f1 refused"):
+                futures[1].result(10)
+            assert futures[2].result(10) == 2
+    finally:
+        writer.close()
+    assert tags(engine) == {"p0", "p2"}

@@ -222,7 +222,7 @@ async def submit_job(request: Request, me: Me) -> JSONResponse:
                 raise from_refusal(exc) from None
 
         def check_spec(raw: bytes) -> Accepts:
-            budget.extra = spec_limits.kept_bytes(spec_limits.load(raw, c.settings))
+            budget.extra = spec_limits.load_kept(raw, c.settings)[1]
             if pipeline_spec.is_pipeline(raw):
                 pipeline = piped["spec"] = pipeline_spec.parse(raw)
                 pipeline_spec.check(c, me.id, pipeline)
@@ -267,7 +267,7 @@ async def _submit_json(c: Core, owner_id: str, raw: bytes) -> JSONResponse:
     are checked in its own transaction (`count_window`: one statement, no transaction of
     their own). A spec refused before that transaction is counted (or refused past the
     window) by the early check (`abuse.check_submission`) first, as all were before."""
-    kept = spec_limits.kept_bytes(spec_limits.load(raw, c.settings))
+    kept = spec_limits.load_kept(raw, c.settings)[1]
     if pipeline_spec.is_pipeline(raw):  # {"steps": [...]}: see csml.coordinator.pipelines
         return await run_in_threadpool(_submit_pipeline_json, c, owner_id, raw, kept)
     windowed = bool(c.settings.submission_rate_limit)
@@ -303,13 +303,24 @@ def _submit_pipeline(
     return _submitted(c, owner_id, c.queue.get(owner_id, parent.id))
 
 
+class _RenderedJSON(JSONResponse):
+    """A `JSONResponse` whose body is already JSON bytes (same headers)."""
+
+    def render(self, content: Any) -> bytes:
+        assert isinstance(content, bytes)
+        return content
+
+
 def _submitted(c: Core, owner_id: str, job: JobRow) -> JSONResponse:
     """The 202 for a new job (no queue position: the event stream and `?positions=true`
-    GETs carry it); announced to the owner's event streams."""
+    GETs carry it); announced to the owner's event streams. The view is rendered by
+    pydantic in one call (`model_dump_json`: the values `model_dump` and `json.dumps`
+    gave; a float's exponent may be written `1e-7` where `json.dumps` wrote `1e-07`;
+    nothing in it is NaN or infinite, `spec_limits` refuses those in params)."""
     c.notifier.notify(owner_change(owner_id, job.id))
     view = job_views(c.queue, [job], positions=False)[0]
-    return JSONResponse(
-        view.model_dump(mode="json"),
+    return _RenderedJSON(
+        view.model_dump_json().encode(),
         status_code=202,
         headers={"Location": f"/v1/jobs/{job.id}"},
     )

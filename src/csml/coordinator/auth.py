@@ -153,6 +153,8 @@ class AuthFirstRoute(APIRoute):
         d = self.dependant
         shape = [d.header_params, d.cookie_params]
         dependencies = [(sub.name, sub.call) for sub in d.dependencies]
+        # Whether each check is awaited or run in the pool: decided once, not per request.
+        awaited = [inspect.iscoroutinefunction(call) for _, call in dependencies]
         if (
             any(shape)
             or len(d.body_params) > 1
@@ -178,9 +180,9 @@ class AuthFirstRoute(APIRoute):
 
         async def handle(request: Request) -> Response:
             values: dict[str, Any] = {}
-            for name, call in dependencies:
+            for (name, call), is_async in zip(dependencies, awaited, strict=True):
                 assert name is not None and call is not None
-                if inspect.iscoroutinefunction(call):
+                if is_async:
                     values[name] = await call(request)
                 else:
                     values[name] = await run_in_threadpool(call, request)

@@ -409,7 +409,8 @@ class Catalog:
             return dict(self._entries)
 
     def get(self, app: str, session: Session | None = None) -> CatalogEntry:
-        entry = self.entries(session).get(app)
+        self._refresh(session=session)
+        entry = self._entries.get(app)  # replaced whole under the lock: no copy needed
         if entry is None:
             self._refresh(force=True, session=session)
             entry = self.entries(session).get(app)

@@ -134,7 +134,7 @@ from csml.store.jobs_end import Locked
 from csml.store.jobs_write import Claimed, NewJob, Sealing, orm_job, orm_session
 from csml.store.tables import Job, utcnow
 from csml.store.verification import Run, Standing
-from csml.store.writer import Writer
+from csml.store.writer import Rerunnable, Writer
 
 log = logging.getLogger("csml.coordinator.queue")
 T = TypeVar("T")
@@ -468,7 +468,7 @@ class JobQueue:
         placed: list[tuple[int, str]] = []  # (item index, job id) of each queued op
         for index, (spec, staging, files) in enumerate(items):
             try:
-                job_id, op = self._prepare_submit(spec, files)
+                job_id, op, requires = self._prepare_submit(spec, files)
             except Exception as exc:
                 answers[index] = exc
                 continue
@@ -478,7 +478,9 @@ class JobQueue:
                 self.blobs.remove_job(job_id)  # whatever was moved before it failed
                 answers[index] = exc
                 continue
-            ops.append(self._submit_op(owner_id, spec, op, job_id, inputs, files, count_window))
+            ops.append(
+                self._submit_op(owner_id, spec, op, requires, job_id, inputs, files, count_window)
+            )
             placed.append((index, job_id))
         queued: list[JobRow] = []
         for (index, job_id), answer in zip(placed, self.writer.run_many(ops), strict=True):
@@ -512,11 +514,11 @@ class JobQueue:
         count_window: bool = False,
     ) -> JobRow:
         """`submit` from the event loop (the write is the writer's, without a thread hop)."""
-        job_id, op = self._prepare_submit(spec, files)
+        job_id, op, requires = self._prepare_submit(spec, files)
         try:
             inputs = adopt_input_rows(self.blobs, staging, job_id, files)
             job = await self.writer.run_async(
-                self._submit_op(owner_id, spec, op, job_id, inputs, files, count_window)
+                self._submit_op(owner_id, spec, op, requires, job_id, inputs, files, count_window)
             )
         except BaseException:
             self.blobs.remove_job(job_id)
@@ -525,12 +527,15 @@ class JobQueue:
         await self.notifier.hand_over()  # the woken claimer takes the job before we answer
         return job
 
-    def _prepare_submit(self, spec: JobSpec, files: dict[str, StagedFile]) -> tuple[str, Any]:
+    def _prepare_submit(
+        self, spec: JobSpec, files: dict[str, StagedFile]
+    ) -> tuple[str, Any, dict[str, Any]]:
+        """The new job's id, its operation and its requirement, once its spec is checked."""
         _, op = self.catalog.operation(spec.app, spec.operation)
         self._check_params(spec)
-        self.requirement(spec)
+        requires = self.requirement(spec)
         self.check_files(spec, set(files))
-        return ids.new_id(), op
+        return ids.new_id(), op, requires
 
     def requirement(self, spec: JobSpec) -> dict[str, Any]:
         """The job's requirement: its operation's and its own (`placement.merge`);
@@ -550,6 +555,7 @@ class JobQueue:
         owner_id: str,
         spec: JobSpec,
         op: Any,
+        requires: dict[str, Any],
         job_id: str,
         inputs: list[FileRow],
         files: dict[str, StagedFile],
@@ -563,7 +569,6 @@ class JobQueue:
             + (len(conf.encrypted_params) if conf else 0)
         )
         adding = quotas.models_made(op)
-        requires = self.requirement(spec)
         requires_key = placement.key_of(requires)
         model_input = artifacts.model_input(op)
         sealing = (
@@ -683,6 +688,11 @@ class JobQueue:
                 min_reputation=spec.min_reputation,
             )
 
+        if artifacts.requested_model(spec) is None:
+            # Rows only (`_depths` is a soft count: a repeat counts a job twice, as a
+            # refused one counts once): the writer may run it bare, and again. A linked
+            # model is a file, written once.
+            return Rerunnable(op_)
         return op_
 
     def _attach_model(
@@ -900,7 +910,9 @@ class JobQueue:
                 stamp, abort, progressed, taken, lease_id, until, extended, since, max_jobs, marks
             )
 
-        return op, gone
+        # Without credit it writes only rows: the writer may run it bare, and again
+        # (credit's window, in memory, records each claim once).
+        return (Rerunnable(op) if credit is None else op), gone
 
     def _claimant(self, worker: WorkerRef) -> Claimant | None:
         """A contributed worker's claim filters (None for an operator worker: no cost)."""
@@ -1193,7 +1205,7 @@ class JobQueue:
             until = now + timedelta(seconds=self.settings.lease_seconds)
             return *self._beat(conn, worker_id, beat.running, now), until
 
-        return op, self.leases.epoch()
+        return Rerunnable(op), self.leases.epoch()  # rows only: it may run again
 
     def _heartbeat_done(self, worker: WorkerRef, done: _Beaten, since: int) -> HeartbeatResponse:
         abort, progressed, extended, until = done
@@ -1302,7 +1314,10 @@ class JobQueue:
             done = done_op(conn)
             return done, (claim_op(conn) if claim_op is not None else None)
 
-        done, claim = await self._run_retrying(op, "a completion batch")
+        both = isinstance(done_op, Rerunnable) and (
+            claim_op is None or isinstance(claim_op, Rerunnable)
+        )
+        done, claim = await self._run_retrying(Rerunnable(op) if both else op, "a completion batch")
         outcomes = self._completed(done)
         await self.notifier.hand_over()  # results pushed before the worker's answer
         await self._discard_refused_async(outcomes, prepared)
@@ -1529,7 +1544,11 @@ class JobQueue:
                     self.credit.touch()
             return outcomes, woken, quarantined, views
 
-        return op
+        # An operator worker's completions of an app that keeps no models write only
+        # rows (a pipeline's next step too): the writer may run them bare, and again. A
+        # contributed worker's also settle verification in memory (`close_batch`); a
+        # kept model is linked under a new id (a repeat would leave the first link).
+        return Rerunnable(op) if not contributed and models == set() else op
 
     def _output_rows(self, job_id: str, lease_id: str, prep: _Prepared) -> list[FileRow]:
         """The output rows of a succeeded completion (its files are in its attempt's folder)."""

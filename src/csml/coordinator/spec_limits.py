@@ -36,6 +36,11 @@ SPEC_LEVELS = 3
 
 def load(raw: bytes, settings: Settings) -> Any:
     """The parsed spec, within its limits (see the module docstring)."""
+    return load_kept(raw, settings)[0]
+
+
+def load_kept(raw: bytes, settings: Settings) -> tuple[Any, int]:
+    """`load`, with the spec's `kept_bytes` (counted once, for its limit and its caller)."""
     if len(raw) > settings.max_spec_bytes:
         raise TooLarge(
             "spec_too_large",
@@ -60,7 +65,7 @@ def load(raw: bytes, settings: Settings) -> Any:
             "(CSML_MAX_PARAMS_BYTES); send data as input files",
             field="spec.params",
         )
-    return data
+    return data, size
 
 
 def params_of(data: Any) -> list[tuple[str, Any]]:

@@ -20,7 +20,8 @@ their operation on a queue and wait on a future. The thread takes the first pend
 operation, BEGINs, and runs it and every operation that is pending by the time it is
 done, each after the first inside its own SAVEPOINT (sent on the DB-API cursor; the
 first needs none: if it fails, the transaction holds nothing else and is rolled back
-whole, and the next operation BEGINs afresh), until the queue is empty or the batch
+whole, and the next operation BEGINs afresh) unless it may run bare (below), until the
+queue is empty or the batch
 reaches `max_batch_ops` operations or `max_batch_seconds` of the writer thread's CPU
 time (work, not wall time: on a busy machine a starved thread would otherwise cut
 its batches short and pay one fsync per few operations); then it COMMITs once (one
@@ -29,6 +30,20 @@ resolves every caller: threads through a `concurrent.futures.Future`, coroutines
 through an asyncio future settled with one `call_soon_threadsafe` per event loop per
 batch. There is no waiting for company: a lone operation commits at once, and while
 one COMMIT runs the next batch gathers in the queue by itself.
+
+Bare operations: a caller may mark an operation `Rerunnable(op)` (it has no effect outside
+its transaction that running it again would change: no file written, no memory a second
+run would count twice). While every operation of the open transaction so far is
+rerunnable, a rerunnable one runs without a savepoint (the SAVEPOINT and RELEASE are
+most of a group commit's extra statements). If such a bare operation fails, the writer
+rolls the whole transaction back (undoing it and the ones before it, none of them
+answered yet), BEGINs again and runs that prefix again, this time the careful way (a
+savepoint for each after the first), the failing operation included; what that second
+run decides is what its caller gets, and the rest of the batch goes on carefully. The
+lane's next batch is careful too, until one has no failing operation (a stream of
+refusals costs each batch at most one repeat). An operation that is not rerunnable
+always runs either first or in its own savepoint, once, and every operation after it in
+its transaction gets a savepoint, so it is never rolled back for another's failure.
 
 Lanes: SQLite has one write lock, so it gets exactly one writer thread. On PostgreSQL
 every statement is a network round trip and one connection would make the writer
@@ -47,9 +62,12 @@ and a CPU between statements (`bench/coordinators.py` samples it).
 
 Invariants:
 - No result, and no error, is delivered before the COMMIT of its batch has returned.
-  An operation that raised is rolled back to its savepoint alone; the others of its
-  batch commit; its caller gets its exception (after the COMMIT, so a refusal is never
-  seen before the state it was decided on is durable).
+  An operation that raised is rolled back alone (to its savepoint; a bare one by the
+  repeat above); the others of its batch commit; its caller gets its exception (after
+  the COMMIT, so a refusal is never seen before the state it was decided on is durable:
+  a bare operation's refusal is the one its careful repeat decided).
+- A rerunnable operation may run more than once (only its last run's result and writes
+  count); any other runs exactly once.
 - If BEGIN or COMMIT fails, or an operation leaves the transaction unusable (a lost
   connection; SQLite rolling the whole transaction back on SQLITE_FULL or IOERR),
   every operation of the batch fails with `CommitFailed` (an `Unavailable` refusal,
@@ -105,7 +123,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import Any, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
 from sqlalchemy.engine import Connection, Engine, RootTransaction
 
@@ -146,6 +164,20 @@ class WriterCrashed(Unavailable):
         super().__init__("store_unavailable", "the store's writer stopped unexpectedly; retry")
 
 
+class Rerunnable(Generic[T]):
+    """`op`, marked as safe to run more than once: it has no effect outside its
+    transaction that a repeat would change, so the writer may run it without a savepoint
+    (see the module docstring). Pass it wherever a `WriteOp` goes."""
+
+    __slots__ = ("op",)
+
+    def __init__(self, op: WriteOp[T]) -> None:
+        self.op = op
+
+    def __call__(self, conn: Connection) -> T:
+        return self.op(conn)
+
+
 class _BatchBroken(Exception):
     """An operation left the transaction unusable: the whole batch is lost."""
 
@@ -153,7 +185,7 @@ class _BatchBroken(Exception):
 class _Op:
     """One accepted operation and how to answer its caller."""
 
-    __slots__ = ("error", "loop", "op", "sent", "value", "waiter")
+    __slots__ = ("error", "loop", "op", "rerunnable", "sent", "value", "waiter")
 
     def __init__(
         self,
@@ -164,6 +196,7 @@ class _Op:
         self.op = op
         self.waiter = waiter
         self.loop = loop  # None: a thread waits on a concurrent.futures.Future
+        self.rerunnable = isinstance(op, Rerunnable)  # may run bare (module docstring)
         self.value: Any = None
         self.error: BaseException | None = None
         self.sent = False
@@ -317,12 +350,16 @@ class Writer:
         Sets each operation's value or error; returns True if close() was seen. The
         first operation of a transaction runs without a savepoint (two statements
         fewer for a lone write): if it fails, the transaction, which holds nothing
-        else, is rolled back and the next operation begins a new one."""
+        else, is rolled back and the next operation begins a new one. So do rerunnable
+        operations after it while the transaction holds only those (`bare`); one of
+        them failing sends the transaction back to `start` (see the module docstring)."""
         deadline = time.thread_time() + self.max_batch_seconds
         stop = False
         trans: RootTransaction | None = None
         savepoints: _Savepoints | None = None  # made when a transaction gets a second op
         start = 0  # batch[start:] are in the open transaction
+        bare = False  # every op of the open transaction so far ran bare and may run again
+        refused = False  # an op of this batch failed (the lane's next batch is careful)
         try:
             conn = lane.connection()
             done = 0
@@ -335,15 +372,37 @@ class Writer:
                         item.value = item.op(conn)
                     except Exception as exc:
                         item.error = exc
+                        refused = True
                         trans.rollback()
                         trans = None
                     if savepoints is not None:
                         savepoints.held = False  # a new transaction holds none
+                    bare = trans is not None and item.rerunnable and not lane.careful
+                elif bare and item.rerunnable:
+                    assert trans is not None  # bare: a transaction is open
+                    try:
+                        item.value = item.op(conn)
+                    except Exception:
+                        # Undo the transaction and run it again the careful way: its
+                        # ops, none answered yet, from `start`, this one included.
+                        refused = lane.careful = True
+                        bare = False
+                        trans.rollback()
+                        trans = None
+                        for again in batch[start : done + 1]:
+                            again.value = again.error = None
+                        done = start
+                        continue
                 else:
+                    bare = False
                     if savepoints is None:
                         savepoints = _Savepoints(conn, self._tally)
                     savepoints.run(conn, item)
+                    if item.error is not None:
+                        refused = True
                 done += 1
+                if done < len(batch):  # a repeat (above): the ops it undid run again
+                    continue
                 if len(batch) >= self.max_batch_ops or time.thread_time() >= deadline:
                     break
                 try:
@@ -358,6 +417,8 @@ class Writer:
                 savepoints.close()
             if trans is not None:
                 trans.commit()
+            if not refused:
+                lane.careful = False
         except Exception as exc:
             why = "the transaction broke" if isinstance(exc, _BatchBroken) else type(exc).__name__
             cause = exc.__cause__ if isinstance(exc, _BatchBroken) else exc
@@ -377,6 +438,7 @@ class _Lane:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.conn: Connection | None = None
+        self.careful = False  # its last batch had a failing op: no bare ops (see Writer)
 
     def connection(self) -> Connection:
         if self.conn is None:
