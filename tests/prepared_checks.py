@@ -268,8 +268,10 @@ def check_store_statements(engine: Engine, owner: str, worker: str, job_id: str)
     assert same_as_core(engine, credited, take) == []  # nobody has credit
     warm = {**take, "b_warm": ["w1", "w2"], "b_window": 8}
     same_as_core(engine, jobs_write._take_statement("warm", False, False, False).stmt, warm)
-    inputs = same_as_core(engine, jobs_write._INPUTS.stmt, {"seqs": [r[0] for r in rows]})
-    assert [FileRow(*r[1:]) for r in inputs] == [FILE]
+    # The input files come back with the claim (one JSON array per job): only the job
+    # queued with one has any.
+    assert sorted(len(store.files_of(r[11])) for r in rows) == [0, 0, 1]
+    assert [f for r in rows for f in store.files_of(r[11])] == [FILE]
     same_as_core(engine, jobs_write._SERVE.stmt, {"b_app": "echo", "b_top": 6}, returns=False)
     stamp = {"worker_id": worker, "b_now": now}
     same_as_core(engine, jobs_write._STAMP_WORKER.stmt, stamp, returns=False)

@@ -27,9 +27,10 @@ Invariants:
   the caller says the worker meets (`met`); with warm keys, it takes the jobs whose
   `warm_key` is among them first, but only among the first `window` claimable jobs in
   fair order (locking only the rows it takes). Still one statement either way.
-- The claim's RETURNING says per job whether it is sealed and has inputs: its input
-  files and envelopes are read only for jobs that have them (a claim of plain jobs
-  without inputs is the claim statement and the served-rank update, nothing more).
+- The claim's RETURNING says per job whether it is sealed and returns its input files
+  (one JSON array per job, `INPUT_FILES_OF_JOB`): envelopes are read only for jobs that
+  have them (a claim of plain jobs, with or without inputs, is the claim statement and
+  the served-rank update, nothing more).
 - A heartbeat's lease extension locks the worker's running jobs in `seq` order, the
   order a completion's locking path locks them in (`jobs_end.lock_to_complete`): on
   PostgreSQL the two, in different writer lanes or coordinators, never deadlock. A
@@ -68,8 +69,8 @@ from csml.store.jobs import (
     APPS,
     COUNTERS,
     ENVELOPES,
-    FILE_COLUMNS,
     FILES,
+    INPUT_FILES_OF_JOB,
     JOBS,
     PLACEMENT_KEYS,
     QUEUED,
@@ -81,6 +82,7 @@ from csml.store.jobs import (
     claimable,
     claimant_key,
     claimant_params,
+    files_of,
 )
 from csml.store.jobs_quota import Admission, admits
 from csml.store.prepared import Prepared
@@ -398,16 +400,13 @@ _JUMPS = (
     .exists()
 )
 PLAIN, WARM, CREDITED = "plain", "warm", "credited"
-# Returned by the claim for each job taken: whether it is sealed (confidential) and
-# whether it has inputs, so a claim of plain jobs without inputs reads nothing more
-# (these were a `SELECT EXISTS job_confidential` and a `SELECT job_files` per claim).
+# Returned by the claim for each job taken: whether it is sealed (confidential) and its
+# input files, so a claim of plain jobs reads nothing more (these were a `SELECT EXISTS
+# job_confidential` and a `SELECT job_files` per claim).
 # SQLite renders RETURNING's columns unqualified (`WHERE job_seq = seq`): `seq` is the
 # claimed job's only because neither inner table has a column of that name.
 assert "seq" not in ENVELOPES.c and "seq" not in FILES.c
 _HAS_ENVELOPE = exists().where(ENVELOPES.c.job_seq == JOBS.c.seq).label("sealed")
-_HAS_INPUTS = (
-    exists().where(FILES.c.job_seq == JOBS.c.seq, FILES.c.kind == "input").label("has_inputs")
-)
 
 
 @functools.cache
@@ -476,7 +475,7 @@ def _take_statement(head: str, contributed: bool, quarantined: bool, operations:
         JOBS.c.progress_fraction,
         JOBS.c.progress_message,
         _HAS_ENVELOPE,
-        _HAS_INPUTS,
+        INPUT_FILES_OF_JOB,
     ]
     if head == CREDITED:
         values["credit_lease"] = case((_JUMPS, bindparam("b_lease")), else_=None)
@@ -500,11 +499,6 @@ _SERVE = Prepared(
     .values(served_rank=bindparam("b_top"))
 )
 _SEQS: BindParameter[Any] = bindparam("seqs", expanding=True)
-_INPUTS = Prepared(
-    select(FILES.c.job_seq, *FILE_COLUMNS).where(
-        FILES.c.job_seq.in_(_SEQS), FILES.c.kind == "input"
-    )
-)
 _SEALED = (
     select(
         ENVELOPES.c.job_seq,
@@ -565,8 +559,8 @@ def take(
     else:
         head = PLAIN
     # Rows as `_take_statement` returns them: seq, id, owner_id, operation, params,
-    # limits, attempts, fair_rank, progress_fraction, progress_message, sealed, has_inputs
-    # (and credit_lease when credited).
+    # limits, attempts, fair_rank, progress_fraction, progress_message, sealed, the input
+    # files' JSON (and credit_lease when credited).
     rows = _take_statement(head, *claimant_key(claimant)).rows(conn, params)
     if not rows:
         return []
@@ -574,11 +568,6 @@ def take(
     in_order = [r[7] for r in rows if r[0] not in jumped]
     if in_order:
         _SERVE.run(conn, {"b_app": app, "b_top": max(in_order)})
-    inputs: dict[int, list[FileRow]] = {}
-    with_inputs = [r[0] for r in rows if r[11]]
-    if with_inputs:
-        for job_seq, *f in _INPUTS.rows(conn, {"seqs": with_inputs}):
-            inputs.setdefault(job_seq, []).append(FileRow(*f))
     sealed: dict[int, Sealed] = {}
     with_envelope = [r[0] for r in rows if r[10]]
     if with_envelope:
@@ -596,7 +585,7 @@ def take(
             limits=r[5],
             attempts=r[6],
             fair_rank=r[7],
-            inputs=tuple(inputs.get(r[0], ())),
+            inputs=files_of(r[11]),
             sealed=sealed.get(r[0]),
             by_credit=r[0] in jumped,
             progress_fraction=r[8],
