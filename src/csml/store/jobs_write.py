@@ -208,6 +208,7 @@ def next_rank(
 
 _INSERT_JOB = Prepared(insert(JOBS).returning(JOBS.c.seq))
 _INSERT_FILES = insert(FILES)
+_INSERT_FILE = Prepared(_INSERT_FILES)
 
 
 def insert_job(
@@ -289,23 +290,25 @@ def add_requirement_key(
 
 
 def add_files(conn: Connection, seq: int, files: Sequence[FileRow]) -> None:
-    if files:
-        conn.execute(
-            _INSERT_FILES,
-            [
-                {
-                    "job_seq": seq,
-                    "kind": f.kind,
-                    "name": f.name,
-                    "size": f.size,
-                    "sha256": f.sha256,
-                    "media_type": f.media_type,
-                    "blob": f.blob,
-                    "model_id": f.model_id,
-                }
-                for f in files
-            ],
-        )
+    """Insert the job's file rows: one file (a photo's input, or its output) as a
+    `Prepared` insert, more as one executemany."""
+    rows = [
+        {
+            "job_seq": seq,
+            "kind": f.kind,
+            "name": f.name,
+            "size": f.size,
+            "sha256": f.sha256,
+            "media_type": f.media_type,
+            "blob": f.blob,
+            "model_id": f.model_id,
+        }
+        for f in files
+    ]
+    if len(rows) == 1:
+        _INSERT_FILE.run(conn, rows[0])
+    elif rows:
+        conn.execute(_INSERT_FILES, rows)
 
 
 # -- claims and heartbeats ------------------------------------------------------------
