@@ -29,6 +29,7 @@ import cProfile
 import json
 import os
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -191,6 +192,7 @@ async def run(
         profile.dump_stats(prof)
     c.writer.close()
     c.engine.dispose()
+    shutil.rmtree(root, ignore_errors=True)
     median = sorted(rounds_out, key=lambda r: r["cpu_ms_per_photo"])[len(rounds_out) // 2]
     return {
         "photos": photos,
