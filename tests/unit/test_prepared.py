@@ -115,7 +115,7 @@ def test_rows_read_by_position_are_the_rows_read_by_name(
     assert fast is not None
     m = row._mapping
     assert fast == store.JobRow(
-        **{k: m[k] for k in store._JOB_FIELDS}, files=store._files(m["files_json"])
+        **{k: m[k] for k in store._JOB_FIELDS}, files=store.files_of(m["files_json"])
     )
 
 

@@ -6,6 +6,7 @@ forgets a worker that left."""
 from __future__ import annotations
 
 import base64
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -185,9 +186,10 @@ def statements_of(coordinator: InProcessCoordinator, call: Callable[[], Any]) ->
 def test_a_claim_of_plain_jobs_reads_neither_files_nor_envelopes(
     coordinator: InProcessCoordinator, echo_worker: HttpWorker
 ) -> None:
-    """Pinned count: the claim's RETURNING says whether a job has inputs or an envelope,
-    so a claim of plain jobs without inputs is its probe, the claim and the served rank
-    (there were a `SELECT job_files` and a `SELECT EXISTS job_confidential` more)."""
+    """Pinned count: the claim's RETURNING says whether a job has an envelope and gives
+    its input files, so a claim of plain jobs, with inputs or without, is its probe, the
+    claim and the served rank (there were a `SELECT job_files` and a `SELECT EXISTS
+    job_confidential` more, then a `SELECT job_files` for a job with inputs)."""
     user = coordinator.new_user()
     jobs = [user.submit("echo", "echo") for _ in range(2)]
     with_input = user.submit("echo", "echo", files={"data": b"bytes"})
@@ -197,12 +199,13 @@ def test_a_claim_of_plain_jobs_reads_neither_files_nor_envelopes(
     assert [j.id for j in taken[0].jobs] == [jobs[1].id]
     assert [s.split(" ")[0] for s in sent] == ["SELECT", "BEGIN", "UPDATE", "UPDATE"]
     assert sent[2].startswith("UPDATE jobs") and sent[3].startswith("UPDATE apps"), sent
-    # A job with an input: its files are read (one statement), its envelope is not.
+    # A job with an input: its files come with the claim, its envelope is not read.
     sent = statements_of(coordinator, lambda: taken.append(claim(echo_worker, 1)))
     assert [j.id for j in taken[1].jobs] == [with_input.id]
-    assert [i.name for i in taken[1].jobs[0].inputs] == ["data"]
-    assert len([s for s in sent if s.startswith("SELECT job_files")]) == 1
-    assert not any(s.startswith("SELECT EXISTS") for s in sent), sent
+    [got] = taken[1].jobs[0].inputs
+    assert (got.name, got.size, got.sha256) == ("data", 5, hashlib.sha256(b"bytes").hexdigest())
+    assert taken[1].jobs[0].inline_inputs == {"data": base64.b64encode(b"bytes").decode()}
+    assert [s.split(" ")[0] for s in sent] == ["SELECT", "BEGIN", "UPDATE", "UPDATE"], sent
 
 
 def test_a_plain_jobs_completion_riding_a_claim_is_one_statement(

@@ -24,16 +24,17 @@ Invariants:
   the exception that refused it (a refusal, or an API error of a service not yet
   converted to refusals; anything else is a failure of the coordinator the API logs).
 - Items are submitted in request order, so their fair ranks follow it.
-- Inputs are staged per item and made durable (one `fsync_paths` over every staged
-  file of the request) before any of them is submitted; a refused item's staging is
-  removed, an accepted one's became its job's inputs (`JobQueue.submit` adopts it).
+- Inputs are staged in one folder per request and made durable (one `fsync_paths` over
+  every staged file of the request: each file, then that one folder) before any of
+  them is submitted; an accepted item's files become its job's inputs (each moved into
+  the job's folder: `staged_inputs.adopt_input_rows` without a folder of its own), and
+  the folder with a refused item's files is removed.
 
 The JobQueue methods used are `check_files` and `submit_many` (public, stable names).
 """
 
 from __future__ import annotations
 
-import binascii
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ from pydantic import ValidationError
 from csml.coordinator import abuse, artifacts, spec_limits
 from csml.coordinator.staged_inputs import StagedFile
 from csml.refusals import Invalid, TooLarge
+from csml.schemas import base64_text
 from csml.schemas.batches import INLINE_MAX_CHARS, MAX_BATCH_ITEMS, BatchItemIn
 from csml.schemas.jobs import JobSpec
 from csml.schemas.workers import INLINE_MAX_BYTES
@@ -139,8 +141,8 @@ def _item(index: int, value: Any) -> Item:
         if len(text) > INLINE_MAX_CHARS:
             raise _inline_too_large(index, name[:64])
         try:
-            # strict: the alphabet and correct padding only, as b64decode(validate=True)
-            item.inputs[name] = binascii.a2b_base64(text, strict_mode=True)
+            # strict: canonical standard base64 only (`csml.schemas.base64_text`)
+            item.inputs[name] = base64_text.decode(text)
         except ValueError:
             item.error = Invalid(
                 "invalid_input",
@@ -155,7 +157,8 @@ def submit(core: Core, owner_id: str, items: list[Item]) -> list[Outcome]:
     outcomes = [Outcome(item.index) for item in items]
     windowed = bool(core.settings.submission_rate_limit)
     specs: dict[int, tuple[JobSpec, int]] = {}
-    staged: dict[int, tuple[Path, dict[str, StagedFile]]] = {}
+    staged: dict[int, dict[str, StagedFile]] = {}
+    folder: Path | None = None  # the request's staging folder, every item's inputs
     try:
         for item, outcome in zip(items, outcomes, strict=True):
             try:
@@ -163,17 +166,20 @@ def submit(core: Core, owner_id: str, items: list[Item]) -> list[Outcome]:
                     raise item.error
                 specs[item.index] = _checked_spec(core, item)
                 if item.inputs:
-                    staged[item.index] = _stage(core, item)
+                    if folder is None:
+                        folder = core.blobs.new_staging()
+                    staged[item.index] = _stage(core, folder, item)
             except Exception as exc:
                 outcome.error = exc
-        fsync_paths([f.path for _, files in staged.values() for f in files.values()])
+        staged_paths = [f.path for files in staged.values() for f in files.values()]
+        fsync_paths(staged_paths)  # each file, then the one folder
         ready: list[Outcome] = []
         jobs: list[tuple[JobSpec, Path | None, dict[str, StagedFile]]] = []
         for item, outcome in zip(items, outcomes, strict=True):
             if outcome.error is not None:
                 continue
             spec, kept = specs[item.index]
-            staging, files = staged.get(item.index, (None, {}))
+            files = staged.get(item.index, {})
             try:
                 _, op = core.catalog.operation(spec.app, spec.operation)
                 abuse.check_model_quota(core, owner_id, artifacts.makes_models(op))
@@ -184,7 +190,8 @@ def submit(core: Core, owner_id: str, items: list[Item]) -> list[Outcome]:
                     outcome.error = _early_check(core, owner_id, kept + uploaded) or exc
                 continue
             ready.append(outcome)
-            jobs.append((spec, staging, files))
+            # No folder of its own: its files are moved one by one (`adopt_input_rows`).
+            jobs.append((spec, None, files))
         # Quotas are checked again, race-free and item after item, in the writes, which
         # also count each item in the submission window (one statement each).
         answers = core.queue.submit_many(owner_id, jobs, count_window=windowed)
@@ -194,8 +201,8 @@ def submit(core: Core, owner_id: str, items: list[Item]) -> list[Outcome]:
             else:
                 outcome.job = answer
     finally:
-        for staging, _ in staged.values():
-            core.blobs.discard(staging)  # an accepted item's folder was moved: nothing left
+        if folder is not None:  # what is left: the inputs of items refused
+            core.blobs.discard(folder)
     return outcomes
 
 
@@ -246,10 +253,10 @@ def _checked_spec(core: Core, item: Item) -> tuple[JobSpec, int]:
     return spec, spec_limits.kept_bytes(data)
 
 
-def _stage(core: Core, item: Item) -> tuple[Path, dict[str, StagedFile]]:
-    """The item's inputs written to a staging folder of their own (not yet synced)."""
+def _stage(core: Core, folder: Path, item: Item) -> dict[str, StagedFile]:
+    """The item's inputs written to the request's staging folder (not yet synced), each
+    as `<item index>.<name>` there (names are checked: no two items' files collide)."""
     limit = core.settings.max_upload_bytes
-    staging = core.blobs.new_staging()
     files: dict[str, StagedFile] = {}
     try:
         for name, content in item.inputs.items():
@@ -259,7 +266,7 @@ def _stage(core: Core, item: Item) -> tuple[Path, dict[str, StagedFile]]:
                     f"input {name!r} is larger than the limit of {limit} bytes",
                     field=f"inputs.{name}",
                 )
-            writer = HashingWriter(staging / name, limit)
+            writer = HashingWriter(folder / f"{item.index}.{name}", limit)
             writer.write(content)
             digest = writer.finish(sync=False)
             files[name] = StagedFile(
@@ -270,9 +277,10 @@ def _stage(core: Core, item: Item) -> tuple[Path, dict[str, StagedFile]]:
                 media_type=INLINE_MEDIA_TYPE,
             )
     except BaseException:
-        core.blobs.discard(staging)
+        for f in files.values():
+            f.path.unlink(missing_ok=True)
         raise
-    return staging, files
+    return files
 
 
 SPEC_FIELDS = ("app", "operation", "params", "limits", "confidential")

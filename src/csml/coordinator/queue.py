@@ -73,7 +73,6 @@ job; the relay carries only the key, and the other coordinators' streams load it
 from __future__ import annotations
 
 import base64
-import binascii
 import functools
 import hashlib
 import json
@@ -115,6 +114,7 @@ from csml.schemas import (
     JobSpec,
     JobState,
     RunningJob,
+    base64_text,
 )
 from csml.schemas.workers import (
     INLINE_MAX_BYTES,
@@ -1757,8 +1757,8 @@ class JobQueue:
         for out in outputs:
             if out.name not in declared:
                 raise Invalid("unknown_output", f"{op.name!r} declares no output {out.name!r}")
-            try:  # strict: only the alphabet and correct padding (as b64decode(validate=True))
-                data = binascii.a2b_base64(out.content, strict_mode=True)
+            try:  # strict: canonical standard base64 only (`csml.schemas.base64_text`)
+                data = base64_text.decode(out.content)
             except ValueError:
                 raise Invalid(
                     "invalid_output", f"inline_outputs: {out.name!r} is not valid base64"

@@ -3,9 +3,12 @@
 A submission (single, batch, multipart or pipeline) stages each input in a private
 staging folder (`BlobStore.new_staging`), hashed and size-checked as it arrives, and
 fsyncs them before the job's row is written. `adopt_input_rows` then moves the folder
-under the job (`BlobStore.adopt`) and gives the rows that describe its inputs. A
-staging folder whose job was never written is discarded by its caller, or swept at
-the next start (`BlobStore.sweep_staging`).
+under the job (`BlobStore.adopt`) and gives the rows that describe its inputs. A batch
+submission stages the inputs of all its items in one folder (one folder to fsync, not
+one per item) and passes no folder of the job's own (`staging=None`): each of the job's
+files is then moved alone (`BlobStore.adopt_files`). A staging folder whose job was
+never written is discarded by its caller, or swept at the next start
+(`BlobStore.sweep_staging`).
 """
 
 from __future__ import annotations
@@ -32,10 +35,15 @@ class StagedFile:
 def adopt_input_rows(
     blobs: BlobStore, staging: Path | None, job_id: str, files: dict[str, StagedFile]
 ) -> list[FileRow]:
-    """Move the staged uploads to be job `job_id`'s inputs; their rows."""
-    if staging is None or not files:
+    """Move the staged uploads to be job `job_id`'s inputs; their rows. `staging`: the
+    folder holding exactly these files, moved whole; None: they are in a folder shared
+    with other jobs' files, and each is moved alone."""
+    if not files:
         return []
-    moved = blobs.adopt(staging, job_id, "inputs")
+    if staging is None:
+        moved = blobs.adopt_files({f.name: f.path for f in files.values()}, job_id, "inputs")
+    else:
+        moved = blobs.adopt(staging, job_id, "inputs")
     return [
         FileRow("input", f.name, f.size, f.sha256, f.media_type, blobs.relative(moved / f.name))
         for f in files.values()

@@ -147,7 +147,7 @@ _JOB_FIELDS = [c.name for c in JOBS.columns if c.name in JobRow.__dataclass_fiel
 
 
 # A job's file columns, in the order of `FileRow`'s fields (one JSON array per job in
-# job loads; the claim's inputs read them as columns).
+# job loads and in the claim's RETURNING, `INPUT_FILES_OF_JOB`).
 FILE_COLUMNS = (
     FILES.c.kind,
     FILES.c.name,
@@ -181,6 +181,16 @@ _FILES_OF_JOB = (
     .where(FILES.c.job_seq == JOBS.c.seq)
     .scalar_subquery()
     .label("files_json")
+)
+
+
+# A job's input files as one JSON array (NULL or `[]` without any), for a statement on
+# `jobs` (the claim's RETURNING: `jobs_write.take`); `files_of` reads it.
+INPUT_FILES_OF_JOB = (
+    select(_FilesAgg(*FILE_COLUMNS))
+    .where(FILES.c.job_seq == JOBS.c.seq, FILES.c.kind == "input")
+    .scalar_subquery()
+    .label("inputs_json")
 )
 
 
@@ -222,9 +232,9 @@ def _rows(
     return [_job(r) for r in conn.execute(stmt, params)]
 
 
-def _files(found: Any) -> tuple[FileRow, ...]:
-    """The `files_json` of a row: text on SQLite, decoded by the driver on PostgreSQL,
-    NULL there for a job without files."""
+def files_of(found: Any) -> tuple[FileRow, ...]:
+    """The `files_json` (or `inputs_json`) of a row: text on SQLite, decoded by the
+    driver on PostgreSQL, NULL there for a job without files."""
     if found is None:
         return ()
     if isinstance(found, str | bytes):
@@ -236,14 +246,14 @@ def _job(r: Sequence[Any]) -> JobRow:
     seq, version, nonce, result_key, params, result = (r[i] for i in _ENV_AT)
     env = Envelope(version, nonce, result_key, params, result) if seq is not None else None
     values: list[Any] = [r[i] for i in _JOB_AT]
-    values[_AROUND[0] : _AROUND[0]] = (_files(r[_FILES_AT]), env)
+    values[_AROUND[0] : _AROUND[0]] = (files_of(r[_FILES_AT]), env)
     return JobRow(*values)
 
 
 def plain_row(r: Sequence[Any]) -> JobRow:
     """A row of `PLAIN_JOB_COLUMNS` as the `JobRow` a load gives (no envelope)."""
     values: list[Any] = [r[i] for i in _PLAIN_AT]
-    values[_AROUND[0] : _AROUND[0]] = (_files(r[_PLAIN_FILES_AT]), None)
+    values[_AROUND[0] : _AROUND[0]] = (files_of(r[_PLAIN_FILES_AT]), None)
     return JobRow(*values)
 
 

@@ -27,9 +27,10 @@ Invariants:
   the caller says the worker meets (`met`); with warm keys, it takes the jobs whose
   `warm_key` is among them first, but only among the first `window` claimable jobs in
   fair order (locking only the rows it takes). Still one statement either way.
-- The claim's RETURNING says per job whether it is sealed and has inputs: its input
-  files and envelopes are read only for jobs that have them (a claim of plain jobs
-  without inputs is the claim statement and the served-rank update, nothing more).
+- The claim's RETURNING says per job whether it is sealed and returns its input files
+  (one JSON array per job, `INPUT_FILES_OF_JOB`): envelopes are read only for jobs that
+  have them (a claim of plain jobs, with or without inputs, is the claim statement and
+  the served-rank update, nothing more).
 - A heartbeat's lease extension locks the worker's running jobs in `seq` order, the
   order a completion's locking path locks them in (`jobs_end.lock_to_complete`): on
   PostgreSQL the two, in different writer lanes or coordinators, never deadlock. A
@@ -68,8 +69,8 @@ from csml.store.jobs import (
     APPS,
     COUNTERS,
     ENVELOPES,
-    FILE_COLUMNS,
     FILES,
+    INPUT_FILES_OF_JOB,
     JOBS,
     PLACEMENT_KEYS,
     QUEUED,
@@ -81,6 +82,7 @@ from csml.store.jobs import (
     claimable,
     claimant_key,
     claimant_params,
+    files_of,
 )
 from csml.store.jobs_quota import Admission, admits
 from csml.store.prepared import Prepared
@@ -206,6 +208,7 @@ def next_rank(
 
 _INSERT_JOB = Prepared(insert(JOBS).returning(JOBS.c.seq))
 _INSERT_FILES = insert(FILES)
+_INSERT_FILE = Prepared(_INSERT_FILES)
 
 
 def insert_job(
@@ -287,23 +290,25 @@ def add_requirement_key(
 
 
 def add_files(conn: Connection, seq: int, files: Sequence[FileRow]) -> None:
-    if files:
-        conn.execute(
-            _INSERT_FILES,
-            [
-                {
-                    "job_seq": seq,
-                    "kind": f.kind,
-                    "name": f.name,
-                    "size": f.size,
-                    "sha256": f.sha256,
-                    "media_type": f.media_type,
-                    "blob": f.blob,
-                    "model_id": f.model_id,
-                }
-                for f in files
-            ],
-        )
+    """Insert the job's file rows: one file (a photo's input, or its output) as a
+    `Prepared` insert, more as one executemany."""
+    rows = [
+        {
+            "job_seq": seq,
+            "kind": f.kind,
+            "name": f.name,
+            "size": f.size,
+            "sha256": f.sha256,
+            "media_type": f.media_type,
+            "blob": f.blob,
+            "model_id": f.model_id,
+        }
+        for f in files
+    ]
+    if len(rows) == 1:
+        _INSERT_FILE.run(conn, rows[0])
+    elif rows:
+        conn.execute(_INSERT_FILES, rows)
 
 
 # -- claims and heartbeats ------------------------------------------------------------
@@ -398,16 +403,13 @@ _JUMPS = (
     .exists()
 )
 PLAIN, WARM, CREDITED = "plain", "warm", "credited"
-# Returned by the claim for each job taken: whether it is sealed (confidential) and
-# whether it has inputs, so a claim of plain jobs without inputs reads nothing more
-# (these were a `SELECT EXISTS job_confidential` and a `SELECT job_files` per claim).
+# Returned by the claim for each job taken: whether it is sealed (confidential) and its
+# input files, so a claim of plain jobs reads nothing more (these were a `SELECT EXISTS
+# job_confidential` and a `SELECT job_files` per claim).
 # SQLite renders RETURNING's columns unqualified (`WHERE job_seq = seq`): `seq` is the
 # claimed job's only because neither inner table has a column of that name.
 assert "seq" not in ENVELOPES.c and "seq" not in FILES.c
 _HAS_ENVELOPE = exists().where(ENVELOPES.c.job_seq == JOBS.c.seq).label("sealed")
-_HAS_INPUTS = (
-    exists().where(FILES.c.job_seq == JOBS.c.seq, FILES.c.kind == "input").label("has_inputs")
-)
 
 # The claim's RETURNING, in this order (the last only for a credited claim), and the
 # position of each column in its rows: `take` reads the rows `Prepared` returns (plain
@@ -424,7 +426,7 @@ _TAKEN: tuple[Any, ...] = (
     JOBS.c.progress_fraction,
     JOBS.c.progress_message,
     _HAS_ENVELOPE,
-    _HAS_INPUTS,
+    INPUT_FILES_OF_JOB,
     JOBS.c.credit_lease,
 )
 (
@@ -439,7 +441,7 @@ _TAKEN: tuple[Any, ...] = (
     _T_PROGRESS_FRACTION,
     _T_PROGRESS_MESSAGE,
     _T_SEALED,
-    _T_HAS_INPUTS,
+    _T_INPUTS,
     _T_CREDIT_LEASE,
 ) = range(len(_TAKEN))
 
@@ -522,11 +524,6 @@ _SERVE = Prepared(
     .values(served_rank=bindparam("b_top"))
 )
 _SEQS: BindParameter[Any] = bindparam("seqs", expanding=True)
-_INPUTS = Prepared(
-    select(FILES.c.job_seq, *FILE_COLUMNS).where(
-        FILES.c.job_seq.in_(_SEQS), FILES.c.kind == "input"
-    )
-)
 _SEALED = (
     select(
         ENVELOPES.c.job_seq,
@@ -593,11 +590,6 @@ def take(
     in_order = [r[_T_FAIR_RANK] for r in rows if r[_T_SEQ] not in jumped]
     if in_order:
         _SERVE.run(conn, {"b_app": app, "b_top": max(in_order)})
-    inputs: dict[int, list[FileRow]] = {}
-    with_inputs = [r[_T_SEQ] for r in rows if r[_T_HAS_INPUTS]]
-    if with_inputs:
-        for job_seq, *f in _INPUTS.rows(conn, {"seqs": with_inputs}):
-            inputs.setdefault(job_seq, []).append(FileRow(*f))
     sealed: dict[int, Sealed] = {}
     with_envelope = [r[_T_SEQ] for r in rows if r[_T_SEALED]]
     if with_envelope:
@@ -615,7 +607,7 @@ def take(
             limits=r[_T_LIMITS],
             attempts=r[_T_ATTEMPTS],
             fair_rank=r[_T_FAIR_RANK],
-            inputs=tuple(inputs.get(r[_T_SEQ], ())),
+            inputs=files_of(r[_T_INPUTS]),
             sealed=sealed.get(r[_T_SEQ]),
             by_credit=r[_T_SEQ] in jumped,
             progress_fraction=r[_T_PROGRESS_FRACTION],
