@@ -60,7 +60,6 @@ import contextlib
 import ctypes
 import hashlib
 import itertools
-import json
 import logging
 import os
 import platform
@@ -77,6 +76,7 @@ from typing import Any, TypeVar
 import httpx
 from nacl.public import PrivateKey
 from pydantic import ValidationError
+from pydantic_core import to_json
 
 from csml import placement
 from csml.apps.registry import load_app
@@ -206,8 +206,8 @@ class _Folder:
     `_give_back`): made once instead of three directories made and removed per job."""
 
     path: str
-    inputs: str
-    outputs: str
+    inputs: Path
+    outputs: Path
     has_inputs: bool = False  # `inputs/` exists
     files: list[str] = field(default_factory=list)  # what the running job left in it
     known: bool = True  # `files` is all it holds (else it is removed, not reused)
@@ -573,8 +573,8 @@ class WorkerAgent:
     def _claim(self, n: int, riding: list[_Completion]) -> ClaimResponse:
         """One claim of up to `n` jobs, carrying the heartbeat and `riding` completions
         (then it does not long-poll: its answer is their receipt)."""
-        done = [c.completion.model_dump(mode="json") for c in riding]
-        ending = {c.completion.job_id for c in riding}
+        done = [c.completion for c in riding]
+        ending = {c.job_id for c in done}
 
         def post() -> LinkResponse | httpx.Response:
             self._last_beat = time.monotonic()
@@ -589,7 +589,9 @@ class WorkerAgent:
             }
             if done:
                 body["completions"] = done
-            content = json.dumps(body, separators=(",", ":")).encode()
+            # (pydantic's serialiser writes the completions as they are, inline outputs
+            # included, with no copy of them as dicts first.)
+            content = to_json(body)
             return self.claims.post(self._path("/claim"), content, self._auth())
 
         response = self._call("claim", post, until=self.stopping)
@@ -715,7 +717,7 @@ class WorkerAgent:
             pass
         path = os.path.join(self._workdir, f"job-{next(self._folder_names)}")
         os.mkdir(path, 0o711 if self.sandbox.own_uid else 0o700)
-        folder = _Folder(path, os.path.join(path, "inputs"), os.path.join(path, "outputs"))
+        folder = _Folder(path, Path(path, "inputs"), Path(path, "outputs"))
         os.mkdir(folder.outputs, 0o700)
         return folder
 
@@ -757,8 +759,8 @@ class WorkerAgent:
         if job.inputs and not folder.has_inputs:
             os.mkdir(folder.inputs, 0o700)
             folder.has_inputs = True
-        inputs_dir, outputs_dir = Path(folder.inputs), Path(folder.outputs)
-        folder.files.extend(os.path.join(folder.inputs, f.name) for f in job.inputs)
+        inputs_dir, outputs_dir = folder.inputs, folder.outputs
+        folder.files.extend(os.path.join(inputs_dir, f.name) for f in job.inputs)
         if job.confidential is not None:
             self._execute_confidential(job, state, folder, inputs_dir, outputs_dir)
             return

@@ -147,6 +147,7 @@ MAX_IDLE = 8  # children kept waiting, over all owners (by default; see Sandbox)
 CPU_LIFETIME_FACTOR = 8  # a reused child's CPU rlimit, in per-job budgets (a backstop)
 IDLE_CPU_ALLOWANCE = 0.5  # CPU seconds an idle child may use (e.g. a thread a job left)
 IDLE_RSS_ALLOWANCE = 64 << 20  # memory an idle child may hold beyond the zygote's
+MAX_REACHABLE = 4096  # folders known to be traversable, at most (then forgotten)
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
@@ -234,6 +235,7 @@ class Sandbox:
         if self.own_uid:
             os.chmod(self._tmp_root, 0o711)  # noqa: S103 - traverse only, for job uids
         self._roots = [self._tmp_root.parent, *([workdir.parent] if workdir else [])]
+        self._reachable: set[str] = set()  # folders jobs can traverse (see `grant_files`)
         self._ready = threading.Event()
         self._features: list[str] | None = None
         self._zygote_rss, self._zygote_rss_at = 0, -1e9  # see `_zygote_bytes`
@@ -351,8 +353,16 @@ class Sandbox:
                 return Outcome(ok=False, error=f"the sandbox could not prepare the job: {exc}")
         reuse = False
         try:
+            if len(self._reachable) > MAX_REACHABLE:
+                self._reachable.clear()
             try:
-                grant = grant_files(resident.base, job.inputs.values(), job.output_dir, self._roots)
+                grant = grant_files(
+                    resident.base,
+                    job.inputs.values(),
+                    job.output_dir,
+                    self._roots,
+                    self._reachable,
+                )
             except OSError as exc:
                 return Outcome(ok=False, error=f"the sandbox could not prepare the job: {exc}")
             kept: list[str] = []
