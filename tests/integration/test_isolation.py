@@ -22,7 +22,7 @@ import pytest
 from csml.apps.base import JobError
 from csml.apps.imagesafety import MAX_IMAGE_PIXELS, check_image_size, declared_size
 from csml.worker import isolation, isolation_procs
-from csml.worker.isolation_files import hand_over, remove_tmp, take_back
+from csml.worker.isolation_files import grant_files, hand_over, new_grant, remove_tmp, take_back
 
 # Forks sandboxed job processes and waits for the kernel to reap them.
 pytestmark = pytest.mark.timeout(120)
@@ -405,6 +405,30 @@ def test_files_are_handed_to_the_job_and_taken_back(tmp_path: Path) -> None:
     assert mode(data) == (0, 0o400)
     remove_tmp(grant)
     assert not grant.tmp.exists()
+
+
+@needs_root
+def test_folders_known_to_be_traversable_are_not_looked_at_again(tmp_path: Path) -> None:
+    """A folder reused from job to job is made traversable once (`reachable`); one known
+    so is left as it is (one that is not traversable after all keeps jobs out: closed)."""
+    tmp_root = tmp_path / "sandbox"
+    tmp_root.mkdir(mode=0o700)
+    job = tmp_path / "worker" / "job-1"
+    (job / "outputs").mkdir(parents=True)
+    for d in (job, job.parent):
+        d.chmod(0o700)
+    base = new_grant(tmp_root, own_uid=True)
+    reachable: set[str] = set()
+    first = grant_files(base, [], job / "outputs", (tmp_path,), reachable)
+    assert reachable == {str(job), str(job.parent)}
+    assert stat.S_IMODE(job.stat().st_mode) == 0o701
+    take_back(first)
+    job.chmod(0o700)  # (as if it were replaced): known, so not looked at again
+    take_back(grant_files(base, [], job / "outputs", (tmp_path,), reachable))
+    assert stat.S_IMODE(job.stat().st_mode) == 0o700
+    take_back(grant_files(base, [], job / "outputs", (tmp_path,)))  # nothing known
+    assert stat.S_IMODE(job.stat().st_mode) == 0o701
+    remove_tmp(base)
 
 
 @needs_root

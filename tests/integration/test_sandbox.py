@@ -127,6 +127,26 @@ def test_a_job_tmp_dir_is_private_emptied_after_each_job_and_removed_with_its_pr
     wait_for(lambda: not os.path.exists(info["tmp"]), timeout=10)
 
 
+def _entries(folder: str) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except FileNotFoundError:
+        return []
+
+
+def test_a_job_folder_keeps_nothing_of_a_job_once_it_is_over(users: Any, tmp_path: Path) -> None:
+    """Job folders are reused (emptied, not removed): once a job is over, neither its
+    inputs nor its outputs are left in the folder the next job gets."""
+    copied = users[0].submit("echo", "echo", files={"data": b"output of the first job"}).wait(60)
+    assert copied.state.value == "succeeded", copied.error
+    info = run(users[0], "sandbox_info", {}, files={"data": b"input of the second job"})
+    inputs, outputs = os.path.dirname(info["inputs"]["data"]), info["cwd"]
+    assert os.path.basename(outputs) == "outputs"
+    assert os.path.dirname(inputs) == os.path.dirname(outputs)  # one job folder
+    wait_for(lambda: not _entries(inputs) and not _entries(outputs), timeout=10)
+    assert copied.download("data", tmp_path).read_bytes() == b"output of the first job"
+
+
 def test_what_a_job_leaves_running_is_killed(users: Any) -> None:
     info = run(users[0], "sandbox_info", {"leave_process": True})
     wait_for(lambda: not alive(info["left_pid"]), timeout=10)

@@ -32,6 +32,15 @@ claim that failed, or whose answer has no `results` for them (a coordinator that
 ignored them), go alone (a repeat of one already kept is refused, 409: exactly one
 result is kept); with a coordinator older than protocol 3 every completion goes alone.
 
+Job folders (`inputs/`, `outputs/`, in the worker's own 0700 folder) are reused from
+job to job: a job's thread empties its folder once the completion is built (outputs
+inline in it or uploaded) and gives it back. Emptying unlinks the files the job left
+by name: its inputs as written here, and its outputs as the sandbox took them back
+(which leaves nothing else in `outputs/`; with a uid per job it is root's again, so a
+process a job left behind cannot write in the folder the next job gets). A folder
+whose content is not known (the sandbox did not take it back, a worker-side failure)
+is removed instead.
+
 The coordinator may restart or be briefly unreachable: every
 call retries with backoff, and the leases say what is still ours. Retrying ends
 with `stop()`: a stopping worker finishes its jobs (or, abandoning a coordinator
@@ -51,7 +60,6 @@ import contextlib
 import ctypes
 import hashlib
 import itertools
-import json
 import logging
 import os
 import platform
@@ -68,6 +76,7 @@ from typing import Any, TypeVar
 import httpx
 from nacl.public import PrivateKey
 from pydantic import ValidationError
+from pydantic_core import to_json
 
 from csml import placement
 from csml.apps.registry import load_app
@@ -91,7 +100,6 @@ from csml.schemas import (
     FileInfo,
     Heartbeat,
     HeartbeatResponse,
-    JobCompletion,
     Progress,
     RunningJob,
     WorkerAttestation,
@@ -112,6 +120,7 @@ from csml.worker.sandbox import IDLE_RSS_ALLOWANCE, MAX_IDLE, Outcome, Sandbox, 
 
 log = logging.getLogger("csml.worker")
 T = TypeVar("T")
+NO_PROGRESS = Progress()  # a job's until it tells (shared: a job's is replaced, never changed)
 R = TypeVar("R", bound=httpx.Response | LinkResponse)
 ENCRYPTED_ERROR = "the job failed; the reason is encrypted for its owner"
 
@@ -169,10 +178,8 @@ def automatic_labels() -> dict[str, Any]:
 @dataclass
 class _Running:
     claimed: ClaimedJob
-    sandbox_job: SandboxJob | None = None
-    progress: Progress = field(default_factory=Progress)
+    progress: Progress = field(default_factory=lambda: NO_PROGRESS)
     cancel: threading.Event = field(default_factory=threading.Event)
-    workdir: Path | None = None
     handed: bool = False  # its completion is pending: whoever sends it ends the job
     freed: bool = False  # its slot was given back when its completion was handed
 
@@ -191,7 +198,19 @@ class _Completion:
     """A completion waiting to be sent (riding a claim, or alone); its job ends once sent."""
 
     completion: BatchedCompletion
-    workdir: Path
+
+
+@dataclass
+class _Folder:
+    """A job folder (`inputs/`, `outputs/`), reused from job to job (`_take_folder`,
+    `_give_back`): made once instead of three directories made and removed per job."""
+
+    path: str
+    inputs: Path
+    outputs: Path
+    has_inputs: bool = False  # `inputs/` exists
+    files: list[str] = field(default_factory=list)  # what the running job left in it
+    known: bool = True  # `files` is all it holds (else it is removed, not reused)
 
 
 MAX_COMPLETION_BATCH = 64
@@ -228,7 +247,8 @@ class WorkerAgent:
         self._key = PrivateKey.generate()
         self.attestation = self._attest()
         self._workdir = Path(tempfile.mkdtemp(prefix="csml-worker-", dir=config.workdir))
-        self._job_dirs = itertools.count(1)  # job folders' names in it
+        self._folder_names = itertools.count(1)  # job folders' names in it
+        self._folders: deque[_Folder] = deque()  # job folders no job uses (`_take_folder`)
         # Idle children (one per owner, see `sandbox`): the memory they may keep is what
         # max(MAX_IDLE, 2 x slots) children may each keep; within it, up to
         # IDLE_PER_PLACE times as many small ones (many owners sharing a worker would
@@ -553,8 +573,8 @@ class WorkerAgent:
     def _claim(self, n: int, riding: list[_Completion]) -> ClaimResponse:
         """One claim of up to `n` jobs, carrying the heartbeat and `riding` completions
         (then it does not long-poll: its answer is their receipt)."""
-        done = [c.completion.model_dump(mode="json") for c in riding]
-        ending = {c.completion.job_id for c in riding}
+        done = [c.completion for c in riding]
+        ending = {c.job_id for c in done}
 
         def post() -> LinkResponse | httpx.Response:
             self._last_beat = time.monotonic()
@@ -569,7 +589,9 @@ class WorkerAgent:
             }
             if done:
                 body["completions"] = done
-            content = json.dumps(body, separators=(",", ":")).encode()
+            # (pydantic's serialiser writes the completions as they are, inline outputs
+            # included, with no copy of them as dicts first.)
+            content = to_json(body)
             return self.claims.post(self._path("/claim"), content, self._auth())
 
         response = self._call("claim", post, until=self.stopping)
@@ -585,7 +607,7 @@ class WorkerAgent:
             return
         self._report(answer.results)
         for c in riding:
-            self._end(c.completion.job_id, c.workdir)
+            self._end(c.completion.job_id)
 
     def _unsent(self, riding: list[_Completion]) -> None:
         """Completions a claim did not deliver: back to the front, to go alone."""
@@ -664,28 +686,61 @@ class WorkerAgent:
         if job.confidential is not None or any(f.name not in job.inline_inputs for f in job.inputs):
             self._undefer()  # it starts after downloads: the next claim does not wait
         try:
-            # In the worker's own folder (0700, only this process writes there): a name
-            # of its own is enough, no random one to look for.
-            workdir = self._workdir / f"job-{next(self._job_dirs)}"
-            workdir.mkdir(mode=0o700)
-            state.workdir = workdir
+            folder = self._take_folder()
             try:
-                self._execute_in(job, workdir)
+                self._execute_in(job, folder)
             except Revoked:
-                pass
+                folder.known = False
             except Exception:
+                folder.known = False
                 log.exception("job %s: worker-side failure; its lease will expire", job.id[:12])
             finally:
+                # Nothing of the folder is read once the job's completion is handed (its
+                # outputs are inline in it or uploaded): the next job may have it.
+                self._give_back(folder)
                 if not state.handed:  # else whoever sends the completion ends it
-                    self._end(job.id, workdir)
+                    self._end(job.id)
         finally:
             self._undefer()
             with self._lock:
                 self._active -= 1
 
-    def _end(self, job_id: str, workdir: Path) -> None:
-        """The job is over here: its folder goes, its slot is free, it leaves the heartbeat."""
-        _remove_job_dir(workdir)
+    def _take_folder(self) -> _Folder:
+        """A job folder no job uses: one given back, else a new one. In the worker's own
+        folder (0700, only this process writes there): a name of its own is enough, no
+        random one to look for. With a uid per job it is made traversable (o+x, what
+        `isolation_files.grant_files` would add for each job): a job reaches its own
+        inputs and outputs by path and lists nothing."""
+        try:
+            return self._folders.pop()
+        except IndexError:
+            pass
+        path = os.path.join(self._workdir, f"job-{next(self._folder_names)}")
+        os.mkdir(path, 0o711 if self.sandbox.own_uid else 0o700)
+        folder = _Folder(path, Path(path, "inputs"), Path(path, "outputs"))
+        os.mkdir(folder.outputs, 0o700)
+        return folder
+
+    def _give_back(self, folder: _Folder) -> None:
+        """A job's folder, emptied for the next: the files the job left are known by name
+        (its inputs as written here, its outputs as the sandbox took them back, which
+        leaves nothing else in `outputs/`); a folder whose content is not known, or that
+        fails to empty, is removed instead."""
+        files, folder.files = folder.files, []
+        if folder.known:
+            try:
+                for path in files:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+            except OSError:
+                folder.known = False
+        if folder.known:
+            self._folders.append(folder)
+        else:
+            shutil.rmtree(folder.path, ignore_errors=True)
+
+    def _end(self, job_id: str) -> None:
+        """The job is over here: its slot is free, it leaves the heartbeat."""
         with self._lock:
             state = self._running.pop(job_id, None)
             if state is None or not state.freed:
@@ -699,17 +754,19 @@ class WorkerAgent:
             while self._running and not self.finished.is_set():
                 self._ended.wait(0.5)
 
-    def _execute_in(self, job: ClaimedJob, workdir: Path) -> None:
+    def _execute_in(self, job: ClaimedJob, folder: _Folder) -> None:
         state = self._running[job.id]
-        inputs_dir, outputs_dir = workdir / "inputs", workdir / "outputs"
-        if job.inputs:
-            inputs_dir.mkdir()
-        outputs_dir.mkdir()
+        if job.inputs and not folder.has_inputs:
+            os.mkdir(folder.inputs, 0o700)
+            folder.has_inputs = True
+        inputs_dir, outputs_dir = folder.inputs, folder.outputs
+        folder.files.extend(os.path.join(inputs_dir, f.name) for f in job.inputs)
         if job.confidential is not None:
-            self._execute_confidential(job, state, inputs_dir, outputs_dir)
+            self._execute_confidential(job, state, folder, inputs_dir, outputs_dir)
             return
         inputs = {f.name: self._input(job, f, inputs_dir / f.name) for f in job.inputs}
         outcome = self._run(job, state, job.params, inputs, outputs_dir)
+        _left(folder, outcome)
         if outcome.cancelled:
             return
         inline: list[InlineOutput] = []
@@ -840,7 +897,7 @@ class WorkerAgent:
         return _Secret(data_key, nonce, manifest)
 
     def _execute_confidential(
-        self, job: ClaimedJob, state: _Running, inputs_dir: Path, outputs_dir: Path
+        self, job: ClaimedJob, state: _Running, folder: _Folder, inputs_dir: Path, outputs_dir: Path
     ) -> None:
         try:
             secret = self._open_job(job)
@@ -848,8 +905,11 @@ class WorkerAgent:
             log.warning("job %s: confidential job refused: %s", job.id[:12], exc)
             self._complete(
                 job,
-                JobCompletion(
-                    lease_id=job.lease_id, state="failed", error=f"refused by the worker: {exc}"
+                BatchedCompletion(
+                    job_id=job.id,
+                    lease_id=job.lease_id,
+                    state="failed",
+                    error=f"refused by the worker: {exc}",
                 ),
             )
             return
@@ -869,7 +929,8 @@ class WorkerAgent:
             failed = payload.state != "succeeded"
             self._complete(
                 job,
-                JobCompletion(
+                BatchedCompletion(
+                    job_id=job.id,
                     lease_id=job.lease_id,
                     state="failed" if failed else "succeeded",
                     error=ENCRYPTED_ERROR if failed else None,
@@ -895,6 +956,7 @@ class WorkerAgent:
         outcome = self._run(
             job, state, secret.manifest.params, inputs, outputs_dir, confidential=True
         )
+        _left(folder, outcome)
         if outcome.cancelled:
             return
         if not outcome.ok:
@@ -906,16 +968,13 @@ class WorkerAgent:
             self._upload(job, path, result_key, secret.nonce)
         finish(ResultPayload("succeeded", result=outcome.result, outputs=outputs))
 
-    def _complete(self, job: ClaimedJob, completion: JobCompletion) -> None:
+    def _complete(self, job: ClaimedJob, completion: BatchedCompletion) -> None:
         """Hand the completion over: the next claim carries it, or it goes alone (see
         `_next_turn`), and whoever sends it ends the job once the coordinator answered
         (nothing of the job's folder is read after this: outputs are inline in the
         completion or already uploaded). Folding, its slot is free at once."""
         state = self._running[job.id]
-        assert state.workdir is not None
-        if not isinstance(completion, BatchedCompletion):
-            completion = BatchedCompletion(job_id=job.id, **completion.model_dump())
-        pending = _Completion(completion, state.workdir)
+        pending = _Completion(completion)
         state.handed = True
         with self._lock:
             self._pending.append(pending)
@@ -959,7 +1018,7 @@ class WorkerAgent:
             with self._lock:
                 self._sending = False
         for c in batch:
-            self._end(c.completion.job_id, c.workdir)
+            self._end(c.completion.job_id)
 
     def _send_completions(self, batch: list[_Completion]) -> None:
         content = CompletionBatch(completions=[c.completion for c in batch]).model_dump_json()
@@ -1049,17 +1108,13 @@ class WorkerAgent:
         response.raise_for_status()
 
 
-def _remove_job_dir(workdir: Path) -> None:
-    """A job's folder, gone: usually its (by now empty) inputs and outputs folders and
-    itself, three `rmdir`s; anything else in it (outputs kept, symlinks) takes the full
-    walk, which never follows a link."""
-    try:
-        for sub in ("outputs", "inputs"):
-            with contextlib.suppress(FileNotFoundError):
-                os.rmdir(workdir / sub)
-        os.rmdir(workdir)
-    except OSError:
-        shutil.rmtree(workdir, ignore_errors=True)
+def _left(folder: _Folder, outcome: Outcome) -> None:
+    """Note what a job run in `folder` left in its `outputs/`: what the sandbox took back
+    (nothing else is left there); not known if the sandbox did not take it back."""
+    if outcome.outputs is None:
+        folder.known = False
+    else:
+        folder.files.extend(os.path.join(folder.outputs, name) for name in outcome.outputs)
 
 
 def _chunks(body: Any, size: int = 1 << 20) -> Any:

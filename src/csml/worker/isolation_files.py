@@ -73,10 +73,17 @@ def new_grant(
 
 
 def grant_files(
-    base: Grant, inputs: Collection[Path], output_dir: Path, roots: Collection[Path] = ()
+    base: Grant,
+    inputs: Collection[Path],
+    output_dir: Path,
+    roots: Collection[Path] = (),
+    reachable: set[str] | None = None,
 ) -> Grant:
     """`base` with one job's files handed to its uid (if any). Directories are loosened
-    (o+x) only below `roots` (default: the temp dir holding the tmp dir)."""
+    (o+x) only below `roots` (default: the temp dir holding the tmp dir). `reachable`:
+    directories already found or made traversable (for folders reused from job to job),
+    not looked at again; those made so here are added (a directory replaced since by one
+    that is not traversable keeps jobs out of it: it fails closed)."""
     grant = Grant(base.tmp, list(inputs), output_dir, base.uid, base.gid)
     if grant.uid is None:
         return grant
@@ -88,7 +95,7 @@ def grant_files(
         os.chown(output_dir, uid, uid, follow_symlinks=False)
         os.chmod(output_dir, 0o700)
         dirs = {p.parent for p in grant.inputs} | {output_dir.parent}
-        _grant_traverse(dirs, roots or (base.tmp.parent.parent,))
+        _grant_traverse(dirs, roots or (base.tmp.parent.parent,), reachable)
     except OSError:
         take_back(grant)
         raise
@@ -151,17 +158,20 @@ def remove_tmp(grant: Grant) -> None:
         shutil.rmtree(grant.tmp, ignore_errors=True)
 
 
-def _grant_traverse(dirs: Collection[Path], roots: Collection[Path]) -> None:
-    """o+x on the directories holding `dirs`, only ever below one of `roots`."""
+def _grant_traverse(
+    dirs: Collection[Path], roots: Collection[Path], reachable: set[str] | None = None
+) -> None:
+    """o+x on the directories holding `dirs`, only ever below one of `roots`; those in
+    `reachable` are skipped, those done are added to it."""
     tops = tuple(os.path.join(r, "") for r in roots)
-    seen: set[str] = set()
+    seen: set[str] = set() if reachable is None else reachable
     for d in dirs:
         a = str(d)
         while a.startswith(tops) and a not in seen:
-            seen.add(a)
             st = os.stat(a)
             if not st.st_mode & stat.S_IXOTH and st.st_uid == os.geteuid():
                 os.chmod(a, stat.S_IMODE(st.st_mode) | stat.S_IXOTH)
+            seen.add(a)
             a = os.path.dirname(a)
 
 

@@ -41,7 +41,7 @@ def children(pid: int, threads: bool = True) -> list[int]:
         return found
     for task in tasks:
         try:
-            found.extend(int(p) for p in read_proc(f"/proc/{pid}/task/{task}/children").split())
+            found.extend(map(int, read_proc(f"/proc/{pid}/task/{task}/children").split()))
         except OSError:
             continue
     return found

@@ -131,6 +131,7 @@ class _Resident:
     warm: str = ""  # the model it holds loaded (a `placement.warm_key`), if any
     cpu: float = -1.0  # its CPU time as last read (-1: not read yet)
     rss: int = -1  # its resident memory, read with `cpu` once a job answered (-1: not read)
+    threads: int = 0  # its threads, read with `rss` (0: not read)
     extra_bytes: int = 0  # resident memory beyond the zygote's, after its last job
     sandbox: JobSandboxMsg | None = None  # what every job of it is told (its uid, tmp, env)
 
@@ -146,6 +147,7 @@ MAX_IDLE = 8  # children kept waiting, over all owners (by default; see Sandbox)
 CPU_LIFETIME_FACTOR = 8  # a reused child's CPU rlimit, in per-job budgets (a backstop)
 IDLE_CPU_ALLOWANCE = 0.5  # CPU seconds an idle child may use (e.g. a thread a job left)
 IDLE_RSS_ALLOWANCE = 64 << 20  # memory an idle child may hold beyond the zygote's
+MAX_REACHABLE = 4096  # folders known to be traversable, at most (then forgotten)
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
@@ -160,17 +162,18 @@ def resident_bytes(pid: int) -> int:
 
 def cpu_seconds_of(pid: int) -> float:
     """CPU time of a process (all its threads, and its children it has reaped)."""
-    return cpu_and_rss_of(pid)[0]
+    return proc_stat(pid)[0]
 
 
-def cpu_and_rss_of(pid: int) -> tuple[float, int]:
-    """CPU time (as `cpu_seconds_of`) and resident memory (as `resident_bytes`) of a
-    process, from one read of /proc/PID/stat ((0, 0) if it is gone)."""
+def proc_stat(pid: int) -> tuple[float, int, int]:
+    """CPU time (as `cpu_seconds_of`), resident memory (as `resident_bytes`) and threads
+    of a process, from one read of /proc/PID/stat ((0, 0, 0) if it is gone)."""
     try:
         fields = read_proc(f"/proc/{pid}/stat").rsplit(b")", 1)[1].split()
-        return sum(int(v) for v in fields[11:15]) / CLOCK_TICKS, int(fields[21]) * PAGE_SIZE
+        cpu = int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
+        return cpu / CLOCK_TICKS, int(fields[21]) * PAGE_SIZE, int(fields[17])
     except (OSError, IndexError, ValueError):
-        return 0.0, 0
+        return 0.0, 0, 0
 
 
 @functools.lru_cache(maxsize=64)
@@ -222,14 +225,17 @@ class Sandbox:
         self.max_idle = max_idle
         self.idle_bytes = max_idle * IDLE_RSS_ALLOWANCE if idle_bytes is None else idle_bytes
         self._idle: dict[int, _Resident] = {}  # by token, least recently used first
+        self._idle_held = 0  # the `extra_bytes` of the idle children, summed
         self.own_uid = os.geteuid() == 0  # root: each job gets a uid of its own
         self._lock = threading.Lock()
         self._children: dict[int, _Child] = {}
+        self._pids: dict[int, int] = {}  # the pids of `_children` (each counted: reuse)
         self._tokens = itertools.count(1)
         self._tmp_root = Path(tempfile.mkdtemp(prefix="csml-sandbox-"))
         if self.own_uid:
             os.chmod(self._tmp_root, 0o711)  # noqa: S103 - traverse only, for job uids
         self._roots = [self._tmp_root.parent, *([workdir.parent] if workdir else [])]
+        self._reachable: set[str] = set()  # folders jobs can traverse (see `grant_files`)
         self._ready = threading.Event()
         self._features: list[str] | None = None
         self._zygote_rss, self._zygote_rss_at = 0, -1e9  # see `_zygote_bytes`
@@ -288,10 +294,12 @@ class Sandbox:
             assert isinstance(message, StartedMsg | ExitedMsg)
             with self._lock:
                 found = self._children.get(message.token)
+                if found is not None and isinstance(message, StartedMsg) and not found.pid:
+                    found.pid = message.pid
+                    self._pids[found.pid] = self._pids.get(found.pid, 0) + 1
             if found is None:
                 continue
             if isinstance(message, StartedMsg):
-                found.pid = message.pid
                 found.started.set()
             else:
                 found.status = message.status
@@ -306,7 +314,7 @@ class Sandbox:
 
     def close(self) -> None:
         with self._lock:
-            idle, self._idle = list(self._idle.values()), {}
+            idle, self._idle, self._idle_held = list(self._idle.values()), {}, 0
         for r in idle:
             r.channel.close()
         self._ctrl.close()  # the zygote kills any job left, then exits
@@ -330,7 +338,6 @@ class Sandbox:
         its own). `warm`: the job's model stays loaded in its child if it succeeds (see
         `warm_models`). `on_started()` is called once the job is sent to its child, or
         before waiting for a new child to start (it may be called again)."""
-        self._ensure_zygote()
         limits = _limits(
             job.memory_mb,
             job.cpu_seconds,
@@ -340,13 +347,22 @@ class Sandbox:
         resident = self._checkout(owner, limits)
         if resident is None:
             try:
+                self._ensure_zygote()  # (a reused child needs no zygote: it is forked)
                 resident = self._spawn(owner, limits)
             except OSError as exc:
                 return Outcome(ok=False, error=f"the sandbox could not prepare the job: {exc}")
         reuse = False
         try:
+            if len(self._reachable) > MAX_REACHABLE:
+                self._reachable.clear()
             try:
-                grant = grant_files(resident.base, job.inputs.values(), job.output_dir, self._roots)
+                grant = grant_files(
+                    resident.base,
+                    job.inputs.values(),
+                    job.output_dir,
+                    self._roots,
+                    self._reachable,
+                )
             except OSError as exc:
                 return Outcome(ok=False, error=f"the sandbox could not prepare the job: {exc}")
             kept: list[str] = []
@@ -386,7 +402,7 @@ class Sandbox:
         with self._lock:
             for token, r in reversed(self._idle.items()):  # most recently used first
                 if r.owner == owner and r.limits == limits:
-                    del self._idle[token]
+                    self._pop_idle(token)
                     break
             else:
                 return None
@@ -406,14 +422,23 @@ class Sandbox:
         resident.idle_cpu = resident.cpu
         with self._lock:
             self._idle[resident.token] = resident
+            self._idle_held += resident.extra_bytes
+            if len(self._idle) <= self.max_idle and self._idle_held <= self.idle_bytes:
+                return  # (the usual case: no walk over every idle child per job)
             over = evictions(
                 [(r.token, r.extra_bytes) for r in self._idle.values()],
                 self.max_idle,
                 self.idle_bytes,
             )
-            evicted = [self._idle.pop(token) for token in over]
+            evicted = [self._pop_idle(token) for token in over]
         for r in evicted:
             self._retire(r)
+
+    def _pop_idle(self, token: int) -> _Resident:
+        """(Under `_lock`.) An idle child, no longer idle."""
+        resident = self._idle.pop(token)
+        self._idle_held -= resident.extra_bytes
+        return resident
 
     def _expire_idle(self) -> None:
         """Retire children idle too long, or that use CPU while idle."""
@@ -424,7 +449,7 @@ class Sandbox:
         with self._lock:
             expired = [r for r in self._idle.values() if r.idle_since < cutoff or r.token in busy]
             for r in expired:
-                del self._idle[r.token]
+                self._pop_idle(r.token)
         for r in expired:
             self._retire(r)
 
@@ -439,7 +464,7 @@ class Sandbox:
             base = new_grant(self._tmp_root, self.own_uid, in_use, name=f"child-{token}")
         except OSError:
             with self._lock:
-                self._children.pop(token, None)
+                self._forget(token)
             raise
         child.uid = base.uid
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -453,6 +478,14 @@ class Sandbox:
         finally:
             theirs.close()
         return resident
+
+    def _forget(self, token: int) -> None:
+        """(Under `_lock`.) A child is gone: no longer one of `_children`."""
+        child = self._children.pop(token, None)
+        if child is not None and child.pid:
+            left = self._pids.pop(child.pid) - 1
+            if left:
+                self._pids[child.pid] = left
 
     def _retire(self, resident: _Resident) -> None:
         """End a child: its channel closes (it exits), the cleaner makes sure of it."""
@@ -483,7 +516,7 @@ class Sandbox:
                 child.exited.wait(10)
             remove_tmp(item.base)
             with self._lock:
-                self._children.pop(item.token, None)
+                self._forget(item.token)
 
     def _cpu_left(self, resident: _Resident, job: SandboxJob) -> bool:
         """Whether the child may take another job of full CPU budget under its rlimit
@@ -508,12 +541,14 @@ class Sandbox:
         return self._zygote_rss
 
     def _left_behind(self, resident: _Resident) -> bool:
-        """Processes the job left: children of its child, or orphans the zygote adopted."""
-        if children(resident.child.pid):
+        """Processes the job left: children of its child (of each of its threads; of its
+        only one, as it had when it answered: no listing of its threads), or orphans the
+        zygote adopted (any child of the zygote's that is not a job's)."""
+        if children(resident.child.pid, threads=resident.threads != 1):
             return True
+        adopted = set(children(self._zygote.pid, threads=False))
         with self._lock:
-            known = {c.pid for c in self._children.values()}
-        return any(pid not in known for pid in children(self._zygote.pid, threads=False))
+            return not self._pids.keys() >= adopted
 
     def _run(
         self,
@@ -537,7 +572,7 @@ class Sandbox:
             cpu_before = resident.cpu if resident.cpu >= 0 else cpu_seconds_of(child.pid)
 
             def overrun() -> str | None:
-                resident.cpu, resident.rss = cpu_and_rss_of(child.pid)
+                resident.cpu, resident.rss, resident.threads = proc_stat(child.pid)
                 if resident.cpu - cpu_before > job.cpu_seconds:
                     return f"exceeded its CPU-time limit of {job.cpu_seconds:g} s"
                 return None
