@@ -39,7 +39,9 @@ by name: its inputs as written here, and its outputs as the sandbox took them ba
 (which leaves nothing else in `outputs/`; with a uid per job it is root's again, so a
 process a job left behind cannot write in the folder the next job gets). A folder
 whose content is not known (the sandbox did not take it back, a worker-side failure)
-is removed instead.
+is removed instead. Only with a uid per job: under the worker's uid a job can write
+anywhere in its folder (and leave files there for the next job, maybe another
+identity's), so each job's folder is removed when it ends, as before.
 
 The coordinator may restart or be briefly unreachable: every
 call retries with backoff, and the leases say what is still ours. Retrying ends
@@ -727,6 +729,8 @@ class WorkerAgent:
         leaves nothing else in `outputs/`); a folder whose content is not known, or that
         fails to empty, is removed instead."""
         files, folder.files = folder.files, []
+        if not self.sandbox.own_uid:
+            folder.known = False  # the job could write anywhere in it (module docstring)
         if folder.known:
             try:
                 for path in files:
