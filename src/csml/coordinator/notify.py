@@ -46,6 +46,16 @@ anyone can read them again (the queue's lease memo).
 Listeners (`listen(prefix, callback)`) see every key with that prefix delivered
 here, local or relayed, and None when notifications may have been lost.
 
+Delivery from another thread (the relay's, a writer's) costs the loop nothing for a key
+nobody here follows: marks and watchers are done in that thread, and the loop is woken
+(`call_soon_threadsafe`) only for keys with a listener, a subscribed waiter or a
+following feed (`_wanted`), once per relayed packet (`_deliver_many`), not once per
+key. With N coordinators each hears the others' keys, most of them for jobs whose
+clients wait elsewhere, so this is what keeps a coordinator's cost per job from
+growing with N. Dropping is safe because a key is notified after the commit it
+announces: whoever subscribes or follows after the drop checks the store after that
+commit (the subscribe-before-checking rule).
+
 Hand-over: a request that woke someone (a claimer for the job it queued, a client's
 stream or long-poll for the job it ended) calls `await hand_over()` before answering,
 so the woken coroutines run their next step (take the job, push the result) before
@@ -228,7 +238,9 @@ class Notifier:
             except ImportError as exc:  # another driver than psycopg 3
                 log.warning("coordinators will not wake each other: %s", exc)
                 return
-            self._relay = PgRelay(self._engine, self._deliver, alive=lambda: not loop.is_closed())
+            self._relay = PgRelay(
+                self._engine, self._deliver_many, alive=lambda: not loop.is_closed()
+            )
 
     def close(self) -> None:
         if self._relay is not None:
@@ -356,6 +368,37 @@ class Notifier:
     def _deliver(self, key: str | None, times: int = 1, view: object | None = None) -> None:
         """Wake local waiters of `key` (None: every waiter), as for `times` notifications.
         Safe from any thread."""
+        self._count_and_watch(key, times)
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._wake(key, times, view)
+        elif self._wanted(key):
+            with suppress(RuntimeError):  # closed meanwhile
+                loop.call_soon_threadsafe(self._wake, key, times, view)
+
+    def _deliver_many(self, keys: list[tuple[str | None, int]]) -> None:
+        """`_deliver` of several (key, times) at once, from another thread than the loop's
+        (the relay's, with one packet of notifications): marks and watchers at once, then
+        one hop to the loop for the keys someone here follows (see `_wanted`)."""
+        wanted: list[tuple[str | None, int]] = []
+        for key, times in keys:
+            self._count_and_watch(key, times)
+            if self._wanted(key):
+                wanted.append((key, times))
+        loop = self._loop
+        if not wanted or loop is None or loop.is_closed():
+            return
+        with suppress(RuntimeError):  # closed meanwhile
+            loop.call_soon_threadsafe(self._wake_many, wanted)
+
+    def _count_and_watch(self, key: str | None, times: int) -> None:
+        """The part of a delivery done at once, in the delivering thread: marks, watchers."""
         if key is None or key.startswith(MARKED_PREFIXES):
             with self._marks_lock:
                 if key is None:
@@ -368,18 +411,28 @@ class Notifier:
                     callback(key)
                 except Exception:  # a watcher's bug must not stop wake-ups
                     log.exception("notification watcher failed on %r", key)
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
-            self._wake(key, times, view)
-        else:
-            with suppress(RuntimeError):  # closed meanwhile
-                loop.call_soon_threadsafe(self._wake, key, times, view)
+
+    def _wanted(self, key: str | None) -> bool:
+        """(Any thread.) Whether waking the loop for `key` can do anything: a listener of
+        its prefix, a waiter subscribed to it, or a feed following its topic. A key nobody
+        follows when it arrives is dropped there (its marks and watchers are done): one
+        who subscribes or follows later reads the store after that, and every key is
+        notified after the commit it announces, so that read sees what it announces (the
+        rule that makes subscribing before checking miss nothing). Reads the loop's dicts
+        without a lock: a membership test is atomic under the GIL."""
+        if key is None:
+            return True
+        for prefix, _ in self._listeners:
+            if key.startswith(prefix):
+                return True
+        if key in self._waiters:
+            return True
+        topic, sep, _ = key.rpartition(FEED_SEPARATOR)
+        return bool(sep) and topic in self._feeds
+
+    def _wake_many(self, keys: list[tuple[str | None, int]]) -> None:
+        for key, times in keys:
+            self._wake(key, times)
 
     def _wake(self, key: str | None, times: int = 1, view: object | None = None) -> None:
         for prefix, callback in self._listeners:

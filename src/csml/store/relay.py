@@ -9,6 +9,14 @@ wake per queued job); a coordinator ignores its own. If the LISTEN connection
 drops, it reconnects with backoff and then wakes every local waiter, since
 notifications sent meanwhile are lost.
 
+Cost per coordinator grows with the others' notifications, so both ends batch: the
+sender waits up to `LINGER_SECONDS` after a batch's first key for more (a submit's or a
+completion's keys are published a moment apart) and sends what it has in one
+transaction (one packet to each listener); the listener hands every notification of
+a packet to the notifier in one call (`deliver`), which wakes this coordinator's
+event loop once for the keys someone here follows and drops the others (see
+`csml.coordinator.notify`).
+
 It lives in the store because it is SQL on the store's own connections (LISTEN and
 `pg_notify`); `csml.coordinator.notify` decides what to wake and when.
 """
@@ -20,6 +28,7 @@ import logging
 import queue
 import secrets
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +40,7 @@ log = logging.getLogger("csml.coordinator.notify")
 
 CHANNEL = "csml_wake"
 MAX_BATCH = 500
+LINGER_SECONDS = 0.001  # after a key, how long the sender waits for more to send with it
 POLL_SECONDS = 1.0  # how often the threads check whether to stop
 
 
@@ -38,11 +48,13 @@ class PgRelay:
     def __init__(
         self,
         engine: Engine,
-        deliver: Callable[[str | None, int], None],
+        deliver: Callable[[list[tuple[str | None, int]]], None],
         alive: Callable[[], bool] = lambda: True,
     ) -> None:
-        """`deliver(key, times)` wakes local waiters as for `times` notifications of `key`
-        (None: every waiter); the threads end once `alive()` is false or `close()` is called."""
+        """`deliver([(key, times), ...])` wakes local waiters as for `times` notifications
+        of each `key` (None: every waiter), in order; it is called once per packet of
+        notifications received. The threads end once `alive()` is false or `close()` is
+        called."""
         self.origin = secrets.token_hex(8)
         self.listening = threading.Event()  # LISTEN is active: other coordinators reach us
         self.received = 0  # notifications from other coordinators, for metrics and tests
@@ -94,10 +106,13 @@ class PgRelay:
                 conn.execute("LISTEN " + CHANNEL)  # a constant identifier
                 self.listening.set()
                 delay = 0.2
-                self._deliver(None, 1)  # anything sent while we were not listening
+                self._deliver([(None, 1)])  # anything sent while we were not listening
                 while self._running():
-                    for note in conn.notifies(timeout=POLL_SECONDS):
-                        self._received(note.payload)
+                    # One packet's notifications at a time (`stop_after=1` returns after
+                    # the first read from the socket, with all it brought), delivered
+                    # together.
+                    notes = conn.notifies(timeout=POLL_SECONDS, stop_after=1)
+                    self._received([note.payload for note in notes])
             except TypeError as exc:
                 log.warning("coordinators will not wake each other: %s", exc)
                 return
@@ -115,12 +130,16 @@ class PgRelay:
             self._stop.wait(delay)
             delay = min(delay * 2, 5.0)
 
-    def _received(self, payload: str) -> None:
-        parts = payload.split(" ")
-        if len(parts) != 3 or parts[0] == self.origin or not parts[2].isdigit():
-            return
-        self.received += 1
-        self._deliver(parts[1], int(parts[2]))
+    def _received(self, payloads: list[str]) -> None:
+        keys: list[tuple[str | None, int]] = []
+        for payload in payloads:
+            parts = payload.split(" ")
+            if len(parts) != 3 or parts[0] == self.origin or not parts[2].isdigit():
+                continue
+            keys.append((parts[1], int(parts[2])))
+        if keys:
+            self.received += len(keys)
+            self._deliver(keys)
 
     # -- sending --------------------------------------------------------------
 
@@ -133,9 +152,10 @@ class PgRelay:
                 except queue.Empty:
                     continue
                 keys = Counter([first])
+                until = time.monotonic() + LINGER_SECONDS
                 while len(keys) < MAX_BATCH:
                     try:
-                        keys[self._outbox.get_nowait()] += 1
+                        keys[self._outbox.get(timeout=max(0.0, until - time.monotonic()))] += 1
                     except queue.Empty:
                         break
                 # PostgreSQL folds identical payloads of one transaction: count repeats.
