@@ -225,6 +225,7 @@ class Notifier:
         self._marks: dict[str, int] = {}
         self._lost = 0
         self._marks_lock = threading.Lock()
+        self.hops = 0  # deliveries from other threads that woke the loop (for /metrics)
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Attach to the event loop; on PostgreSQL, start relaying (until the loop closes)."""
@@ -379,6 +380,7 @@ class Notifier:
         if running is loop:
             self._wake(key, times, view)
         elif self._wanted(key):
+            self.hops += 1  # a race with another thread may lose one: a count for metrics
             with suppress(RuntimeError):  # closed meanwhile
                 loop.call_soon_threadsafe(self._wake, key, times, view)
 
@@ -394,6 +396,7 @@ class Notifier:
         loop = self._loop
         if not wanted or loop is None or loop.is_closed():
             return
+        self.hops += 1
         with suppress(RuntimeError):  # closed meanwhile
             loop.call_soon_threadsafe(self._wake_many, wanted)
 

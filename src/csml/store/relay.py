@@ -57,7 +57,11 @@ class PgRelay:
         called."""
         self.origin = secrets.token_hex(8)
         self.listening = threading.Event()  # LISTEN is active: other coordinators reach us
-        self.received = 0  # notifications from other coordinators, for metrics and tests
+        # Counts for /metrics, the benchmarks and tests (each written by one thread):
+        self.received = 0  # notifications (keys) from other coordinators
+        self.packets = 0  # reads of the LISTEN socket that brought notifications
+        self.sent = 0  # keys sent (a key published n times in one batch counts once)
+        self.publishes = 0  # pg_notify transactions
         self._engine = engine
         self._deliver = deliver
         self._alive = alive
@@ -112,7 +116,10 @@ class PgRelay:
                     # the first read from the socket, with all it brought), delivered
                     # together.
                     notes = conn.notifies(timeout=POLL_SECONDS, stop_after=1)
-                    self._received([note.payload for note in notes])
+                    payloads = [note.payload for note in notes]
+                    if payloads:
+                        self.packets += 1
+                        self._received(payloads)
             except TypeError as exc:
                 log.warning("coordinators will not wake each other: %s", exc)
                 return
@@ -167,6 +174,8 @@ class PgRelay:
                         "SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p",
                         (CHANNEL, payloads),
                     )
+                    self.publishes += 1
+                    self.sent += len(payloads)
                 except TypeError:
                     return  # said once by the listener
                 except (psycopg.Error, OSError) as exc:

@@ -344,3 +344,50 @@ def test_relay_wakes_one_idle_claimer_per_job_and_every_job_waiter(make_core: Ma
             b.notifier.close()
 
     assert asyncio.run(scenario()) == (2, 2)
+
+
+def test_relayed_keys_wake_the_other_loop_only_for_what_it_follows(make_core: MakeCore) -> None:
+    """Keys that B neither waits for nor follows (a job no one long-polls there, an
+    owner whose stream is elsewhere) reach B's marks and watchers but never wake its
+    event loop; the keys it follows do (at most once per packet), and all are counted."""
+    a, b = make_core(), make_core()
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        a.notifier.bind(loop)
+        b.notifier.bind(loop)
+        watched: list[str | None] = []
+        b.notifier.watch("job:", watched.append)
+        try:
+            for n in (a.notifier, b.notifier):
+                assert n.relay is not None
+                await asyncio.to_thread(n.relay.listening.wait, 30)
+            relay = b.notifier.relay
+            assert relay is not None
+            with ExitStack() as stack:
+                first = stack.enter_context(b.notifier.subscribe("job:first"))
+                a.notifier.notify("job:first")
+                await asyncio.wait_for(first.wait(), 10)
+                hops, received = b.notifier.hops, relay.received
+                for key in ("job:nobody", "owner:z/j1", "app:other"):
+                    a.notifier.notify(key)
+                for _ in range(1000):  # until B's relay has handed them over
+                    if relay.received - received >= 3:
+                        break
+                    await asyncio.sleep(0.01)
+                assert relay.received - received == 3
+                assert b.notifier.hops == hops  # nothing followed: B's loop was not woken
+                claimer = stack.enter_context(b.notifier.subscribe("app:echo"))
+                last = stack.enter_context(b.notifier.subscribe("job:last"))
+                a.notifier.notify("app:echo")
+                a.notifier.notify("job:last")
+                await asyncio.wait_for(last.wait(), 10)
+                assert claimer.is_set()
+                assert 1 <= b.notifier.hops - hops <= 2  # once per packet
+                assert b.notifier.mark("app:other")[0] == 1  # counted, though no one waits
+                assert "job:nobody" in watched  # the lease memo's kind of watcher: called
+        finally:
+            a.notifier.close()
+            b.notifier.close()
+
+    asyncio.run(scenario())
