@@ -54,7 +54,11 @@ key. With N coordinators each hears the others' keys, most of them for jobs whos
 clients wait elsewhere, so this is what keeps a coordinator's cost per job from
 growing with N. Dropping is safe because a key is notified after the commit it
 announces: whoever subscribes or follows after the drop checks the store after that
-commit (the subscribe-before-checking rule).
+commit (the subscribe-before-checking rule). Sending costs the others too (each
+relayed transaction wakes every other coordinator's LISTEN thread): an owner's change
+that ends no job (submitted, running, progress) is published as deferrable, and waits
+on its way out up to `csml.store.relay.DEFER_SECONDS` for a key that may not wait;
+event streams let such changes settle for longer than that anyway.
 
 Hand-over: a request that woke someone (a claimer for the job it queued, a client's
 stream or long-poll for the job it ended) calls `await hand_over()` before answering,
@@ -92,6 +96,7 @@ RELAYED_RECHECK_SECONDS = 5.0
 FEED_SEPARATOR = "/"
 FEED_MAX_PENDING = 10_000
 ENDING_MARK = "!"  # after a feed item: a change that may have ended the job (never in an id)
+OWNER_PREFIX = "owner:"  # the topics of identities' job changes (`owner_feed`)
 HAND_OVER_YIELDS = 8  # loop turns a request gives the coroutines it woke, at most
 
 
@@ -148,7 +153,7 @@ def job_key(job_id: str) -> str:
 
 def owner_feed(owner_id: str) -> str:
     """The notifier topic on which an identity's job changes are announced (item: job id)."""
-    return f"owner:{owner_id}"
+    return f"{OWNER_PREFIX}{owner_id}"
 
 
 def owner_change(owner_id: str, job_id: str, *, ending: bool = False) -> str:
@@ -363,8 +368,12 @@ class Notifier:
         any thread."""
         self._deliver(key, times, view=view)
         if self._relay is not None:
+            # A feed item's change that ends nothing (submitted, running, progress) may
+            # wait a little for company on its way to the other coordinators: their
+            # streams let such changes settle for longer anyway (`api_events`).
+            deferrable = key.startswith(OWNER_PREFIX) and not key.endswith(ENDING_MARK)
             for _ in range(times):
-                self._relay.publish(key)
+                self._relay.publish(key, deferrable=deferrable)
 
     def _deliver(self, key: str | None, times: int = 1, view: object | None = None) -> None:
         """Wake local waiters of `key` (None: every waiter), as for `times` notifications.

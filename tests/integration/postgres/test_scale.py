@@ -391,3 +391,43 @@ def test_relayed_keys_wake_the_other_loop_only_for_what_it_follows(make_core: Ma
             b.notifier.close()
 
     asyncio.run(scenario())
+
+
+def test_a_change_that_ends_nothing_waits_for_company_on_its_way_out(
+    make_core: MakeCore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An owner's change that ends no job (here: `owner:z/j1`, e.g. a job now running) is
+    not sent alone: it goes out with the next key that may not wait (`job:x`), in one
+    transaction; keys that may not wait go at once."""
+    from csml.store import relay as relay_module
+
+    monkeypatch.setattr(relay_module, "DEFER_SECONDS", 60.0)  # only company sends it
+    a, b = make_core(), make_core()
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        a.notifier.bind(loop)
+        b.notifier.bind(loop)
+        try:
+            for n in (a.notifier, b.notifier):
+                assert n.relay is not None
+                await asyncio.to_thread(n.relay.listening.wait, 30)
+            sender = a.notifier.relay
+            assert sender is not None
+            with ExitStack() as stack:
+                feed = stack.enter_context(b.notifier.follow("owner:z"))
+                woken = stack.enter_context(b.notifier.subscribe("job:x"))
+                publishes = sender.publishes
+                a.notifier.notify("owner:z/j1")
+                await asyncio.sleep(0.5)
+                assert sender.publishes == publishes and not feed.event.is_set()
+                a.notifier.notify("job:x")
+                await asyncio.wait_for(woken.wait(), 10)
+                await asyncio.wait_for(feed.event.wait(), 10)
+                assert feed.take() == ({"j1"}, False)
+                assert sender.publishes == publishes + 1  # both in one transaction
+        finally:
+            a.notifier.close()
+            b.notifier.close()
+
+    asyncio.run(scenario())
