@@ -135,3 +135,53 @@ def test_a_relayed_packet_wakes_the_loop_once_and_only_for_followed_keys() -> No
             assert hops == [[(None, 1)]] and feed.take() == (set(), True)
 
     asyncio.run(run())
+
+
+class _Outbox:
+    """Stands for the PostgreSQL relay: records what `notify` publishes."""
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, bool]] = []
+
+    def publish(self, key: str, *, deferrable: bool = False) -> None:
+        self.published.append((key, deferrable))
+
+    def close(self) -> None:
+        pass
+
+
+def test_what_may_wait_on_its_way_to_the_other_coordinators() -> None:
+    """Deferrable: an owner's change that ends nothing, and a job's wake-up taken by a
+    claimer waiting here; not: an ending change, a job key, a wake-up no claimer here
+    waited for (nor one that went to a subscriber busy outside `wait`)."""
+
+    async def run() -> None:
+        n = Notifier()
+        n.bind(asyncio.get_running_loop())
+        out = _Outbox()
+        n._relay = out  # type: ignore[assignment]
+        n.notify("owner:a/j1")
+        n.notify("owner:a/j1" + notify.ENDING_MARK)
+        n.notify("job:j1")
+        n.notify("app:echo")  # nobody here
+        with n.subscribe("app:echo") as busy:
+            n.notify("app:echo")  # subscribed, but not inside wait(): not sure to take it
+            assert busy.is_set()
+            busy.clear()
+            with n.subscribe("app:echo") as other:
+                waits = [asyncio.ensure_future(n.wait(e, 5)) for e in (busy, other)]
+                await asyncio.sleep(0)
+                n.notify("app:echo", times=3)  # two waiting claimers, one wake-up left over
+                assert await asyncio.gather(*waits) == [True, True]
+        assert out.published == [
+            ("owner:a/j1", True),
+            ("owner:a/j1!", False),
+            ("job:j1", False),
+            ("app:echo", False),
+            ("app:echo", False),
+            ("app:echo", True),
+            ("app:echo", True),
+            ("app:echo", False),
+        ]
+
+    asyncio.run(run())

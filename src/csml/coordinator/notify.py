@@ -58,7 +58,9 @@ commit (the subscribe-before-checking rule). Sending costs the others too (each
 relayed transaction wakes every other coordinator's LISTEN thread): an owner's change
 that ends no job (submitted, running, progress) is published as deferrable, and waits
 on its way out up to `csml.store.relay.DEFER_SECONDS` for a key that may not wait;
-event streams let such changes settle for longer than that anyway.
+event streams let such changes settle for longer than that anyway. So is a job's
+`app:` wake-up that went to a claimer here waiting in `wait` (it takes the job at
+once; the other coordinators' claimers are still told, for when it cannot).
 
 Hand-over: a request that woke someone (a claimer for the job it queued, a client's
 stream or long-poll for the job it ended) calls `await hand_over()` before answering,
@@ -230,6 +232,7 @@ class Notifier:
         self._marks: dict[str, int] = {}
         self._lost = 0
         self._marks_lock = threading.Lock()
+        self._waiting: set[asyncio.Event] = set()  # waiters inside `wait` (on the loop)
         self.hops = 0  # deliveries from other threads that woke the loop (for /metrics)
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -325,12 +328,14 @@ class Notifier:
 
     async def wait(self, event: asyncio.Event, timeout: float) -> bool:
         """Wait up to `timeout` seconds for `event`, then clear it; True if it was set."""
+        self._waiting.add(event)
         try:
             await asyncio.wait_for(event.wait(), timeout)
             return True
         except TimeoutError:
             return False
         finally:
+            self._waiting.discard(event)
             event.clear()
             self._unrun.pop(event, None)  # it runs now
 
@@ -366,32 +371,36 @@ class Notifier:
         notifications (a wake-one key: `times` waiters); `view` (of a feed key's item, in
         its final state: see the module) goes to this process's feeds only. Safe from
         any thread."""
-        self._deliver(key, times, view=view)
+        waiting = self._deliver(key, times, view=view)
         if self._relay is not None:
-            # A feed item's change that ends nothing (submitted, running, progress) may
-            # wait a little for company on its way to the other coordinators: their
-            # streams let such changes settle for longer anyway (`api_events`).
+            # What may wait a little for company on its way to the other coordinators: a
+            # feed item's change that ends nothing (submitted, running, progress: their
+            # streams let those settle for longer anyway, `api_events`), and a job's
+            # wake-up that a claimer waiting here took (it takes the job now; the others'
+            # claimers are told all the same, in case it cannot).
             deferrable = key.startswith(OWNER_PREFIX) and not key.endswith(ENDING_MARK)
-            for _ in range(times):
-                self._relay.publish(key, deferrable=deferrable)
+            for i in range(times):
+                self._relay.publish(key, deferrable=deferrable or i < waiting)
 
-    def _deliver(self, key: str | None, times: int = 1, view: object | None = None) -> None:
+    def _deliver(self, key: str | None, times: int = 1, view: object | None = None) -> int:
         """Wake local waiters of `key` (None: every waiter), as for `times` notifications.
-        Safe from any thread."""
+        Safe from any thread. Returns how many of a wake-one key's wake-ups went to
+        waiters inside `wait` (only known on the loop's thread: 0 elsewhere)."""
         self._count_and_watch(key, times)
         loop = self._loop
         if loop is None or loop.is_closed():
-            return
+            return 0
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:
             running = None
         if running is loop:
-            self._wake(key, times, view)
+            return self._wake(key, times, view)
         elif self._wanted(key):
             self.hops += 1  # a race with another thread may lose one: a count for metrics
             with suppress(RuntimeError):  # closed meanwhile
                 loop.call_soon_threadsafe(self._wake, key, times, view)
+        return 0
 
     def _deliver_many(self, keys: list[tuple[str | None, int]]) -> None:
         """`_deliver` of several (key, times) at once, from another thread than the loop's
@@ -446,7 +455,9 @@ class Notifier:
         for key, times in keys:
             self._wake(key, times)
 
-    def _wake(self, key: str | None, times: int = 1, view: object | None = None) -> None:
+    def _wake(self, key: str | None, times: int = 1, view: object | None = None) -> int:
+        """(On the loop.) Deliver `key`; returns how many of a wake-one key's wake-ups
+        went to waiters inside `wait` (not busy in a request's other steps)."""
         for prefix, callback in self._listeners:
             if key is None or key.startswith(prefix):
                 try:
@@ -460,7 +471,7 @@ class Notifier:
             for feeds in self._feeds.values():
                 for feed in feeds:
                     feed.add(None)
-            return
+            return 0
         topic, sep, item = key.rpartition(FEED_SEPARATOR)
         if sep and topic in self._feeds:
             for feed in self._feeds[topic]:
@@ -469,12 +480,15 @@ class Notifier:
                     self._unrun[feed] = None
         waiters = self._waiters.get(key)
         if not waiters:
-            return
-        if key.startswith(WAKE_ONE_PREFIX):
-            idle = [e for e in waiters if not e.is_set()][:times]
-        else:
-            idle = list(waiters)
+            return 0
+        if not key.startswith(WAKE_ONE_PREFIX):
+            for event in waiters:
+                if not event.is_set():
+                    self._unrun[event] = None
+                event.set()
+            return 0
+        idle = [e for e in waiters if not e.is_set()][:times]
         for event in idle:
-            if not event.is_set():
-                self._unrun[event] = None
+            self._unrun[event] = None
             event.set()
+        return sum(e in self._waiting for e in idle)
