@@ -60,6 +60,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -425,6 +426,7 @@ def one_run(
             throttle0 = [caps.throttling(g) for g in groups] if caps else []
             load0 = load()
             store0 = [scrape_store(u) for u in urls]
+            notify0 = [scrape_notify(u) for u in urls]
             requests0 = [scrape_requests(u) for u in urls]
             with (
                 LockSampler(pg.conninfo(dbname), args.sample_ms / 1000) as locks,
@@ -432,6 +434,7 @@ def one_run(
             ):
                 tally = run_clients(clients, args.jobs, args.seconds)
             store1 = [scrape_store(u) for u in urls]
+            notify1 = [scrape_notify(u) for u in urls]
             requests1 = [scrape_requests(u) for u in urls]
             throttle1 = [caps.throttling(g) for g in groups] if caps else []
             for c in clients:
@@ -449,6 +452,10 @@ def one_run(
         "coordinator_cpu_ms_per_job": round(1000 * sum(coord_cpu) / max(1, tally.done), 2),
         "jobs_per_coordinator_cpu_s": round(tally.done / max(1e-9, sum(coord_cpu)), 1),
         "store": store_deltas(_summed(store0), _summed(store1), tally.done),
+        "notify_per_job": {
+            k: round((v - _summed(notify0).get(k, 0.0)) / max(1, tally.done), 2)
+            for k, v in sorted(_summed(notify1).items())
+        },
         "requests": request_deltas(
             _summed_requests(requests0), _summed_requests(requests1), tally.done
         ),
@@ -482,10 +489,21 @@ def one_run(
             print(f"    {what.split('_')[0]} {times}x: {statement}", flush=True)
     print(f"    open transactions sampled, by state: {lw['open_transactions_by_state']}")
     routes = ", ".join(f"{k} {r['per_job']}" for k, r in out["requests"].items())
+    print(f"    notifications per job (all coordinators): {out['notify_per_job']}")
     print(f"    requests per job: {routes}", flush=True)
     print(
         f"    root holders' transaction age, ms (p50, max): {lw['root_transaction_age_ms_p50_max']}"
     )
+    return out
+
+
+def scrape_notify(url: str) -> dict[str, float]:
+    """A coordinator's wake-up counters (`csml_notify_*`, `csml_relay_*` in /metrics)."""
+    out = {}
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        name, _, value = line.partition(" ")
+        if name.startswith(("csml_notify_", "csml_relay_")) and name.endswith("_total"):
+            out[name[len("csml_") : -len("_total")]] = float(value)
     return out
 
 

@@ -93,3 +93,95 @@ def test_a_view_stays_with_its_item_unless_news_without_one_follows() -> None:
             assert other.take_views() == (set(), True, {})  # the resync reached it after x
 
     asyncio.run(run())
+
+
+def test_a_relayed_packet_wakes_the_loop_once_and_only_for_followed_keys() -> None:
+    """What the relay hands over from its thread: marks and watchers for every key, one
+    hop to the loop for the keys someone here follows, nothing for the others."""
+
+    async def run() -> None:
+        n = Notifier()
+        n.bind(asyncio.get_running_loop())
+        watched: list[str | None] = []
+        n.watch("job:", watched.append)
+        hops: list[list[tuple[str | None, int]]] = []
+        wake_many = n._wake_many
+
+        def spy(keys: list[tuple[str | None, int]]) -> None:
+            hops.append(list(keys))
+            wake_many(keys)
+
+        n._wake_many = spy  # type: ignore[method-assign]
+        packet: list[tuple[str | None, int]] = [
+            ("app:echo", 2),  # a claimer waits here
+            ("app:other", 1),  # nobody claims it here: counted only
+            ("job:elsewhere", 1),  # no long-poll here: the watcher only
+            (feed_key("owner:a", "j1"), 1),  # followed here
+            (feed_key("owner:b", "j2"), 1),  # nobody follows owner:b here
+        ]
+        with n.subscribe("app:echo") as claimer, n.follow("owner:a") as feed:
+            await asyncio.to_thread(n._deliver_many, packet)
+            await asyncio.sleep(0)
+            assert hops == [[("app:echo", 2), (feed_key("owner:a", "j1"), 1)]]
+            assert claimer.is_set() and feed.take() == ({"j1"}, False)
+            assert watched == ["job:elsewhere"]
+            assert n.mark("app:other") == (1, 0) and n.mark("app:echo") == (2, 0)
+            hops.clear()
+            await asyncio.to_thread(n._deliver_many, [("job:elsewhere", 1)])
+            await asyncio.sleep(0)
+            assert hops == []  # nothing followed: the loop is not woken
+            await asyncio.to_thread(n._deliver_many, [(None, 1)])  # lost: always delivered
+            await asyncio.sleep(0)
+            assert hops == [[(None, 1)]] and feed.take() == (set(), True)
+
+    asyncio.run(run())
+
+
+class _Outbox:
+    """Stands for the PostgreSQL relay: records what `notify` publishes."""
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, bool]] = []
+
+    def publish(self, key: str, *, deferrable: bool = False) -> None:
+        self.published.append((key, deferrable))
+
+    def close(self) -> None:
+        pass
+
+
+def test_what_may_wait_on_its_way_to_the_other_coordinators() -> None:
+    """Deferrable: an owner's change that ends nothing, and a job's wake-up taken by a
+    claimer waiting here; not: an ending change, a job key, a wake-up no claimer here
+    waited for (nor one that went to a subscriber busy outside `wait`)."""
+
+    async def run() -> None:
+        n = Notifier()
+        n.bind(asyncio.get_running_loop())
+        out = _Outbox()
+        n._relay = out  # type: ignore[assignment]
+        n.notify("owner:a/j1")
+        n.notify("owner:a/j1" + notify.ENDING_MARK)
+        n.notify("job:j1")
+        n.notify("app:echo")  # nobody here
+        with n.subscribe("app:echo") as busy:
+            n.notify("app:echo")  # subscribed, but not inside wait(): not sure to take it
+            assert busy.is_set()
+            busy.clear()
+            with n.subscribe("app:echo") as other:
+                waits = [asyncio.ensure_future(n.wait(e, 5)) for e in (busy, other)]
+                await asyncio.sleep(0)
+                n.notify("app:echo", times=3)  # two waiting claimers, one wake-up left over
+                assert await asyncio.gather(*waits) == [True, True]
+        assert out.published == [
+            ("owner:a/j1", True),
+            ("owner:a/j1!", False),
+            ("job:j1", False),
+            ("app:echo", False),
+            ("app:echo", False),
+            ("app:echo", True),
+            ("app:echo", True),
+            ("app:echo", False),
+        ]
+
+    asyncio.run(run())

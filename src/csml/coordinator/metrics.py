@@ -83,10 +83,41 @@ class StoreTrafficCollector(Collector):
         )
 
 
+class NotifyTrafficCollector(Collector):
+    """Wake-ups: deliveries from other threads that woke the event loop, and on PostgreSQL
+    the relay's traffic (what a coordinator pays for the others' notifications)."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        notifier = self.core.notifier
+        yield CounterMetricFamily(
+            "csml_notify_loop_hops",
+            "Deliveries of notifications from other threads that woke the event loop.",
+            notifier.hops,
+        )
+        relay = notifier.relay
+        if relay is None:
+            return
+        for name, value, what in (
+            (
+                "packets",
+                relay.packets,
+                "Reads of the LISTEN connection that brought notifications.",
+            ),
+            ("received", relay.received, "Notification keys received from other coordinators."),
+            ("publishes", relay.publishes, "pg_notify transactions sent."),
+            ("sent", relay.sent, "Notification keys sent."),
+        ):
+            yield CounterMetricFamily(f"csml_relay_{name}", what, value)
+
+
 def make_registry(core: Core) -> tuple[CollectorRegistry, Histogram]:
     registry = CollectorRegistry()
     registry.register(StoreCollector(core))
     registry.register(StoreTrafficCollector(core))
+    registry.register(NotifyTrafficCollector(core))
     latency = Histogram(
         "csml_http_request_duration_seconds",
         "HTTP request latency by route template and status.",

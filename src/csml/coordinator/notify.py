@@ -46,6 +46,22 @@ anyone can read them again (the queue's lease memo).
 Listeners (`listen(prefix, callback)`) see every key with that prefix delivered
 here, local or relayed, and None when notifications may have been lost.
 
+Delivery from another thread (the relay's, a writer's) costs the loop nothing for a key
+nobody here follows: marks and watchers are done in that thread, and the loop is woken
+(`call_soon_threadsafe`) only for keys with a listener, a subscribed waiter or a
+following feed (`_wanted`), once per relayed packet (`_deliver_many`), not once per
+key. With N coordinators each hears the others' keys, most of them for jobs whose
+clients wait elsewhere, so this is what keeps a coordinator's cost per job from
+growing with N. Dropping is safe because a key is notified after the commit it
+announces: whoever subscribes or follows after the drop checks the store after that
+commit (the subscribe-before-checking rule). Sending costs the others too (each
+relayed transaction wakes every other coordinator's LISTEN thread): an owner's change
+that ends no job (submitted, running, progress) is published as deferrable, and waits
+on its way out up to `csml.store.relay.DEFER_SECONDS` for a key that may not wait;
+event streams let such changes settle for longer than that anyway. So is a job's
+`app:` wake-up that went to a claimer here waiting in `wait` (it takes the job at
+once; the other coordinators' claimers are still told, for when it cannot).
+
 Hand-over: a request that woke someone (a claimer for the job it queued, a client's
 stream or long-poll for the job it ended) calls `await hand_over()` before answering,
 so the woken coroutines run their next step (take the job, push the result) before
@@ -82,6 +98,7 @@ RELAYED_RECHECK_SECONDS = 5.0
 FEED_SEPARATOR = "/"
 FEED_MAX_PENDING = 10_000
 ENDING_MARK = "!"  # after a feed item: a change that may have ended the job (never in an id)
+OWNER_PREFIX = "owner:"  # the topics of identities' job changes (`owner_feed`)
 HAND_OVER_YIELDS = 8  # loop turns a request gives the coroutines it woke, at most
 
 
@@ -138,7 +155,7 @@ def job_key(job_id: str) -> str:
 
 def owner_feed(owner_id: str) -> str:
     """The notifier topic on which an identity's job changes are announced (item: job id)."""
-    return f"owner:{owner_id}"
+    return f"{OWNER_PREFIX}{owner_id}"
 
 
 def owner_change(owner_id: str, job_id: str, *, ending: bool = False) -> str:
@@ -215,6 +232,8 @@ class Notifier:
         self._marks: dict[str, int] = {}
         self._lost = 0
         self._marks_lock = threading.Lock()
+        self._waiting: set[asyncio.Event] = set()  # waiters inside `wait` (on the loop)
+        self.hops = 0  # deliveries from other threads that woke the loop (for /metrics)
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Attach to the event loop; on PostgreSQL, start relaying (until the loop closes)."""
@@ -228,7 +247,9 @@ class Notifier:
             except ImportError as exc:  # another driver than psycopg 3
                 log.warning("coordinators will not wake each other: %s", exc)
                 return
-            self._relay = PgRelay(self._engine, self._deliver, alive=lambda: not loop.is_closed())
+            self._relay = PgRelay(
+                self._engine, self._deliver_many, alive=lambda: not loop.is_closed()
+            )
 
     def close(self) -> None:
         if self._relay is not None:
@@ -307,12 +328,14 @@ class Notifier:
 
     async def wait(self, event: asyncio.Event, timeout: float) -> bool:
         """Wait up to `timeout` seconds for `event`, then clear it; True if it was set."""
+        self._waiting.add(event)
         try:
             await asyncio.wait_for(event.wait(), timeout)
             return True
         except TimeoutError:
             return False
         finally:
+            self._waiting.discard(event)
             event.clear()
             self._unrun.pop(event, None)  # it runs now
 
@@ -348,14 +371,55 @@ class Notifier:
         notifications (a wake-one key: `times` waiters); `view` (of a feed key's item, in
         its final state: see the module) goes to this process's feeds only. Safe from
         any thread."""
-        self._deliver(key, times, view=view)
+        waiting = self._deliver(key, times, view=view)
         if self._relay is not None:
-            for _ in range(times):
-                self._relay.publish(key)
+            # What may wait a little for company on its way to the other coordinators: a
+            # feed item's change that ends nothing (submitted, running, progress: their
+            # streams let those settle for longer anyway, `api_events`), and a job's
+            # wake-up that a claimer waiting here took (it takes the job now; the others'
+            # claimers are told all the same, in case it cannot).
+            deferrable = key.startswith(OWNER_PREFIX) and not key.endswith(ENDING_MARK)
+            for i in range(times):
+                self._relay.publish(key, deferrable=deferrable or i < waiting)
 
-    def _deliver(self, key: str | None, times: int = 1, view: object | None = None) -> None:
+    def _deliver(self, key: str | None, times: int = 1, view: object | None = None) -> int:
         """Wake local waiters of `key` (None: every waiter), as for `times` notifications.
-        Safe from any thread."""
+        Safe from any thread. Returns how many of a wake-one key's wake-ups went to
+        waiters inside `wait` (only known on the loop's thread: 0 elsewhere)."""
+        self._count_and_watch(key, times)
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return 0
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            return self._wake(key, times, view)
+        elif self._wanted(key):
+            self.hops += 1  # a race with another thread may lose one: a count for metrics
+            with suppress(RuntimeError):  # closed meanwhile
+                loop.call_soon_threadsafe(self._wake, key, times, view)
+        return 0
+
+    def _deliver_many(self, keys: list[tuple[str | None, int]]) -> None:
+        """`_deliver` of several (key, times) at once, from another thread than the loop's
+        (the relay's, with one packet of notifications): marks and watchers at once, then
+        one hop to the loop for the keys someone here follows (see `_wanted`)."""
+        wanted: list[tuple[str | None, int]] = []
+        for key, times in keys:
+            self._count_and_watch(key, times)
+            if self._wanted(key):
+                wanted.append((key, times))
+        loop = self._loop
+        if not wanted or loop is None or loop.is_closed():
+            return
+        self.hops += 1
+        with suppress(RuntimeError):  # closed meanwhile
+            loop.call_soon_threadsafe(self._wake_many, wanted)
+
+    def _count_and_watch(self, key: str | None, times: int) -> None:
+        """The part of a delivery done at once, in the delivering thread: marks, watchers."""
         if key is None or key.startswith(MARKED_PREFIXES):
             with self._marks_lock:
                 if key is None:
@@ -368,20 +432,32 @@ class Notifier:
                     callback(key)
                 except Exception:  # a watcher's bug must not stop wake-ups
                     log.exception("notification watcher failed on %r", key)
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
-            self._wake(key, times, view)
-        else:
-            with suppress(RuntimeError):  # closed meanwhile
-                loop.call_soon_threadsafe(self._wake, key, times, view)
 
-    def _wake(self, key: str | None, times: int = 1, view: object | None = None) -> None:
+    def _wanted(self, key: str | None) -> bool:
+        """(Any thread.) Whether waking the loop for `key` can do anything: a listener of
+        its prefix, a waiter subscribed to it, or a feed following its topic. A key nobody
+        follows when it arrives is dropped there (its marks and watchers are done): one
+        who subscribes or follows later reads the store after that, and every key is
+        notified after the commit it announces, so that read sees what it announces (the
+        rule that makes subscribing before checking miss nothing). Reads the loop's dicts
+        without a lock: a membership test is atomic under the GIL."""
+        if key is None:
+            return True
+        for prefix, _ in self._listeners:
+            if key.startswith(prefix):
+                return True
+        if key in self._waiters:
+            return True
+        topic, sep, _ = key.rpartition(FEED_SEPARATOR)
+        return bool(sep) and topic in self._feeds
+
+    def _wake_many(self, keys: list[tuple[str | None, int]]) -> None:
+        for key, times in keys:
+            self._wake(key, times)
+
+    def _wake(self, key: str | None, times: int = 1, view: object | None = None) -> int:
+        """(On the loop.) Deliver `key`; returns how many of a wake-one key's wake-ups
+        went to waiters inside `wait` (not busy in a request's other steps)."""
         for prefix, callback in self._listeners:
             if key is None or key.startswith(prefix):
                 try:
@@ -395,7 +471,7 @@ class Notifier:
             for feeds in self._feeds.values():
                 for feed in feeds:
                     feed.add(None)
-            return
+            return 0
         topic, sep, item = key.rpartition(FEED_SEPARATOR)
         if sep and topic in self._feeds:
             for feed in self._feeds[topic]:
@@ -404,12 +480,15 @@ class Notifier:
                     self._unrun[feed] = None
         waiters = self._waiters.get(key)
         if not waiters:
-            return
-        if key.startswith(WAKE_ONE_PREFIX):
-            idle = [e for e in waiters if not e.is_set()][:times]
-        else:
-            idle = list(waiters)
+            return 0
+        if not key.startswith(WAKE_ONE_PREFIX):
+            for event in waiters:
+                if not event.is_set():
+                    self._unrun[event] = None
+                event.set()
+            return 0
+        idle = [e for e in waiters if not e.is_set()][:times]
         for event in idle:
-            if not event.is_set():
-                self._unrun[event] = None
+            self._unrun[event] = None
             event.set()
+        return sum(e in self._waiting for e in idle)

@@ -136,7 +136,13 @@ def make_engine(url: str) -> Engine:
         )
         _tune_sqlite(engine)
     else:
-        engine = create_engine(url, pool_size=10, max_overflow=20)
+        # LIFO: the connection returned last is checked out next, so reads keep using
+        # the few connections in use (their server backends warm, psycopg's prepared
+        # statements too) and those stay under `PING_IDLE_SECONDS` idle; FIFO rotated
+        # every read through the whole pool, so the fewer reads a coordinator served
+        # (one of several sharing the load), the more checkouts found a connection
+        # idle long enough to need a ping.
+        engine = create_engine(url, pool_size=10, max_overflow=20, pool_use_lifo=True)
         _ping_when_idle(engine)
     _count(engine)
     return engine

@@ -9,6 +9,17 @@ wake per queued job); a coordinator ignores its own. If the LISTEN connection
 drops, it reconnects with backoff and then wakes every local waiter, since
 notifications sent meanwhile are lost.
 
+Cost per coordinator grows with the others' notifications (each transaction of
+`pg_notify` is a packet to every listener, a wake-up of its LISTEN thread), so both
+ends batch. The sender waits up to `LINGER_SECONDS` after a key for more (a submit's
+or a completion's keys are published a moment apart) and sends what it has in one
+transaction; a key published as `deferrable` (the notifier's changes that end no job:
+submitted, running, progress, which event streams let settle for longer anyway) waits
+up to `DEFER_SECONDS` for a key that may not wait, and goes out with it. The listener
+hands every notification of a packet to the notifier in one call (`deliver`), which
+wakes this coordinator's event loop once for the keys someone here follows and drops
+the others (see `csml.coordinator.notify`).
+
 It lives in the store because it is SQL on the store's own connections (LISTEN and
 `pg_notify`); `csml.coordinator.notify` decides what to wake and when.
 """
@@ -20,6 +31,7 @@ import logging
 import queue
 import secrets
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +43,8 @@ log = logging.getLogger("csml.coordinator.notify")
 
 CHANNEL = "csml_wake"
 MAX_BATCH = 500
+LINGER_SECONDS = 0.001  # after a key, how long the sender waits for more to send with it
+DEFER_SECONDS = 0.05  # how long a deferrable key may wait for one that is not
 POLL_SECONDS = 1.0  # how often the threads check whether to stop
 
 
@@ -38,19 +52,25 @@ class PgRelay:
     def __init__(
         self,
         engine: Engine,
-        deliver: Callable[[str | None, int], None],
+        deliver: Callable[[list[tuple[str | None, int]]], None],
         alive: Callable[[], bool] = lambda: True,
     ) -> None:
-        """`deliver(key, times)` wakes local waiters as for `times` notifications of `key`
-        (None: every waiter); the threads end once `alive()` is false or `close()` is called."""
+        """`deliver([(key, times), ...])` wakes local waiters as for `times` notifications
+        of each `key` (None: every waiter), in order; it is called once per packet of
+        notifications received. The threads end once `alive()` is false or `close()` is
+        called."""
         self.origin = secrets.token_hex(8)
         self.listening = threading.Event()  # LISTEN is active: other coordinators reach us
-        self.received = 0  # notifications from other coordinators, for metrics and tests
+        # Counts for /metrics, the benchmarks and tests (each written by one thread):
+        self.received = 0  # notifications (keys) from other coordinators
+        self.packets = 0  # reads of the LISTEN socket that brought notifications
+        self.sent = 0  # keys sent (a key published n times in one batch counts once)
+        self.publishes = 0  # pg_notify transactions
         self._engine = engine
         self._deliver = deliver
         self._alive = alive
         self._stop = threading.Event()
-        self._outbox: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[tuple[str, bool]] = queue.SimpleQueue()
         self._threads = [
             threading.Thread(target=self._listen_loop, name="csml-pg-listen", daemon=True),
             threading.Thread(target=self._publish_loop, name="csml-pg-notify", daemon=True),
@@ -58,9 +78,10 @@ class PgRelay:
         for t in self._threads:
             t.start()
 
-    def publish(self, key: str) -> None:
-        """Queue `key` for the other coordinators (never blocks)."""
-        self._outbox.put(key)
+    def publish(self, key: str, *, deferrable: bool = False) -> None:
+        """Queue `key` for the other coordinators (never blocks). `deferrable`: it may wait
+        up to `DEFER_SECONDS` for company (it goes with the next key that may not)."""
+        self._outbox.put((key, deferrable))
 
     def close(self, timeout: float = 5.0) -> None:
         self._stop.set()
@@ -94,10 +115,16 @@ class PgRelay:
                 conn.execute("LISTEN " + CHANNEL)  # a constant identifier
                 self.listening.set()
                 delay = 0.2
-                self._deliver(None, 1)  # anything sent while we were not listening
+                self._deliver([(None, 1)])  # anything sent while we were not listening
                 while self._running():
-                    for note in conn.notifies(timeout=POLL_SECONDS):
-                        self._received(note.payload)
+                    # One packet's notifications at a time (`stop_after=1` returns after
+                    # the first read from the socket, with all it brought), delivered
+                    # together.
+                    notes = conn.notifies(timeout=POLL_SECONDS, stop_after=1)
+                    payloads = [note.payload for note in notes]
+                    if payloads:
+                        self.packets += 1
+                        self._received(payloads)
             except TypeError as exc:
                 log.warning("coordinators will not wake each other: %s", exc)
                 return
@@ -115,50 +142,78 @@ class PgRelay:
             self._stop.wait(delay)
             delay = min(delay * 2, 5.0)
 
-    def _received(self, payload: str) -> None:
-        parts = payload.split(" ")
-        if len(parts) != 3 or parts[0] == self.origin or not parts[2].isdigit():
-            return
-        self.received += 1
-        self._deliver(parts[1], int(parts[2]))
+    def _received(self, payloads: list[str]) -> None:
+        keys: list[tuple[str | None, int]] = []
+        for payload in payloads:
+            parts = payload.split(" ")
+            if len(parts) != 3 or parts[0] == self.origin or not parts[2].isdigit():
+                continue
+            keys.append((parts[1], int(parts[2])))
+        if keys:
+            self.received += len(keys)
+            self._deliver(keys)
 
     # -- sending --------------------------------------------------------------
 
     def _publish_loop(self) -> None:
         conn: psycopg.Connection[Any] | None = None
+        keys: Counter[str] = Counter()  # held, to send in one transaction
+        send_by: float | None = None  # when the deferrable keys held must go out
         try:
             while self._running():
+                wait = POLL_SECONDS if send_by is None else send_by - time.monotonic()
                 try:
-                    first = self._outbox.get(timeout=POLL_SECONDS)
+                    key, deferrable = self._outbox.get(timeout=max(0.0, wait))
                 except queue.Empty:
+                    if send_by is not None and time.monotonic() >= send_by:
+                        conn = self._send(conn, keys)
+                        keys, send_by = Counter(), None
                     continue
-                keys = Counter([first])
+                keys[key] += 1
+                if deferrable and len(keys) < MAX_BATCH:
+                    if send_by is None:
+                        send_by = time.monotonic() + DEFER_SECONDS
+                    if time.monotonic() < send_by:
+                        continue
+                # A key that may not wait (or the deferred ones' time): a moment for
+                # company, then everything held goes out together.
+                until = time.monotonic() + LINGER_SECONDS
                 while len(keys) < MAX_BATCH:
                     try:
-                        keys[self._outbox.get_nowait()] += 1
+                        more, _ = self._outbox.get(timeout=max(0.0, until - time.monotonic()))
                     except queue.Empty:
                         break
-                # PostgreSQL folds identical payloads of one transaction: count repeats.
-                payloads = [f"{self.origin} {k} {n}" for k, n in sorted(keys.items())]
-                try:
-                    if conn is None:
-                        conn = self._connect()
-                    conn.execute(
-                        "SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p",
-                        (CHANNEL, payloads),
-                    )
-                except TypeError:
-                    return  # said once by the listener
-                except (psycopg.Error, OSError) as exc:
-                    # Dropped: the other coordinators' long-polls re-check the store anyway.
-                    log.warning("could not relay %d wake-ups (%s)", len(keys), type(exc).__name__)
-                    if conn is not None:
-                        _close(conn)
-                    conn = None
-                    self._stop.wait(0.5)
+                    keys[more] += 1
+                conn = self._send(conn, keys)
+                keys, send_by = Counter(), None
+        except TypeError:
+            return  # said once by the listener
         finally:
             if conn is not None:
                 _close(conn)
+
+    def _send(
+        self, conn: psycopg.Connection[Any] | None, keys: Counter[str]
+    ) -> psycopg.Connection[Any] | None:
+        """Send `keys` in one transaction; the connection to use next (None: reconnect)."""
+        # PostgreSQL folds identical payloads of one transaction: count repeats.
+        payloads = [f"{self.origin} {k} {n}" for k, n in sorted(keys.items())]
+        try:
+            if conn is None:
+                conn = self._connect()
+            conn.execute(
+                "SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p", (CHANNEL, payloads)
+            )
+            self.publishes += 1
+            self.sent += len(payloads)
+            return conn
+        except (psycopg.Error, OSError) as exc:
+            # Dropped: the other coordinators' long-polls re-check the store anyway.
+            log.warning("could not relay %d wake-ups (%s)", len(keys), type(exc).__name__)
+            if conn is not None:
+                _close(conn)
+            self._stop.wait(0.5)
+            return None
 
 
 def _close(conn: psycopg.Connection[Any]) -> None:

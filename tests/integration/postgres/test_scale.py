@@ -344,3 +344,90 @@ def test_relay_wakes_one_idle_claimer_per_job_and_every_job_waiter(make_core: Ma
             b.notifier.close()
 
     assert asyncio.run(scenario()) == (2, 2)
+
+
+def test_relayed_keys_wake_the_other_loop_only_for_what_it_follows(make_core: MakeCore) -> None:
+    """Keys that B neither waits for nor follows (a job no one long-polls there, an
+    owner whose stream is elsewhere) reach B's marks and watchers but never wake its
+    event loop; the keys it follows do (at most once per packet), and all are counted."""
+    a, b = make_core(), make_core()
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        a.notifier.bind(loop)
+        b.notifier.bind(loop)
+        watched: list[str | None] = []
+        b.notifier.watch("job:", watched.append)
+        try:
+            for n in (a.notifier, b.notifier):
+                assert n.relay is not None
+                await asyncio.to_thread(n.relay.listening.wait, 30)
+            relay = b.notifier.relay
+            assert relay is not None
+            with ExitStack() as stack:
+                first = stack.enter_context(b.notifier.subscribe("job:first"))
+                a.notifier.notify("job:first")
+                await asyncio.wait_for(first.wait(), 10)
+                hops, received = b.notifier.hops, relay.received
+                for key in ("job:nobody", "owner:z/j1", "app:other"):
+                    a.notifier.notify(key)
+                for _ in range(1000):  # until B's relay has handed them over
+                    if relay.received - received >= 3:
+                        break
+                    await asyncio.sleep(0.01)
+                assert relay.received - received == 3
+                assert b.notifier.hops == hops  # nothing followed: B's loop was not woken
+                claimer = stack.enter_context(b.notifier.subscribe("app:echo"))
+                last = stack.enter_context(b.notifier.subscribe("job:last"))
+                a.notifier.notify("app:echo")
+                a.notifier.notify("job:last")
+                await asyncio.wait_for(last.wait(), 10)
+                assert claimer.is_set()
+                assert 1 <= b.notifier.hops - hops <= 2  # once per packet
+                assert b.notifier.mark("app:other")[0] == 1  # counted, though no one waits
+                assert "job:nobody" in watched  # the lease memo's kind of watcher: called
+        finally:
+            a.notifier.close()
+            b.notifier.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_change_that_ends_nothing_waits_for_company_on_its_way_out(
+    make_core: MakeCore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An owner's change that ends no job (here: `owner:z/j1`, e.g. a job now running) is
+    not sent alone: it goes out with the next key that may not wait (`job:x`), in one
+    transaction; keys that may not wait go at once."""
+    from csml.store import relay as relay_module
+
+    monkeypatch.setattr(relay_module, "DEFER_SECONDS", 60.0)  # only company sends it
+    a, b = make_core(), make_core()
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        a.notifier.bind(loop)
+        b.notifier.bind(loop)
+        try:
+            for n in (a.notifier, b.notifier):
+                assert n.relay is not None
+                await asyncio.to_thread(n.relay.listening.wait, 30)
+            sender = a.notifier.relay
+            assert sender is not None
+            with ExitStack() as stack:
+                feed = stack.enter_context(b.notifier.follow("owner:z"))
+                woken = stack.enter_context(b.notifier.subscribe("job:x"))
+                publishes = sender.publishes
+                a.notifier.notify("owner:z/j1")
+                await asyncio.sleep(0.5)
+                assert sender.publishes == publishes and not feed.event.is_set()
+                a.notifier.notify("job:x")
+                await asyncio.wait_for(woken.wait(), 10)
+                await asyncio.wait_for(feed.event.wait(), 10)
+                assert feed.take() == ({"j1"}, False)
+                assert sender.publishes == publishes + 1  # both in one transaction
+        finally:
+            a.notifier.close()
+            b.notifier.close()
+
+    asyncio.run(scenario())
