@@ -118,7 +118,10 @@ def test_the_stream_sends_ends_only_unless_a_waiter_reports_progress(roomy: Clus
         stream = client._results
         assert stream is not None and not stream._every_change
         seen: list[tuple[str, float]] = []
-        job = client.submit("echo", "echo", params={"sleep": 1.0})
+        # A long-poll answers at the job's end or when its `poll` (1 s) runs out: a job
+        # running 2.5 s is seen running at least once (a 1 s job could end just before
+        # the first poll's answer, once the platform's own cost per job got small).
+        job = client.submit("echo", "echo", params={"sleep": 2.5})
         job.wait(timeout=60, on_progress=lambda j: seen.append((j.state.value, j.progress[0])))
         assert stream.progress and job.state.value == "succeeded"
         assert "running" in {state for state, _ in seen} and seen[-1][0] == "succeeded"
