@@ -10,14 +10,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from sqlalchemy import Connection, insert, select
 from sqlalchemy.exc import OperationalError
 
 from csml.coordinator.queue import CONFLICT_RETRIES, JobQueue
+from csml.schemas import JobSpec
+from csml.store import jobs as store
 from csml.store.jobs import APPS
 from csml.store.tables import utcnow
+from csml.store.writer import Rerunnable
 from tests.unit.conftest import MakeCoordinator
 
 
@@ -108,3 +112,60 @@ def test_other_errors_are_not_run_again(make_coordinator: MakeCoordinator) -> No
     with pytest.raises(KeyError):
         asyncio.run(queue._run_retrying(refused))
     assert runs == 1
+
+
+def test_rerunnable_ops_run_again_others_run_once(make_coordinator: MakeCoordinator) -> None:
+    """Submits, claims and heartbeats (`JobQueue._write`): a `Rerunnable` op is run again
+    after a deadlock; another (a claim with credit priority, whose window in memory must
+    not count twice) is run once and its deadlock raised."""
+    queue = make_coordinator().core.queue
+    done = queue._write(Rerunnable(failing(CONFLICT_RETRIES - 1)), "a claim")
+    assert done == f"run-{CONFLICT_RETRIES}"
+    done = asyncio.run(queue._write_async(Rerunnable(failing(1)), "a submission"))
+    assert done == "run-2"
+    with pytest.raises(OperationalError):
+        queue._write(failing(1), "a claim")
+    with pytest.raises(OperationalError):
+        asyncio.run(queue._write_async(failing(1), "a claim"))
+    assert app_names(queue) == sorted([f"run-{CONFLICT_RETRIES}", "run-2"])
+
+
+def test_a_batch_submission_aborted_by_a_deadlock_runs_again(
+    make_coordinator: MakeCoordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`submit_many`: an item PostgreSQL aborted is run again alone, and queued once."""
+    coordinator = make_coordinator()
+    queue = coordinator.core.queue
+    owner_id = _owner_of(coordinator)
+    real = queue._submit_op
+    aborted: list[str] = []
+
+    def submit_op(*args: Any, **kwargs: Any) -> Rerunnable[Any]:
+        op = real(*args, **kwargs)
+        assert isinstance(op, Rerunnable)
+
+        def flaky(conn: Connection) -> Any:
+            row = op(conn)  # its rows are written, then the statement is aborted
+            if len(aborted) < 1:
+                aborted.append(row.id)
+                raise OperationalError("INSERT jobs …", {}, DeadlockDetected("deadlock"))
+            return row
+
+        return Rerunnable(flaky)
+
+    monkeypatch.setattr(queue, "_submit_op", submit_op)
+    specs = [JobSpec(app="echo", operation="echo", params={"n": n}) for n in range(3)]
+    answers = queue.submit_many(owner_id, [(spec, None, {}) for spec in specs])
+    assert all(not isinstance(a, Exception) for a in answers), answers
+    assert aborted and aborted[0] in {a.id for a in answers if not isinstance(a, Exception)}
+    with queue.read() as conn:
+        queued = [store.by_id(conn, a.id) for a in answers if not isinstance(a, Exception)]
+    assert [j.params if j else None for j in queued] == [{"n": 0}, {"n": 1}, {"n": 2}]
+
+
+def _owner_of(coordinator: Any) -> str:
+    job = coordinator.new_user().submit("echo", "echo")
+    with coordinator.core.queue.read() as conn:
+        row = store.by_id(conn, job.id)
+    assert row is not None
+    return str(row.owner_id)

@@ -178,6 +178,10 @@ class _Attempt:
 
 
 @functools.cache
+def _rerunnable(op: object) -> bool:
+    return isinstance(op, Rerunnable)
+
+
 def _conflict_attempts(what: str) -> tuple[_Attempt, ...]:
     """The runs of a `Writer` operation (up to `CONFLICT_RETRIES` in all), for sync and
     async callers alike::
@@ -483,7 +487,14 @@ class JobQueue:
             )
             placed.append((index, job_id))
         queued: list[JobRow] = []
-        for (index, job_id), answer in zip(placed, self.writer.run_many(ops), strict=True):
+        ran = self.writer.run_many(ops)
+        for n, (op_, answer) in enumerate(zip(ops, ran, strict=True)):
+            if isinstance(answer, Exception) and is_conflict(answer) and _rerunnable(op_):
+                try:  # PostgreSQL broke a deadlock: that op, again (see `_write`)
+                    ran[n] = self._run_retrying_sync(op_, "a submission")
+                except Exception as exc:
+                    ran[n] = exc
+        for (index, job_id), answer in zip(placed, ran, strict=True):
             answers[index] = answer
             if isinstance(answer, Exception):
                 self.blobs.remove_job(job_id)  # adopted inputs and linked models
@@ -517,8 +528,9 @@ class JobQueue:
         job_id, op, requires = self._prepare_submit(spec, files)
         try:
             inputs = adopt_input_rows(self.blobs, staging, job_id, files)
-            job = await self.writer.run_async(
-                self._submit_op(owner_id, spec, op, requires, job_id, inputs, files, count_window)
+            job = await self._write_async(
+                self._submit_op(owner_id, spec, op, requires, job_id, inputs, files, count_window),
+                "a submission",
             )
         except BaseException:
             self.blobs.remove_job(job_id)
@@ -787,7 +799,7 @@ class JobQueue:
         op, gone = self._claim_op(worker, max_jobs, running or [], wait, warm or [])
         if op is None:
             return ClaimResponse(jobs=[], abort=gone)
-        return self._claimed(worker, self.writer.run(op), gone)
+        return self._claimed(worker, self._write(op, "a claim"), gone)
 
     async def claim_and_beat_async(
         self,
@@ -813,7 +825,7 @@ class JobQueue:
         )
         if op is None:
             return ClaimResponse(jobs=[], abort=gone)
-        answer = self._claimed(worker, await self.writer.run_async(op), gone)
+        answer = self._claimed(worker, await self._write_async(op, "a claim"), gone)
         if woken and not answer.jobs:
             again = await self.claim_and_beat_async(
                 worker, max_jobs, wait=wait, warm=warm, recheck=True
@@ -1186,12 +1198,12 @@ class JobQueue:
     def heartbeat(self, worker: WorkerRef, beat: Heartbeat) -> HeartbeatResponse:
         """Write the worker's liveness, extend its leases, record progress; which to abort."""
         op, since = self._heartbeat_op(worker, beat)
-        return self._heartbeat_done(worker, self.writer.run(op), since)
+        return self._heartbeat_done(worker, self._write(op, "a heartbeat"), since)
 
     async def heartbeat_async(self, worker: WorkerRef, beat: Heartbeat) -> HeartbeatResponse:
         """`heartbeat` from the event loop."""
         op, since = self._heartbeat_op(worker, beat)
-        return self._heartbeat_done(worker, await self.writer.run_async(op), since)
+        return self._heartbeat_done(worker, await self._write_async(op, "a heartbeat"), since)
 
     def _heartbeat_op(
         self, worker: WorkerRef, beat: Heartbeat
@@ -1331,6 +1343,24 @@ class JobQueue:
         if any(d.inline_outputs for d in batch):
             return await anyio.to_thread.run_sync(self._prepare, worker, batch)
         return self._prepare(worker, batch)  # a glob per job, no writes
+
+    def _write(self, op: Callable[[Connection], T], what: str) -> T:
+        """`writer.run(op)`; a `Rerunnable` op (rows only: submits, claims, heartbeats)
+        runs again when PostgreSQL aborts it to break a deadlock (`_run_retrying_sync`),
+        as cancels and completions do. Same-owner submits on several coordinators lock
+        the owner's row (the stored-bytes triggers) in whatever order their group
+        commits hold them; a claim may update a step its own transaction just queued,
+        whose foreign-key check locks the pipeline's row. Another op runs once (its
+        effects in memory, such as credit's window, must not count twice)."""
+        if _rerunnable(op):
+            return self._run_retrying_sync(op, what)
+        return self.writer.run(op)
+
+    async def _write_async(self, op: Callable[[Connection], T], what: str) -> T:
+        """`_write` from the event loop."""
+        if _rerunnable(op):
+            return await self._run_retrying(op, what)
+        return await self.writer.run_async(op)
 
     def _run_retrying_sync(self, op: Callable[[Connection], T], what: str = "a write") -> T:
         """`writer.run(op)`, run again on a deadlock (`_conflict_attempts`). Cancels and
