@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import json
+import os
 import select
 import socket
+import stat
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -115,6 +117,7 @@ class PeakRss:
         self.interval = interval
         self.peak = self.process.memory_info().rss
         self._stop = threading.Event()
+        self._failed: BaseException | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
@@ -164,24 +167,33 @@ class FolderWatch:
         self.peak_bytes = 0
         self.peak_files = 0
         self._stop = threading.Event()
+        self._failed: BaseException | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def sample(self) -> None:
         size = files = 0
-        for path in self.folder.rglob("*"):
-            try:
-                if path.is_file():
+        # os.walk skips a folder that goes away while it is walked (a staging folder
+        # removed meanwhile holds nothing any more); `Path.rglob` raised, which ended the
+        # sampling thread and left the peaks of the samples before it.
+        for top, _, names in os.walk(self.folder):
+            for name in names:
+                try:
+                    st = os.lstat(os.path.join(top, name))
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode):
                     files += 1
-                    size += path.stat().st_size
-            except OSError:
-                continue
+                    size += st.st_size
         self.peak_bytes = max(self.peak_bytes, size)
         self.peak_files = max(self.peak_files, files)
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            self.sample()
-            self._stop.wait(self.interval)
+        try:
+            while not self._stop.is_set():
+                self.sample()
+                self._stop.wait(self.interval)
+        except BaseException as exc:  # raised again on exit: a test never trusts a dead watch
+            self._failed = exc
 
     def __enter__(self) -> FolderWatch:
         self._thread.start()
@@ -190,4 +202,6 @@ class FolderWatch:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        if self._failed is not None:
+            raise RuntimeError("the folder watch stopped sampling") from self._failed
         self.sample()
