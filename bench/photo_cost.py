@@ -40,14 +40,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from request_cost import OPERATOR, call
+from request_cost import OPERATOR, app_with_identity, call
 
 from csml.apps.opencv import app as opencv_app
-from csml.client import pow
 from csml.coordinator import api_events
-from csml.coordinator.app import create_app
-from csml.coordinator.config import Settings
-from csml.store.db import counters, sqlite_url
+from csml.store.db import counters
 
 fsyncs = 0
 _fsync = os.fsync
@@ -66,27 +63,9 @@ async def run(
     photos: int, rounds: int, chunk: int, in_size: int, out_size: int, base: Path | None, prof: str
 ) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="csml-photo-cost-", dir=base))
-    settings = Settings(
-        data_dir=root / "data",
-        database_url=sqlite_url(root / "data"),
-        pow_difficulty=0,
-        operator_token=OPERATOR,
-        submission_rate_limit=0,
-        max_active_jobs=0,
-        identity_rate_limit=0,
-    )
-    app = create_app(settings)
+    app, user, owner = await app_with_identity(root)
     c = app.state.core
-    c.notifier.bind(asyncio.get_running_loop())
     op = {"Authorization": f"Bearer {OPERATOR}"}
-    status, body = await call(app, "POST", "/v1/identities/challenge", {})
-    issued = json.loads(body)
-    nonce = pow.solve(issued["challenge"], issued["difficulty"])
-    proof = json.dumps({"challenge": issued["challenge"], "nonce": nonce}).encode()
-    status, body = await call(app, "POST", "/v1/identities", {}, proof)
-    assert status == 201, body
-    user = {"Authorization": f"Bearer {json.loads(body)['token']}"}
-    owner = json.loads(body)["id"]
     token_body = json.dumps({"label": "bench", "apps": ["opencv"], "publish": True}).encode()
     status, body = await call(app, "POST", "/v1/operator/join-tokens", op, token_body)
     assert status == 201, body

@@ -105,8 +105,9 @@ async def counted(
     return spent
 
 
-async def run(jobs: int, rounds: int, calls: bool = False) -> dict[str, Any]:
-    root = Path(tempfile.mkdtemp(prefix="csml-request-cost-"))
+async def app_with_identity(root: Path) -> tuple[Any, dict[str, str], str]:
+    """A coordinator app on SQLite under `root` (no limits in the way, notifier bound to
+    the running loop) and a new identity: (app, its Authorization header, its id)."""
     settings = Settings(
         data_dir=root / "data",
         database_url=sqlite_url(root / "data"),
@@ -117,17 +118,21 @@ async def run(jobs: int, rounds: int, calls: bool = False) -> dict[str, Any]:
         identity_rate_limit=0,
     )
     app = create_app(settings)
-    c = app.state.core
-    c.notifier.bind(asyncio.get_running_loop())
-    op = {"Authorization": f"Bearer {OPERATOR}"}
+    app.state.core.notifier.bind(asyncio.get_running_loop())
     status, body = await call(app, "POST", "/v1/identities/challenge", {})
     issued = json.loads(body)
     nonce = pow.solve(issued["challenge"], issued["difficulty"])
     proof = json.dumps({"challenge": issued["challenge"], "nonce": nonce}).encode()
     status, body = await call(app, "POST", "/v1/identities", {}, proof)
     assert status == 201, body
-    user = {"Authorization": f"Bearer {json.loads(body)['token']}"}
-    owner = json.loads(body)["id"]
+    return app, {"Authorization": f"Bearer {json.loads(body)['token']}"}, json.loads(body)["id"]
+
+
+async def run(jobs: int, rounds: int, calls: bool = False) -> dict[str, Any]:
+    root = Path(tempfile.mkdtemp(prefix="csml-request-cost-"))
+    app, user, owner = await app_with_identity(root)
+    c = app.state.core
+    op = {"Authorization": f"Bearer {OPERATOR}"}
     status, body = await call(
         app,
         "POST",
