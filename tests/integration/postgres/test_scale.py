@@ -19,8 +19,8 @@ import statistics
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -314,19 +314,30 @@ def test_idle_worker_on_another_coordinator_wakes_promptly(
     assert max(latencies) < 1.5, latencies
 
 
+@asynccontextmanager
+async def listening(*cores: Core) -> AsyncIterator[None]:
+    """Each core's notifier bound to the running loop (as a coordinator's), its relay
+    listening before the block runs; every notifier closed after it."""
+    loop = asyncio.get_running_loop()
+    for core in cores:
+        core.notifier.bind(loop)
+    try:
+        for core in cores:
+            assert core.notifier.relay is not None
+            await asyncio.to_thread(core.notifier.relay.listening.wait, 30)
+        yield
+    finally:
+        for core in cores:
+            core.notifier.close()
+
+
 def test_relay_wakes_one_idle_claimer_per_job_and_every_job_waiter(make_core: MakeCore) -> None:
     """Two notifiers on two engines (as two coordinators): an `app:` key published twice
     wakes exactly two of three claimers over there; a `job:` key wakes all its waiters."""
     a, b = make_core(), make_core()
 
     async def scenario() -> tuple[int, int]:
-        loop = asyncio.get_running_loop()
-        a.notifier.bind(loop)
-        b.notifier.bind(loop)
-        try:
-            for n in (a.notifier, b.notifier):
-                assert n.relay is not None
-                await asyncio.to_thread(n.relay.listening.wait, 30)
+        async with listening(a, b):
             with ExitStack() as stack:
                 claimers = [stack.enter_context(b.notifier.subscribe("app:echo")) for _ in range(3)]
                 clients = [stack.enter_context(b.notifier.subscribe("job:x")) for _ in range(2)]
@@ -339,9 +350,6 @@ def test_relay_wakes_one_idle_claimer_per_job_and_every_job_waiter(make_core: Ma
                 a.notifier.notify("job:last")
                 await asyncio.wait_for(last.wait(), 10)
                 return sum(e.is_set() for e in claimers), sum(e.is_set() for e in clients)
-        finally:
-            a.notifier.close()
-            b.notifier.close()
 
     assert asyncio.run(scenario()) == (2, 2)
 
@@ -353,15 +361,9 @@ def test_relayed_keys_wake_the_other_loop_only_for_what_it_follows(make_core: Ma
     a, b = make_core(), make_core()
 
     async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-        a.notifier.bind(loop)
-        b.notifier.bind(loop)
         watched: list[str | None] = []
         b.notifier.watch("job:", watched.append)
-        try:
-            for n in (a.notifier, b.notifier):
-                assert n.relay is not None
-                await asyncio.to_thread(n.relay.listening.wait, 30)
+        async with listening(a, b):
             relay = b.notifier.relay
             assert relay is not None
             with ExitStack() as stack:
@@ -386,9 +388,6 @@ def test_relayed_keys_wake_the_other_loop_only_for_what_it_follows(make_core: Ma
                 assert 1 <= b.notifier.hops - hops <= 2  # once per packet
                 assert b.notifier.mark("app:other")[0] == 1  # counted, though no one waits
                 assert "job:nobody" in watched  # the lease memo's kind of watcher: called
-        finally:
-            a.notifier.close()
-            b.notifier.close()
 
     asyncio.run(scenario())
 
@@ -405,13 +404,7 @@ def test_a_change_that_ends_nothing_waits_for_company_on_its_way_out(
     a, b = make_core(), make_core()
 
     async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-        a.notifier.bind(loop)
-        b.notifier.bind(loop)
-        try:
-            for n in (a.notifier, b.notifier):
-                assert n.relay is not None
-                await asyncio.to_thread(n.relay.listening.wait, 30)
+        async with listening(a, b):
             sender = a.notifier.relay
             assert sender is not None
             with ExitStack() as stack:
@@ -433,8 +426,5 @@ def test_a_change_that_ends_nothing_waits_for_company_on_its_way_out(
                     await asyncio.sleep(0.01)
                 await asyncio.sleep(0.3)
                 assert sender.publishes == publishes + 1  # both in one transaction
-        finally:
-            a.notifier.close()
-            b.notifier.close()
 
     asyncio.run(scenario())
