@@ -586,13 +586,16 @@ def grown_kinds(engine: Engine, kinds: dict[str, int]) -> dict[str, int]:
 
 
 def queue_behind_gate(
-    writer: Writer, ops: list[tuple[Callable[[Connection], Any], bool]]
+    writer: Writer,
+    ops: list[tuple[Callable[[Connection], Any], bool]],
+    then: Callable[[Connection], Any] | None = None,
 ) -> tuple[Any, list[Any]]:
     """Queue (op, rerunnable) pairs in order behind a held gate op (itself rerunnable, so
-    the whole batch may run bare), release it; the futures of the gate and of `ops`."""
+    the whole batch may run bare; it runs `then` once opened), release it; the futures
+    of the gate and of `ops`."""
     gate = Gate(writer)
     pool = ThreadPoolExecutor(len(ops) + 1)
-    held = pool.submit(writer.run, Rerunnable(gate.op()))
+    held = pool.submit(writer.run, Rerunnable(gate.op(then)))
     assert gate.entered.wait(10)
     futures = []
     for op, rerunnable in ops:
@@ -691,24 +694,13 @@ def test_a_failing_first_op_then_a_failing_bare_op(engine: Engine) -> None:
     runs = Runs()
     try:
         ops = [(runs.add("p0"), True), (runs.fail("f1"), True), (runs.add("p2"), True)]
-        gate = Gate(writer)
-        with ThreadPoolExecutor(4) as pool:
-            held = pool.submit(writer.run, Rerunnable(gate.op(runs.fail("first"))))
-            assert gate.entered.wait(10)
-            futures = []
-            for op, rerunnable in ops:
-                futures.append(pool.submit(writer.run, Rerunnable(op) if rerunnable else op))
-                for _ in range(2000):
-                    if writer.pending == len(futures):
-                        break
-                    threading.Event().wait(0.002)
-            gate.open_when_pending(len(ops))
-            with pytest.raises(ValueError, match="first refused"):
-                held.result(10)
-            assert futures[0].result(10) == 1
-            with pytest.raises(ValueError, match="f1 refused"):
-                futures[1].result(10)
-            assert futures[2].result(10) == 2
+        held, futures = queue_behind_gate(writer, ops, then=runs.fail("first"))
+        with pytest.raises(ValueError, match="first refused"):
+            held.result(10)
+        assert futures[0].result(10) == 1
+        with pytest.raises(ValueError, match="f1 refused"):
+            futures[1].result(10)
+        assert futures[2].result(10) == 2
     finally:
         writer.close()
     assert tags(engine) == {"p0", "p2"}
