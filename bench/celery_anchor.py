@@ -10,8 +10,9 @@ prints both and their ratio. What is run, so the comparison can be judged:
   or AOF: Celery's broker messages and results are NOT fsync'd, CSML's are.
 - Celery 5 with its Redis extra in the bench's own venv (~/.cache/csml/bench-celery-venv,
   made once), never in CSML's.
-- One worker: prefork pool, concurrency 2 (the 2 concurrent executions CSML's bench
-  uses), `task_acks_late`, results stored in Redis and read back by the client.
+- One worker: prefork pool, concurrency 2 and Celery's default prefetch (4 per process):
+  the 2 concurrent executions and the prefetch of 8 CSML's bench uses; `task_acks_late`,
+  results stored in Redis and read back by the client.
 - (a) throughput: `--jobs` no-op tasks submitted, then every result read back
   (`AsyncResult.get`); wall time from the first submit to the last result.
 - (b) latency: one task at a time, submit -> result, after a warm-up.

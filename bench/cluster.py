@@ -296,8 +296,10 @@ class Cluster:
         *,
         urls: list[str] | None = None,
         join_token: str | None = None,
+        prefetch: int = 0,
     ) -> None:
-        """`count` worker processes; with `urls`, spread round-robin over those
+        """`count` worker processes of `slots` slots, each claiming up to `prefetch`
+        jobs beyond its free slots; with `urls`, spread round-robin over those
         coordinators (all on one store) instead of this cluster's own."""
         token = join_token or self.csml("join-token", "create", "--any-app", "--label", "bench")
         targets = urls or [self.url]
@@ -318,6 +320,8 @@ class Cluster:
                         token,
                         "--slots",
                         str(slots),
+                        "--prefetch",
+                        str(prefetch),
                     ],
                     env=self.env,
                     stdout=self._log(f"worker-{app}-{n}"),

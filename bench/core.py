@@ -4,7 +4,8 @@
     /work/venv/bin/python bench/core.py --quick    # smaller counts, for a smoke test
 
 (a) end-to-end throughput of `echo` jobs (submit -> result read back) from many
-    client threads against 2 worker processes, with the CPU each process used, both
+    client threads against one worker of 2 slots and a prefetch of 8 (as Celery's
+    prefork x2 with its default prefetch), with the CPU each process used, both
     ways the SDK submits: one `Client.submit` per job, and `Client.submit_many` (the
     batch route, `POST /v1/jobs/batch`, which `Client.map` uses) of a chunk of jobs;
 (b) round-trip latency of one `echo` job at a time;
@@ -70,6 +71,7 @@ class Config:
     threads: int
     echo_workers: int
     echo_slots: int
+    echo_prefetch: int
     latency_jobs: int
     latency_warmup: int
     images: int
@@ -90,8 +92,20 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--quick", action="store_true", help="small counts (smoke test)")
     p.add_argument("--jobs", type=int, help="echo jobs for (a) [2000; quick 300]")
     p.add_argument("--threads", type=int, default=32, help="client threads for (a)")
-    p.add_argument("--echo-workers", type=int, default=2, help="echo worker processes")
-    p.add_argument("--echo-slots", type=int, default=8, help="slots per echo worker")
+    p.add_argument("--echo-workers", type=int, default=1, help="echo worker processes")
+    p.add_argument(
+        "--echo-slots",
+        type=int,
+        default=2,
+        help="slots per echo worker (1 x 2: the 2 concurrent executions of Celery's prefork x2)",
+    )
+    p.add_argument(
+        "--echo-prefetch",
+        type=int,
+        default=8,
+        help="jobs each echo worker claims beyond its free slots "
+        "(8: Celery's default prefetch of 4 per process, x2)",
+    )
     p.add_argument("--latency-jobs", type=int, help="sequential jobs for (b) [300; quick 60]")
     p.add_argument("--images", type=int, help="images for (c) [200; quick 40]")
     p.add_argument("--opencv-workers", type=int, default=1, help="opencv worker processes")
@@ -131,6 +145,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         threads=a.threads,
         echo_workers=a.echo_workers,
         echo_slots=a.echo_slots,
+        echo_prefetch=a.echo_prefetch,
         latency_jobs=a.latency_jobs or (60 if a.quick else 300),
         latency_warmup=10 if a.quick else 30,
         images=a.images or (40 if a.quick else 200),
@@ -304,7 +319,7 @@ def phase_medians(records: list[EchoRecord]) -> dict[str, float]:
 def start_echo_cluster(cfg: Config, root: Path) -> Cluster:
     cluster = Cluster(root / "echo")
     cluster.start_coordinator()
-    cluster.start_workers("echo", cfg.echo_workers, cfg.echo_slots)
+    cluster.start_workers("echo", cfg.echo_workers, cfg.echo_slots, prefetch=cfg.echo_prefetch)
     return cluster
 
 
@@ -344,7 +359,7 @@ def run_throughput(
         "jobs": len(records),
         "ok": ok,
         "client_threads": cfg.threads,
-        "workers": f"{cfg.echo_workers} x {cfg.echo_slots} slots",
+        "workers": f"{cfg.echo_workers} x {cfg.echo_slots} slots, prefetch {cfg.echo_prefetch}",
         "load_avg_before": [round(x, 2) for x in os.getloadavg()],
         "wall_s": round(cpu.wall, 3),
         "jobs_per_s": round(len(records) / cpu.wall, 1),
