@@ -59,9 +59,15 @@ def model_dir(blobs: BlobStore, model_id: str) -> Path:
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
+    """`dst` becomes a hard link to `src` (a copy across file systems). One there already
+    (a run of the same write operation that was rolled back, run again: `pin`) is kept
+    when it is `src`'s, else replaced by a copy."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(src, dst)
+    except FileExistsError:
+        if not os.path.samefile(src, dst):
+            shutil.copyfile(src, dst)
     except OSError:
         shutil.copyfile(src, dst)
 

@@ -1573,7 +1573,8 @@ class JobQueue:
             return outcomes, woken, quarantined, views
 
         # An operator worker's completions of an app that keeps no models write only
-        # rows (a pipeline's next step too): the writer may run them bare, and again. A
+        # rows (a pipeline's next step too; a model it pins is linked at one path per
+        # step, see `pipelines`): the writer may run them bare, and again. A
         # contributed worker's also settle verification in memory (`close_batch`); a
         # kept model is linked under a new id (a repeat would leave the first link).
         return Rerunnable(op) if not contributed and models == set() else op
