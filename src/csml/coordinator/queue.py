@@ -1510,6 +1510,7 @@ class JobQueue:
                         done.job_id, done.lease_id, done.state, done.result, done.error
                     )
         model_ops = sorted(models or ())
+        model_ids: dict[tuple[str, str], str] = {}  # kept models' ids, the same in every run
 
         def op(conn: Connection) -> _Done:
             now = utcnow()
@@ -1550,6 +1551,7 @@ class JobQueue:
                         models,
                         now,
                         verify=(contributed, standing, checks),
+                        model_ids=model_ids,
                     )
                 except Refusal as exc:
                     if raise_one:
@@ -1575,8 +1577,10 @@ class JobQueue:
         # An operator worker's completions of an app that keeps no models write only
         # rows (a pipeline's next step too; a model it pins is linked at one path per
         # step, see `pipelines`): the writer may run them bare, and again. A
-        # contributed worker's also settle verification in memory (`close_batch`); a
-        # kept model is linked under a new id (a repeat would leave the first link).
+        # contributed worker's also settle verification in memory (`close_batch`). One
+        # that keeps models runs with a savepoint, as before, though its links no longer
+        # stand in the way of a repeat: each kept model's id is drawn once per operation
+        # (`model_ids`), so a run again after one undone (a deadlock) links the same path.
         return Rerunnable(op) if not contributed and models == set() else op
 
     def _output_rows(self, job_id: str, lease_id: str, prep: _Prepared) -> list[FileRow]:
@@ -1616,9 +1620,12 @@ class JobQueue:
         models: set[str] | None,
         now: datetime,
         verify: tuple[bool, Standing | None, Batch] | None = None,
+        model_ids: dict[tuple[str, str], str] | None = None,
     ) -> list[str]:
         """End one job. Every refusal is raised before a row changes. `verify`: (whether
-        the worker is contributed, its record, the batch's verification bookkeeping)."""
+        the worker is contributed, its record, the batch's verification bookkeeping);
+        `model_ids`: the ids of the models it keeps, by (job, output), kept across runs
+        of the operation (`artifacts.keep_outputs`)."""
         job_id = done.job_id
         if job is None:
             raise NotFound.of("job", job_id)
@@ -1669,7 +1676,7 @@ class JobQueue:
             with orm_session(conn) as session:  # model artifacts, pipelines: ORM rows
                 row = orm_job(session, job.seq)
                 if keeps_models:
-                    artifacts.keep_outputs(session, self, self.blobs, self.catalog, row)
+                    artifacts.keep_outputs(session, self, self.blobs, self.catalog, row, model_ids)
                 pipelines.lock_parent(session, row)  # held already (PostgreSQL) or the db
                 woken += pipelines.step_finished(self, session, row)
         return woken

@@ -1,7 +1,8 @@
-"""A completion that starts a pipeline's next step may run more than once before it
-commits: the writer runs a `Rerunnable` batch again with savepoints when an op after it
-fails, and a deadlock (PostgreSQL) runs the completion again. Nothing of an undone run
-may stay behind, on disk either: every job folder has its job's row.
+"""A completion that starts a pipeline's next step, or keeps a model, may run more than
+once before it commits: the writer runs a `Rerunnable` batch again with savepoints when
+an op after it fails, and a deadlock (PostgreSQL) runs the completion again. Nothing of
+an undone run may stay behind, on disk either: every job folder has its job's row, every
+model folder its model's.
 
 The step that takes a model is of a pipeline submitted before pipelines pinned their
 models at submission (its pin is removed here to make one): starting it pins the model
@@ -26,6 +27,7 @@ from csml.coordinator.artifacts import PINNED
 from csml.coordinator.queue import JobQueue
 from csml.schemas.workers import BatchedCompletion
 from csml.store.tables import Job, JobFile
+from csml.store.tables_artifacts import ModelArtifact
 from csml.store.writer import Rerunnable
 from tests.unit.conftest import MakeCoordinator
 from tests.unit.inproc import HttpWorker, InProcessCoordinator
@@ -158,4 +160,35 @@ def rowless_job_folders(coordinator: InProcessCoordinator) -> list[str]:
     folders = {p.name for p in (blobs.root / "jobs").glob("*/*") if p.is_dir()}
     with coordinator.core.engine.connect() as conn:
         kept = set(conn.scalars(select(Job.id).where(Job.id.in_(folders))))
+    return sorted(folders - kept)
+
+
+def test_an_undone_run_of_a_completion_keeping_a_model_leaves_no_folder(
+    make_coordinator: MakeCoordinator, tmp_path: Path
+) -> None:
+    """A completion that keeps a model, undone by a deadlock and run again: the model's
+    folder is the one its row names, and no other is left (`model_ids`)."""
+    coordinator = make_coordinator()
+    queue = coordinator.core.queue
+    user = coordinator.new_user()
+    things = coordinator.worker(thing)
+    trained = user.submit("thing", "train")
+    [claimed] = things.claim()
+    assert things.upload(claimed, "model", WEIGHTS).status_code == 204
+    worker = _Worker(things)
+    batch = [BatchedCompletion(job_id=claimed.id, lease_id=claimed.lease_id, state="succeeded")]
+    undo_by_a_deadlock(
+        queue, queue._complete_op(worker, batch, queue._prepare(worker, batch), False)
+    )
+
+    model_id = trained.refresh().models["model"]
+    assert rowless_model_folders(coordinator) == []
+    assert user.download_model(model_id, tmp_path / "model").read_bytes() == WEIGHTS
+
+
+def rowless_model_folders(coordinator: InProcessCoordinator) -> list[str]:
+    blobs = coordinator.core.blobs
+    folders = {p.name for p in (blobs.root / "models").glob("*/*") if p.is_dir()}
+    with coordinator.core.engine.connect() as conn:
+        kept = set(conn.scalars(select(ModelArtifact.id).where(ModelArtifact.id.in_(folders))))
     return sorted(folders - kept)
