@@ -20,11 +20,13 @@ from typing import Any
 import pytest
 from sqlalchemy import Connection, delete, select
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import InstrumentedAttribute
 
 from csml.apps.base import App, Input, JobContext, ModelSpec, OperationParams, Output
 from csml.apps.echo import app as echo_app
 from csml.coordinator.artifacts import PINNED
 from csml.coordinator.queue import JobQueue
+from csml.schemas import ClaimedJob
 from csml.schemas.workers import BatchedCompletion
 from csml.store.tables import Job, JobFile
 from csml.store.tables_artifacts import ModelArtifact
@@ -125,11 +127,9 @@ def test_an_undone_run_of_a_completion_starting_a_step_leaves_no_folder(
     unpin(coordinator, pipeline.id)
 
     [first] = echoes.claim()
-    worker = _Worker(echoes)
-    batch = [BatchedCompletion(job_id=first.id, lease_id=first.lease_id, state="succeeded")]
-    undo(queue, queue._complete_op(worker, batch, queue._prepare(worker, batch), False))
+    undo(queue, completion_op(queue, echoes, first))
 
-    assert rowless_job_folders(coordinator) == []
+    assert rowless_folders(coordinator, "jobs", Job.id) == []
     [second] = things.claim()
     assert second.operation == "use" and second.params == {"model": model_id}
     model = things.download(second, "model")
@@ -155,12 +155,25 @@ def unpin(coordinator: InProcessCoordinator, pipeline_id: str) -> None:
     shutil.rmtree(coordinator.core.blobs.job_dir(pipeline_id) / PINNED)
 
 
-def rowless_job_folders(coordinator: InProcessCoordinator) -> list[str]:
+def rowless_folders(
+    coordinator: InProcessCoordinator, under: str, ids: InstrumentedAttribute[str]
+) -> list[str]:
+    """The folders `<under>/<xx>/<id>` of the blob store whose id has no row (`ids`)."""
     blobs = coordinator.core.blobs
-    folders = {p.name for p in (blobs.root / "jobs").glob("*/*") if p.is_dir()}
+    folders = {p.name for p in (blobs.root / under).glob("*/*") if p.is_dir()}
     with coordinator.core.engine.connect() as conn:
-        kept = set(conn.scalars(select(Job.id).where(Job.id.in_(folders))))
+        kept = set(conn.scalars(select(ids).where(ids.in_(folders))))
     return sorted(folders - kept)
+
+
+def completion_op(
+    queue: JobQueue, worker: HttpWorker, job: ClaimedJob
+) -> Callable[[Connection], Any]:
+    """The write operation of `job`'s success as `worker` reports it (its files already
+    uploaded), as the completion route makes it."""
+    ref = _Worker(worker)
+    batch = [BatchedCompletion(job_id=job.id, lease_id=job.lease_id, state="succeeded")]
+    return queue._complete_op(ref, batch, queue._prepare(ref, batch), False)
 
 
 def test_an_undone_run_of_a_completion_keeping_a_model_leaves_no_folder(
@@ -175,20 +188,8 @@ def test_an_undone_run_of_a_completion_keeping_a_model_leaves_no_folder(
     trained = user.submit("thing", "train")
     [claimed] = things.claim()
     assert things.upload(claimed, "model", WEIGHTS).status_code == 204
-    worker = _Worker(things)
-    batch = [BatchedCompletion(job_id=claimed.id, lease_id=claimed.lease_id, state="succeeded")]
-    undo_by_a_deadlock(
-        queue, queue._complete_op(worker, batch, queue._prepare(worker, batch), False)
-    )
+    undo_by_a_deadlock(queue, completion_op(queue, things, claimed))
 
     model_id = trained.refresh().models["model"]
-    assert rowless_model_folders(coordinator) == []
+    assert rowless_folders(coordinator, "models", ModelArtifact.id) == []
     assert user.download_model(model_id, tmp_path / "model").read_bytes() == WEIGHTS
-
-
-def rowless_model_folders(coordinator: InProcessCoordinator) -> list[str]:
-    blobs = coordinator.core.blobs
-    folders = {p.name for p in (blobs.root / "models").glob("*/*") if p.is_dir()}
-    with coordinator.core.engine.connect() as conn:
-        kept = set(conn.scalars(select(ModelArtifact.id).where(ModelArtifact.id.in_(folders))))
-    return sorted(folders - kept)
