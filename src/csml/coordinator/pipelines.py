@@ -91,7 +91,6 @@ def submit(
     ]
     parent_id = ids.new_id()
     first = spec.steps[0]
-    made: Job | str | None = None
     try:
         with transaction(core.sessions) as session:
             # Lock order: the owner's identity row, then the apps' rows (as JobQueue.submit).
@@ -135,9 +134,7 @@ def submit(
             if isinstance(made, str):
                 raise Invalid("invalid_spec", made, field="spec.steps.0")
     except BaseException:
-        core.blobs.remove_job(parent_id)
-        if isinstance(made, Job):
-            core.blobs.remove_job(made.id)  # a model linked in for it
+        core.blobs.remove_job(parent_id)  # its uploads and pins (a step has no folder)
         raise
     core.notifier.notify(app_key(first.app))
     return parent
