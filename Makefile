@@ -16,9 +16,10 @@ lint:
 	$(RUFF) check $(LINTED)
 	$(RUFF) format --check $(LINTED)
 
-# mypy --strict over src/ and tests/ (configured in pyproject.toml).
+# mypy --strict over src/ and tests/ (configured in pyproject.toml), then bench/.
 typecheck:
 	$(MYPY)
+	$(MYPY) bench
 
 # The fast tier: no root, processes, servers or PostgreSQL.
 test-fast:

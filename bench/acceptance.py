@@ -85,7 +85,7 @@ def others_share(cpu: dict[str, Any] | None) -> float:
     """The share of the machine's CPU other processes took during a CpuWindow report."""
     if not cpu:
         return 0.0
-    return cpu["everything_else_cpu_s"] / max(1e-9, (os.cpu_count() or 1) * cpu["wall_s"])
+    return float(cpu["everything_else_cpu_s"] / max(1e-9, (os.cpu_count() or 1) * cpu["wall_s"]))
 
 
 def noise_note(share: float) -> str:

@@ -58,7 +58,7 @@ TARGET_RATIO = 1.10
 MIN_DIRECT_SVM_S = 2.0
 
 SVM_PARAMS = {"kernel": "rbf", "c": 10.0, "gamma": 1 / 64, "epsilon": 0.001}
-MLP_PARAMS = {
+MLP_PARAMS: dict[str, Any] = {
     "hidden": [256, 128],
     "activation": "relu",
     "learning_rate": 0.01,

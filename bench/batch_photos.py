@@ -75,7 +75,7 @@ def load() -> list[float]:
 def others_share(window: dict[str, Any]) -> float:
     """The share of the machine's CPU other processes took during a window."""
     capacity = (os.cpu_count() or 1) * window["wall_s"]
-    return round(window["everything_else_cpu_s"] / max(1e-9, capacity), 3)
+    return round(float(window["everything_else_cpu_s"] / max(1e-9, capacity)), 3)
 
 
 def run_cli(

@@ -240,7 +240,7 @@ def _summarise(
     data: dict[str, Any], parts: dict[str, dict[str, float]], version: str
 ) -> dict[str, Any]:
     tp, lat = data["throughput"], data["latency"]
-    times_ms = sorted(1000 * t for t in lat["round_trip_s"])
+    times_ms = sorted(1000 * float(t) for t in lat["round_trip_s"])
 
     def pct(q: float) -> float:
         rank = max(1, min(len(times_ms), round(q / 100 * len(times_ms) + 0.5)))

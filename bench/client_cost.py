@@ -114,7 +114,7 @@ def _count_calls(warm: Callable[[], object], fn: Callable[[], object]) -> int:
         counting = False
     finally:
         sys.setprofile(None)
-        threading.setprofile(None)  # type: ignore[arg-type]
+        threading.setprofile(None)  # type: ignore[arg-type, unused-ignore]  # typeshed versions differ
     return next(count)
 
 

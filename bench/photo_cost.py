@@ -33,7 +33,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from request_cost import OPERATOR, app_with_identity, call
 
 from csml.apps.opencv import app as opencv_app
 from csml.coordinator import api_events
+from csml.coordinator.inline_outputs import with_view
 from csml.store.db import counters
 
 fsyncs = 0
@@ -84,7 +85,7 @@ async def run(
 
     async def one_round() -> dict[str, Any]:
         global fsyncs
-        spent: Counter[str] = Counter()
+        spent: defaultdict[str, float] = defaultdict(float)
         tally = counters(c.engine)
         before = (tally.statements, tally.write_commits, Counter(tally.by_kind))
         fsyncs_before = fsyncs
@@ -139,7 +140,7 @@ async def run(
             t = timed_start()
             views = api_events._changed(c, owner, set(made[i : i + 4]), False, None, 1 << 18, extra)
             for job_id, view in views.items():
-                api_events.with_view(view, extra.get(job_id, {}))
+                with_view(view, extra.get(job_id, {}))
             spent["result events"] += time.process_time() - t
             assert all(v["state"] == "succeeded" for v in views.values())
             assert all(extra[j]["annotated"] == output for j in views), "outputs inline"

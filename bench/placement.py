@@ -104,14 +104,14 @@ def run(window: int, jobs: int, networks: dict[str, bytes], root: Path) -> dict[
             )
             assert up.wait(timeout=600).state.value == "succeeded", up.data.error
             models[role] = up.data.models["model"]
-            warm = user.submit(
+            warming = user.submit(
                 "opencv",
                 "dnn_infer",
                 files={"tensor": x},
                 params={"model": models[role]},
                 requires={"role": role},
             )
-            assert warm.wait(timeout=600).state.value == "succeeded", warm.data.error
+            assert warming.wait(timeout=600).state.value == "succeeded", warming.data.error
         order = [("a", "b")[i % 2] for i in range(jobs)]
         answers = user.submit_many(
             "opencv",

@@ -58,9 +58,7 @@ def seed(core: Core, kept: int) -> str:
     owner = ids.new_id()
     now = utcnow()
     with core.engine.begin() as conn:
-        conn.execute(
-            insert(Identity.__table__).values(id=owner, token_hash=ids.new_id(), created_at=now)
-        )
+        conn.execute(insert(Identity).values(id=owner, token_hash=ids.new_id(), created_at=now))
         for start in range(0, kept, 500):
             rows = []
             for i in range(start, min(kept, start + 500)):

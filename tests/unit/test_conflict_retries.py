@@ -1,6 +1,7 @@
 """A write operation PostgreSQL aborts to break a deadlock runs again, from threads and
-from the event loop alike (`JobQueue._run_retrying_sync`/`_run_retrying`, one policy:
-`queue._conflict_attempts`), on the coordinator's real writer and SQLite store.
+from the event loop alike (`JobQueue._write`/`_write_async`, one rule: a `Rerunnable` op
+or a caller's `rerun=True`; one policy: `queue._conflict_attempts`), on the coordinator's
+real writer and SQLite store.
 
 The abort is the driver error SQLAlchemy wraps (`OperationalError` whose `.orig`
 carries the SQLSTATE `db.is_conflict` reads); SQLite never raises one by itself."""
@@ -8,7 +9,9 @@ carries the SQLSTATE `db.is_conflict` reads); SQLite never raises one by itself.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -16,7 +19,7 @@ import pytest
 from sqlalchemy import Connection, insert, select
 from sqlalchemy.exc import OperationalError
 
-from csml.coordinator.queue import CONFLICT_RETRIES, JobQueue
+from csml.coordinator.queue import CONFLICT_RETRIES, JobQueue, _conflict_attempts
 from csml.schemas import JobSpec
 from csml.store import jobs as store
 from csml.store.jobs import APPS
@@ -67,7 +70,7 @@ def test_a_write_aborted_by_a_deadlock_runs_again_from_a_thread(
 ) -> None:
     queue = make_coordinator().core.queue
     with caplog.at_level(logging.INFO, logger="csml.coordinator.queue"):
-        assert queue._run_retrying_sync(failing(CONFLICT_RETRIES - 1, orig), "a cancel") == (
+        assert queue._write(failing(CONFLICT_RETRIES - 1, orig), "a cancel", rerun=True) == (
             f"run-{CONFLICT_RETRIES}"
         )
     assert app_names(queue) == [f"run-{CONFLICT_RETRIES}"]  # the aborted runs left nothing
@@ -80,7 +83,7 @@ def test_a_write_aborted_by_a_deadlock_runs_again_from_the_event_loop(
     make_coordinator: MakeCoordinator,
 ) -> None:
     queue = make_coordinator().core.queue
-    done = asyncio.run(queue._run_retrying(failing(CONFLICT_RETRIES - 1)))
+    done = asyncio.run(queue._write_async(failing(CONFLICT_RETRIES - 1), rerun=True))
     assert done == f"run-{CONFLICT_RETRIES}"
     assert app_names(queue) == [f"run-{CONFLICT_RETRIES}"]
 
@@ -88,10 +91,10 @@ def test_a_write_aborted_by_a_deadlock_runs_again_from_the_event_loop(
 def test_the_last_deadlock_is_raised(make_coordinator: MakeCoordinator) -> None:
     queue = make_coordinator().core.queue
     with pytest.raises(OperationalError) as sync_raised:
-        queue._run_retrying_sync(failing(CONFLICT_RETRIES))
+        queue._write(failing(CONFLICT_RETRIES), rerun=True)
     assert isinstance(sync_raised.value.orig, DeadlockDetected)
     with pytest.raises(OperationalError):
-        asyncio.run(queue._run_retrying(failing(CONFLICT_RETRIES)))
+        asyncio.run(queue._write_async(failing(CONFLICT_RETRIES), rerun=True))
     assert app_names(queue) == []
 
 
@@ -100,8 +103,8 @@ def test_other_errors_are_not_run_again(make_coordinator: MakeCoordinator) -> No
     queue = make_coordinator().core.queue
     op = failing(1, orig=ValueError)
     with pytest.raises(OperationalError):
-        queue._run_retrying_sync(op)
-    assert queue._run_retrying_sync(op) == "run-2"  # the op's second run: the first was alone
+        queue._write(op, rerun=True)
+    assert queue._write(op, rerun=True) == "run-2"  # the op's second run: the first was alone
     runs = 0
 
     def refused(conn: Connection) -> None:
@@ -110,7 +113,7 @@ def test_other_errors_are_not_run_again(make_coordinator: MakeCoordinator) -> No
         raise KeyError("not a conflict")
 
     with pytest.raises(KeyError):
-        asyncio.run(queue._run_retrying(refused))
+        asyncio.run(queue._write_async(refused, rerun=True))
     assert runs == 1
 
 
@@ -128,6 +131,28 @@ def test_rerunnable_ops_run_again_others_run_once(make_coordinator: MakeCoordina
     with pytest.raises(OperationalError):
         asyncio.run(queue._write_async(failing(1), "a claim"))
     assert app_names(queue) == sorted([f"run-{CONFLICT_RETRIES}", "run-2"])
+
+
+def test_a_write_keeps_neither_its_op_nor_new_attempts(make_coordinator: MakeCoordinator) -> None:
+    """Nothing outlives a write: its op (a submit's or claim's closure holds the job's
+    spec and rows) is not remembered once answered, so a coordinator's memory does not
+    grow with the jobs it served; the attempts are made once per name, not per write.
+    (A writer thread holds the last op it took until it takes the next: the writer is
+    closed before looking.)"""
+    queue = make_coordinator().core.queue
+
+    def op(conn: Connection) -> str:
+        return "done"
+
+    ref = weakref.ref(op)
+    assert queue._write(Rerunnable(op), "a claim") == "done"
+    assert asyncio.run(queue._write_async(Rerunnable(op), "a claim")) == "done"
+    assert queue._write(op, "a claim", rerun=True) == "done"
+    del op
+    queue.writer.close()
+    gc.collect()
+    assert ref() is None
+    assert _conflict_attempts("a claim") is _conflict_attempts("a claim")
 
 
 def test_a_batch_submission_aborted_by_a_deadlock_runs_again(

@@ -59,9 +59,15 @@ def model_dir(blobs: BlobStore, model_id: str) -> Path:
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
+    """`dst` becomes a hard link to `src` (a copy across file systems). One there already
+    (a run of the same write operation that was rolled back, run again: `pin`) is kept
+    when it is `src`'s, else replaced by a copy."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(src, dst)
+    except FileExistsError:
+        if not os.path.samefile(src, dst):
+            shutil.copyfile(src, dst)
     except OSError:
         shutil.copyfile(src, dst)
 
@@ -168,11 +174,21 @@ def _metrics(result: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def keep_outputs(
-    session: Session, owner: quotas.HasSettings, blobs: BlobStore, catalog: Catalog, job: Job
+    session: Session,
+    owner: quotas.HasSettings,
+    blobs: BlobStore,
+    catalog: Catalog,
+    job: Job,
+    model_ids: dict[tuple[str, str], str] | None = None,
 ) -> None:
     """Make each model output of a succeeded job a model artifact of its owner, as far
     as the model quota allows now (checked here, in the transaction that keeps them);
-    an output past it stays an ordinary output and the job's message says so."""
+    an output past it stays an ordinary output and the job's message says so.
+
+    Each model's id is drawn once per (job, output) in `model_ids`, which a write
+    operation keeps across its runs: a run again after one rolled back links the same
+    path (`link_or_copy` finds the link there), where a new id would leave the undone
+    run's folder with no row."""
     try:
         _, op = catalog.operation(job.app, job.operation, session)
     except Refusal:
@@ -190,6 +206,8 @@ def keep_outputs(
         fmt = declared[f.name]
         assert fmt is not None
         model_id = ids.new_id()
+        if model_ids is not None:
+            model_id = model_ids.setdefault((job.id, f.name), model_id)
         target = model_dir(blobs, model_id) / f.name
         link_or_copy(blobs.path(f.blob), target)
         f.model_id = model_id

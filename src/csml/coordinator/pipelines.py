@@ -8,8 +8,12 @@ workers claim it like any other. A step's inputs are rows pointing at the blobs
 of the parent's uploads or of earlier steps' outputs (no copy); each step's
 outputs are mirrored on the parent as `<step>.<output>`, which is also how
 later steps name them. A model a step names by id (`params.model`) is pinned on
-the parent at submission (`artifacts.pin`), and the step reads that link, so the
-step runs even if the model is deleted meanwhile.
+the parent at submission (`artifacts.pin`; a pipeline submitted before that, when
+the step starts), and the step reads that link, so the step runs even if the model
+is deleted meanwhile. Starting a step writes rows only (its files are the parent's),
+and a pin's link has one path per (pipeline, step): a completion that starts a step
+may run again after its run was undone (see `csml.store.writer`) and leaves nothing
+behind on disk that has no row.
 
 Quotas: a pipeline counts once against the owner's queued + running jobs, and
 all the models its steps would keep are counted at submission, in the
@@ -87,7 +91,6 @@ def submit(
     ]
     parent_id = ids.new_id()
     first = spec.steps[0]
-    made: Job | str | None = None
     try:
         with transaction(core.sessions) as session:
             # Lock order: the owner's identity row, then the apps' rows (as JobQueue.submit).
@@ -131,9 +134,7 @@ def submit(
             if isinstance(made, str):
                 raise Invalid("invalid_spec", made, field="spec.steps.0")
     except BaseException:
-        core.blobs.remove_job(parent_id)
-        if isinstance(made, Job):
-            core.blobs.remove_job(made.id)  # a model linked in for it
+        core.blobs.remove_job(parent_id)  # its uploads and pins (a step has no folder)
         raise
     core.notifier.notify(app_key(first.app))
     return parent
@@ -198,6 +199,26 @@ def create_step(queue: JobQueue, session: Session, parent: Job, index: int) -> J
         (f for f in parent.files if f.kind == artifacts.PINNED and f.name == step.name), None
     )
     want = artifacts.model_input(op)
+    ref = step.params.get(MODEL_PARAM)
+    if (
+        pinned is None
+        and want is not None
+        and isinstance(ref, str)
+        and want.name not in step.inputs
+    ):
+        # A pipeline submitted before models were pinned at submission: pinned now, on
+        # the pipeline too, never in a folder of the new step. A completion starting this
+        # step may run again (the writer, a deadlock): an undone run's link is found
+        # again at the same path, or goes with the pipeline, where one under this run's
+        # `job_id` would be left with no row.
+        try:
+            artifacts.check_compatible(
+                artifacts.find(session, parent.owner_id, ref), want, step.app, op.name
+            )
+            artifacts.pin(session, queue.blobs, parent.owner_id, ref, parent, step.name)
+        except Refusal as exc:
+            return f"{label} cannot start: {exc.message}"
+        pinned = parent.files[-1]
     if pinned is not None and want is not None and want.name not in step.inputs:
         job.params = {**job.params, MODEL_PARAM: pinned.model_id}
         job.files.append(
@@ -211,14 +232,13 @@ def create_step(queue: JobQueue, session: Session, parent: Job, index: int) -> J
                 model_id=pinned.model_id,
             )
         )
-    else:  # no model named, or a pipeline submitted before models were pinned
+    else:  # no model named, or one the operation cannot take: refused before any link
         spec = JobSpec(app=step.app, operation=op.name, params=step.params)
         try:
             artifacts.attach(
                 session, queue.blobs, queue.catalog, parent.owner_id, spec, job, set(step.inputs)
             )
         except Refusal as exc:
-            queue.blobs.remove_job(job_id)
             return f"{label} cannot start: {exc.message}"
     mark_not_confidential(job)
     store.add(session, job)

@@ -178,10 +178,6 @@ class _Attempt:
 
 
 @functools.cache
-def _rerunnable(op: object) -> bool:
-    return isinstance(op, Rerunnable)
-
-
 def _conflict_attempts(what: str) -> tuple[_Attempt, ...]:
     """The runs of a `Writer` operation (up to `CONFLICT_RETRIES` in all), for sync and
     async callers alike::
@@ -489,9 +485,13 @@ class JobQueue:
         queued: list[JobRow] = []
         ran = self.writer.run_many(ops)
         for n, (op_, answer) in enumerate(zip(ops, ran, strict=True)):
-            if isinstance(answer, Exception) and is_conflict(answer) and _rerunnable(op_):
+            if (
+                isinstance(answer, Exception)
+                and is_conflict(answer)
+                and isinstance(op_, Rerunnable)
+            ):
                 try:  # PostgreSQL broke a deadlock: that op, again (see `_write`)
-                    ran[n] = self._run_retrying_sync(op_, "a submission")
+                    ran[n] = self._write(op_, "a submission")
                 except Exception as exc:
                     ran[n] = exc
         for (index, job_id), answer in zip(placed, ran, strict=True):
@@ -772,7 +772,7 @@ class JobQueue:
             )
             return ended, woken
 
-        job, woken = self._run_retrying_sync(op)
+        job, woken = self._write(op, rerun=True)
         for key in [job_key(job.id), owner_change(owner_id, job.id, ending=True), *woken]:
             self.notifier.notify(key)
         return job
@@ -1282,7 +1282,7 @@ class JobQueue:
         prepared = self._prepare(worker, batch)
         op = self._complete_op(worker, batch, prepared, raise_one)
         try:
-            outcomes = self._completed(self._run_retrying_sync(op, "a completion batch"))
+            outcomes = self._completed(self._write(op, "a completion batch", rerun=True))
         except Refusal as exc:
             if raise_one:
                 self._discard_refused([Outcome(d.job_id, exc) for d in batch], prepared)
@@ -1296,7 +1296,7 @@ class JobQueue:
         """`complete_many` from the event loop (inline outputs are written off it)."""
         prepared = await self._prepare_async(worker, batch)
         op = self._complete_op(worker, batch, prepared, False)
-        outcomes = self._completed(await self._run_retrying(op, "a completion batch"))
+        outcomes = self._completed(await self._write_async(op, "a completion batch", rerun=True))
         await self.notifier.hand_over()  # results pushed before the worker's answer
         await self._discard_refused_async(outcomes, prepared)
         return outcomes
@@ -1329,7 +1329,9 @@ class JobQueue:
         both = isinstance(done_op, Rerunnable) and (
             claim_op is None or isinstance(claim_op, Rerunnable)
         )
-        done, claim = await self._run_retrying(Rerunnable(op) if both else op, "a completion batch")
+        done, claim = await self._write_async(
+            Rerunnable(op) if both else op, "a completion batch", rerun=True
+        )
         outcomes = self._completed(done)
         await self.notifier.hand_over()  # results pushed before the worker's answer
         await self._discard_refused_async(outcomes, prepared)
@@ -1344,36 +1346,32 @@ class JobQueue:
             return await anyio.to_thread.run_sync(self._prepare, worker, batch)
         return self._prepare(worker, batch)  # a glob per job, no writes
 
-    def _write(self, op: Callable[[Connection], T], what: str) -> T:
-        """`writer.run(op)`; a `Rerunnable` op (rows only: submits, claims, heartbeats)
-        runs again when PostgreSQL aborts it to break a deadlock (`_run_retrying_sync`),
-        as cancels and completions do. Same-owner submits on several coordinators lock
-        the owner's row (the stored-bytes triggers) in whatever order their group
-        commits hold them; a claim may update a step its own transaction just queued,
-        whose foreign-key check locks the pipeline's row. Another op runs once (its
-        effects in memory, such as credit's window, must not count twice)."""
-        if _rerunnable(op):
-            return self._run_retrying_sync(op, what)
-        return self.writer.run(op)
-
-    async def _write_async(self, op: Callable[[Connection], T], what: str) -> T:
-        """`_write` from the event loop."""
-        if _rerunnable(op):
-            return await self._run_retrying(op, what)
-        return await self.writer.run_async(op)
-
-    def _run_retrying_sync(self, op: Callable[[Connection], T], what: str = "a write") -> T:
-        """`writer.run(op)`, run again on a deadlock (`_conflict_attempts`). Cancels and
-        the reaper lock job rows of pipelines and, through the stored-bytes triggers,
-        identity rows; completions touch other workers' rows (reputation, credit)."""
+    def _write(
+        self, op: Callable[[Connection], T], what: str = "a write", *, rerun: bool = False
+    ) -> T:
+        """`writer.run(op)`, run again when PostgreSQL aborts it to break a deadlock or a
+        serialisation failure (`_conflict_attempts`) if it may be: a `Rerunnable` op (rows
+        only: submits, claims, heartbeats), or `rerun` (the caller's effects outside the
+        database come after the op returns: cancels and the reaper lock job rows of
+        pipelines and, through the stored-bytes triggers, identity rows; completions touch
+        other workers' rows, reputation and credit). Same-owner submits on several
+        coordinators lock the owner's row (the stored-bytes triggers) in whatever order
+        their group commits hold them; a claim may update a step its own transaction just
+        queued, whose foreign-key check locks the pipeline's row. Any other op runs once
+        (its effects in memory, such as credit's window, must not count twice)."""
+        if not (rerun or isinstance(op, Rerunnable)):
+            return self.writer.run(op)
         for attempt in _conflict_attempts(what):
             with attempt:
                 return self.writer.run(op)
         raise AssertionError("unreachable")  # pragma: no cover: the last attempt raises
 
-    async def _run_retrying(self, op: Callable[[Connection], T], what: str = "a write") -> T:
-        """`writer.run_async(op)` from the event loop, run again on a deadlock as
-        `_run_retrying_sync` does."""
+    async def _write_async(
+        self, op: Callable[[Connection], T], what: str = "a write", *, rerun: bool = False
+    ) -> T:
+        """`_write` from the event loop (`writer.run_async`), by the same rule."""
+        if not (rerun or isinstance(op, Rerunnable)):
+            return await self.writer.run_async(op)
         for attempt in _conflict_attempts(what):
             with attempt:
                 return await self.writer.run_async(op)
@@ -1512,6 +1510,7 @@ class JobQueue:
                         done.job_id, done.lease_id, done.state, done.result, done.error
                     )
         model_ops = sorted(models or ())
+        model_ids: dict[tuple[str, str], str] = {}  # kept models' ids, the same in every run
 
         def op(conn: Connection) -> _Done:
             now = utcnow()
@@ -1552,6 +1551,7 @@ class JobQueue:
                         models,
                         now,
                         verify=(contributed, standing, checks),
+                        model_ids=model_ids,
                     )
                 except Refusal as exc:
                     if raise_one:
@@ -1575,9 +1575,12 @@ class JobQueue:
             return outcomes, woken, quarantined, views
 
         # An operator worker's completions of an app that keeps no models write only
-        # rows (a pipeline's next step too): the writer may run them bare, and again. A
-        # contributed worker's also settle verification in memory (`close_batch`); a
-        # kept model is linked under a new id (a repeat would leave the first link).
+        # rows (a pipeline's next step too; a model it pins is linked at one path per
+        # step, see `pipelines`): the writer may run them bare, and again. A
+        # contributed worker's also settle verification in memory (`close_batch`). One
+        # that keeps models runs with a savepoint, as before, though its links no longer
+        # stand in the way of a repeat: each kept model's id is drawn once per operation
+        # (`model_ids`), so a run again after one undone (a deadlock) links the same path.
         return Rerunnable(op) if not contributed and models == set() else op
 
     def _output_rows(self, job_id: str, lease_id: str, prep: _Prepared) -> list[FileRow]:
@@ -1617,9 +1620,12 @@ class JobQueue:
         models: set[str] | None,
         now: datetime,
         verify: tuple[bool, Standing | None, Batch] | None = None,
+        model_ids: dict[tuple[str, str], str] | None = None,
     ) -> list[str]:
         """End one job. Every refusal is raised before a row changes. `verify`: (whether
-        the worker is contributed, its record, the batch's verification bookkeeping)."""
+        the worker is contributed, its record, the batch's verification bookkeeping);
+        `model_ids`: the ids of the models it keeps, by (job, output), kept across runs
+        of the operation (`artifacts.keep_outputs`)."""
         job_id = done.job_id
         if job is None:
             raise NotFound.of("job", job_id)
@@ -1670,7 +1676,7 @@ class JobQueue:
             with orm_session(conn) as session:  # model artifacts, pipelines: ORM rows
                 row = orm_job(session, job.seq)
                 if keeps_models:
-                    artifacts.keep_outputs(session, self, self.blobs, self.catalog, row)
+                    artifacts.keep_outputs(session, self, self.blobs, self.catalog, row, model_ids)
                 pipelines.lock_parent(session, row)  # held already (PostgreSQL) or the db
                 woken += pipelines.step_finished(self, session, row)
         return woken
@@ -1859,7 +1865,7 @@ class JobQueue:
             ends.requeue(conn, requeued, "requeued: the worker running it was lost")
             return changed, woken
 
-        changed, woken = self._run_retrying_sync(op)
+        changed, woken = self._write(op, rerun=True)
         for job_id, app in changed:
             self.notifier.notify(job_key(job_id))
             self.notifier.notify(app_key(app))
