@@ -2011,6 +2011,7 @@ def _holds(grant: _Granted | None, worker: WorkerRef, done: BatchedCompletion) -
     return grant is not None and grant.lease_id == done.lease_id and grant.worker_id == worker.id
 
 
+@functools.lru_cache(maxsize=4096)  # per claimed job; owners repeat
 def owner_key(owner_id: str) -> str:
     """What a worker learns of a job's owner: enough to keep one sandboxed process per
     owner (see `ClaimedJob.owner_key`), not the identity id itself."""
