@@ -2024,6 +2024,6 @@ def _meta_files(outputs_dir: Path) -> list[Path]:
     no-op job's completion costs no walk of pathlib's glob machinery)."""
     try:
         names = os.listdir(outputs_dir)
-    except (FileNotFoundError, NotADirectoryError):
+    except (FileNotFoundError, NotADirectoryError, PermissionError):  # as glob: none
         return []
     return [outputs_dir / name for name in names if name.endswith(".meta.json")]
