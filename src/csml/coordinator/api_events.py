@@ -201,12 +201,15 @@ async def _stream(
         while (remaining := deadline - time.monotonic()) > 0:
             queued = positions and any(j["state"] == JobState.queued.value for j in sent.values())
             pause = min(remaining, POSITIONS_RECHECK_SECONDS if queued else KEEPALIVE_SECONDS)
+            # `asyncio.timeout`, not `wait_for`: no task made per wait (one per job here).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for((feed.urgent if ended_only else feed.event).wait(), pause)
+                async with asyncio.timeout(pause):
+                    await (feed.urgent if ended_only else feed.event).wait()
             settle = min(SETTLE_SECONDS, deadline - time.monotonic())
             if not ended_only and feed.event.is_set() and not feed.urgent.is_set() and settle > 0:
                 with contextlib.suppress(TimeoutError):  # no job ended: let changes settle
-                    await asyncio.wait_for(feed.urgent.wait(), settle)
+                    async with asyncio.timeout(settle):
+                        await feed.urgent.wait()
             if hung_up.done():
                 return
             items, resync, views = feed.take_views(ending_only=ended_only)

@@ -439,6 +439,12 @@ class Catalog:
 
     def check_params(self, app: str, operation: str, params: dict[str, Any]) -> None:
         entry, op = self.operation(app, operation)
+        self.check_op_params(app, entry, op, params)
+
+    def check_op_params(
+        self, app: str, entry: CatalogEntry, op: OperationInfo, params: dict[str, Any]
+    ) -> None:
+        """`check_params` for the (entry, operation) `operation` gave."""
         try:
             errors = sorted(
                 entry.validators[op.name].iter_errors(params), key=lambda e: list(e.path)

@@ -39,7 +39,7 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from starlette._utils import is_async_callable
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import Headers, MutableHeaders
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import Request
@@ -128,12 +128,25 @@ class BodyTooLarge(ApiError):
         )
 
 
-def _content_length(headers: Headers) -> int | None:
-    value = headers.get("content-length")
+def _content_length(value: str | None) -> int | None:
     if value is None:
         return None
     value = value.strip()
     return int(value) if value.isdigit() else None
+
+
+# The headers a `_Guard` reads (ASGI header names are lower-case bytes).
+_GUARDED = (b"content-type", b"content-length", b"transfer-encoding")
+
+
+def _guarded_headers(scope: Scope) -> dict[bytes, str]:
+    """The first value of each `_GUARDED` header, as `Headers.get` gives it, from one pass
+    over the scope's headers (not a `Headers` walk per name)."""
+    found: dict[bytes, str] = {}
+    for name, value in scope["headers"]:
+        if name in _GUARDED and name not in found:
+            found[name] = value.decode("latin-1")
+    return found
 
 
 class _Guard:
@@ -144,10 +157,10 @@ class _Guard:
         self.scope = scope
         self._receive = receive
         self._send = send
-        headers = Headers(scope=scope)
-        self.content_type = headers.get("content-type", "")
-        self.declared = _content_length(headers)
-        chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+        headers = _guarded_headers(scope)
+        self.content_type = headers.get(b"content-type", "")
+        self.declared = _content_length(headers.get(b"content-length"))
+        chunked = "chunked" in headers.get(b"transfer-encoding", "").lower()
         self.body_left = chunked or (self.declared or 0) > 0
         self.limit: BodyLimit | None = None
         self.received = 0

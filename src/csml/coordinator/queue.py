@@ -77,6 +77,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -93,7 +94,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from csml import ids, placement
 from csml.coordinator import artifacts, pipelines, quotas
-from csml.coordinator.catalog import Catalog
+from csml.coordinator.catalog import Catalog, CatalogEntry
 from csml.coordinator.config import Settings
 from csml.coordinator.credit import Priority
 from csml.coordinator.lease_memo import Known, LeaseMemo
@@ -314,6 +315,7 @@ class JobQueue:
         self._exhausted: dict[str, _Marks] = {}
         self._keys_read: dict[str, tuple[int, int]] = {}
         self._granted: dict[str, _Granted] = {}  # job id -> the lease a claim here granted
+        self._max_limits: dict[str, Any] | None = None  # `limits_for` without limits, dumped
         self.verifier = Verifier(self.engine, settings.verify_probation)
 
     @contextmanager
@@ -358,12 +360,13 @@ class JobQueue:
                 self._check_capacity(conn, spec.app)
             self._check_recipients(conn, spec)
 
-    def _check_params(self, spec: JobSpec) -> None:
+    def _check_params(self, spec: JobSpec, found: tuple[CatalogEntry, Any] | None = None) -> None:
+        """`found`: the spec's (entry, operation) as `catalog.operation` just gave them."""
+        entry, op = found or self.catalog.operation(spec.app, spec.operation)
         if spec.confidential is None:
-            self.catalog.check_params(spec.app, spec.operation, spec.params)
+            self.catalog.check_op_params(spec.app, entry, op, spec.params)
             return
         # Encrypted params are validated by the worker; the error comes back encrypted.
-        self.catalog.operation(spec.app, spec.operation)
         if spec.params:
             raise Invalid(
                 "invalid_params",
@@ -387,8 +390,10 @@ class JobQueue:
                     field=f"spec.confidential.recipients.{i}.worker_id",
                 )
 
-    def check_files(self, spec: JobSpec, names: set[str]) -> None:
-        _, op = self.catalog.operation(spec.app, spec.operation)
+    def check_files(self, spec: JobSpec, names: set[str], op: Any = None) -> None:
+        """`op`: the spec's operation, as `catalog.operation` just gave it."""
+        if op is None:
+            _, op = self.catalog.operation(spec.app, spec.operation)
         declared = {f.name for f in op.inputs}
         by_id = artifacts.model_input(op)
         if by_id is not None and artifacts.requested_model(spec) is not None:
@@ -542,17 +547,21 @@ class JobQueue:
     def _prepare_submit(
         self, spec: JobSpec, files: dict[str, StagedFile]
     ) -> tuple[str, Any, dict[str, Any]]:
-        """The new job's id, its operation and its requirement, once its spec is checked."""
-        _, op = self.catalog.operation(spec.app, spec.operation)
-        self._check_params(spec)
-        requires = self.requirement(spec)
-        self.check_files(spec, set(files))
+        """The new job's id, its operation and its requirement, once its spec is checked
+        (the operation looked up once for all the checks)."""
+        found = self.catalog.operation(spec.app, spec.operation)
+        op = found[1]
+        self._check_params(spec, found)
+        requires = self.requirement(spec, op)
+        self.check_files(spec, set(files), op)
         return ids.new_id(), op, requires
 
-    def requirement(self, spec: JobSpec) -> dict[str, Any]:
+    def requirement(self, spec: JobSpec, op: Any = None) -> dict[str, Any]:
         """The job's requirement: its operation's and its own (`placement.merge`);
-        Invalid naming the condition when no worker could ever meet both."""
-        _, op = self.catalog.operation(spec.app, spec.operation)
+        Invalid naming the condition when no worker could ever meet both. `op`: the
+        spec's operation, as `catalog.operation` just gave it."""
+        if op is None:
+            _, op = self.catalog.operation(spec.app, spec.operation)
         try:
             return placement.merge(op.requires, spec.requires)
         except placement.PlacementError as exc:
@@ -573,7 +582,12 @@ class JobQueue:
         files: dict[str, StagedFile],
         count_window: bool = False,
     ) -> Callable[[Connection], JobRow]:
-        limits = self.limits_for(spec).model_dump()
+        if spec.limits is None:  # the maxima: one JobLimits made per process, not per job
+            if self._max_limits is None:
+                self._max_limits = self.limits_for(spec).model_dump()
+            limits = dict(self._max_limits)
+        else:
+            limits = self.limits_for(spec).model_dump()
         conf = spec.confidential
         upload = (
             sum(f.size for f in files.values())
@@ -1445,7 +1459,7 @@ class JobQueue:
                 # Inline outputs are described from memory; uploaded ones by the meta file
                 # their upload wrote (an inline output replaces an upload of the same name).
                 found = {i.name: i for i in written}
-                for meta in outputs_dir.glob("*.meta.json"):
+                for meta in _meta_files(outputs_dir):
                     name = meta.name.removesuffix(".meta.json")
                     if name not in found:
                         found[name] = FileInfo.model_validate_json(meta.read_text())
@@ -1521,7 +1535,7 @@ class JobQueue:
                 row = ends.end_held(conn, worker_id, held, now, model_ops)
                 if row is None:
                     continue
-                if held.state == JobState.succeeded.value:
+                if held.state == JobState.succeeded.value and prepared[i].outputs:
                     outputs = self._output_rows(held.job_id, held.lease_id, prepared[i])
                     writes.add_files(conn, row.seq, outputs)
                     row = replace(row, files=(*row.files, *outputs))  # as a load lists them
@@ -2003,7 +2017,19 @@ def _holds(grant: _Granted | None, worker: WorkerRef, done: BatchedCompletion) -
     return grant is not None and grant.lease_id == done.lease_id and grant.worker_id == worker.id
 
 
+@functools.lru_cache(maxsize=4096)  # per claimed job; owners repeat
 def owner_key(owner_id: str) -> str:
     """What a worker learns of a job's owner: enough to keep one sandboxed process per
     owner (see `ClaimedJob.owner_key`), not the identity id itself."""
     return hashlib.sha256(b"csml owner key\0" + owner_id.encode()).hexdigest()[:32]
+
+
+def _meta_files(outputs_dir: Path) -> list[Path]:
+    """The `*.meta.json` files an attempt's uploads wrote (what `glob` finds there), from
+    one `listdir`; none when the folder does not exist (no upload, no inline output: a
+    no-op job's completion costs no walk of pathlib's glob machinery)."""
+    try:
+        names = os.listdir(outputs_dir)
+    except (FileNotFoundError, NotADirectoryError, PermissionError):  # as glob: none
+        return []
+    return [outputs_dir / name for name in names if name.endswith(".meta.json")]

@@ -235,7 +235,7 @@ def _rows(
 def files_of(found: Any) -> tuple[FileRow, ...]:
     """The `files_json` (or `inputs_json`) of a row: text on SQLite, decoded by the
     driver on PostgreSQL, NULL there for a job without files."""
-    if found is None:
+    if found is None or found == "[]":  # SQLite's empty aggregate: most jobs' files
         return ()
     if isinstance(found, str | bytes):
         found = json.loads(found)
