@@ -58,16 +58,19 @@ def test_writes_of_one_turn_leave_in_one_write_in_order() -> None:
         real = FakeTransport()
         t = CoalescingTransport(real, asyncio.get_running_loop())  # type: ignore[arg-type]
         t.write(b"head ")
+        assert real.writes == []  # held: a body may follow in this turn
+        assert t.get_write_buffer_size() == 5
         t.write(bytearray(b"body"))
+        assert real.writes == [b"head body"]  # at once, together
         t.write(b"")
-        assert real.writes == []  # held until the turn ends
-        assert t.get_write_buffer_size() == 9
-        await turns()
-        assert real.writes == [b"head body"]
         t.write(b"next")
+        assert real.writes == [b"head body"]
         await turns()
-        assert real.writes == [b"head body", b"next"]
+        assert real.writes == [b"head body", b"next"]  # when the turn ended
         assert t.get_write_buffer_size() == 0
+        t.write(b"head of a 204")
+        t.write(b"")  # an empty body still sends the head at once
+        assert real.writes[-1] == b"head of a 204"
 
     asyncio.run(main())
 

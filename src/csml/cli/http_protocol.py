@@ -5,15 +5,17 @@ and its body in another, so every answer costs two `send` system calls, and on
 loopback two deliveries that each wake the reader (the head alone wakes a client that
 then waits again for the body). `CoalescingTransport` holds what is written during one
 turn of the event loop and hands it to the socket in one write at the end of that turn
-(`loop.call_soon`): the head and a body sent together (`Response`: `http.response.start`
-then `http.response.body` with no await between them) leave in one `send`.
+(`loop.call_soon`), or sooner, as soon as a second write comes: the head and a body sent
+together (`Response`: `http.response.start` then `http.response.body` with no await
+between them) leave in one `send`, when the body is written, without waiting.
 
 Invariants:
 - Bytes go out in the order they were written, and nothing written is lost: `close()`
   writes what is held before closing (asyncio's transport itself sends what it buffered
   before closing); `abort()` drops it, as asyncio's does its own buffer.
-- A write is held for at most one turn of the loop: a streamed body (events, a file)
-  still leaves chunk by chunk, as soon as the loop turns.
+- A write is held for at most one turn of the loop, and only while nothing follows it:
+  a second write sends both at once. A streamed body (events, a file) still leaves
+  chunk by chunk.
 - Flow control is the real transport's: `get_write_buffer_size` counts what is held, and
   the real transport calls the protocol's `pause_writing`/`resume_writing` as before.
 - Everything else (`get_extra_info`, reading, `set_protocol` for an upgrade) is the
@@ -39,12 +41,16 @@ class CoalescingTransport(asyncio.Transport):
         self._held_bytes = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not data:
-            return
-        if not self._held:
+        """Hold `data` until the turn ends, or send it now with what is held: an answer's
+        head is held, and its body (even empty) takes it along at once."""
+        chunk = data if isinstance(data, bytes) else bytes(data)
+        if self._held:
+            self._held.append(chunk)
+            self._flush()
+        elif chunk:
+            self._held.append(chunk)
+            self._held_bytes += len(chunk)
             self._loop.call_soon(self._flush)
-        self._held.append(data if isinstance(data, bytes) else bytes(data))
-        self._held_bytes += len(data)
 
     def writelines(self, list_of_data: Any) -> None:
         for data in list_of_data:
