@@ -94,6 +94,11 @@ def run_cli(
     if concurrency:
         cmd += ["--concurrency", str(concurrency)]
     env = {**cluster.env, "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
+    # As an installed csml starts: from compiled modules. With PYTHONDONTWRITEBYTECODE
+    # set (some CI shells) every start compiled csml's sources again (~0.15 CPU-s); the
+    # warm-up batch writes them under the bench's folder, the timed one reads them.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = str(cluster.log_dir.parent / "pycache")
     log = cluster.log_dir / f"cli-{out.name}.log"
     argv = cmd
     if profile_to is not None:

@@ -354,3 +354,28 @@ def test_refused_items_are_errors_in_their_places(
     with serving(echo_worker, tmp_path):
         batch = user.map("echo", "echo", [b"a", b"b", b"c"], concurrency=2, timeout=30)
     assert [i.state for i in batch.items] == ["succeeded"] * 3
+
+
+def test_the_spliced_batch_body_is_the_json_of_its_items() -> None:
+    """`batch_body` splices each entry's spec JSON and base64 into the body: it must be
+    exactly what `json.dumps` makes of the same items (compact, UTF-8 kept), whatever
+    the params and input names hold (quotes, backslashes, non-ASCII, controls)."""
+    from csml.client.batch import batch_body, batch_entry
+
+    entries = [
+        batch_entry("echo", "echo", {"n": 0, "s": 'a "quoted" \\ é ☃ \n'}, {"data": b"first"}),
+        batch_entry("echo", "echo", None, {}),
+        batch_entry(
+            "echo",
+            "echo",
+            {"x": [1.5, None, True]},
+            {'we"ird\\ é': bytes(range(256)), "b": b""},
+            limits={"timeout_s": 3},
+            requires={"gpu": True},
+        ),
+    ]
+    body = batch_body(entries)
+    items = [e.as_json() for e in entries]
+    expected = json.dumps({"items": items}, ensure_ascii=False, separators=(",", ":"))
+    assert body == expected.encode()
+    assert json.loads(body)["items"][2]["inputs"]['we"ird\\ é'] == b64(bytes(range(256)))

@@ -96,12 +96,14 @@ def _server_config(
 ) -> uvicorn.Config:
     import uvicorn
 
+    from csml.cli.http_protocol import CoalescingHttpToolsProtocol
     from csml.coordinator.app import create_app
     from csml.store.private import UMASK
 
     os.umask(UMASK)  # whatever the coordinator writes (store, models, TLS) is owner-only
     return uvicorn.Config(
         create_app(settings),
+        http=CoalescingHttpToolsProtocol,  # an answer's head and body in one write
         host=host,
         port=port,
         access_log=False,

@@ -170,6 +170,35 @@ def inline_bytes(file: FileArg) -> bytes | None:
     return data if isinstance(data, bytes) and len(data) <= INLINE_MAX_BYTES else None
 
 
+@dataclass(frozen=True)
+class Entry:
+    """One item of a batch request, ready to send: its spec's JSON and its inputs'
+    base64 (ASCII bytes). The request body is spliced from these (`batch_body`), so the
+    base64 text of the files is copied once into the body and never scanned by a JSON
+    encoder (its alphabet needs no escaping in a JSON string)."""
+
+    spec: bytes
+    inputs: tuple[tuple[str, bytes], ...]
+
+    @property
+    def size(self) -> int:
+        """What the entry adds to the request body."""
+        return 32 + len(self.spec) + sum(len(name) + 8 + len(b) for name, b in self.inputs)
+
+    def as_json(self) -> dict[str, Any]:
+        """The entry as the JSON value the body holds for it."""
+        return {
+            "spec": json.loads(self.spec),
+            "inputs": {name: data.decode("ascii") for name, data in self.inputs},
+        }
+
+
+def spec_json(spec: Mapping[str, Any]) -> bytes:
+    """A spec as the body carries it: compact JSON, UTF-8 kept, NaN refused (as httpx
+    encodes `json=`: ValueError)."""
+    return json.dumps(spec, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+
 def batch_entry(
     app: str,
     operation: str,
@@ -177,23 +206,46 @@ def batch_entry(
     inputs: Mapping[str, bytes],
     limits: Mapping[str, float] | None = None,
     requires: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """One item of a batch request: its spec and its inputs in base64."""
-    spec: dict[str, Any] = {"app": app, "operation": operation, "params": dict(params or {})}
-    if limits:
-        spec["limits"] = dict(limits)
-    if requires:
-        spec["requires"] = dict(requires)
-    encoded = {name: base64.b64encode(data).decode("ascii") for name, data in inputs.items()}
-    return {"spec": spec, "inputs": encoded}
+    *,
+    spec: bytes | None = None,
+) -> Entry:
+    """One item of a batch request: its spec and its inputs in base64. `spec`: the
+    spec's JSON (`spec_json`) when the caller made it already (`map`: one spec for every
+    item); else it is made from the other arguments."""
+    if spec is None:
+        fields: dict[str, Any] = {"app": app, "operation": operation, "params": dict(params or {})}
+        if limits:
+            fields["limits"] = dict(limits)
+        if requires:
+            fields["requires"] = dict(requires)
+        spec = spec_json(fields)
+    encoded = tuple((name, base64.b64encode(data)) for name, data in inputs.items())
+    return Entry(spec, encoded)
 
 
-def entry_size(entry: Mapping[str, Any]) -> int:
+def entry_size(entry: Entry) -> int:
     """About what an entry adds to the request body."""
-    return 256 + sum(len(v) for v in entry["inputs"].values()) + len(json.dumps(entry["spec"]))
+    return entry.size
 
 
-def post_batch(client: Client, entries: Sequence[Mapping[str, Any]]) -> list[Job | CsmlError]:
+def batch_body(entries: Sequence[Entry]) -> bytes:
+    """The JSON body of `POST /v1/jobs/batch` for `entries` (`{"items": [...]}`, compact),
+    spliced: equal to `json.dumps` of the same value with compact separators and UTF-8
+    kept (a test checks it)."""
+    parts: list[bytes] = [b'{"items":[']
+    for n, entry in enumerate(entries):
+        if n:
+            parts.append(b",")
+        parts += (b'{"spec":', entry.spec, b',"inputs":{')
+        for i, (name, data) in enumerate(entry.inputs):
+            key = json.dumps(name, ensure_ascii=False).encode()
+            parts += (b',"' if i else b'"', key[1:-1], b'":"', data, b'"')
+        parts.append(b"}}")
+    parts.append(b"]}")
+    return b"".join(parts)
+
+
+def post_batch(client: Client, entries: Sequence[Entry]) -> list[Job | CsmlError]:
     """Send one batch request; per entry, in order, its job or the error that refused it.
 
     A refusal of the whole request raises (`CsmlError`, with the status)."""
@@ -201,7 +253,7 @@ def post_batch(client: Client, entries: Sequence[Mapping[str, Any]]) -> list[Job
 
     stream = client._results
     mark = stream.mark() if stream is not None else None  # before the POST
-    response = client._post_json("/v1/jobs/batch", {"items": list(entries)})  # a pooled link
+    response = client._post_body("/v1/jobs/batch", batch_body(entries))  # a pooled link
     answer = BatchSubmitted.model_validate_json(response.content)
     if len(answer.items) != len(entries):
         raise ServerError(
@@ -314,6 +366,7 @@ class _Run:
         self.done_lock = threading.Lock()
         self.fatal: list[BaseException] = []
         self.batching = True
+        self.spec: bytes | None = None  # the items' spec as JSON (`spec_json`), once
         self.pending: collections.deque[_Pending] = collections.deque()
         self.later: list[_Pending] = []  # refused for now: retried after Retry-After
 
@@ -361,15 +414,20 @@ class _Run:
     def _send(self, chunk: list[_Pending]) -> None:
         """Submit `chunk` (each item holds a place): small ones in batch requests, the
         others alone in the pool."""
-        inline: list[tuple[_Pending, dict[str, Any]]] = []
+        inline: list[tuple[_Pending, Entry]] = []
         for p in chunk:
             data = inline_bytes(p.file) if self.batching else None
             if data is None:
                 self.pool.submit(self._alone, p)
             else:
-                entry = batch_entry(self.app, self.operation, self.params, {self.input_name: data})
+                if self.spec is None:  # the same for every item: its JSON made once
+                    spec = {"app": self.app, "operation": self.operation}
+                    self.spec = spec_json({**spec, "params": dict(self.params or {})})
+                entry = batch_entry(
+                    self.app, self.operation, None, {self.input_name: data}, spec=self.spec
+                )
                 inline.append((p, entry))
-        group: list[tuple[_Pending, dict[str, Any]]] = []
+        group: list[tuple[_Pending, Entry]] = []
         size = 0
         for p, entry in inline:
             grows = entry_size(entry)
@@ -381,7 +439,7 @@ class _Run:
         if group:
             self._post(group)
 
-    def _post(self, group: list[tuple[_Pending, dict[str, Any]]]) -> None:
+    def _post(self, group: list[tuple[_Pending, Entry]]) -> None:
         try:
             answers = post_batch(self.client, [entry for _, entry in group])
         except TooManyRequests as exc:

@@ -45,7 +45,7 @@ from csml.transport import TransportError, check_url, verify_option
 
 if TYPE_CHECKING:
     from csml.attestation.policy import Policy
-    from csml.client.batch import Batch, BatchItem
+    from csml.client.batch import Batch, BatchItem, Entry
     from csml.client.confidential import JobKeys, KeyStore, WorkerAssessment
     from csml.crypto.envelope import ResultPayload
 
@@ -143,10 +143,17 @@ class Client:
             return self.request("POST", path, json=body)
         # As httpx encodes `json=` (NaN refused with ValueError, UTF-8 kept).
         content = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        return self._post_body(path, content.encode())
+
+    def _post_body(self, path: str, content: bytes) -> httpx.Response | LinkResponse:
+        """POST `content` (JSON, already encoded), as `_post_json` does."""
+        if self._link_options is None:
+            headers = {"Content-Type": "application/json"}
+            return self.request("POST", path, content=content, headers=headers)
         link = self._borrow_link()
         kept = False
         try:
-            answer = link.post(path, content.encode(), self._headers())
+            answer = link.post(path, content, self._headers())
             kept = True
         except (LinkError, httpx.TransportError) as exc:
             raise self._unreachable(exc) from exc
@@ -432,7 +439,7 @@ class Client:
 
         results: list[Job | CsmlError | None] = [None] * len(items)
         alone: list[int] = []
-        groups: list[list[tuple[int, dict[str, Any]]]] = [[]]
+        groups: list[list[tuple[int, Entry]]] = [[]]
         size = 0
         for i, item in enumerate(items):
             files: Mapping[str, FileArg] = item.get("files") or {}

@@ -128,7 +128,7 @@ from csml.store import jobs as store
 from csml.store import jobs_end as ends
 from csml.store import jobs_write as writes
 from csml.store import verification as verified
-from csml.store.blobs import BlobStore, fsync_paths
+from csml.store.blobs import BlobStore, fsync_folders_of
 from csml.store.db import is_conflict, read_each, snapshot
 from csml.store.jobs import Claimant, Envelope, FileRow, JobRow
 from csml.store.jobs_end import Locked
@@ -1820,6 +1820,8 @@ class JobQueue:
             path = outputs_dir / out.name
             with open(path, "xb" if exclusive else "wb") as f:  # x: FileExistsError if there
                 f.write(data)
+                f.flush()
+                os.fsync(f.fileno())  # through this descriptor: no second open to flush it
             info = FileInfo(
                 name=out.name,
                 size=len(data),
@@ -1828,7 +1830,7 @@ class JobQueue:
             )
             infos.append(info)
             written.append(path)
-        fsync_paths(written)
+        fsync_folders_of(written)  # each file was flushed as it was written
         return infos
 
     def output_meta_path(self, job_id: str, lease_id: str, name: str) -> Path:

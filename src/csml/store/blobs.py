@@ -159,6 +159,12 @@ def fsync_paths(paths: list[Path]) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+    fsync_folders_of(paths)
+
+
+def fsync_folders_of(paths: list[Path]) -> None:
+    """Flush the folders of `paths` (each once) to stable storage: the second half of
+    `fsync_paths`, for files their writer already flushed through its own descriptor."""
     for folder in {p.parent for p in paths}:
         fd = os.open(folder, os.O_RDONLY)
         try:

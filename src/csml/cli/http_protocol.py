@@ -1,0 +1,120 @@
+"""The coordinator's HTTP/1.1 protocol: uvicorn's httptools protocol, one write per answer.
+
+uvicorn writes an answer's head (status line and headers) in one `transport.write`
+and its body in another, so every answer costs two `send` system calls, and on
+loopback two deliveries that each wake the reader (the head alone wakes a client that
+then waits again for the body). `CoalescingTransport` holds what is written during one
+turn of the event loop and hands it to the socket in one write at the end of that turn
+(`loop.call_soon`), or sooner, as soon as a second write comes: the head and a body sent
+together (`Response`: `http.response.start` then `http.response.body` with no await
+between them) leave in one `send`, when the body is written, without waiting.
+
+Invariants:
+- Bytes go out in the order they were written, and nothing written is lost: `close()`
+  writes what is held before closing (asyncio's transport itself sends what it buffered
+  before closing); `abort()` drops it, as asyncio's does its own buffer.
+- A write is held for at most one turn of the loop, and only while nothing follows it:
+  a second write sends both at once. A streamed body (events, a file) still leaves
+  chunk by chunk.
+- Flow control is the real transport's: `get_write_buffer_size` counts what is held, and
+  the real transport calls the protocol's `pause_writing`/`resume_writing` as before.
+- Everything else (`get_extra_info`, reading, `set_protocol` for an upgrade) is the
+  real transport's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, cast
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+
+class CoalescingTransport(asyncio.Transport):
+    """A transport that sends what is written in one loop turn with one write."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self._transport = transport
+        self._loop = loop
+        self._held: list[bytes] = []
+        self._held_bytes = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Hold `data` until the turn ends, or send it now with what is held: an answer's
+        head is held, and its body (even empty) takes it along at once."""
+        chunk = data if isinstance(data, bytes) else bytes(data)
+        if self._held:
+            self._held.append(chunk)
+            self._flush()
+        elif chunk:
+            self._held.append(chunk)
+            self._held_bytes += len(chunk)
+            self._loop.call_soon(self._flush)
+
+    def writelines(self, list_of_data: Any) -> None:
+        for data in list_of_data:
+            self.write(data)
+
+    def _flush(self) -> None:
+        if not self._held:
+            return
+        held = self._held
+        self._held, self._held_bytes = [], 0
+        if self._transport.is_closing():
+            return  # as asyncio's write after close: dropped
+        self._transport.write(held[0] if len(held) == 1 else b"".join(held))
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._held, self._held_bytes = [], 0
+        self._transport.abort()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def can_write_eof(self) -> bool:
+        return self._transport.can_write_eof()
+
+    def write_eof(self) -> None:
+        self._flush()
+        self._transport.write_eof()
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + self._held_bytes
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._transport.get_write_buffer_limits()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._transport.set_write_buffer_limits(high, low)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def is_reading(self) -> bool:
+        return self._transport.is_reading()
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._transport.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._transport.get_protocol()
+
+
+class CoalescingHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol writing through a `CoalescingTransport`."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not `asyncio.Transport` subclasses: duck-typed.
+        real = cast(asyncio.Transport, transport)
+        super().connection_made(CoalescingTransport(real, self.loop))
