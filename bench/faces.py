@@ -16,7 +16,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-CASCADE = cv2.data.haarcascades + "haarcascade_frontalface_default.xml"
+CASCADE = cv2.data.haarcascades + "haarcascade_frontalface_default.xml"  # type: ignore[attr-defined]
 SCALE_FACTOR = 1.1
 MIN_NEIGHBORS = 5
 MIN_SIZE = 30
@@ -112,6 +112,8 @@ def detect_file(job: tuple[str, str]) -> tuple[str, int, float, float]:
     start, cpu0 = time.perf_counter(), time.process_time()
     assert _cascade is not None
     image = cv2.imdecode(np.fromfile(src, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise RuntimeError(f"could not decode {src}")
     gray = cv2.equalizeHist(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY))
     found = _cascade.detectMultiScale(
         gray, scaleFactor=SCALE_FACTOR, minNeighbors=MIN_NEIGHBORS, minSize=(MIN_SIZE, MIN_SIZE)
