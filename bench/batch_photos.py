@@ -13,8 +13,9 @@ sides alike:
 2. the real command line, as a user runs it, in its own process:
    `python -m csml batch opencv detect-faces <folder> -o <out> --url <coordinator>`
    against a coordinator (SQLite, `python -m csml server`) and 1 `opencv` worker with
-   2 slots (`python -m csml worker`), both started and warmed (a 4-photo batch) before
-   the clock starts, as the pool is;
+   2 slots claiming up to 8 jobs beyond its free slots (`python -m csml worker`,
+   `--prefetch`: `Pool(2)` too feeds its processes from a queue filled ahead), both
+   started and warmed (a 4-photo batch) before the clock starts, as the pool is;
 3. the same Pool(2) again; the baseline is the mean of 1 and 3.
 
 Reported: wall of each; the ratio `csml batch` / Pool (target <= 1.10) both end to end
@@ -217,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="100 photos (smoke test)")
     p.add_argument("--photos", type=int, help="number of photos [1000; quick 100]")
     p.add_argument("--slots", type=int, default=2, help="slots of the one opencv worker")
+    p.add_argument(
+        "--prefetch", type=int, default=8, help="jobs it claims beyond its free slots [8: as (a)]"
+    )
     p.add_argument("--concurrency", type=int, help="`csml batch --concurrency` [its default]")
     p.add_argument("--base-dir", help="parent of the temporary folder")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder")
@@ -243,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     cluster = Cluster(root / "cluster")
     try:
         cluster.start_coordinator()
-        cluster.start_workers("opencv", 1, a.slots)
+        cluster.start_workers("opencv", 1, a.slots, prefetch=a.prefetch)
         identity = cluster.new_user()
         UserConfig(url=cluster.url, token=identity.token).save(Path(cluster.env["CSML_CONFIG"]))
         identity.close()
@@ -283,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         "photos": count,
         "photo_long_side_px": list(SIDES),
         "photo_bytes_total": sum(p.stat().st_size for p in images),
-        "worker": f"1 opencv worker x {a.slots} slots (1 coordinator, SQLite)",
+        "worker": f"1 opencv worker x {a.slots} slots, prefetch {a.prefetch} "
+        "(1 coordinator, SQLite)",
         "pool": {
             "wall_s_map_before_after": [round(first.wall_s, 3), round(second.wall_s, 3)],
             "startup_s_before_after": [round(first.startup_s, 3), round(second.startup_s, 3)],

@@ -463,3 +463,36 @@ def test_a_worker_folder_behind_a_closed_directory_is_reached(tmp_path: Path) ->
         assert "No such file" in hidden.result["error"]
     finally:
         sandbox.close()
+
+
+def _opencv_job_threads(folder: Path, slots: int | None) -> int:
+    """The threads of an `opencv` job's process (kept for its owner) after a face
+    detection, in a real sandbox of a worker of `slots` slots."""
+    import cv2
+    import numpy as np
+    import psutil
+
+    from csml.worker.sandbox import Sandbox, SandboxJob
+
+    workdir = folder / f"csml-worker-{slots}"
+    (workdir / "inputs").mkdir(parents=True)
+    (workdir / "outputs").mkdir()
+    image = workdir / "inputs" / "image.png"
+    noise = np.random.default_rng(1).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    assert cv2.imwrite(str(image), noise)
+    sandbox = Sandbox("opencv", workdir=workdir, slots=slots)
+    try:
+        job = SandboxJob("detect_faces", {}, {"image": image}, workdir / "outputs", 60, 1024, 60)
+        outcome = sandbox.run(job, owner="alice")
+        assert outcome.ok, outcome.error
+        zygotes = [p for p in psutil.Process().children() if "csml.worker.zygote" in p.cmdline()]
+        (child,) = zygotes[0].children()  # the owner's, idle
+        return int(child.num_threads())
+    finally:
+        sandbox.close()
+
+
+def test_a_worker_with_a_slot_per_cpu_runs_each_opencv_job_in_one_thread(tmp_path: Path) -> None:
+    assert _opencv_job_threads(tmp_path, isolation.usable_cpus()) == 1
+    if isolation.usable_cpus() > 1:  # OpenCV's own default: a thread per CPU, per job
+        assert _opencv_job_threads(tmp_path, None) > 1

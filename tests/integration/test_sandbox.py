@@ -102,7 +102,7 @@ def test_a_job_environment_holds_no_secret(cluster: Cluster, users: Any) -> None
     assert cluster.join_token not in json.dumps(env)
     assert set(env) <= {
         *("PATH", "LANG", "HOME", "TMPDIR", "OPENCV_IO_MAX_IMAGE_PIXELS", "TZ"),
-        *("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"),
+        *("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OPENCV_FOR_THREADS_NUM"),
     }
     assert env["PATH"] == "/usr/bin:/bin"
     assert env["HOME"] == env["TMPDIR"] == info["tmp"] == info["scratch"]

@@ -118,6 +118,7 @@ from csml.schemas.workers import (
     InlineOutput,
 )
 from csml.transport import check_url, verify_option
+from csml.worker.isolation import usable_cpus
 from csml.worker.sandbox import IDLE_RSS_ALLOWANCE, MAX_IDLE, Outcome, Sandbox, SandboxJob
 
 log = logging.getLogger("csml.worker")
@@ -170,11 +171,7 @@ class WorkerConfig:
 def automatic_labels() -> dict[str, Any]:
     """Labels every worker announces unless told otherwise: `arch` (the machine, e.g.
     x86_64), `cpus` (how many the worker's process may use)."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    return {"arch": platform.machine() or "unknown", "cpus": cpus}
+    return {"arch": platform.machine() or "unknown", "cpus": usable_cpus()}
 
 
 @dataclass
@@ -261,6 +258,7 @@ class WorkerAgent:
             workdir=self._workdir,
             max_idle=IDLE_PER_PLACE * places,
             idle_bytes=places * IDLE_RSS_ALLOWANCE,
+            slots=config.slots,  # each job's libraries get its share of the CPUs
         )
         self.stopping = threading.Event()  # no new claims
         self.finished = threading.Event()  # running jobs are done: stop talking

@@ -21,6 +21,13 @@
   kills it when the job ends.
 - The zygote itself starts with `zygote_env()`, never the worker's environment,
   which holds secrets such as CSML_JOIN_TOKEN.
+- Libraries that size a thread pool of their own (OpenMP, OpenBLAS, MKL, OpenCV)
+  are given `job_threads(slots)` threads per job: the worker's CPUs shared by its
+  slots (`THREAD_POOLS`, set in the zygote's environment before the app's
+  imports read them; one the worker's environment sets wins). A worker of S
+  slots runs S jobs at once: threads of one job beyond its share of the CPUs
+  only wait for each other (OpenCV's pool spins, then sleeps, at every parallel
+  call), and with every slot busy they take CPU from the other jobs.
 """
 
 from __future__ import annotations
@@ -51,12 +58,17 @@ JOB_PATH = "/usr/bin:/bin"
 PASSED_TO_ZYGOTE = (
     "PATH", "PYTHONPATH", "PYTHONHOME", "PYTHONDONTWRITEBYTECODE", "PYTHONHASHSEED",
     "LANG", "LC_ALL", "LC_CTYPE", "TZ", "LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES",
-    "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OPENCV_IO_MAX_IMAGE_PIXELS",
-    "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "CSML_ECHO_DIAGNOSTICS",
+    "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OPENCV_FOR_THREADS_NUM",
+    "OPENCV_IO_MAX_IMAGE_PIXELS", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "CSML_ECHO_DIAGNOSTICS",
 )  # fmt: skip
 PASSED_TO_JOB = (
-    "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "TZ", "CUDA_VISIBLE_DEVICES",
+    "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OPENCV_FOR_THREADS_NUM", "TZ",
+    "CUDA_VISIBLE_DEVICES",
 )  # fmt: skip
+THREAD_POOLS = (
+    "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OPENCV_FOR_THREADS_NUM",
+)  # fmt: skip
+"""The libraries' own settings of their thread pool's size, read once when they load."""
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
@@ -188,10 +200,29 @@ def describe(features: Collection[str] | None, own_uid: bool) -> str:
     return "; ".join(parts)
 
 
-def zygote_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The zygote's whole environment: what imports need, no secret."""
+def usable_cpus() -> int:
+    """How many CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def job_threads(slots: int, cpus: int | None = None) -> int:
+    """Threads per job for a worker of `slots` slots: its CPUs shared out, at least 1."""
+    return max(1, (usable_cpus() if cpus is None else cpus) // max(1, slots))
+
+
+def zygote_env(
+    environ: Mapping[str, str] | None = None, threads: int | None = None
+) -> dict[str, str]:
+    """The zygote's whole environment: what imports need, no secret; with `threads`, the
+    size of each library's thread pool (`THREAD_POOLS`) unless `environ` sets it."""
     source = os.environ if environ is None else environ
     env = {k: source[k] for k in PASSED_TO_ZYGOTE if k in source}
+    if threads is not None:
+        for name in THREAD_POOLS:
+            env.setdefault(name, str(threads))
     env.setdefault("PATH", JOB_PATH)
     env.setdefault("LANG", "C.UTF-8")
     # Read by OpenCV once, when it loads in the zygote: a second guard behind imagesafety.

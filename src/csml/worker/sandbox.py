@@ -67,7 +67,7 @@ from csml.worker.channel import (
     StartedMsg,
     StartMsg,
 )
-from csml.worker.isolation import describe, zygote_env
+from csml.worker.isolation import describe, job_threads, zygote_env
 from csml.worker.isolation_files import (
     Grant,
     clear_tmp,
@@ -209,7 +209,11 @@ class Sandbox:
 
     Idle children: at most `max_idle`, holding at most `idle_bytes` of memory beyond the
     zygote's in all (default: `max_idle` times `IDLE_RSS_ALLOWANCE`, what `max_idle`
-    children may each keep)."""
+    children may each keep).
+
+    `slots`: how many jobs the worker runs at once; each job's libraries then size their
+    thread pools to its share of the CPUs (`isolation.job_threads`; None: their own
+    defaults)."""
 
     def __init__(
         self,
@@ -219,8 +223,10 @@ class Sandbox:
         idle_ttl: float = IDLE_TTL,
         max_idle: int = MAX_IDLE,
         idle_bytes: int | None = None,
+        slots: int | None = None,
     ) -> None:
         self.app_name = app_name
+        self.job_threads = None if slots is None else job_threads(slots)
         self.idle_ttl = idle_ttl
         self.max_idle = max_idle
         self.idle_bytes = max_idle * IDLE_RSS_ALLOWANCE if idle_bytes is None else idle_bytes
@@ -260,7 +266,7 @@ class Sandbox:
             ],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
-            env=zygote_env(),  # never the worker's: it holds CSML_JOIN_TOKEN
+            env=zygote_env(threads=self.job_threads),  # never the worker's: CSML_JOIN_TOKEN
         )
         theirs.close()
         self._reader = threading.Thread(target=self._read_control, daemon=True, name="zygote")
