@@ -71,7 +71,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -215,6 +215,26 @@ class _Folder:
     known: bool = True  # `files` is all it holds (else it is removed, not reused)
 
 
+@dataclass
+class AgentStats:
+    """What the agent did since it started (`WorkerAgent.stats()`; logged when it
+    leaves). Slot-seconds are integrals over time of slots: `busy_s` of slots holding a
+    job (from taking it to handing its completion), `queued_idle_s` of free slots while
+    a claimed job waited in the local queue (the hand-over to a slot thread: ~0 if the
+    prefetch works). A worker whose coordinator had jobs queued all along idled
+    `slots x wall - busy_s` slot-seconds: the time its slots waited for claims."""
+
+    jobs: int = 0  # jobs taken by a slot thread
+    claims: int = 0  # claims answered
+    empty_claims: int = 0  # ... of which brought no job
+    claimed: int = 0  # jobs the claims brought
+    riding: int = 0  # completions that rode a claim
+    alone: int = 0  # completions sent alone
+    alone_batches: int = 0  # ... in this many requests
+    busy_s: float = 0.0
+    queued_idle_s: float = 0.0
+
+
 MAX_COMPLETION_BATCH = 64
 IDLE_CHECK_SECONDS = 5.0  # a waiting slot thread looks again (it is woken when due)
 IDLE_PER_PLACE = 4  # idle children per place of the idle memory budget, at most
@@ -273,6 +293,8 @@ class WorkerAgent:
         self._free = self._capacity  # capacity no job holds
         self._queue: deque[ClaimedJob] = deque()  # claimed, waiting for a slot thread
         self._active = 0  # jobs a slot thread runs (at most `slots`)
+        self._stats = AgentStats()
+        self._tallied = time.monotonic()  # when `_tally` last integrated the slots
         self._last_beat = 0.0  # monotonic time a claim last carried the heartbeat
         # Completions handed and not yet sent, in order: the next claim carries them, or
         # they go alone when no claim will soon (see the module docstring).
@@ -416,6 +438,17 @@ class WorkerAgent:
         self.finished.set()
         self._sender.close()
         self._leave()
+        stats = self.stats()
+        log.info(
+            "left the cluster",
+            extra={
+                "fields": {
+                    **asdict(stats),
+                    "busy_s": round(stats.busy_s, 4),
+                    "queued_idle_s": round(stats.queued_idle_s, 4),
+                }
+            },
+        )
         self.sandbox.close()
         shutil.rmtree(self._workdir, ignore_errors=True)
         if self._failure is not None:
@@ -478,7 +511,9 @@ class WorkerAgent:
                 self._sending = True
                 turn = self._take_batch()
             elif self._queue and self._active < self.config.slots:
+                self._tally()
                 self._active += 1
+                self._stats.jobs += 1
                 turn = self._queue.popleft()
             elif self.stopping.is_set():
                 return None  # queued jobs left are for the threads running jobs now
@@ -501,6 +536,23 @@ class WorkerAgent:
                 continue
             self._wake_others()
             return turn
+
+    def _tally(self) -> None:
+        """(Under `_lock`, before `_active` or `_queue` changes.) Integrate the slots'
+        use since the last change (`AgentStats`)."""
+        now = time.monotonic()
+        span, self._tallied = now - self._tallied, now
+        self._stats.busy_s += self._active * span
+        if self._queue and self._active < self.config.slots:
+            self._stats.queued_idle_s += (
+                min(len(self._queue), self.config.slots - self._active) * span
+            )
+
+    def stats(self) -> AgentStats:
+        """A copy of the counters so far (slot-seconds integrated up to now)."""
+        with self._lock:
+            self._tally()
+            return replace(self._stats)
 
     def _wake_others(self) -> None:
         """(Under `_lock`.) Wake as many waiting slot threads as there are turns due
@@ -560,9 +612,15 @@ class WorkerAgent:
             self._free += free - len(jobs)
             for job in jobs:
                 self._running[job.id] = _Running(job)
+            self._tally()
+            stats = self._stats
+            stats.claims += 1
+            stats.claimed += len(jobs)
+            stats.empty_claims += not jobs
             self._queue.extend(jobs)
             if self._queue and self._active < self.config.slots:
                 self._active += 1
+                stats.jobs += 1
                 mine = self._queue.popleft()
                 # The thread to claim next is woken once this job is in its child
                 # (`_undefer`): it would take the interpreter lock from it meanwhile.
@@ -608,6 +666,8 @@ class WorkerAgent:
             self._unsent(riding)
             return
         self._report(answer.results)
+        with self._lock:
+            self._stats.riding += len(riding)
         for c in riding:
             self._end(c.completion.job_id)
 
@@ -705,6 +765,7 @@ class WorkerAgent:
         finally:
             self._undefer()
             with self._lock:
+                self._tally()
                 self._active -= 1
 
     def _take_folder(self) -> _Folder:
@@ -1021,6 +1082,8 @@ class WorkerAgent:
         finally:
             with self._lock:
                 self._sending = False
+                self._stats.alone += len(batch)
+                self._stats.alone_batches += 1
         for c in batch:
             self._end(c.completion.job_id)
 
