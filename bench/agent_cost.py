@@ -192,6 +192,7 @@ def one_round(a: argparse.Namespace, root: Path, profile: bool) -> dict[str, flo
         "coordinator_cpu_ms_per_job": 1000 * (coord1 - coord0) / n,
         "claims_per_job": stats["claims"] / max(1, stats["jobs"]),
         "empty_claims_per_job": stats["empty_claims"] / max(1, stats["jobs"]),
+        "pipelined_claims_per_job": stats.get("pipelined", 0) / max(1, stats["jobs"]),
         "alone_requests_per_job": stats["alone_batches"] / max(1, stats["jobs"]),
         "queued_idle_ms_per_job": 1000 * stats["queued_idle_s"] / max(1, stats["jobs"]),
         "requests_per_job": sum(r["per_job"] for r in requests.values()),
