@@ -1,6 +1,6 @@
 """The worker agent: join, claim jobs, run them in the sandbox, report back.
 
-Threads: one per slot (one more with a prefetch), taking turns; one heartbeats
+Threads: one per slot (two more with a prefetch), taking turns; one heartbeats
 (extending leases, relaying progress, aborting cancelled jobs) when no claim did.
 
 Batched protocol: a claim asks for up to `free slots + prefetch` jobs (prefetched
@@ -12,14 +12,18 @@ come inline in the claim; each completion carries its small outputs inline
 
 Turns: a slot thread not running a job takes the first turn due (`_next_turn`): send
 the completions that must go alone, run a claimed job a slot is free for, or claim
-(when no claim is in flight and some capacity is free). The thread that claims runs
-the first job of the answer itself and wakes a waiting thread for each other one
-(and one to claim next, if capacity is still free); a thread whose job ended looks
-for its next turn itself, so its completion goes in the claim it then sends (or
-alone, by itself). A thread is woken only for a turn nobody else takes
+(`_claim_due`: when no claim is in flight and some capacity is free; with a prefetch,
+also when the one in flight answers at once and half the capacity is free meanwhile,
+so that the capacity freed while a claim travels does not wait for its answer). The
+thread that claims runs the first job of the answer itself and wakes a waiting
+thread for each other one (and one to claim next, if capacity is still free); a
+thread whose job ended looks for its next turn itself, so its completion goes in the
+claim it then sends (or alone, by itself). A thread is woken only for a turn nobody
+else takes
 (`_wake_others`): thread hand-overs cost far more than the work they hand over. At
-most one claim is in flight (the claim link), and at most one thread sends alone
-(the sender link); completions that end while it sends go in its next batch.
+most two claims are in flight (one with no prefetch), each on a claim link of its
+own, and at most one thread sends alone (the sender link); completions that end
+while it sends go in its next batch.
 
 Completions ride claims (protocol 3, when the coordinator says at registration that
 it speaks it): a handed completion frees its job's slot at once, and the next claim
@@ -71,7 +75,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -95,7 +99,7 @@ from csml.crypto import (
     worker_key_report_data,
 )
 from csml.crypto.envelope import JobManifest, ResultPayload, open_manifest, seal_result
-from csml.link import LinkError, LinkResponse, open_link
+from csml.link import LinkError, LinkResponse, Poster, open_link
 from csml.schemas import (
     ClaimedJob,
     ClaimResponse,
@@ -200,6 +204,17 @@ class _Completion:
 
 
 @dataclass
+class _ClaimTurn:
+    """A slot thread's turn to claim up to `free` jobs on `link`, carrying `riding`
+    completions; `poll`: it long-polls (no claim in flight, none riding)."""
+
+    free: int
+    riding: list[_Completion]
+    link: Poster
+    poll: bool
+
+
+@dataclass
 class _Folder:
     """A job folder (`inputs/`, `outputs/`), reused from job to job (`_take_folder`,
     `_give_back`): made once instead of three directories made and removed per job."""
@@ -210,6 +225,27 @@ class _Folder:
     has_inputs: bool = False  # `inputs/` exists
     files: list[str] = field(default_factory=list)  # what the running job left in it
     known: bool = True  # `files` is all it holds (else it is removed, not reused)
+
+
+@dataclass
+class AgentStats:
+    """What the agent did since it started (`WorkerAgent.stats()`; logged when it
+    leaves). Slot-seconds are integrals over time of slots: `busy_s` of slots holding a
+    job (from taking it to handing its completion), `queued_idle_s` of free slots while
+    a claimed job waited in the local queue (the hand-over to a slot thread: ~0 if the
+    prefetch works). A worker whose coordinator had jobs queued all along idled
+    `slots x wall - busy_s` slot-seconds: the time its slots waited for claims."""
+
+    jobs: int = 0  # jobs taken by a slot thread
+    claims: int = 0  # claims answered
+    pipelined: int = 0  # ... of which were sent while another was in flight
+    empty_claims: int = 0  # ... of which brought no job
+    claimed: int = 0  # jobs the claims brought
+    riding: int = 0  # completions that rode a claim
+    alone: int = 0  # completions sent alone
+    alone_batches: int = 0  # ... in this many requests
+    busy_s: float = 0.0
+    queued_idle_s: float = 0.0
 
 
 MAX_COMPLETION_BATCH = 64
@@ -227,6 +263,31 @@ the coordinator's default 4 MiB bound on a worker's JSON body."""
 def _inline_size(pending: _Completion) -> int:
     """Base64 characters of a completion's inline outputs."""
     return sum(len(o.content) for o in pending.completion.inline_outputs)
+
+
+def claim_due(
+    free: int, in_flight: int, *, spare_link: bool, polling: bool, dry: bool, pipeline_at: int
+) -> bool:
+    """Whether a claim should go now, given the `free` capacity (slots plus prefetch no
+    job holds nor a claim in flight asks for) and the claims `in_flight`: when some
+    capacity is free and no claim is in flight; or, with a `spare_link` (a prefetch),
+    when the one in flight answers at once (not `polling`: it carries completions) and
+    at least `pipeline_at` (half the capacity) is free meanwhile.
+
+    A claim in flight brings only the jobs it asked for, so the capacity freed while it
+    travels would wait for its answer: with 2 slots and a prefetch of 8, a job takes
+    ~1 ms of a slot and a claim 3-30 ms on a busy machine, so the local queue runs dry
+    before a claim comes back (slots were idle 22-54% of a drain, `bench/agent_cost.py`).
+    A second claim for half the capacity, at most, costs few requests (a simulation of
+    claims of 3-10 ms: 20-50% more jobs/s for 10-25% more claims). None follows a claim
+    that long-polls, nor once a claim brought no job (`dry`, until one brings some):
+    with no job queued, claims that answer at once would follow each other without end.
+    """
+    if free <= 0:
+        return False
+    if not in_flight:
+        return True
+    return spare_link and not polling and not dry and free >= pipeline_at
 
 
 class Refused(Exception):
@@ -271,12 +332,15 @@ class WorkerAgent:
         self._free = self._capacity  # capacity no job holds
         self._queue: deque[ClaimedJob] = deque()  # claimed, waiting for a slot thread
         self._active = 0  # jobs a slot thread runs (at most `slots`)
+        self._stats = AgentStats()
+        self._tallied = time.monotonic()  # when `_tally` last integrated the slots
         self._last_beat = 0.0  # monotonic time a claim last carried the heartbeat
         # Completions handed and not yet sent, in order: the next claim carries them, or
         # they go alone when no claim will soon (see the module docstring).
         self._pending: list[_Completion] = []
-        self._claiming = False  # a slot thread has the claim turn (a claim is in flight)
-        self._polling = False  # ... and that claim long-polls (it carries no completion)
+        self._claims_out = 0  # claims in flight (each sent by a slot thread)
+        self._polling = False  # ... the one in flight long-polls (it carries no completion)
+        self._dry = False  # the last claim answered brought no job (none is pipelined)
         self._sending = False  # a slot thread sends completions alone (one at a time)
         self._fold = False  # completions ride claims (the coordinator speaks protocol 3)
         self._idle: deque[threading.Lock] = deque()  # slot threads waiting for a turn
@@ -296,6 +360,13 @@ class WorkerAgent:
         base = config.coordinator.rstrip("/")
         self.claims = open_link(base, verify, timeout=config.claim_wait + 30)
         self._sender = open_link(base, verify, timeout=30.0)
+        # With a prefetch, a second claim may follow the one in flight (`_claim_due`), on
+        # a link of its own; `_links` holds the claim links no claim uses.
+        self._links: list[Poster] = [self.claims]
+        if config.prefetch > 0:
+            self._links.append(open_link(base, verify, timeout=30.0))
+        self._all_links = list(self._links)
+        self._pipeline_at = max(1, (self._capacity + 1) // 2)
         self.registration: WorkerRegistered | None = None
 
     # -- HTTP with retries --------------------------------------------------
@@ -399,9 +470,9 @@ class WorkerAgent:
         self.register()
         beat = threading.Thread(target=self._heartbeat_loop, daemon=True, name="heartbeat")
         beat.start()
-        # One thread per slot, and one more with a prefetch (it claims while every slot
-        # runs a job).
-        count = self.config.slots + (1 if self._capacity > self.config.slots else 0)
+        # One thread per slot, and with a prefetch two more: one claims while every slot
+        # runs a job, one more for a claim that follows it (`_claim_due`).
+        count = self.config.slots + (2 if self._capacity > self.config.slots else 0)
         threads = [
             threading.Thread(target=self._turns, daemon=True, name=f"slot-{i}")
             for i in range(count)
@@ -414,6 +485,17 @@ class WorkerAgent:
         self.finished.set()
         self._sender.close()
         self._leave()
+        stats = self.stats()
+        log.info(
+            "left the cluster",
+            extra={
+                "fields": {
+                    **asdict(stats),
+                    "busy_s": round(stats.busy_s, 4),
+                    "queued_idle_s": round(stats.queued_idle_s, 4),
+                }
+            },
+        )
         self.sandbox.close()
         shutil.rmtree(self._workdir, ignore_errors=True)
         if self._failure is not None:
@@ -424,7 +506,8 @@ class WorkerAgent:
         coordinator is gone for good (its `csml up` died), so also end the running
         jobs and stop calling it, instead of retrying forever."""
         self.stopping.set()
-        self.claims.close()
+        for link in self._all_links:
+            link.close()
         if abandon:
             self._abort_all()
             self.finished.set()
@@ -458,33 +541,37 @@ class WorkerAgent:
             if isinstance(turn, list):
                 self._send_alone(turn)
                 continue
-            job = self._claim_turn(*turn) if isinstance(turn, tuple) else turn
+            job = self._claim_turn(turn) if isinstance(turn, _ClaimTurn) else turn
             if job is not None:
                 self._execute(job)
 
     def _next_turn(
         self, waiter: threading.Lock
-    ) -> list[_Completion] | ClaimedJob | tuple[int, list[_Completion]] | None:
+    ) -> list[_Completion] | ClaimedJob | _ClaimTurn | None:
         """(Under `_lock`.) This thread's next turn, waiting for one: a batch of
         completions to send alone (no claim will carry them soon), a claimed job to run
-        (a slot is free), or the claim turn (`(free capacity, riding completions)`: no
-        claim is in flight and some capacity is free); None: the worker stops and
+        (a slot is free), or a claim turn (`_claim_due`); None: the worker stops and
         nothing is left for this thread."""
         while True:
-            turn: list[_Completion] | ClaimedJob | tuple[int, list[_Completion]] | None
+            turn: list[_Completion] | ClaimedJob | _ClaimTurn | None
             if not self._sending and self._alone():
                 self._sending = True
                 turn = self._take_batch()
             elif self._queue and self._active < self.config.slots:
+                self._tally()
                 self._active += 1
+                self._stats.jobs += 1
                 turn = self._queue.popleft()
             elif self.stopping.is_set():
                 return None  # queued jobs left are for the threads running jobs now
-            elif not self._claiming and self._free > 0:
-                self._claiming = True
+            elif self._claim_due():
                 riding = self._take_batch() if self._fold else []
-                self._polling = not riding
-                turn, self._free = (self._free, riding), 0
+                poll = not riding and not self._claims_out
+                self._polling = poll  # (False already if a claim is in flight)
+                self._stats.pipelined += self._claims_out > 0
+                self._claims_out += 1
+                turn = _ClaimTurn(self._free, riding, self._links.pop(), poll)
+                self._free = 0
             else:
                 self._idle.append(waiter)
                 self._lock.release()
@@ -500,18 +587,41 @@ class WorkerAgent:
             self._wake_others()
             return turn
 
+    def _tally(self) -> None:
+        """(Under `_lock`, before `_active` or `_queue` changes.) Integrate the slots'
+        use since the last change (`AgentStats`)."""
+        now = time.monotonic()
+        span, self._tallied = now - self._tallied, now
+        self._stats.busy_s += self._active * span
+        if self._queue and self._active < self.config.slots:
+            self._stats.queued_idle_s += (
+                min(len(self._queue), self.config.slots - self._active) * span
+            )
+
+    def stats(self) -> AgentStats:
+        """A copy of the counters so far (slot-seconds integrated up to now)."""
+        with self._lock:
+            self._tally()
+            return replace(self._stats)
+
+    def _claim_due(self) -> bool:
+        """(Under `_lock`.) Whether a slot thread should claim now (`claim_due`)."""
+        return not self.stopping.is_set() and claim_due(
+            self._free,
+            self._claims_out,
+            spare_link=bool(self._links),
+            polling=self._polling,
+            dry=self._dry,
+            pipeline_at=self._pipeline_at,
+        )
+
     def _wake_others(self) -> None:
         """(Under `_lock`.) Wake as many waiting slot threads as there are turns due
         that no running or woken thread takes: queued jobs a slot is free for, the
         claim turn, completions to send alone. (A thread that finishes a turn looks
         for its next one itself: no wake-up on its own account.)"""
         due = min(len(self._queue), self.config.slots - self._active)
-        if (
-            not self._claiming
-            and self._free > 0
-            and not self.stopping.is_set()
-            and not self._deferred
-        ):
+        if not self._deferred and self._claim_due():
             due += 1
         if not self._sending and self._alone():
             due += 1
@@ -529,15 +639,24 @@ class WorkerAgent:
                 self._deferred = False
                 self._wake_others()
 
-    def _claim_turn(self, free: int, riding: list[_Completion]) -> ClaimedJob | None:
-        """Claim up to `free` jobs, carrying `riding` completions; queue the jobs and
-        return the first for this thread to run (None: none, or the claims ended)."""
+    def _claimed(self, turn: _ClaimTurn) -> None:
+        """(Under `_lock`.) A claim is no longer in flight: its link is free again."""
+        self._claims_out -= 1
+        if turn.poll:
+            self._polling = False
+        self._links.append(turn.link)
+
+    def _claim_turn(self, turn: _ClaimTurn) -> ClaimedJob | None:
+        """Claim up to `turn.free` jobs, carrying `turn.riding` completions; queue the
+        jobs and return the first for this thread to run (None: none, or the claims
+        ended)."""
+        free, riding = turn.free, turn.riding
         try:
-            answer = self._claim(free, riding)
+            answer = self._claim(turn)
             self._abort(answer.abort)
         except BaseException as exc:
             with self._lock:
-                self._claiming = self._polling = False
+                self._claimed(turn)
                 self._free += free
             self._unsent(riding)
             if not self.stopping.is_set():
@@ -554,13 +673,20 @@ class WorkerAgent:
         jobs = answer.jobs
         mine: ClaimedJob | None = None
         with self._lock:
-            self._claiming = self._polling = False
+            self._claimed(turn)
+            self._dry = not jobs
             self._free += free - len(jobs)
             for job in jobs:
                 self._running[job.id] = _Running(job)
+            self._tally()
+            stats = self._stats
+            stats.claims += 1
+            stats.claimed += len(jobs)
+            stats.empty_claims += not jobs
             self._queue.extend(jobs)
             if self._queue and self._active < self.config.slots:
                 self._active += 1
+                stats.jobs += 1
                 mine = self._queue.popleft()
                 # The thread to claim next is woken once this job is in its child
                 # (`_undefer`): it would take the interpreter lock from it meanwhile.
@@ -570,11 +696,11 @@ class WorkerAgent:
             self._receipts(riding, answer)
         return mine
 
-    def _claim(self, n: int, riding: list[_Completion]) -> ClaimResponse:
-        """One claim of up to `n` jobs, carrying the heartbeat and `riding` completions
-        (then it does not long-poll: its answer is their receipt)."""
-        done = [c.completion for c in riding]
-        ending = {c.job_id for c in done}
+    def _claim(self, turn: _ClaimTurn) -> ClaimResponse:
+        """One claim of up to `turn.free` jobs, carrying the heartbeat and the riding
+        completions; it long-polls only if `turn.poll` (with completions its answer is
+        their receipt; one that follows another in flight answers at once too)."""
+        done = [c.completion for c in turn.riding]
 
         def post() -> LinkResponse | httpx.Response:
             self._last_beat = time.monotonic()
@@ -582,9 +708,9 @@ class WorkerAgent:
             if warm:
                 log.debug("claiming with %d warm models", len(warm))
             body: dict[str, Any] = {
-                "max_jobs": n,
-                "wait": 0 if done else self.config.claim_wait,
-                "running": self._held_json(ending),
+                "max_jobs": turn.free,
+                "wait": self.config.claim_wait if turn.poll else 0,
+                "running": self._held_json(),
                 "warm_models": warm,
             }
             if done:
@@ -592,7 +718,7 @@ class WorkerAgent:
             # (pydantic's serialiser writes the completions as they are, inline outputs
             # included, with no copy of them as dicts first.)
             content = to_json(body)
-            return self.claims.post(self._path("/claim"), content, self._auth())
+            return turn.link.post(self._path("/claim"), content, self._auth())
 
         response = self._call("claim", post, until=self.stopping)
         return ClaimResponse.model_validate_json(response.content)
@@ -606,6 +732,8 @@ class WorkerAgent:
             self._unsent(riding)
             return
         self._report(answer.results)
+        with self._lock:
+            self._stats.riding += len(riding)
         for c in riding:
             self._end(c.completion.job_id)
 
@@ -624,9 +752,11 @@ class WorkerAgent:
                 for r in self._running.values()
             ]
 
-    def _held_json(self, ending: set[str]) -> list[dict[str, Any]]:
-        """`_held()` as its JSON, but for the jobs `ending` (built directly: a claim
-        carries it every time)."""
+    def _held_json(self) -> list[dict[str, Any]]:
+        """`_held()` as its JSON (built directly: a claim carries it every time), but for
+        the jobs whose completions are handed: they ride this claim or another in
+        flight (which may end them first: the coordinator would then say to abort
+        them), or go next."""
         with self._lock:
             return [
                 {
@@ -635,7 +765,7 @@ class WorkerAgent:
                     "progress": {"fraction": r.progress.fraction, "message": r.progress.message},
                 }
                 for r in self._running.values()
-                if r.claimed.id not in ending
+                if not r.handed
             ]
 
     def _abort(self, job_ids: list[str]) -> None:
@@ -703,6 +833,7 @@ class WorkerAgent:
         finally:
             self._undefer()
             with self._lock:
+                self._tally()
                 self._active -= 1
 
     def _take_folder(self) -> _Folder:
@@ -1019,6 +1150,8 @@ class WorkerAgent:
         finally:
             with self._lock:
                 self._sending = False
+                self._stats.alone += len(batch)
+                self._stats.alone_batches += 1
         for c in batch:
             self._end(c.completion.job_id)
 

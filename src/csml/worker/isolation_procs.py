@@ -27,6 +27,28 @@ def read_proc(path: str) -> bytes:
         os.close(fd)
 
 
+class ProcFile:
+    """A /proc file of one process, kept open and read again from its start: one system
+    call per read (pread) instead of open, read, close, for a file the worker reads at
+    every job of a reused child. Bound to the process it was opened for (a later
+    process given the same pid is not seen through it): a read raises OSError (or finds
+    nothing) once that process is gone. Whoever closes it must be the only one still
+    reading it (a closed descriptor's number may be reused by the next open)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+    def read(self) -> bytes:
+        data = os.pread(self.fd, 65536, 0)
+        return data if len(data) < 65536 else read_proc(self.path)  # (not seen: too long)
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
 def _read_status(pid: int) -> dict[str, str]:
     with open(f"/proc/{pid}/status") as f:
         return dict(line.split(":\t", 1) for line in f if ":\t" in line)

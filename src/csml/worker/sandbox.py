@@ -76,7 +76,7 @@ from csml.worker.isolation_files import (
     remove_tmp,
     take_back,
 )
-from csml.worker.isolation_procs import children, read_proc
+from csml.worker.isolation_procs import ProcFile, children, read_proc
 
 ProgressFn = Callable[[float, str], None]
 
@@ -134,6 +134,10 @@ class _Resident:
     threads: int = 0  # its threads, read with `rss` (0: not read)
     extra_bytes: int = 0  # resident memory beyond the zygote's, after its last job
     sandbox: JobSandboxMsg | None = None  # what every job of it is told (its uid, tmp, env)
+    # Its /proc/PID/stat and its main thread's children, kept open once it started (read
+    # at every job: `_stat`, `_left_behind`); closed by the cleaner once it is gone.
+    stat: ProcFile | None = None
+    kids: ProcFile | None = None
 
 
 class ZygoteDied(RuntimeError):
@@ -169,11 +173,49 @@ def proc_stat(pid: int) -> tuple[float, int, int]:
     """CPU time (as `cpu_seconds_of`), resident memory (as `resident_bytes`) and threads
     of a process, from one read of /proc/PID/stat ((0, 0, 0) if it is gone)."""
     try:
-        fields = read_proc(f"/proc/{pid}/stat").rsplit(b")", 1)[1].split()
-        cpu = int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
-        return cpu / CLOCK_TICKS, int(fields[21]) * PAGE_SIZE, int(fields[17])
+        return _parse_stat(read_proc(f"/proc/{pid}/stat"))
     except (OSError, IndexError, ValueError):
         return 0.0, 0, 0
+
+
+def _parse_stat(data: bytes) -> tuple[float, int, int]:
+    fields = data.rsplit(b")", 1)[1].split()
+    cpu = int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
+    return cpu / CLOCK_TICKS, int(fields[21]) * PAGE_SIZE, int(fields[17])
+
+
+def _stat(resident: _Resident) -> tuple[float, int, int]:
+    """`proc_stat` of a resident's child, through its kept /proc file once opened."""
+    if resident.stat is None:
+        return proc_stat(resident.child.pid)
+    try:
+        return _parse_stat(resident.stat.read())
+    except (OSError, IndexError, ValueError):
+        return 0.0, 0, 0
+
+
+def _open_proc(resident: _Resident) -> None:
+    """Keep the /proc files of a child that started read at each of its jobs (left
+    unopened if it is already gone: they are read by path then)."""
+    pid = resident.child.pid
+    if resident.stat is not None or not pid:
+        return
+    try:
+        stat = ProcFile(f"/proc/{pid}/stat")
+    except OSError:
+        return
+    try:
+        resident.kids = ProcFile(f"/proc/{pid}/task/{pid}/children")
+    except OSError:
+        stat.close()
+        return
+    resident.stat = stat
+
+
+def _close_proc(resident: _Resident) -> None:
+    for f in (resident.stat, resident.kids):
+        if f is not None:
+            f.close()
 
 
 @functools.lru_cache(maxsize=64)
@@ -330,6 +372,9 @@ class Sandbox:
             self._zygote.kill()
         self._finished.put(None)
         self._cleaner.join(timeout=10)
+        if not self._cleaner.is_alive():  # (it read their /proc files: `_expire_idle`)
+            for r in idle:
+                _close_proc(r)
         shutil.rmtree(self._tmp_root, ignore_errors=True)
 
     def run(
@@ -419,7 +464,7 @@ class Sandbox:
 
     @staticmethod
     def _busy_while_idle(resident: _Resident) -> bool:
-        resident.cpu = cpu_seconds_of(resident.child.pid)  # read at checkout: the job's start
+        resident.cpu = _stat(resident)[0]  # read at checkout: the job's start
         return resident.cpu - resident.idle_cpu > IDLE_CPU_ALLOWANCE
 
     def _checkin(self, resident: _Resident) -> None:
@@ -521,6 +566,7 @@ class Sandbox:
                 self._kill(child)
                 child.exited.wait(10)
             remove_tmp(item.base)
+            _close_proc(item)  # (only this thread reads the files of a retired child)
             with self._lock:
                 self._forget(item.token)
 
@@ -550,7 +596,13 @@ class Sandbox:
         """Processes the job left: children of its child (of each of its threads; of its
         only one, as it had when it answered: no listing of its threads), or orphans the
         zygote adopted (any child of the zygote's that is not a job's)."""
-        if children(resident.child.pid, threads=resident.threads != 1):
+        if resident.threads == 1 and resident.kids is not None:
+            try:
+                if resident.kids.read().split():
+                    return True
+            except OSError:
+                pass  # gone: then it left nothing (orphans show as the zygote's)
+        elif children(resident.child.pid, threads=resident.threads != 1):
             return True
         adopted = set(children(self._zygote.pid, threads=False))
         with self._lock:
@@ -574,11 +626,12 @@ class Sandbox:
                 on_started()  # no waiting before it
             if not child.started.wait(timeout=READY_TIMEOUT):
                 raise OSError("the zygote did not start the job's process")
+            _open_proc(resident)
             # A reused child's CPU was read at checkout, right before this job.
-            cpu_before = resident.cpu if resident.cpu >= 0 else cpu_seconds_of(child.pid)
+            cpu_before = resident.cpu if resident.cpu >= 0 else _stat(resident)[0]
 
             def overrun() -> str | None:
-                resident.cpu, resident.rss, resident.threads = proc_stat(child.pid)
+                resident.cpu, resident.rss, resident.threads = _stat(resident)
                 if resident.cpu - cpu_before > job.cpu_seconds:
                     return f"exceeded its CPU-time limit of {job.cpu_seconds:g} s"
                 return None

@@ -1,0 +1,37 @@
+"""A kept /proc file (`ProcFile`, read at every job of a reused child) reads the process
+as it is now, at every read, and nothing once that process is gone (a later process
+given the same pid is never read through it)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from csml.worker.isolation_procs import ProcFile, children
+from csml.worker.sandbox import _parse_stat, proc_stat
+
+
+def test_a_kept_stat_file_reads_the_process_now_and_nothing_once_it_is_gone() -> None:
+    spin = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
+    proc = subprocess.Popen([sys.executable, "-c", spin + "input()"], stdin=subprocess.PIPE)
+    try:
+        stat = ProcFile(f"/proc/{proc.pid}/stat")
+        kids = ProcFile(f"/proc/{proc.pid}/task/{proc.pid}/children")
+        while _parse_stat(stat.read())[0] < 0.3:  # the same descriptor sees its CPU grow
+            pass
+        time.sleep(0.1)  # (it waits for input now: its CPU time stays)
+        cpu, rss, threads = _parse_stat(stat.read())
+        assert (cpu, threads) == (proc_stat(proc.pid)[0], 1) and rss > 0
+        assert kids.read().split() == [str(p).encode() for p in children(proc.pid, threads=False)]
+    finally:
+        proc.kill()
+        proc.wait()
+    with pytest.raises(OSError):
+        stat.read()
+    assert kids.read() == b""
+    stat.close()
+    kids.close()
+    stat.close()  # (twice is harmless)
