@@ -51,15 +51,17 @@ round-trip bound (or hold everything behind an op waiting for another coordinato
 row lock), so there are `lanes` threads (default `PG_LANES`), each with its own
 connection, and they open on demand: the first (primary) lane takes every batch, and
 an op queued while it is in a batch waits for it (it joins that batch, or the next)
-unless that batch has been open `HELP_AFTER_SECONDS`: then a watchdog thread wakes an
-idle helper lane, which takes what waits, and so on while the stall lasts. Ops that
-each found an idle lane committed alone (four lanes, a coordinator sharing the load
-with others: about one COMMIT per op), where waiting for the busy lane makes group
-commit work as on SQLite (`bench/coordinators.py`: 0.95 -> 0.2 write commits per job
-with one coordinator, 1.9 -> 0.45 with two). A lane stuck in a lock wait or a slow
-COMMIT still stops nothing for longer than that. Their transactions are independent,
-like those of several coordinators: an op may wait for a row another lane's open batch has locked
-(at most that batch's length), and may fail alone with PostgreSQL's deadlock or
+unless that batch has been open `help_after` seconds (`HELP_AFTER_SECONDS`) and waits
+for the server (a statement or COMMIT in progress: a lock wait, a slow disk): then a
+watchdog thread wakes an idle helper lane, which takes what waits, and so on while the
+stall lasts. A lane slow in its own Python (a busy machine's CPU, the GIL) gets no
+helper, which would wait for the same. Ops that each found an idle lane committed alone
+(four lanes, a coordinator sharing the load with others: about one COMMIT per op);
+waiting for the busy lane makes group commit work as on SQLite (`bench/coordinators.py`,
+load 13-16: 0.95 -> 0.25 write commits per job with one coordinator, 1.9 -> 0.6 with
+two). The lanes' transactions are independent, like those of several coordinators: an
+op may wait for a row another lane's open batch has locked (at most that batch's
+length), and may fail alone with PostgreSQL's deadlock or
 serialization error (its savepoint is rolled back, releasing what it locked). So ops
 that lock several rows of a table lock them in one order (jobs by `seq`: a completion's
 lock and a heartbeat's lease extension, see `csml.store.jobs_end`), and write no row
