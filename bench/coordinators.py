@@ -429,6 +429,7 @@ def one_run(
             notify0 = [scrape_notify(u) for u in urls]
             requests0 = [scrape_requests(u) for u in urls]
             with (
+                profiled(args, [c.proc.pid for c in procs], root) as profiles,
                 LockSampler(pg.conninfo(dbname), args.sample_ms / 1000) as locks,
                 CpuWindow(pids) as cpu,
             ):
@@ -464,6 +465,8 @@ def one_run(
         "load_before": load0,
         "load_after": load(),
     }
+    if profiles:
+        out["profiles"] = profiles
     if caps:
         out["cpu_quota_per_coordinator"] = caps.cpus
         out["throttling"] = [
@@ -495,6 +498,35 @@ def one_run(
         f"    root holders' transaction age, ms (p50, max): {lw['root_transaction_age_ms_p50_max']}"
     )
     return out
+
+
+@contextmanager
+def profiled(args: argparse.Namespace, pids: list[int], root: Path) -> Iterator[list[Any]]:
+    """With `--profile`, py-spy on every coordinator for the block: their summaries (and
+    the raw stacks' paths) land in the list once the block ends."""
+    out: list[Any] = []
+    if not args.profile:
+        yield out
+        return
+    from pyspy import Recorder, summarise
+
+    folder = args.profile_dir or root
+    folder.mkdir(parents=True, exist_ok=True)
+    tag = f"{len(pids)}-{secrets.token_hex(3)}"
+    raws = [folder / f"coordinator-{tag}-{i}.pyspy.txt" for i in range(len(pids))]
+    recorders = [
+        Recorder(pid, raw, gil_only=args.profile == "gil")
+        for pid, raw in zip(pids, raws, strict=True)
+    ]
+    time.sleep(0.5)  # let py-spy attach
+    try:
+        yield out
+    finally:
+        for recorder in recorders:
+            recorder.stop()
+        for raw in raws:
+            if raw.exists():
+                out.append({"mode": args.profile, "raw_stacks": str(raw), **summarise(raw)})
 
 
 def scrape_notify(url: str) -> dict[str, float]:
@@ -594,6 +626,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample-ms", type=float, default=50, help="lock sampling interval")
     p.add_argument("--only", default="uncapped,capped", help="uncapped, capped or both")
     p.add_argument("--json-out", type=Path, help="write the JSON here")
+    p.add_argument(
+        "--profile",
+        choices=("gil", "active"),
+        help="py-spy on every coordinator during each measured window (perturbs figures)",
+    )
+    p.add_argument(
+        "--profile-dir", type=Path, help="keep the raw py-spy stacks here [a temporary folder]"
+    )
     a = p.parse_args(argv)
     a.jobs = a.jobs or (150 if a.quick else 1500)
     a.seconds = a.seconds or (10 if a.quick else 40)

@@ -104,10 +104,10 @@ def test_a_relayed_packet_wakes_the_loop_once_and_only_for_followed_keys() -> No
         n.bind(asyncio.get_running_loop())
         watched: list[str | None] = []
         n.watch("job:", watched.append)
-        hops: list[list[tuple[str | None, int]]] = []
+        hops: list[list[tuple[str | None, int, object]]] = []
         wake_many = n._wake_many
 
-        def spy(keys: list[tuple[str | None, int]]) -> None:
+        def spy(keys: list[tuple[str | None, int, object]]) -> None:
             hops.append(list(keys))
             wake_many(keys)
 
@@ -122,7 +122,7 @@ def test_a_relayed_packet_wakes_the_loop_once_and_only_for_followed_keys() -> No
         with n.subscribe("app:echo") as claimer, n.follow("owner:a") as feed:
             await asyncio.to_thread(n._deliver_many, packet)
             await asyncio.sleep(0)
-            assert hops == [[("app:echo", 2), (feed_key("owner:a", "j1"), 1)]]
+            assert hops == [[("app:echo", 2, None), (feed_key("owner:a", "j1"), 1, None)]]
             assert claimer.is_set() and feed.take() == ({"j1"}, False)
             assert watched == ["job:elsewhere"]
             assert n.mark("app:other") == (1, 0) and n.mark("app:echo") == (2, 0)
@@ -132,7 +132,7 @@ def test_a_relayed_packet_wakes_the_loop_once_and_only_for_followed_keys() -> No
             assert hops == []  # nothing followed: the loop is not woken
             await asyncio.to_thread(n._deliver_many, [(None, 1)])  # lost: always delivered
             await asyncio.sleep(0)
-            assert hops == [[(None, 1)]] and feed.take() == (set(), True)
+            assert hops == [[(None, 1, None)]] and feed.take() == (set(), True)
 
     asyncio.run(run())
 
@@ -143,7 +143,7 @@ class _Outbox:
     def __init__(self) -> None:
         self.published: list[tuple[str, bool]] = []
 
-    def publish(self, key: str, *, deferrable: bool = False) -> None:
+    def publish(self, key: str, *, deferrable: bool = False, view: object = None) -> None:
         self.published.append((key, deferrable))
 
     def close(self) -> None:

@@ -9,13 +9,13 @@ many changed, outside any read transaction) and sends those that differ from wha
 sent, all of a wake-up's events in one write. A job whose end this coordinator
 committed comes with its ended view (a plain job's one-statement end returns it, the
 same row a load gives: `Notifier.notify(key, view)`): the stream sends that without
-loading it; an end committed on another coordinator arrives as a key through the relay
-and is loaded as before. A change that may have
-ended a job (completed, cancelled, reaped: `Feed.urgent`) is answered at once; others
-(submitted, running, progress) wait up to `SETTLE_SECONDS` for more, so that a job
-that ends meanwhile costs one load and one event instead of three (its intermediate
-states coalesce, as any changes pending together do). Its reads are short
-indexed statements run on the event loop (no thread-pool hop). It re-reads the whole
+loading it; an end committed on another coordinator arrives through the relay with that
+view when it could travel (`csml.store.relay.view_text`), else as a key, and is loaded.
+A change that may have ended a job (completed, cancelled, reaped: `Feed.urgent`) is
+answered at once; others (submitted, running, progress) wait up to `SETTLE_SECONDS`
+for more, so that a job that ends meanwhile costs one load and one event instead of
+three (its intermediate states coalesce, as any changes pending together do). Its reads
+are short indexed statements run on the event loop (no thread-pool hop). It re-reads the whole
 snapshot only when the feed may have lost announcements (relay reconnect, overflow)
 and, with queue positions asked (the page's default), every
 `POSITIONS_RECHECK_SECONDS` while one of the caller's jobs waits in a queue (other

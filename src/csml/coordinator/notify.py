@@ -27,7 +27,9 @@ completion, cancel or reap, which may have ended the job) also sets the feed's
 other changes (submitted, running, progress) settle first.
 A key may be notified with a view of its item's final state (`notify(key, view)`: the
 ended job its coordinator just committed, which changes no more), delivered to this
-process's feeds only (the relay carries keys): the feed keeps it with its item
+process's feeds and, on PostgreSQL, relayed with the key when the relay may carry it
+(a plain job's row of bounded size, `csml.store.relay.view_text`; decoded on the other
+coordinators only for a feed following its topic): the feed keeps it with its item
 (`take_views`), so the reader need not read the item again. News of the item pending
 before it is older (the item had not reached its final state), so the view stands for
 it; news without a view arriving after it (e.g. a progress whose notification was
@@ -162,6 +164,17 @@ def owner_change(owner_id: str, job_id: str, *, ending: bool = False) -> str:
     """The key announcing that this job of this owner changed (state, progress, result);
     `ending`: the change may have ended it (followers' `Feed.urgent`)."""
     return feed_key(owner_feed(owner_id), job_id + ENDING_MARK if ending else job_id)
+
+
+def _decoded(text: str) -> object:
+    """A relayed view (`csml.store.relay.view_of`), or None if it cannot be read."""
+    from csml.store.relay import view_of  # only ever called by the relay: psycopg is there
+
+    try:
+        return view_of(text)
+    except ValueError:
+        log.warning("a relayed job view could not be read; the job will be loaded")
+        return None
 
 
 class Feed:
@@ -380,7 +393,7 @@ class Notifier:
             # claimers are told all the same, in case it cannot).
             deferrable = key.startswith(OWNER_PREFIX) and not key.endswith(ENDING_MARK)
             for i in range(times):
-                self._relay.publish(key, deferrable=deferrable or i < waiting)
+                self._relay.publish(key, deferrable=deferrable or i < waiting, view=view)
 
     def _deliver(self, key: str | None, times: int = 1, view: object | None = None) -> int:
         """Wake local waiters of `key` (None: every waiter), as for `times` notifications.
@@ -402,15 +415,22 @@ class Notifier:
                 loop.call_soon_threadsafe(self._wake, key, times, view)
         return 0
 
-    def _deliver_many(self, keys: list[tuple[str | None, int]]) -> None:
+    def _deliver_many(
+        self, keys: list[tuple[str | None, int]], views: Mapping[str, str] | None = None
+    ) -> None:
         """`_deliver` of several (key, times) at once, from another thread than the loop's
         (the relay's, with one packet of notifications): marks and watchers at once, then
-        one hop to the loop for the keys someone here follows (see `_wanted`)."""
-        wanted: list[tuple[str | None, int]] = []
+        one hop to the loop for the keys someone here follows (see `_wanted`). `views`:
+        by key, the relayed JSON of an ended job's view, decoded only for a key a feed
+        here follows (one that cannot be decoded is left out: the feed loads the job)."""
+        wanted: list[tuple[str | None, int, object]] = []
         for key, times in keys:
             self._count_and_watch(key, times)
             if self._wanted(key):
-                wanted.append((key, times))
+                view = None
+                if views and key is not None and key in views:
+                    view = _decoded(views[key])
+                wanted.append((key, times, view))
         loop = self._loop
         if not wanted or loop is None or loop.is_closed():
             return
@@ -451,9 +471,9 @@ class Notifier:
         topic, sep, _ = key.rpartition(FEED_SEPARATOR)
         return bool(sep) and topic in self._feeds
 
-    def _wake_many(self, keys: list[tuple[str | None, int]]) -> None:
-        for key, times in keys:
-            self._wake(key, times)
+    def _wake_many(self, keys: list[tuple[str | None, int, object]]) -> None:
+        for key, times, view in keys:
+            self._wake(key, times, view)
 
     def _wake(self, key: str | None, times: int = 1, view: object | None = None) -> int:
         """(On the loop.) Deliver `key`; returns how many of a wake-one key's wake-ups

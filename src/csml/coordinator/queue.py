@@ -67,7 +67,8 @@ feed key that reaches the owner's event streams here and, through the
 PostgreSQL relay, on the other coordinators (see `api_events`). A plain job's
 one-statement end returns the ended job, which is announced with its key here
 (`Notifier.notify(key, view)`): this coordinator's streams send it without loading the
-job; the relay carries only the key, and the other coordinators' streams load it.
+job, and so do the other coordinators' when the relay could carry the view with the key
+(`csml.store.relay.view_text`: not a confidential job's, nor a large one); else they load it.
 """
 
 from __future__ import annotations

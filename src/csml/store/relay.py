@@ -20,6 +20,14 @@ hands every notification of a packet to the notifier in one call (`deliver`), wh
 wakes this coordinator's event loop once for the keys someone here follows and drops
 the others (see `csml.coordinator.notify`).
 
+An ended job's view (`publish(key, view=JobRow)`: the row a plain job's end returns)
+goes with its key, as one more notification just before it in the same transaction,
+`<origin> =<key> <JSON of the row>` (pydantic's `TypeAdapter(JobRow)`; never for a
+confidential job, nor over `VIEW_MAX_CHARS`): the coordinators whose event streams
+follow that owner send the job without loading it again (`view_of`, decoded only there).
+A coordinator that does not know the form skips it (not three fields, or no count) and
+loads the job as before; a view whose key did not come in the same packet is dropped.
+
 It lives in the store because it is SQL on the store's own connections (LISTEN and
 `pg_notify`); `csml.coordinator.notify` decides what to wake and when.
 """
@@ -37,7 +45,10 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg
+from pydantic import TypeAdapter
 from sqlalchemy.engine import Engine
+
+from csml.store.jobs import JobRow
 
 log = logging.getLogger("csml.coordinator.notify")
 
@@ -46,19 +57,36 @@ MAX_BATCH = 500
 LINGER_SECONDS = 0.001  # after a key, how long the sender waits for more to send with it
 DEFER_SECONDS = 0.05  # how long a deferrable key may wait for one that is not
 POLL_SECONDS = 1.0  # how often the threads check whether to stop
+VIEW_MAX_CHARS = 4000  # an ended job's view relayed with its key, at most (NOTIFY: 8000 bytes)
+VIEW_MARK = "="  # before the key of a view's notification
+_ROWS: TypeAdapter[JobRow] = TypeAdapter(JobRow)
+
+
+def view_text(view: object) -> str | None:
+    """The JSON relayed for a view published with its key, or None (not sent)."""
+    if not isinstance(view, JobRow) or view.confidential is not None:
+        return None
+    text = _ROWS.dump_json(view).decode()
+    return text if len(text) <= VIEW_MAX_CHARS else None
+
+
+def view_of(text: str) -> JobRow:
+    """The ended job a view's notification carried (`view_text`'s inverse)."""
+    return _ROWS.validate_json(text)
 
 
 class PgRelay:
     def __init__(
         self,
         engine: Engine,
-        deliver: Callable[[list[tuple[str | None, int]]], None],
+        deliver: Callable[[list[tuple[str | None, int]], dict[str, str]], None],
         alive: Callable[[], bool] = lambda: True,
     ) -> None:
-        """`deliver([(key, times), ...])` wakes local waiters as for `times` notifications
-        of each `key` (None: every waiter), in order; it is called once per packet of
-        notifications received. The threads end once `alive()` is false or `close()` is
-        called."""
+        """`deliver([(key, times), ...], views)` wakes local waiters as for `times`
+        notifications of each `key` (None: every waiter), in order; `views` holds, by
+        key, the JSON of an ended job's view that came with it (`view_of` decodes it). It
+        is called once per packet of notifications received. The threads end once
+        `alive()` is false or `close()` is called."""
         self.origin = secrets.token_hex(8)
         self.listening = threading.Event()  # LISTEN is active: other coordinators reach us
         # Counts for /metrics, the benchmarks and tests (each written by one thread):
@@ -70,7 +98,7 @@ class PgRelay:
         self._deliver = deliver
         self._alive = alive
         self._stop = threading.Event()
-        self._outbox: queue.SimpleQueue[tuple[str, bool]] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[tuple[str, bool, object]] = queue.SimpleQueue()
         self._threads = [
             threading.Thread(target=self._listen_loop, name="csml-pg-listen", daemon=True),
             threading.Thread(target=self._publish_loop, name="csml-pg-notify", daemon=True),
@@ -78,10 +106,12 @@ class PgRelay:
         for t in self._threads:
             t.start()
 
-    def publish(self, key: str, *, deferrable: bool = False) -> None:
+    def publish(self, key: str, *, deferrable: bool = False, view: object = None) -> None:
         """Queue `key` for the other coordinators (never blocks). `deferrable`: it may wait
-        up to `DEFER_SECONDS` for company (it goes with the next key that may not)."""
-        self._outbox.put((key, deferrable))
+        up to `DEFER_SECONDS` for company (it goes with the next key that may not).
+        `view`: the ended job the key announces (a `JobRow`), relayed with it when it may
+        be (`view_text`)."""
+        self._outbox.put((key, deferrable, view))
 
     def close(self, timeout: float = 5.0) -> None:
         self._stop.set()
@@ -115,7 +145,7 @@ class PgRelay:
                 conn.execute("LISTEN " + CHANNEL)  # a constant identifier
                 self.listening.set()
                 delay = 0.2
-                self._deliver([(None, 1)])  # anything sent while we were not listening
+                self._deliver([(None, 1)], {})  # anything sent while we were not listening
                 while self._running():
                     # One packet's notifications at a time (`stop_after=1` returns after
                     # the first read from the socket, with all it brought), delivered
@@ -144,32 +174,40 @@ class PgRelay:
 
     def _received(self, payloads: list[str]) -> None:
         keys: list[tuple[str | None, int]] = []
+        views: dict[str, str] = {}
         for payload in payloads:
-            parts = payload.split(" ")
-            if len(parts) != 3 or parts[0] == self.origin or not parts[2].isdigit():
+            parts = payload.split(" ", 2)
+            if len(parts) != 3 or parts[0] == self.origin:
                 continue
-            keys.append((parts[1], int(parts[2])))
+            if parts[1].startswith(VIEW_MARK):
+                views[parts[1][len(VIEW_MARK) :]] = parts[2]
+            elif parts[2].isdigit():
+                keys.append((parts[1], int(parts[2])))
         if keys:
             self.received += len(keys)
-            self._deliver(keys)
+            announced = {k for k, _ in keys}
+            self._deliver(keys, {k: v for k, v in views.items() if k in announced})
 
     # -- sending --------------------------------------------------------------
 
     def _publish_loop(self) -> None:
         conn: psycopg.Connection[Any] | None = None
         keys: Counter[str] = Counter()  # held, to send in one transaction
+        views: dict[str, object] = {}  # their views, if any
         send_by: float | None = None  # when the deferrable keys held must go out
         try:
             while self._running():
                 wait = POLL_SECONDS if send_by is None else send_by - time.monotonic()
                 try:
-                    key, deferrable = self._outbox.get(timeout=max(0.0, wait))
+                    key, deferrable, view = self._outbox.get(timeout=max(0.0, wait))
                 except queue.Empty:
                     if send_by is not None and time.monotonic() >= send_by:
-                        conn = self._send(conn, keys)
-                        keys, send_by = Counter(), None
+                        conn = self._send(conn, keys, views)
+                        keys, views, send_by = Counter(), {}, None
                     continue
                 keys[key] += 1
+                if view is not None:
+                    views[key] = view
                 if deferrable and len(keys) < MAX_BATCH:
                     if send_by is None:
                         send_by = time.monotonic() + DEFER_SECONDS
@@ -180,12 +218,16 @@ class PgRelay:
                 until = time.monotonic() + LINGER_SECONDS
                 while len(keys) < MAX_BATCH:
                     try:
-                        more, _ = self._outbox.get(timeout=max(0.0, until - time.monotonic()))
+                        more, _, more_view = self._outbox.get(
+                            timeout=max(0.0, until - time.monotonic())
+                        )
                     except queue.Empty:
                         break
                     keys[more] += 1
-                conn = self._send(conn, keys)
-                keys, send_by = Counter(), None
+                    if more_view is not None:
+                        views[more] = more_view
+                conn = self._send(conn, keys, views)
+                keys, views, send_by = Counter(), {}, None
         except TypeError:
             return  # said once by the listener
         finally:
@@ -193,11 +235,20 @@ class PgRelay:
                 _close(conn)
 
     def _send(
-        self, conn: psycopg.Connection[Any] | None, keys: Counter[str]
+        self,
+        conn: psycopg.Connection[Any] | None,
+        keys: Counter[str],
+        views: dict[str, object],
     ) -> psycopg.Connection[Any] | None:
-        """Send `keys` in one transaction; the connection to use next (None: reconnect)."""
+        """Send `keys` (each after its view, if any may go) in one transaction; the
+        connection to use next (None: reconnect)."""
         # PostgreSQL folds identical payloads of one transaction: count repeats.
-        payloads = [f"{self.origin} {k} {n}" for k, n in sorted(keys.items())]
+        payloads = []
+        for k, n in sorted(keys.items()):
+            text = view_text(views[k]) if k in views else None
+            if text is not None:
+                payloads.append(f"{self.origin} {VIEW_MARK}{k} {text}")
+            payloads.append(f"{self.origin} {k} {n}")
         try:
             if conn is None:
                 conn = self._connect()
@@ -205,7 +256,7 @@ class PgRelay:
                 "SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p", (CHANNEL, payloads)
             )
             self.publishes += 1
-            self.sent += len(payloads)
+            self.sent += len(keys)
             return conn
         except (psycopg.Error, OSError) as exc:
             # Dropped: the other coordinators' long-polls re-check the store anyway.

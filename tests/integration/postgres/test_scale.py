@@ -21,7 +21,8 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import ExitStack, asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -34,6 +35,7 @@ from csml.coordinator.notify import RELAYED_RECHECK_SECONDS
 from csml.coordinator.state import Core
 from csml.coordinator.tokens import create_join_token
 from csml.schemas import WorkerRegistration
+from csml.store.jobs import Envelope, FileRow, JobRow
 from csml.store.relay import CHANNEL
 from csml.store.tables import Job
 from tests.cluster import wait_for, wait_healthy
@@ -388,6 +390,45 @@ def test_relayed_keys_wake_the_other_loop_only_for_what_it_follows(make_core: Ma
                 assert 1 <= b.notifier.hops - hops <= 2  # once per packet
                 assert b.notifier.mark("app:other")[0] == 1  # counted, though no one waits
                 assert "job:nobody" in watched  # the lease memo's kind of watcher: called
+
+    asyncio.run(scenario())
+
+
+def _ended_row(job_id: str, **changes: object) -> JobRow:
+    now = datetime.now(UTC)
+    row = JobRow(
+        seq=7, id=job_id, owner_id="z", app="echo", operation="echo",
+        params={"i": 1, "text": "a b"}, limits={}, state="succeeded", fair_rank=2,
+        created_at=now, started_at=now, finished_at=now, attempts=1, max_attempts=3,
+        progress_fraction=1.0, progress_message="", error=None,
+        result={"params": {"i": 1}}, worker_id="w", lease_id=None, lease_expires_at=None,
+        parent_seq=None, step_index=None, requires_key=None, warm_key=None,
+        files=(FileRow("output", "out.txt", 3, "ab" * 32, "text/plain", "b/c"),),
+    )  # fmt: skip
+    return replace(row, **changes)  # type: ignore[arg-type]
+
+
+def test_an_ended_jobs_view_is_relayed_with_its_key(make_core: MakeCore) -> None:
+    """A's `notify(key, view)` of an ended job reaches B's feed following that owner with
+    the same row (B's event stream sends it without loading the job); a confidential
+    job's view, or one too large, is not relayed: B gets the key alone, as before."""
+    a, b = make_core(), make_core()
+    plain = _ended_row("j1")
+    sealed = _ended_row("j2", confidential=Envelope(1, "n", "k", "p", None))
+    large = _ended_row("j3", result={"text": "x" * 5000})
+
+    async def scenario() -> None:
+        async with listening(a, b):
+            with b.notifier.follow("owner:z") as feed:
+                for row in (plain, sealed, large):
+                    a.notifier.notify(f"owner:z/{row.id}!", row)
+                for _ in range(1000):  # until all three have come
+                    if len(feed.pending) == 3:
+                        break
+                    await asyncio.sleep(0.01)
+                items, resync, views = feed.take_views()
+                assert (items, resync) == ({"j1", "j2", "j3"}, False)
+                assert views == {"j1": plain}
 
     asyncio.run(scenario())
 

@@ -150,15 +150,49 @@ def test_two_writers_on_one_database(db_url: str, engine: Engine) -> None:
 
 
 def test_lanes_commit_side_by_side(engine: Engine, lanes: Writer) -> None:
-    """One lane held inside an op does not stop the others: ops keep committing."""
-    gate = Gate(lanes)
-    with ThreadPoolExecutor(4) as pool:
-        held = pool.submit(lanes.run, gate.op(add("held")))
-        assert gate.entered.wait(10)
+    """A lane waiting for the server (a lock another connection holds, as another
+    coordinator's transaction may) does not stop the others: ops keep committing (the
+    watchdog wakes a helper lane for what waits behind the held batch)."""
+
+    def held_op(conn: Connection) -> int:
+        conn.execute(text("SELECT pg_advisory_xact_lock(4242)"))
+        return add("held")(conn)
+
+    with engine.connect() as holder, ThreadPoolExecutor(4) as pool:
+        holder.execute(text("SELECT pg_advisory_lock(4242)"))
+        held = pool.submit(lanes.run, held_op)
+        for _ in range(2000):  # until the held op waits for the lock
+            waiting = holder.execute(
+                text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+            ).scalar_one()
+            if waiting:
+                break
+            threading.Event().wait(0.005)
+        assert waiting == 1
         assert [lanes.run(add(f"free{i}")) for i in range(20)] == list(range(1, 21))
-        gate.release.set()
+        holder.execute(text("SELECT pg_advisory_unlock(4242)"))
         assert held.result(10) == 21  # it waited for the counter row the others updated
     assert len(tags(engine)) == 21
+
+
+def test_ops_queued_behind_the_busy_lane_wait_for_it_and_share_its_commit(engine: Engine) -> None:
+    """Lanes open on demand: ops queued while the primary lane is in a batch wait for it
+    (here `help_after` never comes) and commit with that batch, though three lanes are
+    idle; taking one idle lane each, they would commit one by one."""
+    writer = Writer(engine, max_batch_seconds=10.0, lanes=4, help_after=60.0)
+    gate = Gate(writer)
+    before = commits(engine)
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            held = pool.submit(writer.run, gate.op(add("held")))
+            assert gate.entered.wait(10)
+            queued = [pool.submit(writer.run, add(f"q{i}")) for i in range(5)]
+            gate.open_when_pending(5)
+            assert held.result(10) == 1
+            assert sorted(f.result(10) for f in queued) == [2, 3, 4, 5, 6]
+    finally:
+        writer.close()
+    assert commits(engine) - before == 1
 
 
 class Boom(BaseException):
