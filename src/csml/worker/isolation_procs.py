@@ -36,12 +36,14 @@ class ProcFile:
     reading it (a closed descriptor's number may be reused by the next open)."""
 
     def __init__(self, path: str) -> None:
-        self.path = path
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
 
     def read(self) -> bytes:
-        data = os.pread(self.fd, 65536, 0)
-        return data if len(data) < 65536 else read_proc(self.path)  # (not seen: too long)
+        """One read from the start, through this descriptor only (never re-opened by
+        path, which could name a later process with the same pid): all of a `stat` file
+        (one line), and the start of a `children` list (the kernel hands a long one out
+        about a page per read), which is enough to tell whether there are any."""
+        return os.pread(self.fd, 65536, 0)
 
     def close(self) -> None:
         fd, self.fd = self.fd, -1
