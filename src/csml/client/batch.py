@@ -199,6 +199,22 @@ def spec_json(spec: Mapping[str, Any]) -> bytes:
     return json.dumps(spec, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
 
+def spec_of(
+    app: str,
+    operation: str,
+    params: Mapping[str, Any] | None,
+    limits: Mapping[str, float] | None = None,
+    requires: Mapping[str, Any] | None = None,
+) -> bytes:
+    """A batch item's spec as the body carries it (`spec_json`)."""
+    fields: dict[str, Any] = {"app": app, "operation": operation, "params": dict(params or {})}
+    if limits:
+        fields["limits"] = dict(limits)
+    if requires:
+        fields["requires"] = dict(requires)
+    return spec_json(fields)
+
+
 def batch_entry(
     app: str,
     operation: str,
@@ -210,22 +226,12 @@ def batch_entry(
     spec: bytes | None = None,
 ) -> Entry:
     """One item of a batch request: its spec and its inputs in base64. `spec`: the
-    spec's JSON (`spec_json`) when the caller made it already (`map`: one spec for every
+    spec's JSON (`spec_of`) when the caller made it already (`map`: one spec for every
     item); else it is made from the other arguments."""
     if spec is None:
-        fields: dict[str, Any] = {"app": app, "operation": operation, "params": dict(params or {})}
-        if limits:
-            fields["limits"] = dict(limits)
-        if requires:
-            fields["requires"] = dict(requires)
-        spec = spec_json(fields)
+        spec = spec_of(app, operation, params, limits, requires)
     encoded = tuple((name, base64.b64encode(data)) for name, data in inputs.items())
     return Entry(spec, encoded)
-
-
-def entry_size(entry: Entry) -> int:
-    """About what an entry adds to the request body."""
-    return entry.size
 
 
 def batch_body(entries: Sequence[Entry]) -> bytes:
@@ -366,7 +372,7 @@ class _Run:
         self.done_lock = threading.Lock()
         self.fatal: list[BaseException] = []
         self.batching = True
-        self.spec: bytes | None = None  # the items' spec as JSON (`spec_json`), once
+        self.spec: bytes | None = None  # the items' spec as JSON (`spec_of`), once
         self.pending: collections.deque[_Pending] = collections.deque()
         self.later: list[_Pending] = []  # refused for now: retried after Retry-After
 
@@ -421,8 +427,7 @@ class _Run:
                 self.pool.submit(self._alone, p)
             else:
                 if self.spec is None:  # the same for every item: its JSON made once
-                    spec = {"app": self.app, "operation": self.operation}
-                    self.spec = spec_json({**spec, "params": dict(self.params or {})})
+                    self.spec = spec_of(self.app, self.operation, self.params)
                 entry = batch_entry(
                     self.app, self.operation, None, {self.input_name: data}, spec=self.spec
                 )
@@ -430,7 +435,7 @@ class _Run:
         group: list[tuple[_Pending, Entry]] = []
         size = 0
         for p, entry in inline:
-            grows = entry_size(entry)
+            grows = entry.size
             if group and size + grows > BATCH_BYTES:
                 self._post(group)
                 group, size = [], 0

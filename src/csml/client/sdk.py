@@ -431,7 +431,6 @@ class Client:
             BATCH_ITEMS,
             NO_BATCH_STATUSES,
             batch_entry,
-            entry_size,
             inline_bytes,
             post_batch,
         )
@@ -456,7 +455,7 @@ class Client:
                 item.get("limits"),
                 item.get("requires"),
             )
-            grows = entry_size(entry)
+            grows = entry.size
             if groups[-1] and (len(groups[-1]) >= BATCH_ITEMS or size + grows > BATCH_BYTES):
                 groups.append([])
                 size = 0
