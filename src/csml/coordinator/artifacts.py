@@ -205,9 +205,12 @@ def keep_outputs(
     for f in made[:room]:
         fmt = declared[f.name]
         assert fmt is not None
-        model_id = ids.new_id()
-        if model_ids is not None:
-            model_id = model_ids.setdefault((job.id, f.name), model_id)
+        if model_ids is None:
+            model_id = ids.new_id()
+        elif (key := (job.id, f.name)) in model_ids:
+            model_id = model_ids[key]
+        else:
+            model_id = model_ids[key] = ids.new_id()
         target = model_dir(blobs, model_id) / f.name
         link_or_copy(blobs.path(f.blob), target)
         f.model_id = model_id
