@@ -15,7 +15,6 @@ the user chose.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import mimetypes
@@ -36,7 +35,7 @@ from csml.client.errors import CsmlError, QueueFull, Unreachable, WaitTimeout, r
 from csml.client.filenames import check_file_name
 from csml.client.results import LOST, RECHECK, SAFETY_SECONDS, Mark, ResultStream
 from csml.link import LinkError, LinkResponse, Poster, open_link
-from csml.schemas import AppInfo, IdentityCreated, JobState, StepSpec, WorkerKeyInfo
+from csml.schemas import AppInfo, IdentityCreated, JobState, StepSpec, WorkerKeyInfo, base64_text
 from csml.schemas import Job as JobData
 from csml.schemas.contributions import ContributionCreated, ContributionInfo, ContributionList
 from csml.schemas.credit import CreditInfo
@@ -808,7 +807,7 @@ class Job:
         if encoded is None or info is None or self.data.confidential:
             return None
         try:
-            data = base64.b64decode(encoded, validate=True)
+            data = base64_text.decode(encoded)  # pydantic-core's: ~4x binascii's
         except ValueError:
             return None
         if len(data) != info.size or hashlib.sha256(data).hexdigest() != info.sha256:

@@ -371,6 +371,7 @@ def delete_identity(core: Core, identity_id: str) -> int:
     contributions.forget(contributed)  # its contributed workers are refused now
     remove_job_files(core, [job_id for _, job_id in jobs])
     remove_model_files(core.blobs, models)
+    core.blobs.base64.clear()  # no erased bytes kept in memory either
     if core.engine.dialect.name == "sqlite" and not scrub_wal(core.engine):
         logging.getLogger("csml.coordinator.abuse").warning(
             "erasure: a long reader kept the write-ahead log; it empties at a later checkpoint"

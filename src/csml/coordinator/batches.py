@@ -68,6 +68,7 @@ class Item:
     index: int
     spec: dict[str, Any] = field(default_factory=dict)
     inputs: dict[str, bytes] = field(default_factory=dict)
+    texts: dict[str, str] = field(default_factory=dict)  # the inputs' base64 as it came
     error: Exception | None = None
 
 
@@ -143,6 +144,7 @@ def _item(index: int, value: Any) -> Item:
         try:
             # strict: canonical standard base64 only (`csml.schemas.base64_text`)
             item.inputs[name] = base64_text.decode(text)
+            item.texts[name] = text
         except ValueError:
             item.error = Invalid(
                 "invalid_input",
@@ -195,11 +197,15 @@ def submit(core: Core, owner_id: str, items: list[Item]) -> list[Outcome]:
         # Quotas are checked again, race-free and item after item, in the writes, which
         # also count each item in the submission window (one statement each).
         answers = core.queue.submit_many(owner_id, jobs, count_window=windowed)
+        by_index = {item.index: item for item in items}
         for outcome, answer in zip(ready, answers, strict=True):
             if isinstance(answer, Exception):
                 outcome.error = answer
             else:
                 outcome.job = answer
+                texts = by_index[outcome.index].texts
+                for name, f in staged.get(outcome.index, {}).items():  # for its claim
+                    core.blobs.base64.put(f.sha256, f.size, texts[name])
     finally:
         if folder is not None:  # what is left: the inputs of items refused
             core.blobs.discard(folder)

@@ -1202,12 +1202,15 @@ class JobQueue:
             for f in t.inputs:
                 if f.size > INLINE_MAX_BYTES or f.size > budget:
                     continue
-                try:
-                    data = self.blobs.path(f.blob).read_bytes()
-                except OSError:
-                    continue  # the worker's download will say what is wrong
-                budget -= len(data)
-                job.inline_inputs[f.name] = base64.b64encode(data).decode()
+                text = self.blobs.base64.take(f.sha256, f.size)  # as it was submitted
+                if text is None:
+                    try:
+                        data = self.blobs.path(f.blob).read_bytes()
+                    except OSError:
+                        continue  # the worker's download will say what is wrong
+                    text = base64.b64encode(data).decode()
+                budget -= f.size
+                job.inline_inputs[f.name] = text
         return out
 
     def heartbeat(self, worker: WorkerRef, beat: Heartbeat) -> HeartbeatResponse:
@@ -1829,6 +1832,7 @@ class JobQueue:
                 sha256=hashlib.sha256(data).hexdigest(),
                 media_type=declared[out.name],
             )
+            self.blobs.base64.put(info.sha256, info.size, out.content)  # for the event
             infos.append(info)
             written.append(path)
         fsync_folders_of(written)  # each file was flushed as it was written

@@ -25,6 +25,7 @@ import uuid
 from pathlib import Path
 from typing import BinaryIO
 
+from csml.store.base64_memo import Base64Memo
 from csml.store.private import DIR_MODE, create_private_file, private_dir
 
 _SAFE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
@@ -48,6 +49,8 @@ class BlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._top = root.resolve()
+        # Small files' base64 as it arrived, for their first reader (`base64_memo`).
+        self.base64 = Base64Memo()
         private_dir(root)
         private_dir(root / "staging")
         private_dir(root / "jobs")

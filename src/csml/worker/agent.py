@@ -61,7 +61,6 @@ never receive either (they talk to the worker through `channel` frames only).
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import ctypes
 import hashlib
@@ -111,6 +110,7 @@ from csml.schemas import (
     WorkerAttestation,
     WorkerRegistered,
     WorkerRegistration,
+    base64_text,
 )
 from csml.schemas.workers import (
     COMPLETIONS_RIDE_CLAIMS,
@@ -939,8 +939,15 @@ class WorkerAgent:
         else downloaded."""
         inline = job.inline_inputs.get(info.name)
         if inline is not None:
-            data = base64.b64decode(inline, validate=True)
-            if len(data) == info.size and hashlib.sha256(data).hexdigest() == info.sha256:
+            try:  # pydantic-core's decoder: ~4x binascii's (`csml.schemas.base64_text`)
+                data: bytes | None = base64_text.decode(inline)
+            except ValueError:
+                data = None  # not canonical base64: downloaded, as a digest mismatch is
+            if (
+                data is not None
+                and len(data) == info.size
+                and hashlib.sha256(data).hexdigest() == info.sha256
+            ):
                 target.write_bytes(data)
                 return target
             log.warning("job %s: inline input %r does not match its digest", job.id[:12], info.name)
