@@ -470,7 +470,7 @@ class Sandbox:
             return None
         with self._lock:
             for token, r in reversed(self._idle.items()):  # most recently used first
-                if r.owner == owner and r.limits == limits:
+                if r.owner == owner and (r.limits is limits or r.limits == limits):
                     self._pop_idle(token)
                     break
             else:
