@@ -131,6 +131,32 @@ def _flow(clients: list[Client], n: int) -> list[tuple[bool, float]]:
         return [x for xs in pool.map(loop, clients) for x in xs]
 
 
+SYSCALL_EVENTS = "raw_syscalls:sys_enter,syscalls:sys_enter_futex"
+
+
+def _perf_counts(path: Path) -> dict[str, float]:
+    """`perf stat -x,`'s counts by event name."""
+    out: dict[str, float] = {}
+    for line in path.read_text().splitlines():
+        parts = line.split(",")
+        if len(parts) > 2 and parts[0].strip().isdigit():
+            out[parts[2]] = float(parts[0])
+    return out
+
+
+def _print_strace(path: Path, jobs: int) -> None:
+    """`strace -c`'s table as calls per job (most first), and the total."""
+    rows: list[tuple[float, str]] = []
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 5 and parts[0][0].isdigit() and parts[-1] != "total":
+            rows.append((int(parts[3]) / jobs, parts[-1]))
+    for per_job, name in sorted(rows, reverse=True):
+        if per_job >= 0.01:
+            print(f"    {name:24} {per_job:8.2f}")
+    print(f"    {'total':24} {sum(r[0] for r in rows):8.2f}")
+
+
 def one_round(a: argparse.Namespace, root: Path, profile: bool) -> dict[str, float]:
     with Cluster(root, {"CSML_QUEUE_CAPACITY": str(max(1000, a.jobs))}) as cluster:
         cluster.start_coordinator()
@@ -147,8 +173,31 @@ def one_round(a: argparse.Namespace, root: Path, profile: bool) -> dict[str, flo
                 raise
         else:
             _flow(clients, 2 * a.owners)  # warm-up: connections, children
+        counter = None
+        if a.syscalls:
+            # perf's tracepoints count every call of every agent thread at little cost
+            # (strace slows the agent down enough to change what it does).
+            counted = root / "agent.perf.csv"
+            counter = subprocess.Popen(
+                ["perf", "stat", "-x,", "-o", str(counted), "-e", SYSCALL_EVENTS, "-p", str(agent)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(0.5)
+        tracer = None
+        if a.strace and profile:
+            # Counts system calls of every agent thread (not the zygote's nor children's:
+            # no -f, attached to each thread of the agent) until the drain ends.
+            traced = root / "agent.strace.txt"
+            threads = [f"-p{t.name}" for t in Path(f"/proc/{agent}/task").iterdir()]
+            tracer = subprocess.Popen(
+                ["strace", "-c", "-o", str(traced), *threads],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(0.5)
         recorder = None
-        if profile:
+        if profile and a.profile:
             from pyspy import Recorder
 
             raw = root / "agent.pyspy.txt"
@@ -170,6 +219,16 @@ def one_round(a: argparse.Namespace, root: Path, profile: bool) -> dict[str, flo
         if recorder is not None:
             recorder.stop()
             print(f"  raw profile: {raw}")
+        calls: dict[str, float] = {}
+        if counter is not None:
+            counter.send_signal(signal.SIGINT)
+            counter.wait(timeout=60)
+            calls = _perf_counts(counted)
+        if tracer is not None:
+            tracer.send_signal(signal.SIGINT)
+            tracer.wait(timeout=60)
+            print(f"  system calls of the agent's threads ({traced}), per job:")
+            _print_strace(traced, a.jobs)
         requests = request_deltas(req0, scrape_requests(cluster.url), a.jobs)
         for c in clients:
             c.close()
@@ -192,11 +251,13 @@ def one_round(a: argparse.Namespace, root: Path, profile: bool) -> dict[str, flo
         "coordinator_cpu_ms_per_job": 1000 * (coord1 - coord0) / n,
         "claims_per_job": stats["claims"] / max(1, stats["jobs"]),
         "empty_claims_per_job": stats["empty_claims"] / max(1, stats["jobs"]),
-        "pipelined_claims_per_job": stats.get("pipelined", 0) / max(1, stats["jobs"]),
         "alone_requests_per_job": stats["alone_batches"] / max(1, stats["jobs"]),
         "queued_idle_ms_per_job": 1000 * stats["queued_idle_s"] / max(1, stats["jobs"]),
         "requests_per_job": sum(r["per_job"] for r in requests.values()),
     }
+    if calls:
+        row["syscalls_per_job"] = calls.get("raw_syscalls:sys_enter", 0.0) / n
+        row["futex_calls_per_job"] = calls.get("syscalls:sys_enter_futex", 0.0) / n
     if a.mode == "drain":
         row["span_s"] = span
         row["slot_idle_ms_per_job"] = 1000 * (a.slots * span - stats["busy_s"]) / n
@@ -214,13 +275,19 @@ def main() -> None:
     p.add_argument("--prefetch", type=int, default=8)
     p.add_argument("--chunk", type=int, default=25, help="jobs per submit_many (drain)")
     p.add_argument("--profile", choices=("gil", "active"))
+    p.add_argument(
+        "--syscalls", action="store_true", help="count the agent's system calls (perf stat)"
+    )
+    p.add_argument(
+        "--strace", action="store_true", help="the agent's system calls by name (last round)"
+    )
     p.add_argument("--keep", action="store_true")
     a = p.parse_args()
     print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     root = Path(tempfile.mkdtemp(prefix="csml-agent-cost-"))
     rows = []
     for rnd in range(a.rounds):
-        profile = a.profile is not None and rnd == a.rounds - 1
+        profile = (a.profile is not None or a.strace) and rnd == a.rounds - 1
         row = one_round(a, root / f"round-{rnd}", profile)
         rows.append(row)
         print(f"round {rnd} {a.mode}: " + json.dumps({k: round(v, 3) for k, v in row.items()}))

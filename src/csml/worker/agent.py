@@ -1,6 +1,6 @@
 """The worker agent: join, claim jobs, run them in the sandbox, report back.
 
-Threads: one per slot (two more with a prefetch), taking turns; one heartbeats
+Threads: one per slot (one more with a prefetch), taking turns; one heartbeats
 (extending leases, relaying progress, aborting cancelled jobs) when no claim did.
 
 Batched protocol: a claim asks for up to `free slots + prefetch` jobs (prefetched
@@ -12,18 +12,16 @@ come inline in the claim; each completion carries its small outputs inline
 
 Turns: a slot thread not running a job takes the first turn due (`_next_turn`): send
 the completions that must go alone, run a claimed job a slot is free for, or claim
-(`_claim_due`: when no claim is in flight and some capacity is free; with a prefetch,
-also when the one in flight answers at once and half the capacity is free meanwhile,
-so that the capacity freed while a claim travels does not wait for its answer). The
-thread that claims runs the first job of the answer itself and wakes a waiting
-thread for each other one (and one to claim next, if capacity is still free); a
-thread whose job ended looks for its next turn itself, so its completion goes in the
-claim it then sends (or alone, by itself). A thread is woken only for a turn nobody
-else takes
+(`_claim_due`: when no claim is in flight and some capacity is free). The thread that
+claims runs the first job of the answer itself and wakes a waiting thread for each
+other one (and one to claim next, if capacity is still free); a thread whose job
+ended looks for its next turn itself, so its completion goes in the claim it then
+sends (or alone, by itself). A thread is woken only for a turn nobody else takes
 (`_wake_others`): thread hand-overs cost far more than the work they hand over. At
-most two claims are in flight (one with no prefetch), each on a claim link of its
-own, and at most one thread sends alone (the sender link); completions that end
-while it sends go in its next batch.
+most one claim is in flight (on the claim link), and at most one thread sends alone
+(the sender link); completions that end while it sends go in its next batch. (A
+second claim in flight, once half the capacity was free, measured no gain in
+throughput nor in CPU per job, `bench/agent_cost.py`, and was removed.)
 
 Completions ride claims (protocol 3, when the coordinator says at registration that
 it speaks it): a handed completion frees its job's slot at once, and the next claim
@@ -205,12 +203,11 @@ class _Completion:
 
 @dataclass
 class _ClaimTurn:
-    """A slot thread's turn to claim up to `free` jobs on `link`, carrying `riding`
-    completions; `poll`: it long-polls (no claim in flight, none riding)."""
+    """A slot thread's turn to claim up to `free` jobs, carrying `riding` completions;
+    `poll`: it long-polls (none riding)."""
 
     free: int
     riding: list[_Completion]
-    link: Poster
     poll: bool
 
 
@@ -238,7 +235,6 @@ class AgentStats:
 
     jobs: int = 0  # jobs taken by a slot thread
     claims: int = 0  # claims answered
-    pipelined: int = 0  # ... of which were sent while another was in flight
     empty_claims: int = 0  # ... of which brought no job
     claimed: int = 0  # jobs the claims brought
     riding: int = 0  # completions that rode a claim
@@ -263,31 +259,6 @@ the coordinator's default 4 MiB bound on a worker's JSON body."""
 def _inline_size(pending: _Completion) -> int:
     """Base64 characters of a completion's inline outputs."""
     return sum(len(o.content) for o in pending.completion.inline_outputs)
-
-
-def claim_due(
-    free: int, in_flight: int, *, spare_link: bool, polling: bool, dry: bool, pipeline_at: int
-) -> bool:
-    """Whether a claim should go now, given the `free` capacity (slots plus prefetch no
-    job holds nor a claim in flight asks for) and the claims `in_flight`: when some
-    capacity is free and no claim is in flight; or, with a `spare_link` (a prefetch),
-    when the one in flight answers at once (not `polling`: it carries completions) and
-    at least `pipeline_at` (half the capacity) is free meanwhile.
-
-    A claim in flight brings only the jobs it asked for, so the capacity freed while it
-    travels would wait for its answer: with 2 slots and a prefetch of 8, a job takes
-    ~1 ms of a slot and a claim 3-30 ms on a busy machine, so the local queue runs dry
-    before a claim comes back (slots were idle 22-54% of a drain, `bench/agent_cost.py`).
-    A second claim for half the capacity, at most, costs few requests (a simulation of
-    claims of 3-10 ms: 20-50% more jobs/s for 10-25% more claims). None follows a claim
-    that long-polls, nor once a claim brought no job (`dry`, until one brings some):
-    with no job queued, claims that answer at once would follow each other without end.
-    """
-    if free <= 0:
-        return False
-    if not in_flight:
-        return True
-    return spare_link and not polling and not dry and free >= pipeline_at
 
 
 class Refused(Exception):
@@ -338,9 +309,8 @@ class WorkerAgent:
         # Completions handed and not yet sent, in order: the next claim carries them, or
         # they go alone when no claim will soon (see the module docstring).
         self._pending: list[_Completion] = []
-        self._claims_out = 0  # claims in flight (each sent by a slot thread)
-        self._polling = False  # ... the one in flight long-polls (it carries no completion)
-        self._dry = False  # the last claim answered brought no job (none is pipelined)
+        self._claiming = False  # a claim is in flight (sent by a slot thread)
+        self._polling = False  # ... and long-polls (it carries no completion)
         self._sending = False  # a slot thread sends completions alone (one at a time)
         self._fold = False  # completions ride claims (the coordinator speaks protocol 3)
         self._idle: deque[threading.Lock] = deque()  # slot threads waiting for a turn
@@ -358,15 +328,8 @@ class WorkerAgent:
         # stop() to end the wait; completions sent alone go on the other.
         verify = verify_option(config.pin_sha256)
         base = config.coordinator.rstrip("/")
-        self.claims = open_link(base, verify, timeout=config.claim_wait + 30)
+        self.claims: Poster = open_link(base, verify, timeout=config.claim_wait + 30)
         self._sender = open_link(base, verify, timeout=30.0)
-        # With a prefetch, a second claim may follow the one in flight (`_claim_due`), on
-        # a link of its own; `_links` holds the claim links no claim uses.
-        self._links: list[Poster] = [self.claims]
-        if config.prefetch > 0:
-            self._links.append(open_link(base, verify, timeout=30.0))
-        self._all_links = list(self._links)
-        self._pipeline_at = max(1, (self._capacity + 1) // 2)
         self.registration: WorkerRegistered | None = None
 
     # -- HTTP with retries --------------------------------------------------
@@ -470,9 +433,9 @@ class WorkerAgent:
         self.register()
         beat = threading.Thread(target=self._heartbeat_loop, daemon=True, name="heartbeat")
         beat.start()
-        # One thread per slot, and with a prefetch two more: one claims while every slot
-        # runs a job, one more for a claim that follows it (`_claim_due`).
-        count = self.config.slots + (2 if self._capacity > self.config.slots else 0)
+        # One thread per slot, and with a prefetch one more: it claims while every slot
+        # runs a job.
+        count = self.config.slots + (1 if self._capacity > self.config.slots else 0)
         threads = [
             threading.Thread(target=self._turns, daemon=True, name=f"slot-{i}")
             for i in range(count)
@@ -506,8 +469,7 @@ class WorkerAgent:
         coordinator is gone for good (its `csml up` died), so also end the running
         jobs and stop calling it, instead of retrying forever."""
         self.stopping.set()
-        for link in self._all_links:
-            link.close()
+        self.claims.close()
         if abandon:
             self._abort_all()
             self.finished.set()
@@ -566,11 +528,9 @@ class WorkerAgent:
                 return None  # queued jobs left are for the threads running jobs now
             elif self._claim_due():
                 riding = self._take_batch() if self._fold else []
-                poll = not riding and not self._claims_out
-                self._polling = poll  # (False already if a claim is in flight)
-                self._stats.pipelined += self._claims_out > 0
-                self._claims_out += 1
-                turn = _ClaimTurn(self._free, riding, self._links.pop(), poll)
+                self._polling = poll = not riding
+                self._claiming = True
+                turn = _ClaimTurn(self._free, riding, poll)
                 self._free = 0
             else:
                 self._idle.append(waiter)
@@ -605,15 +565,10 @@ class WorkerAgent:
             return replace(self._stats)
 
     def _claim_due(self) -> bool:
-        """(Under `_lock`.) Whether a slot thread should claim now (`claim_due`)."""
-        return not self.stopping.is_set() and claim_due(
-            self._free,
-            self._claims_out,
-            spare_link=bool(self._links),
-            polling=self._polling,
-            dry=self._dry,
-            pipeline_at=self._pipeline_at,
-        )
+        """(Under `_lock`.) Whether a slot thread should claim now: some capacity (slots
+        plus prefetch no job holds) is free, and no claim is in flight (it brings only
+        the jobs it asked for)."""
+        return self._free > 0 and not self._claiming and not self.stopping.is_set()
 
     def _wake_others(self) -> None:
         """(Under `_lock`.) Wake as many waiting slot threads as there are turns due
@@ -639,12 +594,10 @@ class WorkerAgent:
                 self._deferred = False
                 self._wake_others()
 
-    def _claimed(self, turn: _ClaimTurn) -> None:
-        """(Under `_lock`.) A claim is no longer in flight: its link is free again."""
-        self._claims_out -= 1
-        if turn.poll:
-            self._polling = False
-        self._links.append(turn.link)
+    def _claimed(self) -> None:
+        """(Under `_lock`.) The claim is no longer in flight."""
+        self._claiming = False
+        self._polling = False
 
     def _claim_turn(self, turn: _ClaimTurn) -> ClaimedJob | None:
         """Claim up to `turn.free` jobs, carrying `turn.riding` completions; queue the
@@ -656,7 +609,7 @@ class WorkerAgent:
             self._abort(answer.abort)
         except BaseException as exc:
             with self._lock:
-                self._claimed(turn)
+                self._claimed()
                 self._free += free
             self._unsent(riding)
             if not self.stopping.is_set():
@@ -673,8 +626,7 @@ class WorkerAgent:
         jobs = answer.jobs
         mine: ClaimedJob | None = None
         with self._lock:
-            self._claimed(turn)
-            self._dry = not jobs
+            self._claimed()
             self._free += free - len(jobs)
             for job in jobs:
                 self._running[job.id] = _Running(job)
@@ -699,7 +651,7 @@ class WorkerAgent:
     def _claim(self, turn: _ClaimTurn) -> ClaimResponse:
         """One claim of up to `turn.free` jobs, carrying the heartbeat and the riding
         completions; it long-polls only if `turn.poll` (with completions its answer is
-        their receipt; one that follows another in flight answers at once too)."""
+        their receipt)."""
         done = [c.completion for c in turn.riding]
 
         def post() -> LinkResponse | httpx.Response:
@@ -718,7 +670,7 @@ class WorkerAgent:
             # (pydantic's serialiser writes the completions as they are, inline outputs
             # included, with no copy of them as dicts first.)
             content = to_json(body)
-            return turn.link.post(self._path("/claim"), content, self._auth())
+            return self.claims.post(self._path("/claim"), content, self._auth())
 
         response = self._call("claim", post, until=self.stopping)
         return ClaimResponse.model_validate_json(response.content)
@@ -754,9 +706,9 @@ class WorkerAgent:
 
     def _held_json(self) -> list[dict[str, Any]]:
         """`_held()` as its JSON (built directly: a claim carries it every time), but for
-        the jobs whose completions are handed: they ride this claim or another in
-        flight (which may end them first: the coordinator would then say to abort
-        them), or go next."""
+        the jobs whose completions are handed: they ride this claim or a batch sent
+        alone meanwhile (which may end them first: the coordinator would then say to
+        abort them), or go next."""
         with self._lock:
             return [
                 {

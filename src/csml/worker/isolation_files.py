@@ -163,8 +163,10 @@ def _grant_traverse(
 ) -> None:
     """o+x on the directories holding `dirs`, only ever below one of `roots`; those in
     `reachable` are skipped, those done are added to it."""
-    tops = tuple(os.path.join(r, "") for r in roots)
     seen: set[str] = set() if reachable is None else reachable
+    if all(str(d) in seen for d in dirs):
+        return  # (folders reused from job to job: the usual case)
+    tops = tuple(os.path.join(r, "") for r in roots)
     for d in dirs:
         a = str(d)
         while a.startswith(tops) and a not in seen:

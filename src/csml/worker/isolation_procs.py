@@ -13,6 +13,9 @@ import signal
 import time
 from collections.abc import Collection
 
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+MAX_PID_ENTRY = 16  # a pid and its separator in a `children` list (pid_max < 2**22)
+
 
 def read_proc(path: str) -> bytes:
     """A whole /proc file, with plain system calls (open, read until the end, close:
@@ -44,6 +47,20 @@ class ProcFile:
         (one line), and the start of a `children` list (the kernel hands a long one out
         about a page per read), which is enough to tell whether there are any."""
         return os.pread(self.fd, 65536, 0)
+
+    def pids(self) -> list[int]:
+        """All the pids of a `children` file, however many: the kernel hands the list out
+        whole entries at a time, up to its buffer (a page) per read, so a read that ends
+        further than the longest entry from a page's end holds the rest of the list (one
+        call, the usual case); else the next read goes on where it ended."""
+        chunks: list[bytes] = []
+        offset = 0
+        while True:
+            data = os.pread(self.fd, 65536, offset)
+            chunks.append(data)
+            offset += len(data)
+            if len(data) < PAGE_SIZE - MAX_PID_ENTRY:
+                return list(map(int, b"".join(chunks).split()))
 
     def close(self) -> None:
         fd, self.fd = self.fd, -1

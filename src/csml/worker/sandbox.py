@@ -311,6 +311,15 @@ class Sandbox:
             env=zygote_env(threads=self.job_threads),  # never the worker's: CSML_JOIN_TOKEN
         )
         theirs.close()
+        # Its main thread's children (the jobs' processes and the orphans it adopted),
+        # read at every job (`_left_behind`) through a descriptor kept open; replaced and
+        # closed under `_lock` (where it is read) when the zygote is restarted or closed.
+        try:
+            self._zygote_kids: ProcFile | None = ProcFile(
+                f"/proc/{self._zygote.pid}/task/{self._zygote.pid}/children"
+            )
+        except OSError:
+            self._zygote_kids = None  # gone already: read by path (`_left_behind`)
         self._reader = threading.Thread(target=self._read_control, daemon=True, name="zygote")
         self._reader.start()
 
@@ -358,7 +367,14 @@ class Sandbox:
             if self._zygote.poll() is None:
                 return
             self._ctrl.close()
+            self._close_zygote_kids()
             self._start_zygote()
+
+    def _close_zygote_kids(self) -> None:
+        """(Under `_lock`.)"""
+        if self._zygote_kids is not None:
+            self._zygote_kids.close()
+            self._zygote_kids = None
 
     def close(self) -> None:
         with self._lock:
@@ -370,6 +386,8 @@ class Sandbox:
             self._zygote.wait(timeout=5)
         except subprocess.TimeoutExpired:
             self._zygote.kill()
+        with self._lock:
+            self._close_zygote_kids()
         self._finished.put(None)
         self._cleaner.join(timeout=10)
         if not self._cleaner.is_alive():  # (it read their /proc files: `_expire_idle`)
@@ -452,7 +470,7 @@ class Sandbox:
             return None
         with self._lock:
             for token, r in reversed(self._idle.items()):  # most recently used first
-                if r.owner == owner and r.limits == limits:
+                if r.owner == owner and (r.limits is limits or r.limits == limits):
                     self._pop_idle(token)
                     break
             else:
@@ -604,8 +622,14 @@ class Sandbox:
                 pass  # gone: then it left nothing (orphans show as the zygote's)
         elif children(resident.child.pid, threads=resident.threads != 1):
             return True
-        adopted = set(children(self._zygote.pid, threads=False))
         with self._lock:
+            try:
+                if self._zygote_kids is not None:
+                    adopted = set(self._zygote_kids.pids())
+                else:
+                    adopted = set(children(self._zygote.pid, threads=False))
+            except (OSError, ValueError):
+                adopted = set()  # the zygote is gone (it is restarted at the next spawn)
             return not self._pids.keys() >= adopted
 
     def _run(
