@@ -1508,11 +1508,12 @@ class JobQueue:
         models = self._model_operations(worker.app)
         contributed = contributor_of(worker) is not None
         worker_id = worker.id
-        # A plain job's end is tried as one UPDATE … RETURNING (`ends.end_held`): the
-        # first completion of each job, from an operator worker, that carries no
-        # encrypted result and whose inline outputs were accepted. What that statement
-        # does not match (a job of a pipeline, confidential, verified, credited, keeping
-        # models; a lease lost; a repeat) takes the locking path, which decides as before.
+        # A plain job's end is tried as one UPDATE … RETURNING (`ends.end_held_many`: one
+        # for the whole batch on SQLite): the first completion of each job, from an
+        # operator worker, that carries no encrypted result and whose inline outputs were
+        # accepted. What that statement does not match (a job of a pipeline, confidential,
+        # verified, credited, keeping models; a lease lost; a repeat) takes the locking
+        # path, which decides as before.
         fast: dict[int, ends.HeldEnd] = {}
         if not contributed and models is not None:
             seen: set[str] = set()
@@ -1532,8 +1533,9 @@ class JobQueue:
             ended: dict[int, Outcome] = {}
             woken: list[str] = []
             views: dict[str, JobRow] = {}
+            rows = ends.end_held_many(conn, worker_id, list(fast.values()), now, model_ops)
             for i, held in fast.items():
-                row = ends.end_held(conn, worker_id, held, now, model_ops)
+                row = rows.get(held.job_id)
                 if row is None:
                     continue
                 if held.state == JobState.succeeded.value and prepared[i].outputs:
