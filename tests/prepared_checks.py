@@ -327,6 +327,20 @@ def check_store_statements(engine: Engine, owner: str, worker: str, job_id: str)
         statement = jobs_end._end_held_statement(ended == "succeeded").stmt
         [back] = same_as_core(engine, statement, end, setup=taken)
         assert store.plain_row(back).state == ended
+    # Several completions in one statement (`end_held_many`): two ended, one with a lease
+    # that is not the job's left as it is; the rows it returns come back by id.
+    many: dict[str, Any] = {"b_worker": worker, "b_now": later, "b_models": ["train"]}
+    for i, (r, state, held_lease) in enumerate(
+        zip(rows, ("succeeded", "failed", "succeeded"), (lease, lease, "other"), strict=True)
+    ):
+        many |= {f"j{i}": r[1], f"l{i}": held_lease, f"s{i}": state}
+        many |= {f"r{i}": {"i": i, "ü": [True]} if state == "succeeded" else None}
+        many |= {f"e{i}": "it broke" if state == "failed" else None}
+    statement = jobs_end._end_held_many_statement(3).stmt
+    ended_many = [store.plain_row(b) for b in same_as_core(engine, statement, many, setup=taken)]
+    assert sorted((e.id, e.state) for e in ended_many) == sorted(
+        [(rows[0][1], "succeeded"), (rows[1][1], "failed")]
+    )
     for locking in (jobs_end._TO_COMPLETE, jobs_end._LOCK_TO_COMPLETE):
         ids_ = {"ids": [job_id, "nope", *[r[1] for r in rows]]}  # 4 ids: padded to 4
         locked = same_as_core(engine, locking.stmt, ids_, setup=taken)

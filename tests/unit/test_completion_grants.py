@@ -85,6 +85,8 @@ def test_outputs_written_on_a_grant_for_a_refused_completion_are_removed(
     assert [o.status for o in answer.results] == [409]
     folder = coordinator.core.queue.attempt_dir(taken.id, taken.lease_id)
     assert not (folder / "data").exists()
+    # The completion path names the same folder by text, without pathlib.
+    assert coordinator.core.queue.attempt_dir_name(taken.id, taken.lease_id) == str(folder)
 
 
 def test_a_grant_is_used_by_the_lease_it_names_only(

@@ -24,3 +24,12 @@ def test_no_folder_and_a_file_in_its_place_have_none(tmp_path: Path) -> None:
     not_a_folder = tmp_path / "attempt-file"
     not_a_folder.write_text("")
     assert _meta_files(not_a_folder) == list(not_a_folder.glob("*.meta.json")) == []
+
+
+def test_a_folder_named_by_its_text_gives_the_same(tmp_path: Path) -> None:
+    """The completion path names the folder by text (`JobQueue.attempt_dir_name`)."""
+    attempt = tmp_path / "attempt-0123456789abcdef"
+    attempt.mkdir()
+    (attempt / "out.png.meta.json").write_text("{}")
+    assert _meta_files(str(attempt)) == _meta_files(attempt) == [attempt / "out.png.meta.json"]
+    assert _meta_files(str(tmp_path / "none")) == []

@@ -240,6 +240,43 @@ def test_a_plain_jobs_completion_riding_a_claim_is_one_statement(
     assert jobs[0].state.value == "succeeded" and jobs[0].result == {}
 
 
+def test_several_plain_completions_riding_a_claim_are_one_statement(
+    coordinator: InProcessCoordinator, echo_worker: HttpWorker
+) -> None:
+    """Pinned count: on SQLite, the plain jobs' completions riding a claim end in one
+    `WITH v AS (VALUES …) UPDATE jobs … FROM v RETURNING` (there was one `UPDATE …
+    RETURNING` per job), each checked against its own lease: a completion of a lease
+    not the job's is refused and leaves its job running; the others end, each with its
+    own state, result and error."""
+    user = coordinator.new_user()
+    jobs = [user.submit("echo", "echo") for _ in range(4)]
+    taken = claim(echo_worker, 3).jobs  # also stamps this worker's liveness
+    assert [j.id for j in taken] == [j.id for j in jobs[:3]]
+    first, second, third = taken
+    completions = [
+        {"job_id": first.id, "lease_id": first.lease_id, "state": "succeeded", "result": {"a": 1}},
+        {"job_id": second.id, "lease_id": second.lease_id, "state": "failed", "error": "no"},
+        {"job_id": third.id, "lease_id": "not-its-lease", "state": "succeeded", "result": {}},
+    ]
+    answers: list[Any] = []
+    sent = statements_of(
+        coordinator,
+        lambda: answers.append(
+            echo_worker.post("/claim", {"max_jobs": 1, "wait": 0, "completions": completions})
+        ),
+    )
+    answer = ClaimResponse.model_validate(answers[0].json())
+    assert [o.status for o in answer.results] == [204, 204, 409]
+    assert [j.id for j in answer.jobs] == [jobs[3].id]
+    ends = [s for s in sent if "UPDATE jobs SET state=v.v_state" in s]
+    assert len(ends) == 1 and ends[0].startswith("WITH v(v_job, v_lease"), sent
+    jobs[0].wait(timeout=10)
+    jobs[1].wait(timeout=10)
+    assert (jobs[0].state.value, jobs[0].result) == ("succeeded", {"a": 1})
+    assert (jobs[1].state.value, jobs[1].error) == ("failed", "no")
+    assert user.job(jobs[2].id).state.value == "running"
+
+
 def test_a_claims_lease_check_and_probe_run_without_a_read_transaction(
     coordinator: InProcessCoordinator, echo_worker: HttpWorker
 ) -> None:

@@ -1285,6 +1285,13 @@ class JobQueue:
     def attempt_dir(self, job_id: str, lease_id: str) -> Path:
         return self.blobs.job_dir(job_id) / f"attempt-{lease_id[:16]}"
 
+    def attempt_dir_name(self, job_id: str, lease_id: str) -> str:
+        """`str(attempt_dir(…))` without pathlib (a completion's listing: pathlib's joins
+        cost more than the `listdir` itself)."""
+        return os.path.join(
+            str(self.blobs.root), "jobs", job_id[:2], job_id, f"attempt-{lease_id[:16]}"
+        )
+
     def complete(self, worker: WorkerRef, job_id: str, done: JobCompletion) -> None:
         """One job's end; a refusal (Conflict: lease lost, Invalid …) if refused."""
         self.complete_many(
@@ -1429,11 +1436,12 @@ class JobQueue:
                 known = ends.to_complete(conn, inline)
         out: list[_Prepared] = []
         for done in batch:
-            outputs_dir = self.attempt_dir(done.job_id, done.lease_id)
+            dir_name = self.attempt_dir_name(done.job_id, done.lease_id)
             refusal: Refusal | None = None
             written: list[FileInfo] = []
             hinted = False
             if done.inline_outputs and done.state == JobState.succeeded.value:
+                outputs_dir = Path(dir_name)
                 grant = granted.get(done.job_id)
                 try:
                     if grant is not None and _holds(grant, worker, done):
@@ -1463,12 +1471,12 @@ class JobQueue:
                 # Inline outputs are described from memory; uploaded ones by the meta file
                 # their upload wrote (an inline output replaces an upload of the same name).
                 found = {i.name: i for i in written}
-                for meta in _meta_files(outputs_dir):
+                for meta in _meta_files(dir_name):
                     name = meta.name.removesuffix(".meta.json")
                     if name not in found:
                         found[name] = FileInfo.model_validate_json(meta.read_text())
                 metas = tuple(found[n] for n in sorted(found, key=lambda n: f"{n}.meta.json"))
-            paths = tuple(outputs_dir / i.name for i in written)
+            paths = tuple(Path(dir_name, i.name) for i in written)
             out.append(_Prepared(metas, refusal, paths, hinted and bool(paths)))
         return out
 
@@ -1511,11 +1519,12 @@ class JobQueue:
         models = self._model_operations(worker.app)
         contributed = contributor_of(worker) is not None
         worker_id = worker.id
-        # A plain job's end is tried as one UPDATE … RETURNING (`ends.end_held`): the
-        # first completion of each job, from an operator worker, that carries no
-        # encrypted result and whose inline outputs were accepted. What that statement
-        # does not match (a job of a pipeline, confidential, verified, credited, keeping
-        # models; a lease lost; a repeat) takes the locking path, which decides as before.
+        # A plain job's end is tried as one UPDATE … RETURNING (`ends.end_held_many`: one
+        # for the whole batch on SQLite): the first completion of each job, from an
+        # operator worker, that carries no encrypted result and whose inline outputs were
+        # accepted. What that statement does not match (a job of a pipeline, confidential,
+        # verified, credited, keeping models; a lease lost; a repeat) takes the locking
+        # path, which decides as before.
         fast: dict[int, ends.HeldEnd] = {}
         if not contributed and models is not None:
             seen: set[str] = set()
@@ -1535,8 +1544,9 @@ class JobQueue:
             ended: dict[int, Outcome] = {}
             woken: list[str] = []
             views: dict[str, JobRow] = {}
+            rows = ends.end_held_many(conn, worker_id, list(fast.values()), now, model_ops)
             for i, held in fast.items():
-                row = ends.end_held(conn, worker_id, held, now, model_ops)
+                row = rows.get(held.job_id)
                 if row is None:
                     continue
                 if held.state == JobState.succeeded.value and prepared[i].outputs:
@@ -2031,12 +2041,12 @@ def owner_key(owner_id: str) -> str:
     return hashlib.sha256(b"csml owner key\0" + owner_id.encode()).hexdigest()[:32]
 
 
-def _meta_files(outputs_dir: Path) -> list[Path]:
+def _meta_files(outputs_dir: str | Path) -> list[Path]:
     """The `*.meta.json` files an attempt's uploads wrote (what `glob` finds there), from
     one `listdir`; none when the folder does not exist (no upload, no inline output: a
-    no-op job's completion costs no walk of pathlib's glob machinery)."""
+    no-op job's completion costs no walk of pathlib's glob machinery, and no `Path`)."""
     try:
         names = os.listdir(outputs_dir)
     except (FileNotFoundError, NotADirectoryError, PermissionError):  # as glob: none
         return []
-    return [outputs_dir / name for name in names if name.endswith(".meta.json")]
+    return [Path(outputs_dir, name) for name in names if name.endswith(".meta.json")]

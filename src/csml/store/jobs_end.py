@@ -16,7 +16,10 @@ Invariants:
   completions of a job matches. It matches only a job that needs nothing more than its end (no
   pipeline parent, not confidential, no verification run pending, not a run taken
   by credit priority, not an operation keeping models); any other job, or a lease
-  lost, is left unchanged for the locking path to decide and explain.
+  lost, is left unchanged for the locking path to decide and explain. On SQLite the
+  plain ends of a batch of completions (`end_held_many`: distinct jobs, one writer, so
+  no row-lock order to keep) are one such statement, their values in a VALUES list,
+  each row matched against its own job and lease, as `end_held` would one by one.
 - The locking path locks its jobs in `seq` order, as a heartbeat's lease extension
   does (`jobs_write.extend_leases`): on PostgreSQL the two, in different writer lanes
   or coordinators, would otherwise deadlock (each holding a row the other waits for,
@@ -37,7 +40,19 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, bindparam, exists, func, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    String,
+    bindparam,
+    case,
+    column,
+    exists,
+    func,
+    select,
+    update,
+    values,
+)
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import BindParameter
 
@@ -234,6 +249,93 @@ def end_held(
     }
     row = stmt.first(conn, params)
     return None if row is None else plain_row(row)
+
+
+# `end_held_many`'s values per completion: (column of its VALUES, parameter prefix, type).
+_HELD_VALUES = (
+    ("v_job", "j", String()),
+    ("v_lease", "l", String()),
+    ("v_state", "s", String()),
+    ("v_result", "r", JOBS.c.result.type),
+    ("v_error", "e", JOBS.c.error.type),
+)
+HELD_MANY_MAX = 64  # completions per `end_held_many` statement (more: several statements)
+
+
+@functools.lru_cache(maxsize=HELD_MANY_MAX)
+def _end_held_many_statement(n: int) -> Prepared:
+    """`end_held`'s UPDATE for `n` completions at once: their values in a VALUES list
+    (`WITH v AS (VALUES …) UPDATE jobs … FROM v`), bound as `j0, l0, s0, r0, e0, j1, …`."""
+    held = (
+        values(*(column(name, type_) for name, _, type_ in _HELD_VALUES), name="v")
+        .data(
+            [
+                tuple(bindparam(f"{prefix}{i}", type_=type_) for _, prefix, type_ in _HELD_VALUES)
+                for i in range(n)
+            ]
+        )
+        .cte("v")
+    )
+    lease = held.c.v_lease
+    return Prepared(
+        update(JOBS)
+        .add_cte(held)
+        .where(
+            JOBS.c.id == held.c.v_job,
+            JOBS.c.state == RUNNING,
+            JOBS.c.worker_id == bindparam("b_worker"),
+            JOBS.c.lease_id == lease,
+            JOBS.c.parent_seq.is_(None),
+            JOBS.c.verify_runs == 0,
+            JOBS.c.credit_lease.is_(None) | (JOBS.c.credit_lease != lease),
+            JOBS.c.operation.not_in(bindparam("b_models", expanding=True)),
+            ~_SEALED_JOB,
+        )
+        .values(
+            state=held.c.v_state,
+            finished_at=bindparam("b_now"),
+            error=held.c.v_error,
+            result=held.c.v_result,
+            lease_id=None,
+            lease_expires_at=None,
+            progress_fraction=case(
+                (held.c.v_state == "succeeded", 1.0), else_=JOBS.c.progress_fraction
+            ),
+        )
+        .returning(*PLAIN_JOB_COLUMNS)
+    )
+
+
+def end_held_many(
+    conn: Connection,
+    worker_id: str,
+    held: Sequence[HeldEnd],
+    now: datetime,
+    models: Sequence[str],
+) -> dict[str, JobRow]:
+    """`end_held` for several completions (of distinct jobs) at once: the jobs ended, by
+    id; one not among them is unchanged, as one `end_held` returns None for. On SQLite
+    (one writer: no row locks to take in an order) one statement per `HELD_MANY_MAX`
+    completions; on PostgreSQL one `end_held` per completion, in the batch's order (the
+    lock order the module docstring asks for)."""
+    if len(held) == 1 or conn.dialect.name != "sqlite":
+        ended = (end_held(conn, worker_id, done, now, models) for done in held)
+        return {row.id: row for row in ended if row is not None}
+    assert len({done.job_id for done in held}) == len(held), "one completion per job"
+    out: dict[str, JobRow] = {}
+    for at in range(0, len(held), HELD_MANY_MAX):
+        chunk = held[at : at + HELD_MANY_MAX]
+        params: dict[str, Any] = {"b_worker": worker_id, "b_now": now, "b_models": list(models)}
+        for i, done in enumerate(chunk):
+            params[f"j{i}"] = done.job_id
+            params[f"l{i}"] = done.lease_id
+            params[f"s{i}"] = done.state
+            params[f"r{i}"] = done.result
+            params[f"e{i}"] = done.error
+        for r in _end_held_many_statement(len(chunk)).rows(conn, params):
+            row = plain_row(r)
+            out[row.id] = row
+    return out
 
 
 def end(
