@@ -56,6 +56,7 @@ import httptools
 import httpx
 
 MAX_BODY = 64 << 20
+HEADS = 64  # request heads a link keeps, each written by h11 once
 
 
 class LinkError(OSError):
@@ -148,22 +149,20 @@ class Link:
         self._conn: _Wire | None = None
         self._lock = threading.Lock()  # guards _conn and _closed against close()
         self._closed = False
+        self._heads: dict[tuple[str, str, tuple[tuple[str, str], ...]], bytes] = {}
 
     def post(self, path: str, content: bytes, headers: dict[str, str]) -> LinkResponse:
         """POST `content` (JSON) to `path`; the answer, whatever its status."""
-        fields = [
+        fields = (
             ("Host", self._host_header),
             ("Content-Type", "application/json"),
             ("Content-Length", str(len(content))),
             *headers.items(),
-        ]
-        try:
-            request = h11.Request(method="POST", target=self._prefix + path, headers=fields)
-        except h11.LocalProtocolError as exc:
-            raise LinkError(f"invalid header: {exc}") from None
+        )
+        head = self._head("POST", path, fields)
         wire = self._connection()
         try:
-            status, answer_headers, body = wire.exchange(request, content)
+            status, answer_headers, body = wire.exchange(head, content)
             if not wire.reusable():
                 self._drop(wire)
             return LinkResponse(status, body, answer_headers)
@@ -181,20 +180,35 @@ class Link:
         the whole body (a stream has no end in sight: the caller bounds what it keeps);
         its head is bounded as a POST's is. The link serves nothing else until the
         iterator ends; a failure while reading raises LinkError from the iterator."""
-        fields = [("Host", self._host_header), ("Accept", "text/event-stream"), *headers.items()]
-        try:
-            request = h11.Request(method="GET", target=self._prefix + path, headers=fields)
-        except h11.LocalProtocolError as exc:
-            raise LinkError(f"invalid header: {exc}") from None
+        fields = (("Host", self._host_header), ("Accept", "text/event-stream"), *headers.items())
+        head = self._head("GET", path, fields)
         wire = self._connection()
         try:
-            status, pieces = wire.stream(request)
+            status, pieces = wire.stream(head)
         except (OSError, ValueError, h11.ProtocolError) as exc:
             self._drop(wire)
             if isinstance(exc, LinkError):
                 raise
             raise LinkError(f"{type(exc).__name__}: {exc}") from None
         return status, self._follow(wire, pieces)
+
+    def _head(self, method: str, path: str, fields: tuple[tuple[str, str], ...]) -> bytes:
+        """The request's head as h11 writes it (validated: a header h11 will not send is a
+        LinkError, before anything is sent). Written once per distinct head and kept: a
+        link sends the same few heads (the same path, token and, mostly, body length)
+        again and again; at most `HEADS` are kept, the oldest dropped first."""
+        key = (method, path, fields)
+        head = self._heads.get(key)
+        if head is None:
+            try:
+                request = h11.Request(method=method, target=self._prefix + path, headers=[*fields])
+            except h11.LocalProtocolError as exc:
+                raise LinkError(f"invalid header: {exc}") from None
+            head = h11.Connection(h11.CLIENT).send(request) or b""
+            if len(self._heads) >= HEADS:
+                del self._heads[next(iter(self._heads))]
+            self._heads[key] = head
+        return head
 
     def _follow(self, wire: _Wire, pieces: Iterator[bytes]) -> Generator[bytes, None, None]:
         ended = False
@@ -273,21 +287,21 @@ class _Wire:
         self.sock = sock
         self.keep = False  # the last answer let the connection go on (`reusable`)
 
-    def exchange(self, request: h11.Request, content: bytes) -> tuple[int, dict[str, str], bytes]:
-        """Send `request` with `content` in one write; its answer's status, headers (by
-        lower-case name) and body. Raises LinkError if malformed or over the bounds,
-        OSError if the connection fails."""
-        answer = self._send(request, content)
+    def exchange(self, head: bytes, content: bytes) -> tuple[int, dict[str, str], bytes]:
+        """Send `head` (as h11 wrote it, with its Content-Length) and `content` in one
+        write; the answer's status, headers (by lower-case name) and body. Raises
+        LinkError if malformed or over the bounds, OSError if the connection fails."""
+        answer = self._send(head + content)
         while not answer.done:
             if not self._read(answer):
                 break  # the end of a body that runs to the close
         self.keep = answer.keep and answer.done and not answer.trailing
         return answer.status, answer.headers, b"".join(answer.body)
 
-    def stream(self, request: h11.Request) -> tuple[int, Iterator[bytes]]:
-        """Send `request` (no body); once its answer's head is in, its status and an
-        iterator of its body's bytes as they come."""
-        answer = self._send(request, b"", bounded=False)
+    def stream(self, head: bytes) -> tuple[int, Iterator[bytes]]:
+        """Send `head` (a request with no body); once its answer's head is in, its status
+        and an iterator of its body's bytes as they come."""
+        answer = self._send(head, bounded=False)
         while not answer.head_done:
             if not self._read(answer):
                 break
@@ -303,13 +317,9 @@ class _Wire:
                 break
         self.keep = answer.keep and answer.done and not answer.trailing
 
-    def _send(self, request: h11.Request, content: bytes, bounded: bool = True) -> _Answer:
+    def _send(self, request: bytes, bounded: bool = True) -> _Answer:
         self.keep = False
-        writer = h11.Connection(h11.CLIENT)
-        send = writer.send
-        parts = (send(request), send(h11.Data(data=content)) if content else b"")
-        wire = b"".join(b for b in (*parts, send(h11.EndOfMessage())) if b)
-        self.sock.sendall(wire)  # one write: the server gets the request in one read
+        self.sock.sendall(request)  # one write: the server gets the request in one read
         answer = _Answer(bounded)
         answer.parser = httptools.HttpResponseParser(answer)
         return answer

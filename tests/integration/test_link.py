@@ -8,7 +8,9 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
+import h11
 import pytest
 
 from csml import link as link_module
@@ -244,4 +246,32 @@ def test_a_stream_comes_as_sent_and_keeps_its_connection_only_once_it_ended() ->
     assert raw.connections == 2
     assert raw.requests[0].startswith(b"GET /events?a=1 HTTP/1.1\r\nHost: 127.0.0.1:")
     assert raw.requests[0].endswith(b"\r\nAuthorization: Bearer t\r\n\r\n")
+    link.close()
+
+
+def test_h11_writes_each_distinct_head_once_and_a_link_keeps_few(
+    server: KeepAliveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same request again goes out as the same bytes without h11 writing its head
+    anew; a new length or token is a new head; at most HEADS are kept."""
+    written: list[str] = []
+    request = h11.Request
+
+    def counted(**kw: Any) -> h11.Request:
+        written.append(str(kw["target"]))
+        return request(**kw)
+
+    monkeypatch.setattr(h11, "Request", counted)
+    monkeypatch.setattr(link_module, "HEADS", 3)
+    link = Link(_url(server), None, timeout=5)
+    for body, token in (
+        (b'{"n":1}', "a"),
+        (b'{"n":2}', "a"),
+        (b'{"n":10}', "a"),
+        (b'{"n":1}', "b"),
+    ):
+        answer = link.post("/a", body, {"Authorization": f"Bearer {token}"})
+        assert answer.json()["echo"] == json.loads(body)
+    assert written == ["/prefix/a", "/prefix/a", "/prefix/a"]  # n:2 reused n:1's head
+    assert len(link._heads) == 3
     link.close()
