@@ -5,13 +5,15 @@ client each call cost ~2.4x the CPU of the same call over the standard library's
 `http.client` (measured against a coordinator on loopback: 795 vs 331 µs of client
 CPU per claim), and `http.client` itself spends much of the rest parsing headers
 with the `email` package and writing a request in two system calls. A `Link` is one
-connection to the coordinator on a plain socket, spoken through `h11` (the HTTP/1.1
-state machine httpx itself uses, without httpx's layers): each request is one write
-(head and body); answers are parsed by h11 (Content-Length, chunked or up to the
-close; informational answers skipped; the head bounded by `MAX_HEAD`). It is used by
-one thread at a time (the agent's claimer, or the thread sending completions alone;
-an SDK submit); everything else the agent sends (registration, heartbeats, file
-transfers) stays on httpx.
+connection to the coordinator on a plain socket: each request is written by `h11` (the
+HTTP/1.1 library httpx itself uses) and sent in one write (head and body); answers are
+parsed by `httptools` (llhttp, in C; the parser uvicorn serves the coordinator with):
+Content-Length, chunked or up to the close; informational answers skipped; the head
+bounded by `MAX_HEAD`. h11's state machine took about a hundred Python calls per
+answer, httptools a handful. It is used by one thread at a time (the agent's claimer,
+or the thread sending completions alone; an SDK submit; an SDK result stream, which
+follows one long answer through `Link.stream`); everything else the agent sends
+(registration, heartbeats, file transfers) stays on httpx.
 
 Invariants:
 - Same trust as the agent's httpx clients: `transport.check_url` already passed, and
@@ -24,12 +26,13 @@ Invariants:
 - Every failure to connect, send or read is `LinkError` (an `OSError`), and leaves
   no connection behind; `close()` from another thread ends a call blocked in a read
   at once (the socket is shut down), and every later call fails.
-- Bodies are bounded: a response over `MAX_BODY` bytes is a `LinkError`; so is a
-  malformed answer (h11's `RemoteProtocolError`: not HTTP/1, a bad header, length or
-  chunk). A header name or value h11 will not send (CR, LF, controls: it could split
+- Bodies are bounded: a response over `MAX_BODY` bytes is a `LinkError` (not a
+  stream's, which the caller bounds); so is a malformed answer (httptools'
+  `HttpParserError`: not HTTP/1, a bad header, length or chunk) or a protocol switch.
+  A header name or value h11 will not send (CR, LF, controls: it could split
   the request) is refused before anything is sent.
-- A connection is reused only when h11 says both sides may go on (keep-alive, nothing
-  read past the answer).
+- A connection is reused only when the answer ended and says the connection may go on
+  (keep-alive), and nothing was read past it; a stream left before its end is dropped.
 - A coordinator that httpx would reach through a proxy (HTTP(S)_PROXY / ALL_PROXY in
   the environment, the host not in NO_PROXY) is reached through httpx, proxy and all
   (`open_link` returns an `HttpxLink` then): a link never bypasses a proxy.
@@ -44,13 +47,16 @@ import socket
 import ssl
 import threading
 import urllib.request
+from collections.abc import Generator, Iterator
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import h11
+import httptools
 import httpx
 
 MAX_BODY = 64 << 20
+HEADS = 64  # request heads a link keeps, each written by h11 once
 
 
 class LinkError(OSError):
@@ -143,22 +149,20 @@ class Link:
         self._conn: _Wire | None = None
         self._lock = threading.Lock()  # guards _conn and _closed against close()
         self._closed = False
+        self._heads: dict[tuple[str, str, tuple[tuple[str, str], ...]], bytes] = {}
 
     def post(self, path: str, content: bytes, headers: dict[str, str]) -> LinkResponse:
         """POST `content` (JSON) to `path`; the answer, whatever its status."""
-        fields = [
+        fields = (
             ("Host", self._host_header),
             ("Content-Type", "application/json"),
             ("Content-Length", str(len(content))),
             *headers.items(),
-        ]
-        try:
-            request = h11.Request(method="POST", target=self._prefix + path, headers=fields)
-        except h11.LocalProtocolError as exc:
-            raise LinkError(f"invalid header: {exc}") from None
+        )
+        head = self._head("POST", path, fields)
         wire = self._connection()
         try:
-            status, answer_headers, body = wire.exchange(request, content)
+            status, answer_headers, body = wire.exchange(head, content)
             if not wire.reusable():
                 self._drop(wire)
             return LinkResponse(status, body, answer_headers)
@@ -167,6 +171,57 @@ class Link:
             if isinstance(exc, LinkError):
                 raise
             raise LinkError(f"{type(exc).__name__}: {exc}") from None
+
+    def stream(
+        self, path: str, headers: dict[str, str]
+    ) -> tuple[int, Generator[bytes, None, None]]:
+        """GET `path` (with its query) and follow the answer as it comes: its status
+        and an iterator of its body's bytes, which ends with the answer. No bound on
+        the whole body (a stream has no end in sight: the caller bounds what it keeps);
+        its head is bounded as a POST's is. The link serves nothing else until the
+        iterator ends; a failure while reading raises LinkError from the iterator."""
+        fields = (("Host", self._host_header), ("Accept", "text/event-stream"), *headers.items())
+        head = self._head("GET", path, fields)
+        wire = self._connection()
+        try:
+            status, pieces = wire.stream(head)
+        except (OSError, ValueError, h11.ProtocolError) as exc:
+            self._drop(wire)
+            if isinstance(exc, LinkError):
+                raise
+            raise LinkError(f"{type(exc).__name__}: {exc}") from None
+        return status, self._follow(wire, pieces)
+
+    def _head(self, method: str, path: str, fields: tuple[tuple[str, str], ...]) -> bytes:
+        """The request's head as h11 writes it (validated: a header h11 will not send is a
+        LinkError, before anything is sent). Written once per distinct head and kept: a
+        link sends the same few heads (the same path, token and, mostly, body length)
+        again and again; at most `HEADS` are kept, the oldest dropped first."""
+        key = (method, path, fields)
+        head = self._heads.get(key)
+        if head is None:
+            try:
+                request = h11.Request(method=method, target=self._prefix + path, headers=[*fields])
+            except h11.LocalProtocolError as exc:
+                raise LinkError(f"invalid header: {exc}") from None
+            head = h11.Connection(h11.CLIENT).send(request) or b""
+            if len(self._heads) >= HEADS:
+                del self._heads[next(iter(self._heads))]
+            self._heads[key] = head
+        return head
+
+    def _follow(self, wire: _Wire, pieces: Iterator[bytes]) -> Generator[bytes, None, None]:
+        ended = False
+        try:
+            yield from pieces
+            ended = wire.reusable()
+        except (OSError, ValueError) as exc:
+            if isinstance(exc, LinkError):
+                raise
+            raise LinkError(f"{type(exc).__name__}: {exc}") from None
+        finally:
+            if not ended:  # a stream left early, or failed: its connection is in no state to go on
+                self._drop(wire)
 
     def close(self) -> None:
         """End the connection now (from any thread); later calls fail."""
@@ -223,57 +278,157 @@ READ_SIZE = 1 << 16
 
 
 class _Wire:
-    """One socket and its h11 state: one request and its answer at a time."""
+    """One socket: one request and its answer at a time. h11 writes each request (a
+    fresh client state machine per request: it only serialises); httptools (llhttp, in
+    C: the parser uvicorn serves the coordinator with) reads the answer, at a few
+    Python calls per answer where h11's state machine took about a hundred."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
+        self.keep = False  # the last answer let the connection go on (`reusable`)
 
-    def exchange(self, request: h11.Request, content: bytes) -> tuple[int, dict[str, str], bytes]:
-        """Send `request` with `content` in one write; its answer's status, headers (by
-        lower-case name) and body. Raises LinkError over the bounds, h11.ProtocolError if
-        malformed, OSError if the connection fails."""
-        if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
-            self.h11.start_next_cycle()
-        send = self.h11.send
-        wire = b"".join(
-            b for b in (send(request), send(h11.Data(data=content)), send(h11.EndOfMessage())) if b
-        )
-        self.sock.sendall(wire)  # one write: the server gets the request in one read
-        # Nothing is buffered between answers (`reusable`), so the answer needs a read:
-        # do it before asking h11, which would only say NEED_DATA.
-        self.h11.receive_data(self.sock.recv(READ_SIZE))  # b"" is the close
-        status, headers = 0, {}
-        body = bytearray()
+    def exchange(self, head: bytes, content: bytes) -> tuple[int, dict[str, str], bytes]:
+        """Send `head` (as h11 wrote it, with its Content-Length) and `content` in one
+        write; the answer's status, headers (by lower-case name) and body. Raises
+        LinkError if malformed or over the bounds, OSError if the connection fails."""
+        answer = self._send(head + content)
+        while not answer.done:
+            if not self._read(answer):
+                break  # the end of a body that runs to the close
+        self.keep = answer.keep and answer.done and not answer.trailing
+        return answer.status, answer.headers, b"".join(answer.body)
+
+    def stream(self, head: bytes) -> tuple[int, Iterator[bytes]]:
+        """Send `head` (a request with no body); once its answer's head is in, its status
+        and an iterator of its body's bytes as they come."""
+        answer = self._send(head, bounded=False)
+        while not answer.head_done:
+            if not self._read(answer):
+                break
+        return answer.status, self._body(answer)
+
+    def _body(self, answer: _Answer) -> Iterator[bytes]:
         while True:
-            event = self.h11.next_event()
-            if event is h11.NEED_DATA:
-                self.h11.receive_data(self.sock.recv(READ_SIZE))  # b"" is the close
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-                headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in event.headers}
-                length = headers.get("content-length")
-                if length is not None and int(length) > MAX_BODY:
-                    raise LinkError(f"a response of {length} bytes is over {MAX_BODY}")
-            elif isinstance(event, h11.Data):
-                body += event.data
-                if len(body) > MAX_BODY:
-                    raise LinkError(f"a response over {MAX_BODY} bytes")
-            elif isinstance(event, h11.EndOfMessage):
-                return status, headers, bytes(body)
-            elif isinstance(event, h11.ConnectionClosed):
-                raise LinkError("the connection closed before the whole answer")
-            # InformationalResponse (1xx): skipped; the final answer follows.
+            if answer.body:
+                piece = b"".join(answer.body)
+                answer.body.clear()
+                yield piece
+            if answer.done or not self._read(answer):
+                break
+        self.keep = answer.keep and answer.done and not answer.trailing
+
+    def _send(self, request: bytes, bounded: bool = True) -> _Answer:
+        self.keep = False
+        self.sock.sendall(request)  # one write: the server gets the request in one read
+        answer = _Answer(bounded)
+        answer.parser = httptools.HttpResponseParser(answer)
+        return answer
+
+    def _read(self, answer: _Answer) -> bool:
+        """Read once into `answer`; False at a close that ends a body running to it.
+        Raises LinkError on a malformed answer, a broken bound, or an early close."""
+        assert answer.parser is not None
+        data = self.sock.recv(READ_SIZE)
+        if not data:
+            if answer.until_close:  # no length given: the body ends with the connection
+                return False
+            raise LinkError("the connection closed before the whole answer")
+        try:
+            answer.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            raise LinkError("the coordinator switched protocols") from None
+        except httptools.HttpParserError as exc:
+            if not answer.done:
+                raise LinkError(f"a malformed answer: {exc}") from None
+            answer.trailing = True  # bytes past the answer that are no answer
+        if answer.over is not None:
+            raise LinkError(answer.over)
+        if not answer.head_done:
+            answer.fed += len(data)
+            if answer.fed > MAX_HEAD:
+                raise LinkError(f"an answer's head over {MAX_HEAD} bytes")
+        return True
 
     def reusable(self) -> bool:
         """Both sides may go on (keep-alive) and nothing was read past the answer."""
-        data, closed = self.h11.trailing_data
-        return (
-            self.h11.our_state is h11.DONE
-            and self.h11.their_state is h11.DONE
-            and not data
-            and not closed
-        )
+        return self.keep
+
+
+class _Answer:
+    """httptools' callbacks for one answer: informational (1xx) answers are skipped; the
+    final one's status, headers (lower-case names; a repeated name keeps its last value,
+    as before), body and whether the connection may be reused."""
+
+    __slots__ = (
+        "body",
+        "bounded",
+        "done",
+        "fed",
+        "head_done",
+        "headers",
+        "keep",
+        "over",
+        "parser",
+        "size",
+        "status",
+        "trailing",
+        "until_close",
+    )
+
+    def __init__(self, bounded: bool = True) -> None:
+        self.bounded = bounded  # the whole body within MAX_BODY (not for a stream)
+        self.fed = 0  # bytes read before the final answer's head ended
+        self.parser: httptools.HttpResponseParser | None = None
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.body: list[bytes] = []
+        self.size = 0
+        self.head_done = False  # the final answer's head has ended
+        self.until_close = False  # its body runs to the connection's close
+        self.done = False
+        self.keep = False
+        self.trailing = False  # something followed the final answer
+        self.over: str | None = None  # a bound it broke
+
+    def on_message_begin(self) -> None:
+        if self.done:
+            self.trailing = True
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.done:
+            self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        if self.done:
+            return
+        assert self.parser is not None
+        status = self.parser.get_status_code()
+        if 100 <= status < 200:
+            return  # informational: its message ends here, the final answer follows
+        self.status, self.head_done = status, True
+        length = self.headers.get("content-length")
+        if self.bounded and length is not None and length.isdigit() and int(length) > MAX_BODY:
+            self.over = f"a response of {length} bytes is over {MAX_BODY}"
+        chunked = "chunked" in self.headers.get("transfer-encoding", "").lower()
+        self.until_close = length is None and not chunked and status not in (204, 304)
+
+    def on_body(self, body: bytes) -> None:
+        if self.done:
+            return
+        self.size += len(body)
+        if self.bounded and self.size > MAX_BODY:
+            self.over = f"a response over {MAX_BODY} bytes"
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self.done:
+            return
+        assert self.parser is not None
+        if not self.head_done:  # the end of an informational answer
+            self.headers = {}
+            return
+        self.done = True
+        self.keep = self.parser.should_keep_alive()
 
 
 def _closed_at_rest(conn: socket.socket) -> bool:

@@ -8,7 +8,9 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
+import h11
 import pytest
 
 from csml import link as link_module
@@ -122,11 +124,13 @@ def test_a_coordinator_behind_a_proxy_is_reached_through_httpx(
 
 
 class _Raw:
-    """A loopback server answering each request with canned bytes, sent in pieces."""
+    """A loopback server answering each request with canned bytes, sent in pieces; a
+    client that closes its connection gets the next answers on its next one."""
 
     def __init__(self, answers: list[list[bytes]]) -> None:
         self.answers = answers
         self.requests: list[bytes] = []
+        self.connections = 0
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen()
@@ -134,20 +138,34 @@ class _Raw:
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
-        conn, _ = self.sock.accept()
-        with conn:
-            for pieces in self.answers:
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    data += conn.recv(4096)
-                head, _, body = data.partition(b"\r\n\r\n")
-                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-                while len(body) < length:
-                    body += conn.recv(4096)
-                self.requests.append(data)
-                for piece in pieces:
-                    conn.sendall(piece)
-                    time.sleep(0.01)
+        todo = list(self.answers)
+        while todo:
+            conn, _ = self.sock.accept()
+            self.connections += 1
+            with conn:
+                try:
+                    while todo and self._answer(conn, todo):
+                        pass
+                except OSError:
+                    pass  # the client left this connection: on to its next one
+
+    def _answer(self, conn: socket.socket, todo: list[list[bytes]]) -> bool:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            got = conn.recv(4096)
+            if not got:
+                return False
+            data += got
+        head, _, body = data.partition(b"\r\n\r\n")
+        named = head.lower().split(b"content-length: ")
+        length = int(named[1].split(b"\r\n")[0]) if len(named) > 1 else 0
+        while len(body) < length:
+            body += conn.recv(4096)
+        self.requests.append(data)
+        for piece in todo.pop(0):
+            conn.sendall(piece)
+            time.sleep(0.01)
+        return True
 
 
 def test_answers_in_pieces_chunked_and_after_an_informational_one() -> None:
@@ -198,3 +216,62 @@ def test_a_header_that_would_split_the_request_is_refused_before_sending() -> No
     with pytest.raises(LinkError, match="invalid header"):
         link.post("/a", b"{}", {"Authorization": "Bearer t\r\nX-Evil: 1"})
     assert raw.requests == []
+
+
+def test_a_stream_comes_as_sent_and_keeps_its_connection_only_once_it_ended() -> None:
+    """`Link.stream` (the SDK's result stream): the body as it arrives, of any length;
+    a stream left before its end drops its connection; an error answer reads whole."""
+    raw = _Raw(
+        [
+            [
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                b"6\r\nevent:\r\n",
+                b"3\r\n a\n\r\n0\r\n\r\n",
+            ],
+            [
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n",
+                b"6\r\nsecond\r\n",
+            ],
+            [b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n\r\nbusy"],
+        ]
+    )
+    link = Link(raw.url, None, timeout=5)
+    status, chunks = link.stream("/events?a=1", {"Authorization": "Bearer t"})
+    assert (status, list(chunks)) == (200, [b"event:", b" a\n"])
+    status, chunks = link.stream("/events", {})
+    assert (status, next(chunks)) == (200, b"first")
+    chunks.close()  # left before its end: that connection cannot serve another request
+    status, chunks = link.stream("/events", {})
+    assert (status, b"".join(chunks)) == (503, b"busy")
+    assert raw.connections == 2
+    assert raw.requests[0].startswith(b"GET /events?a=1 HTTP/1.1\r\nHost: 127.0.0.1:")
+    assert raw.requests[0].endswith(b"\r\nAuthorization: Bearer t\r\n\r\n")
+    link.close()
+
+
+def test_h11_writes_each_distinct_head_once_and_a_link_keeps_few(
+    server: KeepAliveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same request again goes out as the same bytes without h11 writing its head
+    anew; a new length or token is a new head; at most HEADS are kept."""
+    written: list[str] = []
+    request = h11.Request
+
+    def counted(**kw: Any) -> h11.Request:
+        written.append(str(kw["target"]))
+        return request(**kw)
+
+    monkeypatch.setattr(h11, "Request", counted)
+    monkeypatch.setattr(link_module, "HEADS", 3)
+    link = Link(_url(server), None, timeout=5)
+    for body, token in (
+        (b'{"n":1}', "a"),
+        (b'{"n":2}', "a"),
+        (b'{"n":10}', "a"),
+        (b'{"n":1}', "b"),
+    ):
+        answer = link.post("/a", body, {"Authorization": f"Bearer {token}"})
+        assert answer.json()["echo"] == json.loads(body)
+    assert written == ["/prefix/a", "/prefix/a", "/prefix/a"]  # n:2 reused n:1's head
+    assert len(link._heads) == 3
+    link.close()

@@ -125,3 +125,34 @@ def test_the_stream_sends_ends_only_unless_a_waiter_reports_progress(roomy: Clus
         job.wait(timeout=60, on_progress=lambda j: seen.append((j.state.value, j.progress[0])))
         assert stream.progress and job.state.value == "succeeded"
         assert "running" in {state for state, _ in seen} and seen[-1][0] == "succeeded"
+
+
+def test_the_stream_follows_its_own_link_with_no_wait_re_reading(
+    roomy: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a custom transport the stream reads its events over a keep-alive link of
+    its own (`csml.link`, parsed by httptools), and every wait is served by it: after
+    the first (which opens the stream), no wait re-reads its job."""
+    from csml.client.sdk import Job
+    from csml.link import Link
+
+    reads: Counter[str] = Counter()
+    refresh = Job.refresh
+
+    def counted(job: Job, wait: float = 0.0) -> Job:
+        reads[job.id] += 1
+        return refresh(job, wait)
+
+    monkeypatch.setattr(Job, "refresh", counted)
+    user = roomy.new_user()
+    with Client(roomy.url, user.token) as client:
+        client.submit("echo", "echo").wait(timeout=60)  # opens the stream
+        stream = client._results
+        assert stream is not None and isinstance(stream._link, Link)
+        assert stream._response is None  # not httpx's
+        reads.clear()
+        jobs = [client.submit("echo", "echo", params={"i": i}) for i in range(100)]
+        for i, job in enumerate(jobs):
+            job.wait(timeout=120)
+            assert job.state.value == "succeeded" and (job.result or {})["params"]["i"] == i
+        assert sum(reads.values()) == 0

@@ -150,11 +150,10 @@ def inline_bytes(file: FileArg) -> bytes | None:
     if isinstance(file, bytes):
         return file if len(file) <= INLINE_MAX_BYTES else None
     if isinstance(file, str | os.PathLike):
-        path = Path(file)
         try:
-            if path.stat().st_size > INLINE_MAX_BYTES:
-                return None
-            with open(path, "rb") as f:
+            with open(file, "rb") as f:
+                if os.fstat(f.fileno()).st_size > INLINE_MAX_BYTES:
+                    return None
                 data = f.read(INLINE_MAX_BYTES + 1)
         except OSError:
             return None  # submitted alone, which names the problem

@@ -22,6 +22,8 @@ _PLAIN = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
 def _problem(name: str) -> str | None:
+    if _PLAIN.match(name) and len(name) <= MAX_LENGTH and not name.startswith("."):
+        return None  # the usual case, at once: the checks below all pass for such a name
     if not name:
         return "it is empty"
     if name in (".", ".."):

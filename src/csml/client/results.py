@@ -28,6 +28,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import queue
@@ -37,8 +38,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
 
 import httpx
+
+from csml.link import Link, open_link
 
 if TYPE_CHECKING:
     from csml.client.sdk import Client
@@ -77,6 +81,7 @@ class ResultStream:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._response: httpx.Response | None = None
+        self._link: Link | None = None
 
     # -- used by Job --------------------------------------------------------
 
@@ -144,7 +149,9 @@ class ResultStream:
         stream left open would hold the coordinator's graceful shutdown)."""
         with self._cond:
             self._closed = True
-            response = self._response
+            response, link = self._response, self._link
+        if link is not None:
+            link.close()  # shuts its socket down: a read blocked on it ends at once
         if response is not None:
             stream = response.extensions.get("network_stream")
             sock = stream.get_extra_info("socket") if stream is not None else None
@@ -171,8 +178,6 @@ class ResultStream:
                 self._broadcast(LOST)
 
     def _read_once(self) -> None:
-        client = self._client
-        timeout = httpx.Timeout(OPEN_TIMEOUT, read=READ_TIMEOUT)
         params: dict[str, str | int] = {"limit": 1, "positions": "false"}
         with self._cond:
             # Ends only, unless a waiter reports progress: a waiter needs nothing else (a
@@ -182,6 +187,47 @@ class ResultStream:
             params["ended_only"] = "true"
         if self.inline_outputs:
             params["inline_outputs"] = self.inline_outputs
+        link = self._link_to_follow()
+        if link is None:
+            self._follow_httpx(params)
+        else:
+            self._follow_link(link, params)
+        with self._cond:
+            self._response = None
+            if self._state == "connected":
+                self._state = "connecting"
+                self._generation += 1  # a gap starts: marks taken before it are stale
+
+    def _link_to_follow(self) -> Link | None:
+        """The stream's own keep-alive link (`csml.link`), kept across reconnections; None
+        where the SDK uses httpx for it (a custom transport, a proxy)."""
+        options = self._client._link_options
+        if options is None:
+            return None
+        with self._cond:
+            if self._link is None and not self._closed:
+                made = open_link(self._client.url, options[0], READ_TIMEOUT)
+                if not isinstance(made, Link):  # through a proxy: httpx, proxy and all
+                    made.close()
+                    return None
+                self._link = made
+            return self._link
+
+    def _follow_link(self, link: Link, params: dict[str, str | int]) -> None:
+        """The stream over `link`: its body parsed by httptools (csml.link), a few calls
+        per read where httpx's layers and h11 took dozens."""
+        status, chunks = link.stream(
+            f"/v1/jobs/events?{urlencode(params)}", self._client._headers()
+        )
+        with contextlib.closing(chunks):  # left early (reconnect, error): the link drops it
+            if status != 200:
+                text = b"".join(itertools.islice(chunks, 4))[:200].decode("utf-8", "replace")
+                raise RuntimeError(f"HTTP {status}: {text}")
+            self._follow(chunks)
+
+    def _follow_httpx(self, params: dict[str, str | int]) -> None:
+        client = self._client
+        timeout = httpx.Timeout(OPEN_TIMEOUT, read=READ_TIMEOUT)
         with client._http.stream(
             "GET",
             "/v1/jobs/events",
@@ -194,28 +240,27 @@ class ResultStream:
                 raise RuntimeError(f"HTTP {response.status_code}: {response.text[:200]}")
             with self._cond:
                 self._response = response
-            for name, data in _events(_lines(response.iter_bytes())):
-                if name == "snapshot":
-                    with self._cond:
-                        self._state = "connected"
-                        self._generation += 1
-                        self._cond.notify_all()
-                        self._broadcast(RECHECK)  # whatever happened while we were away
-                    for job in data.get("jobs", []):
-                        self._deliver(job)
-                elif name == "job":
-                    self._deliver(data)
-                elif name == "gone":
-                    with self._cond:
-                        for inbox in self._waiters.get(str(data.get("id")), []):
-                            inbox.put(RECHECK)  # its GET says what happened
-                elif name == "reconnect":
-                    break
-        with self._cond:
-            self._response = None
-            if self._state == "connected":
-                self._state = "connecting"
-                self._generation += 1  # a gap starts: marks taken before it are stale
+            self._follow(response.iter_bytes())
+
+    def _follow(self, chunks: Iterable[bytes]) -> None:
+        """Deliver the events of one connection until the server ends it."""
+        for name, data in _events(_lines(chunks)):
+            if name == "snapshot":
+                with self._cond:
+                    self._state = "connected"
+                    self._generation += 1
+                    self._cond.notify_all()
+                    self._broadcast(RECHECK)  # whatever happened while we were away
+                for job in data.get("jobs", []):
+                    self._deliver(job)
+            elif name == "job":
+                self._deliver(data)
+            elif name == "gone":
+                with self._cond:
+                    for inbox in self._waiters.get(str(data.get("id")), []):
+                        inbox.put(RECHECK)  # its GET says what happened
+            elif name == "reconnect":
+                break
 
     def _deliver(self, job: dict[str, Any]) -> None:
         job_id = job.get("id")
