@@ -97,6 +97,20 @@ class NotifyTrafficCollector(Collector):
             "Deliveries of notifications from other threads that woke the event loop.",
             notifier.hops,
         )
+        for name, counts, what in (
+            ("claim_wakes", notifier.claim_wakes, "Claimers woken by a job's wake-up key"),
+            (
+                "claim_wakes_empty",
+                notifier.claim_wakes_empty,
+                "Claimers woken by a job's wake-up key that took nothing",
+            ),
+        ):
+            for origin, value in counts.items():
+                yield CounterMetricFamily(
+                    f"csml_notify_{name}_{origin}",
+                    f"{what} (the key notified {'here' if origin == 'local' else 'elsewhere'}).",
+                    value,
+                )
         relay = notifier.relay
         if relay is None:
             return
