@@ -118,7 +118,12 @@ class NotifyTrafficCollector(Collector):
             (
                 "packets",
                 relay.packets,
-                "Reads of the LISTEN connection that brought notifications.",
+                "Reads of the relay's connection that brought other coordinators' notifications.",
+            ),
+            (
+                "wakes",
+                relay.wakes,
+                "Times the relay's connection woke its thread (its own notifications do not).",
             ),
             ("received", relay.received, "Notification keys received from other coordinators."),
             ("publishes", relay.publishes, "pg_notify transactions sent."),
