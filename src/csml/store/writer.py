@@ -250,12 +250,13 @@ class Writer:
         self._tally = counters(engine)
         # Lanes on demand (PostgreSQL, see the module docstring): the primary lane takes
         # from `_queue`; a helper lane waits for a token in `_helpers` (one per wake-up,
-        # put there by the watchdog thread, which looks on its own clock whether ops
-        # queue behind a batch of the primary's that is open since `_busy_since`).
+        # put there by the watchdog thread when `_stalled` says ops queued behind a batch
+        # of the primary's that is open since `_busy_since`).
         self._primary: threading.Thread | None = None
         self._primary_lane: _Lane | None = None
         self._busy_since: float | None = None
         self._helpers: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._stalled = threading.Event()
         self._closing = threading.Event()  # ends the watchdog's wait
         self._watchdog: threading.Thread | None = None
 
@@ -303,7 +304,8 @@ class Writer:
                 self._queue.put(_STOP)  # behind every accepted op: for the primary lane
                 for _ in range(len(self._threads) - (self._primary is not None)):
                     self._helpers.put(_STOP)
-                self._closing.set()  # the watchdog ends
+                self._closing.set()
+                self._stalled.set()  # the watchdog sees `_closed` and ends
             threads = list(self._threads)
             if self._watchdog is not None:
                 threads.append(self._watchdog)
@@ -342,6 +344,8 @@ class Writer:
                 )
                 self._watchdog.start()
             self._queue.put(item)
+        if self._busy_since is not None and not self._stalled.is_set():
+            self._stalled.set()  # it waits behind a batch: the watchdog times it
 
     # -- the writer threads ------------------------------------------------------------
 
@@ -364,6 +368,8 @@ class Writer:
                 batch = [cast(_Op, first)]
                 if primary and self.lanes > 1:
                     self._busy_since = time.monotonic()
+                    if self._queue.qsize() and not self._stalled.is_set():
+                        self._stalled.set()  # queued before `_busy_since` was set
                 stopping = self._run_batch(lane, batch)
                 _deliver(batch)
                 if primary:
@@ -413,33 +419,27 @@ class Writer:
         return first
 
     def _watch(self) -> None:
-        """(The watchdog thread, PostgreSQL.) Every half `help_after` seconds, look at the
-        primary lane: once its batch has been open `help_after` seconds with ops queued
-        behind it, and the lane waits for the server (`_server_turn`), wake a helper
-        lane (and another each `help_after` seconds while that lasts); if it is the
-        lane's own turn (its Python: a busy machine's CPU or the GIL, which a helper
-        would wait for as well), look again after twice as long. Ends at `close`.
-
-        It keeps its own clock rather than being told when an op queues behind a batch:
-        telling it (an event set on the caller's path) woke this thread for most batches
-        of a lightly loaded coordinator, which end in milliseconds, and each wake-up is
-        a thread switch on the callers' path; ticking costs a wake-up per
-        `help_after / 2`, busy or not."""
-        watched: float | None = None  # the batch (its `_busy_since`) being timed
-        after = self.help_after  # how long it may stay open before the next look
-        while not self._closing.wait(self.help_after / 2):
-            since = self._busy_since
-            if since is None or not self._queue.qsize():
-                continue
-            if since != watched:
-                watched, after = since, self.help_after
-            open_for = time.monotonic() - since
-            if open_for < after:
-                continue
-            if self._server_turn():
-                self._helpers.put(None)
-                after = open_for + self.help_after
-            else:
+        """(The watchdog thread, PostgreSQL.) Each time ops queue behind a batch of the
+        primary lane, wait until that batch has been open `help_after` seconds; if it
+        still is, ops still wait and the lane waits for the server (`_server_turn`),
+        wake a helper lane; if it is the lane's own turn (its Python: a busy machine's
+        CPU or the GIL, which a helper would wait for as well), look again after twice
+        as long. Ends at `close`."""
+        while True:
+            self._stalled.wait()
+            if self._closed:
+                return
+            self._stalled.clear()
+            since, after = self._busy_since, self.help_after
+            while since is not None:
+                left = since + after - time.monotonic()
+                if left > 0 and self._closing.wait(left):
+                    return
+                if self._busy_since != since or not self._queue.qsize():
+                    break
+                if self._server_turn():
+                    self._helpers.put(None)
+                    break
                 after *= 2
 
     def _server_turn(self) -> bool:
