@@ -57,7 +57,7 @@ clients wait elsewhere, so this is what keeps a coordinator's cost per job from
 growing with N. Dropping is safe because a key is notified after the commit it
 announces: whoever subscribes or follows after the drop checks the store after that
 commit (the subscribe-before-checking rule). Sending costs the others too (each
-relayed transaction wakes every other coordinator's LISTEN thread): an owner's change
+relayed transaction wakes every other coordinator's relay thread): an owner's change
 that ends no job (submitted, running, progress) is published as deferrable, and waits
 on its way out up to `csml.store.relay.DEFER_SECONDS` for a key that may not wait;
 event streams let such changes settle for longer than that anyway. So is a job's

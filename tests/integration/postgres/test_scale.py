@@ -285,13 +285,16 @@ def claim_wake_latency(
 
 
 def listeners(core: Core) -> int:
-    """Connections of this database LISTENing for wake-ups (one per coordinator)."""
+    """Connections of this database LISTENing for wake-ups (one per coordinator): the
+    relay's, whose last statement is its LISTEN or, once it sent something on the same
+    connection, its `pg_notify`."""
     sql = text(
         "SELECT count(*) FROM pg_stat_activity "
-        "WHERE datname = current_database() AND query = :listen"
+        "WHERE datname = current_database() AND (query = :listen OR query LIKE :send)"
     )
     with core.engine.connect() as conn:
-        return int(conn.scalar(sql, {"listen": f"LISTEN {CHANNEL}"}) or 0)
+        found = conn.scalar(sql, {"listen": f"LISTEN {CHANNEL}", "send": "SELECT pg_notify(%"})
+        return int(found or 0)
 
 
 def test_idle_worker_on_another_coordinator_wakes_promptly(
