@@ -428,12 +428,14 @@ def one_run(
             store0 = [scrape_store(u) for u in urls]
             notify0 = [scrape_notify(u) for u in urls]
             requests0 = [scrape_requests(u) for u in urls]
+            switches0 = context_switches([c.proc.pid for c in procs])
             with (
                 profiled(args, [c.proc.pid for c in procs], root) as profiles,
                 LockSampler(pg.conninfo(dbname), args.sample_ms / 1000) as locks,
                 CpuWindow(pids) as cpu,
             ):
                 tally = run_clients(clients, args.jobs, args.seconds)
+            switches1 = context_switches([c.proc.pid for c in procs])
             store1 = [scrape_store(u) for u in urls]
             notify1 = [scrape_notify(u) for u in urls]
             requests1 = [scrape_requests(u) for u in urls]
@@ -453,6 +455,9 @@ def one_run(
         "coordinator_cpu_ms_per_job": round(1000 * sum(coord_cpu) / max(1, tally.done), 2),
         "jobs_per_coordinator_cpu_s": round(tally.done / max(1e-9, sum(coord_cpu)), 1),
         "store": store_deltas(_summed(store0), _summed(store1), tally.done),
+        "context_switches_per_job": {
+            k: round((switches1[k] - switches0[k]) / max(1, tally.done), 2) for k in switches0
+        },
         "notify_per_job": {
             k: round((v - _summed(notify0).get(k, 0.0)) / max(1, tally.done), 2)
             for k, v in sorted(_summed(notify1).items())
@@ -493,6 +498,7 @@ def one_run(
     print(f"    open transactions sampled, by state: {lw['open_transactions_by_state']}")
     routes = ", ".join(f"{k} {r['per_job']}" for k, r in out["requests"].items())
     print(f"    notifications per job (all coordinators): {out['notify_per_job']}")
+    print(f"    coordinator threads' context switches per job: {out['context_switches_per_job']}")
     print(f"    requests per job: {routes}", flush=True)
     print(
         f"    root holders' transaction age, ms (p50, max): {lw['root_transaction_age_ms_p50_max']}"
@@ -527,6 +533,21 @@ def profiled(args: argparse.Namespace, pids: list[int], root: Path) -> Iterator[
         for raw in raws:
             if raw.exists():
                 out.append({"mode": args.profile, "raw_stacks": str(raw), **summarise(raw)})
+
+
+def context_switches(pids: list[int]) -> dict[str, int]:
+    """Voluntary and involuntary context switches of every thread of these processes so
+    far (/proc/PID/task/*/status; a thread that ended meanwhile is not counted)."""
+    out = {"voluntary": 0, "involuntary": 0}
+    for pid in pids:
+        for status in Path(f"/proc/{pid}/task").glob("*/status"):
+            with contextlib.suppress(OSError):
+                for line in status.read_text().splitlines():
+                    name, _, value = line.partition(":")
+                    if name in ("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches"):
+                        key = "voluntary" if name.startswith("vol") else "involuntary"
+                        out[key] += int(value)
+    return out
 
 
 def scrape_notify(url: str) -> dict[str, float]:

@@ -42,6 +42,20 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
+def switches(pid: int) -> int:
+    """Context switches (voluntary and involuntary) of every thread of `pid` so far."""
+    total = 0
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        try:
+            text = status.read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        for line in text.splitlines():
+            if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                total += int(line.split()[1])
+    return total
+
+
 async def listen(url: str, index: int, listeners: int) -> None:
     from csml.coordinator.notify import Notifier, owner_feed
     from csml.store.db import make_engine
@@ -82,7 +96,9 @@ async def listen(url: str, index: int, listeners: int) -> None:
     await stop.wait()
     for t in tasks:
         t.cancel()
-    counts = {k: getattr(relay, k, None) for k in ("packets", "received", "publishes", "sent")}
+    counts = {
+        k: getattr(relay, k, None) for k in ("packets", "wakes", "received", "publishes", "sent")
+    }
     counts["hops"] = getattr(n, "hops", None)
     print(json.dumps(counts), flush=True)
     n.close()
@@ -117,7 +133,9 @@ async def publish(url: str, jobs: int, rate: float) -> None:
         await asyncio.sleep(max(0.0, t0 + (i + 1) / rate - time.monotonic()))
     await asyncio.gather(*pending)
     await asyncio.sleep(0.3)  # the last deferred keys go out
-    counts = {k: getattr(relay, k, None) for k in ("packets", "received", "publishes", "sent")}
+    counts = {
+        k: getattr(relay, k, None) for k in ("packets", "wakes", "received", "publishes", "sent")
+    }
     print(json.dumps(counts), flush=True)
     n.close()
 
@@ -164,6 +182,7 @@ def main() -> int:
             assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         load0 = os.getloadavg()[0]
         before = {proc.pid: cpu_s(proc.pid) for proc in [*procs, pub]}
+        switched = {proc.pid: switches(proc.pid) for proc in [*procs, pub]}
         t0 = time.monotonic()
         assert pub.stdin is not None
         pub.stdin.write("go\n")
@@ -172,6 +191,7 @@ def main() -> int:
         published = json.loads(pub.stdout.readline())
         wall = time.monotonic() - t0
         used = {pid: cpu_s(pid) - cpu for pid, cpu in before.items()}
+        switched = {pid: switches(pid) - n for pid, n in switched.items()}
         counts = []
         for proc in procs:
             assert proc.stdin is not None and proc.stdout is not None
@@ -187,6 +207,8 @@ def main() -> int:
         "load_1min_before_after": [round(load0, 2), round(os.getloadavg()[0], 2)],
         "listener_cpu_ms_per_job": [round(used[p.pid] * per_job, 3) for p in procs],
         "publisher_cpu_ms_per_job": round(used[pub.pid] * per_job, 3),
+        "listener_switches_per_job": [round(switched[p.pid] / a.jobs, 2) for p in procs],
+        "publisher_switches_per_job": round(switched[pub.pid] / a.jobs, 2),
         "publisher": {k: v / a.jobs if v is not None else None for k, v in published.items()},
         "listeners": [
             {k: round(v / a.jobs, 2) if v is not None else None for k, v in c.items()}

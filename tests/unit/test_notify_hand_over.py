@@ -103,3 +103,30 @@ def test_nothing_woken_means_no_turn_given() -> None:
         await task
 
     asyncio.run(run())
+
+
+def test_claim_wakes_are_counted_by_origin_and_those_that_took_nothing() -> None:
+    """/metrics counts the claimers a job's wake-up woke, here or relayed, and those that
+    found nothing (`pass_on`); a wake passed on counts again for the one woken next."""
+
+    async def run() -> None:
+        n = Notifier()
+        n.bind(asyncio.get_running_loop())
+        key = app_key("echo")
+        with n.subscribe(key) as first, n.subscribe(key) as second:
+            n.notify(key)  # local: wakes the first
+            assert first.is_set() and not second.is_set()
+            n._wake_many([(key, 1, None)])  # as the relay's packet: wakes the second
+            assert second.is_set()
+            assert n.claim_wakes == {"local": 1, "relayed": 1}
+            assert n.claim_wakes_empty == {"local": 0, "relayed": 0}
+            first.clear()
+            second.clear()
+            assert n.pass_on(key, first)  # nothing for the first: the second's turn
+            assert second.is_set()
+            assert n.claim_wakes == {"local": 2, "relayed": 1}
+            assert n.claim_wakes_empty == {"local": 1, "relayed": 0}
+            assert not n.pass_on(key, second)  # nobody after it
+            assert n.claim_wakes_empty == {"local": 2, "relayed": 0}
+
+    asyncio.run(run())

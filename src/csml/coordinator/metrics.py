@@ -97,6 +97,20 @@ class NotifyTrafficCollector(Collector):
             "Deliveries of notifications from other threads that woke the event loop.",
             notifier.hops,
         )
+        for name, counts, what in (
+            ("claim_wakes", notifier.claim_wakes, "Claimers woken by a job's wake-up key"),
+            (
+                "claim_wakes_empty",
+                notifier.claim_wakes_empty,
+                "Claimers woken by a job's wake-up key that took nothing",
+            ),
+        ):
+            for origin, value in counts.items():
+                yield CounterMetricFamily(
+                    f"csml_notify_{name}_{origin}",
+                    f"{what} (the key notified {'here' if origin == 'local' else 'elsewhere'}).",
+                    value,
+                )
         relay = notifier.relay
         if relay is None:
             return
@@ -104,7 +118,12 @@ class NotifyTrafficCollector(Collector):
             (
                 "packets",
                 relay.packets,
-                "Reads of the LISTEN connection that brought notifications.",
+                "Reads of the relay's connection that brought other coordinators' notifications.",
+            ),
+            (
+                "wakes",
+                relay.wakes,
+                "Times the relay's connection woke its thread (its own notifications do not).",
             ),
             ("received", relay.received, "Notification keys received from other coordinators."),
             ("publishes", relay.publishes, "pg_notify transactions sent."),

@@ -57,7 +57,7 @@ clients wait elsewhere, so this is what keeps a coordinator's cost per job from
 growing with N. Dropping is safe because a key is notified after the commit it
 announces: whoever subscribes or follows after the drop checks the store after that
 commit (the subscribe-before-checking rule). Sending costs the others too (each
-relayed transaction wakes every other coordinator's LISTEN thread): an owner's change
+relayed transaction wakes every other coordinator's relay thread): an owner's change
 that ends no job (submitted, running, progress) is published as deferrable, and waits
 on its way out up to `csml.store.relay.DEFER_SECONDS` for a key that may not wait;
 event streams let such changes settle for longer than that anyway. So is a job's
@@ -247,6 +247,12 @@ class Notifier:
         self._marks_lock = threading.Lock()
         self._waiting: set[asyncio.Event] = set()  # waiters inside `wait` (on the loop)
         self.hops = 0  # deliveries from other threads that woke the loop (for /metrics)
+        # Claimers woken by a wake-one key, by where the key came from (here, or relayed
+        # from another coordinator), and those of them that found nothing (`pass_on`).
+        # For /metrics: the claims a job's wake-up cost that took nothing.
+        self.claim_wakes = {"local": 0, "relayed": 0}
+        self.claim_wakes_empty = {"local": 0, "relayed": 0}
+        self._woken_by: dict[asyncio.Event, str] = {}  # a woken claimer's key's origin
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Attach to the event loop; on PostgreSQL, start relaying (until the loop closes)."""
@@ -289,6 +295,7 @@ class Notifier:
             yield event
         finally:
             self._unrun.pop(event, None)
+            self._woken_by.pop(event, None)
             waiters = self._waiters.get(key)
             if waiters is not None:
                 waiters.pop(event, None)
@@ -366,6 +373,9 @@ class Notifier:
         nothing for it: wake the first idle waiter subscribed after it (those before it
         were busy when it was chosen, so they look at the queue after the job was
         queued). True if one was woken."""
+        origin = self._woken_by.pop(event, None)
+        if origin is not None:
+            self.claim_wakes_empty[origin] += 1
         waiters = self._waiters.get(key)
         if not waiters:
             return False
@@ -375,6 +385,9 @@ class Notifier:
                 after = True
             elif after and not other.is_set():
                 self._unrun[other] = None
+                if origin is not None:
+                    self._woken_by[other] = origin
+                    self.claim_wakes[origin] += 1
                 other.set()
                 return True
         return False
@@ -473,11 +486,19 @@ class Notifier:
 
     def _wake_many(self, keys: list[tuple[str | None, int, object]]) -> None:
         for key, times, view in keys:
-            self._wake(key, times, view)
+            self._wake(key, times, view, relayed=True)
 
-    def _wake(self, key: str | None, times: int = 1, view: object | None = None) -> int:
-        """(On the loop.) Deliver `key`; returns how many of a wake-one key's wake-ups
-        went to waiters inside `wait` (not busy in a request's other steps)."""
+    def _wake(
+        self,
+        key: str | None,
+        times: int = 1,
+        view: object | None = None,
+        *,
+        relayed: bool = False,
+    ) -> int:
+        """(On the loop.) Deliver `key` (`relayed`: from another coordinator); returns how
+        many of a wake-one key's wake-ups went to waiters inside `wait` (not busy in a
+        request's other steps)."""
         for prefix, callback in self._listeners:
             if key is None or key.startswith(prefix):
                 try:
@@ -508,7 +529,10 @@ class Notifier:
                 event.set()
             return 0
         idle = [e for e in waiters if not e.is_set()][:times]
+        origin = "relayed" if relayed else "local"
         for event in idle:
             self._unrun[event] = None
+            self._woken_by[event] = origin
             event.set()
+        self.claim_wakes[origin] += len(idle)
         return sum(e in self._waiting for e in idle)

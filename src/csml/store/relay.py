@@ -1,21 +1,26 @@
 """Relay wake-ups between coordinators sharing a PostgreSQL database (LISTEN/NOTIFY).
 
-Two daemon threads, each on a connection of its own taken out of the engine's
-pool (so it uses the same URL and connect arguments): one LISTENs on
-`csml_wake` and hands each key to the local notifier; one sends the keys this
-coordinator publishes, batched, with `pg_notify`. A payload is
+One daemon thread on a connection of its own taken out of the engine's pool (so it
+uses the same URL and connect arguments), in autocommit mode: it LISTENs on
+`csml_wake` and hands each key to the local notifier, and it sends the keys this
+coordinator publishes, batched, with `pg_notify` on the same connection. A payload is
 `<origin> <key> <count>` (a key can be published several times per batch: one
-wake per queued job); a coordinator ignores its own. If the LISTEN connection
-drops, it reconnects with backoff and then wakes every local waiter, since
-notifications sent meanwhile are lost.
+wake per queued job); a coordinator ignores its own. PostgreSQL delivers a session's
+own notifications to it as well: sending on the listening connection, they come back
+in the answer to the `pg_notify` itself and cost no wake-up of their own (on a
+separate sending connection each of them woke the listener; with two coordinators
+about half of all it heard). The thread polls the connection's socket and a pipe that
+`publish` writes a byte to. If the connection drops, it reconnects with backoff and
+then wakes every local waiter, since notifications sent meanwhile are lost (and the
+keys it held are dropped, as a failed send drops them: the long-polls re-check).
 
 Cost per coordinator grows with the others' notifications (each transaction of
-`pg_notify` is a packet to every listener, a wake-up of its LISTEN thread), so both
+`pg_notify` is a packet to every listener, a wake-up of its relay thread), so both
 ends batch. The sender waits up to `LINGER_SECONDS` after a key for more (a submit's
 or a completion's keys are published a moment apart) and sends what it has in one
 transaction; a key published as `deferrable` (the notifier's changes that end no job:
 submitted, running, progress, which event streams let settle for longer anyway) waits
-up to `DEFER_SECONDS` for a key that may not wait, and goes out with it. The listener
+up to `DEFER_SECONDS` for a key that may not wait, and goes out with it. The thread
 hands every notification of a packet to the notifier in one call (`deliver`), which
 wakes this coordinator's event loop once for the keys someone here follows and drops
 the others (see `csml.coordinator.notify`).
@@ -28,7 +33,7 @@ follow that owner send the job without loading it again (`view_of`, decoded only
 A coordinator that does not know the form skips it (not three fields, or no count) and
 loads the job as before; a view whose key did not come in the same packet is dropped.
 
-It lives in the store because it is SQL on the store's own connections (LISTEN and
+It lives in the store because it is SQL on a store connection (LISTEN and
 `pg_notify`); `csml.coordinator.notify` decides what to wake and when.
 """
 
@@ -36,8 +41,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import secrets
+import select
 import threading
 import time
 from collections import Counter
@@ -85,13 +92,14 @@ class PgRelay:
         """`deliver([(key, times), ...], views)` wakes local waiters as for `times`
         notifications of each `key` (None: every waiter), in order; `views` holds, by
         key, the JSON of an ended job's view that came with it (`view_of` decodes it). It
-        is called once per packet of notifications received. The threads end once
+        is called once per packet of notifications received. The thread ends once
         `alive()` is false or `close()` is called."""
         self.origin = secrets.token_hex(8)
         self.listening = threading.Event()  # LISTEN is active: other coordinators reach us
-        # Counts for /metrics, the benchmarks and tests (each written by one thread):
+        # Counts for /metrics, the benchmarks and tests (written by the relay's thread):
         self.received = 0  # notifications (keys) from other coordinators
-        self.packets = 0  # reads of the LISTEN socket that brought notifications
+        self.packets = 0  # reads that brought other coordinators' notifications
+        self.wakes = 0  # times the socket woke the thread (own notifications come without)
         self.sent = 0  # keys sent (a key published n times in one batch counts once)
         self.publishes = 0  # pg_notify transactions
         self._engine = engine
@@ -99,12 +107,16 @@ class PgRelay:
         self._alive = alive
         self._stop = threading.Event()
         self._outbox: queue.SimpleQueue[tuple[str, bool, object]] = queue.SimpleQueue()
-        self._threads = [
-            threading.Thread(target=self._listen_loop, name="csml-pg-listen", daemon=True),
-            threading.Thread(target=self._publish_loop, name="csml-pg-notify", daemon=True),
-        ]
-        for t in self._threads:
-            t.start()
+        # Wakes the thread from its poll: a byte per `publish` (and `close`); closed by
+        # the thread when it ends, under `_pipe_lock` (a write after that must not reach
+        # whatever file reuses the descriptor).
+        self._wake_r, self._wake_w = os.pipe()
+        self._pipe_lock = threading.Lock()
+        self._pipe_open = True
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._thread = threading.Thread(target=self._loop, name="csml-pg-relay", daemon=True)
+        self._thread.start()
 
     def publish(self, key: str, *, deferrable: bool = False, view: object = None) -> None:
         """Queue `key` for the other coordinators (never blocks). `deferrable`: it may wait
@@ -112,12 +124,19 @@ class PgRelay:
         `view`: the ended job the key announces (a `JobRow`), relayed with it when it may
         be (`view_text`)."""
         self._outbox.put((key, deferrable, view))
+        self._poke()
 
     def close(self, timeout: float = 5.0) -> None:
         self._stop.set()
-        for t in self._threads:
-            if t is not threading.current_thread():
-                t.join(timeout)
+        self._poke()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def _poke(self) -> None:
+        with self._pipe_lock:
+            if self._pipe_open:
+                with contextlib.suppress(BlockingIOError):  # full: it is woken anyway
+                    os.write(self._wake_w, b"!")
 
     def _running(self) -> bool:
         return not self._stop.is_set() and self._alive()
@@ -134,45 +153,94 @@ class PgRelay:
         conn.autocommit = True
         return conn
 
-    # -- receiving ------------------------------------------------------------
+    # -- the thread -------------------------------------------------------------
 
-    def _listen_loop(self) -> None:
+    def _loop(self) -> None:
+        """Connect, LISTEN, then serve both ends until stopped; reconnect with backoff."""
         delay = 0.2
-        while self._running():
-            conn: psycopg.Connection[Any] | None = None
-            try:
-                conn = self._connect()
-                conn.execute("LISTEN " + CHANNEL)  # a constant identifier
-                self.listening.set()
-                delay = 0.2
-                self._deliver([(None, 1)], {})  # anything sent while we were not listening
-                while self._running():
-                    # One packet's notifications at a time (`stop_after=1` returns after
-                    # the first read from the socket, with all it brought), delivered
-                    # together.
-                    notes = conn.notifies(timeout=POLL_SECONDS, stop_after=1)
-                    payloads = [note.payload for note in notes]
-                    if payloads:
-                        self.packets += 1
-                        self._received(payloads)
-            except TypeError as exc:
-                log.warning("coordinators will not wake each other: %s", exc)
-                return
-            except (psycopg.Error, OSError) as exc:
-                if self._running():
-                    log.warning(
-                        "LISTEN connection lost (%s); reconnecting in %.1f s",
-                        type(exc).__name__,
-                        delay,
-                    )
-            finally:
-                self.listening.clear()
-                if conn is not None:
-                    _close(conn)
-            self._stop.wait(delay)
-            delay = min(delay * 2, 5.0)
+        try:
+            while self._running():
+                conn: psycopg.Connection[Any] | None = None
+                try:
+                    conn = self._connect()
+                    conn.execute("LISTEN " + CHANNEL)  # a constant identifier
+                    self.listening.set()
+                    delay = 0.2
+                    self._deliver([(None, 1)], {})  # anything sent while we were not listening
+                    self._serve(conn)
+                except TypeError as exc:
+                    log.warning("coordinators will not wake each other: %s", exc)
+                    return
+                except (psycopg.Error, OSError) as exc:
+                    if self._running():
+                        log.warning(
+                            "relay connection lost (%s); reconnecting in %.1f s",
+                            type(exc).__name__,
+                            delay,
+                        )
+                finally:
+                    self.listening.clear()
+                    if conn is not None:
+                        _close(conn)
+                self._stop.wait(delay)
+                delay = min(delay * 2, 5.0)
+        finally:
+            with self._pipe_lock:
+                self._pipe_open = False
+                os.close(self._wake_r)
+                os.close(self._wake_w)
 
-    def _received(self, payloads: list[str]) -> None:
+    def _serve(self, conn: psycopg.Connection[Any]) -> None:
+        """One thread, one connection, both ends: poll the connection's socket (other
+        coordinators' notifications) and the wake pipe (keys published here); read what
+        came, and send what is due. The notifications of this coordinator's own
+        `pg_notify` come back to its own session in the answer to that statement
+        (PostgreSQL delivers a session's notifications to itself too): read there, they
+        cost no wake-up of their own. Raises what the connection raises."""
+        poller = select.poll()
+        poller.register(conn.pgconn.socket, select.POLLIN)  # this thread's connection
+        poller.register(self._wake_r, select.POLLIN)
+        keys: Counter[str] = Counter()  # held, to send in one transaction
+        views: dict[str, object] = {}  # their views, if any
+        send_at: float | None = None  # when what is held goes out
+        while self._running():
+            now = time.monotonic()
+            wait = POLL_SECONDS if send_at is None else max(0.0, send_at - now)
+            ready = poller.poll(wait * 1000)
+            if any(fd == self._wake_r for fd, _ in ready):
+                with contextlib.suppress(OSError):
+                    while os.read(self._wake_r, 4096):
+                        pass
+            if any(fd != self._wake_r for fd, _ in ready):
+                self.wakes += 1
+                self._read(conn)
+            while True:  # take what was published
+                try:
+                    key, deferrable, view = self._outbox.get_nowait()
+                except queue.Empty:
+                    break
+                keys[key] += 1
+                if view is not None:
+                    views[key] = view
+                now = time.monotonic()
+                # A key that may not wait goes after a moment for company; deferrable
+                # ones wait up to `DEFER_SECONDS` for one that may not.
+                due = now + (DEFER_SECONDS if deferrable else LINGER_SECONDS)
+                send_at = due if send_at is None else min(send_at, due)
+            if keys and (len(keys) >= MAX_BATCH or time.monotonic() >= (send_at or 0.0)):
+                self._send(conn, keys, views)
+                keys, views, send_at = Counter(), {}, None
+                self._read(conn)  # what came with the answer: our own, and maybe others'
+
+    def _read(self, conn: psycopg.Connection[Any]) -> None:
+        """Take the notifications already received or waiting on the socket (never
+        blocks) and deliver the other coordinators' together."""
+        payloads = [note.payload for note in conn.notifies(timeout=0.0)]
+        if payloads and self._received(payloads):
+            self.packets += 1
+
+    def _received(self, payloads: list[str]) -> bool:
+        """Deliver the other coordinators' keys among `payloads`; whether there were any."""
         keys: list[tuple[str | None, int]] = []
         views: dict[str, str] = {}
         for payload in payloads:
@@ -183,65 +251,22 @@ class PgRelay:
                 views[parts[1][len(VIEW_MARK) :]] = parts[2]
             elif parts[2].isdigit():
                 keys.append((parts[1], int(parts[2])))
-        if keys:
-            self.received += len(keys)
-            announced = {k for k, _ in keys}
-            self._deliver(keys, {k: v for k, v in views.items() if k in announced})
-
-    # -- sending --------------------------------------------------------------
-
-    def _publish_loop(self) -> None:
-        conn: psycopg.Connection[Any] | None = None
-        keys: Counter[str] = Counter()  # held, to send in one transaction
-        views: dict[str, object] = {}  # their views, if any
-        send_by: float | None = None  # when the deferrable keys held must go out
-        try:
-            while self._running():
-                wait = POLL_SECONDS if send_by is None else send_by - time.monotonic()
-                try:
-                    key, deferrable, view = self._outbox.get(timeout=max(0.0, wait))
-                except queue.Empty:
-                    if send_by is not None and time.monotonic() >= send_by:
-                        conn = self._send(conn, keys, views)
-                        keys, views, send_by = Counter(), {}, None
-                    continue
-                keys[key] += 1
-                if view is not None:
-                    views[key] = view
-                if deferrable and len(keys) < MAX_BATCH:
-                    if send_by is None:
-                        send_by = time.monotonic() + DEFER_SECONDS
-                    if time.monotonic() < send_by:
-                        continue
-                # A key that may not wait (or the deferred ones' time): a moment for
-                # company, then everything held goes out together.
-                until = time.monotonic() + LINGER_SECONDS
-                while len(keys) < MAX_BATCH:
-                    try:
-                        more, _, more_view = self._outbox.get(
-                            timeout=max(0.0, until - time.monotonic())
-                        )
-                    except queue.Empty:
-                        break
-                    keys[more] += 1
-                    if more_view is not None:
-                        views[more] = more_view
-                conn = self._send(conn, keys, views)
-                keys, views, send_by = Counter(), {}, None
-        except TypeError:
-            return  # said once by the listener
-        finally:
-            if conn is not None:
-                _close(conn)
+        if not keys:
+            return False
+        self.received += len(keys)
+        announced = {k for k, _ in keys}
+        self._deliver(keys, {k: v for k, v in views.items() if k in announced})
+        return True
 
     def _send(
         self,
-        conn: psycopg.Connection[Any] | None,
+        conn: psycopg.Connection[Any],
         keys: Counter[str],
         views: dict[str, object],
-    ) -> psycopg.Connection[Any] | None:
-        """Send `keys` (each after its view, if any may go) in one transaction; the
-        connection to use next (None: reconnect)."""
+    ) -> None:
+        """Send `keys` (each after its view, if any may go) in one transaction. If the
+        connection fails they are dropped (the other coordinators' long-polls re-check
+        the store anyway) and the error goes up: the thread reconnects."""
         # PostgreSQL folds identical payloads of one transaction: count repeats.
         payloads = []
         for k, n in sorted(keys.items()):
@@ -250,21 +275,14 @@ class PgRelay:
                 payloads.append(f"{self.origin} {VIEW_MARK}{k} {text}")
             payloads.append(f"{self.origin} {k} {n}")
         try:
-            if conn is None:
-                conn = self._connect()
             conn.execute(
                 "SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p", (CHANNEL, payloads)
             )
-            self.publishes += 1
-            self.sent += len(keys)
-            return conn
         except (psycopg.Error, OSError) as exc:
-            # Dropped: the other coordinators' long-polls re-check the store anyway.
             log.warning("could not relay %d wake-ups (%s)", len(keys), type(exc).__name__)
-            if conn is not None:
-                _close(conn)
-            self._stop.wait(0.5)
-            return None
+            raise
+        self.publishes += 1
+        self.sent += len(keys)
 
 
 def _close(conn: psycopg.Connection[Any]) -> None:

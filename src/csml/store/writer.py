@@ -445,18 +445,11 @@ class Writer:
     def _server_turn(self) -> bool:
         """Whether the primary lane waits for the server: a statement or COMMIT in
         progress on its connection (a lock wait, a slow disk), which another lane can
-        work around, and no answer waiting on its socket (then it is the lane's turn:
-        libpq says ACTIVE until the answer is read). True when that cannot be told."""
+        work around, and no answer waiting on its socket (then it is the lane's turn for
+        the GIL or a CPU to read it). True when that cannot be told. See
+        `_Lane.waits_for_server`."""
         lane = self._primary_lane
-        try:
-            dbapi = lane.conn.connection.dbapi_connection  # type: ignore[union-attr]
-            status = dbapi.info.transaction_status  # type: ignore[union-attr]
-            if getattr(status, "name", "ACTIVE") != "ACTIVE":
-                return False
-            answered, _, _ = select.select([dbapi.pgconn.socket], [], [], 0)  # type: ignore[union-attr]
-        except Exception:
-            return True
-        return not answered
+        return True if lane is None else lane.waits_for_server()
 
     def _run_batch(self, lane: _Lane, batch: list[_Op]) -> bool:
         """Run `batch` (growing it from the queue) in one transaction and commit.
@@ -547,23 +540,63 @@ class Writer:
 
 
 class _Lane:
-    """A writer thread's connection: opened for its first batch, thrown away when broken."""
+    """A writer thread's connection: opened for its first batch, thrown away when broken.
+
+    The watchdog thread asks `waits_for_server` while the lane's thread may be inside
+    libpq on that connection with the GIL released (psycopg reads answers that way), and
+    libpq allows no two threads to use one `PGconn` at once. So the watchdog never calls
+    the driver: the lane's own thread notes, when it opens the connection, psycopg's
+    connection lock (held through every statement, COMMIT and ROLLBACK) and the socket's
+    descriptor, and the watchdog only tests that lock and polls that descriptor (`poll`:
+    no `select` limit on descriptor numbers, which a coordinator with many sockets
+    open passes)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.conn: Connection | None = None
         self.careful = False  # its last batch had a failing op: no bare ops (see Writer)
+        # Noted by the lane's thread for the watchdog's (None / -1: no connection, or
+        # not psycopg 3, and then the watchdog cannot tell).
+        self.busy: Any = None  # psycopg's `Connection.lock`: held while the server works
+        self.socket = -1
 
     def connection(self) -> Connection:
         if self.conn is None:
-            self.conn = self.engine.connect().execution_options(**{WRITE_OPTION: True})
+            conn = self.engine.connect().execution_options(**{WRITE_OPTION: True})
+            dbapi = conn.connection.dbapi_connection
+            lock = getattr(dbapi, "lock", None)
+            pgconn = getattr(dbapi, "pgconn", None)
+            if lock is not None and pgconn is not None and callable(getattr(lock, "locked", 0)):
+                self.socket = int(pgconn.socket)  # in the lane's thread: the driver is idle
+                self.busy = lock
+            self.conn = conn
         return self.conn
+
+    def waits_for_server(self) -> bool:
+        """(Any thread.) Whether a statement or COMMIT is in progress on this lane's
+        connection with no answer yet on its socket: the lane waits for the server, not
+        for its own turn to run. True when that cannot be told. A hint only: the lane
+        may move on meanwhile; if it drops its connection just now, the descriptor polled
+        may be closed (then True) or another file's (then a wrong hint, nothing more)."""
+        busy, fd = self.busy, self.socket
+        if busy is None or fd < 0:
+            return True
+        if not busy.locked():
+            return False  # between statements: the lane's own Python
+        try:
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            events = poller.poll(0)
+        except (OSError, ValueError, AttributeError):  # no poll() here, or a bad descriptor
+            return True
+        return not events or any(e & select.POLLNVAL for _, e in events)
 
     def discard(self, broken: bool = True) -> None:
         """Drop the connection (rolling back whatever it holds); the next batch opens one.
 
         A broken one is closed for good (`invalidate`), a sound one goes back to the pool."""
         conn, self.conn = self.conn, None
+        self.busy, self.socket = None, -1  # before closing: the watchdog stops looking
         if conn is None:
             return
         # Closing is all that is left to do, so errors here are only logged.

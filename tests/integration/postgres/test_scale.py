@@ -285,13 +285,16 @@ def claim_wake_latency(
 
 
 def listeners(core: Core) -> int:
-    """Connections of this database LISTENing for wake-ups (one per coordinator)."""
+    """Connections of this database LISTENing for wake-ups (one per coordinator): the
+    relay's, whose last statement is its LISTEN or, once it sent something on the same
+    connection, its `pg_notify`."""
     sql = text(
         "SELECT count(*) FROM pg_stat_activity "
-        "WHERE datname = current_database() AND query = :listen"
+        "WHERE datname = current_database() AND (query = :listen OR query LIKE :send)"
     )
     with core.engine.connect() as conn:
-        return int(conn.scalar(sql, {"listen": f"LISTEN {CHANNEL}"}) or 0)
+        found = conn.scalar(sql, {"listen": f"LISTEN {CHANNEL}", "send": "SELECT pg_notify(%"})
+        return int(found or 0)
 
 
 def test_idle_worker_on_another_coordinator_wakes_promptly(
@@ -467,5 +470,33 @@ def test_a_change_that_ends_nothing_waits_for_company_on_its_way_out(
                     await asyncio.sleep(0.01)
                 await asyncio.sleep(0.3)
                 assert sender.publishes == publishes + 1  # both in one transaction
+
+    asyncio.run(scenario())
+
+
+def test_a_coordinators_own_notifications_cost_it_no_wake_up(make_core: MakeCore) -> None:
+    """PostgreSQL delivers a session's own notifications to it as well. The relay sends
+    on its listening connection, so they come back in the answer to its `pg_notify` and
+    never wake its thread through the socket; another coordinator's do (and are
+    delivered there)."""
+    a, b = make_core(), make_core()
+
+    async def scenario() -> None:
+        async with listening(a, b):
+            sender, other = a.notifier.relay, b.notifier.relay
+            assert sender is not None and other is not None
+            with b.notifier.subscribe("job:x") as woken:
+                wakes, publishes, packets = sender.wakes, sender.publishes, other.packets
+                for i in range(20):  # one transaction each: a key that may not wait
+                    a.notifier.notify("job:x")
+                    await asyncio.wait_for(woken.wait(), 10)
+                    woken.clear()
+                    deadline = time.monotonic() + 10  # counted once `pg_notify` returned
+                    while sender.publishes < publishes + i + 1 and time.monotonic() < deadline:
+                        await asyncio.sleep(0.005)
+            await asyncio.sleep(0.2)
+            assert sender.publishes - publishes >= 20
+            assert other.packets - packets >= 20
+            assert sender.wakes == wakes
 
     asyncio.run(scenario())

@@ -5,6 +5,8 @@ and two writers (two coordinators) on the same rows."""
 from __future__ import annotations
 
 import asyncio
+import os
+import resource
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -217,3 +219,69 @@ def test_an_op_calling_the_writer_from_any_lane_fails_loudly(lanes: Writer) -> N
     for _ in range(8):  # whichever lane takes it
         with pytest.raises(RuntimeError, match="inside a write operation"):
             lanes.run(nested)
+
+
+@pytest.fixture
+def high_descriptors() -> Iterator[None]:
+    """Descriptors 3..~1100 taken, so that sockets opened meanwhile get numbers above
+    `select`'s limit (FD_SETSIZE, 1024), as in a coordinator with many clients."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 1400
+    if soft < want:
+        if hard != resource.RLIM_INFINITY and hard < want:
+            pytest.skip(f"the descriptor limit ({hard}) is below {want}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    base = os.open(os.devnull, os.O_RDONLY)
+    taken = [os.dup(base) for _ in range(1100)]
+    try:
+        yield
+    finally:
+        for fd in [base, *taken]:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_the_watchdog_tells_the_server_s_turn_from_the_lane_s(
+    db_url: str, high_descriptors: None
+) -> None:
+    """The watchdog asks whether the primary lane waits for the server (then a helper
+    lane may take what queues behind it) or for its own Python (then a helper would wait
+    too) without touching the driver the lane's thread is using: a lane between
+    statements of its transaction is the lane's turn, a lane waiting for a lock the
+    server's; also when the connection's socket number is above `select`'s limit."""
+    engine = make_engine(db_url)
+    prepare(engine)
+    writer = Writer(engine, max_batch_seconds=10.0, lanes=2, help_after=60.0)
+    gate = Gate(writer)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            held = pool.submit(writer.run, gate.op(add("held")))
+            assert gate.entered.wait(10)
+            lane = writer._primary_lane
+            assert lane is not None and lane.conn is not None
+            dbapi = lane.conn.connection.dbapi_connection
+            assert dbapi is not None and dbapi.fileno() > 1024  # the lane waits in the gate
+            assert writer._server_turn() is False  # idle in transaction: the lane's Python
+            gate.release.set()
+            assert held.result(10) == 1
+
+            def locked(conn: Connection) -> int:
+                conn.execute(text("SELECT pg_advisory_xact_lock(4343)"))
+                return add("locked")(conn)
+
+            with engine.connect() as holder:
+                holder.execute(text("SELECT pg_advisory_lock(4343)"))
+                waiting = pool.submit(writer.run, locked)
+                for _ in range(2000):  # until the lane waits for the lock
+                    if holder.execute(
+                        text("SELECT count(*) FROM pg_locks WHERE NOT granted")
+                    ).scalar_one():
+                        break
+                    threading.Event().wait(0.005)
+                assert writer._server_turn() is True  # a statement the server holds
+                holder.execute(text("SELECT pg_advisory_unlock(4343)"))
+                holder.commit()
+                assert waiting.result(10) == 2
+    finally:
+        writer.close()
+        engine.dispose()
