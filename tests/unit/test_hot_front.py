@@ -157,12 +157,19 @@ def _hot(coordinator: InProcessCoordinator) -> HotRoutes:
 
 
 async def _drive(
-    app: Any, method: str, path: str, headers: Headers, body: bytes, query: str
+    app: Any,
+    method: str,
+    path: str,
+    headers: Headers,
+    body: bytes,
+    query: str,
+    receive: Any = None,
 ) -> tuple[list[Message], list[str], BaseException | None]:
     """One request as uvicorn sends it (ASGI spec 2.3): the messages sent, the name of the
-    function that called `send` for each, and the exception the app raised, if any."""
+    function that called `send` for each, and the exception the app raised, if any.
+    `receive`: the client's side (default: `body` whole in one message)."""
     scope = http_scope(method, path, headers, body=body, query=query)
-    receive = receive_once(body)
+    receive = receive or receive_once(body)
     messages: list[Message] = []
     callers: list[str] = []
 
@@ -197,6 +204,7 @@ def _both(
     headers: Headers,
     body: bytes = b"",
     query: str = "",
+    receive: Any = None,
 ) -> tuple[Answer, Answer]:
     """The request through the hot dispatch (which must serve it), then the full stack."""
     hot = _hot(coordinator)
@@ -213,7 +221,7 @@ def _both(
         hot.enabled, hot.inner = enabled, counted
         try:
             messages, _, raised = coordinator.portal.call(
-                _drive, coordinator.app, method, path, headers, body, query
+                _drive, coordinator.app, method, path, headers, body, query, receive
             )
         finally:
             hot.enabled, hot.inner = True, inner
@@ -366,6 +374,26 @@ def test_a_crash_is_a_logged_500_on_both_paths(
     monkeypatch.undo()
     fast, full = _both(coordinator, "POST", path, headers, b'{"running": []}')
     assert fast.status == full.status == 200
+
+
+def test_a_client_gone_before_its_body_is_the_same_quiet_400_on_both_paths(
+    coordinator: InProcessCoordinator, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A worker stopped mid-request (`csml up` stopping everything): the server hands the
+    # app a disconnect where the body should be. FastAPI answers 400 to nobody; the hot
+    # dispatch did not catch it and logged an "unexpected error" with its traceback.
+    worker = coordinator.worker(echo_app)
+    headers = {**JSON, "Authorization": f"Bearer {worker.registered.worker_token}"}
+
+    async def gone() -> Message:
+        return {"type": "http.disconnect"}
+
+    path = f"/v1/workers/{worker.id}/heartbeat"
+    with caplog.at_level(logging.ERROR):
+        fast, full = _both(coordinator, "POST", path, headers, b'{"running": []}', "", gone)
+    _same(fast, full)
+    assert fast.status == 400 and fast.raised is None and full.raised is None
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def test_a_refusal_is_the_same_json_on_both_paths(coordinator: InProcessCoordinator) -> None:

@@ -37,6 +37,8 @@ from fastapi.dependencies.utils import request_params_to_args
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute, serialize_response
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from csml import ids
 from csml.coordinator.errors import unauthorized
@@ -194,6 +196,9 @@ class AuthFirstRoute(APIRoute):
                     raw = json.loads(await request.body())
                 except ValueError:
                     return await fallback(request)  # its "JSON decode error", as before
+                except ClientDisconnect as exc:  # gone before its body came: as FastAPI,
+                    # a 400 nobody reads, not an unexpected error logged with its traceback
+                    raise HTTPException(400, "There was an error parsing the body") from exc
             errors: list[Any] = []
             if queries:  # as FastAPI: the query's errors, then the body's, in one 422
                 found, errors = request_params_to_args(queries, request.query_params)
