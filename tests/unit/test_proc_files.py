@@ -38,29 +38,35 @@ def test_a_kept_stat_file_reads_the_process_now_and_nothing_once_it_is_gone() ->
 
 
 def test_a_kept_children_file_lists_every_child_even_past_a_page() -> None:
-    # 700 children of 5-7 digit pids take more than the page the kernel hands out per
-    # read: `pids()` reads on where the first read ended.
+    # Children enough that their pids take more than the page the kernel hands out per
+    # read, however many digits the pids have here (700 four-digit pids fit in one):
+    # the process forks until its own list passes 1.5 pages. `pids()` reads on where
+    # the first read ended.
     forks = (
         "import os, sys\n"
         "r, w = os.pipe()\n"
-        "for _ in range(700):\n"
+        "me = f'/proc/{os.getpid()}/task/{os.getpid()}/children'\n"
+        "n = 0\n"
+        "while n < 4000 and (n % 100 or len(open(me, 'rb').read()) <= 6144):\n"
         "    if os.fork() == 0:\n"
         "        os.close(w); os.read(r, 1); os._exit(0)\n"
-        "print('ready', flush=True)\n"
+        "    n += 1\n"
+        "print(n, flush=True)\n"
         "sys.stdin.read()\n"
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", forks], stdin=subprocess.PIPE, stdout=subprocess.PIPE
     )
     try:
-        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        assert proc.stdout is not None
+        forked = int(proc.stdout.readline())
         kids = ProcFile(f"/proc/{proc.pid}/task/{proc.pid}/children")
         try:
             listed = kids.pids()
             assert len(kids.read()) < len(b" ".join(str(p).encode() for p in listed))
         finally:
             kids.close()
-        assert len(listed) == 700
+        assert len(listed) == forked
         assert sorted(listed) == sorted(children(proc.pid, threads=False))
     finally:
         proc.kill()  # its children read end-of-file on the pipe and exit
