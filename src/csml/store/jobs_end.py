@@ -197,6 +197,23 @@ class HeldEnd:
 _SEALED_JOB = exists().where(ENVELOPES.c.job_seq == JOBS.c.seq)
 
 
+def _held_plain(job_id: Any, lease: Any) -> tuple[ColumnElement[bool], ...]:
+    """The conditions of `end_held` and `end_held_many`: job `job_id` is a plain job (no
+    pipeline step, verification, credit of this lease, model outputs, sealed envelope)
+    running under `lease`, held by worker `b_worker`."""
+    return (
+        JOBS.c.id == job_id,
+        JOBS.c.state == RUNNING,
+        JOBS.c.worker_id == bindparam("b_worker"),
+        JOBS.c.lease_id == lease,
+        JOBS.c.parent_seq.is_(None),
+        JOBS.c.verify_runs == 0,
+        JOBS.c.credit_lease.is_(None) | (JOBS.c.credit_lease != lease),
+        JOBS.c.operation.not_in(bindparam("b_models", expanding=True)),
+        ~_SEALED_JOB,
+    )
+
+
 @functools.cache
 def _end_held_statement(succeeded: bool) -> Prepared:
     values: dict[str, Any] = {
@@ -212,17 +229,7 @@ def _end_held_statement(succeeded: bool) -> Prepared:
     lease: BindParameter[Any] = bindparam("b_lease")
     return Prepared(
         update(JOBS)
-        .where(
-            JOBS.c.id == bindparam("b_job"),
-            JOBS.c.state == RUNNING,
-            JOBS.c.worker_id == bindparam("b_worker"),
-            JOBS.c.lease_id == lease,
-            JOBS.c.parent_seq.is_(None),
-            JOBS.c.verify_runs == 0,
-            JOBS.c.credit_lease.is_(None) | (JOBS.c.credit_lease != lease),
-            JOBS.c.operation.not_in(bindparam("b_models", expanding=True)),
-            ~_SEALED_JOB,
-        )
+        .where(*_held_plain(bindparam("b_job"), lease))
         .values(values)
         .returning(*PLAIN_JOB_COLUMNS)
     )
@@ -276,21 +283,10 @@ def _end_held_many_statement(n: int) -> Prepared:
         )
         .cte("v")
     )
-    lease = held.c.v_lease
     return Prepared(
         update(JOBS)
         .add_cte(held)
-        .where(
-            JOBS.c.id == held.c.v_job,
-            JOBS.c.state == RUNNING,
-            JOBS.c.worker_id == bindparam("b_worker"),
-            JOBS.c.lease_id == lease,
-            JOBS.c.parent_seq.is_(None),
-            JOBS.c.verify_runs == 0,
-            JOBS.c.credit_lease.is_(None) | (JOBS.c.credit_lease != lease),
-            JOBS.c.operation.not_in(bindparam("b_models", expanding=True)),
-            ~_SEALED_JOB,
-        )
+        .where(*_held_plain(held.c.v_job, held.c.v_lease))
         .values(
             state=held.c.v_state,
             finished_at=bindparam("b_now"),
