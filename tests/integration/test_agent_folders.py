@@ -12,35 +12,21 @@ a job leaves is written here as the worker's uid, as such a job may."""
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from csml.worker.agent import WorkerAgent, WorkerConfig
+from csml.worker.agent import WorkerAgent
+from tests.integration.offline_agent import offline_agent
 
 ROOT = os.geteuid() == 0
 
 
 @pytest.fixture
 def agent(tmp_path: Path) -> Iterator[WorkerAgent]:
-    config = WorkerConfig(
-        coordinator="http://127.0.0.1:9",  # never called
-        join_token="unused",
-        app="echo",
-        workdir=tmp_path,
-        insecure_http=True,
-    )
-    agent = WorkerAgent(config)
-    try:
-        yield agent
-    finally:
-        agent.sandbox.close()
-        agent.http.close()
-        agent.claims.close()
-        agent._sender.close()
-        shutil.rmtree(agent._workdir, ignore_errors=True)
+    with offline_agent(tmp_path) as made:
+        yield made
 
 
 def run_a_job_that_leaves_files(agent: WorkerAgent) -> Path:

@@ -10,36 +10,22 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from csml.schemas import ClaimedJob, FileInfo, JobLimits
-from csml.worker.agent import WorkerAgent, WorkerConfig
+from csml.worker.agent import WorkerAgent
+from tests.integration.offline_agent import offline_agent
 
 DATA = b"the input's bytes\x00\xff"
 
 
 @pytest.fixture
 def agent(tmp_path: Path) -> Iterator[WorkerAgent]:
-    config = WorkerConfig(
-        coordinator="http://127.0.0.1:9",  # never called
-        join_token="unused",
-        app="echo",
-        workdir=tmp_path,
-        insecure_http=True,
-    )
-    agent = WorkerAgent(config)
-    try:
-        yield agent
-    finally:
-        agent.sandbox.close()
-        agent.http.close()
-        agent.claims.close()
-        agent._sender.close()
-        shutil.rmtree(agent._workdir, ignore_errors=True)
+    with offline_agent(tmp_path) as made:
+        yield made
 
 
 def _job(inline: str) -> tuple[ClaimedJob, FileInfo]:
