@@ -24,7 +24,6 @@ Invariants:
 
 from __future__ import annotations
 
-import base64
 import json
 from typing import Any
 
@@ -54,20 +53,10 @@ def outputs_of(blobs: BlobStore, job: JobRow, most: int, budget: Budget) -> dict
     for f in job.files:
         if f.kind != "output" or f.size > most or f.size > budget.left:
             continue
-        text = blobs.base64.take(f.sha256, f.size)  # as the completion carried it
+        text = blobs.base64_of(f.blob, f.sha256, f.size)  # as the completion carried it
         if text is not None:
             budget.left -= f.size
             out[f.name] = text
-            continue
-        try:
-            with open(blobs.path(f.blob), "rb") as src:
-                data = src.read(f.size + 1)
-        except (OSError, ValueError):
-            continue
-        if len(data) != f.size:
-            continue
-        budget.left -= f.size
-        out[f.name] = base64.b64encode(data).decode("ascii")
     return out
 
 

@@ -73,7 +73,6 @@ job, and so do the other coordinators' when the relay could carry the view with 
 
 from __future__ import annotations
 
-import base64
 import functools
 import hashlib
 import json
@@ -1202,13 +1201,9 @@ class JobQueue:
             for f in t.inputs:
                 if f.size > INLINE_MAX_BYTES or f.size > budget:
                     continue
-                text = self.blobs.base64.take(f.sha256, f.size)  # as it was submitted
+                text = self.blobs.base64_of(f.blob, f.sha256, f.size)  # as it was submitted
                 if text is None:
-                    try:
-                        data = self.blobs.path(f.blob).read_bytes()
-                    except OSError:
-                        continue  # the worker's download will say what is wrong
-                    text = base64.b64encode(data).decode()
+                    continue  # the worker's download will say what is wrong
                 budget -= f.size
                 job.inline_inputs[f.name] = text
         return out

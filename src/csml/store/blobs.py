@@ -16,6 +16,7 @@ can write in the 0700 tree, so there is no link to follow out of it.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import re
@@ -99,6 +100,23 @@ class BlobStore:
         if os.path.isabs(normal) or normal in (".", "..") or normal.startswith("../"):
             raise ValueError("blob path escapes the data directory")
         return self._top / normal
+
+    def base64_of(self, relative: str, sha256: str, size: int) -> str | None:
+        """The standard base64 of the stored file at `relative`, whose row says `sha256`
+        and `size`: the text it came in, if the memo still holds it (`self.base64`), else
+        read and encoded; None when it cannot be read or is not `size` bytes (whoever
+        fetches it then is told what is wrong)."""
+        text = self.base64.take(sha256, size)
+        if text is not None:
+            return text
+        try:
+            with open(self.path(relative), "rb") as src:
+                data = src.read(size + 1)
+        except (OSError, ValueError):
+            return None
+        if len(data) != size:
+            return None
+        return base64.b64encode(data).decode("ascii")
 
     def adopt(self, staging: Path, job_id: str, kind: str) -> Path:
         """Move a staging folder to be the job's `kind` folder (atomic rename)."""
