@@ -275,3 +275,29 @@ def test_h11_writes_each_distinct_head_once_and_a_link_keeps_few(
     assert written == ["/prefix/a", "/prefix/a", "/prefix/a"]  # n:2 reused n:1's head
     assert len(link._heads) == 3
     link.close()
+
+
+def test_a_result_stream_behind_a_proxy_asks_for_its_link_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Behind a proxy the stream follows through httpx; its reconnections (about every
+    20 s) do not build and drop an httpx client each to learn that again."""
+    from csml.client import results
+    from csml.client.sdk import Client
+
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy:3128")
+    made: list[object] = []
+
+    def counted(*args: Any) -> object:
+        made.append(open_link(*args))
+        return made[-1]
+
+    monkeypatch.setattr(results, "open_link", counted)
+    client = Client("http://127.0.0.1:9", "t" * 43, insecure_http=True)
+    stream = results.ResultStream(client)
+    assert [stream._link_to_follow() for _ in range(3)] == [None, None, None]
+    assert len(made) == 1 and isinstance(made[0], HttpxLink)
+    client.close()

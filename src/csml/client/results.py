@@ -82,6 +82,7 @@ class ResultStream:
         self._thread: threading.Thread | None = None
         self._response: httpx.Response | None = None
         self._link: Link | None = None
+        self._via_httpx = False  # open_link chose httpx (a proxy): not asked again
 
     # -- used by Job --------------------------------------------------------
 
@@ -202,13 +203,14 @@ class ResultStream:
         """The stream's own keep-alive link (`csml.link`), kept across reconnections; None
         where the SDK uses httpx for it (a custom transport, a proxy)."""
         options = self._client._link_options
-        if options is None:
+        if options is None or self._via_httpx:
             return None
         with self._cond:
             if self._link is None and not self._closed:
                 made = open_link(self._client.url, options[0], READ_TIMEOUT)
                 if not isinstance(made, Link):  # through a proxy: httpx, proxy and all
                     made.close()
+                    self._via_httpx = True
                     return None
                 self._link = made
             return self._link
