@@ -13,8 +13,9 @@ about half of all it heard). The thread polls the connection's socket and a pipe
 `publish` writes a byte to, only when the thread would otherwise sleep past the key's
 send time (`_asleep_until`: a key published while the thread is awake, or lingering
 with a send due sooner, waits for that turn; a submit's two keys and a completion's
-three cost one wake-up of the thread, not one each: one coordinator's relay thread
-went from 3.6 to 1.2 voluntary context switches per job in `bench/coordinators.py`).
+three cost one wake-up of the thread, not one each: in `bench/coordinators.py` the
+relay thread's voluntary context switches per job went 3.2 -> 2.2 with one coordinator,
+5.8 -> 4.2 with two; with four each publish still finds the thread asleep).
 If the connection drops, it reconnects with backoff and then wakes every local waiter,
 since notifications sent meanwhile are lost (and the keys it held are dropped, as a
 failed send drops them: the long-polls re-check).
