@@ -429,6 +429,7 @@ def one_run(
             notify0 = [scrape_notify(u) for u in urls]
             requests0 = [scrape_requests(u) for u in urls]
             switches0 = context_switches([c.proc.pid for c in procs])
+            threads0 = thread_counters([c.proc.pid for c in procs]) if args.threads else {}
             with (
                 profiled(args, [c.proc.pid for c in procs], root) as profiles,
                 LockSampler(pg.conninfo(dbname), args.sample_ms / 1000) as locks,
@@ -436,6 +437,7 @@ def one_run(
             ):
                 tally = run_clients(clients, args.jobs, args.seconds)
             switches1 = context_switches([c.proc.pid for c in procs])
+            threads1 = thread_counters([c.proc.pid for c in procs]) if args.threads else {}
             store1 = [scrape_store(u) for u in urls]
             notify1 = [scrape_notify(u) for u in urls]
             requests1 = [scrape_requests(u) for u in urls]
@@ -472,6 +474,8 @@ def one_run(
     }
     if profiles:
         out["profiles"] = profiles
+    if args.threads:
+        out["threads_per_job"] = thread_deltas(threads0, threads1, tally.done)
     if caps:
         out["cpu_quota_per_coordinator"] = caps.cpus
         out["throttling"] = [
@@ -500,6 +504,8 @@ def one_run(
     print(f"    notifications per job (all coordinators): {out['notify_per_job']}")
     print(f"    coordinator threads' context switches per job: {out['context_switches_per_job']}")
     print(f"    requests per job: {routes}", flush=True)
+    for name, t in out.get("threads_per_job", {}).items():
+        print(f"    thread {name}: {t}", flush=True)
     print(
         f"    root holders' transaction age, ms (p50, max): {lw['root_transaction_age_ms_p50_max']}"
     )
@@ -548,6 +554,83 @@ def context_switches(pids: list[int]) -> dict[str, int]:
                         key = "voluntary" if name.startswith("vol") else "involuntary"
                         out[key] += int(value)
     return out
+
+
+def thread_names(pid: int) -> dict[int, str]:
+    """{native thread id: Python thread name} of a process, from `py-spy dump` (Python
+    3.11 does not name its OS threads); {} when py-spy is missing or cannot attach."""
+    from pyspy import py_spy_path
+
+    exe = py_spy_path()
+    if exe is None:
+        return {}
+    try:
+        dump = subprocess.run(
+            [exe, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    out = {}
+    for line in dump.splitlines():
+        if line.startswith("Thread ") and '"' in line:
+            tid, name = line.split()[1], line.split('"')[1]
+            with contextlib.suppress(ValueError):
+                out[int(tid, 0)] = name
+    return out
+
+
+def thread_counters(pids: list[int]) -> dict[tuple[int, int], tuple[str, float, int, int]]:
+    """Per thread of these processes: (name, CPU seconds, voluntary and involuntary
+    context switches) so far. Names: `thread_names`, with anyio's and the default
+    executor's numbered workers folded into one name each; "?" if unknown."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for pid in pids:
+        names = thread_names(pid)
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError, ValueError):
+                tid = int(task.name)
+                stat = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                cpu = (int(stat[11]) + int(stat[12])) / tick
+                fields = dict(
+                    line.split(":", 1) for line in (task / "status").read_text().splitlines()
+                )
+                name = names.get(tid, "?").rstrip("0123456789_").rstrip("-") or "?"
+                out[(pid, tid)] = (
+                    name,
+                    cpu,
+                    int(fields["voluntary_ctxt_switches"]),
+                    int(fields["nonvoluntary_ctxt_switches"]),
+                )
+    return out
+
+
+def thread_deltas(
+    before: dict[tuple[int, int], tuple[str, float, int, int]],
+    after: dict[tuple[int, int], tuple[str, float, int, int]],
+    jobs: int,
+) -> dict[str, dict[str, float]]:
+    """By thread name over every coordinator: CPU-ms and context switches per job (a
+    thread that started meanwhile counts from zero, one that ended is left out)."""
+    sums: dict[str, list[float]] = {}
+    for key, (name, cpu, vol, invol) in after.items():
+        name = before.get(key, (name,))[0] if name == "?" else name
+        _, cpu0, vol0, invol0 = before.get(key, (name, 0.0, 0, 0))
+        s = sums.setdefault(name, [0.0, 0.0, 0.0, 0.0])
+        s[0] += 1
+        s[1] += cpu - cpu0
+        s[2] += vol - vol0
+        s[3] += invol - invol0
+    per = max(1, jobs)
+    return {
+        name: {
+            "threads": s[0],
+            "cpu_ms": round(1000 * s[1] / per, 3),
+            "voluntary": round(s[2] / per, 2),
+            "involuntary": round(s[3] / per, 2),
+        }
+        for name, s in sorted(sums.items(), key=lambda kv: -kv[1][1])
+    }
 
 
 def scrape_notify(url: str) -> dict[str, float]:
@@ -651,6 +734,11 @@ def main(argv: list[str] | None = None) -> int:
         "--profile",
         choices=("gil", "active"),
         help="py-spy on every coordinator during each measured window (perturbs figures)",
+    )
+    p.add_argument(
+        "--threads",
+        action="store_true",
+        help="CPU and context switches per job by coordinator thread (names via py-spy dump)",
     )
     p.add_argument(
         "--profile-dir", type=Path, help="keep the raw py-spy stacks here [a temporary folder]"

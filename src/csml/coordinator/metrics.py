@@ -127,6 +127,7 @@ class NotifyTrafficCollector(Collector):
             ),
             ("received", relay.received, "Notification keys received from other coordinators."),
             ("publishes", relay.publishes, "pg_notify transactions sent."),
+            ("pokes", relay.pokes, "Wake-ups of the relay's thread asked for by publishes."),
             ("sent", relay.sent, "Notification keys sent."),
         ):
             yield CounterMetricFamily(f"csml_relay_{name}", what, value)

@@ -10,9 +10,15 @@ own notifications to it as well: sending on the listening connection, they come 
 in the answer to the `pg_notify` itself and cost no wake-up of their own (on a
 separate sending connection each of them woke the listener; with two coordinators
 about half of all it heard). The thread polls the connection's socket and a pipe that
-`publish` writes a byte to. If the connection drops, it reconnects with backoff and
-then wakes every local waiter, since notifications sent meanwhile are lost (and the
-keys it held are dropped, as a failed send drops them: the long-polls re-check).
+`publish` writes a byte to, only when the thread would otherwise sleep past the key's
+send time (`_asleep_until`: a key published while the thread is awake, or lingering
+with a send due sooner, waits for that turn; a submit's two keys and a completion's
+three cost one wake-up of the thread, not one each: in `bench/coordinators.py` the
+relay thread's voluntary context switches per job went 3.2 -> 2.2 with one coordinator,
+5.8 -> 4.2 with two; with four each publish still finds the thread asleep).
+If the connection drops, it reconnects with backoff and then wakes every local waiter,
+since notifications sent meanwhile are lost (and the keys it held are dropped, as a
+failed send drops them: the long-polls re-check).
 
 Cost per coordinator grows with the others' notifications (each transaction of
 `pg_notify` is a packet to every listener, a wake-up of its relay thread), so both
@@ -41,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import queue
 import secrets
@@ -102,6 +109,7 @@ class PgRelay:
         self.wakes = 0  # times the socket woke the thread (own notifications come without)
         self.sent = 0  # keys sent (a key published n times in one batch counts once)
         self.publishes = 0  # pg_notify transactions
+        self.pokes = 0  # bytes `publish` wrote to the wake pipe (thread wake-ups asked for)
         self._engine = engine
         self._deliver = deliver
         self._alive = alive
@@ -113,6 +121,15 @@ class PgRelay:
         self._wake_r, self._wake_w = os.pipe()
         self._pipe_lock = threading.Lock()
         self._pipe_open = True
+        # When the serving thread wakes by itself (its poll's timeout): set before it looks
+        # at the outbox a last time and sleeps, -inf while it is awake (it looks at the
+        # outbox before sleeping again) and outside `_serve` (nothing to wake it for).
+        # `publish` puts its key first, then reads this (both under the GIL): a key the
+        # thread's last look missed was published after that look began, so its reader
+        # saw the new deadline and pokes if the key is due before it. A publisher that
+        # pokes sets -inf first (the thread wakes after that write, and sets its next
+        # deadline after it has looked again), so a burst pokes once.
+        self._asleep_until = -math.inf
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._thread = threading.Thread(target=self._loop, name="csml-pg-relay", daemon=True)
@@ -124,7 +141,12 @@ class PgRelay:
         `view`: the ended job the key announces (a `JobRow`), relayed with it when it may
         be (`view_text`)."""
         self._outbox.put((key, deferrable, view))
-        self._poke()
+        due = time.monotonic() + (DEFER_SECONDS if deferrable else LINGER_SECONDS)
+        if due < self._asleep_until:
+            # Awake from now on (before the poke: so never after its next deadline), so
+            # the keys published until it runs need no poke of their own.
+            self._asleep_until = -math.inf
+            self._poke()
 
     def close(self, timeout: float = 5.0) -> None:
         self._stop.set()
@@ -135,6 +157,7 @@ class PgRelay:
     def _poke(self) -> None:
         with self._pipe_lock:
             if self._pipe_open:
+                self.pokes += 1
                 with contextlib.suppress(BlockingIOError):  # full: it is woken anyway
                     os.write(self._wake_w, b"!")
 
@@ -206,7 +229,13 @@ class PgRelay:
         while self._running():
             now = time.monotonic()
             wait = POLL_SECONDS if send_at is None else max(0.0, send_at - now)
-            ready = poller.poll(wait * 1000)
+            self._asleep_until = now + wait
+            if not self._outbox.empty():  # published before the line above: no poke came
+                wait = 0.0
+            try:
+                ready = poller.poll(wait * 1000)
+            finally:
+                self._asleep_until = -math.inf
             if any(fd == self._wake_r for fd, _ in ready):
                 with contextlib.suppress(OSError):
                     while os.read(self._wake_r, 4096):

@@ -474,6 +474,39 @@ def test_a_change_that_ends_nothing_waits_for_company_on_its_way_out(
     asyncio.run(scenario())
 
 
+def test_a_burst_of_keys_wakes_the_relay_thread_once(
+    make_core: MakeCore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keys published while the relay's thread lingers for company (here 2 s) do not
+    write to its wake pipe: the first wakes it, the rest wait for the send it has
+    scheduled, and all go out in that one transaction (a submit's two keys and a
+    completion's three used to wake it once each)."""
+    from csml.store import relay as relay_module
+
+    monkeypatch.setattr(relay_module, "LINGER_SECONDS", 2.0)
+    monkeypatch.setattr(relay_module, "POLL_SECONDS", 60.0)  # idle, it sleeps past that
+    a, b = make_core(), make_core()
+
+    async def scenario() -> None:
+        async with listening(a, b):
+            sender = a.notifier.relay
+            assert sender is not None
+            with ExitStack() as stack:
+                woken = [stack.enter_context(b.notifier.subscribe(f"job:{i}")) for i in range(20)]
+                pokes, publishes = sender.pokes, sender.publishes
+                for i in range(20):
+                    a.notifier.notify(f"job:{i}")
+                for event in woken:
+                    await asyncio.wait_for(event.wait(), 10)
+                assert sender.pokes - pokes == 1
+                deadline = time.monotonic() + 10  # counted once `pg_notify` returned
+                while sender.publishes == publishes and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
+                assert sender.publishes - publishes == 1
+
+    asyncio.run(scenario())
+
+
 def test_a_coordinators_own_notifications_cost_it_no_wake_up(make_core: MakeCore) -> None:
     """PostgreSQL delivers a session's own notifications to it as well. The relay sends
     on its listening connection, so they come back in the answer to its `pg_notify` and
