@@ -390,5 +390,6 @@ async def parse_submission(
         raise
     if parser.spec is None:
         raise Invalid("missing_spec", "the form has no `spec` part", field="spec")
-    await anyio.to_thread.run_sync(fsync_paths, [f.path for f in parser.files.values()])
+    paths = [f.path for f in parser.files.values() if f.path is not None]  # all: files
+    await anyio.to_thread.run_sync(fsync_paths, paths)
     return parser
