@@ -133,7 +133,6 @@ def test_a_small_inline_output_is_kept_in_its_row_and_served_as_a_file_would_be(
     assert ranged.headers["content-range"] == f"bytes 10-19/{len(PHOTO)}"
 
 
-
 def test_a_blob_over_the_bound_is_still_a_file(make_coordinator: MakeCoordinator) -> None:
     coordinator = make_coordinator(db_blob_max_bytes=100)
     worker = coordinator.worker(echo_app)
