@@ -99,6 +99,27 @@ def test_a_small_inline_input_is_kept_in_its_row_and_no_file_is_made(
     assert {"etag", "last-modified", "accept-ranges"} <= got.headers.keys()
 
 
+def test_a_small_uploaded_input_is_kept_in_its_row_and_its_staged_file_removed(
+    make_coordinator: MakeCoordinator,
+) -> None:
+    coordinator = make_coordinator(db_blob_max_bytes=len(PHOTO))
+    worker = coordinator.worker(echo_app)
+    user = coordinator.new_user()
+    blobs = coordinator.core.blobs
+    small = user.submit("echo", "echo", files={"data": PHOTO})
+    large = user.submit("echo", "echo", files={"data": PHOTO + b"!"})
+    f = _file(_row(coordinator, small.id), "input")
+    assert in_db(f.blob) and f.sha256 == hashlib.sha256(PHOTO).hexdigest()
+    assert not blobs.job_dir(small.id).exists()
+    assert list((blobs.root / "staging").iterdir()) == []
+    g = _file(_row(coordinator, large.id), "input")
+    assert not in_db(g.blob) and blobs.path(g.blob).read_bytes() == PHOTO + b"!"
+    blobs.base64.clear()
+    taken = {t.id: t for t in claim(worker, 2).jobs}
+    assert base64.b64decode(taken[small.id].inline_inputs["data"]) == PHOTO
+    assert worker.download(taken[small.id], "data").content == PHOTO
+
+
 def test_a_small_inline_output_is_kept_in_its_row_and_served_as_a_file_would_be(
     coordinator: InProcessCoordinator, echo_worker: HttpWorker
 ) -> None:

@@ -243,7 +243,12 @@ async def submit_job(request: Request, me: Me) -> JSONResponse:
         try:
             try:
                 parsed = await parse_submission(
-                    request, staging, FormLimits.of(c.settings), on_spec, budget
+                    request,
+                    staging,
+                    FormLimits.of(c.settings),
+                    on_spec,
+                    budget,
+                    keep_bytes=c.settings.db_blob_max_bytes,  # small inputs: in the database
                 )
             except (ApiError, Refusal):
                 if windowed:  # refused before its write: counted (or 429) first, as before

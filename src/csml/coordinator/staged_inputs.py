@@ -10,10 +10,13 @@ files is then moved alone (`BlobStore.adopt_files`). A staging folder whose job 
 never written is discarded by its caller, or swept at the next start
 (`BlobStore.sweep_staging`).
 
-A small input sent inline (a batch item's, at most `Settings.db_blob_max_bytes`) is
-staged in memory instead (`StagedFile.content`, no `path`): it never is a file, and its
-row carries its bytes into the database (`csml.store.blobs`, "Small blobs in the
-database"), in the transaction that writes the job.
+A small input (at most `Settings.db_blob_max_bytes`) is staged in memory instead
+(`StagedFile.content`, no `path`): a batch item's inline input never is a file, a form
+part's is read back and its staged file removed before the job is written
+(`uploads.parse_submission`); its row carries its bytes into the database
+(`csml.store.blobs`, "Small blobs in the database"), in the transaction that writes the
+job. A staging folder left with no file of the job's is not moved: its caller discards
+it, as it discards one whose job was refused.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ def adopt_input_rows(
     if staging is None:
         if on_disk:
             moved = blobs.adopt_files(on_disk, job_id, "inputs")
-    else:
+    elif on_disk:  # else the folder holds nothing of theirs: its caller discards it
         moved = blobs.adopt(staging, job_id, "inputs")
     rows: list[FileRow] = []
     for f in files.values():
