@@ -34,7 +34,10 @@ lifecycle's writes, `jobs_quota` for the quota counts); every write goes through
 comes back only once committed. A request loads a job once, as a frozen `JobRow`.
 File work (adopting uploads, writing inline outputs, reading output metadata) happens
 before the write operation, which stays short and store-only; pipeline steps and model
-artifacts still use ORM rows, on the operation's own connection (`orm_session`).
+artifacts still use ORM rows, on the operation's own connection (`orm_session`). Small
+inputs and inline outputs (at most `Settings.db_blob_max_bytes`) are no file work: their
+bytes ride in their rows, inserted by that write (`csml.store.blobs`, "Small blobs in
+the database"); `file_content` reads them back.
 
 Placement (`csml.placement`): a job's requirement (its operation's and its own) is
 stored as a key (`jobs.requires_key`, the requirement in `placement_keys`); a claim's
