@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import mimetypes
 import os
 import time
@@ -263,6 +264,9 @@ async def submit_job(request: Request, me: Me) -> JSONResponse:
             job = await c.queue.submit_async(
                 me.id, holder["spec"], staging, parsed.files, count_window=windowed
             )
+            for f in parsed.files.values():  # kept in the database: its claim's text
+                if f.content is not None:
+                    c.blobs.base64.put(f.sha256, f.size, base64.b64encode(f.content).decode())
             return _submitted(c, me.id, job)
         finally:
             await run_in_threadpool(c.blobs.discard, staging)
