@@ -340,7 +340,18 @@ def test_deleting_an_identity_erases_everything_of_it(tmp_path: Path) -> None:
             hashlib.sha256(user.token.encode()).hexdigest(),
         )[0][0]
         blobs = cluster.data_dir / "blobs" / "jobs"
-        assert all((blobs / i[:2] / i).is_dir() for i in ids)
+        # Small inputs are kept in their rows (`csml.store.blobs`), larger ones in folders.
+        in_rows = {
+            job_id
+            for (job_id,) in rows(
+                cluster,
+                "SELECT j.id FROM job_files f JOIN jobs j ON j.seq = f.job_seq "
+                "WHERE f.kind = 'input' AND f.content IS NOT NULL",
+            )
+        }
+        assert all((blobs / i[:2] / i).is_dir() or i in in_rows for i in ids)
+        private = "SELECT count(*) FROM job_files WHERE content = ?"
+        assert rows(cluster, private, b"private bytes") == [(2,)]  # its input and output
 
         r = httpx.delete(
             f"{cluster.url}/v1/identities/me", headers={"Authorization": f"Bearer {user.token}"}
@@ -358,6 +369,7 @@ def test_deleting_an_identity_erases_everything_of_it(tmp_path: Path) -> None:
                 assert identity not in text, (table, row)
                 assert not any(i in text for i in ids), (table, row)
         assert rows(cluster, "SELECT count(*) FROM jobs WHERE owner_id = ?", identity) == [(0,)]
+        assert rows(cluster, private, b"private bytes") == [(0,)]
         leftovers = [p for p in files_under(cluster.data_dir) if any(i in str(p) for i in ids)]
         assert leftovers == []
         for p in files_under(blobs):
@@ -402,11 +414,15 @@ def test_retention_purges_finished_jobs_rows_and_files(retention_cluster: Cluste
     assert finished.state.value == "succeeded"
     slow = user.submit("echo", "echo", params={"sleep": 8}, files={"data": b"slow"})
     folder = cluster.data_dir / "blobs" / "jobs" / finished.id[:2] / finished.id
-    assert (folder / "inputs" / "data").is_file()
+    kept = "SELECT f.content FROM job_files f JOIN jobs j ON j.seq = f.job_seq WHERE j.id = ?"
+    # A small input is kept in its row (`csml.store.blobs`), not as a file.
+    assert (b"old",) in rows(cluster, kept, finished.id)
+    assert not (folder / "inputs" / "data").exists()
 
     # Gone within the retention period plus a sweep or two: rows, files, routes.
+    jobs_left = "SELECT count(*) FROM jobs WHERE id = ?"
+    wait_for(lambda: rows(cluster, jobs_left, finished.id) == [(0,)], timeout=15)
     wait_for(lambda: not folder.exists(), timeout=15)
-    assert rows(cluster, "SELECT count(*) FROM jobs WHERE id = ?", finished.id) == [(0,)]
     assert rows(
         cluster,
         "SELECT count(*) FROM job_files f JOIN jobs j ON j.seq = f.job_seq WHERE j.id = ?",
@@ -421,6 +437,7 @@ def test_retention_purges_finished_jobs_rows_and_files(retention_cluster: Cluste
     assert slow.refresh().state.value in ("queued", "running")
     assert slow.wait(30).state.value == "succeeded"
     slow_folder = cluster.data_dir / "blobs" / "jobs" / slow.id[:2] / slow.id
+    wait_for(lambda: rows(cluster, jobs_left, slow.id) == [(0,)], timeout=15)
     wait_for(lambda: not slow_folder.exists(), timeout=15)
     assert user.jobs() == []
     assert rows(cluster, "SELECT count(*) FROM jobs WHERE id IN (?, ?)", finished.id, slow.id) == [

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
+import secrets
 import signal
 import sqlite3
 from pathlib import Path
@@ -181,6 +184,49 @@ def test_coordinator_restart_loses_nothing(tmp_path: Path) -> None:
             assert job.wait(60).state.value == "succeeded", job.error
         assert running.result == {"params": {"sleep": 3.0, "kind": "running"}}
         assert running.data.attempts == 1  # the worker rode out the restart
+
+
+def test_sigkill_after_a_batch_answer_keeps_its_small_inputs_and_outputs(tmp_path: Path) -> None:
+    """Small inline inputs and outputs are kept in the database (`csml.store.blobs`):
+    durable by the commit their 200 waited for, with no file. A SIGKILL right after the
+    batch's answer, and after the outputs came back, loses none of their bytes."""
+    photos = [secrets.token_bytes(3000 + i) for i in range(6)]
+    with running_cluster(tmp_path, workers={"echo": 1}) as cluster:
+        client = cluster.new_user()
+        items = [
+            {
+                "spec": {"app": "echo", "operation": "echo", "params": {"i": i}},
+                "inputs": {"data": base64.b64encode(photo).decode()},
+            }
+            for i, photo in enumerate(photos)
+        ]
+        r = client.request("POST", "/v1/jobs/batch", json={"items": items})
+        assert r.status_code == 200 and r.json()["accepted"] == len(photos), r.text
+        ids = [item["job"]["id"] for item in r.json()["items"]]
+        cluster.stop_coordinator(signal.SIGKILL)  # right after the answer
+        with sqlite3.connect(cluster.data_dir / "csml.db") as db:
+            kept = dict(
+                db.execute(
+                    "SELECT j.id, f.content FROM job_files f JOIN jobs j ON j.seq = f.job_seq "
+                    "WHERE f.kind = 'input' AND f.blob LIKE 'db:%'"
+                ).fetchall()
+            )
+        assert kept == dict(zip(ids, photos, strict=True))
+        assert not (cluster.data_dir / "jobs").exists() or not any(
+            (cluster.data_dir / "jobs").rglob("data")
+        )  # no input file anywhere
+        cluster.start_coordinator()
+        for job_id, photo in zip(ids, photos, strict=True):
+            job = client.job(job_id).wait(60)
+            assert job.state.value == "succeeded", job.error
+            out = client.request("GET", f"/v1/jobs/{job_id}/outputs/data")
+            assert out.status_code == 200 and out.content == photo
+        cluster.stop_coordinator(signal.SIGKILL)
+        cluster.start_coordinator()
+        for job_id, photo in zip(ids, photos, strict=True):
+            out = client.request("GET", f"/v1/jobs/{job_id}/outputs/data")
+            assert out.status_code == 200 and out.content == photo
+            assert out.headers["x-content-sha256"] == hashlib.sha256(photo).hexdigest()
 
 
 def test_revoked_join_token_stops_its_workers(tmp_path: Path) -> None:

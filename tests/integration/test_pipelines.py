@@ -256,11 +256,19 @@ def test_erasing_the_identity_removes_pipeline_and_step_rows_and_files(
     assert job.state.value == "succeeded", job.error
     ids = [job.id, *((s.job_id or "") for s in job.data.steps or [])]
     folders = [pc.data_dir / "blobs" / "jobs" / i[:2] / i for i in ids]
-    assert all(f.is_dir() for f in folders)
+    marks = ",".join("?" * len(ids))
+    # Each job's files: a folder, or (small ones) bytes in their rows (`csml.store.blobs`).
+    in_rows = (
+        "SELECT DISTINCT j.id FROM job_files f JOIN jobs j ON j.seq = f.job_seq "
+        f"WHERE j.id IN ({marks}) AND f.content IS NOT NULL"
+    )
+    with sqlite3.connect(pc.data_dir / "csml.db") as db:
+        kept = {r[0] for r in db.execute(in_rows, ids)}
+    assert all(f.is_dir() or i in kept for i, f in zip(ids, folders, strict=True))
     user.delete_identity()
     with sqlite3.connect(pc.data_dir / "csml.db") as db:
-        marks = ",".join("?" * len(ids))
         left = db.execute(f"SELECT count(*) FROM jobs WHERE id IN ({marks})", ids).fetchone()
+        assert db.execute(in_rows, ids).fetchall() == []  # no bytes of theirs left
     assert left == (0,)
     assert not any(f.exists() for f in folders)
 
@@ -369,7 +377,14 @@ def test_retention_keeps_finished_steps_while_their_pipeline_runs(retention: Clu
     # Step 1 ended more than the retention period ago, and sweeps ran since.
     wait_for(step_one_expired_and_swept, timeout=30)
     assert rows(retention, "SELECT state FROM jobs WHERE id = ?", first) == [("succeeded",)]
-    assert first_folder.is_dir()
+    # Its output is kept: a small one in its row (`csml.store.blobs`), else its folder.
+    [(blob, has_bytes)] = rows(
+        retention,
+        "SELECT f.blob, f.content IS NOT NULL FROM job_files f JOIN jobs j ON j.seq = f.job_seq"
+        " WHERE j.id = ? AND f.kind = 'output'",
+        first,
+    )
+    assert has_bytes if blob.startswith("db:") else first_folder.is_dir()
     assert job.wait(30).state.value == "succeeded", job.error
     assert job.result == {
         "steps": {"copy": {"params": {"sleep": 0.0}}, "slow": {"params": {"sleep": 6.0}}}
@@ -377,9 +392,10 @@ def test_retention_keeps_finished_steps_while_their_pipeline_runs(retention: Clu
     # Once the pipeline has ended and expired, it goes with all its steps, rows and files.
     ids = [job.id, *((s.job_id or "") for s in job.data.steps or [])]
     folders = [retention.data_dir / "blobs" / "jobs" / i[:2] / i for i in ids]
-    wait_for(lambda: not any(f.exists() for f in folders), timeout=20)
     marks = ",".join("?" * len(ids))
-    assert rows(retention, f"SELECT count(*) FROM jobs WHERE id IN ({marks})", *ids) == [(0,)]
+    gone = f"SELECT count(*) FROM jobs WHERE id IN ({marks})"  # rows, and bytes kept in them
+    wait_for(lambda: rows(retention, gone, *ids) == [(0,)], timeout=20)
+    wait_for(lambda: not any(f.exists() for f in folders), timeout=20)
     wait_for(lambda: rows(retention, "SELECT count(*) FROM pending_purges") == [(0,)], 15)
 
 

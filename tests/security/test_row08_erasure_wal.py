@@ -5,12 +5,14 @@ submits jobs whose params carry a distinctive marker (echo stores them twice:
 params and result) and an upload with distinctive bytes, with one job still
 running when it erases itself. Afterwards no file under the data folder (the
 database, its -wal and -shm, blobs) nor the cluster's logs holds its id, its
-token or token hash (hex or raw), the marker or the upload. Another identity's
+token or token hash (hex or raw), the marker, the upload or a batch item's inline input
+(kept in the database, as the echo's small outputs are: `csml.store.blobs`). Another identity's
 marker is still found, so the search does find what is there.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import secrets
 from pathlib import Path
@@ -48,6 +50,13 @@ def test_nothing_of_an_erased_identity_stays_in_any_file(tmp_path: Path) -> None
             for i in range(3)
         ]
         done.append(victim.submit("echo", "echo", params={"marker": marker, "label": marker}))
+        # A batch item's small input (and the echo's output of it) kept in the database.
+        inline = b"row08-inline-" + secrets.token_hex(16).encode() + b"-end"
+        item = {"spec": {"app": "echo", "operation": "echo", "params": {"marker": marker}}}
+        item["inputs"] = {"data": base64.b64encode(inline).decode()}
+        r = victim.request("POST", "/v1/jobs/batch", json={"items": [item]})
+        assert r.status_code == 200 and r.json()["accepted"] == 1, r.text
+        done.append(victim.job(r.json()["items"][0]["job"]["id"]))
         for job in done:
             job.wait(60)
             assert job.state.value == "succeeded", job.error
@@ -63,11 +72,13 @@ def test_nothing_of_an_erased_identity_stays_in_any_file(tmp_path: Path) -> None
             "token hash (raw)": bytes.fromhex(token_hash),
             "marker": marker.encode(),
             "upload": upload,
+            "inline input": inline,
         }
         folders = [cluster.data_dir, cluster.log_dir]
         before = files_holding(folders, needles)
         held = {hit for hits in before.values() for hit in hits}
-        assert {"identity id", "token hash (hex)", "marker", "upload"} <= held, before
+        wanted = {"identity id", "token hash (hex)", "marker", "upload", "inline input"}
+        assert wanted <= held, before
 
         victim.delete_identity()
 

@@ -52,7 +52,7 @@ def test_the_memo_is_bounded_and_drops_the_oldest_first() -> None:
     assert memo.take(*_key(b"k")) is None
 
 
-def test_inputs_and_outputs_leave_as_the_text_they_came_in_without_reading_the_file(
+def test_inputs_and_outputs_leave_as_the_text_they_came_in_without_reading_them(
     coordinator: InProcessCoordinator, echo_worker: HttpWorker
 ) -> None:
     user = coordinator.new_user()
@@ -71,9 +71,10 @@ def test_inputs_and_outputs_leave_as_the_text_they_came_in_without_reading_the_f
         reads.append(path)
         return read(path)
 
-    with patch.object(Path, "read_bytes", counted):
+    loads = patch.object(type(c.queue), "file_content", side_effect=AssertionError("a read"))
+    with patch.object(Path, "read_bytes", counted), loads:
         taken = claim(echo_worker, 2).jobs
-    assert reads == []  # from the memo, not the files
+    assert reads == []  # from the memo, not the files nor the database
     assert sorted(base64.b64decode(t.inline_inputs["data"]) for t in taken) == [first, second]
     assert len(memo) == 0
 
@@ -100,9 +101,9 @@ def test_inputs_and_outputs_leave_as_the_text_they_came_in_without_reading_the_f
             got = outputs_of(c.blobs, row, 1 << 16, Budget())
             assert got == {"data": base64.b64encode(outputs[job_id]).decode()}
     assert len(memo) == 0
-    for job_id, row in rows.items():  # a second reader reads the file, as before
+    for job_id, row in rows.items():  # a second reader reads the stored bytes, as before
         assert row is not None
-        got = outputs_of(c.blobs, row, 1 << 16, Budget())
+        got = outputs_of(c.blobs, row, 1 << 16, Budget(), c.queue.file_content)
         assert got == {"data": base64.b64encode(outputs[job_id]).decode()}
 
 

@@ -22,6 +22,7 @@ from csml.client import Client
 from csml.coordinator import api_events
 from csml.coordinator.inline_outputs import Budget, outputs_of, with_view
 from csml.store import jobs as store
+from csml.store.blobs import in_db
 from csml.store.jobs import Envelope
 from tests.cluster import wait_for
 from tests.unit.inproc import BASE_URL, HttpWorker, InProcessCoordinator
@@ -148,8 +149,12 @@ def test_outputs_of_reads_only_what_the_row_says(
     assert outputs_of(blobs, first, 100, budget) == wanted
     assert outputs_of(blobs, second, 100, budget) == {}  # the budget is spent
     (out,) = [f for f in second.files if f.kind == "output"]
-    blobs.path(out.blob).write_bytes(SMALL + b"more")  # no longer what its row says
-    assert outputs_of(blobs, second, 100, Budget()) == {}
+    assert in_db(out.blob)  # a small inline output is kept in the database
+    kept = coordinator.core.queue.file_content
+    assert outputs_of(blobs, second, 100, Budget(), kept) == wanted  # memo spent: read
+    assert outputs_of(blobs, second, 100, Budget()) == {}  # nothing to read it with
+    longer = lambda seq, kind, name: SMALL + b"more"  # noqa: E731 - not what its row says
+    assert outputs_of(blobs, second, 100, Budget(), longer) == {}
 
 
 def test_download_uses_the_inline_bytes_once_and_checks_them(

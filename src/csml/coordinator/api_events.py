@@ -160,7 +160,7 @@ def _changed(
     if inline and extra is not None:
         budget = Budget()
         for job in jobs:
-            if got := outputs_of(c.blobs, job, inline, budget):
+            if got := outputs_of(c.blobs, job, inline, budget, c.queue.file_content):
                 extra[job.id] = got
     return {v.id: v.model_dump(mode="json") for v in views}
 

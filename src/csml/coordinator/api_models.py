@@ -176,4 +176,5 @@ def _keep_import(
         metrics={},
         created_at=utcnow(),
     )
+    assert staged.path is not None  # a form part: always a file
     return artifacts.import_model(c, c.sessions, c.blobs, c.catalog, model, staged.path)

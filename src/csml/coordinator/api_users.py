@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import mimetypes
 import os
 import time
@@ -27,6 +28,7 @@ from csml.coordinator import (
     verification,
 )
 from csml.coordinator.auth import AuthFirstRoute, current_identity, lean
+from csml.coordinator.blob_response import BlobResponse
 from csml.coordinator.errors import ApiError, from_refusal, not_found, spec_error
 from csml.coordinator.notify import job_key, owner_change
 from csml.coordinator.staged_inputs import StagedFile
@@ -53,6 +55,7 @@ from csml.schemas import (
     QueueInfo,
 )
 from csml.schemas.identities import IdentityChallenge, IdentityProof
+from csml.store.blobs import in_db
 from csml.store.jobs import JobRow
 from csml.store.tables import Identity, utcnow
 from csml.store.verification import TrustCounts
@@ -241,7 +244,12 @@ async def submit_job(request: Request, me: Me) -> JSONResponse:
         try:
             try:
                 parsed = await parse_submission(
-                    request, staging, FormLimits.of(c.settings), on_spec, budget
+                    request,
+                    staging,
+                    FormLimits.of(c.settings),
+                    on_spec,
+                    budget,
+                    keep_bytes=c.settings.db_blob_max_bytes,  # small inputs: in the database
                 )
             except (ApiError, Refusal):
                 if windowed:  # refused before its write: counted (or 429) first, as before
@@ -256,6 +264,9 @@ async def submit_job(request: Request, me: Me) -> JSONResponse:
             job = await c.queue.submit_async(
                 me.id, holder["spec"], staging, parsed.files, count_window=windowed
             )
+            for f in parsed.files.values():  # kept in the database: its claim's text
+                if f.content is not None:
+                    c.blobs.base64.put(f.sha256, f.size, base64.b64encode(f.content).decode())
             return _submitted(c, me.id, job)
         finally:
             await run_in_threadpool(c.blobs.discard, staging)
@@ -439,12 +450,27 @@ async def download_output(job_id: str, name: str, request: Request, me: Me) -> F
     """Stream one output file of a job.
 
     The job is read on the event loop (one short indexed read, as `get_job`), and the
-    file's stat too, so a small output costs no thread-pool hop (see `OutputFile`)."""
+    file's stat too, so a small output costs no thread-pool hop (see `OutputFile`); an
+    output kept in the database is read there too (one more indexed read) and served
+    with the same headers (`BlobResponse`)."""
     c = core(request)
     job = c.queue.get(me.id, job_id)
     for f in job.files:
         if f.kind == "output" and f.name == name:
             ext = mimetypes.guess_extension(f.media_type) or ""
+            if in_db(f.blob):  # kept in the database: served as the file would be
+                content = c.queue.file_content(job.seq, f.kind, f.name)
+                if content is None:  # erased since the read
+                    raise not_found("output", name)
+                ended = job.finished_at or job.created_at
+                return BlobResponse(
+                    content,
+                    f.blob,
+                    ended.timestamp(),
+                    media_type=f.media_type,
+                    filename=f"{ids.short(job.id)}-{f.name}{ext}",
+                    headers={"X-Content-SHA256": f.sha256},
+                )
             path = c.blobs.path(f.blob)
             try:
                 stat_result: os.stat_result | None = os.stat(path)

@@ -32,6 +32,7 @@ from csml.coordinator.auth import (
     from_headers,
     lean,
 )
+from csml.coordinator.blob_response import BlobResponse
 from csml.coordinator.errors import ApiError, not_found, status_of
 from csml.coordinator.notify import app_key, watch_hang_up
 from csml.coordinator.pipelines import PIPELINE_APP
@@ -56,7 +57,7 @@ from csml.schemas.workers import (
     CompletionResults,
 )
 from csml.store import workers
-from csml.store.blobs import HashingWriter, TooLarge, check_name, fsync_paths
+from csml.store.blobs import HashingWriter, TooLarge, check_name, fsync_paths, in_db
 from csml.store.db import transaction
 from csml.store.tables import JoinToken, utcnow
 from csml.store.workers import WorkerRow
@@ -239,6 +240,12 @@ def download_input(
     job = c.queue.running_job(me, job_id, lease_id)
     for f in job.files:
         if f.kind == "input" and f.name == name:
+            if in_db(f.blob):  # kept in the database: served as the file would be
+                content = c.queue.file_content(job.seq, f.kind, f.name)
+                if content is None:  # erased since the read
+                    raise not_found("input", name)
+                modified = job.created_at.timestamp()
+                return BlobResponse(content, f.blob, modified, media_type=f.media_type)
             return FileResponse(c.blobs.path(f.blob), media_type=f.media_type)
     raise not_found("input", name)
 

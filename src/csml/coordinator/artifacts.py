@@ -37,9 +37,10 @@ from csml.refusals import Invalid, Refusal
 from csml.schemas import FileSpec, JobSpec, OperationInfo
 from csml.schemas.models import ModelInfo
 from csml.store import models as store
-from csml.store.blobs import BlobStore
+from csml.store.blobs import BlobStore, fsync_folders_of, in_db
 from csml.store.db import transaction
 from csml.store.models import StoredModel
+from csml.store.private import create_private_file
 from csml.store.tables import Job, JobFile, utcnow
 
 MAX_METRICS_BYTES = 64 * 1024
@@ -70,6 +71,18 @@ def link_or_copy(src: Path, dst: Path) -> None:
             shutil.copyfile(src, dst)
     except OSError:
         shutil.copyfile(src, dst)
+
+
+def write_model_file(blobs: BlobStore, content: bytes, dst: Path) -> None:
+    """`dst` becomes a file of `content` (a model kept from an output kept in the
+    database, `csml.store.blobs.in_db`), fsync'd with its folder before the model's row
+    commits."""
+    blobs.make_dirs(dst.parent)
+    with os.fdopen(create_private_file(dst), "wb") as out:
+        out.write(content)
+        out.flush()
+        os.fsync(out.fileno())
+    fsync_folders_of([dst])
 
 
 def find(session: Session, owner_id: str, ident: str) -> StoredModel:
@@ -212,7 +225,10 @@ def keep_outputs(
         else:
             model_id = model_ids[key] = ids.new_id()
         target = model_dir(blobs, model_id) / f.name
-        link_or_copy(blobs.path(f.blob), target)
+        if in_db(f.blob):  # a small output kept in the database: a model is a file
+            write_model_file(blobs, f.content or b"", target)
+        else:
+            link_or_copy(blobs.path(f.blob), target)
         f.model_id = model_id
         store.add(
             session,

@@ -24,17 +24,23 @@ Invariants:
   the exception that refused it (a refusal, or an API error of a service not yet
   converted to refusals; anything else is a failure of the coordinator the API logs).
 - Items are submitted in request order, so their fair ranks follow it.
-- Inputs are staged in one folder per request and made durable (one `fsync_paths` over
-  every staged file of the request: each file, then that one folder) before any of
-  them is submitted; an accepted item's files become its job's inputs (each moved into
-  the job's folder: `staged_inputs.adopt_input_rows` without a folder of its own), and
-  the folder with a refused item's files is removed.
+- An input of at most `Settings.db_blob_max_bytes` (the default: every inline input) is
+  staged in memory and kept in the database with its job's row, in the write that
+  creates the job (durable by its commit; no file, folder or fsync): see
+  `csml.store.blobs`, "Small blobs in the database".
+- Larger inputs (when the setting is below the inline bound) are staged in one folder
+  per request and made durable (one `fsync_paths` over every staged file of the request:
+  each file, then that one folder) before any of them is submitted; an accepted item's
+  files become its job's inputs (each moved into the job's folder:
+  `staged_inputs.adopt_input_rows` without a folder of its own), and the folder with a
+  refused item's files is removed.
 
 The JobQueue methods used are `check_files` and `submit_many` (public, stable names).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,13 +174,16 @@ def submit(core: Core, owner_id: str, items: list[Item]) -> list[Outcome]:
                     raise item.error
                 specs[item.index] = _checked_spec(core, item)
                 if item.inputs:
-                    if folder is None:
+                    if folder is None and _needs_folder(core, item):
                         folder = core.blobs.new_staging()
                     staged[item.index] = _stage(core, folder, item)
             except Exception as exc:
                 outcome.error = exc
-        staged_paths = [f.path for files in staged.values() for f in files.values()]
-        fsync_paths(staged_paths)  # each file, then the one folder
+        staged_paths = [
+            f.path for files in staged.values() for f in files.values() if f.path is not None
+        ]
+        if staged_paths:
+            fsync_paths(staged_paths)  # each file, then the one folder
         ready: list[Outcome] = []
         jobs: list[tuple[JobSpec, Path | None, dict[str, StagedFile]]] = []
         for item, outcome in zip(items, outcomes, strict=True):
@@ -259,10 +268,19 @@ def _checked_spec(core: Core, item: Item) -> tuple[JobSpec, int]:
     return spec, spec_limits.kept_bytes(data)
 
 
-def _stage(core: Core, folder: Path, item: Item) -> dict[str, StagedFile]:
-    """The item's inputs written to the request's staging folder (not yet synced), each
-    as `<item index>.<name>` there (names are checked: no two items' files collide)."""
+def _needs_folder(core: Core, item: Item) -> bool:
+    """Whether an input of the item is over the database bound: staged as a file."""
+    bound = core.settings.db_blob_max_bytes
+    return any(len(content) > bound for content in item.inputs.values())
+
+
+def _stage(core: Core, folder: Path | None, item: Item) -> dict[str, StagedFile]:
+    """The item's inputs: each of at most `db_blob_max_bytes` in memory, to be kept in
+    the database; the others written to the request's staging folder `folder` (not yet
+    synced), each as `<item index>.<name>` there (names are checked: no two items'
+    files collide)."""
     limit = core.settings.max_upload_bytes
+    bound = core.settings.db_blob_max_bytes
     files: dict[str, StagedFile] = {}
     try:
         for name, content in item.inputs.items():
@@ -272,6 +290,17 @@ def _stage(core: Core, folder: Path, item: Item) -> dict[str, StagedFile]:
                     f"input {name!r} is larger than the limit of {limit} bytes",
                     field=f"inputs.{name}",
                 )
+            if len(content) <= bound:
+                files[name] = StagedFile(
+                    name=name,
+                    path=None,
+                    size=len(content),
+                    sha256=hashlib.sha256(content).hexdigest(),
+                    media_type=INLINE_MEDIA_TYPE,
+                    content=content,
+                )
+                continue
+            assert folder is not None  # `_needs_folder` made it
             writer = HashingWriter(folder / f"{item.index}.{name}", limit)
             writer.write(content)
             digest = writer.finish(sync=False)
@@ -284,7 +313,8 @@ def _stage(core: Core, folder: Path, item: Item) -> dict[str, StagedFile]:
             )
     except BaseException:
         for f in files.values():
-            f.path.unlink(missing_ok=True)
+            if f.path is not None:
+                f.path.unlink(missing_ok=True)
         raise
     return files
 

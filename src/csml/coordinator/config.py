@@ -8,6 +8,7 @@ from platformdirs import user_data_dir
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from csml.schemas.workers import INLINE_MAX_BYTES
 from csml.store.db import sqlite_url
 
 
@@ -59,6 +60,15 @@ class Settings(BaseSettings):
 
     max_upload_bytes: int = Field(1 << 30, ge=1, description="Per input file.")
     max_output_bytes: int = Field(1 << 30, ge=1, description="Per output file.")
+    db_blob_max_bytes: int = Field(
+        INLINE_MAX_BYTES,
+        ge=0,
+        le=INLINE_MAX_BYTES,
+        description="A job file sent inline (a batch item's input, a worker's inline output) "
+        "of at most this many bytes is kept in the database, in the transaction that "
+        "writes its row, instead of as a file (no file create, fsync or folder); 0: "
+        "always a file. At most the inline bound, 256 KiB (the default).",
+    )
     # Request bodies (see csml.coordinator.middleware): refused with 413 once passed.
     max_json_bytes: int = Field(
         64 << 10, ge=1024, description="A JSON request body, unless a limit below says otherwise."

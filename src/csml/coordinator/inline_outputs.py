@@ -25,6 +25,8 @@ Invariants:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from csml.schemas import JobState
@@ -43,9 +45,17 @@ class Budget:
         self.left = limit
 
 
-def outputs_of(blobs: BlobStore, job: JobRow, most: int, budget: Budget) -> dict[str, str]:
+def outputs_of(
+    blobs: BlobStore,
+    job: JobRow,
+    most: int,
+    budget: Budget,
+    load: Callable[[int, str, str], bytes | None] | None = None,
+) -> dict[str, str]:
     """The job's outputs of at most `most` bytes, base64 by name (see the module
-    docstring); empty when the job did not succeed or is confidential."""
+    docstring); empty when the job did not succeed or is confidential. `load(seq, kind,
+    name)`: the bytes of a file kept in the database (`Queue.file_content`), read when
+    the memo no longer has its text."""
     if job.state != JobState.succeeded.value or job.confidential is not None:
         return {}
     most = min(most, INLINE_MAX_BYTES)
@@ -53,7 +63,9 @@ def outputs_of(blobs: BlobStore, job: JobRow, most: int, budget: Budget) -> dict
     for f in job.files:
         if f.kind != "output" or f.size > most or f.size > budget.left:
             continue
-        text = blobs.base64_of(f.blob, f.sha256, f.size)  # as the completion carried it
+        text = blobs.base64_of(  # as the completion carried it
+            f.blob, f.sha256, f.size, partial(load, job.seq, f.kind, f.name) if load else None
+        )
         if text is not None:
             budget.left -= f.size
             out[f.name] = text

@@ -45,6 +45,7 @@ from csml.refusals import Conflict, Invalid, Refusal
 from csml.schemas import JobSpec, JobState, PipelineSpec, StepSpec
 from csml.schemas.pipelines import UPLOAD_PREFIX
 from csml.store import pipelines as store
+from csml.store.blobs import in_db
 from csml.store.db import transaction
 from csml.store.jobs import QUEUED, RUNNING, TERMINAL
 from csml.store.tables import Job, JobFile, utcnow
@@ -174,6 +175,7 @@ def create_step(queue: JobQueue, session: Session, parent: Job, index: int) -> J
                 media_type=found.media_type,
                 blob=found.blob,
                 model_id=found.model_id,
+                content=found.content if in_db(found.blob) else None,  # the row holds the bytes
             )
         )
     owner_rank = store.owner_queued_rank(session, parent.owner_id, step.app, QUEUED)
@@ -290,6 +292,7 @@ def step_finished(queue: JobQueue, session: Session, step: Job) -> list[str]:
                     media_type=f.media_type,
                     blob=f.blob,
                     model_id=f.model_id,
+                    content=f.content if in_db(f.blob) else None,  # the row holds the bytes
                 )
             )
     store.flush(session)

@@ -34,7 +34,10 @@ lifecycle's writes, `jobs_quota` for the quota counts); every write goes through
 comes back only once committed. A request loads a job once, as a frozen `JobRow`.
 File work (adopting uploads, writing inline outputs, reading output metadata) happens
 before the write operation, which stays short and store-only; pipeline steps and model
-artifacts still use ORM rows, on the operation's own connection (`orm_session`).
+artifacts still use ORM rows, on the operation's own connection (`orm_session`). Small
+inputs and inline outputs (at most `Settings.db_blob_max_bytes`) are no file work: their
+bytes ride in their rows, inserted by that write (`csml.store.blobs`, "Small blobs in
+the database"); `file_content` reads them back.
 
 Placement (`csml.placement`): a job's requirement (its operation's and its own) is
 stored as a key (`jobs.requires_key`, the requirement in `placement_keys`); a claim's
@@ -80,7 +83,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -237,12 +240,15 @@ class _Prepared:
     """What a completion brings from disk before its transaction: the outputs' metadata
     (succeeded jobs) and a refusal of its inline outputs, if any; `hinted`: the inline
     outputs it wrote (`written`) were written on this coordinator's grant of the lease
-    (`_Granted`), not on a read, and are removed if the completion is refused."""
+    (`_Granted`), not on a read, and are removed if the completion is refused.
+    `contents`: the bytes of the inline outputs kept in the database (by name), which
+    were written nowhere: their rows carry them."""
 
     outputs: tuple[FileInfo, ...]
     refusal: Refusal | None
     written: tuple[Path, ...] = ()
     hinted: bool = False
+    contents: Mapping[str, bytes] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1201,12 +1207,23 @@ class JobQueue:
             for f in t.inputs:
                 if f.size > INLINE_MAX_BYTES or f.size > budget:
                     continue
-                text = self.blobs.base64_of(f.blob, f.sha256, f.size)  # as it was submitted
+                text = self.blobs.base64_of(  # as it was submitted
+                    f.blob,
+                    f.sha256,
+                    f.size,
+                    functools.partial(self.file_content, t.seq, f.kind, f.name),
+                )
                 if text is None:
                     continue  # the worker's download will say what is wrong
                 budget -= f.size
                 job.inline_inputs[f.name] = text
         return out
+
+    def file_content(self, seq: int, kind: str, name: str) -> bytes | None:
+        """The bytes of job `seq`'s file kept in the database (`csml.store.blobs.in_db`),
+        or None (no such file, or one on disk)."""
+        with self.read(each=True) as conn:
+            return store.file_content(conn, seq, kind, name)
 
     def heartbeat(self, worker: WorkerRef, beat: Heartbeat) -> HeartbeatResponse:
         """Write the worker's liveness, extend its leases, record progress; which to abort."""
@@ -1434,6 +1451,7 @@ class JobQueue:
             dir_name = self.attempt_dir_name(done.job_id, done.lease_id)
             refusal: Refusal | None = None
             written: list[FileInfo] = []
+            contents: dict[str, bytes] = {}
             hinted = False
             if done.inline_outputs and done.state == JobState.succeeded.value:
                 outputs_dir = Path(dir_name)
@@ -1441,7 +1459,7 @@ class JobQueue:
                 try:
                     if grant is not None and _holds(grant, worker, done):
                         try:
-                            written = self._write_inline(
+                            written, contents = self._write_inline(
                                 grant.app, grant.operation, outputs_dir, done.inline_outputs, True
                             )
                             hinted = True
@@ -1456,7 +1474,7 @@ class JobQueue:
                         and job.lease_id == done.lease_id
                         and job.worker_id == worker.id
                     ):
-                        written = self._write_inline(
+                        written, contents = self._write_inline(
                             job.app, job.operation, outputs_dir, done.inline_outputs
                         )
                 except Refusal as exc:
@@ -1471,8 +1489,8 @@ class JobQueue:
                     if name not in found:
                         found[name] = FileInfo.model_validate_json(meta.read_text())
                 metas = tuple(found[n] for n in sorted(found, key=lambda n: f"{n}.meta.json"))
-            paths = tuple(Path(dir_name, i.name) for i in written)
-            out.append(_Prepared(metas, refusal, paths, hinted and bool(paths)))
+            paths = tuple(Path(dir_name, i.name) for i in written if i.name not in contents)
+            out.append(_Prepared(metas, refusal, paths, hinted and bool(paths), contents))
         return out
 
     async def _discard_refused_async(
@@ -1547,7 +1565,9 @@ class JobQueue:
                 if held.state == JobState.succeeded.value and prepared[i].outputs:
                     outputs = self._output_rows(held.job_id, held.lease_id, prepared[i])
                     writes.add_files(conn, row.seq, outputs)
-                    row = replace(row, files=(*row.files, *outputs))  # as a load lists them
+                    # as a load lists them (no bytes: the view is kept by streams)
+                    listed = [replace(f, content=None) if f.content else f for f in outputs]
+                    row = replace(row, files=(*row.files, *listed))
                 key = owner_change(row.owner_id, held.job_id, ending=True)
                 woken.append(key)
                 views[key] = row
@@ -1607,19 +1627,27 @@ class JobQueue:
         return Rerunnable(op) if not contributed and models == set() else op
 
     def _output_rows(self, job_id: str, lease_id: str, prep: _Prepared) -> list[FileRow]:
-        """The output rows of a succeeded completion (its files are in its attempt's folder)."""
+        """The output rows of a succeeded completion (its files are in its attempt's folder,
+        or, for small inline outputs, their bytes in the rows: `_Prepared.contents`)."""
         outputs_dir = self.attempt_dir(job_id, lease_id)
-        return [
-            FileRow(
-                "output",
-                info.name,
-                info.size,
-                info.sha256,
-                info.media_type,
-                self.blobs.relative(outputs_dir / info.name),
+        rows: list[FileRow] = []
+        for info in prep.outputs:
+            content = prep.contents.get(info.name)
+            path = outputs_dir / info.name
+            blob = self.blobs.relative(path) if content is None else self.blobs.in_db_name(path)
+            rows.append(
+                FileRow(
+                    "output",
+                    info.name,
+                    info.size,
+                    info.sha256,
+                    info.media_type,
+                    blob,
+                    None,
+                    content,
+                )
             )
-            for info in prep.outputs
-        ]
+        return rows
 
     def _model_operations(self, app: str) -> set[str] | None:
         """Operations of `app` whose outputs become models (None: the app is unknown)."""
@@ -1800,9 +1828,11 @@ class JobQueue:
         outputs_dir: Path,
         outputs: list[InlineOutput],
         exclusive: bool = False,
-    ) -> list[FileInfo]:
+    ) -> tuple[list[FileInfo], dict[str, bytes]]:
         """Write a completion's inline outputs (declared names only, each bounded), on disk
-        (fsync'd with their folder) before the transaction commits; their descriptions.
+        (fsync'd with their folder) before the transaction commits; their descriptions,
+        and the bytes of those of at most `db_blob_max_bytes`, which are not written
+        here but kept in the database by the completion's rows (no file, no folder).
 
         Unlike an upload, no meta file is written: the description goes from here to the
         completion's rows in memory (an upload's meta file is only that hand-off between
@@ -1810,9 +1840,10 @@ class JobQueue:
         replace a file of the same name."""
         _, op = self.catalog.operation(app, operation)
         declared = {o.name: o.media_type for o in op.outputs}
+        bound = self.settings.db_blob_max_bytes
         written: list[Path] = []
         infos: list[FileInfo] = []
-        outputs_dir.mkdir(parents=True, exist_ok=True)
+        contents: dict[str, bytes] = {}
         for out in outputs:
             if out.name not in declared:
                 raise Invalid("unknown_output", f"{op.name!r} declares no output {out.name!r}")
@@ -1826,11 +1857,17 @@ class JobQueue:
                 raise TooLarge(
                     "file_too_large", f"inline output {out.name!r} is over {INLINE_MAX_BYTES}"
                 )
-            path = outputs_dir / out.name
-            with open(path, "xb" if exclusive else "wb") as f:  # x: FileExistsError if there
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())  # through this descriptor: no second open to flush it
+            if len(data) <= bound:
+                contents[out.name] = data
+            else:
+                if not written:
+                    outputs_dir.mkdir(parents=True, exist_ok=True)
+                path = outputs_dir / out.name
+                with open(path, "xb" if exclusive else "wb") as f:  # x: FileExistsError
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())  # through this descriptor: no second open
+                written.append(path)
             info = FileInfo(
                 name=out.name,
                 size=len(data),
@@ -1839,9 +1876,9 @@ class JobQueue:
             )
             self.blobs.base64.put(info.sha256, info.size, out.content)  # for the event
             infos.append(info)
-            written.append(path)
-        fsync_folders_of(written)  # each file was flushed as it was written
-        return infos
+        if written:
+            fsync_folders_of(written)  # each file was flushed as it was written
+        return infos, contents
 
     def output_meta_path(self, job_id: str, lease_id: str, name: str) -> Path:
         return self.attempt_dir(job_id, lease_id) / f"{name}.meta.json"

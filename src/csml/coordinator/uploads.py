@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -376,10 +376,13 @@ async def parse_submission(
     limits: FormLimits,
     on_spec: SpecCheck,
     charge: Charge | None = None,
+    keep_bytes: int = 0,
 ) -> SubmissionParser:
     """Stream the request into `staging`. `on_spec` (run off the event loop, as soon as
     the spec part is in) checks the spec and names the file parts it takes; `charge`
-    may refuse as the files' bytes arrive."""
+    may refuse as the files' bytes arrive. A file of at most `keep_bytes` is then taken
+    back in memory (`StagedFile.content`, its staged file removed: to be kept in the
+    database, `csml.store.blobs`); the others are fsync'd."""
     parser = SubmissionParser(boundary_of(request), staging, limits, on_spec, charge)
     try:
         async for chunk in request.stream():
@@ -390,5 +393,17 @@ async def parse_submission(
         raise
     if parser.spec is None:
         raise Invalid("missing_spec", "the form has no `spec` part", field="spec")
-    await anyio.to_thread.run_sync(fsync_paths, [f.path for f in parser.files.values()])
+    await anyio.to_thread.run_sync(_settle, parser.files, keep_bytes)
     return parser
+
+
+def _settle(files: dict[str, StagedFile], keep_bytes: int) -> None:
+    """Files of at most `keep_bytes` read back into memory and their staged files
+    removed; the others flushed to stable storage (`fsync_paths`)."""
+    for name, f in files.items():
+        if f.path is not None and f.size <= keep_bytes:
+            content = f.path.read_bytes()
+            if len(content) == f.size:
+                f.path.unlink()
+                files[name] = replace(f, path=None, content=content)
+    fsync_paths([f.path for f in files.values() if f.path is not None])

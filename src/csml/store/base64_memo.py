@@ -2,8 +2,11 @@
 
 An inline input arrives in a batch submission as base64 text and leaves in a claim as
 base64 again; an inline output arrives in a completion as base64 and leaves on the owner's
-result stream as base64 again. In between the bytes are on disk, and without this memo
-the second leg reads the file and encodes it once more (about 90 CPU-µs for 64 KB here).
+result stream as base64 again. In between the bytes are stored (in the database, or a file
+when over `db_blob_max_bytes`: `csml.store.blobs`), and without this memo the second leg
+reads them and encodes them once more (about 90 CPU-µs for 64 KB here). A small form
+part of a single submission, kept in the database, is encoded once when its job is
+accepted and put here too, so its claim reads nothing (no `SELECT` of its bytes).
 `Base64Memo` keeps the text it arrived as, under the digest of the bytes it decodes to,
 until the first reader takes it.
 
@@ -21,7 +24,7 @@ Invariants:
 - `clear()` drops everything: an identity's erasure calls it, so no erased bytes stay in
   memory past their files.
 - One lock: submissions (thread pool), claims and result streams (event loop) share it.
-- Nothing here is durable or needed: a miss costs the file read it saves, nothing else.
+- Nothing here is durable or needed: a miss costs the read it saves, nothing else.
 """
 
 from __future__ import annotations

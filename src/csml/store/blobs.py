@@ -12,6 +12,14 @@ leaves it (absolute, or `..` past the top) by its text alone, without asking the
 filesystem (that `resolve` cost ~50 µs, a dozen `lstat`s, per inline input and output).
 Nothing here makes a symbolic link (models are hard links or copies), and no other uid
 can write in the 0700 tree, so there is no link to follow out of it.
+
+Small blobs in the database: a job file of at most `Settings.db_blob_max_bytes` sent
+inline (a batch item's input, a completion's inline output) is not a file at all; its
+bytes are in its row's `content` column, written in the transaction that writes the row
+(the commit makes them durable: no file create, fsync or folder). Its blob is named
+`IN_DB` + the path a file would have had (`in_db_name`), so it stays unique to its job
+and file, the stored-bytes triggers count it as they count a file (by blob and size),
+and `path` refuses it (ValueError): nothing opens it as a file. `in_db` tells them apart.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -31,6 +40,13 @@ from csml.store.private import DIR_MODE, create_private_file, private_dir
 
 _SAFE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 CHUNK = 1 << 20
+IN_DB = "db:"
+"""The prefix of a blob whose bytes are in its row (`JobFile.content`), not a file."""
+
+
+def in_db(blob: str) -> bool:
+    """Whether the blob `blob` (a row's) is kept in the database, not as a file."""
+    return blob.startswith(IN_DB)
 
 
 class TooLarge(Exception):
@@ -93,22 +109,42 @@ class BlobStore:
     def relative(self, path: Path) -> str:
         return str(path.relative_to(self.root))
 
+    def in_db_name(self, path: Path) -> str:
+        """The blob of a file kept in the database that would have been at `path` (below
+        the root): that path, named as not a file (`IN_DB`)."""
+        return IN_DB + self.relative(path)
+
     def path(self, relative: str) -> Path:
         """The file at `relative` (a row's blob path) below the data directory; ValueError
-        for a path that leaves it (see the module docstring)."""
+        for a path that leaves it (see the module docstring), and for a blob kept in the
+        database (`in_db`: not a file)."""
+        if relative.startswith(IN_DB):
+            raise ValueError("blob is kept in the database, not as a file")
         normal = os.path.normpath(relative)
         if os.path.isabs(normal) or normal in (".", "..") or normal.startswith("../"):
             raise ValueError("blob path escapes the data directory")
         return self._top / normal
 
-    def base64_of(self, relative: str, sha256: str, size: int) -> str | None:
-        """The standard base64 of the stored file at `relative`, whose row says `sha256`
+    def base64_of(
+        self,
+        relative: str,
+        sha256: str,
+        size: int,
+        load: Callable[[], bytes | None] | None = None,
+    ) -> str | None:
+        """The standard base64 of the stored blob `relative`, whose row says `sha256`
         and `size`: the text it came in, if the memo still holds it (`self.base64`), else
-        read and encoded; None when it cannot be read or is not `size` bytes (whoever
-        fetches it then is told what is wrong)."""
+        read (a file; `load()` for a blob in the database, none without it) and encoded;
+        None when it cannot be read or is not `size` bytes (whoever fetches it then is
+        told what is wrong)."""
         text = self.base64.take(sha256, size)
         if text is not None:
             return text
+        if in_db(relative):
+            content = load() if load is not None else None
+            if content is None or len(content) != size:
+                return None
+            return base64.b64encode(content).decode("ascii")
         try:
             with open(self.path(relative), "rb") as src:
                 data = src.read(size + 1)

@@ -74,7 +74,9 @@ CHUNK = 500  # ids per IN list
 
 @dataclass(frozen=True, slots=True)
 class FileRow:
-    """An input, output or pinned-model file of a job (the bytes are at `blob`)."""
+    """An input, output or pinned-model file of a job (the bytes are at `blob`). `content`:
+    the bytes of a blob kept in the database (`csml.store.blobs.in_db`) as a writer gives
+    them to be inserted; a load never reads them (`file_content` does)."""
 
     kind: str
     name: str
@@ -83,6 +85,7 @@ class FileRow:
     media_type: str
     blob: str
     model_id: str | None = None
+    content: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,6 +327,22 @@ def by_id(conn: Connection, job_id: str) -> JobRow | None:
     """The job with this id, whoever owns it (for its worker), or None."""
     found = _rows(conn, _BY_ID, {"job_id": job_id})
     return found[0] if found else None
+
+
+_CONTENT = Prepared(
+    select(FILES.c.content).where(
+        FILES.c.job_seq == bindparam("seq"),
+        FILES.c.kind == bindparam("kind"),
+        FILES.c.name == bindparam("name"),
+    )
+)
+
+
+def file_content(conn: Connection, seq: int, kind: str, name: str) -> bytes | None:
+    """The bytes of job `seq`'s file `name` of `kind` kept in the database (its
+    `content`), or None: no such file, or one on disk."""
+    found = _CONTENT.scalar(conn, {"seq": seq, "kind": kind, "name": name})
+    return bytes(found) if found is not None else None
 
 
 def owned_state(conn: Connection, owner_id: str, ident: str) -> tuple[str, str]:

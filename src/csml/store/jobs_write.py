@@ -291,7 +291,8 @@ def add_requirement_key(
 
 def add_files(conn: Connection, seq: int, files: Sequence[FileRow]) -> None:
     """Insert the job's file rows: one file (a photo's input, or its output) as a
-    `Prepared` insert, more as one executemany."""
+    `Prepared` insert, more as one executemany. A blob kept in the database goes in
+    with its bytes (`FileRow.content`), in the caller's transaction."""
     rows = [
         {
             "job_seq": seq,
@@ -302,6 +303,7 @@ def add_files(conn: Connection, seq: int, files: Sequence[FileRow]) -> None:
             "media_type": f.media_type,
             "blob": f.blob,
             "model_id": f.model_id,
+            "content": f.content,
         }
         for f in files
     ]

@@ -20,6 +20,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     TypeDecorator,
@@ -256,7 +257,8 @@ class Job(Base):
 
 
 class JobFile(Base):
-    """An input or output file of a job; the bytes live at `blob` under the data directory."""
+    """An input or output file of a job; the bytes live at `blob` under the data directory,
+    or, for a blob named in-database (`csml.store.blobs.in_db`), in `content`."""
 
     __tablename__ = "job_files"
 
@@ -271,6 +273,9 @@ class JobFile(Base):
     blob: Mapped[str] = mapped_column(String(300))
     # Input: the stored model it came from. Output: the model artifact it became.
     model_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    # The bytes of a small file kept in the database (migration 0012_blob_content);
+    # NULL for a file on disk. Deferred: loading a job's rows never loads them.
+    content: Mapped[bytes | None] = mapped_column(LargeBinary, default=None, deferred=True)
 
     job: Mapped[Job] = relationship(back_populates="files")
 
