@@ -881,7 +881,8 @@ class WorkerAgent:
         inputs_dir, outputs_dir = folder.inputs, folder.outputs
         names = [f.name for f in job.inputs]
         for name in folder.kept.difference(names):  # an earlier job's, not this one's
-            os.unlink(os.path.join(inputs_dir, name))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(inputs_dir, name))
         if folder.owner and self.sandbox.own_uid:
             folder.kept = set(names)  # written over by the owner's next job
         else:
