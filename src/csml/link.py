@@ -57,6 +57,7 @@ import httpx
 
 MAX_BODY = 64 << 20
 HEADS = 64  # request heads a link keeps, each written by h11 once
+ZERO_LENGTH = b"\r\nContent-Length: 0\r\n"  # in a kept POST head, where the length goes
 
 
 class LinkError(OSError):
@@ -156,10 +157,14 @@ class Link:
         fields = (
             ("Host", self._host_header),
             ("Content-Type", "application/json"),
-            ("Content-Length", str(len(content))),
+            ("Content-Length", "0"),
             *headers.items(),
         )
-        head = self._head("POST", path, fields)
+        # The kept head is written with length 0 (a claim's or a batch's body differs in
+        # length from call to call): the body's goes in its place, the first such line
+        # (after Host and Content-Type: a header value holds no CR or LF).
+        before, _, after = self._head("POST", path, fields).partition(ZERO_LENGTH)
+        head = b"%s\r\nContent-Length: %d\r\n%s" % (before, len(content), after)
         wire = self._connection()
         try:
             status, answer_headers, body = wire.exchange(head, content)
@@ -195,8 +200,9 @@ class Link:
     def _head(self, method: str, path: str, fields: tuple[tuple[str, str], ...]) -> bytes:
         """The request's head as h11 writes it (validated: a header h11 will not send is a
         LinkError, before anything is sent). Written once per distinct head and kept: a
-        link sends the same few heads (the same path, token and, mostly, body length)
-        again and again; at most `HEADS` are kept, the oldest dropped first."""
+        link sends the same few heads (the same path and token; a POST's length is added
+        to the kept head, `post`) again and again; at most `HEADS` are kept, the oldest
+        dropped first."""
         key = (method, path, fields)
         head = self._heads.get(key)
         if head is None:

@@ -253,7 +253,8 @@ def test_h11_writes_each_distinct_head_once_and_a_link_keeps_few(
     server: KeepAliveServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The same request again goes out as the same bytes without h11 writing its head
-    anew; a new length or token is a new head; at most HEADS are kept."""
+    anew; a body of another length too (its Content-Length is added to the kept head);
+    a new token is a new head; at most HEADS are kept."""
     written: list[str] = []
     request = h11.Request
 
@@ -268,11 +269,16 @@ def test_h11_writes_each_distinct_head_once_and_a_link_keeps_few(
         (b'{"n":1}', "a"),
         (b'{"n":2}', "a"),
         (b'{"n":10}', "a"),
+        (b'{"n":1000}', "a"),
         (b'{"n":1}', "b"),
+        (b'{"n":1}', "c"),
+        (b'{"n":1}', "d"),
+        (b'{"n":10}', "a"),
     ):
         answer = link.post("/a", body, {"Authorization": f"Bearer {token}"})
         assert answer.json()["echo"] == json.loads(body)
-    assert written == ["/prefix/a", "/prefix/a", "/prefix/a"]  # n:2 reused n:1's head
+    # One head per token, whatever the length; a's was dropped for d's, and made again.
+    assert written == ["/prefix/a", "/prefix/a", "/prefix/a", "/prefix/a", "/prefix/a"]
     assert len(link._heads) == 3
     link.close()
 

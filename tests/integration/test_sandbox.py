@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -135,15 +136,20 @@ def _entries(folder: str) -> list[str]:
 
 
 def test_a_job_folder_keeps_nothing_of_a_job_once_it_is_over(users: Any, tmp_path: Path) -> None:
-    """Job folders are reused (emptied, not removed): once a job is over, neither its
-    inputs nor its outputs are left in the folder the next job gets."""
+    """Job folders are reused (emptied, not removed): once a job is over, its outputs
+    are not left in the folder the next job gets, and its inputs only as root's 0400
+    files, kept for its owner's next job (written over then; unlinked before another
+    owner's job gets the folder: tests/integration/test_agent_kept_inputs.py)."""
     copied = users[0].submit("echo", "echo", files={"data": b"output of the first job"}).wait(60)
     assert copied.state.value == "succeeded", copied.error
     info = run(users[0], "sandbox_info", {}, files={"data": b"input of the second job"})
     inputs, outputs = os.path.dirname(info["inputs"]["data"]), info["cwd"]
     assert os.path.basename(outputs) == "outputs"
     assert os.path.dirname(inputs) == os.path.dirname(outputs)  # one job folder
-    wait_for(lambda: not _entries(inputs) and not _entries(outputs), timeout=10)
+    wait_for(lambda: not _entries(outputs), timeout=10)
+    for name in _entries(inputs):
+        st = os.stat(os.path.join(inputs, name))
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o400)
     assert copied.download("data", tmp_path).read_bytes() == b"output of the first job"
 
 

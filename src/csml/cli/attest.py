@@ -18,7 +18,8 @@ from csml.client import Client, CsmlError
 from csml.client.config import UserConfig
 
 if TYPE_CHECKING:
-    from csml.client.confidential import KeyStore, WorkerAssessment
+    from csml.client.confidential import WorkerAssessment
+    from csml.client.key_store import KeyStore
     from csml.client.sdk import Job
     from csml.schemas import Job as JobData
 
@@ -41,7 +42,7 @@ InsecureOpt = Annotated[
 
 
 def key_store() -> KeyStore:
-    from csml.client.confidential import KeyStore
+    from csml.client.key_store import KeyStore  # (light: not `confidential`'s crypto)
 
     return KeyStore()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -263,6 +264,19 @@ def cancel(job_id: Annotated[str, typer.Argument(metavar="ID")], url: UrlOpt = N
 
 
 def main() -> None:
+    # What start-up made (modules, classes, schemas) lives as long as the process: frozen,
+    # no collection walks it again (`python -m csml` also loads with the collector off).
+    # At the end, what the command made is frozen too: the interpreter's collection at
+    # exit then walks nothing (after `csml batch` of 1,000 photos it walked every item,
+    # job and view: ~80 ms of CPU, spent on garbage that the exit frees anyway).
+    gc.freeze()
+    try:
+        _run()
+    finally:
+        gc.freeze()
+
+
+def _run() -> None:
     try:
         app()
     except CsmlError as exc:

@@ -9,7 +9,6 @@ for the CLI, in a 0600 file per job under the user config folder).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,6 +21,7 @@ from csml.attestation.evidence import Assessment, assess
 from csml.attestation.policy import Policy, PolicyError, policy_path
 from csml.client.config import config_path
 from csml.client.errors import CsmlError
+from csml.client.key_store import KeyStore as KeyStore  # (its home before)
 from csml.crypto import (
     DecryptionError,
     b64d,
@@ -210,37 +210,3 @@ def open_job_result(
         )
     except (DecryptionError, ValueError) as exc:
         raise CsmlError(f"the result of job {job_id[:12]} does not decrypt: {exc}") from None
-
-
-class KeyStore:
-    """One 0600 JSON file per confidential job, in a 0700 folder next to the user config."""
-
-    def __init__(self, folder: Path | None = None) -> None:
-        self.folder = folder or config_path().parent / "job-keys"
-
-    def path(self, job_id: str) -> Path:
-        if not (len(job_id) == 64 and all(c in "0123456789abcdef" for c in job_id)):
-            raise ValueError("a job id is 64 hex characters")
-        return self.folder / f"{job_id}.json"
-
-    def save(self, job_id: str, keys: JobKeys) -> Path:
-        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.folder, 0o700)
-        path = self.path(job_id)
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(keys.to_json(), f)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-        return path
-
-    def load(self, job_id: str) -> JobKeys | None:
-        try:
-            data = json.loads(self.path(job_id).read_text())
-        except (OSError, ValueError):
-            return None
-        try:
-            return JobKeys.from_json(data)
-        except (KeyError, TypeError, ValueError):
-            return None

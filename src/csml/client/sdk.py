@@ -45,7 +45,8 @@ from csml.transport import TransportError, check_url, verify_option
 if TYPE_CHECKING:
     from csml.attestation.policy import Policy
     from csml.client.batch import Batch, BatchItem, Entry
-    from csml.client.confidential import JobKeys, KeyStore, WorkerAssessment
+    from csml.client.confidential import JobKeys, WorkerAssessment
+    from csml.client.key_store import KeyStore
     from csml.crypto.envelope import ResultPayload
 
 FileArg = str | os.PathLike[str] | bytes | IO[bytes]

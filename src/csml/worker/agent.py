@@ -41,9 +41,13 @@ by name: its inputs as written here, and its outputs as the sandbox took them ba
 (which leaves nothing else in `outputs/`; with a uid per job it is root's again, so a
 process a job left behind cannot write in the folder the next job gets). A folder
 whose content is not known (the sandbox did not take it back, a worker-side failure)
-is removed instead. Only with a uid per job: under the worker's uid a job can write
-anywhere in its folder (and leave files there for the next job, maybe another
-identity's), so each job's folder is removed when it ends, as before.
+is removed instead. An owner's inputs stay in the folder (root's again, 0400) for that
+owner's next job, which has its inputs written over them (`_write_input`: no new inode,
+which on ext4 cost more than the write); a folder goes to another owner's job (or a
+confidential one) only once they are unlinked, so no file a job may still hold open
+ever receives another owner's bytes. Only with a uid per job: under the worker's uid a
+job can write anywhere in its folder (and leave files there for the next job, maybe
+another identity's), so each job's folder is removed when it ends, as before.
 
 The coordinator may restart or be briefly unreachable: every
 call retries with backoff, and the leases say what is still ours. Retrying ends
@@ -221,7 +225,9 @@ class _Folder:
     outputs: Path
     has_inputs: bool = False  # `inputs/` exists
     files: list[str] = field(default_factory=list)  # what the running job left in it
-    known: bool = True  # `files` is all it holds (else it is removed, not reused)
+    known: bool = True  # `files` and `kept` are all it holds (else it is removed)
+    owner: str = ""  # the owner whose job has it, or had it last ("": none, or confidential)
+    kept: set[str] = field(default_factory=set)  # input files in `inputs/` kept for `owner`
 
 
 @dataclass
@@ -280,6 +286,7 @@ class WorkerAgent:
         self._workdir = Path(tempfile.mkdtemp(prefix="csml-worker-", dir=config.workdir))
         self._folder_names = itertools.count(1)  # job folders' names in it
         self._folders: deque[_Folder] = deque()  # job folders no job uses (`_take_folder`)
+        self._folders_lock = threading.Lock()  # (slot threads take and give back folders)
         # Idle children (one per owner, see `sandbox`): the memory they may keep is what
         # max(MAX_IDLE, 2 x slots) children may each keep; within it, up to
         # IDLE_PER_PLACE times as many small ones (many owners sharing a worker would
@@ -768,7 +775,8 @@ class WorkerAgent:
         if job.confidential is not None or any(f.name not in job.inline_inputs for f in job.inputs):
             self._undefer()  # it starts after downloads: the next claim does not wait
         try:
-            folder = self._take_folder()
+            # A confidential job's inputs are never kept (nor given to a process it shares).
+            folder = self._take_folder("" if job.confidential is not None else job.owner_key)
             try:
                 self._execute_in(job, folder)
             except Revoked:
@@ -788,27 +796,52 @@ class WorkerAgent:
                 self._tally()
                 self._active -= 1
 
-    def _take_folder(self) -> _Folder:
-        """A job folder no job uses: one given back, else a new one. In the worker's own
-        folder (0700, only this process writes there): a name of its own is enough, no
-        random one to look for. With a uid per job it is made traversable (o+x, what
-        `isolation_files.grant_files` would add for each job): a job reaches its own
-        inputs and outputs by path and lists nothing."""
-        try:
-            return self._folders.pop()
-        except IndexError:
-            pass
-        path = os.path.join(self._workdir, f"job-{next(self._folder_names)}")
-        os.mkdir(path, 0o711 if self.sandbox.own_uid else 0o700)
-        folder = _Folder(path, Path(path, "inputs"), Path(path, "outputs"))
-        os.mkdir(folder.outputs, 0o700)
+    def _take_folder(self, owner: str = "") -> _Folder:
+        """A job folder no job uses: one given back (first one whose inputs were kept for
+        `owner`), else a new one. In the worker's own folder (0700, only this process
+        writes there): a name of its own is enough, no random one to look for. With a uid
+        per job it is made traversable (o+x, what `isolation_files.grant_files` would add
+        for each job): a job reaches its own inputs and outputs by path and lists nothing.
+
+        Inputs kept for another owner are unlinked before the folder is handed on: a file
+        a job of theirs may still hold open (or linked while it was theirs) is never
+        written with this job's input; only their own next job's input is written into
+        the same file (`_write_input`)."""
+        folder: _Folder | None = None
+        with self._folders_lock:
+            if owner:
+                for n in range(len(self._folders) - 1, -1, -1):  # most recent first
+                    if self._folders[n].owner == owner and self._folders[n].kept:
+                        folder = self._folders[n]
+                        del self._folders[n]
+                        break
+            if folder is None and self._folders:
+                folder = self._folders.pop()
+        if folder is not None and folder.kept and folder.owner != owner:
+            try:
+                for name in folder.kept:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(folder.inputs, name))
+            except OSError:
+                shutil.rmtree(folder.path, ignore_errors=True)
+                folder = None
+            else:
+                folder.kept = set()
+        if folder is None:
+            path = os.path.join(self._workdir, f"job-{next(self._folder_names)}")
+            os.mkdir(path, 0o711 if self.sandbox.own_uid else 0o700)
+            folder = _Folder(path, Path(path, "inputs"), Path(path, "outputs"))
+            os.mkdir(folder.outputs, 0o700)
+        folder.owner = owner
         return folder
 
     def _give_back(self, folder: _Folder) -> None:
         """A job's folder, emptied for the next: the files the job left are known by name
         (its inputs as written here, its outputs as the sandbox took them back, which
         leaves nothing else in `outputs/`); a folder whose content is not known, or that
-        fails to empty, is removed instead."""
+        fails to empty, is removed instead. Inputs of an owner's job stay (root's, as the
+        sandbox took them back) for that owner's next job: written over in place, a file
+        made anew costs more than the write (ext4 looks for a free inode)."""
         files, folder.files = folder.files, []
         if not self.sandbox.own_uid:
             folder.known = False  # the job could write anywhere in it (module docstring)
@@ -820,7 +853,8 @@ class WorkerAgent:
             except OSError:
                 folder.known = False
         if folder.known:
-            self._folders.append(folder)
+            with self._folders_lock:
+                self._folders.append(folder)
         else:
             shutil.rmtree(folder.path, ignore_errors=True)
 
@@ -845,7 +879,15 @@ class WorkerAgent:
             os.mkdir(folder.inputs, 0o700)
             folder.has_inputs = True
         inputs_dir, outputs_dir = folder.inputs, folder.outputs
-        folder.files.extend(os.path.join(inputs_dir, f.name) for f in job.inputs)
+        names = [f.name for f in job.inputs]
+        for name in folder.kept.difference(names):  # an earlier job's, not this one's
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(inputs_dir, name))
+        if folder.owner and self.sandbox.own_uid:
+            folder.kept = set(names)  # written over by the owner's next job
+        else:
+            folder.kept = set()
+            folder.files.extend(os.path.join(inputs_dir, name) for name in names)
         if job.confidential is not None:
             self._execute_confidential(job, state, folder, inputs_dir, outputs_dir)
             return
@@ -900,7 +942,7 @@ class WorkerAgent:
                 and len(data) == info.size
                 and hashlib.sha256(data).hexdigest() == info.sha256
             ):
-                target.write_bytes(data)
+                _write_input(target, data)
                 return target
             log.warning("job %s: inline input %r does not match its digest", job.id[:12], info.name)
         return self._download(job, info.name, target)
@@ -1209,6 +1251,19 @@ def _left(folder: _Folder, outcome: Outcome) -> None:
         folder.known = False
     else:
         folder.files.extend(os.path.join(folder.outputs, name) for name in outcome.outputs)
+
+
+def _write_input(target: Path, data: bytes) -> None:
+    """Write an input file: over the one an earlier job of the same owner left (`_Folder
+    .kept`: root's again, in root's 0700 `inputs/`), else a new one."""
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.ftruncate(fd, len(data))
+    finally:
+        os.close(fd)
 
 
 def _chunks(body: Any, size: int = 1 << 20) -> Any:
