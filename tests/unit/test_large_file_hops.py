@@ -107,18 +107,18 @@ def test_past_loop_bytes_chunks_go_to_the_thread_pool(tmp_path: Path) -> None:
     assert budget.threads[-1] != loop_thread  # the last chunks, past the bound
 
 
-def test_a_submission_takes_three_hops_and_reads_its_stored_bytes_once(
+def test_a_submission_takes_two_hops_and_reads_its_stored_bytes_once(
     coordinator: InProcessCoordinator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Early check with the staging folder (which also seeds the storage budget), the
-    chunk with the spec, the fsync; nothing per later chunk, nothing to discard."""
+    """The early check (which also seeds the storage budget) with the chunk holding the
+    spec, then the fsync; nothing per later chunk, nothing to discard."""
     user = coordinator.new_user()
     user.submit("echo", "echo", files={"data": b"warm"})  # the identity is remembered
     stored = lambda s: "stored_bytes" in s and s.startswith("SELECT")  # noqa: E731
     with counted_hops(monkeypatch) as hops, sent_statements(coordinator, stored) as reads:
         job = user.submit("echo", "echo", files={"data": os.urandom(400_000)})
     assert job.id
-    assert hops == ["submit_job.<locals>.before_body", "SubmissionParser.write", "fsync_paths"]
+    assert hops == ["parse_submission.<locals>.first", "fsync_paths"]
     assert len(reads) == 1, reads  # the early check's, not again for the budget
 
 

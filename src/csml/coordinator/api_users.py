@@ -207,17 +207,18 @@ async def submit_job(request: Request, me: Me) -> JSONResponse:
     else:
         upload = abuse.announced_upload(request.headers)
         windowed = bool(c.settings.submission_rate_limit)
-
-        def before_body() -> tuple[int | None, Path]:
-            # 429 past a limit before the body is read: a read; the job's write counts
-            # it. Its stored bytes seed the upload's budget. One hop for both.
-            used = abuse.precheck_submission(c, me.id, upload)
-            return used, c.blobs.new_staging()
-
-        used, staging = await run_in_threadpool(before_body)
+        staging = c.blobs.new_staging()  # one mkdir: on the loop
         holder: dict[str, JobSpec] = {}
         piped: dict[str, PipelineSpec] = {}
-        budget = _Budget(c, me.id, used=used)
+        budget = _Budget(c, me.id)
+        prechecked: list[bool] = []
+
+        def precheck() -> None:
+            # 429 past a limit before a byte of the body is parsed: a read, in the hop
+            # of the first chunk; the job's write counts it. Its stored bytes seed the
+            # upload's budget. Its own refusal is not counted (as when it ran alone).
+            budget.used = abuse.precheck_submission(c, me.id, upload)
+            prechecked.append(True)
 
         def on_spec(raw: bytes) -> Accepts:
             """Check the spec (off the event loop); the file parts it takes."""
@@ -246,10 +247,10 @@ async def submit_job(request: Request, me: Me) -> JSONResponse:
         try:
             try:
                 parsed = await parse_submission(
-                    request, staging, FormLimits.of(c.settings), on_spec, budget
+                    request, staging, FormLimits.of(c.settings), on_spec, budget, precheck
                 )
             except (ApiError, Refusal):
-                if windowed:  # refused before its write: counted (or 429) first, as before
+                if windowed and prechecked:  # refused before its write: counted (or 429)
                     await run_in_threadpool(abuse.check_submission, c, me.id, upload)
                 raise
             if piped:

@@ -423,19 +423,34 @@ async def parse_submission(
     limits: FormLimits,
     on_spec: SpecCheck,
     charge: Charge | Budget | None = None,
+    before: Callable[[], None] | None = None,
 ) -> SubmissionParser:
     """Stream the request into `staging`. `on_spec` (run off the event loop, as soon as
     the spec part is in) checks the spec and names the file parts it takes; `charge`
     may refuse as the files' bytes arrive. Chunks after the spec's check are parsed on
     the event loop while `SubmissionParser.on_loop` allows it (a chunk's bytes count
-    whole: a file part's data never exceeds the chunk it came in)."""
+    whole: a file part's data never exceeds the chunk it came in). `before` (an early
+    check that may refuse) runs off the loop before a byte of the body is parsed, in
+    the same hop as the first chunk."""
     parser = SubmissionParser(boundary_of(request), staging, limits, on_spec, charge)
+    pending = before
+
+    def first(chunk: bytes) -> None:
+        assert pending is not None
+        pending()
+        parser.write(chunk)
+
     try:
         async for chunk in request.stream():
-            if parser.on_loop(len(chunk)):
+            if pending is not None:
+                await anyio.to_thread.run_sync(first, chunk)
+                pending = None
+            elif parser.on_loop(len(chunk)):
                 parser.write(chunk)
             else:
                 await anyio.to_thread.run_sync(parser.write, chunk)
+        if pending is not None:  # no body at all: the check still comes first
+            await anyio.to_thread.run_sync(pending)
         if parser.accepted is not None:  # no spec check left to run: flushes, closes
             parser.finalize()
         else:
