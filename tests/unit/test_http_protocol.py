@@ -11,7 +11,7 @@ from starlette.responses import PlainTextResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 from uvicorn.server import ServerState
 
-from csml.cli.http_protocol import CoalescingHttpToolsProtocol, CoalescingTransport
+from csml.cli.http_protocol import JOIN_BYTES, CoalescingHttpToolsProtocol, CoalescingTransport
 
 
 class FakeTransport:
@@ -19,12 +19,19 @@ class FakeTransport:
 
     def __init__(self) -> None:
         self.writes: list[bytes] = []
+        self.pieces: list[list[bytes]] = []  # what each write handed over, uncopied
         self.closed = False
         self.aborted = False
 
     def write(self, data: bytes) -> None:
         assert not self.closed
         self.writes.append(bytes(data))
+        self.pieces.append([data])
+
+    def writelines(self, pieces: list[bytes]) -> None:
+        assert not self.closed
+        self.writes.append(b"".join(pieces))
+        self.pieces.append(list(pieces))
 
     def close(self) -> None:
         self.closed = True
@@ -71,6 +78,23 @@ def test_writes_of_one_turn_leave_in_one_write_in_order() -> None:
         t.write(b"head of a 204")
         t.write(b"")  # an empty body still sends the head at once
         assert real.writes[-1] == b"head of a 204"
+
+    asyncio.run(main())
+
+
+def test_a_large_body_leaves_with_its_head_in_one_write_without_a_copy() -> None:
+    async def main() -> None:
+        real = FakeTransport()
+        t = CoalescingTransport(real, asyncio.get_running_loop())  # type: ignore[arg-type]
+        head, body = b"HTTP/1.1 200 OK\r\n\r\n", bytes(JOIN_BYTES)
+        t.write(head)
+        t.write(body)
+        assert real.writes == [head + body]  # one write, at once
+        (handed,) = real.pieces
+        assert handed[0] is head and handed[1] is body  # the objects themselves
+        t.write(b"small head")
+        t.write(b"small body")
+        assert real.pieces[-1] == [b"small headsmall body"]  # joined: cheaper than a vector
 
     asyncio.run(main())
 

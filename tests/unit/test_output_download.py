@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from csml.coordinator.api_users import SMALL_OUTPUT_BYTES, OutputFile
+from csml.coordinator.file_responses import WHOLE_FILE_BYTES, WholeFile
 from tests.unit.inproc import HttpWorker, InProcessCoordinator
 from tests.unit.test_worker_protocol import claim, complete_batch
 
@@ -52,7 +52,7 @@ def test_a_small_output_comes_whole_with_its_headers_and_ranges(
     assert part.headers["content-range"] == f"bytes 10-19/{len(content)}"
 
 
-def _messages(response: OutputFile) -> list[dict[str, Any]]:
+def _messages(response: WholeFile) -> list[dict[str, Any]]:
     sent: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
@@ -69,9 +69,9 @@ def _messages(response: OutputFile) -> list[dict[str, Any]]:
 def test_only_a_small_file_is_sent_in_one_piece(tmp_path: Path) -> None:
     small, large = tmp_path / "small", tmp_path / "large"
     small.write_bytes(b"s" * 150_000)
-    large.write_bytes(b"L" * (SMALL_OUTPUT_BYTES + 1))
+    large.write_bytes(b"L" * (WHOLE_FILE_BYTES + 1))
     for path, bodies in ((small, 1), (large, 17)):  # 64 KiB chunks when streamed
-        sent = _messages(OutputFile(path, stat_result=os.stat(path)))
+        sent = _messages(WholeFile(path, stat_result=os.stat(path)))
         body = [m for m in sent if m["type"] == "http.response.body"]
         assert len(body) == bodies
         assert b"".join(m["body"] for m in body) == path.read_bytes()

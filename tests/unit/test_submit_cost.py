@@ -287,7 +287,7 @@ def test_a_multipart_submit_is_one_commit_and_counts_its_window(
 
 def test_a_multipart_submit_is_few_statements(make_coordinator: MakeCoordinator) -> None:
     """Without a window: the early read (the identity's stored bytes, which also says it
-    exists), the upload's storage budget (stored bytes, counted once), then the write
+    exists, and seeds the upload's storage budget: not read again), then the write
     (rank with the quotas, job row, its input's row)."""
     coordinator = make_coordinator(submission_rate_limit=0, max_active_jobs=0)
     user = coordinator.new_user()
@@ -301,7 +301,6 @@ def test_a_multipart_submit_is_few_statements(make_coordinator: MakeCoordinator)
     stored = "SELECT identities.stored_bytes FROM identities WHERE identities.id = ?"  # counter
     assert [stored if s.startswith(stored) else s.split(" (")[0] for s in writes(sent)] == [
         stored,  # the early read: the identity exists, and what it stores
-        stored,
         "INSERT INTO fair_counters",
         "INSERT INTO jobs",
         "INSERT INTO job_files",

@@ -16,6 +16,10 @@ Invariants:
 - A write is held for at most one turn of the loop, and only while nothing follows it:
   a second write sends both at once. A streamed body (events, a file) still leaves
   chunk by chunk.
+- What is held is not copied to be sent: pieces of at least `JOIN_BYTES` together go to
+  the real transport's `writelines` (one vectored write with uvloop, which keeps what
+  the socket did not take as views of the same objects), smaller ones are joined (a
+  copy cheaper than a vector).
 - Flow control is the real transport's: `get_write_buffer_size` counts what is held, and
   the real transport calls the protocol's `pause_writing`/`resume_writing` as before.
 - Everything else (`get_extra_info`, reading, `set_protocol` for an upgrade) is the
@@ -28,6 +32,9 @@ import asyncio
 from typing import Any, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+JOIN_BYTES = 16 * 1024
+"""Held pieces at least this large together are handed over as a list, not joined."""
 
 
 class CoalescingTransport(asyncio.Transport):
@@ -46,6 +53,7 @@ class CoalescingTransport(asyncio.Transport):
         chunk = data if isinstance(data, bytes) else bytes(data)
         if self._held:
             self._held.append(chunk)
+            self._held_bytes += len(chunk)
             self._flush()
         elif chunk:
             self._held.append(chunk)
@@ -59,11 +67,16 @@ class CoalescingTransport(asyncio.Transport):
     def _flush(self) -> None:
         if not self._held:
             return
-        held = self._held
+        held, size = self._held, self._held_bytes
         self._held, self._held_bytes = [], 0
         if self._transport.is_closing():
             return  # as asyncio's write after close: dropped
-        self._transport.write(held[0] if len(held) == 1 else b"".join(held))
+        if len(held) == 1:
+            self._transport.write(held[0])
+        elif size >= JOIN_BYTES:
+            self._transport.writelines(held)  # a large body: no copy to join it to its head
+        else:
+            self._transport.write(b"".join(held))
 
     def close(self) -> None:
         self._flush()

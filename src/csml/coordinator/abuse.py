@@ -289,16 +289,17 @@ def check_submission(core: Core, identity_id: str, upload_bytes: int = 0) -> Non
             check_storage(core, session, identity_id, upload_bytes)
 
 
-def precheck_submission(core: Core, identity_id: str, upload_bytes: int = 0) -> None:
+def precheck_submission(core: Core, identity_id: str, upload_bytes: int = 0) -> int | None:
     """`check_submission`'s refusals, in its order, from a read: writes and counts
     nothing, takes no write lock and no commit. For a submission whose own write counts
     it in the window (`JobQueue.submit_async(count_window=True)`, which keeps the count
     exact and race-free): this only refuses early (before a body is read) what that
     write would refuse, so a submission racing others to the window's last place may
-    still be refused there, after its body."""
+    still be refused there, after its body. Answers the identity's stored bytes when it
+    read them (a storage quota is set), for the upload's `StorageBudget`."""
     s = core.settings
     if not (s.submission_rate_limit or s.max_active_jobs or s.max_stored_bytes):
-        return
+        return None
     with core.sessions() as session:
         used: int | None = None
         if s.max_stored_bytes:  # whether it exists and what it stores: one read
@@ -319,6 +320,7 @@ def precheck_submission(core: Core, identity_id: str, upload_bytes: int = 0) -> 
         quotas.check_active_jobs(core, session, identity_id)
         if s.max_stored_bytes:
             check_storage(core, session, identity_id, upload_bytes, used)
+    return used
 
 
 def announced_upload(headers: Mapping[str, str]) -> int:

@@ -15,7 +15,6 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
-from starlette.types import Send
 
 from csml import ids
 from csml.coordinator import (
@@ -30,6 +29,7 @@ from csml.coordinator import (
 from csml.coordinator.auth import AuthFirstRoute, current_identity, lean
 from csml.coordinator.blob_response import BlobResponse
 from csml.coordinator.errors import ApiError, from_refusal, not_found, spec_error
+from csml.coordinator.file_responses import WholeFile
 from csml.coordinator.notify import job_key, owner_change
 from csml.coordinator.staged_inputs import StagedFile
 from csml.coordinator.state import Core, core
@@ -210,12 +210,18 @@ async def submit_job(request: Request, me: Me) -> JSONResponse:
     else:
         upload = abuse.announced_upload(request.headers)
         windowed = bool(c.settings.submission_rate_limit)
-        # 429 past a limit before the body is read: a read; the job's write counts it.
-        await run_in_threadpool(abuse.precheck_submission, c, me.id, upload)
-        staging = await run_in_threadpool(c.blobs.new_staging)
+        staging = c.blobs.new_staging()  # one mkdir: on the loop
         holder: dict[str, JobSpec] = {}
         piped: dict[str, PipelineSpec] = {}
         budget = _Budget(c, me.id)
+        prechecked: list[bool] = []
+
+        def precheck() -> None:
+            # 429 past a limit before a byte of the body is parsed: a read, in the hop
+            # of the first chunk; the job's write counts it. Its stored bytes seed the
+            # upload's budget. Its own refusal is not counted (as when it ran alone).
+            budget.used = abuse.precheck_submission(c, me.id, upload)
+            prechecked.append(True)
 
         def on_spec(raw: bytes) -> Accepts:
             """Check the spec (off the event loop); the file parts it takes."""
@@ -249,10 +255,11 @@ async def submit_job(request: Request, me: Me) -> JSONResponse:
                     FormLimits.of(c.settings),
                     on_spec,
                     budget,
+                    precheck,
                     keep_bytes=c.settings.db_blob_max_bytes,  # small inputs: in the database
                 )
             except (ApiError, Refusal):
-                if windowed:  # refused before its write: counted (or 429) first, as before
+                if windowed and prechecked:  # refused before its write: counted (or 429)
                     await run_in_threadpool(abuse.check_submission, c, me.id, upload)
                 raise
             if piped:
@@ -269,7 +276,8 @@ async def submit_job(request: Request, me: Me) -> JSONResponse:
                     c.blobs.base64.put(f.sha256, f.size, base64.b64encode(f.content).decode())
             return _submitted(c, me.id, job)
         finally:
-            await run_in_threadpool(c.blobs.discard, staging)
+            if os.path.lexists(staging):  # a submitted job's files were moved away with it
+                await run_in_threadpool(c.blobs.discard, staging)
 
 
 async def _submit_json(c: Core, owner_id: str, raw: bytes) -> JSONResponse:
@@ -414,32 +422,6 @@ def cancel_job(job_id: str, request: Request, me: Me) -> Job:
     return job_views(c.queue, [job], positions=False)[0]
 
 
-SMALL_OUTPUT_BYTES = 1 << 20
-"""An output at most this large is read and sent in one piece by `OutputFile`."""
-
-
-class OutputFile(FileResponse):
-    """A `FileResponse` (same headers and ranges) whose plain answer of a small file
-    (at most `SMALL_OUTPUT_BYTES`) is read at once on the event loop and sent as one
-    body, instead of opened, read in 64 KiB chunks and closed in the thread pool (four
-    hops for a 100 KB annotated photo). Larger files stream as before."""
-
-    async def _handle_simple(self, send: Send, send_header_only: bool, send_pathsend: bool) -> None:
-        size = self.stat_result.st_size if self.stat_result is not None else None
-        if send_header_only or send_pathsend or size is None or size > SMALL_OUTPUT_BYTES:
-            await super()._handle_simple(send, send_header_only, send_pathsend)
-            return
-        with open(self.path, "rb") as file:
-            body = file.read(size + 1)
-        if len(body) != size:  # not what was stat'ed: stream it as FileResponse would
-            await super()._handle_simple(send, send_header_only, send_pathsend)
-            return
-        await send(
-            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
-        )
-        await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
 @router.get(
     "/jobs/{job_id}/outputs/{name}",
     tags=["jobs"],
@@ -450,7 +432,7 @@ async def download_output(job_id: str, name: str, request: Request, me: Me) -> F
     """Stream one output file of a job.
 
     The job is read on the event loop (one short indexed read, as `get_job`), and the
-    file's stat too, so a small output costs no thread-pool hop (see `OutputFile`); an
+    file's stat too, so a small output costs no thread-pool hop (see `WholeFile`); an
     output kept in the database is read there too (one more indexed read) and served
     with the same headers (`BlobResponse`)."""
     c = core(request)
@@ -476,7 +458,7 @@ async def download_output(job_id: str, name: str, request: Request, me: Me) -> F
                 stat_result: os.stat_result | None = os.stat(path)
             except OSError:
                 stat_result = None  # FileResponse says what is wrong, as before
-            return OutputFile(
+            return WholeFile(
                 path,
                 media_type=f.media_type,
                 filename=f"{ids.short(job.id)}-{f.name}{ext}",

@@ -15,6 +15,7 @@ complete routes stay for older workers. A claim that finds nothing writes nothin
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Annotated
 
@@ -34,6 +35,7 @@ from csml.coordinator.auth import (
 )
 from csml.coordinator.blob_response import BlobResponse
 from csml.coordinator.errors import ApiError, not_found, status_of
+from csml.coordinator.file_responses import WholeFile
 from csml.coordinator.notify import app_key, watch_hang_up
 from csml.coordinator.pipelines import PIPELINE_APP
 from csml.coordinator.queue import Outcome
@@ -232,9 +234,12 @@ async def heartbeat(worker_id: str, body: Heartbeat, request: Request, me: Me) -
 
 
 @router.get("/{worker_id}/jobs/{job_id}/inputs/{name}", response_class=FileResponse)
-def download_input(
+async def download_input(
     worker_id: str, job_id: str, name: str, request: Request, me: Me, lease_id: str = Query()
 ) -> FileResponse:
+    """One input file of a job this worker runs. The job is read on the event loop (one
+    short indexed read, as `GET /v1/jobs/{id}/outputs/{name}`), and the file's stat too,
+    so an input of at most `WHOLE_FILE_BYTES` costs no thread-pool hop (`WholeFile`)."""
     _same(me, worker_id)
     c = core(request)
     job = c.queue.running_job(me, job_id, lease_id)
@@ -246,7 +251,12 @@ def download_input(
                     raise not_found("input", name)
                 modified = job.created_at.timestamp()
                 return BlobResponse(content, f.blob, modified, media_type=f.media_type)
-            return FileResponse(c.blobs.path(f.blob), media_type=f.media_type)
+            path = c.blobs.path(f.blob)
+            try:
+                stat_result: os.stat_result | None = os.stat(path)
+            except OSError:
+                stat_result = None  # FileResponse says what is wrong, as before
+            return WholeFile(path, media_type=f.media_type, stat_result=stat_result)
     raise not_found("input", name)
 
 
@@ -254,19 +264,19 @@ def download_input(
 async def upload_output(
     worker_id: str, job_id: str, name: str, request: Request, me: Me, lease_id: str = Query()
 ) -> Response:
-    """Stream one output file of a running job; kept only if the job then succeeds."""
+    """Stream one output file of a running job; kept only if the job then succeeds.
+
+    On the event loop: the job's check (one short indexed read, as `download_input`),
+    the attempt folder's creation and the body's page-cache writes; the meta file and
+    the fsyncs go to the thread pool in one hop, before the 204."""
     _same(me, worker_id)
     c = core(request)
-
-    def check() -> None:
-        job = c.queue.running_job(me, job_id, lease_id)
-        _, op = c.catalog.operation(job.app, job.operation)
-        if name not in {o.name for o in op.outputs}:
-            raise ApiError(422, "unknown_output", f"{op.name!r} declares no output {name!r}")
-        check_name(name)
-        c.queue.attempt_dir(job_id, lease_id).mkdir(parents=True, exist_ok=True)
-
-    await run_in_threadpool(check)
+    job = c.queue.running_job(me, job_id, lease_id)
+    _, op = c.catalog.operation(job.app, job.operation)
+    if name not in {o.name for o in op.outputs}:
+        raise ApiError(422, "unknown_output", f"{op.name!r} declares no output {name!r}")
+    check_name(name)
+    c.queue.attempt_dir(job_id, lease_id).mkdir(parents=True, exist_ok=True)
     path = c.queue.attempt_dir(job_id, lease_id) / name
     writer = HashingWriter(path, c.settings.max_output_bytes)
     try:
@@ -288,8 +298,12 @@ async def upload_output(
         media_type=safe_media_type(request.headers.get("content-type", "")),
     )
     meta = c.queue.output_meta_path(job_id, lease_id, name)
-    await run_in_threadpool(c.queue.write_meta, meta, info)
-    await run_in_threadpool(fsync_paths, [path, meta])
+
+    def keep() -> None:
+        c.queue.write_meta(meta, info)
+        fsync_paths([path, meta])
+
+    await run_in_threadpool(keep)
     return Response(status_code=204)
 
 

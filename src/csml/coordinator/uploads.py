@@ -12,7 +12,11 @@ Invariants:
   per-file limit and the per-request total (`TooLarge`, 413), the number of parts
   (`TooLarge`), and the identity's stored-bytes quota (`QuotaExceeded`, 429), charged
   with the bytes actually received, chunked or not (`Content-Length` is never trusted).
-- Parsing (and so the checks and file writes it makes) runs off the event loop.
+- Parsing runs off the event loop until the spec is checked (the check reads the
+  store) and whenever a charge may have to look at the store (`Budget.covers`); the
+  chunks between (file bytes already within the budget: hashing and page-cache writes)
+  are parsed on the loop, at most `LOOP_BYTES` of files per request, so a usual upload
+  costs no thread-pool hop per chunk. The fsync of the files stays off the loop.
 - No web framework here: a request is anything with headers and a streamed body
   (`StreamedBody`).
 - Refusals are `csml.refusals` kinds; a refusal raised by the spec check or the
@@ -104,23 +108,52 @@ SpecCheck = Callable[[bytes], Accepts]
 # Charged with the bytes of files received so far; raises a Refusal past a quota.
 Charge = Callable[[int], None]
 
+LOOP_BYTES = 8 * 1024 * 1024
+"""Bytes of files per request at most parsed (hashed and written) on the event loop;
+the rest of a larger upload goes through the thread pool, chunk by chunk, as before."""
+
+
+class Budget(Protocol):
+    """A `Charge` that can say, without looking at the store, that it would accept
+    `received` bytes (so charging them may run on the event loop)."""
+
+    def __call__(self, received: int) -> None: ...
+
+    def covers(self, received: int) -> bool: ...
+
 
 class StorageBudget:
     """An identity's stored-bytes quota, charged as an upload streams.
 
     Looks at the store only when the bytes received pass what was left at the
     last look (so once per upload that fits); `extra` is what the submission keeps
-    besides its files (its params)."""
+    besides its files (its params). `used`: the identity's stored bytes as the
+    submission's early check just read them (`abuse.precheck_submission`), taken for
+    the first look when the upload fits in what they leave (counted once, used twice:
+    a refusal still looks, to say when the quota resets)."""
 
-    def __init__(self, core: Core, owner_id: str, extra: int = 0) -> None:
+    def __init__(self, core: Core, owner_id: str, extra: int = 0, used: int | None = None) -> None:
         self.core = core
         self.owner_id = owner_id
         self.extra = extra
+        self.used = used
         self.left: int | None = None
+
+    def covers(self, received: int) -> bool:
+        """Whether charging `received` bytes is settled without a look at the store."""
+        limit = self.core.settings.max_stored_bytes
+        if not limit:
+            return True
+        if self.left is None and self.used is not None:
+            return self.used < limit and self.used + self.extra + received <= limit
+        return self.left is not None and received <= self.left
 
     def __call__(self, received: int) -> None:
         limit = self.core.settings.max_stored_bytes
         if not limit or (self.left is not None and received <= self.left):
+            return
+        if self.left is None and self.used is not None and self.covers(received):
+            self.left = limit - self.used - self.extra
             return
         with self.core.sessions() as session:
             used = abuse.stored_bytes(session, self.owner_id)  # counted once, used twice
@@ -147,7 +180,7 @@ class SubmissionParser:
         staging: Path,
         limits: FormLimits,
         on_spec: SpecCheck,
-        charge: Charge | None = None,
+        charge: Charge | Budget | None = None,
     ) -> None:
         self.staging = staging
         self.limits = limits
@@ -190,6 +223,20 @@ class SubmissionParser:
             raise malformed(exc) from None
         if self.error is not None:
             raise self.error
+
+    def on_loop(self, chunk: int) -> bool:
+        """Whether the next `chunk` bytes may be parsed on the event loop: the spec is
+        checked, nothing was refused, the files so far and the chunk stay within
+        `LOOP_BYTES`, and the charge (if any) is a `Budget` that covers them."""
+        if self.accepted is None or self.error is not None:
+            return False
+        upto = self.received + chunk
+        if upto > LOOP_BYTES:
+            return False
+        if self.charge is None:
+            return True
+        covers = getattr(self.charge, "covers", None)
+        return covers is not None and bool(covers(upto))
 
     def abort(self) -> None:
         if self._part is not None and self._part.writer is not None:
@@ -375,25 +422,49 @@ async def parse_submission(
     staging: Path,
     limits: FormLimits,
     on_spec: SpecCheck,
-    charge: Charge | None = None,
+    charge: Charge | Budget | None = None,
+    before: Callable[[], None] | None = None,
     keep_bytes: int = 0,
 ) -> SubmissionParser:
     """Stream the request into `staging`. `on_spec` (run off the event loop, as soon as
     the spec part is in) checks the spec and names the file parts it takes; `charge`
-    may refuse as the files' bytes arrive. A file of at most `keep_bytes` is then taken
-    back in memory (`StagedFile.content`, its staged file removed: to be kept in the
+    may refuse as the files' bytes arrive. Chunks after the spec's check are parsed on
+    the event loop while `SubmissionParser.on_loop` allows it (a chunk's bytes count
+    whole: a file part's data never exceeds the chunk it came in). `before` (an early
+    check that may refuse) runs off the loop before a byte of the body is parsed, in
+    the same hop as the first chunk. A file of at most `keep_bytes` is then taken back
+    in memory (`StagedFile.content`, its staged file removed: to be kept in the
     database, `csml.store.blobs`); the others are fsync'd."""
     parser = SubmissionParser(boundary_of(request), staging, limits, on_spec, charge)
+    pending = before
+
+    def first(chunk: bytes) -> None:
+        assert pending is not None
+        pending()
+        parser.write(chunk)
+
     try:
         async for chunk in request.stream():
-            await anyio.to_thread.run_sync(parser.write, chunk)
-        await anyio.to_thread.run_sync(parser.finalize)
+            if pending is not None:
+                await anyio.to_thread.run_sync(first, chunk)
+                pending = None
+            elif parser.on_loop(len(chunk)):
+                parser.write(chunk)
+            else:
+                await anyio.to_thread.run_sync(parser.write, chunk)
+        if pending is not None:  # no body at all: the check still comes first
+            await anyio.to_thread.run_sync(pending)
+        if parser.accepted is not None:  # no spec check left to run: flushes, closes
+            parser.finalize()
+        else:
+            await anyio.to_thread.run_sync(parser.finalize)
     except BaseException:
         parser.abort()
         raise
     if parser.spec is None:
         raise Invalid("missing_spec", "the form has no `spec` part", field="spec")
-    await anyio.to_thread.run_sync(_settle, parser.files, keep_bytes)
+    if parser.files:
+        await anyio.to_thread.run_sync(_settle, parser.files, keep_bytes)
     return parser
 
 
