@@ -111,14 +111,15 @@ def test_a_submission_takes_two_hops_and_reads_its_stored_bytes_once(
     coordinator: InProcessCoordinator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The early check (which also seeds the storage budget) with the chunk holding the
-    spec, then the fsync; nothing per later chunk, nothing to discard."""
+    spec, then the settling (small files back in memory, the rest fsync'd); nothing per
+    later chunk, nothing to discard."""
     user = coordinator.new_user()
     user.submit("echo", "echo", files={"data": b"warm"})  # the identity is remembered
     stored = lambda s: "stored_bytes" in s and s.startswith("SELECT")  # noqa: E731
     with counted_hops(monkeypatch) as hops, sent_statements(coordinator, stored) as reads:
         job = user.submit("echo", "echo", files={"data": os.urandom(400_000)})
     assert job.id
-    assert hops == ["parse_submission.<locals>.first", "fsync_paths"]
+    assert hops == ["parse_submission.<locals>.first", "_settle"]
     assert len(reads) == 1, reads  # the early check's, not again for the budget
 
 
