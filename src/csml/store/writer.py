@@ -289,11 +289,18 @@ class Writer:
 
     async def run_async(self, op: WriteOp[T]) -> T:
         """`run` for coroutines: the event loop keeps serving while `op` commits."""
+        return await self.queue_async(op)
+
+    def queue_async(self, op: WriteOp[T]) -> asyncio.Future[T]:
+        """(On an event loop.) Accept `op` now, in order, and return the future of its
+        result, set once committed (as `run_async`'s): the caller may do something on the
+        loop between the op's place in the queue and the wait (an op queued meanwhile by
+        this loop runs after it, on one lane in its batch or a later one)."""
         self._refuse_inside("run_async")
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Any] = loop.create_future()
         self._accept(_Op(op, waiter, loop))
-        return cast(T, await waiter)
+        return waiter
 
     def close(self) -> None:
         """Stop accepting operations (those already accepted finish first)."""
