@@ -420,8 +420,19 @@ class Notifier:
         The marks move as for `notify` (before the commit: a claim or probe that starts
         meanwhile and finds the queue empty may trust that until the next announcement,
         but the job's one wake-up went to a claimer that takes it or passes it on)."""
-        loop = self._loop
-        if self._relay is not None or loop is None or not key.startswith(WAKE_ONE_PREFIX):
+        idle = self._early_waiter(key)
+        if idle is None:
+            return None
+        self._count_and_watch(key, 1)
+        self._wake(key)
+        return idle
+
+    def claimer_waits(self, key: str) -> bool:
+        """(On the loop.) Whether `notify_early(key)` would wake a claimer now."""
+        return self._early_waiter(key) is not None
+
+    def _early_waiter(self, key: str) -> asyncio.Event | None:
+        if self._relay is not None or self._loop is None or not key.startswith(WAKE_ONE_PREFIX):
             return None
         waiters = self._waiters.get(key)
         if not waiters:
@@ -429,8 +440,6 @@ class Notifier:
         idle = next((e for e in waiters if not e.is_set()), None)
         if idle is None or idle not in self._waiting:
             return None  # the one `notify` would wake is busy: it would not take now
-        self._count_and_watch(key, 1)
-        self._wake(key)
         return idle
 
     def withdraw(self, key: str, event: asyncio.Event) -> None:

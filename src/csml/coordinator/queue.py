@@ -551,8 +551,8 @@ class JobQueue:
             write = self._submit_op(
                 owner_id, spec, op, requires, job_id, inputs, files, count_window
             )
-            if self._one_lane and not requires:
-                queued = self.writer.queue_async(write)
+            if self._one_lane and not requires and self.notifier.claimer_waits(key):
+                queued = self.writer.queue_async(write, follower=True)  # the claim follows
                 early = self.notifier.notify_early(key)
                 job = await queued
             else:
