@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import Iterator, MutableMapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 
 from csml.apps.echo import app as echo_app
+from csml.client import RateLimited
 from csml.coordinator import notify
 from csml.schemas import ClaimResponse
 from tests.asgi import http_scope
@@ -61,9 +63,10 @@ def answer(polling: Future[Any]) -> ClaimResponse:
 def test_a_submitted_job_reaches_the_waiting_claimer_which_takes_it_without_a_probe(
     coordinator: InProcessCoordinator, echo_worker: HttpWorker, pool: ThreadPoolExecutor
 ) -> None:
-    """Pinned count: the woken claim's only statements are its write (BEGIN, the take,
-    the served rank). It did not probe before waiting either: the worker's previous claim
-    found the queue empty and nothing was queued since."""
+    """Pinned count: the woken claim's only statements are its write (the take, the
+    served rank: in the submission's transaction, or after a BEGIN of its own when it
+    came too late for it, see the next test). It did not probe before waiting either:
+    the worker's previous claim found the queue empty and nothing was queued since."""
     user = coordinator.new_user()
     assert echo_worker.claim() == []  # stamps the worker's liveness (a write of its own)
     with sent_statements(coordinator) as sent:
@@ -74,7 +77,8 @@ def test_a_submitted_job_reaches_the_waiting_claimer_which_takes_it_without_a_pr
     assert [j.id for j in taken.jobs] == [job.id]
     assert sum(s.startswith(PROBE) for s in sent) == 0, sent
     after = sent[sent.index(next(s for s in sent if s.startswith("INSERT INTO jobs"))) :]
-    assert [s.split(" ")[0] for s in after[1:]] == ["BEGIN", "UPDATE", "UPDATE"], after
+    claim = [s.split(" ")[0] for s in after[1:]]
+    assert claim in (["UPDATE", "UPDATE"], ["BEGIN", "UPDATE", "UPDATE"]), after
 
 
 def test_two_claimers_and_one_job_one_gets_it_the_other_waits_for_the_next(
@@ -206,3 +210,79 @@ def test_a_long_poll_probes_first_only_when_a_job_may_wait_for_it(
     # A job was announced since: it looks first (and again with the job's new key).
     assert probes() == 3
     assert probes() == 1
+
+
+def _hold_writer(
+    coordinator: InProcessCoordinator, pool: ThreadPoolExecutor
+) -> tuple[threading.Event, Future[Any]]:
+    """Keep the writer's thread inside an op (its batch open) until the event is set:
+    what is queued meanwhile waits, in order, for the next look at the queue."""
+    inside, release = threading.Event(), threading.Event()
+
+    def op(_conn: Any) -> None:
+        inside.set()
+        release.wait(60)
+
+    held = pool.submit(coordinator.core.writer.run, op)
+    assert inside.wait(30)
+    return release, held
+
+
+def test_a_claimer_waiting_is_woken_while_the_submission_is_queued_and_shares_its_commit(
+    coordinator: InProcessCoordinator, echo_worker: HttpWorker, pool: ThreadPoolExecutor
+) -> None:
+    """SQLite (one writer lane): the job is announced as soon as its write is queued, so
+    the waiting claim's write queues behind it, before the submission commits, and
+    takes the job in the same transaction (no BEGIN between the job's INSERT and the
+    claim's take). Before, the claimer was woken after the submission's COMMIT, and its
+    claim was a transaction of its own."""
+    user = coordinator.new_user()
+    assert echo_worker.claim() == []
+    writer = coordinator.core.writer
+    # A batch is cut after 5 ms of the writer's CPU: a cold first submission on a busy
+    # machine may take that long, and the claim would commit next (still after it).
+    writer.max_batch_seconds = 60.0
+    with sent_statements(coordinator) as sent:
+        polling = long_poll(coordinator, pool, echo_worker)
+        release, held = _hold_writer(coordinator, pool)
+        submitting = pool.submit(user.submit, "echo", "echo", params={"n": 1})
+        wait_for(lambda: writer.pending >= 2, timeout=30, interval=0.01)  # submit, claim
+        assert not polling.done() and not submitting.done()  # nothing committed yet
+        release.set()
+        held.result(timeout=30)
+        job = submitting.result(timeout=30)
+        taken = answer(polling)
+    assert [j.id for j in taken.jobs] == [job.id]
+    start = next(i for i, s in enumerate(sent) if s.startswith("INSERT INTO jobs"))
+    take = next(i for i, s in enumerate(sent) if i > start and s.startswith("UPDATE jobs"))
+    assert not [s for s in sent[start:take] if s.startswith(("BEGIN", "COMMIT"))], [
+        s[:60] for s in sent
+    ]
+    assert sum(s.startswith(PROBE) for s in sent) == 0, sent
+
+
+def test_a_submission_refused_in_its_transaction_wakes_no_other_claimer(
+    make_coordinator: Any, pool: ThreadPoolExecutor
+) -> None:
+    """The claimer woken early for a job whose write is then refused (the owner's active
+    jobs limit, counted in the transaction) finds nothing and passes no wake on: the
+    other waiting claimer is not woken (it would probe for nothing), and neither answers."""
+    coordinator = make_coordinator(max_active_jobs=1)
+    first, second = coordinator.worker(echo_app), coordinator.worker(echo_app)
+    for w in (first, second):
+        assert w.claim() == []
+    user = coordinator.new_user()
+    user.submit("echo", "echo", params={"n": 0})  # queued: the owner's one active job
+    assert len(first.claim()) == 1
+    notifier = coordinator.core.notifier
+    polls = [long_poll(coordinator, pool, w) for w in (first, second)]
+    woken = notifier.claim_wakes["local"]
+    with pytest.raises(RateLimited, match="concurrent job limit"):
+        user.submit("echo", "echo", params={"n": 1})
+    # The woken claim ends its look (it took nothing) after the refusal is answered.
+    wait_for(lambda: notifier.claim_wakes_empty["local"] == 1, timeout=30, interval=0.01)
+    assert notifier.claim_wakes["local"] - woken == 1  # the early one; nothing passed on
+    assert not any(p.done() for p in polls)
+    others = [coordinator.new_user() for _ in polls]  # each claim takes another's job
+    jobs = {u.submit("echo", "echo", params={"n": 2}).id for u in others}
+    assert {j.id for p in polls for j in answer(p).jobs} == jobs

@@ -29,6 +29,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
+from csml.store import writer as writer_module
 from csml.store.db import counters, make_engine, sqlite_url
 from csml.store.writer import CommitFailed, Rerunnable, Writer, WriterClosed, WriterCrashed
 
@@ -704,3 +705,31 @@ def test_a_failing_first_op_then_a_failing_bare_op(engine: Engine) -> None:
     finally:
         writer.close()
     assert tags(engine) == {"p0", "p2"}
+
+
+def test_an_op_with_a_follower_holds_its_batch_for_the_next_op(
+    engine: Engine, writer: Writer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`queue_async(op, follower=True)`: the batch does not commit when the queue is
+    empty after the op; it waits (up to `FOLLOWER_WAIT_SECONDS`, lengthened here so the
+    test does not depend on the machine's speed) for the op queued next, and both commit
+    together. Without a follower a lone op commits at once (the test above)."""
+    monkeypatch.setattr(writer_module, "FOLLOWER_WAIT_SECONDS", 30.0)
+
+    async def run() -> None:
+        ran = threading.Event()
+
+        def first(conn: Connection) -> int:
+            value = add("first")(conn)
+            ran.set()
+            return value
+
+        before = commits(engine)
+        head = writer.queue_async(first, follower=True)
+        await asyncio.to_thread(ran.wait, 20)  # it ran, and its batch waits for company
+        assert not head.done()
+        assert await writer.run_async(add("second")) == 2
+        assert await head == 1
+        assert commits(engine) == before + 1
+
+    asyncio.run(run())

@@ -64,6 +64,12 @@ event streams let such changes settle for longer than that anyway. So is a job's
 `app:` wake-up that went to a claimer here waiting in `wait` (it takes the job at
 once; the other coordinators' claimers are still told, for when it cannot).
 
+Early: `notify_early(app_key)` wakes a claimer waiting here for a job whose write is in
+a one-lane writer's queue but not yet committed (SQLite, no relay): its claim's write
+queues behind the job's and sees it, usually in the same transaction; nothing is
+answered before that commit. If the job's write fails, `withdraw` keeps that claimer's
+finding nothing from waking another (`pass_on`).
+
 Hand-over: a request that woke someone (a claimer for the job it queued, a client's
 stream or long-poll for the job it ended) calls `await hand_over()` before answering,
 so the woken coroutines run their next step (take the job, push the result) before
@@ -253,6 +259,9 @@ class Notifier:
         self.claim_wakes = {"local": 0, "relayed": 0}
         self.claim_wakes_empty = {"local": 0, "relayed": 0}
         self._woken_by: dict[asyncio.Event, str] = {}  # a woken claimer's key's origin
+        # Claimers woken early for a job whose write then failed (`withdraw`): their
+        # finding nothing passes nothing on.
+        self._withdrawn: set[asyncio.Event] = set()
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Attach to the event loop; on PostgreSQL, start relaying (until the loop closes)."""
@@ -296,6 +305,7 @@ class Notifier:
         finally:
             self._unrun.pop(event, None)
             self._woken_by.pop(event, None)
+            self._withdrawn.discard(event)
             waiters = self._waiters.get(key)
             if waiters is not None:
                 waiters.pop(event, None)
@@ -350,7 +360,10 @@ class Notifier:
         """Wait up to `timeout` seconds for `event`, then clear it; True if it was set."""
         self._waiting.add(event)
         try:
-            await asyncio.wait_for(event.wait(), timeout)
+            # `asyncio.timeout`, not `wait_for`: no task made per wait, and a wake-up
+            # resumes the waiter one loop turn after `set` (wait_for's task: three).
+            async with asyncio.timeout(timeout):
+                await event.wait()
             return True
         except TimeoutError:
             return False
@@ -376,6 +389,9 @@ class Notifier:
         origin = self._woken_by.pop(event, None)
         if origin is not None:
             self.claim_wakes_empty[origin] += 1
+        if event in self._withdrawn:  # woken early for a job that was not queued after all
+            self._withdrawn.discard(event)
+            return False
         waiters = self._waiters.get(key)
         if not waiters:
             return False
@@ -391,6 +407,46 @@ class Notifier:
                 other.set()
                 return True
         return False
+
+    def notify_early(self, key: str) -> asyncio.Event | None:
+        """(On the loop.) `notify` a wake-one `key` before the commit it announces, when
+        that commit's op is already in a single-lane writer's queue (SQLite) and a claimer
+        of the key waits in `wait` here: woken now, its claim's write queues behind that
+        op and so sees its row, and with luck shares its COMMIT (one transaction for the
+        job's submission and its claim, instead of two, on a one-at-a-time job's path).
+        Only without a relay (nothing leaves this process before the commit). Returns the
+        waiter woken (None: nothing done; then `notify` after the commit, as usual). If
+        the write fails, `withdraw` it: its claim then finds nothing and passes nothing on.
+        The marks move as for `notify` (before the commit: a claim or probe that starts
+        meanwhile and finds the queue empty may trust that until the next announcement,
+        but the job's one wake-up went to a claimer that takes it or passes it on)."""
+        idle = self._early_waiter(key)
+        if idle is None:
+            return None
+        self._count_and_watch(key, 1)
+        self._wake(key)
+        return idle
+
+    def claimer_waits(self, key: str) -> bool:
+        """(On the loop.) Whether `notify_early(key)` would wake a claimer now."""
+        return self._early_waiter(key) is not None
+
+    def _early_waiter(self, key: str) -> asyncio.Event | None:
+        if self._relay is not None or self._loop is None or not key.startswith(WAKE_ONE_PREFIX):
+            return None
+        waiters = self._waiters.get(key)
+        if not waiters:
+            return None
+        idle = next((e for e in waiters if not e.is_set()), None)
+        if idle is None or idle not in self._waiting:
+            return None  # the one `notify` would wake is busy: it would not take now
+        return idle
+
+    def withdraw(self, key: str, event: asyncio.Event) -> None:
+        """(On the loop.) The write `notify_early(key)` woke `event` for failed: its claim's
+        finding nothing is no reason to wake another claimer (`pass_on` does nothing)."""
+        if event in self._waiters.get(key, ()):  # else it is gone already: nothing to do
+            self._withdrawn.add(event)  # forgotten by `pass_on` or when it unsubscribes
 
     def notify(self, key: str, view: object | None = None, *, times: int = 1) -> None:
         """Wake `key`'s waiters here and on the other coordinators, as for `times`

@@ -61,7 +61,10 @@ What a claim reads before its write (each read a hint: the write checks again):
   claim or probe found nothing and no job of the app was announced since, per the
   notifier's marks). Every job queued is announced once with `app_key` (one claimer
   woken per job) after its commit, and a job with a placement requirement also with
-  `keys_key` (this coordinator's keys of the app may be behind).
+  `keys_key` (this coordinator's keys of the app may be behind). Except on one writer
+  lane (SQLite) for a job without a requirement submitted one at a time while a claimer
+  waits here: it is announced as soon as its write is queued (`submit_async`), so the
+  claim's write runs after it, mostly in the same transaction (one COMMIT for both).
 
 Every change of a job its owner can see (submitted, running, progress, ended,
 requeued, cancelled) is announced after its commit with `owner_change(owner, job)`
@@ -76,6 +79,7 @@ job, and so do the other coordinators' when the relay could carry the view with 
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import json
@@ -323,6 +327,9 @@ class JobQueue:
         self._granted: dict[str, _Granted] = {}  # job id -> the lease a claim here granted
         self._max_limits: dict[str, Any] | None = None  # `limits_for` without limits, dumped
         self.verifier = Verifier(self.engine, settings.verify_probation)
+        # SQLite: one writer lane and no relay, so a submission may be announced while
+        # its write is queued (`submit_async`, `Notifier.notify_early`).
+        self._one_lane = writer.lanes == 1 and self.engine.dialect.name == "sqlite"
 
     @contextmanager
     def read(self, *, each: bool = False) -> Iterator[Connection]:
@@ -535,19 +542,37 @@ class JobQueue:
         *,
         count_window: bool = False,
     ) -> JobRow:
-        """`submit` from the event loop (the write is the writer's, without a thread hop)."""
+        """`submit` from the event loop (the write is the writer's, without a thread hop).
+
+        On one writer lane (SQLite), a job without a placement requirement is announced
+        as soon as its write is queued when a claimer of its app waits here
+        (`Notifier.notify_early`): that claim's write queues behind the submission's, so it
+        takes the job, in the same transaction when it joins the batch (one COMMIT for
+        both on a one-at-a-time job's path). Nothing is answered before the commit."""
         job_id, op, requires = self._prepare_submit(spec, files)
+        early: asyncio.Event | None = None
+        key = app_key(spec.app)
         try:
             inputs = adopt_input_rows(self.blobs, staging, job_id, files)
-            job = await self._write_async(
-                self._submit_op(owner_id, spec, op, requires, job_id, inputs, files, count_window),
-                "a submission",
+            write = self._submit_op(
+                owner_id, spec, op, requires, job_id, inputs, files, count_window
             )
+            if self._one_lane and not requires and self.notifier.claimer_waits(key):
+                queued = self.writer.queue_async(write, follower=True)  # the claim follows
+                early = self.notifier.notify_early(key)
+                job = await queued
+            else:
+                job = await self._write_async(write, "a submission")
         except BaseException:
             self.blobs.remove_job(job_id)
+            if early is not None:
+                self.notifier.withdraw(key, early)
             raise
-        self._announce([job])
-        await self.notifier.hand_over()  # the woken claimer takes the job before we answer
+        if early is None:
+            self._announce([job])
+            await self.notifier.hand_over()  # the woken claimer takes the job before we answer
+        else:
+            await asyncio.sleep(0)  # the claim answered by the same commit goes out first
         return job
 
     def _prepare_submit(

@@ -29,7 +29,10 @@ fsync on SQLite in WAL with synchronous=FULL; one WAL flush on PostgreSQL) and
 resolves every caller: threads through a `concurrent.futures.Future`, coroutines
 through an asyncio future settled with one `call_soon_threadsafe` per event loop per
 batch. There is no waiting for company: a lone operation commits at once, and while
-one COMMIT runs the next batch gathers in the queue by itself.
+one COMMIT runs the next batch gathers in the queue by itself. The one exception: an op
+queued with `follower=True` (`queue_async`: its caller woke someone whose op comes next,
+a claim for the job it submits) holds its batch open up to `FOLLOWER_WAIT_SECONDS` when
+it is the last op run and the queue is empty, so that the next op shares its COMMIT.
 
 Bare operations: a caller may mark an operation `Rerunnable(op)` (it has no effect outside
 its transaction that running it again would change: no file written, no memory a second
@@ -150,6 +153,7 @@ MAX_BATCH_OPS = 256
 PG_LANES = 4  # writer threads (connections) on PostgreSQL; SQLite has one write lock: 1
 HELP_AFTER_SECONDS = 0.05  # PostgreSQL: a batch open this long with ops waiting gets help
 MAX_BATCH_SECONDS = 0.005  # of the writer thread's CPU in one transaction, then it commits
+FOLLOWER_WAIT_SECONDS = 0.001  # a batch holding an op with a follower waits this for it
 
 
 class CommitFailed(Unavailable):
@@ -197,15 +201,17 @@ class _BatchBroken(Exception):
 class _Op:
     """One accepted operation and how to answer its caller."""
 
-    __slots__ = ("error", "loop", "op", "rerunnable", "sent", "value", "waiter")
+    __slots__ = ("error", "follower", "loop", "op", "rerunnable", "sent", "value", "waiter")
 
     def __init__(
         self,
         op: WriteOp[Any],
         waiter: Future[Any] | asyncio.Future[Any],
         loop: asyncio.AbstractEventLoop | None,
+        follower: bool = False,
     ) -> None:
         self.op = op
+        self.follower = follower  # another op is expected right behind it (`queue_async`)
         self.waiter = waiter
         self.loop = loop  # None: a thread waits on a concurrent.futures.Future
         self.rerunnable = isinstance(op, Rerunnable)  # may run bare (module docstring)
@@ -289,11 +295,21 @@ class Writer:
 
     async def run_async(self, op: WriteOp[T]) -> T:
         """`run` for coroutines: the event loop keeps serving while `op` commits."""
+        return await self.queue_async(op)
+
+    def queue_async(self, op: WriteOp[T], *, follower: bool = False) -> asyncio.Future[T]:
+        """(On an event loop.) Accept `op` now, in order, and return the future of its
+        result, set once committed (as `run_async`'s): the caller may do something on the
+        loop between the op's place in the queue and the wait (an op queued meanwhile by
+        this loop runs after it, on one lane in its batch or a later one). `follower`:
+        the caller expects another op right behind it (a claim it woke for this op's
+        job): if the queue is empty when the batch would commit, the writer waits up to
+        `FOLLOWER_WAIT_SECONDS` for one more op (the only wait for company)."""
         self._refuse_inside("run_async")
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Any] = loop.create_future()
-        self._accept(_Op(op, waiter, loop))
-        return cast(T, await waiter)
+        self._accept(_Op(op, waiter, loop, follower))
+        return waiter
 
     def close(self) -> None:
         """Stop accepting operations (those already accepted finish first)."""
@@ -515,7 +531,12 @@ class Writer:
                 try:
                     more = self._queue.get_nowait()
                 except queue.Empty:
-                    break
+                    if not item.follower:
+                        break
+                    try:  # the op its caller expects next: wait a little for it
+                        more = self._queue.get(timeout=FOLLOWER_WAIT_SECONDS)
+                    except queue.Empty:
+                        break
                 if more is _STOP:
                     stop = True
                     break
