@@ -27,9 +27,8 @@ from csml.coordinator import (
     verification,
 )
 from csml.coordinator.auth import AuthFirstRoute, current_identity, lean
-from csml.coordinator.blob_response import BlobResponse
 from csml.coordinator.errors import ApiError, from_refusal, not_found, spec_error
-from csml.coordinator.file_responses import WholeFile
+from csml.coordinator.file_responses import BlobResponse, WholeFile
 from csml.coordinator.notify import job_key, owner_change
 from csml.coordinator.staged_inputs import StagedFile
 from csml.coordinator.state import Core, core

@@ -33,9 +33,8 @@ from csml.coordinator.auth import (
     from_headers,
     lean,
 )
-from csml.coordinator.blob_response import BlobResponse
 from csml.coordinator.errors import ApiError, not_found, status_of
-from csml.coordinator.file_responses import WholeFile
+from csml.coordinator.file_responses import BlobResponse, WholeFile
 from csml.coordinator.notify import app_key, watch_hang_up
 from csml.coordinator.pipelines import PIPELINE_APP
 from csml.coordinator.queue import Outcome

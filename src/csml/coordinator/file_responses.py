@@ -1,7 +1,8 @@
-"""File answers sent whole: a stored file (a job's output to its owner, a job's input to
-its worker) read at once on the event loop and sent as one body.
+"""File answers of the job routes: a stored file (a job's output to its owner, a job's
+input to its worker) read at once on the event loop and sent as one body (`WholeFile`),
+and a file kept in the database sent from its row's bytes (`BlobResponse`).
 
-Invariants:
+`WholeFile` invariants:
 - Same headers and ranges as Starlette's `FileResponse` (it is one): only the plain
   answer (no range, not HEAD) of a file of at most `WHOLE_FILE_BYTES` is read at once;
   a larger file, or one whose size is not what was stat'ed, streams as before.
@@ -9,11 +10,30 @@ Invariants:
   the file did not grow).
 - The file's stat is the route's (on the loop, before the answer): without it the
   answer streams as `FileResponse` does (stat, open, reads and close in the thread pool).
+
+`BlobResponse` (a file kept in the database, `csml.store.blobs.in_db`) is a
+`FileResponse` whose bytes are in memory (the row's `content`), so it is served as a
+file on disk is: the same status, the same headers (content type and length,
+`content-disposition` when named, `accept-ranges`, `last-modified` and an `etag` made as
+Starlette makes them from a time and the size, and whatever the route adds, e.g.
+`X-Content-SHA256`), HEAD and byte ranges alike. Its invariants:
+- Never a path: nothing opens a file, and `http.response.pathsend` (which names a file
+  for the server to send) is never used; the whole body is sent in one message (it is
+  at most `Settings.db_blob_max_bytes`), ranges are read from memory.
+- The time standing for the file's modification (`modified`) is the caller's: the job's
+  end for an output, its creation for an input (when a file would have been written).
 """
 
 from __future__ import annotations
 
-from fastapi.responses import FileResponse
+import io
+import os
+import stat
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+
+import anyio
+from starlette.responses import FileResponse
 from starlette.types import Send
 
 WHOLE_FILE_BYTES = 1 << 20
@@ -39,4 +59,43 @@ class WholeFile(FileResponse):
         await send(
             {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
         )
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _stat(size: int, modified: float) -> os.stat_result:
+    """What `os.stat` would say of a regular 0600 file of `size` bytes written at `modified`."""
+    return os.stat_result((stat.S_IFREG | 0o600, 0, 0, 1, 0, 0, size, modified, modified, modified))
+
+
+class BlobResponse(FileResponse):
+    """A `FileResponse` of bytes kept in the database (see the module docstring)."""
+
+    def __init__(
+        self,
+        content: bytes,
+        name: str,
+        modified: float,
+        *,
+        media_type: str,
+        filename: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(
+            name,  # never opened: for messages only
+            media_type=media_type,
+            filename=filename,
+            headers=headers,
+            stat_result=_stat(len(content), modified),
+        )
+        self.content = content
+
+    @asynccontextmanager
+    async def _open_file(self) -> AsyncIterator[anyio.AsyncFile[bytes]]:
+        yield anyio.AsyncFile(io.BytesIO(self.content))
+
+    async def _handle_simple(self, send: Send, send_header_only: bool, send_pathsend: bool) -> None:
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        body = b"" if send_header_only else self.content
         await send({"type": "http.response.body", "body": body, "more_body": False})
