@@ -61,7 +61,9 @@ def mode(path: Path) -> int:
 
 def test_a_job_reads_none_of_the_store(cluster: Cluster, host: Path) -> None:
     owner, attacker = cluster.new_user(), cluster.new_user()
-    secret = b"row07: another identity's confidential upload"
+    # Over the database's bound for small files (CSML_DB_BLOB_MAX_BYTES, 256 KiB): its
+    # input and echo's output are files (a small one is in the database, checked below).
+    secret = b"row07: another identity's confidential upload\n" * 6000
     theirs = owner.submit("echo", "echo", params={"note": "row07"}, files={"data": secret})
     theirs.wait(60)
     assert theirs.state.value == "succeeded", theirs.error
@@ -86,7 +88,9 @@ def test_a_job_reads_none_of_the_store(cluster: Cluster, host: Path) -> None:
 
 def test_the_store_is_owner_only(cluster: Cluster) -> None:
     user = cluster.new_user()
-    job = user.submit("echo", "echo", params={}, files={"data": b"x" * 100}).wait(60)
+    # Over the database's bound for small files (256 KiB): a job folder and its files.
+    data_in = b"x" * (300 << 10)
+    job = user.submit("echo", "echo", params={}, files={"data": data_in}).wait(60)
     assert job.state.value == "succeeded", job.error
     data = cluster.data_dir
     assert mode(data) == 0o700
