@@ -270,8 +270,9 @@ async def submit_job(request: Request, me: Me) -> JSONResponse:
             job = await c.queue.submit_async(
                 me.id, holder["spec"], staging, parsed.files, count_window=windowed
             )
+            plain = holder["spec"].confidential is None  # a sealed job's inputs: never inline
             for f in parsed.files.values():  # kept in the database: its claim's text
-                if f.content is not None:
+                if plain and f.content is not None:
                     c.blobs.base64.put(f.sha256, f.size, base64.b64encode(f.content).decode())
             return _submitted(c, me.id, job)
         finally:
