@@ -1,14 +1,18 @@
 """A real worker agent that never reaches a coordinator, for tests of its own parts
 (job folders, inline inputs): its sandbox's zygote runs, its coordinator address is a
-closed port, and everything it opened is closed and its work folder removed at the end."""
+closed port, and everything it opened is closed and its work folder removed at the end.
+`echo_claim` builds the claimed echo job such tests hand it, one input named `data`."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from csml.schemas import ClaimedJob, FileInfo, JobLimits
 from csml.worker.agent import WorkerAgent, WorkerConfig
 
 
@@ -30,3 +34,31 @@ def offline_agent(workdir: Path, app: str = "echo") -> Iterator[WorkerAgent]:
         agent.claims.close()
         agent._sender.close()
         shutil.rmtree(agent._workdir, ignore_errors=True)
+
+
+def echo_claim(
+    data: bytes,
+    *,
+    job_id: str = "j" * 32,
+    inline: str | None = None,
+    owner_key: str = "",
+) -> ClaimedJob:
+    """An echo job as a claim hands it over: input `data` described by its size and
+    sha256, carried inline as `inline` (default: its canonical base64)."""
+    info = FileInfo(
+        name="data",
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        media_type="application/octet-stream",
+    )
+    return ClaimedJob(
+        id=job_id,
+        operation="echo",
+        params={},
+        inputs=[info],
+        lease_id="lease",
+        attempt=1,
+        limits=JobLimits(timeout_seconds=30, memory_mb=512, cpu_seconds=30),
+        inline_inputs={"data": base64.b64encode(data).decode() if inline is None else inline},
+        owner_key=owner_key,
+    )

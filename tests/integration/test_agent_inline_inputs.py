@@ -9,15 +9,14 @@ since nothing here runs a coordinator to download from."""
 from __future__ import annotations
 
 import base64
-import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from csml.schemas import ClaimedJob, FileInfo, JobLimits
+from csml.schemas import ClaimedJob
 from csml.worker.agent import WorkerAgent
-from tests.integration.offline_agent import offline_agent
+from tests.integration.offline_agent import echo_claim, offline_agent
 
 DATA = b"the input's bytes\x00\xff"
 
@@ -26,24 +25,6 @@ DATA = b"the input's bytes\x00\xff"
 def agent(tmp_path: Path) -> Iterator[WorkerAgent]:
     with offline_agent(tmp_path) as made:
         yield made
-
-
-def _job(inline: str) -> tuple[ClaimedJob, FileInfo]:
-    digest = hashlib.sha256(DATA).hexdigest()
-    info = FileInfo(
-        name="data", size=len(DATA), sha256=digest, media_type="application/octet-stream"
-    )
-    job = ClaimedJob(
-        id="j" * 32,
-        operation="echo",
-        params={},
-        inputs=[info],
-        lease_id="lease",
-        attempt=1,
-        limits=JobLimits(timeout_seconds=10, memory_mb=256, cpu_seconds=10),
-        inline_inputs={"data": inline},
-    )
-    return job, info
 
 
 @pytest.mark.parametrize(
@@ -71,7 +52,8 @@ def test_an_inline_input_is_used_only_when_canonical_and_its_digest_matches(
         return target
 
     monkeypatch.setattr(agent, "_download", download)
-    job, info = _job(inline)
+    job = echo_claim(DATA, inline=inline)
+    (info,) = job.inputs
     target = tmp_path / "in"
     assert agent._input(job, info, target) == target
     assert target.read_bytes() == DATA

@@ -13,7 +13,6 @@ there."""
 from __future__ import annotations
 
 import base64
-import hashlib
 import os
 import stat
 from collections.abc import Iterator
@@ -21,9 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from csml.schemas import ClaimedJob, FileInfo, JobLimits
 from csml.worker.agent import WorkerAgent, _Running
-from tests.integration.offline_agent import offline_agent
+from tests.integration.offline_agent import echo_claim, offline_agent
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="a uid per job needs root")
 
@@ -36,23 +34,7 @@ def agent(tmp_path: Path) -> Iterator[WorkerAgent]:
 
 def run_echo(agent: WorkerAgent, owner: str, data: bytes, n: int) -> bytes:
     """Run an echo job of `owner` with `data` inline, as a slot thread does; its output."""
-    info = FileInfo(
-        name="data",
-        size=len(data),
-        sha256=hashlib.sha256(data).hexdigest(),
-        media_type="application/octet-stream",
-    )
-    job = ClaimedJob(
-        id=f"{n:032d}",
-        operation="echo",
-        params={},
-        inputs=[info],
-        lease_id="lease",
-        attempt=1,
-        limits=JobLimits(timeout_seconds=30, memory_mb=512, cpu_seconds=30),
-        inline_inputs={"data": base64.b64encode(data).decode()},
-        owner_key=owner,
-    )
+    job = echo_claim(data, job_id=f"{n:032d}", owner_key=owner)
     agent._running[job.id] = _Running(job)
     agent._active += 1
     agent._execute(job)
