@@ -5,6 +5,7 @@ on one that does not run."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from csml.coordinator import notify
 from csml.coordinator.notify import Notifier, app_key, job_key
@@ -152,11 +153,12 @@ def test_a_woken_waiter_busy_elsewhere_gets_no_turn() -> None:
             n.subscribe(claim_key) as next_busy,
             n.subscribe(job_key("j")) as poll,
         ):
-            for name, notify_it in [
+            wakes: list[tuple[str, Callable[[], object]]] = [
                 ("claim", lambda: n.notify(claim_key)),
                 ("long-poll", lambda: n.notify(job_key("j"))),
                 ("passed on", lambda: n.pass_on(claim_key, busy)),
-            ]:
+            ]
+            for name, notify_it in wakes:
                 task = asyncio.create_task(other(name))
                 notify_it()
                 await n.hand_over()
