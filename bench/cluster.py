@@ -6,6 +6,7 @@ would start them; the data directory lives in a temporary folder.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -114,6 +115,81 @@ def tree_schedstat(pid: int, *, descendants: bool = True) -> tuple[float, float]
         except OSError:
             continue  # exited meanwhile
     return run, wait
+
+
+def thread_names(pid: int) -> dict[int, str]:
+    """{native thread id: Python thread name} of a process, from `py-spy dump` (Python
+    3.11 does not name its OS threads); {} when py-spy is missing or cannot attach."""
+    from pyspy import py_spy_path
+
+    exe = py_spy_path()
+    if exe is None:
+        return {}
+    try:
+        dump = subprocess.run(
+            [exe, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    out = {}
+    for line in dump.splitlines():
+        if line.startswith("Thread ") and '"' in line:
+            tid, name = line.split()[1], line.split('"')[1]
+            with contextlib.suppress(ValueError):
+                out[int(tid, 0)] = name
+    return out
+
+
+def thread_counters(pids: list[int]) -> dict[tuple[int, int], tuple[str, float, int, int]]:
+    """Per thread of these processes: (name, CPU seconds from schedstat, voluntary and
+    involuntary context switches) so far. Names: `thread_names`, with anyio's and the default
+    executor's numbered workers folded into one name each; "?" if unknown."""
+    out = {}
+    for pid in pids:
+        names = thread_names(pid)
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError, ValueError):
+                tid = int(task.name)
+                cpu = int((task / "schedstat").read_text().split()[0]) / 1e9
+                fields = dict(
+                    line.split(":", 1) for line in (task / "status").read_text().splitlines()
+                )
+                name = names.get(tid, "?").rstrip("0123456789_").rstrip("-") or "?"
+                out[(pid, tid)] = (
+                    name,
+                    cpu,
+                    int(fields["voluntary_ctxt_switches"]),
+                    int(fields["nonvoluntary_ctxt_switches"]),
+                )
+    return out
+
+
+def thread_deltas(
+    before: dict[tuple[int, int], tuple[str, float, int, int]],
+    after: dict[tuple[int, int], tuple[str, float, int, int]],
+    jobs: int,
+) -> dict[str, dict[str, float]]:
+    """By thread name over every coordinator: CPU-ms and context switches per job (a
+    thread that started meanwhile counts from zero, one that ended is left out)."""
+    sums: dict[str, list[float]] = {}
+    for key, (name, cpu, vol, invol) in after.items():
+        name = before.get(key, (name,))[0] if name == "?" else name
+        _, cpu0, vol0, invol0 = before.get(key, (name, 0.0, 0, 0))
+        s = sums.setdefault(name, [0.0, 0.0, 0.0, 0.0])
+        s[0] += 1
+        s[1] += cpu - cpu0
+        s[2] += vol - vol0
+        s[3] += invol - invol0
+    per = max(1, jobs)
+    return {
+        name: {
+            "threads": s[0],
+            "cpu_ms": round(1000 * s[1] / per, 3),
+            "voluntary": round(s[2] / per, 2),
+            "involuntary": round(s[3] / per, 2),
+        }
+        for name, s in sorted(sums.items(), key=lambda kv: -kv[1][1])
+    }
 
 
 def schedstat_window(pids: dict[str, int]) -> dict[str, tuple[float, float]]:

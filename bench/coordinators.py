@@ -76,6 +76,8 @@ from cluster import (  # noqa: E402
     scrape_requests,
     scrape_store,
     store_deltas,
+    thread_counters,
+    thread_deltas,
 )
 from csml.client import Client  # noqa: E402
 from csml.coordinator.config import Settings  # noqa: E402
@@ -554,83 +556,6 @@ def context_switches(pids: list[int]) -> dict[str, int]:
                         key = "voluntary" if name.startswith("vol") else "involuntary"
                         out[key] += int(value)
     return out
-
-
-def thread_names(pid: int) -> dict[int, str]:
-    """{native thread id: Python thread name} of a process, from `py-spy dump` (Python
-    3.11 does not name its OS threads); {} when py-spy is missing or cannot attach."""
-    from pyspy import py_spy_path
-
-    exe = py_spy_path()
-    if exe is None:
-        return {}
-    try:
-        dump = subprocess.run(
-            [exe, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    out = {}
-    for line in dump.splitlines():
-        if line.startswith("Thread ") and '"' in line:
-            tid, name = line.split()[1], line.split('"')[1]
-            with contextlib.suppress(ValueError):
-                out[int(tid, 0)] = name
-    return out
-
-
-def thread_counters(pids: list[int]) -> dict[tuple[int, int], tuple[str, float, int, int]]:
-    """Per thread of these processes: (name, CPU seconds, voluntary and involuntary
-    context switches) so far. Names: `thread_names`, with anyio's and the default
-    executor's numbered workers folded into one name each; "?" if unknown."""
-    tick = os.sysconf("SC_CLK_TCK")
-    out = {}
-    for pid in pids:
-        names = thread_names(pid)
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(OSError, ValueError):
-                tid = int(task.name)
-                stat = (task / "stat").read_text().rsplit(")", 1)[1].split()
-                cpu = (int(stat[11]) + int(stat[12])) / tick
-                fields = dict(
-                    line.split(":", 1) for line in (task / "status").read_text().splitlines()
-                )
-                name = names.get(tid, "?").rstrip("0123456789_").rstrip("-") or "?"
-                out[(pid, tid)] = (
-                    name,
-                    cpu,
-                    int(fields["voluntary_ctxt_switches"]),
-                    int(fields["nonvoluntary_ctxt_switches"]),
-                )
-    return out
-
-
-def thread_deltas(
-    before: dict[tuple[int, int], tuple[str, float, int, int]],
-    after: dict[tuple[int, int], tuple[str, float, int, int]],
-    jobs: int,
-) -> dict[str, dict[str, float]]:
-    """By thread name over every coordinator: CPU-ms and context switches per job (a
-    thread that started meanwhile counts from zero, one that ended is left out)."""
-    sums: dict[str, list[float]] = {}
-    for key, (name, cpu, vol, invol) in after.items():
-        name = before.get(key, (name,))[0] if name == "?" else name
-        _, cpu0, vol0, invol0 = before.get(key, (name, 0.0, 0, 0))
-        s = sums.setdefault(name, [0.0, 0.0, 0.0, 0.0])
-        s[0] += 1
-        s[1] += cpu - cpu0
-        s[2] += vol - vol0
-        s[3] += invol - invol0
-    per = max(1, jobs)
-    return {
-        name: {
-            "threads": s[0],
-            "cpu_ms": round(1000 * s[1] / per, 3),
-            "voluntary": round(s[2] / per, 2),
-            "involuntary": round(s[3] / per, 2),
-        }
-        for name, s in sorted(sums.items(), key=lambda kv: -kv[1][1])
-    }
 
 
 def scrape_notify(url: str) -> dict[str, float]:

@@ -47,6 +47,8 @@ from cluster import (
     scrape_requests,
     scrape_store,
     store_deltas,
+    thread_counters,
+    thread_deltas,
 )
 from csml.client import Client, Job
 
@@ -86,6 +88,7 @@ class Config:
     anchor: bool
     ways: list[str]
     batch_chunk: int
+    thread_split: bool = False
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -146,6 +149,12 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument(
         "--batch-chunk", type=int, default=25, help="jobs per submit_many call in (a) batch"
     )
+    p.add_argument(
+        "--thread-split",
+        action="store_true",
+        help="(a): the coordinator's CPU-ms and context switches per job by thread "
+        "(event loop, writer, ...; names from `py-spy dump`)",
+    )
     a = p.parse_args(argv)
     return Config(
         quick=a.quick,
@@ -168,6 +177,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         anchor=not a.no_anchor,
         ways=[w.strip() for w in a.ways.split(",") if w.strip()],
         batch_chunk=max(1, a.batch_chunk),
+        thread_split=a.thread_split,
     )
 
 
@@ -347,6 +357,8 @@ def run_throughput(
     drain(clients, [-1] * 2 * len(clients), echo_once)  # warm-up: connections, forks, caches
     indexes = list(range(cfg.throughput_jobs))
     requests0, store0 = scrape_requests(cluster.url), scrape_store(cluster.url)
+    coord = [cluster.coordinator.pid] if cfg.thread_split and cluster.coordinator else []
+    threads0 = thread_counters(coord)
     with (
         _maybe_profile(cluster, cfg, root, f"a-{way}") as profile,
         CpuWindow(cluster.pids()) as cpu,
@@ -357,6 +369,7 @@ def run_throughput(
             records = [r for rs in drain(clients, chunks, echo_batch) for r in rs]
         else:
             records = drain(clients, indexes, echo_once)
+    threads = thread_deltas(threads0, thread_counters(coord), len(records)) if coord else None
     store = store_deltas(store0, scrape_store(cluster.url), len(records))
     requests = request_deltas(requests0, scrape_requests(cluster.url), len(records))
     for c in clients:
@@ -383,6 +396,7 @@ def run_throughput(
         "coordinator_cpu_ms_per_job": round(
             1000 * cpu.used["coordinator"] / max(1, len(records)), 2
         ),
+        "coordinator_threads_per_job": threads,
         "profile": profile.get("summary"),
         "_expected": {r.job_id: r.index for r in records if r.job_id},
     }

@@ -5,6 +5,7 @@ on one that does not run."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from csml.coordinator import notify
 from csml.coordinator.notify import Notifier, app_key, job_key
@@ -128,5 +129,42 @@ def test_claim_wakes_are_counted_by_origin_and_those_that_took_nothing() -> None
             assert n.claim_wakes_empty == {"local": 1, "relayed": 0}
             assert not n.pass_on(key, second)  # nobody after it
             assert n.claim_wakes_empty == {"local": 2, "relayed": 0}
+
+    asyncio.run(run())
+
+
+def test_a_woken_waiter_busy_elsewhere_gets_no_turn() -> None:
+    """A claimer subscribed but not inside `wait` (its claim's write is committing) runs
+    its next step only when that ends: the request that woke it yields nothing to it
+    (it used to yield `HAND_OVER_YIELDS` loop turns, at every submission and completion
+    while a claim was busy), for a wake-one key, a long-poll's key and a passed-on wake."""
+
+    async def run() -> None:
+        n = Notifier()
+        n.bind(asyncio.get_running_loop())
+        ran: list[str] = []
+
+        async def other(name: str) -> None:
+            ran.append(name)
+
+        claim_key = app_key("echo")
+        with (
+            n.subscribe(claim_key) as busy,
+            n.subscribe(claim_key) as next_busy,
+            n.subscribe(job_key("j")) as poll,
+        ):
+            wakes: list[tuple[str, Callable[[], object]]] = [
+                ("claim", lambda: n.notify(claim_key)),
+                ("long-poll", lambda: n.notify(job_key("j"))),
+                ("passed on", lambda: n.pass_on(claim_key, busy)),
+            ]
+            for name, notify_it in wakes:
+                task = asyncio.create_task(other(name))
+                notify_it()
+                await n.hand_over()
+                assert ran == [], name  # hand_over returned without yielding to the loop
+                await task
+                ran.clear()
+            assert busy.is_set() and next_busy.is_set() and poll.is_set()
 
     asyncio.run(run())

@@ -12,6 +12,7 @@ over stdin, its join token.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import subprocess
@@ -47,6 +48,7 @@ LogFormatOpt = Annotated[
 ParentPidOpt = Annotated[int | None, typer.Option(hidden=True)]
 UP_LABEL = "csml up (local workers)"
 WORKER_STOP_GRACE = 30.0  # seconds a worker of `csml up` gets to finish its jobs
+SERVER_GC_THRESHOLD = (10_000, 10, 10)  # the coordinator process's collector (`_settle_heap`)
 
 
 def checked_log_format(requested: str) -> str:
@@ -124,7 +126,28 @@ def _serve(
     from csml.coordinator.logs import setup_logging
 
     setup_logging(log_level.upper(), log_format)
-    uvicorn.Server(_server_config(_settings(), host, port, log_level, tls)).run()
+    config = _server_config(_settings(), host, port, log_level, tls)
+    _settle_heap()
+    uvicorn.Server(config).run()
+
+
+def _settle_heap() -> None:
+    """Before serving: freeze what start-up made, and collect the young generation less
+    often (`SERVER_GC_THRESHOLD`).
+
+    The app (routes, schemas, the engine, the catalog: ~115,000 objects beyond the
+    CLI's, which `python -m csml` froze) lives as long as the process and is never
+    garbage, yet each full collection walked it: bench (a), 2,000 no-op jobs, had one
+    of ~110 ms CPU (and as long a stall of the event loop) in its window. A request
+    makes thousands of short-lived objects that reference counting frees; at the
+    default threshold (700) the young generation was collected ~100 times per 2,000
+    jobs, walking whatever was in flight each time. Measured in that window: 86 CPU-µs
+    of collection per job before, 23 with the freeze, 2.5 with both (two collections
+    of ~2 ms); a threshold of 50,000 made single pauses of ~24 ms for no further gain.
+    Cyclic garbage waits longer to be found, at most `SERVER_GC_THRESHOLD` objects'
+    worth."""
+    gc.freeze()
+    gc.set_threshold(*SERVER_GC_THRESHOLD)
 
 
 def server(
@@ -357,6 +380,7 @@ def up(
         console.print(f"TLS certificate SHA-256: [bold]{pin}[/]")
         console.print(f"clients: --pin-sha256 {pin}  (or CSML_PIN_SHA256)")
     server = uvicorn.Server(_server_config(settings, host, port, log_level, cert))
+    _settle_heap()
     # Not the main thread: uvicorn then leaves signals to us (it would re-raise
     # SIGTERM once served, killing this process before its workers are stopped).
     coordinator = threading.Thread(target=server.run, name="coordinator", daemon=True)
