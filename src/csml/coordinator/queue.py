@@ -889,10 +889,14 @@ class JobQueue:
         woken: bool = False,
         *,
         known: bool = False,
+        riding: bool = False,
     ) -> tuple[Callable[[Connection], _Claim] | None, list[str]]:
         """The claim's write (None: nothing to write) and the jobs of `running` already
         ended or lost (to abort: read, not written). `woken`: take without probing;
-        `known`: a long-poll may trust `_known_empty` instead of probing."""
+        `known`: a long-poll may trust `_known_empty` instead of probing; `riding`
+        (with `woken`): completions ride it, so it takes in their write without probing,
+        unless it long-polls with the queue known empty for it (then it writes nothing:
+        no take in the completions' transaction, which their results wait for)."""
         stamp = self._stamp_due(worker.id)
         claimant = self._claimant(worker)
         since = self.leases.epoch()
@@ -913,6 +917,13 @@ class JobQueue:
         # job (then the write takes what there is).
         beat = self._beat_known(worker, running, wait) if running else ([], [])
         keys = self._keys.get(worker.app)
+        if (
+            riding
+            and beat is not None
+            and not (beat[0] or stamp)
+            and self._known_empty(worker, marks, wait)
+        ):
+            return None, beat[1]
         writing = beat is not None and bool(beat[0] or stamp or woken)
         if beat is not None and keys is not None and writing:
             running, gone = beat
@@ -1379,8 +1390,11 @@ class JobQueue:
         committed. A deadlock (PostgreSQL) runs the whole operation again, as for a batch."""
         prepared = await self._prepare_async(worker, batch)
         done_op = self._complete_op(worker, batch, prepared, False)
-        # The completions are a write: the claim takes in it without probing first.
-        claim_op, gone = self._claim_op(worker, max_jobs, running or [], wait, warm or [], True)
+        # The completions are a write: the claim takes in it without probing first (but
+        # for a long-poll whose queue is known empty: then it only waits, after them).
+        claim_op, gone = self._claim_op(
+            worker, max_jobs, running or [], wait, warm or [], True, riding=True
+        )
 
         def op(
             conn: Connection,
