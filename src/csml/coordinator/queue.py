@@ -59,7 +59,9 @@ What a claim reads before its write (each read a hint: the write checks again):
   does, and the API hands the wake to the next idle claimer), and, for the first look
   of a long-poll, the queue is not known to be empty for it (`_known_empty`: its last
   claim or probe found nothing and no job of the app was announced since, per the
-  notifier's marks). Every job queued is announced once with `app_key` (one claimer
+  notifier's marks; then a long-poll carrying completions, with no heartbeat or stamp
+  due, takes nothing in their write: it only waits, after their commit). Every job
+  queued is announced once with `app_key` (one claimer
   woken per job) after its commit, and a job with a placement requirement also with
   `keys_key` (this coordinator's keys of the app may be behind). Except on one writer
   lane (SQLite) for a job without a requirement submitted one at a time while a claimer
