@@ -1,14 +1,17 @@
 """Where one job's round trip goes, across processes (a bench-only breakdown of (b)).
 
-    PYTHONPATH=src /work/venv/bin/python bench/latency.py [--jobs 200] [--workers 2 --slots 8]
+    PYTHONPATH=src /work/venv/bin/python bench/latency.py [--jobs 200] [--workers 1 --slots 2]
 
-Starts the echo cluster of bench/core.py with `bench/latency_trace` on PYTHONPATH and
-CSML_LATENCY_TRACE set, so the SDK (this process), the coordinator and the worker agents
-append timestamps of a few csml functions to per-process files (see
-latency_trace/sitecustomize.py; csml itself has no tracing). Then one job at a time, as
-(b) does, and for each job the first occurrence of each event within its round trip.
-Prints the median time between consecutive events of the median path and the round
-trip's p50/p99 (which the tracing itself inflates a little: ~40 file writes per job).
+Starts the echo cluster of bench/core.py's (b) (1 worker, 2 slots, prefetch 8) with
+`bench/latency_trace` on PYTHONPATH and CSML_LATENCY_TRACE set, so the SDK (this process),
+the coordinator and the worker agents append timestamps of a few csml functions to
+per-process files (see latency_trace/sitecustomize.py; csml itself has no tracing).
+Then one job at a time, as (b) does, and for each job the first occurrence of each
+event within its round trip. Prints, per event of the path, the median time it came
+at, the median and p90 of its step (the time since the previous event found on that
+job's path) and the step's mean over the slow jobs (those at or above the round trip's
+p90: where the tail goes), then the round trip's p50/p99 (which the tracing itself
+inflates a little: ~50 file writes per job).
 """
 
 from __future__ import annotations
@@ -49,38 +52,26 @@ PATH: list[tuple[str, str, str]] = [
     ("sdk: POST /v1/jobs sent", "link.0", "jobs"),
     ("coord: submit op queued", "c.submit.0", "*"),
     ("coord: writer batch begins", "w.batch.0", "*"),
+    ("coord: woken claim starts", "c.claim.0", "*"),
     ("coord: COMMIT starts", "db.commit.0", "*"),
-    ("coord: writer committed", "w.deliver", "*"),
-    ("coord: claim re-check starts", "c.claim.0", "*"),
-    ("coord: claim op COMMIT starts", "db.commit.0", "*"),
-    ("coord: claim op committed", "db.commit.1", "*"),
+    ("coord: COMMIT returns", "db.commit.1", "*"),
+    ("coord: writer delivers", "w.deliver", "*"),
     ("coord: claim returns job", "c.claim.1", "ID"),
     ("agent: claim answered", "link.1", "claim"),
     ("agent: job thread starts", "a.execute.0", "ID"),
     ("agent: sandbox.run", "s.run.0", "*"),
-    ("agent: checkout done", "s.checkout.1", "*"),
-    ("agent: files granted", "s.grant.1", "*"),
-    ("agent: _run starts", "s._run.0", "*"),
-    ("agent: StartMsg built", "s.startmsg.1", "*"),
-    ("agent: StartMsg encoded", "ch.encode.1", "*"),
     ("agent: StartMsg sent", "ch.start.1", "*"),
-    ("agent: supervise starts", "s.supervise.0", "*"),
-    ("agent: answer decoded", "ch.decode.1", "*"),
     ("agent: answer read", "ch.next.1", "*"),
-    ("agent: overrun check (cpu read) done", "s.cpu.1", "*"),
-    ("agent: child answered", "s.supervise.1", "*"),
-    ("agent: files taken back", "s.takeback.1", "*"),
-    ("agent: leftover check done", "s.leftbehind.1", "*"),
-    ("agent: memory check done", "s.toobig.1", "*"),
-    ("agent: tmp cleared", "s.cleartmp.1", "*"),
     ("agent: sandbox.run returns", "s.run.1", "*"),
     ("agent: completion handed over", "a.handoff.0", "ID"),
-    ("agent: sender starts", "a.send.0", "*"),
+    ("agent: completion sent", "a.send.0", "*"),
     ("coord: complete starts", "c.complete.0", "*"),
+    ("coord: complete batch begins", "w.batch.0", "*"),
     ("coord: complete COMMIT starts", "db.commit.0", "*"),
-    ("coord: complete committed", "db.commit.1", "*"),
+    ("coord: complete COMMIT returns", "db.commit.1", "*"),
+    ("coord: writer delivers (complete)", "w.deliver", "*"),
+    ("coord: complete returns", "c.complete.1", "*"),
     ("coord: event stream loads the job", "c.changed.0", "ID"),
-    ("coord: event stream loaded it", "c.changed.1", "ID"),
     ("sdk: result event delivered", "sdk.deliver.0", "succeeded"),
     ("sdk: wait returns", "sdk.wait.1", "ID"),
 ]
@@ -90,11 +81,10 @@ PATH: list[tuple[str, str, str]] = [
 SIDE: list[tuple[str, str, str, str]] = [
     ("agent: next claim sent", "agent: claim answered", "link.0", "claim"),
     ("coord: next claim checked", "agent: claim answered", "c.claim.1", "-"),
-    ("coord: submit returns (after hand-over)", "coord: writer committed", "c.submit.1", "ID"),
-    ("sdk: POST /v1/jobs answered", "coord: writer committed", "link.1", "jobs"),
-    ("coord: complete returns (after hand-over)", "coord: complete committed", "c.complete.1", "*"),
-    ("agent: complete answered", "coord: complete committed", "link.1", "complete"),
-    ("agent: job ended", "coord: complete committed", "a.end.0", "ID"),
+    ("coord: submit returns (after hand-over)", "coord: writer delivers", "c.submit.1", "ID"),
+    ("sdk: POST /v1/jobs answered", "coord: writer delivers", "link.1", "jobs"),
+    ("agent: complete answered", "coord: complete returns", "link.1", "complete"),
+    ("agent: job ended", "coord: complete returns", "a.end.0", "ID"),
 ]
 
 
@@ -173,19 +163,33 @@ def timeline(
     return out
 
 
+def step_of(line: dict[str, float], label: str) -> float | None:
+    """ms from the previous PATH event found in `line` to `label` (None: not found)."""
+    if label not in line:
+        return None
+    prev = 0.0
+    for other, _, _ in PATH:
+        if other == label:
+            return line[label] - prev
+        if other in line:
+            prev = line[other]
+    return None
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--jobs", type=int, default=200)
     p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--slots", type=int, default=8)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--slots", type=int, default=2)
+    p.add_argument("--prefetch", type=int, default=8, help="as bench/core.py's (b)")
     p.add_argument("--keep", action="store_true", help="keep the trace files and the cluster")
     a = p.parse_args()
     root = Path(tempfile.mkdtemp(prefix="csml-latency-"))
     print(f"load {os.getloadavg()}", file=sys.stderr)
     with Cluster(root / "echo") as cluster:
         cluster.start_coordinator()
-        cluster.start_workers("echo", a.workers, a.slots)
+        cluster.start_workers("echo", a.workers, a.slots, prefetch=a.prefetch)
         client = cluster.new_user()
         for _ in range(a.warmup):
             echo_once(client, -1)
@@ -205,18 +209,26 @@ def main() -> int:
         f"round trip p50 {percentile(total, 50):.2f} ms, p90 {percentile(total, 90):.2f}, "
         f"p99 {percentile(total, 99):.2f} (traced)"
     )
+    # Per job, each step is the time since the previous event found on its path; the
+    # tail columns: the same steps over the jobs at or above the round trip's p90.
+    slow_at = percentile(total, 90)
+    slow = [line for line, t in zip(lines, total, strict=True) if t >= slow_at]
     print(
-        f"{'event (first within the round trip)':45} {'at ms (median)':>14} {'step ms':>8} {'n':>4}"
+        f"{'event (first within the round trip)':45} {'at ms':>7} {'step p50':>8} "
+        f"{'p90':>6} {'slow jobs':>9} {'n':>4}"
     )
-    prev = 0.0
     for label, _, _ in PATH:
         at = [line[label] for line in lines if label in line]
         if not at:
-            print(f"{label:45} {'-':>14}")
+            print(f"{label:45} {'-':>7}")
             continue
-        med = statistics.median(at)
-        print(f"{label:45} {med:14.2f} {med - prev:8.2f} {len(at):4}")
-        prev = med
+        steps = [s for line in lines if (s := step_of(line, label)) is not None]
+        slow_steps = [s for line in slow if (s := step_of(line, label)) is not None]
+        print(
+            f"{label:45} {statistics.median(at):7.2f} {statistics.median(steps):8.2f} "
+            f"{percentile(steps, 90):6.2f} "
+            f"{statistics.mean(slow_steps) if slow_steps else 0:9.2f} {len(at):4}"
+        )
     print(f"{'round trip':45} {statistics.median(total):14.2f}")
     print("per job, ms: on a CPU / runnable but waiting for a CPU (schedstat, all threads)")
     for name, v in schedstat_ms_per_job(sched0, sched1, len(runs)).items():

@@ -83,6 +83,11 @@ def _wrap_async(
     setattr(owner, name, outer)
 
 
+def _first_words(data: bytes) -> str:
+    """The start of what went over a socket, as one field of a trace line."""
+    return data.decode("latin-1").replace(" ", "_").replace("\r", "").replace("\n", "|")
+
+
 def _patch(name: str, module: Any) -> None:
     if name == "csml.link":
         _wrap(module.Link, "post", "link", job=lambda self, path, *a, **k: path.rsplit("/", 1)[-1])
@@ -106,17 +111,18 @@ def _patch(name: str, module: Any) -> None:
             result_event=lambda a: ",".join(j.id for j in a.jobs) if a.jobs else "-",
         )
         _wrap_async(module.JobQueue, "complete_many_async", "c.complete")
+        _wrap_async(module.JobQueue, "complete_and_claim_async", "c.complete")
     elif name == "csml.coordinator.notify":
         _wrap(module.Notifier, "notify", "c.notify", job=lambda self, key: key, after=False)
     elif name == "csml.coordinator.api_events":
-        _wrap(module, "_changed", "c.changed", job=lambda c, o, ids, p: ",".join(ids))
+        _wrap(module, "_changed", "c.changed", job=lambda c, o, ids, *a, **k: ",".join(ids))
     elif name == "csml.worker.agent":
         _wrap(module.WorkerAgent, "_execute", "a.execute", job=lambda self, j: j.id)
         _wrap(
             module.WorkerAgent, "_complete", "a.handoff", job=lambda self, j, c: j.id, after=False
         )
         _wrap(module.WorkerAgent, "_send_completions", "a.send")
-        _wrap(module.WorkerAgent, "_end", "a.end", job=lambda self, j, w: j, after=False)
+        _wrap(module.WorkerAgent, "_end", "a.end", job=lambda self, j, *a: j, after=False)
     elif name == "csml.worker.sandbox":
         _wrap(module.Sandbox, "run", "s.run")
         _wrap(module.Sandbox, "_run", "s._run")
@@ -143,6 +149,21 @@ def _patch(name: str, module: Any) -> None:
             job=lambda self, j: f"{j.get('id')}:{j.get('state')}",
             after=False,
         )
+    elif name == "csml.cli.http_protocol":
+        _wrap(
+            module.CoalescingHttpToolsProtocol,
+            "data_received",
+            "c.recv",
+            job=lambda self, data: _first_words(bytes(data[:40])),
+            after=False,
+        )
+        _wrap(
+            module.CoalescingTransport,
+            "write",
+            "c.send",
+            job=lambda self, data: _first_words(bytes(data[:30])),
+            after=False,
+        )
     elif name == "csml.client.sdk":
         _wrap(module.Job, "wait", "sdk.wait", job=lambda self, *a, **k: self.id)
 
@@ -159,6 +180,7 @@ TARGETS = {
     "csml.worker.channel",
     "csml.client.results",
     "csml.client.sdk",
+    "csml.cli.http_protocol",
 }
 
 

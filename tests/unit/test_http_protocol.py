@@ -1,5 +1,6 @@
 """The coordinator's HTTP protocol (`csml.cli.http_protocol`): an answer's head and body
-leave in one write; nothing is lost, reordered or held past one turn of the loop."""
+leave in one write; nothing is lost or reordered, a head is held at most one turn of the
+loop and nothing else is held."""
 
 from __future__ import annotations
 
@@ -60,24 +61,42 @@ async def turns(n: int = 3) -> None:
         await asyncio.sleep(0)
 
 
-def test_writes_of_one_turn_leave_in_one_write_in_order() -> None:
+def test_a_head_waits_for_its_body_of_the_same_turn_and_leaves_with_it() -> None:
     async def main() -> None:
         real = FakeTransport()
         t = CoalescingTransport(real, asyncio.get_running_loop())  # type: ignore[arg-type]
-        t.write(b"head ")
+        head = b"HTTP/1.1 200 OK\r\n\r\n"
+        t.write(head)
         assert real.writes == []  # held: a body may follow in this turn
-        assert t.get_write_buffer_size() == 5
+        assert t.get_write_buffer_size() == len(head)
         t.write(bytearray(b"body"))
-        assert real.writes == [b"head body"]  # at once, together
+        assert real.writes == [head + b"body"]  # at once, together
+        assert t.get_write_buffer_size() == 0
+        t.write(head)
+        await turns()
+        assert real.writes[-1] == head  # no body came in its turn: sent when the turn ended
+        t.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        t.write(b"")  # an empty body still sends the head at once
+        assert real.writes[-1] == b"HTTP/1.1 204 No Content\r\n\r\n"
+
+    asyncio.run(main())
+
+
+def test_a_write_that_is_not_a_head_leaves_at_once_in_order() -> None:
+    """A streamed chunk (an event of the result stream) is not held for the end of the
+    turn: it would leave after whatever else the turn writes (another answer)."""
+
+    async def main() -> None:
+        real = FakeTransport()
+        t = CoalescingTransport(real, asyncio.get_running_loop())  # type: ignore[arg-type]
+        t.write(b"2a\r\nevent: job\r\n")
+        assert real.writes == [b"2a\r\nevent: job\r\n"]  # at once, not at the turn's end
         t.write(b"")
         t.write(b"next")
-        assert real.writes == [b"head body"]
+        assert real.writes == [b"2a\r\nevent: job\r\n", b"next"]
         await turns()
-        assert real.writes == [b"head body", b"next"]  # when the turn ended
+        assert real.writes == [b"2a\r\nevent: job\r\n", b"next"]
         assert t.get_write_buffer_size() == 0
-        t.write(b"head of a 204")
-        t.write(b"")  # an empty body still sends the head at once
-        assert real.writes[-1] == b"head of a 204"
 
     asyncio.run(main())
 
@@ -92,9 +111,9 @@ def test_a_large_body_leaves_with_its_head_in_one_write_without_a_copy() -> None
         assert real.writes == [head + body]  # one write, at once
         (handed,) = real.pieces
         assert handed[0] is head and handed[1] is body  # the objects themselves
-        t.write(b"small head")
+        t.write(b"HTTP/1.1 200 small head")
         t.write(b"small body")
-        assert real.pieces[-1] == [b"small headsmall body"]  # joined: cheaper than a vector
+        assert real.pieces[-1] == [b"HTTP/1.1 200 small headsmall body"]  # joined: cheaper
 
     asyncio.run(main())
 
@@ -104,16 +123,16 @@ def test_close_sends_what_is_held_first_and_abort_drops_it() -> None:
         loop = asyncio.get_running_loop()
         real = FakeTransport()
         t = CoalescingTransport(real, loop)  # type: ignore[arg-type]
-        t.write(b"last words")
+        t.write(b"HTTP/1.1 200 last words")
         t.close()
-        assert real.writes == [b"last words"] and real.closed
+        assert real.writes == [b"HTTP/1.1 200 last words"] and real.closed
         t.write(b"after close")
         await turns()
-        assert real.writes == [b"last words"]  # dropped, as asyncio's transport drops it
+        assert real.writes == [b"HTTP/1.1 200 last words"]  # dropped, as asyncio's drops it
 
         other = FakeTransport()
         t = CoalescingTransport(other, loop)  # type: ignore[arg-type]
-        t.write(b"never sent")
+        t.write(b"HTTP/1.1 200 never sent")
         t.abort()
         await turns()
         assert other.writes == [] and other.aborted

@@ -240,6 +240,33 @@ def test_a_plain_jobs_completion_riding_a_claim_is_one_statement(
     assert jobs[0].state.value == "succeeded" and jobs[0].result == {}
 
 
+def test_a_long_poll_carrying_completions_takes_nothing_in_their_write_when_known_empty(
+    coordinator: InProcessCoordinator, echo_worker: HttpWorker
+) -> None:
+    """Pinned count: a claim that carries completions and long-polls (a worker with no
+    other job: one job at a time), from a worker whose last claim here took all there
+    was (and nothing was queued since), writes only the completions' end: no take in
+    their transaction, whose commit their results wait for (there was an `UPDATE jobs`
+    taking nothing). It then waits, and re-checks as any long-poll does."""
+    job = coordinator.new_user().submit("echo", "echo")
+    [taken] = claim(echo_worker, 2).jobs  # fewer than asked: nothing else waits for it
+    done = {"job_id": job.id, "lease_id": taken.lease_id, "state": "succeeded", "result": {}}
+    answers: list[Any] = []
+    sent = statements_of(
+        coordinator,
+        lambda: answers.append(
+            echo_worker.post("/claim", {"max_jobs": 2, "wait": 0.2, "completions": [done]})
+        ),
+    )
+    answer = ClaimResponse.model_validate(answers[0].json())
+    assert answer.jobs == [] and [o.status for o in answer.results] == [204]
+    write = sent[: next(i for i, s in enumerate(sent) if s.startswith("SELECT"))]
+    assert [s.split(" ")[0] for s in write] == ["BEGIN", "UPDATE"], sent
+    assert write[1].startswith("UPDATE jobs SET state=?, finished_at=?"), sent
+    job.wait(timeout=10)
+    assert job.state.value == "succeeded"
+
+
 def test_several_plain_completions_riding_a_claim_are_one_statement(
     coordinator: InProcessCoordinator, echo_worker: HttpWorker
 ) -> None:

@@ -3,19 +3,24 @@
 uvicorn writes an answer's head (status line and headers) in one `transport.write`
 and its body in another, so every answer costs two `send` system calls, and on
 loopback two deliveries that each wake the reader (the head alone wakes a client that
-then waits again for the body). `CoalescingTransport` holds what is written during one
-turn of the event loop and hands it to the socket in one write at the end of that turn
-(`loop.call_soon`), or sooner, as soon as a second write comes: the head and a body sent
+then waits again for the body). `CoalescingTransport` holds an answer's head (a write
+that starts with the status line, `HTTP/`) until the next write or the end of the
+loop's turn (`loop.call_soon`), whichever comes first: the head and a body sent
 together (`Response`: `http.response.start` then `http.response.body` with no await
-between them) leave in one `send`, when the body is written, without waiting.
+between them) leave in one `send`, when the body is written, without waiting. Any
+other write (a body, a streamed chunk: an event of `GET /v1/jobs/events`) leaves at
+once, with the head if one is held: nothing else is known to follow it in the turn,
+and holding it would send it after whatever else the turn does (an event held so
+went out after the answer of the request whose commit made it: a job's result
+reached its client that much later).
 
 Invariants:
 - Bytes go out in the order they were written, and nothing written is lost: `close()`
   writes what is held before closing (asyncio's transport itself sends what it buffered
   before closing); `abort()` drops it, as asyncio's does its own buffer.
-- A write is held for at most one turn of the loop, and only while nothing follows it:
-  a second write sends both at once. A streamed body (events, a file) still leaves
-  chunk by chunk.
+- Only a head is held, for at most one turn of the loop, and only while nothing
+  follows it: the next write sends both at once. A streamed body (events, a file)
+  leaves chunk by chunk, each chunk when it is written.
 - What is held is not copied to be sent: pieces of at least `JOIN_BYTES` together go to
   the real transport's `writelines` (one vectored write with uvloop, which keeps what
   the socket did not take as views of the same objects), smaller ones are joined (a
@@ -35,6 +40,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 JOIN_BYTES = 16 * 1024
 """Held pieces at least this large together are handed over as a list, not joined."""
+HEAD = b"HTTP/"
+"""How an answer's head (its status line) starts: the only write held."""
 
 
 class CoalescingTransport(asyncio.Transport):
@@ -48,17 +55,19 @@ class CoalescingTransport(asyncio.Transport):
         self._held_bytes = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Hold `data` until the turn ends, or send it now with what is held: an answer's
-        head is held, and its body (even empty) takes it along at once."""
+        """Send `data` now, with what is held; but an answer's head (nothing held) is held
+        until the turn ends: its body (even empty) takes it along at once."""
         chunk = data if isinstance(data, bytes) else bytes(data)
         if self._held:
             self._held.append(chunk)
             self._held_bytes += len(chunk)
             self._flush()
-        elif chunk:
+        elif chunk.startswith(HEAD):
             self._held.append(chunk)
             self._held_bytes += len(chunk)
             self._loop.call_soon(self._flush)
+        elif chunk and not self._transport.is_closing():
+            self._transport.write(chunk)
 
     def writelines(self, list_of_data: Any) -> None:
         for data in list_of_data:

@@ -59,7 +59,9 @@ What a claim reads before its write (each read a hint: the write checks again):
   does, and the API hands the wake to the next idle claimer), and, for the first look
   of a long-poll, the queue is not known to be empty for it (`_known_empty`: its last
   claim or probe found nothing and no job of the app was announced since, per the
-  notifier's marks). Every job queued is announced once with `app_key` (one claimer
+  notifier's marks; then a long-poll carrying completions, with no heartbeat or stamp
+  due, takes nothing in their write: it only waits, after their commit). Every job
+  queued is announced once with `app_key` (one claimer
   woken per job) after its commit, and a job with a placement requirement also with
   `keys_key` (this coordinator's keys of the app may be behind). Except on one writer
   lane (SQLite) for a job without a requirement submitted one at a time while a claimer
@@ -889,10 +891,14 @@ class JobQueue:
         woken: bool = False,
         *,
         known: bool = False,
+        riding: bool = False,
     ) -> tuple[Callable[[Connection], _Claim] | None, list[str]]:
         """The claim's write (None: nothing to write) and the jobs of `running` already
         ended or lost (to abort: read, not written). `woken`: take without probing;
-        `known`: a long-poll may trust `_known_empty` instead of probing."""
+        `known`: a long-poll may trust `_known_empty` instead of probing; `riding`
+        (with `woken`): completions ride it, so it takes in their write without probing,
+        unless it long-polls with the queue known empty for it (then it writes nothing:
+        no take in the completions' transaction, which their results wait for)."""
         stamp = self._stamp_due(worker.id)
         claimant = self._claimant(worker)
         since = self.leases.epoch()
@@ -913,6 +919,13 @@ class JobQueue:
         # job (then the write takes what there is).
         beat = self._beat_known(worker, running, wait) if running else ([], [])
         keys = self._keys.get(worker.app)
+        if (
+            riding
+            and beat is not None
+            and not (beat[0] or stamp)
+            and self._known_empty(worker, marks, wait)
+        ):
+            return None, beat[1]
         writing = beat is not None and bool(beat[0] or stamp or woken)
         if beat is not None and keys is not None and writing:
             running, gone = beat
@@ -1379,8 +1392,11 @@ class JobQueue:
         committed. A deadlock (PostgreSQL) runs the whole operation again, as for a batch."""
         prepared = await self._prepare_async(worker, batch)
         done_op = self._complete_op(worker, batch, prepared, False)
-        # The completions are a write: the claim takes in it without probing first.
-        claim_op, gone = self._claim_op(worker, max_jobs, running or [], wait, warm or [], True)
+        # The completions are a write: the claim takes in it without probing first (but
+        # for a long-poll whose queue is known empty: then it only waits, after them).
+        claim_op, gone = self._claim_op(
+            worker, max_jobs, running or [], wait, warm or [], True, riding=True
+        )
 
         def op(
             conn: Connection,

@@ -14,10 +14,12 @@ Turns: a slot thread not running a job takes the first turn due (`_next_turn`): 
 the completions that must go alone, run a claimed job a slot is free for, or claim
 (`_claim_due`: when no claim is in flight and some capacity is free). The thread that
 claims runs the first job of the answer itself and wakes a waiting thread for each
-other one (and one to claim next, if capacity is still free); a thread whose job
-ended looks for its next turn itself, so its completion goes in the claim it then
-sends (or alone, by itself). A thread is woken only for a turn nobody else takes
-(`_wake_others`): thread hand-overs cost far more than the work they hand over. At
+other one; no thread claims next (none is woken for it, none awake takes it) until that
+job has been `CLAIM_GRACE_SECONDS` in its child without answering, or has ended: a
+thread whose job ended looks for its next turn itself, so a quick job's completion goes
+in the claim it then sends (or alone, by itself). A thread is woken only for a turn
+nobody else takes (`_wake_others`): thread hand-overs cost far more than the work they
+hand over. At
 most one claim is in flight (on the claim link), and at most one thread sends alone
 (the sender link); completions that end while it sends go in its next batch. (A
 second claim in flight, once half the capacity was free, measured no gain in
@@ -25,14 +27,21 @@ throughput nor in CPU per job, `bench/agent_cost.py`, and was removed.)
 
 Completions ride claims (protocol 3, when the coordinator says at registration that
 it speaks it): a handed completion frees its job's slot at once, and the next claim
-carries the pending completions (it then does not long-poll: its answer is their
-receipt), ending their jobs once answered. A completion never waits for a claim that
-is not coming: while a claim long-polls for work, or once the worker stops claiming,
-the pending ones go alone at once; while one that carries completions is in flight
-(it answers at once), they wait for the next, which follows it. Completions of a
-claim that failed, or whose answer has no `results` for them (a coordinator that
-ignored them), go alone (a repeat of one already kept is refused, 409: exactly one
-result is kept); with a coordinator older than protocol 3 every completion goes alone.
+carries the pending completions, ending their jobs once answered (its answer is their
+receipt; the coordinator commits them, and pushes their results to their owners,
+before the claim waits for work). Such a claim long-polls only when the worker holds no
+other job (none running, none queued here: no completion can end meanwhile, and the
+receipt comes with the next job); else it does not wait, and answers at once. So one
+job at a time costs a worker one request (its completion riding the claim that waits
+for the next job) instead of two (a long-poll claim sent while it runs, then its
+completion alone). A completion never waits for a claim that is not coming: while a
+claim long-polls for work, or once the worker stops claiming, the pending ones go
+alone at once; while one that carries completions and does not wait is in flight,
+they wait for the next, which follows it. Completions of a claim that failed, or
+whose answer has no `results` for them (a coordinator that ignored them), go alone (a
+repeat of one already kept is refused, 409: exactly one result is kept; after a
+failed claim that may be its own, logged as such); with a coordinator older than
+protocol 3 every completion goes alone.
 
 Job folders (`inputs/`, `outputs/`, in the worker's own 0700 folder) are reused from
 job to job: a job's thread empties its folder once the completion is built (outputs
@@ -203,12 +212,13 @@ class _Completion:
     """A completion waiting to be sent (riding a claim, or alone); its job ends once sent."""
 
     completion: BatchedCompletion
+    resent: bool = False  # a claim carrying it failed: the coordinator may have kept it
 
 
 @dataclass
 class _ClaimTurn:
     """A slot thread's turn to claim up to `free` jobs, carrying `riding` completions;
-    `poll`: it long-polls (none riding)."""
+    `poll`: it long-polls (none riding, or no other job held: see the module docstring)."""
 
     free: int
     riding: list[_Completion]
@@ -251,6 +261,10 @@ class AgentStats:
 
 
 MAX_COMPLETION_BATCH = 64
+CLAIM_GRACE_SECONDS = 0.005
+"""How long the job a claim brought may run in its child before a thread claims next: a
+job that answers sooner has its completion ride that claim (see the module docstring).
+A job queued meanwhile for this worker waits at most this much longer to be claimed."""
 IDLE_CHECK_SECONDS = 5.0  # a waiting slot thread looks again (it is woken when due)
 IDLE_PER_PLACE = 4  # idle children per place of the idle memory budget, at most
 MAX_INLINE_OUTPUTS = 16
@@ -322,7 +336,8 @@ class WorkerAgent:
         self._fold = False  # completions ride claims (the coordinator speaks protocol 3)
         self._idle: deque[threading.Lock] = deque()  # slot threads waiting for a turn
         self._waking = 0  # slot threads woken for a turn, not yet running
-        self._deferred = False  # no thread is woken to claim until the claimer's job starts
+        # No thread claims until the claimer's job is CLAIM_GRACE_SECONDS in its child.
+        self._deferred = False
         self._failure: BaseException | None = None  # what ended the claims, unexpectedly
         self.http = httpx.Client(
             base_url=config.coordinator.rstrip("/"),
@@ -533,9 +548,10 @@ class WorkerAgent:
                 turn = self._queue.popleft()
             elif self.stopping.is_set():
                 return None  # queued jobs left are for the threads running jobs now
-            elif self._claim_due():
+            elif self._claim_due() and not self._deferred:
                 riding = self._take_batch() if self._fold else []
-                self._polling = poll = not riding
+                # Riding completions: it waits for work only if no other job is held.
+                self._polling = poll = not riding or (self._active == 0 and not self._queue)
                 self._claiming = True
                 turn = _ClaimTurn(self._free, riding, poll)
                 self._free = 0
@@ -594,8 +610,8 @@ class WorkerAgent:
                 self._idle.popleft().release()
 
     def _undefer(self) -> None:
-        """The claimer's job is in its child (or waits for something): wake a thread to
-        claim next if that is due (see `_claim_turn`)."""
+        """The claimer's job has been `CLAIM_GRACE_SECONDS` in its child (or waits for
+        something): wake a thread to claim next if that is due (see `_claim_turn`)."""
         if self._deferred:
             with self._lock:
                 self._deferred = False
@@ -647,8 +663,9 @@ class WorkerAgent:
                 self._active += 1
                 stats.jobs += 1
                 mine = self._queue.popleft()
-                # The thread to claim next is woken once this job is in its child
-                # (`_undefer`): it would take the interpreter lock from it meanwhile.
+                # No thread claims next until this job has been CLAIM_GRACE_SECONDS in
+                # its child (`_undefer`) or has ended: a quick one's completion rides
+                # that claim (which would take the interpreter lock from it meanwhile).
                 self._deferred = True
             self._wake_others()
         if riding:
@@ -698,17 +715,22 @@ class WorkerAgent:
 
     def _unsent(self, riding: list[_Completion]) -> None:
         """Completions a claim did not deliver: back to the front, to go alone."""
+        for c in riding:
+            c.resent = True
         if riding:
             with self._lock:
                 self._pending[:0] = riding
                 self._wake_others()
 
     def _held(self) -> list[RunningJob]:
-        """The heartbeat: every job this worker holds (running or prefetched)."""
+        """The heartbeat: every job this worker holds (running or prefetched), but for
+        those whose completions are handed (see `_held_json`: one may wait in a claim's
+        long-poll for its receipt, committed already)."""
         with self._lock:
             return [
                 RunningJob(job_id=r.claimed.id, lease_id=r.claimed.lease_id, progress=r.progress)
                 for r in self._running.values()
+                if not r.handed
             ]
 
     def _held_json(self) -> list[dict[str, Any]]:
@@ -791,8 +813,8 @@ class WorkerAgent:
                 if not state.handed:  # else whoever sends the completion ends it
                     self._end(job.id)
         finally:
-            self._undefer()
-            with self._lock:
+            with self._lock:  # this thread looks for its next turn (a claim) itself
+                self._deferred = False
                 self._tally()
                 self._active -= 1
 
@@ -982,6 +1004,7 @@ class WorkerAgent:
             owner=owner,
             warm=self._warm_key(job, owner),
             on_started=self._undefer,
+            started_grace=CLAIM_GRACE_SECONDS,
         )
 
     def _warm_key(self, job: ClaimedJob, owner: str) -> str:
@@ -1165,12 +1188,21 @@ class WorkerAgent:
         if response.is_error:
             log.error("completions refused: %s", response.text[:200])
             return
-        self._report(CompletionResults.model_validate_json(response.content).results)
+        resent = {c.completion.job_id for c in batch if c.resent}
+        self._report(CompletionResults.model_validate_json(response.content).results, resent)
 
     @staticmethod
-    def _report(results: list[CompletionOutcome]) -> None:
+    def _report(results: list[CompletionOutcome], resent: set[str] | None = None) -> None:
+        """Log what the coordinator refused; `resent`: jobs whose completion rode a claim
+        that failed (a 409 may say it kept that one)."""
         for outcome in results:
-            if outcome.status == 409:
+            if outcome.status == 409 and resent and outcome.job_id in resent:
+                log.info(
+                    "job %s: completion sent again after its claim failed: refused (409: "
+                    "kept from that claim, or its lease was lost)",
+                    outcome.job_id[:12],
+                )
+            elif outcome.status == 409:
                 log.info(
                     "job %s: lease lost before completion; result dropped", outcome.job_id[:12]
                 )

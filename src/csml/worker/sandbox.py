@@ -402,11 +402,13 @@ class Sandbox:
         owner: str = "",
         warm: str = "",
         on_started: Callable[[], None] | None = None,
+        started_grace: float = 0.0,
     ) -> Outcome:
         """Run `job` in a child of `owner` (reused if one waits idle; "" for a child of
         its own). `warm`: the job's model stays loaded in its child if it succeeds (see
-        `warm_models`). `on_started()` is called once the job is sent to its child, or
-        before waiting for a new child to start (it may be called again)."""
+        `warm_models`). `on_started()` is called once the job has been in its child for
+        `started_grace` seconds without answering (never if it answers sooner), or before
+        waiting for a new child to start (it may be called again)."""
         limits = _limits(
             job.memory_mb,
             job.cpu_seconds,
@@ -436,7 +438,7 @@ class Sandbox:
                 return Outcome(ok=False, error=f"the sandbox could not prepare the job: {exc}")
             kept: list[str] = []
             try:
-                outcome = self._run(resident, job, grant, on_progress, on_started)
+                outcome = self._run(resident, job, grant, on_progress, on_started, started_grace)
             finally:
                 kept = take_back(grant)  # now: the worker uploads the outputs next
             outcome.outputs = kept
@@ -639,6 +641,7 @@ class Sandbox:
         grant: Grant,
         on_progress: ProgressFn | None,
         on_started: Callable[[], None] | None = None,
+        started_grace: float = 0.0,
     ) -> Outcome:
         """Start the job and supervise it until it answers, or dies and is reaped."""
         child = resident.child
@@ -671,8 +674,9 @@ class Sandbox:
                 )
             )
             resident.jobs += 1
-            if on_started is not None:
+            if on_started is not None and started_grace <= 0:
                 on_started()
+                on_started = None
         except ProtocolViolation as exc:
             final = Outcome(ok=False, error=f"protocol violation by the job process: {exc}")
         except ValueError as exc:  # over the start message's cap
@@ -680,7 +684,9 @@ class Sandbox:
         except OSError:
             final = None
         else:
-            final = supervise(resident.channel, job, on_progress, overrun)
+            final = supervise(
+                resident.channel, job, on_progress, overrun, on_started, started_grace
+            )
         if final is not None and final.answered:
             return final
         resident.channel.close()
@@ -728,13 +734,16 @@ def supervise(
     job: SandboxJob,
     on_progress: ProgressFn | None = None,
     overrun: Callable[[], str | None] | None = None,
+    on_slow: Callable[[], None] | None = None,
+    slow_after: float = 0.0,
 ) -> Outcome | None:
     """The job's outcome as its channel tells it: its answer, or a protocol violation,
     timeout, cancellation or overrun (`overrun()` names one; checked while the job
     runs and once it answered): the child must then be killed. None if the child
-    ended without answering (its wait status says why)."""
+    ended without answering (its wait status says why). `on_slow()` is called once if
+    the job has not answered `slow_after` seconds after this call."""
     try:
-        final = _supervise(channel, job, on_progress, overrun)
+        final = _supervise(channel, job, on_progress, overrun, on_slow, slow_after)
     except ProtocolViolation as exc:
         return Outcome(ok=False, error=f"protocol violation by the job process: {exc}")
     except (OSError, ChannelClosed):
@@ -753,18 +762,28 @@ def _supervise(
     job: SandboxJob,
     on_progress: ProgressFn | None,
     overrun: Callable[[], str | None] | None,
+    on_slow: Callable[[], None] | None = None,
+    slow_after: float = 0.0,
 ) -> ResultMsg | ErrorMsg | Outcome:
-    """Relay progress until the child answers, overruns or is cancelled.
+    """Relay progress until the child answers, overruns or is cancelled (`on_slow`: see
+    `supervise`).
 
     Raises ChannelClosed (it died without answering), ProtocolViolation."""
-    deadline = time.monotonic() + job.timeout_seconds
+    now = time.monotonic()
+    deadline = now + job.timeout_seconds
+    slow_at = now + slow_after
     while True:
         if job.cancel.is_set():
             return Outcome(ok=False, error="cancelled", cancelled=True)
-        remaining = deadline - time.monotonic()
+        now = time.monotonic()
+        remaining = deadline - now
         if remaining <= 0:
             return Outcome(ok=False, error=f"exceeded its time limit of {job.timeout_seconds:g} s")
-        message = channel.next(min(remaining, 0.2))
+        if on_slow is not None and now >= slow_at:
+            on_slow()
+            on_slow = None
+        wait = min(remaining, 0.2) if on_slow is None else min(remaining, slow_at - now)
+        message = channel.next(wait)
         if message is None:
             if overrun is not None and (why := overrun()):
                 return Outcome(ok=False, error=why)
