@@ -17,8 +17,12 @@ zygote nor job children, which are reported apart):
 
 Per job: the agent's CPU (user, system), its context switches (every thread, from
 /proc: the thread hand-offs), the zygote's and job children's CPU, the coordinator's,
-requests by route (coordinator `/metrics`), and the agent's claims. CPU and counts are
-robust to the machine's load; wall is not. Medians over `--rounds`; `uptime` before and
+requests by route (coordinator `/metrics`), and the agent's claims. From the agent's
+counters (an agent older than session 12 logs none of these: 0): `wakes_per_job`, slot
+threads woken for a turn (thread hand-offs); `starved_ms_per_job`, slot-time with
+nothing queued here while a claim answered at once was in flight; `quick_claim_ms`,
+the mean round trip of those claims. CPU and counts are robust to the machine's load;
+wall is not. Medians over `--rounds`; `uptime` before and
 after.
 
     /work/venv/bin/python bench/agent_cost.py [--mode drain|flow] [--jobs 2000] [--rounds 3]
@@ -252,6 +256,12 @@ def one_round(a: argparse.Namespace, root: Path, profile: bool) -> dict[str, flo
         "claims_per_job": stats["claims"] / max(1, stats["jobs"]),
         "empty_claims_per_job": stats["empty_claims"] / max(1, stats["jobs"]),
         "alone_requests_per_job": stats["alone_batches"] / max(1, stats["jobs"]),
+        "wakes_per_job": stats.get("wakes", 0) / max(1, stats["jobs"]),
+        "idle_wakes_per_job": stats.get("idle_wakes", 0) / max(1, stats["jobs"]),
+        "starved_ms_per_job": 1000 * stats.get("starved_s", 0) / max(1, stats["jobs"]),
+        "quick_claim_ms": 1000
+        * stats.get("quick_claim_s", 0)
+        / max(1, stats.get("quick_claims", 0)),
         "queued_idle_ms_per_job": 1000 * stats["queued_idle_s"] / max(1, stats["jobs"]),
         "requests_per_job": sum(r["per_job"] for r in requests.values()),
     }

@@ -17,13 +17,17 @@ from csml.worker.agent import WorkerAgent, WorkerConfig
 
 
 @contextlib.contextmanager
-def offline_agent(workdir: Path, app: str = "echo") -> Iterator[WorkerAgent]:
+def offline_agent(
+    workdir: Path, app: str = "echo", slots: int = 1, prefetch: int = 0
+) -> Iterator[WorkerAgent]:
     config = WorkerConfig(
         coordinator="http://127.0.0.1:9",  # never called
         join_token="unused",
         app=app,
+        slots=slots,
         workdir=workdir,
         insecure_http=True,
+        prefetch=prefetch,
     )
     agent = WorkerAgent(config)
     try:

@@ -58,3 +58,74 @@ def test_a_prefetching_worker_runs_each_job_once_and_its_counters_add_up(
     assert stats["claims"] >= JOBS // 10  # at most slots + prefetch per claim
     assert stats["busy_s"] > 0
     assert "stopping job" not in log  # no job of this worker was said to be cancelled or lost
+
+
+SLOW_JOBS = 24
+
+
+def test_a_full_prefetch_is_refilled_at_half_not_after_every_job(tmp_path: Path) -> None:
+    """Jobs that each take far longer than a claim: while the local prefetch is more than
+    half full a job's end sends nothing, its completion rides the refill claim with those
+    of the jobs after it. (An agent that claimed after every job's end, as before, sent
+    about one claim per job.)"""
+    cluster = Cluster(tmp_path, {"CSML_QUEUE_CAPACITY": str(2 * SLOW_JOBS)})
+    try:
+        cluster.start_coordinator()
+        user = cluster.new_user()
+        # Queued before the worker joins: its first claim fills the prefetch.
+        jobs = user.submit_many(
+            "echo", "echo", [{"params": {"i": i, "sleep": 0.05}} for i in range(SLOW_JOBS)]
+        )
+        # A hold far longer than the run: only the refills at half send completions.
+        worker = cluster.start_worker(
+            "echo",
+            1,
+            ("--prefetch", "8", "--completion-hold", "60", "--log-format", "json"),
+        )
+        for i, job in enumerate(jobs):
+            assert isinstance(job, Job), job
+            job.wait(timeout=120)
+            assert job.state.value == "succeeded", job.data.error
+            assert (job.result or {}).get("params", {}).get("i") == i
+        worker.terminate()
+        worker.wait(timeout=60)
+        stats = left_the_cluster(cluster)
+    finally:
+        cluster.stop()
+    assert stats["jobs"] == stats["claimed"] == SLOW_JOBS
+    assert stats["riding"] + stats["alone"] == SLOW_JOBS
+    # A refill at half of 8 brings about 4 jobs: at most half a claim per job, with room.
+    assert stats["claims"] <= SLOW_JOBS // 2, stats
+
+
+def test_a_completion_waits_for_the_refill_no_longer_than_its_hold(tmp_path: Path) -> None:
+    """Jobs far longer than the hold (0.5 s against 0.05 s): each completion's hold ends
+    before the next job does, so its claim goes then, one per job or nearly, however
+    full the prefetch. (Were completions held until the refill at half, these 20 jobs
+    behind a prefetch of 8 went in 16 requests.)"""
+    count = 20
+    cluster = Cluster(tmp_path, {"CSML_QUEUE_CAPACITY": str(2 * count)})
+    try:
+        cluster.start_coordinator()
+        user = cluster.new_user()
+        jobs = user.submit_many(
+            "echo", "echo", [{"params": {"i": i, "sleep": 0.5}} for i in range(count)]
+        )
+        worker = cluster.start_worker(
+            "echo",
+            1,
+            ("--prefetch", "8", "--completion-hold", "0.05", "--log-format", "json"),
+        )
+        for job in jobs:
+            assert isinstance(job, Job), job
+            job.wait(timeout=120)
+            assert job.state.value == "succeeded", job.data.error
+        worker.terminate()
+        worker.wait(timeout=60)
+        stats = left_the_cluster(cluster)
+    finally:
+        cluster.stop()
+    assert stats["jobs"] == stats["claimed"] == count
+    # The first claim, then a request per job's end (riding a claim or alone): about
+    # count + 1; held until the refills, 16 (5 s idle checks ending some holds).
+    assert stats["claims"] + stats["alone_batches"] >= count - 1, stats

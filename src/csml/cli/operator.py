@@ -198,6 +198,16 @@ def worker(
             "(they show as running, held under lease, while they wait).",
         ),
     ] = 0,
+    completion_hold: Annotated[
+        float,
+        typer.Option(
+            envvar="CSML_COMPLETION_HOLD",
+            min=0.0,
+            max=60.0,
+            help="With a prefetch: seconds a job's result may wait to ride the claim that "
+            "refills the prefetch once half empty (0: a claim follows every job's end).",
+        ),
+    ] = 0.1,
     workdir: Annotated[
         Path | None, typer.Option(envvar="CSML_WORKDIR", help="Scratch folder for jobs.")
     ] = None,
@@ -270,6 +280,7 @@ def worker(
         pin_sha256=pin_sha256,
         insecure_http=insecure_http,
         prefetch=prefetch,
+        completion_hold=completion_hold,
         labels=labels,
     )
     try:

@@ -12,7 +12,9 @@ come inline in the claim; each completion carries its small outputs inline
 
 Turns: a slot thread not running a job takes the first turn due (`_next_turn`): send
 the completions that must go alone, run a claimed job a slot is free for, or claim
-(`_claim_due`: when no claim is in flight and some capacity is free). The thread that
+(`_claim_due`: when no claim is in flight, some capacity is free and, with a prefetch,
+the jobs claimed and waiting for a slot fell to half of it, or to what the slots run
+through in four claims' round trips if that is more: a refill). The thread that
 claims runs the first job of the answer itself and wakes a waiting thread for each
 other one; no thread claims next (none is woken for it, none awake takes it) until that
 job has been `CLAIM_GRACE_SECONDS` in its child without answering, or has ended: a
@@ -34,14 +36,21 @@ other job (none running, none queued here: no completion can end meanwhile, and 
 receipt comes with the next job); else it does not wait, and answers at once. So one
 job at a time costs a worker one request (its completion riding the claim that waits
 for the next job) instead of two (a long-poll claim sent while it runs, then its
-completion alone). A completion never waits for a claim that is not coming: while a
-claim long-polls for work, or once the worker stops claiming, the pending ones go
-alone at once; while one that carries completions and does not wait is in flight,
-they wait for the next, which follows it. Completions of a claim that failed, or
-whose answer has no `results` for them (a coordinator that ignored them), go alone (a
-repeat of one already kept is refused, 409: exactly one result is kept; after a
-failed claim that may be its own, logged as such); with a coordinator older than
-protocol 3 every completion goes alone.
+completion alone). With a prefetch more than half full (and jobs long enough that the
+rest covers four claims' round trips), a job's end sends nothing: its completion waits
+for the refill claim, with those of the jobs ending after it, but never longer than
+`completion_hold` (0.1 s by default: then the claim goes anyway; a waiting thread looks
+again that often while jobs are held). Batch photos sent a claim after almost every
+job (0.87 per photo), each bringing one job; no-op jobs, whose slots run through ~5 in
+a claim's round trip, still claim at every end (held, the prefetch ran dry more
+often). A completion never waits for a claim that is not coming: while a claim
+long-polls for work, or once the worker stops claiming, the pending ones go alone at
+once; while one that carries completions and does not wait is in flight, they wait
+for the next, which follows it. Completions of a claim that failed, or whose answer
+has no `results` for them (a coordinator that ignored them), go alone (a repeat of
+one already kept is refused, 409: exactly one result is kept; after a failed claim
+that may be its own, logged as such); with a coordinator older than protocol 3 every
+completion goes alone.
 
 Job folders (`inputs/`, `outputs/`, in the worker's own 0700 folder) are reused from
 job to job: a job's thread empties its folder once the completion is built (outputs
@@ -77,6 +86,7 @@ import ctypes
 import hashlib
 import itertools
 import logging
+import math
 import os
 import platform
 import shutil
@@ -178,6 +188,9 @@ class WorkerConfig:
     # Jobs claimed beyond the free slots, to start at once when one frees (0: a job stays
     # queued, claimable by any worker, until a slot here is free).
     prefetch: int = 0
+    # With a prefetch: how long a job's completion may wait for the claim that refills it
+    # once half empty (`WorkerAgent._claim_due`; 0: a claim follows every job's end).
+    completion_hold: float = 0.1
     # Placement labels announced at registration (with `automatic_labels` added under
     # them: given ones win), e.g. {"gpu": True, "gpu_memory_gb": 24}.
     labels: dict[str, Any] = field(default_factory=dict)
@@ -213,6 +226,7 @@ class _Completion:
 
     completion: BatchedCompletion
     resent: bool = False  # a claim carrying it failed: the coordinator may have kept it
+    at: float = field(default_factory=time.monotonic)  # when it was handed
 
 
 @dataclass
@@ -247,7 +261,9 @@ class AgentStats:
     job (from taking it to handing its completion), `queued_idle_s` of free slots while
     a claimed job waited in the local queue (the hand-over to a slot thread: ~0 if the
     prefetch works). A worker whose coordinator had jobs queued all along idled
-    `slots x wall - busy_s` slot-seconds: the time its slots waited for claims."""
+    `slots x wall - busy_s` slot-seconds: the time its slots waited for claims;
+    `starved_s` is the part of it spent with nothing queued here while a claim that
+    answers at once was in flight (its round trip outlasting the prefetch)."""
 
     jobs: int = 0  # jobs taken by a slot thread
     claims: int = 0  # claims answered
@@ -256,8 +272,13 @@ class AgentStats:
     riding: int = 0  # completions that rode a claim
     alone: int = 0  # completions sent alone
     alone_batches: int = 0  # ... in this many requests
+    wakes: int = 0  # slot threads woken for a turn (a thread hand-off each)
+    idle_wakes: int = 0  # ... that found no turn left for them and waited again
     busy_s: float = 0.0
     queued_idle_s: float = 0.0
+    starved_s: float = 0.0  # free slots, nothing queued, a claim (not a long-poll) in flight
+    quick_claims: int = 0  # claims answered at once (carrying completions, or not polling)
+    quick_claim_s: float = 0.0  # ... their time in flight, in all
 
 
 MAX_COMPLETION_BATCH = 64
@@ -327,6 +348,10 @@ class WorkerAgent:
         self._stats = AgentStats()
         self._tallied = time.monotonic()  # when `_tally` last integrated the slots
         self._last_beat = 0.0  # monotonic time a claim last carried the heartbeat
+        # Moving averages (`_refill_at`): seconds a slot thread spends on a job, and a
+        # claim answered at once spends in flight (0: none measured yet).
+        self._job_seconds = 0.0
+        self._claim_seconds = 0.0
         # Completions handed and not yet sent, in order: the next claim carries them, or
         # they go alone when no claim will soon (see the module docstring).
         self._pending: list[_Completion] = []
@@ -536,6 +561,7 @@ class WorkerAgent:
         completions to send alone (no claim will carry them soon), a claimed job to run
         (a slot is free), or a claim turn (`_claim_due`); None: the worker stops and
         nothing is left for this thread."""
+        woken = False
         while True:
             turn: list[_Completion] | ClaimedJob | _ClaimTurn | None
             if not self._sending and self._alone():
@@ -549,6 +575,7 @@ class WorkerAgent:
             elif self.stopping.is_set():
                 return None  # queued jobs left are for the threads running jobs now
             elif self._claim_due() and not self._deferred:
+                self._tally()
                 riding = self._take_batch() if self._fold else []
                 # Riding completions: it waits for work only if no other job is held.
                 self._polling = poll = not riding or (self._active == 0 and not self._queue)
@@ -556,16 +583,26 @@ class WorkerAgent:
                 turn = _ClaimTurn(self._free, riding, poll)
                 self._free = 0
             else:
+                self._stats.idle_wakes += woken
                 self._idle.append(waiter)
+                wait = IDLE_CHECK_SECONDS
+                if self._running and self._holds():
+                    # Look again when the oldest completion's hold ends (or a hold from
+                    # now: nobody is woken for one handed meanwhile, `_claim_due`).
+                    left = self._hold_left()
+                    wait = left if left > 0 else self.config.completion_hold
                 self._lock.release()
                 try:
-                    waiter.acquire(timeout=IDLE_CHECK_SECONDS)
+                    waiter.acquire(timeout=wait)
                 finally:
                     self._lock.acquire()
                 try:
                     self._idle.remove(waiter)  # not woken: timed out
                 except ValueError:
                     self._waking -= 1
+                    woken = True
+                else:
+                    woken = False
                 continue
             self._wake_others()
             return turn
@@ -580,6 +617,8 @@ class WorkerAgent:
             self._stats.queued_idle_s += (
                 min(len(self._queue), self.config.slots - self._active) * span
             )
+        elif self._claiming and not self._polling and self._active < self.config.slots:
+            self._stats.starved_s += (self.config.slots - self._active) * span
 
     def stats(self) -> AgentStats:
         """A copy of the counters so far (slot-seconds integrated up to now)."""
@@ -589,9 +628,40 @@ class WorkerAgent:
 
     def _claim_due(self) -> bool:
         """(Under `_lock`.) Whether a slot thread should claim now: some capacity (slots
-        plus prefetch no job holds) is free, and no claim is in flight (it brings only
-        the jobs it asked for)."""
-        return self._free > 0 and not self._claiming and not self.stopping.is_set()
+        plus prefetch no job holds) is free, no claim is in flight (it brings only the
+        jobs it asked for), and the local prefetch needs a refill: it fell to
+        `_refill_at` (`_queue`, jobs claimed and waiting for a slot, at most half the
+        prefetch, or more for short jobs), or a completion has waited
+        `config.completion_hold` for it. Until then a job's end sends nothing: its
+        completion rides the refill, with those of the jobs after it (fewer claims, each
+        of more jobs)."""
+        if self._free <= 0 or self._claiming or self.stopping.is_set():
+            return False
+        if not self._holds() or len(self._queue) <= self._refill_at():
+            return True
+        return bool(self._pending) and self._hold_left() <= 0
+
+    def _refill_at(self) -> int:
+        """(Under `_lock`.) Jobs queued here at most when the prefetch is refilled: half
+        of it, or more if the slots would run through more than that in four claims'
+        round trips (two: the refill may wait for the claim in flight; twice over, as
+        round trips vary). Short jobs: a claim follows every job's end, as it must to
+        keep the slots fed; so it does while no job's time is known."""
+        prefetch = self.config.prefetch
+        if self._job_seconds <= 0:
+            return prefetch
+        during = 4 * self._claim_seconds * self.config.slots / self._job_seconds
+        return max(prefetch // 2, min(prefetch, math.ceil(during)))
+
+    def _holds(self) -> bool:
+        """Whether completions may wait for a refill (a prefetch, and a hold)."""
+        return self.config.prefetch > 0 and self.config.completion_hold > 0
+
+    def _hold_left(self) -> float:
+        """(Under `_lock`.) Seconds until the oldest pending completion has waited
+        `config.completion_hold` (the hold if none is pending)."""
+        hold = self.config.completion_hold
+        return self._pending[0].at + hold - time.monotonic() if self._pending else hold
 
     def _wake_others(self) -> None:
         """(Under `_lock`.) Wake as many waiting slot threads as there are turns due
@@ -606,6 +676,7 @@ class WorkerAgent:
         wake = min(due - self._waking, len(self._idle))
         if wake > 0:
             self._waking += wake
+            self._stats.wakes += wake
             for _ in range(wake):
                 self._idle.popleft().release()
 
@@ -627,6 +698,7 @@ class WorkerAgent:
         jobs and return the first for this thread to run (None: none, or the claims
         ended)."""
         free, riding = turn.free, turn.riding
+        sent = time.monotonic()
         try:
             answer = self._claim(turn)
             self._abort(answer.abort)
@@ -649,13 +721,18 @@ class WorkerAgent:
         jobs = answer.jobs
         mine: ClaimedJob | None = None
         with self._lock:
+            self._tally()
             self._claimed()
             self._free += free - len(jobs)
             for job in jobs:
                 self._running[job.id] = _Running(job)
-            self._tally()
             stats = self._stats
             stats.claims += 1
+            if not turn.poll:
+                took = time.monotonic() - sent
+                stats.quick_claims += 1
+                stats.quick_claim_s += took
+                self._claim_seconds = _average(self._claim_seconds, took)
             stats.claimed += len(jobs)
             stats.empty_claims += not jobs
             self._queue.extend(jobs)
@@ -794,6 +871,7 @@ class WorkerAgent:
     def _execute(self, job: ClaimedJob) -> None:
         """Run a job this thread took (`_active` counts it until this returns)."""
         state = self._running[job.id]
+        began = time.monotonic()
         if job.confidential is not None or any(f.name not in job.inline_inputs for f in job.inputs):
             self._undefer()  # it starts after downloads: the next claim does not wait
         try:
@@ -817,6 +895,7 @@ class WorkerAgent:
                 self._deferred = False
                 self._tally()
                 self._active -= 1
+                self._job_seconds = _average(self._job_seconds, time.monotonic() - began)
 
     def _take_folder(self, owner: str = "") -> _Folder:
         """A job folder no job uses: one given back (first one whose inputs were kept for
@@ -1274,6 +1353,11 @@ class WorkerAgent:
 
         response = self._call(f"upload {path.name}", put)
         response.raise_for_status()
+
+
+def _average(mean: float, sample: float) -> float:
+    """A moving average (the last ~5 samples weigh most); the first sample as it is."""
+    return sample if mean <= 0 else mean + 0.2 * (sample - mean)
 
 
 def _left(folder: _Folder, outcome: Outcome) -> None:
