@@ -9,6 +9,7 @@ go through it."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import hashlib
 import os
@@ -111,16 +112,34 @@ def test_a_submission_takes_two_hops_and_reads_its_stored_bytes_once(
     coordinator: InProcessCoordinator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The early check (which also seeds the storage budget) with the chunk holding the
-    spec, then the settling (small files back in memory, the rest fsync'd); nothing per
-    later chunk, nothing to discard."""
+    spec, then the fsync of the file too large to be kept in memory; nothing per later
+    chunk, nothing to discard."""
     user = coordinator.new_user()
     user.submit("echo", "echo", files={"data": b"warm"})  # the identity is remembered
     stored = lambda s: "stored_bytes" in s and s.startswith("SELECT")  # noqa: E731
     with counted_hops(monkeypatch) as hops, sent_statements(coordinator, stored) as reads:
         job = user.submit("echo", "echo", files={"data": os.urandom(400_000)})
     assert job.id
-    assert hops == ["parse_submission.<locals>.first", "_settle"]
+    assert hops == ["parse_submission.<locals>.first", "fsync_paths"]
     assert len(reads) == 1, reads  # the early check's, not again for the budget
+
+
+def test_a_small_upload_stays_in_memory_one_hop_and_no_staging_folder(
+    coordinator: InProcessCoordinator, echo_worker: HttpWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file part within `db_blob_max_bytes` is held in memory while it is parsed: no
+    staged file written, read back and removed, no staging folder made and discarded,
+    no hop but the early check's; its bytes reach the job as sent."""
+    user = coordinator.new_user()
+    user.submit("echo", "echo", files={"data": b"warm"})  # the identity is remembered
+    staging = coordinator.core.blobs.root / "staging"
+    data = os.urandom(100_000)
+    with counted_hops(monkeypatch) as hops:
+        job = user.submit("echo", "echo", files={"data": data})
+    assert hops == ["parse_submission.<locals>.first"]
+    assert list(staging.iterdir()) == []
+    [claimed] = [j for j in claim(echo_worker, 8).jobs if j.id == job.id]
+    assert base64.b64decode(claimed.inline_inputs["data"]) == data
 
 
 def test_a_worker_moves_large_files_without_per_chunk_hops(

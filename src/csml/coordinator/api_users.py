@@ -209,7 +209,8 @@ async def submit_job(request: Request, me: Me) -> JSONResponse:
     else:
         upload = abuse.announced_upload(request.headers)
         windowed = bool(c.settings.submission_rate_limit)
-        staging = c.blobs.new_staging()  # one mkdir: on the loop
+        # Made by the first input that goes to disk: small ones stay in memory (no folder).
+        staging = c.blobs.staging_path()
         holder: dict[str, JobSpec] = {}
         piped: dict[str, PipelineSpec] = {}
         budget = _Budget(c, me.id)

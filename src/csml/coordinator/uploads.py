@@ -3,7 +3,9 @@
 Invariants:
 - Each file part goes straight to disk through a hashing writer, so memory use
   does not grow with the upload; nothing is kept in memory but the `spec` part
-  (at most `max_spec_bytes`).
+  (at most `max_spec_bytes`) and file parts of at most `keep_bytes` (to be kept in
+  the database): a part is held in memory while it stays within that bound and goes
+  to a staged file (its folder made then) as soon as it passes it (`MemoryFirst`).
 - The `spec` part comes first, and is checked as soon as it has arrived, before
   any file part: a refused job costs no upload. The check names the file parts
   the spec takes; a part with any other name (or a second `spec`, or a file
@@ -26,9 +28,10 @@ Invariants:
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -40,7 +43,7 @@ from csml import refusals
 from csml.coordinator import abuse
 from csml.coordinator.staged_inputs import StagedFile
 from csml.refusals import Invalid, Malformed, Refusal, UnsupportedMedia
-from csml.store.blobs import HashingWriter, TooLarge, check_name, fsync_paths
+from csml.store.blobs import BlobStore, HashingWriter, TooLarge, check_name, fsync_paths
 
 if TYPE_CHECKING:
     from csml.coordinator.config import Settings
@@ -161,6 +164,60 @@ class StorageBudget:
             self.left = limit - used - self.extra
 
 
+class MemoryFirst:
+    """A file part's writer: its bytes are held in memory while they are at most `keep`
+    (hashed once complete); past that, they go to a `HashingWriter` at `path` (its
+    staging folder made if missing) with the rest. Either way at most `limit` bytes
+    (`TooLarge`). With `keep` 0 the file is made at once, as a `HashingWriter`'s."""
+
+    def __init__(self, path: Path, limit: int, keep: int) -> None:
+        self.path = path
+        self.limit = limit
+        self.keep = keep
+        self.size = 0
+        self._buffer = bytearray()
+        self._file: HashingWriter | None = None
+        if keep <= 0:
+            self._spill()
+
+    @property
+    def content(self) -> bytes | None:
+        """The bytes, if held in memory (None: they are in the file at `path`)."""
+        return None if self._file is not None else bytes(self._buffer)
+
+    def _spill(self) -> None:
+        BlobStore.make_staging(self.path.parent)
+        self._file = HashingWriter(self.path, self.limit)
+        if self._buffer:
+            self._file.write(bytes(self._buffer))
+            self._buffer = bytearray()
+
+    def write(self, chunk: bytes) -> None:
+        if self._file is None:
+            upto = self.size + len(chunk)
+            if upto > self.limit:
+                raise TooLarge(self.limit)
+            if upto <= self.keep:
+                self.size = upto
+                self._buffer += chunk
+                return
+            self._spill()
+        assert self._file is not None
+        self._file.write(chunk)
+        self.size = self._file.size
+
+    def finish(self) -> str:
+        """The sha256; a file is closed (not fsync'd: `_settle` does that)."""
+        if self._file is not None:
+            return self._file.finish(sync=False)
+        return hashlib.sha256(self._buffer).hexdigest()
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.abort()
+        self._buffer = bytearray()
+
+
 class _Part:
     def __init__(self) -> None:
         self.headers: dict[str, str] = {}
@@ -168,7 +225,7 @@ class _Part:
         self.is_file = False
         self.media_type = "application/octet-stream"
         self.buffer = bytearray()
-        self.writer: HashingWriter | None = None
+        self.writer: MemoryFirst | None = None
 
 
 class SubmissionParser:
@@ -181,8 +238,10 @@ class SubmissionParser:
         limits: FormLimits,
         on_spec: SpecCheck,
         charge: Charge | Budget | None = None,
+        keep_bytes: int = 0,
     ) -> None:
         self.staging = staging
+        self.keep_bytes = keep_bytes  # file parts held in memory up to this size
         self.limits = limits
         self.on_spec = on_spec
         self.charge = charge
@@ -312,7 +371,9 @@ class SubmissionParser:
                     part.name[:64],
                 )
                 return
-            part.writer = HashingWriter(self.staging / part.name, self.limits.file_bytes)
+            part.writer = MemoryFirst(
+                self.staging / part.name, self.limits.file_bytes, self.keep_bytes
+            )
 
     def _data(self, data: bytes, start: int, end: int) -> None:
         part = self._part
@@ -361,13 +422,15 @@ class SubmissionParser:
                 part.writer.abort()
             return
         if part.writer is not None and part.name is not None:
-            digest = part.writer.finish(sync=False)
+            digest = part.writer.finish()
+            content = part.writer.content
             self.files[part.name] = StagedFile(
                 name=part.name,
-                path=part.writer.path,
+                path=part.writer.path if content is None else None,
                 size=part.writer.size,
                 sha256=digest,
                 media_type=part.media_type,
+                content=content,
             )
         elif not part.is_file:
             self.spec = bytes(part.buffer)
@@ -426,16 +489,19 @@ async def parse_submission(
     before: Callable[[], None] | None = None,
     keep_bytes: int = 0,
 ) -> SubmissionParser:
-    """Stream the request into `staging`. `on_spec` (run off the event loop, as soon as
+    """Stream the request into `staging` (a folder made, if not there yet, by the first
+    file that goes to disk). `on_spec` (run off the event loop, as soon as
     the spec part is in) checks the spec and names the file parts it takes; `charge`
     may refuse as the files' bytes arrive. Chunks after the spec's check are parsed on
     the event loop while `SubmissionParser.on_loop` allows it (a chunk's bytes count
     whole: a file part's data never exceeds the chunk it came in). `before` (an early
     check that may refuse) runs off the loop before a byte of the body is parsed, in
-    the same hop as the first chunk. A file of at most `keep_bytes` is then taken back
-    in memory (`StagedFile.content`, its staged file removed: to be kept in the
-    database, `csml.store.blobs`); the others are fsync'd."""
-    parser = SubmissionParser(boundary_of(request), staging, limits, on_spec, charge)
+    the same hop as the first chunk. A file of at most `keep_bytes` stays in memory
+    (`StagedFile.content`, no staged file: to be kept in the database,
+    `csml.store.blobs`); the others are fsync'd, off the loop."""
+    parser = SubmissionParser(
+        boundary_of(request), staging, limits, on_spec, charge, keep_bytes=keep_bytes
+    )
     pending = before
 
     def first(chunk: bytes) -> None:
@@ -463,18 +529,7 @@ async def parse_submission(
         raise
     if parser.spec is None:
         raise Invalid("missing_spec", "the form has no `spec` part", field="spec")
-    if parser.files:
-        await anyio.to_thread.run_sync(_settle, parser.files, keep_bytes)
+    on_disk = [f.path for f in parser.files.values() if f.path is not None]
+    if on_disk:
+        await anyio.to_thread.run_sync(fsync_paths, on_disk)
     return parser
-
-
-def _settle(files: dict[str, StagedFile], keep_bytes: int) -> None:
-    """Files of at most `keep_bytes` read back into memory and their staged files
-    removed; the others flushed to stable storage (`fsync_paths`)."""
-    for name, f in files.items():
-        if f.path is not None and f.size <= keep_bytes:
-            content = f.path.read_bytes()
-            if len(content) == f.size:
-                f.path.unlink()
-                files[name] = replace(f, path=None, content=content)
-    fsync_paths([f.path for f in files.values() if f.path is not None])

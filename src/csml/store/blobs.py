@@ -73,9 +73,19 @@ class BlobStore:
         private_dir(root / "jobs")
 
     def new_staging(self) -> Path:
-        path = self.root / "staging" / uuid.uuid4().hex
+        path = self.staging_path()
         path.mkdir(mode=DIR_MODE)
         return path
+
+    def staging_path(self) -> Path:
+        """A new staging folder's path, not made yet: its first file makes it
+        (`make_staging`), so an upload kept in memory makes no folder."""
+        return self.root / "staging" / uuid.uuid4().hex
+
+    @staticmethod
+    def make_staging(path: Path) -> None:
+        """Make the staging folder `path` (from `staging_path`) if it is not there yet."""
+        path.mkdir(mode=DIR_MODE, exist_ok=True)
 
     def make_dirs(self, path: Path) -> Path:
         """`path` (below the root) and its missing parents, each 0700."""
