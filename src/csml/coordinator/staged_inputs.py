@@ -11,9 +11,10 @@ never written is discarded by its caller, or swept at the next start
 (`BlobStore.sweep_staging`).
 
 A small input (at most `Settings.db_blob_max_bytes`) is staged in memory instead
-(`StagedFile.content`, no `path`): a batch item's inline input never is a file, a form
-part's is read back and its staged file removed before the job is written
-(`uploads.parse_submission`); its row carries its bytes into the database
+(`StagedFile.content`, no `path`): a batch item's inline input never is a file, nor is a
+form part of that size (held in memory while it is parsed, `uploads.MemoryFirst`; a
+submission's staging folder is made only by a part that goes to disk); its row carries
+its bytes into the database
 (`csml.store.blobs`, "Small blobs in the database"), in the transaction that writes the
 job. A staging folder left with no file of the job's is not moved: its caller discards
 it, as it discards one whose job was refused.
