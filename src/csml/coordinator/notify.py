@@ -39,6 +39,17 @@ Marks (`mark(key)`): how many times an `app:` or `keys:` key was delivered here,
 how many times notifications may have been lost; equal marks before and after tell a
 claim that no job was announced meanwhile (see `csml.coordinator.queue`). A batch of
 jobs is announced with `notify(key, times=n)`: n wake-ups, n marks.
+Interest-filtered relaying (since session 12): an owner feed's key
+(`owner:<id>/<job>`) is relayed on the channel of its topic's bucket (`feed_bucket`:
+crc32 of the topic, one of `FEED_BUCKETS`), and this process's relay LISTENs on a bucket
+only while a feed here follows a topic of it (and `UNLISTEN_AFTER_SECONDS` after): with N
+coordinators, the others' owner keys for clients streaming elsewhere are not received at
+all. The other keys (`app:`, `keys:`, `job:`, `erased:`) still go to every coordinator:
+marks, the lease memo's watcher and the identity cache's listener need every one. A feed
+that follows a topic whose bucket is not yet listened to may miss a key sent before the
+LISTEN takes effect: when it has (`Feed.heard` is set then), the feed gets a resync (its
+reader re-reads the store, after that LISTEN). A listener or watcher whose prefix could
+match an owner key makes the relay listen on every bucket (none does today).
 Hang-ups: a long request's handler waits on an event that `watch_hang_up` also sets
 when its client disconnects (one task per request, no polling).
 Watchers (`watch(prefix, callback)`) are called at once, in the thread that delivers
@@ -87,6 +98,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import zlib
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
@@ -108,6 +120,7 @@ FEED_MAX_PENDING = 10_000
 ENDING_MARK = "!"  # after a feed item: a change that may have ended the job (never in an id)
 OWNER_PREFIX = "owner:"  # the topics of identities' job changes (`owner_feed`)
 HAND_OVER_YIELDS = 8  # loop turns a request gives the coroutines it woke, at most
+FEED_BUCKETS = 128  # relay channels the owner feeds' keys are spread over (`feed_bucket`)
 
 
 def watch_hang_up(
@@ -161,6 +174,22 @@ def job_key(job_id: str) -> str:
     return f"job:{job_id}"
 
 
+def feed_bucket(topic: str) -> int | None:
+    """The relay bucket of a topic's keys (the same on every coordinator), or None: its
+    keys go to every coordinator. Only owner feeds have one (see the module)."""
+    if not topic.startswith(OWNER_PREFIX):
+        return None
+    return zlib.crc32(topic.encode()) % FEED_BUCKETS
+
+
+def _key_bucket(key: str) -> int | None:
+    """`feed_bucket` of the topic of a feed key (None for any other key)."""
+    if not key.startswith(OWNER_PREFIX):
+        return None
+    topic, sep, _ = key.rpartition(FEED_SEPARATOR)
+    return feed_bucket(topic) if sep else None
+
+
 def owner_feed(owner_id: str) -> str:
     """The notifier topic on which an identity's job changes are announced (item: job id)."""
     return f"{OWNER_PREFIX}{owner_id}"
@@ -188,6 +217,9 @@ class Feed:
 
     def __init__(self, unrun: dict[object, None] | None = None) -> None:
         self.event = asyncio.Event()  # something is pending
+        # Every key of its topic reaches this process (the relay LISTENs on its bucket,
+        # or there is no relay); until then it may miss some, and gets a resync once set.
+        self.heard = asyncio.Event()
         self.urgent = asyncio.Event()  # an item that may have ended its job, or a resync
         self.pending: set[str] = set()
         self.ending: set[str] = set()  # pending items announced with ENDING_MARK
@@ -262,6 +294,11 @@ class Notifier:
         # Claimers woken early for a job whose write then failed (`withdraw`): their
         # finding nothing passes nothing on.
         self._withdrawn: set[asyncio.Event] = set()
+        # Feeds following each relay bucket (on the loop), those of them not yet `heard`,
+        # and whether every bucket is wanted (a listener or watcher of owner keys).
+        self._bucket_feeds: dict[int, int] = {}
+        self._unheard: defaultdict[int, dict[Feed, None]] = defaultdict(dict)
+        self._all_buckets = False
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Attach to the event loop; on PostgreSQL, start relaying (until the loop closes)."""
@@ -276,8 +313,14 @@ class Notifier:
                 log.warning("coordinators will not wake each other: %s", exc)
                 return
             self._relay = PgRelay(
-                self._engine, self._deliver_many, alive=lambda: not loop.is_closed()
+                self._engine,
+                self._deliver_many,
+                alive=lambda: not loop.is_closed(),
+                heard=self._heard_from_relay,
             )
+            wanted = range(FEED_BUCKETS) if self._all_buckets else list(self._bucket_feeds)
+            for bucket in wanted:
+                self._relay.want(bucket)
 
     def close(self) -> None:
         if self._relay is not None:
@@ -314,12 +357,36 @@ class Notifier:
 
     @contextmanager
     def follow(self, topic: str) -> Iterator[Feed]:
-        """A feed of the items announced on `topic` (keys `feed_key(topic, item)`)."""
+        """A feed of the items announced on `topic` (keys `feed_key(topic, item)`). With a
+        relay, keys of other coordinators may be missed until `feed.heard` is set; the
+        feed then gets a resync (see the module)."""
         feed = Feed(self._unrun)
         self._feeds[topic][feed] = None
+        relay = self._relay
+        bucket = feed_bucket(topic) if relay is not None else None
+        if bucket is not None:
+            count = self._bucket_feeds.get(bucket, 0)
+            self._bucket_feeds[bucket] = count + 1
+            if count == 0 and relay is not None:
+                relay.want(bucket)
+        if bucket is None or relay is None or relay.listens_on(bucket):
+            feed.heard.set()
+        else:
+            self._unheard[bucket][feed] = None
         try:
             yield feed
         finally:
+            if bucket is not None:
+                unheard = self._unheard.get(bucket)
+                if unheard is not None:
+                    unheard.pop(feed, None)
+                    if not unheard:
+                        del self._unheard[bucket]
+                count = self._bucket_feeds.pop(bucket, 1) - 1
+                if count > 0:
+                    self._bucket_feeds[bucket] = count
+                elif self._relay is not None and not self._all_buckets:
+                    self._relay.unwant(bucket)
             self._unrun.pop(feed, None)
             feeds = self._feeds.get(topic)
             if feeds is not None:
@@ -331,12 +398,41 @@ class Notifier:
         """Call `callback(key)` on the event loop for every key starting with `prefix`
         delivered here (local or relayed), and `callback(None)` when some may be lost."""
         self._listeners.append((prefix, callback))
+        self._hear_everything_of(prefix)
 
     def watch(self, prefix: str, callback: Callable[[str | None], None]) -> None:
         """Call `callback(key)` at once, in the delivering thread (any), for every key
         starting with `prefix` delivered here (local or relayed), and `callback(None)`
         when some may be lost. The callback must be quick and thread-safe."""
         self._watchers.append((prefix, callback))
+        self._hear_everything_of(prefix)
+
+    def _hear_everything_of(self, prefix: str) -> None:
+        """A listener or watcher of `prefix` must see every key it matches: if owner keys
+        may match, the relay listens on every bucket from now on."""
+        if self._all_buckets or not (
+            prefix.startswith(OWNER_PREFIX) or OWNER_PREFIX.startswith(prefix)
+        ):
+            return
+        self._all_buckets = True
+        if self._relay is not None:
+            for bucket in range(FEED_BUCKETS):
+                self._relay.want(bucket)
+
+    def _heard_from_relay(self, buckets: set[int]) -> None:
+        """(The relay's thread.) LISTEN on `buckets` took effect: on the loop, the feeds
+        that followed them before get `heard` and a resync."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        with suppress(RuntimeError):  # closed meanwhile
+            loop.call_soon_threadsafe(self._on_heard, buckets)
+
+    def _on_heard(self, buckets: set[int]) -> None:
+        for bucket in buckets:
+            for feed in self._unheard.pop(bucket, {}):
+                feed.add(None)  # it may have missed a key sent before the LISTEN
+                feed.heard.set()
 
     @property
     def reliable(self) -> bool:
@@ -461,8 +557,11 @@ class Notifier:
             # wake-up that a claimer waiting here took (it takes the job now; the others'
             # claimers are told all the same, in case it cannot).
             deferrable = key.startswith(OWNER_PREFIX) and not key.endswith(ENDING_MARK)
+            bucket = _key_bucket(key)
             for i in range(times):
-                self._relay.publish(key, deferrable=deferrable or i < waiting, view=view)
+                self._relay.publish(
+                    key, deferrable=deferrable or i < waiting, view=view, bucket=bucket
+                )
 
     def _deliver(self, key: str | None, times: int = 1, view: object | None = None) -> int:
         """Wake local waiters of `key` (None: every waiter), as for `times` notifications.
