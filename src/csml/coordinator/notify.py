@@ -50,6 +50,12 @@ that follows a topic whose bucket is not yet listened to may miss a key sent bef
 LISTEN takes effect: when it has (`Feed.heard` is set then), the feed gets a resync (its
 reader re-reads the store, after that LISTEN). A listener or watcher whose prefix could
 match an owner key makes the relay listen on every bucket (none does today).
+A completion's `job:` key goes on its owner's bucket too (`notify(key, topic=)`): the
+only ones elsewhere that need it are that owner's long-polls on the job, which
+subscribe with the topic (`subscribe(key, topic)`, then `await heard(topic)` before
+reading the store), and no lease memo (`csml.coordinator.lease_memo`) needs it: the lease's
+holder completed the job and beats it no more. Cancels, reaps and requeues that are not
+a completion still announce `job:` keys to every coordinator.
 Hang-ups: a long request's handler waits on an event that `watch_hang_up` also sets
 when its client disconnects (one task per request, no polling).
 Watchers (`watch(prefix, callback)`) are called at once, in the thread that delivers
@@ -121,6 +127,7 @@ ENDING_MARK = "!"  # after a feed item: a change that may have ended the job (ne
 OWNER_PREFIX = "owner:"  # the topics of identities' job changes (`owner_feed`)
 HAND_OVER_YIELDS = 8  # loop turns a request gives the coroutines it woke, at most
 FEED_BUCKETS = 128  # relay channels the owner feeds' keys are spread over (`feed_bucket`)
+HEAR_SECONDS = 2.0  # how long `heard` waits for the relay to listen on a bucket, at most
 
 
 def watch_hang_up(
@@ -199,6 +206,17 @@ def owner_change(owner_id: str, job_id: str, *, ending: bool = False) -> str:
     """The key announcing that this job of this owner changed (state, progress, result);
     `ending`: the change may have ended it (followers' `Feed.urgent`)."""
     return feed_key(owner_feed(owner_id), job_id + ENDING_MARK if ending else job_id)
+
+
+def owner_topics(keys: list[str]) -> dict[str, str]:
+    """By job id, the owner topic of each owner change among `keys` (`owner_change`)."""
+    topics: dict[str, str] = {}
+    for key in keys:
+        if key.startswith(OWNER_PREFIX):
+            topic, sep, item = key.rpartition(FEED_SEPARATOR)
+            if sep:
+                topics[item.removesuffix(ENDING_MARK)] = topic
+    return topics
 
 
 def _decoded(text: str) -> object:
@@ -298,6 +316,7 @@ class Notifier:
         # and whether every bucket is wanted (a listener or watcher of owner keys).
         self._bucket_feeds: dict[int, int] = {}
         self._unheard: defaultdict[int, dict[Feed, None]] = defaultdict(dict)
+        self._hearing: defaultdict[int, list[asyncio.Future[None]]] = defaultdict(list)
         self._all_buckets = False
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -339,13 +358,19 @@ class Notifier:
         return LOCAL_RECHECK_SECONDS
 
     @contextmanager
-    def subscribe(self, key: str) -> Iterator[asyncio.Event]:
-        """An event set by `notify(key)`; subscribe before checking, to miss nothing."""
+    def subscribe(self, key: str, topic: str | None = None) -> Iterator[asyncio.Event]:
+        """An event set by `notify(key)`; subscribe before checking, to miss nothing.
+        `topic`: the owner feed whose bucket `key` may be relayed on (`notify(...,
+        topic=)`: a job's completion); `await heard(topic)` before checking, or a key
+        relayed before the relay listens there may be missed."""
         event = asyncio.Event()
         self._waiters[key][event] = None
+        bucket = self._want(topic) if topic is not None else None
         try:
             yield event
         finally:
+            if bucket is not None:
+                self._unwant(bucket)
             self._unrun.pop(event, None)
             self._woken_by.pop(event, None)
             self._withdrawn.discard(event)
@@ -362,37 +387,82 @@ class Notifier:
         feed then gets a resync (see the module)."""
         feed = Feed(self._unrun)
         self._feeds[topic][feed] = None
-        relay = self._relay
-        bucket = feed_bucket(topic) if relay is not None else None
-        if bucket is not None:
-            count = self._bucket_feeds.get(bucket, 0)
-            self._bucket_feeds[bucket] = count + 1
-            if count == 0 and relay is not None:
-                relay.want(bucket)
-        if bucket is None or relay is None or relay.listens_on(bucket):
-            feed.heard.set()
-        else:
-            self._unheard[bucket][feed] = None
+        bucket = self._want(topic, feed)
         try:
             yield feed
         finally:
             if bucket is not None:
-                unheard = self._unheard.get(bucket)
-                if unheard is not None:
-                    unheard.pop(feed, None)
-                    if not unheard:
-                        del self._unheard[bucket]
-                count = self._bucket_feeds.pop(bucket, 1) - 1
-                if count > 0:
-                    self._bucket_feeds[bucket] = count
-                elif self._relay is not None and not self._all_buckets:
-                    self._relay.unwant(bucket)
+                self._unwant(bucket, feed)
             self._unrun.pop(feed, None)
             feeds = self._feeds.get(topic)
             if feeds is not None:
                 feeds.pop(feed, None)
                 if not feeds:
                     del self._feeds[topic]
+
+    async def heard(self, topic: str, timeout: float = HEAR_SECONDS) -> None:
+        """(On the loop.) Return once every key relayed on `topic`'s bucket reaches this
+        process (the relay listens there; at once without a relay, for a topic without
+        a bucket, or while the relay is not listening at all: its reconnection wakes
+        every waiter), or after `timeout` seconds (then a key may be missed, and a
+        waiter sees its change at its next re-check). Call it after `subscribe(key,
+        topic)` (which asks the relay to listen) and before checking the store."""
+        relay = self._relay
+        bucket = feed_bucket(topic) if relay is not None else None
+        if (
+            bucket is None
+            or relay is None
+            or self._loop is None
+            or relay.listens_on(bucket)
+            or not relay.listening.is_set()
+        ):
+            return
+        future: asyncio.Future[None] = self._loop.create_future()
+        self._hearing[bucket].append(future)
+        try:
+            with suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await future
+        finally:
+            hearing = self._hearing.get(bucket)
+            if hearing is not None and future in hearing:
+                hearing.remove(future)
+                if not hearing:
+                    del self._hearing[bucket]
+
+    def _want(self, topic: str, feed: Feed | None = None) -> int | None:
+        """(On the loop.) Have the relay listen on `topic`'s bucket (for `feed`, heard at
+        once if it does already, else once it does, with a resync). Returns the bucket
+        (None: no relay, or the topic's keys go to every coordinator: heard at once)."""
+        relay = self._relay
+        bucket = feed_bucket(topic) if relay is not None else None
+        if bucket is None or relay is None:
+            if feed is not None:
+                feed.heard.set()
+            return None
+        count = self._bucket_feeds.get(bucket, 0)
+        self._bucket_feeds[bucket] = count + 1
+        if count == 0:
+            relay.want(bucket)
+        if feed is not None:
+            if relay.listens_on(bucket):
+                feed.heard.set()
+            else:
+                self._unheard[bucket][feed] = None
+        return bucket
+
+    def _unwant(self, bucket: int, feed: Feed | None = None) -> None:
+        """(On the loop.) One fewer feed or waiter needs `bucket` (see `_want`)."""
+        unheard = self._unheard.get(bucket)
+        if unheard is not None and feed is not None:
+            unheard.pop(feed, None)
+            if not unheard:
+                del self._unheard[bucket]
+        count = self._bucket_feeds.pop(bucket, 1) - 1
+        if count > 0:
+            self._bucket_feeds[bucket] = count
+        elif self._relay is not None and not self._all_buckets:
+            self._relay.unwant(bucket)
 
     def listen(self, prefix: str, callback: Callable[[str | None], None]) -> None:
         """Call `callback(key)` on the event loop for every key starting with `prefix`
@@ -431,8 +501,11 @@ class Notifier:
     def _on_heard(self, buckets: set[int]) -> None:
         for bucket in buckets:
             for feed in self._unheard.pop(bucket, {}):
-                feed.add(None)  # it may have missed a key sent before the LISTEN
+                feed.add(None)  # it may have missed a key sent before the LISTEN: re-read
                 feed.heard.set()
+            for future in self._hearing.pop(bucket, []):
+                if not future.done():
+                    future.set_result(None)
 
     @property
     def reliable(self) -> bool:
@@ -544,11 +617,15 @@ class Notifier:
         if event in self._waiters.get(key, ()):  # else it is gone already: nothing to do
             self._withdrawn.add(event)  # forgotten by `pass_on` or when it unsubscribes
 
-    def notify(self, key: str, view: object | None = None, *, times: int = 1) -> None:
+    def notify(
+        self, key: str, view: object | None = None, *, times: int = 1, topic: str | None = None
+    ) -> None:
         """Wake `key`'s waiters here and on the other coordinators, as for `times`
         notifications (a wake-one key: `times` waiters); `view` (of a feed key's item, in
-        its final state: see the module) goes to this process's feeds only. Safe from
-        any thread."""
+        its final state: see the module) goes to this process's feeds only. `topic`: an
+        owner feed whose bucket a key that is not a feed's is relayed on (a completion's
+        `job:` key: see the module), so only the coordinators following that owner or
+        waiting with `subscribe(key, topic)` get it. Safe from any thread."""
         waiting = self._deliver(key, times, view=view)
         if self._relay is not None:
             # What may wait a little for company on its way to the other coordinators: a
@@ -557,7 +634,7 @@ class Notifier:
             # wake-up that a claimer waiting here took (it takes the job now; the others'
             # claimers are told all the same, in case it cannot).
             deferrable = key.startswith(OWNER_PREFIX) and not key.endswith(ENDING_MARK)
-            bucket = _key_bucket(key)
+            bucket = _key_bucket(key) if topic is None else feed_bucket(topic)
             for i in range(times):
                 self._relay.publish(
                     key, deferrable=deferrable or i < waiting, view=view, bucket=bucket

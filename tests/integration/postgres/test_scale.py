@@ -433,6 +433,38 @@ def test_owner_keys_reach_only_the_coordinators_following_that_owner(
     asyncio.run(scenario())
 
 
+def test_a_completions_job_key_reaches_only_the_long_polls_of_its_owner(
+    make_core: MakeCore,
+) -> None:
+    """A job key notified with its owner's topic (a completion's) goes on that owner's
+    bucket: a waiter on B subscribed with the topic (and `heard`) is woken; B never
+    receives one for an owner it neither follows nor waits on, though a plain job key
+    (a cancel's) still reaches it."""
+    a, b = make_core(), make_core()
+
+    async def scenario() -> None:
+        async with listening(a, b):
+            relay = b.notifier.relay
+            assert relay is not None
+            assert feed_bucket("owner:y") != feed_bucket("owner:z")
+            with ExitStack() as stack:
+                mine = stack.enter_context(b.notifier.subscribe("job:j", "owner:z"))
+                await asyncio.wait_for(b.notifier.heard("owner:z"), 10)
+                assert relay.listens_on(feed_bucket("owner:z") or 0)
+                other = stack.enter_context(b.notifier.subscribe("job:k"))
+                last = stack.enter_context(b.notifier.subscribe("job:last"))
+                received = relay.received
+                a.notifier.notify("job:k", topic="owner:y")  # y's: B is not told
+                a.notifier.notify("job:j", topic="owner:z")
+                a.notifier.notify("job:last")
+                await asyncio.wait_for(last.wait(), 10)
+                await asyncio.wait_for(mine.wait(), 10)
+                assert not other.is_set()
+                assert relay.received - received == 2
+
+    asyncio.run(scenario())
+
+
 def test_a_bucket_no_longer_followed_is_unlistened(
     make_core: MakeCore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
