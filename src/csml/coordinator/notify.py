@@ -77,15 +77,9 @@ commit (the subscribe-before-checking rule). Sending costs the others too (each
 relayed transaction wakes every other coordinator's relay thread): an owner's change
 that ends no job (submitted, running, progress) is published as deferrable, and waits
 on its way out up to `csml.store.relay.DEFER_SECONDS` for a key that may not wait;
-event streams let such changes settle for longer than that anyway. A job's `app:`
-wake-up that went to a claimer here waiting in `wait` is not relayed at all (since
-session 12; before, it waited for company and went to every coordinator, which made
-each completion's packet reach all of them): that claimer takes a job at once, and if
-it finds nothing and no idle claimer here is left to pass it on to (`pass_on`), the
-key is relayed then. So another coordinator's marks move only for jobs no claimer here
-took: its claimers' trust that the queue holds nothing for them stays right, as the
-job was taken (a claimer that errs out before claiming loses the wake-up, as a lost
-notification does: the next re-check finds the job).
+event streams let such changes settle for longer than that anyway. So is a job's
+`app:` wake-up that went to a claimer here waiting in `wait` (it takes the job at
+once; the other coordinators' claimers are still told, for when it cannot).
 
 Early: `notify_early(app_key)` wakes a claimer waiting here for a job whose write is in
 a one-lane writer's queue but not yet committed (SQLite, no relay): its claim's write
@@ -318,8 +312,6 @@ class Notifier:
         # Claimers woken early for a job whose write then failed (`withdraw`): their
         # finding nothing passes nothing on.
         self._withdrawn: set[asyncio.Event] = set()
-        # Claimers woken here for a job whose wake-up was not relayed (see `pass_on`).
-        self._unrelayed: set[asyncio.Event] = set()
         # Feeds following each relay bucket (on the loop), those of them not yet `heard`,
         # and whether every bucket is wanted (a listener or watcher of owner keys).
         self._bucket_feeds: dict[int, int] = {}
@@ -382,7 +374,6 @@ class Notifier:
             self._unrun.pop(event, None)
             self._woken_by.pop(event, None)
             self._withdrawn.discard(event)
-            self._unrelayed.discard(event)
             waiters = self._waiters.get(key)
             if waiters is not None:
                 waiters.pop(event, None)
@@ -563,18 +554,18 @@ class Notifier:
         """(On the loop.) The waiter `event` of a wake-one `key` was woken and found
         nothing for it: wake the first idle waiter subscribed after it (those before it
         were busy when it was chosen, so they look at the queue after the job was
-        queued). True if one was woken. If none is and the wake-up was not relayed (it
-        went to a claimer here in `wait`: see `notify`), relay it now."""
+        queued). True if one was woken."""
         origin = self._woken_by.pop(event, None)
         if origin is not None:
             self.claim_wakes_empty[origin] += 1
         if event in self._withdrawn:  # woken early for a job that was not queued after all
             self._withdrawn.discard(event)
             return False
-        held = event in self._unrelayed  # its key was not relayed
-        self._unrelayed.discard(event)
+        waiters = self._waiters.get(key)
+        if not waiters:
+            return False
         after = False
-        for other in self._waiters.get(key, ()):
+        for other in waiters:
             if other is event:
                 after = True
             elif after and not other.is_set():
@@ -582,12 +573,8 @@ class Notifier:
                 if origin is not None:
                     self._woken_by[other] = origin
                     self.claim_wakes[origin] += 1
-                if held:
-                    self._unrelayed.add(other)
                 other.set()
                 return True
-        if held and self._relay is not None:  # nobody here takes it: the others' turn
-            self._relay.publish(key)
         return False
 
     def notify_early(self, key: str) -> asyncio.Event | None:
@@ -639,25 +626,24 @@ class Notifier:
         owner feed whose bucket a key that is not a feed's is relayed on (a completion's
         `job:` key: see the module), so only the coordinators following that owner or
         waiting with `subscribe(key, topic)` get it. Safe from any thread."""
-        relay = self._relay
-        waiting = self._deliver(key, times, view=view, hold=relay is not None)
-        if relay is not None:
+        waiting = self._deliver(key, times, view=view)
+        if self._relay is not None:
             # What may wait a little for company on its way to the other coordinators: a
             # feed item's change that ends nothing (submitted, running, progress: their
-            # streams let those settle for longer anyway, `api_events`). A job's wake-up
-            # that a claimer waiting here took is not relayed (see `pass_on`).
+            # streams let those settle for longer anyway, `api_events`), and a job's
+            # wake-up that a claimer waiting here took (it takes the job now; the others'
+            # claimers are told all the same, in case it cannot).
             deferrable = key.startswith(OWNER_PREFIX) and not key.endswith(ENDING_MARK)
             bucket = _key_bucket(key) if topic is None else feed_bucket(topic)
-            for _ in range(times - waiting):
-                relay.publish(key, deferrable=deferrable, view=view, bucket=bucket)
+            for i in range(times):
+                self._relay.publish(
+                    key, deferrable=deferrable or i < waiting, view=view, bucket=bucket
+                )
 
-    def _deliver(
-        self, key: str | None, times: int = 1, view: object | None = None, *, hold: bool = False
-    ) -> int:
+    def _deliver(self, key: str | None, times: int = 1, view: object | None = None) -> int:
         """Wake local waiters of `key` (None: every waiter), as for `times` notifications.
         Safe from any thread. Returns how many of a wake-one key's wake-ups went to
-        waiters inside `wait` (only known on the loop's thread: 0 elsewhere); `hold`:
-        those are not relayed (`pass_on` relays the key if they find nothing)."""
+        waiters inside `wait` (only known on the loop's thread: 0 elsewhere)."""
         self._count_and_watch(key, times)
         loop = self._loop
         if loop is None or loop.is_closed():
@@ -667,7 +653,7 @@ class Notifier:
         except RuntimeError:
             running = None
         if running is loop:
-            return self._wake(key, times, view, hold=hold)
+            return self._wake(key, times, view)
         elif self._wanted(key):
             self.hops += 1  # a race with another thread may lose one: a count for metrics
             with suppress(RuntimeError):  # closed meanwhile
@@ -741,7 +727,6 @@ class Notifier:
         view: object | None = None,
         *,
         relayed: bool = False,
-        hold: bool = False,
     ) -> int:
         """(On the loop.) Deliver `key` (`relayed`: from another coordinator); returns how
         many of a wake-one key's wake-ups went to waiters inside `wait` (not busy in a
@@ -782,7 +767,4 @@ class Notifier:
             self._woken_by[event] = origin
             event.set()
         self.claim_wakes[origin] += len(idle)
-        taking = [e for e in idle if e in self._waiting]
-        if hold:
-            self._unrelayed.update(taking)
-        return len(taking)
+        return sum(e in self._waiting for e in idle)

@@ -465,40 +465,6 @@ def test_a_completions_job_key_reaches_only_the_long_polls_of_its_owner(
     asyncio.run(scenario())
 
 
-def test_a_job_wake_up_taken_here_is_relayed_only_if_nobody_here_takes_it(
-    make_core: MakeCore,
-) -> None:
-    """A's `app:` key that went to a claimer of A's waiting in `wait` is not relayed: B
-    neither receives it nor counts it (its marks stay), and B's claimer sleeps on. When
-    A's claimer then finds nothing and A has no other idle claimer (`pass_on`), the key
-    goes to B, whose claimer wakes."""
-    a, b = make_core(), make_core()
-
-    async def scenario() -> None:
-        async with listening(a, b):
-            relay = b.notifier.relay
-            assert relay is not None
-            with ExitStack() as stack:
-                mine = stack.enter_context(a.notifier.subscribe("app:echo"))
-                theirs = stack.enter_context(b.notifier.subscribe("app:echo"))
-                last = stack.enter_context(b.notifier.subscribe("job:last"))
-                waiting = asyncio.ensure_future(a.notifier.wait(mine, 30))
-                await asyncio.sleep(0)  # A's claimer is inside `wait` now
-                received, marks = relay.received, b.notifier.mark("app:echo")
-                a.notifier.notify("app:echo")
-                assert await waiting
-                a.notifier.notify("job:last")
-                await asyncio.wait_for(last.wait(), 10)
-                assert relay.received - received == 1  # job:last only
-                assert b.notifier.mark("app:echo") == marks
-                assert not theirs.is_set()
-                assert not a.notifier.pass_on("app:echo", mine)  # it found nothing
-                await asyncio.wait_for(theirs.wait(), 10)
-                assert b.notifier.mark("app:echo")[0] == marks[0] + 1
-
-    asyncio.run(scenario())
-
-
 def test_a_bucket_no_longer_followed_is_unlistened(
     make_core: MakeCore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
