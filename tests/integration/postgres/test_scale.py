@@ -34,12 +34,18 @@ from csml.coordinator.config import Settings
 from csml.coordinator.notify import RELAYED_RECHECK_SECONDS, feed_bucket
 from csml.coordinator.state import Core
 from csml.coordinator.tokens import create_join_token
-from csml.schemas import WorkerRegistration
+from csml.schemas import JobCompletion, WorkerRegistration
 from csml.store.jobs import Envelope, FileRow, JobRow
 from csml.store.relay import CHANNEL
 from csml.store.tables import Job
 from tests.cluster import wait_for, wait_healthy
-from tests.integration.postgres.support import MakeCore, bulk_queue, new_identity
+from tests.integration.postgres.support import (
+    MakeCore,
+    bulk_queue,
+    new_identity,
+    new_worker,
+    submit,
+)
 from tests.integration.postgres.test_concurrency import Coordinator, run_all, stop_all
 
 # PostgreSQL at scale: many jobs, several coordinator processes.
@@ -461,6 +467,41 @@ def test_a_completions_job_key_reaches_only_the_long_polls_of_its_owner(
                 await asyncio.wait_for(mine.wait(), 10)
                 assert not other.is_set()
                 assert relay.received - received == 2
+
+    asyncio.run(scenario())
+
+
+def test_a_completion_reaches_only_the_coordinators_following_its_owner(
+    make_core: MakeCore,
+) -> None:
+    """A job completed through A: its `job:` key, its owner's change and the view go on
+    the owner's bucket, so B, which neither follows that owner nor long-polls the job,
+    receives none of them; C, following the owner, gets the end with its view."""
+    a, b, c = make_core(), make_core(), make_core()
+    owner = new_identity(a)
+    job_id = submit(a, owner, word="hi")
+    worker = new_worker(a)
+    [claimed] = a.queue.claim(worker, 1)
+    topic = f"owner:{owner}"
+
+    async def scenario() -> None:
+        async with listening(a, b, c):
+            relay = b.notifier.relay
+            assert relay is not None
+            with ExitStack() as stack:
+                feed = stack.enter_context(c.notifier.follow(topic))
+                await asyncio.wait_for(feed.heard.wait(), 10)
+                feed.take()  # the resync that came with it
+                last = stack.enter_context(b.notifier.subscribe("job:last"))
+                received = relay.received
+                done = JobCompletion(lease_id=claimed.lease_id, state="succeeded", result={})
+                await asyncio.to_thread(a.queue.complete, worker, job_id, done)
+                await asyncio.wait_for(feed.urgent.wait(), 10)
+                a.notifier.notify("job:last")
+                await asyncio.wait_for(last.wait(), 10)
+                assert relay.received - received == 1  # job:last only
+                items, resync, views = feed.take_views()
+                assert (items, resync, set(views)) == ({job_id}, False, {job_id})
 
     asyncio.run(scenario())
 
