@@ -44,8 +44,9 @@ Interest-filtered relaying (since session 12): an owner feed's key
 crc32 of the topic, one of `FEED_BUCKETS`), and this process's relay LISTENs on a bucket
 only while a feed here follows a topic of it (and `UNLISTEN_AFTER_SECONDS` after): with N
 coordinators, the others' owner keys for clients streaming elsewhere are not received at
-all. The other keys (`app:`, `keys:`, `job:`, `erased:`) still go to every coordinator:
-marks, the lease memo's watcher and the identity cache's listener need every one. A feed
+all. The other keys (`app:`, `keys:`, `job:` but a completion's, `erased:`) still go to
+every coordinator: marks, the lease memo's watcher and the identity cache's listener
+need them. A feed
 that follows a topic whose bucket is not yet listened to may miss a key sent before the
 LISTEN takes effect: when it has (`Feed.heard` is set then), the feed gets a resync (its
 reader re-reads the store, after that LISTEN). A listener or watcher whose prefix could

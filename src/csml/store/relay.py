@@ -40,8 +40,9 @@ A coordinator that does not know the form skips it (not three fields, or no coun
 loads the job as before; a view whose key did not come in the same packet is dropped.
 
 Interest-filtered channels (since session 12): a key published with a `bucket`
-(`publish(key, bucket=b)`: the notifier's owner feeds, `owner:<id>/<job>`, hashed to one
-of `csml.coordinator.notify.FEED_BUCKETS`) goes on the channel `csml_wake_<b>` instead,
+(`publish(key, bucket=b)`: the notifier's owner feeds, `owner:<id>/<job>`, and a
+completion's `job:` key, by the owner's topic hashed to one of
+`csml.coordinator.notify.FEED_BUCKETS`) goes on the channel `csml_wake_<b>` instead,
 with its view, and only the coordinators that LISTEN there receive it: those with a feed
 following a topic of that bucket (`want(b)` / `unwant(b)`, counted by the notifier). With
 N coordinators each one's client streams follow their own owners, so most of the other
