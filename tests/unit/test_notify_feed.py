@@ -143,7 +143,9 @@ class _Outbox:
     def __init__(self) -> None:
         self.published: list[tuple[str, bool]] = []
 
-    def publish(self, key: str, *, deferrable: bool = False, view: object = None) -> None:
+    def publish(
+        self, key: str, *, deferrable: bool = False, view: object = None, bucket: int | None = None
+    ) -> None:
         self.published.append((key, deferrable))
 
     def close(self) -> None:

@@ -29,7 +29,7 @@ from csml.coordinator import (
 from csml.coordinator.auth import AuthFirstRoute, current_identity, lean
 from csml.coordinator.errors import ApiError, from_refusal, not_found, spec_error
 from csml.coordinator.file_responses import BlobResponse, WholeFile
-from csml.coordinator.notify import job_key, owner_change
+from csml.coordinator.notify import job_key, owner_change, owner_feed
 from csml.coordinator.staged_inputs import StagedFile
 from csml.coordinator.state import Core, core
 from csml.coordinator.uploads import (
@@ -398,7 +398,10 @@ async def get_job(
     whole = len(job_id) == ids.ID_LENGTH and ids.is_id_prefix(job_id)
     full_id, state = (job_id, None) if whole else c.queue.state_of(me.id, job_id)
     if state is None or not JobState(state).terminal:
-        with c.notifier.subscribe(job_key(full_id)) as event:
+        # With the owner's topic: a completion's key is relayed on its bucket only.
+        topic = owner_feed(me.id)
+        with c.notifier.subscribe(job_key(full_id), topic) as event:
+            await c.notifier.heard(topic)  # the relay listens there: no key missed
             # Subscribed: (re-)read, so a change just before subscribing is not missed.
             _, state = c.queue.state_of(me.id, full_id)
             while not JobState(state).terminal:

@@ -15,7 +15,11 @@ Invariants:
   an entry never predates a change that this coordinator heard of.
 - Every change that ends or moves a lease (completion, cancel, reap, requeue, pipeline
   cancel, erasure) is announced with the key `job:<id>` after its commit, here and,
-  through the PostgreSQL relay, on the other coordinators. The notifier calls this memo
+  through the PostgreSQL relay, on the other coordinators, except a completion's, which
+  the relay carries only to the coordinators following the job's owner (see
+  `csml.coordinator.notify`): a completion comes from the lease's holder, which beats
+  that job no more, so another coordinator's entry for it is never asked for again (it
+  stays until the bound below, a hint nobody reads). The notifier calls this memo
   at once, in the announcing thread (`Notifier.watch`), and the job's entry goes. When
   notifications may have been lost (the relay's None) every entry goes, and while the
   relay is not listening the memo answers nothing (`Notifier.reliable`).

@@ -39,6 +39,24 @@ Marks (`mark(key)`): how many times an `app:` or `keys:` key was delivered here,
 how many times notifications may have been lost; equal marks before and after tell a
 claim that no job was announced meanwhile (see `csml.coordinator.queue`). A batch of
 jobs is announced with `notify(key, times=n)`: n wake-ups, n marks.
+Interest-filtered relaying (since session 12): an owner feed's key
+(`owner:<id>/<job>`) is relayed on the channel of its topic's bucket (`feed_bucket`:
+crc32 of the topic, one of `FEED_BUCKETS`), and this process's relay LISTENs on a bucket
+only while a feed here follows a topic of it (and `UNLISTEN_AFTER_SECONDS` after): with N
+coordinators, the others' owner keys for clients streaming elsewhere are not received at
+all. The other keys (`app:`, `keys:`, `job:` but a completion's, `erased:`) still go to
+every coordinator: marks, the lease memo's watcher and the identity cache's listener
+need them. A feed
+that follows a topic whose bucket is not yet listened to may miss a key sent before the
+LISTEN takes effect: when it has (`Feed.heard` is set then), the feed gets a resync (its
+reader re-reads the store, after that LISTEN). A listener or watcher whose prefix could
+match an owner key makes the relay listen on every bucket (none does today).
+A completion's `job:` key goes on its owner's bucket too (`notify(key, topic=)`): the
+only ones elsewhere that need it are that owner's long-polls on the job, which
+subscribe with the topic (`subscribe(key, topic)`, then `await heard(topic)` before
+reading the store), and no lease memo (`csml.coordinator.lease_memo`) needs it: the lease's
+holder completed the job and beats it no more. Cancels, reaps and requeues that are not
+a completion still announce `job:` keys to every coordinator.
 Hang-ups: a long request's handler waits on an event that `watch_hang_up` also sets
 when its client disconnects (one task per request, no polling).
 Watchers (`watch(prefix, callback)`) are called at once, in the thread that delivers
@@ -91,6 +109,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import zlib
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
@@ -112,6 +131,8 @@ FEED_MAX_PENDING = 10_000
 ENDING_MARK = "!"  # after a feed item: a change that may have ended the job (never in an id)
 OWNER_PREFIX = "owner:"  # the topics of identities' job changes (`owner_feed`)
 HAND_OVER_YIELDS = 8  # loop turns a request gives the coroutines it woke, at most
+FEED_BUCKETS = 128  # relay channels the owner feeds' keys are spread over (`feed_bucket`)
+HEAR_SECONDS = 2.0  # how long `heard` waits for the relay to listen on a bucket, at most
 
 
 def watch_hang_up(
@@ -165,6 +186,22 @@ def job_key(job_id: str) -> str:
     return f"job:{job_id}"
 
 
+def feed_bucket(topic: str) -> int | None:
+    """The relay bucket of a topic's keys (the same on every coordinator), or None: its
+    keys go to every coordinator. Only owner feeds have one (see the module)."""
+    if not topic.startswith(OWNER_PREFIX):
+        return None
+    return zlib.crc32(topic.encode()) % FEED_BUCKETS
+
+
+def _key_bucket(key: str) -> int | None:
+    """`feed_bucket` of the topic of a feed key (None for any other key)."""
+    if not key.startswith(OWNER_PREFIX):
+        return None
+    topic, sep, _ = key.rpartition(FEED_SEPARATOR)
+    return feed_bucket(topic) if sep else None
+
+
 def owner_feed(owner_id: str) -> str:
     """The notifier topic on which an identity's job changes are announced (item: job id)."""
     return f"{OWNER_PREFIX}{owner_id}"
@@ -174,6 +211,17 @@ def owner_change(owner_id: str, job_id: str, *, ending: bool = False) -> str:
     """The key announcing that this job of this owner changed (state, progress, result);
     `ending`: the change may have ended it (followers' `Feed.urgent`)."""
     return feed_key(owner_feed(owner_id), job_id + ENDING_MARK if ending else job_id)
+
+
+def owner_topics(keys: list[str]) -> dict[str, str]:
+    """By job id, the owner topic of each owner change among `keys` (`owner_change`)."""
+    topics: dict[str, str] = {}
+    for key in keys:
+        if key.startswith(OWNER_PREFIX):
+            topic, sep, item = key.rpartition(FEED_SEPARATOR)
+            if sep:
+                topics[item.removesuffix(ENDING_MARK)] = topic
+    return topics
 
 
 def _decoded(text: str) -> object:
@@ -192,6 +240,9 @@ class Feed:
 
     def __init__(self, unrun: dict[object, None] | None = None) -> None:
         self.event = asyncio.Event()  # something is pending
+        # Every key of its topic reaches this process (the relay LISTENs on its bucket,
+        # or there is no relay); until then it may miss some, and gets a resync once set.
+        self.heard = asyncio.Event()
         self.urgent = asyncio.Event()  # an item that may have ended its job, or a resync
         self.pending: set[str] = set()
         self.ending: set[str] = set()  # pending items announced with ENDING_MARK
@@ -266,6 +317,12 @@ class Notifier:
         # Claimers woken early for a job whose write then failed (`withdraw`): their
         # finding nothing passes nothing on.
         self._withdrawn: set[asyncio.Event] = set()
+        # Feeds following each relay bucket (on the loop), those of them not yet `heard`,
+        # and whether every bucket is wanted (a listener or watcher of owner keys).
+        self._bucket_feeds: dict[int, int] = {}
+        self._unheard: defaultdict[int, dict[Feed, None]] = defaultdict(dict)
+        self._hearing: defaultdict[int, list[asyncio.Future[None]]] = defaultdict(list)
+        self._all_buckets = False
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Attach to the event loop; on PostgreSQL, start relaying (until the loop closes)."""
@@ -280,8 +337,14 @@ class Notifier:
                 log.warning("coordinators will not wake each other: %s", exc)
                 return
             self._relay = PgRelay(
-                self._engine, self._deliver_many, alive=lambda: not loop.is_closed()
+                self._engine,
+                self._deliver_many,
+                alive=lambda: not loop.is_closed(),
+                heard=self._heard_from_relay,
             )
+            wanted = range(FEED_BUCKETS) if self._all_buckets else list(self._bucket_feeds)
+            for bucket in wanted:
+                self._relay.want(bucket)
 
     def close(self) -> None:
         if self._relay is not None:
@@ -300,13 +363,19 @@ class Notifier:
         return LOCAL_RECHECK_SECONDS
 
     @contextmanager
-    def subscribe(self, key: str) -> Iterator[asyncio.Event]:
-        """An event set by `notify(key)`; subscribe before checking, to miss nothing."""
+    def subscribe(self, key: str, topic: str | None = None) -> Iterator[asyncio.Event]:
+        """An event set by `notify(key)`; subscribe before checking, to miss nothing.
+        `topic`: the owner feed whose bucket `key` may be relayed on (`notify(...,
+        topic=)`: a job's completion); `await heard(topic)` before checking, or a key
+        relayed before the relay listens there may be missed."""
         event = asyncio.Event()
         self._waiters[key][event] = None
+        bucket = self._want(topic) if topic is not None else None
         try:
             yield event
         finally:
+            if bucket is not None:
+                self._unwant(bucket)
             self._unrun.pop(event, None)
             self._woken_by.pop(event, None)
             self._withdrawn.discard(event)
@@ -318,12 +387,17 @@ class Notifier:
 
     @contextmanager
     def follow(self, topic: str) -> Iterator[Feed]:
-        """A feed of the items announced on `topic` (keys `feed_key(topic, item)`)."""
+        """A feed of the items announced on `topic` (keys `feed_key(topic, item)`). With a
+        relay, keys of other coordinators may be missed until `feed.heard` is set; the
+        feed then gets a resync (see the module)."""
         feed = Feed(self._unrun)
         self._feeds[topic][feed] = None
+        bucket = self._want(topic, feed)
         try:
             yield feed
         finally:
+            if bucket is not None:
+                self._unwant(bucket, feed)
             self._unrun.pop(feed, None)
             feeds = self._feeds.get(topic)
             if feeds is not None:
@@ -331,16 +405,112 @@ class Notifier:
                 if not feeds:
                     del self._feeds[topic]
 
+    async def heard(self, topic: str, timeout: float = HEAR_SECONDS) -> None:
+        """(On the loop.) Return once every key relayed on `topic`'s bucket reaches this
+        process (the relay listens there; at once without a relay, for a topic without
+        a bucket, or while the relay is not listening at all: its reconnection wakes
+        every waiter), or after `timeout` seconds (then a key may be missed, and a
+        waiter sees its change at its next re-check). Call it after `subscribe(key,
+        topic)` (which asks the relay to listen) and before checking the store."""
+        relay = self._relay
+        bucket = feed_bucket(topic) if relay is not None else None
+        if (
+            bucket is None
+            or relay is None
+            or self._loop is None
+            or relay.listens_on(bucket)
+            or not relay.listening.is_set()
+        ):
+            return
+        future: asyncio.Future[None] = self._loop.create_future()
+        self._hearing[bucket].append(future)
+        try:
+            with suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await future
+        finally:
+            hearing = self._hearing.get(bucket)
+            if hearing is not None and future in hearing:
+                hearing.remove(future)
+                if not hearing:
+                    del self._hearing[bucket]
+
+    def _want(self, topic: str, feed: Feed | None = None) -> int | None:
+        """(On the loop.) Have the relay listen on `topic`'s bucket (for `feed`, heard at
+        once if it does already, else once it does, with a resync). Returns the bucket
+        (None: no relay, or the topic's keys go to every coordinator: heard at once)."""
+        relay = self._relay
+        bucket = feed_bucket(topic) if relay is not None else None
+        if bucket is None or relay is None:
+            if feed is not None:
+                feed.heard.set()
+            return None
+        count = self._bucket_feeds.get(bucket, 0)
+        self._bucket_feeds[bucket] = count + 1
+        if count == 0:
+            relay.want(bucket)
+        if feed is not None:
+            if relay.listens_on(bucket):
+                feed.heard.set()
+            else:
+                self._unheard[bucket][feed] = None
+        return bucket
+
+    def _unwant(self, bucket: int, feed: Feed | None = None) -> None:
+        """(On the loop.) One fewer feed or waiter needs `bucket` (see `_want`)."""
+        unheard = self._unheard.get(bucket)
+        if unheard is not None and feed is not None:
+            unheard.pop(feed, None)
+            if not unheard:
+                del self._unheard[bucket]
+        count = self._bucket_feeds.pop(bucket, 1) - 1
+        if count > 0:
+            self._bucket_feeds[bucket] = count
+        elif self._relay is not None and not self._all_buckets:
+            self._relay.unwant(bucket)
+
     def listen(self, prefix: str, callback: Callable[[str | None], None]) -> None:
         """Call `callback(key)` on the event loop for every key starting with `prefix`
         delivered here (local or relayed), and `callback(None)` when some may be lost."""
         self._listeners.append((prefix, callback))
+        self._hear_everything_of(prefix)
 
     def watch(self, prefix: str, callback: Callable[[str | None], None]) -> None:
         """Call `callback(key)` at once, in the delivering thread (any), for every key
         starting with `prefix` delivered here (local or relayed), and `callback(None)`
         when some may be lost. The callback must be quick and thread-safe."""
         self._watchers.append((prefix, callback))
+        self._hear_everything_of(prefix)
+
+    def _hear_everything_of(self, prefix: str) -> None:
+        """A listener or watcher of `prefix` must see every key it matches: if owner keys
+        may match, the relay listens on every bucket from now on."""
+        if self._all_buckets or not (
+            prefix.startswith(OWNER_PREFIX) or OWNER_PREFIX.startswith(prefix)
+        ):
+            return
+        self._all_buckets = True
+        if self._relay is not None:
+            for bucket in range(FEED_BUCKETS):
+                self._relay.want(bucket)
+
+    def _heard_from_relay(self, buckets: set[int]) -> None:
+        """(The relay's thread.) LISTEN on `buckets` took effect: on the loop, the feeds
+        that followed them before get `heard` and a resync."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        with suppress(RuntimeError):  # closed meanwhile
+            loop.call_soon_threadsafe(self._on_heard, buckets)
+
+    def _on_heard(self, buckets: set[int]) -> None:
+        for bucket in buckets:
+            for feed in self._unheard.pop(bucket, {}):
+                feed.add(None)  # it may have missed a key sent before the LISTEN: re-read
+                feed.heard.set()
+            for future in self._hearing.pop(bucket, []):
+                if not future.done():
+                    future.set_result(None)
 
     @property
     def reliable(self) -> bool:
@@ -452,11 +622,15 @@ class Notifier:
         if event in self._waiters.get(key, ()):  # else it is gone already: nothing to do
             self._withdrawn.add(event)  # forgotten by `pass_on` or when it unsubscribes
 
-    def notify(self, key: str, view: object | None = None, *, times: int = 1) -> None:
+    def notify(
+        self, key: str, view: object | None = None, *, times: int = 1, topic: str | None = None
+    ) -> None:
         """Wake `key`'s waiters here and on the other coordinators, as for `times`
         notifications (a wake-one key: `times` waiters); `view` (of a feed key's item, in
-        its final state: see the module) goes to this process's feeds only. Safe from
-        any thread."""
+        its final state: see the module) goes to this process's feeds only. `topic`: an
+        owner feed whose bucket a key that is not a feed's is relayed on (a completion's
+        `job:` key: see the module), so only the coordinators following that owner or
+        waiting with `subscribe(key, topic)` get it. Safe from any thread."""
         waiting = self._deliver(key, times, view=view)
         if self._relay is not None:
             # What may wait a little for company on its way to the other coordinators: a
@@ -465,8 +639,11 @@ class Notifier:
             # wake-up that a claimer waiting here took (it takes the job now; the others'
             # claimers are told all the same, in case it cannot).
             deferrable = key.startswith(OWNER_PREFIX) and not key.endswith(ENDING_MARK)
+            bucket = _key_bucket(key) if topic is None else feed_bucket(topic)
             for i in range(times):
-                self._relay.publish(key, deferrable=deferrable or i < waiting, view=view)
+                self._relay.publish(
+                    key, deferrable=deferrable or i < waiting, view=view, bucket=bucket
+                )
 
     def _deliver(self, key: str | None, times: int = 1, view: object | None = None) -> int:
         """Wake local waiters of `key` (None: every waiter), as for `times` notifications.

@@ -107,7 +107,14 @@ from csml.coordinator.catalog import Catalog, CatalogEntry
 from csml.coordinator.config import Settings
 from csml.coordinator.credit import Priority
 from csml.coordinator.lease_memo import Known, LeaseMemo
-from csml.coordinator.notify import Notifier, app_key, job_key, keys_key, owner_change
+from csml.coordinator.notify import (
+    Notifier,
+    app_key,
+    job_key,
+    keys_key,
+    owner_change,
+    owner_topics,
+)
 from csml.coordinator.staged_inputs import StagedFile, adopt_input_rows
 from csml.coordinator.verification import Batch, Decision, Verifier, contributor_of
 from csml.coordinator.verification import digest as run_digest
@@ -1459,7 +1466,12 @@ class JobQueue:
         outcomes, woken, quarantined, views = done
         for worker_id in quarantined:  # committed: its next claim is filtered as quarantined
             WORKER_TOKENS.forget_worker(worker_id)
-        for key in [*(job_key(o.job_id) for o in outcomes if o.refusal is None), *woken]:
+        # A completion's job key goes on its owner's relay channel (see `Notifier.notify`).
+        topics = owner_topics(woken)
+        for o in outcomes:
+            if o.refusal is None:
+                self.notifier.notify(job_key(o.job_id), topic=topics.get(o.job_id))
+        for key in woken:
             self.notifier.notify(key, views.get(key))  # the view: for this process's streams
         return outcomes
 

@@ -39,6 +39,26 @@ follow that owner send the job without loading it again (`view_of`, decoded only
 A coordinator that does not know the form skips it (not three fields, or no count) and
 loads the job as before; a view whose key did not come in the same packet is dropped.
 
+Interest-filtered channels (since session 12): a key published with a `bucket`
+(`publish(key, bucket=b)`: the notifier's owner feeds, `owner:<id>/<job>`, and a
+completion's `job:` key, by the owner's topic hashed to one of
+`csml.coordinator.notify.FEED_BUCKETS`) goes on the channel `csml_wake_<b>` instead,
+with its view, and only the coordinators that LISTEN there receive it: those with a feed
+following a topic of that bucket (`want(b)` / `unwant(b)`, counted by the notifier). With
+N coordinators each one's client streams follow their own owners, so most of the other
+coordinators' owner keys (a job's submitted, running and ended changes, the ended one
+with its view) no longer reach it: no packet to read, parse and drop. The thread LISTENs
+on a bucket when it is first wanted (before sending, on its next turn: `want` pokes it),
+and keeps listening `UNLISTEN_AFTER_SECONDS` after it is no longer wanted (a stream that
+reconnects follows the same owner again). A key sent before a LISTEN took effect is not
+received, so once the LISTEN has returned it calls `heard(buckets)`: the notifier then
+tells the feeds that followed before it to re-read (`Feed.add(None)`, a resync), which
+reads the store after every commit whose key could have been missed. On reconnect it
+LISTENs on every wanted bucket before waking every local waiter (as before). Every
+coordinator sharing a database must run this version: an older one listens on
+`csml_wake` alone and would hear no owner keys of the newer ones (its streams would see
+their jobs' changes only at their next re-read).
+
 It lives in the store because it is SQL on a store connection (LISTEN and
 `pg_notify`); `csml.coordinator.notify` decides what to wake and when.
 """
@@ -73,6 +93,7 @@ DEFER_SECONDS = 0.05  # how long a deferrable key may wait for one that is not
 POLL_SECONDS = 1.0  # how often the threads check whether to stop
 VIEW_MAX_CHARS = 4000  # an ended job's view relayed with its key, at most (NOTIFY: 8000 bytes)
 VIEW_MARK = "="  # before the key of a view's notification
+UNLISTEN_AFTER_SECONDS = 30.0  # a bucket no longer wanted is still listened to this long
 _ROWS: TypeAdapter[JobRow] = TypeAdapter(JobRow)
 
 
@@ -82,6 +103,11 @@ def view_text(view: object) -> str | None:
         return None
     text = _ROWS.dump_json(view).decode()
     return text if len(text) <= VIEW_MAX_CHARS else None
+
+
+def bucket_channel(bucket: int) -> str:
+    """The channel of a bucket's keys (a constant identifier: the prefix and a number)."""
+    return f"{CHANNEL}_{int(bucket)}"
 
 
 def view_of(text: str) -> JobRow:
@@ -95,12 +121,14 @@ class PgRelay:
         engine: Engine,
         deliver: Callable[[list[tuple[str | None, int]], dict[str, str]], None],
         alive: Callable[[], bool] = lambda: True,
+        heard: Callable[[set[int]], None] = lambda buckets: None,
     ) -> None:
         """`deliver([(key, times), ...], views)` wakes local waiters as for `times`
         notifications of each `key` (None: every waiter), in order; `views` holds, by
         key, the JSON of an ended job's view that came with it (`view_of` decodes it). It
-        is called once per packet of notifications received. The thread ends once
-        `alive()` is false or `close()` is called."""
+        is called once per packet of notifications received. `heard(buckets)` is called
+        (in the thread) once LISTEN on those buckets' channels has taken effect (see the
+        module). The thread ends once `alive()` is false or `close()` is called."""
         self.origin = secrets.token_hex(8)
         self.listening = threading.Event()  # LISTEN is active: other coordinators reach us
         # Counts for /metrics, the benchmarks and tests (written by the relay's thread):
@@ -114,7 +142,16 @@ class PgRelay:
         self._deliver = deliver
         self._alive = alive
         self._stop = threading.Event()
-        self._outbox: queue.SimpleQueue[tuple[str, bool, object]] = queue.SimpleQueue()
+        self._heard = heard
+        self._outbox: queue.SimpleQueue[tuple[str, bool, object, int | None]] = queue.SimpleQueue()
+        # Buckets wanted (`want` / `unwant`, any thread, under `_want_lock`), when each
+        # unwanted one stopped being wanted, and those whose channel the thread LISTENs on
+        # (the thread's own; read by `listens_on` under the GIL).
+        self._want_lock = threading.Lock()
+        self._wanted: set[int] = set()
+        self._unwanted_at: dict[int, float] = {}
+        self._want_changed = False
+        self._listened: frozenset[int] = frozenset()
         # Wakes the thread from its poll: a byte per `publish` (and `close`); closed by
         # the thread when it ends, under `_pipe_lock` (a write after that must not reach
         # whatever file reuses the descriptor).
@@ -135,18 +172,45 @@ class PgRelay:
         self._thread = threading.Thread(target=self._loop, name="csml-pg-relay", daemon=True)
         self._thread.start()
 
-    def publish(self, key: str, *, deferrable: bool = False, view: object = None) -> None:
+    def publish(
+        self, key: str, *, deferrable: bool = False, view: object = None, bucket: int | None = None
+    ) -> None:
         """Queue `key` for the other coordinators (never blocks). `deferrable`: it may wait
         up to `DEFER_SECONDS` for company (it goes with the next key that may not).
         `view`: the ended job the key announces (a `JobRow`), relayed with it when it may
-        be (`view_text`)."""
-        self._outbox.put((key, deferrable, view))
+        be (`view_text`). `bucket`: sent on that bucket's channel (only the coordinators
+        that want it hear it), else on `CHANNEL` (all of them)."""
+        self._outbox.put((key, deferrable, view, bucket))
         due = time.monotonic() + (DEFER_SECONDS if deferrable else LINGER_SECONDS)
         if due < self._asleep_until:
             # Awake from now on (before the poke: so never after its next deadline), so
             # the keys published until it runs need no poke of their own.
             self._asleep_until = -math.inf
             self._poke()
+
+    def want(self, bucket: int) -> None:
+        """(Any thread.) Receive `bucket`'s keys from now on: the thread LISTENs on its
+        channel at its next turn (poked now) and then calls `heard({bucket})`."""
+        with self._want_lock:
+            self._unwanted_at.pop(bucket, None)
+            if bucket in self._wanted:
+                return
+            self._wanted.add(bucket)
+            self._want_changed = True
+        self._asleep_until = -math.inf
+        self._poke()
+
+    def unwant(self, bucket: int) -> None:
+        """(Any thread.) `bucket`'s keys are no longer needed here: its channel is
+        UNLISTENed `UNLISTEN_AFTER_SECONDS` later, unless wanted again meanwhile."""
+        with self._want_lock:
+            if bucket in self._wanted:
+                self._wanted.discard(bucket)
+                self._unwanted_at[bucket] = time.monotonic()
+
+    def listens_on(self, bucket: int) -> bool:
+        """(Any thread.) Whether the LISTEN on `bucket`'s channel is in effect."""
+        return self.listening.is_set() and bucket in self._listened
 
     def close(self, timeout: float = 5.0) -> None:
         self._stop.set()
@@ -187,9 +251,17 @@ class PgRelay:
                 try:
                     conn = self._connect()
                     conn.execute("LISTEN " + CHANNEL)  # a constant identifier
+                    with self._want_lock:
+                        buckets = set(self._wanted)
+                        self._want_changed = False
+                    for bucket in sorted(buckets):
+                        conn.execute("LISTEN " + bucket_channel(bucket))  # ditto
+                    self._listened = frozenset(buckets)
                     self.listening.set()
                     delay = 0.2
                     self._deliver([(None, 1)], {})  # anything sent while we were not listening
+                    if buckets:
+                        self._heard(buckets)
                     self._serve(conn)
                 except TypeError as exc:
                     log.warning("coordinators will not wake each other: %s", exc)
@@ -203,6 +275,7 @@ class PgRelay:
                         )
                 finally:
                     self.listening.clear()
+                    self._listened = frozenset()
                     if conn is not None:
                         _close(conn)
                 self._stop.wait(delay)
@@ -225,8 +298,11 @@ class PgRelay:
         poller.register(self._wake_r, select.POLLIN)
         keys: Counter[str] = Counter()  # held, to send in one transaction
         views: dict[str, object] = {}  # their views, if any
+        buckets: dict[str, int] = {}  # the bucket of each that has one
         send_at: float | None = None  # when what is held goes out
         while self._running():
+            if self._want_changed or (self._unwanted_at and self._unlisten_due()):
+                self._relisten(conn)
             now = time.monotonic()
             wait = POLL_SECONDS if send_at is None else max(0.0, send_at - now)
             self._asleep_until = now + wait
@@ -245,21 +321,47 @@ class PgRelay:
                 self._read(conn)
             while True:  # take what was published
                 try:
-                    key, deferrable, view = self._outbox.get_nowait()
+                    key, deferrable, view, bucket = self._outbox.get_nowait()
                 except queue.Empty:
                     break
                 keys[key] += 1
                 if view is not None:
                     views[key] = view
+                if bucket is not None:
+                    buckets[key] = bucket
                 now = time.monotonic()
                 # A key that may not wait goes after a moment for company; deferrable
                 # ones wait up to `DEFER_SECONDS` for one that may not.
                 due = now + (DEFER_SECONDS if deferrable else LINGER_SECONDS)
                 send_at = due if send_at is None else min(send_at, due)
             if keys and (len(keys) >= MAX_BATCH or time.monotonic() >= (send_at or 0.0)):
-                self._send(conn, keys, views)
-                keys, views, send_at = Counter(), {}, None
+                self._send(conn, keys, views, buckets)
+                keys, views, buckets, send_at = Counter(), {}, {}, None
                 self._read(conn)  # what came with the answer: our own, and maybe others'
+
+    def _unlisten_due(self) -> bool:
+        with self._want_lock:
+            at = min(self._unwanted_at.values(), default=math.inf)
+        return at + UNLISTEN_AFTER_SECONDS <= time.monotonic()
+
+    def _relisten(self, conn: psycopg.Connection[Any]) -> None:
+        """LISTEN on the buckets newly wanted (then `heard` them), UNLISTEN those unwanted
+        for `UNLISTEN_AFTER_SECONDS`. Raises what the connection raises."""
+        now = time.monotonic()
+        with self._want_lock:
+            wanted = set(self._wanted)
+            self._want_changed = False
+            stale = {b for b, at in self._unwanted_at.items() if now - at >= UNLISTEN_AFTER_SECONDS}
+            for bucket in stale:
+                del self._unwanted_at[bucket]
+        new = wanted - self._listened
+        for bucket in sorted(new):
+            conn.execute("LISTEN " + bucket_channel(bucket))  # a constant identifier
+        for bucket in sorted(stale & self._listened):
+            conn.execute("UNLISTEN " + bucket_channel(bucket))  # ditto
+        self._listened = frozenset((self._listened | new) - stale)
+        if new:
+            self._heard(new)
 
     def _read(self, conn: psycopg.Connection[Any]) -> None:
         """Take the notifications already received or waiting on the socket (never
@@ -292,20 +394,27 @@ class PgRelay:
         conn: psycopg.Connection[Any],
         keys: Counter[str],
         views: dict[str, object],
+        buckets: dict[str, int],
     ) -> None:
-        """Send `keys` (each after its view, if any may go) in one transaction. If the
-        connection fails they are dropped (the other coordinators' long-polls re-check
-        the store anyway) and the error goes up: the thread reconnects."""
+        """Send `keys` (each after its view, if any may go; each on its bucket's channel,
+        if it has one) in one transaction. If the connection fails they are dropped (the
+        other coordinators' long-polls re-check the store anyway) and the error goes up:
+        the thread reconnects."""
         # PostgreSQL folds identical payloads of one transaction: count repeats.
-        payloads = []
+        channels: list[str] = []
+        payloads: list[str] = []
         for k, n in sorted(keys.items()):
+            channel = bucket_channel(buckets[k]) if k in buckets else CHANNEL
             text = view_text(views[k]) if k in views else None
             if text is not None:
+                channels.append(channel)
                 payloads.append(f"{self.origin} {VIEW_MARK}{k} {text}")
+            channels.append(channel)
             payloads.append(f"{self.origin} {k} {n}")
         try:
             conn.execute(
-                "SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p", (CHANNEL, payloads)
+                "SELECT pg_notify(c, p) FROM unnest(%s::text[], %s::text[]) AS t(c, p)",
+                (channels, payloads),
             )
         except (psycopg.Error, OSError) as exc:
             log.warning("could not relay %d wake-ups (%s)", len(keys), type(exc).__name__)

@@ -31,15 +31,21 @@ from sqlalchemy import select, text
 
 from csml.apps.registry import installed_apps
 from csml.coordinator.config import Settings
-from csml.coordinator.notify import RELAYED_RECHECK_SECONDS
+from csml.coordinator.notify import RELAYED_RECHECK_SECONDS, feed_bucket
 from csml.coordinator.state import Core
 from csml.coordinator.tokens import create_join_token
-from csml.schemas import WorkerRegistration
+from csml.schemas import JobCompletion, WorkerRegistration
 from csml.store.jobs import Envelope, FileRow, JobRow
 from csml.store.relay import CHANNEL
 from csml.store.tables import Job
 from tests.cluster import wait_for, wait_healthy
-from tests.integration.postgres.support import MakeCore, bulk_queue, new_identity
+from tests.integration.postgres.support import (
+    MakeCore,
+    bulk_queue,
+    new_identity,
+    new_worker,
+    submit,
+)
 from tests.integration.postgres.test_concurrency import Coordinator, run_all, stop_all
 
 # PostgreSQL at scale: many jobs, several coordinator processes.
@@ -360,9 +366,10 @@ def test_relay_wakes_one_idle_claimer_per_job_and_every_job_waiter(make_core: Ma
 
 
 def test_relayed_keys_wake_the_other_loop_only_for_what_it_follows(make_core: MakeCore) -> None:
-    """Keys that B neither waits for nor follows (a job no one long-polls there, an
-    owner whose stream is elsewhere) reach B's marks and watchers but never wake its
-    event loop; the keys it follows do (at most once per packet), and all are counted."""
+    """Keys that B neither waits for nor follows (a job no one long-polls there, an app
+    no one claims there) reach B's marks and watchers but never wake its event loop (an
+    owner's whose stream is elsewhere does not even reach B: see the next test); the
+    keys it follows do (at most once per packet), and all received are counted."""
     a, b = make_core(), make_core()
 
     async def scenario() -> None:
@@ -376,13 +383,13 @@ def test_relayed_keys_wake_the_other_loop_only_for_what_it_follows(make_core: Ma
                 a.notifier.notify("job:first")
                 await asyncio.wait_for(first.wait(), 10)
                 hops, received = b.notifier.hops, relay.received
-                for key in ("job:nobody", "owner:z/j1", "app:other"):
+                for key in ("owner:z/j1", "job:nobody", "app:other"):
                     a.notifier.notify(key)
                 for _ in range(1000):  # until B's relay has handed them over
-                    if relay.received - received >= 3:
+                    if relay.received - received >= 2:
                         break
                     await asyncio.sleep(0.01)
-                assert relay.received - received == 3
+                assert relay.received - received == 2
                 assert b.notifier.hops == hops  # nothing followed: B's loop was not woken
                 claimer = stack.enter_context(b.notifier.subscribe("app:echo"))
                 last = stack.enter_context(b.notifier.subscribe("job:last"))
@@ -393,6 +400,142 @@ def test_relayed_keys_wake_the_other_loop_only_for_what_it_follows(make_core: Ma
                 assert 1 <= b.notifier.hops - hops <= 2  # once per packet
                 assert b.notifier.mark("app:other")[0] == 1  # counted, though no one waits
                 assert "job:nobody" in watched  # the lease memo's kind of watcher: called
+
+    asyncio.run(scenario())
+
+
+def test_owner_keys_reach_only_the_coordinators_following_that_owner(
+    make_core: MakeCore,
+) -> None:
+    """An owner feed's keys go on its bucket's channel: B, following `owner:z` (once its
+    relay listens there: `heard`, with a resync for what it may have missed), gets z's
+    changes and never receives y's (another bucket) at all; B's key that is not an
+    owner's still reaches A, which follows no owner."""
+    a, b = make_core(), make_core()
+
+    async def scenario() -> None:
+        async with listening(a, b):
+            sender, relay = a.notifier.relay, b.notifier.relay
+            assert sender is not None and relay is not None
+            with ExitStack() as stack:
+                feed = stack.enter_context(b.notifier.follow("owner:z"))
+                assert not feed.heard.is_set()  # B did not listen on z's bucket yet
+                await asyncio.wait_for(feed.heard.wait(), 10)
+                assert feed.take() == (set(), True)  # what it may have missed: re-read
+                last = stack.enter_context(b.notifier.subscribe("job:last"))
+                received = relay.received
+                assert feed_bucket("owner:y") != feed_bucket("owner:z")
+                a.notifier.notify("owner:y/j1")  # nobody follows y's bucket
+                a.notifier.notify("owner:z/j2!")
+                a.notifier.notify("job:last")
+                await asyncio.wait_for(last.wait(), 10)
+                await asyncio.wait_for(feed.event.wait(), 10)
+                assert feed.take() == ({"j2"}, False)
+                assert relay.received - received == 2  # z's key and job:last, not y's
+                back = stack.enter_context(a.notifier.subscribe("job:back"))
+                b.notifier.notify("job:back")
+                await asyncio.wait_for(back.wait(), 10)
+
+    asyncio.run(scenario())
+
+
+def test_a_completions_job_key_reaches_only_the_long_polls_of_its_owner(
+    make_core: MakeCore,
+) -> None:
+    """A job key notified with its owner's topic (a completion's) goes on that owner's
+    bucket: a waiter on B subscribed with the topic (and `heard`) is woken; B never
+    receives one for an owner it neither follows nor waits on, though a plain job key
+    (a cancel's) still reaches it."""
+    a, b = make_core(), make_core()
+
+    async def scenario() -> None:
+        async with listening(a, b):
+            relay = b.notifier.relay
+            assert relay is not None
+            assert feed_bucket("owner:y") != feed_bucket("owner:z")
+            with ExitStack() as stack:
+                mine = stack.enter_context(b.notifier.subscribe("job:j", "owner:z"))
+                await asyncio.wait_for(b.notifier.heard("owner:z"), 10)
+                assert relay.listens_on(feed_bucket("owner:z") or 0)
+                other = stack.enter_context(b.notifier.subscribe("job:k"))
+                last = stack.enter_context(b.notifier.subscribe("job:last"))
+                received = relay.received
+                a.notifier.notify("job:k", topic="owner:y")  # y's: B is not told
+                a.notifier.notify("job:j", topic="owner:z")
+                a.notifier.notify("job:last")
+                await asyncio.wait_for(last.wait(), 10)
+                await asyncio.wait_for(mine.wait(), 10)
+                assert not other.is_set()
+                assert relay.received - received == 2
+
+    asyncio.run(scenario())
+
+
+def test_a_completion_reaches_only_the_coordinators_following_its_owner(
+    make_core: MakeCore,
+) -> None:
+    """A job completed through A: its `job:` key, its owner's change and the view go on
+    the owner's bucket, so B, which neither follows that owner nor long-polls the job,
+    receives none of them; C, following the owner, gets the end with its view."""
+    a, b, c = make_core(), make_core(), make_core()
+    owner = new_identity(a)
+    job_id = submit(a, owner, word="hi")
+    worker = new_worker(a)
+    [claimed] = a.queue.claim(worker, 1)
+    topic = f"owner:{owner}"
+
+    async def scenario() -> None:
+        async with listening(a, b, c):
+            relay = b.notifier.relay
+            assert relay is not None
+            with ExitStack() as stack:
+                feed = stack.enter_context(c.notifier.follow(topic))
+                await asyncio.wait_for(feed.heard.wait(), 10)
+                feed.take()  # the resync that came with it
+                last = stack.enter_context(b.notifier.subscribe("job:last"))
+                received = relay.received
+                done = JobCompletion(lease_id=claimed.lease_id, state="succeeded", result={})
+                await asyncio.to_thread(a.queue.complete, worker, job_id, done)
+                await asyncio.wait_for(feed.urgent.wait(), 10)
+                a.notifier.notify("job:last")
+                await asyncio.wait_for(last.wait(), 10)
+                assert relay.received - received == 1  # job:last only
+                items, resync, views = feed.take_views()
+                assert (items, resync, set(views)) == ({job_id}, False, {job_id})
+
+    asyncio.run(scenario())
+
+
+def test_a_bucket_no_longer_followed_is_unlistened(
+    make_core: MakeCore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the last feed of a bucket goes (and `UNLISTEN_AFTER_SECONDS` has passed, here
+    0), B stops listening there: A's later keys of that owner no longer reach B."""
+    from csml.store import relay as relay_module
+
+    monkeypatch.setattr(relay_module, "UNLISTEN_AFTER_SECONDS", 0.0)
+    a, b = make_core(), make_core()
+
+    async def scenario() -> None:
+        async with listening(a, b):
+            relay = b.notifier.relay
+            assert relay is not None
+            bucket = feed_bucket("owner:z")
+            assert bucket is not None
+            with b.notifier.follow("owner:z") as feed:
+                await asyncio.wait_for(feed.heard.wait(), 10)
+                assert relay.listens_on(bucket)
+            for _ in range(1000):  # until its thread's next turn (at most a poll)
+                if not relay.listens_on(bucket):
+                    break
+                await asyncio.sleep(0.01)
+            assert not relay.listens_on(bucket)
+            with b.notifier.subscribe("job:last") as last:
+                received = relay.received
+                a.notifier.notify("owner:z/j3!")
+                a.notifier.notify("job:last")
+                await asyncio.wait_for(last.wait(), 10)
+            assert relay.received - received == 1
 
     asyncio.run(scenario())
 
@@ -423,6 +566,8 @@ def test_an_ended_jobs_view_is_relayed_with_its_key(make_core: MakeCore) -> None
     async def scenario() -> None:
         async with listening(a, b):
             with b.notifier.follow("owner:z") as feed:
+                await asyncio.wait_for(feed.heard.wait(), 10)  # B listens on z's bucket
+                feed.take()  # the resync that came with it
                 for row in (plain, sealed, large):
                     a.notifier.notify(f"owner:z/{row.id}!", row)
                 for _ in range(1000):  # until all three have come
@@ -453,6 +598,8 @@ def test_a_change_that_ends_nothing_waits_for_company_on_its_way_out(
             assert sender is not None
             with ExitStack() as stack:
                 feed = stack.enter_context(b.notifier.follow("owner:z"))
+                await asyncio.wait_for(feed.heard.wait(), 10)  # B listens on z's bucket
+                feed.take()  # the resync that came with it
                 woken = stack.enter_context(b.notifier.subscribe("job:x"))
                 publishes = sender.publishes
                 a.notifier.notify("owner:z/j1")
