@@ -63,24 +63,22 @@ def test_a_prefetching_worker_runs_each_job_once_and_its_counters_add_up(
 SLOW_JOBS = 24
 
 
-def test_a_full_prefetch_is_refilled_at_half_not_after_every_job(tmp_path: Path) -> None:
-    """Jobs that each take far longer than a claim: while the local prefetch is more than
-    half full a job's end sends nothing, its completion rides the refill claim with those
-    of the jobs after it. (An agent that claimed after every job's end, as before, sent
-    about one claim per job.)"""
-    cluster = Cluster(tmp_path, {"CSML_QUEUE_CAPACITY": str(2 * SLOW_JOBS)})
+def run_slow_jobs(tmp_path: Path, count: int, sleep: float, hold: str) -> dict[str, Any]:
+    """Queue `count` echo jobs of `sleep` seconds each, then start a worker of one slot
+    with a prefetch of 8 and `--completion-hold hold`: every job must succeed in order;
+    the worker's counters as it left the cluster."""
+    cluster = Cluster(tmp_path, {"CSML_QUEUE_CAPACITY": str(2 * count)})
     try:
         cluster.start_coordinator()
         user = cluster.new_user()
         # Queued before the worker joins: its first claim fills the prefetch.
         jobs = user.submit_many(
-            "echo", "echo", [{"params": {"i": i, "sleep": 0.05}} for i in range(SLOW_JOBS)]
+            "echo", "echo", [{"params": {"i": i, "sleep": sleep}} for i in range(count)]
         )
-        # A hold far longer than the run: only the refills at half send completions.
         worker = cluster.start_worker(
             "echo",
             1,
-            ("--prefetch", "8", "--completion-hold", "60", "--log-format", "json"),
+            ("--prefetch", "8", "--completion-hold", hold, "--log-format", "json"),
         )
         for i, job in enumerate(jobs):
             assert isinstance(job, Job), job
@@ -92,7 +90,17 @@ def test_a_full_prefetch_is_refilled_at_half_not_after_every_job(tmp_path: Path)
         stats = left_the_cluster(cluster)
     finally:
         cluster.stop()
-    assert stats["jobs"] == stats["claimed"] == SLOW_JOBS
+    assert stats["jobs"] == stats["claimed"] == count
+    return stats
+
+
+def test_a_full_prefetch_is_refilled_at_half_not_after_every_job(tmp_path: Path) -> None:
+    """Jobs that each take far longer than a claim: while the local prefetch is more than
+    half full a job's end sends nothing, its completion rides the refill claim with those
+    of the jobs after it. (An agent that claimed after every job's end, as before, sent
+    about one claim per job.)"""
+    # A hold far longer than the run: only the refills at half send completions.
+    stats = run_slow_jobs(tmp_path, SLOW_JOBS, 0.05, "60")
     assert stats["riding"] + stats["alone"] == SLOW_JOBS
     # A refill at half of 8 brings about 4 jobs: at most half a claim per job, with room.
     assert stats["claims"] <= SLOW_JOBS // 2, stats
@@ -104,28 +112,7 @@ def test_a_completion_waits_for_the_refill_no_longer_than_its_hold(tmp_path: Pat
     full the prefetch. (Were completions held until the refill at half, these 20 jobs
     behind a prefetch of 8 went in 16 requests.)"""
     count = 20
-    cluster = Cluster(tmp_path, {"CSML_QUEUE_CAPACITY": str(2 * count)})
-    try:
-        cluster.start_coordinator()
-        user = cluster.new_user()
-        jobs = user.submit_many(
-            "echo", "echo", [{"params": {"i": i, "sleep": 0.5}} for i in range(count)]
-        )
-        worker = cluster.start_worker(
-            "echo",
-            1,
-            ("--prefetch", "8", "--completion-hold", "0.05", "--log-format", "json"),
-        )
-        for job in jobs:
-            assert isinstance(job, Job), job
-            job.wait(timeout=120)
-            assert job.state.value == "succeeded", job.data.error
-        worker.terminate()
-        worker.wait(timeout=60)
-        stats = left_the_cluster(cluster)
-    finally:
-        cluster.stop()
-    assert stats["jobs"] == stats["claimed"] == count
+    stats = run_slow_jobs(tmp_path, count, 0.5, "0.05")
     # The first claim, then a request per job's end (riding a claim or alone): about
     # count + 1; held until the refills, 16 (5 s idle checks ending some holds).
     assert stats["claims"] + stats["alone_batches"] >= count - 1, stats
