@@ -645,7 +645,7 @@ def _row(metric: str, target: str, reached: Any, ok: bool | None) -> dict[str, A
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small counts (smoke test)")
-    p.add_argument("--jobs", type=int, help="most jobs per run [1500; quick 150]")
+    p.add_argument("--jobs", type=int, help="most jobs per run [4000; quick 150]")
     p.add_argument("--seconds", type=float, help="most seconds per run [40; quick 10]")
     p.add_argument("--counts", default="1,2,4", help="coordinator counts")
     p.add_argument("--clients", type=int, default=16, help="SDK client threads")
@@ -669,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
         "--profile-dir", type=Path, help="keep the raw py-spy stacks here [a temporary folder]"
     )
     a = p.parse_args(argv)
-    a.jobs = a.jobs or (150 if a.quick else 1500)
+    a.jobs = a.jobs or (150 if a.quick else 4000)
     a.seconds = a.seconds or (10 if a.quick else 40)
     a.counts = [int(x) for x in a.counts.split(",")]
     parts = {s.strip() for s in a.only.split(",")}
