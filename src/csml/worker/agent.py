@@ -574,7 +574,7 @@ class WorkerAgent:
                 turn = self._queue.popleft()
             elif self.stopping.is_set():
                 return None  # queued jobs left are for the threads running jobs now
-            elif self._claim_due() and not self._deferred:
+            elif self._claim_due():
                 self._tally()
                 riding = self._take_batch() if self._fold else []
                 # Riding completions: it waits for work only if no other job is held.
@@ -629,13 +629,14 @@ class WorkerAgent:
     def _claim_due(self) -> bool:
         """(Under `_lock`.) Whether a slot thread should claim now: some capacity (slots
         plus prefetch no job holds) is free, no claim is in flight (it brings only the
-        jobs it asked for), and the local prefetch needs a refill: it fell to
+        jobs it asked for), the job the last claim brought is past its grace
+        (`_deferred`: see `_claim_turn`), and the local prefetch needs a refill: it fell to
         `_refill_at` (`_queue`, jobs claimed and waiting for a slot, at most half the
         prefetch, or more for short jobs), or a completion has waited
         `config.completion_hold` for it. Until then a job's end sends nothing: its
         completion rides the refill, with those of the jobs after it (fewer claims, each
         of more jobs)."""
-        if self._free <= 0 or self._claiming or self.stopping.is_set():
+        if self._free <= 0 or self._claiming or self._deferred or self.stopping.is_set():
             return False
         if not self._holds() or len(self._queue) <= self._refill_at():
             return True
@@ -669,7 +670,7 @@ class WorkerAgent:
         claim turn, completions to send alone. (A thread that finishes a turn looks
         for its next one itself: no wake-up on its own account.)"""
         due = min(len(self._queue), self.config.slots - self._active)
-        if not self._deferred and self._claim_due():
+        if self._claim_due():
             due += 1
         if not self._sending and self._alone():
             due += 1
