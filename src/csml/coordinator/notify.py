@@ -194,12 +194,18 @@ def feed_bucket(topic: str) -> int | None:
     return zlib.crc32(topic.encode()) % FEED_BUCKETS
 
 
-def _key_bucket(key: str) -> int | None:
-    """`feed_bucket` of the topic of a feed key (None for any other key)."""
+def _owner_key(key: str) -> tuple[str, str] | None:
+    """(topic, item) of an owner feed's key (`owner_change`), or None for any other key."""
     if not key.startswith(OWNER_PREFIX):
         return None
-    topic, sep, _ = key.rpartition(FEED_SEPARATOR)
-    return feed_bucket(topic) if sep else None
+    topic, sep, item = key.rpartition(FEED_SEPARATOR)
+    return (topic, item) if sep else None
+
+
+def _key_bucket(key: str) -> int | None:
+    """`feed_bucket` of the topic of an owner feed's key (None for any other key)."""
+    owned = _owner_key(key)
+    return feed_bucket(owned[0]) if owned is not None else None
 
 
 def owner_feed(owner_id: str) -> str:
@@ -217,10 +223,9 @@ def owner_topics(keys: list[str]) -> dict[str, str]:
     """By job id, the owner topic of each owner change among `keys` (`owner_change`)."""
     topics: dict[str, str] = {}
     for key in keys:
-        if key.startswith(OWNER_PREFIX):
-            topic, sep, item = key.rpartition(FEED_SEPARATOR)
-            if sep:
-                topics[item.removesuffix(ENDING_MARK)] = topic
+        if (owned := _owner_key(key)) is not None:
+            topic, item = owned
+            topics[item.removesuffix(ENDING_MARK)] = topic
     return topics
 
 
