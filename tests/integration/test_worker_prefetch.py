@@ -6,6 +6,7 @@ agent's counters (logged when it leaves) add up."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,20 @@ def left_the_cluster(cluster: Cluster) -> dict[str, Any]:
     raise AssertionError("the worker did not log its counters:\n" + cluster.logs())
 
 
+def drained(
+    cluster: Cluster, worker: subprocess.Popen[bytes], numbered: list[tuple[int, Job]]
+) -> dict[str, Any]:
+    """Wait for each job in turn (it must succeed with its own `i`), then stop the worker:
+    its counters as it left the cluster."""
+    for i, job in numbered:
+        job.wait(timeout=120)
+        assert job.state.value == "succeeded", job.data.error
+        assert (job.result or {}).get("params", {}).get("i") == i
+    worker.terminate()
+    worker.wait(timeout=60)
+    return left_the_cluster(cluster)
+
+
 def test_a_prefetching_worker_runs_each_job_once_and_its_counters_add_up(
     tmp_path: Path,
 ) -> None:
@@ -43,13 +58,7 @@ def test_a_prefetching_worker_runs_each_job_once_and_its_counters_add_up(
             jobs = user.submit_many("echo", "echo", items)
             assert all(isinstance(j, Job) for j in jobs), jobs
             submitted.extend(zip(range(start, start + 20), jobs, strict=True))  # type: ignore[arg-type]
-        for i, job in submitted:
-            job.wait(timeout=120)
-            assert job.state.value == "succeeded", job.data.error
-            assert (job.result or {}).get("params", {}).get("i") == i
-        worker.terminate()
-        worker.wait(timeout=60)
-        stats = left_the_cluster(cluster)
+        stats = drained(cluster, worker, submitted)
         log = (cluster.log_dir / "worker-echo-0.log").read_text()
     finally:
         cluster.stop()
@@ -80,14 +89,11 @@ def run_slow_jobs(tmp_path: Path, count: int, sleep: float, hold: str) -> dict[s
             1,
             ("--prefetch", "8", "--completion-hold", hold, "--log-format", "json"),
         )
+        numbered: list[tuple[int, Job]] = []
         for i, job in enumerate(jobs):
             assert isinstance(job, Job), job
-            job.wait(timeout=120)
-            assert job.state.value == "succeeded", job.data.error
-            assert (job.result or {}).get("params", {}).get("i") == i
-        worker.terminate()
-        worker.wait(timeout=60)
-        stats = left_the_cluster(cluster)
+            numbered.append((i, job))
+        stats = drained(cluster, worker, numbered)
     finally:
         cluster.stop()
     assert stats["jobs"] == stats["claimed"] == count
