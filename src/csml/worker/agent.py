@@ -90,7 +90,6 @@ import math
 import os
 import platform
 import shutil
-import tempfile
 import threading
 import time
 from collections import deque
@@ -145,6 +144,7 @@ from csml.schemas.workers import (
 from csml.transport import check_url, verify_option
 from csml.worker.isolation import usable_cpus
 from csml.worker.sandbox import IDLE_RSS_ALLOWANCE, MAX_IDLE, Outcome, Sandbox, SandboxJob
+from csml.worker.scratch_folder import ScratchFolder
 
 log = logging.getLogger("csml.worker")
 T = TypeVar("T")
@@ -318,7 +318,9 @@ class WorkerAgent:
         # (the zygote and job processes are fresh interpreters that never see it).
         self._key = PrivateKey.generate()
         self.attestation = self._attest()
-        self._workdir = Path(tempfile.mkdtemp(prefix="csml-worker-", dir=config.workdir))
+        # (Sweeps the folders of workers killed before: see `scratch_folder`.)
+        self._scratch = ScratchFolder("csml-worker-", config.workdir)
+        self._workdir = self._scratch.path
         self._folder_names = itertools.count(1)  # job folders' names in it
         self._folders: deque[_Folder] = deque()  # job folders no job uses (`_take_folder`)
         self._folders_lock = threading.Lock()  # (slot threads take and give back folders)
@@ -507,7 +509,7 @@ class WorkerAgent:
             },
         )
         self.sandbox.close()
-        shutil.rmtree(self._workdir, ignore_errors=True)
+        self._scratch.close()
         if self._failure is not None:
             raise self._failure
 

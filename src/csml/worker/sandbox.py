@@ -37,12 +37,10 @@ import functools
 import itertools
 import os
 import queue
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -77,6 +75,7 @@ from csml.worker.isolation_files import (
     take_back,
 )
 from csml.worker.isolation_procs import ProcFile, children, read_proc
+from csml.worker.scratch_folder import ScratchFolder
 
 ProgressFn = Callable[[float, str], None]
 
@@ -279,7 +278,8 @@ class Sandbox:
         self._children: dict[int, _Child] = {}
         self._pids: dict[int, int] = {}  # the pids of `_children` (each counted: reuse)
         self._tokens = itertools.count(1)
-        self._tmp_root = Path(tempfile.mkdtemp(prefix="csml-sandbox-"))
+        self._root = ScratchFolder("csml-sandbox-")  # (sweeps those of killed workers)
+        self._tmp_root = self._root.path
         if self.own_uid:
             os.chmod(self._tmp_root, 0o711)  # noqa: S103 - traverse only, for job uids
         self._roots = [self._tmp_root.parent, *([workdir.parent] if workdir else [])]
@@ -393,7 +393,7 @@ class Sandbox:
         if not self._cleaner.is_alive():  # (it read their /proc files: `_expire_idle`)
             for r in idle:
                 _close_proc(r)
-        shutil.rmtree(self._tmp_root, ignore_errors=True)
+        self._root.close()
 
     def run(
         self,
