@@ -187,3 +187,36 @@ def test_what_may_wait_on_its_way_to_the_other_coordinators() -> None:
         ]
 
     asyncio.run(run())
+
+
+def test_a_relayed_job_wake_up_skips_the_loop_when_every_claimer_here_is_woken() -> None:
+    """A relayed `app:` key whose claimers here are all woken already (each claims once
+    it runs, after the key's commit) would wake none of them: it is counted (marks) but
+    costs the loop no hop. Once one of them waits again, the next key hops and wakes it.
+    Before, every relayed key with a claimer subscribed here woke the loop."""
+
+    async def run() -> None:
+        n = Notifier()
+        n.bind(asyncio.get_running_loop())
+        hops: list[list[tuple[str | None, int, object]]] = []
+        wake_many = n._wake_many
+
+        def spy(keys: list[tuple[str | None, int, object]]) -> None:
+            hops.append(list(keys))
+            wake_many(keys)
+
+        n._wake_many = spy  # type: ignore[method-assign]
+        with n.subscribe("app:echo") as first, n.subscribe("app:echo") as second:
+            first.set()
+            second.set()  # both woken, neither has run yet
+            await asyncio.to_thread(n._deliver_many, [("app:echo", 1)])
+            await asyncio.sleep(0)
+            assert hops == [] and n.hops == 0
+            assert n.mark("app:echo") == (1, 0)  # counted all the same
+            second.clear()  # it ran, found nothing, and waits again
+            await asyncio.to_thread(n._deliver_many, [("app:echo", 1)])
+            await asyncio.sleep(0)
+            assert hops == [[("app:echo", 1, None)]] and second.is_set()
+            assert n.idle_hops == 0
+
+    asyncio.run(run())

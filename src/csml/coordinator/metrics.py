@@ -97,6 +97,11 @@ class NotifyTrafficCollector(Collector):
             "Deliveries of notifications from other threads that woke the event loop.",
             notifier.hops,
         )
+        yield CounterMetricFamily(
+            "csml_notify_loop_hops_idle",
+            "Of those, deliveries of wake-one keys only that woke no claimer.",
+            notifier.idle_hops,
+        )
         for name, counts, what in (
             ("claim_wakes", notifier.claim_wakes, "Claimers woken by a job's wake-up key"),
             (

@@ -68,19 +68,20 @@ here, local or relayed, and None when notifications may have been lost.
 
 Delivery from another thread (the relay's, a writer's) costs the loop nothing for a key
 nobody here follows: marks and watchers are done in that thread, and the loop is woken
-(`call_soon_threadsafe`) only for keys with a listener, a subscribed waiter or a
-following feed (`_wanted`), once per relayed packet (`_deliver_many`), not once per
-key. With N coordinators each hears the others' keys, most of them for jobs whose
-clients wait elsewhere, so this is what keeps a coordinator's cost per job from
-growing with N. Dropping is safe because a key is notified after the commit it
-announces: whoever subscribes or follows after the drop checks the store after that
-commit (the subscribe-before-checking rule). Sending costs the others too (each
-relayed transaction wakes every other coordinator's relay thread): an owner's change
-that ends no job (submitted, running, progress) is published as deferrable, and waits
-on its way out up to `csml.store.relay.DEFER_SECONDS` for a key that may not wait;
-event streams let such changes settle for longer than that anyway. So is a job's
-`app:` wake-up that went to a claimer here waiting in `wait` (it takes the job at
-once; the other coordinators' claimers are still told, for when it cannot).
+(`call_soon_threadsafe`) only for keys with a listener, a subscribed waiter (for a
+wake-one key, one not woken already: since session 13) or a following feed (`_wanted`),
+once per relayed packet (`_deliver_many`), not once per key. With N coordinators each
+hears the others' keys, most of them for jobs whose clients wait elsewhere, so this is
+what keeps a coordinator's cost per job from growing with N. Dropping is safe because
+a key is notified after the commit it announces: whoever subscribes or follows after
+the drop checks the store after that commit (the subscribe-before-checking rule).
+Sending costs the others too (each relayed transaction wakes every other coordinator's
+relay thread): an owner's change that ends no job (submitted, running, progress) is
+published as deferrable, and waits on its way out up to
+`csml.store.relay.DEFER_SECONDS` for a key that may not wait; event streams let such
+changes settle for longer than that anyway. So is a job's `app:` wake-up that went to
+a claimer here waiting in `wait` (it takes the job at once; the other coordinators'
+claimers are still told, for when it cannot).
 
 Early: `notify_early(app_key)` wakes a claimer waiting here for a job whose write is in
 a one-lane writer's queue but not yet committed (SQLite, no relay): its claim's write
@@ -313,6 +314,9 @@ class Notifier:
         self._marks_lock = threading.Lock()
         self._waiting: set[asyncio.Event] = set()  # waiters inside `wait` (on the loop)
         self.hops = 0  # deliveries from other threads that woke the loop (for /metrics)
+        # Of those, relayed packets whose keys were all wake-one keys and woke no claimer
+        # (for /metrics: `_wanted` lets through only a race's worth of them).
+        self.idle_hops = 0
         # Claimers woken by a wake-one key, by where the key came from (here, or relayed
         # from another coordinator), and those of them that found nothing (`pass_on`).
         # For /metrics: the claims a job's wake-up cost that took nothing.
@@ -714,15 +718,26 @@ class Notifier:
         follows when it arrives is dropped there (its marks and watchers are done): one
         who subscribes or follows later reads the store after that, and every key is
         notified after the commit it announces, so that read sees what it announces (the
-        rule that makes subscribing before checking miss nothing). Reads the loop's dicts
-        without a lock: a membership test is atomic under the GIL."""
+        rule that makes subscribing before checking miss nothing). A wake-one key whose
+        waiters here are all woken already (set: each of them claims once it runs, and
+        that claim begins after this key's commit) is dropped too: `_wake` would wake
+        none of them (with 4 coordinators about half of the loop hops were those, see
+        `idle_hops`). Reads the loop's dicts without a lock: a membership test is atomic
+        under the GIL, and a walk of waiters that the loop changes meanwhile counts as
+        wanted."""
         if key is None:
             return True
         for prefix, _ in self._listeners:
             if key.startswith(prefix):
                 return True
-        if key in self._waiters:
-            return True
+        waiters = self._waiters.get(key)
+        if waiters:
+            if not key.startswith(WAKE_ONE_PREFIX):
+                return True
+            try:
+                return not all(event.is_set() for event in waiters)
+            except RuntimeError:  # the loop changed the waiters meanwhile
+                return True
         topic, sep, _ = key.rpartition(FEED_SEPARATOR)
         return bool(sep) and topic in self._feeds
 
@@ -734,8 +749,13 @@ class Notifier:
             self._unrun[event] = None
 
     def _wake_many(self, keys: list[tuple[str | None, int, object]]) -> None:
+        woken = self.claim_wakes["relayed"]
+        useful = False  # a key that is not a wake-one key: a feed's, a long-poll's, ...
         for key, times, view in keys:
+            useful = useful or key is None or not key.startswith(WAKE_ONE_PREFIX)
             self._wake(key, times, view, relayed=True)
+        if not useful and self.claim_wakes["relayed"] == woken:
+            self.idle_hops += 1
 
     def _wake(
         self,

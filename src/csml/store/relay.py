@@ -400,7 +400,10 @@ class PgRelay:
         if it has one) in one transaction. If the connection fails they are dropped (the
         other coordinators' long-polls re-check the store anyway) and the error goes up:
         the thread reconnects."""
-        # PostgreSQL folds identical payloads of one transaction: count repeats.
+        # PostgreSQL folds identical payloads of one transaction: count repeats. The
+        # arrays go in binary (`%b`): as text, psycopg quoted and escaped every element
+        # with a regular expression, an ended job's JSON view most of all (since
+        # session 13: relay thread 0.23 -> 0.13 CPU-ms per job with one coordinator).
         channels: list[str] = []
         payloads: list[str] = []
         for k, n in sorted(keys.items()):
@@ -413,7 +416,7 @@ class PgRelay:
             payloads.append(f"{self.origin} {k} {n}")
         try:
             conn.execute(
-                "SELECT pg_notify(c, p) FROM unnest(%s::text[], %s::text[]) AS t(c, p)",
+                "SELECT pg_notify(c, p) FROM unnest(%b::text[], %b::text[]) AS t(c, p)",
                 (channels, payloads),
             )
         except (psycopg.Error, OSError) as exc:
