@@ -60,6 +60,56 @@ def test_a_live_workers_folder_is_left_alone(tmp_path: Path) -> None:
         proc.wait()
 
 
+# A worker making its folder, paused where it takes the lock (its `flock` waits for a
+# line on stdin): what a worker starting at that moment would find there.
+PAUSED = """
+import fcntl, sys, time
+from pathlib import Path
+from csml.worker import scratch_folder
+
+real_flock = fcntl.flock
+
+def flock(fd, operation):
+    if operation == fcntl.LOCK_EX:  # the maker's own lock (a sweep's is non-blocking)
+        print("locking", flush=True)
+        sys.stdin.readline()
+    return real_flock(fd, operation)
+
+fcntl.flock = flock
+folder = scratch_folder.ScratchFolder(sys.argv[1], Path(sys.argv[2]))
+print(folder.path, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_folder_being_made_is_not_swept(tmp_path: Path) -> None:
+    """Workers started together (bench/coordinators.py starts 4 at once) sweep while the
+    others make their folders: a sweep that comes while a folder's lock file exists but is
+    not locked yet must leave it alone (it removed the folder of a live worker, whose job
+    folders then failed: its slot thread died holding a claimed job, which never ended)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PAUSED, PREFIX, str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        assert proc.stdout.readline().strip() == "locking"
+        (being_made,) = tmp_path.iterdir()
+        assert sweep(tmp_path, PREFIX) == []  # a worker starting now
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        folder = Path(proc.stdout.readline().strip())
+        assert folder == being_made and folder.is_dir()
+        assert sweep(tmp_path, PREFIX) == []  # locked under its name now
+        assert (folder / LOCK_NAME).is_file()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert sweep(tmp_path, PREFIX) == [folder]  # its worker gone: swept as before
+
+
 def test_only_locked_folders_of_the_prefix_are_swept(tmp_path: Path) -> None:
     """An older version's folder (no lock file), another prefix, a symlink to a folder
     and a folder whose lock is a symlink are all kept; a dead one of the prefix is not."""

@@ -17,6 +17,13 @@ Invariants:
   uid cannot plant one for root to remove, and `rmtree` does not follow links.
 - Folders without a lock file (made by versions before this one, or being made right
   now, before their lock exists) are left alone.
+- The lock file appears under its name (`.lock`) only once its owner holds its lock: it
+  is made and locked as `.lock.new`, then renamed (the lock is on the file, so it goes
+  with it). Made as `.lock` and locked after, a worker starting at the same moment
+  could find it unlocked in between, take it for a dead worker's and remove the folder
+  of a live one (workers started together did, ~1 folder in 400: the agent's job folders
+  then failed, and its slot thread died holding a claimed job). A worker killed between
+  the two steps leaves a folder nobody sweeps (no `.lock`): a leak, never a removal.
 - The lock file is the owner's (0600): a job's uid can neither open nor lock it. Its
   descriptor is not inherited across `exec` (a zygote does not hold it), so the lock
   lives as long as the worker process and whatever it forked.
@@ -33,6 +40,7 @@ import tempfile
 from pathlib import Path
 
 LOCK_NAME = ".lock"
+NEW_LOCK_NAME = ".lock.new"  # the lock file until it is locked (see the module)
 
 
 class ScratchFolder:
@@ -42,10 +50,13 @@ class ScratchFolder:
     def __init__(self, prefix: str, parent: Path | None = None) -> None:
         sweep(Path(parent or tempfile.gettempdir()), prefix)
         self.path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        making = self.path / NEW_LOCK_NAME
         self._lock_fd: int | None = os.open(
-            self.path / LOCK_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600
+            making, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600
         )
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)  # a fresh file: nobody else holds it
+        # Only now, locked, under the name a sweep looks for (see the module).
+        os.rename(making, self.path / LOCK_NAME)
 
     def close(self) -> None:
         """Remove the folder, then let go of its lock."""
