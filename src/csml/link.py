@@ -87,9 +87,12 @@ class LinkResponse:
         return json.loads(self.content)
 
 
+JSON = "application/json"
+
+
 class Poster(Protocol):
     def post(
-        self, path: str, content: bytes, headers: dict[str, str]
+        self, path: str, content: bytes, headers: dict[str, str], content_type: str = JSON
     ) -> LinkResponse | httpx.Response: ...
 
     def close(self) -> None: ...
@@ -123,9 +126,11 @@ class HttpxLink:
             base_url=base_url, timeout=httpx.Timeout(30.0, read=timeout), verify=verify
         )
 
-    def post(self, path: str, content: bytes, headers: dict[str, str]) -> httpx.Response:
+    def post(
+        self, path: str, content: bytes, headers: dict[str, str], content_type: str = JSON
+    ) -> httpx.Response:
         return self._http.post(
-            path, content=content, headers={**headers, "Content-Type": "application/json"}
+            path, content=content, headers={**headers, "Content-Type": content_type}
         )
 
     def close(self) -> None:
@@ -152,11 +157,14 @@ class Link:
         self._closed = False
         self._heads: dict[tuple[str, str, tuple[tuple[str, str], ...]], bytes] = {}
 
-    def post(self, path: str, content: bytes, headers: dict[str, str]) -> LinkResponse:
-        """POST `content` (JSON) to `path`; the answer, whatever its status."""
+    def post(
+        self, path: str, content: bytes, headers: dict[str, str], content_type: str = JSON
+    ) -> LinkResponse:
+        """POST `content` (JSON, unless `content_type` says otherwise: an SDK's multipart
+        submission) to `path`; the answer, whatever its status."""
         fields = (
             ("Host", self._host_header),
-            ("Content-Type", "application/json"),
+            ("Content-Type", content_type),
             ("Content-Length", "0"),
             *headers.items(),
         )
@@ -178,14 +186,15 @@ class Link:
             raise LinkError(f"{type(exc).__name__}: {exc}") from None
 
     def stream(
-        self, path: str, headers: dict[str, str]
+        self, path: str, headers: dict[str, str], accept: str = "text/event-stream"
     ) -> tuple[int, Generator[bytes, None, None]]:
         """GET `path` (with its query) and follow the answer as it comes: its status
         and an iterator of its body's bytes, which ends with the answer. No bound on
         the whole body (a stream has no end in sight: the caller bounds what it keeps);
         its head is bounded as a POST's is. The link serves nothing else until the
-        iterator ends; a failure while reading raises LinkError from the iterator."""
-        fields = (("Host", self._host_header), ("Accept", "text/event-stream"), *headers.items())
+        iterator ends; a failure while reading raises LinkError from the iterator.
+        `accept`: the result stream's events by default; an SDK download asks `*/*`."""
+        fields = (("Host", self._host_header), ("Accept", accept), *headers.items())
         head = self._head("GET", path, fields)
         wire = self._connection()
         try:

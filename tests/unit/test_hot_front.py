@@ -434,3 +434,70 @@ def test_an_unknown_middleware_sends_every_request_through_the_full_stack(
     app.add_middleware(_Other)
     assert not HotRoutes(app.build_middleware_stack(), app, [lean_query]).enabled
     assert _hot(coordinator).enabled  # the coordinator's own two are known
+
+
+def test_the_byte_routes_answer_as_the_full_stack_does(coordinator: InProcessCoordinator) -> None:
+    """A job's files (the worker's input download and output upload, the owner's output
+    download) are hot routes: each answer, files kept in the database or on disk, ranges,
+    refusals and a wrong lease alike, is the full stack's."""
+    user = coordinator.new_user()
+    other = coordinator.new_user()
+    worker = coordinator.worker(echo_app)
+    small, large = b"s" * 1000, bytes(range(256)) * 1200  # in the database; a file
+    jobs = [user.submit("echo", "echo", files={"data": data}) for data in (small, large)]
+    taken = worker.claim(2)
+    assert [j.id for j in taken] == [j.id for j in jobs]
+    wh = {"Authorization": f"Bearer {worker.registered.worker_token}"}
+    for job, data in zip(taken, (small, large), strict=True):
+        path = f"/v1/workers/{worker.id}/jobs/{job.id}/inputs/data"
+        for headers, query, status in [
+            (wh, f"lease_id={job.lease_id}", 200),
+            ({**wh, "Range": "bytes=2-9"}, f"lease_id={job.lease_id}", 206),
+            (wh, "lease_id=wrong", 409),
+            (wh, "", 422),
+            ({}, f"lease_id={job.lease_id}", 401),
+        ]:
+            fast, full = _both(coordinator, "GET", path, headers, query=query)
+            assert fast.status == status, fast.body
+            _same(fast, full)
+            assert fast.headers.get("etag") == full.headers.get("etag")
+        fast, _ = _both(coordinator, "GET", path, wh, query=f"lease_id={job.lease_id}")
+        assert fast.body == data
+    job = taken[0]
+    put = f"/v1/workers/{worker.id}/jobs/{job.id}/outputs/data"
+    lease = f"lease_id={job.lease_id}"
+    octets = {**wh, "content-type": "application/octet-stream"}
+    for headers, query, status in [
+        (octets, lease, 204),
+        (octets, "", 422),
+        (octets, "lease_id=wrong", 409),
+        ({"content-type": "application/octet-stream"}, lease, 401),
+    ]:
+        fast, full = _both(coordinator, "PUT", put, headers, b"out" * 100, query=query)
+        assert fast.status == status, fast.body
+        _same(fast, full)
+    done = worker.post(
+        "/complete",
+        {
+            "completions": [
+                {"job_id": job.id, "lease_id": job.lease_id, "state": "succeeded", "result": {}}
+            ]
+        },
+    )
+    assert done.status_code == 200, done.text
+    get = f"/v1/jobs/{job.id}/outputs/data"
+    mine = {"Authorization": f"Bearer {user.token}"}
+    for headers, status in [
+        (mine, 200),
+        ({**mine, "Range": "bytes=0-4"}, 206),
+        ({"Authorization": f"Bearer {other.token}"}, 404),
+        ({}, 401),
+    ]:
+        fast, full = _both(coordinator, "GET", get, headers)
+        assert fast.status == status, fast.body
+        _same(fast, full)
+    fast, _ = _both(coordinator, "GET", get, mine)
+    assert fast.body == b"out" * 100
+    fast, full = _both(coordinator, "GET", f"/v1/jobs/{job.id}/outputs/nope", mine)
+    assert fast.status == 404
+    _same(fast, full)

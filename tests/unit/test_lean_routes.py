@@ -262,6 +262,9 @@ def test_every_lean_route_is_hot_and_others_are_not(coordinator: InProcessCoordi
         ("POST", "/v1/workers/{worker_id}/claim"),
         ("POST", "/v1/workers/{worker_id}/heartbeat"),
         ("POST", "/v1/workers/{worker_id}/complete"),
+        ("GET", "/v1/jobs/{job_id}/outputs/{name}"),
+        ("GET", "/v1/workers/{worker_id}/jobs/{job_id}/inputs/{name}"),
+        ("PUT", "/v1/workers/{worker_id}/jobs/{job_id}/outputs/{name}"),
     }
 
     def scope(method: str, path: str) -> dict[str, Any]:
@@ -272,6 +275,9 @@ def test_every_lean_route_is_hot_and_others_are_not(coordinator: InProcessCoordi
         ("POST", "/v1/jobs/batch"),
         ("GET", "/v1/jobs/events"),
         ("GET", "/v1/jobs/j1"),
+        ("GET", "/v1/jobs/j1/outputs/x"),
+        ("GET", "/v1/workers/w1/jobs/j1/inputs/x"),
+        ("PUT", "/v1/workers/w1/jobs/j1/outputs/x"),
     ]:
         assert hot._match(scope(method, path)) is not None, (method, path)
     events = hot._match(scope("GET", "/v1/jobs/events"))
@@ -281,7 +287,8 @@ def test_every_lean_route_is_hot_and_others_are_not(coordinator: InProcessCoordi
         ("POST", "/v1/workers/w1/claim/"),
         ("POST", "/v1/workers/w1/jobs/j1/complete"),
         ("GET", "/v1/jobs"),
-        ("GET", "/v1/jobs/j1/outputs/x"),
+        ("GET", "/v1/jobs/j1/outputs"),
+        ("POST", "/v1/jobs/j1/outputs/x"),
         ("DELETE", "/v1/jobs/j1"),
     ]:
         assert hot._match(scope(method, path)) is None, (method, path)

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from csml.coordinator.file_responses import WHOLE_FILE_BYTES, WholeFile
+from csml.coordinator.file_responses import WHOLE_FILE_BYTES, BlobResponse, WholeFile
 from tests.unit.inproc import HttpWorker, InProcessCoordinator
 from tests.unit.test_worker_protocol import claim, complete_batch
 
@@ -64,6 +64,65 @@ def _messages(response: WholeFile) -> list[dict[str, Any]]:
     scope = {"type": "http", "method": "GET", "headers": [], "asgi": {"spec_version": "2.4"}}
     asyncio.run(response(scope, receive, send))
     return sent
+
+
+def _under_asgi_23(
+    response: WholeFile | BlobResponse, headers: list[tuple[bytes, bytes]], method: str = "GET"
+) -> tuple[list[dict[str, Any]], int]:
+    """The messages `response` sends to a request of uvicorn's (ASGI 2.3), and how many
+    times it called `receive` (a disconnect listener's)."""
+    sent: list[dict[str, Any]] = []
+    received = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal received
+        received += 1
+        await asyncio.Event().wait()  # the client stays: nothing comes
+        raise AssertionError("unreachable")
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": method,
+        "headers": headers,
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+    }
+    asyncio.run(response(scope, receive, send))
+    return sent, received
+
+
+def test_a_plain_get_of_a_small_file_or_a_blob_listens_for_no_disconnect(
+    tmp_path: Path,
+) -> None:
+    """Under ASGI 2.3 Starlette's `FileResponse` runs the file's sending in a task group
+    beside a `receive` loop; a whole body sent at once needs neither. Ranges and HEAD
+    still go through `FileResponse` and answer as before."""
+    data = os.urandom(150_000)
+    small = tmp_path / "small"
+    small.write_bytes(data)
+
+    def answers() -> list[WholeFile | BlobResponse]:
+        return [
+            WholeFile(small, stat_result=os.stat(small)),
+            BlobResponse(data, "blob", 1_700_000_000.0, media_type="image/png"),
+        ]
+
+    for response in answers():
+        sent, received = _under_asgi_23(response, [])
+        assert received == 0
+        assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+        assert sent[0]["status"] == 200 and sent[1]["body"] == data
+        assert dict(sent[0]["headers"])[b"content-length"] == str(len(data)).encode()
+    for response in answers():
+        sent, _ = _under_asgi_23(response, [(b"range", b"bytes=10-19")])
+        assert sent[0]["status"] == 206
+        assert b"".join(m.get("body", b"") for m in sent[1:]) == data[10:20]
+    for response in answers():
+        sent, _ = _under_asgi_23(response, [], method="HEAD")
+        assert sent[0]["status"] == 200
+        assert b"".join(m.get("body", b"") for m in sent[1:]) == b""
 
 
 def test_only_a_small_file_is_sent_in_one_piece(tmp_path: Path) -> None:

@@ -11,15 +11,27 @@ Names from the coordinator (outputs, models) become local file names only throug
 `csml.client.filenames.check_file_name`: never a path, a hidden file or control
 characters, so a hostile coordinator cannot make the client write outside the folder
 the user chose.
+
+A submission's files of at most `LINK_UPLOAD_BYTES` together (paths or bytes, not a
+confidential job's) go as one multipart body over a keep-alive link (`csml.link`, as
+JSON submissions do), built in memory: the same form httpx sends (a `spec` part, then
+one part per file with its name, file name and guessed type), under a boundary drawn
+once per client and checked to occur in none of the bytes; anything else (larger
+files, file objects, a name that would need escaping, a custom transport) streams
+through httpx as before. Downloads (`Job.download`, `iter_output`) follow the
+answer over a link too (`Client._stream`), given back to the pool once the body ended.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
 import mimetypes
 import os
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -34,7 +46,7 @@ from csml.client.config import UserConfig
 from csml.client.errors import CsmlError, QueueFull, Unreachable, WaitTimeout, raise_for
 from csml.client.filenames import check_file_name
 from csml.client.results import LOST, RECHECK, SAFETY_SECONDS, Mark, ResultStream
-from csml.link import LinkError, LinkResponse, Poster, open_link
+from csml.link import Link, LinkError, LinkResponse, Poster, open_link
 from csml.schemas import AppInfo, IdentityCreated, JobState, StepSpec, WorkerKeyInfo, base64_text
 from csml.schemas import Job as JobData
 from csml.schemas.contributions import ContributionCreated, ContributionInfo, ContributionList
@@ -52,6 +64,8 @@ if TYPE_CHECKING:
 FileArg = str | os.PathLike[str] | bytes | IO[bytes]
 ProgressCallback = Callable[["Job"], None]
 IDLE_LINKS = 16  # keep-alive links a Client keeps for its JSON submissions, at most
+LINK_UPLOAD_BYTES = 8 << 20
+"""A submission's files at most this large together go over a link, built in memory."""
 
 
 class Client:
@@ -96,6 +110,7 @@ class Client:
         # call than httpx), one borrowed per call from a small pool; not with a custom
         # transport (in-process tests and apps); through a proxy, over httpx (open_link).
         self._link_options = None if transport is not None else (verify, timeout)
+        self._boundary = secrets.token_hex(16)  # of the multipart bodies sent over links
         self._idle_links: list[Poster] = []
         self._links_lock = threading.Lock()
         self._closed = False
@@ -145,15 +160,18 @@ class Client:
         content = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
         return self._post_body(path, content.encode())
 
-    def _post_body(self, path: str, content: bytes) -> httpx.Response | LinkResponse:
-        """POST `content` (JSON, already encoded), as `_post_json` does."""
+    def _post_body(
+        self, path: str, content: bytes, content_type: str = "application/json"
+    ) -> httpx.Response | LinkResponse:
+        """POST `content` (JSON, already encoded, unless `content_type` says otherwise), as
+        `_post_json` does."""
         if self._link_options is None:
-            headers = {"Content-Type": "application/json"}
+            headers = {"Content-Type": content_type}
             return self.request("POST", path, content=content, headers=headers)
         link = self._borrow_link()
         kept = False
         try:
-            answer = link.post(path, content, self._headers())
+            answer = link.post(path, content, self._headers(), content_type)
             kept = True
         except (LinkError, httpx.TransportError) as exc:
             raise self._unreachable(exc) from exc
@@ -549,6 +567,10 @@ class Client:
         if not files:
             response = self._post_json("/v1/jobs", spec)
             return Job(self, JobData.model_validate_json(response.content), mark)
+        form = self._form_in_memory(spec, files) if keys is None else None
+        if form is not None:
+            response = self._post_body("/v1/jobs", form[0], form[1])
+            return Job(self, JobData.model_validate_json(response.content), mark)
         with ExitStack() as stack:
             parts: list[tuple[str, Any]] = [("spec", (None, json.dumps(spec), "application/json"))]
             for name, value in files.items():
@@ -558,6 +580,59 @@ class Client:
                 parts.append((name, part))
             response = self.request("POST", "/v1/jobs", files=parts)
         return Job(self, JobData.model_validate(response.json()), mark)
+
+    def _form_in_memory(
+        self, spec: dict[str, Any], files: dict[str, FileArg]
+    ) -> tuple[bytes, str] | None:
+        """The multipart body (and its content type) httpx would send for `spec` and
+        `files`, built in memory for a link; None when it is not for a link (see the
+        module docstring): no link, a file object, files over `LINK_UPLOAD_BYTES`
+        together, a name or file name that would need escaping, or bytes that hold the
+        boundary."""
+        if self._link_options is None:
+            return None
+        parts: list[tuple[str, str, str, bytes]] = []
+        total = 0
+        for name, value in files.items():
+            if isinstance(value, bytes):
+                filename, media, data = name, "application/octet-stream", value
+            elif isinstance(value, str | os.PathLike):
+                path = Path(value)
+                try:
+                    size = path.stat().st_size
+                except OSError:
+                    return None  # httpx's path says what is wrong, as before
+                if total + size > LINK_UPLOAD_BYTES or not path.is_file():
+                    return None
+                filename = path.name
+                media = mimetypes.guess_type(filename)[0] or "application/octet-stream"
+                data = path.read_bytes()
+            else:
+                return None
+            total += len(data)
+            if total > LINK_UPLOAD_BYTES or not (_plain(name) and _plain(filename)):
+                return None
+            parts.append((name, filename, media, data))
+        dashed = b"--" + self._boundary.encode()
+        encoded = json.dumps(spec).encode()
+        if dashed in encoded or any(dashed in data for *_, data in parts):
+            return None
+        pieces = [
+            dashed,
+            b'\r\nContent-Disposition: form-data; name="spec"\r\n'
+            b"Content-Type: application/json\r\n\r\n",
+            encoded,
+        ]
+        for name, filename, media, data in parts:
+            pieces += [
+                b"\r\n",
+                dashed,
+                f'\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+                f"Content-Type: {media}\r\n\r\n".encode(),
+                data,
+            ]
+        pieces += [b"\r\n", dashed, b"--\r\n"]
+        return b"".join(pieces), f"multipart/form-data; boundary={self._boundary}"
 
     def job(self, job_id: str) -> Job:
         return Job(self, JobData.model_validate(self.request("GET", f"/v1/jobs/{job_id}").json()))
@@ -619,15 +694,48 @@ class Client:
         return ModelInfo.model_validate(response.json())
 
     def _stream(self, path: str) -> Iterator[bytes]:
+        """The body of a GET of `path` as it comes (a download): over a keep-alive link
+        when the client has them (`csml.link`: a few calls per read where httpx's layers
+        took dozens), else, or through a proxy, over httpx."""
+        link = self._borrow_link() if self._link_options is not None else None
+        if isinstance(link, Link):
+            yield from self._stream_link(link, path)
+            return
+        if link is not None:
+            self._return_link(link, True)  # an HttpxLink (a proxy): httpx, proxy and all
         with self._http.stream("GET", path, headers=self._headers()) as r:
             if r.status_code >= 400:
                 r.read()
                 raise_for(r)
             yield from r.iter_bytes(1 << 20)
 
+    def _stream_link(self, link: Link, path: str) -> Iterator[bytes]:
+        """`_stream` over `link`, given back to the pool once the body ended (a stream
+        left early drops its connection, not the link: `Link.stream`)."""
+        try:
+            status, chunks = link.stream(path, self._headers(), accept="*/*")
+            with contextlib.closing(chunks):
+                if status >= 400:
+                    body = b"".join(itertools.islice(chunks, 16))[: 1 << 16]
+                    raise_for(LinkResponse(status, body))
+                yield from chunks
+        except LinkError as exc:
+            self._return_link(link, False)
+            raise self._unreachable(exc) from exc
+        except BaseException:
+            self._return_link(link, True)
+            raise
+        self._return_link(link, True)
+
 
 def _label(value: FileArg, index: int) -> str:
     return str(value) if isinstance(value, str | os.PathLike) else f"item-{index}"
+
+
+def _plain(text: str) -> bool:
+    """Whether `text` goes in a quoted multipart header as it is (printable ASCII, no
+    quote or backslash): httpx would escape nothing in it."""
+    return text.isascii() and text.isprintable() and '"' not in text and "\\" not in text
 
 
 def _file_part(name: str, value: FileArg, stack: ExitStack) -> tuple[str, Any, str]:

@@ -432,6 +432,7 @@ def cancel_job(job_id: str, request: Request, me: Me) -> Job:
     responses={200: {"content": {"application/octet-stream": {}}}, **ERRORS},
     response_class=FileResponse,
 )
+@lean
 async def download_output(job_id: str, name: str, request: Request, me: Me) -> FileResponse:
     """Stream one output file of a job.
 

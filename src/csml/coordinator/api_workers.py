@@ -233,6 +233,7 @@ async def heartbeat(worker_id: str, body: Heartbeat, request: Request, me: Me) -
 
 
 @router.get("/{worker_id}/jobs/{job_id}/inputs/{name}", response_class=FileResponse)
+@lean
 async def download_input(
     worker_id: str, job_id: str, name: str, request: Request, me: Me, lease_id: str = Query()
 ) -> FileResponse:
@@ -260,6 +261,7 @@ async def download_input(
 
 
 @router.put("/{worker_id}/jobs/{job_id}/outputs/{name}", status_code=204)
+@lean
 async def upload_output(
     worker_id: str, job_id: str, name: str, request: Request, me: Me, lease_id: str = Query()
 ) -> Response:

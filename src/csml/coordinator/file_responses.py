@@ -2,6 +2,14 @@
 input to its worker) read at once on the event loop and sent as one body (`WholeFile`),
 and a file kept in the database sent from its row's bytes (`BlobResponse`).
 
+Both answer a plain request (GET, no `Range`, status 200: `_plain`) with one body
+sent at once, without the task group Starlette's `FileResponse` starts under ASGI
+< 2.4 (uvicorn's httptools protocol says 2.3) to listen for a disconnect while a file
+streams: a task created, a `receive` awaited and both cancelled, for a body that
+leaves in one `send` (a disconnect during it ends that `send`, as for any other
+answer). That is what Starlette itself does under ASGI 2.4. Any other request
+(HEAD, ranges, a file that streams) is `FileResponse.__call__`'s, as before.
+
 `WholeFile` invariants:
 - Same headers and ranges as Starlette's `FileResponse` (it is one): only the plain
   answer (no range, not HEAD) of a file of at most `WHOLE_FILE_BYTES` is read at once;
@@ -34,10 +42,23 @@ from contextlib import asynccontextmanager
 
 import anyio
 from starlette.responses import FileResponse
-from starlette.types import Send
+from starlette.types import Receive, Scope, Send
 
 WHOLE_FILE_BYTES = 1 << 20
 """A file at most this large is read and sent in one piece by `WholeFile`."""
+
+
+def _plain(response: FileResponse, scope: Scope) -> bool:
+    """Whether the request is a plain GET of the whole file (no `Range`), answered 200,
+    with nothing to run after it: one body, sent at once."""
+    return (
+        scope["type"] == "http"
+        and scope["method"] == "GET"
+        and response.status_code == 200
+        and response.background is None
+        and response.stat_result is not None
+        and not any(k == b"range" for k, _ in scope.get("headers", ()))
+    )
 
 
 class WholeFile(FileResponse):
@@ -45,6 +66,13 @@ class WholeFile(FileResponse):
     read at once on the event loop and sent as one body, instead of opened, read in
     64 KiB chunks and closed in the thread pool (four hops for a 100 KB annotated photo
     or input image). Larger files stream as before."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        size = self.stat_result.st_size if self.stat_result is not None else None
+        if size is not None and size <= WHOLE_FILE_BYTES and _plain(self, scope):
+            await self._handle_simple(send, False, False)  # no disconnect listener: see above
+            return
+        await super().__call__(scope, receive, send)
 
     async def _handle_simple(self, send: Send, send_header_only: bool, send_pathsend: bool) -> None:
         size = self.stat_result.st_size if self.stat_result is not None else None
@@ -88,6 +116,12 @@ class BlobResponse(FileResponse):
             stat_result=_stat(len(content), modified),
         )
         self.content = content
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if _plain(self, scope):
+            await self._handle_simple(send, False, False)  # no disconnect listener: see above
+            return
+        await super().__call__(scope, receive, send)
 
     @asynccontextmanager
     async def _open_file(self) -> AsyncIterator[anyio.AsyncFile[bytes]]:
