@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,7 +36,7 @@ def offline_agent(
         agent.http.close()
         agent.claims.close()
         agent._sender.close()
-        shutil.rmtree(agent._workdir, ignore_errors=True)
+        agent._scratch.close()
 
 
 def echo_claim(

@@ -12,13 +12,14 @@ a job leaves is written here as the worker's uid, as such a job may."""
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from csml.worker.agent import WorkerAgent
-from tests.integration.offline_agent import offline_agent
+from csml.worker.agent import WorkerAgent, _Running
+from tests.integration.offline_agent import echo_claim, offline_agent
 
 ROOT = os.geteuid() == 0
 
@@ -71,3 +72,20 @@ def test_with_a_uid_per_job_a_folder_is_emptied_of_what_is_known_and_reused(
     following = agent._take_folder()
     assert Path(following.path) == first
     assert not (following.inputs / "data").exists() and not (following.outputs / "data").exists()
+
+
+def test_a_job_with_no_folder_ends_here_and_its_thread_goes_on(agent: WorkerAgent) -> None:
+    """A job whose folder cannot be made (the worker's own folder removed under it, a
+    full disk) ends here unrun: its slot is free again and it leaves the heartbeat (its
+    lease then expires and it is queued again), and the slot thread returns normally.
+    (It died with FileNotFoundError, and the heartbeat kept its job's lease for ever.)"""
+    free = agent._free
+    job = echo_claim(b"some input")
+    agent._free -= 1
+    agent._running[job.id] = _Running(job)
+    agent._active += 1
+    shutil.rmtree(agent._workdir)  # as a sweep by a worker starting beside it once did
+    agent._execute(job)  # returns
+    assert job.id not in agent._running
+    assert (agent._free, agent._active) == (free, 0)
+    assert not agent._pending  # nothing to send: its lease expires

@@ -878,8 +878,16 @@ class WorkerAgent:
         if job.confidential is not None or any(f.name not in job.inline_inputs for f in job.inputs):
             self._undefer()  # it starts after downloads: the next claim does not wait
         try:
-            # A confidential job's inputs are never kept (nor given to a process it shares).
-            folder = self._take_folder("" if job.confidential is not None else job.owner_key)
+            try:
+                # A confidential job's inputs are never kept (nor given to a process it
+                # shares).
+                folder = self._take_folder("" if job.confidential is not None else job.owner_key)
+            except OSError:  # (its worker's folder removed under it, a full disk, ...)
+                # It ends here unrun: out of the heartbeat, its lease expires and the
+                # coordinator queues it again; this thread and its slot go on.
+                log.exception("job %s: no folder for it; its lease will expire", job.id[:12])
+                self._end(job.id)
+                return
             try:
                 self._execute_in(job, folder)
             except Revoked:
