@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.asgi
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import fsync_count
 from faces import make_images
 from request_cost import OPERATOR, app_with_identity, call
 from tests.asgi import http_scope
@@ -47,17 +48,6 @@ from csml.apps.opencv import app as opencv_app
 from csml.schemas.workers import INLINE_MAX_BYTES
 from csml.store.db import counters
 
-fsyncs = 0
-_fsync = os.fsync
-
-
-def _counting_fsync(fd: Any) -> None:
-    global fsyncs
-    fsyncs += 1
-    _fsync(fd)
-
-
-os.fsync = _counting_fsync
 messages = {"received": 0, "sent": 0}
 
 
@@ -130,7 +120,7 @@ async def run(photos: int, rounds: int, chunk: int, base: Path | None, prof: str
     async def one_round() -> dict[str, Any]:
         spent: defaultdict[str, float] = defaultdict(float)
         tally = counters(c.engine)
-        commits0, fsyncs0, msgs0 = tally.write_commits, fsyncs, dict(messages)
+        commits0, fsyncs0, msgs0 = tally.write_commits, fsync_count.calls, dict(messages)
         pending: dict[str, Any] | None = None
         done: list[str] = []
 
@@ -214,7 +204,7 @@ async def run(photos: int, rounds: int, chunk: int, base: Path | None, prof: str
             "cpu_ms_by_step_per_photo": {k: round(1000 * v / photos, 3) for k, v in spent.items()},
             "asgi_messages_per_photo": msgs,
             "commits_per_photo": round((tally.write_commits - commits0) / photos, 2),
-            "fsyncs_per_photo": round((fsyncs - fsyncs0) / photos, 2),
+            "fsyncs_per_photo": round((fsync_count.calls - fsyncs0) / photos, 2),
         }
 
     async def _download(job_id: str) -> None:

@@ -40,24 +40,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import fsync_count
 from request_cost import OPERATOR, app_with_identity, call
 
 from csml.apps.opencv import app as opencv_app
 from csml.coordinator import api_events
 from csml.coordinator.inline_outputs import with_view
 from csml.store.db import counters
-
-fsyncs = 0
-_fsync = os.fsync
-
-
-def _counting_fsync(fd: Any) -> None:
-    global fsyncs
-    fsyncs += 1
-    _fsync(fd)
-
-
-os.fsync = _counting_fsync
 
 
 async def run(
@@ -84,11 +73,10 @@ async def run(
     rounds_out: list[dict[str, Any]] = []
 
     async def one_round() -> dict[str, Any]:
-        global fsyncs
         spent: defaultdict[str, float] = defaultdict(float)
         tally = counters(c.engine)
         before = (tally.statements, tally.write_commits, Counter(tally.by_kind))
-        fsyncs_before = fsyncs
+        fsyncs_before = fsync_count.calls
         usage = resource.getrusage(resource.RUSAGE_SELF)
         made: list[str] = []
         pending: dict[str, Any] | None = None  # the previous job's completion
@@ -155,7 +143,7 @@ async def run(
             ],
             "statements_per_photo": round((tally.statements - before[0]) / photos, 2),
             "commits_per_photo": round((tally.write_commits - before[1]) / photos, 2),
-            "fsyncs_per_photo": round((fsyncs - fsyncs_before) / photos, 2),
+            "fsyncs_per_photo": round((fsync_count.calls - fsyncs_before) / photos, 2),
             "statements_by_kind_per_photo": {
                 k: round(v / photos, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])
             },

@@ -95,6 +95,19 @@ def test_a_view_stays_with_its_item_unless_news_without_one_follows() -> None:
     asyncio.run(run())
 
 
+def record_hops(n: Notifier) -> list[list[tuple[str | None, int, object]]]:
+    """The packets of relayed keys that hop to `n`'s loop (`_wake_many`), as they come."""
+    hops: list[list[tuple[str | None, int, object]]] = []
+    wake_many = n._wake_many
+
+    def spy(keys: list[tuple[str | None, int, object]]) -> None:
+        hops.append(list(keys))
+        wake_many(keys)
+
+    n._wake_many = spy  # type: ignore[method-assign]
+    return hops
+
+
 def test_a_relayed_packet_wakes_the_loop_once_and_only_for_followed_keys() -> None:
     """What the relay hands over from its thread: marks and watchers for every key, one
     hop to the loop for the keys someone here follows, nothing for the others."""
@@ -104,14 +117,7 @@ def test_a_relayed_packet_wakes_the_loop_once_and_only_for_followed_keys() -> No
         n.bind(asyncio.get_running_loop())
         watched: list[str | None] = []
         n.watch("job:", watched.append)
-        hops: list[list[tuple[str | None, int, object]]] = []
-        wake_many = n._wake_many
-
-        def spy(keys: list[tuple[str | None, int, object]]) -> None:
-            hops.append(list(keys))
-            wake_many(keys)
-
-        n._wake_many = spy  # type: ignore[method-assign]
+        hops = record_hops(n)
         packet: list[tuple[str | None, int]] = [
             ("app:echo", 2),  # a claimer waits here
             ("app:other", 1),  # nobody claims it here: counted only
@@ -198,14 +204,7 @@ def test_a_relayed_job_wake_up_skips_the_loop_when_every_claimer_here_is_woken()
     async def run() -> None:
         n = Notifier()
         n.bind(asyncio.get_running_loop())
-        hops: list[list[tuple[str | None, int, object]]] = []
-        wake_many = n._wake_many
-
-        def spy(keys: list[tuple[str | None, int, object]]) -> None:
-            hops.append(list(keys))
-            wake_many(keys)
-
-        n._wake_many = spy  # type: ignore[method-assign]
+        hops = record_hops(n)
         with n.subscribe("app:echo") as first, n.subscribe("app:echo") as second:
             first.set()
             second.set()  # both woken, neither has run yet
