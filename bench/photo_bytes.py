@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import cProfile
 import json
 import os
 import shutil
@@ -41,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fsync_count
 from faces import make_images
-from request_cost import OPERATOR, app_with_identity, call
+from request_cost import OPERATOR, app_with_identity, call, profile_round
 from tests.asgi import http_scope
 
 from csml.apps.opencv import app as opencv_app
@@ -222,12 +221,7 @@ async def run(photos: int, rounds: int, chunk: int, base: Path | None, prof: str
         r["cpu_ms_by_step_per_photo"]["output download"] = round(1000 * sum(spent_dl) / photos, 3)
         r["cpu_ms_per_photo"] = round(r["cpu_ms_per_photo"] + 1000 * sum(spent_dl) / photos, 3)
         results.append(r)
-    if prof:
-        profile = cProfile.Profile()
-        profile.enable()
-        await one_round()
-        profile.disable()
-        profile.dump_stats(prof)
+    await profile_round(prof, one_round)
     c.writer.close()
     c.engine.dispose()
     shutil.rmtree(root, ignore_errors=True)

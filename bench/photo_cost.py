@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import cProfile
 import json
 import os
 import resource
@@ -41,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fsync_count
-from request_cost import OPERATOR, app_with_identity, call
+from request_cost import OPERATOR, app_with_identity, call, profile_round
 
 from csml.apps.opencv import app as opencv_app
 from csml.coordinator import api_events
@@ -152,12 +151,7 @@ async def run(
     await one_round()  # warm-up
     for _ in range(rounds):
         rounds_out.append(await one_round())
-    if prof:
-        profile = cProfile.Profile()
-        profile.enable()
-        await one_round()
-        profile.disable()
-        profile.dump_stats(prof)
+    await profile_round(prof, one_round)
     c.writer.close()
     c.engine.dispose()
     shutil.rmtree(root, ignore_errors=True)

@@ -81,6 +81,17 @@ async def call(
     return status, b"".join(chunks)
 
 
+async def profile_round(path: str, step: Callable[[], Awaitable[Any]]) -> None:
+    """Run `step` once more under cProfile, into `path` (nothing if `path` is empty)."""
+    if not path:
+        return
+    profile = cProfile.Profile()
+    profile.enable()
+    await step()
+    profile.disable()
+    profile.dump_stats(path)
+
+
 async def measure(n: int, step: Callable[[int], Awaitable[None]]) -> list[float]:
     """CPU microseconds of this thread (the event loop's) for each call of `step`."""
     spent = []
