@@ -44,7 +44,10 @@ protocol trace). A BEGIN takes no snapshot and no lock (READ COMMITTED: a snapsh
 per statement) and the store's timestamps are the coordinator's, not the server's
 `now()`, so a transaction begun early behaves as one begun at its first statement; a
 lane that then waits `BEGUN_IDLE_SECONDS` for work rolls it back (one round trip, idle),
-so an idle coordinator holds no transaction open. The answer to "COMMIT; BEGIN" is read
+so an idle coordinator holds no transaction open. Operations must not NOTIFY (the
+relay does, on its own connection, `csml.store.relay`): PostgreSQL before 15 may signal
+the listeners only once the notifying backend is idle outside a transaction, which a
+lane is not while busy. The answer to "COMMIT; BEGIN" is read
 to its end before anything is delivered; a transaction PostgreSQL has aborted (an op
 that swallowed its own error) is never sent a COMMIT, which the server would answer
 with a silent ROLLBACK: its batch fails with `CommitFailed`.
