@@ -34,6 +34,24 @@ queued with `follower=True` (`queue_async`: its caller woke someone whose op com
 a claim for the job it submits) holds its batch open up to `FOLLOWER_WAIT_SECONDS` when
 it is the last op run and the queue is empty, so that the next op shares its COMMIT.
 
+Round trips (PostgreSQL): the lane's connection is in the driver's autocommit and the
+lane sends its transaction control itself (`_Explicit`): a batch's COMMIT goes out as
+"COMMIT; BEGIN" (one simple query, one round trip), which also begins the lane's next
+transaction, so a batch costs its statements plus that one round trip, not psycopg's
+BEGIN before the first statement plus a COMMIT (a lone two-statement write: 3 round
+trips, not 4; `tests/integration/postgres/test_writer_pg.py` counts them in libpq's
+protocol trace). A BEGIN takes no snapshot and no lock (READ COMMITTED: a snapshot
+per statement) and the store's timestamps are the coordinator's, not the server's
+`now()`, so a transaction begun early behaves as one begun at its first statement; a
+lane that then waits `BEGUN_IDLE_SECONDS` for work rolls it back (one round trip, idle),
+so an idle coordinator holds no transaction open. Operations must not NOTIFY (the
+relay does, on its own connection, `csml.store.relay`): PostgreSQL before 15 may signal
+the listeners only once the notifying backend is idle outside a transaction, which a
+lane is not while busy. The answer to "COMMIT; BEGIN" is read
+to its end before anything is delivered; a transaction PostgreSQL has aborted (an op
+that swallowed its own error) is never sent a COMMIT, which the server would answer
+with a silent ROLLBACK: its batch fails with `CommitFailed`.
+
 Bare operations: a caller may mark an operation `Rerunnable(op)` (it has no effect outside
 its transaction that running it again would change: no file written, no memory a second
 run would count twice). While every operation of the open transaction so far is
@@ -103,7 +121,8 @@ that of the database: SQLite WAL with synchronous=FULL, PostgreSQL with fsync on
 1. Before BEGIN (operations queued, or the thread idle): the queue is in memory and
    lost, but none of its callers has been answered (a reply needs `run` to return,
    which needs a COMMIT after the operation was queued), so nothing acknowledged is
-   lost; clients see a broken connection and retry.
+   lost; clients see a broken connection and retry. (A PostgreSQL lane may hold a
+   transaction begun by its last COMMIT: empty, PostgreSQL aborts it.)
 2. Mid-batch (after BEGIN, some operations run): the transaction never committed.
    SQLite's WAL holds no commit frame for it (readers and recovery ignore frames
    without one); PostgreSQL aborts it. Nothing of the batch survives, and nothing of
@@ -113,7 +132,9 @@ that of the database: SQLite WAL with synchronous=FULL, PostgreSQL with fsync on
    half there (atomic commit). Either way no caller was answered yet: the outcome of
    a possibly-durable batch is unknown to its callers, as with any database that dies
    after the commit record is written and before the reply; clients retry with their
-   own request ids where that matters.
+   own request ids where that matters. The same holds when "COMMIT; BEGIN" (PostgreSQL)
+   fails after its COMMIT took effect (the connection lost before the answer): the
+   batch is reported `CommitFailed`, its outcome unknown, never acknowledged.
 4. After COMMIT, before or while the replies go out: the batch is durable; some
    callers may not have been answered. Rows may exist that nobody acknowledged, never
    the reverse.
@@ -154,6 +175,7 @@ PG_LANES = 4  # writer threads (connections) on PostgreSQL; SQLite has one write
 HELP_AFTER_SECONDS = 0.05  # PostgreSQL: a batch open this long with ops waiting gets help
 MAX_BATCH_SECONDS = 0.005  # of the writer thread's CPU in one transaction, then it commits
 FOLLOWER_WAIT_SECONDS = 0.001  # a batch holding an op with a follower waits this for it
+BEGUN_IDLE_SECONDS = 1.0  # PostgreSQL: a lane idle this long rolls its begun transaction back
 
 
 class CommitFailed(Unavailable):
@@ -368,7 +390,7 @@ class Writer:
     def _main(self, primary: bool) -> None:
         ident = threading.get_ident()
         self._idents.add(ident)
-        lane = _Lane(self.engine)
+        lane = _Lane(self.engine, self._tally)
         if primary:
             self._primary_lane = lane
         batch: list[_Op] = []
@@ -376,7 +398,7 @@ class Writer:
         try:
             stopping = False
             while not stopping:
-                first = self._queue.get() if primary else self._help_wanted()
+                first = self._take(lane, primary)
                 if first is _STOP:
                     break
                 if first is None:  # a helper woken for ops another lane took meanwhile
@@ -421,10 +443,26 @@ class Writer:
                     item.error = WriterCrashed()
                 _deliver(stranded)
 
-    def _help_wanted(self) -> object:
-        """(A helper lane.) Wait to be woken; then the first op waiting (None: there is
-        none any more), or `_STOP`."""
-        if self._helpers.get() is _STOP:
+    def _take(self, lane: _Lane, primary: bool) -> object:
+        """The next batch's first op for this lane (or `_STOP`, or None: see
+        `_help_wanted`). A PostgreSQL lane holding a begun, empty transaction (`_Lane.begun`)
+        that waits `BEGUN_IDLE_SECONDS` for one rolls it back and then waits on, so that
+        an idle coordinator holds no transaction open."""
+        if lane.begun:
+            try:
+                return (
+                    self._queue.get(timeout=BEGUN_IDLE_SECONDS)
+                    if primary
+                    else (self._help_wanted(BEGUN_IDLE_SECONDS))
+                )
+            except queue.Empty:
+                lane.release()
+        return self._queue.get() if primary else self._help_wanted()
+
+    def _help_wanted(self, timeout: float | None = None) -> object:
+        """(A helper lane.) Wait to be woken (`queue.Empty` after `timeout` seconds);
+        then the first op waiting (None: there is none any more), or `_STOP`."""
+        if self._helpers.get(timeout=timeout) is _STOP:
             return _STOP
         try:
             first = self._queue.get_nowait()
@@ -478,7 +516,7 @@ class Writer:
         them failing sends the transaction back to `start` (see the module docstring)."""
         deadline = time.thread_time() + self.max_batch_seconds
         stop = False
-        trans: RootTransaction | None = None
+        trans: RootTransaction | _Explicit | None = None
         savepoints: _Savepoints | None = None  # made when a transaction gets a second op
         start = 0  # batch[start:] are in the open transaction
         bare = False  # every op of the open transaction so far ran bare and may run again
@@ -490,7 +528,7 @@ class Writer:
                 item = batch[done]
                 if trans is None:
                     start = done
-                    trans = conn.begin()
+                    trans = lane.begin()
                     try:
                         item.value = item.op(conn)
                     except Exception as exc:
@@ -572,9 +610,13 @@ class _Lane:
     no `select` limit on descriptor numbers, which a coordinator with many sockets
     open passes)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, tally: StoreCounters) -> None:
         self.engine = engine
+        self.tally = tally
+        self.explicit = engine.dialect.name == "postgresql"  # BEGIN/COMMIT sent here
         self.conn: Connection | None = None
+        self.cursor: Any = None  # (explicit) the DB-API cursor BEGIN and COMMIT go on
+        self.begun = False  # (explicit) a BEGIN was sent and no statement since
         self.careful = False  # its last batch had a failing op: no bare ops (see Writer)
         # Noted by the lane's thread for the watchdog's (None / -1: no connection, or
         # not psycopg 3, and then the watchdog cannot tell).
@@ -585,6 +627,16 @@ class _Lane:
         if self.conn is None:
             conn = self.engine.connect().execution_options(**{WRITE_OPTION: True})
             dbapi = conn.connection.dbapi_connection
+            if self.explicit:
+                # The driver in autocommit: it sends no BEGIN of its own (a round trip
+                # before the first statement); `begin` and `_Explicit` send them, the
+                # COMMIT and the next BEGIN in one. SQLAlchemy's transaction is begun once
+                # (nothing is sent) and stays open for the connection's life.
+                conn.execution_options(isolation_level="AUTOCOMMIT")
+                conn.begin()
+                assert dbapi is not None
+                self.cursor = dbapi.cursor()
+                self.begun = False
             lock = getattr(dbapi, "lock", None)
             pgconn = getattr(dbapi, "pgconn", None)
             if lock is not None and pgconn is not None and callable(getattr(lock, "locked", 0)):
@@ -592,6 +644,40 @@ class _Lane:
                 self.busy = lock
             self.conn = conn
         return self.conn
+
+    def begin(self) -> RootTransaction | _Explicit:
+        """Open the batch's transaction on `connection()`: on SQLite SQLAlchemy's (BEGIN
+        IMMEDIATE); on PostgreSQL an explicit one, begun already by the lane's last
+        COMMIT or ROLLBACK (`_Explicit`), else by a BEGIN now."""
+        conn = self.connection()
+        if not self.explicit:
+            return conn.begin()
+        if not self.begun:
+            self.send("BEGIN")
+        self.begun = False
+        return _Explicit(self)
+
+    def send(self, sql: str) -> None:
+        """(explicit) Send transaction control on the lane's cursor, one round trip (the
+        simple query protocol: "COMMIT; BEGIN" is one message and one answer). Not
+        counted as statements (the driver's BEGIN and COMMIT never were); errors are
+        wrapped as SQLAlchemy's (a lost connection invalidates it)."""
+        conn = self.conn
+        assert conn is not None
+        try:
+            self.cursor.execute(sql)
+        except BaseException as exc:
+            conn._handle_dbapi_exception(exc, sql, (), self.cursor, None)
+
+    def release(self) -> None:
+        """(explicit, idle) Roll back the begun, empty transaction. A failure drops the
+        connection (the next batch opens a fresh one)."""
+        self.begun = False
+        try:
+            self.send("ROLLBACK")
+        except Exception as exc:
+            log.debug("rolling back the writer's idle transaction: %s", type(exc).__name__)
+            self.discard()
 
     def waits_for_server(self) -> bool:
         """(Any thread.) Whether a statement or COMMIT is in progress on this lane's
@@ -618,6 +704,7 @@ class _Lane:
         A broken one is closed for good (`invalidate`), a sound one goes back to the pool."""
         conn, self.conn = self.conn, None
         self.busy, self.socket = None, -1  # before closing: the watchdog stops looking
+        self.cursor, self.begun = None, False
         if conn is None:
             return
         # Closing is all that is left to do, so errors here are only logged.
@@ -627,6 +714,43 @@ class _Lane:
             conn.close()
         except Exception as exc:
             log.debug("closing the writer's broken connection: %s", exc)
+
+
+class _Explicit:
+    """(PostgreSQL) The batch's transaction, begun and ended by statements the lane
+    sends itself (the driver is in autocommit, see `_Lane.connection`). Its end begins
+    the lane's next transaction in the same round trip ("COMMIT; BEGIN", "ROLLBACK;
+    BEGIN"): a BEGIN takes no snapshot and no lock (READ COMMITTED takes a snapshot per
+    statement; timestamps are the coordinator's, not the server's `now()`), so the next
+    batch starts with its first statement; a lane idle `BEGUN_IDLE_SECONDS` rolls it
+    back (`_Lane.release`).
+
+    `commit` returns only once the server answered the COMMIT (the simple query's
+    answer is read to its end); a transaction that is not INTRANS (an op swallowed an
+    error: PostgreSQL would answer its COMMIT with a silent ROLLBACK) is not committed
+    but raises, failing the batch (`CommitFailed`)."""
+
+    __slots__ = ("lane",)
+
+    def __init__(self, lane: _Lane) -> None:
+        self.lane = lane
+
+    def commit(self) -> None:
+        lane = self.lane
+        conn = lane.conn
+        assert conn is not None
+        dbapi = conn.connection.dbapi_connection
+        status = getattr(getattr(dbapi, "info", None), "transaction_status", None)
+        if status is not None and getattr(status, "name", "") != "INTRANS":
+            raise _BatchBroken() from RuntimeError(f"transaction status {status.name} at COMMIT")
+        lane.send("COMMIT; BEGIN")
+        lane.begun = True
+        lane.tally.write_commits += 1
+
+    def rollback(self) -> None:
+        lane = self.lane
+        lane.send("ROLLBACK; BEGIN")
+        lane.begun = True
 
 
 class _Savepoints:

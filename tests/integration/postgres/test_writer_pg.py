@@ -5,16 +5,21 @@ and two writers (two coordinators) on the same rows."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import resource
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
+from psycopg import pq
 from sqlalchemy import Connection, Engine, insert, text
 from sqlalchemy.exc import IntegrityError
 
+from csml.store import writer as writer_module
 from csml.store.db import make_engine
 from csml.store.writer import CommitFailed, Writer, WriterCrashed
 from tests.unit.test_writer import CHILDREN, ITEMS, Gate, add, commits, prepare, tags
@@ -285,3 +290,106 @@ def test_the_watchdog_tells_the_server_s_turn_from_the_lane_s(
     finally:
         writer.close()
         engine.dispose()
+
+
+@contextmanager
+def traced(writer: Writer, path: Path) -> Iterator[list[str]]:
+    """libpq's protocol trace of the primary lane's connection for the block: the
+    messages the coordinator sent (their names: "Query", "Parse", "Sync"...), listed
+    once the block ends. A round trip ends with a "Sync" (the extended protocol) or is
+    one "Query" (the simple protocol)."""
+    lane = writer._primary_lane
+    assert lane is not None and lane.conn is not None
+    pgconn = lane.conn.connection.dbapi_connection.pgconn  # type: ignore[union-attr]
+    sent: list[str] = []
+    with path.open("w") as out:
+        pgconn.trace(out.fileno())
+        pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS)
+        try:
+            yield sent
+        finally:
+            pgconn.untrace()
+    for line in path.read_text().splitlines():
+        fields = line.split("\t")
+        if len(fields) >= 3 and fields[0] == "F":
+            sent.append(fields[2].split(" ")[0])
+
+
+def test_a_lone_write_costs_its_statements_and_one_round_trip_more(
+    engine: Engine, writer: Writer, tmp_path: Path
+) -> None:
+    """A write transaction of one op on PostgreSQL: its statements and one round trip
+    more, "COMMIT; BEGIN" (the next transaction begun with this one's COMMIT), not a
+    BEGIN of its own before the first statement and a COMMIT after the last."""
+    assert writer.run(add("warm")) == 1  # the lane and its connection exist
+    with traced(writer, tmp_path / "trace") as sent:
+        for i in range(3):
+            assert writer.run(add(f"x{i}")) == i + 2  # two statements each
+    trips = sent.count("Sync") + sent.count("Query")
+    assert sent.count("Query") == 3  # one "COMMIT; BEGIN" per op, nothing else simple
+    assert trips == 3 * (2 + 1)
+    assert tags(engine) == {"warm", "x0", "x1", "x2"}
+
+
+def test_the_next_transaction_begun_at_commit_sees_later_commits(
+    engine: Engine, writer: Writer
+) -> None:
+    """A BEGIN sent with the previous COMMIT takes no snapshot: an op sees what other
+    connections committed after that BEGIN (READ COMMITTED, a snapshot per statement)."""
+    assert writer.run(add("first")) == 1
+    with engine.begin() as other:  # another coordinator, after the lane's COMMIT; BEGIN
+        other.execute(insert(ITEMS).values(tag="elsewhere"))
+
+    def count(conn: Connection) -> int:
+        return int(conn.execute(text("SELECT count(*) FROM w_items")).scalar_one())
+
+    assert writer.run(count) == 2
+
+
+def test_an_idle_lane_rolls_its_begun_transaction_back(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lane left with a begun, empty transaction after its COMMIT does not hold it
+    open while idle: after `BEGUN_IDLE_SECONDS` its backend is idle, not "idle in
+    transaction", and the lane's next op still commits."""
+    monkeypatch.setattr(writer_module, "BEGUN_IDLE_SECONDS", 0.05)
+    writer = Writer(engine, lanes=1)
+    try:
+        assert writer.run(add("a")) == 1
+        lane = writer._primary_lane
+        assert lane is not None and lane.conn is not None
+        pid = lane.conn.connection.dbapi_connection.info.backend_pid  # type: ignore[union-attr]
+        states = []
+        with engine.connect() as watcher:
+            for _ in range(2000):  # until the lane rolled back (it waits 0.05 s)
+                state = watcher.execute(
+                    text("SELECT state FROM pg_stat_activity WHERE pid = :p"), {"p": pid}
+                ).scalar_one()
+                watcher.rollback()
+                states.append(state)
+                if state == "idle":
+                    break
+                threading.Event().wait(0.005)
+        assert states[0] == "idle in transaction"  # begun with the COMMIT
+        assert states[-1] == "idle"
+        assert writer.run(add("b")) == 2
+    finally:
+        writer.close()
+    assert tags(engine) == {"a", "b"}
+
+
+def test_an_op_that_swallows_an_error_is_not_acknowledged(engine: Engine, writer: Writer) -> None:
+    """An op that catches a database error itself leaves its transaction aborted (it
+    should not: ops let errors out). PostgreSQL answers the COMMIT of an aborted
+    transaction with a silent ROLLBACK; the writer must not report that as committed."""
+
+    def swallowing(conn: Connection) -> str:
+        conn.execute(insert(ITEMS).values(tag="lost"))
+        with contextlib.suppress(Exception):
+            conn.execute(text("SELECT no_such_column FROM w_items"))
+        return "done"
+
+    with pytest.raises(CommitFailed):
+        writer.run(swallowing)
+    assert tags(engine) == set()
+    assert writer.run(add("after")) == 1
