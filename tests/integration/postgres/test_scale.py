@@ -259,8 +259,10 @@ def test_four_coordinators_ten_thousand_jobs_each_executed_once(
 def claim_wake_latency(
     submit_via: str, claim_via: str, worker: tuple[str, str], token: str, *, lead: float
 ) -> float:
-    """Seconds from a submission through one coordinator to a worker's long-poll on another
-    answering with it; the submission is sent `lead` s after the long-poll began."""
+    """Seconds from a submission's 202 through one coordinator to a worker's long-poll on
+    another answering with it (negative if the answer came first); the submission is sent
+    `lead` s after the long-poll began. Timed from the 202, not from the request: under
+    load the submit's own round trip can take a second, which says nothing of the wake-up."""
     worker_id, worker_token = worker
     answer: dict[str, float | int] = {}
 
@@ -277,17 +279,17 @@ def claim_wake_latency(
     waiter = threading.Thread(target=claim)
     waiter.start()
     time.sleep(lead)
-    sent = time.monotonic()
     r = httpx.post(
         f"{submit_via}/v1/jobs",
         json={"app": "echo", "operation": "echo", "params": {}},
         headers={"Authorization": f"Bearer {token}"},
         timeout=30,
     )
+    acked = time.monotonic()
     assert r.status_code == 202, r.text
     waiter.join(30)
     assert answer.get("jobs") == 1, answer
-    return answer["at"] - sent
+    return answer["at"] - acked
 
 
 def listeners(core: Core) -> int:
@@ -318,7 +320,7 @@ def test_idle_worker_on_another_coordinator_wakes_promptly(
         latencies = [claim_wake_latency(a.url, b.url, worker, token, lead=1.0) for _ in range(6)]
     median = statistics.median(latencies)
     print(
-        f"\nwake-up across coordinators (submit on A -> claim answered on B): "
+        f"\nwake-up across coordinators (submit acknowledged by A -> claim answered on B): "
         f"median {median * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms "
         f"(claim wait 10 s, B re-checks every {RELAYED_RECHECK_SECONDS:.0f} s)"
     )
@@ -624,13 +626,14 @@ def test_a_change_that_ends_nothing_waits_for_company_on_its_way_out(
 def test_a_burst_of_keys_wakes_the_relay_thread_once(
     make_core: MakeCore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Keys published while the relay's thread lingers for company (here 2 s) do not
-    write to its wake pipe: the first wakes it, the rest wait for the send it has
-    scheduled, and all go out in that one transaction (a submit's two keys and a
-    completion's three used to wake it once each)."""
+    """Keys published while the relay's thread lingers for company (here 5 s: the twenty
+    publishes must all land inside it, even on a loaded machine) do not write to its wake
+    pipe: the first wakes it, the rest wait for the send it has scheduled, and all go out
+    in that one transaction (a submit's two keys and a completion's three used to wake it
+    once each)."""
     from csml.store import relay as relay_module
 
-    monkeypatch.setattr(relay_module, "LINGER_SECONDS", 2.0)
+    monkeypatch.setattr(relay_module, "LINGER_SECONDS", 5.0)
     monkeypatch.setattr(relay_module, "POLL_SECONDS", 60.0)  # idle, it sleeps past that
     a, b = make_core(), make_core()
 
@@ -644,7 +647,7 @@ def test_a_burst_of_keys_wakes_the_relay_thread_once(
                 for i in range(20):
                     a.notifier.notify(f"job:{i}")
                 for event in woken:
-                    await asyncio.wait_for(event.wait(), 10)
+                    await asyncio.wait_for(event.wait(), 20)
                 assert sender.pokes - pokes == 1
                 deadline = time.monotonic() + 10  # counted once `pg_notify` returned
                 while sender.publishes == publishes and time.monotonic() < deadline:
