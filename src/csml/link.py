@@ -238,6 +238,25 @@ class Link:
             if not ended:  # a stream left early, or failed: its connection is in no state to go on
                 self._drop(wire)
 
+    def readable(self, timeout: float) -> bool:
+        """Whether the connection has bytes to read within `timeout` seconds (a followed
+        stream's next piece, or its end); True when there is none to wait for (the next
+        read then fails at once). A stream's iterator holds nothing read ahead: what
+        `recv` got is yielded before the next read (`_Wire._body`), so a thread that
+        follows a stream can wait here, bounded, before it reads on."""
+        with self._lock:
+            conn = self._conn
+        if conn is None:
+            return True
+        sock = conn.sock
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True  # decrypted bytes waiting in the TLS layer: select cannot see them
+        try:
+            ready, _, _ = select.select([sock], [], [], max(0.0, timeout))
+        except (OSError, ValueError):
+            return True
+        return bool(ready)
+
     def close(self) -> None:
         """End the connection now (from any thread); later calls fail."""
         with self._lock:
