@@ -117,9 +117,7 @@ def test_a_lone_waiter_reads_its_own_view_in_its_own_thread(
     out.put(event("job", view("a")))
     assert stream.take(inbox, 10) == view("a")
     assert stream.register("b", None)[1] == view("b")
-    assert threading.active_count() >= 1 and not any(
-        t.name == "csml-results" for t in threading.enumerate()
-    )
+    assert not any(t.name == "csml-results" for t in threading.enumerate())
 
 
 def test_a_reading_waiter_stops_at_its_deadline_and_the_next_one_reads_on(
@@ -127,10 +125,8 @@ def test_a_reading_waiter_stops_at_its_deadline_and_the_next_one_reads_on(
 ) -> None:
     stream, out = opened
     inbox, _, _ = stream.register("a", stream.mark())
-    started = time.monotonic()
-    assert stream.take(inbox, 0.3) is None  # nothing came: back to its caller in time
-    assert 0.25 <= time.monotonic() - started < 5
-    assert not stream._lead
+    assert stream.take(inbox, 0.3) is None  # nothing came by its deadline: back to its caller
+    assert not stream._lead and stream._state == "connected"  # the stream is not dropped
     out.put(event("job", view("a")))
     assert stream.take(inbox, 10) == view("a")
 
