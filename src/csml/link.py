@@ -238,6 +238,28 @@ class Link:
             if not ended:  # a stream left early, or failed: its connection is in no state to go on
                 self._drop(wire)
 
+    def readable(self, timeout: float) -> bool:
+        """Whether a followed stream's next piece (or its end) can be had within `timeout`
+        seconds: bytes already read (with the answer's head, or past its end) or bytes to
+        read; True when there is no connection (the next read then fails at once). So a
+        thread that follows a stream can wait here, bounded, before it reads on: the
+        stream's iterator then gives what `recv` got (`_Wire._body`) without waiting."""
+        with self._lock:
+            conn = self._conn
+        if conn is None:
+            return True
+        answer = conn.answer
+        if answer is not None and (answer.body or answer.done):
+            return True  # read with the head (or the answer's end): no need to wait
+        sock = conn.sock
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True  # decrypted bytes waiting in the TLS layer: select cannot see them
+        try:
+            ready, _, _ = select.select([sock], [], [], max(0.0, timeout))
+        except (OSError, ValueError):
+            return True
+        return bool(ready)
+
     def close(self) -> None:
         """End the connection now (from any thread); later calls fail."""
         with self._lock:
@@ -301,6 +323,7 @@ class _Wire:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.keep = False  # the last answer let the connection go on (`reusable`)
+        self.answer: _Answer | None = None  # the streamed answer (`Link.readable`)
 
     def exchange(self, head: bytes, content: bytes) -> tuple[int, dict[str, str], bytes]:
         """Send `head` (as h11 wrote it, with its Content-Length) and `content` in one
@@ -316,7 +339,7 @@ class _Wire:
     def stream(self, head: bytes) -> tuple[int, Iterator[bytes]]:
         """Send `head` (a request with no body); once its answer's head is in, its status
         and an iterator of its body's bytes as they come."""
-        answer = self._send(head, bounded=False)
+        answer = self.answer = self._send(head, bounded=False)
         while not answer.head_done:
             if not self._read(answer):
                 break

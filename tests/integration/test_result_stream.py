@@ -9,6 +9,7 @@ wait long-polls `GET /v1/jobs/{id}`.
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -156,3 +157,68 @@ def test_the_stream_follows_its_own_link_with_no_wait_re_reading(
             job.wait(timeout=120)
             assert job.state.value == "succeeded" and (job.result or {})["params"]["i"] == i
         assert sum(reads.values()) == 0
+
+
+def test_a_waiting_thread_reads_its_result_itself(
+    roomy: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over a link, the stream is read by the waiting threads themselves: no reader
+    thread is started (one waiter reads its job's end with no thread to wake), and with
+    several threads waiting on one client each still gets its result, with no re-read
+    (the reading passes from one waiter to the next as their jobs end)."""
+    from csml.client.sdk import Job
+
+    reads: Counter[str] = Counter()
+    refresh = Job.refresh
+
+    def counted(job: Job, wait: float = 0.0) -> Job:
+        reads[job.id] += 1
+        return refresh(job, wait)
+
+    user = roomy.new_user()
+    with Client(roomy.url, user.token) as client:
+        client.submit("echo", "echo").wait(timeout=60)  # opens the stream
+        stream = client._results
+        assert stream is not None and stream._thread is None
+        monkeypatch.setattr(Job, "refresh", counted)
+        for i in range(20):
+            job = client.submit("echo", "echo", params={"i": i})
+            assert job.wait(timeout=60).state.value == "succeeded"
+        failures: list[BaseException] = []
+
+        def wait_some(start: int) -> None:
+            try:
+                for i in range(start, start + 10):
+                    sleep = 0.05 if i % 3 == 0 else 0.0  # ends in another order
+                    job = client.submit("echo", "echo", params={"i": i, "sleep": sleep})
+                    job.wait(timeout=60)
+                    assert (job.result or {})["params"]["i"] == i
+            except BaseException as exc:  # reported by the test's thread
+                failures.append(exc)
+
+        threads = [threading.Thread(target=wait_some, args=(100 * n,)) for n in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not failures, failures
+        assert sum(reads.values()) == 0
+        assert not [t for t in threading.enumerate() if t.name == "csml-results"]
+
+
+def test_a_reading_waiter_times_out_in_time_and_the_stream_goes_on(roomy: Cluster) -> None:
+    """A waiter that reads the stream itself still stops at its timeout (it waits for
+    bytes no longer than that), and the stream serves the next waits."""
+    from csml.client.errors import WaitTimeout
+
+    user = roomy.new_user()
+    with Client(roomy.url, user.token) as client:
+        client.submit("echo", "echo").wait(timeout=60)  # opens the stream
+        slow = client.submit("echo", "echo", params={"sleep": 5})
+        with pytest.raises(WaitTimeout):
+            slow.wait(timeout=0.5)
+        job = client.submit("echo", "echo", params={"i": 1})
+        assert job.wait(timeout=60).state.value == "succeeded"
+        assert slow.wait(timeout=60).state.value == "succeeded"
+        stream = client._results
+        assert stream is not None and stream._state == "connected"

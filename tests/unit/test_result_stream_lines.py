@@ -9,7 +9,7 @@ import json
 import httpx
 import pytest
 
-from csml.client.results import _events, _lines
+from csml.client.results import _events, _Feed, _lines
 
 STREAM = (
     b": keep-alive\n\n"
@@ -76,3 +76,40 @@ def test_an_endless_line_or_event_is_refused(monkeypatch: pytest.MonkeyPatch) ->
     blob = "x" * 880
     fits = [b'data: {"blob": "' + blob.encode() + b'"}\n\n']
     assert list(_events(_lines(fits))) == [("message", {"blob": blob})]
+
+
+def _fed(chunks: list[bytes]) -> list[tuple[str, dict[str, object]]]:
+    feed = _Feed()
+    return [event for chunk in chunks for event in feed.feed(chunk)]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 7, 16, 64, 1 << 16])
+def test_a_feed_gives_the_events_of_the_generators_chunk_by_chunk(size: int) -> None:
+    """`_Feed` (what a waiting thread reads the stream with, one chunk at a time, with
+    nothing read ahead) gives the events `_events(_lines(...))` gives, wherever the
+    chunks are cut, and each as soon as the chunk that completes it is fed."""
+    chunks = _cut(STREAM, size)
+    assert _fed(chunks) == EXPECTED == list(_events(_lines(chunks)))
+    feed = _Feed()
+    assert feed.feed(b'event: job\ndata: {"id": "a"}\n') == []
+    assert feed.feed(b"\n") == [("job", {"id": "a"})]
+    assert feed.feed(b"a\r") == [] and feed.feed(b"\r\n") == []  # a line "a", then an end
+    # A CR at a chunk's end waits for the next chunk (a LF may follow it).
+    assert _fed([b"a\r", b"b\n", b"data: {}\r", b"\r"]) == []
+    assert _fed([b"a\r", b"b\n", b"data: {}\r", b"\r", b"\n"]) == [("message", {})]
+
+
+def test_a_feed_refuses_an_endless_line_or_event(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("csml.client.results.MAX_EVENT_BYTES", 1000)
+    feed = _Feed()
+    with pytest.raises(ValueError, match="line is over 1000 bytes"):
+        for _ in range(20):
+            feed.feed(b"data: " + b"x" * 100)
+    feed = _Feed()
+    with pytest.raises(ValueError, match="data is over 1000 bytes"):
+        for _ in range(20):
+            feed.feed(b"data: " + b"x" * 100 + b"\n")
+    blob = "x" * 880
+    assert _Feed().feed(b'data: {"blob": "' + blob.encode() + b'"}\n\n') == [
+        ("message", {"blob": blob})
+    ]

@@ -1,13 +1,29 @@
 """One result stream per `Client`, shared by every `Job.wait()`.
 
 The coordinator pushes each change of the caller's jobs on `GET /v1/jobs/events`
-(server-sent events). A `ResultStream` reads it in one daemon thread, opened by
-the first `Job.wait`, and hands each job's newest view to the threads waiting for
-it; waiting a thousand jobs costs one connection, not a thousand long-polls.
+(server-sent events). A `ResultStream`, opened by the first `Job.wait`, reads it and
+hands each job's newest view to the threads waiting for it; waiting a thousand jobs
+costs one connection, not a thousand long-polls.
+
+Who reads: over the client's own link (`csml.link`, the usual case) the waiting
+threads themselves (`take`), one at a time: a waiter that finds nobody reading reads
+until its own view (or LOST, RECHECK) comes, handing every other view to its waiter,
+then leaves the reading to a waiter still waiting (`TURN`, one wake-up). A lone waiter
+(a client that submits and waits, one job at a time) so reads its job's end with no
+thread to wake (`bench/client_cost.py`: half the SDK's context switches per job; a
+wake-up is costly on a VM). Nothing
+is read while nobody waits: the events wait in the socket (and then in the
+coordinator's flow control) for the next waiter. Through httpx (a proxy) one daemon
+thread reads and hands every view over, as before.
 
 Invariants:
-- At most one connection per stream; reconnects at once when the server ends it
-  (`reconnect`, about every 20 s). Every (re)connection starts a new *generation*.
+- At most one connection per stream, and at most one thread reading it; reconnects
+  when the server ends it (`reconnect`, about every 20 s), at once with its own reader
+  thread, else when a waiter next reads. Every (re)connection starts a new *generation*.
+- A waiter that reads waits for bytes at most until its own deadline (`Link.readable`:
+  nothing is read ahead of what was handled, `_Feed` parses chunk by chunk), and when
+  it stops reading while others wait, one of them is woken to read on: no waiter waits
+  for a stream that nobody reads.
 - A waiter never misses its job's end. It registers before looking, then takes the
   newest view the stream holds for its job (the last `RECENT` job ids are kept), and
   re-reads the job once (GET) unless the stream has covered it without a gap: the
@@ -35,8 +51,8 @@ import queue
 import socket
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections import OrderedDict, deque
+from collections.abc import Generator, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
@@ -58,6 +74,7 @@ READ_TIMEOUT = 60.0  # the coordinator sends a keep-alive comment more often tha
 MAX_EVENT_BYTES = 16 << 20  # one line or one event's data; a longer one drops the stream
 LOST = "lost"  # to a waiter: the stream is gone, long-poll
 RECHECK = "recheck"  # to a waiter: events may have been missed, re-read once
+TURN = "turn"  # to a waiter (never returned by `take`): nobody reads the stream, read it
 
 Mark = tuple[int, int]
 Item = dict[str, Any] | str
@@ -79,7 +96,15 @@ class ResultStream:
         self._waiters: dict[str, list[queue.SimpleQueue[Item]]] = {}
         self._retry_at = 0.0
         self._closed = False
-        self._thread: threading.Thread | None = None
+        self._thread: threading.Thread | None = None  # the reader thread (httpx only)
+        # Followed over a link (`_by_waiters`): read by the waiting threads themselves, one
+        # at a time (`_lead`); the others wait in their inbox (`_following`).
+        self._by_waiters: bool | None = None  # decided when first opened
+        self._lead = False
+        self._following: list[queue.SimpleQueue[Item]] = []
+        self._chunks: Generator[bytes, None, None] | None = None  # the followed body
+        self._feed = _Feed()
+        self._ready: deque[tuple[str, dict[str, Any]]] = deque()  # read, not yet handled
         self._response: httpx.Response | None = None
         self._link: Link | None = None
         self._via_httpx = False  # open_link chose httpx (a proxy): not asked again
@@ -94,16 +119,40 @@ class ResultStream:
     def open(self) -> bool:
         """Start the reader if needed and wait until it is connected; False if it cannot be
         (the caller long-polls)."""
+        if self._by_waiters is None:
+            self._by_waiters = self._link_to_follow() is not None
         with self._cond:
             if self._closed:
                 return False
             if self._state == "failed" and time.monotonic() >= self._retry_at:
                 self._state = "idle"
+            if not self._by_waiters:
+                if self._state == "idle":
+                    self._state = "connecting"
+                    self._thread = threading.Thread(
+                        target=self._run, name="csml-results", daemon=True
+                    )
+                    self._thread.start()
+                self._cond.wait_for(lambda: self._state != "connecting", OPEN_TIMEOUT)
+                return self._state == "connected"
+            # Followed by the waiters: this thread connects (and reads the snapshot) unless
+            # another one reads now; then it waits for that one to say how it went.
+            deadline = time.monotonic() + OPEN_TIMEOUT
+            while self._state in ("idle", "connecting") and self._lead:
+                if not self._cond.wait(max(0.0, deadline - time.monotonic())):
+                    break
+            if self._state not in ("idle", "connecting") or self._lead:
+                return self._state == "connected"
+            self._lead = True
             if self._state == "idle":
                 self._state = "connecting"
-                self._thread = threading.Thread(target=self._run, name="csml-results", daemon=True)
-                self._thread.start()
-            self._cond.wait_for(lambda: self._state != "connecting", OPEN_TIMEOUT)
+        try:
+            self._read(None, deadline)
+        finally:
+            with self._cond:
+                self._lead = False
+                self._pass_turn()
+        with self._cond:
             return self._state == "connected"
 
     def want_inline(self, most: int) -> None:
@@ -135,6 +184,122 @@ class ResultStream:
             if latest is not None and kept is not None:
                 latest = {**latest, "inline_outputs": kept[0]}
             return inbox, latest, covered
+
+    def take(self, inbox: queue.SimpleQueue[Item], timeout: float) -> Item | None:
+        """The next item for `inbox` (a view of its job, LOST or RECHECK) within `timeout`
+        seconds; None if none came. Over a link, the stream is read by the waiting threads
+        themselves: while no other thread reads it, this one does (handing every view read
+        to its waiter) until its own item comes, then leaves it to one of the waiters
+        still waiting (`TURN`). One waiter alone thus reads its job's end itself, with no
+        thread to wake; with httpx (a proxy), the reader thread hands everything over."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._cond:
+                item = _poll(inbox)
+                if item is not None:
+                    self._pass_turn()
+                    return item
+                lead = bool(self._by_waiters) and not self._lead and self._state != "failed"
+                if lead:
+                    self._lead = True
+                else:
+                    self._following.append(inbox)
+            if lead:
+                try:
+                    self._read(inbox, deadline)
+                finally:
+                    with self._cond:
+                        self._lead = False
+                        item = _poll(inbox)
+                        self._pass_turn()
+                if item is not None or time.monotonic() >= deadline:
+                    return item
+                continue  # the stream failed: LOST is in the inbox (or came meanwhile)
+            try:
+                item = inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                item = None
+            finally:
+                with self._cond:
+                    self._following.remove(inbox)
+            if item != TURN:
+                with self._cond:
+                    self._pass_turn()
+                return item
+
+    def _pass_turn(self) -> None:
+        """(caller holds the lock) Nobody reads the stream: wake a waiter to read it (and
+        an `open` waiting for the reader to connect, to connect itself)."""
+        if self._by_waiters and not self._lead:
+            if self._following:
+                self._following[0].put(TURN)
+            if self._state == "connecting":
+                self._cond.notify_all()
+
+    def _read(self, inbox: queue.SimpleQueue[Item] | None, deadline: float) -> None:
+        """(the reading thread, `_lead`) Read and handle events until `inbox` has an item
+        (without one: until connected), the deadline passes, or the stream fails (then
+        every waiter gets LOST). Connects when not connected."""
+        try:
+            while time.monotonic() < deadline and not self._closed:
+                if inbox is not None and not inbox.empty():
+                    return
+                if inbox is None and self._state != "connecting":
+                    return  # opened (or failed): the opener's question is answered
+                if self._ready:
+                    name, data = self._ready.popleft()
+                    if not self._handle(name, data):
+                        self._ended()
+                    continue
+                link = self._link
+                if self._chunks is None or link is None:
+                    self._connect()
+                    continue
+                if not link.readable(deadline - time.monotonic()):
+                    return
+                try:
+                    chunk = next(self._chunks)
+                except StopIteration:  # the server ended the stream: connect again
+                    self._ended()
+                    continue
+                self._ready.extend(self._feed.feed(chunk))
+            if self._closed:
+                raise RuntimeError("the result stream is closed")
+        except Exception as exc:  # refused, dropped, or a bad frame: long-poll instead
+            self._ended()
+            if not self._closed:
+                log.info("result stream unavailable, long-polling instead: %s", exc)
+            self._failed()
+
+    def _connect(self) -> None:
+        """(the reading thread) Open the stream on the link; its events are read later."""
+        link = self._link_to_follow()
+        if link is None:
+            raise RuntimeError("no link to follow the stream on")
+        with self._cond:
+            self._state = "connecting"
+        status, chunks = link.stream(
+            f"/v1/jobs/events?{urlencode(self._params())}", self._client._headers()
+        )
+        if status != 200:
+            with contextlib.closing(chunks):
+                text = b"".join(itertools.islice(chunks, 4))[:200].decode("utf-8", "replace")
+            raise RuntimeError(f"HTTP {status}: {text}")
+        self._chunks, self._feed = chunks, _Feed()
+        self._ready.clear()
+
+    def _ended(self) -> None:
+        """(the reading thread) The followed answer is over, or left: drop what is left
+        of it (the link drops a connection left early); a gap starts."""
+        chunks, self._chunks = self._chunks, None
+        self._ready.clear()
+        if chunks is not None:
+            with contextlib.suppress(Exception):
+                chunks.close()
+        with self._cond:
+            if self._state == "connected":
+                self._state = "connecting"
+                self._generation += 1  # a gap starts: marks taken before it are stale
 
     def unregister(self, job_id: str, inbox: queue.SimpleQueue[Item]) -> None:
         with self._cond:
@@ -170,15 +335,20 @@ class ResultStream:
         except Exception as exc:  # refused, dropped, or a bad frame: long-poll instead
             if not self._closed:
                 log.info("result stream unavailable, long-polling instead: %s", exc)
-            with self._cond:
-                self._state = "failed"
-                self._retry_at = time.monotonic() + RETRY_SECONDS
-                self._generation += 1
-                self._response = None
-                self._cond.notify_all()
-                self._broadcast(LOST)
+            self._failed()
 
-    def _read_once(self) -> None:
+    def _failed(self) -> None:
+        """The stream cannot be followed: every waiter long-polls, for `RETRY_SECONDS`."""
+        with self._cond:
+            self._state = "failed"
+            self._retry_at = time.monotonic() + RETRY_SECONDS
+            self._generation += 1
+            self._response = None
+            self._cond.notify_all()
+            self._broadcast(LOST)
+
+    def _params(self) -> dict[str, str | int]:
+        """The query of a new connection."""
         params: dict[str, str | int] = {"limit": 1, "positions": "false"}
         with self._cond:
             # Ends only, unless a waiter reports progress: a waiter needs nothing else (a
@@ -188,6 +358,10 @@ class ResultStream:
             params["ended_only"] = "true"
         if self.inline_outputs:
             params["inline_outputs"] = self.inline_outputs
+        return params
+
+    def _read_once(self) -> None:
+        params = self._params()
         link = self._link_to_follow()
         if link is None:
             self._follow_httpx(params)
@@ -247,22 +421,28 @@ class ResultStream:
     def _follow(self, chunks: Iterable[bytes]) -> None:
         """Deliver the events of one connection until the server ends it."""
         for name, data in _events(_lines(chunks)):
-            if name == "snapshot":
-                with self._cond:
-                    self._state = "connected"
-                    self._generation += 1
-                    self._cond.notify_all()
-                    self._broadcast(RECHECK)  # whatever happened while we were away
-                for job in data.get("jobs", []):
-                    self._deliver(job)
-            elif name == "job":
-                self._deliver(data)
-            elif name == "gone":
-                with self._cond:
-                    for inbox in self._waiters.get(str(data.get("id")), []):
-                        inbox.put(RECHECK)  # its GET says what happened
-            elif name == "reconnect":
+            if not self._handle(name, data):
                 break
+
+    def _handle(self, name: str, data: dict[str, Any]) -> bool:
+        """Act on one event; False when it ends the connection (`reconnect`)."""
+        if name == "snapshot":
+            with self._cond:
+                self._state = "connected"
+                self._generation += 1
+                self._cond.notify_all()
+                self._broadcast(RECHECK)  # whatever happened while we were away
+            for job in data.get("jobs", []):
+                self._deliver(job)
+        elif name == "job":
+            self._deliver(data)
+        elif name == "gone":
+            with self._cond:
+                for inbox in self._waiters.get(str(data.get("id")), []):
+                    inbox.put(RECHECK)  # its GET says what happened
+        elif name == "reconnect":
+            return False
+        return True
 
     def _deliver(self, job: dict[str, Any]) -> None:
         job_id = job.get("id")
@@ -348,4 +528,68 @@ def _events(lines: Iterable[bytes]) -> Iterator[tuple[str, dict[str, Any]]]:
             data.append(line[5:].strip())
             held += len(data[-1])
             if held > MAX_EVENT_BYTES:
+                raise ValueError(f"an event's data is over {MAX_EVENT_BYTES} bytes")
+
+
+def _poll(inbox: queue.SimpleQueue[Item]) -> Item | None:
+    """The next item in `inbox` now, skipping `TURN`s (the caller reads, or will); None."""
+    while True:
+        try:
+            item = inbox.get_nowait()
+        except queue.Empty:
+            return None
+        if item != TURN:
+            return item
+
+
+class _Feed:
+    """`_events(_lines(chunks))` fed one chunk at a time: `feed` returns the events the
+    chunk completes and keeps the rest (a line or an event not ended yet), so a reader
+    can stop between chunks with nothing read ahead. Same lines, events and bounds."""
+
+    def __init__(self) -> None:
+        self._pending: list[bytes] = []  # the start of a line not ended yet
+        self._held = 0  # bytes in pending
+        self._name = "message"
+        self._data: list[bytes] = []
+        self._data_held = 0
+
+    def feed(self, chunk: bytes) -> list[tuple[str, dict[str, Any]]]:
+        events: list[tuple[str, dict[str, Any]]] = []
+        pending = self._pending
+        if pending and pending[-1].endswith(b"\r") and not chunk.startswith(b"\n"):
+            self._line(b"".join(pending)[:-1], events)  # a CR that ended its line
+            pending.clear()
+            self._held = 0
+        pieces = chunk.splitlines(keepends=True)  # split at LF, CRLF, CR only (bytes)
+        last = len(pieces) - 1
+        for n, piece in enumerate(pieces):
+            if piece.endswith(b"\n") or (piece.endswith(b"\r") and n < last):
+                if pending:
+                    pending.append(piece)
+                    piece = b"".join(pending)
+                    pending.clear()
+                    self._held = 0
+                self._line(piece.rstrip(b"\r\n"), events)
+            else:
+                pending.append(piece)  # unended, or a CR that a LF may follow
+                self._held += len(piece)
+                if self._held > MAX_EVENT_BYTES:
+                    raise ValueError(f"an event stream line is over {MAX_EVENT_BYTES} bytes")
+        return events
+
+    def _line(self, line: bytes, events: list[tuple[str, dict[str, Any]]]) -> None:
+        if not line:
+            text = b"".join(self._data)
+            if text:
+                events.append((self._name, json.loads(text)))
+            self._name, self._data, self._data_held = "message", [], 0
+        elif line.startswith(b":"):
+            return
+        elif line.startswith(b"event:"):
+            self._name = line[6:].strip().decode("utf-8", "replace")
+        elif line.startswith(b"data:"):
+            self._data.append(line[5:].strip())
+            self._data_held += len(self._data[-1])
+            if self._data_held > MAX_EVENT_BYTES:
                 raise ValueError(f"an event's data is over {MAX_EVENT_BYTES} bytes")

@@ -30,7 +30,6 @@ import itertools
 import json
 import mimetypes
 import os
-import queue
 import secrets
 import threading
 import time
@@ -885,9 +884,8 @@ class Job:
                     raise WaitTimeout(
                         f"job {self.id[:12]} still {self.state.value} after {timeout:g} s"
                     )
-                try:
-                    item = inbox.get(timeout=min(remaining or SAFETY_SECONDS, SAFETY_SECONDS))
-                except queue.Empty:
+                item = stream.take(inbox, min(remaining or SAFETY_SECONDS, SAFETY_SECONDS))
+                if item is None:
                     item = RECHECK  # heard nothing for a while: look
                 if item == LOST:
                     return self._long_poll(deadline, timeout, poll, on_progress)
