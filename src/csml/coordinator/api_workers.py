@@ -144,6 +144,7 @@ def register(body: WorkerRegistration, request: Request, join: Joiner) -> Worker
         lease_seconds=c.settings.lease_seconds,
         heartbeat_seconds=c.settings.heartbeat_seconds,
         protocol=PROTOCOL,
+        inline_output_bytes=c.queue.inline_output_bytes,
     )
 
 

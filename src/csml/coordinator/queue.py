@@ -135,6 +135,7 @@ from csml.schemas import (
 )
 from csml.schemas.workers import (
     INLINE_MAX_BYTES,
+    INLINE_OUTPUT_MAX_BYTES,
     BatchedCompletion,
     ClaimResponse,
     InlineOutput,
@@ -160,7 +161,12 @@ QUEUED, RUNNING = JobState.queued.value, JobState.running.value
 TERMINAL = (JobState.succeeded.value, JobState.failed.value, JobState.cancelled.value)
 
 
-INLINE_CLAIM_BYTES = 1 << 20  # inline inputs per claim answer, in all
+INLINE_CLAIM_BYTES = 1 << 20
+"""Inline inputs per claim answer, in all (decoded bytes), and so each at most: a plain
+job's input within what is left of it comes inline, read from its file when it is one
+(at most 1 MiB on the event loop, as `GET …/inputs/{name}` reads one, `WholeFile`); the
+worker downloads the others. Until session 14 each was also at most `INLINE_MAX_BYTES`
+(256 KiB): (c)'s photos over it cost a download each (0.26 per photo)."""
 DEPTH_CACHE_SECONDS = 1.0  # how long a coordinator trusts its count of an app's queue
 DEPTH_MARGIN = 64  # below capacity by more than max(this, capacity / 10): no exact count
 # A completion batch now also updates workers' records (verification): on PostgreSQL two
@@ -1221,8 +1227,8 @@ class JobQueue:
             return ledger.any_credited(conn)
 
     def _inline(self, taken: list[Claimed], lease_id: str) -> list[ClaimedJob]:
-        """The claimed jobs for the worker, with small inputs of plain jobs inline (base64)
-        up to a total per claim; the worker downloads the others."""
+        """The claimed jobs for the worker, with inputs of plain jobs inline (base64) up
+        to a total per claim (`INLINE_CLAIM_BYTES`); the worker downloads the others."""
         budget = INLINE_CLAIM_BYTES
         out: list[ClaimedJob] = []
         for t in taken:
@@ -1250,7 +1256,7 @@ class JobQueue:
             if t.sealed is not None:
                 continue
             for f in t.inputs:
-                if f.size > INLINE_MAX_BYTES or f.size > budget:
+                if f.size > budget:
                     continue
                 text = self.blobs.base64_of(  # as it was submitted
                     f.blob,
@@ -1882,10 +1888,11 @@ class JobQueue:
         outputs: list[InlineOutput],
         exclusive: bool = False,
     ) -> tuple[list[FileInfo], dict[str, bytes]]:
-        """Write a completion's inline outputs (declared names only, each bounded), on disk
-        (fsync'd with their folder) before the transaction commits; their descriptions,
-        and the bytes of those of at most `db_blob_max_bytes`, which are not written
-        here but kept in the database by the completion's rows (no file, no folder).
+        """Write a completion's inline outputs (declared names only, each at most
+        `inline_output_bytes`), on disk (fsync'd with their folder) before the transaction
+        commits, as an upload's; their descriptions, and the bytes of those of at most
+        `db_blob_max_bytes`, which are not written here but kept in the database by the
+        completion's rows (no file, no folder).
 
         Unlike an upload, no meta file is written: the description goes from here to the
         completion's rows in memory (an upload's meta file is only that hand-off between
@@ -1894,6 +1901,7 @@ class JobQueue:
         _, op = self.catalog.operation(app, operation)
         declared = {o.name: o.media_type for o in op.outputs}
         bound = self.settings.db_blob_max_bytes
+        most = self.inline_output_bytes
         written: list[Path] = []
         infos: list[FileInfo] = []
         contents: dict[str, bytes] = {}
@@ -1906,10 +1914,8 @@ class JobQueue:
                 raise Invalid(
                     "invalid_output", f"inline_outputs: {out.name!r} is not valid base64"
                 ) from None
-            if len(data) > INLINE_MAX_BYTES:
-                raise TooLarge(
-                    "file_too_large", f"inline output {out.name!r} is over {INLINE_MAX_BYTES}"
-                )
+            if len(data) > most:
+                raise TooLarge("file_too_large", f"inline output {out.name!r} is over {most}")
             if len(data) <= bound:
                 contents[out.name] = data
             else:
@@ -1927,11 +1933,24 @@ class JobQueue:
                 sha256=hashlib.sha256(data).hexdigest(),
                 media_type=declared[out.name],
             )
-            self.blobs.base64.put(info.sha256, info.size, out.content)  # for the event
+            if info.size <= INLINE_MAX_BYTES:  # for the event (`inline_outputs`: no larger)
+                self.blobs.base64.put(info.sha256, info.size, out.content)
             infos.append(info)
         if written:
             fsync_folders_of(written)  # each file was flushed as it was written
         return infos, contents
+
+    @property
+    def inline_output_bytes(self) -> int:
+        """The largest output a completion may carry inline here (said to workers at
+        registration, `WorkerRegistered.inline_output_bytes`): `INLINE_OUTPUT_MAX_BYTES`,
+        but no more than an upload may bring (`max_output_bytes`), nor than lets a
+        completion's base64 fill more than half a worker's JSON body."""
+        return min(
+            INLINE_OUTPUT_MAX_BYTES,
+            self.settings.max_output_bytes,
+            self.settings.max_worker_json_bytes * 3 // 8,
+        )
 
     def output_meta_path(self, job_id: str, lease_id: str, name: str) -> Path:
         return self.attempt_dir(job_id, lease_id) / f"{name}.meta.json"

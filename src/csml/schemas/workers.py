@@ -2,8 +2,9 @@
 
 Batched (protocol 2): a claim carries the heartbeats of the worker's running jobs
 (`ClaimRequest.running`; the answer says which to abort), takes up to `max_jobs`
-jobs at once and carries small inputs inline (`ClaimedJob.inline_inputs`, base64,
-each at most `INLINE_MAX_BYTES`); completions go in batches (`CompletionBatch`), each
+jobs at once and carries inputs inline (`ClaimedJob.inline_inputs`, base64, up to
+`csml.coordinator.queue.INLINE_CLAIM_BYTES` per answer in all; until session 14 each
+at most `INLINE_MAX_BYTES` too); completions go in batches (`CompletionBatch`), each
 with its small outputs inline (`JobCompletion.inline_outputs`). The single-job
 heartbeat, download, upload and complete routes stay for older workers.
 
@@ -14,6 +15,15 @@ the answer, and before any long-poll wait). A coordinator says it speaks protoco
 `WorkerRegistered.protocol`; a worker folds completions into claims only then (an
 older coordinator would ignore the field), and resends them alone if an answer
 carries no `results` for them. Older workers, which send none, are served as before.
+
+Larger inline outputs: a coordinator says at registration how large an output a
+completion may carry inline (`WorkerRegistered.inline_output_bytes`, at most
+`INLINE_OUTPUT_MAX_BYTES`; absent: `INLINE_MAX_BYTES`, as before), and a worker sends
+inline only outputs within it, uploading larger ones first (`PUT …/outputs/{name}`) as
+before: an output of 256 KiB - 1 MiB (a photo's annotated PNG) costs no request of its
+own. Its bytes land where an upload's do (the attempt's folder, fsync'd before the
+completion commits), under the same checks (the lease held by this worker, a declared
+name, `Settings.max_output_bytes`, the body's bound).
 """
 
 from __future__ import annotations
@@ -50,6 +60,26 @@ class WorkerRegistration(BaseModel):
         return placement.check_labels(labels)
 
 
+INLINE_MAX_BYTES = 256 * 1024
+"""The largest input a batch item carries inline (decoded bytes), and output a completion
+does unless its coordinator allows more (`INLINE_OUTPUT_MAX_BYTES`); a claim's answer
+carried no larger input until session 14 (now: up to its budget,
+`csml.coordinator.queue.INLINE_CLAIM_BYTES`). 256 KiB: a small photo (and its annotated
+PNG) travels inline rather than as a request of its own (at 64 KiB, 27% of 160-320 px
+photos and half of their annotated PNGs did not). What one request holds in all is
+bounded apart: a claim's inline inputs (`csml.coordinator.queue.INLINE_CLAIM_BYTES`), a
+completion batch's (`csml.worker.agent.COMPLETION_BATCH_BYTES`), a batch submission's
+body (`csml.schemas.batches.MAX_BATCH_BODY_BYTES`)."""
+
+
+INLINE_OUTPUT_MAX_BYTES = 1 << 20
+"""The largest output a completion carries inline when its coordinator allows it
+(`WorkerRegistered.inline_output_bytes`). 1 MiB: (c)'s annotated PNGs (~245 KB on average,
+38% of them over 256 KiB) fit, and one completion's inline outputs, at most 1 MiB in all
+(`csml.worker.agent.INLINE_OUTPUT_BYTES`), keep a batch of them under the default 4 MiB
+bound on a worker's JSON body."""
+
+
 PROTOCOL = 3
 """The newest worker protocol this code speaks (see the module docstring)."""
 COMPLETIONS_RIDE_CLAIMS = 3
@@ -67,6 +97,13 @@ class WorkerRegistered(BaseModel):
         2,
         description="The newest worker protocol the coordinator speaks (absent: 2). From 3, "
         "completions may ride a claim (`ClaimRequest.completions`).",
+    )
+    inline_output_bytes: int = Field(
+        INLINE_MAX_BYTES,
+        ge=0,
+        description="The largest output (decoded bytes) a completion may carry inline "
+        "(`JobCompletion.inline_outputs`); larger ones are uploaded first (absent: 256 KiB). "
+        "A worker sends no more than it knows (`INLINE_OUTPUT_MAX_BYTES`), whatever this says.",
     )
 
 
@@ -87,7 +124,8 @@ class ClaimedJob(BaseModel):
     confidential: ClaimedConfidential | None = None
     inline_inputs: dict[str, str] = Field(
         {},
-        description="Small inputs' bytes (base64) by name: the worker need not download them.",
+        description="Inputs' bytes (base64) by name, up to 1 MiB per claim answer in all: "
+        "the worker need not download them.",
     )
     owner_key: str = Field(
         "",
@@ -128,20 +166,12 @@ class HeartbeatResponse(BaseModel):
     abort: list[str] = Field([], description="Jobs to stop now: cancelled or lease lost.")
 
 
-INLINE_MAX_BYTES = 256 * 1024
-"""The largest input a claim or a batch item, or output a completion, carries inline
-(decoded bytes). 256 KiB: a small photo (and its annotated PNG) travels inline rather
-than as a request of its own (at 64 KiB, 27% of 160-320 px photos and half of their
-annotated PNGs did not). What one request holds in all is bounded apart: a claim's
-inline inputs (`csml.coordinator.queue.INLINE_CLAIM_BYTES`), a completion batch's
-(`csml.worker.agent.COMPLETION_BATCH_BYTES`), a batch submission's body
-(`csml.schemas.batches.MAX_BATCH_BODY_BYTES`)."""
-
-
 class InlineOutput(BaseModel):
     name: str = Field(max_length=64, description="A declared output (its declared media type).")
     content: str = Field(
-        max_length=(INLINE_MAX_BYTES + 2) // 3 * 4, description="The bytes, base64."
+        max_length=(INLINE_OUTPUT_MAX_BYTES + 2) // 3 * 4,
+        description="The bytes, base64: at most the coordinator's "
+        "`WorkerRegistered.inline_output_bytes` decoded.",
     )
 
 

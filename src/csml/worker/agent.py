@@ -6,9 +6,11 @@ Threads: one per slot (one more with a prefetch), taking turns; one heartbeats
 Batched protocol: a claim asks for up to `free slots + prefetch` jobs (prefetched
 ones wait for a slot under their lease) and carries the heartbeat of every job
 held, so the heartbeat thread speaks only when no claim did for 3/4 of an interval
-(all slots and the prefetch busy; checked every half interval); small inputs
-come inline in the claim; each completion carries its small outputs inline
-(larger ones are uploaded first).
+(all slots and the prefetch busy; checked every half interval); inputs come inline
+in the claim (up to 1 MiB per answer, the coordinator's choice); each completion
+carries its outputs inline up to the bound the coordinator gave at registration
+(`WorkerRegistered.inline_output_bytes`: 1 MiB, or 256 KiB from an older coordinator;
+1 MiB per completion in all), larger ones are uploaded first.
 
 Turns: a slot thread not running a job takes the first turn due (`_next_turn`): send
 the completions that must go alone, run a claimed job a slot is free for, or claim
@@ -135,6 +137,7 @@ from csml.schemas import (
 from csml.schemas.workers import (
     COMPLETIONS_RIDE_CLAIMS,
     INLINE_MAX_BYTES,
+    INLINE_OUTPUT_MAX_BYTES,
     BatchedCompletion,
     CompletionBatch,
     CompletionOutcome,
@@ -361,6 +364,7 @@ class WorkerAgent:
         self._polling = False  # ... and long-polls (it carries no completion)
         self._sending = False  # a slot thread sends completions alone (one at a time)
         self._fold = False  # completions ride claims (the coordinator speaks protocol 3)
+        self._inline_output = INLINE_MAX_BYTES  # the largest output a completion carries
         self._idle: deque[threading.Lock] = deque()  # slot threads waiting for a turn
         self._waking = 0  # slot threads woken for a turn, not yet running
         # No thread claims until the claimer's job is CLAIM_GRACE_SECONDS in its child.
@@ -463,6 +467,8 @@ class WorkerAgent:
         response.raise_for_status()
         self.registration = WorkerRegistered.model_validate(response.json())
         self._fold = self.registration.protocol >= COMPLETIONS_RIDE_CLAIMS
+        # Larger outputs are uploaded first (`WorkerRegistered.inline_output_bytes`).
+        self._inline_output = min(self.registration.inline_output_bytes, INLINE_OUTPUT_MAX_BYTES)
         self._join_token = ""  # registered: the worker token is all it needs from now on
         log.info(
             "joined the cluster",
@@ -1024,7 +1030,7 @@ class WorkerAgent:
         room = INLINE_OUTPUT_BYTES
         for path in self._outputs(job, outputs_dir, outcome):
             size = path.stat().st_size
-            if size <= min(INLINE_MAX_BYTES, room) and len(inline) < MAX_INLINE_OUTPUTS:
+            if size <= min(self._inline_output, room) and len(inline) < MAX_INLINE_OUTPUTS:
                 inline.append(InlineOutput(name=path.name, content=b64e(path.read_bytes())))
                 room -= size
             else:
