@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from csml.client.results import _events, _Feed, _lines
+from csml.client.sdk import Client
 
 STREAM = (
     b": keep-alive\n\n"
@@ -113,3 +114,18 @@ def test_a_feed_refuses_an_endless_line_or_event(monkeypatch: pytest.MonkeyPatch
     assert _Feed().feed(b'data: {"blob": "' + blob.encode() + b'"}\n\n') == [
         ("message", {"blob": blob})
     ]
+
+
+def test_a_new_identitys_stream_is_asked_what_the_old_one_was() -> None:
+    """`create_identity`/`delete_identity` start a fresh stream (it follows one identity);
+    it keeps asking for inline outputs and every change if the old one did (a `map` with
+    `inline_outputs` before the switch would otherwise download each output)."""
+    with Client("http://127.0.0.1:9", "csml_test_token") as client:
+        assert client._results is not None
+        client._results.want_inline(4096)
+        client._results.want_progress()
+        first = client._results
+        client._new_result_stream()
+        assert client._results is not first
+        assert client._results.inline_outputs == 4096
+        assert client._results.progress

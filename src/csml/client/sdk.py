@@ -259,9 +259,16 @@ class Client:
         return CreditInfo.model_validate(self.request("GET", "/v1/credit", params=params).json())
 
     def _new_result_stream(self) -> None:
+        """A fresh stream for a new identity, asking what the old one was asked (inline
+        outputs, every change)."""
         if self._results is not None:
-            self._results.close()
+            old = self._results
+            old.close()
             self._results = ResultStream(self)
+            if old.inline_outputs:
+                self._results.want_inline(old.inline_outputs)
+            if old.progress:
+                self._results.want_progress()
 
     def apps(self) -> list[AppInfo]:
         return [AppInfo.model_validate(a) for a in self.request("GET", "/v1/apps").json()]
