@@ -51,7 +51,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -67,6 +67,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.dml import Update
 from sqlalchemy.sql.elements import BindParameter
 
 from csml.store.credit import credited_owner
@@ -526,7 +527,8 @@ def _take_serving_statement(
     updated after the jobs' rows are locked, as by the second statement before), one
     round trip fewer per claim."""
     take = _take_statement(head, contributed, quarantined, operations).stmt
-    taken = cast(Any, take).cte("taken")
+    assert isinstance(take, Update)  # the claim's UPDATE ... RETURNING
+    taken = take.cte("taken")
     top = select(func.max(taken.c.fair_rank)).scalar_subquery()
     served = (
         update(APPS)
