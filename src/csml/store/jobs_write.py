@@ -12,7 +12,11 @@ Invariants:
 - Claim is one `UPDATE … WHERE seq IN (SELECT … FOR UPDATE SKIP LOCKED) RETURNING`
   on the head of `ix_jobs_claim` (lowest fair rank first); the served rank moves up
   only if no other transaction holds the app's row (SKIP LOCKED), so a claim never
-  waits on another. On SQLite the write lock taken at BEGIN stands for the row locks.
+  waits on another. On PostgreSQL a claim in fair order (not credited) moves it in the
+  same statement (the claim's UPDATE in a data-modifying CTE, then the app's row:
+  `_take_serving_statement`), a round trip fewer per claim; on SQLite (no UPDATE in a
+  CTE) it is a second statement. On SQLite the write lock taken at BEGIN stands for the
+  row locks.
 - A fair rank is one past the larger of its owner's last rank in the app (an upsert of
   the owner's `fair_counters` row, no app lock) and the app's served rank. A single
   job's submission admits the job (identity, queued + running jobs, stored bytes) in
@@ -30,7 +34,7 @@ Invariants:
 - The claim's RETURNING says per job whether it is sealed and returns its input files
   (one JSON array per job, `INPUT_FILES_OF_JOB`): envelopes are read only for jobs that
   have them (a claim of plain jobs, with or without inputs, is the claim statement and
-  the served-rank update, nothing more).
+  the served-rank update, nothing more: one statement on PostgreSQL).
 - A heartbeat's lease extension locks the worker's running jobs in `seq` order, the
   order a completion's locking path locks them in (`jobs_end.lock_to_complete`): on
   PostgreSQL the two, in different writer lanes or coordinators, never deadlock. A
@@ -55,6 +59,7 @@ from sqlalchemy import (
     bindparam,
     case,
     exists,
+    func,
     insert,
     select,
     tuple_,
@@ -62,6 +67,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.dml import Update
 from sqlalchemy.sql.elements import BindParameter
 
 from csml.store.credit import credited_owner
@@ -510,6 +516,36 @@ def _take_statement(head: str, contributed: bool, quarantined: bool, operations:
     return Prepared(update(JOBS).where(JOBS.c.seq.in_(heads)).values(**values).returning(*returned))
 
 
+@functools.cache
+def _take_serving_statement(
+    head: str, contributed: bool, quarantined: bool, operations: bool
+) -> Prepared:
+    """(PostgreSQL, not `CREDITED`: every job taken is in order) the claim statement and
+    the served rank's move (`_SERVE`) as one: the claim's UPDATE in a data-modifying
+    CTE, the app's row updated from the largest fair rank it returned (none taken: NULL,
+    no row matches), its rows selected. Same locks, same order (the app's row is
+    updated after the jobs' rows are locked, as by the second statement before), one
+    round trip fewer per claim."""
+    take = _take_statement(head, contributed, quarantined, operations).stmt
+    assert isinstance(take, Update)  # the claim's UPDATE ... RETURNING
+    taken = take.cte("taken")
+    top = select(func.max(taken.c.fair_rank)).scalar_subquery()
+    served = (
+        update(APPS)
+        .where(
+            APPS.c.name.in_(
+                select(APPS.c.name)
+                .where(APPS.c.name == bindparam("b_app"), APPS.c.served_rank < top)
+                .with_for_update(skip_locked=True)
+                .scalar_subquery()
+            )
+        )
+        .values(served_rank=top)
+        .cte("served")
+    )
+    return Prepared(select(*taken.c).add_cte(served))
+
+
 _TAKE = _take_statement(PLAIN, False, False, False)
 # The served rank moves up unless another transaction holds the app's row (then that
 # one moves it, or the next claim does): a claim never waits on it.
@@ -585,12 +621,14 @@ def take(
         params.update(b_warm=list(warm), b_window=max(window, max_jobs))
     else:
         head = PLAIN
-    rows = _take_statement(head, *claimant_key(claimant)).rows(conn, params)
+    serving = head != CREDITED and conn.dialect.name == "postgresql"
+    statement = _take_serving_statement if serving else _take_statement
+    rows = statement(head, *claimant_key(claimant)).rows(conn, params)
     if not rows:
         return []
     jumped = {r[_T_SEQ] for r in rows if r[_T_CREDIT_LEASE] is not None} if credited else set()
     in_order = [r[_T_FAIR_RANK] for r in rows if r[_T_SEQ] not in jumped]
-    if in_order:
+    if in_order and not serving:  # served by the claim statement itself on PostgreSQL
         _SERVE.run(conn, {"b_app": app, "b_top": max(in_order)})
     sealed: dict[int, Sealed] = {}
     with_envelope = [r[_T_SEQ] for r in rows if r[_T_SEALED]]

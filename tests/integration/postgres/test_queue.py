@@ -120,6 +120,47 @@ def test_fair_order_across_two_identities(core: Core) -> None:
         assert session.get(AppRecord, "echo").served_rank == 5  # type: ignore[union-attr]
 
 
+def test_a_plain_claim_moves_the_served_rank_in_its_own_statement(core: Core) -> None:
+    """On PostgreSQL the claim's UPDATE and the served rank's move are one statement (a
+    data-modifying CTE): no `UPDATE apps` of its own, one round trip fewer per claim."""
+    alice = new_identity(core)
+    worker = new_worker(core)
+    for i in range(3):
+        submit(core, alice, n=i)
+    sent: list[str] = []
+
+    def count(_conn: object, _cur: object, statement: str, *_: object) -> None:
+        sent.append(" ".join(statement.split()))
+
+    event.listen(core.engine, "before_cursor_execute", count)
+    try:
+        assert len(core.queue.claim(worker, 2)) == 2
+    finally:
+        event.remove(core.engine, "before_cursor_execute", count)
+    assert not [s for s in sent if s.startswith("UPDATE apps")], sent
+    assert [s for s in sent if s.startswith("WITH taken AS (UPDATE jobs")], sent
+    with core.sessions() as session:
+        assert session.get(AppRecord, "echo").served_rank == 2  # type: ignore[union-attr]
+
+
+def test_a_claim_skips_the_served_rank_while_another_holds_the_app(core: Core) -> None:
+    """The served rank moves only if no other transaction holds the app's row (SKIP
+    LOCKED): a claim then takes its jobs without waiting, and the next claim moves it."""
+    alice = new_identity(core)
+    worker = new_worker(core)
+    for i in range(3):
+        submit(core, alice, n=i)
+    with core.engine.connect() as other:
+        other.execute(select(AppRecord.name).where(AppRecord.name == "echo").with_for_update())
+        assert len(core.queue.claim(worker, 1)) == 1  # did not wait for `other`
+        other.rollback()
+    with core.sessions() as session:
+        assert session.get(AppRecord, "echo").served_rank == 0  # type: ignore[union-attr]
+    assert len(core.queue.claim(worker, 1)) == 1
+    with core.sessions() as session:
+        assert session.get(AppRecord, "echo").served_rank == 2  # type: ignore[union-attr]
+
+
 def test_fairness_one_claim_at_a_time_across_coordinators(make_core: MakeCore) -> None:
     one, two = make_core(), make_core()
     alice, bob = new_identity(one), new_identity(one)
