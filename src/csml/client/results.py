@@ -479,86 +479,22 @@ class ResultStream:
                 inbox.put(item)
 
 
-def _lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
-    """The lines of a byte stream, without their ends (LF, CRLF or CR, as server-sent
-    events allow). Bytes, not text: httpx's `iter_lines` decodes and re-splits every
-    chunk as text, which costs ~8x as much on the large lines of inline outputs.
-    A line over `MAX_EVENT_BYTES` raises ValueError."""
-    pending: list[bytes] = []  # the start of a line not ended yet
-    held = 0  # bytes in pending
-    for chunk in chunks:
-        if pending and pending[-1].endswith(b"\r") and not chunk.startswith(b"\n"):
-            yield b"".join(pending)[:-1]  # a CR that ended its line at the chunk's end
-            pending.clear()
-            held = 0
-        pieces = chunk.splitlines(keepends=True)  # split at LF, CRLF, CR only (bytes)
-        last = len(pieces) - 1
-        for n, piece in enumerate(pieces):
-            if piece.endswith(b"\n") or (piece.endswith(b"\r") and n < last):
-                if pending:
-                    pending.append(piece)
-                    piece = b"".join(pending)
-                    pending.clear()
-                    held = 0
-                yield piece.rstrip(b"\r\n")  # one line end: an earlier CR split the line
-            else:
-                pending.append(piece)  # unended, or a CR that a LF may follow
-                held += len(piece)
-                if held > MAX_EVENT_BYTES:
-                    raise ValueError(f"an event stream line is over {MAX_EVENT_BYTES} bytes")
-    if pending:
-        yield b"".join(pending).rstrip(b"\r\n")
-
-
-def _events(lines: Iterable[bytes]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Server-sent events as (name, JSON data); comments (keep-alives) are skipped.
-    An event whose data is over `MAX_EVENT_BYTES` raises ValueError."""
-    name, data, held = "message", list[bytes](), 0
-    for line in lines:
-        if not line:
-            text = b"".join(data)
-            if text:
-                yield name, json.loads(text)
-            name, data, held = "message", [], 0
-        elif line.startswith(b":"):
-            continue
-        elif line.startswith(b"event:"):
-            name = line[6:].strip().decode("utf-8", "replace")
-        elif line.startswith(b"data:"):
-            data.append(line[5:].strip())
-            held += len(data[-1])
-            if held > MAX_EVENT_BYTES:
-                raise ValueError(f"an event's data is over {MAX_EVENT_BYTES} bytes")
-
-
-def _poll(inbox: queue.SimpleQueue[Item]) -> Item | None:
-    """The next item in `inbox` now, skipping `TURN`s (the caller reads, or will); None."""
-    while True:
-        try:
-            item = inbox.get_nowait()
-        except queue.Empty:
-            return None
-        if item != TURN:
-            return item
-
-
-class _Feed:
-    """`_events(_lines(chunks))` fed one chunk at a time: `feed` returns the events the
-    chunk completes and keeps the rest (a line or an event not ended yet), so a reader
-    can stop between chunks with nothing read ahead. Same lines, events and bounds."""
+class _Lines:
+    """The lines of a byte stream fed chunk by chunk, without their ends (LF, CRLF or CR,
+    as server-sent events allow), wherever the chunks are cut. Bytes, not text: httpx's
+    `iter_lines` decodes and re-splits every chunk as text, which costs ~8x as much on
+    the large lines of inline outputs. A line over `MAX_EVENT_BYTES` raises ValueError."""
 
     def __init__(self) -> None:
         self._pending: list[bytes] = []  # the start of a line not ended yet
         self._held = 0  # bytes in pending
-        self._name = "message"
-        self._data: list[bytes] = []
-        self._data_held = 0
 
-    def feed(self, chunk: bytes) -> list[tuple[str, dict[str, Any]]]:
-        events: list[tuple[str, dict[str, Any]]] = []
+    def split(self, chunk: bytes) -> list[bytes]:
+        """The lines `chunk` ends (the start of one not ended yet is kept)."""
+        lines: list[bytes] = []
         pending = self._pending
         if pending and pending[-1].endswith(b"\r") and not chunk.startswith(b"\n"):
-            self._line(b"".join(pending)[:-1], events)  # a CR that ended its line
+            lines.append(b"".join(pending)[:-1])  # a CR that ended its line at the chunk's end
             pending.clear()
             self._held = 0
         pieces = chunk.splitlines(keepends=True)  # split at LF, CRLF, CR only (bytes)
@@ -570,26 +506,88 @@ class _Feed:
                     piece = b"".join(pending)
                     pending.clear()
                     self._held = 0
-                self._line(piece.rstrip(b"\r\n"), events)
+                lines.append(piece.rstrip(b"\r\n"))  # one line end: an earlier CR split it
             else:
                 pending.append(piece)  # unended, or a CR that a LF may follow
                 self._held += len(piece)
                 if self._held > MAX_EVENT_BYTES:
                     raise ValueError(f"an event stream line is over {MAX_EVENT_BYTES} bytes")
-        return events
+        return lines
 
-    def _line(self, line: bytes, events: list[tuple[str, dict[str, Any]]]) -> None:
+    def rest(self) -> bytes | None:
+        """The line left unended when the stream ended, if any."""
+        return b"".join(self._pending).rstrip(b"\r\n") if self._pending else None
+
+
+class _Events:
+    """Server-sent events as (name, JSON data) from their lines, one line at a time;
+    comments (keep-alives) are skipped. An event whose data is over `MAX_EVENT_BYTES`
+    raises ValueError."""
+
+    def __init__(self) -> None:
+        self._name = "message"
+        self._data: list[bytes] = []
+        self._held = 0
+
+    def add(self, line: bytes, events: list[tuple[str, dict[str, Any]]]) -> None:
+        """Take one line; an event it ends is appended to `events`."""
         if not line:
             text = b"".join(self._data)
             if text:
                 events.append((self._name, json.loads(text)))
-            self._name, self._data, self._data_held = "message", [], 0
+            self._name, self._data, self._held = "message", [], 0
         elif line.startswith(b":"):
             return
         elif line.startswith(b"event:"):
             self._name = line[6:].strip().decode("utf-8", "replace")
         elif line.startswith(b"data:"):
             self._data.append(line[5:].strip())
-            self._data_held += len(self._data[-1])
-            if self._data_held > MAX_EVENT_BYTES:
+            self._held += len(self._data[-1])
+            if self._held > MAX_EVENT_BYTES:
                 raise ValueError(f"an event's data is over {MAX_EVENT_BYTES} bytes")
+
+
+def _lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """The lines of a whole byte stream (`_Lines`), the last one even if unended."""
+    splitter = _Lines()
+    for chunk in chunks:
+        yield from splitter.split(chunk)
+    rest = splitter.rest()
+    if rest is not None:
+        yield rest
+
+
+def _events(lines: Iterable[bytes]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The events of a whole stream's lines (`_Events`), each as soon as it ends."""
+    assembler = _Events()
+    for line in lines:
+        events: list[tuple[str, dict[str, Any]]] = []
+        assembler.add(line, events)
+        yield from events
+
+
+class _Feed:
+    """`_events(_lines(chunks))` fed one chunk at a time: `feed` returns the events the
+    chunk completes and keeps the rest (a line or an event not ended yet), so a reader
+    can stop between chunks with nothing read ahead. Same lines, events and bounds."""
+
+    def __init__(self) -> None:
+        self._lines = _Lines()
+        self._events = _Events()
+
+    def feed(self, chunk: bytes) -> list[tuple[str, dict[str, Any]]]:
+        events: list[tuple[str, dict[str, Any]]] = []
+        for line in self._lines.split(chunk):
+            self._events.add(line, events)
+        return events
+
+
+def _poll(inbox: queue.SimpleQueue[Item]) -> Item | None:
+    """The next item in `inbox` now, skipping `TURN`s (the caller reads, or will); None."""
+    while True:
+        try:
+            item = inbox.get_nowait()
+        except queue.Empty:
+            return None
+        if item != TURN:
+            return item
