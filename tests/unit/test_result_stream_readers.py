@@ -131,12 +131,9 @@ def test_a_reading_waiter_stops_at_its_deadline_and_the_next_one_reads_on(
     assert stream.take(inbox, 10) == view("a")
 
 
-def test_the_reading_passes_to_a_waiter_still_waiting(
-    opened: tuple[ResultStream, queue.SimpleQueue[bytes]],
-) -> None:
-    """Two waiters: whichever reads hands the other its view, or, once its own came,
-    leaves the reading to the other (woken with TURN): both get their views."""
-    stream, out = opened
+def two_waiters(stream: ResultStream) -> tuple[dict[str, Any], list[threading.Thread]]:
+    """Jobs "a" and "b" waited for in two threads (each view lands in the dict), once one
+    of them reads the stream and the other waits in its inbox."""
     got: dict[str, Any] = {}
 
     def wait(job_id: str) -> None:
@@ -148,7 +145,17 @@ def test_the_reading_passes_to_a_waiter_still_waiting(
         t.start()
     deadline = time.monotonic() + 10
     while not (stream._lead and len(stream._following) == 1) and time.monotonic() < deadline:
-        time.sleep(0.01)  # one reads, the other waits in its inbox
+        time.sleep(0.01)
+    return got, threads
+
+
+def test_the_reading_passes_to_a_waiter_still_waiting(
+    opened: tuple[ResultStream, queue.SimpleQueue[bytes]],
+) -> None:
+    """Two waiters: whichever reads hands the other its view, or, once its own came,
+    leaves the reading to the other (woken with TURN): both get their views."""
+    stream, out = opened
+    got, threads = two_waiters(stream)
     reader = "a" if stream._following[0] is stream._waiters["b"][0] else "b"
     out.put(event("job", view(reader)))  # the reader's own first: it stops reading
     time.sleep(0.1)
@@ -184,18 +191,7 @@ def test_a_broken_stream_sends_every_waiter_to_long_polling(
     opened: tuple[ResultStream, queue.SimpleQueue[bytes]],
 ) -> None:
     stream, out = opened
-    got: dict[str, Any] = {}
-
-    def wait(job_id: str) -> None:
-        inbox, _, _ = stream.register(job_id, stream.mark())
-        got[job_id] = stream.take(inbox, 10)
-
-    threads = [threading.Thread(target=wait, args=(j,)) for j in ("a", "b")]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 10
-    while not (stream._lead and len(stream._following) == 1) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    got, threads = two_waiters(stream)
     out.put(BREAK)
     for t in threads:
         t.join(timeout=10)
