@@ -34,7 +34,9 @@ from csml.coordinator.app import create_app
 from csml.coordinator.config import Settings
 from csml.coordinator.state import Core
 from csml.schemas import ClaimedJob, ClaimResponse, HeartbeatResponse, WorkerRegistered
+from csml.store import jobs as jobs_store
 from csml.store.db import sqlite_url
+from csml.store.jobs import JobRow
 from csml.store.tables import set_clock
 from tests.clock import SetClock
 
@@ -123,6 +125,13 @@ class InProcessCoordinator:
         )
         assert r.status_code == 201, r.text
         return HttpWorker(self.http, app, WorkerRegistered.model_validate(r.json()))
+
+    def job_row(self, job_id: str) -> JobRow:
+        """The job's stored row (it must exist)."""
+        with self.core.queue.read() as conn:
+            found = jobs_store.by_id(conn, job_id)
+        assert found is not None, job_id
+        return found
 
     def reap(self) -> int:
         """One pass of the lease reaper, at the clock's time."""

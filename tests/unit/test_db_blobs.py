@@ -16,7 +16,6 @@ from sqlalchemy import func, select
 from csml.apps.echo import app as echo_app
 from csml.client import Client
 from csml.schemas.workers import ClaimedJob
-from csml.store import jobs as store
 from csml.store import jobs_quota
 from csml.store.blobs import in_db
 from csml.store.jobs import FileRow, JobRow
@@ -33,13 +32,6 @@ def _submit(coordinator: InProcessCoordinator, user: Client, *inputs: bytes) -> 
     r = post(coordinator, user, {"items": [echo_item({}, data=data) for data in inputs]})
     assert r.status_code == 200 and r.json()["accepted"] == len(inputs), r.text
     return [item["job"]["id"] for item in r.json()["items"]]
-
-
-def _row(coordinator: InProcessCoordinator, job_id: str) -> JobRow:
-    with coordinator.core.queue.read() as conn:
-        row = store.by_id(conn, job_id)
-    assert row is not None
-    return row
 
 
 def _file(row: JobRow, kind: str) -> FileRow:
@@ -83,10 +75,10 @@ def test_a_small_inline_input_is_kept_in_its_row_and_no_file_is_made(
     user = coordinator.new_user()
     blobs = coordinator.core.blobs
     (job_id,) = _submit(coordinator, user, PHOTO)
-    f = _file(_row(coordinator, job_id), "input")
+    f = _file(coordinator.job_row(job_id), "input")
     assert in_db(f.blob) and f.content is None  # a load never carries the bytes
     assert f.size == len(PHOTO) and f.sha256 == hashlib.sha256(PHOTO).hexdigest()
-    assert coordinator.core.queue.file_content(_row(coordinator, job_id).seq, "input", "data")
+    assert coordinator.core.queue.file_content(coordinator.job_row(job_id).seq, "input", "data")
     assert not blobs.job_dir(job_id).exists()  # no folder, no file
     assert list((blobs.root / "staging").iterdir()) == []
     blobs.base64.clear()  # the claim reads the row, not the memo
@@ -108,11 +100,11 @@ def test_a_small_uploaded_input_is_kept_in_its_row_and_its_staged_file_removed(
     blobs = coordinator.core.blobs
     small = user.submit("echo", "echo", files={"data": PHOTO})
     large = user.submit("echo", "echo", files={"data": PHOTO + b"!"})
-    f = _file(_row(coordinator, small.id), "input")
+    f = _file(coordinator.job_row(small.id), "input")
     assert in_db(f.blob) and f.sha256 == hashlib.sha256(PHOTO).hexdigest()
     assert not blobs.job_dir(small.id).exists()
     assert list((blobs.root / "staging").iterdir()) == []
-    g = _file(_row(coordinator, large.id), "input")
+    g = _file(coordinator.job_row(large.id), "input")
     assert not in_db(g.blob) and blobs.path(g.blob).read_bytes() == PHOTO + b"!"
     blobs.base64.clear()
     taken = {t.id: t for t in claim(worker, 2).jobs}
@@ -134,8 +126,8 @@ def test_a_small_inline_output_is_kept_in_its_row_and_served_as_a_file_would_be(
     results = complete_batch(echo_worker, _inline_done(taken[kept_id], PHOTO), filed_done)
     assert [r.status for r in results.results] == [204, 204]
     kept, filed = (
-        _file(_row(coordinator, kept_id), "output"),
-        _file(_row(coordinator, filed_id), "output"),
+        _file(coordinator.job_row(kept_id), "output"),
+        _file(coordinator.job_row(filed_id), "output"),
     )
     assert in_db(kept.blob) and not in_db(filed.blob)
     assert not blobs.job_dir(kept_id).exists()  # no attempt folder
@@ -160,15 +152,15 @@ def test_a_blob_over_the_bound_is_still_a_file(make_coordinator: MakeCoordinator
     user = coordinator.new_user()
     blobs = coordinator.core.blobs
     small, large = _submit(coordinator, user, b"x" * 100, PHOTO)
-    assert in_db(_file(_row(coordinator, small), "input").blob)
-    f = _file(_row(coordinator, large), "input")
+    assert in_db(_file(coordinator.job_row(small), "input").blob)
+    f = _file(coordinator.job_row(large), "input")
     assert not in_db(f.blob) and blobs.path(f.blob).read_bytes() == PHOTO
     taken = {t.id: t for t in claim(worker, 2).jobs}
     complete_batch(
         worker, _inline_done(taken[small], b"y" * 100), _inline_done(taken[large], PHOTO)
     )
-    assert in_db(_file(_row(coordinator, small), "output").blob)
-    out = _file(_row(coordinator, large), "output")
+    assert in_db(_file(coordinator.job_row(small), "output").blob)
+    out = _file(coordinator.job_row(large), "output")
     assert not in_db(out.blob) and blobs.path(out.blob).read_bytes() == PHOTO
 
 
@@ -176,7 +168,7 @@ def test_the_bound_zero_keeps_every_blob_a_file(make_coordinator: MakeCoordinato
     coordinator = make_coordinator(db_blob_max_bytes=0)
     user = coordinator.new_user()
     (job_id,) = _submit(coordinator, user, b"tiny")
-    f = _file(_row(coordinator, job_id), "input")
+    f = _file(coordinator.job_row(job_id), "input")
     assert not in_db(f.blob) and coordinator.core.blobs.path(f.blob).read_bytes() == b"tiny"
     assert _contents_kept(coordinator) == 0
 
@@ -188,7 +180,7 @@ def test_the_stored_bytes_quota_counts_a_kept_blob_as_a_file(
     worker = coordinator.worker(echo_app)
     user = coordinator.new_user()
     (job_id,) = _submit(coordinator, user, PHOTO)
-    owner = _row(coordinator, job_id).owner_id
+    owner = coordinator.job_row(job_id).owner_id
     assert _stored(coordinator, owner) == len(PHOTO)  # its input, kept in the database
     (taken,) = claim(worker, 1).jobs
     complete_batch(worker, _inline_done(taken, PHOTO[:100]))

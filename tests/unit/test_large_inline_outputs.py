@@ -16,10 +16,8 @@ from typing import Any
 from csml.apps.echo import app as echo_app
 from csml.schemas import ClaimedJob, ClaimResponse, WorkerRegistered
 from csml.schemas.workers import INLINE_MAX_BYTES, INLINE_OUTPUT_MAX_BYTES
-from csml.store import jobs as store
 from csml.store import jobs_quota
 from csml.store.blobs import in_db
-from csml.store.jobs import JobRow
 from tests.unit.conftest import MakeCoordinator
 from tests.unit.inproc import HttpWorker, InProcessCoordinator
 from tests.unit.test_worker_protocol import claim, complete_batch
@@ -35,13 +33,6 @@ def done(job: ClaimedJob, content: bytes, lease_id: str | None = None) -> dict[s
         "result": {"n": 1},
         "inline_outputs": [{"name": "data", "content": base64.b64encode(content).decode()}],
     }
-
-
-def row(coordinator: InProcessCoordinator, job_id: str) -> JobRow:
-    with coordinator.core.queue.read() as conn:
-        found = store.by_id(conn, job_id)
-    assert found is not None
-    return found
 
 
 def stored(coordinator: InProcessCoordinator, owner_id: str) -> int:
@@ -81,7 +72,7 @@ def test_a_large_inline_output_lands_as_an_uploaded_one_would(
 ) -> None:
     user = coordinator.new_user()
     job = user.submit("echo", "echo", files={"data": b"in"})
-    owner = row(coordinator, job.id).owner_id
+    owner = coordinator.job_row(job.id).owner_id
     before = stored(coordinator, owner)
     (taken,) = claim(echo_worker, 1).jobs
     content = os.urandom(LARGE)
@@ -120,7 +111,7 @@ def test_a_worker_not_holding_the_lease_lands_nothing(
     user = coordinator.new_user()
     job = user.submit("echo", "echo")
     (taken,) = claim(echo_worker, 1).jobs
-    owner = row(coordinator, job.id).owner_id
+    owner = coordinator.job_row(job.id).owner_id
     before = stored(coordinator, owner)
     other = coordinator.worker(echo_app)  # another worker of the same join token's app
     content = os.urandom(LARGE)
@@ -149,5 +140,5 @@ def test_an_inline_output_over_the_bound_is_refused_and_lands_nothing(
     # Within it, the same output lands (a file: over the database's bound).
     results = complete_batch(worker, done(taken, os.urandom(300_000))).results
     assert [o.status for o in results] == [204]
-    (f,) = [f for f in row(coordinator, job.id).files if f.kind == "output"]
+    (f,) = [f for f in coordinator.job_row(job.id).files if f.kind == "output"]
     assert f.size == 300_000 and not in_db(f.blob)
