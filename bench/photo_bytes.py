@@ -124,6 +124,7 @@ async def run(photos: int, rounds: int, chunk: int, base: Path | None, prof: str
         commits0, fsyncs0, msgs0 = tally.write_commits, fsync_count.calls, dict(messages)
         pending: dict[str, Any] | None = None
         done: list[str] = []
+        downloads = 0  # inputs that did not come inline in their claim
 
         async def claim_with(completion: dict[str, Any] | None) -> dict[str, Any]:
             claim: dict[str, Any] = {"max_jobs": 1, "wait": 0, "running": []}
@@ -155,6 +156,7 @@ async def run(photos: int, rounds: int, chunk: int, base: Path | None, prof: str
             got = await claim_with(pending)
             job = got["jobs"][0]
             if "image" not in job["inline_inputs"]:
+                downloads += 1
                 t = time.process_time()
                 s, b = await chunked(
                     app,
@@ -205,6 +207,7 @@ async def run(photos: int, rounds: int, chunk: int, base: Path | None, prof: str
             "cpu_ms_per_photo": round(1000 * sum(spent.values()) / photos, 3),
             "cpu_ms_by_step_per_photo": {k: round(1000 * v / photos, 3) for k, v in spent.items()},
             "asgi_messages_per_photo": msgs,
+            "inputs_inline_share": round(1 - downloads / photos, 2),
             "commits_per_photo": round((tally.write_commits - commits0) / photos, 2),
             "fsyncs_per_photo": round((fsync_count.calls - fsyncs0) / photos, 2),
         }
@@ -232,7 +235,6 @@ async def run(photos: int, rounds: int, chunk: int, base: Path | None, prof: str
     return {
         "photos": photos,
         "input_bytes_mean": sum(map(len, images)) // photos,
-        "inputs_inline_share": round(sum(len(b) <= 262144 for b in images) / photos, 2),
         "outputs_inline_share": round(sum(len(b) <= inline_most for b in outputs) / photos, 2),
         "load": [round(x, 2) for x in os.getloadavg()],
         "cpu_ms_per_photo_each_round": [r["cpu_ms_per_photo"] for r in results],
