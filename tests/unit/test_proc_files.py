@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -15,15 +14,26 @@ from csml.worker.sandbox import _parse_stat, proc_stat
 
 
 def test_a_kept_stat_file_reads_the_process_now_and_nothing_once_it_is_gone() -> None:
-    spin = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
-    proc = subprocess.Popen([sys.executable, "-c", spin + "input()"], stdin=subprocess.PIPE)
+    # The child spins 0.3 s of CPU once told to, says so, then waits: the same descriptor
+    # is read before and after (no reader spinning beside it: on a loaded 2-core machine
+    # a spinning reader took the CPU the child needed, and CI timed out once).
+    spin = (
+        "import time\ninput()\nt = time.process_time()\n"
+        "while time.process_time() - t < 0.3: pass\nprint('spun', flush=True)\ninput()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", spin], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    assert proc.stdin is not None and proc.stdout is not None
     try:
         stat = ProcFile(f"/proc/{proc.pid}/stat")
         kids = ProcFile(f"/proc/{proc.pid}/task/{proc.pid}/children")
-        while _parse_stat(stat.read())[0] < 0.3:  # the same descriptor sees its CPU grow
-            pass
-        time.sleep(0.1)  # (it waits for input now: its CPU time stays)
+        before = _parse_stat(stat.read())[0]
+        proc.stdin.write(b"go\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == b"spun\n"  # it waits for input now: its CPU stays
         cpu, rss, threads = _parse_stat(stat.read())
+        assert cpu - before >= 0.25  # the same descriptor sees its CPU grow
         assert (cpu, threads) == (proc_stat(proc.pid)[0], 1) and rss > 0
         assert kids.read().split() == [str(p).encode() for p in children(proc.pid, threads=False)]
     finally:
