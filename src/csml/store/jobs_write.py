@@ -68,7 +68,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import Update
-from sqlalchemy.sql.elements import BindParameter
+from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
 from csml.store.credit import credited_owner
 from csml.store.jobs import (
@@ -529,8 +529,19 @@ def _take_serving_statement(
     take = _take_statement(head, contributed, quarantined, operations).stmt
     assert isinstance(take, Update)  # the claim's UPDATE ... RETURNING
     taken = take.cte("taken")
-    top = select(func.max(taken.c.fair_rank)).scalar_subquery()
-    served = (
+    served = _serve(select(func.max(taken.c.fair_rank)).scalar_subquery()).cte("served")
+    return Prepared(select(*taken.c).add_cte(served))
+
+
+_TAKE = _take_statement(PLAIN, False, False, False)
+
+
+# The served rank moves up unless another transaction holds the app's row (then that
+# one moves it, or the next claim does): a claim never waits on it.
+def _serve(top: ColumnElement[Any]) -> Update:
+    """The app's (`b_app`) served rank moved up to `top` unless another transaction holds
+    its row (SKIP LOCKED) or it is there already."""
+    return (
         update(APPS)
         .where(
             APPS.c.name.in_(
@@ -541,26 +552,10 @@ def _take_serving_statement(
             )
         )
         .values(served_rank=top)
-        .cte("served")
     )
-    return Prepared(select(*taken.c).add_cte(served))
 
 
-_TAKE = _take_statement(PLAIN, False, False, False)
-# The served rank moves up unless another transaction holds the app's row (then that
-# one moves it, or the next claim does): a claim never waits on it.
-_SERVE = Prepared(
-    update(APPS)
-    .where(
-        APPS.c.name.in_(
-            select(APPS.c.name)
-            .where(APPS.c.name == bindparam("b_app"), APPS.c.served_rank < bindparam("b_top"))
-            .with_for_update(skip_locked=True)
-            .scalar_subquery()
-        )
-    )
-    .values(served_rank=bindparam("b_top"))
-)
+_SERVE = Prepared(_serve(bindparam("b_top")))
 _SEQS: BindParameter[Any] = bindparam("seqs", expanding=True)
 _SEALED = (
     select(
