@@ -146,12 +146,7 @@ class ResultStream:
             self._lead = True
             if self._state == "idle":
                 self._state = "connecting"
-        try:
-            self._read(None, deadline)
-        finally:
-            with self._cond:
-                self._lead = False
-                self._pass_turn()
+        self._read_as_lead(None, deadline)
         with self._cond:
             return self._state == "connected"
 
@@ -205,13 +200,7 @@ class ResultStream:
                 else:
                     self._following.append(inbox)
             if lead:
-                try:
-                    self._read(inbox, deadline)
-                finally:
-                    with self._cond:
-                        self._lead = False
-                        item = _poll(inbox)
-                        self._pass_turn()
+                item = self._read_as_lead(inbox, deadline)
                 if item is not None or time.monotonic() >= deadline:
                     return item
                 continue  # the stream failed: LOST is in the inbox (or came meanwhile)
@@ -226,6 +215,18 @@ class ResultStream:
                 with self._cond:
                     self._pass_turn()
                 return item
+
+    def _read_as_lead(self, inbox: queue.SimpleQueue[Item] | None, deadline: float) -> Item | None:
+        """(the thread that took `_lead`) `_read`, then give the reading up, to a waiter
+        still waiting if any; the item `inbox` got meanwhile, if any."""
+        try:
+            self._read(inbox, deadline)
+        finally:
+            with self._cond:
+                self._lead = False
+                item = _poll(inbox) if inbox is not None else None
+                self._pass_turn()
+        return item
 
     def _pass_turn(self) -> None:
         """(caller holds the lock) Nobody reads the stream: wake a waiter to read it (and
@@ -297,9 +298,14 @@ class ResultStream:
             with contextlib.suppress(Exception):
                 chunks.close()
         with self._cond:
-            if self._state == "connected":
-                self._state = "connecting"
-                self._generation += 1  # a gap starts: marks taken before it are stale
+            self._gap()
+
+    def _gap(self) -> None:
+        """(caller holds the lock) The connection is over: a gap starts, so marks taken
+        before it are stale (a waiter registered then re-reads its job)."""
+        if self._state == "connected":
+            self._state = "connecting"
+            self._generation += 1
 
     def unregister(self, job_id: str, inbox: queue.SimpleQueue[Item]) -> None:
         with self._cond:
@@ -361,17 +367,12 @@ class ResultStream:
         return params
 
     def _read_once(self) -> None:
-        params = self._params()
-        link = self._link_to_follow()
-        if link is None:
-            self._follow_httpx(params)
-        else:
-            self._follow_link(link, params)
+        """(the reader thread: the stream goes through httpx) One connection, until the
+        server ends it."""
+        self._follow_httpx(self._params())
         with self._cond:
             self._response = None
-            if self._state == "connected":
-                self._state = "connecting"
-                self._generation += 1  # a gap starts: marks taken before it are stale
+            self._gap()
 
     def _link_to_follow(self) -> Link | None:
         """The stream's own keep-alive link (`csml.link`), kept across reconnections; None
@@ -388,18 +389,6 @@ class ResultStream:
                     return None
                 self._link = made
             return self._link
-
-    def _follow_link(self, link: Link, params: dict[str, str | int]) -> None:
-        """The stream over `link`: its body parsed by httptools (csml.link), a few calls
-        per read where httpx's layers and h11 took dozens."""
-        status, chunks = link.stream(
-            f"/v1/jobs/events?{urlencode(params)}", self._client._headers()
-        )
-        with contextlib.closing(chunks):  # left early (reconnect, error): the link drops it
-            if status != 200:
-                text = b"".join(itertools.islice(chunks, 4))[:200].decode("utf-8", "replace")
-                raise RuntimeError(f"HTTP {status}: {text}")
-            self._follow(chunks)
 
     def _follow_httpx(self, params: dict[str, str | int]) -> None:
         client = self._client
