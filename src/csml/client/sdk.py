@@ -20,6 +20,16 @@ once per client and checked to occur in none of the bytes; anything else (larger
 files, file objects, a name that would need escaping, a custom transport) streams
 through httpx as before. Downloads (`Job.download`, `iter_output`) follow the
 answer over a link too (`Client._stream`), given back to the pool once the body ended.
+
+Requests through httpx (`Client.request`): a GET or HEAD that fails on its connection
+before an answer came (the coordinator closed a kept-alive connection as the request
+went out, or httpcore's pool closed a connection it had just handed to this thread:
+encode/httpcore#1110, with many threads on one client) is sent once more, on a fresh
+connection; any other method is never resent (it may have been applied). The pool keeps
+as many idle connections as it may open (no "surplus" to close under a thread, the
+trigger of that httpcore race) and lets them go after `KEEPALIVE_SECONDS`, before the
+coordinator's own 5 s (uvicorn's default), so a kept connection is rarely reused just as
+the coordinator drops it.
 """
 
 from __future__ import annotations
@@ -62,6 +72,10 @@ if TYPE_CHECKING:
 
 FileArg = str | os.PathLike[str] | bytes | IO[bytes]
 ProgressCallback = Callable[["Job"], None]
+KEEPALIVE_SECONDS = 4.0  # an idle httpx connection is closed after this (the server: 5 s)
+HTTPX_CONNECTIONS = 100  # httpx connections per Client (its default bound), all kept while idle
+RESENT_METHODS = frozenset({"GET", "HEAD"})  # sent once more after a broken connection
+BROKEN_CONNECTION = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 IDLE_LINKS = 16  # keep-alive links a Client keeps for its JSON submissions, at most
 LINK_UPLOAD_BYTES = 8 << 20
 """A submission's files at most this large together go over a link, built in memory."""
@@ -102,8 +116,13 @@ class Client:
             verify = verify_option(pin)
         except TransportError as exc:
             raise CsmlError(str(exc)) from None
+        limits = httpx.Limits(
+            max_connections=HTTPX_CONNECTIONS,
+            max_keepalive_connections=HTTPX_CONNECTIONS,
+            keepalive_expiry=KEEPALIVE_SECONDS,
+        )
         self._http = httpx.Client(
-            base_url=self.url, timeout=timeout, transport=transport, verify=verify
+            base_url=self.url, timeout=timeout, transport=transport, verify=verify, limits=limits
         )
         # JSON job submissions go over keep-alive links (`csml.link`: far less CPU per
         # call than httpx), one borrowed per call from a small pool; not with a custom
@@ -138,10 +157,17 @@ class Client:
 
     def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
         headers = {**self._headers(), **kw.pop("headers", {})}
-        try:
-            response = self._http.request(method, path, headers=headers, **kw)
-        except httpx.TransportError as exc:
-            raise self._unreachable(exc) from exc
+        resend = method.upper() in RESENT_METHODS
+        while True:
+            try:
+                response = self._http.request(method, path, headers=headers, **kw)
+                break
+            except BROKEN_CONNECTION as exc:
+                if not resend:
+                    raise self._unreachable(exc) from exc
+                resend = False  # once: a second failure is the coordinator's
+            except httpx.TransportError as exc:
+                raise self._unreachable(exc) from exc
         raise_for(response)
         return response
 
