@@ -270,22 +270,16 @@ class FrameReader:
         return _decode_body(model, body)
 
     def read(self, timeout: float | None) -> Message | None:
-        """The next message, or None if none is complete within `timeout` seconds.
-
-        With no timeout on a blocking socket (a job's child waiting for its next job) it
-        blocks in `recv` itself: one system call per frame instead of `select` and then
-        `recv` (it wakes at the same moment: when the frame's bytes arrive)."""
+        """The next message, or None if none is complete within `timeout` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        blocking = timeout is None and self.sock.gettimeout() is None
         while True:
             message = self._take()
             if message is not None:
                 return message
-            if not blocking:
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                ready, _, _ = select.select([self.sock], [], [], left)
-                if not ready:
-                    return None
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([self.sock], [], [], left)
+            if not ready:
+                return None
             data = self.sock.recv(READ_SIZE)
             if not data:
                 if self._buf:
