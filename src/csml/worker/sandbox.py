@@ -145,6 +145,7 @@ class ZygoteDied(RuntimeError):
 
 READY_TIMEOUT = 120.0  # the zygote imports the app's libraries first
 EXIT_GRACE = 5.0  # a child told to stop that lives on this long is killed
+STARTED_WAIT = 5.0  # `_left_behind` waits this long at most for a fork to be named
 IDLE_TTL = 60.0  # seconds a child may wait for its owner's next job
 MAX_IDLE = 8  # children kept waiting, over all owners (by default; see Sandbox)
 CPU_LIFETIME_FACTOR = 8  # a reused child's CPU rlimit, in per-job budgets (a backstop)
@@ -534,6 +535,7 @@ class Sandbox:
         try:
             base = new_grant(self._tmp_root, self.own_uid, in_use, name=f"child-{token}")
         except OSError:
+            child.started.set()  # it never will (`_left_behind` waits for no such child)
             with self._lock:
                 self._forget(token)
             raise
@@ -544,6 +546,7 @@ class Sandbox:
             zygote.send(self._ctrl, RunMsg(token=token), [theirs.fileno()])
             child.sent = True
         except OSError:
+            child.started.set()  # it never will (`_left_behind` waits for no such child)
             self._retire(resident)
             raise
         finally:
@@ -615,7 +618,9 @@ class Sandbox:
     def _left_behind(self, resident: _Resident) -> bool:
         """Processes the job left: children of its child (of each of its threads; of its
         only one, as it had when it answered: no listing of its threads), or orphans the
-        zygote adopted (any child of the zygote's that is not a job's)."""
+        zygote adopted (any child of the zygote's that is not a job's; a child forked for
+        another job meanwhile is a job's once the zygote's StartedMsg names it: it is
+        waited for, instead of taken for an orphan, which ended a healthy child)."""
         if resident.threads == 1 and resident.kids is not None:
             try:
                 if resident.kids.read().split():
@@ -632,7 +637,19 @@ class Sandbox:
                     adopted = set(children(self._zygote.pid, threads=False))
             except (OSError, ValueError):
                 adopted = set()  # the zygote is gone (it is restarted at the next spawn)
-            return not self._pids.keys() >= adopted
+            unknown = adopted - self._pids.keys()
+            if not unknown:
+                return False
+            # A child the zygote has just forked for another job (another slot's) is one
+            # of its children before its StartedMsg names it: wait for the children asked
+            # for and not yet named (each was listed in `_children` before it was asked
+            # for, so before it could be forked), then look again at the pids read here.
+            starting = [c for c in self._children.values() if not c.pid]
+        for c in starting:
+            if not c.started.wait(STARTED_WAIT):
+                return True  # (fails closed: the child is not kept)
+        with self._lock:
+            return not self._pids.keys() >= unknown
 
     def _run(
         self,
