@@ -147,7 +147,7 @@ from csml.store import jobs_write as writes
 from csml.store import verification as verified
 from csml.store.blobs import BlobStore, fsync_folders_of
 from csml.store.db import is_conflict, read_each, snapshot
-from csml.store.jobs import Claimant, Envelope, FileRow, JobRow
+from csml.store.jobs import Claimant, Envelope, FileRow, JobRow, OwnedFile
 from csml.store.jobs_end import Locked
 from csml.store.jobs_write import Claimed, NewJob, Sealing, orm_job, orm_session
 from csml.store.tables import Job, utcnow
@@ -787,6 +787,12 @@ class JobQueue:
         """The owner's job by id or unique prefix, with its files and envelope."""
         with self.read(each=True) as conn:
             return store.owned(conn, owner_id, ident)
+
+    def owned_file(self, owner_id: str, ident: str, kind: str, name: str) -> OwnedFile | None:
+        """The owner's job's file `name` of `kind`, with its bytes when the database
+        keeps them (one read: `store.owned_file`); None when the job has no such file."""
+        with self.read(each=True) as conn:
+            return store.owned_file(conn, owner_id, ident, kind, name)
 
     def state_of(self, owner_id: str, ident: str) -> tuple[str, str]:
         """(id, state) of the owner's job, without loading it (one query)."""
