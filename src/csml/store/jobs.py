@@ -398,11 +398,20 @@ def owned_file(
     job_id, finished_at, created_at = row[0], row[1], row[2]
     if row[3] is None:  # the join found no file: the job has none of that name
         return None
-    *fields, content = row[3:]
+    kind_, name_, size, sha256, media_type, blob, model_id, content = row[3:]
     return OwnedFile(
         job_id,
         finished_at or created_at,
-        FileRow(*fields, content=bytes(content) if content is not None else None),
+        FileRow(
+            kind_,
+            name_,
+            size,
+            sha256,
+            media_type,
+            blob,
+            model_id,
+            bytes(content) if content is not None else None,
+        ),
     )
 
 
