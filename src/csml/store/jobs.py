@@ -8,7 +8,8 @@ loaded later. The lifecycle's writes are in `csml.store.jobs_write` (how jobs en
 
 Invariants:
 
-- A job is found only by its owner (`owned`): another identity's job is `NotFound`,
+- A job is found only by its owner (`owned`, and `owned_file` for one of its files with
+  its bytes: a download's one read): another identity's job is `NotFound`,
   never `Forbidden`; an id prefix matching several jobs is `Malformed`.
 - A load is one statement however many jobs it returns: the rows, their confidential
   envelope (a left join) and their files (a correlated subquery aggregating them into
