@@ -13,8 +13,10 @@ decodes them).
 
 Reported per photo: CPU milliseconds of the whole process (every thread: the event
 loop, the writer, the thread pool) split by step, ASGI messages received and sent per
-photo, write commits and fsyncs (counted by wrapping `os.fsync`). Several rounds; the
-median round's figures. `--profile OUT` runs one more round under cProfile.
+photo, statements, write commits and fsyncs (counted by wrapping `os.fsync`),
+and thread-pool hops (calls of anyio's `to_thread.run_sync`, wrapped: Starlette's
+`run_in_threadpool` goes through it too). Several rounds; the median round's figures.
+`--profile OUT` runs one more round under cProfile.
 
     /work/venv/bin/python bench/photo_bytes.py [--photos 100] [--rounds 3] [--profile OUT]
 """
@@ -34,6 +36,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import anyio.to_thread
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.asgi
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -48,6 +52,17 @@ from csml.schemas.workers import INLINE_MAX_BYTES
 from csml.store.db import counters
 
 messages = {"received": 0, "sent": 0}
+hops = {"thread_pool": 0}
+_real_run_sync = anyio.to_thread.run_sync
+
+
+async def _counted_run_sync(func: Any, *args: Any, **kwargs: Any) -> Any:
+    """anyio's `to_thread.run_sync`, counted (the coordinator looks it up at each call)."""
+    hops["thread_pool"] += 1
+    return await _real_run_sync(func, *args, **kwargs)
+
+
+anyio.to_thread.run_sync = _counted_run_sync  # type: ignore[assignment]
 
 
 async def chunked(
@@ -122,6 +137,7 @@ async def run(photos: int, rounds: int, chunk: int, base: Path | None, prof: str
         spent: defaultdict[str, float] = defaultdict(float)
         tally = counters(c.engine)
         commits0, fsyncs0, msgs0 = tally.write_commits, fsync_count.calls, dict(messages)
+        statements0, hops0 = tally.statements, hops["thread_pool"]
         pending: dict[str, Any] | None = None
         done: list[str] = []
         downloads = 0  # inputs that did not come inline in their claim
@@ -208,6 +224,8 @@ async def run(photos: int, rounds: int, chunk: int, base: Path | None, prof: str
             "cpu_ms_by_step_per_photo": {k: round(1000 * v / photos, 3) for k, v in spent.items()},
             "asgi_messages_per_photo": msgs,
             "inputs_inline_share": round(1 - downloads / photos, 2),
+            "statements_per_photo": round((tally.statements - statements0) / photos, 2),
+            "thread_pool_hops_per_photo": round((hops["thread_pool"] - hops0) / photos, 2),
             "commits_per_photo": round((tally.write_commits - commits0) / photos, 2),
             "fsyncs_per_photo": round((fsync_count.calls - fsyncs0) / photos, 2),
         }

@@ -25,7 +25,7 @@ import pytest
 from csml.coordinator.uploads import LOOP_BYTES, Accepts, FormLimits, parse_submission
 from tests.unit.inproc import HttpWorker, InProcessCoordinator, sent_statements
 from tests.unit.test_bodies import BOUNDARY, part, refuse
-from tests.unit.test_worker_protocol import claim
+from tests.unit.test_worker_protocol import claim, complete_batch
 
 
 @contextmanager
@@ -160,3 +160,35 @@ def test_a_worker_moves_large_files_without_per_chunk_hops(
     assert put.status_code == 204, put.text
     assert len(hops) == 1, hops  # the meta file and the fsyncs, together
     assert job.id
+
+
+@pytest.mark.parametrize("over", [False, True])
+def test_a_completion_hops_only_to_write_a_file(
+    coordinator: InProcessCoordinator,
+    echo_worker: HttpWorker,
+    monkeypatch: pytest.MonkeyPatch,
+    over: bool,
+) -> None:
+    """An inline output the database keeps (within `db_blob_max_bytes`) is decoded and
+    hashed on the event loop: its completion takes no thread-pool hop; one over it is
+    written as a file and fsync'd, in one hop. Both come back as sent."""
+    user = coordinator.new_user()
+    bound = coordinator.core.settings.db_blob_max_bytes
+    job = user.submit("echo", "echo", files={"data": b"in"})
+    (taken,) = claim(echo_worker, 1).jobs
+    content = os.urandom(bound + 3 if over else bound)
+    with counted_hops(monkeypatch) as hops:
+        done = complete_batch(
+            echo_worker,
+            {
+                "job_id": taken.id,
+                "lease_id": taken.lease_id,
+                "state": "succeeded",
+                "result": {},
+                "inline_outputs": [{"name": "data", "content": base64.b64encode(content).decode()}],
+            },
+        )
+    assert [o.status for o in done.results] == [204]
+    assert hops == (["JobQueue._prepare"] if over else [])
+    got = user.request("GET", f"/v1/jobs/{job.id}/outputs/data")
+    assert got.status_code == 200 and got.content == content

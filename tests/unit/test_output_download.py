@@ -11,8 +11,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+import httpx
+
+from csml.client import Client
 from csml.coordinator.file_responses import WHOLE_FILE_BYTES, BlobResponse, WholeFile
-from tests.unit.inproc import HttpWorker, InProcessCoordinator
+from tests.unit.inproc import HttpWorker, InProcessCoordinator, sent_statements
 from tests.unit.test_worker_protocol import claim, complete_batch
 
 
@@ -165,3 +168,57 @@ def test_an_inline_output_is_listed_once_and_replaces_an_upload_of_its_name(
     assert info.size == len(b"inline wins")
     assert info.sha256 == hashlib.sha256(b"inline wins").hexdigest()
     assert job.download("data", tmp_path / "out").read_bytes() == b"inline wins"
+
+
+def _succeed_with(worker: HttpWorker, job_id: str, content: bytes) -> None:
+    (taken,) = claim(worker, 1).jobs
+    assert taken.id == job_id
+    done = complete_batch(
+        worker,
+        {
+            "job_id": job_id,
+            "lease_id": taken.lease_id,
+            "state": "succeeded",
+            "result": {},
+            "inline_outputs": [{"name": "data", "content": base64.b64encode(content).decode()}],
+        },
+    )
+    assert [o.status for o in done.results] == [204]
+
+
+def test_a_download_is_one_read_whether_the_database_or_a_file_keeps_it(
+    coordinator: InProcessCoordinator, echo_worker: HttpWorker
+) -> None:
+    """The job, its output's row and (kept in the database) its bytes come in one SELECT:
+    no job load beside a read of the bytes."""
+    user = coordinator.new_user()
+    bound = coordinator.core.settings.db_blob_max_bytes
+    for size in (bound // 2, bound + 1000):  # in the database; a file
+        job = user.submit("echo", "echo", files={"data": b"in"})
+        content = os.urandom(size)
+        _succeed_with(echo_worker, job.id, content)
+        with sent_statements(coordinator, lambda s: s.startswith("SELECT")) as sent:
+            got = user.request("GET", f"/v1/jobs/{job.id}/outputs/data")
+        assert got.status_code == 200 and got.content == content
+        assert got.headers["x-content-sha256"] == hashlib.sha256(content).hexdigest()
+        assert len(sent) == 1, sent
+
+
+def test_a_download_finds_only_the_owners_job_and_names_the_outputs_it_has(
+    coordinator: InProcessCoordinator, echo_worker: HttpWorker
+) -> None:
+    user, other = coordinator.new_user(), coordinator.new_user()
+    job = user.submit("echo", "echo", files={"data": b"in"})
+    content = os.urandom(5000)
+    _succeed_with(echo_worker, job.id, content)
+    by_prefix = user.request("GET", f"/v1/jobs/{job.id[:12]}/outputs/data")
+    assert by_prefix.status_code == 200 and by_prefix.content == content
+    assert "filename=" in by_prefix.headers["content-disposition"]
+
+    def raw(who: Client, path: str) -> httpx.Response:
+        return who._http.get(path, headers=who._headers())
+
+    assert raw(other, f"/v1/jobs/{job.id}/outputs/data").status_code == 404
+    missing = raw(user, f"/v1/jobs/{job.id}/outputs/nope")
+    assert missing.status_code == 404 and "outputs: data" in missing.text
+    assert raw(user, f"/v1/jobs/{'0' * len(job.id)}/outputs/data").status_code == 404

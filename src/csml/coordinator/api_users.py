@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import mimetypes
 import os
 import time
@@ -436,43 +437,50 @@ def cancel_job(job_id: str, request: Request, me: Me) -> Job:
 async def download_output(job_id: str, name: str, request: Request, me: Me) -> FileResponse:
     """Stream one output file of a job.
 
-    The job is read on the event loop (one short indexed read, as `get_job`), and the
-    file's stat too, so a small output costs no thread-pool hop (see `WholeFile`); an
-    output kept in the database is read there too (one more indexed read) and served
-    with the same headers (`BlobResponse`)."""
+    The job and its file are read on the event loop in one short indexed read (with the
+    file's bytes when the database keeps them: `JobQueue.owned_file`), and the file's stat
+    too, so a small output costs no thread-pool hop (see `WholeFile`); an output kept in
+    the database is served with the same headers (`BlobResponse`). Only a job without
+    that output is loaded whole, to name the outputs it has."""
     c = core(request)
-    job = c.queue.get(me.id, job_id)
-    for f in job.files:
-        if f.kind == "output" and f.name == name:
-            ext = mimetypes.guess_extension(f.media_type) or ""
-            if in_db(f.blob):  # kept in the database: served as the file would be
-                content = c.queue.file_content(job.seq, f.kind, f.name)
-                if content is None:  # erased since the read
-                    raise not_found("output", name)
-                ended = job.finished_at or job.created_at
-                return BlobResponse(
-                    content,
-                    f.blob,
-                    ended.timestamp(),
-                    media_type=f.media_type,
-                    filename=f"{ids.short(job.id)}-{f.name}{ext}",
-                    headers={"X-Content-SHA256": f.sha256},
-                )
-            path = c.blobs.path(f.blob)
-            try:
-                stat_result: os.stat_result | None = os.stat(path)
-            except OSError:
-                stat_result = None  # FileResponse says what is wrong, as before
-            return WholeFile(
-                path,
+    found = c.queue.owned_file(me.id, job_id, "output", name)
+    if found is not None:
+        f = found.file
+        filename = f"{ids.short(found.job_id)}-{f.name}{_extension(f.media_type)}"
+        if in_db(f.blob):  # kept in the database: served as the file would be
+            if f.content is None:  # erased since it was listed
+                raise not_found("output", name)
+            return BlobResponse(
+                f.content,
+                f.blob,
+                found.ended_at.timestamp(),
                 media_type=f.media_type,
-                filename=f"{ids.short(job.id)}-{f.name}{ext}",
+                filename=filename,
                 headers={"X-Content-SHA256": f.sha256},
-                stat_result=stat_result,
             )
+        path = c.blobs.path(f.blob)
+        try:
+            stat_result: os.stat_result | None = os.stat(path)
+        except OSError:
+            stat_result = None  # FileResponse says what is wrong, as before
+        return WholeFile(
+            path,
+            media_type=f.media_type,
+            filename=filename,
+            headers={"X-Content-SHA256": f.sha256},
+            stat_result=stat_result,
+        )
+    job = c.queue.get(me.id, job_id)
     names = ", ".join(f.name for f in job.files if f.kind == "output") or "none"
     raise ApiError(
         404,
         "not_found",
         f"job {ids.short(job.id)} has no output {name!r} (state {job.state}; outputs: {names})",
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _extension(media_type: str) -> str:
+    """The file name extension of a media type ("" if none is known); media types come
+    from the catalog's declared outputs, so the cache stays small."""
+    return mimetypes.guess_extension(media_type) or ""

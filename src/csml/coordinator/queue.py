@@ -147,7 +147,7 @@ from csml.store import jobs_write as writes
 from csml.store import verification as verified
 from csml.store.blobs import BlobStore, fsync_folders_of
 from csml.store.db import is_conflict, read_each, snapshot
-from csml.store.jobs import Claimant, Envelope, FileRow, JobRow
+from csml.store.jobs import Claimant, Envelope, FileRow, JobRow, OwnedFile
 from csml.store.jobs_end import Locked
 from csml.store.jobs_write import Claimed, NewJob, Sealing, orm_job, orm_session
 from csml.store.tables import Job, utcnow
@@ -787,6 +787,12 @@ class JobQueue:
         """The owner's job by id or unique prefix, with its files and envelope."""
         with self.read(each=True) as conn:
             return store.owned(conn, owner_id, ident)
+
+    def owned_file(self, owner_id: str, ident: str, kind: str, name: str) -> OwnedFile | None:
+        """The owner's job's file `name` of `kind`, with its bytes when the database
+        keeps them (one read: `store.owned_file`); None when the job has no such file."""
+        with self.read(each=True) as conn:
+            return store.owned_file(conn, owner_id, ident, kind, name)
 
     def state_of(self, owner_id: str, ident: str) -> tuple[str, str]:
         """(id, state) of the owner's job, without loading it (one query)."""
@@ -1433,9 +1439,14 @@ class JobQueue:
     async def _prepare_async(
         self, worker: WorkerRef, batch: list[BatchedCompletion]
     ) -> list[_Prepared]:
-        if any(d.inline_outputs for d in batch):
+        """`_prepare` in the thread pool when it may write a file (an inline output over
+        `db_blob_max_bytes`: written and fsync'd there); else on the event loop (a glob
+        per job, and small inline outputs only decoded and hashed, at most a worker's
+        JSON body of them, as an upload's first `LOOP_BYTES` are hashed on the loop)."""
+        bound = self.settings.db_blob_max_bytes
+        if any(_may_write_file(d, bound) for d in batch):
             return await anyio.to_thread.run_sync(self._prepare, worker, batch)
-        return self._prepare(worker, batch)  # a glob per job, no writes
+        return self._prepare(worker, batch)
 
     def _write(
         self, op: Callable[[Connection], T], what: str = "a write", *, rerun: bool = False
@@ -2131,6 +2142,21 @@ class JobQueue:
 
 def file_info(f: FileRow) -> FileInfo:
     return FileInfo(name=f.name, size=f.size, sha256=f.sha256, media_type=f.media_type)
+
+
+def _may_write_file(done: BatchedCompletion, bound: int) -> bool:
+    """Whether preparing `done` may write a file: it succeeded with an inline output whose
+    base64 decodes to more than `bound` bytes (kept in the database up to it). The size
+    is the text's (canonical base64 only: `csml.schemas.base64_text`; a text that is not
+    fails to decode before anything is written)."""
+    return done.state == JobState.succeeded.value and any(
+        _decoded_size(out.content) > bound for out in done.inline_outputs
+    )
+
+
+def _decoded_size(text: str) -> int:
+    """The bytes canonical base64 `text` decodes to (its length less its padding)."""
+    return len(text) // 4 * 3 - (2 if text.endswith("==") else 1 if text.endswith("=") else 0)
 
 
 def _holds(grant: _Granted | None, worker: WorkerRef, done: BatchedCompletion) -> bool:

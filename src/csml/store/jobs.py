@@ -8,7 +8,8 @@ loaded later. The lifecycle's writes are in `csml.store.jobs_write` (how jobs en
 
 Invariants:
 
-- A job is found only by its owner (`owned`): another identity's job is `NotFound`,
+- A job is found only by its owner (`owned`, and `owned_file` for one of its files with
+  its bytes: a download's one read): another identity's job is `NotFound`,
   never `Forbidden`; an id prefix matching several jobs is `Malformed`.
 - A load is one statement however many jobs it returns: the rows, their confidential
   envelope (a left join) and their files (a correlated subquery aggregating them into
@@ -343,6 +344,76 @@ def file_content(conn: Connection, seq: int, kind: str, name: str) -> bytes | No
     `content`), or None: no such file, or one on disk."""
     found = _CONTENT.scalar(conn, {"seq": seq, "kind": kind, "name": name})
     return bytes(found) if found is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class OwnedFile:
+    """One file of an owner's job as its download needs it (`owned_file`): the job's id,
+    when it ended (or was made, if it has not), the file's row and, for a blob kept in the
+    database (`csml.store.blobs.in_db`), its bytes (None: on disk, or erased)."""
+
+    job_id: str
+    ended_at: datetime
+    file: FileRow
+
+
+# The owner's job (by id or prefix, as `owned`) with its file of this kind and name, if
+# it has one (a left join: the job's row alone says there is none): one statement, the
+# file's bytes with it when the database keeps them.
+_OWNED_FILE = {
+    full: Prepared(
+        select(
+            JOBS.c.id,
+            JOBS.c.finished_at,
+            JOBS.c.created_at,
+            *FILE_COLUMNS,
+            FILES.c.content,
+        )
+        .select_from(
+            JOBS.outerjoin(
+                FILES,
+                and_(
+                    FILES.c.job_seq == JOBS.c.seq,
+                    FILES.c.kind == bindparam("kind"),
+                    FILES.c.name == bindparam("name"),
+                ),
+            )
+        )
+        .where(*(_BY_OWNER_ID if full else _BY_OWNER_PREFIX))
+        .limit(2)
+    )
+    for full in (True, False)
+}
+
+
+def owned_file(
+    conn: Connection, owner_id: str, ident: str, kind: str, name: str
+) -> OwnedFile | None:
+    """The owner's job `ident` (found as `owned` finds it: `NotFound`, `Malformed`) with
+    its file `name` of `kind` and, kept in the database, that file's bytes; None when the
+    job has no such file. One statement (a download's whole read: no job load, no second
+    read for the bytes)."""
+    full, params = _owned_params(owner_id, ident)
+    found = _OWNED_FILE[full].rows(conn, {**params, "kind": kind, "name": name})
+    row = _one(found, ident)
+    job_id, finished_at, created_at = row[0], row[1], row[2]
+    if row[3] is None:  # the join found no file: the job has none of that name
+        return None
+    kind_, name_, size, sha256, media_type, blob, model_id, content = row[3:]
+    return OwnedFile(
+        job_id,
+        finished_at or created_at,
+        FileRow(
+            kind_,
+            name_,
+            size,
+            sha256,
+            media_type,
+            blob,
+            model_id,
+            bytes(content) if content is not None else None,
+        ),
+    )
 
 
 def owned_state(conn: Connection, owner_id: str, ident: str) -> tuple[str, str]:

@@ -9,10 +9,12 @@ from __future__ import annotations
 import base64
 import json
 
+import pytest
 from sqlalchemy import func, select
 
 from csml.coordinator import abuse, batches
 from csml.coordinator.state import Core
+from csml.refusals import NotFound
 from csml.schemas import JobCompletion
 from csml.schemas.workers import InlineOutput
 from csml.store import jobs as store
@@ -74,6 +76,16 @@ def test_small_blobs_are_kept_in_their_rows_on_postgresql(make_core: MakeCore) -
     assert in_db(out_file.blob)
     assert core.queue.file_content(row.seq, "output", "data") == PHOTO
     assert core.queue.file_content(row.seq, "input", "data") == PHOTO
+    # A download's one read (`owned_file`): the bytes from the row, by id or prefix; a
+    # file on disk without them; another identity's job not at all.
+    found = core.queue.owned_file(owner, small[:12], "output", "data")
+    assert found is not None and found.job_id == small and found.file.content == PHOTO
+    on_disk = core.queue.owned_file(owner, large, "input", "data")
+    assert on_disk is not None and on_disk.file.content is None
+    assert not in_db(on_disk.file.blob) and on_disk.file.size == len(PHOTO) + 1
+    assert core.queue.owned_file(owner, small, "output", "nope") is None
+    with pytest.raises(NotFound):
+        core.queue.owned_file(new_identity(core), small, "output", "data")
     assert _contents_kept(core) == 3  # both outputs are at the bound; one input over it
     with core.queue.read() as conn:
         stored = jobs_quota.stored_bytes(conn, owner)
