@@ -14,6 +14,7 @@ for jobs. `bench/scale.py` reuses this harness.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import statistics
 import threading
@@ -24,10 +25,12 @@ from contextlib import ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import create_engine, select, text
+from sqlalchemy.pool import NullPool
 
 from csml.apps.registry import installed_apps
 from csml.coordinator.config import Settings
@@ -722,6 +725,53 @@ def test_a_relay_whose_connection_drops_reconnects_and_wakes_every_waiter(
                 await asyncio.wait_for(later.wait(), 10)
 
     asyncio.run(scenario())
+
+
+def test_a_relay_that_cannot_reconnect_at_once_keeps_trying(
+    make_core: MakeCore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """B's relay connection drops while the database refuses new connections: its first
+    reconnections fail and it keeps trying with backoff (on the event loop, its
+    connection opened in a worker thread); once connections are allowed again it
+    listens and relays again."""
+    a, b = make_core(), make_core()
+
+    def allow(conn: Any, database: str, yes: bool) -> None:
+        flag = "true" if yes else "false"
+        conn.exec_driver_sql(f'ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS {flag}')
+
+    async def scenario() -> None:
+        async with listening(a, b):
+            relay = b.notifier.relay
+            assert relay is not None
+            pid = relay.backend_pid
+            database = a.engine.url.database
+            assert pid is not None and database is not None
+            # From another database: one cannot disallow connections to one's own.
+            other = create_engine(a.engine.url.set(database="postgres"), poolclass=NullPool)
+            admin = other.connect().execution_options(isolation_level="AUTOCOMMIT")
+            try:
+                allow(admin, database, False)
+                try:
+                    admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+                    for _ in range(3000):  # until a reconnection has failed
+                        if "relay connection failed" in caplog.text:
+                            break
+                        await asyncio.sleep(0.01)
+                    assert "relay connection failed" in caplog.text
+                    assert not relay.listening.is_set()
+                finally:
+                    allow(admin, database, True)
+            finally:
+                admin.close()
+                other.dispose()
+            await asyncio.to_thread(relay.listening.wait, 30)
+            with b.notifier.subscribe("job:z") as woken:
+                a.notifier.notify("job:z")
+                await asyncio.wait_for(woken.wait(), 10)
+
+    with caplog.at_level(logging.WARNING, logger="csml.coordinator.notify"):
+        asyncio.run(scenario())
 
 
 def test_a_coordinators_own_notifications_cost_it_no_wake_up(make_core: MakeCore) -> None:
