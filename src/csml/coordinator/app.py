@@ -179,6 +179,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await task
             with contextlib.suppress(asyncio.CancelledError):
                 await purge
+            core.notifier.close()  # the relay's connection (it runs on this loop)
             core.writer.close()
             core.engine.dispose()
 

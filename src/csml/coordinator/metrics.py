@@ -128,11 +128,11 @@ class NotifyTrafficCollector(Collector):
             (
                 "wakes",
                 relay.wakes,
-                "Times the relay's connection woke its thread (its own notifications do not).",
+                "Reads of the relay's connection with no statement of its own in flight.",
             ),
             ("received", relay.received, "Notification keys received from other coordinators."),
             ("publishes", relay.publishes, "pg_notify transactions sent."),
-            ("pokes", relay.pokes, "Wake-ups of the relay's thread asked for by publishes."),
+            ("pokes", relay.pokes, "Keys published off the event loop (a hop each)."),
             ("sent", relay.sent, "Notification keys sent."),
         ):
             yield CounterMetricFamily(f"csml_relay_{name}", what, value)

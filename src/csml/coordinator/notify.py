@@ -60,23 +60,26 @@ a completion still announce `job:` keys to every coordinator.
 Hang-ups: a long request's handler waits on an event that `watch_hang_up` also sets
 when its client disconnects (one task per request, no polling).
 Watchers (`watch(prefix, callback)`) are called at once, in the thread that delivers
-(the notifying one, or the relay's), for every key with that prefix, and with None when
-notifications may have been lost: for caches that a change must invalidate before
-anyone can read them again (the queue's lease memo).
+(the notifying one; the relay's, on the loop), for every key with that prefix, and with
+None when notifications may have been lost: for caches that a change must invalidate
+before anyone can read them again (the queue's lease memo).
 Listeners (`listen(prefix, callback)`) see every key with that prefix delivered
 here, local or relayed, and None when notifications may have been lost.
 
-Delivery from another thread (the relay's, a writer's) costs the loop nothing for a key
-nobody here follows: marks and watchers are done in that thread, and the loop is woken
-(`call_soon_threadsafe`) only for keys with a listener, a subscribed waiter (for a
-wake-one key, one not woken already: since session 13) or a following feed (`_wanted`),
-once per relayed packet (`_deliver_many`), not once per key. With N coordinators each
-hears the others' keys, most of them for jobs whose clients wait elsewhere, so this is
-what keeps a coordinator's cost per job from growing with N. Dropping is safe because
+The relay (`csml.store.relay`) runs on the event loop (since session 15; a thread of its
+own before): a packet of other coordinators' keys is read there and handed over in one
+call (`_deliver_many`), with no hop. A key nobody here follows is dropped: marks and
+watchers are done, and waiters are woken only for keys with a listener, a subscribed
+waiter (for a wake-one key, one not woken already: since session 13) or a following
+feed (`_wanted`). Delivery from another thread (a writer's, the thread pool's) does the
+same there and wakes the loop (`call_soon_threadsafe`) only for keys someone follows,
+once per call. With N coordinators each hears the others' keys, most of them for jobs
+whose clients wait elsewhere, so this is what keeps a coordinator's cost per job from
+growing with N. Dropping is safe because
 a key is notified after the commit it announces: whoever subscribes or follows after
 the drop checks the store after that commit (the subscribe-before-checking rule).
-Sending costs the others too (each relayed transaction wakes every other coordinator's
-relay thread): an owner's change that ends no job (submitted, running, progress) is
+Sending costs the others too (each relayed transaction is a packet read by every other
+coordinator): an owner's change that ends no job (submitted, running, progress) is
 published as deferrable, and waits on its way out up to
 `csml.store.relay.DEFER_SECONDS` for a key that may not wait; event streams let such
 changes settle for longer than that anyway. So is a job's `app:` wake-up that went to
@@ -314,6 +317,9 @@ class Notifier:
         self._marks_lock = threading.Lock()
         self._waiting: set[asyncio.Event] = set()  # waiters inside `wait` (on the loop)
         self.hops = 0  # deliveries from other threads that woke the loop (for /metrics)
+        # Relayed packets with keys someone here follows, handed to the waiters and feeds
+        # (on the loop: the relay runs there since session 15, no hop), for tests.
+        self.relayed_deliveries = 0
         # Of those, relayed packets whose keys were all wake-one keys and woke no claimer
         # (for /metrics: `_wanted` lets through only a race's worth of them).
         self.idle_hops = 0
@@ -346,10 +352,7 @@ class Notifier:
                 log.warning("coordinators will not wake each other: %s", exc)
                 return
             self._relay = PgRelay(
-                self._engine,
-                self._deliver_many,
-                alive=lambda: not loop.is_closed(),
-                heard=self._heard_from_relay,
+                self._engine, self._deliver_many, loop, heard=self._heard_from_relay
             )
             wanted = range(FEED_BUCKETS) if self._all_buckets else list(self._bucket_feeds)
             for bucket in wanted:
@@ -504,10 +507,13 @@ class Notifier:
                 self._relay.want(bucket)
 
     def _heard_from_relay(self, buckets: set[int]) -> None:
-        """(The relay's thread.) LISTEN on `buckets` took effect: on the loop, the feeds
+        """(The relay, on the loop.) LISTEN on `buckets` took effect: the feeds
         that followed them before get `heard` and a resync."""
         loop = self._loop
         if loop is None or loop.is_closed():
+            return
+        if _running_loop() is loop:
+            self._on_heard(buckets)
             return
         with suppress(RuntimeError):  # closed meanwhile
             loop.call_soon_threadsafe(self._on_heard, buckets)
@@ -677,9 +683,10 @@ class Notifier:
     def _deliver_many(
         self, keys: list[tuple[str | None, int]], views: Mapping[str, str] | None = None
     ) -> None:
-        """`_deliver` of several (key, times) at once, from another thread than the loop's
-        (the relay's, with one packet of notifications): marks and watchers at once, then
-        one hop to the loop for the keys someone here follows (see `_wanted`). `views`:
+        """`_deliver` of several (key, times) at once (the relay's, with one packet of
+        notifications, on the loop; any thread): marks and watchers at once, then the
+        keys someone here follows (see `_wanted`) to their waiters, from another thread
+        than the loop's in one hop. `views`:
         by key, the relayed JSON of an ended job's view, decoded only for a key a feed
         here follows (one that cannot be decoded is left out: the feed loads the job)."""
         wanted: list[tuple[str | None, int, object]] = []
@@ -692,6 +699,10 @@ class Notifier:
                 wanted.append((key, times, view))
         loop = self._loop
         if not wanted or loop is None or loop.is_closed():
+            return
+        self.relayed_deliveries += 1
+        if _running_loop() is loop:  # the relay, on the loop since session 15: no hop
+            self._wake_many(wanted)
             return
         self.hops += 1
         with suppress(RuntimeError):  # closed meanwhile
@@ -805,3 +816,11 @@ class Notifier:
             event.set()
         self.claim_wakes[origin] += len(idle)
         return sum(e in self._waiting for e in idle)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    """The event loop running in this thread, if any."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

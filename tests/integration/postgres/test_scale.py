@@ -14,6 +14,7 @@ for jobs. `bench/scale.py` reuses this harness.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import statistics
 import threading
@@ -24,10 +25,12 @@ from contextlib import ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import create_engine, select, text
+from sqlalchemy.pool import NullPool
 
 from csml.apps.registry import installed_apps
 from csml.coordinator.config import Settings
@@ -384,7 +387,7 @@ def test_relayed_keys_wake_the_other_loop_only_for_what_it_follows(make_core: Ma
                 first = stack.enter_context(b.notifier.subscribe("job:first"))
                 a.notifier.notify("job:first")
                 await asyncio.wait_for(first.wait(), 10)
-                hops, received = b.notifier.hops, relay.received
+                handed, received = b.notifier.relayed_deliveries, relay.received
                 for key in ("owner:z/j1", "job:nobody", "app:other"):
                     a.notifier.notify(key)
                 for _ in range(1000):  # until B's relay has handed them over
@@ -392,14 +395,14 @@ def test_relayed_keys_wake_the_other_loop_only_for_what_it_follows(make_core: Ma
                         break
                     await asyncio.sleep(0.01)
                 assert relay.received - received == 2
-                assert b.notifier.hops == hops  # nothing followed: B's loop was not woken
+                assert b.notifier.relayed_deliveries == handed  # nothing followed: dropped
                 claimer = stack.enter_context(b.notifier.subscribe("app:echo"))
                 last = stack.enter_context(b.notifier.subscribe("job:last"))
                 a.notifier.notify("app:echo")
                 a.notifier.notify("job:last")
                 await asyncio.wait_for(last.wait(), 10)
                 assert claimer.is_set()
-                assert 1 <= b.notifier.hops - hops <= 2  # once per packet
+                assert 1 <= b.notifier.relayed_deliveries - handed <= 2  # once per packet
                 assert b.notifier.mark("app:other")[0] == 1  # counted, though no one waits
                 assert "job:nobody" in watched  # the lease memo's kind of watcher: called
 
@@ -623,18 +626,15 @@ def test_a_change_that_ends_nothing_waits_for_company_on_its_way_out(
     asyncio.run(scenario())
 
 
-def test_a_burst_of_keys_wakes_the_relay_thread_once(
+def test_a_burst_of_keys_goes_out_in_one_transaction(
     make_core: MakeCore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Keys published while the relay's thread lingers for company (here 5 s: the twenty
-    publishes must all land inside it, even on a loaded machine) do not write to its wake
-    pipe: the first wakes it, the rest wait for the send it has scheduled, and all go out
-    in that one transaction (a submit's two keys and a completion's three used to wake it
-    once each)."""
+    """Keys published while the relay lingers for company (here 5 s: the twenty publishes
+    must all land inside it, even on a loaded machine) go out in one transaction; published
+    on the event loop (the relay's), they cost no hop to it."""
     from csml.store import relay as relay_module
 
     monkeypatch.setattr(relay_module, "LINGER_SECONDS", 5.0)
-    monkeypatch.setattr(relay_module, "POLL_SECONDS", 60.0)  # idle, it sleeps past that
     a, b = make_core(), make_core()
 
     async def scenario() -> None:
@@ -648,13 +648,130 @@ def test_a_burst_of_keys_wakes_the_relay_thread_once(
                     a.notifier.notify(f"job:{i}")
                 for event in woken:
                     await asyncio.wait_for(event.wait(), 20)
-                assert sender.pokes - pokes == 1
+                assert sender.pokes == pokes
                 deadline = time.monotonic() + 10  # counted once `pg_notify` returned
                 while sender.publishes == publishes and time.monotonic() < deadline:
                     await asyncio.sleep(0.01)
                 assert sender.publishes - publishes == 1
 
     asyncio.run(scenario())
+
+
+def test_the_relay_runs_on_the_event_loop(make_core: MakeCore) -> None:
+    """No relay thread: B's relay reads A's key on B's event loop and hands it to the
+    waiter there with no hop between threads (`Notifier.hops` unchanged), and A's key
+    published on A's loop needs no hop either (`pokes`). (Until session 15 a thread per
+    coordinator read the connection and woke the loop for every packet it followed.)"""
+    a, b = make_core(), make_core()
+
+    async def scenario() -> None:
+        async with listening(a, b):
+            sender, relay = a.notifier.relay, b.notifier.relay
+            assert sender is not None and relay is not None
+            names = {t.name for t in threading.enumerate()}
+            assert "csml-pg-relay" not in names
+            with b.notifier.subscribe("job:x") as woken:
+                hops, pokes, handed = b.notifier.hops, sender.pokes, b.notifier.relayed_deliveries
+                a.notifier.notify("job:x")
+                await asyncio.wait_for(woken.wait(), 10)
+                assert b.notifier.relayed_deliveries == handed + 1
+                assert b.notifier.hops == hops
+                assert sender.pokes == pokes
+
+    asyncio.run(scenario())
+
+
+def test_a_key_published_from_another_thread_is_relayed(make_core: MakeCore) -> None:
+    """`Notifier.notify` is safe from any thread: a key notified from a worker thread hops
+    to the loop once (`pokes`) and is relayed like one notified there."""
+    a, b = make_core(), make_core()
+
+    async def scenario() -> None:
+        async with listening(a, b):
+            sender = a.notifier.relay
+            assert sender is not None
+            with b.notifier.subscribe("job:y") as woken:
+                pokes = sender.pokes
+                await asyncio.to_thread(a.notifier.notify, "job:y")
+                await asyncio.wait_for(woken.wait(), 10)
+                assert sender.pokes == pokes + 1
+
+    asyncio.run(scenario())
+
+
+def test_a_relay_whose_connection_drops_reconnects_and_wakes_every_waiter(
+    make_core: MakeCore,
+) -> None:
+    """B's relay connection is terminated by the server: B stops listening, reconnects,
+    wakes every local waiter (what was sent meanwhile is lost) and hears A's keys again."""
+    a, b = make_core(), make_core()
+
+    async def scenario() -> None:
+        async with listening(a, b):
+            relay = b.notifier.relay
+            assert relay is not None
+            pid = relay.backend_pid
+            assert pid is not None
+            with ExitStack() as stack:
+                waiter = stack.enter_context(b.notifier.subscribe("job:x"))
+                with a.engine.connect() as conn:
+                    conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+                    conn.commit()
+                await asyncio.wait_for(waiter.wait(), 20)  # woken by the reconnection (None)
+                await asyncio.to_thread(relay.listening.wait, 30)
+                assert relay.backend_pid not in (None, pid)
+                later = stack.enter_context(b.notifier.subscribe("job:y"))
+                a.notifier.notify("job:y")
+                await asyncio.wait_for(later.wait(), 10)
+
+    asyncio.run(scenario())
+
+
+def test_a_relay_that_cannot_reconnect_at_once_keeps_trying(
+    make_core: MakeCore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """B's relay connection drops while the database refuses new connections: its first
+    reconnections fail and it keeps trying with backoff (on the event loop, its
+    connection opened in a worker thread); once connections are allowed again it
+    listens and relays again."""
+    a, b = make_core(), make_core()
+
+    def allow(conn: Any, database: str, yes: bool) -> None:
+        flag = "true" if yes else "false"
+        conn.exec_driver_sql(f'ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS {flag}')
+
+    async def scenario() -> None:
+        async with listening(a, b):
+            relay = b.notifier.relay
+            assert relay is not None
+            pid = relay.backend_pid
+            database = a.engine.url.database
+            assert pid is not None and database is not None
+            # From another database: one cannot disallow connections to one's own.
+            other = create_engine(a.engine.url.set(database="postgres"), poolclass=NullPool)
+            admin = other.connect().execution_options(isolation_level="AUTOCOMMIT")
+            try:
+                allow(admin, database, False)
+                try:
+                    admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+                    for _ in range(3000):  # until a reconnection has failed
+                        if "relay connection failed" in caplog.text:
+                            break
+                        await asyncio.sleep(0.01)
+                    assert "relay connection failed" in caplog.text
+                    assert not relay.listening.is_set()
+                finally:
+                    allow(admin, database, True)
+            finally:
+                admin.close()
+                other.dispose()
+            await asyncio.to_thread(relay.listening.wait, 30)
+            with b.notifier.subscribe("job:z") as woken:
+                a.notifier.notify("job:z")
+                await asyncio.wait_for(woken.wait(), 10)
+
+    with caplog.at_level(logging.WARNING, logger="csml.coordinator.notify"):
+        asyncio.run(scenario())
 
 
 def test_a_coordinators_own_notifications_cost_it_no_wake_up(make_core: MakeCore) -> None:
