@@ -122,8 +122,26 @@ def run_cli(
         "wall_s": wall,
         "batch_wall_s_as_printed": float(said.group(3)) if said else None,
         "cpu_s": usage.ru_utime + usage.ru_stime,
+        "context_switches": usage.ru_nvcsw,  # voluntary: its own waits, not the load's
         "output_tail": text[-600:],
     }
+
+
+def context_switches(pid: int) -> int:
+    """Voluntary context switches (a thread blocked: a wait, a wake-up to come) of a
+    process's live threads so far; involuntary ones (preempted) are the machine's load,
+    not counted. A thread that ended takes its count with it: the coordinator's and the
+    agent's threads live through the batch."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            text = (task / "status").read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                total += int(line.split(":", 1)[1])
+    return total
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
@@ -167,6 +185,9 @@ def csml_run(
         coordinator, agent = cluster.coordinator.pid, cluster.workers[0].pid
         recorders["coordinator"] = Recorder(coordinator, root / "spy-coord.txt", gil_only=gil)
         recorders["worker agent"] = Recorder(agent, root / "spy-agent.txt", gil_only=gil)
+    assert cluster.coordinator is not None
+    switched = {"coordinator": cluster.coordinator.pid, "worker agent": cluster.workers[0].pid}
+    switches0 = {name: context_switches(pid) for name, pid in switched.items()}
     with CpuWindow(names) as cpu:
         cli = run_cli(
             cluster,
@@ -176,9 +197,12 @@ def csml_run(
             profile_to=root / "spy-cli.txt" if profile else None,
             gil=profile == "gil",
         )
+    switches = {name: context_switches(pid) - switches0[name] for name, pid in switched.items()}
+    switches["csml batch CLI"] = cli["context_switches"]
     for r in recorders.values():
         r.stop()
     counts = {
+        "context_switches_per_photo": {k: round(v / len(images), 2) for k, v in switches.items()},
         "requests_per_photo": request_deltas(requests0, scrape_requests(cluster.url), len(images)),
         **store_deltas(store0, scrape_store(cluster.url), len(images)),
     }
@@ -375,6 +399,7 @@ def print_report(r: dict[str, Any]) -> None:
         f"{counts.get('write_commits_per_job')}, requests "
         + ", ".join(f"{k} {v['per_job']}" for k, v in counts.get("requests_per_photo", {}).items())
     )
+    print(f"  voluntary context switches per photo: {counts.get('context_switches_per_photo')}")
     kinds = counts.get("statements_by_kind_per_job", {})
     if kinds:
         print("  statements by kind per photo: " + ", ".join(f"{k} {v}" for k, v in kinds.items()))

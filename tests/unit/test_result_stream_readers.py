@@ -31,6 +31,7 @@ class Events(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.streams: queue.SimpleQueue[queue.SimpleQueue[bytes]] = queue.SimpleQueue()
         self.opened = 0
+        self.paths: list[str] = []  # of each GET, query and all
 
     @property
     def url(self) -> str:
@@ -50,6 +51,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         out: queue.SimpleQueue[bytes] = queue.SimpleQueue()
         self.server.opened += 1
+        self.server.paths.append(self.path)
         self.server.streams.put(out)
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -184,6 +186,33 @@ def test_a_reconnection_makes_waiters_re_read(
     assert stream._state == "connected" and stream.mark() != mark
     again.put(event("job", view("a")))
     assert stream.take(inbox, 10) == view("a")
+    again.put(END)
+
+
+def test_a_reconnection_s_snapshot_spares_the_waiters_of_the_jobs_it_shows(
+    server: Events, opened: tuple[ResultStream, queue.SimpleQueue[bytes]]
+) -> None:
+    """A new connection asks for a snapshot of twice as many of the newest jobs as are
+    waited for; a waiter whose job it shows takes that view (no re-read: no GET for each
+    item of a batch every ~20 s), the others re-read."""
+    stream, out = opened
+    assert "limit=1&" in server.paths[0]  # opened with nobody waiting
+    mark = stream.mark()
+    inbox_a, _, _ = stream.register("a", mark)
+    inbox_b, _, _ = stream.register("b", mark)
+    result: list[Any] = []
+    reader = threading.Thread(target=lambda: result.append(stream.take(inbox_a, 10)))
+    reader.start()
+    out.put(event("reconnect", {"after_ms": 0}))
+    again = server.streams.get(timeout=10)
+    assert "limit=4&" in server.paths[1], server.paths
+    again.put(event("snapshot", {"jobs": [view("a", "running")]}))
+    reader.join(timeout=10)
+    assert result == [view("a", "running")]  # seen as it is now: nothing to re-read
+    assert inbox_b.get(timeout=10) == RECHECK  # not in the snapshot: its waiter re-reads
+    assert inbox_a.empty()
+    again.put(event("job", view("a")))
+    assert stream.take(inbox_a, 10) == view("a")
     again.put(END)
 
 

@@ -340,6 +340,44 @@ def run_batch(
     return Batch(app, operation, items, time.perf_counter() - start)
 
 
+class _Places:
+    """The places of items in flight, at most `limit`: the submitting loop takes them,
+    items give them back as they end. The loop is woken only once as many places as it
+    waits for are free (one wake-up per batch request, not one per ended item, as a
+    semaphore's waiter got: a wake-up costs more than the Python around it)."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._free = limit
+        self._need = 0  # places the loop waits for; 0: it does not wait
+        self._cond = threading.Condition(threading.Lock())
+
+    def take(self, least: int, most: int, timeout: float | None) -> int:
+        """Wait until at least `least` places are free (at most `timeout` seconds; None:
+        no bound), then take as many as are free, up to `most`; how many were taken
+        (fewer than `least`, maybe none, when the time ran out)."""
+        with self._cond:
+            if self._free < least:
+                self._need = least
+                try:
+                    self._cond.wait_for(lambda: self._free >= least, timeout)
+                finally:
+                    self._need = 0
+            taken = min(self._free, most)
+            self._free -= taken
+            return taken
+
+    def give(self) -> None:
+        """One item is no longer in flight; wakes the loop if it now has the places it
+        waits for. Giving more than was taken raises ValueError (as a BoundedSemaphore)."""
+        with self._cond:
+            if self._free >= self._limit:
+                raise ValueError("a place was given back twice")
+            self._free += 1
+            if self._need and self._free >= self._need:
+                self._cond.notify()
+
+
 class _Run:
     """One `run_batch`: the submitting loop (the caller's thread) and the pool that waits."""
 
@@ -364,7 +402,7 @@ class _Run:
         self.patience = patience
         self.on_done = on_done
         self.concurrency = concurrency
-        self.slots = threading.BoundedSemaphore(concurrency)  # items in flight
+        self.places = _Places(concurrency)  # items in flight
         self.pool = ThreadPoolExecutor(
             max_workers=min(concurrency, MAX_WAITERS), thread_name_prefix="csml-batch"
         )
@@ -387,21 +425,24 @@ class _Run:
                         break
                     time.sleep(max(0.0, min(p.not_before for p in self.later) - time.monotonic()))
                     continue
-                self.slots.acquire()  # a place for the first item (waits for one to end)
+                self.places.take(1, 1, None)  # a place for the first item (waits for one)
                 chunk = [self.pending.popleft()]
                 # Places free up one at a time as jobs end: wait a moment for a few more,
-                # so that a request carries several items, not one per ended job.
+                # so that a request carries several items, not one per ended job. The loop
+                # is woken once, when as many as it waits for are free (`_Places`).
                 most = batch_items if self.batching else 1  # alone: no reason to wait
                 want = min(most, max(1, self.concurrency // 4), len(self.pending) + 1)
                 linger = time.monotonic() + LINGER_SECONDS
                 while self.pending and len(chunk) < most:
-                    if self.slots.acquire(blocking=False):
-                        chunk.append(self.pending.popleft())
-                        continue
+                    room = min(most - len(chunk), len(self.pending))
+                    short = min(want - len(chunk), room)  # still wanted before sending
                     left = linger - time.monotonic()
-                    if len(chunk) >= want or left <= 0 or not self.slots.acquire(timeout=left):
+                    if short <= 0 or left <= 0:  # enough, or waited long enough: what is free
+                        taken = self.places.take(0, room, 0.0)
+                        chunk += [self.pending.popleft() for _ in range(taken)]
                         break
-                    chunk.append(self.pending.popleft())
+                    taken = self.places.take(short, room, left)
+                    chunk += [self.pending.popleft() for _ in range(taken)]
                 self._send(chunk)
         finally:
             self.pool.shutdown(wait=True)
@@ -473,7 +514,7 @@ class _Run:
 
     def _retry_or_refuse(self, p: _Pending, exc: TooManyRequests) -> None:
         """A "come back later": again after Retry-After, within `patience` of the first."""
-        self.slots.release()  # not in flight while it waits
+        self.places.give()  # not in flight while it waits
         now = time.monotonic()
         if p.refused_since is None:
             p.refused_since = now
@@ -506,7 +547,7 @@ class _Run:
         item = p.item
         if self.fatal:
             item.state, item.error = "failed", "not run: the batch stopped"
-            self.slots.release()
+            self.places.give()
             return
         try:
             job = _submit_with_patience(
@@ -553,7 +594,7 @@ class _Run:
         try:
             self._report(item)
         finally:
-            self.slots.release()
+            self.places.give()
 
     def _report(self, item: BatchItem) -> None:
         """`on_done`, one call at a time; what it raises stops the batch and is raised."""

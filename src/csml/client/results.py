@@ -28,7 +28,10 @@ Invariants:
   newest view the stream holds for its job (the last `RECENT` job ids are kept), and
   re-reads the job once (GET) unless the stream has covered it without a gap: the
   same connection was up before the job was submitted (`mark` before the POST) and
-  no kept view was dropped since. After each reconnection every waiter re-reads once.
+  no kept view was dropped since. After each reconnection every waiter whose job the
+  new snapshot does not show re-reads once; the snapshot (taken after the stream
+  follows the jobs' changes) lists twice as many of the newest jobs as are waited
+  for, so a batch's items in flight are seen in it, with no GET each.
 - A waiter that hears nothing for `SAFETY_SECONDS` re-reads its job: a bug or a lost
   frame delays a result, never hangs a wait.
 - When the stream cannot be opened (429: too many streams for the identity, an
@@ -69,6 +72,7 @@ RECENT = 4096
 RECENT_INLINE_BYTES = 32 << 20  # base64 of inline outputs kept for waiters not yet registered
 SAFETY_SECONDS = 30.0  # a waiter that heard nothing for this long re-reads its job
 RETRY_SECONDS = 30.0
+SNAPSHOT_MOST = 500  # most jobs a snapshot may list (`GET /v1/jobs/events?limit=`)
 OPEN_TIMEOUT = 10.0
 READ_TIMEOUT = 60.0  # the coordinator sends a keep-alive comment more often than this
 MAX_EVENT_BYTES = 16 << 20  # one line or one event's data; a longer one drops the stream
@@ -355,7 +359,12 @@ class ResultStream:
 
     def _params(self) -> dict[str, str | int]:
         """The query of a new connection."""
-        params: dict[str, str | int] = {"limit": 1, "positions": "false"}
+        with self._cond:
+            # The snapshot lists the identity's newest jobs: as many as twice the jobs
+            # waited for now, so that a batch's items in flight (its newest) are in it and
+            # their waiters need no re-read after a reconnection (a GET each, every ~20 s).
+            newest = min(SNAPSHOT_MOST, max(1, 2 * len(self._waiters)))
+        params: dict[str, str | int] = {"limit": newest, "positions": "false"}
         with self._cond:
             # Ends only, unless a waiter reports progress: a waiter needs nothing else (a
             # coordinator without the option ignores it and sends every change).
@@ -416,12 +425,19 @@ class ResultStream:
     def _handle(self, name: str, data: dict[str, Any]) -> bool:
         """Act on one event; False when it ends the connection (`reconnect`)."""
         if name == "snapshot":
+            jobs = [job for job in data.get("jobs", []) if isinstance(job, dict)]
+            seen = {job.get("id") for job in jobs}
             with self._cond:
                 self._state = "connected"
                 self._generation += 1
                 self._cond.notify_all()
-                self._broadcast(RECHECK)  # whatever happened while we were away
-            for job in data.get("jobs", []):
+                # Whatever happened while we were away: a job the snapshot shows is seen
+                # as it is now (its view follows), the others' waiters re-read theirs.
+                for job_id, inboxes in self._waiters.items():
+                    if job_id not in seen:
+                        for inbox in inboxes:
+                            inbox.put(RECHECK)
+            for job in jobs:
                 self._deliver(job)
         elif name == "job":
             self._deliver(data)
