@@ -74,7 +74,6 @@ import contextlib
 import logging
 import math
 import secrets
-import struct
 import threading
 import time
 from collections import Counter, deque
@@ -83,6 +82,7 @@ from typing import Any
 
 import psycopg
 from psycopg import pq
+from psycopg.adapt import PyFormat, Transformer
 from pydantic import TypeAdapter
 from sqlalchemy.engine import Engine
 
@@ -573,20 +573,16 @@ class PgRelay:
 
 
 NOTIFY_SQL = b"SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS t(c, p)"
-TEXT_OID = 25
 TEXT_ARRAY_OID = 1009
-_HEAD = struct.Struct("!iiIii")
-_LEN = struct.Struct("!i")
+_TEXT_ARRAY = Transformer().get_dumper(["text"], PyFormat.BINARY)  # psycopg's, for list[str]
 
 
 def _text_array(items: list[str]) -> bytes:
-    """A one-dimensional text[] in PostgreSQL's binary format (no NULLs)."""
-    parts = [_HEAD.pack(1, 0, TEXT_OID, len(items), 1)]
-    for item in items:
-        data = item.encode()
-        parts.append(_LEN.pack(len(data)))
-        parts.append(data)
-    return b"".join(parts)
+    """A one-dimensional text[] of at least one item in PostgreSQL's binary format, as
+    psycopg's own binary dumper writes it (what `%b` sent when the relay was a thread;
+    an empty list has no element type: psycopg would dump it as text)."""
+    assert items, "a batch of keys is never empty"
+    return bytes(_TEXT_ARRAY.dump(items) or b"")
 
 
 def _on(loop: asyncio.AbstractEventLoop) -> bool:
