@@ -21,7 +21,7 @@ import pytest
 from csml.worker import sandbox as sandbox_module
 from csml.worker import zygote
 from csml.worker.channel import StartedMsg
-from csml.worker.sandbox import Sandbox, SandboxJob, _limits
+from csml.worker.sandbox import Sandbox, SandboxJob, _limits, _Resident
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -93,16 +93,9 @@ def test_a_fork_for_another_job_does_not_end_a_healthy_child(
     assert held.held.wait(60)  # the fork is among the zygote's children, not yet named
     assert not bob.child.pid
 
-    found: list[bool] = []
-    check = threading.Thread(target=lambda: found.append(box._left_behind(alice)))
-    check.start()
-    # Wait until the check either answered (the old code: at once) or waits for the
-    # fork to be named (then it is, and the check looks again).
-    while check.is_alive() and not watched.waited.wait(0.05):
-        pass
-    held.release.set()
-    check.join(60)
-    assert found == [False]  # nothing was left behind: alice's child is kept
+    assert _left_behind_while_named(box, alice, watched, held) == [
+        False
+    ]  # nothing was left behind: alice's child is kept
     assert bob.child.pid and bob.child.pid in box._pids
 
     box._checkin(alice)
@@ -132,15 +125,24 @@ def test_an_orphan_is_still_found_once_the_forks_are_named(
     bob.child.started = watched
     assert held.held.wait(60)
 
+    assert _left_behind_while_named(box, alice, watched, held) == [True]
+    with box._lock:
+        box._pids[orphan] = 1
+    box._retire(alice)
+    box._retire(bob)
+
+
+def _left_behind_while_named(
+    box: Sandbox, resident: _Resident, watched: WatchedEvent, held: HeldStarts
+) -> list[bool]:
+    """`box._left_behind(resident)` in a thread, the held fork named (its StartedMsg let
+    through) once the check either answered (the old code: at once) or waits for it;
+    the check's answer (empty if it never came)."""
     found: list[bool] = []
-    check = threading.Thread(target=lambda: found.append(box._left_behind(alice)))
+    check = threading.Thread(target=lambda: found.append(box._left_behind(resident)))
     check.start()
     while check.is_alive() and not watched.waited.wait(0.05):
         pass
     held.release.set()
     check.join(60)
-    assert found == [True]
-    with box._lock:
-        box._pids[orphan] = 1
-    box._retire(alice)
-    box._retire(bob)
+    return found
