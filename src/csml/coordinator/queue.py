@@ -379,10 +379,13 @@ class JobQueue:
                 chosen[name] = value
         return JobLimits.model_validate(chosen)
 
-    def check_spec(self, spec: JobSpec) -> None:
-        """Everything about a submission that can be refused before its files arrive."""
+    def check_spec(self, spec: JobSpec, *, reads: bool = True) -> None:
+        """Everything about a submission that can be refused before its files arrive;
+        without `reads`, only what needs no store (its write checks the rest)."""
         self._check_params(spec)
         self.limits_for(spec)
+        if not reads:
+            return
         with self.read() as conn:
             if not self._far_from_full(conn, spec.app):
                 self._check_capacity(conn, spec.app)
