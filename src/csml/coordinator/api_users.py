@@ -240,8 +240,8 @@ async def submit_job(request: Request, me: Me) -> JSONResponse:
                 raise from_refusal(exc) from None
 
         def check_spec(raw: bytes) -> Accepts:
-            budget.extra = spec_limits.load_kept(raw, c.settings)[1]
-            if pipeline_spec.is_pipeline(raw):
+            data, budget.extra = spec_limits.load_kept(raw, c.settings)
+            if _is_pipeline(data):
                 pipeline = piped["spec"] = pipeline_spec.parse(raw)
                 if small:  # what needs no store; the rest in the submission's hop
                     pipeline_spec.validate(c.catalog, pipeline)
@@ -293,7 +293,12 @@ async def submit_job(request: Request, me: Me) -> JSONResponse:
             # The folder is made only for a file that went to disk (`MemoryFirst`).
             on_disk = any(f.path is not None for f in parsed.files.values())
             job = await c.queue.submit_async(
-                me.id, holder["spec"], staging, parsed.files, count_window=windowed
+                me.id,
+                holder["spec"],
+                staging,
+                parsed.files,
+                count_window=windowed,
+                params_checked=True,  # by `check_spec`, as its part arrived
             )
             plain = holder["spec"].confidential is None  # a sealed job's inputs: never inline
             for f in parsed.files.values():  # kept in the database: its claim's text
@@ -306,14 +311,20 @@ async def submit_job(request: Request, me: Me) -> JSONResponse:
                 await run_in_threadpool(c.blobs.discard, staging)
 
 
+def _is_pipeline(data: Any) -> bool:
+    """Whether a spec, as `spec_limits.load_kept` parsed it, is a pipeline (it has
+    `steps`: `pipeline_spec.is_pipeline` without parsing the bytes again)."""
+    return isinstance(data, dict) and "steps" in data
+
+
 async def _submit_json(c: Core, owner_id: str, raw: bytes) -> JSONResponse:
     """Check and submit a JSON job or pipeline spec (no files). A single job goes through
     the writer from the event loop; its quotas and its count in the submission window
     are checked in its own transaction (`count_window`: one statement, no transaction of
     their own). A spec refused before that transaction is counted (or refused past the
     window) by the early check (`abuse.check_submission`) first, as all were before."""
-    kept = spec_limits.load_kept(raw, c.settings)[1]
-    if pipeline_spec.is_pipeline(raw):  # {"steps": [...]}: see csml.coordinator.pipelines
+    data, kept = spec_limits.load_kept(raw, c.settings)
+    if _is_pipeline(data):  # {"steps": [...]}: see csml.coordinator.pipelines
         return await run_in_threadpool(_submit_pipeline_json, c, owner_id, raw, kept)
     windowed = bool(c.settings.submission_rate_limit)
     try:
