@@ -16,7 +16,7 @@ from csml import ids
 from csml.client import Client
 from csml.client import pow as client_pow
 from csml.coordinator import quotas
-from csml.coordinator.uploads import SMALL_SUBMISSION_BYTES
+from csml.coordinator.uploads import SMALL_SUBMISSION_BYTES, StorageBudget
 from csml.refusals import QuotaExceeded, Unauthenticated
 from csml.schemas import JobSpec
 from csml.store import jobs as store
@@ -355,3 +355,21 @@ def test_a_small_multipart_submit_counts_its_refusals_as_before(
         r = post(operation)
         assert (r.status_code, error_of(r)["code"]) == (429, "submission_rate_limited")
     assert window_count(coordinator, user) == 2
+
+
+def test_a_small_submissions_budget_looks_only_past_its_unchecked_bytes(
+    make_coordinator: MakeCoordinator,
+) -> None:
+    """`StorageBudget(unchecked=n)` (a small submission's, without an early read) takes up
+    to `n` bytes without a look at the store; past them it looks and refuses past the
+    quota, whatever the request announced."""
+    coordinator = make_coordinator(max_stored_bytes=1000)
+    owner = owner_id(coordinator)
+    budget = StorageBudget(coordinator.core, owner, unchecked=500)
+    assert budget.covers(500) and not budget.covers(501)
+    with sent_statements(coordinator) as sent:
+        budget(500)
+    assert sent == []
+    with sent_statements(coordinator) as sent, pytest.raises(QuotaExceeded):
+        budget(1001)
+    assert any("stored_bytes" in s for s in sent)

@@ -13,7 +13,9 @@ Invariants:
 - Limits answer as soon as they are passed, without reading the rest: the
   per-file limit and the per-request total (`TooLarge`, 413), the number of parts
   (`TooLarge`), and the identity's stored-bytes quota (`QuotaExceeded`, 429), charged
-  with the bytes actually received, chunked or not (`Content-Length` is never trusted).
+  with the bytes actually received, chunked or not (`Content-Length` is never trusted:
+  a small submission's budget takes at most `SMALL_SUBMISSION_BYTES` unchecked, its
+  job's write checks them; past them it looks at the store as any upload's does).
 - Parsing runs off the event loop until the spec is checked (the check reads the
   store) and whenever a charge may have to look at the store (`Budget.covers`); the
   chunks between (file bytes already within the budget: hashing and page-cache writes)
