@@ -22,7 +22,13 @@ from typing import Any
 import anyio.to_thread
 import pytest
 
-from csml.coordinator.uploads import LOOP_BYTES, Accepts, FormLimits, parse_submission
+from csml.coordinator.uploads import (
+    LOOP_BYTES,
+    SMALL_SUBMISSION_BYTES,
+    Accepts,
+    FormLimits,
+    parse_submission,
+)
 from tests.unit.inproc import HttpWorker, InProcessCoordinator, sent_statements
 from tests.unit.test_bodies import BOUNDARY, part, refuse
 from tests.unit.test_worker_protocol import claim, complete_batch
@@ -108,35 +114,51 @@ def test_past_loop_bytes_chunks_go_to_the_thread_pool(tmp_path: Path) -> None:
     assert budget.threads[-1] != loop_thread  # the last chunks, past the bound
 
 
-def test_a_submission_takes_two_hops_and_reads_its_stored_bytes_once(
+def test_a_large_submission_takes_two_hops_and_reads_its_stored_bytes_once(
     coordinator: InProcessCoordinator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The early check (which also seeds the storage budget) with the chunk holding the
-    spec, then the fsync of the file too large to be kept in memory; nothing per later
-    chunk, nothing to discard."""
+    """Past `SMALL_SUBMISSION_BYTES`: the early check (which also seeds the storage
+    budget) with the chunk holding the spec, then the fsync of the file too large to be
+    kept in memory; nothing per later chunk, nothing to discard."""
+    user = coordinator.new_user()
+    user.submit("echo", "echo", files={"data": b"warm"})  # the identity is remembered
+    stored = lambda s: "stored_bytes" in s and s.startswith("SELECT")  # noqa: E731
+    with counted_hops(monkeypatch) as hops, sent_statements(coordinator, stored) as reads:
+        job = user.submit("echo", "echo", files={"data": os.urandom(SMALL_SUBMISSION_BYTES)})
+    assert job.id
+    assert hops == ["parse_submission.<locals>.first", "fsync_paths"]
+    assert len(reads) == 1, reads  # the early check's, not again for the budget
+
+
+def test_a_small_submission_on_disk_hops_only_for_its_fsync(
+    coordinator: InProcessCoordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Within `SMALL_SUBMISSION_BYTES`, a file too large to be kept in memory: parsed on
+    the event loop from its spec on (no early check: its write checks the quotas), one
+    hop for the fsync; the identity's stored bytes are not read before the write."""
     user = coordinator.new_user()
     user.submit("echo", "echo", files={"data": b"warm"})  # the identity is remembered
     stored = lambda s: "stored_bytes" in s and s.startswith("SELECT")  # noqa: E731
     with counted_hops(monkeypatch) as hops, sent_statements(coordinator, stored) as reads:
         job = user.submit("echo", "echo", files={"data": os.urandom(400_000)})
     assert job.id
-    assert hops == ["parse_submission.<locals>.first", "fsync_paths"]
-    assert len(reads) == 1, reads  # the early check's, not again for the budget
+    assert hops == ["fsync_paths"]
+    assert reads == []
 
 
-def test_a_small_upload_stays_in_memory_one_hop_and_no_staging_folder(
+def test_a_small_upload_stays_in_memory_no_hop_and_no_staging_folder(
     coordinator: InProcessCoordinator, echo_worker: HttpWorker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A file part within `db_blob_max_bytes` is held in memory while it is parsed: no
     staged file written, read back and removed, no staging folder made and discarded,
-    no hop but the early check's; its bytes reach the job as sent."""
+    no hop at all (a small submission: no early check); its bytes reach the job as sent."""
     user = coordinator.new_user()
     user.submit("echo", "echo", files={"data": b"warm"})  # the identity is remembered
     staging = coordinator.core.blobs.root / "staging"
     data = os.urandom(100_000)
     with counted_hops(monkeypatch) as hops:
         job = user.submit("echo", "echo", files={"data": data})
-    assert hops == ["parse_submission.<locals>.first"]
+    assert hops == []
     assert list(staging.iterdir()) == []
     [claimed] = [j for j in claim(echo_worker, 8).jobs if j.id == job.id]
     assert base64.b64decode(claimed.inline_inputs["data"]) == data

@@ -5,6 +5,7 @@ refused as before."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -15,6 +16,7 @@ from csml import ids
 from csml.client import Client
 from csml.client import pow as client_pow
 from csml.coordinator import quotas
+from csml.coordinator.uploads import SMALL_SUBMISSION_BYTES, StorageBudget
 from csml.refusals import QuotaExceeded, Unauthenticated
 from csml.schemas import JobSpec
 from csml.store import jobs as store
@@ -285,15 +287,36 @@ def test_a_multipart_submit_is_one_commit_and_counts_its_window(
     assert tally.write_commits == commits and window_count(coordinator, user) == 3
 
 
-def test_a_multipart_submit_is_few_statements(make_coordinator: MakeCoordinator) -> None:
-    """Without a window: the early read (the identity's stored bytes, which also says it
-    exists, and seeds the upload's storage budget: not read again), then the write
-    (rank with the quotas, job row, its input's row)."""
+def test_a_small_multipart_submit_is_its_write_only(make_coordinator: MakeCoordinator) -> None:
+    """Without a window, a small multipart submission (at most `SMALL_SUBMISSION_BYTES`
+    announced) is checked as a JSON one: no early read of the identity's stored bytes,
+    its write alone (rank with the quotas, job row, its input's row)."""
     coordinator = make_coordinator(submission_rate_limit=0, max_active_jobs=0)
     user = coordinator.new_user()
     headers = {"Authorization": f"Bearer {user.token}"}
     spec = '{"app": "echo", "operation": "echo", "params": {}}'
     files: dict[str, Any] = {"spec": (None, spec, "application/json"), "data": ("d", b"x" * 10)}
+    assert coordinator.http.post("/v1/jobs", files=files, headers=headers).status_code == 202
+    with sent_statements(coordinator) as sent:
+        r = coordinator.http.post("/v1/jobs", files=files, headers=headers)
+    assert r.status_code == 202, r.text
+    assert [s.split(" (")[0] for s in writes(sent)] == [
+        "INSERT INTO fair_counters",
+        "INSERT INTO jobs",
+        "INSERT INTO job_files",
+    ]
+
+
+def test_a_large_multipart_submit_is_prechecked_once(make_coordinator: MakeCoordinator) -> None:
+    """Past `SMALL_SUBMISSION_BYTES`: the early read before the body (the identity's
+    stored bytes, which also says it exists, and seeds the upload's storage budget: not
+    read again), then the write (rank with the quotas, job row, its input's row)."""
+    coordinator = make_coordinator(submission_rate_limit=0, max_active_jobs=0)
+    user = coordinator.new_user()
+    headers = {"Authorization": f"Bearer {user.token}"}
+    spec = '{"app": "echo", "operation": "echo", "params": {}}'
+    data = b"x" * (SMALL_SUBMISSION_BYTES + 1)
+    files: dict[str, Any] = {"spec": (None, spec, "application/json"), "data": ("d", data)}
     assert coordinator.http.post("/v1/jobs", files=files, headers=headers).status_code == 202
     with sent_statements(coordinator) as sent:
         r = coordinator.http.post("/v1/jobs", files=files, headers=headers)
@@ -305,3 +328,48 @@ def test_a_multipart_submit_is_few_statements(make_coordinator: MakeCoordinator)
         "INSERT INTO jobs",
         "INSERT INTO job_files",
     ]
+
+
+def test_a_small_multipart_submit_counts_its_refusals_as_before(
+    make_coordinator: MakeCoordinator,
+) -> None:
+    """Without its early read, a small multipart submission refused before its write is
+    still counted in the window (or refused past it, the window's refusal first)."""
+    coordinator = make_coordinator(submission_rate_limit=2)
+    user = coordinator.new_user()
+    headers = {"Authorization": f"Bearer {user.token}"}
+
+    def post(operation: str) -> httpx.Response:
+        spec = json.dumps({"app": "echo", "operation": operation, "params": {}})
+        files: dict[str, Any] = {
+            "spec": (None, spec, "application/json"),
+            "data": ("d", b"x" * 10),
+        }
+        return coordinator.http.post("/v1/jobs", files=files, headers=headers)
+
+    assert post("no-such-operation").status_code in (404, 422)  # refused: counted
+    assert window_count(coordinator, user) == 1
+    assert post("echo").status_code == 202
+    assert window_count(coordinator, user) == 2
+    for operation in ("no-such-operation", "echo"):
+        r = post(operation)
+        assert (r.status_code, error_of(r)["code"]) == (429, "submission_rate_limited")
+    assert window_count(coordinator, user) == 2
+
+
+def test_a_small_submissions_budget_looks_only_past_its_unchecked_bytes(
+    make_coordinator: MakeCoordinator,
+) -> None:
+    """`StorageBudget(unchecked=n)` (a small submission's, without an early read) takes up
+    to `n` bytes without a look at the store; past them it looks and refuses past the
+    quota, whatever the request announced."""
+    coordinator = make_coordinator(max_stored_bytes=1000)
+    owner = owner_id(coordinator)
+    budget = StorageBudget(coordinator.core, owner, unchecked=500)
+    assert budget.covers(500) and not budget.covers(501)
+    with sent_statements(coordinator) as sent:
+        budget(500)
+    assert sent == []
+    with sent_statements(coordinator) as sent, pytest.raises(QuotaExceeded):
+        budget(1001)
+    assert any("stored_bytes" in s for s in sent)

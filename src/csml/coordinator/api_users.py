@@ -34,6 +34,7 @@ from csml.coordinator.notify import job_key, owner_change, owner_feed
 from csml.coordinator.staged_inputs import StagedFile
 from csml.coordinator.state import Core, core
 from csml.coordinator.uploads import (
+    SMALL_SUBMISSION_BYTES,
     Accepts,
     FormLimits,
     StorageBudget,
@@ -210,12 +211,18 @@ async def submit_job(request: Request, me: Me) -> JSONResponse:
     else:
         upload = abuse.announced_upload(request.headers)
         windowed = bool(c.settings.submission_rate_limit)
+        # A small body is read before any check of the store, as a JSON spec is: its
+        # job's write checks the identity, window and quotas (no early read, no hop);
+        # a pipeline's store checks run in its submission's hop. A larger one (or one
+        # of unknown length) is refused past a limit before a byte of it is parsed.
+        small = 0 < upload <= SMALL_SUBMISSION_BYTES
         # Made by the first input that goes to disk: small ones stay in memory (no folder).
         staging = c.blobs.staging_path()
         holder: dict[str, JobSpec] = {}
         piped: dict[str, PipelineSpec] = {}
-        budget = _Budget(c, me.id)
+        budget = _Budget(c, me.id, unchecked=SMALL_SUBMISSION_BYTES if small else 0)
         prechecked: list[bool] = []
+        on_disk = True  # whether the staging folder may exist (see the `finally`)
 
         def precheck() -> None:
             # 429 past a limit before a byte of the body is parsed: a read, in the hop
@@ -225,25 +232,33 @@ async def submit_job(request: Request, me: Me) -> JSONResponse:
             prechecked.append(True)
 
         def on_spec(raw: bytes) -> Accepts:
-            """Check the spec (off the event loop); the file parts it takes."""
+            """Check the spec (off the event loop, or on it when small); the file parts
+            it takes."""
             try:
                 return check_spec(raw)
             except Refusal as exc:  # the multipart parser reports ApiErrors
                 raise from_refusal(exc) from None
 
         def check_spec(raw: bytes) -> Accepts:
-            budget.extra = spec_limits.load_kept(raw, c.settings)[1]
-            if pipeline_spec.is_pipeline(raw):
+            data, budget.extra = spec_limits.load_kept(raw, c.settings)
+            if _is_pipeline(data):
                 pipeline = piped["spec"] = pipeline_spec.parse(raw)
-                pipeline_spec.check(c, me.id, pipeline)
+                if small:  # what needs no store; the rest in the submission's hop
+                    pipeline_spec.validate(c.catalog, pipeline)
+                    c.queue.limits_for(pipeline_spec.first_spec(pipeline))
+                else:
+                    pipeline_spec.check(c, me.id, pipeline)
                 wanted = pipeline_spec.uploads(pipeline)
                 return Accepts(
                     wanted,
                     lambda name: refusal(pipeline_spec.check_files, pipeline, wanted | {name}),
                 )
             spec = holder["spec"] = parse_spec(raw)
-            c.queue.check_spec(spec)
-            check_model_quota(c, me.id, spec)
+            # Small: what needs no store (params, limits); capacity, recipients and
+            # the model quota are checked by the job's write, as for a JSON spec.
+            c.queue.check_spec(spec, reads=not small)
+            if not small:
+                check_model_quota(c, me.id, spec)
             _, op = c.catalog.operation(spec.app, spec.operation)
             names = {f.name for f in op.inputs}
             return Accepts(names, lambda name: refusal(c.queue.check_files, spec, names | {name}))
@@ -256,21 +271,34 @@ async def submit_job(request: Request, me: Me) -> JSONResponse:
                     FormLimits.of(c.settings),
                     on_spec,
                     budget,
-                    precheck,
+                    None if small else precheck,
                     keep_bytes=c.settings.db_blob_max_bytes,  # small inputs: in the database
+                    spec_on_loop=small,
                 )
             except (ApiError, Refusal):
-                if windowed and prechecked:  # refused before its write: counted (or 429)
+                if windowed and (prechecked or small):  # refused before its write: counted
                     await run_in_threadpool(abuse.check_submission, c, me.id, upload)
                 raise
             if piped:
-                if windowed:  # a pipeline's write does not count it: counted here
-                    await run_in_threadpool(abuse.check_submission, c, me.id, upload)
                 return await run_in_threadpool(
-                    _submit_pipeline, c, me.id, piped["spec"], staging, parsed.files
+                    _submit_form_pipeline,
+                    c,
+                    me.id,
+                    piped["spec"],
+                    staging,
+                    parsed.files,
+                    upload if windowed else None,
+                    small,
                 )
+            # The folder is made only for a file that went to disk (`MemoryFirst`).
+            on_disk = any(f.path is not None for f in parsed.files.values())
             job = await c.queue.submit_async(
-                me.id, holder["spec"], staging, parsed.files, count_window=windowed
+                me.id,
+                holder["spec"],
+                staging,
+                parsed.files,
+                count_window=windowed,
+                params_checked=True,  # by `check_spec`, as its part arrived
             )
             plain = holder["spec"].confidential is None  # a sealed job's inputs: never inline
             for f in parsed.files.values():  # kept in the database: its claim's text
@@ -278,8 +306,15 @@ async def submit_job(request: Request, me: Me) -> JSONResponse:
                     c.blobs.base64.put(f.sha256, f.size, base64.b64encode(f.content).decode())
             return _submitted(c, me.id, job)
         finally:
-            if os.path.lexists(staging):  # a submitted job's files were moved away with it
+            # A submitted job's files were moved away with it.
+            if on_disk and os.path.lexists(staging):
                 await run_in_threadpool(c.blobs.discard, staging)
+
+
+def _is_pipeline(data: Any) -> bool:
+    """Whether a spec, as `spec_limits.load_kept` parsed it, is a pipeline (it has
+    `steps`: `pipeline_spec.is_pipeline` without parsing the bytes again)."""
+    return isinstance(data, dict) and "steps" in data
 
 
 async def _submit_json(c: Core, owner_id: str, raw: bytes) -> JSONResponse:
@@ -288,8 +323,8 @@ async def _submit_json(c: Core, owner_id: str, raw: bytes) -> JSONResponse:
     are checked in its own transaction (`count_window`: one statement, no transaction of
     their own). A spec refused before that transaction is counted (or refused past the
     window) by the early check (`abuse.check_submission`) first, as all were before."""
-    kept = spec_limits.load_kept(raw, c.settings)[1]
-    if pipeline_spec.is_pipeline(raw):  # {"steps": [...]}: see csml.coordinator.pipelines
+    data, kept = spec_limits.load_kept(raw, c.settings)
+    if _is_pipeline(data):  # {"steps": [...]}: see csml.coordinator.pipelines
         return await run_in_threadpool(_submit_pipeline_json, c, owner_id, raw, kept)
     windowed = bool(c.settings.submission_rate_limit)
     try:
@@ -303,6 +338,26 @@ async def _submit_json(c: Core, owner_id: str, raw: bytes) -> JSONResponse:
         raise
     job = await c.queue.submit_async(owner_id, spec, None, {}, count_window=windowed)
     return _submitted(c, owner_id, job)
+
+
+def _submit_form_pipeline(
+    c: Core,
+    owner_id: str,
+    spec: PipelineSpec,
+    staging: Path,
+    files: dict[str, StagedFile],
+    counted: int | None,
+    small: bool,
+) -> JSONResponse:
+    """Submit a multipart pipeline, in one hop: counted in the window first when one is
+    kept (`counted`: the upload's announced bytes; its write does not count it), then,
+    for a small submission, the checks of its spec that read the store (a larger one's
+    ran before its files were read)."""
+    if counted is not None:
+        abuse.check_submission(c, owner_id, counted)
+    if small:
+        pipeline_spec.check(c, owner_id, spec)
+    return _submit_pipeline(c, owner_id, spec, staging, files)
 
 
 def _submit_pipeline_json(c: Core, owner_id: str, raw: bytes, kept: int) -> JSONResponse:

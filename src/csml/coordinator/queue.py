@@ -379,10 +379,13 @@ class JobQueue:
                 chosen[name] = value
         return JobLimits.model_validate(chosen)
 
-    def check_spec(self, spec: JobSpec) -> None:
-        """Everything about a submission that can be refused before its files arrive."""
+    def check_spec(self, spec: JobSpec, *, reads: bool = True) -> None:
+        """Everything about a submission that can be refused before its files arrive;
+        without `reads`, only what needs no store (its write checks the rest)."""
         self._check_params(spec)
         self.limits_for(spec)
+        if not reads:
+            return
         with self.read() as conn:
             if not self._far_from_full(conn, spec.app):
                 self._check_capacity(conn, spec.app)
@@ -556,15 +559,17 @@ class JobQueue:
         files: dict[str, StagedFile],
         *,
         count_window: bool = False,
+        params_checked: bool = False,
     ) -> JobRow:
         """`submit` from the event loop (the write is the writer's, without a thread hop).
+        `params_checked`: the spec's params were checked already (`check_spec`).
 
         On one writer lane (SQLite), a job without a placement requirement is announced
         as soon as its write is queued when a claimer of its app waits here
         (`Notifier.notify_early`): that claim's write queues behind the submission's, so it
         takes the job, in the same transaction when it joins the batch (one COMMIT for
         both on a one-at-a-time job's path). Nothing is answered before the commit."""
-        job_id, op, requires = self._prepare_submit(spec, files)
+        job_id, op, requires = self._prepare_submit(spec, files, params_checked)
         early: asyncio.Event | None = None
         key = app_key(spec.app)
         try:
@@ -591,13 +596,15 @@ class JobQueue:
         return job
 
     def _prepare_submit(
-        self, spec: JobSpec, files: dict[str, StagedFile]
+        self, spec: JobSpec, files: dict[str, StagedFile], params_checked: bool = False
     ) -> tuple[str, Any, dict[str, Any]]:
         """The new job's id, its operation and its requirement, once its spec is checked
-        (the operation looked up once for all the checks)."""
+        (the operation looked up once for all the checks; its params not again when
+        `params_checked`)."""
         found = self.catalog.operation(spec.app, spec.operation)
         op = found[1]
-        self._check_params(spec, found)
+        if not params_checked:
+            self._check_params(spec, found)
         requires = self.requirement(spec, op)
         self.check_files(spec, set(files), op)
         return ids.new_id(), op, requires

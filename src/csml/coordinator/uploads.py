@@ -13,12 +13,17 @@ Invariants:
 - Limits answer as soon as they are passed, without reading the rest: the
   per-file limit and the per-request total (`TooLarge`, 413), the number of parts
   (`TooLarge`), and the identity's stored-bytes quota (`QuotaExceeded`, 429), charged
-  with the bytes actually received, chunked or not (`Content-Length` is never trusted).
+  with the bytes actually received, chunked or not (`Content-Length` is never trusted:
+  a small submission's budget takes at most `SMALL_SUBMISSION_BYTES` unchecked, its
+  job's write checks them; past them it looks at the store as any upload's does).
 - Parsing runs off the event loop until the spec is checked (the check reads the
   store) and whenever a charge may have to look at the store (`Budget.covers`); the
   chunks between (file bytes already within the budget: hashing and page-cache writes)
   are parsed on the loop, at most `LOOP_BYTES` of files per request, so a usual upload
-  costs no thread-pool hop per chunk. The fsync of the files stays off the loop.
+  costs no thread-pool hop per chunk. A small submission (`SMALL_SUBMISSION_BYTES`,
+  `parse_submission(spec_on_loop=True)`) is parsed on the loop from its first byte:
+  its spec check and its charge then read no store (the job's write checks it). The
+  fsync of the files stays off the loop.
 - No web framework here: a request is anything with headers and a streamed body
   (`StreamedBody`).
 - Refusals are `csml.refusals` kinds; a refusal raised by the spec check or the
@@ -115,6 +120,14 @@ LOOP_BYTES = 8 * 1024 * 1024
 """Bytes of files per request at most parsed (hashed and written) on the event loop;
 the rest of a larger upload goes through the thread pool, chunk by chunk, as before."""
 
+SMALL_SUBMISSION_BYTES = 1 << 20
+"""A multipart submission announcing (`Content-Length`) at most this many bytes is
+checked as a JSON one is: no early read of the store before its body (the job's own
+write checks the identity, its window and quotas, race-free), its bytes charged without
+a look at the store up to this bound (`StorageBudget.unchecked`; past it, a look, as for
+any upload, whatever the header said), its whole body parsed on the event loop. A
+refused one has cost at most this much reading, as a JSON spec costs `max_spec_bytes`."""
+
 
 class Budget(Protocol):
     """A `Charge` that can say, without looking at the store, that it would accept
@@ -133,13 +146,23 @@ class StorageBudget:
     besides its files (its params). `used`: the identity's stored bytes as the
     submission's early check just read them (`abuse.precheck_submission`), taken for
     the first look when the upload fits in what they leave (counted once, used twice:
-    a refusal still looks, to say when the quota resets)."""
+    a refusal still looks, to say when the quota resets). `unchecked`: bytes accepted
+    without any look when `used` is not known (a small submission, whose job's write
+    checks the quota race-free: `SMALL_SUBMISSION_BYTES`); past them, the look."""
 
-    def __init__(self, core: Core, owner_id: str, extra: int = 0, used: int | None = None) -> None:
+    def __init__(
+        self,
+        core: Core,
+        owner_id: str,
+        extra: int = 0,
+        used: int | None = None,
+        unchecked: int = 0,
+    ) -> None:
         self.core = core
         self.owner_id = owner_id
         self.extra = extra
         self.used = used
+        self.unchecked = unchecked
         self.left: int | None = None
 
     def covers(self, received: int) -> bool:
@@ -147,16 +170,19 @@ class StorageBudget:
         limit = self.core.settings.max_stored_bytes
         if not limit:
             return True
-        if self.left is None and self.used is not None:
+        if self.left is None:
+            if self.used is None:
+                return self.unchecked > 0 and received <= self.unchecked
             return self.used < limit and self.used + self.extra + received <= limit
-        return self.left is not None and received <= self.left
+        return received <= self.left
 
     def __call__(self, received: int) -> None:
         limit = self.core.settings.max_stored_bytes
         if not limit or (self.left is not None and received <= self.left):
             return
-        if self.left is None and self.used is not None and self.covers(received):
-            self.left = limit - self.used - self.extra
+        if self.left is None and self.covers(received):
+            if self.used is not None:
+                self.left = limit - self.used - self.extra
             return
         with self.core.sessions() as session:
             used = abuse.stored_bytes(session, self.owner_id)  # counted once, used twice
@@ -239,8 +265,10 @@ class SubmissionParser:
         on_spec: SpecCheck,
         charge: Charge | Budget | None = None,
         keep_bytes: int = 0,
+        spec_on_loop: bool = False,
     ) -> None:
         self.staging = staging
+        self.spec_on_loop = spec_on_loop  # `on_spec` reads no store: it may run on the loop
         self.keep_bytes = keep_bytes  # file parts held in memory up to this size
         self.limits = limits
         self.on_spec = on_spec
@@ -285,9 +313,10 @@ class SubmissionParser:
 
     def on_loop(self, chunk: int) -> bool:
         """Whether the next `chunk` bytes may be parsed on the event loop: the spec is
-        checked, nothing was refused, the files so far and the chunk stay within
-        `LOOP_BYTES`, and the charge (if any) is a `Budget` that covers them."""
-        if self.accepted is None or self.error is not None:
+        checked (or its check may run on the loop: `spec_on_loop`), nothing was refused,
+        the files so far and the chunk stay within `LOOP_BYTES`, and the charge (if any)
+        is a `Budget` that covers them."""
+        if (self.accepted is None and not self.spec_on_loop) or self.error is not None:
             return False
         upto = self.received + chunk
         if upto > LOOP_BYTES:
@@ -488,6 +517,7 @@ async def parse_submission(
     charge: Charge | Budget | None = None,
     before: Callable[[], None] | None = None,
     keep_bytes: int = 0,
+    spec_on_loop: bool = False,
 ) -> SubmissionParser:
     """Stream the request into `staging` (a folder made, if not there yet, by the first
     file that goes to disk). `on_spec` (run off the event loop, as soon as
@@ -498,9 +528,18 @@ async def parse_submission(
     check that may refuse) runs off the loop before a byte of the body is parsed, in
     the same hop as the first chunk. A file of at most `keep_bytes` stays in memory
     (`StagedFile.content`, no staged file: to be kept in the database,
-    `csml.store.blobs`); the others are fsync'd, off the loop."""
+    `csml.store.blobs`); the others are fsync'd, off the loop. With `spec_on_loop`
+    (`on_spec` reads no store, and `charge` looks at it only past what it `covers`: a
+    small submission, `SMALL_SUBMISSION_BYTES`), chunks are parsed on the loop from the
+    first, the spec's check with them: no thread-pool hop for a body within the budget."""
     parser = SubmissionParser(
-        boundary_of(request), staging, limits, on_spec, charge, keep_bytes=keep_bytes
+        boundary_of(request),
+        staging,
+        limits,
+        on_spec,
+        charge,
+        keep_bytes=keep_bytes,
+        spec_on_loop=spec_on_loop,
     )
     pending = before
 
@@ -520,7 +559,7 @@ async def parse_submission(
                 await anyio.to_thread.run_sync(parser.write, chunk)
         if pending is not None:  # no body at all: the check still comes first
             await anyio.to_thread.run_sync(pending)
-        if parser.accepted is not None:  # no spec check left to run: flushes, closes
+        if parser.accepted is not None or spec_on_loop:  # no store read left: flushes, closes
             parser.finalize()
         else:
             await anyio.to_thread.run_sync(parser.finalize)
