@@ -440,3 +440,17 @@ def test_items_of_an_unusual_shape_are_refused_as_the_model_refuses_them(
         "items.3.spec",
         "items.4",
     ]
+
+
+def test_inline_bytes_reads_a_path_whole_within_the_bound(tmp_path: Path) -> None:
+    from csml.client.batch import inline_bytes
+
+    cases = {"empty": b"", "small": b"photo", "bound": b"x" * INLINE_MAX_BYTES}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        assert inline_bytes(tmp_path / name) == data
+        assert inline_bytes(str(tmp_path / name)) == data
+    (tmp_path / "over").write_bytes(b"x" * (INLINE_MAX_BYTES + 1))
+    assert inline_bytes(tmp_path / "over") is None  # submitted alone
+    assert inline_bytes(tmp_path) is None  # a folder: submitted alone, which refuses it
+    assert inline_bytes(tmp_path / "missing") is None
