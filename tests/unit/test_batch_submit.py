@@ -379,3 +379,78 @@ def test_the_spliced_batch_body_is_the_json_of_its_items() -> None:
     expected = json.dumps({"items": items}, ensure_ascii=False, separators=(",", ":"))
     assert body == expected.encode()
     assert json.loads(body)["items"][2]["inputs"]['we"ird\\ é'] == b64(bytes(range(256)))
+
+
+def test_items_with_one_spec_are_checked_once_and_stay_jobs_of_their_own(
+    coordinator: InProcessCoordinator, monkeypatch: Any
+) -> None:
+    """The items of a `map` batch share one spec: it is parsed and checked once per
+    request (the old route parsed it again for each item), and each item is still a job
+    of its own with its own input; an item with the same spec but another input name is
+    checked (and refused) on its own."""
+    from csml.coordinator import spec_limits
+
+    loads: list[bytes] = []
+    real = spec_limits.load_kept
+
+    def counted(raw: bytes, settings: Any) -> Any:
+        loads.append(raw)
+        return real(raw, settings)
+
+    monkeypatch.setattr(spec_limits, "load_kept", counted)
+    user = coordinator.new_user()
+    items = [echo_item({"n": 1}, data=f"file {i}".encode()) for i in range(6)]
+    items.insert(3, echo_item({"n": 1}, bogus=b"x"))
+    r = post(coordinator, user, {"items": items})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/json"
+    results = r.json()["items"]
+    assert [x["status"] for x in results] == [202, 202, 202, 422, 202, 202, 202]
+    assert results[3]["error"]["field"] == "items.3.inputs.bogus"
+    jobs = [x["job"] for x in results if x["job"] is not None]
+    assert len({j["id"] for j in jobs}) == 6
+    assert [j["inputs"]["data"]["size"] for j in jobs] == [len(f"file {i}") for i in range(6)]
+    assert all(j["params"] == {"n": 1} for j in jobs)
+    assert len(loads) == 2  # the spec with `data`, and again with `bogus` (refused)
+
+
+def test_items_of_an_unusual_shape_are_refused_as_the_model_refuses_them(
+    coordinator: InProcessCoordinator,
+) -> None:
+    user = coordinator.new_user()
+    spec = {"app": "echo", "operation": "echo"}
+    items: list[Any] = [
+        {"spec": spec, "inputs": {"data": 5}},
+        {"spec": spec, "extra": 1},
+        {"spec": [1]},
+        {"inputs": {}},
+        [spec],
+        {"spec": spec, "inputs": {"data": b64(b"fine")}},
+    ]
+    r = post(coordinator, user, {"items": items})
+    assert r.status_code == 200, r.text
+    results = r.json()["items"]
+    assert [x["status"] for x in results] == [422, 422, 422, 422, 422, 202]
+    assert all(x["error"]["code"] == "invalid_item" for x in results[:5])
+    fields = [x["error"]["field"] for x in results[:5]]
+    assert fields == [
+        "items.0.inputs.data",
+        "items.1.extra",
+        "items.2.spec",
+        "items.3.spec",
+        "items.4",
+    ]
+
+
+def test_inline_bytes_reads_a_path_whole_within_the_bound(tmp_path: Path) -> None:
+    from csml.client.batch import inline_bytes
+
+    cases = {"empty": b"", "small": b"photo", "bound": b"x" * INLINE_MAX_BYTES}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        assert inline_bytes(tmp_path / name) == data
+        assert inline_bytes(str(tmp_path / name)) == data
+    (tmp_path / "over").write_bytes(b"x" * (INLINE_MAX_BYTES + 1))
+    assert inline_bytes(tmp_path / "over") is None  # submitted alone
+    assert inline_bytes(tmp_path) is None  # a folder: submitted alone, which refuses it
+    assert inline_bytes(tmp_path / "missing") is None

@@ -41,7 +41,12 @@ CONCURRENCY = 64
 """Items in flight by default: a batch request carries up to a quarter of them (16) as
 places free up, so small photos cost ~0.06 submit requests each (0.11 at 32 in flight,
 0.48 at 8) and their share of write commits halves (0.49 -> 0.37 per photo in
-`bench/batch_photos.py`); still under the default 100 active jobs per identity."""
+`bench/batch_photos.py`); still under the default 100 active jobs per identity.
+Session 16 measured 64 against 32 in pairs (two clusters, runs alternated, same tree):
+64 ended sooner in 6 of 6 pairs (300 photos at load 5-8: 6.8 vs 8.3 s median; 400 at
+load 12-14: 16.9 vs 18.5 s); the CLI's own CPU was lower at 32 at the lighter load
+(2.98 vs 3.25 CPU-ms per photo with its start) and not at the heavier one (2.40 vs 2.32),
+the coordinator's lower at 64 (3.18 vs 3.40): 64 stays."""
 
 
 def safe_stem(name: str) -> str:

@@ -150,13 +150,29 @@ def inline_bytes(file: FileArg) -> bytes | None:
     if isinstance(file, bytes):
         return file if len(file) <= INLINE_MAX_BYTES else None
     if isinstance(file, str | os.PathLike):
+        # A raw descriptor: open, fstat, read to the end, close; not a buffered file's
+        # own fstat, ioctl and lseek besides (three system calls fewer per item).
         try:
-            with open(file, "rb") as f:
-                if os.fstat(f.fileno()).st_size > INLINE_MAX_BYTES:
-                    return None
-                data = f.read(INLINE_MAX_BYTES + 1)
+            fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return None  # submitted alone, which names the problem
+        try:
+            size = os.fstat(fd).st_size
+            if size > INLINE_MAX_BYTES:
+                return None
+            chunks: list[bytes] = []
+            got = 0
+            while got <= INLINE_MAX_BYTES:  # to its end (as `read(n)`), at most one byte over
+                more = os.read(fd, INLINE_MAX_BYTES + 1 - got)
+                if not more:
+                    break
+                chunks.append(more)
+                got += len(more)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        data = b"".join(chunks)  # the one chunk itself, when there is one
         return data if len(data) <= INLINE_MAX_BYTES else None
     if not (hasattr(file, "seek") and hasattr(file, "read")):
         return None

@@ -18,7 +18,7 @@ import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from csml import refusals
@@ -106,14 +106,14 @@ DESCRIPTION = (
     description=DESCRIPTION,
 )
 @lean
-async def submit_batch(request: Request, me: Me) -> JSONResponse:
+async def submit_batch(request: Request, me: Me) -> Response:
     """Many jobs in one request (see DESCRIPTION)."""
     c = core(request)
     raw = await request.body()  # bounded by the middleware
     return await run_in_threadpool(_submit, c, me.id, raw)
 
 
-def _submit(c: Core, owner_id: str, raw: bytes) -> JSONResponse:
+def _submit(c: Core, owner_id: str, raw: bytes) -> Response:
     items = batches.read(raw, c.settings.max_params_depth)
     outcomes = batches.submit(c, owner_id, items)
     jobs = [o.job for o in outcomes if o.job is not None]
@@ -129,7 +129,8 @@ def _submit(c: Core, owner_id: str, raw: bytes) -> JSONResponse:
             results.append(_refused(outcome.index, outcome.error))
     accepted = len(jobs)
     body = BatchSubmitted(items=results, accepted=accepted, refused=len(results) - accepted)
-    return JSONResponse(body.model_dump(mode="json"))
+    # Encoded by pydantic-core at once (not dumped to Python values, then json.dumps'd).
+    return Response(body.model_dump_json(), media_type="application/json")
 
 
 def _refused(index: int, error: Exception) -> BatchItemResult:

@@ -24,6 +24,10 @@ Invariants:
   the exception that refused it (a refusal, or an API error of a service not yet
   converted to refusals; anything else is a failure of the coordinator the API logs).
 - Items are submitted in request order, so their fair ranks follow it.
+- An item whose spec (as JSON) and input names are those of an earlier item of the same
+  request that passed its checks shares that item's checked `JobSpec` (never changed
+  once made); its operation is still looked up, and a spec that failed is checked again
+  for each item that carries it, so every refusal is the item's own.
 - An input of at most `Settings.db_blob_max_bytes` (the default: every inline input) is
   staged in memory and kept in the database with its job's row, in the write that
   creates the job (durable by its commit; no file, folder or fsync): see
@@ -133,18 +137,39 @@ def _inline_too_large(index: int, name: str) -> TooLarge:
     )
 
 
+def _plain_item(value: Any) -> tuple[dict[str, Any], dict[str, str]] | None:
+    """The spec and inputs of an item of the usual form (an object with an object `spec`
+    and optional `inputs` of strings, nothing else) without a model: what
+    `BatchItemIn` accepts as it is; None for anything else (the model then says why or
+    converts it)."""
+    if type(value) is not dict or not 1 <= len(value) <= 2:
+        return None
+    spec = value.get("spec")
+    inputs = value.get("inputs", {})
+    if type(spec) is not dict or type(inputs) is not dict or len(value) != 1 + ("inputs" in value):
+        return None
+    for name, text in inputs.items():
+        if type(text) is not str or type(name) is not str:
+            return None
+    return spec, inputs
+
+
 def _item(index: int, value: Any) -> Item:
-    try:
-        parsed = BatchItemIn.model_validate(value)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        where = loc or "item"
-        return Item(
-            index, error=Invalid("invalid_item", f"{where}: {err['msg']}", field=loc or None)
-        )
-    item = Item(index, spec=parsed.spec)
-    for name, text in parsed.inputs.items():
+    plain = _plain_item(value)
+    if plain is None:
+        try:
+            parsed = BatchItemIn.model_validate(value)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"])
+            where = loc or "item"
+            return Item(
+                index, error=Invalid("invalid_item", f"{where}: {err['msg']}", field=loc or None)
+            )
+        plain = parsed.spec, parsed.inputs
+    spec, inputs = plain
+    item = Item(index, spec=spec)
+    for name, text in inputs.items():
         if len(text) > INLINE_MAX_CHARS:
             raise _inline_too_large(index, name[:64])
         try:
@@ -165,6 +190,7 @@ def submit(core: Core, owner_id: str, items: list[Item]) -> list[Outcome]:
     outcomes = [Outcome(item.index) for item in items]
     windowed = bool(core.settings.submission_rate_limit)
     specs: dict[int, tuple[JobSpec, int]] = {}
+    checked: dict[tuple[bytes, frozenset[str]], tuple[JobSpec, int]] = {}  # see `_checked_spec`
     staged: dict[int, dict[str, StagedFile]] = {}
     folder: Path | None = None  # the request's staging folder, every item's inputs
     try:
@@ -172,7 +198,7 @@ def submit(core: Core, owner_id: str, items: list[Item]) -> list[Outcome]:
             try:
                 if item.error is not None:
                     raise item.error
-                specs[item.index] = _checked_spec(core, item)
+                specs[item.index] = _checked_spec(core, item, checked)
                 if item.inputs:
                     if folder is None and _needs_folder(core, item):
                         folder = core.blobs.new_staging()
@@ -231,10 +257,24 @@ def _early_check(core: Core, owner_id: str, kept: int) -> Exception | None:
     return None
 
 
-def _checked_spec(core: Core, item: Item) -> tuple[JobSpec, int]:
-    """The item's spec, checked as a single JSON submission's, and its kept bytes."""
+def _checked_spec(
+    core: Core, item: Item, checked: dict[tuple[bytes, frozenset[str]], tuple[JobSpec, int]]
+) -> tuple[JobSpec, int]:
+    """The item's spec, checked as a single JSON submission's, and its kept bytes.
+
+    `checked` holds the request's specs that passed, by their JSON and input names: an
+    item with the same spec and input names as an earlier one (every item of a
+    `Client.map` batch) shares its checked `JobSpec` (never changed once made) instead of
+    parsing, validating and looking it up again; the operation is still looked up per
+    item (it may have gone). A spec that failed is checked again for each item, so
+    each refusal is the item's own."""
     raw = json.dumps(item.spec, separators=(",", ":"), ensure_ascii=False).encode()
-    data = spec_limits.load(raw, core.settings)
+    key = (raw, frozenset(item.inputs))
+    known = checked.get(key)
+    if known is not None:
+        core.catalog.operation(known[0].app, known[0].operation)  # no such app or operation
+        return known
+    data, kept = spec_limits.load_kept(raw, core.settings)
     if "steps" in item.spec:
         raise Invalid(
             "invalid_spec",
@@ -265,7 +305,8 @@ def _checked_spec(core: Core, item: Item) -> tuple[JobSpec, int]:
         if getattr(exc, "code", None) in INPUT_CODES and isinstance(named, str) and named:
             exc.field = f"inputs.{named}"  # type: ignore[attr-defined]
         raise
-    return spec, spec_limits.kept_bytes(data)
+    checked[key] = spec, kept
+    return checked[key]
 
 
 def _needs_folder(core: Core, item: Item) -> bool:
