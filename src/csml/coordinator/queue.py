@@ -659,18 +659,25 @@ class JobQueue:
 
         def op_(conn: Connection) -> JobRow:
             # Lock order: the owner's identity row, its counter row, then the app's row.
-            if conn.dialect.name != "sqlite":
-                quotas.require_identity(conn, owner_id)  # PostgreSQL: the owner's lock
-            if count_window:  # as `abuse.check_submission` would: identity, window, quotas
-                try:
-                    quotas.count_submission(self, conn, owner_id)
-                except RateLimited:
-                    quotas.require_identity(conn, owner_id)  # an erased identity: 401 first
-                    raise
-            # One statement: the rank (it reads the app's served rank), written only if
-            # the identity still exists and the job fits its active-jobs and stored-bytes
-            # quotas (`quotas.admission`; race-free: see `csml.store.jobs_quota`).
-            rank = writes.next_rank(conn, spec.app, owner_id, admit)
+            if conn.dialect.name != "sqlite" and not count_window:
+                # PostgreSQL: the owner's lock and the rank below in one round trip.
+                found, rank = writes.locked_next_rank(conn, spec.app, owner_id, admit)
+                if not found:
+                    quotas.require_identity(conn, owner_id)  # erased meanwhile: 401
+            else:
+                if conn.dialect.name != "sqlite":
+                    quotas.require_identity(conn, owner_id)  # PostgreSQL: the owner's lock
+                if count_window:  # as `abuse.check_submission` would: identity, window, quotas
+                    try:
+                        quotas.count_submission(self, conn, owner_id)
+                    except RateLimited:
+                        quotas.require_identity(conn, owner_id)  # an erased identity: 401 first
+                        raise
+                # One statement: the rank (it reads the app's served rank), written only
+                # if the identity still exists and the job fits its active-jobs and
+                # stored-bytes quotas (`quotas.admission`; race-free: see
+                # `csml.store.jobs_quota`).
+                rank = writes.next_rank(conn, spec.app, owner_id, admit)
             if rank is None:
                 # Refused, or no such app: the checks of before say which (and raise
                 # their refusal); if they pass (the counts moved since: an expiry), the

@@ -39,6 +39,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from csml.store.jobs import FILES, JOBS, QUEUED, RUNNING, TERMINAL
+from csml.store.prepared import Prepared
 from csml.store.tables import Identity
 from csml.store.tables_artifacts import ModelArtifact
 
@@ -59,6 +60,9 @@ _LOCK_IDENTITY = {
     "postgresql": _IDENTITY.with_for_update(key_share=True),  # FOR NO KEY UPDATE
     "sqlite": _IDENTITY,  # the write transaction holds the database
 }
+# The same lock on PostgreSQL, for a caller that sends it with the statement after it
+# (`csml.store.jobs_write.locked_next_rank`: one round trip for both).
+LOCK_IDENTITY_PG = Prepared(_LOCK_IDENTITY["postgresql"])
 _ACTIVE_JOBS = (
     select(func.count())
     .select_from(JOBS)

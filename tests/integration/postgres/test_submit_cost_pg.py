@@ -5,17 +5,21 @@ statement still land exactly k of N concurrent submissions from two coordinators
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import pytest
-from sqlalchemy import event, func, select
+from sqlalchemy import delete, event, func, select
 
 from csml.coordinator import quotas
 from csml.coordinator.state import Core
-from csml.refusals import Refusal
+from csml.refusals import Refusal, Unauthenticated
 from csml.store import jobs as store
 from csml.store.db import counters
+from csml.store.jobs import COUNTERS
+from csml.store.tables import Identity
 from csml.store.tables_abuse import RateWindow
 from tests.integration.postgres.support import MakeCore, echo, new_identity, run_threads, submit
+from tests.integration.postgres.test_writer_pg import traced
 
 pytestmark = [pytest.mark.postgresql, pytest.mark.timeout(180)]
 
@@ -61,6 +65,38 @@ def test_a_submit_is_three_statements(core: Core) -> None:
         "INSERT INTO jobs",
     ], done
     assert tally.statements - before == len(sent)
+
+
+def test_a_submit_sends_the_lock_and_the_rank_in_one_round_trip(core: Core, tmp_path: Path) -> None:
+    """The identity's lock and the rank's upsert go out together (a pipeline: one Sync
+    for both), so a submission's round trips are its statements (two trips for three)
+    plus "COMMIT; BEGIN", not one per statement plus that."""
+    owner = new_identity(core)
+    submit(core, owner, n=0)  # warms the queue-depth view of the app and the lane
+    with traced(core.writer, tmp_path / "trace") as sent:
+        submit(core, owner, n=1)
+    statements = sent.count("Execute")
+    assert statements in (3, 4), sent  # (4: the queue-depth recount, once a second)
+    assert sent.count("Query") == 1, sent  # "COMMIT; BEGIN"
+    assert sent.count("Sync") == statements - 1, sent
+    assert jobs_of(core, owner) == 2
+
+
+def test_a_submit_for_an_erased_identity_is_refused_with_its_lock_and_rank_together(
+    core: Core,
+) -> None:
+    """The identity gone between the request's checks and its write: 401 (as when the
+    lock was a round trip of its own), and no job, no rank row."""
+    owner = new_identity(core)
+    with core.sessions() as session:
+        session.execute(delete(Identity).where(Identity.id == owner))
+        session.commit()
+    with pytest.raises(Unauthenticated):
+        submit(core, owner, n=1)
+    assert jobs_of(core, owner) == 0
+    with core.queue.read() as conn:
+        stmt = select(func.count()).select_from(COUNTERS).where(COUNTERS.c.owner_id == owner)
+        assert conn.scalar(stmt) == 0
 
 
 def serially(core: Core, owner: str) -> int:
