@@ -51,7 +51,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -233,6 +233,99 @@ def locked_next_rank(
         ),
     )
     return bool(locked), (int(ranked[0][0]) if ranked else None)
+
+
+# A new job's columns as `insert_job` writes them (bound as "j_<column>"), but its rank.
+_JOB_COLUMNS = (
+    "id",
+    "owner_id",
+    "app",
+    "operation",
+    "params",
+    "limits",
+    "state",
+    "created_at",
+    "attempts",
+    "max_attempts",
+    "progress_fraction",
+    "progress_message",
+    "requires_key",
+    "warm_key",
+    "trusted_only",
+    "min_reputation",
+    "verify_runs",
+)
+
+
+@functools.cache
+def _ranked_insert(active: bool, stored: bool) -> Prepared:
+    """(PostgreSQL) The admitting rank upsert (`_rank_upsert`) as a data-modifying CTE and
+    the job's row inserted from its RETURNING, in one statement: no row at all when the
+    upsert wrote none (refused, or no such app). Returns the job's seq and rank."""
+    from sqlalchemy.dialects import postgresql
+
+    ranked = _rank_upsert("postgresql", (active, stored)).stmt
+    rank = cast(Any, ranked).cte("ranked")
+    values = [bindparam(f"j_{name}", type_=JOBS.c[name].type) for name in _JOB_COLUMNS]
+    stmt = (
+        postgresql.insert(JOBS)
+        .from_select(
+            [*_JOB_COLUMNS, "fair_rank"],
+            select(*values, rank.c.last_rank),
+            include_defaults=False,
+        )
+        .add_cte(rank)
+        .returning(JOBS.c.seq, JOBS.c.fair_rank)
+    )
+    return Prepared(stmt)
+
+
+def locked_insert_job(
+    conn: Connection, job: NewJob, admission: Admission
+) -> tuple[bool, tuple[int, int] | None]:
+    """(PostgreSQL) The owner's identity lock (`jobs_quota.lock_identity`), then
+    `next_rank(admission=...)` and `insert_job(job)` (no files, no envelope: the caller
+    adds its files after) as one statement, the two sent together
+    (`prepared.rows_together`): one round trip where they were three. Whether the
+    identity was there to lock, and the job's (seq, rank), or None when the upsert
+    admitted nothing (then nothing was written: the caller finds out why, as after
+    `next_rank`). `job.fair_rank` is not used. Race-free as the statements one by one:
+    the server runs the second after the lock is held, and its snapshot (READ
+    COMMITTED: taken when it starts) sees every transaction that held the identity's
+    row before."""
+    owner_id = job.owner_id
+    assert admission.identity_id == owner_id, "a job is admitted for its owner"
+    params: dict[str, Any] = {"b_app": job.app, "b_owner": owner_id, **admission.params()}
+    params.update(
+        j_id=job.id,
+        j_owner_id=owner_id,
+        j_app=job.app,
+        j_operation=job.operation,
+        j_params=job.params,
+        j_limits=job.limits,
+        j_state=QUEUED,
+        j_created_at=job.created_at,
+        j_attempts=0,
+        j_max_attempts=job.max_attempts,
+        j_progress_fraction=0.0,
+        j_progress_message="",
+        j_requires_key=job.requires_key,
+        j_warm_key=job.warm_key,
+        j_trusted_only=job.trusted_only,
+        j_min_reputation=job.min_reputation,
+        j_verify_runs=0,
+    )
+    locked, inserted = rows_together(
+        conn,
+        (
+            (LOCK_IDENTITY_PG, {"identity_id": owner_id}),
+            (_ranked_insert(*admission.key), params),
+        ),
+    )
+    if not inserted:
+        return bool(locked), None
+    seq, rank = inserted[0]
+    return bool(locked), (int(seq), int(rank))
 
 
 _INSERT_JOB = Prepared(insert(JOBS).returning(JOBS.c.seq))
