@@ -1,6 +1,7 @@
 """A submission on PostgreSQL: two statements sent together (the identity's lock; the
-fair rank with the job's quotas as its condition and the job row in one), and the quotas folded into the rank's
-statement still land exactly k of N concurrent submissions from two coordinators."""
+fair rank with the job's quotas as its condition and the job row in one), and the quotas
+folded into the rank's statement still land exactly k of N concurrent submissions from two
+coordinators."""
 
 from __future__ import annotations
 
