@@ -657,9 +657,9 @@ class JobQueue:
 
         admit = quotas.admission(self, owner_id, upload)
 
-        # PostgreSQL, a job with no model, requirement or envelope (and no window to
-        # count): the owner's lock, its rank and its row go in one round trip when the
-        # app's queue is far from its bound (`writes.locked_insert_job`).
+        # PostgreSQL, a job with no model, requirement or envelope: the owner's lock, its
+        # count in the submission window (`count_window`), its rank and its row go in one
+        # round trip when the app's queue is far from its bound (`writes.locked_insert_job`).
         plain = (
             sealing is None
             and requires_key is None
@@ -738,21 +738,25 @@ class JobQueue:
 
         def op_(conn: Connection) -> JobRow:
             # Lock order: the owner's identity row, its counter row, then the app's row.
-            one_trip = conn.dialect.name != "sqlite" and not count_window
-            far = self._far_from_full(conn, spec.app) if one_trip and plain else None
+            postgres = conn.dialect.name != "sqlite"
+            far = self._far_from_full(conn, spec.app) if postgres and plain else None
             rank: int | None
             if far:
                 rows = list(inputs)
                 new = make(0, dict(spec.params), rows)  # its rank: the statement's
-                found, landed = writes.locked_insert_job(conn, new, admit)
+                now = new.created_at
+                window = quotas.submission_window(self, owner_id, now) if count_window else None
+                found, landed, counted = writes.locked_insert_job(conn, new, admit, window)
+                if not found:
+                    quotas.require_identity(conn, owner_id)  # erased meanwhile: 401
+                if counted is not None:  # past the window: refused, the write undone
+                    quotas.counted_submission(self, counted, now)
                 if landed is not None:
                     seq, rank = landed
                     writes.add_files(conn, seq, rows)
                     return answer(seq, replace(new, fair_rank=rank), rows)
-                if not found:
-                    quotas.require_identity(conn, owner_id)  # erased meanwhile: 401
                 rank = None  # refused, or no such app (below says which)
-            elif one_trip:
+            elif postgres and not count_window:
                 # PostgreSQL: the owner's lock and the rank below in one round trip.
                 found, rank = writes.locked_next_rank(conn, spec.app, owner_id, admit)
                 if not found:

@@ -21,8 +21,12 @@ Invariants:
   the owner's `fair_counters` row, no app lock) and the app's served rank. A single
   job's submission admits the job (identity, queued + running jobs, stored bytes) in
   that same upsert's condition (`next_rank(admission=...)`): submitting a job without
-  a requirement, model or envelope is two statements (rank, job row) on SQLite, three
-  on PostgreSQL (the identity's lock first).
+  a requirement, model or envelope is two statements (rank, job row) on SQLite. On
+  PostgreSQL it is the identity's lock, then the rank's upsert as a data-modifying CTE
+  with the job's row inserted from its RETURNING (`locked_insert_job`; no row when it
+  admits nothing), the two sent together in one round trip (`prepared.rows_together`:
+  the server still runs the second after the first holds the lock, with a snapshot
+  taken then, so the admission reads counts no other holder of the lock can change).
 - Credit priority (`take(credited=True)`, chosen by `csml.coordinator.credit`) is the
   same one statement on the head of the jobs of identities with a positive balance; a
   job it takes out of order keeps the lease in `credit_lease` (its completion debits the
@@ -47,7 +51,7 @@ Ends (completion, cancel, reaping) are in `csml.store.jobs_end`.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -70,6 +74,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import Update
 from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
+from csml.store.abuse import WINDOW_COUNT_PG
 from csml.store.credit import credited_owner
 from csml.store.jobs import (
     APPS,
@@ -281,18 +286,25 @@ def _ranked_insert(active: bool, stored: bool) -> Prepared:
 
 
 def locked_insert_job(
-    conn: Connection, job: NewJob, admission: Admission
-) -> tuple[bool, tuple[int, int] | None]:
+    conn: Connection,
+    job: NewJob,
+    admission: Admission,
+    window: Mapping[str, Any] | None = None,
+) -> tuple[bool, tuple[int, int] | None, tuple[datetime, int] | None]:
     """(PostgreSQL) The owner's identity lock (`jobs_quota.lock_identity`), then
     `next_rank(admission=...)` and `insert_job(job)` (no files, no envelope: the caller
     adds its files after) as one statement, the two sent together
     (`prepared.rows_together`): one round trip where they were three. Whether the
     identity was there to lock, and the job's (seq, rank), or None when the upsert
     admitted nothing (then nothing was written: the caller finds out why, as after
-    `next_rank`). `job.fair_rank` is not used. Race-free as the statements one by one:
-    the server runs the second after the lock is held, and its snapshot (READ
-    COMMITTED: taken when it starts) sees every transaction that held the identity's
-    row before."""
+    `next_rank`). `job.fair_rank` is not used. With a `window` (`abuse.window_params` of
+    the owner's submission window), its count's upsert goes between the two (in the
+    order of the statements one by one: identity, window, rank) and the window as
+    counted comes third (`abuse.window_wait` says whether it stands: if not, the caller
+    fails its write, which takes back the count and the job). Race-free as the
+    statements one by one: the server runs each after the lock is held, and its
+    snapshot (READ COMMITTED: taken when it starts) sees every transaction that held
+    the identity's row before."""
     owner_id = job.owner_id
     assert admission.identity_id == owner_id, "a job is admitted for its owner"
     params: dict[str, Any] = {"b_app": job.app, "b_owner": owner_id, **admission.params()}
@@ -315,17 +327,17 @@ def locked_insert_job(
         j_min_reputation=job.min_reputation,
         j_verify_runs=0,
     )
-    locked, inserted = rows_together(
-        conn,
-        (
-            (LOCK_IDENTITY_PG, {"identity_id": owner_id}),
-            (_ranked_insert(*admission.key), params),
-        ),
-    )
-    if not inserted:
-        return bool(locked), None
-    seq, rank = inserted[0]
-    return bool(locked), (int(seq), int(rank))
+    calls: list[tuple[Prepared, Mapping[str, Any]]] = [
+        (LOCK_IDENTITY_PG, {"identity_id": owner_id})
+    ]
+    if window is not None:
+        calls.append((WINDOW_COUNT_PG, window))
+    calls.append((_ranked_insert(*admission.key), params))
+    answers = rows_together(conn, calls)
+    locked, inserted = answers[0], answers[-1]
+    counted = (answers[1][0][0], int(answers[1][0][1])) if window is not None else None
+    landed = (int(inserted[0][0]), int(inserted[0][1])) if inserted else None
+    return bool(locked), landed, counted
 
 
 _INSERT_JOB = Prepared(insert(JOBS).returning(JOBS.c.seq))

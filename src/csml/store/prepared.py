@@ -33,6 +33,9 @@ Invariants:
   parameters, which SQLAlchemy renders into the SQL) is refused when the plan is made
   (`TypeError`), never silently different. One row of parameters per call: there is
   no executemany.
+- `rows_together` sends several statements in one round trip (libpq's pipeline mode,
+  PostgreSQL): each still runs on its own, in order, with its own snapshot; the first
+  error stops those after it and is raised as `rows` would raise it.
 - Plans are few: one per call site's parameter names and IN-list length, and IN-lists
   are padded to a power of two (`padded`: the same rows); at most `PLANS_MAX` per
   statement, then forgotten and made again.

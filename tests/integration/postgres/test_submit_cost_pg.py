@@ -13,7 +13,7 @@ from sqlalchemy import delete, event, func, select
 
 from csml.coordinator import quotas
 from csml.coordinator.state import Core
-from csml.refusals import Refusal, Unauthenticated
+from csml.refusals import RateLimited, Refusal, Unauthenticated
 from csml.store import jobs as store
 from csml.store.db import counters
 from csml.store.jobs import COUNTERS
@@ -81,6 +81,33 @@ def test_a_submit_is_one_round_trip_and_its_commit(core: Core, tmp_path: Path) -
     assert sent.count("Query") == 1, sent  # "COMMIT; BEGIN"
     assert sent.count("Sync") == statements - 1, sent
     assert jobs_of(core, owner) == 2
+
+
+def test_a_windowed_submit_is_one_round_trip_too(make_core: MakeCore, tmp_path: Path) -> None:
+    """`count_window=True` (the JSON, multipart and batch routes): the window's count goes
+    in the same round trip (three statements, one Sync), and past the limit the job and
+    the count are both undone."""
+    core = make_core(queue_capacity=100_000, submission_rate_limit=3, max_active_jobs=0)
+    owner = new_identity(core)
+
+    def one(n: int) -> str:
+        return core.queue.submit(owner, echo(n=n), None, {}, count_window=True).id
+
+    one(0)  # warms the queue-depth view of the app and the lane
+    with traced(core.writer, tmp_path / "trace") as sent:
+        one(1)
+    statements = sent.count("Execute")
+    assert statements in (3, 4), sent  # (4: the queue-depth recount, once a second)
+    assert sent.count("Query") == 1, sent  # "COMMIT; BEGIN"
+    assert sent.count("Sync") == statements - 2, sent
+    one(2)
+    with pytest.raises(RateLimited) as refused:
+        one(3)
+    assert refused.value.code == "submission_rate_limited"
+    assert jobs_of(core, owner) == 3
+    with core.sessions() as session:
+        row = session.get(RateWindow, quotas.submit_key(owner))
+        assert row is not None and row.count == 3
 
 
 def test_a_submit_for_an_erased_identity_is_refused_with_its_lock_and_rank_together(
