@@ -13,7 +13,9 @@ It is race-free where the counts cannot change between the statement's snapshot 
 its write: on SQLite (the write transaction holds the database), and on PostgreSQL
 after `lock_identity` in an earlier statement of the transaction (READ COMMITTED
 takes each statement's snapshot when it starts, so it sees every transaction that
-held the identity's row before).
+held the identity's row before). "Earlier" holds when the two are sent together in one
+round trip (`csml.store.jobs_write.locked_insert_job`, libpq's pipeline mode): the
+server runs them one after the other, and takes the second's snapshot only then.
 
 Stored bytes are a counter, `identities.stored_bytes`, kept by triggers (migration
 0011_stored_bytes) in the statement that inserts, updates or deletes a counted row: a
