@@ -664,48 +664,23 @@ class JobQueue:
 
         admit = quotas.admission(self, owner_id, upload)
 
-        def op_(conn: Connection) -> JobRow:
-            # Lock order: the owner's identity row, its counter row, then the app's row.
-            if conn.dialect.name != "sqlite":
-                quotas.require_identity(conn, owner_id)  # PostgreSQL: the owner's lock
-            if count_window:  # as `abuse.check_submission` would: identity, window, quotas
-                try:
-                    quotas.count_submission(self, conn, owner_id)
-                except RateLimited:
-                    quotas.require_identity(conn, owner_id)  # an erased identity: 401 first
-                    raise
-            # One statement: the rank (it reads the app's served rank), written only if
-            # the identity still exists and the job fits its active-jobs and stored-bytes
-            # quotas (`quotas.admission`; race-free: see `csml.store.jobs_quota`).
-            rank = writes.next_rank(conn, spec.app, owner_id, admit)
-            if rank is None:
-                # Refused, or no such app: the checks of before say which (and raise
-                # their refusal); if they pass (the counts moved since: an expiry), the
-                # job is admitted by them, under the same lock.
-                quotas.check_new_job(
-                    self, conn, self.catalog, owner_id, upload_bytes=upload, adding_models=0
-                )
-                rank = writes.next_rank(conn, spec.app, owner_id)
-                if rank is None:
-                    raise NotFound("unknown_app", f"no application {spec.app!r}")
-            quotas.check_new_models(self, conn, self.catalog, owner_id, adding)
-            if not self._far_from_full(conn, spec.app):
-                # Near the bound: exact, under the app's lock (far from it: no lock).
-                writes.lock_app(conn, spec.app)
-                self._check_capacity(conn, spec.app)
-            self._check_recipients(conn, spec)
-            params, rows = dict(spec.params), list(inputs)
-            if artifacts.requested_model(spec) is not None:
-                params, linked = self._attach_model(conn, owner_id, spec, job_id, set(files))
-                rows += linked
-            if requires_key is not None:
-                writes.add_requirement_key(conn, spec.app, requires_key, requires, utcnow())
+        # PostgreSQL, a job with no model, requirement or envelope: the owner's lock, its
+        # count in the submission window (`count_window`), its rank and its row go in one
+        # round trip when the app's queue is far from its bound (`writes.locked_insert_job`).
+        plain = (
+            sealing is None
+            and requires_key is None
+            and not adding
+            and artifacts.requested_model(spec) is None
+        )
+
+        def make(rank: int, params: dict[str, Any], rows: list[FileRow]) -> NewJob:
             model = (
                 next((f for f in rows if f.name == model_input.name), None)
                 if model_input is not None and sealing is None
                 else None
             )
-            new = NewJob(
+            return NewJob(
                 id=job_id,
                 owner_id=owner_id,
                 app=spec.app,
@@ -724,17 +699,18 @@ class JobQueue:
                 trusted_only=spec.trusted_only,
                 min_reputation=spec.min_reputation,
             )
-            seq = writes.insert_job(conn, new, rows, sealing)
+
+        def answer(seq: int, new: NewJob, rows: list[FileRow]) -> JobRow:
             return JobRow(
                 seq=seq,
                 id=job_id,
                 owner_id=owner_id,
                 app=spec.app,
                 operation=op.name,
-                params=params,
+                params=new.params,
                 limits=limits,
                 state=QUEUED,
-                fair_rank=rank,
+                fair_rank=new.fair_rank,
                 created_at=new.created_at,
                 started_at=None,
                 finished_at=None,
@@ -766,6 +742,71 @@ class JobQueue:
                 trusted_only=spec.trusted_only,
                 min_reputation=spec.min_reputation,
             )
+
+        def op_(conn: Connection) -> JobRow:
+            # Lock order: the owner's identity row, its counter row, then the app's row.
+            postgres = conn.dialect.name != "sqlite"
+            far = self._far_from_full(conn, spec.app) if postgres and plain else None
+            rank: int | None
+            if far:
+                rows = list(inputs)
+                new = make(0, dict(spec.params), rows)  # its rank: the statement's
+                now = new.created_at
+                window = quotas.submission_window(self, owner_id, now) if count_window else None
+                found, landed, counted = writes.locked_insert_job(conn, new, admit, window)
+                if not found:
+                    quotas.require_identity(conn, owner_id)  # erased meanwhile: 401
+                if counted is not None:  # past the window: refused, the write undone
+                    quotas.counted_submission(self, counted, now)
+                if landed is not None:
+                    seq, rank = landed
+                    writes.add_files(conn, seq, rows)
+                    return answer(seq, replace(new, fair_rank=rank), rows)
+                rank = None  # refused, or no such app (below says which)
+            elif postgres and not count_window:
+                # PostgreSQL: the owner's lock and the rank below in one round trip.
+                found, rank = writes.locked_next_rank(conn, spec.app, owner_id, admit)
+                if not found:
+                    quotas.require_identity(conn, owner_id)  # erased meanwhile: 401
+            else:
+                if conn.dialect.name != "sqlite":
+                    quotas.require_identity(conn, owner_id)  # PostgreSQL: the owner's lock
+                if count_window:  # as `abuse.check_submission` would: identity, window, quotas
+                    try:
+                        quotas.count_submission(self, conn, owner_id)
+                    except RateLimited:
+                        quotas.require_identity(conn, owner_id)  # an erased identity: 401 first
+                        raise
+                # One statement: the rank (it reads the app's served rank), written only
+                # if the identity still exists and the job fits its active-jobs and
+                # stored-bytes quotas (`quotas.admission`; race-free: see
+                # `csml.store.jobs_quota`).
+                rank = writes.next_rank(conn, spec.app, owner_id, admit)
+            if rank is None:
+                # Refused, or no such app: the checks of before say which (and raise
+                # their refusal); if they pass (the counts moved since: an expiry), the
+                # job is admitted by them, under the same lock.
+                quotas.check_new_job(
+                    self, conn, self.catalog, owner_id, upload_bytes=upload, adding_models=0
+                )
+                rank = writes.next_rank(conn, spec.app, owner_id)
+                if rank is None:
+                    raise NotFound("unknown_app", f"no application {spec.app!r}")
+            quotas.check_new_models(self, conn, self.catalog, owner_id, adding)
+            if not (self._far_from_full(conn, spec.app) if far is None else far):
+                # Near the bound: exact, under the app's lock (far from it: no lock).
+                writes.lock_app(conn, spec.app)
+                self._check_capacity(conn, spec.app)
+            self._check_recipients(conn, spec)
+            params, rows = dict(spec.params), list(inputs)
+            if artifacts.requested_model(spec) is not None:
+                params, linked = self._attach_model(conn, owner_id, spec, job_id, set(files))
+                rows += linked
+            if requires_key is not None:
+                writes.add_requirement_key(conn, spec.app, requires_key, requires, utcnow())
+            new = make(rank, params, rows)
+            seq = writes.insert_job(conn, new, rows, sealing)
+            return answer(seq, new, rows)
 
         if artifacts.requested_model(spec) is None:
             # Rows only (`_depths` is a soft count: a repeat counts a job twice, as a

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy.orm import Session
@@ -158,6 +158,27 @@ def count_submission(owner: HasSettings, session: Conn, identity_id: str) -> Non
         return
     limit, window = s.submission_rate_limit, s.submission_rate_window_seconds
     wait = windows.count_in_window(session, submit_key(identity_id), limit, window, utcnow())
+    if wait is not None:
+        raise rate_limited("submission rate limit", limit, window, wait, "submission_rate_limited")
+
+
+def submission_window(owner: HasSettings, identity_id: str, now: datetime) -> dict[str, Any] | None:
+    """`count_submission`'s window upsert, as values for a caller that sends it with its
+    other statements (`csml.store.jobs_write.locked_insert_job`); None when there is no
+    limit. `counted_submission` then reads what it answered."""
+    s = owner.settings
+    if not s.submission_rate_limit:
+        return None
+    return windows.window_params(submit_key(identity_id), s.submission_rate_window_seconds, now)
+
+
+def counted_submission(owner: HasSettings, counted: tuple[datetime, int], now: datetime) -> None:
+    """Refuse (`RateLimited`, as `count_submission`) when the window as counted
+    (`submission_window`'s answer, at `now`) is past the limit: the caller's write must
+    then fail, which takes its count back."""
+    s = owner.settings
+    limit, window = s.submission_rate_limit, s.submission_rate_window_seconds
+    wait = windows.window_wait(*counted, limit, window, now)
     if wait is not None:
         raise rate_limited("submission rate limit", limit, window, wait, "submission_rate_limited")
 

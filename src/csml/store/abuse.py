@@ -24,6 +24,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from csml.store.db import insert_ignore
+from csml.store.prepared import Prepared
 from csml.store.tables_abuse import RateWindow, ServerSecret, UsedChallenge
 
 
@@ -109,6 +110,10 @@ def _window_upsert(dialect: str) -> Any:
 
 RATE_WINDOWS = cast(Table, RateWindow.__table__)
 _WINDOW_UPSERT = {dialect: _window_upsert(dialect) for dialect in ("postgresql", "sqlite")}
+# `count_in_window`'s upsert on PostgreSQL, for a caller that sends it with others
+# (`csml.store.jobs_write.locked_insert_job`); its count stands only if the caller's
+# transaction commits, so past the limit that caller fails its write (no take-back).
+WINDOW_COUNT_PG = Prepared(_WINDOW_UPSERT["postgresql"])
 _HOLD_UPSERT = {dialect: _hold_upsert(dialect) for dialect in ("postgresql", "sqlite")}
 _UNCOUNT = (
     update(RATE_WINDOWS)
@@ -128,11 +133,27 @@ def count_in_window(
     the limit a second statement takes the count back. The caller's transaction commits."""
     dialect = session.get_bind().dialect.name if isinstance(session, Session) else None
     dialect = dialect or cast(Connection, session).dialect.name
-    params = {"b_key": key, "b_now": now, "b_cutoff": now - timedelta(seconds=seconds)}
+    params = window_params(key, seconds, now)
     start, count = session.execute(_WINDOW_UPSERT[dialect], params).one()
+    wait = window_wait(start, count, limit, seconds, now)
+    if wait is not None:
+        session.execute(_UNCOUNT, {"b_key": key})
+    return wait
+
+
+def window_params(key: str, seconds: float, now: datetime) -> dict[str, Any]:
+    """The bound values of `WINDOW_COUNT_PG` (`count_in_window`'s upsert)."""
+    return {"b_key": key, "b_now": now, "b_cutoff": now - timedelta(seconds=seconds)}
+
+
+def window_wait(
+    start: datetime, count: int, limit: int, seconds: float, now: datetime
+) -> float | None:
+    """None if the window as counted (`start`, `count`) is within `limit`, else the
+    seconds until it resets (then the count must not stand: roll it back, or take it
+    back as `count_in_window` does)."""
     if int(count) <= limit:
         return None
-    session.execute(_UNCOUNT, {"b_key": key})
     ends: datetime = start + timedelta(seconds=seconds)
     return (ends - now).total_seconds()
 

@@ -13,7 +13,9 @@ It is race-free where the counts cannot change between the statement's snapshot 
 its write: on SQLite (the write transaction holds the database), and on PostgreSQL
 after `lock_identity` in an earlier statement of the transaction (READ COMMITTED
 takes each statement's snapshot when it starts, so it sees every transaction that
-held the identity's row before).
+held the identity's row before). "Earlier" holds when the two are sent together in one
+round trip (`csml.store.jobs_write.locked_insert_job`, libpq's pipeline mode): the
+server runs them one after the other, and takes the second's snapshot only then.
 
 Stored bytes are a counter, `identities.stored_bytes`, kept by triggers (migration
 0011_stored_bytes) in the statement that inserts, updates or deletes a counted row: a
@@ -39,6 +41,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from csml.store.jobs import FILES, JOBS, QUEUED, RUNNING, TERMINAL
+from csml.store.prepared import Prepared
 from csml.store.tables import Identity
 from csml.store.tables_artifacts import ModelArtifact
 
@@ -59,6 +62,9 @@ _LOCK_IDENTITY = {
     "postgresql": _IDENTITY.with_for_update(key_share=True),  # FOR NO KEY UPDATE
     "sqlite": _IDENTITY,  # the write transaction holds the database
 }
+# The same lock on PostgreSQL, for a caller that sends it with the statement after it
+# (`csml.store.jobs_write.locked_next_rank`: one round trip for both).
+LOCK_IDENTITY_PG = Prepared(_LOCK_IDENTITY["postgresql"])
 _ACTIVE_JOBS = (
     select(func.count())
     .select_from(JOBS)

@@ -21,8 +21,12 @@ Invariants:
   the owner's `fair_counters` row, no app lock) and the app's served rank. A single
   job's submission admits the job (identity, queued + running jobs, stored bytes) in
   that same upsert's condition (`next_rank(admission=...)`): submitting a job without
-  a requirement, model or envelope is two statements (rank, job row) on SQLite, three
-  on PostgreSQL (the identity's lock first).
+  a requirement, model or envelope is two statements (rank, job row) on SQLite. On
+  PostgreSQL it is the identity's lock, then the rank's upsert as a data-modifying CTE
+  with the job's row inserted from its RETURNING (`locked_insert_job`; no row when it
+  admits nothing), the two sent together in one round trip (`prepared.rows_together`:
+  the server still runs the second after the first holds the lock, with a snapshot
+  taken then, so the admission reads counts no other holder of the lock can change).
 - Credit priority (`take(credited=True)`, chosen by `csml.coordinator.credit`) is the
   same one statement on the head of the jobs of identities with a positive balance; a
   job it takes out of order keeps the lease in `credit_lease` (its completion debits the
@@ -47,11 +51,11 @@ Ends (completion, cancel, reaping) are in `csml.store.jobs_end`.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -70,6 +74,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import Update
 from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
+from csml.store.abuse import WINDOW_COUNT_PG
 from csml.store.credit import credited_owner
 from csml.store.jobs import (
     APPS,
@@ -90,8 +95,8 @@ from csml.store.jobs import (
     claimant_params,
     files_of,
 )
-from csml.store.jobs_quota import Admission, admits
-from csml.store.prepared import Prepared
+from csml.store.jobs_quota import LOCK_IDENTITY_PG, Admission, admits
+from csml.store.prepared import Prepared, rows_together
 from csml.store.tables import Job
 
 
@@ -210,6 +215,129 @@ def next_rank(
         params = {"b_app": app, "b_owner": owner_id, **admission.params()}
     rank = stmt.scalar(conn, params)
     return None if rank is None else int(rank)
+
+
+def locked_next_rank(
+    conn: Connection, app: str, owner_id: str, admission: Admission
+) -> tuple[bool, int | None]:
+    """(PostgreSQL) The owner's identity lock (`jobs_quota.lock_identity`), then
+    `next_rank(admission=...)`, sent together (`prepared.rows_together`: one round trip,
+    not two). Whether the identity was there to lock, and the rank (None as `next_rank`).
+    Race-free as the two statements one by one: the server runs the upsert after the lock
+    is held, and its snapshot (READ COMMITTED: taken when it starts) sees every
+    transaction that held the identity's row before."""
+    assert admission.identity_id == owner_id, "a job is admitted for its owner"
+    locked, ranked = rows_together(
+        conn,
+        (
+            (LOCK_IDENTITY_PG, {"identity_id": owner_id}),
+            (
+                _admitting_rank_upsert(conn.dialect.name, *admission.key),
+                {"b_app": app, "b_owner": owner_id, **admission.params()},
+            ),
+        ),
+    )
+    return bool(locked), (int(ranked[0][0]) if ranked else None)
+
+
+# A new job's columns as `insert_job` writes them (bound as "j_<column>"), but its rank.
+_JOB_COLUMNS = (
+    "id",
+    "owner_id",
+    "app",
+    "operation",
+    "params",
+    "limits",
+    "state",
+    "created_at",
+    "attempts",
+    "max_attempts",
+    "progress_fraction",
+    "progress_message",
+    "requires_key",
+    "warm_key",
+    "trusted_only",
+    "min_reputation",
+    "verify_runs",
+)
+
+
+@functools.cache
+def _ranked_insert(active: bool, stored: bool) -> Prepared:
+    """(PostgreSQL) The admitting rank upsert (`_rank_upsert`) as a data-modifying CTE and
+    the job's row inserted from its RETURNING, in one statement: no row at all when the
+    upsert wrote none (refused, or no such app). Returns the job's seq and rank."""
+    from sqlalchemy.dialects import postgresql
+
+    ranked = _rank_upsert("postgresql", (active, stored)).stmt
+    rank = cast(Any, ranked).cte("ranked")
+    values = [bindparam(f"j_{name}", type_=JOBS.c[name].type) for name in _JOB_COLUMNS]
+    stmt = (
+        postgresql.insert(JOBS)
+        .from_select(
+            [*_JOB_COLUMNS, "fair_rank"],
+            select(*values, rank.c.last_rank),
+            include_defaults=False,
+        )
+        .add_cte(rank)
+        .returning(JOBS.c.seq, JOBS.c.fair_rank)
+    )
+    return Prepared(stmt)
+
+
+def locked_insert_job(
+    conn: Connection,
+    job: NewJob,
+    admission: Admission,
+    window: Mapping[str, Any] | None = None,
+) -> tuple[bool, tuple[int, int] | None, tuple[datetime, int] | None]:
+    """(PostgreSQL) The owner's identity lock (`jobs_quota.lock_identity`), then
+    `next_rank(admission=...)` and `insert_job(job)` (no files, no envelope: the caller
+    adds its files after) as one statement, the two sent together
+    (`prepared.rows_together`): one round trip where they were three. Whether the
+    identity was there to lock, and the job's (seq, rank), or None when the upsert
+    admitted nothing (then nothing was written: the caller finds out why, as after
+    `next_rank`). `job.fair_rank` is not used. With a `window` (`abuse.window_params` of
+    the owner's submission window), its count's upsert goes between the two (in the
+    order of the statements one by one: identity, window, rank) and the window as
+    counted comes third (`abuse.window_wait` says whether it stands: if not, the caller
+    fails its write, which takes back the count and the job). Race-free as the
+    statements one by one: the server runs each after the lock is held, and its
+    snapshot (READ COMMITTED: taken when it starts) sees every transaction that held
+    the identity's row before."""
+    owner_id = job.owner_id
+    assert admission.identity_id == owner_id, "a job is admitted for its owner"
+    params: dict[str, Any] = {"b_app": job.app, "b_owner": owner_id, **admission.params()}
+    params.update(
+        j_id=job.id,
+        j_owner_id=owner_id,
+        j_app=job.app,
+        j_operation=job.operation,
+        j_params=job.params,
+        j_limits=job.limits,
+        j_state=QUEUED,
+        j_created_at=job.created_at,
+        j_attempts=0,
+        j_max_attempts=job.max_attempts,
+        j_progress_fraction=0.0,
+        j_progress_message="",
+        j_requires_key=job.requires_key,
+        j_warm_key=job.warm_key,
+        j_trusted_only=job.trusted_only,
+        j_min_reputation=job.min_reputation,
+        j_verify_runs=0,
+    )
+    calls: list[tuple[Prepared, Mapping[str, Any]]] = [
+        (LOCK_IDENTITY_PG, {"identity_id": owner_id})
+    ]
+    if window is not None:
+        calls.append((WINDOW_COUNT_PG, window))
+    calls.append((_ranked_insert(*admission.key), params))
+    answers = rows_together(conn, calls)
+    locked, inserted = answers[0], answers[-1]
+    counted = (answers[1][0][0], int(answers[1][0][1])) if window is not None else None
+    landed = (int(inserted[0][0]), int(inserted[0][1])) if inserted else None
+    return bool(locked), landed, counted
 
 
 _INSERT_JOB = Prepared(insert(JOBS).returning(JOBS.c.seq))

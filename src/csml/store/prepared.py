@@ -33,6 +33,9 @@ Invariants:
   parameters, which SQLAlchemy renders into the SQL) is refused when the plan is made
   (`TypeError`), never silently different. One row of parameters per call: there is
   no executemany.
+- `rows_together` sends several statements in one round trip (libpq's pipeline mode,
+  PostgreSQL): each still runs on its own, in order, with its own snapshot; the first
+  error stops those after it and is raised as `rows` would raise it.
 - Plans are few: one per call site's parameter names and IN-list length, and IN-lists
   are padded to a power of two (`padded`: the same rows); at most `PLANS_MAX` per
   statement, then forgotten and made again.
@@ -46,6 +49,7 @@ from operator import itemgetter
 from typing import Any, cast
 
 from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql import ClauseElement, Executable, visitors
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import BindParameter
@@ -148,6 +152,10 @@ class Prepared:
     def rows(self, conn: Connection, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
         """Execute; the rows it returns, as tuples of processed values."""
         cursor, plan = self._send(conn, params)
+        return self._read(conn, cursor, plan)
+
+    def _read(self, conn: Connection, cursor: Any, plan: _Plan) -> list[tuple[Any, ...]]:
+        """The rows of `plan` executed on `cursor`, processed; closes the cursor."""
         try:
             try:
                 raw = cursor.fetchall()
@@ -306,3 +314,40 @@ def padded(params: Mapping[str, Any], expanding: Sequence[str]) -> Mapping[str, 
                 grown = dict(params)
             grown[name] = [*values, *[values[-1]] * ((1 << n.bit_length()) - n)]
     return params if grown is None else grown
+
+
+def rows_together(
+    conn: Connection, calls: Sequence[tuple[Prepared, Mapping[str, Any]]]
+) -> list[list[tuple[Any, ...]]]:
+    """Execute `calls` in order, in the connection's transaction, and return each one's
+    rows (as `Prepared.rows`). On PostgreSQL (psycopg 3 with libpq's pipeline mode) they
+    go out together and their answers come back together: one round trip, not one per
+    statement. The server still runs them one after the other, each in the order sent and,
+    in READ COMMITTED, with a snapshot taken when it starts (after the statements before
+    it finished: a lock taken by one is held when the next one reads). If one fails, those
+    after it are not run, and the first error is raised (wrapped as `Connection.execute`
+    would: `sqlalchemy.exc.DBAPIError`), leaving the transaction aborted as a failed
+    statement would. Elsewhere (SQLite), the statements are simply run one by one."""
+    dbapi = conn.connection.dbapi_connection
+    pipeline = getattr(dbapi, "pipeline", None)
+    if pipeline is None or len(calls) < 2:
+        return [prepared.rows(conn, params) for prepared, params in calls]
+    if not conn.in_transaction():
+        conn.begin()  # as Connection.execute's autobegin
+    sent: list[tuple[Prepared, Any, _Plan]] = []
+    try:
+        try:
+            with pipeline():  # its end sends a Sync and reads every answer
+                for prepared, params in calls:
+                    cursor, plan = prepared._send(conn, params)
+                    sent.append((prepared, cursor, plan))
+        except DBAPIError:
+            raise  # a statement's own error, wrapped by `_cursor_execute` already
+        except BaseException as exc:
+            sql = "; ".join(plan.sql for _, _, plan in sent)
+            conn._handle_dbapi_exception(exc, sql, None, None, None)
+            raise  # unreachable: the handler raises
+        return [prepared._read(conn, cursor, plan) for prepared, cursor, plan in sent]
+    finally:
+        for _, cursor, _ in sent:
+            cursor.close()

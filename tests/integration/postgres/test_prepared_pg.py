@@ -11,7 +11,7 @@ from sqlalchemy import exc
 
 from csml.coordinator.state import Core
 from csml.store.db import read_each
-from csml.store.prepared import Prepared
+from csml.store.prepared import Prepared, rows_together
 from tests.integration.postgres.support import new_identity, new_worker, submit
 from tests.prepared_checks import (
     INSERT,
@@ -57,3 +57,29 @@ def test_the_store_hot_statements_send_and_return_what_core_does(core: Core) -> 
     worker = new_worker(core)
     job_id = submit(core, owner, x=1)
     check_store_statements(core.engine, owner, worker.id, job_id)
+
+
+def test_statements_sent_together_answer_each_and_stop_at_the_first_error(core: Core) -> None:
+    """`rows_together`: each statement's rows in order, counted like the others; when one
+    fails, its error (wrapped as SQLAlchemy's, with its SQLSTATE) and none after it ran."""
+    create(core.engine)
+    with core.engine.connect() as conn:
+        conn.begin()
+        with recorded(core.engine) as sent:
+            first, second = rows_together(
+                conn, [(Prepared(INSERT), ROWS[0]), (Prepared(INSERT), ROWS[1])]
+            )
+        assert len(sent) == 2
+        assert (first[0][1], second[0][1]) == ("a", "b") and first[0][0] != second[0][0]
+        conn.commit()
+    with core.engine.connect() as conn:
+        conn.begin()
+        with pytest.raises(exc.IntegrityError) as raised:
+            rows_together(
+                conn,
+                [(Prepared(INSERT), {**ROWS[2], "seq": first[0][0]}), (Prepared(INSERT), ROWS[2])],
+            )
+        assert getattr(raised.value.orig, "sqlstate", None) == "23505"
+        conn.rollback()
+    with core.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM prepared_things").scalar() == 2
