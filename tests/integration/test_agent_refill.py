@@ -7,9 +7,10 @@ the moving averages are set as its slot threads and claims would set them."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
-from csml.worker.agent import WorkerAgent
+from csml.worker.agent import WorkerAgent, _ClaimTurn
 from tests.integration.offline_agent import offline_agent
 
 
@@ -66,3 +67,18 @@ def test_without_a_configured_prefetch_none_grows(tmp_path: Path) -> None:
         set_times(agent, job=0.002, claim=0.015)
         agent._reach()
         assert (agent._prefetch, agent._free) == (0, 2)
+
+
+def test_a_claim_that_long_polls_holding_nothing_asks_for_the_configured_prefetch(
+    tmp_path: Path,
+) -> None:
+    with offline_agent(tmp_path, slots=2, prefetch=8) as agent:
+        waiter = threading.Lock()
+        waiter.acquire()
+        with agent._lock:
+            set_times(agent, job=0.002, claim=0.015)
+            agent._reach()
+            assert agent._free == 18
+            turn = agent._next_turn(waiter)  # idle: nothing running, nothing queued
+        assert isinstance(turn, _ClaimTurn) and turn.poll
+        assert (turn.free, agent._prefetch, agent._free) == (10, 8, 0)

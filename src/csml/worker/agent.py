@@ -594,6 +594,9 @@ class WorkerAgent:
                 riding = self._take_batch() if self._fold else []
                 # Riding completions: it waits for work only if no other job is held.
                 self._polling = poll = not riding or (self._active == 0 and not self._queue)
+                if self._active == 0 and not self._queue:  # it long-polls holding nothing:
+                    self._resize(max(0, self.config.prefetch))  # a burst of long jobs
+                    # is shared as configured (the next quick claim sizes it again)
                 self._claiming = True
                 turn = _ClaimTurn(self._free, riding, poll)
                 self._free = 0
@@ -678,13 +681,17 @@ class WorkerAgent:
         jobs on a loaded machine, whose claims took 15 ms against ~2.5 ms of a slot per
         job, had their slots starved half the time with a prefetch of 8 (`starved_s`):
         16 gave (a) +35 % jobs/s at load 5-7. Shrinking leaves `_free` below zero until
-        enough held jobs end. Without a configured prefetch nothing is prefetched."""
+        enough held jobs end. Without a configured prefetch nothing is prefetched. A claim
+        that long-polls holding nothing goes with the configured one (`_next_turn`)."""
         floor = self.config.prefetch
         if floor <= 0 or self._job_seconds <= 0 or self._claim_seconds <= 0:
             return
         during = 2 * self._claim_seconds * self.config.slots / self._job_seconds
         reach = min(PREFETCH_REACH * floor, MAX_CLAIM_JOBS - self.config.slots)
-        prefetch = max(floor, min(reach, math.ceil(during)))
+        self._resize(max(floor, min(reach, math.ceil(during))))
+
+    def _resize(self, prefetch: int) -> None:
+        """(Under `_lock`.) Hold up to `prefetch` jobs beyond the slots from now on."""
         if prefetch != self._prefetch:
             self._free += prefetch - self._prefetch
             self._capacity += prefetch - self._prefetch
