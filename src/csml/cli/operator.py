@@ -195,7 +195,8 @@ def worker(
             min=0,
             max=256,
             help="Jobs claimed beyond the free slots, to start at once when a slot frees "
-            "(they show as running, held under lease, while they wait).",
+            "(they show as running, held under lease, while they wait); for jobs short "
+            "beside a claim's round trip, up to twice as many.",
         ),
     ] = 0,
     completion_hold: Annotated[
