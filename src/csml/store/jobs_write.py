@@ -308,25 +308,7 @@ def locked_insert_job(
     owner_id = job.owner_id
     assert admission.identity_id == owner_id, "a job is admitted for its owner"
     params: dict[str, Any] = {"b_app": job.app, "b_owner": owner_id, **admission.params()}
-    params.update(
-        j_id=job.id,
-        j_owner_id=owner_id,
-        j_app=job.app,
-        j_operation=job.operation,
-        j_params=job.params,
-        j_limits=job.limits,
-        j_state=QUEUED,
-        j_created_at=job.created_at,
-        j_attempts=0,
-        j_max_attempts=job.max_attempts,
-        j_progress_fraction=0.0,
-        j_progress_message="",
-        j_requires_key=job.requires_key,
-        j_warm_key=job.warm_key,
-        j_trusted_only=job.trusted_only,
-        j_min_reputation=job.min_reputation,
-        j_verify_runs=0,
-    )
+    params.update((f"j_{name}", value) for name, value in _job_values(job).items())
     calls: list[tuple[Prepared, Mapping[str, Any]]] = [
         (LOCK_IDENTITY_PG, {"identity_id": owner_id})
     ]
@@ -341,6 +323,31 @@ def locked_insert_job(
 
 
 _INSERT_JOB = Prepared(insert(JOBS).returning(JOBS.c.seq))
+
+
+def _job_values(job: NewJob) -> dict[str, Any]:
+    """A new queued job's row, every column but its fair rank (`_JOB_COLUMNS`)."""
+    return {
+        "id": job.id,
+        "owner_id": job.owner_id,
+        "app": job.app,
+        "operation": job.operation,
+        "params": job.params,
+        "limits": job.limits,
+        "state": QUEUED,
+        "created_at": job.created_at,
+        "attempts": 0,
+        "max_attempts": job.max_attempts,
+        "progress_fraction": 0.0,
+        "progress_message": "",
+        "requires_key": job.requires_key,
+        "warm_key": job.warm_key,
+        "trusted_only": job.trusted_only,
+        "min_reputation": job.min_reputation,
+        "verify_runs": 0,
+    }
+
+
 _INSERT_FILES = insert(FILES)
 _INSERT_FILE = Prepared(_INSERT_FILES)
 
@@ -349,29 +356,7 @@ def insert_job(
     conn: Connection, job: NewJob, files: Sequence[FileRow], sealing: Sealing | None
 ) -> int:
     """Insert a queued job with its files (and envelope); its seq."""
-    seq = _INSERT_JOB.scalar(
-        conn,
-        {
-            "id": job.id,
-            "owner_id": job.owner_id,
-            "app": job.app,
-            "operation": job.operation,
-            "params": job.params,
-            "limits": job.limits,
-            "state": QUEUED,
-            "fair_rank": job.fair_rank,
-            "created_at": job.created_at,
-            "attempts": 0,
-            "max_attempts": job.max_attempts,
-            "progress_fraction": 0.0,
-            "progress_message": "",
-            "requires_key": job.requires_key,
-            "warm_key": job.warm_key,
-            "trusted_only": job.trusted_only,
-            "min_reputation": job.min_reputation,
-            "verify_runs": 0,
-        },
-    )
+    seq = _INSERT_JOB.scalar(conn, {**_job_values(job), "fair_rank": job.fair_rank})
     add_files(conn, seq, files)
     if sealing is not None:
         conn.execute(
