@@ -289,12 +289,12 @@ class AgentStats:
 
 MAX_COMPLETION_BATCH = 64
 CLAIM_GRACE_SECONDS = 0.005
-PREFETCH_REACH = 2
-"""A prefetch grows up to this many times the configured one (`WorkerAgent._reach`)."""
-MAX_CLAIM_JOBS = 256  # `ClaimRequest.max_jobs`' bound: a grown prefetch stays within it
 """How long the job a claim brought may run in its child before a thread claims next: a
 job that answers sooner has its completion ride that claim (see the module docstring).
 A job queued meanwhile for this worker waits at most this much longer to be claimed."""
+PREFETCH_REACH = 2
+"""A prefetch grows up to this many times the configured one (`WorkerAgent._reach`)."""
+MAX_CLAIM_JOBS = 256  # `ClaimRequest.max_jobs`' bound: a grown prefetch stays within it
 IDLE_CHECK_SECONDS = 5.0  # a waiting slot thread looks again (it is woken when due)
 IDLE_PER_PLACE = 4  # idle children per place of the idle memory budget, at most
 MAX_INLINE_OUTPUTS = 16
