@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from csml.client import Client
-from csml.client.batch import BatchItem, save_outputs
+from csml.client.batch import BatchItem
 from csml.schemas.workers import INLINE_MAX_BYTES
 from tests.cluster import Cluster, post_counts
 
@@ -201,55 +201,3 @@ def test_map_with_inline_outputs_downloads_them_without_a_request(
     # Every item's result came on the stream, its output with it; one that ended while
     # the stream reconnected (about every 20 s) would be downloaded: a few at most.
     assert len(downloads) <= 2, downloads
-
-
-@pytest.mark.parametrize("inline", [INLINE_MAX_BYTES, 0])
-def test_save_outputs_writes_what_download_writes(
-    cluster: Cluster, tmp_path: Path, inline: int
-) -> None:
-    """`save_outputs` (what `csml batch` saves an item with) gives each output the file
-    `Job.download` into the folder gives it (same name, same bytes), from the bytes that
-    came inline with the result when there are some (no download request), by a download
-    when there are none; no `.part` file is left."""
-    files = []
-    for i in range(6):
-        path = tmp_path / f"f{i}.txt"
-        path.write_bytes(f"item {i}\n".encode())
-        files.append(path)
-    downloads: list[str] = []
-
-    class Downloads(httpx.HTTPTransport):
-        def handle_request(self, request: httpx.Request) -> httpx.Response:
-            if "/outputs/" in request.url.path:
-                downloads.append(request.url.path)
-            return super().handle_request(request)
-
-    saved: dict[int, dict[str, str]] = {}
-
-    def save(item: BatchItem) -> None:
-        assert item.job is not None
-        saved[item.index] = save_outputs(item.job, tmp_path / "lean" / f"i{item.index}")
-
-    with Client(cluster.url, cluster.new_user().token, transport=Downloads()) as c:
-        batch = c.map(
-            "echo", "echo", files, concurrency=4, timeout=300, on_done=save,
-            inline_outputs=inline,
-        )  # fmt: skip
-        assert [i.state for i in batch.items] == ["succeeded"] * 6, batch.failed[:3]
-        lean_downloads = len(downloads)
-        for item in batch.items:
-            assert item.job is not None
-            by_download = c.job(item.job.id).download("data", _made(tmp_path / f"d{item.index}"))
-            lean = Path(saved[item.index]["data"])
-            assert lean.name == by_download.name
-            assert lean.read_bytes() == by_download.read_bytes() == files[item.index].read_bytes()
-    assert not list((tmp_path / "lean").rglob("*.part"))
-    if inline:  # each came with its result, bar one that ended while the stream reconnected
-        assert lean_downloads <= 1, downloads
-    else:
-        assert lean_downloads == 6
-
-
-def _made(folder: Path) -> Path:
-    folder.mkdir(parents=True)
-    return folder

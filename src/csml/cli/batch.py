@@ -22,7 +22,7 @@ import re
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -31,7 +31,7 @@ from csml.cli.connection import UrlOpt, client
 from csml.cli.output import console
 from csml.cli.params import find_operation, parse_params
 from csml.client import CsmlError
-from csml.client.batch import BatchItem, save_outputs, single_file_input
+from csml.client.batch import BatchItem, single_file_input
 from csml.schemas.workers import INLINE_MAX_BYTES
 
 GLOB_CHARS = re.compile(r"[*?\[]")
@@ -188,4 +188,8 @@ def _item_folders(labels: list[str]) -> list[str]:
 
 def _save(item: BatchItem, folder: Path) -> None:
     assert item.job is not None
-    item.saved = save_outputs(item.job, folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    saved: dict[str, Any] = {}
+    for name in item.job.data.outputs:
+        saved[name] = str(item.job.download(name, folder))
+    item.saved = saved

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import base64
 import collections
-import contextlib
 import json
-import mimetypes
 import os
 import threading
 import time
@@ -51,7 +49,6 @@ from csml.client.errors import (
     Unauthorized,
     WaitTimeout,
 )
-from csml.client.filenames import check_file_name
 from csml.schemas.batches import BatchSubmitted
 from csml.schemas.workers import INLINE_MAX_BYTES
 
@@ -645,64 +642,6 @@ def _submit_with_patience(
             if time.monotonic() + wait > deadline:
                 raise
             time.sleep(min(wait, 5.0))
-
-
-def save_outputs(job: Job, folder: Path) -> dict[str, str]:
-    """Save every output of `job` into `folder` (made if missing) as `<name><ext>` (the
-    extension from its media type, as `Job.download` names a file in a folder); the
-    saved path by output name.
-
-    Each name is checked before it is used (`check_file_name`: no path, no `..`, no
-    hidden or control-character name). An output that came inline with the job's
-    result (and matches its view's size and sha256) is written straight from those
-    bytes: `<file>.part` by one unbuffered descriptor (open, write, close), renamed over
-    `<file>` at the end, so a failed write leaves no file, as `Job.download` does but
-    without its stat of the target and a buffered file's fstat, ioctl and lseek (four
-    system calls of about ten per item of `csml batch`); any other output is
-    downloaded (`Job.download`)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    saved: dict[str, str] = {}
-    for name, info in job.data.outputs.items():
-        check_file_name(name)
-        target = folder / check_file_name(f"{name}{_extension(info.media_type)}")
-        data = job._inline_output(name)
-        if data is None:
-            saved[name] = str(job.download(name, target))
-            continue
-        _write_new(target, data)
-        saved[name] = str(target)
-    return saved
-
-
-_EXTENSIONS: dict[str, str] = {}
-
-
-def _extension(media_type: str) -> str:
-    """`mimetypes.guess_extension` of `media_type` ("" for none), remembered."""
-    ext = _EXTENSIONS.get(media_type)
-    if ext is None:
-        ext = _EXTENSIONS[media_type] = mimetypes.guess_extension(media_type) or ""
-    return ext
-
-
-def _write_new(target: Path, data: bytes) -> None:
-    """`data` into `target.part` (one descriptor, no buffer), then renamed to `target`;
-    on any failure the `.part` file is removed and nothing is at `target` that was not
-    there before."""
-    tmp = f"{target}.part"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def single_file_input(inputs: Iterable[tuple[str, bool]], wanted: str | None) -> str:
