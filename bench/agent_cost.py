@@ -21,9 +21,12 @@ requests by route (coordinator `/metrics`), and the agent's claims. From the age
 counters (an agent older than session 12 logs none of these: 0): `wakes_per_job`, slot
 threads woken for a turn (thread hand-offs); `starved_ms_per_job`, slot-time with
 nothing queued here while a claim answered at once was in flight; `quick_claim_ms`,
-the mean round trip of those claims. CPU and counts are robust to the machine's load;
-wall is not. Medians over `--rounds`; `uptime` before and
-after.
+the mean round trip of those claims. Where a job's time from its claim's answer to
+its completion's receipt goes, means: `queued_here_ms` (waiting here for a slot
+thread: the prefetch), `slot_ms` (a slot thread holding it: the child's turn and the
+hand-offs around it), `ride_wait_ms` (its completion waiting for the claim it rides to
+be sent) and `ride_flight_ms` (that claim's round trip). CPU and counts are robust to
+the machine's load; wall is not. Medians over `--rounds`; `uptime` before and after.
 
     /work/venv/bin/python bench/agent_cost.py [--mode drain|flow] [--jobs 2000] [--rounds 3]
     /work/venv/bin/python bench/agent_cost.py --profile gil   # py-spy the agent, last round
@@ -263,6 +266,11 @@ def one_round(a: argparse.Namespace, root: Path, profile: bool) -> dict[str, flo
         * stats.get("quick_claim_s", 0)
         / max(1, stats.get("quick_claims", 0)),
         "queued_idle_ms_per_job": 1000 * stats["queued_idle_s"] / max(1, stats["jobs"]),
+        # Where a job's time from its claim to its completion's receipt goes (means):
+        "queued_here_ms": 1000 * stats.get("queued_s", 0) / max(1, stats["jobs"]),
+        "slot_ms": 1000 * stats["busy_s"] / max(1, stats["jobs"]),
+        "ride_wait_ms": 1000 * stats.get("ride_wait_s", 0) / max(1, stats["riding"]),
+        "ride_flight_ms": 1000 * stats.get("ride_flight_s", 0) / max(1, stats["riding"]),
         "requests_per_job": sum(r["per_job"] for r in requests.values()),
     }
     if calls:

@@ -214,6 +214,7 @@ class _Running:
     cancel: threading.Event = field(default_factory=threading.Event)
     handed: bool = False  # its completion is pending: whoever sends it ends the job
     freed: bool = False  # its slot was given back when its completion was handed
+    arrived: float = 0.0  # monotonic time its claim was answered (`AgentStats.queued_s`)
 
 
 @dataclass
@@ -268,7 +269,13 @@ class AgentStats:
     prefetch works). A worker whose coordinator had jobs queued all along idled
     `slots x wall - busy_s` slot-seconds: the time its slots waited for claims;
     `starved_s` is the part of it spent with nothing queued here while a claim that
-    answers at once was in flight (its round trip outlasting the prefetch)."""
+    answers at once was in flight (its round trip outlasting the prefetch).
+
+    Where a job's time between its claim and its completion's receipt goes, summed over
+    jobs: `queued_s`, claimed and waiting here for a slot thread (the claim's answer to
+    the thread taking it); `ride_wait_s`, a completion that rode a claim waiting for
+    that claim to be sent (handed to sent); `ride_flight_s`, that claim's round trip
+    (sent to answered: the coordinator commits the completion within it)."""
 
     jobs: int = 0  # jobs taken by a slot thread
     claims: int = 0  # claims answered
@@ -285,6 +292,9 @@ class AgentStats:
     quick_claims: int = 0  # claims answered at once (carrying completions, or not polling)
     quick_claim_s: float = 0.0  # ... their time in flight, in all
     prefetch_peak: int = 0  # the largest prefetch held (`WorkerAgent._reach`)
+    queued_s: float = 0.0  # claimed jobs' waits here for a slot thread, in all
+    ride_wait_s: float = 0.0  # riding completions' waits for their claim to be sent
+    ride_flight_s: float = 0.0  # ... and their claims' round trips, per completion
 
 
 MAX_COMPLETION_BATCH = 64
@@ -587,6 +597,7 @@ class WorkerAgent:
                 self._active += 1
                 self._stats.jobs += 1
                 turn = self._queue.popleft()
+                self._stats.queued_s += self._tallied - self._running[turn.id].arrived
             elif self.stopping.is_set():
                 return None  # queued jobs left are for the threads running jobs now
             elif self._claim_due():
@@ -770,7 +781,7 @@ class WorkerAgent:
             self._claimed()
             self._free += free - len(jobs)
             for job in jobs:
-                self._running[job.id] = _Running(job)
+                self._running[job.id] = _Running(job, arrived=self._tallied)
             stats = self._stats
             stats.claims += 1
             if not turn.poll:
@@ -792,7 +803,7 @@ class WorkerAgent:
                 self._deferred = True
             self._wake_others()
         if riding:
-            self._receipts(riding, answer)
+            self._receipts(riding, answer, sent)
         return mine
 
     def _claim(self, turn: _ClaimTurn) -> ClaimResponse:
@@ -822,17 +833,20 @@ class WorkerAgent:
         response = self._call("claim", post, until=self.stopping)
         return ClaimResponse.model_validate_json(response.content)
 
-    def _receipts(self, riding: list[_Completion], answer: ClaimResponse) -> None:
-        """The answer to completions that rode a claim: their jobs end here, unless the
-        coordinator did not take them (no `results`): then they go alone."""
+    def _receipts(self, riding: list[_Completion], answer: ClaimResponse, sent: float) -> None:
+        """The answer to completions that rode a claim (sent at `sent`): their jobs end
+        here, unless the coordinator did not take them (no `results`): then they go alone."""
         if [r.job_id for r in answer.results] != [c.completion.job_id for c in riding]:
             log.warning("the coordinator did not take completions with a claim; sending alone")
             self._fold = False
             self._unsent(riding)
             return
         self._report(answer.results)
+        answered = time.monotonic()
         with self._lock:
             self._stats.riding += len(riding)
+            self._stats.ride_wait_s += sum(sent - c.at for c in riding)
+            self._stats.ride_flight_s += (answered - sent) * len(riding)
         for c in riding:
             self._end(c.completion.job_id)
 
