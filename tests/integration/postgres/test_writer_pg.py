@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import queue
 import resource
 import threading
 from collections.abc import Iterator
@@ -353,27 +354,41 @@ def test_an_idle_lane_rolls_its_begun_transaction_back(
     open while idle: after `BEGUN_IDLE_SECONDS` its backend is idle, not "idle in
     transaction", and the lane's next op still commits."""
     monkeypatch.setattr(writer_module, "BEGUN_IDLE_SECONDS", 0.05)
+    looked = threading.Event()
+
+    class HeldIdleWait(queue.SimpleQueue):  # type: ignore[type-arg]
+        """The writer's queue, whose begun lane's idle wait (`Writer._take`) starts only
+        once the test has seen the begun transaction: a condition, not a time (under
+        load a first look 50 ms late saw the lane "idle" already)."""
+
+        def get(self, block: bool = True, timeout: float | None = None) -> object:
+            if timeout == writer_module.BEGUN_IDLE_SECONDS:
+                looked.wait()
+            return super().get(block, timeout)
+
     writer = Writer(engine, lanes=1)
+    writer._queue = HeldIdleWait()  # before any op: the lanes open on demand
     try:
         assert writer.run(add("a")) == 1
         lane = writer._primary_lane
         assert lane is not None and lane.conn is not None
         pid = lane.conn.connection.dbapi_connection.info.backend_pid  # type: ignore[union-attr]
-        states = []
         with engine.connect() as watcher:
-            for _ in range(2000):  # until the lane rolled back (it waits 0.05 s)
-                state = watcher.execute(
+
+            def state() -> str:
+                found = watcher.execute(
                     text("SELECT state FROM pg_stat_activity WHERE pid = :p"), {"p": pid}
                 ).scalar_one()
                 watcher.rollback()
-                states.append(state)
-                if state == "idle":
-                    break
+                return str(found)
+
+            assert state() == "idle in transaction"  # begun with the COMMIT
+            looked.set()  # the lane's idle wait starts now
+            while state() != "idle":  # until it rolled the transaction back
                 threading.Event().wait(0.005)
-        assert states[0] == "idle in transaction"  # begun with the COMMIT
-        assert states[-1] == "idle"
         assert writer.run(add("b")) == 2
     finally:
+        looked.set()
         writer.close()
     assert tags(engine) == {"a", "b"}
 
