@@ -78,7 +78,7 @@ watchdog thread wakes an idle helper lane, which takes what waits, and so on whi
 stall lasts. What an event loop queues (`run_async`, `queue_async`) is timed by a timer
 of that loop instead (since session 17; `_check_on`, at most one pending, looking again
 while ops are queued): the watchdog thread is woken only for ops queued from other
-threads, not once per busy batch of the hot path (with 4 coordinators that was about 1
+threads, not once per busy batch of the hot path (with 4 coordinators that was 1.2-2.2
 of the ~11 context switches per job). A lane slow in its own Python (a busy machine's
 CPU, the GIL) gets no helper, which would wait for the same. Ops that each found an
 idle lane committed alone (four lanes, a coordinator sharing the load with others:
