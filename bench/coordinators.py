@@ -70,6 +70,7 @@ from tests.integration.postgres.test_scale import fleet  # noqa: E402
 from tests.pg_server import PostgresServer, create_database, running_postgres  # noqa: E402
 
 from cluster import (  # noqa: E402
+    CLK_TCK,
     Cluster,
     CpuWindow,
     request_deltas,
@@ -431,6 +432,7 @@ def one_run(
             notify0 = [scrape_notify(u) for u in urls]
             requests0 = [scrape_requests(u) for u in urls]
             switches0 = context_switches([c.proc.pid for c in procs])
+            split0 = cpu_split([c.proc.pid for c in procs])
             threads0 = thread_counters([c.proc.pid for c in procs]) if args.threads else {}
             with (
                 profiled(args, [c.proc.pid for c in procs], root) as profiles,
@@ -439,6 +441,7 @@ def one_run(
             ):
                 tally = run_clients(clients, args.jobs, args.seconds)
             switches1 = context_switches([c.proc.pid for c in procs])
+            split1 = cpu_split([c.proc.pid for c in procs])
             threads1 = thread_counters([c.proc.pid for c in procs]) if args.threads else {}
             store1 = [scrape_store(u) for u in urls]
             notify1 = [scrape_notify(u) for u in urls]
@@ -461,6 +464,9 @@ def one_run(
         "store": store_deltas(_summed(store0), _summed(store1), tally.done),
         "context_switches_per_job": {
             k: round((switches1[k] - switches0[k]) / max(1, tally.done), 2) for k in switches0
+        },
+        "coordinator_ms_per_job": {
+            k: round(1000 * (split1[k] - split0[k]) / max(1, tally.done), 3) for k in split0
         },
         "notify_per_job": {
             k: round((v - _summed(notify0).get(k, 0.0)) / max(1, tally.done), 2)
@@ -506,6 +512,12 @@ def one_run(
     print(f"    notifications per job (all coordinators): {out['notify_per_job']}")
     print(f"    coordinator threads' context switches per job: {out['context_switches_per_job']}")
     print(f"    requests per job: {routes}", flush=True)
+    split = out["coordinator_ms_per_job"]
+    print(
+        f"    coordinators' ms per job: user {split['user']}, system {split['system']}, "
+        f"runnable but waiting for a CPU {split['runnable_waiting']}",
+        flush=True,
+    )
     for name, t in out.get("threads_per_job", {}).items():
         print(f"    thread {name}: {t}", flush=True)
     print(
@@ -541,6 +553,25 @@ def profiled(args: argparse.Namespace, pids: list[int], root: Path) -> Iterator[
         for raw in raws:
             if raw.exists():
                 out.append({"mode": args.profile, "raw_stacks": str(raw), **summarise(raw)})
+
+
+def cpu_split(pids: list[int]) -> dict[str, float]:
+    """Seconds so far, summed over these processes: CPU in user mode (`user`: Python,
+    libpq, parsing) and in the kernel (`system`: syscalls, socket I/O, futex wake-ups),
+    from /proc/PID/stat; and time their threads were runnable but waited for a CPU
+    (`runnable_waiting`: /proc/PID/task/*/schedstat's run delay; a thread that ended
+    meanwhile is not counted)."""
+    out = {"user": 0.0, "system": 0.0, "runnable_waiting": 0.0}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            out["user"] += int(fields[11]) / CLK_TCK
+            out["system"] += int(fields[12]) / CLK_TCK
+        for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                out["runnable_waiting"] += int(stat.read_text().split()[1]) / 1e9
+    return out
 
 
 def context_switches(pids: list[int]) -> dict[str, int]:

@@ -763,13 +763,11 @@ class JobQueue:
                     writes.add_files(conn, seq, rows)
                     return answer(seq, replace(new, fair_rank=rank), rows)
                 rank = None  # refused, or no such app (below says which)
-            elif postgres and not count_window:
-                # PostgreSQL: the owner's lock and the rank below in one round trip.
-                found, rank = writes.locked_next_rank(conn, spec.app, owner_id, admit)
-                if not found:
-                    quotas.require_identity(conn, owner_id)  # erased meanwhile: 401
             else:
-                if conn.dialect.name != "sqlite":
+                # A job with a model, requirement or envelope, or near its app's bound:
+                # statement by statement (since session 17 also with the window off: the
+                # lock and rank in one round trip served only those, and little).
+                if postgres:
                     quotas.require_identity(conn, owner_id)  # PostgreSQL: the owner's lock
                 if count_window:  # as `abuse.check_submission` would: identity, window, quotas
                     try:

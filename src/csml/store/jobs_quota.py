@@ -63,7 +63,7 @@ _LOCK_IDENTITY = {
     "sqlite": _IDENTITY,  # the write transaction holds the database
 }
 # The same lock on PostgreSQL, for a caller that sends it with the statement after it
-# (`csml.store.jobs_write.locked_next_rank`: one round trip for both).
+# (`csml.store.jobs_write.locked_insert_job`: one round trip for both).
 LOCK_IDENTITY_PG = Prepared(_LOCK_IDENTITY["postgresql"])
 _ACTIVE_JOBS = (
     select(func.count())

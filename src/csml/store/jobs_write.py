@@ -217,29 +217,6 @@ def next_rank(
     return None if rank is None else int(rank)
 
 
-def locked_next_rank(
-    conn: Connection, app: str, owner_id: str, admission: Admission
-) -> tuple[bool, int | None]:
-    """(PostgreSQL) The owner's identity lock (`jobs_quota.lock_identity`), then
-    `next_rank(admission=...)`, sent together (`prepared.rows_together`: one round trip,
-    not two). Whether the identity was there to lock, and the rank (None as `next_rank`).
-    Race-free as the two statements one by one: the server runs the upsert after the lock
-    is held, and its snapshot (READ COMMITTED: taken when it starts) sees every
-    transaction that held the identity's row before."""
-    assert admission.identity_id == owner_id, "a job is admitted for its owner"
-    locked, ranked = rows_together(
-        conn,
-        (
-            (LOCK_IDENTITY_PG, {"identity_id": owner_id}),
-            (
-                _admitting_rank_upsert(conn.dialect.name, *admission.key),
-                {"b_app": app, "b_owner": owner_id, **admission.params()},
-            ),
-        ),
-    )
-    return bool(locked), (int(ranked[0][0]) if ranked else None)
-
-
 # A new job's columns as `insert_job` writes them (bound as "j_<column>"), but its rank.
 _JOB_COLUMNS = (
     "id",

@@ -75,14 +75,18 @@ an op queued while it is in a batch waits for it (it joins that batch, or the ne
 unless that batch has been open `help_after` seconds (`HELP_AFTER_SECONDS`) and waits
 for the server (a statement or COMMIT in progress: a lock wait, a slow disk): then a
 watchdog thread wakes an idle helper lane, which takes what waits, and so on while the
-stall lasts. A lane slow in its own Python (a busy machine's CPU, the GIL) gets no
-helper, which would wait for the same. Ops that each found an idle lane committed alone
-(four lanes, a coordinator sharing the load with others: about one COMMIT per op);
-waiting for the busy lane makes group commit work as on SQLite (`bench/coordinators.py`,
-load 13-16: 0.95 -> 0.25 write commits per job with one coordinator, 1.9 -> 0.6 with
-two). The lanes' transactions are independent, like those of several coordinators: an
-op may wait for a row another lane's open batch has locked (at most that batch's
-length), and may fail alone with PostgreSQL's deadlock or
+stall lasts. What an event loop queues (`run_async`, `queue_async`) is timed by a timer
+of that loop instead (since session 17; `_check_on`, at most one pending, looking again
+while ops are queued): the watchdog thread is woken only for ops queued from other
+threads, not once per busy batch of the hot path (with 4 coordinators that was 1.2-2.2
+of the ~11 context switches per job). A lane slow in its own Python (a busy machine's
+CPU, the GIL) gets no helper, which would wait for the same. Ops that each found an
+idle lane committed alone (four lanes, a coordinator sharing the load with others:
+about one COMMIT per op); waiting for the busy lane makes group commit work as on
+SQLite (`bench/coordinators.py`, load 13-16: 0.95 -> 0.25 write commits per job with one
+coordinator, 1.9 -> 0.6 with two). The lanes' transactions are independent, like those
+of several coordinators: an op may wait for a row another lane's open batch has locked
+(at most that batch's length), and may fail alone with PostgreSQL's deadlock or
 serialization error (its savepoint is rolled back, releasing what it locked). So ops
 that lock several rows of a table lock them in one order (jobs by `seq`: a completion's
 lock and a heartbeat's lease extension, see `csml.store.jobs_end`), and write no row
@@ -287,6 +291,14 @@ class Writer:
         self._stalled = threading.Event()
         self._closing = threading.Event()  # ends the watchdog's wait
         self._watchdog: threading.Thread | None = None
+        # The loop's own look at what queues behind the primary lane (`_check_on`): its
+        # timer, the batch it last timed and how long it then waits, and the batch it
+        # confirmed a stall of (touched on that loop only; the lanes read them, a hint).
+        self._check_loop: asyncio.AbstractEventLoop | None = None
+        self._check_timer: asyncio.TimerHandle | None = None
+        self._check_since: float | None = None
+        self._check_after = help_after
+        self._helped_since: float | None = None
 
     # -- callers ---------------------------------------------------------------------
 
@@ -382,8 +394,56 @@ class Writer:
                 )
                 self._watchdog.start()
             self._queue.put(item)
+        if self.lanes > 1 and item.loop is not None and self._check_on(item.loop):
+            return  # the loop's own timer times it: no watchdog wake-up
         if self._busy_since is not None and not self._stalled.is_set():
             self._stalled.set()  # it waits behind a batch: the watchdog times it
+
+    def _check_on(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """(On `loop`, which queued an op.) Time what queues behind the primary lane's
+        batch with a timer of this loop instead of waking the watchdog thread: at most
+        one pending (`_check_timer`); a stall it has confirmed for the batch open now
+        (`_helped_since`) gets a helper at once, as the watchdog gives one per op queued
+        then. False for another loop than the first (the watchdog serves it)."""
+        if self._check_loop is None or self._check_loop.is_closed():
+            self._check_loop, self._check_timer = loop, None
+        elif self._check_loop is not loop:
+            return False
+        since = self._busy_since
+        if since is not None and since == self._helped_since:
+            self._helpers.put(None)
+        if self._check_timer is None:
+            self._check_timer = loop.call_later(self.help_after, self._loop_check, loop)
+        return True
+
+    def _loop_times_it(self) -> bool:
+        """(Any thread; a hint.) Whether a loop's timer looks at the queue soon."""
+        loop = self._check_loop
+        return self._check_timer is not None and loop is not None and not loop.is_closed()
+
+    def _loop_check(self, loop: asyncio.AbstractEventLoop) -> None:
+        """(The loop's timer.) The watchdog's look (`_watch`): ops still queued behind a
+        batch of the primary lane open `help_after` seconds that waits for the server
+        wake a helper lane; if it is the lane's own turn, look again after twice as
+        long; while ops are queued at all, look again later; none: stop."""
+        self._check_timer = None
+        if self._closed or not self._queue.qsize():
+            return
+        since = self._busy_since
+        delay = self.help_after
+        if since is not None:
+            if since != self._check_since:
+                self._check_since, self._check_after = since, self.help_after
+            left = since + self._check_after - time.monotonic()
+            if left > 0:
+                delay = left
+            elif self._server_turn():
+                self._helped_since = since
+                self._helpers.put(None)
+            else:
+                self._check_after *= 2
+                delay = self._check_after / 2
+        self._check_timer = loop.call_later(delay, self._loop_check, loop)
 
     # -- the writer threads ------------------------------------------------------------
 
@@ -406,7 +466,11 @@ class Writer:
                 batch = [cast(_Op, first)]
                 if primary and self.lanes > 1:
                     self._busy_since = time.monotonic()
-                    if self._queue.qsize() and not self._stalled.is_set():
+                    if (
+                        self._queue.qsize()
+                        and not self._loop_times_it()
+                        and not self._stalled.is_set()
+                    ):
                         self._stalled.set()  # queued before `_busy_since` was set
                 stopping = self._run_batch(lane, batch)
                 _deliver(batch)

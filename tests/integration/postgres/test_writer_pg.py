@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import queue
 import resource
 import threading
 from collections.abc import Iterator
@@ -292,6 +293,58 @@ def test_the_watchdog_tells_the_server_s_turn_from_the_lane_s(
         engine.dispose()
 
 
+def _voluntary_switches(thread: threading.Thread) -> int:
+    """A thread's voluntary context switches so far (each a wake-up after a wait)."""
+    status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
+    return int(status.split("voluntary_ctxt_switches:")[1].split()[0])
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="Linux /proc")
+def test_a_coroutine_s_op_behind_a_stalled_lane_gets_a_helper_from_the_loop_s_timer(
+    engine: Engine,
+) -> None:
+    """An op a coroutine queues behind the primary lane's batch waiting for the server (a
+    lock) is timed by the loop's own timer, not by waking the watchdog thread: once the
+    batch has been open `help_after`, a helper lane takes it and it commits while the
+    primary still waits; the watchdog never woke (its voluntary context switches did not
+    move: it wakes at least once per stall when it times one)."""
+    writer = Writer(engine, lanes=2, help_after=0.05)
+
+    def locked(conn: Connection) -> int:
+        conn.execute(text("SELECT pg_advisory_xact_lock(4344)"))
+        return add("locked")(conn)
+
+    try:
+        assert writer.run(add("first")) == 1  # the lanes' and the watchdog's start
+        watchdog = writer._watchdog
+        assert watchdog is not None
+        with engine.connect() as holder, ThreadPoolExecutor(1) as pool:
+            holder.execute(text("SELECT pg_advisory_lock(4344)"))
+            try:
+                stuck = pool.submit(writer.run, locked)
+                for _ in range(2000):  # until the primary lane waits for the lock
+                    if holder.execute(
+                        text("SELECT count(*) FROM pg_locks WHERE NOT granted")
+                    ).scalar_one():
+                        break
+                    threading.Event().wait(0.005)
+                woken = _voluntary_switches(watchdog)
+
+                async def behind() -> int:
+                    return await writer.run_async(add("behind"))
+
+                assert asyncio.run(behind()) == 2  # by a helper lane: the primary waits on
+                assert not stuck.done()
+                assert _voluntary_switches(watchdog) == woken
+            finally:
+                holder.execute(text("SELECT pg_advisory_unlock(4344)"))
+                holder.commit()
+            assert stuck.result(10) == 3
+    finally:
+        writer.close()
+    assert tags(engine) == {"first", "behind", "locked"}
+
+
 @contextmanager
 def traced(writer: Writer, path: Path) -> Iterator[list[str]]:
     """libpq's protocol trace of the primary lane's connection for the block: the
@@ -353,27 +406,41 @@ def test_an_idle_lane_rolls_its_begun_transaction_back(
     open while idle: after `BEGUN_IDLE_SECONDS` its backend is idle, not "idle in
     transaction", and the lane's next op still commits."""
     monkeypatch.setattr(writer_module, "BEGUN_IDLE_SECONDS", 0.05)
+    looked = threading.Event()
+
+    class HeldIdleWait(queue.SimpleQueue):  # type: ignore[type-arg]
+        """The writer's queue, whose begun lane's idle wait (`Writer._take`) starts only
+        once the test has seen the begun transaction: a condition, not a time (under
+        load a first look 50 ms late saw the lane "idle" already)."""
+
+        def get(self, block: bool = True, timeout: float | None = None) -> object:
+            if timeout == writer_module.BEGUN_IDLE_SECONDS:
+                looked.wait()
+            return super().get(block, timeout)
+
     writer = Writer(engine, lanes=1)
+    writer._queue = HeldIdleWait()  # before any op: the lanes open on demand
     try:
         assert writer.run(add("a")) == 1
         lane = writer._primary_lane
         assert lane is not None and lane.conn is not None
         pid = lane.conn.connection.dbapi_connection.info.backend_pid  # type: ignore[union-attr]
-        states = []
         with engine.connect() as watcher:
-            for _ in range(2000):  # until the lane rolled back (it waits 0.05 s)
-                state = watcher.execute(
+
+            def state() -> str:
+                found = watcher.execute(
                     text("SELECT state FROM pg_stat_activity WHERE pid = :p"), {"p": pid}
                 ).scalar_one()
                 watcher.rollback()
-                states.append(state)
-                if state == "idle":
-                    break
+                return str(found)
+
+            assert state() == "idle in transaction"  # begun with the COMMIT
+            looked.set()  # the lane's idle wait starts now
+            while state() != "idle":  # until it rolled the transaction back
                 threading.Event().wait(0.005)
-        assert states[0] == "idle in transaction"  # begun with the COMMIT
-        assert states[-1] == "idle"
         assert writer.run(add("b")) == 2
     finally:
+        looked.set()
         writer.close()
     assert tags(engine) == {"a", "b"}
 
