@@ -15,7 +15,10 @@ Reported per photo: CPU milliseconds of the whole process (every thread: the eve
 loop, the writer, the thread pool) split by step, ASGI messages received and sent per
 photo, statements, write commits and fsyncs (counted by wrapping `os.fsync`),
 and thread-pool hops (calls of anyio's `to_thread.run_sync`, wrapped: Starlette's
-`run_in_threadpool` goes through it too). Several rounds; the median round's figures.
+`run_in_threadpool` goes through it too), statements by kind, and the CPU of the
+coordinator's base64 calls (`base64.b64encode`, `csml.schemas.base64_text`'s
+`encode`/`decode`, wrapped, each timed in the thread that calls it; the bench's own
+encoding of outputs is not counted). Several rounds; the median round's figures.
 `--profile OUT` runs one more round under cProfile.
 
     /work/venv/bin/python bench/photo_bytes.py [--photos 100] [--rounds 3] [--profile OUT]
@@ -48,6 +51,7 @@ from request_cost import OPERATOR, app_with_identity, call, profile_round
 from tests.asgi import http_scope
 
 from csml.apps.opencv import app as opencv_app
+from csml.schemas import base64_text
 from csml.schemas.workers import INLINE_MAX_BYTES
 from csml.store.db import counters
 
@@ -63,6 +67,29 @@ async def _counted_run_sync(func: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 anyio.to_thread.run_sync = _counted_run_sync  # type: ignore[assignment]
+
+codec = {"cpu_s": 0.0, "inside_app": False}
+
+
+def _timed(func: Any) -> Any:
+    """`func`, its thread CPU added to `codec` when called while the app serves a request."""
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        if not codec["inside_app"]:
+            return func(*args, **kwargs)
+        t = time.thread_time()
+        try:
+            return func(*args, **kwargs)
+        finally:
+            codec["cpu_s"] += time.thread_time() - t
+
+    return timed
+
+
+base64.b64encode = _timed(base64.b64encode)
+for _name in ("encode", "decode"):  # looked up at each call (`base64_text.decode(...)`)
+    if hasattr(base64_text, _name):  # `encode`: not in older trees
+        setattr(base64_text, _name, _timed(getattr(base64_text, _name)))
 
 
 async def chunked(
@@ -94,7 +121,11 @@ async def chunked(
         elif message["type"] == "http.response.body":
             out.append(message.get("body", b""))
 
-    await app(scope, receive, send)
+    codec["inside_app"] = True
+    try:
+        await app(scope, receive, send)
+    finally:
+        codec["inside_app"] = False
     return status, b"".join(out)
 
 
@@ -138,6 +169,8 @@ async def run(photos: int, rounds: int, chunk: int, base: Path | None, prof: str
         tally = counters(c.engine)
         commits0, fsyncs0, msgs0 = tally.write_commits, fsync_count.calls, dict(messages)
         statements0, hops0 = tally.statements, hops["thread_pool"]
+        codec0 = codec["cpu_s"]
+        kinds0 = dict(tally.by_kind)
         pending: dict[str, Any] | None = None
         done: list[str] = []
         downloads = 0  # inputs that did not come inline in their claim
@@ -225,7 +258,13 @@ async def run(photos: int, rounds: int, chunk: int, base: Path | None, prof: str
             "asgi_messages_per_photo": msgs,
             "inputs_inline_share": round(1 - downloads / photos, 2),
             "statements_per_photo": round((tally.statements - statements0) / photos, 2),
+            "statements_per_photo_by_kind": {
+                k: round((n - kinds0.get(k, 0)) / photos, 2)
+                for k, n in sorted(tally.by_kind.items())
+                if n > kinds0.get(k, 0)
+            },
             "thread_pool_hops_per_photo": round((hops["thread_pool"] - hops0) / photos, 2),
+            "base64_cpu_ms_per_photo": round(1000 * (codec["cpu_s"] - codec0) / photos, 3),
             "commits_per_photo": round((tally.write_commits - commits0) / photos, 2),
             "fsyncs_per_photo": round((fsync_count.calls - fsyncs0) / photos, 2),
         }

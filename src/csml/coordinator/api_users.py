@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import functools
 import mimetypes
 import os
@@ -54,6 +53,7 @@ from csml.schemas import (
     JobState,
     PipelineSpec,
     QueueInfo,
+    base64_text,
 )
 from csml.schemas.identities import IdentityChallenge, IdentityProof
 from csml.store.blobs import in_db
@@ -303,7 +303,7 @@ async def submit_job(request: Request, me: Me) -> JSONResponse:
             plain = holder["spec"].confidential is None  # a sealed job's inputs: never inline
             for f in parsed.files.values():  # kept in the database: its claim's text
                 if plain and f.content is not None:
-                    c.blobs.base64.put(f.sha256, f.size, base64.b64encode(f.content).decode())
+                    c.blobs.base64.put(f.sha256, f.size, base64_text.encode(f.content))
             return _submitted(c, me.id, job)
         finally:
             # A submitted job's files were moved away with it.

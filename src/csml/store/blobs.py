@@ -24,7 +24,6 @@ and `path` refuses it (ValueError): nothing opens it as a file. `in_db` tells th
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import os
 import re
@@ -35,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from csml.schemas import base64_text
 from csml.store.base64_memo import Base64Memo
 from csml.store.private import DIR_MODE, create_private_file, private_dir
 
@@ -154,7 +154,7 @@ class BlobStore:
             content = load() if load is not None else None
             if content is None or len(content) != size:
                 return None
-            return base64.b64encode(content).decode("ascii")
+            return base64_text.encode(content)
         try:
             with open(self.path(relative), "rb") as src:
                 data = src.read(size + 1)
@@ -162,7 +162,7 @@ class BlobStore:
             return None
         if len(data) != size:
             return None
-        return base64.b64encode(data).decode("ascii")
+        return base64_text.encode(data)
 
     def adopt(self, staging: Path, job_id: str, kind: str) -> Path:
         """Move a staging folder to be the job's `kind` folder (atomic rename)."""

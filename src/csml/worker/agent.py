@@ -1082,7 +1082,9 @@ class WorkerAgent:
         for path in self._outputs(job, outputs_dir, outcome):
             size = path.stat().st_size
             if size <= min(self._inline_output, room) and len(inline) < MAX_INLINE_OUTPUTS:
-                inline.append(InlineOutput(name=path.name, content=b64e(path.read_bytes())))
+                inline.append(
+                    InlineOutput(name=path.name, content=base64_text.encode(path.read_bytes()))
+                )
                 room -= size
             else:
                 self._upload(job, path)
