@@ -30,3 +30,14 @@ def test_reads_begin_plainly_and_writes_take_the_lock_up_front(tmp_path: Path) -
     with engine.connect() as conn:
         assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
         assert conn.execute(text("PRAGMA synchronous")).scalar() == 2  # FULL
+
+
+def test_the_log_is_checkpointed_every_4000_pages_durably(tmp_path: Path) -> None:
+    engine = make_engine(sqlite_url(tmp_path))
+    migrate(engine)
+    with engine.connect() as conn:
+        assert conn.execute(text("PRAGMA wal_autocheckpoint")).scalar() == 4000
+        assert conn.execute(text("PRAGMA secure_delete")).scalar() == 1  # stays on
+        assert conn.execute(text("PRAGMA synchronous")).scalar() == 2  # FULL
+        assert conn.execute(text("PRAGMA page_size")).scalar() == 4096  # unchanged
+    engine.dispose()
