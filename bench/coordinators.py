@@ -79,6 +79,7 @@ from cluster import (  # noqa: E402
     store_deltas,
     thread_counters,
     thread_deltas,
+    tree_schedstat,
 )
 from csml.client import Client  # noqa: E402
 from csml.coordinator.config import Settings  # noqa: E402
@@ -559,8 +560,8 @@ def cpu_split(pids: list[int]) -> dict[str, float]:
     """Seconds so far, summed over these processes: CPU in user mode (`user`: Python,
     libpq, parsing) and in the kernel (`system`: syscalls, socket I/O, futex wake-ups),
     from /proc/PID/stat; and time their threads were runnable but waited for a CPU
-    (`runnable_waiting`: /proc/PID/task/*/schedstat's run delay; a thread that ended
-    meanwhile is not counted)."""
+    (`runnable_waiting`: `cluster.tree_schedstat`'s run delay of their own threads; a
+    thread that ended meanwhile is not counted)."""
     out = {"user": 0.0, "system": 0.0, "runnable_waiting": 0.0}
     for pid in pids:
         with contextlib.suppress(OSError):
@@ -568,9 +569,7 @@ def cpu_split(pids: list[int]) -> dict[str, float]:
                 fields = f.read().rsplit(")", 1)[1].split()
             out["user"] += int(fields[11]) / CLK_TCK
             out["system"] += int(fields[12]) / CLK_TCK
-        for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                out["runnable_waiting"] += int(stat.read_text().split()[1]) / 1e9
+        out["runnable_waiting"] += tree_schedstat(pid, descendants=False)[1]
     return out
 
 
