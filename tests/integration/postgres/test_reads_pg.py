@@ -262,7 +262,10 @@ def test_an_end_reaches_streams_on_both_coordinators_read_only_through_the_relay
     from csml.coordinator import api_events
     from csml.coordinator.notify import owner_feed
 
-    monkeypatch.setattr(api_events, "STREAM_SECONDS", 3.0)
+    # The in-process transport hands a stream over only once it ends, so each stream
+    # lasts this long; it covers opening both, the completion's commit and the relay
+    # to B under a loaded CI machine (3 s did not, once: an empty stream from one of them).
+    monkeypatch.setattr(api_events, "STREAM_SECONDS", 10.0)
     with ExitStack() as stack:
         a, b = two_coordinators(stack, tmp_path, db_url)
         user = a.new_user()
@@ -308,7 +311,9 @@ def test_an_end_reaches_streams_on_both_coordinators_read_only_through_the_relay
             for line in block.split("\n")
             if line.startswith("data:")
         ]
-        last[name] = [e for e in events if e["id"] == job.id][-1]
+        ours = [e for e in events if e["id"] == job.id]
+        assert ours, f"coordinator {name}'s stream sent no event of the job: {response.text!r}"
+        last[name] = ours[-1]
     assert last["a"] == last["b"] and last["a"]["state"] == "succeeded"
     assert last["a"]["result"] == {"both": True}
     assert (len(loads["a"]), len(loads["b"])) == (0, 0), loads
