@@ -12,6 +12,12 @@ at, the median and p90 of its step (the time since the previous event found on t
 job's path) and the step's mean over the slow jobs (those at or above the round trip's
 p90: where the tail goes), then the round trip's p50/p99 (which the tracing itself
 inflates a little: ~50 file writes per job).
+
+With `--threads`, also per thread (by name, per process: the coordinator, each worker
+agent and its zygote and job children, this process) CPU-ms and voluntary /
+involuntary context switches per job over the timed jobs: a voluntary switch is
+mostly a wake-up to wait for (a socket, a queue, a lock, the GIL, an fsync), a count
+that does not depend on the machine's load as the times do (needs py-spy for names).
 """
 
 from __future__ import annotations
@@ -43,7 +49,14 @@ _spec.loader.exec_module(importlib.util.module_from_spec(_spec))  # the hooks, h
 
 from core import echo_once, percentile  # noqa: E402
 
-from cluster import Cluster, schedstat_ms_per_job, schedstat_window  # noqa: E402
+from cluster import (  # noqa: E402
+    Cluster,
+    child_pids,
+    schedstat_ms_per_job,
+    schedstat_window,
+    thread_counters,
+    thread_deltas,
+)
 
 # The events of one job's path, in order: (label, event name, job-field test).
 # A `job` value of "ID" must equal the job's id; "*" matches anything; other text must
@@ -176,6 +189,27 @@ def step_of(line: dict[str, float], label: str) -> float | None:
     return None
 
 
+def process_trees(pids: dict[str, int]) -> dict[str, list[int]]:
+    """Each named process with its live descendants (a worker's zygote and job
+    children), and this process alone."""
+    out = {}
+    for name, pid in pids.items():
+        tree, stack = [], [pid]
+        while stack:
+            p = stack.pop()
+            tree.append(p)
+            stack.extend(child_pids(p))
+        out[name] = tree
+    out["this process"] = [os.getpid()]
+    return out
+
+
+def thread_counts(
+    trees: dict[str, list[int]],
+) -> dict[str, dict[tuple[int, int], tuple[str, float, int, int]]]:
+    return {name: thread_counters(pids) for name, pids in trees.items()}
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--jobs", type=int, default=200)
@@ -184,6 +218,9 @@ def main() -> int:
     p.add_argument("--slots", type=int, default=2)
     p.add_argument("--prefetch", type=int, default=8, help="as bench/core.py's (b)")
     p.add_argument("--keep", action="store_true", help="keep the trace files and the cluster")
+    p.add_argument(
+        "--threads", action="store_true", help="CPU and context switches per job by thread"
+    )
     a = p.parse_args()
     root = Path(tempfile.mkdtemp(prefix="csml-latency-"))
     print(f"load {os.getloadavg()}", file=sys.stderr)
@@ -194,12 +231,15 @@ def main() -> int:
         for _ in range(a.warmup):
             echo_once(client, -1)
         runs = []
+        trees = process_trees(cluster.pids()) if a.threads else {}
+        threads0 = thread_counts(trees)
         sched0 = schedstat_window(cluster.pids())
         for i in range(a.jobs):
             t0 = time.time()
             r = echo_once(client, i)
             runs.append((r, t0, time.time()))
         sched1 = schedstat_window(cluster.pids())
+        threads1 = thread_counts(trees)
         client.close()
     events = read_events()
     total = [1000 * r.total_s for r, _, _ in runs]
@@ -233,6 +273,14 @@ def main() -> int:
     print("per job, ms: on a CPU / runnable but waiting for a CPU (schedstat, all threads)")
     for name, v in schedstat_ms_per_job(sched0, sched1, len(runs)).items():
         print(f"  {name:40} {v['on_cpu']:6.2f} / {v['runnable_waiting']:6.2f}")
+    if a.threads:
+        print("per job, by thread: CPU-ms, voluntary + involuntary context switches")
+        for proc, before in threads0.items():
+            for name, v in thread_deltas(before, threads1[proc], len(runs)).items():
+                print(
+                    f"  {proc[:26]:26} {name[:22]:22} {v['cpu_ms']:6.3f} ms "
+                    f"{v['voluntary']:6.2f} + {v['involuntary']:5.2f}  ({v['threads']:.0f})"
+                )
     print("garbage collections (generations 1 and 2) during the timed jobs:")
     print("\n".join(gc_pauses(events, runs[0][1], runs[-1][2])) or "  none")
     sides = [

@@ -127,9 +127,9 @@ async def run(
             t = timed_start()
             views = api_events._changed(c, owner, set(made[i : i + 4]), False, None, 1 << 18, extra)
             for job_id, view in views.items():
-                with_view(view, extra.get(job_id, {}))
+                with_view(view.text, extra.get(job_id, {}))
             spent["result events"] += time.process_time() - t
-            assert all(v["state"] == "succeeded" for v in views.values())
+            assert all(v.state == "succeeded" for v in views.values())
             assert all(extra[j]["annotated"] == output for j in views), "outputs inline"
         kinds = Counter(tally.by_kind) - before[2]
         used = resource.getrusage(resource.RUSAGE_SELF)

@@ -155,3 +155,28 @@ def test_an_end_committed_here_reaches_the_stream_without_a_read(
         job.refresh()
         assert last[job.id] == job.data.model_dump(mode="json")  # the view a GET gives
         assert last[job.id]["state"] == "succeeded"
+
+
+def test_an_ended_job_s_event_is_the_json_a_get_of_it_answers(
+    coordinator: InProcessCoordinator, echo_worker: HttpWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A `job` event's data is the view's JSON as pydantic-core encodes it, byte for byte
+    the body of a GET of the job (text beyond ASCII as UTF-8, not `\\u` escapes): each
+    view is encoded once, with no dict and no `json.dumps` between (the push of a result
+    is on the path of every `Job.wait`)."""
+    monkeypatch.setattr(api_events, "STREAM_SECONDS", 1.5)
+    user = coordinator.new_user()
+    jobs = [user.submit("echo", "echo", params={"i": 0, "word": "café ✓ 東京"})]
+    response, _writes, _statements = stream_through_ends(coordinator, echo_worker, user, jobs)
+    assert response.status_code == 200
+    data = [
+        block.split(b"\ndata: ", 1)[1]
+        for block in response.content.split(b"\n\n")
+        if block.startswith(b"event: job\n")
+    ]
+    with httpx.Client(base_url=BASE_URL, transport=coordinator.transport, timeout=30) as http:
+        got = http.get(f"/v1/jobs/{jobs[0].id}", headers=user._headers())
+    assert got.status_code == 200
+    assert json.loads(got.content)["state"] == "succeeded"
+    assert data[-1] == got.content
+    assert "café ✓ 東京".encode() in data[-1]

@@ -57,7 +57,7 @@ def _streams(
     snapshots: list[str] = []
     read_snapshot = api_events._snapshot
 
-    def counted(c: Any, owner_id: str, *rest: Any) -> dict[str, dict[str, Any]]:
+    def counted(c: Any, owner_id: str, *rest: Any) -> dict[str, api_events.Sent]:
         out = read_snapshot(c, owner_id, *rest)
         snapshots.append(owner_id)
         return out
@@ -196,6 +196,6 @@ def test_download_uses_the_inline_bytes_once_and_checks_them(
 def test_with_view_writes_the_json_the_encoder_would() -> None:
     inline = {"a": base64.b64encode(b"\x00\xff" * 9).decode(), 'odd "name"\n': ""}
     for view in ({"id": "j", "outputs": {"a": {"size": 18}}, "state": "succeeded"}, {}):
-        text = with_view(view, inline)
+        text = with_view(json.dumps(view, separators=(",", ":")), inline)
         assert json.loads(text) == {**view, "inline_outputs": inline}
         assert text == json.dumps({**view, "inline_outputs": inline}, separators=(",", ":"))

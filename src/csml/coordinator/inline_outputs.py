@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from functools import partial
-from typing import Any
 
 from csml.schemas import JobState
 from csml.schemas.workers import INLINE_MAX_BYTES
@@ -72,12 +71,11 @@ def outputs_of(
     return out
 
 
-def with_view(view: dict[str, Any], inline: dict[str, str]) -> str:
-    """The JSON of `view` with `"inline_outputs": inline` added (as `json.dumps` with
-    compact separators would write it). The values must be `outputs_of`'s: standard
-    base64, which is JSON string content as it is."""
-    head = json.dumps(view, separators=(",", ":"))
-    assert head.endswith("}")
+def with_view(head: str, inline: dict[str, str]) -> str:
+    """A view's JSON object `head` (compact, as the stream encodes it) with
+    `"inline_outputs": inline` added as its last member. The values must be
+    `outputs_of`'s: standard base64, which is JSON string content as it is."""
+    assert head.startswith("{") and head.endswith("}")
     names = ",".join(f'{json.dumps(name)}:"{data}"' for name, data in inline.items())
     body = f'"inline_outputs":{{{names}}}}}'
     return f"{head[:-1]},{body}" if len(head) > 2 else f"{{{body}"

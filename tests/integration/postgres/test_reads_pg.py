@@ -8,6 +8,7 @@ only after idling."""
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -111,7 +112,8 @@ def test_a_job_ended_on_one_coordinator_is_read_whole_on_another(make_core: Make
     a.queue.complete(
         worker, job_id, JobCompletion(lease_id=claimed.lease_id, state="succeeded", result={"w": 1})
     )
-    [view] = _changed(b, owner, {job_id}, positions=False).values()
+    [sent] = _changed(b, owner, {job_id}, positions=False).values()
+    view = json.loads(sent.text)
     assert (view["id"], view["state"], view["result"]) == (job_id, "succeeded", {"w": 1})
     assert b.queue.state_of(owner, job_id) == (job_id, "succeeded")
     assert _changed(b, new_identity(b), {job_id}, positions=False) == {}  # not the owner's
