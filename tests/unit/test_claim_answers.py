@@ -11,8 +11,8 @@ from typing import Any
 from pydantic import TypeAdapter
 
 from csml.coordinator.claim_answers import encoded
-from csml.schemas import ClaimResponse
-from csml.schemas.workers import ClaimedConfidential, ClaimedJob, CompletionOutcome, JobLimits
+from csml.schemas import ClaimedConfidential, ClaimResponse
+from csml.schemas.workers import ClaimedJob, CompletionOutcome, JobLimits
 from tests.unit.inproc import HttpWorker, InProcessCoordinator
 
 PYDANTIC = TypeAdapter(ClaimResponse)
