@@ -24,6 +24,7 @@ from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
 from csml import ids
+from csml.coordinator import claim_answers
 from csml.coordinator.api_attestation import add_worker_key
 from csml.coordinator.auth import (
     AuthFirstRoute,
@@ -90,6 +91,12 @@ def _outcomes(outcomes: list[Outcome]) -> list[CompletionOutcome]:
         )
         for o in outcomes
     ]
+
+
+def _answer(answer: ClaimResponse) -> Response:
+    """A claim's answer as the lean handler would send it, its inline inputs spliced in
+    (`claim_answers`: the same bytes, without re-encoding ~210 KB of base64 a photo)."""
+    return Response(claim_answers.encoded(answer), media_type="application/json")
 
 
 def _same(worker: WorkerRow, worker_id: str) -> None:
@@ -161,7 +168,7 @@ def leave(worker_id: str, request: Request, me: Me) -> Response:
 
 @router.post("/{worker_id}/claim", response_model=ClaimResponse)
 @lean
-async def claim(worker_id: str, body: ClaimRequest, request: Request, me: Me) -> ClaimResponse:
+async def claim(worker_id: str, body: ClaimRequest, request: Request, me: Me) -> Response:
     """Take up to `max_jobs` queued jobs of this worker's app, each under a lease; with
     `running`, also a heartbeat of those jobs (the answer's `abort` says which to stop);
     with `completions` (protocol 3), first end those jobs, in the claim's transaction
@@ -207,19 +214,19 @@ async def claim(worker_id: str, body: ClaimRequest, request: Request, me: Me) ->
                 remaining = deadline - time.monotonic()
                 if answer.jobs or answer.abort or remaining <= 0:
                     answer.results = results
-                    return answer
+                    return _answer(answer)
                 if gone is None:
                     gone = watch_hang_up(request.receive, event)
                 if gone.done():  # the worker went away: wait no more, take nothing for it
                     answer.results = results
-                    return answer
+                    return _answer(answer)
                 answer = None
                 woken = await c.notifier.wait(event, min(remaining, c.notifier.recheck_seconds))
                 waited = True
                 if gone.done():
                     if woken:
                         c.notifier.pass_on(key, event)
-                    return ClaimResponse(jobs=[], abort=[], results=results)
+                    return _answer(ClaimResponse(jobs=[], abort=[], results=results))
         finally:
             if gone is not None:
                 gone.cancel()
