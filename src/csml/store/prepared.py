@@ -24,7 +24,9 @@ Invariants:
   `StoreCounters` of `csml.store.db`, `/metrics`' `csml_store_statements_*`, count it
   with its kind) and its errors through SQLAlchemy's handling (wrapped as
   `sqlalchemy.exc.DBAPIError` with `.orig`, the connection invalidated on a
-  disconnect), like any other.
+  disconnect), like any other; an error the driver raises after the send (a fetch, a
+  pipeline's Sync) is wrapped and invalidates the same way, by SQLAlchemy's public API
+  (`_raise_as_execute`; only this connection is invalidated, not the whole pool).
 - A statement runs in the connection's transaction; on a connection in none it begins
   one as `Connection.execute` would (autobegin: the dialect's `begin` event decides
   what that sends, e.g. nothing on a `read_each` connection).
@@ -46,10 +48,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from operator import itemgetter
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 from sqlalchemy.engine import Connection, Dialect
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.sql import ClauseElement, Executable, visitors
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import BindParameter
@@ -160,8 +162,7 @@ class Prepared:
             try:
                 raw = cursor.fetchall()
             except BaseException as exc:
-                conn._handle_dbapi_exception(exc, plan.sql, None, cursor, None)
-                raise  # unreachable: the handler raises
+                _raise_as_execute(conn, exc, plan.sql, cursor)
             results = plan.results
             if results is None:
                 results = plan.results = self._result_processors(conn.dialect, cursor)
@@ -344,10 +345,43 @@ def rows_together(
         except DBAPIError:
             raise  # a statement's own error, wrapped by `_cursor_execute` already
         except BaseException as exc:
-            sql = "; ".join(plan.sql for _, _, plan in sent)
-            conn._handle_dbapi_exception(exc, sql, None, None, None)
-            raise  # unreachable: the handler raises
+            _raise_as_execute(conn, exc, "; ".join(plan.sql for _, _, plan in sent), None)
         return [prepared._read(conn, cursor, plan) for prepared, cursor, plan in sent]
     finally:
         for _, cursor, _ in sent:
             cursor.close()
+
+
+def _raise_as_execute(conn: Connection, exc: BaseException, sql: str, cursor: Any) -> NoReturn:
+    """Raise `exc`, raised by the driver outside `Connection._cursor_execute` (a
+    pipeline's Sync, a fetch), as `Connection.execute` raises what fails in it, by
+    SQLAlchemy's public API: a DB-API error wrapped by `DBAPIError.instance` (the
+    dialect's subclass, e.g. `IntegrityError`, with `.orig`), after invalidating the
+    connection when the dialect calls it a disconnect (`Dialect.is_disconnect`:
+    `connection_invalidated` is then True and the next use reconnects); an exit
+    exception (KeyboardInterrupt, a cancelled task: the connection's state unknown
+    mid-exchange) invalidates the connection and goes on as it is; another exception is
+    wrapped as `StatementError`, one that already is one goes on as it is. Unlike
+    SQLAlchemy's own handler it runs no `handle_error` listeners (the store has none) and
+    invalidates only this connection, not every pooled one older than the failure:
+    another dead one fails its own next statement, or its ping (`csml.store.db`)."""
+    dialect = conn.dialect
+    base = dialect.loaded_dbapi.Error
+    if isinstance(exc, base):
+        dropped = (
+            not conn.closed
+            and not conn.invalidated
+            and dialect.is_disconnect(exc, conn.connection.dbapi_connection, cursor)
+        )
+        if dropped:
+            conn.invalidate(exc)
+        raise DBAPIError.instance(
+            sql, None, exc, base, connection_invalidated=dropped, dialect=dialect
+        ) from exc
+    if not isinstance(exc, Exception):  # an exit exception
+        if not conn.closed and not conn.invalidated:
+            conn.invalidate(exc)
+        raise exc
+    if isinstance(exc, StatementError):
+        raise exc
+    raise DBAPIError.instance(sql, None, exc, base, dialect=dialect) from exc

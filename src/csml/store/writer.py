@@ -79,21 +79,22 @@ stall lasts. What an event loop queues (`run_async`, `queue_async`) is timed by 
 of that loop instead (since session 17; `_check_on`, at most one pending, looking again
 while ops are queued): the watchdog thread is woken only for ops queued from other
 threads, not once per busy batch of the hot path (with 4 coordinators that was 1.2-2.2
-of the ~11 context switches per job). A lane slow in its own Python (a busy machine's
-CPU, the GIL) gets no helper, which would wait for the same. Ops that each found an
-idle lane committed alone (four lanes, a coordinator sharing the load with others:
-about one COMMIT per op); waiting for the busy lane makes group commit work as on
-SQLite (`bench/coordinators.py`, load 13-16: 0.95 -> 0.25 write commits per job with one
-coordinator, 1.9 -> 0.6 with two). The lanes' transactions are independent, like those
-of several coordinators: an op may wait for a row another lane's open batch has locked
-(at most that batch's length), and may fail alone with PostgreSQL's deadlock or
-serialization error (its savepoint is rolled back, releasing what it locked). So ops
+of the ~11 context switches per job). Both timers decide by one step (`_look`). A
+lane slow in its own Python (a busy machine's CPU, the GIL) gets no helper, which would
+wait for the same: it is looked at again once its batch has been open twice as long.
+Ops that each found an idle lane committed alone (four lanes, a coordinator sharing the
+load with others: about one COMMIT per op); waiting for the busy lane makes group commit
+work as on SQLite (`bench/coordinators.py`, load 13-16: 0.95 -> 0.25 write commits per
+job with one coordinator, 1.9 -> 0.6 with two). The lanes' transactions are independent,
+like those of several coordinators: an op may wait for a row another lane's open batch
+has locked (at most that batch's length), and may fail alone with PostgreSQL's deadlock
+or serialization error (its savepoint is rolled back, releasing what it locked). So ops
 that lock several rows of a table lock them in one order (jobs by `seq`: a completion's
 lock and a heartbeat's lease extension, see `csml.store.jobs_end`), and write no row
 they need not (a deadlock waits for PostgreSQL's check, a second, with every op queued
-behind either row). A batch is not held open for company: it is open as long as its
-lane runs its operations, which on a busy machine is mostly the lane's turn for the GIL
-and a CPU between statements (`bench/coordinators.py` samples it).
+behind either row). A batch is not held open for company: it is open as long as its lane
+runs its operations, which on a busy machine is mostly the lane's turn for the GIL and a
+CPU between statements (`bench/coordinators.py` samples it).
 
 Invariants:
 - No result, and no error, is delivered before the COMMIT of its batch has returned.
@@ -422,10 +423,11 @@ class Writer:
         return self._check_timer is not None and loop is not None and not loop.is_closed()
 
     def _loop_check(self, loop: asyncio.AbstractEventLoop) -> None:
-        """(The loop's timer.) The watchdog's look (`_watch`): ops still queued behind a
-        batch of the primary lane open `help_after` seconds that waits for the server
-        wake a helper lane; if it is the lane's own turn, look again after twice as
-        long; while ops are queued at all, look again later; none: stop."""
+        """(The loop's timer.) The watchdog's timing (`_watch`), one `_look` per timer: a
+        batch of the primary lane with ops still queued behind it is looked at when it has
+        been open as long as `_look` said; once a helper lane was woken for it, the loop's
+        next ops queued behind it get one at once (`_check_on`); while ops are queued at
+        all, look again later; none: stop."""
         self._check_timer = None
         if self._closed or not self._queue.qsize():
             return
@@ -434,15 +436,12 @@ class Writer:
         if since is not None:
             if since != self._check_since:
                 self._check_since, self._check_after = since, self.help_after
-            left = since + self._check_after - time.monotonic()
-            if left > 0:
-                delay = left
-            elif self._server_turn():
+            after = self._look(since, self._check_after)
+            if after is None:
                 self._helped_since = since
-                self._helpers.put(None)
             else:
-                self._check_after *= 2
-                delay = self._check_after / 2
+                self._check_after = after
+                delay = max(since + after - time.monotonic(), 0.0)
         self._check_timer = loop.call_later(delay, self._loop_check, loop)
 
     # -- the writer threads ------------------------------------------------------------
@@ -538,11 +537,8 @@ class Writer:
 
     def _watch(self) -> None:
         """(The watchdog thread, PostgreSQL.) Each time ops queue behind a batch of the
-        primary lane, wait until that batch has been open `help_after` seconds; if it
-        still is, ops still wait and the lane waits for the server (`_server_turn`),
-        wake a helper lane; if it is the lane's own turn (its Python: a busy machine's
-        CPU or the GIL, which a helper would wait for as well), look again after twice
-        as long. Ends at `close`."""
+        primary lane (`_stalled`), time that batch by `_look` until it ends, nothing is
+        queued any more or a helper lane was woken. Ends at `close`."""
         while True:
             self._stalled.wait()
             if self._closed:
@@ -555,10 +551,27 @@ class Writer:
                     return
                 if self._busy_since != since or not self._queue.qsize():
                     break
-                if self._server_turn():
-                    self._helpers.put(None)
+                look = self._look(since, after)
+                if look is None:
                     break
-                after *= 2
+                after = look
+
+    def _look(self, since: float, after: float) -> float | None:
+        """The help policy, one decision for both its timers (the watchdog thread's
+        `_watch` for ops queued by threads, an event loop's `_loop_check` for its own), at
+        a batch of the primary lane open since `since` with ops queued behind it, due for
+        help once open `after` seconds. Not due yet: `after` (look again then). Due and
+        the lane waits for the server (`_server_turn`: a lock wait, a slow disk, which
+        another lane can work around): wake a helper lane and return None (the stall is
+        confirmed). Due but it is the lane's own turn (its Python: a busy machine's CPU or
+        the GIL, which a helper would wait for as well): twice `after` (look again once the
+        batch has been open that long)."""
+        if time.monotonic() < since + after:
+            return after
+        if self._server_turn():
+            self._helpers.put(None)
+            return None
+        return after * 2
 
     def _server_turn(self) -> bool:
         """Whether the primary lane waits for the server: a statement or COMMIT in

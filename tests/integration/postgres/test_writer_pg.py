@@ -10,6 +10,7 @@ import os
 import queue
 import resource
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -460,3 +461,57 @@ def test_an_op_that_swallows_an_error_is_not_acknowledged(engine: Engine, writer
         writer.run(swallowing)
     assert tags(engine) == set()
     assert writer.run(add("after")) == 1
+
+
+class _CountedQueue(queue.SimpleQueue[object]):
+    """The writer's helper wake-ups, counted as they are put (a woken lane takes them)."""
+
+    puts = 0
+
+    def put(self, item: object, block: bool = True, timeout: float | None = None) -> None:
+        self.puts += 1
+        super().put(item, block, timeout)
+
+
+def test_one_help_decision_for_the_watchdog_and_the_loop_timer(engine: Engine) -> None:
+    """`Writer._look`, the step both timers take (`_watch`, `_loop_check`), at a batch of
+    the primary lane open since `since` and due for help once open `after`: not due,
+    look again then; due while the lane waits for its own Python (here: idle in its
+    transaction, in a gate), look again once open twice as long and wake nobody; due
+    while it waits for the server (a lock), wake one helper lane."""
+    writer = Writer(engine, max_batch_seconds=10.0, lanes=2, help_after=60.0)
+    helpers = writer._helpers = _CountedQueue()  # before the lanes start
+    gate = Gate(writer)
+    now = time.monotonic()
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            held = pool.submit(writer.run, gate.op(add("held")))
+            assert gate.entered.wait(10)
+            assert writer._look(now, 60.0) == 60.0
+            assert writer._look(now - 61.0, 60.0) == 120.0  # the lane's turn
+            assert helpers.puts == 0
+            gate.release.set()
+            assert held.result(10) == 1
+
+            def locked(conn: Connection) -> int:
+                conn.execute(text("SELECT pg_advisory_xact_lock(4345)"))
+                return add("locked")(conn)
+
+            with engine.connect() as holder:
+                holder.execute(text("SELECT pg_advisory_lock(4345)"))
+                waiting = pool.submit(writer.run, locked)
+                for _ in range(2000):  # until the lane waits for the lock
+                    if holder.execute(
+                        text("SELECT count(*) FROM pg_locks WHERE NOT granted")
+                    ).scalar_one():
+                        break
+                    threading.Event().wait(0.005)
+                assert writer._look(now, 60.0) == 60.0  # not due: no look at the lane
+                assert helpers.puts == 0
+                assert writer._look(now - 61.0, 60.0) is None  # the server's turn: help
+                assert helpers.puts == 1
+                holder.execute(text("SELECT pg_advisory_unlock(4345)"))
+                holder.commit()
+                assert waiting.result(10) == 2
+    finally:
+        writer.close()
