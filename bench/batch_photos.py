@@ -169,12 +169,14 @@ def csml_run(
     root: Path,
     concurrency: int | None,
     profile: str | None,
+    strace: bool = False,
 ) -> Any:
     """The timed `csml batch` window, with per-process CPU, and the coordinator's
     requests per route, SQL statements and write commits per photo (from /metrics).
 
     With `profile`, py-spy samples the coordinator, the worker agent and the CLI
-    (perturbs the figures: use it in a separate run)."""
+    (perturbs the figures: use it in a separate run). With `strace`, `strace -f -c`
+    counts the coordinator's system calls over the window (slows it as much)."""
     names = cluster.pids()
     worker = next(n for n in names if n.startswith("worker"))
     before = load()
@@ -191,6 +193,7 @@ def csml_run(
     assert cluster.coordinator is not None
     switched = {"coordinator": cluster.coordinator.pid, "worker agent": cluster.workers[0].pid}
     switches0 = {name: context_switches(pid) for name, pid in switched.items()}
+    tracer = _start_strace(cluster.coordinator.pid, root / "strace-coord.txt") if strace else None
     with CpuWindow(names) as cpu:
         cli = run_cli(
             cluster,
@@ -204,11 +207,17 @@ def csml_run(
     switches["csml batch CLI"] = cli["context_switches"]
     for r in recorders.values():
         r.stop()
+    if tracer is not None:
+        counts_by_call = _stop_strace(tracer, root / "strace-coord.txt")
     counts = {
         "context_switches_per_photo": {k: round(v / len(images), 2) for k, v in switches.items()},
         "requests_per_photo": request_deltas(requests0, scrape_requests(cluster.url), len(images)),
         **store_deltas(store0, scrape_store(cluster.url), len(images)),
     }
+    if tracer is not None:
+        counts["coordinator_syscalls_per_photo"] = {
+            k: round(v / len(images), 2) for k, v in counts_by_call.items() if v >= len(images)
+        }
     if profile:
         from pyspy import summarise
 
@@ -230,6 +239,26 @@ def csml_run(
     }
     manifest = read_manifest(root / "csml-out" / "manifest.jsonl")
     return cli, report, split, manifest, before, load()
+
+
+def _start_strace(pid: int, out: Path) -> subprocess.Popen[bytes]:
+    tracer = subprocess.Popen(
+        ["strace", "-f", "-c", "-o", str(out), "-p", str(pid)], stderr=subprocess.DEVNULL
+    )
+    time.sleep(0.5)  # attached to every thread before the clock starts
+    return tracer
+
+
+def _stop_strace(tracer: subprocess.Popen[bytes], out: Path) -> dict[str, int]:
+    """The counts per system call of `strace -c`'s table, biggest first."""
+    tracer.terminate()
+    tracer.wait(timeout=30)
+    counts: dict[str, int] = {}
+    for line in out.read_text().splitlines():
+        cols = line.split()
+        if len(cols) >= 5 and cols[0].replace(".", "").isdigit() and cols[-1] != "total":
+            counts[cols[-1]] = int(cols[3])
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def baseline(images: list[Path], root: Path, label: str) -> BaselineRun:
@@ -258,6 +287,11 @@ def main(argv: list[str] | None = None) -> int:
         help="py-spy the coordinator, worker agent and CLI: `gil` samples the thread "
         "holding the GIL (CPU in Python), `active` every running thread (perturbs the figures)",
     )
+    p.add_argument(
+        "--strace",
+        action="store_true",
+        help="count the coordinator's system calls per photo (strace -f -c; slows it)",
+    )
     p.add_argument("--json-out", type=Path, help="write the JSON here")
     a = p.parse_args(argv)
     count = a.photos or (100 if a.quick else 1000)
@@ -285,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             raise RuntimeError(f"warm-up batch failed:\n{warmed['output_tail']}\n{cluster.logs()}")
         _say("csml batch, timed ...")
         cli, cpu, worker_split, manifest, load_before, load_after = csml_run(
-            cluster, images, root, a.concurrency, a.profile
+            cluster, images, root, a.concurrency, a.profile, a.strace
         )
     finally:
         cluster.stop()
@@ -405,6 +439,8 @@ def print_report(r: dict[str, Any]) -> None:
     )
     print(f"  voluntary context switches per photo: {counts.get('context_switches_per_photo')}")
     print(f"  CLI system CPU ms per photo: {counts.get('cli_system_cpu_ms_per_photo')}")
+    if "coordinator_syscalls_per_photo" in counts:
+        print(f"  coordinator syscalls per photo: {counts['coordinator_syscalls_per_photo']}")
     kinds = counts.get("statements_by_kind_per_job", {})
     if kinds:
         print("  statements by kind per photo: " + ", ".join(f"{k} {v}" for k, v in kinds.items()))

@@ -381,6 +381,20 @@ def test_the_spliced_batch_body_is_the_json_of_its_items() -> None:
     assert json.loads(body)["items"][2]["inputs"]['we"ird\\ é'] == b64(bytes(range(256)))
 
 
+def test_batch_entries_carry_standard_base64_of_every_length() -> None:
+    """`batch_entry` encodes inputs with pybase64 (`base64_text.encode`), not the
+    standard library: its text must be exactly standard padded base64 (what the route's
+    strict decoder accepts) for every length modulo 3, a photo-sized input included."""
+    import os
+
+    from csml.client.batch import batch_entry
+
+    for size in (0, 1, 2, 3, 4, 5, 57, 58, 59, 48_700, INLINE_MAX_BYTES):
+        data = os.urandom(size)
+        entry = batch_entry("echo", "echo", None, {"data": data})
+        assert entry.inputs == (("data", base64.b64encode(data)),)
+
+
 def test_items_with_one_spec_are_checked_once_and_stay_jobs_of_their_own(
     coordinator: InProcessCoordinator, monkeypatch: Any
 ) -> None:
