@@ -23,9 +23,7 @@ claims runs the first job of the answer itself and wakes a waiting thread for ea
 other one; no thread claims next (none is woken for it, none awake takes it) until that
 job has been `CLAIM_GRACE_SECONDS` in its child without answering, or has ended: a
 thread whose job ended looks for its next turn itself, so a quick job's completion goes
-in the claim it then sends (or alone, by itself). But when completions ended while the
-claim was in flight (they waited a whole round trip for it), the next claim carries them
-at once, without that grace. A thread is woken only for a turn
+in the claim it then sends (or alone, by itself). A thread is woken only for a turn
 nobody else takes (`_wake_others`): thread hand-overs cost far more than the work they
 hand over. At
 most one claim is in flight (on the claim link), and at most one thread sends alone
@@ -803,10 +801,8 @@ class WorkerAgent:
                 mine = self._queue.popleft()
                 # No thread claims next until this job has been CLAIM_GRACE_SECONDS in
                 # its child (`_undefer`) or has ended: a quick one's completion rides
-                # that claim (which would take the interpreter lock from it meanwhile);
-                # unless completions ended during this claim's flight: they have waited
-                # for it already, so the next claim takes them at once.
-                self._deferred = not self._pending
+                # that claim (which would take the interpreter lock from it meanwhile).
+                self._deferred = True
             self._wake_others()
         if riding:
             self._receipts(riding, answer, sent)
