@@ -62,7 +62,7 @@ def test_a_completion_sent_alone_is_counted_from_handed_to_answered(tmp_path: Pa
         for c in batch:
             c.at = time.monotonic() - 1.0  # handed a second ago
         sent: list[list[_Completion]] = []
-        agent._send_completions = sent.append  # type: ignore[method-assign]
+        agent._send_completions = sent.append  # type: ignore[method-assign,assignment]
         agent._sending = True
         agent._send_alone(batch)
         stats = agent.stats()
