@@ -25,7 +25,9 @@ the mean round trip of those claims. Where a job's time from its claim's answer 
 its completion's receipt goes, means: `queued_here_ms` (waiting here for a slot
 thread: the prefetch), `slot_ms` (a slot thread holding it: the child's turn and the
 hand-offs around it), `ride_wait_ms` (its completion waiting for the claim it rides to
-be sent) and `ride_flight_ms` (that claim's round trip). CPU and counts are robust to
+be sent) and `ride_flight_ms` (that claim's round trip); `alone_ms`, a completion sent
+alone from handed to answered, and `handed_to_receipt_ms` over every completion (riding
+or alone: a wait moved from a claim to a lone request shows there). CPU and counts are robust to
 the machine's load; wall is not. Medians over `--rounds`; `uptime` before and after.
 
     /work/venv/bin/python bench/agent_cost.py [--mode drain|flow] [--jobs 2000] [--rounds 3]
@@ -271,6 +273,11 @@ def one_round(a: argparse.Namespace, root: Path, profile: bool) -> dict[str, flo
         "slot_ms": 1000 * stats["busy_s"] / max(1, stats["jobs"]),
         "ride_wait_ms": 1000 * stats.get("ride_wait_s", 0) / max(1, stats["riding"]),
         "ride_flight_ms": 1000 * stats.get("ride_flight_s", 0) / max(1, stats["riding"]),
+        "alone_ms": 1000 * stats.get("alone_s", 0) / max(1, stats["alone"]),
+        # Every completion, riding or alone: handed until its receipt.
+        "handed_to_receipt_ms": 1000
+        * (stats.get("ride_wait_s", 0) + stats.get("ride_flight_s", 0) + stats.get("alone_s", 0))
+        / max(1, stats["riding"] + stats["alone"]),
         "requests_per_job": sum(r["per_job"] for r in requests.values()),
     }
     if calls:

@@ -48,3 +48,24 @@ def test_a_riding_completions_wait_for_its_claim_and_the_claims_trip_are_counted
         assert stats.riding == 2
         assert stats.ride_wait_s == 2 * 2.0
         assert stats.ride_flight_s >= 2 * 1.0
+
+
+def test_a_completion_sent_alone_is_counted_from_handed_to_answered(tmp_path: Path) -> None:
+    """`alone_s` (`bench/agent_cost.py`'s `alone_ms`, `handed_to_receipt_ms`): a wait
+    moved from a claim to a request sent alone shows there. The request itself is not
+    the subject: the agent's sending step answers at once (no coordinator)."""
+    with offline_agent(tmp_path, slots=2, prefetch=8) as agent:
+        batch = [
+            _Completion(BatchedCompletion(job_id=f"j{n}", lease_id="lease", state="succeeded"))
+            for n in range(2)
+        ]
+        for c in batch:
+            c.at = time.monotonic() - 1.0  # handed a second ago
+        sent: list[list[_Completion]] = []
+        agent._send_completions = sent.append  # type: ignore[method-assign,assignment]
+        agent._sending = True
+        agent._send_alone(batch)
+        stats = agent.stats()
+        assert sent == [batch] and not agent._sending
+        assert (stats.alone, stats.alone_batches) == (2, 1)
+        assert stats.alone_s >= 2 * 1.0

@@ -275,7 +275,8 @@ class AgentStats:
     jobs: `queued_s`, claimed and waiting here for a slot thread (the claim's answer to
     the thread taking it); `ride_wait_s`, a completion that rode a claim waiting for
     that claim to be sent (handed to sent); `ride_flight_s`, that claim's round trip
-    (sent to answered: the coordinator commits the completion within it)."""
+    (sent to answered: the coordinator commits the completion within it); `alone_s`, a
+    completion sent alone from handed to answered."""
 
     jobs: int = 0  # jobs taken by a slot thread
     claims: int = 0  # claims answered
@@ -295,6 +296,7 @@ class AgentStats:
     queued_s: float = 0.0  # claimed jobs' waits here for a slot thread, in all
     ride_wait_s: float = 0.0  # riding completions' waits for their claim to be sent
     ride_flight_s: float = 0.0  # ... and their claims' round trips, per completion
+    alone_s: float = 0.0  # completions sent alone: handed to answered, in all
 
 
 MAX_COMPLETION_BATCH = 64
@@ -1310,8 +1312,10 @@ class WorkerAgent:
 
     def _send_alone(self, batch: list[_Completion]) -> None:
         """Send a batch taken by `_next_turn`, end its jobs, give the link back."""
+        answered = 0.0
         try:
             self._send_completions(batch)
+            answered = time.monotonic()
         except Revoked:
             pass  # stopping, or refused: the leases say what becomes of these jobs
         except Exception:
@@ -1325,6 +1329,8 @@ class WorkerAgent:
                 self._sending = False
                 self._stats.alone += len(batch)
                 self._stats.alone_batches += 1
+                if answered:
+                    self._stats.alone_s += sum(answered - c.at for c in batch)
         for c in batch:
             self._end(c.completion.job_id)
 
