@@ -222,7 +222,38 @@ def _tune_sqlite(engine: Engine) -> None:
         if options.get(EACH_OPTION, False):
             return
         begin = "BEGIN IMMEDIATE" if options.get(WRITE_OPTION, False) else "BEGIN"
-        send_raw(conn, begin)
+        dbapi = conn.connection.dbapi_connection
+        if dbapi is not None and not dbapi.in_transaction:
+            conn._cursor_execute(_Script(dbapi), begin, ())  # see `_Script`
+        else:  # a transaction already open: the driver's error, as before
+            send_raw(conn, begin)
+
+
+class _Script:
+    """A DB-API cursor stand-in that sends one statement without parameters or rows by
+    `executescript`, for SQLAlchemy's raw path (`Connection._cursor_execute`: counted by
+    `StoreCounters`, seen by every `before_cursor_execute` listener, errors wrapped).
+
+    Why (a SQLite BEGIN): pysqlite's `execute` lets go of the GIL four times for one
+    statement (around `sqlite3_step`, `sqlite3_column_count`, `sqlite3_reset` and
+    `sqlite3_last_insert_rowid`), `executescript` once (prepare, step and finalize in one
+    go). A thread that lets go of the GIL while another thread waits for it (the event
+    loop, for the writer thread: a busy coordinator's loop nearly always) waits for it
+    again until that thread lets go in turn (its next blocking call, or Python's switch
+    interval, 5 ms): a hand-off, a context switch each way. `executescript` COMMITs an
+    open transaction first, so it is used only when the connection holds none (the
+    caller checks `in_transaction`)."""
+
+    __slots__ = ("dbapi",)
+
+    def __init__(self, dbapi: Any) -> None:
+        self.dbapi = dbapi
+
+    def execute(self, statement: str, parameters: Any = ()) -> None:
+        self.dbapi.executescript(statement)
+
+    def close(self) -> None:
+        pass
 
 
 def send_raw(conn: Connection, statement: str) -> None:
