@@ -12,7 +12,7 @@ import resource
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -248,6 +248,31 @@ def high_descriptors() -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+@contextmanager
+def _lane_waiting_for_lock(
+    engine: Engine, writer: Writer, pool: ThreadPoolExecutor, key: int
+) -> Iterator[Future[int]]:
+    """A write op (adding one row) whose lane waits for the server: for advisory lock
+    `key`, held here until the block ends. Yields the op's future once the lane waits."""
+
+    def locked(conn: Connection) -> int:
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+        return add("locked")(conn)
+
+    with engine.connect() as holder:
+        holder.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
+        waiting = pool.submit(writer.run, locked)
+        for _ in range(2000):  # until the lane waits for the lock
+            if holder.execute(text("SELECT count(*) FROM pg_locks WHERE NOT granted")).scalar_one():
+                break
+            threading.Event().wait(0.005)
+        try:
+            yield waiting
+        finally:
+            holder.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+            holder.commit()
+
+
 def test_the_watchdog_tells_the_server_s_turn_from_the_lane_s(
     db_url: str, high_descriptors: None
 ) -> None:
@@ -272,23 +297,9 @@ def test_the_watchdog_tells_the_server_s_turn_from_the_lane_s(
             gate.release.set()
             assert held.result(10) == 1
 
-            def locked(conn: Connection) -> int:
-                conn.execute(text("SELECT pg_advisory_xact_lock(4343)"))
-                return add("locked")(conn)
-
-            with engine.connect() as holder:
-                holder.execute(text("SELECT pg_advisory_lock(4343)"))
-                waiting = pool.submit(writer.run, locked)
-                for _ in range(2000):  # until the lane waits for the lock
-                    if holder.execute(
-                        text("SELECT count(*) FROM pg_locks WHERE NOT granted")
-                    ).scalar_one():
-                        break
-                    threading.Event().wait(0.005)
+            with _lane_waiting_for_lock(engine, writer, pool, 4343) as waiting:
                 assert writer._server_turn() is True  # a statement the server holds
-                holder.execute(text("SELECT pg_advisory_unlock(4343)"))
-                holder.commit()
-                assert waiting.result(10) == 2
+            assert waiting.result(10) == 2
     finally:
         writer.close()
         engine.dispose()
@@ -493,25 +504,11 @@ def test_one_help_decision_for_the_watchdog_and_the_loop_timer(engine: Engine) -
             gate.release.set()
             assert held.result(10) == 1
 
-            def locked(conn: Connection) -> int:
-                conn.execute(text("SELECT pg_advisory_xact_lock(4345)"))
-                return add("locked")(conn)
-
-            with engine.connect() as holder:
-                holder.execute(text("SELECT pg_advisory_lock(4345)"))
-                waiting = pool.submit(writer.run, locked)
-                for _ in range(2000):  # until the lane waits for the lock
-                    if holder.execute(
-                        text("SELECT count(*) FROM pg_locks WHERE NOT granted")
-                    ).scalar_one():
-                        break
-                    threading.Event().wait(0.005)
+            with _lane_waiting_for_lock(engine, writer, pool, 4345) as waiting:
                 assert writer._look(now, 60.0) == 60.0  # not due: no look at the lane
                 assert helpers.puts == 0
                 assert writer._look(now - 61.0, 60.0) is None  # the server's turn: help
                 assert helpers.puts == 1
-                holder.execute(text("SELECT pg_advisory_unlock(4345)"))
-                holder.commit()
-                assert waiting.result(10) == 2
+            assert waiting.result(10) == 2
     finally:
         writer.close()
