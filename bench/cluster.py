@@ -56,6 +56,17 @@ def child_pids(pid: int) -> list[int]:
     return kids
 
 
+def tree_pids(pid: int) -> list[int]:
+    """A process and its live descendants (`child_pids`, followed down)."""
+    tree, stack = [], [pid]
+    while stack:
+        p = stack.pop()
+        tree.append(p)
+        with contextlib.suppress(OSError):  # exited meanwhile: no children to follow
+            stack.extend(child_pids(p))
+    return tree
+
+
 def tree_cpu_seconds(pid: int) -> float:
     """CPU of a process and its live descendants, plus whatever they reaped."""
     total = 0.0
@@ -140,27 +151,28 @@ def thread_names(pid: int) -> dict[int, str]:
     return out
 
 
+def task_counters(pid: int, tid: int) -> tuple[float, int, int]:
+    """One thread's (CPU seconds from schedstat, voluntary and involuntary context
+    switches) so far, from /proc/PID/task/TID."""
+    task = Path(f"/proc/{pid}/task/{tid}")
+    cpu = int((task / "schedstat").read_text().split()[0]) / 1e9
+    fields = dict(line.split(":", 1) for line in (task / "status").read_text().splitlines())
+    return cpu, int(fields["voluntary_ctxt_switches"]), int(fields["nonvoluntary_ctxt_switches"])
+
+
 def thread_counters(pids: list[int]) -> dict[tuple[int, int], tuple[str, float, int, int]]:
     """Per thread of these processes: (name, CPU seconds from schedstat, voluntary and
-    involuntary context switches) so far. Names: `thread_names`, with anyio's and the default
-    executor's numbered workers folded into one name each; "?" if unknown."""
+    involuntary context switches) so far (`task_counters`). Names: `thread_names`, with
+    anyio's and the default executor's numbered workers folded into one name each; "?" if
+    unknown."""
     out = {}
     for pid in pids:
         names = thread_names(pid)
         for task in Path(f"/proc/{pid}/task").iterdir():
             with contextlib.suppress(OSError, ValueError):
                 tid = int(task.name)
-                cpu = int((task / "schedstat").read_text().split()[0]) / 1e9
-                fields = dict(
-                    line.split(":", 1) for line in (task / "status").read_text().splitlines()
-                )
                 name = names.get(tid, "?").rstrip("0123456789_").rstrip("-") or "?"
-                out[(pid, tid)] = (
-                    name,
-                    cpu,
-                    int(fields["voluntary_ctxt_switches"]),
-                    int(fields["nonvoluntary_ctxt_switches"]),
-                )
+                out[(pid, tid)] = (name, *task_counters(pid, tid))
     return out
 
 

@@ -51,11 +51,11 @@ from core import echo_once, percentile  # noqa: E402
 
 from cluster import (  # noqa: E402
     Cluster,
-    child_pids,
     schedstat_ms_per_job,
     schedstat_window,
     thread_counters,
     thread_deltas,
+    tree_pids,
 )
 
 # The events of one job's path, in order: (label, event name, job-field test).
@@ -192,16 +192,7 @@ def step_of(line: dict[str, float], label: str) -> float | None:
 def process_trees(pids: dict[str, int]) -> dict[str, list[int]]:
     """Each named process with its live descendants (a worker's zygote and job
     children), and this process alone."""
-    out = {}
-    for name, pid in pids.items():
-        tree, stack = [], [pid]
-        while stack:
-            p = stack.pop()
-            tree.append(p)
-            stack.extend(child_pids(p))
-        out[name] = tree
-    out["this process"] = [os.getpid()]
-    return out
+    return {**{name: tree_pids(pid) for name, pid in pids.items()}, "this process": [os.getpid()]}
 
 
 def thread_counts(

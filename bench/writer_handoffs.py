@@ -30,20 +30,14 @@ sys.path.insert(0, str(BENCH_DIR))
 
 import writer as writer_bench  # noqa: E402
 
+from cluster import task_counters  # noqa: E402
 from csml.store.writer import Writer  # noqa: E402
 
 
 def thread_counts(tid: int) -> dict[str, float]:
-    """A thread's context switches (status) and CPU ns (schedstat), from /proc."""
-    found: dict[str, float] = {}
-    with open(f"/proc/self/task/{tid}/status") as status:
-        for line in status:
-            key, _, value = line.partition(":")
-            if key in ("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches"):
-                found[key.split("_")[0]] = int(value)
-    with open(f"/proc/self/task/{tid}/schedstat") as sched:
-        found["cpu_ms"] = int(sched.read().split()[0]) / 1e6
-    return found
+    """A thread of this process: its context switches and CPU-ms (`cluster.task_counters`)."""
+    cpu, voluntary, nonvoluntary = task_counters(os.getpid(), tid)
+    return {"voluntary": voluntary, "nonvoluntary": nonvoluntary, "cpu_ms": cpu * 1000}
 
 
 def main(argv: list[str] | None = None) -> int:
