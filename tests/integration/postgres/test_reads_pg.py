@@ -259,7 +259,6 @@ def test_an_end_reaches_streams_on_both_coordinators_read_only_through_the_relay
     """The owner's event streams on coordinator A (which commits the job's end) and on B:
     A's sends the view the end handed over and reads nothing; B's gets that view with
     the relayed key and reads nothing either; both send the same ended view."""
-    import json
 
     from csml.coordinator import api_events
     from csml.coordinator.notify import owner_feed
